@@ -1,0 +1,46 @@
+# virtmig: `make demo` and `make test` work on a fresh clone; each sets up .venv itself.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: all venv demo test lint proto bench e2e clean typecheck-tree
+
+all: test
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) deploy/demo.py
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# mypy needs a `virtmig/` tree: the packages live in proto/, daemon/, client/ (see pyproject).
+typecheck-tree:
+	@mkdir -p build/typecheck/virtmig
+	@ln -sfn ../../../proto build/typecheck/virtmig/proto
+	@ln -sfn ../../../daemon build/typecheck/virtmig/daemon
+	@ln -sfn ../../../client build/typecheck/virtmig/client
+	@ln -sfn ../../../pkg/__init__.py build/typecheck/virtmig/__init__.py
+	@ln -sfn ../../../pkg/py.typed build/typecheck/virtmig/py.typed
+
+lint: $(STAMP) typecheck-tree
+	$(VENV)/bin/ruff check .
+	cd build/typecheck && MYPYPATH=. ../../$(VENV)/bin/mypy --config-file ../../pyproject.toml -p virtmig
+	MYPYPATH=build/typecheck $(VENV)/bin/mypy --config-file pyproject.toml tests deploy bench
+
+proto: $(STAMP)
+	PYTHON=$(PY) proto/gen.sh
+
+bench: $(STAMP)
+	$(PY) bench/run.py
+
+clean:
+	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,150 @@
+"""The one table of flag and parameter combinations, checked before anything changes.
+
+Rules are libvirt's (reference §2.4), each with the layer that checks it and libvirt's error class
+and message: ``CLIENT`` rules run in the client library (``migrate3``/``migrate_to_uri3``) and
+again in the daemon for clients that skip them; ``DRIVER`` rules run in the daemon's phases.
+Flags and params this implementation does not act on yet are refused here, never ignored.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from virtmig.proto.errors import (
+    ArgumentUnsupported,
+    InvalidArgument,
+    OperationInvalid,
+    OperationUnsupported,
+    VirtmigError,
+)
+from virtmig.proto.flags import ALL_MIGRATE_FLAGS, NO_FLAGS, MigrateFlags
+
+if TYPE_CHECKING:
+    from virtmig.proto.params import TypedParams
+
+F = MigrateFlags
+
+
+class Layer(enum.Flag):
+    CLIENT = enum.auto()
+    DRIVER = enum.auto()
+
+
+@dataclass(frozen=True)
+class Rule:
+    """``when`` all of these flags are set ``and`` (``unless_any`` is empty or none of them is set)
+    ``and`` (``param`` is empty or that param is present): raise ``error(message)``."""
+
+    layer: Layer
+    when: MigrateFlags
+    error: type[VirtmigError]
+    message: str
+    unless_any: MigrateFlags = NO_FLAGS
+    param: str = ""
+
+    def violated(self, flags: MigrateFlags, params: TypedParams | None) -> bool:
+        if (flags & self.when) != self.when:
+            return False
+        if self.unless_any and flags & self.unless_any:
+            return False
+        return not self.param or (params is not None and self.param in params)
+
+
+_NS = F.NON_SHARED_DISK | F.NON_SHARED_INC
+
+RULES: tuple[Rule, ...] = (
+    Rule(Layer.CLIENT, F.NON_SHARED_DISK | F.NON_SHARED_INC, InvalidArgument,
+         "Flags 'VIR_MIGRATE_NON_SHARED_DISK' and 'VIR_MIGRATE_NON_SHARED_INC' are mutually "
+         "exclusive"),
+    Rule(Layer.CLIENT, F.NON_SHARED_SYNCHRONOUS_WRITES, InvalidArgument,
+         "Flag 'VIR_MIGRATE_NON_SHARED_DISK|VIR_MIGRATE_NON_SHARED_INC' is required by flag "
+         "'VIR_MIGRATE_NON_SHARED_SYNCHRONOUS_WRITES'", unless_any=_NS),
+    Rule(Layer.DRIVER, F.OFFLINE | F.NON_SHARED_DISK, OperationInvalid,
+         "offline migration cannot handle non-shared storage"),
+    Rule(Layer.DRIVER, F.OFFLINE | F.NON_SHARED_INC, OperationInvalid,
+         "offline migration cannot handle non-shared storage"),
+    Rule(Layer.DRIVER, F.OFFLINE, OperationInvalid,
+         "offline migration must be specified with the persistent flag set",
+         unless_any=F.PERSIST_DEST),
+    Rule(Layer.DRIVER, F.OFFLINE | F.TUNNELLED, OperationInvalid,
+         "tunnelled offline migration does not make sense"),
+    Rule(Layer.DRIVER, F.POSTCOPY, ArgumentUnsupported,
+         "post-copy migration is not supported with non-live or paused migration",
+         unless_any=F.LIVE),
+    Rule(Layer.DRIVER, F.POSTCOPY | F.PAUSED, ArgumentUnsupported,
+         "post-copy migration is not supported with non-live or paused migration"),
+    Rule(Layer.DRIVER, F.POSTCOPY | F.TUNNELLED, ArgumentUnsupported,
+         "post-copy is not supported with tunnelled migration"),
+    Rule(Layer.DRIVER, F.ZEROCOPY, ArgumentUnsupported,
+         "zero-copy is only available for parallel migration", unless_any=F.PARALLEL),
+    Rule(Layer.DRIVER, F.TUNNELLED | F.NON_SHARED_DISK, OperationUnsupported,
+         "migration of non-shared storage is not supported with tunnelled migration and this "
+         "QEMU"),
+    Rule(Layer.DRIVER, F.TUNNELLED | F.NON_SHARED_INC, OperationUnsupported,
+         "migration of non-shared storage is not supported with tunnelled migration and this "
+         "QEMU"),
+    Rule(Layer.DRIVER, F.POSTCOPY_RESUME, ArgumentUnsupported,
+         "resuming failed post-copy migration requires post-copy to be enabled",
+         unless_any=F.POSTCOPY),
+    Rule(Layer.DRIVER, F.TUNNELLED, ArgumentUnsupported,
+         "migration URI is not supported by tunnelled migration", param="migrate_uri"),
+    Rule(Layer.DRIVER, F.TUNNELLED, ArgumentUnsupported,
+         "listen address is not supported by tunnelled migration", param="listen_address"),
+    Rule(Layer.DRIVER, F.TUNNELLED, ArgumentUnsupported,
+         "disk port address is not supported by tunnelled migration", param="disks_port"),
+)
+
+# Flags that are valid libvirt flags but that this implementation does not act on yet.  Each is
+# refused with a clear error rather than silently ignored.
+UNSUPPORTED_FLAGS = (
+    F.TUNNELLED | F.NON_SHARED_DISK | F.NON_SHARED_INC | F.NON_SHARED_SYNCHRONOUS_WRITES
+    | F.COMPRESSED | F.AUTO_CONVERGE | F.RDMA_PIN_ALL | F.POSTCOPY | F.TLS | F.PARALLEL
+    | F.POSTCOPY_RESUME | F.ZEROCOPY
+)
+
+
+def check_known_flags(flags: int, function: str) -> MigrateFlags:
+    """libvirt's ``virCheckFlags``: unknown bits are an error naming the function."""
+    unknown = flags & ~ALL_MIGRATE_FLAGS.value
+    if unknown:
+        raise InvalidArgument(f"unsupported flags (0x{unknown:x}) in function {function}")
+    return MigrateFlags(flags)
+
+
+def check_rules(flags: int, params: TypedParams | None, layer: Layer) -> None:
+    f = MigrateFlags(flags & ALL_MIGRATE_FLAGS.value)
+    for rule in RULES:
+        if rule.layer & layer and rule.violated(f, params):
+            raise rule.error(rule.message)
+
+
+def check_flags_supported(flags: int) -> None:
+    unsupported = MigrateFlags(flags) & UNSUPPORTED_FLAGS
+    if unsupported:
+        names = "|".join(f"VIR_MIGRATE_{f.name}" for f in MigrateFlags if f & unsupported)
+        raise ArgumentUnsupported(f"migration flag {names} is not supported by this host")
+
+
+def check_params_supported(params: TypedParams, flags: int) -> None:
+    from virtmig.proto.params import MIGRATION_PARAMS
+
+    for p in params:
+        spec = MIGRATION_PARAMS[p.name]
+        if not spec.supported:
+            raise ArgumentUnsupported(
+                f"migration parameter '{p.name}' is not supported by this host"
+            )
+        if spec.needs_any_flag and not flags & spec.needs_any_flag:
+            needed = "|".join(f"VIR_MIGRATE_{f.name}" for f in MigrateFlags
+                              if f & spec.needs_any_flag)
+            raise ArgumentUnsupported(f"parameter '{p.name}' requires flag {needed}")
+
+
+def check_migration(flags: int, params: TypedParams | None, function: str) -> MigrateFlags:
+    """Everything the daemon checks about a flags word and params before a phase changes state."""
+    f = check_known_flags(flags, function)
+    check_rules(f, params, Layer.CLIENT | Layer.DRIVER)
+    check_flags_supported(f & ~(F.PEER2PEER))
+    return f

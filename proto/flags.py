@@ -1,0 +1,180 @@
+"""libvirt's migration flags, domain states and reasons, job types and daemon features.
+
+Values are libvirt's own, so that a flags word means the same thing on the wire to us and to
+anyone reading libvirt's documentation.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class MigrateFlags(enum.IntFlag):
+    """``virDomainMigrateFlags``."""
+
+    LIVE = 1 << 0
+    PEER2PEER = 1 << 1
+    TUNNELLED = 1 << 2
+    PERSIST_DEST = 1 << 3
+    UNDEFINE_SOURCE = 1 << 4
+    PAUSED = 1 << 5
+    NON_SHARED_DISK = 1 << 6
+    NON_SHARED_INC = 1 << 7
+    CHANGE_PROTECTION = 1 << 8
+    UNSAFE = 1 << 9
+    OFFLINE = 1 << 10
+    COMPRESSED = 1 << 11
+    ABORT_ON_ERROR = 1 << 12
+    AUTO_CONVERGE = 1 << 13
+    RDMA_PIN_ALL = 1 << 14
+    POSTCOPY = 1 << 15
+    TLS = 1 << 16
+    PARALLEL = 1 << 17
+    NON_SHARED_SYNCHRONOUS_WRITES = 1 << 18
+    POSTCOPY_RESUME = 1 << 19
+    ZEROCOPY = 1 << 20
+
+
+NO_FLAGS = MigrateFlags(0)
+ALL_MIGRATE_FLAGS = MigrateFlags(sum(f.value for f in MigrateFlags))
+
+# Flags only the source acts on; the sequence driver strips them before calling the destination.
+SOURCE_ONLY_FLAGS = MigrateFlags.ABORT_ON_ERROR | MigrateFlags.AUTO_CONVERGE
+
+
+def flag_names(flags: int) -> str:
+    """``LIVE|PERSIST_DEST`` style spelling for messages and logs."""
+    names = [f.name or "" for f in MigrateFlags if flags & f.value]
+    rest = flags & ~ALL_MIGRATE_FLAGS.value
+    if rest:
+        names.append(hex(rest))
+    return "|".join(names) or "0"
+
+
+class Feature(enum.StrEnum):
+    """What a daemon advertises in ``Host.GetHost`` (libvirt's VIR_DRV_FEATURE_*)."""
+
+    MIGRATION_PARAMS = "MIGRATION_PARAMS"
+    V3 = "V3"
+    P2P = "P2P"
+    OFFLINE = "OFFLINE"
+    CHANGE_PROTECTION = "CHANGE_PROTECTION"
+
+
+class DomainState(enum.IntEnum):
+    """``virDomainState``; the values match ``virtmig.v1.DomainState`` on the wire."""
+
+    NOSTATE = 0
+    RUNNING = 1
+    BLOCKED = 2
+    PAUSED = 3
+    SHUTDOWN = 4
+    SHUTOFF = 5
+    CRASHED = 6
+    PMSUSPENDED = 7
+
+    @property
+    def label(self) -> str:
+        return _STATE_LABELS[self]
+
+
+_STATE_LABELS = {
+    DomainState.NOSTATE: "no state",
+    DomainState.RUNNING: "running",
+    DomainState.BLOCKED: "idle",
+    DomainState.PAUSED: "paused",
+    DomainState.SHUTDOWN: "in shutdown",
+    DomainState.SHUTOFF: "shut off",
+    DomainState.CRASHED: "crashed",
+    DomainState.PMSUSPENDED: "pmsuspended",
+}
+
+
+class RunningReason(enum.IntEnum):
+    UNKNOWN = 0
+    BOOTED = 1
+    MIGRATED = 2
+    RESTORED = 3
+    FROM_SNAPSHOT = 4
+    UNPAUSED = 5
+    MIGRATION_CANCELED = 6
+    SAVE_CANCELED = 7
+    WAKEUP = 8
+    CRASHED = 9
+    POSTCOPY = 10
+    POSTCOPY_FAILED = 11
+
+
+class PausedReason(enum.IntEnum):
+    UNKNOWN = 0
+    USER = 1
+    MIGRATION = 2
+    SAVE = 3
+    DUMP = 4
+    IOERROR = 5
+    WATCHDOG = 6
+    FROM_SNAPSHOT = 7
+    SHUTTING_DOWN = 8
+    SNAPSHOT = 9
+    CRASHED = 10
+    STARTING_UP = 11
+    POSTCOPY = 12
+    POSTCOPY_FAILED = 13
+    API_ERROR = 14
+
+
+class ShutoffReason(enum.IntEnum):
+    UNKNOWN = 0
+    SHUTDOWN = 1
+    DESTROYED = 2
+    CRASHED = 3
+    MIGRATED = 4
+    SAVED = 5
+    FAILED = 6
+    FROM_SNAPSHOT = 7
+    DAEMON = 8
+
+
+REASONS: dict[DomainState, type[enum.IntEnum]] = {
+    DomainState.RUNNING: RunningReason,
+    DomainState.PAUSED: PausedReason,
+    DomainState.SHUTOFF: ShutoffReason,
+}
+
+
+def reason_name(state: DomainState, reason: int) -> str:
+    """virsh's spelling of a state reason: ``migrated``, ``migration-canceled``, ``user``..."""
+    enum_cls = REASONS.get(state)
+    if enum_cls is None:
+        return "unknown"
+    try:
+        return enum_cls(reason).name.lower().replace("_", "-")
+    except ValueError:
+        return "unknown"
+
+
+class JobType(enum.IntEnum):
+    """``virDomainJobType``."""
+
+    NONE = 0
+    BOUNDED = 1
+    UNBOUNDED = 2
+    COMPLETED = 3
+    FAILED = 4
+    CANCELLED = 5
+
+
+class JobOperation(enum.IntEnum):
+    """``virDomainJobOperation``."""
+
+    UNKNOWN = 0
+    START = 1
+    SAVE = 2
+    RESTORE = 3
+    MIGRATION_IN = 4
+    MIGRATION_OUT = 5
+    SNAPSHOT = 6
+    SNAPSHOT_REVERT = 7
+    DUMP = 8
+    BACKUP = 9
+    SNAPSHOT_DELETE = 10

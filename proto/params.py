@@ -1,0 +1,280 @@
+"""libvirt's typed parameters and the one table of migration parameters.
+
+A typed parameter is a name, a type and a value (``virTypedParameter``).  Migration params travel
+as a list of them; :data:`MIGRATION_PARAMS` says, for every ``VIR_MIGRATE_PARAM_*`` wire name, its
+type, whether it may repeat, which party uses it, and which flags it needs.  Both the client and the
+daemon validate against this table; nothing else lists parameter names.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+
+from virtmig.proto import virtmig_pb2 as pb
+from virtmig.proto.errors import InvalidArgument
+from virtmig.proto.flags import NO_FLAGS, MigrateFlags
+
+
+class ParamType(enum.Enum):
+    """``virTypedParameterType``; the value is the field of ``TypedParam.value`` on the wire."""
+
+    INT = "int"
+    UINT = "uint"
+    LLONG = "llong"
+    ULLONG = "ullong"
+    DOUBLE = "double"
+    BOOLEAN = "boolean"
+    STRING = "string"
+
+
+_INT_RANGES = {
+    ParamType.INT: (-(2**31), 2**31 - 1),
+    ParamType.UINT: (0, 2**32 - 1),
+    ParamType.LLONG: (-(2**63), 2**63 - 1),
+    ParamType.ULLONG: (0, 2**64 - 1),
+}
+
+ParamValue = int | float | bool | str
+
+
+@dataclass(frozen=True)
+class TypedParam:
+    name: str
+    type: ParamType
+    value: ParamValue
+
+    def __post_init__(self) -> None:
+        _check_value(self.name, self.type, self.value)
+
+
+def _check_value(name: str, ptype: ParamType, value: object) -> None:
+    ok: bool
+    if ptype in _INT_RANGES:
+        lo, hi = _INT_RANGES[ptype]
+        ok = isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi
+    elif ptype is ParamType.DOUBLE:
+        ok = isinstance(value, float | int) and not isinstance(value, bool)
+    elif ptype is ParamType.BOOLEAN:
+        ok = isinstance(value, bool)
+    else:
+        ok = isinstance(value, str)
+    if not ok:
+        raise InvalidArgument(f"invalid value {value!r} for {ptype.value} parameter '{name}'")
+
+
+class MigrateParam(enum.StrEnum):
+    """``VIR_MIGRATE_PARAM_*`` wire names."""
+
+    URI = "migrate_uri"
+    DEST_NAME = "destination_name"
+    DEST_XML = "destination_xml"
+    PERSIST_XML = "persistent_xml"
+    BANDWIDTH = "bandwidth"
+    BANDWIDTH_POSTCOPY = "bandwidth.postcopy"
+    GRAPHICS_URI = "graphics_uri"
+    LISTEN_ADDRESS = "listen_address"
+    MIGRATE_DISKS = "migrate_disks"
+    DISKS_PORT = "disks_port"
+    DISKS_URI = "disks_uri"
+    COMPRESSION = "compression"
+    COMPRESSION_MT_LEVEL = "compression.mt.level"
+    COMPRESSION_MT_THREADS = "compression.mt.threads"
+    COMPRESSION_MT_DTHREADS = "compression.mt.dthreads"
+    COMPRESSION_XBZRLE_CACHE = "compression.xbzrle.cache"
+    COMPRESSION_ZLIB_LEVEL = "compression.zlib.level"
+    COMPRESSION_ZSTD_LEVEL = "compression.zstd.level"
+    AUTO_CONVERGE_INITIAL = "auto_converge.initial"
+    AUTO_CONVERGE_INCREMENT = "auto_converge.increment"
+    PARALLEL_CONNECTIONS = "parallel.connections"
+    TLS_DESTINATION = "tls.destination"
+
+
+class Party(enum.Flag):
+    """Which side of a migration reads a parameter."""
+
+    SRC = enum.auto()
+    DST = enum.auto()
+    BOTH = SRC | DST
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    name: MigrateParam
+    type: ParamType
+    party: Party
+    multiple: bool = False
+    # The parameter is only meaningful with one of these flags (0: always).
+    needs_any_flag: MigrateFlags = NO_FLAGS
+    # Whether this implementation acts on it yet; unimplemented ones are refused, never ignored.
+    supported: bool = True
+
+
+def _spec(
+    name: MigrateParam,
+    ptype: ParamType,
+    party: Party,
+    *,
+    multiple: bool = False,
+    needs: MigrateFlags = NO_FLAGS,
+    supported: bool = True,
+) -> ParamSpec:
+    return ParamSpec(name, ptype, party, multiple, needs, supported)
+
+
+_P = MigrateParam
+_T = ParamType
+_NON_SHARED = MigrateFlags.NON_SHARED_DISK | MigrateFlags.NON_SHARED_INC
+
+MIGRATION_PARAMS: Mapping[str, ParamSpec] = {
+    s.name.value: s
+    for s in (
+        _spec(_P.URI, _T.STRING, Party.BOTH),
+        _spec(_P.DEST_NAME, _T.STRING, Party.BOTH),
+        _spec(_P.DEST_XML, _T.STRING, Party.BOTH),
+        _spec(_P.PERSIST_XML, _T.STRING, Party.SRC, needs=MigrateFlags.PERSIST_DEST),
+        _spec(_P.BANDWIDTH, _T.ULLONG, Party.SRC),
+        _spec(_P.BANDWIDTH_POSTCOPY, _T.ULLONG, Party.SRC, needs=MigrateFlags.POSTCOPY,
+              supported=False),
+        _spec(_P.GRAPHICS_URI, _T.STRING, Party.SRC, supported=False),
+        _spec(_P.LISTEN_ADDRESS, _T.STRING, Party.DST),
+        _spec(_P.MIGRATE_DISKS, _T.STRING, Party.BOTH, multiple=True, needs=_NON_SHARED,
+              supported=False),
+        _spec(_P.DISKS_PORT, _T.INT, Party.DST, supported=False),
+        _spec(_P.DISKS_URI, _T.STRING, Party.DST, supported=False),
+        _spec(_P.COMPRESSION, _T.STRING, Party.BOTH, multiple=True,
+              needs=MigrateFlags.COMPRESSED, supported=False),
+        _spec(_P.COMPRESSION_MT_LEVEL, _T.INT, Party.SRC, supported=False),
+        _spec(_P.COMPRESSION_MT_THREADS, _T.INT, Party.SRC, supported=False),
+        _spec(_P.COMPRESSION_MT_DTHREADS, _T.INT, Party.DST, supported=False),
+        _spec(_P.COMPRESSION_XBZRLE_CACHE, _T.ULLONG, Party.SRC, supported=False),
+        _spec(_P.COMPRESSION_ZLIB_LEVEL, _T.INT, Party.SRC, supported=False),
+        _spec(_P.COMPRESSION_ZSTD_LEVEL, _T.INT, Party.SRC, supported=False),
+        _spec(_P.AUTO_CONVERGE_INITIAL, _T.INT, Party.SRC, needs=MigrateFlags.AUTO_CONVERGE,
+              supported=False),
+        _spec(_P.AUTO_CONVERGE_INCREMENT, _T.INT, Party.SRC, needs=MigrateFlags.AUTO_CONVERGE,
+              supported=False),
+        _spec(_P.PARALLEL_CONNECTIONS, _T.INT, Party.BOTH, needs=MigrateFlags.PARALLEL,
+              supported=False),
+        _spec(_P.TLS_DESTINATION, _T.STRING, Party.SRC, needs=MigrateFlags.TLS, supported=False),
+    )
+}
+
+# What the non-params v3 RPCs can carry (libvirt's rule for falling back from *Params).
+NON_PARAMS_ALLOWED = frozenset({_P.URI.value, _P.DEST_NAME.value, _P.DEST_XML.value,
+                                _P.BANDWIDTH.value})
+
+
+class TypedParams:
+    """An ordered list of typed parameters, as libvirt's ``virTypedParameterPtr`` array."""
+
+    def __init__(self, items: Iterable[TypedParam] = ()) -> None:
+        self._items: list[TypedParam] = list(items)
+
+    @classmethod
+    def of(cls, values: Mapping[str, ParamValue | list[str]]) -> TypedParams:
+        """Build migration params from plain values, typed by the table."""
+        out = cls()
+        for name, value in values.items():
+            spec = MIGRATION_PARAMS.get(name)
+            if spec is None:
+                raise InvalidArgument(f"parameter '{name}' not supported")
+            for v in value if isinstance(value, list) else [value]:
+                out.add(name, v, spec.type)
+        return out
+
+    def __iter__(self) -> Iterator[TypedParam]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __contains__(self, name: object) -> bool:
+        return any(p.name == name for p in self._items)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, TypedParams) and self._items == other._items
+
+    def __repr__(self) -> str:
+        return f"TypedParams({self._items!r})"
+
+    def copy(self) -> TypedParams:
+        return TypedParams(self._items)
+
+    def names(self) -> set[str]:
+        return {p.name for p in self._items}
+
+    def get(self, name: str) -> ParamValue | None:
+        for p in self._items:
+            if p.name == name:
+                return p.value
+        return None
+
+    def get_str(self, name: str) -> str | None:
+        value = self.get(name)
+        return value if isinstance(value, str) else None
+
+    def get_int(self, name: str, default: int = 0) -> int:
+        value = self.get(name)
+        return value if isinstance(value, int) and not isinstance(value, bool) else default
+
+    def get_all(self, name: str) -> list[ParamValue]:
+        return [p.value for p in self._items if p.name == name]
+
+    def add(self, name: str, value: ParamValue, ptype: ParamType | None = None) -> None:
+        if ptype is None:
+            spec = MIGRATION_PARAMS.get(name)
+            if spec is None:
+                raise InvalidArgument(f"parameter '{name}' not supported")
+            ptype = spec.type
+        self._items.append(TypedParam(name, ptype, value))
+
+    def set(self, name: str, value: ParamValue, ptype: ParamType | None = None) -> None:
+        """Replace every occurrence of ``name`` with one value (libvirt's replace-or-add)."""
+        self.remove(name)
+        self.add(name, value, ptype)
+
+    def remove(self, name: str) -> None:
+        self._items = [p for p in self._items if p.name != name]
+
+
+def validate_migration_params(params: TypedParams, flags: int = 0) -> None:
+    """libvirt's ``virTypedParamsValidate`` against the migration table, plus our support check."""
+    seen: set[str] = set()
+    for p in params:
+        spec = MIGRATION_PARAMS.get(p.name)
+        if spec is None:
+            raise InvalidArgument(f"parameter '{p.name}' not supported")
+        if p.type is not spec.type:
+            raise InvalidArgument(
+                f"invalid type '{p.type.value}' for parameter '{p.name}', "
+                f"expected '{spec.type.value}'"
+            )
+        if p.name in seen and not spec.multiple:
+            raise InvalidArgument(f"parameter '{p.name}' occurs multiple times")
+        seen.add(p.name)
+    from virtmig.proto.compat import check_params_supported
+
+    check_params_supported(params, flags)
+
+
+# --- wire conversion -------------------------------------------------------------------------
+
+def to_wire(params: Iterable[TypedParam]) -> list[pb.TypedParam]:
+    out = []
+    for p in params:
+        msg = pb.TypedParam(name=p.name)
+        setattr(msg, p.type.value, p.value)
+        out.append(msg)
+    return out
+
+
+def from_wire(items: Iterable[pb.TypedParam]) -> TypedParams:
+    out = TypedParams()
+    for msg in items:
+        field = msg.WhichOneof("value")
+        if field is None:
+            raise InvalidArgument(f"parameter '{msg.name}' has no value")
+        out.add(msg.name, getattr(msg, field), ParamType(field))
+    return out
