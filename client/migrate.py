@@ -1,0 +1,206 @@
+"""``migrate3`` and ``migrate_to_uri3``: libvirt's client-side checks, then the sequence driver.
+
+The remote parties here adapt the sequence driver to a daemon's RPCs: the ``*Params`` RPCs when
+both daemons advertise MIGRATION_PARAMS, otherwise the non-params v3 RPCs, which can carry only
+URI, DEST_NAME, DEST_XML and BANDWIDTH.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from virtmig.client.sequence import Trace, run_v3
+from virtmig.proto import virtmig_pb2 as pb
+from virtmig.proto.compat import Layer, check_known_flags, check_rules
+from virtmig.proto.errors import ArgumentUnsupported, InvalidArgument, NoSupport
+from virtmig.proto.flags import DomainState, Feature, MigrateFlags
+from virtmig.proto.params import (
+    MIGRATION_PARAMS,
+    NON_PARAMS_ALLOWED,
+    MigrateParam,
+    TypedParams,
+    to_wire,
+)
+from virtmig.proto.uri import parse_uri
+
+if TYPE_CHECKING:
+    from virtmig.client.connection import AsyncConnection, Domain, DomainKey
+
+F = MigrateFlags
+P = MigrateParam
+
+
+def _opt(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+class RemoteSource:
+    def __init__(self, conn: AsyncConnection, use_params: bool) -> None:
+        self.conn = conn
+        self.use_params = use_params
+
+    async def begin(self, dom: str, params: TypedParams, flags: int) -> tuple[str, bytes]:
+        ref = await self.conn.ref(dom)
+        stub = self.conn.migration_stub
+        if self.use_params:
+            req_p = pb.Begin3ParamsRequest(domain=ref, params=to_wire(params), flags=flags)
+            reply = await self.conn._call(stub.Begin3Params, req_p)
+        else:
+            req = pb.Begin3Request(domain=ref, flags=flags,
+                                   resource=params.get_int(P.BANDWIDTH))
+            if (x := params.get_str(P.DEST_XML)) is not None:
+                req.xmlin = x
+            if (n := params.get_str(P.DEST_NAME)) is not None:
+                req.dname = n
+            reply = await self.conn._call(stub.Begin3, req)
+        return reply.xml, reply.cookie_out
+
+    async def get_state(self, dom: str) -> DomainState:
+        state, _reason, _name = await self.conn.state(dom)
+        return state
+
+    async def perform(self, dom: str, params: TypedParams, cookie: bytes, flags: int) -> bytes:
+        ref = await self.conn.ref(dom)
+        stub = self.conn.migration_stub
+        if self.use_params:
+            req_p = pb.Perform3ParamsRequest(domain=ref, params=to_wire(params),
+                                             cookie_in=cookie, flags=flags)
+            reply: pb.Perform3Reply = await self.conn._call(stub.Perform3Params, req_p)
+        else:
+            req = pb.Perform3Request(domain=ref, cookie_in=cookie, flags=flags,
+                                     resource=params.get_int(P.BANDWIDTH))
+            if (x := params.get_str(P.DEST_XML)) is not None:
+                req.xmlin = x
+            if (u := params.get_str(P.URI)) is not None:
+                req.uri = u
+            if (n := params.get_str(P.DEST_NAME)) is not None:
+                req.dname = n
+            reply = await self.conn._call(stub.Perform3, req)
+        return reply.cookie_out
+
+    async def confirm(self, dom: str, params: TypedParams, cookie: bytes, flags: int,
+                      cancelled: bool) -> None:
+        ref = await self.conn.ref(dom)
+        stub = self.conn.migration_stub
+        if self.use_params:
+            await self.conn._call(stub.Confirm3Params, pb.Confirm3ParamsRequest(
+                domain=ref, params=to_wire(params), cookie_in=cookie, flags=flags,
+                cancelled=cancelled))
+        else:
+            await self.conn._call(stub.Confirm3, pb.Confirm3Request(
+                domain=ref, cookie_in=cookie, flags=flags, cancelled=cancelled))
+
+
+class RemoteDest:
+    def __init__(self, conn: AsyncConnection, use_params: bool) -> None:
+        self.conn = conn
+        self.use_params = use_params
+
+    async def prepare(self, params: TypedParams, cookie: bytes,
+                      flags: int) -> tuple[bytes, str | None]:
+        stub = self.conn.migration_stub
+        if self.use_params:
+            reply = await self.conn._call(stub.Prepare3Params, pb.Prepare3ParamsRequest(
+                params=to_wire(params), cookie_in=cookie, flags=flags))
+        else:
+            req = pb.Prepare3Request(cookie_in=cookie, flags=flags,
+                                     resource=params.get_int(P.BANDWIDTH),
+                                     dom_xml=params.get_str(P.DEST_XML) or "")
+            if (u := params.get_str(P.URI)) is not None:
+                req.uri_in = u
+            if (n := params.get_str(P.DEST_NAME)) is not None:
+                req.dname = n
+            reply = await self.conn._call(stub.Prepare3, req)
+        return reply.cookie_out, reply.uri_out if reply.HasField("uri_out") else None
+
+    async def finish(self, params: TypedParams, cookie: bytes, flags: int,
+                     cancelled: bool) -> tuple[str, bytes]:
+        stub = self.conn.migration_stub
+        if self.use_params:
+            reply = await self.conn._call(stub.Finish3Params, pb.Finish3ParamsRequest(
+                params=to_wire(params), cookie_in=cookie, flags=flags, cancelled=cancelled))
+        else:
+            req = pb.Finish3Request(cookie_in=cookie, flags=flags, cancelled=cancelled)
+            if (n := params.get_str(P.DEST_NAME)) is not None:
+                req.dname = n
+            if (u := params.get_str(P.URI)) is not None:
+                req.uri = u
+            reply = await self.conn._call(stub.Finish3, req)
+        return reply.domain.name, reply.cookie_out
+
+
+def check_param_types(params: TypedParams) -> None:
+    """Names and types against the table (libvirt's client validates what it sends)."""
+    for p in params:
+        spec = MIGRATION_PARAMS.get(p.name)
+        if spec is None:
+            raise InvalidArgument(f"invalid argument: parameter '{p.name}' not supported")
+        if spec.type is not p.type:
+            raise InvalidArgument(
+                f"invalid argument: invalid type '{p.type.value}' for parameter '{p.name}', "
+                f"expected '{spec.type.value}'"
+            )
+
+
+async def migrate3(
+    conn: AsyncConnection, key: DomainKey, dconn: AsyncConnection, params: TypedParams,
+    flags: int, *, trace: Trace | None = None,
+) -> Domain:
+    f = check_known_flags(flags, "virDomainMigrate3")
+    check_rules(f, params, Layer.CLIENT)
+    check_param_types(params)
+    if f & F.PEER2PEER:
+        raise InvalidArgument(
+            "invalid argument: use virDomainMigrateToURI3 for peer-to-peer migration"
+        )
+    if f & F.TUNNELLED:
+        raise InvalidArgument(
+            "invalid argument: cannot perform tunnelled migration without using peer2peer flag"
+        )
+    src_host, dst_host = await conn.host(), await dconn.host()
+    if f & F.OFFLINE:
+        if Feature.OFFLINE not in src_host.features:
+            raise ArgumentUnsupported("offline migration is not supported by the source host")
+        if Feature.OFFLINE not in dst_host.features:
+            raise ArgumentUnsupported(
+                "offline migration is not supported by the destination host"
+            )
+    protection = Feature.CHANGE_PROTECTION in src_host.features
+    if f & F.CHANGE_PROTECTION and not protection:
+        raise ArgumentUnsupported("cannot enforce change protection")
+    if Feature.V3 not in src_host.features or Feature.V3 not in dst_host.features:
+        raise NoSupport("this function is not supported by the connection driver: "
+                        "migration protocol v3")
+    use_params = (Feature.MIGRATION_PARAMS in src_host.features
+                  and Feature.MIGRATION_PARAMS in dst_host.features)
+    if not use_params and params.names() - NON_PARAMS_ALLOWED:
+        raise ArgumentUnsupported(
+            "Migration APIs with extensible parameters are not supported but extended "
+            "parameters were passed"
+        )
+    dom = await conn.lookup(key)
+    name = await run_v3(
+        RemoteSource(conn, use_params), RemoteDest(dconn, use_params), dom.name, params,
+        int(f), protection=protection, trace=trace,
+    )
+    return await dconn.lookup(name)
+
+
+async def migrate_to_uri3(
+    conn: AsyncConnection, key: DomainKey, dconnuri: str | None, params: TypedParams,
+    flags: int,
+) -> None:
+    f = check_known_flags(flags, "virDomainMigrateToURI3")
+    check_rules(f, params, Layer.CLIENT)
+    check_param_types(params)
+    features = (await conn.host()).features
+    if f & F.PEER2PEER:
+        if not dconnuri:
+            raise InvalidArgument("invalid argument: dconnuri in virDomainMigrateToURI3 "
+                                  "must not be NULL")
+        if Feature.P2P not in features:
+            raise ArgumentUnsupported("p2p migration is not supported by the source host")
+        if parse_uri(dconnuri).is_local():
+            raise InvalidArgument("invalid argument: Attempt to migrate guest to the same host")
+        raise ArgumentUnsupported("p2p migration is not supported by the source host")
+    raise ArgumentUnsupported("direct migration is not supported by the source host")

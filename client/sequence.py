@@ -1,0 +1,167 @@
+"""The v3 sequence driver: Begin → Prepare → Perform → Finish → Confirm, with libvirt's exact
+call order and failure handling (reference §1.7).  There is one copy of this logic: the client runs
+it in regular mode with two remote parties; peer-to-peer runs it inside the source daemon.
+
+Failure handling, regular mode::
+
+    Begin fails           → error; nothing else is called
+    Prepare fails         → Confirm(cancelled) if change-protected; error
+    no URI from Prepare   → Finish(cancelled), Confirm(cancelled); error
+    Perform fails         → Finish(cancelled); no Confirm (Perform rolled the source back); error
+    Finish fails          → Confirm(cancelled); error
+    Confirm fails         → warning only: the result is Finish's
+
+The first error wins (Perform's, else Finish's), except that a real error from Finish replaces
+a generic "operation failed" from Perform, as it explains why the destination died.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from virtmig.proto.errors import InternalError, MigrateFinishOk, OperationFailed, VirtmigError
+from virtmig.proto.flags import SOURCE_ONLY_FLAGS, DomainState, MigrateFlags
+from virtmig.proto.params import MigrateParam, TypedParams
+
+log = logging.getLogger(__name__)
+
+F = MigrateFlags
+P = MigrateParam
+
+
+class SourceParty(Protocol):
+    """The source side: remote stubs in regular mode, the daemon's own phases in p2p."""
+
+    async def begin(self, dom: str, params: TypedParams, flags: int) -> tuple[str, bytes]: ...
+
+    async def get_state(self, dom: str) -> DomainState: ...
+
+    async def perform(self, dom: str, params: TypedParams, cookie: bytes, flags: int) -> bytes: ...
+
+    async def confirm(
+        self, dom: str, params: TypedParams, cookie: bytes, flags: int, cancelled: bool
+    ) -> None: ...
+
+
+class DestParty(Protocol):
+    async def prepare(
+        self, params: TypedParams, cookie: bytes, flags: int
+    ) -> tuple[bytes, str | None]: ...
+
+    async def finish(
+        self, params: TypedParams, cookie: bytes, flags: int, cancelled: bool
+    ) -> tuple[str, bytes]:
+        """Returns the new domain's name on the destination and cookie D."""
+        ...
+
+
+@dataclass
+class Trace:
+    """What the driver called, in order (``"finish(cancelled)"``...), for logs and tests."""
+
+    calls: list[str] = field(default_factory=list)
+
+    def add(self, name: str, cancelled: bool | None = None) -> None:
+        self.calls.append(f"{name}(cancelled)" if cancelled else name)
+
+
+async def run_v3(
+    src: SourceParty,
+    dst: DestParty,
+    dom: str,
+    params: TypedParams,
+    flags: int,
+    *,
+    protection: bool,
+    trace: Trace | None = None,
+) -> str:
+    """Run one migration; return the domain's name on the destination, or raise the error."""
+    t = trace if trace is not None else Trace()
+    params = params.copy()
+    protect = int(F.CHANGE_PROTECTION) if protection else 0
+    flags &= ~protect
+
+    t.add("begin")
+    dom_xml, cookie = await src.begin(dom, params, flags | protect)
+
+    cancelled = True
+    notify_source = True
+    error: VirtmigError | None = None
+    ddom: str | None = None
+    try:
+        state = await src.get_state(dom)
+    except VirtmigError as exc:
+        return await _confirm_then_raise(src, dom, params, flags | protect, exc, t, protection)
+    if state is DomainState.PAUSED and not flags & F.POSTCOPY_RESUME:
+        flags |= F.PAUSED
+    destflags = flags & ~int(SOURCE_ONLY_FLAGS)
+
+    dparams = params.copy()
+    dparams.set(P.DEST_XML, dom_xml)
+    t.add("prepare")
+    try:
+        cookie, uri_out = await dst.prepare(dparams, cookie, destflags)
+    except VirtmigError as exc:
+        return await _confirm_then_raise(src, dom, params, flags | protect, exc, t, protection)
+
+    if uri_out:
+        params.set(P.URI, uri_out)
+    offline = bool(flags & F.OFFLINE)
+    if offline:
+        cookie = b""
+        cancelled = False
+    elif P.URI not in params:
+        error = InternalError("internal error: domainMigratePrepare3 did not set uri")
+        cookie = b""
+    else:
+        t.add("perform")
+        try:
+            cookie = await src.perform(dom, params, cookie, flags | protect)
+            cancelled = False
+        except VirtmigError as exc:
+            error = exc
+            notify_source = False  # Perform rolled the source back itself.
+            cookie = b""
+
+    fparams = params.copy()
+    if P.DEST_NAME not in fparams:
+        fparams.set(P.DEST_NAME, dom)
+    t.add("finish", cancelled)
+    try:
+        ddom, cookie = await dst.finish(fparams, cookie, destflags, cancelled)
+        if cancelled:
+            log.warning("finish step ignored that migration was cancelled")
+    except VirtmigError as exc:
+        ddom, cookie = None, b""
+        if not isinstance(exc, MigrateFinishOk) and (
+            error is None or (cancelled and type(error) is OperationFailed)
+        ):
+            error = exc
+    cancelled = ddom is None
+
+    if notify_source:
+        t.add("confirm", cancelled)
+        try:
+            await src.confirm(dom, params, cookie, flags | protect, cancelled)
+        except VirtmigError as exc:
+            log.warning("Guest %s probably left in 'paused' state on source: %s", dom, exc)
+
+    if ddom is None:
+        raise error or OperationFailed("operation failed: migration failed")
+    return ddom
+
+
+async def _confirm_then_raise(
+    src: SourceParty, dom: str, params: TypedParams, flags: int, exc: VirtmigError, t: Trace,
+    protection: bool,
+) -> str:
+    """After Prepare (or the state query) failed: release the change-protected source job."""
+    if protection:
+        t.add("confirm", True)
+        try:
+            await src.confirm(dom, params, b"", flags, True)
+        except VirtmigError as cexc:
+            log.warning("cannot release migration job of %s: %s", dom, cexc)
+    raise exc

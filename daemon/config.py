@@ -1,0 +1,99 @@
+"""Daemon settings: a TOML file (``virtmigd --config FILE``) with command-line flags on top.
+
+Example (all keys optional)::
+
+    listen = ["unix:///run/virtmig/virtmigd.sock", "tcp://0.0.0.0:16609"]
+    state_dir = "/var/lib/virtmig"
+    backend = "test"
+    hostname = "host-a.example"
+    migration_ports = "49152-49215"
+    migration_address = "0.0.0.0"      # where incoming migration streams bind
+    migration_host = "10.1.2.3"        # what the source connects to (default: hostname)
+    job_wait_timeout = 30              # seconds a state change waits for a migration job
+    max_downtime_ms = 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from virtmig.daemon.core import DaemonConfig
+from virtmig.proto.errors import InvalidArgument
+from virtmig.proto.uri import default_socket_path, parse_listen
+
+DEFAULT_STATE_DIR = "/var/lib/virtmig"
+
+_KEYS = {
+    "listen", "state_dir", "backend", "hostname", "migration_ports", "migration_address",
+    "migration_host", "job_wait_timeout", "max_downtime_ms",
+}
+
+
+def parse_port_range(text: str) -> tuple[int, int]:
+    try:
+        lo_s, hi_s = text.split("-", 1)
+        lo, hi = int(lo_s), int(hi_s)
+    except ValueError as exc:
+        raise InvalidArgument(f"invalid migration port range '{text}': expected MIN-MAX") from exc
+    if not (0 < lo <= hi < 65536):
+        raise InvalidArgument(f"invalid migration port range '{text}'")
+    return lo, hi
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="virtmigd", description="virtmig migration daemon")
+    p.add_argument("--config", metavar="FILE", help="TOML configuration file")
+    p.add_argument("--listen", action="append", metavar="URI",
+                   help="unix:///path or tcp://host:port (repeatable)")
+    p.add_argument("--state-dir", metavar="DIR")
+    p.add_argument("--backend", metavar="NAME", help="hypervisor backend: test (default), qemu")
+    p.add_argument("--hostname", metavar="NAME", help="host name this daemon reports")
+    p.add_argument("--migration-ports", metavar="MIN-MAX", help="default 49152-49215")
+    p.add_argument("--migration-address", metavar="ADDR",
+                   help="address incoming migration streams listen on")
+    p.add_argument("--migration-host", metavar="HOST",
+                   help="host name or address the source connects to")
+    p.add_argument("--ready-file", metavar="FILE",
+                   help="write the bound addresses as JSON here once serving")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return p
+
+
+def load_config(args: argparse.Namespace) -> DaemonConfig:
+    data: dict[str, Any] = {}
+    if args.config:
+        try:
+            data = tomllib.loads(Path(args.config).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise InvalidArgument(f"cannot read config file {args.config}: {exc}") from exc
+        unknown = set(data) - _KEYS
+        if unknown:
+            raise InvalidArgument(
+                f"unknown setting(s) in {args.config}: {', '.join(sorted(unknown))}"
+            )
+    for key in ("state_dir", "backend", "hostname", "migration_ports", "migration_address",
+                "migration_host", "listen"):
+        value = getattr(args, key, None)
+        if value:
+            data[key] = value
+    listen = data.get("listen") or [f"unix://{default_socket_path()}"]
+    if isinstance(listen, str):
+        listen = [listen]
+    for uri in listen:
+        parse_listen(uri)
+    lo, hi = parse_port_range(str(data.get("migration_ports", "49152-49215")))
+    return DaemonConfig(
+        state_dir=str(data.get("state_dir", DEFAULT_STATE_DIR)),
+        listen=tuple(listen),
+        backend=str(data.get("backend", "test")),
+        hostname=str(data.get("hostname", "")),
+        migration_port_min=lo,
+        migration_port_max=hi,
+        migration_address=str(data.get("migration_address", "0.0.0.0")),
+        migration_host=str(data.get("migration_host", "")),
+        job_wait_timeout=float(data.get("job_wait_timeout", 30.0)),
+        default_max_downtime_ms=int(data.get("max_downtime_ms", 300)),
+    )

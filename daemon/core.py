@@ -1,0 +1,127 @@
+"""The daemon's shared context: identity, configuration, registry, backend and migration ports.
+
+Every service and phase receives one :class:`Daemon`; nothing is global.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from virtmig.daemon.backend.base import Backend, GuestRunState, GuestSpec
+from virtmig.daemon.domxml import DomainDef
+from virtmig.daemon.registry import DomainObj, Registry
+from virtmig.daemon.state import StateDir
+from virtmig.proto.errors import ResourceExhausted
+from virtmig.proto.flags import DomainState, Feature, ShutoffReason
+
+log = logging.getLogger(__name__)
+
+VERSION = "0.1.0"
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    """Settings, from the TOML file and command-line flags (see ``virtmig.daemon.config``)."""
+
+    state_dir: str
+    listen: tuple[str, ...] = ()
+    backend: str = "test"
+    hostname: str = ""
+    migration_port_min: int = 49152
+    migration_port_max: int = 49215
+    # Address the incoming migration stream binds to (libvirt's migration_address).
+    migration_address: str = "0.0.0.0"
+    # Host name or address put in Prepare's URI (libvirt's migration_host); default: hostname.
+    migration_host: str = ""
+    job_wait_timeout: float = 30.0
+    default_max_downtime_ms: int = 300
+    # P2P is advertised once peer-to-peer migration exists; until then ToURI3 refuses it.
+    features: tuple[str, ...] = (
+        Feature.MIGRATION_PARAMS.value, Feature.V3.value, Feature.OFFLINE.value,
+        Feature.CHANGE_PROTECTION.value,
+    )
+
+
+class PortAllocator:
+    """Migration ports from the configured range; a port is held until released."""
+
+    def __init__(self, lo: int, hi: int) -> None:
+        self.lo, self.hi = lo, hi
+        self._used: set[int] = set()
+
+    def candidates(self) -> list[int]:
+        free = [p for p in range(self.lo, self.hi + 1) if p not in self._used]
+        if not free:
+            raise ResourceExhausted(
+                f"Unable to find an unused port in range 'migration' ({self.lo}-{self.hi})"
+            )
+        return free
+
+    def take(self, port: int) -> None:
+        self._used.add(port)
+
+    def release(self, port: int) -> None:
+        self._used.discard(port)
+
+
+class Daemon:
+    def __init__(self, config: DaemonConfig, backend: Backend) -> None:
+        self.config = config
+        self.files = StateDir(Path(config.state_dir))
+        self.host_uuid = self.files.host_uuid()
+        self.hostname = config.hostname or os.uname().nodename
+        self.backend = backend
+        self.registry = Registry(self.files, job_wait_timeout=config.job_wait_timeout)
+        self.ports = PortAllocator(config.migration_port_min, config.migration_port_max)
+
+    @property
+    def features(self) -> frozenset[str]:
+        return frozenset(self.config.features)
+
+    async def open(self) -> None:
+        await self.backend.open(self.files.backend_dir(self.backend.name))
+        for dom, _status in self.registry.load():
+            # The test backend's guests live in the daemon process: after a restart they are gone.
+            # Backends whose guests outlive the daemon report them as still running.
+            run = self.backend.state(dom.uuid)
+            if run is GuestRunState.SHUTOFF:
+                log.info("domain %s did not survive the daemon restart", dom.name)
+                self.set_state(dom, DomainState.SHUTOFF, ShutoffReason.DAEMON)
+                dom.live = None
+                dom.id = -1
+                if not dom.persistent:
+                    self.registry.remove(dom)
+                else:
+                    self.registry.save_status(dom)
+
+    async def close(self) -> None:
+        await self.backend.close()
+
+    def spec(self, d: DomainDef) -> GuestSpec:
+        return GuestSpec(
+            uuid=d.uuid,
+            name=d.name,
+            memory_bytes=d.memory_kib * 1024,
+            vcpus=d.vcpus,
+            options=dict(d.options),
+            xml=d.xml,
+        )
+
+    def set_state(self, dom: DomainObj, state: DomainState, reason: int) -> None:
+        dom.state = state
+        dom.reason = int(reason)
+        self.registry.save_status(dom)
+
+    def mark_inactive(self, dom: DomainObj, reason: ShutoffReason) -> None:
+        """The guest stopped: shut off with ``reason``; a transient domain disappears."""
+        dom.state = DomainState.SHUTOFF
+        dom.reason = int(reason)
+        dom.id = -1
+        dom.live = None
+        if dom.persistent:
+            self.registry.save_status(dom)
+        else:
+            self.registry.remove(dom)

@@ -1,0 +1,110 @@
+"""The migration job: one per domain, outliving single RPCs, its phase only moving forward.
+
+::
+
+    source:   begin3 ─► perform3 ─► perform3_done ─► confirm3 | confirm3_cancelled ─► (ended)
+                 └──────────────(Prepare failed: Confirm(cancelled))─────────┘
+    destination:  prepare ─► finish3 ─► (ended)
+
+:meth:`MigrationJob.set_phase` is the one function that moves a phase; it refuses to go backwards
+("migration protocol going backwards"), as libvirt does.  The job carries what later phases and
+crash recovery need (flags, params, the domain's state before migration) and the live statistics.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from virtmig.daemon.backend.base import MigrationProgress
+from virtmig.proto.errors import InternalError
+from virtmig.proto.flags import DomainState, JobOperation, JobType, MigrateFlags
+from virtmig.proto.params import TypedParams
+
+
+class AsyncJob(enum.Enum):
+    MIGRATION_OUT = "migration out"
+    MIGRATION_IN = "migration in"
+
+    @property
+    def operation(self) -> JobOperation:
+        if self is AsyncJob.MIGRATION_OUT:
+            return JobOperation.MIGRATION_OUT
+        return JobOperation.MIGRATION_IN
+
+
+class Phase(enum.IntEnum):
+    """libvirt's ``qemuMigrationJobPhase``, with its values and strings."""
+
+    NONE = 0
+    PERFORM2 = 1
+    BEGIN3 = 2
+    PERFORM3 = 3
+    PERFORM3_DONE = 4
+    CONFIRM3_CANCELLED = 5
+    CONFIRM3 = 6
+    PREPARE = 7
+    FINISH2 = 8
+    FINISH3 = 9
+    POSTCOPY_FAILED = 10
+    BEGIN_RESUME = 11
+    PERFORM_RESUME = 12
+    CONFIRM_RESUME = 13
+    PREPARE_RESUME = 14
+    FINISH_RESUME = 15
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+    @classmethod
+    def from_label(cls, label: str) -> Phase:
+        try:
+            return cls[label.upper()]
+        except KeyError as exc:
+            raise ValueError(f"unknown migration phase '{label}'") from exc
+
+
+@dataclass
+class JobRecord:
+    """What ``domjobinfo --completed`` shows after a job ended."""
+
+    type: JobType
+    operation: JobOperation
+    time_elapsed_ms: int
+    progress: MigrationProgress
+    error: str = ""
+
+
+@dataclass
+class MigrationJob:
+    kind: AsyncJob
+    phase: Phase
+    flags: MigrateFlags
+    params: TypedParams = field(default_factory=TypedParams)
+    started: float = field(default_factory=time.time)
+    # Source: the guest's state before migration, to decide whether to resume after a failure.
+    pre_state: DomainState = DomainState.NOSTATE
+    # Destination: the domain's name on the source when renamed (for cookie checks).
+    origname: str = ""
+    # Destination: the migration port taken in Prepare.
+    port: int = 0
+    # Set by Perform when it is under way; read-only calls read it without any lock.
+    progress: MigrationProgress = field(default_factory=MigrationProgress)
+    abort_requested: bool = False
+    # True while a phase RPC is running on this job (it owns ending the job on failure).
+    busy: bool = False
+
+    def set_phase(self, phase: Phase) -> None:
+        if phase < self.phase and self.phase < Phase.POSTCOPY_FAILED:
+            raise InternalError(
+                f"migration protocol going backwards {self.phase.label} => {phase.label}"
+            )
+        self.phase = phase
+
+    def elapsed_ms(self) -> int:
+        return int((time.time() - self.started) * 1000)
+
+    def record(self, jtype: JobType, error: str = "") -> JobRecord:
+        return JobRecord(jtype, self.kind.operation, self.elapsed_ms(), self.progress, error)

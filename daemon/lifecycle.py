@@ -1,0 +1,119 @@
+"""Domain lifecycle: define, undefine, start, destroy, suspend, resume.
+
+Each call checks its preconditions with libvirt's messages before anything changes, runs as a
+state change on the domain (waiting, bounded, for a conflicting migration job), and leaves the
+state, reason and files consistent whether it succeeds or fails.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+
+from virtmig.daemon.backend.base import BackendError
+from virtmig.daemon.core import Daemon
+from virtmig.daemon.domxml import parse_domain_xml
+from virtmig.daemon.job import AsyncJob
+from virtmig.daemon.registry import DomainObj
+from virtmig.proto.errors import OperationFailed, OperationInvalid
+from virtmig.proto.flags import (
+    DomainState,
+    JobType,
+    PausedReason,
+    RunningReason,
+    ShutoffReason,
+)
+
+_DURING_OUT = frozenset({AsyncJob.MIGRATION_OUT})
+
+
+def not_running(dom: DomainObj) -> OperationInvalid:
+    return OperationInvalid("Requested operation is not valid: domain is not running")
+
+
+async def define(daemon: Daemon, xml: str) -> DomainObj:
+    d = parse_domain_xml(xml)
+    daemon.backend.validate(daemon.spec(d))
+    existing = daemon.registry.check_define(d)
+    if existing is None:
+        dom = daemon.registry.add(DomainObj(uuid=d.uuid, name=d.name, config=d))
+        daemon.registry.save_config(dom)
+        return dom
+    async with daemon.registry.state_change(existing, "define") as dom:
+        dom.config = d
+        daemon.registry.save_config(dom)
+        daemon.registry.save_status(dom)
+        return dom
+
+
+async def undefine(daemon: Daemon, dom: DomainObj) -> None:
+    async with daemon.registry.state_change(dom, "undefine"):
+        if not dom.persistent:
+            raise OperationInvalid(
+                "Requested operation is not valid: cannot undefine transient domain"
+            )
+        dom.config = None
+        daemon.registry.save_config(dom)
+        if not dom.active:
+            daemon.registry.remove(dom)
+        else:
+            daemon.registry.save_status(dom)
+
+
+async def start(daemon: Daemon, dom: DomainObj, *, paused: bool) -> None:
+    async with daemon.registry.state_change(dom, "start"):
+        if dom.active:
+            raise OperationInvalid("Requested operation is not valid: domain is already running")
+        d = dom.definition
+        try:
+            await daemon.backend.start(daemon.spec(d), paused=paused)
+        except BackendError as exc:
+            raise OperationFailed(f"operation failed: cannot start domain '{dom.name}': {exc}") \
+                from exc
+        dom.live = d
+        dom.id = daemon.registry.new_id()
+        if paused:
+            daemon.set_state(dom, DomainState.PAUSED, PausedReason.USER)
+        else:
+            daemon.set_state(dom, DomainState.RUNNING, RunningReason.BOOTED)
+
+
+async def destroy(daemon: Daemon, dom: DomainObj) -> None:
+    """Destroy works whatever job runs: it is how an admin gets out of any stuck state."""
+    if not dom.active:
+        raise not_running(dom)
+    await daemon.backend.destroy(dom.uuid)
+    job = dom.job
+    if job is not None and not job.busy:
+        # No phase is running to notice: the job ends here.
+        if job.port:
+            daemon.ports.release(job.port)
+        await daemon.registry.end_job(dom, job.record(JobType.FAILED, "domain destroyed"))
+    daemon.mark_inactive(dom, ShutoffReason.DESTROYED)
+
+
+async def suspend(daemon: Daemon, dom: DomainObj) -> None:
+    async with daemon.registry.state_change(dom, "suspend", allowed_during=_DURING_OUT):
+        if not dom.active:
+            raise not_running(dom)
+        if dom.state is DomainState.PAUSED:
+            return
+        await _backend_call(daemon.backend.pause(dom.uuid), "suspend", dom)
+        daemon.set_state(dom, DomainState.PAUSED, PausedReason.USER)
+
+
+async def resume(daemon: Daemon, dom: DomainObj) -> None:
+    async with daemon.registry.state_change(dom, "resume"):
+        if not dom.active:
+            raise not_running(dom)
+        if dom.state is not DomainState.PAUSED:
+            raise OperationInvalid("Requested operation is not valid: domain is not paused")
+        await _backend_call(daemon.backend.resume(dom.uuid), "resume", dom)
+        daemon.set_state(dom, DomainState.RUNNING, RunningReason.UNPAUSED)
+
+
+async def _backend_call(coro: Awaitable[None], what: str, dom: DomainObj) -> None:
+    try:
+        await coro
+    except BackendError as exc:
+        raise OperationFailed(f"operation failed: cannot {what} domain '{dom.name}': {exc}") \
+            from exc

@@ -1,0 +1,112 @@
+"""``virtmigd``: serve the virtmig gRPC services until SIGTERM/SIGINT, then shut down gracefully."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from virtmig.daemon.backend.base import Backend
+from virtmig.daemon.config import build_parser, load_config
+from virtmig.daemon.core import Daemon, DaemonConfig
+from virtmig.daemon.server import add_services
+from virtmig.proto.errors import InvalidArgument, VirtmigError
+from virtmig.proto.uri import parse_listen
+
+log = logging.getLogger("virtmigd")
+
+
+def make_backend(name: str) -> Backend:
+    if name == "test":
+        from virtmig.daemon.backend.test import TestBackend
+
+        return TestBackend()
+    raise InvalidArgument(f"unknown backend '{name}' (available: test)")
+
+
+@dataclass
+class RunningDaemon:
+    daemon: Daemon
+    server: grpc.aio.Server
+    # Bound addresses, in the order of config.listen: "unix:/path" or "host:port".
+    addresses: list[str] = field(default_factory=list)
+
+    @property
+    def tcp_port(self) -> int:
+        for a in self.addresses:
+            if not a.startswith("unix:"):
+                return int(a.rsplit(":", 1)[1])
+        raise LookupError("daemon has no tcp listener")
+
+    async def stop(self, grace: float = 2.0) -> None:
+        await self.server.stop(grace)
+        await self.daemon.close()
+
+
+async def start_daemon(config: DaemonConfig, backend: Backend | None = None) -> RunningDaemon:
+    daemon = Daemon(config, backend or make_backend(config.backend))
+    await daemon.open()
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    add_services(server, daemon)
+    addresses = []
+    for uri in config.listen:
+        lst = parse_listen(uri)
+        if lst.transport == "unix":
+            Path(lst.path).parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(lst.path)
+        port = server.add_insecure_port(lst.grpc_address)
+        if lst.transport == "tcp" and port == 0:
+            raise InvalidArgument(f"cannot listen on {uri}")
+        addresses.append(lst.grpc_address if lst.transport == "unix"
+                         else f"{lst.host}:{port}")
+    await server.start()
+    log.info("virtmigd serving on %s (host %s, uuid %s, backend %s)", ", ".join(addresses),
+             daemon.hostname, daemon.host_uuid, daemon.backend.name)
+    return RunningDaemon(daemon, server, addresses)
+
+
+def write_ready_file(path: Path, addresses: list[str]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"pid": os.getpid(), "addresses": addresses}))
+    tmp.rename(path)
+
+
+async def serve(config: DaemonConfig, ready_file: str | None) -> None:
+    running = await start_daemon(config)
+    if ready_file:
+        write_ready_file(Path(ready_file), running.addresses)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    await running.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        config = load_config(args)
+        asyncio.run(serve(config, args.ready_file))
+    except VirtmigError as exc:
+        print(f"virtmigd: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"virtmigd: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,635 @@
+"""The five phases of migration protocol v3, as the daemon runs them.
+
+Names say where code runs (libvirt's convention): ``src_*`` only on the source host, ``dst_*`` only
+on the destination, ``any_*`` on either.  The call order and the decisions *between* phases belong
+to the sequence driver (``virtmig.client.sequence``); each phase here checks its inputs before
+changing anything, and on failure puts its own side back as it was:
+
+* ``src_begin``    job ``migration out`` in phase begin3 (kept only with CHANGE_PROTECTION);
+                   returns the migratable XML and cookie A.
+* ``dst_prepare``  adds the incoming domain (paused, reason migration), job ``migration in`` in
+                   phase prepare, opens the data port; returns cookie B and the URI.
+* ``src_perform``  streams the guest to the URI; success leaves it paused (perform3_done);
+                   failure resumes it (if it ran before) and ends the job.
+* ``dst_finish``   cancelled: kills the incoming guest; else waits for the stream, starts vCPUs
+                   (unless PAUSED), persists (PERSIST_DEST); any failure kills the incoming guest.
+* ``src_confirm``  cancelled: resumes the source if it ran before; else stops it as migrated.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import time
+from urllib.parse import urlsplit
+
+from virtmig.daemon import cookie as ck
+from virtmig.daemon.backend.base import (
+    BackendError,
+    GuestRunState,
+    MigrationCancelled,
+    MigrationProgress,
+    MigrationTuning,
+    StreamAddress,
+)
+from virtmig.daemon.core import Daemon
+from virtmig.daemon.domxml import (
+    DomainDef,
+    check_abi_stability,
+    format_domain_xml,
+    parse_domain_xml,
+    rename,
+)
+from virtmig.daemon.job import AsyncJob, JobRecord, MigrationJob, Phase
+from virtmig.daemon.registry import DomainObj
+from virtmig.proto.compat import check_migration
+from virtmig.proto.errors import (
+    ArgumentUnsupported,
+    InternalError,
+    InvalidArgument,
+    MigrateFinishOk,
+    NoDomain,
+    OperationAborted,
+    OperationFailed,
+    OperationInvalid,
+    VirtmigError,
+)
+from virtmig.proto.flags import (
+    DomainState,
+    JobType,
+    MigrateFlags,
+    PausedReason,
+    RunningReason,
+    ShutoffReason,
+)
+from virtmig.proto.params import MigrateParam, TypedParams, validate_migration_params
+
+log = logging.getLogger(__name__)
+
+F = MigrateFlags
+P = MigrateParam
+
+
+
+def any_check(flags: int, params: TypedParams, function: str) -> MigrateFlags:
+    """Flags and params checks every phase runs before it changes anything."""
+    validate_migration_params(params, flags)
+    f = check_migration(flags, params, function)
+    if f & (F.PEER2PEER | F.TUNNELLED):
+        raise ArgumentUnsupported(
+            "Requested operation is not supported: p2p migration is not supported by the "
+            "source host"
+        )
+    return f
+
+
+def any_cookie(daemon: Daemon, dom_name: str, uuid: str, **extra: object) -> bytes:
+    return ck.build_cookie(
+        ck.Cookie(
+            name=dom_name,
+            uuid=uuid,
+            hostname=daemon.hostname,
+            hostuuid=daemon.host_uuid,
+            **extra,  # type: ignore[arg-type]
+        )
+    )
+
+
+def any_stats(progress: MigrationProgress, started: float) -> ck.MigrationStats:
+    now = int(time.time() * 1000)
+    return ck.MigrationStats(
+        started=int(started * 1000),
+        stopped=now,
+        sent=now,
+        time_elapsed=progress.total_time_ms,
+        downtime=progress.downtime_ms,
+        setup_time=progress.setup_time_ms,
+        memory_total=progress.total_bytes,
+        memory_processed=progress.processed_bytes,
+        memory_remaining=progress.remaining_bytes,
+        memory_bps=progress.bandwidth_bytes_per_s,
+        memory_normal=progress.normal_pages,
+        memory_normal_bytes=progress.normal_pages * progress.page_size,
+        memory_dirty_rate=progress.dirty_rate_pages_per_s,
+        memory_iteration=progress.iteration,
+        memory_page_size=progress.page_size,
+    )
+
+
+def _job_of(dom: DomainObj, kind: AsyncJob) -> MigrationJob:
+    job = dom.job
+    if job is None or job.kind is not kind:
+        if kind is AsyncJob.MIGRATION_IN:
+            raise OperationInvalid(
+                f"Requested operation is not valid: domain '{dom.name}' is not processing "
+                "incoming migration"
+            )
+        raise OperationInvalid(
+            f"Requested operation is not valid: domain '{dom.name}' is not being migrated"
+        )
+    return job
+
+
+def _no_job(dom: DomainObj) -> None:
+    if dom.job is not None:
+        raise OperationInvalid(
+            "Requested operation is not valid: another migration job is already running for "
+            f"domain '{dom.name}'"
+        )
+
+
+def _require_active(dom: DomainObj) -> None:
+    if not dom.active:
+        raise OperationInvalid("Requested operation is not valid: domain is not running")
+
+
+# =================================================================================================
+# Begin (source)
+
+
+async def src_begin(
+    daemon: Daemon, dom: DomainObj, params: TypedParams, flags: int
+) -> tuple[str, bytes]:
+    f = any_check(flags, params, "virDomainMigrateBegin3Params")
+    async with dom.lock:
+        _no_job(dom)
+        offline = bool(f & F.OFFLINE)
+        if not offline:
+            _require_active(dom)
+        current = dom.config if offline and dom.config is not None else dom.definition
+        xml = _src_begin_xml(current, params)
+        cookie = any_cookie(daemon, dom.name, dom.uuid)
+        if f & F.CHANGE_PROTECTION:
+            dom.job = MigrationJob(
+                kind=AsyncJob.MIGRATION_OUT,
+                phase=Phase.BEGIN3,
+                flags=f,
+                params=params.copy(),
+                pre_state=dom.state,
+            )
+            daemon.registry.save_status(dom)
+        return xml, cookie
+
+
+def _src_begin_xml(current: DomainDef, params: TypedParams) -> str:
+    xmlin = params.get_str(P.DEST_XML)
+    if xmlin is None:
+        return format_domain_xml(current, migratable=True)
+    target = parse_domain_xml(xmlin)
+    check_abi_stability(current, target)
+    return format_domain_xml(target, migratable=True)
+
+
+# =================================================================================================
+# Prepare (destination)
+
+
+def dst_parse_uri_in(uri: str) -> tuple[str, int | None]:
+    """libvirt's rules for a caller-given migration URI on the destination."""
+    if uri.startswith("tcp:") and not uri.startswith("tcp://"):
+        uri = "tcp://" + uri[len("tcp:"):]
+    parts = urlsplit(uri)
+    if not parts.scheme:
+        raise InvalidArgument(f"invalid argument: missing scheme in migration URI: {uri}")
+    if parts.scheme != "tcp":
+        raise ArgumentUnsupported(
+            f"argument unsupported: unsupported scheme {parts.scheme} in migration URI {uri}"
+        )
+    if not parts.hostname:
+        raise InvalidArgument(f"invalid argument: missing host in migration URI: {uri}")
+    try:
+        return parts.hostname, parts.port
+    except ValueError as exc:
+        raise InvalidArgument(f"invalid argument: bad port in migration URI: {uri}") from exc
+
+
+def _fmt_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+async def dst_prepare(
+    daemon: Daemon, params: TypedParams, cookie_in: bytes, flags: int
+) -> tuple[bytes, str | None]:
+    f = any_check(flags, params, "virDomainMigratePrepare3Params")
+    offline = bool(f & F.OFFLINE)
+    dom_xml = params.get_str(P.DEST_XML)
+    if not dom_xml:
+        raise InvalidArgument("invalid argument: no domain XML passed")
+    uri_in = params.get_str(P.URI)
+    listen = params.get_str(P.LISTEN_ADDRESS) or daemon.config.migration_address
+    want_port: int | None = None
+    host = ""
+    if not offline:
+        if uri_in:
+            host, want_port = dst_parse_uri_in(uri_in)
+        else:
+            host = daemon.config.migration_host or daemon.hostname
+            if host.startswith("localhost"):
+                raise OperationFailed(
+                    "operation failed: hostname on destination resolved to localhost, but "
+                    "migration requires an FQDN"
+                )
+    d = parse_domain_xml(dom_xml)
+    origname = d.name
+    dname = params.get_str(P.DEST_NAME)
+    if dname and dname != d.name:
+        d = rename(d, dname)
+    ck.parse_cookie(
+        cookie_in,
+        expected_name=origname,
+        expected_uuid=d.uuid,
+        local_hostuuid=daemon.host_uuid,
+        accept=ck.ACCEPT_PREPARE,
+    )
+    daemon.backend.validate(daemon.spec(d))
+
+    existing = daemon.registry.check_define(d)
+    if existing is not None and (existing.active or existing.job is not None):
+        raise OperationInvalid(
+            f"Requested operation is not valid: domain '{existing.name}' is already active"
+        )
+    dom = existing or daemon.registry.add(DomainObj(uuid=d.uuid, name=d.name))
+    async with dom.lock:
+        job = MigrationJob(
+            kind=AsyncJob.MIGRATION_IN, phase=Phase.PREPARE, flags=f, params=params.copy(),
+            origname=origname,
+        )
+        dom.job = job
+        job.busy = True
+        try:
+            dom.live = d
+            if offline:
+                daemon.registry.save_status(dom)
+                uri_out = None
+            else:
+                port = await _dst_listen(daemon, dom, d, listen, want_port)
+                job.port = port
+                dom.id = daemon.registry.new_id()
+                daemon.set_state(dom, DomainState.PAUSED, PausedReason.MIGRATION)
+                uri_out = (
+                    f"tcp:{_fmt_host(host)}:{port}" if not uri_in
+                    else f"tcp://{_fmt_host(host)}:{port}"
+                )
+            cookie = any_cookie(daemon, origname, d.uuid)
+        except BaseException:
+            await _dst_discard(daemon, dom, existed=existing is not None,
+                               record=job.record(JobType.FAILED, "prepare failed"))
+            raise
+        job.busy = False
+        return cookie, uri_out
+
+
+async def _dst_listen(
+    daemon: Daemon, dom: DomainObj, d: DomainDef, listen: str, want_port: int | None
+) -> int:
+    spec = daemon.spec(d)
+    candidates = [want_port] if want_port else daemon.ports.candidates()
+    last: OSError | None = None
+    for port in candidates:
+        try:
+            bound = await daemon.backend.incoming_start(spec, StreamAddress(listen, port))
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise OperationFailed(
+                    f"operation failed: cannot listen for incoming migration on "
+                    f"{listen}:{port}: {exc.strerror or exc}"
+                ) from exc
+            last = exc
+            continue
+        except BackendError as exc:
+            raise OperationFailed(f"operation failed: cannot start incoming guest: {exc}") \
+                from exc
+        daemon.ports.take(bound)
+        return bound
+    raise OperationFailed(
+        f"operation failed: no free migration port on {listen}"
+        + (f": {last.strerror}" if last is not None else "")
+    )
+
+
+async def _dst_discard(
+    daemon: Daemon, dom: DomainObj, *, existed: bool, record: JobRecord
+) -> None:
+    """Undo an incoming domain: kill its guest, free its port, drop or deactivate the object."""
+    job = dom.job
+    await daemon.backend.destroy(dom.uuid)
+    if job is not None and job.port:
+        daemon.ports.release(job.port)
+    await daemon.registry.end_job(dom, record)
+    if not existed:
+        dom.config = None
+    daemon.mark_inactive(dom, ShutoffReason.FAILED)
+
+
+# =================================================================================================
+# Perform (source)
+
+
+def src_parse_uri(uri: str | None) -> StreamAddress:
+    if not uri:
+        raise InvalidArgument("invalid argument: migration URI is required")
+    host, port = dst_parse_uri_in(uri)
+    if port is None:
+        raise InvalidArgument(f"invalid argument: missing port in migration URI: {uri}")
+    return StreamAddress(host, port)
+
+
+async def src_perform(
+    daemon: Daemon,
+    dom: DomainObj,
+    dconnuri: str | None,
+    params: TypedParams,
+    cookie_in: bytes,
+    flags: int,
+) -> bytes:
+    f = any_check(flags, params, "virDomainMigratePerform3Params")
+    if dconnuri:
+        raise InvalidArgument(
+            "invalid argument: Unexpected dconnuri parameter with non-peer2peer migration"
+        )
+    async with dom.lock:
+        if f & F.CHANGE_PROTECTION:
+            job = _job_of(dom, AsyncJob.MIGRATION_OUT)
+            if job.busy or job.phase is not Phase.BEGIN3:
+                raise OperationInvalid(
+                    f"Requested operation is not valid: domain '{dom.name}' is already being "
+                    f"migrated (phase {job.phase.label})"
+                )
+        else:
+            _no_job(dom)
+            job = MigrationJob(kind=AsyncJob.MIGRATION_OUT, phase=Phase.NONE, flags=f,
+                               params=params.copy(), pre_state=dom.state)
+            dom.job = job
+        job.busy = True
+        try:
+            _require_active(dom)
+            ck.parse_cookie(
+                cookie_in,
+                expected_name=dom.name,
+                expected_uuid=dom.uuid,
+                local_hostuuid=daemon.host_uuid,
+                accept=ck.ACCEPT_PERFORM,
+            )
+            dest = src_parse_uri(params.get_str(P.URI))
+            persistent = _src_persistent_xml(dom, params) if f & F.PERSIST_DEST else None
+            job.set_phase(Phase.PERFORM3)
+            job.flags = f
+            job.params = params.copy()
+            daemon.registry.save_status(dom)
+        except BaseException as exc:
+            # Perform ends the job on any failure: the client calls no Confirm after it.
+            await daemon.registry.end_job(dom, job.record(JobType.FAILED, str(exc)))
+            raise
+    # The lock is not held while the stream runs: read-only calls, destroy and (later) abort and
+    # tuning must get through.
+    try:
+        if not f & F.LIVE and dom.state is DomainState.RUNNING:
+            await daemon.backend.pause(dom.uuid)
+            daemon.set_state(dom, DomainState.PAUSED, PausedReason.MIGRATION)
+        tuning = MigrationTuning(
+            bandwidth_bytes_per_s=params.get_int(P.BANDWIDTH) * 1024 * 1024,
+            max_downtime_ms=daemon.config.default_max_downtime_ms,
+            live=bool(f & F.LIVE),
+        )
+        job.progress = await daemon.backend.outgoing(dom.uuid, dest, tuning)
+    except (BackendError, VirtmigError) as exc:
+        await _src_perform_failed(daemon, dom, job, exc)
+        raise _perform_error(exc) from exc
+    except BaseException as exc:
+        await _src_perform_failed(daemon, dom, job, exc)
+        raise
+    async with dom.lock:
+        daemon.set_state(dom, DomainState.PAUSED, PausedReason.MIGRATION)
+        job.set_phase(Phase.PERFORM3_DONE)
+        job.busy = False
+        daemon.registry.save_status(dom)
+        return any_cookie(
+            daemon, dom.name, dom.uuid,
+            statistics=any_stats(job.progress, job.started),
+            persistent_xml=persistent,
+            mandatory=("persistent",) if persistent is not None else (),
+        )
+
+
+def _src_persistent_xml(dom: DomainObj, params: TypedParams) -> str:
+    given = params.get_str(P.PERSIST_XML)
+    if given is not None:
+        d = parse_domain_xml(given)
+        if d.uuid != dom.uuid:
+            raise InvalidArgument(
+                f"invalid argument: persistent XML uuid {d.uuid} does not match domain uuid "
+                f"{dom.uuid}"
+            )
+        return format_domain_xml(d, migratable=True)
+    return format_domain_xml(dom.config or dom.definition, migratable=True)
+
+
+def _perform_error(exc: BaseException) -> VirtmigError:
+    if isinstance(exc, MigrationCancelled):
+        return OperationAborted("operation aborted: job 'migration out' canceled by client")
+    if isinstance(exc, VirtmigError):
+        return exc
+    return OperationFailed(f"operation failed: job 'migration out' failed: {exc}")
+
+
+async def _src_perform_failed(
+    daemon: Daemon, dom: DomainObj, job: MigrationJob, exc: BaseException
+) -> None:
+    """Perform's own rollback (libvirt v3): the source is whole again and the job ends."""
+    log.info("migration of %s failed in perform: %s", dom.name, exc)
+    await src_restore(daemon, dom, job)
+    job.progress = daemon.backend.progress(dom.uuid)
+    jtype = JobType.CANCELLED if isinstance(exc, MigrationCancelled) else JobType.FAILED
+    await daemon.registry.end_job(dom, job.record(jtype, str(_perform_error(exc))))
+
+
+async def src_restore(daemon: Daemon, dom: DomainObj, job: MigrationJob) -> None:
+    """Put the source guest back as it was before migration, if it still exists.
+
+    A guest that never left its pre-migration state (Begin only) is not touched.
+    """
+    run = daemon.backend.state(dom.uuid)
+    if run is GuestRunState.SHUTOFF:
+        if dom.active:
+            daemon.mark_inactive(dom, ShutoffReason.FAILED)
+        return
+    if job.pre_state is not DomainState.RUNNING:
+        if dom.state is DomainState.PAUSED and dom.reason == PausedReason.MIGRATION:
+            daemon.set_state(dom, DomainState.PAUSED, PausedReason.USER)
+        return
+    if run is GuestRunState.PAUSED:
+        try:
+            await daemon.backend.resume(dom.uuid)
+        except BackendError as exc:
+            log.error("cannot resume %s after failed migration: %s", dom.name, exc)
+            daemon.set_state(dom, DomainState.PAUSED, PausedReason.API_ERROR)
+            return
+    if job.phase >= Phase.PERFORM3:
+        daemon.set_state(dom, DomainState.RUNNING, RunningReason.MIGRATION_CANCELED)
+
+
+# =================================================================================================
+# Finish (destination)
+
+
+async def dst_finish(
+    daemon: Daemon, params: TypedParams, cookie_in: bytes, flags: int, cancelled: bool
+) -> tuple[DomainObj, bytes]:
+    f = any_check(flags, params, "virDomainMigrateFinish3Params")
+    dname = params.get_str(P.DEST_NAME)
+    if not dname:
+        raise NoDomain("Domain not found: missing domain name")
+    dom = daemon.registry.by_name(dname)
+    async with dom.lock:
+        job = _job_of(dom, AsyncJob.MIGRATION_IN)
+        if job.busy:
+            raise OperationInvalid(
+                f"Requested operation is not valid: domain '{dom.name}' incoming migration is "
+                "busy in another call"
+            )
+        job.busy = True
+        existed = dom.config is not None
+        try:
+            job.set_phase(Phase.FINISH3)
+            daemon.registry.save_status(dom)
+            if cancelled:
+                raise _dst_cancelled_error(daemon, dom)
+            incoming = ck.parse_cookie_opt(
+                cookie_in,
+                expected_name=job.origname,
+                expected_uuid=dom.uuid,
+                local_hostuuid=daemon.host_uuid,
+                accept=ck.ACCEPT_FINISH,
+            )
+            persistent = _dst_persistent_def(dom, incoming) if f & F.PERSIST_DEST else None
+            if f & F.OFFLINE:
+                return await _dst_finish_offline(daemon, dom, job, persistent)
+            if daemon.backend.state(dom.uuid) is GuestRunState.SHUTOFF:
+                raise OperationFailed("operation failed: guest unexpectedly quit")
+            try:
+                job.progress = await daemon.backend.incoming_wait(dom.uuid)
+            except BackendError as exc:
+                raise OperationFailed(
+                    f"operation failed: job 'migration in' failed: {exc}"
+                ) from exc
+            if f & F.PAUSED:
+                daemon.set_state(dom, DomainState.PAUSED, PausedReason.USER)
+            else:
+                await daemon.backend.resume(dom.uuid)
+                daemon.set_state(dom, DomainState.RUNNING, RunningReason.MIGRATED)
+            if persistent is not None:
+                dom.config = persistent
+                daemon.registry.save_config(dom)
+            if job.port:
+                daemon.ports.release(job.port)
+            await daemon.registry.end_job(dom, job.record(JobType.COMPLETED))
+            return dom, any_cookie(
+                daemon, job.origname, dom.uuid, statistics=any_stats(job.progress, job.started)
+            )
+        except BaseException as exc:
+            err = str(exc) if not isinstance(exc, MigrateFinishOk) else ""
+            jtype = JobType.CANCELLED if cancelled else JobType.FAILED
+            await _dst_discard(daemon, dom, existed=existed, record=job.record(jtype, err))
+            raise
+
+
+def _dst_cancelled_error(daemon: Daemon, dom: DomainObj) -> VirtmigError:
+    """What Finish(cancelled) reports: the incoming side's own error, or FINISH_OK."""
+    progress = daemon.backend.progress(dom.uuid)
+    if progress.error:
+        return OperationFailed(f"operation failed: job 'migration in' failed: {progress.error}")
+    return MigrateFinishOk("migration successfully aborted")
+
+
+def _dst_persistent_def(dom: DomainObj, incoming: ck.Cookie | None) -> DomainDef:
+    if incoming is not None and incoming.persistent_xml:
+        d = parse_domain_xml(incoming.persistent_xml)
+        if d.uuid != dom.uuid:
+            raise InternalError(
+                f"internal error: persistent definition uuid {d.uuid} does not match {dom.uuid}"
+            )
+        return rename(d, dom.name) if d.name != dom.name else d
+    return dom.definition
+
+
+async def _dst_finish_offline(
+    daemon: Daemon, dom: DomainObj, job: MigrationJob, persistent: DomainDef | None
+) -> tuple[DomainObj, bytes]:
+    dom.config = persistent if persistent is not None else dom.definition
+    dom.live = None
+    dom.state = DomainState.SHUTOFF
+    dom.reason = int(ShutoffReason.UNKNOWN)
+    daemon.registry.save_config(dom)
+    await daemon.registry.end_job(dom, job.record(JobType.COMPLETED))
+    return dom, b""
+
+
+# =================================================================================================
+# Confirm (source)
+
+
+async def src_confirm(
+    daemon: Daemon,
+    dom: DomainObj,
+    params: TypedParams,
+    cookie_in: bytes,
+    flags: int,
+    cancelled: bool,
+) -> None:
+    f = any_check(flags, params, "virDomainMigrateConfirm3Params")
+    async with dom.lock:
+        if dom.job is None and cancelled:
+            # Perform already rolled back and ended the job: Confirm(cancelled) is a no-op.
+            return
+        job = _job_of(dom, AsyncJob.MIGRATION_OUT)
+        if job.busy:
+            raise OperationInvalid(
+                f"Requested operation is not valid: domain '{dom.name}' migration is busy in "
+                "another call"
+            )
+        if not cancelled and job.phase is not Phase.PERFORM3_DONE and not f & F.OFFLINE:
+            raise OperationInvalid(
+                f"Requested operation is not valid: domain '{dom.name}' migration has not "
+                f"been performed (phase {job.phase.label})"
+            )
+        job.busy = True
+        try:
+            job.set_phase(Phase.CONFIRM3_CANCELLED if cancelled else Phase.CONFIRM3)
+            daemon.registry.save_status(dom)
+            stats = ck.parse_cookie_opt(
+                cookie_in,
+                expected_name=dom.name,
+                expected_uuid=dom.uuid,
+                local_hostuuid=daemon.host_uuid,
+                accept=ck.ACCEPT_CONFIRM,
+            )
+            if stats is not None and stats.statistics is not None:
+                job.progress = _with_dst_downtime(job.progress, stats.statistics)
+        except BaseException:
+            job.busy = False
+            raise
+        if cancelled:
+            await src_restore(daemon, dom, job)
+            await daemon.registry.end_job(dom, job.record(JobType.FAILED, "migration cancelled"))
+            return
+        if not f & F.OFFLINE:
+            await daemon.backend.destroy(dom.uuid)
+            await daemon.registry.end_job(dom, job.record(JobType.COMPLETED))
+            if f & F.UNDEFINE_SOURCE and dom.config is not None:
+                dom.config = None
+                daemon.registry.save_config(dom)
+            daemon.mark_inactive(dom, ShutoffReason.MIGRATED)
+            return
+        await daemon.registry.end_job(dom, job.record(JobType.COMPLETED))
+        if f & F.UNDEFINE_SOURCE and not dom.active and dom.config is not None:
+            dom.config = None
+            daemon.registry.save_config(dom)
+            daemon.registry.remove(dom)
+
+
+def _with_dst_downtime(progress: MigrationProgress, stats: ck.MigrationStats) -> MigrationProgress:
+    from dataclasses import replace
+
+    if stats.downtime:
+        return replace(progress, downtime_ms=stats.downtime)
+    return progress

@@ -1,0 +1,261 @@
+"""The domain registry: every domain this daemon knows, its state with reason, and its files.
+
+A domain object holds the persistent definition (``config``, None for a transient domain), the
+live definition while active, libvirt's state and reason, and at most one migration job.  Read-only
+calls read these fields directly and never wait; state-changing calls run under the object's lock,
+and wait (bounded) for a conflicting migration job to end, as libvirt's job masks have it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lxml import etree
+from virtmig.daemon import state as files
+from virtmig.daemon.domxml import DomainDef, parse_domain_xml
+from virtmig.daemon.job import AsyncJob, JobRecord, MigrationJob, Phase
+from virtmig.proto.errors import NoDomain, OperationFailed, OperationTimeout, XMLError
+from virtmig.proto.flags import DomainState, MigrateFlags, reason_name
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class DomainObj:
+    uuid: str
+    name: str
+    config: DomainDef | None = None  # persistent definition
+    live: DomainDef | None = None  # definition of the running instance
+    state: DomainState = DomainState.SHUTOFF
+    reason: int = 0
+    id: int = -1
+    job: MigrationJob | None = None
+    completed: JobRecord | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    job_changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+
+    @property
+    def persistent(self) -> bool:
+        return self.config is not None
+
+    @property
+    def active(self) -> bool:
+        return self.state not in (DomainState.SHUTOFF, DomainState.NOSTATE) or self.id >= 0
+
+    @property
+    def definition(self) -> DomainDef:
+        """The definition in force: live when active, else the persistent one."""
+        d = self.live if self.live is not None else self.config
+        if d is None:  # pragma: no cover - an object always has one of the two
+            raise NoDomain(f"Domain not found: no definition for domain '{self.name}'")
+        return d
+
+    @property
+    def reason_label(self) -> str:
+        return reason_name(self.state, self.reason)
+
+
+class Registry:
+    def __init__(self, state_dir: files.StateDir, *, job_wait_timeout: float = 30.0) -> None:
+        self._files = state_dir
+        self._by_uuid: dict[str, DomainObj] = {}
+        self._by_name: dict[str, DomainObj] = {}
+        self._next_id = 1
+        self.job_wait_timeout = job_wait_timeout
+
+    # --- lookup (never waits) -------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[DomainObj]:
+        return iter(list(self._by_uuid.values()))
+
+    def by_name(self, name: str) -> DomainObj:
+        dom = self._by_name.get(name)
+        if dom is None:
+            raise NoDomain(f"Domain not found: no domain with matching name '{name}'")
+        return dom
+
+    def by_uuid(self, uuid: str) -> DomainObj:
+        dom = self._by_uuid.get(uuid.lower())
+        if dom is None:
+            raise NoDomain(f"Domain not found: no domain with matching uuid '{uuid}'")
+        return dom
+
+    def find_name(self, name: str) -> DomainObj | None:
+        return self._by_name.get(name)
+
+    def find_uuid(self, uuid: str) -> DomainObj | None:
+        return self._by_uuid.get(uuid.lower())
+
+    # --- membership -----------------------------------------------------------------------------
+
+    def add(self, dom: DomainObj) -> DomainObj:
+        self._by_uuid[dom.uuid] = dom
+        self._by_name[dom.name] = dom
+        return dom
+
+    def rename(self, dom: DomainObj, name: str) -> None:
+        if self._by_name.get(dom.name) is dom:
+            del self._by_name[dom.name]
+        dom.name = name
+        self._by_name[name] = dom
+
+    def remove(self, dom: DomainObj) -> None:
+        if self._by_uuid.get(dom.uuid) is dom:
+            del self._by_uuid[dom.uuid]
+        if self._by_name.get(dom.name) is dom:
+            del self._by_name[dom.name]
+        files.remove(self._files.status_path(dom.uuid))
+
+    def check_define(self, d: DomainDef) -> DomainObj | None:
+        """libvirt's name/UUID clash rules for adding ``d``; returns the existing object, if any."""
+        by_uuid = self._by_uuid.get(d.uuid)
+        if by_uuid is not None and by_uuid.name != d.name:
+            raise OperationFailed(
+                f"operation failed: domain '{by_uuid.name}' is already defined with uuid {d.uuid}"
+            )
+        by_name = self._by_name.get(d.name)
+        if by_name is not None and by_name.uuid != d.uuid:
+            raise OperationFailed(
+                f"operation failed: domain '{d.name}' already exists with uuid {by_name.uuid}"
+            )
+        return by_uuid
+
+    def new_id(self) -> int:
+        value = self._next_id
+        self._next_id += 1
+        return value
+
+    # --- jobs -----------------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def state_change(
+        self, dom: DomainObj, api: str, *, allowed_during: frozenset[AsyncJob] = frozenset()
+    ) -> AsyncIterator[DomainObj]:
+        """Run a state-changing call: wait (bounded) for a conflicting migration job, then lock."""
+        deadline = time.monotonic() + self.job_wait_timeout
+        async with dom.job_changed:
+            while dom.job is not None and dom.job.kind not in allowed_during:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise OperationTimeout(
+                        "Timed out during operation: cannot acquire state change lock "
+                        f"(held by async job '{dom.job.kind.value}' in phase "
+                        f"'{dom.job.phase.label}') for {api}"
+                    )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(dom.job_changed.wait(), left)
+        async with dom.lock:
+            yield dom
+
+    async def end_job(self, dom: DomainObj, record: JobRecord | None) -> None:
+        dom.job = None
+        if record is not None:
+            dom.completed = record
+        self.save_status(dom)
+        async with dom.job_changed:
+            dom.job_changed.notify_all()
+
+    # --- files ----------------------------------------------------------------------------------
+
+    def save_config(self, dom: DomainObj) -> None:
+        if dom.config is None:
+            files.remove(self._files.definition_path(dom.uuid))
+        else:
+            files.atomic_write(self._files.definition_path(dom.uuid), dom.config.xml.encode())
+
+    def save_status(self, dom: DomainObj) -> None:
+        path = self._files.status_path(dom.uuid)
+        if not dom.active and dom.job is None:
+            files.remove(path)
+            return
+        root = etree.Element(
+            "domstatus",
+            state=dom.state.name.lower(),
+            reason=dom.reason_label,
+            id=str(dom.id),
+            persistent="yes" if dom.persistent else "no",
+        )
+        if dom.job is not None:
+            job = dom.job
+            etree.SubElement(
+                root,
+                "job",
+                {
+                    "async": job.kind.value,
+                    "phase": job.phase.label,
+                    "flags": hex(int(job.flags)),
+                    "asyncStarted": str(int(job.started * 1000)),
+                    "preState": job.pre_state.name.lower(),
+                    "origname": job.origname,
+                    "port": str(job.port),
+                },
+            )
+        if dom.live is not None:
+            root.append(etree.fromstring(dom.live.xml.encode()))
+        files.atomic_write(path, etree.tostring(root, pretty_print=True))
+
+    def load(self) -> list[tuple[DomainObj, etree._Element]]:
+        """Load persistent definitions and live status files; return objects that have status.
+
+        The caller (the daemon) decides, with the backend, what a status file means now.
+        """
+        for path in sorted(self._files.domains.glob("*.xml")):
+            try:
+                d = parse_domain_xml(path.read_bytes())
+            except (OSError, XMLError) as exc:
+                log.error("ignoring unreadable definition %s: %s", path, exc)
+                continue
+            self.add(DomainObj(uuid=d.uuid, name=d.name, config=d))
+        with_status = []
+        for path in sorted(self._files.status.glob("*.xml")):
+            try:
+                root = etree.fromstring(
+                    path.read_bytes(), etree.XMLParser(resolve_entities=False, no_network=True)
+                )
+                dom_el = root.find("domain")
+                live = parse_domain_xml(etree.tostring(dom_el)) if dom_el is not None else None
+            except (OSError, etree.XMLSyntaxError, XMLError) as exc:
+                log.error("ignoring unreadable status %s: %s", path, exc)
+                continue
+            uuid = path.stem
+            dom = self._by_uuid.get(uuid)
+            if dom is None:
+                if live is None:
+                    files.remove(path)
+                    continue
+                dom = self.add(DomainObj(uuid=live.uuid, name=live.name))
+            dom.live = live
+            with_status.append((dom, root))
+        return with_status
+
+
+def job_from_status(root: etree._Element) -> MigrationJob | None:
+    el = root.find("job")
+    if el is None:
+        return None
+    job = MigrationJob(
+        kind=AsyncJob(el.get("async", "")),
+        phase=Phase.from_label(el.get("phase", "none")),
+        flags=MigrateFlags(int(el.get("flags", "0"), 16)),
+        started=int(el.get("asyncStarted", "0")) / 1000,
+        pre_state=DomainState[el.get("preState", "nostate").upper()],
+        origname=el.get("origname", ""),
+        port=int(el.get("port", "0")),
+    )
+    return job
+
+
+def describe(dom: DomainObj) -> dict[str, object]:
+    """A plain summary for logs."""
+    return {"name": dom.name, "uuid": dom.uuid, "state": dom.state.name, "id": dom.id,
+            "job": dom.job.phase.label if dom.job else None}
+
+
+def status_path(state_dir: files.StateDir, uuid: str) -> Path:
+    return state_dir.status_path(uuid)

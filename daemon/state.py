@@ -1,0 +1,79 @@
+"""The daemon's files: host identity, persistent definitions and live status, written atomically.
+
+Layout under the state dir::
+
+    host-uuid                  generated once, kept for the life of the state dir
+    domains/<uuid>.xml         persistent definitions (libvirt domain XML)
+    status/<uuid>.xml          live status: state, reason, id, live definition, migration job
+
+Every write goes to a temporary file in the same folder, is fsynced, renamed over the target, and
+the folder is fsynced: a crash leaves either the old file or the new one, never a torn one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import uuid as uuidlib
+from pathlib import Path
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def remove(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+        _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class StateDir:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.domains = root / "domains"
+        self.status = root / "status"
+        for folder in (root, self.domains, self.status):
+            folder.mkdir(parents=True, exist_ok=True)
+
+    def host_uuid(self) -> str:
+        """The host UUID, generated on first use and kept."""
+        path = self.root / "host-uuid"
+        try:
+            return str(uuidlib.UUID(path.read_text().strip()))
+        except (FileNotFoundError, ValueError):
+            value = str(uuidlib.uuid4())
+            atomic_write(path, (value + "\n").encode())
+            return value
+
+    def definition_path(self, uuid: str) -> Path:
+        return self.domains / f"{uuid}.xml"
+
+    def status_path(self, uuid: str) -> Path:
+        return self.status / f"{uuid}.xml"
+
+    def backend_dir(self, name: str) -> Path:
+        path = self.root / "backend" / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path

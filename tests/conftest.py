@@ -1,0 +1,80 @@
+"""Shared fixtures: real daemons in the test's event loop, on loopback, port 0."""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from virtmig.client.connection import AsyncConnection
+from virtmig.daemon.core import DaemonConfig
+from virtmig.daemon.main import RunningDaemon, start_daemon
+
+
+def domain_xml(name: str = "vm1", memory_mib: int = 64, *, uuid: str | None = None,
+               dirty_rate_mib: int = 0, extra_options: str = "") -> str:
+    uuid_el = f"<uuid>{uuid}</uuid>" if uuid else ""
+    opts = f'dirty-rate-mib="{dirty_rate_mib}" ' if dirty_rate_mib else ""
+    return textwrap.dedent(f"""\
+        <domain type='test'>
+          <name>{name}</name>
+          {uuid_el}
+          <memory unit='MiB'>{memory_mib}</memory>
+          <vcpu>1</vcpu>
+          <os><type arch='x86_64' machine='pc'>hvm</type></os>
+          <metadata>
+            <virtmig:guest xmlns:virtmig="urn:virtmig:domain:1" {opts}{extra_options}/>
+          </metadata>
+          <devices>
+            <serial type='pty'><target port='0'/></serial>
+          </devices>
+        </domain>
+        """)
+
+
+@dataclass
+class Host:
+    running: RunningDaemon
+    conn: AsyncConnection
+    uri: str
+    state_dir: Path
+
+    @property
+    def daemon(self):  # type: ignore[no-untyped-def]
+        return self.running.daemon
+
+
+async def start_host(tmp_path: Path, name: str, **overrides: object) -> Host:
+    state = tmp_path / name
+    config = DaemonConfig(
+        state_dir=str(state),
+        listen=("tcp://127.0.0.1:0",),
+        hostname=f"{name}.test",
+        migration_address="127.0.0.1",
+        migration_host="127.0.0.1",
+        job_wait_timeout=1.0,
+        **overrides,  # type: ignore[arg-type]
+    )
+    running = await start_daemon(config)
+    uri = f"virtmig+tcp://127.0.0.1:{running.tcp_port}"
+    conn = await AsyncConnection.open(uri)
+    return Host(running, conn, uri, state)
+
+
+async def stop_host(host: Host) -> None:
+    await host.conn.close()
+    await host.running.stop(grace=0.5)
+
+
+@pytest.fixture
+async def pair(tmp_path: Path) -> AsyncIterator[tuple[Host, Host]]:
+    src = await start_host(tmp_path, "src")
+    dst = await start_host(tmp_path, "dst")
+    try:
+        yield src, dst
+    finally:
+        await stop_host(src)
+        await stop_host(dst)
