@@ -1,0 +1,585 @@
+"""The migration cookie: building and parsing libvirt's ``<qemu-migration>`` XML document.
+
+The cookie is the opaque, NUL-terminated blob that each v3 step hands to the next (A: Begin →
+Prepare, B: Prepare → Perform, C: Perform → Finish, D: Finish → Confirm).  The client never looks
+inside; only the daemons do, and only in this module.  The layout is libvirt's
+(``src/qemu/qemu_migration_cookie.c``), so cookies read the same as libvirt's, and libvirt's own
+cookies parse here::
+
+    <qemu-migration>
+      <name>vm1</name>                       always: domain name (the *original* name on rename)
+      <uuid>…</uuid>                         always: domain UUID
+      <hostname>src.example</hostname>       always: sender's hostname (stored, never compared)
+      <hostuuid>…</hostuuid>                 always: sender's host UUID (must differ from ours)
+      <feature name='persistent'/>           mandatory features the receiver must understand
+      <domain>…</domain>                     persistent           (inactive definition)
+      <statistics>…</statistics>             statistics           (job timings and final stats)
+      <capabilities>                         capabilities         (migration caps of the sender)
+        <cap name='xbzrle' auto='yes'/>
+      </capabilities>
+    </qemu-migration>
+
+Which step produces and consumes which section (libvirt's table, reference §4.2; the sections
+virtmig models are marked with *):
+
+=============  ====================================  ===============================================
+cookie         produced by                            consumed by (``accept`` of parse_cookie)
+=============  ====================================  ===============================================
+A  Begin       capabilities* (unless offline),        Prepare: capabilities* (+ lockstate, nbd, cpu,
+               mandatory memory-/cpu-hotplug          memory-/cpu-hotplug, block-dirty-bitmaps)
+B  Prepare     capabilities* (unless offline),        Perform: capabilities* (+ graphics,
+               graphics, nbd                          block-dirty-bitmaps, nbd)
+C  Perform     statistics*, persistent* (with         Finish: statistics*, persistent* (+ network,
+               PERSIST_DEST; listed as mandatory),    nbd)
+               network, nbd
+D  Finish      statistics* (the destination's view:   Confirm: statistics*
+               time delta, real downtime)
+=============  ====================================  ===============================================
+
+The other libvirt sections (graphics, lockstate, network, nbd, cpu, allowReboot,
+blockDirtyBitmaps) are never produced here and are skipped when parsing; their names are known, so
+a mandatory ``<feature>`` naming one is refused as *unsupported* unless the caller accepts it.
+
+Parsing applies libvirt's checks (reference §4.3) with libvirt's messages, all as
+:class:`~virtmig.proto.errors.InternalError`, in libvirt's order: NUL terminator, well-formed XML,
+name, uuid, hostname, hostuuid (and "same host"), mandatory features, then the sections listed in
+``accept``.  Sections present but not accepted are ignored.  The XML is parsed without entities,
+DTDs or network access, a DOCTYPE is refused, and the size is capped.
+
+The persistent ``<domain>`` stays a string here: this module neither interprets nor renames it
+(libvirt forces the definition's name to the local name on Finish; that is the caller's job).  It is
+re-serialised in one canonical style (libvirt's: two-space indent, single-quoted attributes), so a
+round trip returns :func:`canonical_domain_xml` of what was sent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import re
+import uuid as _uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from lxml import etree
+
+from virtmig.proto.errors import InternalError, XMLError
+
+__all__ = [
+    "ACCEPT_CONFIRM",
+    "ACCEPT_FINISH",
+    "ACCEPT_PERFORM",
+    "ACCEPT_PREPARE",
+    "MAX_COOKIE_BYTES",
+    "Cookie",
+    "CookieFlag",
+    "MigrationStats",
+    "build_cookie",
+    "canonical_domain_xml",
+    "mandatory_features",
+    "parse_cookie",
+    "parse_cookie_opt",
+]
+
+ROOT_TAG = "qemu-migration"
+MAX_COOKIE_BYTES = 16 * 1024 * 1024
+
+
+class CookieFlag(enum.Flag):
+    """libvirt's cookie sections / features (``qemuMigrationCookieFlags``; the bit is the index)."""
+
+    GRAPHICS = 1 << 0
+    LOCKSTATE = 1 << 1
+    PERSISTENT = 1 << 2
+    NETWORK = 1 << 3
+    NBD = 1 << 4
+    STATISTICS = 1 << 5
+    MEMORY_HOTPLUG = 1 << 6
+    CPU_HOTPLUG = 1 << 7
+    CPU = 1 << 8
+    ALLOW_REBOOT = 1 << 9
+    CAPABILITIES = 1 << 10
+    BLOCK_DIRTY_BITMAPS = 1 << 11
+
+    @property
+    def feature(self) -> str:
+        """The ``<feature name=…>`` string of a single flag."""
+        try:
+            return _FEATURE_NAMES[self]
+        except KeyError:
+            raise ValueError(f"{self!r} is not a single cookie flag") from None
+
+    @classmethod
+    def from_feature(cls, name: str) -> CookieFlag | None:
+        """The flag named ``name`` in a ``<feature>`` element, or None when unknown."""
+        return _FEATURES_BY_NAME.get(name)
+
+
+_FEATURE_NAMES: Mapping[CookieFlag, str] = {
+    CookieFlag.GRAPHICS: "graphics",
+    CookieFlag.LOCKSTATE: "lockstate",
+    CookieFlag.PERSISTENT: "persistent",
+    CookieFlag.NETWORK: "network",
+    CookieFlag.NBD: "nbd",
+    CookieFlag.STATISTICS: "statistics",
+    CookieFlag.MEMORY_HOTPLUG: "memory-hotplug",
+    CookieFlag.CPU_HOTPLUG: "cpu-hotplug",
+    CookieFlag.CPU: "cpu",
+    CookieFlag.ALLOW_REBOOT: "allowReboot",
+    CookieFlag.CAPABILITIES: "capabilities",
+    CookieFlag.BLOCK_DIRTY_BITMAPS: "block-dirty-bitmaps",
+}
+_FEATURES_BY_NAME: Mapping[str, CookieFlag] = {v: k for k, v in _FEATURE_NAMES.items()}
+
+# What each receiving step parses.  Only what virtmig acts on: a sender that makes, say, lockstate
+# mandatory is refused ("Unsupported migration cookie feature lockstate") rather than ignored.
+# libvirt's Finish always accepts persistent, for senders that add it without PERSIST_DEST.
+ACCEPT_PREPARE = CookieFlag.CAPABILITIES
+ACCEPT_PERFORM = CookieFlag.CAPABILITIES
+ACCEPT_FINISH = CookieFlag.PERSISTENT | CookieFlag.STATISTICS
+ACCEPT_CONFIRM = CookieFlag.STATISTICS
+
+
+def mandatory_features(flags: CookieFlag) -> tuple[str, ...]:
+    """``Cookie.mandatory`` for ``flags``, in libvirt's (bit) order."""
+    return tuple(_FEATURE_NAMES[f] for f in CookieFlag if f in flags)
+
+
+@dataclass(frozen=True)
+class MigrationStats:
+    """The ``<statistics>`` section: when the job ran and its final numbers.
+
+    Times are milliseconds (``started``/``stopped``/``sent`` since the epoch), sizes bytes,
+    rates bytes/s (dirty rate pages/s).  ``delta`` is the receiver's clock minus the sender's.
+    Field names are libvirt's element names, written in this order.
+    """
+
+    started: int = 0
+    stopped: int = 0
+    sent: int = 0
+    delta: int = 0
+    time_elapsed: int = 0
+    downtime: int = 0
+    setup_time: int = 0
+    memory_total: int = 0
+    memory_processed: int = 0
+    memory_remaining: int = 0
+    memory_bps: int = 0
+    memory_constant: int = 0
+    memory_normal: int = 0
+    memory_normal_bytes: int = 0
+    memory_dirty_rate: int = 0
+    memory_iteration: int = 0
+    memory_page_size: int = 0
+
+
+_STATS_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(MigrationStats))
+
+
+@dataclass(frozen=True)
+class Cookie:
+    """One migration cookie.  On parse, ``hostname``/``hostuuid`` are the *sender's*."""
+
+    name: str
+    uuid: str
+    hostname: str
+    hostuuid: str
+    # <feature name='…'/>: features the receiver must accept (see mandatory_features()).
+    mandatory: tuple[str, ...] = ()
+    # A whole <domain> element (PERSIST_DEST).  libvirt also lists "persistent" as mandatory.
+    persistent_xml: str | None = None
+    statistics: MigrationStats | None = None
+    # (capability name, auto): migration capabilities the sender supports; ``auto`` means it turns
+    # the capability on by itself.  () is an empty section, None no section.
+    capabilities: tuple[tuple[str, bool], ...] | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Building
+
+
+def build_cookie(c: Cookie) -> bytes:
+    """Serialise ``c`` as UTF-8 ``<qemu-migration>`` XML plus one terminating NUL byte.
+
+    Raises InternalError for values that cannot form a valid cookie (empty or malformed name,
+    UUIDs, hostname, feature names; characters XML cannot carry) and XMLError when
+    ``persistent_xml`` is not a well-formed ``<domain>`` document.
+    """
+    for what, value in (("name", c.name), ("hostname", c.hostname)):
+        if not value:
+            raise InternalError(f"cannot build migration cookie: empty {what}")
+    uuid = _canonical_uuid(c.uuid)
+    hostuuid = _canonical_uuid(c.hostuuid)
+    if uuid is None:
+        raise InternalError(f"cannot build migration cookie: malformed uuid '{c.uuid}'")
+    if hostuuid is None:
+        raise InternalError(f"cannot build migration cookie: malformed hostuuid '{c.hostuuid}'")
+
+    root = etree.Element(ROOT_TAG)
+    try:
+        etree.SubElement(root, "name").text = c.name
+        etree.SubElement(root, "uuid").text = uuid
+        etree.SubElement(root, "hostname").text = c.hostname
+        etree.SubElement(root, "hostuuid").text = hostuuid
+        for feature in c.mandatory:
+            if not feature:
+                raise InternalError("cannot build migration cookie: empty feature name")
+            etree.SubElement(root, "feature", name=feature)
+        # libvirt's order: graphics, lockstate, domain, network, nbd, statistics, cpu,
+        # capabilities, blockDirtyBitmaps.
+        if c.persistent_xml is not None:
+            root.append(_parse_domain(c.persistent_xml))
+        if c.statistics is not None:
+            stats = etree.SubElement(root, "statistics")
+            for field in _STATS_FIELDS:
+                etree.SubElement(stats, field).text = str(getattr(c.statistics, field))
+        if c.capabilities is not None:
+            caps = etree.SubElement(root, "capabilities")
+            for cap, auto in c.capabilities:
+                if not cap:
+                    raise InternalError("cannot build migration cookie: empty capability name")
+                etree.SubElement(caps, "cap", name=cap, auto="yes" if auto else "no")
+    except ValueError as err:  # lxml refuses NUL and control characters
+        raise InternalError(f"cannot build migration cookie: {err}") from err
+
+    out: list[str] = []
+    _emit(root, 0, {}, out)
+    return "".join(out).encode("utf-8") + b"\0"
+
+
+def canonical_domain_xml(xml: str) -> str:
+    """``xml`` (one ``<domain>`` element) in the style a parsed cookie returns it.
+
+    ``parse_cookie(build_cookie(c)).persistent_xml == canonical_domain_xml(c.persistent_xml)``.
+    Raises XMLError when ``xml`` is not a well-formed ``<domain>`` document.
+    """
+    out: list[str] = []
+    _emit(_parse_domain(xml), 0, {}, out)
+    return "".join(out)
+
+
+def _parse_domain(xml: str) -> etree._Element:
+    try:
+        el = _safe_fromstring(xml.encode("utf-8"))
+    except _UnsafeXML as err:
+        raise XMLError(f"persistent domain XML: {err}") from None
+    except etree.XMLSyntaxError as err:
+        raise XMLError(f"persistent domain XML is not well-formed: {err}") from None
+    if el.tag != "domain":
+        raise XMLError(f"persistent domain XML: unexpected root element <{el.tag}>, "
+                       "expecting <domain>")
+    return el
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing
+
+
+def parse_cookie_opt(
+    data: bytes,
+    *,
+    expected_name: str,
+    expected_uuid: str,
+    local_hostuuid: str,
+    accept: CookieFlag,
+) -> Cookie | None:
+    """Like :func:`parse_cookie`, but an empty ``data`` means "no cookie" (None), as in libvirt."""
+    if not data:
+        return None
+    return parse_cookie(
+        data,
+        expected_name=expected_name,
+        expected_uuid=expected_uuid,
+        local_hostuuid=local_hostuuid,
+        accept=accept,
+    )
+
+
+def parse_cookie(
+    data: bytes,
+    *,
+    expected_name: str,
+    expected_uuid: str,
+    local_hostuuid: str,
+    accept: CookieFlag,
+) -> Cookie:
+    """Parse and check a cookie received by the domain ``expected_name``/``expected_uuid``.
+
+    ``expected_name`` is the domain's *original* name when the migration renames it.
+    ``accept`` lists the features and sections this step understands: a mandatory feature outside
+    it is refused, a section outside it is ignored (returned as None).  Every failure is an
+    InternalError with libvirt's message.
+    """
+    our_uuid = _canonical_uuid(expected_uuid)
+    our_hostuuid = _canonical_uuid(local_hostuuid)
+    if our_uuid is None:
+        raise ValueError(f"expected_uuid {expected_uuid!r} is not a UUID")
+    if our_hostuuid is None:
+        raise ValueError(f"local_hostuuid {local_hostuuid!r} is not a UUID")
+
+    root = _parse_document(data)
+
+    name = _child_text(root, "name")
+    if name is None:
+        raise InternalError("missing name element in migration data")
+    if name != expected_name:
+        raise InternalError(
+            f"Incoming cookie data had unexpected name {name} vs {expected_name}"
+        )
+
+    uuid_text = _child_text(root, "uuid")
+    if uuid_text is None:
+        raise InternalError("missing uuid element in migration data")
+    uuid = _canonical_uuid(uuid_text)
+    if uuid != our_uuid:
+        raise InternalError(
+            f"Incoming cookie data had unexpected UUID {uuid_text} vs {our_uuid}"
+        )
+
+    hostname = _child_text(root, "hostname")
+    if hostname is None:
+        raise InternalError("missing hostname element in migration data")
+
+    hostuuid_text = _child_text(root, "hostuuid")
+    if hostuuid_text is None:
+        raise InternalError("missing hostuuid element in migration data")
+    hostuuid = _canonical_uuid(hostuuid_text)
+    if hostuuid is None:
+        raise InternalError("malformed hostuuid element in migration data")
+    if hostuuid == our_hostuuid:
+        raise InternalError(f"Attempt to migrate guest to the same host {hostuuid_text}")
+
+    mandatory = _parse_mandatory(root, accept)
+
+    persistent_xml = None
+    if CookieFlag.PERSISTENT in accept:
+        domains = root.findall("domain")
+        if len(domains) > 1:
+            raise InternalError("Too many domain elements in migration cookie")
+        if domains:
+            out: list[str] = []
+            _emit(domains[0], 0, {}, out)
+            persistent_xml = "".join(out)
+
+    statistics = None
+    if CookieFlag.STATISTICS in accept:
+        stats_el = root.find("statistics")
+        if stats_el is not None:
+            statistics = _parse_statistics(stats_el)
+
+    capabilities = None
+    if CookieFlag.CAPABILITIES in accept:
+        caps_el = root.find("capabilities")
+        if caps_el is not None:
+            capabilities = _parse_capabilities(caps_el)
+
+    return Cookie(
+        name=name,
+        uuid=uuid,
+        hostname=hostname,
+        hostuuid=hostuuid,
+        mandatory=mandatory,
+        persistent_xml=persistent_xml,
+        statistics=statistics,
+        capabilities=capabilities,
+    )
+
+
+def _parse_document(data: bytes) -> etree._Element:
+    if len(data) > MAX_COOKIE_BYTES:
+        raise InternalError(
+            f"Migration cookie too large: {len(data)} bytes (limit {MAX_COOKIE_BYTES})"
+        )
+    if not data or data[-1] != 0:
+        raise InternalError("Migration cookie was not NULL terminated")
+    body = data[:-1]
+    if b"\0" in body:
+        raise InternalError("Migration cookie contains an embedded NUL byte")
+    try:
+        root = _safe_fromstring(body)
+    except _UnsafeXML as err:
+        raise InternalError(f"Malformed migration cookie: {err}") from None
+    except etree.XMLSyntaxError as err:
+        raise InternalError(f"Malformed migration cookie XML: {err}") from None
+    if root.tag != ROOT_TAG:
+        raise InternalError(
+            f"Malformed migration cookie: unexpected root element <{root.tag}>, "
+            f"expecting <{ROOT_TAG}>"
+        )
+    return root
+
+
+def _parse_mandatory(root: etree._Element, accept: CookieFlag) -> tuple[str, ...]:
+    names: list[str] = []
+    for el in root.findall("feature"):
+        name = el.get("name")
+        if name is None:
+            raise InternalError("missing feature name")
+        flag = CookieFlag.from_feature(name)
+        if flag is None:
+            raise InternalError(f"Unknown migration cookie feature {name}")
+        if flag not in accept:
+            raise InternalError(f"Unsupported migration cookie feature {name}")
+        names.append(name)
+    return tuple(names)
+
+
+_INT_RE = re.compile(r"[+-]?[0-9]+")
+
+
+def _parse_statistics(el: etree._Element) -> MigrationStats:
+    # Missing elements stay 0 (older or newer senders write different sets, as in libvirt);
+    # elements we do not model (disk_*, compression_*, …) are skipped.
+    values: dict[str, int] = {}
+    for field in _STATS_FIELDS:
+        text = _child_text(el, field)
+        if text is None:
+            continue
+        text = text.strip()
+        if not _INT_RE.fullmatch(text):
+            raise InternalError(
+                f"Malformed {field} element in migration cookie statistics: '{text}'"
+            )
+        values[field] = int(text)
+    return MigrationStats(**values)
+
+
+def _parse_capabilities(el: etree._Element) -> tuple[tuple[str, bool], ...]:
+    caps: list[tuple[str, bool]] = []
+    for cap in el.findall("cap"):
+        name = cap.get("name")
+        if name is None:
+            raise InternalError("missing migration capability name")
+        caps.append((name, cap.get("auto") == "yes"))
+    return tuple(caps)
+
+
+def _child_text(parent: etree._Element, tag: str) -> str | None:
+    """The string value of the first ``tag`` child, None when absent or empty (libvirt's XPath)."""
+    el = parent.find(tag)
+    if el is None:
+        return None
+    return "".join(_str(t) for t in el.itertext()) or None
+
+
+def _str(value: str | bytes) -> str:
+    # lxml hands out str for text and attributes; its stubs also allow bytes.
+    return value if isinstance(value, str) else value.decode("utf-8")
+
+
+def _canonical_uuid(text: str) -> str | None:
+    """Lowercase hyphenated form of a UUID, accepting what libvirt's parser does, or None."""
+    compact = text.strip().replace("-", "").replace(" ", "")
+    if len(compact) != 32 or not all(ch in "0123456789abcdefABCDEF" for ch in compact):
+        return None
+    return str(_uuid.UUID(hex=compact))
+
+
+# ---------------------------------------------------------------------------------------------
+# Safe XML input
+
+
+class _UnsafeXML(Exception):
+    pass
+
+
+def _safe_fromstring(data: bytes) -> etree._Element:
+    """Parse without entity expansion, DTD loading or network access; refuse any DOCTYPE."""
+    parser = etree.XMLParser(
+        resolve_entities=False,
+        no_network=True,
+        load_dtd=False,
+        dtd_validation=False,
+        huge_tree=False,
+        remove_comments=True,
+        remove_pis=True,
+    )
+    root = etree.fromstring(data, parser)
+    docinfo = root.getroottree().docinfo
+    # lxml records every <!DOCTYPE …>, with or without a subset or identifiers, as internalDTD.
+    if docinfo.internalDTD is not None or docinfo.externalDTD is not None:
+        raise _UnsafeXML("DOCTYPE declarations are not allowed")
+    return root
+
+
+# ---------------------------------------------------------------------------------------------
+# Output: libvirt's style.  Two-space indent, attributes in single quotes, one element per line;
+# an element with text only stays on one line; an element with mixed content is written inline
+# as it came, so no text changes.  Deterministic for a given tree.
+
+_XML_NS = "http://www.w3.org/XML/1998/namespace"
+_TEXT_ESCAPES = str.maketrans(
+    {"&": "&amp;", "<": "&lt;", ">": "&gt;", "'": "&apos;", '"': "&quot;", "\r": "&#13;"}
+)
+_ATTR_ESCAPES = str.maketrans(
+    {"&": "&amp;", "<": "&lt;", ">": "&gt;", "'": "&apos;", '"': "&quot;", "\r": "&#13;",
+     "\n": "&#10;", "\t": "&#9;"}
+)
+
+_NsMap = Mapping[str | None, str]
+
+
+def _emit(el: etree._Element, depth: int, parent_ns: _NsMap, out: list[str]) -> None:
+    indent = "  " * depth
+    name = _element_name(el)
+    children = list(el)
+    text = el.text or ""
+    if not children:
+        start = _start_tag(el, name, parent_ns)
+        out.append(f"{indent}<{start}>{text.translate(_TEXT_ESCAPES)}</{name}>\n" if text
+                   else f"{indent}<{start}/>\n")
+    elif text.strip() or any((child.tail or "").strip() for child in children):
+        out.append(f"{indent}{_inline(el, parent_ns)}\n")
+    else:
+        out.append(f"{indent}<{_start_tag(el, name, parent_ns)}>\n")
+        for child in children:
+            _emit(child, depth + 1, el.nsmap, out)
+        out.append(f"{indent}</{name}>\n")
+
+
+def _inline(el: etree._Element, parent_ns: _NsMap) -> str:
+    name = _element_name(el)
+    start = _start_tag(el, name, parent_ns)
+    children = list(el)
+    if not children and not el.text:
+        return f"<{start}/>"
+    parts = [f"<{start}>", (el.text or "").translate(_TEXT_ESCAPES)]
+    for child in children:
+        parts.append(_inline(child, el.nsmap))
+        parts.append((child.tail or "").translate(_TEXT_ESCAPES))
+    parts.append(f"</{name}>")
+    return "".join(parts)
+
+
+def _start_tag(el: etree._Element, name: str, parent_ns: _NsMap) -> str:
+    parts = [name]
+    nsmap = el.nsmap
+    if None in parent_ns and None not in nsmap:
+        parts.append("xmlns=''")
+    for prefix in sorted(nsmap, key=lambda p: "" if p is None else f":{p}"):
+        uri = nsmap[prefix]
+        if parent_ns.get(prefix) != uri:
+            attr = "xmlns" if prefix is None else f"xmlns:{prefix}"
+            parts.append(f"{attr}='{uri.translate(_ATTR_ESCAPES)}'")
+    for key, value in el.attrib.items():
+        escaped = _str(value).translate(_ATTR_ESCAPES)
+        parts.append(f"{_attribute_name(_str(key), nsmap)}='{escaped}'")
+    return " ".join(parts)
+
+
+def _element_name(el: etree._Element) -> str:
+    local = etree.QName(el).localname
+    return f"{el.prefix}:{local}" if el.prefix else local
+
+
+def _attribute_name(key: str, nsmap: _NsMap) -> str:
+    qname = etree.QName(key)
+    uri = qname.namespace
+    if uri is None:
+        return qname.localname
+    if uri == _XML_NS:
+        return f"xml:{qname.localname}"
+    prefixes = sorted(p for p, u in nsmap.items() if u == uri and p is not None)
+    if not prefixes:  # lxml always has one for a parsed or built attribute
+        raise InternalError(f"no namespace prefix for attribute {key}")
+    return f"{prefixes[0]}:{qname.localname}"
