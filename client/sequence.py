@@ -11,8 +11,8 @@ Failure handling, regular mode::
     Finish fails          → Confirm(cancelled); error
     Confirm fails         → warning only: the result is Finish's
 
-The first error wins (Perform's, else Finish's), except that a real error from Finish replaces
-a generic "operation failed" from Perform, as it explains why the destination died.
+The first error wins (Perform's, else Finish's), except that a hypervisor error from Finish
+replaces a generic "operation failed" from Perform, as it explains why the destination died.
 """
 
 from __future__ import annotations
@@ -136,7 +136,8 @@ async def run_v3(
     except VirtmigError as exc:
         ddom, cookie = None, b""
         if not isinstance(exc, MigrateFinishOk) and (
-            error is None or (cancelled and type(error) is OperationFailed)
+            error is None
+            or (cancelled and type(error) is OperationFailed and _explains_failure(exc))
         ):
             error = exc
     cancelled = ddom is None
@@ -151,6 +152,13 @@ async def run_v3(
     if ddom is None:
         raise error or OperationFailed("operation failed: migration failed")
     return ddom
+
+
+def _explains_failure(exc: VirtmigError) -> bool:
+    """A hypervisor-level error from Finish says why the destination died; a lookup error not."""
+    return isinstance(exc, OperationFailed | InternalError) and not isinstance(
+        exc, MigrateFinishOk
+    )
 
 
 async def _confirm_then_raise(
