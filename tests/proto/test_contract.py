@@ -1,0 +1,258 @@
+"""The Python contract: errors and their status mapping, flags, params table, URIs, compat rules."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from virtmig.proto import errors
+from virtmig.proto import virtmig_pb2 as pb
+from virtmig.proto.compat import (
+    RULES,
+    Layer,
+    check_known_flags,
+    check_migration,
+    check_rules,
+)
+from virtmig.proto.flags import (
+    DomainState,
+    MigrateFlags,
+    PausedReason,
+    RunningReason,
+    ShutoffReason,
+    flag_names,
+    reason_name,
+)
+from virtmig.proto.params import (
+    MIGRATION_PARAMS,
+    NON_PARAMS_ALLOWED,
+    MigrateParam,
+    ParamType,
+    TypedParam,
+    TypedParams,
+    from_wire,
+    to_wire,
+    validate_migration_params,
+)
+from virtmig.proto.uri import ConnectURI, parse_listen, parse_uri
+
+F = MigrateFlags
+P = MigrateParam
+
+
+# --- errors ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", sorted(errors.ERROR_CLASSES.values(), key=lambda c: c.__name__))
+def test_every_error_class_round_trips_exactly(cls: type[errors.VirtmigError]) -> None:
+    code, details, trailers = errors.to_status(cls("boom"))
+    assert code is cls.status
+    back = errors.from_status(code, details, trailers)
+    assert type(back) is cls and str(back) == "boom"
+
+
+def test_unknown_exception_is_internal_with_its_name() -> None:
+    code, details, trailers = errors.to_status(KeyError("x"))
+    assert code is grpc.StatusCode.INTERNAL and "KeyError" in details
+    assert isinstance(errors.from_status(code, details, trailers), errors.InternalError)
+
+
+@pytest.mark.parametrize(
+    ("code", "cls"),
+    [
+        (grpc.StatusCode.UNAVAILABLE, errors.ConnectionFailed),
+        (grpc.StatusCode.NOT_FOUND, errors.NoDomain),
+        (grpc.StatusCode.DEADLINE_EXCEEDED, errors.OperationTimeout),
+        (grpc.StatusCode.UNKNOWN, errors.InternalError),
+    ],
+)
+def test_status_without_metadata_falls_back_by_code(
+    code: grpc.StatusCode, cls: type[errors.VirtmigError]
+) -> None:
+    assert type(errors.from_status(code, "d", ())) is cls
+
+
+def test_unavailable_says_it_could_not_connect() -> None:
+    err = errors.from_status(grpc.StatusCode.UNAVAILABLE, "failed to connect", ())
+    assert "unable to connect to the daemon" in str(err)
+
+
+def test_tree_is_drawn_in_the_docstring() -> None:
+    doc = errors.__doc__ or ""
+    for name in errors.ERROR_CLASSES:
+        assert name in doc
+
+
+# --- flags ---------------------------------------------------------------------------------------
+
+
+def test_flag_values_are_libvirts() -> None:
+    assert F.LIVE == 1 and F.PEER2PEER == 2 and F.TUNNELLED == 4 and F.PERSIST_DEST == 8
+    assert F.CHANGE_PROTECTION == 256 and F.OFFLINE == 1024 and F.POSTCOPY == 32768
+    assert F.ZEROCOPY == 1 << 20
+    assert flag_names(F.LIVE | F.PAUSED) == "LIVE|PAUSED"
+    assert flag_names(1 << 30) == hex(1 << 30)
+
+
+def test_reason_names_are_virshs() -> None:
+    assert reason_name(DomainState.SHUTOFF, ShutoffReason.MIGRATED) == "migrated"
+    assert reason_name(DomainState.RUNNING, RunningReason.MIGRATION_CANCELED) == \
+        "migration-canceled"
+    assert reason_name(DomainState.PAUSED, PausedReason.API_ERROR) == "api-error"
+    assert reason_name(DomainState.PAUSED, 999) == "unknown"
+    assert DomainState.SHUTOFF.label == "shut off"
+
+
+# --- params --------------------------------------------------------------------------------------
+
+
+def test_table_has_every_libvirt_param_with_its_type() -> None:
+    expected = {
+        "migrate_uri": "string", "destination_name": "string", "destination_xml": "string",
+        "persistent_xml": "string", "bandwidth": "ullong", "bandwidth.postcopy": "ullong",
+        "graphics_uri": "string", "listen_address": "string", "migrate_disks": "string",
+        "disks_port": "int", "disks_uri": "string", "compression": "string",
+        "compression.mt.level": "int", "compression.mt.threads": "int",
+        "compression.mt.dthreads": "int", "compression.xbzrle.cache": "ullong",
+        "compression.zlib.level": "int", "compression.zstd.level": "int",
+        "auto_converge.initial": "int", "auto_converge.increment": "int",
+        "parallel.connections": "int", "tls.destination": "string",
+    }
+    assert {n: s.type.value for n, s in MIGRATION_PARAMS.items()} == expected
+    assert {n for n, s in MIGRATION_PARAMS.items() if s.multiple} == {"migrate_disks",
+                                                                      "compression"}
+    assert NON_PARAMS_ALLOWED == {"migrate_uri", "destination_name", "destination_xml",
+                                  "bandwidth"}
+
+
+def test_typed_params_wire_round_trip() -> None:
+    params = TypedParams([
+        TypedParam("a", ParamType.INT, -5), TypedParam("b", ParamType.UINT, 5),
+        TypedParam("c", ParamType.LLONG, -(2**40)), TypedParam("d", ParamType.ULLONG, 2**63),
+        TypedParam("e", ParamType.DOUBLE, 1.5), TypedParam("f", ParamType.BOOLEAN, True),
+        TypedParam("g", ParamType.STRING, "x"),
+    ])
+    assert from_wire(to_wire(params)) == params
+
+
+def test_value_must_fit_its_type() -> None:
+    with pytest.raises(errors.InvalidArgument):
+        TypedParam("x", ParamType.UINT, -1)
+    with pytest.raises(errors.InvalidArgument):
+        TypedParam("x", ParamType.INT, 2**31)
+    with pytest.raises(errors.InvalidArgument):
+        TypedParam("x", ParamType.STRING, 3)
+    with pytest.raises(errors.InvalidArgument):
+        TypedParam("x", ParamType.ULLONG, True)
+
+
+def test_value_missing_on_wire() -> None:
+    with pytest.raises(errors.InvalidArgument, match="has no value"):
+        from_wire([pb.TypedParam(name="x")])
+
+
+def test_set_replaces_and_get_all() -> None:
+    p = TypedParams.of({P.URI: "tcp://a:1"})
+    p.set(P.URI, "tcp://b:2")
+    assert p.get_all(P.URI) == ["tcp://b:2"]
+    assert p.get_int(P.BANDWIDTH, 7) == 7
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ([TypedParam("nope", ParamType.STRING, "x")], "parameter 'nope' not supported"),
+        ([TypedParam("bandwidth", ParamType.INT, 1)], "invalid type 'int'"),
+        ([TypedParam("migrate_uri", ParamType.STRING, "a"),
+          TypedParam("migrate_uri", ParamType.STRING, "b")], "occurs multiple times"),
+        ([TypedParam("persistent_xml", ParamType.STRING, "x")], "requires flag"),
+        ([TypedParam("compression", ParamType.STRING, "zstd")], "not supported by this host"),
+    ],
+)
+def test_validation_messages(params: list[TypedParam], message: str) -> None:
+    with pytest.raises(errors.VirtmigError, match=message):
+        validate_migration_params(TypedParams(params), 0)
+
+
+# --- compat --------------------------------------------------------------------------------------
+
+
+def test_unknown_flag_bits_name_the_function() -> None:
+    with pytest.raises(errors.InvalidArgument,
+                       match=r"unsupported flags \(0x80000000\) in function f"):
+        check_known_flags(1 << 31, "f")
+
+
+@pytest.mark.parametrize("rule", RULES, ids=lambda r: r.message[:40])
+def test_each_rule_fires_and_stays_quiet_otherwise(rule: object) -> None:
+    from virtmig.proto.compat import Rule
+
+    assert isinstance(rule, Rule)
+    spec = MIGRATION_PARAMS.get(rule.param)
+    value: int | str = 1 if spec is not None and spec.type is not ParamType.STRING else "x"
+    params = TypedParams.of({rule.param: value}) if rule.param else None
+    assert rule.violated(rule.when, params)
+    with pytest.raises(errors.VirtmigError):
+        check_rules(rule.when, params, rule.layer)
+    if rule.unless_any:
+        assert not rule.violated(rule.when | rule.unless_any, params)
+    if rule.param:
+        assert not rule.violated(rule.when, TypedParams())
+
+
+def test_rule_error_and_message_are_libvirts() -> None:
+    with pytest.raises(errors.OperationInvalid,
+                       match="^offline migration must be specified with the persistent flag set$"):
+        check_rules(F.OFFLINE, None, Layer.DRIVER)
+    with pytest.raises(errors.ArgumentUnsupported,
+                       match="^post-copy migration is not supported with non-live or paused"):
+        check_rules(F.POSTCOPY | F.LIVE | F.PAUSED, None, Layer.DRIVER)
+
+
+def test_unsupported_flags_are_refused_not_ignored() -> None:
+    with pytest.raises(errors.ArgumentUnsupported, match="VIR_MIGRATE_COMPRESSED"):
+        check_migration(F.LIVE | F.COMPRESSED, None, "f")
+    assert check_migration(F.LIVE | F.PERSIST_DEST, None, "f") == F.LIVE | F.PERSIST_DEST
+
+
+def test_client_layer_only() -> None:
+    check_rules(F.OFFLINE, None, Layer.CLIENT)  # a driver rule: not checked by the client
+    with pytest.raises(errors.OperationInvalid):
+        check_rules(F.OFFLINE, None, Layer.DRIVER)
+
+
+# --- URIs ----------------------------------------------------------------------------------------
+
+
+def test_connect_uris(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert parse_uri("virtmig+tcp://h") == ConnectURI("tcp", host="h", port=16609)
+    assert parse_uri("virtmig+tcp://h:1234").grpc_target == "h:1234"
+    assert parse_uri("virtmig+tcp://[::1]:5").grpc_target == "[::1]:5"
+    assert parse_uri("virtmig+unix:///x/y.sock").grpc_target == "unix:/x/y.sock"
+    monkeypatch.setenv("VIRTMIG_DEFAULT_URI", "virtmig+tcp://envhost:9")
+    assert parse_uri(None).host == "envhost"
+    monkeypatch.delenv("VIRTMIG_DEFAULT_URI")
+    monkeypatch.setenv("VIRTMIG_RUN_DIR", "/tmp/rd")
+    assert parse_uri(None).path == "/tmp/rd/virtmigd.sock"
+
+
+@pytest.mark.parametrize("uri", ["qemu:///system", "virtmig+tcp://", "virtmig+tcp://h:x",
+                                 "virtmig+unix://host/x"])
+def test_bad_connect_uris(uri: str) -> None:
+    with pytest.raises(errors.InvalidArgument):
+        parse_uri(uri)
+
+
+def test_local_uris() -> None:
+    assert parse_uri("virtmig+tcp://localhost:1").is_local()
+    assert parse_uri("virtmig+tcp://127.0.0.5").is_local()
+    assert parse_uri("virtmig+unix:///s").is_local()
+    assert not parse_uri("virtmig+tcp://10.0.0.2").is_local()
+    assert not parse_uri("virtmig+tcp://host-b").is_local()
+
+
+def test_listen_uris() -> None:
+    assert parse_listen("tcp://0.0.0.0:0").grpc_address == "0.0.0.0:0"
+    assert parse_listen("unix:///run/x.sock").grpc_address == "unix:/run/x.sock"
+    with pytest.raises(errors.InvalidArgument):
+        parse_listen("http://x")
