@@ -6,20 +6,26 @@ virtmig exception.  ``virtmig.client.Connection`` is the synchronous facade over
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import uuid as uuidlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
+
 from virtmig.proto import virtmig_pb2 as pb
 from virtmig.proto import virtmig_pb2_grpc as pbg
-from virtmig.proto.errors import NoDomain, from_status
+from virtmig.proto.errors import ConnectionFailed, NoDomain, from_status
 from virtmig.proto.flags import DomainState, JobOperation, JobType, MigrateFlags
 from virtmig.proto.params import TypedParam, TypedParams, from_wire
 from virtmig.proto.uri import ConnectURI, parse_uri
 
 T = TypeVar("T")
+
+SESSION_METADATA_KEY = "virtmig-session"
+_EOF: object = grpc.aio.EOF  # type: ignore[attr-defined]  # grpc-stubs lacks it
 
 
 @dataclass(frozen=True)
@@ -93,6 +99,9 @@ class AsyncConnection:
         self.domains_stub = pbg.DomainsStub(channel)
         self.migration_stub = pbg.MigrationStub(channel)
         self._host: HostInfo | None = None
+        self._session = ""
+        self._session_call: Any = None
+        self._session_task: asyncio.Task[None] | None = None
 
     @classmethod
     async def open(
@@ -109,6 +118,12 @@ class AsyncConnection:
         return conn
 
     async def close(self) -> None:
+        if self._session_call is not None:
+            self._session_call.cancel()
+        if self._session_task is not None:
+            self._session_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._session_task
         await self._channel.close(None)
 
     async def __aenter__(self) -> AsyncConnection:
@@ -120,10 +135,36 @@ class AsyncConnection:
     async def _call(self, method: Callable[..., Awaitable[T]], request: Any,
                     timeout: float | None = None) -> T:
         """The one place where a failed RPC becomes a virtmig exception."""
+        metadata = ((SESSION_METADATA_KEY, self._session),) if self._session else None
         try:
-            return await method(request, timeout=timeout)
+            return await method(request, timeout=timeout, metadata=metadata)
         except grpc.aio.AioRpcError as exc:
             raise from_status(exc.code(), exc.details(), exc.trailing_metadata()) from None
+
+    async def open_session(self) -> str:
+        """Open (once) the session that ties this caller's migration jobs to its life.
+
+        The daemon abandons the jobs this connection starts (libvirt's connection-closed
+        handling) when the session ends: the process died, or the network went away.
+        """
+        if not self._session:
+            call = self.host_stub.OpenSession(pb.OpenSessionRequest())
+            try:
+                first = await call.read()
+            except grpc.aio.AioRpcError as exc:
+                raise from_status(exc.code(), exc.details(), exc.trailing_metadata()) from None
+            if first is _EOF:
+                raise ConnectionFailed("the daemon closed the session at once")
+            self._session_call = call
+            self._session = first.session_id
+            self._session_task = asyncio.get_running_loop().create_task(self._drain(call))
+        return self._session
+
+    async def _drain(self, call: Any) -> None:
+        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.CancelledError):
+            while await call.read() is not _EOF:
+                pass
+        self._session = ""
 
     # --- host -----------------------------------------------------------------------------------
 

@@ -179,6 +179,8 @@ async def migrate3(
             "parameters were passed"
         )
     dom = await conn.lookup(key)
+    await conn.open_session()
+    await dconn.open_session()
     name = await run_v3(
         RemoteSource(conn, use_params), RemoteDest(dconn, use_params), dom.name, params,
         int(f), protection=protection, trace=trace,

@@ -76,6 +76,7 @@ class Daemon:
         self.backend = backend
         self.registry = Registry(self.files, job_wait_timeout=config.job_wait_timeout)
         self.ports = PortAllocator(config.migration_port_min, config.migration_port_max)
+        self.sessions: set[str] = set()
 
     @property
     def features(self) -> frozenset[str]:
@@ -109,6 +110,9 @@ class Daemon:
             options=dict(d.options),
             xml=d.xml,
         )
+
+    def session_alive(self, session: str) -> bool:
+        return bool(session) and session in self.sessions
 
     def set_state(self, dom: DomainObj, state: DomainState, reason: int) -> None:
         dom.state = state

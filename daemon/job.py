@@ -95,6 +95,9 @@ class MigrationJob:
     abort_requested: bool = False
     # True while a phase RPC is running on this job (it owns ending the job on failure).
     busy: bool = False
+    # The session of the caller that started the job (Begin with CHANGE_PROTECTION, Prepare);
+    # "" when the caller opened none.  When that session ends, the job is abandoned.
+    owner: str = ""
 
     def set_phase(self, phase: Phase) -> None:
         if phase < self.phase and self.phase < Phase.POSTCOPY_FAILED:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+
 from virtmig.daemon.backend.base import Backend
 from virtmig.daemon.config import build_parser, load_config
 from virtmig.daemon.core import Daemon, DaemonConfig
@@ -29,6 +30,18 @@ def make_backend(name: str) -> Backend:
 
         return TestBackend()
     raise InvalidArgument(f"unknown backend '{name}' (available: test)")
+
+
+# Keepalive pings find a caller that vanished without closing its connection (a partition), so
+# that its session, and the migration jobs it owns, end within about 15 s.
+SERVER_OPTIONS = [
+    ("grpc.so_reuseport", 0),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+]
 
 
 @dataclass
@@ -53,7 +66,7 @@ class RunningDaemon:
 async def start_daemon(config: DaemonConfig, backend: Backend | None = None) -> RunningDaemon:
     daemon = Daemon(config, backend or make_backend(config.backend))
     await daemon.open()
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    server = grpc.aio.server(options=SERVER_OPTIONS)
     add_services(server, daemon)
     addresses = []
     for uri in config.listen:

@@ -148,7 +148,7 @@ def _require_active(dom: DomainObj) -> None:
 
 
 async def src_begin(
-    daemon: Daemon, dom: DomainObj, params: TypedParams, flags: int
+    daemon: Daemon, dom: DomainObj, params: TypedParams, flags: int, owner: str = ""
 ) -> tuple[str, bytes]:
     f = any_check(flags, params, "virDomainMigrateBegin3Params")
     async with dom.lock:
@@ -166,9 +166,11 @@ async def src_begin(
                 flags=f,
                 params=params.copy(),
                 pre_state=dom.state,
+                owner=owner,
             )
             daemon.registry.save_status(dom)
-        return xml, cookie
+    await any_check_owner(daemon, dom)
+    return xml, cookie
 
 
 def _src_begin_xml(current: DomainDef, params: TypedParams) -> str:
@@ -208,7 +210,7 @@ def _fmt_host(host: str) -> str:
 
 
 async def dst_prepare(
-    daemon: Daemon, params: TypedParams, cookie_in: bytes, flags: int
+    daemon: Daemon, params: TypedParams, cookie_in: bytes, flags: int, owner: str = ""
 ) -> tuple[bytes, str | None]:
     f = any_check(flags, params, "virDomainMigratePrepare3Params")
     offline = bool(f & F.OFFLINE)
@@ -252,7 +254,7 @@ async def dst_prepare(
     async with dom.lock:
         job = MigrationJob(
             kind=AsyncJob.MIGRATION_IN, phase=Phase.PREPARE, flags=f, params=params.copy(),
-            origname=origname,
+            origname=origname, owner=owner,
         )
         dom.job = job
         job.busy = True
@@ -276,7 +278,8 @@ async def dst_prepare(
                                record=job.record(JobType.FAILED, "prepare failed"))
             raise
         job.busy = False
-        return cookie, uri_out
+    await any_check_owner(daemon, dom)
+    return cookie, uri_out
 
 
 async def _dst_listen(
@@ -403,12 +406,14 @@ async def src_perform(
         job.set_phase(Phase.PERFORM3_DONE)
         job.busy = False
         daemon.registry.save_status(dom)
-        return any_cookie(
+        cookie = any_cookie(
             daemon, dom.name, dom.uuid,
             statistics=any_stats(job.progress, job.started),
             persistent_xml=persistent,
             mandatory=("persistent",) if persistent is not None else (),
         )
+    await any_check_owner(daemon, dom)
+    return cookie
 
 
 def _src_persistent_xml(dom: DomainObj, params: TypedParams) -> str:
@@ -633,3 +638,50 @@ def _with_dst_downtime(progress: MigrationProgress, stats: ck.MigrationStats) ->
     if stats.downtime:
         return replace(progress, downtime_ms=stats.downtime)
     return progress
+
+
+# =================================================================================================
+# The caller went away (libvirt's qemuMigrationAnyConnectionClosed, reference §5.5)
+
+
+async def any_check_owner(daemon: Daemon, dom: DomainObj) -> None:
+    """After a phase: if the job's caller already left, abandon the job now."""
+    job = dom.job
+    if job is not None and job.owner and not daemon.session_alive(job.owner):
+        await any_owner_gone(daemon, dom)
+
+
+async def any_owner_gone(daemon: Daemon, dom: DomainObj) -> None:
+    """The session that owns ``dom``'s migration job ended before the job did.
+
+    * incoming (prepare): the incoming guest is destroyed (libvirt's auto-destroy);
+    * outgoing begin3: the job just ends; the guest was never touched;
+    * outgoing perform3_done: nobody knows whether the destination runs: the job ends and the
+      guest stays paused for an admin to decide (never resumed: it may run on the destination).
+    A phase that is running finishes first and checks again when it ends.
+    """
+    async with dom.lock:
+        job = dom.job
+        if job is None or job.busy:
+            return
+        if job.kind is AsyncJob.MIGRATION_IN:
+            log.warning("caller of incoming migration of %s went away: destroying it", dom.name)
+            await _dst_discard(daemon, dom, existed=dom.config is not None,
+                               record=job.record(JobType.FAILED, "migration caller went away"))
+            return
+        if job.phase is Phase.PERFORM3_DONE:
+            log.warning("Migration of domain %s finished but we don't know if the domain was "
+                        "successfully started on destination or not", dom.name)
+            job.set_phase(Phase.CONFIRM3_CANCELLED)
+        else:
+            log.info("caller of migration of %s went away in phase %s: job ended", dom.name,
+                     job.phase.label)
+        await daemon.registry.end_job(dom, job.record(JobType.FAILED,
+                                                      "migration caller went away"))
+
+
+async def any_session_closed(daemon: Daemon, session: str) -> None:
+    daemon.sessions.discard(session)
+    for dom in daemon.registry:
+        if dom.job is not None and dom.job.owner == session:
+            await any_owner_gone(daemon, dom)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lxml import etree
+
 from virtmig.daemon import state as files
 from virtmig.daemon.domxml import DomainDef, parse_domain_xml
 from virtmig.daemon.job import AsyncJob, JobRecord, MigrationJob, Phase

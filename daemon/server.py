@@ -7,13 +7,16 @@ are mapped to gRPC status in one place, :func:`rpc`.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import os
-from collections.abc import Awaitable, Callable
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
+
 from virtmig.daemon import lifecycle, migration
 from virtmig.daemon.backend.base import MigrationProgress, MigrationStatus
 from virtmig.daemon.core import VERSION, Daemon
@@ -82,6 +85,18 @@ def resolve(daemon: Daemon, ref: pb.DomainRef) -> DomainObj:
     raise InvalidArgument("invalid argument: a domain name or uuid is required")
 
 
+SESSION_METADATA_KEY = "virtmig-session"
+DEFAULT_HEARTBEAT_S = 5
+
+
+def session_of(context: Any) -> str:
+    """The caller's session id from the call metadata ("" when it named none)."""
+    for key, value in context.invocation_metadata() or ():
+        if key == SESSION_METADATA_KEY:
+            return value.decode() if isinstance(value, bytes) else str(value)
+    return ""
+
+
 def _opt(msg: Any, field: str) -> str | None:
     return str(getattr(msg, field)) if msg.HasField(field) else None
 
@@ -106,6 +121,27 @@ def legacy_params(
 class HostService(pbg.HostServicer):
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
+        self._cleanups: set[asyncio.Task[None]] = set()
+
+    async def OpenSession(
+        self, request: pb.OpenSessionRequest, context: Any
+    ) -> AsyncIterator[pb.SessionEvent]:
+        """Stays open while the caller lives; its end abandons the jobs the session owns."""
+        session = secrets.token_hex(16)
+        self.daemon.sessions.add(session)
+        interval = request.heartbeat_seconds or DEFAULT_HEARTBEAT_S
+        try:
+            yield pb.SessionEvent(session_id=session)
+            while True:
+                await asyncio.sleep(interval)
+                yield pb.SessionEvent(session_id=session)
+        finally:
+            # The handler is being cancelled: run the cleanup as its own task.
+            task = asyncio.get_running_loop().create_task(
+                migration.any_session_closed(self.daemon, session)
+            )
+            self._cleanups.add(task)
+            task.add_done_callback(self._cleanups.discard)
 
     @rpc
     async def GetHost(self, request: pb.GetHostRequest, context: Any) -> pb.HostInfo:
@@ -255,14 +291,15 @@ class MigrationService(pbg.MigrationServicer):
         params = legacy_params(xml=_opt(request, "xmlin"), dname=_opt(request, "dname"),
                                bandwidth=request.resource)
         xml, cookie = await migration.src_begin(
-            self.daemon, self._dom(request.domain), params, request.flags
+            self.daemon, self._dom(request.domain), params, request.flags, session_of(context)
         )
         return pb.Begin3Reply(xml=xml, cookie_out=cookie)
 
     @rpc
     async def Begin3Params(self, request: pb.Begin3ParamsRequest, context: Any) -> pb.Begin3Reply:
         xml, cookie = await migration.src_begin(
-            self.daemon, self._dom(request.domain), from_wire(request.params), request.flags
+            self.daemon, self._dom(request.domain), from_wire(request.params), request.flags,
+            session_of(context),
         )
         return pb.Begin3Reply(xml=xml, cookie_out=cookie)
 
@@ -273,7 +310,8 @@ class MigrationService(pbg.MigrationServicer):
         params = legacy_params(xml=request.dom_xml, dname=_opt(request, "dname"),
                                uri=_opt(request, "uri_in"), bandwidth=request.resource)
         return self._prepared(
-            await migration.dst_prepare(self.daemon, params, request.cookie_in, request.flags)
+            await migration.dst_prepare(self.daemon, params, request.cookie_in, request.flags,
+                                        session_of(context))
         )
 
     @rpc
@@ -282,7 +320,8 @@ class MigrationService(pbg.MigrationServicer):
     ) -> pb.Prepare3Reply:
         return self._prepared(
             await migration.dst_prepare(
-                self.daemon, from_wire(request.params), request.cookie_in, request.flags
+                self.daemon, from_wire(request.params), request.cookie_in, request.flags,
+                session_of(context),
             )
         )
 

@@ -115,6 +115,18 @@ class HostInfo(_message.Message):
     inactive_domains: int
     def __init__(self, hostname: _Optional[str] = ..., host_uuid: _Optional[str] = ..., version: _Optional[str] = ..., backend: _Optional[str] = ..., features: _Optional[_Iterable[str]] = ..., cpus: _Optional[int] = ..., memory_kib: _Optional[int] = ..., arch: _Optional[str] = ..., active_domains: _Optional[int] = ..., inactive_domains: _Optional[int] = ...) -> None: ...
 
+class OpenSessionRequest(_message.Message):
+    __slots__ = ("heartbeat_seconds",)
+    HEARTBEAT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    heartbeat_seconds: int
+    def __init__(self, heartbeat_seconds: _Optional[int] = ...) -> None: ...
+
+class SessionEvent(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
 class DefineRequest(_message.Message):
     __slots__ = ("xml",)
     XML_FIELD_NUMBER: _ClassVar[int]

@@ -39,12 +39,23 @@ class HostStub:
                 request_serializer=virtmig_dot_proto_dot_virtmig__pb2.GetHostRequest.SerializeToString,
                 response_deserializer=virtmig_dot_proto_dot_virtmig__pb2.HostInfo.FromString,
                 _registered_method=True)
+        self.OpenSession = channel.unary_stream(
+                '/virtmig.v1.Host/OpenSession',
+                request_serializer=virtmig_dot_proto_dot_virtmig__pb2.OpenSessionRequest.SerializeToString,
+                response_deserializer=virtmig_dot_proto_dot_virtmig__pb2.SessionEvent.FromString,
+                _registered_method=True)
 
 
 class HostServicer:
     """Missing associated documentation comment in .proto file."""
 
     def GetHost(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def OpenSession(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -57,6 +68,11 @@ def add_HostServicer_to_server(servicer, server):
                     servicer.GetHost,
                     request_deserializer=virtmig_dot_proto_dot_virtmig__pb2.GetHostRequest.FromString,
                     response_serializer=virtmig_dot_proto_dot_virtmig__pb2.HostInfo.SerializeToString,
+            ),
+            'OpenSession': grpc.unary_stream_rpc_method_handler(
+                    servicer.OpenSession,
+                    request_deserializer=virtmig_dot_proto_dot_virtmig__pb2.OpenSessionRequest.FromString,
+                    response_serializer=virtmig_dot_proto_dot_virtmig__pb2.SessionEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -86,6 +102,33 @@ class Host:
             '/virtmig.v1.Host/GetHost',
             virtmig_dot_proto_dot_virtmig__pb2.GetHostRequest.SerializeToString,
             virtmig_dot_proto_dot_virtmig__pb2.HostInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/virtmig.v1.Host/OpenSession',
+            virtmig_dot_proto_dot_virtmig__pb2.OpenSessionRequest.SerializeToString,
+            virtmig_dot_proto_dot_virtmig__pb2.SessionEvent.FromString,
             options,
             channel_credentials,
             insecure,

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from virtmig.client.connection import AsyncConnection
-from virtmig.daemon.core import DaemonConfig
+from virtmig.daemon.backend.test import TestBackend
+from virtmig.daemon.core import Daemon, DaemonConfig
 from virtmig.daemon.main import RunningDaemon, start_daemon
 
 
@@ -43,8 +44,14 @@ class Host:
     state_dir: Path
 
     @property
-    def daemon(self):  # type: ignore[no-untyped-def]
+    def daemon(self) -> Daemon:
         return self.running.daemon
+
+    def digest(self, uuid: str) -> bytes:
+        """The test backend's digest of a guest's whole memory."""
+        backend = self.daemon.backend
+        assert isinstance(backend, TestBackend)
+        return backend.memory_digest(uuid)
 
 
 async def start_host(tmp_path: Path, name: str, **overrides: object) -> Host:

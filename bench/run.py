@@ -1,0 +1,73 @@
+"""``make bench``: timings of test-backend migrations between two in-process daemons.
+
+Writes ``bench/results/<name>.json`` and prints a summary.  Nothing here is asserted by tests.
+
+* ``migrate-idle-256m``: a 256 MiB idle guest, regular v3 migration, loopback (median of N);
+* ``migrate-dirty-256m``: the same guest dirtying 32 MiB/s;
+* ``control-plane``: a 4 MiB guest, so the time is mostly the five RPCs and their bookkeeping.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.conftest import domain_xml, start_host, stop_host
+from virtmig.proto.flags import MigrateFlags
+from virtmig.proto.params import TypedParams
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+async def case(name: str, memory_mib: int, dirty_mib: int, runs: int) -> dict[str, object]:
+    with tempfile.TemporaryDirectory() as tmp:
+        a = await start_host(Path(tmp), "a")
+        b = await start_host(Path(tmp), "b")
+        try:
+            await a.conn.define(domain_xml("vm", memory_mib, dirty_rate_mib=dirty_mib))
+            await a.conn.start("vm")
+            times = []
+            hosts = (a, b)
+            for i in range(runs):
+                src, dst = hosts[i % 2], hosts[(i + 1) % 2]
+                t0 = time.perf_counter()
+                await src.conn.migrate3("vm", dst.conn, TypedParams(), MigrateFlags.LIVE)
+                times.append(time.perf_counter() - t0)
+        finally:
+            await stop_host(a)
+            await stop_host(b)
+    return {
+        "name": name,
+        "memory_mib": memory_mib,
+        "dirty_rate_mib": dirty_mib,
+        "runs": runs,
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "max_s": max(times),
+        "throughput_mib_s": memory_mib / statistics.median(times),
+    }
+
+
+async def main(runs: int) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    for name, mem, dirty in (("migrate-idle-256m", 256, 0), ("migrate-dirty-256m", 256, 32),
+                             ("control-plane", 4, 0)):
+        result = await case(name, mem, dirty, runs)
+        (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+        ms = {k: float(result[k]) * 1000 for k in ("median_s", "min_s", "max_s")}  # type: ignore[arg-type]
+        print(f"{name:22} median {ms['median_s']:8.1f} ms "
+              f"(min {ms['min_s']:.1f}, max {ms['max_s']:.1f})")
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    p.add_argument("--runs", type=int, default=7)
+    asyncio.run(main(p.parse_args().runs))
