@@ -203,3 +203,10 @@ def test_phase_never_goes_backwards() -> None:
                                             "perform3_done => begin3"):
         job.set_phase(Phase.BEGIN3)
     assert job.phase is Phase.PERFORM3_DONE
+
+
+def test_shipped_example_config_loads() -> None:
+    example = Path(__file__).resolve().parents[2] / "deploy" / "virtmigd.toml"
+    c = load_config(args("--config", str(example)))
+    assert c.listen == ("unix:///run/virtmig/virtmigd.sock", "tcp://0.0.0.0:16609")
+    assert (c.migration_port_min, c.migration_port_max) == (49152, 49215)

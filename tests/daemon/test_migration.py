@@ -6,9 +6,11 @@ runs as before, the destination holds nothing, and no job is left on either side
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from tests.conftest import Host, domain_xml
+from tests.conftest import Host, domain_xml, start_host, stop_host
 from virtmig.client.migrate import RemoteDest, RemoteSource, migrate3
 from virtmig.client.sequence import Trace, run_v3
 from virtmig.proto.errors import (
@@ -223,20 +225,24 @@ async def test_migrate_back_and_forth(pair: tuple[Host, Host]) -> None:
         await dst.conn.lookup("vm1")
 
 
-async def test_non_params_rpcs_when_a_daemon_lacks_params(pair: tuple[Host, Host]) -> None:
-    src, dst = pair
-    await running_guest(src)
-    feats = dst.conn._host
-    assert feats is not None
-    import dataclasses
-
-    dst.conn._host = dataclasses.replace(feats, features=feats.features - {"MIGRATION_PARAMS"})
-    await migrate(src, dst, F.LIVE, TypedParams.of({P.DEST_NAME: "renamed", P.BANDWIDTH: 512}))
-    assert (await dst.conn.state("renamed"))[0] is DomainState.RUNNING
-    await running_guest(src, "vm2")
-    with pytest.raises(ArgumentUnsupported, match="extensible parameters"):
-        await migrate(src, dst, F.LIVE, TypedParams.of({P.LISTEN_ADDRESS: "127.0.0.1"}),
-                      name="vm2")
+async def test_non_params_rpcs_when_a_daemon_lacks_params(
+    pair: tuple[Host, Host], tmp_path: Path
+) -> None:
+    """An older destination without MIGRATION_PARAMS: the plain v3 RPCs carry the four params."""
+    src, _dst = pair
+    old = await start_host(tmp_path, "old", features=("V3", "OFFLINE", "CHANGE_PROTECTION"))
+    try:
+        await running_guest(src)
+        await migrate(src, old, F.LIVE, TypedParams.of({P.DEST_NAME: "renamed",
+                                                        P.BANDWIDTH: 512}))
+        assert await old.conn.state("renamed") == (DomainState.RUNNING, 2, "migrated")
+        await running_guest(src, "vm2")
+        with pytest.raises(ArgumentUnsupported, match="extensible parameters"):
+            await migrate(src, old, F.LIVE, TypedParams.of({P.LISTEN_ADDRESS: "127.0.0.1"}),
+                          name="vm2")
+        assert (await src.conn.state("vm2"))[0] is DomainState.RUNNING
+    finally:
+        await stop_host(old)
 
 
 # --- refused up front --------------------------------------------------------------------------
