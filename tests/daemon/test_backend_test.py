@@ -1,0 +1,528 @@
+"""The embedded ``test`` backend: lifecycle, memory model, and real TCP migrations on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import socket
+import struct
+import uuid as uuidlib
+from collections.abc import AsyncIterator, Awaitable
+from typing import TypeVar
+
+import pytest
+
+from virtmig.daemon.backend import test as test_backend
+from virtmig.daemon.backend.base import (
+    BackendError,
+    GuestRunState,
+    GuestSpec,
+    MigrationCancelled,
+    MigrationFailed,
+    MigrationProgress,
+    MigrationStatus,
+    MigrationTuning,
+    StreamAddress,
+)
+from virtmig.daemon.backend.test import MAGIC, PAGE_SIZE, TestBackend, page_bytes
+from virtmig.proto.errors import ConfigUnsupported
+
+MIB = 1024 * 1024
+LOOPBACK = StreamAddress("127.0.0.1", 0)
+T = TypeVar("T")
+
+
+async def within(aw: Awaitable[T], seconds: float = 15) -> T:
+    """No test may hang: every wait on a migration is bounded."""
+    return await asyncio.wait_for(aw, seconds)
+
+
+def make_spec(mib: int = 64, /, **options: str) -> GuestSpec:
+    uuid = str(uuidlib.uuid4())
+    return GuestSpec(
+        uuid=uuid, name=f"g-{uuid[:8]}", memory_bytes=mib * MIB, vcpus=1, options=options
+    )
+
+
+def to(port: int) -> StreamAddress:
+    return StreamAddress("127.0.0.1", port)
+
+
+@pytest.fixture
+async def src() -> AsyncIterator[TestBackend]:
+    backend = TestBackend()
+    yield backend
+    await within(backend.close())
+
+
+@pytest.fixture
+async def dst() -> AsyncIterator[TestBackend]:
+    backend = TestBackend()
+    yield backend
+    await within(backend.close())
+
+
+async def migrate(
+    src: TestBackend, dst: TestBackend, spec: GuestSpec, tuning: MigrationTuning | None = None
+) -> tuple[MigrationProgress, MigrationProgress]:
+    port = await dst.incoming_start(spec, LOOPBACK)
+    assert port > 0
+    out = await within(src.outgoing(spec.uuid, to(port), tuning or MigrationTuning()))
+    inc = await within(dst.incoming_wait(spec.uuid))
+    return out, inc
+
+
+async def wait_for_progress(backend: TestBackend, uuid: str, min_bytes: int) -> MigrationProgress:
+    for _ in range(500):
+        p = backend.progress(uuid)
+        if p.processed_bytes >= min_bytes:
+            return p
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"migration of {uuid} made no progress: {backend.progress(uuid)}")
+
+
+# --- lifecycle -----------------------------------------------------------------------------------
+
+
+async def test_lifecycle_and_states(src: TestBackend) -> None:
+    spec = make_spec(1)
+    assert src.state(spec.uuid) is GuestRunState.SHUTOFF
+    assert src.progress(spec.uuid) == MigrationProgress()
+
+    await src.start(spec, paused=False)
+    assert src.state(spec.uuid) is GuestRunState.RUNNING
+    with pytest.raises(BackendError, match="already running"):
+        await src.start(spec, paused=True)
+    await src.pause(spec.uuid)
+    assert src.state(spec.uuid) is GuestRunState.PAUSED
+    await src.pause(spec.uuid)  # pausing a paused guest is harmless
+    await src.resume(spec.uuid)
+    assert src.state(spec.uuid) is GuestRunState.RUNNING
+
+    await src.destroy(spec.uuid)
+    assert src.state(spec.uuid) is GuestRunState.SHUTOFF
+    await src.destroy(spec.uuid)  # not running: no error
+    await src.destroy("no-such-guest")
+    for op in (src.pause, src.resume):
+        with pytest.raises(BackendError, match="not running"):
+            await op(spec.uuid)
+    with pytest.raises(BackendError):
+        src.memory_digest(spec.uuid)
+    with pytest.raises(BackendError, match="not running"):
+        await src.outgoing(spec.uuid, to(1), MigrationTuning())
+    await src.cancel(spec.uuid)  # nothing to cancel: no-op
+
+    await src.start(spec, paused=True)
+    assert src.state(spec.uuid) is GuestRunState.PAUSED
+
+
+async def test_bad_options_are_refused(src: TestBackend) -> None:
+    bad = [
+        make_spec(seed="banana"),
+        make_spec(**{"dirty-rate-mib": "fast"}),
+        make_spec(**{"dirty-rate-mib": "-1"}),
+        make_spec(fault="explode"),
+        GuestSpec(uuid=str(uuidlib.uuid4()), name="tiny", memory_bytes=100, vcpus=1),
+    ]
+    for spec in bad:
+        with pytest.raises(ConfigUnsupported):
+            src.validate(spec)
+        with pytest.raises(BackendError):
+            await src.start(spec, paused=False)
+        assert src.state(spec.uuid) is GuestRunState.SHUTOFF
+    src.validate(make_spec(seed="0x1234", **{"dirty-rate-mib": "2.5"}))
+
+
+async def test_memory_model(src: TestBackend, dst: TestBackend) -> None:
+    page = page_bytes(7, 3, 0)
+    assert len(page) == PAGE_SIZE
+    assert len({page, page_bytes(7, 3, 1), page_bytes(7, 4, 0), page_bytes(8, 3, 0)}) == 4
+    assert page_bytes(7, 3, 0) == page
+
+    # Same seed, idle: same memory on two backends; a different seed: different memory.
+    a, b, c = make_spec(4, seed="42"), make_spec(4, seed="42"), make_spec(4, seed="43")
+    await src.start(a, paused=False)
+    await dst.start(b, paused=False)
+    await dst.start(c, paused=False)
+    assert src.memory_digest(a.uuid) == dst.memory_digest(b.uuid) != dst.memory_digest(c.uuid)
+    await asyncio.sleep(0.05)
+    assert src.memory_digest(a.uuid) == dst.memory_digest(b.uuid)  # idle guests dirty nothing
+
+    # A running guest with a dirty rate changes its memory; a paused one does not.
+    busy = make_spec(4, **{"dirty-rate-mib": "64"})
+    await src.start(busy, paused=False)
+    before = src.memory_digest(busy.uuid)
+    await asyncio.sleep(0.05)
+    during = src.memory_digest(busy.uuid)
+    assert during != before
+    await src.pause(busy.uuid)
+    paused = src.memory_digest(busy.uuid)
+    await asyncio.sleep(0.05)
+    assert src.memory_digest(busy.uuid) == paused
+
+
+# --- migration -----------------------------------------------------------------------------------
+
+
+async def test_migrate_idle_guest(src: TestBackend, dst: TestBackend) -> None:
+    spec = make_spec(64)
+    await src.start(spec, paused=False)
+    digest = src.memory_digest(spec.uuid)
+
+    out, inc = await migrate(src, dst, spec)
+
+    assert out.status is MigrationStatus.COMPLETED
+    assert out.total_bytes == 64 * MIB
+    assert out.processed_bytes == 64 * MIB  # idle: every page exactly once
+    assert out.remaining_bytes == 0
+    assert out.iteration == 2  # the full pass, then an empty stop-and-copy pass
+    assert out.normal_pages == 64 * MIB // PAGE_SIZE
+    assert out.bandwidth_bytes_per_s > 0
+    assert out.total_time_ms >= out.downtime_ms
+    assert inc.status is MigrationStatus.COMPLETED
+    assert inc.processed_bytes == 64 * MIB
+
+    assert src.state(spec.uuid) is GuestRunState.PAUSED
+    assert dst.state(spec.uuid) is GuestRunState.PAUSED
+    assert dst.memory_digest(spec.uuid) == digest == src.memory_digest(spec.uuid)
+
+    # The final progress stays; incoming_wait after the fact returns at once.
+    assert src.progress(spec.uuid) == out
+    assert dst.progress(spec.uuid) == inc
+    assert await within(dst.incoming_wait(spec.uuid), 1) == inc
+
+    # The received guest is a normal guest.
+    await dst.resume(spec.uuid)
+    assert dst.state(spec.uuid) is GuestRunState.RUNNING
+
+
+async def test_migrate_dirtying_guest_converges(src: TestBackend, dst: TestBackend) -> None:
+    spec = make_spec(64, **{"dirty-rate-mib": "16"})
+    await src.start(spec, paused=False)
+    initial = src.memory_digest(spec.uuid)
+
+    out, _ = await migrate(src, dst, spec, MigrationTuning(max_downtime_ms=300))
+
+    assert out.status is MigrationStatus.COMPLETED
+    assert out.iteration >= 2
+    assert out.processed_bytes > out.total_bytes  # dirtied pages went out again
+    assert src.state(spec.uuid) is GuestRunState.PAUSED
+    final = src.memory_digest(spec.uuid)
+    assert final != initial  # the guest really wrote to its memory meanwhile
+    assert dst.memory_digest(spec.uuid) == final
+
+
+async def test_non_live_migration_pauses_first(src: TestBackend, dst: TestBackend) -> None:
+    spec = make_spec(16, **{"dirty-rate-mib": "64"})
+    await src.start(spec, paused=False)
+    out, _ = await migrate(src, dst, spec, MigrationTuning(live=False))
+    assert out.iteration == 1  # one stop-and-copy pass
+    assert out.processed_bytes == out.total_bytes
+    assert dst.memory_digest(spec.uuid) == src.memory_digest(spec.uuid)
+
+
+async def test_non_converging_migration_runs_until_paused(
+    src: TestBackend, dst: TestBackend
+) -> None:
+    # Dirties 64 MiB/s, link 16 MiB/s: pre-copy never converges on its own.
+    spec = make_spec(4, **{"dirty-rate-mib": "64"})
+    await src.start(spec, paused=False)
+    port = await dst.incoming_start(spec, LOOPBACK)
+    tuning = MigrationTuning(bandwidth_bytes_per_s=16 * MIB, max_downtime_ms=50)
+    job = asyncio.create_task(src.outgoing(spec.uuid, to(port), tuning))
+    await wait_for_progress(src, spec.uuid, 6 * MIB)  # well into iteration 2
+    p = src.progress(spec.uuid)
+    assert p.status is MigrationStatus.ACTIVE and p.iteration >= 2
+    assert p.dirty_rate_pages_per_s > 0
+    assert not job.done()
+
+    await src.pause(spec.uuid)
+    out = await within(job)
+    assert out.status is MigrationStatus.COMPLETED
+    await within(dst.incoming_wait(spec.uuid))
+    assert dst.memory_digest(spec.uuid) == src.memory_digest(spec.uuid)
+
+
+async def test_corrupt_stream_is_refused(src: TestBackend, dst: TestBackend) -> None:
+    spec = make_spec(8, fault="corrupt-stream")
+    await src.start(spec, paused=False)
+    port = await dst.incoming_start(spec, LOOPBACK)
+
+    with pytest.raises(MigrationFailed, match="memory digest mismatch at switchover"):
+        await within(src.outgoing(spec.uuid, to(port), MigrationTuning()))
+    with pytest.raises(MigrationFailed, match="digest mismatch"):
+        await within(dst.incoming_wait(spec.uuid))
+
+    assert src.state(spec.uuid) is GuestRunState.RUNNING
+    assert dst.state(spec.uuid) is GuestRunState.SHUTOFF  # the destination guest quit
+    assert src.progress(spec.uuid).status is MigrationStatus.FAILED
+    assert "digest" in src.progress(spec.uuid).error
+    assert dst.progress(spec.uuid).status is MigrationStatus.FAILED
+
+
+async def test_stream_for_another_guest_is_refused(src: TestBackend, dst: TestBackend) -> None:
+    mine, other = make_spec(4), make_spec(4)
+    await src.start(mine, paused=True)
+    port = await dst.incoming_start(other, LOOPBACK)
+    with pytest.raises(MigrationFailed, match="for another guest"):
+        await within(src.outgoing(mine.uuid, to(port), MigrationTuning()))
+    with pytest.raises(MigrationFailed, match="for another guest"):
+        await within(dst.incoming_wait(other.uuid))
+    assert src.state(mine.uuid) is GuestRunState.PAUSED  # paused before, paused after
+    assert dst.state(other.uuid) is GuestRunState.SHUTOFF
+
+
+async def test_connection_refused(src: TestBackend) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    spec = make_spec(4)
+    await src.start(spec, paused=False)
+    with pytest.raises(MigrationFailed, match=rf"Failed to connect to '127.0.0.1:{port}'"):
+        await within(src.outgoing(spec.uuid, to(port), MigrationTuning()))
+    assert src.state(spec.uuid) is GuestRunState.RUNNING
+    assert src.progress(spec.uuid).status is MigrationStatus.FAILED
+
+
+async def test_bandwidth_limit_and_cancel(src: TestBackend, dst: TestBackend) -> None:
+    spec = make_spec(64)
+    await src.start(spec, paused=False)
+    port = await dst.incoming_start(spec, LOOPBACK)
+    tuning = MigrationTuning(bandwidth_bytes_per_s=8 * MIB)
+    job = asyncio.create_task(src.outgoing(spec.uuid, to(port), tuning))
+    await wait_for_progress(src, spec.uuid, 1)
+    await asyncio.sleep(0.2)
+
+    # Throttled: far from done (unthrottled, 64 MiB on loopback takes a fraction of this).
+    p = src.progress(spec.uuid)
+    assert p.status is MigrationStatus.ACTIVE
+    assert p.iteration == 1
+    assert 0 < p.processed_bytes < p.total_bytes // 2
+    assert p.remaining_bytes == p.total_bytes - p.processed_bytes
+    assert 0 < dst.progress(spec.uuid).processed_bytes <= p.processed_bytes
+    assert src.state(spec.uuid) is GuestRunState.RUNNING  # live: still running
+
+    await src.cancel(spec.uuid)
+    with pytest.raises(MigrationCancelled, match="migration cancelled"):
+        await within(job)
+    with pytest.raises(MigrationFailed):
+        await within(dst.incoming_wait(spec.uuid))
+    assert src.state(spec.uuid) is GuestRunState.RUNNING
+    assert dst.state(spec.uuid) is GuestRunState.SHUTOFF
+    assert src.progress(spec.uuid).status is MigrationStatus.CANCELLED
+
+    # The guest can be migrated again afterwards.
+    out, _ = await migrate(src, dst, spec)
+    assert out.status is MigrationStatus.COMPLETED
+
+
+async def test_caller_cancellation_restores_guest(src: TestBackend, dst: TestBackend) -> None:
+    spec = make_spec(64)
+    await src.start(spec, paused=False)
+    port = await dst.incoming_start(spec, LOOPBACK)
+    tuning = MigrationTuning(bandwidth_bytes_per_s=8 * MIB)
+    job = asyncio.create_task(src.outgoing(spec.uuid, to(port), tuning))
+    await wait_for_progress(src, spec.uuid, 1)
+    job.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await within(job)
+    assert src.state(spec.uuid) is GuestRunState.RUNNING
+    with pytest.raises(MigrationFailed):
+        await within(dst.incoming_wait(spec.uuid))
+
+
+async def test_destination_destroyed_mid_migration(src: TestBackend, dst: TestBackend) -> None:
+    spec = make_spec(64)
+    await src.start(spec, paused=False)
+    port = await dst.incoming_start(spec, LOOPBACK)
+    tuning = MigrationTuning(bandwidth_bytes_per_s=8 * MIB)
+    job = asyncio.create_task(src.outgoing(spec.uuid, to(port), tuning))
+    await wait_for_progress(dst, spec.uuid, 1)
+
+    await dst.destroy(spec.uuid)
+    with pytest.raises(MigrationFailed):
+        await within(job)
+    with pytest.raises(MigrationFailed, match="guest unexpectedly quit"):
+        await within(dst.incoming_wait(spec.uuid))
+    assert src.state(spec.uuid) is GuestRunState.RUNNING
+    assert dst.state(spec.uuid) is GuestRunState.SHUTOFF
+
+
+async def test_destination_destroyed_before_connect(src: TestBackend, dst: TestBackend) -> None:
+    spec = make_spec(4)
+    port = await dst.incoming_start(spec, LOOPBACK)
+    await dst.destroy(spec.uuid)
+    with pytest.raises(MigrationFailed, match="guest unexpectedly quit"):
+        await within(dst.incoming_wait(spec.uuid))
+    await src.start(spec, paused=False)
+    with pytest.raises(MigrationFailed, match="Failed to connect"):
+        await within(src.outgoing(spec.uuid, to(port), MigrationTuning()))
+
+
+async def test_source_destroyed_mid_migration(src: TestBackend, dst: TestBackend) -> None:
+    spec = make_spec(64)
+    await src.start(spec, paused=False)
+    port = await dst.incoming_start(spec, LOOPBACK)
+    tuning = MigrationTuning(bandwidth_bytes_per_s=8 * MIB)
+    job = asyncio.create_task(src.outgoing(spec.uuid, to(port), tuning))
+    await wait_for_progress(src, spec.uuid, 1)
+
+    await src.destroy(spec.uuid)
+    with pytest.raises(MigrationFailed, match="guest unexpectedly quit"):
+        await within(job)
+    with pytest.raises(MigrationFailed, match="ended early"):
+        await within(dst.incoming_wait(spec.uuid))
+    assert src.state(spec.uuid) is GuestRunState.SHUTOFF
+
+
+async def test_migrate_onwards_to_a_third_backend(src: TestBackend, dst: TestBackend) -> None:
+    third = TestBackend()
+    try:
+        spec = make_spec(16, **{"dirty-rate-mib": "8"})
+        await src.start(spec, paused=False)
+        await migrate(src, dst, spec)
+        first_hop = src.memory_digest(spec.uuid)
+        assert dst.memory_digest(spec.uuid) == first_hop
+
+        # The received guest runs (and dirties) on dst, then moves on to a third daemon.
+        await dst.resume(spec.uuid)
+        await asyncio.sleep(0.05)
+        out, _ = await migrate(dst, third, spec)
+        assert out.status is MigrationStatus.COMPLETED
+        second_hop = dst.memory_digest(spec.uuid)
+        assert second_hop != first_hop
+        assert third.memory_digest(spec.uuid) == second_hop
+        assert third.state(spec.uuid) is GuestRunState.PAUSED
+    finally:
+        await within(third.close())
+
+
+async def test_port_busy(src: TestBackend, dst: TestBackend) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        spec = make_spec(4)
+        with pytest.raises(OSError) as info:
+            await dst.incoming_start(spec, to(port))
+        assert info.value.errno == errno.EADDRINUSE
+    # Nothing left behind: no guest, no incoming migration, and a retry works.
+    assert dst.state(spec.uuid) is GuestRunState.SHUTOFF
+    assert dst.progress(spec.uuid) == MigrationProgress()
+    with pytest.raises(MigrationFailed):
+        await dst.incoming_wait(spec.uuid)
+    await src.start(spec, paused=False)
+    out, _ = await migrate(src, dst, spec)
+    assert out.status is MigrationStatus.COMPLETED
+
+
+async def test_listener_accepts_one_connection(src: TestBackend, dst: TestBackend) -> None:
+    spec = make_spec(16)
+    await src.start(spec, paused=False)
+    port = await dst.incoming_start(spec, LOOPBACK)
+    tuning = MigrationTuning(bandwidth_bytes_per_s=64 * MIB)
+    job = asyncio.create_task(src.outgoing(spec.uuid, to(port), tuning))
+    await wait_for_progress(dst, spec.uuid, 1)
+    with pytest.raises(OSError):  # the listener closed once the stream was accepted
+        await within(asyncio.open_connection("127.0.0.1", port))
+    out = await within(job)
+    assert out.status is MigrationStatus.COMPLETED
+
+
+async def raw_stream(port: int, data: bytes) -> bytes:
+    """Send hand-made stream bytes to a destination; return everything it answered."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    writer.write_eof()  # the source "dies" after these bytes
+    try:
+        return await within(reader.read())
+    finally:
+        writer.close()
+
+
+def header(spec: GuestSpec, *, magic: bytes = MAGIC) -> bytes:
+    uuid = spec.uuid.encode()
+    npages = spec.memory_bytes // PAGE_SIZE
+    return struct.pack("<8sHIQQH", magic, 1, PAGE_SIZE, npages, 42, len(uuid)) + uuid
+
+
+async def test_destination_refuses_incomplete_stream(dst: TestBackend) -> None:
+    spec = make_spec(1)
+    port = await dst.incoming_start(spec, LOOPBACK)
+    # One page of 256, then straight to switchover with the source's "digest".
+    page = struct.pack("<II", 0, 0) + page_bytes(42, 0, 0)
+    stream = header(spec) + b"I" + struct.pack("<IB", 1, 1) + b"P" + struct.pack("<I", 1) + page
+    answer = await raw_stream(port, stream + b"S" + bytes(32))
+    assert answer.startswith(b"AN")  # header accepted, switchover refused
+    assert b"255 of 256 pages never received" in answer
+    with pytest.raises(MigrationFailed, match="digest mismatch at switchover"):
+        await within(dst.incoming_wait(spec.uuid))
+    assert dst.state(spec.uuid) is GuestRunState.SHUTOFF
+
+
+@pytest.mark.parametrize(
+    ("after_header", "message"),
+    [
+        (None, "not a test backend stream"),
+        (b"X", "unknown record"),
+        (b"P" + struct.pack("<III", 1, 7, 0) + bytes(100), "ended early"),
+        (b"P" + struct.pack("<III", 1, 99999, 0) + bytes(PAGE_SIZE), "page 99999 of 256"),
+    ],
+    ids=["bad-magic", "unknown-record", "truncated", "page-out-of-range"],
+)
+async def test_destination_refuses_malformed_stream(
+    dst: TestBackend, after_header: bytes | None, message: str
+) -> None:
+    spec = make_spec(1)
+    port = await dst.incoming_start(spec, LOOPBACK)
+    if after_header is None:
+        await raw_stream(port, header(spec, magic=b"NOTVMTST"))
+    else:
+        await raw_stream(port, header(spec) + after_header)
+    with pytest.raises(MigrationFailed, match=message):
+        await within(dst.incoming_wait(spec.uuid))
+    assert dst.state(spec.uuid) is GuestRunState.SHUTOFF
+
+
+async def test_silent_peers_time_out(
+    src: TestBackend, dst: TestBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(test_backend, "HANDSHAKE_TIMEOUT", 0.2)
+    # A destination that connects but never sends a header gives up.
+    spec = make_spec(1)
+    port = await dst.incoming_start(spec, LOOPBACK)
+    _, writer = await asyncio.open_connection("127.0.0.1", port)
+    with pytest.raises(MigrationFailed, match="timed out waiting for the migration stream header"):
+        await within(dst.incoming_wait(spec.uuid))
+    writer.close()
+
+    # A source whose "destination" accepts but never answers gives up, and runs on.
+    accepted: list[asyncio.StreamWriter] = []
+    server = await asyncio.start_server(lambda _, w: accepted.append(w), "127.0.0.1", 0)
+    mute = server.sockets[0].getsockname()[1]
+    await src.start(spec, paused=False)
+    try:
+        with pytest.raises(
+            MigrationFailed, match="timed out waiting for the migration destination"
+        ):
+            await within(src.outgoing(spec.uuid, to(mute), MigrationTuning()))
+    finally:
+        server.close()
+        for w in accepted:
+            w.close()
+    assert src.state(spec.uuid) is GuestRunState.RUNNING
+
+
+async def test_close_aborts_migrations(src: TestBackend, dst: TestBackend) -> None:
+    spec = make_spec(64)
+    await src.start(spec, paused=False)
+    port = await dst.incoming_start(spec, LOOPBACK)
+    tuning = MigrationTuning(bandwidth_bytes_per_s=8 * MIB)
+    job = asyncio.create_task(src.outgoing(spec.uuid, to(port), tuning))
+    await wait_for_progress(dst, spec.uuid, 1)
+    await within(dst.close())
+    with pytest.raises(MigrationFailed):
+        await within(dst.incoming_wait(spec.uuid))
+    with pytest.raises(MigrationFailed):
+        await within(job)
+    assert src.state(spec.uuid) is GuestRunState.RUNNING
