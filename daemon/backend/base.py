@@ -15,6 +15,21 @@ Migration, as a backend sees it::
 A failed or cancelled stream makes ``outgoing`` raise :class:`MigrationFailed` /
 :class:`MigrationCancelled` with the source guest still alive (running, if it was), and makes
 ``incoming_wait`` raise :class:`MigrationFailed`.
+
+Post-copy (``tuning.postcopy``)::
+
+    destination                                  source
+                                                 outgoing(...)  pre-copy as above, until
+                                                 start_postcopy(uuid): the source guest stops,
+                                                 outgoing returns progress POSTCOPY_ACTIVE
+    resume(uuid): the guest runs, pages it        remaining pages stream in the background;
+       touches before they arrived are pulled        pulled pages go first
+    incoming_wait(uuid) returns once every page   outgoing_wait(uuid) returns the final progress
+       arrived and the digest matched
+
+Once switched, nothing can be rolled back: a broken stream raises :class:`PostcopyFailed` from
+``incoming_wait`` and ``outgoing_wait``, and both guests are left paused (never resumed by the
+backend).
 """
 
 from __future__ import annotations
@@ -64,12 +79,21 @@ class MigrationTuning:
     bandwidth_bytes_per_s: int = 0  # 0: unlimited
     max_downtime_ms: int = 300
     live: bool = True
+    # Post-copy allowed (capability on both sides); the switch happens on start_postcopy().
+    postcopy: bool = False
+    postcopy_bandwidth_bytes_per_s: int = 0  # 0: unlimited
+    # Auto-converge: throttle the guest's vCPUs (and so its dirty rate) when pre-copy does not
+    # converge, starting at ``initial`` percent and adding ``increment`` per non-converging pass.
+    auto_converge: bool = False
+    auto_converge_initial: int = 20
+    auto_converge_increment: int = 10
 
 
 class MigrationStatus(enum.Enum):
     NONE = "none"
     SETUP = "setup"
     ACTIVE = "active"
+    POSTCOPY_ACTIVE = "postcopy-active"
     COMPLETED = "completed"
     FAILED = "failed"
     CANCELLED = "cancelled"
@@ -90,6 +114,8 @@ class MigrationProgress:
     total_time_ms: int = 0
     page_size: int = 4096
     normal_pages: int = 0
+    postcopy_requests: int = 0
+    throttle_percent: int = 0  # auto-converge CPU throttle in force
     error: str = ""
 
 
@@ -103,6 +129,10 @@ class MigrationFailed(BackendError):
 
 class MigrationCancelled(BackendError):
     pass
+
+
+class PostcopyFailed(MigrationFailed):
+    """The stream broke after the switch to post-copy: neither side can be resumed safely."""
 
 
 class Backend(abc.ABC):
@@ -158,3 +188,26 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     async def cancel(self, uuid: str) -> None:
         """Cancel a running outgoing migration; ``outgoing`` then raises MigrationCancelled."""
+
+    # --- job control (optional: the defaults say the backend cannot) ---------------------------
+
+    async def set_tuning(
+        self,
+        uuid: str,
+        *,
+        bandwidth_bytes_per_s: int | None = None,
+        max_downtime_ms: int | None = None,
+    ) -> None:
+        """Change the limits of a running outgoing migration; ``None`` leaves one unchanged."""
+        raise BackendError(f"the {self.name} backend cannot tune a running migration")
+
+    async def start_postcopy(self, uuid: str) -> None:
+        """Switch a running outgoing migration started with ``tuning.postcopy`` to post-copy."""
+        raise BackendError(f"the {self.name} backend does not support post-copy")
+
+    async def outgoing_wait(self, uuid: str) -> MigrationProgress:
+        """After ``outgoing`` returned in post-copy: wait for the last page; raise PostcopyFailed.
+
+        After a pre-copy completion it returns the final progress at once.
+        """
+        return self.progress(uuid)
