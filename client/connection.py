@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid as uuidlib
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -84,6 +84,46 @@ class JobInfo:
     stats: tuple[TypedParam, ...]
     phase: str
     error: str
+    abort_requested: bool = False
+
+    @classmethod
+    def from_msg(cls, m: pb.JobInfo) -> JobInfo:
+        return cls(JobType(m.type), JobOperation(m.operation), m.time_elapsed_ms, m.data_total,
+                   m.data_processed, m.data_remaining, m.mem_total, m.mem_processed,
+                   m.mem_remaining, tuple(from_wire(m.stats)), m.phase, m.error,
+                   m.abort_requested)
+
+    def stat(self, name: str) -> int | float | bool | str | None:
+        """One of libvirt's job stats by its wire name (``memory_bps``, ``downtime``...)."""
+        for p in self.stats:
+            if p.name == name:
+                return p.value
+        return None
+
+
+@dataclass(frozen=True)
+class Event:
+    """A domain event (``Domains.Events``): lifecycle, migration iteration or job end."""
+
+    kind: str  # "lifecycle", "migration-iteration", "job-completed", "job-failed"
+    domain_name: str
+    domain_uuid: str
+    event: int
+    detail: int
+    description: str
+    iteration: int
+    job: JobInfo | None
+    timestamp_ms: int
+
+    @classmethod
+    def from_msg(cls, m: pb.Event) -> Event:
+        kinds = {pb.EVENT_KIND_LIFECYCLE: "lifecycle",
+                 pb.EVENT_KIND_MIGRATION_ITERATION: "migration-iteration",
+                 pb.EVENT_KIND_JOB_COMPLETED: "job-completed",
+                 pb.EVENT_KIND_JOB_FAILED: "job-failed"}
+        return cls(kinds.get(m.kind, "unknown"), m.domain_name, m.domain_uuid, m.event,
+                   m.detail, m.description, m.iteration,
+                   JobInfo.from_msg(m.job) if m.HasField("job") else None, m.timestamp_ms)
 
 
 DomainKey = str | Domain
@@ -252,10 +292,58 @@ class AsyncConnection:
     async def job_info(self, key: DomainKey, *, completed: bool = False) -> JobInfo:
         m = await self._call(self.migration_stub.GetJobInfo, pb.JobInfoRequest(
             domain=await self.ref(key), completed=completed))
-        return JobInfo(JobType(m.type), JobOperation(m.operation), m.time_elapsed_ms,
-                       m.data_total, m.data_processed, m.data_remaining, m.mem_total,
-                       m.mem_processed, m.mem_remaining, tuple(from_wire(m.stats)), m.phase,
-                       m.error)
+        return JobInfo.from_msg(m)
+
+    async def _stream(self, call: Any) -> AsyncIterator[Any]:
+        """Read a server stream, mapping its failure like ``_call`` does."""
+        try:
+            while (item := await call.read()) is not _EOF:
+                yield item
+        except grpc.aio.AioRpcError as exc:
+            raise from_status(exc.code(), exc.details(), exc.trailing_metadata()) from None
+        finally:
+            call.cancel()
+
+    async def watch_job(self, key: DomainKey) -> AsyncIterator[JobInfo]:
+        """The job's info each time it changes (pushed by the daemon), then its final record."""
+        call = self.migration_stub.WatchJob(pb.JobInfoRequest(domain=await self.ref(key)))
+        async for m in self._stream(call):
+            yield JobInfo.from_msg(m)
+
+    async def events(self, key: DomainKey | None = None) -> AsyncIterator[Event]:
+        """Domain events as they happen, for one domain or all; runs until the caller stops."""
+        req = pb.EventsRequest()
+        if key is not None:
+            req.domain.CopyFrom(await self.ref(key))
+        async for m in self._stream(self.domains_stub.Events(req)):
+            yield Event.from_msg(m)
+
+    async def abort_job(self, key: DomainKey, *, postcopy: bool = False) -> None:
+        await self._call(self.migration_stub.AbortJob, pb.AbortJobRequest(
+            domain=await self.ref(key), flags=2 if postcopy else 0))
+
+    async def set_max_downtime(self, key: DomainKey, downtime_ms: int) -> None:
+        await self._call(self.migration_stub.SetMaxDowntime, pb.DowntimeRequest(
+            domain=await self.ref(key), downtime_ms=downtime_ms))
+
+    async def get_max_downtime(self, key: DomainKey) -> int:
+        m: pb.DowntimeReply = await self._call(self.migration_stub.GetMaxDowntime,
+                                               pb.DomainRequest(domain=await self.ref(key)))
+        return m.downtime_ms
+
+    async def set_max_speed(self, key: DomainKey, bandwidth_mib: int, *,
+                            postcopy: bool = False) -> None:
+        await self._call(self.migration_stub.SetMaxSpeed, pb.SpeedRequest(
+            domain=await self.ref(key), bandwidth_mib=bandwidth_mib, flags=1 if postcopy else 0))
+
+    async def get_max_speed(self, key: DomainKey, *, postcopy: bool = False) -> int:
+        m: pb.SpeedReply = await self._call(self.migration_stub.GetMaxSpeed, pb.SpeedRequest(
+            domain=await self.ref(key), flags=1 if postcopy else 0))
+        return m.bandwidth_mib
+
+    async def start_postcopy(self, key: DomainKey) -> None:
+        await self._call(self.migration_stub.StartPostCopy,
+                         pb.DomainRequest(domain=await self.ref(key)))
 
     # --- migration ------------------------------------------------------------------------------
 

@@ -7,13 +7,14 @@ URI, DEST_NAME, DEST_XML and BANDWIDTH.
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING
 
 from virtmig.client.sequence import Trace, run_v3
 from virtmig.proto import virtmig_pb2 as pb
 from virtmig.proto.compat import Layer, check_known_flags, check_rules
-from virtmig.proto.errors import ArgumentUnsupported, InvalidArgument, NoSupport
-from virtmig.proto.flags import DomainState, Feature, MigrateFlags
+from virtmig.proto.errors import ArgumentUnsupported, InvalidArgument, NoDomain, NoSupport
+from virtmig.proto.flags import DomainState, Feature, JobType, MigrateFlags
 from virtmig.proto.params import (
     MIGRATION_PARAMS,
     NON_PARAMS_ALLOWED,
@@ -78,6 +79,12 @@ class RemoteSource:
             reply = await self.conn._call(stub.Perform3, req)
         return reply.cookie_out
 
+    async def wait_abort(self, dom: str) -> None:
+        async for info in self.conn.watch_job(dom):
+            if info.abort_requested:
+                return
+        await asyncio.Event().wait()  # the job ended without an abort: never return
+
     async def confirm(self, dom: str, params: TypedParams, cookie: bytes, flags: int,
                       cancelled: bool) -> None:
         ref = await self.conn.ref(dom)
@@ -112,6 +119,18 @@ class RemoteDest:
                 req.dname = n
             reply = await self.conn._call(stub.Prepare3, req)
         return reply.cookie_out, reply.uri_out if reply.HasField("uri_out") else None
+
+    async def finished(self, dname: str) -> bool:
+        for _ in range(600):
+            try:
+                dom = await self.conn.lookup(dname)
+            except NoDomain:
+                return False
+            info = await self.conn.job_info(dname)
+            if info.type is JobType.NONE:
+                return dom.state is not DomainState.SHUTOFF
+            await asyncio.sleep(0.05)
+        return False
 
     async def finish(self, params: TypedParams, cookie: bytes, flags: int,
                      cancelled: bool) -> tuple[str, bytes]:

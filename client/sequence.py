@@ -17,11 +17,19 @@ replaces a generic "operation failed" from Perform, as it explains why the desti
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from virtmig.proto.errors import InternalError, MigrateFinishOk, OperationFailed, VirtmigError
+from virtmig.proto.errors import (
+    InternalError,
+    MigrateFinishOk,
+    OperationAborted,
+    OperationFailed,
+    VirtmigError,
+)
 from virtmig.proto.flags import SOURCE_ONLY_FLAGS, DomainState, MigrateFlags
 from virtmig.proto.params import MigrateParam, TypedParams
 
@@ -44,6 +52,10 @@ class SourceParty(Protocol):
         self, dom: str, params: TypedParams, cookie: bytes, flags: int, cancelled: bool
     ) -> None: ...
 
+    async def wait_abort(self, dom: str) -> None:
+        """Return once an abort of the domain's outgoing job is requested (never otherwise)."""
+        ...
+
 
 class DestParty(Protocol):
     async def prepare(
@@ -54,6 +66,11 @@ class DestParty(Protocol):
         self, params: TypedParams, cookie: bytes, flags: int, cancelled: bool
     ) -> tuple[str, bytes]:
         """Returns the new domain's name on the destination and cookie D."""
+        ...
+
+    async def finished(self, dname: str) -> bool:
+        """After an interrupted Finish: whether the guest ended up running here (once the
+        destination's job is over: True if it is active, False if it was rolled back)."""
         ...
 
 
@@ -130,7 +147,11 @@ async def run_v3(
         fparams.set(P.DEST_NAME, dom)
     t.add("finish", cancelled)
     try:
-        ddom, cookie = await dst.finish(fparams, cookie, destflags, cancelled)
+        if cancelled:
+            ddom, cookie = await dst.finish(fparams, cookie, destflags, cancelled)
+        else:
+            ddom, cookie = await _finish_unless_aborted(src, dst, dom, fparams, cookie,
+                                                        destflags)
         if cancelled:
             log.warning("finish step ignored that migration was cancelled")
     except VirtmigError as exc:
@@ -152,6 +173,33 @@ async def run_v3(
     if ddom is None:
         raise error or OperationFailed("operation failed: migration failed")
     return ddom
+
+
+async def _finish_unless_aborted(
+    src: SourceParty, dst: DestParty, dom: str, params: TypedParams, cookie: bytes, flags: int
+) -> tuple[str, bytes]:
+    """Finish, unless the source's job is aborted while Finish waits: then Finish is cancelled.
+
+    A cancelled call may still have completed on the destination (its reply lost in flight), so
+    the outcome is asked of the destination before anything is rolled back: if the guest runs
+    there, the migration succeeded and the abort came too late.
+    """
+    finish = asyncio.ensure_future(dst.finish(params, cookie, flags, False))
+    aborted = asyncio.ensure_future(src.wait_abort(dom))
+    try:
+        await asyncio.wait({finish, aborted}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        aborted.cancel()
+    if finish.done() or not aborted.done() or aborted.cancelled() or aborted.exception():
+        return await finish
+    finish.cancel()
+    with contextlib.suppress(asyncio.CancelledError, VirtmigError):
+        return await finish  # it completed after all
+    dname = params.get_str(P.DEST_NAME) or dom
+    if await dst.finished(dname):
+        log.warning("abort of %s came too late: the guest runs on the destination", dom)
+        return dname, b""
+    raise OperationAborted("operation aborted: job 'migration out' canceled by client")
 
 
 def _explains_failure(exc: VirtmigError) -> bool:

@@ -11,6 +11,11 @@ Example (all keys optional)::
     migration_host = "10.1.2.3"        # what the source connects to (default: hostname)
     job_wait_timeout = 30              # seconds a state change waits for a migration job
     max_downtime_ms = 300
+    stall_timeout = 0                  # s without progress that fail a migration (0: off)
+    completion_timeout_per_gib = 0     # s per GiB of guest memory (0: off) ...
+    completion_timeout_action = "abort"  # ... then: abort, suspend or postcopy
+    max_outgoing_migrations = 0        # concurrent migrations accepted (0: no limit)
+    max_incoming_migrations = 0
 """
 
 from __future__ import annotations
@@ -28,7 +33,9 @@ DEFAULT_STATE_DIR = "/var/lib/virtmig"
 
 _KEYS = {
     "listen", "state_dir", "backend", "hostname", "migration_ports", "migration_address",
-    "migration_host", "job_wait_timeout", "max_downtime_ms",
+    "migration_host", "job_wait_timeout", "max_downtime_ms", "stall_timeout",
+    "completion_timeout_per_gib", "completion_timeout_action", "max_outgoing_migrations",
+    "max_incoming_migrations",
 }
 
 
@@ -96,4 +103,16 @@ def load_config(args: argparse.Namespace) -> DaemonConfig:
         migration_host=str(data.get("migration_host", "")),
         job_wait_timeout=float(data.get("job_wait_timeout", 30.0)),
         default_max_downtime_ms=int(data.get("max_downtime_ms", 300)),
+        stall_timeout_s=float(data.get("stall_timeout", 0)),
+        completion_timeout_per_gib_s=float(data.get("completion_timeout_per_gib", 0)),
+        completion_timeout_action=_action(str(data.get("completion_timeout_action", "abort"))),
+        max_outgoing_migrations=int(data.get("max_outgoing_migrations", 0)),
+        max_incoming_migrations=int(data.get("max_incoming_migrations", 0)),
     )
+
+
+def _action(value: str) -> str:
+    if value not in ("abort", "suspend", "postcopy"):
+        raise InvalidArgument(f"invalid completion_timeout_action '{value}': expected abort, "
+                              "suspend or postcopy")
+    return value

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from virtmig.daemon.backend.base import Backend, GuestRunState, GuestSpec
 from virtmig.daemon.domxml import DomainDef
+from virtmig.daemon.events import EventBus, lifecycle_for
 from virtmig.daemon.registry import DomainObj, Registry
 from virtmig.daemon.state import StateDir
 from virtmig.proto.errors import ResourceExhausted
@@ -38,6 +39,14 @@ class DaemonConfig:
     migration_host: str = ""
     job_wait_timeout: float = 30.0
     default_max_downtime_ms: int = 300
+    # Stall watchdog: no progress for this many seconds fails the migration (0: off).
+    stall_timeout_s: float = 0.0
+    # Completion timeout: seconds per GiB of guest memory (0: off), and what to do then.
+    completion_timeout_per_gib_s: float = 0.0
+    completion_timeout_action: str = "abort"
+    # Concurrent migrations this daemon accepts (0: no limit).
+    max_outgoing_migrations: int = 0
+    max_incoming_migrations: int = 0
     # P2P is advertised once peer-to-peer migration exists; until then ToURI3 refuses it.
     features: tuple[str, ...] = (
         Feature.MIGRATION_PARAMS.value, Feature.V3.value, Feature.OFFLINE.value,
@@ -77,6 +86,7 @@ class Daemon:
         self.registry = Registry(self.files, job_wait_timeout=config.job_wait_timeout)
         self.ports = PortAllocator(config.migration_port_min, config.migration_port_max)
         self.sessions: set[str] = set()
+        self.events = EventBus()
 
     @property
     def features(self) -> frozenset[str]:
@@ -115,12 +125,18 @@ class Daemon:
         return bool(session) and session in self.sessions
 
     def set_state(self, dom: DomainObj, state: DomainState, reason: int) -> None:
+        """The one place a domain's state changes; it writes the status and emits the event."""
+        old = dom.state
         dom.state = state
         dom.reason = int(reason)
         self.registry.save_status(dom)
+        for event, detail in lifecycle_for(old, state, int(reason)):
+            self.events.lifecycle(dom.name, dom.uuid, event, detail)
 
     def mark_inactive(self, dom: DomainObj, reason: ShutoffReason) -> None:
         """The guest stopped: shut off with ``reason``; a transient domain disappears."""
+        for event, detail in lifecycle_for(dom.state, DomainState.SHUTOFF, int(reason)):
+            self.events.lifecycle(dom.name, dom.uuid, event, detail)
         dom.state = DomainState.SHUTOFF
         dom.reason = int(reason)
         dom.id = -1

@@ -13,6 +13,7 @@ crash recovery need (flags, params, the domain's state before migration) and the
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import time
 from dataclasses import dataclass, field
@@ -95,9 +96,27 @@ class MigrationJob:
     abort_requested: bool = False
     # True while a phase RPC is running on this job (it owns ending the job on failure).
     busy: bool = False
+    # Switched to post-copy: nothing can be rolled back any more.
+    postcopy: bool = False
+    # Why the daemon itself cancelled the stream (stall watchdog, completion timeout).
+    fail_reason: str = ""
     # The session of the caller that started the job (Begin with CHANGE_PROTECTION, Prepare);
     # "" when the caller opened none.  When that session ends, the job is abandoned.
     owner: str = ""
+    _abort_event: asyncio.Event | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def abort_event(self) -> asyncio.Event:
+        """Set once an abort is requested (created lazily, on the running loop)."""
+        if self._abort_event is None:
+            self._abort_event = asyncio.Event()
+            if self.abort_requested:
+                self._abort_event.set()
+        return self._abort_event
+
+    def request_abort(self) -> None:
+        self.abort_requested = True
+        self.abort_event.set()
 
     def set_phase(self, phase: Phase) -> None:
         if phase < self.phase and self.phase < Phase.POSTCOPY_FAILED:

@@ -12,6 +12,7 @@ from collections.abc import Awaitable
 from virtmig.daemon.backend.base import BackendError
 from virtmig.daemon.core import Daemon
 from virtmig.daemon.domxml import parse_domain_xml
+from virtmig.daemon.events import Lifecycle
 from virtmig.daemon.job import AsyncJob
 from virtmig.daemon.registry import DomainObj
 from virtmig.proto.errors import OperationFailed, OperationInvalid
@@ -37,11 +38,13 @@ async def define(daemon: Daemon, xml: str) -> DomainObj:
     if existing is None:
         dom = daemon.registry.add(DomainObj(uuid=d.uuid, name=d.name, config=d))
         daemon.registry.save_config(dom)
+        daemon.events.lifecycle(dom.name, dom.uuid, Lifecycle.DEFINED, 0)
         return dom
     async with daemon.registry.state_change(existing, "define") as dom:
         dom.config = d
         daemon.registry.save_config(dom)
         daemon.registry.save_status(dom)
+        daemon.events.lifecycle(dom.name, dom.uuid, Lifecycle.DEFINED, 1)
         return dom
 
 
@@ -53,6 +56,7 @@ async def undefine(daemon: Daemon, dom: DomainObj) -> None:
             )
         dom.config = None
         daemon.registry.save_config(dom)
+        daemon.events.lifecycle(dom.name, dom.uuid, Lifecycle.UNDEFINED, 0)
         if not dom.active:
             daemon.registry.remove(dom)
         else:

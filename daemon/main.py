@@ -14,6 +14,7 @@ from pathlib import Path
 
 import grpc
 
+from virtmig.daemon import jobctl
 from virtmig.daemon.backend.base import Backend
 from virtmig.daemon.config import build_parser, load_config
 from virtmig.daemon.core import Daemon, DaemonConfig
@@ -65,6 +66,7 @@ class RunningDaemon:
 
 async def start_daemon(config: DaemonConfig, backend: Backend | None = None) -> RunningDaemon:
     daemon = Daemon(config, backend or make_backend(config.backend))
+    daemon.registry.on_job_end = lambda dom, rec: daemon.events.publish(jobctl.job_event(dom, rec))
     await daemon.open()
     server = grpc.aio.server(options=SERVER_OPTIONS)
     add_services(server, daemon)

@@ -18,18 +18,23 @@ changing anything, and on failure puts its own side back as it was:
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import errno
 import logging
 import time
 from urllib.parse import urlsplit
 
 from virtmig.daemon import cookie as ck
+from virtmig.daemon import jobctl
 from virtmig.daemon.backend.base import (
     BackendError,
     GuestRunState,
     MigrationCancelled,
     MigrationProgress,
+    MigrationStatus,
     MigrationTuning,
+    PostcopyFailed,
     StreamAddress,
 )
 from virtmig.daemon.core import Daemon
@@ -160,6 +165,7 @@ async def src_begin(
         xml = _src_begin_xml(current, params)
         cookie = any_cookie(daemon, dom.name, dom.uuid)
         if f & F.CHANGE_PROTECTION:
+            jobctl.check_limit(daemon, AsyncJob.MIGRATION_OUT)
             dom.job = MigrationJob(
                 kind=AsyncJob.MIGRATION_OUT,
                 phase=Phase.BEGIN3,
@@ -245,6 +251,7 @@ async def dst_prepare(
     )
     daemon.backend.validate(daemon.spec(d))
 
+    jobctl.check_limit(daemon, AsyncJob.MIGRATION_IN)
     existing = daemon.registry.check_define(d)
     if existing is not None and (existing.active or existing.job is not None):
         raise OperationInvalid(
@@ -360,12 +367,16 @@ async def src_perform(
                 )
         else:
             _no_job(dom)
+            jobctl.check_limit(daemon, AsyncJob.MIGRATION_OUT)
             job = MigrationJob(kind=AsyncJob.MIGRATION_OUT, phase=Phase.NONE, flags=f,
                                params=params.copy(), pre_state=dom.state)
             dom.job = job
         job.busy = True
         try:
+            if job.abort_requested:
+                raise MigrationCancelled("aborted before perform")
             _require_active(dom)
+            jobctl.check_timeout_params(params)
             ck.parse_cookie(
                 cookie_in,
                 expected_name=dom.name,
@@ -381,28 +392,38 @@ async def src_perform(
             daemon.registry.save_status(dom)
         except BaseException as exc:
             # Perform ends the job on any failure: the client calls no Confirm after it.
-            await daemon.registry.end_job(dom, job.record(JobType.FAILED, str(exc)))
+            err = _perform_error(job, exc)
+            jtype = JobType.CANCELLED if isinstance(exc, MigrationCancelled) else JobType.FAILED
+            await daemon.registry.end_job(dom, job.record(jtype, str(err)))
+            if isinstance(exc, MigrationCancelled):
+                raise err from exc
             raise
-    # The lock is not held while the stream runs: read-only calls, destroy and (later) abort and
-    # tuning must get through.
+    # The lock is not held while the stream runs: read-only calls, destroy, abort and tuning
+    # must get through.
+    watcher = asyncio.get_running_loop().create_task(jobctl.src_watch(daemon, dom, job))
     try:
         if not f & F.LIVE and dom.state is DomainState.RUNNING:
             await daemon.backend.pause(dom.uuid)
             daemon.set_state(dom, DomainState.PAUSED, PausedReason.MIGRATION)
-        tuning = MigrationTuning(
-            bandwidth_bytes_per_s=params.get_int(P.BANDWIDTH) * 1024 * 1024,
-            max_downtime_ms=daemon.config.default_max_downtime_ms,
-            live=bool(f & F.LIVE),
-        )
-        job.progress = await daemon.backend.outgoing(dom.uuid, dest, tuning)
+        if job.abort_requested:
+            raise MigrationCancelled("aborted before the stream started")
+        job.progress = await daemon.backend.outgoing(dom.uuid, dest, src_tuning(daemon, dom, f,
+                                                                               params))
     except (BackendError, VirtmigError) as exc:
+        await _stop(watcher)
         await _src_perform_failed(daemon, dom, job, exc)
-        raise _perform_error(exc) from exc
+        raise _perform_error(job, exc) from exc
     except BaseException as exc:
+        await _stop(watcher)
         await _src_perform_failed(daemon, dom, job, exc)
         raise
+    await _stop(watcher)
     async with dom.lock:
-        daemon.set_state(dom, DomainState.PAUSED, PausedReason.MIGRATION)
+        if job.progress.status is MigrationStatus.POSTCOPY_ACTIVE:
+            job.postcopy = True
+            daemon.set_state(dom, DomainState.PAUSED, PausedReason.POSTCOPY)
+        else:
+            daemon.set_state(dom, DomainState.PAUSED, PausedReason.MIGRATION)
         job.set_phase(Phase.PERFORM3_DONE)
         job.busy = False
         daemon.registry.save_status(dom)
@@ -429,8 +450,34 @@ def _src_persistent_xml(dom: DomainObj, params: TypedParams) -> str:
     return format_domain_xml(dom.config or dom.definition, migratable=True)
 
 
-def _perform_error(exc: BaseException) -> VirtmigError:
+def src_tuning(daemon: Daemon, dom: DomainObj, f: MigrateFlags,
+               params: TypedParams) -> MigrationTuning:
+    """The backend's settings for this run: params first, then the domain's, then defaults."""
+    mib = 1024 * 1024
+    return MigrationTuning(
+        bandwidth_bytes_per_s=(params.get_int(P.BANDWIDTH) or dom.max_speed_mib) * mib,
+        max_downtime_ms=dom.max_downtime_ms or daemon.config.default_max_downtime_ms,
+        live=bool(f & F.LIVE),
+        postcopy=bool(f & F.POSTCOPY),
+        postcopy_bandwidth_bytes_per_s=(params.get_int(P.BANDWIDTH_POSTCOPY)
+                                        or dom.max_speed_postcopy_mib) * mib,
+        auto_converge=bool(f & F.AUTO_CONVERGE),
+        auto_converge_initial=params.get_int(P.AUTO_CONVERGE_INITIAL, 20),
+        auto_converge_increment=params.get_int(P.AUTO_CONVERGE_INCREMENT, 10),
+    )
+
+
+async def _stop(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+def _perform_error(job: MigrationJob, exc: BaseException) -> VirtmigError:
     if isinstance(exc, MigrationCancelled):
+        if job.fail_reason:
+            return OperationFailed(
+                f"operation failed: job 'migration out' failed: {job.fail_reason}")
         return OperationAborted("operation aborted: job 'migration out' canceled by client")
     if isinstance(exc, VirtmigError):
         return exc
@@ -444,8 +491,9 @@ async def _src_perform_failed(
     log.info("migration of %s failed in perform: %s", dom.name, exc)
     await src_restore(daemon, dom, job)
     job.progress = daemon.backend.progress(dom.uuid)
-    jtype = JobType.CANCELLED if isinstance(exc, MigrationCancelled) else JobType.FAILED
-    await daemon.registry.end_job(dom, job.record(jtype, str(_perform_error(exc))))
+    cancelled = isinstance(exc, MigrationCancelled) and not job.fail_reason
+    jtype = JobType.CANCELLED if cancelled else JobType.FAILED
+    await daemon.registry.end_job(dom, job.record(jtype, str(_perform_error(job, exc))))
 
 
 async def src_restore(daemon: Daemon, dom: DomainObj, job: MigrationJob) -> None:
@@ -511,8 +559,20 @@ async def dst_finish(
                 return await _dst_finish_offline(daemon, dom, job, persistent)
             if daemon.backend.state(dom.uuid) is GuestRunState.SHUTOFF:
                 raise OperationFailed("operation failed: guest unexpectedly quit")
+            if f & F.POSTCOPY and await _dst_switched(daemon, dom):
+                # Post-copy: the guest runs here while its last pages arrive.
+                job.postcopy = True
+                await daemon.backend.resume(dom.uuid)
+                daemon.set_state(dom, DomainState.RUNNING, RunningReason.POSTCOPY)
             try:
                 job.progress = await daemon.backend.incoming_wait(dom.uuid)
+            except PostcopyFailed as exc:
+                # Nothing can be rolled back: keep the guest, paused, for recovery.
+                daemon.set_state(dom, DomainState.PAUSED, PausedReason.POSTCOPY_FAILED)
+                job.set_phase(Phase.POSTCOPY_FAILED)
+                daemon.registry.save_status(dom)
+                raise OperationFailed(
+                    f"operation failed: post-copy migration failed: {exc}") from exc
             except BackendError as exc:
                 raise OperationFailed(
                     f"operation failed: job 'migration in' failed: {exc}"
@@ -532,10 +592,33 @@ async def dst_finish(
                 daemon, job.origname, dom.uuid, statistics=any_stats(job.progress, job.started)
             )
         except BaseException as exc:
+            if job.phase is Phase.POSTCOPY_FAILED:
+                job.busy = False
+                raise
             err = str(exc) if not isinstance(exc, MigrateFinishOk) else ""
             jtype = JobType.CANCELLED if cancelled else JobType.FAILED
             await _dst_discard(daemon, dom, existed=existed, record=job.record(jtype, err))
             raise
+
+
+async def _dst_switched(daemon: Daemon, dom: DomainObj) -> bool:
+    """Whether the incoming stream switched to post-copy (else it completed, or failed).
+
+    The source's Perform returns at the switch, possibly before this side has read the switch
+    from the stream: wait (bounded) until the incoming side reports either outcome.
+    """
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        status = daemon.backend.progress(dom.uuid).status
+        if status is MigrationStatus.POSTCOPY_ACTIVE:
+            return True
+        if status in (MigrationStatus.COMPLETED, MigrationStatus.FAILED,
+                      MigrationStatus.CANCELLED):
+            return False
+        if daemon.backend.state(dom.uuid) is GuestRunState.SHUTOFF:
+            return False
+        await asyncio.sleep(0.01)
+    return False
 
 
 def _dst_cancelled_error(daemon: Daemon, dom: DomainObj) -> VirtmigError:
@@ -613,11 +696,28 @@ async def src_confirm(
         except BaseException:
             job.busy = False
             raise
+        if cancelled and job.postcopy:
+            # The destination may run with part of the memory: never resume here.
+            daemon.set_state(dom, DomainState.PAUSED, PausedReason.POSTCOPY_FAILED)
+            job.set_phase(Phase.POSTCOPY_FAILED)
+            job.busy = False
+            daemon.registry.save_status(dom)
+            return
         if cancelled:
             await src_restore(daemon, dom, job)
             await daemon.registry.end_job(dom, job.record(JobType.FAILED, "migration cancelled"))
             return
         if not f & F.OFFLINE:
+            if job.postcopy:
+                try:
+                    job.progress = await daemon.backend.outgoing_wait(dom.uuid)
+                except BackendError as exc:
+                    daemon.set_state(dom, DomainState.PAUSED, PausedReason.POSTCOPY_FAILED)
+                    job.set_phase(Phase.POSTCOPY_FAILED)
+                    job.busy = False
+                    daemon.registry.save_status(dom)
+                    raise OperationFailed(
+                        f"operation failed: post-copy migration failed: {exc}") from exc
             await daemon.backend.destroy(dom.uuid)
             await daemon.registry.end_job(dom, job.record(JobType.COMPLETED))
             if f & F.UNDEFINE_SOURCE and dom.config is not None:

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +38,10 @@ class DomainObj:
     id: int = -1
     job: MigrationJob | None = None
     completed: JobRecord | None = None
+    # Migration settings kept between migrations (migrate-setmaxdowntime / migrate-setspeed).
+    max_downtime_ms: int = 0  # 0: the daemon's default
+    max_speed_mib: int = 0  # 0: unlimited
+    max_speed_postcopy_mib: int = 0
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     job_changed: asyncio.Condition = field(default_factory=asyncio.Condition)
 
@@ -69,6 +73,8 @@ class Registry:
         self._by_name: dict[str, DomainObj] = {}
         self._next_id = 1
         self.job_wait_timeout = job_wait_timeout
+        # Called after a job ended with a record (the daemon emits the job event).
+        self.on_job_end: Callable[[DomainObj, JobRecord], None] | None = None
 
     # --- lookup (never waits) -------------------------------------------------------------------
 
@@ -159,6 +165,12 @@ class Registry:
         if record is not None:
             dom.completed = record
         self.save_status(dom)
+        await self.job_changed(dom)
+        if record is not None and self.on_job_end is not None:
+            self.on_job_end(dom, record)
+
+    async def job_changed(self, dom: DomainObj) -> None:
+        """Wake whoever waits on the job: state changes, job watchers."""
         async with dom.job_changed:
             dom.job_changed.notify_all()
 

@@ -17,23 +17,17 @@ from typing import Any, TypeVar
 
 import grpc
 
-from virtmig.daemon import lifecycle, migration
-from virtmig.daemon.backend.base import MigrationProgress, MigrationStatus
+from virtmig.daemon import jobctl, lifecycle, migration
 from virtmig.daemon.core import VERSION, Daemon
 from virtmig.daemon.domxml import format_domain_xml
-from virtmig.daemon.job import AsyncJob, Phase
 from virtmig.daemon.registry import DomainObj
 from virtmig.proto import virtmig_pb2 as pb
 from virtmig.proto import virtmig_pb2_grpc as pbg
 from virtmig.proto.errors import InvalidArgument, to_status
-from virtmig.proto.flags import JobType
 from virtmig.proto.params import (
     MigrateParam,
-    ParamType,
-    TypedParam,
     TypedParams,
     from_wire,
-    to_wire,
 )
 
 log = logging.getLogger(__name__)
@@ -241,6 +235,18 @@ class DomainsService(pbg.DomainsServicer):
             os_type=d.os_type,
         )
 
+    async def Events(self, request: pb.EventsRequest, context: Any) -> AsyncIterator[pb.Event]:
+        uuid = ""
+        if request.HasField("domain"):
+            try:
+                uuid = resolve(self.daemon, request.domain).uuid
+            except Exception as exc:
+                await _abort_stream(context, exc)
+                return
+        with self.daemon.events.subscribe(uuid) as queue:
+            while True:
+                yield await queue.get()
+
     @rpc
     async def GetState(self, request: pb.DomainRequest, context: Any) -> pb.DomainStateReply:
         dom = resolve(self.daemon, request.domain)
@@ -249,32 +255,6 @@ class DomainsService(pbg.DomainsServicer):
             reason=dom.reason,
             reason_name=dom.reason_label,
         )
-
-
-def job_stats(progress: MigrationProgress, elapsed_ms: int, completed: bool) -> list[TypedParam]:
-    """libvirt's job stats names for what the backend reports."""
-    u = ParamType.ULLONG
-    items = [
-        TypedParam("time_elapsed", u, elapsed_ms),
-        TypedParam("data_total", u, progress.total_bytes),
-        TypedParam("data_processed", u, progress.processed_bytes),
-        TypedParam("data_remaining", u, progress.remaining_bytes),
-        TypedParam("memory_total", u, progress.total_bytes),
-        TypedParam("memory_processed", u, progress.processed_bytes),
-        TypedParam("memory_remaining", u, progress.remaining_bytes),
-        TypedParam("memory_bps", u, progress.bandwidth_bytes_per_s),
-        TypedParam("memory_dirty_rate", u, progress.dirty_rate_pages_per_s),
-        TypedParam("memory_iteration", u, progress.iteration),
-        TypedParam("memory_page_size", u, progress.page_size),
-        TypedParam("memory_normal", u, progress.normal_pages),
-        TypedParam("memory_normal_bytes", u, progress.normal_pages * progress.page_size),
-        TypedParam("setup_time", u, progress.setup_time_ms),
-    ]
-    if completed:
-        items.append(TypedParam("downtime", u, progress.downtime_ms))
-    else:
-        items.append(TypedParam("downtime", u, progress.expected_downtime_ms))
-    return items
 
 
 class MigrationService(pbg.MigrationServicer):
@@ -395,46 +375,60 @@ class MigrationService(pbg.MigrationServicer):
         )
         return pb.Confirm3Reply()
 
-    # --- Jobs -----------------------------------------------------------------------------------
+    # --- Jobs ---------------------------------------------------------------------------------
 
     @rpc
     async def GetJobInfo(self, request: pb.JobInfoRequest, context: Any) -> pb.JobInfo:
-        dom = self._dom(request.domain)
-        if request.completed:
-            rec = dom.completed
-            if rec is None:
-                return pb.JobInfo(type=pb.JOB_TYPE_NONE)
-            return _job_info(int(rec.type), int(rec.operation), rec.time_elapsed_ms,
-                             rec.progress, completed=True, error=rec.error)
-        job = dom.job
-        if job is None:
-            return pb.JobInfo(type=pb.JOB_TYPE_NONE)
-        progress = job.progress
-        if job.kind is AsyncJob.MIGRATION_OUT and job.phase is Phase.PERFORM3:
-            live = self.daemon.backend.progress(dom.uuid)
-            if live.status in (MigrationStatus.SETUP, MigrationStatus.ACTIVE):
-                progress = live
-        info = _job_info(int(JobType.UNBOUNDED), int(job.kind.operation), job.elapsed_ms(),
-                         progress, completed=False)
-        info.phase = job.phase.label
-        return info
+        return jobctl.job_info(self.daemon, self._dom(request.domain),
+                               completed=request.completed)
+
+    async def WatchJob(self, request: pb.JobInfoRequest,
+                       context: Any) -> AsyncIterator[pb.JobInfo]:
+        try:
+            dom = self._dom(request.domain)
+        except Exception as exc:
+            await _abort_stream(context, exc)
+            return
+        async for info in jobctl.watch(self.daemon, dom):
+            yield info
+
+    @rpc
+    async def AbortJob(self, request: pb.AbortJobRequest, context: Any) -> pb.Empty:
+        await jobctl.abort(self.daemon, self._dom(request.domain), request.flags)
+        return pb.Empty()
+
+    @rpc
+    async def SetMaxDowntime(self, request: pb.DowntimeRequest, context: Any) -> pb.Empty:
+        await jobctl.set_max_downtime(self.daemon, self._dom(request.domain), request.downtime_ms)
+        return pb.Empty()
+
+    @rpc
+    async def GetMaxDowntime(self, request: pb.DomainRequest, context: Any) -> pb.DowntimeReply:
+        return pb.DowntimeReply(
+            downtime_ms=jobctl.get_max_downtime(self.daemon, self._dom(request.domain)))
+
+    @rpc
+    async def SetMaxSpeed(self, request: pb.SpeedRequest, context: Any) -> pb.Empty:
+        await jobctl.set_max_speed(self.daemon, self._dom(request.domain), request.bandwidth_mib,
+                                   request.flags)
+        return pb.Empty()
+
+    @rpc
+    async def GetMaxSpeed(self, request: pb.SpeedRequest, context: Any) -> pb.SpeedReply:
+        return pb.SpeedReply(
+            bandwidth_mib=jobctl.get_max_speed(self._dom(request.domain), request.flags))
+
+    @rpc
+    async def StartPostCopy(self, request: pb.DomainRequest, context: Any) -> pb.Empty:
+        await jobctl.start_postcopy(self.daemon, self._dom(request.domain))
+        return pb.Empty()
 
 
-def _job_info(jtype: int, operation: int, elapsed: int, progress: MigrationProgress, *,
-              completed: bool, error: str = "") -> pb.JobInfo:
-    return pb.JobInfo(
-        type=jtype,  # type: ignore[arg-type]
-        operation=operation,
-        time_elapsed_ms=elapsed,
-        data_total=progress.total_bytes,
-        data_processed=progress.processed_bytes,
-        data_remaining=progress.remaining_bytes,
-        mem_total=progress.total_bytes,
-        mem_processed=progress.processed_bytes,
-        mem_remaining=progress.remaining_bytes,
-        stats=to_wire(job_stats(progress, elapsed, completed)),
-        error=error,
-    )
+async def _abort_stream(context: Any, exc: BaseException) -> None:
+    """Streaming handlers map errors the same way as unary ones."""
+    code, details, trailers = to_status(exc)
+    context.set_trailing_metadata(trailers)
+    await context.abort(code, details)
 
 
 def add_services(server: grpc.aio.Server, daemon: Daemon) -> None:

@@ -89,6 +89,10 @@ class MigrateParam(enum.StrEnum):
     AUTO_CONVERGE_INCREMENT = "auto_converge.increment"
     PARALLEL_CONNECTIONS = "parallel.connections"
     TLS_DESTINATION = "tls.destination"
+    # virtmig's own (not libvirt's): the stall watchdog and the completion timeout.
+    STALL_TIMEOUT = "virtmig.stall_timeout"
+    COMPLETION_TIMEOUT = "virtmig.completion_timeout"
+    COMPLETION_TIMEOUT_ACTION = "virtmig.completion_timeout_action"
 
 
 class Party(enum.Flag):
@@ -135,8 +139,7 @@ MIGRATION_PARAMS: Mapping[str, ParamSpec] = {
         _spec(_P.DEST_XML, _T.STRING, Party.BOTH),
         _spec(_P.PERSIST_XML, _T.STRING, Party.SRC, needs=MigrateFlags.PERSIST_DEST),
         _spec(_P.BANDWIDTH, _T.ULLONG, Party.SRC),
-        _spec(_P.BANDWIDTH_POSTCOPY, _T.ULLONG, Party.SRC, needs=MigrateFlags.POSTCOPY,
-              supported=False),
+        _spec(_P.BANDWIDTH_POSTCOPY, _T.ULLONG, Party.SRC, needs=MigrateFlags.POSTCOPY),
         _spec(_P.GRAPHICS_URI, _T.STRING, Party.SRC, supported=False),
         _spec(_P.LISTEN_ADDRESS, _T.STRING, Party.DST),
         _spec(_P.MIGRATE_DISKS, _T.STRING, Party.BOTH, multiple=True, needs=_NON_SHARED,
@@ -151,13 +154,14 @@ MIGRATION_PARAMS: Mapping[str, ParamSpec] = {
         _spec(_P.COMPRESSION_XBZRLE_CACHE, _T.ULLONG, Party.SRC, supported=False),
         _spec(_P.COMPRESSION_ZLIB_LEVEL, _T.INT, Party.SRC, supported=False),
         _spec(_P.COMPRESSION_ZSTD_LEVEL, _T.INT, Party.SRC, supported=False),
-        _spec(_P.AUTO_CONVERGE_INITIAL, _T.INT, Party.SRC, needs=MigrateFlags.AUTO_CONVERGE,
-              supported=False),
-        _spec(_P.AUTO_CONVERGE_INCREMENT, _T.INT, Party.SRC, needs=MigrateFlags.AUTO_CONVERGE,
-              supported=False),
+        _spec(_P.AUTO_CONVERGE_INITIAL, _T.INT, Party.SRC, needs=MigrateFlags.AUTO_CONVERGE),
+        _spec(_P.AUTO_CONVERGE_INCREMENT, _T.INT, Party.SRC, needs=MigrateFlags.AUTO_CONVERGE),
         _spec(_P.PARALLEL_CONNECTIONS, _T.INT, Party.BOTH, needs=MigrateFlags.PARALLEL,
               supported=False),
         _spec(_P.TLS_DESTINATION, _T.STRING, Party.SRC, needs=MigrateFlags.TLS, supported=False),
+        _spec(_P.STALL_TIMEOUT, _T.ULLONG, Party.SRC),
+        _spec(_P.COMPLETION_TIMEOUT, _T.ULLONG, Party.SRC),
+        _spec(_P.COMPLETION_TIMEOUT_ACTION, _T.STRING, Party.SRC),
     )
 }
 

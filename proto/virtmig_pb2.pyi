@@ -18,6 +18,13 @@ class DomainState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DOMAIN_STATE_CRASHED: _ClassVar[DomainState]
     DOMAIN_STATE_PMSUSPENDED: _ClassVar[DomainState]
 
+class EventKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    EVENT_KIND_LIFECYCLE: _ClassVar[EventKind]
+    EVENT_KIND_MIGRATION_ITERATION: _ClassVar[EventKind]
+    EVENT_KIND_JOB_COMPLETED: _ClassVar[EventKind]
+    EVENT_KIND_JOB_FAILED: _ClassVar[EventKind]
+
 class JobType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     JOB_TYPE_NONE: _ClassVar[JobType]
@@ -34,6 +41,10 @@ DOMAIN_STATE_SHUTDOWN: DomainState
 DOMAIN_STATE_SHUTOFF: DomainState
 DOMAIN_STATE_CRASHED: DomainState
 DOMAIN_STATE_PMSUSPENDED: DomainState
+EVENT_KIND_LIFECYCLE: EventKind
+EVENT_KIND_MIGRATION_ITERATION: EventKind
+EVENT_KIND_JOB_COMPLETED: EventKind
+EVENT_KIND_JOB_FAILED: EventKind
 JOB_TYPE_NONE: JobType
 JOB_TYPE_BOUNDED: JobType
 JOB_TYPE_UNBOUNDED: JobType
@@ -208,6 +219,34 @@ class DomainStateReply(_message.Message):
 class Empty(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class EventsRequest(_message.Message):
+    __slots__ = ("domain",)
+    DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    domain: DomainRef
+    def __init__(self, domain: _Optional[_Union[DomainRef, _Mapping]] = ...) -> None: ...
+
+class Event(_message.Message):
+    __slots__ = ("kind", "domain_name", "domain_uuid", "event", "detail", "description", "iteration", "job", "timestamp_ms")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    DOMAIN_NAME_FIELD_NUMBER: _ClassVar[int]
+    DOMAIN_UUID_FIELD_NUMBER: _ClassVar[int]
+    EVENT_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    ITERATION_FIELD_NUMBER: _ClassVar[int]
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_MS_FIELD_NUMBER: _ClassVar[int]
+    kind: EventKind
+    domain_name: str
+    domain_uuid: str
+    event: int
+    detail: int
+    description: str
+    iteration: int
+    job: JobInfo
+    timestamp_ms: int
+    def __init__(self, kind: _Optional[_Union[EventKind, str]] = ..., domain_name: _Optional[str] = ..., domain_uuid: _Optional[str] = ..., event: _Optional[int] = ..., detail: _Optional[int] = ..., description: _Optional[str] = ..., iteration: _Optional[int] = ..., job: _Optional[_Union[JobInfo, _Mapping]] = ..., timestamp_ms: _Optional[int] = ...) -> None: ...
 
 class Begin3Request(_message.Message):
     __slots__ = ("domain", "xmlin", "flags", "dname", "resource")
@@ -390,7 +429,7 @@ class JobInfoRequest(_message.Message):
     def __init__(self, domain: _Optional[_Union[DomainRef, _Mapping]] = ..., completed: _Optional[bool] = ...) -> None: ...
 
 class JobInfo(_message.Message):
-    __slots__ = ("type", "operation", "time_elapsed_ms", "data_total", "data_processed", "data_remaining", "mem_total", "mem_processed", "mem_remaining", "stats", "phase", "error")
+    __slots__ = ("type", "operation", "time_elapsed_ms", "data_total", "data_processed", "data_remaining", "mem_total", "mem_processed", "mem_remaining", "stats", "phase", "error", "abort_requested")
     TYPE_FIELD_NUMBER: _ClassVar[int]
     OPERATION_FIELD_NUMBER: _ClassVar[int]
     TIME_ELAPSED_MS_FIELD_NUMBER: _ClassVar[int]
@@ -403,6 +442,7 @@ class JobInfo(_message.Message):
     STATS_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    ABORT_REQUESTED_FIELD_NUMBER: _ClassVar[int]
     type: JobType
     operation: int
     time_elapsed_ms: int
@@ -415,4 +455,43 @@ class JobInfo(_message.Message):
     stats: _containers.RepeatedCompositeFieldContainer[TypedParam]
     phase: str
     error: str
-    def __init__(self, type: _Optional[_Union[JobType, str]] = ..., operation: _Optional[int] = ..., time_elapsed_ms: _Optional[int] = ..., data_total: _Optional[int] = ..., data_processed: _Optional[int] = ..., data_remaining: _Optional[int] = ..., mem_total: _Optional[int] = ..., mem_processed: _Optional[int] = ..., mem_remaining: _Optional[int] = ..., stats: _Optional[_Iterable[_Union[TypedParam, _Mapping]]] = ..., phase: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
+    abort_requested: bool
+    def __init__(self, type: _Optional[_Union[JobType, str]] = ..., operation: _Optional[int] = ..., time_elapsed_ms: _Optional[int] = ..., data_total: _Optional[int] = ..., data_processed: _Optional[int] = ..., data_remaining: _Optional[int] = ..., mem_total: _Optional[int] = ..., mem_processed: _Optional[int] = ..., mem_remaining: _Optional[int] = ..., stats: _Optional[_Iterable[_Union[TypedParam, _Mapping]]] = ..., phase: _Optional[str] = ..., error: _Optional[str] = ..., abort_requested: _Optional[bool] = ...) -> None: ...
+
+class AbortJobRequest(_message.Message):
+    __slots__ = ("domain", "flags")
+    DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    FLAGS_FIELD_NUMBER: _ClassVar[int]
+    domain: DomainRef
+    flags: int
+    def __init__(self, domain: _Optional[_Union[DomainRef, _Mapping]] = ..., flags: _Optional[int] = ...) -> None: ...
+
+class DowntimeRequest(_message.Message):
+    __slots__ = ("domain", "downtime_ms")
+    DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    DOWNTIME_MS_FIELD_NUMBER: _ClassVar[int]
+    domain: DomainRef
+    downtime_ms: int
+    def __init__(self, domain: _Optional[_Union[DomainRef, _Mapping]] = ..., downtime_ms: _Optional[int] = ...) -> None: ...
+
+class DowntimeReply(_message.Message):
+    __slots__ = ("downtime_ms",)
+    DOWNTIME_MS_FIELD_NUMBER: _ClassVar[int]
+    downtime_ms: int
+    def __init__(self, downtime_ms: _Optional[int] = ...) -> None: ...
+
+class SpeedRequest(_message.Message):
+    __slots__ = ("domain", "bandwidth_mib", "flags")
+    DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    BANDWIDTH_MIB_FIELD_NUMBER: _ClassVar[int]
+    FLAGS_FIELD_NUMBER: _ClassVar[int]
+    domain: DomainRef
+    bandwidth_mib: int
+    flags: int
+    def __init__(self, domain: _Optional[_Union[DomainRef, _Mapping]] = ..., bandwidth_mib: _Optional[int] = ..., flags: _Optional[int] = ...) -> None: ...
+
+class SpeedReply(_message.Message):
+    __slots__ = ("bandwidth_mib",)
+    BANDWIDTH_MIB_FIELD_NUMBER: _ClassVar[int]
+    bandwidth_mib: int
+    def __init__(self, bandwidth_mib: _Optional[int] = ...) -> None: ...

@@ -204,6 +204,11 @@ class DomainsStub:
                 request_serializer=virtmig_dot_proto_dot_virtmig__pb2.DomainRequest.SerializeToString,
                 response_deserializer=virtmig_dot_proto_dot_virtmig__pb2.DomainStateReply.FromString,
                 _registered_method=True)
+        self.Events = channel.unary_stream(
+                '/virtmig.v1.Domains/Events',
+                request_serializer=virtmig_dot_proto_dot_virtmig__pb2.EventsRequest.SerializeToString,
+                response_deserializer=virtmig_dot_proto_dot_virtmig__pb2.Event.FromString,
+                _registered_method=True)
 
 
 class DomainsServicer:
@@ -275,6 +280,12 @@ class DomainsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Events(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DomainsServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -332,6 +343,11 @@ def add_DomainsServicer_to_server(servicer, server):
                     servicer.GetState,
                     request_deserializer=virtmig_dot_proto_dot_virtmig__pb2.DomainRequest.FromString,
                     response_serializer=virtmig_dot_proto_dot_virtmig__pb2.DomainStateReply.SerializeToString,
+            ),
+            'Events': grpc.unary_stream_rpc_method_handler(
+                    servicer.Events,
+                    request_deserializer=virtmig_dot_proto_dot_virtmig__pb2.EventsRequest.FromString,
+                    response_serializer=virtmig_dot_proto_dot_virtmig__pb2.Event.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -641,6 +657,33 @@ class Domains:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def Events(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/virtmig.v1.Domains/Events',
+            virtmig_dot_proto_dot_virtmig__pb2.EventsRequest.SerializeToString,
+            virtmig_dot_proto_dot_virtmig__pb2.Event.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class MigrationStub:
     """Missing associated documentation comment in .proto file."""
@@ -655,6 +698,41 @@ class MigrationStub:
                 '/virtmig.v1.Migration/GetJobInfo',
                 request_serializer=virtmig_dot_proto_dot_virtmig__pb2.JobInfoRequest.SerializeToString,
                 response_deserializer=virtmig_dot_proto_dot_virtmig__pb2.JobInfo.FromString,
+                _registered_method=True)
+        self.WatchJob = channel.unary_stream(
+                '/virtmig.v1.Migration/WatchJob',
+                request_serializer=virtmig_dot_proto_dot_virtmig__pb2.JobInfoRequest.SerializeToString,
+                response_deserializer=virtmig_dot_proto_dot_virtmig__pb2.JobInfo.FromString,
+                _registered_method=True)
+        self.AbortJob = channel.unary_unary(
+                '/virtmig.v1.Migration/AbortJob',
+                request_serializer=virtmig_dot_proto_dot_virtmig__pb2.AbortJobRequest.SerializeToString,
+                response_deserializer=virtmig_dot_proto_dot_virtmig__pb2.Empty.FromString,
+                _registered_method=True)
+        self.SetMaxDowntime = channel.unary_unary(
+                '/virtmig.v1.Migration/SetMaxDowntime',
+                request_serializer=virtmig_dot_proto_dot_virtmig__pb2.DowntimeRequest.SerializeToString,
+                response_deserializer=virtmig_dot_proto_dot_virtmig__pb2.Empty.FromString,
+                _registered_method=True)
+        self.GetMaxDowntime = channel.unary_unary(
+                '/virtmig.v1.Migration/GetMaxDowntime',
+                request_serializer=virtmig_dot_proto_dot_virtmig__pb2.DomainRequest.SerializeToString,
+                response_deserializer=virtmig_dot_proto_dot_virtmig__pb2.DowntimeReply.FromString,
+                _registered_method=True)
+        self.SetMaxSpeed = channel.unary_unary(
+                '/virtmig.v1.Migration/SetMaxSpeed',
+                request_serializer=virtmig_dot_proto_dot_virtmig__pb2.SpeedRequest.SerializeToString,
+                response_deserializer=virtmig_dot_proto_dot_virtmig__pb2.Empty.FromString,
+                _registered_method=True)
+        self.GetMaxSpeed = channel.unary_unary(
+                '/virtmig.v1.Migration/GetMaxSpeed',
+                request_serializer=virtmig_dot_proto_dot_virtmig__pb2.SpeedRequest.SerializeToString,
+                response_deserializer=virtmig_dot_proto_dot_virtmig__pb2.SpeedReply.FromString,
+                _registered_method=True)
+        self.StartPostCopy = channel.unary_unary(
+                '/virtmig.v1.Migration/StartPostCopy',
+                request_serializer=virtmig_dot_proto_dot_virtmig__pb2.DomainRequest.SerializeToString,
+                response_deserializer=virtmig_dot_proto_dot_virtmig__pb2.Empty.FromString,
                 _registered_method=True)
         self.Begin3 = channel.unary_unary(
                 '/virtmig.v1.Migration/Begin3',
@@ -712,6 +790,49 @@ class MigrationServicer:
     """Missing associated documentation comment in .proto file."""
 
     def GetJobInfo(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchJob(self, request, context):
+        """Pushes the job's info whenever it changes, then the completed (or failed) record, then ends.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AbortJob(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetMaxDowntime(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetMaxDowntime(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetMaxSpeed(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetMaxSpeed(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StartPostCopy(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -784,6 +905,41 @@ def add_MigrationServicer_to_server(servicer, server):
                     servicer.GetJobInfo,
                     request_deserializer=virtmig_dot_proto_dot_virtmig__pb2.JobInfoRequest.FromString,
                     response_serializer=virtmig_dot_proto_dot_virtmig__pb2.JobInfo.SerializeToString,
+            ),
+            'WatchJob': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchJob,
+                    request_deserializer=virtmig_dot_proto_dot_virtmig__pb2.JobInfoRequest.FromString,
+                    response_serializer=virtmig_dot_proto_dot_virtmig__pb2.JobInfo.SerializeToString,
+            ),
+            'AbortJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.AbortJob,
+                    request_deserializer=virtmig_dot_proto_dot_virtmig__pb2.AbortJobRequest.FromString,
+                    response_serializer=virtmig_dot_proto_dot_virtmig__pb2.Empty.SerializeToString,
+            ),
+            'SetMaxDowntime': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetMaxDowntime,
+                    request_deserializer=virtmig_dot_proto_dot_virtmig__pb2.DowntimeRequest.FromString,
+                    response_serializer=virtmig_dot_proto_dot_virtmig__pb2.Empty.SerializeToString,
+            ),
+            'GetMaxDowntime': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetMaxDowntime,
+                    request_deserializer=virtmig_dot_proto_dot_virtmig__pb2.DomainRequest.FromString,
+                    response_serializer=virtmig_dot_proto_dot_virtmig__pb2.DowntimeReply.SerializeToString,
+            ),
+            'SetMaxSpeed': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetMaxSpeed,
+                    request_deserializer=virtmig_dot_proto_dot_virtmig__pb2.SpeedRequest.FromString,
+                    response_serializer=virtmig_dot_proto_dot_virtmig__pb2.Empty.SerializeToString,
+            ),
+            'GetMaxSpeed': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetMaxSpeed,
+                    request_deserializer=virtmig_dot_proto_dot_virtmig__pb2.SpeedRequest.FromString,
+                    response_serializer=virtmig_dot_proto_dot_virtmig__pb2.SpeedReply.SerializeToString,
+            ),
+            'StartPostCopy': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartPostCopy,
+                    request_deserializer=virtmig_dot_proto_dot_virtmig__pb2.DomainRequest.FromString,
+                    response_serializer=virtmig_dot_proto_dot_virtmig__pb2.Empty.SerializeToString,
             ),
             'Begin3': grpc.unary_unary_rpc_method_handler(
                     servicer.Begin3,
@@ -863,6 +1019,195 @@ class Migration:
             '/virtmig.v1.Migration/GetJobInfo',
             virtmig_dot_proto_dot_virtmig__pb2.JobInfoRequest.SerializeToString,
             virtmig_dot_proto_dot_virtmig__pb2.JobInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/virtmig.v1.Migration/WatchJob',
+            virtmig_dot_proto_dot_virtmig__pb2.JobInfoRequest.SerializeToString,
+            virtmig_dot_proto_dot_virtmig__pb2.JobInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AbortJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/virtmig.v1.Migration/AbortJob',
+            virtmig_dot_proto_dot_virtmig__pb2.AbortJobRequest.SerializeToString,
+            virtmig_dot_proto_dot_virtmig__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetMaxDowntime(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/virtmig.v1.Migration/SetMaxDowntime',
+            virtmig_dot_proto_dot_virtmig__pb2.DowntimeRequest.SerializeToString,
+            virtmig_dot_proto_dot_virtmig__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetMaxDowntime(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/virtmig.v1.Migration/GetMaxDowntime',
+            virtmig_dot_proto_dot_virtmig__pb2.DomainRequest.SerializeToString,
+            virtmig_dot_proto_dot_virtmig__pb2.DowntimeReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetMaxSpeed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/virtmig.v1.Migration/SetMaxSpeed',
+            virtmig_dot_proto_dot_virtmig__pb2.SpeedRequest.SerializeToString,
+            virtmig_dot_proto_dot_virtmig__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetMaxSpeed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/virtmig.v1.Migration/GetMaxSpeed',
+            virtmig_dot_proto_dot_virtmig__pb2.SpeedRequest.SerializeToString,
+            virtmig_dot_proto_dot_virtmig__pb2.SpeedReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartPostCopy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/virtmig.v1.Migration/StartPostCopy',
+            virtmig_dot_proto_dot_virtmig__pb2.DomainRequest.SerializeToString,
+            virtmig_dot_proto_dot_virtmig__pb2.Empty.FromString,
             options,
             channel_credentials,
             insecure,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 
 import pytest
@@ -38,6 +39,9 @@ class Script:
 
 
 class Src:
+    async def wait_abort(self, dom: str) -> None:
+        await asyncio.Event().wait()
+
     def __init__(self, s: Script) -> None:
         self.s = s
 
@@ -61,6 +65,9 @@ class Src:
 
 
 class Dst:
+    async def finished(self, dname: str) -> bool:
+        return False
+
     def __init__(self, s: Script) -> None:
         self.s = s
 

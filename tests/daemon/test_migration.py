@@ -255,7 +255,7 @@ async def test_non_params_rpcs_when_a_daemon_lacks_params(
         (F.LIVE | F.TUNNELLED, {}, InvalidArgument, "without using peer2peer"),
         (F.OFFLINE, {}, OperationInvalid, "persistent flag set"),
         (F.LIVE | F.NON_SHARED_DISK | F.NON_SHARED_INC, {}, InvalidArgument, "mutually"),
-        (F.LIVE | F.POSTCOPY, {}, ArgumentUnsupported, "VIR_MIGRATE_POSTCOPY"),
+        (F.LIVE | F.COMPRESSED, {}, ArgumentUnsupported, "VIR_MIGRATE_COMPRESSED"),
         (F.POSTCOPY, {}, ArgumentUnsupported, "non-live"),
         (F.LIVE | (1 << 40), {}, InvalidArgument, "unsupported flags"),
         (F.LIVE, {P.GRAPHICS_URI: "spice://x"}, ArgumentUnsupported, "graphics_uri"),

@@ -120,6 +120,9 @@ def test_table_has_every_libvirt_param_with_its_type() -> None:
         "compression.zlib.level": "int", "compression.zstd.level": "int",
         "auto_converge.initial": "int", "auto_converge.increment": "int",
         "parallel.connections": "int", "tls.destination": "string",
+        # virtmig's own
+        "virtmig.stall_timeout": "ullong", "virtmig.completion_timeout": "ullong",
+        "virtmig.completion_timeout_action": "string",
     }
     assert {n: s.type.value for n, s in MIGRATION_PARAMS.items()} == expected
     assert {n for n, s in MIGRATION_PARAMS.items() if s.multiple} == {"migrate_disks",

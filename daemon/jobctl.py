@@ -1,0 +1,345 @@
+"""Job control: what a running migration job shows and how it is steered and stopped.
+
+* job info and libvirt's job stats, live or of the last completed job;
+* ``watch``: the job's info each time it changes, then its completed record;
+* ``abort`` (libvirt's AbortJob), max downtime and max speed (also between migrations), the
+  switch to post-copy;
+* ``src_watch``: the background task that follows an outgoing stream while Perform waits: it
+  publishes progress and MIGRATION_ITERATION events, runs virtmig's stall watchdog and completion
+  timeout, and reports through the job (it never raises into Perform).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from virtmig.daemon.backend.base import BackendError, MigrationProgress, MigrationStatus
+from virtmig.daemon.core import Daemon
+from virtmig.daemon.job import AsyncJob, JobRecord, MigrationJob, Phase
+from virtmig.daemon.registry import DomainObj
+from virtmig.proto import virtmig_pb2 as pb
+from virtmig.proto.errors import (
+    InvalidArgument,
+    OperationFailed,
+    OperationInvalid,
+    OperationUnsupported,
+    ResourceExhausted,
+)
+from virtmig.proto.flags import DomainState, JobType, MigrateFlags, PausedReason
+from virtmig.proto.params import MigrateParam, ParamType, TypedParam, TypedParams, to_wire
+
+log = logging.getLogger(__name__)
+
+ABORT_JOB_POSTCOPY = 2  # VIR_DOMAIN_ABORT_JOB_POSTCOPY
+MAX_SPEED_POSTCOPY = 1  # VIR_DOMAIN_MIGRATE_MAX_SPEED_POSTCOPY
+MAX_BANDWIDTH_MIB = (2**63 - 1) // (1024 * 1024)  # libvirt's QEMU_DOMAIN_MIG_BANDWIDTH_MAX
+WATCH_INTERVAL_S = 0.1
+_RUNNING = (MigrationStatus.SETUP, MigrationStatus.ACTIVE, MigrationStatus.POSTCOPY_ACTIVE)
+
+# --- info ----------------------------------------------------------------------------------------
+
+
+def job_stats(
+    progress: MigrationProgress, elapsed_ms: int, completed: bool, error: str = ""
+) -> list[TypedParam]:
+    """libvirt's job stats names for what the backend reports."""
+    u = ParamType.ULLONG
+    items = [
+        TypedParam("time_elapsed", u, elapsed_ms),
+        TypedParam("data_total", u, progress.total_bytes),
+        TypedParam("data_processed", u, progress.processed_bytes),
+        TypedParam("data_remaining", u, progress.remaining_bytes),
+        TypedParam("memory_total", u, progress.total_bytes),
+        TypedParam("memory_processed", u, progress.processed_bytes),
+        TypedParam("memory_remaining", u, progress.remaining_bytes),
+        TypedParam("memory_bps", u, progress.bandwidth_bytes_per_s),
+        TypedParam("memory_dirty_rate", u, progress.dirty_rate_pages_per_s),
+        TypedParam("memory_iteration", u, progress.iteration),
+        TypedParam("memory_page_size", u, progress.page_size),
+        TypedParam("memory_normal", u, progress.normal_pages),
+        TypedParam("memory_normal_bytes", u, progress.normal_pages * progress.page_size),
+        TypedParam("memory_postcopy_requests", u, progress.postcopy_requests),
+        TypedParam("setup_time", u, progress.setup_time_ms),
+        TypedParam("auto_converge_throttle", ParamType.INT, progress.throttle_percent),
+        TypedParam("downtime", u,
+                   progress.downtime_ms if completed else progress.expected_downtime_ms),
+    ]
+    if error:
+        items.append(TypedParam("errmsg", ParamType.STRING, error))
+    return items
+
+
+def _info(jtype: JobType, operation: int, elapsed: int, progress: MigrationProgress, *,
+          completed: bool, error: str = "", phase: str = "") -> pb.JobInfo:
+    return pb.JobInfo(
+        type=int(jtype),  # type: ignore[arg-type]
+        operation=operation,
+        time_elapsed_ms=elapsed,
+        data_total=progress.total_bytes,
+        data_processed=progress.processed_bytes,
+        data_remaining=progress.remaining_bytes,
+        mem_total=progress.total_bytes,
+        mem_processed=progress.processed_bytes,
+        mem_remaining=progress.remaining_bytes,
+        stats=to_wire(job_stats(progress, elapsed, completed, error)),
+        phase=phase,
+        error=error,
+    )
+
+
+def record_info(rec: JobRecord) -> pb.JobInfo:
+    return _info(rec.type, int(rec.operation), rec.time_elapsed_ms, rec.progress,
+                 completed=True, error=rec.error)
+
+
+def live_progress(daemon: Daemon, dom: DomainObj, job: MigrationJob) -> MigrationProgress:
+    if job.kind is AsyncJob.MIGRATION_OUT and job.phase is Phase.PERFORM3:
+        live = daemon.backend.progress(dom.uuid)
+        if live.status in _RUNNING:
+            return live
+    return job.progress
+
+
+def job_info(daemon: Daemon, dom: DomainObj, *, completed: bool = False) -> pb.JobInfo:
+    if completed:
+        rec = dom.completed
+        return record_info(rec) if rec is not None else pb.JobInfo(type=pb.JOB_TYPE_NONE)
+    job = dom.job
+    if job is None:
+        return pb.JobInfo(type=pb.JOB_TYPE_NONE)
+    info = _info(JobType.UNBOUNDED, int(job.kind.operation), job.elapsed_ms(),
+                 live_progress(daemon, dom, job), completed=False, phase=job.phase.label)
+    info.abort_requested = job.abort_requested
+    return info
+
+
+async def watch(daemon: Daemon, dom: DomainObj) -> AsyncIterator[pb.JobInfo]:
+    """The current job's info whenever it changes; its completed record when it ends."""
+    job = dom.job
+    if job is None:
+        yield job_info(daemon, dom)
+        return
+    last: pb.JobInfo | None = None
+    while dom.job is job:
+        info = job_info(daemon, dom)
+        info.time_elapsed_ms = 0  # compare without the clock
+        if info != last:
+            last = pb.JobInfo()
+            last.CopyFrom(info)
+            info.time_elapsed_ms = job.elapsed_ms()
+            yield info
+        async with dom.job_changed:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(dom.job_changed.wait(), 1.0)
+    if dom.completed is not None:
+        yield record_info(dom.completed)
+
+
+def job_event(dom: DomainObj, rec: JobRecord) -> pb.Event:
+    kind = pb.EVENT_KIND_JOB_COMPLETED if rec.type is JobType.COMPLETED else \
+        pb.EVENT_KIND_JOB_FAILED
+    return pb.Event(kind=kind, domain_name=dom.name, domain_uuid=dom.uuid, job=record_info(rec))
+
+
+# --- steering ------------------------------------------------------------------------------------
+
+
+def _outgoing(dom: DomainObj) -> MigrationJob | None:
+    job = dom.job
+    return job if job is not None and job.kind is AsyncJob.MIGRATION_OUT else None
+
+
+async def abort(daemon: Daemon, dom: DomainObj, flags: int) -> None:
+    """libvirt's AbortJob; the phase that runs (or the next one) rolls back and reports it."""
+    job = dom.job
+    if job is None:
+        raise OperationInvalid("Requested operation is not valid: no job is active on the domain")
+    if job.kind is AsyncJob.MIGRATION_IN:
+        raise OperationInvalid("Requested operation is not valid: cannot abort incoming "
+                               "migration; use virDomainDestroy instead")
+    if job.postcopy:
+        if not flags & ABORT_JOB_POSTCOPY:
+            raise OperationInvalid(
+                "Requested operation is not valid: cannot abort migration in post-copy mode")
+        raise OperationUnsupported("Operation not supported: aborting a post-copy migration "
+                                   "is not supported by this host")
+    if flags & ABORT_JOB_POSTCOPY:
+        raise OperationInvalid("Requested operation is not valid: current job is not "
+                               "outgoing migration in post-copy mode")
+    if job.abort_requested:
+        raise OperationInvalid(
+            "Requested operation is not valid: abort of job 'migration out' already requested")
+    if job.phase in (Phase.CONFIRM3, Phase.CONFIRM3_CANCELLED):
+        raise OperationInvalid(
+            "Requested operation is not valid: migration job is already being confirmed")
+    job.request_abort()
+    log.info("abort requested for migration of %s in phase %s", dom.name, job.phase.label)
+    if job.phase is Phase.PERFORM3:
+        with contextlib.suppress(BackendError):
+            await daemon.backend.cancel(dom.uuid)
+    await daemon.registry.job_changed(dom)
+
+
+def _require_active(dom: DomainObj) -> None:
+    if not dom.active:
+        raise OperationInvalid("Requested operation is not valid: domain is not running")
+
+
+async def set_max_downtime(daemon: Daemon, dom: DomainObj, downtime_ms: int) -> None:
+    _require_active(dom)
+    if downtime_ms < 1:
+        raise InvalidArgument("invalid argument: migrate-setmaxdowntime: Invalid downtime")
+    dom.max_downtime_ms = downtime_ms
+    job = _outgoing(dom)
+    if job is not None and job.phase is Phase.PERFORM3:
+        with contextlib.suppress(BackendError):
+            await daemon.backend.set_tuning(dom.uuid, max_downtime_ms=downtime_ms)
+
+
+def get_max_downtime(daemon: Daemon, dom: DomainObj) -> int:
+    _require_active(dom)
+    return dom.max_downtime_ms or daemon.config.default_max_downtime_ms
+
+
+async def set_max_speed(daemon: Daemon, dom: DomainObj, mib: int, flags: int) -> None:
+    if mib > MAX_BANDWIDTH_MIB:
+        raise InvalidArgument(f"invalid argument: bandwidth must be less than "
+                              f"{MAX_BANDWIDTH_MIB + 1}")
+    if flags & MAX_SPEED_POSTCOPY:
+        _require_active(dom)
+        dom.max_speed_postcopy_mib = mib
+        return
+    dom.max_speed_mib = mib
+    job = _outgoing(dom)
+    if job is not None and job.phase is Phase.PERFORM3:
+        with contextlib.suppress(BackendError):
+            await daemon.backend.set_tuning(dom.uuid, bandwidth_bytes_per_s=mib * 1024 * 1024)
+
+
+def get_max_speed(dom: DomainObj, flags: int) -> int:
+    if flags & MAX_SPEED_POSTCOPY:
+        return dom.max_speed_postcopy_mib
+    return dom.max_speed_mib
+
+
+async def start_postcopy(daemon: Daemon, dom: DomainObj) -> None:
+    _require_active(dom)
+    job = _outgoing(dom)
+    if job is None or job.phase is not Phase.PERFORM3:
+        raise OperationInvalid("Requested operation is not valid: post-copy can only be started "
+                               "while outgoing migration is in progress")
+    if not job.flags & MigrateFlags.POSTCOPY:
+        raise OperationInvalid("Requested operation is not valid: switching to post-copy "
+                               "requires migration to be started with VIR_MIGRATE_POSTCOPY flag")
+    try:
+        await daemon.backend.start_postcopy(dom.uuid)
+    except BackendError as exc:
+        raise OperationFailed(f"operation failed: cannot switch to post-copy: {exc}") from exc
+
+
+def check_limit(daemon: Daemon, kind: AsyncJob) -> None:
+    """virtmig's per-daemon limits on concurrent migrations."""
+    if kind is AsyncJob.MIGRATION_OUT:
+        limit, key, what = (daemon.config.max_outgoing_migrations, "max_outgoing_migrations",
+                            "outgoing")
+    else:
+        limit, key, what = (daemon.config.max_incoming_migrations, "max_incoming_migrations",
+                            "incoming")
+    if not limit:
+        return
+    running = sum(1 for d in daemon.registry if d.job is not None and d.job.kind is kind)
+    if running >= limit:
+        raise ResourceExhausted(
+            f"too many {what} migrations: {running} running, the limit {key} is {limit}")
+
+
+# --- following an outgoing stream ----------------------------------------------------------------
+
+
+async def src_watch(daemon: Daemon, dom: DomainObj, job: MigrationJob) -> None:
+    """Runs while Perform waits for the backend; reports through the job, never raises."""
+    try:
+        await _src_watch(daemon, dom, job)
+    except asyncio.CancelledError:
+        raise
+    except Exception:  # pragma: no cover - a bug here must not break the migration
+        log.exception("job watcher of %s failed", dom.name)
+
+
+async def _src_watch(daemon: Daemon, dom: DomainObj, job: MigrationJob) -> None:
+    params = job.params
+    stall = float(params.get_int(MigrateParam.STALL_TIMEOUT) or daemon.config.stall_timeout_s)
+    per_gib = float(params.get_int(MigrateParam.COMPLETION_TIMEOUT)
+                    or daemon.config.completion_timeout_per_gib_s)
+    action = (params.get_str(MigrateParam.COMPLETION_TIMEOUT_ACTION)
+              or daemon.config.completion_timeout_action)
+    memory_gib = dom.definition.memory_kib / (1024 * 1024)
+    deadline = time.monotonic() + per_gib * max(memory_gib, 1 / 1024) if per_gib else None
+    last_processed, last_change, last_iteration = -1, time.monotonic(), 0
+    timed_out = False
+    while True:
+        await asyncio.sleep(WATCH_INTERVAL_S)
+        p = daemon.backend.progress(dom.uuid)
+        if p.status not in _RUNNING:
+            continue
+        job.progress = p
+        await daemon.registry.job_changed(dom)
+        if p.iteration != last_iteration:
+            last_iteration = p.iteration
+            daemon.events.publish(pb.Event(kind=pb.EVENT_KIND_MIGRATION_ITERATION,
+                                           domain_name=dom.name, domain_uuid=dom.uuid,
+                                           iteration=p.iteration))
+        now = time.monotonic()
+        if p.processed_bytes != last_processed or p.status is MigrationStatus.POSTCOPY_ACTIVE:
+            last_processed, last_change = p.processed_bytes, now
+        elif stall and now - last_change >= stall:
+            await _fail(daemon, dom, job,
+                        f"migration stalled: no progress for {now - last_change:.0f} s with "
+                        f"{p.remaining_bytes} bytes remaining")
+            return
+        if deadline is not None and not timed_out and now >= deadline:
+            timed_out = True
+            limit = per_gib * max(memory_gib, 1 / 1024)
+            await _completion_timeout(daemon, dom, job, action, limit)
+
+
+async def _fail(daemon: Daemon, dom: DomainObj, job: MigrationJob, reason: str) -> None:
+    log.warning("migration of %s: %s", dom.name, reason)
+    job.fail_reason = reason
+    with contextlib.suppress(BackendError):
+        await daemon.backend.cancel(dom.uuid)
+
+
+async def _completion_timeout(daemon: Daemon, dom: DomainObj, job: MigrationJob, action: str,
+                              limit: float) -> None:
+    log.warning("migration of %s did not complete within %.0f s: %s", dom.name, limit, action)
+    if action == "suspend":
+        async with daemon.registry.state_change(dom, "completion timeout",
+                                                allowed_during=frozenset(AsyncJob)):
+            if dom.state is DomainState.RUNNING:
+                await daemon.backend.pause(dom.uuid)
+                daemon.set_state(dom, DomainState.PAUSED, PausedReason.MIGRATION)
+        return
+    if action == "postcopy" and job.flags & MigrateFlags.POSTCOPY:
+        try:
+            await daemon.backend.start_postcopy(dom.uuid)
+            return
+        except BackendError as exc:
+            log.warning("cannot switch %s to post-copy: %s", dom.name, exc)
+    await _fail(daemon, dom, job, f"migration did not complete within {limit:.0f} s "
+                                  "(completion timeout)")
+
+
+COMPLETION_ACTIONS = ("abort", "suspend", "postcopy")
+
+
+def check_timeout_params(params: TypedParams) -> None:
+    action = params.get_str(MigrateParam.COMPLETION_TIMEOUT_ACTION)
+    if action is not None and action not in COMPLETION_ACTIONS:
+        raise InvalidArgument(
+            f"invalid argument: completion timeout action '{action}': expected one of "
+            f"{', '.join(COMPLETION_ACTIONS)}")
