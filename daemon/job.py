@@ -96,6 +96,8 @@ class MigrationJob:
     abort_requested: bool = False
     # True while a phase RPC is running on this job (it owns ending the job on failure).
     busy: bool = False
+    # Perform started streaming: the guest was touched (a rollback resumes it as "canceled").
+    streamed: bool = False
     # Switched to post-copy: nothing can be rolled back any more.
     postcopy: bool = False
     # Why the daemon itself cancelled the stream (stall watchdog, completion timeout).

@@ -222,6 +222,7 @@ async def set_max_speed(daemon: Daemon, dom: DomainObj, mib: int, flags: int) ->
 
 def get_max_speed(dom: DomainObj, flags: int) -> int:
     if flags & MAX_SPEED_POSTCOPY:
+        _require_active(dom)
         return dom.max_speed_postcopy_mib
     return dom.max_speed_mib
 

@@ -57,6 +57,7 @@ from virtmig.proto.errors import (
     OperationAborted,
     OperationFailed,
     OperationInvalid,
+    OperationTimeout,
     VirtmigError,
 )
 from virtmig.proto.flags import (
@@ -387,6 +388,7 @@ async def src_perform(
             dest = src_parse_uri(params.get_str(P.URI))
             persistent = _src_persistent_xml(dom, params) if f & F.PERSIST_DEST else None
             job.set_phase(Phase.PERFORM3)
+            job.streamed = True
             job.flags = f
             job.params = params.copy()
             daemon.registry.save_status(dom)
@@ -476,8 +478,8 @@ async def _stop(task: asyncio.Task[None]) -> None:
 def _perform_error(job: MigrationJob, exc: BaseException) -> VirtmigError:
     if isinstance(exc, MigrationCancelled):
         if job.fail_reason:
-            return OperationFailed(
-                f"operation failed: job 'migration out' failed: {job.fail_reason}")
+            return OperationTimeout(
+                f"Timed out during operation: job 'migration out' failed: {job.fail_reason}")
         return OperationAborted("operation aborted: job 'migration out' canceled by client")
     if isinstance(exc, VirtmigError):
         return exc
@@ -517,7 +519,7 @@ async def src_restore(daemon: Daemon, dom: DomainObj, job: MigrationJob) -> None
             log.error("cannot resume %s after failed migration: %s", dom.name, exc)
             daemon.set_state(dom, DomainState.PAUSED, PausedReason.API_ERROR)
             return
-    if job.phase >= Phase.PERFORM3:
+    if job.streamed:
         daemon.set_state(dom, DomainState.RUNNING, RunningReason.MIGRATION_CANCELED)
 
 
