@@ -80,7 +80,8 @@ def main() -> int:
             virtmig(src, "define", str(xml))
             virtmig(src, "start", "demo-vm")
             virtmig(src, "list", "--all")
-            virtmig(src, "migrate", "--live", "--verbose", "demo-vm", dst)
+            # 200 MiB/s keeps the transfer visible for a moment in the progress line
+            virtmig(src, "migrate", "--live", "--verbose", "--bandwidth", "200", "demo-vm", dst)
             print("--- host-a", flush=True)
             virtmig(src, "list", "--all")
             virtmig(src, "domstate", "--reason", "demo-vm")
