@@ -25,6 +25,16 @@ from virtmig.proto.uri import ConnectURI, parse_uri
 T = TypeVar("T")
 
 SESSION_METADATA_KEY = "virtmig-session"
+
+# Keepalive pings find a daemon that vanished without closing the connection (a partition):
+# the session then ends, and a peer-to-peer source fails the migration (libvirt's keepalive,
+# 5 s interval).  The daemon accepts pings this often (see virtmig.daemon.main).
+CHANNEL_OPTIONS = [
+    ("grpc.keepalive_time_ms", 5_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
 _EOF: object = grpc.aio.EOF  # type: ignore[attr-defined]  # grpc-stubs lacks it
 
 
@@ -142,13 +152,15 @@ class AsyncConnection:
         self._session = ""
         self._session_call: Any = None
         self._session_task: asyncio.Task[None] | None = None
+        # Set when the session stream ends for any reason other than close().
+        self.session_lost = asyncio.Event()
 
     @classmethod
     async def open(
         cls, uri: str | None = None, *, connect_timeout: float = 10.0
     ) -> AsyncConnection:
         parsed = parse_uri(uri)
-        channel = grpc.aio.insecure_channel(parsed.grpc_target)
+        channel = grpc.aio.insecure_channel(parsed.grpc_target, options=CHANNEL_OPTIONS)
         conn = cls(parsed, channel)
         try:
             await conn.host(refresh=True, timeout=connect_timeout)
@@ -201,10 +213,15 @@ class AsyncConnection:
         return self._session
 
     async def _drain(self, call: Any) -> None:
-        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.CancelledError):
-            while await call.read() is not _EOF:
-                pass
+        try:
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                while await call.read() is not _EOF:
+                    pass
+        except asyncio.CancelledError:
+            self._session = ""
+            raise
         self._session = ""
+        self.session_lost.set()
 
     # --- host -----------------------------------------------------------------------------------
 

@@ -22,7 +22,7 @@ from virtmig.proto.params import (
     TypedParams,
     to_wire,
 )
-from virtmig.proto.uri import parse_uri
+from virtmig.proto.uri import check_not_local
 
 if TYPE_CHECKING:
     from virtmig.client.connection import AsyncConnection, Domain, DomainKey
@@ -215,13 +215,36 @@ async def migrate_to_uri3(
     check_rules(f, params, Layer.CLIENT)
     check_param_types(params)
     features = (await conn.host()).features
-    if f & F.PEER2PEER:
-        if not dconnuri:
-            raise InvalidArgument("invalid argument: dconnuri in virDomainMigrateToURI3 "
-                                  "must not be NULL")
-        if Feature.P2P not in features:
-            raise ArgumentUnsupported("p2p migration is not supported by the source host")
-        if parse_uri(dconnuri).is_local():
-            raise InvalidArgument("invalid argument: Attempt to migrate guest to the same host")
+    if f & F.TUNNELLED and not f & F.PEER2PEER:
+        raise InvalidArgument(
+            "invalid argument: cannot perform tunnelled migration without using peer2peer flag"
+        )
+    if not f & F.PEER2PEER:
+        raise ArgumentUnsupported("direct migration is not supported by the source host")
+    if not dconnuri:
+        raise InvalidArgument("invalid argument: dconnuri in virDomainMigrateToURI3 must not "
+                              "be NULL")
+    if Feature.P2P not in features:
         raise ArgumentUnsupported("p2p migration is not supported by the source host")
-    raise ArgumentUnsupported("direct migration is not supported by the source host")
+    check_not_local(dconnuri)
+    use_params = Feature.MIGRATION_PARAMS in features
+    if not use_params and params.names() - NON_PARAMS_ALLOWED:
+        raise ArgumentUnsupported(
+            "Migration APIs with extensible parameters are not supported but extended "
+            "parameters were passed"
+        )
+    ref = await conn.ref(key)
+    stub = conn.migration_stub
+    if use_params:
+        await conn._call(stub.Perform3Params, pb.Perform3ParamsRequest(
+            domain=ref, dconnuri=dconnuri, params=to_wire(params), flags=int(f)))
+        return
+    req = pb.Perform3Request(domain=ref, dconnuri=dconnuri, flags=int(f),
+                             resource=params.get_int(P.BANDWIDTH))
+    if (x := params.get_str(P.DEST_XML)) is not None:
+        req.xmlin = x
+    if (u := params.get_str(P.URI)) is not None:
+        req.uri = u
+    if (n := params.get_str(P.DEST_NAME)) is not None:
+        req.dname = n
+    await conn._call(stub.Perform3, req)

@@ -2,7 +2,8 @@
 call order and failure handling (reference §1.7).  There is one copy of this logic: the client runs
 it in regular mode with two remote parties; peer-to-peer runs it inside the source daemon.
 
-Failure handling, regular mode::
+Failure handling, regular mode (peer-to-peer differs in one place: the source daemon always
+runs its own Confirm, so a failed Perform is followed by Finish(cancelled) and Confirm(cancelled))::
 
     Begin fails           → error; nothing else is called
     Prepare fails         → Confirm(cancelled) if change-protected; error
@@ -92,9 +93,14 @@ async def run_v3(
     flags: int,
     *,
     protection: bool,
+    p2p: bool = False,
     trace: Trace | None = None,
 ) -> str:
-    """Run one migration; return the domain's name on the destination, or raise the error."""
+    """Run one migration; return the domain's name on the destination, or raise the error.
+
+    ``p2p``: the source daemon runs this itself and always calls its own Confirm, also after a
+    failed Perform (libvirt's Peer2Peer3), where the client would not.
+    """
     t = trace if trace is not None else Trace()
     params = params.copy()
     protect = int(F.CHANGE_PROTECTION) if protection else 0
@@ -139,7 +145,8 @@ async def run_v3(
             cancelled = False
         except VirtmigError as exc:
             error = exc
-            notify_source = False  # Perform rolled the source back itself.
+            # Perform rolled the source back itself; in p2p the source confirms anyway.
+            notify_source = p2p
             cookie = b""
 
     fparams = params.copy()

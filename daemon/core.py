@@ -47,10 +47,9 @@ class DaemonConfig:
     # Concurrent migrations this daemon accepts (0: no limit).
     max_outgoing_migrations: int = 0
     max_incoming_migrations: int = 0
-    # P2P is advertised once peer-to-peer migration exists; until then ToURI3 refuses it.
     features: tuple[str, ...] = (
-        Feature.MIGRATION_PARAMS.value, Feature.V3.value, Feature.OFFLINE.value,
-        Feature.CHANGE_PROTECTION.value,
+        Feature.MIGRATION_PARAMS.value, Feature.V3.value, Feature.P2P.value,
+        Feature.OFFLINE.value, Feature.CHANGE_PROTECTION.value,
     )
 
 

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 
 from virtmig.daemon.backend.base import MigrationProgress
-from virtmig.proto.errors import InternalError
+from virtmig.proto.errors import InternalError, VirtmigError
 from virtmig.proto.flags import DomainState, JobOperation, JobType, MigrateFlags
 from virtmig.proto.params import TypedParams
 
@@ -100,8 +100,9 @@ class MigrationJob:
     streamed: bool = False
     # Switched to post-copy: nothing can be rolled back any more.
     postcopy: bool = False
-    # Why the daemon itself cancelled the stream (stall watchdog, completion timeout).
-    fail_reason: str = ""
+    # The error to report when the daemon itself cancelled the stream (stall watchdog,
+    # completion timeout, lost peer in peer-to-peer).
+    fail_error: VirtmigError | None = None
     # The session of the caller that started the job (Begin with CHANGE_PROTECTION, Prepare);
     # "" when the caller opened none.  When that session ends, the job is abandoned.
     owner: str = ""

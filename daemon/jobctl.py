@@ -26,6 +26,7 @@ from virtmig.proto.errors import (
     InvalidArgument,
     OperationFailed,
     OperationInvalid,
+    OperationTimeout,
     OperationUnsupported,
     ResourceExhausted,
 )
@@ -310,7 +311,15 @@ async def _src_watch(daemon: Daemon, dom: DomainObj, job: MigrationJob) -> None:
 
 async def _fail(daemon: Daemon, dom: DomainObj, job: MigrationJob, reason: str) -> None:
     log.warning("migration of %s: %s", dom.name, reason)
-    job.fail_reason = reason
+    await fail_job(daemon, dom, job, OperationTimeout(
+        f"Timed out during operation: job 'migration out' failed: {reason}"))
+
+
+async def fail_job(daemon: Daemon, dom: DomainObj, job: MigrationJob,
+                   error: OperationFailed | OperationTimeout) -> None:
+    """Stop a running outgoing stream for a reason of the daemon's; Perform reports ``error``."""
+    if job.fail_error is None:
+        job.fail_error = error
     with contextlib.suppress(BackendError):
         await daemon.backend.cancel(dom.uuid)
 

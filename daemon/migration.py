@@ -57,7 +57,6 @@ from virtmig.proto.errors import (
     OperationAborted,
     OperationFailed,
     OperationInvalid,
-    OperationTimeout,
     VirtmigError,
 )
 from virtmig.proto.flags import (
@@ -80,13 +79,7 @@ P = MigrateParam
 def any_check(flags: int, params: TypedParams, function: str) -> MigrateFlags:
     """Flags and params checks every phase runs before it changes anything."""
     validate_migration_params(params, flags)
-    f = check_migration(flags, params, function)
-    if f & (F.PEER2PEER | F.TUNNELLED):
-        raise ArgumentUnsupported(
-            "Requested operation is not supported: p2p migration is not supported by the "
-            "source host"
-        )
-    return f
+    return check_migration(flags, params, function)
 
 
 def any_cookie(daemon: Daemon, dom_name: str, uuid: str, **extra: object) -> bytes:
@@ -477,9 +470,8 @@ async def _stop(task: asyncio.Task[None]) -> None:
 
 def _perform_error(job: MigrationJob, exc: BaseException) -> VirtmigError:
     if isinstance(exc, MigrationCancelled):
-        if job.fail_reason:
-            return OperationTimeout(
-                f"Timed out during operation: job 'migration out' failed: {job.fail_reason}")
+        if job.fail_error is not None:
+            return job.fail_error
         return OperationAborted("operation aborted: job 'migration out' canceled by client")
     if isinstance(exc, VirtmigError):
         return exc
@@ -493,7 +485,7 @@ async def _src_perform_failed(
     log.info("migration of %s failed in perform: %s", dom.name, exc)
     await src_restore(daemon, dom, job)
     job.progress = daemon.backend.progress(dom.uuid)
-    cancelled = isinstance(exc, MigrationCancelled) and not job.fail_reason
+    cancelled = isinstance(exc, MigrationCancelled) and job.fail_error is None
     jtype = JobType.CANCELLED if cancelled else JobType.FAILED
     await daemon.registry.end_job(dom, job.record(jtype, str(_perform_error(job, exc))))
 

@@ -17,13 +17,14 @@ from typing import Any, TypeVar
 
 import grpc
 
-from virtmig.daemon import jobctl, lifecycle, migration
+from virtmig.daemon import jobctl, lifecycle, migration, p2p
 from virtmig.daemon.core import VERSION, Daemon
 from virtmig.daemon.domxml import format_domain_xml
 from virtmig.daemon.registry import DomainObj
 from virtmig.proto import virtmig_pb2 as pb
 from virtmig.proto import virtmig_pb2_grpc as pbg
 from virtmig.proto.errors import InvalidArgument, to_status
+from virtmig.proto.flags import MigrateFlags
 from virtmig.proto.params import (
     MigrateParam,
     TypedParams,
@@ -260,6 +261,7 @@ class DomainsService(pbg.DomainsServicer):
 class MigrationService(pbg.MigrationServicer):
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
+        self._p2p: set[asyncio.Task[None]] = set()
 
     def _dom(self, ref: pb.DomainRef) -> DomainObj:
         return resolve(self.daemon, ref)
@@ -319,21 +321,30 @@ class MigrationService(pbg.MigrationServicer):
     async def Perform3(self, request: pb.Perform3Request, context: Any) -> pb.Perform3Reply:
         params = legacy_params(xml=_opt(request, "xmlin"), dname=_opt(request, "dname"),
                                uri=_opt(request, "uri"), bandwidth=request.resource)
-        cookie = await migration.src_perform(
-            self.daemon, self._dom(request.domain), _opt(request, "dconnuri"), params,
-            request.cookie_in, request.flags,
-        )
-        return pb.Perform3Reply(cookie_out=cookie)
+        return await self._perform(request.domain, _opt(request, "dconnuri"), params,
+                                   request.cookie_in, request.flags)
 
     @rpc
     async def Perform3Params(
         self, request: pb.Perform3ParamsRequest, context: Any
     ) -> pb.Perform3Reply:
-        cookie = await migration.src_perform(
-            self.daemon, self._dom(request.domain), _opt(request, "dconnuri"),
-            from_wire(request.params), request.cookie_in, request.flags,
-        )
-        return pb.Perform3Reply(cookie_out=cookie)
+        return await self._perform(request.domain, _opt(request, "dconnuri"),
+                                   from_wire(request.params), request.cookie_in, request.flags)
+
+    async def _perform(self, ref: pb.DomainRef, dconnuri: str | None, params: TypedParams,
+                       cookie: bytes, flags: int) -> pb.Perform3Reply:
+        dom = self._dom(ref)
+        if not flags & (MigrateFlags.PEER2PEER | MigrateFlags.TUNNELLED):
+            return pb.Perform3Reply(cookie_out=await migration.src_perform(
+                self.daemon, dom, dconnuri, params, cookie, flags))
+        # Peer-to-peer: the whole migration runs here.  It goes on if the caller disconnects
+        # (as libvirt's does); the caller follows it through the source's job.
+        task = asyncio.get_running_loop().create_task(
+            p2p.src_perform_p2p(self.daemon, dom, dconnuri, params, cookie, flags))
+        self._p2p.add(task)
+        task.add_done_callback(self._p2p.discard)
+        await asyncio.shield(task)
+        return pb.Perform3Reply()
 
     # --- Finish ---------------------------------------------------------------------------------
 

@@ -56,16 +56,31 @@ class ConnectURI:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"virtmig+tcp://{host}:{self.port}"
 
-    def is_local(self) -> bool:
-        """libvirt's ``virDomainMigrateCheckNotLocal``: host-less or ``localhost*`` host."""
-        if self.transport == "unix":
-            return True
-        if self.host.startswith("localhost"):
+    def is_loopback(self) -> bool:
+        """Whether this names the local machine (unix socket, localhost, a loopback address)."""
+        if self.transport == "unix" or self.host.startswith("localhost"):
             return True
         try:
             return ipaddress.ip_address(self.host).is_loopback
         except ValueError:
             return False
+
+
+def check_not_local(uri: str) -> None:
+    """libvirt's ``virDomainMigrateCheckNotLocal`` for a peer-to-peer destination URI.
+
+    A host starting with ``localhost``, or a host-less URI that is not an explicit unix-socket
+    URI, names the source host itself.  (Addresses are not resolved: the cookie's host UUID
+    check catches the rest.)
+    """
+    parts = urlsplit(uri)
+    host = parts.hostname
+    if host:
+        local = host.startswith("localhost")
+    else:
+        local = parts.scheme not in ("virtmig+unix", "unix") or not parts.path
+    if local:
+        raise InvalidArgument("invalid argument: Attempt to migrate guest to the same host")
 
 
 def parse_uri(uri: str | None) -> ConnectURI:

@@ -34,7 +34,7 @@ from virtmig.proto.params import (
     to_wire,
     validate_migration_params,
 )
-from virtmig.proto.uri import ConnectURI, parse_listen, parse_uri
+from virtmig.proto.uri import ConnectURI, check_not_local, parse_listen, parse_uri
 
 F = MigrateFlags
 P = MigrateParam
@@ -249,12 +249,25 @@ def test_bad_connect_uris(uri: str) -> None:
         parse_uri(uri)
 
 
-def test_local_uris() -> None:
-    assert parse_uri("virtmig+tcp://localhost:1").is_local()
-    assert parse_uri("virtmig+tcp://127.0.0.5").is_local()
-    assert parse_uri("virtmig+unix:///s").is_local()
-    assert not parse_uri("virtmig+tcp://10.0.0.2").is_local()
-    assert not parse_uri("virtmig+tcp://host-b").is_local()
+def test_loopback_uris() -> None:
+    assert parse_uri("virtmig+tcp://localhost:1").is_loopback()
+    assert parse_uri("virtmig+tcp://127.0.0.5").is_loopback()
+    assert parse_uri("virtmig+unix:///s").is_loopback()
+    assert not parse_uri("virtmig+tcp://10.0.0.2").is_loopback()
+    assert not parse_uri("virtmig+tcp://host-b").is_loopback()
+
+
+@pytest.mark.parametrize("uri", ["virtmig+tcp://localhost:1", "virtmig+tcp://localhost.localdomain",
+                                 "virtmig:///", "virtmig+tcp:///x"])
+def test_same_host_dconnuri_is_refused(uri: str) -> None:
+    with pytest.raises(errors.InvalidArgument, match="Attempt to migrate guest to the same host"):
+        check_not_local(uri)
+
+
+@pytest.mark.parametrize("uri", ["virtmig+tcp://127.0.0.1:5", "virtmig+tcp://host-b",
+                                 "virtmig+unix:///run/other.sock"])
+def test_other_dconnuri_is_accepted(uri: str) -> None:
+    check_not_local(uri)
 
 
 def test_listen_uris() -> None:

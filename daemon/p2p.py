@@ -1,0 +1,144 @@
+"""Peer-to-peer migration: the source daemon drives the destination daemon itself.
+
+A client makes one Perform3(Params) call with PEER2PEER and ``dconnuri`` (the destination daemon
+as this host sees it).  This daemon then runs the *same* v3 sequence driver the client runs in
+regular mode (``virtmig.client.sequence.run_v3``), with its own source phases called locally
+(:class:`LocalSource`) and the destination's over gRPC (``RemoteDest``).  As libvirt's Peer2Peer3
+does, it always runs its own Confirm, so a failed Perform is followed by Finish(cancelled) and
+Confirm(cancelled).
+
+Liveness: the connection to the destination carries a session stream and keepalive pings; when
+it ends during Perform the stream is stopped and the migration fails with "Lost connection to
+destination host" (the source resumes); the destination, whose Prepare caller was this daemon's
+session, destroys its incoming guest by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from virtmig.client.connection import AsyncConnection
+from virtmig.client.migrate import RemoteDest, check_param_types
+from virtmig.client.sequence import run_v3
+from virtmig.daemon import jobctl, migration
+from virtmig.daemon.core import Daemon
+from virtmig.daemon.job import AsyncJob, Phase
+from virtmig.daemon.registry import DomainObj
+from virtmig.proto.errors import (
+    ArgumentUnsupported,
+    InvalidArgument,
+    OperationFailed,
+    VirtmigError,
+)
+from virtmig.proto.flags import DomainState, Feature, MigrateFlags
+from virtmig.proto.params import NON_PARAMS_ALLOWED, TypedParams
+from virtmig.proto.uri import check_not_local
+
+log = logging.getLogger(__name__)
+
+F = MigrateFlags
+LOST_GRACE_S = 1.0
+
+
+class LocalSource:
+    """The source party of the sequence driver, run by this daemon on its own domain."""
+
+    def __init__(self, daemon: Daemon, peer: AsyncConnection | None = None) -> None:
+        self.daemon = daemon
+        self.peer = peer
+
+    def _dom(self, name: str) -> DomainObj:
+        return self.daemon.registry.by_name(name)
+
+    async def begin(self, dom: str, params: TypedParams, flags: int) -> tuple[str, bytes]:
+        return await migration.src_begin(self.daemon, self._dom(dom), params, flags)
+
+    async def get_state(self, dom: str) -> DomainState:
+        return self._dom(dom).state
+
+    async def perform(self, dom: str, params: TypedParams, cookie: bytes, flags: int) -> bytes:
+        try:
+            return await migration.src_perform(self.daemon, self._dom(dom), None, params,
+                                               cookie, flags)
+        except VirtmigError as exc:
+            if self.peer is not None and await _lost(self.peer):
+                raise OperationFailed(
+                    "operation failed: Lost connection to destination host") from exc
+            raise
+
+    async def confirm(self, dom: str, params: TypedParams, cookie: bytes, flags: int,
+                      cancelled: bool) -> None:
+        obj = self.daemon.registry.find_name(dom)
+        if obj is None and cancelled:
+            return
+        await migration.src_confirm(self.daemon, self._dom(dom), params, cookie, flags,
+                                    cancelled)
+
+    async def wait_abort(self, dom: str) -> None:
+        job = self._dom(dom).job
+        if job is None:
+            await asyncio.Event().wait()
+            return
+        await job.abort_event.wait()
+
+
+async def src_perform_p2p(
+    daemon: Daemon, dom: DomainObj, dconnuri: str | None, params: TypedParams,
+    cookie_in: bytes, flags: int,
+) -> None:
+    """libvirt's PerformJob → Peer2Peer → Peer2Peer3, on this daemon."""
+    f = migration.any_check(flags, params, "virDomainMigratePerform3Params")
+    if cookie_in:
+        raise InvalidArgument("invalid argument: received unexpected cookie with P2P migration")
+    if not dconnuri:
+        raise InvalidArgument("invalid argument: dconnuri must not be NULL for peer-to-peer "
+                              "migration")
+    check_not_local(dconnuri)
+    check_param_types(params)
+    try:
+        dconn = await AsyncConnection.open(dconnuri)
+    except VirtmigError as exc:
+        raise OperationFailed(
+            f"operation failed: Failed to connect to remote virtmig URI {dconnuri}: {exc}"
+        ) from exc
+    watcher: asyncio.Task[None] | None = None
+    try:
+        features = (await dconn.host()).features
+        if Feature.P2P not in features or Feature.V3 not in features:
+            raise OperationFailed("operation failed: Destination virtmig does not support "
+                                  "peer-to-peer migration protocol")
+        use_params = Feature.MIGRATION_PARAMS in features
+        if not use_params and params.names() - NON_PARAMS_ALLOWED:
+            raise ArgumentUnsupported(
+                "Migration APIs with extensible parameters are not supported but extended "
+                "parameters were passed")
+        await dconn.open_session()
+        watcher = asyncio.get_running_loop().create_task(_watch_peer(daemon, dom, dconn))
+        await run_v3(LocalSource(daemon, dconn), RemoteDest(dconn, use_params), dom.name,
+                     params, int(f), protection=True, p2p=True)
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+        await dconn.close()
+
+
+async def _lost(peer: AsyncConnection) -> bool:
+    """Whether the destination went away (the stream's failure may be noticed a moment first)."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(peer.session_lost.wait(), LOST_GRACE_S)
+    return peer.session_lost.is_set()
+
+
+async def _watch_peer(daemon: Daemon, dom: DomainObj, dconn: AsyncConnection) -> None:
+    """Fail a running stream when the destination daemon goes away."""
+    await dconn.session_lost.wait()
+    job = dom.job
+    log.warning("lost connection to the destination of %s's migration", dom.name)
+    if job is not None and job.kind is AsyncJob.MIGRATION_OUT and job.phase is Phase.PERFORM3:
+        await jobctl.fail_job(daemon, dom, job,
+                              OperationFailed("operation failed: Lost connection to "
+                                              "destination host"))

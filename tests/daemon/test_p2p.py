@@ -1,0 +1,348 @@
+"""Peer-to-peer migration: one call to the source daemon, which drives the destination itself.
+
+The failure matrix holds in p2p mode too, with libvirt's one difference: the source always runs
+its own Confirm, so a failed Perform is followed by Finish(cancelled) and Confirm(cancelled).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import Host, domain_xml
+from tests.daemon.test_migration import FinishFailsDest, NoUriDest
+from virtmig.client.connection import AsyncConnection
+from virtmig.client import sequence
+from virtmig.client.sequence import Trace
+from virtmig.daemon import p2p
+from virtmig.proto.errors import (
+    ArgumentUnsupported,
+    InternalError,
+    InvalidArgument,
+    NoDomain,
+    OperationAborted,
+    OperationFailed,
+    OperationInvalid,
+)
+from virtmig.proto.flags import DomainState, JobType, MigrateFlags
+from virtmig.proto.params import MigrateParam, TypedParams
+
+F = MigrateFlags
+P = MigrateParam
+
+
+async def guest(host: Host, name: str = "vm1", **kw: Any) -> None:
+    await host.conn.define(domain_xml(name, **kw))
+    await host.conn.start(name)
+
+
+def p2p_migrate(src: Host, dst: Host, flags: int = F.LIVE, params: TypedParams | None = None,
+                name: str = "vm1") -> Any:
+    return src.conn.migrate_to_uri3(name, dst.uri, params or TypedParams(),
+                                    flags | F.PEER2PEER)
+
+
+@pytest.fixture
+def trace(monkeypatch: pytest.MonkeyPatch) -> Trace:
+    """The calls the source daemon's driver makes."""
+    t = Trace()
+    real = sequence.run_v3
+
+    async def traced(*args: Any, **kw: Any) -> str:
+        kw["trace"] = t
+        return await real(*args, **kw)
+
+    monkeypatch.setattr(p2p, "run_v3", traced)
+    return t
+
+
+async def no_jobs(*hosts: Host) -> None:
+    for h in hosts:
+        assert not [d.name for d in h.daemon.registry if d.job is not None]
+
+
+async def rolled_back(src: Host, dst: Host, name: str = "vm1") -> None:
+    assert (await src.conn.state(name))[0] is DomainState.RUNNING
+    with pytest.raises(NoDomain):
+        await dst.conn.lookup(name)
+    await no_jobs(src, dst)
+
+
+# --- success ------------------------------------------------------------------------------------
+
+
+async def test_p2p_live(pair: tuple[Host, Host], trace: Trace) -> None:
+    src, dst = pair
+    await guest(src, dirty_rate_mib=4)
+    await p2p_migrate(src, dst)
+    assert trace.calls == ["begin", "prepare", "perform", "finish", "confirm"]
+    assert await src.conn.state("vm1") == (DomainState.SHUTOFF, 4, "migrated")
+    assert await dst.conn.state("vm1") == (DomainState.RUNNING, 2, "migrated")
+    await no_jobs(src, dst)
+    assert (await src.conn.job_info("vm1", completed=True)).type is JobType.COMPLETED
+    for _ in range(100):
+        if not dst.daemon.sessions:
+            break
+        await asyncio.sleep(0.01)
+    assert not dst.daemon.sessions
+
+
+async def test_p2p_offline(pair: tuple[Host, Host], trace: Trace) -> None:
+    src, dst = pair
+    await src.conn.define(domain_xml("vm1"))
+    await p2p_migrate(src, dst, F.OFFLINE | F.PERSIST_DEST | F.UNDEFINE_SOURCE)
+    assert trace.calls == ["begin", "prepare", "finish", "confirm"]
+    assert (await dst.conn.lookup("vm1")).persistent
+    with pytest.raises(NoDomain):
+        await src.conn.lookup("vm1")
+
+
+async def test_p2p_rename_persistent(pair: tuple[Host, Host]) -> None:
+    src, dst = pair
+    await guest(src)
+    await p2p_migrate(src, dst, F.LIVE | F.PERSIST_DEST,
+                      TypedParams.of({P.DEST_NAME: "vm1-moved"}))
+    dom = await dst.conn.lookup("vm1-moved")
+    assert dom.persistent and dom.state is DomainState.RUNNING
+    with pytest.raises(NoDomain):
+        await dst.conn.lookup("vm1")
+
+
+async def test_p2p_with_non_params_rpc(pair: tuple[Host, Host], monkeypatch: pytest.MonkeyPatch
+                                       ) -> None:
+    """A client whose source lacks MIGRATION_PARAMS uses the plain Perform3 with dconnuri."""
+    src, dst = pair
+    await guest(src)
+    host = await src.conn.host()
+    import dataclasses
+
+    src.conn._host = dataclasses.replace(host, features=host.features - {"MIGRATION_PARAMS"})
+    await p2p_migrate(src, dst, F.LIVE, TypedParams.of({P.DEST_NAME: "renamed"}))
+    assert (await dst.conn.state("renamed"))[0] is DomainState.RUNNING
+
+
+# --- refused ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("dconnuri", "flags", "error", "message"),
+    [
+        ("virtmig+tcp://localhost:1", F.LIVE | F.PEER2PEER, InvalidArgument,
+         "Attempt to migrate guest to the same host"),
+        (None, F.LIVE | F.PEER2PEER, InvalidArgument, "must not be NULL"),
+        ("x", F.LIVE | F.TUNNELLED, InvalidArgument, "without using peer2peer"),
+        ("x", F.LIVE, ArgumentUnsupported, "direct migration is not supported"),
+    ],
+)
+async def test_p2p_refused_up_front(pair: tuple[Host, Host], dconnuri: str | None, flags: int,
+                                    error: type[Exception], message: str) -> None:
+    src, dst = pair
+    await guest(src)
+    with pytest.raises(error, match=message):
+        await src.conn.migrate_to_uri3("vm1", dconnuri, TypedParams(), flags)
+    await rolled_back(src, dst)
+
+
+async def test_p2p_to_itself_is_caught_by_the_host_uuid(pair: tuple[Host, Host]) -> None:
+    src, _dst = pair
+    await guest(src)
+    with pytest.raises(InternalError, match="Attempt to migrate guest to the same host"):
+        await src.conn.migrate_to_uri3("vm1", src.uri, TypedParams(), F.LIVE | F.PEER2PEER)
+    assert (await src.conn.state("vm1"))[0] is DomainState.RUNNING
+    await no_jobs(src)
+
+
+async def test_p2p_unreachable_destination(pair: tuple[Host, Host]) -> None:
+    src, dst = pair
+    await guest(src)
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(OperationFailed, match="Failed to connect to remote virtmig URI"):
+        await src.conn.migrate_to_uri3("vm1", f"virtmig+tcp://127.0.0.1:{port}",
+                                       TypedParams(), F.LIVE | F.PEER2PEER)
+    await rolled_back(src, dst)
+
+
+async def test_p2p_cookie_from_client_is_refused(pair: tuple[Host, Host]) -> None:
+    src, dst = pair
+    await guest(src)
+    from virtmig.proto import virtmig_pb2 as pb
+
+    with pytest.raises(InvalidArgument, match="received unexpected cookie with P2P migration"):
+        await src.conn._call(src.conn.migration_stub.Perform3Params, pb.Perform3ParamsRequest(
+            domain=pb.DomainRef(name="vm1"), dconnuri=dst.uri, cookie_in=b"x",
+            flags=int(F.LIVE | F.PEER2PEER)))
+    await rolled_back(src, dst)
+
+
+# --- the failure matrix -------------------------------------------------------------------------
+
+
+async def test_p2p_row_begin_fails(pair: tuple[Host, Host], trace: Trace) -> None:
+    src, dst = pair
+    await src.conn.define(domain_xml("vm1"))
+    with pytest.raises(OperationInvalid, match="domain is not running"):
+        await p2p_migrate(src, dst)
+    assert trace.calls == ["begin"]
+    await no_jobs(src, dst)
+
+
+async def test_p2p_row_prepare_fails(pair: tuple[Host, Host], trace: Trace) -> None:
+    src, dst = pair
+    await guest(src)
+    await dst.conn.define(domain_xml("vm1"))
+    with pytest.raises(OperationFailed, match="already exists with uuid"):
+        await p2p_migrate(src, dst)
+    assert trace.calls == ["begin", "prepare", "confirm(cancelled)"]
+    assert (await src.conn.state("vm1"))[0] is DomainState.RUNNING
+    await no_jobs(src, dst)
+
+
+async def test_p2p_row_no_uri_out(pair: tuple[Host, Host], trace: Trace,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    src, dst = pair
+    await guest(src)
+    monkeypatch.setattr(p2p, "RemoteDest", NoUriDest)
+    with pytest.raises(InternalError, match="did not set uri"):
+        await p2p_migrate(src, dst)
+    assert trace.calls == ["begin", "prepare", "finish(cancelled)", "confirm(cancelled)"]
+    await rolled_back(src, dst)
+
+
+async def test_p2p_row_perform_fails(pair: tuple[Host, Host], trace: Trace) -> None:
+    src, dst = pair
+    await guest(src, extra_options='fault="corrupt-stream"')
+    with pytest.raises(OperationFailed, match="digest"):
+        await p2p_migrate(src, dst)
+    assert trace.calls == ["begin", "prepare", "perform", "finish(cancelled)",
+                           "confirm(cancelled)"]
+    await rolled_back(src, dst)
+    assert await src.conn.state("vm1") == (DomainState.RUNNING, 6, "migration-canceled")
+
+
+async def test_p2p_row_finish_fails(pair: tuple[Host, Host], trace: Trace,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    src, dst = pair
+    await guest(src)
+
+    class Dest(FinishFailsDest):
+        def __init__(self, conn: AsyncConnection, use_params: bool) -> None:
+            super().__init__(conn, dst)
+
+    monkeypatch.setattr(p2p, "RemoteDest", Dest)
+    with pytest.raises(OperationFailed, match="guest unexpectedly quit"):
+        await p2p_migrate(src, dst)
+    assert trace.calls == ["begin", "prepare", "perform", "finish", "confirm(cancelled)"]
+    await rolled_back(src, dst)
+
+
+async def test_p2p_row_confirm_fails(pair: tuple[Host, Host],
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    src, dst = pair
+    await guest(src)
+
+    async def broken(self: Any, *args: Any) -> None:
+        raise OperationFailed("operation failed: confirm broke")
+
+    monkeypatch.setattr(p2p.LocalSource, "confirm", broken)
+    await p2p_migrate(src, dst)  # the result is Finish's
+    assert (await dst.conn.state("vm1"))[0] is DomainState.RUNNING
+    assert await src.conn.state("vm1") == (DomainState.PAUSED, 2, "migration")
+    await src.conn.destroy("vm1")
+    await no_jobs(src, dst)
+
+
+async def test_p2p_abort_during_perform(pair: tuple[Host, Host]) -> None:
+    src, dst = pair
+    await guest(src)
+    params = TypedParams.of({P.BANDWIDTH: 8})
+    task = asyncio.ensure_future(p2p_migrate(src, dst, F.LIVE, params))
+    for _ in range(500):
+        info = await src.conn.job_info("vm1")
+        if info.phase == "perform3" and info.data_processed:
+            break
+        await asyncio.sleep(0.01)
+    await src.conn.abort_job("vm1")
+    with pytest.raises(OperationAborted, match="canceled by client"):
+        await task
+    await rolled_back(src, dst)
+
+
+async def test_p2p_goes_on_when_the_client_disconnects(pair: tuple[Host, Host]) -> None:
+    src, dst = pair
+    await guest(src)
+    client = await AsyncConnection.open(src.uri)
+    task = asyncio.ensure_future(client.migrate_to_uri3(
+        "vm1", dst.uri, TypedParams.of({P.BANDWIDTH: 64}), F.LIVE | F.PEER2PEER))
+    for _ in range(500):
+        if (await src.conn.job_info("vm1")).phase == "perform3":
+            break
+        await asyncio.sleep(0.01)
+    task.cancel()
+    await client.close()
+    for _ in range(500):
+        if (await src.conn.job_info("vm1")).type is JobType.NONE:
+            break
+        await asyncio.sleep(0.02)
+    assert (await dst.conn.state("vm1"))[0] is DomainState.RUNNING
+    assert (await src.conn.state("vm1"))[0] is DomainState.SHUTOFF
+
+
+# --- the destination daemon dies ---------------------------------------------------------------
+
+
+@pytest.fixture
+async def dst_process(tmp_path: Path) -> AsyncIterator[tuple[subprocess.Popen[bytes], str]]:
+    ready = tmp_path / "dst.ready"
+    proc = subprocess.Popen([  # noqa: ASYNC220 - started once, reaped in the finalizer
+        sys.executable, "-m", "virtmig.daemon.main", "--listen", "tcp://127.0.0.1:0",
+        "--state-dir", str(tmp_path / "dstproc"), "--hostname", "dstproc.test",
+        "--migration-address", "127.0.0.1", "--migration-host", "127.0.0.1",
+        "--ready-file", str(ready), "--log-level", "warning",
+    ], env=dict(os.environ, PYTHONPATH=os.getcwd()))
+    try:
+        for _ in range(600):
+            if ready.exists() or proc.poll() is not None:
+                break
+            await asyncio.sleep(0.05)
+        port = json.loads(ready.read_text())["addresses"][0].rsplit(":", 1)[1]
+        yield proc, f"virtmig+tcp://127.0.0.1:{port}"
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+
+async def test_p2p_destination_daemon_killed_during_perform(
+    pair: tuple[Host, Host], dst_process: tuple[subprocess.Popen[bytes], str]
+) -> None:
+    src, _dst = pair
+    proc, dst_uri = dst_process
+    await guest(src)
+    task = asyncio.ensure_future(src.conn.migrate_to_uri3(
+        "vm1", dst_uri, TypedParams.of({P.BANDWIDTH: 8}), F.LIVE | F.PEER2PEER))
+    for _ in range(1000):
+        info = await src.conn.job_info("vm1")
+        if info.phase == "perform3" and info.data_processed:
+            break
+        await asyncio.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    with pytest.raises(OperationFailed, match="Lost connection to destination host"):
+        await task
+    assert await src.conn.state("vm1") == (DomainState.RUNNING, 6, "migration-canceled")
+    await no_jobs(src)
+    failed = await src.conn.job_info("vm1", completed=True)
+    assert failed.type is JobType.FAILED
