@@ -20,8 +20,8 @@ import pytest
 
 from tests.conftest import Host, domain_xml
 from tests.daemon.test_migration import FinishFailsDest, NoUriDest
-from virtmig.client.connection import AsyncConnection
 from virtmig.client import sequence
+from virtmig.client.connection import AsyncConnection
 from virtmig.client.sequence import Trace
 from virtmig.daemon import p2p
 from virtmig.proto.errors import (
