@@ -135,7 +135,7 @@ async def run_v3(
     if offline:
         cookie = b""
         cancelled = False
-    elif P.URI not in params:
+    elif P.URI not in params and not flags & F.TUNNELLED:
         error = InternalError("internal error: domainMigratePrepare3 did not set uri")
         cookie = b""
     else:

@@ -221,7 +221,10 @@ async def dst_prepare(
     listen = params.get_str(P.LISTEN_ADDRESS) or daemon.config.migration_address
     want_port: int | None = None
     host = ""
-    if not offline:
+    tunnelled = bool(f & F.TUNNELLED)
+    if tunnelled:
+        listen = "127.0.0.1"  # reached through the Tunnel RPC only
+    elif not offline:
         if uri_in:
             host, want_port = dst_parse_uri_in(uri_in)
         else:
@@ -269,10 +272,12 @@ async def dst_prepare(
                 job.port = port
                 dom.id = daemon.registry.new_id()
                 daemon.set_state(dom, DomainState.PAUSED, PausedReason.MIGRATION)
-                uri_out = (
-                    f"tcp:{_fmt_host(host)}:{port}" if not uri_in
-                    else f"tcp://{_fmt_host(host)}:{port}"
-                )
+                if tunnelled:
+                    uri_out = None
+                elif uri_in:
+                    uri_out = f"tcp://{_fmt_host(host)}:{port}"
+                else:
+                    uri_out = f"tcp:{_fmt_host(host)}:{port}"
             cookie = any_cookie(daemon, origname, d.uuid)
         except BaseException:
             await _dst_discard(daemon, dom, existed=existing is not None,
@@ -345,7 +350,9 @@ async def src_perform(
     params: TypedParams,
     cookie_in: bytes,
     flags: int,
+    tunnel: StreamAddress | None = None,
 ) -> bytes:
+    """``tunnel``: where the stream goes in a tunnelled migration (the source's tunnel end)."""
     f = any_check(flags, params, "virDomainMigratePerform3Params")
     if dconnuri:
         raise InvalidArgument(
@@ -378,7 +385,7 @@ async def src_perform(
                 local_hostuuid=daemon.host_uuid,
                 accept=ck.ACCEPT_PERFORM,
             )
-            dest = src_parse_uri(params.get_str(P.URI))
+            dest = tunnel if tunnel is not None else src_parse_uri(params.get_str(P.URI))
             persistent = _src_persistent_xml(dom, params) if f & F.PERSIST_DEST else None
             job.set_phase(Phase.PERFORM3)
             job.streamed = True

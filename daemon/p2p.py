@@ -26,6 +26,7 @@ from virtmig.daemon import jobctl, migration
 from virtmig.daemon.core import Daemon
 from virtmig.daemon.job import AsyncJob, Phase
 from virtmig.daemon.registry import DomainObj
+from virtmig.daemon.tunnel import SrcTunnel
 from virtmig.proto.errors import (
     ArgumentUnsupported,
     InvalidArgument,
@@ -33,7 +34,7 @@ from virtmig.proto.errors import (
     VirtmigError,
 )
 from virtmig.proto.flags import DomainState, Feature, MigrateFlags
-from virtmig.proto.params import NON_PARAMS_ALLOWED, TypedParams
+from virtmig.proto.params import NON_PARAMS_ALLOWED, MigrateParam, TypedParams
 from virtmig.proto.uri import check_not_local
 
 log = logging.getLogger(__name__)
@@ -60,8 +61,13 @@ class LocalSource:
 
     async def perform(self, dom: str, params: TypedParams, cookie: bytes, flags: int) -> bytes:
         try:
-            return await migration.src_perform(self.daemon, self._dom(dom), None, params,
-                                               cookie, flags)
+            if not flags & F.TUNNELLED:
+                return await migration.src_perform(self.daemon, self._dom(dom), None, params,
+                                                   cookie, flags)
+            assert self.peer is not None
+            async with SrcTunnel(self.peer, params.get_str(MigrateParam.DEST_NAME) or dom) as end:
+                return await migration.src_perform(self.daemon, self._dom(dom), None, params,
+                                                   cookie, flags, tunnel=end)
         except VirtmigError as exc:
             if self.peer is not None and await _lost(self.peer):
                 raise OperationFailed(

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from virtmig.daemon import jobctl, lifecycle, migration, p2p
+from virtmig.daemon import jobctl, lifecycle, migration, p2p, tunnel
 from virtmig.daemon.core import VERSION, Daemon
 from virtmig.daemon.domxml import format_domain_xml
 from virtmig.daemon.registry import DomainObj
@@ -402,6 +402,14 @@ class MigrationService(pbg.MigrationServicer):
             return
         async for info in jobctl.watch(self.daemon, dom):
             yield info
+
+    async def Tunnel(self, request_iterator: AsyncIterator[pb.TunnelChunk],
+                     context: Any) -> AsyncIterator[pb.TunnelChunk]:
+        try:
+            async for chunk in tunnel.dst_tunnel(self.daemon, request_iterator):
+                yield chunk
+        except Exception as exc:
+            await _abort_stream(context, exc)
 
     @rpc
     async def AbortJob(self, request: pb.AbortJobRequest, context: Any) -> pb.Empty:

@@ -99,7 +99,7 @@ RULES: tuple[Rule, ...] = (
 # Flags that are valid libvirt flags but that this implementation does not act on yet.  Each is
 # refused with a clear error rather than silently ignored.
 UNSUPPORTED_FLAGS = (
-    F.TUNNELLED | F.NON_SHARED_DISK | F.NON_SHARED_INC | F.NON_SHARED_SYNCHRONOUS_WRITES
+    F.NON_SHARED_DISK | F.NON_SHARED_INC | F.NON_SHARED_SYNCHRONOUS_WRITES
     | F.COMPRESSED | F.RDMA_PIN_ALL | F.TLS | F.PARALLEL
     | F.POSTCOPY_RESUME | F.ZEROCOPY
 )

@@ -495,3 +495,11 @@ class SpeedReply(_message.Message):
     BANDWIDTH_MIB_FIELD_NUMBER: _ClassVar[int]
     bandwidth_mib: int
     def __init__(self, bandwidth_mib: _Optional[int] = ...) -> None: ...
+
+class TunnelChunk(_message.Message):
+    __slots__ = ("dname", "data")
+    DNAME_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    dname: str
+    data: bytes
+    def __init__(self, dname: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...

@@ -699,6 +699,11 @@ class MigrationStub:
                 request_serializer=virtmig_dot_proto_dot_virtmig__pb2.JobInfoRequest.SerializeToString,
                 response_deserializer=virtmig_dot_proto_dot_virtmig__pb2.JobInfo.FromString,
                 _registered_method=True)
+        self.Tunnel = channel.stream_stream(
+                '/virtmig.v1.Migration/Tunnel',
+                request_serializer=virtmig_dot_proto_dot_virtmig__pb2.TunnelChunk.SerializeToString,
+                response_deserializer=virtmig_dot_proto_dot_virtmig__pb2.TunnelChunk.FromString,
+                _registered_method=True)
         self.WatchJob = channel.unary_stream(
                 '/virtmig.v1.Migration/WatchJob',
                 request_serializer=virtmig_dot_proto_dot_virtmig__pb2.JobInfoRequest.SerializeToString,
@@ -790,6 +795,12 @@ class MigrationServicer:
     """Missing associated documentation comment in .proto file."""
 
     def GetJobInfo(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Tunnel(self, request_iterator, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -906,6 +917,11 @@ def add_MigrationServicer_to_server(servicer, server):
                     request_deserializer=virtmig_dot_proto_dot_virtmig__pb2.JobInfoRequest.FromString,
                     response_serializer=virtmig_dot_proto_dot_virtmig__pb2.JobInfo.SerializeToString,
             ),
+            'Tunnel': grpc.stream_stream_rpc_method_handler(
+                    servicer.Tunnel,
+                    request_deserializer=virtmig_dot_proto_dot_virtmig__pb2.TunnelChunk.FromString,
+                    response_serializer=virtmig_dot_proto_dot_virtmig__pb2.TunnelChunk.SerializeToString,
+            ),
             'WatchJob': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchJob,
                     request_deserializer=virtmig_dot_proto_dot_virtmig__pb2.JobInfoRequest.FromString,
@@ -1019,6 +1035,33 @@ class Migration:
             '/virtmig.v1.Migration/GetJobInfo',
             virtmig_dot_proto_dot_virtmig__pb2.JobInfoRequest.SerializeToString,
             virtmig_dot_proto_dot_virtmig__pb2.JobInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Tunnel(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/virtmig.v1.Migration/Tunnel',
+            virtmig_dot_proto_dot_virtmig__pb2.TunnelChunk.SerializeToString,
+            virtmig_dot_proto_dot_virtmig__pb2.TunnelChunk.FromString,
             options,
             channel_credentials,
             insecure,

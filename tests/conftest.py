@@ -56,15 +56,16 @@ class Host:
 
 async def start_host(tmp_path: Path, name: str, **overrides: object) -> Host:
     state = tmp_path / name
-    config = DaemonConfig(
-        state_dir=str(state),
-        listen=("tcp://127.0.0.1:0",),
-        hostname=f"{name}.test",
-        migration_address="127.0.0.1",
-        migration_host="127.0.0.1",
-        job_wait_timeout=1.0,
-        **overrides,  # type: ignore[arg-type]
-    )
+    settings: dict[str, object] = {
+        "state_dir": str(state),
+        "listen": ("tcp://127.0.0.1:0",),
+        "hostname": f"{name}.test",
+        "migration_address": "127.0.0.1",
+        "migration_host": "127.0.0.1",
+        "job_wait_timeout": 1.0,
+    }
+    settings.update(overrides)
+    config = DaemonConfig(**settings)  # type: ignore[arg-type]
     running = await start_daemon(config)
     uri = f"virtmig+tcp://127.0.0.1:{running.tcp_port}"
     conn = await AsyncConnection.open(uri)

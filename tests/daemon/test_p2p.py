@@ -346,3 +346,97 @@ async def test_p2p_destination_daemon_killed_during_perform(
     await no_jobs(src)
     failed = await src.conn.job_info("vm1", completed=True)
     assert failed.type is JobType.FAILED
+
+
+# --- tunnelled -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def walled_dst(tmp_path: Path) -> AsyncIterator[Host]:
+    """A destination whose migration port cannot be reached directly: Prepare's URI names
+    127.0.0.3, where nothing listens.  Only a tunnelled stream can get to its guests."""
+    from tests.conftest import start_host, stop_host
+
+    host = await start_host(tmp_path, "walled", migration_host="127.0.0.3")
+    try:
+        yield host
+    finally:
+        await stop_host(host)
+
+
+async def test_tunnelled_migration_uses_the_daemons_connection(
+    pair: tuple[Host, Host], walled_dst: Host, trace: Trace
+) -> None:
+    src, _dst = pair
+    await guest(src, dirty_rate_mib=4)
+    with pytest.raises(OperationFailed):  # the direct stream cannot reach it
+        await p2p_migrate(src, walled_dst)
+    await rolled_back(src, walled_dst)
+    trace.calls.clear()
+    await p2p_migrate(src, walled_dst, F.LIVE | F.TUNNELLED)
+    assert trace.calls == ["begin", "prepare", "perform", "finish", "confirm"]
+    assert await walled_dst.conn.state("vm1") == (DomainState.RUNNING, 2, "migrated")
+    assert await src.conn.state("vm1") == (DomainState.SHUTOFF, 4, "migrated")
+    done = await src.conn.job_info("vm1", completed=True)
+    assert done.type is JobType.COMPLETED and done.data_total == 64 << 20
+    await no_jobs(src, walled_dst)
+
+
+async def test_tunnelled_memory_arrives_intact(pair: tuple[Host, Host]) -> None:
+    src, dst = pair
+    await guest(src)
+    await src.conn.suspend("vm1")
+    uuid = (await src.conn.lookup("vm1")).uuid
+    before = src.digest(uuid)
+    await p2p_migrate(src, dst, F.LIVE | F.TUNNELLED)
+    assert dst.digest(uuid) == before
+
+
+@pytest.mark.parametrize(
+    ("flags", "params", "error", "message"),
+    [
+        (F.LIVE | F.TUNNELLED | F.PEER2PEER, {P.URI: "tcp://h:1"}, ArgumentUnsupported,
+         "migration URI is not supported by tunnelled migration"),
+        (F.LIVE | F.TUNNELLED | F.PEER2PEER, {P.LISTEN_ADDRESS: "127.0.0.1"},
+         ArgumentUnsupported, "listen address is not supported by tunnelled migration"),
+        (F.LIVE | F.TUNNELLED | F.PEER2PEER | F.POSTCOPY, {}, ArgumentUnsupported,
+         "post-copy is not supported with tunnelled migration"),
+    ],
+)
+async def test_tunnelled_refusals(pair: tuple[Host, Host], flags: int, params: dict[str, str],
+                                  error: type[Exception], message: str) -> None:
+    src, dst = pair
+    await guest(src)
+    with pytest.raises(error, match=message):
+        await src.conn.migrate_to_uri3("vm1", dst.uri, TypedParams.of(params), flags)
+    await rolled_back(src, dst)
+
+
+async def test_tunnelled_without_p2p_is_refused(pair: tuple[Host, Host]) -> None:
+    src, dst = pair
+    await guest(src)
+    with pytest.raises(InvalidArgument, match="without using peer2peer"):
+        await src.conn.migrate3("vm1", dst.conn, TypedParams(), F.LIVE | F.TUNNELLED)
+    await rolled_back(src, dst)
+
+
+async def test_tunnelled_destination_daemon_killed(
+    pair: tuple[Host, Host], dst_process: tuple[subprocess.Popen[bytes], str]
+) -> None:
+    src, _dst = pair
+    proc, dst_uri = dst_process
+    await guest(src)
+    task = asyncio.ensure_future(src.conn.migrate_to_uri3(
+        "vm1", dst_uri, TypedParams.of({P.BANDWIDTH: 8}),
+        F.LIVE | F.PEER2PEER | F.TUNNELLED))
+    for _ in range(1000):
+        info = await src.conn.job_info("vm1")
+        if info.phase == "perform3" and info.data_processed:
+            break
+        await asyncio.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    with pytest.raises(OperationFailed, match="Lost connection to destination host"):
+        await task
+    assert await src.conn.state("vm1") == (DomainState.RUNNING, 6, "migration-canceled")
+    await no_jobs(src)
