@@ -440,3 +440,31 @@ async def test_tunnelled_destination_daemon_killed(
         await task
     assert await src.conn.state("vm1") == (DomainState.RUNNING, 6, "migration-canceled")
     await no_jobs(src)
+
+
+async def test_p2p_job_control_completion_timeout(pair: tuple[Host, Host]) -> None:
+    """The jobs issue's controls act on a p2p migration the same way: it is the source's job."""
+    src, dst = pair
+    await guest(src)
+    params = TypedParams.of({P.BANDWIDTH: 4, P.COMPLETION_TIMEOUT: 2})
+    from virtmig.proto.errors import OperationTimeout
+
+    with pytest.raises(OperationTimeout, match="did not complete within"):
+        await p2p_migrate(src, dst, F.LIVE, params)
+    await rolled_back(src, dst)
+    assert (await src.conn.job_info("vm1", completed=True)).type is JobType.FAILED
+
+
+async def test_p2p_progress_is_watched_on_the_source(pair: tuple[Host, Host]) -> None:
+    src, dst = pair
+    await guest(src)
+    task = asyncio.ensure_future(p2p_migrate(src, dst, F.LIVE, TypedParams.of({P.BANDWIDTH: 32})))
+    for _ in range(500):
+        if (await src.conn.job_info("vm1")).phase == "perform3":
+            break
+        await asyncio.sleep(0.01)
+    seen = [info async for info in src.conn.watch_job("vm1")]
+    await task
+    assert seen[-1].type is JobType.COMPLETED
+    assert any(i.type is JobType.UNBOUNDED and 0 < i.data_processed < i.data_total
+               for i in seen)
