@@ -2,6 +2,10 @@
 call order and failure handling (reference §1.7).  There is one copy of this logic: the client runs
 it in regular mode with two remote parties; peer-to-peer runs it inside the source daemon.
 
+Beyond libvirt: when Finish's reply is lost (a transport error), the driver asks the destination
+whether the guest runs there before it resumes anything on the source; if the destination cannot
+be reached the source guest stays paused (never on both hosts) and the error says so.
+
 Failure handling, regular mode (peer-to-peer differs in one place: the source daemon always
 runs its own Confirm, so a failed Perform is followed by Finish(cancelled) and Confirm(cancelled))::
 
@@ -25,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from virtmig.proto.errors import (
+    ConnectionFailed,
     InternalError,
     MigrateFinishOk,
     OperationAborted,
@@ -161,6 +166,22 @@ async def run_v3(
                                                         destflags)
         if cancelled:
             log.warning("finish step ignored that migration was cancelled")
+    except ConnectionFailed as exc:
+        ddom, cookie = None, b""
+        if not cancelled:
+            # The reply may be what was lost: ask the destination before resuming anything.
+            outcome = await _ask_outcome(dst, fparams.get_str(P.DEST_NAME) or dom)
+            if outcome is None:
+                log.error("outcome of the migration of %s is unknown: the destination cannot "
+                          "be reached; the source guest stays paused", dom)
+                notify_source = False
+                error = OperationFailed(
+                    "operation failed: the destination could not be reached after Finish; "
+                    f"whether '{dom}' runs there is unknown, so it is left paused here: {exc}")
+            elif outcome:
+                ddom = fparams.get_str(P.DEST_NAME) or dom
+        if ddom is None and error is None:
+            error = exc
     except VirtmigError as exc:
         ddom, cookie = None, b""
         if not isinstance(exc, MigrateFinishOk) and (
@@ -207,6 +228,16 @@ async def _finish_unless_aborted(
         log.warning("abort of %s came too late: the guest runs on the destination", dom)
         return dname, b""
     raise OperationAborted("operation aborted: job 'migration out' canceled by client")
+
+
+async def _ask_outcome(dst: DestParty, dname: str) -> bool | None:
+    """Whether the guest runs on the destination after a Finish whose reply was lost (None:
+    the destination cannot be reached, so nobody knows)."""
+    try:
+        return await dst.finished(dname)
+    except VirtmigError as exc:
+        log.warning("cannot ask the destination about %s: %s", dname, exc)
+        return None
 
 
 def _explains_failure(exc: VirtmigError) -> bool:

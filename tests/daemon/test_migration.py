@@ -538,3 +538,51 @@ async def test_destroy_source_mid_perform(pair: tuple[Host, Host]) -> None:
         await dst.conn.lookup("vm1")
     assert not [d for d in src.daemon.registry if d.job is not None]
     assert not [d for d in dst.daemon.registry if d.job is not None]
+
+
+class LostReplyDest(RemoteDest):
+    """Finish succeeds on the destination but its reply never arrives."""
+
+    def __init__(self, conn: object, reachable: bool) -> None:
+        super().__init__(conn, True)  # type: ignore[arg-type]
+        self.reachable = reachable
+
+    async def finish(self, params: TypedParams, cookie: bytes, flags: int,
+                     cancelled: bool) -> tuple[str, bytes]:
+        await super().finish(params, cookie, flags, cancelled)
+        from virtmig.proto.errors import ConnectionFailed
+
+        raise ConnectionFailed("unable to connect to the daemon: connection reset")
+
+    async def finished(self, dname: str) -> bool:
+        if not self.reachable:
+            from virtmig.proto.errors import ConnectionFailed
+
+            raise ConnectionFailed("unable to connect to the daemon: no route")
+        return await super().finished(dname)
+
+
+async def test_lost_finish_reply_is_resolved_by_asking(pair: tuple[Host, Host]) -> None:
+    src, dst = pair
+    await running_guest(src)
+    trace = Trace()
+    name = await run_v3(RemoteSource(src.conn, True), LostReplyDest(dst.conn, True), "vm1",
+                        TypedParams(), F.LIVE, protection=True, trace=trace)
+    assert name == "vm1"
+    assert trace.calls == ["begin", "prepare", "perform", "finish", "confirm"]
+    assert (await dst.conn.state("vm1"))[0] is DomainState.RUNNING
+    assert (await src.conn.state("vm1"))[0] is DomainState.SHUTOFF  # never on both hosts
+
+
+async def test_lost_finish_reply_unknown_outcome_leaves_source_paused(
+    pair: tuple[Host, Host]
+) -> None:
+    src, dst = pair
+    await running_guest(src)
+    trace = Trace()
+    with pytest.raises(OperationFailed, match="left paused here"):
+        await run_v3(RemoteSource(src.conn, True), LostReplyDest(dst.conn, False), "vm1",
+                     TypedParams(), F.LIVE, protection=True, trace=trace)
+    assert trace.calls == ["begin", "prepare", "perform", "finish"]  # no Confirm: no resume
+    assert (await dst.conn.state("vm1"))[0] is DomainState.RUNNING
+    assert await src.conn.state("vm1") == (DomainState.PAUSED, 2, "migration")
