@@ -10,6 +10,11 @@ vm1 virtmig+tcp://host-b`` is ``migrate --live --domain vm1 --desturi virtmig+tc
 Every failure is one ``error: <message>`` line (or virsh's two: what failed, then why) on stderr
 and exit status 1; a user never sees a Python traceback.  The two virsh habits not copied: the
 blank line virsh prints after every command, and the interactive shell.
+
+Ctrl-C during ``migrate`` aborts the migration job (virsh's ``virDomainAbortJob``) and waits for
+the migration call to report it; a second Ctrl-C gives up at once.  virtmig's own additions are
+marked as such in the help: ``domjobinfo --watch``, the ``job-failed`` event, and ``migrate
+--stall-timeout/--completion-timeout/--completion-timeout-action``.
 """
 
 from __future__ import annotations
@@ -17,17 +22,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import datetime
+import functools
+import logging
 import os
 import re
+import signal
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn, TypeVar
 
 from virtmig import __version__
-from virtmig.client.connection import AsyncConnection, Domain
-from virtmig.proto.errors import NoDomain, VirtmigError
-from virtmig.proto.flags import DomainState, MigrateFlags
+from virtmig.client.connection import AsyncConnection, Domain, Event, JobInfo
+from virtmig.proto.errors import NoDomain, OperationInvalid, VirtmigError
+from virtmig.proto.flags import DomainState, JobOperation, JobType, MigrateFlags
 from virtmig.proto.params import MigrateParam, ParamType, TypedParams
 
 T = TypeVar("T")
@@ -35,8 +44,13 @@ T = TypeVar("T")
 F = MigrateFlags
 P = MigrateParam
 
-# virsh's job-watch loop polls the job every 500 ms.
-JOB_POLL_INTERVAL = 0.5
+log = logging.getLogger(__name__)
+
+# Before the source's job exists (Begin, Prepare), a job watch has nothing to follow: it is
+# opened again after this long.  Once the job exists, the daemon pushes every change.
+JOB_WATCH_RETRY = 0.2
+# Ctrl-C before the source's job exists: the abort is tried again after this long.
+ABORT_RETRY = 0.2
 
 
 # --- errors ---------------------------------------------------------------------------------------
@@ -113,6 +127,176 @@ def progress_line(label: str, progress: float) -> str:
     return f"\r{label}: [{progress:5.2f} %]"
 
 
+JOB_TYPE_LABELS = {
+    JobType.NONE: "None",
+    JobType.BOUNDED: "Bounded",
+    JobType.UNBOUNDED: "Unbounded",
+    JobType.COMPLETED: "Completed",
+    JobType.FAILED: "Failed",
+    JobType.CANCELLED: "Cancelled",
+}
+
+JOB_OPERATION_LABELS = {
+    JobOperation.UNKNOWN: "Unknown",
+    JobOperation.START: "Start",
+    JobOperation.SAVE: "Save",
+    JobOperation.RESTORE: "Restore",
+    JobOperation.MIGRATION_IN: "Incoming migration",
+    JobOperation.MIGRATION_OUT: "Outgoing migration",
+    JobOperation.SNAPSHOT: "Snapshot",
+    JobOperation.SNAPSHOT_REVERT: "Snapshot revert",
+    JobOperation.DUMP: "Dump",
+    JobOperation.BACKUP: "Backup",
+    JobOperation.SNAPSHOT_DELETE: "Snapshot delete",
+}
+
+_CAPACITY_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB")
+
+
+def pretty_capacity(value: int) -> tuple[float, str]:
+    """virsh's ``vshPrettyCapacity``: the value in the largest binary unit below it."""
+    for exp, unit in enumerate(_CAPACITY_UNITS):
+        if value < 1024 ** (exp + 1) or unit == _CAPACITY_UNITS[-1]:
+            return value / 1024**exp, unit
+    raise AssertionError("unreachable")
+
+
+def typed_value(value: int | float | bool | str) -> str:
+    """virsh's ``virTypedParameterToString``."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def job_params(info: JobInfo) -> list[tuple[str, str]]:
+    """libvirt's job stats as typed params: ``operation`` first (as libvirt's drivers put it),
+    then the daemon's stats in its order.  A NONE job has none."""
+    if info.type is JobType.NONE:
+        return []
+    return [("operation", str(int(info.operation)))] + [
+        (p.name, typed_value(p.value)) for p in info.stats]
+
+
+def _ullong(info: JobInfo, name: str) -> int | None:
+    value = info.stat(name)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def format_job_info(info: JobInfo, *, completed: bool = False, anystats: bool = False) -> str:
+    """virsh's ``domjobinfo`` layout (``"%-17s %-12s"`` lines, trailing padding included).
+
+    Like virsh, only the ``Job type:`` line is printed unless the job runs, or is the completed
+    job asked for with ``completed`` (or ``anystats``: any job, failed ones too).
+    """
+    out: list[str] = []
+
+    def line(label: str, value: str) -> None:
+        out.append(f"{label:<17} {value}\n")
+
+    def number(label: str, value: int, unit: str = "") -> None:
+        line(label, f"{value:<12}" + (f" {unit}" if unit else ""))
+
+    def capacity(label: str, value: int, per: str = "") -> None:
+        scaled, unit = pretty_capacity(value)
+        line(label, f"{scaled:.3f} {unit}{per}")
+
+    def stat(label: str, name: str, unit: str = "") -> None:
+        value = _ullong(info, name)
+        if value is not None:
+            number(label, value, unit)
+
+    line("Job type:", f"{JOB_TYPE_LABELS.get(info.type, 'unknown'):<12}")
+    if not anystats and info.type not in (JobType.BOUNDED, JobType.UNBOUNDED) and not (
+            completed and info.type is JobType.COMPLETED):
+        return "".join(out)
+    line("Operation:", f"{JOB_OPERATION_LABELS.get(info.operation, 'unknown'):<12}")
+    number("Time elapsed:", info.time_elapsed_ms, "ms")
+    stat("Time elapsed w/o network:", "time_elapsed_net", "ms")
+    if info.type is JobType.BOUNDED:
+        number("Time remaining:", _ullong(info, "time_remaining") or 0, "ms")
+    if info.data_total or info.data_remaining or info.data_processed:
+        capacity("Data processed:", info.data_processed)
+        capacity("Data remaining:", info.data_remaining)
+        capacity("Data total:", info.data_total)
+    if info.mem_total or info.mem_remaining or info.mem_processed:
+        capacity("Memory processed:", info.mem_processed)
+        capacity("Memory remaining:", info.mem_remaining)
+        capacity("Memory total:", info.mem_total)
+        if bps := _ullong(info, "memory_bps"):
+            capacity("Memory bandwidth:", bps, "/s")
+        stat("Dirty rate:", "memory_dirty_rate", "pages/s")
+        stat("Page size:", "memory_page_size", "bytes")
+        stat("Iteration:", "memory_iteration")
+        stat("Postcopy requests:", "memory_postcopy_requests")
+    disk = [_ullong(info, f"disk_{n}") or 0 for n in ("processed", "remaining", "total")]
+    if any(disk):
+        for label, size in zip(("File processed:", "File remaining:", "File total:"), disk,
+                               strict=True):
+            capacity(label, size)
+        if bps := _ullong(info, "disk_bps"):
+            capacity("File bandwidth:", bps, "/s")
+    stat("Constant pages:", "memory_constant")
+    stat("Normal pages:", "memory_normal")
+    if (normal := _ullong(info, "memory_normal_bytes")) is not None:
+        capacity("Normal data:", normal)
+    downtime = _ullong(info, "downtime")
+    if downtime is not None:
+        number("Total downtime:" if info.type is JobType.COMPLETED else "Expected downtime:",
+               downtime, "ms")
+    stat("Downtime w/o network:", "downtime_net", "ms")
+    stat("Setup time:", "setup_time", "ms")
+    if (cache := _ullong(info, "compression_cache")) is not None:
+        capacity("Compression cache:", cache)
+    if (compressed := _ullong(info, "compression_bytes")) is not None:
+        capacity("Compressed data:", compressed)
+    for label, name in (("Compressed pages:", "compression_pages"),
+                        ("Compression cache misses:", "compression_cache_misses"),
+                        ("Compression overflows:", "compression_overflow")):
+        if (pages := _ullong(info, name)) is not None:
+            line(label, f"{pages:<13}")
+    throttle = info.stat("auto_converge_throttle")
+    if isinstance(throttle, int) and not isinstance(throttle, bool):
+        line("Auto converge throttle:", f"{throttle:<13}")
+    errmsg = info.stat("errmsg")
+    if isinstance(errmsg, str):
+        line("Error message:", errmsg)
+    return "".join(out)
+
+
+def format_job_rawstats(info: JobInfo) -> str:
+    """virsh's ``domjobinfo --rawstats``: the numeric job type, a blank line, the raw stats."""
+    return f"Job type: {int(info.type)}\n\n" + "".join(
+        f"{name}: {value}\n" for name, value in job_params(info))
+
+
+# ``event --event`` names: libvirt's, plus virtmig's ``job-failed``.
+EVENT_NAMES = ("lifecycle", "migration-iteration", "job-completed", "job-failed")
+
+
+def event_timestamp(ms: int) -> str:
+    """virsh's ``virTimeStringNowRaw``: UTC, milliseconds, ``+0000``."""
+    t = datetime.datetime.fromtimestamp(ms / 1000, datetime.UTC)
+    return f"{t:%Y-%m-%d %H:%M:%S}.{ms % 1000:03d}+0000"
+
+
+def format_event(ev: Event, *, timestamp: bool = False) -> str:
+    """virsh's ``event`` lines (``virshEvent*Print``)."""
+    head = f"event '{ev.kind}' for domain '{ev.domain_name}'"
+    if ev.kind == "lifecycle":
+        text = f"{head}: {ev.description}\n"
+    elif ev.kind == "migration-iteration":
+        text = f"{head}: iteration: '{ev.iteration}'\n"
+    else:  # job-completed, job-failed: the job's stats, one tab-indented line each
+        params = job_params(ev.job) if ev.job is not None else []
+        text = f"{head}:\n" + "".join(f"\t{name}: {value}\n" for name, value in params)
+    if timestamp:
+        ms = ev.timestamp_ms or int(datetime.datetime.now(datetime.UTC).timestamp() * 1000)
+        text = f"{event_timestamp(ms)}: {text}"
+    return text
+
+
 @dataclass(frozen=True)
 class MigrateOptions:
     """What ``migrate`` does besides the library call: watch the job, and how to call."""
@@ -122,6 +306,11 @@ class MigrateOptions:
     verbose: bool = False
     # ``--p2p`` or ``--direct``: migrate_to_uri3 instead of migrate3.
     unmanaged: bool = False
+    # ``--timeout``: seconds (0: none) after which ``timeout_action`` runs once on the source.
+    timeout: int = 0
+    timeout_action: str = "suspend"  # or "postcopy"
+    # ``--postcopy-after-precopy``: switch to post-copy once the first full pass is done.
+    postcopy_after_precopy: bool = False
 
 
 # Boolean options → flag, in virsh's order.
@@ -174,9 +363,16 @@ MIGRATE_PARAM_OPTIONS: tuple[tuple[str, MigrateParam, str], ...] = (
     ("parallel_connections", P.PARALLEL_CONNECTIONS, "int"),
     ("tls_destination", P.TLS_DESTINATION, "string"),
     ("bandwidth", P.BANDWIDTH, "ullong"),
+    # virtmig's own.
+    ("stall_timeout", P.STALL_TIMEOUT, "ullong"),
+    ("completion_timeout", P.COMPLETION_TIMEOUT, "ullong"),
+    ("completion_timeout_action", P.COMPLETION_TIMEOUT_ACTION, "string"),
 )
 
+COMPLETION_TIMEOUT_ACTIONS = ("abort", "suspend", "postcopy")
+
 _INT_MIN, _INT_MAX = -(2**31), 2**31 - 1
+_LLONG_MIN, _LLONG_MAX = -(2**63), 2**63 - 1
 _ULLONG_MAX = 2**64 - 1
 _DECIMAL = re.compile(r"[+-]?[0-9]+")
 
@@ -218,8 +414,8 @@ def _require(args: argparse.Namespace, option: str, required: str) -> None:
 def build_migration(args: argparse.Namespace) -> MigrateOptions:
     """Check ``migrate``'s options as virsh does and build the flags and typed params.
 
-    Pure apart from reading the ``--xml``/``--persistent-xml`` files.  Options the client does
-    not act on yet (``--timeout*``, ``--postcopy-after-precopy``) are refused here; everything
+    Pure apart from reading the ``--xml``/``--persistent-xml`` files.  The client acts on
+    ``--timeout*`` and ``--postcopy-after-precopy`` itself while it watches the job; everything
     else goes to the library and the daemons, which refuse what they cannot do.
     """
     _exclusive(args, "live", "offline")
@@ -236,12 +432,6 @@ def build_migration(args: argparse.Namespace) -> MigrateOptions:
             raise UsageError("migrate: Unexpected timeout for offline migration")
     if not timeout and (args.timeout_suspend or args.timeout_postcopy):
         raise UsageError("migrate: Unexpected --timeout-* option without --timeout")
-
-    # The client side of these (the watch loop's timer, the iteration event) is future work.
-    if timeout:
-        raise CliError("migrate: --timeout is not supported yet")
-    if args.postcopy_after_precopy:
-        raise CliError("migrate: --postcopy-after-precopy is not supported yet")
 
     params = TypedParams()
     for dest, name, kind in MIGRATE_PARAM_OPTIONS:
@@ -265,7 +455,9 @@ def build_migration(args: argparse.Namespace) -> MigrateOptions:
         if getattr(args, dest):
             flags |= flag
     return MigrateOptions(flags, params, verbose=bool(args.verbose),
-                          unmanaged=bool(args.p2p or args.direct))
+                          unmanaged=bool(args.p2p or args.direct), timeout=timeout,
+                          timeout_action="postcopy" if args.timeout_postcopy else "suspend",
+                          postcopy_after_precopy=bool(args.postcopy_after_precopy))
 
 
 # --- connections ----------------------------------------------------------------------------------
@@ -446,54 +638,301 @@ async def cmd_nodeinfo(s: Session, args: argparse.Namespace) -> None:
         print(f"{label:<20} {value}")
 
 
-async def watch_job(conn: AsyncConnection, dom: Domain, work: Awaitable[object], *,
-                    verbose: bool, label: str = "Migration") -> None:
-    """virsh's ``virshWatchJob``: run ``work``; with ``verbose`` poll the job every 500 ms and
-    keep a progress line on stderr, ending with ``[100.00 %]`` on success."""
-    task = asyncio.ensure_future(work)
-    shown = False
+@contextlib.contextmanager
+def on_sigint(callback: Callable[[], None]) -> Iterator[None]:
+    """Run ``callback`` on the event loop for each SIGINT while the block runs (instead of
+    asyncio.run's cancel-and-raise); the previous handler is back afterwards."""
+    loop = asyncio.get_running_loop()
+    previous = signal.getsignal(signal.SIGINT)
     try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=JOB_POLL_INTERVAL)
-            if done:
-                break
-            if not verbose:
-                continue
-            try:
-                info = await conn.job_info(dom)
-            except VirtmigError:
-                continue  # virsh ignores a failed poll: the migration's own result decides
-            progress = job_progress(info.data_remaining, info.data_total)
-            if progress is not None and not task.done():
-                sys.stderr.write(progress_line(label, progress))
-                sys.stderr.flush()
-                shown = True
-        task.result()
-    except BaseException:
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
-        if shown:
+        loop.add_signal_handler(signal.SIGINT, callback)
+    except (NotImplementedError, RuntimeError, ValueError):  # no signals here (not main thread)
+        yield
+        return
+    try:
+        yield
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
+        if previous is not None:  # None: not set from Python, nothing to put back
+            signal.signal(signal.SIGINT, previous)
+
+
+class ProgressLine:
+    """virsh's ``--verbose`` line on stderr, rewritten in place."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.shown = ""
+
+    def show(self, progress: float) -> None:
+        text = progress_line(self.label, progress)
+        if text != self.shown:
+            sys.stderr.write(text)
+            sys.stderr.flush()
+            self.shown = text
+
+    def interrupted(self) -> None:
+        if self.shown:
             sys.stderr.write("\n")
-        raise
-    if verbose:
-        sys.stderr.write(progress_line(label, 100.0) + "\n")
+            sys.stderr.flush()
+
+    def done(self) -> None:
+        sys.stderr.write(progress_line(self.label, 100.0) + "\n")
         sys.stderr.flush()
+
+
+_RUNNING_JOBS = (JobType.BOUNDED, JobType.UNBOUNDED)
+
+
+async def _show_progress(conn: AsyncConnection, dom: Domain, work: asyncio.Future[object],
+                         line: ProgressLine) -> None:
+    """Follow the source's job as the daemon pushes it (``watch_job``) and keep the progress
+    line; until the job exists (Begin, Prepare) the watch is opened again."""
+    seen = False
+    while not work.done():
+        try:
+            async for info in conn.watch_job(dom):
+                if info.type not in _RUNNING_JOBS:
+                    continue  # not started yet, or its final record: the call reports
+                seen = True
+                progress = job_progress(info.data_remaining, info.data_total)
+                if progress is not None and not work.done():
+                    line.show(progress)
+        except VirtmigError as exc:
+            log.debug("cannot watch the job of %s: %s", dom.name, exc)  # the call decides
+        if seen:
+            return
+        await asyncio.sleep(JOB_WATCH_RETRY)
+
+
+async def _abort(conn: AsyncConnection, dom: Domain, work: asyncio.Future[object]) -> None:
+    """Ctrl-C: virsh's ``virDomainAbortJob`` on the source; before the job exists (Begin,
+    Prepare), tried again until it does or the call ends.  Failures are only logged: the
+    migration call's own result is reported."""
+    while not work.done():
+        try:
+            await conn.abort_job(dom)
+            return
+        except OperationInvalid as exc:
+            if "no job is active" not in str(exc):
+                log.debug("cannot abort the migration of %s: %s", dom.name, exc)
+                return
+        except VirtmigError as exc:
+            log.debug("cannot abort the migration of %s: %s", dom.name, exc)
+            return
+        await asyncio.sleep(ABORT_RETRY)
+
+
+async def _after_timeout(conn: AsyncConnection, dom: Domain, seconds: int, action: str) -> None:
+    """virsh's ``virshMigrateTimeout``: once, suspend the source or switch to post-copy;
+    a failure is only logged."""
+    await asyncio.sleep(seconds)
+    try:
+        if action == "postcopy":
+            log.debug("migration timed out; switching to post-copy")
+            await conn.start_postcopy(dom)
+        else:
+            log.debug("migration timed out; suspending domain")
+            await conn.suspend(dom)
+    except VirtmigError as exc:
+        log.debug("migration timeout action %s failed: %s", action, exc)
+
+
+async def _postcopy_after_precopy(conn: AsyncConnection, dom: Domain) -> None:
+    """virsh's ``virshMigrateIteration``: switch to post-copy when iteration 2 starts (the
+    first full pass is done); ``>= 2`` so that a missed event does not lose the switch."""
+    try:
+        async for ev in conn.events(dom):
+            if ev.kind == "migration-iteration" and ev.iteration >= 2:
+                log.debug("iteration %d finished, switching to post-copy", ev.iteration - 1)
+                await conn.start_postcopy(dom)
+                return
+    except VirtmigError as exc:
+        log.debug("failed to switch to post-copy: %s", exc)
+
+
+async def watch_migration(conn: AsyncConnection, dom: Domain,
+                          start: Callable[[], Awaitable[object]], opts: MigrateOptions, *,
+                          label: str = "Migration") -> None:
+    """virsh's ``virshWatchJob`` around the migration call ``start()``.
+
+    Alongside the call: the progress line (``verbose``), the one-shot ``--timeout`` action, the
+    switch after pre-copy (subscribed to the source's events before the call starts), and
+    Ctrl-C, which aborts the job and keeps waiting for the call to fail; a second Ctrl-C
+    raises :class:`KeyboardInterrupt` at once.
+    """
+    loop = asyncio.get_running_loop()
+    helpers: list[asyncio.Task[None]] = []
+    if opts.postcopy_after_precopy:
+        helpers.append(loop.create_task(_postcopy_after_precopy(conn, dom)))
+        await asyncio.sleep(0)  # the subscription goes out before the migration's first call
+    work: asyncio.Future[object] = asyncio.ensure_future(start())
+    line = ProgressLine(label)
+    if opts.verbose:
+        helpers.append(loop.create_task(_show_progress(conn, dom, work, line)))
+    if opts.timeout:
+        helpers.append(loop.create_task(
+            _after_timeout(conn, dom, opts.timeout, opts.timeout_action)))
+    interrupts = 0
+
+    def interrupt() -> None:
+        nonlocal interrupts
+        interrupts += 1
+        if interrupts > 1:
+            raise KeyboardInterrupt
+        helpers.append(loop.create_task(_abort(conn, dom, work)))
+
+    try:
+        with on_sigint(interrupt):
+            await work
+    except BaseException:
+        if not work.done():
+            work.cancel()
+            with contextlib.suppress(BaseException):
+                await work
+        line.interrupted()
+        raise
+    finally:
+        for helper in helpers:
+            helper.cancel()
+        await asyncio.gather(*helpers, return_exceptions=True)
+    if opts.verbose:
+        line.done()
 
 
 async def cmd_migrate(s: Session, args: argparse.Namespace) -> None:
     opts = build_migration(args)
     conn = await s.conn()
     dom = await lookup(conn, args.domain)
-    work: Awaitable[object]
+    start: Callable[[], Awaitable[object]]
     if opts.unmanaged:
         dconnuri = args.desturi if args.p2p else None
-        work = conn.migrate_to_uri3(dom, dconnuri, opts.params, opts.flags)
+        start = functools.partial(conn.migrate_to_uri3, dom, dconnuri, opts.params, opts.flags)
     else:
         dconn = await s.open(args.desturi, f"failed to connect to the destination '{args.desturi}'")
-        work = conn.migrate3(dom, dconn, opts.params, opts.flags)
-    await watch_job(conn, dom, work, verbose=opts.verbose)
+        start = functools.partial(conn.migrate3, dom, dconn, opts.params, opts.flags)
+    await watch_migration(conn, dom, start, opts)
+
+
+async def cmd_domjobinfo(s: Session, args: argparse.Namespace) -> None:
+    _require(args, "keep_completed", "completed")
+    _exclusive(args, "completed", "watch")
+    conn = await s.conn()
+    dom = await lookup(conn, args.domain)
+
+    def block(info: JobInfo, completed: bool) -> str:
+        if args.rawstats:
+            return format_job_rawstats(info)
+        return format_job_info(info, completed=completed, anystats=args.anystats)
+
+    if not args.watch:
+        sys.stdout.write(block(await conn.job_info(dom, completed=args.completed),
+                               args.completed))
+        return
+    # virtmig's extension: a block each time the daemon pushes a change, the last one being
+    # the job's completed (or failed) record; blocks are separated by a blank line.
+    first = True
+    async for info in conn.watch_job(dom):
+        final = info.type in (JobType.COMPLETED, JobType.FAILED, JobType.CANCELLED)
+        sys.stdout.write(("" if first else "\n") + block(info, final))
+        sys.stdout.flush()
+        first = False
+
+
+async def cmd_domjobabort(s: Session, args: argparse.Namespace) -> None:
+    conn = await s.conn()
+    dom = await lookup(conn, args.domain)
+    await conn.abort_job(dom, postcopy=args.postcopy)
+
+
+async def cmd_migrate_setmaxdowntime(s: Session, args: argparse.Namespace) -> None:
+    conn = await s.conn()
+    dom = await lookup(conn, args.domain)
+    downtime = _number("downtime", args.downtime, _LLONG_MIN, _LLONG_MAX)
+    if downtime < 1:
+        raise CliError("migrate: Invalid downtime")
+    await conn.set_max_downtime(dom, downtime)
+
+
+async def cmd_migrate_getmaxdowntime(s: Session, args: argparse.Namespace) -> None:
+    conn = await s.conn()
+    dom = await lookup(conn, args.domain)
+    print(await conn.get_max_downtime(dom))
+
+
+async def cmd_migrate_setspeed(s: Session, args: argparse.Namespace) -> None:
+    conn = await s.conn()
+    dom = await lookup(conn, args.domain)
+    # virsh's vshCommandOptULWrap: a negative value wraps around (-1 is the largest).
+    bandwidth = _number("bandwidth", args.bandwidth, _LLONG_MIN, _ULLONG_MAX) % 2**64
+    await conn.set_max_speed(dom, bandwidth, postcopy=args.postcopy)
+
+
+async def cmd_migrate_getspeed(s: Session, args: argparse.Namespace) -> None:
+    conn = await s.conn()
+    dom = await lookup(conn, args.domain)
+    print(await conn.get_max_speed(dom, postcopy=args.postcopy))
+
+
+async def cmd_migrate_postcopy(s: Session, args: argparse.Namespace) -> None:
+    conn = await s.conn()
+    dom = await lookup(conn, args.domain)
+    await conn.start_postcopy(dom)
+
+
+async def cmd_event(s: Session, args: argparse.Namespace) -> None:
+    """virsh's ``event``: print domain events as they come; one (or, with ``--loop``, all
+    until ``--timeout`` or Ctrl-C), then how many.  Exit status 1 when none came, as virsh."""
+    _exclusive(args, "all", "event")
+    _exclusive(args, "list", "all")
+    _exclusive(args, "list", "event")
+    if args.list:
+        for name in EVENT_NAMES:
+            print(name)
+        return
+    if args.event is None and not args.all:
+        raise CliError("one of --list, --all, or --event <type> is required")
+    if args.event is not None and args.event not in EVENT_NAMES:
+        raise CliError(f"unknown event type {args.event}")
+    timeout = 0
+    if args.timeout is not None:
+        timeout = _number("timeout", args.timeout, 1, _INT_MAX // 1000)
+    conn = await s.conn()
+    dom = await lookup(conn, args.domain) if args.domain is not None else None
+    count = 0
+
+    async def receive() -> None:
+        nonlocal count
+        async for ev in conn.events(dom):
+            if ev.kind not in EVENT_NAMES or args.event not in (None, ev.kind):
+                continue
+            sys.stdout.write(format_event(ev, timestamp=args.timestamp))
+            sys.stdout.flush()
+            count += 1
+            if not args.loop:
+                return
+
+    interrupted = asyncio.Event()
+    receiving = asyncio.ensure_future(receive())
+    stop = asyncio.ensure_future(interrupted.wait())
+    try:
+        with on_sigint(interrupted.set):
+            await asyncio.wait({receiving, stop}, timeout=timeout or None,
+                               return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (receiving, stop):
+            if not task.done():
+                task.cancel()
+        await asyncio.gather(receiving, stop, return_exceptions=True)
+    if receiving.done() and not receiving.cancelled():
+        receiving.result()  # the stream's failure, if any
+    elif interrupted.is_set():
+        print("event loop interrupted")
+    else:
+        print("event loop timed out")
+    print(f"events received: {count}", flush=True)
+    if not count:
+        raise CliError()
 
 
 def _setup_list(p: argparse.ArgumentParser) -> None:
@@ -580,6 +1019,45 @@ def _setup_migrate(p: argparse.ArgumentParser) -> None:
         p.add_argument(*names, action="store_true", help=help_text)
     for name, metavar, help_text in _MIGRATE_VALUES:
         p.add_argument(name, metavar=metavar, help=help_text)
+    p.add_argument("--stall-timeout", metavar="SECONDS",
+                   help="virtmig: fail the migration when it makes no progress for this long")
+    p.add_argument("--completion-timeout", metavar="SEC-PER-GIB",
+                   help="virtmig: run --completion-timeout-action when the migration takes "
+                        "longer than this many seconds per GiB of guest memory")
+    p.add_argument("--completion-timeout-action", choices=COMPLETION_TIMEOUT_ACTIONS,
+                   help="virtmig: what the source does on the completion timeout: "
+                        f"{', '.join(COMPLETION_TIMEOUT_ACTIONS)} (default: the daemon's)")
+
+
+def _setup_domjobinfo(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--completed", action="store_true",
+                   help="return statistics of a recently completed job")
+    p.add_argument("--keep-completed", action="store_true",
+                   help="don't destroy statistics of a recently completed job when reading")
+    p.add_argument("--anystats", action="store_true",
+                   help="print statistics for any kind of job (even failed ones)")
+    p.add_argument("--rawstats", action="store_true",
+                   help="print the raw data returned by libvirt")
+    p.add_argument("--watch", action="store_true",
+                   help="virtmig: print the job's information each time it changes, until "
+                        "the job ends")
+
+
+def _setup_postcopy(help_text: str) -> Callable[[argparse.ArgumentParser], None]:
+    def setup(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--postcopy", action="store_true", help=help_text)
+
+    return setup
+
+
+def _setup_event(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--all", action="store_true",
+                   help="wait for all events instead of just one type")
+    p.add_argument("--loop", action="store_true",
+                   help="loop until timeout or interrupt, rather than one-shot")
+    p.add_argument("--list", action="store_true", help="list valid event types")
+    p.add_argument("--timestamp", action="store_true",
+                   help="show timestamp for each printed event")
 
 
 def _lifecycle(verb: str, done: str, call: Callable[[AsyncConnection, Domain], Awaitable[None]],
@@ -607,6 +1085,24 @@ COMMANDS: tuple[Command, ...] = (
             ("domain", "desturi"), _setup_migrate,
             {"migrateuri": "URI", "graphicsuri": "URI", "listen_address": "ADDR",
              "dname": "NAME"}),
+    Command("domjobinfo", "domain job information", cmd_domjobinfo, ("domain",), ("domain",),
+            _setup_domjobinfo),
+    Command("domjobabort", "abort active domain job", cmd_domjobabort, ("domain",), ("domain",),
+            _setup_postcopy("abort a post-copy migration")),
+    Command("migrate-setmaxdowntime", "set maximum tolerable downtime",
+            cmd_migrate_setmaxdowntime, ("domain", "downtime"), ("domain", "downtime"),
+            metavars={"downtime": "MS"}),
+    Command("migrate-getmaxdowntime", "get maximum tolerable downtime",
+            cmd_migrate_getmaxdowntime, ("domain",), ("domain",)),
+    Command("migrate-setspeed", "Set the maximum migration bandwidth", cmd_migrate_setspeed,
+            ("domain", "bandwidth"), ("domain", "bandwidth"),
+            _setup_postcopy("set post-copy migration bandwidth"), {"bandwidth": "MiB/s"}),
+    Command("migrate-getspeed", "Get the maximum migration bandwidth", cmd_migrate_getspeed,
+            ("domain",), ("domain",), _setup_postcopy("get post-copy migration bandwidth")),
+    Command("migrate-postcopy", "Switch running migration from pre-copy to post-copy",
+            cmd_migrate_postcopy, ("domain",), ("domain",)),
+    Command("event", "Domain Events", cmd_event, ("domain", "event", "timeout"), (),
+            _setup_event, {"event": "TYPE", "timeout": "SECONDS"}),
     Command("hostname", "print the daemon's hostname", cmd_hostname),
     Command("version", "show version", cmd_version),
     Command("nodeinfo", "node information", cmd_nodeinfo),
@@ -623,6 +1119,10 @@ _DATA_HELP = {
     "graphicsuri": "graphics URI to be used for seamless graphics migration",
     "listen_address": "listen address that destination should bind to for incoming migration",
     "dname": "rename to new name during migration (if supported)",
+    "downtime": "maximum tolerable downtime (in milliseconds) for migration",
+    "bandwidth": "migration bandwidth limit in MiB/s",
+    "event": f"which event type to wait for: {', '.join(EVENT_NAMES)}",
+    "timeout": "timeout seconds",
 }
 
 
@@ -726,6 +1226,18 @@ def _main(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """The ``virtmig`` console script: returns the exit status (0 success, 1 failure)."""
+    try:
+        return _run_main(argv)
+    finally:
+        if argv is None:
+            # The command is over and has reported: a late Ctrl-C (a second one during a
+            # migration's abort) must not turn the exit status into a death by SIGINT while
+            # the interpreter and gRPC's threads shut down.
+            with contextlib.suppress(ValueError, OSError):
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _run_main(argv: list[str] | None) -> int:
     try:
         return _main(sys.argv[1:] if argv is None else list(argv))
     except KeyboardInterrupt:

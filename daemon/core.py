@@ -10,6 +10,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from lxml import etree
+
 from virtmig.daemon.backend.base import Backend, GuestRunState, GuestSpec
 from virtmig.daemon.domxml import DomainDef
 from virtmig.daemon.events import EventBus, lifecycle_for
@@ -91,13 +93,18 @@ class Daemon:
     def features(self) -> frozenset[str]:
         return frozenset(self.config.features)
 
-    async def open(self) -> None:
+    async def open(self) -> list[tuple[DomainObj, etree._Element]]:
+        """Load the state dir; return the domains whose guests outlived the daemon, with their
+        status, for recovery (``virtmig.daemon.recovery``)."""
         await self.backend.open(self.files.backend_dir(self.backend.name))
-        for dom, _status in self.registry.load():
+        survivors = []
+        for dom, status in self.registry.load():
             # The test backend's guests live in the daemon process: after a restart they are gone.
             # Backends whose guests outlive the daemon report them as still running.
             run = self.backend.state(dom.uuid)
-            if run is GuestRunState.SHUTOFF:
+            if run is not GuestRunState.SHUTOFF:
+                survivors.append((dom, status))
+            else:
                 log.info("domain %s did not survive the daemon restart", dom.name)
                 self.set_state(dom, DomainState.SHUTOFF, ShutoffReason.DAEMON)
                 dom.live = None
@@ -106,6 +113,7 @@ class Daemon:
                     self.registry.remove(dom)
                 else:
                     self.registry.save_status(dom)
+        return survivors
 
     async def close(self) -> None:
         await self.backend.close()

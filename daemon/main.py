@@ -14,7 +14,7 @@ from pathlib import Path
 
 import grpc
 
-from virtmig.daemon import jobctl
+from virtmig.daemon import jobctl, recovery
 from virtmig.daemon.backend.base import Backend
 from virtmig.daemon.config import build_parser, load_config
 from virtmig.daemon.core import Daemon, DaemonConfig
@@ -30,7 +30,11 @@ def make_backend(name: str) -> Backend:
         from virtmig.daemon.backend.test import TestBackend
 
         return TestBackend()
-    raise InvalidArgument(f"unknown backend '{name}' (available: test)")
+    if name == "qemu":
+        from virtmig.daemon.backend.qemu import QemuBackend
+
+        return QemuBackend()
+    raise InvalidArgument(f"unknown backend '{name}' (available: test, qemu)")
 
 
 # Keepalive pings find a caller that vanished without closing its connection (a partition), so
@@ -67,7 +71,7 @@ class RunningDaemon:
 async def start_daemon(config: DaemonConfig, backend: Backend | None = None) -> RunningDaemon:
     daemon = Daemon(config, backend or make_backend(config.backend))
     daemon.registry.on_job_end = lambda dom, rec: daemon.events.publish(jobctl.job_event(dom, rec))
-    await daemon.open()
+    await recovery.recover(daemon, await daemon.open())
     server = grpc.aio.server(options=SERVER_OPTIONS)
     add_services(server, daemon)
     addresses = []

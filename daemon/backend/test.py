@@ -16,10 +16,12 @@ Guest options (attributes of ``<virtmig:test .../>`` in the domain XML):
     background: when the migration code syncs the dirty log (and on pause, resume and
     :meth:`TestBackend.memory_digest`), the pages dirtied since the last tick are materialised at
     once -- ``rate * running time`` pseudo-random pages get their version bumped (at most every
-    page per tick).  A paused guest dirties nothing.
+    page per tick).  A paused guest dirties nothing.  An auto-converge CPU throttle of ``t`` %
+    scales the rate by ``(100 - t) / 100``.
 ``fault``
-    Test hook.  ``corrupt-stream``: the source sends page 0 once more in its stop-and-copy pass,
-    with one wrong byte, so the destination's digest check fails and the migration must fail.
+    Test hook.  ``corrupt-stream``: the source sends page 0 once more in its stop-and-copy pass
+    (in post-copy: among the remaining pages), with one wrong byte, so the destination's digest
+    check fails and the migration must fail.
 
 Memory digest: ``blake2b-256`` over the ``blake2b-128`` hashes of all pages in page order
 (:meth:`TestBackend.memory_digest`).  Both ends compute it -- the source from its memory, the
@@ -41,27 +43,77 @@ Stream protocol (all integers little-endian)::
                                                             e.g. "memory digest mismatch at
                                                             switchover: …"
 
+    Post-copy (after start_postcopy, instead of the stop-and-copy pass; source stopped):
+    DISCARD "D"  u32 count  count * u32 index         ──►   (repeats, <= 65536 each) pages the
+                                                            destination holds stale: dropped
+    POSTCOPY "C"                                      ──►   the guest may run; a page it touches
+                                                            that is not there is requested:
+                                                      ◄──   REQUEST "R" u32 count  count * u32
+                                                                   index (any time until ACK)
+    PAGES   "P"  ...  every remaining page exactly once, requested ones first
+    SWITCH  "S"  digest of the source's memory as of the switch
+                                                      ◄──   REPLY  "A" / "N" as above
+
 The destination answers ``N`` + reason and closes whenever it refuses the stream (wrong guest,
 malformed record, guest destroyed).  The source reads replies the whole time, so a NAK or an EOF
 aborts the migration at once rather than at switchover.
 
 Migration, source side (:meth:`TestBackend.outgoing`): iteration 1 sends all pages, each later
 iteration the pages dirtied meanwhile; after each pass the expected downtime is (dirty pages *
-4096) / measured bandwidth, and once it is within ``max_downtime_ms`` (or the guest is paused, or
-the migration is not live) the guest is stopped, the last dirty pages go out in a final pass and
-the switchover record follows.  There is no iteration cap: a guest dirtying faster than the link
-never converges and the migration runs until cancelled, as with QEMU.  On ACK the source guest is
-left paused; on any failure, NAK or cancel it runs again if it ran before.  The destination guest
-is paused until the stream completes; on ACK it holds exactly the received memory (and can be
-migrated onwards), on any failure it quits, like a QEMU whose incoming migration failed.
+4096) / the transfer rate of that pass, and once it is within ``max_downtime_ms`` (or the guest is
+paused, or the migration is not live) the guest is stopped, the last dirty pages go out in a final
+pass and the switchover record follows.  There is no iteration cap: a guest dirtying faster than
+the link never converges and the migration runs until cancelled, as with QEMU.  On ACK the source
+guest is left paused; on any failure, NAK or cancel it runs again if it ran before.  The
+destination guest is paused until the stream completes; on ACK it holds exactly the received
+memory (and can be migrated onwards), on any failure it quits, like a QEMU whose incoming
+migration failed.
+
+Job control:
+
+``set_tuning``
+    Bandwidth and max downtime of a running migration are read per batch and per pass, so a
+    change applies to the next batch (a pacing sleep in progress is cut short) and to the next
+    convergence check.  After the switch to post-copy, pacing follows
+    ``postcopy_bandwidth_bytes_per_s`` only; a new bandwidth is recorded but does not apply.
+Auto-converge (``tuning.auto_converge``)
+    QEMU's heuristic: after a pass that did not converge, if the bytes the guest dirtied since
+    the previous dirty-log sync are at least half the bytes sent in that pass (the dirty rate is
+    at least half the transfer rate), the guest is throttled -- ``auto_converge_initial`` % the
+    first time, ``+ auto_converge_increment`` each further time, at most 99 % (both settings are
+    clamped to 1..99).  Unlike QEMU there is no "two periods in a row" delay.  The throttle ends
+    with the migration, whatever its outcome; the final progress still reports the last value.
+Post-copy (``tuning.postcopy``)
+    ``start_postcopy`` asks for the switch; it happens at the next batch boundary of a pre-copy
+    pass (a request while the guest is already stopped for the stop-and-copy pass is moot: the
+    migration completes as pre-copy).  At the switch the source guest stops, the pages not
+    current on the destination -- those dirtied since the last sync plus the unsent rest of the
+    current pass -- are listed in DISCARD records (minus pages never sent at all), POSTCOPY
+    follows and ``outgoing`` returns a progress with status ``POSTCOPY_ACTIVE``.  The remaining
+    pages then stream in the background, each exactly once, paced by the post-copy bandwidth;
+    requested pages jump the queue and never wait for the pacing (their bytes still count
+    against it).  The destination guest can be resumed from the POSTCOPY record on; a write to a
+    page that has not arrived is held and applied on arrival (the vCPU would block on the fault)
+    and the page is requested once.  ``postcopy_requests`` counts requested pages (destination:
+    sent, source: received).  At the end the destination checks the source's digest against the
+    hashes of the bytes it *received* (its own writes are not part of it) and its memory becomes
+    the received pages plus its writes since the switch.  Once switched nothing is rolled back:
+    ``cancel`` refuses; a broken stream (EOF, NAK, either guest destroyed, daemon shutdown,
+    digest mismatch) makes ``outgoing_wait`` and ``incoming_wait`` raise :class:`PostcopyFailed`,
+    and the surviving guests are left paused.  The source guest keeps its complete memory (as of
+    the switch); the destination guest's memory is incomplete, so it refuses ``resume``,
+    ``memory_digest`` and ``outgoing`` until it is destroyed.  Source-side ``downtime_ms`` in
+    post-copy is the time from the stop to the POSTCOPY record; destination side, from the switch
+    until the guest was resumed (or the end).
 
 Details: ``iteration`` counts passes including the stop-and-copy one, so an idle guest reports 2
-(like QEMU's dirty-sync count).  ``bandwidth_bytes_per_s`` is paced by sleeping between batches
-(smaller batches when throttled); every batch is one ``write`` + ``drain`` followed by a yield, so
-the daemon's other RPCs on the same event loop stay responsive.  The header and its reply must
-arrive within :data:`HANDSHAKE_TIMEOUT`; after that only EOF or an error ends a stream early.
-The destination adopts the stream's seed.  Page hashing resumes a blake2b state cached per seed
-when a page starts with the seed's block -- the result is the hash of the bytes as received.
+(like QEMU's dirty-sync count); the post-copy phase is not a pass.  ``bandwidth_bytes_per_s`` is
+paced by sleeping between batches (smaller batches when throttled); every batch is one ``write``
++ ``drain`` followed by a yield, so the daemon's other RPCs on the same event loop stay
+responsive.  The header and its reply must arrive within :data:`HANDSHAKE_TIMEOUT`; after that
+only EOF or an error ends a stream early.  The destination adopts the stream's seed.  Page hashing
+resumes a blake2b state cached per seed when a page starts with the seed's block -- the result is
+the hash of the bytes as received.
 """
 
 from __future__ import annotations
@@ -73,9 +125,11 @@ import logging
 import os
 import random
 import struct
+import sys
 import time
 from array import array
-from collections.abc import Coroutine, Sequence
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -90,6 +144,7 @@ from virtmig.daemon.backend.base import (
     MigrationProgress,
     MigrationStatus,
     MigrationTuning,
+    PostcopyFailed,
     StreamAddress,
 )
 from virtmig.proto.errors import ConfigUnsupported
@@ -115,12 +170,16 @@ _ITER_STOPPED = 1
 _DIGEST_LEN = 32
 _PAGE_HASH_LEN = 16
 _DIGEST_PERSON = b"virtmig-testmem"
+_VERSION_MASK = 0xFFFFFFFF
 
 _BATCH_PAGES = 256  # 1 MiB of page data per write when unthrottled
 _MAX_BATCH_PAGES = 4096  # what a destination accepts in one record
+_MAX_INDICES = 65536  # page indices per DISCARD / REQUEST record
 _STREAM_LIMIT = 4 * MIB  # StreamReader buffer limit / transport write high-water mark
 _MAX_NPAGES = 0xFFFFFFFF
 _HASH_SLICE_PAGES = 4096  # page hashes per event-loop slice (~4 ms)
+_PULL_INTERVAL = 0.005  # seconds between a post-copy destination's dirty ticks / page requests
+_MAX_THROTTLE = 99
 HANDSHAKE_TIMEOUT = 30.0  # seconds for the header and its reply; the stream itself has none
 
 
@@ -225,6 +284,13 @@ class _Guest:
         self.incoming = False  # waiting for an incoming stream: memory not there yet
         self.dirty: set[int] | None = None  # dirty log, while a migration tracks it
         self.outgoing: _Outgoing | None = None
+        self.throttle = 0  # auto-converge CPU throttle, percent
+        # Incoming post-copy: 1 per page that has arrived (None: all memory is here); writes to
+        # pages not there yet, held until they arrive; pages to request from the source.
+        self.arrived: bytearray | None = None
+        self.pending: dict[int, int] = {}
+        self.faults: list[int] = []
+        self.broken = False  # post-copy failed: part of the memory never arrived
         self._rng = random.Random(self.seed)
         self._carry = 0.0
         self._last_tick = time.monotonic()
@@ -233,6 +299,11 @@ class _Guest:
     def running(self) -> bool:
         return not (self.paused or self.stopped or self.incoming)
 
+    @property
+    def has_memory(self) -> bool:
+        """All of the guest's memory is here (not waiting for an incoming stream)."""
+        return not self.incoming and self.arrived is None
+
     def run_state(self) -> GuestRunState:
         return GuestRunState.RUNNING if self.running else GuestRunState.PAUSED
 
@@ -240,17 +311,30 @@ class _Guest:
         """Materialise the pages dirtied since the last tick; return how many were dirtied."""
         now = time.monotonic()
         elapsed, self._last_tick = now - self._last_tick, now
-        if not self.running or self.dirty_pages_per_s <= 0 or elapsed <= 0:
+        rate = self.dirty_pages_per_s * (100 - self.throttle) / 100
+        if not self.running or rate <= 0 or elapsed <= 0:
             return 0
-        exact = self.dirty_pages_per_s * elapsed + self._carry
+        exact = rate * elapsed + self._carry
         n = int(exact)
         self._carry = exact - n
         if n >= self.npages:
             n, self._carry = self.npages, 0.0
         versions, randrange, npages = self.versions, self._rng.randrange, self.npages
         touched = [randrange(npages) for _ in range(n)]
-        for i in touched:
-            versions[i] = (versions[i] + 1) & 0xFFFFFFFF
+        arrived = self.arrived
+        if arrived is None:
+            for i in touched:
+                versions[i] = (versions[i] + 1) & _VERSION_MASK
+        else:  # post-copy: a page that is not here yet faults; the write waits for it
+            pending, faults = self.pending, self.faults
+            for i in touched:
+                if arrived[i]:
+                    versions[i] = (versions[i] + 1) & _VERSION_MASK
+                elif i in pending:
+                    pending[i] += 1
+                else:
+                    pending[i] = 1
+                    faults.append(i)
         if self._hashed_upto:
             self._stale.update(touched)
             if len(self._stale) > self.npages // 4:  # cheaper to rehash all, lazily
@@ -271,6 +355,34 @@ class _Guest:
         self._hashes = hashes
         self._hashed_upto = self.npages
         self._stale.clear()
+
+    def begin_postcopy(self, arrived: bytearray) -> None:
+        """The incoming stream switched to post-copy: the guest may run on the pages here."""
+        self.tick()
+        self.arrived = arrived
+        self.pending = {}
+        self.faults = []
+        self.incoming = False
+        self.dirty = set()  # the guest's own writes: not part of the received memory
+
+    def adopt_received(self, hashes: bytearray) -> None:
+        """The incoming stream completed: memory = received pages (``hashes``) + own writes."""
+        self.tick()
+        written = self.dirty or set()
+        self.set_hashes(hashes)
+        if len(written) > self.npages // 4:
+            self._hashed_upto = 0
+        else:
+            self._stale = set(written)
+        self.dirty = None
+        self.arrived = None
+        self.pending = {}
+        self.faults = []
+        self.incoming = False
+
+    def set_throttle(self, percent: int) -> None:
+        self.tick()  # the time so far ran at the old rate
+        self.throttle = percent
 
     def hash_pages(self, budget: int) -> bool:
         """Bring up to ``budget`` page hashes up to date; ``True`` once all are."""
@@ -324,16 +436,52 @@ def _nak(reason: str) -> bytes:
     return b"N" + _U16.pack(len(data)) + data
 
 
-async def _read_reply(reader: asyncio.StreamReader) -> str | None:
-    """Read one reply: ``None`` for ACK, the reason for NAK; MigrationFailed on EOF/garbage."""
+def _pack_indices(kind: bytes, indices: Sequence[int]) -> bytes:
+    """DISCARD / REQUEST records for ``indices`` (as many records as needed)."""
+    out: list[bytes] = []
+    for start in range(0, len(indices), _MAX_INDICES):
+        chunk = array("I", indices[start : start + _MAX_INDICES])
+        if sys.byteorder == "big":
+            chunk.byteswap()
+        out += (kind, _U32.pack(len(chunk)), chunk.tobytes())
+    return b"".join(out)
+
+
+async def _read_indices(reader: asyncio.StreamReader, npages: int, what: str) -> array[int]:
+    """The body of a DISCARD / REQUEST record; MigrationFailed when it is malformed."""
+    (count,) = _U32.unpack(await reader.readexactly(_U32.size))
+    if not 0 < count <= _MAX_INDICES:
+        raise MigrationFailed(f"malformed migration stream: {what} of {count} pages")
+    indices = array("I")
+    indices.frombytes(await reader.readexactly(4 * count))
+    if sys.byteorder == "big":
+        indices.byteswap()
+    if max(indices) >= npages:
+        raise MigrationFailed(f"malformed migration stream: {what} of page {max(indices)}")
+    return indices
+
+
+async def _read_reply(
+    reader: asyncio.StreamReader,
+    requested: Callable[[asyncio.StreamReader], Awaitable[None]] | None = None,
+) -> str | None:
+    """Read one reply: ``None`` for ACK, the reason for NAK; MigrationFailed on EOF/garbage.
+
+    With ``requested``, REQUEST records before the reply are handed to it (it reads the body).
+    """
     try:
-        kind = await reader.readexactly(1)
-        if kind == b"A":
-            return None
-        if kind == b"N":
-            (n,) = _U16.unpack(await reader.readexactly(_U16.size))
-            reason = (await reader.readexactly(n)).decode("utf-8", "replace")
-            return reason or "migration refused by the destination"
+        while True:
+            kind = await reader.readexactly(1)
+            if kind == b"A":
+                return None
+            if kind == b"N":
+                (n,) = _U16.unpack(await reader.readexactly(_U16.size))
+                reason = (await reader.readexactly(n)).decode("utf-8", "replace")
+                return reason or "migration refused by the destination"
+            if kind == b"R" and requested is not None:
+                await requested(reader)
+                continue
+            break
     except asyncio.IncompleteReadError:
         raise MigrationFailed(
             "Unable to read from socket: migration stream closed by the destination"
@@ -343,11 +491,15 @@ async def _read_reply(reader: asyncio.StreamReader) -> str | None:
     raise MigrationFailed(f"malformed reply from the migration destination: {kind!r}")
 
 
+def _future() -> asyncio.Future[Any]:
+    return asyncio.get_running_loop().create_future()
+
+
 @dataclass(eq=False)
 class _Outgoing:
     guest: _Guest
     dest: StreamAddress
-    tuning: MigrationTuning
+    tuning: MigrationTuning  # the current values: set_tuning replaces it
     started: float = field(default_factory=time.monotonic)
     status: MigrationStatus = MigrationStatus.SETUP
     task: asyncio.Task[None] | None = None
@@ -362,7 +514,23 @@ class _Outgoing:
     iteration: int = 0
     dirty_rate: int = 0
     expected_downtime_ms: int = 0
+    throttle: int = 0  # auto-converge throttle in force
+    # Post-copy: asked for, done (from the source guest's stop on), the progress at the switch,
+    # requested pages not handled yet, and how many pages the destination requested.
+    switch_requested: bool = False
+    switched: bool = False
+    switch_progress: MigrationProgress | None = None
+    requested: deque[int] = field(default_factory=deque)
+    requests: int = 0
+    # ``returned``: outgoing() may return (switched or finished); ``done``: the final outcome.
+    returned: asyncio.Future[None] = field(default_factory=_future)
+    done: asyncio.Future[MigrationProgress] = field(default_factory=_future)
+    outcome: BackendError | None = None
     final: MigrationProgress | None = None
+
+    def __post_init__(self) -> None:
+        self.pacer = _Pacer(self.tuning.bandwidth_bytes_per_s)
+        self.done.add_done_callback(_retrieve)
 
     def abort(self, error: BackendError) -> None:
         if self.task is not None and not self.task.done() and self.error is None:
@@ -389,6 +557,8 @@ class _Outgoing:
             total_time_ms=_ms(time.monotonic() - self.started),
             page_size=PAGE_SIZE,
             normal_pages=self.pages_sent,
+            postcopy_requests=self.requests,
+            throttle_percent=self.throttle,
         )
 
 
@@ -403,10 +573,13 @@ class _Incoming:
     abort_reason: str = ""
     connected_at: float = 0.0
     stopped_at: float = 0.0
-    received: bytearray = field(default_factory=bytearray)  # 1 per page seen
+    received: bytearray = field(default_factory=bytearray)  # 1 per page seen (and current)
     received_count: int = 0
     pages: int = 0  # page records received, repeats included
     iteration: int = 0
+    postcopy: bool = False  # the POSTCOPY record arrived
+    resumed_at: float = 0.0  # post-copy: when the guest first ran here
+    requests: int = 0  # pages requested from the source
     final: MigrationProgress | None = None
 
     def snapshot(self) -> MigrationProgress:
@@ -425,11 +598,12 @@ class _Incoming:
             total_time_ms=_ms(now - self.started),
             page_size=PAGE_SIZE,
             normal_pages=self.pages,
+            postcopy_requests=self.requests,
         )
 
 
 def _retrieve(fut: asyncio.Future[MigrationProgress]) -> None:
-    """Mark a future's exception as retrieved: nobody may ever call incoming_wait."""
+    """Mark a future's exception as retrieved: nobody may ever wait for it."""
     if not fut.cancelled():
         fut.exception()
 
@@ -515,8 +689,16 @@ class TestBackend(Backend):
             raise BackendError(f"guest {uuid} is waiting for its incoming migration")
         if guest.stopped:
             raise BackendError(f"guest {uuid} is stopped for migration switchover")
+        if guest.broken:
+            raise BackendError(
+                f"guest {uuid} cannot run: its post-copy migration failed before all of its "
+                "memory arrived"
+            )
         guest.tick()
         guest.paused = False
+        inc = self._incoming.get(uuid)
+        if guest.arrived is not None and inc is not None and inc.guest is guest:
+            inc.resumed_at = inc.resumed_at or time.monotonic()
 
     def state(self, uuid: str) -> GuestRunState:
         guest = self._guests.get(uuid)
@@ -525,22 +707,66 @@ class TestBackend(Backend):
     def memory_digest(self, uuid: str) -> bytes:
         """The 32-byte digest of the guest's current memory (see the module docstring)."""
         guest = self._guest(uuid)
-        if guest.incoming:
+        if not guest.has_memory:
             raise BackendError(f"guest {uuid} has not received its memory yet")
         guest.tick()
         return guest.digest()
 
-    # -- progress / cancel --
+    # -- progress / job control --
 
     def progress(self, uuid: str) -> MigrationProgress:
         mig = self._progress.get(uuid)
         return MigrationProgress() if mig is None else mig.snapshot()
 
+    def _running_outgoing(self, uuid: str) -> _Outgoing:
+        guest = self._guests.get(uuid)
+        mig = guest.outgoing if guest is not None else None
+        if mig is None:
+            raise BackendError(f"no outgoing migration is running for guest {uuid}")
+        return mig
+
     async def cancel(self, uuid: str) -> None:
         """Cancel the guest's outgoing migration; no-op when none is running."""
         guest = self._guests.get(uuid)
-        if guest is not None and guest.outgoing is not None:
-            guest.outgoing.abort(MigrationCancelled("migration cancelled"))
+        if guest is None or guest.outgoing is None:
+            return
+        if guest.outgoing.switched:
+            raise BackendError("cannot cancel migration in post-copy mode")
+        guest.outgoing.abort(MigrationCancelled("migration cancelled"))
+
+    async def set_tuning(
+        self,
+        uuid: str,
+        *,
+        bandwidth_bytes_per_s: int | None = None,
+        max_downtime_ms: int | None = None,
+    ) -> None:
+        mig = self._running_outgoing(uuid)
+        if bandwidth_bytes_per_s is not None and bandwidth_bytes_per_s < 0:
+            raise BackendError(f"invalid migration bandwidth {bandwidth_bytes_per_s}")
+        if max_downtime_ms is not None and max_downtime_ms < 0:
+            raise BackendError(f"invalid maximum downtime {max_downtime_ms} ms")
+        if max_downtime_ms is not None:
+            mig.tuning = replace(mig.tuning, max_downtime_ms=max_downtime_ms)
+        if bandwidth_bytes_per_s is not None:
+            mig.tuning = replace(mig.tuning, bandwidth_bytes_per_s=bandwidth_bytes_per_s)
+            if not mig.switched:
+                mig.pacer.set_rate(bandwidth_bytes_per_s)
+
+    async def start_postcopy(self, uuid: str) -> None:
+        """Ask for the switch to post-copy; it happens at the next batch boundary."""
+        mig = self._running_outgoing(uuid)
+        if not mig.tuning.postcopy:
+            raise BackendError("migration was not started with post-copy enabled")
+        if not mig.switch_requested:
+            mig.switch_requested = True
+            mig.pacer.poke()
+
+    async def outgoing_wait(self, uuid: str) -> MigrationProgress:
+        mig = self._progress.get(uuid)
+        if not isinstance(mig, _Outgoing):
+            raise BackendError(f"no outgoing migration for guest {uuid}")
+        return await asyncio.shield(mig.done)
 
     # -- incoming --
 
@@ -602,16 +828,30 @@ class TestBackend(Backend):
             self._fail_incoming(inc, MigrationFailed(reason))
 
     def _fail_incoming(self, inc: _Incoming, error: MigrationFailed) -> None:
-        """The incoming migration failed: its guest quits, incoming_wait raises ``error``."""
+        """The incoming migration failed: incoming_wait raises ``error``.
+
+        Before the switch to post-copy the guest quits; after it the guest stays, paused, with
+        its incomplete memory (:class:`PostcopyFailed`).
+        """
         if inc.server is not None:
             inc.server.close()
-        uuid = inc.guest.uuid
-        if self._guests.get(uuid) is inc.guest:
+        guest, uuid = inc.guest, inc.guest.uuid
+        if inc.done.done():
+            return
+        if inc.postcopy:
+            if not isinstance(error, PostcopyFailed):
+                error = PostcopyFailed(str(error))
+            guest.tick()
+            guest.paused = True
+            guest.broken = True
+            guest.faults = []
+            guest.pending = {}
+            guest.dirty = None
+        elif self._guests.get(uuid) is guest:
             del self._guests[uuid]
-        if not inc.done.done():
-            inc.status = MigrationStatus.FAILED
-            inc.final = replace(inc.snapshot(), status=MigrationStatus.FAILED, error=str(error))
-            inc.done.set_exception(error)
+        inc.status = MigrationStatus.FAILED
+        inc.final = replace(inc.snapshot(), status=MigrationStatus.FAILED, error=str(error))
+        inc.done.set_exception(error)
         inc.received = bytearray()
 
     async def _receive(
@@ -670,37 +910,18 @@ class TestBackend(Backend):
         writer.write(b"A")
         await writer.drain()
 
-        versions, received = guest.versions, inc.received
+        # Hashes of the pages as received (post-copy: not the guest's own writes).
         hashes = bytearray(_PAGE_HASH_LEN * npages)
-        while True:
-            kind = await reader.readexactly(1)
-            if kind == b"P":
-                (count,) = _U32.unpack(await reader.readexactly(_U32.size))
-                if not 0 < count <= _MAX_BATCH_PAGES:
-                    raise MigrationFailed(f"malformed migration stream: batch of {count} pages")
-                buf = await reader.readexactly(count * _RECORD_LEN)
-                fresh = 0
-                for off in range(0, len(buf), _RECORD_LEN):
-                    idx, ver = _RECORD.unpack_from(buf, off)
-                    if idx >= npages:
-                        raise MigrationFailed(f"malformed migration stream: page {idx} of {npages}")
-                    h = _received_page_hash(seed, buf, off + _RECORD.size)
-                    hashes[idx * _PAGE_HASH_LEN : (idx + 1) * _PAGE_HASH_LEN] = h
-                    versions[idx] = ver
-                    if not received[idx]:
-                        received[idx] = 1
-                        fresh += 1
-                inc.received_count += fresh
-                inc.pages += count
-            elif kind == b"I":
-                inc.iteration, flags = _ITER.unpack(await reader.readexactly(_ITER.size))
-                if flags & _ITER_STOPPED and not inc.stopped_at:
-                    inc.stopped_at = time.monotonic()
-            elif kind == b"S":
-                source_digest = await reader.readexactly(_DIGEST_LEN)
-                break
-            else:
-                raise MigrationFailed(f"malformed migration stream: unknown record {kind!r}")
+        pull: asyncio.Task[None] | None = None
+        try:
+            source_digest = await self._receive_records(inc, reader, hashes, npages, seed)
+            if inc.postcopy:
+                pull = asyncio.get_running_loop().create_task(self._pull(inc, writer))
+                source_digest = await self._receive_records(inc, reader, hashes, npages, seed)
+        finally:
+            if pull is not None:
+                pull.cancel()
+        assert source_digest is not None  # after POSTCOPY only SWITCH ends the records
 
         missing = npages - inc.received_count
         if missing:
@@ -716,17 +937,20 @@ class TestBackend(Backend):
         writer.write(b"A")
         await writer.drain()
         writer.close()
-        # Verified: the guest's memory is now (seed, received versions), hashes as received.
+        # Verified: the guest's memory is (seed, received versions) plus, after a post-copy
+        # switch, its own writes since.
         now = time.monotonic()
-        guest.set_hashes(hashes)
-        guest.incoming = False
-        guest.tick()
+        guest.adopt_received(hashes)
         inc.status = MigrationStatus.COMPLETED
+        if inc.postcopy:
+            downtime = _ms((inc.resumed_at or now) - inc.stopped_at)
+        else:
+            downtime = _ms(now - inc.stopped_at) if inc.stopped_at else 0
         inc.final = replace(
             inc.snapshot(),
             status=MigrationStatus.COMPLETED,
             remaining_bytes=0,
-            downtime_ms=_ms(now - inc.stopped_at) if inc.stopped_at else 0,
+            downtime_ms=downtime,
             total_time_ms=_ms(now - inc.started),
         )
         inc.received = bytearray()
@@ -735,13 +959,92 @@ class TestBackend(Backend):
         if not inc.done.done():
             inc.done.set_result(inc.final)
 
+    async def _receive_records(
+        self,
+        inc: _Incoming,
+        reader: asyncio.StreamReader,
+        hashes: bytearray,
+        npages: int,
+        seed: int,
+    ) -> bytes | None:
+        """Read records until SWITCH (its digest) or, before post-copy, POSTCOPY (``None``)."""
+        guest = inc.guest
+        versions, received, pending = guest.versions, inc.received, guest.pending
+        postcopy = inc.postcopy
+        while True:
+            kind = await reader.readexactly(1)
+            if kind == b"P":
+                (count,) = _U32.unpack(await reader.readexactly(_U32.size))
+                if not 0 < count <= _MAX_BATCH_PAGES:
+                    raise MigrationFailed(f"malformed migration stream: batch of {count} pages")
+                buf = await reader.readexactly(count * _RECORD_LEN)
+                fresh = 0
+                for off in range(0, len(buf), _RECORD_LEN):
+                    idx, ver = _RECORD.unpack_from(buf, off)
+                    if idx >= npages:
+                        raise MigrationFailed(f"malformed migration stream: page {idx} of {npages}")
+                    if postcopy:
+                        if received[idx]:
+                            raise MigrationFailed(
+                                f"malformed migration stream: page {idx} sent twice in post-copy"
+                            )
+                        ver = (ver + pending.pop(idx, 0)) & _VERSION_MASK  # held writes
+                    h = _received_page_hash(seed, buf, off + _RECORD.size)
+                    hashes[idx * _PAGE_HASH_LEN : (idx + 1) * _PAGE_HASH_LEN] = h
+                    versions[idx] = ver
+                    if not received[idx]:
+                        received[idx] = 1
+                        fresh += 1
+                inc.received_count += fresh
+                inc.pages += count
+            elif kind == b"I":
+                inc.iteration, flags = _ITER.unpack(await reader.readexactly(_ITER.size))
+                if flags & _ITER_STOPPED and not inc.stopped_at:
+                    inc.stopped_at = time.monotonic()
+            elif kind == b"S":
+                return await reader.readexactly(_DIGEST_LEN)
+            elif kind in (b"D", b"C") and postcopy:
+                raise MigrationFailed(
+                    f"malformed migration stream: record {kind!r} after the switch to post-copy"
+                )
+            elif kind == b"D":
+                for idx in await _read_indices(reader, npages, "discard"):
+                    if received[idx]:
+                        received[idx] = 0
+                        inc.received_count -= 1
+            elif kind == b"C":
+                inc.postcopy = True
+                inc.status = MigrationStatus.POSTCOPY_ACTIVE
+                inc.stopped_at = inc.stopped_at or time.monotonic()
+                guest.begin_postcopy(received)
+                return None
+            else:
+                raise MigrationFailed(f"malformed migration stream: unknown record {kind!r}")
+
+    @staticmethod
+    async def _pull(inc: _Incoming, writer: asyncio.StreamWriter) -> None:
+        """Post-copy destination: let the guest run, and request the pages it faults on."""
+        guest = inc.guest
+        try:
+            while True:
+                guest.tick()
+                faults = guest.faults
+                if faults:
+                    guest.faults = []
+                    writer.write(_pack_indices(b"R", faults))
+                    inc.requests += len(faults)
+                    await writer.drain()
+                await asyncio.sleep(_PULL_INTERVAL)
+        except OSError:  # the stream broke: the receiving side reports it
+            return
+
     # -- outgoing --
 
     async def outgoing(
         self, uuid: str, dest: StreamAddress, tuning: MigrationTuning
     ) -> MigrationProgress:
         guest = self._guest(uuid)
-        if guest.incoming:
+        if not guest.has_memory:
             raise BackendError(f"guest {uuid} is waiting for its incoming migration")
         if guest.outgoing is not None:
             raise BackendError(f"guest {uuid} is already being migrated")
@@ -750,36 +1053,51 @@ class TestBackend(Backend):
         mig = _Outgoing(guest=guest, dest=dest, tuning=tuning)
         guest.outgoing = mig
         self._progress[uuid] = mig
-        mig.task = asyncio.get_running_loop().create_task(self._send(mig))
+        task = mig.task = asyncio.get_running_loop().create_task(self._send(mig))
+        task.add_done_callback(functools.partial(self._settle, mig))
         try:
-            await mig.task
-        except asyncio.CancelledError:
-            current = asyncio.current_task()
-            if current is not None and current.cancelling():  # our caller cancelled us
-                self._finish_outgoing(mig, MigrationCancelled("migration cancelled"))
-                raise
-            error = mig.error or MigrationFailed("migration aborted")
-            self._finish_outgoing(mig, error)
-            raise error from None
-        except BackendError as e:
-            error = mig.error or e
-            self._finish_outgoing(mig, error)
-            raise error from None
-        except Exception as e:
-            log.exception("test backend: outgoing migration of %s failed", uuid)
-            error = MigrationFailed(f"internal error in outgoing migration: {e}")
-            self._finish_outgoing(mig, error)
-            raise error from e
-        return self._finish_outgoing(mig, None)
+            await asyncio.shield(mig.returned)
+        except asyncio.CancelledError:  # our caller cancelled us
+            if not mig.switched:  # roll back; once switched the stream goes on regardless
+                mig.abort(MigrationCancelled("migration cancelled"))
+                await asyncio.wait([task])  # the source guest is settled after this
+            raise
+        if mig.switch_progress is not None:
+            return mig.switch_progress
+        if mig.outcome is not None:
+            raise mig.outcome
+        assert mig.final is not None
+        return mig.final
 
-    def _finish_outgoing(self, mig: _Outgoing, error: BackendError | None) -> MigrationProgress:
+    def _settle(self, mig: _Outgoing, task: asyncio.Task[None]) -> None:
+        """Done callback of the stream task: turn its outcome into the migration's."""
+        error: BackendError | None = None
+        if task.cancelled():
+            error = mig.error or MigrationFailed("migration aborted")
+        else:
+            exc = task.exception()
+            if isinstance(exc, BackendError):
+                error = mig.error or exc
+            elif exc is not None:
+                log.error(
+                    "test backend: outgoing migration of %s failed",
+                    mig.guest.uuid,
+                    exc_info=exc,
+                )
+                error = MigrationFailed(f"internal error in outgoing migration: {exc}")
+        self._finish_outgoing(mig, error)
+
+    def _finish_outgoing(self, mig: _Outgoing, error: BackendError | None) -> None:
         """Settle the source guest and freeze the final progress."""
+        if mig.switched and error is not None and not isinstance(error, PostcopyFailed):
+            error = PostcopyFailed(str(error))
         guest = mig.guest
         guest.outgoing = None
         if self._guests.get(guest.uuid) is guest:
             guest.tick()
             guest.dirty = None
-            if error is None:
+            guest.throttle = 0
+            if error is None or mig.switched:  # done, or nothing can be rolled back: paused
                 guest.paused = True
             guest.stopped = False
         if error is None:
@@ -797,7 +1115,13 @@ class TestBackend(Backend):
             downtime_ms=mig.downtime_ms,
             error="" if error is None else str(error),
         )
-        return mig.final
+        mig.outcome = error
+        if error is None:
+            mig.done.set_result(mig.final)
+        else:
+            mig.done.set_exception(error)
+        if not mig.returned.done():
+            mig.returned.set_result(None)
 
     async def _send(self, mig: _Outgoing) -> None:
         """The outgoing stream, as the task ``cancel``/``destroy``/a NAK cancel."""
@@ -832,8 +1156,17 @@ class TestBackend(Backend):
             if refused is not None:
                 raise MigrationFailed(refused)
 
-            # From here on a reply before switchover is a refusal (NAK) or the end (EOF).
-            watch = asyncio.get_running_loop().create_task(_read_reply(reader))
+            # From here on a reply before switchover is a refusal (NAK) or the end (EOF); in
+            # post-copy page requests come first.
+            async def requested(upstream: asyncio.StreamReader) -> None:
+                indices = await _read_indices(upstream, guest.npages, "page request")
+                if not mig.switched:
+                    raise MigrationFailed("malformed reply: page request before post-copy")
+                mig.requested.extend(indices)
+                mig.requests += len(indices)
+                mig.pacer.poke()
+
+            watch = asyncio.get_running_loop().create_task(_read_reply(reader, requested))
 
             def replied(task: asyncio.Task[str | None]) -> None:
                 if mig.awaiting_ack or task.cancelled():
@@ -852,7 +1185,8 @@ class TestBackend(Backend):
             refused = await watch
             if refused is not None:
                 raise MigrationFailed(refused)
-            mig.downtime_ms = _ms(time.monotonic() - mig.stopped_at)
+            if not mig.switched:
+                mig.downtime_ms = _ms(time.monotonic() - mig.stopped_at)
             ok = True
         except OSError as e:
             raise MigrationFailed(f"Unable to write to socket: {_strerror(e)}") from None
@@ -865,46 +1199,60 @@ class TestBackend(Backend):
                 writer.transport.abort()
 
     async def _precopy(self, mig: _Outgoing, writer: asyncio.StreamWriter) -> None:
-        """Send the pre-copy passes, the stop-and-copy pass and the switchover record."""
-        guest, tuning = mig.guest, mig.tuning
+        """Send the pre-copy passes, then the stop-and-copy pass and the switchover record --
+        or, when post-copy is asked for, switch to :meth:`_postcopy`."""
+        guest = mig.guest
         now = time.monotonic()
         mig.status = MigrationStatus.ACTIVE
         mig.active_at = now
         mig.setup_ms = _ms(now - mig.started)
         guest.tick()
         guest.dirty = set()
-        if not tuning.live:
+        if not mig.tuning.live:
             self._stop(mig)
         pages: Sequence[int] = range(guest.npages)
+        fresh = True  # ``pages`` were never sent (pass 1)
         last_sync = now
-        throttle = _Throttle(tuning.bandwidth_bytes_per_s)
         while True:
             final = guest.stopped
+            if mig.switch_requested and not final:
+                await self._postcopy(mig, writer, pages, fresh=fresh)
+                return
             mig.iteration += 1
             if final and guest.fault == FAULT_CORRUPT_STREAM:
                 pages = sorted({*pages, 0})
-            await self._send_pass(mig, writer, pages, final=final, throttle=throttle)
+            sent_before, pass_start = mig.pages_sent, time.monotonic()
+            rest = await self._send_pass(mig, writer, pages, final=final)
+            if rest is not None:
+                await self._postcopy(mig, writer, rest, fresh=fresh)
+                return
             if final:
                 break
+            pass_bytes = (mig.pages_sent - sent_before) * PAGE_SIZE
+            pass_time = time.monotonic() - pass_start
+            fresh = False
             await guest.hash_ahead()  # while the guest runs: keeps the switchover digest short
             dirty = guest.sync_dirty()
             now = time.monotonic()
             if now > last_sync:
                 mig.dirty_rate = round(len(dirty) / (now - last_sync))
             last_sync = now
-            bandwidth = mig.bandwidth()
+            # The link's speed as this pass saw it (it follows set_tuning at once).
+            rate = pass_bytes / pass_time if pass_bytes and pass_time > 0 else mig.bandwidth()
             remaining = len(dirty) * PAGE_SIZE
             if remaining == 0:
-                expected_ms = 0
-            elif bandwidth > 0:
-                expected_ms = _ms(remaining / bandwidth)
+                expected_ms = 0.0
+            elif rate > 0:
+                expected_ms = remaining / rate * 1000
             else:
-                expected_ms = 1 << 31
-            mig.expected_downtime_ms = expected_ms
+                expected_ms = float(1 << 31)
+            mig.expected_downtime_ms = min(1 << 31, round(expected_ms))
             mig.remaining_pages = len(dirty)
-            if expected_ms <= tuning.max_downtime_ms or guest.paused:
+            if expected_ms <= mig.tuning.max_downtime_ms or guest.paused:
                 self._stop(mig)
                 dirty |= guest.sync_dirty()
+            elif mig.tuning.auto_converge and remaining * 2 >= pass_bytes:
+                self._throttle_up(mig)
             pages = sorted(dirty)
         writer.write(b"S" + guest.digest())
         await writer.drain()
@@ -915,6 +1263,18 @@ class TestBackend(Backend):
         mig.guest.stopped = True
         mig.stopped_at = time.monotonic()
 
+    @staticmethod
+    def _throttle_up(mig: _Outgoing) -> None:
+        """Auto-converge: throttle the guest harder after a pass that did not converge."""
+        tuning = mig.tuning
+        if mig.throttle:
+            step = min(_MAX_THROTTLE, max(1, tuning.auto_converge_increment))
+            percent = min(_MAX_THROTTLE, mig.throttle + step)
+        else:
+            percent = min(_MAX_THROTTLE, max(1, tuning.auto_converge_initial))
+        mig.throttle = percent
+        mig.guest.set_throttle(percent)
+
     async def _send_pass(
         self,
         mig: _Outgoing,
@@ -922,46 +1282,149 @@ class TestBackend(Backend):
         pages: Sequence[int],
         *,
         final: bool,
-        throttle: _Throttle,
-    ) -> None:
+    ) -> Sequence[int] | None:
+        """One pass; returns the unsent pages when a switch to post-copy cut it short."""
         guest = mig.guest
         writer.write(b"I" + _ITER.pack(mig.iteration, _ITER_STOPPED if final else 0))
         mig.remaining_pages = len(pages)
-        seed, versions = guest.seed, guest.versions
-        prefix = _prefix(seed)[0]
-        corrupt = final and guest.fault == FAULT_CORRUPT_STREAM
-        step = throttle.batch_pages
-        for start in range(0, len(pages), step):
-            batch = pages[start : start + step]
-            parts = [b"P", _U32.pack(len(batch))]
-            for i in batch:
-                v = versions[i]
-                parts += (_RECORD.pack(i, v), prefix, _SUFFIX.pack(seed, i, v))
-            if corrupt:
-                parts[3] = bytes([prefix[0] ^ 0xFF]) + prefix[1:]  # page batch[0]: one bad byte
-                corrupt = False
-            data = b"".join(parts)
+        corrupt = 0 if final and guest.fault == FAULT_CORRUPT_STREAM else None
+        pos = 0
+        while pos < len(pages):
+            if mig.switch_requested and not final:
+                return pages[pos:]
+            batch = pages[pos : pos + mig.pacer.batch_pages]
+            pos += len(batch)
+            data = _page_records(guest, batch, corrupt)
             writer.write(data)
             await writer.drain()
             mig.pages_sent += len(batch)
             mig.remaining_pages -= len(batch)
-            await throttle.pace(len(data))  # also yields to the event loop
+            await mig.pacer.pace(len(data))  # also yields to the event loop
+        return None
+
+    async def _postcopy(
+        self, mig: _Outgoing, writer: asyncio.StreamWriter, rest: Sequence[int], *, fresh: bool
+    ) -> None:
+        """Switch to post-copy (``rest``: pages of the pass not sent yet), then send every page
+        the destination lacks, requested ones first, and the switchover digest."""
+        guest = mig.guest
+        self._stop(mig)
+        mig.switched = True
+        mig.status = MigrationStatus.POSTCOPY_ACTIVE
+        remaining = set(rest)
+        remaining |= guest.sync_dirty()
+        guest.dirty = None
+        corrupt = None
+        if guest.fault == FAULT_CORRUPT_STREAM:
+            remaining.add(0)
+            corrupt = 0
+        order = sorted(remaining)
+        # Pages never sent are not on the destination anyway: no need to discard them.
+        discard = sorted(remaining.difference(rest)) if fresh else order
+        wanted = bytearray(guest.npages)  # 1: still to send
+        for i in order:
+            wanted[i] = 1
+        left = len(order)
+        mig.remaining_pages = left
+        mig.switch_progress = mig.snapshot()
+        digest = guest.digest()  # as of the switch: the source guest is stopped from now on
+        if discard:
+            writer.write(_pack_indices(b"D", discard))
+        writer.write(b"C")
+        await writer.drain()
+        mig.downtime_ms = _ms(time.monotonic() - mig.stopped_at)
+        if not mig.returned.done():
+            mig.returned.set_result(None)  # outgoing() returns POSTCOPY_ACTIVE
+
+        pacer, requested = mig.pacer, mig.requested
+        pacer.set_rate(mig.tuning.postcopy_bandwidth_bytes_per_s)
+        pos = 0
+        while left:
+            batch: list[int] = []
+            while requested and len(batch) < _BATCH_PAGES:
+                i = requested.popleft()
+                if wanted[i]:  # else already sent (or never needed)
+                    wanted[i] = 0
+                    batch.append(i)
+            if not batch:
+                if pacer.delay() > 0:
+                    await pacer.wait()  # cut short by a request
+                    continue
+                step = pacer.batch_pages
+                while pos < len(order) and len(batch) < step:
+                    i = order[pos]
+                    pos += 1
+                    if wanted[i]:
+                        wanted[i] = 0
+                        batch.append(i)
+            if not batch:
+                raise MigrationFailed(f"internal error: {left} post-copy pages lost track of")
+            data = _page_records(guest, batch, corrupt)
+            writer.write(data)
+            await writer.drain()
+            left -= len(batch)
+            mig.pages_sent += len(batch)
+            mig.remaining_pages = left
+            pacer.consume(len(data))
+            await asyncio.sleep(0)
+        writer.write(b"S" + digest)
+        await writer.drain()
 
 
-class _Throttle:
-    """Sleep-based pacing to an average of ``rate`` bytes/s (0: unlimited, just yield)."""
+def _page_records(guest: _Guest, batch: Sequence[int], corrupt: int | None) -> bytes:
+    """A PAGES record of ``batch`` at the guest's versions; page ``corrupt`` gets a bad byte."""
+    seed, versions = guest.seed, guest.versions
+    prefix = _prefix(seed)[0]
+    parts = [b"P", _U32.pack(len(batch))]
+    for i in batch:
+        v = versions[i]
+        body = prefix if i != corrupt else bytes([prefix[0] ^ 0xFF]) + prefix[1:]
+        parts += (_RECORD.pack(i, v), body, _SUFFIX.pack(seed, i, v))
+    return b"".join(parts)
+
+
+class _Pacer:
+    """Sleep-based pacing to an average of ``rate`` bytes/s (0: unlimited, just yield).
+
+    ``set_rate`` applies to the next batch; it and ``poke`` cut a pacing sleep short.
+    """
 
     def __init__(self, rate: int) -> None:
+        self._wake = asyncio.Event()
+        self.set_rate(rate)
+
+    def set_rate(self, rate: int) -> None:
         self.rate = max(0, rate)
         self.batch_pages = (
             max(1, min(_BATCH_PAGES, self.rate // PAGE_SIZE // 20)) if self.rate else _BATCH_PAGES
         )
         self._next = time.monotonic()
+        self._wake.set()
 
-    async def pace(self, nbytes: int) -> None:
-        if not self.rate:
+    def poke(self) -> None:
+        self._wake.set()
+
+    def delay(self) -> float:
+        """Seconds until the next batch is due."""
+        return max(0.0, self._next - time.monotonic()) if self.rate else 0.0
+
+    def consume(self, nbytes: int) -> None:
+        if self.rate:
+            self._next = max(self._next, time.monotonic()) + nbytes / self.rate
+
+    async def wait(self) -> None:
+        """Sleep until the next batch is due or a poke; always yields."""
+        delay = self.delay()
+        if delay <= 0:
             await asyncio.sleep(0)
             return
-        now = time.monotonic()
-        self._next = max(self._next, now) + nbytes / self.rate
-        await asyncio.sleep(max(0.0, self._next - now))
+        self._wake.clear()
+        try:
+            async with asyncio.timeout(delay):
+                await self._wake.wait()
+        except TimeoutError:
+            pass
+
+    async def pace(self, nbytes: int) -> None:
+        self.consume(nbytes)
+        await self.wait()

@@ -1,0 +1,97 @@
+"""After a daemon restart: take back guests that outlived it, and settle their migration jobs.
+
+A guest whose backend still runs it gets its state, reason and id back from its status file.  A
+migration job recorded there is settled by libvirt's recovery tables (reference §6.2), deciding
+from the recorded phase whether the guest is killed, resumed, left paused, or kept for post-copy
+recovery.  Nothing is resumed when the outcome is unknown.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from lxml import etree
+
+from virtmig.daemon.backend.base import BackendError, GuestRunState
+from virtmig.daemon.core import Daemon
+from virtmig.daemon.job import AsyncJob, JobRecord, Phase
+from virtmig.daemon.registry import DomainObj, job_from_status
+from virtmig.proto.flags import (
+    REASONS,
+    DomainState,
+    JobType,
+    PausedReason,
+    RunningReason,
+    ShutoffReason,
+)
+
+log = logging.getLogger(__name__)
+
+
+def _state_of(status: etree._Element) -> tuple[DomainState, int]:
+    try:
+        state = DomainState[status.get("state", "nostate").upper()]
+    except KeyError:
+        return DomainState.NOSTATE, 0
+    enum_cls = REASONS.get(state)
+    label = status.get("reason", "unknown").upper().replace("-", "_")
+    try:
+        return state, int(enum_cls[label]) if enum_cls is not None else 0
+    except KeyError:
+        return state, 0
+
+
+async def recover(daemon: Daemon, survivors: list[tuple[DomainObj, etree._Element]]) -> None:
+    for dom, status in survivors:
+        try:
+            await _recover_one(daemon, dom, status)
+        except (BackendError, OSError) as exc:
+            log.error("cannot recover domain %s: %s", dom.name, exc)
+
+
+async def _recover_one(daemon: Daemon, dom: DomainObj, status: etree._Element) -> None:
+    recorded, reason = _state_of(status)
+    run = daemon.backend.state(dom.uuid)
+    state = DomainState.RUNNING if run is GuestRunState.RUNNING else DomainState.PAUSED
+    if recorded is not state:
+        reason = 0  # the reason recorded was for another state: unknown now
+    dom.id = int(status.get("id", "-1"))
+    if dom.id < 0:
+        dom.id = daemon.registry.new_id()
+    dom.state, dom.reason = state, reason
+    job = job_from_status(status)
+    log.info("recovered domain %s (%s%s)", dom.name, dom.state.name.lower(),
+             f", migration job in phase {job.phase.label}" if job else "")
+    if job is None:
+        daemon.registry.save_status(dom)
+        return
+    record = JobRecord(JobType.FAILED, job.kind.operation, 0, job.progress,
+                       "the daemon restarted during the migration")
+    phase = job.phase
+    if phase >= Phase.POSTCOPY_FAILED:
+        dom.job = job  # kept for post-copy recovery
+        daemon.set_state(dom, DomainState.PAUSED, PausedReason.POSTCOPY_FAILED)
+        return
+    if job.kind is AsyncJob.MIGRATION_IN:
+        if phase is Phase.FINISH3 and run is GuestRunState.RUNNING:
+            daemon.registry.save_status(dom)  # vCPUs already run here: keep it
+            dom.completed = record
+            return
+        await daemon.backend.destroy(dom.uuid)  # an unfinished incoming guest
+        dom.completed = record
+        daemon.mark_inactive(dom, ShutoffReason.FAILED)
+        return
+    # outgoing
+    dom.completed = record
+    if phase is Phase.CONFIRM3:
+        await daemon.backend.destroy(dom.uuid)  # it was confirmed on the destination
+        daemon.mark_inactive(dom, ShutoffReason.MIGRATED)
+        return
+    resume = phase in (Phase.PERFORM3, Phase.CONFIRM3_CANCELLED) and \
+        job.pre_state is DomainState.RUNNING and run is GuestRunState.PAUSED
+    if resume:
+        await daemon.backend.resume(dom.uuid)
+        daemon.set_state(dom, DomainState.RUNNING, RunningReason.MIGRATION_CANCELED)
+        return
+    # begin3: nothing happened; perform3_done: outcome unknown, left as it is (paused)
+    daemon.registry.save_status(dom)

@@ -1,0 +1,495 @@
+"""The ``qemu`` backend with real QEMU processes: config refusals, lifecycle, reconnect, migration.
+
+Guests here are tiny and idle (SeaBIOS only, ``-m 64``, TCG): they start in well under a second.
+Migrations run between two backend instances (two state folders) on 127.0.0.1.  A migration that
+must stay in flight long enough to be cancelled or broken is throttled to 32 KiB/s: even an idle
+guest sends about 0.7 MB (a header per zero page), so it takes seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import signal
+import socket
+import textwrap
+import uuid as uuidlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from tests.guest.build import kill_leftover_qemus, qemu_binary_or_skip
+from virtmig.daemon.backend.base import (
+    BackendError,
+    GuestRunState,
+    GuestSpec,
+    MigrationCancelled,
+    MigrationFailed,
+    MigrationProgress,
+    MigrationStatus,
+    MigrationTuning,
+    StreamAddress,
+)
+from virtmig.daemon.backend.qemu import QemuBackend, parse_config
+from virtmig.daemon.domxml import parse_domain_xml
+from virtmig.proto.errors import ConfigUnsupported
+
+MIB = 1024 * 1024
+SLOW = MigrationTuning(bandwidth_bytes_per_s=32 * 1024)
+T = TypeVar("T")
+
+
+async def within(aw: Awaitable[T], seconds: float = 20) -> T:
+    """No test may hang: every wait on QEMU is bounded."""
+    return await asyncio.wait_for(aw, seconds)
+
+
+def guest_xml(name: str = "tiny", *, uuid: str | None = None, memory_mib: int = 64,
+              domain_type: str = "qemu", machine: str = "pc", os_extra: str = "",
+              devices: str = "") -> str:
+    uuid = uuid or str(uuidlib.uuid4())
+    return textwrap.dedent(f"""\
+        <domain type='{domain_type}'>
+          <name>{name}</name>
+          <uuid>{uuid}</uuid>
+          <memory unit='MiB'>{memory_mib}</memory>
+          <vcpu>1</vcpu>
+          <os><type arch='x86_64' machine='{machine}'>hvm</type>{os_extra}</os>
+          <devices>{devices}</devices>
+        </domain>
+        """)
+
+
+def make_spec(xml: str | None = None, **kwargs: Any) -> GuestSpec:
+    d = parse_domain_xml(xml or guest_xml(**kwargs))
+    return GuestSpec(uuid=d.uuid, name=d.name, memory_bytes=d.memory_kib * 1024,
+                     vcpus=d.vcpus, options=dict(d.options), xml=d.xml)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def to(port: int) -> StreamAddress:
+    return StreamAddress("127.0.0.1", port)
+
+
+def process_gone(pid: int) -> bool:
+    """Neither running nor a zombie: the process was reaped."""
+    return not os.path.exists(f"/proc/{pid}")
+
+
+async def wait_until(cond: Callable[[], bool], seconds: float = 10, what: str = "") -> None:
+    for _ in range(int(seconds / 0.01)):
+        if cond():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what or cond}")
+
+
+async def wait_status(backend: QemuBackend, uuid: str, status: MigrationStatus) -> None:
+    await wait_until(lambda: backend.progress(uuid).status is status, 10,
+                     f"migration status {status.value}: {backend.progress(uuid)}")
+
+
+Factory = Callable[[str], Awaitable[QemuBackend]]
+
+
+@pytest.fixture
+async def backends(tmp_path: Path) -> AsyncIterator[Factory]:
+    """Open backends on folders under tmp_path; afterwards every guest and QEMU is gone."""
+    qemu_binary_or_skip()
+    opened: list[QemuBackend] = []
+
+    async def make(name: str) -> QemuBackend:
+        backend = QemuBackend()
+        await within(backend.open(tmp_path / name))
+        opened.append(backend)
+        return backend
+
+    try:
+        yield make
+    finally:
+        for backend in opened:
+            for uuid in list(backend._guests):
+                await within(backend.destroy(uuid))
+            await within(backend.close())
+        assert not kill_leftover_qemus(tmp_path), "a test left QEMU processes running"
+
+
+@pytest.fixture
+async def src(backends: Factory) -> QemuBackend:
+    return await backends("src")
+
+
+@pytest.fixture
+async def dst(backends: Factory) -> QemuBackend:
+    return await backends("dst")
+
+
+# --- domain XML -> command line (no QEMU needed) -------------------------------------------------
+
+REFUSED = [
+    ("test-type", guest_xml(domain_type="test"), "domain type 'test'"),
+    ("interface", guest_xml(devices="<interface type='network'><source network='default'/>"
+                                    "</interface>"),
+     "unsupported device <interface type='network'> for the qemu backend"),
+    ("graphics", guest_xml(devices="<graphics type='vnc' port='-1'/>"),
+     "unsupported device <graphics type='vnc'>"),
+    ("controller", guest_xml(devices="<controller type='scsi' index='0' model='virtio-scsi'/>"),
+     "unsupported device <controller type='scsi' model='virtio-scsi'>"),
+    ("cdrom", guest_xml(devices="<disk type='file' device='cdrom'><source file='/x.iso'/>"
+                                "<target dev='hdc' bus='ide'/></disk>"),
+     "unsupported device <disk type='file' device='cdrom'>"),
+    ("disk-bus", guest_xml(devices="<disk type='file' device='disk'><source file='/x.img'/>"
+                                   "<target dev='sda' bus='sata'/></disk>"),
+     "bus='sata'"),
+    ("block-disk", guest_xml(devices="<disk type='block' device='disk'>"
+                                     "<source dev='/dev/sda'/><target dev='vda'/></disk>"),
+     "unsupported device <disk type='block' device='disk'>"),
+    ("disk-format", guest_xml(devices="<disk type='file' device='disk'><driver type='vmdk'/>"
+                                      "<source file='/x.vmdk'/><target dev='vda'/></disk>"),
+     "disk format 'vmdk'"),
+    ("serial-tcp", guest_xml(devices="<serial type='tcp'><source mode='bind' host='127.0.0.1' "
+                                     "service='4555'/></serial>"),
+     "unsupported device <serial type='tcp'>"),
+    ("virtio-console", guest_xml(devices="<console type='pty'><target type='virtio'/></console>"),
+     "console target type 'virtio'"),
+    ("balloon", guest_xml(devices="<memballoon model='virtio'/>"),
+     "unsupported device <memballoon model='virtio'>"),
+    ("video", guest_xml(devices="<video><model type='vga'/></video>"),
+     "unsupported device <model type='vga'>"),
+    ("watchdog", guest_xml(devices="<watchdog model='i6300esb'/>"),
+     "unsupported device <watchdog model='i6300esb'>"),
+    ("machine", guest_xml(machine="microvm"), "machine type 'microvm'"),
+    ("emulator", guest_xml(devices="<emulator>/bin/sh</emulator>"), "unsupported emulator"),
+    ("loader", guest_xml(os_extra="<loader readonly='yes' type='pflash'>/x.fd</loader>"),
+     "<os><loader>"),
+]
+
+
+@pytest.mark.parametrize(("xml", "message"), [r[1:] for r in REFUSED], ids=[r[0] for r in REFUSED])
+def test_validate_refuses(xml: str, message: str) -> None:
+    with pytest.raises(ConfigUnsupported) as info:
+        QemuBackend().validate(make_spec(xml))
+    assert message in str(info.value)
+
+
+def test_validate_refuses_realistic_libvirt_xml() -> None:
+    xml = (Path(__file__).parent / "data" / "domxml" / "realistic.xml").read_text()
+    with pytest.raises(ConfigUnsupported, match=r"<disk type='file' device='cdrom'>"):
+        QemuBackend().validate(make_spec(xml))
+
+
+def test_command_line(tmp_path: Path) -> None:
+    devices = f"""
+        <emulator>/usr/bin/qemu-system-x86_64</emulator>
+        <disk type='file' device='disk'>
+          <driver name='qemu' type='qcow2'/>
+          <source file='{tmp_path}/a,b.qcow2'/>
+          <target dev='vda' bus='virtio'/>
+        </disk>
+        <disk type='file' device='disk'>
+          <source file='/srv/data.img'/><target dev='vdb'/><readonly/>
+        </disk>
+        <serial type='file'><source path='{tmp_path}/console.log' append='on'/>
+          <target port='0'/></serial>
+        <serial type='pty'><target port='1'/></serial>
+        <console type='file'><source path='{tmp_path}/console.log'/>
+          <target type='serial' port='0'/></console>
+        <controller type='usb' index='0' model='none'/>
+        <controller type='pci' index='0' model='pcie-root'/>
+        <input type='keyboard' bus='ps2'/>
+        <memballoon model='none'/>
+        <video><model type='none'/></video>
+    """
+    os_extra = ("<kernel>/boot/vmlinuz</kernel><initrd>/boot/initrd</initrd>"
+                "<cmdline>console=ttyS0 quiet</cmdline>")
+    spec = make_spec(guest_xml("web,1", domain_type="kvm", machine="pc-q35-7.2",
+                               memory_mib=256, os_extra=os_extra, devices=devices))
+    cfg = parse_config(spec, frozenset({"pc", "q35", "pc-q35-7.2"}))
+    argv = cfg.argv("qemu-system-x86_64", tmp_path / "g", incoming=True)
+    line = " ".join(argv)
+    assert argv[0] == "/usr/bin/qemu-system-x86_64"
+    assert "-no-user-config -nodefaults -display none" in line
+    assert "-name guest=web,,1,debug-threads=on" in line
+    assert f"-uuid {spec.uuid}" in line
+    assert "-accel kvm -machine pc-q35-7.2 -m 262144k -smp 1" in line
+    assert "-qmp unix:qmp.sock,server=on,wait=off" in line
+    assert "-kernel /boot/vmlinuz -initrd /boot/initrd" in line
+    assert argv[argv.index("-append") + 1] == "console=ttyS0 quiet"
+    assert ('{"driver":"file","filename":"' + f"{tmp_path}/a,b.qcow2" + '"') in line
+    assert '{"driver":"qcow2","file":"file-vda","node-name":"drive-vda","read-only":false}' in line
+    assert '"read-only":true' in line  # vdb
+    assert "virtio-blk-pci,drive=drive-vdb,id=virtio-vdb" in line
+    assert f"file,id=charserial0,path={tmp_path}/console.log,append=on" in line
+    assert f"file,id=charserial1,path={tmp_path}/g/serial1.log" in line  # pty: a log file
+    assert line.count("isa-serial") == 2  # the console is serial 0, not a third port
+    assert line.endswith("-incoming defer -S")
+    assert "-vnc" not in line and "-netdev" not in line
+
+    plain = parse_config(make_spec(guest_xml())).argv("qemu-system-x86_64", tmp_path,
+                                                      incoming=False)
+    assert plain[plain.index("-accel") + 1] == "tcg"
+    assert plain[plain.index("-machine") + 1] == "pc"
+    assert plain[-1] == "-S" and "-incoming" not in plain
+    with pytest.raises(ConfigUnsupported, match="not known to the emulator"):
+        parse_config(make_spec(guest_xml(machine="pc-q35-99.0")), frozenset({"pc", "q35"}))
+
+
+# --- lifecycle -----------------------------------------------------------------------------------
+
+
+@pytest.mark.qemu
+async def test_lifecycle(src: QemuBackend) -> None:
+    spec = make_spec()
+    assert src.state(spec.uuid) is GuestRunState.SHUTOFF
+    await within(src.start(spec, paused=False))
+    assert src.state(spec.uuid) is GuestRunState.RUNNING
+    pid = src.pid(spec.uuid)
+    assert (await src.query(spec.uuid, "query-status"))["status"] == "running"
+    with pytest.raises(BackendError, match="already running"):
+        await src.start(spec, paused=True)
+
+    await within(src.pause(spec.uuid))
+    assert src.state(spec.uuid) is GuestRunState.PAUSED
+    assert (await src.query(spec.uuid, "query-status"))["status"] == "paused"
+    await within(src.resume(spec.uuid))
+    assert src.state(spec.uuid) is GuestRunState.RUNNING
+
+    await within(src.destroy(spec.uuid))
+    assert src.state(spec.uuid) is GuestRunState.SHUTOFF
+    assert process_gone(pid)  # exited and reaped: not even a zombie
+    await src.destroy(spec.uuid)  # not running: no error
+    await src.destroy("no-such-guest")
+    for op in (src.pause, src.resume):
+        with pytest.raises(BackendError, match="not running"):
+            await op(spec.uuid)
+    await src.cancel(spec.uuid)  # nothing to cancel: no-op
+
+    await within(src.start(spec, paused=True))
+    assert src.state(spec.uuid) is GuestRunState.PAUSED
+    assert (await src.query(spec.uuid, "query-status"))["status"] == "prelaunch"
+    pid = src.pid(spec.uuid)
+    os.kill(pid, signal.SIGKILL)  # a guest that dies by itself is seen and reaped
+    await wait_until(lambda: src.state(spec.uuid) is GuestRunState.SHUTOFF, what="SHUTOFF")
+    await wait_until(lambda: process_gone(pid), what="reaped")
+
+
+@pytest.mark.qemu
+async def test_start_failure_reports_qemu_message(src: QemuBackend, tmp_path: Path) -> None:
+    spec = make_spec(os_extra=f"<kernel>{tmp_path}/no-such-kernel</kernel>")
+    with pytest.raises(BackendError, match=r"could not (open|load) kernel"):
+        await within(src.start(spec, paused=False))
+    assert src.state(spec.uuid) is GuestRunState.SHUTOFF
+    assert not (tmp_path / "src" / spec.uuid / "pid").exists()
+
+
+@pytest.mark.qemu
+async def test_reconnect_after_close(backends: Factory, tmp_path: Path) -> None:
+    first = await backends("host")
+    running, paused = make_spec(name="a"), make_spec(name="b")
+    await within(first.start(running, paused=False))
+    await within(first.start(paused, paused=True))
+    pid = first.pid(running.uuid)
+    await within(first.close())  # the daemon goes away; its guests do not
+    assert not process_gone(pid)
+
+    second = await backends("host")
+    assert second.state(running.uuid) is GuestRunState.RUNNING
+    assert second.state(paused.uuid) is GuestRunState.PAUSED
+    assert second.pid(running.uuid) == pid
+    await within(second.pause(running.uuid))
+    assert second.state(running.uuid) is GuestRunState.PAUSED
+    await within(second.resume(paused.uuid))
+    assert second.state(paused.uuid) is GuestRunState.RUNNING
+    await within(second.destroy(running.uuid))
+    assert second.state(running.uuid) is GuestRunState.SHUTOFF
+    await wait_until(lambda: process_gone(pid), what="reaped")
+
+    # A guest that died while no backend watched is not reported (stale pid file).
+    other = second.pid(paused.uuid)
+    await within(second.close())
+    os.kill(other, signal.SIGKILL)
+    await wait_until(lambda: process_gone(other), what="reaped")
+    third = await backends("host")
+    assert third.state(paused.uuid) is GuestRunState.SHUTOFF
+    assert not (tmp_path / "host" / paused.uuid / "pid").exists()
+
+
+# --- migration -----------------------------------------------------------------------------------
+
+
+@pytest.mark.qemu
+async def test_migrate_idle_guest(src: QemuBackend, dst: QemuBackend, tmp_path: Path) -> None:
+    disk = tmp_path / "shared.img"  # shared storage: both QEMUs open the same file
+    disk.write_bytes(b"\0" * MIB)
+    spec = make_spec(devices=f"<disk type='file' device='disk'><driver type='raw'/>"
+                             f"<source file='{disk}'/><target dev='vda' bus='virtio'/></disk>")
+    await within(src.start(spec, paused=False))
+    port = await within(dst.incoming_start(spec, to(free_port())))
+    assert dst.state(spec.uuid) is GuestRunState.PAUSED
+    assert dst.progress(spec.uuid).status is MigrationStatus.SETUP
+
+    out = await within(src.outgoing(spec.uuid, to(port), MigrationTuning(max_downtime_ms=50)))
+    inc = await within(dst.incoming_wait(spec.uuid))
+
+    assert out.status is MigrationStatus.COMPLETED
+    assert out.total_bytes >= 64 * MIB
+    assert out.processed_bytes > 0 and out.remaining_bytes == 0
+    assert out.iteration >= 2
+    assert out.total_time_ms > 0 and out.total_time_ms >= out.downtime_ms
+    assert out.error == ""
+    assert inc.status is MigrationStatus.COMPLETED
+    params = await src.query(spec.uuid, "query-migrate-parameters")
+    assert params["max-bandwidth"] > 128 * MIB  # QEMU's default cap was raised
+    assert params["downtime-limit"] == 50
+
+    # The source is left in postmigrate: paused, never resumed by the backend.
+    assert src.state(spec.uuid) is GuestRunState.PAUSED
+    assert (await src.query(spec.uuid, "query-status"))["status"] == "postmigrate"
+    assert dst.state(spec.uuid) is GuestRunState.PAUSED
+    assert src.progress(spec.uuid) == out
+    assert dst.progress(spec.uuid) == inc
+    assert await within(dst.incoming_wait(spec.uuid), 1) == inc
+
+    await within(dst.resume(spec.uuid))
+    assert dst.state(spec.uuid) is GuestRunState.RUNNING
+    await within(src.destroy(spec.uuid))
+
+    # And on again, to a port QEMU picks (port 0).
+    port = await within(src.incoming_start(spec, to(0)))
+    assert port > 0
+    back = await within(dst.outgoing(spec.uuid, to(port), MigrationTuning()))
+    assert back.status is MigrationStatus.COMPLETED
+    await within(src.incoming_wait(spec.uuid))
+    await within(src.resume(spec.uuid))
+    assert src.state(spec.uuid) is GuestRunState.RUNNING
+
+
+@pytest.mark.qemu
+async def test_incoming_port_in_use(dst: QemuBackend) -> None:
+    spec = make_spec()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        with pytest.raises(OSError) as info:
+            await within(dst.incoming_start(spec, to(busy.getsockname()[1])))
+    assert info.value.errno == errno.EADDRINUSE
+    assert dst.state(spec.uuid) is GuestRunState.SHUTOFF  # that QEMU was stopped
+    assert dst.progress(spec.uuid) == MigrationProgress()
+
+
+@pytest.mark.qemu
+async def test_cancel(src: QemuBackend, dst: QemuBackend) -> None:
+    spec = make_spec()
+    await within(src.start(spec, paused=False))
+    port = await within(dst.incoming_start(spec, to(free_port())))
+    out = asyncio.create_task(src.outgoing(spec.uuid, to(port), SLOW))
+    await wait_status(src, spec.uuid, MigrationStatus.ACTIVE)
+    await within(src.cancel(spec.uuid))
+    with pytest.raises(MigrationCancelled):
+        await within(out)
+    assert src.state(spec.uuid) is GuestRunState.RUNNING
+    assert src.progress(spec.uuid).status is MigrationStatus.CANCELLED
+    with pytest.raises(MigrationFailed):
+        await within(dst.incoming_wait(spec.uuid))
+    assert dst.state(spec.uuid) is GuestRunState.SHUTOFF  # QEMU quit by itself
+    assert dst.progress(spec.uuid).status is MigrationStatus.FAILED
+    assert dst.progress(spec.uuid).error
+
+
+@pytest.mark.qemu
+async def test_migrate_to_closed_port(src: QemuBackend) -> None:
+    spec = make_spec()
+    await within(src.start(spec, paused=False))
+    with pytest.raises(MigrationFailed, match="Connection refused"):
+        await within(src.outgoing(spec.uuid, to(free_port()), MigrationTuning()))
+    assert src.state(spec.uuid) is GuestRunState.RUNNING
+    assert (await src.query(spec.uuid, "query-status"))["status"] == "running"
+    assert src.progress(spec.uuid).status is MigrationStatus.FAILED
+
+
+@pytest.mark.qemu
+async def test_paused_source_stays_paused_after_failure(src: QemuBackend) -> None:
+    spec = make_spec()
+    await within(src.start(spec, paused=False))
+    await within(src.pause(spec.uuid))
+    with pytest.raises(MigrationFailed):
+        await within(src.outgoing(spec.uuid, to(free_port()), MigrationTuning(live=False)))
+    assert src.state(spec.uuid) is GuestRunState.PAUSED
+
+
+@pytest.mark.qemu
+async def test_destination_killed_mid_migration(src: QemuBackend, dst: QemuBackend) -> None:
+    spec = make_spec()
+    await within(src.start(spec, paused=False))
+    port = await within(dst.incoming_start(spec, to(free_port())))
+    out = asyncio.create_task(src.outgoing(spec.uuid, to(port), SLOW))
+    await wait_status(dst, spec.uuid, MigrationStatus.ACTIVE)
+    await wait_status(src, spec.uuid, MigrationStatus.ACTIVE)
+    pid = dst.pid(spec.uuid)
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(MigrationFailed) as info:
+        await within(out)
+    assert "socket" in str(info.value)  # QEMU's own words, e.g. "Unable to write to socket"
+    assert src.state(spec.uuid) is GuestRunState.RUNNING
+    assert (await src.query(spec.uuid, "query-status"))["status"] == "running"
+    with pytest.raises(MigrationFailed, match="SIGKILL"):
+        await within(dst.incoming_wait(spec.uuid))
+    assert dst.state(spec.uuid) is GuestRunState.SHUTOFF
+    await wait_until(lambda: process_gone(pid), what="reaped")
+
+
+@pytest.mark.qemu
+async def test_destroying_the_source_fails_its_migration(
+    src: QemuBackend, dst: QemuBackend
+) -> None:
+    spec = make_spec()
+    await within(src.start(spec, paused=False))
+    port = await within(dst.incoming_start(spec, to(free_port())))
+    out = asyncio.create_task(src.outgoing(spec.uuid, to(port), SLOW))
+    await wait_status(src, spec.uuid, MigrationStatus.ACTIVE)
+    await within(src.destroy(spec.uuid))
+    with pytest.raises(MigrationFailed, match="unexpectedly quit"):
+        await within(out)
+    with pytest.raises(MigrationFailed):
+        await within(dst.incoming_wait(spec.uuid))
+    assert dst.state(spec.uuid) is GuestRunState.SHUTOFF
+
+
+@pytest.mark.qemu
+async def test_set_tuning_during_migration(src: QemuBackend, dst: QemuBackend) -> None:
+    spec = make_spec()
+    await within(src.start(spec, paused=False))
+    port = await within(dst.incoming_start(spec, to(free_port())))
+    out = asyncio.create_task(src.outgoing(spec.uuid, to(port), SLOW))
+    await wait_status(src, spec.uuid, MigrationStatus.ACTIVE)
+    await within(src.set_tuning(spec.uuid, bandwidth_bytes_per_s=0, max_downtime_ms=20))
+    done = await within(out)  # unthrottled: done at once
+    assert done.status is MigrationStatus.COMPLETED
+    params = await src.query(spec.uuid, "query-migrate-parameters")
+    assert params["downtime-limit"] == 20
+    await within(dst.incoming_wait(spec.uuid))
+
+
+@pytest.mark.qemu
+async def test_close_during_migration_keeps_the_source(backends: Factory, dst: QemuBackend) -> None:
+    src = await backends("src")
+    spec = make_spec()
+    await within(src.start(spec, paused=False))
+    port = await within(dst.incoming_start(spec, to(free_port())))
+    out = asyncio.create_task(src.outgoing(spec.uuid, to(port), SLOW))
+    await wait_status(src, spec.uuid, MigrationStatus.ACTIVE)
+    await within(src.close())  # the daemon shuts down mid-migration
+    with pytest.raises(MigrationFailed, match="shutting down"):
+        await within(out)
+    again = await backends("src")
+    assert again.state(spec.uuid) is GuestRunState.RUNNING
+    assert (await again.query(spec.uuid, "query-migrate"))["status"] == "cancelled"

@@ -1,0 +1,301 @@
+"""End to end: two in-process daemons with the ``qemu`` backend migrate a real Linux guest.
+
+The guest (``tests/guest``: Debian kernel + an initramfs whose /init dirties 64 MiB at 16 MiB/s)
+prints ``HEARTBEAT n=<counter> sum=<checksum> ok=<1|0>`` to its serial console every second,
+``ok=1`` meaning its memory still adds up to the running checksum.  A migration is judged by the
+guest, not by QMP: after it, the destination's serial log must keep counting past the last
+heartbeat the source printed, with ``ok=1``.  Migrations are kept short (about a second): long
+pre-copy runs under TCG can corrupt the guest (see the shared QEMU notes).
+
+Both hosts run on this machine, so the serial log path differs per side: the migration passes
+the destination's definition (``destination_xml``) with its own log path, as libvirt users do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import textwrap
+import time
+import uuid as uuidlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Host, start_host, stop_host
+from tests.guest.build import GuestImage, guest_or_skip, kill_leftover_qemus, qemu_binary_or_skip
+from virtmig.client.migrate import migrate3
+from virtmig.client.sequence import Trace
+from virtmig.daemon.backend.base import MigrationStatus
+from virtmig.daemon.backend.qemu import QemuBackend
+from virtmig.proto.errors import NoDomain, OperationFailed, VirtmigError
+from virtmig.proto.flags import DomainState, JobType, MigrateFlags
+from virtmig.proto.params import MigrateParam, TypedParams
+
+pytestmark = pytest.mark.qemu
+
+F = MigrateFlags
+P = MigrateParam
+BOOT_TIMEOUT = 90.0  # kernel boot to the first heartbeat under TCG: ~5 s idle, more under load
+HEARTBEAT = re.compile(rb"HEARTBEAT n=(\d+) sum=([0-9a-f]+) ok=([01])")
+
+
+@pytest.fixture(scope="session")
+def guest_image() -> GuestImage:
+    qemu_binary_or_skip()
+    return guest_or_skip()
+
+
+@pytest.fixture
+async def hosts(tmp_path: Path, guest_image: GuestImage) -> AsyncIterator[tuple[Host, Host]]:
+    src = await start_host(tmp_path, "src", backend="qemu")
+    dst = await start_host(tmp_path, "dst", backend="qemu")
+    try:
+        yield src, dst
+    finally:
+        for host in (src, dst):
+            backend = host.daemon.backend
+            for dom in list(host.daemon.registry):
+                await asyncio.wait_for(backend.destroy(dom.uuid), 20)
+            await stop_host(host)
+        assert not kill_leftover_qemus(tmp_path), "QEMU processes were left running"
+
+
+def guest_xml(image: GuestImage, uuid: str, serial: Path, name: str = "vm1") -> str:
+    cmdline = image.cmdline(dirty_mb=64, dirty_rate=16)
+    return textwrap.dedent(f"""\
+        <domain type='qemu'>
+          <name>{name}</name>
+          <uuid>{uuid}</uuid>
+          <memory unit='MiB'>256</memory>
+          <vcpu>1</vcpu>
+          <os>
+            <type arch='x86_64' machine='pc'>hvm</type>
+            <kernel>{image.kernel}</kernel>
+            <initrd>{image.initrd}</initrd>
+            <cmdline>{cmdline}</cmdline>
+          </os>
+          <devices>
+            <serial type='file'><source path='{serial}'/><target port='0'/></serial>
+            <console type='file'><source path='{serial}'/><target type='serial' port='0'/></console>
+            <memballoon model='none'/>
+          </devices>
+        </domain>
+        """)
+
+
+def heartbeats(path: Path) -> list[tuple[int, bool]]:
+    """(counter, memory ok) of every heartbeat in a serial log so far."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    return [(int(m.group(1)), m.group(3) == b"1") for m in HEARTBEAT.finditer(data)]
+
+
+async def wait_heartbeat(path: Path, above: int, timeout: float) -> int:
+    """Wait until the log shows a heartbeat counter above ``above``; return the latest one."""
+    deadline = time.monotonic() + timeout
+    while True:
+        beats = heartbeats(path)
+        if beats and beats[-1][0] > above:
+            return beats[-1][0]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no heartbeat above {above} in {path} within {timeout} s; "
+                                 f"serial tail: {serial_tail(path)!r}")
+        await asyncio.sleep(0.1)
+
+
+def serial_tail(path: Path) -> bytes:
+    try:
+        return path.read_bytes()[-600:]
+    except FileNotFoundError:
+        return b"(no serial log)"
+
+
+def reaped(pid: int) -> bool:
+    """Neither running nor a zombie."""
+    return not os.path.exists(f"/proc/{pid}")
+
+
+def assert_memory_ok(path: Path) -> None:
+    bad = [n for n, ok in heartbeats(path) if not ok]
+    assert not bad, f"{path.name}: guest memory checksum mismatch at heartbeats {bad}"
+
+
+async def boot(host: Host, image: GuestImage, serial: Path, name: str = "vm1") -> str:
+    """Define and start the guest; return its uuid once it printed a heartbeat."""
+    uuid = str(uuidlib.uuid4())
+    await host.conn.define(guest_xml(image, uuid, serial, name))
+    await host.conn.start(name)
+    await wait_heartbeat(serial, 0, BOOT_TIMEOUT)
+    return uuid
+
+
+def dest_params(image: GuestImage, uuid: str, serial: Path, **extra: int) -> TypedParams:
+    params = TypedParams.of({P.DEST_XML: guest_xml(image, uuid, serial)})
+    for key, value in extra.items():
+        params.set(key, value)
+    return params
+
+
+async def assert_untouched_source(src: Host, dst: Host, serial: Path) -> None:
+    """The source guest still runs (and its heartbeat goes on); nothing is left elsewhere."""
+    assert (await src.conn.state("vm1"))[0] is DomainState.RUNNING
+    assert (await src.conn.job_info("vm1")).type is JobType.NONE
+    assert not [d for d in src.daemon.registry if d.job is not None]
+    assert not [d for d in dst.daemon.registry if d.job is not None]
+    assert not dst.daemon.ports._used
+    last = heartbeats(serial)[-1][0]
+    await wait_heartbeat(serial, last, 15)
+    assert_memory_ok(serial)
+
+
+async def test_live_migration_keeps_the_guest_running(
+    hosts: tuple[Host, Host], guest_image: GuestImage, tmp_path: Path
+) -> None:
+    src, dst = hosts
+    src_serial, dst_serial = tmp_path / "src-serial.log", tmp_path / "dst-serial.log"
+    uuid = await boot(src, guest_image, src_serial)
+    await wait_heartbeat(src_serial, 1, 15)  # dirtying for a while already
+    before = heartbeats(src_serial)[-1][0]
+
+    trace = Trace()
+    started = time.monotonic()
+    dom = await migrate3(src.conn, "vm1", dst.conn,
+                         dest_params(guest_image, uuid, dst_serial), F.LIVE, trace=trace)
+    elapsed = time.monotonic() - started
+    assert dom.name == "vm1" and dom.uuid == uuid
+    assert trace.calls == ["begin", "prepare", "perform", "finish", "confirm"]
+
+    assert await src.conn.state("vm1") == (DomainState.SHUTOFF, 4, "migrated")
+    assert await dst.conn.state("vm1") == (DomainState.RUNNING, 2, "migrated")
+    assert src.daemon.backend.state(uuid).value == "shutoff"
+    done = await src.conn.job_info("vm1", completed=True)
+    assert done.type is JobType.COMPLETED
+    assert done.data_total >= 256 * 1024 * 1024 and done.data_remaining == 0
+    assert (await dst.conn.job_info("vm1", completed=True)).type is JobType.COMPLETED
+    out = src.daemon.backend.progress(uuid)
+    assert out.status is MigrationStatus.COMPLETED
+    assert out.processed_bytes >= 64 * 1024 * 1024  # the dirtied memory really moved
+    print(f"\nmigration: {elapsed:.2f} s wall, total {out.total_time_ms} ms, downtime "
+          f"{out.downtime_ms} ms, {out.processed_bytes / 1e6:.0f} MB, {out.iteration} syncs, "
+          f"{out.bandwidth_bytes_per_s * 8 / 1e9:.2f} Gbit/s")
+
+    # The guest goes on counting on the destination, its memory intact.
+    after = await wait_heartbeat(dst_serial, before, 15)
+    after = await wait_heartbeat(dst_serial, after, 15)  # and keeps going
+    assert after > before
+    assert_memory_ok(dst_serial)
+    assert_memory_ok(src_serial)
+
+
+async def test_destination_qemu_killed_mid_migration(
+    hosts: tuple[Host, Host], guest_image: GuestImage, tmp_path: Path
+) -> None:
+    src, dst = hosts
+    src_serial, dst_serial = tmp_path / "src-serial.log", tmp_path / "dst-serial.log"
+    uuid = await boot(src, guest_image, src_serial)
+    params = dest_params(guest_image, uuid, dst_serial, **{P.BANDWIDTH: 32})  # MiB/s: ~3 s
+    task = asyncio.create_task(migrate3(src.conn, "vm1", dst.conn, params, F.LIVE))
+
+    backend = dst.daemon.backend
+    assert isinstance(backend, QemuBackend)
+    deadline = time.monotonic() + 20
+    while backend.progress(uuid).status is not MigrationStatus.ACTIVE:
+        assert time.monotonic() < deadline, "the stream never started"
+        assert not task.done(), task
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.3)  # well into the first pass
+    assert not task.done()
+    pid = backend.pid(uuid)
+    os.kill(pid, signal.SIGKILL)
+
+    with pytest.raises(OperationFailed, match=r"SIGKILL|socket"):
+        await asyncio.wait_for(task, 30)
+    with pytest.raises(NoDomain):
+        await dst.conn.lookup("vm1")
+    await assert_untouched_source(src, dst, src_serial)
+    assert reaped(pid)
+
+
+async def test_destination_refuses_the_domain(
+    hosts: tuple[Host, Host], guest_image: GuestImage, tmp_path: Path
+) -> None:
+    src, dst = hosts
+    src_serial, dst_serial = tmp_path / "src-serial.log", tmp_path / "dst-serial.log"
+    uuid = await boot(src, guest_image, src_serial)
+    other = str(uuidlib.uuid4())  # same name, another uuid
+    await dst.conn.define(guest_xml(guest_image, other, tmp_path / "other.log"))
+
+    with pytest.raises(VirtmigError, match="already exists with uuid"):
+        await migrate3(src.conn, "vm1", dst.conn,
+                       dest_params(guest_image, uuid, dst_serial), F.LIVE)
+    assert (await dst.conn.lookup("vm1")).uuid == other
+    assert (await dst.conn.state("vm1"))[0] is DomainState.SHUTOFF
+    assert not dst_serial.exists()  # no destination QEMU was ever started
+    await assert_untouched_source(src, dst, src_serial)
+
+
+
+TINY_XML = textwrap.dedent("""\
+    <domain type='qemu'>
+      <name>tiny</name>
+      <memory unit='MiB'>64</memory>
+      <devices><serial type='pty'><target port='0'/></serial></devices>
+    </domain>
+    """)
+
+
+async def restarted_with_guest(tmp_path: Path) -> tuple[Host, str, int]:
+    """A daemon that started a (SeaBIOS-only) guest, stopped, and started again."""
+    host = await start_host(tmp_path, "host", backend="qemu")
+    await host.conn.define(TINY_XML)
+    await host.conn.start("tiny")
+    uuid = (await host.conn.lookup("tiny")).uuid
+    backend = host.daemon.backend
+    assert isinstance(backend, QemuBackend)
+    pid = backend.pid(uuid)
+    await stop_host(host)
+    assert not reaped(pid)  # still running without its daemon
+    return await start_host(tmp_path, "host", backend="qemu"), uuid, pid
+
+
+async def test_daemon_restart_keeps_the_guest(tmp_path: Path) -> None:
+    """Guests outlive their daemon: the restarted daemon's backend takes them over."""
+    qemu_binary_or_skip()
+    try:
+        host, uuid, pid = await restarted_with_guest(tmp_path)
+        try:
+            backend = host.daemon.backend
+            assert isinstance(backend, QemuBackend)
+            assert backend.state(uuid).value == "running"
+            assert backend.pid(uuid) == pid
+            await backend.pause(uuid)
+            assert backend.state(uuid).value == "paused"
+            await backend.destroy(uuid)
+            deadline = time.monotonic() + 10
+            while not reaped(pid):
+                assert time.monotonic() < deadline, "QEMU was not reaped"
+                await asyncio.sleep(0.01)
+        finally:
+            await stop_host(host)
+    finally:
+        assert not kill_leftover_qemus(tmp_path), "QEMU processes were left running"
+
+
+async def test_daemon_restart_reports_the_guest_running(tmp_path: Path) -> None:
+    qemu_binary_or_skip()
+    try:
+        host, _uuid, _pid = await restarted_with_guest(tmp_path)
+        try:
+            assert (await host.conn.state("tiny"))[0] is DomainState.RUNNING
+            await host.conn.destroy("tiny")
+            assert (await host.conn.state("tiny"))[0] is DomainState.SHUTOFF
+        finally:
+            await stop_host(host)
+    finally:
+        kill_leftover_qemus(tmp_path)

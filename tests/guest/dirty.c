@@ -1,0 +1,152 @@
+/*
+ * dirty.c: the static /init of virtmig's QEMU test guest.
+ *
+ * Concern: give migration tests a guest whose memory keeps changing and whose liveness and memory
+ * integrity can be read from its serial console.  It mounts nothing, needs no other file than
+ * /dev/console, and never exits (PID 1 exiting panics the kernel).
+ *
+ * Parameters arrive as environment variables (kernel command line `k=v` words the kernel does not
+ * know are passed to /init's environment):
+ *   dirty_mb    MiB of memory to map, fill with non-zero data and keep dirtying (default 64)
+ *   dirty_rate  MiB/s of pages to dirty, one 64-bit word per 4 KiB page (default 0: unlimited)
+ *
+ * Console output:
+ *   DIRTY-READY mb=<mb> rate=<rate>                 once the memory is filled
+ *   HEARTBEAT n=<counter> sum=<checksum> ok=<0|1>   every second
+ * `sum` is the running checksum (sum of every word of the area, kept up to date on each write);
+ * `ok` says whether re-reading the whole area gave that same sum, so a page that did not arrive
+ * intact after a migration shows up as ok=0.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <time.h>
+#include <unistd.h>
+
+#define PAGE_SIZE 4096UL
+#define WORDS_PER_PAGE (PAGE_SIZE / sizeof(uint64_t))
+#define SLICE_NS 10000000ULL /* rate-limited dirtying runs in 10 ms slices */
+#define NS 1000000000ULL
+
+static void say(const char *fmt, ...)
+{
+	char buf[256];
+	va_list ap;
+	va_start(ap, fmt);
+	int n = vsnprintf(buf, sizeof(buf), fmt, ap);
+	va_end(ap);
+	if (n < 0)
+		return;
+	if ((size_t)n >= sizeof(buf))
+		n = sizeof(buf) - 1;
+	const char *p = buf;
+	while (n > 0) {
+		ssize_t w = write(1, p, (size_t)n);
+		if (w < 0 && errno == EINTR)
+			continue;
+		if (w <= 0)
+			return;
+		p += w;
+		n -= (int)w;
+	}
+}
+
+static uint64_t now_ns(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * NS + (uint64_t)ts.tv_nsec;
+}
+
+static void sleep_until(uint64_t t)
+{
+	struct timespec ts = {.tv_sec = (time_t)(t / NS), .tv_nsec = (long)(t % NS)};
+	while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL) == EINTR)
+		;
+}
+
+static unsigned long env_ulong(const char *name, unsigned long dflt)
+{
+	const char *v = getenv(name);
+	if (v == NULL || *v == '\0')
+		return dflt;
+	char *end;
+	unsigned long x = strtoul(v, &end, 10);
+	return *end == '\0' ? x : dflt;
+}
+
+static _Noreturn void hang(const char *why)
+{
+	say("DIRTY-ERROR %s\n", why);
+	for (;;)
+		pause();
+}
+
+int main(void)
+{
+	unsigned long mb = env_ulong("dirty_mb", 64);
+	unsigned long rate = env_ulong("dirty_rate", 0);
+	if (mb == 0)
+		mb = 1;
+	size_t npages = mb * (1024 * 1024 / PAGE_SIZE);
+	size_t nwords = npages * WORDS_PER_PAGE;
+
+	uint64_t *mem = mmap(NULL, npages * PAGE_SIZE, PROT_READ | PROT_WRITE,
+			     MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
+	if (mem == MAP_FAILED)
+		hang("mmap failed");
+
+	/* Non-zero everywhere: no page may count as a zero page for the migration. */
+	uint64_t sum = 0;
+	for (size_t i = 0; i < nwords; i++) {
+		uint64_t v = (i + 1) * 0x9E3779B97F4A7C15ULL | 1;
+		mem[i] = v;
+		sum += v;
+	}
+	say("DIRTY-READY mb=%lu rate=%lu\n", mb, rate);
+
+	/* Pages to dirty per 10 ms slice; 0: as many as possible. */
+	uint64_t per_slice = rate ? rate * (1024 * 1024 / PAGE_SIZE) * SLICE_NS / NS : 0;
+	if (rate && per_slice == 0)
+		per_slice = 1;
+	size_t page = 0;
+	uint64_t pass = 0, beats = 0;
+	uint64_t next_beat = now_ns() + NS;
+	uint64_t slice_end = now_ns() + SLICE_NS;
+	for (;;) {
+		uint64_t todo = per_slice ? per_slice : 4096;
+		for (uint64_t k = 0; k < todo; k++) {
+			mem[page * WORDS_PER_PAGE + (pass % WORDS_PER_PAGE)] += 1;
+			sum += 1;
+			if (++page == npages) {
+				page = 0;
+				pass++;
+			}
+		}
+		uint64_t t = now_ns();
+		if (t >= next_beat) {
+			uint64_t check = 0;
+			for (size_t i = 0; i < nwords; i++)
+				check += mem[i];
+			beats++;
+			say("HEARTBEAT n=%llu sum=%016llx ok=%d\n", (unsigned long long)beats,
+			    (unsigned long long)sum, check == sum);
+			t = now_ns();
+			next_beat += NS;
+			if (next_beat < t) /* a stall (e.g. paused): no burst of beats */
+				next_beat = t + NS;
+		}
+		if (per_slice) {
+			if (slice_end > t)
+				sleep_until(slice_end);
+			slice_end += SLICE_NS;
+			if (slice_end < t) /* behind: do not accumulate a backlog */
+				slice_end = t + SLICE_NS;
+		}
+	}
+}
