@@ -1327,7 +1327,6 @@ class TestBackend(Backend):
         left = len(order)
         mig.remaining_pages = left
         mig.switch_progress = mig.snapshot()
-        digest = guest.digest()  # as of the switch: the source guest is stopped from now on
         if discard:
             writer.write(_pack_indices(b"D", discard))
         writer.write(b"C")
@@ -1367,7 +1366,9 @@ class TestBackend(Backend):
             mig.remaining_pages = left
             pacer.consume(len(data))
             await asyncio.sleep(0)
-        writer.write(b"S" + digest)
+        # The guest has been stopped since the switch: this is its memory as of the switch.
+        await guest.hash_ahead()
+        writer.write(b"S" + guest.digest())
         await writer.drain()
 
 
