@@ -67,7 +67,7 @@ from virtmig.proto.flags import (
     RunningReason,
     ShutoffReason,
 )
-from virtmig.proto.params import MigrateParam, TypedParams, validate_migration_params
+from virtmig.proto.params import MigrateParam, Party, TypedParams, validate_migration_params
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +76,10 @@ P = MigrateParam
 
 
 
-def any_check(flags: int, params: TypedParams, function: str) -> MigrateFlags:
+def any_check(flags: int, params: TypedParams, function: str,
+              party: Party = Party.SRC) -> MigrateFlags:
     """Flags and params checks every phase runs before it changes anything."""
-    validate_migration_params(params, flags)
+    validate_migration_params(params, flags, party)
     return check_migration(flags, params, function)
 
 
@@ -212,7 +213,7 @@ def _fmt_host(host: str) -> str:
 async def dst_prepare(
     daemon: Daemon, params: TypedParams, cookie_in: bytes, flags: int, owner: str = ""
 ) -> tuple[bytes, str | None]:
-    f = any_check(flags, params, "virDomainMigratePrepare3Params")
+    f = any_check(flags, params, "virDomainMigratePrepare3Params", Party.DST)
     offline = bool(f & F.OFFLINE)
     dom_xml = params.get_str(P.DEST_XML)
     if not dom_xml:
@@ -529,7 +530,7 @@ async def src_restore(daemon: Daemon, dom: DomainObj, job: MigrationJob) -> None
 async def dst_finish(
     daemon: Daemon, params: TypedParams, cookie_in: bytes, flags: int, cancelled: bool
 ) -> tuple[DomainObj, bytes]:
-    f = any_check(flags, params, "virDomainMigrateFinish3Params")
+    f = any_check(flags, params, "virDomainMigrateFinish3Params", Party.DST)
     dname = params.get_str(P.DEST_NAME)
     if not dname:
         raise NoDomain("Domain not found: missing domain name")

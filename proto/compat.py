@@ -22,7 +22,7 @@ from virtmig.proto.errors import (
 from virtmig.proto.flags import ALL_MIGRATE_FLAGS, NO_FLAGS, MigrateFlags
 
 if TYPE_CHECKING:
-    from virtmig.proto.params import TypedParams
+    from virtmig.proto.params import Party, TypedParams
 
 F = MigrateFlags
 
@@ -127,11 +127,13 @@ def check_flags_supported(flags: int) -> None:
         raise ArgumentUnsupported(f"migration flag {names} is not supported by this host")
 
 
-def check_params_supported(params: TypedParams, flags: int) -> None:
+def check_params_supported(params: TypedParams, flags: int, party: Party | None = None) -> None:
     from virtmig.proto.params import MIGRATION_PARAMS
 
     for p in params:
         spec = MIGRATION_PARAMS[p.name]
+        if party is not None and not spec.party & party:
+            continue  # the other side's parameter: checked there
         if not spec.supported:
             raise ArgumentUnsupported(
                 f"migration parameter '{p.name}' is not supported by this host"

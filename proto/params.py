@@ -243,8 +243,13 @@ class TypedParams:
         self._items = [p for p in self._items if p.name != name]
 
 
-def validate_migration_params(params: TypedParams, flags: int = 0) -> None:
-    """libvirt's ``virTypedParamsValidate`` against the migration table, plus our support check."""
+def validate_migration_params(params: TypedParams, flags: int = 0,
+                              party: Party = Party.BOTH) -> None:
+    """libvirt's ``virTypedParamsValidate`` against the migration table, plus our support check.
+
+    ``party``: the side checking; a flag a parameter needs is only required where it is used
+    (the destination never sees source-only flags such as AUTO_CONVERGE).
+    """
     seen: set[str] = set()
     for p in params:
         spec = MIGRATION_PARAMS.get(p.name)
@@ -260,7 +265,7 @@ def validate_migration_params(params: TypedParams, flags: int = 0) -> None:
         seen.add(p.name)
     from virtmig.proto.compat import check_params_supported
 
-    check_params_supported(params, flags)
+    check_params_supported(params, flags, party)
 
 
 # --- wire conversion -------------------------------------------------------------------------

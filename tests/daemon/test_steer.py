@@ -1,0 +1,165 @@
+"""Steering a running migration on the test backend: speed, downtime, post-copy, auto-converge."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from tests.conftest import Host
+from tests.daemon.test_jobs import assert_migrated, guest, migrate, until_streaming
+from virtmig.client.migrate import RemoteDest, RemoteSource
+from virtmig.client.sequence import run_v3
+from virtmig.proto.errors import OperationAborted, OperationFailed, OperationInvalid
+from virtmig.proto.flags import DomainState, MigrateFlags
+from virtmig.proto.params import MigrateParam, TypedParams
+
+F = MigrateFlags
+P = MigrateParam
+
+
+async def test_setspeed_while_running_speeds_it_up(pair: tuple[Host, Host]) -> None:
+    src, dst = pair
+    await guest(src)
+    task = migrate(src, dst, F.LIVE, TypedParams.of({P.BANDWIDTH: 1}))  # 64 s at this rate
+    await until_streaming(src)
+    await src.conn.set_max_speed("vm1", 0)  # unlimited
+    await asyncio.wait_for(task, 30)
+    await assert_migrated(src, dst)
+    assert await src.conn.get_max_speed("vm1") == 0
+
+
+async def test_setmaxdowntime_while_running_lets_it_converge(pair: tuple[Host, Host]) -> None:
+    """A dirtying guest with a 1 ms downtime limit keeps iterating; 2 s lets it switch over."""
+    src, dst = pair
+    await guest(src, dirty=32)
+    await src.conn.set_max_downtime("vm1", 1)
+    task = migrate(src, dst, F.LIVE, TypedParams.of({P.BANDWIDTH: 64}))
+    for _ in range(1000):
+        info = await src.conn.job_info("vm1")
+        if (info.stat("memory_iteration") or 0) >= 3:  # type: ignore[operator]
+            break
+        await asyncio.sleep(0.02)
+    assert not task.done()
+    await src.conn.set_max_downtime("vm1", 2000)
+    await asyncio.wait_for(task, 30)
+    await assert_migrated(src, dst)
+
+
+async def test_auto_converge_throttles_until_it_converges(pair: tuple[Host, Host]) -> None:
+    src, dst = pair
+    await guest(src, dirty=128)  # dirties faster than the 32 MiB/s link
+    params = TypedParams.of({P.BANDWIDTH: 32, P.AUTO_CONVERGE_INITIAL: 30,
+                             P.AUTO_CONVERGE_INCREMENT: 20})
+    task = migrate(src, dst, F.LIVE | F.AUTO_CONVERGE, params)
+    throttles = set()
+    while not task.done():
+        info = await src.conn.job_info("vm1")
+        throttle = info.stat("auto_converge_throttle")
+        if isinstance(throttle, int) and throttle:
+            throttles.add(throttle)
+        await asyncio.sleep(0.05)
+    await task
+    await assert_migrated(src, dst)
+    assert throttles and min(throttles) >= 30
+    assert all((t - 30) % 20 == 0 for t in throttles if t < 99)
+
+
+async def test_postcopy_switch_runs_the_guest_on_the_destination(pair: tuple[Host, Host]) -> None:
+    src, dst = pair
+    await guest(src, dirty=128)
+    params = TypedParams.of({P.BANDWIDTH: 32})
+    task = migrate(src, dst, F.LIVE | F.POSTCOPY, params)
+    await until_streaming(src)
+    await src.conn.start_postcopy("vm1")
+    seen_postcopy = False
+    while not task.done():
+        state = (await dst.conn.state("vm1"))
+        if state[:2] == (DomainState.RUNNING, 10):  # running (postcopy)
+            seen_postcopy = True
+            assert (await src.conn.state("vm1"))[2] == "postcopy"  # paused (postcopy)
+        await asyncio.sleep(0.01)
+    await task
+    assert seen_postcopy
+    assert await dst.conn.state("vm1") == (DomainState.RUNNING, 2, "migrated")
+    await assert_migrated(src, dst)
+    with pytest.raises(OperationInvalid, match="only be started while outgoing migration"):
+        await dst.conn.start_postcopy("vm1")
+
+
+async def test_abort_in_postcopy_is_refused(pair: tuple[Host, Host]) -> None:
+    src, dst = pair
+    await guest(src, dirty=64)
+    task = migrate(src, dst, F.LIVE | F.POSTCOPY, TypedParams.of({P.BANDWIDTH_POSTCOPY: 4,
+                                                                  P.BANDWIDTH: 16}))
+    await until_streaming(src)
+    await src.conn.start_postcopy("vm1")
+    for _ in range(500):
+        if (await src.conn.state("vm1"))[2] == "postcopy":
+            break
+        await asyncio.sleep(0.01)
+    with pytest.raises(OperationInvalid, match="cannot abort migration in post-copy mode"):
+        await src.conn.abort_job("vm1")
+    await src.conn.set_max_speed("vm1", 0, postcopy=True)
+    await asyncio.wait_for(task, 60)
+    await assert_migrated(src, dst)
+
+
+class BreakAfterSwitch(RemoteDest):
+    """Destroys the source guest once Finish runs: the post-copy stream breaks."""
+
+    def __init__(self, dst: Host, src: Host) -> None:
+        super().__init__(dst.conn, True)
+        self.src = src
+
+    async def finish(self, params: TypedParams, cookie: bytes, flags: int,
+                     cancelled: bool) -> tuple[str, bytes]:
+        uuid = (await self.src.conn.lookup("vm1")).uuid
+        task = asyncio.ensure_future(super().finish(params, cookie, flags, cancelled))
+        await asyncio.sleep(0.2)
+        await self.src.daemon.backend.destroy(uuid)  # the source side dies mid post-copy
+        return await task
+
+
+async def test_failure_after_the_switch_leaves_both_paused(pair: tuple[Host, Host]) -> None:
+    src, dst = pair
+    await guest(src, dirty=64)
+    params = TypedParams.of({P.BANDWIDTH: 16, P.BANDWIDTH_POSTCOPY: 2})
+
+    async def switch_soon() -> None:
+        await until_streaming(src)
+        await src.conn.start_postcopy("vm1")
+
+    switcher = asyncio.ensure_future(switch_soon())
+    with pytest.raises(OperationFailed, match="post-copy"):
+        await run_v3(RemoteSource(src.conn, True), BreakAfterSwitch(dst, src), "vm1", params,
+                     F.LIVE | F.POSTCOPY, protection=True)
+    await switcher
+    # Neither side is resumed; the destination keeps its half for recovery.
+    assert await dst.conn.state("vm1") == (DomainState.PAUSED, 13, "postcopy-failed")
+    assert (await dst.conn.job_info("vm1")).phase == "postcopy_failed"
+    src_state = await src.conn.state("vm1")
+    assert src_state[0] in (DomainState.PAUSED, DomainState.SHUTOFF)  # never running
+    await dst.conn.destroy("vm1")  # an admin's way out: the transient domain is gone
+    assert not [d for d in dst.daemon.registry if d.job is not None]
+
+
+async def test_completion_timeout_postcopy_action(pair: tuple[Host, Host]) -> None:
+    src, dst = pair
+    await guest(src, dirty=128)
+    params = TypedParams.of({P.BANDWIDTH: 32, P.COMPLETION_TIMEOUT: 8,
+                             P.COMPLETION_TIMEOUT_ACTION: "postcopy"})
+    await asyncio.wait_for(migrate(src, dst, F.LIVE | F.POSTCOPY, params), 60)
+    await assert_migrated(src, dst)
+
+
+async def test_abort_then_retry(pair: tuple[Host, Host]) -> None:
+    src, dst = pair
+    await guest(src)
+    task = migrate(src, dst, F.LIVE, TypedParams.of({P.BANDWIDTH: 4}))
+    await until_streaming(src)
+    await src.conn.abort_job("vm1")
+    with pytest.raises(OperationAborted):
+        await task
+    await migrate(src, dst)
+    await assert_migrated(src, dst)
