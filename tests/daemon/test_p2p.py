@@ -447,3 +447,14 @@ async def test_p2p_progress_is_watched_on_the_source(pair: tuple[Host, Host]) ->
     assert seen[-1].type is JobType.COMPLETED
     assert any(i.type is JobType.UNBOUNDED and 0 < i.data_processed < i.data_total
                for i in seen)
+
+
+async def test_p2p_migrate_uri_is_the_data_stream(pair: tuple[Host, Host], trace: Trace) -> None:
+    """dconnuri names the destination daemon; the URI param names where the data goes: a host
+    without a port makes the destination pick one from its range."""
+    src, dst = pair
+    await guest(src)
+    await p2p_migrate(src, dst, F.LIVE, TypedParams.of({P.URI: "tcp://127.0.0.1"}))
+    assert (await dst.conn.state("vm1"))[0] is DomainState.RUNNING
+    assert trace.calls == ["begin", "prepare", "perform", "finish", "confirm"]
+    await no_jobs(src, dst)
