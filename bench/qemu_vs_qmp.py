@@ -1,0 +1,223 @@
+"""virtmig against a bare QMP script: the same 1 GiB QEMU guest, migrated both ways, alternating.
+
+``python bench/qemu_vs_qmp.py [--runs N]`` (needs qemu-system-x86_64 and the test guest, which
+``tests/guest/build.py`` builds and caches).  Two cases: the guest idle, and the guest dirtying
+256 MiB.  Each run times one migration, from the moment it is asked for until the guest runs on
+the destination and the source QEMU is gone:
+
+* virtmig: ``migrate3`` between two daemons (in this process, backend ``qemu``): Begin, Prepare
+  (starts the destination QEMU), Perform, Finish, Confirm, with cookies, jobs and state files;
+* bare: only what QEMU needs, on the same command line: start the destination with
+  ``-incoming defer``, ``migrate-incoming``, ``migrate``, wait for ``completed`` on both sides,
+  ``cont``, ``quit``.
+
+Results go to ``bench/results/qemu-vs-qmp.json``; the goal is virtmig within 15 % of bare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import shutil
+import socket
+import statistics
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from qemu.qmp import QMPClient
+
+from tests.conftest import Host, start_host, stop_host
+from tests.guest.build import GuestImage, ensure_guest
+from virtmig.daemon.backend.base import GuestSpec
+from virtmig.daemon.backend.qemu import SOCKET_NAME, parse_config
+from virtmig.daemon.domxml import parse_domain_xml
+from virtmig.proto.flags import MigrateFlags
+from virtmig.proto.params import TypedParams
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SETTLE_S = 5.0
+STEP_TIMEOUT_S = 120.0
+UNCAPPED = 100 * 1024**3  # QEMU 7.2's default max-bandwidth is 128 MiB/s: raise it for both
+
+
+def domain_xml(image: GuestImage, name: str, dirty_mb: int, dirty_rate: int) -> str:
+    return textwrap.dedent(f"""\
+        <domain type='qemu'>
+          <name>{name}</name>
+          <memory unit='MiB'>1024</memory>
+          <vcpu>1</vcpu>
+          <os>
+            <type arch='x86_64' machine='pc'>hvm</type>
+            <kernel>{image.kernel}</kernel>
+            <initrd>{image.initrd}</initrd>
+            <cmdline>{image.cmdline(dirty_mb=dirty_mb, dirty_rate=dirty_rate)}</cmdline>
+          </os>
+          <devices><serial type='pty'><target port='0'/></serial></devices>
+        </domain>
+        """)
+
+
+async def wait_ready(log: Path, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if log.exists() and b"HEARTBEAT" in log.read_bytes():
+            return
+        await asyncio.sleep(0.1)
+    raise RuntimeError(f"the guest did not boot: {log}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class BareGuest:
+    """One QEMU driven by nothing but QMP."""
+
+    def __init__(self, argv: list[str], folder: Path) -> None:
+        self.argv, self.folder = argv, folder
+        self.proc: asyncio.subprocess.Process | None = None
+        self.qmp = QMPClient("bench")
+        self.completed = asyncio.Event()
+
+    async def start(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.proc = await asyncio.create_subprocess_exec(*self.argv, cwd=self.folder)
+        sock = self.folder / SOCKET_NAME
+        while True:
+            try:
+                await self.qmp.connect(str(sock))
+                break
+            except Exception:
+                await asyncio.sleep(0.005)
+        asyncio.get_running_loop().create_task(self._events())
+
+    async def _events(self) -> None:
+        async for event in self.qmp.events:
+            if event["event"] != "MIGRATION":
+                continue
+            data: Any = event["data"]
+            if data["status"] == "completed":
+                self.completed.set()
+
+    async def run(self, cmd: str, args: dict[str, Any] | None = None) -> Any:
+        return await self.qmp.execute(cmd, args)
+
+    async def quit(self) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.qmp.execute("quit"), 5)
+        with contextlib.suppress(Exception):
+            await self.qmp.disconnect()
+        if self.proc is not None:
+            if self.proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    self.proc.kill()
+            await self.proc.wait()
+
+
+async def bare_migrate(src: BareGuest, argv: list[str], folder: Path) -> tuple[float, BareGuest]:
+    t0 = time.perf_counter()
+    dst = BareGuest(argv, folder)
+    await dst.start()
+    caps = {"capabilities": [{"capability": "events", "state": True}]}
+    await dst.run("migrate-set-capabilities", caps)
+    await src.run("migrate-set-capabilities", caps)
+    await src.run("migrate-set-parameters", {"max-bandwidth": UNCAPPED})
+    uri = f"tcp:127.0.0.1:{free_port()}"
+    await dst.run("migrate-incoming", {"uri": uri})
+    src.completed.clear()
+    await src.run("migrate", {"uri": uri})
+    await asyncio.wait_for(src.completed.wait(), STEP_TIMEOUT_S)
+    await asyncio.wait_for(dst.completed.wait(), STEP_TIMEOUT_S)
+    await dst.run("cont")
+    await src.quit()
+    return time.perf_counter() - t0, dst
+
+
+async def case(image: GuestImage, binary: str, work: Path, name: str, dirty_mb: int,
+               dirty_rate: int, runs: int) -> dict[str, object]:
+    xml = domain_xml(image, name, dirty_mb, dirty_rate)
+    d = parse_domain_xml(xml)
+    spec = GuestSpec(uuid=d.uuid, name=d.name, memory_bytes=d.memory_kib * 1024,
+                     vcpus=d.vcpus, options={}, xml=d.xml)
+    config = parse_config(spec)
+
+    # bare: a guest of its own, booted once
+    bare = BareGuest(config.argv(binary, work / "bare0", incoming=False), work / "bare0")
+    await bare.start()
+    await bare.run("cont")
+    await wait_ready(work / "bare0" / "serial0.log")
+
+    # virtmig: two daemons, the guest booted on the first
+    hosts: list[Host] = [await start_host(work, f"{name}-a", backend="qemu"),
+                         await start_host(work, f"{name}-b", backend="qemu")]
+    await hosts[0].conn.define(xml)
+    await hosts[0].conn.start(name)
+    guest_dir = hosts[0].state_dir / "backend" / "qemu"
+    logs = sorted(guest_dir.rglob("serial0.log"))
+    await wait_ready(logs[0])
+
+    virtmig_s: list[float] = []
+    bare_s: list[float] = []
+    await asyncio.sleep(SETTLE_S)  # boot-time page activity would favour whoever booted first
+    try:
+        for i in range(-1, runs):  # run -1 warms both up and is not counted
+            src, dst = hosts[(i + 1) % 2], hosts[i % 2]
+            t0 = time.perf_counter()
+            await asyncio.wait_for(
+                src.conn.migrate3(name, dst.conn, TypedParams(), MigrateFlags.LIVE),
+                STEP_TIMEOUT_S)
+            elapsed_virtmig = time.perf_counter() - t0
+            folder = work / f"bare{i + 2}"
+            elapsed, bare = await bare_migrate(bare, config.argv(binary, folder, incoming=True),
+                                               folder)
+            if i >= 0:
+                virtmig_s.append(elapsed_virtmig)
+                bare_s.append(elapsed)
+            await asyncio.sleep(1)  # let the guests settle before the next pair
+    finally:
+        await bare.quit()
+        for host in hosts:
+            for dom in list(host.daemon.registry):
+                if dom.active:
+                    await host.daemon.backend.destroy(dom.uuid)
+            await stop_host(host)
+    v, b = statistics.median(virtmig_s), statistics.median(bare_s)
+    return {"case": name, "memory_mib": 1024, "dirty_mb": dirty_mb, "dirty_rate_mib": dirty_rate,
+            "runs": runs, "virtmig_s": virtmig_s, "bare_s": bare_s, "virtmig_median_s": v,
+            "bare_median_s": b, "ratio": v / b}
+
+
+async def main(runs: int) -> int:
+    binary = shutil.which("qemu-system-x86_64")
+    if binary is None:
+        print("qemu-system-x86_64 is not installed", file=sys.stderr)
+        return 1
+    image = ensure_guest()
+    RESULTS.mkdir(exist_ok=True)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="vmbench-") as tmp:
+        for name, mb, rate in (("idle", 16, 1), ("dirty-256m", 256, 64)):
+            r = await case(image, binary, Path(tmp), name, mb, rate, runs)
+            results.append(r)
+            print(f"{name:12} virtmig {float(r['virtmig_median_s']) * 1000:7.0f} ms   "  # type: ignore[arg-type]
+                  f"bare QMP {float(r['bare_median_s']) * 1000:7.0f} ms   "  # type: ignore[arg-type]
+                  f"ratio {float(r['ratio']):.2f}", flush=True)  # type: ignore[arg-type]
+    (RESULTS / "qemu-vs-qmp.json").write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    p.add_argument("--runs", type=int, default=5)
+    sys.exit(asyncio.run(main(p.parse_args().runs)))
