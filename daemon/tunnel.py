@@ -31,6 +31,7 @@ from virtmig.proto.flags import MigrateFlags
 log = logging.getLogger(__name__)
 
 CHUNK = 256 * 1024
+DRAIN_TIMEOUT_S = 30.0
 LOOPBACK = "127.0.0.1"
 
 
@@ -87,6 +88,10 @@ class SrcTunnel:
                         tb: TracebackType | None) -> None:
         assert self._server is not None
         self._server.close()
+        if et is None and self._pumps:
+            # Success: the backend closed its end; let the last bytes reach the destination
+            # (a backend may call a stream complete before its peer has read everything).
+            await asyncio.wait(list(self._pumps), timeout=DRAIN_TIMEOUT_S)
         for task in list(self._pumps):
             task.cancel()
         for task in list(self._pumps):

@@ -36,7 +36,9 @@ unavailable) and reaped with ``os.waitpid`` only if it happens to be this proces
 Migration follows QEMU 7.2's QMP flow: the destination starts with ``-incoming defer -S``, turns
 on the ``events`` capability and listens with ``migrate-incoming`` (port 0: QEMU's choice, read
 back from ``query-migrate``; a port in use gives ``OSError(EADDRINUSE)`` and that QEMU is
-stopped); the source sets its capabilities (``events``, ``auto-converge``) and parameters
+stopped); the source sets its capabilities (``events``, ``auto-converge``, ``return-path``: QEMU
+then reports ``completed`` only once the destination has loaded the whole stream, which matters
+when a tunnel sits in between) and parameters
 (``max-bandwidth`` -- QEMU's 128 MiB/s default is raised to libvirt's "unlimited" --
 ``downtime-limit``, CPU throttling), issues ``migrate`` and follows ``MIGRATION`` events; it
 re-reads ``query-migrate`` every 250 ms and at every event (``MIGRATION_PASS``: a new dirty-sync
@@ -46,7 +48,24 @@ completion the source is left in ``postmigrate`` (paused) and is never resumed b
 on failure or cancel it runs again if it ran before (QEMU usually restarts it itself; the backend
 sends ``cont`` only when it did not).  A destination QEMU whose incoming migration fails exits by
 itself; :meth:`QemuBackend.incoming_wait` then raises ``MigrationFailed`` with QEMU's own message
-from ``qemu.log``.  Post-copy is not supported by this backend (``start_postcopy`` refuses).
+from ``qemu.log``.
+
+Post-copy: every incoming QEMU gets the ``postcopy-ram`` capability before ``migrate-incoming``
+(the destination cannot know whether the source will switch; a pre-copy stream does not use it;
+without userfaultfd QEMU refuses it, which is logged and otherwise ignored); the source gets it,
+and ``max-postcopy-bandwidth``, when ``tuning.postcopy``.  :meth:`QemuBackend.start_postcopy`
+sends ``migrate-start-postcopy`` (QEMU switches at its next iteration, mid-pass, unless the
+migration completes as pre-copy first).  At the source's ``MIGRATION postcopy-active`` event
+``outgoing`` returns a progress with status ``POSTCOPY_ACTIVE`` (the source is stopped,
+``finish-migrate``) and a follower task waits for ``completed``
+(:meth:`QemuBackend.outgoing_wait`).  The destination's progress says ``POSTCOPY_ACTIVE`` from
+its own ``postcopy-active`` event on, and ``resume`` works from then (a ``cont`` before QEMU ran
+the device state just sets autostart).  A source that switched is never resumed.  Nothing is
+cancelled once the switch was requested (``cancel`` refuses: a ``migrate_cancel`` that lands after
+the switch would restart the source).  A broken stream leaves QEMU in ``postcopy-paused`` (no
+recovery is attempted), the destination's vCPUs are stopped (KVM only: see
+``_incoming_postcopy_failed``), ``outgoing_wait`` and ``incoming_wait`` raise ``PostcopyFailed``,
+and neither QEMU is stopped.
 """
 
 from __future__ import annotations
@@ -79,6 +98,7 @@ from virtmig.daemon.backend.base import (
     MigrationProgress,
     MigrationStatus,
     MigrationTuning,
+    PostcopyFailed,
     StreamAddress,
 )
 from virtmig.daemon.domxml import parse_domain_xml
@@ -103,6 +123,7 @@ KILL_TIMEOUT = 10.0
 PROGRESS_INTERVAL = 0.25  # query-migrate while a migration runs
 FINAL_STATS_RETRIES = 50  # re-query a completed migration until total-time is filled in
 CANCEL_TIMEOUT = 10.0
+POSTCOPY_STOP_TIMEOUT = 5.0  # "stop" on a destination whose post-copy stream broke
 EXIT_REASON_WAIT = 3.0  # a failed incoming QEMU exits by itself: wait that long for its message
 POLL_INTERVAL = 0.2  # liveness polling of a taken-over guest when pidfds are unavailable
 
@@ -111,6 +132,9 @@ _MACHINE_RE = re.compile(r"(pc|q35|pc-[A-Za-z0-9._-]+)")
 _DISK_TARGET_RE = re.compile(r"vd[a-z]{1,3}")
 _EMULATOR_RE = re.compile(r"qemu-system-x86_64|qemu-kvm|kvm")
 _TERMINAL = frozenset({"completed", "failed", "cancelled"})
+# After the switch to post-copy: the stream broke (QEMU waits for a recovery that never comes).
+_POSTCOPY_BROKEN = frozenset({"failed", "cancelled", "postcopy-paused", "postcopy-recover"})
+_POSTCOPY_STATES = frozenset({"postcopy-active", "postcopy-paused", "postcopy-recover"})
 _STATUS_MAP = {
     "none": MigrationStatus.NONE,
     "setup": MigrationStatus.SETUP,
@@ -498,6 +522,11 @@ class _Outgoing:
     issued: bool = False  # "migrate" was sent
     cancel_requested: bool = False
     abort_reason: str = ""  # the backend is closing: fail with this
+    postcopy_requested: bool = False  # start_postcopy() was called
+    switched: bool = False  # QEMU reported postcopy-active: no way back
+    follower: asyncio.Task[None] | None = None  # _follow_postcopy, after the switch
+    # Set once the migration ended for good: completed, failed or cancelled (in post-copy, after
+    # ``outgoing`` returned at the switch, when the last page arrived or the stream broke).
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
     def snapshot(self) -> MigrationProgress:
@@ -511,6 +540,8 @@ class _Incoming:
     active_at: float = 0.0
     error: str = ""
     final: MigrationProgress | None = None
+    postcopy: bool = False  # the postcopy-ram capability is on
+    switched: bool = False  # QEMU reported postcopy-active: the guest may run here
 
     def snapshot(self) -> MigrationProgress:
         if self.final is not None:
@@ -591,6 +622,11 @@ def progress_from_query(info: dict[str, Any]) -> MigrationProgress:
     ram = info.get("ram")
     ram = ram if isinstance(ram, dict) else {}
     mbps = ram.get("mbps", 0)
+    downtime, total_time = _int(info, "downtime"), _int(info, "total-time")
+    if downtime > total_time:
+        # Seen after post-copy with QEMU 7.2 (about 1 run in 40): the host's uptime in ms, as if
+        # the stop had happened at boot.  Unknown, then.
+        downtime = 0
     return MigrationProgress(
         status=_STATUS_MAP.get(str(info.get("status", "none")), MigrationStatus.ACTIVE),
         total_bytes=_int(ram, "total"),
@@ -601,9 +637,9 @@ def progress_from_query(info: dict[str, Any]) -> MigrationProgress:
         bandwidth_bytes_per_s=round(float(mbps) * 1e6 / 8) if isinstance(mbps, int | float)
         else 0,
         expected_downtime_ms=_int(info, "expected-downtime"),
-        downtime_ms=_int(info, "downtime"),
+        downtime_ms=downtime,
         setup_time_ms=_int(info, "setup-time"),
-        total_time_ms=_int(info, "total-time"),
+        total_time_ms=total_time,
         page_size=_int(ram, "page-size") or 4096,
         normal_pages=_int(ram, "normal"),
         postcopy_requests=_int(ram, "postcopy-requests"),
@@ -644,12 +680,20 @@ class QemuBackend(Backend):
             mig = guest.outgoing
             if mig is not None and not mig.done.is_set() and not guest.exited:
                 mig.abort_reason = "migration aborted: daemon shutting down"
-                with contextlib.suppress(BackendError):
-                    await self.cancel(guest.uuid)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(mig.done.wait(), CANCEL_TIMEOUT)
+                if mig.switched or mig.postcopy_requested:
+                    # Post-copy cannot be cancelled: QEMU finishes it without us (after the
+                    # switch; _detach ends our follower).
+                    mig.abort_reason = ("post-copy migration no longer followed: daemon "
+                                        "shutting down")
+                    if not mig.switched:
+                        await self._wait_switch_or_end(guest, mig, CANCEL_TIMEOUT)
+                else:
+                    with contextlib.suppress(BackendError):
+                        await self.cancel(guest.uuid)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(mig.done.wait(), CANCEL_TIMEOUT)
             inc = guest.incoming
-            if inc is not None and inc.final is None and not guest.exited:
+            if inc is not None and inc.final is None and not guest.exited and not inc.switched:
                 await self._stop_process(guest)  # an incoming guest cannot finish without us
         for guest in guests:
             await self._detach(guest)
@@ -848,12 +892,25 @@ class QemuBackend(Backend):
             if inc is not None and inc.final is None:
                 if status == "active" and not inc.active_at:
                     inc.active_at = time.monotonic()
+                if status == "postcopy-active":
+                    inc.switched = True
                 inc.status = _STATUS_MAP.get(status, inc.status)
+            mig = guest.outgoing
+            if mig is not None and status == "postcopy-active" and not mig.done.is_set():
+                mig.switched = True
 
     async def _exec(
         self, guest: _Guest, command: str, args: dict[str, object] | None = None,
         timeout: float = QMP_TIMEOUT,
     ) -> dict[str, Any]:
+        result = await self._exec_any(guest, command, args, timeout)
+        return result if isinstance(result, dict) else {}
+
+    async def _exec_any(
+        self, guest: _Guest, command: str, args: dict[str, object] | None = None,
+        timeout: float = QMP_TIMEOUT,
+    ) -> object:
+        """One QMP command; its result as QEMU gave it (a dict, a list...)."""
         if guest.exited or guest.qmp is None:
             why = guest.exit_reason or "no monitor connection"
             raise BackendError(f"guest {guest.uuid} is not running ({why})")
@@ -867,7 +924,7 @@ class QemuBackend(Backend):
             raise BackendError(
                 f"{command}: lost the monitor connection to QEMU ({exc or type(exc).__name__})"
             ) from None
-        return result if isinstance(result, dict) else {}
+        return result
 
     async def _refresh_status(self, guest: _Guest) -> str:
         info = await self._exec(guest, "query-status")
@@ -920,6 +977,8 @@ class QemuBackend(Backend):
         if guest.qmp is not None:
             with contextlib.suppress(Exception):
                 await guest.qmp.disconnect()
+            guest.qmp = None
+        guest.notify()
         if guest.proc is not None and guest.proc.returncode is None:
             _release(guest.proc)
         if guest.pidfd >= 0:
@@ -961,13 +1020,18 @@ class QemuBackend(Backend):
             self._forget(guest)
             return
         status = str(info.get("status", "none"))
-        if guest.status == "inmigrate":
+        if status in _POSTCOPY_STATES:
+            # Past the switch to post-copy nothing can be rolled back: a cancel would restart a
+            # source whose destination may run, and this guest may hold the only current copy.
+            log.warning("qemu backend: guest %s is in a post-copy migration (%s): left as it is",
+                        uuid, status)
+        elif guest.status == "inmigrate":
             log.warning("qemu backend: guest %s was waiting for an incoming migration: "
                         "destroying it", uuid)
             await self._stop_process(guest)
             self._forget(guest)
             return
-        if status not in _TERMINAL and status != "none":
+        elif status not in _TERMINAL and status != "none":
             log.warning("qemu backend: guest %s had a migration in progress (%s): cancelling",
                         uuid, status)
             with contextlib.suppress(BackendError):
@@ -1010,8 +1074,15 @@ class QemuBackend(Backend):
     async def resume(self, uuid: str) -> None:
         guest = self._guest(uuid)
         inc = guest.incoming
-        if inc is not None and inc.final is None:
+        if inc is not None and inc.final is None and not inc.switched:
             raise BackendError(f"guest {uuid} is waiting for its incoming migration")
+        if inc is not None and inc.final is not None and inc.switched and \
+                inc.final.status is not MigrationStatus.COMPLETED:
+            raise BackendError(f"guest {uuid} cannot run: its post-copy migration failed before "
+                               "all of its memory arrived")
+        if guest.outgoing is not None and guest.outgoing.switched:
+            raise BackendError(f"guest {uuid} cannot run here: it was migrated in post-copy mode "
+                               "and its destination has the newest state")
         await self._exec(guest, "cont")
         await self._refresh_status(guest)
 
@@ -1024,9 +1095,9 @@ class QemuBackend(Backend):
         return self._guest(uuid).pid
 
     async def query(self, uuid: str, command: str,
-                    args: dict[str, object] | None = None) -> dict[str, Any]:
-        """Run one QMP command on a guest (for tests and diagnostics)."""
-        return await self._exec(self._guest(uuid), command, args)
+                    args: dict[str, object] | None = None) -> Any:
+        """Run one QMP command on a guest (for tests and diagnostics): QEMU's result as is."""
+        return await self._exec_any(self._guest(uuid), command, args)
 
     # -- progress / tuning / cancel --
 
@@ -1042,6 +1113,12 @@ class QemuBackend(Backend):
         mig = guest.outgoing
         if mig is None or mig.done.is_set():
             return
+        if mig.switched:
+            raise BackendError("cannot cancel migration in post-copy mode")
+        if mig.postcopy_requested:
+            # QEMU may switch at any moment, and a cancel after the switch restarts the source
+            # while the destination holds the newest state.
+            raise BackendError("cannot cancel migration: the switch to post-copy was requested")
         mig.cancel_requested = True
         if mig.issued:
             await self._exec(guest, "migrate_cancel")
@@ -1062,6 +1139,35 @@ class QemuBackend(Backend):
         if params:
             await self._exec(guest, "migrate-set-parameters", params)
 
+    async def start_postcopy(self, uuid: str) -> None:
+        """``migrate-start-postcopy``: QEMU switches at its next iteration; ``outgoing`` returns."""
+        guest = self._guest(uuid)
+        mig = guest.outgoing
+        if mig is None or mig.done.is_set() or mig.final is not None:
+            raise BackendError(f"no outgoing migration is running for guest {uuid}")
+        if not mig.tuning.postcopy:
+            raise BackendError("migration was not started with post-copy enabled")
+        if mig.cancel_requested:
+            raise BackendError("the migration is being cancelled")
+        if mig.switched or mig.postcopy_requested:
+            return
+        mig.postcopy_requested = True
+        if mig.issued:  # else _run_outgoing asks right after "migrate"
+            await self._exec(guest, "migrate-start-postcopy")
+
+    async def outgoing_wait(self, uuid: str) -> MigrationProgress:
+        """After a switch to post-copy: wait until the last page was sent."""
+        mig = self._progress.get(uuid)
+        if not isinstance(mig, _Outgoing):
+            raise BackendError(f"no outgoing migration for guest {uuid}")
+        if not mig.switched:
+            return mig.snapshot()
+        await mig.done.wait()
+        final = mig.snapshot()
+        if final.status is MigrationStatus.COMPLETED:
+            return final
+        raise PostcopyFailed(final.error or "post-copy migration failed")
+
     # -- incoming --
 
     async def incoming_start(self, spec: GuestSpec, listen: StreamAddress) -> int:
@@ -1075,6 +1181,15 @@ class QemuBackend(Backend):
         try:
             await self._exec(guest, "migrate-set-capabilities",
                              {"capabilities": [{"capability": "events", "state": True}]})
+            # Whether the source will switch to post-copy is not known here: allow it always
+            # (a pre-copy stream does not use it).  Without userfaultfd QEMU refuses: go on.
+            try:
+                await self._exec(guest, "migrate-set-capabilities", {"capabilities": [
+                    {"capability": "postcopy-ram", "state": True}]})
+                inc.postcopy = True
+            except QmpCommandFailed as exc:
+                log.warning("qemu backend: guest %s: incoming post-copy unavailable: %s",
+                            spec.uuid, exc.desc)
             try:
                 await self._exec(guest, "migrate-incoming", {"uri": str(listen)})
             except QmpCommandFailed as exc:
@@ -1107,9 +1222,14 @@ class QemuBackend(Backend):
             if inc.final is not None:
                 if inc.final.status is MigrationStatus.COMPLETED:
                     return inc.final
+                if inc.switched:
+                    raise PostcopyFailed(inc.final.error or "post-copy migration failed")
                 raise MigrationFailed(inc.final.error or "incoming migration failed")
             if guest.mig_status == "completed":
                 return await self._incoming_completed(guest, inc)
+            if inc.switched and guest.mig_status in _POSTCOPY_BROKEN:
+                await self._incoming_postcopy_failed(guest, inc)
+                continue
             timeout: float | None = None
             if guest.mig_status in ("failed", "cancelled"):
                 # QEMU exits by itself after a failed incoming migration: wait for its message.
@@ -1123,6 +1243,38 @@ class QemuBackend(Backend):
                     continue
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(changed.wait(), timeout)
+
+    async def _incoming_postcopy_failed(self, guest: _Guest, inc: _Incoming) -> None:
+        """The stream broke after the switch: keep the guest, never resumed, and its memory.
+
+        QEMU waits in ``postcopy-paused`` for a recovery.  Under KVM the vCPUs are stopped, as
+        libvirt does, so that the guest does not hang on a page that will never come.  Under TCG
+        they are left as they are: a vCPU blocked on a missing page cannot leave its fault, and
+        ``stop`` would wait for it forever with the monitor wedged (measured with QEMU 7.2), so
+        QEMU still says ``running`` while the guest is frozen at its first missing page.
+        """
+        status = guest.mig_status
+        error = f"post-copy migration broke (QEMU: {status})"
+        with contextlib.suppress(BackendError):
+            info = await self._exec(guest, "query-migrate")
+            if info.get("error-desc"):
+                error += f": {info['error-desc']}"
+        if tail := guest.log_tail():
+            error += f": {tail}"
+        if not guest.exited:
+            try:
+                kvm = await self._exec(guest, "query-kvm")
+                if await self._refresh_status(guest) == "running" and kvm.get("enabled"):
+                    await self._exec(guest, "stop", timeout=POSTCOPY_STOP_TIMEOUT)
+                    await self._refresh_status(guest)
+            except BackendError as exc:
+                log.error("qemu backend: cannot pause guest %s after its post-copy migration "
+                          "failed: %s", guest.uuid, exc)
+        if inc.final is None:  # (the guest may have exited meanwhile)
+            log.error("qemu backend: guest %s: %s", guest.uuid, error)
+            inc.error = error
+            inc.status = MigrationStatus.FAILED
+            inc.final = replace(inc.snapshot(), status=MigrationStatus.FAILED, error=error)
 
     async def _incoming_completed(self, guest: _Guest, inc: _Incoming) -> MigrationProgress:
         now = time.monotonic()
@@ -1161,14 +1313,28 @@ class QemuBackend(Backend):
         try:
             return await self._run_outgoing(guest, mig, dest)
         except asyncio.CancelledError:
-            # Our caller gave up: stop the migration too, and put the source back.
+            # Our caller gave up: stop the migration too, and put the source back -- unless
+            # post-copy was asked for: QEMU may switch at any moment, and a cancel after the
+            # switch would restart the source.  Then the migration goes on by itself.
+            if mig.postcopy_requested and not mig.switched:
+                await self._wait_switch_or_end(guest, mig, CANCEL_TIMEOUT)
+            if mig.switched:
+                self._ensure_follower(guest, mig)
+                raise
+            if mig.postcopy_requested and guest.mig_status not in _TERMINAL:
+                mig.final = replace(mig.last, status=MigrationStatus.FAILED,
+                                    error="migration no longer followed")
+                raise
             if mig.issued:
                 with contextlib.suppress(BackendError):
                     await self._cancel_and_wait(guest, mig)
             await self._settle_failed(guest, mig, MigrationCancelled("migration cancelled"))
             raise
         finally:
-            mig.done.set()
+            if mig.switched:
+                self._ensure_follower(guest, mig)  # it sets ``done`` at the very end
+            else:
+                mig.done.set()
 
     async def _run_outgoing(
         self, guest: _Guest, mig: _Outgoing, dest: StreamAddress
@@ -1178,6 +1344,11 @@ class QemuBackend(Backend):
             await self._exec(guest, "migrate-set-capabilities", {"capabilities": [
                 {"capability": "events", "state": True},
                 {"capability": "auto-converge", "state": tuning.auto_converge},
+                # Both sides need it before the stream starts (the destination always has it).
+                {"capability": "postcopy-ram", "state": tuning.postcopy},
+                # The destination reports back when it has loaded everything: "completed" then
+                # means the stream arrived, not that it left (a tunnel may still hold data).
+                {"capability": "return-path", "state": True},
             ]})
             params: dict[str, object] = {
                 "max-bandwidth": _bandwidth(tuning.bandwidth_bytes_per_s),
@@ -1186,6 +1357,9 @@ class QemuBackend(Backend):
             if tuning.auto_converge:
                 params["cpu-throttle-initial"] = min(99, max(1, tuning.auto_converge_initial))
                 params["cpu-throttle-increment"] = min(99, max(1, tuning.auto_converge_increment))
+            if tuning.postcopy:  # QEMU: 0 is unlimited, as ours
+                params["max-postcopy-bandwidth"] = max(0, min(
+                    tuning.postcopy_bandwidth_bytes_per_s, UNLIMITED_BANDWIDTH))
             await self._exec(guest, "migrate-set-parameters", params)
             if not mig.cancel_requested:
                 guest.mig_status = "setup"
@@ -1193,7 +1367,15 @@ class QemuBackend(Backend):
                 await self._exec(guest, "migrate", {"uri": str(dest)})
                 if mig.cancel_requested:  # cancel() came while "migrate" was on its way
                     await self._exec(guest, "migrate_cancel")
+                elif mig.postcopy_requested:  # start_postcopy() came before "migrate"
+                    try:
+                        await self._exec(guest, "migrate-start-postcopy")
+                    except QmpCommandFailed as exc:  # it goes on as pre-copy
+                        log.error("qemu backend: guest %s: cannot switch to post-copy: %s",
+                                  guest.uuid, exc)
         except BackendError as exc:
+            if mig.switched:  # (a command failed after the switch: never roll back)
+                return await self._outgoing_switched(guest, mig)
             raise await self._settle_failed(guest, mig, MigrationFailed(str(exc))) from None
         if not mig.issued:  # cancelled before it started
             raise await self._settle_failed(guest, mig, MigrationCancelled("migration cancelled"))
@@ -1201,6 +1383,8 @@ class QemuBackend(Backend):
         try:
             while True:
                 changed = guest.changed()
+                if mig.switched:
+                    return await self._outgoing_switched(guest, mig)
                 if guest.exited:
                     quit_error = MigrationFailed(f"guest unexpectedly quit: {guest.exit_reason}")
                     raise await self._settle_failed(guest, mig, quit_error)
@@ -1208,7 +1392,8 @@ class QemuBackend(Backend):
                     break
                 await changed.wait()
         finally:
-            poller.cancel()
+            if not mig.switched:
+                poller.cancel()  # (after the switch it keeps progress() fresh until the end)
         if guest.mig_status == "completed":
             return await self._outgoing_completed(guest, mig)
         try:
@@ -1224,6 +1409,75 @@ class QemuBackend(Backend):
         else:
             error = MigrationFailed(mig.last.error or "migration failed")
         raise await self._settle_failed(guest, mig, error)
+
+    async def _outgoing_switched(self, guest: _Guest, mig: _Outgoing) -> MigrationProgress:
+        """QEMU switched to post-copy: the source is stopped for good; the rest streams on."""
+        with contextlib.suppress(BackendError):
+            await self._refresh_status(guest)
+        with contextlib.suppress(BackendError):
+            info = await self._exec(guest, "query-migrate")
+            if mig.final is None:
+                mig.last = progress_from_query(info)
+        switched = replace(mig.last, status=MigrationStatus.POSTCOPY_ACTIVE)
+        if mig.final is None and mig.last.status not in (MigrationStatus.COMPLETED,
+                                                         MigrationStatus.FAILED):
+            mig.last = switched
+        self._ensure_follower(guest, mig)
+        return switched
+
+    def _ensure_follower(self, guest: _Guest, mig: _Outgoing) -> None:
+        if mig.follower is None and not mig.done.is_set():
+            mig.follower = self._spawn_task(guest, self._follow_postcopy(guest, mig))
+
+    async def _wait_switch_or_end(self, guest: _Guest, mig: _Outgoing, timeout: float) -> None:
+        """Post-copy was asked for: wait (bounded) until QEMU switched or the migration ended."""
+        deadline = time.monotonic() + timeout
+        while not mig.switched and guest.mig_status not in _TERMINAL and not guest.exited \
+                and guest.qmp is not None:
+            changed = guest.changed()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), remaining)
+
+    async def _follow_postcopy(self, guest: _Guest, mig: _Outgoing) -> None:
+        """After the switch: wait for the last page, or for the stream to break.
+
+        The source is never resumed here: past the switch the destination holds the newest state.
+        A broken stream leaves QEMU in ``postcopy-paused`` (a recovery could follow, but virtmig
+        does not attempt one) and the source paused.
+        """
+        try:
+            while True:
+                changed = guest.changed()
+                if guest.mig_status == "completed" and not guest.exited:
+                    await self._outgoing_completed(guest, mig)
+                    return
+                if guest.exited:
+                    error = f"guest unexpectedly quit: {guest.exit_reason}"
+                    break
+                if guest.mig_status in _POSTCOPY_BROKEN:
+                    error = f"post-copy migration broke (QEMU: {guest.mig_status})"
+                    with contextlib.suppress(BackendError):
+                        info = await self._exec(guest, "query-migrate")
+                        mig.last = progress_from_query(info)
+                        if info.get("error-desc"):
+                            error += f": {info['error-desc']}"
+                    if tail := guest.log_tail():
+                        error += f": {tail}"
+                    with contextlib.suppress(BackendError):
+                        await self._refresh_status(guest)
+                    break
+                await changed.wait()
+            log.error("qemu backend: guest %s: %s", guest.uuid, error)
+            mig.final = replace(mig.last, status=MigrationStatus.FAILED, error=error)
+        finally:
+            if mig.final is None:  # cancelled: the guest quit, or the backend closed
+                error = (f"guest unexpectedly quit: {guest.exit_reason}" if guest.exited
+                         else mig.abort_reason or "post-copy migration no longer followed")
+                mig.final = replace(mig.last, status=MigrationStatus.FAILED, error=error)
+            mig.done.set()
 
     async def _poll_progress(self, guest: _Guest, mig: _Outgoing) -> None:
         """Keep ``mig.last`` fresh: every PROGRESS_INTERVAL and at every QMP event."""

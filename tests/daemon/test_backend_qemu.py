@@ -16,6 +16,7 @@ import socket
 import textwrap
 import uuid as uuidlib
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -31,9 +32,15 @@ from virtmig.daemon.backend.base import (
     MigrationProgress,
     MigrationStatus,
     MigrationTuning,
+    PostcopyFailed,
     StreamAddress,
 )
-from virtmig.daemon.backend.qemu import QemuBackend, parse_config
+from virtmig.daemon.backend.qemu import (
+    QemuBackend,
+    QmpCommandFailed,
+    parse_config,
+    progress_from_query,
+)
 from virtmig.daemon.domxml import parse_domain_xml
 from virtmig.proto.errors import ConfigUnsupported
 
@@ -493,3 +500,231 @@ async def test_close_during_migration_keeps_the_source(backends: Factory, dst: Q
     again = await backends("src")
     assert again.state(spec.uuid) is GuestRunState.RUNNING
     assert (await again.query(spec.uuid, "query-migrate"))["status"] == "cancelled"
+
+
+# --- post-copy -----------------------------------------------------------------------------------
+
+POSTCOPY = replace(SLOW, postcopy=True)  # pre-copy cannot finish before start_postcopy()
+
+
+async def switched_to_postcopy(
+    src: QemuBackend, dst: QemuBackend, tuning: MigrationTuning = POSTCOPY
+) -> tuple[GuestSpec, asyncio.Task[MigrationProgress]]:
+    """A running guest whose migration switched to post-copy (both sides say so)."""
+    spec = make_spec()
+    await within(src.start(spec, paused=False))
+    port = await within(dst.incoming_start(spec, to(free_port())))
+    out = asyncio.create_task(src.outgoing(spec.uuid, to(port), tuning))
+    await wait_status(src, spec.uuid, MigrationStatus.ACTIVE)
+    await within(src.start_postcopy(spec.uuid))
+    switched = await within(out)
+    assert switched.status is MigrationStatus.POSTCOPY_ACTIVE
+    # The destination says so too (an idle guest may have completed already, post-copy still).
+    await wait_until(lambda: dst.progress(spec.uuid).status in (
+        MigrationStatus.POSTCOPY_ACTIVE, MigrationStatus.COMPLETED), what="switch")
+    inc = dst._guests[spec.uuid].incoming
+    assert inc is not None and inc.postcopy and inc.switched
+    return spec, out
+
+
+@pytest.mark.qemu
+async def test_postcopy(src: QemuBackend, dst: QemuBackend) -> None:
+    # The post-copy phase (~0.7 MB of page headers) lasts about a second at 512 KiB/s.
+    spec, _ = await switched_to_postcopy(
+        src, dst, replace(POSTCOPY, postcopy_bandwidth_bytes_per_s=512 * 1024))
+    assert dst.progress(spec.uuid).status is MigrationStatus.POSTCOPY_ACTIVE
+    assert src.progress(spec.uuid).status is MigrationStatus.POSTCOPY_ACTIVE
+    assert src.state(spec.uuid) is GuestRunState.PAUSED  # stopped for good
+    params = await src.query(spec.uuid, "query-migrate-parameters")
+    assert params["max-postcopy-bandwidth"] == 512 * 1024
+    with pytest.raises(BackendError, match="cannot cancel migration in post-copy mode"):
+        await src.cancel(spec.uuid)
+
+    await within(dst.resume(spec.uuid))  # the guest runs here while its pages arrive
+    await wait_until(lambda: dst.state(spec.uuid) is GuestRunState.RUNNING, what="running")
+    assert dst.progress(spec.uuid).status is MigrationStatus.POSTCOPY_ACTIVE
+    inc = await within(dst.incoming_wait(spec.uuid))
+    out = await within(src.outgoing_wait(spec.uuid))
+    assert inc.status is MigrationStatus.COMPLETED
+    assert out.status is MigrationStatus.COMPLETED and out.remaining_bytes == 0
+    assert out.total_time_ms > 0 and out.postcopy_requests >= 0
+    assert await within(src.outgoing_wait(spec.uuid)) == out
+    assert src.progress(spec.uuid) == out
+    assert (await src.query(spec.uuid, "query-status"))["status"] == "postmigrate"
+    assert dst.state(spec.uuid) is GuestRunState.RUNNING
+    with pytest.raises(BackendError, match="post-copy"):
+        await src.resume(spec.uuid)  # never: the destination runs with the newest state
+    with pytest.raises(BackendError):  # nothing runs any more
+        await src.start_postcopy(spec.uuid)
+
+
+@pytest.mark.qemu
+async def test_start_postcopy_refused(src: QemuBackend, dst: QemuBackend) -> None:
+    spec = make_spec()
+    await within(src.start(spec, paused=False))
+    with pytest.raises(BackendError, match="no outgoing migration"):
+        await src.start_postcopy(spec.uuid)
+    port = await within(dst.incoming_start(spec, to(free_port())))
+    out = asyncio.create_task(src.outgoing(spec.uuid, to(port), SLOW))
+    await wait_status(src, spec.uuid, MigrationStatus.ACTIVE)
+    with pytest.raises(BackendError, match="not started with post-copy"):
+        await src.start_postcopy(spec.uuid)
+    await within(src.set_tuning(spec.uuid, bandwidth_bytes_per_s=0))
+    assert (await within(out)).status is MigrationStatus.COMPLETED
+    # A pre-copy stream into a destination with postcopy-ram on: an ordinary completion.
+    assert (await within(dst.incoming_wait(spec.uuid))).status is MigrationStatus.COMPLETED
+    assert await within(src.outgoing_wait(spec.uuid)) == src.progress(spec.uuid)
+
+
+@pytest.mark.qemu
+async def test_postcopy_destination_killed(src: QemuBackend, dst: QemuBackend) -> None:
+    slow = replace(POSTCOPY, postcopy_bandwidth_bytes_per_s=32 * 1024)  # post-copy lasts
+    spec, _ = await switched_to_postcopy(src, dst, slow)
+    assert dst.progress(spec.uuid).status is MigrationStatus.POSTCOPY_ACTIVE
+    src_pid = src.pid(spec.uuid)
+    os.kill(dst.pid(spec.uuid), signal.SIGKILL)
+    with pytest.raises(PostcopyFailed, match="post-copy"):
+        await within(src.outgoing_wait(spec.uuid))
+    with pytest.raises(PostcopyFailed):
+        await within(dst.incoming_wait(spec.uuid))
+    # The source is kept, paused, never resumed: it may hold the only copy of some pages.
+    assert src.pid(spec.uuid) == src_pid
+    assert src.state(spec.uuid) is GuestRunState.PAUSED
+    assert src.progress(spec.uuid).status is MigrationStatus.FAILED
+    assert (await src.query(spec.uuid, "query-migrate"))["status"] == "postcopy-paused"
+    with pytest.raises(BackendError, match="post-copy"):
+        await src.resume(spec.uuid)
+    assert src.state(spec.uuid) is GuestRunState.PAUSED
+
+
+@pytest.mark.qemu
+async def test_postcopy_source_killed(src: QemuBackend, dst: QemuBackend) -> None:
+    slow = replace(POSTCOPY, postcopy_bandwidth_bytes_per_s=32 * 1024)
+    spec, _ = await switched_to_postcopy(src, dst, slow)
+    assert dst.progress(spec.uuid).status is MigrationStatus.POSTCOPY_ACTIVE
+    await within(dst.resume(spec.uuid))
+    dst_pid = dst.pid(spec.uuid)
+    os.kill(src.pid(spec.uuid), signal.SIGKILL)
+    with pytest.raises(PostcopyFailed, match="post-copy"):
+        await within(dst.incoming_wait(spec.uuid))
+    # The destination QEMU stays (QEMU waits in postcopy-paused).  Under TCG its vCPUs are not
+    # stopped (a vCPU blocked on a missing page would wedge "stop"): the guest is not resumable.
+    assert dst.pid(spec.uuid) == dst_pid
+    assert dst.state(spec.uuid) is not GuestRunState.SHUTOFF
+    assert dst.progress(spec.uuid).status is MigrationStatus.FAILED
+    assert (await dst.query(spec.uuid, "query-migrate"))["status"] == "postcopy-paused"
+    with pytest.raises(BackendError, match="post-copy migration failed"):
+        await dst.resume(spec.uuid)
+    with pytest.raises(PostcopyFailed):
+        await within(src.outgoing_wait(spec.uuid))
+
+
+# --- job control parity --------------------------------------------------------------------------
+
+
+def test_progress_from_query() -> None:
+    """query-migrate's fields (QEMU 7.2) land where libvirt reads them."""
+    info = {
+        "status": "active", "setup-time": 5, "total-time": 2101, "expected-downtime": 412,
+        "cpu-throttle-percentage": 30,
+        "ram": {"transferred": 70_000_000, "remaining": 40_000_000, "total": 268_500_992,
+                "duplicate": 47_000, "normal": 17_000, "normal-bytes": 69_632_000,
+                "dirty-sync-count": 4, "page-size": 4096, "mbps": 268.4,
+                "dirty-pages-rate": 5120, "postcopy-requests": 17, "multifd-bytes": 0,
+                "pages-per-second": 8000, "precopy-bytes": 70_000_000, "downtime-bytes": 0,
+                "postcopy-bytes": 0},
+    }
+    p = progress_from_query(info)
+    assert p.status is MigrationStatus.ACTIVE
+    assert (p.total_bytes, p.processed_bytes, p.remaining_bytes) == (268_500_992, 70_000_000,
+                                                                   40_000_000)
+    assert p.iteration == 4 and p.page_size == 4096 and p.normal_pages == 17_000
+    assert p.dirty_rate_pages_per_s == 5120
+    assert p.bandwidth_bytes_per_s == round(268.4e6 / 8)
+    assert p.expected_downtime_ms == 412 and p.downtime_ms == 0
+    assert p.setup_time_ms == 5 and p.total_time_ms == 2101
+    assert p.throttle_percent == 30
+    assert p.postcopy_requests == 17
+    assert p.error == ""
+    switched = progress_from_query({**info, "status": "postcopy-active"})
+    assert switched.status is MigrationStatus.POSTCOPY_ACTIVE
+    failed = progress_from_query({"status": "failed", "error-desc": "Broken pipe"})
+    assert failed.status is MigrationStatus.FAILED and failed.error == "Broken pipe"
+    assert progress_from_query({}) == MigrationProgress()
+    # QEMU 7.2 sometimes reports a post-copy downtime counted from the host's boot: unknown.
+    bogus = progress_from_query({"status": "completed", "total-time": 1846,
+                                 "downtime": 6_974_756})
+    assert bogus.downtime_ms == 0 and bogus.total_time_ms == 1846
+    assert progress_from_query({"status": "completed", "total-time": 846,
+                                "downtime": 46}).downtime_ms == 46
+
+
+def capabilities(reply: list[dict[str, Any]]) -> dict[str, bool]:
+    return {c["capability"]: c["state"] for c in reply}
+
+
+@pytest.mark.qemu
+async def test_tuning_reaches_qemu(src: QemuBackend, dst: QemuBackend) -> None:
+    spec = make_spec()
+    await within(src.start(spec, paused=False))
+    port = await within(dst.incoming_start(spec, to(free_port())))
+    assert capabilities(await dst.query(spec.uuid, "query-migrate-capabilities"))[
+        "postcopy-ram"]
+    tuning = MigrationTuning(bandwidth_bytes_per_s=32 * 1024, max_downtime_ms=70,
+                             postcopy=True, postcopy_bandwidth_bytes_per_s=MIB,
+                             auto_converge=True, auto_converge_initial=30,
+                             auto_converge_increment=15)
+    out = asyncio.create_task(src.outgoing(spec.uuid, to(port), tuning))
+    await wait_status(src, spec.uuid, MigrationStatus.ACTIVE)
+    caps = capabilities(await src.query(spec.uuid, "query-migrate-capabilities"))
+    assert caps["events"] and caps["auto-converge"] and caps["postcopy-ram"]
+    assert caps["return-path"]
+    params = await src.query(spec.uuid, "query-migrate-parameters")
+    assert params["max-bandwidth"] == 32 * 1024 and params["downtime-limit"] == 70
+    assert params["cpu-throttle-initial"] == 30 and params["cpu-throttle-increment"] == 15
+    assert params["max-postcopy-bandwidth"] == MIB
+    live = src.progress(spec.uuid)
+    assert live.status is MigrationStatus.ACTIVE and live.total_bytes >= 64 * MIB
+    assert live.expected_downtime_ms > 0  # QEMU's estimate (the limit until it knows better)
+
+    await within(src.set_tuning(spec.uuid, max_downtime_ms=400))
+    assert (await src.query(spec.uuid, "query-migrate-parameters"))["downtime-limit"] == 400
+    await within(src.set_tuning(spec.uuid, bandwidth_bytes_per_s=0))
+    assert (await within(out)).status is MigrationStatus.COMPLETED  # as pre-copy
+    await within(dst.incoming_wait(spec.uuid))
+    await within(dst.resume(spec.uuid))
+
+    # The next migration (back) without post-copy or auto-converge turns them off again.
+    await within(src.destroy(spec.uuid))
+    port = await within(src.incoming_start(spec, to(0)))
+    await within(dst.outgoing(spec.uuid, to(port), MigrationTuning()))
+    caps = capabilities(await dst.query(spec.uuid, "query-migrate-capabilities"))
+    assert not caps["auto-converge"] and not caps["postcopy-ram"]
+    await within(src.incoming_wait(spec.uuid))
+
+
+@pytest.mark.qemu
+async def test_incoming_without_postcopy_support(
+    src: QemuBackend, dst: QemuBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A QEMU that refuses postcopy-ram (no userfaultfd) still takes pre-copy migrations."""
+    real = QemuBackend._exec_any
+
+    async def refusing(self: QemuBackend, guest: Any, command: str,
+                       args: dict[str, object] | None = None, timeout: float = 30) -> object:
+        caps = args.get("capabilities") if args else None
+        if command == "migrate-set-capabilities" and isinstance(caps, list) and any(
+            c.get("capability") == "postcopy-ram" and c.get("state") for c in caps
+        ) and self is dst:
+            raise QmpCommandFailed(command, "Postcopy is not supported", "GenericError")
+        return await real(self, guest, command, args, timeout)
+
+    monkeypatch.setattr(QemuBackend, "_exec_any", refusing)
+    spec = make_spec()
+    await within(src.start(spec, paused=False))
+    port = await within(dst.incoming_start(spec, to(free_port())))
+    assert not capabilities(await dst.query(spec.uuid, "query-migrate-capabilities"))[
+        "postcopy-ram"]
+    out = await within(src.outgoing(spec.uuid, to(port), MigrationTuning()))
+    assert out.status is MigrationStatus.COMPLETED
+    assert (await within(dst.incoming_wait(spec.uuid))).status is MigrationStatus.COMPLETED

@@ -7,6 +7,10 @@ guest, not by QMP: after it, the destination's serial log must keep counting pas
 heartbeat the source printed, with ``ok=1``.  Migrations are kept short (about a second): long
 pre-copy runs under TCG can corrupt the guest (see the shared QEMU notes).
 
+Besides the plain managed migration: peer-to-peer (also tunnelled through the daemons), abort and
+migrate-setspeed while Perform streams, a migration port nobody listens on, and post-copy (a guest
+dirtying as fast as it can, switched after a second of throttled pre-copy).
+
 Both hosts run on this machine, so the serial log path differs per side: the migration passes
 the destination's definition (``destination_xml``) with its own log path, as libvirt users do.
 """
@@ -17,21 +21,23 @@ import asyncio
 import os
 import re
 import signal
+import socket
 import textwrap
 import time
 import uuid as uuidlib
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.conftest import Host, start_host, stop_host
 from tests.guest.build import GuestImage, guest_or_skip, kill_leftover_qemus, qemu_binary_or_skip
-from virtmig.client.migrate import migrate3
-from virtmig.client.sequence import Trace
-from virtmig.daemon.backend.base import MigrationStatus
+from virtmig.client.migrate import RemoteDest, RemoteSource, migrate3
+from virtmig.client.sequence import Trace, run_v3
+from virtmig.daemon.backend.base import MigrationProgress, MigrationStatus
 from virtmig.daemon.backend.qemu import QemuBackend
-from virtmig.proto.errors import NoDomain, OperationFailed, VirtmigError
+from virtmig.proto.errors import NoDomain, OperationAborted, OperationFailed, VirtmigError
 from virtmig.proto.flags import DomainState, JobType, MigrateFlags
 from virtmig.proto.params import MigrateParam, TypedParams
 
@@ -64,8 +70,9 @@ async def hosts(tmp_path: Path, guest_image: GuestImage) -> AsyncIterator[tuple[
         assert not kill_leftover_qemus(tmp_path), "QEMU processes were left running"
 
 
-def guest_xml(image: GuestImage, uuid: str, serial: Path, name: str = "vm1") -> str:
-    cmdline = image.cmdline(dirty_mb=64, dirty_rate=16)
+def guest_xml(image: GuestImage, uuid: str, serial: Path, name: str = "vm1",
+              dirty_rate: int = 16) -> str:
+    cmdline = image.cmdline(dirty_mb=64, dirty_rate=dirty_rate)
     return textwrap.dedent(f"""\
         <domain type='qemu'>
           <name>{name}</name>
@@ -126,17 +133,19 @@ def assert_memory_ok(path: Path) -> None:
     assert not bad, f"{path.name}: guest memory checksum mismatch at heartbeats {bad}"
 
 
-async def boot(host: Host, image: GuestImage, serial: Path, name: str = "vm1") -> str:
+async def boot(host: Host, image: GuestImage, serial: Path, name: str = "vm1",
+               dirty_rate: int = 16) -> str:
     """Define and start the guest; return its uuid once it printed a heartbeat."""
     uuid = str(uuidlib.uuid4())
-    await host.conn.define(guest_xml(image, uuid, serial, name))
+    await host.conn.define(guest_xml(image, uuid, serial, name, dirty_rate))
     await host.conn.start(name)
     await wait_heartbeat(serial, 0, BOOT_TIMEOUT)
     return uuid
 
 
-def dest_params(image: GuestImage, uuid: str, serial: Path, **extra: int) -> TypedParams:
-    params = TypedParams.of({P.DEST_XML: guest_xml(image, uuid, serial)})
+def dest_params(image: GuestImage, uuid: str, serial: Path, dirty_rate: int = 16,
+                **extra: int) -> TypedParams:
+    params = TypedParams.of({P.DEST_XML: guest_xml(image, uuid, serial, dirty_rate=dirty_rate)})
     for key, value in extra.items():
         params.set(key, value)
     return params
@@ -239,6 +248,198 @@ async def test_destination_refuses_the_domain(
     assert not dst_serial.exists()  # no destination QEMU was ever started
     await assert_untouched_source(src, dst, src_serial)
 
+
+# --- peer-to-peer, tunnelled, job control, post-copy ----------------------------------------------
+
+
+async def assert_migrated(src: Host, dst: Host, uuid: str, src_serial: Path, dst_serial: Path,
+                          before: int) -> None:
+    """The guest runs on the destination only, and its heartbeat goes on there, memory intact."""
+    assert (await src.conn.state("vm1"))[0] is DomainState.SHUTOFF
+    assert src.daemon.backend.state(uuid).value == "shutoff"
+    assert await dst.conn.state("vm1") == (DomainState.RUNNING, 2, "migrated")
+    assert not [d for d in src.daemon.registry if d.job is not None]
+    assert not [d for d in dst.daemon.registry if d.job is not None]
+    try:
+        after = await wait_heartbeat(dst_serial, before, 15)
+        await wait_heartbeat(dst_serial, after, 15)  # and keeps going
+    except AssertionError as exc:  # a silent guest: say where its vCPU is
+        raise AssertionError(f"{exc}; {await vcpu_state(dst, uuid)}") from None
+    assert_memory_ok(dst_serial)
+    assert_memory_ok(src_serial)
+
+
+async def vcpu_state(host: Host, uuid: str) -> str:
+    """QEMU's view of a guest that stopped printing (run state, registers, code at RIP)."""
+    qemu = host.daemon.backend
+    assert isinstance(qemu, QemuBackend)
+    try:
+        status = await qemu.query(uuid, "query-status")
+        hmp = [await qemu.query(uuid, "human-monitor-command", {"command-line": cmd})
+               for cmd in ("info registers", "x/4i $pc")]
+    except Exception as exc:
+        return f"QEMU does not answer: {exc}"
+    return f"QEMU status {status}; " + " | ".join(" ".join(str(h).split()) for h in hmp)
+
+
+def report(what: str, seconds: float, out: MigrationProgress) -> None:
+    print(f"\n{what}: {seconds:.2f} s wall, total {out.total_time_ms} ms, downtime "
+          f"{out.downtime_ms} ms, {out.processed_bytes / 1e6:.0f} MB, {out.iteration} syncs, "
+          f"{out.postcopy_requests} post-copy requests")
+
+
+async def wait_streaming(host: Host, uuid: str, task: asyncio.Future[Any]) -> None:
+    """Wait until the host's outgoing stream of ``uuid`` is under way."""
+    deadline = time.monotonic() + 20
+    while host.daemon.backend.progress(uuid).status is not MigrationStatus.ACTIVE:
+        assert time.monotonic() < deadline, "the stream never started"
+        assert not task.done(), task
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize("tunnelled", [False, True], ids=["p2p", "p2p-tunnelled"])
+async def test_p2p_live_migration(
+    hosts: tuple[Host, Host], guest_image: GuestImage, tmp_path: Path, tunnelled: bool
+) -> None:
+    src, dst = hosts
+    src_serial, dst_serial = tmp_path / "src-serial.log", tmp_path / "dst-serial.log"
+    uuid = await boot(src, guest_image, src_serial)
+    before = heartbeats(src_serial)[-1][0]
+
+    flags = F.LIVE | F.PEER2PEER | (F.TUNNELLED if tunnelled else 0)
+    started = time.monotonic()
+    await src.conn.migrate_to_uri3("vm1", dst.uri, dest_params(guest_image, uuid, dst_serial),
+                                   flags)
+    elapsed = time.monotonic() - started
+    out = src.daemon.backend.progress(uuid)
+    assert out.status is MigrationStatus.COMPLETED
+    assert out.processed_bytes >= 64 * 1024 * 1024
+    report("p2p tunnelled" if tunnelled else "p2p", elapsed, out)
+    if tunnelled:  # the stream went through the daemons: no migration port was opened
+        assert not dst.daemon.ports._used
+    await assert_migrated(src, dst, uuid, src_serial, dst_serial, before)
+
+
+async def test_abort_during_perform(
+    hosts: tuple[Host, Host], guest_image: GuestImage, tmp_path: Path
+) -> None:
+    src, dst = hosts
+    src_serial, dst_serial = tmp_path / "src-serial.log", tmp_path / "dst-serial.log"
+    uuid = await boot(src, guest_image, src_serial)
+    params = dest_params(guest_image, uuid, dst_serial, **{P.BANDWIDTH: 8})  # MiB/s: > 8 s
+    task = asyncio.create_task(migrate3(src.conn, "vm1", dst.conn, params, F.LIVE))
+    await wait_streaming(src, uuid, task)
+    await asyncio.sleep(0.3)
+    assert (await src.conn.job_info("vm1")).type is JobType.UNBOUNDED
+    await src.conn.abort_job("vm1")
+
+    with pytest.raises(OperationAborted,
+                       match=r"^operation aborted: job 'migration out' canceled by client$"):
+        await asyncio.wait_for(task, 30)
+    assert src.daemon.backend.progress(uuid).status is MigrationStatus.CANCELLED
+    assert (await src.conn.job_info("vm1", completed=True)).type is JobType.CANCELLED
+    with pytest.raises(NoDomain):
+        await dst.conn.lookup("vm1")
+    await assert_untouched_source(src, dst, src_serial)
+
+
+async def test_migration_port_nobody_listens_on(
+    hosts: tuple[Host, Host], guest_image: GuestImage, tmp_path: Path
+) -> None:
+    src, dst = hosts
+    src_serial, dst_serial = tmp_path / "src-serial.log", tmp_path / "dst-serial.log"
+    uuid = await boot(src, guest_image, src_serial)
+
+    class ClosedPortDest(RemoteDest):
+        """Prepare's URI is replaced by a loopback port nobody listens on."""
+
+        async def prepare(self, params: TypedParams, cookie: bytes,
+                          flags: int) -> tuple[bytes, str | None]:
+            cookie, _uri = await super().prepare(params, cookie, flags)
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            return cookie, f"tcp:127.0.0.1:{port}"
+
+    trace = Trace()
+    with pytest.raises(OperationFailed, match="Connection refused"):
+        await run_v3(RemoteSource(src.conn, True), ClosedPortDest(dst.conn, True), "vm1",
+                     dest_params(guest_image, uuid, dst_serial), F.LIVE, protection=True,
+                     trace=trace)
+    assert trace.calls == ["begin", "prepare", "perform", "finish(cancelled)"]
+    assert src.daemon.backend.progress(uuid).status is MigrationStatus.FAILED
+    with pytest.raises(NoDomain):
+        await dst.conn.lookup("vm1")
+    await assert_untouched_source(src, dst, src_serial)
+
+
+async def test_postcopy_after_precopy(
+    hosts: tuple[Host, Host], guest_image: GuestImage, tmp_path: Path
+) -> None:
+    src, dst = hosts
+    src_serial, dst_serial = tmp_path / "src-serial.log", tmp_path / "dst-serial.log"
+    # The guest dirties its 64 MiB as fast as it can; pre-copy at 32 MiB/s cannot converge.
+    uuid = await boot(src, guest_image, src_serial, dirty_rate=0)
+    before = heartbeats(src_serial)[-1][0]
+    # Post-copy at 128 MiB/s: the remaining pages take about a second, long enough for the
+    # destination guest (resumed at the switch) to fault pages in.
+    params = dest_params(guest_image, uuid, dst_serial, dirty_rate=0,
+                         **{P.BANDWIDTH: 32, P.BANDWIDTH_POSTCOPY: 128})
+    flags = F.LIVE | F.PEER2PEER | F.POSTCOPY
+    started = time.monotonic()
+    task = asyncio.create_task(src.conn.migrate_to_uri3("vm1", dst.uri, params, flags))
+    await wait_streaming(src, uuid, task)
+    await asyncio.sleep(1.0)
+    assert not task.done(), "pre-copy converged: the test proves nothing"
+    qemu = src.daemon.backend
+    assert isinstance(qemu, QemuBackend)
+    reports_requests = "postcopy-requests" in (await qemu.query(uuid, "query-migrate"))["ram"]
+    await src.conn.start_postcopy("vm1")
+    switched = time.monotonic()
+    await asyncio.wait_for(task, 60)
+    done = time.monotonic()
+
+    out = qemu.progress(uuid)
+    assert out.status is MigrationStatus.COMPLETED
+    report("post-copy", done - started, out)
+    print(f"post-copy phase to completion: {done - switched:.2f} s")
+    stats = await src.conn.job_info("vm1", completed=True)
+    assert stats.type is JobType.COMPLETED
+    requests = stats.stat("memory_postcopy_requests")
+    assert isinstance(requests, int) and requests >= 0
+    assert requests == out.postcopy_requests
+    if reports_requests:  # the destination guest really faulted pages in
+        assert requests > 0
+    await assert_migrated(src, dst, uuid, src_serial, dst_serial, before)
+
+
+async def test_set_max_speed_while_running(
+    hosts: tuple[Host, Host], guest_image: GuestImage, tmp_path: Path
+) -> None:
+    src, dst = hosts
+    src_serial, dst_serial = tmp_path / "src-serial.log", tmp_path / "dst-serial.log"
+    uuid = await boot(src, guest_image, src_serial)
+    before = heartbeats(src_serial)[-1][0]
+    params = dest_params(guest_image, uuid, dst_serial, **{P.BANDWIDTH: 8})  # MiB/s: > 8 s
+    flags = F.LIVE | F.PEER2PEER
+    started = time.monotonic()
+    task = asyncio.create_task(src.conn.migrate_to_uri3("vm1", dst.uri, params, flags))
+    await wait_streaming(src, uuid, task)
+    await asyncio.sleep(0.5)
+    assert not task.done()
+    qemu = src.daemon.backend
+    assert isinstance(qemu, QemuBackend)
+    limit = (await qemu.query(uuid, "query-migrate-parameters"))["max-bandwidth"]
+    assert limit == 8 * 1024 * 1024
+    await src.conn.set_max_speed("vm1", 0)  # unlimited
+    assert (await qemu.query(uuid, "query-migrate-parameters"))["max-bandwidth"] > limit
+    await asyncio.wait_for(task, 30)
+    elapsed = time.monotonic() - started
+    out = qemu.progress(uuid)
+    assert out.status is MigrationStatus.COMPLETED
+    report("throttled, then unlimited", elapsed, out)
+    assert elapsed < 8  # 64 MiB of dirty memory at 8 MiB/s alone would take longer
+    await assert_migrated(src, dst, uuid, src_serial, dst_serial, before)
 
 
 TINY_XML = textwrap.dedent("""\
