@@ -121,6 +121,12 @@ class MigrationJob:
         self.abort_requested = True
         self.abort_event.set()
 
+    def withdraw_abort(self) -> None:
+        """The abort could not take effect (e.g. the stream is switching to post-copy)."""
+        self.abort_requested = False
+        if self._abort_event is not None:
+            self._abort_event.clear()
+
     def set_phase(self, phase: Phase) -> None:
         if phase < self.phase and self.phase < Phase.POSTCOPY_FAILED:
             raise InternalError(

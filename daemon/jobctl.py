@@ -180,8 +180,15 @@ async def abort(daemon: Daemon, dom: DomainObj, flags: int) -> None:
     job.request_abort()
     log.info("abort requested for migration of %s in phase %s", dom.name, job.phase.label)
     if job.phase is Phase.PERFORM3:
-        with contextlib.suppress(BackendError):
+        try:
             await daemon.backend.cancel(dom.uuid)
+        except BackendError as exc:
+            # e.g. the switch to post-copy was already asked for: nothing can be rolled back,
+            # and a pending abort must not later cancel Finish on a guest that runs there.
+            job.withdraw_abort()
+            raise OperationInvalid(
+                f"Requested operation is not valid: cannot abort the migration now: {exc}"
+            ) from exc
     await daemon.registry.job_changed(dom)
 
 
