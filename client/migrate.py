@@ -8,7 +8,7 @@ URI, DEST_NAME, DEST_XML and BANDWIDTH.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from virtmig.client.sequence import Trace, run_v3
 from virtmig.proto import virtmig_pb2 as pb
@@ -31,8 +31,14 @@ F = MigrateFlags
 P = MigrateParam
 
 
-def _opt(value: object) -> str | None:
-    return value if isinstance(value, str) else None
+def _legacy(req: Any, params: TypedParams, **fields: str) -> None:
+    """Non-params RPCs: set each optional request field whose param is present (libvirt's
+    mapping of URI, DEST_NAME and DEST_XML to driver arguments; the daemon's inverse is
+    ``virtmig.daemon.server.legacy_params``)."""
+    for field, name in fields.items():
+        value = params.get_str(name)
+        if value is not None:
+            setattr(req, field, value)
 
 
 class RemoteSource:
@@ -49,10 +55,7 @@ class RemoteSource:
         else:
             req = pb.Begin3Request(domain=ref, flags=flags,
                                    resource=params.get_int(P.BANDWIDTH))
-            if (x := params.get_str(P.DEST_XML)) is not None:
-                req.xmlin = x
-            if (n := params.get_str(P.DEST_NAME)) is not None:
-                req.dname = n
+            _legacy(req, params, xmlin=P.DEST_XML, dname=P.DEST_NAME)
             reply = await self.conn._call(stub.Begin3, req)
         return reply.xml, reply.cookie_out
 
@@ -70,12 +73,7 @@ class RemoteSource:
         else:
             req = pb.Perform3Request(domain=ref, cookie_in=cookie, flags=flags,
                                      resource=params.get_int(P.BANDWIDTH))
-            if (x := params.get_str(P.DEST_XML)) is not None:
-                req.xmlin = x
-            if (u := params.get_str(P.URI)) is not None:
-                req.uri = u
-            if (n := params.get_str(P.DEST_NAME)) is not None:
-                req.dname = n
+            _legacy(req, params, xmlin=P.DEST_XML, uri=P.URI, dname=P.DEST_NAME)
             reply = await self.conn._call(stub.Perform3, req)
         return reply.cookie_out
 
@@ -113,10 +111,7 @@ class RemoteDest:
             req = pb.Prepare3Request(cookie_in=cookie, flags=flags,
                                      resource=params.get_int(P.BANDWIDTH),
                                      dom_xml=params.get_str(P.DEST_XML) or "")
-            if (u := params.get_str(P.URI)) is not None:
-                req.uri_in = u
-            if (n := params.get_str(P.DEST_NAME)) is not None:
-                req.dname = n
+            _legacy(req, params, uri_in=P.URI, dname=P.DEST_NAME)
             reply = await self.conn._call(stub.Prepare3, req)
         return reply.cookie_out, reply.uri_out if reply.HasField("uri_out") else None
 
@@ -140,10 +135,7 @@ class RemoteDest:
                 params=to_wire(params), cookie_in=cookie, flags=flags, cancelled=cancelled))
         else:
             req = pb.Finish3Request(cookie_in=cookie, flags=flags, cancelled=cancelled)
-            if (n := params.get_str(P.DEST_NAME)) is not None:
-                req.dname = n
-            if (u := params.get_str(P.URI)) is not None:
-                req.uri = u
+            _legacy(req, params, dname=P.DEST_NAME, uri=P.URI)
             reply = await self.conn._call(stub.Finish3, req)
         return reply.domain.name, reply.cookie_out
 
@@ -241,10 +233,5 @@ async def migrate_to_uri3(
         return
     req = pb.Perform3Request(domain=ref, dconnuri=dconnuri, flags=int(f),
                              resource=params.get_int(P.BANDWIDTH))
-    if (x := params.get_str(P.DEST_XML)) is not None:
-        req.xmlin = x
-    if (u := params.get_str(P.URI)) is not None:
-        req.uri = u
-    if (n := params.get_str(P.DEST_NAME)) is not None:
-        req.dname = n
+    _legacy(req, params, xmlin=P.DEST_XML, uri=P.URI, dname=P.DEST_NAME)
     await conn._call(stub.Perform3, req)

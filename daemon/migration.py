@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import logging
 import time
@@ -95,25 +96,16 @@ def any_cookie(daemon: Daemon, dom_name: str, uuid: str, **extra: object) -> byt
     )
 
 
+_COOKIE_STATS = frozenset(f.name for f in dataclasses.fields(ck.MigrationStats))
+
+
 def any_stats(progress: MigrationProgress, started: float) -> ck.MigrationStats:
+    """The cookie's <statistics>: libvirt's job stats (one mapping, jobctl's) plus timestamps."""
     now = int(time.time() * 1000)
-    return ck.MigrationStats(
-        started=int(started * 1000),
-        stopped=now,
-        sent=now,
-        time_elapsed=progress.total_time_ms,
-        downtime=progress.downtime_ms,
-        setup_time=progress.setup_time_ms,
-        memory_total=progress.total_bytes,
-        memory_processed=progress.processed_bytes,
-        memory_remaining=progress.remaining_bytes,
-        memory_bps=progress.bandwidth_bytes_per_s,
-        memory_normal=progress.normal_pages,
-        memory_normal_bytes=progress.normal_pages * progress.page_size,
-        memory_dirty_rate=progress.dirty_rate_pages_per_s,
-        memory_iteration=progress.iteration,
-        memory_page_size=progress.page_size,
-    )
+    values = {p.name: int(p.value) for p in jobctl.job_stats(progress, progress.total_time_ms,
+                                                             completed=True)
+              if p.name in _COOKIE_STATS}
+    return ck.MigrationStats(started=int(started * 1000), stopped=now, sent=now, **values)
 
 
 def _job_of(dom: DomainObj, kind: AsyncJob) -> MigrationJob:
@@ -735,10 +727,8 @@ async def src_confirm(
 
 
 def _with_dst_downtime(progress: MigrationProgress, stats: ck.MigrationStats) -> MigrationProgress:
-    from dataclasses import replace
-
     if stats.downtime:
-        return replace(progress, downtime_ms=stats.downtime)
+        return dataclasses.replace(progress, downtime_ms=stats.downtime)
     return progress
 
 

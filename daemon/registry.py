@@ -14,7 +14,6 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from lxml import etree
 
@@ -263,12 +262,3 @@ def job_from_status(root: etree._Element) -> MigrationJob | None:
     )
     return job
 
-
-def describe(dom: DomainObj) -> dict[str, object]:
-    """A plain summary for logs."""
-    return {"name": dom.name, "uuid": dom.uuid, "state": dom.state.name, "id": dom.id,
-            "job": dom.job.phase.label if dom.job else None}
-
-
-def status_path(state_dir: files.StateDir, uuid: str) -> Path:
-    return state_dir.status_path(uuid)
