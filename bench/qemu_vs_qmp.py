@@ -44,6 +44,7 @@ from virtmig.proto.params import TypedParams
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SETTLE_S = 5.0
+PAUSE_S = 1.0  # between migrations: let the guest that just resumed settle
 STEP_TIMEOUT_S = 120.0
 UNCAPPED = 100 * 1024**3  # QEMU 7.2's default max-bandwidth is 128 MiB/s: raise it for both
 
@@ -170,21 +171,39 @@ async def case(image: GuestImage, binary: str, work: Path, name: str, dirty_mb: 
     virtmig_s: list[float] = []
     bare_s: list[float] = []
     await asyncio.sleep(SETTLE_S)  # boot-time page activity would favour whoever booted first
-    try:
-        for i in range(-1, runs):  # run -1 warms both up and is not counted
-            src, dst = hosts[(i + 1) % 2], hosts[i % 2]
+    folders = iter(range(1, 10**6))
+
+    async def virtmig_round_trip() -> float:
+        elapsed = 0.0
+        for src, dst in ((hosts[0], hosts[1]), (hosts[1], hosts[0])):
             t0 = time.perf_counter()
             await asyncio.wait_for(
                 src.conn.migrate3(name, dst.conn, TypedParams(), MigrateFlags.LIVE),
                 STEP_TIMEOUT_S)
-            elapsed_virtmig = time.perf_counter() - t0
-            folder = work / f"bare{i + 2}"
-            elapsed, bare = await bare_migrate(bare, config.argv(binary, folder, incoming=True),
-                                               folder)
+            elapsed += time.perf_counter() - t0
+            await asyncio.sleep(PAUSE_S)
+        return elapsed
+
+    async def bare_round_trip() -> float:
+        nonlocal bare
+        elapsed = 0.0
+        for _ in range(2):
+            folder = work / f"bare{next(folders)}"
+            t, bare = await bare_migrate(bare, config.argv(binary, folder, incoming=True), folder)
+            elapsed += t
+            await asyncio.sleep(PAUSE_S)
+        return elapsed
+
+    try:
+        for i in range(-1, runs):  # run -1 warms both up and is not counted
+            # Who goes first alternates too, so neither always follows the other's teardown.
+            if i % 2:
+                v, b = await virtmig_round_trip(), await bare_round_trip()
+            else:
+                b, v = await bare_round_trip(), await virtmig_round_trip()
             if i >= 0:
-                virtmig_s.append(elapsed_virtmig)
-                bare_s.append(elapsed)
-            await asyncio.sleep(1)  # let the guests settle before the next pair
+                virtmig_s.append(v / 2)
+                bare_s.append(b / 2)
     finally:
         await bare.quit()
         for host in hosts:

@@ -79,6 +79,7 @@ import os
 import re
 import shlex
 import signal
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -189,8 +190,19 @@ class QemuConfig:
     disks: tuple[DiskConfig, ...] = ()
     serials: tuple[SerialConfig, ...] = ()
 
-    def argv(self, binary: str, guest_dir: Path, *, incoming: bool) -> list[str]:
-        """The command line; QEMU runs in ``guest_dir`` (its QMP socket path is relative)."""
+    def argv(self, binary: str, guest_dir: Path, *, incoming: bool,
+             monitor_fd: int | None = None) -> list[str]:
+        """The command line; QEMU runs in ``guest_dir``.
+
+        The QMP monitor listens on ``monitor_fd`` when given (a unix socket the caller bound and
+        listens on, as libvirt does: it can connect at once, with no polling for the socket),
+        else on the relative path ``qmp.sock``.
+        """
+        monitor = (
+            ["-chardev", f"socket,id=monitor,fd={monitor_fd},server=on,wait=off",
+             "-mon", "chardev=monitor,mode=control"] if monitor_fd is not None
+            else ["-qmp", f"unix:{SOCKET_NAME},server=on,wait=off"]
+        )
         args = [
             self.emulator or binary,
             "-name", f"guest={_opt(self.name)},debug-threads=on",
@@ -201,7 +213,7 @@ class QemuConfig:
             "-machine", self.machine,
             "-m", f"{self.memory_kib}k",
             "-smp", str(self.vcpus),
-            "-qmp", f"unix:{SOCKET_NAME},server=on,wait=off",
+            *monitor,
         ]
         if self.kernel:
             args += ["-kernel", self.kernel]
@@ -565,6 +577,7 @@ class _Guest:
     qmp: QMPClient | None = None
     log_offset: int = 0  # where this QEMU's output starts in qemu.log
     status: str = "prelaunch"  # QEMU's run status (query-status / STOP / RESUME)
+    status_events: int = 0  # run-status events seen (STOP, RESUME, SHUTDOWN)
     exited: bool = False
     exit_code: int | None = None
     exit_reason: str = ""
@@ -747,16 +760,20 @@ class QemuBackend(Backend):
     async def _spawn(self, cfg: QemuConfig, *, incoming: bool) -> _Guest:
         """Start QEMU (vCPUs stopped) and connect to its QMP socket."""
         gdir = self._state_dir() / cfg.uuid
-        argv = cfg.argv(self.binary, gdir, incoming=incoming)
-        with _open_log(gdir, argv) as logf:
-            offset = logf.tell()
-            try:
-                proc = await asyncio.create_subprocess_exec(
-                    *argv, cwd=gdir, stdin=asyncio.subprocess.DEVNULL, stdout=logf,
-                    stderr=asyncio.subprocess.STDOUT, start_new_session=True,
-                )
-            except OSError as exc:
-                raise BackendError(f"cannot run {argv[0]}: {exc.strerror or exc}") from None
+        with _prepare_dir(gdir), _listen_unix(gdir / SOCKET_NAME) as monitor:
+            argv = cfg.argv(self.binary, gdir, incoming=incoming, monitor_fd=monitor.fileno())
+            with _open_log(gdir, argv) as logf:
+                offset = logf.tell()
+                try:
+                    proc = await asyncio.create_subprocess_exec(
+                        *argv, cwd=gdir, stdin=asyncio.subprocess.DEVNULL, stdout=logf,
+                        stderr=asyncio.subprocess.STDOUT, start_new_session=True,
+                        pass_fds=(monitor.fileno(),),
+                    )
+                except OSError as exc:
+                    with contextlib.suppress(FileNotFoundError):
+                        (gdir / SOCKET_NAME).unlink()
+                    raise BackendError(f"cannot run {argv[0]}: {exc.strerror or exc}") from None
         guest = _Guest(uuid=cfg.uuid, dir=gdir, pid=proc.pid, proc=proc, log_offset=offset)
         guest.exit_task = asyncio.get_running_loop().create_task(self._watch_exit(guest))
         self._guests[cfg.uuid] = guest
@@ -878,6 +895,8 @@ class QemuBackend(Backend):
         name = event.get("event")
         data = event.get("data")
         data = data if isinstance(data, dict) else {}
+        if name in ("STOP", "RESUME", "SHUTDOWN"):
+            guest.status_events += 1
         if name == "STOP":
             if guest.status == "running":
                 guest.status = "paused"
@@ -925,6 +944,14 @@ class QemuBackend(Backend):
                 f"{command}: lost the monitor connection to QEMU ({exc or type(exc).__name__})"
             ) from None
         return result
+
+    async def _cont(self, guest: _Guest) -> None:
+        """Run the vCPUs.  QEMU answers once they run (the RESUME event follows), so no
+        ``query-status`` round trip: under TCG it waits behind the starting vCPU for a while."""
+        seen = guest.status_events
+        await self._exec(guest, "cont")
+        if guest.status_events == seen:  # else the events (RESUME, maybe more) already tell
+            guest.status = "running"
 
     async def _refresh_status(self, guest: _Guest) -> str:
         info = await self._exec(guest, "query-status")
@@ -1052,8 +1079,7 @@ class QemuBackend(Backend):
         guest = await self._spawn(cfg, incoming=False)
         if not paused:
             try:
-                await self._exec(guest, "cont")
-                await self._refresh_status(guest)
+                await self._cont(guest)
             except BaseException:
                 await self._stop_process(guest)
                 self._forget(guest)
@@ -1083,8 +1109,7 @@ class QemuBackend(Backend):
         if guest.outgoing is not None and guest.outgoing.switched:
             raise BackendError(f"guest {uuid} cannot run here: it was migrated in post-copy mode "
                                "and its destination has the newest state")
-        await self._exec(guest, "cont")
-        await self._refresh_status(guest)
+        await self._cont(guest)
 
     def state(self, uuid: str) -> GuestRunState:
         guest = self._guests.get(uuid)
@@ -1560,11 +1585,32 @@ def _guest_dirs(state_dir: Path) -> list[Path]:
     return [c for c in sorted(state_dir.iterdir()) if c.is_dir() and (c / PID_NAME).exists()]
 
 
-def _open_log(gdir: Path, argv: list[str]) -> BinaryIO:
-    """Prepare the guest folder; open qemu.log for appending, with a header for this start."""
+@contextlib.contextmanager
+def _prepare_dir(gdir: Path) -> Iterator[None]:
+    """The guest folder exists, without a stale monitor socket."""
     gdir.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
         (gdir / SOCKET_NAME).unlink()
+    yield
+
+
+@contextlib.contextmanager
+def _listen_unix(path: Path) -> Iterator[socket.socket]:
+    """A unix socket listening at ``path``, for QEMU to inherit; closed here once it has."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        with _socket_path(path) as reachable:
+            sock.bind(reachable)
+        sock.listen(4)
+        yield sock
+    except OSError as exc:
+        raise BackendError(f"cannot create QEMU's monitor socket {path}: {exc}") from None
+    finally:
+        sock.close()
+
+
+def _open_log(gdir: Path, argv: list[str]) -> BinaryIO:
+    """Open the guest folder's qemu.log for appending, with a header for this start."""
     logf = open(gdir / LOG_NAME, "ab")  # noqa: SIM115 - the caller closes it
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     logf.write(f"virtmig: {stamp} starting: {shlex.join(argv)}\n".encode())
