@@ -131,12 +131,19 @@ class Daemon:
     def session_alive(self, session: str) -> bool:
         return bool(session) and session in self.sessions
 
-    def set_state(self, dom: DomainObj, state: DomainState, reason: int) -> None:
-        """The one place a domain's state changes; it writes the status and emits the event."""
+    def set_state(
+        self, dom: DomainObj, state: DomainState, reason: int, *, save: bool = True
+    ) -> None:
+        """The one place a domain's state changes; it writes the status and emits the event.
+
+        ``save=False`` when the caller writes the status itself right after, with nothing
+        awaited in between (one write instead of two on the migration's critical path).
+        """
         old = dom.state
         dom.state = state
         dom.reason = int(reason)
-        self.registry.save_status(dom)
+        if save:
+            self.registry.save_status(dom)
         for event, detail in lifecycle_for(old, state, int(reason)):
             self.events.lifecycle(dom.name, dom.uuid, event, detail)
 

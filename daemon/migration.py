@@ -416,9 +416,9 @@ async def src_perform(
     async with dom.lock:
         if job.progress.status is MigrationStatus.POSTCOPY_ACTIVE:
             job.postcopy = True
-            daemon.set_state(dom, DomainState.PAUSED, PausedReason.POSTCOPY)
+            daemon.set_state(dom, DomainState.PAUSED, PausedReason.POSTCOPY, save=False)
         else:
-            daemon.set_state(dom, DomainState.PAUSED, PausedReason.MIGRATION)
+            daemon.set_state(dom, DomainState.PAUSED, PausedReason.MIGRATION, save=False)
         job.set_phase(Phase.PERFORM3_DONE)
         job.busy = False
         daemon.registry.save_status(dom)
@@ -575,7 +575,8 @@ async def dst_finish(
                 daemon.set_state(dom, DomainState.PAUSED, PausedReason.USER)
             else:
                 await daemon.backend.resume(dom.uuid)
-                daemon.set_state(dom, DomainState.RUNNING, RunningReason.MIGRATED)
+                # (end_job below writes the status: nothing is awaited before it)
+                daemon.set_state(dom, DomainState.RUNNING, RunningReason.MIGRATED, save=False)
             if persistent is not None:
                 dom.config = persistent
                 daemon.registry.save_config(dom)

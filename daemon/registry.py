@@ -116,7 +116,7 @@ class Registry:
             del self._by_uuid[dom.uuid]
         if self._by_name.get(dom.name) is dom:
             del self._by_name[dom.name]
-        files.remove(self._files.status_path(dom.uuid))
+        files.remove(self._files.status_path(dom.uuid), sync_dir=False)
 
     def check_define(self, d: DomainDef) -> DomainObj | None:
         """libvirt's name/UUID clash rules for adding ``d``; returns the existing object, if any."""
@@ -184,7 +184,7 @@ class Registry:
     def save_status(self, dom: DomainObj) -> None:
         path = self._files.status_path(dom.uuid)
         if not dom.active and dom.job is None:
-            files.remove(path)
+            files.remove(path, sync_dir=False)
             return
         root = etree.Element(
             "domstatus",
@@ -210,7 +210,7 @@ class Registry:
             )
         if dom.live is not None:
             root.append(etree.fromstring(dom.live.xml.encode()))
-        files.atomic_write(path, etree.tostring(root, pretty_print=True))
+        files.atomic_write(path, etree.tostring(root, pretty_print=True), sync_dir=False)
 
     def load(self) -> list[tuple[DomainObj, etree._Element]]:
         """Load persistent definitions and live status files; return objects that have status.
@@ -239,7 +239,7 @@ class Registry:
             dom = self._by_uuid.get(uuid)
             if dom is None:
                 if live is None:
-                    files.remove(path)
+                    files.remove(path, sync_dir=False)
                     continue
                 dom = self.add(DomainObj(uuid=live.uuid, name=live.name))
             dom.live = live

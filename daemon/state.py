@@ -6,8 +6,12 @@ Layout under the state dir::
     domains/<uuid>.xml         persistent definitions (libvirt domain XML)
     status/<uuid>.xml          live status: state, reason, id, live definition, migration job
 
-Every write goes to a temporary file in the same folder, is fsynced, renamed over the target, and
-the folder is fsynced: a crash leaves either the old file or the new one, never a torn one.
+Every write goes to a temporary file in the same folder, is fsynced and renamed over the target:
+a crash leaves either the old file or the new one, never a torn one.  For definitions and the
+host UUID the folder is fsynced too, so that the rename itself survives a power loss.  Status
+files skip that (``sync_dir=False``): they describe live QEMU processes, which a power loss ends
+anyway, and a daemon crash does not lose a completed rename; they are written up to ten times per
+migration, on its critical path.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import uuid as uuidlib
 from pathlib import Path
 
 
-def atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes, *, sync_dir: bool = True) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
@@ -32,13 +36,15 @@ def atomic_write(path: Path, data: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    if sync_dir:
+        _fsync_dir(path.parent)
 
 
-def remove(path: Path) -> None:
+def remove(path: Path, *, sync_dir: bool = True) -> None:
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
-        _fsync_dir(path.parent)
+        if sync_dir:
+            _fsync_dir(path.parent)
 
 
 def _fsync_dir(folder: Path) -> None:

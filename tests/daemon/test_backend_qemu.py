@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import os
 import signal
 import socket
+import stat
 import textwrap
 import uuid as uuidlib
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from qemu.qmp import Message
 
 from tests.guest.build import kill_leftover_qemus, qemu_binary_or_skip
 from virtmig.daemon.backend.base import (
@@ -38,6 +41,7 @@ from virtmig.daemon.backend.base import (
 from virtmig.daemon.backend.qemu import (
     QemuBackend,
     QmpCommandFailed,
+    _Monitor,
     parse_config,
     progress_from_query,
 )
@@ -241,6 +245,12 @@ def test_command_line(tmp_path: Path) -> None:
     assert line.endswith("-incoming defer -S")
     assert "-vnc" not in line and "-netdev" not in line
 
+    inherited = " ".join(cfg.argv("qemu-system-x86_64", tmp_path / "g", incoming=True,
+                                  monitor_fd=7))
+    assert ("-chardev socket,id=monitor,fd=7,server=on,wait=off "
+            "-mon chardev=monitor,mode=control") in inherited
+    assert "-qmp" not in inherited
+
     plain = parse_config(make_spec(guest_xml())).argv("qemu-system-x86_64", tmp_path,
                                                       incoming=False)
     assert plain[plain.index("-accel") + 1] == "tcg"
@@ -254,13 +264,17 @@ def test_command_line(tmp_path: Path) -> None:
 
 
 @pytest.mark.qemu
-async def test_lifecycle(src: QemuBackend) -> None:
+async def test_lifecycle(src: QemuBackend, tmp_path: Path) -> None:
     spec = make_spec()
     assert src.state(spec.uuid) is GuestRunState.SHUTOFF
     await within(src.start(spec, paused=False))
     assert src.state(spec.uuid) is GuestRunState.RUNNING
     pid = src.pid(spec.uuid)
     assert (await src.query(spec.uuid, "query-status"))["status"] == "running"
+    # The monitor socket is the daemon's, inherited by QEMU (no polling for it to appear).
+    gdir = tmp_path / "src" / spec.uuid
+    assert stat.S_ISSOCK((gdir / "qmp.sock").stat().st_mode)
+    assert "-chardev socket,id=monitor,fd=" in (gdir / "qemu.log").read_text()
     with pytest.raises(BackendError, match="already running"):
         await src.start(spec, paused=True)
 
@@ -273,6 +287,7 @@ async def test_lifecycle(src: QemuBackend) -> None:
     await within(src.destroy(spec.uuid))
     assert src.state(spec.uuid) is GuestRunState.SHUTOFF
     assert process_gone(pid)  # exited and reaped: not even a zombie
+    assert not (gdir / "qmp.sock").exists()
     await src.destroy(spec.uuid)  # not running: no error
     await src.destroy("no-such-guest")
     for op in (src.pause, src.resume):
@@ -296,6 +311,7 @@ async def test_start_failure_reports_qemu_message(src: QemuBackend, tmp_path: Pa
         await within(src.start(spec, paused=False))
     assert src.state(spec.uuid) is GuestRunState.SHUTOFF
     assert not (tmp_path / "src" / spec.uuid / "pid").exists()
+    assert not (tmp_path / "src" / spec.uuid / "qmp.sock").exists()
 
 
 @pytest.mark.qemu
@@ -620,6 +636,25 @@ async def test_postcopy_source_killed(src: QemuBackend, dst: QemuBackend) -> Non
 
 
 # --- job control parity --------------------------------------------------------------------------
+
+
+def test_monitor_logs_messages_lazily(caplog: pytest.LogCaptureFixture) -> None:
+    """qemu.qmp pretty-prints every message for its debug log even when nobody listens."""
+    formatted = []
+
+    class Counted(Message):
+        def __str__(self) -> str:
+            formatted.append(1)
+            return super().__str__()
+
+    monitor = _Monitor("lazy")
+    msg = Counted({"execute": "query-status"})
+    caplog.set_level(logging.INFO, logger=monitor.logger.name)
+    assert monitor._cb_outbound(msg) is msg and monitor._cb_inbound(msg) is msg
+    assert not formatted
+    caplog.set_level(logging.DEBUG, logger=monitor.logger.name)
+    monitor._cb_outbound(msg)
+    assert formatted and '"execute": "query-status"' in caplog.text
 
 
 def test_progress_from_query() -> None:

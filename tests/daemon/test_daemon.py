@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import pytest
@@ -191,6 +192,33 @@ async def test_status_file_records_the_job(host: Host) -> None:
     assert job is not None and job.phase is Phase.BEGIN3 and job.flags == MigrateFlags.LIVE
     assert root.find("domain") is not None
     await host.daemon.registry.end_job(dom, None)
+
+
+async def test_file_durability(host: Host, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every file is fsynced and renamed into place; definitions also fsync their folder.
+
+    Status files do not: they describe live guests, which a power loss ends anyway, and a
+    migration writes them up to ten times on its critical path.
+    """
+    synced: list[str] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    await host.conn.define(domain_xml("vm1"))
+    domains = host.state_dir / "domains"
+    assert any(p.startswith(f"{domains}/.") for p in synced)  # the temporary file
+    assert str(domains) in synced  # the folder, for the rename
+    synced.clear()
+    await host.conn.start("vm1")
+    status = host.state_dir / "status"
+    assert any(p.startswith(f"{status}/.") for p in synced)
+    assert str(status) not in synced
+    dom = host.daemon.registry.by_name("vm1")
+    assert (status / f"{dom.uuid}.xml").exists()
 
 
 def test_phase_never_goes_backwards() -> None:
