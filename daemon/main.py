@@ -38,14 +38,18 @@ def make_backend(name: str) -> Backend:
 
 
 # Keepalive pings find a caller that vanished without closing its connection (a partition), so
-# that its session, and the migration jobs it owns, end within about 15 s.
+# that its session, and the migration jobs it owns, end within about 15 s.  Clients ping every
+# 5 s (virtmig.client.connection); the server accepts a ping every 4 s even when no data flows
+# (gRPC's default is 5 min: after two early pings it sends GOAWAY "too_many_pings", which ends
+# every stream on the connection, sessions included).  gRPC's C name of that argument is
+# GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS; its string is the one below.
 SERVER_OPTIONS = [
     ("grpc.so_reuseport", 0),
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
-    ("grpc.http2.min_recv_ping_interval_without_data_ms", 4_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 4_000),
 ]
 
 

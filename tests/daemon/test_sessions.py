@@ -6,12 +6,14 @@ The caller is a real process that drives the first phases and is then SIGKILLed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import textwrap
 
+import grpc
 import pytest
 
 from tests.conftest import Host, domain_xml
@@ -122,3 +124,20 @@ async def test_session_ending_without_jobs_is_harmless(pair: tuple[Host, Host]) 
 
 async def _empty(h: Host) -> bool:
     return not h.daemon.sessions
+
+
+async def test_idle_connection_outlives_keepalive_pings(pair: tuple[Host, Host]) -> None:
+    """A caller that says nothing for a while keeps its connection and its session.
+
+    Clients ping every 5 s; a daemon that counted those pings as abuse (gRPC's default for a
+    connection with no call in flight) sends GOAWAY "too_many_pings" at the fourth: the
+    connection drops, and a call made just then fails ("Too many pings").
+    """
+    src, _dst = pair
+    channel = src.conn._channel
+    assert channel.get_state() is grpc.ChannelConnectivity.READY
+    with contextlib.suppress(TimeoutError):  # four keepalive pings and then some
+        await asyncio.wait_for(channel.wait_for_state_change(grpc.ChannelConnectivity.READY), 22)
+    assert channel.get_state() is grpc.ChannelConnectivity.READY
+    session = await src.conn.open_session()
+    assert src.daemon.session_alive(session)
