@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import textwrap
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -9,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.guest.build import GuestImage, kill_leftover_qemus
 from virtmig.client.connection import AsyncConnection
 from virtmig.daemon.backend.test import TestBackend
 from virtmig.daemon.core import Daemon, DaemonConfig
@@ -31,6 +34,39 @@ def domain_xml(name: str = "vm1", memory_mib: int = 64, *, uuid: str | None = No
           </metadata>
           <devices>
             <serial type='pty'><target port='0'/></serial>
+          </devices>
+        </domain>
+        """)
+
+
+def qemu_domain_xml(image: GuestImage, name: str = "vm1", memory_mib: int = 256, *,
+                    uuid: str | None = None, dirty_mb: int = 64, dirty_rate: int = 0,
+                    serial: Path | None = None) -> str:
+    """A ``qemu`` domain running the test guest (``tests/guest``).
+
+    Its serial console goes to ``serial`` (a file both sides name in their definitions), else
+    to a log file in the guest's folder on whichever host runs it.
+    """
+    uuid_el = f"<uuid>{uuid}</uuid>" if uuid else ""
+    console = (f"<serial type='file'><source path='{serial}'/><target port='0'/></serial>"
+               f"<console type='file'><source path='{serial}'/>"
+               "<target type='serial' port='0'/></console>" if serial is not None
+               else "<serial type='pty'><target port='0'/></serial>")
+    return textwrap.dedent(f"""\
+        <domain type='qemu'>
+          <name>{name}</name>
+          {uuid_el}
+          <memory unit='MiB'>{memory_mib}</memory>
+          <vcpu>1</vcpu>
+          <os>
+            <type arch='x86_64' machine='pc'>hvm</type>
+            <kernel>{image.kernel}</kernel>
+            <initrd>{image.initrd}</initrd>
+            <cmdline>{image.cmdline(dirty_mb=dirty_mb, dirty_rate=dirty_rate)}</cmdline>
+          </os>
+          <devices>
+            {console}
+            <memballoon model='none'/>
           </devices>
         </domain>
         """)
@@ -75,6 +111,18 @@ async def start_host(tmp_path: Path, name: str, **overrides: object) -> Host:
 async def stop_host(host: Host) -> None:
     await host.conn.close()
     await host.running.stop(grace=0.5)
+
+
+async def teardown_hosts(tmp_path: Path, *hosts: Host) -> None:
+    """Stop the daemons and every guest they still run (QEMU guests outlive their daemon)."""
+    try:
+        for host in hosts:
+            for dom in list(host.daemon.registry):
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(host.daemon.backend.destroy(dom.uuid), 20)
+            await stop_host(host)
+    finally:
+        assert not kill_leftover_qemus(tmp_path), "QEMU processes were left running"
 
 
 @pytest.fixture

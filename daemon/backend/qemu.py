@@ -1446,7 +1446,9 @@ class QemuBackend(Backend):
         error: MigrationFailed | MigrationCancelled
         if mig.abort_reason:
             error = MigrationFailed(mig.abort_reason)
-        elif guest.mig_status == "cancelled":
+        elif guest.mig_status == "cancelled" or mig.cancel_requested:
+            # A cancel that finds the stream blocked in a write ends as "failed" ("Unable to
+            # write to socket: Broken pipe": the cancel shut the socket down); we asked for it.
             error = MigrationCancelled("migration cancelled")
         else:
             error = MigrationFailed(mig.last.error or "migration failed")

@@ -31,7 +31,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Host, start_host, stop_host
+from tests.conftest import Host, qemu_domain_xml, start_host, stop_host
 from tests.guest.build import GuestImage, guest_or_skip, kill_leftover_qemus, qemu_binary_or_skip
 from virtmig.client.migrate import RemoteDest, RemoteSource, migrate3
 from virtmig.client.sequence import Trace, run_v3
@@ -72,26 +72,8 @@ async def hosts(tmp_path: Path, guest_image: GuestImage) -> AsyncIterator[tuple[
 
 def guest_xml(image: GuestImage, uuid: str, serial: Path, name: str = "vm1",
               dirty_rate: int = 16) -> str:
-    cmdline = image.cmdline(dirty_mb=64, dirty_rate=dirty_rate)
-    return textwrap.dedent(f"""\
-        <domain type='qemu'>
-          <name>{name}</name>
-          <uuid>{uuid}</uuid>
-          <memory unit='MiB'>256</memory>
-          <vcpu>1</vcpu>
-          <os>
-            <type arch='x86_64' machine='pc'>hvm</type>
-            <kernel>{image.kernel}</kernel>
-            <initrd>{image.initrd}</initrd>
-            <cmdline>{cmdline}</cmdline>
-          </os>
-          <devices>
-            <serial type='file'><source path='{serial}'/><target port='0'/></serial>
-            <console type='file'><source path='{serial}'/><target type='serial' port='0'/></console>
-            <memballoon model='none'/>
-          </devices>
-        </domain>
-        """)
+    return qemu_domain_xml(image, name, 256, uuid=uuid, dirty_mb=64, dirty_rate=dirty_rate,
+                           serial=serial)
 
 
 def heartbeats(path: Path) -> list[tuple[int, bool]]:
