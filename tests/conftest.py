@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.guest.build import GuestImage, kill_leftover_qemus
+from tests.guest.build import GuestImage, guest_or_skip, kill_leftover_qemus, qemu_binary_or_skip
 from virtmig.client.connection import AsyncConnection
 from virtmig.daemon.backend.test import TestBackend
 from virtmig.daemon.core import Daemon, DaemonConfig
@@ -123,6 +123,29 @@ async def teardown_hosts(tmp_path: Path, *hosts: Host) -> None:
             await stop_host(host)
     finally:
         assert not kill_leftover_qemus(tmp_path), "QEMU processes were left running"
+
+
+@pytest.fixture(params=["test", pytest.param("qemu", marks=pytest.mark.qemu)])
+def backend(request: pytest.FixtureRequest) -> str:
+    """Each backend in turn; qemu needs QEMU and the test guest (skipped, or failed under
+    VIRTMIG_REQUIRE_QEMU=1, without them)."""
+    if request.param == "qemu":
+        qemu_binary_or_skip()
+        guest_or_skip()
+    return str(request.param)
+
+
+@contextlib.asynccontextmanager
+async def hosts(tmp_path: Path, backend: str,
+                *names_and_settings: tuple[str, dict[str, object]]) -> AsyncIterator[list[Host]]:
+    """Daemons on ``backend``, each with its own settings; stopped with all their guests."""
+    started: list[Host] = []
+    try:
+        for name, settings in names_and_settings:
+            started.append(await start_host(tmp_path, name, backend=backend, **settings))
+        yield started
+    finally:
+        await teardown_hosts(tmp_path, *started)
 
 
 @pytest.fixture

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Host, domain_xml, qemu_domain_xml, start_host, teardown_hosts
-from tests.guest.build import guest_or_skip, qemu_binary_or_skip
+from tests.conftest import Host, domain_xml, hosts, qemu_domain_xml
+from tests.guest.build import guest_or_skip
 from virtmig.client.connection import Event, JobInfo
 from virtmig.client.migrate import RemoteDest, RemoteSource, migrate3
 from virtmig.client.sequence import Trace, run_v3
@@ -39,28 +39,9 @@ TEST_MEMORY_MIB = 64
 QEMU_MEMORY_MIB = 256  # what the test guest's kernel needs
 
 
-@pytest.fixture(params=["test", pytest.param("qemu", marks=pytest.mark.qemu)])
-def backend(request: pytest.FixtureRequest) -> str:
-    if request.param == "qemu":
-        qemu_binary_or_skip()
-        guest_or_skip()
-    return str(request.param)
-
-
-@contextlib.asynccontextmanager
-async def hosts(tmp_path: Path, backend: str,
-                *names_and_settings: tuple[str, dict[str, object]]) -> AsyncIterator[list[Host]]:
-    started: list[Host] = []
-    try:
-        for name, settings in names_and_settings:
-            started.append(await start_host(tmp_path, name, backend=backend, **settings))
-        yield started
-    finally:
-        await teardown_hosts(tmp_path, *started)
-
-
 @pytest.fixture
 async def pair(tmp_path: Path, backend: str) -> AsyncIterator[tuple[Host, Host]]:
+    """Two daemons on ``backend`` (this module's tests run on both)."""
     async with hosts(tmp_path, backend, ("src", {}), ("dst", {})) as (src, dst):
         yield src, dst
 
@@ -84,6 +65,19 @@ def guest_xml(host: Host, name: str = "vm1", dirty: int = 0) -> str:
 async def guest(host: Host, name: str = "vm1", dirty: int = 0) -> None:
     await host.conn.define(guest_xml(host, name, dirty))
     await host.conn.start(name)
+    if dirty and on_qemu(host):
+        await dirtying(host, name)
+
+
+async def dirtying(host: Host, name: str, timeout: float = 120) -> None:
+    """Wait until a QEMU test guest has booted and dirties memory (the test backend's guests
+    dirty from the start): a booting kernel's writes would make these tests' timing vary."""
+    uuid = (await host.conn.lookup(name)).uuid
+    log = host.state_dir / "backend" / "qemu" / uuid / "serial0.log"
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not (log.exists() and b"DIRTY-READY" in log.read_bytes()):
+        assert asyncio.get_running_loop().time() < deadline, f"{name} did not boot: {log}"
+        await asyncio.sleep(0.1)
 
 
 def migrate(src: Host, dst: Host, flags: int = F.LIVE, params: TypedParams | None = None,

@@ -1,28 +1,21 @@
 """Steering a running migration: speed, downtime, post-copy, auto-converge; on both backends.
 
-The ``pair`` and ``backend`` fixtures come from ``test_jobs``: each test runs on the ``test``
-backend and on ``qemu`` with the real test guest, except auto-converge, which runs on ``test``
-only: QEMU starts throttling after several dirty-bitmap syncs, tens of seconds into a TCG
-migration of the test guest, longer than these tests (and TCG guests) should run; its QEMU
-parameters and statistics are checked in ``test_backend_qemu``.
+Each test runs on the ``test`` backend and on ``qemu`` with the real test guest, except
+auto-converge, which runs on ``test`` only: QEMU starts throttling after several dirty-bitmap
+syncs, tens of seconds into a TCG migration of the test guest, longer than these tests (and
+TCG guests) should run; its QEMU parameters and statistics are checked in ``test_backend_qemu``.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import Host, start_host, teardown_hosts
-from tests.daemon.test_jobs import (  # noqa: F401 - fixtures
-    assert_migrated,
-    backend,
-    guest,
-    migrate,
-    pair,
-    until_streaming,
-)
+from tests.conftest import Host, hosts, start_host, teardown_hosts
+from tests.daemon.test_jobs import assert_migrated, guest, migrate, until_streaming
 from virtmig.client.migrate import RemoteDest, RemoteSource
 from virtmig.client.sequence import run_v3
 from virtmig.proto.errors import OperationAborted, OperationFailed, OperationInvalid
@@ -31,6 +24,13 @@ from virtmig.proto.params import MigrateParam, TypedParams
 
 F = MigrateFlags
 P = MigrateParam
+
+
+@pytest.fixture
+async def pair(tmp_path: Path, backend: str) -> AsyncIterator[tuple[Host, Host]]:
+    """Two daemons on ``backend`` (this module's tests run on both)."""
+    async with hosts(tmp_path, backend, ("src", {}), ("dst", {})) as (src, dst):
+        yield src, dst
 
 
 async def test_setspeed_while_running_speeds_it_up(pair: tuple[Host, Host]) -> None:
