@@ -48,7 +48,7 @@ from virtmig.daemon.domxml import (
 )
 from virtmig.daemon.job import AsyncJob, JobRecord, MigrationJob, Phase
 from virtmig.daemon.registry import DomainObj
-from virtmig.proto.compat import check_migration
+from virtmig.proto.compat import check_migration, compression_settings
 from virtmig.proto.errors import (
     ArgumentUnsupported,
     InternalError,
@@ -74,14 +74,15 @@ log = logging.getLogger(__name__)
 
 F = MigrateFlags
 P = MigrateParam
+DEFAULT_PARALLEL = 2  # multifd channels when PARALLEL comes without parallel.connections (QEMU's)
 
 
 
-def any_check(flags: int, params: TypedParams, function: str,
+def any_check(daemon: Daemon, flags: int, params: TypedParams, function: str,
               party: Party = Party.SRC) -> MigrateFlags:
     """Flags and params checks every phase runs before it changes anything."""
     validate_migration_params(params, flags, party)
-    return check_migration(flags, params, function)
+    return check_migration(flags, params, function, daemon.backend.extra_flags)
 
 
 def any_cookie(daemon: Daemon, dom_name: str, uuid: str, **extra: object) -> bytes:
@@ -142,7 +143,7 @@ def _require_active(dom: DomainObj) -> None:
 async def src_begin(
     daemon: Daemon, dom: DomainObj, params: TypedParams, flags: int, owner: str = ""
 ) -> tuple[str, bytes]:
-    f = any_check(flags, params, "virDomainMigrateBegin3Params")
+    f = any_check(daemon, flags, params, "virDomainMigrateBegin3Params")
     async with dom.lock:
         _no_job(dom)
         offline = bool(f & F.OFFLINE)
@@ -205,7 +206,7 @@ def _fmt_host(host: str) -> str:
 async def dst_prepare(
     daemon: Daemon, params: TypedParams, cookie_in: bytes, flags: int, owner: str = ""
 ) -> tuple[bytes, str | None]:
-    f = any_check(flags, params, "virDomainMigratePrepare3Params", Party.DST)
+    f = any_check(daemon, flags, params, "virDomainMigratePrepare3Params", Party.DST)
     offline = bool(f & F.OFFLINE)
     dom_xml = params.get_str(P.DEST_XML)
     if not dom_xml:
@@ -261,7 +262,8 @@ async def dst_prepare(
                 daemon.registry.save_status(dom)
                 uri_out = None
             else:
-                port = await _dst_listen(daemon, dom, d, listen, want_port)
+                port = await _dst_listen(daemon, dom, d, listen, want_port,
+                                         dst_tuning(f, params))
                 job.port = port
                 dom.id = daemon.registry.new_id()
                 daemon.set_state(dom, DomainState.PAUSED, PausedReason.MIGRATION)
@@ -282,14 +284,16 @@ async def dst_prepare(
 
 
 async def _dst_listen(
-    daemon: Daemon, dom: DomainObj, d: DomainDef, listen: str, want_port: int | None
+    daemon: Daemon, dom: DomainObj, d: DomainDef, listen: str, want_port: int | None,
+    tuning: MigrationTuning,
 ) -> int:
     spec = daemon.spec(d)
     candidates = [want_port] if want_port else daemon.ports.candidates()
     last: OSError | None = None
     for port in candidates:
         try:
-            bound = await daemon.backend.incoming_start(spec, StreamAddress(listen, port))
+            bound = await daemon.backend.incoming_start(spec, StreamAddress(listen, port),
+                                                        tuning)
         except OSError as exc:
             if exc.errno != errno.EADDRINUSE:
                 raise OperationFailed(
@@ -346,7 +350,7 @@ async def src_perform(
     tunnel: StreamAddress | None = None,
 ) -> bytes:
     """``tunnel``: where the stream goes in a tunnelled migration (the source's tunnel end)."""
-    f = any_check(flags, params, "virDomainMigratePerform3Params")
+    f = any_check(daemon, flags, params, "virDomainMigratePerform3Params")
     if dconnuri:
         raise InvalidArgument(
             "invalid argument: Unexpected dconnuri parameter with non-peer2peer migration"
@@ -459,7 +463,21 @@ def src_tuning(daemon: Daemon, dom: DomainObj, f: MigrateFlags,
         auto_converge=bool(f & F.AUTO_CONVERGE),
         auto_converge_initial=params.get_int(P.AUTO_CONVERGE_INITIAL, 20),
         auto_converge_increment=params.get_int(P.AUTO_CONVERGE_INCREMENT, 10),
+        parallel_connections=parallel_connections(f, params),
+        compression=compression_settings(params, f),
     )
+
+
+def dst_tuning(f: MigrateFlags, params: TypedParams) -> MigrationTuning:
+    """What the destination must set up before the stream starts: the same channels and
+    compression as the source (both get the same flags and params)."""
+    return MigrationTuning(postcopy=bool(f & F.POSTCOPY),
+                           parallel_connections=parallel_connections(f, params),
+                           compression=compression_settings(params, f))
+
+
+def parallel_connections(f: MigrateFlags, params: TypedParams) -> int:
+    return params.get_int(P.PARALLEL_CONNECTIONS, DEFAULT_PARALLEL) if f & F.PARALLEL else 0
 
 
 async def _stop(task: asyncio.Task[None]) -> None:
@@ -522,7 +540,7 @@ async def src_restore(daemon: Daemon, dom: DomainObj, job: MigrationJob) -> None
 async def dst_finish(
     daemon: Daemon, params: TypedParams, cookie_in: bytes, flags: int, cancelled: bool
 ) -> tuple[DomainObj, bytes]:
-    f = any_check(flags, params, "virDomainMigrateFinish3Params", Party.DST)
+    f = any_check(daemon, flags, params, "virDomainMigrateFinish3Params", Party.DST)
     dname = params.get_str(P.DEST_NAME)
     if not dname:
         raise NoDomain("Domain not found: missing domain name")
@@ -659,7 +677,7 @@ async def src_confirm(
     flags: int,
     cancelled: bool,
 ) -> None:
-    f = any_check(flags, params, "virDomainMigrateConfirm3Params")
+    f = any_check(daemon, flags, params, "virDomainMigrateConfirm3Params")
     async with dom.lock:
         if dom.job is None and cancelled:
             # Perform already rolled back and ended the job: Confirm(cancelled) is a no-op.

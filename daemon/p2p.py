@@ -95,7 +95,7 @@ async def src_perform_p2p(
     cookie_in: bytes, flags: int,
 ) -> None:
     """libvirt's PerformJob → Peer2Peer → Peer2Peer3, on this daemon."""
-    f = migration.any_check(flags, params, "virDomainMigratePerform3Params")
+    f = migration.any_check(daemon, flags, params, "virDomainMigratePerform3Params")
     if cookie_in:
         raise InvalidArgument("invalid argument: received unexpected cookie with P2P migration")
     if not dconnuri:

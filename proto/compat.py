@@ -100,9 +100,11 @@ RULES: tuple[Rule, ...] = (
 # refused with a clear error rather than silently ignored.
 UNSUPPORTED_FLAGS = (
     F.NON_SHARED_DISK | F.NON_SHARED_INC | F.NON_SHARED_SYNCHRONOUS_WRITES
-    | F.COMPRESSED | F.RDMA_PIN_ALL | F.TLS | F.PARALLEL
-    | F.POSTCOPY_RESUME | F.ZEROCOPY
+    | F.RDMA_PIN_ALL | F.TLS | F.POSTCOPY_RESUME | F.ZEROCOPY
 )
+# Flags only some backends act on (``Backend.extra_flags``: qemu has multifd and compression);
+# a backend without them refuses them like the flags above.
+BACKEND_FLAGS = F.PARALLEL | F.COMPRESSED
 
 
 def check_known_flags(flags: int, function: str) -> MigrateFlags:
@@ -120,8 +122,8 @@ def check_rules(flags: int, params: TypedParams | None, layer: Layer) -> None:
             raise rule.error(rule.message)
 
 
-def check_flags_supported(flags: int) -> None:
-    unsupported = MigrateFlags(flags) & UNSUPPORTED_FLAGS
+def check_flags_supported(flags: int, backend_flags: MigrateFlags = NO_FLAGS) -> None:
+    unsupported = MigrateFlags(flags) & (UNSUPPORTED_FLAGS | (BACKEND_FLAGS & ~backend_flags))
     if unsupported:
         names = "|".join(f"VIR_MIGRATE_{f.name}" for f in MigrateFlags if f & unsupported)
         raise ArgumentUnsupported(f"migration flag {names} is not supported by this host")
@@ -144,9 +146,105 @@ def check_params_supported(params: TypedParams, flags: int, party: Party | None 
             raise ArgumentUnsupported(f"parameter '{p.name}' requires flag {needed}")
 
 
-def check_migration(flags: int, params: TypedParams | None, function: str) -> MigrateFlags:
-    """Everything the daemon checks about a flags word and params before a phase changes state."""
+def check_migration(flags: int, params: TypedParams | None, function: str,
+                    backend_flags: MigrateFlags = NO_FLAGS) -> MigrateFlags:
+    """Everything the daemon checks about a flags word and params before a phase changes state.
+
+    ``backend_flags``: the flags of ``BACKEND_FLAGS`` this daemon's backend acts on.
+    """
     f = check_known_flags(flags, function)
     check_rules(f, params, Layer.CLIENT | Layer.DRIVER)
-    check_flags_supported(f & ~(F.PEER2PEER))
+    check_flags_supported(f & ~(F.PEER2PEER), backend_flags)
+    if params is not None:
+        compression_settings(params, f)
     return f
+
+
+COMPRESSION_METHODS = ("xbzrle", "mt", "zlib", "zstd")
+MULTIFD_COMPRESSION = ("zlib", "zstd")
+
+
+@dataclass(frozen=True)
+class Compression:
+    """What COMPRESSED and the ``compression*`` params ask for (libvirt's rules)."""
+
+    methods: tuple[str, ...] = ()
+    mt_level: int | None = None
+    mt_threads: int | None = None
+    mt_dthreads: int | None = None
+    xbzrle_cache: int | None = None
+    zlib_level: int | None = None
+    zstd_level: int | None = None
+
+    @property
+    def multifd_method(self) -> str:
+        """zlib or zstd: the multifd channels' compression ("" when none)."""
+        return next((m for m in self.methods if m in MULTIFD_COMPRESSION), "")
+
+
+def compression_settings(params: TypedParams, flags: int) -> Compression:
+    """The compression a migration asks for, or libvirt's error.
+
+    COMPRESSED without methods means xbzrle; tuning a method that is not on is an error; zlib
+    and zstd compress multifd channels, so they need PARALLEL, and only one of them applies;
+    xbzrle and mt work on the single stream only.
+    """
+    from virtmig.proto.params import MigrateParam as P
+
+    f = MigrateFlags(flags)
+    methods: list[str] = []
+    for method in params.get_all_str(P.COMPRESSION):
+        if method not in COMPRESSION_METHODS:
+            raise InvalidArgument(f"invalid argument: Unsupported compression method '{method}'")
+        if method in methods:
+            raise InvalidArgument(
+                f"invalid argument: Compression method '{method}' is specified twice")
+        methods.append(method)
+    if methods and not f & F.COMPRESSED:
+        raise ArgumentUnsupported(
+            "parameter 'compression' requires flag VIR_MIGRATE_COMPRESSED")
+    if not methods and f & F.COMPRESSED:
+        methods = ["xbzrle"]
+    multifd = [m for m in methods if m in MULTIFD_COMPRESSION]
+    if multifd and not f & F.PARALLEL:
+        raise InvalidArgument(f"invalid argument: Compression method '{multifd[0]}' is only "
+                              "supported with parallel migration")
+    single = [m for m in methods if m not in MULTIFD_COMPRESSION]
+    if single and f & F.PARALLEL:
+        raise InvalidArgument(f"invalid argument: Compression method '{single[0]}' isn't "
+                              "supported with parallel migration")
+    if len(multifd) > 1:
+        raise InvalidArgument("invalid argument: Only one compression method could be "
+                              "specified with parallel compression")
+    c = Compression(
+        methods=tuple(methods),
+        mt_level=params.get_int_opt(P.COMPRESSION_MT_LEVEL),
+        mt_threads=params.get_int_opt(P.COMPRESSION_MT_THREADS),
+        mt_dthreads=params.get_int_opt(P.COMPRESSION_MT_DTHREADS),
+        xbzrle_cache=params.get_int_opt(P.COMPRESSION_XBZRLE_CACHE),
+        zlib_level=params.get_int_opt(P.COMPRESSION_ZLIB_LEVEL),
+        zstd_level=params.get_int_opt(P.COMPRESSION_ZSTD_LEVEL),
+    )
+    for method, tuning, label in (
+        ("mt", (c.mt_level, c.mt_threads, c.mt_dthreads), "multithread"),
+        ("xbzrle", (c.xbzrle_cache,), "xbzrle"),
+        ("zlib", (c.zlib_level,), "zlib"),
+        ("zstd", (c.zstd_level,), "zstd"),
+    ):
+        if any(v is not None for v in tuning) and method not in methods:
+            raise InvalidArgument(f"invalid argument: Turn {label} compression on to tune it")
+    for value, low, high, name in ((c.mt_level, 0, 9, P.COMPRESSION_MT_LEVEL),
+                                   (c.zlib_level, 0, 9, P.COMPRESSION_ZLIB_LEVEL),
+                                   (c.zstd_level, 0, 20, P.COMPRESSION_ZSTD_LEVEL),
+                                   (c.mt_threads, 1, 255, P.COMPRESSION_MT_THREADS),
+                                   (c.mt_dthreads, 1, 255, P.COMPRESSION_MT_DTHREADS)):
+        if value is not None and not low <= value <= high:
+            raise InvalidArgument(f"invalid argument: parameter '{name}' must be between "
+                                  f"{low} and {high}, got {value}")
+    if params.get_int_opt(P.PARALLEL_CONNECTIONS) is not None and not f & F.PARALLEL:
+        raise InvalidArgument("invalid argument: Turn parallel migration on to tune it")
+    connections = params.get_int_opt(P.PARALLEL_CONNECTIONS)
+    if connections is not None and not 1 <= connections <= 255:
+        raise InvalidArgument("invalid argument: parameter 'parallel.connections' must be "
+                              f"between 1 and 255, got {connections}")
+    return c

@@ -146,18 +146,18 @@ MIGRATION_PARAMS: Mapping[str, ParamSpec] = {
               supported=False),
         _spec(_P.DISKS_PORT, _T.INT, Party.DST, supported=False),
         _spec(_P.DISKS_URI, _T.STRING, Party.DST, supported=False),
+        # (whether the backend can compress is the COMPRESSED flag's check: compat.BACKEND_FLAGS)
         _spec(_P.COMPRESSION, _T.STRING, Party.BOTH, multiple=True,
-              needs=MigrateFlags.COMPRESSED, supported=False),
-        _spec(_P.COMPRESSION_MT_LEVEL, _T.INT, Party.SRC, supported=False),
-        _spec(_P.COMPRESSION_MT_THREADS, _T.INT, Party.SRC, supported=False),
-        _spec(_P.COMPRESSION_MT_DTHREADS, _T.INT, Party.DST, supported=False),
-        _spec(_P.COMPRESSION_XBZRLE_CACHE, _T.ULLONG, Party.SRC, supported=False),
-        _spec(_P.COMPRESSION_ZLIB_LEVEL, _T.INT, Party.SRC, supported=False),
-        _spec(_P.COMPRESSION_ZSTD_LEVEL, _T.INT, Party.SRC, supported=False),
+              needs=MigrateFlags.COMPRESSED),
+        _spec(_P.COMPRESSION_MT_LEVEL, _T.INT, Party.SRC),
+        _spec(_P.COMPRESSION_MT_THREADS, _T.INT, Party.SRC),
+        _spec(_P.COMPRESSION_MT_DTHREADS, _T.INT, Party.DST),
+        _spec(_P.COMPRESSION_XBZRLE_CACHE, _T.ULLONG, Party.SRC),
+        _spec(_P.COMPRESSION_ZLIB_LEVEL, _T.INT, Party.SRC),
+        _spec(_P.COMPRESSION_ZSTD_LEVEL, _T.INT, Party.SRC),
         _spec(_P.AUTO_CONVERGE_INITIAL, _T.INT, Party.SRC, needs=MigrateFlags.AUTO_CONVERGE),
         _spec(_P.AUTO_CONVERGE_INCREMENT, _T.INT, Party.SRC, needs=MigrateFlags.AUTO_CONVERGE),
-        _spec(_P.PARALLEL_CONNECTIONS, _T.INT, Party.BOTH, needs=MigrateFlags.PARALLEL,
-              supported=False),
+        _spec(_P.PARALLEL_CONNECTIONS, _T.INT, Party.BOTH, needs=MigrateFlags.PARALLEL),
         _spec(_P.TLS_DESTINATION, _T.STRING, Party.SRC, needs=MigrateFlags.TLS, supported=False),
         _spec(_P.STALL_TIMEOUT, _T.ULLONG, Party.SRC),
         _spec(_P.COMPLETION_TIMEOUT, _T.ULLONG, Party.SRC),
@@ -222,6 +222,13 @@ class TypedParams:
     def get_int(self, name: str, default: int = 0) -> int:
         value = self.get(name)
         return value if isinstance(value, int) and not isinstance(value, bool) else default
+
+    def get_int_opt(self, name: str) -> int | None:
+        value = self.get(name)
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+    def get_all_str(self, name: str) -> list[str]:
+        return [v for v in self.get_all(name) if isinstance(v, str)]
 
     def get_all(self, name: str) -> list[ParamValue]:
         return [p.value for p in self._items if p.name == name]

@@ -40,6 +40,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from virtmig.proto.compat import Compression
+from virtmig.proto.flags import NO_FLAGS, MigrateFlags
+
 
 class GuestRunState(enum.Enum):
     RUNNING = "running"
@@ -87,6 +90,12 @@ class MigrationTuning:
     auto_converge: bool = False
     auto_converge_initial: int = 20
     auto_converge_increment: int = 10
+    # Multifd (PARALLEL): this many channels; 0: one plain stream.  Only for backends whose
+    # ``extra_flags`` include PARALLEL; the destination gets the same value.
+    parallel_connections: int = 0
+    # COMPRESSED: methods and their settings (``compression.methods`` empty: none); only for
+    # backends whose ``extra_flags`` include COMPRESSED.
+    compression: Compression = field(default_factory=Compression)
 
 
 class MigrationStatus(enum.Enum):
@@ -139,6 +148,8 @@ class Backend(abc.ABC):
     """One hypervisor.  Guests are keyed by UUID (canonical lowercase string)."""
 
     name: str = ""
+    # Which of ``compat.BACKEND_FLAGS`` this backend acts on (the daemon refuses the others).
+    extra_flags: MigrateFlags = NO_FLAGS
 
     async def open(self, state_dir: Path) -> None:  # noqa: B027 - optional hook
         """Called once before use; ``state_dir`` is the backend's own folder."""
@@ -166,9 +177,12 @@ class Backend(abc.ABC):
     def state(self, uuid: str) -> GuestRunState: ...
 
     @abc.abstractmethod
-    async def incoming_start(self, spec: GuestSpec, listen: StreamAddress) -> int:
+    async def incoming_start(self, spec: GuestSpec, listen: StreamAddress,
+                             tuning: MigrationTuning | None = None) -> int:
         """Start ``spec`` paused and waiting for a stream on ``listen``; return the bound port.
 
+        ``tuning``: what the destination must know before the stream starts (multifd channels,
+        compression); the rest is the source's.
         Raises ``OSError`` (errno EADDRINUSE) when the port is taken, so the caller can retry.
         """
 

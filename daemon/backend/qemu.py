@@ -104,6 +104,7 @@ from virtmig.daemon.backend.base import (
 )
 from virtmig.daemon.domxml import parse_domain_xml
 from virtmig.proto.errors import ConfigUnsupported, VirtmigError
+from virtmig.proto.flags import MigrateFlags
 
 log = logging.getLogger(__name__)
 
@@ -685,6 +686,7 @@ class QemuBackend(Backend):
     """QEMU guests over QMP (see the module docstring)."""
 
     name = "qemu"
+    extra_flags = MigrateFlags.PARALLEL | MigrateFlags.COMPRESSED
 
     def __init__(self, binary: str | None = None) -> None:
         self.binary = binary or DEFAULT_BINARY
@@ -1212,26 +1214,34 @@ class QemuBackend(Backend):
 
     # -- incoming --
 
-    async def incoming_start(self, spec: GuestSpec, listen: StreamAddress) -> int:
+    async def incoming_start(self, spec: GuestSpec, listen: StreamAddress,
+                             tuning: MigrationTuning | None = None) -> int:
         if listen.transport != "tcp":
             raise BackendError(f"qemu backend: unsupported migration transport {listen.transport}")
+        tuning = tuning or MigrationTuning()
         cfg = self._config(spec)
         self._check_free(spec.uuid)
         guest = await self._spawn(cfg, incoming=True)
         inc = _Incoming()
         guest.incoming = inc
         try:
-            await self._exec(guest, "migrate-set-capabilities",
-                             {"capabilities": [{"capability": "events", "state": True}]})
-            # Whether the source will switch to post-copy is not known here: allow it always
-            # (a pre-copy stream does not use it).  Without userfaultfd QEMU refuses: go on.
-            try:
-                await self._exec(guest, "migrate-set-capabilities", {"capabilities": [
-                    {"capability": "postcopy-ram", "state": True}]})
-                inc.postcopy = True
-            except QmpCommandFailed as exc:
-                log.warning("qemu backend: guest %s: incoming post-copy unavailable: %s",
-                            spec.uuid, exc.desc)
+            caps, params = _stream_settings(tuning, incoming=True)
+            await self._exec(guest, "migrate-set-capabilities", {"capabilities": [
+                {"capability": "events", "state": True}, *caps]})
+            if params:
+                await self._exec(guest, "migrate-set-parameters", params)
+            # A plain stream may switch to post-copy (QEMU needs the capability on this side
+            # before it starts; unused, it costs nothing): allow it unless the stream has
+            # channels or compression and post-copy was not asked for.  Without userfaultfd
+            # QEMU refuses: go on.
+            if tuning.postcopy or not caps:
+                try:
+                    await self._exec(guest, "migrate-set-capabilities", {"capabilities": [
+                        {"capability": "postcopy-ram", "state": True}]})
+                    inc.postcopy = True
+                except QmpCommandFailed as exc:
+                    log.warning("qemu backend: guest %s: incoming post-copy unavailable: %s",
+                                spec.uuid, exc.desc)
             try:
                 await self._exec(guest, "migrate-incoming", {"uri": str(listen)})
             except QmpCommandFailed as exc:
@@ -1383,7 +1393,9 @@ class QemuBackend(Backend):
     ) -> MigrationProgress:
         tuning = mig.tuning
         try:
+            stream_caps, stream_params = _stream_settings(tuning, incoming=False)
             await self._exec(guest, "migrate-set-capabilities", {"capabilities": [
+                *stream_caps,
                 {"capability": "events", "state": True},
                 {"capability": "auto-converge", "state": tuning.auto_converge},
                 # Both sides need it before the stream starts (the destination always has it).
@@ -1395,6 +1407,7 @@ class QemuBackend(Backend):
             params: dict[str, object] = {
                 "max-bandwidth": _bandwidth(tuning.bandwidth_bytes_per_s),
                 "downtime-limit": _downtime(tuning.max_downtime_ms),
+                **stream_params,
             }
             if tuning.auto_converge:
                 params["cpu-throttle-initial"] = min(99, max(1, tuning.auto_converge_initial))
@@ -1588,6 +1601,43 @@ class QemuBackend(Backend):
                 return
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(changed.wait(), remaining)
+
+
+def _stream_settings(
+    tuning: MigrationTuning, *, incoming: bool
+) -> tuple[list[dict[str, object]], dict[str, object]]:
+    """QEMU capabilities and parameters for multifd channels and compression, on one side.
+
+    Capabilities are set on both sides (the destination must expect channels and compressed
+    pages before the stream starts); levels and compression threads are the source's,
+    decompression threads the destination's.  Capabilities that are off are left out: QEMU's
+    defaults are off, and a QEMU without one of them still runs plain migrations.
+    """
+    caps: list[dict[str, object]] = []
+    params: dict[str, object] = {}
+    comp = tuning.compression
+    if tuning.parallel_connections:
+        caps.append({"capability": "multifd", "state": True})
+        params["multifd-channels"] = tuning.parallel_connections
+        if comp.multifd_method:
+            params["multifd-compression"] = comp.multifd_method
+        if not incoming and comp.zlib_level is not None:
+            params["multifd-zlib-level"] = comp.zlib_level
+        if not incoming and comp.zstd_level is not None:
+            params["multifd-zstd-level"] = comp.zstd_level
+    if "xbzrle" in comp.methods:
+        caps.append({"capability": "xbzrle", "state": True})
+        if not incoming and comp.xbzrle_cache is not None:
+            params["xbzrle-cache-size"] = comp.xbzrle_cache
+    if "mt" in comp.methods:
+        caps.append({"capability": "compress", "state": True})
+        if incoming and comp.mt_dthreads is not None:
+            params["decompress-threads"] = comp.mt_dthreads
+        if not incoming and comp.mt_threads is not None:
+            params["compress-threads"] = comp.mt_threads
+        if not incoming and comp.mt_level is not None:
+            params["compress-level"] = comp.mt_level
+    return caps, params
 
 
 def _bandwidth(bytes_per_s: int) -> int:

@@ -770,7 +770,8 @@ class TestBackend(Backend):
 
     # -- incoming --
 
-    async def incoming_start(self, spec: GuestSpec, listen: StreamAddress) -> int:
+    async def incoming_start(self, spec: GuestSpec, listen: StreamAddress,
+                             tuning: MigrationTuning | None = None) -> int:
         if listen.transport != "tcp":
             raise BackendError(f"test backend: unsupported migration transport {listen.transport}")
         guest = self._new_guest(spec, paused=True)

@@ -786,8 +786,9 @@ def test_errors_are_one_clear_line(hosts: tuple[Daemon, Daemon], tmp_path: Path)
     assert err == ("error: migration flag VIR_MIGRATE_NON_SHARED_DISK is not supported by this "
                    "host\n")
     err = fails(src.uri, "migrate", "--live", "--comp-mt-level", "3", "vm", dst.uri)
-    assert err == ("error: migration parameter 'compression.mt.level' is not supported by "
-                   "this host\n")
+    assert err == "error: invalid argument: Turn multithread compression on to tune it\n"
+    err = fails(src.uri, "migrate", "--live", "--compressed", "vm", dst.uri)  # test backend
+    assert err == "error: migration flag VIR_MIGRATE_COMPRESSED is not supported by this host\n"
     err = fails(src.uri, "migrate", "--live", "--direct", "vm", dst.uri)
     assert err == "error: direct migration is not supported by the source host\n"
     # Nothing happened to the guest.

@@ -42,10 +42,12 @@ from virtmig.daemon.backend.qemu import (
     QemuBackend,
     QmpCommandFailed,
     _Monitor,
+    _stream_settings,
     parse_config,
     progress_from_query,
 )
 from virtmig.daemon.domxml import parse_domain_xml
+from virtmig.proto.compat import Compression
 from virtmig.proto.errors import ConfigUnsupported
 
 MIB = 1024 * 1024
@@ -655,6 +657,29 @@ def test_monitor_logs_messages_lazily(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG, logger=monitor.logger.name)
     monitor._cb_outbound(msg)
     assert formatted and '"execute": "query-status"' in caplog.text
+
+
+def test_stream_settings_per_side() -> None:
+    """Multifd and compression: capabilities on both sides, each side's own parameters."""
+    plain = _stream_settings(MigrationTuning(), incoming=False)
+    assert plain == ([], {})
+    multifd = MigrationTuning(parallel_connections=3, compression=Compression(
+        methods=("zstd",), zstd_level=5))
+    caps, params = _stream_settings(multifd, incoming=False)
+    assert caps == [{"capability": "multifd", "state": True}]
+    assert params == {"multifd-channels": 3, "multifd-compression": "zstd",
+                      "multifd-zstd-level": 5}
+    caps, params = _stream_settings(multifd, incoming=True)
+    assert caps == [{"capability": "multifd", "state": True}]
+    assert params == {"multifd-channels": 3, "multifd-compression": "zstd"}
+    single = MigrationTuning(compression=Compression(
+        methods=("mt", "xbzrle"), mt_level=2, mt_threads=4, mt_dthreads=3, xbzrle_cache=1 << 26))
+    caps, params = _stream_settings(single, incoming=False)
+    assert [c["capability"] for c in caps] == ["xbzrle", "compress"]
+    assert params == {"xbzrle-cache-size": 1 << 26, "compress-threads": 4, "compress-level": 2}
+    caps, params = _stream_settings(single, incoming=True)
+    assert [c["capability"] for c in caps] == ["xbzrle", "compress"]
+    assert params == {"decompress-threads": 3}
 
 
 def test_progress_from_query() -> None:

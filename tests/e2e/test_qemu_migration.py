@@ -302,6 +302,74 @@ async def test_p2p_live_migration(
     await assert_migrated(src, dst, uuid, src_serial, dst_serial, before)
 
 
+STREAMS: dict[str, tuple[MigrateFlags, dict[str, Any], set[str], dict[str, Any]]] = {
+    # id: (flags, params, QEMU capabilities the source must have turned on, parameters it set)
+    "parallel": (F.PARALLEL, {P.PARALLEL_CONNECTIONS: 3}, {"multifd"},
+                 {"multifd-channels": 3}),
+    "parallel-zstd": (F.PARALLEL | F.COMPRESSED, {P.COMPRESSION: "zstd"}, {"multifd"},
+                      {"multifd-channels": 2, "multifd-compression": "zstd"}),
+    "xbzrle": (F.COMPRESSED, {}, {"xbzrle"}, {}),
+    "mt": (F.COMPRESSED, {P.COMPRESSION: "mt", P.COMPRESSION_MT_THREADS: 2}, {"compress"},
+           {"compress-threads": 2}),
+    "parallel-p2p-tunnelled": (F.PARALLEL | F.PEER2PEER | F.TUNNELLED, {}, {"multifd"},
+                               {"multifd-channels": 2}),
+}
+
+
+@pytest.mark.parametrize("stream", list(STREAMS))
+async def test_parallel_and_compressed_streams(
+    hosts: tuple[Host, Host], guest_image: GuestImage, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, stream: str,
+) -> None:
+    """PARALLEL (multifd channels) and COMPRESSED (xbzrle, mt, multifd zlib/zstd) reach QEMU on
+    both sides, and the guest keeps running on the destination with its memory intact."""
+    flags, extra, want_caps, want_params = STREAMS[stream]
+    src, dst = hosts
+    src_serial, dst_serial = tmp_path / "src-serial.log", tmp_path / "dst-serial.log"
+    uuid = await boot(src, guest_image, src_serial, dirty_rate=4)  # short: few dirty syncs
+    before = heartbeats(src_serial)[-1][0]
+    sent: list[tuple[str, dict[str, Any]]] = []
+    qemu = src.daemon.backend
+    assert isinstance(qemu, QemuBackend)
+    real_exec = qemu._exec
+
+    async def spy(guest: Any, command: str, args: dict[str, Any] | None = None,
+                  **kw: Any) -> dict[str, Any]:
+        sent.append((command, args or {}))
+        return await real_exec(guest, command, args, **kw)
+
+    monkeypatch.setattr(qemu, "_exec", spy)
+    dst_caps: dict[str, bool] = {}
+    dst_backend = dst.daemon.backend
+    assert isinstance(dst_backend, QemuBackend)
+    real_wait = dst_backend.incoming_wait
+
+    async def wait_and_look(u: str) -> MigrationProgress:
+        out = await real_wait(u)
+        caps = await dst_backend.query(u, "query-migrate-capabilities")
+        dst_caps.update({c["capability"]: c["state"] for c in caps})
+        return out
+
+    monkeypatch.setattr(dst_backend, "incoming_wait", wait_and_look)
+    params = dest_params(guest_image, uuid, dst_serial, dirty_rate=4)
+    for name, value in extra.items():
+        params.add(name, value)
+    if flags & F.PEER2PEER:
+        await src.conn.migrate_to_uri3("vm1", dst.uri, params, F.LIVE | flags)
+    else:
+        await src.conn.migrate3("vm1", dst.conn, params, F.LIVE | flags)
+    caps_on = {c["capability"] for cmd, args in sent if cmd == "migrate-set-capabilities"
+               for c in args["capabilities"] if c["state"]}
+    assert want_caps <= caps_on
+    set_params: dict[str, Any] = {}
+    for cmd, args in sent:
+        if cmd == "migrate-set-parameters":
+            set_params.update(args)
+    assert want_params.items() <= set_params.items()
+    assert all(dst_caps[c] for c in want_caps)  # the destination expected the same stream
+    await assert_migrated(src, dst, uuid, src_serial, dst_serial, before)
+
+
 async def test_abort_during_perform(
     hosts: tuple[Host, Host], guest_image: GuestImage, tmp_path: Path
 ) -> None:

@@ -9,10 +9,12 @@ from virtmig.proto import errors
 from virtmig.proto import virtmig_pb2 as pb
 from virtmig.proto.compat import (
     RULES,
+    Compression,
     Layer,
     check_known_flags,
     check_migration,
     check_rules,
+    compression_settings,
 )
 from virtmig.proto.flags import (
     DomainState,
@@ -172,7 +174,10 @@ def test_set_replaces_and_get_all() -> None:
         ([TypedParam("migrate_uri", ParamType.STRING, "a"),
           TypedParam("migrate_uri", ParamType.STRING, "b")], "occurs multiple times"),
         ([TypedParam("persistent_xml", ParamType.STRING, "x")], "requires flag"),
-        ([TypedParam("compression", ParamType.STRING, "zstd")], "not supported by this host"),
+        ([TypedParam("graphics_uri", ParamType.STRING, "spice://h")],
+         "not supported by this host"),
+        ([TypedParam("compression", ParamType.STRING, "zstd")],
+         "'compression' requires flag VIR_MIGRATE_COMPRESSED"),
     ],
 )
 def test_validation_messages(params: list[TypedParam], message: str) -> None:
@@ -275,3 +280,67 @@ def test_listen_uris() -> None:
     assert parse_listen("unix:///run/x.sock").grpc_address == "unix:/run/x.sock"
     with pytest.raises(errors.InvalidArgument):
         parse_listen("http://x")
+
+
+# --- compression and parallel connections (libvirt's rules; the qemu backend acts on them) ------
+
+C = MigrateFlags.COMPRESSED
+PAR = MigrateFlags.PARALLEL
+
+
+def _params(*items: tuple[str, object]) -> TypedParams:
+    out = TypedParams()
+    for name, value in items:
+        out.add(name, value)  # type: ignore[arg-type]
+    return out
+
+
+def test_compression_defaults_and_settings() -> None:
+    assert compression_settings(TypedParams(), 0) == Compression()
+    assert compression_settings(TypedParams(), C).methods == ("xbzrle",)
+    c = compression_settings(_params(("compression", "mt"), ("compression", "xbzrle"),
+                                     ("compression.mt.level", 3),
+                                     ("compression.mt.threads", 4),
+                                     ("compression.mt.dthreads", 2),
+                                     ("compression.xbzrle.cache", 1 << 26)), C)
+    assert c.methods == ("mt", "xbzrle") and c.multifd_method == ""
+    assert (c.mt_level, c.mt_threads, c.mt_dthreads, c.xbzrle_cache) == (3, 4, 2, 1 << 26)
+    z = compression_settings(_params(("compression", "zstd"),
+                                     ("compression.zstd.level", 7)), C | PAR)
+    assert z.multifd_method == "zstd" and z.zstd_level == 7
+
+
+@pytest.mark.parametrize(
+    ("items", "flags", "message"),
+    [
+        ([("compression", "lz4")], C, "Unsupported compression method 'lz4'"),
+        ([("compression", "mt"), ("compression", "mt")], C,
+         "Compression method 'mt' is specified twice"),
+        ([("compression", "zlib")], C, "Compression method 'zlib' is only supported with "
+                                       "parallel migration"),
+        ([("compression", "zlib"), ("compression", "zstd")], C | PAR,
+         "Only one compression method could be specified with parallel compression"),
+        ([("compression", "mt")], C | PAR, "Compression method 'mt' isn't supported with "
+                                           "parallel migration"),
+        ([], C | PAR, "Compression method 'xbzrle' isn't supported with parallel migration"),
+        ([("compression.mt.level", 3)], 0, "Turn multithread compression on to tune it"),
+        ([("compression", "mt"), ("compression.xbzrle.cache", 1 << 20)], C,
+         "Turn xbzrle compression on to tune it"),
+        ([("compression", "zlib"), ("compression.zstd.level", 3)], C | PAR,
+         "Turn zstd compression on to tune it"),
+        ([("compression", "mt"), ("compression.mt.level", 10)], C,
+         "'compression.mt.level' must be between 0 and 9, got 10"),
+        ([("parallel.connections", 0)], PAR,
+         "'parallel.connections' must be between 1 and 255, got 0"),
+    ],
+)
+def test_compression_errors(items: list[tuple[str, object]], flags: int, message: str) -> None:
+    with pytest.raises(errors.InvalidArgument, match=message):
+        compression_settings(_params(*items), flags)
+
+
+def test_parallel_and_compressed_depend_on_the_backend() -> None:
+    for flag in (C, PAR):
+        with pytest.raises(errors.ArgumentUnsupported, match="not supported by this host"):
+            check_migration(flag | MigrateFlags.LIVE, TypedParams(), "f")
+        check_migration(flag | MigrateFlags.LIVE, TypedParams(), "f", backend_flags=C | PAR)
