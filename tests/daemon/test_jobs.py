@@ -62,16 +62,17 @@ def guest_xml(host: Host, name: str = "vm1", dirty: int = 0) -> str:
     return domain_xml(name, TEST_MEMORY_MIB, dirty_rate_mib=dirty)
 
 
-async def guest(host: Host, name: str = "vm1", dirty: int = 0) -> None:
+async def guest(host: Host, name: str = "vm1", dirty: int = 0, *, booted: bool = False) -> None:
+    """Define and start a guest; ``booted``: on QEMU, wait until its /init dirties memory."""
     await host.conn.define(guest_xml(host, name, dirty))
     await host.conn.start(name)
-    if dirty and on_qemu(host):
+    if booted and on_qemu(host):
         await dirtying(host, name)
 
 
 async def dirtying(host: Host, name: str, timeout: float = 120) -> None:
-    """Wait until a QEMU test guest has booted and dirties memory (the test backend's guests
-    dirty from the start): a booting kernel's writes would make these tests' timing vary."""
+    """Wait until a QEMU test guest has booted and dirties memory (about 6 s under TCG; the test
+    backend's guests dirty from the start), for tests that need it to dirty at its rate."""
     uuid = (await host.conn.lookup(name)).uuid
     log = host.state_dir / "backend" / "qemu" / uuid / "serial0.log"
     deadline = asyncio.get_running_loop().time() + timeout

@@ -47,7 +47,7 @@ async def test_setspeed_while_running_speeds_it_up(pair: tuple[Host, Host]) -> N
 async def test_setmaxdowntime_while_running_lets_it_converge(pair: tuple[Host, Host]) -> None:
     """A dirtying guest with a 1 ms downtime limit keeps iterating; 2 s lets it switch over."""
     src, dst = pair
-    await guest(src, dirty=32)
+    await guest(src, dirty=32, booted=True)  # (a booting QEMU guest might converge anyway)
     await src.conn.set_max_downtime("vm1", 1)
     task = migrate(src, dst, F.LIVE, TypedParams.of({P.BANDWIDTH: 64}))
     for _ in range(1000):
