@@ -69,6 +69,14 @@ def job_stats(
         TypedParam("downtime", u,
                    progress.downtime_ms if completed else progress.expected_downtime_ms),
     ]
+    if (x := progress.xbzrle) is not None:
+        items += [
+            TypedParam("compression_cache", u, x.cache_bytes),
+            TypedParam("compression_bytes", u, x.compressed_bytes),
+            TypedParam("compression_pages", u, x.pages),
+            TypedParam("compression_cache_misses", u, x.cache_misses),
+            TypedParam("compression_overflow", u, x.overflows),
+        ]
     if error:
         items.append(TypedParam("errmsg", ParamType.STRING, error))
     return items

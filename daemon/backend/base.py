@@ -125,7 +125,19 @@ class MigrationProgress:
     normal_pages: int = 0
     postcopy_requests: int = 0
     throttle_percent: int = 0  # auto-converge CPU throttle in force
+    xbzrle: XbzrleStats | None = None  # with xbzrle compression only
     error: str = ""
+
+
+@dataclass(frozen=True)
+class XbzrleStats:
+    """The xbzrle (delta) compression cache's work, as libvirt's ``compression_*`` stats."""
+
+    cache_bytes: int = 0
+    compressed_bytes: int = 0
+    pages: int = 0
+    cache_misses: int = 0
+    overflows: int = 0
 
 
 class BackendError(Exception):

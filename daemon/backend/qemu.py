@@ -101,6 +101,7 @@ from virtmig.daemon.backend.base import (
     MigrationTuning,
     PostcopyFailed,
     StreamAddress,
+    XbzrleStats,
 )
 from virtmig.daemon.domxml import parse_domain_xml
 from virtmig.proto.errors import ConfigUnsupported, VirtmigError
@@ -675,8 +676,18 @@ def progress_from_query(info: dict[str, Any]) -> MigrationProgress:
         normal_pages=_int(ram, "normal"),
         postcopy_requests=_int(ram, "postcopy-requests"),
         throttle_percent=_int(info, "cpu-throttle-percentage"),
+        xbzrle=_xbzrle(info.get("xbzrle-cache")),
         error=str(info.get("error-desc", "")),
     )
+
+
+def _xbzrle(cache: object) -> XbzrleStats | None:
+    """``query-migrate``'s ``xbzrle-cache`` (present only with the xbzrle capability)."""
+    if not isinstance(cache, dict):
+        return None
+    return XbzrleStats(cache_bytes=_int(cache, "cache-size"), compressed_bytes=_int(cache, "bytes"),
+                       pages=_int(cache, "pages"), cache_misses=_int(cache, "cache-miss"),
+                       overflows=_int(cache, "overflow"))
 
 
 # --- the backend ----------------------------------------------------------------------------------
@@ -1307,16 +1318,16 @@ class QemuBackend(Backend):
         """
         status = guest.mig_status
         error = f"post-copy migration broke (QEMU: {status})"
-        with contextlib.suppress(BackendError):
-            info = await self._exec(guest, "query-migrate")
+        with contextlib.suppress(BackendError):  # (a QEMU in this state may answer slowly)
+            info = await self._exec(guest, "query-migrate", timeout=POSTCOPY_STOP_TIMEOUT)
             if info.get("error-desc"):
                 error += f": {info['error-desc']}"
         if tail := guest.log_tail():
             error += f": {tail}"
         if not guest.exited:
             try:
-                kvm = await self._exec(guest, "query-kvm")
-                if await self._refresh_status(guest) == "running" and kvm.get("enabled"):
+                kvm = await self._exec(guest, "query-kvm", timeout=POSTCOPY_STOP_TIMEOUT)
+                if kvm.get("enabled") and await self._refresh_status(guest) == "running":
                     await self._exec(guest, "stop", timeout=POSTCOPY_STOP_TIMEOUT)
                     await self._refresh_status(guest)
             except BackendError as exc:

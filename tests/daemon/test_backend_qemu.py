@@ -37,6 +37,7 @@ from virtmig.daemon.backend.base import (
     MigrationTuning,
     PostcopyFailed,
     StreamAddress,
+    XbzrleStats,
 )
 from virtmig.daemon.backend.qemu import (
     QemuBackend,
@@ -47,6 +48,7 @@ from virtmig.daemon.backend.qemu import (
     progress_from_query,
 )
 from virtmig.daemon.domxml import parse_domain_xml
+from virtmig.daemon.jobctl import job_stats
 from virtmig.proto.compat import Compression
 from virtmig.proto.errors import ConfigUnsupported
 
@@ -624,7 +626,7 @@ async def test_postcopy_source_killed(src: QemuBackend, dst: QemuBackend) -> Non
     dst_pid = dst.pid(spec.uuid)
     os.kill(src.pid(spec.uuid), signal.SIGKILL)
     with pytest.raises(PostcopyFailed, match="post-copy"):
-        await within(dst.incoming_wait(spec.uuid))
+        await within(dst.incoming_wait(spec.uuid), 45)  # (its queries are bounded at 5 s)
     # The destination QEMU stays (QEMU waits in postcopy-paused).  Under TCG its vCPUs are not
     # stopped (a vCPU blocked on a missing page would wedge "stop"): the guest is not resumable.
     assert dst.pid(spec.uuid) == dst_pid
@@ -717,6 +719,17 @@ def test_progress_from_query() -> None:
     assert bogus.downtime_ms == 0 and bogus.total_time_ms == 1846
     assert progress_from_query({"status": "completed", "total-time": 846,
                                 "downtime": 46}).downtime_ms == 46
+    assert p.xbzrle is None  # no xbzrle-cache: no compression stats
+    x = progress_from_query({"status": "active", "xbzrle-cache": {
+        "cache-size": 64 << 20, "bytes": 5000, "pages": 7, "cache-miss": 3,
+        "cache-miss-rate": 0.5, "encoding-rate": 2.0, "overflow": 1}})
+    assert x.xbzrle == XbzrleStats(cache_bytes=64 << 20, compressed_bytes=5000, pages=7,
+                                   cache_misses=3, overflows=1)
+    stats = {s.name: s.value for s in job_stats(x, 10, completed=False)}
+    assert (stats["compression_cache"], stats["compression_bytes"], stats["compression_pages"],
+            stats["compression_cache_misses"], stats["compression_overflow"]) == (
+        64 << 20, 5000, 7, 3, 1)
+    assert "compression_cache" not in {s.name for s in job_stats(p, 10, completed=False)}
 
 
 def capabilities(reply: list[dict[str, Any]]) -> dict[str, bool]:

@@ -371,6 +371,12 @@ async def test_parallel_and_compressed_streams(
             set_params.update(args)
     assert want_params.items() <= set_params.items()
     assert all(dst_caps[c] for c in want_caps)  # the destination expected the same stream
+    done = await src.conn.job_info("vm1", completed=True)
+    if "xbzrle" in want_caps:  # libvirt's compression stats, from QEMU's xbzrle cache
+        assert done.stat("compression_cache") == 64 << 20  # QEMU's default cache size
+        assert done.stat("compression_pages") is not None
+    else:
+        assert done.stat("compression_cache") is None
     await assert_migrated(src, dst, uuid, src_serial, dst_serial, before)
 
 
