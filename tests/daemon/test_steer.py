@@ -89,8 +89,10 @@ async def _auto_converge(src: Host, dst: Host) -> None:
 
 async def test_postcopy_switch_runs_the_guest_on_the_destination(pair: tuple[Host, Host]) -> None:
     src, dst = pair
-    await guest(src, dirty=128)
-    params = TypedParams.of({P.BANDWIDTH: 32})
+    await guest(src, dirty=128, booted=True)
+    # (post-copy throttled so that it lasts long enough to be seen: a QEMU guest that has not
+    # dirtied much yet would otherwise finish in a few milliseconds)
+    params = TypedParams.of({P.BANDWIDTH: 32, P.BANDWIDTH_POSTCOPY: 16})
     task = migrate(src, dst, F.LIVE | F.POSTCOPY, params)
     await until_streaming(src)
     await src.conn.start_postcopy("vm1")
