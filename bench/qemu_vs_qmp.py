@@ -28,7 +28,6 @@ import asyncio
 import contextlib
 import json
 import shutil
-import socket
 import statistics
 import sys
 import tempfile
@@ -40,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qemu.qmp import QMPClient
 
-from tests.conftest import Host, qemu_domain_xml, start_host, stop_host
+from tests.conftest import Host, free_port, qemu_domain_xml, start_host, stop_host
 from tests.guest.build import GuestImage, ensure_guest
 from virtmig.daemon.backend.base import GuestSpec
 from virtmig.daemon.backend.qemu import SOCKET_NAME, parse_config
@@ -66,13 +65,6 @@ async def wait_ready(log: Path, timeout: float = 60) -> None:
             return
         await asyncio.sleep(0.1)
     raise RuntimeError(f"the guest did not boot: {log}")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class BareGuest:

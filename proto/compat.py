@@ -200,9 +200,6 @@ def compression_settings(params: TypedParams, flags: int) -> Compression:
             raise InvalidArgument(
                 f"invalid argument: Compression method '{method}' is specified twice")
         methods.append(method)
-    if methods and not f & F.COMPRESSED:
-        raise ArgumentUnsupported(
-            "parameter 'compression' requires flag VIR_MIGRATE_COMPRESSED")
     if not methods and f & F.COMPRESSED:
         methods = ["xbzrle"]
     multifd = [m for m in methods if m in MULTIFD_COMPRESSION]
@@ -241,8 +238,6 @@ def compression_settings(params: TypedParams, flags: int) -> Compression:
         if value is not None and not low <= value <= high:
             raise InvalidArgument(f"invalid argument: parameter '{name}' must be between "
                                   f"{low} and {high}, got {value}")
-    if params.get_int_opt(P.PARALLEL_CONNECTIONS) is not None and not f & F.PARALLEL:
-        raise InvalidArgument("invalid argument: Turn parallel migration on to tune it")
     connections = params.get_int_opt(P.PARALLEL_CONNECTIONS)
     if connections is not None and not 1 <= connections <= 255:
         raise InvalidArgument("invalid argument: parameter 'parallel.connections' must be "

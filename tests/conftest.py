@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import textwrap
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -13,9 +14,11 @@ import pytest
 
 from tests.guest.build import GuestImage, guest_or_skip, kill_leftover_qemus, qemu_binary_or_skip
 from virtmig.client.connection import AsyncConnection
+from virtmig.client.migrate import RemoteDest
 from virtmig.daemon.backend.test import TestBackend
 from virtmig.daemon.core import Daemon, DaemonConfig
 from virtmig.daemon.main import RunningDaemon, start_daemon
+from virtmig.proto.params import TypedParams
 
 
 def domain_xml(name: str = "vm1", memory_mib: int = 64, *, uuid: str | None = None,
@@ -70,6 +73,23 @@ def qemu_domain_xml(image: GuestImage, name: str = "vm1", memory_mib: int = 256,
           </devices>
         </domain>
         """)
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on (bound once, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class ClosedPortDest(RemoteDest):
+    """A destination whose Prepare answers with a loopback port nobody listens on."""
+
+    async def prepare(self, params: TypedParams, cookie: bytes,
+                      flags: int) -> tuple[bytes, str | None]:
+        cookie, _uri = await super().prepare(params, cookie, flags)
+        return cookie, f"tcp:127.0.0.1:{free_port()}"
 
 
 @dataclass

@@ -81,7 +81,7 @@ import shlex
 import signal
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -790,7 +790,8 @@ class QemuBackend(Backend):
     async def _spawn(self, cfg: QemuConfig, *, incoming: bool) -> _Guest:
         """Start QEMU (vCPUs stopped) and connect to its QMP socket."""
         gdir = self._state_dir() / cfg.uuid
-        with _prepare_dir(gdir), _listen_unix(gdir / SOCKET_NAME) as monitor:
+        _prepare_dir(gdir)
+        with _listen_unix(gdir / SOCKET_NAME) as monitor:
             argv = cfg.argv(self.binary, gdir, incoming=incoming, monitor_fd=monitor.fileno())
             with _open_log(gdir, argv) as logf:
                 offset = logf.tell()
@@ -1499,15 +1500,8 @@ class QemuBackend(Backend):
 
     async def _wait_switch_or_end(self, guest: _Guest, mig: _Outgoing, timeout: float) -> None:
         """Post-copy was asked for: wait (bounded) until QEMU switched or the migration ended."""
-        deadline = time.monotonic() + timeout
-        while not mig.switched and guest.mig_status not in _TERMINAL and not guest.exited \
-                and guest.qmp is not None:
-            changed = guest.changed()
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), remaining)
+        await _wait_guest(guest, timeout, lambda: mig.switched or guest.mig_status in _TERMINAL
+                          or guest.exited or guest.qmp is None)
 
     async def _follow_postcopy(self, guest: _Guest, mig: _Outgoing) -> None:
         """After the switch: wait for the last page, or for the stream to break.
@@ -1604,14 +1598,20 @@ class QemuBackend(Backend):
     async def _cancel_and_wait(self, guest: _Guest, mig: _Outgoing) -> None:
         mig.cancel_requested = True
         await self._exec(guest, "migrate_cancel")
-        deadline = time.monotonic() + CANCEL_TIMEOUT
-        while guest.mig_status not in _TERMINAL and not guest.exited:
-            changed = guest.changed()
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), remaining)
+        await _wait_guest(guest, CANCEL_TIMEOUT,
+                          lambda: guest.mig_status in _TERMINAL or guest.exited)
+
+
+async def _wait_guest(guest: _Guest, timeout: float, done: Callable[[], bool]) -> None:
+    """Wait until ``done()``, re-checked at each change of the guest, for at most ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        changed = guest.changed()
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(changed.wait(), remaining)
 
 
 def _stream_settings(
@@ -1665,13 +1665,11 @@ def _guest_dirs(state_dir: Path) -> list[Path]:
     return [c for c in sorted(state_dir.iterdir()) if c.is_dir() and (c / PID_NAME).exists()]
 
 
-@contextlib.contextmanager
-def _prepare_dir(gdir: Path) -> Iterator[None]:
+def _prepare_dir(gdir: Path) -> None:
     """The guest folder exists, without a stale monitor socket."""
     gdir.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
         (gdir / SOCKET_NAME).unlink()
-    yield
 
 
 @contextlib.contextmanager

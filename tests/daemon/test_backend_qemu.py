@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 import pytest
 from qemu.qmp import Message
 
+from tests.conftest import free_port
 from tests.guest.build import kill_leftover_qemus, qemu_binary_or_skip
 from virtmig.daemon.backend.base import (
     BackendError,
@@ -82,13 +83,6 @@ def make_spec(xml: str | None = None, **kwargs: Any) -> GuestSpec:
     d = parse_domain_xml(xml or guest_xml(**kwargs))
     return GuestSpec(uuid=d.uuid, name=d.name, memory_bytes=d.memory_kib * 1024,
                      vcpus=d.vcpus, options=dict(d.options), xml=d.xml)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def to(port: int) -> StreamAddress:

@@ -14,6 +14,7 @@ from typing import TypeVar
 
 import pytest
 
+from tests.conftest import free_port
 from virtmig.daemon.backend import test as test_backend
 from virtmig.daemon.backend.base import (
     BackendError,
@@ -276,9 +277,7 @@ async def test_stream_for_another_guest_is_refused(src: TestBackend, dst: TestBa
 
 
 async def test_connection_refused(src: TestBackend) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     spec = make_spec(4)
     await src.start(spec, paused=False)
     with pytest.raises(MigrationFailed, match=rf"Failed to connect to '127.0.0.1:{port}'"):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Host, domain_xml, start_host, stop_host
+from tests.conftest import ClosedPortDest, Host, domain_xml, start_host, stop_host
 from virtmig.client.migrate import RemoteDest, RemoteSource, migrate3
 from virtmig.client.sequence import Trace, run_v3
 from virtmig.proto.errors import (
@@ -455,17 +455,6 @@ async def test_row_perform_fails_destination_guest_dies(pair: tuple[Host, Host])
 async def test_row_perform_fails_unreachable_port(pair: tuple[Host, Host]) -> None:
     src, dst = pair
     await running_guest(src)
-
-    class ClosedPortDest(RemoteDest):
-        async def prepare(self, params: TypedParams, cookie: bytes,
-                          flags: int) -> tuple[bytes, str | None]:
-            import socket
-
-            cookie, _uri = await super().prepare(params, cookie, flags)
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-            return cookie, f"tcp:127.0.0.1:{port}"
 
     with pytest.raises(OperationFailed, match=r"Connection refused|connect"):
         await run_v3(RemoteSource(src.conn, True), ClosedPortDest(dst.conn, True), "vm1",

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Host, domain_xml
+from tests.conftest import Host, domain_xml, free_port
 from tests.daemon.test_migration import FinishFailsDest, NoUriDest
 from virtmig.client import sequence
 from virtmig.client.connection import AsyncConnection
@@ -164,11 +164,7 @@ async def test_p2p_to_itself_is_caught_by_the_host_uuid(pair: tuple[Host, Host])
 async def test_p2p_unreachable_destination(pair: tuple[Host, Host]) -> None:
     src, dst = pair
     await guest(src)
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     with pytest.raises(OperationFailed, match="Failed to connect to remote virtmig URI"):
         await src.conn.migrate_to_uri3("vm1", f"virtmig+tcp://127.0.0.1:{port}",
                                        TypedParams(), F.LIVE | F.PEER2PEER)

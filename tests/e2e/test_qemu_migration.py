@@ -25,7 +25,6 @@ import asyncio
 import os
 import re
 import signal
-import socket
 import textwrap
 import time
 import uuid as uuidlib
@@ -35,9 +34,9 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Host, qemu_domain_xml, start_host, stop_host
+from tests.conftest import ClosedPortDest, Host, qemu_domain_xml, start_host, stop_host
 from tests.guest.build import GuestImage, guest_or_skip, kill_leftover_qemus, qemu_binary_or_skip
-from virtmig.client.migrate import RemoteDest, RemoteSource, migrate3
+from virtmig.client.migrate import RemoteSource, migrate3
 from virtmig.client.sequence import Trace, run_v3
 from virtmig.daemon.backend.base import MigrationProgress, MigrationStatus
 from virtmig.daemon.backend.qemu import QemuBackend
@@ -409,17 +408,6 @@ async def test_migration_port_nobody_listens_on(
     src, dst = hosts
     src_serial, dst_serial = tmp_path / "src-serial.log", tmp_path / "dst-serial.log"
     uuid = await boot(src, guest_image, src_serial)
-
-    class ClosedPortDest(RemoteDest):
-        """Prepare's URI is replaced by a loopback port nobody listens on."""
-
-        async def prepare(self, params: TypedParams, cookie: bytes,
-                          flags: int) -> tuple[bytes, str | None]:
-            cookie, _uri = await super().prepare(params, cookie, flags)
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-            return cookie, f"tcp:127.0.0.1:{port}"
 
     trace = Trace()
     with pytest.raises(OperationFailed, match="Connection refused"):
