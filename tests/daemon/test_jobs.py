@@ -223,7 +223,9 @@ async def test_events_tell_the_story(pair: tuple[Host, Host]) -> None:
     await guest(src, dirty=4)
     await src.conn.suspend("vm1")
     await src.conn.resume("vm1")
-    await migrate(src, dst, F.LIVE, TypedParams.of({P.BANDWIDTH: 64}))
+    # Long enough (about a second) for the job watcher to see an iteration: QEMU sends only the
+    # non-zero pages of a guest that has just booted.
+    await migrate(src, dst, F.LIVE, TypedParams.of({P.BANDWIDTH: 32 if on_qemu(src) else 64}))
     for _ in range(100):
         if any(e.kind == "job-completed" for e in dst_events):
             break
