@@ -36,7 +36,13 @@ from typing import Any, NoReturn, TypeVar
 from virtmig import __version__
 from virtmig.client.connection import AsyncConnection, Domain, Event, JobInfo
 from virtmig.proto.errors import NoDomain, OperationInvalid, VirtmigError
-from virtmig.proto.flags import DomainState, JobOperation, JobType, MigrateFlags
+from virtmig.proto.flags import (
+    COMPLETION_ACTIONS,
+    DomainState,
+    JobOperation,
+    JobType,
+    MigrateFlags,
+)
 from virtmig.proto.params import MigrateParam, ParamType, TypedParams
 
 T = TypeVar("T")
@@ -368,8 +374,6 @@ MIGRATE_PARAM_OPTIONS: tuple[tuple[str, MigrateParam, str], ...] = (
     ("completion_timeout", P.COMPLETION_TIMEOUT, "ullong"),
     ("completion_timeout_action", P.COMPLETION_TIMEOUT_ACTION, "string"),
 )
-
-COMPLETION_TIMEOUT_ACTIONS = ("abort", "suspend", "postcopy")
 
 _INT_MIN, _INT_MAX = -(2**31), 2**31 - 1
 _LLONG_MIN, _LLONG_MAX = -(2**63), 2**63 - 1
@@ -1024,9 +1028,9 @@ def _setup_migrate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--completion-timeout", metavar="SEC-PER-GIB",
                    help="virtmig: run --completion-timeout-action when the migration takes "
                         "longer than this many seconds per GiB of guest memory")
-    p.add_argument("--completion-timeout-action", choices=COMPLETION_TIMEOUT_ACTIONS,
+    p.add_argument("--completion-timeout-action", choices=COMPLETION_ACTIONS,
                    help="virtmig: what the source does on the completion timeout: "
-                        f"{', '.join(COMPLETION_TIMEOUT_ACTIONS)} (default: the daemon's)")
+                        f"{', '.join(COMPLETION_ACTIONS)} (default: the daemon's)")
 
 
 def _setup_domjobinfo(p: argparse.ArgumentParser) -> None:

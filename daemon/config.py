@@ -27,6 +27,7 @@ from typing import Any
 
 from virtmig.daemon.core import DaemonConfig
 from virtmig.proto.errors import InvalidArgument
+from virtmig.proto.flags import COMPLETION_ACTIONS
 from virtmig.proto.uri import default_socket_path, parse_listen
 
 DEFAULT_STATE_DIR = "/var/lib/virtmig"
@@ -112,7 +113,7 @@ def load_config(args: argparse.Namespace) -> DaemonConfig:
 
 
 def _action(value: str) -> str:
-    if value not in ("abort", "suspend", "postcopy"):
-        raise InvalidArgument(f"invalid completion_timeout_action '{value}': expected abort, "
-                              "suspend or postcopy")
+    if value not in COMPLETION_ACTIONS:
+        raise InvalidArgument(f"invalid completion_timeout_action '{value}': expected "
+                              f"{', '.join(COMPLETION_ACTIONS[:-1])} or {COMPLETION_ACTIONS[-1]}")
     return value

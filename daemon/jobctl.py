@@ -30,14 +30,21 @@ from virtmig.proto.errors import (
     OperationUnsupported,
     ResourceExhausted,
 )
-from virtmig.proto.flags import DomainState, JobType, MigrateFlags, PausedReason
+from virtmig.proto.flags import (
+    COMPLETION_ACTIONS,
+    MAX_BANDWIDTH_MIB,
+    CompletionAction,
+    DomainState,
+    JobType,
+    MigrateFlags,
+    PausedReason,
+)
 from virtmig.proto.params import MigrateParam, ParamType, TypedParam, TypedParams, to_wire
 
 log = logging.getLogger(__name__)
 
 ABORT_JOB_POSTCOPY = 2  # VIR_DOMAIN_ABORT_JOB_POSTCOPY
 MAX_SPEED_POSTCOPY = 1  # VIR_DOMAIN_MIGRATE_MAX_SPEED_POSTCOPY
-MAX_BANDWIDTH_MIB = (2**63 - 1) // (1024 * 1024)  # libvirt's QEMU_DOMAIN_MIG_BANDWIDTH_MAX
 WATCH_INTERVAL_S = 0.1
 _RUNNING = (MigrationStatus.SETUP, MigrationStatus.ACTIVE, MigrationStatus.POSTCOPY_ACTIVE)
 
@@ -342,14 +349,14 @@ async def fail_job(daemon: Daemon, dom: DomainObj, job: MigrationJob,
 async def _completion_timeout(daemon: Daemon, dom: DomainObj, job: MigrationJob, action: str,
                               limit: float) -> None:
     log.warning("migration of %s did not complete within %.0f s: %s", dom.name, limit, action)
-    if action == "suspend":
+    if action == CompletionAction.SUSPEND:
         async with daemon.registry.state_change(dom, "completion timeout",
                                                 allowed_during=frozenset(AsyncJob)):
             if dom.state is DomainState.RUNNING:
                 await daemon.backend.pause(dom.uuid)
                 daemon.set_state(dom, DomainState.PAUSED, PausedReason.MIGRATION)
         return
-    if action == "postcopy" and job.flags & MigrateFlags.POSTCOPY:
+    if action == CompletionAction.POSTCOPY and job.flags & MigrateFlags.POSTCOPY:
         try:
             await daemon.backend.start_postcopy(dom.uuid)
             return
@@ -358,8 +365,6 @@ async def _completion_timeout(daemon: Daemon, dom: DomainObj, job: MigrationJob,
     await _fail(daemon, dom, job, f"migration did not complete within {limit:.0f} s "
                                   "(completion timeout)")
 
-
-COMPLETION_ACTIONS = ("abort", "suspend", "postcopy")
 
 
 def check_timeout_params(params: TypedParams) -> None:

@@ -178,3 +178,20 @@ class JobOperation(enum.IntEnum):
     DUMP = 8
     BACKUP = 9
     SNAPSHOT_DELETE = 10
+
+
+#: libvirt's largest migration bandwidth (``QEMU_DOMAIN_MIG_BANDWIDTH_MAX``), in MiB/s: what
+#: fits in a signed 64-bit count of bytes per second.  Also what "unlimited" means to QEMU.
+MAX_BANDWIDTH_MIB = (2**63 - 1) // (1024 * 1024)
+
+
+class CompletionAction(enum.StrEnum):
+    """What virtmig's completion timeout does when a migration has not finished in time."""
+
+    ABORT = "abort"
+    SUSPEND = "suspend"
+    POSTCOPY = "postcopy"
+
+
+#: The completion-timeout action names, in the order messages and ``--help`` list them.
+COMPLETION_ACTIONS: tuple[str, ...] = tuple(a.value for a in CompletionAction)

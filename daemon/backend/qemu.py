@@ -105,7 +105,7 @@ from virtmig.daemon.backend.base import (
 )
 from virtmig.daemon.domxml import parse_domain_xml
 from virtmig.proto.errors import ConfigUnsupported, VirtmigError
-from virtmig.proto.flags import MigrateFlags
+from virtmig.proto.flags import MAX_BANDWIDTH_MIB, MigrateFlags
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ PID_NAME = "pid"
 LOG_NAME = "qemu.log"
 
 #: libvirt's "unlimited" migration bandwidth (QEMU_DOMAIN_MIG_BANDWIDTH_MAX MiB/s, in bytes/s).
-UNLIMITED_BANDWIDTH = (2**63 - 1) // (1024 * 1024) * (1024 * 1024)
+UNLIMITED_BANDWIDTH = MAX_BANDWIDTH_MIB * 1024 * 1024
 MAX_DOWNTIME_LIMIT_MS = 2_000_000  # QEMU's upper bound for downtime-limit
 
 START_TIMEOUT = 30.0  # spawn until QMP answers
