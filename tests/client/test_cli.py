@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 
-from virtmig.client import cli
 from virtmig.client.cli import (
     COMMANDS_BY_NAME,
     CliError,
@@ -36,6 +35,7 @@ from virtmig.client.cli import (
     pretty_capacity,
     progress_line,
 )
+from virtmig.client.cli import app as cli
 from virtmig.client.connection import Event, JobInfo
 from virtmig.proto.flags import JobOperation, JobType, MigrateFlags
 from virtmig.proto.params import MigrateParam, ParamType, TypedParam

@@ -1,0 +1,115 @@
+"""``virtmig``: the virsh-like command-line client, a thin shell over :class:`AsyncConnection`.
+
+Commands, options, messages and layouts follow virsh (reference §8)::
+
+    virtmig [-c URI | --connect URI] COMMAND [OPTIONS] [ARGS]
+
+Like virsh, a command's "data" options may be given by name or by position: ``migrate --live
+vm1 virtmig+tcp://host-b`` is ``migrate --live --domain vm1 --desturi virtmig+tcp://host-b``.
+
+Every failure is one ``error: <message>`` line (or virsh's two: what failed, then why) on stderr
+and exit status 1; a user never sees a Python traceback.  The two virsh habits not copied: the
+blank line virsh prints after every command, and the interactive shell.
+
+Ctrl-C during ``migrate`` aborts the migration job (virsh's ``virDomainAbortJob``) and waits for
+the migration call to report it; a second Ctrl-C gives up at once.  virtmig's own additions are
+marked as such in the help: ``domjobinfo --watch``, the ``job-failed`` event, and ``migrate
+--stall-timeout/--completion-timeout/--completion-timeout-action``.
+
+The package, by concern::
+
+    app        the command table, the parsers, main (the ``virtmig`` console script)
+    base       errors, virsh's option checks, Session, the Command record, Ctrl-C handling
+    output     virsh's layouts: tables, capacities, progress line, domjobinfo, events
+    options    migrate's options: one table drives its parser and build_migration
+    migration  migrate, and the watching around the call (progress, Ctrl-C, --timeout)
+    jobs       domjobinfo, domjobabort, downtime/speed, migrate-postcopy, event
+    domains    list, define, undefine, start, destroy/suspend/resume, dominfo, ...
+    host       hostname, version, nodeinfo
+"""
+
+from __future__ import annotations
+
+from virtmig.client.cli.app import (
+    COMMANDS,
+    COMMANDS_BY_NAME,
+    command_parser,
+    commands_help,
+    main,
+    main_parser,
+    parse_command,
+    run,
+)
+from virtmig.client.cli.base import (
+    CliError,
+    Command,
+    Handler,
+    Session,
+    UsageError,
+    lookup,
+    on_sigint,
+    read_file,
+)
+from virtmig.client.cli.migration import watch_migration
+from virtmig.client.cli.options import (
+    MIGRATE_OPTIONS,
+    MigrateOption,
+    MigrateOptions,
+    Read,
+    build_migration,
+)
+from virtmig.client.cli.output import (
+    EVENT_NAMES,
+    JOB_OPERATION_LABELS,
+    JOB_TYPE_LABELS,
+    ProgressLine,
+    event_timestamp,
+    format_event,
+    format_job_info,
+    format_job_rawstats,
+    format_table,
+    job_params,
+    job_progress,
+    pretty_capacity,
+    progress_line,
+    typed_value,
+)
+
+__all__ = [
+    "COMMANDS",
+    "COMMANDS_BY_NAME",
+    "EVENT_NAMES",
+    "JOB_OPERATION_LABELS",
+    "JOB_TYPE_LABELS",
+    "MIGRATE_OPTIONS",
+    "CliError",
+    "Command",
+    "Handler",
+    "MigrateOption",
+    "MigrateOptions",
+    "ProgressLine",
+    "Read",
+    "Session",
+    "UsageError",
+    "build_migration",
+    "command_parser",
+    "commands_help",
+    "event_timestamp",
+    "format_event",
+    "format_job_info",
+    "format_job_rawstats",
+    "format_table",
+    "job_params",
+    "job_progress",
+    "lookup",
+    "main",
+    "main_parser",
+    "on_sigint",
+    "parse_command",
+    "pretty_capacity",
+    "progress_line",
+    "read_file",
+    "run",
+    "typed_value",
+    "watch_migration",
+]

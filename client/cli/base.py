@@ -1,0 +1,175 @@
+"""What every command module of the CLI shares: its errors, virsh's checks of option values, the
+command's connections (:class:`Session`), the command record, and Ctrl-C while a command waits.
+
+The errors live here rather than with ``main`` so that command modules can raise them without
+importing the command table that imports them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import re
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from virtmig.client.connection import AsyncConnection, Domain
+from virtmig.proto.errors import NoDomain, VirtmigError
+
+T = TypeVar("T")
+
+
+# --- errors ---------------------------------------------------------------------------------------
+
+
+class CliError(Exception):
+    """A failure the CLI reports itself: each line becomes one ``error: <line>``."""
+
+    def __init__(self, *lines: str) -> None:
+        super().__init__(lines[0] if lines else "")
+        self.lines = lines
+
+
+class UsageError(CliError):
+    """Bad command line (argparse's errors included)."""
+
+
+def print_error(line: str) -> None:
+    """One ``error: <line>`` on stderr, after whatever stdout holds."""
+    sys.stdout.flush()
+    print(f"error: {line}", file=sys.stderr, flush=True)
+
+
+# --- option values, as virsh reads them -----------------------------------------------------------
+
+INT_MIN, INT_MAX = -(2**31), 2**31 - 1
+LLONG_MIN, LLONG_MAX = -(2**63), 2**63 - 1
+ULLONG_MAX = 2**64 - 1
+_DECIMAL = re.compile(r"[+-]?[0-9]+")
+
+
+def option(dest: str) -> str:
+    """An argparse ``dest`` as the option is spelt: ``listen_address`` → ``listen-address``."""
+    return dest.replace("_", "-")
+
+
+def number(dest: str, text: str, lo: int, hi: int) -> int:
+    """virsh's ``vshCommandOpt{Int,UInt,ULongLong}``: decimal, in range, or the virsh error."""
+    if not _DECIMAL.fullmatch(text) or not lo <= int(text, 10) <= hi:
+        raise UsageError(
+            f"Numeric value '{text}' for <{option(dest)}> option is malformed or out of range"
+        )
+    return int(text, 10)
+
+
+def read_file(path: str, *context: str) -> str:
+    """virsh's ``virFileReadAll``: the content, or ``Failed to open file``, after ``context``."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise CliError(*context, f"Failed to open file '{path}': {reason}") from None
+
+
+def exclusive(args: argparse.Namespace, a: str, b: str) -> None:
+    """virsh's ``VSH_EXCLUSIVE_OPTIONS(a, b)``."""
+    if getattr(args, a) and getattr(args, b):
+        raise UsageError(f"Options --{option(a)} and --{option(b)} are mutually exclusive")
+
+
+def require(args: argparse.Namespace, opt: str, required: str) -> None:
+    """virsh's ``VSH_REQUIRE_OPTION(option, required)``."""
+    if getattr(args, opt) and not getattr(args, required):
+        raise UsageError(f"Option --{option(required)} is required by option --{option(opt)}")
+
+
+# --- connections ----------------------------------------------------------------------------------
+
+
+class Session:
+    """The command's connections: the ``-c`` one, opened on first use, plus any others."""
+
+    def __init__(self, uri: str | None) -> None:
+        self.uri = uri
+        self._conn: AsyncConnection | None = None
+        self._opened: list[AsyncConnection] = []
+
+    async def conn(self) -> AsyncConnection:
+        if self._conn is None:
+            self._conn = await self.open(self.uri, "failed to connect to the hypervisor")
+        return self._conn
+
+    async def open(self, uri: str | None, what: str) -> AsyncConnection:
+        try:
+            conn = await AsyncConnection.open(uri)
+        except VirtmigError as exc:
+            raise CliError(what, str(exc)) from None
+        self._opened.append(conn)
+        return conn
+
+    async def close(self) -> None:
+        for conn in reversed(self._opened):
+            with contextlib.suppress(Exception):
+                await conn.close()
+        self._opened.clear()
+
+
+async def lookup(conn: AsyncConnection, key: str) -> Domain:
+    """virsh's ``virshCommandOptDomain``: by id, UUID or name, or "failed to get domain"."""
+    try:
+        return await conn.lookup(key)
+    except NoDomain:
+        raise CliError(f"failed to get domain '{key}'") from None
+
+
+async def act(what: str, call: Awaitable[T]) -> T:
+    """virsh's two-line failure: what the command could not do, then the library's reason."""
+    try:
+        return await call
+    except VirtmigError as exc:
+        raise CliError(what, str(exc)) from None
+
+
+# --- commands -------------------------------------------------------------------------------------
+
+Handler = Callable[[Session, argparse.Namespace], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Command:
+    """One CLI command: its handler, and what its parser needs."""
+
+    name: str
+    help: str
+    handler: Handler
+    # virsh "data" options, in positional order; each can also be given as --NAME.
+    data: tuple[str, ...] = ()
+    required: tuple[str, ...] = ()
+    setup: Callable[[argparse.ArgumentParser], None] | None = None
+    metavars: dict[str, str] = field(default_factory=dict)
+    # This command's help for its data options (the shared ones are the parser's).
+    data_help: dict[str, str] = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def on_sigint(callback: Callable[[], None]) -> Iterator[None]:
+    """Run ``callback`` on the event loop for each SIGINT while the block runs (instead of
+    asyncio.run's cancel-and-raise); the previous handler is back afterwards."""
+    loop = asyncio.get_running_loop()
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        loop.add_signal_handler(signal.SIGINT, callback)
+    except (NotImplementedError, RuntimeError, ValueError):  # no signals here (not main thread)
+        yield
+        return
+    try:
+        yield
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
+        if previous is not None:  # None: not set from Python, nothing to put back
+            signal.signal(signal.SIGINT, previous)

@@ -1,0 +1,124 @@
+"""Commands on domains themselves: ``list``, ``define``, ``undefine``, ``start``, the lifecycle
+verbs (``destroy``, ``suspend``, ``resume``: :func:`lifecycle`), ``dominfo``, ``domstate`` and
+``dumpxml``, with their options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Awaitable, Callable
+
+from virtmig.client.cli.base import CliError, Handler, Session, act, lookup, read_file
+from virtmig.client.cli.output import format_table
+from virtmig.client.connection import AsyncConnection, Domain
+from virtmig.proto.flags import DomainState
+
+
+async def cmd_list(s: Session, args: argparse.Namespace) -> None:
+    conn = await s.conn()
+    inactive = bool(args.all or args.inactive)
+    active = bool(args.all or not args.inactive)
+    doms = await conn.list_domains(active=active, inactive=inactive)
+    # virsh's order: running domains by id, then inactive ones by name (case-insensitive).
+    doms.sort(key=lambda d: (0, d.id, "") if d.id >= 0 else (1, 0, d.name.lower()))
+    rows = [[str(d.id) if d.id >= 0 else "-", d.name, d.state.label] for d in doms]
+    sys.stdout.write(format_table(["Id", "Name", "State"], rows))
+
+
+async def cmd_define(s: Session, args: argparse.Namespace) -> None:
+    xml = read_file(args.file)
+    conn = await s.conn()
+    dom = await act(f"Failed to define domain from {args.file}", conn.define(xml))
+    print(f"Domain '{dom.name}' defined from {args.file}")
+
+
+async def cmd_undefine(s: Session, args: argparse.Namespace) -> None:
+    conn = await s.conn()
+    dom = await lookup(conn, args.domain)
+    await act(f"Failed to undefine domain '{dom.name}'", conn.undefine(dom))
+    print(f"Domain '{dom.name}' has been undefined")
+
+
+async def cmd_start(s: Session, args: argparse.Namespace) -> None:
+    conn = await s.conn()
+    dom = await lookup(conn, args.domain)
+    if dom.id >= 0:
+        raise CliError("Domain is already active")
+    await act(f"Failed to start domain '{dom.name}'", conn.start(dom, paused=args.paused))
+    print(f"Domain '{dom.name}' started")
+
+
+def lifecycle(verb: str, done: str, call: Callable[[AsyncConnection, Domain], Awaitable[None]]
+              ) -> Handler:
+    """The handler of a lifecycle verb: ``call`` on the domain, then "Domain 'NAME' DONE"."""
+
+    async def handler(s: Session, args: argparse.Namespace) -> None:
+        conn = await s.conn()
+        dom = await lookup(conn, args.domain)
+        await act(f"Failed to {verb} domain '{dom.name}'", call(conn, dom))
+        print(f"Domain '{dom.name}' {done}")
+
+    return handler
+
+
+async def cmd_dominfo(s: Session, args: argparse.Namespace) -> None:
+    conn = await s.conn()
+    dom = await lookup(conn, args.domain)
+    info = await conn.info(dom)
+    d = info.domain
+    lines = [
+        ("Id:", str(d.id) if d.id >= 0 else "-"),
+        ("Name:", d.name),
+        ("UUID:", d.uuid),
+        ("OS Type:", info.os_type),
+        ("State:", d.state.label),
+        ("CPU(s):", str(info.vcpus)),
+    ]
+    if info.cpu_time_ns:
+        lines.append(("CPU time:", f"{info.cpu_time_ns / 1e9:.1f}s"))
+    lines += [
+        ("Max memory:", f"{info.max_memory_kib} KiB"),
+        ("Used memory:", f"{info.memory_kib} KiB"),
+        ("Persistent:", "yes" if d.persistent else "no"),
+        ("Autostart:", "disable"),
+        ("Managed save:", "no"),
+        ("Security model:", "none"),
+        ("Security DOI:", "0"),
+    ]
+    for label, value in lines:
+        print(f"{label:<15} {value}")
+
+
+async def cmd_domstate(s: Session, args: argparse.Namespace) -> None:
+    conn = await s.conn()
+    dom = await lookup(conn, args.domain)
+    state, _reason, reason_name = await conn.state(dom)
+    label = DomainState(state).label
+    print(f"{label} ({reason_name})" if args.reason else label)
+
+
+async def cmd_dumpxml(s: Session, args: argparse.Namespace) -> None:
+    conn = await s.conn()
+    dom = await lookup(conn, args.domain)
+    xml = await conn.xml_desc(dom, inactive=args.inactive, migratable=args.migratable)
+    sys.stdout.write(xml if xml.endswith("\n") else xml + "\n")
+
+
+def setup_list(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--all", action="store_true", help="list inactive & active domains")
+    p.add_argument("--inactive", action="store_true", help="list inactive domains")
+
+
+def setup_start(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--paused", action="store_true", help="leave the guest paused after creation")
+
+
+def setup_domstate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--reason", action="store_true", help="also print reason for the state")
+
+
+def setup_dumpxml(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--inactive", action="store_true", help="show inactive defined XML")
+    p.add_argument("--migratable", action="store_true",
+                   help="provide XML suitable for migrations")

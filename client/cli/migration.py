@@ -1,0 +1,161 @@
+"""``migrate``: the migration call, and virsh's watching around it (``virshWatchJob``): the
+``--verbose`` progress line, Ctrl-C aborting the job, the one-shot ``--timeout`` action and the
+switch to post-copy after pre-copy (``--postcopy-after-precopy``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+
+from virtmig.client.cli.base import Session, lookup, on_sigint
+from virtmig.client.cli.options import MigrateOptions, build_migration
+from virtmig.client.cli.output import ProgressLine, job_progress
+from virtmig.client.connection import AsyncConnection, Domain
+from virtmig.proto.errors import OperationInvalid, VirtmigError
+from virtmig.proto.flags import JobType
+
+log = logging.getLogger(__name__)
+
+# Before the source's job exists (Begin, Prepare), a job watch has nothing to follow: it is
+# opened again after this long.  Once the job exists, the daemon pushes every change.
+JOB_WATCH_RETRY = 0.2
+# Ctrl-C before the source's job exists: the abort is tried again after this long.
+ABORT_RETRY = 0.2
+
+_RUNNING_JOBS = (JobType.BOUNDED, JobType.UNBOUNDED)
+
+
+async def _show_progress(conn: AsyncConnection, dom: Domain, work: asyncio.Future[object],
+                         line: ProgressLine) -> None:
+    """Follow the source's job as the daemon pushes it (``watch_job``) and keep the progress
+    line; until the job exists (Begin, Prepare) the watch is opened again."""
+    seen = False
+    while not work.done():
+        try:
+            async for info in conn.watch_job(dom):
+                if info.type not in _RUNNING_JOBS:
+                    continue  # not started yet, or its final record: the call reports
+                seen = True
+                progress = job_progress(info.data_remaining, info.data_total)
+                if progress is not None and not work.done():
+                    line.show(progress)
+        except VirtmigError as exc:
+            log.debug("cannot watch the job of %s: %s", dom.name, exc)  # the call decides
+        if seen:
+            return
+        await asyncio.sleep(JOB_WATCH_RETRY)
+
+
+async def _abort(conn: AsyncConnection, dom: Domain, work: asyncio.Future[object]) -> None:
+    """Ctrl-C: virsh's ``virDomainAbortJob`` on the source; before the job exists (Begin,
+    Prepare), tried again until it does or the call ends.  Failures are only logged: the
+    migration call's own result is reported."""
+    while not work.done():
+        try:
+            await conn.abort_job(dom)
+            return
+        except OperationInvalid as exc:
+            if "no job is active" not in str(exc):
+                log.debug("cannot abort the migration of %s: %s", dom.name, exc)
+                return
+        except VirtmigError as exc:
+            log.debug("cannot abort the migration of %s: %s", dom.name, exc)
+            return
+        await asyncio.sleep(ABORT_RETRY)
+
+
+async def _after_timeout(conn: AsyncConnection, dom: Domain, seconds: int, action: str) -> None:
+    """virsh's ``virshMigrateTimeout``: once, suspend the source or switch to post-copy;
+    a failure is only logged."""
+    await asyncio.sleep(seconds)
+    try:
+        if action == "postcopy":
+            log.debug("migration timed out; switching to post-copy")
+            await conn.start_postcopy(dom)
+        else:
+            log.debug("migration timed out; suspending domain")
+            await conn.suspend(dom)
+    except VirtmigError as exc:
+        log.debug("migration timeout action %s failed: %s", action, exc)
+
+
+async def _postcopy_after_precopy(conn: AsyncConnection, dom: Domain) -> None:
+    """virsh's ``virshMigrateIteration``: switch to post-copy when iteration 2 starts (the
+    first full pass is done); ``>= 2`` so that a missed event does not lose the switch."""
+    try:
+        async for ev in conn.events(dom):
+            if ev.kind == "migration-iteration" and ev.iteration >= 2:
+                log.debug("iteration %d finished, switching to post-copy", ev.iteration - 1)
+                await conn.start_postcopy(dom)
+                return
+    except VirtmigError as exc:
+        log.debug("failed to switch to post-copy: %s", exc)
+
+
+async def watch_migration(conn: AsyncConnection, dom: Domain,
+                          start: Callable[[], Awaitable[object]], opts: MigrateOptions, *,
+                          label: str = "Migration") -> None:
+    """virsh's ``virshWatchJob`` around the migration call ``start()``.
+
+    Alongside the call: the progress line (``verbose``), the one-shot ``--timeout`` action, the
+    switch after pre-copy (subscribed to the source's events before the call starts), and
+    Ctrl-C, which aborts the job and keeps waiting for the call to fail; a second Ctrl-C
+    raises :class:`KeyboardInterrupt` at once.
+    """
+    loop = asyncio.get_running_loop()
+    helpers: list[asyncio.Task[None]] = []
+    if opts.postcopy_after_precopy:
+        helpers.append(loop.create_task(_postcopy_after_precopy(conn, dom)))
+        await asyncio.sleep(0)  # the subscription goes out before the migration's first call
+    work: asyncio.Future[object] = asyncio.ensure_future(start())
+    line = ProgressLine(label)
+    if opts.verbose:
+        helpers.append(loop.create_task(_show_progress(conn, dom, work, line)))
+    if opts.timeout:
+        helpers.append(loop.create_task(
+            _after_timeout(conn, dom, opts.timeout, opts.timeout_action)))
+    interrupts = 0
+
+    def interrupt() -> None:
+        nonlocal interrupts
+        interrupts += 1
+        if interrupts > 1:
+            raise KeyboardInterrupt
+        helpers.append(loop.create_task(_abort(conn, dom, work)))
+
+    try:
+        with on_sigint(interrupt):
+            await work
+    except BaseException:
+        if not work.done():
+            work.cancel()
+            with contextlib.suppress(BaseException):
+                await work
+        line.interrupted()
+        raise
+    finally:
+        for helper in helpers:
+            helper.cancel()
+        await asyncio.gather(*helpers, return_exceptions=True)
+    if opts.verbose:
+        line.done()
+
+
+async def cmd_migrate(s: Session, args: argparse.Namespace) -> None:
+    opts = build_migration(args)
+    conn = await s.conn()
+    dom = await lookup(conn, args.domain)
+    start: Callable[[], Awaitable[object]]
+    if opts.unmanaged:
+        dconnuri = args.desturi if args.p2p else None
+        start = functools.partial(conn.migrate_to_uri3, dom, dconnuri, opts.params, opts.flags)
+    else:
+        dconn = await s.open(args.desturi, f"failed to connect to the destination '{args.desturi}'")
+        start = functools.partial(conn.migrate3, dom, dconn, opts.params, opts.flags)
+    await watch_migration(conn, dom, start, opts)
+
