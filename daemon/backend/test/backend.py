@@ -1,31 +1,7 @@
 """The ``test`` backend: guests that live inside the daemon, migrated over a real TCP stream.
 
-This is virtmig's embedded default hypervisor.  A guest has no CPU and no devices, only memory,
-and that memory is cheap to hold: it is a 64-bit ``seed`` plus one version counter per 4 KiB
-page.  The content of a page is the pure function :func:`page_bytes` of ``(seed, index,
-version)`` -- a 4072-byte block derived once per seed, followed by ``seed, index, version`` as
-three little-endian u64.  Migration really moves that content: the source sends every page's
-4096 bytes over TCP, and the destination hashes the bytes it *received*.
-
-Guest options (attributes of ``<virtmig:test .../>`` in the domain XML):
-
-``seed``
-    Integer (``0x`` allowed); default: the first 8 bytes of sha256(uuid).
-``dirty-rate-mib``
-    MiB/s of pages the guest dirties while it runs (default 0: idle).  Nothing runs in the
-    background: when the migration code syncs the dirty log (and on pause, resume and
-    :meth:`TestBackend.memory_digest`), the pages dirtied since the last tick are materialised at
-    once -- ``rate * running time`` pseudo-random pages get their version bumped (at most every
-    page per tick).  A paused guest dirties nothing.  An auto-converge CPU throttle of ``t`` %
-    scales the rate by ``(100 - t) / 100``.
-``fault``
-    Test hook.  ``corrupt-stream``: the source sends page 0 once more in its stop-and-copy pass
-    (in post-copy: among the remaining pages), with one wrong byte, so the destination's digest
-    check fails and the migration must fail.
-
-Memory digest: ``blake2b-256`` over the ``blake2b-128`` hashes of all pages in page order
-(:meth:`TestBackend.memory_digest`).  Both ends compute it -- the source from its memory, the
-destination from the bytes it received -- and a migration completes only when they agree.
+This is virtmig's embedded default hypervisor; a guest is only memory (:mod:`.memory`, with the
+options and dirtying of :mod:`.guest`).
 
 Stream protocol (all integers little-endian)::
 
@@ -111,19 +87,15 @@ Details: ``iteration`` counts passes including the stop-and-copy one, so an idle
 paced by sleeping between batches (smaller batches when throttled); every batch is one ``write``
 + ``drain`` followed by a yield, so the daemon's other RPCs on the same event loop stay
 responsive.  The header and its reply must arrive within :data:`HANDSHAKE_TIMEOUT`; after that
-only EOF or an error ends a stream early.  The destination adopts the stream's seed.  Page hashing
-resumes a blake2b state cached per seed when a page starts with the seed's block -- the result is
-the hash of the bytes as received.
+only EOF or an error ends a stream early.  The destination adopts the stream's seed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import hashlib
 import logging
 import os
-import random
 import struct
 import sys
 import time
@@ -147,270 +119,39 @@ from virtmig.daemon.backend.base import (
     PostcopyFailed,
     StreamAddress,
 )
+from virtmig.daemon.backend.test.guest import FAULT_CORRUPT_STREAM, Guest, parse_options
+from virtmig.daemon.backend.test.memory import (
+    DIGEST_LEN,
+    MIB,
+    PAGE_HASH_LEN,
+    PAGE_SIZE,
+    SUFFIX,
+    VERSION_MASK,
+    digest_of,
+    page_prefix,
+    received_page_hash,
+)
 from virtmig.proto.errors import ConfigUnsupported
 
 log = logging.getLogger(__name__)
 
-PAGE_SIZE = 4096
-MIB = 1024 * 1024
-FAULT_CORRUPT_STREAM = "corrupt-stream"
-_FAULTS = ("", FAULT_CORRUPT_STREAM)
-
 MAGIC = b"VMTESTMS"
 PROTOCOL_VERSION = 1
 _HEADER = struct.Struct("<8sHIQQH")  # magic, version, page size, npages, seed, uuid length
-_SUFFIX = struct.Struct("<QQQ")  # last 24 bytes of every page: seed, index, version
-_PREFIX_LEN = PAGE_SIZE - _SUFFIX.size
 _RECORD = struct.Struct("<II")  # page record header: index, version
 _RECORD_LEN = _RECORD.size + PAGE_SIZE
 _U32 = struct.Struct("<I")
 _U16 = struct.Struct("<H")
 _ITER = struct.Struct("<IB")  # iteration, flags
 _ITER_STOPPED = 1
-_DIGEST_LEN = 32
-_PAGE_HASH_LEN = 16
-_DIGEST_PERSON = b"virtmig-testmem"
-_VERSION_MASK = 0xFFFFFFFF
 
 _BATCH_PAGES = 256  # 1 MiB of page data per write when unthrottled
 _MAX_BATCH_PAGES = 4096  # what a destination accepts in one record
 _MAX_INDICES = 65536  # page indices per DISCARD / REQUEST record
 _STREAM_LIMIT = 4 * MIB  # StreamReader buffer limit / transport write high-water mark
-_MAX_NPAGES = 0xFFFFFFFF
-_HASH_SLICE_PAGES = 4096  # page hashes per event-loop slice (~4 ms)
 _PULL_INTERVAL = 0.005  # seconds between a post-copy destination's dirty ticks / page requests
 _MAX_THROTTLE = 99
 HANDSHAKE_TIMEOUT = 30.0  # seconds for the header and its reply; the stream itself has none
-
-
-# --- guest memory --------------------------------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=64)
-def _prefix(seed: int) -> tuple[bytes, hashlib.blake2b]:
-    """The seed's 4072-byte page prefix and a blake2b state that has consumed it."""
-    block = hashlib.shake_256(b"virtmig-test-page" + seed.to_bytes(8, "little")).digest(_PREFIX_LEN)
-    state = hashlib.blake2b(block, digest_size=_PAGE_HASH_LEN)
-    return block, state
-
-
-def page_bytes(seed: int, idx: int, version: int) -> bytes:
-    """The 4096 bytes of page ``idx`` at ``version`` of a guest with ``seed``."""
-    return _prefix(seed)[0] + _SUFFIX.pack(seed, idx, version)
-
-
-def page_hash(data: bytes | memoryview) -> bytes:
-    """The 16-byte blake2b hash of one page's bytes (what the memory digest is made of)."""
-    return hashlib.blake2b(data, digest_size=_PAGE_HASH_LEN).digest()
-
-
-def _page_hash_of(seed: int, idx: int, version: int) -> bytes:
-    """``page_hash(page_bytes(seed, idx, version))``, resuming the seed's cached prefix state."""
-    h = _prefix(seed)[1].copy()
-    h.update(_SUFFIX.pack(seed, idx, version))
-    return h.digest()
-
-
-def _received_page_hash(seed: int, buf: bytes, off: int) -> bytes:
-    """``page_hash(buf[off:off + 4096])``; cheap when the page has the seed's prefix."""
-    block, state = _prefix(seed)
-    if buf.startswith(block, off):
-        h = state.copy()
-        h.update(buf[off + _PREFIX_LEN : off + PAGE_SIZE])
-        return h.digest()
-    return page_hash(memoryview(buf)[off : off + PAGE_SIZE])
-
-
-def _digest_of(hashes: bytes | bytearray) -> bytes:
-    return hashlib.blake2b(hashes, digest_size=_DIGEST_LEN, person=_DIGEST_PERSON).digest()
-
-
-@dataclass(frozen=True)
-class _Options:
-    seed: int
-    dirty_pages_per_s: float
-    fault: str
-    npages: int
-
-
-def _parse_options(spec: GuestSpec) -> _Options:
-    """Read the guest's test-backend options; ``ValueError`` says what is wrong."""
-    npages = spec.memory_bytes // PAGE_SIZE
-    if npages < 1:
-        raise ValueError(f"guest memory must be at least {PAGE_SIZE} bytes")
-    if npages > _MAX_NPAGES:
-        raise ValueError(f"guest memory must be below {_MAX_NPAGES * PAGE_SIZE} bytes")
-    raw_seed = spec.options.get("seed")
-    if raw_seed is None or raw_seed == "":
-        seed = int.from_bytes(hashlib.sha256(spec.uuid.encode()).digest()[:8], "little")
-    else:
-        try:
-            seed = int(raw_seed, 0) % (1 << 64)
-        except ValueError:
-            raise ValueError(f"test backend option seed={raw_seed!r} is not an integer") from None
-    raw_rate = spec.options.get("dirty-rate-mib", "") or "0"
-    try:
-        rate_mib = float(raw_rate)
-    except ValueError:
-        raise ValueError(
-            f"test backend option dirty-rate-mib={raw_rate!r} is not a number"
-        ) from None
-    if not rate_mib >= 0 or rate_mib == float("inf"):
-        raise ValueError(f"test backend option dirty-rate-mib={raw_rate!r} must be >= 0")
-    fault = spec.options.get("fault", "")
-    if fault not in _FAULTS:
-        raise ValueError(f"test backend option fault={fault!r} is unknown (known: {_FAULTS[1]})")
-    return _Options(seed, rate_mib * MIB / PAGE_SIZE, fault, npages)
-
-
-class _Guest:
-    """One embedded guest: seed + page versions, run state and dirty log."""
-
-    def __init__(self, spec: GuestSpec, opts: _Options, *, paused: bool) -> None:
-        self.spec = spec
-        self.uuid = spec.uuid
-        self.seed = opts.seed
-        self.npages = opts.npages
-        self.dirty_pages_per_s = opts.dirty_pages_per_s
-        self.fault = opts.fault
-        self.versions: array[int] = array("I", bytes(4 * self.npages))
-        # Page-hash cache: _hashes[16i:16i+16] is the hash of page i, valid for the pages below
-        # _hashed_upto that are not in _stale (dirtied since they were hashed).
-        self._hashes = bytearray(_PAGE_HASH_LEN * self.npages)
-        self._hashed_upto = 0
-        self._stale: set[int] = set()
-        self.paused = paused  # paused by the user (pause(), start(paused=True))
-        self.stopped = False  # stopped by an outgoing migration's switchover
-        self.incoming = False  # waiting for an incoming stream: memory not there yet
-        self.dirty: set[int] | None = None  # dirty log, while a migration tracks it
-        self.outgoing: _Outgoing | None = None
-        self.throttle = 0  # auto-converge CPU throttle, percent
-        # Incoming post-copy: 1 per page that has arrived (None: all memory is here); writes to
-        # pages not there yet, held until they arrive; pages to request from the source.
-        self.arrived: bytearray | None = None
-        self.pending: dict[int, int] = {}
-        self.faults: list[int] = []
-        self.broken = False  # post-copy failed: part of the memory never arrived
-        self._rng = random.Random(self.seed)
-        self._carry = 0.0
-        self._last_tick = time.monotonic()
-
-    @property
-    def running(self) -> bool:
-        return not (self.paused or self.stopped or self.incoming)
-
-    @property
-    def has_memory(self) -> bool:
-        """All of the guest's memory is here (not waiting for an incoming stream)."""
-        return not self.incoming and self.arrived is None
-
-    def run_state(self) -> GuestRunState:
-        return GuestRunState.RUNNING if self.running else GuestRunState.PAUSED
-
-    def tick(self) -> int:
-        """Materialise the pages dirtied since the last tick; return how many were dirtied."""
-        now = time.monotonic()
-        elapsed, self._last_tick = now - self._last_tick, now
-        rate = self.dirty_pages_per_s * (100 - self.throttle) / 100
-        if not self.running or rate <= 0 or elapsed <= 0:
-            return 0
-        exact = rate * elapsed + self._carry
-        n = int(exact)
-        self._carry = exact - n
-        if n >= self.npages:
-            n, self._carry = self.npages, 0.0
-        versions, randrange, npages = self.versions, self._rng.randrange, self.npages
-        touched = [randrange(npages) for _ in range(n)]
-        arrived = self.arrived
-        if arrived is None:
-            for i in touched:
-                versions[i] = (versions[i] + 1) & _VERSION_MASK
-        else:  # post-copy: a page that is not here yet faults; the write waits for it
-            pending, faults = self.pending, self.faults
-            for i in touched:
-                if arrived[i]:
-                    versions[i] = (versions[i] + 1) & _VERSION_MASK
-                elif i in pending:
-                    pending[i] += 1
-                else:
-                    pending[i] = 1
-                    faults.append(i)
-        if self._hashed_upto:
-            self._stale.update(touched)
-            if len(self._stale) > self.npages // 4:  # cheaper to rehash all, lazily
-                self._hashed_upto = 0
-                self._stale.clear()
-        if self.dirty is not None:
-            self.dirty.update(touched)
-        return n
-
-    def sync_dirty(self) -> set[int]:
-        """Tick, then return and clear the dirty log (which must be enabled)."""
-        self.tick()
-        dirty, self.dirty = self.dirty or set(), set()
-        return dirty
-
-    def set_hashes(self, hashes: bytearray) -> None:
-        """Adopt ``hashes`` as the hashes of every page at its current version."""
-        self._hashes = hashes
-        self._hashed_upto = self.npages
-        self._stale.clear()
-
-    def begin_postcopy(self, arrived: bytearray) -> None:
-        """The incoming stream switched to post-copy: the guest may run on the pages here."""
-        self.tick()
-        self.arrived = arrived
-        self.pending = {}
-        self.faults = []
-        self.incoming = False
-        self.dirty = set()  # the guest's own writes: not part of the received memory
-
-    def adopt_received(self, hashes: bytearray) -> None:
-        """The incoming stream completed: memory = received pages (``hashes``) + own writes."""
-        self.tick()
-        written = self.dirty or set()
-        self.set_hashes(hashes)
-        if len(written) > self.npages // 4:
-            self._hashed_upto = 0
-        else:
-            self._stale = set(written)
-        self.dirty = None
-        self.arrived = None
-        self.pending = {}
-        self.faults = []
-        self.incoming = False
-
-    def set_throttle(self, percent: int) -> None:
-        self.tick()  # the time so far ran at the old rate
-        self.throttle = percent
-
-    def hash_pages(self, budget: int) -> bool:
-        """Bring up to ``budget`` page hashes up to date; ``True`` once all are."""
-        seed, versions, hashes, n = self.seed, self.versions, self._hashes, _PAGE_HASH_LEN
-        start = self._hashed_upto
-        end = min(self.npages, start + budget)
-        for i in range(start, end):
-            hashes[i * n : (i + 1) * n] = _page_hash_of(seed, i, versions[i])
-        self._hashed_upto = end
-        budget -= end - start
-        stale = self._stale
-        while stale and budget > 0:
-            i = stale.pop()
-            budget -= 1
-            if i < end:  # pages above are hashed fresh when their turn comes
-                hashes[i * n : (i + 1) * n] = _page_hash_of(seed, i, versions[i])
-        return end == self.npages and not stale
-
-    async def hash_ahead(self) -> None:
-        """Update the hash cache in slices, yielding, so a later :meth:`digest` is quick."""
-        done = False
-        while not done:
-            done = self.hash_pages(_HASH_SLICE_PAGES)
-            await asyncio.sleep(0)
-
-    def digest(self) -> bytes:
-        self.hash_pages(self.npages + len(self._stale))
-        return _digest_of(self._hashes)
 
 
 # --- migration state -----------------------------------------------------------------------------
@@ -497,7 +238,7 @@ def _future() -> asyncio.Future[Any]:
 
 @dataclass(eq=False)
 class _Outgoing:
-    guest: _Guest
+    guest: Guest
     dest: StreamAddress
     tuning: MigrationTuning  # the current values: set_tuning replaces it
     started: float = field(default_factory=time.monotonic)
@@ -564,7 +305,7 @@ class _Outgoing:
 
 @dataclass(eq=False)
 class _Incoming:
-    guest: _Guest
+    guest: Guest
     done: asyncio.Future[MigrationProgress]
     started: float = field(default_factory=time.monotonic)
     status: MigrationStatus = MigrationStatus.SETUP
@@ -618,7 +359,7 @@ class TestBackend(Backend):
     name = "test"
 
     def __init__(self) -> None:
-        self._guests: dict[str, _Guest] = {}
+        self._guests: dict[str, Guest] = {}
         self._incoming: dict[str, _Incoming] = {}
         self._progress: dict[str, _Outgoing | _Incoming] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -641,22 +382,22 @@ class TestBackend(Backend):
 
     def validate(self, spec: GuestSpec) -> None:
         try:
-            _parse_options(spec)
+            parse_options(spec)
         except ValueError as e:
             raise ConfigUnsupported(str(e)) from None
 
     # -- lifecycle --
 
-    def _new_guest(self, spec: GuestSpec, *, paused: bool) -> _Guest:
+    def _new_guest(self, spec: GuestSpec, *, paused: bool) -> Guest:
         if spec.uuid in self._guests:
             raise BackendError(f"guest {spec.uuid} is already running")
         try:
-            opts = _parse_options(spec)
+            opts = parse_options(spec)
         except ValueError as e:
             raise BackendError(str(e)) from None
-        return _Guest(spec, opts, paused=paused)
+        return Guest(spec, opts, paused=paused)
 
-    def _guest(self, uuid: str) -> _Guest:
+    def _guest(self, uuid: str) -> Guest:
         guest = self._guests.get(uuid)
         if guest is None:
             raise BackendError(f"guest {uuid} is not running")
@@ -912,7 +653,7 @@ class TestBackend(Backend):
         await writer.drain()
 
         # Hashes of the pages as received (post-copy: not the guest's own writes).
-        hashes = bytearray(_PAGE_HASH_LEN * npages)
+        hashes = bytearray(PAGE_HASH_LEN * npages)
         pull: asyncio.Task[None] | None = None
         try:
             source_digest = await self._receive_records(inc, reader, hashes, npages, seed)
@@ -929,7 +670,7 @@ class TestBackend(Backend):
             raise MigrationFailed(
                 f"memory digest mismatch at switchover: {missing} of {npages} pages never received"
             )
-        digest = _digest_of(hashes)
+        digest = digest_of(hashes)
         if digest != source_digest:
             raise MigrationFailed(
                 f"memory digest mismatch at switchover: source {source_digest.hex()[:16]}…, "
@@ -989,9 +730,9 @@ class TestBackend(Backend):
                             raise MigrationFailed(
                                 f"malformed migration stream: page {idx} sent twice in post-copy"
                             )
-                        ver = (ver + pending.pop(idx, 0)) & _VERSION_MASK  # held writes
-                    h = _received_page_hash(seed, buf, off + _RECORD.size)
-                    hashes[idx * _PAGE_HASH_LEN : (idx + 1) * _PAGE_HASH_LEN] = h
+                        ver = (ver + pending.pop(idx, 0)) & VERSION_MASK  # held writes
+                    h = received_page_hash(seed, buf, off + _RECORD.size)
+                    hashes[idx * PAGE_HASH_LEN : (idx + 1) * PAGE_HASH_LEN] = h
                     versions[idx] = ver
                     if not received[idx]:
                         received[idx] = 1
@@ -1003,7 +744,7 @@ class TestBackend(Backend):
                 if flags & _ITER_STOPPED and not inc.stopped_at:
                     inc.stopped_at = time.monotonic()
             elif kind == b"S":
-                return await reader.readexactly(_DIGEST_LEN)
+                return await reader.readexactly(DIGEST_LEN)
             elif kind in (b"D", b"C") and postcopy:
                 raise MigrationFailed(
                     f"malformed migration stream: record {kind!r} after the switch to post-copy"
@@ -1373,15 +1114,15 @@ class TestBackend(Backend):
         await writer.drain()
 
 
-def _page_records(guest: _Guest, batch: Sequence[int], corrupt: int | None) -> bytes:
+def _page_records(guest: Guest, batch: Sequence[int], corrupt: int | None) -> bytes:
     """A PAGES record of ``batch`` at the guest's versions; page ``corrupt`` gets a bad byte."""
     seed, versions = guest.seed, guest.versions
-    prefix = _prefix(seed)[0]
+    prefix = page_prefix(seed)
     parts = [b"P", _U32.pack(len(batch))]
     for i in batch:
         v = versions[i]
         body = prefix if i != corrupt else bytes([prefix[0] ^ 0xFF]) + prefix[1:]
-        parts += (_RECORD.pack(i, v), body, _SUFFIX.pack(seed, i, v))
+        parts += (_RECORD.pack(i, v), body, SUFFIX.pack(seed, i, v))
     return b"".join(parts)
 
 
