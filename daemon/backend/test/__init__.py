@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-from virtmig.daemon.backend.test.backend import (
-    HANDSHAKE_TIMEOUT,
-    MAGIC,
-    PROTOCOL_VERSION,
-    TestBackend,
-)
+from virtmig.daemon.backend.test.backend import TestBackend
 from virtmig.daemon.backend.test.guest import FAULT_CORRUPT_STREAM
 from virtmig.daemon.backend.test.memory import MIB, PAGE_SIZE, digest_of, page_bytes, page_hash
+from virtmig.daemon.backend.test.wire import HANDSHAKE_TIMEOUT, MAGIC, PROTOCOL_VERSION
 
 __all__ = [
     "FAULT_CORRUPT_STREAM",

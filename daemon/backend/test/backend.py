@@ -3,36 +3,8 @@
 This is virtmig's embedded default hypervisor; a guest is only memory (:mod:`.memory`, with the
 options and dirtying of :mod:`.guest`).
 
-Stream protocol (all integers little-endian)::
-
-    source                                                  destination
-    HEADER  "VMTESTMS" u16 version=1  u32 page_size   ──►   checks magic, version, page size,
-            u64 npages  u64 seed  u16 len  uuid(utf-8)      uuid and npages against its guest
-                                                      ◄──   REPLY  "A"  (or "N" + reason; close)
-    ITER    "I"  u32 iteration  u8 flags (1: source stopped, stop-and-copy pass)
-    PAGES   "P"  u32 count  count * (u32 index  u32 version  4096 bytes)     (~1 MiB per write)
-     ...        (ITER / PAGES repeat: pass 1 sends every page, later passes the dirtied ones)
-    SWITCH  "S"  32-byte digest of the source's memory, taken with the guest stopped
-                                                      ◄──   REPLY  "A"  digest matches and
-                                                                   every page was received
-                                                            or "N" u16 len + reason (utf-8),
-                                                            e.g. "memory digest mismatch at
-                                                            switchover: …"
-
-    Post-copy (after start_postcopy, instead of the stop-and-copy pass; source stopped):
-    DISCARD "D"  u32 count  count * u32 index         ──►   (repeats, <= 65536 each) pages the
-                                                            destination holds stale: dropped
-    POSTCOPY "C"                                      ──►   the guest may run; a page it touches
-                                                            that is not there is requested:
-                                                      ◄──   REQUEST "R" u32 count  count * u32
-                                                                   index (any time until ACK)
-    PAGES   "P"  ...  every remaining page exactly once, requested ones first
-    SWITCH  "S"  digest of the source's memory as of the switch
-                                                      ◄──   REPLY  "A" / "N" as above
-
-The destination answers ``N`` + reason and closes whenever it refuses the stream (wrong guest,
-malformed record, guest destroyed).  The source reads replies the whole time, so a NAK or an EOF
-aborts the migration at once rather than at switchover.
+The stream format is :mod:`.wire`; pacing, the downtime arithmetic and auto-converge are
+:mod:`.pacing`.
 
 Migration, source side (:meth:`TestBackend.outgoing`): iteration 1 sends all pages, each later
 iteration the pages dirtied meanwhile; after each pass the expected downtime is (dirty pages *
@@ -53,12 +25,9 @@ Job control:
     convergence check.  After the switch to post-copy, pacing follows
     ``postcopy_bandwidth_bytes_per_s`` only; a new bandwidth is recorded but does not apply.
 Auto-converge (``tuning.auto_converge``)
-    QEMU's heuristic: after a pass that did not converge, if the bytes the guest dirtied since
-    the previous dirty-log sync are at least half the bytes sent in that pass (the dirty rate is
-    at least half the transfer rate), the guest is throttled -- ``auto_converge_initial`` % the
-    first time, ``+ auto_converge_increment`` each further time, at most 99 % (both settings are
-    clamped to 1..99).  Unlike QEMU there is no "two periods in a row" delay.  The throttle ends
-    with the migration, whatever its outcome; the final progress still reports the last value.
+    QEMU's heuristic (:mod:`.pacing`): the guest is throttled harder after each pass that did not
+    converge while it dirtied at least half as fast as the pass sent.  The throttle ends with the
+    migration, whatever its outcome; the final progress still reports the last value.
 Post-copy (``tuning.postcopy``)
     ``start_postcopy`` asks for the switch; it happens at the next batch boundary of a pre-copy
     pass (a request while the guest is already stopped for the stop-and-copy pass is moot: the
@@ -83,11 +52,8 @@ Post-copy (``tuning.postcopy``)
     until the guest was resumed (or the end).
 
 Details: ``iteration`` counts passes including the stop-and-copy one, so an idle guest reports 2
-(like QEMU's dirty-sync count); the post-copy phase is not a pass.  ``bandwidth_bytes_per_s`` is
-paced by sleeping between batches (smaller batches when throttled); every batch is one ``write``
-+ ``drain`` followed by a yield, so the daemon's other RPCs on the same event loop stay
-responsive.  The header and its reply must arrive within :data:`HANDSHAKE_TIMEOUT`; after that
-only EOF or an error ends a stream early.  The destination adopts the stream's seed.
+(like QEMU's dirty-sync count); the post-copy phase is not a pass.  The destination adopts the
+stream's seed.
 """
 
 from __future__ import annotations
@@ -95,13 +61,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import os
-import struct
-import sys
 import time
-from array import array
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -122,36 +84,42 @@ from virtmig.daemon.backend.base import (
 from virtmig.daemon.backend.test.guest import FAULT_CORRUPT_STREAM, Guest, parse_options
 from virtmig.daemon.backend.test.memory import (
     DIGEST_LEN,
-    MIB,
     PAGE_HASH_LEN,
     PAGE_SIZE,
-    SUFFIX,
     VERSION_MASK,
     digest_of,
-    page_prefix,
     received_page_hash,
+)
+from virtmig.daemon.backend.test.pacing import (
+    BATCH_PAGES,
+    Pacer,
+    expected_downtime_ms,
+    next_throttle,
+    wants_throttle,
+)
+from virtmig.daemon.backend.test.wire import (
+    ITER,
+    ITER_STOPPED,
+    MAX_BATCH_PAGES,
+    RECORD,
+    RECORD_LEN,
+    STREAM_LIMIT,
+    U32,
+    dst_read_header,
+    hostport,
+    nak,
+    pack_indices,
+    page_records,
+    read_indices,
+    read_reply,
+    src_handshake,
+    strerror,
 )
 from virtmig.proto.errors import ConfigUnsupported
 
 log = logging.getLogger(__name__)
 
-MAGIC = b"VMTESTMS"
-PROTOCOL_VERSION = 1
-_HEADER = struct.Struct("<8sHIQQH")  # magic, version, page size, npages, seed, uuid length
-_RECORD = struct.Struct("<II")  # page record header: index, version
-_RECORD_LEN = _RECORD.size + PAGE_SIZE
-_U32 = struct.Struct("<I")
-_U16 = struct.Struct("<H")
-_ITER = struct.Struct("<IB")  # iteration, flags
-_ITER_STOPPED = 1
-
-_BATCH_PAGES = 256  # 1 MiB of page data per write when unthrottled
-_MAX_BATCH_PAGES = 4096  # what a destination accepts in one record
-_MAX_INDICES = 65536  # page indices per DISCARD / REQUEST record
-_STREAM_LIMIT = 4 * MIB  # StreamReader buffer limit / transport write high-water mark
 _PULL_INTERVAL = 0.005  # seconds between a post-copy destination's dirty ticks / page requests
-_MAX_THROTTLE = 99
-HANDSHAKE_TIMEOUT = 30.0  # seconds for the header and its reply; the stream itself has none
 
 
 # --- migration state -----------------------------------------------------------------------------
@@ -159,77 +127,6 @@ HANDSHAKE_TIMEOUT = 30.0  # seconds for the header and its reply; the stream its
 
 def _ms(seconds: float) -> int:
     return max(0, round(seconds * 1000))
-
-
-def _strerror(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.errno:
-        return os.strerror(exc.errno)
-    return str(exc) or type(exc).__name__
-
-
-def _hostport(addr: StreamAddress) -> str:
-    host = f"[{addr.host}]" if ":" in addr.host else addr.host
-    return f"{host}:{addr.port}"
-
-
-def _nak(reason: str) -> bytes:
-    data = reason.encode("utf-8", "replace")[:0xFFFF]
-    return b"N" + _U16.pack(len(data)) + data
-
-
-def _pack_indices(kind: bytes, indices: Sequence[int]) -> bytes:
-    """DISCARD / REQUEST records for ``indices`` (as many records as needed)."""
-    out: list[bytes] = []
-    for start in range(0, len(indices), _MAX_INDICES):
-        chunk = array("I", indices[start : start + _MAX_INDICES])
-        if sys.byteorder == "big":
-            chunk.byteswap()
-        out += (kind, _U32.pack(len(chunk)), chunk.tobytes())
-    return b"".join(out)
-
-
-async def _read_indices(reader: asyncio.StreamReader, npages: int, what: str) -> array[int]:
-    """The body of a DISCARD / REQUEST record; MigrationFailed when it is malformed."""
-    (count,) = _U32.unpack(await reader.readexactly(_U32.size))
-    if not 0 < count <= _MAX_INDICES:
-        raise MigrationFailed(f"malformed migration stream: {what} of {count} pages")
-    indices = array("I")
-    indices.frombytes(await reader.readexactly(4 * count))
-    if sys.byteorder == "big":
-        indices.byteswap()
-    if max(indices) >= npages:
-        raise MigrationFailed(f"malformed migration stream: {what} of page {max(indices)}")
-    return indices
-
-
-async def _read_reply(
-    reader: asyncio.StreamReader,
-    requested: Callable[[asyncio.StreamReader], Awaitable[None]] | None = None,
-) -> str | None:
-    """Read one reply: ``None`` for ACK, the reason for NAK; MigrationFailed on EOF/garbage.
-
-    With ``requested``, REQUEST records before the reply are handed to it (it reads the body).
-    """
-    try:
-        while True:
-            kind = await reader.readexactly(1)
-            if kind == b"A":
-                return None
-            if kind == b"N":
-                (n,) = _U16.unpack(await reader.readexactly(_U16.size))
-                reason = (await reader.readexactly(n)).decode("utf-8", "replace")
-                return reason or "migration refused by the destination"
-            if kind == b"R" and requested is not None:
-                await requested(reader)
-                continue
-            break
-    except asyncio.IncompleteReadError:
-        raise MigrationFailed(
-            "Unable to read from socket: migration stream closed by the destination"
-        ) from None
-    except OSError as e:
-        raise MigrationFailed(f"Unable to read from socket: {_strerror(e)}") from None
-    raise MigrationFailed(f"malformed reply from the migration destination: {kind!r}")
 
 
 def _future() -> asyncio.Future[Any]:
@@ -270,7 +167,7 @@ class _Outgoing:
     final: MigrationProgress | None = None
 
     def __post_init__(self) -> None:
-        self.pacer = _Pacer(self.tuning.bandwidth_bytes_per_s)
+        self.pacer = Pacer(self.tuning.bandwidth_bytes_per_s)
         self.done.add_done_callback(_retrieve)
 
     def abort(self, error: BackendError) -> None:
@@ -533,7 +430,7 @@ class TestBackend(Backend):
 
         try:
             inc.server = await asyncio.start_server(
-                accepted, listen.host, listen.port, limit=_STREAM_LIMIT
+                accepted, listen.host, listen.port, limit=STREAM_LIMIT
             )
         except BaseException:
             if self._guests.get(spec.uuid) is guest:
@@ -605,11 +502,11 @@ class TestBackend(Backend):
         try:
             await self._receive_stream(inc, reader, writer)
         except asyncio.CancelledError:
-            writer.write(_nak(f"destination: {inc.abort_reason or 'migration aborted'}"))
+            writer.write(nak(f"destination: {inc.abort_reason or 'migration aborted'}"))
             writer.close()
             self._fail_incoming(inc, MigrationFailed(inc.abort_reason or "migration aborted"))
         except MigrationFailed as e:  # refused: tell the source why
-            writer.write(_nak(str(e)))
+            writer.write(nak(str(e)))
             writer.close()
             self._fail_incoming(inc, e)
         except asyncio.IncompleteReadError:
@@ -620,7 +517,7 @@ class TestBackend(Backend):
             )
         except OSError as e:
             writer.transport.abort()
-            self._fail_incoming(inc, MigrationFailed(f"Unable to read from socket: {_strerror(e)}"))
+            self._fail_incoming(inc, MigrationFailed(f"Unable to read from socket: {strerror(e)}"))
         except Exception as e:  # a bug: still fail cleanly
             log.exception("test backend: incoming migration of %s failed", inc.guest.uuid)
             writer.transport.abort()
@@ -630,23 +527,8 @@ class TestBackend(Backend):
         self, inc: _Incoming, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         guest = inc.guest
-        try:
-            async with asyncio.timeout(HANDSHAKE_TIMEOUT):
-                head = await reader.readexactly(_HEADER.size)
-                magic, version, page_size, npages, seed, uuid_len = _HEADER.unpack(head)
-                uuid = (await reader.readexactly(uuid_len)).decode("utf-8", "replace")
-        except TimeoutError:
-            raise MigrationFailed("timed out waiting for the migration stream header") from None
-        if magic != MAGIC:
-            raise MigrationFailed("incoming migration stream is not a test backend stream")
-        if version != PROTOCOL_VERSION:
-            raise MigrationFailed(f"unsupported migration stream version {version}")
-        if uuid != guest.uuid or npages != guest.npages or page_size != PAGE_SIZE:
-            raise MigrationFailed(
-                f"incoming migration stream is for another guest: uuid {uuid}, {npages} pages of "
-                f"{page_size} bytes; expected uuid {guest.uuid}, {guest.npages} pages of "
-                f"{PAGE_SIZE} bytes"
-            )
+        npages = guest.npages
+        seed = await dst_read_header(reader, guest.uuid, npages)
         # The memory is the source's: adopt its seed (it only differs if the XML changed it).
         guest.seed = seed
         writer.write(b"A")
@@ -716,13 +598,13 @@ class TestBackend(Backend):
         while True:
             kind = await reader.readexactly(1)
             if kind == b"P":
-                (count,) = _U32.unpack(await reader.readexactly(_U32.size))
-                if not 0 < count <= _MAX_BATCH_PAGES:
+                (count,) = U32.unpack(await reader.readexactly(U32.size))
+                if not 0 < count <= MAX_BATCH_PAGES:
                     raise MigrationFailed(f"malformed migration stream: batch of {count} pages")
-                buf = await reader.readexactly(count * _RECORD_LEN)
+                buf = await reader.readexactly(count * RECORD_LEN)
                 fresh = 0
-                for off in range(0, len(buf), _RECORD_LEN):
-                    idx, ver = _RECORD.unpack_from(buf, off)
+                for off in range(0, len(buf), RECORD_LEN):
+                    idx, ver = RECORD.unpack_from(buf, off)
                     if idx >= npages:
                         raise MigrationFailed(f"malformed migration stream: page {idx} of {npages}")
                     if postcopy:
@@ -731,7 +613,7 @@ class TestBackend(Backend):
                                 f"malformed migration stream: page {idx} sent twice in post-copy"
                             )
                         ver = (ver + pending.pop(idx, 0)) & VERSION_MASK  # held writes
-                    h = received_page_hash(seed, buf, off + _RECORD.size)
+                    h = received_page_hash(seed, buf, off + RECORD.size)
                     hashes[idx * PAGE_HASH_LEN : (idx + 1) * PAGE_HASH_LEN] = h
                     versions[idx] = ver
                     if not received[idx]:
@@ -740,8 +622,8 @@ class TestBackend(Backend):
                 inc.received_count += fresh
                 inc.pages += count
             elif kind == b"I":
-                inc.iteration, flags = _ITER.unpack(await reader.readexactly(_ITER.size))
-                if flags & _ITER_STOPPED and not inc.stopped_at:
+                inc.iteration, flags = ITER.unpack(await reader.readexactly(ITER.size))
+                if flags & ITER_STOPPED and not inc.stopped_at:
                     inc.stopped_at = time.monotonic()
             elif kind == b"S":
                 return await reader.readexactly(DIGEST_LEN)
@@ -750,7 +632,7 @@ class TestBackend(Backend):
                     f"malformed migration stream: record {kind!r} after the switch to post-copy"
                 )
             elif kind == b"D":
-                for idx in await _read_indices(reader, npages, "discard"):
+                for idx in await read_indices(reader, npages, "discard"):
                     if received[idx]:
                         received[idx] = 0
                         inc.received_count -= 1
@@ -773,7 +655,7 @@ class TestBackend(Backend):
                 faults = guest.faults
                 if faults:
                     guest.faults = []
-                    writer.write(_pack_indices(b"R", faults))
+                    writer.write(pack_indices(b"R", faults))
                     inc.requests += len(faults)
                     await writer.drain()
                 await asyncio.sleep(_PULL_INTERVAL)
@@ -870,45 +752,31 @@ class TestBackend(Backend):
         guest, dest = mig.guest, mig.dest
         try:
             reader, writer = await asyncio.open_connection(
-                dest.host, dest.port, limit=_STREAM_LIMIT
+                dest.host, dest.port, limit=STREAM_LIMIT
             )
         except OSError as e:
             raise MigrationFailed(
-                f"Failed to connect to '{_hostport(dest)}': {_strerror(e)}"
+                f"Failed to connect to '{hostport(dest)}': {strerror(e)}"
             ) from None
         watch: asyncio.Task[str | None] | None = None
         ok = False
         try:
-            writer.transport.set_write_buffer_limits(high=_STREAM_LIMIT)
-            uuid = guest.uuid.encode()
-            writer.write(
-                _HEADER.pack(
-                    MAGIC, PROTOCOL_VERSION, PAGE_SIZE, guest.npages, guest.seed, len(uuid)
-                )
-                + uuid
+            writer.transport.set_write_buffer_limits(high=STREAM_LIMIT)
+            await src_handshake(
+                reader, writer, dest, uuid=guest.uuid, npages=guest.npages, seed=guest.seed
             )
-            await writer.drain()
-            try:
-                async with asyncio.timeout(HANDSHAKE_TIMEOUT):
-                    refused = await _read_reply(reader)
-            except TimeoutError:
-                raise MigrationFailed(
-                    f"timed out waiting for the migration destination '{_hostport(dest)}'"
-                ) from None
-            if refused is not None:
-                raise MigrationFailed(refused)
 
             # From here on a reply before switchover is a refusal (NAK) or the end (EOF); in
             # post-copy page requests come first.
             async def requested(upstream: asyncio.StreamReader) -> None:
-                indices = await _read_indices(upstream, guest.npages, "page request")
+                indices = await read_indices(upstream, guest.npages, "page request")
                 if not mig.switched:
                     raise MigrationFailed("malformed reply: page request before post-copy")
                 mig.requested.extend(indices)
                 mig.requests += len(indices)
                 mig.pacer.poke()
 
-            watch = asyncio.get_running_loop().create_task(_read_reply(reader, requested))
+            watch = asyncio.get_running_loop().create_task(read_reply(reader, requested))
 
             def replied(task: asyncio.Task[str | None]) -> None:
                 if mig.awaiting_ack or task.cancelled():
@@ -931,7 +799,7 @@ class TestBackend(Backend):
                 mig.downtime_ms = _ms(time.monotonic() - mig.stopped_at)
             ok = True
         except OSError as e:
-            raise MigrationFailed(f"Unable to write to socket: {_strerror(e)}") from None
+            raise MigrationFailed(f"Unable to write to socket: {strerror(e)}") from None
         finally:
             if watch is not None and not watch.done():
                 watch.cancel()
@@ -982,18 +850,13 @@ class TestBackend(Backend):
             # The link's speed as this pass saw it (it follows set_tuning at once).
             rate = pass_bytes / pass_time if pass_bytes and pass_time > 0 else mig.bandwidth()
             remaining = len(dirty) * PAGE_SIZE
-            if remaining == 0:
-                expected_ms = 0.0
-            elif rate > 0:
-                expected_ms = remaining / rate * 1000
-            else:
-                expected_ms = float(1 << 31)
+            expected_ms = expected_downtime_ms(remaining, rate)
             mig.expected_downtime_ms = min(1 << 31, round(expected_ms))
             mig.remaining_pages = len(dirty)
             if expected_ms <= mig.tuning.max_downtime_ms or guest.paused:
                 self._stop(mig)
                 dirty |= guest.sync_dirty()
-            elif mig.tuning.auto_converge and remaining * 2 >= pass_bytes:
+            elif mig.tuning.auto_converge and wants_throttle(remaining, pass_bytes):
                 self._throttle_up(mig)
             pages = sorted(dirty)
         writer.write(b"S" + guest.digest())
@@ -1008,12 +871,7 @@ class TestBackend(Backend):
     @staticmethod
     def _throttle_up(mig: _Outgoing) -> None:
         """Auto-converge: throttle the guest harder after a pass that did not converge."""
-        tuning = mig.tuning
-        if mig.throttle:
-            step = min(_MAX_THROTTLE, max(1, tuning.auto_converge_increment))
-            percent = min(_MAX_THROTTLE, mig.throttle + step)
-        else:
-            percent = min(_MAX_THROTTLE, max(1, tuning.auto_converge_initial))
+        percent = next_throttle(mig.throttle, mig.tuning)
         mig.throttle = percent
         mig.guest.set_throttle(percent)
 
@@ -1027,7 +885,7 @@ class TestBackend(Backend):
     ) -> Sequence[int] | None:
         """One pass; returns the unsent pages when a switch to post-copy cut it short."""
         guest = mig.guest
-        writer.write(b"I" + _ITER.pack(mig.iteration, _ITER_STOPPED if final else 0))
+        writer.write(b"I" + ITER.pack(mig.iteration, ITER_STOPPED if final else 0))
         mig.remaining_pages = len(pages)
         corrupt = 0 if final and guest.fault == FAULT_CORRUPT_STREAM else None
         pos = 0
@@ -1036,7 +894,7 @@ class TestBackend(Backend):
                 return pages[pos:]
             batch = pages[pos : pos + mig.pacer.batch_pages]
             pos += len(batch)
-            data = _page_records(guest, batch, corrupt)
+            data = page_records(guest.seed, guest.versions, batch, corrupt)
             writer.write(data)
             await writer.drain()
             mig.pages_sent += len(batch)
@@ -1070,7 +928,7 @@ class TestBackend(Backend):
         mig.remaining_pages = left
         mig.switch_progress = mig.snapshot()
         if discard:
-            writer.write(_pack_indices(b"D", discard))
+            writer.write(pack_indices(b"D", discard))
         writer.write(b"C")
         await writer.drain()
         mig.downtime_ms = _ms(time.monotonic() - mig.stopped_at)
@@ -1082,7 +940,7 @@ class TestBackend(Backend):
         pos = 0
         while left:
             batch: list[int] = []
-            while requested and len(batch) < _BATCH_PAGES:
+            while requested and len(batch) < BATCH_PAGES:
                 i = requested.popleft()
                 if wanted[i]:  # else already sent (or never needed)
                     wanted[i] = 0
@@ -1100,7 +958,7 @@ class TestBackend(Backend):
                         batch.append(i)
             if not batch:
                 raise MigrationFailed(f"internal error: {left} post-copy pages lost track of")
-            data = _page_records(guest, batch, corrupt)
+            data = page_records(guest.seed, guest.versions, batch, corrupt)
             writer.write(data)
             await writer.drain()
             left -= len(batch)
@@ -1112,62 +970,3 @@ class TestBackend(Backend):
         await guest.hash_ahead()
         writer.write(b"S" + guest.digest())
         await writer.drain()
-
-
-def _page_records(guest: Guest, batch: Sequence[int], corrupt: int | None) -> bytes:
-    """A PAGES record of ``batch`` at the guest's versions; page ``corrupt`` gets a bad byte."""
-    seed, versions = guest.seed, guest.versions
-    prefix = page_prefix(seed)
-    parts = [b"P", _U32.pack(len(batch))]
-    for i in batch:
-        v = versions[i]
-        body = prefix if i != corrupt else bytes([prefix[0] ^ 0xFF]) + prefix[1:]
-        parts += (_RECORD.pack(i, v), body, SUFFIX.pack(seed, i, v))
-    return b"".join(parts)
-
-
-class _Pacer:
-    """Sleep-based pacing to an average of ``rate`` bytes/s (0: unlimited, just yield).
-
-    ``set_rate`` applies to the next batch; it and ``poke`` cut a pacing sleep short.
-    """
-
-    def __init__(self, rate: int) -> None:
-        self._wake = asyncio.Event()
-        self.set_rate(rate)
-
-    def set_rate(self, rate: int) -> None:
-        self.rate = max(0, rate)
-        self.batch_pages = (
-            max(1, min(_BATCH_PAGES, self.rate // PAGE_SIZE // 20)) if self.rate else _BATCH_PAGES
-        )
-        self._next = time.monotonic()
-        self._wake.set()
-
-    def poke(self) -> None:
-        self._wake.set()
-
-    def delay(self) -> float:
-        """Seconds until the next batch is due."""
-        return max(0.0, self._next - time.monotonic()) if self.rate else 0.0
-
-    def consume(self, nbytes: int) -> None:
-        if self.rate:
-            self._next = max(self._next, time.monotonic()) + nbytes / self.rate
-
-    async def wait(self) -> None:
-        """Sleep until the next batch is due or a poke; always yields."""
-        delay = self.delay()
-        if delay <= 0:
-            await asyncio.sleep(0)
-            return
-        self._wake.clear()
-        try:
-            async with asyncio.timeout(delay):
-                await self._wake.wait()
-        except TimeoutError:
-            pass
-
-    async def pace(self, nbytes: int) -> None:
-        self.consume(nbytes)
-        await self.wait()
