@@ -41,7 +41,7 @@ from virtmig.daemon.backend.test.memory import (
 )
 
 if TYPE_CHECKING:
-    from virtmig.daemon.backend.test.backend import _Outgoing
+    from virtmig.daemon.backend.test.outgoing import Outgoing
 
 FAULT_CORRUPT_STREAM = "corrupt-stream"
 _FAULTS = ("", FAULT_CORRUPT_STREAM)
@@ -108,7 +108,7 @@ class Guest:
         self.stopped = False  # stopped by an outgoing migration's switchover
         self.incoming = False  # waiting for an incoming stream: memory not there yet
         self.dirty: set[int] | None = None  # dirty log, while a migration tracks it
-        self.outgoing: _Outgoing | None = None
+        self.outgoing: Outgoing | None = None
         self.throttle = 0  # auto-converge CPU throttle, percent
         # Incoming post-copy: 1 per page that has arrived (None: all memory is here); writes to
         # pages not there yet, held until they arrive; pages to request from the source.
