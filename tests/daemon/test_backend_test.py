@@ -489,7 +489,7 @@ async def test_destination_refuses_malformed_stream(
 async def test_silent_peers_time_out(
     src: TestBackend, dst: TestBackend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(test_backend, "HANDSHAKE_TIMEOUT", 0.2)
+    monkeypatch.setattr("virtmig.daemon.backend.test.wire.HANDSHAKE_TIMEOUT", 0.2)
     # A destination that connects but never sends a header gives up.
     spec = make_spec(1)
     port = await dst.incoming_start(spec, LOOPBACK)

@@ -1,0 +1,305 @@
+"""The test backend's :class:`TestBackend`: guest lifecycle, migration entry points, job control.
+
+It keeps the guests (:mod:`.guest`) and the migrations running for them, and hands the streams to
+:mod:`.outgoing` (source) and :mod:`.incoming` (destination).
+
+Job control:
+
+``set_tuning``
+    Bandwidth and max downtime of a running migration are read per batch and per pass, so a
+    change applies to the next batch (a pacing sleep in progress is cut short) and to the next
+    convergence check.  After the switch to post-copy, pacing follows
+    ``postcopy_bandwidth_bytes_per_s`` only; a new bandwidth is recorded but does not apply.
+Auto-converge (``tuning.auto_converge``)
+    QEMU's heuristic (:mod:`.pacing`): the guest is throttled harder after each pass that did not
+    converge while it dirtied at least half as fast as the pass sent.  The throttle ends with the
+    migration, whatever its outcome; the final progress still reports the last value.
+Post-copy (``tuning.postcopy``)
+    ``start_postcopy`` asks for the switch; it happens at the next batch boundary of a pre-copy
+    pass (a request while the guest is already stopped for the stop-and-copy pass is moot: the
+    migration completes as pre-copy).  At the switch the source guest stops, the pages not
+    current on the destination -- those dirtied since the last sync plus the unsent rest of the
+    current pass -- are listed in DISCARD records (minus pages never sent at all), POSTCOPY
+    follows and ``outgoing`` returns a progress with status ``POSTCOPY_ACTIVE``.  The remaining
+    pages then stream in the background, each exactly once, paced by the post-copy bandwidth;
+    requested pages jump the queue and never wait for the pacing (their bytes still count
+    against it).  The destination guest can be resumed from the POSTCOPY record on; a write to a
+    page that has not arrived is held and applied on arrival (the vCPU would block on the fault)
+    and the page is requested once.  ``postcopy_requests`` counts requested pages (destination:
+    sent, source: received).  At the end the destination checks the source's digest against the
+    hashes of the bytes it *received* (its own writes are not part of it) and its memory becomes
+    the received pages plus its writes since the switch.  Once switched nothing is rolled back:
+    ``cancel`` refuses; a broken stream (EOF, NAK, either guest destroyed, daemon shutdown,
+    digest mismatch) makes ``outgoing_wait`` and ``incoming_wait`` raise :class:`PostcopyFailed`,
+    and the surviving guests are left paused.  The source guest keeps its complete memory (as of
+    the switch); the destination guest's memory is incomplete, so it refuses ``resume``,
+    ``memory_digest`` and ``outgoing`` until it is destroyed.  Source-side ``downtime_ms`` in
+    post-copy is the time from the stop to the POSTCOPY record; destination side, from the switch
+    until the guest was resumed (or the end).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from collections.abc import Coroutine
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from virtmig.daemon.backend.base import (
+    Backend,
+    BackendError,
+    GuestRunState,
+    GuestSpec,
+    MigrationCancelled,
+    MigrationFailed,
+    MigrationProgress,
+    MigrationTuning,
+    StreamAddress,
+)
+from virtmig.daemon.backend.test.guest import Guest, parse_options
+from virtmig.daemon.backend.test.incoming import Incoming, dst_abort, dst_receive
+from virtmig.daemon.backend.test.outgoing import Outgoing, src_send, src_settle
+from virtmig.daemon.backend.test.util import retrieve
+from virtmig.daemon.backend.test.wire import STREAM_LIMIT
+from virtmig.proto.errors import ConfigUnsupported
+
+
+class TestBackend(Backend):
+    """Embedded guests; migration streams their pages over TCP (see the module docstring)."""
+
+    __test__ = False  # not a pytest test class
+    name = "test"
+
+    def __init__(self) -> None:
+        self._guests: dict[str, Guest] = {}
+        self._incoming: dict[str, Incoming] = {}
+        self._progress: dict[str, Outgoing | Incoming] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def open(self, state_dir: Path) -> None:
+        """Nothing is persisted: embedded guests live and die with the daemon."""
+
+    async def close(self) -> None:
+        tasks: list[asyncio.Task[None]] = []
+        for guest in self._guests.values():
+            if guest.outgoing is not None and guest.outgoing.task is not None:
+                guest.outgoing.abort(MigrationFailed("migration aborted: daemon shutting down"))
+                tasks.append(guest.outgoing.task)
+        for inc in self._incoming.values():
+            dst_abort(self._guests, inc, "destination daemon shutting down")
+        tasks.extend(self._tasks)
+        if tasks:
+            await asyncio.wait(tasks)
+        self._guests.clear()
+
+    def validate(self, spec: GuestSpec) -> None:
+        try:
+            parse_options(spec)
+        except ValueError as e:
+            raise ConfigUnsupported(str(e)) from None
+
+    # -- lifecycle --
+
+    def _new_guest(self, spec: GuestSpec, *, paused: bool) -> Guest:
+        if spec.uuid in self._guests:
+            raise BackendError(f"guest {spec.uuid} is already running")
+        try:
+            opts = parse_options(spec)
+        except ValueError as e:
+            raise BackendError(str(e)) from None
+        return Guest(spec, opts, paused=paused)
+
+    def _guest(self, uuid: str) -> Guest:
+        guest = self._guests.get(uuid)
+        if guest is None:
+            raise BackendError(f"guest {uuid} is not running")
+        return guest
+
+    async def start(self, spec: GuestSpec, *, paused: bool) -> None:
+        guest = self._new_guest(spec, paused=paused)
+        self._guests[spec.uuid] = guest
+
+    async def destroy(self, uuid: str) -> None:
+        guest = self._guests.pop(uuid, None)
+        if guest is None:
+            return
+        if guest.outgoing is not None:
+            guest.outgoing.abort(MigrationFailed("guest unexpectedly quit"))
+        inc = self._incoming.get(uuid)
+        if inc is not None and inc.guest is guest:
+            dst_abort(self._guests, inc, "guest unexpectedly quit")
+            if inc.task is not None:
+                await asyncio.wait([inc.task])
+
+    async def pause(self, uuid: str) -> None:
+        guest = self._guest(uuid)
+        guest.tick()
+        guest.paused = True
+
+    async def resume(self, uuid: str) -> None:
+        guest = self._guest(uuid)
+        if guest.incoming:
+            raise BackendError(f"guest {uuid} is waiting for its incoming migration")
+        if guest.stopped:
+            raise BackendError(f"guest {uuid} is stopped for migration switchover")
+        if guest.broken:
+            raise BackendError(
+                f"guest {uuid} cannot run: its post-copy migration failed before all of its "
+                "memory arrived"
+            )
+        guest.tick()
+        guest.paused = False
+        inc = self._incoming.get(uuid)
+        if guest.arrived is not None and inc is not None and inc.guest is guest:
+            inc.resumed_at = inc.resumed_at or time.monotonic()
+
+    def state(self, uuid: str) -> GuestRunState:
+        guest = self._guests.get(uuid)
+        return GuestRunState.SHUTOFF if guest is None else guest.run_state()
+
+    def memory_digest(self, uuid: str) -> bytes:
+        """The 32-byte digest of the guest's current memory (see the module docstring)."""
+        guest = self._guest(uuid)
+        if not guest.has_memory:
+            raise BackendError(f"guest {uuid} has not received its memory yet")
+        guest.tick()
+        return guest.digest()
+
+    # -- progress / job control --
+
+    def progress(self, uuid: str) -> MigrationProgress:
+        mig = self._progress.get(uuid)
+        return MigrationProgress() if mig is None else mig.snapshot()
+
+    def _running_outgoing(self, uuid: str) -> Outgoing:
+        guest = self._guests.get(uuid)
+        mig = guest.outgoing if guest is not None else None
+        if mig is None:
+            raise BackendError(f"no outgoing migration is running for guest {uuid}")
+        return mig
+
+    async def cancel(self, uuid: str) -> None:
+        """Cancel the guest's outgoing migration; no-op when none is running."""
+        guest = self._guests.get(uuid)
+        if guest is None or guest.outgoing is None:
+            return
+        if guest.outgoing.switched:
+            raise BackendError("cannot cancel migration in post-copy mode")
+        guest.outgoing.abort(MigrationCancelled("migration cancelled"))
+
+    async def set_tuning(
+        self,
+        uuid: str,
+        *,
+        bandwidth_bytes_per_s: int | None = None,
+        max_downtime_ms: int | None = None,
+    ) -> None:
+        mig = self._running_outgoing(uuid)
+        if bandwidth_bytes_per_s is not None and bandwidth_bytes_per_s < 0:
+            raise BackendError(f"invalid migration bandwidth {bandwidth_bytes_per_s}")
+        if max_downtime_ms is not None and max_downtime_ms < 0:
+            raise BackendError(f"invalid maximum downtime {max_downtime_ms} ms")
+        if max_downtime_ms is not None:
+            mig.tuning = replace(mig.tuning, max_downtime_ms=max_downtime_ms)
+        if bandwidth_bytes_per_s is not None:
+            mig.tuning = replace(mig.tuning, bandwidth_bytes_per_s=bandwidth_bytes_per_s)
+            if not mig.switched:
+                mig.pacer.set_rate(bandwidth_bytes_per_s)
+
+    async def start_postcopy(self, uuid: str) -> None:
+        """Ask for the switch to post-copy; it happens at the next batch boundary."""
+        mig = self._running_outgoing(uuid)
+        if not mig.tuning.postcopy:
+            raise BackendError("migration was not started with post-copy enabled")
+        if not mig.switch_requested:
+            mig.switch_requested = True
+            mig.pacer.poke()
+
+    async def outgoing_wait(self, uuid: str) -> MigrationProgress:
+        mig = self._progress.get(uuid)
+        if not isinstance(mig, Outgoing):
+            raise BackendError(f"no outgoing migration for guest {uuid}")
+        return await asyncio.shield(mig.done)
+
+    # -- incoming --
+
+    async def incoming_start(self, spec: GuestSpec, listen: StreamAddress,
+                             tuning: MigrationTuning | None = None) -> int:
+        if listen.transport != "tcp":
+            raise BackendError(f"test backend: unsupported migration transport {listen.transport}")
+        guest = self._new_guest(spec, paused=True)
+        guest.incoming = True
+        done: asyncio.Future[MigrationProgress] = asyncio.get_running_loop().create_future()
+        done.add_done_callback(retrieve)
+        inc = Incoming(guest=guest, done=done, received=bytearray(guest.npages))
+        self._guests[spec.uuid] = guest
+        self._incoming[spec.uuid] = inc
+
+        def accepted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            if inc.task is not None or inc.done.done():
+                writer.transport.abort()  # exactly one stream per incoming migration
+                return
+            if inc.server is not None:
+                inc.server.close()
+            inc.task = self._spawn(dst_receive(self._guests, inc, reader, writer))
+
+        try:
+            inc.server = await asyncio.start_server(
+                accepted, listen.host, listen.port, limit=STREAM_LIMIT
+            )
+        except BaseException:
+            if self._guests.get(spec.uuid) is guest:
+                del self._guests[spec.uuid]
+            if self._incoming.get(spec.uuid) is inc:
+                del self._incoming[spec.uuid]
+            done.cancel()
+            raise
+        self._progress[spec.uuid] = inc
+        port: int = inc.server.sockets[0].getsockname()[1]
+        return port
+
+    async def incoming_wait(self, uuid: str) -> MigrationProgress:
+        inc = self._incoming.get(uuid)
+        if inc is None:
+            raise MigrationFailed(f"no incoming migration for guest {uuid}")
+        return await asyncio.shield(inc.done)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # -- outgoing --
+
+    async def outgoing(
+        self, uuid: str, dest: StreamAddress, tuning: MigrationTuning
+    ) -> MigrationProgress:
+        guest = self._guest(uuid)
+        if not guest.has_memory:
+            raise BackendError(f"guest {uuid} is waiting for its incoming migration")
+        if guest.outgoing is not None:
+            raise BackendError(f"guest {uuid} is already being migrated")
+        if dest.transport != "tcp":
+            raise BackendError(f"test backend: unsupported migration transport {dest.transport}")
+        mig = Outgoing(guest=guest, dest=dest, tuning=tuning)
+        guest.outgoing = mig
+        self._progress[uuid] = mig
+        task = mig.task = asyncio.get_running_loop().create_task(src_send(mig))
+        task.add_done_callback(functools.partial(src_settle, self._guests, mig))
+        try:
+            await asyncio.shield(mig.returned)
+        except asyncio.CancelledError:  # our caller cancelled us
+            if not mig.switched:  # roll back; once switched the stream goes on regardless
+                mig.abort(MigrationCancelled("migration cancelled"))
+                await asyncio.wait([task])  # the source guest is settled after this
+            raise
+        if mig.switch_progress is not None:
+            return mig.switch_progress
+        if mig.outcome is not None:
+            raise mig.outcome
+        assert mig.final is not None
+        return mig.final

@@ -1,0 +1,315 @@
+"""The destination side of a test-backend migration: the incoming stream and how it settles.
+
+The destination guest is paused until the stream completes.  It adopts the stream's seed and
+hashes every page as received; at SWITCH it answers ACK only when every page arrived and the
+digest of those hashes is the source's, else NAK + reason ("memory digest mismatch at
+switchover: …").  On ACK it holds exactly the received memory (and can be migrated onwards); on
+any failure before post-copy it quits, like a QEMU whose incoming migration failed.
+
+Post-copy: from the POSTCOPY record on, the guest may be resumed; a write to a page that has not
+arrived is held and applied on arrival (the vCPU would block on the fault) and the page is
+requested once (REQUEST records, sent every :data:`_PULL_INTERVAL`).  At the end its memory
+becomes the received pages plus its writes since the switch.  A failure after the switch leaves
+the guest paused with its incomplete memory (``broken``: :class:`PostcopyFailed`).  ``downtime_ms``
+runs from the switch until the guest was resumed (or the end).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field, replace
+
+from virtmig.daemon.backend.base import (
+    MigrationFailed,
+    MigrationProgress,
+    MigrationStatus,
+    PostcopyFailed,
+)
+from virtmig.daemon.backend.test.guest import Guest
+from virtmig.daemon.backend.test.memory import (
+    DIGEST_LEN,
+    PAGE_HASH_LEN,
+    PAGE_SIZE,
+    VERSION_MASK,
+    digest_of,
+    received_page_hash,
+)
+from virtmig.daemon.backend.test.util import ms
+from virtmig.daemon.backend.test.wire import (
+    ITER,
+    ITER_STOPPED,
+    MAX_BATCH_PAGES,
+    RECORD,
+    RECORD_LEN,
+    U32,
+    dst_read_header,
+    nak,
+    pack_indices,
+    read_indices,
+    strerror,
+)
+
+log = logging.getLogger(__name__)
+
+_PULL_INTERVAL = 0.005  # seconds between a post-copy destination's dirty ticks / page requests
+
+
+@dataclass(eq=False)
+class Incoming:
+    """One incoming migration: its listener, stream task, received-page map and outcome."""
+
+    guest: Guest
+    done: asyncio.Future[MigrationProgress]
+    started: float = field(default_factory=time.monotonic)
+    status: MigrationStatus = MigrationStatus.SETUP
+    server: asyncio.Server | None = None
+    task: asyncio.Task[None] | None = None
+    abort_reason: str = ""
+    connected_at: float = 0.0
+    stopped_at: float = 0.0
+    received: bytearray = field(default_factory=bytearray)  # 1 per page seen (and current)
+    received_count: int = 0
+    pages: int = 0  # page records received, repeats included
+    iteration: int = 0
+    postcopy: bool = False  # the POSTCOPY record arrived
+    resumed_at: float = 0.0  # post-copy: when the guest first ran here
+    requests: int = 0  # pages requested from the source
+    final: MigrationProgress | None = None
+
+    def snapshot(self) -> MigrationProgress:
+        if self.final is not None:
+            return self.final
+        now = time.monotonic()
+        active = now - self.connected_at if self.connected_at else 0.0
+        return MigrationProgress(
+            status=self.status,
+            total_bytes=self.guest.npages * PAGE_SIZE,
+            processed_bytes=self.pages * PAGE_SIZE,
+            remaining_bytes=(self.guest.npages - self.received_count) * PAGE_SIZE,
+            iteration=self.iteration,
+            bandwidth_bytes_per_s=round(self.pages * PAGE_SIZE / active) if active > 0 else 0,
+            setup_time_ms=ms((self.connected_at or now) - self.started),
+            total_time_ms=ms(now - self.started),
+            page_size=PAGE_SIZE,
+            normal_pages=self.pages,
+            postcopy_requests=self.requests,
+        )
+
+
+async def dst_receive(
+    guests: dict[str, Guest],
+    inc: Incoming,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+) -> None:
+    """Own task for the one accepted stream: never raises, always settles ``inc.done``."""
+    inc.connected_at = time.monotonic()
+    inc.status = MigrationStatus.ACTIVE
+    try:
+        await _receive_stream(inc, reader, writer)
+    except asyncio.CancelledError:
+        writer.write(nak(f"destination: {inc.abort_reason or 'migration aborted'}"))
+        writer.close()
+        _fail(guests, inc, MigrationFailed(inc.abort_reason or "migration aborted"))
+    except MigrationFailed as e:  # refused: tell the source why
+        writer.write(nak(str(e)))
+        writer.close()
+        _fail(guests, inc, e)
+    except asyncio.IncompleteReadError:
+        writer.transport.abort()
+        _fail(
+            guests,
+            inc,
+            MigrationFailed("migration stream ended early: the source closed the connection"),
+        )
+    except OSError as e:
+        writer.transport.abort()
+        _fail(guests, inc, MigrationFailed(f"Unable to read from socket: {strerror(e)}"))
+    except Exception as e:  # a bug: still fail cleanly
+        log.exception("test backend: incoming migration of %s failed", inc.guest.uuid)
+        writer.transport.abort()
+        _fail(guests, inc, MigrationFailed(f"internal error in incoming migration: {e}"))
+
+
+def dst_abort(guests: dict[str, Guest], inc: Incoming, reason: str) -> None:
+    """Abort the incoming migration: the stream task NAKs ``reason``, or it fails at once."""
+    if inc.done.done():
+        return
+    if inc.server is not None:
+        inc.server.close()
+    if inc.task is not None and not inc.task.done():
+        inc.abort_reason = reason
+        inc.task.cancel()
+    else:
+        _fail(guests, inc, MigrationFailed(reason))
+
+
+def _fail(guests: dict[str, Guest], inc: Incoming, error: MigrationFailed) -> None:
+    """The incoming migration failed: incoming_wait raises ``error``.
+
+    Before the switch to post-copy the guest quits; after it the guest stays, paused, with
+    its incomplete memory (:class:`PostcopyFailed`).
+    """
+    if inc.server is not None:
+        inc.server.close()
+    guest, uuid = inc.guest, inc.guest.uuid
+    if inc.done.done():
+        return
+    if inc.postcopy:
+        if not isinstance(error, PostcopyFailed):
+            error = PostcopyFailed(str(error))
+        guest.tick()
+        guest.paused = True
+        guest.broken = True
+        guest.faults = []
+        guest.pending = {}
+        guest.dirty = None
+    elif guests.get(uuid) is guest:
+        del guests[uuid]
+    inc.status = MigrationStatus.FAILED
+    inc.final = replace(inc.snapshot(), status=MigrationStatus.FAILED, error=str(error))
+    inc.done.set_exception(error)
+    inc.received = bytearray()
+
+
+async def _receive_stream(
+    inc: Incoming, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    """Handshake, records, switchover check; MigrationFailed when the stream is refused."""
+    guest = inc.guest
+    npages = guest.npages
+    seed = await dst_read_header(reader, guest.uuid, npages)
+    # The memory is the source's: adopt its seed (it only differs if the XML changed it).
+    guest.seed = seed
+    writer.write(b"A")
+    await writer.drain()
+
+    # Hashes of the pages as received (post-copy: not the guest's own writes).
+    hashes = bytearray(PAGE_HASH_LEN * npages)
+    pull: asyncio.Task[None] | None = None
+    try:
+        source_digest = await _receive_records(inc, reader, hashes, npages, seed)
+        if inc.postcopy:
+            pull = asyncio.get_running_loop().create_task(_pull(inc, writer))
+            source_digest = await _receive_records(inc, reader, hashes, npages, seed)
+    finally:
+        if pull is not None:
+            pull.cancel()
+    assert source_digest is not None  # after POSTCOPY only SWITCH ends the records
+
+    missing = npages - inc.received_count
+    if missing:
+        raise MigrationFailed(
+            f"memory digest mismatch at switchover: {missing} of {npages} pages never received"
+        )
+    digest = digest_of(hashes)
+    if digest != source_digest:
+        raise MigrationFailed(
+            f"memory digest mismatch at switchover: source {source_digest.hex()[:16]}…, "
+            f"destination computed {digest.hex()[:16]}… from the received pages"
+        )
+    writer.write(b"A")
+    await writer.drain()
+    writer.close()
+    # Verified: the guest's memory is (seed, received versions) plus, after a post-copy
+    # switch, its own writes since.
+    now = time.monotonic()
+    guest.adopt_received(hashes)
+    inc.status = MigrationStatus.COMPLETED
+    if inc.postcopy:
+        downtime = ms((inc.resumed_at or now) - inc.stopped_at)
+    else:
+        downtime = ms(now - inc.stopped_at) if inc.stopped_at else 0
+    inc.final = replace(
+        inc.snapshot(),
+        status=MigrationStatus.COMPLETED,
+        remaining_bytes=0,
+        downtime_ms=downtime,
+        total_time_ms=ms(now - inc.started),
+    )
+    inc.received = bytearray()
+    if inc.server is not None:
+        inc.server.close()
+    if not inc.done.done():
+        inc.done.set_result(inc.final)
+
+
+async def _receive_records(
+    inc: Incoming,
+    reader: asyncio.StreamReader,
+    hashes: bytearray,
+    npages: int,
+    seed: int,
+) -> bytes | None:
+    """Read records until SWITCH (its digest) or, before post-copy, POSTCOPY (``None``)."""
+    guest = inc.guest
+    versions, received, pending = guest.versions, inc.received, guest.pending
+    postcopy = inc.postcopy
+    while True:
+        kind = await reader.readexactly(1)
+        if kind == b"P":
+            (count,) = U32.unpack(await reader.readexactly(U32.size))
+            if not 0 < count <= MAX_BATCH_PAGES:
+                raise MigrationFailed(f"malformed migration stream: batch of {count} pages")
+            buf = await reader.readexactly(count * RECORD_LEN)
+            fresh = 0
+            for off in range(0, len(buf), RECORD_LEN):
+                idx, ver = RECORD.unpack_from(buf, off)
+                if idx >= npages:
+                    raise MigrationFailed(f"malformed migration stream: page {idx} of {npages}")
+                if postcopy:
+                    if received[idx]:
+                        raise MigrationFailed(
+                            f"malformed migration stream: page {idx} sent twice in post-copy"
+                        )
+                    ver = (ver + pending.pop(idx, 0)) & VERSION_MASK  # held writes
+                h = received_page_hash(seed, buf, off + RECORD.size)
+                hashes[idx * PAGE_HASH_LEN : (idx + 1) * PAGE_HASH_LEN] = h
+                versions[idx] = ver
+                if not received[idx]:
+                    received[idx] = 1
+                    fresh += 1
+            inc.received_count += fresh
+            inc.pages += count
+        elif kind == b"I":
+            inc.iteration, flags = ITER.unpack(await reader.readexactly(ITER.size))
+            if flags & ITER_STOPPED and not inc.stopped_at:
+                inc.stopped_at = time.monotonic()
+        elif kind == b"S":
+            return await reader.readexactly(DIGEST_LEN)
+        elif kind in (b"D", b"C") and postcopy:
+            raise MigrationFailed(
+                f"malformed migration stream: record {kind!r} after the switch to post-copy"
+            )
+        elif kind == b"D":
+            for idx in await read_indices(reader, npages, "discard"):
+                if received[idx]:
+                    received[idx] = 0
+                    inc.received_count -= 1
+        elif kind == b"C":
+            inc.postcopy = True
+            inc.status = MigrationStatus.POSTCOPY_ACTIVE
+            inc.stopped_at = inc.stopped_at or time.monotonic()
+            guest.begin_postcopy(received)
+            return None
+        else:
+            raise MigrationFailed(f"malformed migration stream: unknown record {kind!r}")
+
+
+async def _pull(inc: Incoming, writer: asyncio.StreamWriter) -> None:
+    """Post-copy destination: let the guest run, and request the pages it faults on."""
+    guest = inc.guest
+    try:
+        while True:
+            guest.tick()
+            faults = guest.faults
+            if faults:
+                guest.faults = []
+                writer.write(pack_indices(b"R", faults))
+                inc.requests += len(faults)
+                await writer.drain()
+            await asyncio.sleep(_PULL_INTERVAL)
+    except OSError:  # the stream broke: the receiving side reports it
+        return

@@ -1,0 +1,211 @@
+"""The test backend's migration stream format: records, replies and the handshake.
+
+Stream protocol (all integers little-endian)::
+
+    source                                                  destination
+    HEADER  "VMTESTMS" u16 version=1  u32 page_size   ──►   checks magic, version, page size,
+            u64 npages  u64 seed  u16 len  uuid(utf-8)      uuid and npages against its guest
+                                                      ◄──   REPLY  "A"  (or "N" + reason; close)
+    ITER    "I"  u32 iteration  u8 flags (1: source stopped, stop-and-copy pass)
+    PAGES   "P"  u32 count  count * (u32 index  u32 version  4096 bytes)     (~1 MiB per write)
+     ...        (ITER / PAGES repeat: pass 1 sends every page, later passes the dirtied ones)
+    SWITCH  "S"  32-byte digest of the source's memory, taken with the guest stopped
+                                                      ◄──   REPLY  "A"  digest matches and
+                                                                   every page was received
+                                                            or "N" u16 len + reason (utf-8),
+                                                            e.g. "memory digest mismatch at
+                                                            switchover: …"
+
+    Post-copy (after start_postcopy, instead of the stop-and-copy pass; source stopped):
+    DISCARD "D"  u32 count  count * u32 index         ──►   (repeats, <= 65536 each) pages the
+                                                            destination holds stale: dropped
+    POSTCOPY "C"                                      ──►   the guest may run; a page it touches
+                                                            that is not there is requested:
+                                                      ◄──   REQUEST "R" u32 count  count * u32
+                                                                   index (any time until ACK)
+    PAGES   "P"  ...  every remaining page exactly once, requested ones first
+    SWITCH  "S"  digest of the source's memory as of the switch
+                                                      ◄──   REPLY  "A" / "N" as above
+
+The destination answers ``N`` + reason and closes whenever it refuses the stream (wrong guest,
+malformed record, guest destroyed).  The source reads replies the whole time, so a NAK or an EOF
+
+The header and its reply must arrive within :data:`HANDSHAKE_TIMEOUT`; after that only EOF or an
+error ends a stream early.  This module encodes and decodes the records; the source side that
+sends them is :mod:`.outgoing`, the destination side :mod:`.incoming`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import struct
+import sys
+from array import array
+from collections.abc import Awaitable, Callable, Sequence
+
+from virtmig.daemon.backend.base import MigrationFailed, StreamAddress
+from virtmig.daemon.backend.test.memory import MIB, PAGE_SIZE, SUFFIX, page_prefix
+
+MAGIC = b"VMTESTMS"
+PROTOCOL_VERSION = 1
+HEADER = struct.Struct("<8sHIQQH")  # magic, version, page size, npages, seed, uuid length
+RECORD = struct.Struct("<II")  # page record header: index, version
+RECORD_LEN = RECORD.size + PAGE_SIZE
+U32 = struct.Struct("<I")
+U16 = struct.Struct("<H")
+ITER = struct.Struct("<IB")  # iteration, flags
+ITER_STOPPED = 1
+
+MAX_BATCH_PAGES = 4096  # what a destination accepts in one record
+MAX_INDICES = 65536  # page indices per DISCARD / REQUEST record
+STREAM_LIMIT = 4 * MIB  # StreamReader buffer limit / transport write high-water mark
+HANDSHAKE_TIMEOUT = 30.0  # seconds for the header and its reply; the stream itself has none
+
+
+def strerror(exc: BaseException) -> str:
+    """A socket error as a message: the errno's text when there is one."""
+    if isinstance(exc, OSError) and exc.errno:
+        return os.strerror(exc.errno)
+    return str(exc) or type(exc).__name__
+
+
+def hostport(addr: StreamAddress) -> str:
+    """``host:port`` of ``addr``, an IPv6 host in brackets."""
+    host = f"[{addr.host}]" if ":" in addr.host else addr.host
+    return f"{host}:{addr.port}"
+
+
+# --- handshake -----------------------------------------------------------------------------------
+
+
+async def src_handshake(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    dest: StreamAddress,
+    *,
+    uuid: str,
+    npages: int,
+    seed: int,
+) -> None:
+    """Send the HEADER and wait for its reply; MigrationFailed when refused or silent."""
+    raw_uuid = uuid.encode()
+    writer.write(
+        HEADER.pack(MAGIC, PROTOCOL_VERSION, PAGE_SIZE, npages, seed, len(raw_uuid)) + raw_uuid
+    )
+    await writer.drain()
+    try:
+        async with asyncio.timeout(HANDSHAKE_TIMEOUT):
+            refused = await read_reply(reader)
+    except TimeoutError:
+        raise MigrationFailed(
+            f"timed out waiting for the migration destination '{hostport(dest)}'"
+        ) from None
+    if refused is not None:
+        raise MigrationFailed(refused)
+
+
+async def dst_read_header(reader: asyncio.StreamReader, uuid: str, npages: int) -> int:
+    """Read the HEADER and check it is for guest ``uuid`` of ``npages``; return the seed.
+
+    MigrationFailed (to be sent back as a NAK) when it is late, malformed or for another guest.
+    """
+    try:
+        async with asyncio.timeout(HANDSHAKE_TIMEOUT):
+            head = await reader.readexactly(HEADER.size)
+            magic, version, page_size, their_npages, seed, uuid_len = HEADER.unpack(head)
+            their_uuid = (await reader.readexactly(uuid_len)).decode("utf-8", "replace")
+    except TimeoutError:
+        raise MigrationFailed("timed out waiting for the migration stream header") from None
+    if magic != MAGIC:
+        raise MigrationFailed("incoming migration stream is not a test backend stream")
+    if version != PROTOCOL_VERSION:
+        raise MigrationFailed(f"unsupported migration stream version {version}")
+    if their_uuid != uuid or their_npages != npages or page_size != PAGE_SIZE:
+        raise MigrationFailed(
+            f"incoming migration stream is for another guest: uuid {their_uuid}, {their_npages} "
+            f"pages of {page_size} bytes; expected uuid {uuid}, {npages} pages of "
+            f"{PAGE_SIZE} bytes"
+        )
+    return int(seed)
+
+
+# --- records -------------------------------------------------------------------------------------
+
+
+def page_records(
+    seed: int, versions: Sequence[int], batch: Sequence[int], corrupt: int | None
+) -> bytes:
+    """A PAGES record of ``batch`` at ``versions``; page ``corrupt`` gets a bad byte."""
+    prefix = page_prefix(seed)
+    parts = [b"P", U32.pack(len(batch))]
+    for i in batch:
+        v = versions[i]
+        body = prefix if i != corrupt else bytes([prefix[0] ^ 0xFF]) + prefix[1:]
+        parts += (RECORD.pack(i, v), body, SUFFIX.pack(seed, i, v))
+    return b"".join(parts)
+
+
+def pack_indices(kind: bytes, indices: Sequence[int]) -> bytes:
+    """DISCARD / REQUEST records for ``indices`` (as many records as needed)."""
+    out: list[bytes] = []
+    for start in range(0, len(indices), MAX_INDICES):
+        chunk = array("I", indices[start : start + MAX_INDICES])
+        if sys.byteorder == "big":
+            chunk.byteswap()
+        out += (kind, U32.pack(len(chunk)), chunk.tobytes())
+    return b"".join(out)
+
+
+async def read_indices(reader: asyncio.StreamReader, npages: int, what: str) -> array[int]:
+    """The body of a DISCARD / REQUEST record; MigrationFailed when it is malformed."""
+    (count,) = U32.unpack(await reader.readexactly(U32.size))
+    if not 0 < count <= MAX_INDICES:
+        raise MigrationFailed(f"malformed migration stream: {what} of {count} pages")
+    indices = array("I")
+    indices.frombytes(await reader.readexactly(4 * count))
+    if sys.byteorder == "big":
+        indices.byteswap()
+    if max(indices) >= npages:
+        raise MigrationFailed(f"malformed migration stream: {what} of page {max(indices)}")
+    return indices
+
+
+
+# --- replies -------------------------------------------------------------------------------------
+
+
+def nak(reason: str) -> bytes:
+    """A NAK reply carrying ``reason``."""
+    data = reason.encode("utf-8", "replace")[:0xFFFF]
+    return b"N" + U16.pack(len(data)) + data
+
+
+async def read_reply(
+    reader: asyncio.StreamReader,
+    requested: Callable[[asyncio.StreamReader], Awaitable[None]] | None = None,
+) -> str | None:
+    """Read one reply: ``None`` for ACK, the reason for NAK; MigrationFailed on EOF/garbage.
+
+    With ``requested``, REQUEST records before the reply are handed to it (it reads the body).
+    """
+    try:
+        while True:
+            kind = await reader.readexactly(1)
+            if kind == b"A":
+                return None
+            if kind == b"N":
+                (n,) = U16.unpack(await reader.readexactly(U16.size))
+                reason = (await reader.readexactly(n)).decode("utf-8", "replace")
+                return reason or "migration refused by the destination"
+            if kind == b"R" and requested is not None:
+                await requested(reader)
+                continue
+            break
+    except asyncio.IncompleteReadError:
+        raise MigrationFailed(
+            "Unable to read from socket: migration stream closed by the destination"
+        ) from None
+    except OSError as e:
+        raise MigrationFailed(f"Unable to read from socket: {strerror(e)}") from None
+    raise MigrationFailed(f"malformed reply from the migration destination: {kind!r}")
