@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import threading
-from collections.abc import AsyncIterator, Coroutine, Iterator
+from collections.abc import AsyncIterator, Coroutine, Generator
 from typing import Any, TypeVar
 
 from virtmig.client.connection import AsyncConnection
@@ -66,7 +66,7 @@ class Connection:
             future.cancel()  # an interrupted wait: stop the call too (no-op once it is done)
             raise
 
-    def _iterate(self, it: AsyncIterator[T]) -> Iterator[T]:
+    def _iterate(self, it: AsyncIterator[T]) -> Generator[T, None, None]:
         """The async iterator as a generator; closing it closes the async iterator."""
         try:
             while True:
@@ -136,7 +136,7 @@ class Connection:
     def state(self, key: DomainKey) -> tuple[DomainState, int, str]:
         return self._run(self.aconn.state(key))
 
-    def events(self, key: DomainKey | None = None) -> Iterator[Event]:
+    def events(self, key: DomainKey | None = None) -> Generator[Event, None, None]:
         """Domain events as they happen, for one domain or all; runs until the caller stops."""
         return self._iterate(self.aconn.events(key))
 
@@ -145,7 +145,7 @@ class Connection:
     def job_info(self, key: DomainKey, *, completed: bool = False) -> JobInfo:
         return self._run(self.aconn.job_info(key, completed=completed))
 
-    def watch_job(self, key: DomainKey) -> Iterator[JobInfo]:
+    def watch_job(self, key: DomainKey) -> Generator[JobInfo, None, None]:
         """The job's info each time it changes, then its final record."""
         return self._iterate(self.aconn.watch_job(key))
 
