@@ -3,14 +3,19 @@
 The remote parties here adapt the sequence driver to a daemon's RPCs: the ``*Params`` RPCs when
 both daemons advertise MIGRATION_PARAMS, otherwise the non-params v3 RPCs, which can carry only
 URI, DEST_NAME, DEST_XML and BANDWIDTH.
+
+The drivers work on :class:`~virtmig.client.rpc.RpcConnection`; ``AsyncConnection.migrate3`` and
+``AsyncConnection.migrate_to_uri3`` (:mod:`virtmig.client.connection`) call them.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from virtmig.client.rpc import RpcConnection
 from virtmig.client.sequence import Trace, run_v3
+from virtmig.client.values import Domain, DomainKey
 from virtmig.proto import virtmig_pb2 as pb
 from virtmig.proto.compat import Layer, check_known_flags, check_rules
 from virtmig.proto.errors import ArgumentUnsupported, InvalidArgument, NoDomain, NoSupport
@@ -23,9 +28,6 @@ from virtmig.proto.params import (
     to_wire,
 )
 from virtmig.proto.uri import check_not_local
-
-if TYPE_CHECKING:
-    from virtmig.client.connection import AsyncConnection, Domain, DomainKey
 
 F = MigrateFlags
 P = MigrateParam
@@ -42,7 +44,7 @@ def _legacy(req: Any, params: TypedParams, **fields: str) -> None:
 
 
 class RemoteSource:
-    def __init__(self, conn: AsyncConnection, use_params: bool) -> None:
+    def __init__(self, conn: RpcConnection, use_params: bool) -> None:
         self.conn = conn
         self.use_params = use_params
 
@@ -97,7 +99,7 @@ class RemoteSource:
 
 
 class RemoteDest:
-    def __init__(self, conn: AsyncConnection, use_params: bool) -> None:
+    def __init__(self, conn: RpcConnection, use_params: bool) -> None:
         self.conn = conn
         self.use_params = use_params
 
@@ -154,7 +156,7 @@ def check_param_types(params: TypedParams) -> None:
 
 
 async def migrate3(
-    conn: AsyncConnection, key: DomainKey, dconn: AsyncConnection, params: TypedParams,
+    conn: RpcConnection, key: DomainKey, dconn: RpcConnection, params: TypedParams,
     flags: int, *, trace: Trace | None = None,
 ) -> Domain:
     f = check_known_flags(flags, "virDomainMigrate3")
@@ -200,7 +202,7 @@ async def migrate3(
 
 
 async def migrate_to_uri3(
-    conn: AsyncConnection, key: DomainKey, dconnuri: str | None, params: TypedParams,
+    conn: RpcConnection, key: DomainKey, dconnuri: str | None, params: TypedParams,
     flags: int,
 ) -> None:
     f = check_known_flags(flags, "virDomainMigrateToURI3")

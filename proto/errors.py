@@ -13,7 +13,6 @@ same class in :func:`from_status`.  Nowhere else maps errors.
      ├── ArgumentUnsupported             INVALID_ARGUMENT   VIR_ERR_ARGUMENT_UNSUPPORTED
      ├── ConfigUnsupported               FAILED_PRECONDITION VIR_ERR_CONFIG_UNSUPPORTED
      ├── OperationInvalid                FAILED_PRECONDITION VIR_ERR_OPERATION_INVALID
-     ├── MigrateUnsafe                   FAILED_PRECONDITION VIR_ERR_MIGRATE_UNSAFE
      ├── OperationUnsupported            UNIMPLEMENTED      VIR_ERR_OPERATION_UNSUPPORTED
      ├── NoSupport                       UNIMPLEMENTED      VIR_ERR_NO_SUPPORT
      ├── NoDomain                        NOT_FOUND          VIR_ERR_NO_DOMAIN
@@ -74,11 +73,6 @@ class ConfigUnsupported(VirtmigError):
 
 class OperationInvalid(VirtmigError):
     code = "VIR_ERR_OPERATION_INVALID"
-    status = grpc.StatusCode.FAILED_PRECONDITION
-
-
-class MigrateUnsafe(VirtmigError):
-    code = "VIR_ERR_MIGRATE_UNSAFE"
     status = grpc.StatusCode.FAILED_PRECONDITION
 
 

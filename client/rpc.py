@@ -1,0 +1,255 @@
+"""One daemon's connection at the RPC level: channel, stubs, session, one typed method per RPC.
+
+:class:`RpcConnection` turns requests into wire messages and replies into the values of
+:mod:`virtmig.client.values`; a failed RPC becomes a virtmig exception here (``_call`` for unary
+RPCs, ``_stream`` for server streams, and the session's first read).  Driving a migration across
+two daemons is not here: that is :mod:`virtmig.client.migrate`, built on this class.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid as uuidlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Self, TypeVar
+
+import grpc
+
+from virtmig.client.values import Domain, DomainInfo, DomainKey, Event, HostInfo, JobInfo
+from virtmig.proto import virtmig_pb2 as pb
+from virtmig.proto import virtmig_pb2_grpc as pbg
+from virtmig.proto.errors import ConnectionFailed, NoDomain, from_status
+from virtmig.proto.flags import DomainState
+from virtmig.proto.uri import ConnectURI, parse_uri
+
+T = TypeVar("T")
+
+SESSION_METADATA_KEY = "virtmig-session"
+
+# Keepalive pings find a daemon that vanished without closing the connection (a partition):
+# the session then ends, and a peer-to-peer source fails the migration (libvirt's keepalive,
+# 5 s interval).  The daemon accepts pings this often (see virtmig.daemon.main).
+CHANNEL_OPTIONS = [
+    ("grpc.keepalive_time_ms", 5_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+_EOF: object = grpc.aio.EOF  # type: ignore[attr-defined]  # grpc-stubs lacks it
+
+
+class RpcConnection:
+    """A connection to one daemon.  Use ``await cls.open(uri)``; close when done."""
+
+    def __init__(self, uri: ConnectURI, channel: grpc.aio.Channel) -> None:
+        self.uri = uri
+        self._channel = channel
+        self.host_stub = pbg.HostStub(channel)
+        self.domains_stub = pbg.DomainsStub(channel)
+        self.migration_stub = pbg.MigrationStub(channel)
+        self._host: HostInfo | None = None
+        self._session = ""
+        self._session_call: Any = None
+        self._session_task: asyncio.Task[None] | None = None
+        # Set when the session stream ends for any reason other than close().
+        self.session_lost = asyncio.Event()
+
+    @classmethod
+    async def open(cls, uri: str | None = None, *, connect_timeout: float = 10.0) -> Self:
+        parsed = parse_uri(uri)
+        channel = grpc.aio.insecure_channel(parsed.grpc_target, options=CHANNEL_OPTIONS)
+        conn = cls(parsed, channel)
+        try:
+            await conn.host(refresh=True, timeout=connect_timeout)
+        except BaseException:
+            await channel.close(None)
+            raise
+        return conn
+
+    async def close(self) -> None:
+        if self._session_call is not None:
+            self._session_call.cancel()
+        if self._session_task is not None:
+            self._session_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._session_task
+        await self._channel.close(None)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _call(self, method: Callable[..., Awaitable[T]], request: Any,
+                    timeout: float | None = None) -> T:
+        """The one place where a failed RPC becomes a virtmig exception."""
+        metadata = ((SESSION_METADATA_KEY, self._session),) if self._session else None
+        try:
+            return await method(request, timeout=timeout, metadata=metadata)
+        except grpc.aio.AioRpcError as exc:
+            raise from_status(exc.code(), exc.details(), exc.trailing_metadata()) from None
+
+    async def open_session(self) -> str:
+        """Open (once) the session that ties this caller's migration jobs to its life.
+
+        The daemon abandons the jobs this connection starts (libvirt's connection-closed
+        handling) when the session ends: the process died, or the network went away.
+        """
+        if not self._session:
+            call = self.host_stub.OpenSession(pb.OpenSessionRequest())
+            try:
+                first = await call.read()
+            except grpc.aio.AioRpcError as exc:
+                raise from_status(exc.code(), exc.details(), exc.trailing_metadata()) from None
+            if first is _EOF:
+                raise ConnectionFailed("the daemon closed the session at once")
+            self._session_call = call
+            self._session = first.session_id
+            self._session_task = asyncio.get_running_loop().create_task(self._drain(call))
+        return self._session
+
+    async def _drain(self, call: Any) -> None:
+        try:
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                while await call.read() is not _EOF:
+                    pass
+        except asyncio.CancelledError:
+            self._session = ""
+            raise
+        self._session = ""
+        self.session_lost.set()
+
+    # --- host -----------------------------------------------------------------------------------
+
+    async def host(self, *, refresh: bool = False, timeout: float | None = None) -> HostInfo:
+        if self._host is None or refresh:
+            m = await self._call(self.host_stub.GetHost, pb.GetHostRequest(), timeout)
+            self._host = HostInfo.from_msg(m)
+        return self._host
+
+    # --- domains --------------------------------------------------------------------------------
+
+    async def ref(self, key: DomainKey) -> pb.DomainRef:
+        """A domain reference from a handle, name, UUID or (virsh-style) numeric id."""
+        if isinstance(key, Domain):
+            return pb.DomainRef(uuid=key.uuid)
+        if key.isdigit():
+            for d in await self.list_domains(active=True):
+                if d.id == int(key):
+                    return pb.DomainRef(uuid=d.uuid)
+        try:
+            return pb.DomainRef(uuid=str(uuidlib.UUID(key)))
+        except ValueError:
+            return pb.DomainRef(name=key)
+
+    async def lookup(self, key: DomainKey) -> Domain:
+        ref = await self.ref(key)
+        try:
+            m = await self._call(self.domains_stub.Lookup, pb.DomainRequest(domain=ref))
+        except NoDomain:
+            if ref.WhichOneof("key") == "uuid" and isinstance(key, str):
+                m = await self._call(self.domains_stub.Lookup,
+                                     pb.DomainRequest(domain=pb.DomainRef(name=key)))
+            else:
+                raise
+        return Domain.from_msg(m)
+
+    async def define(self, xml: str) -> Domain:
+        return Domain.from_msg(await self._call(self.domains_stub.Define,
+                                                pb.DefineRequest(xml=xml)))
+
+    async def undefine(self, key: DomainKey) -> None:
+        await self._call(self.domains_stub.Undefine, pb.DomainRequest(domain=await self.ref(key)))
+
+    async def start(self, key: DomainKey, *, paused: bool = False) -> Domain:
+        m = await self._call(self.domains_stub.Start,
+                             pb.StartRequest(domain=await self.ref(key), paused=paused))
+        return Domain.from_msg(m)
+
+    async def destroy(self, key: DomainKey) -> None:
+        await self._call(self.domains_stub.Destroy, pb.DomainRequest(domain=await self.ref(key)))
+
+    async def suspend(self, key: DomainKey) -> None:
+        await self._call(self.domains_stub.Suspend, pb.DomainRequest(domain=await self.ref(key)))
+
+    async def resume(self, key: DomainKey) -> None:
+        await self._call(self.domains_stub.Resume, pb.DomainRequest(domain=await self.ref(key)))
+
+    async def list_domains(self, *, active: bool = True, inactive: bool = False) -> list[Domain]:
+        m = await self._call(self.domains_stub.List,
+                             pb.ListRequest(active=active, inactive=inactive))
+        return [Domain.from_msg(d) for d in m.domains]
+
+    async def xml_desc(self, key: DomainKey, *, inactive: bool = False,
+                       migratable: bool = False) -> str:
+        m: pb.GetXMLReply = await self._call(self.domains_stub.GetXML, pb.GetXMLRequest(
+            domain=await self.ref(key), inactive=inactive, migratable=migratable))
+        return m.xml
+
+    async def info(self, key: DomainKey) -> DomainInfo:
+        m = await self._call(self.domains_stub.GetInfo,
+                             pb.DomainRequest(domain=await self.ref(key)))
+        return DomainInfo.from_msg(m)
+
+    async def state(self, key: DomainKey) -> tuple[DomainState, int, str]:
+        m = await self._call(self.domains_stub.GetState,
+                             pb.DomainRequest(domain=await self.ref(key)))
+        return DomainState(m.state), m.reason, m.reason_name
+
+    async def job_info(self, key: DomainKey, *, completed: bool = False) -> JobInfo:
+        m = await self._call(self.migration_stub.GetJobInfo, pb.JobInfoRequest(
+            domain=await self.ref(key), completed=completed))
+        return JobInfo.from_msg(m)
+
+    async def _stream(self, call: Any) -> AsyncIterator[Any]:
+        """Read a server stream, mapping its failure like ``_call`` does."""
+        try:
+            while (item := await call.read()) is not _EOF:
+                yield item
+        except grpc.aio.AioRpcError as exc:
+            raise from_status(exc.code(), exc.details(), exc.trailing_metadata()) from None
+        finally:
+            call.cancel()
+
+    async def watch_job(self, key: DomainKey) -> AsyncIterator[JobInfo]:
+        """The job's info each time it changes (pushed by the daemon), then its final record."""
+        call = self.migration_stub.WatchJob(pb.JobInfoRequest(domain=await self.ref(key)))
+        async for m in self._stream(call):
+            yield JobInfo.from_msg(m)
+
+    async def events(self, key: DomainKey | None = None) -> AsyncIterator[Event]:
+        """Domain events as they happen, for one domain or all; runs until the caller stops."""
+        req = pb.EventsRequest()
+        if key is not None:
+            req.domain.CopyFrom(await self.ref(key))
+        async for m in self._stream(self.domains_stub.Events(req)):
+            yield Event.from_msg(m)
+
+    async def abort_job(self, key: DomainKey, *, postcopy: bool = False) -> None:
+        await self._call(self.migration_stub.AbortJob, pb.AbortJobRequest(
+            domain=await self.ref(key), flags=2 if postcopy else 0))
+
+    async def set_max_downtime(self, key: DomainKey, downtime_ms: int) -> None:
+        await self._call(self.migration_stub.SetMaxDowntime, pb.DowntimeRequest(
+            domain=await self.ref(key), downtime_ms=downtime_ms))
+
+    async def get_max_downtime(self, key: DomainKey) -> int:
+        m: pb.DowntimeReply = await self._call(self.migration_stub.GetMaxDowntime,
+                                               pb.DomainRequest(domain=await self.ref(key)))
+        return m.downtime_ms
+
+    async def set_max_speed(self, key: DomainKey, bandwidth_mib: int, *,
+                            postcopy: bool = False) -> None:
+        await self._call(self.migration_stub.SetMaxSpeed, pb.SpeedRequest(
+            domain=await self.ref(key), bandwidth_mib=bandwidth_mib, flags=1 if postcopy else 0))
+
+    async def get_max_speed(self, key: DomainKey, *, postcopy: bool = False) -> int:
+        m: pb.SpeedReply = await self._call(self.migration_stub.GetMaxSpeed, pb.SpeedRequest(
+            domain=await self.ref(key), flags=1 if postcopy else 0))
+        return m.bandwidth_mib
+
+    async def start_postcopy(self, key: DomainKey) -> None:
+        await self._call(self.migration_stub.StartPostCopy,
+                         pb.DomainRequest(domain=await self.ref(key)))

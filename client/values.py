@@ -1,0 +1,128 @@
+"""The client library's typed values: what the daemon's replies become (frozen, plain data).
+
+Each value is built from its wire message in one ``from_msg``; nothing here talks to a daemon.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from virtmig.proto import virtmig_pb2 as pb
+from virtmig.proto.flags import DomainState, JobOperation, JobType
+from virtmig.proto.params import TypedParam, from_wire
+
+
+@dataclass(frozen=True)
+class Domain:
+    """A domain handle, as the daemon described it at the time of the call."""
+
+    name: str
+    uuid: str
+    id: int
+    persistent: bool
+    state: DomainState
+    reason: int
+    reason_name: str
+
+    @classmethod
+    def from_msg(cls, m: pb.Domain) -> Domain:
+        return cls(m.name, m.uuid, m.id, m.persistent, DomainState(m.state), m.reason,
+                   m.reason_name)
+
+
+# What the domain methods accept: a handle, a name, a UUID or a (virsh-style) numeric id.
+DomainKey = str | Domain
+
+
+@dataclass(frozen=True)
+class HostInfo:
+    hostname: str
+    host_uuid: str
+    version: str
+    backend: str
+    features: frozenset[str]
+    cpus: int
+    memory_kib: int
+    arch: str
+    active_domains: int
+    inactive_domains: int
+
+    @classmethod
+    def from_msg(cls, m: pb.HostInfo) -> HostInfo:
+        return cls(m.hostname, m.host_uuid, m.version, m.backend, frozenset(m.features), m.cpus,
+                   m.memory_kib, m.arch, m.active_domains, m.inactive_domains)
+
+
+@dataclass(frozen=True)
+class DomainInfo:
+    domain: Domain
+    max_memory_kib: int
+    memory_kib: int
+    vcpus: int
+    cpu_time_ns: int
+    os_type: str
+
+    @classmethod
+    def from_msg(cls, m: pb.DomainInfo) -> DomainInfo:
+        return cls(Domain.from_msg(m.domain), m.max_memory_kib, m.memory_kib, m.vcpus,
+                   m.cpu_time_ns, m.os_type)
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    type: JobType
+    operation: JobOperation
+    time_elapsed_ms: int
+    data_total: int
+    data_processed: int
+    data_remaining: int
+    mem_total: int
+    mem_processed: int
+    mem_remaining: int
+    stats: tuple[TypedParam, ...]
+    phase: str
+    error: str
+    abort_requested: bool = False
+
+    @classmethod
+    def from_msg(cls, m: pb.JobInfo) -> JobInfo:
+        return cls(JobType(m.type), JobOperation(m.operation), m.time_elapsed_ms, m.data_total,
+                   m.data_processed, m.data_remaining, m.mem_total, m.mem_processed,
+                   m.mem_remaining, tuple(from_wire(m.stats)), m.phase, m.error,
+                   m.abort_requested)
+
+    def stat(self, name: str) -> int | float | bool | str | None:
+        """One of libvirt's job stats by its wire name (``memory_bps``, ``downtime``...)."""
+        for p in self.stats:
+            if p.name == name:
+                return p.value
+        return None
+
+
+_EVENT_KINDS = {
+    pb.EVENT_KIND_LIFECYCLE: "lifecycle",
+    pb.EVENT_KIND_MIGRATION_ITERATION: "migration-iteration",
+    pb.EVENT_KIND_JOB_COMPLETED: "job-completed",
+    pb.EVENT_KIND_JOB_FAILED: "job-failed",
+}
+
+
+@dataclass(frozen=True)
+class Event:
+    """A domain event (``Domains.Events``): lifecycle, migration iteration or job end."""
+
+    kind: str  # "lifecycle", "migration-iteration", "job-completed", "job-failed"
+    domain_name: str
+    domain_uuid: str
+    event: int
+    detail: int
+    description: str
+    iteration: int
+    job: JobInfo | None
+    timestamp_ms: int
+
+    @classmethod
+    def from_msg(cls, m: pb.Event) -> Event:
+        return cls(_EVENT_KINDS.get(m.kind, "unknown"), m.domain_name, m.domain_uuid, m.event,
+                   m.detail, m.description, m.iteration,
+                   JobInfo.from_msg(m.job) if m.HasField("job") else None, m.timestamp_ms)
