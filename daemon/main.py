@@ -39,7 +39,7 @@ def make_backend(name: str) -> Backend:
 
 # Keepalive pings find a caller that vanished without closing its connection (a partition), so
 # that its session, and the migration jobs it owns, end within about 15 s.  Clients ping every
-# 5 s (virtmig.client.connection); the server accepts a ping every 4 s even when no data flows
+# 5 s (virtmig.client.rpc); the server accepts a ping every 4 s even when no data flows
 # (gRPC's default is 5 min: after two early pings it sends GOAWAY "too_many_pings", which ends
 # every stream on the connection, sessions included).  gRPC's C name of that argument is
 # GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS; its string is the one below.
