@@ -35,7 +35,7 @@ F = MigrateFlags
 P = MigrateParam
 T = TypeVar("T")
 
-READ_DEADLINE_S = 2.0  # a read-only call that waits behind a job would take job_wait_timeout+
+READ_DEADLINE_S = 5.0  # generous under load; a call that waits behind the lock never answers
 
 
 @pytest.fixture
