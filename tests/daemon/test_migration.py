@@ -116,8 +116,9 @@ async def test_persist_dest_and_undefine_source(pair: tuple[Host, Host]) -> None
     src, dst = pair
     await running_guest(src)
     await migrate(src, dst, F.LIVE | F.PERSIST_DEST | F.UNDEFINE_SOURCE)
-    assert (await dst.conn.lookup("vm1")).persistent
-    assert (dst.state_dir / "domains").glob("*.xml")
+    dom = await dst.conn.lookup("vm1")
+    assert dom.persistent
+    assert [p.name for p in (dst.state_dir / "domains").glob("*.xml")] == [f"{dom.uuid}.xml"]
     with pytest.raises(NoDomain):
         await src.conn.lookup("vm1")
     assert not list((src.state_dir / "domains").glob("*.xml"))
