@@ -95,9 +95,6 @@ class Registry:
     def find_name(self, name: str) -> DomainObj | None:
         return self._by_name.get(name)
 
-    def find_uuid(self, uuid: str) -> DomainObj | None:
-        return self._by_uuid.get(uuid.lower())
-
     # --- membership -----------------------------------------------------------------------------
 
     def add(self, dom: DomainObj) -> DomainObj:
