@@ -19,8 +19,9 @@ from virtmig.proto import virtmig_pb2 as pb
 from virtmig.proto import virtmig_pb2_grpc as pbg
 from virtmig.proto.errors import ConnectionFailed, NoDomain, from_status
 from virtmig.proto.flags import DomainState, JobOperation, JobType, MigrateFlags
-from virtmig.proto.params import TypedParam, TypedParams, from_wire
+from virtmig.proto.params import TypedParam, TypedParams
 from virtmig.proto.uri import ConnectURI, parse_uri
+from virtmig.proto.wire import from_wire
 
 T = TypeVar("T")
 

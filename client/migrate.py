@@ -20,9 +20,9 @@ from virtmig.proto.params import (
     NON_PARAMS_ALLOWED,
     MigrateParam,
     TypedParams,
-    to_wire,
 )
 from virtmig.proto.uri import check_not_local
+from virtmig.proto.wire import to_wire
 
 if TYPE_CHECKING:
     from virtmig.client.connection import AsyncConnection, Domain, DomainKey

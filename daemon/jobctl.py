@@ -39,7 +39,8 @@ from virtmig.proto.flags import (
     MigrateFlags,
     PausedReason,
 )
-from virtmig.proto.params import MigrateParam, ParamType, TypedParam, TypedParams, to_wire
+from virtmig.proto.params import MigrateParam, ParamType, TypedParam, TypedParams
+from virtmig.proto.wire import to_wire
 
 log = logging.getLogger(__name__)
 

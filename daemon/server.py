@@ -25,11 +25,8 @@ from virtmig.proto import virtmig_pb2 as pb
 from virtmig.proto import virtmig_pb2_grpc as pbg
 from virtmig.proto.errors import InvalidArgument, to_status
 from virtmig.proto.flags import MigrateFlags
-from virtmig.proto.params import (
-    MigrateParam,
-    TypedParams,
-    from_wire,
-)
+from virtmig.proto.params import MigrateParam, TypedParams
+from virtmig.proto.wire import from_wire
 
 log = logging.getLogger(__name__)
 
