@@ -25,9 +25,9 @@ from virtmig.proto.params import (
     NON_PARAMS_ALLOWED,
     MigrateParam,
     TypedParams,
-    to_wire,
 )
 from virtmig.proto.uri import check_not_local
+from virtmig.proto.wire import to_wire
 
 F = MigrateFlags
 P = MigrateParam
@@ -36,7 +36,7 @@ P = MigrateParam
 def _legacy(req: Any, params: TypedParams, **fields: str) -> None:
     """Non-params RPCs: set each optional request field whose param is present (libvirt's
     mapping of URI, DEST_NAME and DEST_XML to driver arguments; the daemon's inverse is
-    ``virtmig.daemon.server.legacy_params``)."""
+    ``virtmig.daemon.wire.legacy_params``)."""
     for field, name in fields.items():
         value = params.get_str(name)
         if value is not None:

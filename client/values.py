@@ -9,7 +9,8 @@ from dataclasses import dataclass
 
 from virtmig.proto import virtmig_pb2 as pb
 from virtmig.proto.flags import DomainState, JobOperation, JobType
-from virtmig.proto.params import TypedParam, from_wire
+from virtmig.proto.params import TypedParam
+from virtmig.proto.wire import from_wire
 
 
 @dataclass(frozen=True)

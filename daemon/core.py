@@ -1,6 +1,7 @@
 """The daemon's shared context: identity, configuration, registry, backend and migration ports.
 
-Every service and phase receives one :class:`Daemon`; nothing is global.
+Every service and phase receives one :class:`Daemon`; nothing is global.  :class:`HostInfo` is
+what the daemon tells callers about its host.
 """
 
 from __future__ import annotations
@@ -55,6 +56,31 @@ class DaemonConfig:
     )
 
 
+@dataclass(frozen=True)
+class HostInfo:
+    hostname: str
+    host_uuid: str
+    version: str
+    backend: str
+    features: tuple[str, ...]  # sorted
+    cpus: int
+    memory_kib: int
+    arch: str
+    active_domains: int
+    inactive_domains: int
+
+
+def _memory_kib() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 class PortAllocator:
     """Migration ports from the configured range; a port is held until released."""
 
@@ -92,6 +118,22 @@ class Daemon:
     @property
     def features(self) -> frozenset[str]:
         return frozenset(self.config.features)
+
+    def host_info(self) -> HostInfo:
+        doms = list(self.registry)
+        active = sum(1 for x in doms if x.active)
+        return HostInfo(
+            hostname=self.hostname,
+            host_uuid=self.host_uuid,
+            version=VERSION,
+            backend=self.backend.name,
+            features=tuple(sorted(self.features)),
+            cpus=os.cpu_count() or 1,
+            memory_kib=_memory_kib(),
+            arch=os.uname().machine,
+            active_domains=active,
+            inactive_domains=len(doms) - active,
+        )
 
     async def open(self) -> list[tuple[DomainObj, etree._Element]]:
         """Load the state dir; return the domains whose guests outlived the daemon, with their

@@ -1,7 +1,8 @@
 """Domain events: libvirt's lifecycle events (type + detail), migration iterations, job ends.
 
-:class:`EventBus` fans events out to subscribers (the ``Domains.Events`` stream).  A subscriber
-that does not keep up loses its oldest events rather than slowing the daemon down.
+:class:`Event` is one event, a plain value; :class:`EventBus` fans events out to subscribers (the
+``Domains.Events`` stream converts them at the edge, ``virtmig.daemon.wire``).  A subscriber that
+does not keep up loses its oldest events rather than slowing the daemon down.
 :func:`lifecycle_for` derives libvirt's lifecycle event from a state change, in one place.
 """
 
@@ -12,9 +13,34 @@ import contextlib
 import enum
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, replace
 
-from virtmig.proto import virtmig_pb2 as pb
+from virtmig.daemon.job import JobInfo
 from virtmig.proto.flags import DomainState, PausedReason, RunningReason, ShutoffReason
+
+
+class EventKind(enum.IntEnum):
+    """The kinds of ``Domains.Events`` (the wire's ``EventKind`` values)."""
+
+    LIFECYCLE = 0
+    MIGRATION_ITERATION = 1
+    JOB_COMPLETED = 2
+    JOB_FAILED = 3
+
+
+@dataclass(frozen=True)
+class Event:
+    """One domain event; the fields that do not apply to its kind stay empty."""
+
+    kind: EventKind
+    domain_name: str
+    domain_uuid: str
+    event: int = 0  # lifecycle: virDomainEventType
+    detail: int = 0  # lifecycle: the type's detail enum
+    description: str = ""  # lifecycle: virsh's words, "Started Migrated"
+    iteration: int = 0  # MIGRATION_ITERATION
+    job: JobInfo | None = None  # JOB_COMPLETED / JOB_FAILED
+    timestamp_ms: int = 0  # set by EventBus.publish when 0
 
 
 class Lifecycle(enum.IntEnum):
@@ -100,24 +126,24 @@ class EventBus:
     QUEUE_SIZE = 1024
 
     def __init__(self) -> None:
-        self._subs: dict[int, tuple[str, asyncio.Queue[pb.Event]]] = {}
+        self._subs: dict[int, tuple[str, asyncio.Queue[Event]]] = {}
         self._next = 0
 
     @contextlib.contextmanager
-    def subscribe(self, uuid: str = "") -> Iterator[asyncio.Queue[pb.Event]]:
+    def subscribe(self, uuid: str = "") -> Iterator[asyncio.Queue[Event]]:
         """Events for one domain (by UUID), or for all with ``""``."""
         key = self._next
         self._next += 1
-        queue: asyncio.Queue[pb.Event] = asyncio.Queue(self.QUEUE_SIZE)
+        queue: asyncio.Queue[Event] = asyncio.Queue(self.QUEUE_SIZE)
         self._subs[key] = (uuid, queue)
         try:
             yield queue
         finally:
             del self._subs[key]
 
-    def publish(self, event: pb.Event) -> None:
+    def publish(self, event: Event) -> None:
         if not event.timestamp_ms:
-            event.timestamp_ms = int(time.time() * 1000)
+            event = replace(event, timestamp_ms=int(time.time() * 1000))
         for uuid, queue in list(self._subs.values()):
             if uuid and uuid != event.domain_uuid:
                 continue
@@ -127,6 +153,5 @@ class EventBus:
             queue.put_nowait(event)
 
     def lifecycle(self, name: str, uuid: str, event: Lifecycle, detail: int) -> None:
-        self.publish(pb.Event(kind=pb.EVENT_KIND_LIFECYCLE, domain_name=name, domain_uuid=uuid,
-                              event=int(event), detail=detail,
-                              description=describe(event, detail)))
+        self.publish(Event(EventKind.LIFECYCLE, name, uuid, event=int(event), detail=detail,
+                           description=describe(event, detail)))

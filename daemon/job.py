@@ -9,6 +9,7 @@
 :meth:`MigrationJob.set_phase` is the one function that moves a phase; it refuses to go backwards
 ("migration protocol going backwards"), as libvirt does.  The job carries what later phases and
 crash recovery need (flags, params, the domain's state before migration) and the live statistics.
+:class:`JobInfo` is what callers are shown of a job (``virtmig.daemon.jobctl`` builds it).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 from virtmig.daemon.backend.base import MigrationProgress
 from virtmig.proto.errors import InternalError, VirtmigError
 from virtmig.proto.flags import DomainState, JobOperation, JobType, MigrateFlags
-from virtmig.proto.params import TypedParams
+from virtmig.proto.params import TypedParam, TypedParams
 
 
 class AsyncJob(enum.Enum):
@@ -76,6 +77,26 @@ class JobRecord:
     time_elapsed_ms: int
     progress: MigrationProgress
     error: str = ""
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    """A job as GetJobInfo and WatchJob report it (``virDomainJobInfo`` plus libvirt's job stats):
+    the running job, the last completed one, or none (``type`` NONE, everything else empty)."""
+
+    type: JobType
+    operation: JobOperation = JobOperation.UNKNOWN
+    time_elapsed_ms: int = 0
+    data_total: int = 0
+    data_processed: int = 0
+    data_remaining: int = 0
+    mem_total: int = 0
+    mem_processed: int = 0
+    mem_remaining: int = 0
+    stats: tuple[TypedParam, ...] = ()
+    phase: str = ""
+    error: str = ""
+    abort_requested: bool = False
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """Job control: what a running migration job shows and how it is steered and stopped.
 
-* job info and libvirt's job stats, live or of the last completed job;
+* job info (:class:`~virtmig.daemon.job.JobInfo`) and libvirt's job stats, live or of the last
+  completed job;
 * ``watch``: the job's info each time it changes, then its completed record;
 * ``abort`` (libvirt's AbortJob), max downtime and max speed (also between migrations), the
   switch to post-copy;
@@ -16,12 +17,13 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 from virtmig.daemon.backend.base import BackendError, MigrationProgress, MigrationStatus
 from virtmig.daemon.core import Daemon
-from virtmig.daemon.job import AsyncJob, JobRecord, MigrationJob, Phase
+from virtmig.daemon.events import Event, EventKind
+from virtmig.daemon.job import AsyncJob, JobInfo, JobRecord, MigrationJob, Phase
 from virtmig.daemon.registry import DomainObj
-from virtmig.proto import virtmig_pb2 as pb
 from virtmig.proto.errors import (
     InvalidArgument,
     OperationFailed,
@@ -35,11 +37,12 @@ from virtmig.proto.flags import (
     MAX_BANDWIDTH_MIB,
     CompletionAction,
     DomainState,
+    JobOperation,
     JobType,
     MigrateFlags,
     PausedReason,
 )
-from virtmig.proto.params import MigrateParam, ParamType, TypedParam, TypedParams, to_wire
+from virtmig.proto.params import MigrateParam, ParamType, TypedParam, TypedParams
 
 log = logging.getLogger(__name__)
 
@@ -89,10 +92,11 @@ def job_stats(
     return items
 
 
-def _info(jtype: JobType, operation: int, elapsed: int, progress: MigrationProgress, *,
-          completed: bool, error: str = "", phase: str = "") -> pb.JobInfo:
-    return pb.JobInfo(
-        type=int(jtype),  # type: ignore[arg-type]
+def _info(jtype: JobType, operation: JobOperation, elapsed: int, progress: MigrationProgress, *,
+          completed: bool, error: str = "", phase: str = "",
+          abort_requested: bool = False) -> JobInfo:
+    return JobInfo(
+        type=jtype,
         operation=operation,
         time_elapsed_ms=elapsed,
         data_total=progress.total_bytes,
@@ -101,14 +105,15 @@ def _info(jtype: JobType, operation: int, elapsed: int, progress: MigrationProgr
         mem_total=progress.total_bytes,
         mem_processed=progress.processed_bytes,
         mem_remaining=progress.remaining_bytes,
-        stats=to_wire(job_stats(progress, elapsed, completed, error)),
+        stats=tuple(job_stats(progress, elapsed, completed, error)),
         phase=phase,
         error=error,
+        abort_requested=abort_requested,
     )
 
 
-def record_info(rec: JobRecord) -> pb.JobInfo:
-    return _info(rec.type, int(rec.operation), rec.time_elapsed_ms, rec.progress,
+def record_info(rec: JobRecord) -> JobInfo:
+    return _info(rec.type, rec.operation, rec.time_elapsed_ms, rec.progress,
                  completed=True, error=rec.error)
 
 
@@ -120,34 +125,31 @@ def live_progress(daemon: Daemon, dom: DomainObj, job: MigrationJob) -> Migratio
     return job.progress
 
 
-def job_info(daemon: Daemon, dom: DomainObj, *, completed: bool = False) -> pb.JobInfo:
+def job_info(daemon: Daemon, dom: DomainObj, *, completed: bool = False) -> JobInfo:
     if completed:
         rec = dom.completed
-        return record_info(rec) if rec is not None else pb.JobInfo(type=pb.JOB_TYPE_NONE)
+        return record_info(rec) if rec is not None else JobInfo(JobType.NONE)
     job = dom.job
     if job is None:
-        return pb.JobInfo(type=pb.JOB_TYPE_NONE)
-    info = _info(JobType.UNBOUNDED, int(job.kind.operation), job.elapsed_ms(),
-                 live_progress(daemon, dom, job), completed=False, phase=job.phase.label)
-    info.abort_requested = job.abort_requested
-    return info
+        return JobInfo(JobType.NONE)
+    return _info(JobType.UNBOUNDED, job.kind.operation, job.elapsed_ms(),
+                 live_progress(daemon, dom, job), completed=False, phase=job.phase.label,
+                 abort_requested=job.abort_requested)
 
 
-async def watch(daemon: Daemon, dom: DomainObj) -> AsyncIterator[pb.JobInfo]:
+async def watch(daemon: Daemon, dom: DomainObj) -> AsyncIterator[JobInfo]:
     """The current job's info whenever it changes; its completed record when it ends."""
     job = dom.job
     if job is None:
         yield job_info(daemon, dom)
         return
-    last: pb.JobInfo | None = None
+    last: JobInfo | None = None
     while dom.job is job:
         info = job_info(daemon, dom)
-        info.time_elapsed_ms = 0  # compare without the clock
-        if info != last:
-            last = pb.JobInfo()
-            last.CopyFrom(info)
-            info.time_elapsed_ms = job.elapsed_ms()
-            yield info
+        unclocked = replace(info, time_elapsed_ms=0)  # compare without the clock
+        if unclocked != last:
+            last = unclocked
+            yield replace(info, time_elapsed_ms=job.elapsed_ms())
         async with dom.job_changed:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(dom.job_changed.wait(), 1.0)
@@ -155,10 +157,9 @@ async def watch(daemon: Daemon, dom: DomainObj) -> AsyncIterator[pb.JobInfo]:
         yield record_info(dom.completed)
 
 
-def job_event(dom: DomainObj, rec: JobRecord) -> pb.Event:
-    kind = pb.EVENT_KIND_JOB_COMPLETED if rec.type is JobType.COMPLETED else \
-        pb.EVENT_KIND_JOB_FAILED
-    return pb.Event(kind=kind, domain_name=dom.name, domain_uuid=dom.uuid, job=record_info(rec))
+def job_event(dom: DomainObj, rec: JobRecord) -> Event:
+    kind = EventKind.JOB_COMPLETED if rec.type is JobType.COMPLETED else EventKind.JOB_FAILED
+    return Event(kind, dom.name, dom.uuid, job=record_info(rec))
 
 
 # --- steering ------------------------------------------------------------------------------------
@@ -314,9 +315,8 @@ async def _src_watch(daemon: Daemon, dom: DomainObj, job: MigrationJob) -> None:
         await daemon.registry.job_changed(dom)
         if p.iteration != last_iteration:
             last_iteration = p.iteration
-            daemon.events.publish(pb.Event(kind=pb.EVENT_KIND_MIGRATION_ITERATION,
-                                           domain_name=dom.name, domain_uuid=dom.uuid,
-                                           iteration=p.iteration))
+            daemon.events.publish(Event(EventKind.MIGRATION_ITERATION, dom.name, dom.uuid,
+                                        iteration=p.iteration))
         now = time.monotonic()
         if p.processed_bytes != last_processed or p.status is MigrationStatus.POSTCOPY_ACTIVE:
             last_processed, last_change = p.processed_bytes, now

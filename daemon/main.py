@@ -18,7 +18,7 @@ from virtmig.daemon import jobctl, recovery
 from virtmig.daemon.backend.base import Backend
 from virtmig.daemon.config import build_parser, load_config
 from virtmig.daemon.core import Daemon, DaemonConfig
-from virtmig.daemon.server import add_services
+from virtmig.daemon.server import make_server
 from virtmig.proto.errors import InvalidArgument, VirtmigError
 from virtmig.proto.uri import parse_listen
 
@@ -76,8 +76,7 @@ async def start_daemon(config: DaemonConfig, backend: Backend | None = None) -> 
     daemon = Daemon(config, backend or make_backend(config.backend))
     daemon.registry.on_job_end = lambda dom, rec: daemon.events.publish(jobctl.job_event(dom, rec))
     await recovery.recover(daemon, await daemon.open())
-    server = grpc.aio.server(options=SERVER_OPTIONS)
-    add_services(server, daemon)
+    server = make_server(daemon, SERVER_OPTIONS)
     addresses = []
     for uri in config.listen:
         lst = parse_listen(uri)

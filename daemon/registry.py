@@ -95,8 +95,11 @@ class Registry:
     def find_name(self, name: str) -> DomainObj | None:
         return self._by_name.get(name)
 
-    def find_uuid(self, uuid: str) -> DomainObj | None:
-        return self._by_uuid.get(uuid.lower())
+    def listing(self, *, active: bool, inactive: bool) -> list[DomainObj]:
+        """``virsh list``'s order: active domains by id, then inactive ones by name."""
+        doms = [d for d in self if (d.active and active) or (not d.active and inactive)]
+        doms.sort(key=lambda d: (d.id < 0, d.id if d.id >= 0 else 0, d.name))
+        return doms
 
     # --- membership -----------------------------------------------------------------------------
 

@@ -9,6 +9,10 @@
 The backends do not know: each sees an ordinary loopback TCP stream, so any backend whose
 migration stream is a TCP connection (test, qemu) can be tunnelled.  No migration port is opened
 to the network on the destination.
+
+This module is a streaming transport of raw bytes, so it stays at the wire's edge: it builds and
+reads its ``TunnelChunk`` messages itself (``dname`` first, then ``data``) rather than through
+``virtmig.daemon.wire``; there is no value to convert, only bytes to move.
 """
 
 from __future__ import annotations

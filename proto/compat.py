@@ -3,14 +3,15 @@
 Rules are libvirt's (reference §2.4), each with the layer that checks it and libvirt's error class
 and message: ``CLIENT`` rules run in the client library (``migrate3``/``migrate_to_uri3``) and
 again in the daemon for clients that skip them; ``DRIVER`` rules run in the daemon's phases.
-Flags and params this implementation does not act on yet are refused here, never ignored.
+Flags this implementation does not act on yet are refused here, never ignored; parameters are
+refused by the params table's own columns (``virtmig.proto.params``).  This module reads that
+table; the table never imports this module.
 """
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from virtmig.proto.errors import (
     ArgumentUnsupported,
@@ -20,9 +21,8 @@ from virtmig.proto.errors import (
     VirtmigError,
 )
 from virtmig.proto.flags import ALL_MIGRATE_FLAGS, NO_FLAGS, MigrateFlags
-
-if TYPE_CHECKING:
-    from virtmig.proto.params import Party, TypedParams
+from virtmig.proto.params import MigrateParam as P
+from virtmig.proto.params import TypedParams
 
 F = MigrateFlags
 
@@ -129,23 +129,6 @@ def check_flags_supported(flags: int, backend_flags: MigrateFlags = NO_FLAGS) ->
         raise ArgumentUnsupported(f"migration flag {names} is not supported by this host")
 
 
-def check_params_supported(params: TypedParams, flags: int, party: Party | None = None) -> None:
-    from virtmig.proto.params import MIGRATION_PARAMS
-
-    for p in params:
-        spec = MIGRATION_PARAMS[p.name]
-        if party is not None and not spec.party & party:
-            continue  # the other side's parameter: checked there
-        if not spec.supported:
-            raise ArgumentUnsupported(
-                f"migration parameter '{p.name}' is not supported by this host"
-            )
-        if spec.needs_any_flag and not flags & spec.needs_any_flag:
-            needed = "|".join(f"VIR_MIGRATE_{f.name}" for f in MigrateFlags
-                              if f & spec.needs_any_flag)
-            raise ArgumentUnsupported(f"parameter '{p.name}' requires flag {needed}")
-
-
 def check_migration(flags: int, params: TypedParams | None, function: str,
                     backend_flags: MigrateFlags = NO_FLAGS) -> MigrateFlags:
     """Everything the daemon checks about a flags word and params before a phase changes state.
@@ -189,8 +172,6 @@ def compression_settings(params: TypedParams, flags: int) -> Compression:
     and zstd compress multifd channels, so they need PARALLEL, and only one of them applies;
     xbzrle and mt work on the single stream only.
     """
-    from virtmig.proto.params import MigrateParam as P
-
     f = MigrateFlags(flags)
     methods: list[str] = []
     for method in params.get_all_str(P.COMPRESSION):

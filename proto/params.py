@@ -2,8 +2,10 @@
 
 A typed parameter is a name, a type and a value (``virTypedParameter``).  Migration params travel
 as a list of them; :data:`MIGRATION_PARAMS` says, for every ``VIR_MIGRATE_PARAM_*`` wire name, its
-type, whether it may repeat, which party uses it, and which flags it needs.  Both the client and the
-daemon validate against this table; nothing else lists parameter names.
+type, whether it may repeat, which party uses it, which flags it needs and whether this host acts
+on it.  Both the client and the daemon validate against this table
+(:func:`validate_migration_params`); nothing else lists parameter names.  The wire form of typed
+params is ``virtmig.proto.wire``'s concern.
 """
 
 from __future__ import annotations
@@ -12,8 +14,7 @@ import enum
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
-from virtmig.proto import virtmig_pb2 as pb
-from virtmig.proto.errors import InvalidArgument
+from virtmig.proto.errors import ArgumentUnsupported, InvalidArgument
 from virtmig.proto.flags import NO_FLAGS, MigrateFlags
 
 
@@ -270,27 +271,22 @@ def validate_migration_params(params: TypedParams, flags: int = 0,
         if p.name in seen and not spec.multiple:
             raise InvalidArgument(f"parameter '{p.name}' occurs multiple times")
         seen.add(p.name)
-    from virtmig.proto.compat import check_params_supported
-
     check_params_supported(params, flags, party)
 
 
-# --- wire conversion -------------------------------------------------------------------------
-
-def to_wire(params: Iterable[TypedParam]) -> list[pb.TypedParam]:
-    out = []
+def check_params_supported(params: TypedParams, flags: int, party: Party | None = None) -> None:
+    """The table's support columns: refuse a parameter this host does not act on yet, or one
+    whose flag is missing (``party``: the side checking; None checks every parameter)."""
     for p in params:
-        msg = pb.TypedParam(name=p.name)
-        setattr(msg, p.type.value, p.value)
-        out.append(msg)
-    return out
+        spec = MIGRATION_PARAMS[p.name]
+        if party is not None and not spec.party & party:
+            continue  # the other side's parameter: checked there
+        if not spec.supported:
+            raise ArgumentUnsupported(
+                f"migration parameter '{p.name}' is not supported by this host"
+            )
+        if spec.needs_any_flag and not flags & spec.needs_any_flag:
+            needed = "|".join(f"VIR_MIGRATE_{f.name}" for f in MigrateFlags
+                              if f & spec.needs_any_flag)
+            raise ArgumentUnsupported(f"parameter '{p.name}' requires flag {needed}")
 
-
-def from_wire(items: Iterable[pb.TypedParam]) -> TypedParams:
-    out = TypedParams()
-    for msg in items:
-        field = msg.WhichOneof("value")
-        if field is None:
-            raise InvalidArgument(f"parameter '{msg.name}' has no value")
-        out.add(msg.name, getattr(msg, field), ParamType(field))
-    return out

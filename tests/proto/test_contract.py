@@ -32,11 +32,10 @@ from virtmig.proto.params import (
     ParamType,
     TypedParam,
     TypedParams,
-    from_wire,
-    to_wire,
     validate_migration_params,
 )
 from virtmig.proto.uri import ConnectURI, check_not_local, parse_listen, parse_uri
+from virtmig.proto.wire import from_wire, to_wire
 
 F = MigrateFlags
 P = MigrateParam

@@ -1,0 +1,216 @@
+"""The daemon's wire layer: every conversion between protobuf messages and the daemon's values.
+
+Requests become core arguments here: a ``DomainRef`` resolves to its domain object, and the
+non-params v3 RPCs' arguments become typed params (libvirt's mapping), so the phases see one form.
+Core values become replies here: domains, host and domain info, job info, events.  The core
+(jobctl, events, registry, migration, p2p, lifecycle, core, the backends) never sees a message.
+
+Two other daemon modules name the generated types: ``server`` (the service classes and the
+request types its handlers read) and ``tunnel``, a streaming transport of raw bytes that builds
+and reads its ``TunnelChunk`` messages itself.  Typed params' wire form is shared with the
+client: ``virtmig.proto.wire``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from virtmig.daemon.core import HostInfo
+from virtmig.daemon.events import Event
+from virtmig.daemon.job import JobInfo
+from virtmig.daemon.registry import DomainObj, Registry
+from virtmig.proto import virtmig_pb2 as pb
+from virtmig.proto.errors import InvalidArgument
+from virtmig.proto.params import MigrateParam, TypedParams
+from virtmig.proto.wire import from_wire, to_wire
+
+# --- requests ------------------------------------------------------------------------------------
+
+
+def resolve(registry: Registry, ref: pb.DomainRef) -> DomainObj:
+    key = ref.WhichOneof("key")
+    if key == "name":
+        return registry.by_name(ref.name)
+    if key == "uuid":
+        return registry.by_uuid(ref.uuid)
+    raise InvalidArgument("invalid argument: a domain name or uuid is required")
+
+
+def optional(msg: Any, field: str) -> str | None:
+    """An ``optional string`` field: None when the caller did not set it."""
+    return str(getattr(msg, field)) if msg.HasField(field) else None
+
+
+def typed_params(items: Iterable[pb.TypedParam]) -> TypedParams:
+    """A ``*Params`` RPC's params."""
+    return from_wire(items)
+
+
+def legacy_params(
+    *, xml: str | None = None, dname: str | None = None, uri: str | None = None,
+    bandwidth: int = 0,
+) -> TypedParams:
+    """Non-params RPC arguments as the params the core uses (libvirt's mapping, §2.2)."""
+    params = TypedParams()
+    if uri is not None:
+        params.add(MigrateParam.URI, uri)
+    if dname is not None:
+        params.add(MigrateParam.DEST_NAME, dname)
+    if xml is not None:
+        params.add(MigrateParam.DEST_XML, xml)
+    if bandwidth:
+        params.add(MigrateParam.BANDWIDTH, bandwidth)
+    return params
+
+
+def begin3_params(req: pb.Begin3Request) -> TypedParams:
+    return legacy_params(xml=optional(req, "xmlin"), dname=optional(req, "dname"),
+                         bandwidth=req.resource)
+
+
+def prepare3_params(req: pb.Prepare3Request) -> TypedParams:
+    return legacy_params(xml=req.dom_xml, dname=optional(req, "dname"),
+                         uri=optional(req, "uri_in"), bandwidth=req.resource)
+
+
+def perform3_params(req: pb.Perform3Request) -> TypedParams:
+    return legacy_params(xml=optional(req, "xmlin"), dname=optional(req, "dname"),
+                         uri=optional(req, "uri"), bandwidth=req.resource)
+
+
+def finish3_params(req: pb.Finish3Request) -> TypedParams:
+    return legacy_params(dname=optional(req, "dname"), uri=optional(req, "uri"))
+
+
+# --- replies: host and domains -------------------------------------------------------------------
+
+
+def empty() -> pb.Empty:
+    return pb.Empty()
+
+
+def session_event(session: str) -> pb.SessionEvent:
+    return pb.SessionEvent(session_id=session)
+
+
+def host_info_msg(info: HostInfo) -> pb.HostInfo:
+    return pb.HostInfo(
+        hostname=info.hostname,
+        host_uuid=info.host_uuid,
+        version=info.version,
+        backend=info.backend,
+        features=info.features,
+        cpus=info.cpus,
+        memory_kib=info.memory_kib,
+        arch=info.arch,
+        active_domains=info.active_domains,
+        inactive_domains=info.inactive_domains,
+    )
+
+
+def domain_msg(dom: DomainObj) -> pb.Domain:
+    return pb.Domain(
+        name=dom.name,
+        uuid=dom.uuid,
+        id=dom.id,
+        persistent=dom.persistent,
+        state=int(dom.state),  # type: ignore[arg-type]
+        reason=dom.reason,
+        reason_name=dom.reason_label,
+    )
+
+
+def domain_list_msg(doms: Iterable[DomainObj]) -> pb.ListReply:
+    return pb.ListReply(domains=[domain_msg(d) for d in doms])
+
+
+def domain_info_msg(dom: DomainObj) -> pb.DomainInfo:
+    d = dom.definition
+    return pb.DomainInfo(
+        domain=domain_msg(dom),
+        max_memory_kib=d.memory_kib,
+        memory_kib=d.current_memory_kib,
+        vcpus=d.vcpus,
+        os_type=d.os_type,
+    )
+
+
+def domain_state_msg(dom: DomainObj) -> pb.DomainStateReply:
+    return pb.DomainStateReply(
+        state=int(dom.state),  # type: ignore[arg-type]
+        reason=dom.reason,
+        reason_name=dom.reason_label,
+    )
+
+
+def xml_msg(xml: str) -> pb.GetXMLReply:
+    return pb.GetXMLReply(xml=xml)
+
+
+def event_msg(event: Event) -> pb.Event:
+    msg = pb.Event(
+        kind=int(event.kind),  # type: ignore[arg-type]
+        domain_name=event.domain_name,
+        domain_uuid=event.domain_uuid,
+        event=event.event,
+        detail=event.detail,
+        description=event.description,
+        iteration=event.iteration,
+        timestamp_ms=event.timestamp_ms,
+    )
+    if event.job is not None:
+        msg.job.CopyFrom(job_info_msg(event.job))
+    return msg
+
+
+# --- replies: migration and jobs -----------------------------------------------------------------
+
+
+def begin3_reply(xml: str, cookie: bytes) -> pb.Begin3Reply:
+    return pb.Begin3Reply(xml=xml, cookie_out=cookie)
+
+
+def prepare3_reply(cookie: bytes, uri_out: str | None) -> pb.Prepare3Reply:
+    reply = pb.Prepare3Reply(cookie_out=cookie)
+    if uri_out is not None:
+        reply.uri_out = uri_out
+    return reply
+
+
+def perform3_reply(cookie: bytes = b"") -> pb.Perform3Reply:
+    return pb.Perform3Reply(cookie_out=cookie)
+
+
+def finish3_reply(dom: DomainObj, cookie: bytes) -> pb.Finish3Reply:
+    return pb.Finish3Reply(domain=domain_msg(dom), cookie_out=cookie)
+
+
+def confirm3_reply() -> pb.Confirm3Reply:
+    return pb.Confirm3Reply()
+
+
+def job_info_msg(info: JobInfo) -> pb.JobInfo:
+    return pb.JobInfo(
+        type=int(info.type),  # type: ignore[arg-type]
+        operation=int(info.operation),
+        time_elapsed_ms=info.time_elapsed_ms,
+        data_total=info.data_total,
+        data_processed=info.data_processed,
+        data_remaining=info.data_remaining,
+        mem_total=info.mem_total,
+        mem_processed=info.mem_processed,
+        mem_remaining=info.mem_remaining,
+        stats=to_wire(info.stats),
+        phase=info.phase,
+        error=info.error,
+        abort_requested=info.abort_requested,
+    )
+
+
+def downtime_reply(downtime_ms: int) -> pb.DowntimeReply:
+    return pb.DowntimeReply(downtime_ms=downtime_ms)
+
+
+def speed_reply(bandwidth_mib: int) -> pb.SpeedReply:
+    return pb.SpeedReply(bandwidth_mib=bandwidth_mib)
