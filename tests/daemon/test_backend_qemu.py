@@ -43,11 +43,11 @@ from virtmig.daemon.backend.base import (
 from virtmig.daemon.backend.qemu import (
     QemuBackend,
     QmpCommandFailed,
-    _Monitor,
-    _stream_settings,
     parse_config,
     progress_from_query,
 )
+from virtmig.daemon.backend.qemu.migration import _stream_settings
+from virtmig.daemon.backend.qemu.monitor import _Monitor
 from virtmig.daemon.domxml import parse_domain_xml
 from virtmig.daemon.jobctl import job_stats
 from virtmig.proto.compat import Compression

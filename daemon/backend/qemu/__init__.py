@@ -1,0 +1,56 @@
+"""The ``qemu`` backend: real QEMU guests (``qemu-system-x86_64``) controlled over QMP.
+
+Concern: run guests described by libvirt domain XML as QEMU processes, and move them between
+hosts with QEMU's own live migration, behind the :class:`~virtmig.daemon.backend.base.Backend`
+interface.  The daemon keeps names, states, jobs and the v3 protocol; this package only turns a
+definition into a command line, starts, stops and watches processes, and drives QMP.
+
+Modules, one concern each, from the bottom up (a module imports only those above it):
+
+* :mod:`.migration` -- QEMU's migration as values: capabilities and parameters from a
+  :class:`MigrationTuning`, ``query-migrate`` -> :class:`MigrationProgress`, the statuses, the
+  per-migration records (``_Outgoing``, ``_Incoming``); the whole migration story is told there.
+* :mod:`.guest` -- the ``_Guest`` record (one QEMU: folder, pid, monitor, run and migration
+  status, watcher tasks), how QMP events change it, and the guest folder's files.
+* :mod:`.config` -- domain XML -> :class:`QemuConfig` -> command line; the supported subset.
+* :mod:`.monitor` -- QMP: the socket, the connection, one command (:class:`QmpCommandFailed`),
+  the event pump, ``query-status`` and ``cont``.
+* :mod:`.process` -- the QEMU process: start, log and pid files, exit and reaping, stop and
+  SIGKILL, letting go at ``close``, taking a guest over after a restart.
+* :mod:`.outgoing` -- the source's flow (``src_*``); :mod:`.incoming` -- the destination's
+  (``dst_*``).  Both are functions over a guest and its migration record, given the backend's
+  QMP path.
+* :mod:`.backend` -- :class:`QemuBackend`: the guests and migrations by uuid, and the interface.
+
+Names with a leading underscore are internal to the package (used across its modules; tests
+import a few from their modules); this module re-exports the public ones.
+"""
+
+from __future__ import annotations
+
+from virtmig.daemon.backend.qemu.backend import QemuBackend
+from virtmig.daemon.backend.qemu.config import (
+    DEFAULT_BINARY,
+    DiskConfig,
+    QemuConfig,
+    SerialConfig,
+    parse_config,
+)
+from virtmig.daemon.backend.qemu.guest import LOG_NAME, PID_NAME, SOCKET_NAME
+from virtmig.daemon.backend.qemu.migration import UNLIMITED_BANDWIDTH, progress_from_query
+from virtmig.daemon.backend.qemu.monitor import QmpCommandFailed
+
+__all__ = [
+    "DEFAULT_BINARY",
+    "LOG_NAME",
+    "PID_NAME",
+    "SOCKET_NAME",
+    "UNLIMITED_BANDWIDTH",
+    "DiskConfig",
+    "QemuBackend",
+    "QemuConfig",
+    "QmpCommandFailed",
+    "SerialConfig",
+    "parse_config",
+    "progress_from_query",
+]

@@ -1,0 +1,334 @@
+""":class:`QemuBackend`: the :class:`~virtmig.daemon.backend.base.Backend` interface over QEMU.
+
+Concern: the backend's own state -- its folder, the guests by uuid, the migration records by
+uuid -- and the interface's calls, each a lookup and a check, then the module that does the work
+(:mod:`~virtmig.daemon.backend.qemu.config`, :mod:`~virtmig.daemon.backend.qemu.process`,
+:mod:`~virtmig.daemon.backend.qemu.monitor`, :mod:`~virtmig.daemon.backend.qemu.outgoing`,
+:mod:`~virtmig.daemon.backend.qemu.incoming`).
+
+Every QMP command passes through :meth:`QemuBackend._exec` (and ``_exec_any``): the flows are
+handed ``self._exec``, so a test can watch or refuse commands on one backend there.
+
+:meth:`QemuBackend.close` stops the migrations nobody will finish (an outgoing pre-copy stream is
+cancelled, a post-copy one is left to QEMU; an incoming guest that has not switched is stopped)
+and leaves the other guests running; :meth:`QemuBackend.open` takes them over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from pathlib import Path
+from typing import Any
+
+from virtmig.daemon.backend.base import (
+    Backend,
+    BackendError,
+    GuestRunState,
+    GuestSpec,
+    MigrationFailed,
+    MigrationProgress,
+    MigrationStatus,
+    MigrationTuning,
+    StreamAddress,
+)
+from virtmig.daemon.backend.qemu.config import DEFAULT_BINARY, QemuConfig, parse_config
+from virtmig.daemon.backend.qemu.guest import PID_NAME, _Guest
+from virtmig.daemon.backend.qemu.incoming import dst_listen, dst_wait
+from virtmig.daemon.backend.qemu.migration import _Incoming, _Outgoing
+from virtmig.daemon.backend.qemu.monitor import (
+    QMP_TIMEOUT,
+    connect,
+    cont,
+    execute,
+    refresh_status,
+)
+from virtmig.daemon.backend.qemu.outgoing import (
+    CANCEL_TIMEOUT,
+    src_cancel,
+    src_migrate,
+    src_set_tuning,
+    src_start_postcopy,
+    src_wait,
+    src_wait_switch_or_end,
+)
+from virtmig.daemon.backend.qemu.process import (
+    START_TIMEOUT,
+    _guest_dirs,
+    _write_pid,
+    adopt,
+    detach,
+    launch,
+    probe_machines,
+    stop_process,
+    take_over,
+)
+from virtmig.proto.errors import ConfigUnsupported
+from virtmig.proto.flags import MigrateFlags
+
+log = logging.getLogger("virtmig.daemon.backend.qemu")
+
+
+class QemuBackend(Backend):
+    """QEMU guests over QMP (see the package docstring)."""
+
+    name = "qemu"
+    extra_flags = MigrateFlags.PARALLEL | MigrateFlags.COMPRESSED
+
+    def __init__(self, binary: str | None = None) -> None:
+        self.binary = binary or DEFAULT_BINARY
+        self._dir: Path | None = None
+        self._guests: dict[str, _Guest] = {}
+        self._progress: dict[str, _Outgoing | _Incoming] = {}
+        self._machines: frozenset[str] | None = None
+
+    # -- setup --
+
+    async def open(self, state_dir: Path) -> None:
+        self._dir = state_dir
+        self._machines = await probe_machines(self.binary)
+        for child in _guest_dirs(state_dir):
+            try:
+                await self._take_over(child)
+            except Exception:
+                log.exception("qemu backend: cannot take over the guest in %s", child)
+
+    async def close(self) -> None:
+        guests = list(self._guests.values())
+        for guest in guests:  # a migration nobody will finish: stop it, the guest stays
+            mig = guest.outgoing
+            if mig is not None and not mig.done.is_set() and not guest.exited:
+                await self._abandon_outgoing(guest, mig)
+            inc = guest.incoming
+            if inc is not None and inc.final is None and not guest.exited and not inc.switched:
+                # an incoming guest cannot finish without us
+                await stop_process(self._exec, guest)
+        for guest in guests:
+            await detach(guest)
+        self._guests.clear()
+
+    async def _abandon_outgoing(self, guest: _Guest, mig: _Outgoing) -> None:
+        """``close`` with an outgoing migration running: cancel it, unless post-copy."""
+        mig.abort_reason = "migration aborted: daemon shutting down"
+        if mig.switched or mig.postcopy_requested:
+            # Post-copy cannot be cancelled: QEMU finishes it without us (after the
+            # switch; detach ends our follower).
+            mig.abort_reason = ("post-copy migration no longer followed: daemon "
+                                "shutting down")
+            if not mig.switched:
+                await src_wait_switch_or_end(guest, mig, CANCEL_TIMEOUT)
+        else:
+            with contextlib.suppress(BackendError):
+                await self.cancel(guest.uuid)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(mig.done.wait(), CANCEL_TIMEOUT)
+
+    def _state_dir(self) -> Path:
+        if self._dir is None:
+            raise BackendError("the qemu backend is not open")
+        return self._dir
+
+    def validate(self, spec: GuestSpec) -> None:
+        parse_config(spec, self._machines)
+
+    def _config(self, spec: GuestSpec) -> QemuConfig:
+        try:
+            return parse_config(spec, self._machines)
+        except ConfigUnsupported as exc:
+            raise BackendError(str(exc)) from None
+
+    # -- guests and their QMP --
+
+    def _check_free(self, uuid: str) -> None:
+        guest = self._guests.get(uuid)
+        if guest is not None:
+            if not guest.exited:
+                raise BackendError(f"guest {uuid} is already running")
+            del self._guests[uuid]
+
+    async def _spawn(self, cfg: QemuConfig, *, incoming: bool) -> _Guest:
+        """Start QEMU (vCPUs stopped) and connect to its QMP socket."""
+        guest = await launch(self.binary, cfg, self._state_dir() / cfg.uuid, incoming=incoming)
+        self._guests[cfg.uuid] = guest
+        try:
+            _write_pid(guest.dir / PID_NAME, guest.pid)
+            await connect(self._exec, guest, START_TIMEOUT)
+        except BaseException:
+            await stop_process(self._exec, guest)
+            self._forget(guest)
+            raise
+        return guest
+
+    async def _take_over(self, gdir: Path) -> None:
+        """A guest left running by an earlier instance: check it is QEMU and reconnect."""
+        guest = adopt(gdir)
+        if guest is None:
+            return
+        self._guests[guest.uuid] = guest
+        if not await take_over(self._exec, guest):
+            self._forget(guest)
+
+    async def _exec(
+        self, guest: _Guest, command: str, args: dict[str, object] | None = None,
+        timeout: float = QMP_TIMEOUT,
+    ) -> dict[str, Any]:
+        """One QMP command whose result is an object (``{}`` if QEMU gave another kind)."""
+        result = await self._exec_any(guest, command, args, timeout)
+        return result if isinstance(result, dict) else {}
+
+    async def _exec_any(
+        self, guest: _Guest, command: str, args: dict[str, object] | None = None,
+        timeout: float = QMP_TIMEOUT,
+    ) -> object:
+        """One QMP command; its result as QEMU gave it (a dict, a list...)."""
+        return await execute(guest, command, args, timeout)
+
+    def _forget(self, guest: _Guest) -> None:
+        if self._guests.get(guest.uuid) is guest:
+            del self._guests[guest.uuid]
+
+    def _guest(self, uuid: str) -> _Guest:
+        guest = self._guests.get(uuid)
+        if guest is None or guest.exited:
+            raise BackendError(f"guest {uuid} is not running")
+        return guest
+
+    # -- lifecycle --
+
+    async def start(self, spec: GuestSpec, *, paused: bool) -> None:
+        cfg = self._config(spec)
+        self._check_free(spec.uuid)
+        guest = await self._spawn(cfg, incoming=False)
+        if not paused:
+            try:
+                await cont(self._exec, guest)
+            except BaseException:
+                await stop_process(self._exec, guest)
+                self._forget(guest)
+                raise
+
+    async def destroy(self, uuid: str) -> None:
+        guest = self._guests.get(uuid)
+        if guest is None:
+            return
+        await stop_process(self._exec, guest)
+        self._forget(guest)
+
+    async def pause(self, uuid: str) -> None:
+        guest = self._guest(uuid)
+        await self._exec(guest, "stop")
+        await refresh_status(self._exec, guest)
+
+    async def resume(self, uuid: str) -> None:
+        guest = self._guest(uuid)
+        inc = guest.incoming
+        if inc is not None and inc.final is None and not inc.switched:
+            raise BackendError(f"guest {uuid} is waiting for its incoming migration")
+        if inc is not None and inc.final is not None and inc.switched and \
+                inc.final.status is not MigrationStatus.COMPLETED:
+            raise BackendError(f"guest {uuid} cannot run: its post-copy migration failed before "
+                               "all of its memory arrived")
+        if guest.outgoing is not None and guest.outgoing.switched:
+            raise BackendError(f"guest {uuid} cannot run here: it was migrated in post-copy mode "
+                               "and its destination has the newest state")
+        await cont(self._exec, guest)
+
+    def state(self, uuid: str) -> GuestRunState:
+        guest = self._guests.get(uuid)
+        return GuestRunState.SHUTOFF if guest is None else guest.run_state()
+
+    def pid(self, uuid: str) -> int:
+        """The QEMU process id of a running guest (for tests and diagnostics)."""
+        return self._guest(uuid).pid
+
+    async def query(self, uuid: str, command: str,
+                    args: dict[str, object] | None = None) -> Any:
+        """Run one QMP command on a guest (for tests and diagnostics): QEMU's result as is."""
+        return await self._exec_any(self._guest(uuid), command, args)
+
+    # -- progress / tuning / cancel --
+
+    def progress(self, uuid: str) -> MigrationProgress:
+        mig = self._progress.get(uuid)
+        return MigrationProgress() if mig is None else mig.snapshot()
+
+    async def cancel(self, uuid: str) -> None:
+        """Cancel the guest's outgoing migration; no-op when none is running."""
+        guest = self._guests.get(uuid)
+        if guest is None or guest.exited:
+            return
+        mig = guest.outgoing
+        if mig is None or mig.done.is_set():
+            return
+        await src_cancel(self._exec, guest, mig)
+
+    async def set_tuning(
+        self,
+        uuid: str,
+        *,
+        bandwidth_bytes_per_s: int | None = None,
+        max_downtime_ms: int | None = None,
+    ) -> None:
+        await src_set_tuning(self._exec, self._guest(uuid), bandwidth_bytes_per_s,
+                             max_downtime_ms)
+
+    async def start_postcopy(self, uuid: str) -> None:
+        """``migrate-start-postcopy``: QEMU switches at its next iteration; ``outgoing`` returns."""
+        guest = self._guest(uuid)
+        mig = guest.outgoing
+        if mig is None or mig.done.is_set() or mig.final is not None:
+            raise BackendError(f"no outgoing migration is running for guest {uuid}")
+        await src_start_postcopy(self._exec, guest, mig)
+
+    async def outgoing_wait(self, uuid: str) -> MigrationProgress:
+        """After a switch to post-copy: wait until the last page was sent."""
+        mig = self._progress.get(uuid)
+        if not isinstance(mig, _Outgoing):
+            raise BackendError(f"no outgoing migration for guest {uuid}")
+        return await src_wait(mig)
+
+    # -- incoming --
+
+    async def incoming_start(self, spec: GuestSpec, listen: StreamAddress,
+                             tuning: MigrationTuning | None = None) -> int:
+        if listen.transport != "tcp":
+            raise BackendError(f"qemu backend: unsupported migration transport {listen.transport}")
+        tuning = tuning or MigrationTuning()
+        cfg = self._config(spec)
+        self._check_free(spec.uuid)
+        guest = await self._spawn(cfg, incoming=True)
+        inc = _Incoming()
+        guest.incoming = inc
+        try:
+            port = await dst_listen(self._exec, guest, inc, listen, tuning)
+        except BaseException:
+            await stop_process(self._exec, guest)
+            self._forget(guest)
+            raise
+        self._progress[spec.uuid] = inc
+        return port
+
+    async def incoming_wait(self, uuid: str) -> MigrationProgress:
+        guest = self._guests.get(uuid)
+        inc = guest.incoming if guest is not None else None
+        if guest is None or inc is None:
+            raise MigrationFailed(f"no incoming migration for guest {uuid}")
+        return await dst_wait(self._exec, guest, inc)
+
+    # -- outgoing --
+
+    async def outgoing(
+        self, uuid: str, dest: StreamAddress, tuning: MigrationTuning
+    ) -> MigrationProgress:
+        guest = self._guest(uuid)
+        if guest.incoming is not None and guest.incoming.final is None:
+            raise BackendError(f"guest {uuid} is waiting for its incoming migration")
+        if guest.outgoing is not None and not guest.outgoing.done.is_set():
+            raise BackendError(f"guest {uuid} is already being migrated")
+        if dest.transport != "tcp":
+            raise BackendError(f"qemu backend: unsupported migration transport {dest.transport}")
+        mig = _Outgoing(tuning=tuning, was_running=guest.status == "running")
+        guest.outgoing = mig
+        self._progress[uuid] = mig
+        return await src_migrate(self._exec, guest, mig, dest)

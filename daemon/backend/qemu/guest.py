@@ -1,0 +1,140 @@
+"""One QEMU guest as the backend knows it: the :class:`_Guest` record and its folder.
+
+Concern: the state of one QEMU process -- folder, pid, monitor connection, run status, migration
+status, the migration records, the tasks that watch it -- and how QMP events change that state.
+Every waiter takes :meth:`_Guest.changed` before it looks at the state, and wakes at the next
+change (:meth:`_Guest.notify`: an event, the exit).
+
+Files, per guest, in ``<state_dir>/<uuid>/``: ``pid`` (written by the backend), ``qmp.sock``
+(QEMU runs with that folder as its working directory and listens on the relative path, so the
+108-byte socket path limit never bites; the backend connects through ``/proc/self/fd`` when the
+absolute path is too long), ``qemu.log`` (QEMU's stdout and stderr, appended, one header line
+per start) and ``serialN.log`` for ``pty`` serials.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import QMPClient
+
+from virtmig.daemon.backend.base import GuestRunState
+from virtmig.daemon.backend.qemu.migration import _STATUS_MAP, _Incoming, _Outgoing
+
+SOCKET_NAME = "qmp.sock"
+PID_NAME = "pid"
+LOG_NAME = "qemu.log"
+
+_LOG_PREFIX_RE = re.compile(r"^(\d{4}-\d\d-\d\dT[0-9:.]+Z\s+)?(\S*qemu-system-\S+?:\s+)?")
+
+
+@dataclass(eq=False)
+class _Guest:
+    """One QEMU process and what the backend knows of it: folder, monitor, run and migration
+    state, and the tasks that watch it."""
+
+    uuid: str
+    dir: Path
+    pid: int
+    proc: asyncio.subprocess.Process | None = None  # our child, started by this instance
+    pidfd: int = -1  # a taken-over guest's pidfd (-1: none)
+    qmp: QMPClient | None = None
+    log_offset: int = 0  # where this QEMU's output starts in qemu.log
+    status: str = "prelaunch"  # QEMU's run status (query-status / STOP / RESUME)
+    status_events: int = 0  # run-status events seen (STOP, RESUME, SHUTDOWN)
+    exited: bool = False
+    exit_code: int | None = None
+    exit_reason: str = ""
+    mig_status: str = "none"  # last MIGRATION event
+    outgoing: _Outgoing | None = None
+    incoming: _Incoming | None = None
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    exit_task: asyncio.Task[None] | None = None
+    _changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def changed(self) -> asyncio.Event:
+        """An event set at the next change (event, exit): take it *before* checking state."""
+        return self._changed
+
+    def notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def start_task(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run ``coro`` for this guest: cancelled when QEMU exits or the backend lets go."""
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    @property
+    def socket(self) -> Path:
+        return self.dir / SOCKET_NAME
+
+    def run_state(self) -> GuestRunState:
+        if self.exited or self.status == "shutdown":
+            return GuestRunState.SHUTOFF
+        return GuestRunState.RUNNING if self.status == "running" else GuestRunState.PAUSED
+
+    def log_tail(self, lines: int = 2) -> str:
+        """QEMU's last messages of this run, without timestamps and program name."""
+        try:
+            with open(self.dir / LOG_NAME, "rb") as f:
+                f.seek(self.log_offset)
+                data = f.read()[-16384:]
+        except OSError:
+            return ""
+        out = []
+        for raw in data.decode("utf-8", "replace").splitlines():
+            line = _LOG_PREFIX_RE.sub("", raw.strip(), count=1).strip()
+            if line and not line.startswith("virtmig:"):
+                out.append(line)
+        return "; ".join(out[-lines:])
+
+    def on_event(self, event: Any) -> None:
+        """Follow one QMP event: run status and migration status."""
+        name = event.get("event")
+        data = event.get("data")
+        data = data if isinstance(data, dict) else {}
+        if name in ("STOP", "RESUME", "SHUTDOWN"):
+            self.status_events += 1
+        if name == "STOP":
+            if self.status == "running":
+                self.status = "paused"
+        elif name == "RESUME":
+            self.status = "running"
+        elif name == "SHUTDOWN":
+            self.status = "shutdown"
+        elif name == "MIGRATION":
+            status = str(data.get("status", ""))
+            self.mig_status = status
+            inc = self.incoming
+            if inc is not None and inc.final is None:
+                if status == "active" and not inc.active_at:
+                    inc.active_at = time.monotonic()
+                if status == "postcopy-active":
+                    inc.switched = True
+                inc.status = _STATUS_MAP.get(status, inc.status)
+            mig = self.outgoing
+            if mig is not None and status == "postcopy-active" and not mig.done.is_set():
+                mig.switched = True
+
+
+async def _wait_guest(guest: _Guest, timeout: float, done: Callable[[], bool]) -> None:
+    """Wait until ``done()``, re-checked at each change of the guest, for at most ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        changed = guest.changed()
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(changed.wait(), remaining)
+

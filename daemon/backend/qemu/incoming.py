@@ -1,0 +1,165 @@
+"""The destination side of a QEMU migration: listen, then wait for the stream to end.
+
+Concern: the QMP flow on the destination (see :mod:`~virtmig.daemon.backend.qemu.migration` for
+the whole story).  The destination QEMU runs with ``-incoming defer -S``; :func:`dst_listen`
+sets its capabilities and parameters and issues ``migrate-incoming``; :func:`dst_wait` follows
+the ``MIGRATION`` events until the stream completed, QEMU exited after a failure (its own
+message, from ``qemu.log``, becomes the error), or a post-copy stream broke.
+
+Every function runs on the destination (``dst_``) and is given the backend's QMP path as
+``qmp``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import time
+from dataclasses import replace
+
+from virtmig.daemon.backend.base import (
+    BackendError,
+    MigrationFailed,
+    MigrationProgress,
+    MigrationStatus,
+    MigrationTuning,
+    PostcopyFailed,
+    StreamAddress,
+)
+from virtmig.daemon.backend.qemu.guest import _Guest
+from virtmig.daemon.backend.qemu.migration import (
+    _POSTCOPY_BROKEN,
+    _Incoming,
+    _ms,
+    _stream_settings,
+    progress_from_query,
+)
+from virtmig.daemon.backend.qemu.monitor import Exec, QmpCommandFailed, refresh_status
+
+log = logging.getLogger("virtmig.daemon.backend.qemu")
+
+POSTCOPY_STOP_TIMEOUT = 5.0  # "stop" on a destination whose post-copy stream broke
+EXIT_REASON_WAIT = 3.0  # a failed incoming QEMU exits by itself: wait that long for its message
+
+
+async def dst_listen(
+    qmp: Exec, guest: _Guest, inc: _Incoming, listen: StreamAddress, tuning: MigrationTuning
+) -> int:
+    """Prepare the incoming QEMU and listen on ``listen``: the port it listens on.
+
+    A port in use raises ``OSError(EADDRINUSE)``.
+    """
+    caps, params = _stream_settings(tuning, incoming=True)
+    await qmp(guest, "migrate-set-capabilities", {"capabilities": [
+        {"capability": "events", "state": True}, *caps]})
+    if params:
+        await qmp(guest, "migrate-set-parameters", params)
+    # A plain stream may switch to post-copy (QEMU needs the capability on this side
+    # before it starts; unused, it costs nothing): allow it unless the stream has
+    # channels or compression and post-copy was not asked for.  Without userfaultfd
+    # QEMU refuses: go on.
+    if tuning.postcopy or not caps:
+        try:
+            await qmp(guest, "migrate-set-capabilities", {"capabilities": [
+                {"capability": "postcopy-ram", "state": True}]})
+            inc.postcopy = True
+        except QmpCommandFailed as exc:
+            log.warning("qemu backend: guest %s: incoming post-copy unavailable: %s",
+                        guest.uuid, exc.desc)
+    try:
+        await qmp(guest, "migrate-incoming", {"uri": str(listen)})
+    except QmpCommandFailed as exc:
+        if "Address already in use" in exc.desc:
+            raise OSError(errno.EADDRINUSE, f"{exc.desc} ({listen})") from None
+        raise
+    return listen.port or await _dst_port(qmp, guest)
+
+
+async def _dst_port(qmp: Exec, guest: _Guest) -> int:
+    info = await qmp(guest, "query-migrate")
+    for addr in info.get("socket-address") or ():
+        if isinstance(addr, dict) and addr.get("port"):
+            return int(addr["port"])
+    raise BackendError("QEMU did not report the port it listens on")
+
+
+async def dst_wait(qmp: Exec, guest: _Guest, inc: _Incoming) -> MigrationProgress:
+    """Wait until the incoming stream completed (the final progress) or failed for good
+    (``MigrationFailed``; ``PostcopyFailed`` after the switch to post-copy)."""
+    failed_at = 0.0
+    while True:
+        changed = guest.changed()
+        if inc.final is not None:
+            if inc.final.status is MigrationStatus.COMPLETED:
+                return inc.final
+            if inc.switched:
+                raise PostcopyFailed(inc.final.error or "post-copy migration failed")
+            raise MigrationFailed(inc.final.error or "incoming migration failed")
+        if guest.mig_status == "completed":
+            return await _dst_completed(qmp, guest, inc)
+        if inc.switched and guest.mig_status in _POSTCOPY_BROKEN:
+            await _dst_postcopy_failed(qmp, guest, inc)
+            continue
+        timeout: float | None = None
+        if guest.mig_status in ("failed", "cancelled"):
+            # QEMU exits by itself after a failed incoming migration: wait for its message.
+            failed_at = failed_at or time.monotonic()
+            timeout = failed_at + EXIT_REASON_WAIT - time.monotonic()
+            if timeout <= 0:
+                inc.fail(inc.error or f"incoming migration {guest.mig_status}")
+                continue
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(changed.wait(), timeout)
+
+
+async def _dst_postcopy_failed(qmp: Exec, guest: _Guest, inc: _Incoming) -> None:
+    """The stream broke after the switch: keep the guest, never resumed, and its memory.
+
+    QEMU waits in ``postcopy-paused`` for a recovery.  Under KVM the vCPUs are stopped, as
+    libvirt does, so that the guest does not hang on a page that will never come.  Under TCG
+    they are left as they are: a vCPU blocked on a missing page cannot leave its fault, and
+    ``stop`` would wait for it forever with the monitor wedged (measured with QEMU 7.2), so
+    QEMU still says ``running`` while the guest is frozen at its first missing page.
+    """
+    status = guest.mig_status
+    error = f"post-copy migration broke (QEMU: {status})"
+    with contextlib.suppress(BackendError):  # (a QEMU in this state may answer slowly)
+        info = await qmp(guest, "query-migrate", timeout=POSTCOPY_STOP_TIMEOUT)
+        if info.get("error-desc"):
+            error += f": {info['error-desc']}"
+    if tail := guest.log_tail():
+        error += f": {tail}"
+    if not guest.exited:
+        try:
+            kvm = await qmp(guest, "query-kvm", timeout=POSTCOPY_STOP_TIMEOUT)
+            if kvm.get("enabled") and await refresh_status(qmp, guest) == "running":
+                await qmp(guest, "stop", timeout=POSTCOPY_STOP_TIMEOUT)
+                await refresh_status(qmp, guest)
+        except BackendError as exc:
+            log.error("qemu backend: cannot pause guest %s after its post-copy migration "
+                      "failed: %s", guest.uuid, exc)
+    if inc.final is None:  # (the guest may have exited meanwhile)
+        log.error("qemu backend: guest %s: %s", guest.uuid, error)
+        inc.fail(error)
+
+
+async def _dst_completed(qmp: Exec, guest: _Guest, inc: _Incoming) -> MigrationProgress:
+    now = time.monotonic()
+    try:
+        info = await qmp(guest, "query-migrate")
+        await refresh_status(qmp, guest)
+    except BackendError:
+        info = {}
+    base = progress_from_query(info)
+    inc.status = MigrationStatus.COMPLETED
+    inc.final = replace(
+        base,
+        status=MigrationStatus.COMPLETED,
+        remaining_bytes=0,
+        setup_time_ms=base.setup_time_ms or _ms((inc.active_at or now) - inc.started),
+        total_time_ms=base.total_time_ms or _ms(now - inc.started),
+        error="",
+    )
+    return inc.final

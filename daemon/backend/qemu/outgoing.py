@@ -1,0 +1,339 @@
+"""The source side of a QEMU migration: ``migrate``, follow it, and settle how it ended.
+
+Concern: the QMP flow on the source (see :mod:`~virtmig.daemon.backend.qemu.migration` for the
+whole story): set capabilities and parameters, issue ``migrate``, follow ``MIGRATION`` events and
+``query-migrate`` until the stream completed, failed or was cancelled, or until QEMU switched to
+post-copy (then a follower task waits for the last page).  After a failure or a cancel the source
+runs again if it ran before; after the switch it is never resumed.
+
+Every function runs on the source (``src_``) and is given the backend's QMP path as ``qmp``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import replace
+from typing import Any
+
+from virtmig.daemon.backend.base import (
+    BackendError,
+    MigrationCancelled,
+    MigrationFailed,
+    MigrationProgress,
+    MigrationStatus,
+    PostcopyFailed,
+    StreamAddress,
+)
+from virtmig.daemon.backend.qemu.guest import _Guest, _wait_guest
+from virtmig.daemon.backend.qemu.migration import (
+    _POSTCOPY_BROKEN,
+    _STATUS_MAP,
+    _TERMINAL,
+    _bandwidth,
+    _downtime,
+    _int,
+    _Outgoing,
+    _src_settings,
+    progress_from_query,
+)
+from virtmig.daemon.backend.qemu.monitor import Exec, QmpCommandFailed, refresh_status
+
+log = logging.getLogger("virtmig.daemon.backend.qemu")
+
+PROGRESS_INTERVAL = 0.25  # query-migrate while a migration runs
+FINAL_STATS_RETRIES = 50  # re-query a completed migration until total-time is filled in
+CANCEL_TIMEOUT = 10.0
+
+
+async def src_migrate(
+    qmp: Exec, guest: _Guest, mig: _Outgoing, dest: StreamAddress
+) -> MigrationProgress:
+    """Run the migration ``mig`` of ``guest`` to ``dest``: the final progress, or the progress
+    at the switch to post-copy; ``MigrationFailed``/``MigrationCancelled`` otherwise."""
+    try:
+        return await _src_run(qmp, guest, mig, dest)
+    except asyncio.CancelledError:
+        # Our caller gave up: stop the migration too, and put the source back -- unless
+        # post-copy was asked for: QEMU may switch at any moment, and a cancel after the
+        # switch would restart the source.  Then the migration goes on by itself.
+        if mig.postcopy_requested and not mig.switched:
+            await src_wait_switch_or_end(guest, mig, CANCEL_TIMEOUT)
+        if mig.switched:
+            _src_ensure_follower(qmp, guest, mig)
+            raise
+        if mig.postcopy_requested and guest.mig_status not in _TERMINAL:
+            mig.final = replace(mig.last, status=MigrationStatus.FAILED,
+                                error="migration no longer followed")
+            raise
+        if mig.issued:
+            with contextlib.suppress(BackendError):
+                await _src_cancel_and_wait(qmp, guest, mig)
+        await _src_settle_failed(qmp, guest, mig, MigrationCancelled("migration cancelled"))
+        raise
+    finally:
+        if mig.switched:
+            _src_ensure_follower(qmp, guest, mig)  # it sets ``done`` at the very end
+        else:
+            mig.done.set()
+
+
+async def _src_run(
+    qmp: Exec, guest: _Guest, mig: _Outgoing, dest: StreamAddress
+) -> MigrationProgress:
+    try:
+        await _src_issue(qmp, guest, mig, dest)
+    except BackendError as exc:
+        if mig.switched:  # (a command failed after the switch: never roll back)
+            return await _src_switched(qmp, guest, mig)
+        raise await _src_settle_failed(qmp, guest, mig, MigrationFailed(str(exc))) from None
+    if not mig.issued:  # cancelled before it started
+        raise await _src_settle_failed(qmp, guest, mig,
+                                       MigrationCancelled("migration cancelled"))
+    poller = guest.start_task(_src_poll_progress(qmp, guest, mig))
+    try:
+        while True:
+            changed = guest.changed()
+            if mig.switched:
+                return await _src_switched(qmp, guest, mig)
+            if guest.exited:
+                quit_error = MigrationFailed(f"guest unexpectedly quit: {guest.exit_reason}")
+                raise await _src_settle_failed(qmp, guest, mig, quit_error)
+            if guest.mig_status in _TERMINAL:
+                break
+            await changed.wait()
+    finally:
+        if not mig.switched:
+            poller.cancel()  # (after the switch it keeps progress() fresh until the end)
+    if guest.mig_status == "completed":
+        return await _src_completed(qmp, guest, mig)
+    raise await _src_settle_failed(qmp, guest, mig, await _src_ended_error(qmp, guest, mig))
+
+
+async def _src_issue(qmp: Exec, guest: _Guest, mig: _Outgoing, dest: StreamAddress) -> None:
+    """Capabilities, parameters, ``migrate`` (unless cancelled first), and a cancel or a switch
+    to post-copy asked for while ``migrate`` was on its way."""
+    caps, params = _src_settings(mig.tuning)
+    await qmp(guest, "migrate-set-capabilities", {"capabilities": caps})
+    await qmp(guest, "migrate-set-parameters", params)
+    if not mig.cancel_requested:
+        guest.mig_status = "setup"
+        mig.issued = True
+        await qmp(guest, "migrate", {"uri": str(dest)})
+        if mig.cancel_requested:  # cancel() came while "migrate" was on its way
+            await qmp(guest, "migrate_cancel")
+        elif mig.postcopy_requested:  # start_postcopy() came before "migrate"
+            try:
+                await qmp(guest, "migrate-start-postcopy")
+            except QmpCommandFailed as exc:  # it goes on as pre-copy
+                log.error("qemu backend: guest %s: cannot switch to post-copy: %s",
+                          guest.uuid, exc)
+
+
+async def _src_ended_error(
+    qmp: Exec, guest: _Guest, mig: _Outgoing
+) -> MigrationFailed | MigrationCancelled:
+    """The stream ended without completing: the last statistics, and why it ended."""
+    try:
+        info = await qmp(guest, "query-migrate")
+    except BackendError:
+        info = {}
+    mig.last = replace(progress_from_query(info), status=_STATUS_MAP[guest.mig_status])
+    if mig.abort_reason:
+        return MigrationFailed(mig.abort_reason)
+    if guest.mig_status == "cancelled" or mig.cancel_requested:
+        # A cancel that finds the stream blocked in a write ends as "failed" ("Unable to
+        # write to socket: Broken pipe": the cancel shut the socket down); we asked for it.
+        return MigrationCancelled("migration cancelled")
+    return MigrationFailed(mig.last.error or "migration failed")
+
+
+async def _src_switched(qmp: Exec, guest: _Guest, mig: _Outgoing) -> MigrationProgress:
+    """QEMU switched to post-copy: the source is stopped for good; the rest streams on."""
+    with contextlib.suppress(BackendError):
+        await refresh_status(qmp, guest)
+    with contextlib.suppress(BackendError):
+        info = await qmp(guest, "query-migrate")
+        if mig.final is None:
+            mig.last = progress_from_query(info)
+    switched = replace(mig.last, status=MigrationStatus.POSTCOPY_ACTIVE)
+    if mig.final is None and mig.last.status not in (MigrationStatus.COMPLETED,
+                                                     MigrationStatus.FAILED):
+        mig.last = switched
+    _src_ensure_follower(qmp, guest, mig)
+    return switched
+
+
+def _src_ensure_follower(qmp: Exec, guest: _Guest, mig: _Outgoing) -> None:
+    if mig.follower is None and not mig.done.is_set():
+        mig.follower = guest.start_task(_src_follow_postcopy(qmp, guest, mig))
+
+
+async def src_wait_switch_or_end(guest: _Guest, mig: _Outgoing, timeout: float) -> None:
+    """Post-copy was asked for: wait (bounded) until QEMU switched or the migration ended."""
+    await _wait_guest(guest, timeout, lambda: mig.switched or guest.mig_status in _TERMINAL
+                      or guest.exited or guest.qmp is None)
+
+
+async def _src_follow_postcopy(qmp: Exec, guest: _Guest, mig: _Outgoing) -> None:
+    """After the switch: wait for the last page, or for the stream to break.
+
+    The source is never resumed here: past the switch the destination holds the newest state.
+    A broken stream leaves QEMU in ``postcopy-paused`` (a recovery could follow, but virtmig
+    does not attempt one) and the source paused.
+    """
+    try:
+        while True:
+            changed = guest.changed()
+            if guest.mig_status == "completed" and not guest.exited:
+                await _src_completed(qmp, guest, mig)
+                return
+            if guest.exited:
+                error = f"guest unexpectedly quit: {guest.exit_reason}"
+                break
+            if guest.mig_status in _POSTCOPY_BROKEN:
+                error = await _src_postcopy_broken(qmp, guest, mig)
+                break
+            await changed.wait()
+        log.error("qemu backend: guest %s: %s", guest.uuid, error)
+        mig.final = replace(mig.last, status=MigrationStatus.FAILED, error=error)
+    finally:
+        if mig.final is None:  # cancelled: the guest quit, or the backend closed
+            error = (f"guest unexpectedly quit: {guest.exit_reason}" if guest.exited
+                     else mig.abort_reason or "post-copy migration no longer followed")
+            mig.final = replace(mig.last, status=MigrationStatus.FAILED, error=error)
+        mig.done.set()
+
+
+async def _src_postcopy_broken(qmp: Exec, guest: _Guest, mig: _Outgoing) -> str:
+    """The post-copy stream broke: the last statistics, and the error with QEMU's words."""
+    error = f"post-copy migration broke (QEMU: {guest.mig_status})"
+    with contextlib.suppress(BackendError):
+        info = await qmp(guest, "query-migrate")
+        mig.last = progress_from_query(info)
+        if info.get("error-desc"):
+            error += f": {info['error-desc']}"
+    if tail := guest.log_tail():
+        error += f": {tail}"
+    with contextlib.suppress(BackendError):
+        await refresh_status(qmp, guest)
+    return error
+
+
+async def _src_poll_progress(qmp: Exec, guest: _Guest, mig: _Outgoing) -> None:
+    """Keep ``mig.last`` fresh: every PROGRESS_INTERVAL and at every QMP event."""
+    while not mig.done.is_set():
+        changed = guest.changed()
+        try:
+            info = await qmp(guest, "query-migrate")
+        except BackendError:
+            return
+        if mig.final is None:
+            mig.last = progress_from_query(info)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(changed.wait(), PROGRESS_INTERVAL)
+
+
+async def _src_completed(qmp: Exec, guest: _Guest, mig: _Outgoing) -> MigrationProgress:
+    """The stream completed: final statistics; the source stays paused (postmigrate)."""
+    info: dict[str, Any] = {}
+    for _ in range(FINAL_STATS_RETRIES):
+        try:
+            info = await qmp(guest, "query-migrate")
+        except BackendError:
+            break
+        if _int(info, "total-time") > 0:
+            break
+        await asyncio.sleep(0.01)
+    with contextlib.suppress(BackendError):
+        await refresh_status(qmp, guest)
+    if guest.status == "running":  # never expected: QEMU leaves it in postmigrate
+        log.error("qemu backend: guest %s still runs after its migration completed",
+                  guest.uuid)
+    final = replace(progress_from_query(info), status=MigrationStatus.COMPLETED,
+                    remaining_bytes=0, error="")
+    mig.final = final
+    return final
+
+
+async def _src_settle_failed(
+    qmp: Exec, guest: _Guest, mig: _Outgoing, error: MigrationFailed | MigrationCancelled
+) -> MigrationFailed | MigrationCancelled:
+    """The migration failed or was cancelled: the source runs again if it ran before."""
+    if not guest.exited:
+        try:
+            status = await refresh_status(qmp, guest)
+            if mig.was_running and status != "running":
+                # QEMU restarts a guest it stopped itself; this covers the rest (never a
+                # completed migration: that path does not come here).
+                await qmp(guest, "cont")
+                await refresh_status(qmp, guest)
+        except BackendError as exc:
+            log.error("qemu backend: cannot restore guest %s after a failed migration: %s",
+                      guest.uuid, exc)
+    outcome = (MigrationStatus.CANCELLED if isinstance(error, MigrationCancelled)
+               else MigrationStatus.FAILED)
+    mig.final = replace(mig.last, status=outcome, error=str(error))
+    return error
+
+
+async def _src_cancel_and_wait(qmp: Exec, guest: _Guest, mig: _Outgoing) -> None:
+    mig.cancel_requested = True
+    await qmp(guest, "migrate_cancel")
+    await _wait_guest(guest, CANCEL_TIMEOUT,
+                      lambda: guest.mig_status in _TERMINAL or guest.exited)
+
+
+# --- requests while the migration runs ------------------------------------------------------------
+
+
+async def src_cancel(qmp: Exec, guest: _Guest, mig: _Outgoing) -> None:
+    """Cancel a running migration (refused once post-copy was asked for)."""
+    if mig.switched:
+        raise BackendError("cannot cancel migration in post-copy mode")
+    if mig.postcopy_requested:
+        # QEMU may switch at any moment, and a cancel after the switch restarts the source
+        # while the destination holds the newest state.
+        raise BackendError("cannot cancel migration: the switch to post-copy was requested")
+    mig.cancel_requested = True
+    if mig.issued:
+        await qmp(guest, "migrate_cancel")
+
+
+async def src_set_tuning(
+    qmp: Exec, guest: _Guest, bandwidth_bytes_per_s: int | None, max_downtime_ms: int | None
+) -> None:
+    """Change the bandwidth cap and the downtime limit of a running migration."""
+    params: dict[str, object] = {}
+    if bandwidth_bytes_per_s is not None:
+        params["max-bandwidth"] = _bandwidth(bandwidth_bytes_per_s)
+    if max_downtime_ms is not None:
+        params["downtime-limit"] = _downtime(max_downtime_ms)
+    if params:
+        await qmp(guest, "migrate-set-parameters", params)
+
+
+async def src_start_postcopy(qmp: Exec, guest: _Guest, mig: _Outgoing) -> None:
+    """``migrate-start-postcopy`` for a running migration (once; after ``migrate`` if that is
+    still on its way)."""
+    if not mig.tuning.postcopy:
+        raise BackendError("migration was not started with post-copy enabled")
+    if mig.cancel_requested:
+        raise BackendError("the migration is being cancelled")
+    if mig.switched or mig.postcopy_requested:
+        return
+    mig.postcopy_requested = True
+    if mig.issued:  # else _src_issue asks right after "migrate"
+        await qmp(guest, "migrate-start-postcopy")
+
+
+async def src_wait(mig: _Outgoing) -> MigrationProgress:
+    """After a switch to post-copy: wait until the last page was sent (else: the progress)."""
+    if not mig.switched:
+        return mig.snapshot()
+    await mig.done.wait()
+    final = mig.snapshot()
+    if final.status is MigrationStatus.COMPLETED:
+        return final
+    raise PostcopyFailed(final.error or "post-copy migration failed")
