@@ -1,6 +1,7 @@
-"""The v3 sequence driver: Begin → Prepare → Perform → Finish → Confirm, with libvirt's exact
-call order and failure handling (reference §1.7).  There is one copy of this logic: the client runs
-it in regular mode with two remote parties; peer-to-peer runs it inside the source daemon.
+"""The v3 sequence driver: Begin → Prepare → Perform → Finish → Confirm, with libvirt's exact call
+order and failure handling (those of virDomainMigrateVersion3Full).  There is one copy of this
+logic: the client runs it in regular mode with two remote parties; peer-to-peer runs it inside the
+source daemon.
 
 Beyond libvirt: when Finish's reply is lost (a transport error), the driver asks the destination
 whether the guest runs there before it resumes anything on the source; if the destination cannot

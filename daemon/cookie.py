@@ -19,7 +19,7 @@ cookies parse here::
       </capabilities>
     </qemu-migration>
 
-Which step produces and consumes which section (libvirt's table, reference §4.2; the sections
+Which step produces and consumes which section (as libvirt's QEMU driver does it; the sections
 virtmig models are marked with *):
 
 =============  ====================================  ===============================================
@@ -40,7 +40,7 @@ The other libvirt sections (graphics, lockstate, network, nbd, cpu, allowReboot,
 blockDirtyBitmaps) are never produced here and are skipped when parsing; their names are known, so
 a mandatory ``<feature>`` naming one is refused as *unsupported* unless the caller accepts it.
 
-Parsing applies libvirt's checks (reference §4.3) with libvirt's messages, all as
+Parsing applies libvirt's checks (qemuMigrationCookieXMLParse's) with libvirt's messages, all as
 :class:`~virtmig.proto.errors.InternalError`, in libvirt's order: NUL terminator, well-formed XML,
 name, uuid, hostname, hostuuid (and "same host"), mandatory features, then the sections listed in
 ``accept``.  Sections present but not accepted are ignored.  The XML is parsed without entities,

@@ -752,7 +752,8 @@ def _with_dst_downtime(progress: MigrationProgress, stats: ck.MigrationStats) ->
 
 
 # =================================================================================================
-# The caller went away (libvirt's qemuMigrationAnyConnectionClosed, reference §5.5)
+# The caller went away: what libvirt's qemuMigrationAnyConnectionClosed does when the
+# controlling connection closes
 
 
 async def any_check_owner(daemon: Daemon, dom: DomainObj) -> None:

@@ -1,9 +1,9 @@
 """After a daemon restart: take back guests that outlived it, and settle their migration jobs.
 
 A guest whose backend still runs it gets its state, reason and id back from its status file.  A
-migration job recorded there is settled by libvirt's recovery tables (reference §6.2), deciding
-from the recorded phase whether the guest is killed, resumed, left paused, or kept for post-copy
-recovery.  Nothing is resumed when the outcome is unknown.
+migration job recorded there is settled by libvirt's recovery tables (what its QEMU driver does per
+job phase after a restart), deciding from the recorded phase whether the guest is killed, resumed,
+left paused, or kept for post-copy recovery.  Nothing is resumed when the outcome is unknown.
 """
 
 from __future__ import annotations

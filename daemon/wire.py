@@ -51,7 +51,8 @@ def legacy_params(
     *, xml: str | None = None, dname: str | None = None, uri: str | None = None,
     bandwidth: int = 0,
 ) -> TypedParams:
-    """Non-params RPC arguments as the params the core uses (libvirt's mapping, §2.2)."""
+    """Non-params RPC arguments as the params the core uses (as libvirt maps the old fixed
+    arguments onto typed params)."""
     params = TypedParams()
     if uri is not None:
         params.add(MigrateParam.URI, uri)

@@ -1,11 +1,11 @@
 """The one table of flag and parameter combinations, checked before anything changes.
 
-Rules are libvirt's (reference §2.4), each with the layer that checks it and libvirt's error class
-and message: ``CLIENT`` rules run in the client library (``migrate3``/``migrate_to_uri3``) and
-again in the daemon for clients that skip them; ``DRIVER`` rules run in the daemon's phases.
-Flags this implementation does not act on yet are refused here, never ignored; parameters are
-refused by the params table's own columns (``virtmig.proto.params``).  This module reads that
-table; the table never imports this module.
+Rules are libvirt's (the flag and parameter combinations it rejects), each with the layer that
+checks it and libvirt's error class and message: ``CLIENT`` rules run in the client library
+(``migrate3``/``migrate_to_uri3``) and again in the daemon for clients that skip them; ``DRIVER``
+rules run in the daemon's phases.  Flags this implementation does not act on yet are refused here,
+never ignored; parameters are refused by the params table's own columns
+(``virtmig.proto.params``).  This module reads that table; the table never imports this module.
 """
 
 from __future__ import annotations

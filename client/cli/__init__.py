@@ -1,6 +1,6 @@
 """``virtmig``: the virsh-like command-line client, a thin shell over :class:`AsyncConnection`.
 
-Commands, options, messages and layouts follow virsh (reference §8)::
+Commands, options, messages and layouts follow virsh's::
 
     virtmig [-c URI | --connect URI] COMMAND [OPTIONS] [ARGS]
 

@@ -291,7 +291,7 @@ def test_missing_statistics_elements_default_to_zero() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# libvirt's parse checks, one each (reference §4.3)
+# libvirt's cookie parse checks, one each
 
 
 def test_not_nul_terminated() -> None:

@@ -1,4 +1,5 @@
-"""Migration jobs you can watch, steer and stop (reference §5 and §8), on both backends.
+"""Migration jobs you can watch, steer and stop (libvirt's migration job and virsh's job
+commands), on both backends.
 
 Every test runs twice: on the ``test`` backend, and on the ``qemu`` backend with the real test
 guest (``tests/guest``; skipped without QEMU, failing instead under VIRTMIG_REQUIRE_QEMU=1).

@@ -1,7 +1,8 @@
 """Regular (client-coordinated) v3 migration between two real daemons on loopback.
 
-Each row of libvirt's failure matrix (reference §1.7) is a test here: afterwards the source guest
-runs as before, the destination holds nothing, and no job is left on either side.
+Each row of libvirt's failure matrix (virDomainMigrateVersion3Full's handling of each failed step)
+is a test here: afterwards the source guest runs as before, the destination holds nothing, and no
+job is left on either side.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""A migration's caller dying mid-way: its session ends and the daemons clean up (libvirt §5.5).
+"""A migration's caller dying mid-way: its session ends and the daemons clean up, as libvirt
+does when the controlling connection closes.
 
 The caller is a real process that drives the first phases and is then SIGKILLed.
 """
