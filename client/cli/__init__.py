@@ -26,6 +26,7 @@ The package, by concern::
     jobs       domjobinfo, domjobabort, downtime/speed, migrate-postcopy, event
     domains    list, define, undefine, start, destroy/suspend/resume, dominfo, ...
     host       hostname, version, nodeinfo
+    pki        pki init/issue: the CA and certificates for mutual TLS (needs no daemon)
 """
 
 from __future__ import annotations

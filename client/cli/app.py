@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, NoReturn
 
 from virtmig import __version__
-from virtmig.client.cli import domains, host, jobs, options
+from virtmig.client.cli import domains, host, jobs, options, pki
 from virtmig.client.cli.base import CliError, Command, Session, UsageError, option, print_error
 from virtmig.client.cli.migration import cmd_migrate
 from virtmig.client.cli.output import EVENT_NAMES
@@ -80,6 +80,8 @@ COMMANDS: tuple[Command, ...] = (
     Command("hostname", "print the daemon's hostname", host.cmd_hostname),
     Command("version", "show version", host.cmd_version),
     Command("nodeinfo", "node information", host.cmd_nodeinfo),
+    Command("pki", "make a CA, or issue a host's or client's TLS certificates (no daemon)",
+            pki.cmd_pki, setup=pki.setup_pki),
 )
 
 COMMANDS_BY_NAME = {c.name: c for c in COMMANDS}
