@@ -171,18 +171,18 @@ class QemuBackend(Backend):
 
     async def _exec(
         self, guest: _Guest, command: str, args: dict[str, object] | None = None,
-        timeout: float = QMP_TIMEOUT,
+        timeout: float = QMP_TIMEOUT, *, oob: bool = False,
     ) -> dict[str, Any]:
         """One QMP command whose result is an object (``{}`` if QEMU gave another kind)."""
-        result = await self._exec_any(guest, command, args, timeout)
+        result = await self._exec_any(guest, command, args, timeout, oob=oob)
         return result if isinstance(result, dict) else {}
 
     async def _exec_any(
         self, guest: _Guest, command: str, args: dict[str, object] | None = None,
-        timeout: float = QMP_TIMEOUT,
+        timeout: float = QMP_TIMEOUT, *, oob: bool = False,
     ) -> object:
-        """One QMP command; its result as QEMU gave it (a dict, a list...)."""
-        return await execute(guest, command, args, timeout)
+        """One QMP command (``oob``: out of band); its result as QEMU gave it."""
+        return await execute(guest, command, args, timeout, oob=oob)
 
     def _forget(self, guest: _Guest) -> None:
         if self._guests.get(guest.uuid) is guest:
