@@ -46,6 +46,7 @@ from virtmig.daemon.backend.qemu.monitor import (
 )
 from virtmig.daemon.backend.qemu.outgoing import (
     CANCEL_TIMEOUT,
+    STOP_TIMEOUT,
     src_cancel,
     src_migrate,
     src_set_tuning,
@@ -121,8 +122,8 @@ class QemuBackend(Backend):
         else:
             with contextlib.suppress(BackendError):
                 await self.cancel(guest.uuid)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(mig.done.wait(), CANCEL_TIMEOUT)
+            with contextlib.suppress(TimeoutError):  # (a cancel ends the flow within)
+                await asyncio.wait_for(mig.done.wait(), STOP_TIMEOUT)
 
     def _state_dir(self) -> Path:
         if self._dir is None:
