@@ -778,13 +778,14 @@ async def test_incoming_without_postcopy_support(
     real = QemuBackend._exec_any
 
     async def refusing(self: QemuBackend, guest: Any, command: str,
-                       args: dict[str, object] | None = None, timeout: float = 30) -> object:
+                       args: dict[str, object] | None = None, timeout: float = 30, *,
+                       oob: bool = False) -> object:
         caps = args.get("capabilities") if args else None
         if command == "migrate-set-capabilities" and isinstance(caps, list) and any(
             c.get("capability") == "postcopy-ram" and c.get("state") for c in caps
         ) and self is dst:
             raise QmpCommandFailed(command, "Postcopy is not supported", "GenericError")
-        return await real(self, guest, command, args, timeout)
+        return await real(self, guest, command, args, timeout, oob=oob)
 
     monkeypatch.setattr(QemuBackend, "_exec_any", refusing)
     spec = make_spec()

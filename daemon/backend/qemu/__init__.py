@@ -13,13 +13,13 @@ Modules, one concern each, from the bottom up (a module imports only those above
 * :mod:`.guest` -- the ``_Guest`` record (one QEMU: folder, pid, monitor, run and migration
   status, watcher tasks), how QMP events change it, and the guest folder's files.
 * :mod:`.config` -- domain XML -> :class:`QemuConfig` -> command line; the supported subset.
-* :mod:`.monitor` -- QMP: the socket, the connection, one command (:class:`QmpCommandFailed`),
-  the event pump, ``query-status`` and ``cont``.
+* :mod:`.monitor` -- QMP: the socket, the connection, one command (:class:`QmpCommandFailed`,
+  :class:`QmpNoAnswer`; in band or out of band), the event pump, ``query-status`` and ``cont``.
 * :mod:`.process` -- the QEMU process: start, log and pid files, exit and reaping, stop and
   SIGKILL, letting go at ``close``, taking a guest over after a restart.
-* :mod:`.outgoing` -- the source's flow (``src_*``); :mod:`.incoming` -- the destination's
-  (``dst_*``).  Both are functions over a guest and its migration record, given the backend's
-  QMP path.
+* :mod:`.outgoing` -- the source's flow (``src_*``; a cancel is bounded: ``migrate_cancel``, then
+  the out-of-band ``yank``); :mod:`.incoming` -- the destination's (``dst_*``).  Both are
+  functions over a guest and its migration record, given the backend's QMP path.
 * :mod:`.backend` -- :class:`QemuBackend`: the guests and migrations by uuid, and the interface.
 
 Names with a leading underscore are internal to the package (used across its modules; tests
@@ -38,7 +38,7 @@ from virtmig.daemon.backend.qemu.config import (
 )
 from virtmig.daemon.backend.qemu.guest import LOG_NAME, PID_NAME, SOCKET_NAME
 from virtmig.daemon.backend.qemu.migration import UNLIMITED_BANDWIDTH, progress_from_query
-from virtmig.daemon.backend.qemu.monitor import QmpCommandFailed
+from virtmig.daemon.backend.qemu.monitor import QmpCommandFailed, QmpNoAnswer
 
 __all__ = [
     "DEFAULT_BINARY",
@@ -50,6 +50,7 @@ __all__ = [
     "QemuBackend",
     "QemuConfig",
     "QmpCommandFailed",
+    "QmpNoAnswer",
     "SerialConfig",
     "parse_config",
     "progress_from_query",
