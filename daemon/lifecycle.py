@@ -69,8 +69,7 @@ async def start(daemon: Daemon, dom: DomainObj, *, paused: bool) -> None:
         try:
             await daemon.backend.start(daemon.spec(d), paused=paused)
         except BackendError as exc:
-            raise OperationFailed(f"cannot start domain '{dom.name}': {exc}") \
-                from exc
+            raise OperationFailed(f"cannot start domain '{dom.name}': {exc}") from exc
         dom.live = d
         dom.id = daemon.registry.new_id()
         if paused:
@@ -117,5 +116,4 @@ async def _backend_call(coro: Awaitable[None], what: str, dom: DomainObj) -> Non
     try:
         await coro
     except BackendError as exc:
-        raise OperationFailed(f"cannot {what} domain '{dom.name}': {exc}") \
-            from exc
+        raise OperationFailed(f"cannot {what} domain '{dom.name}': {exc}") from exc

@@ -289,8 +289,7 @@ async def _dst_listen(
             last = exc
             continue
         except BackendError as exc:
-            raise OperationFailed(f"cannot start incoming guest: {exc}") \
-                from exc
+            raise OperationFailed(f"cannot start incoming guest: {exc}") from exc
         daemon.ports.take(bound)
         return bound
     raise OperationFailed(
