@@ -142,7 +142,7 @@ async def run_v3(
         cookie = b""
         cancelled = False
     elif P.URI not in params and not flags & F.TUNNELLED:
-        error = InternalError("internal error: domainMigratePrepare3 did not set uri")
+        error = InternalError("domainMigratePrepare3 did not set uri")
         cookie = b""
     else:
         t.add("perform")
@@ -177,7 +177,7 @@ async def run_v3(
                           "be reached; the source guest stays paused", dom)
                 notify_source = False
                 error = OperationFailed(
-                    "operation failed: the destination could not be reached after Finish; "
+                    "the destination could not be reached after Finish; "
                     f"whether '{dom}' runs there is unknown, so it is left paused here: {exc}")
             elif outcome:
                 ddom = fparams.get_str(P.DEST_NAME) or dom
@@ -200,7 +200,7 @@ async def run_v3(
             log.warning("Guest %s probably left in 'paused' state on source: %s", dom, exc)
 
     if ddom is None:
-        raise error or OperationFailed("operation failed: migration failed")
+        raise error or OperationFailed("migration failed")
     return ddom
 
 
@@ -228,7 +228,7 @@ async def _finish_unless_aborted(
     if await dst.finished(dname):
         log.warning("abort of %s came too late: the guest runs on the destination", dom)
         return dname, b""
-    raise OperationAborted("operation aborted: job 'migration out' canceled by client")
+    raise OperationAborted("job 'migration out' canceled by client")
 
 
 async def _ask_outcome(dst: DestParty, dname: str) -> bool | None:

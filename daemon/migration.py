@@ -113,27 +113,19 @@ def _job_of(dom: DomainObj, kind: AsyncJob) -> MigrationJob:
     job = dom.job
     if job is None or job.kind is not kind:
         if kind is AsyncJob.MIGRATION_IN:
-            raise OperationInvalid(
-                f"Requested operation is not valid: domain '{dom.name}' is not processing "
-                "incoming migration"
-            )
-        raise OperationInvalid(
-            f"Requested operation is not valid: domain '{dom.name}' is not being migrated"
-        )
+            raise OperationInvalid(f"domain '{dom.name}' is not processing incoming migration")
+        raise OperationInvalid(f"domain '{dom.name}' is not being migrated")
     return job
 
 
 def _no_job(dom: DomainObj) -> None:
     if dom.job is not None:
-        raise OperationInvalid(
-            "Requested operation is not valid: another migration job is already running for "
-            f"domain '{dom.name}'"
-        )
+        raise OperationInvalid(f"another migration job is already running for domain '{dom.name}'")
 
 
 def _require_active(dom: DomainObj) -> None:
     if not dom.active:
-        raise OperationInvalid("Requested operation is not valid: domain is not running")
+        raise OperationInvalid("domain is not running")
 
 
 # =================================================================================================
@@ -186,17 +178,15 @@ def dst_parse_uri_in(uri: str) -> tuple[str, int | None]:
         uri = "tcp://" + uri[len("tcp:"):]
     parts = urlsplit(uri)
     if not parts.scheme:
-        raise InvalidArgument(f"invalid argument: missing scheme in migration URI: {uri}")
+        raise InvalidArgument(f"missing scheme in migration URI: {uri}")
     if parts.scheme != "tcp":
-        raise ArgumentUnsupported(
-            f"argument unsupported: unsupported scheme {parts.scheme} in migration URI {uri}"
-        )
+        raise ArgumentUnsupported(f"unsupported scheme {parts.scheme} in migration URI {uri}")
     if not parts.hostname:
-        raise InvalidArgument(f"invalid argument: missing host in migration URI: {uri}")
+        raise InvalidArgument(f"missing host in migration URI: {uri}")
     try:
         return parts.hostname, parts.port
     except ValueError as exc:
-        raise InvalidArgument(f"invalid argument: bad port in migration URI: {uri}") from exc
+        raise InvalidArgument(f"bad port in migration URI: {uri}") from exc
 
 
 def _fmt_host(host: str) -> str:
@@ -210,7 +200,7 @@ async def dst_prepare(
     offline = bool(f & F.OFFLINE)
     dom_xml = params.get_str(P.DEST_XML)
     if not dom_xml:
-        raise InvalidArgument("invalid argument: no domain XML passed")
+        raise InvalidArgument("no domain XML passed")
     uri_in = params.get_str(P.URI)
     listen = params.get_str(P.LISTEN_ADDRESS) or daemon.config.migration_address
     want_port: int | None = None
@@ -225,9 +215,7 @@ async def dst_prepare(
             host = daemon.config.migration_host or daemon.hostname
             if host.startswith("localhost"):
                 raise OperationFailed(
-                    "operation failed: hostname on destination resolved to localhost, but "
-                    "migration requires an FQDN"
-                )
+                    "hostname on destination resolved to localhost, but migration requires an FQDN")
     d = parse_domain_xml(dom_xml)
     origname = d.name
     dname = params.get_str(P.DEST_NAME)
@@ -245,9 +233,7 @@ async def dst_prepare(
     jobctl.check_limit(daemon, AsyncJob.MIGRATION_IN)
     existing = daemon.registry.check_define(d)
     if existing is not None and (existing.active or existing.job is not None):
-        raise OperationInvalid(
-            f"Requested operation is not valid: domain '{existing.name}' is already active"
-        )
+        raise OperationInvalid(f"domain '{existing.name}' is already active")
     dom = existing or daemon.registry.add(DomainObj(uuid=d.uuid, name=d.name))
     async with dom.lock:
         job = MigrationJob(
@@ -297,18 +283,17 @@ async def _dst_listen(
         except OSError as exc:
             if exc.errno != errno.EADDRINUSE:
                 raise OperationFailed(
-                    f"operation failed: cannot listen for incoming migration on "
-                    f"{listen}:{port}: {exc.strerror or exc}"
+                    f"cannot listen for incoming migration on {listen}:{port}: "
+                    f"{exc.strerror or exc}"
                 ) from exc
             last = exc
             continue
         except BackendError as exc:
-            raise OperationFailed(f"operation failed: cannot start incoming guest: {exc}") \
-                from exc
+            raise OperationFailed(f"cannot start incoming guest: {exc}") from exc
         daemon.ports.take(bound)
         return bound
     raise OperationFailed(
-        f"operation failed: no free migration port on {listen}"
+        f"no free migration port on {listen}"
         + (f": {last.strerror}" if last is not None else "")
     )
 
@@ -333,10 +318,10 @@ async def _dst_discard(
 
 def src_parse_uri(uri: str | None) -> StreamAddress:
     if not uri:
-        raise InvalidArgument("invalid argument: migration URI is required")
+        raise InvalidArgument("migration URI is required")
     host, port = dst_parse_uri_in(uri)
     if port is None:
-        raise InvalidArgument(f"invalid argument: missing port in migration URI: {uri}")
+        raise InvalidArgument(f"missing port in migration URI: {uri}")
     return StreamAddress(host, port)
 
 
@@ -352,17 +337,13 @@ async def src_perform(
     """``tunnel``: where the stream goes in a tunnelled migration (the source's tunnel end)."""
     f = any_check(daemon, flags, params, "virDomainMigratePerform3Params")
     if dconnuri:
-        raise InvalidArgument(
-            "invalid argument: Unexpected dconnuri parameter with non-peer2peer migration"
-        )
+        raise InvalidArgument("Unexpected dconnuri parameter with non-peer2peer migration")
     async with dom.lock:
         if f & F.CHANGE_PROTECTION:
             job = _job_of(dom, AsyncJob.MIGRATION_OUT)
             if job.busy or job.phase is not Phase.BEGIN3:
                 raise OperationInvalid(
-                    f"Requested operation is not valid: domain '{dom.name}' is already being "
-                    f"migrated (phase {job.phase.label})"
-                )
+                    f"domain '{dom.name}' is already being migrated (phase {job.phase.label})")
         else:
             _no_job(dom)
             jobctl.check_limit(daemon, AsyncJob.MIGRATION_OUT)
@@ -442,9 +423,7 @@ def _src_persistent_xml(dom: DomainObj, params: TypedParams) -> str:
         d = parse_domain_xml(given)
         if d.uuid != dom.uuid:
             raise InvalidArgument(
-                f"invalid argument: persistent XML uuid {d.uuid} does not match domain uuid "
-                f"{dom.uuid}"
-            )
+                f"persistent XML uuid {d.uuid} does not match domain uuid {dom.uuid}")
         return format_domain_xml(d, migratable=True)
     return format_domain_xml(dom.config or dom.definition, migratable=True)
 
@@ -490,10 +469,10 @@ def _perform_error(job: MigrationJob, exc: BaseException) -> VirtmigError:
     if isinstance(exc, MigrationCancelled):
         if job.fail_error is not None:
             return job.fail_error
-        return OperationAborted("operation aborted: job 'migration out' canceled by client")
+        return OperationAborted("job 'migration out' canceled by client")
     if isinstance(exc, VirtmigError):
         return exc
-    return OperationFailed(f"operation failed: job 'migration out' failed: {exc}")
+    return OperationFailed(f"job 'migration out' failed: {exc}")
 
 
 async def _src_perform_failed(
@@ -543,15 +522,13 @@ async def dst_finish(
     f = any_check(daemon, flags, params, "virDomainMigrateFinish3Params", Party.DST)
     dname = params.get_str(P.DEST_NAME)
     if not dname:
-        raise NoDomain("Domain not found: missing domain name")
+        raise NoDomain("missing domain name")
     dom = daemon.registry.by_name(dname)
     async with dom.lock:
         job = _job_of(dom, AsyncJob.MIGRATION_IN)
         if job.busy:
             raise OperationInvalid(
-                f"Requested operation is not valid: domain '{dom.name}' incoming migration is "
-                "busy in another call"
-            )
+                f"domain '{dom.name}' incoming migration is busy in another call")
         job.busy = True
         existed = dom.config is not None
         try:
@@ -570,7 +547,7 @@ async def dst_finish(
             if f & F.OFFLINE:
                 return await _dst_finish_offline(daemon, dom, job, persistent)
             if daemon.backend.state(dom.uuid) is GuestRunState.SHUTOFF:
-                raise OperationFailed("operation failed: guest unexpectedly quit")
+                raise OperationFailed("guest unexpectedly quit")
             if f & F.POSTCOPY and await _dst_switched(daemon, dom):
                 # Post-copy: the guest runs here while its last pages arrive.
                 job.postcopy = True
@@ -583,12 +560,9 @@ async def dst_finish(
                 daemon.set_state(dom, DomainState.PAUSED, PausedReason.POSTCOPY_FAILED)
                 job.set_phase(Phase.POSTCOPY_FAILED)
                 daemon.registry.save_status(dom)
-                raise OperationFailed(
-                    f"operation failed: post-copy migration failed: {exc}") from exc
+                raise OperationFailed(f"post-copy migration failed: {exc}") from exc
             except BackendError as exc:
-                raise OperationFailed(
-                    f"operation failed: job 'migration in' failed: {exc}"
-                ) from exc
+                raise OperationFailed(f"job 'migration in' failed: {exc}") from exc
             if f & F.PAUSED:
                 daemon.set_state(dom, DomainState.PAUSED, PausedReason.USER)
             else:
@@ -638,17 +612,15 @@ def _dst_cancelled_error(daemon: Daemon, dom: DomainObj) -> VirtmigError:
     """What Finish(cancelled) reports: the incoming side's own error, or FINISH_OK."""
     progress = daemon.backend.progress(dom.uuid)
     if progress.error:
-        return OperationFailed(f"operation failed: job 'migration in' failed: {progress.error}")
-    return MigrateFinishOk("migration successfully aborted")
+        return OperationFailed(f"job 'migration in' failed: {progress.error}")
+    return MigrateFinishOk()
 
 
 def _dst_persistent_def(dom: DomainObj, incoming: ck.Cookie | None) -> DomainDef:
     if incoming is not None and incoming.persistent_xml:
         d = parse_domain_xml(incoming.persistent_xml)
         if d.uuid != dom.uuid:
-            raise InternalError(
-                f"internal error: persistent definition uuid {d.uuid} does not match {dom.uuid}"
-            )
+            raise InternalError(f"persistent definition uuid {d.uuid} does not match {dom.uuid}")
         return rename(d, dom.name) if d.name != dom.name else d
     return dom.definition
 
@@ -684,15 +656,10 @@ async def src_confirm(
             return
         job = _job_of(dom, AsyncJob.MIGRATION_OUT)
         if job.busy:
-            raise OperationInvalid(
-                f"Requested operation is not valid: domain '{dom.name}' migration is busy in "
-                "another call"
-            )
+            raise OperationInvalid(f"domain '{dom.name}' migration is busy in another call")
         if not cancelled and job.phase is not Phase.PERFORM3_DONE and not f & F.OFFLINE:
             raise OperationInvalid(
-                f"Requested operation is not valid: domain '{dom.name}' migration has not "
-                f"been performed (phase {job.phase.label})"
-            )
+                f"domain '{dom.name}' migration has not been performed (phase {job.phase.label})")
         job.busy = True
         try:
             job.set_phase(Phase.CONFIRM3_CANCELLED if cancelled else Phase.CONFIRM3)
@@ -729,8 +696,7 @@ async def src_confirm(
                     job.set_phase(Phase.POSTCOPY_FAILED)
                     job.busy = False
                     daemon.registry.save_status(dom)
-                    raise OperationFailed(
-                        f"operation failed: post-copy migration failed: {exc}") from exc
+                    raise OperationFailed(f"post-copy migration failed: {exc}") from exc
             await daemon.backend.destroy(dom.uuid)
             await daemon.registry.end_job(dom, job.record(JobType.COMPLETED))
             if f & F.UNDEFINE_SOURCE and dom.config is not None:

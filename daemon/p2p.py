@@ -70,8 +70,7 @@ class LocalSource:
                                                    cookie, flags, tunnel=end)
         except VirtmigError as exc:
             if self.peer is not None and await _lost(self.peer):
-                raise OperationFailed(
-                    "operation failed: Lost connection to destination host") from exc
+                raise OperationFailed("Lost connection to destination host") from exc
             raise
 
     async def confirm(self, dom: str, params: TypedParams, cookie: bytes, flags: int,
@@ -97,24 +96,21 @@ async def src_perform_p2p(
     """libvirt's PerformJob → Peer2Peer → Peer2Peer3, on this daemon."""
     f = migration.any_check(daemon, flags, params, "virDomainMigratePerform3Params")
     if cookie_in:
-        raise InvalidArgument("invalid argument: received unexpected cookie with P2P migration")
+        raise InvalidArgument("received unexpected cookie with P2P migration")
     if not dconnuri:
-        raise InvalidArgument("invalid argument: dconnuri must not be NULL for peer-to-peer "
-                              "migration")
+        raise InvalidArgument("dconnuri must not be NULL for peer-to-peer migration")
     check_not_local(dconnuri)
     check_param_types(params)
     try:
         dconn = await AsyncConnection.open(dconnuri)
     except VirtmigError as exc:
-        raise OperationFailed(
-            f"operation failed: Failed to connect to remote virtmig URI {dconnuri}: {exc}"
-        ) from exc
+        raise OperationFailed(f"Failed to connect to remote virtmig URI {dconnuri}: {exc}") from exc
     watcher: asyncio.Task[None] | None = None
     try:
         features = (await dconn.host()).features
         if Feature.P2P not in features or Feature.V3 not in features:
-            raise OperationFailed("operation failed: Destination virtmig does not support "
-                                  "peer-to-peer migration protocol")
+            raise OperationFailed(
+                "Destination virtmig does not support peer-to-peer migration protocol")
         use_params = Feature.MIGRATION_PARAMS in features
         if not use_params and params.names() - NON_PARAMS_ALLOWED:
             raise ArgumentUnsupported(
@@ -146,5 +142,4 @@ async def _watch_peer(daemon: Daemon, dom: DomainObj, dconn: AsyncConnection) ->
     log.warning("lost connection to the destination of %s's migration", dom.name)
     if job is not None and job.kind is AsyncJob.MIGRATION_OUT and job.phase is Phase.PERFORM3:
         await jobctl.fail_job(daemon, dom, job,
-                              OperationFailed("operation failed: Lost connection to "
-                                              "destination host"))
+                              OperationFailed("Lost connection to destination host"))

@@ -80,7 +80,7 @@ def check_not_local(uri: str) -> None:
     else:
         local = parts.scheme not in ("virtmig+unix", "unix") or not parts.path
     if local:
-        raise InvalidArgument("invalid argument: Attempt to migrate guest to the same host")
+        raise InvalidArgument("Attempt to migrate guest to the same host")
 
 
 def parse_uri(uri: str | None) -> ConnectURI:

@@ -783,14 +783,16 @@ def test_errors_are_one_clear_line(hosts: tuple[Daemon, Daemon], tmp_path: Path)
 
     # Options this version cannot do: parsed, passed on, refused with the daemon's reason.
     err = fails(src.uri, "migrate", "--live", "--copy-storage-all", "vm", dst.uri)
-    assert err == ("error: migration flag VIR_MIGRATE_NON_SHARED_DISK is not supported by this "
-                   "host\n")
+    assert err == ("error: argument unsupported: migration flag VIR_MIGRATE_NON_SHARED_DISK is "
+                   "not supported by this host\n")
     err = fails(src.uri, "migrate", "--live", "--comp-mt-level", "3", "vm", dst.uri)
     assert err == "error: invalid argument: Turn multithread compression on to tune it\n"
     err = fails(src.uri, "migrate", "--live", "--compressed", "vm", dst.uri)  # test backend
-    assert err == "error: migration flag VIR_MIGRATE_COMPRESSED is not supported by this host\n"
+    assert err == ("error: argument unsupported: migration flag VIR_MIGRATE_COMPRESSED is not "
+                   "supported by this host\n")
     err = fails(src.uri, "migrate", "--live", "--direct", "vm", dst.uri)
-    assert err == "error: direct migration is not supported by the source host\n"
+    assert err == ("error: argument unsupported: direct migration is not supported by the source "
+                   "host\n")
     # Nothing happened to the guest.
     assert ok(src.uri, "domstate", "--reason", "vm") == "running (booted)\n"
     assert ok(dst.uri, "list", "--all") == " Id   Name   State\n--------------------\n"
@@ -802,7 +804,7 @@ def test_errors_are_one_clear_line(hosts: tuple[Daemon, Daemon], tmp_path: Path)
     assert err.startswith("error: failed to connect to the hypervisor\nerror: unable to connect")
     err = fails("bogus://x", "list")
     assert err.startswith("error: failed to connect to the hypervisor\n"
-                          "error: unsupported connection URI 'bogus://x'")
+                          "error: invalid argument: unsupported connection URI 'bogus://x'")
 
 
 def test_host_commands_and_default_uri(hosts: tuple[Daemon, Daemon]) -> None:

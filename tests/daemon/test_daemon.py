@@ -66,7 +66,8 @@ def test_virtmigd_reports_config_errors_without_traceback(
 
     assert main(["--config", str(tmp_path / "missing.toml")]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("virtmigd: error: cannot read config file") and "Traceback" not in err
+    assert err.startswith("virtmigd: error: invalid argument: cannot read config file")
+    assert "Traceback" not in err
 
 
 # --- lifecycle -----------------------------------------------------------------------------------

@@ -95,13 +95,16 @@ def test_domain_def_is_frozen_and_hashable() -> None:
             "<domain xmlns='urn:other' type='test'><name>x</name></domain>",
             re.escape("unexpected root element <{urn:other}domain>, expecting <domain>"),
         ),
-        ("<domain><name>x</name><memory>1</memory></domain>", "^missing domain type attribute$"),
+        ("<domain><name>x</name><memory>1</memory></domain>",
+         "^XML error: missing domain type attribute$"),
         (
             "<domain type='xen'><name>x</name><memory>1</memory></domain>",
-            "^invalid domain type 'xen': expected one of kvm, qemu, test$",
+            "^XML error: invalid domain type 'xen': expected one of kvm, qemu, test$",
         ),
-        ("<domain type='test'><memory>1</memory></domain>", "^missing name information$"),
-        ("<domain type='test'><name/><memory>1</memory></domain>", "^missing name information$"),
+        ("<domain type='test'><memory>1</memory></domain>",
+         "^XML error: missing name information$"),
+        ("<domain type='test'><name/><memory>1</memory></domain>",
+         "^XML error: missing name information$"),
     ],
 )
 def test_root_and_type_errors(text: str, message: str) -> None:
@@ -111,10 +114,10 @@ def test_root_and_type_errors(text: str, message: str) -> None:
 @pytest.mark.parametrize(
     ("name", "message"),
     [
-        ("a/b", "^name a/b cannot contain '/'$"),
-        (" vm", "^name ' vm' must not have leading or trailing whitespace$"),
-        ("vm\t", "^name 'vm\t' must not have leading or trailing whitespace$"),
-        ("v\nm", "^invalid char in name: 0x0a$"),
+        ("a/b", "^XML error: name a/b cannot contain '/'$"),
+        (" vm", "^XML error: name ' vm' must not have leading or trailing whitespace$"),
+        ("vm\t", "^XML error: name 'vm\t' must not have leading or trailing whitespace$"),
+        ("v\nm", "^XML error: invalid char in name: 0x0a$"),
     ],
 )
 def test_name_errors(name: str, message: str) -> None:
@@ -122,7 +125,8 @@ def test_name_errors(name: str, message: str) -> None:
 
 
 def test_name_with_child_element_refused() -> None:
-    raises(XMLError, dom(name="<name>vm<b/></name>"), "^element <name> must contain text only$")
+    raises(XMLError, dom(name="<name>vm<b/></name>"),
+           "^XML error: element <name> must contain text only$")
 
 
 def test_name_with_comment_inside_is_text() -> None:
@@ -131,7 +135,8 @@ def test_name_with_comment_inside_is_text() -> None:
 
 def test_duplicate_name_refused() -> None:
     raises(
-        XMLError, dom(name="<name>a</name><name>b</name>"), "^element <name> may appear only once$"
+        XMLError, dom(name="<name>a</name><name>b</name>"),
+        "^XML error: element <name> may appear only once$"
     )
 
 
@@ -197,7 +202,7 @@ def test_uuid_forms_are_canonicalised(given: str) -> None:
     ],
 )
 def test_malformed_uuid(given: str) -> None:
-    raises(XMLError, dom(uuid=f"<uuid>{given}</uuid>"), "^malformed uuid element: ")
+    raises(XMLError, dom(uuid=f"<uuid>{given}</uuid>"), "^XML error: malformed uuid element: ")
 
 
 # --------------------------------------------------------------------------------------------
@@ -260,7 +265,7 @@ def test_unknown_unit(unit: str) -> None:
     raises(
         XMLError,
         dom(f"<memory unit='{unit}'>1</memory>"),
-        f"^unknown unit '{unit}' for element <memory>$",
+        f"^XML error: unknown unit '{unit}' for element <memory>$",
     )
 
 
@@ -270,7 +275,8 @@ def test_memory_not_a_positive_integer(element: str, value: str) -> None:
     body = f"<memory>1024</memory><{element}>{value}</{element}>"
     if element == "memory":
         body = f"<memory>{value}</memory>"
-    raises(XMLError, dom(body), f"^invalid value '{re.escape(value)}' for element <{element}>: ")
+    raises(XMLError, dom(body),
+           f"^XML error: invalid value '{re.escape(value)}' for element <{element}>: ")
 
 
 @pytest.mark.parametrize("element", ["memory", "currentMemory"])
@@ -283,7 +289,7 @@ def test_memory_zero(element: str) -> None:
     raises(
         XMLError,
         dom(body),
-        f"^invalid value '0' for element <{element}>: must be greater than zero$",
+        f"^XML error: invalid value '0' for element <{element}>: must be greater than zero$",
     )
 
 
@@ -293,7 +299,8 @@ def test_memory_zero(element: str) -> None:
 def test_memory_too_large(value: str, unit: str | None) -> None:
     attr = "" if unit is None else f" unit='{unit}'"
     raises(
-        XMLError, dom(f"<memory{attr}>{value}</memory>"), "^value too large for element <memory>: "
+        XMLError, dom(f"<memory{attr}>{value}</memory>"),
+        "^XML error: value too large for element <memory>: "
     )
 
 
@@ -303,14 +310,14 @@ def test_memory_largest_accepted() -> None:
 
 
 def test_memory_missing() -> None:
-    raises(XMLError, dom("<vcpu>1</vcpu>"), "^missing element <memory>$")
+    raises(XMLError, dom("<vcpu>1</vcpu>"), "^XML error: missing element <memory>$")
 
 
 def test_devices_duplicate() -> None:
     raises(
         XMLError,
         dom("<memory>1</memory><devices/><devices><disk/></devices>"),
-        "^element <devices> may appear only once$",
+        "^XML error: element <devices> may appear only once$",
     )
 
 
@@ -318,13 +325,14 @@ def test_memory_duplicate() -> None:
     raises(
         XMLError,
         dom("<memory>1</memory><memory>2</memory>"),
-        "^element <memory> may appear only once$",
+        "^XML error: element <memory> may appear only once$",
     )
 
 
 def test_current_memory_above_memory() -> None:
     body = "<memory unit='MiB'>1</memory><currentMemory unit='KiB'>1025</currentMemory>"
-    raises(XMLError, dom(body), "^current memory 1025 KiB exceeds maximum memory 1024 KiB$")
+    raises(XMLError, dom(body),
+           "^XML error: current memory 1025 KiB exceeds maximum memory 1024 KiB$")
 
 
 def test_current_memory_equal_and_below() -> None:
@@ -354,12 +362,13 @@ def test_vcpus_not_an_integer(value: str) -> None:
     raises(
         XMLError,
         dom(f"<memory>1</memory><vcpu>{value}</vcpu>"),
-        "^maximum vcpus count must be an integer",
+        "^XML error: maximum vcpus count must be an integer",
     )
 
 
 def test_vcpus_zero() -> None:
-    raises(XMLError, dom("<memory>1</memory><vcpu>0</vcpu>"), "^Domain requires at least 1 vCPU$")
+    raises(XMLError, dom("<memory>1</memory><vcpu>0</vcpu>"),
+           "^XML error: Domain requires at least 1 vCPU$")
 
 
 @pytest.mark.parametrize(
@@ -385,7 +394,7 @@ def test_os_empty_arch_refused() -> None:
     raises(
         XMLError,
         dom("<memory>1</memory><os><type arch=''>hvm</type></os>"),
-        "^invalid empty attribute 'arch' in element <type>$",
+        "^XML error: invalid empty attribute 'arch' in element <type>$",
     )
 
 
@@ -393,7 +402,7 @@ def test_os_duplicate_type_refused() -> None:
     raises(
         XMLError,
         dom("<memory>1</memory><os><type>hvm</type><type>exe</type></os>"),
-        "^element <type> may appear only once$",
+        "^XML error: element <type> may appear only once$",
     )
 
 
@@ -420,7 +429,7 @@ def test_options_duplicate_guest_refused() -> None:
     raises(
         XMLError,
         _guest("a='1'", f"<virtmig:guest xmlns:virtmig='{VIRTMIG_NS}' a='2'/>"),
-        "^element <virtmig:guest> may appear only once$",
+        "^XML error: element <virtmig:guest> may appear only once$",
     )
 
 
@@ -433,11 +442,11 @@ def test_options_duplicate_guest_refused() -> None:
     [
         (
             "<domain type='test'>\n  <name>x</nam>\n</domain>",
-            r"^malformed domain XML at line 2, column \d+: Opening and ending tag mismatch: "
-            r"name line 2 and nam$",
+            r"^XML error: malformed domain XML at line 2, column \d+: "
+            r"Opening and ending tag mismatch: name line 2 and nam$",
         ),
-        ("", r"^malformed domain XML at line 1, column 1: Document is empty$"),
-        ("   \n", r"^malformed domain XML at line \d+, column \d+: "),
+        ("", r"^XML error: malformed domain XML at line 1, column 1: Document is empty$"),
+        ("   \n", r"^XML error: malformed domain XML at line \d+, column \d+: "),
         (
             "<domain type='test'>\n<name>&foo;</name>",
             r"line 2, column \d+: Entity 'foo' not defined",
@@ -451,7 +460,8 @@ def test_malformed(text: str, message: str) -> None:
 
 
 def test_not_str_or_bytes() -> None:
-    with pytest.raises(InvalidArgument, match=r"^domain XML must be str or bytes, not int$"):
+    with pytest.raises(InvalidArgument,
+                       match=r"^invalid argument: domain XML must be str or bytes, not int$"):
         parse_domain_xml(42)  # type: ignore[arg-type]
 
 
@@ -474,16 +484,18 @@ def test_bytes_in_unicode_encodings(codec: str) -> None:
 
 
 def test_invalid_utf8_bytes() -> None:
-    raises(XMLError, dom().encode() + b"<!-- \xff -->", "^domain XML is not valid utf-8: ")
+    raises(XMLError, dom().encode() + b"<!-- \xff -->",
+           "^XML error: domain XML is not valid utf-8: ")
 
 
 def test_unknown_declared_encoding() -> None:
     text = "<?xml version='1.0' encoding='x-nonesuch'?>" + dom()
-    raises(XMLError, text.encode(), "^unsupported encoding 'x-nonesuch' in domain XML$")
+    raises(XMLError, text.encode(), "^XML error: unsupported encoding 'x-nonesuch' in domain XML$")
 
 
 def test_lone_surrogate_in_str() -> None:
-    raises(XMLError, dom(name="<name>a\ud800</name>"), "^domain XML is not valid Unicode: ")
+    raises(XMLError, dom(name="<name>a\ud800</name>"),
+           "^XML error: domain XML is not valid Unicode: ")
 
 
 # --------------------------------------------------------------------------------------------
@@ -502,7 +514,7 @@ def test_oversize_refused_before_parsing() -> None:
     raises(
         XMLError,
         text,
-        f"^domain XML is too large: {MAX_XML_BYTES + 1} bytes exceeds the limit of "
+        f"^XML error: domain XML is too large: {MAX_XML_BYTES + 1} bytes exceeds the limit of "
         f"{MAX_XML_BYTES} bytes$",
     )
     raises(XMLError, text.encode(), "too large")
@@ -518,7 +530,7 @@ def test_exactly_max_size_accepted() -> None:
 def test_size_counts_utf8_bytes_not_characters() -> None:
     text = dom() + "<!--" + "é" * (MAX_XML_BYTES // 2) + "-->"
     assert len(text) < MAX_XML_BYTES < len(text.encode())
-    raises(XMLError, text, "^domain XML is too large: ")
+    raises(XMLError, text, "^XML error: domain XML is too large: ")
 
 
 DTD_DOCUMENTS = {
@@ -561,7 +573,7 @@ def test_dtd_and_entities_refused(text: str) -> None:
         started = time.monotonic()
         with pytest.raises(XMLError) as info:
             parse_domain_xml(given)
-        assert str(info.value) == "DTDs and entities are not allowed in domain XML"
+        assert str(info.value) == "XML error: DTDs and entities are not allowed in domain XML"
         assert time.monotonic() - started < 1.0
 
 
@@ -787,10 +799,10 @@ def test_rename_drops_comments_inside_name() -> None:
 @pytest.mark.parametrize(
     ("name", "message"),
     [
-        ("", "^missing name information$"),
-        ("a/b", "^name a/b cannot contain '/'$"),
-        ("vm ", "^name 'vm ' must not have leading or trailing whitespace$"),
-        ("v\x01m", "^invalid char in name: 0x01$"),
+        ("", "^invalid argument: missing name information$"),
+        ("a/b", "^invalid argument: name a/b cannot contain '/'$"),
+        ("vm ", "^invalid argument: name 'vm ' must not have leading or trailing whitespace$"),
+        ("v\x01m", "^invalid argument: invalid char in name: 0x01$"),
     ],
 )
 def test_rename_invalid(realistic: DomainDef, name: str, message: str) -> None:
@@ -901,7 +913,8 @@ ABI_MISMATCHES = [
 )
 def test_abi_mismatch(realistic: DomainDef, old: str, new: str, message: str) -> None:
     dst = _variant(old, new)
-    with pytest.raises(ConfigUnsupported, match=f"^{re.escape(message)}$"):
+    with pytest.raises(ConfigUnsupported,
+                       match=f"^unsupported configuration: {re.escape(message)}$"):
         check_abi_stability(realistic, dst)
 
 
@@ -910,7 +923,9 @@ def test_abi_disk_removed(realistic: DomainDef) -> None:
     end = REALISTIC.index("</disk>", start) + len("</disk>\n")
     dst = parse_domain_xml(REALISTIC[:start] + REALISTIC[end:])
     with pytest.raises(
-        ConfigUnsupported, match=r"^Target domain disk device count 1 does not match source 2$"
+        ConfigUnsupported,
+        match=r"^unsupported configuration: Target domain disk device count 1 does not match "
+              r"source 2$"
     ):
         check_abi_stability(realistic, dst)
 
@@ -918,7 +933,9 @@ def test_abi_disk_removed(realistic: DomainDef) -> None:
 def test_abi_machine_absent_on_one_side(realistic: DomainDef) -> None:
     dst = _variant(" machine='pc-q35-8.2'", "")
     with pytest.raises(
-        ConfigUnsupported, match=r"^Target domain machine type  does not match source pc-q35-8.2$"
+        ConfigUnsupported,
+        match=r"^unsupported configuration: Target domain machine type  does not match source "
+              r"pc-q35-8.2$"
     ):
         check_abi_stability(realistic, dst)
 
@@ -927,5 +944,6 @@ def test_abi_first_mismatch_wins(realistic: DomainDef) -> None:
     text = REALISTIC.replace("<name>web01</name>", "<name>other</name>").replace(
         "<domain type='kvm'", "<domain type='qemu'"
     )
-    with pytest.raises(ConfigUnsupported, match=r"^Target domain name 'other'"):
+    with pytest.raises(ConfigUnsupported,
+                       match=r"^unsupported configuration: Target domain name 'other'"):
         check_abi_stability(realistic, parse_domain_xml(text))

@@ -193,7 +193,7 @@ async def test_p2p_row_confirm_fails_on_qemu(pair: tuple[Host, Host],
     uuid = await guest(src)
 
     async def broken(self: Any, *args: Any) -> None:
-        raise OperationFailed("operation failed: confirm broke")
+        raise OperationFailed("confirm broke")
 
     monkeypatch.setattr(p2p.LocalSource, "confirm", broken)
     await p2p_migrate(src, dst)  # the result is Finish's

@@ -494,7 +494,7 @@ async def test_row_finish_fails(pair: tuple[Host, Host]) -> None:
 class ConfirmFailsSource(RemoteSource):
     async def confirm(self, dom: str, params: TypedParams, cookie: bytes, flags: int,
                       cancelled: bool) -> None:
-        raise OperationFailed("operation failed: connection to source lost")
+        raise OperationFailed("connection to source lost")
 
 
 async def test_row_confirm_fails(pair: tuple[Host, Host], caplog: pytest.LogCaptureFixture

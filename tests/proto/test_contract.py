@@ -50,7 +50,7 @@ def test_every_error_class_round_trips_exactly(name: str) -> None:
     code, details, trailers = errors.to_status(cls("boom"))
     assert code is cls.status
     back = errors.from_status(code, details, trailers)
-    assert type(back) is cls and str(back) == "boom"
+    assert type(back) is cls and str(back) == str(cls("boom"))
 
 
 def test_unknown_exception_is_internal_with_its_name() -> None:
@@ -212,10 +212,12 @@ def test_each_rule_fires_and_stays_quiet_otherwise(rule: object) -> None:
 
 def test_rule_error_and_message_are_libvirts() -> None:
     with pytest.raises(errors.OperationInvalid,
-                       match=r"^offline migration must be specified with the persistent flag set$"):
+                       match=r"^Requested operation is not valid: offline migration must be "
+                             r"specified with the persistent flag set$"):
         check_rules(F.OFFLINE, None, Layer.DRIVER)
     with pytest.raises(errors.ArgumentUnsupported,
-                       match=r"^post-copy migration is not supported with non-live or paused"):
+                       match=r"^argument unsupported: post-copy migration is not supported "
+                             r"with non-live or paused"):
         check_rules(F.POSTCOPY | F.LIVE | F.PAUSED, None, Layer.DRIVER)
 
 
