@@ -137,7 +137,7 @@ class QemuBackend(Backend):
         try:
             return parse_config(spec, self._machines)
         except ConfigUnsupported as exc:
-            raise BackendError(str(exc)) from None
+            raise BackendError(exc.detail) from None
 
     # -- guests and their QMP --
 
