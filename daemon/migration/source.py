@@ -5,7 +5,8 @@ migrated, or put it back).
 Perform runs in steps, top-down in :func:`src_perform`: take the job, check and enter phase
 perform3, stream (the domain's lock released, the job's watcher running), then perform3_done and
 cookie C.  Perform ends the job on any failure, the source put back as it was (the client calls no
-Confirm after a failed Perform).
+Confirm after a failed Perform); when the daemon stopped the stream itself, its reason is the
+error (:func:`_perform_error`).
 """
 
 from __future__ import annotations
@@ -251,9 +252,16 @@ async def _stop(task: asyncio.Task[None]) -> None:
 
 
 def _perform_error(job: MigrationJob, exc: BaseException) -> VirtmigError:
+    """What a failed Perform reports.
+
+    When the daemon stopped the stream for a reason of its own (``job.fail_error``: the stall
+    watchdog, the completion timeout, a lost destination), that reason: what the backend then
+    says of the stopped stream (cancelled, or failed: it gave up ending it) is a consequence.
+    libvirt does the same (qemuMigrationSrcRun keeps a job's first error over the cancel's).
+    """
+    if job.fail_error is not None and isinstance(exc, BackendError):
+        return job.fail_error
     if isinstance(exc, MigrationCancelled):
-        if job.fail_error is not None:
-            return job.fail_error
         return OperationAborted("job 'migration out' canceled by client")
     if isinstance(exc, VirtmigError):
         return exc
@@ -264,7 +272,13 @@ async def _src_perform_failed(
     daemon: Daemon, dom: DomainObj, job: MigrationJob, exc: BaseException
 ) -> None:
     """Perform's own rollback (libvirt v3): the source is whole again and the job ends."""
-    log.info("migration of %s failed in perform: %s", dom.name, exc)
+    replaced = job.fail_error is not None and isinstance(exc, BackendError)
+    if replaced and not isinstance(exc, MigrationCancelled):
+        # The caller sees the daemon's reason (_perform_error): the backend's words stay here.
+        log.warning("migration of %s: stream stopped (%s), then the backend failed: %s",
+                    dom.name, job.fail_error, exc)
+    else:
+        log.info("migration of %s failed in perform: %s", dom.name, exc)
     await src_restore(daemon, dom, job)
     job.progress = daemon.backend.progress(dom.uuid)
     cancelled = isinstance(exc, MigrationCancelled) and job.fail_error is None
