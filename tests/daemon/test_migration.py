@@ -14,6 +14,15 @@ import pytest
 from tests.conftest import ClosedPortDest, Host, domain_xml, start_host, stop_host
 from virtmig.client.migrate import RemoteDest, RemoteSource, migrate3
 from virtmig.client.sequence import Trace, run_v3
+from virtmig.daemon import jobctl
+from virtmig.daemon.backend.base import (
+    BackendError,
+    MigrationCancelled,
+    MigrationFailed,
+    MigrationProgress,
+    MigrationTuning,
+    StreamAddress,
+)
 from virtmig.proto.errors import (
     ArgumentUnsupported,
     ConfigUnsupported,
@@ -23,6 +32,7 @@ from virtmig.proto.errors import (
     OperationAborted,
     OperationFailed,
     OperationInvalid,
+    OperationTimeout,
     VirtmigError,
 )
 from virtmig.proto.flags import DomainState, JobType, MigrateFlags
@@ -462,6 +472,44 @@ async def test_row_perform_fails_unreachable_port(pair: tuple[Host, Host]) -> No
         await run_v3(RemoteSource(src.conn, True), ClosedPortDest(dst.conn, True), "vm1",
                      TypedParams(), F.LIVE, protection=True)
     await assert_rolled_back(src, dst)
+
+
+@pytest.mark.parametrize("backend_error", [
+    MigrationCancelled("migration cancelled"),
+    MigrationFailed("QEMU did not end the migration after cancel and yank: still 'active' 20 s "
+                    "after the cancel request"),
+], ids=["stream-cancelled", "backend-gave-up"])
+async def test_row_perform_stopped_by_the_daemon_reports_its_reason(
+    pair: tuple[Host, Host], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+    backend_error: BackendError,
+) -> None:
+    """The daemon stopped the stream for a reason of its own (the stall watchdog's, here): the
+    caller sees that reason, whatever the backend then says of the stopped stream -- cancelled,
+    or failed because it gave up ending it (libvirt keeps a job's first error over what the
+    cancel reports).  The backend's own words go to the log."""
+    src, dst = pair
+    await running_guest(src)
+    stall = OperationTimeout("job 'migration out' failed: migration stalled: no progress for 5 s "
+                             "with 1048576 bytes remaining")
+
+    async def stopped_stream(uuid: str, dest: StreamAddress,
+                             tuning: MigrationTuning) -> MigrationProgress:
+        dom = src.daemon.registry.by_name("vm1")
+        assert dom.job is not None
+        await jobctl.fail_job(src.daemon, dom, dom.job, stall)
+        raise backend_error
+
+    monkeypatch.setattr(src.daemon.backend, "outgoing", stopped_stream)
+    trace = Trace()
+    with pytest.raises(OperationTimeout) as info:
+        await migrate(src, dst, trace=trace)
+    assert str(info.value) == str(stall)
+    assert trace.calls == ["begin", "prepare", "perform", "finish(cancelled)"]
+    await assert_rolled_back(src, dst)
+    failed = await src.conn.job_info("vm1", completed=True)
+    assert failed.type is JobType.FAILED and failed.error == str(stall)
+    if isinstance(backend_error, MigrationFailed):
+        assert str(backend_error) in caplog.text
 
 
 class FinishFailsDest(RemoteDest):
