@@ -44,7 +44,7 @@ from virtmig.proto.params import MigrateParam, ParamType, TypedParam
 F = MigrateFlags
 P = MigrateParam
 
-DEST = "virtmig+tcp://127.0.0.1:1"
+DEST = "virtmig+tls://127.0.0.1:1"
 
 
 def migration(*argv: str) -> MigrateOptions:
@@ -799,10 +799,10 @@ def test_errors_are_one_clear_line(hosts: tuple[Daemon, Daemon], tmp_path: Path)
     assert ok(src.uri, "domstate", "--reason", "vm") == "running (booted)\n"
     assert ok(dst.uri, "list", "--all") == " Id   Name   State\n--------------------\n"
 
-    err = fails(src.uri, "migrate", "--live", "vm", "virtmig+tcp://127.0.0.1:1")
+    err = fails(src.uri, "migrate", "--live", "vm", "virtmig+tls://127.0.0.1:1")
     assert err.startswith("error: failed to connect to the destination "
-                          "'virtmig+tcp://127.0.0.1:1'\nerror: unable to connect")
-    err = fails("virtmig+tcp://127.0.0.1:1", "list")
+                          "'virtmig+tls://127.0.0.1:1'\nerror: unable to connect")
+    err = fails("virtmig+tls://127.0.0.1:1", "list")
     assert err.startswith("error: failed to connect to the hypervisor\nerror: unable to connect")
     err = fails("bogus://x", "list")
     assert err.startswith("error: failed to connect to the hypervisor\n"

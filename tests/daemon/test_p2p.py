@@ -137,7 +137,7 @@ async def test_p2p_with_non_params_rpc(pair: tuple[Host, Host], monkeypatch: pyt
 @pytest.mark.parametrize(
     ("dconnuri", "flags", "error", "message"),
     [
-        ("virtmig+tcp://localhost:1", F.LIVE | F.PEER2PEER, InvalidArgument,
+        ("virtmig+tls://localhost:1", F.LIVE | F.PEER2PEER, InvalidArgument,
          "Attempt to migrate guest to the same host"),
         (None, F.LIVE | F.PEER2PEER, InvalidArgument, "must not be NULL"),
         ("x", F.LIVE | F.TUNNELLED, InvalidArgument, "without using peer2peer"),
@@ -167,7 +167,7 @@ async def test_p2p_unreachable_destination(pair: tuple[Host, Host]) -> None:
     await guest(src)
     port = free_port()
     with pytest.raises(OperationFailed, match="Failed to connect to remote virtmig URI"):
-        await src.conn.migrate_to_uri3("vm1", f"virtmig+tcp://127.0.0.1:{port}",
+        await src.conn.migrate_to_uri3("vm1", f"virtmig+tls://127.0.0.1:{port}",
                                        TypedParams(), F.LIVE | F.PEER2PEER)
     await rolled_back(src, dst)
 
