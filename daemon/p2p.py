@@ -7,6 +7,12 @@ regular mode (``virtmig.client.sequence.run_v3``), with its own source phases ca
 does, it always runs its own Confirm, so a failed Perform is followed by Finish(cancelled) and
 Confirm(cancelled).
 
+Identity: the destination is ``dconnuri``; over ``virtmig+tls`` this daemon presents the client
+certificate of its own PKI dir (``pki_dir``: the host certificate ``virtmig pki issue --host``
+wrote) and the destination authorizes it as it does any client.  A ``?pkipath=`` in
+``dconnuri`` is refused: the caller does not choose the files this daemon reads or the identity
+it shows.
+
 Liveness: the connection to the destination carries a session stream and keepalive pings; when
 it ends during Perform the stream is stopped and the migration fails with "Lost connection to
 destination host" (the source resumes); the destination, whose Prepare caller was this daemon's
@@ -35,7 +41,7 @@ from virtmig.proto.errors import (
 )
 from virtmig.proto.flags import DomainState, Feature, MigrateFlags
 from virtmig.proto.params import NON_PARAMS_ALLOWED, MigrateParam, TypedParams
-from virtmig.proto.uri import check_not_local
+from virtmig.proto.uri import check_not_local, parse_uri
 
 log = logging.getLogger(__name__)
 
@@ -100,9 +106,13 @@ async def src_perform_p2p(
     if not dconnuri:
         raise InvalidArgument("dconnuri must not be NULL for peer-to-peer migration")
     check_not_local(dconnuri)
+    if _names_pkipath(dconnuri):
+        raise InvalidArgument(
+            "a peer-to-peer destination URI must not name a pkipath: the source daemon "
+            "connects with the certificate of its own pki_dir")
     check_param_types(params)
     try:
-        dconn = await AsyncConnection.open(dconnuri)
+        dconn = await AsyncConnection.open(dconnuri, pki_dir=daemon.config.pki_dir or None)
     except VirtmigError as exc:
         raise OperationFailed(f"Failed to connect to remote virtmig URI {dconnuri}: {exc}") from exc
     watcher: asyncio.Task[None] | None = None
@@ -126,6 +136,13 @@ async def src_perform_p2p(
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
         await dconn.close()
+
+
+def _names_pkipath(uri: str) -> bool:
+    try:
+        return bool(parse_uri(uri).pki_dir)
+    except InvalidArgument:  # a bad URI fails where it is opened, with its own message
+        return False
 
 
 async def _lost(peer: AsyncConnection) -> bool:

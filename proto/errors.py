@@ -24,6 +24,7 @@ a status back into the same class in :func:`from_status`.  Nowhere else maps err
      ├── MigrateFinishOk                 ABORTED            VIR_ERR_MIGRATE_FINISH_OK
      ├── OperationTimeout                DEADLINE_EXCEEDED  VIR_ERR_OPERATION_TIMEOUT
      ├── ResourceExhausted               RESOURCE_EXHAUSTED VIR_ERR_RESOURCE_BUSY
+     ├── PermissionDenied                PERMISSION_DENIED  VIR_ERR_ACCESS_DENIED
      ├── ConnectionFailed                UNAVAILABLE        VIR_ERR_NO_CONNECT / VIR_ERR_RPC
      └── InternalError                   INTERNAL           VIR_ERR_INTERNAL_ERROR
 
@@ -204,6 +205,16 @@ class ResourceExhausted(VirtmigError):
     msg = "resource busy"
 
 
+class PermissionDenied(VirtmigError):
+    """The caller may not make this call: its certificate is not on the allowed-DN lists, or
+    its access is read-only and the call is not (see :mod:`virtmig.daemon.authz`)."""
+
+    code = "VIR_ERR_ACCESS_DENIED"
+    status = grpc.StatusCode.PERMISSION_DENIED
+    msginfo = "access denied: %s"
+    msg = "access denied"
+
+
 class ConnectionFailed(VirtmigError):
     """The daemon cannot be reached, or the connection to it broke.
 
@@ -248,6 +259,7 @@ _STATUS_FALLBACK: dict[grpc.StatusCode, type[VirtmigError]] = {
     grpc.StatusCode.CANCELLED: OperationAborted,
     grpc.StatusCode.DEADLINE_EXCEEDED: OperationTimeout,
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
     grpc.StatusCode.UNAVAILABLE: ConnectionFailed,
 }
 

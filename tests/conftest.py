@@ -1,24 +1,45 @@
-"""Shared fixtures: real daemons in the test's event loop, on loopback, port 0."""
+"""Shared fixtures: real daemons in the test's event loop, on loopback, port 0, over mutual TLS
+with the session's throw-away PKI (:mod:`tests.tls`)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 import textwrap
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from tests.guest.build import GuestImage, guest_or_skip, kill_leftover_qemus, qemu_binary_or_skip
+from tests.tls import session_pki
 from virtmig.client.connection import AsyncConnection
 from virtmig.client.migrate import RemoteDest
 from virtmig.daemon.backend.test import TestBackend
 from virtmig.daemon.core import Daemon, DaemonConfig
 from virtmig.daemon.main import RunningDaemon, start_daemon
 from virtmig.proto.params import TypedParams
+from virtmig.proto.pki import PKI_DIR_ENV
+from virtmig.proto.uri import parse_listen
+
+
+@pytest.fixture(autouse=True, scope="session")
+def client_pki() -> Iterator[Path]:
+    """The session's client dir as ``$VIRTMIG_PKI_DIR``: a connection a test opens by URI
+    alone (its own, or a CLI or caller process's) presents ``O=virtmig,CN=admin``."""
+    client = session_pki().client()
+    old = os.environ.get(PKI_DIR_ENV)
+    os.environ[PKI_DIR_ENV] = str(client)
+    try:
+        yield client
+    finally:
+        if old is None:
+            os.environ.pop(PKI_DIR_ENV, None)
+        else:
+            os.environ[PKI_DIR_ENV] = old
 
 
 def domain_xml(name: str = "vm1", memory_mib: int = 64, *, uuid: str | None = None,
@@ -110,11 +131,24 @@ class Host:
         return backend.memory_digest(uuid)
 
 
-async def start_host(tmp_path: Path, name: str, **overrides: object) -> Host:
+def connect_uri(running: RunningDaemon, listen: str) -> str:
+    """The URI of ``running``'s listener ``listen`` (on loopback)."""
+    address = parse_listen(listen)
+    if address.transport == "unix":
+        return f"virtmig+unix://{address.path}"
+    return f"virtmig+{address.transport}://127.0.0.1:{running.tcp_port}"
+
+
+async def start_host(tmp_path: Path, name: str, *, client: Path | None = None,
+                     **overrides: object) -> Host:
+    """Daemon ``name`` on ``tls://127.0.0.1:0`` with its own host certificate, and a connection
+    to it presenting ``client``'s certificate (default: the session's admin)."""
     state = tmp_path / name
+    pki = session_pki()
     settings: dict[str, object] = {
         "state_dir": str(state),
-        "listen": ("tcp://127.0.0.1:0",),
+        "listen": ("tls://127.0.0.1:0",),
+        "pki_dir": str(pki.host(name)),
         "hostname": f"{name}.test",
         "migration_address": "127.0.0.1",
         "migration_host": "127.0.0.1",
@@ -123,8 +157,12 @@ async def start_host(tmp_path: Path, name: str, **overrides: object) -> Host:
     settings.update(overrides)
     config = DaemonConfig(**settings)  # type: ignore[arg-type]
     running = await start_daemon(config)
-    uri = f"virtmig+tcp://127.0.0.1:{running.tcp_port}"
-    conn = await AsyncConnection.open(uri)
+    uri = connect_uri(running, config.listen[0])
+    try:
+        conn = await AsyncConnection.open(uri, pki_dir=client or pki.client())
+    except BaseException:
+        await running.stop(grace=0)
+        raise
     return Host(running, conn, uri, state)
 
 
@@ -162,7 +200,8 @@ async def hosts(tmp_path: Path, backend: str,
     started: list[Host] = []
     try:
         for name, settings in names_and_settings:
-            started.append(await start_host(tmp_path, name, backend=backend, **settings))
+            started.append(await start_host(tmp_path, name, backend=backend,
+                                            **settings))  # type: ignore[arg-type]
         yield started
     finally:
         await teardown_hosts(tmp_path, *started)

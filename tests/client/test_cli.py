@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.tls import session_pki
 from virtmig.client.cli import (
     COMMANDS_BY_NAME,
     CliError,
@@ -43,7 +44,7 @@ from virtmig.proto.params import MigrateParam, ParamType, TypedParam
 F = MigrateFlags
 P = MigrateParam
 
-DEST = "virtmig+tcp://127.0.0.1:1"
+DEST = "virtmig+tls://127.0.0.1:1"
 
 
 def migration(*argv: str) -> MigrateOptions:
@@ -523,9 +524,10 @@ class Daemon:
 
 def start_daemon(tmp: Path, name: str) -> Daemon:
     ready, log = tmp / f"{name}.ready", tmp / f"{name}.log"
+    config = session_pki().config(tmp / f"{name}.toml", name)
     cmd = [
-        sys.executable, "-m", "virtmig.daemon.main",
-        "--listen", "tcp://127.0.0.1:0",
+        sys.executable, "-m", "virtmig.daemon.main", "--config", str(config),
+        "--listen", "tls://127.0.0.1:0",
         "--state-dir", str(tmp / name),
         "--hostname", f"{name}.test",
         "--migration-address", "127.0.0.1",
@@ -543,7 +545,7 @@ def start_daemon(tmp: Path, name: str) -> Daemon:
         time.sleep(0.02)
     info = json.loads(ready.read_text())
     assert info["pid"] == proc.pid
-    return Daemon(proc, f"virtmig+tcp://{info['addresses'][0]}", log)
+    return Daemon(proc, f"virtmig+tls://{info['addresses'][0]}", log)
 
 
 def stop_process(proc: subprocess.Popen[bytes]) -> None:
@@ -797,10 +799,10 @@ def test_errors_are_one_clear_line(hosts: tuple[Daemon, Daemon], tmp_path: Path)
     assert ok(src.uri, "domstate", "--reason", "vm") == "running (booted)\n"
     assert ok(dst.uri, "list", "--all") == " Id   Name   State\n--------------------\n"
 
-    err = fails(src.uri, "migrate", "--live", "vm", "virtmig+tcp://127.0.0.1:1")
+    err = fails(src.uri, "migrate", "--live", "vm", "virtmig+tls://127.0.0.1:1")
     assert err.startswith("error: failed to connect to the destination "
-                          "'virtmig+tcp://127.0.0.1:1'\nerror: unable to connect")
-    err = fails("virtmig+tcp://127.0.0.1:1", "list")
+                          "'virtmig+tls://127.0.0.1:1'\nerror: unable to connect")
+    err = fails("virtmig+tls://127.0.0.1:1", "list")
     assert err.startswith("error: failed to connect to the hypervisor\nerror: unable to connect")
     err = fails("bogus://x", "list")
     assert err.startswith("error: failed to connect to the hypervisor\n"

@@ -40,7 +40,7 @@ def ca(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Path:
 def test_init_prints_each_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     ca = tmp_path / "ca"
     # -c names an address nobody answers on: pki does not care.
-    assert cli.main(["-c", "virtmig+tcp://192.0.2.1:1", "pki", "init", str(ca), "--cn",
+    assert cli.main(["-c", "virtmig+tls://192.0.2.1:1", "pki", "init", str(ca), "--cn",
                      "Lab CA", "--org", "Lab", "--days", "30"]) == 0
     out, err = capsys.readouterr()
     assert (out, err) == (f"wrote {ca}/cacert.pem (CA certificate)\n"

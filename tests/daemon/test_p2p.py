@@ -20,6 +20,7 @@ import pytest
 
 from tests.conftest import Host, domain_xml, free_port
 from tests.daemon.test_migration import FinishFailsDest, NoUriDest
+from tests.tls import session_pki
 from virtmig.client import sequence
 from virtmig.client.connection import AsyncConnection
 from virtmig.client.sequence import Trace
@@ -136,7 +137,7 @@ async def test_p2p_with_non_params_rpc(pair: tuple[Host, Host], monkeypatch: pyt
 @pytest.mark.parametrize(
     ("dconnuri", "flags", "error", "message"),
     [
-        ("virtmig+tcp://localhost:1", F.LIVE | F.PEER2PEER, InvalidArgument,
+        ("virtmig+tls://localhost:1", F.LIVE | F.PEER2PEER, InvalidArgument,
          "Attempt to migrate guest to the same host"),
         (None, F.LIVE | F.PEER2PEER, InvalidArgument, "must not be NULL"),
         ("x", F.LIVE | F.TUNNELLED, InvalidArgument, "without using peer2peer"),
@@ -166,7 +167,7 @@ async def test_p2p_unreachable_destination(pair: tuple[Host, Host]) -> None:
     await guest(src)
     port = free_port()
     with pytest.raises(OperationFailed, match="Failed to connect to remote virtmig URI"):
-        await src.conn.migrate_to_uri3("vm1", f"virtmig+tcp://127.0.0.1:{port}",
+        await src.conn.migrate_to_uri3("vm1", f"virtmig+tls://127.0.0.1:{port}",
                                        TypedParams(), F.LIVE | F.PEER2PEER)
     await rolled_back(src, dst)
 
@@ -302,8 +303,10 @@ async def test_p2p_goes_on_when_the_client_disconnects(pair: tuple[Host, Host]) 
 @pytest.fixture
 async def dst_process(tmp_path: Path) -> AsyncIterator[tuple[subprocess.Popen[bytes], str]]:
     ready = tmp_path / "dst.ready"
+    config = session_pki().config(tmp_path / "dstproc.toml", "dstproc")
     proc = subprocess.Popen([  # noqa: ASYNC220 - started once, reaped in the finalizer
-        sys.executable, "-m", "virtmig.daemon.main", "--listen", "tcp://127.0.0.1:0",
+        sys.executable, "-m", "virtmig.daemon.main", "--config", str(config),
+        "--listen", "tls://127.0.0.1:0",
         "--state-dir", str(tmp_path / "dstproc"), "--hostname", "dstproc.test",
         "--migration-address", "127.0.0.1", "--migration-host", "127.0.0.1",
         "--ready-file", str(ready), "--log-level", "warning",
@@ -314,7 +317,7 @@ async def dst_process(tmp_path: Path) -> AsyncIterator[tuple[subprocess.Popen[by
                 break
             await asyncio.sleep(0.05)
         port = json.loads(ready.read_text())["addresses"][0].rsplit(":", 1)[1]
-        yield proc, f"virtmig+tcp://127.0.0.1:{port}"
+        yield proc, f"virtmig+tls://127.0.0.1:{port}"
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)

@@ -60,9 +60,9 @@ async def test_p2p_and_tunnelled_across_namespaces(net: tuple[NetPair, str, str]
     async with await AsyncConnection.open(a_uri) as a, await AsyncConnection.open(b_uri) as b:
         await start_guest(a)
         # the destination as the source sees it: its address on the link
-        await a.migrate_to_uri3("vm1", tn.tcp_uri(tn.b), TypedParams(), F.LIVE | F.PEER2PEER)
+        await a.migrate_to_uri3("vm1", tn.tls_uri(tn.b), TypedParams(), F.LIVE | F.PEER2PEER)
         assert (await b.state("vm1"))[0] is DomainState.RUNNING
-        await b.migrate_to_uri3("vm1", tn.tcp_uri(tn.a), TypedParams(),
+        await b.migrate_to_uri3("vm1", tn.tls_uri(tn.a), TypedParams(),
                                 F.LIVE | F.PEER2PEER | F.TUNNELLED)
         assert (await a.state("vm1"))[0] is DomainState.RUNNING
 
@@ -76,7 +76,7 @@ async def test_partition_during_p2p_is_detected_by_keepalive(
     async with await AsyncConnection.open(a_uri) as a, await AsyncConnection.open(b_uri) as b:
         await start_guest(a)
         task = asyncio.ensure_future(a.migrate_to_uri3(
-            "vm1", tn.tcp_uri(tn.b), TypedParams.of({P.BANDWIDTH: 2}), F.LIVE | F.PEER2PEER))
+            "vm1", tn.tls_uri(tn.b), TypedParams.of({P.BANDWIDTH: 2}), F.LIVE | F.PEER2PEER))
         for _ in range(1000):
             info = await a.job_info("vm1")
             if info.phase == "perform3" and info.data_processed:

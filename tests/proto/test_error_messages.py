@@ -41,6 +41,7 @@ LIBVIRT_FORMATS: dict[type[errors.VirtmigError], tuple[str, str]] = {
                              "migration successfully aborted"),
     errors.OperationTimeout: ("Timed out during operation: %s", "Timed out during operation"),
     errors.ResourceExhausted: ("resource busy: %s", "resource busy"),
+    errors.PermissionDenied: ("access denied: %s", "access denied"),
     errors.InternalError: ("internal error: %s", "internal error"),
     # libvirt's connection failures are RPC/system errors: the bare message.
     errors.ConnectionFailed: ("%s", "RPC error"),
