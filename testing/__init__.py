@@ -43,7 +43,13 @@ from virtmig.testing.qemu import (
     qemu_binary_or_skip,
     qemu_required,
 )
-from virtmig.testing.wait import WaitTimeout, wait_for_job, wait_until, wait_until_sync
+from virtmig.testing.wait import (
+    WaitTimeout,
+    wait_for_job,
+    wait_job_streaming,
+    wait_until,
+    wait_until_sync,
+)
 
 __all__ = [
     "ClosedPortDest",
@@ -67,6 +73,7 @@ __all__ = [
     "stop_host",
     "teardown_hosts",
     "wait_for_job",
+    "wait_job_streaming",
     "wait_until",
     "wait_until_sync",
 ]

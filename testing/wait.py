@@ -7,7 +7,8 @@ plain or an async function) and :func:`wait_until_sync` check it at once, then e
 it, they raise :class:`WaitTimeout` with ``what`` in the message: a wait never falls through.
 
 Where the daemon pushes what you wait for, wait on that stream: :func:`wait_for_job` reads the
-job watch (``WatchJob``) until the migration job's info satisfies a condition.
+job watch (``WatchJob``) until the migration job's info satisfies a condition;
+:func:`wait_job_streaming` until a migration is under way.
 
 Timeouts are bounds, not timings: make them generous (they cost nothing when the condition
 holds), so that a loaded machine does not fail a correct test.
@@ -104,3 +105,12 @@ async def wait_for_job(conn: AsyncConnection, dom: DomainKey, cond: Callable[[Jo
         raise _timed_out(what, timeout) from None
     assert found is not None  # (a JobInfo is truthy)
     return found
+
+
+async def wait_job_streaming(conn: AsyncConnection, dom: DomainKey, *,
+                             timeout: float = 60) -> JobInfo:
+    """Until the migration of ``dom`` streams: its job on the source (``conn``) is in Perform
+    and has sent data.  Returns that job info."""
+    return await wait_for_job(
+        conn, dom, lambda i: i.phase == "perform3" and i.data_processed > 0, timeout=timeout,
+        what=f"the migration of {dom} to stream")
