@@ -39,12 +39,12 @@ def _timed_out(what: What, timeout: float) -> WaitTimeout:
 
 
 @overload
-async def wait_until(cond: Callable[[], Awaitable[T]], *, timeout: float, what: What,
+async def wait_until(cond: Callable[[], Awaitable[T | None]], *, timeout: float, what: What,
                      interval: float = ...) -> T: ...
 
 
 @overload
-async def wait_until(cond: Callable[[], T], *, timeout: float, what: What,
+async def wait_until(cond: Callable[[], T | None], *, timeout: float, what: What,
                      interval: float = ...) -> T: ...
 
 
@@ -69,7 +69,7 @@ async def wait_until(cond: Callable[[], object], *, timeout: float, what: What,
         await asyncio.sleep(interval)
 
 
-def wait_until_sync(cond: Callable[[], T], *, timeout: float, what: What,
+def wait_until_sync(cond: Callable[[], T | None], *, timeout: float, what: What,
                     interval: float = 0.01) -> T:
     """:func:`wait_until` for code without an event loop (blocks the thread between checks)."""
     deadline = time.monotonic() + timeout
@@ -103,7 +103,6 @@ async def wait_for_job(conn: AsyncConnection, dom: DomainKey, cond: Callable[[Jo
         if isinstance(exc, WaitTimeout):
             raise
         raise _timed_out(what, timeout) from None
-    assert found is not None  # (a JobInfo is truthy)
     return found
 
 
