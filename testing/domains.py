@@ -38,10 +38,10 @@ def qemu_domain_xml(image: GuestImage, name: str = "vm1", memory_mib: int = 256,
                     serial: Path | None = None, domain_type: str | None = None) -> str:
     """A ``qemu`` domain running the test guest ``image``.
 
-    ``domain_type``: ``kvm`` or ``qemu`` (TCG); by default KVM where this machine can run it
-    (:func:`~virtmig.testing.qemu.guest_domain_type`).  Its serial console goes to ``serial``
-    (a file both sides name in their definitions), else to a log file in the guest's folder on
-    whichever host runs it.
+    ``domain_type``: ``kvm`` or ``qemu`` (TCG); by default KVM where this machine runs the
+    guest with it (:func:`~virtmig.testing.qemu.guest_domain_type`).  Its serial console goes
+    to ``serial`` (a file both sides name in their definitions), else to a log file in the
+    guest's folder on whichever host runs it.
     """
     uuid_el = f"<uuid>{uuid}</uuid>" if uuid else ""
     console = (f"<serial type='file'><source path='{serial}'/><target port='0'/></serial>"
@@ -49,7 +49,7 @@ def qemu_domain_xml(image: GuestImage, name: str = "vm1", memory_mib: int = 256,
                "<target type='serial' port='0'/></console>" if serial is not None
                else "<serial type='pty'><target port='0'/></serial>")
     return textwrap.dedent(f"""\
-        <domain type='{domain_type or guest_domain_type()}'>
+        <domain type='{domain_type or guest_domain_type(image)}'>
           <name>{name}</name>
           {uuid_el}
           <memory unit='MiB'>{memory_mib}</memory>

@@ -223,7 +223,8 @@ def _sha256(data: bytes) -> str:
 
 
 @contextlib.contextmanager
-def _locked(cache: Path) -> Iterator[None]:
+def cache_lock(cache: Path) -> Iterator[None]:
+    """Hold the cache folder's lock (one builder or prober at a time, across processes)."""
     with open(cache / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
@@ -236,7 +237,7 @@ def ensure_guest(cache: Path | None = None) -> GuestImage:
     """Build the guest into the cache if needed (idempotent); GuestUnavailable says why not."""
     cache = cache or cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
-    with _locked(cache):
+    with cache_lock(cache):
         kernel = fetch_kernel(cache)
         initrd = cache / "initrd.cpio"
         stamp_path = cache / "stamp.json"

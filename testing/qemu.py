@@ -4,9 +4,14 @@
   is unavailable, the calling pytest test is skipped with the reason, unless
   ``VIRTMIG_REQUIRE_QEMU=1``, in which case it fails.  pytest is imported only then: this
   package does not depend on it.
-* Acceleration (:func:`kvm_usable`, :func:`guest_domain_type`): test guests run under KVM when
-  ``/dev/kvm`` opens read-write and answers ``KVM_GET_API_VERSION`` (asked once per process),
-  else under TCG.  ``$VIRTMIG_GUEST_ACCEL`` (``kvm`` or ``tcg``) decides instead.
+* Acceleration (:func:`guest_domain_type`): test guests run under KVM where it runs them, else
+  under TCG.  Where it runs them: ``/dev/kvm`` opens read-write and answers
+  ``KVM_GET_API_VERSION`` (:func:`kvm_usable`), and the test guest, booted once with
+  ``-accel kvm``, reaches its /init (:func:`kvm_boots`).  The second check is needed: a KVM
+  can pass the first and still not run a stock kernel (a nested, paravirtual KVM such as PVM
+  hangs it in the switch to protected mode).  That boot's answer is kept in the guest's cache
+  folder (``kvm.json``, keyed by host kernel, QEMU binary and guest image; delete it to ask
+  again).  ``$VIRTMIG_GUEST_ACCEL`` (``kvm`` or ``tcg``) decides instead.
 * :func:`kill_leftover_qemus`: the finalizers' safety net for QEMU processes a test left behind.
 """
 
@@ -15,14 +20,17 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import json
 import os
 import shutil
 import signal
+import subprocess
+import tempfile
 from pathlib import Path
 from typing import NoReturn
 
-from virtmig.testing.guest import GuestImage, GuestUnavailable, ensure_guest
-from virtmig.testing.wait import wait_until_sync
+from virtmig.testing.guest import GuestImage, GuestUnavailable, cache_lock, ensure_guest
+from virtmig.testing.wait import WaitTimeout, wait_until_sync
 
 QEMU_BINARY = "qemu-system-x86_64"
 REQUIRE_ENV = "VIRTMIG_REQUIRE_QEMU"
@@ -30,6 +38,7 @@ ACCEL_ENV = "VIRTMIG_GUEST_ACCEL"
 KVM_DEVICE = "/dev/kvm"
 _KVM_GET_API_VERSION = 0xAE00  # _IO(KVMIO, 0x00)
 _KVM_API_VERSION = 12  # the only stable version there has been
+KVM_BOOT_TIMEOUT = 30.0  # the test guest reaches /init in about a second under a working KVM
 
 
 def qemu_required() -> bool:
@@ -75,8 +84,65 @@ def kvm_usable() -> bool:
         os.close(fd)
 
 
-def guest_domain_type() -> str:
-    """The ``<domain type=...>`` of test guests: ``kvm`` where usable, else ``qemu`` (TCG).
+def kvm_boots(image: GuestImage) -> bool:
+    """Whether the test guest ``image`` boots under KVM here (see the module docstring).
+
+    Asked once per machine: the answer is kept in the guest's cache folder.
+    """
+    binary = shutil.which(QEMU_BINARY)
+    if binary is None or not kvm_usable():
+        return False
+    return _kvm_boots(image, binary)
+
+
+@functools.cache
+def _kvm_boots(image: GuestImage, binary: str) -> bool:
+    qemu = os.stat(binary)
+    key = {
+        "host": os.uname().release,
+        "qemu": [binary, qemu.st_size, qemu.st_mtime_ns],
+        "guest": [str(image.kernel), str(image.initrd), image.initrd.stat().st_mtime_ns],
+    }
+    cache = image.initrd.parent / "kvm.json"
+    with cache_lock(image.initrd.parent):
+        with contextlib.suppress(OSError, ValueError):
+            known = json.loads(cache.read_text())
+            if known.get("key") == key:
+                return bool(known["boots"])
+        boots = _boot_once(image, binary)
+        cache.write_text(json.dumps({"key": key, "boots": boots}, indent=1))
+        return boots
+
+
+def _boot_once(image: GuestImage, binary: str) -> bool:
+    """Boot ``image`` with ``-accel kvm``: does its /init say DIRTY-READY in time?"""
+    with tempfile.TemporaryDirectory(prefix="virtmig-kvm-") as tmp:
+        log = Path(tmp) / "serial.log"
+        proc = subprocess.Popen(
+            [binary, "-accel", "kvm", "-machine", "pc", "-m", "128", "-no-user-config",
+             "-nodefaults", "-display", "none", "-kernel", str(image.kernel),
+             "-initrd", str(image.initrd), "-append", image.cmdline(dirty_mb=1, dirty_rate=1),
+             "-serial", f"file:{log}"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+
+        def ready() -> bool:
+            return log.exists() and b"DIRTY-READY" in log.read_bytes()
+
+        try:
+            wait_until_sync(lambda: ready() or proc.poll() is not None, timeout=KVM_BOOT_TIMEOUT,
+                            interval=0.05, what="the test guest to boot under KVM")
+        except WaitTimeout:
+            return False
+        finally:
+            proc.kill()
+            proc.wait()
+        return ready()
+
+
+def guest_domain_type(image: GuestImage) -> str:
+    """The ``<domain type=...>`` of test guests: ``kvm`` where it runs ``image``, else ``qemu``
+    (TCG).
 
     ``$VIRTMIG_GUEST_ACCEL=tcg`` or ``=kvm`` decides instead (``kvm`` without a usable KVM
     makes QEMU fail to start, which says why).
@@ -86,7 +152,7 @@ def guest_domain_type() -> str:
         raise ValueError(f"{ACCEL_ENV}={forced}: expected kvm or tcg")
     if forced:
         return "kvm" if forced == "kvm" else "qemu"
-    return "kvm" if kvm_usable() else "qemu"
+    return "kvm" if kvm_boots(image) else "qemu"
 
 
 def kill_leftover_qemus(root: Path, timeout: float = 10.0) -> list[int]:
