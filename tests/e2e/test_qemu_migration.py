@@ -9,7 +9,9 @@ heartbeat the source printed, with ``ok=1``.  Migrations are kept short (about a
 pre-copy runs under TCG can corrupt the guest (see the shared QEMU notes).  Even short ones
 have, rarely (2 of about 35 dirtying at 16 MiB/s, both in full-suite runs, none of 100 in
 isolation, bare QMP included): the guest's checksum stops matching right after the switchover;
-a slow dirtying rate keeps that chance small.
+a slow dirtying rate keeps that chance small.  Whether KVM guests are spared is not known yet
+(the machines these figures come from have a nested KVM that cannot boot the guest), so the
+rate stays the same under KVM.
 
 Besides the plain managed migration: peer-to-peer (also tunnelled through the daemons), abort and
 migrate-setspeed while Perform streams, a migration port nobody listens on, and post-copy (a guest
