@@ -110,7 +110,8 @@ def _kvm_boots(image: GuestImage, binary: str) -> bool:
             if known.get("key") == key:
                 return bool(known["boots"])
         boots = _boot_once(image, binary)
-        cache.write_text(json.dumps({"key": key, "boots": boots}, indent=1))
+        with contextlib.suppress(OSError):  # (not kept: asked again by the next process)
+            cache.write_text(json.dumps({"key": key, "boots": boots}, indent=1))
         return boots
 
 
