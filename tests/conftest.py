@@ -1,29 +1,57 @@
 """Shared fixtures: real daemons in the test's event loop, on loopback, port 0, over mutual TLS
-with the session's throw-away PKI (:mod:`tests.tls`)."""
+with the session's throw-away PKI (:mod:`virtmig.testing.pki`).
+
+The helpers behind them live in :mod:`virtmig.testing` (daemons, domain XML, the QEMU test
+guest, bounded waits); import them from there.  They are re-exported here for the tests that
+still import them from ``tests.conftest``.
+
+Fixtures, one meaning each across the suite:
+
+* ``backend``: each backend in turn (``test``, then ``qemu``, which is skipped without QEMU);
+* ``pair``: two daemons ``src`` and ``dst`` on the ``test`` backend;
+* ``backend_pair``: two daemons ``src`` and ``dst`` on ``backend`` (the test runs on both);
+* ``qemu_pair``: two daemons ``src`` and ``dst`` on the ``qemu`` backend (skipped without QEMU
+  or the test guest).
+"""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import os
-import socket
-import textwrap
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.guest.build import GuestImage, guest_or_skip, kill_leftover_qemus, qemu_binary_or_skip
-from tests.tls import session_pki
-from virtmig.client.connection import AsyncConnection
-from virtmig.client.migrate import RemoteDest
-from virtmig.daemon.backend.test import TestBackend
-from virtmig.daemon.core import Daemon, DaemonConfig
-from virtmig.daemon.main import RunningDaemon, start_daemon
-from virtmig.proto.params import TypedParams
 from virtmig.proto.pki import PKI_DIR_ENV
-from virtmig.proto.uri import parse_listen
+from virtmig.testing import (
+    ClosedPortDest,
+    GuestImage,
+    Host,
+    connect_uri,
+    domain_xml,
+    free_port,
+    guest_or_skip,
+    hosts,
+    qemu_binary_or_skip,
+    qemu_domain_xml,
+    session_pki,
+    start_host,
+    stop_host,
+    teardown_hosts,
+)
+
+__all__ = [
+    "ClosedPortDest",
+    "Host",
+    "connect_uri",
+    "domain_xml",
+    "free_port",
+    "hosts",
+    "qemu_domain_xml",
+    "start_host",
+    "stop_host",
+    "teardown_hosts",
+]
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -42,147 +70,6 @@ def client_pki() -> Iterator[Path]:
             os.environ[PKI_DIR_ENV] = old
 
 
-def domain_xml(name: str = "vm1", memory_mib: int = 64, *, uuid: str | None = None,
-               dirty_rate_mib: int = 0, extra_options: str = "") -> str:
-    uuid_el = f"<uuid>{uuid}</uuid>" if uuid else ""
-    opts = f'dirty-rate-mib="{dirty_rate_mib}" ' if dirty_rate_mib else ""
-    return textwrap.dedent(f"""\
-        <domain type='test'>
-          <name>{name}</name>
-          {uuid_el}
-          <memory unit='MiB'>{memory_mib}</memory>
-          <vcpu>1</vcpu>
-          <os><type arch='x86_64' machine='pc'>hvm</type></os>
-          <metadata>
-            <virtmig:guest xmlns:virtmig="urn:virtmig:domain:1" {opts}{extra_options}/>
-          </metadata>
-          <devices>
-            <serial type='pty'><target port='0'/></serial>
-          </devices>
-        </domain>
-        """)
-
-
-def qemu_domain_xml(image: GuestImage, name: str = "vm1", memory_mib: int = 256, *,
-                    uuid: str | None = None, dirty_mb: int = 64, dirty_rate: int = 0,
-                    serial: Path | None = None) -> str:
-    """A ``qemu`` domain running the test guest (``tests/guest``).
-
-    Its serial console goes to ``serial`` (a file both sides name in their definitions), else
-    to a log file in the guest's folder on whichever host runs it.
-    """
-    uuid_el = f"<uuid>{uuid}</uuid>" if uuid else ""
-    console = (f"<serial type='file'><source path='{serial}'/><target port='0'/></serial>"
-               f"<console type='file'><source path='{serial}'/>"
-               "<target type='serial' port='0'/></console>" if serial is not None
-               else "<serial type='pty'><target port='0'/></serial>")
-    return textwrap.dedent(f"""\
-        <domain type='qemu'>
-          <name>{name}</name>
-          {uuid_el}
-          <memory unit='MiB'>{memory_mib}</memory>
-          <vcpu>1</vcpu>
-          <os>
-            <type arch='x86_64' machine='pc'>hvm</type>
-            <kernel>{image.kernel}</kernel>
-            <initrd>{image.initrd}</initrd>
-            <cmdline>{image.cmdline(dirty_mb=dirty_mb, dirty_rate=dirty_rate)}</cmdline>
-          </os>
-          <devices>
-            {console}
-            <memballoon model='none'/>
-          </devices>
-        </domain>
-        """)
-
-
-def free_port() -> int:
-    """A loopback port nobody listens on (bound once, then released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-class ClosedPortDest(RemoteDest):
-    """A destination whose Prepare answers with a loopback port nobody listens on."""
-
-    async def prepare(self, params: TypedParams, cookie: bytes,
-                      flags: int) -> tuple[bytes, str | None]:
-        cookie, _uri = await super().prepare(params, cookie, flags)
-        return cookie, f"tcp:127.0.0.1:{free_port()}"
-
-
-@dataclass
-class Host:
-    running: RunningDaemon
-    conn: AsyncConnection
-    uri: str
-    state_dir: Path
-
-    @property
-    def daemon(self) -> Daemon:
-        return self.running.daemon
-
-    def digest(self, uuid: str) -> bytes:
-        """The test backend's digest of a guest's whole memory."""
-        backend = self.daemon.backend
-        assert isinstance(backend, TestBackend)
-        return backend.memory_digest(uuid)
-
-
-def connect_uri(running: RunningDaemon, listen: str) -> str:
-    """The URI of ``running``'s listener ``listen`` (on loopback)."""
-    address = parse_listen(listen)
-    if address.transport == "unix":
-        return f"virtmig+unix://{address.path}"
-    return f"virtmig+{address.transport}://127.0.0.1:{running.tcp_port}"
-
-
-async def start_host(tmp_path: Path, name: str, *, client: Path | None = None,
-                     **overrides: object) -> Host:
-    """Daemon ``name`` on ``tls://127.0.0.1:0`` with its own host certificate, and a connection
-    to it presenting ``client``'s certificate (default: the session's admin)."""
-    state = tmp_path / name
-    pki = session_pki()
-    settings: dict[str, object] = {
-        "state_dir": str(state),
-        "listen": ("tls://127.0.0.1:0",),
-        "pki_dir": str(pki.host(name)),
-        "hostname": f"{name}.test",
-        "migration_address": "127.0.0.1",
-        "migration_host": "127.0.0.1",
-        "job_wait_timeout": 1.0,
-    }
-    settings.update(overrides)
-    config = DaemonConfig(**settings)  # type: ignore[arg-type]
-    running = await start_daemon(config)
-    uri = connect_uri(running, config.listen[0])
-    try:
-        conn = await AsyncConnection.open(uri, pki_dir=client or pki.client())
-    except BaseException:
-        await running.stop(grace=0)
-        raise
-    return Host(running, conn, uri, state)
-
-
-async def stop_host(host: Host) -> None:
-    await host.conn.close()
-    await host.running.stop(grace=0.5)
-
-
-async def teardown_hosts(tmp_path: Path, *hosts: Host) -> None:
-    """Stop the daemons and every guest they still run (QEMU guests outlive their daemon)."""
-    try:
-        for host in hosts:
-            for dom in list(host.daemon.registry):
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(host.daemon.backend.destroy(dom.uuid), 20)
-            await stop_host(host)
-    finally:
-        assert not kill_leftover_qemus(tmp_path), "QEMU processes were left running"
-
-
 @pytest.fixture(params=["test", pytest.param("qemu", marks=pytest.mark.qemu)])
 def backend(request: pytest.FixtureRequest) -> str:
     """Each backend in turn; qemu needs QEMU and the test guest (skipped, or failed under
@@ -193,26 +80,29 @@ def backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-@contextlib.asynccontextmanager
-async def hosts(tmp_path: Path, backend: str,
-                *names_and_settings: tuple[str, dict[str, object]]) -> AsyncIterator[list[Host]]:
-    """Daemons on ``backend``, each with its own settings; stopped with all their guests."""
-    started: list[Host] = []
-    try:
-        for name, settings in names_and_settings:
-            started.append(await start_host(tmp_path, name, backend=backend,
-                                            **settings))  # type: ignore[arg-type]
-        yield started
-    finally:
-        await teardown_hosts(tmp_path, *started)
+@pytest.fixture
+async def pair(tmp_path: Path) -> AsyncIterator[tuple[Host, Host]]:
+    """Two daemons on the ``test`` backend."""
+    async with hosts(tmp_path, "test", ("src", {}), ("dst", {})) as (src, dst):
+        yield src, dst
 
 
 @pytest.fixture
-async def pair(tmp_path: Path) -> AsyncIterator[tuple[Host, Host]]:
-    src = await start_host(tmp_path, "src")
-    dst = await start_host(tmp_path, "dst")
-    try:
+async def backend_pair(tmp_path: Path, backend: str) -> AsyncIterator[tuple[Host, Host]]:
+    """Two daemons on ``backend``: a test using this runs on each backend."""
+    async with hosts(tmp_path, backend, ("src", {}), ("dst", {})) as (src, dst):
         yield src, dst
-    finally:
-        await stop_host(src)
-        await stop_host(dst)
+
+
+@pytest.fixture(scope="session")
+def guest_image() -> GuestImage:
+    """The QEMU test guest (built once per machine); skips without QEMU or the guest."""
+    qemu_binary_or_skip()
+    return guest_or_skip()
+
+
+@pytest.fixture
+async def qemu_pair(tmp_path: Path, guest_image: GuestImage) -> AsyncIterator[tuple[Host, Host]]:
+    """Two daemons on the ``qemu`` backend (QEMU and the test guest are there)."""
+    async with hosts(tmp_path, "qemu", ("src", {}), ("dst", {})) as (src, dst):
+        yield src, dst

@@ -3,6 +3,7 @@ and the commands against two real ``virtmigd`` processes on loopback."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -13,13 +14,12 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.tls import session_pki
 from virtmig.client.cli import (
     COMMANDS_BY_NAME,
     CliError,
@@ -40,6 +40,8 @@ from virtmig.client.cli import app as cli
 from virtmig.client.connection import Event, JobInfo
 from virtmig.proto.flags import JobOperation, JobType, MigrateFlags
 from virtmig.proto.params import MigrateParam, ParamType, TypedParam
+from virtmig.testing import WaitTimeout, wait_until_sync
+from virtmig.testing.pki import session_pki
 
 F = MigrateFlags
 P = MigrateParam
@@ -537,12 +539,12 @@ def start_daemon(tmp: Path, name: str) -> Daemon:
     ]
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 30
-    while not ready.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            stop_process(proc)
-            pytest.fail(f"virtmigd {name} did not start:\n{log.read_text()}")
-        time.sleep(0.02)
+    with contextlib.suppress(WaitTimeout):  # (it fails below, showing the daemon's log)
+        wait_until_sync(lambda: ready.exists() or proc.poll() is not None, timeout=30,
+                        interval=0.02, what=f"virtmigd {name} to start")
+    if not ready.exists():
+        stop_process(proc)
+        pytest.fail(f"virtmigd {name} did not start:\n{log.read_text()}")
     info = json.loads(ready.read_text())
     assert info["pid"] == proc.pid
     return Daemon(proc, f"virtmig+tls://{info['addresses'][0]}", log)
@@ -559,7 +561,8 @@ def stop_process(proc: subprocess.Popen[bytes]) -> None:
 
 
 @pytest.fixture
-def hosts(tmp_path: Path) -> Iterator[tuple[Daemon, Daemon]]:
+def daemons(tmp_path: Path) -> Iterator[tuple[Daemon, Daemon]]:
+    """Two ``virtmigd`` processes, ``src`` and ``dst``, on loopback."""
     started: list[Daemon] = []
     try:
         started.append(start_daemon(tmp_path, "src"))
@@ -607,13 +610,6 @@ def read_until(proc: subprocess.Popen[bytes], marker: bytes, *, stderr: bool = F
     return seen
 
 
-def wait_until(check: Callable[[], bool], what: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
-
-
 def start_guest(tmp_path: Path, uri: str, name: str, memory_mib: int = 64,
                 dirty_rate_mib: int = 0) -> None:
     xml = tmp_path / f"{name}.xml"
@@ -631,7 +627,8 @@ def migrating(uri: str, name: str) -> str:
         out = ok(uri, "domjobinfo", name)
         return "Data total:" in out
 
-    wait_until(streaming, f"the migration of {name} to stream")
+    wait_until_sync(streaming, timeout=30, interval=0.1,
+                    what=f"the migration of {name} to stream")
     return out
 
 
@@ -655,8 +652,8 @@ def fails(uri: str | None, *args: str) -> str:
     return res.stderr
 
 
-def test_lifecycle_and_live_migration(hosts: tuple[Daemon, Daemon], tmp_path: Path) -> None:
-    src, dst = hosts
+def test_lifecycle_and_live_migration(daemons: tuple[Daemon, Daemon], tmp_path: Path) -> None:
+    src, dst = daemons
     xml = tmp_path / "web.xml"
     xml.write_text(domain_xml("web"))
 
@@ -735,9 +732,9 @@ def test_lifecycle_and_live_migration(hosts: tuple[Daemon, Daemon], tmp_path: Pa
     assert ok(src.uri, "list", "--all") == " Id   Name   State\n--------------------\n"
 
 
-def test_offline_persistent_and_rename_migrations(hosts: tuple[Daemon, Daemon],
+def test_offline_persistent_and_rename_migrations(daemons: tuple[Daemon, Daemon],
                                                   tmp_path: Path) -> None:
-    src, dst = hosts
+    src, dst = daemons
     for name in ("cold", "warm"):
         (tmp_path / f"{name}.xml").write_text(domain_xml(name))
         ok(src.uri, "define", str(tmp_path / f"{name}.xml"))
@@ -760,8 +757,8 @@ def test_offline_persistent_and_rename_migrations(hosts: tuple[Daemon, Daemon],
     assert "Persistent:     yes" in ok(dst.uri, "dominfo", "warm2")
 
 
-def test_errors_are_one_clear_line(hosts: tuple[Daemon, Daemon], tmp_path: Path) -> None:
-    src, dst = hosts
+def test_errors_are_one_clear_line(daemons: tuple[Daemon, Daemon], tmp_path: Path) -> None:
+    src, dst = daemons
     (tmp_path / "vm.xml").write_text(domain_xml("vm"))
     ok(src.uri, "define", str(tmp_path / "vm.xml"))
     ok(src.uri, "start", "vm")
@@ -809,8 +806,8 @@ def test_errors_are_one_clear_line(hosts: tuple[Daemon, Daemon], tmp_path: Path)
                           "error: invalid argument: unsupported connection URI 'bogus://x'")
 
 
-def test_host_commands_and_default_uri(hosts: tuple[Daemon, Daemon]) -> None:
-    src, _dst = hosts
+def test_host_commands_and_default_uri(daemons: tuple[Daemon, Daemon]) -> None:
+    src, _dst = daemons
     env = {**os.environ, "VIRTMIG_DEFAULT_URI": src.uri}
     res = virtmig(None, "hostname", env=env)
     assert (res.returncode, res.stdout) == (0, "src.test\n")
@@ -833,8 +830,8 @@ def test_host_commands_and_default_uri(hosts: tuple[Daemon, Daemon]) -> None:
 # --- job control against real daemons -------------------------------------------------------------
 
 
-def test_domjobinfo_watch_and_domjobabort(hosts: tuple[Daemon, Daemon], tmp_path: Path) -> None:
-    src, dst = hosts
+def test_domjobinfo_watch_and_domjobabort(daemons: tuple[Daemon, Daemon], tmp_path: Path) -> None:
+    src, dst = daemons
     start_guest(tmp_path, src.uri, "vm")
     assert ok(src.uri, "domjobinfo", "vm") == "Job type:         None        \n"
     assert ok(src.uri, "domjobinfo", "--rawstats", "vm") == "Job type: 0\n\n"
@@ -903,8 +900,8 @@ def test_domjobinfo_watch_and_domjobabort(hosts: tuple[Daemon, Daemon], tmp_path
     assert ok(dst.uri, "domjobinfo", "--watch", "vm") == "Job type:         None        \n"
 
 
-def test_speed_and_downtime(hosts: tuple[Daemon, Daemon], tmp_path: Path) -> None:
-    src, _dst = hosts
+def test_speed_and_downtime(daemons: tuple[Daemon, Daemon], tmp_path: Path) -> None:
+    src, _dst = daemons
     start_guest(tmp_path, src.uri, "vm")
     assert ok(src.uri, "migrate-setspeed", "vm", "100") == ""
     assert ok(src.uri, "migrate-getspeed", "vm") == "100\n"
@@ -932,8 +929,8 @@ def test_speed_and_downtime(hosts: tuple[Daemon, Daemon], tmp_path: Path) -> Non
     assert fails(src.uri, "migrate-getspeed", "nosuch") == "error: failed to get domain 'nosuch'\n"
 
 
-def test_event_command(hosts: tuple[Daemon, Daemon], tmp_path: Path) -> None:
-    src, dst = hosts
+def test_event_command(daemons: tuple[Daemon, Daemon], tmp_path: Path) -> None:
+    src, dst = daemons
     start_guest(tmp_path, src.uri, "vm")
     res = virtmig(src.uri, "event", "--all", "--timeout", "1")
     assert (res.returncode, res.stdout, res.stderr) == (
@@ -947,7 +944,7 @@ def test_event_command(hosts: tuple[Daemon, Daemon], tmp_path: Path) -> None:
             ok(src.uri, "resume", "vm")
             return once.poll() is not None
 
-        wait_until(answered, "a one-shot event")
+        wait_until_sync(answered, timeout=30, interval=0.1, what="a one-shot event")
         out, err = once.communicate(timeout=10)
     finally:
         stop_process(once)
@@ -964,7 +961,7 @@ def test_event_command(hosts: tuple[Daemon, Daemon], tmp_path: Path) -> None:
             assert loop.stdout is not None
             return bool(select.select([loop.stdout], [], [], 0.5)[0])
 
-        wait_until(subscribed, "the event loop to subscribe")
+        wait_until_sync(subscribed, timeout=30, interval=0.1, what="the event loop to subscribe")
         assert ok(src.uri, "migrate", "--live", "vm", dst.uri) == ""
         seen = read_until(loop, b"Stopped Migrated\n")
         loop.send_signal(signal.SIGINT)
@@ -981,8 +978,8 @@ def test_event_command(hosts: tuple[Daemon, Daemon], tmp_path: Path) -> None:
     assert text.endswith(f"event loop interrupted\nevents received: {count}\n")
 
 
-def test_interrupt_aborts_the_migration(hosts: tuple[Daemon, Daemon], tmp_path: Path) -> None:
-    src, dst = hosts
+def test_interrupt_aborts_the_migration(daemons: tuple[Daemon, Daemon], tmp_path: Path) -> None:
+    src, dst = daemons
     start_guest(tmp_path, src.uri, "big")
     # 64 MiB at 4 MiB/s: interrupted once the first progress line shows.
     proc = background(src.uri, "migrate", "--live", "--verbose", "--bandwidth", "4", "big",
@@ -1003,9 +1000,9 @@ def test_interrupt_aborts_the_migration(hosts: tuple[Daemon, Daemon], tmp_path: 
     assert ok(dst.uri, "list", "--all") == EMPTY_LIST
 
 
-def test_timeout_suspends_a_migration_that_cannot_converge(hosts: tuple[Daemon, Daemon],
+def test_timeout_suspends_a_migration_that_cannot_converge(daemons: tuple[Daemon, Daemon],
                                                            tmp_path: Path) -> None:
-    src, dst = hosts
+    src, dst = daemons
     # Dirtying 64 MiB/s with 16 MiB/s to send: live, it never ends; suspended, it does.
     start_guest(tmp_path, src.uri, "busy", memory_mib=32, dirty_rate_mib=64)
     res = virtmig(src.uri, "migrate", "--live", "--verbose", "--timeout", "1", "--bandwidth",
@@ -1021,8 +1018,8 @@ def test_timeout_suspends_a_migration_that_cannot_converge(hosts: tuple[Daemon, 
 SAFETY_NET = ("--completion-timeout", "256", "--completion-timeout-action", "abort")
 
 
-def test_timeout_switches_to_postcopy(hosts: tuple[Daemon, Daemon], tmp_path: Path) -> None:
-    src, dst = hosts
+def test_timeout_switches_to_postcopy(daemons: tuple[Daemon, Daemon], tmp_path: Path) -> None:
+    src, dst = daemons
     start_guest(tmp_path, src.uri, "busy", memory_mib=32, dirty_rate_mib=64)
     res = virtmig(src.uri, "migrate", "--live", "--postcopy", "--timeout", "1",
                   "--timeout-postcopy", "--bandwidth", "16", *SAFETY_NET, "busy", dst.uri)
@@ -1031,8 +1028,8 @@ def test_timeout_switches_to_postcopy(hosts: tuple[Daemon, Daemon], tmp_path: Pa
     assert ok(src.uri, "domstate", "--reason", "busy") == "shut off (migrated)\n"
 
 
-def test_postcopy_after_precopy(hosts: tuple[Daemon, Daemon], tmp_path: Path) -> None:
-    src, dst = hosts
+def test_postcopy_after_precopy(daemons: tuple[Daemon, Daemon], tmp_path: Path) -> None:
+    src, dst = daemons
     start_guest(tmp_path, src.uri, "busy", memory_mib=32, dirty_rate_mib=64)
     res = virtmig(src.uri, "migrate", "--live", "--postcopy", "--postcopy-after-precopy",
                   "--bandwidth", "16", *SAFETY_NET, "busy", dst.uri)

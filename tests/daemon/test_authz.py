@@ -13,12 +13,12 @@ import grpc
 import pytest
 
 from tests.daemon.test_interceptor import Context
-from tests.tls import session_pki
 from virtmig.daemon import interceptor
 from virtmig.daemon.authz import ROLES, Access, Policy, Role, tls_access
 from virtmig.daemon.interceptor import wrap_handler
 from virtmig.proto import virtmig_pb2 as pb
 from virtmig.proto.errors import ERROR_METADATA_KEY, PermissionDenied
+from virtmig.testing.pki import session_pki
 
 READ_CALLS = {
     "/virtmig.v1.Host/GetHost",

@@ -1,6 +1,9 @@
 """The ``qemu`` backend with real QEMU processes: config refusals, lifecycle, reconnect, migration.
 
 Guests here are tiny and idle (SeaBIOS only, ``-m 64``, TCG): they start in well under a second.
+They run under TCG even where KVM is usable: this module is the suite's TCG coverage (the QEMU
+tests elsewhere run the test guest under KVM when the machine has it), and the backend's
+TCG-only paths are exercised here.
 Migrations run between two backend instances (two state folders) on 127.0.0.1.  A migration that
 must stay in flight long enough to be cancelled or broken is throttled to 32 KiB/s: even an idle
 guest sends about 0.7 MB (a header per zero page), so it takes seconds.
@@ -25,8 +28,6 @@ from typing import Any, TypeVar
 import pytest
 from qemu.qmp import Message
 
-from tests.conftest import free_port
-from tests.guest.build import kill_leftover_qemus, qemu_binary_or_skip
 from virtmig.daemon.backend.base import (
     BackendError,
     GuestRunState,
@@ -52,6 +53,7 @@ from virtmig.daemon.domxml import parse_domain_xml
 from virtmig.daemon.jobctl import job_stats
 from virtmig.proto.compat import Compression
 from virtmig.proto.errors import ConfigUnsupported
+from virtmig.testing import free_port, kill_leftover_qemus, qemu_binary_or_skip, wait_until
 
 MIB = 1024 * 1024
 SLOW = MigrationTuning(bandwidth_bytes_per_s=32 * 1024)
@@ -94,17 +96,9 @@ def process_gone(pid: int) -> bool:
     return not os.path.exists(f"/proc/{pid}")
 
 
-async def wait_until(cond: Callable[[], bool], seconds: float = 10, what: str = "") -> None:
-    for _ in range(int(seconds / 0.01)):
-        if cond():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what or cond}")
-
-
 async def wait_status(backend: QemuBackend, uuid: str, status: MigrationStatus) -> None:
-    await wait_until(lambda: backend.progress(uuid).status is status, 10,
-                     f"migration status {status.value}: {backend.progress(uuid)}")
+    await wait_until(lambda: backend.progress(uuid).status is status, timeout=30,
+                     what=lambda: f"migration status {status.value}: {backend.progress(uuid)}")
 
 
 Factory = Callable[[str], Awaitable[QemuBackend]]
@@ -298,8 +292,9 @@ async def test_lifecycle(src: QemuBackend, tmp_path: Path) -> None:
     assert (await src.query(spec.uuid, "query-status"))["status"] == "prelaunch"
     pid = src.pid(spec.uuid)
     os.kill(pid, signal.SIGKILL)  # a guest that dies by itself is seen and reaped
-    await wait_until(lambda: src.state(spec.uuid) is GuestRunState.SHUTOFF, what="SHUTOFF")
-    await wait_until(lambda: process_gone(pid), what="reaped")
+    await wait_until(lambda: src.state(spec.uuid) is GuestRunState.SHUTOFF, timeout=30,
+                     what="SHUTOFF")
+    await wait_until(lambda: process_gone(pid), timeout=30, what="reaped")
 
 
 @pytest.mark.qemu
@@ -332,13 +327,13 @@ async def test_reconnect_after_close(backends: Factory, tmp_path: Path) -> None:
     assert second.state(paused.uuid) is GuestRunState.RUNNING
     await within(second.destroy(running.uuid))
     assert second.state(running.uuid) is GuestRunState.SHUTOFF
-    await wait_until(lambda: process_gone(pid), what="reaped")
+    await wait_until(lambda: process_gone(pid), timeout=30, what="reaped")
 
     # A guest that died while no backend watched is not reported (stale pid file).
     other = second.pid(paused.uuid)
     await within(second.close())
     os.kill(other, signal.SIGKILL)
-    await wait_until(lambda: process_gone(other), what="reaped")
+    await wait_until(lambda: process_gone(other), timeout=30, what="reaped")
     third = await backends("host")
     assert third.state(paused.uuid) is GuestRunState.SHUTOFF
     assert not (tmp_path / "host" / paused.uuid / "pid").exists()
@@ -465,7 +460,7 @@ async def test_destination_killed_mid_migration(src: QemuBackend, dst: QemuBacke
     with pytest.raises(MigrationFailed, match="SIGKILL"):
         await within(dst.incoming_wait(spec.uuid))
     assert dst.state(spec.uuid) is GuestRunState.SHUTOFF
-    await wait_until(lambda: process_gone(pid), what="reaped")
+    await wait_until(lambda: process_gone(pid), timeout=30, what="reaped")
 
 
 @pytest.mark.qemu
@@ -535,7 +530,7 @@ async def switched_to_postcopy(
     assert switched.status is MigrationStatus.POSTCOPY_ACTIVE
     # The destination says so too (an idle guest may have completed already, post-copy still).
     await wait_until(lambda: dst.progress(spec.uuid).status in (
-        MigrationStatus.POSTCOPY_ACTIVE, MigrationStatus.COMPLETED), what="switch")
+        MigrationStatus.POSTCOPY_ACTIVE, MigrationStatus.COMPLETED), timeout=30, what="switch")
     inc = dst._guests[spec.uuid].incoming
     assert inc is not None and inc.postcopy and inc.switched
     return spec, out
@@ -555,7 +550,8 @@ async def test_postcopy(src: QemuBackend, dst: QemuBackend) -> None:
         await src.cancel(spec.uuid)
 
     await within(dst.resume(spec.uuid))  # the guest runs here while its pages arrive
-    await wait_until(lambda: dst.state(spec.uuid) is GuestRunState.RUNNING, what="running")
+    await wait_until(lambda: dst.state(spec.uuid) is GuestRunState.RUNNING, timeout=30,
+                     what="running")
     assert dst.progress(spec.uuid).status is MigrationStatus.POSTCOPY_ACTIVE
     inc = await within(dst.incoming_wait(spec.uuid))
     out = await within(src.outgoing_wait(spec.uuid))

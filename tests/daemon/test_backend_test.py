@@ -14,7 +14,6 @@ from typing import TypeVar
 
 import pytest
 
-from tests.conftest import free_port
 from virtmig.daemon.backend import test as test_backend
 from virtmig.daemon.backend.base import (
     BackendError,
@@ -30,6 +29,7 @@ from virtmig.daemon.backend.base import (
 )
 from virtmig.daemon.backend.test import MAGIC, PAGE_SIZE, TestBackend, page_bytes, page_hash
 from virtmig.proto.errors import ConfigUnsupported
+from virtmig.testing import free_port, wait_until
 
 MIB = 1024 * 1024
 LOOPBACK = StreamAddress("127.0.0.1", 0)
@@ -76,13 +76,24 @@ async def migrate(
     return out, inc
 
 
-async def wait_for_progress(backend: TestBackend, uuid: str, min_bytes: int) -> MigrationProgress:
-    for _ in range(500):
+async def progress_reaches(
+    backend: TestBackend, uuid: str, ok: Callable[[MigrationProgress], bool], what: str,
+    timeout: float = 30,
+) -> MigrationProgress:
+    """The backend's progress of ``uuid``, once ``ok`` holds for it."""
+
+    def reached() -> MigrationProgress | None:
         p = backend.progress(uuid)
-        if p.processed_bytes >= min_bytes:
-            return p
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"migration of {uuid} made no progress: {backend.progress(uuid)}")
+        return p if ok(p) else None
+
+    return await wait_until(
+        reached, timeout=timeout,
+        what=lambda: f"migration of {uuid} to reach {what}: {backend.progress(uuid)}")
+
+
+async def wait_for_progress(backend: TestBackend, uuid: str, min_bytes: int) -> MigrationProgress:
+    return await progress_reaches(backend, uuid, lambda p: p.processed_bytes >= min_bytes,
+                                  f"{min_bytes} bytes sent", timeout=10)
 
 
 # --- lifecycle -----------------------------------------------------------------------------------
@@ -149,19 +160,18 @@ async def test_memory_model(src: TestBackend, dst: TestBackend) -> None:
     await dst.start(b, paused=False)
     await dst.start(c, paused=False)
     assert src.memory_digest(a.uuid) == dst.memory_digest(b.uuid) != dst.memory_digest(c.uuid)
-    await asyncio.sleep(0.05)
-    assert src.memory_digest(a.uuid) == dst.memory_digest(b.uuid)  # idle guests dirty nothing
+    await asyncio.sleep(0.05)  # the subject: idle guests, given time to run, dirty nothing
+    assert src.memory_digest(a.uuid) == dst.memory_digest(b.uuid)
 
     # A running guest with a dirty rate changes its memory; a paused one does not.
     busy = make_spec(4, **{"dirty-rate-mib": "64"})
     await src.start(busy, paused=False)
     before = src.memory_digest(busy.uuid)
-    await asyncio.sleep(0.05)
-    during = src.memory_digest(busy.uuid)
-    assert during != before
+    await wait_until(lambda: src.memory_digest(busy.uuid) != before, timeout=10,
+                     what="the running guest to write to its memory")
     await src.pause(busy.uuid)
     paused = src.memory_digest(busy.uuid)
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0.05)  # the subject: a paused guest, given time to run, writes nothing
     assert src.memory_digest(busy.uuid) == paused
 
 
@@ -292,10 +302,11 @@ async def test_bandwidth_limit_and_cancel(src: TestBackend, dst: TestBackend) ->
     port = await dst.incoming_start(spec, LOOPBACK)
     tuning = MigrationTuning(bandwidth_bytes_per_s=8 * MIB)
     job = asyncio.create_task(src.outgoing(spec.uuid, to(port), tuning))
-    await wait_for_progress(src, spec.uuid, 1)
-    await asyncio.sleep(0.2)
+    await wait_for_progress(src, spec.uuid, 1 * MIB)
+    await wait_for_progress(dst, spec.uuid, 1)
 
-    # Throttled: far from done (unthrottled, 64 MiB on loopback takes a fraction of this).
+    # Throttled: far from done (unthrottled, 64 MiB on loopback take a fraction of the time
+    # 1 MiB takes at 8 MiB/s).
     p = src.progress(spec.uuid)
     assert p.status is MigrationStatus.ACTIVE
     assert p.iteration == 1
@@ -388,7 +399,8 @@ async def test_migrate_onwards_to_a_third_backend(src: TestBackend, dst: TestBac
 
         # The received guest runs (and dirties) on dst, then moves on to a third daemon.
         await dst.resume(spec.uuid)
-        await asyncio.sleep(0.05)
+        await wait_until(lambda: dst.memory_digest(spec.uuid) != first_hop, timeout=10,
+                         what="the received guest to write to its memory")
         out, _ = await migrate(dst, third, spec)
         assert out.status is MigrationStatus.COMPLETED
         second_hop = dst.memory_digest(spec.uuid)
@@ -533,15 +545,14 @@ async def test_close_aborts_migrations(src: TestBackend, dst: TestBackend) -> No
 # --- job control: live tuning --------------------------------------------------------------------
 
 
-async def wait_until(
-    backend: TestBackend, uuid: str, ok: Callable[[MigrationProgress], bool], what: str
-) -> MigrationProgress:
-    for _ in range(1500):
-        p = backend.progress(uuid)
-        if ok(p):
-            return p
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"migration of {uuid} never reached {what}: {backend.progress(uuid)}")
+async def set_tuning_now(backend: TestBackend, uuid: str, **tuning: int) -> bool:
+    """Tune the outgoing migration of ``uuid``; False while there is none (yet)."""
+    try:
+        await backend.set_tuning(uuid, **tuning)
+    except BackendError as exc:
+        assert "no outgoing migration is running" in str(exc)
+        return False
+    return True
 
 
 async def test_set_tuning_raises_bandwidth(src: TestBackend, dst: TestBackend) -> None:
@@ -577,10 +588,11 @@ async def test_set_tuning_max_downtime(src: TestBackend, dst: TestBackend) -> No
     port = await dst.incoming_start(spec, LOOPBACK)
     tuning = MigrationTuning(bandwidth_bytes_per_s=16 * MIB, max_downtime_ms=300)
     job = asyncio.create_task(src.outgoing(spec.uuid, to(port), tuning))
-    await asyncio.sleep(0)  # outgoing registered the migration; pass 1 has not ended
-    await src.set_tuning(spec.uuid, max_downtime_ms=0)
+    # As soon as outgoing registered the migration: pass 1 has not ended.
+    await wait_until(lambda: set_tuning_now(src, spec.uuid, max_downtime_ms=0), timeout=10,
+                     interval=0, what="the outgoing migration to be registered")
 
-    p = await wait_until(src, spec.uuid, lambda p: p.iteration >= 5, "iteration 5")
+    p = await progress_reaches(src, spec.uuid, lambda p: p.iteration >= 5, "iteration 5")
     assert p.status is MigrationStatus.ACTIVE
     assert p.expected_downtime_ms > 0
     assert not job.done()
@@ -607,7 +619,7 @@ async def test_without_auto_converge_never_converges(src: TestBackend, dst: Test
     await src.start(spec, paused=False)
     port = await dst.incoming_start(spec, LOOPBACK)
     job = asyncio.create_task(src.outgoing(spec.uuid, to(port), SLOW_LINK))
-    p = await wait_until(src, spec.uuid, lambda p: p.iteration >= 6, "iteration 6")
+    p = await progress_reaches(src, spec.uuid, lambda p: p.iteration >= 6, "iteration 6")
     assert p.status is MigrationStatus.ACTIVE
     assert p.throttle_percent == 0
     assert not job.done()
@@ -624,11 +636,15 @@ async def test_auto_converge_throttles_until_converged(src: TestBackend, dst: Te
     tuning = replace(SLOW_LINK, auto_converge=True)  # initial 20 %, +10 % per pass
     job = asyncio.create_task(src.outgoing(spec.uuid, to(port), tuning))
     seen: list[int] = []
-    for _ in range(1500):  # bounded: without auto-converge this would never end
+
+    def sampled_until_done() -> bool:
         if job.done():
-            break
+            return True
         seen.append(src.progress(spec.uuid).throttle_percent)
-        await asyncio.sleep(0.01)
+        return False
+
+    # bounded: without auto-converge this would never end
+    await wait_until(sampled_until_done, timeout=30, what="the migration to converge")
     out = await within(job, 1)
 
     assert out.status is MigrationStatus.COMPLETED
@@ -651,7 +667,7 @@ async def test_auto_converge_throttle_lifted_on_cancel(src: TestBackend, dst: Te
         SLOW_LINK, auto_converge=True, auto_converge_initial=5, auto_converge_increment=1
     )
     job = asyncio.create_task(src.outgoing(spec.uuid, to(port), tuning))
-    p = await wait_until(src, spec.uuid, lambda p: p.throttle_percent >= 6, "throttle 6 %")
+    p = await progress_reaches(src, spec.uuid, lambda p: p.throttle_percent >= 6, "throttle 6 %")
     assert p.status is MigrationStatus.ACTIVE
     assert src._guests[spec.uuid].throttle == p.throttle_percent
     await src.cancel(spec.uuid)
@@ -688,21 +704,32 @@ async def switch_to_postcopy(
     job = asyncio.create_task(src.outgoing(spec.uuid, to(port), tuning))
     if after_bytes:
         await wait_for_progress(src, spec.uuid, after_bytes)
-    else:
-        await asyncio.sleep(0)  # the migration is registered, the stream not yet set up
-    await src.start_postcopy(spec.uuid)
+        await src.start_postcopy(spec.uuid)
+    else:  # as soon as the migration is registered, the stream not yet set up
+        await wait_until(lambda: start_postcopy_now(src, spec.uuid), timeout=10, interval=0,
+                         what="the outgoing migration to be registered")
     await src.start_postcopy(spec.uuid)  # asking twice is harmless
     out = await within(job)
     assert out.status is MigrationStatus.POSTCOPY_ACTIVE
     assert src.state(spec.uuid) is GuestRunState.PAUSED
     # The destination switches when it reads the POSTCOPY record.
-    await wait_until(
+    await progress_reaches(
         dst,
         spec.uuid,
         lambda p: p.status is not MigrationStatus.ACTIVE,
         "post-copy on the destination",
     )
     return out
+
+
+async def start_postcopy_now(backend: TestBackend, uuid: str) -> bool:
+    """Switch the outgoing migration of ``uuid`` to post-copy; False while there is none (yet)."""
+    try:
+        await backend.start_postcopy(uuid)
+    except BackendError as exc:
+        assert "no outgoing migration is running" in str(exc)
+        return False
+    return True
 
 
 def page_versions(backend: TestBackend, uuid: str) -> list[int]:
@@ -773,7 +800,7 @@ async def test_postcopy_dirtying_guest_pulls_pages(
 
     await dst.resume(spec.uuid)
     assert dst.state(spec.uuid) is GuestRunState.RUNNING
-    pulling = await wait_until(dst, spec.uuid, lambda p: p.postcopy_requests > 0, "a pull")
+    pulling = await progress_reaches(dst, spec.uuid, lambda p: p.postcopy_requests > 0, "a pull")
     assert pulling.status is MigrationStatus.POSTCOPY_ACTIVE
     assert pulling.remaining_bytes > 0
 
@@ -880,7 +907,7 @@ async def test_postcopy_failure_leaves_guests_paused(
     )
     await dst.resume(uuid)
     assert dst.state(uuid) is GuestRunState.RUNNING
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0.05)  # the subject: the destination guest runs a while in post-copy
     assert dst.progress(uuid).status is MigrationStatus.POSTCOPY_ACTIVE or failure == (
         "corrupt-stream"
     )
@@ -912,7 +939,7 @@ async def test_postcopy_failure_leaves_guests_paused(
     assert dst.state(uuid) is expected_dst
     assert src.progress(uuid).status is MigrationStatus.FAILED
     assert dst.progress(uuid).status is MigrationStatus.FAILED
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0.05)  # the subject: time passes, and still nothing is undone
     assert src.state(uuid) is expected_src
     assert dst.state(uuid) is expected_dst
     if expected_dst is GuestRunState.PAUSED:

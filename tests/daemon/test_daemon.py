@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Host, domain_xml, start_host, stop_host
 from virtmig.daemon.config import build_parser, load_config
 from virtmig.daemon.job import AsyncJob, MigrationJob, Phase
 from virtmig.daemon.registry import job_from_status
@@ -21,6 +20,7 @@ from virtmig.proto.errors import (
     XMLError,
 )
 from virtmig.proto.flags import DomainState, MigrateFlags
+from virtmig.testing import Host, domain_xml, start_host, stop_host
 
 
 @pytest.fixture

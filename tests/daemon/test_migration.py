@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ClosedPortDest, Host, domain_xml, start_host, stop_host
 from virtmig.client.migrate import RemoteDest, RemoteSource, migrate3
 from virtmig.client.sequence import Trace, run_v3
 from virtmig.daemon import jobctl
@@ -37,6 +36,16 @@ from virtmig.proto.errors import (
 )
 from virtmig.proto.flags import DomainState, JobType, MigrateFlags
 from virtmig.proto.params import MigrateParam, TypedParams
+from virtmig.testing import (
+    ClosedPortDest,
+    Host,
+    domain_xml,
+    start_host,
+    stop_host,
+    wait_for_job,
+    wait_job_streaming,
+    wait_until,
+)
 
 F = MigrateFlags
 P = MigrateParam
@@ -196,10 +205,7 @@ async def test_bandwidth_param_is_applied(pair: tuple[Host, Host]) -> None:
     src, dst = pair
     await running_guest(src)
     task = asyncio.create_task(migrate(src, dst, F.LIVE, TypedParams.of({P.BANDWIDTH: 8})))
-    info = await src.conn.job_info("vm1")
-    while info.data_processed == 0:
-        await asyncio.sleep(0.02)
-        info = await src.conn.job_info("vm1")
+    info = await wait_job_streaming(src.conn, "vm1")
     assert info.type is JobType.UNBOUNDED and info.phase == "perform3"
     assert 0 < info.data_processed < info.data_total / 2
     await src.conn.destroy("vm1")  # end it quickly
@@ -445,9 +451,10 @@ class DestroyingSource(RemoteSource):
         import asyncio
 
         task = asyncio.create_task(super().perform(dom, params, cookie, flags))
-        while not any(d.job and d.job.progress is not None for d in self.dst.daemon.registry):
-            await asyncio.sleep(0.01)
-        await asyncio.sleep(0.05)
+        uuid = (await self.dst.conn.lookup(dom)).uuid
+        await wait_until(
+            lambda: task.done() or self.dst.daemon.backend.progress(uuid).processed_bytes > 0,
+            timeout=30, what="the destination to receive the stream")
         await self.dst.conn.destroy(dom)
         return await task
 
@@ -567,8 +574,8 @@ async def test_destroy_source_mid_perform(pair: tuple[Host, Host]) -> None:
     import asyncio
 
     task = asyncio.create_task(migrate(src, dst, F.LIVE, TypedParams.of({P.BANDWIDTH: 8})))
-    while (await src.conn.job_info("vm1")).phase != "perform3":
-        await asyncio.sleep(0.01)
+    await wait_for_job(src.conn, "vm1", lambda i: i.phase == "perform3", timeout=60,
+                       what="the migration to reach perform3")
     await src.conn.destroy("vm1")
     with pytest.raises((OperationFailed, OperationAborted)):
         await task

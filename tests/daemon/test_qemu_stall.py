@@ -22,7 +22,6 @@ import os
 import re
 import signal
 import socket
-import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -39,6 +38,7 @@ from virtmig.daemon.backend.qemu import QemuBackend, outgoing
 from virtmig.proto.errors import NoDomain, OperationTimeout
 from virtmig.proto.flags import DomainState, JobType, MigrateFlags
 from virtmig.proto.params import MigrateParam, TypedParams
+from virtmig.testing import wait_until
 
 pytestmark = pytest.mark.qemu
 
@@ -135,10 +135,7 @@ def heartbeat(log: Path) -> int:
 
 async def until(what: str, check: Callable[[], bool], timeout: float) -> None:
     """Poll ``check`` until it holds; fail when ``timeout`` runs out."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
-        await asyncio.sleep(0.1)
+    await wait_until(check, timeout=timeout, what=what, interval=0.1)
 
 
 async def test_stall_in_completion_phase_ends_and_the_source_runs(tmp_path: Path) -> None:

@@ -18,7 +18,6 @@ import grpc
 import pytest
 
 from tests.conftest import Host, domain_xml, start_host, stop_host
-from tests.tls import session_pki
 from virtmig.client.cli import app as cli
 from virtmig.client.connection import AsyncConnection
 from virtmig.daemon import interceptor
@@ -37,6 +36,7 @@ from virtmig.proto.errors import (
 from virtmig.proto.flags import DomainState, JobType, MigrateFlags
 from virtmig.proto.params import TypedParams
 from virtmig.proto.pki import PKI_DIR_ENV
+from virtmig.testing.pki import session_pki
 
 F = MigrateFlags
 PKI = session_pki()

@@ -12,11 +12,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.tls import session_pki
+from virtmig.testing import wait_until_sync
+from virtmig.testing.pki import session_pki
 
 
 def netns_available() -> str | None:
@@ -86,11 +86,13 @@ class NetPair:
             "--ready-file", str(ready), "--log-level", "warning",
         ], env=dict(os.environ, PYTHONPATH=os.getcwd()))
         self.procs.append(proc)
-        deadline = time.monotonic() + 30
-        while not ready.exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"virtmigd did not start in {ns.name}")
-            time.sleep(0.05)
+
+        def started() -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError(f"virtmigd exited with {proc.returncode} in {ns.name}")
+            return ready.exists()
+
+        wait_until_sync(started, timeout=30, interval=0.05, what=f"virtmigd to start in {ns.name}")
         json.loads(ready.read_text())
         return f"virtmig+unix://{sock}"
 

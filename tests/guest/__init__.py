@@ -1,1 +1,1 @@
-"""The QEMU test guest: sources and the builder that caches the kernel and initramfs."""
+"""Moved: the QEMU test guest and its builder are :mod:`virtmig.testing.guest` now."""

@@ -1,9 +1,10 @@
-"""A throw-away PKI for the tests: one CA, a PKI dir per daemon, client dirs, made on first use.
+"""A throw-away PKI for tests: one CA, a PKI dir per daemon, client dirs, made on first use.
 
 Every test daemon listens on ``tls://127.0.0.1:0`` with its own host dir (``virtmig pki issue
 --host NAME.test --ip 127.0.0.1``: a daemon named ``src`` is ``O=virtmig,CN=src.test``), and
 every test client presents ``O=virtmig,CN=admin``.  The PKI lives in a temporary dir for the
 whole process (a pytest session, or a benchmark run) and is removed at exit.
+:func:`~virtmig.testing.hosts.start_host` uses it for every daemon it starts.
 """
 
 from __future__ import annotations
