@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import Host, hosts, qemu_domain_xml
-from tests.daemon.test_backend_qemu import SLOW, make_spec, to, wait_status, within
+from tests.daemon.backend_qemu_helpers import SLOW, make_spec, to, wait_status, within
 from virtmig.client.migrate import RemoteDest, RemoteSource
 from virtmig.client.sequence import run_v3
 from virtmig.daemon.backend.base import GuestRunState, MigrationFailed, MigrationStatus
