@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import Host, hosts, qemu_domain_xml
-from tests.daemon.test_migration import ConfirmFailsSource, FinishFailsDest, LostReplyDest
+from tests.daemon.migration_helpers import ConfirmFailsSource, FinishFailsDest, LostReplyDest
 from virtmig.client import sequence
 from virtmig.client.connection import AsyncConnection
 from virtmig.client.migrate import RemoteDest, RemoteSource
