@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.daemon.test_migration import FinishFailsDest, NoUriDest
+from tests.daemon.migration_helpers import FinishFailsDest, NoUriDest
 from virtmig.client import sequence
 from virtmig.client.connection import AsyncConnection
 from virtmig.client.sequence import Trace

@@ -29,8 +29,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import Host, hosts, qemu_domain_xml
-from tests.daemon.test_backend_qemu import SLOW, make_spec, to, wait_status, within
-from tests.guest.build import guest_or_skip, kill_leftover_qemus, qemu_binary_or_skip
+from tests.daemon.backend_qemu_helpers import SLOW, make_spec, to, wait_status, within
 from virtmig.client.migrate import RemoteDest, RemoteSource
 from virtmig.client.sequence import run_v3
 from virtmig.daemon.backend.base import GuestRunState, MigrationFailed, MigrationStatus
@@ -38,7 +37,7 @@ from virtmig.daemon.backend.qemu import QemuBackend, outgoing
 from virtmig.proto.errors import NoDomain, OperationTimeout
 from virtmig.proto.flags import DomainState, JobType, MigrateFlags
 from virtmig.proto.params import MigrateParam, TypedParams
-from virtmig.testing import wait_until
+from virtmig.testing import guest_or_skip, kill_leftover_qemus, qemu_binary_or_skip, wait_until
 
 pytestmark = pytest.mark.qemu
 
