@@ -259,8 +259,9 @@ async def assert_migrated(src: Host, dst: Host, uuid: str, src_serial: Path, dst
     try:
         after = await wait_heartbeat(dst_serial, before, 15)
         await wait_heartbeat(dst_serial, after, 15)  # and keeps going
-    except AssertionError as exc:  # a silent guest: say where its vCPU is
-        raise AssertionError(f"{exc}; {await vcpu_state(dst, uuid)}") from None
+    except AssertionError as exc:  # a silent or crashed guest: say where its vCPU is
+        kind = GuestKernelCrashed if isinstance(exc, GuestKernelCrashed) else AssertionError
+        raise kind(f"{exc}; {await vcpu_state(dst, uuid)}") from None
     assert_memory_ok(dst_serial)
     assert_memory_ok(src_serial)
 
