@@ -6,13 +6,14 @@ import asyncio
 import contextlib
 import socket
 import textwrap
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from tests.guest.build import GuestImage, guest_or_skip, kill_leftover_qemus, qemu_binary_or_skip
+from tests.guest.host import daemon_settings, postcopy_as_root, release_qemu_user, serial_log
 from virtmig.client.connection import AsyncConnection
 from virtmig.client.migrate import RemoteDest
 from virtmig.daemon.backend.test import TestBackend
@@ -43,18 +44,14 @@ def domain_xml(name: str = "vm1", memory_mib: int = 64, *, uuid: str | None = No
 
 
 def qemu_domain_xml(image: GuestImage, name: str = "vm1", memory_mib: int = 256, *,
-                    uuid: str | None = None, dirty_mb: int = 64, dirty_rate: int = 0,
-                    serial: Path | None = None) -> str:
+                    uuid: str | None = None, dirty_mb: int = 64, dirty_rate: int = 0) -> str:
     """A ``qemu`` domain running the test guest (``tests/guest``).
 
-    Its serial console goes to ``serial`` (a file both sides name in their definitions), else
-    to a log file in the guest's folder on whichever host runs it.
+    Its serial console goes to the log file in the guest's folder on whichever host runs it
+    (:meth:`Host.serial_log`).
     """
     uuid_el = f"<uuid>{uuid}</uuid>" if uuid else ""
-    console = (f"<serial type='file'><source path='{serial}'/><target port='0'/></serial>"
-               f"<console type='file'><source path='{serial}'/>"
-               "<target type='serial' port='0'/></console>" if serial is not None
-               else "<serial type='pty'><target port='0'/></serial>")
+    console = "<serial type='pty'><target port='0'/></serial>"
     return textwrap.dedent(f"""\
         <domain type='qemu'>
           <name>{name}</name>
@@ -103,6 +100,10 @@ class Host:
     def daemon(self) -> Daemon:
         return self.running.daemon
 
+    def serial_log(self, uuid: str, port: int = 0) -> Path:
+        """A ``qemu`` guest's serial log on this host."""
+        return serial_log(self.state_dir, uuid, port)
+
     def digest(self, uuid: str) -> bytes:
         """The test backend's digest of a guest's whole memory."""
         backend = self.daemon.backend
@@ -120,6 +121,8 @@ async def start_host(tmp_path: Path, name: str, **overrides: object) -> Host:
         "migration_host": "127.0.0.1",
         "job_wait_timeout": 1.0,
     }
+    if overrides.get("backend") == "qemu":  # confined: the guest cache, QEMU's test user
+        settings.update(daemon_settings())
     settings.update(overrides)
     config = DaemonConfig(**settings)  # type: ignore[arg-type]
     running = await start_daemon(config)
@@ -143,6 +146,21 @@ async def teardown_hosts(tmp_path: Path, *hosts: Host) -> None:
             await stop_host(host)
     finally:
         assert not kill_leftover_qemus(tmp_path), "QEMU processes were left running"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _qemu_user_released() -> Iterator[None]:
+    """At the end of the session, the QEMU test user goes if the tests created it."""
+    yield
+    release_qemu_user()
+
+
+@pytest.fixture(autouse=True)
+def _postcopy_qemu_user(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A test marked ``postcopy`` runs QEMU as root where only root may use userfaultfd
+    (``tests.guest.host``)."""
+    with postcopy_as_root(request.node.get_closest_marker("postcopy") is not None):
+        yield
 
 
 @pytest.fixture(params=["test", pytest.param("qemu", marks=pytest.mark.qemu)])

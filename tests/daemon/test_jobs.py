@@ -75,7 +75,7 @@ async def dirtying(host: Host, name: str, timeout: float = 120) -> None:
     """Wait until a QEMU test guest has booted and dirties memory (about 6 s under TCG; the test
     backend's guests dirty from the start), for tests that need it to dirty at its rate."""
     uuid = (await host.conn.lookup(name)).uuid
-    log = host.state_dir / "backend" / "qemu" / uuid / "serial0.log"
+    log = host.serial_log(uuid)
     deadline = asyncio.get_running_loop().time() + timeout
     while not (log.exists() and b"DIRTY-READY" in log.read_bytes()):
         assert asyncio.get_running_loop().time() < deadline, f"{name} did not boot: {log}"

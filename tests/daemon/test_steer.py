@@ -87,6 +87,7 @@ async def _auto_converge(src: Host, dst: Host) -> None:
     assert all((t - 30) % 20 == 0 for t in throttles if t < 99)
 
 
+@pytest.mark.postcopy
 async def test_postcopy_switch_runs_the_guest_on_the_destination(pair: tuple[Host, Host]) -> None:
     src, dst = pair
     await guest(src, dirty=128, booted=True)
@@ -111,6 +112,7 @@ async def test_postcopy_switch_runs_the_guest_on_the_destination(pair: tuple[Hos
         await dst.conn.start_postcopy("vm1")
 
 
+@pytest.mark.postcopy
 async def test_abort_in_postcopy_is_refused(pair: tuple[Host, Host]) -> None:
     src, dst = pair
     await guest(src, dirty=64)
