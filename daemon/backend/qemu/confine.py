@@ -13,8 +13,10 @@ files for QEMU, and knowing whom QEMU runs as.
   ``storage_dirs`` after ``realpath`` (so ``..`` and symlinks pointing out are refused).  The daemon
   opens them itself when QEMU starts (:func:`open_image`): from the storage folder down, one
   component at a time without following symlinks, so a path swapped after the check cannot lead
-  out, and only a regular file is opened.  QEMU gets the descriptor, never the path.  A qcow2
-  image that names another file in its header (a backing file, an external data file) is refused.
+  out, and only a regular file is opened.  QEMU gets the descriptor, never the path (a disk's
+  descriptor carries the daemon's access; kernel and initrd, which QEMU 7.2 reopens through
+  ``/proc/self/fd``, must be readable by QEMU's user).  A qcow2 image that names another file in
+  its header (a backing file, an external data file) is refused.
 * **Serial logs.** A serial port writes to ``serialN.log`` in the guest's own folder, a file the
   daemon creates (:func:`open_serial_log`, no symlink followed, mode 0600) and passes as a
   descriptor; a ``<source path=>`` naming any other file is refused (:func:`serial_path_refusal`).
@@ -176,16 +178,25 @@ def kvm_refusal(who: RunAs | None, device: str = KVM_DEVICE) -> str:
         ok = os.access(device, os.R_OK | os.W_OK)
         name = pwd.getpwuid(os.geteuid()).pw_name if not ok else ""
     else:
-        rw = stat.S_IRUSR | stat.S_IWUSR
-        ok = ((st.st_uid == who.uid and st.st_mode & rw == rw)
-              or (st.st_gid in (who.gid, *who.groups) and st.st_mode & (rw >> 3) == rw >> 3)
-              or st.st_mode & (rw >> 6) == rw >> 6)
+        ok = _allows(who, st, stat.S_IRUSR | stat.S_IWUSR)
         name = who.user
     if ok:
         return ""
     return (f"KVM is not usable by QEMU's user '{name}': it cannot open {device} "
             f"({stat.filemode(st.st_mode)} {_owner(st)}); give that user access to {device} "
             "(e.g. group kvm, mode 0660) or use <domain type='qemu'>")
+
+
+def _allows(who: RunAs, st: os.stat_result, bits: int) -> bool:
+    """Whether ``who`` has ``bits`` (owner-class, e.g. ``S_IRUSR``) on a file: by the class
+    that applies to it (owner, else group, else others); ACLs are not consulted."""
+    if st.st_uid == who.uid:
+        shift = 0
+    elif st.st_gid in (who.gid, *who.groups):
+        shift = 3
+    else:
+        shift = 6
+    return st.st_mode & (bits >> shift) == bits >> shift
 
 
 def _owner(st: os.stat_result) -> str:
@@ -251,12 +262,14 @@ def _storage_root(path: str, storage_dirs: tuple[str, ...]) -> str | None:
 
 
 def open_image(what: str, path: str, storage_dirs: tuple[str, ...], *, writable: bool,
-               qcow2: bool = False) -> int:
+               qcow2: bool = False, reader: RunAs | None = None) -> int:
     """Open a guest's image for QEMU (close-on-exec; the caller passes and closes it).
 
     ``what`` names the element in refusals (``<disk>``, ``<os><kernel>``).  The path is checked
     and opened in one act: from its storage folder down without following a symlink, then the
     regular file found is reopened through ``/proc/self/fd`` with the access QEMU needs.
+    ``reader``: QEMU's user, when QEMU itself reopens the file (kernel and initrd: QEMU 7.2
+    reads them with ``fopen``, here of ``/proc/self/fd/N``, which checks the file's mode).
     """
     why = image_refusal(path, storage_dirs)
     root = _storage_root(path, storage_dirs)
@@ -269,6 +282,11 @@ def open_image(what: str, path: str, storage_dirs: tuple[str, ...], *, writable:
         raise BackendError(f"{what} '{path}': cannot open: {_reason(exc)}") from None
     if fd < 0:
         raise BackendError(f"{what} '{path}' is not a regular file")
+    st = os.fstat(fd)
+    if reader is not None and not _allows(reader, st, stat.S_IRUSR):
+        os.close(fd)
+        raise BackendError(f"{what} '{path}' is not readable by QEMU's user '{reader.user}' "
+                           f"({stat.filemode(st.st_mode)} {_owner(st)}): QEMU opens it itself")
     if qcow2:
         try:
             _check_qcow2(fd)

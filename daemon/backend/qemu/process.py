@@ -124,10 +124,10 @@ def open_guest_files(cfg: QemuConfig, settings: QemuSettings, gdir: Path,
                                         qcow2=d.fmt == "qcow2")) for d in cfg.disks),
             serials=tuple(keep(open_serial_log(gdir, s.port, append=s.append, owner=owner))
                           for s in cfg.serials),
-            kernel=keep(open_image("<os><kernel>", cfg.kernel, dirs, writable=False))
-            if cfg.kernel else -1,
-            initrd=keep(open_image("<os><initrd>", cfg.initrd, dirs, writable=False))
-            if cfg.initrd else -1,
+            kernel=keep(open_image("<os><kernel>", cfg.kernel, dirs, writable=False,
+                                   reader=owner)) if cfg.kernel else -1,
+            initrd=keep(open_image("<os><initrd>", cfg.initrd, dirs, writable=False,
+                                   reader=owner)) if cfg.initrd else -1,
         )
         yield files
     finally:
