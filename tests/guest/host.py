@@ -7,9 +7,10 @@ Concern: what a test daemon's ``qemu`` backend needs from this machine under its
   :func:`qemu_user` creates :data:`TEST_QEMU_USER` (``useradd --system --no-create-home
   --user-group``) on first need when it is missing, and :func:`release_qemu_user` (at the end of
   the session) removes it again if the tests created it.  Several test sessions may run at once
-  on one machine: each holds a shared lock on :data:`LOCK_FILE` while it may use the user, the
-  lock file says whether the tests created it, and only a session that finds no other holder
-  removes it.  Not root: QEMU runs as the tester, and nothing is created.
+  on one machine: each holds a shared lock on :data:`LOCK_FILE` while it may use the user;
+  :data:`CREATE_LOCK_FILE` serialises the creation and says whether the tests created it; only
+  a session that finds no other holder removes it.  Not root: QEMU runs as the tester, and
+  nothing is created.
 * **Post-copy.** QEMU 7.2 calls ``userfaultfd(2)`` itself, which the kernel refuses to an
   unprivileged user unless ``vm.unprivileged_userfaultfd = 1`` (``.ci/run`` sets it).  Where it is
   0, a test marked ``postcopy`` runs QEMU as root instead (:func:`postcopy_as_root`); every
@@ -39,7 +40,8 @@ from virtmig.daemon.backend.qemu import QemuSettings
 from virtmig.daemon.backend.qemu.confine import UFFD_SYSCTL
 
 TEST_QEMU_USER = "virtmig-test-qemu"
-LOCK_FILE = Path(tempfile.gettempdir()) / "virtmig-test-qemu-user.lock"
+LOCK_FILE = Path(tempfile.gettempdir()) / "virtmig-test-qemu-user.lock"  # shared: in use
+CREATE_LOCK_FILE = LOCK_FILE.with_suffix(".create")  # exclusive: creating; says who created it
 _CREATED = "created by the virtmig tests\n"
 
 
@@ -83,19 +85,17 @@ def qemu_user() -> str:
     if os.geteuid() != 0 or _held is not None:
         return TEST_QEMU_USER
     lock = open(LOCK_FILE, "a+")  # noqa: SIM115 - held until release_qemu_user()
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    try:
+    fcntl.flock(lock, fcntl.LOCK_SH)  # waits only while a session ending removes the user
+    _held = lock
+    with open(CREATE_LOCK_FILE, "a+") as marker:
+        fcntl.flock(marker, fcntl.LOCK_EX)  # one creator at a time
         if not _exists(TEST_QEMU_USER):
             subprocess.run(["useradd", "--system", "--no-create-home", "--user-group",
                             "--shell", "/usr/sbin/nologin", TEST_QEMU_USER],
                            check=True, capture_output=True)
-            lock.seek(0)
-            lock.truncate()
-            lock.write(_CREATED)
-            lock.flush()
-    finally:
-        fcntl.flock(lock, fcntl.LOCK_SH)
-    _held = lock
+            marker.seek(0)
+            marker.truncate()
+            marker.write(_CREATED)
     return TEST_QEMU_USER
 
 
@@ -111,14 +111,16 @@ def release_qemu_user() -> None:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return  # another session still runs QEMU as that user
-        lock.seek(0)
-        if lock.read() == _CREATED and _exists(TEST_QEMU_USER):
-            subprocess.run(["userdel", TEST_QEMU_USER], check=False, capture_output=True)
-            with contextlib.suppress(KeyError):
-                grp.getgrnam(TEST_QEMU_USER)
-                subprocess.run(["groupdel", TEST_QEMU_USER], check=False, capture_output=True)
-        lock.seek(0)
-        lock.truncate()
+        # No other session holds the user now, and a new one waits for this lock.
+        with open(CREATE_LOCK_FILE, "a+") as marker:
+            marker.seek(0)
+            if marker.read() == _CREATED and _exists(TEST_QEMU_USER):
+                subprocess.run(["userdel", TEST_QEMU_USER], check=False, capture_output=True)
+                with contextlib.suppress(KeyError):
+                    grp.getgrnam(TEST_QEMU_USER)
+                    subprocess.run(["groupdel", TEST_QEMU_USER], check=False,
+                                   capture_output=True)
+            marker.truncate(0)
 
 
 def qemu_settings(*storage: Path) -> QemuSettings:
