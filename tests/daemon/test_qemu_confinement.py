@@ -40,6 +40,8 @@ from virtmig.daemon.backend.qemu.confine import (
     open_image,
     run_as,
 )
+from virtmig.daemon.config import build_parser, load_config
+from virtmig.daemon.main import qemu_settings as qemu_settings_of
 from virtmig.proto.errors import ConfigUnsupported, InvalidArgument
 from virtmig.proto.flags import DomainState, MigrateFlags
 from virtmig.proto.params import TypedParams
@@ -117,6 +119,30 @@ def test_settings_are_checked_at_start(tmp_path: Path, fake_qemu: Path) -> None:
         check_settings(QemuSettings(emulators=(str(tmp_path / "none"),)))
     with pytest.raises(InvalidArgument, match="storage_dirs: 'images' is not an absolute path"):
         check_settings(QemuSettings(emulators=(str(fake_qemu),), storage_dirs=("images",)))
+
+
+def test_daemon_settings_reach_the_backend(tmp_path: Path) -> None:
+    toml = tmp_path / "virtmigd.toml"
+    toml.write_text('emulators = ["/usr/bin/kvm"]\nstorage_dirs = "/srv/images"\n'
+                    'qemu_user = "qemu"\nqemu_group = "kvm"\nqemu_sandbox = false\n')
+    config = load_config(build_parser().parse_args(["--config", str(toml),
+                                                    "--storage-dir", "/a", "--storage-dir", "/b"]))
+    assert qemu_settings_of(config) == QemuSettings(
+        emulators=("/usr/bin/kvm",), storage_dirs=("/a", "/b"), user="qemu", group="kvm",
+        sandbox=False)
+    default = load_config(build_parser().parse_args([]))
+    assert qemu_settings_of(default) == QemuSettings()  # emulators: found on PATH at start
+    assert QemuSettings().storage_dirs == ("/var/lib/virtmig/images",)
+    assert QemuSettings().user == "virtmig-qemu" and QemuSettings().sandbox
+    for line, message in (('emulators = ["kvm"]', "invalid emulators: expected a list of "
+                                                  "absolute paths"),
+                          ("storage_dirs = 3", "invalid storage_dirs"),
+                          ('qemu_user = ""', "invalid qemu_user ''"),
+                          ('qemu_sandbox = "off"', "invalid qemu_sandbox: expected true or "
+                                                   "false")):
+        toml.write_text(line + "\n")
+        with pytest.raises(InvalidArgument, match=message):
+            load_config(build_parser().parse_args(["--config", str(toml)]))
 
 
 # --- define time: images -------------------------------------------------------------------------
