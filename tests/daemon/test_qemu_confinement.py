@@ -29,7 +29,12 @@ from tests.daemon.test_backend_qemu import guest_xml, make_spec, within
 from tests.guest.build import guest_or_skip, kill_leftover_qemus, qemu_binary_or_skip
 from tests.guest.host import TEST_QEMU_USER, daemon_settings, qemu_settings
 from virtmig.client.migrate import migrate3
-from virtmig.daemon.backend.base import BackendError, GuestRunState
+from virtmig.daemon.backend.base import (
+    BackendError,
+    GuestRunState,
+    MigrationTuning,
+    StreamAddress,
+)
 from virtmig.daemon.backend.qemu import QemuBackend, QemuSettings, parse_config
 from virtmig.daemon.backend.qemu.confine import (
     SANDBOX,
@@ -38,6 +43,7 @@ from virtmig.daemon.backend.qemu.confine import (
     check_settings,
     kvm_refusal,
     open_image,
+    postcopy_refusal,
     run_as,
 )
 from virtmig.daemon.config import build_parser, load_config
@@ -432,6 +438,22 @@ async def test_kvm_domain_refused_when_qemu_cannot_open_dev_kvm(qemu: QemuBacken
     with pytest.raises(BackendError, match=r"KVM is not (usable|available).*/dev/kvm"):
         await within(qemu.start(spec, paused=True))
     assert qemu.state(spec.uuid) is GuestRunState.SHUTOFF
+
+
+@pytest.mark.qemu
+async def test_postcopy_refused_up_front_without_userfaultfd(qemu: QemuBackend) -> None:
+    """An unprivileged QEMU where the kernel keeps userfaultfd from it: a post-copy migration
+    is refused when the destination is prepared, saying why (not by QEMU, mid-stream)."""
+    if not postcopy_refusal(qemu._owner):
+        pytest.skip("QEMU's user may use userfaultfd here")
+    spec = make_spec()
+    with pytest.raises(BackendError, match=r"post-copy is not available on this host: .* "
+                       r"vm\.unprivileged_userfaultfd=1"):
+        await within(qemu.incoming_start(spec, StreamAddress("127.0.0.1", 0),
+                                         MigrationTuning(postcopy=True)))
+    assert qemu.state(spec.uuid) is GuestRunState.SHUTOFF
+    port = await within(qemu.incoming_start(spec, StreamAddress("127.0.0.1", 0)))
+    assert port > 0  # pre-copy only: fine
 
 
 # --- a migration, both sides confined ------------------------------------------------------------

@@ -147,6 +147,7 @@ class BreakAfterSwitch(RemoteDest):
         return await task
 
 
+@pytest.mark.postcopy
 async def test_failure_after_the_switch_leaves_both_paused(pair: tuple[Host, Host]) -> None:
     src, dst = pair
     await guest(src, dirty=64)
@@ -170,6 +171,7 @@ async def test_failure_after_the_switch_leaves_both_paused(pair: tuple[Host, Hos
     assert not [d for d in dst.daemon.registry if d.job is not None]
 
 
+@pytest.mark.postcopy
 async def test_completion_timeout_postcopy_action(pair: tuple[Host, Host]) -> None:
     src, dst = pair
     await guest(src, dirty=128)
