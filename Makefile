@@ -22,12 +22,14 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-# mypy needs a `virtmig/` tree: the packages live in proto/, daemon/, client/ (see pyproject).
+# mypy needs a `virtmig/` tree: the packages live in proto/, daemon/, client/, testing/ (see
+# pyproject).
 typecheck-tree:
 	@mkdir -p build/typecheck/virtmig
 	@ln -sfn ../../../proto build/typecheck/virtmig/proto
 	@ln -sfn ../../../daemon build/typecheck/virtmig/daemon
 	@ln -sfn ../../../client build/typecheck/virtmig/client
+	@ln -sfn ../../../testing build/typecheck/virtmig/testing
 	@ln -sfn ../../../pkg/__init__.py build/typecheck/virtmig/__init__.py
 	@ln -sfn ../../../pkg/py.typed build/typecheck/virtmig/py.typed
 

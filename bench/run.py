@@ -13,16 +13,13 @@ import argparse
 import asyncio
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from tests.conftest import domain_xml, start_host, stop_host
 from virtmig.proto.flags import MigrateFlags
 from virtmig.proto.params import TypedParams
+from virtmig.testing import domain_xml, start_host, stop_host
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -7,6 +7,7 @@ only re-exports the public names (``__all__``, pinned by ``tests/client/test_pub
 The library's layers, each module importing only those listed above it::
 
     values.py      the typed values: Domain, HostInfo, DomainInfo, JobInfo, Event
+    transport.py   a connection URI's gRPC channel: plain, or mutual TLS from a PKI dir
     rpc.py         RpcConnection: one daemon's channel, session and RPCs
     sequence.py    the v3 sequence driver (also run by the daemon in peer-to-peer mode)
     migrate.py     migrate3 / migrate_to_uri3 over RpcConnections

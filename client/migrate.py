@@ -147,10 +147,10 @@ def check_param_types(params: TypedParams) -> None:
     for p in params:
         spec = MIGRATION_PARAMS.get(p.name)
         if spec is None:
-            raise InvalidArgument(f"invalid argument: parameter '{p.name}' not supported")
+            raise InvalidArgument(f"parameter '{p.name}' not supported")
         if spec.type is not p.type:
             raise InvalidArgument(
-                f"invalid argument: invalid type '{p.type.value}' for parameter '{p.name}', "
+                f"invalid type '{p.type.value}' for parameter '{p.name}', "
                 f"expected '{spec.type.value}'"
             )
 
@@ -163,13 +163,9 @@ async def migrate3(
     check_rules(f, params, Layer.CLIENT)
     check_param_types(params)
     if f & F.PEER2PEER:
-        raise InvalidArgument(
-            "invalid argument: use virDomainMigrateToURI3 for peer-to-peer migration"
-        )
+        raise InvalidArgument("use virDomainMigrateToURI3 for peer-to-peer migration")
     if f & F.TUNNELLED:
-        raise InvalidArgument(
-            "invalid argument: cannot perform tunnelled migration without using peer2peer flag"
-        )
+        raise InvalidArgument("cannot perform tunnelled migration without using peer2peer flag")
     src_host, dst_host = await conn.host(), await dconn.host()
     if f & F.OFFLINE:
         if Feature.OFFLINE not in src_host.features:
@@ -182,8 +178,7 @@ async def migrate3(
     if f & F.CHANGE_PROTECTION and not protection:
         raise ArgumentUnsupported("cannot enforce change protection")
     if Feature.V3 not in src_host.features or Feature.V3 not in dst_host.features:
-        raise NoSupport("this function is not supported by the connection driver: "
-                        "migration protocol v3")
+        raise NoSupport("migration protocol v3")
     use_params = (Feature.MIGRATION_PARAMS in src_host.features
                   and Feature.MIGRATION_PARAMS in dst_host.features)
     if not use_params and params.names() - NON_PARAMS_ALLOWED:
@@ -210,14 +205,11 @@ async def migrate_to_uri3(
     check_param_types(params)
     features = (await conn.host()).features
     if f & F.TUNNELLED and not f & F.PEER2PEER:
-        raise InvalidArgument(
-            "invalid argument: cannot perform tunnelled migration without using peer2peer flag"
-        )
+        raise InvalidArgument("cannot perform tunnelled migration without using peer2peer flag")
     if not f & F.PEER2PEER:
         raise ArgumentUnsupported("direct migration is not supported by the source host")
     if not dconnuri:
-        raise InvalidArgument("invalid argument: dconnuri in virDomainMigrateToURI3 must not "
-                              "be NULL")
+        raise InvalidArgument("dconnuri in virDomainMigrateToURI3 must not be NULL")
     if Feature.P2P not in features:
         raise ArgumentUnsupported("p2p migration is not supported by the source host")
     check_not_local(dconnuri)

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import uuid as uuidlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Self, TypeVar
 
 import grpc
 
+from virtmig.client.transport import open_channel, with_pki_dir
 from virtmig.client.values import Domain, DomainInfo, DomainKey, Event, HostInfo, JobInfo
 from virtmig.proto import virtmig_pb2 as pb
 from virtmig.proto import virtmig_pb2_grpc as pbg
@@ -56,9 +58,12 @@ class RpcConnection:
         self.session_lost = asyncio.Event()
 
     @classmethod
-    async def open(cls, uri: str | None = None, *, connect_timeout: float = 10.0) -> Self:
-        parsed = parse_uri(uri)
-        channel = grpc.aio.insecure_channel(parsed.grpc_target, options=CHANNEL_OPTIONS)
+    async def open(cls, uri: str | None = None, *, connect_timeout: float = 10.0,
+                   pki_dir: str | os.PathLike[str] | None = None) -> Self:
+        """Connect to the daemon at ``uri``.  ``pki_dir``: the PKI dir of a ``virtmig+tls`` URI
+        that names none with ``?pkipath=`` (a peer-to-peer source passes its own)."""
+        parsed = with_pki_dir(parse_uri(uri), pki_dir)
+        channel = open_channel(parsed, CHANNEL_OPTIONS)
         conn = cls(parsed, channel)
         try:
             await conn.host(refresh=True, timeout=connect_timeout)

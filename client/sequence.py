@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from virtmig.proto.errors import (
@@ -91,6 +91,19 @@ class Trace:
         self.calls.append(f"{name}(cancelled)" if cancelled else name)
 
 
+@dataclass(frozen=True)
+class _Outcome:
+    """Where a run stands after a step: the cookie for the next call, whether the migration is
+    cancelled, the error that wins so far, whether the source is called again (Confirm), and the
+    domain's name on the destination once Finish succeeded."""
+
+    cookie: bytes
+    cancelled: bool = True
+    error: VirtmigError | None = None
+    notify_source: bool = True
+    ddom: str | None = None
+
+
 async def run_v3(
     src: SourceParty,
     dst: DestParty,
@@ -115,10 +128,6 @@ async def run_v3(
     t.add("begin")
     dom_xml, cookie = await src.begin(dom, params, flags | protect)
 
-    cancelled = True
-    notify_source = True
-    error: VirtmigError | None = None
-    ddom: str | None = None
     try:
         state = await src.get_state(dom)
     except VirtmigError as exc:
@@ -134,74 +143,98 @@ async def run_v3(
         cookie, uri_out = await dst.prepare(dparams, cookie, destflags)
     except VirtmigError as exc:
         return await _confirm_then_raise(src, dom, params, flags | protect, exc, t, protection)
-
     if uri_out:
         params.set(P.URI, uri_out)
-    offline = bool(flags & F.OFFLINE)
-    if offline:
-        cookie = b""
-        cancelled = False
-    elif P.URI not in params and not flags & F.TUNNELLED:
-        error = InternalError("internal error: domainMigratePrepare3 did not set uri")
-        cookie = b""
-    else:
-        t.add("perform")
-        try:
-            cookie = await src.perform(dom, params, cookie, flags | protect)
-            cancelled = False
-        except VirtmigError as exc:
-            error = exc
-            # Perform rolled the source back itself; in p2p the source confirms anyway.
-            notify_source = p2p
-            cookie = b""
 
+    run = await _perform(src, dom, params, cookie, flags | protect, p2p, t)
+    run = await _finish(src, dst, dom, params, destflags, run, t)
+    if run.notify_source:
+        await _confirm(src, dom, params, flags | protect, run, t)
+
+    if run.ddom is None:
+        raise run.error or OperationFailed("migration failed")
+    return run.ddom
+
+
+async def _perform(
+    src: SourceParty, dom: str, params: TypedParams, cookie: bytes, flags: int, p2p: bool,
+    t: Trace,
+) -> _Outcome:
+    """Perform, with cookie B; not called when offline (nothing streams, nothing is cancelled)
+    nor when Prepare gave no URI (an error: Finish and Confirm are cancelled)."""
+    if flags & F.OFFLINE:
+        return _Outcome(cookie=b"", cancelled=False)
+    if P.URI not in params and not flags & F.TUNNELLED:
+        return _Outcome(cookie=b"", error=InternalError("domainMigratePrepare3 did not set uri"))
+    t.add("perform")
+    try:
+        return _Outcome(cookie=await src.perform(dom, params, cookie, flags), cancelled=False)
+    except VirtmigError as exc:
+        # Perform rolled the source back itself; in p2p the source confirms anyway.
+        return _Outcome(cookie=b"", error=exc, notify_source=p2p)
+
+
+async def _finish(
+    src: SourceParty, dst: DestParty, dom: str, params: TypedParams, flags: int, run: _Outcome,
+    t: Trace,
+) -> _Outcome:
+    """Finish, cancelled unless Perform succeeded: the domain's name on the destination, or no
+    name and the error that wins (Perform's first; see the module docstring)."""
     fparams = params.copy()
     if P.DEST_NAME not in fparams:
         fparams.set(P.DEST_NAME, dom)
+    cancelled = run.cancelled
     t.add("finish", cancelled)
     try:
         if cancelled:
-            ddom, cookie = await dst.finish(fparams, cookie, destflags, cancelled)
+            ddom, cookie = await dst.finish(fparams, run.cookie, flags, cancelled)
         else:
-            ddom, cookie = await _finish_unless_aborted(src, dst, dom, fparams, cookie,
-                                                        destflags)
+            ddom, cookie = await _finish_unless_aborted(src, dst, dom, fparams, run.cookie,
+                                                        flags)
         if cancelled:
             log.warning("finish step ignored that migration was cancelled")
     except ConnectionFailed as exc:
-        ddom, cookie = None, b""
-        if not cancelled:
-            # The reply may be what was lost: ask the destination before resuming anything.
-            outcome = await _ask_outcome(dst, fparams.get_str(P.DEST_NAME) or dom)
-            if outcome is None:
-                log.error("outcome of the migration of %s is unknown: the destination cannot "
-                          "be reached; the source guest stays paused", dom)
-                notify_source = False
-                error = OperationFailed(
-                    "operation failed: the destination could not be reached after Finish; "
-                    f"whether '{dom}' runs there is unknown, so it is left paused here: {exc}")
-            elif outcome:
-                ddom = fparams.get_str(P.DEST_NAME) or dom
-        if ddom is None and error is None:
-            error = exc
+        return await _finish_lost(dst, dom, fparams.get_str(P.DEST_NAME) or dom, run, exc)
     except VirtmigError as exc:
-        ddom, cookie = None, b""
+        error = run.error
         if not isinstance(exc, MigrateFinishOk) and (
             error is None
             or (cancelled and type(error) is OperationFailed and _explains_failure(exc))
         ):
             error = exc
-    cancelled = ddom is None
+        return replace(run, cookie=b"", error=error)
+    return replace(run, cookie=cookie, ddom=ddom)
 
-    if notify_source:
-        t.add("confirm", cancelled)
-        try:
-            await src.confirm(dom, params, cookie, flags | protect, cancelled)
-        except VirtmigError as exc:
-            log.warning("Guest %s probably left in 'paused' state on source: %s", dom, exc)
 
-    if ddom is None:
-        raise error or OperationFailed("operation failed: migration failed")
-    return ddom
+async def _finish_lost(
+    dst: DestParty, dom: str, dname: str, run: _Outcome, exc: ConnectionFailed
+) -> _Outcome:
+    """Finish's reply never came.  After a Perform that succeeded the reply may be what was
+    lost: the destination is asked whether the guest runs there before anything is resumed."""
+    if not run.cancelled:
+        outcome = await _ask_outcome(dst, dname)
+        if outcome is None:
+            log.error("outcome of the migration of %s is unknown: the destination cannot "
+                      "be reached; the source guest stays paused", dom)
+            return replace(run, cookie=b"", notify_source=False, error=OperationFailed(
+                "the destination could not be reached after Finish; "
+                f"whether '{dom}' runs there is unknown, so it is left paused here: {exc}"))
+        if outcome:
+            return replace(run, cookie=b"", ddom=dname)
+    return replace(run, cookie=b"", error=run.error if run.error is not None else exc)
+
+
+async def _confirm(
+    src: SourceParty, dom: str, params: TypedParams, flags: int, run: _Outcome, t: Trace
+) -> None:
+    """Confirm, with cookie D, cancelled unless Finish succeeded; its failure is a warning only:
+    the result is Finish's."""
+    cancelled = run.ddom is None
+    t.add("confirm", cancelled)
+    try:
+        await src.confirm(dom, params, run.cookie, flags, cancelled)
+    except VirtmigError as exc:
+        log.warning("Guest %s probably left in 'paused' state on source: %s", dom, exc)
 
 
 async def _finish_unless_aborted(
@@ -228,7 +261,7 @@ async def _finish_unless_aborted(
     if await dst.finished(dname):
         log.warning("abort of %s came too late: the guest runs on the destination", dom)
         return dname, b""
-    raise OperationAborted("operation aborted: job 'migration out' canceled by client")
+    raise OperationAborted("job 'migration out' canceled by client")
 
 
 async def _ask_outcome(dst: DestParty, dname: str) -> bool | None:

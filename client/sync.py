@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import os
 import threading
 from collections.abc import AsyncIterator, Coroutine, Generator
 from typing import Any, TypeVar
@@ -43,20 +44,22 @@ async def _aclose(it: AsyncIterator[Any]) -> None:
 class Connection:
     """Synchronous facade: each method runs the same-named ``AsyncConnection`` method."""
 
-    def __init__(self, uri: str | None = None) -> None:
+    def __init__(self, uri: str | None = None, *,
+                 pki_dir: str | os.PathLike[str] | None = None) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
                                         name="virtmig-client")
         self._thread.start()
         try:
-            self.aconn: AsyncConnection = self._run(AsyncConnection.open(uri))
+            self.aconn: AsyncConnection = self._run(AsyncConnection.open(uri, pki_dir=pki_dir))
         except BaseException:
             self._stop_loop()
             raise
 
     @classmethod
-    def open(cls, uri: str | None = None) -> Connection:
-        return cls(uri)
+    def open(cls, uri: str | None = None, *,
+             pki_dir: str | os.PathLike[str] | None = None) -> Connection:
+        return cls(uri, pki_dir=pki_dir)
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         future = asyncio.run_coroutine_threadsafe(coro, self._loop)
@@ -185,6 +188,8 @@ class Connection:
         self._run(self.aconn.migrate_to_uri3(key, dconnuri, params, flags))
 
 
-def open(uri: str | None = None) -> Connection:
-    """``virtmig.client.open(uri)``, like ``libvirt.open``."""
-    return Connection(uri)
+def open(uri: str | None = None, *,
+         pki_dir: str | os.PathLike[str] | None = None) -> Connection:
+    """``virtmig.client.open(uri)``, like ``libvirt.open``; ``pki_dir``: the PKI dir of a
+    ``virtmig+tls`` URI without ``?pkipath=``."""
+    return Connection(uri, pki_dir=pki_dir)

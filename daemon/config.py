@@ -2,7 +2,12 @@
 
 Example (all keys optional)::
 
-    listen = ["unix:///run/virtmig/virtmigd.sock", "tcp://0.0.0.0:16609"]
+    listen = ["unix:///run/virtmig/virtmigd.sock", "tls://0.0.0.0:16614"]
+    pki_dir = "/etc/pki/virtmig"       # cacert.pem, servercert.pem, private/serverkey.pem, ...
+    tls_allowed_dn_list = ["O=virtmig,CN=*"]   # full access ([] or unset: any the CA signed)
+    tls_readonly_dn_list = ["O=virtmig,CN=monitor-*"]  # read calls only
+    readonly_socket = false            # virtmigd-ro.sock (0666) beside the main socket
+    listen_insecure_tcp = false        # allow tcp:// listeners: no TLS, no authentication
     state_dir = "/var/lib/virtmig"
     backend = "test"
     hostname = "host-a.example"
@@ -32,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from virtmig.daemon.core import DaemonConfig
+from virtmig.daemon.listeners import check_insecure
 from virtmig.proto.errors import InvalidArgument
 from virtmig.proto.flags import COMPLETION_ACTIONS
 from virtmig.proto.uri import default_socket_path, parse_listen
@@ -42,7 +48,8 @@ _KEYS = {
     "listen", "state_dir", "backend", "hostname", "migration_ports", "migration_address",
     "migration_host", "job_wait_timeout", "max_downtime_ms", "stall_timeout",
     "completion_timeout_per_gib", "completion_timeout_action", "max_outgoing_migrations",
-    "max_incoming_migrations",
+    "max_incoming_migrations", "pki_dir", "tls_allowed_dn_list", "tls_readonly_dn_list",
+    "listen_insecure_tcp", "readonly_socket",
 }
 _QEMU_KEYS = {"emulators", "storage_dirs", "qemu_user", "qemu_group", "qemu_sandbox"}
 
@@ -62,7 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="virtmigd", description="virtmig migration daemon")
     p.add_argument("--config", metavar="FILE", help="TOML configuration file")
     p.add_argument("--listen", action="append", metavar="URI",
-                   help="unix:///path or tcp://host:port (repeatable)")
+                   help="unix:///path, tls://host:port, or tcp://host:port with "
+                        "--allow-insecure (repeatable)")
+    p.add_argument("--allow-insecure", action="store_true",
+                   help="allow the plain tcp:// --listen URIs: no TLS, no authentication "
+                        "(the config's listen_insecure_tcp)")
+    p.add_argument("--readonly-socket", action="store_true",
+                   help="also listen on virtmigd-ro.sock (0666) for read calls only")
     p.add_argument("--state-dir", metavar="DIR")
     p.add_argument("--backend", metavar="NAME", help="hypervisor backend: test (default), qemu")
     p.add_argument("--hostname", metavar="NAME", help="host name this daemon reports")
@@ -105,6 +118,10 @@ def load_config(args: argparse.Namespace) -> DaemonConfig:
         listen = [listen]
     for uri in listen:
         parse_listen(uri)
+    # --allow-insecure vouches for the --listen URIs beside it, not for a config file's.
+    insecure = _bool(data, "listen_insecure_tcp") or bool(
+        getattr(args, "allow_insecure", False) and getattr(args, "listen", None))
+    check_insecure(listen, insecure)
     lo, hi = parse_port_range(str(data.get("migration_ports", "49152-49215")))
     return DaemonConfig(
         state_dir=str(data.get("state_dir", DEFAULT_STATE_DIR)),
@@ -122,6 +139,12 @@ def load_config(args: argparse.Namespace) -> DaemonConfig:
         completion_timeout_action=_action(str(data.get("completion_timeout_action", "abort"))),
         max_outgoing_migrations=int(data.get("max_outgoing_migrations", 0)),
         max_incoming_migrations=int(data.get("max_incoming_migrations", 0)),
+        pki_dir=str(data.get("pki_dir", "")),
+        tls_allowed_dn_list=_strings(data, "tls_allowed_dn_list"),
+        tls_readonly_dn_list=_strings(data, "tls_readonly_dn_list"),
+        listen_insecure_tcp=insecure,
+        readonly_socket=(_bool(data, "readonly_socket")
+                         or bool(getattr(args, "readonly_socket", False))),
         **_qemu_settings(data),
     )
 
@@ -148,6 +171,20 @@ def _qemu_settings(data: dict[str, Any]) -> dict[str, Any]:
             raise InvalidArgument("invalid qemu_sandbox: expected true or false")
         out["qemu_sandbox"] = data["qemu_sandbox"]
     return out
+
+
+def _bool(data: dict[str, Any], key: str) -> bool:
+    value = data.get(key, False)
+    if not isinstance(value, bool):
+        raise InvalidArgument(f"invalid {key} {value!r}: expected true or false")
+    return value
+
+
+def _strings(data: dict[str, Any], key: str) -> tuple[str, ...]:
+    value = data.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise InvalidArgument(f"invalid {key} {value!r}: expected a list of strings")
+    return tuple(value)
 
 
 def _action(value: str) -> str:

@@ -318,48 +318,13 @@ def parse_cookie(
         raise ValueError(f"local_hostuuid {local_hostuuid!r} is not a UUID")
 
     root = _parse_document(data)
-
-    name = _child_text(root, "name")
-    if name is None:
-        raise InternalError("missing name element in migration data")
-    if name != expected_name:
-        raise InternalError(
-            f"Incoming cookie data had unexpected name {name} vs {expected_name}"
-        )
-
-    uuid_text = _child_text(root, "uuid")
-    if uuid_text is None:
-        raise InternalError("missing uuid element in migration data")
-    uuid = _canonical_uuid(uuid_text)
-    if uuid != our_uuid:
-        raise InternalError(
-            f"Incoming cookie data had unexpected UUID {uuid_text} vs {our_uuid}"
-        )
-
-    hostname = _child_text(root, "hostname")
-    if hostname is None:
-        raise InternalError("missing hostname element in migration data")
-
-    hostuuid_text = _child_text(root, "hostuuid")
-    if hostuuid_text is None:
-        raise InternalError("missing hostuuid element in migration data")
-    hostuuid = _canonical_uuid(hostuuid_text)
-    if hostuuid is None:
-        raise InternalError("malformed hostuuid element in migration data")
-    if hostuuid == our_hostuuid:
-        raise InternalError(f"Attempt to migrate guest to the same host {hostuuid_text}")
-
+    name, uuid = _parse_domain_identity(root, expected_name, our_uuid)
+    hostname, hostuuid = _parse_host_identity(root, our_hostuuid)
     mandatory = _parse_mandatory(root, accept)
 
     persistent_xml = None
     if CookieFlag.PERSISTENT in accept:
-        domains = root.findall("domain")
-        if len(domains) > 1:
-            raise InternalError("Too many domain elements in migration cookie")
-        if domains:
-            out: list[str] = []
-            _emit(domains[0], 0, {}, out)
-            persistent_xml = "".join(out)
+        persistent_xml = _parse_persistent(root)
 
     statistics = None
     if CookieFlag.STATISTICS in accept:
@@ -383,6 +348,54 @@ def parse_cookie(
         statistics=statistics,
         capabilities=capabilities,
     )
+
+
+def _parse_domain_identity(
+    root: etree._Element, expected_name: str, our_uuid: str
+) -> tuple[str, str]:
+    """The cookie's domain name and (canonical) UUID, which must be the receiving domain's."""
+    name = _child_text(root, "name")
+    if name is None:
+        raise InternalError("missing name element in migration data")
+    if name != expected_name:
+        raise InternalError(f"Incoming cookie data had unexpected name {name} vs {expected_name}")
+
+    uuid_text = _child_text(root, "uuid")
+    if uuid_text is None:
+        raise InternalError("missing uuid element in migration data")
+    uuid = _canonical_uuid(uuid_text)
+    if uuid != our_uuid:
+        raise InternalError(f"Incoming cookie data had unexpected UUID {uuid_text} vs {our_uuid}")
+    return name, uuid
+
+
+def _parse_host_identity(root: etree._Element, our_hostuuid: str) -> tuple[str, str]:
+    """The sender's hostname and (canonical) host UUID, which must not be ours."""
+    hostname = _child_text(root, "hostname")
+    if hostname is None:
+        raise InternalError("missing hostname element in migration data")
+
+    hostuuid_text = _child_text(root, "hostuuid")
+    if hostuuid_text is None:
+        raise InternalError("missing hostuuid element in migration data")
+    hostuuid = _canonical_uuid(hostuuid_text)
+    if hostuuid is None:
+        raise InternalError("malformed hostuuid element in migration data")
+    if hostuuid == our_hostuuid:
+        raise InternalError(f"Attempt to migrate guest to the same host {hostuuid_text}")
+    return hostname, hostuuid
+
+
+def _parse_persistent(root: etree._Element) -> str | None:
+    """The persistent ``<domain>``, re-serialised in the canonical style (at most one)."""
+    domains = root.findall("domain")
+    if len(domains) > 1:
+        raise InternalError("Too many domain elements in migration cookie")
+    if not domains:
+        return None
+    out: list[str] = []
+    _emit(domains[0], 0, {}, out)
+    return "".join(out)
 
 
 def _parse_document(data: bytes) -> etree._Element:

@@ -50,6 +50,16 @@ class DaemonConfig:
     # Concurrent migrations this daemon accepts (0: no limit).
     max_outgoing_migrations: int = 0
     max_incoming_migrations: int = 0
+    # Mutual TLS: the PKI dir ("": $VIRTMIG_PKI_DIR, else the default dir), and the client
+    # certificate DNs with full and with read-only access (libvirt's wildcards; see
+    # virtmig.daemon.authz).  An empty full list admits every certificate the CA signed.
+    pki_dir: str = ""
+    tls_allowed_dn_list: tuple[str, ...] = ()
+    tls_readonly_dn_list: tuple[str, ...] = ()
+    # Plain tcp:// listeners are refused unless this says so.
+    listen_insecure_tcp: bool = False
+    # virtmigd-ro.sock (0666, read calls only) beside the main unix socket.
+    readonly_socket: bool = False
     # The qemu backend's confinement (virtmig.daemon.backend.qemu.confine owns the defaults).
     emulators: tuple[str, ...] = ()  # (): the qemu-system-x86_64 on PATH at start
     storage_dirs: tuple[str, ...] | None = None  # None: /var/lib/virtmig/images

@@ -1,14 +1,25 @@
-"""The server interceptor: the one place where a handler's exception becomes a gRPC status.
+"""The server interceptor: the one place where a call is authorized, and where a handler's
+exception becomes a gRPC status.
 
-Every RPC handler, unary or streaming, runs inside a wrapper made here.  An exception becomes the
-status code, details and ``virtmig-error`` trailer of :func:`virtmig.proto.errors.to_status`
-(the client turns them back into the same class); an expected failure is logged at INFO, an
-INTERNAL one (a bug) with its traceback.  Cancellation and a handler's own ``context.abort``
-pass through untouched.
+Every RPC handler, unary or streaming, runs inside a wrapper made here.  Before the handler runs
+(before it reads a request of a stream, too), the wrapper asks the server's
+:class:`~virtmig.daemon.authz.Policy` whether this caller may call this method (its full name,
+``/virtmig.v1.Migration/Begin3``, has a role in :data:`~virtmig.daemon.authz.ROLES`); a refused
+call ends with PERMISSION_DENIED naming the caller, is logged once at WARNING, and the handler
+never runs.
 
-The wrapper knows the RPC's full method name (``/virtmig.v1.Migration/Begin3``) before the
-handler runs: authentication, authorization (one table of RPC -> role) and metrics hook in at
-:meth:`StatusInterceptor.intercept_service`, before any handler.
+Which listener a call came on: a daemon runs one gRPC server per trust level, each with its own
+interceptor and policy: the main server (TLS listeners, the main unix socket, and plain TCP
+listeners the operator asked for) and, if configured, the read-only socket's server.  On the
+main server, ``auth_context()`` tells a TLS connection (``transport_security_type`` "ssl", with
+the client's certificate) from the others, which all have full access; so nothing depends on
+parsing ``context.peer()``, and gRPC, which exposes no local address to a handler, never has to
+tell two unix sockets apart.
+
+An exception becomes the status code, details and ``virtmig-error`` trailer of
+:func:`virtmig.proto.errors.to_status` (the client turns them back into the same class); an
+expected failure is logged at INFO, an INTERNAL one (a bug) with its traceback.  Cancellation
+and a handler's own ``context.abort`` pass through untouched.
 
 Streaming handlers must be async generator functions (as every virtmig servicer's are): gRPC
 picks its calling convention from the wrapper, which is one.
@@ -24,7 +35,8 @@ from typing import Any, NoReturn
 
 import grpc
 
-from virtmig.proto.errors import to_status
+from virtmig.daemon.authz import Policy
+from virtmig.proto.errors import PermissionDenied, to_status
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +46,11 @@ StreamBehaviour = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncItera
 
 
 class StatusInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
-    """Wraps every handler the server finds so that its errors map to gRPC status."""
+    """Wraps every handler the server finds: authorized by ``policy``, errors mapped to gRPC
+    status."""
+
+    def __init__(self, policy: Policy | None = None) -> None:
+        self.policy = policy or Policy()
 
     async def intercept_service(
         self,
@@ -44,31 +60,47 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         handler = await continuation(handler_call_details)
         if handler is None:  # an unknown method: gRPC answers UNIMPLEMENTED
             return handler
-        return wrap_handler(handler, handler_call_details.method)
+        return wrap_handler(handler, handler_call_details.method, self.policy)
 
 
-def wrap_handler(handler: Handler[Any, Any], method: str) -> Handler[Any, Any]:
+def wrap_handler(handler: Handler[Any, Any], method: str,
+                 policy: Policy | None = None) -> Handler[Any, Any]:
     """``handler`` with its behaviour wrapped; ``method`` is the RPC's full name."""
+    policy = policy or Policy()
     codecs: dict[str, Any] = {"request_deserializer": handler.request_deserializer,
                               "response_serializer": handler.response_serializer}
     if handler.unary_unary is not None:
         return grpc.unary_unary_rpc_method_handler(
-            _unary_response(handler.unary_unary, method), **codecs)
+            _unary_response(handler.unary_unary, method, policy), **codecs)
     if handler.unary_stream is not None:
         return grpc.unary_stream_rpc_method_handler(
-            _stream_response(handler.unary_stream, method), **codecs)
+            _stream_response(handler.unary_stream, method, policy), **codecs)
     if handler.stream_unary is not None:
         return grpc.stream_unary_rpc_method_handler(
-            _unary_response(handler.stream_unary, method), **codecs)
+            _unary_response(handler.stream_unary, method, policy), **codecs)
     if handler.stream_stream is not None:
         return grpc.stream_stream_rpc_method_handler(
-            _stream_response(handler.stream_stream, method), **codecs)
+            _stream_response(handler.stream_stream, method, policy), **codecs)
     raise TypeError(f"{method}: the handler has no behaviour")
 
 
-def _unary_response(behaviour: Any, method: str) -> UnaryBehaviour:
+async def _authorize(context: grpc.aio.ServicerContext[Any, Any], method: str,
+                     policy: Policy) -> None:
+    """Return if the caller may call ``method``; otherwise log the refusal once and end the
+    call with PERMISSION_DENIED."""
+    try:
+        policy.check(method, context.auth_context())
+    except PermissionDenied as exc:
+        log.warning("refused %s from %s: %s", method.rsplit("/", 1)[-1], context.peer(), exc)
+        code, details, trailers = to_status(exc)
+        context.set_trailing_metadata(trailers)
+        await context.abort(code, details)
+
+
+def _unary_response(behaviour: Any, method: str, policy: Policy) -> UnaryBehaviour:
     @functools.wraps(behaviour)
     async def wrapper(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        await _authorize(context, method, policy)
         try:
             return await behaviour(request, context)
         except grpc.aio.AbortError:
@@ -79,10 +111,11 @@ def _unary_response(behaviour: Any, method: str) -> UnaryBehaviour:
     return wrapper
 
 
-def _stream_response(behaviour: Any, method: str) -> StreamBehaviour:
+def _stream_response(behaviour: Any, method: str, policy: Policy) -> StreamBehaviour:
     @functools.wraps(behaviour)
     async def wrapper(request: Any, context: grpc.aio.ServicerContext[Any, Any]
                       ) -> AsyncIterator[Any]:
+        await _authorize(context, method, policy)
         try:
             # aclosing: when gRPC closes this generator, the handler's own `finally` runs now.
             async with contextlib.aclosing(behaviour(request, context)) as responses:

@@ -174,25 +174,19 @@ async def abort(daemon: Daemon, dom: DomainObj, flags: int) -> None:
     """libvirt's AbortJob; the phase that runs (or the next one) rolls back and reports it."""
     job = dom.job
     if job is None:
-        raise OperationInvalid("Requested operation is not valid: no job is active on the domain")
+        raise OperationInvalid("no job is active on the domain")
     if job.kind is AsyncJob.MIGRATION_IN:
-        raise OperationInvalid("Requested operation is not valid: cannot abort incoming "
-                               "migration; use virDomainDestroy instead")
+        raise OperationInvalid("cannot abort incoming migration; use virDomainDestroy instead")
     if job.postcopy:
         if not flags & ABORT_JOB_POSTCOPY:
-            raise OperationInvalid(
-                "Requested operation is not valid: cannot abort migration in post-copy mode")
-        raise OperationUnsupported("Operation not supported: aborting a post-copy migration "
-                                   "is not supported by this host")
+            raise OperationInvalid("cannot abort migration in post-copy mode")
+        raise OperationUnsupported("aborting a post-copy migration is not supported by this host")
     if flags & ABORT_JOB_POSTCOPY:
-        raise OperationInvalid("Requested operation is not valid: current job is not "
-                               "outgoing migration in post-copy mode")
+        raise OperationInvalid("current job is not outgoing migration in post-copy mode")
     if job.abort_requested:
-        raise OperationInvalid(
-            "Requested operation is not valid: abort of job 'migration out' already requested")
+        raise OperationInvalid("abort of job 'migration out' already requested")
     if job.phase in (Phase.CONFIRM3, Phase.CONFIRM3_CANCELLED):
-        raise OperationInvalid(
-            "Requested operation is not valid: migration job is already being confirmed")
+        raise OperationInvalid("migration job is already being confirmed")
     job.request_abort()
     log.info("abort requested for migration of %s in phase %s", dom.name, job.phase.label)
     if job.phase is Phase.PERFORM3:
@@ -202,21 +196,19 @@ async def abort(daemon: Daemon, dom: DomainObj, flags: int) -> None:
             # e.g. the switch to post-copy was already asked for: nothing can be rolled back,
             # and a pending abort must not later cancel Finish on a guest that runs there.
             job.withdraw_abort()
-            raise OperationInvalid(
-                f"Requested operation is not valid: cannot abort the migration now: {exc}"
-            ) from exc
+            raise OperationInvalid(f"cannot abort the migration now: {exc}") from exc
     await daemon.registry.job_changed(dom)
 
 
 def _require_active(dom: DomainObj) -> None:
     if not dom.active:
-        raise OperationInvalid("Requested operation is not valid: domain is not running")
+        raise OperationInvalid("domain is not running")
 
 
 async def set_max_downtime(daemon: Daemon, dom: DomainObj, downtime_ms: int) -> None:
     _require_active(dom)
     if downtime_ms < 1:
-        raise InvalidArgument("invalid argument: migrate-setmaxdowntime: Invalid downtime")
+        raise InvalidArgument("migrate-setmaxdowntime: Invalid downtime")
     dom.max_downtime_ms = downtime_ms
     job = _outgoing(dom)
     if job is not None and job.phase is Phase.PERFORM3:
@@ -231,8 +223,7 @@ def get_max_downtime(daemon: Daemon, dom: DomainObj) -> int:
 
 async def set_max_speed(daemon: Daemon, dom: DomainObj, mib: int, flags: int) -> None:
     if mib > MAX_BANDWIDTH_MIB:
-        raise InvalidArgument(f"invalid argument: bandwidth must be less than "
-                              f"{MAX_BANDWIDTH_MIB + 1}")
+        raise InvalidArgument(f"bandwidth must be less than {MAX_BANDWIDTH_MIB + 1}")
     if flags & MAX_SPEED_POSTCOPY:
         _require_active(dom)
         dom.max_speed_postcopy_mib = mib
@@ -255,15 +246,15 @@ async def start_postcopy(daemon: Daemon, dom: DomainObj) -> None:
     _require_active(dom)
     job = _outgoing(dom)
     if job is None or job.phase is not Phase.PERFORM3:
-        raise OperationInvalid("Requested operation is not valid: post-copy can only be started "
-                               "while outgoing migration is in progress")
+        raise OperationInvalid(
+            "post-copy can only be started while outgoing migration is in progress")
     if not job.flags & MigrateFlags.POSTCOPY:
-        raise OperationInvalid("Requested operation is not valid: switching to post-copy "
-                               "requires migration to be started with VIR_MIGRATE_POSTCOPY flag")
+        raise OperationInvalid("switching to post-copy requires migration to be started with "
+                               "VIR_MIGRATE_POSTCOPY flag")
     try:
         await daemon.backend.start_postcopy(dom.uuid)
     except BackendError as exc:
-        raise OperationFailed(f"operation failed: cannot switch to post-copy: {exc}") from exc
+        raise OperationFailed(f"cannot switch to post-copy: {exc}") from exc
 
 
 def check_limit(daemon: Daemon, kind: AsyncJob) -> None:
@@ -333,8 +324,7 @@ async def _src_watch(daemon: Daemon, dom: DomainObj, job: MigrationJob) -> None:
 
 async def _fail(daemon: Daemon, dom: DomainObj, job: MigrationJob, reason: str) -> None:
     log.warning("migration of %s: %s", dom.name, reason)
-    await fail_job(daemon, dom, job, OperationTimeout(
-        f"Timed out during operation: job 'migration out' failed: {reason}"))
+    await fail_job(daemon, dom, job, OperationTimeout(f"job 'migration out' failed: {reason}"))
 
 
 async def fail_job(daemon: Daemon, dom: DomainObj, job: MigrationJob,
@@ -371,5 +361,5 @@ def check_timeout_params(params: TypedParams) -> None:
     action = params.get_str(MigrateParam.COMPLETION_TIMEOUT_ACTION)
     if action is not None and action not in COMPLETION_ACTIONS:
         raise InvalidArgument(
-            f"invalid argument: completion timeout action '{action}': expected one of "
+            f"completion timeout action '{action}': expected one of "
             f"{', '.join(COMPLETION_ACTIONS)}")

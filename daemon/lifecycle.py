@@ -28,7 +28,7 @@ _DURING_OUT = frozenset({AsyncJob.MIGRATION_OUT})
 
 
 def not_running(dom: DomainObj) -> OperationInvalid:
-    return OperationInvalid("Requested operation is not valid: domain is not running")
+    return OperationInvalid("domain is not running")
 
 
 async def define(daemon: Daemon, xml: str) -> DomainObj:
@@ -51,9 +51,7 @@ async def define(daemon: Daemon, xml: str) -> DomainObj:
 async def undefine(daemon: Daemon, dom: DomainObj) -> None:
     async with daemon.registry.state_change(dom, "undefine"):
         if not dom.persistent:
-            raise OperationInvalid(
-                "Requested operation is not valid: cannot undefine transient domain"
-            )
+            raise OperationInvalid("cannot undefine transient domain")
         dom.config = None
         daemon.registry.save_config(dom)
         daemon.events.lifecycle(dom.name, dom.uuid, Lifecycle.UNDEFINED, 0)
@@ -66,13 +64,12 @@ async def undefine(daemon: Daemon, dom: DomainObj) -> None:
 async def start(daemon: Daemon, dom: DomainObj, *, paused: bool) -> None:
     async with daemon.registry.state_change(dom, "start"):
         if dom.active:
-            raise OperationInvalid("Requested operation is not valid: domain is already running")
+            raise OperationInvalid("domain is already running")
         d = dom.definition
         try:
             await daemon.backend.start(daemon.spec(d), paused=paused)
         except BackendError as exc:
-            raise OperationFailed(f"operation failed: cannot start domain '{dom.name}': {exc}") \
-                from exc
+            raise OperationFailed(f"cannot start domain '{dom.name}': {exc}") from exc
         dom.live = d
         dom.id = daemon.registry.new_id()
         if paused:
@@ -110,7 +107,7 @@ async def resume(daemon: Daemon, dom: DomainObj) -> None:
         if not dom.active:
             raise not_running(dom)
         if dom.state is not DomainState.PAUSED:
-            raise OperationInvalid("Requested operation is not valid: domain is not paused")
+            raise OperationInvalid("domain is not paused")
         await _backend_call(daemon.backend.resume(dom.uuid), "resume", dom)
         daemon.set_state(dom, DomainState.RUNNING, RunningReason.UNPAUSED)
 
@@ -119,5 +116,4 @@ async def _backend_call(coro: Awaitable[None], what: str, dom: DomainObj) -> Non
     try:
         await coro
     except BackendError as exc:
-        raise OperationFailed(f"operation failed: cannot {what} domain '{dom.name}': {exc}") \
-            from exc
+        raise OperationFailed(f"cannot {what} domain '{dom.name}': {exc}") from exc

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -15,13 +14,13 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from virtmig.daemon import jobctl, recovery
+from virtmig.daemon import jobctl, listeners, recovery
+from virtmig.daemon.authz import Policy
 from virtmig.daemon.backend.base import Backend
 from virtmig.daemon.config import build_parser, load_config
 from virtmig.daemon.core import Daemon, DaemonConfig
 from virtmig.daemon.server import make_server
 from virtmig.proto.errors import InvalidArgument, VirtmigError
-from virtmig.proto.uri import parse_listen
 
 if TYPE_CHECKING:
     from virtmig.daemon.backend.qemu import QemuSettings
@@ -75,9 +74,17 @@ SERVER_OPTIONS = [
 @dataclass
 class RunningDaemon:
     daemon: Daemon
-    server: grpc.aio.Server
-    # Bound addresses, in the order of config.listen: "unix:/path" or "host:port".
+    # One server per trust level (virtmig.daemon.interceptor): the main one, then the
+    # read-only socket's if configured.
+    servers: list[grpc.aio.Server]
+    # Bound addresses, in the order of config.listen (then the read-only socket's):
+    # "unix:/path" or "host:port".
     addresses: list[str] = field(default_factory=list)
+
+    @property
+    def server(self) -> grpc.aio.Server:
+        """The main server (TLS, the main unix socket, plain TCP)."""
+        return self.servers[0]
 
     @property
     def tcp_port(self) -> int:
@@ -87,31 +94,36 @@ class RunningDaemon:
         raise LookupError("daemon has no tcp listener")
 
     async def stop(self, grace: float = 2.0) -> None:
-        await self.server.stop(grace)
+        await asyncio.gather(*(server.stop(grace) for server in self.servers))
         await self.daemon.close()
 
 
 async def start_daemon(config: DaemonConfig, backend: Backend | None = None) -> RunningDaemon:
+    # Everything the settings can get wrong is refused before the daemon touches its state.
+    planned = listeners.plan(config)
+    listeners.prepare_run_dirs(planned)
+    tls = listeners.server_credentials(config, planned)
     daemon = Daemon(config, backend or make_backend(config.backend, config))
     daemon.registry.on_job_end = lambda dom, rec: daemon.events.publish(jobctl.job_event(dom, rec))
     await recovery.recover(daemon, await daemon.open())
-    server = make_server(daemon, SERVER_OPTIONS)
+    main = make_server(daemon, SERVER_OPTIONS, Policy(
+        allowed_dns=config.tls_allowed_dn_list, readonly_dns=config.tls_readonly_dn_list))
+    servers = [main]
     addresses = []
-    for uri in config.listen:
-        lst = parse_listen(uri)
-        if lst.transport == "unix":
-            Path(lst.path).parent.mkdir(parents=True, exist_ok=True)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(lst.path)
-        port = server.add_insecure_port(lst.grpc_address)
-        if lst.transport == "tcp" and port == 0:
-            raise InvalidArgument(f"cannot listen on {uri}")
-        addresses.append(lst.grpc_address if lst.transport == "unix"
-                         else f"{lst.host}:{port}")
-    await server.start()
+    for lst in planned:
+        server = main
+        if lst.read_only:
+            server = make_server(daemon, SERVER_OPTIONS, Policy(read_only=True))
+            servers.append(server)
+        addresses.append(listeners.bind(server, lst, tls))
+        if lst.insecure:
+            log.warning("listening on %s without TLS: whoever reaches it has full access "
+                        "(listen_insecure_tcp)", lst.uri)
+    for server in servers:
+        await server.start()
     log.info("virtmigd serving on %s (host %s, uuid %s, backend %s)", ", ".join(addresses),
              daemon.hostname, daemon.host_uuid, daemon.backend.name)
-    return RunningDaemon(daemon, server, addresses)
+    return RunningDaemon(daemon, servers, addresses)
 
 
 def write_ready_file(path: Path, addresses: list[str]) -> None:

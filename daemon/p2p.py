@@ -7,6 +7,12 @@ regular mode (``virtmig.client.sequence.run_v3``), with its own source phases ca
 does, it always runs its own Confirm, so a failed Perform is followed by Finish(cancelled) and
 Confirm(cancelled).
 
+Identity: the destination is ``dconnuri``; over ``virtmig+tls`` this daemon presents the client
+certificate of its own PKI dir (``pki_dir``: the host certificate ``virtmig pki issue --host``
+wrote) and the destination authorizes it as it does any client.  A ``?pkipath=`` in
+``dconnuri`` is refused: the caller does not choose the files this daemon reads or the identity
+it shows.
+
 Liveness: the connection to the destination carries a session stream and keepalive pings; when
 it ends during Perform the stream is stopped and the migration fails with "Lost connection to
 destination host" (the source resumes); the destination, whose Prepare caller was this daemon's
@@ -35,7 +41,7 @@ from virtmig.proto.errors import (
 )
 from virtmig.proto.flags import DomainState, Feature, MigrateFlags
 from virtmig.proto.params import NON_PARAMS_ALLOWED, MigrateParam, TypedParams
-from virtmig.proto.uri import check_not_local
+from virtmig.proto.uri import check_not_local, parse_uri
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +76,7 @@ class LocalSource:
                                                    cookie, flags, tunnel=end)
         except VirtmigError as exc:
             if self.peer is not None and await _lost(self.peer):
-                raise OperationFailed(
-                    "operation failed: Lost connection to destination host") from exc
+                raise OperationFailed("Lost connection to destination host") from exc
             raise
 
     async def confirm(self, dom: str, params: TypedParams, cookie: bytes, flags: int,
@@ -97,24 +102,25 @@ async def src_perform_p2p(
     """libvirt's PerformJob → Peer2Peer → Peer2Peer3, on this daemon."""
     f = migration.any_check(daemon, flags, params, "virDomainMigratePerform3Params")
     if cookie_in:
-        raise InvalidArgument("invalid argument: received unexpected cookie with P2P migration")
+        raise InvalidArgument("received unexpected cookie with P2P migration")
     if not dconnuri:
-        raise InvalidArgument("invalid argument: dconnuri must not be NULL for peer-to-peer "
-                              "migration")
+        raise InvalidArgument("dconnuri must not be NULL for peer-to-peer migration")
     check_not_local(dconnuri)
+    if _names_pkipath(dconnuri):
+        raise InvalidArgument(
+            "a peer-to-peer destination URI must not name a pkipath: the source daemon "
+            "connects with the certificate of its own pki_dir")
     check_param_types(params)
     try:
-        dconn = await AsyncConnection.open(dconnuri)
+        dconn = await AsyncConnection.open(dconnuri, pki_dir=daemon.config.pki_dir or None)
     except VirtmigError as exc:
-        raise OperationFailed(
-            f"operation failed: Failed to connect to remote virtmig URI {dconnuri}: {exc}"
-        ) from exc
+        raise OperationFailed(f"Failed to connect to remote virtmig URI {dconnuri}: {exc}") from exc
     watcher: asyncio.Task[None] | None = None
     try:
         features = (await dconn.host()).features
         if Feature.P2P not in features or Feature.V3 not in features:
-            raise OperationFailed("operation failed: Destination virtmig does not support "
-                                  "peer-to-peer migration protocol")
+            raise OperationFailed(
+                "Destination virtmig does not support peer-to-peer migration protocol")
         use_params = Feature.MIGRATION_PARAMS in features
         if not use_params and params.names() - NON_PARAMS_ALLOWED:
             raise ArgumentUnsupported(
@@ -132,6 +138,13 @@ async def src_perform_p2p(
         await dconn.close()
 
 
+def _names_pkipath(uri: str) -> bool:
+    try:
+        return bool(parse_uri(uri).pki_dir)
+    except InvalidArgument:  # a bad URI fails where it is opened, with its own message
+        return False
+
+
 async def _lost(peer: AsyncConnection) -> bool:
     """Whether the destination went away (the stream's failure may be noticed a moment first)."""
     with contextlib.suppress(TimeoutError):
@@ -146,5 +159,4 @@ async def _watch_peer(daemon: Daemon, dom: DomainObj, dconn: AsyncConnection) ->
     log.warning("lost connection to the destination of %s's migration", dom.name)
     if job is not None and job.kind is AsyncJob.MIGRATION_OUT and job.phase is Phase.PERFORM3:
         await jobctl.fail_job(daemon, dom, job,
-                              OperationFailed("operation failed: Lost connection to "
-                                              "destination host"))
+                              OperationFailed("Lost connection to destination host"))

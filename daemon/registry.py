@@ -57,7 +57,7 @@ class DomainObj:
         """The definition in force: live when active, else the persistent one."""
         d = self.live if self.live is not None else self.config
         if d is None:  # pragma: no cover - an object always has one of the two
-            raise NoDomain(f"Domain not found: no definition for domain '{self.name}'")
+            raise NoDomain(f"no definition for domain '{self.name}'")
         return d
 
     @property
@@ -83,13 +83,13 @@ class Registry:
     def by_name(self, name: str) -> DomainObj:
         dom = self._by_name.get(name)
         if dom is None:
-            raise NoDomain(f"Domain not found: no domain with matching name '{name}'")
+            raise NoDomain(f"no domain with matching name '{name}'")
         return dom
 
     def by_uuid(self, uuid: str) -> DomainObj:
         dom = self._by_uuid.get(uuid.lower())
         if dom is None:
-            raise NoDomain(f"Domain not found: no domain with matching uuid '{uuid}'")
+            raise NoDomain(f"no domain with matching uuid '{uuid}'")
         return dom
 
     def find_name(self, name: str) -> DomainObj | None:
@@ -125,14 +125,10 @@ class Registry:
         """libvirt's name/UUID clash rules for adding ``d``; returns the existing object, if any."""
         by_uuid = self._by_uuid.get(d.uuid)
         if by_uuid is not None and by_uuid.name != d.name:
-            raise OperationFailed(
-                f"operation failed: domain '{by_uuid.name}' is already defined with uuid {d.uuid}"
-            )
+            raise OperationFailed(f"domain '{by_uuid.name}' is already defined with uuid {d.uuid}")
         by_name = self._by_name.get(d.name)
         if by_name is not None and by_name.uuid != d.uuid:
-            raise OperationFailed(
-                f"operation failed: domain '{d.name}' already exists with uuid {by_name.uuid}"
-            )
+            raise OperationFailed(f"domain '{d.name}' already exists with uuid {by_name.uuid}")
         return by_uuid
 
     def new_id(self) -> int:
@@ -153,7 +149,7 @@ class Registry:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise OperationTimeout(
-                        "Timed out during operation: cannot acquire state change lock "
+                        "cannot acquire state change lock "
                         f"(held by async job '{dom.job.kind.value}' in phase "
                         f"'{dom.job.phase.label}') for {api}"
                     )

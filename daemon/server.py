@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 
 from virtmig.daemon import jobctl, lifecycle, migration, p2p, tunnel, wire
+from virtmig.daemon.authz import Policy
 from virtmig.daemon.core import Daemon
 from virtmig.daemon.domxml import format_domain_xml
 from virtmig.daemon.interceptor import StatusInterceptor
@@ -265,9 +266,11 @@ class MigrationService(pbg.MigrationServicer):
         return wire.empty()
 
 
-def make_server(daemon: Daemon, options: list[tuple[str, Any]] | None = None) -> grpc.aio.Server:
-    """A server with the daemon's services, every handler behind the status interceptor."""
-    server = grpc.aio.server(options=options, interceptors=[StatusInterceptor()])
+def make_server(daemon: Daemon, options: list[tuple[str, Any]] | None = None,
+                policy: Policy | None = None) -> grpc.aio.Server:
+    """A server with the daemon's services, every handler behind the interceptor, which
+    authorizes each call by ``policy`` (default: :class:`~virtmig.daemon.authz.Policy`)."""
+    server = grpc.aio.server(options=options, interceptors=[StatusInterceptor(policy)])
     add_services(server, daemon)
     return server
 

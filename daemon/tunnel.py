@@ -48,8 +48,7 @@ async def dst_tunnel(
     job = dom.job
     if (job is None or job.kind is not AsyncJob.MIGRATION_IN or job.phase is not Phase.PREPARE
             or not job.flags & MigrateFlags.TUNNELLED or not job.port):
-        raise OperationInvalid(f"Requested operation is not valid: domain '{dom.name}' is not "
-                               "waiting for a tunnelled migration")
+        raise OperationInvalid(f"domain '{dom.name}' is not waiting for a tunnelled migration")
     reader, writer = await asyncio.open_connection(LOOPBACK, job.port)
 
     async def upstream() -> None:

@@ -34,7 +34,7 @@ def resolve(registry: Registry, ref: pb.DomainRef) -> DomainObj:
         return registry.by_name(ref.name)
     if key == "uuid":
         return registry.by_uuid(ref.uuid)
-    raise InvalidArgument("invalid argument: a domain name or uuid is required")
+    raise InvalidArgument("a domain name or uuid is required")
 
 
 def optional(msg: Any, field: str) -> str | None:

@@ -1,13 +1,18 @@
-"""``make demo``: two daemons on loopback, one 256 MiB guest, live-migrated with the CLI.
+"""``make demo``: two daemons on loopback, one 256 MiB guest, live-migrated with the CLI, all
+over mutual TLS.
 
-Starts ``virtmigd`` twice (free ports, separate state dirs, different host UUIDs and hostnames),
-defines and starts a guest on the first, runs ``virtmig migrate --live --verbose`` to the second,
-shows ``virtmig list --all`` on both, stops the daemons.  Exits non-zero if any step fails.
+Makes a throw-away PKI with ``virtmig pki`` (a CA, a certificate for each host, one for the
+operator), starts ``virtmigd`` twice on ``tls://127.0.0.1`` (free ports, separate state dirs,
+different host UUIDs and hostnames, each with its own certificate), defines and starts a guest on
+the first, runs ``virtmig migrate --live --verbose`` to the second, shows ``virtmig list --all``
+on both, stops the daemons.  Everything lives in a temporary dir.  Exits non-zero if any step
+fails.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import signal
 import subprocess
@@ -34,13 +39,35 @@ GUEST = """\
 """
 
 
+def show(*cmd: str) -> None:
+    print(f"$ {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
+
+
+def make_pki(work: Path) -> Path:
+    """A CA, a PKI dir per host (``work/pki/NAME``), and the operator's (returned)."""
+    pki = work / "pki"
+    ca = pki / "ca"
+    for args in (["pki", "init", str(ca)],
+                 *(["pki", "issue", str(ca), "--host", f"{name}.demo", "--ip", "127.0.0.1",
+                    "--out", str(pki / name)] for name in ("host-a", "host-b")),
+                 ["pki", "issue", str(ca), "--client", "operator", "--out", str(pki / "me")]):
+        show("virtmig", *args)
+        subprocess.run([str(BIN / "virtmig"), *args], check=True, stdout=subprocess.DEVNULL)
+    return pki / "me"
+
+
 def start_daemon(work: Path, name: str, ports: str) -> tuple[subprocess.Popen[bytes], str]:
     ready = work / f"{name}.ready"
+    config = work / f"{name}.toml"
+    # Full access for the operator and for the other host (a peer-to-peer source).
+    config.write_text(f'pki_dir = "{work / "pki" / name}"\n'
+                      'tls_allowed_dn_list = ["O=virtmig,CN=operator", "O=virtmig,CN=host-*"]\n')
     cmd = [
         str(BIN / "virtmigd"),
-        "--listen", "tcp://127.0.0.1:0",
-        "--listen", f"unix://{work / name}.sock",
-        "--state-dir", str(work / name),
+        "--config", str(config),
+        "--listen", "tls://127.0.0.1:0",
+        "--listen", f"unix://{work / 'run' / name}/virtmigd.sock",
+        "--state-dir", str(work / "state" / name),
         "--hostname", f"{name}.demo",
         "--migration-address", "127.0.0.1",
         "--migration-host", "127.0.0.1",
@@ -56,13 +83,12 @@ def start_daemon(work: Path, name: str, ports: str) -> tuple[subprocess.Popen[by
         time.sleep(0.05)
     addresses = json.loads(ready.read_text())["addresses"]
     port = next(a for a in addresses if not a.startswith("unix:")).rsplit(":", 1)[1]
-    return proc, f"virtmig+tcp://127.0.0.1:{port}"
+    return proc, f"virtmig+tls://127.0.0.1:{port}"
 
 
 def virtmig(uri: str, *args: str) -> None:
-    cmd = [str(BIN / "virtmig"), "-c", uri, *args]
-    print(f"$ {' '.join(shlex.quote(c) for c in ['virtmig', '-c', uri, *args])}", flush=True)
-    subprocess.run(cmd, check=True)
+    show("virtmig", "-c", uri, *args)
+    subprocess.run([str(BIN / "virtmig"), "-c", uri, *args], check=True)
 
 
 def main() -> int:
@@ -70,6 +96,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="virtmig-demo-") as tmp:
         work = Path(tmp)
         try:
+            operator = make_pki(work)
+            # The CLI's certificates (a URI's ?pkipath=DIR would do the same for one command).
+            os.environ["VIRTMIG_PKI_DIR"] = str(operator)
+            show("export", f"VIRTMIG_PKI_DIR={operator}")
             src_proc, src = start_daemon(work, "host-a", "49152-49183")
             procs.append(src_proc)
             dst_proc, dst = start_daemon(work, "host-b", "49184-49215")
@@ -100,7 +130,7 @@ def main() -> int:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
-    print("demo: guest live-migrated from host-a to host-b", flush=True)
+    print("demo: guest live-migrated from host-a to host-b over mutual TLS", flush=True)
     return 0
 
 

@@ -176,24 +176,23 @@ def compression_settings(params: TypedParams, flags: int) -> Compression:
     methods: list[str] = []
     for method in params.get_all_str(P.COMPRESSION):
         if method not in COMPRESSION_METHODS:
-            raise InvalidArgument(f"invalid argument: Unsupported compression method '{method}'")
+            raise InvalidArgument(f"Unsupported compression method '{method}'")
         if method in methods:
-            raise InvalidArgument(
-                f"invalid argument: Compression method '{method}' is specified twice")
+            raise InvalidArgument(f"Compression method '{method}' is specified twice")
         methods.append(method)
     if not methods and f & F.COMPRESSED:
         methods = ["xbzrle"]
     multifd = [m for m in methods if m in MULTIFD_COMPRESSION]
     if multifd and not f & F.PARALLEL:
-        raise InvalidArgument(f"invalid argument: Compression method '{multifd[0]}' is only "
-                              "supported with parallel migration")
+        raise InvalidArgument(
+            f"Compression method '{multifd[0]}' is only supported with parallel migration")
     single = [m for m in methods if m not in MULTIFD_COMPRESSION]
     if single and f & F.PARALLEL:
-        raise InvalidArgument(f"invalid argument: Compression method '{single[0]}' isn't "
-                              "supported with parallel migration")
+        raise InvalidArgument(
+            f"Compression method '{single[0]}' isn't supported with parallel migration")
     if len(multifd) > 1:
-        raise InvalidArgument("invalid argument: Only one compression method could be "
-                              "specified with parallel compression")
+        raise InvalidArgument(
+            "Only one compression method could be specified with parallel compression")
     c = Compression(
         methods=tuple(methods),
         mt_level=params.get_int_opt(P.COMPRESSION_MT_LEVEL),
@@ -210,17 +209,17 @@ def compression_settings(params: TypedParams, flags: int) -> Compression:
         ("zstd", (c.zstd_level,), "zstd"),
     ):
         if any(v is not None for v in tuning) and method not in methods:
-            raise InvalidArgument(f"invalid argument: Turn {label} compression on to tune it")
+            raise InvalidArgument(f"Turn {label} compression on to tune it")
     for value, low, high, name in ((c.mt_level, 0, 9, P.COMPRESSION_MT_LEVEL),
                                    (c.zlib_level, 0, 9, P.COMPRESSION_ZLIB_LEVEL),
                                    (c.zstd_level, 0, 20, P.COMPRESSION_ZSTD_LEVEL),
                                    (c.mt_threads, 1, 255, P.COMPRESSION_MT_THREADS),
                                    (c.mt_dthreads, 1, 255, P.COMPRESSION_MT_DTHREADS)):
         if value is not None and not low <= value <= high:
-            raise InvalidArgument(f"invalid argument: parameter '{name}' must be between "
-                                  f"{low} and {high}, got {value}")
+            raise InvalidArgument(
+                f"parameter '{name}' must be between {low} and {high}, got {value}")
     connections = params.get_int_opt(P.PARALLEL_CONNECTIONS)
     if connections is not None and not 1 <= connections <= 255:
-        raise InvalidArgument("invalid argument: parameter 'parallel.connections' must be "
-                              f"between 1 and 255, got {connections}")
+        raise InvalidArgument(
+            f"parameter 'parallel.connections' must be between 1 and 255, got {connections}")
     return c

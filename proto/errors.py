@@ -1,9 +1,11 @@
-"""The one virtmig exception tree, and its mapping to and from gRPC status codes.
+"""The one virtmig exception tree, its messages, and its mapping to and from gRPC status codes.
 
 Every failure a user can see is one of these classes.  Each carries libvirt's error number name
-(``code``) so that messages and codes read like libvirt's, and a gRPC status code.  The server
-turns an exception into a status in :func:`to_status`; the client turns a status back into the
-same class in :func:`from_status`.  Nowhere else maps errors.
+(``code``), libvirt's message format for that code and a gRPC status code.  A raise site passes
+only the detail; the class formats the message the way libvirt's ``virErrorMsg`` does, so that
+``OperationInvalid("domain is not running")`` reads ``Requested operation is not valid: domain is
+not running``.  The server turns an exception into a status in :func:`to_status`; the client turns
+a status back into the same class in :func:`from_status`.  Nowhere else maps errors.
 
 ::
 
@@ -22,16 +24,20 @@ same class in :func:`from_status`.  Nowhere else maps errors.
      ├── MigrateFinishOk                 ABORTED            VIR_ERR_MIGRATE_FINISH_OK
      ├── OperationTimeout                DEADLINE_EXCEEDED  VIR_ERR_OPERATION_TIMEOUT
      ├── ResourceExhausted               RESOURCE_EXHAUSTED VIR_ERR_RESOURCE_BUSY
+     ├── PermissionDenied                PERMISSION_DENIED  VIR_ERR_ACCESS_DENIED
      ├── ConnectionFailed                UNAVAILABLE        VIR_ERR_NO_CONNECT / VIR_ERR_RPC
      └── InternalError                   INTERNAL           VIR_ERR_INTERNAL_ERROR
 
 The exact class travels in the trailing metadata key ``virtmig-error``, so a status code shared by
-several classes still maps back to the right one.
+several classes still maps back to the right one.  The message travels already formatted: the
+client rebuilds the error with :meth:`VirtmigError.from_message`, which never adds the prefix a
+second time; so does any code that wraps a message formatted before.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import ClassVar, Self
 
 import grpc
 
@@ -39,98 +45,195 @@ ERROR_METADATA_KEY = "virtmig-error"
 
 
 class VirtmigError(Exception):
-    """Base of every virtmig error.  ``str(err)`` is the user-facing message."""
+    """Base of every virtmig error.  ``str(err)`` is the user-facing message.
 
-    code: str = "VIR_ERR_INTERNAL_ERROR"
-    status: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+    ``msginfo`` is libvirt's message format for ``code`` with one ``%s`` for the detail, ``msg``
+    the message without a detail.  ``err.message`` is the whole message, ``err.detail`` the part
+    the raise site gave (for a message formatted elsewhere: the part after the class's prefix).
+    """
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
+    code: ClassVar[str] = "VIR_ERR_INTERNAL_ERROR"
+    status: ClassVar[grpc.StatusCode] = grpc.StatusCode.UNKNOWN
+    msginfo: ClassVar[str] = "%s"
+    msg: ClassVar[str] = "unknown error"
+
+    message: str
+    detail: str
+
+    def __init__(self, detail: str = "") -> None:
+        self._set(self.format(detail), detail)
+
+    @classmethod
+    def format(cls, detail: str) -> str:
+        """The full message for ``detail``, as libvirt's ``virErrorMsg`` formats it."""
+        if not detail:
+            return cls.msg
+        head, _, tail = cls.msginfo.partition("%s")
+        return f"{head}{detail}{tail}"
+
+    @classmethod
+    def parse_detail(cls, message: str) -> str:
+        """The detail of a message that is already formatted (all of it, if it is not ours)."""
+        head, _, tail = cls.msginfo.partition("%s")
+        framed = (len(message) >= len(head) + len(tail)
+                  and message.startswith(head) and message.endswith(tail))
+        if framed and (head or tail):
+            return message[len(head):len(message) - len(tail)]
+        return "" if message == cls.msg else message
+
+    @classmethod
+    def from_message(cls, message: str) -> Self:
+        """The error for a message that already carries its prefix (from the wire, or stored)."""
+        err = cls.__new__(cls)
+        err._set(message, cls.parse_detail(message))
+        return err
+
+    def _set(self, message: str, detail: str) -> None:
+        Exception.__init__(self, message)
         self.message = message
+        self.detail = detail
 
     def __str__(self) -> str:
         return self.message
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        # args holds the formatted message: rebuilding through __init__ would prefix it again.
+        return type(self).from_message, (self.message,)
 
 
 class InvalidArgument(VirtmigError):
     code = "VIR_ERR_INVALID_ARG"
     status = grpc.StatusCode.INVALID_ARGUMENT
+    msginfo = "invalid argument: %s"
+    msg = "invalid argument"
 
 
 class XMLError(InvalidArgument):
     code = "VIR_ERR_XML_ERROR"
+    msginfo = "XML error: %s"
+    msg = "XML description is invalid or not well formed"
 
 
 class ArgumentUnsupported(VirtmigError):
     code = "VIR_ERR_ARGUMENT_UNSUPPORTED"
     status = grpc.StatusCode.INVALID_ARGUMENT
+    msginfo = "argument unsupported: %s"
+    msg = "argument unsupported"
 
 
 class ConfigUnsupported(VirtmigError):
     code = "VIR_ERR_CONFIG_UNSUPPORTED"
     status = grpc.StatusCode.FAILED_PRECONDITION
+    msginfo = "unsupported configuration: %s"
+    msg = "unsupported configuration"
 
 
 class OperationInvalid(VirtmigError):
     code = "VIR_ERR_OPERATION_INVALID"
     status = grpc.StatusCode.FAILED_PRECONDITION
+    msginfo = "Requested operation is not valid: %s"
+    msg = "Requested operation is not valid"
 
 
 class OperationUnsupported(VirtmigError):
     code = "VIR_ERR_OPERATION_UNSUPPORTED"
     status = grpc.StatusCode.UNIMPLEMENTED
+    msginfo = "Operation not supported: %s"
+    msg = "Operation not supported"
 
 
 class NoSupport(VirtmigError):
     code = "VIR_ERR_NO_SUPPORT"
     status = grpc.StatusCode.UNIMPLEMENTED
+    msginfo = "this function is not supported by the connection driver: %s"
+    msg = "this function is not supported by the connection driver"
 
 
 class NoDomain(VirtmigError):
     code = "VIR_ERR_NO_DOMAIN"
     status = grpc.StatusCode.NOT_FOUND
+    msginfo = "Domain not found: %s"
+    msg = "Domain not found"
 
 
 class DomainExists(VirtmigError):
+    """libvirt's DOM_EXIST puts the detail (the domain) inside the message, not after it."""
+
     code = "VIR_ERR_DOM_EXIST"
     status = grpc.StatusCode.ALREADY_EXISTS
+    msginfo = "domain %s exists already"
+    msg = "this domain exists already"
 
 
 class OperationFailed(VirtmigError):
     code = "VIR_ERR_OPERATION_FAILED"
     status = grpc.StatusCode.ABORTED
+    msginfo = "operation failed: %s"
+    msg = "operation failed"
 
 
 class OperationAborted(VirtmigError):
     code = "VIR_ERR_OPERATION_ABORTED"
     status = grpc.StatusCode.ABORTED
+    msginfo = "operation aborted: %s"
+    msg = "operation aborted"
 
 
 class MigrateFinishOk(VirtmigError):
-    """Finish(cancelled) did its job: not a failure of its own (libvirt's MIGRATE_FINISH_OK)."""
+    """Finish(cancelled) did its job: not a failure of its own (libvirt's MIGRATE_FINISH_OK).
+
+    Raised without a detail: ``MigrateFinishOk()`` reads "migration successfully aborted".
+    """
 
     code = "VIR_ERR_MIGRATE_FINISH_OK"
     status = grpc.StatusCode.ABORTED
+    msginfo = "migration successfully aborted: %s"
+    msg = "migration successfully aborted"
 
 
 class OperationTimeout(VirtmigError):
     code = "VIR_ERR_OPERATION_TIMEOUT"
     status = grpc.StatusCode.DEADLINE_EXCEEDED
+    msginfo = "Timed out during operation: %s"
+    msg = "Timed out during operation"
 
 
 class ResourceExhausted(VirtmigError):
     code = "VIR_ERR_RESOURCE_BUSY"
     status = grpc.StatusCode.RESOURCE_EXHAUSTED
+    msginfo = "resource busy: %s"
+    msg = "resource busy"
+
+
+class PermissionDenied(VirtmigError):
+    """The caller may not make this call: its certificate is not on the allowed-DN lists, or
+    its access is read-only and the call is not (see :mod:`virtmig.daemon.authz`)."""
+
+    code = "VIR_ERR_ACCESS_DENIED"
+    status = grpc.StatusCode.PERMISSION_DENIED
+    msginfo = "access denied: %s"
+    msg = "access denied"
 
 
 class ConnectionFailed(VirtmigError):
+    """The daemon cannot be reached, or the connection to it broke.
+
+    libvirt reports these as system or RPC errors (VIR_ERR_SYSTEM_ERROR, VIR_ERR_RPC) whose format
+    is the bare message; VIR_ERR_NO_CONNECT's own format ("no connection driver available for
+    %s") names a URI that no driver accepts, which is not what this class says.
+    """
+
     code = "VIR_ERR_NO_CONNECT"
     status = grpc.StatusCode.UNAVAILABLE
+    msginfo = "%s"
+    msg = "RPC error"
 
 
 class InternalError(VirtmigError):
     code = "VIR_ERR_INTERNAL_ERROR"
     status = grpc.StatusCode.INTERNAL
+    msginfo = "internal error: %s"
+    msg = "internal error"
 
 
 def _all_classes() -> dict[str, type[VirtmigError]]:
@@ -156,19 +259,16 @@ _STATUS_FALLBACK: dict[grpc.StatusCode, type[VirtmigError]] = {
     grpc.StatusCode.CANCELLED: OperationAborted,
     grpc.StatusCode.DEADLINE_EXCEEDED: OperationTimeout,
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
     grpc.StatusCode.UNAVAILABLE: ConnectionFailed,
 }
 
 
 def to_status(err: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]:
     """Server side: the status code, details and trailing metadata for an exception."""
-    if isinstance(err, VirtmigError):
-        return err.status, err.message, ((ERROR_METADATA_KEY, type(err).__name__),)
-    return (
-        grpc.StatusCode.INTERNAL,
-        f"internal error: {type(err).__name__}: {err}",
-        ((ERROR_METADATA_KEY, InternalError.__name__),),
-    )
+    if not isinstance(err, VirtmigError):
+        err = InternalError(f"{type(err).__name__}: {err}")
+    return err.status, err.message, ((ERROR_METADATA_KEY, type(err).__name__),)
 
 
 def from_status(
@@ -176,7 +276,11 @@ def from_status(
     details: str | None,
     metadata: Iterable[tuple[str, str | bytes]] | Sequence[object] | None = None,
 ) -> VirtmigError:
-    """Client side: the virtmig exception for a failed RPC's status."""
+    """Client side: the virtmig exception for a failed RPC's status.
+
+    The details are the message as the server formatted it: it is kept as it is, never prefixed
+    again.  A status from something that is not a virtmig server keeps its own words too.
+    """
     name = None
     for item in metadata or ():
         if isinstance(item, tuple) and len(item) == 2 and item[0] == ERROR_METADATA_KEY:
@@ -188,4 +292,4 @@ def from_status(
         cls = _STATUS_FALLBACK.get(code, InternalError) if code is not None else InternalError
         if code is grpc.StatusCode.UNAVAILABLE:
             message = f"unable to connect to the daemon: {message}"
-    return cls(message)
+    return cls.from_message(message)

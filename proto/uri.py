@@ -1,7 +1,12 @@
-"""Connection URIs: ``virtmig+unix:///path/to/sock`` and ``virtmig+tcp://host[:port]``.
+"""Connection URIs (``virtmig+unix:///path/to/sock``, ``virtmig+tls://host[:port][?pkipath=DIR]``,
+``virtmig+tcp://host[:port]``) and daemon listen URIs (``unix:///path``, ``tls://host:port``,
+``tcp://host:port``).
 
 ``virtmig:///`` (or no URI at all) means the local daemon's default socket.  The default URI comes
-from ``VIRTMIG_DEFAULT_URI``, as libvirt's comes from ``LIBVIRT_DEFAULT_URI``.
+from ``VIRTMIG_DEFAULT_URI``, as libvirt's comes from ``LIBVIRT_DEFAULT_URI``.  ``virtmig+tls``
+is mutual TLS with the certificates of a PKI dir (:mod:`virtmig.proto.pki`): ``?pkipath=``
+names it, as in libvirt's URIs; without it the client takes ``$VIRTMIG_PKI_DIR`` or the default
+dir.  ``virtmig+tcp`` is plain TCP, which a daemon serves only when told to in words.
 """
 
 from __future__ import annotations
@@ -10,11 +15,13 @@ import ipaddress
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, quote, urlsplit
 
 from virtmig.proto.errors import InvalidArgument
 
 DEFAULT_TCP_PORT = 16609
+# libvirt's are 16509 (tcp) and 16514 (tls): virtmig keeps their distance, 16609 and 16614.
+DEFAULT_TLS_PORT = 16614
 DEFAULT_URI_ENV = "VIRTMIG_DEFAULT_URI"
 RUN_DIR_ENV = "VIRTMIG_RUN_DIR"
 SOCKET_NAME = "virtmigd.sock"
@@ -36,12 +43,14 @@ def default_socket_path() -> Path:
 
 @dataclass(frozen=True)
 class ConnectURI:
-    """A parsed connection URI.  ``transport`` is ``unix`` or ``tcp``."""
+    """A parsed connection URI.  ``transport`` is ``unix``, ``tls`` or ``tcp``; ``pki_dir`` is
+    a ``tls`` URI's ``?pkipath=`` ("": the client's default PKI dir)."""
 
     transport: str
     path: str = ""
     host: str = ""
     port: int = DEFAULT_TCP_PORT
+    pki_dir: str = ""
 
     @property
     def grpc_target(self) -> str:
@@ -54,7 +63,8 @@ class ConnectURI:
         if self.transport == "unix":
             return f"virtmig+unix://{self.path}"
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"virtmig+tcp://{host}:{self.port}"
+        query = f"?pkipath={quote(self.pki_dir, safe='/')}" if self.pki_dir else ""
+        return f"virtmig+{self.transport}://{host}:{self.port}{query}"
 
     def is_loopback(self) -> bool:
         """Whether this names the local machine (unix socket, localhost, a loopback address)."""
@@ -80,7 +90,7 @@ def check_not_local(uri: str) -> None:
     else:
         local = parts.scheme not in ("virtmig+unix", "unix") or not parts.path
     if local:
-        raise InvalidArgument("invalid argument: Attempt to migrate guest to the same host")
+        raise InvalidArgument("Attempt to migrate guest to the same host")
 
 
 def parse_uri(uri: str | None) -> ConnectURI:
@@ -96,23 +106,44 @@ def parse_uri(uri: str | None) -> ConnectURI:
             raise InvalidArgument(f"unix connection URI '{uri}' must not name a host")
         path = parts.path or str(default_socket_path())
         return ConnectURI("unix", path=path)
-    if scheme in ("virtmig+tcp", "tcp"):
-        if not parts.hostname:
-            raise InvalidArgument(f"missing host in connection URI '{uri}'")
-        try:
-            port = parts.port or DEFAULT_TCP_PORT
-        except ValueError as exc:
-            raise InvalidArgument(f"invalid port in connection URI '{uri}'") from exc
-        return ConnectURI("tcp", host=parts.hostname, port=port)
-    raise InvalidArgument(
-        f"unsupported connection URI '{uri}': expected virtmig+unix:///path or "
-        f"virtmig+tcp://host[:port]"
-    )
+    transport = _NETWORK_SCHEMES.get(scheme)
+    if transport is None:
+        raise InvalidArgument(
+            f"unsupported connection URI '{uri}': expected virtmig+unix:///path, "
+            f"virtmig+tls://host[:port] or virtmig+tcp://host[:port]"
+        )
+    if not parts.hostname:
+        raise InvalidArgument(f"missing host in connection URI '{uri}'")
+    try:
+        port = parts.port or _DEFAULT_PORTS[transport]
+    except ValueError as exc:
+        raise InvalidArgument(f"invalid port in connection URI '{uri}'") from exc
+    pki_dir = _pkipath(uri, parts.query) if transport == "tls" else ""
+    return ConnectURI(transport, host=parts.hostname, port=port, pki_dir=pki_dir)
+
+
+_NETWORK_SCHEMES = {"virtmig+tls": "tls", "tls": "tls", "virtmig+tcp": "tcp", "tcp": "tcp"}
+_DEFAULT_PORTS = {"tls": DEFAULT_TLS_PORT, "tcp": DEFAULT_TCP_PORT}
+
+
+def _pkipath(uri: str, query: str) -> str:
+    """A ``virtmig+tls`` URI's ``?pkipath=DIR`` (libvirt's name), the only parameter it takes:
+    another one is refused rather than ignored (libvirt's ``no_verify``, say, would weaken the
+    check it names)."""
+    pki_dir = ""
+    for name, value in parse_qsl(query, keep_blank_values=True):
+        if name != "pkipath":
+            raise InvalidArgument(f"unsupported parameter '{name}' in connection URI '{uri}'")
+        if not value:
+            raise InvalidArgument(f"empty pkipath in connection URI '{uri}'")
+        pki_dir = value
+    return pki_dir
 
 
 @dataclass(frozen=True)
 class ListenURI:
-    """A daemon listen address: ``unix:///path`` or ``tcp://host:port`` (port 0: any free)."""
+    """A daemon listen address: ``unix:///path``, ``tls://host:port`` (mutual TLS; port 16614
+    by default) or ``tcp://host:port`` (plain; 16609).  Port 0: any free one."""
 
     transport: str
     path: str = ""
@@ -133,12 +164,15 @@ def parse_listen(uri: str) -> ListenURI:
         if not parts.path:
             raise InvalidArgument(f"missing socket path in listen URI '{uri}'")
         return ListenURI("unix", path=parts.path)
-    if parts.scheme == "tcp":
+    if parts.scheme in _DEFAULT_PORTS:
         if not parts.hostname:
             raise InvalidArgument(f"missing host in listen URI '{uri}'")
         try:
-            port = parts.port if parts.port is not None else DEFAULT_TCP_PORT
+            port = parts.port if parts.port is not None else _DEFAULT_PORTS[parts.scheme]
         except ValueError as exc:
             raise InvalidArgument(f"invalid port in listen URI '{uri}'") from exc
-        return ListenURI("tcp", host=parts.hostname, port=port)
-    raise InvalidArgument(f"unsupported listen URI '{uri}': expected unix:///path or tcp://host:port")
+        return ListenURI(parts.scheme, host=parts.hostname, port=port)
+    raise InvalidArgument(
+        f"unsupported listen URI '{uri}': expected unix:///path, tls://host:port or "
+        "tcp://host:port"
+    )

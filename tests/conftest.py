@@ -1,151 +1,75 @@
-"""Shared fixtures: real daemons in the test's event loop, on loopback, port 0."""
+"""Shared fixtures: real daemons in the test's event loop, on loopback, port 0, over mutual TLS
+with the session's throw-away PKI (:mod:`virtmig.testing.pki`).
+
+The helpers behind them live in :mod:`virtmig.testing` (daemons, domain XML, the QEMU test
+guest, bounded waits); import them from there.  They are re-exported here for the tests that
+still import them from ``tests.conftest``.
+
+Fixtures, one meaning each across the suite:
+
+* ``backend``: each backend in turn (``test``, then ``qemu``, which is skipped without QEMU);
+* ``pair``: two daemons ``src`` and ``dst`` on the ``test`` backend;
+* ``backend_pair``: two daemons ``src`` and ``dst`` on ``backend`` (the test runs on both);
+* ``qemu_pair``: two daemons ``src`` and ``dst`` on the ``qemu`` backend (skipped without QEMU
+  or the test guest).
+"""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import socket
-import textwrap
+import os
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.guest.build import GuestImage, guest_or_skip, kill_leftover_qemus, qemu_binary_or_skip
-from tests.guest.host import daemon_settings, postcopy_as_root, release_qemu_user, serial_log
-from virtmig.client.connection import AsyncConnection
-from virtmig.client.migrate import RemoteDest
-from virtmig.daemon.backend.test import TestBackend
-from virtmig.daemon.core import Daemon, DaemonConfig
-from virtmig.daemon.main import RunningDaemon, start_daemon
-from virtmig.proto.params import TypedParams
+from virtmig.proto.pki import PKI_DIR_ENV
+from virtmig.testing import (
+    ClosedPortDest,
+    GuestImage,
+    Host,
+    connect_uri,
+    domain_xml,
+    free_port,
+    guest_or_skip,
+    hosts,
+    postcopy_as_root,
+    qemu_binary_or_skip,
+    qemu_domain_xml,
+    release_qemu_user,
+    session_pki,
+    start_host,
+    stop_host,
+    teardown_hosts,
+)
+
+__all__ = [
+    "ClosedPortDest",
+    "Host",
+    "connect_uri",
+    "domain_xml",
+    "free_port",
+    "hosts",
+    "qemu_domain_xml",
+    "start_host",
+    "stop_host",
+    "teardown_hosts",
+]
 
 
-def domain_xml(name: str = "vm1", memory_mib: int = 64, *, uuid: str | None = None,
-               dirty_rate_mib: int = 0, extra_options: str = "") -> str:
-    uuid_el = f"<uuid>{uuid}</uuid>" if uuid else ""
-    opts = f'dirty-rate-mib="{dirty_rate_mib}" ' if dirty_rate_mib else ""
-    return textwrap.dedent(f"""\
-        <domain type='test'>
-          <name>{name}</name>
-          {uuid_el}
-          <memory unit='MiB'>{memory_mib}</memory>
-          <vcpu>1</vcpu>
-          <os><type arch='x86_64' machine='pc'>hvm</type></os>
-          <metadata>
-            <virtmig:guest xmlns:virtmig="urn:virtmig:domain:1" {opts}{extra_options}/>
-          </metadata>
-          <devices>
-            <serial type='pty'><target port='0'/></serial>
-          </devices>
-        </domain>
-        """)
-
-
-def qemu_domain_xml(image: GuestImage, name: str = "vm1", memory_mib: int = 256, *,
-                    uuid: str | None = None, dirty_mb: int = 64, dirty_rate: int = 0) -> str:
-    """A ``qemu`` domain running the test guest (``tests/guest``).
-
-    Its serial console goes to the log file in the guest's folder on whichever host runs it
-    (:meth:`Host.serial_log`).
-    """
-    uuid_el = f"<uuid>{uuid}</uuid>" if uuid else ""
-    console = "<serial type='pty'><target port='0'/></serial>"
-    return textwrap.dedent(f"""\
-        <domain type='qemu'>
-          <name>{name}</name>
-          {uuid_el}
-          <memory unit='MiB'>{memory_mib}</memory>
-          <vcpu>1</vcpu>
-          <os>
-            <type arch='x86_64' machine='pc'>hvm</type>
-            <kernel>{image.kernel}</kernel>
-            <initrd>{image.initrd}</initrd>
-            <cmdline>{image.cmdline(dirty_mb=dirty_mb, dirty_rate=dirty_rate)}</cmdline>
-          </os>
-          <devices>
-            {console}
-            <memballoon model='none'/>
-          </devices>
-        </domain>
-        """)
-
-
-def free_port() -> int:
-    """A loopback port nobody listens on (bound once, then released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-class ClosedPortDest(RemoteDest):
-    """A destination whose Prepare answers with a loopback port nobody listens on."""
-
-    async def prepare(self, params: TypedParams, cookie: bytes,
-                      flags: int) -> tuple[bytes, str | None]:
-        cookie, _uri = await super().prepare(params, cookie, flags)
-        return cookie, f"tcp:127.0.0.1:{free_port()}"
-
-
-@dataclass
-class Host:
-    running: RunningDaemon
-    conn: AsyncConnection
-    uri: str
-    state_dir: Path
-
-    @property
-    def daemon(self) -> Daemon:
-        return self.running.daemon
-
-    def serial_log(self, uuid: str, port: int = 0) -> Path:
-        """A ``qemu`` guest's serial log on this host."""
-        return serial_log(self.state_dir, uuid, port)
-
-    def digest(self, uuid: str) -> bytes:
-        """The test backend's digest of a guest's whole memory."""
-        backend = self.daemon.backend
-        assert isinstance(backend, TestBackend)
-        return backend.memory_digest(uuid)
-
-
-async def start_host(tmp_path: Path, name: str, **overrides: object) -> Host:
-    state = tmp_path / name
-    settings: dict[str, object] = {
-        "state_dir": str(state),
-        "listen": ("tcp://127.0.0.1:0",),
-        "hostname": f"{name}.test",
-        "migration_address": "127.0.0.1",
-        "migration_host": "127.0.0.1",
-        "job_wait_timeout": 1.0,
-    }
-    if overrides.get("backend") == "qemu":  # confined: the guest cache, QEMU's test user
-        settings.update(daemon_settings())
-    settings.update(overrides)
-    config = DaemonConfig(**settings)  # type: ignore[arg-type]
-    running = await start_daemon(config)
-    uri = f"virtmig+tcp://127.0.0.1:{running.tcp_port}"
-    conn = await AsyncConnection.open(uri)
-    return Host(running, conn, uri, state)
-
-
-async def stop_host(host: Host) -> None:
-    await host.conn.close()
-    await host.running.stop(grace=0.5)
-
-
-async def teardown_hosts(tmp_path: Path, *hosts: Host) -> None:
-    """Stop the daemons and every guest they still run (QEMU guests outlive their daemon)."""
+@pytest.fixture(autouse=True, scope="session")
+def client_pki() -> Iterator[Path]:
+    """The session's client dir as ``$VIRTMIG_PKI_DIR``: a connection a test opens by URI
+    alone (its own, or a CLI or caller process's) presents ``O=virtmig,CN=admin``."""
+    client = session_pki().client()
+    old = os.environ.get(PKI_DIR_ENV)
+    os.environ[PKI_DIR_ENV] = str(client)
     try:
-        for host in hosts:
-            for dom in list(host.daemon.registry):
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(host.daemon.backend.destroy(dom.uuid), 20)
-            await stop_host(host)
+        yield client
     finally:
-        assert not kill_leftover_qemus(tmp_path), "QEMU processes were left running"
+        if old is None:
+            os.environ.pop(PKI_DIR_ENV, None)
+        else:
+            os.environ[PKI_DIR_ENV] = old
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -158,7 +82,7 @@ def _qemu_user_released() -> Iterator[None]:
 @pytest.fixture(autouse=True)
 def _postcopy_qemu_user(request: pytest.FixtureRequest) -> Iterator[None]:
     """A test marked ``postcopy`` runs QEMU as root where only root may use userfaultfd
-    (``tests.guest.host``)."""
+    (:mod:`virtmig.testing.qemu_user`)."""
     with postcopy_as_root(request.node.get_closest_marker("postcopy") is not None):
         yield
 
@@ -173,25 +97,29 @@ def backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-@contextlib.asynccontextmanager
-async def hosts(tmp_path: Path, backend: str,
-                *names_and_settings: tuple[str, dict[str, object]]) -> AsyncIterator[list[Host]]:
-    """Daemons on ``backend``, each with its own settings; stopped with all their guests."""
-    started: list[Host] = []
-    try:
-        for name, settings in names_and_settings:
-            started.append(await start_host(tmp_path, name, backend=backend, **settings))
-        yield started
-    finally:
-        await teardown_hosts(tmp_path, *started)
+@pytest.fixture
+async def pair(tmp_path: Path) -> AsyncIterator[tuple[Host, Host]]:
+    """Two daemons on the ``test`` backend."""
+    async with hosts(tmp_path, "test", ("src", {}), ("dst", {})) as (src, dst):
+        yield src, dst
 
 
 @pytest.fixture
-async def pair(tmp_path: Path) -> AsyncIterator[tuple[Host, Host]]:
-    src = await start_host(tmp_path, "src")
-    dst = await start_host(tmp_path, "dst")
-    try:
+async def backend_pair(tmp_path: Path, backend: str) -> AsyncIterator[tuple[Host, Host]]:
+    """Two daemons on ``backend``: a test using this runs on each backend."""
+    async with hosts(tmp_path, backend, ("src", {}), ("dst", {})) as (src, dst):
         yield src, dst
-    finally:
-        await stop_host(src)
-        await stop_host(dst)
+
+
+@pytest.fixture(scope="session")
+def guest_image() -> GuestImage:
+    """The QEMU test guest (built once per machine); skips without QEMU or the guest."""
+    qemu_binary_or_skip()
+    return guest_or_skip()
+
+
+@pytest.fixture
+async def qemu_pair(tmp_path: Path, guest_image: GuestImage) -> AsyncIterator[tuple[Host, Host]]:
+    """Two daemons on the ``qemu`` backend (QEMU and the test guest are there)."""
+    async with hosts(tmp_path, "qemu", ("src", {}), ("dst", {})) as (src, dst):
+        yield src, dst

@@ -147,7 +147,8 @@ def main_parser() -> _Parser:
                 description="virtmig: virsh-like client of virtmigd",
                 epilog=commands_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-c", "--connect", metavar="URI",
-                   help="daemon connection URI (default: $VIRTMIG_DEFAULT_URI or the local "
+                   help="daemon connection URI: virtmig+tls://HOST[:PORT][?pkipath=DIR], "
+                        "virtmig+unix:///PATH (default: $VIRTMIG_DEFAULT_URI or the local "
                         "daemon's socket)")
     p.add_argument("-v", "--version", action="version", version=__version__)
     p.add_argument("command", nargs="?", metavar="COMMAND", help=argparse.SUPPRESS)

@@ -26,7 +26,7 @@ from virtmig.proto.params import MigrateParam, ParamType, TypedParam
 F = MigrateFlags
 P = MigrateParam
 
-DEST = "virtmig+tcp://127.0.0.1:1"
+DEST = "virtmig+tls://127.0.0.1:1"
 MIGRATE = COMMANDS_BY_NAME["migrate"]
 
 FLAG_ROWS = [o for o in MIGRATE_OPTIONS if o.flag is not None]

@@ -40,7 +40,7 @@ def ca(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Path:
 def test_init_prints_each_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     ca = tmp_path / "ca"
     # -c names an address nobody answers on: pki does not care.
-    assert cli.main(["-c", "virtmig+tcp://192.0.2.1:1", "pki", "init", str(ca), "--cn",
+    assert cli.main(["-c", "virtmig+tls://192.0.2.1:1", "pki", "init", str(ca), "--cn",
                      "Lab CA", "--org", "Lab", "--days", "30"]) == 0
     out, err = capsys.readouterr()
     assert (out, err) == (f"wrote {ca}/cacert.pem (CA certificate)\n"
@@ -98,7 +98,7 @@ def test_force(ca: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     capsys.readouterr()
     assert cli.main(argv) == 1
     assert capsys.readouterr().err.startswith(
-        f"error: refusing to overwrite {tmp_path}/a/cacert.pem, ")
+        f"error: Requested operation is not valid: refusing to overwrite {tmp_path}/a/cacert.pem, ")
     assert cli.main([*argv, "--force"]) == 0
     assert (tmp_path / "a/clientcert.pem").read_bytes() != first
 
@@ -139,9 +139,9 @@ def test_usage_errors(argv: list[str], error: str, tmp_path: Path,
 @pytest.mark.parametrize(
     ("args", "error"),
     [
-        (["--host", "bad name"], "invalid host name 'bad name': expected a DNS name or an "
-                                 "address"),
-        (["--host", "h", "--ip", "300.1.1.1"], "invalid IP address '300.1.1.1'"),
+        (["--host", "bad name"], "invalid argument: invalid host name 'bad name': expected a "
+                                 "DNS name or an address"),
+        (["--host", "h", "--ip", "300.1.1.1"], "invalid argument: invalid IP address '300.1.1.1'"),
     ],
 )
 def test_issue_errors(ca: Path, tmp_path: Path, args: list[str], error: str,
@@ -154,19 +154,20 @@ def test_errors_from_the_files(ca: Path, tmp_path: Path,
                                capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["pki", "init", str(ca)]) == 1
     assert capsys.readouterr().err == (
-        f"error: '{ca}' already holds a CA: refusing to overwrite it\n")
+        f"error: Requested operation is not valid: '{ca}' already holds a CA: refusing to "
+        "overwrite it\n")
     nowhere = tmp_path / "nowhere"
     assert cli.main(["pki", "issue", str(nowhere), "--host", "h", "--out",
                      str(tmp_path / "o")]) == 1
     assert capsys.readouterr().err == (
-        f"error: '{nowhere}' holds no CA: '{nowhere}/cacert.pem' does not exist "
+        f"error: invalid argument: '{nowhere}' holds no CA: '{nowhere}/cacert.pem' does not exist "
         "('virtmig pki init' makes one)\n"
     )
     os.chmod(ca / "private/cakey.pem", 0o644)
     assert cli.main(["pki", "issue", str(ca), "--host", "h", "--out", str(tmp_path / "o")]) == 1
     assert capsys.readouterr().err == (
-        f"error: permissions 0644 for CA key '{ca}/private/cakey.pem' are too open: a private "
-        "key must be accessible by its owner only (chmod 600)\n"
+        f"error: unsupported configuration: permissions 0644 for CA key '{ca}/private/cakey.pem' "
+        "are too open: a private key must be accessible by its owner only (chmod 600)\n"
     )
 
 

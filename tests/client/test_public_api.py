@@ -38,7 +38,7 @@ CONNECTION_PUBLIC = {"AsyncConnection", "Domain", "DomainInfo", "DomainKey", "Ev
                      "JobInfo"}
 
 # The client's layers, in order: each module may import only the modules listed before it.
-LAYERS = ["values", "rpc", "sequence", "migrate", "connection", "sync"]
+LAYERS = ["values", "transport", "rpc", "sequence", "migrate", "connection", "sync"]
 
 
 def test_all_is_the_pinned_set() -> None:

@@ -81,7 +81,7 @@ class Dst:
                      cancelled: bool) -> tuple[str, bytes]:
         self.s.step("finish", flags, params, cancelled)
         if cancelled:  # as a daemon does: the incoming guest is gone, nothing to return
-            raise MigrateFinishOk("migration successfully aborted")
+            raise MigrateFinishOk()
         return params.get_str(P.DEST_NAME) or "", b"D"
 
 
@@ -158,7 +158,7 @@ async def test_begin_failure_calls_nothing_else() -> None:
 async def test_prepare_failure_confirms_cancelled_with_protection() -> None:
     s = Script(fail={"prepare": OperationFailed("clash")})
     _name, err, _calls = await run(s)
-    assert str(err) == "clash"
+    assert str(err) == "operation failed: clash"
     assert names(s) == ["begin", "prepare", "confirm(cancelled)"]
 
 
@@ -186,7 +186,7 @@ async def test_user_uri_is_enough_without_uri_out() -> None:
 async def test_perform_failure_finishes_cancelled_and_skips_confirm() -> None:
     s = Script(fail={"perform": OperationFailed("stream broke")})
     _name, err, _calls = await run(s)
-    assert str(err) == "stream broke"  # FINISH_OK never replaces the real error
+    assert str(err) == "operation failed: stream broke"  # FINISH_OK never replaces the real error
     assert names(s) == ["begin", "prepare", "perform", "finish(cancelled)"]
 
 
@@ -194,20 +194,20 @@ async def test_real_finish_error_replaces_generic_perform_error() -> None:
     s = Script(fail={"perform": OperationFailed("generic"),
                      "finish": InternalError("guest crashed on destination")})
     _name, err, _calls = await run(s)
-    assert str(err) == "guest crashed on destination"
+    assert str(err) == "internal error: guest crashed on destination"
 
 
 async def test_specific_perform_error_wins_over_finish_error() -> None:
     s = Script(fail={"perform": OperationInvalid("specific"),
                      "finish": InternalError("other")})
     _name, err, _calls = await run(s)
-    assert str(err) == "specific"
+    assert str(err) == "Requested operation is not valid: specific"
 
 
 async def test_finish_failure_confirms_cancelled() -> None:
     s = Script(fail={"finish": OperationFailed("guest unexpectedly quit")})
     _name, err, _calls = await run(s)
-    assert str(err) == "guest unexpectedly quit"
+    assert str(err) == "operation failed: guest unexpectedly quit"
     assert names(s) == ["begin", "prepare", "perform", "finish", "confirm(cancelled)"]
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -21,6 +20,7 @@ from virtmig.client import AsyncConnection, Connection, Domain, DomainKey, Event
 from virtmig.proto.errors import InvalidArgument, NoDomain, OperationAborted
 from virtmig.proto.flags import DomainState, JobOperation, JobType, MigrateFlags
 from virtmig.proto.params import MigrateParam, TypedParams
+from virtmig.testing import wait_until_sync
 
 F = MigrateFlags
 P = MigrateParam
@@ -54,23 +54,20 @@ def migrating(s: Connection, d: Connection, params: TypedParams,
 
 
 def until_streaming(conn: Connection, migration: Future[Domain]) -> None:
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and not migration.done():
+    def streaming() -> bool:
+        if migration.done():
+            migration.result()  # its error, if it failed
+            pytest.fail("the migration ended before it was seen streaming")
         with contextlib.suppress(NoDomain):
             info = conn.job_info("vm1")
-            if info.phase == "perform3" and info.data_processed > 0:
-                return
-        time.sleep(0.01)
-    if migration.done():
-        migration.result()  # its error, if it failed
-    pytest.fail("the migration never started streaming")
+            return info.phase == "perform3" and info.data_processed > 0
+        return False
+
+    wait_until_sync(streaming, timeout=20, what="the migration to stream")
 
 
 def eventually(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + 10
-    while not condition():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.01)
+    wait_until_sync(condition, timeout=10, what=what)
 
 
 def guest(conn: Connection, dirty_rate_mib: int = 0) -> None:
@@ -158,12 +155,17 @@ async def test_postcopy_switch(pair: tuple[Host, Host]) -> None:
         params = TypedParams.of({P.BANDWIDTH: 32, P.BANDWIDTH_POSTCOPY: 16})
         with migrating(s, d, params, F.LIVE | F.POSTCOPY) as migration:
             s.start_postcopy("vm1")
-            seen_postcopy = False
-            while not migration.done():
-                seen_postcopy |= d.state("vm1")[:2] == (DomainState.RUNNING, 10)
-                time.sleep(0.01)
-            migration.result()
-        assert seen_postcopy
+            # The destination runs the guest in post-copy (running, reason 10) until the last
+            # page arrived.
+            def postcopy_or_end() -> str:
+                if d.state("vm1")[:2] == (DomainState.RUNNING, 10):
+                    return "postcopy"
+                return "ended" if migration.done() else ""
+
+            seen = wait_until_sync(postcopy_or_end, timeout=30,
+                                   what="the destination in post-copy")
+            migration.result(timeout=60)
+        assert seen == "postcopy", "the migration ended before the destination ran in post-copy"
         assert d.state("vm1") == (DomainState.RUNNING, 2, "migrated")
 
     await in_thread(pair, body)

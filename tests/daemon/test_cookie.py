@@ -295,28 +295,30 @@ def test_missing_statistics_elements_default_to_zero() -> None:
 
 
 def test_not_nul_terminated() -> None:
-    expect_error(build_cookie(MINIMAL)[:-1], "Migration cookie was not NULL terminated")
+    expect_error(build_cookie(MINIMAL)[:-1],
+                 "internal error: Migration cookie was not NULL terminated")
 
 
 def test_embedded_nul() -> None:
     data = build_cookie(MINIMAL)
-    expect_error(data[:10] + b"\0" + data[10:], "Migration cookie contains an embedded NUL byte")
+    expect_error(data[:10] + b"\0" + data[10:],
+                 "internal error: Migration cookie contains an embedded NUL byte")
 
 
 def test_not_well_formed() -> None:
-    with pytest.raises(InternalError, match=r"^Malformed migration cookie XML: "):
+    with pytest.raises(InternalError, match=r"^internal error: Malformed migration cookie XML: "):
         parse(b"<qemu-migration><name>vm1</qemu-migration>\0")
 
 
 def test_not_utf8() -> None:
-    with pytest.raises(InternalError, match=r"^Malformed migration cookie XML: "):
+    with pytest.raises(InternalError, match=r"^internal error: Malformed migration cookie XML: "):
         parse(cookie_bytes("").replace(b"src.example.org", b"src\xff"))
 
 
 def test_wrong_root() -> None:
     expect_error(
         b"<migration><name>vm1</name></migration>\n\0",
-        "Malformed migration cookie: unexpected root element <migration>, "
+        "internal error: Malformed migration cookie: unexpected root element <migration>, "
         "expecting <qemu-migration>",
     )
 
@@ -331,110 +333,116 @@ def test_wrong_root() -> None:
 )
 def test_doctype_refused(doctype: str) -> None:
     data = doctype.encode() + cookie_bytes("")
-    expect_error(data, "Malformed migration cookie: DOCTYPE declarations are not allowed")
+    expect_error(data,
+                 "internal error: Malformed migration cookie: DOCTYPE declarations are not allowed")
 
 
 def test_entities_never_expanded() -> None:
     data = b"<!DOCTYPE qemu-migration [<!ENTITY n 'vm1'>]>" + cookie_bytes("").replace(
         b"<name>vm1</name>", b"<name>&n;</name>"
     )
-    expect_error(data, "Malformed migration cookie: DOCTYPE declarations are not allowed")
+    expect_error(data,
+                 "internal error: Malformed migration cookie: DOCTYPE declarations are not allowed")
 
 
 def test_too_large() -> None:
     data = b" " * MAX_COOKIE_BYTES + cookie_bytes("")
     expect_error(
         data,
-        f"Migration cookie too large: {len(data)} bytes (limit {MAX_COOKIE_BYTES})",
+        f"internal error: Migration cookie too large: {len(data)} bytes (limit {MAX_COOKIE_BYTES})",
     )
 
 
 def test_missing_name() -> None:
     expect_error(cookie_bytes("").replace(b"<name>vm1</name>", b""),
-                 "missing name element in migration data")
+                 "internal error: missing name element in migration data")
 
 
 def test_empty_name_is_missing() -> None:
     expect_error(cookie_bytes("").replace(b"<name>vm1</name>", b"<name></name>"),
-                 "missing name element in migration data")
+                 "internal error: missing name element in migration data")
 
 
 def test_unexpected_name() -> None:
     expect_error(cookie_bytes("").replace(b"<name>vm1</name>", b"<name>vm2</name>"),
-                 "Incoming cookie data had unexpected name vm2 vs vm1")
+                 "internal error: Incoming cookie data had unexpected name vm2 vs vm1")
 
 
 def test_missing_uuid() -> None:
     expect_error(cookie_bytes("").replace(f"<uuid>{VM_UUID}</uuid>".encode(), b""),
-                 "missing uuid element in migration data")
+                 "internal error: missing uuid element in migration data")
 
 
 def test_unexpected_uuid() -> None:
     other = "11111111-2222-3333-4444-555555555555"
     expect_error(cookie_bytes("").replace(VM_UUID.encode(), other.encode()),
-                 f"Incoming cookie data had unexpected UUID {other} vs {VM_UUID}")
+                 f"internal error: Incoming cookie data had unexpected UUID {other} vs {VM_UUID}")
 
 
 def test_malformed_uuid_is_unexpected() -> None:
     # As libvirt: a uuid that is not one cannot match ours.
     expect_error(cookie_bytes("").replace(VM_UUID.encode(), b"not-a-uuid"),
-                 f"Incoming cookie data had unexpected UUID not-a-uuid vs {VM_UUID}")
+                 "internal error: Incoming cookie data had unexpected UUID not-a-uuid vs "
+                 f"{VM_UUID}")
 
 
 def test_missing_hostname() -> None:
     expect_error(cookie_bytes("").replace(b"<hostname>src.example.org</hostname>", b""),
-                 "missing hostname element in migration data")
+                 "internal error: missing hostname element in migration data")
 
 
 def test_missing_hostuuid() -> None:
     expect_error(cookie_bytes("").replace(f"<hostuuid>{SRC_HOSTUUID}</hostuuid>".encode(), b""),
-                 "missing hostuuid element in migration data")
+                 "internal error: missing hostuuid element in migration data")
 
 
 def test_malformed_hostuuid() -> None:
     expect_error(cookie_bytes("").replace(SRC_HOSTUUID.encode(), b"4a802f00-zzzz"),
-                 "malformed hostuuid element in migration data")
+                 "internal error: malformed hostuuid element in migration data")
 
 
 def test_same_host() -> None:
     expect_error(build_cookie(dataclasses.replace(MINIMAL, hostuuid=DST_HOSTUUID)),
-                 f"Attempt to migrate guest to the same host {DST_HOSTUUID}")
+                 f"internal error: Attempt to migrate guest to the same host {DST_HOSTUUID}")
 
 
 def test_same_host_compares_canonical_forms() -> None:
     data = cookie_bytes("").replace(SRC_HOSTUUID.encode(), DST_HOSTUUID.upper().encode())
-    expect_error(data, f"Attempt to migrate guest to the same host {DST_HOSTUUID.upper()}")
+    expect_error(data, "internal error: Attempt to migrate guest to the same host "
+                       f"{DST_HOSTUUID.upper()}")
 
 
 def test_unknown_mandatory_feature() -> None:
     expect_error(cookie_bytes("  <feature name='teleport'/>\n"),
-                 "Unknown migration cookie feature teleport")
+                 "internal error: Unknown migration cookie feature teleport")
 
 
 def test_unsupported_mandatory_feature() -> None:
-    expect_error(build_cookie(MANDATORY), "Unsupported migration cookie feature memory-hotplug",
+    expect_error(build_cookie(MANDATORY),
+                 "internal error: Unsupported migration cookie feature memory-hotplug",
                  accept=ACCEPT_PREPARE)
 
 
 def test_mandatory_feature_without_name() -> None:
-    expect_error(cookie_bytes("  <feature/>\n"), "missing feature name")
+    expect_error(cookie_bytes("  <feature/>\n"), "internal error: missing feature name")
 
 
 def test_too_many_domains() -> None:
     expect_error(cookie_bytes("  <domain type='kvm'/>\n  <domain type='kvm'/>\n"),
-                 "Too many domain elements in migration cookie", accept=CookieFlag.PERSISTENT)
+                 "internal error: Too many domain elements in migration cookie",
+                 accept=CookieFlag.PERSISTENT)
 
 
 def test_malformed_statistics_value() -> None:
     expect_error(
         cookie_bytes("  <statistics>\n    <downtime>1_000</downtime>\n  </statistics>\n"),
-        "Malformed downtime element in migration cookie statistics: '1_000'",
+        "internal error: Malformed downtime element in migration cookie statistics: '1_000'",
     )
 
 
 def test_capability_without_name() -> None:
     expect_error(cookie_bytes("  <capabilities>\n    <cap auto='yes'/>\n  </capabilities>\n"),
-                 "missing migration capability name")
+                 "internal error: missing migration capability name")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -444,12 +452,13 @@ def test_capability_without_name() -> None:
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"name": ""}, "cannot build migration cookie: empty name"),
-        ({"hostname": ""}, "cannot build migration cookie: empty hostname"),
-        ({"uuid": "nope"}, "cannot build migration cookie: malformed uuid 'nope'"),
-        ({"hostuuid": ""}, "cannot build migration cookie: malformed hostuuid ''"),
-        ({"mandatory": ("",)}, "cannot build migration cookie: empty feature name"),
-        ({"capabilities": (("", False),)}, "cannot build migration cookie: empty capability name"),
+        ({"name": ""}, "internal error: cannot build migration cookie: empty name"),
+        ({"hostname": ""}, "internal error: cannot build migration cookie: empty hostname"),
+        ({"uuid": "nope"}, "internal error: cannot build migration cookie: malformed uuid 'nope'"),
+        ({"hostuuid": ""}, "internal error: cannot build migration cookie: malformed hostuuid ''"),
+        ({"mandatory": ("",)}, "internal error: cannot build migration cookie: empty feature name"),
+        ({"capabilities": (("", False),)},
+         "internal error: cannot build migration cookie: empty capability name"),
     ],
 )
 def test_build_refuses_bad_values(change: dict[str, object], message: str) -> None:
@@ -459,16 +468,18 @@ def test_build_refuses_bad_values(change: dict[str, object], message: str) -> No
 
 
 def test_build_refuses_control_characters() -> None:
-    with pytest.raises(InternalError, match=r"^cannot build migration cookie: "):
+    with pytest.raises(InternalError, match=r"^internal error: cannot build migration cookie: "):
         build_cookie(dataclasses.replace(MINIMAL, hostname="bad\x01host"))
 
 
 @pytest.mark.parametrize(
     ("xml", "message"),
     [
-        ("<domain>", "persistent domain XML is not well-formed: "),
-        ("<vm/>", "persistent domain XML: unexpected root element <vm>, expecting <domain>"),
-        ("<!DOCTYPE domain><domain/>", "persistent domain XML: DOCTYPE declarations are not"),
+        ("<domain>", "XML error: persistent domain XML is not well-formed: "),
+        ("<vm/>",
+         "XML error: persistent domain XML: unexpected root element <vm>, expecting <domain>"),
+        ("<!DOCTYPE domain><domain/>",
+         "XML error: persistent domain XML: DOCTYPE declarations are not"),
     ],
 )
 def test_build_refuses_bad_persistent_xml(xml: str, message: str) -> None:

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Host, domain_xml, start_host, stop_host
 from virtmig.daemon.config import build_parser, load_config
 from virtmig.daemon.job import AsyncJob, MigrationJob, Phase
 from virtmig.daemon.registry import job_from_status
@@ -21,6 +20,7 @@ from virtmig.proto.errors import (
     XMLError,
 )
 from virtmig.proto.flags import DomainState, MigrateFlags
+from virtmig.testing import Host, domain_xml, start_host, stop_host
 
 
 @pytest.fixture
@@ -40,11 +40,11 @@ def args(*argv: str) -> argparse.Namespace:
 def test_config_file_and_flags(tmp_path: Path) -> None:
     cfg = tmp_path / "virtmigd.toml"
     cfg.write_text('state_dir = "/s"\nhostname = "a"\nmigration_ports = "50000-50010"\n'
-                   'listen = ["tcp://127.0.0.1:0"]\n')
+                   'listen = ["tls://127.0.0.1:0"]\n')
     c = load_config(args("--config", str(cfg), "--hostname", "b"))
     assert (c.state_dir, c.hostname) == ("/s", "b")  # flags win over the file
     assert (c.migration_port_min, c.migration_port_max) == (50000, 50010)
-    assert c.listen == ("tcp://127.0.0.1:0",)
+    assert c.listen == ("tls://127.0.0.1:0",)
 
 
 @pytest.mark.parametrize(
@@ -66,7 +66,8 @@ def test_virtmigd_reports_config_errors_without_traceback(
 
     assert main(["--config", str(tmp_path / "missing.toml")]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("virtmigd: error: cannot read config file") and "Traceback" not in err
+    assert err.startswith("virtmigd: error: invalid argument: cannot read config file")
+    assert "Traceback" not in err
 
 
 # --- lifecycle -----------------------------------------------------------------------------------
@@ -236,5 +237,6 @@ def test_phase_never_goes_backwards() -> None:
 def test_shipped_example_config_loads() -> None:
     example = Path(__file__).resolve().parents[2] / "deploy" / "virtmigd.toml"
     c = load_config(args("--config", str(example)))
-    assert c.listen == ("unix:///run/virtmig/virtmigd.sock", "tcp://0.0.0.0:16609")
+    assert c.listen == ("unix:///run/virtmig/virtmigd.sock", "tls://0.0.0.0:16614")
+    assert (c.pki_dir, c.listen_insecure_tcp) == ("/etc/pki/virtmig", False)
     assert (c.migration_port_min, c.migration_port_max) == (49152, 49215)

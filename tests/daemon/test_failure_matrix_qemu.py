@@ -16,8 +16,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import Host, hosts, qemu_domain_xml
-from tests.daemon.test_migration import ConfirmFailsSource, FinishFailsDest, LostReplyDest
-from tests.guest.build import guest_or_skip, qemu_binary_or_skip
+from tests.daemon.migration_helpers import ConfirmFailsSource, FinishFailsDest, LostReplyDest
 from virtmig.client import sequence
 from virtmig.client.connection import AsyncConnection
 from virtmig.client.migrate import RemoteDest, RemoteSource
@@ -28,6 +27,7 @@ from virtmig.daemon.backend.qemu import QemuBackend
 from virtmig.proto.errors import NoDomain, OperationFailed
 from virtmig.proto.flags import DomainState, JobType, MigrateFlags
 from virtmig.proto.params import TypedParams
+from virtmig.testing import guest_or_skip, qemu_binary_or_skip
 
 pytestmark = pytest.mark.qemu
 
@@ -193,7 +193,7 @@ async def test_p2p_row_confirm_fails_on_qemu(pair: tuple[Host, Host],
     uuid = await guest(src)
 
     async def broken(self: Any, *args: Any) -> None:
-        raise OperationFailed("operation failed: confirm broke")
+        raise OperationFailed("confirm broke")
 
     monkeypatch.setattr(p2p.LocalSource, "confirm", broken)
     await p2p_migrate(src, dst)  # the result is Finish's

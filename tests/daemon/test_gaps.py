@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
@@ -30,6 +29,7 @@ from virtmig.daemon.backend.base import GuestRunState
 from virtmig.proto.errors import ConfigUnsupported, NoDomain, OperationTimeout
 from virtmig.proto.flags import DomainState, JobOperation, JobType, MigrateFlags
 from virtmig.proto.params import MigrateParam, TypedParams
+from virtmig.testing import WaitTimeout, wait_until
 
 F = MigrateFlags
 P = MigrateParam
@@ -46,15 +46,8 @@ async def pair(tmp_path: Path) -> AsyncIterator[tuple[Host, Host]]:
 
 async def until(check: Callable[[], Awaitable[T | None]], what: str,
                 timeout: float = 10.0) -> T:
-    """Poll ``check`` until it returns something other than None; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await check()
-        if value is not None:
-            return value
-        if time.monotonic() >= deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.01)
+    """Poll ``check`` until it returns a value; fail after ``timeout``."""
+    return await wait_until(check, timeout=timeout, what=what)
 
 
 async def running_guest(host: Host, name: str = "vm1") -> str:
@@ -232,15 +225,14 @@ class EventLog:
         self._task = asyncio.ensure_future(self._read())
         # Subscribed once a change made now is seen: a throwaway definition, then its removal
         # (again until one is seen: the stream may not have reached the daemon yet).
-        deadline = time.monotonic() + 10
-        while not any(e.domain_name == "probe" for e in self.events):
-            assert time.monotonic() < deadline, "the Events stream never started"
+        async def probed() -> bool:
             await self.conn.define(domain_xml("probe"))
             await self.conn.undefine("probe")
-            for _ in range(10):
-                if self.events:
-                    break
-                await asyncio.sleep(0.01)
+            with contextlib.suppress(WaitTimeout):
+                await wait_until(lambda: self.events, timeout=0.1, what="an event")
+            return any(e.domain_name == "probe" for e in self.events)
+
+        await wait_until(probed, timeout=10, what="the Events stream to start")
         await self.until("probe", "Undefined Removed")
         self.events.clear()
         return self

@@ -101,11 +101,22 @@ async def test_a_missing_domain_key_is_an_invalid_argument(conn: Any) -> None:
 
 
 class Context:
-    """What the wrapper uses of ``grpc.aio.ServicerContext``; ``abort`` raises as gRPC's does."""
+    """What the wrapper uses of ``grpc.aio.ServicerContext``; ``abort`` raises as gRPC's does.
 
-    def __init__(self) -> None:
+    ``auth``: the connection's ``auth_context()`` (default: a plain one, as on the unix
+    socket).
+    """
+
+    def __init__(self, auth: dict[str, list[bytes]] | None = None) -> None:
         self.trailers: tuple[tuple[str, str], ...] = ()
         self.aborted: tuple[grpc.StatusCode, str] | None = None
+        self.auth = auth if auth is not None else {"transport_security_type": [b"insecure"]}
+
+    def auth_context(self) -> dict[str, list[bytes]]:
+        return self.auth
+
+    def peer(self) -> str:
+        return "unix:"
 
     def set_trailing_metadata(self, trailers: tuple[tuple[str, str], ...]) -> None:
         self.trailers = trailers
@@ -120,7 +131,7 @@ METHOD = "/virtmig.v1.Domains/Lookup"
 
 async def test_expected_failure_is_logged_at_info(caplog: pytest.LogCaptureFixture) -> None:
     async def behaviour(request: object, context: object) -> object:
-        raise NoDomain("Domain not found: gone")
+        raise NoDomain("gone")
 
     ctx = Context()
     caplog.set_level(logging.INFO, logger=interceptor.__name__)
@@ -153,7 +164,7 @@ async def test_internal_error_is_logged_with_its_traceback(
 async def test_a_stream_fails_after_what_it_sent() -> None:
     async def behaviour(request: object, context: object) -> AsyncIterator[int]:
         yield 1
-        raise NoDomain("Domain not found: gone")
+        raise NoDomain("gone")
 
     ctx = Context()
     got = []

@@ -2,7 +2,8 @@
 commands), on both backends.
 
 Every test runs twice: on the ``test`` backend, and on the ``qemu`` backend with the real test
-guest (``tests/guest``; skipped without QEMU, failing instead under VIRTMIG_REQUIRE_QEMU=1).
+guest (:mod:`virtmig.testing.guest`, under KVM where usable; skipped without QEMU, failing
+instead under VIRTMIG_REQUIRE_QEMU=1).
 Every test checks the end state on both daemons: where the guest is and in which state, that no
 job is left, and that the completed stats are there.
 """
@@ -17,8 +18,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Host, domain_xml, hosts, qemu_domain_xml
-from tests.guest.build import guest_or_skip
 from virtmig.client.connection import Event, JobInfo
 from virtmig.client.migrate import RemoteDest, RemoteSource, migrate3
 from virtmig.client.sequence import Trace, run_v3
@@ -33,18 +32,20 @@ from virtmig.proto.errors import (
 )
 from virtmig.proto.flags import DomainState, JobOperation, JobType, MigrateFlags
 from virtmig.proto.params import MigrateParam, TypedParams
+from virtmig.testing import (
+    Host,
+    domain_xml,
+    guest_or_skip,
+    hosts,
+    qemu_domain_xml,
+    wait_job_streaming,
+    wait_until,
+)
 
 F = MigrateFlags
 P = MigrateParam
 TEST_MEMORY_MIB = 64
 QEMU_MEMORY_MIB = 256  # what the test guest's kernel needs
-
-
-@pytest.fixture
-async def pair(tmp_path: Path, backend: str) -> AsyncIterator[tuple[Host, Host]]:
-    """Two daemons on ``backend`` (this module's tests run on both)."""
-    async with hosts(tmp_path, backend, ("src", {}), ("dst", {})) as (src, dst):
-        yield src, dst
 
 
 def on_qemu(host: Host) -> bool:
@@ -72,14 +73,13 @@ async def guest(host: Host, name: str = "vm1", dirty: int = 0, *, booted: bool =
 
 
 async def dirtying(host: Host, name: str, timeout: float = 120) -> None:
-    """Wait until a QEMU test guest has booted and dirties memory (about 6 s under TCG; the test
-    backend's guests dirty from the start), for tests that need it to dirty at its rate."""
+    """Wait until a QEMU test guest has booted and dirties memory (about 6 s under TCG, 1 s
+    under KVM; the test backend's guests dirty from the start), for tests that need it to dirty
+    at its rate."""
     uuid = (await host.conn.lookup(name)).uuid
     log = host.serial_log(uuid)
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not (log.exists() and b"DIRTY-READY" in log.read_bytes()):
-        assert asyncio.get_running_loop().time() < deadline, f"{name} did not boot: {log}"
-        await asyncio.sleep(0.1)
+    await wait_until(lambda: log.exists() and b"DIRTY-READY" in log.read_bytes(),
+                     timeout=timeout, interval=0.1, what=f"{name} to boot: {log}")
 
 
 def migrate(src: Host, dst: Host, flags: int = F.LIVE, params: TypedParams | None = None,
@@ -89,13 +89,8 @@ def migrate(src: Host, dst: Host, flags: int = F.LIVE, params: TypedParams | Non
 
 
 async def until_streaming(host: Host, name: str = "vm1") -> JobInfo:
-    for _ in range(1000):
-        with contextlib.suppress(NoDomain):
-            info = await host.conn.job_info(name)
-            if info.phase == "perform3" and info.data_processed > 0:
-                return info
-        await asyncio.sleep(0.01)
-    pytest.fail("the migration never started streaming")
+    """The source job's info once the migration of ``name`` streams (read from its job watch)."""
+    return await wait_job_streaming(host.conn, name)
 
 
 async def assert_rolled_back(src: Host, dst: Host, name: str = "vm1",
@@ -119,8 +114,10 @@ async def assert_migrated(src: Host, dst: Host, name: str = "vm1") -> None:
 # --- watch -------------------------------------------------------------------------------
 
 
-async def test_read_only_calls_never_wait_behind_a_migration(pair: tuple[Host, Host]) -> None:
-    src, dst = pair
+async def test_read_only_calls_never_wait_behind_a_migration(
+    backend_pair: tuple[Host, Host],
+) -> None:
+    src, dst = backend_pair
     await guest(src)
     task = migrate(src, dst, F.LIVE, TypedParams.of({P.BANDWIDTH: 8}))
     await until_streaming(src)
@@ -141,8 +138,8 @@ async def test_read_only_calls_never_wait_behind_a_migration(pair: tuple[Host, H
     await assert_rolled_back(src, dst)
 
 
-async def test_job_info_while_running_and_completed(pair: tuple[Host, Host]) -> None:
-    src, dst = pair
+async def test_job_info_while_running_and_completed(backend_pair: tuple[Host, Host]) -> None:
+    src, dst = backend_pair
     await guest(src)
     assert (await src.conn.job_info("vm1")).type is JobType.NONE
     assert (await src.conn.job_info("vm1", completed=True)).type is JobType.NONE
@@ -164,8 +161,8 @@ async def test_job_info_while_running_and_completed(pair: tuple[Host, Host]) -> 
         JobOperation.MIGRATION_IN
 
 
-async def test_watch_job_pushes_progress_then_the_record(pair: tuple[Host, Host]) -> None:
-    src, dst = pair
+async def test_watch_job_pushes_progress_then_the_record(backend_pair: tuple[Host, Host]) -> None:
+    src, dst = backend_pair
     await guest(src)
     task = migrate(src, dst, F.LIVE, TypedParams.of({P.BANDWIDTH: 32}))
     await until_streaming(src)
@@ -181,8 +178,8 @@ async def test_watch_job_pushes_progress_then_the_record(pair: tuple[Host, Host]
     await assert_migrated(src, dst)
 
 
-async def test_watch_without_job_returns_none_at_once(pair: tuple[Host, Host]) -> None:
-    src, _dst = pair
+async def test_watch_without_job_returns_none_at_once(backend_pair: tuple[Host, Host]) -> None:
+    src, _dst = backend_pair
     await guest(src)
     seen = [i async for i in src.conn.watch_job("vm1")]
     assert [i.type for i in seen] == [JobType.NONE]
@@ -210,8 +207,8 @@ async def collect(conn: object, stop: asyncio.Event, out: list[Event],
     await stream.aclose()  # type: ignore[attr-defined]
 
 
-async def test_events_tell_the_story(pair: tuple[Host, Host]) -> None:
-    src, dst = pair
+async def test_events_tell_the_story(backend_pair: tuple[Host, Host]) -> None:
+    src, dst = backend_pair
     stop = asyncio.Event()
     src_events: list[Event] = []
     dst_events: list[Event] = []
@@ -220,17 +217,16 @@ async def test_events_tell_the_story(pair: tuple[Host, Host]) -> None:
              asyncio.ensure_future(collect(dst.conn, stop, dst_events, r2))]
     await r1.wait()
     await r2.wait()
-    await asyncio.sleep(0.1)
+    await wait_until(lambda: src.daemon.events._subs and dst.daemon.events._subs, timeout=30,
+                     what="both event streams to be subscribed")
     await guest(src, dirty=4)
     await src.conn.suspend("vm1")
     await src.conn.resume("vm1")
     # Long enough (about a second) for the job watcher to see an iteration: QEMU sends only the
     # non-zero pages of a guest that has just booted.
     await migrate(src, dst, F.LIVE, TypedParams.of({P.BANDWIDTH: 32 if on_qemu(src) else 64}))
-    for _ in range(100):
-        if any(e.kind == "job-completed" for e in dst_events):
-            break
-        await asyncio.sleep(0.02)
+    await wait_until(lambda: any(e.kind == "job-completed" for e in dst_events), timeout=30,
+                     what="the destination's job-completed event")
     stop.set()
     await asyncio.gather(*tasks)
     src_life = [e.description for e in src_events if e.kind == "lifecycle"]
@@ -247,8 +243,8 @@ async def test_events_tell_the_story(pair: tuple[Host, Host]) -> None:
 # --- stop -------------------------------------------------------------------------------
 
 
-async def test_abort_during_perform(pair: tuple[Host, Host]) -> None:
-    src, dst = pair
+async def test_abort_during_perform(backend_pair: tuple[Host, Host]) -> None:
+    src, dst = backend_pair
     await guest(src)
     task = migrate(src, dst, F.LIVE, TypedParams.of({P.BANDWIDTH: 8}))
     await until_streaming(src)
@@ -278,8 +274,8 @@ class AbortingDest(RemoteDest):
 
 
 @pytest.mark.parametrize("after", [False, True], ids=["before-prepare", "during-prepare"])
-async def test_abort_before_perform(pair: tuple[Host, Host], after: bool) -> None:
-    src, dst = pair
+async def test_abort_before_perform(backend_pair: tuple[Host, Host], after: bool) -> None:
+    src, dst = backend_pair
     await guest(src)
     trace = Trace()
     with pytest.raises(OperationAborted, match="canceled by client"):
@@ -290,10 +286,10 @@ async def test_abort_before_perform(pair: tuple[Host, Host], after: bool) -> Non
     assert await src.conn.state("vm1") == (DomainState.RUNNING, 1, "booted")  # never touched
 
 
-async def test_abort_while_finish_waits(pair: tuple[Host, Host],
+async def test_abort_while_finish_waits(backend_pair: tuple[Host, Host],
                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """Finish waits (a slow device-state load); the abort cancels it and everything rolls back."""
-    src, dst = pair
+    src, dst = backend_pair
     await guest(src)
     finish_waiting = asyncio.Event()
     backend = dst.daemon.backend
@@ -302,7 +298,7 @@ async def test_abort_while_finish_waits(pair: tuple[Host, Host],
     async def slow_wait(uuid: str) -> object:
         progress = await real_wait(uuid)
         finish_waiting.set()
-        await asyncio.sleep(3600)
+        await asyncio.sleep(3600)  # the subject: a device-state load that never ends
         return progress
 
     monkeypatch.setattr(backend, "incoming_wait", slow_wait)
@@ -312,10 +308,8 @@ async def test_abort_while_finish_waits(pair: tuple[Host, Host],
     await src.conn.abort_job("vm1")
     with pytest.raises(OperationAborted, match="canceled by client"):
         await task
-    for _ in range(200):
-        if dst.daemon.registry.find_name("vm1") is None:
-            break
-        await asyncio.sleep(0.01)
+    await wait_until(lambda: dst.daemon.registry.find_name("vm1") is None, timeout=30,
+                     what="the incoming guest to be gone")
     assert (await src.conn.state("vm1"))[0] is DomainState.RUNNING
     with pytest.raises(NoDomain):
         await dst.conn.lookup("vm1")
@@ -323,8 +317,8 @@ async def test_abort_while_finish_waits(pair: tuple[Host, Host],
         assert not [d.name for d in host.daemon.registry if d.job is not None]
 
 
-async def test_abort_twice_or_with_nothing_running(pair: tuple[Host, Host]) -> None:
-    src, dst = pair
+async def test_abort_twice_or_with_nothing_running(backend_pair: tuple[Host, Host]) -> None:
+    src, dst = backend_pair
     await guest(src)
     with pytest.raises(OperationInvalid, match="no job is active on the domain"):
         await src.conn.abort_job("vm1")
@@ -343,8 +337,8 @@ async def test_abort_twice_or_with_nothing_running(pair: tuple[Host, Host]) -> N
     assert (await src.conn.state("vm1"))[0] is DomainState.RUNNING
 
 
-async def test_second_abort_is_refused_and_changes_nothing(pair: tuple[Host, Host]) -> None:
-    src, _dst = pair
+async def test_second_abort_is_refused_and_changes_nothing(backend_pair: tuple[Host, Host]) -> None:
+    src, _dst = backend_pair
     await guest(src)
     source = RemoteSource(src.conn, True)
     flags = F.LIVE | F.CHANGE_PROTECTION
@@ -362,8 +356,8 @@ async def test_second_abort_is_refused_and_changes_nothing(pair: tuple[Host, Hos
 # --- steer -------------------------------------------------------------------------------
 
 
-async def test_speed_and_downtime_settings(pair: tuple[Host, Host]) -> None:
-    src, _dst = pair
+async def test_speed_and_downtime_settings(backend_pair: tuple[Host, Host]) -> None:
+    src, _dst = backend_pair
     await src.conn.define(guest_xml(src))
     assert await src.conn.get_max_speed("vm1") == 0
     await src.conn.set_max_speed("vm1", 100)  # an inactive domain keeps it for later
@@ -382,8 +376,8 @@ async def test_speed_and_downtime_settings(pair: tuple[Host, Host]) -> None:
         await src.conn.set_max_downtime("vm1", 0)
 
 
-async def test_domain_speed_applies_to_the_next_migration(pair: tuple[Host, Host]) -> None:
-    src, dst = pair
+async def test_domain_speed_applies_to_the_next_migration(backend_pair: tuple[Host, Host]) -> None:
+    src, dst = backend_pair
     await guest(src)
     await src.conn.set_max_speed("vm1", 8)
     task = migrate(src, dst)
@@ -396,8 +390,10 @@ async def test_domain_speed_applies_to_the_next_migration(pair: tuple[Host, Host
     await assert_rolled_back(src, dst)
 
 
-async def test_postcopy_switch_needs_the_flag_and_a_migration(pair: tuple[Host, Host]) -> None:
-    src, dst = pair
+async def test_postcopy_switch_needs_the_flag_and_a_migration(
+    backend_pair: tuple[Host, Host],
+) -> None:
+    src, dst = backend_pair
     await guest(src)
     with pytest.raises(OperationInvalid, match="only be started while outgoing migration"):
         await src.conn.start_postcopy("vm1")
@@ -445,8 +441,8 @@ class BlackholeDest(RemoteDest):
         return cookie, f"tcp:127.0.0.1:{self.port}"
 
 
-async def test_stall_watchdog_names_the_stall(pair: tuple[Host, Host]) -> None:
-    src, dst = pair
+async def test_stall_watchdog_names_the_stall(backend_pair: tuple[Host, Host]) -> None:
+    src, dst = backend_pair
     await guest(src)
     async with blackhole() as port:
         with pytest.raises(OperationTimeout, match=r"migration stalled: no progress for \d+ s "
@@ -468,8 +464,8 @@ async def test_stall_watchdog_from_daemon_config(tmp_path: Path, backend: str) -
         await assert_rolled_back(src, dst, job=JobType.FAILED)
 
 
-async def test_completion_timeout_abort(pair: tuple[Host, Host]) -> None:
-    src, dst = pair
+async def test_completion_timeout_abort(backend_pair: tuple[Host, Host]) -> None:
+    src, dst = backend_pair
     await guest(src)
     params = TypedParams.of({P.BANDWIDTH: 4, P.COMPLETION_TIMEOUT: 2})  # 2 s/GiB: 0.125 s
     with pytest.raises(OperationTimeout, match="did not complete within"):
@@ -477,9 +473,9 @@ async def test_completion_timeout_abort(pair: tuple[Host, Host]) -> None:
     await assert_rolled_back(src, dst, job=JobType.FAILED)
 
 
-async def test_completion_timeout_suspend_lets_it_finish(pair: tuple[Host, Host]) -> None:
+async def test_completion_timeout_suspend_lets_it_finish(backend_pair: tuple[Host, Host]) -> None:
     """A guest dirtying faster than the link never converges live; suspended, it does."""
-    src, dst = pair
+    src, dst = backend_pair
     await guest(src, dirty=64)
     params = TypedParams.of({P.BANDWIDTH: 32, P.COMPLETION_TIMEOUT: 8,
                              P.COMPLETION_TIMEOUT_ACTION: "suspend"})
@@ -487,8 +483,8 @@ async def test_completion_timeout_suspend_lets_it_finish(pair: tuple[Host, Host]
     await assert_migrated(src, dst)
 
 
-async def test_completion_timeout_action_is_checked(pair: tuple[Host, Host]) -> None:
-    src, dst = pair
+async def test_completion_timeout_action_is_checked(backend_pair: tuple[Host, Host]) -> None:
+    src, dst = backend_pair
     await guest(src)
     with pytest.raises(InvalidArgument, match="completion timeout action 'explode'"):
         await migrate(src, dst, F.LIVE, TypedParams.of({P.COMPLETION_TIMEOUT_ACTION: "explode"}))

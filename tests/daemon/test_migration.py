@@ -1,8 +1,5 @@
-"""Regular (client-coordinated) v3 migration between two real daemons on loopback.
-
-Each row of libvirt's failure matrix (virDomainMigrateVersion3Full's handling of each failed step)
-is a test here: afterwards the source guest runs as before, the destination holds nothing, and no
-job is left on either side.
+"""Regular (client-coordinated) v3 migration between two real daemons on loopback: what a
+migration moves and keeps, its flags and params, and what is refused before anything changes.
 """
 
 from __future__ import annotations
@@ -11,52 +8,28 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ClosedPortDest, Host, domain_xml, start_host, stop_host
-from virtmig.client.migrate import RemoteDest, RemoteSource, migrate3
-from virtmig.client.sequence import Trace, run_v3
+from tests.daemon.migration_helpers import F, P, assert_rolled_back, migrate, running_guest
+from virtmig.client.migrate import RemoteSource
+from virtmig.client.sequence import Trace
 from virtmig.proto.errors import (
     ArgumentUnsupported,
     ConfigUnsupported,
     InternalError,
     InvalidArgument,
     NoDomain,
-    OperationAborted,
-    OperationFailed,
     OperationInvalid,
+    OperationTimeout,
     VirtmigError,
 )
-from virtmig.proto.flags import DomainState, JobType, MigrateFlags
-from virtmig.proto.params import MigrateParam, TypedParams
-
-F = MigrateFlags
-P = MigrateParam
-
-
-async def running_guest(host: Host, name: str = "vm1", memory_mib: int = 64,
-                        dirty_rate_mib: int = 0) -> str:
-    await host.conn.define(domain_xml(name, memory_mib, dirty_rate_mib=dirty_rate_mib))
-    await host.conn.start(name)
-    return name
-
-
-async def assert_rolled_back(src: Host, dst: Host, name: str = "vm1",
-                             state: DomainState = DomainState.RUNNING) -> None:
-    assert (await src.conn.state(name))[0] is state
-    assert (await src.conn.job_info(name)).type is JobType.NONE
-    with pytest.raises(NoDomain):
-        await dst.conn.lookup(name)
-    assert not [d for d in dst.daemon.registry if d.job is not None]
-    assert not [d for d in src.daemon.registry if d.job is not None]
-    assert not dst.daemon.ports._used
-
-
-async def migrate(src: Host, dst: Host, flags: int = F.LIVE, params: TypedParams | None = None,
-                  name: str = "vm1", trace: Trace | None = None) -> str:
-    dom = await migrate3(src.conn, name, dst.conn, params or TypedParams(), flags, trace=trace)
-    return dom.name
-
-
-# --- success paths ---------------------------------------------------------------------------
+from virtmig.proto.flags import DomainState, JobType
+from virtmig.proto.params import TypedParams
+from virtmig.testing import (
+    Host,
+    domain_xml,
+    start_host,
+    stop_host,
+    wait_job_streaming,
+)
 
 
 async def test_live_migration_moves_the_guest(pair: tuple[Host, Host]) -> None:
@@ -186,10 +159,7 @@ async def test_bandwidth_param_is_applied(pair: tuple[Host, Host]) -> None:
     src, dst = pair
     await running_guest(src)
     task = asyncio.create_task(migrate(src, dst, F.LIVE, TypedParams.of({P.BANDWIDTH: 8})))
-    info = await src.conn.job_info("vm1")
-    while info.data_processed == 0:
-        await asyncio.sleep(0.02)
-        info = await src.conn.job_info("vm1")
+    info = await wait_job_streaming(src.conn, "vm1")
     assert info.type is JobType.UNBOUNDED and info.phase == "perform3"
     assert 0 < info.data_processed < info.data_total / 2
     await src.conn.destroy("vm1")  # end it quickly
@@ -247,9 +217,6 @@ async def test_non_params_rpcs_when_a_daemon_lacks_params(
         await stop_host(old)
 
 
-# --- refused up front --------------------------------------------------------------------------
-
-
 @pytest.mark.parametrize(
     ("flags", "params", "error", "message"),
     [
@@ -303,7 +270,6 @@ async def test_second_migration_job_is_refused(pair: tuple[Host, Host]) -> None:
                                                "domain 'vm1'"):
         await migrate(src, dst)
     # a state change waits for the job, then times out with libvirt's message
-    from virtmig.proto.errors import OperationTimeout
 
     with pytest.raises(OperationTimeout, match="cannot acquire state change lock"):
         await src.conn.undefine("vm1")
@@ -320,260 +286,3 @@ async def test_same_host_is_refused(pair: tuple[Host, Host]) -> None:
         await migrate(src, src)
     assert (await src.conn.state("vm1"))[0] is DomainState.RUNNING
     assert (await src.conn.job_info("vm1")).type is JobType.NONE
-
-
-# --- the failure matrix ------------------------------------------------------------------------
-
-
-async def test_row_begin_fails(pair: tuple[Host, Host]) -> None:
-    src, dst = pair
-    await src.conn.define(domain_xml("vm1"))  # defined, not running
-    trace = Trace()
-    with pytest.raises(OperationInvalid, match="domain is not running"):
-        await migrate(src, dst, trace=trace)
-    assert trace.calls == ["begin"]
-    await assert_rolled_back(src, dst, state=DomainState.SHUTOFF)
-
-
-async def test_row_prepare_fails_name_clash(pair: tuple[Host, Host]) -> None:
-    src, dst = pair
-    await running_guest(src)
-    await dst.conn.define(domain_xml("vm1"))  # same name, another uuid
-    trace = Trace()
-    with pytest.raises(OperationFailed, match="already exists with uuid"):
-        await migrate(src, dst, trace=trace)
-    assert trace.calls == ["begin", "prepare", "confirm(cancelled)"]
-    assert (await src.conn.state("vm1"))[0] is DomainState.RUNNING
-    assert (await src.conn.job_info("vm1")).type is JobType.NONE
-    assert (await dst.conn.lookup("vm1")).state is DomainState.SHUTOFF  # untouched
-    assert (await dst.conn.job_info("vm1")).type is JobType.NONE
-
-
-async def test_row_prepare_fails_uuid_clash(pair: tuple[Host, Host]) -> None:
-    src, dst = pair
-    await running_guest(src)
-    uuid = (await src.conn.lookup("vm1")).uuid
-    await dst.conn.define(domain_xml("other", uuid=uuid))
-    with pytest.raises(OperationFailed, match="is already defined with uuid"):
-        await migrate(src, dst)
-    assert (await src.conn.state("vm1"))[0] is DomainState.RUNNING
-    assert (await src.conn.job_info("vm1")).type is JobType.NONE
-
-
-async def test_row_prepare_fails_already_active(pair: tuple[Host, Host]) -> None:
-    src, dst = pair
-    await running_guest(src)
-    uuid = (await src.conn.lookup("vm1")).uuid
-    await dst.conn.define(domain_xml("vm1", uuid=uuid))
-    await dst.conn.start("vm1")
-    with pytest.raises(OperationInvalid, match="is already active"):
-        await migrate(src, dst)
-    assert (await src.conn.state("vm1"))[0] is DomainState.RUNNING
-    assert (await dst.conn.state("vm1"))[0] is DomainState.RUNNING  # untouched
-    assert (await src.conn.job_info("vm1")).type is JobType.NONE
-
-
-async def test_prepare_into_existing_inactive_definition(pair: tuple[Host, Host]) -> None:
-    src, dst = pair
-    await running_guest(src)
-    uuid = (await src.conn.lookup("vm1")).uuid
-    await dst.conn.define(domain_xml("vm1", uuid=uuid))
-    await migrate(src, dst)
-    dom = await dst.conn.lookup("vm1")
-    assert dom.persistent and dom.state is DomainState.RUNNING
-
-
-class NoUriDest(RemoteDest):
-    async def prepare(self, params: TypedParams, cookie: bytes,
-                      flags: int) -> tuple[bytes, str | None]:
-        cookie, _uri = await super().prepare(params, cookie, flags)
-        return cookie, None
-
-
-async def test_row_no_uri_out(pair: tuple[Host, Host]) -> None:
-    src, dst = pair
-    await running_guest(src)
-    trace = Trace()
-    with pytest.raises(InternalError, match="did not set uri"):
-        await run_v3(RemoteSource(src.conn, True), NoUriDest(dst.conn, True), "vm1",
-                     TypedParams(), F.LIVE, protection=True, trace=trace)
-    assert trace.calls == ["begin", "prepare", "finish(cancelled)", "confirm(cancelled)"]
-    await assert_rolled_back(src, dst)
-
-
-async def test_row_perform_fails_digest_mismatch(pair: tuple[Host, Host]) -> None:
-    src, dst = pair
-    await src.conn.define(domain_xml("vm1", extra_options='fault="corrupt-stream"'))
-    await src.conn.start("vm1")
-    trace = Trace()
-    with pytest.raises(OperationFailed, match="digest"):
-        await migrate(src, dst, trace=trace)
-    assert trace.calls == ["begin", "prepare", "perform", "finish(cancelled)"]
-    await assert_rolled_back(src, dst)
-    assert await src.conn.state("vm1") == (DomainState.RUNNING, 6, "migration-canceled")
-    failed = await src.conn.job_info("vm1", completed=True)
-    assert failed.type is JobType.FAILED and "digest" in failed.error
-
-
-async def test_row_perform_fails_paused_source_stays_paused(pair: tuple[Host, Host]) -> None:
-    src, dst = pair
-    await src.conn.define(domain_xml("vm1", extra_options='fault="corrupt-stream"'))
-    await src.conn.start("vm1", paused=True)
-    with pytest.raises(OperationFailed):
-        await migrate(src, dst)
-    await assert_rolled_back(src, dst, state=DomainState.PAUSED)
-
-
-class DestroyingSource(RemoteSource):
-    """Destroys the incoming guest on the destination while Perform streams."""
-
-    def __init__(self, conn: object, dst: Host) -> None:
-        super().__init__(conn, True)  # type: ignore[arg-type]
-        self.dst = dst
-
-    async def perform(self, dom: str, params: TypedParams, cookie: bytes, flags: int) -> bytes:
-        import asyncio
-
-        task = asyncio.create_task(super().perform(dom, params, cookie, flags))
-        while not any(d.job and d.job.progress is not None for d in self.dst.daemon.registry):
-            await asyncio.sleep(0.01)
-        await asyncio.sleep(0.05)
-        await self.dst.conn.destroy(dom)
-        return await task
-
-
-async def test_row_perform_fails_destination_guest_dies(pair: tuple[Host, Host]) -> None:
-    src, dst = pair
-    await running_guest(src, memory_mib=64)
-    trace = Trace()
-    params = TypedParams.of({P.BANDWIDTH: 16})  # slow enough to be caught mid-stream
-    with pytest.raises(OperationFailed):
-        await run_v3(DestroyingSource(src.conn, dst), RemoteDest(dst.conn, True), "vm1",
-                     params, F.LIVE, protection=True, trace=trace)
-    assert trace.calls == ["begin", "prepare", "perform", "finish(cancelled)"]
-    await assert_rolled_back(src, dst)
-
-
-async def test_row_perform_fails_unreachable_port(pair: tuple[Host, Host]) -> None:
-    src, dst = pair
-    await running_guest(src)
-
-    with pytest.raises(OperationFailed, match=r"Connection refused|connect"):
-        await run_v3(RemoteSource(src.conn, True), ClosedPortDest(dst.conn, True), "vm1",
-                     TypedParams(), F.LIVE, protection=True)
-    await assert_rolled_back(src, dst)
-
-
-class FinishFailsDest(RemoteDest):
-    """The incoming guest dies between Perform and Finish."""
-
-    def __init__(self, conn: object, dst: Host) -> None:
-        super().__init__(conn, True)  # type: ignore[arg-type]
-        self.dst = dst
-
-    async def finish(self, params: TypedParams, cookie: bytes, flags: int,
-                     cancelled: bool) -> tuple[str, bytes]:
-        name = params.get_str(P.DEST_NAME) or ""
-        uuid = (await self.dst.conn.lookup(name)).uuid
-        await self.dst.daemon.backend.destroy(uuid)  # the guest crashes, the daemon lives
-        return await super().finish(params, cookie, flags, cancelled)
-
-
-async def test_row_finish_fails(pair: tuple[Host, Host]) -> None:
-    src, dst = pair
-    await running_guest(src)
-    trace = Trace()
-    with pytest.raises(OperationFailed, match="guest unexpectedly quit"):
-        await run_v3(RemoteSource(src.conn, True), FinishFailsDest(dst.conn, dst), "vm1",
-                     TypedParams(), F.LIVE, protection=True, trace=trace)
-    assert trace.calls == ["begin", "prepare", "perform", "finish", "confirm(cancelled)"]
-    await assert_rolled_back(src, dst)
-    assert await src.conn.state("vm1") == (DomainState.RUNNING, 6, "migration-canceled")
-
-
-class ConfirmFailsSource(RemoteSource):
-    async def confirm(self, dom: str, params: TypedParams, cookie: bytes, flags: int,
-                      cancelled: bool) -> None:
-        raise OperationFailed("operation failed: connection to source lost")
-
-
-async def test_row_confirm_fails(pair: tuple[Host, Host], caplog: pytest.LogCaptureFixture
-                                 ) -> None:
-    src, dst = pair
-    await running_guest(src)
-    name = await run_v3(ConfirmFailsSource(src.conn, True), RemoteDest(dst.conn, True), "vm1",
-                        TypedParams(), F.LIVE, protection=True)
-    assert name == "vm1"
-    assert "probably left in 'paused' state on source" in caplog.text
-    # Never on both hosts: the destination runs, the source is left paused for an admin.
-    assert (await dst.conn.state("vm1"))[0] is DomainState.RUNNING
-    assert await src.conn.state("vm1") == (DomainState.PAUSED, 2, "migration")
-    assert (await src.conn.job_info("vm1")).phase == "perform3_done"
-    await src.conn.destroy("vm1")  # the admin's way out ends the job too
-    assert (await src.conn.job_info("vm1")).type is JobType.NONE
-
-
-async def test_destroy_source_mid_perform(pair: tuple[Host, Host]) -> None:
-    src, dst = pair
-    await running_guest(src)
-    import asyncio
-
-    task = asyncio.create_task(migrate(src, dst, F.LIVE, TypedParams.of({P.BANDWIDTH: 8})))
-    while (await src.conn.job_info("vm1")).phase != "perform3":
-        await asyncio.sleep(0.01)
-    await src.conn.destroy("vm1")
-    with pytest.raises((OperationFailed, OperationAborted)):
-        await task
-    assert (await src.conn.state("vm1"))[0] is DomainState.SHUTOFF
-    with pytest.raises(NoDomain):
-        await dst.conn.lookup("vm1")
-    assert not [d for d in src.daemon.registry if d.job is not None]
-    assert not [d for d in dst.daemon.registry if d.job is not None]
-
-
-class LostReplyDest(RemoteDest):
-    """Finish succeeds on the destination but its reply never arrives."""
-
-    def __init__(self, conn: object, reachable: bool) -> None:
-        super().__init__(conn, True)  # type: ignore[arg-type]
-        self.reachable = reachable
-
-    async def finish(self, params: TypedParams, cookie: bytes, flags: int,
-                     cancelled: bool) -> tuple[str, bytes]:
-        await super().finish(params, cookie, flags, cancelled)
-        from virtmig.proto.errors import ConnectionFailed
-
-        raise ConnectionFailed("unable to connect to the daemon: connection reset")
-
-    async def finished(self, dname: str) -> bool:
-        if not self.reachable:
-            from virtmig.proto.errors import ConnectionFailed
-
-            raise ConnectionFailed("unable to connect to the daemon: no route")
-        return await super().finished(dname)
-
-
-async def test_lost_finish_reply_is_resolved_by_asking(pair: tuple[Host, Host]) -> None:
-    src, dst = pair
-    await running_guest(src)
-    trace = Trace()
-    name = await run_v3(RemoteSource(src.conn, True), LostReplyDest(dst.conn, True), "vm1",
-                        TypedParams(), F.LIVE, protection=True, trace=trace)
-    assert name == "vm1"
-    assert trace.calls == ["begin", "prepare", "perform", "finish", "confirm"]
-    assert (await dst.conn.state("vm1"))[0] is DomainState.RUNNING
-    assert (await src.conn.state("vm1"))[0] is DomainState.SHUTOFF  # never on both hosts
-
-
-async def test_lost_finish_reply_unknown_outcome_leaves_source_paused(
-    pair: tuple[Host, Host]
-) -> None:
-    src, dst = pair
-    await running_guest(src)
-    trace = Trace()
-    with pytest.raises(OperationFailed, match="left paused here"):
-        await run_v3(RemoteSource(src.conn, True), LostReplyDest(dst.conn, False), "vm1",
-                     TypedParams(), F.LIVE, protection=True, trace=trace)
-    assert trace.calls == ["begin", "prepare", "perform", "finish"]  # no Confirm: no resume
-    assert (await dst.conn.state("vm1"))[0] is DomainState.RUNNING
-    assert await src.conn.state("vm1") == (DomainState.PAUSED, 2, "migration")

@@ -18,8 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Host, domain_xml, free_port
-from tests.daemon.test_migration import FinishFailsDest, NoUriDest
+from tests.daemon.migration_helpers import FinishFailsDest, NoUriDest
 from virtmig.client import sequence
 from virtmig.client.connection import AsyncConnection
 from virtmig.client.sequence import Trace
@@ -35,6 +34,17 @@ from virtmig.proto.errors import (
 )
 from virtmig.proto.flags import DomainState, JobType, MigrateFlags
 from virtmig.proto.params import MigrateParam, TypedParams
+from virtmig.testing import (
+    Host,
+    domain_xml,
+    free_port,
+    start_host,
+    stop_host,
+    wait_for_job,
+    wait_job_streaming,
+    wait_until,
+)
+from virtmig.testing.pki import session_pki
 
 F = MigrateFlags
 P = MigrateParam
@@ -70,6 +80,12 @@ async def no_jobs(*hosts: Host) -> None:
         assert not [d.name for d in h.daemon.registry if d.job is not None]
 
 
+async def in_perform(host: Host, name: str = "vm1") -> None:
+    """Until the source job of ``name`` reaches Perform (from its job watch)."""
+    await wait_for_job(host.conn, name, lambda i: i.phase == "perform3", timeout=60,
+                       what=f"the migration of {name} to reach perform3")
+
+
 async def rolled_back(src: Host, dst: Host, name: str = "vm1") -> None:
     assert (await src.conn.state(name))[0] is DomainState.RUNNING
     with pytest.raises(NoDomain):
@@ -89,11 +105,8 @@ async def test_p2p_live(pair: tuple[Host, Host], trace: Trace) -> None:
     assert await dst.conn.state("vm1") == (DomainState.RUNNING, 2, "migrated")
     await no_jobs(src, dst)
     assert (await src.conn.job_info("vm1", completed=True)).type is JobType.COMPLETED
-    for _ in range(100):
-        if not dst.daemon.sessions:
-            break
-        await asyncio.sleep(0.01)
-    assert not dst.daemon.sessions
+    await wait_until(lambda: not dst.daemon.sessions, timeout=10,
+                     what="the source's session on the destination to end")
 
 
 async def test_p2p_offline(pair: tuple[Host, Host], trace: Trace) -> None:
@@ -136,7 +149,7 @@ async def test_p2p_with_non_params_rpc(pair: tuple[Host, Host], monkeypatch: pyt
 @pytest.mark.parametrize(
     ("dconnuri", "flags", "error", "message"),
     [
-        ("virtmig+tcp://localhost:1", F.LIVE | F.PEER2PEER, InvalidArgument,
+        ("virtmig+tls://localhost:1", F.LIVE | F.PEER2PEER, InvalidArgument,
          "Attempt to migrate guest to the same host"),
         (None, F.LIVE | F.PEER2PEER, InvalidArgument, "must not be NULL"),
         ("x", F.LIVE | F.TUNNELLED, InvalidArgument, "without using peer2peer"),
@@ -166,7 +179,7 @@ async def test_p2p_unreachable_destination(pair: tuple[Host, Host]) -> None:
     await guest(src)
     port = free_port()
     with pytest.raises(OperationFailed, match="Failed to connect to remote virtmig URI"):
-        await src.conn.migrate_to_uri3("vm1", f"virtmig+tcp://127.0.0.1:{port}",
+        await src.conn.migrate_to_uri3("vm1", f"virtmig+tls://127.0.0.1:{port}",
                                        TypedParams(), F.LIVE | F.PEER2PEER)
     await rolled_back(src, dst)
 
@@ -250,7 +263,7 @@ async def test_p2p_row_confirm_fails(pair: tuple[Host, Host],
     await guest(src)
 
     async def broken(self: Any, *args: Any) -> None:
-        raise OperationFailed("operation failed: confirm broke")
+        raise OperationFailed("confirm broke")
 
     monkeypatch.setattr(p2p.LocalSource, "confirm", broken)
     await p2p_migrate(src, dst)  # the result is Finish's
@@ -265,11 +278,7 @@ async def test_p2p_abort_during_perform(pair: tuple[Host, Host]) -> None:
     await guest(src)
     params = TypedParams.of({P.BANDWIDTH: 8})
     task = asyncio.ensure_future(p2p_migrate(src, dst, F.LIVE, params))
-    for _ in range(500):
-        info = await src.conn.job_info("vm1")
-        if info.phase == "perform3" and info.data_processed:
-            break
-        await asyncio.sleep(0.01)
+    await wait_job_streaming(src.conn, "vm1")
     await src.conn.abort_job("vm1")
     with pytest.raises(OperationAborted, match="canceled by client"):
         await task
@@ -282,16 +291,13 @@ async def test_p2p_goes_on_when_the_client_disconnects(pair: tuple[Host, Host]) 
     client = await AsyncConnection.open(src.uri)
     task = asyncio.ensure_future(client.migrate_to_uri3(
         "vm1", dst.uri, TypedParams.of({P.BANDWIDTH: 64}), F.LIVE | F.PEER2PEER))
-    for _ in range(500):
-        if (await src.conn.job_info("vm1")).phase == "perform3":
-            break
-        await asyncio.sleep(0.01)
+    await in_perform(src)
     task.cancel()
     await client.close()
-    for _ in range(500):
-        if (await src.conn.job_info("vm1")).type is JobType.NONE:
-            break
-        await asyncio.sleep(0.02)
+    # The job goes on to its end: the watch ends with its record.
+    await wait_for_job(src.conn, "vm1", lambda i: i.type is not JobType.UNBOUNDED, timeout=60,
+                       what="the migration to end without its client")
+    assert (await src.conn.job_info("vm1")).type is JobType.NONE
     assert (await dst.conn.state("vm1"))[0] is DomainState.RUNNING
     assert (await src.conn.state("vm1"))[0] is DomainState.SHUTOFF
 
@@ -302,19 +308,20 @@ async def test_p2p_goes_on_when_the_client_disconnects(pair: tuple[Host, Host]) 
 @pytest.fixture
 async def dst_process(tmp_path: Path) -> AsyncIterator[tuple[subprocess.Popen[bytes], str]]:
     ready = tmp_path / "dst.ready"
+    config = session_pki().config(tmp_path / "dstproc.toml", "dstproc")
     proc = subprocess.Popen([  # noqa: ASYNC220 - started once, reaped in the finalizer
-        sys.executable, "-m", "virtmig.daemon.main", "--listen", "tcp://127.0.0.1:0",
+        sys.executable, "-m", "virtmig.daemon.main", "--config", str(config),
+        "--listen", "tls://127.0.0.1:0",
         "--state-dir", str(tmp_path / "dstproc"), "--hostname", "dstproc.test",
         "--migration-address", "127.0.0.1", "--migration-host", "127.0.0.1",
         "--ready-file", str(ready), "--log-level", "warning",
     ], env=dict(os.environ, PYTHONPATH=os.getcwd()))
     try:
-        for _ in range(600):
-            if ready.exists() or proc.poll() is not None:
-                break
-            await asyncio.sleep(0.05)
+        await wait_until(lambda: ready.exists() or proc.poll() is not None, timeout=60,
+                         interval=0.05, what="the destination daemon to be ready")
+        assert proc.poll() is None, f"the destination daemon exited with {proc.returncode}"
         port = json.loads(ready.read_text())["addresses"][0].rsplit(":", 1)[1]
-        yield proc, f"virtmig+tcp://127.0.0.1:{port}"
+        yield proc, f"virtmig+tls://127.0.0.1:{port}"
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
@@ -331,11 +338,7 @@ async def test_destination_daemon_killed_during_perform(
     flags = F.LIVE | F.PEER2PEER | (F.TUNNELLED if tunnelled else 0)
     task = asyncio.ensure_future(src.conn.migrate_to_uri3(
         "vm1", dst_uri, TypedParams.of({P.BANDWIDTH: 8}), flags))
-    for _ in range(1000):
-        info = await src.conn.job_info("vm1")
-        if info.phase == "perform3" and info.data_processed:
-            break
-        await asyncio.sleep(0.01)
+    await wait_job_streaming(src.conn, "vm1")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     with pytest.raises(OperationFailed, match="Lost connection to destination host"):
@@ -352,8 +355,6 @@ async def test_destination_daemon_killed_during_perform(
 async def walled_dst(tmp_path: Path) -> AsyncIterator[Host]:
     """A destination whose migration port cannot be reached directly: Prepare's URI names
     127.0.0.3, where nothing listens.  Only a tunnelled stream can get to its guests."""
-    from tests.conftest import start_host, stop_host
-
     host = await start_host(tmp_path, "walled", migration_host="127.0.0.3")
     try:
         yield host
@@ -434,10 +435,7 @@ async def test_p2p_progress_is_watched_on_the_source(pair: tuple[Host, Host]) ->
     src, dst = pair
     await guest(src)
     task = asyncio.ensure_future(p2p_migrate(src, dst, F.LIVE, TypedParams.of({P.BANDWIDTH: 32})))
-    for _ in range(500):
-        if (await src.conn.job_info("vm1")).phase == "perform3":
-            break
-        await asyncio.sleep(0.01)
+    await in_perform(src)
     seen = [info async for info in src.conn.watch_job("vm1")]
     await task
     assert seen[-1].type is JobType.COMPLETED

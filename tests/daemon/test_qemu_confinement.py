@@ -24,10 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Host, hosts, qemu_domain_xml, start_host
-from tests.daemon.test_backend_qemu import guest_xml, make_spec, within
-from tests.guest.build import guest_or_skip, kill_leftover_qemus, qemu_binary_or_skip
-from tests.guest.host import TEST_QEMU_USER, daemon_settings, qemu_settings
+from tests.daemon.backend_qemu_helpers import guest_xml, make_spec, within
 from virtmig.client.migrate import migrate3
 from virtmig.daemon.backend.base import (
     BackendError,
@@ -51,6 +48,19 @@ from virtmig.daemon.main import qemu_settings as qemu_settings_of
 from virtmig.proto.errors import ConfigUnsupported, InvalidArgument
 from virtmig.proto.flags import DomainState, MigrateFlags
 from virtmig.proto.params import TypedParams
+from virtmig.testing import (
+    TEST_QEMU_USER,
+    Host,
+    daemon_settings,
+    guest_or_skip,
+    hosts,
+    kill_leftover_qemus,
+    qemu_binary_or_skip,
+    qemu_domain_xml,
+    qemu_settings,
+    start_host,
+    wait_until,
+)
 
 ROOT = os.geteuid() == 0
 
@@ -78,9 +88,10 @@ def settings_for(emulator: Path, storage: Path) -> QemuSettings:
 
 
 def refused(xml: str, settings: QemuSettings, guests: Path | None = None) -> str:
+    """The detail of the refusal (after the class's "unsupported configuration: ")."""
     with pytest.raises(ConfigUnsupported) as info:
         parse_config(make_spec(xml), None, settings, guests)
-    return str(info.value)
+    return info.value.detail
 
 
 def disk(path: str | Path, fmt: str = "raw") -> str:
@@ -460,7 +471,8 @@ async def test_postcopy_refused_up_front_without_userfaultfd(qemu: QemuBackend) 
 
 
 @pytest.fixture
-async def pair(tmp_path: Path, storage: Path) -> AsyncIterator[tuple[Host, Host]]:
+async def confined_pair(tmp_path: Path, storage: Path) -> AsyncIterator[tuple[Host, Host]]:
+    """Two qemu daemons sharing ``storage`` (besides the guest cache)."""
     qemu_binary_or_skip()
     guest_or_skip()
     settings = daemon_settings(storage)  # shared storage: both hosts see the same images
@@ -475,18 +487,19 @@ def good_heartbeats(log: Path) -> list[int]:
 
 
 async def heartbeat_above(log: Path, above: int, timeout: float = 90) -> int:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
+    def above_it() -> int | None:
         beats = good_heartbeats(log)
-        if beats and beats[-1] > above:
-            return beats[-1]
-        assert asyncio.get_running_loop().time() < deadline, f"no heartbeat above {above}"
-        await asyncio.sleep(0.1)
+        return beats[-1] if beats and beats[-1] > above else None
+
+    return await wait_until(above_it, timeout=timeout, interval=0.1,
+                            what=f"a heartbeat above {above} in {log}")
 
 
 @pytest.mark.qemu
-async def test_migration_with_both_sides_confined(pair: tuple[Host, Host], storage: Path) -> None:
-    src, dst = pair
+async def test_migration_with_both_sides_confined(
+    confined_pair: tuple[Host, Host], storage: Path,
+) -> None:
+    src, dst = confined_pair
     xml = qemu_domain_xml(guest_or_skip(), "vm1", 256, dirty_mb=16, dirty_rate=1).replace(
         "<memballoon", disk(storage / "disk.img") + "\n    <memballoon")
     await src.conn.define(xml)

@@ -17,9 +17,9 @@ import textwrap
 import grpc
 import pytest
 
-from tests.conftest import Host, domain_xml
 from virtmig.proto.errors import NoDomain
 from virtmig.proto.flags import DomainState, JobType
+from virtmig.testing import Host, domain_xml, wait_until
 
 CALLER = textwrap.dedent("""
     import asyncio, sys
@@ -42,7 +42,7 @@ CALLER = textwrap.dedent("""
             if upto == "perform":
                 await s.perform("vm1", TypedParams.of({P.URI: uri}), cookie, flags)
         print("ready", flush=True)
-        await asyncio.sleep(3600)
+        await asyncio.sleep(3600)  # the subject: a caller that holds on until it is killed
 
     asyncio.run(main(*sys.argv[1:]))
 """)
@@ -62,14 +62,6 @@ async def run_caller_and_kill(src: Host, dst: Host, upto: str) -> None:
         await proc.wait()
 
 
-async def wait_for(cond: object, what: str) -> None:
-    for _ in range(500):
-        if await cond():  # type: ignore[operator]
-            return
-        await asyncio.sleep(0.02)
-    pytest.fail(f"timed out waiting for {what}")
-
-
 async def no_jobs(*hosts: Host) -> bool:
     return all(d.job is None for h in hosts for d in h.daemon.registry)
 
@@ -83,8 +75,8 @@ async def test_caller_killed_after_prepare(pair: tuple[Host, Host]) -> None:
     async def dst_gone() -> bool:
         return dst.daemon.registry.find_name("vm1") is None
 
-    await wait_for(dst_gone, "the incoming guest to be destroyed")
-    await wait_for(lambda: no_jobs(src, dst), "both jobs to end")
+    await wait_until(dst_gone, timeout=30, what="the incoming guest to be destroyed")
+    await wait_until(lambda: no_jobs(src, dst), timeout=30, what="both jobs to end")
     with pytest.raises(NoDomain):
         await dst.conn.lookup("vm1")
     assert (await src.conn.state("vm1"))[0] is DomainState.RUNNING  # never touched
@@ -96,7 +88,7 @@ async def test_caller_killed_after_begin_releases_source_job(pair: tuple[Host, H
     await src.conn.define(domain_xml("vm1"))
     await src.conn.start("vm1")
     await run_caller_and_kill(src, dst, "begin")
-    await wait_for(lambda: no_jobs(src), "the source job to end")
+    await wait_until(lambda: no_jobs(src), timeout=30, what="the source job to end")
     assert await src.conn.state("vm1") == (DomainState.RUNNING, 1, "booted")
     await src.conn.undefine("vm1")  # a state change no longer waits for a job
 
@@ -107,7 +99,7 @@ async def test_caller_killed_after_perform_leaves_source_paused(pair: tuple[Host
     await src.conn.define(domain_xml("vm1"))
     await src.conn.start("vm1")
     await run_caller_and_kill(src, dst, "perform")
-    await wait_for(lambda: no_jobs(src, dst), "both jobs to end")
+    await wait_until(lambda: no_jobs(src, dst), timeout=30, what="both jobs to end")
     assert await src.conn.state("vm1") == (DomainState.PAUSED, 2, "migration")
     with pytest.raises(NoDomain):
         await dst.conn.lookup("vm1")
@@ -120,7 +112,7 @@ async def test_session_ending_without_jobs_is_harmless(pair: tuple[Host, Host]) 
     await src.conn.open_session()
     assert len(src.daemon.sessions) == 1
     await src.conn.close()
-    await wait_for(lambda: _empty(src), "the session to end")
+    await wait_until(lambda: _empty(src), timeout=30, what="the session to end")
 
 
 async def _empty(h: Host) -> bool:

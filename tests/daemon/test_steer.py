@@ -9,32 +9,24 @@ TCG guests) should run; its QEMU parameters and statistics are checked in ``test
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import Host, hosts, start_host, teardown_hosts
 from tests.daemon.test_jobs import assert_migrated, guest, migrate, until_streaming
+from virtmig.client.connection import JobInfo
 from virtmig.client.migrate import RemoteDest, RemoteSource
 from virtmig.client.sequence import run_v3
 from virtmig.proto.errors import OperationAborted, OperationFailed, OperationInvalid
-from virtmig.proto.flags import DomainState, MigrateFlags
+from virtmig.proto.flags import DomainState, JobType, MigrateFlags
 from virtmig.proto.params import MigrateParam, TypedParams
+from virtmig.testing import Host, wait_for_job, wait_until
 
 F = MigrateFlags
 P = MigrateParam
 
 
-@pytest.fixture
-async def pair(tmp_path: Path, backend: str) -> AsyncIterator[tuple[Host, Host]]:
-    """Two daemons on ``backend`` (this module's tests run on both)."""
-    async with hosts(tmp_path, backend, ("src", {}), ("dst", {})) as (src, dst):
-        yield src, dst
-
-
-async def test_setspeed_while_running_speeds_it_up(pair: tuple[Host, Host]) -> None:
-    src, dst = pair
+async def test_setspeed_while_running_speeds_it_up(backend_pair: tuple[Host, Host]) -> None:
+    src, dst = backend_pair
     await guest(src)
     task = migrate(src, dst, F.LIVE, TypedParams.of({P.BANDWIDTH: 1}))  # 64 s at this rate
     await until_streaming(src)
@@ -44,43 +36,38 @@ async def test_setspeed_while_running_speeds_it_up(pair: tuple[Host, Host]) -> N
     assert await src.conn.get_max_speed("vm1") == 0
 
 
-async def test_setmaxdowntime_while_running_lets_it_converge(pair: tuple[Host, Host]) -> None:
+async def test_setmaxdowntime_while_running_lets_it_converge(
+    backend_pair: tuple[Host, Host],
+) -> None:
     """A dirtying guest with a 1 ms downtime limit keeps iterating; 2 s lets it switch over."""
-    src, dst = pair
+    src, dst = backend_pair
     await guest(src, dirty=32, booted=True)  # (a booting QEMU guest might converge anyway)
     await src.conn.set_max_downtime("vm1", 1)
     task = migrate(src, dst, F.LIVE, TypedParams.of({P.BANDWIDTH: 64}))
-    for _ in range(1000):
-        info = await src.conn.job_info("vm1")
-        if (info.stat("memory_iteration") or 0) >= 3:  # type: ignore[operator]
-            break
-        await asyncio.sleep(0.02)
+    await wait_for_job(src.conn, "vm1",
+                       lambda i: (i.stat("memory_iteration") or 0) >= 3,  # type: ignore[operator]
+                       timeout=60, what="the migration's third iteration")
     assert not task.done()
     await src.conn.set_max_downtime("vm1", 2000)
     await asyncio.wait_for(task, 30)
     await assert_migrated(src, dst)
 
 
-async def test_auto_converge_throttles_until_it_converges(tmp_path: Path) -> None:
-    src, dst = await start_host(tmp_path, "src"), await start_host(tmp_path, "dst")
-    try:
-        await _auto_converge(src, dst)
-    finally:
-        await teardown_hosts(tmp_path, src, dst)
-
-
-async def _auto_converge(src: Host, dst: Host) -> None:
+async def test_auto_converge_throttles_until_it_converges(pair: tuple[Host, Host]) -> None:
+    src, dst = pair  # (test backend only: see the module docstring)
     await guest(src, dirty=128)  # dirties faster than the 32 MiB/s link
     params = TypedParams.of({P.BANDWIDTH: 32, P.AUTO_CONVERGE_INITIAL: 30,
                              P.AUTO_CONVERGE_INCREMENT: 20})
     task = migrate(src, dst, F.LIVE | F.AUTO_CONVERGE, params)
     throttles = set()
-    while not task.done():
-        info = await src.conn.job_info("vm1")
+
+    def until_done(info: JobInfo) -> bool:  # every throttle the job watch shows, to the end
         throttle = info.stat("auto_converge_throttle")
         if isinstance(throttle, int) and throttle:
             throttles.add(throttle)
-        await asyncio.sleep(0.05)
+        return info.type is not JobType.UNBOUNDED and task.done()  # (not before it started)
+
+    await wait_for_job(src.conn, "vm1", until_done, timeout=60, what="the migration to end")
     await task
     await assert_migrated(src, dst)
     assert throttles and min(throttles) >= 30
@@ -88,8 +75,10 @@ async def _auto_converge(src: Host, dst: Host) -> None:
 
 
 @pytest.mark.postcopy
-async def test_postcopy_switch_runs_the_guest_on_the_destination(pair: tuple[Host, Host]) -> None:
-    src, dst = pair
+async def test_postcopy_switch_runs_the_guest_on_the_destination(
+    backend_pair: tuple[Host, Host],
+) -> None:
+    src, dst = backend_pair
     await guest(src, dirty=128, booted=True)
     # (post-copy throttled so that it lasts long enough to be seen: a QEMU guest that has not
     # dirtied much yet would otherwise finish in a few milliseconds)
@@ -97,15 +86,16 @@ async def test_postcopy_switch_runs_the_guest_on_the_destination(pair: tuple[Hos
     task = migrate(src, dst, F.LIVE | F.POSTCOPY, params)
     await until_streaming(src)
     await src.conn.start_postcopy("vm1")
-    seen_postcopy = False
-    while not task.done():
-        state = (await dst.conn.state("vm1"))
-        if state[:2] == (DomainState.RUNNING, 10):  # running (postcopy)
-            seen_postcopy = True
+
+    async def running_in_postcopy() -> bool:
+        if (await dst.conn.state("vm1"))[:2] == (DomainState.RUNNING, 10):  # running (postcopy)
             assert (await src.conn.state("vm1"))[2] == "postcopy"  # paused (postcopy)
-        await asyncio.sleep(0.01)
-    await task
-    assert seen_postcopy
+            return True
+        assert not task.done(), "the migration ended before the destination ran in post-copy"
+        return False
+
+    await wait_until(running_in_postcopy, timeout=60, what="the destination to run in post-copy")
+    await asyncio.wait_for(task, 60)
     assert await dst.conn.state("vm1") == (DomainState.RUNNING, 2, "migrated")
     await assert_migrated(src, dst)
     with pytest.raises(OperationInvalid, match="only be started while outgoing migration"):
@@ -113,17 +103,18 @@ async def test_postcopy_switch_runs_the_guest_on_the_destination(pair: tuple[Hos
 
 
 @pytest.mark.postcopy
-async def test_abort_in_postcopy_is_refused(pair: tuple[Host, Host]) -> None:
-    src, dst = pair
+async def test_abort_in_postcopy_is_refused(backend_pair: tuple[Host, Host]) -> None:
+    src, dst = backend_pair
     await guest(src, dirty=64)
     task = migrate(src, dst, F.LIVE | F.POSTCOPY, TypedParams.of({P.BANDWIDTH_POSTCOPY: 4,
                                                                   P.BANDWIDTH: 16}))
     await until_streaming(src)
     await src.conn.start_postcopy("vm1")
-    for _ in range(500):
-        if (await src.conn.state("vm1"))[2] == "postcopy":
-            break
-        await asyncio.sleep(0.01)
+
+    async def in_postcopy() -> bool:
+        return (await src.conn.state("vm1"))[2] == "postcopy"
+
+    await wait_until(in_postcopy, timeout=30, what="the source to be paused for post-copy")
     with pytest.raises(OperationInvalid, match="cannot abort migration in post-copy mode"):
         await src.conn.abort_job("vm1")
     await src.conn.set_max_speed("vm1", 0, postcopy=True)
@@ -132,24 +123,30 @@ async def test_abort_in_postcopy_is_refused(pair: tuple[Host, Host]) -> None:
 
 
 class BreakAfterSwitch(RemoteDest):
-    """Destroys the source guest once Finish runs: the post-copy stream breaks."""
+    """Destroys the source guest once Finish runs the guest on the destination: the post-copy
+    stream breaks."""
 
     def __init__(self, dst: Host, src: Host) -> None:
         super().__init__(dst.conn, True)
-        self.src = src
+        self.src, self.dst = src, dst
 
     async def finish(self, params: TypedParams, cookie: bytes, flags: int,
                      cancelled: bool) -> tuple[str, bytes]:
         uuid = (await self.src.conn.lookup("vm1")).uuid
         task = asyncio.ensure_future(super().finish(params, cookie, flags, cancelled))
-        await asyncio.sleep(0.2)
+
+        async def switched() -> bool:
+            state = await self.dst.conn.state("vm1")
+            return task.done() or state[:2] == (DomainState.RUNNING, 10)  # running (postcopy)
+
+        await wait_until(switched, timeout=60, what="Finish to run the guest in post-copy")
         await self.src.daemon.backend.destroy(uuid)  # the source side dies mid post-copy
         return await task
 
 
 @pytest.mark.postcopy
-async def test_failure_after_the_switch_leaves_both_paused(pair: tuple[Host, Host]) -> None:
-    src, dst = pair
+async def test_failure_after_the_switch_leaves_both_paused(backend_pair: tuple[Host, Host]) -> None:
+    src, dst = backend_pair
     await guest(src, dirty=64)
     params = TypedParams.of({P.BANDWIDTH: 16, P.BANDWIDTH_POSTCOPY: 2})
 
@@ -172,8 +169,8 @@ async def test_failure_after_the_switch_leaves_both_paused(pair: tuple[Host, Hos
 
 
 @pytest.mark.postcopy
-async def test_completion_timeout_postcopy_action(pair: tuple[Host, Host]) -> None:
-    src, dst = pair
+async def test_completion_timeout_postcopy_action(backend_pair: tuple[Host, Host]) -> None:
+    src, dst = backend_pair
     await guest(src, dirty=128)
     params = TypedParams.of({P.BANDWIDTH: 32, P.COMPLETION_TIMEOUT: 8,
                              P.COMPLETION_TIMEOUT_ACTION: "postcopy"})
@@ -181,8 +178,8 @@ async def test_completion_timeout_postcopy_action(pair: tuple[Host, Host]) -> No
     await assert_migrated(src, dst)
 
 
-async def test_abort_then_retry(pair: tuple[Host, Host]) -> None:
-    src, dst = pair
+async def test_abort_then_retry(backend_pair: tuple[Host, Host]) -> None:
+    src, dst = backend_pair
     await guest(src)
     task = migrate(src, dst, F.LIVE, TypedParams.of({P.BANDWIDTH: 4}))
     await until_streaming(src)

@@ -12,9 +12,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from virtmig.testing import wait_until_sync
+from virtmig.testing.pki import session_pki
 
 
 def netns_available() -> str | None:
@@ -70,27 +72,33 @@ class NetPair:
         return net
 
     def start_daemon(self, ns: Netns, work: Path) -> str:
-        """Start virtmigd inside ``ns``; return its unix-socket URI (reachable from here)."""
+        """Start virtmigd inside ``ns`` (TLS on its address, with a host certificate for it);
+        return its unix-socket URI (reachable from here)."""
         ready = work / f"{ns.name}.ready"
         sock = work / f"{ns.name}.sock"
+        config = session_pki().config(work / f"{ns.name}.toml", ns.name, ips=[ns.address])
         proc = subprocess.Popen([
             "ip", "netns", "exec", ns.name, sys.executable, "-m", "virtmig.daemon.main",
-            "--listen", f"tcp://{ns.address}:16609", "--listen", f"unix://{sock}",
+            "--config", str(config),
+            "--listen", f"tls://{ns.address}:16614", "--listen", f"unix://{sock}",
             "--state-dir", str(work / ns.name), "--hostname", f"{ns.name}.test",
             "--migration-address", ns.address, "--migration-host", ns.address,
             "--ready-file", str(ready), "--log-level", "warning",
         ], env=dict(os.environ, PYTHONPATH=os.getcwd()))
         self.procs.append(proc)
-        deadline = time.monotonic() + 30
-        while not ready.exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"virtmigd did not start in {ns.name}")
-            time.sleep(0.05)
+
+        def started() -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError(f"virtmigd exited with {proc.returncode} in {ns.name}")
+            return ready.exists()
+
+        wait_until_sync(started, timeout=30, interval=0.05, what=f"virtmigd to start in {ns.name}")
         json.loads(ready.read_text())
         return f"virtmig+unix://{sock}"
 
-    def tcp_uri(self, ns: Netns) -> str:
-        return f"virtmig+tcp://{ns.address}:16609"
+    def tls_uri(self, ns: Netns) -> str:
+        """The daemon in ``ns`` as the other daemon reaches it (peer-to-peer)."""
+        return f"virtmig+tls://{ns.address}:16614"
 
     def link_down(self) -> None:
         sh("ip", "-n", self.a.name, "link", "set", self.a.iface, "down")

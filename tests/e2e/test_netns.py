@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import domain_xml
 from tests.e2e.netns import NetPair, netns_available
 from virtmig.client.connection import AsyncConnection
 from virtmig.proto.errors import NoDomain, OperationFailed
 from virtmig.proto.flags import DomainState, JobType, MigrateFlags
 from virtmig.proto.params import MigrateParam, TypedParams
+from virtmig.testing import domain_xml, wait_job_streaming, wait_until
 
 F = MigrateFlags
 P = MigrateParam
@@ -60,9 +60,9 @@ async def test_p2p_and_tunnelled_across_namespaces(net: tuple[NetPair, str, str]
     async with await AsyncConnection.open(a_uri) as a, await AsyncConnection.open(b_uri) as b:
         await start_guest(a)
         # the destination as the source sees it: its address on the link
-        await a.migrate_to_uri3("vm1", tn.tcp_uri(tn.b), TypedParams(), F.LIVE | F.PEER2PEER)
+        await a.migrate_to_uri3("vm1", tn.tls_uri(tn.b), TypedParams(), F.LIVE | F.PEER2PEER)
         assert (await b.state("vm1"))[0] is DomainState.RUNNING
-        await b.migrate_to_uri3("vm1", tn.tcp_uri(tn.a), TypedParams(),
+        await b.migrate_to_uri3("vm1", tn.tls_uri(tn.a), TypedParams(),
                                 F.LIVE | F.PEER2PEER | F.TUNNELLED)
         assert (await a.state("vm1"))[0] is DomainState.RUNNING
 
@@ -76,22 +76,20 @@ async def test_partition_during_p2p_is_detected_by_keepalive(
     async with await AsyncConnection.open(a_uri) as a, await AsyncConnection.open(b_uri) as b:
         await start_guest(a)
         task = asyncio.ensure_future(a.migrate_to_uri3(
-            "vm1", tn.tcp_uri(tn.b), TypedParams.of({P.BANDWIDTH: 2}), F.LIVE | F.PEER2PEER))
-        for _ in range(1000):
-            info = await a.job_info("vm1")
-            if info.phase == "perform3" and info.data_processed:
-                break
-            await asyncio.sleep(0.01)
+            "vm1", tn.tls_uri(tn.b), TypedParams.of({P.BANDWIDTH: 2}), F.LIVE | F.PEER2PEER))
+        await wait_job_streaming(a, "vm1")
         tn.link_down()
         with pytest.raises(OperationFailed, match="Lost connection to destination host"):
             await asyncio.wait_for(task, 60)
         assert await a.state("vm1") == (DomainState.RUNNING, 6, "migration-canceled")
         assert (await a.job_info("vm1")).type is JobType.NONE
-        for _ in range(600):
+
+        async def gone() -> bool:
             try:
                 await b.lookup("vm1")
             except NoDomain:
-                break
-            await asyncio.sleep(0.05)
-        with pytest.raises(NoDomain):
-            await b.lookup("vm1")
+                return True
+            return False
+
+        await wait_until(gone, timeout=60, interval=0.05,
+                         what="the destination to destroy its incoming guest")

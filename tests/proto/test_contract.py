@@ -34,7 +34,7 @@ from virtmig.proto.params import (
     TypedParams,
     validate_migration_params,
 )
-from virtmig.proto.uri import ConnectURI, check_not_local, parse_listen, parse_uri
+from virtmig.proto.uri import ConnectURI, ListenURI, check_not_local, parse_listen, parse_uri
 from virtmig.proto.wire import from_wire, to_wire
 
 F = MigrateFlags
@@ -50,7 +50,7 @@ def test_every_error_class_round_trips_exactly(name: str) -> None:
     code, details, trailers = errors.to_status(cls("boom"))
     assert code is cls.status
     back = errors.from_status(code, details, trailers)
-    assert type(back) is cls and str(back) == "boom"
+    assert type(back) is cls and str(back) == str(cls("boom"))
 
 
 def test_unknown_exception_is_internal_with_its_name() -> None:
@@ -65,6 +65,7 @@ def test_unknown_exception_is_internal_with_its_name() -> None:
         (grpc.StatusCode.UNAVAILABLE, errors.ConnectionFailed),
         (grpc.StatusCode.NOT_FOUND, errors.NoDomain),
         (grpc.StatusCode.DEADLINE_EXCEEDED, errors.OperationTimeout),
+        (grpc.StatusCode.PERMISSION_DENIED, errors.PermissionDenied),
         (grpc.StatusCode.UNKNOWN, errors.InternalError),
     ],
 )
@@ -212,10 +213,12 @@ def test_each_rule_fires_and_stays_quiet_otherwise(rule: object) -> None:
 
 def test_rule_error_and_message_are_libvirts() -> None:
     with pytest.raises(errors.OperationInvalid,
-                       match=r"^offline migration must be specified with the persistent flag set$"):
+                       match=r"^Requested operation is not valid: offline migration must be "
+                             r"specified with the persistent flag set$"):
         check_rules(F.OFFLINE, None, Layer.DRIVER)
     with pytest.raises(errors.ArgumentUnsupported,
-                       match=r"^post-copy migration is not supported with non-live or paused"):
+                       match=r"^argument unsupported: post-copy migration is not supported "
+                             r"with non-live or paused"):
         check_rules(F.POSTCOPY | F.LIVE | F.PAUSED, None, Layer.DRIVER)
 
 
@@ -274,9 +277,38 @@ def test_other_dconnuri_is_accepted(uri: str) -> None:
     check_not_local(uri)
 
 
+def test_tls_connect_uris() -> None:
+    assert parse_uri("virtmig+tls://h") == ConnectURI("tls", host="h", port=16614)
+    assert parse_uri("virtmig+tls://h:7?pkipath=/etc/pki/x") == ConnectURI(
+        "tls", host="h", port=7, pki_dir="/etc/pki/x")
+    assert parse_uri("virtmig+tls://[::1]:5").grpc_target == "[::1]:5"
+    assert parse_uri("virtmig+tcp://h?pkipath=/x").pki_dir == ""  # plain TCP has no PKI
+
+
+@pytest.mark.parametrize("uri", [
+    "virtmig+tls://h:16614", "virtmig+tls://h:1?pkipath=/a/b", "virtmig+tls://[::1]:2",
+    "virtmig+tls://h:3?pkipath=/a%20dir/%3Fx%26y", "virtmig+tcp://h:4", "virtmig+unix:///s",
+])
+def test_connect_uris_round_trip(uri: str) -> None:
+    assert str(parse_uri(uri)) == uri
+    assert parse_uri(str(parse_uri(uri))) == parse_uri(uri)
+
+
+@pytest.mark.parametrize(("uri", "message"), [
+    ("virtmig+tls://h?no_verify=1", "unsupported parameter 'no_verify'"),
+    ("virtmig+tls://h?pkipath=", "empty pkipath"),
+    ("virtmig+tls://", "missing host"),
+])
+def test_bad_tls_uris(uri: str, message: str) -> None:
+    with pytest.raises(errors.InvalidArgument, match=message):
+        parse_uri(uri)
+
+
 def test_listen_uris() -> None:
     assert parse_listen("tcp://0.0.0.0:0").grpc_address == "0.0.0.0:0"
     assert parse_listen("unix:///run/x.sock").grpc_address == "unix:/run/x.sock"
+    assert parse_listen("tls://0.0.0.0") == ListenURI("tls", host="0.0.0.0", port=16614)
+    assert parse_listen("tcp://h") == ListenURI("tcp", host="h", port=16609)
     with pytest.raises(errors.InvalidArgument):
         parse_listen("http://x")
 

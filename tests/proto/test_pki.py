@@ -308,7 +308,7 @@ def test_refuses_a_key_others_can_read(host_dir: Path, mode: int) -> None:
     os.chmod(key, mode)
     with pytest.raises(ConfigUnsupported) as err:
         load_client_credentials(PkiPaths.of(host_dir))
-    assert str(err.value) == (
+    assert err.value.detail == (
         f"permissions {mode:04o} for client key '{key}' are too open: a private key must be "
         "accessible by its owner only (chmod 600)"
     )
@@ -319,7 +319,7 @@ def test_refuses_a_certificate_from_another_ca(host_dir: Path, tmp_path: Path) -
     shutil.copy(tmp_path / "other/cacert.pem", host_dir / "cacert.pem")
     with pytest.raises(ConfigUnsupported) as err:
         load_server_credentials(PkiPaths.of(host_dir))
-    assert str(err.value) == (
+    assert err.value.detail == (
         f"the server certificate '{host_dir / 'servercert.pem'}' is not signed by the CA "
         f"certificate '{host_dir / 'cacert.pem'}'"
     )
@@ -358,7 +358,7 @@ def test_refuses_a_key_of_another_certificate(host_dir: Path, client_dir: Path) 
     shutil.copy(client_dir / "private/clientkey.pem", host_dir / "private/serverkey.pem")
     with pytest.raises(ConfigUnsupported) as err:
         load_server_credentials(PkiPaths.of(host_dir))
-    assert str(err.value) == (
+    assert err.value.detail == (
         f"server key '{host_dir / 'private/serverkey.pem'}' does not match the server "
         f"certificate '{host_dir / 'servercert.pem'}'"
     )

@@ -16,13 +16,13 @@ Modules, one concern each, from the bottom up (a module imports only those above
   QEMU's user and group, the sandbox), those rules as checks, and the acts that apply them:
   opening a guest's images and logs for QEMU, knowing whom QEMU runs as, KVM's availability.
 * :mod:`.config` -- domain XML -> :class:`QemuConfig` -> command line; the supported subset.
-* :mod:`.monitor` -- QMP: the socket, the connection, one command (:class:`QmpCommandFailed`),
-  the event pump, ``query-status`` and ``cont``.
+* :mod:`.monitor` -- QMP: the socket, the connection, one command (:class:`QmpCommandFailed`,
+  :class:`QmpNoAnswer`; in band or out of band), the event pump, ``query-status`` and ``cont``.
 * :mod:`.process` -- the QEMU process: start (confined), log and pid files, exit and reaping,
   stop and SIGKILL, letting go at ``close``, taking a guest over after a restart.
-* :mod:`.outgoing` -- the source's flow (``src_*``); :mod:`.incoming` -- the destination's
-  (``dst_*``).  Both are functions over a guest and its migration record, given the backend's
-  QMP path.
+* :mod:`.outgoing` -- the source's flow (``src_*``; a cancel is bounded: ``migrate_cancel``, then
+  the out-of-band ``yank``); :mod:`.incoming` -- the destination's (``dst_*``).  Both are
+  functions over a guest and its migration record, given the backend's QMP path.
 * :mod:`.backend` -- :class:`QemuBackend`: the guests and migrations by uuid, and the interface.
 
 Names with a leading underscore are internal to the package (used across its modules; tests
@@ -43,7 +43,7 @@ from virtmig.daemon.backend.qemu.config import (
 from virtmig.daemon.backend.qemu.confine import QemuSettings
 from virtmig.daemon.backend.qemu.guest import LOG_NAME, PID_NAME, SOCKET_NAME
 from virtmig.daemon.backend.qemu.migration import UNLIMITED_BANDWIDTH, progress_from_query
-from virtmig.daemon.backend.qemu.monitor import QmpCommandFailed
+from virtmig.daemon.backend.qemu.monitor import QmpCommandFailed, QmpNoAnswer
 
 __all__ = [
     "DEFAULT_BINARY",
@@ -57,6 +57,7 @@ __all__ = [
     "QemuConfig",
     "QemuSettings",
     "QmpCommandFailed",
+    "QmpNoAnswer",
     "SerialConfig",
     "parse_config",
     "progress_from_query",

@@ -54,6 +54,7 @@ from virtmig.daemon.backend.qemu.monitor import (
 )
 from virtmig.daemon.backend.qemu.outgoing import (
     CANCEL_TIMEOUT,
+    STOP_TIMEOUT,
     src_cancel,
     src_migrate,
     src_set_tuning,
@@ -137,8 +138,8 @@ class QemuBackend(Backend):
         else:
             with contextlib.suppress(BackendError):
                 await self.cancel(guest.uuid)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(mig.done.wait(), CANCEL_TIMEOUT)
+            with contextlib.suppress(TimeoutError):  # (a cancel ends the flow within)
+                await asyncio.wait_for(mig.done.wait(), STOP_TIMEOUT)
 
     def _state_dir(self) -> Path:
         if self._dir is None:
@@ -152,7 +153,7 @@ class QemuBackend(Backend):
         try:
             cfg = parse_config(spec, self._machines, self.settings, self._state_dir())
         except ConfigUnsupported as exc:
-            raise BackendError(str(exc)) from None
+            raise BackendError(exc.detail) from None
         if cfg.accel == "kvm":
             why = kvm_refusal(self._owner)
             if why:
@@ -193,18 +194,18 @@ class QemuBackend(Backend):
 
     async def _exec(
         self, guest: _Guest, command: str, args: dict[str, object] | None = None,
-        timeout: float = QMP_TIMEOUT,
+        timeout: float = QMP_TIMEOUT, *, oob: bool = False,
     ) -> dict[str, Any]:
         """One QMP command whose result is an object (``{}`` if QEMU gave another kind)."""
-        result = await self._exec_any(guest, command, args, timeout)
+        result = await self._exec_any(guest, command, args, timeout, oob=oob)
         return result if isinstance(result, dict) else {}
 
     async def _exec_any(
         self, guest: _Guest, command: str, args: dict[str, object] | None = None,
-        timeout: float = QMP_TIMEOUT,
+        timeout: float = QMP_TIMEOUT, *, oob: bool = False,
     ) -> object:
-        """One QMP command; its result as QEMU gave it (a dict, a list...)."""
-        return await execute(guest, command, args, timeout)
+        """One QMP command (``oob``: out of band); its result as QEMU gave it."""
+        return await execute(guest, command, args, timeout, oob=oob)
 
     def _forget(self, guest: _Guest) -> None:
         if self._guests.get(guest.uuid) is guest:

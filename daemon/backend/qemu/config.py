@@ -221,7 +221,7 @@ def parse_config(spec: GuestSpec, machines: Machines = None,
     try:
         d = parse_domain_xml(spec.xml)
     except VirtmigError as exc:
-        raise ConfigUnsupported(str(exc)) from None
+        raise ConfigUnsupported(exc.detail) from None
     if d.domain_type not in ("qemu", "kvm"):
         raise ConfigUnsupported(
             f"domain type '{d.domain_type}' is not supported by the qemu backend "

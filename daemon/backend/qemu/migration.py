@@ -22,7 +22,10 @@ completion the source is left in ``postmigrate`` (paused) and is never resumed b
 on failure or cancel it runs again if it ran before (QEMU usually restarts it itself; the backend
 sends ``cont`` only when it did not).  A destination QEMU whose incoming migration fails exits by
 itself; :meth:`QemuBackend.incoming_wait` then raises ``MigrationFailed`` with QEMU's own message
-from ``qemu.log``.
+from ``qemu.log``.  A cancel is bounded even when QEMU's main loop is blocked (a completion phase
+writing to a destination that stopped reading): ``migrate_cancel``, then the out-of-band ``yank``
+of the migration's sockets, then the flow gives up and leaves the guest as it is (see
+:mod:`~virtmig.daemon.backend.qemu.outgoing`).
 
 Post-copy: every incoming QEMU gets the ``postcopy-ram`` capability before ``migrate-incoming``
 (the destination cannot know whether the source will switch; a pre-copy stream does not use it;
@@ -171,6 +174,8 @@ class _Outgoing:
     final: MigrationProgress | None = None
     issued: bool = False  # "migrate" was sent
     cancel_requested: bool = False
+    cancel_at: float = 0.0  # when migrate_cancel was first sent (monotonic; 0: never)
+    yanked_at: float = 0.0  # when the migration's sockets were yanked (0: never)
     abort_reason: str = ""  # the backend is closing: fail with this
     postcopy_requested: bool = False  # start_postcopy() was called
     switched: bool = False  # QEMU reported postcopy-active: no way back

@@ -3,7 +3,13 @@
 Concern: talking to one QEMU over QMP with :mod:`qemu.qmp`.  A command is bounded in time
 (:data:`QMP_TIMEOUT` unless told), and its failures become :class:`BackendError`s: QEMU's own
 error answer is a :class:`QmpCommandFailed` that keeps QEMU's message and error class; no answer
-in time, or a lost connection, a plain :class:`BackendError` naming the command.
+in time a :class:`QmpNoAnswer`; a lost connection a plain :class:`BackendError` naming the command.
+
+Out-of-band commands (``oob=True``: ``exec-oob``) are answered by QEMU's monitor thread even while
+its main loop is blocked -- ordinary commands then wait behind the big QEMU lock.  QEMU offers
+``oob`` in its greeting and :mod:`qemu.qmp` turns it on when it connects.  QEMU reads no more
+commands at all, out-of-band ones included, while 8 ordinary ones wait in its queue (a command
+we gave up on stays there): nothing resends an unanswered command in a loop.
 
 Every command the backend sends goes through one path, the backend's ``_exec`` (which calls
 :func:`execute` through ``_exec_any``); the flows receive that path as an :class:`Exec` and call
@@ -47,13 +53,22 @@ class QmpCommandFailed(BackendError):
         self.error_class = error_class
 
 
+class QmpNoAnswer(BackendError):
+    """QEMU did not answer a command in time (its main loop may be blocked)."""
+
+    def __init__(self, command: str, timeout: float) -> None:
+        super().__init__(f"{command}: QEMU did not answer in {timeout} s")
+        self.command = command
+        self.timeout = timeout
+
+
 class Exec(Protocol):
     """One QMP command on a guest, its result as an object (``{}`` if QEMU gave another kind):
-    the backend's ``_exec``, which the flows are given."""
+    the backend's ``_exec``, which the flows are given.  ``oob``: out of band."""
 
     def __call__(
         self, guest: _Guest, command: str, args: dict[str, object] | None = None,
-        timeout: float = QMP_TIMEOUT,
+        timeout: float = QMP_TIMEOUT, *, oob: bool = False,
     ) -> Coroutine[Any, Any, dict[str, Any]]: ...
 
 
@@ -89,18 +104,18 @@ def _socket_path(path: Path) -> Iterator[str]:
 
 async def execute(
     guest: _Guest, command: str, args: dict[str, object] | None = None,
-    timeout: float = QMP_TIMEOUT,
+    timeout: float = QMP_TIMEOUT, *, oob: bool = False,
 ) -> object:
-    """One QMP command; its result as QEMU gave it (a dict, a list...)."""
+    """One QMP command (``oob``: out of band); its result as QEMU gave it (a dict, a list...)."""
     if guest.exited or guest.qmp is None:
         why = guest.exit_reason or "no monitor connection"
         raise BackendError(f"guest {guest.uuid} is not running ({why})")
     try:
-        result = await asyncio.wait_for(guest.qmp.execute(command, args), timeout)
+        result = await asyncio.wait_for(guest.qmp.execute(command, args, oob=oob), timeout)
     except ExecuteError as exc:
         raise QmpCommandFailed(command, str(exc), exc.error_class) from None
     except TimeoutError:
-        raise BackendError(f"{command}: QEMU did not answer in {timeout} s") from None
+        raise QmpNoAnswer(command, timeout) from None
     except (ExecInterruptedError, QMPError, EOFError, OSError) as exc:
         raise BackendError(
             f"{command}: lost the monitor connection to QEMU ({exc or type(exc).__name__})"

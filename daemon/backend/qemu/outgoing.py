@@ -6,6 +6,16 @@ whole story): set capabilities and parameters, issue ``migrate``, follow ``MIGRA
 post-copy (then a follower task waits for the last page).  After a failure or a cancel the source
 runs again if it ran before; after the switch it is never resumed.
 
+A cancel always ends, even when QEMU's main loop is blocked: in the completion phase QEMU writes
+the last pages and the device state holding the big QEMU lock, and a destination that stopped
+reading blocks that write -- and every ordinary QMP command, ``migrate_cancel`` included -- for
+good.  So ``migrate_cancel`` gets CANCEL_ANSWER_TIMEOUT to be answered, and the migration
+CANCEL_TIMEOUT to end; else the migration's sockets (multifd channels included: all of them are
+the ``migration`` yank instance) are shut down with the out-of-band ``yank`` (QEMU >= 6.0), the
+blocked write fails and the migration ends as ``failed`` (QEMU restarts the vCPUs it stopped).
+If QEMU still does not end it within YANK_TIMEOUT, the flow gives up with a MigrationFailed and
+leaves the guest as it is (paused; never stopped: a guest is never lost).
+
 Every function runs on the source (``src_``) and is given the backend's QMP path as ``qmp``.
 """
 
@@ -14,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from dataclasses import replace
 from typing import Any
 
@@ -38,13 +49,17 @@ from virtmig.daemon.backend.qemu.migration import (
     _src_settings,
     progress_from_query,
 )
-from virtmig.daemon.backend.qemu.monitor import Exec, QmpCommandFailed, refresh_status
+from virtmig.daemon.backend.qemu.monitor import Exec, QmpCommandFailed, QmpNoAnswer, refresh_status
 
 log = logging.getLogger("virtmig.daemon.backend.qemu")
 
 PROGRESS_INTERVAL = 0.25  # query-migrate while a migration runs
+RECHECK_INTERVAL = 1.0  # the flow looks again even when no event came
 FINAL_STATS_RETRIES = 50  # re-query a completed migration until total-time is filled in
-CANCEL_TIMEOUT = 10.0
+CANCEL_ANSWER_TIMEOUT = 3.0  # migrate_cancel (and yank) must be answered within
+CANCEL_TIMEOUT = 10.0  # from the cancel request to the migration's end, else yank
+YANK_TIMEOUT = 10.0  # from the yank to the migration's end, else give up
+STOP_TIMEOUT = CANCEL_TIMEOUT + YANK_TIMEOUT  # the longest a cancel takes to end the flow
 
 
 async def src_migrate(
@@ -102,7 +117,12 @@ async def _src_run(
                 raise await _src_settle_failed(qmp, guest, mig, quit_error)
             if guest.mig_status in _TERMINAL:
                 break
-            await changed.wait()
+            if mig.cancel_at:  # cancelled: bounded, whatever QEMU does
+                if not await _src_wait_cancelled(qmp, guest, mig):
+                    raise _src_give_up(guest, mig)
+                continue
+            with contextlib.suppress(TimeoutError):  # (events wake it; the timer is a backstop)
+                await asyncio.wait_for(changed.wait(), RECHECK_INTERVAL)
     finally:
         if not mig.switched:
             poller.cancel()  # (after the switch it keeps progress() fresh until the end)
@@ -122,7 +142,7 @@ async def _src_issue(qmp: Exec, guest: _Guest, mig: _Outgoing, dest: StreamAddre
         mig.issued = True
         await qmp(guest, "migrate", {"uri": str(dest)})
         if mig.cancel_requested:  # cancel() came while "migrate" was on its way
-            await qmp(guest, "migrate_cancel")
+            await _src_request_cancel(qmp, guest, mig)
         elif mig.postcopy_requested:  # start_postcopy() came before "migrate"
             try:
                 await qmp(guest, "migrate-start-postcopy")
@@ -222,13 +242,21 @@ async def _src_postcopy_broken(qmp: Exec, guest: _Guest, mig: _Outgoing) -> str:
 
 
 async def _src_poll_progress(qmp: Exec, guest: _Guest, mig: _Outgoing) -> None:
-    """Keep ``mig.last`` fresh: every PROGRESS_INTERVAL and at every QMP event."""
+    """Keep ``mig.last`` fresh: every PROGRESS_INTERVAL and at every QMP event.
+
+    A query QEMU did not answer (its main loop is blocked) is not sent again before the next
+    event: unanswered commands stay queued in QEMU, and a full queue would keep out the ``yank``
+    too.  Meanwhile the progress stands still, which is what the stall watchdog looks for.
+    """
     while not mig.done.is_set():
         changed = guest.changed()
         try:
             info = await qmp(guest, "query-migrate")
         except BackendError:
-            return
+            if guest.exited or guest.qmp is None:
+                return
+            await changed.wait()
+            continue
         if mig.final is None:
             mig.last = progress_from_query(info)
         with contextlib.suppress(TimeoutError):
@@ -279,10 +307,71 @@ async def _src_settle_failed(
 
 
 async def _src_cancel_and_wait(qmp: Exec, guest: _Guest, mig: _Outgoing) -> None:
+    await _src_request_cancel(qmp, guest, mig)
+    if not await _src_wait_cancelled(qmp, guest, mig):
+        log.error("qemu backend: guest %s: %s", guest.uuid, _no_end(guest, mig))
+
+
+# --- cancelling, bounded --------------------------------------------------------------------------
+
+
+async def _src_request_cancel(qmp: Exec, guest: _Guest, mig: _Outgoing) -> None:
+    """``migrate_cancel``; yank at once when QEMU does not answer it (its main loop is blocked).
+    Raises only QEMU's refusal or a lost monitor."""
     mig.cancel_requested = True
-    await qmp(guest, "migrate_cancel")
-    await _wait_guest(guest, CANCEL_TIMEOUT,
-                      lambda: guest.mig_status in _TERMINAL or guest.exited)
+    if not mig.cancel_at:
+        mig.cancel_at = time.monotonic()
+        guest.notify()  # the flow starts counting
+    try:
+        await qmp(guest, "migrate_cancel", timeout=CANCEL_ANSWER_TIMEOUT)
+    except QmpNoAnswer:
+        log.warning("qemu backend: guest %s: QEMU did not answer migrate_cancel in %s s",
+                    guest.uuid, CANCEL_ANSWER_TIMEOUT)
+        await _src_yank(qmp, guest, mig)
+
+
+async def _src_wait_cancelled(qmp: Exec, guest: _Guest, mig: _Outgoing) -> bool:
+    """After a cancel request: wait until the migration ended (True), yanking its sockets when
+    it did not within CANCEL_TIMEOUT; False when it did not end within YANK_TIMEOUT after."""
+    def ended() -> bool:
+        return guest.mig_status in _TERMINAL or guest.exited or mig.switched
+
+    await _wait_guest(guest, mig.cancel_at + CANCEL_TIMEOUT - time.monotonic(), ended)
+    if ended():
+        return True
+    await _src_yank(qmp, guest, mig)
+    await _wait_guest(guest, mig.yanked_at + YANK_TIMEOUT - time.monotonic(), ended)
+    return ended()
+
+
+async def _src_yank(qmp: Exec, guest: _Guest, mig: _Outgoing) -> None:
+    """Shut the migration's sockets down, out of band (once); never raises."""
+    if mig.yanked_at:
+        return
+    mig.yanked_at = time.monotonic()
+    log.warning("qemu backend: guest %s: the migration does not end: yanking its sockets",
+                guest.uuid)
+    try:
+        await qmp(guest, "yank", {"instances": [{"type": "migration"}]},
+                  timeout=CANCEL_ANSWER_TIMEOUT, oob=True)
+    except QmpCommandFailed as exc:  # (no such instance: the migration was already over)
+        log.info("qemu backend: guest %s: yank: %s", guest.uuid, exc)
+    except BackendError as exc:
+        log.error("qemu backend: guest %s: cannot yank the migration: %s", guest.uuid, exc)
+
+
+def _no_end(guest: _Guest, mig: _Outgoing) -> str:
+    return (f"QEMU did not end the migration after cancel and yank: still {guest.mig_status!r} "
+            f"{time.monotonic() - mig.cancel_at:.0f} s after the cancel request")
+
+
+def _src_give_up(guest: _Guest, mig: _Outgoing) -> MigrationFailed:
+    """QEMU did not end a cancelled migration, even yanked: fail, and leave the guest as it is
+    (QEMU does not answer; the daemon decides what to do with a guest that may be stuck)."""
+    error = _no_end(guest, mig)
+    log.error("qemu backend: guest %s: %s", guest.uuid, error)
+    mig.final = replace(mig.last, status=MigrationStatus.FAILED, error=error)
+    return MigrationFailed(error)
 
 
 # --- requests while the migration runs ------------------------------------------------------------
@@ -298,7 +387,7 @@ async def src_cancel(qmp: Exec, guest: _Guest, mig: _Outgoing) -> None:
         raise BackendError("cannot cancel migration: the switch to post-copy was requested")
     mig.cancel_requested = True
     if mig.issued:
-        await qmp(guest, "migrate_cancel")
+        await _src_request_cancel(qmp, guest, mig)
 
 
 async def src_set_tuning(

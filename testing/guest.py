@@ -1,13 +1,15 @@
 """Build and cache the QEMU test guest: a Debian kernel, an initramfs whose /init dirties memory.
 
 Concern: tests that migrate a real guest need a kernel and an initramfs; this module produces
-them once per machine, in a cache folder, and says clearly (skip or fail) when it cannot.
+them once per machine, in a cache folder, and says clearly (:class:`GuestUnavailable`) when it
+cannot.
 
 * The kernel is the ``vmlinuz`` of the Debian package ``linux-image-amd64`` depends on
   (``apt-get download``; the package is never installed, only its ``boot/vmlinuz-*`` member is
   extracted).  ``$VIRTMIG_GUEST_KERNEL`` names a kernel to use instead.
 * The initramfs is a newc cpio written here: ``/dev/console`` (c 5 1), ``/proc`` and ``/init``,
-  the static binary compiled from ``dirty.c`` (``$CC``, default ``gcc``, ``-static``).
+  the static binary compiled from ``dirty.c`` (shipped beside this module; ``$CC``, default
+  ``gcc``, ``-static``).
 * Cache folder: ``$VIRTMIG_GUEST_CACHE`` or ``~/.cache/virtmig/guest``.  A stamp records the
   hashes of the inputs (``dirty.c``, this builder's layout version, the kernel); a build happens
   only when it does not match.  A file lock serialises concurrent builds.
@@ -16,12 +18,9 @@ The guest's kernel command line (:meth:`GuestImage.cmdline`): ``console=ttyS0 qu
 dirty_mb=N dirty_rate=R``; /init prints ``DIRTY-READY`` once its memory is filled, then every
 second ``HEARTBEAT n=<counter> sum=<checksum> ok=<1|0>`` (see ``dirty.c``).
 
-Test support lives here too.  Skip rules (:func:`qemu_binary_or_skip`, :func:`guest_or_skip`):
-when QEMU or the guest is unavailable a test is skipped with the reason, unless
-``VIRTMIG_REQUIRE_QEMU=1``, in which case it fails.  :func:`kill_leftover_qemus` is the
-finalizers' safety net for QEMU processes a test left behind.
+Skipping a test without QEMU or the guest, and finding KVM, is :mod:`virtmig.testing.qemu`'s.
 
-Run ``python -m tests.guest.build`` to build ahead of the tests.
+Run ``python -m virtmig.testing`` to build ahead of the tests.
 """
 
 from __future__ import annotations
@@ -32,22 +31,17 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import subprocess
-import sys
 import tarfile
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
 
 HERE = Path(__file__).resolve().parent
 SOURCE = HERE / "dirty.c"
 LAYOUT_VERSION = 1  # bump when the initramfs layout or the build flags change
 KERNEL_META_PACKAGE = "linux-image-amd64"
-QEMU_BINARY = "qemu-system-x86_64"
-REQUIRE_ENV = "VIRTMIG_REQUIRE_QEMU"
 COMMAND_TIMEOUT = 600.0
 
 
@@ -57,6 +51,8 @@ class GuestUnavailable(Exception):
 
 @dataclass(frozen=True)
 class GuestImage:
+    """The built guest: boot ``kernel`` with ``initrd`` and :meth:`cmdline`."""
+
     kernel: Path
     initrd: Path
 
@@ -227,7 +223,8 @@ def _sha256(data: bytes) -> str:
 
 
 @contextlib.contextmanager
-def _locked(cache: Path) -> Iterator[None]:
+def cache_lock(cache: Path) -> Iterator[None]:
+    """Hold the cache folder's lock (one builder or prober at a time, across processes)."""
     with open(cache / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
@@ -240,7 +237,7 @@ def ensure_guest(cache: Path | None = None) -> GuestImage:
     """Build the guest into the cache if needed (idempotent); GuestUnavailable says why not."""
     cache = cache or cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
-    with _locked(cache):
+    with cache_lock(cache):
         kernel = fetch_kernel(cache)
         initrd = cache / "initrd.cpio"
         stamp_path = cache / "stamp.json"
@@ -267,72 +264,3 @@ def ensure_guest(cache: Path | None = None) -> GuestImage:
         stamp_path.write_text(json.dumps({"inputs": inputs, "initrd": _sha256(archive)}, indent=1))
         return GuestImage(kernel, initrd)
 
-
-# --- skip rules for tests ------------------------------------------------------------------------
-
-
-def qemu_required() -> bool:
-    return os.environ.get(REQUIRE_ENV, "") not in ("", "0")
-
-
-def _skip_or_fail(reason: str) -> NoReturn:
-    import pytest
-
-    if qemu_required():
-        pytest.fail(f"{reason} (and {REQUIRE_ENV}=1)", pytrace=False)
-    pytest.skip(reason)
-
-
-def qemu_binary_or_skip() -> str:
-    """The QEMU binary's path; skips the test without it (fails with VIRTMIG_REQUIRE_QEMU=1)."""
-    path = shutil.which(QEMU_BINARY)
-    if path is None:
-        _skip_or_fail(f"{QEMU_BINARY} is not installed")
-    return path
-
-
-def guest_or_skip() -> GuestImage:
-    """The built test guest; skips the test if it cannot be built (fails when required)."""
-    try:
-        return ensure_guest()
-    except GuestUnavailable as exc:
-        _skip_or_fail(f"cannot build the QEMU test guest: {exc}")
-
-
-def kill_leftover_qemus(root: Path, timeout: float = 10.0) -> list[int]:
-    """SIGKILL every QEMU a qemu backend left running under ``root`` (by its pid files); reap.
-
-    A test's safety net: a backend's ``close()`` leaves guests running on purpose.  Only a
-    process whose working directory is the pid file's folder is killed.  Returns the pids.
-    """
-    import signal
-    import time
-
-    killed = []
-    for pid_file in root.rglob("pid"):
-        try:
-            pid = int(pid_file.read_text().strip())
-            if os.readlink(f"/proc/{pid}/cwd") != str(pid_file.parent.resolve()):
-                continue
-            os.kill(pid, signal.SIGKILL)
-        except (OSError, ValueError):
-            continue
-        killed.append(pid)
-    deadline = time.monotonic() + timeout
-    for pid in killed:
-        while time.monotonic() < deadline:
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, os.WNOHANG)  # ours: reap (asyncio's watcher may be first)
-            if not os.path.exists(f"/proc/{pid}"):
-                break
-            time.sleep(0.01)
-    return killed
-
-
-if __name__ == "__main__":
-    try:
-        image = ensure_guest()
-    except GuestUnavailable as exc:
-        print(f"guest unavailable: {exc}", file=sys.stderr)
-        sys.exit(1)
-    print(f"kernel {image.kernel}\ninitrd {image.initrd}")

@@ -5,18 +5,18 @@ Concern: what a test daemon's ``qemu`` backend needs from this machine under its
 
 * **QEMU's user.** Run as root (CI), the backend runs QEMU as an unprivileged user:
   :func:`qemu_user` creates :data:`TEST_QEMU_USER` (``useradd --system --no-create-home
-  --user-group``) on first need when it is missing, and :func:`release_qemu_user` (at the end of
-  the session) removes it again if the tests created it.  Several test sessions may run at once
-  on one machine: each holds a shared lock on :data:`LOCK_FILE` while it may use the user;
-  :data:`CREATE_LOCK_FILE` serialises the creation and says whether the tests created it; only
-  a session that finds no other holder removes it.  Not root: QEMU runs as the tester, and
-  nothing is created.
+  --user-group``, in group ``kvm`` where there is one) on first need when it is missing, and
+  :func:`release_qemu_user` (at the end of the session) removes it again if the tests created
+  it.  Several test sessions may run at once on one machine: each holds a shared lock on
+  :data:`LOCK_FILE` while it may use the user; :data:`CREATE_LOCK_FILE` serialises the creation
+  and says whether the tests created it; only a session that finds no other holder removes it.
+  Not root: QEMU runs as the tester, and nothing is created.
 * **Post-copy.** QEMU 7.2 calls ``userfaultfd(2)`` itself, which the kernel refuses to an
   unprivileged user unless ``vm.unprivileged_userfaultfd = 1`` (``.ci/run`` sets it).  Where it is
   0, a test marked ``postcopy`` runs QEMU as root instead (:func:`postcopy_as_root`); every
   other test runs it unprivileged.
 * **Storage.** The test guest's kernel and initrd lie in the guest cache
-  (``tests.guest.build.cache_dir``): every test backend has it among its ``storage_dirs``
+  (:func:`virtmig.testing.guest.cache_dir`): every test backend has it among its ``storage_dirs``
   (:func:`qemu_settings`, :func:`daemon_settings`).
 * **Serial logs.** A guest's serial port writes to ``serialN.log`` in its folder on whichever host
   runs it: :func:`serial_log` finds it by uuid.
@@ -35,9 +35,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-from tests.guest.build import cache_dir
 from virtmig.daemon.backend.qemu import QemuSettings
 from virtmig.daemon.backend.qemu.confine import UFFD_SYSCTL
+from virtmig.testing.guest import cache_dir
 
 TEST_QEMU_USER = "virtmig-test-qemu"
 LOCK_FILE = Path(tempfile.gettempdir()) / "virtmig-test-qemu-user.lock"  # shared: in use
@@ -77,6 +77,17 @@ def _exists(user: str) -> bool:
     return True
 
 
+def _kvm_group() -> list[str]:
+    """``useradd`` options putting the user in group ``kvm`` where there is one: the test guest
+    runs under KVM where this machine boots it so (:func:`virtmig.testing.guest_domain_type`),
+    and ``/dev/kvm`` is usually ``root:kvm`` 0660."""
+    try:
+        grp.getgrnam("kvm")
+    except KeyError:
+        return []
+    return ["--groups", "kvm"]
+
+
 def qemu_user() -> str:
     """The user test daemons run QEMU as; created here when root and missing."""
     global _held
@@ -91,7 +102,7 @@ def qemu_user() -> str:
         fcntl.flock(marker, fcntl.LOCK_EX)  # one creator at a time
         if not _exists(TEST_QEMU_USER):
             subprocess.run(["useradd", "--system", "--no-create-home", "--user-group",
-                            "--shell", "/usr/sbin/nologin", TEST_QEMU_USER],
+                            *_kvm_group(), "--shell", "/usr/sbin/nologin", TEST_QEMU_USER],
                            check=True, capture_output=True)
             marker.seek(0)
             marker.truncate()

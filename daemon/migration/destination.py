@@ -1,0 +1,276 @@
+"""The destination's phases: Prepare (the incoming domain, paused, and its data port) and Finish
+(wait for the stream, start the vCPUs or keep the guest paused, persist; else undo the domain).
+
+Each phase checks its inputs before changing anything; any failure undoes the incoming domain
+(:func:`~virtmig.daemon.migration.rollback.dst_discard`), except a post-copy failure in Finish:
+nothing can be rolled back then, and the guest stays paused for recovery.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import time
+
+from virtmig.daemon import cookie as ck
+from virtmig.daemon import jobctl
+from virtmig.daemon.backend.base import (
+    BackendError,
+    GuestRunState,
+    MigrationStatus,
+    MigrationTuning,
+    PostcopyFailed,
+    StreamAddress,
+)
+from virtmig.daemon.core import Daemon
+from virtmig.daemon.domxml import DomainDef, parse_domain_xml, rename
+from virtmig.daemon.job import AsyncJob, MigrationJob, Phase
+from virtmig.daemon.migration.common import _job_of, any_check, any_cookie, any_stats
+from virtmig.daemon.migration.owner import any_check_owner
+from virtmig.daemon.migration.rollback import dst_discard
+from virtmig.daemon.migration.tuning import dst_tuning
+from virtmig.daemon.migration.uri import dst_parse_uri_in, dst_uri_out
+from virtmig.daemon.registry import DomainObj
+from virtmig.proto.errors import (
+    InternalError,
+    InvalidArgument,
+    MigrateFinishOk,
+    NoDomain,
+    OperationFailed,
+    OperationInvalid,
+    VirtmigError,
+)
+from virtmig.proto.flags import (
+    DomainState,
+    JobType,
+    MigrateFlags,
+    PausedReason,
+    RunningReason,
+    ShutoffReason,
+)
+from virtmig.proto.params import MigrateParam, Party, TypedParams
+
+F = MigrateFlags
+P = MigrateParam
+
+
+async def dst_prepare(
+    daemon: Daemon, params: TypedParams, cookie_in: bytes, flags: int, owner: str = ""
+) -> tuple[bytes, str | None]:
+    f = any_check(daemon, flags, params, "virDomainMigratePrepare3Params", Party.DST)
+    offline = bool(f & F.OFFLINE)
+    dom_xml = params.get_str(P.DEST_XML)
+    if not dom_xml:
+        raise InvalidArgument("no domain XML passed")
+    uri_in = params.get_str(P.URI)
+    listen = params.get_str(P.LISTEN_ADDRESS) or daemon.config.migration_address
+    want_port: int | None = None
+    host = ""
+    tunnelled = bool(f & F.TUNNELLED)
+    if tunnelled:
+        listen = "127.0.0.1"  # reached through the Tunnel RPC only
+    elif not offline:
+        if uri_in:
+            host, want_port = dst_parse_uri_in(uri_in)
+        else:
+            host = daemon.config.migration_host or daemon.hostname
+            if host.startswith("localhost"):
+                raise OperationFailed(
+                    "hostname on destination resolved to localhost, but migration requires an FQDN")
+    d = parse_domain_xml(dom_xml)
+    origname = d.name
+    dname = params.get_str(P.DEST_NAME)
+    if dname and dname != d.name:
+        d = rename(d, dname)
+    ck.parse_cookie(
+        cookie_in,
+        expected_name=origname,
+        expected_uuid=d.uuid,
+        local_hostuuid=daemon.host_uuid,
+        accept=ck.ACCEPT_PREPARE,
+    )
+    daemon.backend.validate(daemon.spec(d))
+
+    jobctl.check_limit(daemon, AsyncJob.MIGRATION_IN)
+    existing = daemon.registry.check_define(d)
+    if existing is not None and (existing.active or existing.job is not None):
+        raise OperationInvalid(f"domain '{existing.name}' is already active")
+    dom = existing or daemon.registry.add(DomainObj(uuid=d.uuid, name=d.name))
+    async with dom.lock:
+        job = MigrationJob(
+            kind=AsyncJob.MIGRATION_IN, phase=Phase.PREPARE, flags=f, params=params.copy(),
+            origname=origname, owner=owner,
+        )
+        dom.job = job
+        job.busy = True
+        try:
+            dom.live = d
+            if offline:
+                daemon.registry.save_status(dom)
+                uri_out = None
+            else:
+                port = await _dst_listen(daemon, dom, d, listen, want_port,
+                                         dst_tuning(f, params))
+                job.port = port
+                dom.id = daemon.registry.new_id()
+                daemon.set_state(dom, DomainState.PAUSED, PausedReason.MIGRATION)
+                uri_out = None if tunnelled else dst_uri_out(host, port, given=bool(uri_in))
+            cookie = any_cookie(daemon, origname, d.uuid)
+        except BaseException:
+            await dst_discard(daemon, dom, existed=existing is not None,
+                              record=job.record(JobType.FAILED, "prepare failed"))
+            raise
+        job.busy = False
+    await any_check_owner(daemon, dom)
+    return cookie, uri_out
+
+
+async def _dst_listen(
+    daemon: Daemon, dom: DomainObj, d: DomainDef, listen: str, want_port: int | None,
+    tuning: MigrationTuning,
+) -> int:
+    spec = daemon.spec(d)
+    candidates = [want_port] if want_port else daemon.ports.candidates()
+    last: OSError | None = None
+    for port in candidates:
+        try:
+            bound = await daemon.backend.incoming_start(spec, StreamAddress(listen, port),
+                                                        tuning)
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise OperationFailed(
+                    f"cannot listen for incoming migration on {listen}:{port}: "
+                    f"{exc.strerror or exc}"
+                ) from exc
+            last = exc
+            continue
+        except BackendError as exc:
+            raise OperationFailed(f"cannot start incoming guest: {exc}") from exc
+        daemon.ports.take(bound)
+        return bound
+    raise OperationFailed(
+        f"no free migration port on {listen}"
+        + (f": {last.strerror}" if last is not None else "")
+    )
+
+
+async def dst_finish(
+    daemon: Daemon, params: TypedParams, cookie_in: bytes, flags: int, cancelled: bool
+) -> tuple[DomainObj, bytes]:
+    f = any_check(daemon, flags, params, "virDomainMigrateFinish3Params", Party.DST)
+    dname = params.get_str(P.DEST_NAME)
+    if not dname:
+        raise NoDomain("missing domain name")
+    dom = daemon.registry.by_name(dname)
+    async with dom.lock:
+        job = _job_of(dom, AsyncJob.MIGRATION_IN)
+        if job.busy:
+            raise OperationInvalid(
+                f"domain '{dom.name}' incoming migration is busy in another call")
+        job.busy = True
+        existed = dom.config is not None
+        try:
+            job.set_phase(Phase.FINISH3)
+            daemon.registry.save_status(dom)
+            if cancelled:
+                raise _dst_cancelled_error(daemon, dom)
+            incoming = ck.parse_cookie_opt(
+                cookie_in,
+                expected_name=job.origname,
+                expected_uuid=dom.uuid,
+                local_hostuuid=daemon.host_uuid,
+                accept=ck.ACCEPT_FINISH,
+            )
+            persistent = _dst_persistent_def(dom, incoming) if f & F.PERSIST_DEST else None
+            if f & F.OFFLINE:
+                return await _dst_finish_offline(daemon, dom, job, persistent)
+            if daemon.backend.state(dom.uuid) is GuestRunState.SHUTOFF:
+                raise OperationFailed("guest unexpectedly quit")
+            if f & F.POSTCOPY and await _dst_switched(daemon, dom):
+                # Post-copy: the guest runs here while its last pages arrive.
+                job.postcopy = True
+                await daemon.backend.resume(dom.uuid)
+                daemon.set_state(dom, DomainState.RUNNING, RunningReason.POSTCOPY)
+            try:
+                job.progress = await daemon.backend.incoming_wait(dom.uuid)
+            except PostcopyFailed as exc:
+                # Nothing can be rolled back: keep the guest, paused, for recovery.
+                daemon.set_state(dom, DomainState.PAUSED, PausedReason.POSTCOPY_FAILED)
+                job.set_phase(Phase.POSTCOPY_FAILED)
+                daemon.registry.save_status(dom)
+                raise OperationFailed(f"post-copy migration failed: {exc}") from exc
+            except BackendError as exc:
+                raise OperationFailed(f"job 'migration in' failed: {exc}") from exc
+            if f & F.PAUSED:
+                daemon.set_state(dom, DomainState.PAUSED, PausedReason.USER)
+            else:
+                await daemon.backend.resume(dom.uuid)
+                # (end_job below writes the status: nothing is awaited before it)
+                daemon.set_state(dom, DomainState.RUNNING, RunningReason.MIGRATED, save=False)
+            if persistent is not None:
+                dom.config = persistent
+                daemon.registry.save_config(dom)
+            if job.port:
+                daemon.ports.release(job.port)
+            await daemon.registry.end_job(dom, job.record(JobType.COMPLETED))
+            return dom, any_cookie(
+                daemon, job.origname, dom.uuid, statistics=any_stats(job.progress, job.started)
+            )
+        except BaseException as exc:
+            if job.phase is Phase.POSTCOPY_FAILED:
+                job.busy = False
+                raise
+            err = str(exc) if not isinstance(exc, MigrateFinishOk) else ""
+            jtype = JobType.CANCELLED if cancelled else JobType.FAILED
+            await dst_discard(daemon, dom, existed=existed, record=job.record(jtype, err))
+            raise
+
+
+async def _dst_switched(daemon: Daemon, dom: DomainObj) -> bool:
+    """Whether the incoming stream switched to post-copy (else it completed, or failed).
+
+    The source's Perform returns at the switch, possibly before this side has read the switch
+    from the stream: wait (bounded) until the incoming side reports either outcome.
+    """
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        status = daemon.backend.progress(dom.uuid).status
+        if status is MigrationStatus.POSTCOPY_ACTIVE:
+            return True
+        if status in (MigrationStatus.COMPLETED, MigrationStatus.FAILED,
+                      MigrationStatus.CANCELLED):
+            return False
+        if daemon.backend.state(dom.uuid) is GuestRunState.SHUTOFF:
+            return False
+        await asyncio.sleep(0.01)
+    return False
+
+
+def _dst_cancelled_error(daemon: Daemon, dom: DomainObj) -> VirtmigError:
+    """What Finish(cancelled) reports: the incoming side's own error, or FINISH_OK."""
+    progress = daemon.backend.progress(dom.uuid)
+    if progress.error:
+        return OperationFailed(f"job 'migration in' failed: {progress.error}")
+    return MigrateFinishOk()
+
+
+def _dst_persistent_def(dom: DomainObj, incoming: ck.Cookie | None) -> DomainDef:
+    if incoming is not None and incoming.persistent_xml:
+        d = parse_domain_xml(incoming.persistent_xml)
+        if d.uuid != dom.uuid:
+            raise InternalError(f"persistent definition uuid {d.uuid} does not match {dom.uuid}")
+        return rename(d, dom.name) if d.name != dom.name else d
+    return dom.definition
+
+
+async def _dst_finish_offline(
+    daemon: Daemon, dom: DomainObj, job: MigrationJob, persistent: DomainDef | None
+) -> tuple[DomainObj, bytes]:
+    dom.config = persistent if persistent is not None else dom.definition
+    dom.live = None
+    dom.state = DomainState.SHUTOFF
+    dom.reason = int(ShutoffReason.UNKNOWN)
+    daemon.registry.save_config(dom)
+    await daemon.registry.end_job(dom, job.record(JobType.COMPLETED))
+    return dom, b""
+

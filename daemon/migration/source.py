@@ -1,0 +1,366 @@
+"""The source's phases: Begin (the migratable XML and cookie A; the job, with change
+protection), Perform (stream the guest to the destination) and Confirm (stop the source as
+migrated, or put it back).
+
+Perform runs in steps, top-down in :func:`src_perform`: take the job, check and enter phase
+perform3, stream (the domain's lock released, the job's watcher running), then perform3_done and
+cookie C.  Perform ends the job on any failure, the source put back as it was (the client calls no
+Confirm after a failed Perform); when the daemon stopped the stream itself, its reason is the
+error (:func:`_perform_error`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+
+from virtmig.daemon import cookie as ck
+from virtmig.daemon import jobctl
+from virtmig.daemon.backend.base import (
+    BackendError,
+    MigrationCancelled,
+    MigrationProgress,
+    MigrationStatus,
+    StreamAddress,
+)
+from virtmig.daemon.core import Daemon
+from virtmig.daemon.domxml import (
+    DomainDef,
+    check_abi_stability,
+    format_domain_xml,
+    parse_domain_xml,
+)
+from virtmig.daemon.job import AsyncJob, MigrationJob, Phase
+from virtmig.daemon.migration.common import (
+    _job_of,
+    _no_job,
+    _require_active,
+    any_check,
+    any_cookie,
+    any_stats,
+)
+from virtmig.daemon.migration.owner import any_check_owner
+from virtmig.daemon.migration.rollback import src_restore
+from virtmig.daemon.migration.tuning import src_tuning
+from virtmig.daemon.migration.uri import src_parse_uri
+from virtmig.daemon.registry import DomainObj
+from virtmig.proto.errors import (
+    InvalidArgument,
+    OperationAborted,
+    OperationFailed,
+    OperationInvalid,
+    VirtmigError,
+)
+from virtmig.proto.flags import DomainState, JobType, MigrateFlags, PausedReason, ShutoffReason
+from virtmig.proto.params import MigrateParam, TypedParams
+
+log = logging.getLogger(__name__)
+
+F = MigrateFlags
+P = MigrateParam
+
+
+# =================================================================================================
+# Begin
+
+
+async def src_begin(
+    daemon: Daemon, dom: DomainObj, params: TypedParams, flags: int, owner: str = ""
+) -> tuple[str, bytes]:
+    f = any_check(daemon, flags, params, "virDomainMigrateBegin3Params")
+    async with dom.lock:
+        _no_job(dom)
+        offline = bool(f & F.OFFLINE)
+        if not offline:
+            _require_active(dom)
+        current = dom.config if offline and dom.config is not None else dom.definition
+        xml = _src_begin_xml(current, params)
+        cookie = any_cookie(daemon, dom.name, dom.uuid)
+        if f & F.CHANGE_PROTECTION:
+            jobctl.check_limit(daemon, AsyncJob.MIGRATION_OUT)
+            dom.job = MigrationJob(
+                kind=AsyncJob.MIGRATION_OUT,
+                phase=Phase.BEGIN3,
+                flags=f,
+                params=params.copy(),
+                pre_state=dom.state,
+                owner=owner,
+            )
+            daemon.registry.save_status(dom)
+    await any_check_owner(daemon, dom)
+    return xml, cookie
+
+
+def _src_begin_xml(current: DomainDef, params: TypedParams) -> str:
+    xmlin = params.get_str(P.DEST_XML)
+    if xmlin is None:
+        return format_domain_xml(current, migratable=True)
+    target = parse_domain_xml(xmlin)
+    check_abi_stability(current, target)
+    return format_domain_xml(target, migratable=True)
+
+
+# =================================================================================================
+# Perform
+
+
+async def src_perform(
+    daemon: Daemon,
+    dom: DomainObj,
+    dconnuri: str | None,
+    params: TypedParams,
+    cookie_in: bytes,
+    flags: int,
+    tunnel: StreamAddress | None = None,
+) -> bytes:
+    """``tunnel``: where the stream goes in a tunnelled migration (the source's tunnel end)."""
+    f = any_check(daemon, flags, params, "virDomainMigratePerform3Params")
+    if dconnuri:
+        raise InvalidArgument("Unexpected dconnuri parameter with non-peer2peer migration")
+    async with dom.lock:
+        job = _src_perform_job(daemon, dom, f, params)
+        dest, persistent = await _src_perform_start(daemon, dom, job, f, params, cookie_in,
+                                                    tunnel)
+    # The lock is not held while the stream runs: read-only calls, destroy, abort and tuning
+    # must get through.
+    await _src_stream(daemon, dom, job, f, params, dest)
+    async with dom.lock:
+        cookie = _src_perform_done(daemon, dom, job, persistent)
+    await any_check_owner(daemon, dom)
+    return cookie
+
+
+def _src_perform_job(
+    daemon: Daemon, dom: DomainObj, f: MigrateFlags, params: TypedParams
+) -> MigrationJob:
+    """The job Perform runs in, marked busy: Begin's (change protection) or a new one."""
+    if f & F.CHANGE_PROTECTION:
+        job = _job_of(dom, AsyncJob.MIGRATION_OUT)
+        if job.busy or job.phase is not Phase.BEGIN3:
+            raise OperationInvalid(
+                f"domain '{dom.name}' is already being migrated (phase {job.phase.label})")
+    else:
+        _no_job(dom)
+        jobctl.check_limit(daemon, AsyncJob.MIGRATION_OUT)
+        job = MigrationJob(kind=AsyncJob.MIGRATION_OUT, phase=Phase.NONE, flags=f,
+                           params=params.copy(), pre_state=dom.state)
+        dom.job = job
+    job.busy = True
+    return job
+
+
+async def _src_perform_start(
+    daemon: Daemon, dom: DomainObj, job: MigrationJob, f: MigrateFlags, params: TypedParams,
+    cookie_in: bytes, tunnel: StreamAddress | None,
+) -> tuple[StreamAddress, str | None]:
+    """Perform's checks, then phase perform3: where the stream goes, and the persistent XML for
+    cookie C (PERSIST_DEST).  The guest is not touched yet; a failure ends the job."""
+    try:
+        if job.abort_requested:
+            raise MigrationCancelled("aborted before perform")
+        _require_active(dom)
+        jobctl.check_timeout_params(params)
+        ck.parse_cookie(
+            cookie_in,
+            expected_name=dom.name,
+            expected_uuid=dom.uuid,
+            local_hostuuid=daemon.host_uuid,
+            accept=ck.ACCEPT_PERFORM,
+        )
+        dest = tunnel if tunnel is not None else src_parse_uri(params.get_str(P.URI))
+        persistent = _src_persistent_xml(dom, params) if f & F.PERSIST_DEST else None
+        job.set_phase(Phase.PERFORM3)
+        job.streamed = True
+        job.flags = f
+        job.params = params.copy()
+        daemon.registry.save_status(dom)
+    except BaseException as exc:
+        # Perform ends the job on any failure: the client calls no Confirm after it.
+        err = _perform_error(job, exc)
+        jtype = JobType.CANCELLED if isinstance(exc, MigrationCancelled) else JobType.FAILED
+        await daemon.registry.end_job(dom, job.record(jtype, str(err)))
+        if isinstance(exc, MigrationCancelled):
+            raise err from exc
+        raise
+    return dest, persistent
+
+
+async def _src_stream(
+    daemon: Daemon, dom: DomainObj, job: MigrationJob, f: MigrateFlags, params: TypedParams,
+    dest: StreamAddress,
+) -> None:
+    """Stream the guest to ``dest`` (paused first unless LIVE) while the job's watcher runs.  On
+    failure the source is put back, the job ends, and the caller's error is raised."""
+    watcher = asyncio.get_running_loop().create_task(jobctl.src_watch(daemon, dom, job))
+    try:
+        if not f & F.LIVE and dom.state is DomainState.RUNNING:
+            await daemon.backend.pause(dom.uuid)
+            daemon.set_state(dom, DomainState.PAUSED, PausedReason.MIGRATION)
+        if job.abort_requested:
+            raise MigrationCancelled("aborted before the stream started")
+        job.progress = await daemon.backend.outgoing(dom.uuid, dest, src_tuning(daemon, dom, f,
+                                                                               params))
+    except (BackendError, VirtmigError) as exc:
+        await _stop(watcher)
+        await _src_perform_failed(daemon, dom, job, exc)
+        raise _perform_error(job, exc) from exc
+    except BaseException as exc:
+        await _stop(watcher)
+        await _src_perform_failed(daemon, dom, job, exc)
+        raise
+    await _stop(watcher)
+
+
+def _src_perform_done(
+    daemon: Daemon, dom: DomainObj, job: MigrationJob, persistent: str | None
+) -> bytes:
+    """The stream is over (or switched to post-copy): the guest stays paused, phase
+    perform3_done; cookie C, with the statistics and the persistent XML."""
+    if job.progress.status is MigrationStatus.POSTCOPY_ACTIVE:
+        job.postcopy = True
+        daemon.set_state(dom, DomainState.PAUSED, PausedReason.POSTCOPY, save=False)
+    else:
+        daemon.set_state(dom, DomainState.PAUSED, PausedReason.MIGRATION, save=False)
+    job.set_phase(Phase.PERFORM3_DONE)
+    job.busy = False
+    daemon.registry.save_status(dom)
+    return any_cookie(
+        daemon, dom.name, dom.uuid,
+        statistics=any_stats(job.progress, job.started),
+        persistent_xml=persistent,
+        mandatory=("persistent",) if persistent is not None else (),
+    )
+
+
+def _src_persistent_xml(dom: DomainObj, params: TypedParams) -> str:
+    given = params.get_str(P.PERSIST_XML)
+    if given is not None:
+        d = parse_domain_xml(given)
+        if d.uuid != dom.uuid:
+            raise InvalidArgument(
+                f"persistent XML uuid {d.uuid} does not match domain uuid {dom.uuid}")
+        return format_domain_xml(d, migratable=True)
+    return format_domain_xml(dom.config or dom.definition, migratable=True)
+
+
+async def _stop(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+def _perform_error(job: MigrationJob, exc: BaseException) -> VirtmigError:
+    """What a failed Perform reports.
+
+    When the daemon stopped the stream for a reason of its own (``job.fail_error``: the stall
+    watchdog, the completion timeout, a lost destination), that reason: what the backend then
+    says of the stopped stream (cancelled, or failed: it gave up ending it) is a consequence.
+    libvirt does the same (qemuMigrationSrcRun keeps a job's first error over the cancel's).
+    """
+    if job.fail_error is not None and isinstance(exc, BackendError):
+        return job.fail_error
+    if isinstance(exc, MigrationCancelled):
+        return OperationAborted("job 'migration out' canceled by client")
+    if isinstance(exc, VirtmigError):
+        return exc
+    return OperationFailed(f"job 'migration out' failed: {exc}")
+
+
+async def _src_perform_failed(
+    daemon: Daemon, dom: DomainObj, job: MigrationJob, exc: BaseException
+) -> None:
+    """Perform's own rollback (libvirt v3): the source is whole again and the job ends."""
+    replaced = job.fail_error is not None and isinstance(exc, BackendError)
+    if replaced and not isinstance(exc, MigrationCancelled):
+        # The caller sees the daemon's reason (_perform_error): the backend's words stay here.
+        log.warning("migration of %s: stream stopped (%s), then the backend failed: %s",
+                    dom.name, job.fail_error, exc)
+    else:
+        log.info("migration of %s failed in perform: %s", dom.name, exc)
+    await src_restore(daemon, dom, job)
+    job.progress = daemon.backend.progress(dom.uuid)
+    cancelled = isinstance(exc, MigrationCancelled) and job.fail_error is None
+    jtype = JobType.CANCELLED if cancelled else JobType.FAILED
+    await daemon.registry.end_job(dom, job.record(jtype, str(_perform_error(job, exc))))
+
+
+# =================================================================================================
+# Confirm
+
+
+async def src_confirm(
+    daemon: Daemon,
+    dom: DomainObj,
+    params: TypedParams,
+    cookie_in: bytes,
+    flags: int,
+    cancelled: bool,
+) -> None:
+    f = any_check(daemon, flags, params, "virDomainMigrateConfirm3Params")
+    async with dom.lock:
+        if dom.job is None and cancelled:
+            # Perform already rolled back and ended the job: Confirm(cancelled) is a no-op.
+            return
+        job = _job_of(dom, AsyncJob.MIGRATION_OUT)
+        if job.busy:
+            raise OperationInvalid(f"domain '{dom.name}' migration is busy in another call")
+        if not cancelled and job.phase is not Phase.PERFORM3_DONE and not f & F.OFFLINE:
+            raise OperationInvalid(
+                f"domain '{dom.name}' migration has not been performed (phase {job.phase.label})")
+        job.busy = True
+        try:
+            job.set_phase(Phase.CONFIRM3_CANCELLED if cancelled else Phase.CONFIRM3)
+            daemon.registry.save_status(dom)
+            stats = ck.parse_cookie_opt(
+                cookie_in,
+                expected_name=dom.name,
+                expected_uuid=dom.uuid,
+                local_hostuuid=daemon.host_uuid,
+                accept=ck.ACCEPT_CONFIRM,
+            )
+            if stats is not None and stats.statistics is not None:
+                job.progress = _with_dst_downtime(job.progress, stats.statistics)
+        except BaseException:
+            job.busy = False
+            raise
+        if cancelled and job.postcopy:
+            # The destination may run with part of the memory: never resume here.
+            daemon.set_state(dom, DomainState.PAUSED, PausedReason.POSTCOPY_FAILED)
+            job.set_phase(Phase.POSTCOPY_FAILED)
+            job.busy = False
+            daemon.registry.save_status(dom)
+            return
+        if cancelled:
+            await src_restore(daemon, dom, job)
+            await daemon.registry.end_job(dom, job.record(JobType.FAILED, "migration cancelled"))
+            return
+        if not f & F.OFFLINE:
+            if job.postcopy:
+                try:
+                    job.progress = await daemon.backend.outgoing_wait(dom.uuid)
+                except BackendError as exc:
+                    daemon.set_state(dom, DomainState.PAUSED, PausedReason.POSTCOPY_FAILED)
+                    job.set_phase(Phase.POSTCOPY_FAILED)
+                    job.busy = False
+                    daemon.registry.save_status(dom)
+                    raise OperationFailed(f"post-copy migration failed: {exc}") from exc
+            await daemon.backend.destroy(dom.uuid)
+            await daemon.registry.end_job(dom, job.record(JobType.COMPLETED))
+            if f & F.UNDEFINE_SOURCE and dom.config is not None:
+                dom.config = None
+                daemon.registry.save_config(dom)
+            daemon.mark_inactive(dom, ShutoffReason.MIGRATED)
+            return
+        await daemon.registry.end_job(dom, job.record(JobType.COMPLETED))
+        if f & F.UNDEFINE_SOURCE and not dom.active and dom.config is not None:
+            dom.config = None
+            daemon.registry.save_config(dom)
+            daemon.registry.remove(dom)
+
+
+def _with_dst_downtime(progress: MigrationProgress, stats: ck.MigrationStats) -> MigrationProgress:
+    if stats.downtime:
+        return dataclasses.replace(progress, downtime_ms=stats.downtime)
+    return progress

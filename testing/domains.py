@@ -1,0 +1,64 @@
+"""Domain XML for test guests: a ``test`` backend guest, and a ``qemu`` guest running the test
+guest image (:mod:`virtmig.testing.guest`)."""
+
+from __future__ import annotations
+
+import textwrap
+
+from virtmig.testing.guest import GuestImage
+from virtmig.testing.qemu import guest_domain_type
+
+
+def domain_xml(name: str = "vm1", memory_mib: int = 64, *, uuid: str | None = None,
+               dirty_rate_mib: int = 0, extra_options: str = "") -> str:
+    """A ``test`` backend guest; ``dirty_rate_mib``: MiB/s it writes to its memory while it runs;
+    ``extra_options``: more attributes of its ``<virtmig:guest>`` element (``fault=...``)."""
+    uuid_el = f"<uuid>{uuid}</uuid>" if uuid else ""
+    opts = f'dirty-rate-mib="{dirty_rate_mib}" ' if dirty_rate_mib else ""
+    return textwrap.dedent(f"""\
+        <domain type='test'>
+          <name>{name}</name>
+          {uuid_el}
+          <memory unit='MiB'>{memory_mib}</memory>
+          <vcpu>1</vcpu>
+          <os><type arch='x86_64' machine='pc'>hvm</type></os>
+          <metadata>
+            <virtmig:guest xmlns:virtmig="urn:virtmig:domain:1" {opts}{extra_options}/>
+          </metadata>
+          <devices>
+            <serial type='pty'><target port='0'/></serial>
+          </devices>
+        </domain>
+        """)
+
+
+def qemu_domain_xml(image: GuestImage, name: str = "vm1", memory_mib: int = 256, *,
+                    uuid: str | None = None, dirty_mb: int = 64, dirty_rate: int = 0,
+                    domain_type: str | None = None) -> str:
+    """A ``qemu`` domain running the test guest ``image``.
+
+    ``domain_type``: ``kvm`` or ``qemu`` (TCG); by default KVM where this machine runs the
+    guest with it (:func:`~virtmig.testing.qemu.guest_domain_type`).  Its serial console goes
+    to the log file in the guest's folder on whichever host runs it (:meth:`Host.serial_log`;
+    the confined backend refuses serial files outside that folder).
+    """
+    uuid_el = f"<uuid>{uuid}</uuid>" if uuid else ""
+    console = "<serial type='pty'><target port='0'/></serial>"
+    return textwrap.dedent(f"""\
+        <domain type='{domain_type or guest_domain_type(image)}'>
+          <name>{name}</name>
+          {uuid_el}
+          <memory unit='MiB'>{memory_mib}</memory>
+          <vcpu>1</vcpu>
+          <os>
+            <type arch='x86_64' machine='pc'>hvm</type>
+            <kernel>{image.kernel}</kernel>
+            <initrd>{image.initrd}</initrd>
+            <cmdline>{image.cmdline(dirty_mb=dirty_mb, dirty_rate=dirty_rate)}</cmdline>
+          </os>
+          <devices>
+            {console}
+            <memballoon model='none'/>
+          </devices>
+        </domain>
+        """)

@@ -1,1 +1,0 @@
-"""The QEMU test guest: sources and the builder that caches the kernel and initramfs."""
