@@ -21,11 +21,20 @@ Each host's QEMU writes the guest's serial console to the log in that host's own
 (the confined qemu backend writes nowhere else): a test reads the source's, then the
 destination's, found by uuid (``Host.serial_log``).  Both daemons run QEMU confined: sandboxed
 and, when the tests run as root, as the tests' unprivileged user (``virtmig.testing.qemu_user``).
+
+Under load those long migrations are not rare: with both cores busy, about one dirtying TCG
+migration in five ends with the destination's guest kernel crashing right after the switchover
+(an oops or panic on its serial console while QMP says ``running``); the same happens with the
+code before this suite existed and, per the shared QEMU notes, with QEMU driven by hand.  Such a
+crash is reported as :class:`GuestKernelCrashed`, and a test that fails with it (and nothing
+else) is run once more: a defect of virtmig's fails both runs, a defect of QEMU 7.2's TCG
+migration rarely does.  Every other failure fails at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -56,7 +65,8 @@ from virtmig.testing import (
     wait_until,
 )
 
-pytestmark = pytest.mark.qemu
+# Rerun once only when the destination guest's kernel crashed (see the docstring).
+pytestmark = [pytest.mark.qemu, pytest.mark.flaky(reruns=1, only_rerun=["GuestKernelCrashed"])]
 
 F = MigrateFlags
 P = MigrateParam
@@ -77,12 +87,30 @@ def heartbeats(path: Path) -> list[tuple[int, bool]]:
     return [(int(m.group(1)), m.group(3) == b"1") for m in HEARTBEAT.finditer(data)]
 
 
+# What a Linux kernel prints when it crashes (an oops, a panic, a fault in kernel mode).
+KERNEL_CRASH = re.compile(rb"Kernel panic|BUG: |Oops|general protection fault|"
+                          rb"Fatal exception|RIP: 00")
+
+
+class GuestKernelCrashed(AssertionError):
+    """The guest's kernel crashed (its serial console shows an oops or a panic)."""
+
+
 async def wait_heartbeat(path: Path, above: int, timeout: float) -> int:
-    """Wait until the log shows a heartbeat counter above ``above``; return the latest one."""
+    """Wait until the log shows a heartbeat counter above ``above``; return the latest one.
+
+    Fails with :class:`GuestKernelCrashed` as soon as the guest's kernel crashed instead."""
 
     def latest_above() -> int | None:
         beats = heartbeats(path)
-        return beats[-1][0] if beats and beats[-1][0] > above else None
+        if beats and beats[-1][0] > above:
+            return beats[-1][0]
+        with contextlib.suppress(FileNotFoundError):
+            if KERNEL_CRASH.search(path.read_bytes()):
+                raise GuestKernelCrashed(
+                    f"the guest's kernel crashed (no heartbeat above {above}): "
+                    f"serial tail {serial_tail(path)!r}")
+        return None
 
     return await wait_until(
         latest_above, timeout=timeout, interval=0.1,

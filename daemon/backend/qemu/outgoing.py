@@ -60,6 +60,8 @@ CANCEL_ANSWER_TIMEOUT = 3.0  # migrate_cancel (and yank) must be answered within
 CANCEL_TIMEOUT = 10.0  # from the cancel request to the migration's end, else yank
 YANK_TIMEOUT = 10.0  # from the yank to the migration's end, else give up
 STOP_TIMEOUT = CANCEL_TIMEOUT + YANK_TIMEOUT  # the longest a cancel takes to end the flow
+FINALIZE_TIMEOUT = 10.0  # a failed migration leaves finish-migrate (QEMU restarts the vCPUs)
+FINALIZE_POLL = 0.1  # query-status while QEMU finishes a failed migration
 
 
 async def src_migrate(
@@ -291,7 +293,7 @@ async def _src_settle_failed(
     """The migration failed or was cancelled: the source runs again if it ran before."""
     if not guest.exited:
         try:
-            status = await refresh_status(qmp, guest)
+            status = await _src_finalized_status(qmp, guest)
             if mig.was_running and status != "running":
                 # QEMU restarts a guest it stopped itself; this covers the rest (never a
                 # completed migration: that path does not come here).
@@ -304,6 +306,23 @@ async def _src_settle_failed(
                else MigrationStatus.FAILED)
     mig.final = replace(mig.last, status=outcome, error=str(error))
     return error
+
+
+async def _src_finalized_status(qmp: Exec, guest: _Guest) -> str:
+    """The source's run state once QEMU has finished with the failed migration.
+
+    A migration that failed in its completion phase (the vCPUs stopped, the last pages being
+    written) leaves QEMU in ``finish-migrate`` until its migration thread has wound down; it then
+    restarts the vCPUs itself, and a ``cont`` before that is refused ("Migration is not
+    finalized yet").  So wait, bounded, for another state before deciding anything.
+    """
+    deadline = time.monotonic() + FINALIZE_TIMEOUT
+    status = await refresh_status(qmp, guest)
+    while status == "finish-migrate" and time.monotonic() < deadline:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(guest.changed().wait(), FINALIZE_POLL)
+        status = await refresh_status(qmp, guest)
+    return status
 
 
 async def _src_cancel_and_wait(qmp: Exec, guest: _Guest, mig: _Outgoing) -> None:
