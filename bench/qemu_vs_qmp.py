@@ -32,13 +32,15 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from qemu.qmp import QMPClient
 
 from virtmig.daemon.backend.base import GuestSpec
-from virtmig.daemon.backend.qemu import SOCKET_NAME, parse_config
+from virtmig.daemon.backend.qemu import SOCKET_NAME, QemuConfig, parse_config
+from virtmig.daemon.backend.qemu.process import open_guest_files
 from virtmig.daemon.domxml import parse_domain_xml
 from virtmig.proto.flags import MigrateFlags
 from virtmig.proto.params import TypedParams
@@ -48,6 +50,8 @@ from virtmig.testing import (
     ensure_guest,
     free_port,
     qemu_domain_xml,
+    qemu_settings,
+    release_qemu_user,
     start_host,
     stop_host,
 )
@@ -75,17 +79,20 @@ async def wait_ready(log: Path, timeout: float = 60) -> None:
 
 
 class BareGuest:
-    """One QEMU driven by nothing but QMP."""
+    """One QEMU driven by nothing but QMP (on virtmig's command line, files opened alike)."""
 
-    def __init__(self, argv: list[str], folder: Path) -> None:
-        self.argv, self.folder = argv, folder
+    def __init__(self, config: QemuConfig, folder: Path, *, incoming: bool) -> None:
+        self.config, self.folder, self.incoming = config, folder, incoming
         self.proc: asyncio.subprocess.Process | None = None
         self.qmp = QMPClient("bench")
         self.completed = asyncio.Event()
 
     async def start(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.proc = await asyncio.create_subprocess_exec(*self.argv, cwd=self.folder)
+        with open_guest_files(self.config, qemu_settings(), self.folder, None) as files:
+            argv = self.config.argv(files, incoming=self.incoming)
+            self.proc = await asyncio.create_subprocess_exec(*argv, cwd=self.folder,
+                                                             pass_fds=files.fds)
         sock = self.folder / SOCKET_NAME
         while True:
             try:
@@ -118,9 +125,10 @@ class BareGuest:
             await self.proc.wait()
 
 
-async def bare_migrate(src: BareGuest, argv: list[str], folder: Path) -> tuple[float, BareGuest]:
+async def bare_migrate(src: BareGuest, config: QemuConfig,
+                       folder: Path) -> tuple[float, BareGuest]:
     t0 = time.perf_counter()
-    dst = BareGuest(argv, folder)
+    dst = BareGuest(config, folder, incoming=True)
     await dst.start()
     caps = {"capabilities": [{"capability": "events", "state": True}]}
     await dst.run("migrate-set-capabilities", caps)
@@ -137,16 +145,16 @@ async def bare_migrate(src: BareGuest, argv: list[str], folder: Path) -> tuple[f
     return time.perf_counter() - t0, dst
 
 
-async def case(image: GuestImage, binary: str, work: Path, name: str, dirty_mb: int,
+async def case(image: GuestImage, work: Path, name: str, dirty_mb: int,
                dirty_rate: int, runs: int) -> dict[str, object]:
     xml = domain_xml(image, name, dirty_mb, dirty_rate)
     d = parse_domain_xml(xml)
     spec = GuestSpec(uuid=d.uuid, name=d.name, memory_bytes=d.memory_kib * 1024,
                      vcpus=d.vcpus, options={}, xml=d.xml)
-    config = parse_config(spec)
+    config = parse_config(spec, None, qemu_settings())
 
     # bare: a guest of its own, booted once
-    bare = BareGuest(config.argv(binary, work / "bare0", incoming=False), work / "bare0")
+    bare = BareGuest(config, work / "bare0", incoming=False)
     await bare.start()
     await bare.run("cont")
     await wait_ready(work / "bare0" / "serial0.log")
@@ -181,7 +189,7 @@ async def case(image: GuestImage, binary: str, work: Path, name: str, dirty_mb: 
         elapsed = 0.0
         for _ in range(2):
             folder = work / f"bare{next(folders)}"
-            t, bare = await bare_migrate(bare, config.argv(binary, folder, incoming=True), folder)
+            t, bare = await bare_migrate(bare, config, folder)
             elapsed += t
             await asyncio.sleep(PAUSE_S)
         return elapsed
@@ -217,15 +225,24 @@ async def main(runs: int) -> int:
     image = ensure_guest()
     RESULTS.mkdir(exist_ok=True)
     results = []
-    with tempfile.TemporaryDirectory(prefix="vmbench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="vmbench-") as tmp, _test_user():
         for name, mb, rate in (("idle", 16, 1), ("dirty-256m", 256, 64)):
-            r = await case(image, binary, Path(tmp), name, mb, rate, runs)
+            r = await case(image, Path(tmp), name, mb, rate, runs)
             results.append(r)
             print(f"{name:12} virtmig {float(r['virtmig_median_s']) * 1000:7.0f} ms   "  # type: ignore[arg-type]
                   f"bare QMP {float(r['bare_median_s']) * 1000:7.0f} ms   "  # type: ignore[arg-type]
                   f"ratio {float(r['ratio']):.2f}", flush=True)  # type: ignore[arg-type]
     (RESULTS / "qemu-vs-qmp.json").write_text(json.dumps(results, indent=2) + "\n")
     return 0
+
+
+@contextlib.contextmanager
+def _test_user() -> Iterator[None]:
+    """The daemons' QEMU runs as the tests' unprivileged user (when root): removed afterwards."""
+    try:
+        yield
+    finally:
+        release_qemu_user()
 
 
 if __name__ == "__main__":

@@ -21,6 +21,12 @@ Example (all keys optional)::
     completion_timeout_action = "abort"  # ... then: abort, suspend or postcopy
     max_outgoing_migrations = 0        # concurrent migrations accepted (0: no limit)
     max_incoming_migrations = 0
+    # The qemu backend's confinement (see virtmig.daemon.backend.qemu.confine):
+    emulators = ["/usr/bin/qemu-system-x86_64"]   # default: qemu-system-x86_64 on PATH
+    storage_dirs = ["/var/lib/virtmig/images"]    # disk images, kernels and initrds
+    qemu_user = "virtmig-qemu"         # QEMU's user when the daemon is root ("root": opt out)
+    qemu_group = ""                    # default: qemu_user's primary group
+    qemu_sandbox = true                # QEMU's seccomp sandbox
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ _KEYS = {
     "max_incoming_migrations", "pki_dir", "tls_allowed_dn_list", "tls_readonly_dn_list",
     "listen_insecure_tcp", "readonly_socket",
 }
+_QEMU_KEYS = {"emulators", "storage_dirs", "qemu_user", "qemu_group", "qemu_sandbox"}
 
 
 def parse_port_range(text: str) -> tuple[int, int]:
@@ -77,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="address incoming migration streams listen on")
     p.add_argument("--migration-host", metavar="HOST",
                    help="host name or address the source connects to")
+    p.add_argument("--emulator", action="append", dest="emulators", metavar="PATH",
+                   help="an emulator the qemu backend may run (repeatable)")
+    p.add_argument("--storage-dir", action="append", dest="storage_dirs", metavar="DIR",
+                   help="a folder guest images may lie in (repeatable)")
+    p.add_argument("--qemu-user", metavar="USER", help="QEMU's user when the daemon is root")
+    p.add_argument("--qemu-group", metavar="GROUP", help="QEMU's group when the daemon is root")
     p.add_argument("--ready-file", metavar="FILE",
                    help="write the bound addresses as JSON here once serving")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -90,13 +103,13 @@ def load_config(args: argparse.Namespace) -> DaemonConfig:
             data = tomllib.loads(Path(args.config).read_text())
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise InvalidArgument(f"cannot read config file {args.config}: {exc}") from exc
-        unknown = set(data) - _KEYS
+        unknown = set(data) - _KEYS - _QEMU_KEYS
         if unknown:
             raise InvalidArgument(
                 f"unknown setting(s) in {args.config}: {', '.join(sorted(unknown))}"
             )
     for key in ("state_dir", "backend", "hostname", "migration_ports", "migration_address",
-                "migration_host", "listen"):
+                "migration_host", "listen", *sorted(_QEMU_KEYS)):
         value = getattr(args, key, None)
         if value:
             data[key] = value
@@ -132,7 +145,32 @@ def load_config(args: argparse.Namespace) -> DaemonConfig:
         listen_insecure_tcp=insecure,
         readonly_socket=(_bool(data, "readonly_socket")
                          or bool(getattr(args, "readonly_socket", False))),
+        **_qemu_settings(data),
     )
+
+
+def _qemu_settings(data: dict[str, Any]) -> dict[str, Any]:
+    """The qemu backend's keys, checked (unset ones keep the backend's defaults)."""
+    out: dict[str, Any] = {}
+    for key in ("emulators", "storage_dirs"):
+        if key in data:
+            value = data[key]
+            paths = [value] if isinstance(value, str) else value
+            if not isinstance(paths, list) or not all(
+                isinstance(p, str) and p.startswith("/") for p in paths
+            ):
+                raise InvalidArgument(f"invalid {key}: expected a list of absolute paths")
+            out[key] = tuple(paths)
+    for key in ("qemu_user", "qemu_group"):
+        if key in data:
+            if not isinstance(data[key], str) or (key == "qemu_user" and not data[key]):
+                raise InvalidArgument(f"invalid {key} '{data[key]}': expected a name")
+            out[key] = data[key]
+    if "qemu_sandbox" in data:
+        if not isinstance(data["qemu_sandbox"], bool):
+            raise InvalidArgument("invalid qemu_sandbox: expected true or false")
+        out["qemu_sandbox"] = data["qemu_sandbox"]
+    return out
 
 
 def _bool(data: dict[str, Any], key: str) -> bool:

@@ -60,6 +60,12 @@ class DaemonConfig:
     listen_insecure_tcp: bool = False
     # virtmigd-ro.sock (0666, read calls only) beside the main unix socket.
     readonly_socket: bool = False
+    # The qemu backend's confinement (virtmig.daemon.backend.qemu.confine owns the defaults).
+    emulators: tuple[str, ...] = ()  # (): the qemu-system-x86_64 on PATH at start
+    storage_dirs: tuple[str, ...] | None = None  # None: /var/lib/virtmig/images
+    qemu_user: str = ""  # "": virtmig-qemu (used when the daemon runs as root)
+    qemu_group: str = ""  # "": qemu_user's primary group
+    qemu_sandbox: bool = True
     features: tuple[str, ...] = (
         Feature.MIGRATION_PARAMS.value, Feature.V3.value, Feature.P2P.value,
         Feature.OFFLINE.value, Feature.CHANGE_PROTECTION.value,

@@ -10,6 +10,7 @@ import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -21,10 +22,13 @@ from virtmig.daemon.core import Daemon, DaemonConfig
 from virtmig.daemon.server import make_server
 from virtmig.proto.errors import InvalidArgument, VirtmigError
 
+if TYPE_CHECKING:
+    from virtmig.daemon.backend.qemu import QemuSettings
+
 log = logging.getLogger("virtmigd")
 
 
-def make_backend(name: str) -> Backend:
+def make_backend(name: str, config: DaemonConfig | None = None) -> Backend:
     if name == "test":
         from virtmig.daemon.backend.test import TestBackend
 
@@ -32,8 +36,23 @@ def make_backend(name: str) -> Backend:
     if name == "qemu":
         from virtmig.daemon.backend.qemu import QemuBackend
 
-        return QemuBackend()
+        return QemuBackend(qemu_settings(config) if config is not None else None)
     raise InvalidArgument(f"unknown backend '{name}' (available: test, qemu)")
+
+
+def qemu_settings(config: DaemonConfig) -> QemuSettings:
+    """The qemu backend's confinement settings (its defaults where ``config`` has none)."""
+    from virtmig.daemon.backend.qemu import QemuSettings
+
+    default = QemuSettings()
+    return QemuSettings(
+        emulators=config.emulators,
+        storage_dirs=default.storage_dirs if config.storage_dirs is None
+        else config.storage_dirs,
+        user=config.qemu_user or default.user,
+        group=config.qemu_group,
+        sandbox=config.qemu_sandbox,
+    )
 
 
 # Keepalive pings find a caller that vanished without closing its connection (a partition), so
@@ -84,7 +103,7 @@ async def start_daemon(config: DaemonConfig, backend: Backend | None = None) -> 
     planned = listeners.plan(config)
     listeners.prepare_run_dirs(planned)
     tls = listeners.server_credentials(config, planned)
-    daemon = Daemon(config, backend or make_backend(config.backend))
+    daemon = Daemon(config, backend or make_backend(config.backend, config))
     daemon.registry.on_job_end = lambda dom, rec: daemon.events.publish(jobctl.job_event(dom, rec))
     await recovery.recover(daemon, await daemon.open())
     main = make_server(daemon, SERVER_OPTIONS, Policy(

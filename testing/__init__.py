@@ -19,6 +19,9 @@ Real daemons in your event loop, guests to migrate, and waits that never hang or
   whose /init dirties memory and prints a checked heartbeat; ``python -m virtmig.testing``
   builds it ahead of the tests);
 * :mod:`~virtmig.testing.qemu`: skip rules for tests that need QEMU, KVM detection, clean-up;
+* :mod:`~virtmig.testing.qemu_user`: what a confined test QEMU needs from the host (its
+  unprivileged user, created and released; post-copy as root; the guest cache as storage) and
+  where a guest's serial log lies;
 * :mod:`~virtmig.testing.wait`: :func:`wait_until` and friends, bounded waits on a condition.
 
 Nothing here needs pytest, except the ``*_or_skip`` functions when they skip.
@@ -48,6 +51,14 @@ from virtmig.testing.qemu import (
     qemu_binary_or_skip,
     qemu_required,
 )
+from virtmig.testing.qemu_user import (
+    TEST_QEMU_USER,
+    daemon_settings,
+    postcopy_as_root,
+    qemu_settings,
+    release_qemu_user,
+    serial_log,
+)
 from virtmig.testing.wait import (
     WaitTimeout,
     wait_for_job,
@@ -57,6 +68,7 @@ from virtmig.testing.wait import (
 )
 
 __all__ = [
+    "TEST_QEMU_USER",
     "ClosedPortDest",
     "GuestImage",
     "GuestUnavailable",
@@ -65,6 +77,7 @@ __all__ = [
     "WaitTimeout",
     "cache_dir",
     "connect_uri",
+    "daemon_settings",
     "domain_xml",
     "ensure_guest",
     "free_port",
@@ -74,9 +87,13 @@ __all__ = [
     "kill_leftover_qemus",
     "kvm_boots",
     "kvm_usable",
+    "postcopy_as_root",
     "qemu_binary_or_skip",
     "qemu_domain_xml",
     "qemu_required",
+    "qemu_settings",
+    "release_qemu_user",
+    "serial_log",
     "session_pki",
     "start_host",
     "stop_host",

@@ -4,7 +4,6 @@ guest image (:mod:`virtmig.testing.guest`)."""
 from __future__ import annotations
 
 import textwrap
-from pathlib import Path
 
 from virtmig.testing.guest import GuestImage
 from virtmig.testing.qemu import guest_domain_type
@@ -35,19 +34,16 @@ def domain_xml(name: str = "vm1", memory_mib: int = 64, *, uuid: str | None = No
 
 def qemu_domain_xml(image: GuestImage, name: str = "vm1", memory_mib: int = 256, *,
                     uuid: str | None = None, dirty_mb: int = 64, dirty_rate: int = 0,
-                    serial: Path | None = None, domain_type: str | None = None) -> str:
+                    domain_type: str | None = None) -> str:
     """A ``qemu`` domain running the test guest ``image``.
 
     ``domain_type``: ``kvm`` or ``qemu`` (TCG); by default KVM where this machine runs the
     guest with it (:func:`~virtmig.testing.qemu.guest_domain_type`).  Its serial console goes
-    to ``serial`` (a file both sides name in their definitions), else to a log file in the
-    guest's folder on whichever host runs it.
+    to the log file in the guest's folder on whichever host runs it (:meth:`Host.serial_log`;
+    the confined backend refuses serial files outside that folder).
     """
     uuid_el = f"<uuid>{uuid}</uuid>" if uuid else ""
-    console = (f"<serial type='file'><source path='{serial}'/><target port='0'/></serial>"
-               f"<console type='file'><source path='{serial}'/>"
-               "<target type='serial' port='0'/></console>" if serial is not None
-               else "<serial type='pty'><target port='0'/></serial>")
+    console = "<serial type='pty'><target port='0'/></serial>"
     return textwrap.dedent(f"""\
         <domain type='{domain_type or guest_domain_type(image)}'>
           <name>{name}</name>

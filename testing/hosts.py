@@ -26,6 +26,7 @@ from virtmig.proto.params import TypedParams
 from virtmig.proto.uri import parse_listen
 from virtmig.testing.pki import session_pki
 from virtmig.testing.qemu import kill_leftover_qemus
+from virtmig.testing.qemu_user import daemon_settings, serial_log
 
 
 def free_port() -> int:
@@ -58,6 +59,10 @@ class Host:
     def daemon(self) -> Daemon:
         return self.running.daemon
 
+    def serial_log(self, uuid: str, port: int = 0) -> Path:
+        """A ``qemu`` guest's serial log on this host."""
+        return serial_log(self.state_dir, uuid, port)
+
     def digest(self, uuid: str) -> bytes:
         """The test backend's digest of a guest's whole memory."""
         backend = self.daemon.backend
@@ -78,7 +83,8 @@ async def start_host(tmp_path: Path, name: str, *, client: Path | None = None,
     """Daemon ``name`` with its state in ``tmp_path/name``, on ``tls://127.0.0.1:0`` with its own
     host certificate, and a connection to it presenting ``client``'s certificate (default: the
     throw-away PKI's admin); ``overrides``: :class:`DaemonConfig` settings
-    (``backend="qemu"``...)."""
+    (``backend="qemu"``...; a qemu backend runs QEMU confined, with the guest cache as a
+    storage dir and QEMU as :mod:`~virtmig.testing.qemu_user`'s test user when root)."""
     state = tmp_path / name
     pki = session_pki()
     settings: dict[str, object] = {
@@ -90,6 +96,8 @@ async def start_host(tmp_path: Path, name: str, *, client: Path | None = None,
         "migration_host": "127.0.0.1",
         "job_wait_timeout": 1.0,
     }
+    if overrides.get("backend") == "qemu":  # confined: the guest cache, QEMU's test user
+        settings.update(daemon_settings())
     settings.update(overrides)
     config = DaemonConfig(**settings)  # type: ignore[arg-type]
     running = await start_daemon(config)

@@ -32,8 +32,10 @@ from virtmig.testing import (
     free_port,
     guest_or_skip,
     hosts,
+    postcopy_as_root,
     qemu_binary_or_skip,
     qemu_domain_xml,
+    release_qemu_user,
     session_pki,
     start_host,
     stop_host,
@@ -68,6 +70,21 @@ def client_pki() -> Iterator[Path]:
             os.environ.pop(PKI_DIR_ENV, None)
         else:
             os.environ[PKI_DIR_ENV] = old
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _qemu_user_released() -> Iterator[None]:
+    """At the end of the session, the QEMU test user goes if the tests created it."""
+    yield
+    release_qemu_user()
+
+
+@pytest.fixture(autouse=True)
+def _postcopy_qemu_user(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A test marked ``postcopy`` runs QEMU as root where only root may use userfaultfd
+    (:mod:`virtmig.testing.qemu_user`)."""
+    with postcopy_as_root(request.node.get_closest_marker("postcopy") is not None):
+        yield
 
 
 @pytest.fixture(params=["test", pytest.param("qemu", marks=pytest.mark.qemu)])

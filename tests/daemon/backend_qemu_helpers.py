@@ -32,7 +32,7 @@ from virtmig.daemon.backend.qemu import (
     QemuBackend,
 )
 from virtmig.daemon.domxml import parse_domain_xml
-from virtmig.testing import kill_leftover_qemus, qemu_binary_or_skip, wait_until
+from virtmig.testing import kill_leftover_qemus, qemu_binary_or_skip, qemu_settings, wait_until
 
 MIB = 1024 * 1024
 
@@ -94,7 +94,7 @@ async def backends(tmp_path: Path) -> AsyncIterator[Factory]:
     opened: list[QemuBackend] = []
 
     async def make(name: str) -> QemuBackend:
-        backend = QemuBackend()
+        backend = QemuBackend(qemu_settings(tmp_path))
         await within(backend.open(tmp_path / name))
         opened.append(backend)
         return backend

@@ -3,13 +3,16 @@
 
 from __future__ import annotations
 
+import uuid as uuidlib
 from pathlib import Path
 
 import pytest
 
 from tests.daemon.backend_qemu_helpers import guest_xml, make_spec
 from virtmig.daemon.backend.qemu import (
+    GuestFiles,
     QemuBackend,
+    QemuSettings,
     parse_config,
 )
 from virtmig.proto.errors import ConfigUnsupported
@@ -62,11 +65,17 @@ def test_validate_refuses(xml: str, message: str) -> None:
 
 def test_validate_refuses_realistic_libvirt_xml() -> None:
     xml = (Path(__file__).parent / "data" / "domxml" / "realistic.xml").read_text()
-    with pytest.raises(ConfigUnsupported, match=r"<disk type='file' device='cdrom'>"):
+    with pytest.raises(ConfigUnsupported, match=r"<disk type='file' device='disk'>.* "
+                       r"'/var/lib/libvirt/images/web01.qcow2' is outside the storage dir"):
         QemuBackend().validate(make_spec(xml))
+    libvirts = QemuBackend(QemuSettings(storage_dirs=("/var/lib/libvirt/images",)))
+    with pytest.raises(ConfigUnsupported, match=r"<disk type='file' device='cdrom'>"):
+        libvirts.validate(make_spec(xml))
 
 
 def test_command_line(tmp_path: Path) -> None:
+    spec_uuid = str(uuidlib.uuid4())
+    log = tmp_path / "guests" / spec_uuid / "serial0.log"
     devices = f"""
         <emulator>/usr/bin/qemu-system-x86_64</emulator>
         <disk type='file' device='disk'>
@@ -77,10 +86,10 @@ def test_command_line(tmp_path: Path) -> None:
         <disk type='file' device='disk'>
           <source file='/srv/data.img'/><target dev='vdb'/><readonly/>
         </disk>
-        <serial type='file'><source path='{tmp_path}/console.log' append='on'/>
+        <serial type='file'><source path='{log}' append='on'/>
           <target port='0'/></serial>
         <serial type='pty'><target port='1'/></serial>
-        <console type='file'><source path='{tmp_path}/console.log'/>
+        <console type='file'><source path='{log}'/>
           <target type='serial' port='0'/></console>
         <controller type='usb' index='0' model='none'/>
         <controller type='pci' index='0' model='pcie-root'/>
@@ -88,41 +97,62 @@ def test_command_line(tmp_path: Path) -> None:
         <memballoon model='none'/>
         <video><model type='none'/></video>
     """
-    os_extra = ("<kernel>/boot/vmlinuz</kernel><initrd>/boot/initrd</initrd>"
+    os_extra = (f"<kernel>{tmp_path}/vmlinuz</kernel><initrd>{tmp_path}/initrd</initrd>"
                 "<cmdline>console=ttyS0 quiet</cmdline>")
-    spec = make_spec(guest_xml("web,1", domain_type="kvm", machine="pc-q35-7.2",
-                               memory_mib=256, os_extra=os_extra, devices=devices))
-    cfg = parse_config(spec, frozenset({"pc", "q35", "pc-q35-7.2"}))
-    argv = cfg.argv("qemu-system-x86_64", tmp_path / "g", incoming=True)
+    spec = make_spec(guest_xml("web,1", uuid=spec_uuid, domain_type="kvm",
+                               machine="pc-q35-7.2", memory_mib=256, os_extra=os_extra,
+                               devices=devices))
+    settings = QemuSettings(emulators=("/usr/bin/qemu-system-x86_64",),
+                            storage_dirs=(str(tmp_path), "/srv"))
+    cfg = parse_config(spec, frozenset({"pc", "q35", "pc-q35-7.2"}), settings,
+                       tmp_path / "guests")
+    files = GuestFiles(disks=(10, 11), serials=(12, 13), kernel=14, initrd=15)
+    argv = cfg.argv(files, incoming=True)
     line = " ".join(argv)
     assert argv[0] == "/usr/bin/qemu-system-x86_64"
     assert "-no-user-config -nodefaults -display none" in line
+    assert ("-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+            in line)
     assert "-name guest=web,,1,debug-threads=on" in line
     assert f"-uuid {spec.uuid}" in line
     assert "-accel kvm -machine pc-q35-7.2 -m 262144k -smp 1" in line
     assert "-qmp unix:qmp.sock,server=on,wait=off" in line
-    assert "-kernel /boot/vmlinuz -initrd /boot/initrd" in line
+    # No host path reaches QEMU: only descriptors the daemon opened.
+    assert "-kernel /proc/self/fd/14 -initrd /proc/self/fd/15" in line
+    assert str(tmp_path) not in line and "/srv" not in line
     assert argv[argv.index("-append") + 1] == "console=ttyS0 quiet"
-    assert ('{"driver":"file","filename":"' + f"{tmp_path}/a,b.qcow2" + '"') in line
-    assert '{"driver":"qcow2","file":"file-vda","node-name":"drive-vda","read-only":false}' in line
-    assert '"read-only":true' in line  # vdb
+    assert "-add-fd fd=10,set=1,opaque=disk-vda -blockdev " in line
+    assert ('{"driver":"file","filename":"/dev/fdset/1","node-name":"file-vda",'
+            '"read-only":false}') in line
+    assert ('{"driver":"qcow2","file":"file-vda","node-name":"drive-vda","read-only":false,'
+            '"backing":null}') in line  # never a backing file named by the image
+    assert "-add-fd fd=11,set=2,opaque=disk-vdb" in line
+    assert '{"driver":"raw","file":"file-vdb","node-name":"drive-vdb","read-only":true}' in line
     assert "virtio-blk-pci,drive=drive-vdb,id=virtio-vdb" in line
-    assert f"file,id=charserial0,path={tmp_path}/console.log,append=on" in line
-    assert f"file,id=charserial1,path={tmp_path}/g/serial1.log" in line  # pty: a log file
+    assert "-add-fd fd=12,set=3,opaque=serial0 -chardev file,id=charserial0,path=/dev/fdset/3,"\
+           "append=on" in line
+    assert "-add-fd fd=13,set=4,opaque=serial1 -chardev file,id=charserial1,path=/dev/fdset/4 "\
+           in line
     assert line.count("isa-serial") == 2  # the console is serial 0, not a third port
     assert line.endswith("-incoming defer -S")
     assert "-vnc" not in line and "-netdev" not in line
+    assert files.fds == (10, 11, 12, 13, 14, 15)
 
-    inherited = " ".join(cfg.argv("qemu-system-x86_64", tmp_path / "g", incoming=True,
-                                  monitor_fd=7))
+    inherited = " ".join(cfg.argv(files, incoming=True, monitor_fd=7, sandbox=False))
     assert ("-chardev socket,id=monitor,fd=7,server=on,wait=off "
             "-mon chardev=monitor,mode=control") in inherited
-    assert "-qmp" not in inherited
+    assert "-qmp" not in inherited and "-sandbox" not in inherited
 
-    plain = parse_config(make_spec(guest_xml())).argv("qemu-system-x86_64", tmp_path,
-                                                      incoming=False)
+    plain = parse_config(make_spec(guest_xml()), None, settings).argv(GuestFiles(),
+                                                                      incoming=False)
+    assert plain[0] == "/usr/bin/qemu-system-x86_64"  # no <emulator>: the first configured
     assert plain[plain.index("-accel") + 1] == "tcg"
     assert plain[plain.index("-machine") + 1] == "pc"
-    assert plain[-1] == "-S" and "-incoming" not in plain
+    assert plain[-1] == "-S" and "-incoming" not in plain and "-add-fd" not in plain
     with pytest.raises(ConfigUnsupported, match="not known to the emulator"):
-        parse_config(make_spec(guest_xml(machine="pc-q35-99.0")), frozenset({"pc", "q35"}))
+        parse_config(make_spec(guest_xml(machine="pc-q35-99.0")), frozenset({"pc", "q35"}),
+                     settings)
+    known = {"/usr/bin/qemu-system-x86_64": frozenset({"pc"})}  # per emulator
+    parse_config(make_spec(guest_xml()), known, settings)
+    with pytest.raises(ConfigUnsupported, match="not known to the emulator"):
+        parse_config(make_spec(guest_xml(machine="q35")), known, settings)

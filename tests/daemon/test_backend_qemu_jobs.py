@@ -131,6 +131,7 @@ def capabilities(reply: list[dict[str, Any]]) -> dict[str, bool]:
 
 
 @pytest.mark.qemu
+@pytest.mark.postcopy
 async def test_tuning_reaches_qemu(src: QemuBackend, dst: QemuBackend) -> None:
     spec = make_spec()
     await within(src.start(spec, paused=False))

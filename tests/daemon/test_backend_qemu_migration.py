@@ -248,6 +248,7 @@ async def switched_to_postcopy(
 
 
 @pytest.mark.qemu
+@pytest.mark.postcopy
 async def test_postcopy(src: QemuBackend, dst: QemuBackend) -> None:
     # The post-copy phase (~0.7 MB of page headers) lasts about a second at 512 KiB/s.
     spec, _ = await switched_to_postcopy(
@@ -280,6 +281,7 @@ async def test_postcopy(src: QemuBackend, dst: QemuBackend) -> None:
 
 
 @pytest.mark.qemu
+@pytest.mark.postcopy
 async def test_start_postcopy_refused(src: QemuBackend, dst: QemuBackend) -> None:
     spec = make_spec()
     await within(src.start(spec, paused=False))
@@ -298,6 +300,7 @@ async def test_start_postcopy_refused(src: QemuBackend, dst: QemuBackend) -> Non
 
 
 @pytest.mark.qemu
+@pytest.mark.postcopy
 async def test_postcopy_destination_killed(src: QemuBackend, dst: QemuBackend) -> None:
     slow = replace(POSTCOPY, postcopy_bandwidth_bytes_per_s=32 * 1024)  # post-copy lasts
     spec, _ = await switched_to_postcopy(src, dst, slow)
@@ -319,6 +322,7 @@ async def test_postcopy_destination_killed(src: QemuBackend, dst: QemuBackend) -
 
 
 @pytest.mark.qemu
+@pytest.mark.postcopy
 async def test_postcopy_source_killed(src: QemuBackend, dst: QemuBackend) -> None:
     slow = replace(POSTCOPY, postcopy_bandwidth_bytes_per_s=32 * 1024)
     spec, _ = await switched_to_postcopy(src, dst, slow)

@@ -77,7 +77,7 @@ async def dirtying(host: Host, name: str, timeout: float = 120) -> None:
     under KVM; the test backend's guests dirty from the start), for tests that need it to dirty
     at its rate."""
     uuid = (await host.conn.lookup(name)).uuid
-    log = host.state_dir / "backend" / "qemu" / uuid / "serial0.log"
+    log = host.serial_log(uuid)
     await wait_until(lambda: log.exists() and b"DIRTY-READY" in log.read_bytes(),
                      timeout=timeout, interval=0.1, what=f"{name} to boot: {log}")
 

@@ -37,7 +37,13 @@ from virtmig.daemon.backend.qemu import QemuBackend, outgoing
 from virtmig.proto.errors import NoDomain, OperationTimeout
 from virtmig.proto.flags import DomainState, JobType, MigrateFlags
 from virtmig.proto.params import MigrateParam, TypedParams
-from virtmig.testing import guest_or_skip, kill_leftover_qemus, qemu_binary_or_skip, wait_until
+from virtmig.testing import (
+    guest_or_skip,
+    kill_leftover_qemus,
+    qemu_binary_or_skip,
+    qemu_settings,
+    wait_until,
+)
 
 pytestmark = pytest.mark.qemu
 
@@ -146,7 +152,7 @@ async def test_stall_in_completion_phase_ends_and_the_source_runs(tmp_path: Path
         uuid = (await src.conn.lookup("vm1")).uuid
         backend = src.daemon.backend
         assert isinstance(backend, QemuBackend)
-        serial = src.state_dir / "backend" / "qemu" / uuid / "serial0.log"
+        serial = src.serial_log(uuid)
         await until("the guest dirties its memory",
                     lambda: serial.exists() and b"DIRTY-READY" in serial.read_bytes(),
                     BOOT_TIMEOUT)
@@ -207,7 +213,7 @@ async def blackhole() -> AsyncIterator[int]:
 @pytest.fixture
 async def src(tmp_path: Path) -> AsyncIterator[QemuBackend]:
     qemu_binary_or_skip()
-    b = QemuBackend()
+    b = QemuBackend(qemu_settings(tmp_path))  # confined, as every test backend
     await within(b.open(tmp_path / "src"))
     try:
         yield b

@@ -74,6 +74,7 @@ async def test_auto_converge_throttles_until_it_converges(pair: tuple[Host, Host
     assert all((t - 30) % 20 == 0 for t in throttles if t < 99)
 
 
+@pytest.mark.postcopy
 async def test_postcopy_switch_runs_the_guest_on_the_destination(
     backend_pair: tuple[Host, Host],
 ) -> None:
@@ -101,6 +102,7 @@ async def test_postcopy_switch_runs_the_guest_on_the_destination(
         await dst.conn.start_postcopy("vm1")
 
 
+@pytest.mark.postcopy
 async def test_abort_in_postcopy_is_refused(backend_pair: tuple[Host, Host]) -> None:
     src, dst = backend_pair
     await guest(src, dirty=64)
@@ -142,6 +144,7 @@ class BreakAfterSwitch(RemoteDest):
         return await task
 
 
+@pytest.mark.postcopy
 async def test_failure_after_the_switch_leaves_both_paused(backend_pair: tuple[Host, Host]) -> None:
     src, dst = backend_pair
     await guest(src, dirty=64)
@@ -165,6 +168,7 @@ async def test_failure_after_the_switch_leaves_both_paused(backend_pair: tuple[H
     assert not [d for d in dst.daemon.registry if d.job is not None]
 
 
+@pytest.mark.postcopy
 async def test_completion_timeout_postcopy_action(backend_pair: tuple[Host, Host]) -> None:
     src, dst = backend_pair
     await guest(src, dirty=128)

@@ -17,6 +17,11 @@ Besides the plain managed migration: peer-to-peer (also tunnelled through the da
 migrate-setspeed while Perform streams, a migration port nobody listens on, and post-copy (a guest
 dirtying as fast as it can, switched after a second of throttled pre-copy).
 
+Each host's QEMU writes the guest's serial console to the log in that host's own guest folder
+(the confined qemu backend writes nowhere else): a test reads the source's, then the
+destination's, found by uuid (``Host.serial_log``).  Both daemons run QEMU confined: sandboxed
+and, when the tests run as root, as the tests' unprivileged user (``virtmig.testing.qemu_user``).
+
 Under load those long migrations are not rare: with both cores busy, about one dirtying TCG
 migration in five ends with the destination's guest kernel crashing right after the switchover
 (an oops or panic on its serial console while QMP says ``running``); the same happens with the
@@ -24,9 +29,6 @@ code before this suite existed and, per the shared QEMU notes, with QEMU driven 
 crash is reported as :class:`GuestKernelCrashed`, and a test that fails with it (and nothing
 else) is run once more: a defect of virtmig's fails both runs, a defect of QEMU 7.2's TCG
 migration rarely does.  Every other failure fails at once.
-
-Both hosts run on this machine, so the serial log path differs per side: the migration passes
-the destination's definition (``destination_xml``) with its own log path, as libvirt users do.
 """
 
 from __future__ import annotations
@@ -72,10 +74,8 @@ BOOT_TIMEOUT = 90.0  # kernel boot to the first heartbeat under TCG: ~5 s idle, 
 HEARTBEAT = re.compile(rb"HEARTBEAT n=(\d+) sum=([0-9a-f]+) ok=([01])")
 
 
-def guest_xml(image: GuestImage, uuid: str, serial: Path, name: str = "vm1",
-              dirty_rate: int = 4) -> str:
-    return qemu_domain_xml(image, name, 256, uuid=uuid, dirty_mb=64, dirty_rate=dirty_rate,
-                           serial=serial)
+def guest_xml(image: GuestImage, uuid: str, name: str = "vm1", dirty_rate: int = 4) -> str:
+    return qemu_domain_xml(image, name, 256, uuid=uuid, dirty_mb=64, dirty_rate=dirty_rate)
 
 
 def heartbeats(path: Path) -> list[tuple[int, bool]]:
@@ -134,19 +134,17 @@ def assert_memory_ok(path: Path) -> None:
     assert not bad, f"{path.name}: guest memory checksum mismatch at heartbeats {bad}"
 
 
-async def boot(host: Host, image: GuestImage, serial: Path, name: str = "vm1",
-               dirty_rate: int = 4) -> str:
+async def boot(host: Host, image: GuestImage, name: str = "vm1", dirty_rate: int = 4) -> str:
     """Define and start the guest; return its uuid once it printed a heartbeat."""
     uuid = str(uuidlib.uuid4())
-    await host.conn.define(guest_xml(image, uuid, serial, name, dirty_rate))
+    await host.conn.define(guest_xml(image, uuid, name, dirty_rate))
     await host.conn.start(name)
-    await wait_heartbeat(serial, 0, BOOT_TIMEOUT)
+    await wait_heartbeat(host.serial_log(uuid), 0, BOOT_TIMEOUT)
     return uuid
 
 
-def dest_params(image: GuestImage, uuid: str, serial: Path, dirty_rate: int = 4,
-                **extra: int) -> TypedParams:
-    params = TypedParams.of({P.DEST_XML: guest_xml(image, uuid, serial, dirty_rate=dirty_rate)})
+def dest_params(image: GuestImage, uuid: str, dirty_rate: int = 4, **extra: int) -> TypedParams:
+    params = TypedParams.of({P.DEST_XML: guest_xml(image, uuid, dirty_rate=dirty_rate)})
     for key, value in extra.items():
         params.set(key, value)
     return params
@@ -168,15 +166,15 @@ async def test_live_migration_keeps_the_guest_running(
     qemu_pair: tuple[Host, Host], guest_image: GuestImage, tmp_path: Path
 ) -> None:
     src, dst = qemu_pair
-    src_serial, dst_serial = tmp_path / "src-serial.log", tmp_path / "dst-serial.log"
-    uuid = await boot(src, guest_image, src_serial)
+    uuid = await boot(src, guest_image)
+    src_serial, dst_serial = src.serial_log(uuid), dst.serial_log(uuid)
     await wait_heartbeat(src_serial, 1, 15)  # dirtying for a while already
     before = heartbeats(src_serial)[-1][0]
 
     trace = Trace()
     started = time.monotonic()
     dom = await migrate3(src.conn, "vm1", dst.conn,
-                         dest_params(guest_image, uuid, dst_serial), F.LIVE, trace=trace)
+                         dest_params(guest_image, uuid), F.LIVE, trace=trace)
     elapsed = time.monotonic() - started
     assert dom.name == "vm1" and dom.uuid == uuid
     assert trace.calls == ["begin", "prepare", "perform", "finish", "confirm"]
@@ -207,9 +205,9 @@ async def test_destination_qemu_killed_mid_migration(
     qemu_pair: tuple[Host, Host], guest_image: GuestImage, tmp_path: Path
 ) -> None:
     src, dst = qemu_pair
-    src_serial, dst_serial = tmp_path / "src-serial.log", tmp_path / "dst-serial.log"
-    uuid = await boot(src, guest_image, src_serial)
-    params = dest_params(guest_image, uuid, dst_serial, **{P.BANDWIDTH: 32})  # MiB/s: ~3 s
+    uuid = await boot(src, guest_image)
+    src_serial = src.serial_log(uuid)
+    params = dest_params(guest_image, uuid, **{P.BANDWIDTH: 32})  # MiB/s: ~3 s
     task = asyncio.create_task(migrate3(src.conn, "vm1", dst.conn, params, F.LIVE))
 
     backend = dst.daemon.backend
@@ -231,14 +229,14 @@ async def test_destination_refuses_the_domain(
     qemu_pair: tuple[Host, Host], guest_image: GuestImage, tmp_path: Path
 ) -> None:
     src, dst = qemu_pair
-    src_serial, dst_serial = tmp_path / "src-serial.log", tmp_path / "dst-serial.log"
-    uuid = await boot(src, guest_image, src_serial)
+    uuid = await boot(src, guest_image)
+    src_serial, dst_serial = src.serial_log(uuid), dst.serial_log(uuid)
     other = str(uuidlib.uuid4())  # same name, another uuid
-    await dst.conn.define(guest_xml(guest_image, other, tmp_path / "other.log"))
+    await dst.conn.define(guest_xml(guest_image, other))
 
     with pytest.raises(VirtmigError, match="already exists with uuid"):
         await migrate3(src.conn, "vm1", dst.conn,
-                       dest_params(guest_image, uuid, dst_serial), F.LIVE)
+                       dest_params(guest_image, uuid), F.LIVE)
     assert (await dst.conn.lookup("vm1")).uuid == other
     assert (await dst.conn.state("vm1"))[0] is DomainState.SHUTOFF
     assert not dst_serial.exists()  # no destination QEMU was ever started
@@ -311,13 +309,13 @@ async def test_p2p_live_migration(
     qemu_pair: tuple[Host, Host], guest_image: GuestImage, tmp_path: Path, tunnelled: bool
 ) -> None:
     src, dst = qemu_pair
-    src_serial, dst_serial = tmp_path / "src-serial.log", tmp_path / "dst-serial.log"
-    uuid = await boot(src, guest_image, src_serial)
+    uuid = await boot(src, guest_image)
+    src_serial, dst_serial = src.serial_log(uuid), dst.serial_log(uuid)
     before = heartbeats(src_serial)[-1][0]
 
     flags = F.LIVE | F.PEER2PEER | (F.TUNNELLED if tunnelled else 0)
     started = time.monotonic()
-    await src.conn.migrate_to_uri3("vm1", dst.uri, dest_params(guest_image, uuid, dst_serial),
+    await src.conn.migrate_to_uri3("vm1", dst.uri, dest_params(guest_image, uuid),
                                    flags)
     elapsed = time.monotonic() - started
     out = src.daemon.backend.progress(uuid)
@@ -352,8 +350,8 @@ async def test_parallel_and_compressed_streams(
     both sides, and the guest keeps running on the destination with its memory intact."""
     flags, extra, want_caps, want_params = STREAMS[stream]
     src, dst = qemu_pair
-    src_serial, dst_serial = tmp_path / "src-serial.log", tmp_path / "dst-serial.log"
-    uuid = await boot(src, guest_image, src_serial, dirty_rate=4)  # short: few dirty syncs
+    uuid = await boot(src, guest_image, dirty_rate=4)  # short: few dirty syncs
+    src_serial, dst_serial = src.serial_log(uuid), dst.serial_log(uuid)
     before = heartbeats(src_serial)[-1][0]
     sent: list[tuple[str, dict[str, Any]]] = []
     qemu = src.daemon.backend
@@ -378,7 +376,7 @@ async def test_parallel_and_compressed_streams(
         return out
 
     monkeypatch.setattr(dst_backend, "incoming_wait", wait_and_look)
-    params = dest_params(guest_image, uuid, dst_serial, dirty_rate=4)
+    params = dest_params(guest_image, uuid, dirty_rate=4)
     for name, value in extra.items():
         params.add(name, value)
     if flags & F.PEER2PEER:
@@ -407,9 +405,9 @@ async def test_abort_during_perform(
     qemu_pair: tuple[Host, Host], guest_image: GuestImage, tmp_path: Path
 ) -> None:
     src, dst = qemu_pair
-    src_serial, dst_serial = tmp_path / "src-serial.log", tmp_path / "dst-serial.log"
-    uuid = await boot(src, guest_image, src_serial)
-    params = dest_params(guest_image, uuid, dst_serial, **{P.BANDWIDTH: 8})  # MiB/s: > 8 s
+    uuid = await boot(src, guest_image)
+    src_serial = src.serial_log(uuid)
+    params = dest_params(guest_image, uuid, **{P.BANDWIDTH: 8})  # MiB/s: > 8 s
     task = asyncio.create_task(migrate3(src.conn, "vm1", dst.conn, params, F.LIVE))
     await wait_streaming(src, uuid, task)
     await wait_sent(src, uuid, task, 2 << 20)  # under way for a while (8 MiB/s)
@@ -430,13 +428,13 @@ async def test_migration_port_nobody_listens_on(
     qemu_pair: tuple[Host, Host], guest_image: GuestImage, tmp_path: Path
 ) -> None:
     src, dst = qemu_pair
-    src_serial, dst_serial = tmp_path / "src-serial.log", tmp_path / "dst-serial.log"
-    uuid = await boot(src, guest_image, src_serial)
+    uuid = await boot(src, guest_image)
+    src_serial = src.serial_log(uuid)
 
     trace = Trace()
     with pytest.raises(OperationFailed, match="Connection refused"):
         await run_v3(RemoteSource(src.conn, True), ClosedPortDest(dst.conn, True), "vm1",
-                     dest_params(guest_image, uuid, dst_serial), F.LIVE, protection=True,
+                     dest_params(guest_image, uuid), F.LIVE, protection=True,
                      trace=trace)
     assert trace.calls == ["begin", "prepare", "perform", "finish(cancelled)"]
     assert src.daemon.backend.progress(uuid).status is MigrationStatus.FAILED
@@ -445,17 +443,18 @@ async def test_migration_port_nobody_listens_on(
     await assert_untouched_source(src, dst, src_serial)
 
 
+@pytest.mark.postcopy
 async def test_postcopy_after_precopy(
     qemu_pair: tuple[Host, Host], guest_image: GuestImage, tmp_path: Path
 ) -> None:
     src, dst = qemu_pair
-    src_serial, dst_serial = tmp_path / "src-serial.log", tmp_path / "dst-serial.log"
     # The guest dirties its 64 MiB as fast as it can; pre-copy at 32 MiB/s cannot converge.
-    uuid = await boot(src, guest_image, src_serial, dirty_rate=0)
+    uuid = await boot(src, guest_image, dirty_rate=0)
+    src_serial, dst_serial = src.serial_log(uuid), dst.serial_log(uuid)
     before = heartbeats(src_serial)[-1][0]
     # Post-copy at 128 MiB/s: the remaining pages take about a second, long enough for the
     # destination guest (resumed at the switch) to fault pages in.
-    params = dest_params(guest_image, uuid, dst_serial, dirty_rate=0,
+    params = dest_params(guest_image, uuid, dirty_rate=0,
                          **{P.BANDWIDTH: 32, P.BANDWIDTH_POSTCOPY: 128})
     flags = F.LIVE | F.PEER2PEER | F.POSTCOPY
     started = time.monotonic()
@@ -489,10 +488,10 @@ async def test_set_max_speed_while_running(
     qemu_pair: tuple[Host, Host], guest_image: GuestImage, tmp_path: Path
 ) -> None:
     src, dst = qemu_pair
-    src_serial, dst_serial = tmp_path / "src-serial.log", tmp_path / "dst-serial.log"
-    uuid = await boot(src, guest_image, src_serial)
+    uuid = await boot(src, guest_image)
+    src_serial, dst_serial = src.serial_log(uuid), dst.serial_log(uuid)
     before = heartbeats(src_serial)[-1][0]
-    params = dest_params(guest_image, uuid, dst_serial, **{P.BANDWIDTH: 8})  # MiB/s: > 8 s
+    params = dest_params(guest_image, uuid, **{P.BANDWIDTH: 8})  # MiB/s: > 8 s
     flags = F.LIVE | F.PEER2PEER
     started = time.monotonic()
     task = asyncio.create_task(src.conn.migrate_to_uri3("vm1", dst.uri, params, flags))

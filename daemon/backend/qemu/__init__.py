@@ -12,11 +12,14 @@ Modules, one concern each, from the bottom up (a module imports only those above
   per-migration records (``_Outgoing``, ``_Incoming``); the whole migration story is told there.
 * :mod:`.guest` -- the ``_Guest`` record (one QEMU: folder, pid, monitor, run and migration
   status, watcher tasks), how QMP events change it, and the guest folder's files.
+* :mod:`.confine` -- what the host allows (:class:`QemuSettings`: emulators, storage folders,
+  QEMU's user and group, the sandbox), those rules as checks, and the acts that apply them:
+  opening a guest's images and logs for QEMU, knowing whom QEMU runs as, KVM's availability.
 * :mod:`.config` -- domain XML -> :class:`QemuConfig` -> command line; the supported subset.
 * :mod:`.monitor` -- QMP: the socket, the connection, one command (:class:`QmpCommandFailed`,
   :class:`QmpNoAnswer`; in band or out of band), the event pump, ``query-status`` and ``cont``.
-* :mod:`.process` -- the QEMU process: start, log and pid files, exit and reaping, stop and
-  SIGKILL, letting go at ``close``, taking a guest over after a restart.
+* :mod:`.process` -- the QEMU process: start (confined), log and pid files, exit and reaping,
+  stop and SIGKILL, letting go at ``close``, taking a guest over after a restart.
 * :mod:`.outgoing` -- the source's flow (``src_*``; a cancel is bounded: ``migrate_cancel``, then
   the out-of-band ``yank``); :mod:`.incoming` -- the destination's (``dst_*``).  Both are
   functions over a guest and its migration record, given the backend's QMP path.
@@ -32,10 +35,12 @@ from virtmig.daemon.backend.qemu.backend import QemuBackend
 from virtmig.daemon.backend.qemu.config import (
     DEFAULT_BINARY,
     DiskConfig,
+    GuestFiles,
     QemuConfig,
     SerialConfig,
     parse_config,
 )
+from virtmig.daemon.backend.qemu.confine import QemuSettings
 from virtmig.daemon.backend.qemu.guest import LOG_NAME, PID_NAME, SOCKET_NAME
 from virtmig.daemon.backend.qemu.migration import UNLIMITED_BANDWIDTH, progress_from_query
 from virtmig.daemon.backend.qemu.monitor import QmpCommandFailed, QmpNoAnswer
@@ -47,8 +52,10 @@ __all__ = [
     "SOCKET_NAME",
     "UNLIMITED_BANDWIDTH",
     "DiskConfig",
+    "GuestFiles",
     "QemuBackend",
     "QemuConfig",
+    "QemuSettings",
     "QmpCommandFailed",
     "QmpNoAnswer",
     "SerialConfig",

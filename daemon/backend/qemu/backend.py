@@ -33,7 +33,15 @@ from virtmig.daemon.backend.base import (
     MigrationTuning,
     StreamAddress,
 )
-from virtmig.daemon.backend.qemu.config import DEFAULT_BINARY, QemuConfig, parse_config
+from virtmig.daemon.backend.qemu.config import QemuConfig, parse_config
+from virtmig.daemon.backend.qemu.confine import (
+    QemuSettings,
+    RunAs,
+    check_settings,
+    kvm_refusal,
+    postcopy_refusal,
+    run_as,
+)
 from virtmig.daemon.backend.qemu.guest import PID_NAME, _Guest
 from virtmig.daemon.backend.qemu.incoming import dst_listen, dst_wait
 from virtmig.daemon.backend.qemu.migration import _Incoming, _Outgoing
@@ -77,18 +85,26 @@ class QemuBackend(Backend):
     name = "qemu"
     extra_flags = MigrateFlags.PARALLEL | MigrateFlags.COMPRESSED
 
-    def __init__(self, binary: str | None = None) -> None:
-        self.binary = binary or DEFAULT_BINARY
+    def __init__(self, settings: QemuSettings | None = None) -> None:
+        self.settings = (settings or QemuSettings()).resolved()
         self._dir: Path | None = None
+        self._owner: RunAs | None = None  # whom QEMU runs as (None: as the daemon)
         self._guests: dict[str, _Guest] = {}
         self._progress: dict[str, _Outgoing | _Incoming] = {}
-        self._machines: frozenset[str] | None = None
+        self._machines: dict[str, frozenset[str] | None] = {}
 
     # -- setup --
 
     async def open(self, state_dir: Path) -> None:
+        """Check the settings (``InvalidArgument`` naming one that cannot work), then take over
+        the guests an earlier instance left running in ``state_dir``."""
+        check_settings(self.settings)
+        self._owner = run_as(self.settings)
         self._dir = state_dir
-        self._machines = await probe_machines(self.binary)
+        self._machines = {e: await probe_machines(e) for e in self.settings.emulators}
+        why = postcopy_refusal(self._owner)
+        if why:
+            log.warning("qemu backend: %s", why)
         for child in _guest_dirs(state_dir):
             try:
                 await self._take_over(child)
@@ -131,13 +147,18 @@ class QemuBackend(Backend):
         return self._dir
 
     def validate(self, spec: GuestSpec) -> None:
-        parse_config(spec, self._machines)
+        parse_config(spec, self._machines, self.settings, self._dir)
 
     def _config(self, spec: GuestSpec) -> QemuConfig:
         try:
-            return parse_config(spec, self._machines)
+            cfg = parse_config(spec, self._machines, self.settings, self._state_dir())
         except ConfigUnsupported as exc:
             raise BackendError(exc.detail) from None
+        if cfg.accel == "kvm":
+            why = kvm_refusal(self._owner)
+            if why:
+                raise BackendError(why)
+        return cfg
 
     # -- guests and their QMP --
 
@@ -150,7 +171,8 @@ class QemuBackend(Backend):
 
     async def _spawn(self, cfg: QemuConfig, *, incoming: bool) -> _Guest:
         """Start QEMU (vCPUs stopped) and connect to its QMP socket."""
-        guest = await launch(self.binary, cfg, self._state_dir() / cfg.uuid, incoming=incoming)
+        guest = await launch(cfg, self._state_dir() / cfg.uuid, incoming=incoming,
+                             settings=self.settings, owner=self._owner)
         self._guests[cfg.uuid] = guest
         try:
             _write_pid(guest.dir / PID_NAME, guest.pid)

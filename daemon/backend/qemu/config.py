@@ -1,7 +1,7 @@
 """Domain XML -> :class:`QemuConfig` -> QEMU command line: what the ``qemu`` backend can run.
 
 Concern: the supported subset of libvirt's domain XML, and the command line it becomes.  Pure
-values: nothing here runs a process.
+values: nothing here runs a process or opens a file.
 
 Supported domain XML (anything else is refused by :func:`parse_config`, and so by
 :meth:`QemuBackend.validate <virtmig.daemon.backend.qemu.backend.QemuBackend.validate>`, with
@@ -10,17 +10,21 @@ Supported domain XML (anything else is refused by :func:`parse_config`, and so b
 * ``<domain type='qemu'>`` (``-accel tcg``) or ``type='kvm'`` (``-accel kvm``); ``hvm``/x86_64;
   machine ``pc``/``q35`` or a versioned ``pc-*``/``pc-q35-*`` name the emulator knows (default
   ``pc``); ``<memory>``, ``<vcpu>``; ``<os>`` with ``<kernel>``, ``<initrd>``, ``<cmdline>``.
-* ``<devices>``: ``<emulator>`` (the binary to run); ``<disk type='file' device='disk'>`` raw or
-  qcow2 on ``<target bus='virtio' dev='vdX'>`` (shared storage: both hosts see the same path);
-  ``<serial>``/``<console>`` of ``type='file'`` (``<source path= append=>``) or ``type='pty'``
-  (mapped to a log file in the guest's folder: no pty is ever allocated); the implicit USB and
-  PCI root controllers, PS/2 inputs, ``<memballoon model='none'>``, ``<video><model
-  type='none'>`` (accepted, nothing added).  No graphics: always ``-no-user-config -nodefaults
-  -display none``.
+* ``<devices>``: ``<emulator>`` (one of the configured emulators; default: the first);
+  ``<disk type='file' device='disk'>`` raw or qcow2 on ``<target bus='virtio' dev='vdX'>``
+  (shared storage: both hosts see the same path); ``<serial>``/``<console>`` of ``type='pty'``
+  or ``type='file'``, both written to ``serialN.log`` in the guest's folder (no pty is ever
+  allocated; a file serial must name that file); the implicit USB and PCI root controllers, PS/2
+  inputs, ``<memballoon model='none'>``, ``<video><model type='none'>`` (accepted, nothing
+  added).  No graphics: always ``-no-user-config -nodefaults -display none``.
 
-QEMU runs with the guest's folder as its working directory (see
-:mod:`virtmig.daemon.backend.qemu.guest`): ``pty`` serials become ``serialN.log`` there, and
-without a monitor descriptor QMP listens on the relative path ``qmp.sock``.
+What a definition may reach on the host (emulators, image folders, log files) is the concern of
+:mod:`virtmig.daemon.backend.qemu.confine`; here its rules become refusals that name the element.
+QEMU never gets a path to a host file: images and serial logs are descriptors the daemon opened
+(:class:`GuestFiles`), disks and serial logs through fd sets (``-add-fd``, ``/dev/fdset/N``),
+kernel and initrd as ``/proc/self/fd/N``.  QEMU runs with the guest's folder as its working
+directory (see :mod:`virtmig.daemon.backend.qemu.guest`); without a monitor descriptor QMP
+listens on the relative path ``qmp.sock``.
 """
 
 from __future__ import annotations
@@ -28,36 +32,67 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from lxml import etree
 
 from virtmig.daemon.backend.base import GuestSpec
+from virtmig.daemon.backend.qemu.confine import (
+    DEFAULT_BINARY,
+    SANDBOX,
+    QemuSettings,
+    check_emulator,
+    image_refusal,
+    serial_path_refusal,
+)
 from virtmig.daemon.backend.qemu.guest import SOCKET_NAME
 from virtmig.daemon.domxml import parse_domain_xml
 from virtmig.proto.errors import ConfigUnsupported, VirtmigError
 
-DEFAULT_BINARY = "qemu-system-x86_64"
+__all__ = ["DEFAULT_BINARY", "DiskConfig", "GuestFiles", "QemuConfig", "SerialConfig",
+           "parse_config"]
 
 _MACHINE_RE = re.compile(r"(pc|q35|pc-[A-Za-z0-9._-]+)")
 _DISK_TARGET_RE = re.compile(r"vd[a-z]{1,3}")
-_EMULATOR_RE = re.compile(r"qemu-system-x86_64|qemu-kvm|kvm")
+
+# The machine types each emulator knows (None: not checked beyond the name form), or one set
+# for whichever emulator runs.
+Machines = frozenset[str] | Mapping[str, frozenset[str] | None] | None
 
 
 @dataclass(frozen=True)
 class DiskConfig:
     target: str  # vda, vdb, ...
-    path: str
+    path: str  # as the definition names it (under storage_dirs)
     fmt: str  # raw | qcow2
     readonly: bool = False
 
 
 @dataclass(frozen=True)
 class SerialConfig:
+    """A serial port; it writes to ``serialN.log`` in the guest's folder, whatever its type."""
+
     port: int
-    path: str  # absolute path, or "" for a pty mapped to serialN.log in the guest folder
     append: bool = False
+
+
+@dataclass(frozen=True)
+class GuestFiles:
+    """The descriptors the daemon opened for one QEMU, in the order of :class:`QemuConfig`'s
+    ``disks`` and ``serials`` (-1: no kernel, no initrd)."""
+
+    disks: tuple[int, ...] = ()
+    serials: tuple[int, ...] = ()
+    kernel: int = -1
+    initrd: int = -1
+
+    @property
+    def fds(self) -> tuple[int, ...]:
+        """Every descriptor, for ``pass_fds``."""
+        return tuple(fd for fd in (*self.disks, *self.serials, self.kernel, self.initrd)
+                     if fd >= 0)
 
 
 @dataclass(frozen=True)
@@ -70,20 +105,20 @@ class QemuConfig:
     machine: str
     memory_kib: int
     vcpus: int
-    emulator: str = ""
+    emulator: str = ""  # a configured emulator: what runs
     kernel: str = ""
     initrd: str = ""
     cmdline: str = ""
     disks: tuple[DiskConfig, ...] = ()
     serials: tuple[SerialConfig, ...] = ()
 
-    def argv(self, binary: str, guest_dir: Path, *, incoming: bool,
-             monitor_fd: int | None = None) -> list[str]:
-        """The command line; QEMU runs in ``guest_dir``.
+    def argv(self, files: GuestFiles, *, incoming: bool, monitor_fd: int | None = None,
+             sandbox: bool = True) -> list[str]:
+        """The command line, with ``files`` (inherited by QEMU) for the guest's host files.
 
         The QMP monitor listens on ``monitor_fd`` when given (a unix socket the caller bound and
         listens on, as libvirt does: it can connect at once, with no polling for the socket),
-        else on the relative path ``qmp.sock``.
+        else on the relative path ``qmp.sock``.  ``sandbox``: QEMU's seccomp sandbox on.
         """
         monitor = (
             ["-chardev", f"socket,id=monitor,fd={monitor_fd},server=on,wait=off",
@@ -91,10 +126,11 @@ class QemuConfig:
             else ["-qmp", f"unix:{SOCKET_NAME},server=on,wait=off"]
         )
         args = [
-            self.emulator or binary,
+            self.emulator,
             "-name", f"guest={_opt(self.name)},debug-threads=on",
             "-uuid", self.uuid,
             "-no-user-config", "-nodefaults", "-display", "none",
+            *(["-sandbox", SANDBOX] if sandbox else []),
             "-msg", "timestamp=on",
             "-accel", self.accel,
             "-machine", self.machine,
@@ -103,28 +139,35 @@ class QemuConfig:
             *monitor,
         ]
         if self.kernel:
-            args += ["-kernel", self.kernel]
+            args += ["-kernel", f"/proc/self/fd/{files.kernel}"]
         if self.initrd:
-            args += ["-initrd", self.initrd]
+            args += ["-initrd", f"/proc/self/fd/{files.initrd}"]
         if self.cmdline:
             args += ["-append", self.cmdline]
-        for disk in self.disks:
+        fdset = 0
+        for disk, fd in zip(self.disks, files.disks, strict=True):
+            fdset += 1
             proto, fmt = f"file-{disk.target}", f"drive-{disk.target}"
+            # A qcow2 image never opens a backing file by the name in its header.
+            backing: dict[str, object] = {"backing": None} if disk.fmt == "qcow2" else {}
             args += [
+                "-add-fd", f"fd={fd},set={fdset},opaque=disk-{disk.target}",
                 "-blockdev",
-                _json({"driver": "file", "filename": disk.path, "node-name": proto,
+                _json({"driver": "file", "filename": f"/dev/fdset/{fdset}", "node-name": proto,
                        "read-only": disk.readonly}),
                 "-blockdev",
                 _json({"driver": disk.fmt, "file": proto, "node-name": fmt,
-                       "read-only": disk.readonly}),
+                       "read-only": disk.readonly, **backing}),
                 "-device", f"virtio-blk-pci,drive={fmt},id=virtio-{disk.target}",
             ]
-        for serial in self.serials:
-            path = serial.path or str(guest_dir / f"serial{serial.port}.log")
+        for serial, fd in zip(self.serials, files.serials, strict=True):
+            fdset += 1
             chardev = f"charserial{serial.port}"
             args += [
+                "-add-fd", f"fd={fd},set={fdset},opaque=serial{serial.port}",
                 "-chardev",
-                f"file,id={chardev},path={_opt(path)}" + (",append=on" if serial.append else ""),
+                f"file,id={chardev},path=/dev/fdset/{fdset}"
+                + (",append=on" if serial.append else ""),
                 "-device", f"isa-serial,chardev={chardev},id=serial{serial.port},"
                 f"index={serial.port}",
             ]
@@ -161,14 +204,20 @@ def _text(el: etree._Element | None) -> str:
     return "" if el is None else "".join(str(t) for t in el.itertext()).strip()
 
 
-def parse_config(spec: GuestSpec, machines: frozenset[str] | None = None) -> QemuConfig:
+def parse_config(spec: GuestSpec, machines: Machines = None,
+                 settings: QemuSettings | None = None,
+                 guests_dir: Path | None = None) -> QemuConfig:
     """The QEMU configuration of ``spec``; ``ConfigUnsupported`` names what cannot be run.
 
-    ``machines``: the machine types the emulator knows (None: not checked beyond the name form).
+    ``machines``: the machine types the emulator knows (see :data:`Machines`).  ``settings``:
+    what the host allows (default: :class:`QemuSettings`' defaults).  ``guests_dir``: the folder
+    of the guests' folders (the backend's), where file serial ports must write (None: refused).
     """
+    settings = settings or QemuSettings().resolved()
     if not spec.xml:  # a bare spec (no XML): an empty pc guest
         return QemuConfig(uuid=spec.uuid, name=spec.name, accel="tcg", machine="pc",
-                          memory_kib=max(1, -(-spec.memory_bytes // 1024)), vcpus=spec.vcpus)
+                          memory_kib=max(1, -(-spec.memory_bytes // 1024)), vcpus=spec.vcpus,
+                          emulator=_emulator("", settings))
     try:
         d = parse_domain_xml(spec.xml)
     except VirtmigError as exc:
@@ -183,16 +232,21 @@ def parse_config(spec: GuestSpec, machines: frozenset[str] | None = None) -> Qem
     if d.arch != "x86_64":
         raise ConfigUnsupported(f"architecture '{d.arch}' is not supported by the qemu backend")
     machine = d.machine or "pc"
-    if not _MACHINE_RE.fullmatch(machine) or (machines is not None and machine not in machines):
-        raise ConfigUnsupported(
-            f"machine type '{machine}' is not supported by the qemu backend"
-            + (" (not known to the emulator)" if _MACHINE_RE.fullmatch(machine) else "")
-        )
+    if not _MACHINE_RE.fullmatch(machine):
+        raise ConfigUnsupported(f"machine type '{machine}' is not supported by the qemu backend")
     parser = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False,
                              huge_tree=False)
     root = etree.fromstring(d.xml.encode("utf-8"), parser)
-    kernel, initrd, cmdline = _parse_os(root.find("os"))
-    emulator, disks, serials = _parse_devices(root.find("devices"), machine)
+    kernel, initrd, cmdline = _parse_os(root.find("os"), settings)
+    log_dir = guests_dir / d.uuid if guests_dir is not None else None
+    emulator, disks, serials = _parse_devices(root.find("devices"), machine, settings, log_dir)
+    emulator = _emulator(emulator, settings)
+    known = machines.get(emulator) if isinstance(machines, Mapping) else machines
+    if known is not None and machine not in known:
+        raise ConfigUnsupported(
+            f"machine type '{machine}' is not supported by the qemu backend (not known to the "
+            "emulator)"
+        )
     return QemuConfig(
         uuid=d.uuid,
         name=d.name,
@@ -209,7 +263,24 @@ def parse_config(spec: GuestSpec, machines: frozenset[str] | None = None) -> Qem
     )
 
 
-def _parse_os(os_el: etree._Element | None) -> tuple[str, str, str]:
+def _emulator(named: str, settings: QemuSettings) -> str:
+    """The configured emulator that runs: the one ``<emulator>`` names, else the first."""
+    if not named:
+        if not settings.emulators:
+            raise ConfigUnsupported(
+                f"no emulator for the qemu backend: none is configured (emulators) and "
+                f"{DEFAULT_BINARY} is not on PATH"
+            )
+        return settings.emulators[0]
+    try:
+        return check_emulator(named, settings.emulators)
+    except ValueError as exc:
+        raise ConfigUnsupported(
+            f"unsupported emulator <emulator>{named}</emulator> for the qemu backend: {exc}"
+        ) from None
+
+
+def _parse_os(os_el: etree._Element | None, settings: QemuSettings) -> tuple[str, str, str]:
     """``<os>``: kernel, initrd and kernel command line (all ``""`` without ``<os>``)."""
     if os_el is None:
         return "", "", ""
@@ -223,13 +294,18 @@ def _parse_os(os_el: etree._Element | None) -> tuple[str, str, str]:
     kernel, initrd, cmdline = (_text(os_el.find(t)) for t in ("kernel", "initrd", "cmdline"))
     if (initrd or cmdline) and not kernel:
         raise ConfigUnsupported("<os><initrd>/<cmdline> need <os><kernel>")
+    for tag, path in (("kernel", kernel), ("initrd", initrd)):
+        why = image_refusal(path, settings.storage_dirs) if path else ""
+        if why:
+            raise ConfigUnsupported(f"unsupported <os><{tag}> for the qemu backend: {why}")
     return kernel, initrd, cmdline
 
 
 def _parse_devices(
-    devices: etree._Element | None, machine: str
+    devices: etree._Element | None, machine: str, settings: QemuSettings, log_dir: Path | None
 ) -> tuple[str, tuple[DiskConfig, ...], tuple[SerialConfig, ...]]:
-    """``<devices>``: the emulator, the disks, and the serial ports (consoles included)."""
+    """``<devices>``: the emulator named (``""``: none), the disks, and the serial ports
+    (consoles included)."""
     emulator = ""
     disks: list[DiskConfig] = []
     serials: dict[int, SerialConfig] = {}
@@ -240,17 +316,10 @@ def _parse_devices(
         tag = etree.QName(el).localname if etree.QName(el).namespace is None else ""
         if tag == "emulator":
             emulator = _text(el)
-            if not os.path.isabs(emulator) or not _EMULATOR_RE.fullmatch(
-                os.path.basename(emulator)
-            ):
-                raise ConfigUnsupported(
-                    f"unsupported emulator '{emulator}' for the qemu backend (an absolute path "
-                    "to qemu-system-x86_64 or qemu-kvm)"
-                )
         elif tag == "disk":
-            disks.append(_parse_disk(el, disks))
+            disks.append(_parse_disk(el, disks, settings))
         elif tag == "serial":
-            serial = _parse_serial(el, port_default=len(serials))
+            serial = _parse_serial(el, len(serials), log_dir)
             if serial.port in serials:
                 raise _unsupported(el, f"serial port {serial.port} defined twice")
             serials[serial.port] = serial
@@ -263,8 +332,9 @@ def _parse_devices(
         if target is not None and target.get("type", "serial") != "serial":
             raise _unsupported(el, f"console target type '{target.get('type')}'")
         port = int(target.get("port", "0")) if target is not None and target.get("port") else 0
+        console = _parse_serial(el, port, log_dir)  # checked even when the port is declared
         if port not in serials:  # a console on a serial port nobody declared: that port
-            serials[port] = _parse_serial(el, port_default=port)
+            serials[port] = console
     return emulator, tuple(disks), tuple(serials[p] for p in sorted(serials))
 
 
@@ -286,7 +356,8 @@ def _check_other_device(el: etree._Element, tag: str, machine: str) -> None:
         raise _unsupported(el)
 
 
-def _parse_disk(el: etree._Element, seen: list[DiskConfig]) -> DiskConfig:
+def _parse_disk(el: etree._Element, seen: list[DiskConfig],
+                settings: QemuSettings) -> DiskConfig:
     if el.get("type", "file") != "file" or el.get("device", "disk") != "disk":
         raise _unsupported(el)
     source, target, driver = el.find("source"), el.find("target"), el.find("driver")
@@ -306,10 +377,13 @@ def _parse_disk(el: etree._Element, seen: list[DiskConfig]) -> DiskConfig:
         raise _unsupported(el, f"disk format '{fmt}' (raw or qcow2 only)")
     if driver is not None and driver.get("name", "qemu") != "qemu":
         raise _unsupported(el, f"driver name '{driver.get('name')}'")
+    why = image_refusal(path, settings.storage_dirs)
+    if why:
+        raise _unsupported(el, f"source file {why}")
     return DiskConfig(target=dev, path=path, fmt=fmt, readonly=el.find("readonly") is not None)
 
 
-def _parse_serial(el: etree._Element, port_default: int) -> SerialConfig:
+def _parse_serial(el: etree._Element, port_default: int, log_dir: Path | None) -> SerialConfig:
     kind = el.get("type", "pty")
     target = el.find("target")
     raw_port = target.get("port") if target is not None else None
@@ -322,15 +396,17 @@ def _parse_serial(el: etree._Element, port_default: int) -> SerialConfig:
     if target is not None and target.get("type", "isa-serial") not in ("isa-serial", "serial"):
         raise _unsupported(el, f"target type '{target.get('type')}'")
     if kind == "pty":
-        return SerialConfig(port=port, path="")
+        return SerialConfig(port=port)
     if kind != "file":
         raise _unsupported(el)
     source = el.find("source")
     path = source.get("path", "") if source is not None else ""
-    if not path or not os.path.isabs(path):
-        raise _unsupported(el, "a file serial needs an absolute <source path=...>")
-    append = source is not None and source.get("append") == "on"
-    return SerialConfig(port=port, path=path, append=append)
+    if not path:
+        raise _unsupported(el, "a file serial needs <source path=...>")
+    why = serial_path_refusal(path, log_dir, port)
+    if why:
+        raise _unsupported(el, why)
+    return SerialConfig(port=port, append=source is not None and source.get("append") == "on")
 
 
 def _check_controller(el: etree._Element, machine: str) -> None:

@@ -9,7 +9,9 @@ Files, per guest, in ``<state_dir>/<uuid>/``: ``pid`` (written by the backend), 
 (QEMU runs with that folder as its working directory and listens on the relative path, so the
 108-byte socket path limit never bites; the backend connects through ``/proc/self/fd`` when the
 absolute path is too long), ``qemu.log`` (QEMU's stdout and stderr, appended, one header line
-per start) and ``serialN.log`` for ``pty`` serials.
+per start) and ``serialN.log`` per serial port (created by the daemon and passed to QEMU as a
+descriptor).  The folder is the daemon's (mode 0750, group ``qemu_group`` when QEMU runs
+unprivileged): QEMU is handed every file it uses and creates nothing there.
 """
 
 from __future__ import annotations

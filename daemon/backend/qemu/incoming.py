@@ -59,13 +59,18 @@ async def dst_listen(
     # A plain stream may switch to post-copy (QEMU needs the capability on this side
     # before it starts; unused, it costs nothing): allow it unless the stream has
     # channels or compression and post-copy was not asked for.  Without userfaultfd
-    # QEMU refuses: go on.
+    # QEMU refuses: go on, unless post-copy was asked for (the source would send it).
     if tuning.postcopy or not caps:
         try:
             await qmp(guest, "migrate-set-capabilities", {"capabilities": [
                 {"capability": "postcopy-ram", "state": True}]})
             inc.postcopy = True
         except QmpCommandFailed as exc:
+            if tuning.postcopy:
+                raise BackendError(
+                    f"post-copy is not available on this host: {exc.desc} (QEMU needs "
+                    "userfaultfd: for an unprivileged QEMU, vm.unprivileged_userfaultfd=1)"
+                ) from None
             log.warning("qemu backend: guest %s: incoming post-copy unavailable: %s",
                         guest.uuid, exc.desc)
     try:

@@ -5,7 +5,10 @@ line, log and pid files, its exit, its reaping -- and adopting a guest an earlie
 running.
 
 Processes: QEMU is started with :func:`asyncio.create_subprocess_exec` in its own session (a
-signal to the daemon's process group does not reach it) and is always reaped by the daemon
+signal to the daemon's process group does not reach it), confined as
+:mod:`~virtmig.daemon.backend.qemu.confine` says (its user and groups, the sandbox, only the
+descriptors the daemon opened for it: images, serial logs, the monitor socket, qemu.log as
+stdout and stderr), and is always reaped by the daemon
 (``await proc.wait()``; PID 1 on these machines reaps orphans slowly).  :meth:`QemuBackend.close`
 disconnects QMP and leaves guests running; a later :meth:`QemuBackend.open` on the same folder
 finds them (pid file, live process whose working directory is the guest folder, connectable QMP
@@ -28,7 +31,14 @@ from pathlib import Path
 from typing import BinaryIO
 
 from virtmig.daemon.backend.base import BackendError
-from virtmig.daemon.backend.qemu.config import QemuConfig
+from virtmig.daemon.backend.qemu.config import GuestFiles, QemuConfig
+from virtmig.daemon.backend.qemu.confine import (
+    QemuSettings,
+    RunAs,
+    open_image,
+    open_serial_log,
+    prepare_guest_dir,
+)
 from virtmig.daemon.backend.qemu.guest import LOG_NAME, PID_NAME, SOCKET_NAME, _Guest
 from virtmig.daemon.backend.qemu.migration import _POSTCOPY_STATES, _TERMINAL
 from virtmig.daemon.backend.qemu.monitor import Exec, _socket_path, connect
@@ -65,18 +75,28 @@ async def probe_machines(binary: str) -> frozenset[str] | None:
     return frozenset(names) or None
 
 
-async def launch(binary: str, cfg: QemuConfig, gdir: Path, *, incoming: bool) -> _Guest:
-    """Start QEMU in ``gdir`` (vCPUs stopped), with its exit watched; the caller connects."""
-    _prepare_dir(gdir)
-    with _listen_unix(gdir / SOCKET_NAME) as monitor:
-        argv = cfg.argv(binary, gdir, incoming=incoming, monitor_fd=monitor.fileno())
-        with _open_log(gdir, argv) as logf:
+async def launch(cfg: QemuConfig, gdir: Path, *, incoming: bool, settings: QemuSettings,
+                 owner: RunAs | None) -> _Guest:
+    """Start QEMU in ``gdir`` (vCPUs stopped), with its exit watched; the caller connects.
+
+    QEMU runs confined (see :mod:`~virtmig.daemon.backend.qemu.confine`): as ``owner`` when given,
+    under the sandbox when ``settings`` say so, with the files the daemon opened for it.
+    """
+    prepare_guest_dir(gdir, owner)
+    with contextlib.suppress(FileNotFoundError):
+        (gdir / SOCKET_NAME).unlink()
+    with _listen_unix(gdir / SOCKET_NAME) as monitor, open_guest_files(cfg, settings, gdir,
+                                                                  owner) as files:
+        argv = cfg.argv(files, incoming=incoming, monitor_fd=monitor.fileno(),
+                        sandbox=settings.sandbox)
+        command = argv if owner is None else owner.command(argv)
+        with _open_log(gdir, command) as logf:
             offset = logf.tell()
             try:
                 proc = await asyncio.create_subprocess_exec(
-                    *argv, cwd=gdir, stdin=asyncio.subprocess.DEVNULL, stdout=logf,
+                    *command, cwd=gdir, stdin=asyncio.subprocess.DEVNULL, stdout=logf,
                     stderr=asyncio.subprocess.STDOUT, start_new_session=True,
-                    pass_fds=(monitor.fileno(),),
+                    pass_fds=(monitor.fileno(), *files.fds),
                 )
             except OSError as exc:
                 with contextlib.suppress(FileNotFoundError):
@@ -85,6 +105,34 @@ async def launch(binary: str, cfg: QemuConfig, gdir: Path, *, incoming: bool) ->
     guest = _Guest(uuid=cfg.uuid, dir=gdir, pid=proc.pid, proc=proc, log_offset=offset)
     guest.exit_task = asyncio.get_running_loop().create_task(_watch_exit(guest))
     return guest
+
+
+@contextlib.contextmanager
+def open_guest_files(cfg: QemuConfig, settings: QemuSettings, gdir: Path,
+                owner: RunAs | None) -> Iterator[GuestFiles]:
+    """The guest's images and serial logs, opened for QEMU; closed here once it has them."""
+    opened: list[int] = []
+
+    def keep(fd: int) -> int:
+        opened.append(fd)
+        return fd
+
+    try:
+        dirs = settings.storage_dirs
+        files = GuestFiles(
+            disks=tuple(keep(open_image("<disk>", d.path, dirs, writable=not d.readonly,
+                                        qcow2=d.fmt == "qcow2")) for d in cfg.disks),
+            serials=tuple(keep(open_serial_log(gdir, s.port, append=s.append, owner=owner))
+                          for s in cfg.serials),
+            kernel=keep(open_image("<os><kernel>", cfg.kernel, dirs, writable=False,
+                                   reader=owner)) if cfg.kernel else -1,
+            initrd=keep(open_image("<os><initrd>", cfg.initrd, dirs, writable=False,
+                                   reader=owner)) if cfg.initrd else -1,
+        )
+        yield files
+    finally:
+        for fd in opened:
+            os.close(fd)
 
 
 async def _watch_exit(guest: _Guest) -> None:
@@ -316,13 +364,6 @@ def _guest_dirs(state_dir: Path) -> list[Path]:
     """The guest folders with a pid file (creating ``state_dir`` if needed)."""
     state_dir.mkdir(parents=True, exist_ok=True)
     return [c for c in sorted(state_dir.iterdir()) if c.is_dir() and (c / PID_NAME).exists()]
-
-
-def _prepare_dir(gdir: Path) -> None:
-    """The guest folder exists, without a stale monitor socket."""
-    gdir.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(FileNotFoundError):
-        (gdir / SOCKET_NAME).unlink()
 
 
 @contextlib.contextmanager
