@@ -341,7 +341,18 @@ STREAMS: dict[str, tuple[MigrateFlags, dict[str, Any], set[str], dict[str, Any]]
 }
 
 
-@pytest.mark.parametrize("stream", list(STREAMS))
+# Multi-thread compression ("mt", QEMU's "compress" capability, deprecated by QEMU since) crashes
+# the guest here: its kernel panics right after the switchover, in every run on these machines.
+# The heartbeat check used to miss it, because the guest rebooted (panic=-1) and counted past the
+# source's last heartbeat again; it sees the panic now.  Not yet root-caused: expected to fail,
+# with that crash and nothing else.
+MT_CRASHES = pytest.mark.xfail(raises=GuestKernelCrashed, strict=False, reason=(
+    "QEMU 7.2 multi-thread compression: the destination guest's kernel panics after the "
+    "switchover (not yet root-caused)"))
+
+
+@pytest.mark.parametrize("stream", [pytest.param(s, marks=MT_CRASHES) if s == "mt" else s
+                                    for s in STREAMS])
 async def test_parallel_and_compressed_streams(
     qemu_pair: tuple[Host, Host], guest_image: GuestImage, tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch, stream: str,
