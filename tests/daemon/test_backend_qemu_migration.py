@@ -1,13 +1,6 @@
 """The ``qemu`` backend with real QEMU processes: pre-copy and post-copy migrations, cancel and
-failures.
-
-Guests here are tiny and idle (SeaBIOS only, ``-m 64``, TCG): they start in well under a second.
-They run under TCG even where KVM is usable: this module is the suite's TCG coverage (the QEMU
-tests elsewhere run the test guest under KVM when the machine has it), and the backend's
-TCG-only paths are exercised here.
-Migrations run between two backend instances (two state folders) on 127.0.0.1.  A migration that
-must stay in flight long enough to be cancelled or broken is throttled to 32 KiB/s: even an idle
-guest sends about 0.7 MB (a header per zero page), so it takes seconds.
+failures, between two tiny idle TCG guests' backends (:mod:`tests.daemon.backend_qemu_helpers`
+says what the guests are and why slow migrations are throttled to 32 KiB/s).
 """
 
 from __future__ import annotations

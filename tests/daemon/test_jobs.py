@@ -163,7 +163,9 @@ async def test_job_info_while_running_and_completed(backend_pair: tuple[Host, Ho
 
 async def test_watch_job_pushes_progress_then_the_record(backend_pair: tuple[Host, Host]) -> None:
     src, dst = backend_pair
-    await guest(src)
+    # A booted, dirtying guest: a QEMU guest that has just started has so few non-zero pages that
+    # its migration can end between two samples of the watch.
+    await guest(src, dirty=4, booted=True)
     task = migrate(src, dst, F.LIVE, TypedParams.of({P.BANDWIDTH: 32}))
     await until_streaming(src)
     seen: list[JobInfo] = []

@@ -88,8 +88,10 @@ async def test_postcopy_switch_runs_the_guest_on_the_destination(
     await src.conn.start_postcopy("vm1")
 
     async def running_in_postcopy() -> bool:
+        # The source first: read after the destination, it may already be shut off (migrated).
+        source = await src.conn.state("vm1")
         if (await dst.conn.state("vm1"))[:2] == (DomainState.RUNNING, 10):  # running (postcopy)
-            assert (await src.conn.state("vm1"))[2] == "postcopy"  # paused (postcopy)
+            assert source[2] == "postcopy"  # paused (postcopy)
             return True
         assert not task.done(), "the migration ended before the destination ran in post-copy"
         return False
