@@ -119,11 +119,11 @@ class RemoteDest:
 
     async def finished(self, dname: str) -> bool:
         for _ in range(600):
-            try:
+            try:  # (the incoming guest may go between the two calls: then it is gone)
                 dom = await self.conn.lookup(dname)
+                info = await self.conn.job_info(dname)
             except NoDomain:
                 return False
-            info = await self.conn.job_info(dname)
             if info.type is JobType.NONE:
                 return dom.state is not DomainState.SHUTOFF
             await asyncio.sleep(0.05)
