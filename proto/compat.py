@@ -100,11 +100,12 @@ RULES: tuple[Rule, ...] = (
 # refused with a clear error rather than silently ignored.
 UNSUPPORTED_FLAGS = (
     F.NON_SHARED_DISK | F.NON_SHARED_INC | F.NON_SHARED_SYNCHRONOUS_WRITES
-    | F.RDMA_PIN_ALL | F.TLS | F.POSTCOPY_RESUME | F.ZEROCOPY
+    | F.RDMA_PIN_ALL | F.POSTCOPY_RESUME | F.ZEROCOPY
 )
-# Flags only some backends act on (``Backend.extra_flags``: qemu has multifd and compression);
-# a backend without them refuses them like the flags above.
-BACKEND_FLAGS = F.PARALLEL | F.COMPRESSED
+# Flags only some backends act on (``Backend.extra_flags``: qemu has multifd and compression;
+# TLS on the data stream is each backend's own); a backend without them refuses them like the
+# flags above.
+BACKEND_FLAGS = F.PARALLEL | F.COMPRESSED | F.TLS
 
 
 def check_known_flags(flags: int, function: str) -> MigrateFlags:

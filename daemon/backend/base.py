@@ -78,6 +78,23 @@ class StreamAddress:
 
 
 @dataclass(frozen=True)
+class StreamTls:
+    """``VIR_MIGRATE_TLS``: the data stream is TLS (1.3), mutually authenticated with the host's PKI.
+
+    The destination presents its server certificate, the source its client certificate (a host
+    certificate from ``virtmig pki issue --host`` is both); each accepts only a peer whose
+    certificate the CA in ``ca_cert`` signed.  The source also requires the destination's
+    certificate to name ``hostname`` (DNS or IP SAN).  Paths, not bytes: the test backend loads
+    them into an ``ssl.SSLContext``, the qemu backend hands QEMU a copy it may read.
+    """
+
+    ca_cert: Path
+    cert: Path
+    key: Path
+    hostname: str = ""  # source only: the name the destination's certificate must carry
+
+
+@dataclass(frozen=True)
 class MigrationTuning:
     bandwidth_bytes_per_s: int = 0  # 0: unlimited
     max_downtime_ms: int = 300
@@ -96,6 +113,14 @@ class MigrationTuning:
     # COMPRESSED: methods and their settings (``compression.methods`` empty: none); only for
     # backends whose ``extra_flags`` include COMPRESSED.
     compression: Compression = field(default_factory=Compression)
+    # TLS on the data stream (None: plain); only for backends whose ``extra_flags`` include TLS.
+    # Both sides get it: the destination's server side, the source's client side.
+    tls: StreamTls | None = None
+    # The per-migration secret the destination's Prepare chose (carried to the source in the
+    # cookie): a backend that can, binds its stream to it, so the destination accepts only the
+    # source of the migration it prepared and the source streams only to that destination.
+    # "": none (a peer that sent no token).
+    stream_token: str = field(default="", repr=False)
 
 
 class MigrationStatus(enum.Enum):
