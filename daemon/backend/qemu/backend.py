@@ -56,6 +56,7 @@ from virtmig.daemon.backend.qemu.outgoing import (
     CANCEL_TIMEOUT,
     STOP_TIMEOUT,
     src_cancel,
+    src_drop_tls,
     src_migrate,
     src_set_tuning,
     src_start_postcopy,
@@ -83,7 +84,7 @@ class QemuBackend(Backend):
     """QEMU guests over QMP (see the package docstring)."""
 
     name = "qemu"
-    extra_flags = MigrateFlags.PARALLEL | MigrateFlags.COMPRESSED
+    extra_flags = MigrateFlags.PARALLEL | MigrateFlags.COMPRESSED | MigrateFlags.TLS
 
     def __init__(self, settings: QemuSettings | None = None) -> None:
         self.settings = (settings or QemuSettings()).resolved()
@@ -324,7 +325,7 @@ class QemuBackend(Backend):
         inc = _Incoming()
         guest.incoming = inc
         try:
-            port = await dst_listen(self._exec, guest, inc, listen, tuning)
+            port = await dst_listen(self._exec, guest, inc, listen, tuning, owner=self._owner)
         except BaseException:
             await stop_process(self._exec, guest)
             self._forget(guest)
@@ -354,4 +355,8 @@ class QemuBackend(Backend):
         mig = _Outgoing(tuning=tuning, was_running=guest.status == "running")
         guest.outgoing = mig
         self._progress[uuid] = mig
-        return await src_migrate(self._exec, guest, mig, dest)
+        try:
+            return await src_migrate(self._exec, guest, mig, dest, owner=self._owner)
+        finally:
+            if tuning.tls is not None:
+                guest.start_task(src_drop_tls(self._exec, guest, mig))

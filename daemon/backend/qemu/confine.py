@@ -20,6 +20,11 @@ files for QEMU, and knowing whom QEMU runs as.
 * **Serial logs.** A serial port writes to ``serialN.log`` in the guest's own folder, a file the
   daemon creates (:func:`open_serial_log`, no symlink followed, mode 0600) and passes as a
   descriptor; a ``<source path=>`` naming any other file is refused (:func:`serial_path_refusal`).
+* **Migration TLS credentials.** QEMU's ``tls-creds-x509`` reads certificates and key from a
+  folder by path; :func:`write_tls_creds` copies the host's PKI files into ``migrate-tls`` in the
+  guest's folder (made without following a symlink, 0700, files 0400, all QEMU's user's, named
+  to QEMU relative to its working directory) and :func:`remove_tls_creds` removes it as soon as
+  QEMU loaded them, and at every start, exit and take-over of the guest.
 * **The process.** QEMU runs under ``-sandbox`` (:data:`SANDBOX`: seccomp; no obsolete system
   calls, no privilege elevation, no fork/exec, no scheduler or affinity changes), and, when the
   daemon runs as root, as ``qemu_user`` (default ``virtmig-qemu``) with ``qemu_group`` (default:
@@ -43,6 +48,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import grp
+import logging
 import os
 import pwd
 import shutil
@@ -50,7 +56,7 @@ import stat
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from virtmig.daemon.backend.base import BackendError
+from virtmig.daemon.backend.base import BackendError, StreamTls
 from virtmig.proto.errors import InvalidArgument
 
 DEFAULT_BINARY = "qemu-system-x86_64"
@@ -61,8 +67,11 @@ SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=de
 KVM_DEVICE = "/dev/kvm"
 UFFD_SYSCTL = "/proc/sys/vm/unprivileged_userfaultfd"
 SERIAL_LOG = "serial{port}.log"
+TLS_CREDS_DIR = "migrate-tls"  # in the guest's folder, while QEMU loads a migration's credentials
 _QCOW2_MAGIC = b"QFI\xfb"
 _QCOW2_EXTERNAL_DATA = 1 << 2  # incompatible feature bit: the data lives in another file
+
+log = logging.getLogger("virtmig.daemon.backend.qemu")
 
 
 @dataclass(frozen=True)
@@ -353,11 +362,91 @@ def open_serial_log(log_dir: Path, port: int, *, append: bool, owner: RunAs | No
 
 
 def prepare_guest_dir(gdir: Path, owner: RunAs | None) -> None:
-    """The guest's folder: the daemon's; QEMU's group may look in but not create anything."""
+    """The guest's folder: the daemon's; QEMU's group may look in but not create anything.
+
+    A migration TLS credentials folder an earlier instance left behind goes."""
     gdir.mkdir(parents=True, exist_ok=True)
     if owner is not None:
         os.chown(gdir, -1, owner.gid)
     os.chmod(gdir, 0o750)
+    remove_tls_creds(gdir)
+
+
+# --- migration TLS: the credentials QEMU loads ---------------------------------------------------
+
+
+def write_tls_creds(gdir: Path, tls: StreamTls, *, server: bool, owner: RunAs | None) -> str:
+    """Copy the host's PKI files into ``gdir/TLS_CREDS_DIR`` in ``tls-creds-x509``'s layout.
+
+    The folder is made fresh (a leftover one goes first), without following a symlink: mode
+    0700, its files 0400, all owned by QEMU's user (``owner``; the daemon's own when None), so
+    that only QEMU (and root) can read the private key.  Every source file is read before
+    anything is written.  Returns the folder's name relative to ``gdir``, QEMU's working
+    directory: QEMU's user need not be able to reach ``gdir`` from ``/``.  ``BackendError``
+    names the file that cannot be read or written; nothing is left behind then.
+    """
+    role = "server" if server else "client"
+    wanted = {"ca-cert.pem": tls.ca_cert, f"{role}-cert.pem": tls.cert,
+              f"{role}-key.pem": tls.key}
+    contents: dict[str, bytes] = {}
+    for name, source in wanted.items():
+        try:
+            contents[name] = Path(source).read_bytes()
+        except OSError as exc:
+            raise BackendError(f"migration TLS: cannot read '{source}': "
+                               f"{exc.strerror or exc}") from None
+    remove_tls_creds(gdir)
+    parent = os.open(gdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.mkdir(TLS_CREDS_DIR, 0o700, dir_fd=parent)
+        folder = os.open(TLS_CREDS_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, dir_fd=parent)
+        try:
+            for name, data in contents.items():
+                _write_private(folder, name, data, owner)
+            if owner is not None:
+                os.fchown(folder, owner.uid, owner.gid)
+            os.fchmod(folder, 0o700)
+        finally:
+            os.close(folder)
+    except OSError as exc:
+        remove_tls_creds(gdir)
+        raise BackendError(f"migration TLS: cannot write QEMU's credentials in "
+                           f"'{gdir / TLS_CREDS_DIR}': {_reason(exc)}") from None
+    finally:
+        os.close(parent)
+    return TLS_CREDS_DIR
+
+
+def _write_private(folder: int, name: str, data: bytes, owner: RunAs | None) -> None:
+    """A new file ``name`` in the open ``folder`` (no symlink followed), 0400, ``owner``'s."""
+    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o400, dir_fd=folder)
+    try:
+        if owner is not None:
+            os.fchown(fd, owner.uid, owner.gid)
+        os.fchmod(fd, 0o400)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
+
+
+def remove_tls_creds(gdir: Path) -> None:
+    """Remove ``gdir/TLS_CREDS_DIR`` if it is there; a symlink in its place is removed, never
+    followed (``shutil.rmtree`` works on descriptors)."""
+    path = gdir / TLS_CREDS_DIR
+    try:
+        st = os.lstat(path)
+        if stat.S_ISDIR(st.st_mode):
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.error("qemu backend: cannot remove the migration TLS credentials %s: %s", path, exc)
 
 
 def _reason(exc: OSError) -> str:

@@ -28,15 +28,18 @@ from virtmig.daemon.backend.base import (
     PostcopyFailed,
     StreamAddress,
 )
+from virtmig.daemon.backend.qemu.confine import RunAs
 from virtmig.daemon.backend.qemu.guest import _Guest
 from virtmig.daemon.backend.qemu.migration import (
     _POSTCOPY_BROKEN,
     _Incoming,
     _ms,
     _stream_settings,
+    _tls_params,
     progress_from_query,
 )
 from virtmig.daemon.backend.qemu.monitor import Exec, QmpCommandFailed, refresh_status
+from virtmig.daemon.backend.qemu.tls import add_tls_creds, drop_tls_creds
 
 log = logging.getLogger("virtmig.daemon.backend.qemu")
 
@@ -45,17 +48,22 @@ EXIT_REASON_WAIT = 3.0  # a failed incoming QEMU exits by itself: wait that long
 
 
 async def dst_listen(
-    qmp: Exec, guest: _Guest, inc: _Incoming, listen: StreamAddress, tuning: MigrationTuning
+    qmp: Exec, guest: _Guest, inc: _Incoming, listen: StreamAddress, tuning: MigrationTuning,
+    *, owner: RunAs | None = None,
 ) -> int:
     """Prepare the incoming QEMU and listen on ``listen``: the port it listens on.
 
-    A port in use raises ``OSError(EADDRINUSE)``.
+    With ``tuning.tls`` QEMU gets the server credentials first (``owner``: whom QEMU runs as)
+    and takes only a TLS stream from a source whose certificate the CA signed.  A port in use
+    raises ``OSError(EADDRINUSE)``.
     """
     caps, params = _stream_settings(tuning, incoming=True)
     await qmp(guest, "migrate-set-capabilities", {"capabilities": [
         {"capability": "events", "state": True}, *caps]})
-    if params:
-        await qmp(guest, "migrate-set-parameters", params)
+    if tuning.tls is not None:
+        await add_tls_creds(qmp, guest, tuning.tls, server=True, owner=owner)
+        inc.tls = True
+    await qmp(guest, "migrate-set-parameters", {**params, **_tls_params(tuning, incoming=True)})
     # A plain stream may switch to post-copy (QEMU needs the capability on this side
     # before it starts; unused, it costs nothing): allow it unless the stream has
     # channels or compression and post-copy was not asked for.  Without userfaultfd
@@ -158,6 +166,8 @@ async def _dst_completed(qmp: Exec, guest: _Guest, inc: _Incoming) -> MigrationP
     except BackendError:
         info = {}
     base = progress_from_query(info)
+    if inc.tls:
+        await drop_tls_creds(qmp, guest)
     inc.status = MigrationStatus.COMPLETED
     inc.final = replace(
         base,

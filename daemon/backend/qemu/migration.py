@@ -27,6 +27,18 @@ writing to a destination that stopped reading): ``migrate_cancel``, then the out
 of the migration's sockets, then the flow gives up and leaves the guest as it is (see
 :mod:`~virtmig.daemon.backend.qemu.outgoing`).
 
+TLS (``tuning.tls``, ``--tls``): before ``migrate-incoming`` / ``migrate`` each QEMU gets a
+``tls-creds-x509`` object (:data:`TLS_OBJECT_ID`: server on the destination, client on the
+source, both verifying their peer against the CA) and ``tls-creds`` names it; the source's
+``tls-hostname`` is ``tls.hostname`` (the name the destination's certificate must carry).  Multifd
+channels and post-copy's return path use the same credentials.  Without TLS both parameters are
+set to "" (an earlier TLS migration's must not linger, as libvirt does).  The object is deleted
+once the migration ended (see :mod:`~virtmig.daemon.backend.qemu.tls`).  A handshake that fails
+fails the source's migration with QEMU's words ("Certificate does not match the hostname ...");
+a destination that refused a source's certificate (or a connection that is not TLS) logs it and
+keeps waiting for its source, while one whose source hung up after the handshake exits as after
+any failed incoming migration.
+
 Post-copy: every incoming QEMU gets the ``postcopy-ram`` capability before ``migrate-incoming``
 (the destination cannot know whether the source will switch; a pre-copy stream does not use it;
 without userfaultfd QEMU refuses it, which is logged and otherwise ignored); the source gets it,
@@ -63,6 +75,7 @@ from virtmig.proto.flags import MAX_BANDWIDTH_MIB
 #: libvirt's "unlimited" migration bandwidth (QEMU_DOMAIN_MIG_BANDWIDTH_MAX MiB/s, in bytes/s).
 UNLIMITED_BANDWIDTH = MAX_BANDWIDTH_MIB * 1024 * 1024
 MAX_DOWNTIME_LIMIT_MS = 2_000_000  # QEMU's upper bound for downtime-limit
+TLS_OBJECT_ID = "virtmig-migrate-tls"  # the tls-creds-x509 object of a TLS migration
 
 _TERMINAL = frozenset({"completed", "failed", "cancelled"})
 # After the switch to post-copy: the stream broke (QEMU waits for a recovery that never comes).
@@ -123,6 +136,16 @@ def _stream_settings(
     return caps, params
 
 
+def _tls_params(tuning: MigrationTuning, *, incoming: bool) -> dict[str, object]:
+    """``tls-creds`` and ``tls-hostname``: the credentials object of a TLS migration (and, on
+    the source, the name the destination's certificate must carry; "": the URI's host), or
+    both reset to "" (a plain stream, whatever an earlier migration set), as libvirt does."""
+    if tuning.tls is None:
+        return {"tls-creds": "", "tls-hostname": ""}
+    return {"tls-creds": TLS_OBJECT_ID,
+            "tls-hostname": "" if incoming else tuning.tls.hostname}
+
+
 def _bandwidth(bytes_per_s: int) -> int:
     return UNLIMITED_BANDWIDTH if bytes_per_s <= 0 else min(bytes_per_s, UNLIMITED_BANDWIDTH)
 
@@ -148,6 +171,7 @@ def _src_settings(tuning: MigrationTuning) -> tuple[list[dict[str, object]], dic
         "max-bandwidth": _bandwidth(tuning.bandwidth_bytes_per_s),
         "downtime-limit": _downtime(tuning.max_downtime_ms),
         **stream_params,
+        **_tls_params(tuning, incoming=False),
     }
     if tuning.auto_converge:
         params["cpu-throttle-initial"] = min(99, max(1, tuning.auto_converge_initial))
@@ -199,6 +223,7 @@ class _Incoming:
     final: MigrationProgress | None = None
     postcopy: bool = False  # the postcopy-ram capability is on
     switched: bool = False  # QEMU reported postcopy-active: the guest may run here
+    tls: bool = False  # the stream is TLS: the credentials object goes once it completed
 
     def snapshot(self) -> MigrationProgress:
         if self.final is not None:

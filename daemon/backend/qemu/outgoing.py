@@ -37,6 +37,7 @@ from virtmig.daemon.backend.base import (
     PostcopyFailed,
     StreamAddress,
 )
+from virtmig.daemon.backend.qemu.confine import RunAs
 from virtmig.daemon.backend.qemu.guest import _Guest, _wait_guest
 from virtmig.daemon.backend.qemu.migration import (
     _POSTCOPY_BROKEN,
@@ -50,6 +51,7 @@ from virtmig.daemon.backend.qemu.migration import (
     progress_from_query,
 )
 from virtmig.daemon.backend.qemu.monitor import Exec, QmpCommandFailed, QmpNoAnswer, refresh_status
+from virtmig.daemon.backend.qemu.tls import add_tls_creds, drop_tls_creds
 
 log = logging.getLogger("virtmig.daemon.backend.qemu")
 
@@ -65,12 +67,15 @@ FINALIZE_POLL = 0.1  # query-status while QEMU finishes a failed migration
 
 
 async def src_migrate(
-    qmp: Exec, guest: _Guest, mig: _Outgoing, dest: StreamAddress
+    qmp: Exec, guest: _Guest, mig: _Outgoing, dest: StreamAddress, *, owner: RunAs | None = None
 ) -> MigrationProgress:
     """Run the migration ``mig`` of ``guest`` to ``dest``: the final progress, or the progress
-    at the switch to post-copy; ``MigrationFailed``/``MigrationCancelled`` otherwise."""
+    at the switch to post-copy; ``MigrationFailed``/``MigrationCancelled`` otherwise.
+
+    ``owner``: whom QEMU runs as (it reads the TLS credentials of a ``tuning.tls`` migration).
+    """
     try:
-        return await _src_run(qmp, guest, mig, dest)
+        return await _src_run(qmp, guest, mig, dest, owner)
     except asyncio.CancelledError:
         # Our caller gave up: stop the migration too, and put the source back -- unless
         # post-copy was asked for: QEMU may switch at any moment, and a cancel after the
@@ -97,10 +102,10 @@ async def src_migrate(
 
 
 async def _src_run(
-    qmp: Exec, guest: _Guest, mig: _Outgoing, dest: StreamAddress
+    qmp: Exec, guest: _Guest, mig: _Outgoing, dest: StreamAddress, owner: RunAs | None
 ) -> MigrationProgress:
     try:
-        await _src_issue(qmp, guest, mig, dest)
+        await _src_issue(qmp, guest, mig, dest, owner)
     except BackendError as exc:
         if mig.switched:  # (a command failed after the switch: never roll back)
             return await _src_switched(qmp, guest, mig)
@@ -133,11 +138,14 @@ async def _src_run(
     raise await _src_settle_failed(qmp, guest, mig, await _src_ended_error(qmp, guest, mig))
 
 
-async def _src_issue(qmp: Exec, guest: _Guest, mig: _Outgoing, dest: StreamAddress) -> None:
-    """Capabilities, parameters, ``migrate`` (unless cancelled first), and a cancel or a switch
-    to post-copy asked for while ``migrate`` was on its way."""
+async def _src_issue(qmp: Exec, guest: _Guest, mig: _Outgoing, dest: StreamAddress,
+                     owner: RunAs | None) -> None:
+    """Capabilities, TLS credentials, parameters, ``migrate`` (unless cancelled first), and a
+    cancel or a switch to post-copy asked for while ``migrate`` was on its way."""
     caps, params = _src_settings(mig.tuning)
     await qmp(guest, "migrate-set-capabilities", {"capabilities": caps})
+    if mig.tuning.tls is not None:
+        await add_tls_creds(qmp, guest, mig.tuning.tls, server=False, owner=owner)
     await qmp(guest, "migrate-set-parameters", params)
     if not mig.cancel_requested:
         guest.mig_status = "setup"
@@ -420,6 +428,13 @@ async def src_set_tuning(
         params["downtime-limit"] = _downtime(max_downtime_ms)
     if params:
         await qmp(guest, "migrate-set-parameters", params)
+
+
+async def src_drop_tls(qmp: Exec, guest: _Guest, mig: _Outgoing) -> None:
+    """Once a TLS migration ended for good (after the last page, in post-copy): drop QEMU's
+    credentials object (a guest task: it ends with QEMU)."""
+    await mig.done.wait()
+    await drop_tls_creds(qmp, guest)
 
 
 async def src_start_postcopy(qmp: Exec, guest: _Guest, mig: _Outgoing) -> None:

@@ -38,6 +38,7 @@ from virtmig.daemon.backend.qemu.confine import (
     open_image,
     open_serial_log,
     prepare_guest_dir,
+    remove_tls_creds,
 )
 from virtmig.daemon.backend.qemu.guest import LOG_NAME, PID_NAME, SOCKET_NAME, _Guest
 from virtmig.daemon.backend.qemu.migration import _POSTCOPY_STATES, _TERMINAL
@@ -152,6 +153,7 @@ async def _watch_exit(guest: _Guest) -> None:
     for path in (guest.dir / PID_NAME, guest.socket):
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
+    remove_tls_creds(guest.dir)
     if guest.pidfd >= 0:
         os.close(guest.pidfd)
         guest.pidfd = -1
@@ -252,6 +254,7 @@ def adopt(gdir: Path) -> _Guest | None:
     the stale files removed) when its QEMU is gone.  The caller registers it, then
     :func:`take_over`."""
     uuid = gdir.name
+    remove_tls_creds(gdir)  # QEMU loaded them, if it ever did: a crashed daemon's leftover
     try:
         pid = int((gdir / PID_NAME).read_text().strip())
     except (OSError, ValueError):
