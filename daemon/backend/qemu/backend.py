@@ -44,7 +44,7 @@ from virtmig.daemon.backend.qemu.confine import (
 )
 from virtmig.daemon.backend.qemu.guest import PID_NAME, _Guest
 from virtmig.daemon.backend.qemu.incoming import dst_listen, dst_wait
-from virtmig.daemon.backend.qemu.migration import _Incoming, _Outgoing
+from virtmig.daemon.backend.qemu.migration import _Incoming, _Outgoing, refuse_mt_compression
 from virtmig.daemon.backend.qemu.monitor import (
     QMP_TIMEOUT,
     connect,
@@ -73,6 +73,7 @@ from virtmig.daemon.backend.qemu.process import (
     stop_process,
     take_over,
 )
+from virtmig.proto.compat import Compression
 from virtmig.proto.errors import ConfigUnsupported
 from virtmig.proto.flags import MigrateFlags
 
@@ -145,6 +146,9 @@ class QemuBackend(Backend):
         if self._dir is None:
             raise BackendError("the qemu backend is not open")
         return self._dir
+
+    def check_compression(self, compression: Compression) -> None:
+        refuse_mt_compression(compression)
 
     def validate(self, spec: GuestSpec) -> None:
         parse_config(spec, self._machines, self.settings, self._dir)
