@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
@@ -20,10 +19,11 @@ from lxml import etree
 from virtmig.daemon import state as files
 from virtmig.daemon.domxml import DomainDef, parse_domain_xml
 from virtmig.daemon.job import AsyncJob, JobRecord, MigrationJob, Phase
+from virtmig.proto import logsafe
 from virtmig.proto.errors import NoDomain, OperationFailed, OperationTimeout, XMLError
 from virtmig.proto.flags import DomainState, MigrateFlags, reason_name
 
-log = logging.getLogger(__name__)
+log = logsafe.logger(__name__)
 
 
 @dataclass(eq=False)
