@@ -43,8 +43,8 @@ a mandatory ``<feature>`` naming one is refused as *unsupported* unless the call
 Parsing applies libvirt's checks (qemuMigrationCookieXMLParse's) with libvirt's messages, all as
 :class:`~virtmig.proto.errors.CookieError` (an InternalError, status INVALID_ARGUMENT), in
 libvirt's order: NUL terminator, well-formed XML, name, uuid, hostname, hostuuid (and "same
-host"), mandatory features, then the sections listed in ``accept`` (others are ignored).  The XML is parsed without entities,
-DTDs or network access, a DOCTYPE is refused, and the size is capped.
+host"), mandatory features, then the sections listed in ``accept`` (others are ignored).  No
+entities, DTDs or network access in the XML, a DOCTYPE is refused, and the size is capped.
 
 The persistent ``<domain>`` stays a string here: this module neither interprets nor renames it
 (libvirt forces the definition's name to the local name on Finish; that is the caller's job).  It is
