@@ -99,19 +99,27 @@ async def test_begin_with_change_protection_without_session_ends(
 
 
 async def test_perform_without_session_leaves_source_paused(reaping: tuple[Host, Host]) -> None:
-    """The caller vanished after Perform: outcome unknown, the source stays paused, both jobs
-    end, the incoming guest goes."""
+    """The caller vanished after Perform: outcome unknown, the source stays paused and its job
+    ends.  (The destination's side is driven over a connection with a session, so that the
+    incoming guest lives until that session ends, after Perform.)"""
     src, dst = reaping
     await running_guest(src)
-    s, d = RemoteSource(src.conn, True), RemoteDest(dst.conn, True)
-    xml, cookie = await s.begin("vm1", TypedParams(), F.LIVE)
-    cookie, uri = await d.prepare(TypedParams.of({P.DEST_XML: xml}), cookie, F.LIVE)
-    assert uri is not None
-    await s.perform("vm1", TypedParams.of({P.URI: uri}), cookie, F.LIVE)
+    dconn = await type(dst.conn).open(dst.uri)
+    try:
+        await dconn.open_session()
+        s, d = RemoteSource(src.conn, True), RemoteDest(dconn, True)
+        xml, cookie = await s.begin("vm1", TypedParams(), F.LIVE)
+        cookie, uri = await d.prepare(TypedParams.of({P.DEST_XML: xml}), cookie, F.LIVE)
+        assert uri is not None
+        await s.perform("vm1", TypedParams.of({P.URI: uri}), cookie, F.LIVE)
+    finally:
+        await dconn.close()
     dom = src.daemon.registry.by_name("vm1")
     await wait_until(lambda: dom.job is None and _gone(dst, "vm1"), timeout=30,
                      what="both jobs to be abandoned")
     assert await src.conn.state("vm1") == (DomainState.PAUSED, 2, "migration")
+    done = await src.conn.job_info("vm1", completed=True)
+    assert done.type is JobType.FAILED and "no caller session" in done.error
     assert not dst.daemon.ports._used
 
 
