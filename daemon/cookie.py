@@ -63,7 +63,7 @@ from dataclasses import dataclass
 
 from lxml import etree
 
-from virtmig.proto.errors import InternalError, CookieError, XMLError
+from virtmig.proto.errors import CookieError, InternalError, XMLError
 
 __all__ = [
     "ACCEPT_CONFIRM",

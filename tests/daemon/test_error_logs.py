@@ -20,7 +20,7 @@ from tests.daemon.test_interceptor import Context, status_of, wrapped
 from virtmig.daemon import interceptor
 from virtmig.proto import logsafe
 from virtmig.proto import virtmig_pb2 as pb
-from virtmig.proto.errors import ERROR_METADATA_KEY, InternalError, CookieError
+from virtmig.proto.errors import ERROR_METADATA_KEY, CookieError, InternalError
 from virtmig.proto.logsafe import LIMIT, safe
 from virtmig.testing import Host, domain_xml, start_host, stop_host
 
