@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -73,11 +72,12 @@ from virtmig.daemon.backend.qemu.process import (
     stop_process,
     take_over,
 )
+from virtmig.proto import logsafe
 from virtmig.proto.compat import Compression
 from virtmig.proto.errors import ConfigUnsupported
 from virtmig.proto.flags import MigrateFlags
 
-log = logging.getLogger("virtmig.daemon.backend.qemu")
+log = logsafe.logger("virtmig.daemon.backend.qemu")
 
 
 class QemuBackend(Backend):
