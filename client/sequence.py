@@ -25,10 +25,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
+from virtmig.proto import logsafe
 from virtmig.proto.errors import (
     ConnectionFailed,
     InternalError,
@@ -40,7 +40,7 @@ from virtmig.proto.errors import (
 from virtmig.proto.flags import SOURCE_ONLY_FLAGS, DomainState, MigrateFlags
 from virtmig.proto.params import MigrateParam, TypedParams
 
-log = logging.getLogger(__name__)
+log = logsafe.logger(__name__)
 
 F = MigrateFlags
 P = MigrateParam

@@ -15,6 +15,7 @@ Example (all keys optional)::
     migration_address = "0.0.0.0"      # where incoming migration streams bind
     migration_host = "10.1.2.3"        # what the source connects to (default: hostname)
     job_wait_timeout = 30              # seconds a state change waits for a migration job
+    incoming_job_timeout = 60          # s before a job no caller's session owns is rolled back
     max_downtime_ms = 300
     stall_timeout = 0                  # s without progress that fail a migration (0: off)
     completion_timeout_per_gib = 0     # s per GiB of guest memory (0: off) ...
@@ -47,6 +48,7 @@ DEFAULT_STATE_DIR = "/var/lib/virtmig"
 _KEYS = {
     "listen", "state_dir", "backend", "hostname", "migration_ports", "migration_address",
     "migration_host", "job_wait_timeout", "max_downtime_ms", "stall_timeout",
+    "incoming_job_timeout",
     "completion_timeout_per_gib", "completion_timeout_action", "max_outgoing_migrations",
     "max_incoming_migrations", "pki_dir", "tls_allowed_dn_list", "tls_readonly_dn_list",
     "listen_insecure_tcp", "readonly_socket",
@@ -133,6 +135,7 @@ def load_config(args: argparse.Namespace) -> DaemonConfig:
         migration_address=str(data.get("migration_address", "0.0.0.0")),
         migration_host=str(data.get("migration_host", "")),
         job_wait_timeout=float(data.get("job_wait_timeout", 30.0)),
+        incoming_job_timeout=_positive(data, "incoming_job_timeout", 60.0),
         default_max_downtime_ms=int(data.get("max_downtime_ms", 300)),
         stall_timeout_s=float(data.get("stall_timeout", 0)),
         completion_timeout_per_gib_s=float(data.get("completion_timeout_per_gib", 0)),
@@ -171,6 +174,13 @@ def _qemu_settings(data: dict[str, Any]) -> dict[str, Any]:
             raise InvalidArgument("invalid qemu_sandbox: expected true or false")
         out["qemu_sandbox"] = data["qemu_sandbox"]
     return out
+
+
+def _positive(data: dict[str, Any], key: str, default: float) -> float:
+    value = data.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1e9:
+        raise InvalidArgument(f"invalid {key} {value!r}: expected a positive number of seconds")
+    return float(value)
 
 
 def _bool(data: dict[str, Any], key: str) -> bool:

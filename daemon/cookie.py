@@ -41,10 +41,10 @@ blockDirtyBitmaps) are never produced here and are skipped when parsing; their n
 a mandatory ``<feature>`` naming one is refused as *unsupported* unless the caller accepts it.
 
 Parsing applies libvirt's checks (qemuMigrationCookieXMLParse's) with libvirt's messages, all as
-:class:`~virtmig.proto.errors.InternalError`, in libvirt's order: NUL terminator, well-formed XML,
-name, uuid, hostname, hostuuid (and "same host"), mandatory features, then the sections listed in
-``accept``.  Sections present but not accepted are ignored.  The XML is parsed without entities,
-DTDs or network access, a DOCTYPE is refused, and the size is capped.
+:class:`~virtmig.proto.errors.CookieError` (an InternalError, status INVALID_ARGUMENT), in
+libvirt's order: NUL terminator, well-formed XML, name, uuid, hostname, hostuuid (and "same
+host"), mandatory features, then the sections listed in ``accept`` (others are ignored).  No
+entities, DTDs or network access in the XML, a DOCTYPE is refused, and the size is capped.
 
 The persistent ``<domain>`` stays a string here: this module neither interprets nor renames it
 (libvirt forces the definition's name to the local name on Finish; that is the caller's job).  It is
@@ -63,7 +63,7 @@ from dataclasses import dataclass
 
 from lxml import etree
 
-from virtmig.proto.errors import InternalError, XMLError
+from virtmig.proto.errors import CookieError, InternalError, XMLError
 
 __all__ = [
     "ACCEPT_CONFIRM",
@@ -356,16 +356,16 @@ def _parse_domain_identity(
     """The cookie's domain name and (canonical) UUID, which must be the receiving domain's."""
     name = _child_text(root, "name")
     if name is None:
-        raise InternalError("missing name element in migration data")
+        raise CookieError("missing name element in migration data")
     if name != expected_name:
-        raise InternalError(f"Incoming cookie data had unexpected name {name} vs {expected_name}")
+        raise CookieError(f"Incoming cookie data had unexpected name {name} vs {expected_name}")
 
     uuid_text = _child_text(root, "uuid")
     if uuid_text is None:
-        raise InternalError("missing uuid element in migration data")
+        raise CookieError("missing uuid element in migration data")
     uuid = _canonical_uuid(uuid_text)
     if uuid != our_uuid:
-        raise InternalError(f"Incoming cookie data had unexpected UUID {uuid_text} vs {our_uuid}")
+        raise CookieError(f"Incoming cookie data had unexpected UUID {uuid_text} vs {our_uuid}")
     return name, uuid
 
 
@@ -373,16 +373,16 @@ def _parse_host_identity(root: etree._Element, our_hostuuid: str) -> tuple[str, 
     """The sender's hostname and (canonical) host UUID, which must not be ours."""
     hostname = _child_text(root, "hostname")
     if hostname is None:
-        raise InternalError("missing hostname element in migration data")
+        raise CookieError("missing hostname element in migration data")
 
     hostuuid_text = _child_text(root, "hostuuid")
     if hostuuid_text is None:
-        raise InternalError("missing hostuuid element in migration data")
+        raise CookieError("missing hostuuid element in migration data")
     hostuuid = _canonical_uuid(hostuuid_text)
     if hostuuid is None:
-        raise InternalError("malformed hostuuid element in migration data")
+        raise CookieError("malformed hostuuid element in migration data")
     if hostuuid == our_hostuuid:
-        raise InternalError(f"Attempt to migrate guest to the same host {hostuuid_text}")
+        raise CookieError(f"Attempt to migrate guest to the same host {hostuuid_text}")
     return hostname, hostuuid
 
 
@@ -390,7 +390,7 @@ def _parse_persistent(root: etree._Element) -> str | None:
     """The persistent ``<domain>``, re-serialised in the canonical style (at most one)."""
     domains = root.findall("domain")
     if len(domains) > 1:
-        raise InternalError("Too many domain elements in migration cookie")
+        raise CookieError("Too many domain elements in migration cookie")
     if not domains:
         return None
     out: list[str] = []
@@ -400,22 +400,22 @@ def _parse_persistent(root: etree._Element) -> str | None:
 
 def _parse_document(data: bytes) -> etree._Element:
     if len(data) > MAX_COOKIE_BYTES:
-        raise InternalError(
+        raise CookieError(
             f"Migration cookie too large: {len(data)} bytes (limit {MAX_COOKIE_BYTES})"
         )
     if not data or data[-1] != 0:
-        raise InternalError("Migration cookie was not NULL terminated")
+        raise CookieError("Migration cookie was not NULL terminated")
     body = data[:-1]
     if b"\0" in body:
-        raise InternalError("Migration cookie contains an embedded NUL byte")
+        raise CookieError("Migration cookie contains an embedded NUL byte")
     try:
         root = _safe_fromstring(body)
     except _UnsafeXML as err:
-        raise InternalError(f"Malformed migration cookie: {err}") from None
+        raise CookieError(f"Malformed migration cookie: {err}") from None
     except etree.XMLSyntaxError as err:
-        raise InternalError(f"Malformed migration cookie XML: {err}") from None
+        raise CookieError(f"Malformed migration cookie XML: {err}") from None
     if root.tag != ROOT_TAG:
-        raise InternalError(
+        raise CookieError(
             f"Malformed migration cookie: unexpected root element <{root.tag}>, "
             f"expecting <{ROOT_TAG}>"
         )
@@ -427,12 +427,12 @@ def _parse_mandatory(root: etree._Element, accept: CookieFlag) -> tuple[str, ...
     for el in root.findall("feature"):
         name = el.get("name")
         if name is None:
-            raise InternalError("missing feature name")
+            raise CookieError("missing feature name")
         flag = CookieFlag.from_feature(name)
         if flag is None:
-            raise InternalError(f"Unknown migration cookie feature {name}")
+            raise CookieError(f"Unknown migration cookie feature {name}")
         if flag not in accept:
-            raise InternalError(f"Unsupported migration cookie feature {name}")
+            raise CookieError(f"Unsupported migration cookie feature {name}")
         names.append(name)
     return tuple(names)
 
@@ -450,7 +450,7 @@ def _parse_statistics(el: etree._Element) -> MigrationStats:
             continue
         text = text.strip()
         if not _INT_RE.fullmatch(text):
-            raise InternalError(
+            raise CookieError(
                 f"Malformed {field} element in migration cookie statistics: '{text}'"
             )
         values[field] = int(text)
@@ -462,7 +462,7 @@ def _parse_capabilities(el: etree._Element) -> tuple[tuple[str, bool], ...]:
     for cap in el.findall("cap"):
         name = cap.get("name")
         if name is None:
-            raise InternalError("missing migration capability name")
+            raise CookieError("missing migration capability name")
         caps.append((name, cap.get("auto") == "yes"))
     return tuple(caps)
 
@@ -594,5 +594,5 @@ def _attribute_name(key: str, nsmap: _NsMap) -> str:
         return f"xml:{qname.localname}"
     prefixes = sorted(p for p, u in nsmap.items() if u == uri and p is not None)
     if not prefixes:  # lxml always has one for a parsed or built attribute
-        raise InternalError(f"no namespace prefix for attribute {key}")
+        raise CookieError(f"no namespace prefix for attribute {key}")
     return f"{prefixes[0]}:{qname.localname}"

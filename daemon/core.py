@@ -6,7 +6,6 @@ what the daemon tells callers about its host.
 
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,12 +15,14 @@ from lxml import etree
 from virtmig.daemon.backend.base import Backend, GuestRunState, GuestSpec
 from virtmig.daemon.domxml import DomainDef
 from virtmig.daemon.events import EventBus, lifecycle_for
+from virtmig.daemon.job import JobRecord
 from virtmig.daemon.registry import DomainObj, Registry
 from virtmig.daemon.state import StateDir
+from virtmig.proto import logsafe
 from virtmig.proto.errors import ResourceExhausted
 from virtmig.proto.flags import DomainState, Feature, ShutoffReason
 
-log = logging.getLogger(__name__)
+log = logsafe.logger(__name__)
 
 VERSION = "0.1.0"
 
@@ -41,6 +42,9 @@ class DaemonConfig:
     # Host name or address put in Prepare's URI (libvirt's migration_host); default: hostname.
     migration_host: str = ""
     job_wait_timeout: float = 30.0
+    # A migration job that no caller's session owns (none was opened, or it ended) is rolled
+    # back by the daemon once it has been idle this long (virtmig.daemon.migration.owner).
+    incoming_job_timeout: float = 60.0
     default_max_downtime_ms: int = 300
     # Stall watchdog: no progress for this many seconds fails the migration (0: off).
     stall_timeout_s: float = 0.0
@@ -204,6 +208,18 @@ class Daemon:
             self.registry.save_status(dom)
         for event, detail in lifecycle_for(old, state, int(reason)):
             self.events.lifecycle(dom.name, dom.uuid, event, detail)
+
+    async def discard_incoming(self, dom: DomainObj, *, existed: bool, record: JobRecord) -> None:
+        """Undo an incoming domain: kill its guest (if any), free its port, end its job, and
+        drop the object (or, if it was defined before Prepare, deactivate it)."""
+        job = dom.job
+        await self.backend.destroy(dom.uuid)
+        if job is not None and job.port:
+            self.ports.release(job.port)
+        await self.registry.end_job(dom, record)
+        if not existed:
+            dom.config = None
+        self.mark_inactive(dom, ShutoffReason.FAILED)
 
     def mark_inactive(self, dom: DomainObj, reason: ShutoffReason) -> None:
         """The guest stopped: shut off with ``reason``; a transient domain disappears."""

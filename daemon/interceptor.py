@@ -17,9 +17,15 @@ parsing ``context.peer()``, and gRPC, which exposes no local address to a handle
 tell two unix sockets apart.
 
 An exception becomes the status code, details and ``virtmig-error`` trailer of
-:func:`virtmig.proto.errors.to_status` (the client turns them back into the same class); an
-expected failure is logged at INFO, an INTERNAL one (a bug) with its traceback.  Cancellation
-and a handler's own ``context.abort`` pass through untouched.
+:func:`virtmig.proto.errors.to_status` (the client turns them back into the same class).  A
+:class:`~virtmig.proto.errors.VirtmigError` (the caller's mistake, or a failure the daemon
+foresaw) is logged in one line without a traceback: at INFO, at WARNING for an InternalError;
+any other exception is a bug of the daemon's: INTERNAL, logged with its traceback.  Log
+arguments are escaped and truncated (:mod:`virtmig.proto.logsafe`).  Cancellation and a
+handler's own ``context.abort`` pass through untouched.
+
+A request gRPC cannot decode (bytes that are not UTF-8 in a string field, a garbled message) is
+INVALID_ARGUMENT like any other bad input (:mod:`virtmig.daemon.decode`), not gRPC's UNKNOWN.
 
 Streaming handlers must be async generator functions (as every virtmig servicer's are): gRPC
 picks its calling convention from the wrapper, which is one.
@@ -29,16 +35,17 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NoReturn
 
 import grpc
 
+from virtmig.daemon import decode
 from virtmig.daemon.authz import Policy
-from virtmig.proto.errors import PermissionDenied, to_status
+from virtmig.proto import logsafe
+from virtmig.proto.errors import InternalError, PermissionDenied, VirtmigError, to_status
 
-log = logging.getLogger(__name__)
+log = logsafe.logger(__name__)
 
 Handler = grpc.RpcMethodHandler  # generic in grpc-stubs only: annotations say Handler[Any, Any]
 UnaryBehaviour = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
@@ -67,20 +74,23 @@ def wrap_handler(handler: Handler[Any, Any], method: str,
                  policy: Policy | None = None) -> Handler[Any, Any]:
     """``handler`` with its behaviour wrapped; ``method`` is the RPC's full name."""
     policy = policy or Policy()
-    codecs: dict[str, Any] = {"request_deserializer": handler.request_deserializer,
+    codecs: dict[str, Any] = {"request_deserializer": decode.checked(
+                                  handler.request_deserializer),
                               "response_serializer": handler.response_serializer}
     if handler.unary_unary is not None:
         return grpc.unary_unary_rpc_method_handler(
-            _unary_response(handler.unary_unary, method, policy), **codecs)
+            _unary_response(handler.unary_unary, method, policy, decode.check), **codecs)
     if handler.unary_stream is not None:
         return grpc.unary_stream_rpc_method_handler(
-            _stream_response(handler.unary_stream, method, policy), **codecs)
+            _stream_response(handler.unary_stream, method, policy, decode.check), **codecs)
     if handler.stream_unary is not None:
         return grpc.stream_unary_rpc_method_handler(
-            _unary_response(handler.stream_unary, method, policy), **codecs)
+            _unary_response(handler.stream_unary, method, policy, decode.checked_stream),
+            **codecs)
     if handler.stream_stream is not None:
         return grpc.stream_stream_rpc_method_handler(
-            _stream_response(handler.stream_stream, method, policy), **codecs)
+            _stream_response(handler.stream_stream, method, policy, decode.checked_stream),
+            **codecs)
     raise TypeError(f"{method}: the handler has no behaviour")
 
 
@@ -97,12 +107,13 @@ async def _authorize(context: grpc.aio.ServicerContext[Any, Any], method: str,
         await context.abort(code, details)
 
 
-def _unary_response(behaviour: Any, method: str, policy: Policy) -> UnaryBehaviour:
+def _unary_response(behaviour: Any, method: str, policy: Policy,
+                    decoded: Callable[[Any], Any]) -> UnaryBehaviour:
     @functools.wraps(behaviour)
     async def wrapper(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         await _authorize(context, method, policy)
         try:
-            return await behaviour(request, context)
+            return await behaviour(decoded(request), context)
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
@@ -111,14 +122,15 @@ def _unary_response(behaviour: Any, method: str, policy: Policy) -> UnaryBehavio
     return wrapper
 
 
-def _stream_response(behaviour: Any, method: str, policy: Policy) -> StreamBehaviour:
+def _stream_response(behaviour: Any, method: str, policy: Policy,
+                     decoded: Callable[[Any], Any]) -> StreamBehaviour:
     @functools.wraps(behaviour)
     async def wrapper(request: Any, context: grpc.aio.ServicerContext[Any, Any]
                       ) -> AsyncIterator[Any]:
         await _authorize(context, method, policy)
         try:
             # aclosing: when gRPC closes this generator, the handler's own `finally` runs now.
-            async with contextlib.aclosing(behaviour(request, context)) as responses:
+            async with contextlib.aclosing(behaviour(decoded(request), context)) as responses:
                 async for response in responses:
                     yield response
         except grpc.aio.AbortError:
@@ -134,8 +146,10 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], method: str,
     """Called while ``exc`` is being handled: log it, then end the RPC with its status."""
     code, details, trailers = to_status(exc)
     name = method.rsplit("/", 1)[-1]
-    if code is grpc.StatusCode.INTERNAL:
-        log.exception("internal error in %s", name)
+    if not isinstance(exc, VirtmigError):
+        log.exception("internal error in %s", name)  # a bug of the daemon's: its traceback
+    elif isinstance(exc, InternalError) and code is grpc.StatusCode.INTERNAL:
+        log.warning("%s failed: %s", name, details)
     else:
         log.info("%s failed: %s", name, details)
     context.set_trailing_metadata(trailers)

@@ -115,8 +115,12 @@ class MigrationJob:
     # Set by Perform when it is under way; read-only calls read it without any lock.
     progress: MigrationProgress = field(default_factory=MigrationProgress)
     abort_requested: bool = False
-    # True while a phase RPC is running on this job (it owns ending the job on failure).
-    busy: bool = False
+    # True while a phase RPC is running on this job (it owns ending the job on failure); see
+    # the ``busy`` property.
+    _busy: bool = field(default=False, repr=False)
+    # When the last phase call on this job ended (monotonic clock): a job nobody drives any more
+    # is rolled back once it has been idle for ``incoming_job_timeout`` (migration.owner).
+    idle_since: float = field(default_factory=time.monotonic)
     # Perform started streaming: the guest was touched (a rollback resumes it as "canceled").
     streamed: bool = False
     # Switched to post-copy: nothing can be rolled back any more.
@@ -128,6 +132,17 @@ class MigrationJob:
     # "" when the caller opened none.  When that session ends, the job is abandoned.
     owner: str = ""
     _abort_event: asyncio.Event | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def busy(self) -> bool:
+        """A phase RPC runs on this job; clearing it stamps ``idle_since``."""
+        return self._busy
+
+    @busy.setter
+    def busy(self, value: bool) -> None:
+        if self._busy and not value:
+            self.idle_since = time.monotonic()
+        self._busy = value
 
     @property
     def abort_event(self) -> asyncio.Event:

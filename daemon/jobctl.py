@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -24,6 +23,7 @@ from virtmig.daemon.core import Daemon
 from virtmig.daemon.events import Event, EventKind
 from virtmig.daemon.job import AsyncJob, JobInfo, JobRecord, MigrationJob, Phase
 from virtmig.daemon.registry import DomainObj
+from virtmig.proto import logsafe
 from virtmig.proto.errors import (
     InvalidArgument,
     OperationFailed,
@@ -44,7 +44,7 @@ from virtmig.proto.flags import (
 )
 from virtmig.proto.params import MigrateParam, ParamType, TypedParam, TypedParams
 
-log = logging.getLogger(__name__)
+log = logsafe.logger(__name__)
 
 ABORT_JOB_POSTCOPY = 2  # VIR_DOMAIN_ABORT_JOB_POSTCOPY
 MAX_SPEED_POSTCOPY = 1  # VIR_DOMAIN_MIGRATE_MAX_SPEED_POSTCOPY
@@ -176,6 +176,9 @@ async def abort(daemon: Daemon, dom: DomainObj, flags: int) -> None:
     if job is None:
         raise OperationInvalid("no job is active on the domain")
     if job.kind is AsyncJob.MIGRATION_IN:
+        if job.flags & MigrateFlags.OFFLINE and not job.busy:
+            await _abort_offline_incoming(daemon, dom, job)
+            return
         raise OperationInvalid("cannot abort incoming migration; use virDomainDestroy instead")
     if job.postcopy:
         if not flags & ABORT_JOB_POSTCOPY:
@@ -198,6 +201,18 @@ async def abort(daemon: Daemon, dom: DomainObj, flags: int) -> None:
             job.withdraw_abort()
             raise OperationInvalid(f"cannot abort the migration now: {exc}") from exc
     await daemon.registry.job_changed(dom)
+
+
+async def _abort_offline_incoming(daemon: Daemon, dom: DomainObj, job: MigrationJob) -> None:
+    """An offline incoming migration between Prepare and Finish has no guest to destroy: abort
+    rolls it back (the domain as it was before Prepare)."""
+    async with dom.lock:
+        if dom.job is not job or job.busy:
+            raise OperationInvalid(
+                f"domain '{dom.name}' incoming migration is busy in another call")
+        log.info("offline incoming migration of %s aborted", dom.name)
+        await daemon.discard_incoming(dom, existed=dom.config is not None, record=job.record(
+            JobType.CANCELLED, "incoming migration aborted"))
 
 
 def _require_active(dom: DomainObj) -> None:

@@ -2,7 +2,9 @@
 
 Each call checks its preconditions with libvirt's messages before anything changes, runs as a
 state change on the domain (waiting, bounded, for a conflicting migration job), and leaves the
-state, reason and files consistent whether it succeeds or fails.
+state, reason and files consistent whether it succeeds or fails.  What an offline Prepare left
+(an inactive domain with an idle incoming job) never blocks an operator: destroy rolls it back,
+and so does define when no caller's session owns the job any more.
 """
 
 from __future__ import annotations
@@ -35,6 +37,11 @@ async def define(daemon: Daemon, xml: str) -> DomainObj:
     d = parse_domain_xml(xml)
     daemon.backend.validate(daemon.spec(d))
     existing = daemon.registry.check_define(d)
+    if existing is not None and _abandoned_incoming(daemon, existing):
+        # An incoming migration nobody drives any more (its caller's session is gone or never
+        # was) must not block the operator: it is rolled back first.
+        await _discard_incoming(daemon, existing, "replaced by a new definition")
+        existing = daemon.registry.check_define(d)
     if existing is None:
         dom = daemon.registry.add(DomainObj(uuid=d.uuid, name=d.name, config=d))
         daemon.registry.save_config(dom)
@@ -79,8 +86,13 @@ async def start(daemon: Daemon, dom: DomainObj, *, paused: bool) -> None:
 
 
 async def destroy(daemon: Daemon, dom: DomainObj) -> None:
-    """Destroy works whatever job runs: it is how an admin gets out of any stuck state."""
+    """Destroy works whatever job runs: it is how an admin gets out of any stuck state; on an
+    inactive domain with an idle incoming job (an offline Prepare), it rolls that job back."""
     if not dom.active:
+        job = dom.job
+        if job is not None and job.kind is AsyncJob.MIGRATION_IN and not job.busy:
+            await _discard_incoming(daemon, dom, "domain destroyed")
+            return
         raise not_running(dom)
     await daemon.backend.destroy(dom.uuid)
     job = dom.job
@@ -90,6 +102,21 @@ async def destroy(daemon: Daemon, dom: DomainObj) -> None:
             daemon.ports.release(job.port)
         await daemon.registry.end_job(dom, job.record(JobType.FAILED, "domain destroyed"))
     daemon.mark_inactive(dom, ShutoffReason.DESTROYED)
+
+
+def _abandoned_incoming(daemon: Daemon, dom: DomainObj) -> bool:
+    job = dom.job
+    return (job is not None and job.kind is AsyncJob.MIGRATION_IN and not job.busy
+            and not dom.active and not daemon.session_alive(job.owner))
+
+
+async def _discard_incoming(daemon: Daemon, dom: DomainObj, why: str) -> None:
+    async with dom.lock:
+        job = dom.job
+        if job is None or job.busy or job.kind is not AsyncJob.MIGRATION_IN:
+            raise OperationInvalid(f"domain '{dom.name}' incoming migration is busy")
+        await daemon.discard_incoming(dom, existed=dom.config is not None,
+                                      record=job.record(JobType.FAILED, why))
 
 
 async def suspend(daemon: Daemon, dom: DomainObj) -> None:

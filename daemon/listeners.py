@@ -21,7 +21,6 @@ is open to all.  The umask is process-wide: this runs at startup, before the dae
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import stat
 from collections.abc import Iterable, Iterator, Sequence
@@ -31,11 +30,12 @@ from pathlib import Path
 import grpc
 
 from virtmig.daemon.core import DaemonConfig
+from virtmig.proto import logsafe
 from virtmig.proto.errors import ConfigUnsupported, InvalidArgument
 from virtmig.proto.pki import PkiPaths, load_server_credentials
 from virtmig.proto.uri import ListenURI, default_run_dir, parse_listen
 
-log = logging.getLogger(__name__)
+log = logsafe.logger(__name__)
 
 READONLY_SOCKET_NAME = "virtmigd-ro.sock"
 RUN_DIR_MODE = 0o755

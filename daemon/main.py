@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -19,13 +20,15 @@ from virtmig.daemon.authz import Policy
 from virtmig.daemon.backend.base import Backend
 from virtmig.daemon.config import build_parser, load_config
 from virtmig.daemon.core import Daemon, DaemonConfig
+from virtmig.daemon.migration import any_reap_unowned
 from virtmig.daemon.server import make_server
+from virtmig.proto import logsafe
 from virtmig.proto.errors import InvalidArgument, VirtmigError
 
 if TYPE_CHECKING:
     from virtmig.daemon.backend.qemu import QemuSettings
 
-log = logging.getLogger("virtmigd")
+log = logsafe.logger("virtmigd")
 
 
 def make_backend(name: str, config: DaemonConfig | None = None) -> Backend:
@@ -80,6 +83,8 @@ class RunningDaemon:
     # Bound addresses, in the order of config.listen (then the read-only socket's):
     # "unix:/path" or "host:port".
     addresses: list[str] = field(default_factory=list)
+    # The reaper of jobs no caller's session owns (virtmig.daemon.migration.owner).
+    reaper: asyncio.Task[None] | None = None
 
     @property
     def server(self) -> grpc.aio.Server:
@@ -95,6 +100,10 @@ class RunningDaemon:
 
     async def stop(self, grace: float = 2.0) -> None:
         await asyncio.gather(*(server.stop(grace) for server in self.servers))
+        if self.reaper is not None:
+            self.reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.reaper
         await self.daemon.close()
 
 
@@ -123,7 +132,8 @@ async def start_daemon(config: DaemonConfig, backend: Backend | None = None) -> 
         await server.start()
     log.info("virtmigd serving on %s (host %s, uuid %s, backend %s)", ", ".join(addresses),
              daemon.hostname, daemon.host_uuid, daemon.backend.name)
-    return RunningDaemon(daemon, servers, addresses)
+    reaper = asyncio.get_running_loop().create_task(any_reap_unowned(daemon))
+    return RunningDaemon(daemon, servers, addresses, reaper)
 
 
 def write_ready_file(path: Path, addresses: list[str]) -> None:

@@ -16,14 +16,16 @@ it shows.
 Liveness: the connection to the destination carries a session stream and keepalive pings; when
 it ends during Perform the stream is stopped and the migration fails with "Lost connection to
 destination host" (the source resumes); the destination, whose Prepare caller was this daemon's
-session, destroys its incoming guest by itself.
+session, destroys its incoming guest by itself.  The source job is owned by a session of this
+daemon's own for the run (:mod:`virtmig.daemon.migration.owner`): it is never reaped as unowned
+while the run drives it, and whatever job the run leaves is abandoned when it ends.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
+import secrets
 
 from virtmig.client.connection import AsyncConnection
 from virtmig.client.migrate import RemoteDest, check_param_types
@@ -33,6 +35,7 @@ from virtmig.daemon.core import Daemon
 from virtmig.daemon.job import AsyncJob, Phase
 from virtmig.daemon.registry import DomainObj
 from virtmig.daemon.tunnel import SrcTunnel
+from virtmig.proto import logsafe
 from virtmig.proto.errors import (
     ArgumentUnsupported,
     InvalidArgument,
@@ -43,7 +46,7 @@ from virtmig.proto.flags import DomainState, Feature, MigrateFlags
 from virtmig.proto.params import NON_PARAMS_ALLOWED, MigrateParam, TypedParams
 from virtmig.proto.uri import check_not_local, parse_uri
 
-log = logging.getLogger(__name__)
+log = logsafe.logger(__name__)
 
 F = MigrateFlags
 LOST_GRACE_S = 1.0
@@ -52,15 +55,19 @@ LOST_GRACE_S = 1.0
 class LocalSource:
     """The source party of the sequence driver, run by this daemon on its own domain."""
 
-    def __init__(self, daemon: Daemon, peer: AsyncConnection | None = None) -> None:
+    def __init__(self, daemon: Daemon, peer: AsyncConnection | None = None,
+                 session: str = "") -> None:
         self.daemon = daemon
         self.peer = peer
+        # This daemon's own session for the run: it owns the source job (migration.owner).
+        self.session = session
 
     def _dom(self, name: str) -> DomainObj:
         return self.daemon.registry.by_name(name)
 
     async def begin(self, dom: str, params: TypedParams, flags: int) -> tuple[str, bytes]:
-        return await migration.src_begin(self.daemon, self._dom(dom), params, flags)
+        return await migration.src_begin(self.daemon, self._dom(dom), params, flags,
+                                         self.session)
 
     async def get_state(self, dom: str) -> DomainState:
         return self._dom(dom).state
@@ -69,11 +76,12 @@ class LocalSource:
         try:
             if not flags & F.TUNNELLED:
                 return await migration.src_perform(self.daemon, self._dom(dom), None, params,
-                                                   cookie, flags)
+                                                   cookie, flags, owner=self.session)
             assert self.peer is not None
             async with SrcTunnel(self.peer, params.get_str(MigrateParam.DEST_NAME) or dom) as end:
                 return await migration.src_perform(self.daemon, self._dom(dom), None, params,
-                                                   cookie, flags, tunnel=end)
+                                                   cookie, flags, tunnel=end,
+                                                   owner=self.session)
         except VirtmigError as exc:
             if self.peer is not None and await _lost(self.peer):
                 raise OperationFailed("Lost connection to destination host") from exc
@@ -116,6 +124,10 @@ async def src_perform_p2p(
     except VirtmigError as exc:
         raise OperationFailed(f"Failed to connect to remote virtmig URI {dconnuri}: {exc}") from exc
     watcher: asyncio.Task[None] | None = None
+    # The run's own session: it owns the source job while this task drives it, and its end
+    # abandons whatever job the run left (as a regular caller's session end does).
+    session = secrets.token_hex(16)
+    daemon.sessions.add(session)
     try:
         features = (await dconn.host()).features
         if Feature.P2P not in features or Feature.V3 not in features:
@@ -128,14 +140,15 @@ async def src_perform_p2p(
                 "parameters were passed")
         await dconn.open_session()
         watcher = asyncio.get_running_loop().create_task(_watch_peer(daemon, dom, dconn))
-        await run_v3(LocalSource(daemon, dconn), RemoteDest(dconn, use_params), dom.name,
-                     params, int(f), protection=True, p2p=True)
+        await run_v3(LocalSource(daemon, dconn, session), RemoteDest(dconn, use_params),
+                     dom.name, params, int(f), protection=True, p2p=True)
     finally:
         if watcher is not None:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
         await dconn.close()
+        await migration.any_session_closed(daemon, session)
 
 
 def _names_pkipath(uri: str) -> bool:

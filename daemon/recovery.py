@@ -8,14 +8,13 @@ left paused, or kept for post-copy recovery.  Nothing is resumed when the outcom
 
 from __future__ import annotations
 
-import logging
-
 from lxml import etree
 
 from virtmig.daemon.backend.base import BackendError, GuestRunState
 from virtmig.daemon.core import Daemon
 from virtmig.daemon.job import AsyncJob, JobRecord, Phase
 from virtmig.daemon.registry import DomainObj, job_from_status
+from virtmig.proto import logsafe
 from virtmig.proto.flags import (
     REASONS,
     DomainState,
@@ -25,7 +24,7 @@ from virtmig.proto.flags import (
     ShutoffReason,
 )
 
-log = logging.getLogger(__name__)
+log = logsafe.logger(__name__)
 
 
 def _state_of(status: etree._Element) -> tuple[DomainState, int]:

@@ -10,20 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from lxml import etree
 
 from virtmig.daemon import state as files
 from virtmig.daemon.domxml import DomainDef, parse_domain_xml
 from virtmig.daemon.job import AsyncJob, JobRecord, MigrationJob, Phase
+from virtmig.proto import logsafe
 from virtmig.proto.errors import NoDomain, OperationFailed, OperationTimeout, XMLError
 from virtmig.proto.flags import DomainState, MigrateFlags, reason_name
 
-log = logging.getLogger(__name__)
+log = logsafe.logger(__name__)
 
 
 @dataclass(eq=False)
@@ -214,6 +215,15 @@ class Registry:
     def load(self) -> list[tuple[DomainObj, etree._Element]]:
         """Load persistent definitions and live status files; return objects that have status.
 
+        Files are read in file-name order; the rules (see ``virtmig.daemon.state``), each
+        reported at WARNING with the file moved aside (``.rejected``):
+
+        * a definition must be ``domains/<its uuid>.xml``, and its name and UUID must not be
+          taken by a definition read before it (the first one is kept);
+        * a status file must be ``status/<uuid>.xml`` for its live definition's UUID; with a
+          definition of that UUID, its live name must be the definition's; without one, it must
+          be a transient domain's (``persistent="no"``) whose name no other domain has.
+
         The caller (the daemon) decides, with the backend, what a status file means now.
         """
         for path in sorted(self._files.domains.glob("*.xml")):
@@ -221,6 +231,10 @@ class Registry:
                 d = parse_domain_xml(path.read_bytes())
             except (OSError, XMLError) as exc:
                 log.error("ignoring unreadable definition %s: %s", path, exc)
+                continue
+            problem = self._definition_problem(path, d)
+            if problem:
+                self._reject(path, problem)
                 continue
             self.add(DomainObj(uuid=d.uuid, name=d.name, config=d))
         with_status = []
@@ -234,16 +248,53 @@ class Registry:
             except (OSError, etree.XMLSyntaxError, XMLError) as exc:
                 log.error("ignoring unreadable status %s: %s", path, exc)
                 continue
-            uuid = path.stem
-            dom = self._by_uuid.get(uuid)
-            if dom is None:
-                if live is None:
-                    files.remove(path, sync_dir=False)
-                    continue
+            dom = self._by_uuid.get(path.stem)
+            if dom is None and live is None:
+                files.remove(path, sync_dir=False)
+                continue
+            problem = self._status_problem(path, root, dom, live)
+            if problem:
+                self._reject(path, problem)
+                continue
+            if dom is None and live is not None:
                 dom = self.add(DomainObj(uuid=live.uuid, name=live.name))
+            assert dom is not None
             dom.live = live
             with_status.append((dom, root))
         return with_status
+
+    def _definition_problem(self, path: Path, d: DomainDef) -> str:
+        if path.stem != d.uuid:
+            return f"its file name does not match its uuid {d.uuid}"
+        if d.uuid in self._by_uuid:
+            return f"uuid {d.uuid} is already defined by {self._by_uuid[d.uuid].name!r}"
+        if d.name in self._by_name:
+            return f"name {d.name!r} is already defined with uuid {self._by_name[d.name].uuid}"
+        return ""
+
+    def _status_problem(self, path: Path, root: etree._Element, dom: DomainObj | None,
+                        live: DomainDef | None) -> str:
+        if live is not None and live.uuid != path.stem:
+            return f"its file name does not match its domain's uuid {live.uuid}"
+        if dom is not None:
+            if live is not None and live.name != dom.name:
+                return (f"its domain is named {live.name!r}, the definition of uuid {dom.uuid} "
+                        f"{dom.name!r}")
+            return ""
+        assert live is not None
+        if root.get("persistent") != "no":
+            return f"no definition of uuid {live.uuid} matches it"
+        if live.name in self._by_name:
+            return f"name {live.name!r} is already taken by uuid {self._by_name[live.name].uuid}"
+        return ""
+
+    def _reject(self, path: Path, problem: str) -> None:
+        try:
+            moved = self._files.reject(path)
+        except OSError as exc:
+            log.error("rejected %s: %s; cannot move it aside: %s", path, problem, exc)
+            return
+        log.warning("rejected %s: %s; moved aside to %s", path, problem, moved.name)
 
 
 def job_from_status(root: etree._Element) -> MigrationJob | None:

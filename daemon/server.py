@@ -167,21 +167,21 @@ class MigrationService(pbg.MigrationServicer):
     async def Perform3(self, request: pb.Perform3Request, context: Any) -> pb.Perform3Reply:
         return await self._perform(request.domain, wire.optional(request, "dconnuri"),
                                    wire.perform3_params(request), request.cookie_in,
-                                   request.flags)
+                                   request.flags, session_of(context))
 
     async def Perform3Params(
         self, request: pb.Perform3ParamsRequest, context: Any
     ) -> pb.Perform3Reply:
         return await self._perform(request.domain, wire.optional(request, "dconnuri"),
                                    wire.typed_params(request.params), request.cookie_in,
-                                   request.flags)
+                                   request.flags, session_of(context))
 
     async def _perform(self, ref: pb.DomainRef, dconnuri: str | None, params: TypedParams,
-                       cookie: bytes, flags: int) -> pb.Perform3Reply:
+                       cookie: bytes, flags: int, session: str) -> pb.Perform3Reply:
         dom = self._dom(ref)
         if not flags & (MigrateFlags.PEER2PEER | MigrateFlags.TUNNELLED):
             return wire.perform3_reply(await migration.src_perform(
-                self.daemon, dom, dconnuri, params, cookie, flags))
+                self.daemon, dom, dconnuri, params, cookie, flags, owner=session))
         # Peer-to-peer: the whole migration runs here.  It goes on if the caller disconnects
         # (as libvirt's does); the caller follows it through the source's job.
         task = asyncio.get_running_loop().create_task(

@@ -6,6 +6,11 @@ Layout under the state dir::
     domains/<uuid>.xml         persistent definitions (libvirt domain XML)
     status/<uuid>.xml          live status: state, reason, id, live definition, migration job
 
+At start the daemon loads these files in one fixed order (by file name) with one set of rules
+(``virtmig.daemon.registry``): a file that contradicts another or itself is reported and moved
+aside with :meth:`StateDir.reject` (``<file>.rejected``, never read again), so that the
+definitions loaded are never ambiguous.
+
 Every write goes to a temporary file in the same folder, is fsynced and renamed over the target:
 a crash leaves either the old file or the new one, never a torn one.  For definitions and the
 host UUID the folder is fsynced too, so that the rename itself survives a power loss.  Status
@@ -78,6 +83,18 @@ class StateDir:
 
     def status_path(self, uuid: str) -> Path:
         return self.status / f"{uuid}.xml"
+
+    def reject(self, path: Path) -> Path:
+        """Move ``path`` aside as ``<name>.rejected`` (``.rejected.N`` if that exists); return
+        where it went."""
+        target = path.with_name(path.name + ".rejected")
+        n = 0
+        while target.exists():
+            n += 1
+            target = path.with_name(f"{path.name}.rejected.{n}")
+        os.replace(path, target)
+        _fsync_dir(path.parent)
+        return target
 
     def backend_dir(self, name: str) -> Path:
         path = self.root / "backend" / name

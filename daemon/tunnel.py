@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from collections.abc import AsyncIterator
 from types import TracebackType
 from typing import Any
@@ -28,11 +27,12 @@ from virtmig.client.connection import AsyncConnection
 from virtmig.daemon.backend.base import StreamAddress
 from virtmig.daemon.core import Daemon
 from virtmig.daemon.job import AsyncJob, Phase
+from virtmig.proto import logsafe
 from virtmig.proto import virtmig_pb2 as pb
 from virtmig.proto.errors import OperationInvalid
 from virtmig.proto.flags import MigrateFlags
 
-log = logging.getLogger(__name__)
+log = logsafe.logger(__name__)
 
 CHUNK = 256 * 1024
 DRAIN_TIMEOUT_S = 30.0

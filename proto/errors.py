@@ -27,6 +27,7 @@ a status back into the same class in :func:`from_status`.  Nowhere else maps err
      ├── PermissionDenied                PERMISSION_DENIED  VIR_ERR_ACCESS_DENIED
      ├── ConnectionFailed                UNAVAILABLE        VIR_ERR_NO_CONNECT / VIR_ERR_RPC
      └── InternalError                   INTERNAL           VIR_ERR_INTERNAL_ERROR
+          └── CookieError                INVALID_ARGUMENT   VIR_ERR_INTERNAL_ERROR
 
 The exact class travels in the trailing metadata key ``virtmig-error``, so a status code shared by
 several classes still maps back to the right one.  The message travels already formatted: the
@@ -234,6 +235,14 @@ class InternalError(VirtmigError):
     status = grpc.StatusCode.INTERNAL
     msginfo = "internal error: %s"
     msg = "internal error"
+
+
+class CookieError(InternalError):
+    """A migration cookie the caller sent that cannot be used: libvirt reports it as an internal
+    error (its message is kept), but it is the caller's input, so the status is
+    INVALID_ARGUMENT."""
+
+    status = grpc.StatusCode.INVALID_ARGUMENT
 
 
 def _all_classes() -> dict[str, type[VirtmigError]]:

@@ -9,17 +9,17 @@ import argparse
 import asyncio
 import contextlib
 import functools
-import logging
 from collections.abc import Awaitable, Callable
 
 from virtmig.client.cli.base import Session, lookup, on_sigint
 from virtmig.client.cli.options import MigrateOptions, build_migration
 from virtmig.client.cli.output import ProgressLine, job_progress
 from virtmig.client.connection import AsyncConnection, Domain
+from virtmig.proto import logsafe
 from virtmig.proto.errors import OperationInvalid, VirtmigError
 from virtmig.proto.flags import JobType
 
-log = logging.getLogger(__name__)
+log = logsafe.logger(__name__)
 
 # Before the source's job exists (Begin, Prepare), a job watch has nothing to follow: it is
 # opened again after this long.  Once the job exists, the daemon pushes every change.

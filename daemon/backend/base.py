@@ -79,7 +79,7 @@ class StreamAddress:
 
 @dataclass(frozen=True)
 class StreamTls:
-    """``VIR_MIGRATE_TLS``: the data stream is TLS (1.3), mutually authenticated with the host's PKI.
+    """``VIR_MIGRATE_TLS``: a TLS (1.3) data stream, mutually authenticated with the host's PKI.
 
     The destination presents its server certificate, the source its client certificate (a host
     certificate from ``virtmig pki issue --host`` is both); each accepts only a peer whose
@@ -196,6 +196,11 @@ class Backend(abc.ABC):
 
     def validate(self, spec: GuestSpec) -> None:  # noqa: B027 - optional hook
         """Refuse (``ConfigUnsupported``) what this backend cannot run, at define time."""
+
+    def check_compression(self, compression: Compression) -> None:  # noqa: B027 - optional hook
+        """Refuse (``ArgumentUnsupported``) compression this backend will not run, before any
+        migration phase changes anything (only called for backends whose ``extra_flags`` include
+        COMPRESSED)."""
 
     @abc.abstractmethod
     async def start(self, spec: GuestSpec, *, paused: bool) -> None: ...

@@ -22,7 +22,8 @@ Modules, one concern each, from the bottom up (a module imports only those above
 * :mod:`.uri` -- migration URIs: the caller's to Prepare, Prepare's own, Perform's target.
 * :mod:`.tuning` -- the backend's settings for one migration, source and destination.
 * :mod:`.rollback` -- a side put back: the source guest restored, the incoming domain undone.
-* :mod:`.owner` -- the caller went away: the job abandoned (libvirt's ConnectionClosed).
+* :mod:`.owner` -- the caller went away: the job abandoned (libvirt's ConnectionClosed); a job
+  no session owns, rolled back after ``incoming_job_timeout``.
 * :mod:`.source` -- Begin, Perform, Confirm; :mod:`.destination` -- Prepare, Finish.
 
 Names with a leading underscore are internal to the package (used across its modules); this
@@ -33,7 +34,12 @@ from __future__ import annotations
 
 from virtmig.daemon.migration.common import any_check, any_cookie, any_stats
 from virtmig.daemon.migration.destination import dst_finish, dst_prepare
-from virtmig.daemon.migration.owner import any_check_owner, any_owner_gone, any_session_closed
+from virtmig.daemon.migration.owner import (
+    any_check_owner,
+    any_owner_gone,
+    any_reap_unowned,
+    any_session_closed,
+)
 from virtmig.daemon.migration.rollback import src_restore
 from virtmig.daemon.migration.source import src_begin, src_confirm, src_perform
 from virtmig.daemon.migration.tuning import (
@@ -50,6 +56,7 @@ __all__ = [
     "any_check_owner",
     "any_cookie",
     "any_owner_gone",
+    "any_reap_unowned",
     "any_session_closed",
     "any_stats",
     "dst_finish",

@@ -15,17 +15,20 @@ from virtmig.daemon.backend.base import MigrationProgress
 from virtmig.daemon.core import Daemon
 from virtmig.daemon.job import AsyncJob, MigrationJob
 from virtmig.daemon.registry import DomainObj
-from virtmig.proto.compat import check_migration
+from virtmig.proto.compat import check_migration, compression_settings
 from virtmig.proto.errors import OperationInvalid
 from virtmig.proto.flags import MigrateFlags
-from virtmig.proto.params import Party, TypedParams, validate_migration_params
+from virtmig.proto.params import MigrateParam, Party, TypedParams, validate_migration_params
 
 
 def any_check(daemon: Daemon, flags: int, params: TypedParams, function: str,
               party: Party = Party.SRC) -> MigrateFlags:
     """Flags and params checks every phase runs before it changes anything."""
     validate_migration_params(params, flags, party)
-    return check_migration(flags, params, function, daemon.backend.extra_flags)
+    f = check_migration(flags, params, function, daemon.backend.extra_flags)
+    if f & MigrateFlags.COMPRESSED or params.get_all_str(MigrateParam.COMPRESSION):
+        daemon.backend.check_compression(compression_settings(params, f))
+    return f
 
 
 def any_cookie(daemon: Daemon, dom_name: str, uuid: str, **extra: object) -> bytes:

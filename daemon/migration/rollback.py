@@ -4,15 +4,14 @@
 
 from __future__ import annotations
 
-import logging
-
 from virtmig.daemon.backend.base import BackendError, GuestRunState
 from virtmig.daemon.core import Daemon
 from virtmig.daemon.job import JobRecord, MigrationJob
 from virtmig.daemon.registry import DomainObj
+from virtmig.proto import logsafe
 from virtmig.proto.flags import DomainState, PausedReason, RunningReason, ShutoffReason
 
-log = logging.getLogger(__name__)
+log = logsafe.logger(__name__)
 
 
 async def src_restore(daemon: Daemon, dom: DomainObj, job: MigrationJob) -> None:
@@ -44,11 +43,4 @@ async def dst_discard(
     daemon: Daemon, dom: DomainObj, *, existed: bool, record: JobRecord
 ) -> None:
     """Undo an incoming domain: kill its guest, free its port, drop or deactivate the object."""
-    job = dom.job
-    await daemon.backend.destroy(dom.uuid)
-    if job is not None and job.port:
-        daemon.ports.release(job.port)
-    await daemon.registry.end_job(dom, record)
-    if not existed:
-        dom.config = None
-    daemon.mark_inactive(dom, ShutoffReason.FAILED)
+    await daemon.discard_incoming(dom, existed=existed, record=record)

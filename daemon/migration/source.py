@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import logging
 
 from virtmig.daemon import cookie as ck
 from virtmig.daemon import jobctl
@@ -46,6 +45,7 @@ from virtmig.daemon.migration.rollback import src_restore
 from virtmig.daemon.migration.tuning import src_tuning
 from virtmig.daemon.migration.uri import src_parse_uri
 from virtmig.daemon.registry import DomainObj
+from virtmig.proto import logsafe
 from virtmig.proto.errors import (
     InvalidArgument,
     OperationAborted,
@@ -56,7 +56,7 @@ from virtmig.proto.errors import (
 from virtmig.proto.flags import DomainState, JobType, MigrateFlags, PausedReason, ShutoffReason
 from virtmig.proto.params import MigrateParam, TypedParams
 
-log = logging.getLogger(__name__)
+log = logsafe.logger(__name__)
 
 F = MigrateFlags
 P = MigrateParam
@@ -114,13 +114,16 @@ async def src_perform(
     cookie_in: bytes,
     flags: int,
     tunnel: StreamAddress | None = None,
+    owner: str = "",
 ) -> bytes:
-    """``tunnel``: where the stream goes in a tunnelled migration (the source's tunnel end)."""
+    """``tunnel``: where the stream goes in a tunnelled migration (the source's tunnel end);
+    ``owner``: the caller's session, owner of the job Perform starts (without change
+    protection)."""
     f = any_check(daemon, flags, params, "virDomainMigratePerform3Params")
     if dconnuri:
         raise InvalidArgument("Unexpected dconnuri parameter with non-peer2peer migration")
     async with dom.lock:
-        job = _src_perform_job(daemon, dom, f, params)
+        job = _src_perform_job(daemon, dom, f, params, owner)
         dest, persistent = await _src_perform_start(daemon, dom, job, f, params, cookie_in,
                                                     tunnel)
     # The lock is not held while the stream runs: read-only calls, destroy, abort and tuning
@@ -133,7 +136,7 @@ async def src_perform(
 
 
 def _src_perform_job(
-    daemon: Daemon, dom: DomainObj, f: MigrateFlags, params: TypedParams
+    daemon: Daemon, dom: DomainObj, f: MigrateFlags, params: TypedParams, owner: str
 ) -> MigrationJob:
     """The job Perform runs in, marked busy: Begin's (change protection) or a new one."""
     if f & F.CHANGE_PROTECTION:
@@ -145,7 +148,7 @@ def _src_perform_job(
         _no_job(dom)
         jobctl.check_limit(daemon, AsyncJob.MIGRATION_OUT)
         job = MigrationJob(kind=AsyncJob.MIGRATION_OUT, phase=Phase.NONE, flags=f,
-                           params=params.copy(), pre_state=dom.state)
+                           params=params.copy(), pre_state=dom.state, owner=owner)
         dom.job = job
     job.busy = True
     return job

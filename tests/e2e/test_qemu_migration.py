@@ -46,11 +46,17 @@ from typing import Any
 
 import pytest
 
-from virtmig.client.migrate import RemoteSource, migrate3
+from virtmig.client.migrate import RemoteDest, RemoteSource, migrate3
 from virtmig.client.sequence import Trace, run_v3
 from virtmig.daemon.backend.base import MigrationProgress, MigrationStatus
 from virtmig.daemon.backend.qemu import QemuBackend
-from virtmig.proto.errors import NoDomain, OperationAborted, OperationFailed, VirtmigError
+from virtmig.proto.errors import (
+    ArgumentUnsupported,
+    NoDomain,
+    OperationAborted,
+    OperationFailed,
+    VirtmigError,
+)
 from virtmig.proto.flags import DomainState, JobType, MigrateFlags
 from virtmig.proto.params import MigrateParam, TypedParams
 from virtmig.testing import (
@@ -334,30 +340,17 @@ STREAMS: dict[str, tuple[MigrateFlags, dict[str, Any], set[str], dict[str, Any]]
     "parallel-zstd": (F.PARALLEL | F.COMPRESSED, {P.COMPRESSION: "zstd"}, {"multifd"},
                       {"multifd-channels": 2, "multifd-compression": "zstd"}),
     "xbzrle": (F.COMPRESSED, {}, {"xbzrle"}, {}),
-    "mt": (F.COMPRESSED, {P.COMPRESSION: "mt", P.COMPRESSION_MT_THREADS: 2}, {"compress"},
-           {"compress-threads": 2}),
     "parallel-p2p-tunnelled": (F.PARALLEL | F.PEER2PEER | F.TUNNELLED, {}, {"multifd"},
                                {"multifd-channels": 2}),
 }
 
 
-# Multi-thread compression ("mt", QEMU's "compress" capability, deprecated by QEMU since) crashes
-# the guest here: its kernel panics right after the switchover, in every run on these machines.
-# The heartbeat check used to miss it, because the guest rebooted (panic=-1) and counted past the
-# source's last heartbeat again; it sees the panic now.  Not yet root-caused: expected to fail,
-# with that crash and nothing else.
-MT_CRASHES = pytest.mark.xfail(raises=GuestKernelCrashed, strict=False, reason=(
-    "QEMU 7.2 multi-thread compression: the destination guest's kernel panics after the "
-    "switchover (not yet root-caused)"))
-
-
-@pytest.mark.parametrize("stream", [pytest.param(s, marks=MT_CRASHES) if s == "mt" else s
-                                    for s in STREAMS])
+@pytest.mark.parametrize("stream", list(STREAMS))
 async def test_parallel_and_compressed_streams(
     qemu_pair: tuple[Host, Host], guest_image: GuestImage, tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch, stream: str,
 ) -> None:
-    """PARALLEL (multifd channels) and COMPRESSED (xbzrle, mt, multifd zlib/zstd) reach QEMU on
+    """PARALLEL (multifd channels) and COMPRESSED (xbzrle, multifd zlib/zstd) reach QEMU on
     both sides, and the guest keeps running on the destination with its memory intact."""
     flags, extra, want_caps, want_params = STREAMS[stream]
     src, dst = qemu_pair
@@ -410,6 +403,27 @@ async def test_parallel_and_compressed_streams(
     else:
         assert done.stat("compression_cache") is None
     await assert_migrated(src, dst, uuid, src_serial, dst_serial, before)
+
+
+async def test_multi_thread_compression_is_refused(
+    qemu_pair: tuple[Host, Host], guest_image: GuestImage
+) -> None:
+    """"mt" compression is refused before anything changes, at Begin and at Prepare: with this
+    QEMU it left the destination guest's kernel panicking after the switchover in every run
+    (see ``refuse_mt_compression``)."""
+    src, dst = qemu_pair
+    uuid = str(uuidlib.uuid4())
+    await src.conn.define(guest_xml(guest_image, uuid))
+    params = dest_params(guest_image, uuid)
+    params.add(P.COMPRESSION, "mt")
+    with pytest.raises(ArgumentUnsupported, match="compression method 'mt' is not supported"):
+        await src.conn.migrate3("vm1", dst.conn, params, F.OFFLINE | F.PERSIST_DEST | F.COMPRESSED)
+    with pytest.raises(ArgumentUnsupported, match="compression method 'mt' is not supported"):
+        await RemoteDest(dst.conn, use_params=True).prepare(params, b"", F.LIVE | F.COMPRESSED)
+    assert [d.name for d in src.daemon.registry] == ["vm1"]
+    assert (await src.conn.state("vm1"))[0] is DomainState.SHUTOFF
+    assert not list(dst.daemon.registry)
+    assert not [d for d in src.daemon.registry if d.job is not None]
 
 
 async def test_abort_during_perform(

@@ -43,6 +43,7 @@ LIBVIRT_FORMATS: dict[type[errors.VirtmigError], tuple[str, str]] = {
     errors.ResourceExhausted: ("resource busy: %s", "resource busy"),
     errors.PermissionDenied: ("access denied: %s", "access denied"),
     errors.InternalError: ("internal error: %s", "internal error"),
+    errors.CookieError: ("internal error: %s", "internal error"),
     # libvirt's connection failures are RPC/system errors: the bare message.
     errors.ConnectionFailed: ("%s", "RPC error"),
     errors.VirtmigError: ("%s", "unknown error"),

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +43,7 @@ from virtmig.daemon.backend.qemu.confine import (
 )
 from virtmig.daemon.backend.qemu.guest import PID_NAME, _Guest
 from virtmig.daemon.backend.qemu.incoming import dst_listen, dst_wait
-from virtmig.daemon.backend.qemu.migration import _Incoming, _Outgoing
+from virtmig.daemon.backend.qemu.migration import _Incoming, _Outgoing, refuse_mt_compression
 from virtmig.daemon.backend.qemu.monitor import (
     QMP_TIMEOUT,
     connect,
@@ -74,10 +73,12 @@ from virtmig.daemon.backend.qemu.process import (
     stop_process,
     take_over,
 )
+from virtmig.proto import logsafe
+from virtmig.proto.compat import Compression
 from virtmig.proto.errors import ConfigUnsupported
 from virtmig.proto.flags import MigrateFlags
 
-log = logging.getLogger("virtmig.daemon.backend.qemu")
+log = logsafe.logger("virtmig.daemon.backend.qemu")
 
 
 class QemuBackend(Backend):
@@ -146,6 +147,9 @@ class QemuBackend(Backend):
         if self._dir is None:
             raise BackendError("the qemu backend is not open")
         return self._dir
+
+    def check_compression(self, compression: Compression) -> None:
+        refuse_mt_compression(compression)
 
     def validate(self, spec: GuestSpec) -> None:
         parse_config(spec, self._machines, self.settings, self._dir)

@@ -48,7 +48,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import grp
-import logging
 import os
 import pwd
 import shutil
@@ -57,6 +56,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from virtmig.daemon.backend.base import BackendError, StreamTls
+from virtmig.proto import logsafe
 from virtmig.proto.errors import InvalidArgument
 
 DEFAULT_BINARY = "qemu-system-x86_64"
@@ -71,7 +71,7 @@ TLS_CREDS_DIR = "migrate-tls"  # in the guest's folder, while QEMU loads a migra
 _QCOW2_MAGIC = b"QFI\xfb"
 _QCOW2_EXTERNAL_DATA = 1 << 2  # incompatible feature bit: the data lives in another file
 
-log = logging.getLogger("virtmig.daemon.backend.qemu")
+log = logsafe.logger("virtmig.daemon.backend.qemu")
 
 
 @dataclass(frozen=True)

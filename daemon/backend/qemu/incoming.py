@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import logging
 import time
 from dataclasses import replace
 
@@ -40,8 +39,9 @@ from virtmig.daemon.backend.qemu.migration import (
 )
 from virtmig.daemon.backend.qemu.monitor import Exec, QmpCommandFailed, refresh_status
 from virtmig.daemon.backend.qemu.tls import add_tls_creds, drop_tls_creds
+from virtmig.proto import logsafe
 
-log = logging.getLogger("virtmig.daemon.backend.qemu")
+log = logsafe.logger("virtmig.daemon.backend.qemu")
 
 POSTCOPY_STOP_TIMEOUT = 5.0  # "stop" on a destination whose post-copy stream broke
 EXIT_REASON_WAIT = 3.0  # a failed incoming QEMU exits by itself: wait that long for its message

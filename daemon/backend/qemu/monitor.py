@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import os
 import time
 from collections.abc import Coroutine, Iterator
@@ -35,8 +34,9 @@ from qemu.qmp import ConnectError, ExecInterruptedError, ExecuteError, Message, 
 
 from virtmig.daemon.backend.base import BackendError
 from virtmig.daemon.backend.qemu.guest import _Guest
+from virtmig.proto import logsafe
 
-log = logging.getLogger("virtmig.daemon.backend.qemu")
+log = logsafe.logger("virtmig.daemon.backend.qemu")
 
 QMP_TIMEOUT = 30.0  # any single QMP command
 

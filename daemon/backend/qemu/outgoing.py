@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import time
 from dataclasses import replace
 from typing import Any
@@ -52,8 +51,9 @@ from virtmig.daemon.backend.qemu.migration import (
 )
 from virtmig.daemon.backend.qemu.monitor import Exec, QmpCommandFailed, QmpNoAnswer, refresh_status
 from virtmig.daemon.backend.qemu.tls import add_tls_creds, drop_tls_creds
+from virtmig.proto import logsafe
 
-log = logging.getLogger("virtmig.daemon.backend.qemu")
+log = logsafe.logger("virtmig.daemon.backend.qemu")
 
 PROGRESS_INTERVAL = 0.25  # query-migrate while a migration runs
 RECHECK_INTERVAL = 1.0  # the flow looks again even when no event came

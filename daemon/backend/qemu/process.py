@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import os
 import shlex
 import signal
@@ -43,8 +42,9 @@ from virtmig.daemon.backend.qemu.confine import (
 from virtmig.daemon.backend.qemu.guest import LOG_NAME, PID_NAME, SOCKET_NAME, _Guest
 from virtmig.daemon.backend.qemu.migration import _POSTCOPY_STATES, _TERMINAL
 from virtmig.daemon.backend.qemu.monitor import Exec, _socket_path, connect
+from virtmig.proto import logsafe
 
-log = logging.getLogger("virtmig.daemon.backend.qemu")
+log = logsafe.logger("virtmig.daemon.backend.qemu")
 
 START_TIMEOUT = 30.0  # spawn until QMP answers
 RECONNECT_TIMEOUT = 5.0

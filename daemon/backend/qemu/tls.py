@@ -25,15 +25,15 @@ refuses any migration without it) wherever the migration network is not fully tr
 from __future__ import annotations
 
 import contextlib
-import logging
 
 from virtmig.daemon.backend.base import BackendError, StreamTls
 from virtmig.daemon.backend.qemu.confine import RunAs, remove_tls_creds, write_tls_creds
 from virtmig.daemon.backend.qemu.guest import _Guest
 from virtmig.daemon.backend.qemu.migration import TLS_OBJECT_ID
 from virtmig.daemon.backend.qemu.monitor import Exec, QmpCommandFailed
+from virtmig.proto import logsafe
 
-log = logging.getLogger("virtmig.daemon.backend.qemu")
+log = logsafe.logger("virtmig.daemon.backend.qemu")
 
 
 async def add_tls_creds(qmp: Exec, guest: _Guest, tls: StreamTls, *, server: bool,

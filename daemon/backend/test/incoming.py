@@ -17,7 +17,6 @@ runs from the switch until the guest was resumed (or the end).
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from dataclasses import dataclass, field, replace
 
@@ -50,8 +49,9 @@ from virtmig.daemon.backend.test.wire import (
     read_indices,
     strerror,
 )
+from virtmig.proto import logsafe
 
-log = logging.getLogger(__name__)
+log = logsafe.logger(__name__)
 
 _PULL_INTERVAL = 0.005  # seconds between a post-copy destination's dirty ticks / page requests
 

@@ -29,7 +29,6 @@ the time from the stop to the POSTCOPY record.
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections import deque
 from collections.abc import Mapping, Sequence
@@ -67,8 +66,9 @@ from virtmig.daemon.backend.test.wire import (
     src_handshake,
     strerror,
 )
+from virtmig.proto import logsafe
 
-log = logging.getLogger(__name__)
+log = logsafe.logger(__name__)
 
 
 @dataclass(eq=False)
