@@ -51,8 +51,15 @@ from virtmig.daemon.backend.qemu.confine import (
     remove_tls_creds,
     write_tls_creds,
 )
-from virtmig.daemon.backend.qemu.migration import TLS_OBJECT_ID, _src_settings, _tls_params
+from virtmig.daemon.backend.qemu.guest import _Guest
+from virtmig.daemon.backend.qemu.migration import (
+    TLS_OBJECT_ID,
+    _Outgoing,
+    _src_settings,
+    _tls_params,
+)
 from virtmig.daemon.backend.qemu.monitor import QMP_TIMEOUT
+from virtmig.daemon.backend.qemu.outgoing import _src_ended_error
 from virtmig.proto.compat import check_flags_supported
 from virtmig.proto.errors import ArgumentUnsupported
 from virtmig.proto.flags import MigrateFlags
@@ -203,6 +210,27 @@ def test_unreadable_creds_leave_nothing(tmp_path: Path) -> None:
     assert not os.path.lexists(gdir / TLS_CREDS_DIR)
 
 
+async def test_source_error_from_qemus_log_when_query_migrate_has_none(tmp_path: Path) -> None:
+    """A TLS peer that hangs up can leave ``query-migrate`` without ``error-desc``: the error is
+    then QEMU's own words from its log, written since ``migrate`` (not an earlier failure's)."""
+    guest = _Guest(uuid="u", dir=tmp_path, pid=0)
+    log = tmp_path / "qemu.log"
+    log.write_text("2026-01-01T00:00:00.000000Z qemu-system-x86_64: an earlier failure\n")
+    mig = _Outgoing(tuning=MigrationTuning(), was_running=True, log_at=guest.log_size())
+    with log.open("a") as f:
+        f.write("2026-01-01T00:00:01.000000Z qemu-system-x86_64: Cannot write to TLS channel: "
+                "Input/output error\n")
+    guest.mig_status = "failed"
+
+    async def qmp(guest: Any, command: str, args: Any = None, timeout: float = 0, *,
+                  oob: bool = False) -> dict[str, Any]:
+        return {"status": "failed"}
+
+    error = await _src_ended_error(qmp, guest, mig)
+    assert isinstance(error, MigrationFailed)
+    assert str(error) == "Cannot write to TLS channel: Input/output error"
+
+
 # --- with QEMU ------------------------------------------------------------------------------------
 
 
@@ -323,7 +351,9 @@ async def test_source_certificate_must_be_signed_by_the_ca(
     bundle.write_bytes((pki.root / "other-ca" / "cacert.pem").read_bytes()
                        + (pki.ca / "cacert.pem").read_bytes())
     error, spec = await _refused(src, dst, replace(client_tls(foreign), ca_cert=bundle))
-    assert "TLS channel" in error  # (all the source learns: the destination hung up)
+    # All the source learns is that the destination hung up (QEMU's words: from query-migrate,
+    # or from its log when query-migrate has none).
+    assert "TLS channel" in error
     await wait_until(lambda: "hasn't got a known issuer" in qemu_log(dst, spec.uuid),
                      timeout=10, what=lambda: f"the refusal in {qemu_log(dst, spec.uuid)}")
     await waits_for_its_source(dst, spec.uuid)

@@ -86,11 +86,19 @@ class _Guest:
             return GuestRunState.SHUTOFF
         return GuestRunState.RUNNING if self.status == "running" else GuestRunState.PAUSED
 
-    def log_tail(self, lines: int = 2) -> str:
-        """QEMU's last messages of this run, without timestamps and program name."""
+    def log_size(self) -> int:
+        """How far qemu.log goes now (``log_tail(since=...)`` reads what comes after)."""
+        try:
+            return (self.dir / LOG_NAME).stat().st_size
+        except OSError:
+            return 0
+
+    def log_tail(self, lines: int = 2, *, since: int = 0) -> str:
+        """QEMU's last messages of this run (after offset ``since``, if later), without
+        timestamps and program name."""
         try:
             with open(self.dir / LOG_NAME, "rb") as f:
-                f.seek(self.log_offset)
+                f.seek(max(self.log_offset, since))
                 data = f.read()[-16384:]
         except OSError:
             return ""

@@ -207,6 +207,7 @@ class _Outgoing:
     )
     final: MigrationProgress | None = None
     issued: bool = False  # "migrate" was sent
+    log_at: int = 0  # qemu.log's size when "migrate" was sent (QEMU's words since then)
     cancel_requested: bool = False
     cancel_at: float = 0.0  # when migrate_cancel was first sent (monotonic; 0: never)
     yanked_at: float = 0.0  # when the migration's sockets were yanked (0: never)

@@ -150,6 +150,7 @@ async def _src_issue(qmp: Exec, guest: _Guest, mig: _Outgoing, dest: StreamAddre
     if not mig.cancel_requested:
         guest.mig_status = "setup"
         mig.issued = True
+        mig.log_at = guest.log_size()
         await qmp(guest, "migrate", {"uri": str(dest)})
         if mig.cancel_requested:  # cancel() came while "migrate" was on its way
             await _src_request_cancel(qmp, guest, mig)
@@ -176,7 +177,10 @@ async def _src_ended_error(
         # A cancel that finds the stream blocked in a write ends as "failed" ("Unable to
         # write to socket: Broken pipe": the cancel shut the socket down); we asked for it.
         return MigrationCancelled("migration cancelled")
-    return MigrationFailed(mig.last.error or "migration failed")
+    # QEMU does not always say why in query-migrate (a TLS peer that hung up after the
+    # handshake: "Cannot write to TLS channel"); its log does.
+    return MigrationFailed(mig.last.error or guest.log_tail(since=mig.log_at)
+                           or "migration failed")
 
 
 async def _src_switched(qmp: Exec, guest: _Guest, mig: _Outgoing) -> MigrationProgress:
