@@ -33,7 +33,7 @@ def not_running(dom: DomainObj) -> OperationInvalid:
 
 async def define(daemon: Daemon, xml: str) -> DomainObj:
     d = parse_domain_xml(xml)
-    daemon.backend.validate(daemon.spec(d))
+    daemon.validate(d)
     existing = daemon.registry.check_define(d)
     if existing is None:
         dom = daemon.registry.add(DomainObj(uuid=d.uuid, name=d.name, config=d))
@@ -66,8 +66,9 @@ async def start(daemon: Daemon, dom: DomainObj, *, paused: bool) -> None:
         if dom.active:
             raise OperationInvalid("domain is already running")
         d = dom.definition
+        spec = daemon.validate(d)  # the limits may have changed since define
         try:
-            await daemon.backend.start(daemon.spec(d), paused=paused)
+            await daemon.backend.start(spec, paused=paused)
         except BackendError as exc:
             raise OperationFailed(f"cannot start domain '{dom.name}': {exc}") from exc
         dom.live = d
