@@ -252,7 +252,7 @@ class TestBackend(Backend):
         guest.incoming = True
         done: asyncio.Future[MigrationProgress] = asyncio.get_running_loop().create_future()
         done.add_done_callback(retrieve)
-        inc = Incoming(guest=guest, done=done, received=bytearray(guest.npages))
+        inc = Incoming(guest=guest, done=done)
         self._guests[spec.uuid] = guest
         self._incoming[spec.uuid] = inc
 
