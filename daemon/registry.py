@@ -4,6 +4,10 @@ A domain object holds the persistent definition (``config``, None for a transien
 live definition while active, libvirt's state and reason, and at most one migration job.  Read-only
 calls read these fields directly and never wait; state-changing calls run under the object's lock,
 and wait (bounded) for a conflicting migration job to end, as libvirt's job masks have it.
+
+Bounds: a lookup refuses an over-long name or UUID before it searches, and :meth:`check_define`
+refuses a new domain beyond ``max_domains`` (:data:`MAX_DOMAINS` at most, so that a list of
+every domain fits in one gRPC message).
 """
 
 from __future__ import annotations
