@@ -22,6 +22,9 @@ Example (all keys optional)::
     completion_timeout_action = "abort"  # ... then: abort, suspend or postcopy
     max_outgoing_migrations = 0        # concurrent migrations accepted (0: no limit)
     max_incoming_migrations = 0
+    max_domains = 10000                # domains held at most (define/prepare refused beyond)
+    test_max_memory_mib = 0            # test backend: largest guest memory (0: the host's RAM)
+    test_max_vcpus = 0                 # test backend: most vCPUs of a guest (0: 4096)
     # The qemu backend's confinement (see virtmig.daemon.backend.qemu.confine):
     emulators = ["/usr/bin/qemu-system-x86_64"]   # default: qemu-system-x86_64 on PATH
     storage_dirs = ["/var/lib/virtmig/images"]    # disk images, kernels and initrds
@@ -39,6 +42,7 @@ from typing import Any
 
 from virtmig.daemon.core import DaemonConfig
 from virtmig.daemon.listeners import check_insecure
+from virtmig.daemon.registry import MAX_DOMAINS
 from virtmig.proto.errors import InvalidArgument
 from virtmig.proto.flags import COMPLETION_ACTIONS
 from virtmig.proto.uri import default_socket_path, parse_listen
@@ -51,7 +55,8 @@ _KEYS = {
     "incoming_job_timeout",
     "completion_timeout_per_gib", "completion_timeout_action", "max_outgoing_migrations",
     "max_incoming_migrations", "pki_dir", "tls_allowed_dn_list", "tls_readonly_dn_list",
-    "listen_insecure_tcp", "readonly_socket",
+    "listen_insecure_tcp", "readonly_socket", "max_domains", "test_max_memory_mib",
+    "test_max_vcpus",
 }
 _QEMU_KEYS = {"emulators", "storage_dirs", "qemu_user", "qemu_group", "qemu_sandbox"}
 
@@ -142,6 +147,7 @@ def load_config(args: argparse.Namespace) -> DaemonConfig:
         completion_timeout_action=_action(str(data.get("completion_timeout_action", "abort"))),
         max_outgoing_migrations=int(data.get("max_outgoing_migrations", 0)),
         max_incoming_migrations=int(data.get("max_incoming_migrations", 0)),
+        **_bounds(data),
         pki_dir=str(data.get("pki_dir", "")),
         tls_allowed_dn_list=_strings(data, "tls_allowed_dn_list"),
         tls_readonly_dn_list=_strings(data, "tls_readonly_dn_list"),
@@ -181,6 +187,20 @@ def _positive(data: dict[str, Any], key: str, default: float) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1e9:
         raise InvalidArgument(f"invalid {key} {value!r}: expected a positive number of seconds")
     return float(value)
+
+
+def _bounds(data: dict[str, Any]) -> dict[str, Any]:
+    """``max_domains`` (1..MAX_DOMAINS) and the test backend's guest limits (0: default)."""
+    ranges = {"max_domains": (1, MAX_DOMAINS), "test_max_memory_mib": (0, 2**43),
+              "test_max_vcpus": (0, 2**32 - 1)}
+    out: dict[str, Any] = {}
+    for key, (lo, hi) in ranges.items():
+        if key in data:
+            value = data[key]
+            if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+                raise InvalidArgument(f"invalid {key} {value!r}: expected an integer in {lo}..{hi}")
+            out[key] = value
+    return out
 
 
 def _bool(data: dict[str, Any], key: str) -> bool:

@@ -19,7 +19,7 @@ from virtmig.daemon.job import JobRecord
 from virtmig.daemon.registry import DomainObj, Registry
 from virtmig.daemon.state import StateDir
 from virtmig.proto import logsafe
-from virtmig.proto.errors import ResourceExhausted
+from virtmig.proto.errors import ConfigUnsupported, ResourceExhausted
 from virtmig.proto.flags import DomainState, Feature, ShutoffReason
 
 log = logsafe.logger(__name__)
@@ -54,6 +54,12 @@ class DaemonConfig:
     # Concurrent migrations this daemon accepts (0: no limit).
     max_outgoing_migrations: int = 0
     max_incoming_migrations: int = 0
+    # Domains this daemon holds at most (defined, running or incoming; ``registry.MAX_DOMAINS``
+    # at most, so that a list of all of them fits in one gRPC message).
+    max_domains: int = 10000
+    # The test backend's guest limits (0: the host's RAM / test.guest.MAX_VCPUS).
+    test_max_memory_mib: int = 0
+    test_max_vcpus: int = 0
     # Mutual TLS: the PKI dir ("": $VIRTMIG_PKI_DIR, else the default dir), and the client
     # certificate DNs with full and with read-only access (libvirt's wildcards; see
     # virtmig.daemon.authz).  An empty full list admits every certificate the CA signed.
@@ -130,7 +136,8 @@ class Daemon:
         self.host_uuid = self.files.host_uuid()
         self.hostname = config.hostname or os.uname().nodename
         self.backend = backend
-        self.registry = Registry(self.files, job_wait_timeout=config.job_wait_timeout)
+        self.registry = Registry(self.files, job_wait_timeout=config.job_wait_timeout,
+                                 max_domains=config.max_domains)
         self.ports = PortAllocator(config.migration_port_min, config.migration_port_max)
         self.sessions: set[str] = set()
         self.events = EventBus()
@@ -188,7 +195,27 @@ class Daemon:
             vcpus=d.vcpus,
             options=dict(d.options),
             xml=d.xml,
+            machine=d.machine,
         )
+
+    def validate(self, d: DomainDef) -> GuestSpec:
+        """The one check of a guest against the backend, at define, start and Prepare: its
+        memory and vCPUs within the backend's limits, then the backend's own checks."""
+        spec = self.spec(d)
+        limits = self.backend.limits(spec)
+        if spec.memory_bytes > limits.max_memory_bytes:
+            raise ConfigUnsupported(
+                f"Maximum memory {d.memory_kib} KiB greater than the {self.backend.name} "
+                f"backend's limit of {limits.max_memory_bytes // 1024} KiB "
+                f"({limits.memory_source})"
+            )
+        if spec.vcpus > limits.max_vcpus:
+            raise ConfigUnsupported(
+                f"Maximum CPUs {spec.vcpus} greater than the {self.backend.name} backend's "
+                f"limit of {limits.max_vcpus} ({limits.vcpus_source})"
+            )
+        self.backend.validate(spec)
+        return spec
 
     def session_alive(self, session: str) -> bool:
         return bool(session) and session in self.sessions

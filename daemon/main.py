@@ -35,7 +35,10 @@ def make_backend(name: str, config: DaemonConfig | None = None) -> Backend:
     if name == "test":
         from virtmig.daemon.backend.test import TestBackend
 
-        return TestBackend()
+        if config is None:
+            return TestBackend()
+        return TestBackend(max_memory_bytes=config.test_max_memory_mib * 1024 * 1024,
+                           max_vcpus=config.test_max_vcpus)
     if name == "qemu":
         from virtmig.daemon.backend.qemu import QemuBackend
 

@@ -89,7 +89,7 @@ async def dst_prepare(
         local_hostuuid=daemon.host_uuid,
         accept=ck.ACCEPT_PREPARE,
     )
-    daemon.backend.validate(daemon.spec(d))
+    daemon.validate(d)
 
     jobctl.check_limit(daemon, AsyncJob.MIGRATION_IN)
     existing = daemon.registry.check_define(d)

@@ -49,8 +49,10 @@ from pathlib import Path
 from typing import Any
 
 from virtmig.daemon.backend.base import (
+    DEFAULT_MAX_VCPUS,
     Backend,
     BackendError,
+    GuestLimits,
     GuestRunState,
     GuestSpec,
     MigrationCancelled,
@@ -58,6 +60,7 @@ from virtmig.daemon.backend.base import (
     MigrationProgress,
     MigrationTuning,
     StreamAddress,
+    host_memory_bytes,
 )
 from virtmig.daemon.backend.test.guest import Guest, parse_options
 from virtmig.daemon.backend.test.incoming import Incoming, dst_abort, dst_receive
@@ -73,7 +76,11 @@ class TestBackend(Backend):
     __test__ = False  # not a pytest test class
     name = "test"
 
-    def __init__(self) -> None:
+    def __init__(self, *, max_memory_bytes: int = 0, max_vcpus: int = 0) -> None:
+        """``max_memory_bytes``: the largest guest (0: the host's RAM); ``max_vcpus``: the most
+        vCPUs (0: :data:`~virtmig.daemon.backend.base.DEFAULT_MAX_VCPUS`)."""
+        self._max_memory = max_memory_bytes
+        self._max_vcpus = max_vcpus
         self._guests: dict[str, Guest] = {}
         self._incoming: dict[str, Incoming] = {}
         self._progress: dict[str, Outgoing | Incoming] = {}
@@ -94,6 +101,17 @@ class TestBackend(Backend):
         if tasks:
             await asyncio.wait(tasks)
         self._guests.clear()
+
+    def limits(self, spec: GuestSpec) -> GuestLimits:
+        """``test_max_memory_mib`` (default: the host's RAM) and ``test_max_vcpus`` (default
+        4096).  A guest's memory costs the daemon little whatever its size (see :mod:`.guest`):
+        the memory cap is the host's, as a real hypervisor's would be."""
+        return GuestLimits(
+            self._max_memory or host_memory_bytes() or 2**63 - 1,
+            self._max_vcpus or DEFAULT_MAX_VCPUS,
+            memory_source="test_max_memory_mib" if self._max_memory else "the host's RAM",
+            vcpus_source="test_max_vcpus",
+        )
 
     def validate(self, spec: GuestSpec) -> None:
         try:
@@ -234,7 +252,7 @@ class TestBackend(Backend):
         guest.incoming = True
         done: asyncio.Future[MigrationProgress] = asyncio.get_running_loop().create_future()
         done.add_done_callback(retrieve)
-        inc = Incoming(guest=guest, done=done, received=bytearray(guest.npages))
+        inc = Incoming(guest=guest, done=done)
         self._guests[spec.uuid] = guest
         self._incoming[spec.uuid] = inc
 

@@ -46,6 +46,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from virtmig.daemon.backend.base import MigrationFailed, StreamAddress
 from virtmig.daemon.backend.test.memory import MIB, PAGE_SIZE, SUFFIX, page_prefix
+from virtmig.daemon.backend.test.sparse import Versions
 
 MAGIC = b"VMTESTMS"
 PROTOCOL_VERSION = 1
@@ -134,7 +135,7 @@ async def dst_read_header(reader: asyncio.StreamReader, uuid: str, npages: int) 
 
 
 def page_records(
-    seed: int, versions: Sequence[int], batch: Sequence[int], corrupt: int | None
+    seed: int, versions: Versions, batch: Sequence[int], corrupt: int | None
 ) -> bytes:
     """A PAGES record of ``batch`` at ``versions``; page ``corrupt`` gets a bad byte."""
     prefix = page_prefix(seed)
