@@ -40,6 +40,7 @@ from virtmig.daemon.core import DaemonConfig
 from virtmig.daemon.listeners import check_insecure
 from virtmig.proto.errors import InvalidArgument
 from virtmig.proto.flags import COMPLETION_ACTIONS
+from virtmig.proto.params import check_max_downtime
 from virtmig.proto.uri import default_socket_path, parse_listen
 
 DEFAULT_STATE_DIR = "/var/lib/virtmig"
@@ -133,7 +134,7 @@ def load_config(args: argparse.Namespace) -> DaemonConfig:
         migration_address=str(data.get("migration_address", "0.0.0.0")),
         migration_host=str(data.get("migration_host", "")),
         job_wait_timeout=float(data.get("job_wait_timeout", 30.0)),
-        default_max_downtime_ms=int(data.get("max_downtime_ms", 300)),
+        default_max_downtime_ms=_max_downtime(data),
         stall_timeout_s=float(data.get("stall_timeout", 0)),
         completion_timeout_per_gib_s=float(data.get("completion_timeout_per_gib", 0)),
         completion_timeout_action=_action(str(data.get("completion_timeout_action", "abort"))),
@@ -185,6 +186,17 @@ def _strings(data: dict[str, Any], key: str) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise InvalidArgument(f"invalid {key} {value!r}: expected a list of strings")
     return tuple(value)
+
+
+def _max_downtime(data: dict[str, Any]) -> int:
+    """``max_downtime_ms``, in the range ``SetMaxDowntime`` takes (one check for both)."""
+    value = data.get("max_downtime_ms", 300)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise InvalidArgument(f"invalid max_downtime_ms {value!r}: expected a number of ms")
+    try:
+        return check_max_downtime(value)
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"invalid max_downtime_ms: {exc.detail}") from exc
 
 
 def _action(value: str) -> str:

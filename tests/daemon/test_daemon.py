@@ -50,7 +50,10 @@ def test_config_file_and_flags(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [('bogus = 1\n', "unknown setting"), ('migration_ports = "9-1"\n', "port range"),
-     ('listen = ["http://x"]\n', "unsupported listen URI"), ('x = \n', "cannot read")],
+     ('listen = ["http://x"]\n', "unsupported listen URI"), ('x = \n', "cannot read"),
+     ('max_downtime_ms = 0\n', "invalid max_downtime_ms: Invalid downtime 0: must be between"),
+     ('max_downtime_ms = 2000001\n', "invalid max_downtime_ms: Invalid downtime 2000001"),
+     ('max_downtime_ms = "fast"\n', "invalid max_downtime_ms 'fast'")],
 )
 def test_bad_config_is_a_clear_error(tmp_path: Path, text: str, message: str) -> None:
     cfg = tmp_path / "c.toml"
