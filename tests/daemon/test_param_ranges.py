@@ -15,9 +15,8 @@ from typing import Any
 
 import pytest
 
-from tests.daemon.migration_helpers import running_guest
+from tests.daemon.migration_helpers import begun_xml_and_cookie, running_guest
 from virtmig.client.connection import AsyncConnection
-from virtmig.client.migrate import RemoteSource
 from virtmig.proto import virtmig_pb2 as pb
 from virtmig.proto.errors import InvalidArgument, NoDomain, Overflow
 from virtmig.proto.flags import MAX_BANDWIDTH_MIB, MAX_DOWNTIME_MS, JobType, MigrateFlags
@@ -121,11 +120,7 @@ async def test_every_migration_rpc_refuses_a_bandwidth_out_of_range(
         pair: tuple[Host, Host], rpc: str) -> None:
     src, dst = pair
     await running_guest(src)
-    # A Begin that a caller gave up on (no session, so nothing owns it) lends Prepare a valid XML
-    # and cookie; it is released again so that only the call under test could leave a job.
-    xml, cookie = await RemoteSource(src.conn, True).begin("vm1", TypedParams(), F.LIVE)
-    await src.conn._call(src.conn.migration_stub.Confirm3Params, pb.Confirm3ParamsRequest(
-        domain=REF, cookie_in=b"", flags=F.LIVE, cancelled=True))
+    xml, cookie = await begun_xml_and_cookie(src)  # so that only the bandwidth is wrong
     await assert_untouched(src, dst)
     for bad in (MAX_BANDWIDTH_MIB + 1, HUGE):
         with pytest.raises(Overflow, match=OVERFLOW):
