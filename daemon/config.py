@@ -21,6 +21,8 @@ Example (all keys optional)::
     completion_timeout_action = "abort"  # ... then: abort, suspend or postcopy
     max_outgoing_migrations = 0        # concurrent migrations accepted (0: no limit)
     max_incoming_migrations = 0
+    max_clients = 512                  # clients (connections) with calls in flight, in all
+    max_calls_per_client = 32          # calls in flight on one connection (streams included)
     # The qemu backend's confinement (see virtmig.daemon.backend.qemu.confine):
     emulators = ["/usr/bin/qemu-system-x86_64"]   # default: qemu-system-x86_64 on PATH
     storage_dirs = ["/var/lib/virtmig/images"]    # disk images, kernels and initrds
@@ -37,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from virtmig.daemon.core import DaemonConfig
+from virtmig.daemon.limits import DEFAULT_MAX_CALLS_PER_CLIENT, DEFAULT_MAX_CLIENTS
 from virtmig.daemon.listeners import check_insecure
 from virtmig.proto.errors import InvalidArgument
 from virtmig.proto.flags import COMPLETION_ACTIONS
@@ -50,7 +53,7 @@ _KEYS = {
     "migration_host", "job_wait_timeout", "max_downtime_ms", "stall_timeout",
     "completion_timeout_per_gib", "completion_timeout_action", "max_outgoing_migrations",
     "max_incoming_migrations", "pki_dir", "tls_allowed_dn_list", "tls_readonly_dn_list",
-    "listen_insecure_tcp", "readonly_socket",
+    "listen_insecure_tcp", "readonly_socket", "max_clients", "max_calls_per_client",
 }
 _QEMU_KEYS = {"emulators", "storage_dirs", "qemu_user", "qemu_group", "qemu_sandbox"}
 
@@ -140,6 +143,8 @@ def load_config(args: argparse.Namespace) -> DaemonConfig:
         completion_timeout_action=_action(str(data.get("completion_timeout_action", "abort"))),
         max_outgoing_migrations=int(data.get("max_outgoing_migrations", 0)),
         max_incoming_migrations=int(data.get("max_incoming_migrations", 0)),
+        max_clients=_limit(data, "max_clients", DEFAULT_MAX_CLIENTS),
+        max_calls_per_client=_limit(data, "max_calls_per_client", DEFAULT_MAX_CALLS_PER_CLIENT),
         pki_dir=str(data.get("pki_dir", "")),
         tls_allowed_dn_list=_strings(data, "tls_allowed_dn_list"),
         tls_readonly_dn_list=_strings(data, "tls_readonly_dn_list"),
@@ -186,6 +191,14 @@ def _strings(data: dict[str, Any], key: str) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise InvalidArgument(f"invalid {key} {value!r}: expected a list of strings")
     return tuple(value)
+
+
+def _limit(data: dict[str, Any], key: str, default: int) -> int:
+    """A limit on clients or calls: a whole number, at least 1 (there is no "unlimited")."""
+    value = data.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise InvalidArgument(f"invalid {key} {value!r}: expected a whole number of at least 1")
+    return value
 
 
 def _max_downtime(data: dict[str, Any]) -> int:
