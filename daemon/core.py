@@ -1,4 +1,5 @@
-"""The daemon's shared context: identity, configuration, registry, backend and migration ports.
+"""The daemon's shared context: identity, configuration, registry, backend, migration ports and
+the limits on clients' calls.
 
 Every service and phase receives one :class:`Daemon`; nothing is global.  :class:`HostInfo` is
 what the daemon tells callers about its host.
@@ -16,6 +17,7 @@ from virtmig.daemon.backend.base import Backend, GuestRunState, GuestSpec
 from virtmig.daemon.domxml import DomainDef
 from virtmig.daemon.events import EventBus, lifecycle_for
 from virtmig.daemon.job import JobRecord
+from virtmig.daemon.limits import DEFAULT_MAX_CALLS_PER_CLIENT, DEFAULT_MAX_CLIENTS, CallLimits
 from virtmig.daemon.registry import DomainObj, Registry
 from virtmig.daemon.state import StateDir
 from virtmig.proto import logsafe
@@ -60,6 +62,9 @@ class DaemonConfig:
     # The test backend's guest limits (0: the host's RAM / test.guest.MAX_VCPUS).
     test_max_memory_mib: int = 0
     test_max_vcpus: int = 0
+    # Clients with calls in flight, and calls in flight per client (virtmig.daemon.limits).
+    max_clients: int = DEFAULT_MAX_CLIENTS
+    max_calls_per_client: int = DEFAULT_MAX_CALLS_PER_CLIENT
     # Mutual TLS: the PKI dir ("": $VIRTMIG_PKI_DIR, else the default dir), and the client
     # certificate DNs with full and with read-only access (libvirt's wildcards; see
     # virtmig.daemon.authz).  An empty full list admits every certificate the CA signed.
@@ -141,6 +146,8 @@ class Daemon:
         self.ports = PortAllocator(config.migration_port_min, config.migration_port_max)
         self.sessions: set[str] = set()
         self.events = EventBus()
+        # Shared by every server of the daemon (the read-only socket's too).
+        self.calls = CallLimits(config.max_clients, config.max_calls_per_client)
 
     @property
     def features(self) -> frozenset[str]:

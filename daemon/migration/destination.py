@@ -29,7 +29,7 @@ from virtmig.daemon.migration.common import _job_of, any_check, any_cookie, any_
 from virtmig.daemon.migration.owner import any_check_owner
 from virtmig.daemon.migration.rollback import dst_discard
 from virtmig.daemon.migration.tuning import dst_tuning
-from virtmig.daemon.migration.uri import dst_parse_uri_in, dst_uri_out
+from virtmig.daemon.migration.uri import dst_check_bind, dst_parse_uri_in, dst_uri_out
 from virtmig.daemon.registry import DomainObj
 from virtmig.proto.errors import (
     InternalError,
@@ -77,6 +77,7 @@ async def dst_prepare(
             if host.startswith("localhost"):
                 raise OperationFailed(
                     "hostname on destination resolved to localhost, but migration requires an FQDN")
+        await dst_check_bind(daemon.config, listen, want_port)
     d = parse_domain_xml(dom_xml)
     origname = d.name
     dname = params.get_str(P.DEST_NAME)

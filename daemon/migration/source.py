@@ -164,7 +164,6 @@ async def _src_perform_start(
         if job.abort_requested:
             raise MigrationCancelled("aborted before perform")
         _require_active(dom)
-        jobctl.check_timeout_params(params)
         ck.parse_cookie(
             cookie_in,
             expected_name=dom.name,
