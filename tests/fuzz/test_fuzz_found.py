@@ -24,3 +24,4 @@ async def test_empty_tunnel_stream_is_refused(pair: tuple[Host, Host]) -> None:
     trailers: dict[str, object] = dict(err.value.trailing_metadata() or ())  # type: ignore[arg-type]
     assert trailers[ERROR_METADATA_KEY] == "InvalidArgument"
     assert "first message" in (err.value.details() or "")
+
