@@ -29,7 +29,7 @@ from virtmig.daemon.core import Daemon
 from virtmig.daemon.job import AsyncJob, Phase
 from virtmig.proto import logsafe
 from virtmig.proto import virtmig_pb2 as pb
-from virtmig.proto.errors import OperationInvalid
+from virtmig.proto.errors import InvalidArgument, OperationInvalid
 from virtmig.proto.flags import MigrateFlags
 
 log = logsafe.logger(__name__)
@@ -43,7 +43,9 @@ async def dst_tunnel(
     daemon: Daemon, requests: AsyncIterator[pb.TunnelChunk]
 ) -> AsyncIterator[pb.TunnelChunk]:
     """The destination's end: join the gRPC stream to the incoming guest's local port."""
-    first = await anext(requests)
+    first = await anext(requests, None)
+    if first is None:
+        raise InvalidArgument("a tunnel must name the incoming domain in its first message")
     dom = daemon.registry.by_name(first.dname)
     job = dom.job
     if (job is None or job.kind is not AsyncJob.MIGRATION_IN or job.phase is not Phase.PREPARE

@@ -313,8 +313,8 @@ async def src_confirm(
                 f"domain '{dom.name}' migration has not been performed (phase {job.phase.label})")
         job.busy = True
         try:
-            job.set_phase(Phase.CONFIRM3_CANCELLED if cancelled else Phase.CONFIRM3)
-            daemon.registry.save_status(dom)
+            # The cookie is checked before the phase moves: a bad one leaves the job as it was,
+            # so that Confirm(cancelled) can still roll it back.
             stats = ck.parse_cookie_opt(
                 cookie_in,
                 expected_name=dom.name,
@@ -322,6 +322,8 @@ async def src_confirm(
                 local_hostuuid=daemon.host_uuid,
                 accept=ck.ACCEPT_CONFIRM,
             )
+            job.set_phase(Phase.CONFIRM3_CANCELLED if cancelled else Phase.CONFIRM3)
+            daemon.registry.save_status(dom)
             if stats is not None and stats.statistics is not None:
                 job.progress = _with_dst_downtime(job.progress, stats.statistics)
         except BaseException:
