@@ -42,11 +42,13 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
+import ssl
 import time
 from collections.abc import Coroutine
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from virtmig.daemon.backend.base import (
     Backend,
@@ -62,9 +64,13 @@ from virtmig.daemon.backend.base import (
 from virtmig.daemon.backend.test.guest import Guest, parse_options
 from virtmig.daemon.backend.test.incoming import Incoming, dst_abort, dst_receive
 from virtmig.daemon.backend.test.outgoing import Outgoing, src_send, src_settle
+from virtmig.daemon.backend.test.secure import StreamRefused, dst_admit, server_context
 from virtmig.daemon.backend.test.util import retrieve
 from virtmig.daemon.backend.test.wire import STREAM_LIMIT
 from virtmig.proto.errors import ConfigUnsupported
+from virtmig.proto.flags import MigrateFlags
+
+log = logging.getLogger(__name__)
 
 
 class TestBackend(Backend):
@@ -72,6 +78,7 @@ class TestBackend(Backend):
 
     __test__ = False  # not a pytest test class
     name = "test"
+    extra_flags = MigrateFlags.TLS  # TLS on the stream (:mod:`.secure`)
 
     def __init__(self) -> None:
         self._guests: dict[str, Guest] = {}
@@ -230,6 +237,8 @@ class TestBackend(Backend):
                              tuning: MigrationTuning | None = None) -> int:
         if listen.transport != "tcp":
             raise BackendError(f"test backend: unsupported migration transport {listen.transport}")
+        tuning = tuning or MigrationTuning()
+        ctx = server_context(tuning.tls) if tuning.tls is not None else None
         guest = self._new_guest(spec, paused=True)
         guest.incoming = True
         done: asyncio.Future[MigrationProgress] = asyncio.get_running_loop().create_future()
@@ -237,15 +246,7 @@ class TestBackend(Backend):
         inc = Incoming(guest=guest, done=done, received=bytearray(guest.npages))
         self._guests[spec.uuid] = guest
         self._incoming[spec.uuid] = inc
-
-        def accepted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            if inc.task is not None or inc.done.done():
-                writer.transport.abort()  # exactly one stream per incoming migration
-                return
-            if inc.server is not None:
-                inc.server.close()
-            inc.task = self._spawn(dst_receive(self._guests, inc, reader, writer))
-
+        accepted = functools.partial(self._accepted, inc, ctx, tuning.stream_token)
         try:
             inc.server = await asyncio.start_server(
                 accepted, listen.host, listen.port, limit=STREAM_LIMIT
@@ -260,6 +261,49 @@ class TestBackend(Backend):
         self._progress[spec.uuid] = inc
         port: int = inc.server.sockets[0].getsockname()[1]
         return port
+
+    def _accepted(self, inc: Incoming, ctx: ssl.SSLContext | None, token: str,
+                  reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """A connection to the incoming port.  Unprotected (no TLS, no token): the first one is
+        the stream.  Else each proves itself concurrently (:mod:`.secure`); the first that does
+        is the stream, the others are dropped."""
+        if inc.task is not None or inc.done.done():
+            writer.transport.abort()  # exactly one stream per incoming migration
+            return
+        if ctx is None and not token:
+            self._take_stream(inc, reader, writer)
+            return
+        if ctx is not None:
+            # Not a byte read before start_tls: the ClientHello must reach the TLS layer.
+            cast(asyncio.Transport, writer.transport).pause_reading()
+        inc.admitting.add(self._spawn(self._admit(inc, ctx, token, reader, writer)))
+
+    async def _admit(self, inc: Incoming, ctx: ssl.SSLContext | None, token: str,
+                     reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        peer = writer.get_extra_info("peername")
+        ok = False
+        try:
+            await dst_admit(reader, writer, ctx, token)
+            ok = inc.task is None and not inc.done.done()
+        except StreamRefused as e:
+            log.warning("test backend: incoming migration of %s: dropped a connection from %s: "
+                        "%s", inc.guest.uuid, peer, e)
+        finally:
+            inc.admitting.discard(task)
+            if not ok:
+                writer.transport.abort()
+        if ok:
+            for other in list(inc.admitting):
+                other.cancel()
+            self._take_stream(inc, reader, writer)
+
+    def _take_stream(self, inc: Incoming, reader: asyncio.StreamReader,
+                     writer: asyncio.StreamWriter) -> None:
+        if inc.server is not None:
+            inc.server.close()
+        inc.task = self._spawn(dst_receive(self._guests, inc, reader, writer))
 
     async def incoming_wait(self, uuid: str) -> MigrationProgress:
         inc = self._incoming.get(uuid)
