@@ -7,6 +7,8 @@ Example (all keys optional)::
     tls_allowed_dn_list = ["O=virtmig,CN=*"]   # full access ([] or unset: any the CA signed)
     tls_readonly_dn_list = ["O=virtmig,CN=monitor-*"]  # read calls only
     readonly_socket = false            # virtmigd-ro.sock (0666) beside the main socket
+    migrate_tls_force = true           # refuse migrations without --tls (or --tunnelled);
+                                       # default: true for qemu listening on TLS only
     listen_insecure_tcp = false        # allow tcp:// listeners: no TLS, no authentication
     state_dir = "/var/lib/virtmig"
     backend = "test"
@@ -49,7 +51,7 @@ _KEYS = {
     "migration_host", "job_wait_timeout", "max_downtime_ms", "stall_timeout",
     "completion_timeout_per_gib", "completion_timeout_action", "max_outgoing_migrations",
     "max_incoming_migrations", "pki_dir", "tls_allowed_dn_list", "tls_readonly_dn_list",
-    "listen_insecure_tcp", "readonly_socket",
+    "listen_insecure_tcp", "readonly_socket", "migrate_tls_force",
 }
 _QEMU_KEYS = {"emulators", "storage_dirs", "qemu_user", "qemu_group", "qemu_sandbox"}
 
@@ -145,6 +147,8 @@ def load_config(args: argparse.Namespace) -> DaemonConfig:
         listen_insecure_tcp=insecure,
         readonly_socket=(_bool(data, "readonly_socket")
                          or bool(getattr(args, "readonly_socket", False))),
+        migrate_tls_force=_bool(data, "migrate_tls_force") if "migrate_tls_force" in data
+        else None,
         **_qemu_settings(data),
     )
 

@@ -159,7 +159,7 @@ MIGRATION_PARAMS: Mapping[str, ParamSpec] = {
         _spec(_P.AUTO_CONVERGE_INITIAL, _T.INT, Party.SRC, needs=MigrateFlags.AUTO_CONVERGE),
         _spec(_P.AUTO_CONVERGE_INCREMENT, _T.INT, Party.SRC, needs=MigrateFlags.AUTO_CONVERGE),
         _spec(_P.PARALLEL_CONNECTIONS, _T.INT, Party.BOTH, needs=MigrateFlags.PARALLEL),
-        _spec(_P.TLS_DESTINATION, _T.STRING, Party.SRC, needs=MigrateFlags.TLS, supported=False),
+        _spec(_P.TLS_DESTINATION, _T.STRING, Party.SRC, needs=MigrateFlags.TLS),
         _spec(_P.STALL_TIMEOUT, _T.ULLONG, Party.SRC),
         _spec(_P.COMPLETION_TIMEOUT, _T.ULLONG, Party.SRC),
         _spec(_P.COMPLETION_TIMEOUT_ACTION, _T.STRING, Party.SRC),
