@@ -353,7 +353,7 @@ def parse_cookie(
         if caps_el is not None:
             capabilities = _parse_capabilities(caps_el)
 
-    token = _child_text(root, TOKEN_TAG)
+    token = None if root.find(TOKEN_TAG) is None else _child_text(root, TOKEN_TAG) or ""
     return Cookie(
         name=name,
         uuid=uuid,

@@ -3,6 +3,11 @@
 It keeps the guests (:mod:`.guest`) and the migrations running for them, and hands the streams to
 :mod:`.outgoing` (source) and :mod:`.incoming` (destination).
 
+Stream protection (:mod:`.secure`): with ``tuning.tls`` (``VIR_MIGRATE_TLS``) the stream is TLS
+1.3 with both certificates checked; with a ``tuning.stream_token`` both ends prove they know it
+before the stream's header.  A protected incoming port admits connections concurrently and takes
+the first that passes; without protection (no TLS, no token) the first connection is the stream.
+
 Job control:
 
 ``set_tuning``

@@ -102,8 +102,11 @@ async def src_prove(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
         raise MigrationFailed(
             f"{NOT_PREPARED}: no answer from '{hostport(dest)}'") from None
     except asyncio.IncompleteReadError:
+        hint = ""
+        if writer.get_extra_info("ssl_object") is not None:
+            hint = " (over TLS: it may have refused this host's certificate)"
         raise MigrationFailed(
-            f"{NOT_PREPARED}: '{hostport(dest)}' closed the connection") from None
+            f"{NOT_PREPARED}: '{hostport(dest)}' closed the connection{hint}") from None
     except ssl.SSLError as e:
         raise MigrationFailed(
             f"TLS error on the migration stream to '{hostport(dest)}': {tls_reason(e)}") from None
