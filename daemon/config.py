@@ -7,6 +7,8 @@ Example (all keys optional)::
     tls_allowed_dn_list = ["O=virtmig,CN=*"]   # full access ([] or unset: any the CA signed)
     tls_readonly_dn_list = ["O=virtmig,CN=monitor-*"]  # read calls only
     readonly_socket = false            # virtmigd-ro.sock (0666) beside the main socket
+    migrate_tls_force = true           # refuse migrations without --tls (or --tunnelled);
+                                       # default: true for qemu listening on TLS only
     listen_insecure_tcp = false        # allow tcp:// listeners: no TLS, no authentication
     state_dir = "/var/lib/virtmig"
     backend = "test"
@@ -60,7 +62,7 @@ _KEYS = {
     "completion_timeout_per_gib", "completion_timeout_action", "max_outgoing_migrations",
     "max_incoming_migrations", "pki_dir", "tls_allowed_dn_list", "tls_readonly_dn_list",
     "listen_insecure_tcp", "readonly_socket", "max_domains", "test_max_memory_mib",
-    "test_max_vcpus", "max_clients", "max_calls_per_client",
+    "test_max_vcpus", "max_clients", "max_calls_per_client", "migrate_tls_force",
 }
 _QEMU_KEYS = {"emulators", "storage_dirs", "qemu_user", "qemu_group", "qemu_sandbox"}
 
@@ -160,6 +162,8 @@ def load_config(args: argparse.Namespace) -> DaemonConfig:
         listen_insecure_tcp=insecure,
         readonly_socket=(_bool(data, "readonly_socket")
                          or bool(getattr(args, "readonly_socket", False))),
+        migrate_tls_force=_bool(data, "migrate_tls_force") if "migrate_tls_force" in data
+        else None,
         **_qemu_settings(data),
     )
 

@@ -75,6 +75,10 @@ class DaemonConfig:
     listen_insecure_tcp: bool = False
     # virtmigd-ro.sock (0666, read calls only) beside the main unix socket.
     readonly_socket: bool = False
+    # Refuse a migration with neither VIR_MIGRATE_TLS nor TUNNELLED (libvirt's migrate_tls_force).
+    # None: resolved at start (virtmig.daemon.main): true for the qemu backend when every network
+    # listener is TLS, else false; a Daemon built without that step treats None as false.
+    migrate_tls_force: bool | None = None
     # The qemu backend's confinement (virtmig.daemon.backend.qemu.confine owns the defaults).
     emulators: tuple[str, ...] = ()  # (): the qemu-system-x86_64 on PATH at start
     storage_dirs: tuple[str, ...] | None = None  # None: /var/lib/virtmig/images

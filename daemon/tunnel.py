@@ -10,6 +10,10 @@ The backends do not know: each sees an ordinary loopback TCP stream, so any back
 migration stream is a TCP connection (test, qemu) can be tunnelled.  No migration port is opened
 to the network on the destination.
 
+``VIR_MIGRATE_TLS`` with TUNNELLED adds no TLS of its own: the daemons' gRPC connection is mutual
+TLS already, and the backends' loopback stream stays plain.  A backend that binds its stream to
+the migration's stream token (test) proves it through the relay like any other byte.
+
 This module is a streaming transport of raw bytes, so it stays at the wire's edge: it builds and
 reads its ``TunnelChunk`` messages itself (``dname`` first, then ``data``) rather than through
 ``virtmig.daemon.wire``; there is no value to convert, only bytes to move.

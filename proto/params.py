@@ -231,7 +231,7 @@ MIGRATION_PARAMS: Mapping[str, ParamSpec] = {
               values=_PERCENT),
         _spec(_P.PARALLEL_CONNECTIONS, _T.INT, Party.BOTH, needs=MigrateFlags.PARALLEL,
               values=_THREADS),
-        _spec(_P.TLS_DESTINATION, _T.STRING, Party.SRC, needs=MigrateFlags.TLS, supported=False),
+        _spec(_P.TLS_DESTINATION, _T.STRING, Party.SRC, needs=MigrateFlags.TLS),
         _spec(_P.STALL_TIMEOUT, _T.ULLONG, Party.SRC, values=TIMEOUT_RANGE),
         _spec(_P.COMPLETION_TIMEOUT, _T.ULLONG, Party.SRC, values=TIMEOUT_RANGE),
         _spec(_P.COMPLETION_TIMEOUT_ACTION, _T.STRING, Party.SRC, values=COMPLETION_ACTIONS),

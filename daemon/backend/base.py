@@ -105,7 +105,7 @@ class StreamAddress:
 
 @dataclass(frozen=True)
 class StreamTls:
-    """``VIR_MIGRATE_TLS``: a TLS (1.3) data stream, mutually authenticated with the host's PKI.
+    """``VIR_MIGRATE_TLS``: the data stream is TLS 1.3, mutually authenticated with the host's PKI.
 
     The destination presents its server certificate, the source its client certificate (a host
     certificate from ``virtmig pki issue --host`` is both); each accepts only a peer whose

@@ -36,6 +36,16 @@ def any_check(daemon: Daemon, flags: int, params: TypedParams, function: str,
     return f
 
 
+TLS_FORCED = "this libvirtd instance allows migration only with VIR_MIGRATE_TLS flag"
+
+
+def any_check_tls_force(daemon: Daemon, f: MigrateFlags) -> None:
+    """``migrate_tls_force``: Begin and Prepare refuse a migration with neither TLS nor TUNNELLED
+    (libvirt's check and message), before anything changes."""
+    if daemon.config.migrate_tls_force and not f & (MigrateFlags.TLS | MigrateFlags.TUNNELLED):
+        raise OperationInvalid(TLS_FORCED)
+
+
 def any_cookie(daemon: Daemon, dom_name: str, uuid: str, **extra: object) -> bytes:
     return ck.build_cookie(
         ck.Cookie(

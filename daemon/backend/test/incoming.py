@@ -72,6 +72,8 @@ class Incoming:
     status: MigrationStatus = MigrationStatus.SETUP
     server: asyncio.Server | None = None
     task: asyncio.Task[None] | None = None
+    # Connections proving themselves (TLS, stream token) before one becomes ``task``.
+    admitting: set[asyncio.Task[None]] = field(default_factory=set)
     abort_reason: str = ""
     connected_at: float = 0.0
     stopped_at: float = 0.0
@@ -146,6 +148,8 @@ def dst_abort(guests: dict[str, Guest], inc: Incoming, reason: str) -> None:
         return
     if inc.server is not None:
         inc.server.close()
+    for task in list(inc.admitting):
+        task.cancel()
     if inc.task is not None and not inc.task.done():
         inc.abort_reason = reason
         inc.task.cancel()

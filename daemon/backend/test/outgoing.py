@@ -10,6 +10,10 @@ Phases of one outgoing migration (``Outgoing.status``)::
                                 POSTCOPY, the remaining pages      ──►    FAILED     (error, NAK)
                                 (requested first), SWITCH ⇄ reply         CANCELLED  (cancel)
 
+SETUP connects with TLS when ``tuning.tls`` is set and, with a ``tuning.stream_token``, first
+checks that the destination proves it knows it (:mod:`.secure`): else nothing of the guest is
+sent.
+
 Iteration 1 sends all pages, each later iteration the pages dirtied meanwhile; after each pass the
 expected downtime is (dirty pages * 4096) / the transfer rate of that pass (:mod:`.pacing`), and
 once it is within ``max_downtime_ms`` (or the guest is paused, or the migration is not live) the
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import ssl
 import time
 from collections import deque
 from collections.abc import Mapping, Sequence
@@ -54,8 +59,10 @@ from virtmig.daemon.backend.test.pacing import (
     next_throttle,
     wants_throttle,
 )
+from virtmig.daemon.backend.test.secure import client_context, src_prove, tls_reason
 from virtmig.daemon.backend.test.util import future, ms, retrieve
 from virtmig.daemon.backend.test.wire import (
+    HANDSHAKE_TIMEOUT,
     ITER,
     ITER_STOPPED,
     STREAM_LIMIT,
@@ -144,14 +151,13 @@ class Outgoing:
 async def src_send(mig: Outgoing) -> None:
     """The outgoing stream, as the task ``cancel``/``destroy``/a NAK cancel."""
     guest, dest = mig.guest, mig.dest
-    try:
-        reader, writer = await asyncio.open_connection(dest.host, dest.port, limit=STREAM_LIMIT)
-    except OSError as e:
-        raise MigrationFailed(f"Failed to connect to '{hostport(dest)}': {strerror(e)}") from None
+    reader, writer = await _connect(mig)
     watch: asyncio.Task[str | None] | None = None
     ok = False
     try:
         writer.transport.set_write_buffer_limits(high=STREAM_LIMIT)
+        if mig.tuning.stream_token:
+            await src_prove(reader, writer, dest, mig.tuning.stream_token)
         await src_handshake(
             reader, writer, dest, uuid=guest.uuid, npages=guest.npages, seed=guest.seed
         )
@@ -173,6 +179,28 @@ async def src_send(mig: Outgoing) -> None:
             writer.close()
         else:
             writer.transport.abort()
+
+
+async def _connect(mig: Outgoing) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """The connection to the destination: TLS when ``tuning.tls`` says so."""
+    dest, tls = mig.dest, mig.tuning.tls
+    if tls is None:
+        try:
+            return await asyncio.open_connection(dest.host, dest.port, limit=STREAM_LIMIT)
+        except OSError as e:
+            raise MigrationFailed(
+                f"Failed to connect to '{hostport(dest)}': {strerror(e)}") from None
+    ctx = client_context(tls)
+    try:
+        return await asyncio.open_connection(
+            dest.host, dest.port, limit=STREAM_LIMIT, ssl=ctx,
+            server_hostname=tls.hostname or dest.host, ssl_handshake_timeout=HANDSHAKE_TIMEOUT)
+    except ssl.SSLError as e:
+        raise MigrationFailed(f"TLS handshake with the migration destination "
+                              f"'{hostport(dest)}' failed: {tls_reason(e)}") from None
+    except OSError as e:
+        raise MigrationFailed(
+            f"Failed to connect to '{hostport(dest)}': {strerror(e)}") from None
 
 
 def src_settle(guests: Mapping[str, Guest], mig: Outgoing, task: asyncio.Task[None]) -> None:
