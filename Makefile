@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: all venv demo test lint proto bench e2e clean typecheck-tree
+.PHONY: all venv demo test fuzz lint proto bench e2e clean typecheck-tree
 
 all: test
 
@@ -21,6 +21,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The property-based tests of tests/fuzz with the long hypothesis profile (thousands of examples
+# per test, a new sample each run; no per-test time limit).  `make test` runs them short.
+fuzz: $(STAMP)
+	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -q --timeout=0 tests/fuzz $(PYTEST_ARGS)
 
 # mypy needs a `virtmig/` tree: the packages live in proto/, daemon/, client/, testing/ (see
 # pyproject).

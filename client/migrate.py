@@ -25,6 +25,7 @@ from virtmig.proto.params import (
     NON_PARAMS_ALLOWED,
     MigrateParam,
     TypedParams,
+    check_param_values,
 )
 from virtmig.proto.uri import check_not_local
 from virtmig.proto.wire import to_wire
@@ -143,7 +144,8 @@ class RemoteDest:
 
 
 def check_param_types(params: TypedParams) -> None:
-    """Names and types against the table (libvirt's client validates what it sends)."""
+    """Names, types and values against the table (libvirt's client validates what it sends;
+    the daemon checks them again with the same table)."""
     for p in params:
         spec = MIGRATION_PARAMS.get(p.name)
         if spec is None:
@@ -153,6 +155,7 @@ def check_param_types(params: TypedParams) -> None:
                 f"invalid type '{p.type.value}' for parameter '{p.name}', "
                 f"expected '{spec.type.value}'"
             )
+    check_param_values(params)
 
 
 async def migrate3(

@@ -7,6 +7,8 @@ Example (all keys optional)::
     tls_allowed_dn_list = ["O=virtmig,CN=*"]   # full access ([] or unset: any the CA signed)
     tls_readonly_dn_list = ["O=virtmig,CN=monitor-*"]  # read calls only
     readonly_socket = false            # virtmigd-ro.sock (0666) beside the main socket
+    migrate_tls_force = true           # refuse migrations without --tls (or --tunnelled);
+                                       # default: true for qemu listening on TLS only
     listen_insecure_tcp = false        # allow tcp:// listeners: no TLS, no authentication
     state_dir = "/var/lib/virtmig"
     backend = "test"
@@ -22,6 +24,11 @@ Example (all keys optional)::
     completion_timeout_action = "abort"  # ... then: abort, suspend or postcopy
     max_outgoing_migrations = 0        # concurrent migrations accepted (0: no limit)
     max_incoming_migrations = 0
+    max_domains = 10000                # domains held at most (define/prepare refused beyond)
+    test_max_memory_mib = 0            # test backend: largest guest memory (0: the host's RAM)
+    test_max_vcpus = 0                 # test backend: most vCPUs of a guest (0: 4096)
+    max_clients = 512                  # clients (connections) with calls in flight, in all
+    max_calls_per_client = 32          # calls in flight on one connection (streams included)
     # The qemu backend's confinement (see virtmig.daemon.backend.qemu.confine):
     emulators = ["/usr/bin/qemu-system-x86_64"]   # default: qemu-system-x86_64 on PATH
     storage_dirs = ["/var/lib/virtmig/images"]    # disk images, kernels and initrds
@@ -38,9 +45,12 @@ from pathlib import Path
 from typing import Any
 
 from virtmig.daemon.core import DaemonConfig
+from virtmig.daemon.limits import DEFAULT_MAX_CALLS_PER_CLIENT, DEFAULT_MAX_CLIENTS
 from virtmig.daemon.listeners import check_insecure
+from virtmig.daemon.registry import MAX_DOMAINS
 from virtmig.proto.errors import InvalidArgument
 from virtmig.proto.flags import COMPLETION_ACTIONS
+from virtmig.proto.params import check_max_downtime
 from virtmig.proto.uri import default_socket_path, parse_listen
 
 DEFAULT_STATE_DIR = "/var/lib/virtmig"
@@ -51,7 +61,8 @@ _KEYS = {
     "incoming_job_timeout",
     "completion_timeout_per_gib", "completion_timeout_action", "max_outgoing_migrations",
     "max_incoming_migrations", "pki_dir", "tls_allowed_dn_list", "tls_readonly_dn_list",
-    "listen_insecure_tcp", "readonly_socket",
+    "listen_insecure_tcp", "readonly_socket", "max_domains", "test_max_memory_mib",
+    "test_max_vcpus", "max_clients", "max_calls_per_client", "migrate_tls_force",
 }
 _QEMU_KEYS = {"emulators", "storage_dirs", "qemu_user", "qemu_group", "qemu_sandbox"}
 
@@ -136,18 +147,23 @@ def load_config(args: argparse.Namespace) -> DaemonConfig:
         migration_host=str(data.get("migration_host", "")),
         job_wait_timeout=float(data.get("job_wait_timeout", 30.0)),
         incoming_job_timeout=_positive(data, "incoming_job_timeout", 60.0),
-        default_max_downtime_ms=int(data.get("max_downtime_ms", 300)),
+        default_max_downtime_ms=_max_downtime(data),
         stall_timeout_s=float(data.get("stall_timeout", 0)),
         completion_timeout_per_gib_s=float(data.get("completion_timeout_per_gib", 0)),
         completion_timeout_action=_action(str(data.get("completion_timeout_action", "abort"))),
         max_outgoing_migrations=int(data.get("max_outgoing_migrations", 0)),
         max_incoming_migrations=int(data.get("max_incoming_migrations", 0)),
+        **_bounds(data),
+        max_clients=_limit(data, "max_clients", DEFAULT_MAX_CLIENTS),
+        max_calls_per_client=_limit(data, "max_calls_per_client", DEFAULT_MAX_CALLS_PER_CLIENT),
         pki_dir=str(data.get("pki_dir", "")),
         tls_allowed_dn_list=_strings(data, "tls_allowed_dn_list"),
         tls_readonly_dn_list=_strings(data, "tls_readonly_dn_list"),
         listen_insecure_tcp=insecure,
         readonly_socket=(_bool(data, "readonly_socket")
                          or bool(getattr(args, "readonly_socket", False))),
+        migrate_tls_force=_bool(data, "migrate_tls_force") if "migrate_tls_force" in data
+        else None,
         **_qemu_settings(data),
     )
 
@@ -183,6 +199,20 @@ def _positive(data: dict[str, Any], key: str, default: float) -> float:
     return float(value)
 
 
+def _bounds(data: dict[str, Any]) -> dict[str, Any]:
+    """``max_domains`` (1..MAX_DOMAINS) and the test backend's guest limits (0: default)."""
+    ranges = {"max_domains": (1, MAX_DOMAINS), "test_max_memory_mib": (0, 2**43),
+              "test_max_vcpus": (0, 2**32 - 1)}
+    out: dict[str, Any] = {}
+    for key, (lo, hi) in ranges.items():
+        if key in data:
+            value = data[key]
+            if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+                raise InvalidArgument(f"invalid {key} {value!r}: expected an integer in {lo}..{hi}")
+            out[key] = value
+    return out
+
+
 def _bool(data: dict[str, Any], key: str) -> bool:
     value = data.get(key, False)
     if not isinstance(value, bool):
@@ -195,6 +225,25 @@ def _strings(data: dict[str, Any], key: str) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise InvalidArgument(f"invalid {key} {value!r}: expected a list of strings")
     return tuple(value)
+
+
+def _limit(data: dict[str, Any], key: str, default: int) -> int:
+    """A limit on clients or calls: a whole number, at least 1 (there is no "unlimited")."""
+    value = data.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise InvalidArgument(f"invalid {key} {value!r}: expected a whole number of at least 1")
+    return value
+
+
+def _max_downtime(data: dict[str, Any]) -> int:
+    """``max_downtime_ms``, in the range ``SetMaxDowntime`` takes (one check for both)."""
+    value = data.get("max_downtime_ms", 300)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise InvalidArgument(f"invalid max_downtime_ms {value!r}: expected a number of ms")
+    try:
+        return check_max_downtime(value)
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"invalid max_downtime_ms: {exc.detail}") from exc
 
 
 def _action(value: str) -> str:

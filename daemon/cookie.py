@@ -17,6 +17,7 @@ cookies parse here::
       <capabilities>                         capabilities         (migration caps of the sender)
         <cap name='xbzrle' auto='yes'/>
       </capabilities>
+      <virtmig-stream-token>…</virtmig-stream-token>   virtmig's own: see below
     </qemu-migration>
 
 Which step produces and consumes which section (as libvirt's QEMU driver does it; the sections
@@ -36,6 +37,13 @@ D  Finish      statistics* (the destination's view:   Confirm: statistics*
                time delta, real downtime)
 =============  ====================================  ===============================================
 
+virtmig adds one element of its own, ``<virtmig-stream-token>`` (32 hex digits) in cookie B: the
+per-migration secret the destination's Prepare chose, which the source's stream must prove it
+knows (``MigrationTuning.stream_token``).  libvirt's parser skips elements it does not know, so a
+libvirt peer ignores it; it is never listed as a mandatory feature.  It is read whatever the step
+(only Perform uses it), a cookie without it parses with ``stream_token == ""``, and it never
+appears in a :class:`Cookie`'s repr.
+
 The other libvirt sections (graphics, lockstate, network, nbd, cpu, allowReboot,
 blockDirtyBitmaps) are never produced here and are skipped when parsing; their names are known, so
 a mandatory ``<feature>`` naming one is refused as *unsupported* unless the caller accepts it.
@@ -44,7 +52,8 @@ Parsing applies libvirt's checks (qemuMigrationCookieXMLParse's) with libvirt's 
 :class:`~virtmig.proto.errors.CookieError` (an InternalError, status INVALID_ARGUMENT), in
 libvirt's order: NUL terminator, well-formed XML, name, uuid, hostname, hostuuid (and "same
 host"), mandatory features, then the sections listed in ``accept`` (others are ignored).  No
-entities, DTDs or network access in the XML, a DOCTYPE is refused, and the size is capped.
+entities, DTDs or network access in the XML, a DOCTYPE is refused, and the size is capped
+(:mod:`.cookiexml`).
 
 The persistent ``<domain>`` stays a string here: this module neither interprets nor renames it
 (libvirt forces the definition's name to the local name on Finish; that is the caller's job).  It is
@@ -63,6 +72,7 @@ from dataclasses import dataclass
 
 from lxml import etree
 
+from virtmig.daemon.cookiexml import UnsafeXML, emit, safe_fromstring, text_of
 from virtmig.proto.errors import CookieError, InternalError, XMLError
 
 __all__ = [
@@ -82,6 +92,8 @@ __all__ = [
 ]
 
 ROOT_TAG = "qemu-migration"
+TOKEN_TAG = "virtmig-stream-token"
+_TOKEN_RE = re.compile(r"[0-9a-f]{32}")
 MAX_COOKIE_BYTES = 16 * 1024 * 1024
 
 
@@ -192,6 +204,8 @@ class Cookie:
     # (capability name, auto): migration capabilities the sender supports; ``auto`` means it turns
     # the capability on by itself.  () is an empty section, None no section.
     capabilities: tuple[tuple[str, bool], ...] | None = None
+    # <virtmig-stream-token>: the destination's per-migration stream secret ("": none).
+    stream_token: str = dataclasses.field(default="", repr=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,11 +253,13 @@ def build_cookie(c: Cookie) -> bytes:
                 if not cap:
                     raise InternalError("cannot build migration cookie: empty capability name")
                 etree.SubElement(caps, "cap", name=cap, auto="yes" if auto else "no")
+        if c.stream_token:
+            etree.SubElement(root, TOKEN_TAG).text = _checked_token(c.stream_token, build=True)
     except ValueError as err:  # lxml refuses NUL and control characters
         raise InternalError(f"cannot build migration cookie: {err}") from err
 
     out: list[str] = []
-    _emit(root, 0, {}, out)
+    emit(root, 0, {}, out)
     return "".join(out).encode("utf-8") + b"\0"
 
 
@@ -254,14 +270,14 @@ def canonical_domain_xml(xml: str) -> str:
     Raises XMLError when ``xml`` is not a well-formed ``<domain>`` document.
     """
     out: list[str] = []
-    _emit(_parse_domain(xml), 0, {}, out)
+    emit(_parse_domain(xml), 0, {}, out)
     return "".join(out)
 
 
 def _parse_domain(xml: str) -> etree._Element:
     try:
-        el = _safe_fromstring(xml.encode("utf-8"))
-    except _UnsafeXML as err:
+        el = safe_fromstring(xml.encode("utf-8"))
+    except UnsafeXML as err:
         raise XMLError(f"persistent domain XML: {err}") from None
     except etree.XMLSyntaxError as err:
         raise XMLError(f"persistent domain XML is not well-formed: {err}") from None
@@ -308,7 +324,7 @@ def parse_cookie(
     ``expected_name`` is the domain's *original* name when the migration renames it.
     ``accept`` lists the features and sections this step understands: a mandatory feature outside
     it is refused, a section outside it is ignored (returned as None).  Every failure is an
-    InternalError with libvirt's message.
+    CookieError (an InternalError) with libvirt's message.
     """
     our_uuid = _canonical_uuid(expected_uuid)
     our_hostuuid = _canonical_uuid(local_hostuuid)
@@ -338,6 +354,7 @@ def parse_cookie(
         if caps_el is not None:
             capabilities = _parse_capabilities(caps_el)
 
+    token = None if root.find(TOKEN_TAG) is None else _child_text(root, TOKEN_TAG) or ""
     return Cookie(
         name=name,
         uuid=uuid,
@@ -347,6 +364,7 @@ def parse_cookie(
         persistent_xml=persistent_xml,
         statistics=statistics,
         capabilities=capabilities,
+        stream_token=_checked_token(token.strip()) if token is not None else "",
     )
 
 
@@ -394,7 +412,7 @@ def _parse_persistent(root: etree._Element) -> str | None:
     if not domains:
         return None
     out: list[str] = []
-    _emit(domains[0], 0, {}, out)
+    emit(domains[0], 0, {}, out)
     return "".join(out)
 
 
@@ -409,8 +427,8 @@ def _parse_document(data: bytes) -> etree._Element:
     if b"\0" in body:
         raise CookieError("Migration cookie contains an embedded NUL byte")
     try:
-        root = _safe_fromstring(body)
-    except _UnsafeXML as err:
+        root = safe_fromstring(body)
+    except UnsafeXML as err:
         raise CookieError(f"Malformed migration cookie: {err}") from None
     except etree.XMLSyntaxError as err:
         raise CookieError(f"Malformed migration cookie XML: {err}") from None
@@ -472,12 +490,16 @@ def _child_text(parent: etree._Element, tag: str) -> str | None:
     el = parent.find(tag)
     if el is None:
         return None
-    return "".join(_str(t) for t in el.itertext()) or None
+    return "".join(text_of(t) for t in el.itertext()) or None
 
 
-def _str(value: str | bytes) -> str:
-    # lxml hands out str for text and attributes; its stubs also allow bytes.
-    return value if isinstance(value, str) else value.decode("utf-8")
+def _checked_token(token: str, *, build: bool = False) -> str:
+    """A stream token: 32 lowercase hex digits (never quoted in the error)."""
+    if not _TOKEN_RE.fullmatch(token):
+        if build:
+            raise InternalError("cannot build migration cookie: malformed stream token")
+        raise CookieError("Malformed virtmig-stream-token element in migration cookie")
+    return token
 
 
 def _canonical_uuid(text: str) -> str | None:
@@ -486,113 +508,3 @@ def _canonical_uuid(text: str) -> str | None:
     if len(compact) != 32 or not all(ch in "0123456789abcdefABCDEF" for ch in compact):
         return None
     return str(_uuid.UUID(hex=compact))
-
-
-# ---------------------------------------------------------------------------------------------
-# Safe XML input
-
-
-class _UnsafeXML(Exception):
-    pass
-
-
-def _safe_fromstring(data: bytes) -> etree._Element:
-    """Parse without entity expansion, DTD loading or network access; refuse any DOCTYPE."""
-    parser = etree.XMLParser(
-        resolve_entities=False,
-        no_network=True,
-        load_dtd=False,
-        dtd_validation=False,
-        huge_tree=False,
-        remove_comments=True,
-        remove_pis=True,
-    )
-    root = etree.fromstring(data, parser)
-    docinfo = root.getroottree().docinfo
-    # lxml records every <!DOCTYPE …>, with or without a subset or identifiers, as internalDTD.
-    if docinfo.internalDTD is not None or docinfo.externalDTD is not None:
-        raise _UnsafeXML("DOCTYPE declarations are not allowed")
-    return root
-
-
-# ---------------------------------------------------------------------------------------------
-# Output: libvirt's style.  Two-space indent, attributes in single quotes, one element per line;
-# an element with text only stays on one line; an element with mixed content is written inline
-# as it came, so no text changes.  Deterministic for a given tree.
-
-_XML_NS = "http://www.w3.org/XML/1998/namespace"
-_TEXT_ESCAPES = str.maketrans(
-    {"&": "&amp;", "<": "&lt;", ">": "&gt;", "'": "&apos;", '"': "&quot;", "\r": "&#13;"}
-)
-_ATTR_ESCAPES = str.maketrans(
-    {"&": "&amp;", "<": "&lt;", ">": "&gt;", "'": "&apos;", '"': "&quot;", "\r": "&#13;",
-     "\n": "&#10;", "\t": "&#9;"}
-)
-
-_NsMap = Mapping[str | None, str]
-
-
-def _emit(el: etree._Element, depth: int, parent_ns: _NsMap, out: list[str]) -> None:
-    indent = "  " * depth
-    name = _element_name(el)
-    children = list(el)
-    text = el.text or ""
-    if not children:
-        start = _start_tag(el, name, parent_ns)
-        out.append(f"{indent}<{start}>{text.translate(_TEXT_ESCAPES)}</{name}>\n" if text
-                   else f"{indent}<{start}/>\n")
-    elif text.strip() or any((child.tail or "").strip() for child in children):
-        out.append(f"{indent}{_inline(el, parent_ns)}\n")
-    else:
-        out.append(f"{indent}<{_start_tag(el, name, parent_ns)}>\n")
-        for child in children:
-            _emit(child, depth + 1, el.nsmap, out)
-        out.append(f"{indent}</{name}>\n")
-
-
-def _inline(el: etree._Element, parent_ns: _NsMap) -> str:
-    name = _element_name(el)
-    start = _start_tag(el, name, parent_ns)
-    children = list(el)
-    if not children and not el.text:
-        return f"<{start}/>"
-    parts = [f"<{start}>", (el.text or "").translate(_TEXT_ESCAPES)]
-    for child in children:
-        parts.append(_inline(child, el.nsmap))
-        parts.append((child.tail or "").translate(_TEXT_ESCAPES))
-    parts.append(f"</{name}>")
-    return "".join(parts)
-
-
-def _start_tag(el: etree._Element, name: str, parent_ns: _NsMap) -> str:
-    parts = [name]
-    nsmap = el.nsmap
-    if None in parent_ns and None not in nsmap:
-        parts.append("xmlns=''")
-    for prefix in sorted(nsmap, key=lambda p: "" if p is None else f":{p}"):
-        uri = nsmap[prefix]
-        if parent_ns.get(prefix) != uri:
-            attr = "xmlns" if prefix is None else f"xmlns:{prefix}"
-            parts.append(f"{attr}='{uri.translate(_ATTR_ESCAPES)}'")
-    for key, value in el.attrib.items():
-        escaped = _str(value).translate(_ATTR_ESCAPES)
-        parts.append(f"{_attribute_name(_str(key), nsmap)}='{escaped}'")
-    return " ".join(parts)
-
-
-def _element_name(el: etree._Element) -> str:
-    local = etree.QName(el).localname
-    return f"{el.prefix}:{local}" if el.prefix else local
-
-
-def _attribute_name(key: str, nsmap: _NsMap) -> str:
-    qname = etree.QName(key)
-    uri = qname.namespace
-    if uri is None:
-        return qname.localname
-    if uri == _XML_NS:
-        return f"xml:{qname.localname}"
-    prefixes = sorted(p for p, u in nsmap.items() if u == uri and p is not None)
-    if not prefixes:  # lxml always has one for a parsed or built attribute
-        raise CookieError(f"no namespace prefix for attribute {key}")
-    return f"{prefixes[0]}:{qname.localname}"

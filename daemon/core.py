@@ -1,4 +1,5 @@
-"""The daemon's shared context: identity, configuration, registry, backend and migration ports.
+"""The daemon's shared context: identity, configuration, registry, backend, migration ports and
+the limits on clients' calls.
 
 Every service and phase receives one :class:`Daemon`; nothing is global.  :class:`HostInfo` is
 what the daemon tells callers about its host.
@@ -16,10 +17,11 @@ from virtmig.daemon.backend.base import Backend, GuestRunState, GuestSpec
 from virtmig.daemon.domxml import DomainDef
 from virtmig.daemon.events import EventBus, lifecycle_for
 from virtmig.daemon.job import JobRecord
+from virtmig.daemon.limits import DEFAULT_MAX_CALLS_PER_CLIENT, DEFAULT_MAX_CLIENTS, CallLimits
 from virtmig.daemon.registry import DomainObj, Registry
 from virtmig.daemon.state import StateDir
 from virtmig.proto import logsafe
-from virtmig.proto.errors import ResourceExhausted
+from virtmig.proto.errors import ConfigUnsupported, ResourceExhausted
 from virtmig.proto.flags import DomainState, Feature, ShutoffReason
 
 log = logsafe.logger(__name__)
@@ -54,6 +56,15 @@ class DaemonConfig:
     # Concurrent migrations this daemon accepts (0: no limit).
     max_outgoing_migrations: int = 0
     max_incoming_migrations: int = 0
+    # Domains this daemon holds at most (defined, running or incoming; ``registry.MAX_DOMAINS``
+    # at most, so that a list of all of them fits in one gRPC message).
+    max_domains: int = 10000
+    # The test backend's guest limits (0: the host's RAM / test.guest.MAX_VCPUS).
+    test_max_memory_mib: int = 0
+    test_max_vcpus: int = 0
+    # Clients with calls in flight, and calls in flight per client (virtmig.daemon.limits).
+    max_clients: int = DEFAULT_MAX_CLIENTS
+    max_calls_per_client: int = DEFAULT_MAX_CALLS_PER_CLIENT
     # Mutual TLS: the PKI dir ("": $VIRTMIG_PKI_DIR, else the default dir), and the client
     # certificate DNs with full and with read-only access (libvirt's wildcards; see
     # virtmig.daemon.authz).  An empty full list admits every certificate the CA signed.
@@ -64,6 +75,10 @@ class DaemonConfig:
     listen_insecure_tcp: bool = False
     # virtmigd-ro.sock (0666, read calls only) beside the main unix socket.
     readonly_socket: bool = False
+    # Refuse a migration with neither VIR_MIGRATE_TLS nor TUNNELLED (libvirt's migrate_tls_force).
+    # None: resolved at start (virtmig.daemon.main): true for the qemu backend when every network
+    # listener is TLS, else false; a Daemon built without that step treats None as false.
+    migrate_tls_force: bool | None = None
     # The qemu backend's confinement (virtmig.daemon.backend.qemu.confine owns the defaults).
     emulators: tuple[str, ...] = ()  # (): the qemu-system-x86_64 on PATH at start
     storage_dirs: tuple[str, ...] | None = None  # None: /var/lib/virtmig/images
@@ -130,10 +145,13 @@ class Daemon:
         self.host_uuid = self.files.host_uuid()
         self.hostname = config.hostname or os.uname().nodename
         self.backend = backend
-        self.registry = Registry(self.files, job_wait_timeout=config.job_wait_timeout)
+        self.registry = Registry(self.files, job_wait_timeout=config.job_wait_timeout,
+                                 max_domains=config.max_domains)
         self.ports = PortAllocator(config.migration_port_min, config.migration_port_max)
         self.sessions: set[str] = set()
         self.events = EventBus()
+        # Shared by every server of the daemon (the read-only socket's too).
+        self.calls = CallLimits(config.max_clients, config.max_calls_per_client)
 
     @property
     def features(self) -> frozenset[str]:
@@ -188,7 +206,27 @@ class Daemon:
             vcpus=d.vcpus,
             options=dict(d.options),
             xml=d.xml,
+            machine=d.machine,
         )
+
+    def validate(self, d: DomainDef) -> GuestSpec:
+        """The one check of a guest against the backend, at define, start and Prepare: its
+        memory and vCPUs within the backend's limits, then the backend's own checks."""
+        spec = self.spec(d)
+        limits = self.backend.limits(spec)
+        if spec.memory_bytes > limits.max_memory_bytes:
+            raise ConfigUnsupported(
+                f"Maximum memory {d.memory_kib} KiB greater than the {self.backend.name} "
+                f"backend's limit of {limits.max_memory_bytes // 1024} KiB "
+                f"({limits.memory_source})"
+            )
+        if spec.vcpus > limits.max_vcpus:
+            raise ConfigUnsupported(
+                f"Maximum CPUs {spec.vcpus} greater than the {self.backend.name} backend's "
+                f"limit of {limits.max_vcpus} ({limits.vcpus_source})"
+            )
+        self.backend.validate(spec)
+        return spec
 
     def session_alive(self, session: str) -> bool:
         return bool(session) and session in self.sessions

@@ -22,6 +22,7 @@ import codecs
 import dataclasses
 import re
 import types
+import unicodedata
 import uuid as uuidlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -32,10 +33,12 @@ from virtmig.proto.errors import ConfigUnsupported, InvalidArgument, XMLError
 
 __all__ = [
     "DOMAIN_TYPES",
+    "MAX_NAME_BYTES",
     "MAX_XML_BYTES",
     "VIRTMIG_NS",
     "DomainDef",
     "check_abi_stability",
+    "check_name_length",
     "device_counts",
     "format_domain_xml",
     "parse_domain_xml",
@@ -46,6 +49,9 @@ __all__ = [
 
 VIRTMIG_NS = "urn:virtmig:domain:1"
 MAX_XML_BYTES = 1024 * 1024
+#: The longest domain name, in bytes of UTF-8 (libvirt has no limit; a cap keeps every reply
+#: that carries names bounded).
+MAX_NAME_BYTES = 255
 
 #: The virtualization types (``<domain type=...>``) virtmig accepts.
 DOMAIN_TYPES = frozenset({"test", "qemu", "kvm"})
@@ -176,15 +182,17 @@ def _has_doctype(data: bytes) -> bool:
     return False
 
 
+def _check_size(size: int, form: str = "") -> None:
+    if size > MAX_XML_BYTES:
+        raise XMLError(f"domain XML is too large{form}: {size} bytes exceeds the limit of "
+                       f"{MAX_XML_BYTES} bytes")
+
+
 def _parse_tree(text: str | bytes) -> etree._ElementTree:
     """Parse untrusted text into a tree: size limit, no DTD, no entities, no network."""
     if not isinstance(text, str | bytes):
         raise InvalidArgument(f"domain XML must be str or bytes, not {type(text).__name__}")
-    size = len(text.encode("utf-8", errors="surrogatepass") if isinstance(text, str) else text)
-    if size > MAX_XML_BYTES:
-        raise XMLError(
-            f"domain XML is too large: {size} bytes exceeds the limit of {MAX_XML_BYTES} bytes"
-        )
+    _check_size(len(text.encode("utf-8", "surrogatepass") if isinstance(text, str) else text))
     data = _to_utf8(text)
     if _has_doctype(data):
         raise XMLError(_DTD_REFUSED)
@@ -290,16 +298,29 @@ def _memory_kib(root: etree._Element, tag: str) -> int | None:
     return parse_memory_kib(_leaf_text(el), el.get("unit"), tag)
 
 
+def check_name_length(name: str, error: type[InvalidArgument] = InvalidArgument) -> None:
+    """Refuse a name over :data:`MAX_NAME_BYTES` (UTF-8) without echoing it: the cheap check a
+    lookup runs before it searches."""
+    if len(name) > MAX_NAME_BYTES or len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+        raise error(
+            f"domain name is too long: {len(name.encode('utf-8', 'surrogatepass'))} bytes, "
+            f"the limit is {MAX_NAME_BYTES} bytes (UTF-8)"
+        )
+
+
 def _check_name(name: str, error: type[InvalidArgument]) -> None:
+    """libvirt's name rules (not empty, no '/', no surrounding whitespace) plus virtmig's: at
+    most :data:`MAX_NAME_BYTES` bytes of UTF-8, no control character (Unicode category Cc)."""
     if not name:
         raise error("missing name information")
-    if "/" in name:
-        raise error(f"name {name} cannot contain '/'")
+    check_name_length(name, error)
     if name != name.strip():
         raise error(f"name '{name}' must not have leading or trailing whitespace")
     for char in name:
-        if ord(char) < 0x20 or ord(char) == 0x7F:
+        if unicodedata.category(char) in ("Cc", "Cs"):
             raise error(f"invalid char in name: 0x{ord(char):02x}")
+    if "/" in name:
+        raise error(f"name {name} cannot contain '/'")
 
 
 def validate_name(name: str) -> None:
@@ -420,9 +441,12 @@ def parse_domain_xml(text: str | bytes) -> DomainDef:
     """Parse and validate untrusted domain XML.
 
     A missing ``<uuid>`` is generated and inserted right after ``<name>``; a present one is
-    rewritten in canonical form.  Everything else is kept verbatim in ``DomainDef.xml``.
+    rewritten in canonical form.  Everything else is kept verbatim in ``DomainDef.xml``, whose
+    UTF-8 form is :data:`MAX_XML_BYTES` at most too (escaping can make it longer than the input).
     """
-    return _from_tree(_parse_tree(text))
+    d = _from_tree(_parse_tree(text))
+    _check_size(len(d.xml.encode()), " once normalised")
+    return d
 
 
 def _remove_keeping_layout(el: etree._Element) -> None:

@@ -1,5 +1,5 @@
-"""The server interceptor: the one place where a call is authorized, and where a handler's
-exception becomes a gRPC status.
+"""The server interceptor: the one place where a call is authorized and admitted, and where a
+handler's exception becomes a gRPC status.
 
 Every RPC handler, unary or streaming, runs inside a wrapper made here.  Before the handler runs
 (before it reads a request of a stream, too), the wrapper asks the server's
@@ -15,6 +15,13 @@ main server, ``auth_context()`` tells a TLS connection (``transport_security_typ
 the client's certificate) from the others, which all have full access; so nothing depends on
 parsing ``context.peer()``, and gRPC, which exposes no local address to a handler, never has to
 tell two unix sockets apart.
+
+Once authorized, a call takes a slot of the daemon's :class:`~virtmig.daemon.limits.CallLimits`
+(``max_clients``, ``max_calls_per_client``), shared by all its servers; a call beyond them ends
+with RESOURCE_EXHAUSTED naming the limit, logged at WARNING, and the handler never runs.  The
+slot is given back when the call ends however it ends: when the handler returns or raises, and
+(through ``context.add_done_callback``) when gRPC ends the call, so that a stream cancelled
+while it waits to send frees its slot at once.
 
 An exception becomes the status code, details and ``virtmig-error`` trailer of
 :func:`virtmig.proto.errors.to_status` (the client turns them back into the same class).  A
@@ -42,8 +49,15 @@ import grpc
 
 from virtmig.daemon import decode
 from virtmig.daemon.authz import Policy
+from virtmig.daemon.limits import CallLimits, Slot
 from virtmig.proto import logsafe
-from virtmig.proto.errors import InternalError, PermissionDenied, VirtmigError, to_status
+from virtmig.proto.errors import (
+    InternalError,
+    PermissionDenied,
+    ResourceExhausted,
+    VirtmigError,
+    to_status,
+)
 
 log = logsafe.logger(__name__)
 
@@ -53,11 +67,12 @@ StreamBehaviour = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncItera
 
 
 class StatusInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
-    """Wraps every handler the server finds: authorized by ``policy``, errors mapped to gRPC
-    status."""
+    """Wraps every handler the server finds: authorized by ``policy``, admitted by ``limits``
+    (None: no limits), errors mapped to gRPC status."""
 
-    def __init__(self, policy: Policy | None = None) -> None:
+    def __init__(self, policy: Policy | None = None, limits: CallLimits | None = None) -> None:
         self.policy = policy or Policy()
+        self.limits = limits
 
     async def intercept_service(
         self,
@@ -67,31 +82,53 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         handler = await continuation(handler_call_details)
         if handler is None:  # an unknown method: gRPC answers UNIMPLEMENTED
             return handler
-        return wrap_handler(handler, handler_call_details.method, self.policy)
+        return wrap_handler(handler, handler_call_details.method, self.policy, self.limits)
 
 
-def wrap_handler(handler: Handler[Any, Any], method: str,
-                 policy: Policy | None = None) -> Handler[Any, Any]:
+def wrap_handler(handler: Handler[Any, Any], method: str, policy: Policy | None = None,
+                 limits: CallLimits | None = None) -> Handler[Any, Any]:
     """``handler`` with its behaviour wrapped; ``method`` is the RPC's full name."""
-    policy = policy or Policy()
+    gate = _Gate(method, policy or Policy(), limits)
     codecs: dict[str, Any] = {"request_deserializer": decode.checked(
                                   handler.request_deserializer),
                               "response_serializer": handler.response_serializer}
     if handler.unary_unary is not None:
         return grpc.unary_unary_rpc_method_handler(
-            _unary_response(handler.unary_unary, method, policy, decode.check), **codecs)
+            _unary_response(handler.unary_unary, gate, decode.check), **codecs)
     if handler.unary_stream is not None:
         return grpc.unary_stream_rpc_method_handler(
-            _stream_response(handler.unary_stream, method, policy, decode.check), **codecs)
+            _stream_response(handler.unary_stream, gate, decode.check), **codecs)
     if handler.stream_unary is not None:
         return grpc.stream_unary_rpc_method_handler(
-            _unary_response(handler.stream_unary, method, policy, decode.checked_stream),
-            **codecs)
+            _unary_response(handler.stream_unary, gate, decode.checked_stream), **codecs)
     if handler.stream_stream is not None:
         return grpc.stream_stream_rpc_method_handler(
-            _stream_response(handler.stream_stream, method, policy, decode.checked_stream),
-            **codecs)
+            _stream_response(handler.stream_stream, gate, decode.checked_stream), **codecs)
     raise TypeError(f"{method}: the handler has no behaviour")
+
+
+class _Gate:
+    """What a call passes before its handler runs: authorization, then admission."""
+
+    def __init__(self, method: str, policy: Policy, limits: CallLimits | None) -> None:
+        self.method, self.policy, self.limits = method, policy, limits
+
+    async def enter(self, context: grpc.aio.ServicerContext[Any, Any]) -> Slot | None:
+        """The call's slot (None without limits); a refused call ends here, aborted."""
+        await _authorize(context, self.method, self.policy)
+        if self.limits is None:
+            return None
+        try:
+            slot = self.limits.admit(context.peer())
+        except ResourceExhausted as exc:
+            log.warning("refused %s from %s: %s", self.method.rsplit("/", 1)[-1],
+                        context.peer(), exc)
+            code, details, trailers = to_status(exc)
+            context.set_trailing_metadata(trailers)
+            await context.abort(code, details)
+        # (grpc-stubs declare the callback as a class of their own: any callable is taken)
+        context.add_done_callback(lambda _context: slot.release())  # type: ignore[arg-type]
+        return slot
 
 
 async def _authorize(context: grpc.aio.ServicerContext[Any, Any], method: str,
@@ -107,27 +144,30 @@ async def _authorize(context: grpc.aio.ServicerContext[Any, Any], method: str,
         await context.abort(code, details)
 
 
-def _unary_response(behaviour: Any, method: str, policy: Policy,
+def _unary_response(behaviour: Any, gate: _Gate,
                     decoded: Callable[[Any], Any]) -> UnaryBehaviour:
     @functools.wraps(behaviour)
     async def wrapper(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        await _authorize(context, method, policy)
+        slot = await gate.enter(context)
         try:
             return await behaviour(decoded(request), context)
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
-            await _abort(context, method, exc)
+            await _abort(context, gate.method, exc)
+        finally:
+            if slot is not None:
+                slot.release()
 
     return wrapper
 
 
-def _stream_response(behaviour: Any, method: str, policy: Policy,
+def _stream_response(behaviour: Any, gate: _Gate,
                      decoded: Callable[[Any], Any]) -> StreamBehaviour:
     @functools.wraps(behaviour)
     async def wrapper(request: Any, context: grpc.aio.ServicerContext[Any, Any]
                       ) -> AsyncIterator[Any]:
-        await _authorize(context, method, policy)
+        slot = await gate.enter(context)
         try:
             # aclosing: when gRPC closes this generator, the handler's own `finally` runs now.
             async with contextlib.aclosing(behaviour(decoded(request), context)) as responses:
@@ -136,7 +176,10 @@ def _stream_response(behaviour: Any, method: str, policy: Policy,
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
-            await _abort(context, method, exc)
+            await _abort(context, gate.method, exc)
+        finally:
+            if slot is not None:
+                slot.release()
 
     return wrapper
 

@@ -25,7 +25,6 @@ from virtmig.daemon.job import AsyncJob, JobInfo, JobRecord, MigrationJob, Phase
 from virtmig.daemon.registry import DomainObj
 from virtmig.proto import logsafe
 from virtmig.proto.errors import (
-    InvalidArgument,
     OperationFailed,
     OperationInvalid,
     OperationTimeout,
@@ -33,8 +32,6 @@ from virtmig.proto.errors import (
     ResourceExhausted,
 )
 from virtmig.proto.flags import (
-    COMPLETION_ACTIONS,
-    MAX_BANDWIDTH_MIB,
     CompletionAction,
     DomainState,
     JobOperation,
@@ -42,7 +39,13 @@ from virtmig.proto.flags import (
     MigrateFlags,
     PausedReason,
 )
-from virtmig.proto.params import MigrateParam, ParamType, TypedParam, TypedParams
+from virtmig.proto.params import (
+    MigrateParam,
+    ParamType,
+    TypedParam,
+    check_max_downtime,
+    check_max_speed,
+)
 
 log = logsafe.logger(__name__)
 
@@ -221,9 +224,8 @@ def _require_active(dom: DomainObj) -> None:
 
 
 async def set_max_downtime(daemon: Daemon, dom: DomainObj, downtime_ms: int) -> None:
+    check_max_downtime(downtime_ms)
     _require_active(dom)
-    if downtime_ms < 1:
-        raise InvalidArgument("migrate-setmaxdowntime: Invalid downtime")
     dom.max_downtime_ms = downtime_ms
     job = _outgoing(dom)
     if job is not None and job.phase is Phase.PERFORM3:
@@ -237,8 +239,7 @@ def get_max_downtime(daemon: Daemon, dom: DomainObj) -> int:
 
 
 async def set_max_speed(daemon: Daemon, dom: DomainObj, mib: int, flags: int) -> None:
-    if mib > MAX_BANDWIDTH_MIB:
-        raise InvalidArgument(f"bandwidth must be less than {MAX_BANDWIDTH_MIB + 1}")
+    check_max_speed(mib)
     if flags & MAX_SPEED_POSTCOPY:
         _require_active(dom)
         dom.max_speed_postcopy_mib = mib
@@ -369,12 +370,3 @@ async def _completion_timeout(daemon: Daemon, dom: DomainObj, job: MigrationJob,
             log.warning("cannot switch %s to post-copy: %s", dom.name, exc)
     await _fail(daemon, dom, job, f"migration did not complete within {limit:.0f} s "
                                   "(completion timeout)")
-
-
-
-def check_timeout_params(params: TypedParams) -> None:
-    action = params.get_str(MigrateParam.COMPLETION_TIMEOUT_ACTION)
-    if action is not None and action not in COMPLETION_ACTIONS:
-        raise InvalidArgument(
-            f"completion timeout action '{action}': expected one of "
-            f"{', '.join(COMPLETION_ACTIONS)}")

@@ -35,7 +35,7 @@ def not_running(dom: DomainObj) -> OperationInvalid:
 
 async def define(daemon: Daemon, xml: str) -> DomainObj:
     d = parse_domain_xml(xml)
-    daemon.backend.validate(daemon.spec(d))
+    daemon.validate(d)
     existing = daemon.registry.check_define(d)
     if existing is not None and _abandoned_incoming(daemon, existing):
         # An incoming migration nobody drives any more (its caller's session is gone or never
@@ -73,8 +73,9 @@ async def start(daemon: Daemon, dom: DomainObj, *, paused: bool) -> None:
         if dom.active:
             raise OperationInvalid("domain is already running")
         d = dom.definition
+        spec = daemon.validate(d)  # the limits may have changed since define
         try:
-            await daemon.backend.start(daemon.spec(d), paused=paused)
+            await daemon.backend.start(spec, paused=paused)
         except BackendError as exc:
             raise OperationFailed(f"cannot start domain '{dom.name}': {exc}") from exc
         dom.live = d

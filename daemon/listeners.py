@@ -83,6 +83,18 @@ def plan(config: DaemonConfig) -> list[Listener]:
     return listeners
 
 
+def tls_force_default(backend: str, listeners: Sequence[Listener]) -> bool:
+    """``migrate_tls_force`` when the config leaves it unset: true for the ``qemu`` backend when
+    the network listeners are all TLS (at least one ``tls://``, no ``tcp://``), else false.
+
+    A QEMU stream without TLS is plain and unauthenticated, so a daemon whose control plane
+    admits only certificates should not carry guest memory in the clear by default; the test
+    backend's plain stream is bound to its migration by the stream token.
+    """
+    transports = {lst.address.transport for lst in listeners}
+    return backend == "qemu" and "tls" in transports and "tcp" not in transports
+
+
 def server_credentials(config: DaemonConfig,
                        listeners: Sequence[Listener]) -> grpc.ServerCredentials | None:
     """The TLS listeners' credentials from the PKI dir, every file checked now (so a bad dir

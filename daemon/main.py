@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -35,7 +36,10 @@ def make_backend(name: str, config: DaemonConfig | None = None) -> Backend:
     if name == "test":
         from virtmig.daemon.backend.test import TestBackend
 
-        return TestBackend()
+        if config is None:
+            return TestBackend()
+        return TestBackend(max_memory_bytes=config.test_max_memory_mib * 1024 * 1024,
+                           max_vcpus=config.test_max_vcpus)
     if name == "qemu":
         from virtmig.daemon.backend.qemu import QemuBackend
 
@@ -112,7 +116,9 @@ async def start_daemon(config: DaemonConfig, backend: Backend | None = None) -> 
     planned = listeners.plan(config)
     listeners.prepare_run_dirs(planned)
     tls = listeners.server_credentials(config, planned)
-    daemon = Daemon(config, backend or make_backend(config.backend, config))
+    backend = backend or make_backend(config.backend, config)
+    config = _resolve_tls_force(config, backend.name, planned)
+    daemon = Daemon(config, backend)
     daemon.registry.on_job_end = lambda dom, rec: daemon.events.publish(jobctl.job_event(dom, rec))
     await recovery.recover(daemon, await daemon.open())
     main = make_server(daemon, SERVER_OPTIONS, Policy(
@@ -134,6 +140,20 @@ async def start_daemon(config: DaemonConfig, backend: Backend | None = None) -> 
              daemon.hostname, daemon.host_uuid, daemon.backend.name)
     reaper = asyncio.get_running_loop().create_task(any_reap_unowned(daemon))
     return RunningDaemon(daemon, servers, addresses, reaper)
+
+
+def _resolve_tls_force(config: DaemonConfig, backend: str,
+                       planned: list[listeners.Listener]) -> DaemonConfig:
+    """``config`` with ``migrate_tls_force`` decided (its default: see
+    :func:`listeners.tls_force_default`), logged once."""
+    force = config.migrate_tls_force
+    origin = "config"
+    if force is None:
+        force = listeners.tls_force_default(backend, planned)
+        origin = f"default for the {backend} backend and these listeners"
+    log.info("migrate_tls_force = %s (%s): migrations without VIR_MIGRATE_TLS or TUNNELLED are %s",
+             str(force).lower(), origin, "refused" if force else "accepted")
+    return dataclasses.replace(config, migrate_tls_force=force)
 
 
 def write_ready_file(path: Path, addresses: list[str]) -> None:

@@ -9,7 +9,8 @@ Confirm(cancelled).
 
 Identity: the destination is ``dconnuri``; over ``virtmig+tls`` this daemon presents the client
 certificate of its own PKI dir (``pki_dir``: the host certificate ``virtmig pki issue --host``
-wrote) and the destination authorizes it as it does any client.  A ``?pkipath=`` in
+wrote) and the destination authorizes it as it does any client; with ``VIR_MIGRATE_TLS`` the
+same certificate is the data stream's client certificate.  A ``?pkipath=`` in
 ``dconnuri`` is refused: the caller does not choose the files this daemon reads or the identity
 it shows.
 

@@ -4,6 +4,10 @@ A domain object holds the persistent definition (``config``, None for a transien
 live definition while active, libvirt's state and reason, and at most one migration job.  Read-only
 calls read these fields directly and never wait; state-changing calls run under the object's lock,
 and wait (bounded) for a conflicting migration job to end, as libvirt's job masks have it.
+
+Bounds: a lookup refuses an over-long name or UUID before it searches, and :meth:`check_define`
+refuses a new domain beyond ``max_domains`` (:data:`MAX_DOMAINS` at most, so that a list of
+every domain fits in one gRPC message).
 """
 
 from __future__ import annotations
@@ -18,13 +22,28 @@ from pathlib import Path
 from lxml import etree
 
 from virtmig.daemon import state as files
-from virtmig.daemon.domxml import DomainDef, parse_domain_xml
+from virtmig.daemon.domxml import DomainDef, check_name_length, parse_domain_xml
 from virtmig.daemon.job import AsyncJob, JobRecord, MigrationJob, Phase
 from virtmig.proto import logsafe
-from virtmig.proto.errors import NoDomain, OperationFailed, OperationTimeout, XMLError
+from virtmig.proto.errors import (
+    InvalidArgument,
+    NoDomain,
+    OperationFailed,
+    OperationTimeout,
+    ResourceExhausted,
+    XMLError,
+)
 from virtmig.proto.flags import DomainState, MigrateFlags, reason_name
 
 log = logsafe.logger(__name__)
+
+#: The most domains a daemon may hold (``max_domains`` is at most this): a reply listing all of
+#: them, with names of the longest (``domxml.MAX_NAME_BYTES``), stays under gRPC's default
+#: message limit of 4 MiB (about 350 bytes each: 3.4 MiB).
+MAX_DOMAINS = 10000
+
+# A UUID in its longest accepted spelling (libvirt's: '-' or ' ' between any hex pairs).
+_MAX_UUID_CHARS = 64
 
 
 @dataclass(eq=False)
@@ -67,8 +86,10 @@ class DomainObj:
 
 
 class Registry:
-    def __init__(self, state_dir: files.StateDir, *, job_wait_timeout: float = 30.0) -> None:
+    def __init__(self, state_dir: files.StateDir, *, job_wait_timeout: float = 30.0,
+                 max_domains: int = MAX_DOMAINS) -> None:
         self._files = state_dir
+        self.max_domains = max_domains
         self._by_uuid: dict[str, DomainObj] = {}
         self._by_name: dict[str, DomainObj] = {}
         self._next_id = 1
@@ -82,18 +103,22 @@ class Registry:
         return iter(list(self._by_uuid.values()))
 
     def by_name(self, name: str) -> DomainObj:
+        check_name_length(name)  # refused before anything echoes it
         dom = self._by_name.get(name)
         if dom is None:
             raise NoDomain(f"no domain with matching name '{name}'")
         return dom
 
     def by_uuid(self, uuid: str) -> DomainObj:
+        if len(uuid) > _MAX_UUID_CHARS:
+            raise InvalidArgument(f"domain uuid is too long: {len(uuid)} characters")
         dom = self._by_uuid.get(uuid.lower())
         if dom is None:
             raise NoDomain(f"no domain with matching uuid '{uuid}'")
         return dom
 
     def find_name(self, name: str) -> DomainObj | None:
+        check_name_length(name)
         return self._by_name.get(name)
 
     def listing(self, *, active: bool, inactive: bool) -> list[DomainObj]:
@@ -130,6 +155,11 @@ class Registry:
         by_name = self._by_name.get(d.name)
         if by_name is not None and by_name.uuid != d.uuid:
             raise OperationFailed(f"domain '{d.name}' already exists with uuid {by_name.uuid}")
+        if by_uuid is None and len(self._by_uuid) >= self.max_domains:
+            raise ResourceExhausted(
+                f"cannot add domain '{d.name}': this host holds {len(self._by_uuid)} domains, "
+                f"the limit (max_domains) is {self.max_domains}"
+            )
         return by_uuid
 
     def new_id(self) -> int:

@@ -269,8 +269,10 @@ class MigrationService(pbg.MigrationServicer):
 def make_server(daemon: Daemon, options: list[tuple[str, Any]] | None = None,
                 policy: Policy | None = None) -> grpc.aio.Server:
     """A server with the daemon's services, every handler behind the interceptor, which
-    authorizes each call by ``policy`` (default: :class:`~virtmig.daemon.authz.Policy`)."""
-    server = grpc.aio.server(options=options, interceptors=[StatusInterceptor(policy)])
+    authorizes each call by ``policy`` (default: :class:`~virtmig.daemon.authz.Policy`) and
+    admits it within the daemon's call limits (``daemon.calls``, shared by its servers)."""
+    server = grpc.aio.server(options=options,
+                             interceptors=[StatusInterceptor(policy, daemon.calls)])
     add_services(server, daemon)
     return server
 

@@ -10,6 +10,10 @@ The backends do not know: each sees an ordinary loopback TCP stream, so any back
 migration stream is a TCP connection (test, qemu) can be tunnelled.  No migration port is opened
 to the network on the destination.
 
+``VIR_MIGRATE_TLS`` with TUNNELLED adds no TLS of its own: the daemons' gRPC connection is mutual
+TLS already, and the backends' loopback stream stays plain.  A backend that binds its stream to
+the migration's stream token (test) proves it through the relay like any other byte.
+
 This module is a streaming transport of raw bytes, so it stays at the wire's edge: it builds and
 reads its ``TunnelChunk`` messages itself (``dname`` first, then ``data``) rather than through
 ``virtmig.daemon.wire``; there is no value to convert, only bytes to move.
@@ -29,7 +33,7 @@ from virtmig.daemon.core import Daemon
 from virtmig.daemon.job import AsyncJob, Phase
 from virtmig.proto import logsafe
 from virtmig.proto import virtmig_pb2 as pb
-from virtmig.proto.errors import OperationInvalid
+from virtmig.proto.errors import InvalidArgument, OperationInvalid
 from virtmig.proto.flags import MigrateFlags
 
 log = logsafe.logger(__name__)
@@ -43,7 +47,9 @@ async def dst_tunnel(
     daemon: Daemon, requests: AsyncIterator[pb.TunnelChunk]
 ) -> AsyncIterator[pb.TunnelChunk]:
     """The destination's end: join the gRPC stream to the incoming guest's local port."""
-    first = await anext(requests)
+    first = await anext(requests, None)
+    if first is None:
+        raise InvalidArgument("a tunnel must name the incoming domain in its first message")
     dom = daemon.registry.by_name(first.dname)
     job = dom.job
     if (job is None or job.kind is not AsyncJob.MIGRATION_IN or job.phase is not Phase.PREPARE

@@ -171,7 +171,8 @@ def compression_settings(params: TypedParams, flags: int) -> Compression:
 
     COMPRESSED without methods means xbzrle; tuning a method that is not on is an error; zlib
     and zstd compress multifd channels, so they need PARALLEL, and only one of them applies;
-    xbzrle and mt work on the single stream only.
+    xbzrle and mt work on the single stream only.  Levels, threads and the cache size have
+    their ranges in the params table (``virtmig.proto.params``), checked before this.
     """
     f = MigrateFlags(flags)
     methods: list[str] = []
@@ -211,16 +212,4 @@ def compression_settings(params: TypedParams, flags: int) -> Compression:
     ):
         if any(v is not None for v in tuning) and method not in methods:
             raise InvalidArgument(f"Turn {label} compression on to tune it")
-    for value, low, high, name in ((c.mt_level, 0, 9, P.COMPRESSION_MT_LEVEL),
-                                   (c.zlib_level, 0, 9, P.COMPRESSION_ZLIB_LEVEL),
-                                   (c.zstd_level, 0, 20, P.COMPRESSION_ZSTD_LEVEL),
-                                   (c.mt_threads, 1, 255, P.COMPRESSION_MT_THREADS),
-                                   (c.mt_dthreads, 1, 255, P.COMPRESSION_MT_DTHREADS)):
-        if value is not None and not low <= value <= high:
-            raise InvalidArgument(
-                f"parameter '{name}' must be between {low} and {high}, got {value}")
-    connections = params.get_int_opt(P.PARALLEL_CONNECTIONS)
-    if connections is not None and not 1 <= connections <= 255:
-        raise InvalidArgument(
-            f"parameter 'parallel.connections' must be between 1 and 255, got {connections}")
     return c

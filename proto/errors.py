@@ -11,7 +11,8 @@ a status back into the same class in :func:`from_status`.  Nowhere else maps err
 
     VirtmigError                         (grpc status)
      ├── InvalidArgument                 INVALID_ARGUMENT   VIR_ERR_INVALID_ARG
-     │    └── XMLError                   INVALID_ARGUMENT   VIR_ERR_XML_ERROR
+     │    ├── XMLError                   INVALID_ARGUMENT   VIR_ERR_XML_ERROR
+     │    └── Overflow                   INVALID_ARGUMENT   VIR_ERR_OVERFLOW
      ├── ArgumentUnsupported             INVALID_ARGUMENT   VIR_ERR_ARGUMENT_UNSUPPORTED
      ├── ConfigUnsupported               FAILED_PRECONDITION VIR_ERR_CONFIG_UNSUPPORTED
      ├── OperationInvalid                FAILED_PRECONDITION VIR_ERR_OPERATION_INVALID
@@ -113,6 +114,15 @@ class XMLError(InvalidArgument):
     code = "VIR_ERR_XML_ERROR"
     msginfo = "XML error: %s"
     msg = "XML description is invalid or not well formed"
+
+
+class Overflow(InvalidArgument):
+    """A number above its range where libvirt reports VIR_ERR_OVERFLOW ("bandwidth must be less
+    than ..."); other out-of-range values are plain :class:`InvalidArgument`."""
+
+    code = "VIR_ERR_OVERFLOW"
+    msginfo = "numerical overflow: %s"
+    msg = "numerical overflow"
 
 
 class ArgumentUnsupported(VirtmigError):

@@ -184,6 +184,9 @@ class JobOperation(enum.IntEnum):
 #: fits in a signed 64-bit count of bytes per second.  Also what "unlimited" means to QEMU.
 MAX_BANDWIDTH_MIB = (2**63 - 1) // (1024 * 1024)
 
+#: The largest maximum downtime, in ms: QEMU's bound for ``downtime-limit`` (2000 s).
+MAX_DOWNTIME_MS = 2_000_000
+
 
 class CompletionAction(enum.StrEnum):
     """What virtmig's completion timeout does when a migration has not finished in time."""

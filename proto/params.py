@@ -2,10 +2,15 @@
 
 A typed parameter is a name, a type and a value (``virTypedParameter``).  Migration params travel
 as a list of them; :data:`MIGRATION_PARAMS` says, for every ``VIR_MIGRATE_PARAM_*`` wire name, its
-type, whether it may repeat, which party uses it, which flags it needs and whether this host acts
-on it.  Both the client and the daemon validate against this table
-(:func:`validate_migration_params`); nothing else lists parameter names.  The wire form of typed
-params is ``virtmig.proto.wire``'s concern.
+type, the values it may take (a :class:`Range` of numbers, or a set of words), whether it may
+repeat, which party uses it, which flags it needs and whether this host acts on it.  Both the
+client and the daemon validate against this table (:func:`validate_migration_params`); nothing
+else lists parameter names.  The ranges are the only ones: the same :class:`Range` checks a
+parameter however it arrives (a ``*Params`` RPC, or the ``resource`` field of a non-params RPC,
+which the daemon turns into the ``bandwidth`` parameter), and :func:`check_max_speed` and
+:func:`check_max_downtime` check ``SetMaxSpeed`` and ``SetMaxDowntime`` (client and daemon
+alike: the client checks before it sends, the daemon never relies on it).  The wire form of
+typed params is ``virtmig.proto.wire``'s concern.
 """
 
 from __future__ import annotations
@@ -14,8 +19,14 @@ import enum
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
-from virtmig.proto.errors import ArgumentUnsupported, InvalidArgument
-from virtmig.proto.flags import NO_FLAGS, MigrateFlags
+from virtmig.proto.errors import ArgumentUnsupported, InvalidArgument, Overflow
+from virtmig.proto.flags import (
+    COMPLETION_ACTIONS,
+    MAX_BANDWIDTH_MIB,
+    MAX_DOWNTIME_MS,
+    NO_FLAGS,
+    MigrateFlags,
+)
 
 
 class ParamType(enum.Enum):
@@ -105,6 +116,42 @@ class Party(enum.Flag):
 
 
 @dataclass(frozen=True)
+class Range:
+    """The values a number may take: ``lo`` to ``hi`` inclusive (and only powers of two).
+
+    ``overflow``: libvirt's own message for a value above ``hi``, raised as
+    :class:`~virtmig.proto.errors.Overflow` (libvirt's VIR_ERR_OVERFLOW); ``message``: the
+    format of every other refusal (``{name}``, ``{lo}``, ``{hi}``, ``{value}``).
+    """
+
+    lo: int
+    hi: int
+    power_of_two: bool = False
+    overflow: str = ""
+    message: str = "parameter '{name}' must be between {lo} and {hi}, got {value}"
+
+    def check(self, name: str, value: int) -> int:
+        if self.overflow and value > self.hi:
+            raise Overflow(self.overflow)
+        if not self.lo <= value <= self.hi:
+            raise InvalidArgument(self.message.format(name=name, lo=self.lo, hi=self.hi,
+                                                      value=value))
+        if self.power_of_two and value & (value - 1):
+            raise InvalidArgument(f"parameter '{name}' must be a power of two, got {value}")
+        return value
+
+
+#: Migration bandwidth in MiB/s (0: the default, unlimited), as libvirt's QEMU driver allows.
+BANDWIDTH_RANGE = Range(0, MAX_BANDWIDTH_MIB,
+                        overflow=f"bandwidth must be less than {MAX_BANDWIDTH_MIB + 1}")
+#: The maximum downtime in ms (``SetMaxDowntime``, the ``max_downtime_ms`` setting).
+DOWNTIME_RANGE = Range(1, MAX_DOWNTIME_MS,
+                       message="Invalid downtime {value}: must be between {lo} and {hi} ms")
+#: virtmig's watchdog timeouts, in seconds (0: off).
+TIMEOUT_RANGE = Range(0, 2**31 - 1)
+
+
+@dataclass(frozen=True)
 class ParamSpec:
     name: MigrateParam
     type: ParamType
@@ -114,6 +161,17 @@ class ParamSpec:
     needs_any_flag: MigrateFlags = NO_FLAGS
     # Whether this implementation acts on it yet; unimplemented ones are refused, never ignored.
     supported: bool = True
+    # The values it may take: a range for a number, a set of words for a string (None/(): any).
+    range: Range | None = None
+    choices: tuple[str, ...] = ()
+
+    def check_value(self, value: ParamValue) -> None:
+        """Refuse a value outside the parameter's range or choices."""
+        if self.range is not None and isinstance(value, int) and not isinstance(value, bool):
+            self.range.check(self.name.value, value)
+        if self.choices and value not in self.choices:
+            raise InvalidArgument(f"parameter '{self.name.value}' must be one of "
+                                  f"{', '.join(self.choices)}, got {value!r}")
 
 
 def _spec(
@@ -124,13 +182,22 @@ def _spec(
     multiple: bool = False,
     needs: MigrateFlags = NO_FLAGS,
     supported: bool = True,
+    values: Range | tuple[str, ...] | None = None,
 ) -> ParamSpec:
-    return ParamSpec(name, ptype, party, multiple, needs, supported)
+    if isinstance(values, tuple):
+        return ParamSpec(name, ptype, party, multiple, needs, supported, choices=values)
+    return ParamSpec(name, ptype, party, multiple, needs, supported, range=values)
 
 
 _P = MigrateParam
 _T = ParamType
 _NON_SHARED = MigrateFlags.NON_SHARED_DISK | MigrateFlags.NON_SHARED_INC
+
+# QEMU's ranges (migrate-set-parameters) where QEMU has one: compression levels and threads,
+# multifd channels, CPU throttle percentages; xbzrle's cache is a power of two of at least a page.
+_LEVEL = Range(0, 9)
+_THREADS = Range(1, 255)
+_PERCENT = Range(1, 99)
 
 MIGRATION_PARAMS: Mapping[str, ParamSpec] = {
     s.name.value: s
@@ -139,30 +206,35 @@ MIGRATION_PARAMS: Mapping[str, ParamSpec] = {
         _spec(_P.DEST_NAME, _T.STRING, Party.BOTH),
         _spec(_P.DEST_XML, _T.STRING, Party.BOTH),
         _spec(_P.PERSIST_XML, _T.STRING, Party.SRC, needs=MigrateFlags.PERSIST_DEST),
-        _spec(_P.BANDWIDTH, _T.ULLONG, Party.SRC),
-        _spec(_P.BANDWIDTH_POSTCOPY, _T.ULLONG, Party.SRC, needs=MigrateFlags.POSTCOPY),
+        _spec(_P.BANDWIDTH, _T.ULLONG, Party.SRC, values=BANDWIDTH_RANGE),
+        _spec(_P.BANDWIDTH_POSTCOPY, _T.ULLONG, Party.SRC, needs=MigrateFlags.POSTCOPY,
+              values=BANDWIDTH_RANGE),
         _spec(_P.GRAPHICS_URI, _T.STRING, Party.SRC, supported=False),
         _spec(_P.LISTEN_ADDRESS, _T.STRING, Party.DST),
         _spec(_P.MIGRATE_DISKS, _T.STRING, Party.BOTH, multiple=True, needs=_NON_SHARED,
               supported=False),
-        _spec(_P.DISKS_PORT, _T.INT, Party.DST, supported=False),
+        _spec(_P.DISKS_PORT, _T.INT, Party.DST, supported=False, values=Range(0, 65535)),
         _spec(_P.DISKS_URI, _T.STRING, Party.DST, supported=False),
         # (whether the backend can compress is the COMPRESSED flag's check: compat.BACKEND_FLAGS)
         _spec(_P.COMPRESSION, _T.STRING, Party.BOTH, multiple=True,
               needs=MigrateFlags.COMPRESSED),
-        _spec(_P.COMPRESSION_MT_LEVEL, _T.INT, Party.SRC),
-        _spec(_P.COMPRESSION_MT_THREADS, _T.INT, Party.SRC),
-        _spec(_P.COMPRESSION_MT_DTHREADS, _T.INT, Party.DST),
-        _spec(_P.COMPRESSION_XBZRLE_CACHE, _T.ULLONG, Party.SRC),
-        _spec(_P.COMPRESSION_ZLIB_LEVEL, _T.INT, Party.SRC),
-        _spec(_P.COMPRESSION_ZSTD_LEVEL, _T.INT, Party.SRC),
-        _spec(_P.AUTO_CONVERGE_INITIAL, _T.INT, Party.SRC, needs=MigrateFlags.AUTO_CONVERGE),
-        _spec(_P.AUTO_CONVERGE_INCREMENT, _T.INT, Party.SRC, needs=MigrateFlags.AUTO_CONVERGE),
-        _spec(_P.PARALLEL_CONNECTIONS, _T.INT, Party.BOTH, needs=MigrateFlags.PARALLEL),
-        _spec(_P.TLS_DESTINATION, _T.STRING, Party.SRC, needs=MigrateFlags.TLS, supported=False),
-        _spec(_P.STALL_TIMEOUT, _T.ULLONG, Party.SRC),
-        _spec(_P.COMPLETION_TIMEOUT, _T.ULLONG, Party.SRC),
-        _spec(_P.COMPLETION_TIMEOUT_ACTION, _T.STRING, Party.SRC),
+        _spec(_P.COMPRESSION_MT_LEVEL, _T.INT, Party.SRC, values=_LEVEL),
+        _spec(_P.COMPRESSION_MT_THREADS, _T.INT, Party.SRC, values=_THREADS),
+        _spec(_P.COMPRESSION_MT_DTHREADS, _T.INT, Party.DST, values=_THREADS),
+        _spec(_P.COMPRESSION_XBZRLE_CACHE, _T.ULLONG, Party.SRC,
+              values=Range(4096, 2**63, power_of_two=True)),
+        _spec(_P.COMPRESSION_ZLIB_LEVEL, _T.INT, Party.SRC, values=_LEVEL),
+        _spec(_P.COMPRESSION_ZSTD_LEVEL, _T.INT, Party.SRC, values=Range(0, 20)),
+        _spec(_P.AUTO_CONVERGE_INITIAL, _T.INT, Party.SRC, needs=MigrateFlags.AUTO_CONVERGE,
+              values=_PERCENT),
+        _spec(_P.AUTO_CONVERGE_INCREMENT, _T.INT, Party.SRC, needs=MigrateFlags.AUTO_CONVERGE,
+              values=_PERCENT),
+        _spec(_P.PARALLEL_CONNECTIONS, _T.INT, Party.BOTH, needs=MigrateFlags.PARALLEL,
+              values=_THREADS),
+        _spec(_P.TLS_DESTINATION, _T.STRING, Party.SRC, needs=MigrateFlags.TLS),
+        _spec(_P.STALL_TIMEOUT, _T.ULLONG, Party.SRC, values=TIMEOUT_RANGE),
+        _spec(_P.COMPLETION_TIMEOUT, _T.ULLONG, Party.SRC, values=TIMEOUT_RANGE),
+        _spec(_P.COMPLETION_TIMEOUT_ACTION, _T.STRING, Party.SRC, values=COMPLETION_ACTIONS),
     )
 }
 
@@ -271,7 +343,27 @@ def validate_migration_params(params: TypedParams, flags: int = 0,
         if p.name in seen and not spec.multiple:
             raise InvalidArgument(f"parameter '{p.name}' occurs multiple times")
         seen.add(p.name)
+        spec.check_value(p.value)
     check_params_supported(params, flags, party)
+
+
+def check_param_values(params: TypedParams) -> None:
+    """Every known parameter's value against its range or choices (the client's check before
+    it sends; the daemon's is :func:`validate_migration_params`)."""
+    for p in params:
+        spec = MIGRATION_PARAMS.get(p.name)
+        if spec is not None:
+            spec.check_value(p.value)
+
+
+def check_max_speed(bandwidth_mib: int) -> int:
+    """``SetMaxSpeed``'s bandwidth (MiB/s, either phase): the ``bandwidth`` parameter's range."""
+    return BANDWIDTH_RANGE.check(MigrateParam.BANDWIDTH.value, bandwidth_mib)
+
+
+def check_max_downtime(downtime_ms: int) -> int:
+    """``SetMaxDowntime``'s value, and the ``max_downtime_ms`` setting."""
+    return DOWNTIME_RANGE.check("downtime", downtime_ms)
 
 
 def check_params_supported(params: TypedParams, flags: int, party: Party | None = None) -> None:

@@ -84,7 +84,8 @@ async def start_host(tmp_path: Path, name: str, *, client: Path | None = None,
     host certificate, and a connection to it presenting ``client``'s certificate (default: the
     throw-away PKI's admin); ``overrides``: :class:`DaemonConfig` settings
     (``backend="qemu"``...; a qemu backend runs QEMU confined, with the guest cache as a
-    storage dir and QEMU as :mod:`~virtmig.testing.qemu_user`'s test user when root)."""
+    storage dir and QEMU as :mod:`~virtmig.testing.qemu_user`'s test user when root, and
+    ``migrate_tls_force`` off unless overridden)."""
     state = tmp_path / name
     pki = session_pki()
     settings: dict[str, object] = {
@@ -98,6 +99,9 @@ async def start_host(tmp_path: Path, name: str, *, client: Path | None = None,
     }
     if overrides.get("backend") == "qemu":  # confined: the guest cache, QEMU's test user
         settings.update(daemon_settings())
+        # Listening on TLS only, a qemu daemon refuses migrations without --tls by default
+        # (migrate_tls_force); the tests migrate without it too, and opt in where they test it.
+        settings["migrate_tls_force"] = False
     settings.update(overrides)
     config = DaemonConfig(**settings)  # type: ignore[arg-type]
     running = await start_daemon(config)

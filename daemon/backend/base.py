@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import abc
 import enum
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +63,31 @@ class GuestSpec:
     options: Mapping[str, str] = field(default_factory=dict)
     # The full domain XML, for backends that build a command line from devices.
     xml: str = ""
+    # ``<os><type machine=...>`` ("": the backend's default), for machine-dependent limits.
+    machine: str = ""
+
+
+#: The vCPU cap of a backend that names none (the test backend's default ``test_max_vcpus``).
+DEFAULT_MAX_VCPUS = 4096
+
+
+@dataclass(frozen=True)
+class GuestLimits:
+    """The largest guest a backend can host; ``*_source`` says where a limit comes from (it is
+    part of the error a definition beyond it gets)."""
+
+    max_memory_bytes: int
+    max_vcpus: int
+    memory_source: str = "the host's RAM"
+    vcpus_source: str = "the backend's limit"
+
+
+def host_memory_bytes() -> int:
+    """The host's physical RAM in bytes (``sysconf``); 0 when the system does not say."""
+    try:
+        return max(0, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (OSError, ValueError):
+        return 0
 
 
 @dataclass(frozen=True)
@@ -79,7 +105,7 @@ class StreamAddress:
 
 @dataclass(frozen=True)
 class StreamTls:
-    """``VIR_MIGRATE_TLS``: a TLS (1.3) data stream, mutually authenticated with the host's PKI.
+    """``VIR_MIGRATE_TLS``: the data stream is TLS 1.3, mutually authenticated with the host's PKI.
 
     The destination presents its server certificate, the source its client certificate (a host
     certificate from ``virtmig pki issue --host`` is both); each accepts only a peer whose
@@ -201,6 +227,14 @@ class Backend(abc.ABC):
         """Refuse (``ArgumentUnsupported``) compression this backend will not run, before any
         migration phase changes anything (only called for backends whose ``extra_flags`` include
         COMPRESSED)."""
+
+    def limits(self, spec: GuestSpec) -> GuestLimits:
+        """The largest guest this backend hosts (``spec``: for machine-dependent limits).
+
+        The daemon refuses a bigger one at define, start and Prepare
+        (``Daemon.validate``).  Default: the host's RAM and :data:`DEFAULT_MAX_VCPUS`.
+        """
+        return GuestLimits(host_memory_bytes() or 2**63 - 1, DEFAULT_MAX_VCPUS)
 
     @abc.abstractmethod
     async def start(self, spec: GuestSpec, *, paused: bool) -> None: ...

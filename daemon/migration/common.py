@@ -13,6 +13,7 @@ from virtmig.daemon import cookie as ck
 from virtmig.daemon import jobctl
 from virtmig.daemon.backend.base import MigrationProgress
 from virtmig.daemon.core import Daemon
+from virtmig.daemon.domxml import validate_name
 from virtmig.daemon.job import AsyncJob, MigrationJob
 from virtmig.daemon.registry import DomainObj
 from virtmig.proto.compat import check_migration, compression_settings
@@ -23,12 +24,26 @@ from virtmig.proto.params import MigrateParam, Party, TypedParams, validate_migr
 
 def any_check(daemon: Daemon, flags: int, params: TypedParams, function: str,
               party: Party = Party.SRC) -> MigrateFlags:
-    """Flags and params checks every phase runs before it changes anything."""
+    """Flags and params checks every phase runs before it changes anything (a new name in
+    ``destination_name`` must be a valid domain name on every host it passes)."""
     validate_migration_params(params, flags, party)
+    dname = params.get_str(MigrateParam.DEST_NAME)
+    if dname:
+        validate_name(dname)
     f = check_migration(flags, params, function, daemon.backend.extra_flags)
     if f & MigrateFlags.COMPRESSED or params.get_all_str(MigrateParam.COMPRESSION):
         daemon.backend.check_compression(compression_settings(params, f))
     return f
+
+
+TLS_FORCED = "this libvirtd instance allows migration only with VIR_MIGRATE_TLS flag"
+
+
+def any_check_tls_force(daemon: Daemon, f: MigrateFlags) -> None:
+    """``migrate_tls_force``: Begin and Prepare refuse a migration with neither TLS nor TUNNELLED
+    (libvirt's check and message), before anything changes."""
+    if daemon.config.migrate_tls_force and not f & (MigrateFlags.TLS | MigrateFlags.TUNNELLED):
+        raise OperationInvalid(TLS_FORCED)
 
 
 def any_cookie(daemon: Daemon, dom_name: str, uuid: str, **extra: object) -> bytes:

@@ -1,6 +1,10 @@
 """The destination's phases: Prepare (the incoming domain, paused, and its data port) and Finish
 (wait for the stream, start the vCPUs or keep the guest paused, persist; else undo the domain).
 
+Prepare chooses the migration's stream token (a fresh secret, handed to the backend with the
+port's settings and to the source in cookie B; never logged) and, with ``VIR_MIGRATE_TLS``, sets
+the port up as TLS with the daemon's server certificate (:mod:`.tuning`).
+
 Each phase checks its inputs before changing anything; any failure undoes the incoming domain
 (:func:`~virtmig.daemon.migration.rollback.dst_discard`), except a post-copy failure in Finish:
 nothing can be rolled back then, and the guest stays paused for recovery.
@@ -25,11 +29,17 @@ from virtmig.daemon.backend.base import (
 from virtmig.daemon.core import Daemon
 from virtmig.daemon.domxml import DomainDef, parse_domain_xml, rename
 from virtmig.daemon.job import AsyncJob, MigrationJob, Phase
-from virtmig.daemon.migration.common import _job_of, any_check, any_cookie, any_stats
+from virtmig.daemon.migration.common import (
+    _job_of,
+    any_check,
+    any_check_tls_force,
+    any_cookie,
+    any_stats,
+)
 from virtmig.daemon.migration.owner import any_check_owner
 from virtmig.daemon.migration.rollback import dst_discard
-from virtmig.daemon.migration.tuning import dst_tuning
-from virtmig.daemon.migration.uri import dst_parse_uri_in, dst_uri_out
+from virtmig.daemon.migration.tuning import check_stream_pki, dst_tuning, new_stream_token
+from virtmig.daemon.migration.uri import dst_check_bind, dst_parse_uri_in, dst_uri_out
 from virtmig.daemon.registry import DomainObj
 from virtmig.proto.errors import (
     InternalError,
@@ -58,6 +68,8 @@ async def dst_prepare(
     daemon: Daemon, params: TypedParams, cookie_in: bytes, flags: int, owner: str = ""
 ) -> tuple[bytes, str | None]:
     f = any_check(daemon, flags, params, "virDomainMigratePrepare3Params", Party.DST)
+    any_check_tls_force(daemon, f)
+    check_stream_pki(daemon, f, Party.DST)
     offline = bool(f & F.OFFLINE)
     dom_xml = params.get_str(P.DEST_XML)
     if not dom_xml:
@@ -77,6 +89,7 @@ async def dst_prepare(
             if host.startswith("localhost"):
                 raise OperationFailed(
                     "hostname on destination resolved to localhost, but migration requires an FQDN")
+        await dst_check_bind(daemon.config, listen, want_port)
     d = parse_domain_xml(dom_xml)
     origname = d.name
     dname = params.get_str(P.DEST_NAME)
@@ -89,7 +102,7 @@ async def dst_prepare(
         local_hostuuid=daemon.host_uuid,
         accept=ck.ACCEPT_PREPARE,
     )
-    daemon.backend.validate(daemon.spec(d))
+    daemon.validate(d)
 
     jobctl.check_limit(daemon, AsyncJob.MIGRATION_IN)
     existing = daemon.registry.check_define(d)
@@ -105,17 +118,20 @@ async def dst_prepare(
         job.busy = True
         try:
             dom.live = d
+            token = ""
             if offline:
                 daemon.registry.save_status(dom)
                 uri_out = None
             else:
+                # The stream's secret: only the source that got cookie B can prove it knows it.
+                token = new_stream_token()
                 port = await _dst_listen(daemon, dom, d, listen, want_port,
-                                         dst_tuning(f, params))
+                                         dst_tuning(daemon, f, params, token))
                 job.port = port
                 dom.id = daemon.registry.new_id()
                 daemon.set_state(dom, DomainState.PAUSED, PausedReason.MIGRATION)
                 uri_out = None if tunnelled else dst_uri_out(host, port, given=bool(uri_in))
-            cookie = any_cookie(daemon, origname, d.uuid)
+            cookie = any_cookie(daemon, origname, d.uuid, stream_token=token)
         except BaseException:
             await dst_discard(daemon, dom, existed=existing is not None,
                               record=job.record(JobType.FAILED, "prepare failed"))

@@ -37,12 +37,13 @@ from virtmig.daemon.migration.common import (
     _no_job,
     _require_active,
     any_check,
+    any_check_tls_force,
     any_cookie,
     any_stats,
 )
 from virtmig.daemon.migration.owner import any_check_owner
 from virtmig.daemon.migration.rollback import src_restore
-from virtmig.daemon.migration.tuning import src_tuning
+from virtmig.daemon.migration.tuning import check_stream_pki, src_tuning
 from virtmig.daemon.migration.uri import src_parse_uri
 from virtmig.daemon.registry import DomainObj
 from virtmig.proto import logsafe
@@ -54,7 +55,7 @@ from virtmig.proto.errors import (
     VirtmigError,
 )
 from virtmig.proto.flags import DomainState, JobType, MigrateFlags, PausedReason, ShutoffReason
-from virtmig.proto.params import MigrateParam, TypedParams
+from virtmig.proto.params import MigrateParam, Party, TypedParams
 
 log = logsafe.logger(__name__)
 
@@ -70,6 +71,8 @@ async def src_begin(
     daemon: Daemon, dom: DomainObj, params: TypedParams, flags: int, owner: str = ""
 ) -> tuple[str, bytes]:
     f = any_check(daemon, flags, params, "virDomainMigrateBegin3Params")
+    any_check_tls_force(daemon, f)
+    check_stream_pki(daemon, f, Party.SRC)
     async with dom.lock:
         _no_job(dom)
         offline = bool(f & F.OFFLINE)
@@ -124,11 +127,11 @@ async def src_perform(
         raise InvalidArgument("Unexpected dconnuri parameter with non-peer2peer migration")
     async with dom.lock:
         job = _src_perform_job(daemon, dom, f, params, owner)
-        dest, persistent = await _src_perform_start(daemon, dom, job, f, params, cookie_in,
-                                                    tunnel)
+        dest, persistent, token = await _src_perform_start(daemon, dom, job, f, params,
+                                                           cookie_in, tunnel)
     # The lock is not held while the stream runs: read-only calls, destroy, abort and tuning
     # must get through.
-    await _src_stream(daemon, dom, job, f, params, dest)
+    await _src_stream(daemon, dom, job, f, params, dest, token)
     async with dom.lock:
         cookie = _src_perform_done(daemon, dom, job, persistent)
     await any_check_owner(daemon, dom)
@@ -157,15 +160,16 @@ def _src_perform_job(
 async def _src_perform_start(
     daemon: Daemon, dom: DomainObj, job: MigrationJob, f: MigrateFlags, params: TypedParams,
     cookie_in: bytes, tunnel: StreamAddress | None,
-) -> tuple[StreamAddress, str | None]:
-    """Perform's checks, then phase perform3: where the stream goes, and the persistent XML for
-    cookie C (PERSIST_DEST).  The guest is not touched yet; a failure ends the job."""
+) -> tuple[StreamAddress, str | None, str]:
+    """Perform's checks, then phase perform3: where the stream goes, the persistent XML for
+    cookie C (PERSIST_DEST) and cookie B's stream token.  The guest is not touched yet; a
+    failure ends the job."""
     try:
         if job.abort_requested:
             raise MigrationCancelled("aborted before perform")
         _require_active(dom)
-        jobctl.check_timeout_params(params)
-        ck.parse_cookie(
+        check_stream_pki(daemon, f, Party.SRC)
+        cookie = ck.parse_cookie(
             cookie_in,
             expected_name=dom.name,
             expected_uuid=dom.uuid,
@@ -187,15 +191,16 @@ async def _src_perform_start(
         if isinstance(exc, MigrationCancelled):
             raise err from exc
         raise
-    return dest, persistent
+    return dest, persistent, cookie.stream_token
 
 
 async def _src_stream(
     daemon: Daemon, dom: DomainObj, job: MigrationJob, f: MigrateFlags, params: TypedParams,
-    dest: StreamAddress,
+    dest: StreamAddress, token: str,
 ) -> None:
-    """Stream the guest to ``dest`` (paused first unless LIVE) while the job's watcher runs.  On
-    failure the source is put back, the job ends, and the caller's error is raised."""
+    """Stream the guest to ``dest`` (paused first unless LIVE; bound to the destination's
+    ``token``) while the job's watcher runs.  On failure the source is put back, the job ends,
+    and the caller's error is raised."""
     watcher = asyncio.get_running_loop().create_task(jobctl.src_watch(daemon, dom, job))
     try:
         if not f & F.LIVE and dom.state is DomainState.RUNNING:
@@ -203,8 +208,8 @@ async def _src_stream(
             daemon.set_state(dom, DomainState.PAUSED, PausedReason.MIGRATION)
         if job.abort_requested:
             raise MigrationCancelled("aborted before the stream started")
-        job.progress = await daemon.backend.outgoing(dom.uuid, dest, src_tuning(daemon, dom, f,
-                                                                               params))
+        tuning = src_tuning(daemon, dom, f, params, dest, token)
+        job.progress = await daemon.backend.outgoing(dom.uuid, dest, tuning)
     except (BackendError, VirtmigError) as exc:
         await _stop(watcher)
         await _src_perform_failed(daemon, dom, job, exc)
@@ -314,8 +319,8 @@ async def src_confirm(
                 f"domain '{dom.name}' migration has not been performed (phase {job.phase.label})")
         job.busy = True
         try:
-            job.set_phase(Phase.CONFIRM3_CANCELLED if cancelled else Phase.CONFIRM3)
-            daemon.registry.save_status(dom)
+            # The cookie is checked before the phase moves: a bad one leaves the job as it was,
+            # so that Confirm(cancelled) can still roll it back.
             stats = ck.parse_cookie_opt(
                 cookie_in,
                 expected_name=dom.name,
@@ -323,6 +328,8 @@ async def src_confirm(
                 local_hostuuid=daemon.host_uuid,
                 accept=ck.ACCEPT_CONFIRM,
             )
+            job.set_phase(Phase.CONFIRM3_CANCELLED if cancelled else Phase.CONFIRM3)
+            daemon.registry.save_status(dom)
             if stats is not None and stats.statistics is not None:
                 job.progress = _with_dst_downtime(job.progress, stats.statistics)
         except BaseException:

@@ -134,9 +134,9 @@ def test_speed_and_downtime(daemons: tuple[Daemon, Daemon], tmp_path: Path) -> N
     assert fails(src.uri, "migrate-setmaxdowntime", "vm", "soon") == (
         "error: Numeric value 'soon' for <downtime> option is malformed or out of range\n")
     assert ok(src.uri, "migrate-getmaxdowntime", "vm") == "42\n"
-    # virsh wraps a negative bandwidth around; the daemon refuses the result.
+    # virsh wraps a negative bandwidth around; the library (and the daemon) refuse the result.
     assert fails(src.uri, "migrate-setspeed", "vm", "--bandwidth=-1") == (
-        "error: invalid argument: bandwidth must be less than 8796093022208\n")
+        "error: numerical overflow: bandwidth must be less than 8796093022208\n")
     assert fails(src.uri, "migrate-postcopy", "vm") == (
         "error: Requested operation is not valid: post-copy can only be started while "
         "outgoing migration is in progress\n")

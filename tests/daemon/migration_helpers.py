@@ -9,6 +9,7 @@ import pytest
 
 from virtmig.client.migrate import RemoteDest, RemoteSource, migrate3
 from virtmig.client.sequence import Trace
+from virtmig.proto import virtmig_pb2 as pb
 from virtmig.proto.errors import (
     NoDomain,
     OperationFailed,
@@ -98,3 +99,13 @@ class LostReplyDest(RemoteDest):
 
             raise ConnectionFailed("unable to connect to the daemon: no route")
         return await super().finished(dname)
+
+
+async def begun_xml_and_cookie(src: Host, name: str = "vm1") -> tuple[str, bytes]:
+    """A real Prepare input (the domain XML and cookie of a Begin on ``src``), for tests that
+    call Prepare by hand; the Begin's job is cancelled again, so ``src`` is left as it was."""
+    conn = src.conn
+    xml, cookie = await RemoteSource(conn, True).begin(name, TypedParams(), F.LIVE)
+    await conn._call(conn.migration_stub.Confirm3Params, pb.Confirm3ParamsRequest(
+        domain=pb.DomainRef(name=name), cookie_in=b"", flags=F.LIVE, cancelled=True))
+    return xml, cookie

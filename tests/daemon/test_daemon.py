@@ -40,9 +40,10 @@ def args(*argv: str) -> argparse.Namespace:
 def test_config_file_and_flags(tmp_path: Path) -> None:
     cfg = tmp_path / "virtmigd.toml"
     cfg.write_text('state_dir = "/s"\nhostname = "a"\nmigration_ports = "50000-50010"\n'
-                   'listen = ["tls://127.0.0.1:0"]\n')
+                   'listen = ["tls://127.0.0.1:0"]\nmax_clients = 7\nmax_downtime_ms = 50\n')
     c = load_config(args("--config", str(cfg), "--hostname", "b"))
     assert (c.state_dir, c.hostname) == ("/s", "b")  # flags win over the file
+    assert (c.max_clients, c.max_calls_per_client, c.default_max_downtime_ms) == (7, 32, 50)
     assert (c.migration_port_min, c.migration_port_max) == (50000, 50010)
     assert c.listen == ("tls://127.0.0.1:0",)
 
@@ -50,7 +51,13 @@ def test_config_file_and_flags(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [('bogus = 1\n', "unknown setting"), ('migration_ports = "9-1"\n', "port range"),
-     ('listen = ["http://x"]\n', "unsupported listen URI"), ('x = \n', "cannot read")],
+     ('listen = ["http://x"]\n', "unsupported listen URI"), ('x = \n', "cannot read"),
+     ('max_downtime_ms = 0\n', "invalid max_downtime_ms: Invalid downtime 0: must be between"),
+     ('max_downtime_ms = 2000001\n', "invalid max_downtime_ms: Invalid downtime 2000001"),
+     ('max_downtime_ms = "fast"\n', "invalid max_downtime_ms 'fast'"),
+     ('max_clients = 0\n', "invalid max_clients 0: expected a whole number of at least 1"),
+     ('max_calls_per_client = -1\n', "invalid max_calls_per_client -1"),
+     ('max_calls_per_client = 1.5\n', "invalid max_calls_per_client 1.5")],
 )
 def test_bad_config_is_a_clear_error(tmp_path: Path, text: str, message: str) -> None:
     cfg = tmp_path / "c.toml"

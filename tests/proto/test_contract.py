@@ -17,6 +17,8 @@ from virtmig.proto.compat import (
     compression_settings,
 )
 from virtmig.proto.flags import (
+    MAX_BANDWIDTH_MIB,
+    MAX_DOWNTIME_MS,
     DomainState,
     MigrateFlags,
     PausedReason,
@@ -32,6 +34,9 @@ from virtmig.proto.params import (
     ParamType,
     TypedParam,
     TypedParams,
+    check_max_downtime,
+    check_max_speed,
+    check_param_values,
     validate_migration_params,
 )
 from virtmig.proto.uri import ConnectURI, ListenURI, check_not_local, parse_listen, parse_uri
@@ -359,15 +364,100 @@ def test_compression_defaults_and_settings() -> None:
          "Turn xbzrle compression on to tune it"),
         ([("compression", "zlib"), ("compression.zstd.level", 3)], C | PAR,
          "Turn zstd compression on to tune it"),
-        ([("compression", "mt"), ("compression.mt.level", 10)], C,
-         "'compression.mt.level' must be between 0 and 9, got 10"),
-        ([("parallel.connections", 0)], PAR,
-         "'parallel.connections' must be between 1 and 255, got 0"),
     ],
 )
 def test_compression_errors(items: list[tuple[str, object]], flags: int, message: str) -> None:
     with pytest.raises(errors.InvalidArgument, match=message):
         compression_settings(_params(*items), flags)
+
+
+AC = MigrateFlags.AUTO_CONVERGE
+PC = MigrateFlags.POSTCOPY
+MAXBW = MAX_BANDWIDTH_MIB
+
+# Each typed parameter's range: the last value accepted and the first refused, at each end.
+RANGES: list[tuple[str, int, int, int]] = [
+    # name, the flags it needs, the lowest and the highest value accepted
+    ("bandwidth", 0, 0, MAXBW),
+    ("bandwidth.postcopy", PC, 0, MAXBW),
+    ("compression.mt.level", C, 0, 9),
+    ("compression.mt.threads", C, 1, 255),
+    ("compression.mt.dthreads", C, 1, 255),
+    ("compression.zlib.level", C | PAR, 0, 9),
+    ("compression.zstd.level", C | PAR, 0, 20),
+    ("compression.xbzrle.cache", C, 4096, 2**63),
+    ("auto_converge.initial", AC, 1, 99),
+    ("auto_converge.increment", AC, 1, 99),
+    ("parallel.connections", PAR, 1, 255),
+    ("virtmig.stall_timeout", 0, 0, 2**31 - 1),
+    ("virtmig.completion_timeout", 0, 0, 2**31 - 1),
+]
+_METHOD = {"compression.mt": "mt", "compression.zlib": "zlib", "compression.zstd": "zstd",
+           "compression.xbzrle": "xbzrle"}
+
+
+def _fits(ptype: ParamType, value: int) -> bool:
+    try:
+        TypedParam("x", ptype, value)
+    except errors.InvalidArgument:
+        return False
+    return True
+
+
+def _one(name: str, value: int) -> TypedParams:
+    params = TypedParams()
+    method = next((m for prefix, m in _METHOD.items() if name.startswith(prefix)), None)
+    if method is not None:
+        params.add("compression", method)
+    params.add(name, value)
+    return params
+
+
+@pytest.mark.parametrize("entry", RANGES, ids=lambda e: e[0])
+def test_every_typed_param_has_a_range(entry: tuple[str, int, int, int]) -> None:
+    name, flags, lo, hi = entry
+    spec = MIGRATION_PARAMS[name]
+    assert spec.range is not None and (spec.range.lo, spec.range.hi) == (lo, hi)
+    for ok in (lo, hi):
+        validate_migration_params(_one(name, ok), flags)
+        check_param_values(_one(name, ok))
+    refused = [v for v in (lo - 1, hi + 1) if _fits(spec.type, v)]
+    assert refused  # every range is narrower than its type
+    for bad in refused:
+        for check in (lambda p: validate_migration_params(p, flags), check_param_values):
+            with pytest.raises(errors.InvalidArgument, match=f"{name}|bandwidth must be less"):
+                check(_one(name, bad))
+
+
+def test_every_numeric_param_is_in_the_range_table() -> None:
+    numeric = {n for n, s in MIGRATION_PARAMS.items() if s.type is not ParamType.STRING}
+    assert numeric == {e[0] for e in RANGES} | {"disks_port"}
+
+
+def test_range_messages() -> None:
+    with pytest.raises(errors.Overflow,
+                       match=f"^numerical overflow: bandwidth must be less than {MAXBW + 1}$"):
+        validate_migration_params(_params(("bandwidth", 2**64 - 1)), 0)
+    with pytest.raises(errors.InvalidArgument, match=(
+            r"^invalid argument: parameter 'compression.mt.level' must be between 0 and 9, "
+            r"got 10$")):
+        validate_migration_params(_one("compression.mt.level", 10), C)
+    with pytest.raises(errors.InvalidArgument,
+                       match=r"'compression\.xbzrle\.cache' must be a power of two, got 12288"):
+        validate_migration_params(_one("compression.xbzrle.cache", 12288), C)
+    with pytest.raises(errors.InvalidArgument, match=(
+            r"'virtmig\.completion_timeout_action' must be one of abort, suspend, postcopy, "
+            r"got 'explode'")):
+        validate_migration_params(_params(("virtmig.completion_timeout_action", "explode")), 0)
+    assert check_max_speed(MAXBW) == MAXBW
+    with pytest.raises(errors.Overflow, match="bandwidth must be less than"):
+        check_max_speed(MAXBW + 1)
+    assert check_max_downtime(1) == 1 and check_max_downtime(MAX_DOWNTIME_MS) == MAX_DOWNTIME_MS
+    for bad in (0, MAX_DOWNTIME_MS + 1, 2**64 - 1):
+        with pytest.raises(errors.InvalidArgument, match=(
+                f"^invalid argument: Invalid downtime {bad}: must be between 1 and "
+                f"{MAX_DOWNTIME_MS} ms$")):
+            check_max_downtime(bad)
 
 
 def test_parallel_and_compressed_depend_on_the_backend() -> None:

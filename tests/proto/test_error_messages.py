@@ -26,6 +26,7 @@ from virtmig.proto.compat import RULES
 LIBVIRT_FORMATS: dict[type[errors.VirtmigError], tuple[str, str]] = {
     errors.InvalidArgument: ("invalid argument: %s", "invalid argument"),
     errors.XMLError: ("XML error: %s", "XML description is invalid or not well formed"),
+    errors.Overflow: ("numerical overflow: %s", "numerical overflow"),
     errors.ArgumentUnsupported: ("argument unsupported: %s", "argument unsupported"),
     errors.ConfigUnsupported: ("unsupported configuration: %s", "unsupported configuration"),
     errors.OperationInvalid: ("Requested operation is not valid: %s",

@@ -24,6 +24,7 @@ from typing import Any
 from virtmig.daemon.backend.base import (
     Backend,
     BackendError,
+    GuestLimits,
     GuestRunState,
     GuestSpec,
     MigrationFailed,
@@ -31,6 +32,7 @@ from virtmig.daemon.backend.base import (
     MigrationStatus,
     MigrationTuning,
     StreamAddress,
+    host_memory_bytes,
 )
 from virtmig.daemon.backend.qemu.config import QemuConfig, parse_config
 from virtmig.daemon.backend.qemu.confine import (
@@ -79,6 +81,9 @@ from virtmig.proto.errors import ConfigUnsupported
 from virtmig.proto.flags import MigrateFlags
 
 log = logsafe.logger("virtmig.daemon.backend.qemu")
+
+QEMU_MAX_VCPUS_PC = 255  # the pc (i440fx) machine's max_cpus
+QEMU_MAX_VCPUS_Q35 = 288  # the q35 machine's max_cpus
 
 
 class QemuBackend(Backend):
@@ -153,6 +158,16 @@ class QemuBackend(Backend):
 
     def validate(self, spec: GuestSpec) -> None:
         parse_config(spec, self._machines, self.settings, self._dir)
+
+    def limits(self, spec: GuestSpec) -> GuestLimits:
+        """The host's RAM, and QEMU's vCPU limit for the machine type (``max_cpus`` of QEMU
+        7.2's machines: 288 for q35, 255 for pc/i440fx)."""
+        machine = spec.machine or "pc"
+        return GuestLimits(
+            host_memory_bytes() or 2**63 - 1,
+            QEMU_MAX_VCPUS_Q35 if "q35" in machine else QEMU_MAX_VCPUS_PC,
+            vcpus_source=f"QEMU's limit for machine type '{machine}'",
+        )
 
     def _config(self, spec: GuestSpec) -> QemuConfig:
         try:

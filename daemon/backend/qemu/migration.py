@@ -72,11 +72,10 @@ from virtmig.daemon.backend.base import (
 )
 from virtmig.proto.compat import Compression
 from virtmig.proto.errors import ArgumentUnsupported
-from virtmig.proto.flags import MAX_BANDWIDTH_MIB
+from virtmig.proto.flags import MAX_BANDWIDTH_MIB, MAX_DOWNTIME_MS
 
 #: libvirt's "unlimited" migration bandwidth (QEMU_DOMAIN_MIG_BANDWIDTH_MAX MiB/s, in bytes/s).
 UNLIMITED_BANDWIDTH = MAX_BANDWIDTH_MIB * 1024 * 1024
-MAX_DOWNTIME_LIMIT_MS = 2_000_000  # QEMU's upper bound for downtime-limit
 TLS_OBJECT_ID = "virtmig-migrate-tls"  # the tls-creds-x509 object of a TLS migration
 
 _TERMINAL = frozenset({"completed", "failed", "cancelled"})
@@ -161,7 +160,7 @@ def _bandwidth(bytes_per_s: int) -> int:
 
 
 def _downtime(ms: int) -> int:
-    return min(MAX_DOWNTIME_LIMIT_MS, max(1, ms))
+    return min(MAX_DOWNTIME_MS, max(1, ms))  # (the daemon refuses others before)
 
 
 def _src_settings(tuning: MigrationTuning) -> tuple[list[dict[str, object]], dict[str, object]]:

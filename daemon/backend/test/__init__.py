@@ -8,10 +8,13 @@ received against the source's before the migration completes.
 Modules, one concern each (bottom layer first):
 
 ``memory``
-    What a page holds (a pure function of seed, index and version) and the memory digest.
+    What a page holds (a pure function of seed, index and version) and the memory digest (a sum
+    of per-page terms).
+``sparse``
+    Per-page state that costs memory only for the pages it concerns: page versions, page sets.
 ``guest``
-    One embedded guest: its ``<virtmig:test .../>`` options, page versions, dirtying, page-hash
-    cache and run state.
+    One embedded guest: its ``<virtmig:guest .../>`` options and their ranges, page versions,
+    bounded dirtying, the digest's running sum and run state.
 ``wire``
     The migration stream format: the protocol diagram, the handshake on either end, the
     PAGES / DISCARD / REQUEST records and the replies.

@@ -3,6 +3,11 @@
 It keeps the guests (:mod:`.guest`) and the migrations running for them, and hands the streams to
 :mod:`.outgoing` (source) and :mod:`.incoming` (destination).
 
+Stream protection (:mod:`.secure`): with ``tuning.tls`` (``VIR_MIGRATE_TLS``) the stream is TLS
+1.3 with both certificates checked; with a ``tuning.stream_token`` both ends prove they know it
+before the stream's header.  A protected incoming port admits connections concurrently and takes
+the first that passes; without protection (no TLS, no token) the first connection is the stream.
+
 Job control:
 
 ``set_tuning``
@@ -42,15 +47,18 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import ssl
 import time
 from collections.abc import Coroutine
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from virtmig.daemon.backend.base import (
+    DEFAULT_MAX_VCPUS,
     Backend,
     BackendError,
+    GuestLimits,
     GuestRunState,
     GuestSpec,
     MigrationCancelled,
@@ -58,13 +66,19 @@ from virtmig.daemon.backend.base import (
     MigrationProgress,
     MigrationTuning,
     StreamAddress,
+    host_memory_bytes,
 )
 from virtmig.daemon.backend.test.guest import Guest, parse_options
 from virtmig.daemon.backend.test.incoming import Incoming, dst_abort, dst_receive
 from virtmig.daemon.backend.test.outgoing import Outgoing, src_send, src_settle
+from virtmig.daemon.backend.test.secure import StreamRefused, dst_admit, server_context
 from virtmig.daemon.backend.test.util import retrieve
 from virtmig.daemon.backend.test.wire import STREAM_LIMIT
+from virtmig.proto import logsafe
 from virtmig.proto.errors import ConfigUnsupported
+from virtmig.proto.flags import MigrateFlags
+
+log = logsafe.logger(__name__)
 
 
 class TestBackend(Backend):
@@ -72,8 +86,13 @@ class TestBackend(Backend):
 
     __test__ = False  # not a pytest test class
     name = "test"
+    extra_flags = MigrateFlags.TLS  # TLS on the stream (:mod:`.secure`)
 
-    def __init__(self) -> None:
+    def __init__(self, *, max_memory_bytes: int = 0, max_vcpus: int = 0) -> None:
+        """``max_memory_bytes``: the largest guest (0: the host's RAM); ``max_vcpus``: the most
+        vCPUs (0: :data:`~virtmig.daemon.backend.base.DEFAULT_MAX_VCPUS`)."""
+        self._max_memory = max_memory_bytes
+        self._max_vcpus = max_vcpus
         self._guests: dict[str, Guest] = {}
         self._incoming: dict[str, Incoming] = {}
         self._progress: dict[str, Outgoing | Incoming] = {}
@@ -94,6 +113,17 @@ class TestBackend(Backend):
         if tasks:
             await asyncio.wait(tasks)
         self._guests.clear()
+
+    def limits(self, spec: GuestSpec) -> GuestLimits:
+        """``test_max_memory_mib`` (default: the host's RAM) and ``test_max_vcpus`` (default
+        4096).  A guest's memory costs the daemon little whatever its size (see :mod:`.guest`):
+        the memory cap is the host's, as a real hypervisor's would be."""
+        return GuestLimits(
+            self._max_memory or host_memory_bytes() or 2**63 - 1,
+            self._max_vcpus or DEFAULT_MAX_VCPUS,
+            memory_source="test_max_memory_mib" if self._max_memory else "the host's RAM",
+            vcpus_source="test_max_vcpus",
+        )
 
     def validate(self, spec: GuestSpec) -> None:
         try:
@@ -230,22 +260,16 @@ class TestBackend(Backend):
                              tuning: MigrationTuning | None = None) -> int:
         if listen.transport != "tcp":
             raise BackendError(f"test backend: unsupported migration transport {listen.transport}")
+        tuning = tuning or MigrationTuning()
+        ctx = server_context(tuning.tls) if tuning.tls is not None else None
         guest = self._new_guest(spec, paused=True)
         guest.incoming = True
         done: asyncio.Future[MigrationProgress] = asyncio.get_running_loop().create_future()
         done.add_done_callback(retrieve)
-        inc = Incoming(guest=guest, done=done, received=bytearray(guest.npages))
+        inc = Incoming(guest=guest, done=done)
         self._guests[spec.uuid] = guest
         self._incoming[spec.uuid] = inc
-
-        def accepted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            if inc.task is not None or inc.done.done():
-                writer.transport.abort()  # exactly one stream per incoming migration
-                return
-            if inc.server is not None:
-                inc.server.close()
-            inc.task = self._spawn(dst_receive(self._guests, inc, reader, writer))
-
+        accepted = functools.partial(self._accepted, inc, ctx, tuning.stream_token)
         try:
             inc.server = await asyncio.start_server(
                 accepted, listen.host, listen.port, limit=STREAM_LIMIT
@@ -260,6 +284,49 @@ class TestBackend(Backend):
         self._progress[spec.uuid] = inc
         port: int = inc.server.sockets[0].getsockname()[1]
         return port
+
+    def _accepted(self, inc: Incoming, ctx: ssl.SSLContext | None, token: str,
+                  reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """A connection to the incoming port.  Unprotected (no TLS, no token): the first one is
+        the stream.  Else each proves itself concurrently (:mod:`.secure`); the first that does
+        is the stream, the others are dropped."""
+        if inc.task is not None or inc.done.done():
+            writer.transport.abort()  # exactly one stream per incoming migration
+            return
+        if ctx is None and not token:
+            self._take_stream(inc, reader, writer)
+            return
+        if ctx is not None:
+            # Not a byte read before start_tls: the ClientHello must reach the TLS layer.
+            cast(asyncio.Transport, writer.transport).pause_reading()
+        inc.admitting.add(self._spawn(self._admit(inc, ctx, token, reader, writer)))
+
+    async def _admit(self, inc: Incoming, ctx: ssl.SSLContext | None, token: str,
+                     reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        peer = writer.get_extra_info("peername")
+        ok = False
+        try:
+            await dst_admit(reader, writer, ctx, token)
+            ok = inc.task is None and not inc.done.done()
+        except StreamRefused as e:
+            log.warning("test backend: incoming migration of %s: dropped a connection from %s: "
+                        "%s", inc.guest.uuid, peer, e)
+        finally:
+            inc.admitting.discard(task)
+            if not ok:
+                writer.transport.abort()
+        if ok:
+            for other in list(inc.admitting):
+                other.cancel()
+            self._take_stream(inc, reader, writer)
+
+    def _take_stream(self, inc: Incoming, reader: asyncio.StreamReader,
+                     writer: asyncio.StreamWriter) -> None:
+        if inc.server is not None:
+            inc.server.close()
+        inc.task = self._spawn(dst_receive(self._guests, inc, reader, writer))
 
     async def incoming_wait(self, uuid: str) -> MigrationProgress:
         inc = self._incoming.get(uuid)

@@ -1,10 +1,14 @@
 """The destination side of a test-backend migration: the incoming stream and how it settles.
 
 The destination guest is paused until the stream completes.  It adopts the stream's seed and
-hashes every page as received; at SWITCH it answers ACK only when every page arrived and the
-digest of those hashes is the source's, else NAK + reason ("memory digest mismatch at
-switchover: …").  On ACK it holds exactly the received memory (and can be migrated onwards); on
-any failure before post-copy it quits, like a QEMU whose incoming migration failed.
+hashes every page as received, adding its term to a running sum (a resent or discarded page's
+earlier term leaves it: the term of its version, or, for bytes that are not that version's
+content, the hash kept in ``Incoming.odd`` -- at most :data:`MAX_ODD_PAGES` of those); at SWITCH
+it answers ACK only when every page arrived and the digest of that sum is the source's, else
+NAK + reason ("memory digest mismatch at switchover: …").  On ACK it holds exactly the received
+memory (and can be migrated onwards); on any failure before post-copy it quits, like a QEMU
+whose incoming migration failed.  What it holds per page is sparse (:mod:`.sparse`): pages
+received out of order, not every page of the guest.
 
 Post-copy: from the POSTCOPY record on, the guest may be resumed; a write to a page that has not
 arrived is held and applied on arrival (the vCPU would block on the fault) and the page is
@@ -29,12 +33,13 @@ from virtmig.daemon.backend.base import (
 from virtmig.daemon.backend.test.guest import Guest
 from virtmig.daemon.backend.test.memory import (
     DIGEST_LEN,
-    PAGE_HASH_LEN,
     PAGE_SIZE,
-    VERSION_MASK,
-    digest_of,
-    received_page_hash,
+    digest_bytes,
+    page_term,
+    received_page,
+    term_of,
 )
+from virtmig.daemon.backend.test.sparse import PageSet
 from virtmig.daemon.backend.test.util import ms
 from virtmig.daemon.backend.test.wire import (
     ITER,
@@ -54,6 +59,7 @@ from virtmig.proto import logsafe
 log = logsafe.logger(__name__)
 
 _PULL_INTERVAL = 0.005  # seconds between a post-copy destination's dirty ticks / page requests
+MAX_ODD_PAGES = 1024  # pages held with bytes other than their version's before the stream fails
 
 
 @dataclass(eq=False)
@@ -66,11 +72,14 @@ class Incoming:
     status: MigrationStatus = MigrationStatus.SETUP
     server: asyncio.Server | None = None
     task: asyncio.Task[None] | None = None
+    # Connections proving themselves (TLS, stream token) before one becomes ``task``.
+    admitting: set[asyncio.Task[None]] = field(default_factory=set)
     abort_reason: str = ""
     connected_at: float = 0.0
     stopped_at: float = 0.0
-    received: bytearray = field(default_factory=bytearray)  # 1 per page seen (and current)
-    received_count: int = 0
+    received: PageSet = field(default_factory=PageSet)  # pages seen (and current)
+    total: int = 0  # the sum of the received pages' digest terms
+    odd: dict[int, bytes] = field(default_factory=dict)  # page hashes of unexpected bytes
     pages: int = 0  # page records received, repeats included
     iteration: int = 0
     postcopy: bool = False  # the POSTCOPY record arrived
@@ -87,7 +96,7 @@ class Incoming:
             status=self.status,
             total_bytes=self.guest.npages * PAGE_SIZE,
             processed_bytes=self.pages * PAGE_SIZE,
-            remaining_bytes=(self.guest.npages - self.received_count) * PAGE_SIZE,
+            remaining_bytes=(self.guest.npages - len(self.received)) * PAGE_SIZE,
             iteration=self.iteration,
             bandwidth_bytes_per_s=round(self.pages * PAGE_SIZE / active) if active > 0 else 0,
             setup_time_ms=ms((self.connected_at or now) - self.started),
@@ -139,6 +148,8 @@ def dst_abort(guests: dict[str, Guest], inc: Incoming, reason: str) -> None:
         return
     if inc.server is not None:
         inc.server.close()
+    for task in list(inc.admitting):
+        task.cancel()
     if inc.task is not None and not inc.task.done():
         inc.abort_reason = reason
         inc.task.cancel()
@@ -171,7 +182,8 @@ def _fail(guests: dict[str, Guest], inc: Incoming, error: MigrationFailed) -> No
     inc.status = MigrationStatus.FAILED
     inc.final = replace(inc.snapshot(), status=MigrationStatus.FAILED, error=str(error))
     inc.done.set_exception(error)
-    inc.received = bytearray()
+    inc.received = PageSet()
+    inc.odd = {}
 
 
 async def _receive_stream(
@@ -186,29 +198,33 @@ async def _receive_stream(
     writer.write(b"A")
     await writer.drain()
 
-    # Hashes of the pages as received (post-copy: not the guest's own writes).
-    hashes = bytearray(PAGE_HASH_LEN * npages)
+    # inc.total: the terms of the pages as received (post-copy: not the guest's own writes).
     pull: asyncio.Task[None] | None = None
     try:
-        source_digest = await _receive_records(inc, reader, hashes, npages, seed)
+        source_digest = await _receive_records(inc, reader, npages, seed)
         if inc.postcopy:
             pull = asyncio.get_running_loop().create_task(_pull(inc, writer))
-            source_digest = await _receive_records(inc, reader, hashes, npages, seed)
+            source_digest = await _receive_records(inc, reader, npages, seed)
     finally:
         if pull is not None:
             pull.cancel()
     assert source_digest is not None  # after POSTCOPY only SWITCH ends the records
 
-    missing = npages - inc.received_count
+    missing = npages - len(inc.received)
     if missing:
         raise MigrationFailed(
             f"memory digest mismatch at switchover: {missing} of {npages} pages never received"
         )
-    digest = digest_of(hashes)
+    digest = digest_bytes(inc.total)
     if digest != source_digest:
         raise MigrationFailed(
             f"memory digest mismatch at switchover: source {source_digest.hex()[:16]}…, "
             f"destination computed {digest.hex()[:16]}… from the received pages"
+        )
+    if inc.odd:  # (a source that computed its digest over bytes no guest of ours holds)
+        raise MigrationFailed(
+            f"memory digest mismatch at switchover: {len(inc.odd)} pages hold bytes that are "
+            "not their version's content"
         )
     writer.write(b"A")
     await writer.drain()
@@ -216,7 +232,7 @@ async def _receive_stream(
     # Verified: the guest's memory is (seed, received versions) plus, after a post-copy
     # switch, its own writes since.
     now = time.monotonic()
-    guest.adopt_received(hashes)
+    guest.adopt_received(inc.total)
     inc.status = MigrationStatus.COMPLETED
     if inc.postcopy:
         downtime = ms((inc.resumed_at or now) - inc.stopped_at)
@@ -229,7 +245,7 @@ async def _receive_stream(
         downtime_ms=downtime,
         total_time_ms=ms(now - inc.started),
     )
-    inc.received = bytearray()
+    inc.received = PageSet()
     if inc.server is not None:
         inc.server.close()
     if not inc.done.done():
@@ -237,15 +253,11 @@ async def _receive_stream(
 
 
 async def _receive_records(
-    inc: Incoming,
-    reader: asyncio.StreamReader,
-    hashes: bytearray,
-    npages: int,
-    seed: int,
+    inc: Incoming, reader: asyncio.StreamReader, npages: int, seed: int
 ) -> bytes | None:
     """Read records until SWITCH (its digest) or, before post-copy, POSTCOPY (``None``)."""
     guest = inc.guest
-    versions, received, pending = guest.versions, inc.received, guest.pending
+    received = inc.received
     postcopy = inc.postcopy
     while True:
         kind = await reader.readexactly(1)
@@ -254,24 +266,31 @@ async def _receive_records(
             if not 0 < count <= MAX_BATCH_PAGES:
                 raise MigrationFailed(f"malformed migration stream: batch of {count} pages")
             buf = await reader.readexactly(count * RECORD_LEN)
-            fresh = 0
             for off in range(0, len(buf), RECORD_LEN):
                 idx, ver = RECORD.unpack_from(buf, off)
                 if idx >= npages:
                     raise MigrationFailed(f"malformed migration stream: page {idx} of {npages}")
-                if postcopy:
-                    if received[idx]:
+                if idx in received:
+                    if postcopy:
                         raise MigrationFailed(
                             f"malformed migration stream: page {idx} sent twice in post-copy"
                         )
-                    ver = (ver + pending.pop(idx, 0)) & VERSION_MASK  # held writes
-                h = received_page_hash(seed, buf, off + RECORD.size)
-                hashes[idx * PAGE_HASH_LEN : (idx + 1) * PAGE_HASH_LEN] = h
-                versions[idx] = ver
-                if not received[idx]:
-                    received[idx] = 1
-                    fresh += 1
-            inc.received_count += fresh
+                    inc.total -= _term_received(inc, idx, seed)  # replaced
+                else:
+                    received.add(idx)
+                h, expected = received_page(seed, buf, off + RECORD.size, idx, ver)
+                inc.total += page_term(idx, h)
+                if not expected:
+                    inc.odd[idx] = h
+                    if len(inc.odd) > MAX_ODD_PAGES:
+                        raise MigrationFailed(
+                            f"malformed migration stream: more than {MAX_ODD_PAGES} pages hold "
+                            "bytes that are not their version's content"
+                        )
+                if postcopy:
+                    guest.receive(idx, ver)  # and the writes held for it
+                else:
+                    guest.versions[idx] = ver
             inc.pages += count
         elif kind == b"I":
             inc.iteration, flags = ITER.unpack(await reader.readexactly(ITER.size))
@@ -285,9 +304,8 @@ async def _receive_records(
             )
         elif kind == b"D":
             for idx in await read_indices(reader, npages, "discard"):
-                if received[idx]:
-                    received[idx] = 0
-                    inc.received_count -= 1
+                if received.discard(idx):
+                    inc.total -= _term_received(inc, idx, seed)
         elif kind == b"C":
             inc.postcopy = True
             inc.status = MigrationStatus.POSTCOPY_ACTIVE
@@ -296,6 +314,15 @@ async def _receive_records(
             return None
         else:
             raise MigrationFailed(f"malformed migration stream: unknown record {kind!r}")
+
+
+def _term_received(inc: Incoming, idx: int, seed: int) -> int:
+    """The digest term of page ``idx`` as received before (pre-copy: the guest has not run, so
+    its version is the one received), which a resend or a discard takes out of the sum."""
+    h = inc.odd.pop(idx, None)
+    if h is not None:
+        return page_term(idx, h)
+    return term_of(seed, idx, inc.guest.versions[idx])
 
 
 async def _pull(inc: Incoming, writer: asyncio.StreamWriter) -> None:

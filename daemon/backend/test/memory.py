@@ -1,16 +1,20 @@
 """The test backend's memory model: what a page holds and what the memory digest is.
 
 A guest has no CPU and no devices, only memory, and that memory is cheap to hold: it is a 64-bit
-``seed`` plus one version counter per 4 KiB page.  The content of a page is the pure function
-:func:`page_bytes` of ``(seed, index, version)`` -- a 4072-byte block derived once per seed,
-followed by ``seed, index, version`` as three little-endian u64.  Migration really moves that
-content: the source sends every page's 4096 bytes over TCP, and the destination hashes the bytes
-it *received*.
+``seed`` plus one version counter per 4 KiB page, stored only for pages ever written
+(:mod:`.sparse`).  The content of a page is the pure function :func:`page_bytes` of
+``(seed, index, version)`` -- a 4072-byte block derived once per seed, followed by
+``seed, index, version`` as three little-endian u64.  Migration really moves that content: the
+source sends every page's 4096 bytes over TCP, and the destination hashes the bytes it
+*received*.
 
-Memory digest: ``blake2b-256`` over the ``blake2b-128`` hashes of all pages in page order
-(:func:`digest_of`; :meth:`TestBackend.memory_digest`).  Both ends compute it -- the source from
-its memory, the destination from the bytes it received -- and a migration completes only when
-they agree.
+Memory digest: the sum modulo 2**256 of one term per page, :func:`page_term` -- the
+``blake2b-256`` of (u64 page index, ``blake2b-128`` hash of the page's bytes) -- as 32
+little-endian bytes (:func:`digest_of`; :meth:`TestBackend.memory_digest`).  A sum of per-page
+hashes (an additive multiset hash, bound to page positions by the index) lets either end replace
+one page's term without rehashing the others, so neither keeps a hash per page.  Both ends
+compute it -- the source from its memory, the destination from the bytes it received -- and a
+migration completes only when they agree.
 
 Page hashing resumes a blake2b state cached per seed when a page starts with the seed's block --
 the result is the hash of the bytes as received.
@@ -30,6 +34,9 @@ PAGE_HASH_LEN = 16
 DIGEST_LEN = 32
 _DIGEST_PERSON = b"virtmig-testmem"
 VERSION_MASK = 0xFFFFFFFF  # page versions are u32 and wrap
+DIGEST_MOD = 1 << (8 * DIGEST_LEN)
+_U64 = struct.Struct("<Q")
+_TERM_STATE = hashlib.blake2b(digest_size=DIGEST_LEN, person=_DIGEST_PERSON)
 
 
 @functools.lru_cache(maxsize=64)
@@ -62,16 +69,39 @@ def page_hash_of(seed: int, idx: int, version: int) -> bytes:
     return h.digest()
 
 
-def received_page_hash(seed: int, buf: bytes, off: int) -> bytes:
-    """``page_hash(buf[off:off + 4096])``; cheap when the page has the seed's prefix."""
+def received_page(seed: int, buf: bytes, off: int, idx: int, version: int) -> tuple[bytes, bool]:
+    """``page_hash(buf[off:off + 4096])`` (cheap when the page has the seed's prefix), and
+    whether those bytes are exactly ``page_bytes(seed, idx, version)``."""
     block, state = _prefix(seed)
     if buf.startswith(block, off):
+        tail = buf[off + PREFIX_LEN : off + PAGE_SIZE]
         h = state.copy()
-        h.update(buf[off + PREFIX_LEN : off + PAGE_SIZE])
-        return h.digest()
-    return page_hash(memoryview(buf)[off : off + PAGE_SIZE])
+        h.update(tail)
+        return h.digest(), tail == SUFFIX.pack(seed, idx, version)
+    return page_hash(memoryview(buf)[off : off + PAGE_SIZE]), False
+
+
+def page_term(idx: int, h: bytes) -> int:
+    """Page ``idx``'s term of the memory digest, given the hash ``h`` of its bytes."""
+    raw = _TERM_STATE.copy()
+    raw.update(_U64.pack(idx) + h)
+    return int.from_bytes(raw.digest(), "little")
+
+
+def term_of(seed: int, idx: int, version: int) -> int:
+    """``page_term(idx, page_hash(page_bytes(seed, idx, version)))``."""
+    return page_term(idx, page_hash_of(seed, idx, version))
+
+
+def digest_bytes(total: int) -> bytes:
+    """The 32-byte memory digest of the sum of every page's term."""
+    return (total % DIGEST_MOD).to_bytes(DIGEST_LEN, "little")
 
 
 def digest_of(hashes: bytes | bytearray) -> bytes:
-    """The 32-byte memory digest of the concatenated page hashes ``hashes`` (in page order)."""
-    return hashlib.blake2b(hashes, digest_size=DIGEST_LEN, person=_DIGEST_PERSON).digest()
+    """The memory digest of the concatenated page hashes ``hashes`` (in page order)."""
+    total = sum(
+        page_term(i, bytes(hashes[off : off + PAGE_HASH_LEN]))
+        for i, off in enumerate(range(0, len(hashes), PAGE_HASH_LEN))
+    )
+    return digest_bytes(total)

@@ -10,6 +10,10 @@ Phases of one outgoing migration (``Outgoing.status``)::
                                 POSTCOPY, the remaining pages      ──►    FAILED     (error, NAK)
                                 (requested first), SWITCH ⇄ reply         CANCELLED  (cancel)
 
+SETUP connects with TLS when ``tuning.tls`` is set and, with a ``tuning.stream_token``, first
+checks that the destination proves it knows it (:mod:`.secure`): else nothing of the guest is
+sent.
+
 Iteration 1 sends all pages, each later iteration the pages dirtied meanwhile; after each pass the
 expected downtime is (dirty pages * 4096) / the transfer rate of that pass (:mod:`.pacing`), and
 once it is within ``max_downtime_ms`` (or the guest is paused, or the migration is not live) the
@@ -29,6 +33,8 @@ the time from the stop to the POSTCOPY record.
 from __future__ import annotations
 
 import asyncio
+import heapq
+import ssl
 import time
 from collections import deque
 from collections.abc import Mapping, Sequence
@@ -53,8 +59,10 @@ from virtmig.daemon.backend.test.pacing import (
     next_throttle,
     wants_throttle,
 )
+from virtmig.daemon.backend.test.secure import client_context, src_prove, tls_reason
 from virtmig.daemon.backend.test.util import future, ms, retrieve
 from virtmig.daemon.backend.test.wire import (
+    HANDSHAKE_TIMEOUT,
     ITER,
     ITER_STOPPED,
     STREAM_LIMIT,
@@ -143,14 +151,13 @@ class Outgoing:
 async def src_send(mig: Outgoing) -> None:
     """The outgoing stream, as the task ``cancel``/``destroy``/a NAK cancel."""
     guest, dest = mig.guest, mig.dest
-    try:
-        reader, writer = await asyncio.open_connection(dest.host, dest.port, limit=STREAM_LIMIT)
-    except OSError as e:
-        raise MigrationFailed(f"Failed to connect to '{hostport(dest)}': {strerror(e)}") from None
+    reader, writer = await _connect(mig)
     watch: asyncio.Task[str | None] | None = None
     ok = False
     try:
         writer.transport.set_write_buffer_limits(high=STREAM_LIMIT)
+        if mig.tuning.stream_token:
+            await src_prove(reader, writer, dest, mig.tuning.stream_token)
         await src_handshake(
             reader, writer, dest, uuid=guest.uuid, npages=guest.npages, seed=guest.seed
         )
@@ -172,6 +179,28 @@ async def src_send(mig: Outgoing) -> None:
             writer.close()
         else:
             writer.transport.abort()
+
+
+async def _connect(mig: Outgoing) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """The connection to the destination: TLS when ``tuning.tls`` says so."""
+    dest, tls = mig.dest, mig.tuning.tls
+    if tls is None:
+        try:
+            return await asyncio.open_connection(dest.host, dest.port, limit=STREAM_LIMIT)
+        except OSError as e:
+            raise MigrationFailed(
+                f"Failed to connect to '{hostport(dest)}': {strerror(e)}") from None
+    ctx = client_context(tls)
+    try:
+        return await asyncio.open_connection(
+            dest.host, dest.port, limit=STREAM_LIMIT, ssl=ctx,
+            server_hostname=tls.hostname or dest.host, ssl_handshake_timeout=HANDSHAKE_TIMEOUT)
+    except ssl.SSLError as e:
+        raise MigrationFailed(f"TLS handshake with the migration destination "
+                              f"'{hostport(dest)}' failed: {tls_reason(e)}") from None
+    except OSError as e:
+        raise MigrationFailed(
+            f"Failed to connect to '{hostport(dest)}': {strerror(e)}") from None
 
 
 def src_settle(guests: Mapping[str, Guest], mig: Outgoing, task: asyncio.Task[None]) -> None:
@@ -350,6 +379,7 @@ async def _send_pass(
             return pages[pos:]
         batch = pages[pos : pos + mig.pacer.batch_pages]
         pos += len(batch)
+        guest.tick()  # the guest's writes, a bounded share per batch (see .guest)
         data = page_records(guest.seed, guest.versions, batch, corrupt)
         writer.write(data)
         await writer.drain()
@@ -362,26 +392,29 @@ async def _send_pass(
 async def _postcopy(
     mig: Outgoing, writer: asyncio.StreamWriter, rest: Sequence[int], *, fresh: bool
 ) -> None:
-    """Switch to post-copy (``rest``: pages of the pass not sent yet), then send every page
-    the destination lacks, requested ones first, and the switchover digest."""
+    """Switch to post-copy (``rest``: pages of the pass not sent yet, a ``range`` in pass 1),
+    then send every page the destination lacks, requested ones first, and the switchover digest.
+
+    The pages to send are ``rest`` plus ``extra`` (dirtied since, not in ``rest``), sent in
+    ascending order; a requested page jumps the queue when it is still ahead of that order and
+    not sent yet (``early``).  Nothing here is per page of the guest: a huge guest switching in
+    pass 1 costs what its dirty pages cost.
+    """
     guest = mig.guest
     _stop(mig)
     mig.switched = True
     mig.status = MigrationStatus.POSTCOPY_ACTIVE
-    remaining = set(rest)
-    remaining |= guest.sync_dirty()
+    in_rest: range | set[int] = rest if isinstance(rest, range) else set(rest)
+    dirtied = guest.sync_dirty()
     guest.dirty = None
     corrupt = None
     if guest.fault == FAULT_CORRUPT_STREAM:
-        remaining.add(0)
+        dirtied.add(0)
         corrupt = 0
-    order = sorted(remaining)
+    extra = sorted(i for i in dirtied if i not in in_rest)
     # Pages never sent are not on the destination anyway: no need to discard them.
-    discard = sorted(remaining.difference(rest)) if fresh else order
-    wanted = bytearray(guest.npages)  # 1: still to send
-    for i in order:
-        wanted[i] = 1
-    left = len(order)
+    discard: Sequence[int] = extra if fresh else list(heapq.merge(rest, extra))
+    left = len(rest) + len(extra)
     mig.remaining_pages = left
     mig.switch_progress = mig.snapshot()
     if discard:
@@ -394,24 +427,28 @@ async def _postcopy(
 
     pacer, requested = mig.pacer, mig.requested
     pacer.set_rate(mig.tuning.postcopy_bandwidth_bytes_per_s)
-    pos = 0
+    order = heapq.merge(rest, extra)
+    nxt = next(order, None)  # every page of the order below it has been sent
+    early: set[int] = set()  # requested pages sent ahead of the order
+    extra_set = set(extra)
     while left:
         batch: list[int] = []
         while requested and len(batch) < BATCH_PAGES:
             i = requested.popleft()
-            if wanted[i]:  # else already sent (or never needed)
-                wanted[i] = 0
+            wanted = nxt is not None and i >= nxt and i not in early
+            if wanted and (i in in_rest or i in extra_set):  # else sent (or never needed)
+                early.add(i)
                 batch.append(i)
         if not batch:
             if pacer.delay() > 0:
                 await pacer.wait()  # cut short by a request
                 continue
             step = pacer.batch_pages
-            while pos < len(order) and len(batch) < step:
-                i = order[pos]
-                pos += 1
-                if wanted[i]:
-                    wanted[i] = 0
+            while nxt is not None and len(batch) < step:
+                i, nxt = nxt, next(order, None)
+                if i in early:
+                    early.discard(i)
+                else:
                     batch.append(i)
         if not batch:
             raise MigrationFailed(f"internal error: {left} post-copy pages lost track of")

@@ -3,6 +3,14 @@
 Stream protocol (all integers little-endian)::
 
     source                                                  destination
+    (VIR_MIGRATE_TLS: the whole connection is TLS 1.3, both sides' certificates checked)
+    With a stream token (cookie B's), first (:mod:`.secure`):
+    PROOF   Ns (32 random bytes)                      ──►
+                                                      ◄──   Nd (32 random bytes)
+                                                            HMAC-SHA256(token, "dst" Ns Nd)
+            checks it, else the migration fails
+            HMAC-SHA256(token, "src" Nd Ns)           ──►   checks it, else drops the connection
+                                                            and waits for another
     HEADER  "VMTESTMS" u16 version=1  u32 page_size   ──►   checks magic, version, page size,
             u64 npages  u64 seed  u16 len  uuid(utf-8)      uuid and npages against its guest
                                                       ◄──   REPLY  "A"  (or "N" + reason; close)
@@ -29,6 +37,7 @@ Stream protocol (all integers little-endian)::
 
 The destination answers ``N`` + reason and closes whenever it refuses the stream (wrong guest,
 malformed record, guest destroyed).  The source reads replies the whole time, so a NAK or an EOF
+aborts the migration at once.
 
 The header and its reply must arrive within :data:`HANDSHAKE_TIMEOUT`; after that only EOF or an
 error ends a stream early.  This module encodes and decodes the records; the source side that
@@ -46,6 +55,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from virtmig.daemon.backend.base import MigrationFailed, StreamAddress
 from virtmig.daemon.backend.test.memory import MIB, PAGE_SIZE, SUFFIX, page_prefix
+from virtmig.daemon.backend.test.sparse import Versions
 
 MAGIC = b"VMTESTMS"
 PROTOCOL_VERSION = 1
@@ -134,7 +144,7 @@ async def dst_read_header(reader: asyncio.StreamReader, uuid: str, npages: int) 
 
 
 def page_records(
-    seed: int, versions: Sequence[int], batch: Sequence[int], corrupt: int | None
+    seed: int, versions: Versions, batch: Sequence[int], corrupt: int | None
 ) -> bytes:
     """A PAGES record of ``batch`` at ``versions``; page ``corrupt`` gets a bad byte."""
     prefix = page_prefix(seed)
