@@ -146,7 +146,7 @@ def _model(cpu: etree._Element, accel: str, caps: EmulatorCaps | None
            ) -> tuple[str, bool | None, bool]:
     """The QEMU CPU model, its ``migratable`` (host/max) and whether it is enforced."""
     model_el = cpu.find("model")
-    name = "".join(model_el.itertext()).strip() if model_el is not None else ""
+    name = "".join(str(t) for t in model_el.itertext()).strip() if model_el is not None else ""
     mode = cpu.get("mode", "custom")
     match = cpu.get("match", "exact")
     if match != "exact":

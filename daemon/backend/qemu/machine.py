@@ -106,7 +106,7 @@ def parse_machine(root: etree._Element, accel: str, memory_kib: int,
 
 
 def _text(el: etree._Element) -> str:
-    return "".join(el.itertext()).strip()
+    return "".join(str(t) for t in el.itertext()).strip()
 
 
 def _check_seclabels(root: etree._Element) -> None:

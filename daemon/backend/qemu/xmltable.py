@@ -212,7 +212,8 @@ def _check(el: etree._Element, path: str) -> None:
         raise ConfigUnsupported(f"unsupported element {_path_label(path)} for the qemu backend")
     if rule.kind is not Kind.HONOURED:
         return
-    for name in el.attrib:
+    for key in el.attrib:
+        name = key if isinstance(key, str) else key.decode()
         if name not in rule.attrs:  # namespaced attributes ({ns}name) included
             raise ConfigUnsupported(
                 f"unsupported attribute '{name}' of {_path_label(path)} for the qemu backend"
