@@ -5,18 +5,23 @@ values: nothing here runs a process or opens a file.
 
 Supported domain XML (anything else is refused by :func:`parse_config`, and so by
 :meth:`QemuBackend.validate <virtmig.daemon.backend.qemu.backend.QemuBackend.validate>`, with
-``ConfigUnsupported`` naming the element):
+``ConfigUnsupported`` naming the element): :func:`parse_config` first walks the definition
+against the honour-or-refuse table (:mod:`.xmltable`), then each part's parser checks values:
 
 * ``<domain type='qemu'>`` (``-accel tcg``) or ``type='kvm'`` (``-accel kvm``); ``hvm``/x86_64;
   machine ``pc``/``q35`` or a versioned ``pc-*``/``pc-q35-*`` name the emulator knows (default
-  ``pc``); ``<memory>``, ``<vcpu>``; ``<os>`` with ``<kernel>``, ``<initrd>``, ``<cmdline>``.
+  ``pc``; :func:`canonical_xml` pins an alias to its concrete type at define time);
+  ``<memory>``; ``<os>`` with ``<kernel>``, ``<initrd>``, ``<cmdline>``.
+* ``<vcpu>`` and ``<cpu>``: :mod:`.cpu`; ``<features>``, ``<clock>``, ``<os><boot>``,
+  ``<on_*>``, ``<currentMemory>``, ``<seclabel>``: :mod:`.machine`.
 * ``<devices>``: ``<emulator>`` (one of the configured emulators; default: the first);
   ``<disk type='file' device='disk'>`` raw or qcow2 on ``<target bus='virtio' dev='vdX'>``
   (shared storage: both hosts see the same path); ``<serial>``/``<console>`` of ``type='pty'``
   or ``type='file'``, both written to ``serialN.log`` in the guest's folder (no pty is ever
-  allocated; a file serial must name that file); the implicit USB and PCI root controllers, PS/2
-  inputs, ``<memballoon model='none'>``, ``<video><model type='none'>`` (accepted, nothing
-  added).  No graphics: always ``-no-user-config -nodefaults -display none``.
+  allocated; a file serial must name that file); the machine's built-in PCI root (and q35's
+  SATA) controller, ``<controller type='usb' model='none'>``, PS/2 inputs,
+  ``<memballoon model='none'>``, ``<video><model type='none'>`` (accepted, nothing added).
+  No graphics: always ``-no-user-config -nodefaults -display none``.
 
 What a definition may reach on the host (emulators, image folders, log files) is the concern of
 :mod:`virtmig.daemon.backend.qemu.confine`; here its rules become refusals that name the element.
