@@ -14,7 +14,7 @@ from pathlib import Path
 from lxml import etree
 
 from virtmig.daemon.backend.base import Backend, GuestRunState, GuestSpec
-from virtmig.daemon.domxml import DomainDef
+from virtmig.daemon.domxml import DomainDef, parse_domain_xml
 from virtmig.daemon.events import EventBus, lifecycle_for
 from virtmig.daemon.job import JobRecord
 from virtmig.daemon.limits import DEFAULT_MAX_CALLS_PER_CLIENT, DEFAULT_MAX_CLIENTS, CallLimits
@@ -208,6 +208,12 @@ class Daemon:
             xml=d.xml,
             machine=d.machine,
         )
+
+    def canonical(self, d: DomainDef) -> DomainDef:
+        """``d`` as the backend pins it (:meth:`Backend.canonicalize`), at define and Prepare
+        (and for a migration's destination XML, so that it compares with the stored one)."""
+        xml = self.backend.canonicalize(self.spec(d))
+        return d if xml == d.xml else parse_domain_xml(xml)
 
     def validate(self, d: DomainDef) -> GuestSpec:
         """The one check of a guest against the backend, at define, start and Prepare: its

@@ -34,7 +34,7 @@ def not_running(dom: DomainObj) -> OperationInvalid:
 
 
 async def define(daemon: Daemon, xml: str) -> DomainObj:
-    d = parse_domain_xml(xml)
+    d = daemon.canonical(parse_domain_xml(xml))
     daemon.validate(d)
     existing = daemon.registry.check_define(d)
     if existing is not None and _abandoned_incoming(daemon, existing):

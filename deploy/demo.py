@@ -4,7 +4,8 @@ over mutual TLS.
 Makes a throw-away PKI with ``virtmig pki`` (a CA, a certificate for each host, one for the
 operator), starts ``virtmigd`` twice on ``tls://127.0.0.1`` (free ports, separate state dirs,
 different host UUIDs and hostnames, each with its own certificate), defines and starts a guest on
-the first, runs ``virtmig migrate --live --verbose`` to the second, shows ``virtmig list --all``
+the first, runs ``virtmig migrate --live --tls --verbose`` to the second (the daemons refuse a
+migration whose data stream is not TLS: ``migrate_tls_force``), shows ``virtmig list --all``
 on both, stops the daemons.  Everything lives in a temporary dir.  Exits non-zero if any step
 fails.
 """
@@ -59,9 +60,11 @@ def make_pki(work: Path) -> Path:
 def start_daemon(work: Path, name: str, ports: str) -> tuple[subprocess.Popen[bytes], str]:
     ready = work / f"{name}.ready"
     config = work / f"{name}.toml"
-    # Full access for the operator and for the other host (a peer-to-peer source).
+    # Full access for the operator and for the other host (a peer-to-peer source); migration
+    # streams must be TLS too (the data channel, not only the control channel).
     config.write_text(f'pki_dir = "{work / "pki" / name}"\n'
-                      'tls_allowed_dn_list = ["O=virtmig,CN=operator", "O=virtmig,CN=host-*"]\n')
+                      'tls_allowed_dn_list = ["O=virtmig,CN=operator", "O=virtmig,CN=host-*"]\n'
+                      'migrate_tls_force = true\n')
     cmd = [
         str(BIN / "virtmigd"),
         "--config", str(config),
@@ -111,7 +114,8 @@ def main() -> int:
             virtmig(src, "start", "demo-vm")
             virtmig(src, "list", "--all")
             # 200 MiB/s keeps the transfer visible for a moment in the progress line
-            virtmig(src, "migrate", "--live", "--verbose", "--bandwidth", "200", "demo-vm", dst)
+            virtmig(src, "migrate", "--live", "--tls", "--verbose", "--bandwidth", "200", "demo-vm",
+                    dst)
             print("--- host-a", flush=True)
             virtmig(src, "list", "--all")
             virtmig(src, "domstate", "--reason", "demo-vm")
@@ -130,7 +134,8 @@ def main() -> int:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
-    print("demo: guest live-migrated from host-a to host-b over mutual TLS", flush=True)
+    print("demo: guest live-migrated from host-a to host-b, control and data over mutual TLS",
+          flush=True)
     return 0
 
 

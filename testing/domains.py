@@ -56,6 +56,7 @@ def qemu_domain_xml(image: GuestImage, name: str = "vm1", memory_mib: int = 256,
             <initrd>{image.initrd}</initrd>
             <cmdline>{image.cmdline(dirty_mb=dirty_mb, dirty_rate=dirty_rate)}</cmdline>
           </os>
+          <features><acpi/><apic/></features>
           <devices>
             {console}
             <memballoon model='none'/>

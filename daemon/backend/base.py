@@ -223,6 +223,12 @@ class Backend(abc.ABC):
     def validate(self, spec: GuestSpec) -> None:  # noqa: B027 - optional hook
         """Refuse (``ConfigUnsupported``) what this backend cannot run, at define time."""
 
+    def canonicalize(self, spec: GuestSpec) -> str:
+        """``spec``'s domain XML as the daemon stores it (at define and Prepare, before
+        ``validate``): a backend pins there what must be the same on every host (the qemu
+        backend: the concrete machine type).  Default: unchanged."""
+        return spec.xml
+
     def check_compression(self, compression: Compression) -> None:  # noqa: B027 - optional hook
         """Refuse (``ArgumentUnsupported``) compression this backend will not run, before any
         migration phase changes anything (only called for backends whose ``extra_flags`` include

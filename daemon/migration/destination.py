@@ -102,6 +102,7 @@ async def dst_prepare(
         local_hostuuid=daemon.host_uuid,
         accept=ck.ACCEPT_PREPARE,
     )
+    d = daemon.canonical(d)
     daemon.validate(d)
 
     jobctl.check_limit(daemon, AsyncJob.MIGRATION_IN)

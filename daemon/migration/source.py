@@ -79,7 +79,7 @@ async def src_begin(
         if not offline:
             _require_active(dom)
         current = dom.config if offline and dom.config is not None else dom.definition
-        xml = _src_begin_xml(current, params)
+        xml = _src_begin_xml(daemon, current, params)
         cookie = any_cookie(daemon, dom.name, dom.uuid)
         if f & F.CHANGE_PROTECTION:
             jobctl.check_limit(daemon, AsyncJob.MIGRATION_OUT)
@@ -96,11 +96,14 @@ async def src_begin(
     return xml, cookie
 
 
-def _src_begin_xml(current: DomainDef, params: TypedParams) -> str:
+def _src_begin_xml(daemon: Daemon, current: DomainDef, params: TypedParams) -> str:
+    """The migratable XML the destination gets, pinned as the backend pins definitions (a guest
+    started from an older, unpinned definition runs what its alias stood for here)."""
+    current = daemon.canonical(current)
     xmlin = params.get_str(P.DEST_XML)
     if xmlin is None:
         return format_domain_xml(current, migratable=True)
-    target = parse_domain_xml(xmlin)
+    target = daemon.canonical(parse_domain_xml(xmlin))
     check_abi_stability(current, target)
     return format_domain_xml(target, migratable=True)
 

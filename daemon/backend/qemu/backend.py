@@ -34,7 +34,8 @@ from virtmig.daemon.backend.base import (
     StreamAddress,
     host_memory_bytes,
 )
-from virtmig.daemon.backend.qemu.config import QemuConfig, parse_config
+from virtmig.daemon.backend.qemu.caps import EmulatorCaps, probe_emulator
+from virtmig.daemon.backend.qemu.config import QemuConfig, canonical_xml, parse_config
 from virtmig.daemon.backend.qemu.confine import (
     QemuSettings,
     RunAs,
@@ -71,7 +72,6 @@ from virtmig.daemon.backend.qemu.process import (
     adopt,
     detach,
     launch,
-    probe_machines,
     stop_process,
     take_over,
 )
@@ -98,7 +98,7 @@ class QemuBackend(Backend):
         self._owner: RunAs | None = None  # whom QEMU runs as (None: as the daemon)
         self._guests: dict[str, _Guest] = {}
         self._progress: dict[str, _Outgoing | _Incoming] = {}
-        self._machines: dict[str, frozenset[str] | None] = {}
+        self._caps: dict[str, EmulatorCaps | None] = {}  # by emulator
 
     # -- setup --
 
@@ -108,7 +108,7 @@ class QemuBackend(Backend):
         check_settings(self.settings)
         self._owner = run_as(self.settings)
         self._dir = state_dir
-        self._machines = {e: await probe_machines(e) for e in self.settings.emulators}
+        self._caps = {e: await probe_emulator(e) for e in self.settings.emulators}
         why = postcopy_refusal(self._owner)
         if why:
             log.warning("qemu backend: %s", why)
@@ -156,8 +156,12 @@ class QemuBackend(Backend):
     def check_compression(self, compression: Compression) -> None:
         refuse_mt_compression(compression)
 
+    def canonicalize(self, spec: GuestSpec) -> str:
+        """The machine type pinned: ``pc`` -> the emulator's ``pc-i440fx-7.2`` (its alias)."""
+        return canonical_xml(spec, self._caps, self.settings)
+
     def validate(self, spec: GuestSpec) -> None:
-        parse_config(spec, self._machines, self.settings, self._dir)
+        parse_config(spec, self._caps, self.settings, self._dir)
 
     def limits(self, spec: GuestSpec) -> GuestLimits:
         """The host's RAM, and QEMU's vCPU limit for the machine type (``max_cpus`` of QEMU
@@ -171,7 +175,7 @@ class QemuBackend(Backend):
 
     def _config(self, spec: GuestSpec) -> QemuConfig:
         try:
-            cfg = parse_config(spec, self._machines, self.settings, self._state_dir())
+            cfg = parse_config(spec, self._caps, self.settings, self._state_dir())
         except ConfigUnsupported as exc:
             raise BackendError(exc.detail) from None
         if cfg.accel == "kvm":

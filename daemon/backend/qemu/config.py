@@ -5,18 +5,23 @@ values: nothing here runs a process or opens a file.
 
 Supported domain XML (anything else is refused by :func:`parse_config`, and so by
 :meth:`QemuBackend.validate <virtmig.daemon.backend.qemu.backend.QemuBackend.validate>`, with
-``ConfigUnsupported`` naming the element):
+``ConfigUnsupported`` naming the element): :func:`parse_config` first walks the definition
+against the honour-or-refuse table (:mod:`.xmltable`), then each part's parser checks values:
 
 * ``<domain type='qemu'>`` (``-accel tcg``) or ``type='kvm'`` (``-accel kvm``); ``hvm``/x86_64;
   machine ``pc``/``q35`` or a versioned ``pc-*``/``pc-q35-*`` name the emulator knows (default
-  ``pc``); ``<memory>``, ``<vcpu>``; ``<os>`` with ``<kernel>``, ``<initrd>``, ``<cmdline>``.
+  ``pc``; :func:`canonical_xml` pins an alias to its concrete type at define time);
+  ``<memory>``; ``<os>`` with ``<kernel>``, ``<initrd>``, ``<cmdline>``.
+* ``<vcpu>`` and ``<cpu>``: :mod:`.cpu`; ``<features>``, ``<clock>``, ``<os><boot>``,
+  ``<on_*>``, ``<currentMemory>``, ``<seclabel>``: :mod:`.machine`.
 * ``<devices>``: ``<emulator>`` (one of the configured emulators; default: the first);
   ``<disk type='file' device='disk'>`` raw or qcow2 on ``<target bus='virtio' dev='vdX'>``
   (shared storage: both hosts see the same path); ``<serial>``/``<console>`` of ``type='pty'``
   or ``type='file'``, both written to ``serialN.log`` in the guest's folder (no pty is ever
-  allocated; a file serial must name that file); the implicit USB and PCI root controllers, PS/2
-  inputs, ``<memballoon model='none'>``, ``<video><model type='none'>`` (accepted, nothing
-  added).  No graphics: always ``-no-user-config -nodefaults -display none``.
+  allocated; a file serial must name that file); the machine's built-in PCI root (and q35's
+  SATA) controller, ``<controller type='usb' model='none'>``, PS/2 inputs,
+  ``<memballoon model='none'>``, ``<video><model type='none'>`` (accepted, nothing added).
+  No graphics: always ``-no-user-config -nodefaults -display none``.
 
 What a definition may reach on the host (emulators, image folders, log files) is the concern of
 :mod:`virtmig.daemon.backend.qemu.confine`; here its rules become refusals that name the element.
@@ -32,13 +37,13 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from lxml import etree
 
 from virtmig.daemon.backend.base import GuestSpec
+from virtmig.daemon.backend.qemu.caps import Caps, caps_for
 from virtmig.daemon.backend.qemu.confine import (
     DEFAULT_BINARY,
     SANDBOX,
@@ -47,19 +52,22 @@ from virtmig.daemon.backend.qemu.confine import (
     image_refusal,
     serial_path_refusal,
 )
+from virtmig.daemon.backend.qemu.cpu import CpuConfig, parse_cpu
 from virtmig.daemon.backend.qemu.guest import SOCKET_NAME
-from virtmig.daemon.domxml import parse_domain_xml
+from virtmig.daemon.backend.qemu.machine import MachineConfig, parse_machine, pin_machine
+from virtmig.daemon.backend.qemu.xmltable import check_tree, unsupported_device
+from virtmig.daemon.domxml import DomainDef, parse_domain_xml
 from virtmig.proto.errors import ConfigUnsupported, VirtmigError
 
-__all__ = ["DEFAULT_BINARY", "DiskConfig", "GuestFiles", "QemuConfig", "SerialConfig",
-           "parse_config"]
+__all__ = ["DEFAULT_BINARY", "DiskConfig", "GuestFiles", "Machines", "QemuConfig",
+           "SerialConfig", "canonical_xml", "parse_config"]
 
 _MACHINE_RE = re.compile(r"(pc|q35|pc-[A-Za-z0-9._-]+)")
 _DISK_TARGET_RE = re.compile(r"vd[a-z]{1,3}")
 
-# The machine types each emulator knows (None: not checked beyond the name form), or one set
-# for whichever emulator runs.
-Machines = frozenset[str] | Mapping[str, frozenset[str] | None] | None
+# What each emulator offers (machine types, aliases, CPU models; None: not checked beyond the
+# name form), or one EmulatorCaps (or set of machine types) for whichever emulator runs.
+Machines = Caps
 
 
 @dataclass(frozen=True)
@@ -104,13 +112,15 @@ class QemuConfig:
     accel: str  # tcg | kvm
     machine: str
     memory_kib: int
-    vcpus: int
+    cpu: CpuConfig = field(default_factory=CpuConfig)  # -smp, -cpu
     emulator: str = ""  # a configured emulator: what runs
     kernel: str = ""
     initrd: str = ""
     cmdline: str = ""
     disks: tuple[DiskConfig, ...] = ()
     serials: tuple[SerialConfig, ...] = ()
+    # -machine options, -rtc, -boot, -action
+    machine_cfg: MachineConfig = field(default_factory=MachineConfig)
 
     def argv(self, files: GuestFiles, *, incoming: bool, monitor_fd: int | None = None,
              sandbox: bool = True) -> list[str]:
@@ -133,9 +143,10 @@ class QemuConfig:
             *(["-sandbox", SANDBOX] if sandbox else []),
             "-msg", "timestamp=on",
             "-accel", self.accel,
-            "-machine", self.machine,
+            "-machine", self.machine + self.machine_cfg.machine_options(),
             "-m", f"{self.memory_kib}k",
-            "-smp", str(self.vcpus),
+            *self.cpu.argv(),
+            *self.machine_cfg.argv(),
             *monitor,
         ]
         if self.kernel:
@@ -186,18 +197,9 @@ def _json(obj: dict[str, object]) -> str:
     return json.dumps(obj, separators=(",", ":"))
 
 
-def _element_label(el: etree._Element) -> str:
-    """``<tag type='x' device='y'>``: how an element is named in a refusal."""
-    tag = etree.QName(el).localname
-    attrs = "".join(f" {k}='{el.get(k)}'" for k in ("type", "device", "model") if el.get(k))
-    return f"<{tag}{attrs}>"
-
-
 def _unsupported(el: etree._Element, why: str = "") -> ConfigUnsupported:
-    detail = f": {why}" if why else ""
-    return ConfigUnsupported(
-        f"unsupported device {_element_label(el)} for the qemu backend{detail}"
-    )
+    """The refusal of device ``el`` (or a part of it), naming it (see :mod:`.xmltable`)."""
+    return unsupported_device(el, why)
 
 
 def _text(el: etree._Element | None) -> str:
@@ -209,17 +211,54 @@ def parse_config(spec: GuestSpec, machines: Machines = None,
                  guests_dir: Path | None = None) -> QemuConfig:
     """The QEMU configuration of ``spec``; ``ConfigUnsupported`` names what cannot be run.
 
-    ``machines``: the machine types the emulator knows (see :data:`Machines`).  ``settings``:
-    what the host allows (default: :class:`QemuSettings`' defaults).  ``guests_dir``: the folder
-    of the guests' folders (the backend's), where file serial ports must write (None: refused).
+    ``machines``: what the emulators offer (see :data:`Machines`).  ``settings``: what the host
+    allows (default: :class:`QemuSettings`' defaults).  ``guests_dir``: the folder of the
+    guests' folders (the backend's), where file serial ports must write (None: refused).
+    Every element and attribute is honoured or refused as :mod:`.xmltable` says.
     """
     settings = settings or QemuSettings().resolved()
     if not spec.xml:  # a bare spec (no XML): an empty pc guest
         return QemuConfig(uuid=spec.uuid, name=spec.name, accel="tcg", machine="pc",
-                          memory_kib=max(1, -(-spec.memory_bytes // 1024)), vcpus=spec.vcpus,
+                          memory_kib=max(1, -(-spec.memory_bytes // 1024)),
+                          cpu=CpuConfig(vcpus=spec.vcpus, max_vcpus=spec.vcpus),
                           emulator=_emulator("", settings))
+    d, root = _parse_domain(spec.xml)
+    check_tree(root)
+    machine = d.machine or "pc"
+    if not _MACHINE_RE.fullmatch(machine):
+        raise ConfigUnsupported(f"machine type '{machine}' is not supported by the qemu backend")
+    accel = "kvm" if d.domain_type == "kvm" else "tcg"
+    kernel, initrd, cmdline = _parse_os(root.find("os"), settings)
+    log_dir = guests_dir / d.uuid if guests_dir is not None else None
+    emulator, disks, serials = _parse_devices(root.find("devices"), machine, settings, log_dir)
+    emulator = _emulator(emulator, settings)
+    caps = caps_for(machines, emulator)
+    if caps is not None and machine not in caps.machines:
+        raise ConfigUnsupported(
+            f"machine type '{machine}' is not supported by the qemu backend (not known to the "
+            "emulator)"
+        )
+    return QemuConfig(
+        uuid=d.uuid,
+        name=d.name,
+        accel=accel,
+        machine=machine,
+        memory_kib=d.memory_kib,
+        cpu=parse_cpu(root, d.vcpus, accel, caps),
+        emulator=emulator,
+        kernel=kernel,
+        initrd=initrd,
+        cmdline=cmdline,
+        disks=disks,
+        serials=serials,
+        machine_cfg=parse_machine(root, accel, d.memory_kib, d.current_memory_kib),
+    )
+
+
+def _parse_domain(xml: str) -> tuple[DomainDef, etree._Element]:
+    """The definition (refused unless a qemu/kvm x86_64 hvm domain) and its element tree."""
     try:
-        d = parse_domain_xml(spec.xml)
+        d = parse_domain_xml(xml)
     except VirtmigError as exc:
         raise ConfigUnsupported(exc.detail) from None
     if d.domain_type not in ("qemu", "kvm"):
@@ -231,36 +270,30 @@ def parse_config(spec: GuestSpec, machines: Machines = None,
         raise ConfigUnsupported(f"OS type '{d.os_type}' is not supported by the qemu backend")
     if d.arch != "x86_64":
         raise ConfigUnsupported(f"architecture '{d.arch}' is not supported by the qemu backend")
-    machine = d.machine or "pc"
-    if not _MACHINE_RE.fullmatch(machine):
-        raise ConfigUnsupported(f"machine type '{machine}' is not supported by the qemu backend")
     parser = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False,
                              huge_tree=False)
-    root = etree.fromstring(d.xml.encode("utf-8"), parser)
-    kernel, initrd, cmdline = _parse_os(root.find("os"), settings)
-    log_dir = guests_dir / d.uuid if guests_dir is not None else None
-    emulator, disks, serials = _parse_devices(root.find("devices"), machine, settings, log_dir)
-    emulator = _emulator(emulator, settings)
-    known = machines.get(emulator) if isinstance(machines, Mapping) else machines
-    if known is not None and machine not in known:
-        raise ConfigUnsupported(
-            f"machine type '{machine}' is not supported by the qemu backend (not known to the "
-            "emulator)"
-        )
-    return QemuConfig(
-        uuid=d.uuid,
-        name=d.name,
-        accel="kvm" if d.domain_type == "kvm" else "tcg",
-        machine=machine,
-        memory_kib=d.memory_kib,
-        vcpus=d.vcpus,
-        emulator=emulator,
-        kernel=kernel,
-        initrd=initrd,
-        cmdline=cmdline,
-        disks=disks,
-        serials=serials,
-    )
+    return d, etree.fromstring(d.xml.encode("utf-8"), parser)
+
+
+def canonical_xml(spec: GuestSpec, machines: Machines = None,
+                  settings: QemuSettings | None = None) -> str:
+    """``spec``'s XML as the daemon should store it: its machine type pinned to the concrete
+    versioned type the emulator's alias stands for (``pc`` -> ``pc-i440fx-7.2``; no
+    ``machine=``: ``pc``'s).  Unchanged when nothing is to pin, the emulator's aliases are
+    unknown, or the definition is not one this backend runs (validation says why)."""
+    if not spec.xml:
+        return spec.xml
+    try:
+        d, root = _parse_domain(spec.xml)
+        named = root.find("devices/emulator")
+        emulator = _emulator(_text(named), settings or QemuSettings().resolved())
+    except ConfigUnsupported:
+        return spec.xml
+    caps = caps_for(machines, emulator)
+    if caps is None:
+        return spec.xml
+    concrete = caps.concrete_machine(d.machine or "pc")
+    return spec.xml if concrete == d.machine else pin_machine(d.xml, concrete)
 
 
 def _emulator(named: str, settings: QemuSettings) -> str:
@@ -284,13 +317,6 @@ def _parse_os(os_el: etree._Element | None, settings: QemuSettings) -> tuple[str
     """``<os>``: kernel, initrd and kernel command line (all ``""`` without ``<os>``)."""
     if os_el is None:
         return "", "", ""
-    for el in os_el:
-        if not isinstance(el.tag, str):
-            continue
-        if el.tag in ("loader", "nvram", "dtb", "initarg", "initenv", "acpi"):
-            raise ConfigUnsupported(
-                f"unsupported element <os><{el.tag}> for the qemu backend"
-            )
     kernel, initrd, cmdline = (_text(os_el.find(t)) for t in ("kernel", "initrd", "cmdline"))
     if (initrd or cmdline) and not kernel:
         raise ConfigUnsupported("<os><initrd>/<cmdline> need <os><kernel>")
@@ -395,6 +421,9 @@ def _parse_serial(el: etree._Element, port_default: int, log_dir: Path | None) -
         raise _unsupported(el, f"target port {port} (0-3 only)")
     if target is not None and target.get("type", "isa-serial") not in ("isa-serial", "serial"):
         raise _unsupported(el, f"target type '{target.get('type')}'")
+    model = target.find("model") if target is not None else None
+    if model is not None and model.get("name") != "isa-serial":
+        raise _unsupported(el, f"target model '{model.get('name')}' (isa-serial only)")
     if kind == "pty":
         return SerialConfig(port=port)
     if kind != "file":
@@ -410,14 +439,19 @@ def _parse_serial(el: etree._Element, port_default: int, log_dir: Path | None) -
 
 
 def _check_controller(el: etree._Element, machine: str) -> None:
-    """Only the implicit controllers (nothing is added for them)."""
+    """Only the controllers the machine type has built in, and "no USB" (nothing is added).
+
+    A USB controller is refused (``-nodefaults``: the guest would have none).
+    """
     kind, index, model = el.get("type"), el.get("index", "0"), el.get("model")
     q35 = "q35" in machine
-    if kind == "usb" and index == "0" and model in (None, "none", "piix3-uhci", "qemu-xhci"):
+    if kind == "usb" and index == "0" and model == "none":
         return
+    if kind == "usb":
+        raise _unsupported(el, "USB controllers are not supported yet (model='none' only)")
     if kind == "pci" and index == "0" and model == ("pcie-root" if q35 else "pci-root"):
         return
-    if kind == "sata" and index == "0" and q35 and not el.findall("*[@type]"):
+    if kind == "sata" and index == "0" and q35 and model is None:
         return  # q35's built-in AHCI
     raise _unsupported(el)
 

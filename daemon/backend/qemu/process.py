@@ -53,29 +53,6 @@ KILL_TIMEOUT = 10.0
 POLL_INTERVAL = 0.2  # liveness polling of a taken-over guest when pidfds are unavailable
 
 
-async def probe_machines(binary: str) -> frozenset[str] | None:
-    """The machine types (and aliases) ``binary`` knows; None if it cannot say."""
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            binary, "-machine", "help",
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.DEVNULL,
-        )
-    except OSError as exc:
-        log.warning("qemu backend: cannot run %s: %s", binary, exc)
-        return None
-    try:
-        out, _ = await asyncio.wait_for(proc.communicate(), 30)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        return None
-    if proc.returncode != 0:
-        return None
-    names = {line.split()[0] for line in out.decode().splitlines()[1:] if line.strip()}
-    return frozenset(names) or None
-
-
 async def launch(cfg: QemuConfig, gdir: Path, *, incoming: bool, settings: QemuSettings,
                  owner: RunAs | None) -> _Guest:
     """Start QEMU in ``gdir`` (vCPUs stopped), with its exit watched; the caller connects.

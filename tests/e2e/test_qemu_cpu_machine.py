@@ -1,0 +1,93 @@
+"""Two ``qemu`` daemons: a guest with a CPU topology, hot-pluggable vCPUs, a custom CPU model
+and a pinned machine type runs with exactly that (read back from QMP), and a live migration
+gives the destination the same vCPUs, CPU and machine.
+
+The guest is tiny and idle (SeaBIOS only, TCG): no kernel, so no guest kernel can crash under
+a TCG migration, and it starts in well under a second.
+"""
+
+from __future__ import annotations
+
+import textwrap
+import uuid as uuidlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from virtmig.client.migrate import migrate3
+from virtmig.daemon.domxml import parse_domain_xml
+from virtmig.proto.flags import DomainState, MigrateFlags
+from virtmig.proto.params import TypedParams
+from virtmig.testing import Host, hosts, qemu_binary_or_skip
+
+pytestmark = pytest.mark.qemu
+
+PINNED = "pc-i440fx-7.2"  # what QEMU 7.2's "pc" stands for
+
+
+def guest_xml(uuid: str) -> str:
+    return textwrap.dedent(f"""\
+        <domain type='qemu'>
+          <name>cpus</name>
+          <uuid>{uuid}</uuid>
+          <memory unit='MiB'>64</memory>
+          <vcpu placement='static' current='2'>4</vcpu>
+          <os><type arch='x86_64' machine='pc'>hvm</type><boot dev='hd'/></os>
+          <features><acpi/><apic/></features>
+          <cpu mode='custom' match='exact' check='full'>
+            <model fallback='forbid'>Nehalem</model>
+            <feature policy='disable' name='sse4.2'/>
+            <topology sockets='2' dies='1' cores='2' threads='1'/>
+          </cpu>
+          <clock offset='utc'><timer name='hpet' present='no'/></clock>
+          <on_reboot>restart</on_reboot>
+          <devices><memballoon model='none'/></devices>
+        </domain>
+        """)
+
+
+async def readback(host: Host, uuid: str) -> dict[str, Any]:
+    """What QEMU says it runs: vCPUs (online and pluggable), CPU model and flag, machine."""
+    q = host.daemon.backend.query  # type: ignore[attr-defined]
+    online = await q(uuid, "query-cpus-fast")
+    pluggable = await q(uuid, "query-hotpluggable-cpus")
+    cpu0 = online[0]["qom-path"]
+    return {
+        "online": sorted((c["props"]["socket-id"], c["props"]["core-id"]) for c in online),
+        "slots": sorted((c["props"]["socket-id"], c["props"]["core-id"], "qom-path" in c)
+                        for c in pluggable),
+        "cpu_type": await q(uuid, "qom-get", {"path": cpu0, "property": "type"}),
+        "sse4.2": await q(uuid, "qom-get", {"path": cpu0, "property": "sse4.2"}),
+        "machine": await q(uuid, "qom-get", {"path": "/machine", "property": "type"}),
+        "acpi": await q(uuid, "qom-get", {"path": "/machine", "property": "acpi"}),
+        "hpet": await q(uuid, "qom-get", {"path": "/machine", "property": "hpet"}),
+        "boot": await q(uuid, "qom-get", {"path": "/machine", "property": "boot"}),
+    }
+
+
+async def test_cpu_topology_model_and_pinned_machine_survive_migration(tmp_path: Path) -> None:
+    qemu_binary_or_skip()
+    async with hosts(tmp_path, "qemu", ("src", {}), ("dst", {})) as (src, dst):
+        uuid = str(uuidlib.uuid4())
+        await src.conn.define(guest_xml(uuid))
+        stored = parse_domain_xml(await src.conn.xml_desc("cpus", inactive=True))
+        assert stored.machine == PINNED  # pinned at define, shown by dumpxml
+        await src.conn.start("cpus")
+
+        before = await readback(src, uuid)
+        assert before["online"] == [(0, 0), (0, 1)]  # current='2' of sockets=2 x cores=2
+        assert before["slots"] == [(0, 0, True), (0, 1, True), (1, 0, False), (1, 1, False)]
+        assert before["cpu_type"] == "Nehalem-x86_64-cpu" and before["sse4.2"] is False
+        assert before["machine"] == f"{PINNED}-machine"
+        assert (before["acpi"], before["hpet"]) == ("on", False)
+        assert before["boot"]["order"] == "c"
+
+        migratable = parse_domain_xml(await src.conn.xml_desc("cpus", migratable=True))
+        assert migratable.machine == PINNED  # what the destination is told to run
+        dom = await migrate3(src.conn, "cpus", dst.conn, TypedParams(), MigrateFlags.LIVE)
+        assert dom.uuid == uuid
+        assert (await dst.conn.state("cpus"))[0] is DomainState.RUNNING
+        assert await readback(dst, uuid) == before
+        live = parse_domain_xml(await dst.conn.xml_desc("cpus"))
+        assert live.machine == PINNED
