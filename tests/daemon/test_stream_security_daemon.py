@@ -40,8 +40,11 @@ P = MigrateParam
 
 
 def same_token(seen: Tunings) -> str:
-    """The one stream token both backends got (a fresh 32-hex-digit secret)."""
-    assert len(seen.incoming) == len(seen.outgoing) == 1
+    """The one stream token both backends got (a fresh 32-hex-digit secret).  Prepare may have
+    started the incoming side more than once (a migration port some other process held: it tries
+    the next), always with the same token."""
+    assert len(seen.outgoing) == 1 and seen.incoming
+    assert len({t.stream_token for t in seen.incoming}) == 1
     token = seen.incoming[0].stream_token
     assert len(token) == 32 and int(token, 16) >= 0
     assert seen.outgoing[0].stream_token == token
