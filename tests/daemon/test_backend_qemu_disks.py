@@ -5,14 +5,19 @@ every refusal of the ``<disk>`` subtree, block device confinement, and the migra
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import stat
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.daemon.backend_qemu_helpers import guest_xml, make_spec
+from tests.daemon.backend_qemu_helpers import MIB, guest_xml, make_spec, within
 from tests.daemon.migration_helpers import F, assert_rolled_back, migrate, running_guest
 from virtmig.client.sequence import Trace
 from virtmig.daemon.backend.base import BackendError, GuestSpec
@@ -20,7 +25,7 @@ from virtmig.daemon.backend.qemu import GuestFiles, QemuBackend, QemuSettings, p
 from virtmig.daemon.backend.qemu.confine import block_refusal, open_image
 from virtmig.daemon.backend.qemu.disks import UNSAFE_CACHE, DiskConfig, migration_unsafe
 from virtmig.proto.errors import ConfigUnsupported, MigrateUnsafe
-from virtmig.testing import Host
+from virtmig.testing import Host, kill_leftover_qemus, qemu_binary_or_skip, qemu_settings
 
 LOOP = "/dev/loop0"  # a block device every Linux host has; only stat()ed here
 
@@ -409,3 +414,119 @@ async def test_begin_refuses_an_unsafe_migration_without_the_flag(
     await assert_rolled_back(src, dst)
     await migrate(src, dst, F.LIVE | F.UNSAFE)  # the caller's override
     assert await dst.conn.lookup("vm1")
+
+
+# --- read back from a running QEMU ---------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def loop_device(backing: Path) -> Iterator[str]:
+    """A loop device over ``backing`` (root only), detached afterwards."""
+    done = subprocess.run(["losetup", "--find", "--show", str(backing)], capture_output=True,
+                          text=True, check=True, timeout=30)
+    dev = done.stdout.strip()
+    try:
+        yield dev
+    finally:
+        subprocess.run(["losetup", "--detach", dev], check=False, timeout=30)
+
+
+@contextlib.asynccontextmanager
+async def running(tmp_path: Path, settings: QemuSettings, spec: GuestSpec,
+                  ) -> AsyncIterator[QemuBackend]:
+    backend = QemuBackend(settings)
+    await within(backend.open(tmp_path / "host"))
+    try:
+        await within(backend.start(spec, paused=True))
+        yield backend
+    finally:
+        for uuid in list(backend._guests):
+            await within(backend.destroy(uuid))
+        await within(backend.close())
+        assert not kill_leftover_qemus(tmp_path), "a test left QEMU processes running"
+
+
+def by_qdev(blocks: list[dict[str, Any]], dev_id: str) -> dict[str, Any]:
+    found = [b for b in blocks if b.get("qdev") == dev_id  # its id, or the virtio backend's path
+             or b.get("qdev", "").startswith(f"/machine/peripheral/{dev_id}/")]
+    assert len(found) == 1, f"{dev_id}: {[b.get('qdev') for b in blocks]}"
+    return found[0]
+
+
+def pci_ids(buses: list[dict[str, Any]]) -> list[tuple[int, int]]:
+    return [(d["id"]["vendor"], d["id"]["device"]) for bus in buses for d in bus["devices"]]
+
+
+@pytest.mark.qemu
+@pytest.mark.skipif(os.geteuid() != 0, reason="a loop device for <disk type='block'> needs root")
+async def test_disks_as_qemu_reports_them_pc(tmp_path: Path, storage: Path) -> None:
+    """Every bus, cache mode, read-only, serial, boot order, the empty tray, a block device and
+    the controllers, read back over QMP from a running QEMU (pc: AHCI added, IDE built in)."""
+    qemu_binary_or_skip()
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(storage / "b.qcow2"), "16M"],
+                   check=True, timeout=60)
+    (storage / "loop.img").write_bytes(b"\0" * MIB)
+    with loop_device(storage / "loop.img") as loop:
+        devices = (
+            disk(storage, "vda", "virtio", file="b.qcow2",
+                 driver="<driver name='qemu' type='qcow2' cache='none' discard='unmap' "
+                        "io='native'/>", extra="<serial>VDA-0001</serial><boot order='2'/>")
+            + f"<disk type='block' device='disk'><driver cache='directsync'/>"
+              f"<source dev='{loop}'/><target dev='vdb'/><shareable/></disk>"
+            + disk(storage, "sda", "sata", driver="<driver cache='writethrough'/>")
+            + disk(storage, "hdc", "ide", device="cdrom", source=False, extra="<boot order='1'/>")
+            + disk(storage, "sdb", "scsi", file="d.img", driver="<driver cache='unsafe'/>",
+                   extra="<readonly/><serial>SCSI-B</serial>")
+        )
+        spec = spec_of(devices)
+        settings = replace(qemu_settings(storage), block_devices=(loop,))
+        async with running(tmp_path, settings, spec) as qemu:
+            blocks = await qemu.query(spec.uuid, "query-block")
+            vda = by_qdev(blocks, "virtio-vda")["inserted"]
+            assert (vda["node-name"], vda["drv"], vda["ro"]) == ("drive-vda", "qcow2", False)
+            assert vda["cache"] == {"writeback": True, "direct": True, "no-flush": False}
+            vdb = by_qdev(blocks, "virtio-vdb")["inserted"]
+            assert vdb["cache"] == {"writeback": False, "direct": True, "no-flush": False}
+            assert vdb["file"].startswith("json:") or vdb["file"] == "/dev/fdset/2"
+            sda = by_qdev(blocks, "sata-sda")["inserted"]
+            assert sda["cache"] == {"writeback": False, "direct": False, "no-flush": False}
+            sdb = by_qdev(blocks, "scsi-sdb")["inserted"]
+            assert sdb["ro"] is True and sdb["drv"] == "raw"
+            assert sdb["cache"] == {"writeback": True, "direct": False, "no-flush": True}
+            hdc = by_qdev(blocks, "ide-hdc")
+            assert "inserted" not in hdc and hdc["removable"] and not hdc["tray_open"]
+            nodes = await qemu.query(spec.uuid, "query-named-block-nodes")
+            assert {n["node-name"]: n["drv"] for n in nodes if n["node-name"].startswith(
+                "file-")} == {"file-vda": "file", "file-vdb": "host_device",
+                              "file-sda": "file", "file-sdb": "file"}
+
+            async def prop(dev_id: str, name: str) -> Any:
+                return await qemu.query(spec.uuid, "qom-get", {
+                    "path": f"/machine/peripheral/{dev_id}", "property": name})
+
+            assert await prop("virtio-vda", "bootindex") == 2
+            assert await prop("ide-hdc", "bootindex") == 1
+            assert await prop("virtio-vda", "serial") == "VDA-0001"
+            assert await prop("scsi-sdb", "serial") == "SCSI-B"
+            assert await prop("virtio-vdb", "share-rw") is True
+            assert await prop("sata-sda", "write-cache") == "off"
+            ids = pci_ids(await qemu.query(spec.uuid, "query-pci"))
+            assert ids.count((0x1AF4, 0x1001)) == 2  # virtio-blk (transitional), vda and vdb
+            assert (0x1AF4, 0x1004) in ids  # virtio-scsi (transitional)
+            assert (0x8086, 0x2922) in ids  # ich9-ahci, added on pc
+            assert (0x8086, 0x7010) in ids  # PIIX3 IDE, pc's own
+
+
+@pytest.mark.qemu
+async def test_sata_on_q35_is_the_builtin_ahci(tmp_path: Path, storage: Path) -> None:
+    qemu_binary_or_skip()
+    spec = spec_of(disk(storage, "sda", "sata") + disk(storage, "sdb", "sata", device="cdrom",
+                                                       file="c.iso"), "q35")
+    async with running(tmp_path, qemu_settings(storage), spec) as qemu:
+        blocks = await qemu.query(spec.uuid, "query-block")
+        assert by_qdev(blocks, "sata-sdb")["inserted"]["ro"] is True
+        assert by_qdev(blocks, "sata-sda")["inserted"]["ro"] is False
+        assert await qemu.query(spec.uuid, "qom-get", {
+            "path": "/machine/peripheral/sata-sdb", "property": "unit"}) == 0
+        ids = pci_ids(await qemu.query(spec.uuid, "query-pci"))
+        assert ids.count((0x8086, 0x2922)) == 1  # only q35's own AHCI
