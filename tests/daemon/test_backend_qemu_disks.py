@@ -419,6 +419,11 @@ async def test_begin_refuses_an_unsafe_migration_without_the_flag(
 # --- read back from a running QEMU ---------------------------------------------------------------
 
 
+def make_qcow2(path: Path, size: str = "16M") -> None:
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), size], check=True,
+                   timeout=60)
+
+
 @contextlib.contextmanager
 def loop_device(backing: Path) -> Iterator[str]:
     """A loop device over ``backing`` (root only), detached afterwards."""
@@ -463,8 +468,7 @@ async def test_disks_as_qemu_reports_them_pc(tmp_path: Path, storage: Path) -> N
     """Every bus, cache mode, read-only, serial, boot order, the empty tray, a block device and
     the controllers, read back over QMP from a running QEMU (pc: AHCI added, IDE built in)."""
     qemu_binary_or_skip()
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(storage / "b.qcow2"), "16M"],
-                   check=True, timeout=60)
+    make_qcow2(storage / "b.qcow2")
     (storage / "loop.img").write_bytes(b"\0" * MIB)
     with loop_device(storage / "loop.img") as loop:
         devices = (
