@@ -32,6 +32,7 @@ Example (all keys optional)::
     # The qemu backend's confinement (see virtmig.daemon.backend.qemu.confine):
     emulators = ["/usr/bin/qemu-system-x86_64"]   # default: qemu-system-x86_64 on PATH
     storage_dirs = ["/var/lib/virtmig/images"]    # disk images, kernels and initrds
+    block_devices = []                 # block devices a <disk type='block'> may name
     qemu_user = "virtmig-qemu"         # QEMU's user when the daemon is root ("root": opt out)
     qemu_group = ""                    # default: qemu_user's primary group
     qemu_sandbox = true                # QEMU's seccomp sandbox
@@ -64,7 +65,8 @@ _KEYS = {
     "listen_insecure_tcp", "readonly_socket", "max_domains", "test_max_memory_mib",
     "test_max_vcpus", "max_clients", "max_calls_per_client", "migrate_tls_force",
 }
-_QEMU_KEYS = {"emulators", "storage_dirs", "qemu_user", "qemu_group", "qemu_sandbox"}
+_QEMU_KEYS = {"emulators", "storage_dirs", "block_devices", "qemu_user", "qemu_group",
+              "qemu_sandbox"}
 
 
 def parse_port_range(text: str) -> tuple[int, int]:
@@ -101,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an emulator the qemu backend may run (repeatable)")
     p.add_argument("--storage-dir", action="append", dest="storage_dirs", metavar="DIR",
                    help="a folder guest images may lie in (repeatable)")
+    p.add_argument("--block-device", action="append", dest="block_devices", metavar="PATH",
+                   help="a block device a <disk type='block'> may name (repeatable)")
     p.add_argument("--qemu-user", metavar="USER", help="QEMU's user when the daemon is root")
     p.add_argument("--qemu-group", metavar="GROUP", help="QEMU's group when the daemon is root")
     p.add_argument("--ready-file", metavar="FILE",
@@ -171,7 +175,7 @@ def load_config(args: argparse.Namespace) -> DaemonConfig:
 def _qemu_settings(data: dict[str, Any]) -> dict[str, Any]:
     """The qemu backend's keys, checked (unset ones keep the backend's defaults)."""
     out: dict[str, Any] = {}
-    for key in ("emulators", "storage_dirs"):
+    for key in ("emulators", "storage_dirs", "block_devices"):
         if key in data:
             value = data[key]
             paths = [value] if isinstance(value, str) else value

@@ -82,6 +82,7 @@ class DaemonConfig:
     # The qemu backend's confinement (virtmig.daemon.backend.qemu.confine owns the defaults).
     emulators: tuple[str, ...] = ()  # (): the qemu-system-x86_64 on PATH at start
     storage_dirs: tuple[str, ...] | None = None  # None: /var/lib/virtmig/images
+    block_devices: tuple[str, ...] = ()  # block devices a <disk type='block'> may name
     qemu_user: str = ""  # "": virtmig-qemu (used when the daemon runs as root)
     qemu_group: str = ""  # "": qemu_user's primary group
     qemu_sandbox: bool = True

@@ -56,6 +56,7 @@ def qemu_settings(config: DaemonConfig) -> QemuSettings:
         emulators=config.emulators,
         storage_dirs=default.storage_dirs if config.storage_dirs is None
         else config.storage_dirs,
+        block_devices=config.block_devices,
         user=config.qemu_user or default.user,
         group=config.qemu_group,
         sandbox=config.qemu_sandbox,

@@ -23,6 +23,7 @@ a status back into the same class in :func:`from_status`.  Nowhere else maps err
      ├── OperationFailed                 ABORTED            VIR_ERR_OPERATION_FAILED
      ├── OperationAborted                ABORTED            VIR_ERR_OPERATION_ABORTED
      ├── MigrateFinishOk                 ABORTED            VIR_ERR_MIGRATE_FINISH_OK
+     ├── MigrateUnsafe                   FAILED_PRECONDITION VIR_ERR_MIGRATE_UNSAFE
      ├── OperationTimeout                DEADLINE_EXCEEDED  VIR_ERR_OPERATION_TIMEOUT
      ├── ResourceExhausted               RESOURCE_EXHAUSTED VIR_ERR_RESOURCE_BUSY
      ├── PermissionDenied                PERMISSION_DENIED  VIR_ERR_ACCESS_DENIED
@@ -200,6 +201,16 @@ class MigrateFinishOk(VirtmigError):
     status = grpc.StatusCode.ABORTED
     msginfo = "migration successfully aborted: %s"
     msg = "migration successfully aborted"
+
+
+class MigrateUnsafe(VirtmigError):
+    """A migration that may corrupt the guest's data (libvirt's MIGRATE_UNSAFE: disks cached by
+    the host); ``VIR_MIGRATE_UNSAFE`` overrides it."""
+
+    code = "VIR_ERR_MIGRATE_UNSAFE"
+    status = grpc.StatusCode.FAILED_PRECONDITION
+    msginfo = "Unsafe migration: %s"
+    msg = "Unsafe migration"
 
 
 class OperationTimeout(VirtmigError):

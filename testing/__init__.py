@@ -30,7 +30,14 @@ Nothing here needs pytest, except the ``*_or_skip`` functions when they skip.
 from __future__ import annotations
 
 from virtmig.testing.domains import domain_xml, qemu_domain_xml
-from virtmig.testing.guest import GuestImage, GuestUnavailable, cache_dir, ensure_guest
+from virtmig.testing.guest import (
+    DiskRecord,
+    GuestImage,
+    GuestUnavailable,
+    cache_dir,
+    disk_records,
+    ensure_guest,
+)
 from virtmig.testing.hosts import (
     ClosedPortDest,
     Host,
@@ -70,6 +77,7 @@ from virtmig.testing.wait import (
 __all__ = [
     "TEST_QEMU_USER",
     "ClosedPortDest",
+    "DiskRecord",
     "GuestImage",
     "GuestUnavailable",
     "Host",
@@ -78,6 +86,7 @@ __all__ = [
     "cache_dir",
     "connect_uri",
     "daemon_settings",
+    "disk_records",
     "domain_xml",
     "ensure_guest",
     "free_port",

@@ -9,6 +9,7 @@
  * know are passed to /init's environment):
  *   dirty_mb    MiB of memory to map, fill with non-zero data and keep dirtying (default 64)
  *   dirty_rate  MiB/s of pages to dirty, one 64-bit word per 4 KiB page (default 0: unlimited)
+ *   disklog     a raw block device (e.g. /dev/vdb) to log every heartbeat to (default: none)
  *
  * Console output:
  *   DIRTY-READY mb=<mb> rate=<rate>                 once the memory is filled
@@ -16,15 +17,27 @@
  * `sum` is the running checksum (sum of every word of the area, kept up to date on each write);
  * `ok` says whether re-reading the whole area gave that same sum, so a page that did not arrive
  * intact after a migration shows up as ok=0.
+ *
+ * With disklog: /init mounts devtmpfs on /dev, loads the modules listed in /lib/modules/order
+ * (finit_module; the virtio block driver, which Debian builds as a module), opens the device with
+ * O_DIRECT|O_SYNC and prints
+ *   DISKLOG-READY dev=<dev>                         (or DISKLOG-ERROR <why>, and logs nothing)
+ * then writes heartbeat n's record to sector n-1, before printing the heartbeat (a record on the
+ * disk was written, and acknowledged, before its line): little-endian "VMHB", u32 version 1,
+ * u64 n, u64 sum, u64 FNV-1a 64 of the 24 bytes before it, zeros to 512 bytes.
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/mount.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -87,6 +100,80 @@ static _Noreturn void hang(const char *why)
 		pause();
 }
 
+static void load_modules(void)
+{
+	FILE *order = fopen("/lib/modules/order", "r");
+	if (order == NULL)
+		return; /* nothing to load: the driver is built in, or there is none */
+	char name[128], path[192];
+	while (fgets(name, sizeof(name), order) != NULL) {
+		name[strcspn(name, "\n")] = '\0';
+		if (name[0] == '\0')
+			continue;
+		snprintf(path, sizeof(path), "/lib/modules/%s", name);
+		int fd = open(path, O_RDONLY | O_CLOEXEC);
+		if (fd < 0 || (syscall(SYS_finit_module, fd, "", 0) != 0 && errno != EEXIST))
+			say("DISKLOG-ERROR module %s: %s\n", name, strerror(errno));
+		if (fd >= 0)
+			close(fd);
+	}
+	fclose(order);
+}
+
+/* The log device opened for direct, synchronous writes; -1 (said why) when it cannot be. */
+static int disklog_open(const char *dev)
+{
+	if (mount("devtmpfs", "/dev", "devtmpfs", 0, NULL) != 0 && errno != EBUSY) {
+		say("DISKLOG-ERROR mount devtmpfs: %s\n", strerror(errno));
+		return -1;
+	}
+	load_modules();
+	int err = 0;
+	for (int i = 0; i < 200; i++) { /* the node appears once the driver probed the device */
+		int fd = open(dev, O_RDWR | O_DIRECT | O_SYNC | O_CLOEXEC);
+		if (fd >= 0) {
+			say("DISKLOG-READY dev=%s\n", dev);
+			return fd;
+		}
+		err = errno;
+		sleep_until(now_ns() + NS / 20);
+	}
+	say("DISKLOG-ERROR open %s: %s\n", dev, strerror(err));
+	return -1;
+}
+
+static uint64_t fnv1a64(const unsigned char *p, size_t n)
+{
+	uint64_t h = 0xCBF29CE484222325ULL;
+	for (size_t i = 0; i < n; i++)
+		h = (h ^ p[i]) * 0x100000001B3ULL;
+	return h;
+}
+
+static void put64(unsigned char *p, uint64_t v)
+{
+	for (int i = 0; i < 8; i++)
+		p[i] = (unsigned char)(v >> (8 * i));
+}
+
+/* Heartbeat n's record to sector n-1 (buf: one aligned sector); 0 on success. */
+static int disklog_write(int fd, unsigned char *buf, uint64_t n, uint64_t sum)
+{
+	memset(buf, 0, 512);
+	memcpy(buf, "VMHB", 4);
+	buf[4] = 1; /* version, little-endian u32 */
+	put64(buf + 8, n);
+	put64(buf + 16, sum);
+	put64(buf + 24, fnv1a64(buf, 24));
+	ssize_t w = pwrite(fd, buf, 512, (off_t)((n - 1) * 512));
+	if (w != 512) {
+		say("DISKLOG-ERROR write n=%llu: %s\n", (unsigned long long)n,
+		    w < 0 ? strerror(errno) : "short write");
+		return -1;
+	}
+	return 0;
+}
+
 int main(void)
 {
 	unsigned long mb = env_ulong("dirty_mb", 64);
@@ -100,6 +187,12 @@ int main(void)
 			     MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
 	if (mem == MAP_FAILED)
 		hang("mmap failed");
+
+	const char *dev = getenv("disklog");
+	int logfd = dev != NULL && *dev != '\0' ? disklog_open(dev) : -1;
+	unsigned char *sector = NULL;
+	if (logfd >= 0 && posix_memalign((void **)&sector, 4096, 4096) != 0)
+		hang("posix_memalign failed");
 
 	/* Non-zero everywhere: no page may count as a zero page for the migration. */
 	uint64_t sum = 0;
@@ -134,6 +227,10 @@ int main(void)
 			for (size_t i = 0; i < nwords; i++)
 				check += mem[i];
 			beats++;
+			if (logfd >= 0 && disklog_write(logfd, sector, beats, sum) != 0) {
+				close(logfd); /* one error said; the heartbeats go on */
+				logfd = -1;
+			}
 			say("HEARTBEAT n=%llu sum=%016llx ok=%d\n", (unsigned long long)beats,
 			    (unsigned long long)sum, check == sum);
 			t = now_ns();

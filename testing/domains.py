@@ -34,11 +34,14 @@ def domain_xml(name: str = "vm1", memory_mib: int = 64, *, uuid: str | None = No
 
 def qemu_domain_xml(image: GuestImage, name: str = "vm1", memory_mib: int = 256, *,
                     uuid: str | None = None, dirty_mb: int = 64, dirty_rate: int = 0,
-                    domain_type: str | None = None) -> str:
+                    domain_type: str | None = None, devices: str = "",
+                    disklog: str = "") -> str:
     """A ``qemu`` domain running the test guest ``image``.
 
     ``domain_type``: ``kvm`` or ``qemu`` (TCG); by default KVM where this machine runs the
-    guest with it (:func:`~virtmig.testing.qemu.guest_domain_type`).  Its serial console goes
+    guest with it (:func:`~virtmig.testing.qemu.guest_domain_type`).  ``devices``: more
+    devices (disks...); ``disklog``: the guest device its /init logs heartbeats to
+    (:meth:`GuestImage.cmdline`).  Its serial console goes
     to the log file in the guest's folder on whichever host runs it (:meth:`Host.serial_log`;
     the confined backend refuses serial files outside that folder).
     """
@@ -54,11 +57,11 @@ def qemu_domain_xml(image: GuestImage, name: str = "vm1", memory_mib: int = 256,
             <type arch='x86_64' machine='pc'>hvm</type>
             <kernel>{image.kernel}</kernel>
             <initrd>{image.initrd}</initrd>
-            <cmdline>{image.cmdline(dirty_mb=dirty_mb, dirty_rate=dirty_rate)}</cmdline>
+            <cmdline>{image.cmdline(dirty_mb, dirty_rate, disklog)}</cmdline>
           </os>
           <features><acpi/><apic/></features>
           <devices>
-            {console}
+            {console}{devices}
             <memballoon model='none'/>
           </devices>
         </domain>

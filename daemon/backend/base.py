@@ -234,6 +234,12 @@ class Backend(abc.ABC):
         migration phase changes anything (only called for backends whose ``extra_flags`` include
         COMPRESSED)."""
 
+    def migration_unsafe(self, spec: GuestSpec) -> str:
+        """Why migrating ``spec`` may corrupt its data (``""``: it may not): libvirt's safety
+        check, which the source's Begin applies unless ``VIR_MIGRATE_UNSAFE`` or ``OFFLINE``."""
+        del spec
+        return ""
+
     def limits(self, spec: GuestSpec) -> GuestLimits:
         """The largest guest this backend hosts (``spec``: for machine-dependent limits).
 

@@ -49,6 +49,7 @@ from virtmig.daemon.registry import DomainObj
 from virtmig.proto import logsafe
 from virtmig.proto.errors import (
     InvalidArgument,
+    MigrateUnsafe,
     OperationAborted,
     OperationFailed,
     OperationInvalid,
@@ -79,6 +80,8 @@ async def src_begin(
         if not offline:
             _require_active(dom)
         current = dom.config if offline and dom.config is not None else dom.definition
+        if not f & (F.UNSAFE | F.OFFLINE):
+            _check_safe(daemon, current)
         xml = _src_begin_xml(daemon, current, params)
         cookie = any_cookie(daemon, dom.name, dom.uuid)
         if f & F.CHANGE_PROTECTION:
@@ -94,6 +97,13 @@ async def src_begin(
             daemon.registry.save_status(dom)
     await any_check_owner(daemon, dom)
     return xml, cookie
+
+
+def _check_safe(daemon: Daemon, current: DomainDef) -> None:
+    """libvirt's Begin safety check (disks the host caches): ``VIR_MIGRATE_UNSAFE`` skips it."""
+    why = daemon.backend.migration_unsafe(daemon.spec(current))
+    if why:
+        raise MigrateUnsafe(why)
 
 
 def _src_begin_xml(daemon: Daemon, current: DomainDef, params: TypedParams) -> str:

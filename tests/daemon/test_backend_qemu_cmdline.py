@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid as uuidlib
 from pathlib import Path
 
@@ -24,20 +25,21 @@ REFUSED = [
      "unsupported device <interface type='network'> for the qemu backend"),
     ("graphics", guest_xml(devices="<graphics type='vnc' port='-1'/>"),
      "unsupported device <graphics type='vnc'>"),
-    ("controller", guest_xml(devices="<controller type='scsi' index='0' model='virtio-scsi'/>"),
-     "unsupported device <controller type='scsi' model='virtio-scsi'>"),
-    ("cdrom", guest_xml(devices="<disk type='file' device='cdrom'><source file='/x.iso'/>"
-                                "<target dev='hdc' bus='ide'/></disk>"),
-     "unsupported device <disk type='file' device='cdrom'>"),
+    ("controller", guest_xml(devices="<controller type='scsi' index='0' model='lsilogic'/>"),
+     "unsupported device <controller type='scsi' model='lsilogic'>"),
+    ("floppy", guest_xml(devices="<disk type='file' device='floppy'><source file='/x.img'/>"
+                                 "<target dev='fda' bus='fdc'/></disk>"),
+     "unsupported device <disk type='file' device='floppy'>"),
     ("disk-bus", guest_xml(devices="<disk type='file' device='disk'><source file='/x.img'/>"
-                                   "<target dev='sda' bus='sata'/></disk>"),
-     "bus='sata'"),
+                                   "<target dev='sda' bus='usb'/></disk>"),
+     "bus='usb'"),
     ("block-disk", guest_xml(devices="<disk type='block' device='disk'>"
                                      "<source dev='/dev/sda'/><target dev='vda'/></disk>"),
-     "unsupported device <disk type='block' device='disk'>"),
+     "unsupported device <disk type='block' device='disk'> for the qemu backend: source dev "
+     "'/dev/sda' is neither under the storage directories"),
     ("disk-format", guest_xml(devices="<disk type='file' device='disk'><driver type='vmdk'/>"
                                       "<source file='/x.vmdk'/><target dev='vda'/></disk>"),
-     "disk format 'vmdk'"),
+     "<driver type='vmdk'> (supported: raw, qcow2)"),
     ("serial-tcp", guest_xml(devices="<serial type='tcp'><source mode='bind' host='127.0.0.1' "
                                      "service='4555'/></serial>"),
      "unsupported attribute 'mode' of <devices><serial><source> for the qemu backend"),
@@ -126,7 +128,7 @@ def test_command_line(tmp_path: Path) -> None:
             '"backing":null}') in line  # never a backing file named by the image
     assert "-add-fd fd=11,set=2,opaque=disk-vdb" in line
     assert '{"driver":"raw","file":"file-vdb","node-name":"drive-vdb","read-only":true}' in line
-    assert "virtio-blk-pci,drive=drive-vdb,id=virtio-vdb" in line
+    assert '{"driver":"virtio-blk-pci","drive":"drive-vdb","id":"virtio-vdb"}' in line
     assert "-add-fd fd=12,set=3,opaque=serial0 -chardev file,id=charserial0,path=/dev/fdset/3,"\
            "append=on" in line
     assert "-add-fd fd=13,set=4,opaque=serial1 -chardev file,id=charserial1,path=/dev/fdset/4 "\

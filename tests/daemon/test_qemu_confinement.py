@@ -94,8 +94,9 @@ def refused(xml: str, settings: QemuSettings, guests: Path | None = None) -> str
     return info.value.detail
 
 
-def disk(path: str | Path, fmt: str = "raw") -> str:
-    return (f"<disk type='file' device='disk'><driver name='qemu' type='{fmt}'/>"
+def disk(path: str | Path, fmt: str = "raw", cache: str = "") -> str:
+    mode = f" cache='{cache}'" if cache else ""
+    return (f"<disk type='file' device='disk'><driver name='qemu' type='{fmt}'{mode}/>"
             f"<source file='{path}'/><target dev='vda' bus='virtio'/></disk>")
 
 
@@ -501,7 +502,7 @@ async def test_migration_with_both_sides_confined(
 ) -> None:
     src, dst = confined_pair
     xml = qemu_domain_xml(guest_or_skip(), "vm1", 256, dirty_mb=16, dirty_rate=1).replace(
-        "<memballoon", disk(storage / "disk.img") + "\n    <memballoon")
+        "<memballoon", disk(storage / "disk.img", cache="none") + "\n    <memballoon")
     await src.conn.define(xml)
     await src.conn.start("vm1")
     uuid = (await src.conn.lookup("vm1")).uuid

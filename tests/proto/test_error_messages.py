@@ -40,6 +40,7 @@ LIBVIRT_FORMATS: dict[type[errors.VirtmigError], tuple[str, str]] = {
     errors.OperationAborted: ("operation aborted: %s", "operation aborted"),
     errors.MigrateFinishOk: ("migration successfully aborted: %s",
                              "migration successfully aborted"),
+    errors.MigrateUnsafe: ("Unsafe migration: %s", "Unsafe migration"),
     errors.OperationTimeout: ("Timed out during operation: %s", "Timed out during operation"),
     errors.ResourceExhausted: ("resource busy: %s", "resource busy"),
     errors.PermissionDenied: ("access denied: %s", "access denied"),

@@ -20,6 +20,8 @@ Modules, one concern each, from the bottom up (a module imports only those above
 * :mod:`.cpu` -- ``<vcpu>``/``<cpu>`` -> ``-smp``/``-cpu``; :mod:`.machine` -- clock, boot,
   features, lifecycle actions -> ``-machine`` options, ``-rtc``, ``-boot``, ``-action``, and
   machine type pinning.
+* :mod:`.disks` -- ``<disk>`` and the disk controllers -> values -> command line, and
+  libvirt's disk migration safety rule.
 * :mod:`.config` -- domain XML -> :class:`QemuConfig` -> command line; the supported subset.
 * :mod:`.monitor` -- QMP: the socket, the connection, one command (:class:`QmpCommandFailed`,
   :class:`QmpNoAnswer`; in band or out of band), the event pump, ``query-status`` and ``cont``.

@@ -44,6 +44,7 @@ from virtmig.daemon.backend.qemu.confine import (
     postcopy_refusal,
     run_as,
 )
+from virtmig.daemon.backend.qemu.disks import migration_unsafe
 from virtmig.daemon.backend.qemu.guest import PID_NAME, _Guest
 from virtmig.daemon.backend.qemu.incoming import dst_listen, dst_wait
 from virtmig.daemon.backend.qemu.migration import _Incoming, _Outgoing, refuse_mt_compression
@@ -162,6 +163,11 @@ class QemuBackend(Backend):
 
     def validate(self, spec: GuestSpec) -> None:
         parse_config(spec, self._caps, self.settings, self._dir)
+
+    def migration_unsafe(self, spec: GuestSpec) -> str:
+        """A disk the host caches (cache other than none or directsync) that is neither read-only
+        nor shareable (:func:`~virtmig.daemon.backend.qemu.disks.migration_unsafe`)."""
+        return migration_unsafe(parse_config(spec, self._machines, self.settings, self._dir).disks)
 
     def limits(self, spec: GuestSpec) -> GuestLimits:
         """The host's RAM, and QEMU's vCPU limit for the machine type (``max_cpus`` of QEMU

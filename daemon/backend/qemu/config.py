@@ -15,8 +15,9 @@ against the honour-or-refuse table (:mod:`.xmltable`), then each part's parser c
 * ``<vcpu>`` and ``<cpu>``: :mod:`.cpu`; ``<features>``, ``<clock>``, ``<os><boot>``,
   ``<on_*>``, ``<currentMemory>``, ``<seclabel>``: :mod:`.machine`.
 * ``<devices>``: ``<emulator>`` (one of the configured emulators; default: the first);
-  ``<disk type='file' device='disk'>`` raw or qcow2 on ``<target bus='virtio' dev='vdX'>``
-  (shared storage: both hosts see the same path); ``<serial>``/``<console>`` of ``type='pty'``
+  ``<disk>`` and the ``sata``/``scsi``/``ide`` controllers (:mod:`.disks`: file and block
+  sources, raw and qcow2, disk and CD-ROM on virtio, SATA, IDE and SCSI; shared storage: both
+  hosts see the same path); ``<serial>``/``<console>`` of ``type='pty'``
   or ``type='file'``, both written to ``serialN.log`` in the guest's folder (no pty is ever
   allocated; a file serial must name that file); the machine's built-in PCI root (and q35's
   SATA) controller, ``<controller type='usb' model='none'>``, PS/2 inputs,
@@ -26,16 +27,14 @@ against the honour-or-refuse table (:mod:`.xmltable`), then each part's parser c
 What a definition may reach on the host (emulators, image folders, log files) is the concern of
 :mod:`virtmig.daemon.backend.qemu.confine`; here its rules become refusals that name the element.
 QEMU never gets a path to a host file: images and serial logs are descriptors the daemon opened
-(:class:`GuestFiles`), disks and serial logs through fd sets (``-add-fd``, ``/dev/fdset/N``),
-kernel and initrd as ``/proc/self/fd/N``.  QEMU runs with the guest's folder as its working
-directory (see :mod:`virtmig.daemon.backend.qemu.guest`); without a monitor descriptor QMP
-listens on the relative path ``qmp.sock``.
+(:class:`GuestFiles`), disks (block devices too) and serial logs through fd sets (``-add-fd``,
+``/dev/fdset/N``), kernel and initrd as ``/proc/self/fd/N``.  QEMU runs with the guest's folder
+as its working directory (see :mod:`virtmig.daemon.backend.qemu.guest`); without a monitor
+descriptor QMP listens on the relative path ``qmp.sock``.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +52,14 @@ from virtmig.daemon.backend.qemu.confine import (
     serial_path_refusal,
 )
 from virtmig.daemon.backend.qemu.cpu import CpuConfig, parse_cpu
+from virtmig.daemon.backend.qemu.disks import (
+    DiskConfig,
+    DiskController,
+    disks_argv,
+    parse_disk,
+    parse_disk_controller,
+    resolve_controllers,
+)
 from virtmig.daemon.backend.qemu.guest import SOCKET_NAME
 from virtmig.daemon.backend.qemu.machine import MachineConfig, parse_machine, pin_machine
 from virtmig.daemon.backend.qemu.xmltable import check_tree, unsupported_device
@@ -63,19 +70,10 @@ __all__ = ["DEFAULT_BINARY", "DiskConfig", "GuestFiles", "Machines", "QemuConfig
            "SerialConfig", "canonical_xml", "parse_config"]
 
 _MACHINE_RE = re.compile(r"(pc|q35|pc-[A-Za-z0-9._-]+)")
-_DISK_TARGET_RE = re.compile(r"vd[a-z]{1,3}")
 
 # What each emulator offers (machine types, aliases, CPU models; None: not checked beyond the
 # name form), or one EmulatorCaps (or set of machine types) for whichever emulator runs.
 Machines = Caps
-
-
-@dataclass(frozen=True)
-class DiskConfig:
-    target: str  # vda, vdb, ...
-    path: str  # as the definition names it (under storage_dirs)
-    fmt: str  # raw | qcow2
-    readonly: bool = False
 
 
 @dataclass(frozen=True)
@@ -89,7 +87,7 @@ class SerialConfig:
 @dataclass(frozen=True)
 class GuestFiles:
     """The descriptors the daemon opened for one QEMU, in the order of :class:`QemuConfig`'s
-    ``disks`` and ``serials`` (-1: no kernel, no initrd)."""
+    ``disks`` and ``serials`` (-1: no kernel, no initrd, an empty CD-ROM tray)."""
 
     disks: tuple[int, ...] = ()
     serials: tuple[int, ...] = ()
@@ -118,6 +116,7 @@ class QemuConfig:
     initrd: str = ""
     cmdline: str = ""
     disks: tuple[DiskConfig, ...] = ()
+    disk_controllers: tuple[DiskController, ...] = ()  # sata/scsi/ide (builtin: nothing added)
     serials: tuple[SerialConfig, ...] = ()
     # -machine options, -rtc, -boot, -action
     machine_cfg: MachineConfig = field(default_factory=MachineConfig)
@@ -155,22 +154,8 @@ class QemuConfig:
             args += ["-initrd", f"/proc/self/fd/{files.initrd}"]
         if self.cmdline:
             args += ["-append", self.cmdline]
-        fdset = 0
-        for disk, fd in zip(self.disks, files.disks, strict=True):
-            fdset += 1
-            proto, fmt = f"file-{disk.target}", f"drive-{disk.target}"
-            # A qcow2 image never opens a backing file by the name in its header.
-            backing: dict[str, object] = {"backing": None} if disk.fmt == "qcow2" else {}
-            args += [
-                "-add-fd", f"fd={fd},set={fdset},opaque=disk-{disk.target}",
-                "-blockdev",
-                _json({"driver": "file", "filename": f"/dev/fdset/{fdset}", "node-name": proto,
-                       "read-only": disk.readonly}),
-                "-blockdev",
-                _json({"driver": disk.fmt, "file": proto, "node-name": fmt,
-                       "read-only": disk.readonly, **backing}),
-                "-device", f"virtio-blk-pci,drive={fmt},id=virtio-{disk.target}",
-            ]
+        storage, fdset = disks_argv(self.disks, self.disk_controllers, files.disks, 0)
+        args += storage
         for serial, fd in zip(self.serials, files.serials, strict=True):
             fdset += 1
             chardev = f"charserial{serial.port}"
@@ -191,10 +176,6 @@ class QemuConfig:
 def _opt(value: str) -> str:
     """Escape a value for QEMU's key=value option syntax (a comma is doubled)."""
     return value.replace(",", ",,")
-
-
-def _json(obj: dict[str, object]) -> str:
-    return json.dumps(obj, separators=(",", ":"))
 
 
 def _unsupported(el: etree._Element, why: str = "") -> ConfigUnsupported:
@@ -230,7 +211,8 @@ def parse_config(spec: GuestSpec, machines: Machines = None,
     accel = "kvm" if d.domain_type == "kvm" else "tcg"
     kernel, initrd, cmdline = _parse_os(root.find("os"), settings)
     log_dir = guests_dir / d.uuid if guests_dir is not None else None
-    emulator, disks, serials = _parse_devices(root.find("devices"), machine, settings, log_dir)
+    emulator, (disks, controllers), serials = _parse_devices(root.find("devices"), machine,
+                                                             settings, log_dir)
     emulator = _emulator(emulator, settings)
     caps = caps_for(machines, emulator)
     if caps is not None and machine not in caps.machines:
@@ -250,6 +232,7 @@ def parse_config(spec: GuestSpec, machines: Machines = None,
         initrd=initrd,
         cmdline=cmdline,
         disks=disks,
+        disk_controllers=controllers,
         serials=serials,
         machine_cfg=parse_machine(root, accel, d.memory_kib, d.current_memory_kib),
     )
@@ -329,11 +312,13 @@ def _parse_os(os_el: etree._Element | None, settings: QemuSettings) -> tuple[str
 
 def _parse_devices(
     devices: etree._Element | None, machine: str, settings: QemuSettings, log_dir: Path | None
-) -> tuple[str, tuple[DiskConfig, ...], tuple[SerialConfig, ...]]:
-    """``<devices>``: the emulator named (``""``: none), the disks, and the serial ports
-    (consoles included)."""
+) -> tuple[str, tuple[tuple[DiskConfig, ...], tuple[DiskController, ...]],
+           tuple[SerialConfig, ...]]:
+    """``<devices>``: the emulator named (``""``: none), the disks and their controllers, and
+    the serial ports (consoles included)."""
     emulator = ""
     disks: list[DiskConfig] = []
+    controllers: list[DiskController] = []
     serials: dict[int, SerialConfig] = {}
     consoles: list[etree._Element] = []
     for el in devices if devices is not None else ():
@@ -343,7 +328,9 @@ def _parse_devices(
         if tag == "emulator":
             emulator = _text(el)
         elif tag == "disk":
-            disks.append(_parse_disk(el, disks, settings))
+            disks.append(parse_disk(el, disks, settings, machine))
+        elif tag == "controller" and el.get("type") in ("sata", "scsi", "ide"):
+            controllers.append(parse_disk_controller(el, machine))
         elif tag == "serial":
             serial = _parse_serial(el, len(serials), log_dir)
             if serial.port in serials:
@@ -361,7 +348,8 @@ def _parse_devices(
         console = _parse_serial(el, port, log_dir)  # checked even when the port is declared
         if port not in serials:  # a console on a serial port nobody declared: that port
             serials[port] = console
-    return emulator, tuple(disks), tuple(serials[p] for p in sorted(serials))
+    storage = (tuple(disks), resolve_controllers(disks, controllers, machine))
+    return emulator, storage, tuple(serials[p] for p in sorted(serials))
 
 
 def _check_other_device(el: etree._Element, tag: str, machine: str) -> None:
@@ -380,33 +368,6 @@ def _check_other_device(el: etree._Element, tag: str, machine: str) -> None:
             raise _unsupported(el if model is None else model)
     else:
         raise _unsupported(el)
-
-
-def _parse_disk(el: etree._Element, seen: list[DiskConfig],
-                settings: QemuSettings) -> DiskConfig:
-    if el.get("type", "file") != "file" or el.get("device", "disk") != "disk":
-        raise _unsupported(el)
-    source, target, driver = el.find("source"), el.find("target"), el.find("driver")
-    path = source.get("file", "") if source is not None else ""
-    if not path:
-        raise _unsupported(el, "a disk needs <source file=...>")
-    if not os.path.isabs(path):
-        raise _unsupported(el, f"disk source '{path}' is not an absolute path")
-    dev = target.get("dev", "") if target is not None else ""
-    bus = target.get("bus", "virtio") if target is not None else "virtio"
-    if bus != "virtio" or not _DISK_TARGET_RE.fullmatch(dev):
-        raise _unsupported(el, f"target dev='{dev}' bus='{bus}' (only virtio vdX disks)")
-    if any(d.target == dev for d in seen):
-        raise _unsupported(el, f"target dev='{dev}' used twice")
-    fmt = driver.get("type", "raw") if driver is not None else "raw"
-    if fmt not in ("raw", "qcow2"):
-        raise _unsupported(el, f"disk format '{fmt}' (raw or qcow2 only)")
-    if driver is not None and driver.get("name", "qemu") != "qemu":
-        raise _unsupported(el, f"driver name '{driver.get('name')}'")
-    why = image_refusal(path, settings.storage_dirs)
-    if why:
-        raise _unsupported(el, f"source file {why}")
-    return DiskConfig(target=dev, path=path, fmt=fmt, readonly=el.find("readonly") is not None)
 
 
 def _parse_serial(el: etree._Element, port_default: int, log_dir: Path | None) -> SerialConfig:
@@ -451,7 +412,5 @@ def _check_controller(el: etree._Element, machine: str) -> None:
         raise _unsupported(el, "USB controllers are not supported yet (model='none' only)")
     if kind == "pci" and index == "0" and model == ("pcie-root" if q35 else "pci-root"):
         return
-    if kind == "sata" and index == "0" and q35 and model is None:
-        return  # q35's built-in AHCI
     raise _unsupported(el)
 

@@ -1,9 +1,9 @@
 """Confinement of QEMU: which emulators run, which host files a guest reaches, who QEMU runs as.
 
 Concern: the rules that keep a domain definition within what the host's administrator allowed
-(:class:`QemuSettings`, from the daemon's ``emulators``, ``storage_dirs``, ``qemu_user``,
-``qemu_group`` and ``qemu_sandbox`` settings), and the acts that apply them: opening a guest's
-files for QEMU, and knowing whom QEMU runs as.
+(:class:`QemuSettings`, from the daemon's ``emulators``, ``storage_dirs``, ``block_devices``,
+``qemu_user``, ``qemu_group`` and ``qemu_sandbox`` settings), and the acts that apply them:
+opening a guest's files for QEMU, and knowing whom QEMU runs as.
 
 * **Emulators.** ``<emulator>`` must resolve (``realpath``) to one of the configured emulators
   (default: the ``qemu-system-x86_64`` on ``PATH`` when the daemon starts, by absolute path); the
@@ -17,6 +17,12 @@ files for QEMU, and knowing whom QEMU runs as.
   descriptor carries the daemon's access; kernel and initrd, which QEMU 7.2 reopens through
   ``/proc/self/fd``, must be readable by QEMU's user).  A qcow2 image that names another file in
   its header (a backing file, an external data file) is refused.
+* **Block devices.** A ``<disk type='block'>``'s ``<source dev=>`` must be a block device that
+  either lies under one of ``storage_dirs`` (a device node the administrator put there; opened
+  like an image, from the folder down, no symlink followed) or is one of ``block_devices`` (paths
+  the administrator allowed one by one, compared after ``realpath``; opened by that resolved
+  path, no symlink followed); anything but a block device is refused (:func:`block_refusal`,
+  :func:`open_image` with ``block=True``).  QEMU gets the descriptor, never the path.
 * **Serial logs.** A serial port writes to ``serialN.log`` in the guest's own folder, a file the
   daemon creates (:func:`open_serial_log`, no symlink followed, mode 0600) and passes as a
   descriptor; a ``<source path=>`` naming any other file is refused (:func:`serial_path_refusal`).
@@ -52,6 +58,7 @@ import os
 import pwd
 import shutil
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -80,6 +87,7 @@ class QemuSettings:
 
     emulators: tuple[str, ...] = ()  # absolute paths; (): DEFAULT_BINARY on PATH (resolved())
     storage_dirs: tuple[str, ...] = (DEFAULT_STORAGE_DIR,)
+    block_devices: tuple[str, ...] = ()  # block devices a <disk type='block'> may name
     user: str = DEFAULT_QEMU_USER  # when the daemon runs as root
     group: str = ""  # "": the user's primary group
     sandbox: bool = True
@@ -102,6 +110,9 @@ def check_settings(settings: QemuSettings) -> None:
     for folder in settings.storage_dirs:
         if not os.path.isabs(folder):
             raise InvalidArgument(f"storage_dirs: '{folder}' is not an absolute path")
+    for device in settings.block_devices:
+        if not os.path.isabs(device):
+            raise InvalidArgument(f"block_devices: '{device}' is not an absolute path")
 
 
 # --- who QEMU runs as ----------------------------------------------------------------------------
@@ -246,6 +257,31 @@ def image_refusal(path: str, storage_dirs: tuple[str, ...]) -> str:
     return ""
 
 
+def block_refusal(path: str, storage_dirs: tuple[str, ...],
+                  block_devices: tuple[str, ...]) -> str:
+    """Why a ``<disk type='block'>`` may not use ``path`` (``""``: it may, as far as can be told
+    now: a device that does not exist yet is refused when QEMU starts)."""
+    if not os.path.isabs(path):
+        return f"'{path}' is not an absolute path"
+    if _allowed_device(path, block_devices) is None and _storage_root(path, storage_dirs) is None:
+        return (f"'{path}' is neither under the storage directories "
+                f"({', '.join(storage_dirs) or 'none configured'}) nor one of the allowed "
+                f"block devices ({', '.join(block_devices) or 'none configured'})")
+    real = os.path.realpath(path)
+    if os.path.lexists(real) and not stat.S_ISBLK(os.stat(real).st_mode):
+        return f"'{path}' is not a block device"
+    return ""
+
+
+def _allowed_device(path: str, block_devices: tuple[str, ...]) -> str | None:
+    """The resolved path of the allowed block device ``path`` stands for, if any."""
+    real = os.path.realpath(path)
+    for device in block_devices:
+        if os.path.realpath(device) == real:
+            return real
+    return None
+
+
 def serial_path_refusal(path: str, log_dir: Path | None, port: int) -> str:
     """Why a file serial port may not write to ``path`` (``""``: it is the port's own log)."""
     if log_dir is None:
@@ -271,7 +307,8 @@ def _storage_root(path: str, storage_dirs: tuple[str, ...]) -> str | None:
 
 
 def open_image(what: str, path: str, storage_dirs: tuple[str, ...], *, writable: bool,
-               qcow2: bool = False, reader: RunAs | None = None) -> int:
+               qcow2: bool = False, reader: RunAs | None = None, block: bool = False,
+               block_devices: tuple[str, ...] = ()) -> int:
     """Open a guest's image for QEMU (close-on-exec; the caller passes and closes it).
 
     ``what`` names the element in refusals (``<disk>``, ``<os><kernel>``).  The path is checked
@@ -279,18 +316,23 @@ def open_image(what: str, path: str, storage_dirs: tuple[str, ...], *, writable:
     regular file found is reopened through ``/proc/self/fd`` with the access QEMU needs.
     ``reader``: QEMU's user, when QEMU itself reopens the file (kernel and initrd: QEMU 7.2
     reads them with ``fopen``, here of ``/proc/self/fd/N``, which checks the file's mode).
+    ``block``: a block device (under a storage folder, or one of ``block_devices``) instead.
     """
-    why = image_refusal(path, storage_dirs)
-    root = _storage_root(path, storage_dirs)
-    if why or root is None:
-        raise BackendError(f"{what} {why}")
-    rel = os.path.relpath(os.path.realpath(path), root)
-    try:
-        fd = _open_beneath(root, rel, os.O_RDWR if writable else os.O_RDONLY)
-    except OSError as exc:
-        raise BackendError(f"{what} '{path}': cannot open: {_reason(exc)}") from None
-    if fd < 0:
-        raise BackendError(f"{what} '{path}' is not a regular file")
+    access = os.O_RDWR if writable else os.O_RDONLY
+    if block:
+        fd = _open_block(what, path, storage_dirs, block_devices, access)
+    else:
+        why = image_refusal(path, storage_dirs)
+        root = _storage_root(path, storage_dirs)
+        if why or root is None:
+            raise BackendError(f"{what} {why}")
+        rel = os.path.relpath(os.path.realpath(path), root)
+        try:
+            fd = _open_beneath(root, rel, access)
+        except OSError as exc:
+            raise BackendError(f"{what} '{path}': cannot open: {_reason(exc)}") from None
+        if fd < 0:
+            raise BackendError(f"{what} '{path}' is not a regular file")
     st = os.fstat(fd)
     if reader is not None and not _allows(reader, st, stat.S_IRUSR):
         os.close(fd)
@@ -305,9 +347,32 @@ def open_image(what: str, path: str, storage_dirs: tuple[str, ...], *, writable:
     return fd
 
 
-def _open_beneath(root: str, rel: str, access: int) -> int:
+def _open_block(what: str, path: str, storage_dirs: tuple[str, ...],
+                block_devices: tuple[str, ...], access: int) -> int:
+    """A block device for ``<disk type='block'>``: an allowed device by its resolved path, or
+    one under a storage folder from the folder down (no symlink followed either way)."""
+    why = block_refusal(path, storage_dirs, block_devices)
+    if why:
+        raise BackendError(f"{what} {why}")
+    allowed = _allowed_device(path, block_devices)
+    if allowed is not None:
+        root, rel = os.path.dirname(allowed), os.path.basename(allowed)
+    else:
+        root = _storage_root(path, storage_dirs) or "/"
+        rel = os.path.relpath(os.path.realpath(path), root)
+    try:
+        fd = _open_beneath(root, rel, access, stat.S_ISBLK)
+    except OSError as exc:
+        raise BackendError(f"{what} '{path}': cannot open: {_reason(exc)}") from None
+    if fd < 0:
+        raise BackendError(f"{what} '{path}' is not a block device")
+    return fd
+
+
+def _open_beneath(root: str, rel: str, access: int,
+                  kind: Callable[[int], bool] = stat.S_ISREG) -> int:
     """``root/rel`` opened with ``access``, no symlink followed below ``root``; -1 when it is
-    not a regular file (nothing of a device or FIFO is opened for real)."""
+    not of ``kind`` (a regular file by default; nothing else is opened for real)."""
     flags = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
     folder = os.open(root, flags | os.O_DIRECTORY)
     try:
@@ -320,7 +385,7 @@ def _open_beneath(root: str, rel: str, access: int) -> int:
     finally:
         os.close(folder)
     try:
-        if not stat.S_ISREG(os.fstat(handle).st_mode):
+        if not kind(os.fstat(handle).st_mode):
             return -1
         return os.open(f"/proc/self/fd/{handle}", access | os.O_CLOEXEC | os.O_NOCTTY)
     finally:

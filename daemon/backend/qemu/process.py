@@ -98,8 +98,10 @@ def open_guest_files(cfg: QemuConfig, settings: QemuSettings, gdir: Path,
     try:
         dirs = settings.storage_dirs
         files = GuestFiles(
-            disks=tuple(keep(open_image("<disk>", d.path, dirs, writable=not d.readonly,
-                                        qcow2=d.fmt == "qcow2")) for d in cfg.disks),
+            disks=tuple(keep(open_image(
+                f"<disk type='{d.kind}' device='{d.device}'>", d.path, dirs,
+                writable=not d.readonly, qcow2=d.fmt == "qcow2", block=d.kind == "block",
+                block_devices=settings.block_devices)) if d.path else -1 for d in cfg.disks),
             serials=tuple(keep(open_serial_log(gdir, s.port, append=s.append, owner=owner))
                           for s in cfg.serials),
             kernel=keep(open_image("<os><kernel>", cfg.kernel, dirs, writable=False,
