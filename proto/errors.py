@@ -146,6 +146,11 @@ class OperationInvalid(VirtmigError):
     msg = "Requested operation is not valid"
 
 
+class GuestElsewhere(OperationInvalid):
+    """virtmig's one-place rule: the guest was migrated to another host, which runs it (or
+    cannot be asked), so it is not started or resumed here; the message names that host."""
+
+
 class OperationUnsupported(VirtmigError):
     code = "VIR_ERR_OPERATION_UNSUPPORTED"
     status = grpc.StatusCode.UNIMPLEMENTED
