@@ -130,10 +130,14 @@ async def ask(daemon: Daemon, peer: Peer, uuid: str, migration_id: str = "") -> 
     if not peer.uri:
         raise PeerUnreachable("the URI of its daemon is unknown (the migration carried no "
                               "virtmig.dest_uri)")
+    try:  # (a URI another host recorded is checked as a caller's is: no pkipath)
+        uri = check_dest_uri(peer.uri)
+    except InvalidArgument as exc:
+        raise PeerUnreachable(str(exc)) from None
     timeout = daemon.config.peer_timeout
     try:
         conn = await asyncio.wait_for(AsyncConnection.open(
-            peer.uri, pki_dir=daemon.config.pki_dir or None, connect_timeout=timeout),
+            uri, pki_dir=daemon.config.pki_dir or None, connect_timeout=timeout),
             timeout + 1)
     except (VirtmigError, OSError, TimeoutError) as exc:
         raise PeerUnreachable(f"cannot connect to {peer.uri}: {exc}") from None

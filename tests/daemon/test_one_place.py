@@ -17,6 +17,7 @@ from tests.daemon.migration_helpers import F, P, migrate, running_guest
 from tests.daemon.placement_helpers import FAST, Gate, LostFinishDest
 from virtmig.client.migrate import RemoteSource
 from virtmig.client.sequence import run_v3
+from virtmig.daemon.placement import Away, Peer, PlacementStore
 from virtmig.proto.errors import (
     ConnectionFailed,
     GuestElsewhere,
@@ -287,3 +288,32 @@ async def test_bad_dest_uri_is_refused_before_anything_changes(trio: list[Host])
             {P.DEST_URI: "virtmig+tls://127.0.0.1:1?pkipath=/etc"}))
     assert (await src.conn.state("vm1"))[0] is DomainState.RUNNING
     assert (await src.conn.job_info("vm1")).phase == ""
+
+
+async def test_start_follows_the_guest_host_to_host(tmp_path: Path) -> None:
+    """src → dst → third: src's start asks dst, which sent it on, then asks third."""
+    async with hosts(tmp_path, "test", ("src", dict(FAST)), ("dst", dict(FAST)),
+                     ("third", dict(FAST))) as (src, dst, third):
+        await running_guest(src)
+        await migrate(src, dst, F.LIVE | F.PERSIST_DEST)
+        await migrate(dst, third, F.LIVE | F.PERSIST_DEST)
+        with pytest.raises(GuestElsewhere, match=r"runs on host third\.test"):
+            await src.conn.start("vm1")
+        await third.conn.destroy("vm1")  # stopped where it ran last: it may start again
+        await src.conn.start("vm1")
+        assert (await src.conn.state("vm1"))[0] is DomainState.RUNNING
+
+
+def test_a_bad_placement_record_is_moved_aside(tmp_path: Path,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    folder = tmp_path / "placement"
+    folder.mkdir()
+    uuid = "00000000-0000-0000-0000-000000000001"
+    (folder / f"{uuid}.json").write_text('{"uuid": "00000000-0000-0000-0000-000000000002"}')
+    good = PlacementStore(folder)
+    good.departed(uuid, Away(Peer("h", "host-h", "virtmig+tls://127.0.0.1:1"), "a" * 32))
+    assert (folder / f"{uuid}.json.rejected").exists()
+    assert "does not match its file name" in caplog.text
+    again = PlacementStore(folder)  # the good one, written since, is read back
+    away = again.away(uuid)
+    assert away is not None and away.peer.hostname == "host-h" and not away.uncertain
