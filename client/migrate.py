@@ -11,6 +11,7 @@ The drivers work on :class:`~virtmig.client.rpc.RpcConnection`; ``AsyncConnectio
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from typing import Any
 
 from virtmig.client.rpc import RpcConnection
@@ -158,6 +159,18 @@ def check_param_types(params: TypedParams) -> None:
     check_param_values(params)
 
 
+def with_dest_uri(params: TypedParams, dconn: RpcConnection) -> TypedParams:
+    """``params`` with ``virtmig.dest_uri``: the destination daemon's URI as this client used
+    it (a network URI, its ``pkipath`` left out), which the source records to ask that daemon
+    later where the guest runs; a URI the caller gave, or a unix socket's, is left alone."""
+    uri = dconn.uri
+    if P.DEST_URI in params or uri.transport == "unix":
+        return params
+    out = params.copy()
+    out.set(P.DEST_URI, str(dataclasses.replace(uri, pki_dir="")))
+    return out
+
+
 async def migrate3(
     conn: RpcConnection, key: DomainKey, dconn: RpcConnection, params: TypedParams,
     flags: int, *, trace: Trace | None = None,
@@ -189,6 +202,8 @@ async def migrate3(
             "Migration APIs with extensible parameters are not supported but extended "
             "parameters were passed"
         )
+    if use_params:
+        params = with_dest_uri(params, dconn)
     dom = await conn.lookup(key)
     await conn.open_session()
     await dconn.open_session()

@@ -18,7 +18,15 @@ from typing import Any, Self, TypeVar
 import grpc
 
 from virtmig.client.transport import open_channel, with_pki_dir
-from virtmig.client.values import Domain, DomainInfo, DomainKey, Event, HostInfo, JobInfo
+from virtmig.client.values import (
+    Domain,
+    DomainInfo,
+    DomainKey,
+    Event,
+    GuestLocation,
+    HostInfo,
+    JobInfo,
+)
 from virtmig.proto import virtmig_pb2 as pb
 from virtmig.proto import virtmig_pb2_grpc as pbg
 from virtmig.proto.errors import ConnectionFailed, NoDomain, from_status
@@ -169,9 +177,12 @@ class RpcConnection:
     async def undefine(self, key: DomainKey) -> None:
         await self._call(self.domains_stub.Undefine, pb.DomainRequest(domain=await self.ref(key)))
 
-    async def start(self, key: DomainKey, *, paused: bool = False) -> Domain:
-        m = await self._call(self.domains_stub.Start,
-                             pb.StartRequest(domain=await self.ref(key), paused=paused))
+    async def start(self, key: DomainKey, *, paused: bool = False, force: bool = False
+                    ) -> Domain:
+        """``force``: start even though the guest was migrated away and its destination runs
+        it or cannot be asked (the daemon logs it at WARNING)."""
+        m = await self._call(self.domains_stub.Start, pb.StartRequest(
+            domain=await self.ref(key), paused=paused, force=force))
         return Domain.from_msg(m)
 
     async def destroy(self, key: DomainKey) -> None:
@@ -203,6 +214,28 @@ class RpcConnection:
         m = await self._call(self.domains_stub.GetState,
                              pb.DomainRequest(domain=await self.ref(key)))
         return DomainState(m.state), m.reason, m.reason_name
+
+    async def state_detail(self, key: DomainKey) -> tuple[DomainState, int, str, str]:
+        """:meth:`state` and virtmig's words beside the reason (what a guest whose migration's
+        outcome is unknown waits for; "" when nothing)."""
+        m = await self._call(self.domains_stub.GetState,
+                             pb.DomainRequest(domain=await self.ref(key)))
+        return DomainState(m.state), m.reason, m.reason_name, m.detail
+
+    async def guest_location(self, uuid: str, migration_id: str = "", *,
+                             timeout: float | None = None) -> GuestLocation:
+        """Where the guest of ``uuid`` is, as this daemon knows it."""
+        return GuestLocation.from_msg(await self._call(
+            self.domains_stub.GuestLocation,
+            pb.GuestLocationRequest(uuid=uuid, migration_id=migration_id), timeout))
+
+    async def resolve_migration(self, key: DomainKey, dest_uri: str = ""
+                                ) -> tuple[DomainState, int, str, str]:
+        """Settle a guest whose migration's outcome is unknown, asking its destination (at
+        ``dest_uri``, "": the URI recorded) now; its state afterwards, as :meth:`state_detail`."""
+        m = await self._call(self.domains_stub.ResolveMigration, pb.ResolveMigrationRequest(
+            domain=await self.ref(key), dest_uri=dest_uri))
+        return DomainState(m.state), m.reason, m.reason_name, m.detail
 
     async def job_info(self, key: DomainKey, *, completed: bool = False) -> JobInfo:
         m = await self._call(self.migration_stub.GetJobInfo, pb.JobInfoRequest(

@@ -19,7 +19,15 @@ from collections.abc import AsyncIterator, Coroutine, Generator
 from typing import Any, TypeVar
 
 from virtmig.client.connection import AsyncConnection
-from virtmig.client.values import Domain, DomainInfo, DomainKey, Event, HostInfo, JobInfo
+from virtmig.client.values import (
+    Domain,
+    DomainInfo,
+    DomainKey,
+    Event,
+    GuestLocation,
+    HostInfo,
+    JobInfo,
+)
 from virtmig.proto.flags import DomainState, MigrateFlags
 from virtmig.proto.params import TypedParams
 
@@ -114,8 +122,18 @@ class Connection:
     def undefine(self, key: DomainKey) -> None:
         self._run(self.aconn.undefine(key))
 
-    def start(self, key: DomainKey, *, paused: bool = False) -> Domain:
-        return self._run(self.aconn.start(key, paused=paused))
+    def start(self, key: DomainKey, *, paused: bool = False, force: bool = False) -> Domain:
+        return self._run(self.aconn.start(key, paused=paused, force=force))
+
+    def resolve_migration(self, key: DomainKey, dest_uri: str = ""
+                          ) -> tuple[DomainState, int, str, str]:
+        return self._run(self.aconn.resolve_migration(key, dest_uri))
+
+    def state_detail(self, key: DomainKey) -> tuple[DomainState, int, str, str]:
+        return self._run(self.aconn.state_detail(key))
+
+    def guest_location(self, uuid: str, migration_id: str = "") -> GuestLocation:
+        return self._run(self.aconn.guest_location(uuid, migration_id))
 
     def destroy(self, key: DomainKey) -> None:
         self._run(self.aconn.destroy(key))

@@ -127,3 +127,28 @@ class Event:
         return cls(_EVENT_KINDS.get(m.kind, "unknown"), m.domain_name, m.domain_uuid, m.event,
                    m.detail, m.description, m.iteration,
                    JobInfo.from_msg(m.job) if m.HasField("job") else None, m.timestamp_ms)
+
+
+@dataclass(frozen=True)
+class GuestLocation:
+    """Where a guest is, as one host knows it (``GuestLocation``; virtmig.daemon.locate): a
+    copy runs there (``active``), the last incoming migration that finished there, one under
+    way, and where that host sent it (``away_*``, "" when it did not)."""
+
+    host_uuid: str
+    known: bool
+    active: bool
+    state: DomainState
+    arrived_migration_id: str
+    incoming_migration_id: str
+    incoming_phase: str
+    away_host_uuid: str
+    away_hostname: str
+    away_uri: str
+    away_migration_id: str
+
+    @classmethod
+    def from_msg(cls, m: pb.GuestLocationReply) -> GuestLocation:
+        return cls(m.host_uuid, m.known, m.active, DomainState(m.state), m.arrived_migration_id,
+                   m.incoming_migration_id, m.incoming_phase, m.away_host_uuid,
+                   m.away_hostname, m.away_uri, m.away_migration_id)

@@ -73,6 +73,10 @@ ROLES: Final[Mapping[str, Role]] = MappingProxyType({
     "/virtmig.v1.Domains/GetInfo": _R,
     "/virtmig.v1.Domains/GetState": _R,
     "/virtmig.v1.Domains/Events": _R,
+    # A guest runs in one place (virtmig.daemon.locate): a peer daemon asks where a guest is
+    # (read: it only looks); settling an unknown outcome may resume or stop a guest (write).
+    "/virtmig.v1.Domains/GuestLocation": _R,
+    "/virtmig.v1.Domains/ResolveMigration": _W,
     "/virtmig.v1.Domains/Define": _W,
     "/virtmig.v1.Domains/Undefine": _W,
     "/virtmig.v1.Domains/Start": _W,

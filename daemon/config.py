@@ -29,6 +29,10 @@ Example (all keys optional)::
     test_max_vcpus = 0                 # test backend: most vCPUs of a guest (0: 4096)
     max_clients = 512                  # clients (connections) with calls in flight, in all
     max_calls_per_client = 32          # calls in flight on one connection (streams included)
+    peer_timeout = 10                  # s to connect to and ask a peer daemon where a guest is
+    settle_retry_min = 1               # s before the first retry to settle an unknown outcome,
+    settle_retry_max = 60              # doubling up to this,
+    settle_attempts = 100              # at most this many tries (then migrate-resolve)
     # The qemu backend's confinement (see virtmig.daemon.backend.qemu.confine):
     emulators = ["/usr/bin/qemu-system-x86_64"]   # default: qemu-system-x86_64 on PATH
     storage_dirs = ["/var/lib/virtmig/images"]    # disk images, kernels and initrds
@@ -64,6 +68,7 @@ _KEYS = {
     "max_incoming_migrations", "pki_dir", "tls_allowed_dn_list", "tls_readonly_dn_list",
     "listen_insecure_tcp", "readonly_socket", "max_domains", "test_max_memory_mib",
     "test_max_vcpus", "max_clients", "max_calls_per_client", "migrate_tls_force",
+    "peer_timeout", "settle_retry_min", "settle_retry_max", "settle_attempts",
 }
 _QEMU_KEYS = {"emulators", "storage_dirs", "block_devices", "qemu_user", "qemu_group",
               "qemu_sandbox"}
@@ -169,7 +174,18 @@ def load_config(args: argparse.Namespace) -> DaemonConfig:
         migrate_tls_force=_bool(data, "migrate_tls_force") if "migrate_tls_force" in data
         else None,
         **_qemu_settings(data),
+        **_settle_settings(data),
     )
+
+
+def _settle_settings(data: dict[str, Any]) -> dict[str, Any]:
+    """The one-place check's peer timeout and settling retries (virtmig.daemon.locate)."""
+    lo = _positive(data, "settle_retry_min", 1.0)
+    hi = _positive(data, "settle_retry_max", 60.0)
+    if hi < lo:
+        raise InvalidArgument(f"invalid settle_retry_max {hi:g}: less than settle_retry_min")
+    return {"peer_timeout": _positive(data, "peer_timeout", 10.0), "settle_retry_min": lo,
+            "settle_retry_max": hi, "settle_attempts": _limit(data, "settle_attempts", 100)}
 
 
 def _qemu_settings(data: dict[str, Any]) -> dict[str, Any]:

@@ -18,6 +18,7 @@ cookies parse here::
         <cap name='xbzrle' auto='yes'/>
       </capabilities>
       <virtmig-stream-token>…</virtmig-stream-token>   virtmig's own: see below
+      <virtmig-migration-id>…</virtmig-migration-id>   virtmig's own: see below
     </qemu-migration>
 
 Which step produces and consumes which section (as libvirt's QEMU driver does it; the sections
@@ -93,6 +94,7 @@ __all__ = [
 
 ROOT_TAG = "qemu-migration"
 TOKEN_TAG = "virtmig-stream-token"
+MIGRATION_ID_TAG = "virtmig-migration-id"
 _TOKEN_RE = re.compile(r"[0-9a-f]{32}")
 MAX_COOKIE_BYTES = 16 * 1024 * 1024
 
@@ -206,6 +208,8 @@ class Cookie:
     capabilities: tuple[tuple[str, bool], ...] | None = None
     # <virtmig-stream-token>: the destination's per-migration stream secret ("": none).
     stream_token: str = dataclasses.field(default="", repr=False)
+    # <virtmig-migration-id>: the migration's id ("": none).
+    migration_id: str = ""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,6 +259,9 @@ def build_cookie(c: Cookie) -> bytes:
                 etree.SubElement(caps, "cap", name=cap, auto="yes" if auto else "no")
         if c.stream_token:
             etree.SubElement(root, TOKEN_TAG).text = _checked_token(c.stream_token, build=True)
+        if c.migration_id:
+            etree.SubElement(root, MIGRATION_ID_TAG).text = _checked_id(c.migration_id,
+                                                                         build=True)
     except ValueError as err:  # lxml refuses NUL and control characters
         raise InternalError(f"cannot build migration cookie: {err}") from err
 
@@ -355,6 +362,8 @@ def parse_cookie(
             capabilities = _parse_capabilities(caps_el)
 
     token = None if root.find(TOKEN_TAG) is None else _child_text(root, TOKEN_TAG) or ""
+    mid = None if root.find(MIGRATION_ID_TAG) is None else \
+        _child_text(root, MIGRATION_ID_TAG) or ""
     return Cookie(
         name=name,
         uuid=uuid,
@@ -365,6 +374,7 @@ def parse_cookie(
         statistics=statistics,
         capabilities=capabilities,
         stream_token=_checked_token(token.strip()) if token is not None else "",
+        migration_id=_checked_id(mid.strip()) if mid is not None else "",
     )
 
 
@@ -500,6 +510,15 @@ def _checked_token(token: str, *, build: bool = False) -> str:
             raise InternalError("cannot build migration cookie: malformed stream token")
         raise CookieError("Malformed virtmig-stream-token element in migration cookie")
     return token
+
+
+def _checked_id(mid: str, *, build: bool = False) -> str:
+    """A migration id: 32 lowercase hex digits."""
+    if not _TOKEN_RE.fullmatch(mid):
+        if build:
+            raise InternalError("cannot build migration cookie: malformed migration id")
+        raise CookieError("Malformed virtmig-migration-id element in migration cookie")
+    return mid
 
 
 def _canonical_uuid(text: str) -> str | None:

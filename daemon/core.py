@@ -16,9 +16,10 @@ from lxml import etree
 from virtmig.daemon.backend.base import Backend, GuestRunState, GuestSpec
 from virtmig.daemon.domxml import DomainDef, parse_domain_xml
 from virtmig.daemon.events import EventBus, lifecycle_for
-from virtmig.daemon.job import JobRecord
+from virtmig.daemon.job import AsyncJob, JobRecord, Phase
 from virtmig.daemon.limits import DEFAULT_MAX_CALLS_PER_CLIENT, DEFAULT_MAX_CLIENTS, CallLimits
-from virtmig.daemon.registry import DomainObj, Registry
+from virtmig.daemon.placement import Away, Peer, PlacementStore
+from virtmig.daemon.registry import DomainObj, Registry, job_from_status
 from virtmig.daemon.state import StateDir
 from virtmig.proto import logsafe
 from virtmig.proto.errors import ConfigUnsupported, ResourceExhausted
@@ -86,6 +87,13 @@ class DaemonConfig:
     qemu_user: str = ""  # "": virtmig-qemu (used when the daemon runs as root)
     qemu_group: str = ""  # "": qemu_user's primary group
     qemu_sandbox: bool = True
+    # A guest runs in one place (virtmig.daemon.locate): seconds to connect to and ask a peer
+    # daemon, and the retries that settle a migration whose outcome is unknown (backoff from
+    # settle_retry_min to settle_retry_max seconds, at most settle_attempts tries).
+    peer_timeout: float = 10.0
+    settle_retry_min: float = 1.0
+    settle_retry_max: float = 60.0
+    settle_attempts: int = 100
     features: tuple[str, ...] = (
         Feature.MIGRATION_PARAMS.value, Feature.V3.value, Feature.P2P.value,
         Feature.OFFLINE.value, Feature.CHANGE_PROTECTION.value,
@@ -151,6 +159,8 @@ class Daemon:
         self.ports = PortAllocator(config.migration_port_min, config.migration_port_max)
         self.sessions: set[str] = set()
         self.events = EventBus()
+        # Where each guest went (virtmig.daemon.placement), and the settling of unknown outcomes.
+        self.placement = PlacementStore(self.files.root / "placement")
         # Shared by every server of the daemon (the read-only socket's too).
         self.calls = CallLimits(config.max_clients, config.max_calls_per_client)
 
@@ -187,6 +197,7 @@ class Daemon:
                 survivors.append((dom, status))
             else:
                 log.info("domain %s did not survive the daemon restart", dom.name)
+                self._remember_departure(dom, status)
                 self.set_state(dom, DomainState.SHUTOFF, ShutoffReason.DAEMON)
                 dom.live = None
                 dom.id = -1
@@ -195,6 +206,19 @@ class Daemon:
                 else:
                     self.registry.save_status(dom)
         return survivors
+
+    def _remember_departure(self, dom: DomainObj, status: etree._Element) -> None:
+        """A guest gone with the daemon while it was being migrated away: it may run on the
+        destination, so its start asks there first (an outcome not yet confirmed is settled
+        when the destination answers: virtmig.daemon.locate)."""
+        job = job_from_status(status)
+        if job is None or job.kind is not AsyncJob.MIGRATION_OUT or not job.migration_id \
+                or not Phase.PERFORM3 <= job.phase <= Phase.CONFIRM3:
+            return
+        pre = "paused" if job.pre_state is DomainState.PAUSED else "running"
+        self.placement.departed(dom.uuid, Away(
+            Peer(job.peer_hostuuid, job.peer_hostname, job.dest_uri), job.migration_id,
+            uncertain=job.phase is not Phase.CONFIRM3, pre_state=pre))
 
     async def close(self) -> None:
         await self.backend.close()

@@ -131,6 +131,14 @@ class MigrationJob:
     # The session of the caller that started the job (Begin with CHANGE_PROTECTION, Prepare);
     # "" when the caller opened none.  When that session ends, the job is abandoned.
     owner: str = ""
+    # The migration's id (cookie A/B's <virtmig-migration-id>), and the peer: on the source the
+    # destination's host UUID and name (cookie B) and its daemon's URI as this host reaches it
+    # (p2p's dconnuri, or the ``virtmig.dest_uri`` param); on the destination the source's.
+    # Kept in the status file: after a restart, recovery asks the peer about this migration.
+    migration_id: str = ""
+    peer_hostuuid: str = ""
+    peer_hostname: str = ""
+    dest_uri: str = ""
     _abort_event: asyncio.Event | None = field(default=None, repr=False, compare=False)
 
     @property

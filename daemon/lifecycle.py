@@ -5,12 +5,17 @@ state change on the domain (waiting, bounded, for a conflicting migration job), 
 state, reason and files consistent whether it succeeds or fails.  What an offline Prepare left
 (an inactive domain with an idle incoming job) never blocks an operator: destroy rolls it back,
 and so does define when no caller's session owns the job any more.
+
+A guest runs in one place: ``start`` of a guest that was migrated away asks its destination
+first, and ``resume`` of one whose migration's outcome is unknown is refused
+(:mod:`virtmig.daemon.locate`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable
 
+from virtmig.daemon import locate
 from virtmig.daemon.backend.base import BackendError
 from virtmig.daemon.core import Daemon
 from virtmig.daemon.domxml import parse_domain_xml
@@ -68,10 +73,13 @@ async def undefine(daemon: Daemon, dom: DomainObj) -> None:
             daemon.registry.save_status(dom)
 
 
-async def start(daemon: Daemon, dom: DomainObj, *, paused: bool) -> None:
+async def start(daemon: Daemon, dom: DomainObj, *, paused: bool, force: bool = False) -> None:
+    """``force``: skip the one-place check (a guest migrated away is started only when its
+    destination says it does not run it there: virtmig.daemon.locate)."""
     async with daemon.registry.state_change(dom, "start"):
         if dom.active:
             raise OperationInvalid("domain is already running")
+        await locate.check_start(daemon, dom, force=force)
         d = dom.definition
         spec = daemon.validate(d)  # the limits may have changed since define
         try:
@@ -80,6 +88,7 @@ async def start(daemon: Daemon, dom: DomainObj, *, paused: bool) -> None:
             raise OperationFailed(f"cannot start domain '{dom.name}': {exc}") from exc
         dom.live = d
         dom.id = daemon.registry.new_id()
+        locate.started(daemon, dom)
         if paused:
             daemon.set_state(dom, DomainState.PAUSED, PausedReason.USER)
         else:
@@ -136,6 +145,7 @@ async def resume(daemon: Daemon, dom: DomainObj) -> None:
             raise not_running(dom)
         if dom.state is not DomainState.PAUSED:
             raise OperationInvalid("domain is not paused")
+        locate.refuse_uncertain(daemon, dom, "resume")
         await _backend_call(daemon.backend.resume(dom.uuid), "resume", dom)
         daemon.set_state(dom, DomainState.RUNNING, RunningReason.UNPAUSED)
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from virtmig.daemon import jobctl, listeners, recovery
+from virtmig.daemon import jobctl, listeners, locate, recovery
 from virtmig.daemon.authz import Policy
 from virtmig.daemon.backend.base import Backend
 from virtmig.daemon.config import build_parser, load_config
@@ -109,6 +109,7 @@ class RunningDaemon:
             self.reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self.reaper
+        await locate.stop_settling(self.daemon)
         await self.daemon.close()
 
 
@@ -140,6 +141,9 @@ async def start_daemon(config: DaemonConfig, backend: Backend | None = None) -> 
     log.info("virtmigd serving on %s (host %s, uuid %s, backend %s)", ", ".join(addresses),
              daemon.hostname, daemon.host_uuid, daemon.backend.name)
     reaper = asyncio.get_running_loop().create_task(any_reap_unowned(daemon))
+    # Outcomes left unknown before a restart are settled in the background: a peer that does
+    # not answer never holds up the start or the other guests (virtmig.daemon.locate).
+    locate.resume_settling(daemon)
     return RunningDaemon(daemon, servers, addresses, reaper)
 
 

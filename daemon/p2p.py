@@ -57,9 +57,11 @@ class LocalSource:
     """The source party of the sequence driver, run by this daemon on its own domain."""
 
     def __init__(self, daemon: Daemon, peer: AsyncConnection | None = None,
-                 session: str = "") -> None:
+                 session: str = "", dest_uri: str = "") -> None:
         self.daemon = daemon
         self.peer = peer
+        # The destination daemon as this host reaches it, recorded by Perform (dconnuri).
+        self.dest_uri = dest_uri
         # This daemon's own session for the run: it owns the source job (migration.owner).
         self.session = session
 
@@ -77,12 +79,13 @@ class LocalSource:
         try:
             if not flags & F.TUNNELLED:
                 return await migration.src_perform(self.daemon, self._dom(dom), None, params,
-                                                   cookie, flags, owner=self.session)
+                                                   cookie, flags, owner=self.session,
+                                                   dest_uri=self.dest_uri)
             assert self.peer is not None
             async with SrcTunnel(self.peer, params.get_str(MigrateParam.DEST_NAME) or dom) as end:
                 return await migration.src_perform(self.daemon, self._dom(dom), None, params,
                                                    cookie, flags, tunnel=end,
-                                                   owner=self.session)
+                                                   owner=self.session, dest_uri=self.dest_uri)
         except VirtmigError as exc:
             if self.peer is not None and await _lost(self.peer):
                 raise OperationFailed("Lost connection to destination host") from exc
@@ -141,7 +144,8 @@ async def src_perform_p2p(
                 "parameters were passed")
         await dconn.open_session()
         watcher = asyncio.get_running_loop().create_task(_watch_peer(daemon, dom, dconn))
-        await run_v3(LocalSource(daemon, dconn, session), RemoteDest(dconn, use_params),
+        dest_uri = params.get_str(MigrateParam.DEST_URI) or dconnuri
+        await run_v3(LocalSource(daemon, dconn, session, dest_uri), RemoteDest(dconn, use_params),
                      dom.name, params, int(f), protection=True, p2p=True)
     finally:
         if watcher is not None:

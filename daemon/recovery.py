@@ -3,13 +3,17 @@
 A guest whose backend still runs it gets its state, reason and id back from its status file.  A
 migration job recorded there is settled by libvirt's recovery tables (what its QEMU driver does per
 job phase after a restart), deciding from the recorded phase whether the guest is killed, resumed,
-left paused, or kept for post-copy recovery.  Nothing is resumed when the outcome is unknown.
+left paused, or kept for post-copy recovery.  Nothing is resumed when the outcome is unknown:
+a source job past Perform's start whose guest is paused is settled by asking the destination
+about that migration (:func:`virtmig.daemon.locate.settle_later`, in the background, so that an
+unreachable peer never holds up the daemon's start); a confirmed one records where it went.
 """
 
 from __future__ import annotations
 
 from lxml import etree
 
+from virtmig.daemon import locate
 from virtmig.daemon.backend.base import BackendError, GuestRunState
 from virtmig.daemon.core import Daemon
 from virtmig.daemon.job import AsyncJob, JobRecord, Phase
@@ -75,6 +79,7 @@ async def _recover_one(daemon: Daemon, dom: DomainObj, status: etree._Element) -
         if phase is Phase.FINISH3 and run is GuestRunState.RUNNING:
             daemon.registry.save_status(dom)  # vCPUs already run here: keep it
             dom.completed = record
+            daemon.placement.arrived(dom.uuid, job.migration_id, job.peer_hostuuid)
             return
         await daemon.backend.destroy(dom.uuid)  # an unfinished incoming guest
         dom.completed = record
@@ -84,7 +89,16 @@ async def _recover_one(daemon: Daemon, dom: DomainObj, status: etree._Element) -
     dom.completed = record
     if phase is Phase.CONFIRM3:
         await daemon.backend.destroy(dom.uuid)  # it was confirmed on the destination
+        if dom.persistent:
+            daemon.placement.departed(dom.uuid, locate.away_of(job))
         daemon.mark_inactive(dom, ShutoffReason.MIGRATED)
+        return
+    if job.migration_id and run is GuestRunState.PAUSED and phase in (
+            Phase.PERFORM3, Phase.PERFORM3_DONE, Phase.CONFIRM3_CANCELLED):
+        # Resumed only once the destination says the migration did not arrive there.
+        daemon.registry.save_status(dom)
+        locate.settle_later(daemon, dom.uuid, locate.away_of(job),
+                            f"the daemon restarted in phase {phase.label}")
         return
     resume = phase in (Phase.PERFORM3, Phase.CONFIRM3_CANCELLED) and \
         job.pre_state is DomainState.RUNNING and run is GuestRunState.PAUSED

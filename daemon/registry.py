@@ -236,6 +236,11 @@ class Registry:
                     "preState": job.pre_state.name.lower(),
                     "origname": job.origname,
                     "port": str(job.port),
+                    # virtmig's own: which migration, and the peer (virtmig.daemon.placement)
+                    "migrationId": job.migration_id,
+                    "peerHostUuid": job.peer_hostuuid,
+                    "peerHostname": job.peer_hostname,
+                    "destUri": job.dest_uri,
                 },
             )
         if dom.live is not None:
@@ -339,6 +344,10 @@ def job_from_status(root: etree._Element) -> MigrationJob | None:
         pre_state=DomainState[el.get("preState", "nostate").upper()],
         origname=el.get("origname", ""),
         port=int(el.get("port", "0")),
+        migration_id=el.get("migrationId", ""),
+        peer_hostuuid=el.get("peerHostUuid", ""),
+        peer_hostname=el.get("peerHostname", ""),
+        dest_uri=el.get("destUri", ""),
     )
     return job
 

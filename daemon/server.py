@@ -14,7 +14,7 @@ from typing import Any
 
 import grpc
 
-from virtmig.daemon import jobctl, lifecycle, migration, p2p, tunnel, wire
+from virtmig.daemon import jobctl, lifecycle, locate, migration, p2p, tunnel, wire
 from virtmig.daemon.authz import Policy
 from virtmig.daemon.core import Daemon
 from virtmig.daemon.domxml import format_domain_xml
@@ -82,7 +82,7 @@ class DomainsService(pbg.DomainsServicer):
 
     async def Start(self, request: pb.StartRequest, context: Any) -> pb.Domain:
         dom = self._dom(request.domain)
-        await lifecycle.start(self.daemon, dom, paused=request.paused)
+        await lifecycle.start(self.daemon, dom, paused=request.paused, force=request.force)
         return wire.domain_msg(dom)
 
     async def Destroy(self, request: pb.DomainRequest, context: Any) -> pb.Empty:
@@ -119,7 +119,19 @@ class DomainsService(pbg.DomainsServicer):
                 yield wire.event_msg(await queue.get())
 
     async def GetState(self, request: pb.DomainRequest, context: Any) -> pb.DomainStateReply:
-        return wire.domain_state_msg(self._dom(request.domain))
+        dom = self._dom(request.domain)
+        return wire.domain_state_msg(dom, locate.note(self.daemon, dom.uuid))
+
+    async def GuestLocation(self, request: pb.GuestLocationRequest,
+                            context: Any) -> pb.GuestLocationReply:
+        return wire.guest_location_msg(locate.answer(self.daemon, request.uuid,
+                                                     request.migration_id))
+
+    async def ResolveMigration(self, request: pb.ResolveMigrationRequest,
+                               context: Any) -> pb.DomainStateReply:
+        dom = self._dom(request.domain)
+        await locate.resolve(self.daemon, dom, request.dest_uri)
+        return wire.domain_state_msg(dom, locate.note(self.daemon, dom.uuid))
 
 
 class MigrationService(pbg.MigrationServicer):

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from virtmig.client.values import GuestLocation
 from virtmig.daemon.core import HostInfo
 from virtmig.daemon.events import Event
 from virtmig.daemon.job import JobInfo
@@ -137,11 +138,23 @@ def domain_info_msg(dom: DomainObj) -> pb.DomainInfo:
     )
 
 
-def domain_state_msg(dom: DomainObj) -> pb.DomainStateReply:
+def domain_state_msg(dom: DomainObj, detail: str = "") -> pb.DomainStateReply:
     return pb.DomainStateReply(
         state=int(dom.state),  # type: ignore[arg-type]
         reason=dom.reason,
         reason_name=dom.reason_label,
+        detail=detail,
+    )
+
+
+def guest_location_msg(loc: GuestLocation) -> pb.GuestLocationReply:
+    return pb.GuestLocationReply(
+        host_uuid=loc.host_uuid, known=loc.known, active=loc.active,
+        state=int(loc.state),  # type: ignore[arg-type]
+        arrived_migration_id=loc.arrived_migration_id,
+        incoming_migration_id=loc.incoming_migration_id, incoming_phase=loc.incoming_phase,
+        away_host_uuid=loc.away_host_uuid, away_hostname=loc.away_hostname,
+        away_uri=loc.away_uri, away_migration_id=loc.away_migration_id,
     )
 
 

@@ -16,6 +16,7 @@ a status back into the same class in :func:`from_status`.  Nowhere else maps err
      ├── ArgumentUnsupported             INVALID_ARGUMENT   VIR_ERR_ARGUMENT_UNSUPPORTED
      ├── ConfigUnsupported               FAILED_PRECONDITION VIR_ERR_CONFIG_UNSUPPORTED
      ├── OperationInvalid                FAILED_PRECONDITION VIR_ERR_OPERATION_INVALID
+     │    └── GuestElsewhere             FAILED_PRECONDITION VIR_ERR_OPERATION_INVALID
      ├── OperationUnsupported            UNIMPLEMENTED      VIR_ERR_OPERATION_UNSUPPORTED
      ├── NoSupport                       UNIMPLEMENTED      VIR_ERR_NO_SUPPORT
      ├── NoDomain                        NOT_FOUND          VIR_ERR_NO_DOMAIN
@@ -145,6 +146,11 @@ class OperationInvalid(VirtmigError):
     status = grpc.StatusCode.FAILED_PRECONDITION
     msginfo = "Requested operation is not valid: %s"
     msg = "Requested operation is not valid"
+
+
+class GuestElsewhere(OperationInvalid):
+    """virtmig's one-place rule: the guest was migrated to another host, which runs it (or
+    cannot be asked), so it is not started or resumed here; the message names that host."""
 
 
 class OperationUnsupported(VirtmigError):

@@ -105,6 +105,9 @@ class MigrateParam(enum.StrEnum):
     STALL_TIMEOUT = "virtmig.stall_timeout"
     COMPLETION_TIMEOUT = "virtmig.completion_timeout"
     COMPLETION_TIMEOUT_ACTION = "virtmig.completion_timeout_action"
+    # virtmig's own: the destination daemon's URI as the source host reaches it (recorded by the
+    # source, which asks that daemon where the guest runs; see virtmig.daemon.locate).
+    DEST_URI = "virtmig.dest_uri"
 
 
 class Party(enum.Flag):
@@ -235,6 +238,7 @@ MIGRATION_PARAMS: Mapping[str, ParamSpec] = {
         _spec(_P.STALL_TIMEOUT, _T.ULLONG, Party.SRC, values=TIMEOUT_RANGE),
         _spec(_P.COMPLETION_TIMEOUT, _T.ULLONG, Party.SRC, values=TIMEOUT_RANGE),
         _spec(_P.COMPLETION_TIMEOUT_ACTION, _T.STRING, Party.SRC, values=COMPLETION_ACTIONS),
+        _spec(_P.DEST_URI, _T.STRING, Party.SRC),
     )
 }
 

@@ -151,12 +151,14 @@ class DomainRequest(_message.Message):
     def __init__(self, domain: _Optional[_Union[DomainRef, _Mapping]] = ...) -> None: ...
 
 class StartRequest(_message.Message):
-    __slots__ = ("domain", "paused")
+    __slots__ = ("domain", "paused", "force")
     DOMAIN_FIELD_NUMBER: _ClassVar[int]
     PAUSED_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
     domain: DomainRef
     paused: bool
-    def __init__(self, domain: _Optional[_Union[DomainRef, _Mapping]] = ..., paused: _Optional[bool] = ...) -> None: ...
+    force: bool
+    def __init__(self, domain: _Optional[_Union[DomainRef, _Mapping]] = ..., paused: _Optional[bool] = ..., force: _Optional[bool] = ...) -> None: ...
 
 class ListRequest(_message.Message):
     __slots__ = ("active", "inactive")
@@ -207,14 +209,16 @@ class DomainInfo(_message.Message):
     def __init__(self, domain: _Optional[_Union[Domain, _Mapping]] = ..., max_memory_kib: _Optional[int] = ..., memory_kib: _Optional[int] = ..., vcpus: _Optional[int] = ..., cpu_time_ns: _Optional[int] = ..., os_type: _Optional[str] = ..., autostart: _Optional[bool] = ...) -> None: ...
 
 class DomainStateReply(_message.Message):
-    __slots__ = ("state", "reason", "reason_name")
+    __slots__ = ("state", "reason", "reason_name", "detail")
     STATE_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     REASON_NAME_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
     state: DomainState
     reason: int
     reason_name: str
-    def __init__(self, state: _Optional[_Union[DomainState, str]] = ..., reason: _Optional[int] = ..., reason_name: _Optional[str] = ...) -> None: ...
+    detail: str
+    def __init__(self, state: _Optional[_Union[DomainState, str]] = ..., reason: _Optional[int] = ..., reason_name: _Optional[str] = ..., detail: _Optional[str] = ...) -> None: ...
 
 class Empty(_message.Message):
     __slots__ = ()
@@ -247,6 +251,48 @@ class Event(_message.Message):
     job: JobInfo
     timestamp_ms: int
     def __init__(self, kind: _Optional[_Union[EventKind, str]] = ..., domain_name: _Optional[str] = ..., domain_uuid: _Optional[str] = ..., event: _Optional[int] = ..., detail: _Optional[int] = ..., description: _Optional[str] = ..., iteration: _Optional[int] = ..., job: _Optional[_Union[JobInfo, _Mapping]] = ..., timestamp_ms: _Optional[int] = ...) -> None: ...
+
+class ResolveMigrationRequest(_message.Message):
+    __slots__ = ("domain", "dest_uri")
+    DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    DEST_URI_FIELD_NUMBER: _ClassVar[int]
+    domain: DomainRef
+    dest_uri: str
+    def __init__(self, domain: _Optional[_Union[DomainRef, _Mapping]] = ..., dest_uri: _Optional[str] = ...) -> None: ...
+
+class GuestLocationRequest(_message.Message):
+    __slots__ = ("uuid", "migration_id")
+    UUID_FIELD_NUMBER: _ClassVar[int]
+    MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
+    uuid: str
+    migration_id: str
+    def __init__(self, uuid: _Optional[str] = ..., migration_id: _Optional[str] = ...) -> None: ...
+
+class GuestLocationReply(_message.Message):
+    __slots__ = ("host_uuid", "known", "active", "state", "arrived_migration_id", "incoming_migration_id", "incoming_phase", "away_host_uuid", "away_hostname", "away_uri", "away_migration_id")
+    HOST_UUID_FIELD_NUMBER: _ClassVar[int]
+    KNOWN_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    ARRIVED_MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
+    INCOMING_MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
+    INCOMING_PHASE_FIELD_NUMBER: _ClassVar[int]
+    AWAY_HOST_UUID_FIELD_NUMBER: _ClassVar[int]
+    AWAY_HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    AWAY_URI_FIELD_NUMBER: _ClassVar[int]
+    AWAY_MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
+    host_uuid: str
+    known: bool
+    active: bool
+    state: DomainState
+    arrived_migration_id: str
+    incoming_migration_id: str
+    incoming_phase: str
+    away_host_uuid: str
+    away_hostname: str
+    away_uri: str
+    away_migration_id: str
+    def __init__(self, host_uuid: _Optional[str] = ..., known: _Optional[bool] = ..., active: _Optional[bool] = ..., state: _Optional[_Union[DomainState, str]] = ..., arrived_migration_id: _Optional[str] = ..., incoming_migration_id: _Optional[str] = ..., incoming_phase: _Optional[str] = ..., away_host_uuid: _Optional[str] = ..., away_hostname: _Optional[str] = ..., away_uri: _Optional[str] = ..., away_migration_id: _Optional[str] = ...) -> None: ...
 
 class Begin3Request(_message.Message):
     __slots__ = ("domain", "xmlin", "flags", "dname", "resource")

@@ -209,6 +209,16 @@ class DomainsStub:
                 request_serializer=virtmig_dot_proto_dot_virtmig__pb2.EventsRequest.SerializeToString,
                 response_deserializer=virtmig_dot_proto_dot_virtmig__pb2.Event.FromString,
                 _registered_method=True)
+        self.GuestLocation = channel.unary_unary(
+                '/virtmig.v1.Domains/GuestLocation',
+                request_serializer=virtmig_dot_proto_dot_virtmig__pb2.GuestLocationRequest.SerializeToString,
+                response_deserializer=virtmig_dot_proto_dot_virtmig__pb2.GuestLocationReply.FromString,
+                _registered_method=True)
+        self.ResolveMigration = channel.unary_unary(
+                '/virtmig.v1.Domains/ResolveMigration',
+                request_serializer=virtmig_dot_proto_dot_virtmig__pb2.ResolveMigrationRequest.SerializeToString,
+                response_deserializer=virtmig_dot_proto_dot_virtmig__pb2.DomainStateReply.FromString,
+                _registered_method=True)
 
 
 class DomainsServicer:
@@ -286,6 +296,21 @@ class DomainsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GuestLocation(self, request, context):
+        """A guest runs in one place (virtmig.daemon.placement): where the guest of this UUID is, as
+        this host knows it; a peer daemon asks it before starting or resuming its own copy.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResolveMigration(self, request, context):
+        """Settle a guest whose migration's outcome was unknown, by asking its destination now.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DomainsServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -348,6 +373,16 @@ def add_DomainsServicer_to_server(servicer, server):
                     servicer.Events,
                     request_deserializer=virtmig_dot_proto_dot_virtmig__pb2.EventsRequest.FromString,
                     response_serializer=virtmig_dot_proto_dot_virtmig__pb2.Event.SerializeToString,
+            ),
+            'GuestLocation': grpc.unary_unary_rpc_method_handler(
+                    servicer.GuestLocation,
+                    request_deserializer=virtmig_dot_proto_dot_virtmig__pb2.GuestLocationRequest.FromString,
+                    response_serializer=virtmig_dot_proto_dot_virtmig__pb2.GuestLocationReply.SerializeToString,
+            ),
+            'ResolveMigration': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResolveMigration,
+                    request_deserializer=virtmig_dot_proto_dot_virtmig__pb2.ResolveMigrationRequest.FromString,
+                    response_serializer=virtmig_dot_proto_dot_virtmig__pb2.DomainStateReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -674,6 +709,60 @@ class Domains:
             '/virtmig.v1.Domains/Events',
             virtmig_dot_proto_dot_virtmig__pb2.EventsRequest.SerializeToString,
             virtmig_dot_proto_dot_virtmig__pb2.Event.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GuestLocation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/virtmig.v1.Domains/GuestLocation',
+            virtmig_dot_proto_dot_virtmig__pb2.GuestLocationRequest.SerializeToString,
+            virtmig_dot_proto_dot_virtmig__pb2.GuestLocationReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResolveMigration(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/virtmig.v1.Domains/ResolveMigration',
+            virtmig_dot_proto_dot_virtmig__pb2.ResolveMigrationRequest.SerializeToString,
+            virtmig_dot_proto_dot_virtmig__pb2.DomainStateReply.FromString,
             options,
             channel_credentials,
             insecure,

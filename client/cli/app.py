@@ -75,6 +75,9 @@ COMMANDS: tuple[Command, ...] = (
             jobs.setup_postcopy("get post-copy migration bandwidth")),
     Command("migrate-postcopy", "Switch running migration from pre-copy to post-copy",
             jobs.cmd_migrate_postcopy, ("domain",), ("domain",)),
+    Command("migrate-resolve", "settle a guest whose migration's outcome is unknown",
+            domains.cmd_migrate_resolve, ("domain", "desturi"), ("domain",),
+            metavars={"desturi": "DESTURI"}),
     Command("event", "Domain Events", jobs.cmd_event, ("domain", "event", "timeout"), (),
             jobs.setup_event, {"event": "TYPE", "timeout": "SECONDS"}),
     Command("hostname", "print the daemon's hostname", host.cmd_hostname),
@@ -94,6 +97,8 @@ _DATA_HELP = {
     "bandwidth": "migration bandwidth limit in MiB/s",
     "event": f"which event type to wait for: {', '.join(EVENT_NAMES)}",
     "timeout": "timeout seconds",
+    "desturi": "the destination daemon's URI, as this daemon reaches it (default: the one "
+               "recorded)",
 }
 
 

@@ -45,8 +45,20 @@ async def cmd_start(s: Session, args: argparse.Namespace) -> None:
     dom = await lookup(conn, args.domain)
     if dom.id >= 0:
         raise CliError("Domain is already active")
-    await act(f"Failed to start domain '{dom.name}'", conn.start(dom, paused=args.paused))
+    await act(f"Failed to start domain '{dom.name}'",
+              conn.start(dom, paused=args.paused, force=args.force))
     print(f"Domain '{dom.name}' started")
+
+
+async def cmd_migrate_resolve(s: Session, args: argparse.Namespace) -> None:
+    """Settle a guest whose migration's outcome is unknown: the daemon asks the destination
+    (recorded, or DESTURI) now, then resumes the guest or leaves it shut off as migrated."""
+    conn = await s.conn()
+    dom = await lookup(conn, args.domain)
+    state, _reason, reason_name, _detail = await act(
+        f"Failed to resolve the migration of domain '{dom.name}'",
+        conn.resolve_migration(dom, args.desturi or ""))
+    print(f"Domain '{dom.name}' resolved: {DomainState(state).label} ({reason_name})")
 
 
 def lifecycle(verb: str, done: str, call: Callable[[AsyncConnection, Domain], Awaitable[None]]
@@ -93,9 +105,14 @@ async def cmd_dominfo(s: Session, args: argparse.Namespace) -> None:
 async def cmd_domstate(s: Session, args: argparse.Namespace) -> None:
     conn = await s.conn()
     dom = await lookup(conn, args.domain)
-    state, _reason, reason_name = await conn.state(dom)
+    state, _reason, reason_name, detail = await conn.state_detail(dom)
     label = DomainState(state).label
-    print(f"{label} ({reason_name})" if args.reason else label)
+    if not args.reason:
+        print(label)
+        return
+    # virtmig's words after libvirt's reason: what a guest whose migration's outcome is
+    # unknown waits for.
+    print(f"{label} ({reason_name})" + (f": {detail}" if detail else ""))
 
 
 async def cmd_dumpxml(s: Session, args: argparse.Namespace) -> None:
@@ -112,6 +129,9 @@ def setup_list(p: argparse.ArgumentParser) -> None:
 
 def setup_start(p: argparse.ArgumentParser) -> None:
     p.add_argument("--paused", action="store_true", help="leave the guest paused after creation")
+    p.add_argument("--force", action="store_true",
+                   help="virtmig: start even if the guest was migrated to a host that runs it "
+                        "or cannot be asked (logged by the daemon)")
 
 
 def setup_domstate(p: argparse.ArgumentParser) -> None:

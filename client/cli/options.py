@@ -181,6 +181,9 @@ MIGRATE_OPTIONS: tuple[MigrateOption, ...] = (
            "virtmig: what the source does on the completion timeout: "
            f"{', '.join(COMPLETION_ACTIONS)} (default: the daemon's)",
            choices=COMPLETION_ACTIONS),
+    _param("dest-uri", P.DEST_URI, Read.STRING, "URI",
+           "virtmig: the destination daemon's URI as the source host reaches it, which the "
+           "source records and asks where the guest runs (default: DESTURI)"),
 )
 
 # The order in which the params are added, which is virsh's (doMigrate's), not --help's: it is
@@ -193,7 +196,7 @@ PARAM_ORDER: tuple[MigrateParam, ...] = (
     P.COMPRESSION_ZSTD_LEVEL, P.DEST_XML, P.PERSIST_XML, P.AUTO_CONVERGE_INITIAL,
     P.AUTO_CONVERGE_INCREMENT, P.BANDWIDTH_POSTCOPY, P.PARALLEL_CONNECTIONS, P.TLS_DESTINATION,
     P.BANDWIDTH,
-    P.STALL_TIMEOUT, P.COMPLETION_TIMEOUT, P.COMPLETION_TIMEOUT_ACTION,
+    P.STALL_TIMEOUT, P.COMPLETION_TIMEOUT, P.COMPLETION_TIMEOUT_ACTION, P.DEST_URI,
 )
 
 

@@ -40,6 +40,7 @@ from virtmig.daemon.migration.owner import any_check_owner
 from virtmig.daemon.migration.rollback import dst_discard
 from virtmig.daemon.migration.tuning import check_stream_pki, dst_tuning, new_stream_token
 from virtmig.daemon.migration.uri import dst_check_bind, dst_parse_uri_in, dst_uri_out
+from virtmig.daemon.placement import new_migration_id
 from virtmig.daemon.registry import DomainObj
 from virtmig.proto.errors import (
     InternalError,
@@ -95,7 +96,7 @@ async def dst_prepare(
     dname = params.get_str(P.DEST_NAME)
     if dname and dname != d.name:
         d = rename(d, dname)
-    ck.parse_cookie(
+    cookie_a = ck.parse_cookie(
         cookie_in,
         expected_name=origname,
         expected_uuid=d.uuid,
@@ -114,6 +115,9 @@ async def dst_prepare(
         job = MigrationJob(
             kind=AsyncJob.MIGRATION_IN, phase=Phase.PREPARE, flags=f, params=params.copy(),
             origname=origname, owner=owner,
+            # The source's id for this migration (a peer that sent none: one of ours).
+            migration_id=cookie_a.migration_id or new_migration_id(),
+            peer_hostuuid=cookie_a.hostuuid, peer_hostname=cookie_a.hostname,
         )
         dom.job = job
         job.busy = True
@@ -132,7 +136,8 @@ async def dst_prepare(
                 dom.id = daemon.registry.new_id()
                 daemon.set_state(dom, DomainState.PAUSED, PausedReason.MIGRATION)
                 uri_out = None if tunnelled else dst_uri_out(host, port, given=bool(uri_in))
-            cookie = any_cookie(daemon, origname, d.uuid, stream_token=token)
+            cookie = any_cookie(daemon, origname, d.uuid, stream_token=token,
+                                migration_id=job.migration_id)
         except BaseException:
             await dst_discard(daemon, dom, existed=existing is not None,
                               record=job.record(JobType.FAILED, "prepare failed"))
@@ -229,6 +234,8 @@ async def dst_finish(
                 daemon.registry.save_config(dom)
             if job.port:
                 daemon.ports.release(job.port)
+            # The guest arrived: the one place it runs (virtmig.daemon.placement).
+            daemon.placement.arrived(dom.uuid, job.migration_id, job.peer_hostuuid)
             await daemon.registry.end_job(dom, job.record(JobType.COMPLETED))
             return dom, any_cookie(
                 daemon, job.origname, dom.uuid, statistics=any_stats(job.progress, job.started)

@@ -16,6 +16,7 @@ import asyncio
 import time
 from collections.abc import Callable
 
+from virtmig.daemon import locate
 from virtmig.daemon.core import Daemon
 from virtmig.daemon.job import AsyncJob, MigrationJob, Phase
 from virtmig.daemon.migration.rollback import dst_discard
@@ -45,7 +46,8 @@ async def any_owner_gone(daemon: Daemon, dom: DomainObj, error: str = GONE,
       released, and a domain that was not defined before Prepare disappears;
     * outgoing begin3: the job just ends; the guest was never touched;
     * outgoing perform3_done: nobody knows whether the destination runs: the job ends and the
-      guest stays paused for an admin to decide (never resumed: it may run on the destination);
+      guest stays paused (never resumed blindly: it may run on the destination) until the
+      destination answers how the migration ended (:func:`virtmig.daemon.locate.settle_later`);
     * post-copy failed: the job is kept (only post-copy recovery can settle it).
     A phase that is running finishes first and checks again when it ends.  ``still``: a
     condition checked again under the domain's lock (the reaper's: the job is still unowned).
@@ -61,13 +63,17 @@ async def any_owner_gone(daemon: Daemon, dom: DomainObj, error: str = GONE,
             await dst_discard(daemon, dom, existed=dom.config is not None,
                               record=job.record(JobType.FAILED, error))
             return
-        if job.phase is Phase.PERFORM3_DONE:
+        unknown = job.phase is Phase.PERFORM3_DONE
+        if unknown:
             log.warning("Migration of domain %s finished but we don't know if the domain was "
                         "successfully started on destination or not (%s)", dom.name, error)
             job.set_phase(Phase.CONFIRM3_CANCELLED)
         else:
             log.info("migration of %s ended in phase %s: %s", dom.name, job.phase.label, error)
         await daemon.registry.end_job(dom, job.record(JobType.FAILED, error))
+        if unknown and dom.active:
+            # Never resumed blindly: the destination is asked (virtmig.daemon.locate).
+            locate.settle_later(daemon, dom.uuid, locate.away_of(job), error)
 
 
 async def any_session_closed(daemon: Daemon, session: str) -> None:

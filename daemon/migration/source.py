@@ -16,7 +16,7 @@ import contextlib
 import dataclasses
 
 from virtmig.daemon import cookie as ck
-from virtmig.daemon import jobctl
+from virtmig.daemon import jobctl, locate
 from virtmig.daemon.backend.base import (
     BackendError,
     MigrationCancelled,
@@ -45,6 +45,7 @@ from virtmig.daemon.migration.owner import any_check_owner
 from virtmig.daemon.migration.rollback import src_restore
 from virtmig.daemon.migration.tuning import check_stream_pki, src_tuning
 from virtmig.daemon.migration.uri import src_parse_uri
+from virtmig.daemon.placement import new_migration_id
 from virtmig.daemon.registry import DomainObj
 from virtmig.proto import logsafe
 from virtmig.proto.errors import (
@@ -80,10 +81,15 @@ async def src_begin(
         if not offline:
             _require_active(dom)
         current = dom.config if offline and dom.config is not None else dom.definition
+        locate.refuse_uncertain(daemon, dom, "migrate")
+        if params.get_str(P.DEST_URI):
+            locate.check_dest_uri(params.get_str(P.DEST_URI) or "")
         if not f & (F.UNSAFE | F.OFFLINE):
             _check_safe(daemon, current)
         xml = _src_begin_xml(daemon, current, params)
-        cookie = any_cookie(daemon, dom.name, dom.uuid)
+        # The migration's id, carried by the cookies (virtmig.daemon.placement).
+        mid = new_migration_id()
+        cookie = any_cookie(daemon, dom.name, dom.uuid, migration_id=mid)
         if f & F.CHANGE_PROTECTION:
             jobctl.check_limit(daemon, AsyncJob.MIGRATION_OUT)
             dom.job = MigrationJob(
@@ -93,6 +99,7 @@ async def src_begin(
                 params=params.copy(),
                 pre_state=dom.state,
                 owner=owner,
+                migration_id=mid,
             )
             daemon.registry.save_status(dom)
     await any_check_owner(daemon, dom)
@@ -131,17 +138,19 @@ async def src_perform(
     flags: int,
     tunnel: StreamAddress | None = None,
     owner: str = "",
+    dest_uri: str = "",
 ) -> bytes:
     """``tunnel``: where the stream goes in a tunnelled migration (the source's tunnel end);
     ``owner``: the caller's session, owner of the job Perform starts (without change
-    protection)."""
+    protection); ``dest_uri``: the destination daemon as this host reaches it (p2p's
+    dconnuri; else the ``virtmig.dest_uri`` param), recorded for :mod:`virtmig.daemon.locate`."""
     f = any_check(daemon, flags, params, "virDomainMigratePerform3Params")
     if dconnuri:
         raise InvalidArgument("Unexpected dconnuri parameter with non-peer2peer migration")
     async with dom.lock:
         job = _src_perform_job(daemon, dom, f, params, owner)
         dest, persistent, token = await _src_perform_start(daemon, dom, job, f, params,
-                                                           cookie_in, tunnel)
+                                                           cookie_in, tunnel, dest_uri)
     # The lock is not held while the stream runs: read-only calls, destroy, abort and tuning
     # must get through.
     await _src_stream(daemon, dom, job, f, params, dest, token)
@@ -172,7 +181,7 @@ def _src_perform_job(
 
 async def _src_perform_start(
     daemon: Daemon, dom: DomainObj, job: MigrationJob, f: MigrateFlags, params: TypedParams,
-    cookie_in: bytes, tunnel: StreamAddress | None,
+    cookie_in: bytes, tunnel: StreamAddress | None, dest_uri: str,
 ) -> tuple[StreamAddress, str | None, str]:
     """Perform's checks, then phase perform3: where the stream goes, the persistent XML for
     cookie C (PERSIST_DEST) and cookie B's stream token.  The guest is not touched yet; a
@@ -191,6 +200,10 @@ async def _src_perform_start(
         )
         dest = tunnel if tunnel is not None else src_parse_uri(params.get_str(P.URI))
         persistent = _src_persistent_xml(dom, params) if f & F.PERSIST_DEST else None
+        given = dest_uri or params.get_str(P.DEST_URI)
+        job.dest_uri = locate.check_dest_uri(given) if given else ""
+        job.migration_id = cookie.migration_id or job.migration_id
+        job.peer_hostuuid, job.peer_hostname = cookie.hostuuid, cookie.hostname
         job.set_phase(Phase.PERFORM3)
         job.streamed = True
         job.flags = f
@@ -331,6 +344,7 @@ async def src_confirm(
             raise OperationInvalid(
                 f"domain '{dom.name}' migration has not been performed (phase {job.phase.label})")
         job.busy = True
+        performed = job.phase is Phase.PERFORM3_DONE and job.streamed
         try:
             # The cookie is checked before the phase moves: a bad one leaves the job as it was,
             # so that Confirm(cancelled) can still roll it back.
@@ -356,8 +370,7 @@ async def src_confirm(
             daemon.registry.save_status(dom)
             return
         if cancelled:
-            await src_restore(daemon, dom, job)
-            await daemon.registry.end_job(dom, job.record(JobType.FAILED, "migration cancelled"))
+            await _src_confirm_cancelled(daemon, dom, job, performed)
             return
         if not f & F.OFFLINE:
             if job.postcopy:
@@ -374,6 +387,8 @@ async def src_confirm(
             if f & F.UNDEFINE_SOURCE and dom.config is not None:
                 dom.config = None
                 daemon.registry.save_config(dom)
+            elif dom.config is not None:  # where it went: virtmig.daemon.placement
+                daemon.placement.departed(dom.uuid, locate.away_of(job))
             daemon.mark_inactive(dom, ShutoffReason.MIGRATED)
             return
         await daemon.registry.end_job(dom, job.record(JobType.COMPLETED))
@@ -381,6 +396,38 @@ async def src_confirm(
             dom.config = None
             daemon.registry.save_config(dom)
             daemon.registry.remove(dom)
+
+
+async def _src_confirm_cancelled(
+    daemon: Daemon, dom: DomainObj, job: MigrationJob, performed: bool
+) -> None:
+    """Confirm(cancelled): put the source back, unless the guest may run on the destination.
+
+    After a Perform that streamed the whole guest, the destination is asked first (when its
+    daemon's URI is known) how migration ``job.migration_id`` ended there: if it arrived, the
+    guest is never resumed here (it is shut off as migrated); if the answer is unclear or does
+    not come, it stays paused and the outcome is settled later (virtmig.daemon.locate).
+    """
+    if performed and job.dest_uri:
+        away = locate.away_of(job)
+        verdict: locate.Verdict | None = None
+        try:
+            verdict = locate.judge(await locate.ask(daemon, away.peer, dom.uuid,
+                                                    job.migration_id), job.migration_id)
+            why = f"Confirm(cancelled), but the destination's answer is '{verdict.value}'"
+        except locate.PeerUnreachable as exc:
+            why = f"Confirm(cancelled), and the destination cannot be asked: {exc}"
+        if verdict is locate.Verdict.ARRIVED:
+            await daemon.registry.end_job(dom, job.record(
+                JobType.COMPLETED, "cancelled too late: the guest runs on the destination"))
+            await locate.apply(daemon, dom, away, verdict)
+            return
+        if verdict is not locate.Verdict.FAILED:
+            await daemon.registry.end_job(dom, job.record(JobType.FAILED, why))
+            locate.settle_later(daemon, dom.uuid, away, why)
+            return
+    await src_restore(daemon, dom, job)
+    await daemon.registry.end_job(dom, job.record(JobType.FAILED, "migration cancelled"))
 
 
 def _with_dst_downtime(progress: MigrationProgress, stats: ck.MigrationStats) -> MigrationProgress:

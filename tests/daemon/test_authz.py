@@ -26,6 +26,7 @@ READ_CALLS = {
     "/virtmig.v1.Domains/GetInfo", "/virtmig.v1.Domains/GetState", "/virtmig.v1.Domains/Events",
     "/virtmig.v1.Migration/GetJobInfo", "/virtmig.v1.Migration/WatchJob",
     "/virtmig.v1.Migration/GetMaxDowntime", "/virtmig.v1.Migration/GetMaxSpeed",
+    "/virtmig.v1.Domains/GuestLocation",
 }
 
 

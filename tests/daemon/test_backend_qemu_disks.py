@@ -320,8 +320,9 @@ REFUSED = [
     ("scsi-model", "<controller type='scsi' model='lsilogic'/>",
      "SCSI controller model 'lsilogic' (virtio-scsi only)"),
     ("controller-child", "<controller type='scsi'><driver queues='4'/></controller>",
-     "element <driver>"),
-    ("controller-attr", "<controller type='sata' index='0' ports='4'/>", "attribute ports"),
+     "element <devices><controller><driver>"),  # the honour-or-refuse table sees it first
+    ("controller-attr", "<controller type='sata' index='0' ports='4'/>",
+     "attribute 'ports' of <devices><controller>"),
     ("sata-model", "<controller type='sata' model='ahci'/>",
      "attribute model of a sata controller"),
     ("controller-twice", "<controller type='scsi' index='0'/><controller type='scsi' index='0'/>",

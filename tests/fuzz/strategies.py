@@ -294,6 +294,11 @@ def _field_strategy(field: Any, ctx: RequestContext) -> st.SearchStrategy[Any]:
         "dom_xml": ctx.xml, "dname": st.one_of(st.sampled_from(ctx.names), names),
         "flags": flags_words if field.type == FieldDescriptor.TYPE_UINT64 else u32,
         "cookie_in": ctx.cookies, "data": st.binary(max_size=256),
+        # GuestLocation / ResolveMigration: known or random uuids, ids, loopback daemons only.
+        "uuid": st.one_of(st.sampled_from(ctx.uuids), texts) if ctx.uuids else texts,
+        "migration_id": st.one_of(st.just(""), st.text("0123456789abcdef", min_size=32,
+                                                        max_size=32), texts),
+        "dest_uri": st.one_of(st.just(""), conn_uris(ctx.conn_uris)),
     }
     if name in special:
         return special[name]

@@ -129,7 +129,7 @@ def test_table_has_every_libvirt_param_with_its_type() -> None:
         "parallel.connections": "int", "tls.destination": "string",
         # virtmig's own
         "virtmig.stall_timeout": "ullong", "virtmig.completion_timeout": "ullong",
-        "virtmig.completion_timeout_action": "string",
+        "virtmig.completion_timeout_action": "string", "virtmig.dest_uri": "string",
     }
     assert {n: s.type.value for n, s in MIGRATION_PARAMS.items()} == expected
     assert {n for n, s in MIGRATION_PARAMS.items() if s.multiple} == {"migrate_disks",

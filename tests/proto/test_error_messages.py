@@ -31,6 +31,8 @@ LIBVIRT_FORMATS: dict[type[errors.VirtmigError], tuple[str, str]] = {
     errors.ConfigUnsupported: ("unsupported configuration: %s", "unsupported configuration"),
     errors.OperationInvalid: ("Requested operation is not valid: %s",
                               "Requested operation is not valid"),
+    errors.GuestElsewhere: ("Requested operation is not valid: %s",
+                            "Requested operation is not valid"),
     errors.OperationUnsupported: ("Operation not supported: %s", "Operation not supported"),
     errors.NoSupport: ("this function is not supported by the connection driver: %s",
                        "this function is not supported by the connection driver"),

@@ -167,7 +167,7 @@ class QemuBackend(Backend):
     def migration_unsafe(self, spec: GuestSpec) -> str:
         """A disk the host caches (cache other than none or directsync) that is neither read-only
         nor shareable (:func:`~virtmig.daemon.backend.qemu.disks.migration_unsafe`)."""
-        return migration_unsafe(parse_config(spec, self._machines, self.settings, self._dir).disks)
+        return migration_unsafe(parse_config(spec, self._caps, self.settings, self._dir).disks)
 
     def limits(self, spec: GuestSpec) -> GuestLimits:
         """The host's RAM, and QEMU's vCPU limit for the machine type (``max_cpus`` of QEMU
