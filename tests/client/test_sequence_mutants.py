@@ -327,6 +327,7 @@ async def test_lost_finish_reply_and_guest_rolled_back() -> None:
     assert type(err) is ConnectionFailed and str(err) == "reset"
     assert s.asked == ["vm1"]
     assert steps(s)[-1] == "confirm(cancelled)"
+    assert s.call("confirm").cookie == b""  # not Perform's cookie C: Finish gave none
 
 
 async def test_lost_finish_reply_and_destination_unreachable() -> None:
