@@ -26,6 +26,7 @@ from virtmig.daemon.backend.base import (
 from virtmig.daemon.job import Phase
 from virtmig.daemon.registry import DomainObj
 from virtmig.proto.errors import (
+    ArgumentUnsupported,
     InternalError,
     InvalidArgument,
     MigrateFinishOk,
@@ -466,3 +467,41 @@ def test_migration_uris() -> None:
         with pytest.raises(InvalidArgument) as info:
             migration.src_parse_uri(uri)
         assert str(info.value) == message
+
+
+# --- the shared checks (migration.common) ------------------------------------------------------
+
+
+async def test_check_lets_the_backends_own_flags_through(pair: tuple[Host, Host]) -> None:
+    src, _dst = pair
+    with pytest.raises(ArgumentUnsupported):
+        migration.any_check(src.daemon, int(F.LIVE | F.PARALLEL), TypedParams(), "f")
+    src.daemon.backend.extra_flags = F.PARALLEL  # as the qemu backend declares it
+    assert migration.any_check(src.daemon, int(F.LIVE | F.PARALLEL), TypedParams(),
+                               "f") == F.LIVE | F.PARALLEL
+
+
+async def test_phases_without_a_migration_job_name_its_direction(
+        pair: tuple[Host, Host]) -> None:
+    src, dst = pair
+    dom = await guest(src)
+    with pytest.raises(OperationInvalid) as info:
+        await migration.src_confirm(src.daemon, dom, TypedParams(), b"", F.LIVE | CP, False)
+    assert str(info.value) == ("Requested operation is not valid: domain 'vm1' is not being "
+                               "migrated")
+    await dst.conn.define(domain_xml("vm1"))
+    with pytest.raises(OperationInvalid) as info:
+        await migration.dst_finish(dst.daemon, TypedParams.of({P.DEST_NAME: "vm1"}), b"",
+                                   int(F.LIVE), False)
+    assert str(info.value) == ("Requested operation is not valid: domain 'vm1' is not "
+                               "processing incoming migration")
+
+
+async def test_live_migration_of_an_inactive_domain_is_refused(pair: tuple[Host, Host]) -> None:
+    src, _dst = pair
+    await src.conn.define(domain_xml("vm1"))
+    dom = src.daemon.registry.by_name("vm1")
+    with pytest.raises(OperationInvalid) as info:
+        await migration.src_begin(src.daemon, dom, TypedParams(), F.LIVE | CP)
+    assert str(info.value) == "Requested operation is not valid: domain is not running"
+    assert dom.job is None
