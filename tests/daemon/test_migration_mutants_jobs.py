@@ -7,6 +7,7 @@ Written against mutmut's survivors in ``virtmig.daemon.migration`` (``make mutat
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import socket
 from types import SimpleNamespace
 from typing import cast
@@ -32,7 +33,7 @@ from virtmig.daemon.job import JobRecord, Phase
 from virtmig.daemon.migration import destination
 from virtmig.daemon.registry import DomainObj
 from virtmig.proto.compat import Compression
-from virtmig.proto.errors import OperationFailed
+from virtmig.proto.errors import InvalidArgument, OperationFailed
 from virtmig.proto.flags import DomainState, JobType, MigrateFlags, PausedReason
 from virtmig.proto.params import MigrateParam, TypedParams
 from virtmig.testing import Host, domain_xml, free_port
@@ -489,3 +490,29 @@ async def test_post_copy_failure_seen_by_confirm_is_left_to_the_admin(
     assert (dom.state, dom.reason) == (DomainState.PAUSED, PausedReason.POSTCOPY_FAILED)
     await src.conn.destroy("vm1")  # possible only because no phase runs any more
     assert dom.job is None
+
+
+# --- Prepare's refusals ------------------------------------------------------------------------
+
+
+async def test_prepare_needs_the_domain_xml(pair: tuple[Host, Host]) -> None:
+    _src, dst = pair
+    with pytest.raises(InvalidArgument) as info:
+        await migration.dst_prepare(dst.daemon, TypedParams(), b"", int(F.LIVE))
+    assert str(info.value) == "invalid argument: no domain XML passed"
+
+
+async def test_prepare_refuses_a_localhost_name_for_the_stream(pair: tuple[Host, Host],
+                                                               monkeypatch: pytest.MonkeyPatch,
+                                                               ) -> None:
+    src, dst = pair
+    dom = await guest(src)
+    xml, cookie_a = await migration.src_begin(src.daemon, dom, TypedParams(), F.LIVE | CP)
+    monkeypatch.setattr(dst.daemon, "config",
+                        dataclasses.replace(dst.daemon.config, migration_host=""))
+    monkeypatch.setattr(dst.daemon, "hostname", "localhost.localdomain")
+    with pytest.raises(OperationFailed) as info:
+        await migration.dst_prepare(dst.daemon, TypedParams.of({P.DEST_XML: xml}), cookie_a,
+                                    int(F.LIVE))
+    assert str(info.value) == ("operation failed: hostname on destination resolved to "
+                               "localhost, but migration requires an FQDN")
