@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: all venv demo test fuzz lint proto bench e2e clean typecheck-tree
+.PHONY: all venv demo test fuzz lint proto bench e2e clean typecheck-tree mutate
 
 all: test
 
@@ -42,6 +42,26 @@ lint: $(STAMP) typecheck-tree
 	$(VENV)/bin/ruff check .
 	cd build/typecheck && MYPYPATH=. ../../$(VENV)/bin/mypy --config-file ../../pyproject.toml -p virtmig
 	MYPYPATH=build/typecheck $(VENV)/bin/mypy --config-file pyproject.toml tests deploy bench
+
+# Mutation testing (README "Mutation testing"; scope and tests: [tool.mutmut] in pyproject).
+# mutmut names a mutant after its file's path and copies the tree it mutates into mutants/, so it
+# runs in build/mutate, where virtmig/ is the import package as a tree of symlinks to the source
+# files (mutmut does not descend into symlinked folders).  Results stay in build/mutate/mutants
+# between runs: only changed functions are tested again.  MUTMUT_ARGS picks mutants, one module
+# at a time on a shared machine, e.g. MUTMUT_ARGS='"virtmig.proto.compat*"'; MUTMUT_JOBS is how
+# many mutants run at once.
+MUTATE := build/mutate
+MUTMUT_JOBS ?= 1
+mutate: $(STAMP)
+	@rm -rf $(MUTATE)/virtmig
+	@mkdir -p $(MUTATE)/virtmig
+	@for d in proto daemon client testing; do cp -rs $(CURDIR)/$$d $(MUTATE)/virtmig/$$d; done
+	@cp -s $(CURDIR)/pkg/__init__.py $(CURDIR)/pkg/py.typed $(MUTATE)/virtmig/
+	@find $(MUTATE)/virtmig -name __pycache__ -prune -exec rm -rf {} +
+	@ln -sfn ../../tests $(MUTATE)/tests
+	@ln -sfn ../../pyproject.toml $(MUTATE)/pyproject.toml
+	cd $(MUTATE) && PATH=$(CURDIR)/$(VENV)/bin:$$PATH mutmut run --max-children $(MUTMUT_JOBS) $(MUTMUT_ARGS)
+	cd $(MUTATE) && PATH=$(CURDIR)/$(VENV)/bin:$$PATH mutmut results
 
 proto: $(STAMP)
 	PYTHON=$(PY) proto/gen.sh

@@ -1,0 +1,509 @@
+"""The daemon's migration phases to the letter: messages, job records, what a rollback leaves.
+
+Written against mutmut's survivors in ``virtmig.daemon.migration`` (``make mutate``): each test
+pins a detail that a mutant changed and the other tests did not notice.  The phases are called
+directly on real daemons (test backend) where the client would hide the detail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from virtmig.client.migrate import RemoteDest, RemoteSource, migrate3
+from virtmig.client.sequence import run_v3
+from virtmig.daemon import cookie as ck
+from virtmig.daemon import migration
+from virtmig.daemon.backend.base import (
+    GuestRunState,
+    MigrationProgress,
+    MigrationStatus,
+    StreamAddress,
+    XbzrleStats,
+)
+from virtmig.daemon.job import Phase
+from virtmig.daemon.registry import DomainObj
+from virtmig.proto.errors import (
+    ArgumentUnsupported,
+    InternalError,
+    InvalidArgument,
+    MigrateFinishOk,
+    NoDomain,
+    OperationAborted,
+    OperationFailed,
+    OperationInvalid,
+    VirtmigError,
+)
+from virtmig.proto.flags import DomainState, JobType, MigrateFlags, PausedReason
+from virtmig.proto.params import MigrateParam, Party, TypedParams
+from virtmig.testing import Host, domain_xml
+from virtmig.testing.wait import wait_job_streaming
+
+F = MigrateFlags
+P = MigrateParam
+CP = F.CHANGE_PROTECTION
+
+
+async def guest(host: Host, name: str = "vm1", xml: str | None = None, *,
+                paused: bool = False) -> DomainObj:
+    await host.conn.define(xml or domain_xml(name))
+    await host.conn.start(name, paused=paused)
+    return host.daemon.registry.by_name(name)
+
+
+# --- each phase names itself in virCheckFlags' message ----------------------------------------
+
+
+BAD = int(F.LIVE) | 1 << 40
+UNKNOWN = "invalid argument: unsupported flags (0x10000000000) in function "
+
+
+async def test_each_phase_names_its_function(pair: tuple[Host, Host]) -> None:
+    src, dst = pair
+    dom = await guest(src)
+    d, s = dst.daemon, src.daemon
+    calls = {
+        "virDomainMigrateBegin3Params": migration.src_begin(s, dom, TypedParams(), BAD),
+        "virDomainMigratePrepare3Params": migration.dst_prepare(d, TypedParams(), b"", BAD),
+        "virDomainMigratePerform3Params": migration.src_perform(s, dom, None, TypedParams(),
+                                                                b"", BAD),
+        "virDomainMigrateFinish3Params": migration.dst_finish(d, TypedParams(), b"", BAD,
+                                                              False),
+        "virDomainMigrateConfirm3Params": migration.src_confirm(s, dom, TypedParams(), b"",
+                                                                BAD, True),
+    }
+    for function, call in calls.items():
+        with pytest.raises(InvalidArgument) as info:
+            await call
+        assert str(info.value) == UNKNOWN + function
+
+
+async def test_any_check_checks_params_for_the_given_party(pair: tuple[Host, Host]) -> None:
+    src, _dst = pair
+    # listen_address is the destination's: the source refuses nothing about it
+    migration.any_check(src.daemon, int(F.LIVE),
+                        TypedParams.of({P.LISTEN_ADDRESS: "127.0.0.1"}), "f", Party.DST)
+
+
+# --- Confirm -----------------------------------------------------------------------------------
+
+
+async def test_confirm_while_busy(pair: tuple[Host, Host]) -> None:
+    src, _dst = pair
+    dom = await guest(src)
+    await migration.src_begin(src.daemon, dom, TypedParams(), F.LIVE | CP)
+    assert dom.job is not None
+    dom.job.busy = True
+    with pytest.raises(OperationInvalid) as info:
+        await migration.src_confirm(src.daemon, dom, TypedParams(), b"", F.LIVE | CP, True)
+    assert str(info.value) == ("Requested operation is not valid: domain 'vm1' migration is "
+                               "busy in another call")
+
+
+async def test_confirm_of_a_migration_not_performed(pair: tuple[Host, Host]) -> None:
+    src, _dst = pair
+    dom = await guest(src)
+    await migration.src_begin(src.daemon, dom, TypedParams(), F.LIVE | CP)
+    with pytest.raises(OperationInvalid) as info:
+        await migration.src_confirm(src.daemon, dom, TypedParams(), b"", F.LIVE | CP, False)
+    assert str(info.value) == ("Requested operation is not valid: domain 'vm1' migration has "
+                               "not been performed (phase begin3)")
+    assert dom.job is not None and not dom.job.busy
+
+
+def cookie_d(src: Host, dst: Host, dom: DomainObj, downtime: int) -> bytes:
+    return ck.build_cookie(ck.Cookie(
+        name=dom.name, uuid=dom.uuid, hostname="dst.test", hostuuid=dst.daemon.host_uuid,
+        statistics=ck.MigrationStats(downtime=downtime)))
+
+
+async def test_confirm_takes_the_destinations_downtime(pair: tuple[Host, Host]) -> None:
+    src, dst = pair
+    dom = await guest(src)
+    await migration.src_begin(src.daemon, dom, TypedParams(), F.LIVE | CP)
+    await migration.src_confirm(src.daemon, dom, TypedParams(), cookie_d(src, dst, dom, 1234),
+                                F.LIVE | CP, True)
+    assert dom.completed is not None and dom.completed.progress.downtime_ms == 1234
+    info = await src.conn.job_info("vm1", completed=True)
+    assert info.type is JobType.FAILED and info.stat("downtime") == 1234
+
+
+async def test_confirm_keeps_own_downtime_without_the_destinations(
+        pair: tuple[Host, Host]) -> None:
+    src, dst = pair
+    dom = await guest(src)
+    await migration.src_begin(src.daemon, dom, TypedParams(), F.LIVE | CP)
+    assert dom.job is not None
+    dom.job.progress = MigrationProgress(downtime_ms=77)
+    await migration.src_confirm(src.daemon, dom, TypedParams(), cookie_d(src, dst, dom, 0),
+                                F.LIVE | CP, True)
+    assert dom.completed is not None and dom.completed.progress.downtime_ms == 77
+
+
+# --- cookie statistics -------------------------------------------------------------------------
+
+
+def test_stats_are_the_completed_jobs_in_milliseconds() -> None:
+    progress = MigrationProgress(
+        status=MigrationStatus.COMPLETED, total_bytes=10, processed_bytes=9,
+        remaining_bytes=1, iteration=3, dirty_rate_pages_per_s=5, bandwidth_bytes_per_s=6,
+        expected_downtime_ms=99, downtime_ms=7, setup_time_ms=2, total_time_ms=1500,
+        page_size=4096, normal_pages=8, xbzrle=XbzrleStats(cache_bytes=1))
+    before = int(time.time() * 1000)
+    stats = migration.any_stats(progress, 1700000000.25)
+    after = int(time.time() * 1000)
+    assert stats.started == 1700000000250
+    assert before <= stats.stopped <= after and stats.sent == stats.stopped
+    assert stats == ck.MigrationStats(
+        started=1700000000250, stopped=stats.stopped, sent=stats.stopped, delta=0,
+        time_elapsed=1500, downtime=7, setup_time=2, memory_total=10, memory_processed=9,
+        memory_remaining=1, memory_bps=6, memory_constant=0, memory_normal=8,
+        memory_normal_bytes=8 * 4096, memory_dirty_rate=5, memory_iteration=3,
+        memory_page_size=4096)
+
+
+# --- Finish ------------------------------------------------------------------------------------
+
+
+async def begin_prepare(src: Host, dst: Host, dom: DomainObj, flags: int = F.LIVE,
+                        ) -> tuple[TypedParams, bytes, str | None]:
+    """Begin (change-protected) and Prepare: the destination's params, cookie B and URI."""
+    xml, cookie_a = await migration.src_begin(src.daemon, dom, TypedParams(), flags | CP)
+    dparams = TypedParams.of({P.DEST_XML: xml})
+    cookie_b, uri = await migration.dst_prepare(dst.daemon, dparams, cookie_a, flags)
+    dparams.set(P.DEST_NAME, dom.name)
+    return dparams, cookie_b, uri
+
+
+async def test_cancelled_finish_reports_finish_ok(pair: tuple[Host, Host]) -> None:
+    src, dst = pair
+    dom = await guest(src)
+    dparams, _cookie, _uri = await begin_prepare(src, dst, dom)
+    ddom = dst.daemon.registry.by_name("vm1")
+    with pytest.raises(MigrateFinishOk) as info:
+        await migration.dst_finish(dst.daemon, dparams, b"", int(F.LIVE), True)
+    assert str(info.value) == "migration successfully aborted"
+    assert ddom.completed is not None and ddom.completed.type is JobType.CANCELLED
+    assert ddom.completed.error == ""  # FINISH_OK is no error
+
+
+async def test_failed_finish_keeps_an_existing_definition(pair: tuple[Host, Host]) -> None:
+    src, dst = pair
+    dom = await guest(src)
+    await dst.conn.define(domain_xml("vm1", uuid=dom.uuid))
+    dparams, _cookie, _uri = await begin_prepare(src, dst, dom)
+    await dst.daemon.backend.destroy(dom.uuid)  # the incoming guest dies before Finish
+    with pytest.raises(OperationFailed):
+        await migration.dst_finish(dst.daemon, dparams, b"", int(F.LIVE), False)
+    ddom = dst.daemon.registry.by_name("vm1")
+    assert ddom.persistent and ddom.state is DomainState.SHUTOFF and ddom.job is None
+    assert ddom.completed is not None and ddom.completed.type is JobType.FAILED
+    assert ddom.completed.error == "operation failed: guest unexpectedly quit"
+
+
+async def test_offline_finish_keeps_the_cookies_definition(pair: tuple[Host, Host]) -> None:
+    src, dst = pair
+    dom = await guest(src)
+    flags = F.OFFLINE | F.PERSIST_DEST
+    dparams, _cookie, uri = await begin_prepare(src, dst, dom, flags)
+    assert uri is None
+    pxml = domain_xml("vm1", uuid=dom.uuid).replace("<vcpu>1</vcpu>", "<vcpu>2</vcpu>")
+    cookie_c = ck.build_cookie(ck.Cookie(
+        name="vm1", uuid=dom.uuid, hostname="src.test", hostuuid=src.daemon.host_uuid,
+        mandatory=("persistent",), persistent_xml=pxml))
+    ddom, cookie = await migration.dst_finish(dst.daemon, dparams, cookie_c, int(flags), False)
+    assert cookie == b""
+    assert ddom.config is not None and "<vcpu>2</vcpu>" in ddom.config.xml
+    assert ddom.completed is not None and ddom.completed.type is JobType.COMPLETED
+
+
+async def test_offline_finish_without_a_cookie_keeps_the_sent_definition(
+        pair: tuple[Host, Host]) -> None:
+    src, dst = pair
+    dom = await guest(src)
+    flags = F.OFFLINE | F.PERSIST_DEST
+    dparams, _cookie, _uri = await begin_prepare(src, dst, dom, flags)
+    ddom, _cookie = await migration.dst_finish(dst.daemon, dparams, b"", int(flags), False)
+    assert ddom.config is not None and "<vcpu>1</vcpu>" in ddom.config.xml
+    assert ddom.completed is not None and ddom.completed.type is JobType.COMPLETED
+
+
+# --- Perform -----------------------------------------------------------------------------------
+
+
+WITH_ALIAS = domain_xml("vm1").replace(
+    "<target port='0'/>", "<target port='0'/><alias name='serial0'/>")
+
+
+@pytest.mark.parametrize("given", [False, True])
+async def test_persistent_definition_is_sent_migratable(pair: tuple[Host, Host],
+                                                        given: bool) -> None:
+    src, dst = pair
+    dom = await guest(src, xml=WITH_ALIAS)
+    assert dom.config is not None and '<alias name="serial0"/>' in dom.config.xml
+    params = TypedParams()
+    if given:
+        params.set(P.PERSIST_XML, WITH_ALIAS.replace("<name>vm1</name>",
+                                                     f"<name>vm1</name><uuid>{dom.uuid}</uuid>"))
+    await migrate3(src.conn, "vm1", dst.conn, params, F.LIVE | F.PERSIST_DEST)
+    config = dst.daemon.registry.by_name("vm1").config
+    assert config is not None and "alias" not in config.xml
+
+
+async def test_abort_before_perform_is_cancelled(pair: tuple[Host, Host]) -> None:
+    src, _dst = pair
+    dom = await guest(src)
+    await migration.src_begin(src.daemon, dom, TypedParams(), F.LIVE | CP)
+    await src.conn.abort_job("vm1")
+    params = TypedParams.of({P.URI: "tcp://127.0.0.1:1"})
+    with pytest.raises(OperationAborted) as info:
+        await migration.src_perform(src.daemon, dom, None, params, b"", F.LIVE | CP)
+    assert str(info.value) == "operation aborted: job 'migration out' canceled by client"
+    assert dom.completed is not None and dom.completed.type is JobType.CANCELLED
+    assert dom.completed.error == "operation aborted: job 'migration out' canceled by client"
+
+
+async def test_abort_during_the_stream_is_cancelled(pair: tuple[Host, Host]) -> None:
+    src, dst = pair
+    await guest(src)
+    task = asyncio.create_task(migrate3(src.conn, "vm1", dst.conn,
+                                        TypedParams.of({P.BANDWIDTH: 8}), F.LIVE))
+    await wait_job_streaming(src.conn, "vm1")
+    await src.conn.abort_job("vm1")
+    with pytest.raises(OperationAborted):
+        await task
+    info = await src.conn.job_info("vm1", completed=True)
+    assert info.type is JobType.CANCELLED
+    assert info.error == "operation aborted: job 'migration out' canceled by client"
+
+
+# --- the source put back -----------------------------------------------------------------------
+
+
+class FinishFailsDest(RemoteDest):
+    """The incoming guest dies between Perform and Finish."""
+
+    def __init__(self, dst: Host) -> None:
+        super().__init__(dst.conn, True)
+        self.dst = dst
+
+    async def finish(self, params: TypedParams, cookie: bytes, flags: int,
+                     cancelled: bool) -> tuple[str, bytes]:
+        uuid = self.dst.daemon.registry.by_name(params.get_str(P.DEST_NAME) or "").uuid
+        await self.dst.daemon.backend.destroy(uuid)
+        return await super().finish(params, cookie, flags, cancelled)
+
+
+async def fail_in_finish(src: Host, dst: Host) -> None:
+    with pytest.raises(OperationFailed, match="guest unexpectedly quit"):
+        await run_v3(RemoteSource(src.conn, True), FinishFailsDest(dst), "vm1", TypedParams(),
+                     F.LIVE, protection=True)
+
+
+async def test_running_source_runs_again_after_a_failed_finish(pair: tuple[Host, Host]) -> None:
+    src, dst = pair
+    dom = await guest(src)
+    await fail_in_finish(src, dst)
+    assert src.daemon.backend.state(dom.uuid) is GuestRunState.RUNNING
+    assert dom.state is DomainState.RUNNING
+
+
+async def test_paused_source_is_paused_by_the_user_again(pair: tuple[Host, Host]) -> None:
+    src, dst = pair
+    dom = await guest(src, paused=True)
+    reason = dom.reason
+    await fail_in_finish(src, dst)
+    assert (dom.state, dom.reason) == (DomainState.PAUSED, PausedReason.USER)
+    assert reason in (PausedReason.USER, PausedReason.STARTING_UP)
+    assert src.daemon.backend.state(dom.uuid) is GuestRunState.PAUSED
+
+
+async def test_paused_source_keeps_another_pause_reason(pair: tuple[Host, Host]) -> None:
+    src, _dst = pair
+    dom = await guest(src, paused=True)
+    await migration.src_begin(src.daemon, dom, TypedParams(), F.LIVE | CP)
+    dom.reason = int(PausedReason.API_ERROR)
+    await migration.src_confirm(src.daemon, dom, TypedParams(), b"", F.LIVE | CP, True)
+    assert (dom.state, dom.reason) == (DomainState.PAUSED, PausedReason.API_ERROR)
+
+
+# --- more of Confirm ---------------------------------------------------------------------------
+
+
+async def test_confirm_with_a_bad_cookie_fails_and_frees_the_job(
+        pair: tuple[Host, Host]) -> None:
+    src, _dst = pair
+    dom = await guest(src)
+    await migration.src_begin(src.daemon, dom, TypedParams(), F.LIVE | CP)
+    with pytest.raises(InternalError, match="Malformed migration cookie"):
+        await migration.src_confirm(src.daemon, dom, TypedParams(), b"junk\0", F.LIVE | CP,
+                                    True)
+    assert dom.job is not None and not dom.job.busy
+    # The cookie is checked before the phase moves: nothing changed, Confirm can be called again.
+    assert dom.job.phase is Phase.BEGIN3
+    await migration.src_confirm(src.daemon, dom, TypedParams(), b"", F.LIVE | CP, True)
+    assert dom.job is None
+    assert dom.completed is not None and dom.completed.type is JobType.FAILED
+    assert dom.completed.error == "migration cancelled"
+
+
+async def test_confirm_with_a_bad_cookie_after_perform_changes_nothing(
+        pair: tuple[Host, Host]) -> None:
+    src, _dst = pair
+    dom = await guest(src)
+    await migration.src_begin(src.daemon, dom, TypedParams(), F.LIVE | CP)
+    assert dom.job is not None
+    dom.job.set_phase(Phase.PERFORM3_DONE)
+    with pytest.raises(InternalError):
+        await migration.src_confirm(src.daemon, dom, TypedParams(), b"junk\0", F.LIVE | CP,
+                                    False)
+    assert dom.job.phase is Phase.PERFORM3_DONE and not dom.job.busy  # the cookie comes first
+
+
+async def test_cancelled_confirm_after_post_copy_never_resumes(pair: tuple[Host, Host]) -> None:
+    src, _dst = pair
+    dom = await guest(src)
+    await migration.src_begin(src.daemon, dom, TypedParams(), F.LIVE | CP)
+    assert dom.job is not None
+    job = dom.job
+    job.postcopy = True
+    await migration.src_confirm(src.daemon, dom, TypedParams(), b"", F.LIVE | CP, True)
+    assert dom.job is job and not job.busy and job.phase is Phase.POSTCOPY_FAILED
+    assert (dom.state, dom.reason) == (DomainState.PAUSED, PausedReason.POSTCOPY_FAILED)
+
+
+async def test_offline_migration_keeps_or_undefines_an_inactive_source(
+        pair: tuple[Host, Host]) -> None:
+    src, dst = pair
+    await src.conn.define(domain_xml("vm1"))
+    await src.conn.define(domain_xml("vm2"))
+    await migrate3(src.conn, "vm1", dst.conn, TypedParams(), F.OFFLINE | F.PERSIST_DEST)
+    vm1 = src.daemon.registry.by_name("vm1")
+    assert vm1.persistent
+    assert vm1.completed is not None and vm1.completed.type is JobType.COMPLETED
+    info = await src.conn.job_info("vm1", completed=True)
+    assert info.type is JobType.COMPLETED
+    await migrate3(src.conn, "vm2", dst.conn, TypedParams(),
+                   F.OFFLINE | F.PERSIST_DEST | F.UNDEFINE_SOURCE)
+    assert [d.name for d in src.daemon.registry] == ["vm1"]
+
+
+async def test_offline_migration_of_a_running_source_keeps_it(pair: tuple[Host, Host]) -> None:
+    src, dst = pair
+    dom = await guest(src)
+    await migrate3(src.conn, "vm1", dst.conn, TypedParams(),
+                   F.OFFLINE | F.PERSIST_DEST | F.UNDEFINE_SOURCE)
+    assert dom.persistent and dom.state is DomainState.RUNNING
+    assert src.daemon.registry.by_name("vm1") is dom
+
+
+# --- more of Finish and Prepare ----------------------------------------------------------------
+
+
+async def test_finish_needs_a_domain_name(pair: tuple[Host, Host]) -> None:
+    _src, dst = pair
+    # a source-only parameter whose flag the destination never sees is not its business
+    params = TypedParams.of({P.AUTO_CONVERGE_INITIAL: 30})
+    with pytest.raises(NoDomain) as info:
+        await migration.dst_finish(dst.daemon, params, b"", int(F.LIVE), False)
+    assert str(info.value) == "Domain not found: missing domain name"
+
+
+async def test_finish_while_busy(pair: tuple[Host, Host]) -> None:
+    src, dst = pair
+    dom = await guest(src)
+    dparams, _cookie, _uri = await begin_prepare(src, dst, dom)
+    ddom = dst.daemon.registry.by_name("vm1")
+    assert ddom.job is not None
+    ddom.job.busy = True
+    with pytest.raises(OperationInvalid) as info:
+        await migration.dst_finish(dst.daemon, dparams, b"", int(F.LIVE), True)
+    assert str(info.value) == ("Requested operation is not valid: domain 'vm1' incoming "
+                               "migration is busy in another call")
+
+
+async def test_prepare_ignores_source_only_params(pair: tuple[Host, Host]) -> None:
+    src, dst = pair
+    dom = await guest(src)
+    xml, cookie_a = await migration.src_begin(src.daemon, dom, TypedParams(), F.LIVE | CP)
+    params = TypedParams.of({P.DEST_XML: xml, P.AUTO_CONVERGE_INITIAL: 30})
+    _cookie_b, uri = await migration.dst_prepare(dst.daemon, params, cookie_a, int(F.LIVE))
+    assert uri is not None and uri.startswith("tcp:127.0.0.1:")
+
+
+async def test_ipv6_hosts_are_bracketed(pair: tuple[Host, Host]) -> None:
+    src, dst = pair
+    dom = await guest(src)
+    xml, cookie_a = await migration.src_begin(src.daemon, dom, TypedParams(), F.LIVE | CP)
+    params = TypedParams.of({P.DEST_XML: xml, P.URI: "tcp://[::1]"})
+    _cookie_b, uri = await migration.dst_prepare(dst.daemon, params, cookie_a, int(F.LIVE))
+    ddom = dst.daemon.registry.by_name("vm1")
+    assert ddom.job is not None
+    assert uri == f"tcp://[::1]:{ddom.job.port}"
+
+
+@pytest.mark.parametrize(
+    ("uri", "message"),
+    [
+        ("tcp:", "invalid argument: missing host in migration URI: tcp://"),
+        ("h:1", "argument unsupported: unsupported scheme h in migration URI h:1"),
+        ("//h:1", "invalid argument: missing scheme in migration URI: //h:1"),
+        ("tcp://h:x", "invalid argument: bad port in migration URI: tcp://h:x"),
+    ],
+)
+def test_migration_uri_messages(uri: str, message: str) -> None:
+    with pytest.raises(VirtmigError) as info:
+        migration.dst_parse_uri_in(uri)
+    assert str(info.value) == message
+
+
+def test_migration_uris() -> None:
+    assert migration.dst_parse_uri_in("tcp:h:5") == ("h", 5)
+    assert migration.dst_parse_uri_in("tcp://h") == ("h", None)
+    assert migration.src_parse_uri("tcp:h:5") == StreamAddress("h", 5)
+    for uri, message in ((None, "invalid argument: migration URI is required"),
+                         ("", "invalid argument: migration URI is required"),
+                         ("tcp://h", "invalid argument: missing port in migration URI: tcp://h")):
+        with pytest.raises(InvalidArgument) as info:
+            migration.src_parse_uri(uri)
+        assert str(info.value) == message
+
+
+# --- the shared checks (migration.common) ------------------------------------------------------
+
+
+async def test_check_lets_the_backends_own_flags_through(pair: tuple[Host, Host]) -> None:
+    src, _dst = pair
+    with pytest.raises(ArgumentUnsupported):
+        migration.any_check(src.daemon, int(F.LIVE | F.PARALLEL), TypedParams(), "f")
+    src.daemon.backend.extra_flags = F.PARALLEL  # as the qemu backend declares it
+    assert migration.any_check(src.daemon, int(F.LIVE | F.PARALLEL), TypedParams(),
+                               "f") == F.LIVE | F.PARALLEL
+
+
+async def test_phases_without_a_migration_job_name_its_direction(
+        pair: tuple[Host, Host]) -> None:
+    src, dst = pair
+    dom = await guest(src)
+    with pytest.raises(OperationInvalid) as info:
+        await migration.src_confirm(src.daemon, dom, TypedParams(), b"", F.LIVE | CP, False)
+    assert str(info.value) == ("Requested operation is not valid: domain 'vm1' is not being "
+                               "migrated")
+    await dst.conn.define(domain_xml("vm1"))
+    with pytest.raises(OperationInvalid) as info:
+        await migration.dst_finish(dst.daemon, TypedParams.of({P.DEST_NAME: "vm1"}), b"",
+                                   int(F.LIVE), False)
+    assert str(info.value) == ("Requested operation is not valid: domain 'vm1' is not "
+                               "processing incoming migration")
+
+
+async def test_live_migration_of_an_inactive_domain_is_refused(pair: tuple[Host, Host]) -> None:
+    src, _dst = pair
+    await src.conn.define(domain_xml("vm1"))
+    dom = src.daemon.registry.by_name("vm1")
+    with pytest.raises(OperationInvalid) as info:
+        await migration.src_begin(src.daemon, dom, TypedParams(), F.LIVE | CP)
+    assert str(info.value) == "Requested operation is not valid: domain is not running"
+    assert dom.job is None
