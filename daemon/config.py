@@ -29,6 +29,8 @@ Example (all keys optional)::
     test_max_vcpus = 0                 # test backend: most vCPUs of a guest (0: 4096)
     max_clients = 512                  # clients (connections) with calls in flight, in all
     max_calls_per_client = 32          # calls in flight on one connection (streams included)
+    migration_protocols = [2, 3]       # migration protocols spoken (e.g. [2]: an older peer)
+    migration_params = true            # the extensible-parameter RPCs (*Params; needs 3)
     # The qemu backend's confinement (see virtmig.daemon.backend.qemu.confine):
     emulators = ["/usr/bin/qemu-system-x86_64"]   # default: qemu-system-x86_64 on PATH
     storage_dirs = ["/var/lib/virtmig/images"]    # disk images, kernels and initrds
@@ -63,6 +65,7 @@ _KEYS = {
     "max_incoming_migrations", "pki_dir", "tls_allowed_dn_list", "tls_readonly_dn_list",
     "listen_insecure_tcp", "readonly_socket", "max_domains", "test_max_memory_mib",
     "test_max_vcpus", "max_clients", "max_calls_per_client", "migrate_tls_force",
+    "migration_protocols", "migration_params",
 }
 _QEMU_KEYS = {"emulators", "storage_dirs", "qemu_user", "qemu_group", "qemu_sandbox"}
 
@@ -164,6 +167,9 @@ def load_config(args: argparse.Namespace) -> DaemonConfig:
                          or bool(getattr(args, "readonly_socket", False))),
         migrate_tls_force=_bool(data, "migrate_tls_force") if "migrate_tls_force" in data
         else None,
+        migration_protocols=_protocols(data),
+        migration_params=_bool(data, "migration_params") if "migration_params" in data
+        else True,
         **_qemu_settings(data),
     )
 
@@ -190,6 +196,17 @@ def _qemu_settings(data: dict[str, Any]) -> dict[str, Any]:
             raise InvalidArgument("invalid qemu_sandbox: expected true or false")
         out["qemu_sandbox"] = data["qemu_sandbox"]
     return out
+
+
+def _protocols(data: dict[str, Any]) -> tuple[int, ...]:
+    """``migration_protocols``: a non-empty list of the protocol versions 2 and 3."""
+    value = data.get("migration_protocols", [2, 3])
+    if (not isinstance(value, list) or not value
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v in (2, 3)
+                       for v in value)):
+        raise InvalidArgument(f"invalid migration_protocols {value!r}: expected a non-empty "
+                              "list of the protocol versions 2 and 3")
+    return tuple(sorted(set(value)))
 
 
 def _positive(data: dict[str, Any], key: str, default: float) -> float:

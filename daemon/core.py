@@ -21,8 +21,8 @@ from virtmig.daemon.limits import DEFAULT_MAX_CALLS_PER_CLIENT, DEFAULT_MAX_CLIE
 from virtmig.daemon.registry import DomainObj, Registry
 from virtmig.daemon.state import StateDir
 from virtmig.proto import logsafe
-from virtmig.proto.errors import ConfigUnsupported, ResourceExhausted
-from virtmig.proto.flags import DomainState, Feature, ShutoffReason
+from virtmig.proto.errors import ConfigUnsupported, NoSupport, ResourceExhausted
+from virtmig.proto.flags import DomainState, Feature, ShutoffReason, protocol_features
 
 log = logsafe.logger(__name__)
 
@@ -86,9 +86,14 @@ class DaemonConfig:
     qemu_group: str = ""  # "": qemu_user's primary group
     qemu_sandbox: bool = True
     features: tuple[str, ...] = (
-        Feature.MIGRATION_PARAMS.value, Feature.V3.value, Feature.P2P.value,
+        Feature.MIGRATION_PARAMS.value, Feature.V3.value, Feature.V2.value, Feature.P2P.value,
         Feature.OFFLINE.value, Feature.CHANGE_PROTECTION.value,
     )
+    # The migration protocols this daemon speaks (2, 3) and whether it takes the extensible
+    # parameter RPCs (*Params, with 3): what it advertises is ``features`` restricted to them
+    # (``Daemon.features``), and it refuses the RPCs of the others, as an older daemon would.
+    migration_protocols: tuple[int, ...] = (2, 3)
+    migration_params: bool = True
 
 
 @dataclass(frozen=True)
@@ -155,7 +160,16 @@ class Daemon:
 
     @property
     def features(self) -> frozenset[str]:
-        return frozenset(self.config.features)
+        """What this daemon advertises: its features, restricted to the migration protocols
+        it is configured to speak (``migration_protocols``, ``migration_params``)."""
+        speaks = protocol_features(self.config.migration_protocols, self.config.migration_params)
+        return frozenset(self.config.features) & frozenset(f.value for f in speaks)
+
+    def speaks(self, feature: Feature, function: str) -> None:
+        """Refuse an RPC of a protocol this daemon does not speak, as a daemon without it would
+        (libvirt's "this function is not supported by the connection driver")."""
+        if feature.value not in self.features:
+            raise NoSupport(function)
 
     def host_info(self) -> HostInfo:
         doms = list(self.registry)

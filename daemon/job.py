@@ -6,6 +6,9 @@
                  └──────────────(Prepare failed: Confirm(cancelled))─────────┘
     destination:  prepare ─► finish3 ─► (ended)
 
+    protocol v2:  source perform2 ─► (ended: stopped as migrated, or put back)
+                  destination prepare ─► finish2 ─► (ended)
+
 :meth:`MigrationJob.set_phase` is the one function that moves a phase; it refuses to go backwards
 ("migration protocol going backwards"), as libvirt does.  The job carries what later phases and
 crash recovery need (flags, params, the domain's state before migration) and the live statistics.
@@ -60,6 +63,11 @@ class Phase(enum.IntEnum):
     def label(self) -> str:
         return self.name.lower()
 
+    @property
+    def streaming(self) -> bool:
+        """The source's Perform phases (v2 and v3): the stream may be running."""
+        return self in (Phase.PERFORM2, Phase.PERFORM3)
+
     @classmethod
     def from_label(cls, label: str) -> Phase:
         try:
@@ -77,6 +85,8 @@ class JobRecord:
     time_elapsed_ms: int
     progress: MigrationProgress
     error: str = ""
+    # The migration protocol the job ran with (``MigrationProtocol``; "" if unknown).
+    protocol: str = ""
 
 
 @dataclass(frozen=True)
@@ -131,6 +141,8 @@ class MigrationJob:
     # The session of the caller that started the job (Begin with CHANGE_PROTECTION, Prepare);
     # "" when the caller opened none.  When that session ends, the job is abandoned.
     owner: str = ""
+    # The migration protocol (``MigrationProtocol``) of the RPC that started the job.
+    protocol: str = ""
     _abort_event: asyncio.Event | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -174,4 +186,5 @@ class MigrationJob:
         return int((time.time() - self.started) * 1000)
 
     def record(self, jtype: JobType, error: str = "") -> JobRecord:
-        return JobRecord(jtype, self.kind.operation, self.elapsed_ms(), self.progress, error)
+        return JobRecord(jtype, self.kind.operation, self.elapsed_ms(), self.progress, error,
+                         self.protocol)

@@ -3,7 +3,9 @@
 A guest whose backend still runs it gets its state, reason and id back from its status file.  A
 migration job recorded there is settled by libvirt's recovery tables (what its QEMU driver does per
 job phase after a restart), deciding from the recorded phase whether the guest is killed, resumed,
-left paused, or kept for post-copy recovery.  Nothing is resumed when the outcome is unknown.
+left paused, or kept for post-copy recovery (protocol v2's phases too: perform2 resumes the source,
+finish2 resumes the destination, whose source already stopped its guest).  Nothing is resumed when
+the outcome is unknown.
 """
 
 from __future__ import annotations
@@ -72,7 +74,13 @@ async def _recover_one(daemon: Daemon, dom: DomainObj, status: etree._Element) -
         daemon.set_state(dom, DomainState.PAUSED, PausedReason.POSTCOPY_FAILED)
         return
     if job.kind is AsyncJob.MIGRATION_IN:
-        if phase is Phase.FINISH3 and run is GuestRunState.RUNNING:
+        if phase is Phase.FINISH2 and run is GuestRunState.PAUSED:
+            # v2: the source stopped its guest before Finish2: resume it here and hope.
+            await daemon.backend.resume(dom.uuid)
+            daemon.set_state(dom, DomainState.RUNNING, RunningReason.MIGRATED)
+            dom.completed = record
+            return
+        if phase in (Phase.FINISH2, Phase.FINISH3) and run is GuestRunState.RUNNING:
             daemon.registry.save_status(dom)  # vCPUs already run here: keep it
             dom.completed = record
             return
@@ -86,7 +94,7 @@ async def _recover_one(daemon: Daemon, dom: DomainObj, status: etree._Element) -
         await daemon.backend.destroy(dom.uuid)  # it was confirmed on the destination
         daemon.mark_inactive(dom, ShutoffReason.MIGRATED)
         return
-    resume = phase in (Phase.PERFORM3, Phase.CONFIRM3_CANCELLED) and \
+    resume = phase in (Phase.PERFORM2, Phase.PERFORM3, Phase.CONFIRM3_CANCELLED) and \
         job.pre_state is DomainState.RUNNING and run is GuestRunState.PAUSED
     if resume:
         await daemon.backend.resume(dom.uuid)
