@@ -38,7 +38,6 @@ from virtmig.daemon.migration.source import (
 from virtmig.daemon.registry import DomainObj
 from virtmig.proto import logsafe
 from virtmig.proto.compat import check_v2_flags
-from virtmig.proto.errors import OperationInvalid
 from virtmig.proto.flags import DomainState, JobType, MigrationProtocol, PausedReason
 from virtmig.proto.params import TypedParams
 
@@ -98,7 +97,11 @@ async def src_settle2(daemon: Daemon, dom: DomainObj, migrated: bool | None) -> 
     async with dom.lock:
         job = dom.job
         if job is None or job.phase is not Phase.PERFORM2:
-            raise OperationInvalid(f"domain '{dom.name}' has no v2 migration to settle")
+            # Perform failed and already put the guest back (and ended its job).
+            if migrated:
+                log.error("migration of %s: the destination runs the guest although Perform "
+                          "failed here; the guest here was put back", dom.name)
+            return
         if migrated:
             await src_complete(daemon, dom, job, job.flags)
             return
