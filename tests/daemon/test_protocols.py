@@ -1,7 +1,8 @@
-"""Mixed-version fleets on the ``test`` backend: every pairing of daemons speaking {v3 with
-params, v3 without params, v2 only}, regular and peer-to-peer; each migrates with the protocol
-libvirt's order picks (seen in the calls made, the completed job's ``virtmig.protocol`` stat
-and the memory that arrived) or is refused with libvirt's message before anything changes.
+"""Mixed-version fleets on the ``test`` backend (and one v2 migration with QEMU): every pairing
+of daemons speaking {v3 with params, v3 without params, v2 only}, regular and peer-to-peer; each
+migrates with the protocol libvirt's order picks (seen in the calls made, the completed job's
+``virtmig.protocol`` stat and the memory that arrived) or is refused with libvirt's message
+before anything changes; a daemon refuses the RPCs of a protocol it does not speak.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import pytest
 
 from tests.daemon.migration_helpers import assert_rolled_back, running_guest
 from virtmig.client.sequence import Trace
+from virtmig.daemon.backend.base import GuestRunState
+from virtmig.daemon.backend.qemu import QemuBackend
 from virtmig.proto import virtmig_pb2 as pb
 from virtmig.proto.errors import (
     ArgumentUnsupported,
@@ -25,7 +28,14 @@ from virtmig.proto.errors import (
 )
 from virtmig.proto.flags import DomainState, JobType, MigrateFlags, MigrationProtocol
 from virtmig.proto.params import MigrateParam, TypedParams
-from virtmig.testing import Host, domain_xml, hosts
+from virtmig.testing import (
+    Host,
+    domain_xml,
+    guest_or_skip,
+    hosts,
+    qemu_binary_or_skip,
+    qemu_domain_xml,
+)
 
 F = MigrateFlags
 P = MigrateParam
@@ -199,3 +209,29 @@ async def test_a_daemon_refuses_the_rpcs_it_does_not_speak(
             await old.conn._call(getattr(old.conn.migration_stub, rpc), request_)
         assert (await old.conn.state("vm1"))[0] is DomainState.RUNNING
         assert not [d for d in old.daemon.registry if d.job is not None]
+
+
+# --- once with QEMU -------------------------------------------------------------------------------
+
+
+@pytest.mark.qemu
+async def test_v2_with_qemu(tmp_path: Path) -> None:
+    """A real guest moves with protocol v2 to a destination that speaks only v2: QEMU runs it
+    there and is gone from the source (Perform stopped it)."""
+    qemu_binary_or_skip()
+    image = guest_or_skip()
+    async with hosts(tmp_path, "qemu", ("src", {}), ("dst", KINDS["v2"])) as (src, dst):
+        dom = await src.conn.define(qemu_domain_xml(image, "vm1", 256, dirty_mb=16,
+                                                    dirty_rate=1))
+        await src.conn.start("vm1")
+        trace = Trace()
+        await src.conn.migrate3("vm1", dst.conn, TypedParams(), F.LIVE, trace=trace)
+        assert trace.protocol == "v2" and trace.calls == CALLS[M.V2]
+        assert await dst.conn.state("vm1") == (DomainState.RUNNING, 2, "migrated")
+        assert await src.conn.state("vm1") == (DomainState.SHUTOFF, 4, "migrated")
+        backend = dst.daemon.backend
+        assert isinstance(backend, QemuBackend)
+        assert (await backend.query(dom.uuid, "query-status"))["status"] == "running"
+        assert src.daemon.backend.state(dom.uuid) is GuestRunState.SHUTOFF
+        done = await dst.conn.job_info("vm1", completed=True)
+        assert done.type is JobType.COMPLETED and done.stat("virtmig.protocol") == "v2"
