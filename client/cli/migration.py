@@ -10,7 +10,6 @@ import argparse
 import asyncio
 import contextlib
 import functools
-import sys
 from collections.abc import Awaitable, Callable
 
 from virtmig.client.cli.base import Session, lookup, on_sigint
@@ -164,6 +163,6 @@ async def cmd_migrate(s: Session, args: argparse.Namespace) -> None:
         start = functools.partial(conn.migrate3, dom, dconn, opts.params, opts.flags, trace=trace)
     await watch_migration(conn, dom, start, opts)
     if opts.verbose and trace.protocol:
-        # Beside the progress line, on stderr: stdout stays virsh's (empty).
-        print(f"Migration protocol: {trace.protocol}", file=sys.stderr)
+        # On stdout: stderr keeps virsh's progress line, ending in "Migration: [100.00 %]".
+        print(f"Migration protocol: {trace.protocol}")
 
