@@ -5,7 +5,9 @@ The protocol is chosen from the daemons' features by the one function
 v3, v2).  The remote parties here adapt the sequence drivers to a daemon's RPCs: the ``*Params``
 RPCs when both daemons advertise MIGRATION_PARAMS, otherwise the non-params v3 RPCs, which can
 carry only URI, DEST_NAME, DEST_XML and BANDWIDTH; and protocol v2's GetXML (migratable),
-Prepare2, Perform and Finish2.
+Prepare2, Perform and Finish2.  The source learns its destination's daemon URI
+(``virtmig.dest_uri``, :func:`with_dest_uri`) only in v3 with parameters: the other forms
+cannot carry it.
 
 The drivers work on :class:`~virtmig.client.rpc.RpcConnection`; ``AsyncConnection.migrate3`` and
 ``AsyncConnection.migrate_to_uri3`` (:mod:`virtmig.client.connection`) call them.

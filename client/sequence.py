@@ -399,7 +399,8 @@ async def run_v2(
         Finish2 fails         → error.  Regular mode: Perform already stopped the source, so no
                                 copy runs any more (v2's hazard).  Peer-to-peer: the source
                                 is resumed (or, when the destination cannot be reached to ask,
-                                left paused), and stopped only once Finish2 succeeded.
+                                left paused: its daemon asks again later), and stopped only
+                                once Finish2 succeeded.
     """
     t = trace if trace is not None else Trace()
     params = params.copy()
