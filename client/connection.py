@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from virtmig.client import migrate
 from virtmig.client.rpc import RpcConnection
+from virtmig.client.sequence import Trace
 from virtmig.client.values import Domain, DomainInfo, DomainKey, Event, HostInfo, JobInfo
 from virtmig.proto.flags import MigrateFlags
 from virtmig.proto.params import TypedParams
@@ -29,11 +30,13 @@ class AsyncConnection(RpcConnection):
     """A connection to one daemon.  Use ``await AsyncConnection.open(uri)``; close when done."""
 
     async def migrate3(self, key: DomainKey, dconn: AsyncConnection, params: TypedParams,
-                       flags: int | MigrateFlags) -> Domain:
-        """libvirt's ``virDomainMigrate3``: the client drives the v3 sequence."""
-        return await migrate.migrate3(self, key, dconn, params, int(flags))
+                       flags: int | MigrateFlags, *, trace: Trace | None = None) -> Domain:
+        """libvirt's ``virDomainMigrate3``: the client drives the sequence of the newest
+        protocol both daemons speak; ``trace`` gets the calls and that protocol."""
+        return await migrate.migrate3(self, key, dconn, params, int(flags), trace=trace)
 
     async def migrate_to_uri3(self, key: DomainKey, dconnuri: str | None, params: TypedParams,
-                              flags: int | MigrateFlags) -> None:
-        """libvirt's ``virDomainMigrateToURI3`` (peer-to-peer or direct)."""
-        await migrate.migrate_to_uri3(self, key, dconnuri, params, int(flags))
+                              flags: int | MigrateFlags, *, trace: Trace | None = None) -> None:
+        """libvirt's ``virDomainMigrateToURI3`` (peer-to-peer or direct); ``trace.protocol``
+        gets the protocol the source used with the destination."""
+        await migrate.migrate_to_uri3(self, key, dconnuri, params, int(flags), trace=trace)

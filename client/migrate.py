@@ -1,8 +1,13 @@
 """``migrate3`` and ``migrate_to_uri3``: libvirt's client-side checks, then the sequence driver.
 
-The remote parties here adapt the sequence driver to a daemon's RPCs: the ``*Params`` RPCs when
-both daemons advertise MIGRATION_PARAMS, otherwise the non-params v3 RPCs, which can carry only
-URI, DEST_NAME, DEST_XML and BANDWIDTH.
+The protocol is chosen from the daemons' features by the one function
+:func:`~virtmig.client.sequence.choose_protocol` (libvirt's order: v3 with extensible parameters,
+v3, v2).  The remote parties here adapt the sequence drivers to a daemon's RPCs: the ``*Params``
+RPCs when both daemons advertise MIGRATION_PARAMS, otherwise the non-params v3 RPCs, which can
+carry only URI, DEST_NAME, DEST_XML and BANDWIDTH; and protocol v2's GetXML (migratable),
+Prepare2, Perform and Finish2.  The source learns its destination's daemon URI
+(``virtmig.dest_uri``, :func:`with_dest_uri`) only in v3 with parameters: the other forms
+cannot carry it.
 
 The drivers work on :class:`~virtmig.client.rpc.RpcConnection`; ``AsyncConnection.migrate3`` and
 ``AsyncConnection.migrate_to_uri3`` (:mod:`virtmig.client.connection`) call them.
@@ -15,15 +20,14 @@ import dataclasses
 from typing import Any
 
 from virtmig.client.rpc import RpcConnection
-from virtmig.client.sequence import Trace, run_v3
+from virtmig.client.sequence import Trace, choose_protocol, run_v2, run_v3
 from virtmig.client.values import Domain, DomainKey
 from virtmig.proto import virtmig_pb2 as pb
 from virtmig.proto.compat import Layer, check_known_flags, check_rules
-from virtmig.proto.errors import ArgumentUnsupported, InvalidArgument, NoDomain, NoSupport
-from virtmig.proto.flags import DomainState, Feature, JobType, MigrateFlags
+from virtmig.proto.errors import ArgumentUnsupported, InternalError, InvalidArgument, NoDomain
+from virtmig.proto.flags import DomainState, Feature, JobType, MigrateFlags, MigrationProtocol
 from virtmig.proto.params import (
     MIGRATION_PARAMS,
-    NON_PARAMS_ALLOWED,
     MigrateParam,
     TypedParams,
     check_param_values,
@@ -81,6 +85,18 @@ class RemoteSource:
             reply = await self.conn._call(stub.Perform3, req)
         return reply.cookie_out
 
+    async def migratable_xml(self, dom: str) -> str:
+        return await self.conn.xml_desc(dom, migratable=True)
+
+    async def perform2(self, dom: str, params: TypedParams, cookie: bytes, flags: int) -> None:
+        req = pb.PerformRequest(domain=await self.conn.ref(dom), cookie_in=cookie, flags=flags,
+                                resource=params.get_int(P.BANDWIDTH))
+        _legacy(req, params, uri=P.URI, dname=P.DEST_NAME)
+        await self.conn._call(self.conn.migration_stub.Perform, req)
+
+    async def settle2(self, dom: str, migrated: bool | None) -> None:
+        """Regular v2: Perform settled the source itself."""
+
     async def wait_abort(self, dom: str) -> None:
         async for info in self.conn.watch_job(dom):
             if info.abort_requested:
@@ -118,6 +134,20 @@ class RemoteDest:
             _legacy(req, params, uri_in=P.URI, dname=P.DEST_NAME)
             reply = await self.conn._call(stub.Prepare3, req)
         return reply.cookie_out, reply.uri_out if reply.HasField("uri_out") else None
+
+    async def prepare2(self, params: TypedParams, flags: int) -> tuple[bytes, str | None]:
+        req = pb.Prepare2Request(flags=flags, resource=params.get_int(P.BANDWIDTH),
+                                 dom_xml=params.get_str(P.DEST_XML) or "")
+        _legacy(req, params, uri_in=P.URI, dname=P.DEST_NAME)
+        reply = await self.conn._call(self.conn.migration_stub.Prepare2, req)
+        return reply.cookie_out, reply.uri_out if reply.HasField("uri_out") else None
+
+    async def finish2(self, params: TypedParams, cookie: bytes, flags: int, retcode: int) -> str:
+        req = pb.Finish2Request(dname=params.get_str(P.DEST_NAME) or "", cookie_in=cookie,
+                                flags=flags, retcode=retcode)
+        _legacy(req, params, uri=P.URI)
+        reply = await self.conn._call(self.conn.migration_stub.Finish2, req)
+        return str(reply.domain.name)
 
     async def finished(self, dname: str) -> bool:
         for _ in range(600):
@@ -175,6 +205,8 @@ async def migrate3(
     conn: RpcConnection, key: DomainKey, dconn: RpcConnection, params: TypedParams,
     flags: int, *, trace: Trace | None = None,
 ) -> Domain:
+    """libvirt's virDomainMigrate3: its checks, the protocol (:func:`choose_protocol`), then
+    the sequence driver of that protocol; ``trace`` gets the calls and the protocol."""
     f = check_known_flags(flags, "virDomainMigrate3")
     check_rules(f, params, Layer.CLIENT)
     check_param_types(params)
@@ -193,31 +225,32 @@ async def migrate3(
     protection = Feature.CHANGE_PROTECTION in src_host.features
     if f & F.CHANGE_PROTECTION and not protection:
         raise ArgumentUnsupported("cannot enforce change protection")
-    if Feature.V3 not in src_host.features or Feature.V3 not in dst_host.features:
-        raise NoSupport("migration protocol v3")
-    use_params = (Feature.MIGRATION_PARAMS in src_host.features
-                  and Feature.MIGRATION_PARAMS in dst_host.features)
-    if not use_params and params.names() - NON_PARAMS_ALLOWED:
-        raise ArgumentUnsupported(
-            "Migration APIs with extensible parameters are not supported but extended "
-            "parameters were passed"
-        )
-    if use_params:
+    f &= ~F.CHANGE_PROTECTION  # re-added for the source's v3 calls only
+    protocol = choose_protocol(src_host.features, dst_host.features, params, int(f))
+    t = trace if trace is not None else Trace()
+    t.protocol = protocol.value
+    if protocol is MigrationProtocol.V3_PARAMS:
+        # Only the *Params RPCs carry it (v3 without params and v2 refuse extended params).
         params = with_dest_uri(params, dconn)
     dom = await conn.lookup(key)
     await conn.open_session()
     await dconn.open_session()
-    name = await run_v3(
-        RemoteSource(conn, use_params), RemoteDest(dconn, use_params), dom.name, params,
-        int(f), protection=protection, trace=trace,
-    )
+    use_params = protocol is MigrationProtocol.V3_PARAMS
+    src, dst = RemoteSource(conn, use_params), RemoteDest(dconn, use_params)
+    if protocol is MigrationProtocol.V2:
+        name = await run_v2(src, dst, dom.name, params, int(f), trace=t)
+    else:
+        name = await run_v3(src, dst, dom.name, params, int(f), protection=protection, trace=t)
     return await dconn.lookup(name)
 
 
 async def migrate_to_uri3(
     conn: RpcConnection, key: DomainKey, dconnuri: str | None, params: TypedParams,
-    flags: int,
+    flags: int, *, trace: Trace | None = None,
 ) -> None:
+    """libvirt's virDomainMigrateToURI3 (peer-to-peer): one Perform call on the source, in the
+    newest form the source speaks; ``trace.protocol`` gets the protocol the source then used
+    with the destination."""
     f = check_known_flags(flags, "virDomainMigrateToURI3")
     check_rules(f, params, Layer.CLIENT)
     check_param_types(params)
@@ -230,20 +263,36 @@ async def migrate_to_uri3(
         raise InvalidArgument("dconnuri in virDomainMigrateToURI3 must not be NULL")
     if Feature.P2P not in features:
         raise ArgumentUnsupported("p2p migration is not supported by the source host")
+    if f & F.OFFLINE and Feature.OFFLINE not in features:
+        raise ArgumentUnsupported("offline migration is not supported by the source host")
     check_not_local(dconnuri)
-    use_params = Feature.MIGRATION_PARAMS in features
-    if not use_params and params.names() - NON_PARAMS_ALLOWED:
-        raise ArgumentUnsupported(
-            "Migration APIs with extensible parameters are not supported but extended "
-            "parameters were passed"
-        )
+    # The call to the source: the choice with the source on both sides.
+    protocol = choose_protocol(features, features, params, int(f & ~F.CHANGE_PROTECTION))
+    if protocol is MigrationProtocol.V2 and P.URI in params:
+        raise InternalError("Unable to override peer2peer migration URI")
+    used = await _perform_p2p(conn, key, dconnuri, params, f, protocol)
+    if trace is not None:
+        trace.protocol = used
+
+
+async def _perform_p2p(conn: RpcConnection, key: DomainKey, dconnuri: str, params: TypedParams,
+                       f: MigrateFlags, protocol: MigrationProtocol) -> str:
+    """The one peer-to-peer call, in ``protocol``'s form; the protocol the source used."""
     ref = await conn.ref(key)
     stub = conn.migration_stub
-    if use_params:
-        await conn._call(stub.Perform3Params, pb.Perform3ParamsRequest(
+    if protocol is MigrationProtocol.V3_PARAMS:
+        reply = await conn._call(stub.Perform3Params, pb.Perform3ParamsRequest(
             domain=ref, dconnuri=dconnuri, params=to_wire(params), flags=int(f)))
-        return
-    req = pb.Perform3Request(domain=ref, dconnuri=dconnuri, flags=int(f),
+        return str(reply.protocol)
+    if protocol is MigrationProtocol.V3:
+        req = pb.Perform3Request(domain=ref, dconnuri=dconnuri, flags=int(f),
+                                 resource=params.get_int(P.BANDWIDTH))
+        _legacy(req, params, xmlin=P.DEST_XML, uri=P.URI, dname=P.DEST_NAME)
+        reply = await conn._call(stub.Perform3, req)
+        return str(reply.protocol)
+    # v2: ``uri`` carries the destination daemon's URI (libvirt's MigrateUnmanagedProto2).
+    req2 = pb.PerformRequest(domain=ref, uri=dconnuri, flags=int(f & ~F.CHANGE_PROTECTION),
                              resource=params.get_int(P.BANDWIDTH))
-    _legacy(req, params, xmlin=P.DEST_XML, uri=P.URI, dname=P.DEST_NAME)
-    await conn._call(stub.Perform3, req)
+    _legacy(req2, params, dname=P.DEST_NAME)
+    reply2 = await conn._call(stub.Perform, req2)
+    return str(reply2.protocol)

@@ -1,7 +1,8 @@
-"""The v3 sequence driver: Begin → Prepare → Perform → Finish → Confirm, with libvirt's exact call
-order and failure handling (those of virDomainMigrateVersion3Full).  There is one copy of this
-logic: the client runs it in regular mode with two remote parties; peer-to-peer runs it inside the
-source daemon.
+"""The sequence drivers: v3 (Begin → Prepare → Perform → Finish → Confirm, libvirt's
+virDomainMigrateVersion3Full), v2 (Prepare2 → Perform → Finish2, virDomainMigrateVersion2; see
+:func:`run_v2`), and the one choice between them (:func:`choose_protocol`), each with libvirt's
+exact call order and failure handling.  There is one copy of this logic: the client runs it in
+regular mode with two remote parties; peer-to-peer runs it inside the source daemon.
 
 Beyond libvirt: when Finish's reply is lost (a transport error), the driver asks the destination
 whether the guest runs there before it resumes anything on the source; if the destination cannot
@@ -29,16 +30,25 @@ from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from virtmig.proto import logsafe
+from virtmig.proto.compat import check_v2_flags
 from virtmig.proto.errors import (
+    ArgumentUnsupported,
     ConnectionFailed,
     InternalError,
     MigrateFinishOk,
+    NoSupport,
     OperationAborted,
     OperationFailed,
     VirtmigError,
 )
-from virtmig.proto.flags import SOURCE_ONLY_FLAGS, DomainState, MigrateFlags
-from virtmig.proto.params import MigrateParam, TypedParams
+from virtmig.proto.flags import (
+    SOURCE_ONLY_FLAGS,
+    DomainState,
+    Feature,
+    MigrateFlags,
+    MigrationProtocol,
+)
+from virtmig.proto.params import NON_PARAMS_ALLOWED, MigrateParam, TypedParams
 
 log = logsafe.logger(__name__)
 
@@ -83,9 +93,11 @@ class DestParty(Protocol):
 
 @dataclass
 class Trace:
-    """What the driver called, in order (``"finish(cancelled)"``...), for logs and tests."""
+    """What the driver called, in order (``"finish(cancelled)"``...), for logs and tests, and
+    the protocol the migration ran with (``MigrationProtocol``; what ``--verbose`` prints)."""
 
     calls: list[str] = field(default_factory=list)
+    protocol: str = ""
 
     def add(self, name: str, cancelled: bool | None = None) -> None:
         self.calls.append(f"{name}(cancelled)" if cancelled else name)
@@ -264,7 +276,7 @@ async def _finish_unless_aborted(
     raise OperationAborted("job 'migration out' canceled by client")
 
 
-async def _ask_outcome(dst: DestParty, dname: str) -> bool | None:
+async def _ask_outcome(dst: DestParty | DestParty2, dname: str) -> bool | None:
     """Whether the guest runs on the destination after a Finish whose reply was lost (None:
     the destination cannot be reached, so nobody knows)."""
     try:
@@ -293,3 +305,158 @@ async def _confirm_then_raise(
         except VirtmigError as cexc:
             log.warning("cannot release migration job of %s: %s", dom, cexc)
     raise exc
+
+
+# =================================================================================================
+# Which protocol
+
+
+EXTENSIBLE_PARAMS = ("Migration APIs with extensible parameters are not supported but extended "
+                     "parameters were passed")
+V2_DEST_XML = "Unable to change target guest XML during migration"
+
+
+def choose_protocol(src: frozenset[str], dst: frozenset[str], params: TypedParams,
+                    flags: int) -> MigrationProtocol:
+    """The newest protocol both daemons speak, in libvirt's order (virDomainMigrate3), or the
+    error for what the protocol it falls back to cannot carry:
+
+    * both advertise MIGRATION_PARAMS: v3 with extensible parameters;
+    * else only URI, DEST_NAME, DEST_XML and BANDWIDTH may be passed ("Migration APIs with
+      extensible parameters are not supported ..."); both advertise V3: v3;
+    * else both advertise V2: v2, which cannot change the destination's XML ("Unable to change
+      target guest XML during migration") nor carry the flags it never had (virCheckFlags'
+      "unsupported flags (0x...) in function virDomainMigratePrepare2");
+    * else none: "this function is not supported by the connection driver".
+
+    The client calls it with both daemons' features (``migrate3``) or the source's twice (the
+    call a peer-to-peer client makes to the source, ``migrate_to_uri3``); a peer-to-peer source
+    daemon with its own features and its destination's.
+    """
+    if Feature.MIGRATION_PARAMS in src and Feature.MIGRATION_PARAMS in dst:
+        return MigrationProtocol.V3_PARAMS
+    if params.names() - NON_PARAMS_ALLOWED:
+        raise ArgumentUnsupported(EXTENSIBLE_PARAMS)
+    if Feature.V3 in src and Feature.V3 in dst:
+        return MigrationProtocol.V3
+    if Feature.V2 in src and Feature.V2 in dst:
+        if P.DEST_XML in params:
+            raise ArgumentUnsupported(V2_DEST_XML)
+        check_v2_flags(flags, "virDomainMigratePrepare2")
+        return MigrationProtocol.V2
+    raise NoSupport("virDomainMigrate3")
+
+
+# =================================================================================================
+# Protocol v2
+
+
+class SourceParty2(Protocol):
+    """The source side of protocol v2."""
+
+    async def migratable_xml(self, dom: str) -> str: ...
+
+    async def get_state(self, dom: str) -> DomainState: ...
+
+    async def perform2(self, dom: str, params: TypedParams, cookie: bytes, flags: int) -> None:
+        """Regular mode: stops the guest on success; peer-to-peer: leaves it paused for
+        :meth:`settle2`.  On failure the source is put back."""
+        ...
+
+    async def settle2(self, dom: str, migrated: bool | None) -> None:
+        """Peer-to-peer only, after Finish2: stop the guest (True), put it back (False), or
+        leave it paused (None: nobody knows where it runs)."""
+        ...
+
+
+class DestParty2(Protocol):
+    async def prepare2(self, params: TypedParams, flags: int) -> tuple[bytes, str | None]: ...
+
+    async def finish2(self, params: TypedParams, cookie: bytes, flags: int,
+                      retcode: int) -> str: ...
+
+    async def finished(self, dname: str) -> bool: ...
+
+
+async def run_v2(
+    src: SourceParty2,
+    dst: DestParty2,
+    dom: str,
+    params: TypedParams,
+    flags: int,
+    *,
+    p2p: bool = False,
+    trace: Trace | None = None,
+) -> str:
+    """One migration with protocol v2; the domain's name on the destination, or the error.
+
+    libvirt's virDomainMigrateVersion2 (``p2p``: the source daemon's Peer2Peer2)::
+
+        migratable XML, state (paused: PAUSED is added)
+        Prepare2 fails        → error; nothing else is called (nothing changed on the source)
+        no URI from Prepare2  → Finish2(cancelled); error
+        Perform fails         → Finish2(cancelled): Perform put the source back; error
+        Finish2 fails         → error.  Regular mode: Perform already stopped the source, so no
+                                copy runs any more (v2's hazard).  Peer-to-peer: the source
+                                is resumed (or, when the destination cannot be reached to ask,
+                                left paused: its daemon asks again later), and stopped only
+                                once Finish2 succeeded.
+    """
+    t = trace if trace is not None else Trace()
+    params = params.copy()
+    t.add("getxml")
+    dom_xml = await src.migratable_xml(dom)
+    if await src.get_state(dom) is DomainState.PAUSED:
+        flags |= F.PAUSED
+    destflags = flags & ~int(SOURCE_ONLY_FLAGS)
+    dparams = params.copy()
+    dparams.set(P.DEST_XML, dom_xml)
+    t.add("prepare2")
+    cookie, uri_out = await dst.prepare2(dparams, destflags)
+    if uri_out:
+        params.set(P.URI, uri_out)
+    error: VirtmigError | None = None
+    if P.URI not in params and not flags & F.TUNNELLED:
+        error = InternalError("domainMigratePrepare2 did not set uri")
+    else:
+        t.add("perform")
+        try:
+            await src.perform2(dom, params, cookie, flags)
+        except VirtmigError as exc:
+            error = exc
+    ddom, unknown, error = await _finish2(dst, dom, params, cookie, destflags, error, t)
+    if p2p:
+        await src.settle2(dom, None if unknown else ddom is not None)
+    if ddom is None:
+        raise error or OperationFailed("migration failed")
+    return ddom
+
+
+async def _finish2(
+    dst: DestParty2, dom: str, params: TypedParams, cookie: bytes, flags: int,
+    error: VirtmigError | None, t: Trace,
+) -> tuple[str | None, bool, VirtmigError | None]:
+    """Finish2 with Perform's return code: the domain's name on the destination (or None),
+    whether that is unknown (the reply was lost and the destination cannot be asked), and the
+    error that wins (Perform's first)."""
+    cancelled = error is not None
+    fparams = TypedParams()
+    if (uri := params.get_str(P.URI)) is not None:
+        fparams.set(P.URI, uri)
+    dname = params.get_str(P.DEST_NAME) or dom
+    fparams.set(P.DEST_NAME, dname)
+    t.add("finish2", cancelled)
+    try:
+        ddom = await dst.finish2(fparams, cookie, flags, -1 if cancelled else 0)
+    except ConnectionFailed as exc:
+        if cancelled:
+            return None, False, error
+        outcome = await _ask_outcome(dst, dname)
+        return (dname if outcome else None), outcome is None, exc
+    except VirtmigError as exc:
+        if error is None and not isinstance(exc, MigrateFinishOk):
+            error = exc
+        return None, False, error
+    if cancelled:
+        log.warning("finish step ignored that migration was cancelled")
+    return ddom, False, error

@@ -11,9 +11,9 @@ the service descriptors has no entry.  Two entries are write for a reason of the
   may start a migration needs one.
 - ``Tunnel``: it carries a migration's data into the destination's incoming guest.
 
-Migration phases that only a peer daemon or an operator should send (Prepare3, Finish3, Tunnel
-on a destination; Confirm3 on a source) are write calls like any other: a peer-to-peer source
-presents its host certificate and is authorized as any client.
+Migration phases that only a peer daemon or an operator should send (Prepare3, Finish3, Prepare2,
+Finish2, Tunnel on a destination; Confirm3 on a source) are write calls like any other: a
+peer-to-peer source presents its host certificate and is authorized as any client.
 
 Who the caller is, and so its :class:`Access`, depends on the listener (one
 :class:`Policy` per gRPC server, see :mod:`virtmig.daemon.interceptor`):
@@ -102,6 +102,9 @@ ROLES: Final[Mapping[str, Role]] = MappingProxyType({
     "/virtmig.v1.Migration/Finish3Params": _W,
     "/virtmig.v1.Migration/Confirm3": _W,
     "/virtmig.v1.Migration/Confirm3Params": _W,
+    "/virtmig.v1.Migration/Prepare2": _W,
+    "/virtmig.v1.Migration/Perform": _W,
+    "/virtmig.v1.Migration/Finish2": _W,
 })
 
 TLS_VERSION = "TLSv1.3"

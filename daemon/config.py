@@ -33,6 +33,8 @@ Example (all keys optional)::
     settle_retry_min = 1               # s before the first retry to settle an unknown outcome,
     settle_retry_max = 60              # doubling up to this,
     settle_attempts = 100              # at most this many tries (then migrate-resolve)
+    migration_protocols = [2, 3]       # migration protocols spoken (e.g. [2]: an older peer)
+    migration_params = true            # the extensible-parameter RPCs (*Params; needs 3)
     # The qemu backend's confinement (see virtmig.daemon.backend.qemu.confine):
     emulators = ["/usr/bin/qemu-system-x86_64"]   # default: qemu-system-x86_64 on PATH
     storage_dirs = ["/var/lib/virtmig/images"]    # disk images, kernels and initrds
@@ -69,6 +71,7 @@ _KEYS = {
     "listen_insecure_tcp", "readonly_socket", "max_domains", "test_max_memory_mib",
     "test_max_vcpus", "max_clients", "max_calls_per_client", "migrate_tls_force",
     "peer_timeout", "settle_retry_min", "settle_retry_max", "settle_attempts",
+    "migration_protocols", "migration_params",
 }
 _QEMU_KEYS = {"emulators", "storage_dirs", "block_devices", "qemu_user", "qemu_group",
               "qemu_sandbox"}
@@ -173,6 +176,9 @@ def load_config(args: argparse.Namespace) -> DaemonConfig:
                          or bool(getattr(args, "readonly_socket", False))),
         migrate_tls_force=_bool(data, "migrate_tls_force") if "migrate_tls_force" in data
         else None,
+        migration_protocols=_protocols(data),
+        migration_params=_bool(data, "migration_params") if "migration_params" in data
+        else True,
         **_qemu_settings(data),
         **_settle_settings(data),
     )
@@ -210,6 +216,17 @@ def _qemu_settings(data: dict[str, Any]) -> dict[str, Any]:
             raise InvalidArgument("invalid qemu_sandbox: expected true or false")
         out["qemu_sandbox"] = data["qemu_sandbox"]
     return out
+
+
+def _protocols(data: dict[str, Any]) -> tuple[int, ...]:
+    """``migration_protocols``: a non-empty list of the protocol versions 2 and 3."""
+    value = data.get("migration_protocols", [2, 3])
+    if (not isinstance(value, list) or not value
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v in (2, 3)
+                       for v in value)):
+        raise InvalidArgument(f"invalid migration_protocols {value!r}: expected a non-empty "
+                              "list of the protocol versions 2 and 3")
+    return tuple(sorted(set(value)))
 
 
 def _positive(data: dict[str, Any], key: str, default: float) -> float:

@@ -22,8 +22,8 @@ from virtmig.daemon.placement import Away, Peer, PlacementStore
 from virtmig.daemon.registry import DomainObj, Registry, job_from_status
 from virtmig.daemon.state import StateDir
 from virtmig.proto import logsafe
-from virtmig.proto.errors import ConfigUnsupported, ResourceExhausted
-from virtmig.proto.flags import DomainState, Feature, ShutoffReason
+from virtmig.proto.errors import ConfigUnsupported, NoSupport, ResourceExhausted
+from virtmig.proto.flags import DomainState, Feature, ShutoffReason, protocol_features
 
 log = logsafe.logger(__name__)
 
@@ -95,9 +95,14 @@ class DaemonConfig:
     settle_retry_max: float = 60.0
     settle_attempts: int = 100
     features: tuple[str, ...] = (
-        Feature.MIGRATION_PARAMS.value, Feature.V3.value, Feature.P2P.value,
+        Feature.MIGRATION_PARAMS.value, Feature.V3.value, Feature.V2.value, Feature.P2P.value,
         Feature.OFFLINE.value, Feature.CHANGE_PROTECTION.value,
     )
+    # The migration protocols this daemon speaks (2, 3) and whether it takes the extensible
+    # parameter RPCs (*Params, with 3): what it advertises is ``features`` restricted to them
+    # (``Daemon.features``), and it refuses the RPCs of the others, as an older daemon would.
+    migration_protocols: tuple[int, ...] = (2, 3)
+    migration_params: bool = True
 
 
 @dataclass(frozen=True)
@@ -166,7 +171,16 @@ class Daemon:
 
     @property
     def features(self) -> frozenset[str]:
-        return frozenset(self.config.features)
+        """What this daemon advertises: its features, restricted to the migration protocols
+        it is configured to speak (``migration_protocols``, ``migration_params``)."""
+        speaks = protocol_features(self.config.migration_protocols, self.config.migration_params)
+        return frozenset(self.config.features) & frozenset(f.value for f in speaks)
+
+    def speaks(self, feature: Feature, function: str) -> None:
+        """Refuse an RPC of a protocol this daemon does not speak, as a daemon without it would
+        (libvirt's "this function is not supported by the connection driver")."""
+        if feature.value not in self.features:
+            raise NoSupport(function)
 
     def host_info(self) -> HostInfo:
         doms = list(self.registry)
@@ -213,7 +227,7 @@ class Daemon:
         when the destination answers: virtmig.daemon.locate)."""
         job = job_from_status(status)
         if job is None or job.kind is not AsyncJob.MIGRATION_OUT or not job.migration_id \
-                or not Phase.PERFORM3 <= job.phase <= Phase.CONFIRM3:
+                or not (Phase.PERFORM3 <= job.phase <= Phase.CONFIRM3 or job.asks_in_perform2):
             return
         pre = "paused" if job.pre_state is DomainState.PAUSED else "running"
         self.placement.departed(dom.uuid, Away(

@@ -6,6 +6,9 @@
                  └──────────────(Prepare failed: Confirm(cancelled))─────────┘
     destination:  prepare ─► finish3 ─► (ended)
 
+    protocol v2:  source perform2 ─► (ended: stopped as migrated, or put back)
+                  destination prepare ─► finish2 ─► (ended)
+
 :meth:`MigrationJob.set_phase` is the one function that moves a phase; it refuses to go backwards
 ("migration protocol going backwards"), as libvirt does.  The job carries what later phases and
 crash recovery need (flags, params, the domain's state before migration) and the live statistics.
@@ -60,6 +63,11 @@ class Phase(enum.IntEnum):
     def label(self) -> str:
         return self.name.lower()
 
+    @property
+    def streaming(self) -> bool:
+        """The source's Perform phases (v2 and v3): the stream may be running."""
+        return self in (Phase.PERFORM2, Phase.PERFORM3)
+
     @classmethod
     def from_label(cls, label: str) -> Phase:
         try:
@@ -77,6 +85,8 @@ class JobRecord:
     time_elapsed_ms: int
     progress: MigrationProgress
     error: str = ""
+    # The migration protocol the job ran with (``MigrationProtocol``; "" if unknown).
+    protocol: str = ""
 
 
 @dataclass(frozen=True)
@@ -134,11 +144,15 @@ class MigrationJob:
     # The migration's id (cookie A/B's <virtmig-migration-id>), and the peer: on the source the
     # destination's host UUID and name (cookie B) and its daemon's URI as this host reaches it
     # (p2p's dconnuri, or the ``virtmig.dest_uri`` param); on the destination the source's.
+    # Protocol v2 has no cookie A: its Prepare2 makes the id and cookie B carries it to Perform;
+    # the destination does not learn the source's host (its peer fields stay "").
     # Kept in the status file: after a restart, recovery asks the peer about this migration.
     migration_id: str = ""
     peer_hostuuid: str = ""
     peer_hostname: str = ""
     dest_uri: str = ""
+    # The migration protocol (``MigrationProtocol``) of the RPC that started the job.
+    protocol: str = ""
     _abort_event: asyncio.Event | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -181,5 +195,14 @@ class MigrationJob:
     def elapsed_ms(self) -> int:
         return int((time.time() - self.started) * 1000)
 
+    @property
+    def asks_in_perform2(self) -> bool:
+        """A protocol v2 source job whose guest may run on the destination if the job dies in
+        perform2: peer-to-peer, where this daemon itself runs Finish2 and the destination's
+        daemon is known (``dest_uri``).  In regular v2 the destination resumes its guest only
+        after a Finish2 with Perform's success, which a Perform that died cannot have given."""
+        return self.phase is Phase.PERFORM2 and bool(self.migration_id and self.dest_uri)
+
     def record(self, jtype: JobType, error: str = "") -> JobRecord:
-        return JobRecord(jtype, self.kind.operation, self.elapsed_ms(), self.progress, error)
+        return JobRecord(jtype, self.kind.operation, self.elapsed_ms(), self.progress, error,
+                         self.protocol)

@@ -52,15 +52,18 @@ log = logsafe.logger(__name__)
 ABORT_JOB_POSTCOPY = 2  # VIR_DOMAIN_ABORT_JOB_POSTCOPY
 MAX_SPEED_POSTCOPY = 1  # VIR_DOMAIN_MIGRATE_MAX_SPEED_POSTCOPY
 WATCH_INTERVAL_S = 0.1
+PROTOCOL_STAT = "virtmig.protocol"
 _RUNNING = (MigrationStatus.SETUP, MigrationStatus.ACTIVE, MigrationStatus.POSTCOPY_ACTIVE)
 
 # --- info ----------------------------------------------------------------------------------------
 
 
 def job_stats(
-    progress: MigrationProgress, elapsed_ms: int, completed: bool, error: str = ""
+    progress: MigrationProgress, elapsed_ms: int, completed: bool, error: str = "",
+    protocol: str = "",
 ) -> list[TypedParam]:
-    """libvirt's job stats names for what the backend reports."""
+    """libvirt's job stats names for what the backend reports; virtmig's ``virtmig.protocol``
+    (the migration protocol the job ran with) when known."""
     u = ParamType.ULLONG
     items = [
         TypedParam("time_elapsed", u, elapsed_ms),
@@ -92,12 +95,14 @@ def job_stats(
         ]
     if error:
         items.append(TypedParam("errmsg", ParamType.STRING, error))
+    if protocol:
+        items.append(TypedParam(PROTOCOL_STAT, ParamType.STRING, protocol))
     return items
 
 
 def _info(jtype: JobType, operation: JobOperation, elapsed: int, progress: MigrationProgress, *,
           completed: bool, error: str = "", phase: str = "",
-          abort_requested: bool = False) -> JobInfo:
+          abort_requested: bool = False, protocol: str = "") -> JobInfo:
     return JobInfo(
         type=jtype,
         operation=operation,
@@ -108,7 +113,7 @@ def _info(jtype: JobType, operation: JobOperation, elapsed: int, progress: Migra
         mem_total=progress.total_bytes,
         mem_processed=progress.processed_bytes,
         mem_remaining=progress.remaining_bytes,
-        stats=tuple(job_stats(progress, elapsed, completed, error)),
+        stats=tuple(job_stats(progress, elapsed, completed, error, protocol)),
         phase=phase,
         error=error,
         abort_requested=abort_requested,
@@ -117,11 +122,11 @@ def _info(jtype: JobType, operation: JobOperation, elapsed: int, progress: Migra
 
 def record_info(rec: JobRecord) -> JobInfo:
     return _info(rec.type, rec.operation, rec.time_elapsed_ms, rec.progress,
-                 completed=True, error=rec.error)
+                 completed=True, error=rec.error, protocol=rec.protocol)
 
 
 def live_progress(daemon: Daemon, dom: DomainObj, job: MigrationJob) -> MigrationProgress:
-    if job.kind is AsyncJob.MIGRATION_OUT and job.phase is Phase.PERFORM3:
+    if job.kind is AsyncJob.MIGRATION_OUT and job.phase.streaming:
         live = daemon.backend.progress(dom.uuid)
         if live.status in _RUNNING:
             return live
@@ -137,7 +142,7 @@ def job_info(daemon: Daemon, dom: DomainObj, *, completed: bool = False) -> JobI
         return JobInfo(JobType.NONE)
     return _info(JobType.UNBOUNDED, job.kind.operation, job.elapsed_ms(),
                  live_progress(daemon, dom, job), completed=False, phase=job.phase.label,
-                 abort_requested=job.abort_requested)
+                 abort_requested=job.abort_requested, protocol=job.protocol)
 
 
 async def watch(daemon: Daemon, dom: DomainObj) -> AsyncIterator[JobInfo]:
@@ -195,7 +200,7 @@ async def abort(daemon: Daemon, dom: DomainObj, flags: int) -> None:
         raise OperationInvalid("migration job is already being confirmed")
     job.request_abort()
     log.info("abort requested for migration of %s in phase %s", dom.name, job.phase.label)
-    if job.phase is Phase.PERFORM3:
+    if job.phase.streaming:
         try:
             await daemon.backend.cancel(dom.uuid)
         except BackendError as exc:
@@ -228,7 +233,7 @@ async def set_max_downtime(daemon: Daemon, dom: DomainObj, downtime_ms: int) -> 
     _require_active(dom)
     dom.max_downtime_ms = downtime_ms
     job = _outgoing(dom)
-    if job is not None and job.phase is Phase.PERFORM3:
+    if job is not None and job.phase.streaming:
         with contextlib.suppress(BackendError):
             await daemon.backend.set_tuning(dom.uuid, max_downtime_ms=downtime_ms)
 
@@ -246,7 +251,7 @@ async def set_max_speed(daemon: Daemon, dom: DomainObj, mib: int, flags: int) ->
         return
     dom.max_speed_mib = mib
     job = _outgoing(dom)
-    if job is not None and job.phase is Phase.PERFORM3:
+    if job is not None and job.phase.streaming:
         with contextlib.suppress(BackendError):
             await daemon.backend.set_tuning(dom.uuid, bandwidth_bytes_per_s=mib * 1024 * 1024)
 
@@ -261,7 +266,7 @@ def get_max_speed(dom: DomainObj, flags: int) -> int:
 async def start_postcopy(daemon: Daemon, dom: DomainObj) -> None:
     _require_active(dom)
     job = _outgoing(dom)
-    if job is None or job.phase is not Phase.PERFORM3:
+    if job is None or not job.phase.streaming:
         raise OperationInvalid(
             "post-copy can only be started while outgoing migration is in progress")
     if not job.flags & MigrateFlags.POSTCOPY:

@@ -1,11 +1,17 @@
 """Peer-to-peer migration: the source daemon drives the destination daemon itself.
 
-A client makes one Perform3(Params) call with PEER2PEER and ``dconnuri`` (the destination daemon
-as this host sees it).  This daemon then runs the *same* v3 sequence driver the client runs in
-regular mode (``virtmig.client.sequence.run_v3``), with its own source phases called locally
-(:class:`LocalSource`) and the destination's over gRPC (``RemoteDest``).  As libvirt's Peer2Peer3
-does, it always runs its own Confirm, so a failed Perform is followed by Finish(cancelled) and
-Confirm(cancelled).
+A client makes one Perform3(Params) call (or protocol v2's Perform, ``uri`` naming the
+destination) with PEER2PEER and ``dconnuri`` (the destination daemon as this host sees it).  This
+daemon chooses the protocol with the destination as the client does (``choose_protocol``, with
+its own features and the destination's: libvirt's Peer2Peer picks v3 or v2 by the destination's)
+and runs the *same* sequence driver the client runs in regular mode (``run_v3`` or ``run_v2``),
+with its own source phases called locally (:class:`LocalSource`) and the destination's over gRPC
+(``RemoteDest``).  As libvirt's Peer2Peer3 does, v3 always runs its own Confirm, so a failed
+Perform is followed by Finish(cancelled) and Confirm(cancelled); as Peer2Peer2 does, v2 stops the
+source's guest only once Finish2 reports it on the destination, and resumes it otherwise.
+Either way the source job records ``dconnuri`` (or the caller's ``virtmig.dest_uri``) as the
+destination daemon's URI, which :mod:`virtmig.daemon.locate` asks when the outcome is unknown
+(in v2: Finish2's answer lost, or a restart in perform2).
 
 Identity: the destination is ``dconnuri``; over ``virtmig+tls`` this daemon presents the client
 certificate of its own PKI dir (``pki_dir``: the host certificate ``virtmig pki issue --host``
@@ -30,9 +36,10 @@ import secrets
 
 from virtmig.client.connection import AsyncConnection
 from virtmig.client.migrate import RemoteDest, check_param_types
-from virtmig.client.sequence import run_v3
+from virtmig.client.sequence import choose_protocol, run_v2, run_v3
 from virtmig.daemon import jobctl, migration
 from virtmig.daemon.core import Daemon
+from virtmig.daemon.domxml import format_domain_xml
 from virtmig.daemon.job import AsyncJob, Phase
 from virtmig.daemon.registry import DomainObj
 from virtmig.daemon.tunnel import SrcTunnel
@@ -43,8 +50,8 @@ from virtmig.proto.errors import (
     OperationFailed,
     VirtmigError,
 )
-from virtmig.proto.flags import DomainState, Feature, MigrateFlags
-from virtmig.proto.params import NON_PARAMS_ALLOWED, MigrateParam, TypedParams
+from virtmig.proto.flags import DomainState, Feature, MigrateFlags, MigrationProtocol
+from virtmig.proto.params import MigrateParam, TypedParams
 from virtmig.proto.uri import check_not_local, parse_uri
 
 log = logsafe.logger(__name__)
@@ -57,20 +64,22 @@ class LocalSource:
     """The source party of the sequence driver, run by this daemon on its own domain."""
 
     def __init__(self, daemon: Daemon, peer: AsyncConnection | None = None,
-                 session: str = "", dest_uri: str = "") -> None:
+                 session: str = "", dest_uri: str = "", protocol: str = "") -> None:
         self.daemon = daemon
         self.peer = peer
         # The destination daemon as this host reaches it, recorded by Perform (dconnuri).
         self.dest_uri = dest_uri
         # This daemon's own session for the run: it owns the source job (migration.owner).
         self.session = session
+        # The protocol of the run, recorded in the source job.
+        self.protocol = protocol
 
     def _dom(self, name: str) -> DomainObj:
         return self.daemon.registry.by_name(name)
 
     async def begin(self, dom: str, params: TypedParams, flags: int) -> tuple[str, bytes]:
         return await migration.src_begin(self.daemon, self._dom(dom), params, flags,
-                                         self.session)
+                                         self.session, self.protocol)
 
     async def get_state(self, dom: str) -> DomainState:
         return self._dom(dom).state
@@ -80,16 +89,46 @@ class LocalSource:
             if not flags & F.TUNNELLED:
                 return await migration.src_perform(self.daemon, self._dom(dom), None, params,
                                                    cookie, flags, owner=self.session,
-                                                   dest_uri=self.dest_uri)
+                                                   dest_uri=self.dest_uri,
+                                                   protocol=self.protocol)
             assert self.peer is not None
             async with SrcTunnel(self.peer, params.get_str(MigrateParam.DEST_NAME) or dom) as end:
                 return await migration.src_perform(self.daemon, self._dom(dom), None, params,
                                                    cookie, flags, tunnel=end,
-                                                   owner=self.session, dest_uri=self.dest_uri)
+                                                   owner=self.session, dest_uri=self.dest_uri,
+                                                   protocol=self.protocol)
         except VirtmigError as exc:
             if self.peer is not None and await _lost(self.peer):
                 raise OperationFailed("Lost connection to destination host") from exc
             raise
+
+    # --- protocol v2 (libvirt's Peer2Peer2) ---
+
+    async def migratable_xml(self, dom: str) -> str:
+        # As Begin's: pinned as the backend pins definitions.
+        return format_domain_xml(self.daemon.canonical(self._dom(dom).definition),
+                                 migratable=True)
+
+    async def perform2(self, dom: str, params: TypedParams, cookie: bytes, flags: int) -> None:
+        """The stream; the guest stays paused here until :meth:`settle2`."""
+        try:
+            if not flags & F.TUNNELLED:
+                await migration.src_perform2(self.daemon, self._dom(dom), params, cookie, flags,
+                                             owner=self.session, complete=False,
+                                             dest_uri=self.dest_uri)
+                return
+            assert self.peer is not None
+            async with SrcTunnel(self.peer, params.get_str(MigrateParam.DEST_NAME) or dom) as end:
+                await migration.src_perform2(self.daemon, self._dom(dom), params, cookie, flags,
+                                             owner=self.session, tunnel=end, complete=False,
+                                             dest_uri=self.dest_uri)
+        except VirtmigError as exc:
+            if self.peer is not None and await _lost(self.peer):
+                raise OperationFailed("Lost connection to destination host") from exc
+            raise
+
+    async def settle2(self, dom: str, migrated: bool | None) -> None:
+        await migration.src_settle2(self.daemon, self._dom(dom), migrated)
 
     async def confirm(self, dom: str, params: TypedParams, cookie: bytes, flags: int,
                       cancelled: bool) -> None:
@@ -110,8 +149,9 @@ class LocalSource:
 async def src_perform_p2p(
     daemon: Daemon, dom: DomainObj, dconnuri: str | None, params: TypedParams,
     cookie_in: bytes, flags: int,
-) -> None:
-    """libvirt's PerformJob → Peer2Peer → Peer2Peer3, on this daemon."""
+) -> str:
+    """libvirt's PerformJob → Peer2Peer → Peer2Peer3 or Peer2Peer2, on this daemon; returns
+    the protocol (``MigrationProtocol``) it used with the destination."""
     f = migration.any_check(daemon, flags, params, "virDomainMigratePerform3Params")
     if cookie_in:
         raise InvalidArgument("received unexpected cookie with P2P migration")
@@ -133,27 +173,48 @@ async def src_perform_p2p(
     session = secrets.token_hex(16)
     daemon.sessions.add(session)
     try:
-        features = (await dconn.host()).features
-        if Feature.P2P not in features or Feature.V3 not in features:
-            raise OperationFailed(
-                "Destination virtmig does not support peer-to-peer migration protocol")
-        use_params = Feature.MIGRATION_PARAMS in features
-        if not use_params and params.names() - NON_PARAMS_ALLOWED:
-            raise ArgumentUnsupported(
-                "Migration APIs with extensible parameters are not supported but extended "
-                "parameters were passed")
+        protocol = _choose(daemon, (await dconn.host()).features, params, f)
         await dconn.open_session()
         watcher = asyncio.get_running_loop().create_task(_watch_peer(daemon, dom, dconn))
         dest_uri = params.get_str(MigrateParam.DEST_URI) or dconnuri
-        await run_v3(LocalSource(daemon, dconn, session, dest_uri), RemoteDest(dconn, use_params),
-                     dom.name, params, int(f), protection=True, p2p=True)
+        source = LocalSource(daemon, dconn, session, dest_uri, protocol.value)
+        dest = RemoteDest(dconn, protocol is MigrationProtocol.V3_PARAMS)
+        if protocol is MigrationProtocol.V2:
+            # Change protection is implicit here (one job): never sent to the destination.
+            await run_v2(source, dest, dom.name, params, int(f & ~F.CHANGE_PROTECTION),
+                         p2p=True)
+        else:
+            await run_v3(source, dest, dom.name, params, int(f), protection=True, p2p=True)
+        return protocol.value
     finally:
         if watcher is not None:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
         await dconn.close()
+        await _unsettled(daemon, dom, session)
         await migration.any_session_closed(daemon, session)
+
+
+def _choose(daemon: Daemon, dst: frozenset[str], params: TypedParams,
+            f: MigrateFlags) -> MigrationProtocol:
+    """libvirt's Peer2Peer checks of the destination's features, then the protocol both
+    daemons speak (the client's one choice, with this daemon's features as the source's)."""
+    if Feature.P2P not in dst:
+        raise OperationFailed(
+            "Destination virtmig does not support peer-to-peer migration protocol")
+    if f & F.OFFLINE and Feature.OFFLINE not in dst:
+        raise ArgumentUnsupported("offline migration is not supported by the destination host")
+    return choose_protocol(daemon.features, dst, params, int(f & ~F.CHANGE_PROTECTION))
+
+
+async def _unsettled(daemon: Daemon, dom: DomainObj, session: str) -> None:
+    """A v2 run that ended between its stream and Finish2's answer (cancelled, a bug) leaves its
+    job busy in perform2: end it, the guest left paused (where it runs is unknown)."""
+    job = dom.job
+    if job is not None and job.owner == session and job.phase is Phase.PERFORM2 and job.busy:
+        with contextlib.suppress(VirtmigError):
+            await migration.src_settle2(daemon, dom, None)
 
 
 def _names_pkipath(uri: str) -> bool:
@@ -175,6 +236,6 @@ async def _watch_peer(daemon: Daemon, dom: DomainObj, dconn: AsyncConnection) ->
     await dconn.session_lost.wait()
     job = dom.job
     log.warning("lost connection to the destination of %s's migration", dom.name)
-    if job is not None and job.kind is AsyncJob.MIGRATION_OUT and job.phase is Phase.PERFORM3:
+    if job is not None and job.kind is AsyncJob.MIGRATION_OUT and job.phase.streaming:
         await jobctl.fail_job(daemon, dom, job,
                               OperationFailed("Lost connection to destination host"))

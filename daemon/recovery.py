@@ -3,10 +3,15 @@
 A guest whose backend still runs it gets its state, reason and id back from its status file.  A
 migration job recorded there is settled by libvirt's recovery tables (what its QEMU driver does per
 job phase after a restart), deciding from the recorded phase whether the guest is killed, resumed,
-left paused, or kept for post-copy recovery.  Nothing is resumed when the outcome is unknown:
-a source job past Perform's start whose guest is paused is settled by asking the destination
-about that migration (:func:`virtmig.daemon.locate.settle_later`, in the background, so that an
-unreachable peer never holds up the daemon's start); a confirmed one records where it went.
+left paused, or kept for post-copy recovery (protocol v2's phases too: perform2 resumes the source,
+finish2 resumes the destination, whose source already stopped its guest).  Nothing is resumed when
+the outcome is unknown: a source job past Perform's start whose guest is paused is settled by
+asking the destination about that migration (:func:`virtmig.daemon.locate.settle_later`, in the
+background, so that an unreachable peer never holds up the daemon's start); a confirmed one
+records where it went.  In perform2 that is asked only in peer-to-peer v2, where this daemon ran
+Finish2 itself and knows the destination's daemon (``MigrationJob.asks_in_perform2``); a regular
+v2 source is resumed, as v2's own rule has it: its destination resumes the guest only after a
+Finish2 carrying Perform's success, which a Perform that died with the daemon cannot have given.
 """
 
 from __future__ import annotations
@@ -76,7 +81,14 @@ async def _recover_one(daemon: Daemon, dom: DomainObj, status: etree._Element) -
         daemon.set_state(dom, DomainState.PAUSED, PausedReason.POSTCOPY_FAILED)
         return
     if job.kind is AsyncJob.MIGRATION_IN:
-        if phase is Phase.FINISH3 and run is GuestRunState.RUNNING:
+        if phase is Phase.FINISH2 and run is GuestRunState.PAUSED:
+            # v2: the source stopped its guest before Finish2: resume it here and hope.
+            await daemon.backend.resume(dom.uuid)
+            daemon.set_state(dom, DomainState.RUNNING, RunningReason.MIGRATED)
+            dom.completed = record
+            daemon.placement.arrived(dom.uuid, job.migration_id, job.peer_hostuuid)
+            return
+        if phase in (Phase.FINISH2, Phase.FINISH3) and run is GuestRunState.RUNNING:
             daemon.registry.save_status(dom)  # vCPUs already run here: keep it
             dom.completed = record
             daemon.placement.arrived(dom.uuid, job.migration_id, job.peer_hostuuid)
@@ -93,14 +105,15 @@ async def _recover_one(daemon: Daemon, dom: DomainObj, status: etree._Element) -
             daemon.placement.departed(dom.uuid, locate.away_of(job))
         daemon.mark_inactive(dom, ShutoffReason.MIGRATED)
         return
-    if job.migration_id and run is GuestRunState.PAUSED and phase in (
-            Phase.PERFORM3, Phase.PERFORM3_DONE, Phase.CONFIRM3_CANCELLED):
+    if job.migration_id and run is GuestRunState.PAUSED and (phase in (
+            Phase.PERFORM3, Phase.PERFORM3_DONE, Phase.CONFIRM3_CANCELLED)
+            or job.asks_in_perform2):
         # Resumed only once the destination says the migration did not arrive there.
         daemon.registry.save_status(dom)
         locate.settle_later(daemon, dom.uuid, locate.away_of(job),
                             f"the daemon restarted in phase {phase.label}")
         return
-    resume = phase in (Phase.PERFORM3, Phase.CONFIRM3_CANCELLED) and \
+    resume = phase in (Phase.PERFORM2, Phase.PERFORM3, Phase.CONFIRM3_CANCELLED) and \
         job.pre_state is DomainState.RUNNING and run is GuestRunState.PAUSED
     if resume:
         await daemon.backend.resume(dom.uuid)

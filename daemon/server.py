@@ -1,8 +1,11 @@
 """The gRPC services: Host, Domains and Migration, over one :class:`~virtmig.daemon.core.Daemon`.
 
 Servicer methods are thin: request -> :mod:`~virtmig.daemon.wire` -> core call -> ``wire`` ->
-reply.  They neither build messages nor map errors: an exception raised here becomes a gRPC status
-in the server interceptor (:mod:`virtmig.daemon.interceptor`), for every handler alike.
+reply.  Each migration RPC first checks that the daemon speaks its protocol
+(``Daemon.speaks``: ``migration_protocols``, ``migration_params``), as an older daemon without
+it would refuse it.  They neither build messages nor map errors: an exception raised here
+becomes a gRPC status in the server interceptor (:mod:`virtmig.daemon.interceptor`), for every
+handler alike.
 """
 
 from __future__ import annotations
@@ -22,10 +25,11 @@ from virtmig.daemon.interceptor import StatusInterceptor
 from virtmig.daemon.registry import DomainObj
 from virtmig.proto import virtmig_pb2 as pb
 from virtmig.proto import virtmig_pb2_grpc as pbg
-from virtmig.proto.flags import MigrateFlags
+from virtmig.proto.flags import Feature, MigrateFlags, MigrationProtocol
 from virtmig.proto.params import TypedParams
 
 SESSION_METADATA_KEY = "virtmig-session"
+_V3, _V3_PARAMS = MigrationProtocol.V3.value, MigrationProtocol.V3_PARAMS.value
 DEFAULT_HEARTBEAT_S = 5
 
 
@@ -137,7 +141,7 @@ class DomainsService(pbg.DomainsServicer):
 class MigrationService(pbg.MigrationServicer):
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
-        self._p2p: set[asyncio.Task[None]] = set()
+        self._p2p: set[asyncio.Task[str]] = set()
 
     def _dom(self, ref: pb.DomainRef) -> DomainObj:
         return wire.resolve(self.daemon.registry, ref)
@@ -145,67 +149,81 @@ class MigrationService(pbg.MigrationServicer):
     # --- Begin ----------------------------------------------------------------------------------
 
     async def Begin3(self, request: pb.Begin3Request, context: Any) -> pb.Begin3Reply:
+        self.daemon.speaks(Feature.V3, "virDomainMigrateBegin3")
         xml, cookie = await migration.src_begin(
             self.daemon, self._dom(request.domain), wire.begin3_params(request), request.flags,
-            session_of(context),
+            session_of(context), _V3,
         )
         return wire.begin3_reply(xml, cookie)
 
     async def Begin3Params(self, request: pb.Begin3ParamsRequest, context: Any) -> pb.Begin3Reply:
+        self.daemon.speaks(Feature.MIGRATION_PARAMS, "virDomainMigrateBegin3Params")
         xml, cookie = await migration.src_begin(
             self.daemon, self._dom(request.domain), wire.typed_params(request.params),
-            request.flags, session_of(context),
+            request.flags, session_of(context), _V3_PARAMS,
         )
         return wire.begin3_reply(xml, cookie)
 
     # --- Prepare --------------------------------------------------------------------------------
 
     async def Prepare3(self, request: pb.Prepare3Request, context: Any) -> pb.Prepare3Reply:
+        self.daemon.speaks(Feature.V3, "virDomainMigratePrepare3")
         return wire.prepare3_reply(*await migration.dst_prepare(
             self.daemon, wire.prepare3_params(request), request.cookie_in, request.flags,
-            session_of(context),
+            session_of(context), _V3,
         ))
 
     async def Prepare3Params(
         self, request: pb.Prepare3ParamsRequest, context: Any
     ) -> pb.Prepare3Reply:
+        self.daemon.speaks(Feature.MIGRATION_PARAMS, "virDomainMigratePrepare3Params")
         return wire.prepare3_reply(*await migration.dst_prepare(
             self.daemon, wire.typed_params(request.params), request.cookie_in, request.flags,
-            session_of(context),
+            session_of(context), _V3_PARAMS,
         ))
 
     # --- Perform --------------------------------------------------------------------------------
 
     async def Perform3(self, request: pb.Perform3Request, context: Any) -> pb.Perform3Reply:
+        self.daemon.speaks(Feature.V3, "virDomainMigratePerform3")
         return await self._perform(request.domain, wire.optional(request, "dconnuri"),
                                    wire.perform3_params(request), request.cookie_in,
-                                   request.flags, session_of(context))
+                                   request.flags, session_of(context), _V3)
 
     async def Perform3Params(
         self, request: pb.Perform3ParamsRequest, context: Any
     ) -> pb.Perform3Reply:
+        self.daemon.speaks(Feature.MIGRATION_PARAMS, "virDomainMigratePerform3Params")
         return await self._perform(request.domain, wire.optional(request, "dconnuri"),
                                    wire.typed_params(request.params), request.cookie_in,
-                                   request.flags, session_of(context))
+                                   request.flags, session_of(context), _V3_PARAMS)
 
     async def _perform(self, ref: pb.DomainRef, dconnuri: str | None, params: TypedParams,
-                       cookie: bytes, flags: int, session: str) -> pb.Perform3Reply:
+                       cookie: bytes, flags: int, session: str,
+                       protocol: str) -> pb.Perform3Reply:
         dom = self._dom(ref)
         if not flags & (MigrateFlags.PEER2PEER | MigrateFlags.TUNNELLED):
             return wire.perform3_reply(await migration.src_perform(
-                self.daemon, dom, dconnuri, params, cookie, flags, owner=session))
-        # Peer-to-peer: the whole migration runs here.  It goes on if the caller disconnects
-        # (as libvirt's does); the caller follows it through the source's job.
+                self.daemon, dom, dconnuri, params, cookie, flags, owner=session,
+                protocol=protocol))
+        return wire.perform3_reply(protocol=await self._p2p_run(dom, dconnuri, params, cookie,
+                                                                 flags))
+
+    async def _p2p_run(self, dom: DomainObj, dconnuri: str | None, params: TypedParams,
+                       cookie: bytes, flags: int) -> str:
+        """Peer-to-peer: the whole migration runs here.  It goes on if the caller disconnects
+        (as libvirt's does); the caller follows it through the source's job.  Returns the
+        protocol the run used with the destination."""
         task = asyncio.get_running_loop().create_task(
             p2p.src_perform_p2p(self.daemon, dom, dconnuri, params, cookie, flags))
         self._p2p.add(task)
         task.add_done_callback(self._p2p.discard)
-        await asyncio.shield(task)
-        return wire.perform3_reply()
+        return str(await asyncio.shield(task))
 
     # --- Finish ---------------------------------------------------------------------------------
 
     async def Finish3(self, request: pb.Finish3Request, context: Any) -> pb.Finish3Reply:
+        self.daemon.speaks(Feature.V3, "virDomainMigrateFinish3")
         return wire.finish3_reply(*await migration.dst_finish(
             self.daemon, wire.finish3_params(request), request.cookie_in, request.flags,
             request.cancelled,
@@ -214,6 +232,7 @@ class MigrationService(pbg.MigrationServicer):
     async def Finish3Params(
         self, request: pb.Finish3ParamsRequest, context: Any
     ) -> pb.Finish3Reply:
+        self.daemon.speaks(Feature.MIGRATION_PARAMS, "virDomainMigrateFinish3Params")
         return wire.finish3_reply(*await migration.dst_finish(
             self.daemon, wire.typed_params(request.params), request.cookie_in, request.flags,
             request.cancelled,
@@ -222,6 +241,7 @@ class MigrationService(pbg.MigrationServicer):
     # --- Confirm --------------------------------------------------------------------------------
 
     async def Confirm3(self, request: pb.Confirm3Request, context: Any) -> pb.Confirm3Reply:
+        self.daemon.speaks(Feature.V3, "virDomainMigrateConfirm3")
         await migration.src_confirm(
             self.daemon, self._dom(request.domain), TypedParams(), request.cookie_in,
             request.flags, request.cancelled,
@@ -231,11 +251,37 @@ class MigrationService(pbg.MigrationServicer):
     async def Confirm3Params(
         self, request: pb.Confirm3ParamsRequest, context: Any
     ) -> pb.Confirm3Reply:
+        self.daemon.speaks(Feature.MIGRATION_PARAMS, "virDomainMigrateConfirm3Params")
         await migration.src_confirm(
             self.daemon, self._dom(request.domain), wire.typed_params(request.params),
             request.cookie_in, request.flags, request.cancelled,
         )
         return wire.confirm3_reply()
+
+    # --- Protocol v2 ---------------------------------------------------------------------------
+
+    async def Prepare2(self, request: pb.Prepare2Request, context: Any) -> pb.Prepare2Reply:
+        self.daemon.speaks(Feature.V2, "virDomainMigratePrepare2")
+        return wire.prepare2_reply(*await migration.dst_prepare2(
+            self.daemon, wire.prepare2_params(request), request.flags, session_of(context)))
+
+    async def Perform(self, request: pb.PerformRequest, context: Any) -> pb.PerformReply:
+        self.daemon.speaks(Feature.V2, "virDomainMigratePerform")
+        dom = self._dom(request.domain)
+        if not request.flags & (MigrateFlags.PEER2PEER | MigrateFlags.TUNNELLED):
+            await migration.src_perform2(self.daemon, dom, wire.perform2_params(request),
+                                         request.cookie_in, request.flags,
+                                         owner=session_of(context))
+            return wire.perform_reply()
+        # libvirt's v2 Perform with PEER2PEER: ``uri`` is the destination daemon's URI.
+        return wire.perform_reply(await self._p2p_run(
+            dom, wire.optional(request, "uri"), wire.perform2_p2p_params(request),
+            request.cookie_in, request.flags))
+
+    async def Finish2(self, request: pb.Finish2Request, context: Any) -> pb.Finish2Reply:
+        self.daemon.speaks(Feature.V2, "virDomainMigrateFinish2")
+        return wire.finish2_reply(await migration.dst_finish2(
+            self.daemon, wire.finish2_params(request), request.flags, request.retcode))
 
     # --- Jobs ---------------------------------------------------------------------------------
 

@@ -1,7 +1,8 @@
 """The daemon's wire layer: every conversion between protobuf messages and the daemon's values.
 
 Requests become core arguments here: a ``DomainRef`` resolves to its domain object, and the
-non-params v3 RPCs' arguments become typed params (libvirt's mapping), so the phases see one form.
+non-params v3 and the v2 RPCs' arguments become typed params (libvirt's mapping), so the phases
+see one form.
 Core values become replies here: domains, host and domain info, job info, events.  The core
 (jobctl, events, registry, migration, p2p, lifecycle, core, the backends) never sees a message.
 
@@ -83,6 +84,26 @@ def perform3_params(req: pb.Perform3Request) -> TypedParams:
 
 def finish3_params(req: pb.Finish3Request) -> TypedParams:
     return legacy_params(dname=optional(req, "dname"), uri=optional(req, "uri"))
+
+
+def prepare2_params(req: pb.Prepare2Request) -> TypedParams:
+    return legacy_params(xml=req.dom_xml, dname=optional(req, "dname"),
+                         uri=optional(req, "uri_in"), bandwidth=req.resource)
+
+
+def perform2_params(req: pb.PerformRequest) -> TypedParams:
+    """Perform (v2) without PEER2PEER; with it, ``uri`` is the destination daemon's URI
+    (:func:`perform2_p2p_params`)."""
+    return legacy_params(dname=optional(req, "dname"), uri=optional(req, "uri"),
+                         bandwidth=req.resource)
+
+
+def perform2_p2p_params(req: pb.PerformRequest) -> TypedParams:
+    return legacy_params(dname=optional(req, "dname"), bandwidth=req.resource)
+
+
+def finish2_params(req: pb.Finish2Request) -> TypedParams:
+    return legacy_params(dname=req.dname or None, uri=optional(req, "uri"))
 
 
 # --- replies: host and domains -------------------------------------------------------------------
@@ -192,8 +213,9 @@ def prepare3_reply(cookie: bytes, uri_out: str | None) -> pb.Prepare3Reply:
     return reply
 
 
-def perform3_reply(cookie: bytes = b"") -> pb.Perform3Reply:
-    return pb.Perform3Reply(cookie_out=cookie)
+def perform3_reply(cookie: bytes = b"", protocol: str = "") -> pb.Perform3Reply:
+    """``protocol``: peer-to-peer only, the protocol the run used with the destination."""
+    return pb.Perform3Reply(cookie_out=cookie, protocol=protocol)
 
 
 def finish3_reply(dom: DomainObj, cookie: bytes) -> pb.Finish3Reply:
@@ -202,6 +224,21 @@ def finish3_reply(dom: DomainObj, cookie: bytes) -> pb.Finish3Reply:
 
 def confirm3_reply() -> pb.Confirm3Reply:
     return pb.Confirm3Reply()
+
+
+def prepare2_reply(cookie: bytes, uri_out: str | None) -> pb.Prepare2Reply:
+    reply = pb.Prepare2Reply(cookie_out=cookie)
+    if uri_out is not None:
+        reply.uri_out = uri_out
+    return reply
+
+
+def perform_reply(protocol: str = "") -> pb.PerformReply:
+    return pb.PerformReply(protocol=protocol)
+
+
+def finish2_reply(dom: DomainObj) -> pb.Finish2Reply:
+    return pb.Finish2Reply(domain=domain_msg(dom))
 
 
 def job_info_msg(info: JobInfo) -> pb.JobInfo:

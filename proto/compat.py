@@ -20,7 +20,7 @@ from virtmig.proto.errors import (
     OperationUnsupported,
     VirtmigError,
 )
-from virtmig.proto.flags import ALL_MIGRATE_FLAGS, NO_FLAGS, MigrateFlags
+from virtmig.proto.flags import ALL_MIGRATE_FLAGS, NO_FLAGS, V3_ONLY_FLAGS, MigrateFlags
 from virtmig.proto.params import MigrateParam as P
 from virtmig.proto.params import TypedParams
 
@@ -114,6 +114,16 @@ def check_known_flags(flags: int, function: str) -> MigrateFlags:
     if unknown:
         raise InvalidArgument(f"unsupported flags (0x{unknown:x}) in function {function}")
     return MigrateFlags(flags)
+
+
+def check_v2_flags(flags: int, function: str) -> MigrateFlags:
+    """libvirt's ``virCheckFlags`` for the protocol v2 calls: unknown bits, and the flags v2
+    never had (:data:`~virtmig.proto.flags.V3_ONLY_FLAGS`), are an error naming the function."""
+    f = check_known_flags(flags, function)
+    extra = f & V3_ONLY_FLAGS
+    if extra:
+        raise InvalidArgument(f"unsupported flags (0x{int(extra):x}) in function {function}")
+    return f
 
 
 def check_rules(flags: int, params: TypedParams | None, layer: Layer) -> None:

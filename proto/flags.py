@@ -1,4 +1,5 @@
-"""libvirt's migration flags, domain states and reasons, job types and daemon features.
+"""libvirt's migration flags, domain states and reasons, job types, daemon features and the
+migration protocols they make.
 
 Values are libvirt's own, so that a flags word means the same thing on the wire to us and to
 anyone reading libvirt's documentation.
@@ -51,14 +52,63 @@ def flag_names(flags: int) -> str:
     return "|".join(names) or "0"
 
 
+# Flags whose meaning needs protocol v3's phases, so that protocol v2 never had them: a job kept
+# from Begin to Confirm (CHANGE_PROTECTION), a definition moved with nothing running (OFFLINE:
+# libvirt advertises it only with v3), and post-copy (the destination runs the guest before the
+# source's Perform ends, but v2's Perform stops the source at its end).  The v2 RPCs refuse
+# them as libvirt's virCheckFlags does ("unsupported flags (0x...) in function ...").
+V3_ONLY_FLAGS = (MigrateFlags.CHANGE_PROTECTION | MigrateFlags.OFFLINE | MigrateFlags.POSTCOPY
+                 | MigrateFlags.POSTCOPY_RESUME)
+
+
 class Feature(enum.StrEnum):
     """What a daemon advertises in ``Host.GetHost`` (libvirt's VIR_DRV_FEATURE_*)."""
 
     MIGRATION_PARAMS = "MIGRATION_PARAMS"
     V3 = "V3"
+    V2 = "V2"
     P2P = "P2P"
     OFFLINE = "OFFLINE"
     CHANGE_PROTECTION = "CHANGE_PROTECTION"
+
+
+#: The features that come with protocol v3 (a daemon that speaks only v2 lacks them all).
+V3_FEATURES = frozenset({Feature.V3, Feature.MIGRATION_PARAMS, Feature.OFFLINE,
+                         Feature.CHANGE_PROTECTION})
+
+
+class MigrationProtocol(enum.StrEnum):
+    """Which form of libvirt's migration protocol a migration ran with, newest first: what the
+    client (or a peer-to-peer source) chose from both daemons' features, what
+    ``virtmig migrate --verbose`` prints and the completed job's ``virtmig.protocol`` stat."""
+
+    V3_PARAMS = "v3+params"  # Begin3Params ... Confirm3Params
+    V3 = "v3"  # Begin3 ... Confirm3: URI, DEST_NAME, DEST_XML and BANDWIDTH only
+    V2 = "v2"  # Prepare2, Perform, Finish2 (libvirt's virDomainMigrateVersion2)
+
+
+def protocols_of(features: frozenset[str] | set[str]) -> tuple[MigrationProtocol, ...]:
+    """The protocol forms a daemon advertising ``features`` speaks, newest first."""
+    has = {
+        MigrationProtocol.V3_PARAMS: Feature.MIGRATION_PARAMS in features
+        and Feature.V3 in features,
+        MigrationProtocol.V3: Feature.V3 in features,
+        MigrationProtocol.V2: Feature.V2 in features,
+    }
+    return tuple(p for p in MigrationProtocol if has[p])
+
+
+def protocol_features(protocols: tuple[int, ...], params: bool) -> frozenset[Feature]:
+    """The features a daemon that speaks ``protocols`` (2, 3) advertises; ``params``: the
+    extensible-parameter RPCs too (only with 3)."""
+    features = {Feature.P2P}
+    if 2 in protocols:
+        features.add(Feature.V2)
+    if 3 in protocols:
+        features |= V3_FEATURES
+        if not params:
+            features.discard(Feature.MIGRATION_PARAMS)
+    return frozenset(features)
 
 
 class DomainState(enum.IntEnum):

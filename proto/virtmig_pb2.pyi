@@ -395,10 +395,12 @@ class Perform3ParamsRequest(_message.Message):
     def __init__(self, domain: _Optional[_Union[DomainRef, _Mapping]] = ..., dconnuri: _Optional[str] = ..., params: _Optional[_Iterable[_Union[TypedParam, _Mapping]]] = ..., cookie_in: _Optional[bytes] = ..., flags: _Optional[int] = ...) -> None: ...
 
 class Perform3Reply(_message.Message):
-    __slots__ = ("cookie_out",)
+    __slots__ = ("cookie_out", "protocol")
     COOKIE_OUT_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_FIELD_NUMBER: _ClassVar[int]
     cookie_out: bytes
-    def __init__(self, cookie_out: _Optional[bytes] = ...) -> None: ...
+    protocol: str
+    def __init__(self, cookie_out: _Optional[bytes] = ..., protocol: _Optional[str] = ...) -> None: ...
 
 class Finish3Request(_message.Message):
     __slots__ = ("dname", "cookie_in", "dconnuri", "uri", "flags", "cancelled")
@@ -465,6 +467,70 @@ class Confirm3ParamsRequest(_message.Message):
 class Confirm3Reply(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class Prepare2Request(_message.Message):
+    __slots__ = ("uri_in", "flags", "dname", "resource", "dom_xml")
+    URI_IN_FIELD_NUMBER: _ClassVar[int]
+    FLAGS_FIELD_NUMBER: _ClassVar[int]
+    DNAME_FIELD_NUMBER: _ClassVar[int]
+    RESOURCE_FIELD_NUMBER: _ClassVar[int]
+    DOM_XML_FIELD_NUMBER: _ClassVar[int]
+    uri_in: str
+    flags: int
+    dname: str
+    resource: int
+    dom_xml: str
+    def __init__(self, uri_in: _Optional[str] = ..., flags: _Optional[int] = ..., dname: _Optional[str] = ..., resource: _Optional[int] = ..., dom_xml: _Optional[str] = ...) -> None: ...
+
+class Prepare2Reply(_message.Message):
+    __slots__ = ("cookie_out", "uri_out")
+    COOKIE_OUT_FIELD_NUMBER: _ClassVar[int]
+    URI_OUT_FIELD_NUMBER: _ClassVar[int]
+    cookie_out: bytes
+    uri_out: str
+    def __init__(self, cookie_out: _Optional[bytes] = ..., uri_out: _Optional[str] = ...) -> None: ...
+
+class PerformRequest(_message.Message):
+    __slots__ = ("domain", "cookie_in", "uri", "flags", "dname", "resource")
+    DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    COOKIE_IN_FIELD_NUMBER: _ClassVar[int]
+    URI_FIELD_NUMBER: _ClassVar[int]
+    FLAGS_FIELD_NUMBER: _ClassVar[int]
+    DNAME_FIELD_NUMBER: _ClassVar[int]
+    RESOURCE_FIELD_NUMBER: _ClassVar[int]
+    domain: DomainRef
+    cookie_in: bytes
+    uri: str
+    flags: int
+    dname: str
+    resource: int
+    def __init__(self, domain: _Optional[_Union[DomainRef, _Mapping]] = ..., cookie_in: _Optional[bytes] = ..., uri: _Optional[str] = ..., flags: _Optional[int] = ..., dname: _Optional[str] = ..., resource: _Optional[int] = ...) -> None: ...
+
+class PerformReply(_message.Message):
+    __slots__ = ("protocol",)
+    PROTOCOL_FIELD_NUMBER: _ClassVar[int]
+    protocol: str
+    def __init__(self, protocol: _Optional[str] = ...) -> None: ...
+
+class Finish2Request(_message.Message):
+    __slots__ = ("dname", "cookie_in", "uri", "flags", "retcode")
+    DNAME_FIELD_NUMBER: _ClassVar[int]
+    COOKIE_IN_FIELD_NUMBER: _ClassVar[int]
+    URI_FIELD_NUMBER: _ClassVar[int]
+    FLAGS_FIELD_NUMBER: _ClassVar[int]
+    RETCODE_FIELD_NUMBER: _ClassVar[int]
+    dname: str
+    cookie_in: bytes
+    uri: str
+    flags: int
+    retcode: int
+    def __init__(self, dname: _Optional[str] = ..., cookie_in: _Optional[bytes] = ..., uri: _Optional[str] = ..., flags: _Optional[int] = ..., retcode: _Optional[int] = ...) -> None: ...
+
+class Finish2Reply(_message.Message):
+    __slots__ = ("domain",)
+    DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    domain: Domain
+    def __init__(self, domain: _Optional[_Union[Domain, _Mapping]] = ...) -> None: ...
 
 class JobInfoRequest(_message.Message):
     __slots__ = ("domain", "completed")

@@ -878,6 +878,21 @@ class MigrationStub:
                 request_serializer=virtmig_dot_proto_dot_virtmig__pb2.Confirm3ParamsRequest.SerializeToString,
                 response_deserializer=virtmig_dot_proto_dot_virtmig__pb2.Confirm3Reply.FromString,
                 _registered_method=True)
+        self.Prepare2 = channel.unary_unary(
+                '/virtmig.v1.Migration/Prepare2',
+                request_serializer=virtmig_dot_proto_dot_virtmig__pb2.Prepare2Request.SerializeToString,
+                response_deserializer=virtmig_dot_proto_dot_virtmig__pb2.Prepare2Reply.FromString,
+                _registered_method=True)
+        self.Perform = channel.unary_unary(
+                '/virtmig.v1.Migration/Perform',
+                request_serializer=virtmig_dot_proto_dot_virtmig__pb2.PerformRequest.SerializeToString,
+                response_deserializer=virtmig_dot_proto_dot_virtmig__pb2.PerformReply.FromString,
+                _registered_method=True)
+        self.Finish2 = channel.unary_unary(
+                '/virtmig.v1.Migration/Finish2',
+                request_serializer=virtmig_dot_proto_dot_virtmig__pb2.Finish2Request.SerializeToString,
+                response_deserializer=virtmig_dot_proto_dot_virtmig__pb2.Finish2Reply.FromString,
+                _registered_method=True)
 
 
 class MigrationServicer:
@@ -998,6 +1013,24 @@ class MigrationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Prepare2(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Perform(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Finish2(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MigrationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -1095,6 +1128,21 @@ def add_MigrationServicer_to_server(servicer, server):
                     servicer.Confirm3Params,
                     request_deserializer=virtmig_dot_proto_dot_virtmig__pb2.Confirm3ParamsRequest.FromString,
                     response_serializer=virtmig_dot_proto_dot_virtmig__pb2.Confirm3Reply.SerializeToString,
+            ),
+            'Prepare2': grpc.unary_unary_rpc_method_handler(
+                    servicer.Prepare2,
+                    request_deserializer=virtmig_dot_proto_dot_virtmig__pb2.Prepare2Request.FromString,
+                    response_serializer=virtmig_dot_proto_dot_virtmig__pb2.Prepare2Reply.SerializeToString,
+            ),
+            'Perform': grpc.unary_unary_rpc_method_handler(
+                    servicer.Perform,
+                    request_deserializer=virtmig_dot_proto_dot_virtmig__pb2.PerformRequest.FromString,
+                    response_serializer=virtmig_dot_proto_dot_virtmig__pb2.PerformReply.SerializeToString,
+            ),
+            'Finish2': grpc.unary_unary_rpc_method_handler(
+                    servicer.Finish2,
+                    request_deserializer=virtmig_dot_proto_dot_virtmig__pb2.Finish2Request.FromString,
+                    response_serializer=virtmig_dot_proto_dot_virtmig__pb2.Finish2Reply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1610,6 +1658,87 @@ class Migration:
             '/virtmig.v1.Migration/Confirm3Params',
             virtmig_dot_proto_dot_virtmig__pb2.Confirm3ParamsRequest.SerializeToString,
             virtmig_dot_proto_dot_virtmig__pb2.Confirm3Reply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Prepare2(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/virtmig.v1.Migration/Prepare2',
+            virtmig_dot_proto_dot_virtmig__pb2.Prepare2Request.SerializeToString,
+            virtmig_dot_proto_dot_virtmig__pb2.Prepare2Reply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Perform(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/virtmig.v1.Migration/Perform',
+            virtmig_dot_proto_dot_virtmig__pb2.PerformRequest.SerializeToString,
+            virtmig_dot_proto_dot_virtmig__pb2.PerformReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Finish2(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/virtmig.v1.Migration/Finish2',
+            virtmig_dot_proto_dot_virtmig__pb2.Finish2Request.SerializeToString,
+            virtmig_dot_proto_dot_virtmig__pb2.Finish2Reply.FromString,
             options,
             channel_credentials,
             insecure,

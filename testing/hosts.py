@@ -38,11 +38,16 @@ def free_port() -> int:
 
 
 class ClosedPortDest(RemoteDest):
-    """A destination whose Prepare answers with a loopback port nobody listens on."""
+    """A destination whose Prepare (or v2's Prepare2) answers with a loopback port nobody
+    listens on."""
 
     async def prepare(self, params: TypedParams, cookie: bytes,
                       flags: int) -> tuple[bytes, str | None]:
         cookie, _uri = await super().prepare(params, cookie, flags)
+        return cookie, f"tcp:127.0.0.1:{free_port()}"
+
+    async def prepare2(self, params: TypedParams, flags: int) -> tuple[bytes, str | None]:
+        cookie, _uri = await super().prepare2(params, flags)
         return cookie, f"tcp:127.0.0.1:{free_port()}"
 
 

@@ -1,4 +1,5 @@
-"""Commands on the daemon's host: ``hostname``, ``version`` and ``nodeinfo``."""
+"""Commands on the daemon's host: ``hostname``, ``version`` and ``nodeinfo`` (with the features
+and migration protocols the daemon advertises)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 
 from virtmig import __version__
 from virtmig.client.cli.base import Session
+from virtmig.proto.flags import protocols_of
 
 
 async def cmd_hostname(s: Session, args: argparse.Namespace) -> None:
@@ -29,6 +31,7 @@ async def cmd_nodeinfo(s: Session, args: argparse.Namespace) -> None:
         ("Host UUID:", host.host_uuid),
         ("Backend:", host.backend),
         ("Features:", " ".join(sorted(host.features))),
+        ("Migration protocols:", " ".join(protocols_of(host.features)) or "none"),
     ]
     for label, value in lines:
         print(f"{label:<20} {value}")

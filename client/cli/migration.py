@@ -1,6 +1,7 @@
 """``migrate``: the migration call, and virsh's watching around it (``virshWatchJob``): the
-``--verbose`` progress line, Ctrl-C aborting the job, the one-shot ``--timeout`` action and the
-switch to post-copy after pre-copy (``--postcopy-after-precopy``).
+``--verbose`` progress line (and, at the end, the migration protocol that was used), Ctrl-C
+aborting the job, the one-shot ``--timeout`` action and the switch to post-copy after pre-copy
+(``--postcopy-after-precopy``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from virtmig.client.cli.base import Session, lookup, on_sigint
 from virtmig.client.cli.options import MigrateOptions, build_migration
 from virtmig.client.cli.output import ProgressLine, job_progress
 from virtmig.client.connection import AsyncConnection, Domain
+from virtmig.client.sequence import Trace
 from virtmig.proto import logsafe
 from virtmig.proto.errors import OperationInvalid, VirtmigError
 from virtmig.proto.flags import JobType
@@ -151,11 +153,16 @@ async def cmd_migrate(s: Session, args: argparse.Namespace) -> None:
     conn = await s.conn()
     dom = await lookup(conn, args.domain)
     start: Callable[[], Awaitable[object]]
+    trace = Trace()
     if opts.unmanaged:
         dconnuri = args.desturi if args.p2p else None
-        start = functools.partial(conn.migrate_to_uri3, dom, dconnuri, opts.params, opts.flags)
+        start = functools.partial(conn.migrate_to_uri3, dom, dconnuri, opts.params, opts.flags,
+                                  trace=trace)
     else:
         dconn = await s.open(args.desturi, f"failed to connect to the destination '{args.desturi}'")
-        start = functools.partial(conn.migrate3, dom, dconn, opts.params, opts.flags)
+        start = functools.partial(conn.migrate3, dom, dconn, opts.params, opts.flags, trace=trace)
     await watch_migration(conn, dom, start, opts)
+    if opts.verbose and trace.protocol:
+        # On stdout: stderr keeps virsh's progress line, ending in "Migration: [100.00 %]".
+        print(f"Migration protocol: {trace.protocol}")
 

@@ -212,6 +212,9 @@ def format_job_info(info: JobInfo, *, completed: bool = False, anystats: bool = 
     errmsg = info.stat("errmsg")
     if isinstance(errmsg, str):
         line("Error message:", errmsg)
+    protocol = info.stat("virtmig.protocol")  # virtmig's: the migration protocol used
+    if isinstance(protocol, str):
+        line("Migration protocol:", protocol)
     return "".join(out)
 
 

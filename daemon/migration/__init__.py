@@ -15,6 +15,9 @@ changing anything, and on failure puts its own side back as it was:
                    (unless PAUSED), persists (PERSIST_DEST); any failure kills the incoming guest.
 * ``src_confirm``  cancelled: resumes the source if it ran before; else stops it as migrated.
 
+Protocol v2 (:mod:`.v2`: ``dst_prepare2``, ``src_perform2``, ``dst_finish2``, and
+``src_settle2`` for peer-to-peer) reuses these phases' steps; its Perform stops the source itself.
+
 Modules, one concern each, from the bottom up (a module imports only those above it):
 
 * :mod:`.common` -- what every phase uses: the flags and params check (``any_check``), the
@@ -25,6 +28,7 @@ Modules, one concern each, from the bottom up (a module imports only those above
 * :mod:`.owner` -- the caller went away: the job abandoned (libvirt's ConnectionClosed); a job
   no session owns, rolled back after ``incoming_job_timeout``.
 * :mod:`.source` -- Begin, Perform, Confirm; :mod:`.destination` -- Prepare, Finish.
+* :mod:`.v2` -- protocol v2: Prepare2, Perform, Finish2, built from the two above.
 
 Names with a leading underscore are internal to the package (used across its modules); this
 module re-exports the public ones.
@@ -49,6 +53,7 @@ from virtmig.daemon.migration.tuning import (
     src_tuning,
 )
 from virtmig.daemon.migration.uri import dst_parse_uri_in, src_parse_uri
+from virtmig.daemon.migration.v2 import dst_finish2, dst_prepare2, src_perform2, src_settle2
 
 __all__ = [
     "DEFAULT_PARALLEL",
@@ -60,14 +65,18 @@ __all__ = [
     "any_session_closed",
     "any_stats",
     "dst_finish",
+    "dst_finish2",
     "dst_parse_uri_in",
     "dst_prepare",
+    "dst_prepare2",
     "dst_tuning",
     "parallel_connections",
     "src_begin",
     "src_confirm",
     "src_parse_uri",
     "src_perform",
+    "src_perform2",
     "src_restore",
+    "src_settle2",
     "src_tuning",
 ]

@@ -8,6 +8,9 @@ the port up as TLS with the daemon's server certificate (:mod:`.tuning`).
 Each phase checks its inputs before changing anything; any failure undoes the incoming domain
 (:func:`~virtmig.daemon.migration.rollback.dst_discard`), except a post-copy failure in Finish:
 nothing can be rolled back then, and the guest stays paused for recovery.
+
+Protocol v2's Prepare2 and Finish2 (:mod:`.v2`) are these same phases: Prepare without a cookie
+to read, Finish in phase finish2, where a guest that cannot be resumed is kept paused.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from virtmig.daemon.migration.tuning import check_stream_pki, dst_tuning, new_st
 from virtmig.daemon.migration.uri import dst_check_bind, dst_parse_uri_in, dst_uri_out
 from virtmig.daemon.placement import new_migration_id
 from virtmig.daemon.registry import DomainObj
+from virtmig.proto import logsafe
 from virtmig.proto.errors import (
     InternalError,
     InvalidArgument,
@@ -61,14 +65,22 @@ from virtmig.proto.flags import (
 )
 from virtmig.proto.params import MigrateParam, Party, TypedParams
 
+log = logsafe.logger(__name__)
+
 F = MigrateFlags
 P = MigrateParam
 
 
 async def dst_prepare(
-    daemon: Daemon, params: TypedParams, cookie_in: bytes, flags: int, owner: str = ""
+    daemon: Daemon, params: TypedParams, cookie_in: bytes | None, flags: int, owner: str = "",
+    protocol: str = "",
 ) -> tuple[bytes, str | None]:
-    f = any_check(daemon, flags, params, "virDomainMigratePrepare3Params", Party.DST)
+    """``cookie_in`` None: protocol v2's Prepare2, which gets no cookie (cookie B, with the
+    stream token, is made all the same); ``protocol``: the call's ``MigrationProtocol``,
+    recorded in the job."""
+    function = ("virDomainMigratePrepare2" if cookie_in is None
+                else "virDomainMigratePrepare3Params")
+    f = any_check(daemon, flags, params, function, Party.DST)
     any_check_tls_force(daemon, f)
     check_stream_pki(daemon, f, Party.DST)
     offline = bool(f & F.OFFLINE)
@@ -96,13 +108,8 @@ async def dst_prepare(
     dname = params.get_str(P.DEST_NAME)
     if dname and dname != d.name:
         d = rename(d, dname)
-    cookie_a = ck.parse_cookie(
-        cookie_in,
-        expected_name=origname,
-        expected_uuid=d.uuid,
-        local_hostuuid=daemon.host_uuid,
-        accept=ck.ACCEPT_PREPARE,
-    )
+    # The migration's id and the source host, from cookie A (v2's Prepare2 gets no cookie).
+    mid, src_uuid, src_name = _dst_cookie_a(daemon, cookie_in, origname, d.uuid)
     d = daemon.canonical(d)
     daemon.validate(d)
 
@@ -114,10 +121,8 @@ async def dst_prepare(
     async with dom.lock:
         job = MigrationJob(
             kind=AsyncJob.MIGRATION_IN, phase=Phase.PREPARE, flags=f, params=params.copy(),
-            origname=origname, owner=owner,
-            # The source's id for this migration (a peer that sent none: one of ours).
-            migration_id=cookie_a.migration_id or new_migration_id(),
-            peer_hostuuid=cookie_a.hostuuid, peer_hostname=cookie_a.hostname,
+            origname=origname, owner=owner, protocol=protocol,
+            migration_id=mid, peer_hostuuid=src_uuid, peer_hostname=src_name,
         )
         dom.job = job
         job.busy = True
@@ -145,6 +150,23 @@ async def dst_prepare(
         job.busy = False
     await any_check_owner(daemon, dom)
     return cookie, uri_out
+
+
+def _dst_cookie_a(daemon: Daemon, cookie_in: bytes | None, origname: str,
+                  uuid: str) -> tuple[str, str, str]:
+    """Cookie A checked: the migration's id (the source's; a source that sent none, or protocol
+    v2's Prepare2 that gets no cookie: a new one, which cookie B carries back) and the source's
+    host UUID and name ("" in v2)."""
+    if cookie_in is None:
+        return new_migration_id(), "", ""
+    cookie_a = ck.parse_cookie(
+        cookie_in,
+        expected_name=origname,
+        expected_uuid=uuid,
+        local_hostuuid=daemon.host_uuid,
+        accept=ck.ACCEPT_PREPARE,
+    )
+    return cookie_a.migration_id or new_migration_id(), cookie_a.hostuuid, cookie_a.hostname
 
 
 async def _dst_listen(
@@ -177,9 +199,13 @@ async def _dst_listen(
 
 
 async def dst_finish(
-    daemon: Daemon, params: TypedParams, cookie_in: bytes, flags: int, cancelled: bool
+    daemon: Daemon, params: TypedParams, cookie_in: bytes, flags: int, cancelled: bool,
+    v2: bool = False,
 ) -> tuple[DomainObj, bytes]:
-    f = any_check(daemon, flags, params, "virDomainMigrateFinish3Params", Party.DST)
+    """``v2``: protocol v2's Finish2 (phase finish2; the source's guest is already stopped, so a
+    guest that cannot be resumed here is kept paused rather than killed, as libvirt does)."""
+    function = "virDomainMigrateFinish2" if v2 else "virDomainMigrateFinish3Params"
+    f = any_check(daemon, flags, params, function, Party.DST)
     dname = params.get_str(P.DEST_NAME)
     if not dname:
         raise NoDomain("missing domain name")
@@ -192,7 +218,7 @@ async def dst_finish(
         job.busy = True
         existed = dom.config is not None
         try:
-            job.set_phase(Phase.FINISH3)
+            job.set_phase(Phase.FINISH2 if v2 else Phase.FINISH3)
             daemon.registry.save_status(dom)
             if cancelled:
                 raise _dst_cancelled_error(daemon, dom)
@@ -223,12 +249,7 @@ async def dst_finish(
                 raise OperationFailed(f"post-copy migration failed: {exc}") from exc
             except BackendError as exc:
                 raise OperationFailed(f"job 'migration in' failed: {exc}") from exc
-            if f & F.PAUSED:
-                daemon.set_state(dom, DomainState.PAUSED, PausedReason.USER)
-            else:
-                await daemon.backend.resume(dom.uuid)
-                # (end_job below writes the status: nothing is awaited before it)
-                daemon.set_state(dom, DomainState.RUNNING, RunningReason.MIGRATED, save=False)
+            await _dst_start_vcpus(daemon, dom, f, v2)
             if persistent is not None:
                 dom.config = persistent
                 daemon.registry.save_config(dom)
@@ -248,6 +269,26 @@ async def dst_finish(
             jtype = JobType.CANCELLED if cancelled else JobType.FAILED
             await dst_discard(daemon, dom, existed=existed, record=job.record(jtype, err))
             raise
+
+
+async def _dst_start_vcpus(daemon: Daemon, dom: DomainObj, f: MigrateFlags, v2: bool) -> None:
+    """The stream is complete: run the guest, unless PAUSED.  In protocol v2 the source's guest
+    is gone already: a guest that cannot be resumed stays here, paused, for an admin (libvirt's
+    Finish2); in v3 the failure kills it and the source is resumed."""
+    if f & F.PAUSED:
+        daemon.set_state(dom, DomainState.PAUSED, PausedReason.USER)
+        return
+    try:
+        await daemon.backend.resume(dom.uuid)
+    except BackendError as exc:
+        if not v2:
+            raise
+        log.error("cannot resume %s after a v2 migration: it stays paused here: %s",
+                  dom.name, exc)
+        daemon.set_state(dom, DomainState.PAUSED, PausedReason.MIGRATION, save=False)
+        return
+    # (end_job after this writes the status: nothing is awaited before it)
+    daemon.set_state(dom, DomainState.RUNNING, RunningReason.MIGRATED, save=False)
 
 
 async def _dst_switched(daemon: Daemon, dom: DomainObj) -> bool:

@@ -6,7 +6,8 @@ Perform runs in steps, top-down in :func:`src_perform`: take the job, check and 
 perform3, stream (the domain's lock released, the job's watcher running), then perform3_done and
 cookie C.  Perform ends the job on any failure, the source put back as it was (the client calls no
 Confirm after a failed Perform); when the daemon stopped the stream itself, its reason is the
-error (:func:`_perform_error`).
+error (:func:`_perform_error`).  Protocol v2's Perform (:mod:`.v2`) runs the same steps in
+phase perform2, then stops the guest itself (:func:`src_complete`, Confirm's success path).
 """
 
 from __future__ import annotations
@@ -70,8 +71,10 @@ P = MigrateParam
 
 
 async def src_begin(
-    daemon: Daemon, dom: DomainObj, params: TypedParams, flags: int, owner: str = ""
+    daemon: Daemon, dom: DomainObj, params: TypedParams, flags: int, owner: str = "",
+    protocol: str = "",
 ) -> tuple[str, bytes]:
+    """``protocol``: the ``MigrationProtocol`` of the call, recorded in the job."""
     f = any_check(daemon, flags, params, "virDomainMigrateBegin3Params")
     any_check_tls_force(daemon, f)
     check_stream_pki(daemon, f, Party.SRC)
@@ -100,6 +103,7 @@ async def src_begin(
                 pre_state=dom.state,
                 owner=owner,
                 migration_id=mid,
+                protocol=protocol,
             )
             daemon.registry.save_status(dom)
     await any_check_owner(daemon, dom)
@@ -139,16 +143,18 @@ async def src_perform(
     tunnel: StreamAddress | None = None,
     owner: str = "",
     dest_uri: str = "",
+    protocol: str = "",
 ) -> bytes:
     """``tunnel``: where the stream goes in a tunnelled migration (the source's tunnel end);
     ``owner``: the caller's session, owner of the job Perform starts (without change
     protection); ``dest_uri``: the destination daemon as this host reaches it (p2p's
-    dconnuri; else the ``virtmig.dest_uri`` param), recorded for :mod:`virtmig.daemon.locate`."""
+    dconnuri; else the ``virtmig.dest_uri`` param), recorded for :mod:`virtmig.daemon.locate`;
+    ``protocol``: the call's ``MigrationProtocol``, recorded in that job."""
     f = any_check(daemon, flags, params, "virDomainMigratePerform3Params")
     if dconnuri:
         raise InvalidArgument("Unexpected dconnuri parameter with non-peer2peer migration")
     async with dom.lock:
-        job = _src_perform_job(daemon, dom, f, params, owner)
+        job = _src_perform_job(daemon, dom, f, params, owner, protocol)
         dest, persistent, token = await _src_perform_start(daemon, dom, job, f, params,
                                                            cookie_in, tunnel, dest_uri)
     # The lock is not held while the stream runs: read-only calls, destroy, abort and tuning
@@ -161,7 +167,8 @@ async def src_perform(
 
 
 def _src_perform_job(
-    daemon: Daemon, dom: DomainObj, f: MigrateFlags, params: TypedParams, owner: str
+    daemon: Daemon, dom: DomainObj, f: MigrateFlags, params: TypedParams, owner: str,
+    protocol: str = "",
 ) -> MigrationJob:
     """The job Perform runs in, marked busy: Begin's (change protection) or a new one."""
     if f & F.CHANGE_PROTECTION:
@@ -173,7 +180,8 @@ def _src_perform_job(
         _no_job(dom)
         jobctl.check_limit(daemon, AsyncJob.MIGRATION_OUT)
         job = MigrationJob(kind=AsyncJob.MIGRATION_OUT, phase=Phase.NONE, flags=f,
-                           params=params.copy(), pre_state=dom.state, owner=owner)
+                           params=params.copy(), pre_state=dom.state, owner=owner,
+                           protocol=protocol)
         dom.job = job
     job.busy = True
     return job
@@ -182,10 +190,11 @@ def _src_perform_job(
 async def _src_perform_start(
     daemon: Daemon, dom: DomainObj, job: MigrationJob, f: MigrateFlags, params: TypedParams,
     cookie_in: bytes, tunnel: StreamAddress | None, dest_uri: str,
+    phase: Phase = Phase.PERFORM3,
 ) -> tuple[StreamAddress, str | None, str]:
-    """Perform's checks, then phase perform3: where the stream goes, the persistent XML for
-    cookie C (PERSIST_DEST) and cookie B's stream token.  The guest is not touched yet; a
-    failure ends the job."""
+    """Perform's checks, then ``phase`` (perform3; perform2 in protocol v2): where the stream
+    goes, the persistent XML for cookie C (PERSIST_DEST) and cookie B's stream token.  The
+    guest is not touched yet; a failure ends the job."""
     try:
         if job.abort_requested:
             raise MigrationCancelled("aborted before perform")
@@ -204,7 +213,7 @@ async def _src_perform_start(
         job.dest_uri = locate.check_dest_uri(given) if given else ""
         job.migration_id = cookie.migration_id or job.migration_id
         job.peer_hostuuid, job.peer_hostname = cookie.hostuuid, cookie.hostname
-        job.set_phase(Phase.PERFORM3)
+        job.set_phase(phase)
         job.streamed = True
         job.flags = f
         job.params = params.copy()
@@ -382,20 +391,28 @@ async def src_confirm(
                     job.busy = False
                     daemon.registry.save_status(dom)
                     raise OperationFailed(f"post-copy migration failed: {exc}") from exc
-            await daemon.backend.destroy(dom.uuid)
-            await daemon.registry.end_job(dom, job.record(JobType.COMPLETED))
-            if f & F.UNDEFINE_SOURCE and dom.config is not None:
-                dom.config = None
-                daemon.registry.save_config(dom)
-            elif dom.config is not None:  # where it went: virtmig.daemon.placement
-                daemon.placement.departed(dom.uuid, locate.away_of(job))
-            daemon.mark_inactive(dom, ShutoffReason.MIGRATED)
+            await src_complete(daemon, dom, job, f)
             return
         await daemon.registry.end_job(dom, job.record(JobType.COMPLETED))
         if f & F.UNDEFINE_SOURCE and not dom.active and dom.config is not None:
             dom.config = None
             daemon.registry.save_config(dom)
             daemon.registry.remove(dom)
+
+
+async def src_complete(daemon: Daemon, dom: DomainObj, job: MigrationJob,
+                       f: MigrateFlags) -> None:
+    """The guest runs on the destination: stop it here as migrated, end the job as completed,
+    and with UNDEFINE_SOURCE drop its definition, else record where it went (Confirm; protocol
+    v2's Perform itself, or its peer-to-peer settling)."""
+    await daemon.backend.destroy(dom.uuid)
+    await daemon.registry.end_job(dom, job.record(JobType.COMPLETED))
+    if f & F.UNDEFINE_SOURCE and dom.config is not None:
+        dom.config = None
+        daemon.registry.save_config(dom)
+    elif dom.config is not None:  # where it went: virtmig.daemon.placement
+        daemon.placement.departed(dom.uuid, locate.away_of(job))
+    daemon.mark_inactive(dom, ShutoffReason.MIGRATED)
 
 
 async def _src_confirm_cancelled(

@@ -63,9 +63,10 @@ class Daemon:
     log: Path
 
 
-def start_daemon(tmp: Path, name: str) -> Daemon:
+def start_daemon(tmp: Path, name: str, extra: str = "") -> Daemon:
+    """``virtmigd`` ``name``; ``extra``: more lines of its TOML config."""
     ready, log = tmp / f"{name}.ready", tmp / f"{name}.log"
-    config = session_pki().config(tmp / f"{name}.toml", name)
+    config = session_pki().config(tmp / f"{name}.toml", name, extra=extra)
     cmd = [
         sys.executable, "-m", "virtmig.daemon.main", "--config", str(config),
         "--listen", "tls://127.0.0.1:0",

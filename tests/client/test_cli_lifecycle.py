@@ -70,7 +70,7 @@ def test_lifecycle_and_live_migration(daemons: tuple[Daemon, Daemon], tmp_path: 
 
     res = virtmig(src.uri, "migrate", "--live", "--verbose", "web", dst.uri)
     assert res.returncode == 0, res.stderr
-    assert res.stdout == ""
+    assert res.stdout == "Migration protocol: v3+params\n"
     assert res.stderr.endswith("\rMigration: [100.00 %]\n")
     assert "error" not in res.stderr
 
@@ -182,7 +182,8 @@ def test_host_commands_and_default_uri(daemons: tuple[Daemon, Daemon]) -> None:
 
     node = dict(line.split(":", 1) for line in ok(src.uri, "nodeinfo").splitlines())
     assert set(node) == {"CPU model", "CPU(s)", "Memory size", "Host UUID", "Backend",
-                         "Features"}
+                         "Features", "Migration protocols"}
+    assert node["Migration protocols"].split() == ["v3+params", "v3", "v2"]
     assert node["Memory size"].endswith(" KiB")
     assert node["Backend"].strip() == "test"
     assert "V3" in node["Features"].split()

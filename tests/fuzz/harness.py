@@ -65,7 +65,7 @@ EXAMPLE_DEADLINE_S = 120.0
 RSS_BOUND_BYTES = 512 * 1024 * 1024
 
 # Calls that wait for the incoming stream (Finish): a caller's deadline may end them.
-WAITING_METHODS = frozenset({"Finish3", "Finish3Params"})
+WAITING_METHODS = frozenset({"Finish3", "Finish3Params", "Finish2"})
 
 # libvirt's own VIR_ERR_INTERNAL_ERROR messages (the migration cookie's checks): a caller's bad
 # cookie, not a daemon bug.  Issue 11 (D) makes a caller's mistake INVALID_ARGUMENT; empty this
