@@ -16,7 +16,10 @@ Supported domain XML (anything else is refused by :func:`parse_config`, and so b
   or ``type='file'``, both written to ``serialN.log`` in the guest's folder (no pty is ever
   allocated; a file serial must name that file); the implicit USB and PCI root controllers, PS/2
   inputs, ``<memballoon model='none'>``, ``<video><model type='none'>`` (accepted, nothing
-  added).  No graphics: always ``-no-user-config -nodefaults -display none``.
+  added); ``<interface>`` of type ``user``, ``ethernet`` or ``bridge`` (parsed, with its
+  allow-list, by :mod:`virtmig.daemon.backend.qemu.net`; taps are created by the daemon,
+  :mod:`~virtmig.daemon.backend.qemu.tap`, and passed as descriptors).  No graphics: always
+  ``-no-user-config -nodefaults -display none``.
 
 What a definition may reach on the host (emulators, image folders, log files) is the concern of
 :mod:`virtmig.daemon.backend.qemu.confine`; here its rules become refusals that name the element.
@@ -48,11 +51,12 @@ from virtmig.daemon.backend.qemu.confine import (
     serial_path_refusal,
 )
 from virtmig.daemon.backend.qemu.guest import SOCKET_NAME
+from virtmig.daemon.backend.qemu.net import NicConfig, parse_interface
 from virtmig.daemon.domxml import parse_domain_xml
 from virtmig.proto.errors import ConfigUnsupported, VirtmigError
 
-__all__ = ["DEFAULT_BINARY", "DiskConfig", "GuestFiles", "QemuConfig", "SerialConfig",
-           "parse_config"]
+__all__ = ["DEFAULT_BINARY", "DiskConfig", "GuestFiles", "NicConfig", "QemuConfig",
+           "SerialConfig", "parse_config"]
 
 _MACHINE_RE = re.compile(r"(pc|q35|pc-[A-Za-z0-9._-]+)")
 _DISK_TARGET_RE = re.compile(r"vd[a-z]{1,3}")
@@ -81,18 +85,19 @@ class SerialConfig:
 @dataclass(frozen=True)
 class GuestFiles:
     """The descriptors the daemon opened for one QEMU, in the order of :class:`QemuConfig`'s
-    ``disks`` and ``serials`` (-1: no kernel, no initrd)."""
+    ``disks``, ``serials`` and ``nics`` (-1: no kernel, no initrd, a NIC without a tap)."""
 
     disks: tuple[int, ...] = ()
     serials: tuple[int, ...] = ()
     kernel: int = -1
     initrd: int = -1
+    nics: tuple[int, ...] = ()  # the taps' descriptors
 
     @property
     def fds(self) -> tuple[int, ...]:
         """Every descriptor, for ``pass_fds``."""
-        return tuple(fd for fd in (*self.disks, *self.serials, self.kernel, self.initrd)
-                     if fd >= 0)
+        return tuple(fd for fd in (*self.disks, *self.serials, self.kernel, self.initrd,
+                                   *self.nics) if fd >= 0)
 
 
 @dataclass(frozen=True)
@@ -111,6 +116,7 @@ class QemuConfig:
     cmdline: str = ""
     disks: tuple[DiskConfig, ...] = ()
     serials: tuple[SerialConfig, ...] = ()
+    nics: tuple[NicConfig, ...] = ()
 
     def argv(self, files: GuestFiles, *, incoming: bool, monitor_fd: int | None = None,
              sandbox: bool = True) -> list[str]:
@@ -171,6 +177,8 @@ class QemuConfig:
                 "-device", f"isa-serial,chardev={chardev},id=serial{serial.port},"
                 f"index={serial.port}",
             ]
+        for nic, fd in zip(self.nics, files.nics, strict=True):
+            args += nic.argv(fd)
         if incoming:
             args += ["-incoming", "defer"]
         args.append("-S")  # vCPUs start only on our "cont"
@@ -239,7 +247,8 @@ def parse_config(spec: GuestSpec, machines: Machines = None,
     root = etree.fromstring(d.xml.encode("utf-8"), parser)
     kernel, initrd, cmdline = _parse_os(root.find("os"), settings)
     log_dir = guests_dir / d.uuid if guests_dir is not None else None
-    emulator, disks, serials = _parse_devices(root.find("devices"), machine, settings, log_dir)
+    emulator, disks, serials, nics = _parse_devices(root.find("devices"), machine, settings,
+                                                    log_dir)
     emulator = _emulator(emulator, settings)
     known = machines.get(emulator) if isinstance(machines, Mapping) else machines
     if known is not None and machine not in known:
@@ -260,6 +269,7 @@ def parse_config(spec: GuestSpec, machines: Machines = None,
         cmdline=cmdline,
         disks=disks,
         serials=serials,
+        nics=nics,
     )
 
 
@@ -303,11 +313,12 @@ def _parse_os(os_el: etree._Element | None, settings: QemuSettings) -> tuple[str
 
 def _parse_devices(
     devices: etree._Element | None, machine: str, settings: QemuSettings, log_dir: Path | None
-) -> tuple[str, tuple[DiskConfig, ...], tuple[SerialConfig, ...]]:
-    """``<devices>``: the emulator named (``""``: none), the disks, and the serial ports
-    (consoles included)."""
+) -> tuple[str, tuple[DiskConfig, ...], tuple[SerialConfig, ...], tuple[NicConfig, ...]]:
+    """``<devices>``: the emulator named (``""``: none), the disks, the serial ports
+    (consoles included) and the network interfaces."""
     emulator = ""
     disks: list[DiskConfig] = []
+    nics: list[NicConfig] = []
     serials: dict[int, SerialConfig] = {}
     consoles: list[etree._Element] = []
     for el in devices if devices is not None else ():
@@ -325,6 +336,8 @@ def _parse_devices(
             serials[serial.port] = serial
         elif tag == "console":
             consoles.append(el)
+        elif tag == "interface":
+            nics.append(parse_interface(el, len(nics), nics))
         else:
             _check_other_device(el, tag, machine)
     for el in consoles:
@@ -335,7 +348,7 @@ def _parse_devices(
         console = _parse_serial(el, port, log_dir)  # checked even when the port is declared
         if port not in serials:  # a console on a serial port nobody declared: that port
             serials[port] = console
-    return emulator, tuple(disks), tuple(serials[p] for p in sorted(serials))
+    return emulator, tuple(disks), tuple(serials[p] for p in sorted(serials)), tuple(nics)
 
 
 def _check_other_device(el: etree._Element, tag: str, machine: str) -> None:
