@@ -34,8 +34,13 @@ def domain_xml(name: str = "vm1", memory_mib: int = 64, *, uuid: str | None = No
 
 def qemu_domain_xml(image: GuestImage, name: str = "vm1", memory_mib: int = 256, *,
                     uuid: str | None = None, dirty_mb: int = 64, dirty_rate: int = 0,
-                    domain_type: str | None = None) -> str:
+                    domain_type: str | None = None, udp_port: int = 0,
+                    nic_model: str = "virtio", mac: str = "52:54:00:00:00:01") -> str:
     """A ``qemu`` domain running the test guest ``image``.
+
+    ``udp_port``: the guest has an ``<interface type='user'>`` (``nic_model``, ``mac``) and sends
+    its heartbeat to the host's ``127.0.0.1:udp_port`` through it too (see
+    :meth:`GuestImage.cmdline`).
 
     ``domain_type``: ``kvm`` or ``qemu`` (TCG); by default KVM where this machine runs the
     guest with it (:func:`~virtmig.testing.qemu.guest_domain_type`).  Its serial console goes
@@ -44,6 +49,8 @@ def qemu_domain_xml(image: GuestImage, name: str = "vm1", memory_mib: int = 256,
     """
     uuid_el = f"<uuid>{uuid}</uuid>" if uuid else ""
     console = "<serial type='pty'><target port='0'/></serial>"
+    nic = (f"<interface type='user'><mac address='{mac}'/><model type='{nic_model}'/>"
+           "</interface>" if udp_port else "")
     return textwrap.dedent(f"""\
         <domain type='{domain_type or guest_domain_type(image)}'>
           <name>{name}</name>
@@ -54,10 +61,11 @@ def qemu_domain_xml(image: GuestImage, name: str = "vm1", memory_mib: int = 256,
             <type arch='x86_64' machine='pc'>hvm</type>
             <kernel>{image.kernel}</kernel>
             <initrd>{image.initrd}</initrd>
-            <cmdline>{image.cmdline(dirty_mb=dirty_mb, dirty_rate=dirty_rate)}</cmdline>
+            <cmdline>{image.cmdline(dirty_mb, dirty_rate, udp_port)}</cmdline>
           </os>
           <devices>
             {console}
+            {nic}
             <memballoon model='none'/>
           </devices>
         </domain>

@@ -7,16 +7,25 @@ cannot.
 * The kernel is the ``vmlinuz`` of the Debian package ``linux-image-amd64`` depends on
   (``apt-get download``; the package is never installed, only its ``boot/vmlinuz-*`` member is
   extracted).  ``$VIRTMIG_GUEST_KERNEL`` names a kernel to use instead.
-* The initramfs is a newc cpio written here: ``/dev/console`` (c 5 1), ``/proc`` and ``/init``,
-  the static binary compiled from ``dirty.c`` (shipped beside this module; ``$CC``, default
-  ``gcc``, ``-static``).
+* The NIC drivers (:data:`~virtmig.testing.kmod.NIC_MODULES`: virtio-net, e1000, 8139cp, and
+  their dependencies) are extracted from the same package into ``modules-<version>/`` beside the
+  kernel, with an ``order`` file (:mod:`virtmig.testing.kmod`).  With ``$VIRTMIG_GUEST_KERNEL``
+  there are none and the guest has no network (:attr:`GuestImage.has_net`).
+* The initramfs is a newc cpio written here: ``/dev/console`` (c 5 1), ``/proc``, the modules
+  as ``/lib/modules/<name>.ko`` with ``/lib/modules/order``, and ``/init``, the static binary
+  compiled from ``dirty.c`` (shipped beside this module; ``$CC``, default ``gcc``,
+  ``-static``).
 * Cache folder: ``$VIRTMIG_GUEST_CACHE`` or ``~/.cache/virtmig/guest``.  A stamp records the
-  hashes of the inputs (``dirty.c``, this builder's layout version, the kernel); a build happens
-  only when it does not match.  A file lock serialises concurrent builds.
+  hashes of the inputs (``dirty.c``, this builder's layout version, the kernel, the modules); a
+  build happens only when it does not match.  A file lock serialises concurrent builds.
 
 The guest's kernel command line (:meth:`GuestImage.cmdline`): ``console=ttyS0 quiet panic=-1
 dirty_mb=N dirty_rate=R``; /init prints ``DIRTY-READY`` once its memory is filled, then every
-second ``HEARTBEAT n=<counter> sum=<checksum> ok=<1|0>`` (see ``dirty.c``).
+second ``HEARTBEAT n=<counter> sum=<checksum> ok=<1|0>`` (see ``dirty.c``).  With
+``net=udp:10.0.2.2:PORT`` (:data:`SLIRP_HOST`: QEMU user networking's address of the host, which
+QEMU delivers to the host's 127.0.0.1) /init loads the modules, configures ``eth0`` as
+:data:`SLIRP_GUEST`/24 and sends each heartbeat line as a UDP datagram to that port too (only
+to an address inside QEMU's user network, 10.0.2.0/24; IPv6 is off).
 
 Skipping a test without QEMU or the guest, and finding KVM, is :mod:`virtmig.testing.qemu`'s.
 
@@ -31,16 +40,21 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
-import tarfile
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from virtmig.testing.kmod import NIC_MODULES, ModuleError, deb_members, extract_modules
+
 HERE = Path(__file__).resolve().parent
 SOURCE = HERE / "dirty.c"
-LAYOUT_VERSION = 1  # bump when the initramfs layout or the build flags change
+LAYOUT_VERSION = 2  # bump when the initramfs layout or the build flags change
+MODULE_ORDER = "order"  # in a modules folder: the names, one a line, in load order
+SLIRP_HOST = "10.0.2.2"  # QEMU user networking: the host (delivered to its 127.0.0.1)
+SLIRP_GUEST = "10.0.2.15"  # QEMU user networking: the guest's default address
 KERNEL_META_PACKAGE = "linux-image-amd64"
 COMMAND_TIMEOUT = 600.0
 
@@ -55,11 +69,18 @@ class GuestImage:
 
     kernel: Path
     initrd: Path
+    has_net: bool = False  # the initramfs has the NIC modules (net= works)
 
     @staticmethod
-    def cmdline(dirty_mb: int = 64, dirty_rate: int = 0) -> str:
-        """The kernel command line: serial console, no reboot delay, /init's parameters."""
-        return f"console=ttyS0 quiet panic=-1 dirty_mb={dirty_mb} dirty_rate={dirty_rate}"
+    def cmdline(dirty_mb: int = 64, dirty_rate: int = 0, udp_port: int = 0) -> str:
+        """The kernel command line: serial console, no reboot delay, /init's parameters.
+
+        ``udp_port``: also send the heartbeat to the host's ``127.0.0.1:udp_port`` through QEMU
+        user networking (needs :attr:`has_net` and an ``<interface type='user'>``)."""
+        line = f"console=ttyS0 quiet panic=-1 dirty_mb={dirty_mb} dirty_rate={dirty_rate}"
+        if udp_port:
+            line += f" ipv6.disable=1 net=udp:{SLIRP_HOST}:{udp_port}"
+        return line
 
 
 def cache_dir() -> Path:
@@ -111,11 +132,18 @@ def newc_archive(entries: list[CpioEntry]) -> bytes:
     return bytes(out)
 
 
-def initramfs(init: bytes) -> bytes:
+def initramfs(init: bytes, modules: Sequence[tuple[str, bytes]] = ()) -> bytes:
+    """The archive: /dev/console, /proc, the ``(name, .ko)`` modules in /lib/modules (with
+    their load ``order``), and /init."""
+    mods = [CpioEntry("lib", 0o040755), CpioEntry("lib/modules", 0o040755),
+            *(CpioEntry(f"lib/modules/{name}.ko", 0o100644, data) for name, data in modules),
+            CpioEntry(f"lib/modules/{MODULE_ORDER}", 0o100644,
+                      "".join(f"{name}\n" for name, _ in modules).encode())] if modules else []
     return newc_archive([
         CpioEntry("dev", 0o040755),
         CpioEntry("dev/console", 0o020600, rdev=(5, 1)),
         CpioEntry("proc", 0o040755),
+        *mods,
         CpioEntry("init", 0o100755, init),
     ])
 
@@ -151,24 +179,29 @@ def kernel_package() -> str:
     raise GuestUnavailable(f"apt-cache knows no kernel package behind {KERNEL_META_PACKAGE}")
 
 
-def fetch_kernel(cache: Path) -> Path:
-    """Download the kernel package and extract only its vmlinuz into ``cache``; return it."""
+def fetch_kernel(cache: Path) -> tuple[Path, Path | None]:
+    """The kernel, and the folder of its NIC modules (None: there are none, no network).
+
+    Downloads the kernel package once and extracts only its vmlinuz and those modules into
+    ``cache``."""
     override = os.environ.get("VIRTMIG_GUEST_KERNEL")
     if override:
         path = Path(override)
         if not path.is_file():
             raise GuestUnavailable(f"VIRTMIG_GUEST_KERNEL={override} is not a file")
-        return path
+        return path, None
     try:
         package = kernel_package()
     except GuestUnavailable:
         cached = sorted(cache.glob("vmlinuz-*-amd64"))
         if cached:  # no apt here, but a kernel from an earlier build
-            return cached[-1]
+            mods = cache / cached[-1].name.replace("vmlinuz-", "modules-", 1)
+            return cached[-1], mods if _has_modules(mods) else None
         raise
-    target = cache / f"vmlinuz-{package.removeprefix('linux-image-')}"
-    if target.is_file():
-        return target
+    version = package.removeprefix("linux-image-")
+    target, mods = cache / f"vmlinuz-{version}", cache / f"modules-{version}"
+    if target.is_file() and _has_modules(mods):
+        return target, mods
     with tempfile.TemporaryDirectory(dir=cache, prefix=".download-") as tmp:
         work = Path(tmp)
         os.chmod(work, 0o755)  # apt's _apt sandbox user writes here when it can
@@ -176,39 +209,56 @@ def fetch_kernel(cache: Path) -> Path:
         debs = sorted(work.glob("*.deb"))
         if not debs:
             raise GuestUnavailable(f"apt-get download {package} produced no .deb")
-        vmlinuz = _extract_vmlinuz(debs[0])
-        part = target.with_name(target.name + ".part")
-        part.write_bytes(vmlinuz)
-        part.replace(target)
-    return target
+        if not target.is_file():
+            part = target.with_name(target.name + ".part")
+            part.write_bytes(_extract_vmlinuz(debs[0]))
+            part.replace(target)
+        if not _has_modules(mods):
+            _write_modules(debs[0], mods, work / "modules")
+    return target, mods
+
+
+def _has_modules(folder: Path) -> bool:
+    """Whether the modules folder holds every one of :data:`NIC_MODULES`."""
+    try:
+        return set(NIC_MODULES) <= set((folder / MODULE_ORDER).read_text().split())
+    except OSError:
+        return False
 
 
 def _extract_vmlinuz(deb: Path) -> bytes:
     """The ``./boot/vmlinuz-*`` member of a kernel .deb (via ``dpkg-deb --fsys-tarfile``)."""
     try:
-        proc = subprocess.Popen(
-            ["dpkg-deb", "--fsys-tarfile", str(deb)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        )
-    except FileNotFoundError:
-        raise GuestUnavailable("dpkg-deb is not installed") from None
-    assert proc.stdout is not None
-    found: bytes | None = None
+        with contextlib.closing(deb_members(deb, lambda name: bool(
+                re.fullmatch(r"(\./)?boot/vmlinuz-[^/]+", name)))) as members:
+            for _, data in members:
+                return data
+    except ModuleError as exc:
+        raise GuestUnavailable(str(exc)) from None
+    raise GuestUnavailable(f"{deb.name} holds no boot/vmlinuz-*")
+
+
+def _write_modules(deb: Path, target: Path, work: Path) -> None:
+    """The NIC modules of ``deb`` and their ``order`` file, into the folder ``target``."""
     try:
-        with tarfile.open(fileobj=proc.stdout, mode="r|") as tar:
-            for member in tar:
-                if re.fullmatch(r"(\./)?boot/vmlinuz-[^/]+", member.name) and member.isfile():
-                    f = tar.extractfile(member)
-                    if f is not None:
-                        found = f.read()
-                    break
-    finally:
-        proc.stdout.close()
-        proc.kill()
-        proc.wait()
-    if found is None:
-        raise GuestUnavailable(f"{deb.name} holds no boot/vmlinuz-*")
-    return found
+        modules = extract_modules(deb)
+    except ModuleError as exc:
+        raise GuestUnavailable(f"cannot extract the NIC modules: {exc}") from None
+    work.mkdir()
+    for name, data in modules:
+        (work / f"{name}.ko").write_bytes(data)
+    (work / MODULE_ORDER).write_text("".join(f"{name}\n" for name, _ in modules))
+    if target.exists():  # an incomplete earlier one
+        shutil.rmtree(target)
+    work.rename(target)
+
+
+def read_modules(folder: Path | None) -> list[tuple[str, bytes]]:
+    """(name, .ko) of the modules folder, in load order ([] for None)."""
+    if folder is None:
+        return []
+    names = (folder / MODULE_ORDER).read_text().split()
+    return [(name, (folder / f"{name}.ko").read_bytes()) for name in names]
 
 
 def compile_init(work: Path) -> bytes:
@@ -238,13 +288,15 @@ def ensure_guest(cache: Path | None = None) -> GuestImage:
     cache = cache or cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
     with cache_lock(cache):
-        kernel = fetch_kernel(cache)
+        kernel, mods = fetch_kernel(cache)
+        modules = read_modules(mods)
         initrd = cache / "initrd.cpio"
         stamp_path = cache / "stamp.json"
         inputs = {
             "layout": LAYOUT_VERSION,
             "dirty.c": _sha256(SOURCE.read_bytes()),
             "kernel": _sha256(kernel.read_bytes()),
+            "modules": [[name, _sha256(data)] for name, data in modules],
         }
         try:
             stamp = json.loads(stamp_path.read_text())
@@ -255,12 +307,12 @@ def ensure_guest(cache: Path | None = None) -> GuestImage:
             and initrd.is_file()
             and stamp.get("initrd") == _sha256(initrd.read_bytes())
         ):
-            return GuestImage(kernel, initrd)
+            return GuestImage(kernel, initrd, bool(modules))
         with tempfile.TemporaryDirectory(dir=cache, prefix=".build-") as tmp:
-            archive = initramfs(compile_init(Path(tmp)))
+            archive = initramfs(compile_init(Path(tmp)), modules)
         part = initrd.with_name(initrd.name + ".part")
         part.write_bytes(archive)
         part.replace(initrd)
         stamp_path.write_text(json.dumps({"inputs": inputs, "initrd": _sha256(archive)}, indent=1))
-        return GuestImage(kernel, initrd)
+        return GuestImage(kernel, initrd, bool(modules))
 

@@ -15,6 +15,8 @@ Modules, one concern each, from the bottom up (a module imports only those above
 * :mod:`.confine` -- what the host allows (:class:`QemuSettings`: emulators, storage folders,
   QEMU's user and group, the sandbox), those rules as checks, and the acts that apply them:
   opening a guest's images and logs for QEMU, knowing whom QEMU runs as, KVM's availability.
+* :mod:`.net` -- ``<interface>`` -> :class:`NicConfig` -> ``-netdev``/``-device`` (pure values);
+  :mod:`.tap` -- the taps the daemon creates for them and hands to QEMU as descriptors.
 * :mod:`.config` -- domain XML -> :class:`QemuConfig` -> command line; the supported subset.
 * :mod:`.monitor` -- QMP: the socket, the connection, one command (:class:`QmpCommandFailed`,
   :class:`QmpNoAnswer`; in band or out of band), the event pump, ``query-status`` and ``cont``.
@@ -36,6 +38,7 @@ from virtmig.daemon.backend.qemu.config import (
     DEFAULT_BINARY,
     DiskConfig,
     GuestFiles,
+    NicConfig,
     QemuConfig,
     SerialConfig,
     parse_config,
@@ -53,6 +56,7 @@ __all__ = [
     "UNLIMITED_BANDWIDTH",
     "DiskConfig",
     "GuestFiles",
+    "NicConfig",
     "QemuBackend",
     "QemuConfig",
     "QemuSettings",
