@@ -22,15 +22,16 @@ import pytest
 from lxml import etree
 
 from tests.daemon import backend_qemu_helpers
-from tests.daemon.backend_qemu_helpers import guest_xml, make_spec, within
-from virtmig.daemon.backend.base import BackendError
+from tests.daemon.backend_qemu_helpers import guest_xml, make_spec, to, within
+from virtmig.daemon.backend.base import BackendError, MigrationStatus, MigrationTuning
 from virtmig.daemon.backend.qemu import GuestFiles, QemuBackend, QemuSettings, parse_config
 from virtmig.daemon.backend.qemu.net import NicConfig, assign_macs, generate_mac
 from virtmig.proto.errors import ConfigUnsupported
-from virtmig.testing import qemu_required, wait_until
+from virtmig.testing import free_port, qemu_required, wait_until
 
 backends = backend_qemu_helpers.backends
 src = backend_qemu_helpers.src
+dst = backend_qemu_helpers.dst
 
 MAC = "52:54:00:12:34:56"
 SETTINGS = QemuSettings(emulators=("/usr/bin/qemu-system-x86_64",))
@@ -327,3 +328,37 @@ async def test_bridge_tap_attached_and_missing_bridge_refused(src: QemuBackend) 
         not_bridge = make_spec(guest_xml(devices=iface("bridge", "<source bridge='lo'/>")))
         with pytest.raises(BackendError, match="'lo' is not a bridge"):
             await within(src.start(not_bridge, paused=True))
+
+
+@pytest.mark.qemu
+async def test_migration_recreates_the_tap_on_the_destination_bridge(
+    src: QemuBackend, dst: QemuBackend
+) -> None:
+    """The definition travels; the destination creates its own tap on its bridge of that name
+    (here the same host: the destination's definition names another tap)."""
+    need_root()
+    bridge, src_tap, dst_tap = ifname(), ifname(), ifname()
+    with removed_after(src_tap, dst_tap, bridge):
+        add_bridge(bridge)
+        brif = f"/sys/class/net/{bridge}/brif"
+
+        def nic(tap: str) -> str:
+            return iface("bridge", f"<source bridge='{bridge}'/><target dev='{tap}'/>"
+                                   "<model type='virtio'/>")
+
+        spec = make_spec(guest_xml(devices=nic(src_tap)))
+        await within(src.start(spec, paused=False))
+        assert os.listdir(brif) == [src_tap]
+        dst_spec = make_spec(guest_xml(uuid=spec.uuid, devices=nic(dst_tap)))
+        port = await within(dst.incoming_start(dst_spec, to(free_port())))
+        assert sorted(os.listdir(brif)) == sorted([src_tap, dst_tap])
+        out = await within(src.outgoing(spec.uuid, to(port), MigrationTuning(max_downtime_ms=50)))
+        assert out.status is MigrationStatus.COMPLETED
+        assert (await within(dst.incoming_wait(spec.uuid))).status is MigrationStatus.COMPLETED
+        assert await qom_mac(dst, spec.uuid, "net0") == MAC
+        await within(src.destroy(spec.uuid))
+        await wait_until(lambda: os.listdir(brif) == [dst_tap], timeout=10,
+                         what="only the destination's tap on the bridge")
+        assert not exists(src_tap)
+        await within(dst.destroy(spec.uuid))
+        await wait_until(lambda: not exists(dst_tap), timeout=10, what="the tap to go")
