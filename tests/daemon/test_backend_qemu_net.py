@@ -164,6 +164,7 @@ REFUSED = [
      "attribute 'network' of <source>"),
     ("nested", iface(body="<model type='virtio'><driver/></model>"), "element <model><driver>"),
     ("text", iface(body="<model type='virtio'>fast</model>"), "text in <model>"),
+    ("text-interface", iface(body="<model type='virtio'/>fast"), "text in <interface>"),
 ]
 
 

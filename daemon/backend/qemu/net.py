@@ -150,6 +150,8 @@ def parse_interface(el: etree._Element, index: int,
 def _check_subtree(el: etree._Element, kind: str) -> None:
     """Refuse any attribute or element of the subtree that is not on the allow-list."""
     _check_attrs(el, el, "interface")
+    if (el.text or "").strip() or any((c.tail or "").strip() for c in el):
+        raise _refuse(el, "text in <interface>")
     for child in el:
         if not isinstance(child.tag, str):
             continue  # comments, processing instructions
