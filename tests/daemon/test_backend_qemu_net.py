@@ -26,6 +26,7 @@ from tests.daemon.backend_qemu_helpers import guest_xml, make_spec, to, within
 from virtmig.daemon.backend.base import BackendError, MigrationStatus, MigrationTuning
 from virtmig.daemon.backend.qemu import GuestFiles, QemuBackend, QemuSettings, parse_config
 from virtmig.daemon.backend.qemu.net import NicConfig, assign_macs, generate_mac
+from virtmig.daemon.backend.qemu.tap import bridge_refusal
 from virtmig.proto.errors import ConfigUnsupported
 from virtmig.testing import free_port, qemu_required, wait_until
 
@@ -196,6 +197,14 @@ def test_generated_macs() -> None:
     nics(*(etree.tostring(i).decode() for i in root.findall("devices/interface")))
 
 
+def test_bridge_refusal(tmp_path: Path) -> None:
+    (tmp_path / "br0" / "bridge").mkdir(parents=True)
+    (tmp_path / "eth0").mkdir()
+    assert bridge_refusal("br0", str(tmp_path)) == ""
+    assert bridge_refusal("eth0", str(tmp_path)) == "'eth0' is not a bridge"
+    assert bridge_refusal("br1", str(tmp_path)) == "bridge 'br1' does not exist on this host"
+
+
 # --- real QEMU: models read back, taps and bridges -----------------------------------------------
 
 # (vendor, device) of each model's PCI function
@@ -223,9 +232,9 @@ def sysfs(name: str, attr: str) -> str:
     return Path(f"/sys/class/net/{name}/{attr}").read_text().strip()
 
 
-def add_bridge(name: str) -> None:
-    subprocess.run(["ip", "link", "add", "name", name, "type", "bridge"], check=True,
-                   capture_output=True)
+def add_bridge(name: str, mtu: int = 1500) -> None:
+    subprocess.run(["ip", "link", "add", "name", name, "mtu", str(mtu), "type", "bridge"],
+                   check=True, capture_output=True)
 
 
 @contextlib.contextmanager
@@ -315,11 +324,12 @@ async def test_bridge_tap_attached_and_missing_bridge_refused(src: QemuBackend) 
             await within(src.start(missing, paused=True))
         assert src.state(missing.uuid).value == "shutoff"
 
-        add_bridge(bridge)
+        add_bridge(bridge, mtu=1400)
         spec = make_spec(guest_xml(devices=iface(
             "bridge", f"<source bridge='{bridge}'/><target dev='{tap}'/><model type='e1000'/>")))
         await within(src.start(spec, paused=False))
         assert os.listdir(f"/sys/class/net/{bridge}/brif") == [tap]
+        assert sysfs(tap, "mtu") == "1400"  # the bridge's
         assert await qom_mac(src, spec.uuid, "net0") == MAC
         await within(src.destroy(spec.uuid))
         await wait_until(lambda: not exists(tap), timeout=10, what=f"tap {tap} to go")

@@ -5,13 +5,13 @@ Concern: the host side of a guest's tap interface, done by the daemon (which has
 
 :func:`open_tap` creates the tap through ``/dev/net/tun`` (``TUNSETIFF``; ``IFF_TAP |
 IFF_NO_PI``, with ``IFF_VNET_HDR`` for virtio), sets its MAC to the guest's with the first octet
-``fe`` (so a bridge never takes the tap's address as its own), attaches it to its bridge
-(``SIOCBRADDIF``) and brings it up.  The tap is not persistent: the kernel deletes it (and takes
-it off its bridge) when its last descriptor closes -- the daemon closes its own once QEMU has
-inherited it, so the tap goes when the guest's QEMU exits, however it exits, and a crashed
-daemon leaves none behind.  A name that already exists is refused (it would be someone else's
-interface), as is a bridge that does not exist, naming it (at start, or on the destination of a
-migration, at prepare).
+``fe`` (so a bridge never takes the tap's address as its own), gives it its bridge's MTU and
+attaches it to that bridge (``SIOCBRADDIF``), and brings it up.  The tap is not persistent: the
+kernel deletes it (and takes it off its bridge) when its last descriptor closes -- the daemon
+closes its own once QEMU has inherited it, so the tap goes when the guest's QEMU exits, however
+it exits, and a crashed daemon leaves none behind.  A name that already exists is refused (it
+would be someone else's interface), as is a bridge that does not exist, naming it (at start,
+or on the destination of a migration, at prepare).
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
 SIOCGIFFLAGS = 0x8913
 SIOCSIFFLAGS = 0x8914
+SIOCSIFMTU = 0x8922
 SIOCSIFHWADDR = 0x8924
 SIOCGIFINDEX = 0x8933
 SIOCBRADDIF = 0x89A2
@@ -109,21 +110,26 @@ def _create(fd: int, nic: NicConfig, what: str) -> str:
 
 
 def _configure(sock: socket.socket, name: str, nic: NicConfig, what: str) -> None:
-    """The tap's MAC (``fe`` + the guest's last five octets), its bridge, then up."""
+    """The tap's MAC (``fe`` + the guest's last five octets), its bridge (and the bridge's MTU),
+    then up."""
     step = "set its MAC address"
     try:
         mac = bytes([0xFE, *(int(x, 16) for x in nic.mac.split(":")[1:])])
         fcntl.ioctl(sock, SIOCSIFHWADDR, _ifreq(name, struct.pack("H", ARPHRD_ETHER) + mac))
         if nic.bridge:
+            step = f"give it bridge '{nic.bridge}''s MTU"
+            with open(os.path.join(SYS_NET, nic.bridge, "mtu")) as f:
+                mtu = int(f.read().strip())
+            fcntl.ioctl(sock, SIOCSIFMTU, _ifreq(name, struct.pack("i", mtu)))
             step = f"attach it to bridge '{nic.bridge}'"
             index = struct.unpack_from("i", fcntl.ioctl(sock, SIOCGIFINDEX, _ifreq(name)), 16)[0]
             fcntl.ioctl(sock, SIOCBRADDIF, _ifreq(nic.bridge, struct.pack("i", index)))
         step = "bring it up"
         flags = struct.unpack_from("H", fcntl.ioctl(sock, SIOCGIFFLAGS, _ifreq(name)), 16)[0]
         fcntl.ioctl(sock, SIOCSIFFLAGS, _ifreq(name, struct.pack("H", flags | IFF_UP)))
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         raise BackendError(f"{what}: tap '{name}': cannot {step}: "
-                           f"{exc.strerror or exc}") from None
+                           f"{getattr(exc, 'strerror', None) or exc}") from None
 
 
 def _ifreq(name: str, data: bytes = b"") -> bytes:
