@@ -9,7 +9,12 @@ Nothing leaves the machine: the guest sends only inside QEMU's internal network 
 
 The datagrams keep arriving across the migration, the counter going on, and they now come from
 the destination's QEMU: the UDP socket they come from belongs to that process (read from
-``/proc``), and they carry the same heartbeats as the destination's serial console.
+``/proc``), and they carry the same heartbeats as the destination's serial console.  The
+interface is defined without a MAC: the one the daemon generated at define is in ``dumpxml``,
+is the NIC's in QEMU, and stays the same on the destination.
+
+The guest's network and its disk log (``disklog``, :mod:`tests.e2e.test_qemu_disk_migration`)
+work together too: one guest booted with both sends its heartbeats and writes their records.
 
 Under load a dirtying TCG migration sometimes crashes the destination guest's kernel (see
 :mod:`tests.e2e.test_qemu_migration`): such a test is run once more.
@@ -23,8 +28,10 @@ import re
 import uuid as uuidlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
+from lxml import etree
 
 from tests.e2e.test_qemu_migration import (
     BOOT_TIMEOUT,
@@ -38,7 +45,16 @@ from virtmig.client.migrate import migrate3
 from virtmig.daemon.backend.qemu import QemuBackend
 from virtmig.proto.flags import DomainState, MigrateFlags
 from virtmig.proto.params import MigrateParam, TypedParams
-from virtmig.testing import GuestImage, Host, qemu_domain_xml, qemu_required, wait_until
+from virtmig.testing import (
+    GuestImage,
+    Host,
+    daemon_settings,
+    disk_records,
+    hosts,
+    qemu_domain_xml,
+    qemu_required,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.qemu, pytest.mark.flaky(reruns=1, only_rerun=["GuestKernelCrashed"])]
 
@@ -105,14 +121,30 @@ def qemu_pid(host: Host, uuid: str) -> int:
     return backend.pid(uuid)
 
 
-async def test_nic_keeps_its_network_across_migration(
-    qemu_pair: tuple[Host, Host], guest_image: GuestImage, tmp_path: Path
-) -> None:
-    if not guest_image.has_net:
-        reason = "the test guest has no NIC modules (VIRTMIG_GUEST_KERNEL is set)"
+def need_net(image: GuestImage) -> None:
+    if not image.has_net:
+        reason = ("the test guest has no NIC modules (VIRTMIG_GUEST_KERNEL is set, and "
+                  "VIRTMIG_GUEST_MODULES does not hold them)")
         if qemu_required():
             pytest.fail(reason, pytrace=False)
         pytest.skip(reason)
+
+
+def xml_macs(xml: str) -> list[str]:
+    return [str(m.get("address")) for m in etree.fromstring(xml).findall("devices/interface/mac")]
+
+
+async def qom_mac(host: Host, uuid: str) -> Any:
+    backend = host.daemon.backend
+    assert isinstance(backend, QemuBackend)
+    return await backend.query(uuid, "qom-get",
+                               {"path": "/machine/peripheral/net0", "property": "mac"})
+
+
+async def test_nic_keeps_its_network_across_migration(
+    qemu_pair: tuple[Host, Host], guest_image: GuestImage, tmp_path: Path
+) -> None:
+    need_net(guest_image)
     src, dst = qemu_pair
     loop = asyncio.get_running_loop()
     transport, listener = await loop.create_datagram_endpoint(
@@ -121,9 +153,12 @@ async def test_nic_keeps_its_network_across_migration(
         port = transport.get_extra_info("sockname")[1]
         uuid = str(uuidlib.uuid4())
         xml = qemu_domain_xml(guest_image, "vm1", 256, uuid=uuid, dirty_mb=16, dirty_rate=1,
-                              udp_port=port)
+                              udp_port=port, mac=None)
         await src.conn.define(xml)
+        macs = xml_macs(await src.conn.xml_desc("vm1", inactive=True))  # generated at define
+        assert len(macs) == 1 and re.fullmatch(r"52:54:00(:[0-9a-f]{2}){3}", macs[0]), macs
         await src.conn.start("vm1")
+        assert await qom_mac(src, uuid) == macs[0]
         src_serial, dst_serial = src.serial_log(uuid), dst.serial_log(uuid)
         await wait_heartbeat(src_serial, 0, BOOT_TIMEOUT)
         assert b"NET-READY dev=eth0 to=10.0.2.2:" in src_serial.read_bytes(), \
@@ -135,9 +170,13 @@ async def test_nic_keeps_its_network_across_migration(
         assert owns_socket(src_pid, src_port)  # sent by the source's QEMU
         before = listener.beats[-1].n
 
+        dest_xml = await src.conn.xml_desc("vm1", migratable=True)  # virsh dumpxml --migratable
+        assert xml_macs(dest_xml) == macs
         await migrate3(src.conn, "vm1", dst.conn,
-                       TypedParams.of({MigrateParam.DEST_XML: xml}), MigrateFlags.LIVE)
+                       TypedParams.of({MigrateParam.DEST_XML: dest_xml}), MigrateFlags.LIVE)
         assert await dst.conn.state("vm1") == (DomainState.RUNNING, 2, "migrated")
+        assert xml_macs(await dst.conn.xml_desc("vm1")) == macs  # the same MAC there
+        assert await qom_mac(dst, uuid) == macs[0]
         dst_pid = qemu_pid(dst, uuid)
 
         def from_destination() -> list[Beat]:
@@ -168,6 +207,54 @@ async def test_nic_keeps_its_network_across_migration(
         assert all(serial.get(b.n) == b.line for b in moved), (moved, serial)
         assert all(b.line.endswith(b"ok=1") for b in listener.beats)
         assert all(ok for _, ok in heartbeats(dst_serial))
+        assert not listener.junk
+    finally:
+        transport.close()
+
+
+async def test_network_and_disk_log_together(tmp_path: Path, guest_image: GuestImage) -> None:
+    """One guest with both: its /init loads the modules once, brings eth0 up and opens its log
+    disk; every heartbeat goes to the serial console, the UDP listener and the disk."""
+    need_net(guest_image)
+    storage = tmp_path / "images"
+    storage.mkdir(mode=0o755)
+    disk = storage / "log.raw"
+    disk.write_bytes(bytes(1024 * 1024))
+    loop = asyncio.get_running_loop()
+    transport, listener = await loop.create_datagram_endpoint(
+        Listener, local_addr=("127.0.0.1", 0))
+    try:
+        async with hosts(tmp_path, "qemu", ("src", daemon_settings(storage))) as (src,):
+            uuid = str(uuidlib.uuid4())
+            log_disk = (f"<disk type='file' device='disk'><driver name='qemu' type='raw'/>"
+                        f"<source file='{disk}'/><target dev='vdb' bus='virtio'/></disk>")
+            await src.conn.define(qemu_domain_xml(
+                guest_image, "vm1", 256, uuid=uuid, dirty_mb=16, dirty_rate=1,
+                udp_port=transport.get_extra_info("sockname")[1], devices=log_disk,
+                disklog="/dev/vda"))
+            await src.conn.start("vm1")
+            serial = src.serial_log(uuid)
+            await wait_heartbeat(serial, 3, BOOT_TIMEOUT)
+            out = serial.read_bytes()
+            assert b"NET-READY dev=eth0 to=10.0.2.2:" in out, serial_tail(serial)
+            assert b"DISKLOG-READY dev=/dev/vda" in out, serial_tail(serial)
+            assert not any(e in out for e in (b"MODULE-ERROR", b"NET-ERROR", b"DISKLOG-ERROR")), \
+                serial_tail(serial)
+            await wait_until(lambda: len(listener.beats) >= 3, timeout=30,
+                             what=lambda: f"heartbeat datagrams; serial {serial_tail(serial)!r}")
+            await src.conn.destroy("vm1")  # the disk at rest, then read back
+            printed = {int(m.group(1)): m for m in SERIAL_BEAT.finditer(serial.read_bytes())}
+        records = {r.n: r for r in disk_records(disk.read_bytes())}
+        assert sorted(records) == list(range(1, len(records) + 1)), "a gap in the disk log"
+        assert all(r.intact for r in records.values())
+        # Every heartbeat printed has its record on the disk (written first) and its datagram
+        # (sent as it is printed) carries the same line.
+        assert len(printed) >= 3
+        assert all(n in records and records[n].sum == int(m.group(2), 16)
+                   for n, m in printed.items()), (records, printed)
+        last = max(printed)  # a datagram is sent just before its line is printed
+        assert len(listener.beats) >= 3
+        assert all(printed[b.n].group(0) == b.line for b in listener.beats if b.n <= last)
         assert not listener.junk
     finally:
         transport.close()
