@@ -16,16 +16,19 @@ cannot.
   (this cache's ``modules-<version>/``, or an unpacked ``/lib/modules/<version>/kernel``): those
   of :data:`~virtmig.testing.kmod.GUEST_MODULES` found there go in, with their dependencies
   (which must be there too); one not found is taken to be built into the kernel.  Without
-  ``$VIRTMIG_GUEST_MODULES`` there are none.  :attr:`GuestImage.has_net` says whether the NIC
-  modules are in (the network tests skip otherwise); ``disklog`` needs virtio-blk as a module
-  here or built into the kernel.
+  ``$VIRTMIG_GUEST_MODULES`` there are none.  :attr:`GuestImage.has_net` says whether virtio-net
+  is in (the network tests skip otherwise); ``disklog`` needs virtio-blk as a module here or
+  built into the kernel.
 * The initramfs is a newc cpio written here: ``/dev/console`` (c 5 1), ``/proc``, the modules
   as ``/lib/modules/<name>.ko`` with ``/lib/modules/order``, and ``/init``, the static binary
   compiled from ``dirty.c`` (shipped beside this module; ``$CC``, default ``gcc``,
   ``-static``).
-* Cache folder: ``$VIRTMIG_GUEST_CACHE`` or ``~/.cache/virtmig/guest``.  A stamp records the
-  hashes of the inputs (``dirty.c``, this builder's layout version, the kernel, the modules); a
-  build happens only when it does not match.  A file lock serialises concurrent builds.
+* Cache folder: ``$VIRTMIG_GUEST_CACHE`` or ``~/.cache/virtmig/guest``.  The initramfs's name
+  carries the hash of its inputs (``dirty.c``, this builder's layout version, the kernel, the
+  modules): ``initrd-<hash>.cpio``, built only when no file of that name is there (written
+  whole, then renamed into place).  So checkouts of different inputs sharing the cache never
+  replace the initramfs a running test uses; one unused for a week is removed at the next
+  build.  A file lock serialises concurrent builds.
 
 The guest's kernel command line (:meth:`GuestImage.cmdline`): ``console=ttyS0 quiet panic=-1
 dirty_mb=N dirty_rate=R``; /init prints ``DIRTY-READY`` once its memory is filled, then every
@@ -55,13 +58,13 @@ import re
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from virtmig.testing.kmod import (
     GUEST_MODULES,
-    NIC_MODULES,
     ModuleError,
     deb_members,
     extract_modules,
@@ -71,6 +74,8 @@ from virtmig.testing.kmod import (
 HERE = Path(__file__).resolve().parent
 SOURCE = HERE / "dirty.c"
 LAYOUT_VERSION = 3  # bump when the initramfs layout or the build flags change
+INITRD_DIGEST = 16  # hex digits of the inputs' hash in the initramfs's name
+PRUNE_AFTER_S = 7 * 24 * 3600.0  # an initramfs of other inputs unused this long is removed
 MODULE_ORDER = "order"  # in a modules folder: the names, one a line, in load order
 SLIRP_HOST = "10.0.2.2"  # QEMU user networking: the host (delivered to its 127.0.0.1)
 SLIRP_GUEST = "10.0.2.15"  # QEMU user networking: the guest's default address
@@ -94,8 +99,8 @@ class GuestImage:
 
     @property
     def has_net(self) -> bool:
-        """Whether the initramfs has the NIC modules (``net=`` works)."""
-        return set(NIC_MODULES) <= set(self.modules)
+        """Whether the initramfs has virtio-net, the test guest's NIC (``net=`` works)."""
+        return "virtio_net" in self.modules
 
     @staticmethod
     def cmdline(dirty_mb: int = 64, dirty_rate: int = 0, *, udp_port: int = 0,
@@ -361,29 +366,31 @@ def ensure_guest(cache: Path | None = None) -> GuestImage:
     cache.mkdir(parents=True, exist_ok=True)
     with cache_lock(cache):
         kernel, modules = fetch_kernel(cache)
-        initrd = cache / "initrd.cpio"
-        stamp_path = cache / "stamp.json"
         inputs = {
             "layout": LAYOUT_VERSION,
             "dirty.c": _sha256(SOURCE.read_bytes()),
             "kernel": _sha256(kernel.read_bytes()),
             "modules": [[name, _sha256(data)] for name, data in modules],
         }
-        try:
-            stamp = json.loads(stamp_path.read_text())
-        except (OSError, ValueError):
-            stamp = {}
-        if (
-            stamp.get("inputs") == inputs
-            and initrd.is_file()
-            and stamp.get("initrd") == _sha256(initrd.read_bytes())
-        ):
-            return GuestImage(kernel, initrd, tuple(name for name, _ in modules))
+        digest = _sha256(json.dumps(inputs, sort_keys=True).encode())[:INITRD_DIGEST]
+        initrd = cache / f"initrd-{digest}.cpio"
+        image = GuestImage(kernel, initrd, tuple(name for name, _ in modules))
+        if initrd.is_file():  # only ever there whole (renamed into place)
+            if time.time() - initrd.stat().st_mtime > PRUNE_AFTER_S / 2:
+                os.utime(initrd)  # in use: not pruned (rarely: the KVM probe's key has it)
+            return image
         with tempfile.TemporaryDirectory(dir=cache, prefix=".build-") as tmp:
             archive = initramfs(compile_init(Path(tmp)), modules)
         part = initrd.with_name(initrd.name + ".part")
         part.write_bytes(archive)
         part.replace(initrd)
-        stamp_path.write_text(json.dumps({"inputs": inputs, "initrd": _sha256(archive)}, indent=1))
-        return GuestImage(kernel, initrd, tuple(name for name, _ in modules))
+        _prune(cache, keep=initrd)
+        return image
 
+
+def _prune(cache: Path, keep: Path) -> None:
+    """Remove the initramfs builds of other inputs nobody used for :data:`PRUNE_AFTER_S`."""
+    for old in cache.glob("initrd-*.cpio"):
+        with contextlib.suppress(OSError):
+            if old != keep and time.time() - old.stat().st_mtime > PRUNE_AFTER_S:
+                old.unlink()

@@ -4,12 +4,21 @@ command line (:mod:`virtmig.testing.kmod`, :mod:`virtmig.testing.guest`)."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import struct
 from pathlib import Path
 
 import pytest
 
-from virtmig.testing.guest import GuestImage, GuestUnavailable, fetch_kernel, initramfs
+from virtmig.testing import guest
+from virtmig.testing.guest import (
+    GuestImage,
+    GuestUnavailable,
+    ensure_guest,
+    fetch_kernel,
+    initramfs,
+)
 from virtmig.testing.kmod import (
     DISK_MODULES,
     GUEST_MODULES,
@@ -111,6 +120,7 @@ def test_one_module_set_for_nics_and_disk() -> None:
     image = GuestImage(Path("k"), Path("i"), ("virtio", "virtio_pci", "virtio_blk"))
     assert not image.has_net
     assert GuestImage(Path("k"), Path("i"), (*NIC_MODULES, "virtio_blk")).has_net
+    assert GuestImage(Path("k"), Path("i"), ("virtio_ring", "virtio_net")).has_net
 
 
 def _module_tree(root: Path) -> None:
@@ -162,3 +172,37 @@ def test_kernel_and_modules_overrides(tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.delenv("VIRTMIG_GUEST_KERNEL")
     with pytest.raises(GuestUnavailable, match="without VIRTMIG_GUEST_KERNEL"):
         fetch_kernel(tmp_path / "cache")
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="builds /init with gcc")
+def test_builds_of_other_inputs_never_replace_each_other(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(b"kernel")
+    _module_tree(tmp_path / "mods")
+    monkeypatch.setenv("VIRTMIG_GUEST_KERNEL", str(kernel))
+    monkeypatch.setenv("VIRTMIG_GUEST_MODULES", str(tmp_path / "mods"))
+    cache = tmp_path / "cache"
+    first = ensure_guest(cache)
+    assert first.initrd.name.startswith("initrd-") and first.has_net
+    assert "virtio_blk" in first.modules
+    files = dict(_entries(first.initrd.read_bytes()))
+    assert files["lib/modules/order"].decode().split() == list(first.modules)
+    inode = first.initrd.stat().st_ino
+    assert ensure_guest(cache) == first and first.initrd.stat().st_ino == inode  # not rebuilt
+    os.utime(first.initrd, (0, 0))
+    ensure_guest(cache)  # used again: kept fresh, so never pruned while in use
+    assert first.initrd.stat().st_mtime > 0
+
+    # Another checkout (other inputs) sharing the cache builds beside it, never over it.
+    stale = cache / "initrd-0123456789abcdef.cpio"
+    stale.write_bytes(b"old")
+    os.utime(stale, (0, 0))  # unused for ages: pruned at the next build
+    monkeypatch.setattr(guest, "LAYOUT_VERSION", guest.LAYOUT_VERSION + 100)
+    other = ensure_guest(cache)
+    assert other.initrd != first.initrd and first.initrd.stat().st_ino == inode
+    assert not stale.exists()
+    monkeypatch.delenv("VIRTMIG_GUEST_MODULES")  # no modules: no network
+    bare = ensure_guest(cache)
+    assert bare.modules == () and not bare.has_net
+    assert "lib/modules/order" not in dict(_entries(bare.initrd.read_bytes()))

@@ -123,8 +123,8 @@ def qemu_pid(host: Host, uuid: str) -> int:
 
 def need_net(image: GuestImage) -> None:
     if not image.has_net:
-        reason = ("the test guest has no NIC modules (VIRTMIG_GUEST_KERNEL is set, and "
-                  "VIRTMIG_GUEST_MODULES does not hold them)")
+        reason = ("the test guest has no virtio-net module (VIRTMIG_GUEST_KERNEL is set, and "
+                  "VIRTMIG_GUEST_MODULES does not hold it)")
         if qemu_required():
             pytest.fail(reason, pytrace=False)
         pytest.skip(reason)
