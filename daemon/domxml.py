@@ -556,7 +556,8 @@ def check_abi_stability(src: DomainDef, dst: DomainDef) -> None:
     """Raise ConfigUnsupported (libvirt's wording) at the first guest-visible difference.
 
     Host-side details such as disk source paths may differ.  Device kinds are compared by count
-    on the migratable forms, so an implicit controller on one side only does not matter.
+    on the migratable forms, so an implicit controller on one side only does not matter; the
+    network cards' MACs one by one.
     """
     if dst.name != src.name:
         raise ConfigUnsupported(
@@ -596,3 +597,9 @@ def check_abi_stability(src: DomainDef, dst: DomainDef) -> None:
             raise ConfigUnsupported(
                 f"Target domain {kind} device count {theirs} does not match source {ours}"
             )
+    macs = (_parse_tree(d.xml).getroot().findall("devices/interface/mac") for d in (src, dst))
+    for ours_el, theirs_el in zip(*macs, strict=False):
+        ours, theirs = (m.get("address", "").lower() for m in (ours_el, theirs_el))
+        if theirs != ours:
+            raise ConfigUnsupported(
+                f"Target network card MAC {theirs} does not match source {ours}")

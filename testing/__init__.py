@@ -16,8 +16,10 @@ Real daemons in your event loop, guests to migrate, and waits that never hang or
 * :mod:`~virtmig.testing.domains`: domain XML for the ``test`` backend (:func:`domain_xml`) and
   for QEMU running the test guest (:func:`qemu_domain_xml`);
 * :mod:`~virtmig.testing.guest`: builds and caches that guest (a Debian kernel and an initramfs
-  whose /init dirties memory and prints a checked heartbeat; ``python -m virtmig.testing``
-  builds it ahead of the tests);
+  whose /init dirties memory and prints a checked heartbeat, and can send it as UDP through a
+  NIC and log it to a disk, :func:`disk_records`; ``python -m virtmig.testing`` builds it ahead
+  of the tests); :mod:`~virtmig.testing.kmod` finds the kernel modules of its NIC and disk
+  drivers;
 * :mod:`~virtmig.testing.qemu`: skip rules for tests that need QEMU, KVM detection, clean-up;
 * :mod:`~virtmig.testing.qemu_user`: what a confined test QEMU needs from the host (its
   unprivileged user, created and released; post-copy as root; the guest cache as storage) and

@@ -2,40 +2,56 @@
  * dirty.c: the static /init of virtmig's QEMU test guest.
  *
  * Concern: give migration tests a guest whose memory keeps changing and whose liveness and memory
- * integrity can be read from its serial console.  It mounts nothing, needs no other file than
- * /dev/console, and never exits (PID 1 exiting panics the kernel).
+ * integrity can be read from its serial console, and, when asked, whose network and disk keep
+ * working.  Without net= or disklog= it mounts nothing, needs no other file than /dev/console, and
+ * it never exits (PID 1 exiting panics the kernel).
  *
  * Parameters arrive as environment variables (kernel command line `k=v` words the kernel does not
  * know are passed to /init's environment):
  *   dirty_mb    MiB of memory to map, fill with non-zero data and keep dirtying (default 64)
  *   dirty_rate  MiB/s of pages to dirty, one 64-bit word per 4 KiB page (default 0: unlimited)
+ *   net         udp:<ipv4>:<port>: also send each heartbeat line as a UDP datagram there, through
+ *               eth0 (default: no network).  eth0 gets 10.0.2.15/24, QEMU user networking's guest
+ *               address.  Only a destination inside 10.0.2.0/24 (QEMU's internal network, whose
+ *               10.0.2.2 QEMU delivers to the host's 127.0.0.1) is taken: anything else is
+ *               refused, and nothing is ever sent elsewhere.
  *   disklog     a raw block device (e.g. /dev/vdb) to log every heartbeat to (default: none)
+ * The two are independent and may be combined.  Either first loads the drivers, once: every
+ * module named in /lib/modules/order (one name a line, without ".ko"), in that order
+ * (finit_module; none without that file: the drivers are built in, or there are none).
  *
  * Console output:
  *   DIRTY-READY mb=<mb> rate=<rate>                 once the memory is filled
  *   HEARTBEAT n=<counter> sum=<checksum> ok=<0|1>   every second
+ *   NET-READY dev=eth0 to=<ipv4>:<port>             once the network is up (with net=)
+ *   NET-ERROR <why>                                 the network could not be brought up
+ *   MODULE-ERROR <name>: <why>                      a module could not be loaded
  * `sum` is the running checksum (sum of every word of the area, kept up to date on each write);
  * `ok` says whether re-reading the whole area gave that same sum, so a page that did not arrive
  * intact after a migration shows up as ok=0.
  *
- * With disklog: /init mounts devtmpfs on /dev, loads the modules listed in /lib/modules/order
- * (finit_module; the virtio block driver, which Debian builds as a module), opens the device with
- * O_DIRECT|O_SYNC and prints
+ * With disklog: /init mounts devtmpfs on /dev, loads the modules (the virtio block driver, which
+ * Debian builds as a module, is one of them), opens the device with O_DIRECT|O_SYNC and prints
  *   DISKLOG-READY dev=<dev>                         (or DISKLOG-ERROR <why>, and logs nothing)
  * then writes heartbeat n's record to sector n-1, before printing the heartbeat (a record on the
  * disk was written, and acknowledged, before its line): little-endian "VMHB", u32 version 1,
  * u64 n, u64 sum, u64 FNV-1a 64 of the 24 bytes before it, zeros to 512 bytes.
  */
 #define _GNU_SOURCE
+#include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <net/if.h>
+#include <netinet/in.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/mount.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <time.h>
@@ -45,6 +61,14 @@
 #define WORDS_PER_PAGE (PAGE_SIZE / sizeof(uint64_t))
 #define SLICE_NS 10000000ULL /* rate-limited dirtying runs in 10 ms slices */
 #define NS 1000000000ULL
+#define NET_DEV "eth0"
+#define NET_ADDR "10.0.2.15"    /* QEMU user networking's guest address */
+#define NET_PREFIX "10.0.2."     /* the only network anything is sent to */
+#define NET_MASK "255.255.255.0"
+#define MODULE_DIR "/lib/modules/"
+
+static int net_sock = -1; /* net=: the heartbeat also goes to net_to */
+static struct sockaddr_in net_to;
 
 static void say(const char *fmt, ...)
 {
@@ -57,6 +81,9 @@ static void say(const char *fmt, ...)
 		return;
 	if ((size_t)n >= sizeof(buf))
 		n = sizeof(buf) - 1;
+	if (net_sock >= 0 && strncmp(buf, "HEARTBEAT ", 10) == 0)
+		sendto(net_sock, buf, (size_t)n, MSG_DONTWAIT, (struct sockaddr *)&net_to,
+		       sizeof(net_to)); /* best effort: a lost datagram is the test's to see */
 	const char *p = buf;
 	while (n > 0) {
 		ssize_t w = write(1, p, (size_t)n);
@@ -93,31 +120,97 @@ static unsigned long env_ulong(const char *name, unsigned long dflt)
 	return *end == '\0' ? x : dflt;
 }
 
-static _Noreturn void hang(const char *why)
-{
-	say("DIRTY-ERROR %s\n", why);
-	for (;;)
-		pause();
-}
-
+/* Load the modules named in /lib/modules/order, one a line, in that order (once; none without
+ * that file). */
 static void load_modules(void)
 {
-	FILE *order = fopen("/lib/modules/order", "r");
+	static int loaded;
+	if (loaded)
+		return;
+	loaded = 1;
+	FILE *order = fopen(MODULE_DIR "order", "re");
 	if (order == NULL)
-		return; /* nothing to load: the driver is built in, or there is none */
+		return; /* nothing to load: the drivers are built in, or there are none */
 	char name[128], path[192];
 	while (fgets(name, sizeof(name), order) != NULL) {
 		name[strcspn(name, "\n")] = '\0';
 		if (name[0] == '\0')
 			continue;
-		snprintf(path, sizeof(path), "/lib/modules/%s", name);
-		int fd = open(path, O_RDONLY | O_CLOEXEC);
-		if (fd < 0 || (syscall(SYS_finit_module, fd, "", 0) != 0 && errno != EEXIST))
-			say("DISKLOG-ERROR module %s: %s\n", name, strerror(errno));
-		if (fd >= 0)
-			close(fd);
+		snprintf(path, sizeof(path), "%s%s.ko", MODULE_DIR, name);
+		int ko = open(path, O_RDONLY | O_CLOEXEC);
+		if (ko < 0 || (syscall(SYS_finit_module, ko, "", 0) != 0 && errno != EEXIST))
+			say("MODULE-ERROR %s: %s\n", name, strerror(errno));
+		if (ko >= 0)
+			close(ko);
 	}
 	fclose(order);
+}
+
+static int set_addr(int sock, unsigned long request, const char *addr)
+{
+	struct ifreq ifr;
+	memset(&ifr, 0, sizeof(ifr));
+	strncpy(ifr.ifr_name, NET_DEV, IFNAMSIZ - 1);
+	struct sockaddr_in *sin = (struct sockaddr_in *)&ifr.ifr_addr;
+	sin->sin_family = AF_INET;
+	inet_pton(AF_INET, addr, &sin->sin_addr);
+	return ioctl(sock, request, &ifr);
+}
+
+/* net=udp:<ipv4>:<port>: bring eth0 up; the socket to send the heartbeat with, or -1. */
+static int net_setup(const char *spec, struct sockaddr_in *to)
+{
+	char host[32];
+	unsigned port;
+	if (sscanf(spec, "udp:%31[0-9.]:%u", host, &port) != 2 || port == 0 || port > 65535) {
+		say("NET-ERROR net=%s: expected udp:<ipv4>:<port>\n", spec);
+		return -1;
+	}
+	memset(to, 0, sizeof(*to));
+	to->sin_family = AF_INET;
+	to->sin_port = htons((uint16_t)port);
+	if (inet_pton(AF_INET, host, &to->sin_addr) != 1 ||
+	    strncmp(host, NET_PREFIX, strlen(NET_PREFIX)) != 0) {
+		say("NET-ERROR net=%s: only QEMU's user network %s0/24 is allowed\n", spec,
+		    NET_PREFIX);
+		return -1;
+	}
+	load_modules();
+	int sock = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+	if (sock < 0) {
+		say("NET-ERROR socket: %s\n", strerror(errno));
+		return -1;
+	}
+	struct ifreq ifr;
+	memset(&ifr, 0, sizeof(ifr));
+	strncpy(ifr.ifr_name, NET_DEV, IFNAMSIZ - 1);
+	/* The driver registers eth0 as it probes: wait for it (up to 10 s). */
+	int tries = 0;
+	while (ioctl(sock, SIOCGIFFLAGS, &ifr) != 0) {
+		if (++tries > 100) {
+			say("NET-ERROR no %s: %s\n", NET_DEV, strerror(errno));
+			close(sock);
+			return -1;
+		}
+		sleep_until(now_ns() + NS / 10);
+	}
+	ifr.ifr_flags |= IFF_UP | IFF_RUNNING;
+	if (set_addr(sock, SIOCSIFADDR, NET_ADDR) != 0 ||
+	    set_addr(sock, SIOCSIFNETMASK, NET_MASK) != 0 ||
+	    ioctl(sock, SIOCSIFFLAGS, &ifr) != 0) {
+		say("NET-ERROR configuring %s: %s\n", NET_DEV, strerror(errno));
+		close(sock);
+		return -1;
+	}
+	say("NET-READY dev=%s to=%s:%u\n", NET_DEV, host, port);
+	return sock;
+}
+
+static _Noreturn void hang(const char *why)
+{
+	say("DIRTY-ERROR %s\n", why);
+	for (;;)
+		pause();
 }
 
 /* The log device opened for direct, synchronous writes; -1 (said why) when it cannot be. */
@@ -187,6 +280,9 @@ int main(void)
 			     MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
 	if (mem == MAP_FAILED)
 		hang("mmap failed");
+	const char *net = getenv("net");
+	if (net != NULL && *net != '\0')
+		net_sock = net_setup(net, &net_to);
 
 	const char *dev = getenv("disklog");
 	int logfd = dev != NULL && *dev != '\0' ? disklog_open(dev) : -1;

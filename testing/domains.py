@@ -35,18 +35,26 @@ def domain_xml(name: str = "vm1", memory_mib: int = 64, *, uuid: str | None = No
 def qemu_domain_xml(image: GuestImage, name: str = "vm1", memory_mib: int = 256, *,
                     uuid: str | None = None, dirty_mb: int = 64, dirty_rate: int = 0,
                     domain_type: str | None = None, devices: str = "",
-                    disklog: str = "") -> str:
+                    disklog: str = "", udp_port: int = 0, nic_model: str = "virtio",
+                    mac: str | None = "52:54:00:00:00:01") -> str:
     """A ``qemu`` domain running the test guest ``image``.
 
     ``domain_type``: ``kvm`` or ``qemu`` (TCG); by default KVM where this machine runs the
     guest with it (:func:`~virtmig.testing.qemu.guest_domain_type`).  ``devices``: more
-    devices (disks...); ``disklog``: the guest device its /init logs heartbeats to
-    (:meth:`GuestImage.cmdline`).  Its serial console goes
-    to the log file in the guest's folder on whichever host runs it (:meth:`Host.serial_log`;
-    the confined backend refuses serial files outside that folder).
+    devices (disks...); ``disklog``: the guest device its /init logs heartbeats to.
+    ``udp_port``: the guest has an ``<interface type='user'>`` (``nic_model``; ``mac``, None:
+    no ``<mac>``, the daemon generates one at define) and sends its heartbeat to the host's
+    ``127.0.0.1:udp_port`` through it too.  Both as :meth:`GuestImage.cmdline` says, and
+    combinable.  Its serial console goes to the log file in the guest's folder on whichever
+    host runs it (:meth:`Host.serial_log`; the confined backend refuses serial files outside
+    that folder).
     """
     uuid_el = f"<uuid>{uuid}</uuid>" if uuid else ""
     console = "<serial type='pty'><target port='0'/></serial>"
+    mac_el = f"<mac address='{mac}'/>" if mac else ""
+    nic = (f"<interface type='user'>{mac_el}<model type='{nic_model}'/></interface>"
+           if udp_port else "")
+    cmdline = image.cmdline(dirty_mb, dirty_rate, udp_port=udp_port, disklog=disklog)
     return textwrap.dedent(f"""\
         <domain type='{domain_type or guest_domain_type(image)}'>
           <name>{name}</name>
@@ -57,11 +65,11 @@ def qemu_domain_xml(image: GuestImage, name: str = "vm1", memory_mib: int = 256,
             <type arch='x86_64' machine='pc'>hvm</type>
             <kernel>{image.kernel}</kernel>
             <initrd>{image.initrd}</initrd>
-            <cmdline>{image.cmdline(dirty_mb, dirty_rate, disklog)}</cmdline>
+            <cmdline>{cmdline}</cmdline>
           </os>
           <features><acpi/><apic/></features>
           <devices>
-            {console}{devices}
+            {console}{nic}{devices}
             <memballoon model='none'/>
           </devices>
         </domain>

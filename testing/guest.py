@@ -6,22 +6,41 @@ cannot.
 
 * The kernel is the ``vmlinuz`` of the Debian package ``linux-image-amd64`` depends on
   (``apt-get download``; the package is never installed, only its ``boot/vmlinuz-*`` member and
-  the virtio block driver's modules (:data:`MODULES`, which Debian builds as modules) are
-  extracted, into ``modules-<version>/``).  ``$VIRTMIG_GUEST_KERNEL`` names a kernel to use
-  instead, and ``$VIRTMIG_GUEST_MODULES`` a folder holding its :data:`MODULES` (none: the
-  kernel must have virtio-blk built in for ``disklog``).
-* The initramfs is a newc cpio written here: ``/dev/console`` (c 5 1), ``/proc``, ``/init``,
-  the static binary compiled from ``dirty.c`` (shipped beside this module; ``$CC``, default
-  ``gcc``, ``-static``), and ``/lib/modules/`` with the modules and ``order``, their load order.
-* Cache folder: ``$VIRTMIG_GUEST_CACHE`` or ``~/.cache/virtmig/guest``.  A stamp records the
-  hashes of the inputs (``dirty.c``, this builder's layout version, the kernel, the modules); a
-  build happens only when it does not match.  A file lock serialises concurrent builds.
+  some modules are extracted).
+* The modules: the drivers of the guest's NICs and of its virtio log disk, which Debian builds
+  as modules (:data:`~virtmig.testing.kmod.GUEST_MODULES`: virtio-net, e1000, 8139cp,
+  virtio-blk), and their dependencies, extracted from the same package into
+  ``modules-<version>/`` beside the kernel, with an ``order`` file (:mod:`virtmig.testing.kmod`).
+* ``$VIRTMIG_GUEST_KERNEL`` names a kernel to use instead, and ``$VIRTMIG_GUEST_MODULES`` (only
+  with it) a folder of that kernel's uncompressed ``.ko`` files, searched through its subfolders
+  (this cache's ``modules-<version>/``, or an unpacked ``/lib/modules/<version>/kernel``): those
+  of :data:`~virtmig.testing.kmod.GUEST_MODULES` found there go in, with their dependencies
+  (which must be there too); one not found is taken to be built into the kernel.  Without
+  ``$VIRTMIG_GUEST_MODULES`` there are none.  :attr:`GuestImage.has_net` says whether virtio-net
+  is in (the network tests skip otherwise); ``disklog`` needs virtio-blk as a module here or
+  built into the kernel.
+* The initramfs is a newc cpio written here: ``/dev/console`` (c 5 1), ``/proc``, the modules
+  as ``/lib/modules/<name>.ko`` with ``/lib/modules/order``, and ``/init``, the static binary
+  compiled from ``dirty.c`` (shipped beside this module; ``$CC``, default ``gcc``,
+  ``-static``).
+* Cache folder: ``$VIRTMIG_GUEST_CACHE`` or ``~/.cache/virtmig/guest``.  The initramfs's name
+  carries the hash of its inputs (``dirty.c``, this builder's layout version, the kernel, the
+  modules): ``initrd-<hash>.cpio``, built only when no file of that name is there (written
+  whole, then renamed into place).  So checkouts of different inputs sharing the cache never
+  replace the initramfs a running test uses; one unused for a week is removed at the next
+  build.  A file lock serialises concurrent builds.
 
 The guest's kernel command line (:meth:`GuestImage.cmdline`): ``console=ttyS0 quiet panic=-1
-dirty_mb=N dirty_rate=R`` and, to log to a disk, ``disklog=/dev/vdX``; /init prints
-``DIRTY-READY`` once its memory is filled, then every second ``HEARTBEAT n=<counter>
-sum=<checksum> ok=<1|0>``, and with ``disklog`` writes each heartbeat's record to sector n-1 of
-that raw block device (:func:`disk_records` reads them back; see ``dirty.c``).
+dirty_mb=N dirty_rate=R``; /init prints ``DIRTY-READY`` once its memory is filled, then every
+second ``HEARTBEAT n=<counter> sum=<checksum> ok=<1|0>`` (see ``dirty.c``).  Two optional
+features, independent and combinable; either makes /init load the modules first:
+
+* ``net=udp:10.0.2.2:PORT`` (:data:`SLIRP_HOST`: QEMU user networking's address of the host,
+  which QEMU delivers to the host's 127.0.0.1): /init configures ``eth0`` as
+  :data:`SLIRP_GUEST`/24 and sends each heartbeat line as a UDP datagram to that port too (only
+  to an address inside QEMU's user network, 10.0.2.0/24; IPv6 is off).
+* ``disklog=/dev/vdX``: /init writes each heartbeat's checksummed record to sector n-1 of that
+  raw block device (:func:`disk_records` reads them back).
 
 Skipping a test without QEMU or the guest, and finding KVM, is :mod:`virtmig.testing.qemu`'s.
 
@@ -36,21 +55,32 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
-import tarfile
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from virtmig.testing.kmod import (
+    GUEST_MODULES,
+    ModuleError,
+    deb_members,
+    extract_modules,
+    folder_modules,
+)
+
 HERE = Path(__file__).resolve().parent
 SOURCE = HERE / "dirty.c"
-LAYOUT_VERSION = 2  # bump when the initramfs layout or the build flags change
+LAYOUT_VERSION = 3  # bump when the initramfs layout or the build flags change
+INITRD_DIGEST = 16  # hex digits of the inputs' hash in the initramfs's name
+PRUNE_AFTER_S = 7 * 24 * 3600.0  # an initramfs of other inputs unused this long is removed
+MODULE_ORDER = "order"  # in a modules folder: the names, one a line, in load order
+SLIRP_HOST = "10.0.2.2"  # QEMU user networking: the host (delivered to its 127.0.0.1)
+SLIRP_GUEST = "10.0.2.15"  # QEMU user networking: the guest's default address
 KERNEL_META_PACKAGE = "linux-image-amd64"
 COMMAND_TIMEOUT = 600.0
-# The virtio block driver and what it needs, in load order (Debian builds them as modules).
-MODULES = ("virtio_ring", "virtio", "virtio_pci_legacy_dev", "virtio_pci_modern_dev",
-           "virtio_pci", "virtio_blk")
 SECTOR = 512
 RECORD_MAGIC = b"VMHB"
 
@@ -65,13 +95,27 @@ class GuestImage:
 
     kernel: Path
     initrd: Path
+    modules: tuple[str, ...] = ()  # the modules in the initramfs, in load order
+
+    @property
+    def has_net(self) -> bool:
+        """Whether the initramfs has virtio-net, the test guest's NIC (``net=`` works)."""
+        return "virtio_net" in self.modules
 
     @staticmethod
-    def cmdline(dirty_mb: int = 64, dirty_rate: int = 0, disklog: str = "") -> str:
-        """The kernel command line: serial console, no reboot delay, /init's parameters
-        (``disklog``: the guest's raw block device to log heartbeats to, e.g. ``/dev/vda``)."""
+    def cmdline(dirty_mb: int = 64, dirty_rate: int = 0, *, udp_port: int = 0,
+                disklog: str = "") -> str:
+        """The kernel command line: serial console, no reboot delay, /init's parameters.
+
+        ``udp_port``: also send the heartbeat to the host's ``127.0.0.1:udp_port`` through QEMU
+        user networking (needs :attr:`has_net` and an ``<interface type='user'>``).
+        ``disklog``: the guest's raw block device to log heartbeats to, e.g. ``/dev/vda``."""
         line = f"console=ttyS0 quiet panic=-1 dirty_mb={dirty_mb} dirty_rate={dirty_rate}"
-        return f"{line} disklog={disklog}" if disklog else line
+        if udp_port:
+            line += f" ipv6.disable=1 net=udp:{SLIRP_HOST}:{udp_port}"
+        if disklog:
+            line += f" disklog={disklog}"
+        return line
 
 
 @dataclass(frozen=True)
@@ -154,20 +198,19 @@ def newc_archive(entries: list[CpioEntry]) -> bytes:
     return bytes(out)
 
 
-def initramfs(init: bytes, modules: dict[str, bytes] | None = None) -> bytes:
-    """The archive: ``modules`` (name -> ``.ko``) go to ``/lib/modules`` with ``order``, the
-    names in :data:`MODULES`' order."""
-    modules = modules or {}
-    order = [m for m in MODULES if m in modules]
+def initramfs(init: bytes, modules: Sequence[tuple[str, bytes]] = ()) -> bytes:
+    """The archive: /dev/console, /proc, the ``(name, .ko)`` modules in /lib/modules (with
+    their load ``order``), and /init."""
+    mods = [CpioEntry("lib", 0o040755), CpioEntry("lib/modules", 0o040755),
+            *(CpioEntry(f"lib/modules/{name}.ko", 0o100644, data) for name, data in modules),
+            CpioEntry(f"lib/modules/{MODULE_ORDER}", 0o100644,
+                      "".join(f"{name}\n" for name, _ in modules).encode())] if modules else []
     return newc_archive([
         CpioEntry("dev", 0o040755),
         CpioEntry("dev/console", 0o020600, rdev=(5, 1)),
         CpioEntry("proc", 0o040755),
+        *mods,
         CpioEntry("init", 0o100755, init),
-        CpioEntry("lib", 0o040755),
-        CpioEntry("lib/modules", 0o040755),
-        *(CpioEntry(f"lib/modules/{m}.ko", 0o100644, modules[m]) for m in order),
-        CpioEntry("lib/modules/order", 0o100644, "".join(f"{m}.ko\n" for m in order).encode()),
     ])
 
 
@@ -202,28 +245,42 @@ def kernel_package() -> str:
     raise GuestUnavailable(f"apt-cache knows no kernel package behind {KERNEL_META_PACKAGE}")
 
 
-def fetch_kernel(cache: Path) -> tuple[Path, dict[str, bytes]]:
-    """The kernel and its :data:`MODULES` (name -> ``.ko``; the ones found): downloaded once
-    and extracted into ``cache``, or ``$VIRTMIG_GUEST_KERNEL``/``$VIRTMIG_GUEST_MODULES``."""
+def fetch_kernel(cache: Path) -> tuple[Path, list[tuple[str, bytes]]]:
+    """The kernel, and the modules for the initramfs: (name, ``.ko``) in load order.
+
+    Downloads the kernel package once and extracts only its vmlinuz and those modules into
+    ``cache``; or ``$VIRTMIG_GUEST_KERNEL`` and ``$VIRTMIG_GUEST_MODULES``."""
     override = os.environ.get("VIRTMIG_GUEST_KERNEL")
+    folder = os.environ.get("VIRTMIG_GUEST_MODULES")
     if override:
         path = Path(override)
         if not path.is_file():
             raise GuestUnavailable(f"VIRTMIG_GUEST_KERNEL={override} is not a file")
-        folder = os.environ.get("VIRTMIG_GUEST_MODULES")
-        return path, _read_modules(Path(folder)) if folder else {}
+        try:
+            return path, folder_modules(Path(folder)) if folder else []
+        except (ModuleError, OSError) as exc:
+            raise GuestUnavailable(f"VIRTMIG_GUEST_MODULES={folder}: {exc}") from None
+    if folder:
+        raise GuestUnavailable("VIRTMIG_GUEST_MODULES is set without VIRTMIG_GUEST_KERNEL (the "
+                               "modules must be that kernel's)")
     try:
         package = kernel_package()
     except GuestUnavailable:
         cached = sorted(cache.glob("vmlinuz-*-amd64"))
-        if cached:  # no apt here, but a kernel from an earlier build
-            version = cached[-1].name.removeprefix("vmlinuz-")
-            return cached[-1], _read_modules(cache / f"modules-{version}")
+        if cached:  # no apt here, but a kernel (and its modules) from an earlier build
+            mods = cache / cached[-1].name.replace("vmlinuz-", "modules-", 1)
+            return cached[-1], read_modules(mods) if (mods / MODULE_ORDER).is_file() else []
         raise
     version = package.removeprefix("linux-image-")
-    target, modules_dir = cache / f"vmlinuz-{version}", cache / f"modules-{version}"
-    if target.is_file() and (modules_dir / "complete").is_file():
-        return target, _read_modules(modules_dir)
+    target, mods = cache / f"vmlinuz-{version}", cache / f"modules-{version}"
+    if not (target.is_file() and _has_modules(mods)):
+        _download(package, cache, target, mods)
+    return target, read_modules(mods)
+
+
+def _download(package: str, cache: Path, target: Path, mods: Path) -> None:
+    """``package``'s vmlinuz to ``target`` and its modules to the folder ``mods`` (those
+    missing)."""
     with tempfile.TemporaryDirectory(dir=cache, prefix=".download-") as tmp:
         work = Path(tmp)
         os.chmod(work, 0o755)  # apt's _apt sandbox user writes here when it can
@@ -231,58 +288,54 @@ def fetch_kernel(cache: Path) -> tuple[Path, dict[str, bytes]]:
         debs = sorted(work.glob("*.deb"))
         if not debs:
             raise GuestUnavailable(f"apt-get download {package} produced no .deb")
-        vmlinuz, modules = _extract_kernel(debs[0])
-        part = target.with_name(target.name + ".part")
-        part.write_bytes(vmlinuz)
-        part.replace(target)
-        modules_dir.mkdir(exist_ok=True)
-        for name, data in modules.items():
-            (modules_dir / f"{name}.ko").write_bytes(data)
-        (modules_dir / "complete").write_text("\n".join(sorted(modules)) + "\n")
-    return target, modules
+        if not target.is_file():
+            part = target.with_name(target.name + ".part")
+            part.write_bytes(_extract_vmlinuz(debs[0]))
+            part.replace(target)
+        if not _has_modules(mods):
+            _write_modules(debs[0], mods, work / "modules")
 
 
-def _read_modules(folder: Path) -> dict[str, bytes]:
-    return {m: (folder / f"{m}.ko").read_bytes() for m in MODULES
-            if (folder / f"{m}.ko").is_file()}
-
-
-def _extract_kernel(deb: Path) -> tuple[bytes, dict[str, bytes]]:
-    """The ``./boot/vmlinuz-*`` member of a kernel .deb and its :data:`MODULES` (via
-    ``dpkg-deb --fsys-tarfile``)."""
+def _has_modules(folder: Path) -> bool:
+    """Whether the modules folder holds every one of :data:`GUEST_MODULES` (one an earlier
+    layout extracted, with fewer, is extracted again)."""
     try:
-        proc = subprocess.Popen(
-            ["dpkg-deb", "--fsys-tarfile", str(deb)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        )
-    except FileNotFoundError:
-        raise GuestUnavailable("dpkg-deb is not installed") from None
-    assert proc.stdout is not None
-    found: bytes | None = None
-    modules: dict[str, bytes] = {}
+        return set(GUEST_MODULES) <= set((folder / MODULE_ORDER).read_text().split())
+    except OSError:
+        return False
+
+
+def _extract_vmlinuz(deb: Path) -> bytes:
+    """The ``./boot/vmlinuz-*`` member of a kernel .deb (via ``dpkg-deb --fsys-tarfile``)."""
     try:
-        with tarfile.open(fileobj=proc.stdout, mode="r|") as tar:
-            for member in tar:
-                vmlinuz = re.fullmatch(r"(\./)?boot/vmlinuz-[^/]+", member.name)
-                module = re.fullmatch(r"(\./)?lib/modules/[^/]+/kernel/drivers/.*/([^/]+)\.ko",
-                                      member.name)
-                name = module.group(2) if module else ""
-                if not member.isfile() or not (vmlinuz or name in MODULES):
-                    continue
-                f = tar.extractfile(member)
-                if f is None:
-                    continue
-                if vmlinuz:
-                    found = f.read()
-                else:
-                    modules[name] = f.read()
-    finally:
-        proc.stdout.close()
-        proc.kill()
-        proc.wait()
-    if found is None:
-        raise GuestUnavailable(f"{deb.name} holds no boot/vmlinuz-*")
-    return found, modules
+        with contextlib.closing(deb_members(deb, lambda name: bool(
+                re.fullmatch(r"(\./)?boot/vmlinuz-[^/]+", name)))) as members:
+            for _, data in members:
+                return data
+    except ModuleError as exc:
+        raise GuestUnavailable(str(exc)) from None
+    raise GuestUnavailable(f"{deb.name} holds no boot/vmlinuz-*")
+
+
+def _write_modules(deb: Path, target: Path, work: Path) -> None:
+    """The guest's modules from ``deb`` and their ``order`` file, into the folder ``target``."""
+    try:
+        modules = extract_modules(deb)
+    except ModuleError as exc:
+        raise GuestUnavailable(f"cannot extract the guest's kernel modules: {exc}") from None
+    work.mkdir()
+    for name, data in modules:
+        (work / f"{name}.ko").write_bytes(data)
+    (work / MODULE_ORDER).write_text("".join(f"{name}\n" for name, _ in modules))
+    if target.exists():  # an incomplete or older one
+        shutil.rmtree(target)
+    work.rename(target)
+
+
+def read_modules(folder: Path) -> list[tuple[str, bytes]]:
+    """(name, .ko) of a modules folder with its ``order`` file, in load order."""
+    names = (folder / MODULE_ORDER).read_text().split()
+    return [(name, (folder / f"{name}.ko").read_bytes()) for name in names]
 
 
 def compile_init(work: Path) -> bytes:
@@ -313,29 +366,31 @@ def ensure_guest(cache: Path | None = None) -> GuestImage:
     cache.mkdir(parents=True, exist_ok=True)
     with cache_lock(cache):
         kernel, modules = fetch_kernel(cache)
-        initrd = cache / "initrd.cpio"
-        stamp_path = cache / "stamp.json"
         inputs = {
             "layout": LAYOUT_VERSION,
             "dirty.c": _sha256(SOURCE.read_bytes()),
             "kernel": _sha256(kernel.read_bytes()),
-            "modules": {m: _sha256(data) for m, data in sorted(modules.items())},
+            "modules": [[name, _sha256(data)] for name, data in modules],
         }
-        try:
-            stamp = json.loads(stamp_path.read_text())
-        except (OSError, ValueError):
-            stamp = {}
-        if (
-            stamp.get("inputs") == inputs
-            and initrd.is_file()
-            and stamp.get("initrd") == _sha256(initrd.read_bytes())
-        ):
-            return GuestImage(kernel, initrd)
+        digest = _sha256(json.dumps(inputs, sort_keys=True).encode())[:INITRD_DIGEST]
+        initrd = cache / f"initrd-{digest}.cpio"
+        image = GuestImage(kernel, initrd, tuple(name for name, _ in modules))
+        if initrd.is_file():  # only ever there whole (renamed into place)
+            if time.time() - initrd.stat().st_mtime > PRUNE_AFTER_S / 2:
+                os.utime(initrd)  # in use: not pruned (rarely: the KVM probe's key has it)
+            return image
         with tempfile.TemporaryDirectory(dir=cache, prefix=".build-") as tmp:
             archive = initramfs(compile_init(Path(tmp)), modules)
         part = initrd.with_name(initrd.name + ".part")
         part.write_bytes(archive)
         part.replace(initrd)
-        stamp_path.write_text(json.dumps({"inputs": inputs, "initrd": _sha256(archive)}, indent=1))
-        return GuestImage(kernel, initrd)
+        _prune(cache, keep=initrd)
+        return image
 
+
+def _prune(cache: Path, keep: Path) -> None:
+    """Remove the initramfs builds of other inputs nobody used for :data:`PRUNE_AFTER_S`."""
+    for old in cache.glob("initrd-*.cpio"):
+        with contextlib.suppress(OSError):
+            if old != keep and time.time() - old.stat().st_mtime > PRUNE_AFTER_S:
+                old.unlink()

@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 
 from tests.daemon.backend_qemu_helpers import guest_xml, make_spec
-from virtmig.daemon.backend.qemu import QemuBackend
+from virtmig.daemon.backend.qemu import QemuBackend, parse_config
 from virtmig.daemon.backend.qemu.xmltable import (
     DELEGATED_NAMES,
     REFUSED_NAMES,
     TABLE,
     Kind,
+    Rule,
     table_names,
 )
 from virtmig.proto.errors import ConfigUnsupported
@@ -113,9 +114,24 @@ def test_metadata_is_not_entered() -> None:
 
 
 def test_delegated_subtrees_go_to_their_parser() -> None:
-    # <interface> is delegated to net.parse_interface; until it exists the dispatch refuses it.
-    assert TABLE["domain/devices/interface"].by == "net.parse_interface"
+    # <interface> is delegated to net.parse_interface: the table does not enter its subtree
+    # (<mac>, <link> are no paths of its own), net.py's allow-list checks it.
+    assert TABLE["domain/devices/interface"] == Rule(Kind.DELEGATED, "net.parse_interface")
     assert TABLE["domain/devices/disk"].kind is Kind.DELEGATED
-    with pytest.raises(ConfigUnsupported, match=r"unsupported device <interface type='user'>"):
-        QemuBackend().validate(make_spec(guest_xml(devices="<interface type='user'>"
-                                                           "<anything/></interface>")))
+    assert not any(p.startswith("domain/devices/interface/") for p in TABLE)
+    nic = ("<interface type='user'><mac address='52:54:00:00:00:07'/><model type='e1000'/>"
+           "<link state='down'/></interface>")
+    cfg = parse_config(make_spec(guest_xml(devices=nic)))
+    assert [(n.mac, n.model, n.link_up) for n in cfg.nics] == [("52:54:00:00:00:07", "e1000",
+                                                                 False)]
+    for inner, named in (("<anything/>", "element <anything>"),
+                         ("<bandwidth/>", "element <bandwidth>"),  # a name the table refuses
+                         ("<mac address='52:54:00:00:00:07' x='1'/>", "attribute 'x' of <mac>")):
+        with pytest.raises(ConfigUnsupported) as info:
+            QemuBackend().validate(make_spec(guest_xml(
+                devices=f"<interface type='user'>{inner}</interface>")))
+        # net.py's refusal, naming the interface and the part
+        assert str(info.value).startswith(
+            "unsupported configuration: unsupported device <interface type='user'> for the "
+            "qemu backend: "), str(info.value)
+        assert named in str(info.value)

@@ -51,6 +51,7 @@ def test_abi_other_host_details_pass(realistic: DomainDef) -> None:
         ("<alias name='virtio-disk0'/>", ""),
         ("<currentMemory unit='KiB'>2097152</currentMemory>", ""),
         ('workload="web"', 'workload="batch"'),
+        ("52:54:00:6b:3c:58", "52:54:00:6B:3C:58"),  # the same MAC, however written
     ]:
         assert old in text
         text = text.replace(old, new)
@@ -114,6 +115,11 @@ ABI_MISMATCHES = [
         "<controller type='sata' index='0'>",
         "<controller type='sata' index='0'/><controller type='scsi' index='0'>",
         "Target domain controller device count 2 does not match source 1",
+    ),
+    (
+        "<mac address='52:54:00:6b:3c:58'/>",
+        "<mac address='52:54:00:00:00:01'/>",
+        "Target network card MAC 52:54:00:00:00:01 does not match source 52:54:00:6b:3c:58",
     ),
 ]
 

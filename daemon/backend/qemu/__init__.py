@@ -22,6 +22,8 @@ Modules, one concern each, from the bottom up (a module imports only those above
   machine type pinning.
 * :mod:`.disks` -- ``<disk>`` and the disk controllers -> values -> command line, and
   libvirt's disk migration safety rule.
+* :mod:`.net` -- ``<interface>`` -> :class:`NicConfig` -> ``-netdev``/``-device`` (pure values);
+  :mod:`.tap` -- the taps the daemon creates for them and hands to QEMU as descriptors.
 * :mod:`.config` -- domain XML -> :class:`QemuConfig` -> command line; the supported subset.
 * :mod:`.monitor` -- QMP: the socket, the connection, one command (:class:`QmpCommandFailed`,
   :class:`QmpNoAnswer`; in band or out of band), the event pump, ``query-status`` and ``cont``.
@@ -45,6 +47,7 @@ from virtmig.daemon.backend.qemu.config import (
     DEFAULT_BINARY,
     DiskConfig,
     GuestFiles,
+    NicConfig,
     QemuConfig,
     SerialConfig,
     parse_config,
@@ -62,6 +65,7 @@ __all__ = [
     "UNLIMITED_BANDWIDTH",
     "DiskConfig",
     "GuestFiles",
+    "NicConfig",
     "QemuBackend",
     "QemuConfig",
     "QemuSettings",

@@ -207,6 +207,9 @@ class QemuBackend(Backend):
         try:
             _write_pid(guest.dir / PID_NAME, guest.pid)
             await connect(self._exec, guest, START_TIMEOUT)
+            for nic in cfg.nics:  # (a migrated NIC's link state also comes in its state)
+                if not nic.link_up:
+                    await self._exec(guest, "set_link", {"name": nic.id, "up": False})
         except BaseException:
             await stop_process(self._exec, guest)
             self._forget(guest)

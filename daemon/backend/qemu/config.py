@@ -21,8 +21,13 @@ against the honour-or-refuse table (:mod:`.xmltable`), then each part's parser c
   or ``type='file'``, both written to ``serialN.log`` in the guest's folder (no pty is ever
   allocated; a file serial must name that file); the machine's built-in PCI root (and q35's
   SATA) controller, ``<controller type='usb' model='none'>``, PS/2 inputs,
-  ``<memballoon model='none'>``, ``<video><model type='none'>`` (accepted, nothing added).
+  ``<memballoon model='none'>``, ``<video><model type='none'>`` (accepted, nothing added);
+  ``<interface>`` of type ``user``, ``ethernet`` or ``bridge`` (:mod:`.net`, with its own
+  allow-list; taps are created by the daemon, :mod:`.tap`, and passed as descriptors).
   No graphics: always ``-no-user-config -nodefaults -display none``.
+
+At define time :func:`canonical_xml` also writes a generated MAC (``52:54:00:xx:xx:xx``) into
+each ``<interface>`` that has none, so the guest keeps its MAC on every start and migration.
 
 What a definition may reach on the host (emulators, image folders, log files) is the concern of
 :mod:`virtmig.daemon.backend.qemu.confine`; here its rules become refusals that name the element.
@@ -62,11 +67,12 @@ from virtmig.daemon.backend.qemu.disks import (
 )
 from virtmig.daemon.backend.qemu.guest import SOCKET_NAME
 from virtmig.daemon.backend.qemu.machine import MachineConfig, parse_machine, pin_machine
+from virtmig.daemon.backend.qemu.net import NicConfig, assign_macs, parse_interface
 from virtmig.daemon.backend.qemu.xmltable import check_tree, unsupported_device
 from virtmig.daemon.domxml import DomainDef, parse_domain_xml
 from virtmig.proto.errors import ConfigUnsupported, VirtmigError
 
-__all__ = ["DEFAULT_BINARY", "DiskConfig", "GuestFiles", "Machines", "QemuConfig",
+__all__ = ["DEFAULT_BINARY", "DiskConfig", "GuestFiles", "Machines", "NicConfig", "QemuConfig",
            "SerialConfig", "canonical_xml", "parse_config"]
 
 _MACHINE_RE = re.compile(r"(pc|q35|pc-[A-Za-z0-9._-]+)")
@@ -87,18 +93,20 @@ class SerialConfig:
 @dataclass(frozen=True)
 class GuestFiles:
     """The descriptors the daemon opened for one QEMU, in the order of :class:`QemuConfig`'s
-    ``disks`` and ``serials`` (-1: no kernel, no initrd, an empty CD-ROM tray)."""
+    ``disks``, ``serials`` and ``nics`` (-1: no kernel, no initrd, an empty CD-ROM tray, a NIC
+    without a tap)."""
 
     disks: tuple[int, ...] = ()
     serials: tuple[int, ...] = ()
     kernel: int = -1
     initrd: int = -1
+    nics: tuple[int, ...] = ()  # the taps' descriptors
 
     @property
     def fds(self) -> tuple[int, ...]:
         """Every descriptor, for ``pass_fds``."""
-        return tuple(fd for fd in (*self.disks, *self.serials, self.kernel, self.initrd)
-                     if fd >= 0)
+        return tuple(fd for fd in (*self.disks, *self.serials, self.kernel, self.initrd,
+                                   *self.nics) if fd >= 0)
 
 
 @dataclass(frozen=True)
@@ -118,6 +126,7 @@ class QemuConfig:
     disks: tuple[DiskConfig, ...] = ()
     disk_controllers: tuple[DiskController, ...] = ()  # sata/scsi/ide (builtin: nothing added)
     serials: tuple[SerialConfig, ...] = ()
+    nics: tuple[NicConfig, ...] = ()  # -netdev/-device per <interface>
     # -machine options, -rtc, -boot, -action
     machine_cfg: MachineConfig = field(default_factory=MachineConfig)
 
@@ -167,6 +176,8 @@ class QemuConfig:
                 "-device", f"isa-serial,chardev={chardev},id=serial{serial.port},"
                 f"index={serial.port}",
             ]
+        for nic, fd in zip(self.nics, files.nics, strict=True):
+            args += nic.argv(fd)
         if incoming:
             args += ["-incoming", "defer"]
         args.append("-S")  # vCPUs start only on our "cont"
@@ -211,8 +222,8 @@ def parse_config(spec: GuestSpec, machines: Machines = None,
     accel = "kvm" if d.domain_type == "kvm" else "tcg"
     kernel, initrd, cmdline = _parse_os(root.find("os"), settings)
     log_dir = guests_dir / d.uuid if guests_dir is not None else None
-    emulator, (disks, controllers), serials = _parse_devices(root.find("devices"), machine,
-                                                             settings, log_dir)
+    emulator, (disks, controllers), serials, nics = _parse_devices(
+        root.find("devices"), machine, settings, log_dir)
     emulator = _emulator(emulator, settings)
     caps = caps_for(machines, emulator)
     if caps is not None and machine not in caps.machines:
@@ -234,6 +245,7 @@ def parse_config(spec: GuestSpec, machines: Machines = None,
         disks=disks,
         disk_controllers=controllers,
         serials=serials,
+        nics=nics,
         machine_cfg=parse_machine(root, accel, d.memory_kib, d.current_memory_kib),
     )
 
@@ -260,10 +272,12 @@ def _parse_domain(xml: str) -> tuple[DomainDef, etree._Element]:
 
 def canonical_xml(spec: GuestSpec, machines: Machines = None,
                   settings: QemuSettings | None = None) -> str:
-    """``spec``'s XML as the daemon should store it: its machine type pinned to the concrete
-    versioned type the emulator's alias stands for (``pc`` -> ``pc-i440fx-7.2``; no
-    ``machine=``: ``pc``'s).  Unchanged when nothing is to pin, the emulator's aliases are
-    unknown, or the definition is not one this backend runs (validation says why)."""
+    """``spec``'s XML as the daemon should store it: each ``<interface>`` without a MAC given
+    a generated ``52:54:00:xx:xx:xx`` one (random, unique within the domain, as libvirt does),
+    and its machine type pinned to the concrete versioned type the emulator's alias stands for
+    (``pc`` -> ``pc-i440fx-7.2``; no ``machine=``: ``pc``'s).  Unchanged when nothing is to
+    fill in, or the definition is not one this backend runs (validation says why); the machine
+    is left as it is when the emulator's aliases are unknown."""
     if not spec.xml:
         return spec.xml
     try:
@@ -272,11 +286,14 @@ def canonical_xml(spec: GuestSpec, machines: Machines = None,
         emulator = _emulator(_text(named), settings or QemuSettings().resolved())
     except ConfigUnsupported:
         return spec.xml
+    xml = d.xml
+    if assign_macs(root):
+        xml = etree.tostring(root.getroottree(), encoding="unicode")  # comments kept
     caps = caps_for(machines, emulator)
     if caps is None:
-        return spec.xml
+        return xml
     concrete = caps.concrete_machine(d.machine or "pc")
-    return spec.xml if concrete == d.machine else pin_machine(d.xml, concrete)
+    return xml if concrete == d.machine else pin_machine(xml, concrete)
 
 
 def _emulator(named: str, settings: QemuSettings) -> str:
@@ -313,12 +330,13 @@ def _parse_os(os_el: etree._Element | None, settings: QemuSettings) -> tuple[str
 def _parse_devices(
     devices: etree._Element | None, machine: str, settings: QemuSettings, log_dir: Path | None
 ) -> tuple[str, tuple[tuple[DiskConfig, ...], tuple[DiskController, ...]],
-           tuple[SerialConfig, ...]]:
-    """``<devices>``: the emulator named (``""``: none), the disks and their controllers, and
-    the serial ports (consoles included)."""
+           tuple[SerialConfig, ...], tuple[NicConfig, ...]]:
+    """``<devices>``: the emulator named (``""``: none), the disks and their controllers, the
+    serial ports (consoles included) and the network interfaces."""
     emulator = ""
     disks: list[DiskConfig] = []
     controllers: list[DiskController] = []
+    nics: list[NicConfig] = []
     serials: dict[int, SerialConfig] = {}
     consoles: list[etree._Element] = []
     for el in devices if devices is not None else ():
@@ -338,6 +356,8 @@ def _parse_devices(
             serials[serial.port] = serial
         elif tag == "console":
             consoles.append(el)
+        elif tag == "interface":
+            nics.append(parse_interface(el, len(nics), nics))
         else:
             _check_other_device(el, tag, machine)
     for el in consoles:
@@ -349,7 +369,7 @@ def _parse_devices(
         if port not in serials:  # a console on a serial port nobody declared: that port
             serials[port] = console
     storage = (tuple(disks), resolve_controllers(disks, controllers, machine))
-    return emulator, storage, tuple(serials[p] for p in sorted(serials))
+    return emulator, storage, tuple(serials[p] for p in sorted(serials)), tuple(nics)
 
 
 def _check_other_device(el: etree._Element, tag: str, machine: str) -> None:

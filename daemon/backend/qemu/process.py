@@ -42,6 +42,8 @@ from virtmig.daemon.backend.qemu.confine import (
 from virtmig.daemon.backend.qemu.guest import LOG_NAME, PID_NAME, SOCKET_NAME, _Guest
 from virtmig.daemon.backend.qemu.migration import _POSTCOPY_STATES, _TERMINAL
 from virtmig.daemon.backend.qemu.monitor import Exec, _socket_path, connect
+from virtmig.daemon.backend.qemu.net import NicConfig
+from virtmig.daemon.backend.qemu.tap import open_tap
 from virtmig.proto import logsafe
 
 log = logsafe.logger("virtmig.daemon.backend.qemu")
@@ -88,12 +90,21 @@ async def launch(cfg: QemuConfig, gdir: Path, *, incoming: bool, settings: QemuS
 @contextlib.contextmanager
 def open_guest_files(cfg: QemuConfig, settings: QemuSettings, gdir: Path,
                 owner: RunAs | None) -> Iterator[GuestFiles]:
-    """The guest's images and serial logs, opened for QEMU; closed here once it has them."""
+    """The guest's images, serial logs and taps, opened for QEMU; closed here once it has them
+    (a tap then lives as long as QEMU holds it)."""
     opened: list[int] = []
 
     def keep(fd: int) -> int:
         opened.append(fd)
         return fd
+
+    def tap(nic: NicConfig) -> int:
+        if not nic.needs_tap:
+            return -1
+        created = open_tap(nic)
+        log.info("qemu backend: guest %s: %s is tap %s%s", cfg.uuid, nic.id, created.name,
+                 f" on bridge {nic.bridge}" if nic.bridge else "")
+        return keep(created.fd)
 
     try:
         dirs = settings.storage_dirs
@@ -108,6 +119,7 @@ def open_guest_files(cfg: QemuConfig, settings: QemuSettings, gdir: Path,
                                    reader=owner)) if cfg.kernel else -1,
             initrd=keep(open_image("<os><initrd>", cfg.initrd, dirs, writable=False,
                                    reader=owner)) if cfg.initrd else -1,
+            nics=tuple(tap(nic) for nic in cfg.nics),
         )
         yield files
     finally:
