@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 from lxml import etree
 
-from virtmig.proto.errors import ConfigUnsupported, InvalidArgument, XMLError
+from virtmig.proto.errors import InvalidArgument, XMLError
 
 __all__ = [
     "DOMAIN_TYPES",
@@ -37,10 +37,10 @@ __all__ = [
     "MAX_XML_BYTES",
     "VIRTMIG_NS",
     "DomainDef",
-    "check_abi_stability",
     "check_name_length",
     "device_counts",
     "format_domain_xml",
+    "interface_macs",
     "parse_domain_xml",
     "parse_memory_kib",
     "rename",
@@ -552,54 +552,7 @@ def device_counts(d: DomainDef, *, migratable: bool = True) -> dict[str, int]:
     return _device_counts(_migratable_tree(d) if migratable else _parse_tree(d.xml))
 
 
-def check_abi_stability(src: DomainDef, dst: DomainDef) -> None:
-    """Raise ConfigUnsupported (libvirt's wording) at the first guest-visible difference.
-
-    Host-side details such as disk source paths may differ.  Device kinds are compared by count
-    on the migratable forms, so an implicit controller on one side only does not matter; the
-    network cards' MACs one by one.
-    """
-    if dst.name != src.name:
-        raise ConfigUnsupported(
-            f"Target domain name '{dst.name}' does not match source '{src.name}'"
-        )
-    if dst.uuid != src.uuid:
-        raise ConfigUnsupported(f"Target domain uuid {dst.uuid} does not match source {src.uuid}")
-    if dst.domain_type != src.domain_type:
-        raise ConfigUnsupported(
-            f"Target domain virt type {dst.domain_type} does not match source {src.domain_type}"
-        )
-    if dst.memory_kib != src.memory_kib:
-        raise ConfigUnsupported(
-            f"Target domain max memory {dst.memory_kib} does not match source {src.memory_kib}"
-        )
-    if dst.vcpus != src.vcpus:
-        raise ConfigUnsupported(
-            f"Target domain vCPU max {dst.vcpus} does not match source {src.vcpus}"
-        )
-    if dst.os_type != src.os_type:
-        raise ConfigUnsupported(
-            f"Target domain OS type {dst.os_type} does not match source {src.os_type}"
-        )
-    if dst.arch != src.arch:
-        raise ConfigUnsupported(
-            f"Target domain architecture {dst.arch} does not match source {src.arch}"
-        )
-    if dst.machine != src.machine:
-        raise ConfigUnsupported(
-            f"Target domain machine type {dst.machine} does not match source {src.machine}"
-        )
-    src_counts = device_counts(src)
-    dst_counts = device_counts(dst)
-    for kind in [*src_counts, *(k for k in dst_counts if k not in src_counts)]:
-        theirs, ours = dst_counts.get(kind, 0), src_counts.get(kind, 0)
-        if theirs != ours:
-            raise ConfigUnsupported(
-                f"Target domain {kind} device count {theirs} does not match source {ours}"
-            )
-    macs = (_parse_tree(d.xml).getroot().findall("devices/interface/mac") for d in (src, dst))
-    for ours_el, theirs_el in zip(*macs, strict=False):
-        ours, theirs = (m.get("address", "").lower() for m in (ours_el, theirs_el))
-        if theirs != ours:
-            raise ConfigUnsupported(
-                f"Target network card MAC {theirs} does not match source {ours}")
+def interface_macs(d: DomainDef) -> list[str]:
+    """The network cards' MAC addresses, in order, lower case ("" for a card without one)."""
+    root = _parse_tree(d.xml).getroot()
+    return [m.get("address", "").lower() for m in root.findall("devices/interface/mac")]

@@ -18,6 +18,7 @@ import dataclasses
 
 from virtmig.daemon import cookie as ck
 from virtmig.daemon import jobctl, locate
+from virtmig.daemon.abi import check_abi_stability
 from virtmig.daemon.backend.base import (
     BackendError,
     MigrationCancelled,
@@ -28,7 +29,6 @@ from virtmig.daemon.backend.base import (
 from virtmig.daemon.core import Daemon
 from virtmig.daemon.domxml import (
     DomainDef,
-    check_abi_stability,
     format_domain_xml,
     parse_domain_xml,
 )

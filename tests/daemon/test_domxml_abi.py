@@ -9,9 +9,9 @@ import pytest
 
 from tests.daemon import domxml_helpers
 from tests.daemon.domxml_helpers import REALISTIC, REALISTIC_UUID
+from virtmig.daemon.abi import check_abi_stability
 from virtmig.daemon.domxml import (
     DomainDef,
-    check_abi_stability,
     device_counts,
     format_domain_xml,
     parse_domain_xml,
