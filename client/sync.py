@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Coroutine, Generator
 from typing import Any, TypeVar
 
 from virtmig.client.connection import AsyncConnection
+from virtmig.client.sequence import Trace
 from virtmig.client.values import (
     Domain,
     DomainInfo,
@@ -132,8 +133,9 @@ class Connection:
     def state_detail(self, key: DomainKey) -> tuple[DomainState, int, str, str]:
         return self._run(self.aconn.state_detail(key))
 
-    def guest_location(self, uuid: str, migration_id: str = "") -> GuestLocation:
-        return self._run(self.aconn.guest_location(uuid, migration_id))
+    def guest_location(self, uuid: str, migration_id: str = "", *,
+                       timeout: float | None = None) -> GuestLocation:
+        return self._run(self.aconn.guest_location(uuid, migration_id, timeout=timeout))
 
     def destroy(self, key: DomainKey) -> None:
         self._run(self.aconn.destroy(key))
@@ -192,18 +194,18 @@ class Connection:
     # --- migration --------------------------------------------------------------------------
 
     def migrate3(self, key: DomainKey, dconn: Connection, params: TypedParams,
-                 flags: int | MigrateFlags) -> Domain:
+                 flags: int | MigrateFlags, *, trace: Trace | None = None) -> Domain:
         # Both connections' channels belong to their own loops: run the driver on ours, with a
         # connection to the destination opened on this loop.
         async def go() -> Domain:
             async with await AsyncConnection.open(str(dconn.aconn.uri)) as d:
-                return await self.aconn.migrate3(key, d, params, flags)
+                return await self.aconn.migrate3(key, d, params, flags, trace=trace)
 
         return self._run(go())
 
     def migrate_to_uri3(self, key: DomainKey, dconnuri: str | None, params: TypedParams,
-                        flags: int | MigrateFlags) -> None:
-        self._run(self.aconn.migrate_to_uri3(key, dconnuri, params, flags))
+                        flags: int | MigrateFlags, *, trace: Trace | None = None) -> None:
+        self._run(self.aconn.migrate_to_uri3(key, dconnuri, params, flags, trace=trace))
 
 
 def open(uri: str | None = None, *,

@@ -27,7 +27,7 @@ from virtmig.daemon.backend.qemu import QemuBackend
 from virtmig.proto.errors import NoDomain, OperationFailed
 from virtmig.proto.flags import DomainState, JobType, MigrateFlags
 from virtmig.proto.params import TypedParams
-from virtmig.testing import guest_or_skip, qemu_binary_or_skip
+from virtmig.testing import guest_or_skip, qemu_binary_or_skip, wait_until
 
 pytestmark = pytest.mark.qemu
 
@@ -197,7 +197,17 @@ async def test_p2p_row_confirm_fails_on_qemu(pair: tuple[Host, Host],
 
     monkeypatch.setattr(p2p.LocalSource, "confirm", broken)
     await p2p_migrate(src, dst)  # the result is Finish's
-    await left_paused(src, dst, uuid)
-    await src.conn.destroy("vm1")
+    # The source's copy is never resumed: it stays paused until the source daemon has asked the
+    # destination about this migration (its run ended without a Confirm), then it is shut off
+    # as migrated and its QEMU goes.
+    assert await dst.conn.state("vm1") == (DomainState.RUNNING, 2, "migrated")
+    assert await qemu_status(src, uuid) in ("postmigrate", "gone")
+
+    async def settled() -> bool:
+        state, _code, reason = await src.conn.state("vm1")
+        assert state is not DomainState.RUNNING
+        return state is DomainState.SHUTOFF and reason == "migrated"
+
+    await wait_until(settled, timeout=60, what="the source's copy shut off as migrated")
     assert await qemu_status(src, uuid) == "gone"
     await no_jobs(src, dst)
