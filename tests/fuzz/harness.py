@@ -41,7 +41,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
 
+from tests.fuzz.strategies import expand
 from virtmig.client.rpc import SESSION_METADATA_KEY, RpcConnection
 from virtmig.daemon.backend.test import TestBackend
 from virtmig.daemon.job import Phase
@@ -97,6 +100,40 @@ def check_code(method: str, code: grpc.StatusCode, details: str, trailers: Any) 
     if cls is None and code is grpc.StatusCode.CANCELLED:
         return  # the example cancelled it
     raise DaemonBug(f"{method}: unexpected status {code.name} ({cls}): {details}")
+
+
+def expanded(msg: Any) -> Any:
+    """``msg`` with the huge-string markers of its string fields expanded (see
+    :mod:`tests.fuzz.strategies`); a copy when there are any, so the message hypothesis keeps
+    stays small."""
+    if not _has_marker(msg):
+        return msg
+    out = type(msg)()
+    out.CopyFrom(msg)
+    _expand_in(out)
+    return out
+
+
+def _has_marker(msg: Message) -> bool:
+    for field, value in msg.ListFields():
+        values = value if field.is_repeated else (value,)
+        if field.type == FieldDescriptor.TYPE_STRING and any("\u27e6" in v for v in values):
+            return True
+        if field.message_type is not None and any(_has_marker(v) for v in values):
+            return True
+    return False
+
+
+def _expand_in(msg: Message) -> None:
+    for field, value in msg.ListFields():
+        if field.message_type is not None:
+            for v in value if field.is_repeated else (value,):
+                _expand_in(v)
+        elif field.type == FieldDescriptor.TYPE_STRING:
+            if field.is_repeated:
+                value[:] = [expand(v) for v in value]
+            else:
+                setattr(msg, field.name, expand(value))
 
 
 class BugLog(logging.Handler):
@@ -218,7 +255,7 @@ class Caller:
             timeout = WAIT_DEADLINE_S if method in WAITING_METHODS else CALL_DEADLINE_S
         try:
             reply = await getattr(self.stub(role, service), method)(
-                request, timeout=timeout, metadata=metadata)
+                expanded(request), timeout=timeout, metadata=metadata)
         except grpc.aio.AioRpcError as exc:
             check_status(method, exc)
             self.env.count(f"{method}:{exc.code().name}: {(exc.details() or '')[:70]}")
@@ -230,7 +267,7 @@ class Caller:
                      reads: int = 2, timeout: float = 0.3) -> list[Any]:
         """A server stream: read up to ``reads`` messages, each within ``timeout``, then
         cancel it."""
-        call = getattr(self.stub(role, service), method)(request)
+        call = getattr(self.stub(role, service), method)(expanded(request))
         got: list[Any] = []
         try:
             for _ in range(reads):
@@ -351,4 +388,4 @@ async def finish_example(env: Env, caller: Caller) -> None:
 
 
 __all__ = ["Caller", "DaemonBug", "Env", "check_invariants", "cleanup", "daemon_env",
-           "finish_example", "start_host"]
+           "expanded", "finish_example", "start_host"]

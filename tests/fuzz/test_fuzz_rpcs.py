@@ -24,6 +24,7 @@ from tests.fuzz.harness import (
     Env,
     check_code,
     check_status,
+    expanded,
     finish_example,
 )
 from tests.fuzz.strategies import RequestContext, messages, texts
@@ -158,7 +159,7 @@ async def tunnel(caller: Caller, role: str, chunks: list[Any]) -> None:
         for chunk in chunks:
             if call.done():
                 break
-            await call.write(chunk)
+            await call.write(expanded(chunk))
         if not call.done():
             await call.done_writing()
         while await call.read() is not grpc.aio.EOF:  # type: ignore[attr-defined]
