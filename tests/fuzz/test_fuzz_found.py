@@ -8,6 +8,7 @@ import pytest
 
 from virtmig.client.migrate import RemoteDest, RemoteSource
 from virtmig.client.rpc import RpcConnection
+from virtmig.daemon.backend.test import TestBackend
 from virtmig.proto import virtmig_pb2 as pb
 from virtmig.proto.errors import ERROR_METADATA_KEY
 from virtmig.proto.flags import DomainState
@@ -32,7 +33,6 @@ async def test_empty_tunnel_stream_is_refused(pair: tuple[Host, Host]) -> None:
     assert "first message" in (err.value.details() or "")
 
 
-
 async def test_confirm_with_a_bad_cookie_can_still_be_cancelled(pair: tuple[Host, Host]) -> None:
     """Confirm with a bad cookie left the job in phase confirm3, so the Confirm(cancelled) that
     follows failed with INTERNAL "migration protocol going backwards" and the job stayed."""
@@ -50,3 +50,20 @@ async def test_confirm_with_a_bad_cookie_can_still_be_cancelled(pair: tuple[Host
     await stub.Confirm3(pb.Confirm3Request(domain=ref, flags=F.LIVE, cancelled=True))
     assert src.daemon.registry.by_name("vm1").job is None
     assert (await src.conn.state("vm1"))[0] is DomainState.RUNNING
+
+
+async def test_migrated_domains_leave_nothing_in_the_test_backends(pair: tuple[Host, Host]) -> None:
+    """After a completed migration and the destroy of the migrated guest, the test backends kept
+    each migration (and through it both guests' page structures) for the daemon's life: RSS grew
+    with every migrated domain (found: the check that ended migrations hold no guest)."""
+    src, dst = pair
+    for name in ("vm1", "vm2", "vm3"):
+        await src.conn.define(domain_xml(name, memory_mib=4, dirty_rate_mib=2))
+        await src.conn.start(name)
+        await src.conn.migrate3(name, dst.conn, TypedParams(), F.LIVE)
+        await dst.conn.destroy(name)
+    for host in (src, dst):
+        backend = host.daemon.backend
+        assert isinstance(backend, TestBackend)
+        assert (backend._guests, backend._progress, backend._incoming) == ({}, {}, {})
+        assert len(backend._ended) == 3
