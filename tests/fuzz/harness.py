@@ -60,10 +60,12 @@ INCOMING_JOB_TIMEOUT_S = 0.5
 # The daemons' `test_max_memory_mib` (see the module docstring).
 MAX_MEMORY_MIB = {"src": 64, "dst": 64 * 1024}
 # The daemons' `completion_timeout_per_gib`: a migration that never converges (a guest dirtying
-# faster than the link) is aborted by the daemon within a few seconds, not by the call deadline.
-COMPLETION_TIMEOUT_PER_GIB_S = 1024.0
+# faster than the link) is aborted by the daemon itself, within MIGRATING_DEADLINE_S even for the
+# largest guest the source takes (64 MiB: 16 s), not by the caller's deadline.
+COMPLETION_TIMEOUT_PER_GIB_S = 256.0
 
 CALL_DEADLINE_S = 15.0  # any single call of an example
+MIGRATING_DEADLINE_S = 30.0  # a call that migrates (Perform) or waits for the end (Confirm)
 WAIT_DEADLINE_S = 1.5  # a call that may wait for a stream that never comes (Finish)
 LIST_DEADLINE_S = 10.0  # `list` after an example: "promptly", on a loaded machine
 CLEANUP_DEADLINE_S = 20.0  # the daemon's own rollback of a job whose session ended
@@ -72,6 +74,7 @@ RSS_BOUND_BYTES = 512 * 1024 * 1024
 
 # Calls that wait for the incoming stream (Finish): a caller's deadline may end them.
 WAITING_METHODS = frozenset({"Finish3", "Finish3Params"})
+MIGRATING_METHODS = frozenset({"Perform3", "Perform3Params", "Confirm3", "Confirm3Params"})
 
 # gRPC's own refusal of a request larger than the daemon's receive limit (4 MiB): no handler
 # runs, so it carries no virtmig error class; it is a clean refusal of the caller's input.
@@ -252,7 +255,8 @@ class Caller:
             session or "", "")
         metadata = ((SESSION_METADATA_KEY, sid),) if sid else None
         if timeout is None:
-            timeout = WAIT_DEADLINE_S if method in WAITING_METHODS else CALL_DEADLINE_S
+            timeout = (WAIT_DEADLINE_S if method in WAITING_METHODS else MIGRATING_DEADLINE_S
+                       if method in MIGRATING_METHODS else CALL_DEADLINE_S)
         try:
             reply = await getattr(self.stub(role, service), method)(
                 expanded(request), timeout=timeout, metadata=metadata)
