@@ -73,7 +73,9 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 # Strings that are not addresses: each fails to parse before any name could be resolved.
 NOT_ADDRESSES = ("", ":", "tcp:", "tcp://", "tcp://:1", "tcp://[::1", "rdma://127.0.0.1:1",
                  "unix:", "%", "tcp://127.0.0.1:notaport", "tcp://127.0.0.1:99999",
-                 "tcp://127.0.0.1:-1", "virtmig+bogus://127.0.0.1", "\u00e9\u0000")
+                 "tcp://127.0.0.1:-1", "virtmig+bogus://127.0.0.1", "\u00e9\u0000",
+                 "tcp:[::1:1", "tcp://[127.0.0.1]:1", "virtmig+tls://[::1",
+                 "virtmig+tls://[127.0.0.1]:1")
 
 ports = st.one_of(st.sampled_from([0, 1, 65535, 65536, 49152, 49215]),
                   st.integers(1024, 65535))

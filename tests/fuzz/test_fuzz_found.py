@@ -67,3 +67,28 @@ async def test_migrated_domains_leave_nothing_in_the_test_backends(pair: tuple[H
         assert isinstance(backend, TestBackend)
         assert (backend._guests, backend._progress, backend._incoming) == ({}, {}, {})
         assert len(backend._ended) == 3
+
+
+@pytest.mark.parametrize("uri", ["tcp://[::1", "tcp:[::1:49152", "tcp://[127.0.0.1]:49152"])
+async def test_unparsable_migration_uri_is_refused(pair: tuple[Host, Host], uri: str) -> None:
+    """A migration URI urllib cannot split (an unbalanced IPv6 bracket) in Prepare's ``uri_in``
+    or Perform's ``uri`` (found: INTERNAL "ValueError: Invalid IPv6 URL", logged as a bug)."""
+    src, dst = pair
+    await src.conn.define(domain_xml("vm1", memory_mib=4))
+    await src.conn.start("vm1")
+    s = RemoteSource(src.conn, False)
+    xml, cookie = await s.begin("vm1", TypedParams(), F.LIVE)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await dst.conn.migration_stub.Prepare3(pb.Prepare3Request(
+            cookie_in=cookie, flags=F.LIVE, dom_xml=xml, uri_in=uri))
+    assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "Unable to parse migration URI" in (err.value.details() or "")
+    assert not list(dst.daemon.registry)
+    d = RemoteDest(dst.conn, False)
+    cookie, _uri = await d.prepare(TypedParams.of({P.DEST_XML: xml}), cookie, F.LIVE)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await src.conn.migration_stub.Perform3(pb.Perform3Request(
+            domain=pb.DomainRef(name="vm1"), cookie_in=cookie, flags=F.LIVE, uri=uri))
+    assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "Unable to parse migration URI" in (err.value.details() or "")
+    assert (await src.conn.state("vm1"))[0] is DomainState.RUNNING
