@@ -15,7 +15,7 @@ import ipaddress
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import parse_qsl, quote, urlsplit
+from urllib.parse import SplitResult, parse_qsl, quote, urlsplit
 
 from virtmig.proto.errors import InvalidArgument
 
@@ -83,7 +83,7 @@ def check_not_local(uri: str) -> None:
     URI, names the source host itself.  (Addresses are not resolved: the cookie's host UUID
     check catches the rest.)
     """
-    parts = urlsplit(uri)
+    parts = _split(uri, "connection")
     host = parts.hostname
     if host:
         local = host.startswith("localhost")
@@ -99,7 +99,7 @@ def parse_uri(uri: str | None) -> ConnectURI:
         uri = os.environ.get(DEFAULT_URI_ENV) or ""
     if not uri or uri in ("virtmig:///", "virtmig:///system"):
         return ConnectURI("unix", path=str(default_socket_path()))
-    parts = urlsplit(uri)
+    parts = _split(uri, "connection")
     scheme = parts.scheme
     if scheme in ("virtmig+unix", "unix"):
         if parts.netloc:
@@ -120,6 +120,16 @@ def parse_uri(uri: str | None) -> ConnectURI:
         raise InvalidArgument(f"invalid port in connection URI '{uri}'") from exc
     pki_dir = _pkipath(uri, parts.query) if transport == "tls" else ""
     return ConnectURI(transport, host=parts.hostname, port=port, pki_dir=pki_dir)
+
+
+def _split(uri: str, what: str) -> SplitResult:
+    """``urlsplit``, whose ValueError (an unbalanced '[', an IPv4 address in brackets) is the
+    caller's mistake."""
+    try:
+        return urlsplit(uri)
+    except ValueError as exc:
+        shown = uri if len(uri) <= 80 else uri[:80] + "..."
+        raise InvalidArgument(f"cannot parse {what} URI '{shown}': {exc}") from None
 
 
 _NETWORK_SCHEMES = {"virtmig+tls": "tls", "tls": "tls", "virtmig+tcp": "tcp", "tcp": "tcp"}
@@ -159,7 +169,7 @@ class ListenURI:
 
 
 def parse_listen(uri: str) -> ListenURI:
-    parts = urlsplit(uri)
+    parts = _split(uri, "listen")
     if parts.scheme == "unix":
         if not parts.path:
             raise InvalidArgument(f"missing socket path in listen URI '{uri}'")

@@ -31,17 +31,27 @@ def dst_parse_uri_in(uri: str) -> tuple[str, int | None]:
     """libvirt's rules for a caller-given migration URI on the destination."""
     if uri.startswith("tcp:") and not uri.startswith("tcp://"):
         uri = "tcp://" + uri[len("tcp:"):]
-    parts = urlsplit(uri)
+    shown = _shown(uri)
+    try:
+        parts = urlsplit(uri)
+    except ValueError:  # an unbalanced '[' (IPv6 literal) and the like
+        raise InvalidArgument(f"Unable to parse migration URI {shown}") from None
     if not parts.scheme:
-        raise InvalidArgument(f"missing scheme in migration URI: {uri}")
+        raise InvalidArgument(f"missing scheme in migration URI: {shown}")
     if parts.scheme != "tcp":
-        raise ArgumentUnsupported(f"unsupported scheme {parts.scheme} in migration URI {uri}")
+        raise ArgumentUnsupported(
+            f"unsupported scheme {_shown(parts.scheme)} in migration URI {shown}")
     if not parts.hostname:
-        raise InvalidArgument(f"missing host in migration URI: {uri}")
+        raise InvalidArgument(f"missing host in migration URI: {shown}")
     try:
         return parts.hostname, parts.port
     except ValueError as exc:
-        raise InvalidArgument(f"bad port in migration URI: {uri}") from exc
+        raise InvalidArgument(f"bad port in migration URI: {shown}") from exc
+
+
+def _shown(text: str) -> str:
+    """A caller's string as it goes into a message: at most :data:`_SHOWN` characters."""
+    return text if len(text) <= _SHOWN else text[:_SHOWN] + "..."
 
 
 def dst_uri_out(host: str, port: int, *, given: bool) -> str:
@@ -84,7 +94,7 @@ async def dst_check_listen(address: str, migration_address: str) -> None:
     host name resolves to must be one)."""
     if address == migration_address:
         return
-    shown = address if len(address) <= _SHOWN else address[:_SHOWN] + "..."
+    shown = _shown(address)
     for ip in await _resolve(address, shown):
         if ip not in WILDCARDS and ip not in host_addresses():
             raise InvalidArgument(
@@ -111,5 +121,5 @@ def src_parse_uri(uri: str | None) -> StreamAddress:
         raise InvalidArgument("migration URI is required")
     host, port = dst_parse_uri_in(uri)
     if port is None:
-        raise InvalidArgument(f"missing port in migration URI: {uri}")
+        raise InvalidArgument(f"missing port in migration URI: {_shown(uri)}")
     return StreamAddress(host, port)

@@ -9,15 +9,22 @@ fails the example instead of hanging it.
 What an example may legitimately leave: nothing.  It opens its own connections (and sessions,
 when it draws them), and :func:`cleanup` then does what a careful caller would, through the
 public API only: close those connections, so their sessions end (a job the session owned must
-then end by itself, the daemon's rule); end a session-less job with Confirm/Finish(cancelled);
-destroy and undefine every domain.  After that both daemons must be back where every example
-starts (:func:`check_invariants`): ``list`` answers within :data:`LIST_DEADLINE_S` and is empty,
-no job, no guest in the backend, no migration port taken, no file in the state dir, no daemon
-bug logged, and this process's RSS within :data:`RSS_BOUND_BYTES` of what it was at the start.
+then end by itself, the daemon's rule); wait for the daemon to roll back every job no session
+owns (its ``incoming_job_timeout`` is :data:`INCOMING_JOB_TIMEOUT_S` here); destroy and undefine
+every domain.  After that both daemons must be back where every example starts
+(:func:`check_invariants`): ``list`` answers within :data:`LIST_DEADLINE_S` and is empty, no job,
+no guest and no migration (live or holding a guest) in the backend, no migration port taken, no
+file in the state dir, no daemon bug logged, and this process's RSS within
+:data:`RSS_BOUND_BYTES` of what it was at the start.
+
+The daemons' guest memory limits (:data:`MAX_MEMORY_MIB`): small on the source, so the guests
+examples migrate stay cheap; large on the destination, so huge declared guests are defined and
+started there (the test backend's memory is sparse: a guest costs what it writes).
 
 Every status an example gets is checked as it arrives (:func:`check_status`): a typed virtmig
-error is fine; UNKNOWN, or INTERNAL that is not one of libvirt's own internal errors, is a daemon
-bug and fails the example.
+error is fine, and so is gRPC's own refusal of a request over its message size limit; UNKNOWN,
+or INTERNAL that is not a typed error either (an ``InternalError`` is a daemon bug: a caller's bad
+cookie is a ``CookieError``, INVALID_ARGUMENT), fails the example.
 """
 
 from __future__ import annotations
@@ -34,30 +41,31 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
 
+from tests.fuzz.strategies import expand
 from virtmig.client.rpc import SESSION_METADATA_KEY, RpcConnection
 from virtmig.daemon.backend.test import TestBackend
-from virtmig.daemon.job import AsyncJob
-from virtmig.daemon.migration import any_owner_gone
+from virtmig.daemon.job import Phase
 from virtmig.proto import virtmig_pb2 as pb
 from virtmig.proto.errors import ERROR_METADATA_KEY, VirtmigError
 from virtmig.testing import Host, start_host, teardown_hosts, wait_until
 
 T = TypeVar("T")
 
-# An abandoned incoming job (Prepare without Finish, by a caller that never opened a session)
-# is rolled back by the daemon itself once `incoming_job_timeout` exists (issue 11, D): set
-# this to a short timeout then (e.g. 0.5); the daemons get it and the check waits for the
-# rollback.  Until then (None) the harness rolls such a job back itself, as the timeout will.
-INCOMING_JOB_TIMEOUT_S: float | None = None
-
-# The test backend keeps every ended migration (its Incoming/Outgoing, which hold the guest's
-# page arrays) after the guest is destroyed, for the daemon's life: RSS grows with each
-# migration.  While True, the check for that is off; turn it on once destroyed guests leave
-# nothing behind (issue 11, C1: the test backend's memory cost).
-PENDING_ENDED_MIGRATIONS_KEPT = True
+# The daemons' `incoming_job_timeout`: a job no session owns (a caller that never opened one)
+# is rolled back by the daemon itself after this long idle, and the check waits for that.
+INCOMING_JOB_TIMEOUT_S = 0.5
+# The daemons' `test_max_memory_mib` (see the module docstring).
+MAX_MEMORY_MIB = {"src": 64, "dst": 64 * 1024}
+# The daemons' `completion_timeout_per_gib`: a migration that never converges (a guest dirtying
+# faster than the link) is aborted by the daemon itself, within MIGRATING_DEADLINE_S even for the
+# largest guest the source takes (64 MiB: 16 s), not by the caller's deadline.
+COMPLETION_TIMEOUT_PER_GIB_S = 256.0
 
 CALL_DEADLINE_S = 15.0  # any single call of an example
+MIGRATING_DEADLINE_S = 30.0  # a call that migrates (Perform) or waits for the end (Confirm)
 WAIT_DEADLINE_S = 1.5  # a call that may wait for a stream that never comes (Finish)
 LIST_DEADLINE_S = 10.0  # `list` after an example: "promptly", on a loaded machine
 CLEANUP_DEADLINE_S = 20.0  # the daemon's own rollback of a job whose session ended
@@ -66,22 +74,12 @@ RSS_BOUND_BYTES = 512 * 1024 * 1024
 
 # Calls that wait for the incoming stream (Finish): a caller's deadline may end them.
 WAITING_METHODS = frozenset({"Finish3", "Finish3Params", "Finish2"})
+MIGRATING_METHODS = frozenset({"Perform3", "Perform3Params", "Perform", "Confirm3",
+                               "Confirm3Params"})
 
-# libvirt's own VIR_ERR_INTERNAL_ERROR messages (the migration cookie's checks): a caller's bad
-# cookie, not a daemon bug.  Issue 11 (D) makes a caller's mistake INVALID_ARGUMENT; empty this
-# list then.
-PENDING_LIBVIRT_INTERNAL_ERRORS = tuple(re.compile(p) for p in (
-    r"^internal error: (missing|malformed) \w+ element in migration data$",
-    r"^internal error: Incoming cookie data had unexpected (name|UUID) ",
-    r"^internal error: Attempt to migrate guest to the same host ",
-    r"^internal error: Migration cookie (was not NULL terminated|contains an embedded NUL)",
-    r"^internal error: Malformed migration cookie",
-    r"^internal error: Migration cookie is too large",
-    r"^internal error: (Unknown|Unsupported) migration cookie feature ",
-    r"^internal error: missing (feature|migration capability) name$",
-    r"^internal error: Too many domain elements in migration cookie$",
-    r"^internal error: .*statistics",
-))
+# gRPC's own refusal of a request larger than the daemon's receive limit (4 MiB): no handler
+# runs, so it carries no virtmig error class; it is a clean refusal of the caller's input.
+GRPC_TOO_LARGE = re.compile(r"^(SERVER: )?Received message larger than max \(\d+ vs\. \d+\)$")
 
 
 class DaemonBug(AssertionError):
@@ -98,13 +96,48 @@ def check_code(method: str, code: grpc.StatusCode, details: str, trailers: Any) 
     cls = dict(trailers or ()).get(ERROR_METADATA_KEY)
     if cls is not None and cls != "InternalError":
         return
-    if cls == "InternalError" and any(p.search(details) for p in PENDING_LIBVIRT_INTERNAL_ERRORS):
+    if cls is None and code is grpc.StatusCode.RESOURCE_EXHAUSTED and GRPC_TOO_LARGE.match(
+            details):
         return
     if cls is None and code is grpc.StatusCode.DEADLINE_EXCEEDED and method in WAITING_METHODS:
         return
     if cls is None and code is grpc.StatusCode.CANCELLED:
         return  # the example cancelled it
     raise DaemonBug(f"{method}: unexpected status {code.name} ({cls}): {details}")
+
+
+def expanded(msg: Any) -> Any:
+    """``msg`` with the huge-string markers of its string fields expanded (see
+    :mod:`tests.fuzz.strategies`); a copy when there are any, so the message hypothesis keeps
+    stays small."""
+    if not _has_marker(msg):
+        return msg
+    out = type(msg)()
+    out.CopyFrom(msg)
+    _expand_in(out)
+    return out
+
+
+def _has_marker(msg: Message) -> bool:
+    for field, value in msg.ListFields():
+        values = value if field.is_repeated else (value,)
+        if field.type == FieldDescriptor.TYPE_STRING and any("\u27e6" in v for v in values):
+            return True
+        if field.message_type is not None and any(_has_marker(v) for v in values):
+            return True
+    return False
+
+
+def _expand_in(msg: Message) -> None:
+    for field, value in msg.ListFields():
+        if field.message_type is not None:
+            for v in value if field.is_repeated else (value,):
+                _expand_in(v)
+        elif field.type == FieldDescriptor.TYPE_STRING:
+            if field.is_repeated:
+                value[:] = [expand(v) for v in value]
+            else:
+                setattr(msg, field.name, expand(value))
 
 
 class BugLog(logging.Handler):
@@ -164,8 +197,8 @@ def rss_bytes() -> int:
 @contextlib.contextmanager
 def daemon_env(tmp: Path, **settings: object) -> Iterator[Env]:
     """Two daemons (``src``, ``dst``) in a loop thread; stopped, with their guests, at the end."""
-    if INCOMING_JOB_TIMEOUT_S is not None:
-        settings["incoming_job_timeout"] = INCOMING_JOB_TIMEOUT_S
+    settings.setdefault("incoming_job_timeout", INCOMING_JOB_TIMEOUT_S)
+    settings.setdefault("completion_timeout_per_gib_s", COMPLETION_TIMEOUT_PER_GIB_S)
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="fuzz-daemons", daemon=True)
     thread.start()
@@ -181,7 +214,8 @@ def daemon_env(tmp: Path, **settings: object) -> Iterator[Env]:
     started: list[Host] = []
     try:
         for name in ("src", "dst"):
-            started.append(run(start_host(tmp, name, **settings)))  # type: ignore[arg-type]
+            own = {"test_max_memory_mib": MAX_MEMORY_MIB[name], **settings}
+            started.append(run(start_host(tmp, name, **own)))  # type: ignore[arg-type]
         yield Env(loop, started[0], started[1], rss_bytes(), bugs)
     finally:
         try:
@@ -222,10 +256,11 @@ class Caller:
             session or "", "")
         metadata = ((SESSION_METADATA_KEY, sid),) if sid else None
         if timeout is None:
-            timeout = WAIT_DEADLINE_S if method in WAITING_METHODS else CALL_DEADLINE_S
+            timeout = (WAIT_DEADLINE_S if method in WAITING_METHODS else MIGRATING_DEADLINE_S
+                       if method in MIGRATING_METHODS else CALL_DEADLINE_S)
         try:
             reply = await getattr(self.stub(role, service), method)(
-                request, timeout=timeout, metadata=metadata)
+                expanded(request), timeout=timeout, metadata=metadata)
         except grpc.aio.AioRpcError as exc:
             check_status(method, exc)
             self.env.count(f"{method}:{exc.code().name}: {(exc.details() or '')[:70]}")
@@ -237,7 +272,7 @@ class Caller:
                      reads: int = 2, timeout: float = 0.3) -> list[Any]:
         """A server stream: read up to ``reads`` messages, each within ``timeout``, then
         cancel it."""
-        call = getattr(self.stub(role, service), method)(request)
+        call = getattr(self.stub(role, service), method)(expanded(request))
         got: list[Any] = []
         try:
             for _ in range(reads):
@@ -268,10 +303,11 @@ async def cleanup(env: Env, caller: Caller) -> None:
     await caller.close()
     for host in env.hosts:
         await _wait_no_owned_jobs(host)
+    for host in env.hosts:
+        await _wait_unowned_jobs_rolled_back(host)
     admin = await Caller(env).open(sessions=False)
     try:
         for role, host in (("src", env.src), ("dst", env.dst)):
-            await _end_sessionless_jobs(env, admin, role, host)
             for dom in await host.conn.list_domains(active=True, inactive=True):
                 ref = pb.DomainRequest(domain=pb.DomainRef(uuid=dom.uuid))
                 if dom.id >= 0:
@@ -300,36 +336,19 @@ async def _must(call: Awaitable[Any], what: str) -> None:
 
 def _owned_jobs(host: Host) -> list[str]:
     return [f"{d.name}: {d.job.kind.value} {d.job.phase.label}" for d in host.daemon.registry
-            if d.job is not None and d.job.owner]
+            if d.job is not None and d.job.owner and d.job.phase < Phase.POSTCOPY_FAILED]
 
 
-async def _end_sessionless_jobs(env: Env, admin: Caller, role: str, host: Host) -> None:
-    """A job no session owns is its caller's to end: Confirm(cancelled) on the source,
-    Finish(cancelled) on the destination.  Pending issue 11 (D), a job the daemon cannot end
-    that way is rolled back here as its `incoming_job_timeout` will."""
-    for dom in list(host.daemon.registry):
-        job = dom.job
-        if job is None:
-            continue
-        ref = pb.DomainRef(uuid=dom.uuid)
-        if job.kind is AsyncJob.MIGRATION_OUT:
-            await admin.call(role, "Migration", "Confirm3", pb.Confirm3Request(
-                domain=ref, cancelled=True, flags=int(job.flags)))
-        elif INCOMING_JOB_TIMEOUT_S is not None:
-            def rolled_back(d: Any = dom) -> bool:
-                return d.job is None
+async def _wait_unowned_jobs_rolled_back(host: Host) -> None:
+    """A job no session owns is rolled back by the daemon itself (its reaper), on either side;
+    only a failed post-copy job stays (nothing can roll it back: destroying the guest ends it)."""
+    def left() -> list[str]:
+        return [f"{d.name}: {d.job.kind.value} {d.job.phase.label}" for d in host.daemon.registry
+                if d.job is not None and d.job.phase < Phase.POSTCOPY_FAILED]
 
-            await wait_until(rolled_back, timeout=CLEANUP_DEADLINE_S,
-                             what=f"incoming_job_timeout to roll back {dom.name}")
-        else:
-            await admin.call(role, "Migration", "Finish3", pb.Finish3Request(
-                dname=dom.name, cancelled=True, flags=int(job.flags)))
-            if dom.job is not None:
-                env.count("pending:incoming job rolled back by the harness")
-                await any_owner_gone(host.daemon, dom)
-        if dom.job is not None:
-            raise DaemonBug(f"{role}: the public API cannot end the job of {dom.name} "
-                            f"({job.kind.value}, phase {job.phase.label})")
+    await wait_until(lambda: not left(), timeout=CLEANUP_DEADLINE_S,
+                     what=lambda: f"{host.daemon.hostname}: the daemon to roll back the jobs no "
+                                  f"session owns: {left()}")
 
 
 async def check_invariants(env: Env) -> None:
@@ -347,10 +366,9 @@ async def check_invariants(env: Env) -> None:
         assert isinstance(backend, TestBackend)
         if backend._guests:
             raise DaemonBug(f"{name}: backend guests left: {list(backend._guests)}")
-        holding = [u for u, m in backend._progress.items() if hasattr(m, "guest")]
-        if (backend._incoming or holding) and not PENDING_ENDED_MIGRATIONS_KEPT:
-            raise DaemonBug(f"{name}: ended migrations still hold their guests: "
-                            f"{list(backend._incoming)} {holding}")
+        if backend._incoming or backend._progress:
+            raise DaemonBug(f"{name}: migrations (and their guests) still held: "
+                            f"{list(backend._incoming)} {list(backend._progress)}")
         ports = host.daemon.ports
         if len(ports.candidates()) != ports.hi - ports.lo + 1:
             raise DaemonBug(f"{name}: migration ports still taken")
@@ -375,4 +393,4 @@ async def finish_example(env: Env, caller: Caller) -> None:
 
 
 __all__ = ["Caller", "DaemonBug", "Env", "check_invariants", "cleanup", "daemon_env",
-           "finish_example", "start_host"]
+           "expanded", "finish_example", "start_host"]

@@ -6,12 +6,20 @@ Every address a generated request can make a daemon connect to or bind is on loo
 127.0.0.1, ::1 or localhost, or from strings that are not addresses at all (they fail to parse
 before anything resolves).  Free text never reaches a field that names a host.
 
-Narrowings: where an input today hurts the daemon in a way another change of issue 11 bounds,
-the generator stays inside a bound named ``PENDING_*`` (each says what widens it).
+Nothing is narrowed to spare the daemons: names up to megabytes (beyond gRPC's 4 MiB message
+limit, :data:`HUGE_LENGTHS`), guest memory up to 2**70 units, any dirty rate and seed, any typed
+param value; the daemons' own bounds must refuse what they cannot take.
+
+Huge strings are drawn as a short marker (:func:`huge`, e.g. ``⟦huge 4194305 n⟧``) that the
+harness expands in the request it sends (:func:`expand`): hypothesis keeps the values it drew for
+many past examples, so megabyte values drawn as such would grow this process by gigabytes, and
+the RSS bound would measure hypothesis rather than the daemons.  (A marker a mutation cut in two
+stays as it is: odd text.)
 """
 
 from __future__ import annotations
 
+import re
 import uuid as uuidlib
 from collections.abc import Callable
 from typing import Any
@@ -22,22 +30,42 @@ from google.protobuf.message import Message
 from hypothesis import strategies as st
 
 from virtmig.daemon import cookie as ck
+from virtmig.daemon.backend.test.guest import MAX_DIRTY_RATE_MIB
+from virtmig.daemon.domxml import MAX_NAME_BYTES
 from virtmig.proto import virtmig_pb2 as pb
 from virtmig.proto.flags import MigrateFlags
 from virtmig.proto.params import MIGRATION_PARAMS, MigrateParam
 
-# --- narrowings until the other parts of issue 11 land -------------------------------------------
+_HUGE = re.compile("\u27e6huge (\\d+) (.)\u27e7")
 
-# Guest memory of a domain that is started (the test backend costs ~20 bytes of daemon memory
-# per 4 KiB page today): widen to the host's RAM once memory is capped at define/start/prepare
-# and the simulated memory costs a bounded amount (issue 11, C1).
-PENDING_STARTED_MEMORY_CAP_MIB = 64
-# dirty-rate-mib of the test backend: 1e308 raises OverflowError and a huge rate blocks the
-# event loop; widen to any float once the option has a range (issue 11, C1).
-PENDING_DIRTY_RATE_CAP_MIB = 4096.0
-# Domain name length in characters: a few names of a megabyte made `list` exceed gRPC's 4 MiB
-# reply limit; widen to megabyte names once names are capped (issue 11, C1).
-PENDING_NAME_CAP = 300
+
+def huge(length: int, char: str = "n") -> str:
+    """A marker that :func:`expand` turns into ``char * length``."""
+    return f"\u27e6huge {length} {char}\u27e7"
+
+
+def expand(text: str) -> str:
+    """``text`` with every :func:`huge` marker expanded."""
+    if "\u27e6" not in text:
+        return text
+    return _HUGE.sub(lambda m: m[2] * int(m[1]), text)
+
+
+# Lengths of huge strings: around the name cap, around gRPC's 4 MiB message limit.
+HUGE_LENGTHS = st.one_of(
+    st.integers(1, 2 * MAX_NAME_BYTES),
+    st.sampled_from([MAX_NAME_BYTES - 1, MAX_NAME_BYTES, MAX_NAME_BYTES + 1, 2**16, 2**20,
+                     4 * 2**20 - 64, 4 * 2**20 + 1]),
+)
+# Dirty rates (MiB/s) of the test backend: small ones (guests that converge), any in range, and
+# beyond it.
+dirty_rates = st.one_of(
+    st.integers(0, 8).map(str), st.integers(0, 8).map(str),
+    st.floats(0, MAX_DIRTY_RATE_MIB).map(repr),
+    st.floats(allow_nan=True, allow_infinity=True).map(repr),
+    st.sampled_from([str(MAX_DIRTY_RATE_MIB), str(MAX_DIRTY_RATE_MIB + 1), "1e308", "-1",
+                     "nan", "x", "1" * 400]),
+)
 
 # --- loopback-only addresses ---------------------------------------------------------------------
 
@@ -45,7 +73,9 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 # Strings that are not addresses: each fails to parse before any name could be resolved.
 NOT_ADDRESSES = ("", ":", "tcp:", "tcp://", "tcp://:1", "tcp://[::1", "rdma://127.0.0.1:1",
                  "unix:", "%", "tcp://127.0.0.1:notaport", "tcp://127.0.0.1:99999",
-                 "tcp://127.0.0.1:-1", "virtmig+bogus://127.0.0.1", "\u00e9\u0000")
+                 "tcp://127.0.0.1:-1", "virtmig+bogus://127.0.0.1", "\u00e9\u0000",
+                 "tcp:[::1:1", "tcp://[127.0.0.1]:1", "virtmig+tls://[::1",
+                 "virtmig+tls://[127.0.0.1]:1")
 
 ports = st.one_of(st.sampled_from([0, 1, 65535, 65536, 49152, 49215]),
                   st.integers(1024, 65535))
@@ -80,7 +110,8 @@ xml_texts = st.text(st.characters(exclude_categories=["Cs", "Cc"]), max_size=40)
 names = st.one_of(
     st.sampled_from(["fz", "fz2", "", " fz", "fz ", "a/b", "fz\n", "fz\x00", "\u00e9\u00e8"]),
     st.text(_chars, min_size=1, max_size=24),
-    st.integers(1, PENDING_NAME_CAP).map(lambda n: "n" * n),
+    HUGE_LENGTHS.map(huge),
+    st.integers(1, MAX_NAME_BYTES // 2 + 1).map(lambda n: huge(n, "\u00e9")),  # 2 bytes a char
 )
 uuid_texts = st.one_of(st.uuids().map(str), st.uuids().map(lambda u: u.hex.upper()),
                        st.sampled_from(["", "not-a-uuid", "00000000-0000-0000-0000-000000000000"]),
@@ -106,9 +137,7 @@ def _opt_attr(name: str, values: st.SearchStrategy[str]) -> st.SearchStrategy[st
     return st.one_of(st.just(""), values.map(lambda v: f" {name}={quoteattr(v)}"))
 
 
-def _memory_el(tag: str, max_mib: int | None) -> st.SearchStrategy[str]:
-    if max_mib is not None:
-        return st.integers(1, max_mib).map(lambda m: f"<{tag} unit='MiB'>{m}</{tag}>")
+def _memory_el(tag: str) -> st.SearchStrategy[str]:
     value = st.one_of(st.integers(1, 2**20).map(str), st.integers(1, 2**20).map(str),
                       st.integers(0, 2**70).map(str), xml_texts.map(escape))
     def render(v: str, u: str | None) -> str:
@@ -121,8 +150,7 @@ def _memory_el(tag: str, max_mib: int | None) -> st.SearchStrategy[str]:
 _guest_opts = st.builds(
     lambda rate, seed, fault:
         f"<virtmig:guest xmlns:virtmig='urn:virtmig:domain:1'{rate}{seed}{fault}/>",
-    _opt_attr("dirty-rate-mib", st.one_of(
-        st.floats(0, PENDING_DIRTY_RATE_CAP_MIB).map(repr), st.sampled_from(["-1", "nan", "x"]))),
+    _opt_attr("dirty-rate-mib", dirty_rates),
     _opt_attr("seed", st.one_of(st.integers(-(2**70), 2**70).map(str),
                                 st.sampled_from(["0x10", "x", ""]))),
     _opt_attr("fault", st.sampled_from(["", "corrupt-stream", "nope"])),
@@ -139,21 +167,18 @@ _devices = st.lists(st.sampled_from([
 _xml_names = st.one_of(st.sampled_from(["fz", "fz2", " fz", "a/b", "\u00e9\u00e8"]),
                        st.text(st.characters(exclude_categories=["Cs", "Cc"]), min_size=1,
                                max_size=24),
-                       st.integers(1, PENDING_NAME_CAP).map(lambda n: "n" * n))
+                       HUGE_LENGTHS.map(huge))
 
 
 def domain_xmls(name: st.SearchStrategy[str] = _xml_names,
-                uuid: st.SearchStrategy[str] = uuid_texts,
-                max_mib: int | None = None) -> st.SearchStrategy[str]:
-    """Valid-ish domain XML from a small grammar (each part may be missing, repeated or odd).
-    ``max_mib``: the memory stays within it (a domain that will be started)."""
+                uuid: st.SearchStrategy[str] = uuid_texts) -> st.SearchStrategy[str]:
+    """Valid-ish domain XML from a small grammar (each part may be missing, repeated or odd)."""
     parts = st.tuples(
         st.one_of(st.just("<name>{}</name>"),
                   st.sampled_from(["", "<name>{}</name><name>x</name>"])),
         st.one_of(st.just("<uuid>{}</uuid>"), st.just("")),
-        _memory_el("memory", max_mib) if max_mib else st.one_of(
-            _memory_el("memory", None), _memory_el("memory", None), st.just("")),
-        st.one_of(st.just(""), _memory_el("currentMemory", 1 if max_mib else None)),
+        st.one_of(_memory_el("memory"), _memory_el("memory"), st.just("")),
+        st.one_of(st.just(""), _memory_el("currentMemory")),
         st.one_of(st.just("<vcpu>1</vcpu>"), st.just(""),
                   st.one_of(st.integers(0, 2**33).map(str), xml_texts.map(escape))
                   .map(lambda v: f"<vcpu>{v}</vcpu>")),
@@ -200,9 +225,9 @@ def mutated(draw: st.DrawFn, base: st.SearchStrategy[str]) -> str:
     return text
 
 
-def xml_docs(max_mib: int | None = None) -> st.SearchStrategy[str]:
+def xml_docs() -> st.SearchStrategy[str]:
     """Domain XML from the grammar, often mutated afterwards."""
-    base = domain_xmls(max_mib=max_mib)
+    base = domain_xmls()
     return st.one_of(base, base, mutated(base), texts)
 
 
@@ -273,7 +298,7 @@ def typed_param(draw: st.DrawFn, xml: st.SearchStrategy[str]) -> pb.TypedParam:
 
 def typed_params(xml: st.SearchStrategy[str] | None = None,
                  ) -> st.SearchStrategy[list[pb.TypedParam]]:
-    docs = xml if xml is not None else xml_docs(PENDING_STARTED_MEMORY_CAP_MIB)
+    docs = xml if xml is not None else xml_docs()
     return st.lists(typed_param(docs), max_size=6)
 
 
@@ -337,7 +362,7 @@ class RequestContext:
                                                                    foreign_cookies())
         self.migrate_uris = migrate_uris
         self.conn_uris = conn_uris
-        self.xml = xml_docs(PENDING_STARTED_MEMORY_CAP_MIB)
+        self.xml = xml_docs()
 
 
 def domain_refs(ctx: RequestContext) -> st.SearchStrategy[pb.DomainRef]:

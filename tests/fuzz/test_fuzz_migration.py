@@ -3,8 +3,10 @@ order, then shuffled, repeated, dropped; cookies of the right phase, of another 
 another migration or garbage; legacy and *Params forms; base flags or any flags; with the
 caller's session, a foreign one or none; aborts, destroys and tuning calls in between.
 
-Each example migrates guest ``fz`` (a few MiB, test backend) from ``src`` to ``dst`` as far as
-its steps get; afterwards both daemons must be as they were (see :mod:`tests.fuzz.harness`):
+Each example migrates guest ``fz`` (test backend; usually a few MiB, up to twice the source's
+memory limit; any dirty rate, absurd ones included: a guest that never converges is aborted by
+the daemons' completion timeout) from ``src`` to ``dst`` as far as its steps get; afterwards
+both daemons must be as they were (see :mod:`tests.fuzz.harness`):
 whatever the order, no job, guest, port or file is left behind.
 """
 
@@ -12,15 +14,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
+from xml.sax.saxutils import quoteattr
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.fuzz.harness import Caller, Env, finish_example
+from tests.fuzz.harness import MAX_MEMORY_MIB, Caller, Env, finish_example
 from tests.fuzz.strategies import (
-    PENDING_DIRTY_RATE_CAP_MIB,
-    PENDING_STARTED_MEMORY_CAP_MIB,
     conn_uris,
+    dirty_rates,
     flags_words,
     foreign_cookies,
     migrate_uris,
@@ -61,7 +63,7 @@ class Step:
 class Plan:
     uuid: str
     mib: int
-    dirty_mib: int
+    dirty_mib: str  # the guest's dirty-rate-mib option
     paused: bool
     persistent: bool
     sessions: bool
@@ -112,13 +114,14 @@ def perturbed(draw: st.DrawFn, base: list[Step], step: st.SearchStrategy[Step]) 
 @st.composite
 def plans(draw: st.DrawFn) -> Plan:
     flags = int(draw(st.sampled_from(BASE_FLAGS), label="flags"))
-    step = steps(xml_docs(PENDING_STARTED_MEMORY_CAP_MIB))
+    step = steps(xml_docs())
     kind = draw(st.sampled_from(["canonical", "perturbed", "perturbed", "random"]))
     seq = draw({"canonical": canonical(flags),
                 "perturbed": canonical(flags).flatmap(lambda b: perturbed(b, step)),
                 "random": st.lists(step, min_size=1, max_size=7)}[kind], label=kind)
-    return Plan(str(draw(st.uuids())), draw(st.integers(1, 4), label="MiB"),
-                draw(st.integers(0, min(8, int(PENDING_DIRTY_RATE_CAP_MIB)))),
+    mib = st.one_of(st.integers(1, 4), st.integers(1, 4),
+                    st.integers(1, 2 * MAX_MEMORY_MIB["src"]))  # (the source's limit)
+    return Plan(str(draw(st.uuids())), draw(mib, label="MiB"), draw(dirty_rates, label="dirty"),
                 draw(st.booleans(), label="paused"), draw(st.booleans(), label="persistent"),
                 draw(st.booleans(), label="sessions"), flags, tuple(seq))
 
@@ -150,7 +153,7 @@ def test_migration_sequences(env: Env, plan: Plan) -> None:
         caller = await Caller(env).open(sessions=plan.sessions)
         try:
             xml = domain_xml("fz", memory_mib=plan.mib, uuid=plan.uuid,
-                             dirty_rate_mib=plan.dirty_mib)
+                             extra_options=f"dirty-rate-mib={quoteattr(plan.dirty_mib)}")
             ref = pb.DomainRef(name="fz")
             await caller.call("src", "Domains", "Define", pb.DefineRequest(xml=xml))
             await caller.call("src", "Domains", "Start", pb.StartRequest(

@@ -15,17 +15,19 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from google.protobuf.message import DecodeError
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.fuzz.harness import Caller, Env, check_code, check_status, finish_example
-from tests.fuzz.strategies import (
-    PENDING_STARTED_MEMORY_CAP_MIB,
-    RequestContext,
-    messages,
-    texts,
+from tests.fuzz.harness import (
+    MAX_MEMORY_MIB,
+    Caller,
+    Env,
+    check_code,
+    check_status,
+    expanded,
+    finish_example,
 )
+from tests.fuzz.strategies import RequestContext, messages, texts
 from virtmig.proto import virtmig_pb2 as pb
 from virtmig.testing import domain_xml
 
@@ -38,10 +40,6 @@ ROLES = st.sampled_from(["src", "dst"])
 SESSIONS = st.sampled_from(["own", "foreign", None])
 # The status gRPC's client core gives a call whose write raced the daemon's end of it.
 CLIENT_WRITE_RACE = "Internal error from Core"
-# Bytes that do not decode as the request (corrupt wire format, invalid UTF-8 in a string) get
-# UNKNOWN from gRPC's deserializer today; while True, such bytes are replaced by a valid
-# request.  Set to False once they are INVALID_ARGUMENT (issue 11, D).
-PENDING_UNDECODABLE_REQUESTS = True
 # What the example starts from on each daemon: no domain "fz", defined, running or paused.
 SETUPS = st.sampled_from(["none", "defined", "running", "paused"])
 
@@ -78,7 +76,8 @@ def _plans(draw: st.DrawFn, env: Env, calls: Any,
     test's thread, never in the daemons' loop)."""
     uuid = str(draw(st.uuids(), label="uuid"))
     plan = Plan(uuid, draw(st.booleans(), label="sessions"),
-                draw(st.integers(1, min(8, PENDING_STARTED_MEMORY_CAP_MIB)), label="MiB"),
+                draw(st.one_of(st.integers(1, 8), st.integers(1, MAX_MEMORY_MIB["src"])),
+                     label="MiB"),
                 draw(SETUPS, label="src"), draw(st.sampled_from(["none", "none", "defined"]),
                                                 label="dst"))
     return plan, draw(st.lists(calls_for(env, uuid, calls), min_size=1, max_size=count))
@@ -160,7 +159,7 @@ async def tunnel(caller: Caller, role: str, chunks: list[Any]) -> None:
         for chunk in chunks:
             if call.done():
                 break
-            await call.write(chunk)
+            await call.write(expanded(chunk))
         if not call.done():
             await call.done_writing()
         while await call.read() is not grpc.aio.EOF:  # type: ignore[attr-defined]
@@ -178,19 +177,8 @@ def raw_calls(ctx: RequestContext) -> st.SearchStrategy[tuple[str, str, str, byt
         valid = messages(rpc[2], ctx).map(lambda m: m.SerializeToString())
         data = st.one_of(st.binary(max_size=80), valid.flatmap(_mutate),
                          texts.map(str.encode))
-        if PENDING_UNDECODABLE_REQUESTS:
-            data = st.tuples(data, valid).map(lambda d: _decodable(rpc[2], *d))
         return st.tuples(ROLES, st.just(rpc[0]), st.just(rpc[1]), data)
     return st.sampled_from(UNARY).flatmap(raw)
-
-
-def _decodable(cls: Any, raw: bytes, valid: bytes) -> bytes:
-    """``raw`` if it decodes as a ``cls`` (fields of any value), else ``valid``."""
-    try:
-        cls.FromString(raw)
-    except DecodeError:
-        return valid
-    return raw
 
 
 @given(data=st.data())

@@ -41,6 +41,12 @@ Post-copy (``tuning.postcopy``)
     ``memory_digest`` and ``outgoing`` until it is destroyed.  Source-side ``downtime_ms`` in
     post-copy is the time from the stop to the POSTCOPY record; destination side, from the switch
     until the guest was resumed (or the end).
+
+Ended migrations
+    Once a migration's outcome is settled the backend drops it (and with it any reference to its
+    guest and page maps) and keeps a small :class:`~.ended.Ended` record of the last
+    :data:`~.ended.MAX_ENDED` guests' outcomes: ``progress``, ``outgoing_wait`` and
+    ``incoming_wait`` answer from it after the guests are destroyed.
 """
 
 from __future__ import annotations
@@ -68,6 +74,7 @@ from virtmig.daemon.backend.base import (
     StreamAddress,
     host_memory_bytes,
 )
+from virtmig.daemon.backend.test.ended import MAX_ENDED, Ended, EndedTable
 from virtmig.daemon.backend.test.guest import Guest, parse_options
 from virtmig.daemon.backend.test.incoming import Incoming, dst_abort, dst_receive
 from virtmig.daemon.backend.test.outgoing import Outgoing, src_send, src_settle
@@ -88,14 +95,18 @@ class TestBackend(Backend):
     name = "test"
     extra_flags = MigrateFlags.TLS  # TLS on the stream (:mod:`.secure`)
 
-    def __init__(self, *, max_memory_bytes: int = 0, max_vcpus: int = 0) -> None:
+    def __init__(self, *, max_memory_bytes: int = 0, max_vcpus: int = 0,
+                 max_ended: int = MAX_ENDED) -> None:
         """``max_memory_bytes``: the largest guest (0: the host's RAM); ``max_vcpus``: the most
-        vCPUs (0: :data:`~virtmig.daemon.backend.base.DEFAULT_MAX_VCPUS`)."""
+        vCPUs (0: :data:`~virtmig.daemon.backend.base.DEFAULT_MAX_VCPUS`); ``max_ended``: the
+        guests whose last migration's outcome is kept once it ended."""
         self._max_memory = max_memory_bytes
         self._max_vcpus = max_vcpus
         self._guests: dict[str, Guest] = {}
+        # Live migrations only (an ended one leaves its record in _ended).
         self._incoming: dict[str, Incoming] = {}
         self._progress: dict[str, Outgoing | Incoming] = {}
+        self._ended = EndedTable(max_ended)
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def open(self, state_dir: Path) -> None:
@@ -202,7 +213,25 @@ class TestBackend(Backend):
 
     def progress(self, uuid: str) -> MigrationProgress:
         mig = self._progress.get(uuid)
-        return MigrationProgress() if mig is None else mig.snapshot()
+        if mig is not None:
+            return mig.snapshot()
+        ended = self._ended.get(uuid)
+        return MigrationProgress() if ended is None else ended.final
+
+    def _track(self, uuid: str, mig: Outgoing | Incoming) -> None:
+        """``mig`` is the guest's live migration until its outcome is settled."""
+        self._progress[uuid] = mig
+        mig.done.add_done_callback(functools.partial(self._settled, uuid, mig))
+
+    def _settled(self, uuid: str, mig: Outgoing | Incoming,
+                 done: asyncio.Future[MigrationProgress]) -> None:
+        """Done callback of a migration's outcome: keep its record, drop the migration."""
+        incoming = isinstance(mig, Incoming)
+        if incoming and self._incoming.get(uuid) is mig:
+            del self._incoming[uuid]
+        if self._progress.get(uuid) is mig:
+            del self._progress[uuid]
+            self._ended.add(uuid, Ended.of(incoming, done, mig.final))
 
     def _running_outgoing(self, uuid: str) -> Outgoing:
         guest = self._guests.get(uuid)
@@ -250,9 +279,12 @@ class TestBackend(Backend):
 
     async def outgoing_wait(self, uuid: str) -> MigrationProgress:
         mig = self._progress.get(uuid)
-        if not isinstance(mig, Outgoing):
+        if isinstance(mig, Outgoing):
+            return await asyncio.shield(mig.done)
+        ended = self._ended.get(uuid) if mig is None else None
+        if ended is None or ended.incoming:
             raise BackendError(f"no outgoing migration for guest {uuid}")
-        return await asyncio.shield(mig.done)
+        return ended.outcome()
 
     # -- incoming --
 
@@ -281,7 +313,7 @@ class TestBackend(Backend):
                 del self._incoming[spec.uuid]
             done.cancel()
             raise
-        self._progress[spec.uuid] = inc
+        self._track(spec.uuid, inc)
         port: int = inc.server.sockets[0].getsockname()[1]
         return port
 
@@ -330,9 +362,12 @@ class TestBackend(Backend):
 
     async def incoming_wait(self, uuid: str) -> MigrationProgress:
         inc = self._incoming.get(uuid)
-        if inc is None:
+        if inc is not None:
+            return await asyncio.shield(inc.done)
+        ended = self._ended.get(uuid) if uuid not in self._progress else None
+        if ended is None or not ended.incoming:
             raise MigrationFailed(f"no incoming migration for guest {uuid}")
-        return await asyncio.shield(inc.done)
+        return ended.outcome()
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(coro)
@@ -354,7 +389,7 @@ class TestBackend(Backend):
             raise BackendError(f"test backend: unsupported migration transport {dest.transport}")
         mig = Outgoing(guest=guest, dest=dest, tuning=tuning)
         guest.outgoing = mig
-        self._progress[uuid] = mig
+        self._track(uuid, mig)
         task = mig.task = asyncio.get_running_loop().create_task(src_send(mig))
         task.add_done_callback(functools.partial(src_settle, self._guests, mig))
         try:
