@@ -118,3 +118,24 @@ async def test_tls_destination_must_be_named_by_its_certificate(
     with pytest.raises(NoDomain):
         await dst.conn.lookup("vm1")
     await assert_untouched_source(src, dst, src.serial_log(uuid))
+
+
+async def test_tunnelled_rides_the_control_channel(tmp_path: Path, guest_image: GuestImage,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--tls --p2p --tunnelled`` between daemons that force TLS: accepted, and the stream goes
+    through the daemons' mutual-TLS connection, so neither QEMU gets TLS credentials (the
+    tunnel's QEMU ends are local) and both have ``tls-creds`` reset."""
+    async with hosts(tmp_path, "qemu", ("src", FORCED), ("dst", FORCED)) as (src, dst):
+        uuid = await boot(src, guest_image)
+        src_serial, dst_serial = src.serial_log(uuid), dst.serial_log(uuid)
+        src_sent, dst_sent = spy(src, monkeypatch), spy(dst, monkeypatch)
+        before = heartbeats(src_serial)[-1][0]
+        await src.conn.migrate_to_uri3("vm1", dst.uri, dest_params(guest_image, uuid),
+                                       F.LIVE | F.PEER2PEER | F.TUNNELLED | F.TLS)
+        await assert_migrated(src, dst, uuid, src_serial, dst_serial, before)
+        assert not dst.daemon.ports._used  # no migration port was opened: the tunnel carried it
+        for sent in (src_sent, dst_sent):
+            assert not [a for c, a in sent if c == "object-add"]
+            tls = [a.get("tls-creds") for c, a in sent
+                   if c == "migrate-set-parameters" and "tls-creds" in a]
+            assert tls and set(tls) == {""}
