@@ -19,8 +19,12 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(PY) deploy/demo.py
 
+# Two pytest-xdist workers; tests/conftest.py puts every QEMU, netns and e2e test in one group
+# that a single worker runs in order (TEST_WORKERS=0: no workers, one process).
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup) \
+		$(PYTEST_ARGS)
 
 # The property-based tests of tests/fuzz with the long hypothesis profile (thousands of examples
 # per test, a new sample each run; no per-test time limit).  `make test` runs them short.

@@ -56,6 +56,17 @@ __all__ = [
 ]
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (``make test``), every test that runs QEMU guests, network namespaces
+    or whole daemons in processes is in one group, which one worker runs in order: they load the
+    CPU (a TCG guest crashes more often on a busier machine) and share the machine's QEMU user,
+    guest cache and namespaces.  The other tests run on the other worker beside them."""
+    for item in items:
+        if (item.get_closest_marker("qemu") or item.get_closest_marker("netns")
+                or "tests/e2e/" in item.nodeid):
+            item.add_marker(pytest.mark.xdist_group("machine"))
+
+
 @pytest.fixture(autouse=True, scope="session")
 def client_pki() -> Iterator[Path]:
     """The session's client dir as ``$VIRTMIG_PKI_DIR``: a connection a test opens by URI
