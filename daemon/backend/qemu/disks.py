@@ -51,6 +51,7 @@ from dataclasses import dataclass
 from lxml import etree
 
 from virtmig.daemon.backend.qemu.confine import QemuSettings, block_refusal, image_refusal
+from virtmig.daemon.backend.qemu.xmltable import unsupported_device as _refuse
 from virtmig.proto.errors import ConfigUnsupported
 
 __all__ = ["DiskConfig", "DiskController", "DriveAddress", "disks_argv", "migration_unsafe",
@@ -138,17 +139,6 @@ class DiskController:
 
 
 # --- parsing -------------------------------------------------------------------------------------
-
-
-def _label(el: etree._Element) -> str:
-    tag = etree.QName(el).localname
-    attrs = "".join(f" {k}='{el.get(k)}'" for k in ("type", "device", "model") if el.get(k))
-    return f"<{tag}{attrs}>"
-
-
-def _refuse(el: etree._Element, why: str = "") -> ConfigUnsupported:
-    detail = f": {why}" if why else ""
-    return ConfigUnsupported(f"unsupported device {_label(el)} for the qemu backend{detail}")
 
 
 def _attr_names(el: etree._Element) -> list[str]:

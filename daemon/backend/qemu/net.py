@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 from lxml import etree
 
-from virtmig.proto.errors import ConfigUnsupported
+from virtmig.daemon.backend.qemu.xmltable import unsupported_device as _refuse
 
 __all__ = ["MODELS", "NicConfig", "assign_macs", "generate_mac", "parse_interface"]
 
@@ -223,12 +223,6 @@ def _local(el: etree._Element) -> str:
 def _attr_name(name: str) -> str:
     qname = etree.QName(name)
     return qname.localname if qname.namespace is None else name
-
-
-def _refuse(el: etree._Element, why: str) -> ConfigUnsupported:
-    kind = el.get("type")
-    label = f"<interface type='{kind}'>" if kind else "<interface>"
-    return ConfigUnsupported(f"unsupported device {label} for the qemu backend: {why}")
 
 
 # --- MAC generation (for a define-time hook) -----------------------------------------------------
