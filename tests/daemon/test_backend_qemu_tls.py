@@ -33,7 +33,7 @@ from tests.daemon.backend_qemu_helpers import (
     wait_status,
     within,
 )
-from tests.e2e.test_qemu_migration import assert_memory_ok, heartbeats, wait_heartbeat
+from tests.e2e.test_qemu_migration import assert_memory_ok, heartbeats, lives_on, wait_heartbeat
 from virtmig.daemon.backend.base import (
     BackendError,
     GuestRunState,
@@ -235,7 +235,7 @@ async def test_source_error_from_qemus_log_when_query_migrate_has_none(tmp_path:
 
 
 @pytest.mark.qemu
-@pytest.mark.flaky(reruns=1, only_rerun=["GuestKernelCrashed"])
+@pytest.mark.flaky(reruns=1, only_rerun=["TcgGuestBroken"])
 async def test_tls_migration_over_multifd(
     src: QemuBackend, dst: QemuBackend, guest_image: GuestImage,
     monkeypatch: pytest.MonkeyPatch,
@@ -262,8 +262,7 @@ async def test_tls_migration_over_multifd(
     await within(dst.resume(uuid))
 
     # The guest goes on counting at the destination, its memory intact.
-    after = await wait_heartbeat(dst_serial, before, 30)
-    await wait_heartbeat(dst_serial, after, 30)
+    await lives_on(dst, uuid, dst_serial, before, 30)
     assert_memory_ok(dst_serial)
     assert_memory_ok(src_serial)
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_qemu_migration import BOOT_TIMEOUT, assert_memory_ok, wait_heartbeat
+from tests.e2e.test_qemu_migration import BOOT_TIMEOUT, assert_memory_ok, lives_on, wait_heartbeat
 from virtmig.client.migrate import migrate3
 from virtmig.client.sequence import Trace
 from virtmig.proto.flags import DomainState, MigrateFlags
@@ -40,7 +40,7 @@ from virtmig.testing import (
     qemu_domain_xml,
 )
 
-pytestmark = [pytest.mark.qemu, pytest.mark.flaky(reruns=1, only_rerun=["GuestKernelCrashed"])]
+pytestmark = [pytest.mark.qemu, pytest.mark.flaky(reruns=1, only_rerun=["TcgGuestBroken"])]
 
 LOG_DISK_MIB = 4  # 8192 records: over two hours of heartbeats
 BEAT = re.compile(rb"HEARTBEAT n=(\d+) sum=([0-9a-f]+) ok=[01]")
@@ -104,7 +104,7 @@ async def test_qcow2_disk_log_continues_across_the_migration(
     assert trace.calls == ["begin", "prepare", "perform", "finish", "confirm"]
     assert (await dst.conn.state("vm1"))[0] is DomainState.RUNNING
     last_src = max(beats(src_serial))
-    await wait_heartbeat(dst_serial, last_src + 3, 60)
+    await lives_on(dst, uuid, dst_serial, last_src + 2, 60)
     await dst.conn.destroy("vm1")  # the image at rest, then read back
 
     records = await asyncio.to_thread(read_records, image)

@@ -36,7 +36,7 @@ from lxml import etree
 from tests.e2e.test_qemu_migration import (
     BOOT_TIMEOUT,
     KERNEL_CRASH,
-    GuestKernelCrashed,
+    TcgGuestBroken,
     heartbeats,
     serial_tail,
     wait_heartbeat,
@@ -56,7 +56,7 @@ from virtmig.testing import (
     wait_until,
 )
 
-pytestmark = [pytest.mark.qemu, pytest.mark.flaky(reruns=1, only_rerun=["GuestKernelCrashed"])]
+pytestmark = [pytest.mark.qemu, pytest.mark.flaky(reruns=1, only_rerun=["TcgGuestBroken"])]
 
 DATAGRAM = re.compile(rb"HEARTBEAT n=(\d+) sum=([0-9a-f]+) ok=([01])\n")
 SERIAL_BEAT = re.compile(rb"HEARTBEAT n=(\d+) sum=([0-9a-f]+) ok=([01])")
@@ -184,7 +184,7 @@ async def test_nic_keeps_its_network_across_migration(
 
         def arrived() -> bool:
             if KERNEL_CRASH.search(dst_serial.read_bytes()):
-                raise GuestKernelCrashed(f"serial tail {serial_tail(dst_serial)!r}")
+                raise TcgGuestBroken(f"serial tail {serial_tail(dst_serial)!r}")
             return len(from_destination()) >= 3
 
         await wait_until(arrived, timeout=60,

@@ -31,7 +31,7 @@ from virtmig.proto.flags import MigrateFlags
 from virtmig.proto.params import MigrateParam
 from virtmig.testing import GuestImage, Host, hosts
 
-pytestmark = [pytest.mark.qemu, pytest.mark.flaky(reruns=1, only_rerun=["GuestKernelCrashed"])]
+pytestmark = [pytest.mark.qemu, pytest.mark.flaky(reruns=1, only_rerun=["TcgGuestBroken"])]
 
 F = MigrateFlags
 P = MigrateParam
