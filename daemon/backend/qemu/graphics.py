@@ -124,12 +124,12 @@ def parse_graphics(el: etree._Element, remote_ok: bool,
     address = el.get("listen")
     if listens:
         lst = listens[0]
-        _check_attrs(el, lst, _LISTEN_ATTRS, "listen")
         ltype = lst.get("type", "address")
         if ltype != "address":
             why = (" (QEMU would create the socket in the guest's folder, where it may create "
                    "nothing)" if ltype == "socket" else "")
             raise _refuse(el, f"<listen type='{ltype}'> (type='address' only){why}")
+        _check_attrs(el, lst, _LISTEN_ATTRS, "listen")
         if address is not None and lst.get("address") not in (None, address):
             raise _refuse(el, f"listen '{address}' and <listen address='{lst.get('address')}'> "
                               "differ")
