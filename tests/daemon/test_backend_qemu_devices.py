@@ -19,10 +19,13 @@ from virtmig.daemon.backend.base import MigrationStatus, MigrationTuning
 from virtmig.daemon.backend.qemu import GuestFiles, QemuBackend, QemuSettings, parse_config
 from virtmig.daemon.backend.qemu.caps import EmulatorCaps, parse_device_help
 from virtmig.daemon.backend.qemu.config import canonical_xml
+from virtmig.daemon.backend.qemu.confine import check_settings
 from virtmig.daemon.backend.qemu.monitor import _socket_path
 from virtmig.daemon.backend.qemu.runtime import Runtime
+from virtmig.daemon.config import build_parser, load_config
 from virtmig.daemon.domxml import format_domain_xml, parse_domain_xml
-from virtmig.proto.errors import ConfigUnsupported
+from virtmig.daemon.main import qemu_settings as qemu_settings_of
+from virtmig.proto.errors import ConfigUnsupported, InvalidArgument
 from virtmig.testing import free_port
 
 backends = backend_qemu_helpers.backends
@@ -386,6 +389,30 @@ def test_video_models(model: str, device: str) -> None:
     got = devices_of(argv_of(cfg_of(f"<video><model type='{model}' vram='32768'/></video>")))
     assert got == [f"{device},bus=pci.0,addr=0x02"]
     assert devices_of(argv_of(cfg_of("<video><model type='none'/></video>"))) == []
+
+
+def test_vnc_settings_from_the_daemon_config(tmp_path: Path) -> None:
+    toml = tmp_path / "virtmigd.toml"
+    toml.write_text("vnc_port_min = 5910\nvnc_port_max = 5919\nvnc_remote_listen = true\n")
+    config = load_config(build_parser().parse_args(["--config", str(toml)]))
+    settings = qemu_settings_of(config)
+    assert (settings.vnc_port_min, settings.vnc_port_max, settings.vnc_remote_listen) == \
+        (5910, 5919, True)
+    default = qemu_settings_of(load_config(build_parser().parse_args([])))
+    assert (default.vnc_port_min, default.vnc_port_max, default.vnc_remote_listen) == \
+        (5900, 65535, False)
+    for line, message in (("vnc_port_min = 80", "invalid vnc_port_min '80': expected a port "
+                                                "5900-65535"),
+                          ("vnc_port_max = true", "invalid vnc_port_max 'True'"),
+                          ("vnc_port_min = 6000\nvnc_port_max = 5999",
+                           "invalid vnc_port_min 6000: above vnc_port_max 5999"),
+                          ('vnc_remote_listen = "yes"', "invalid vnc_remote_listen: expected "
+                                                        "true or false")):
+        toml.write_text(line + "\n")
+        with pytest.raises(InvalidArgument, match=message):
+            load_config(build_parser().parse_args(["--config", str(toml)]))
+    with pytest.raises(InvalidArgument, match="vnc_port_min/vnc_port_max: 6000-5999"):
+        check_settings(QemuSettings(emulators=(), vnc_port_min=6000, vnc_port_max=5999))
 
 
 def test_video_model_missing_from_the_emulator_is_refused() -> None:

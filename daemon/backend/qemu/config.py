@@ -17,22 +17,25 @@ against the honour-or-refuse table (:mod:`.xmltable`), then each part's parser c
 * ``<devices>``: ``<emulator>`` (one of the configured emulators; default: the first);
   ``<disk>`` and the ``sata``/``scsi``/``ide`` controllers (:mod:`.disks`: file and block
   sources, raw and qcow2, disk and CD-ROM on virtio, SATA, IDE and SCSI; shared storage: both
-  hosts see the same path); ``<serial>``/``<console>`` of ``type='pty'``
-  or ``type='file'``, both written to ``serialN.log`` in the guest's folder (no pty is ever
-  allocated; a file serial must name that file); the machine's built-in PCI root (and q35's
-  SATA) controller, ``<controller type='usb' model='none'>``, PS/2 inputs,
-  ``<memballoon model='none'>``, ``<video><model type='none'>`` (accepted, nothing added);
-  ``<interface>`` of type ``user``, ``ethernet`` or ``bridge`` (:mod:`.net`, with its own
-  allow-list; taps are created by the daemon, :mod:`.tap`, and passed as descriptors).
-  No graphics: always ``-no-user-config -nodefaults -display none``.
+  hosts see the same path); ``<serial>``/``<console>`` (pty, file, unix) and ``<channel>``
+  (virtio-serial on a unix socket) and the virtio-serial controller (:mod:`.chardev`); the
+  machine's built-in PCI root (and q35's SATA) controller, ``<controller type='usb'
+  model='none'>``, PS/2 inputs, ``<memballoon model='none'>``; ``<graphics type='vnc'>`` and
+  ``<video>`` (:mod:`.graphics`); ``<interface>`` of type ``user``, ``ethernet`` or ``bridge``
+  (:mod:`.net`, with its own allow-list; taps are created by the daemon, :mod:`.tap`, and passed
+  as descriptors).  Always ``-no-user-config -nodefaults -display none`` (VNC is ``-vnc``).
+  Every PCI device's ``-device`` gets its slot (:mod:`.pci`, :func:`~.pci.place`).
 
 At define time :func:`canonical_xml` also writes a generated MAC (``52:54:00:xx:xx:xx``) into
-each ``<interface>`` that has none, so the guest keeps its MAC on every start and migration.
+each ``<interface>`` that has none, so the guest keeps its MAC on every start and migration,
+a socket path into each ``<channel>`` that has none, and a PCI address into each device that
+takes a slot and has none.
 
 What a definition may reach on the host (emulators, image folders, log files) is the concern of
 :mod:`virtmig.daemon.backend.qemu.confine`; here its rules become refusals that name the element.
-QEMU never gets a path to a host file: images and serial logs are descriptors the daemon opened
-(:class:`GuestFiles`), disks (block devices too) and serial logs through fd sets (``-add-fd``,
+QEMU never gets a path to a host file: images, serial logs and unix sockets are descriptors the
+daemon opened (:class:`GuestFiles`), disks (block devices too) and serial logs through fd sets
+(``-add-fd``,
 ``/dev/fdset/N``), kernel and initrd as ``/proc/self/fd/N``.  QEMU runs with the guest's folder
 as its working directory (see :mod:`virtmig.daemon.backend.qemu.guest`); without a monitor
 descriptor QMP listens on the relative path ``qmp.sock``.
