@@ -490,6 +490,17 @@ async def test_devices_read_back(src: QemuBackend) -> None:
 
 
 @pytest.mark.qemu
+async def test_q35_devices_on_pcie_root(src: QemuBackend) -> None:
+    spec = await start_canonical(src, guest_xml(machine="q35", devices=nic(1) + guest_agent()
+                                                + "<video><model type='virtio'/></video>"))
+    layout = pci_layout(await src.query(spec.uuid, "query-pci"))
+    assert {k: v[0] for k, v in layout.items()} == {"video0": 1, "net0": 2, "virtio-serial0": 3}
+    buses = await src.query(spec.uuid, "qom-get", {"path": "/machine/peripheral/net0",
+                                                  "property": "parent_bus"})
+    assert buses.endswith("pcie.0")
+
+
+@pytest.mark.qemu
 async def test_migration_keeps_the_pci_layout(src: QemuBackend, dst: QemuBackend) -> None:
     """The migratable XML carries the addresses: both QEMUs build the same device tree; the
     destination allocates its own pty, VNC port and channel socket."""
