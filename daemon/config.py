@@ -42,6 +42,9 @@ Example (all keys optional)::
     qemu_user = "virtmig-qemu"         # QEMU's user when the daemon is root ("root": opt out)
     qemu_group = ""                    # default: qemu_user's primary group
     qemu_sandbox = true                # QEMU's seccomp sandbox
+    vnc_port_min = 5900                # autoport VNC servers take the first free port of
+    vnc_port_max = 65535               # this range
+    vnc_remote_listen = false          # VNC (no password) on a non-loopback address allowed
 """
 
 from __future__ import annotations
@@ -74,7 +77,7 @@ _KEYS = {
     "migration_protocols", "migration_params",
 }
 _QEMU_KEYS = {"emulators", "storage_dirs", "block_devices", "qemu_user", "qemu_group",
-              "qemu_sandbox"}
+              "qemu_sandbox", "vnc_port_min", "vnc_port_max", "vnc_remote_listen"}
 
 
 def parse_port_range(text: str) -> tuple[int, int]:
@@ -211,10 +214,20 @@ def _qemu_settings(data: dict[str, Any]) -> dict[str, Any]:
             if not isinstance(data[key], str) or (key == "qemu_user" and not data[key]):
                 raise InvalidArgument(f"invalid {key} '{data[key]}': expected a name")
             out[key] = data[key]
-    if "qemu_sandbox" in data:
-        if not isinstance(data["qemu_sandbox"], bool):
-            raise InvalidArgument("invalid qemu_sandbox: expected true or false")
-        out["qemu_sandbox"] = data["qemu_sandbox"]
+    for key in ("qemu_sandbox", "vnc_remote_listen"):
+        if key in data:
+            if not isinstance(data[key], bool):
+                raise InvalidArgument(f"invalid {key}: expected true or false")
+            out[key] = data[key]
+    for key in ("vnc_port_min", "vnc_port_max"):
+        if key in data:
+            if not isinstance(data[key], int) or isinstance(data[key], bool) \
+                    or not 5900 <= data[key] <= 65535:
+                raise InvalidArgument(f"invalid {key} '{data[key]}': expected a port 5900-65535")
+            out[key] = data[key]
+    lo, hi = out.get("vnc_port_min", 5900), out.get("vnc_port_max", 65535)
+    if lo > hi:
+        raise InvalidArgument(f"invalid vnc_port_min {lo}: above vnc_port_max {hi}")
     return out
 
 

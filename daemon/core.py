@@ -87,6 +87,9 @@ class DaemonConfig:
     qemu_user: str = ""  # "": virtmig-qemu (used when the daemon runs as root)
     qemu_group: str = ""  # "": qemu_user's primary group
     qemu_sandbox: bool = True
+    vnc_port_min: int = 5900  # the qemu backend's VNC port range (autoport)
+    vnc_port_max: int = 65535
+    vnc_remote_listen: bool = False  # VNC on a non-loopback address allowed
     # A guest runs in one place (virtmig.daemon.locate): seconds to connect to and ask a peer
     # daemon, and the retries that settle a migration whose outcome is unknown (backoff from
     # settle_retry_min to settle_retry_max seconds, at most settle_attempts tries).
@@ -252,6 +255,12 @@ class Daemon:
         """``d`` as the backend pins it (:meth:`Backend.canonicalize`), at define and Prepare
         (and for a migration's destination XML, so that it compares with the stored one)."""
         xml = self.backend.canonicalize(self.spec(d))
+        return d if xml == d.xml else parse_domain_xml(xml)
+
+    def live(self, d: DomainDef) -> DomainDef:
+        """``d`` as it runs: what the backend chose at start written in
+        (:meth:`Backend.live_xml`: a pty's path, a VNC port)."""
+        xml = self.backend.live_xml(d.uuid, d.xml)
         return d if xml == d.xml else parse_domain_xml(xml)
 
     def validate(self, d: DomainDef) -> GuestSpec:

@@ -86,7 +86,7 @@ async def start(daemon: Daemon, dom: DomainObj, *, paused: bool, force: bool = F
             await daemon.backend.start(spec, paused=paused)
         except BackendError as exc:
             raise OperationFailed(f"cannot start domain '{dom.name}': {exc}") from exc
-        dom.live = d
+        dom.live = daemon.live(d)
         dom.id = daemon.registry.new_id()
         locate.started(daemon, dom)
         if paused:

@@ -60,6 +60,9 @@ def qemu_settings(config: DaemonConfig) -> QemuSettings:
         user=config.qemu_user or default.user,
         group=config.qemu_group,
         sandbox=config.qemu_sandbox,
+        vnc_port_min=config.vnc_port_min,
+        vnc_port_max=config.vnc_port_max,
+        vnc_remote_listen=config.vnc_remote_listen,
     )
 
 

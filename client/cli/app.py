@@ -55,6 +55,7 @@ COMMANDS: tuple[Command, ...] = (
             domains.setup_domstate),
     Command("dumpxml", "domain information in XML", domains.cmd_dumpxml, ("domain",),
             ("domain",), domains.setup_dumpxml),
+    Command("ttyconsole", "tty console", domains.cmd_ttyconsole, ("domain",), ("domain",)),
     Command("migrate", "migrate domain to another host", cmd_migrate,
             ("domain", *options.DATA_OPTIONS), ("domain", "desturi"), options.setup_migrate,
             options.DATA_METAVARS, options.DATA_HELP),

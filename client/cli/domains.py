@@ -1,6 +1,6 @@
 """Commands on domains themselves: ``list``, ``define``, ``undefine``, ``start``, the lifecycle
-verbs (``destroy``, ``suspend``, ``resume``: :func:`lifecycle`), ``dominfo``, ``domstate`` and
-``dumpxml``, with their options.
+verbs (``destroy``, ``suspend``, ``resume``: :func:`lifecycle`), ``dominfo``, ``domstate``,
+``dumpxml`` and ``ttyconsole``, with their options.
 """
 
 from __future__ import annotations
@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Awaitable, Callable
+
+from lxml import etree
 
 from virtmig.client.cli.base import CliError, Handler, Session, act, lookup, read_file
 from virtmig.client.cli.output import format_table
@@ -120,6 +122,31 @@ async def cmd_dumpxml(s: Session, args: argparse.Namespace) -> None:
     dom = await lookup(conn, args.domain)
     xml = await conn.xml_desc(dom, inactive=args.inactive, migratable=args.migratable)
     sys.stdout.write(xml if xml.endswith("\n") else xml + "\n")
+
+
+def console_tty(xml: str) -> str:
+    """The pty of a running domain's console, from its live XML: ``<console tty=>`` (what
+    virsh reads), else the ``<source path=>`` of its first pty console or serial port
+    (``""``: none)."""
+    parser = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False)
+    root = etree.fromstring(xml.encode("utf-8"), parser)
+    for console in root.iterfind("devices/console"):
+        if console.get("tty"):
+            return str(console.get("tty"))
+    for el in (*root.iterfind("devices/console"), *root.iterfind("devices/serial")):
+        source = el.find("source")
+        if el.get("type", "pty") == "pty" and source is not None and source.get("path"):
+            return str(source.get("path"))
+    return ""
+
+
+async def cmd_ttyconsole(s: Session, args: argparse.Namespace) -> None:
+    conn = await s.conn()
+    dom = await lookup(conn, args.domain)
+    tty = console_tty(await conn.xml_desc(dom))
+    if not tty:  # virsh fails without a word; say why
+        raise CliError(f"domain '{dom.name}' has no pty console (is it running?)")
+    print(tty)
 
 
 def setup_list(p: argparse.ArgumentParser) -> None:

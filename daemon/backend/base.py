@@ -229,6 +229,13 @@ class Backend(abc.ABC):
         backend: the concrete machine type).  Default: unchanged."""
         return spec.xml
 
+    def live_xml(self, uuid: str, xml: str) -> str:
+        """The live definition of guest ``uuid``, just started (or started for an incoming
+        migration) from ``xml``: what the backend chose at start written in (the qemu backend:
+        a pty's path, the VNC port), as libvirt's live XML shows it.  Default: unchanged."""
+        del uuid
+        return xml
+
     def check_compression(self, compression: Compression) -> None:  # noqa: B027 - optional hook
         """Refuse (``ArgumentUnsupported``) compression this backend will not run, before any
         migration phase changes anything (only called for backends whose ``extra_flags`` include

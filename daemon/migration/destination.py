@@ -138,6 +138,7 @@ async def dst_prepare(
                 port = await _dst_listen(daemon, dom, d, listen, want_port,
                                          dst_tuning(daemon, f, params, token))
                 job.port = port
+                dom.live = daemon.live(d)
                 dom.id = daemon.registry.new_id()
                 daemon.set_state(dom, DomainState.PAUSED, PausedReason.MIGRATION)
                 uri_out = None if tunnelled else dst_uri_out(host, port, given=bool(uri_in))

@@ -22,8 +22,9 @@ REFUSED = [
     ("interface", guest_xml(devices="<interface type='network'><source network='default'/>"
                                     "</interface>"),
      "unsupported device <interface type='network'> for the qemu backend"),
-    ("graphics", guest_xml(devices="<graphics type='vnc' port='-1'/>"),
-     "unsupported device <graphics type='vnc'>"),
+    ("graphics", guest_xml(devices="<graphics type='spice' port='-1'/>"),
+     "unsupported device <graphics type='spice'> for the qemu backend: graphics type 'spice' "
+     "(vnc only)"),
     ("controller", guest_xml(devices="<controller type='scsi' index='0' model='lsilogic'/>"),
      "unsupported device <controller type='scsi' model='lsilogic'>"),
     ("floppy", guest_xml(devices="<disk type='file' device='floppy'><source file='/x.img'/>"
@@ -41,13 +42,15 @@ REFUSED = [
      "<driver type='vmdk'> (supported: raw, qcow2)"),
     ("serial-tcp", guest_xml(devices="<serial type='tcp'><source mode='bind' host='127.0.0.1' "
                                      "service='4555'/></serial>"),
-     "unsupported attribute 'mode' of <devices><serial><source> for the qemu backend"),
+     "unsupported device <serial type='tcp'> for the qemu backend: type 'tcp' (supported: "
+     "pty, file, unix)"),
     ("virtio-console", guest_xml(devices="<console type='pty'><target type='virtio'/></console>"),
-     "console target type 'virtio'"),
+     "unsupported device <console type='pty'> for the qemu backend: target type 'virtio'"),
     ("balloon", guest_xml(devices="<memballoon model='virtio'/>"),
      "unsupported device <memballoon model='virtio'>"),
-    ("video", guest_xml(devices="<video><model type='vga'/></video>"),
-     "unsupported device <model type='vga'>"),
+    ("video", guest_xml(devices="<video><model type='bochs'/></video>"),
+     "unsupported device <video> for the qemu backend: model type 'bochs' (supported: vga, "
+     "cirrus, virtio, qxl, none)"),
     ("watchdog", guest_xml(devices="<watchdog model='i6300esb'/>"),
      "unsupported device <watchdog model='i6300esb'>"),
     ("machine", guest_xml(machine="microvm"), "machine type 'microvm'"),
@@ -127,11 +130,15 @@ def test_command_line(tmp_path: Path) -> None:
             '"backing":null}') in line  # never a backing file named by the image
     assert "-add-fd fd=11,set=2,opaque=disk-vdb" in line
     assert '{"driver":"raw","file":"file-vdb","node-name":"drive-vdb","read-only":true}' in line
-    assert '{"driver":"virtio-blk-pci","drive":"drive-vdb","id":"virtio-vdb"}' in line
+    # PCI slots from 0x02 on q35's root bus (0x01: kept for a video card, 0x1f: ICH9)
+    assert ('{"driver":"virtio-blk-pci","drive":"drive-vda","id":"virtio-vda","bus":"pcie.0",'
+            '"addr":"0x02"}') in line
+    assert ('{"driver":"virtio-blk-pci","drive":"drive-vdb","id":"virtio-vdb","bus":"pcie.0",'
+            '"addr":"0x03"}') in line
     assert "-add-fd fd=12,set=3,opaque=serial0 -chardev file,id=charserial0,path=/dev/fdset/3,"\
            "append=on" in line
-    assert "-add-fd fd=13,set=4,opaque=serial1 -chardev file,id=charserial1,path=/dev/fdset/4 "\
-           in line
+    assert "-add-fd fd=13,set=4,opaque=serial1 -chardev pty,id=charserial1,logfile=/dev/fdset/4,"\
+           "logappend=on " in line  # a pty that also logs to its serialN.log
     assert line.count("isa-serial") == 2  # the console is serial 0, not a third port
     assert line.endswith("-incoming defer -S")
     assert "-vnc" not in line and "-netdev" not in line

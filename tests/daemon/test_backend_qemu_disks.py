@@ -101,7 +101,8 @@ def test_virtio_disk_attributes_reach_the_command_line(storage: Path) -> None:
                    "discard": "unmap", "backing": None}
     assert device(argv, "virtio-vda") == {
         "driver": "virtio-blk-pci", "drive": "drive-vda", "id": "virtio-vda",
-        "write-cache": "on", "serial": "WD-123_a.b+c", "bootindex": 2}
+        "write-cache": "on", "serial": "WD-123_a.b+c", "bootindex": 2, "bus": "pci.0",
+        "addr": "0x03"}
     assert disks[0].cache == "none" and disks[0].boot_order == 2
 
 
@@ -125,7 +126,8 @@ def test_no_cache_attribute_leaves_qemus_defaults(storage: Path) -> None:
     assert "cache" not in node(argv, "file-vda") and "discard" not in node(argv, "drive-vda")
     assert node(argv, "file-vda")["read-only"] is True
     assert device(argv, "virtio-vda") == {"driver": "virtio-blk-pci", "drive": "drive-vda",
-                                          "id": "virtio-vda", "share-rw": True}
+                                          "id": "virtio-vda", "share-rw": True,
+                                          "bus": "pci.0", "addr": "0x03"}
 
 
 def test_sata_on_q35_uses_the_builtin_ahci(storage: Path) -> None:
@@ -147,7 +149,9 @@ def test_sata_on_pc_adds_an_ahci_controller(storage: Path) -> None:
            + disk(storage, "sdh", "sata", file="d.img"))  # index 7: controller 1, unit 1
     argv, _ = argv_of(xml, storage)
     ahci = [d for d in options(argv, "-device") if d["driver"] == "ich9-ahci"]
-    assert ahci == [{"driver": "ich9-ahci", "id": "sata0"}, {"driver": "ich9-ahci", "id": "sata1"}]
+    # the declared controller (an element) is planned first, the implicit one gets the next slot
+    assert ahci == [{"driver": "ich9-ahci", "id": "sata0", "bus": "pci.0", "addr": "0x04"},
+                    {"driver": "ich9-ahci", "id": "sata1", "bus": "pci.0", "addr": "0x03"}]
     assert device(argv, "sata-sda")["bus"] == "sata0.0"
     assert device(argv, "sata-sdh")["bus"] == "sata1.1"
     # controllers come before the disks on their buses
@@ -174,7 +178,8 @@ def test_scsi_disks_get_a_virtio_scsi_controller(storage: Path) -> None:
     implicit, _ = argv_of(disk(storage, "sdb", "scsi")
                           + disk(storage, "sdi", "scsi", device="cdrom", file="c.iso"), storage)
     assert [d for d in options(implicit, "-device") if d["driver"] == "virtio-scsi-pci"] == [
-        {"driver": "virtio-scsi-pci", "id": "scsi0"}, {"driver": "virtio-scsi-pci", "id": "scsi1"}]
+        {"driver": "virtio-scsi-pci", "id": "scsi0", "bus": "pci.0", "addr": "0x03"},
+        {"driver": "virtio-scsi-pci", "id": "scsi1", "bus": "pci.0", "addr": "0x04"}]
     assert device(implicit, "scsi-sdb") == {
         "driver": "scsi-hd", "bus": "scsi0.0", "channel": 0, "scsi-id": 0, "lun": 1,
         "drive": "drive-sdb", "id": "scsi-sdb"}
@@ -309,8 +314,8 @@ REFUSED = [
      "<boot order='0'> (an integer from 1 to 65535)"),
     ("boot-loadparm", "<disk type='file'>{src}<target dev='vda'/><boot order='1' loadparm='x'/>"
                       "</disk>", "attribute loadparm of <boot>"),
-    ("virtio-address", "<disk type='file'>{src}<target dev='vda'/><address type='pci'/>"
-                       "</disk>", "<address> on a virtio disk"),
+    ("virtio-address", "<disk type='file'>{src}<target dev='vda'/><address type='drive'/>"
+                       "</disk>", "<address type='drive'> on a virtio disk (type='pci' only)"),
     ("address-type", "<disk type='file'>{src}<target dev='sda'/><address type='pci'/></disk>",
      "<address type='pci'> (type='drive' only)"),
     ("address-range", "<disk type='file'>{src}<target dev='hda'/><address type='drive' "

@@ -70,13 +70,15 @@ def test_user_networking_models_and_macs() -> None:
              if line[i] in ("-netdev", "-device") and "net" in line[i + 1]]
     assert pairs == [
         ("-netdev", "user,id=hostnet0"),
-        ("-device", "rtl8139,netdev=hostnet0,id=net0,mac=52:54:00:ab:cd:01"),  # default model
+        # default model; PCI slots from 0x03 (pci.py: 0x01 PIIX3, 0x02 kept for video)
+        ("-device", "rtl8139,netdev=hostnet0,id=net0,mac=52:54:00:ab:cd:01,bus=pci.0,addr=0x03"),
         ("-netdev", "user,id=hostnet1"),
-        ("-device", "virtio-net-pci,netdev=hostnet1,id=net1,mac=52:54:00:00:00:02"),
+        ("-device", "virtio-net-pci,netdev=hostnet1,id=net1,mac=52:54:00:00:00:02,bus=pci.0,"
+                    "addr=0x04"),
         ("-netdev", "user,id=hostnet2"),
-        ("-device", "e1000,netdev=hostnet2,id=net2,mac=52:54:00:00:00:03"),
+        ("-device", "e1000,netdev=hostnet2,id=net2,mac=52:54:00:00:00:03,bus=pci.0,addr=0x05"),
         ("-netdev", "user,id=hostnet3"),
-        ("-device", "rtl8139,netdev=hostnet3,id=net3,mac=02:00:00:00:00:04"),
+        ("-device", "rtl8139,netdev=hostnet3,id=net3,mac=02:00:00:00:00:04,bus=pci.0,addr=0x06"),
     ]
 
 
@@ -135,8 +137,8 @@ REFUSED = [
     ("link", iface(body="<link state='flapping'/>"), "<link state='flapping'>"),
     ("interface-attr", iface(attrs=" trustGuestRxFilters='yes'"),
      "attribute 'trustGuestRxFilters' of <interface>"),
-    ("address", iface(body="<address type='pci' domain='0' bus='0' slot='3' function='0'/>"),
-     "element <address>"),
+    ("address", iface(body="<address type='drive' controller='0'/>"),
+     "attribute 'controller' of <address>"),
     ("alias", iface(body="<alias name='net0'/>"), "element <alias>"),
     ("boot", iface(body="<boot order='1'/>"), "element <boot>"),
     ("driver", iface(body="<driver name='vhost' queues='4'/>"), "element <driver>"),
@@ -226,7 +228,8 @@ def test_macs_generated_at_define() -> None:
     assert [m.get("address") for m in again.findall("devices/interface/mac")] != got
     # Without that step (no daemon), QEMU picks the MAC: nothing is invented per start.
     line = argv(iface(mac=None))
-    assert "rtl8139,netdev=hostnet0,id=net0" in line and not any("mac=" in a for a in line)
+    assert "rtl8139,netdev=hostnet0,id=net0,bus=pci.0,addr=0x03" in line
+    assert not any("mac=" in a for a in line)
 
 
 def test_bridge_refusal(tmp_path: Path) -> None:

@@ -84,7 +84,7 @@ def test_unknown_elements_and_attributes_are_refused(xml: str, message: str) -> 
 
 @pytest.mark.parametrize(("device", "message"), [
     ("<serial type='pty'><target port='0'/><log file='/tmp/x'/></serial>",
-     "unsupported element <devices><serial><log>"),
+     "unsupported device <serial type='pty'> for the qemu backend: element <log>"),
     ("<serial type='pty'><target port='0'><model name='pci-serial'/></target></serial>",
      "target model 'pci-serial'"),
     ("<controller type='usb' index='0' model='piix3-uhci'/>",
@@ -92,8 +92,8 @@ def test_unknown_elements_and_attributes_are_refused(xml: str, message: str) -> 
     ("<controller type='usb' index='0'/>", "USB controllers are not supported yet"),
     ("<controller type='pci' index='0' model='pci-root'><alias name='pci.0'/></controller>",
      "unsupported element <devices><controller><alias>"),
-    ("<video><model type='none' heads='1'/></video>",
-     "unsupported attribute 'heads' of <devices><video><model>"),
+    ("<video><model type='none' ram='1'/></video>",
+     "unsupported device <video> for the qemu backend: attribute 'ram' of <model>"),
     ("<memballoon model='none' autodeflate='on'/>",
      "unsupported attribute 'autodeflate' of <devices><memballoon>"),
     ("<watchdog model='i6300esb'/>", "unsupported device <watchdog model='i6300esb'>"),

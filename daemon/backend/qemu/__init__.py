@@ -24,11 +24,16 @@ Modules, one concern each, from the bottom up (a module imports only those above
   libvirt's disk migration safety rule.
 * :mod:`.net` -- ``<interface>`` -> :class:`NicConfig` -> ``-netdev``/``-device`` (pure values);
   :mod:`.tap` -- the taps the daemon creates for them and hands to QEMU as descriptors.
+* :mod:`.chardev` -- serial ports, consoles, virtio-serial channels (pty, file, unix sockets the
+  daemon binds); :mod:`.graphics` -- VNC and the video card; :mod:`.pci` -- the devices' PCI
+  slots, assigned at define time and put on the command line.
 * :mod:`.config` -- domain XML -> :class:`QemuConfig` -> command line; the supported subset.
 * :mod:`.monitor` -- QMP: the socket, the connection, one command (:class:`QmpCommandFailed`,
   :class:`QmpNoAnswer`; in band or out of band), the event pump, ``query-status`` and ``cont``.
 * :mod:`.tls` -- TLS on the migration stream (``--tls``): the ``tls-creds-x509`` object each
   side's QEMU gets and drops, and why a plain stream cannot be bound to its migration.
+* :mod:`.runtime` -- what QEMU chose at start (pty paths, the VNC port), read over QMP, for the
+  live XML.
 * :mod:`.process` -- the QEMU process: start (confined), log and pid files, exit and reaping,
   stop and SIGKILL, letting go at ``close``, taking a guest over after a restart.
 * :mod:`.outgoing` -- the source's flow (``src_*``; a cancel is bounded: ``migrate_cancel``, then

@@ -76,6 +76,7 @@ from virtmig.daemon.backend.qemu.process import (
     stop_process,
     take_over,
 )
+from virtmig.daemon.backend.qemu.runtime import Runtime, read_runtime
 from virtmig.proto import logsafe
 from virtmig.proto.compat import Compression
 from virtmig.proto.errors import ConfigUnsupported
@@ -100,6 +101,7 @@ class QemuBackend(Backend):
         self._guests: dict[str, _Guest] = {}
         self._progress: dict[str, _Outgoing | _Incoming] = {}
         self._caps: dict[str, EmulatorCaps | None] = {}  # by emulator
+        self._runtime: dict[str, Runtime] = {}  # by uuid: what QEMU chose at its start
 
     # -- setup --
 
@@ -158,8 +160,14 @@ class QemuBackend(Backend):
         refuse_mt_compression(compression)
 
     def canonicalize(self, spec: GuestSpec) -> str:
-        """The machine type pinned: ``pc`` -> the emulator's ``pc-i440fx-7.2`` (its alias)."""
-        return canonical_xml(spec, self._caps, self.settings)
+        """The machine type pinned (``pc`` -> the emulator's ``pc-i440fx-7.2``), MACs, PCI
+        addresses and channel sockets assigned (:func:`canonical_xml`)."""
+        return canonical_xml(spec, self._caps, self.settings, self._dir)
+
+    def live_xml(self, uuid: str, xml: str) -> str:
+        """``xml`` with the paths of the guest's ptys and its VNC port, as QEMU chose them."""
+        runtime = self._runtime.get(uuid)
+        return xml if runtime is None else runtime.apply(xml)
 
     def validate(self, spec: GuestSpec) -> None:
         parse_config(spec, self._caps, self.settings, self._dir)
@@ -210,6 +218,7 @@ class QemuBackend(Backend):
             for nic in cfg.nics:  # (a migrated NIC's link state also comes in its state)
                 if not nic.link_up:
                     await self._exec(guest, "set_link", {"name": nic.id, "up": False})
+            self._runtime[cfg.uuid] = await read_runtime(self._exec_any, guest, cfg)
         except BaseException:
             await stop_process(self._exec, guest)
             self._forget(guest)
@@ -243,6 +252,7 @@ class QemuBackend(Backend):
     def _forget(self, guest: _Guest) -> None:
         if self._guests.get(guest.uuid) is guest:
             del self._guests[guest.uuid]
+            self._runtime.pop(guest.uuid, None)
 
     def _guest(self, uuid: str) -> _Guest:
         guest = self._guests.get(uuid)

@@ -3,9 +3,10 @@
 Concern: asking a ``qemu-system-x86_64`` binary once, at :meth:`QemuBackend.open
 <virtmig.daemon.backend.qemu.backend.QemuBackend.open>`, what a definition may name, and keeping
 the answer as a value (:class:`EmulatorCaps`) that :mod:`~virtmig.daemon.backend.qemu.config`
-checks definitions against.  The probe runs the binary with ``-machine help`` and ``-cpu help``
-(no guest, no QMP); the aliases it reports are how ``pc`` and ``q35`` are pinned to a concrete
-versioned machine type at define time (``pc`` -> ``pc-i440fx-7.2`` on QEMU 7.2).
+checks definitions against.  The probe runs the binary with ``-machine help``, ``-cpu help``
+and ``-device help`` (no guest, no QMP); the aliases it reports are how ``pc`` and ``q35`` are
+pinned to a concrete versioned machine type at define time (``pc`` -> ``pc-i440fx-7.2`` on QEMU
+7.2); the device names say which video cards a definition may name.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ log = logsafe.logger("virtmig.daemon.backend.qemu")
 
 PROBE_TIMEOUT = 30.0
 _ALIAS_RE = re.compile(r"\(alias of ([A-Za-z0-9._-]+)\)")
+_DEVICE_RE = re.compile(r'^name "([^"]+)"', re.MULTILINE)
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,7 @@ class EmulatorCaps:
     aliases: Mapping[str, str] = field(default_factory=dict, hash=False)  # pc -> pc-i440fx-7.2
     cpu_models: frozenset[str] = frozenset()
     cpu_flags: frozenset[str] = frozenset()
+    devices: frozenset[str] = frozenset()  # -device help's names (empty: not probed)
 
     def concrete_machine(self, machine: str) -> str:
         """The versioned machine type ``machine`` stands for (itself if it is no alias)."""
@@ -108,6 +111,11 @@ def parse_cpu_help(text: str) -> tuple[frozenset[str], frozenset[str]]:
     return frozenset(models), frozenset(flags)
 
 
+def parse_device_help(text: str) -> frozenset[str]:
+    """``-device help``: the device names (``name "VGA", bus PCI, ...``)."""
+    return frozenset(m.group(1) for m in _DEVICE_RE.finditer(text))
+
+
 async def probe_emulator(binary: str) -> EmulatorCaps | None:
     """What ``binary`` offers; None if it cannot say (its machine list is unreadable)."""
     machine_help = await _help(binary, "-machine", "help")
@@ -119,4 +127,7 @@ async def probe_emulator(binary: str) -> EmulatorCaps | None:
     cpu_help = await _help(binary, "-cpu", "help")
     models, flags = parse_cpu_help(cpu_help) if cpu_help is not None else (frozenset(),
                                                                            frozenset())
-    return EmulatorCaps(machines=machines, aliases=aliases, cpu_models=models, cpu_flags=flags)
+    device_help = await _help(binary, "-device", "help")
+    devices = parse_device_help(device_help) if device_help is not None else frozenset()
+    return EmulatorCaps(machines=machines, aliases=aliases, cpu_models=models, cpu_flags=flags,
+                        devices=devices)

@@ -17,22 +17,25 @@ against the honour-or-refuse table (:mod:`.xmltable`), then each part's parser c
 * ``<devices>``: ``<emulator>`` (one of the configured emulators; default: the first);
   ``<disk>`` and the ``sata``/``scsi``/``ide`` controllers (:mod:`.disks`: file and block
   sources, raw and qcow2, disk and CD-ROM on virtio, SATA, IDE and SCSI; shared storage: both
-  hosts see the same path); ``<serial>``/``<console>`` of ``type='pty'``
-  or ``type='file'``, both written to ``serialN.log`` in the guest's folder (no pty is ever
-  allocated; a file serial must name that file); the machine's built-in PCI root (and q35's
-  SATA) controller, ``<controller type='usb' model='none'>``, PS/2 inputs,
-  ``<memballoon model='none'>``, ``<video><model type='none'>`` (accepted, nothing added);
-  ``<interface>`` of type ``user``, ``ethernet`` or ``bridge`` (:mod:`.net`, with its own
-  allow-list; taps are created by the daemon, :mod:`.tap`, and passed as descriptors).
-  No graphics: always ``-no-user-config -nodefaults -display none``.
+  hosts see the same path); ``<serial>``/``<console>`` (pty, file, unix) and ``<channel>``
+  (virtio-serial on a unix socket) and the virtio-serial controller (:mod:`.chardev`); the
+  machine's built-in PCI root (and q35's SATA) controller, ``<controller type='usb'
+  model='none'>``, PS/2 inputs, ``<memballoon model='none'>``; ``<graphics type='vnc'>`` and
+  ``<video>`` (:mod:`.graphics`); ``<interface>`` of type ``user``, ``ethernet`` or ``bridge``
+  (:mod:`.net`, with its own allow-list; taps are created by the daemon, :mod:`.tap`, and passed
+  as descriptors).  Always ``-no-user-config -nodefaults -display none`` (VNC is ``-vnc``).
+  Every PCI device's ``-device`` gets its slot (:mod:`.pci`, :func:`~.pci.place`).
 
 At define time :func:`canonical_xml` also writes a generated MAC (``52:54:00:xx:xx:xx``) into
-each ``<interface>`` that has none, so the guest keeps its MAC on every start and migration.
+each ``<interface>`` that has none, so the guest keeps its MAC on every start and migration,
+a socket path into each ``<channel>`` that has none, and a PCI address into each device that
+takes a slot and has none.
 
 What a definition may reach on the host (emulators, image folders, log files) is the concern of
 :mod:`virtmig.daemon.backend.qemu.confine`; here its rules become refusals that name the element.
-QEMU never gets a path to a host file: images and serial logs are descriptors the daemon opened
-(:class:`GuestFiles`), disks (block devices too) and serial logs through fd sets (``-add-fd``,
+QEMU never gets a path to a host file: images, serial logs and unix sockets are descriptors the
+daemon opened (:class:`GuestFiles`), disks (block devices too) and serial logs through fd sets
+(``-add-fd``,
 ``/dev/fdset/N``), kernel and initrd as ``/proc/self/fd/N``.  QEMU runs with the guest's folder
 as its working directory (see :mod:`virtmig.daemon.backend.qemu.guest`); without a monitor
 descriptor QMP listens on the relative path ``qmp.sock``.
@@ -40,6 +43,7 @@ descriptor QMP listens on the relative path ``qmp.sock``.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,14 +51,23 @@ from pathlib import Path
 from lxml import etree
 
 from virtmig.daemon.backend.base import GuestSpec
-from virtmig.daemon.backend.qemu.caps import Caps, caps_for
+from virtmig.daemon.backend.qemu.caps import Caps, EmulatorCaps, caps_for
+from virtmig.daemon.backend.qemu.chardev import (
+    ChannelConfig,
+    SerialConfig,
+    assign_sockets,
+    channels_argv,
+    check_virtio_serial,
+    parse_channel,
+    parse_serial,
+    serial_argv,
+)
 from virtmig.daemon.backend.qemu.confine import (
     DEFAULT_BINARY,
     SANDBOX,
     QemuSettings,
     check_emulator,
     image_refusal,
-    serial_path_refusal,
 )
 from virtmig.daemon.backend.qemu.cpu import CpuConfig, parse_cpu
 from virtmig.daemon.backend.qemu.disks import (
@@ -65,9 +78,16 @@ from virtmig.daemon.backend.qemu.disks import (
     parse_disk_controller,
     resolve_controllers,
 )
+from virtmig.daemon.backend.qemu.graphics import (
+    VideoConfig,
+    VncConfig,
+    parse_graphics,
+    parse_video,
+)
 from virtmig.daemon.backend.qemu.guest import SOCKET_NAME
 from virtmig.daemon.backend.qemu.machine import MachineConfig, parse_machine, pin_machine
 from virtmig.daemon.backend.qemu.net import NicConfig, assign_macs, parse_interface
+from virtmig.daemon.backend.qemu.pci import Placement, place, placement, write_addresses
 from virtmig.daemon.backend.qemu.xmltable import check_tree, unsupported_device
 from virtmig.daemon.domxml import DomainDef, parse_domain_xml
 from virtmig.proto.errors import ConfigUnsupported, VirtmigError
@@ -83,14 +103,6 @@ Machines = Caps
 
 
 @dataclass(frozen=True)
-class SerialConfig:
-    """A serial port; it writes to ``serialN.log`` in the guest's folder, whatever its type."""
-
-    port: int
-    append: bool = False
-
-
-@dataclass(frozen=True)
 class GuestFiles:
     """The descriptors the daemon opened for one QEMU, in the order of :class:`QemuConfig`'s
     ``disks``, ``serials`` and ``nics`` (-1: no kernel, no initrd, an empty CD-ROM tray, a NIC
@@ -101,12 +113,13 @@ class GuestFiles:
     kernel: int = -1
     initrd: int = -1
     nics: tuple[int, ...] = ()  # the taps' descriptors
+    sockets: tuple[int, ...] = ()  # listening, in the order of QemuConfig.socket_names
 
     @property
     def fds(self) -> tuple[int, ...]:
         """Every descriptor, for ``pass_fds``."""
         return tuple(fd for fd in (*self.disks, *self.serials, self.kernel, self.initrd,
-                                   *self.nics) if fd >= 0)
+                                   *self.nics, *self.sockets) if fd >= 0)
 
 
 @dataclass(frozen=True)
@@ -129,6 +142,17 @@ class QemuConfig:
     nics: tuple[NicConfig, ...] = ()  # -netdev/-device per <interface>
     # -machine options, -rtc, -boot, -action
     machine_cfg: MachineConfig = field(default_factory=MachineConfig)
+    channels: tuple[ChannelConfig, ...] = ()  # virtio-serial ports (chardev.py)
+    virtio_serial: bool = False  # a declared virtio-serial controller
+    vnc: VncConfig | None = None  # graphics.py
+    video: VideoConfig | None = None
+    pci: Placement = field(default_factory=Placement)  # the devices' PCI slots (pci.py)
+
+    @property
+    def socket_names(self) -> tuple[str, ...]:
+        """The unix sockets the daemon binds in the guest's folder, for :class:`GuestFiles`."""
+        return (*(s.socket for s in self.serials if s.kind == "unix"),
+                *(c.socket for c in self.channels))
 
     def argv(self, files: GuestFiles, *, incoming: bool, monitor_fd: int | None = None,
              sandbox: bool = True) -> list[str]:
@@ -165,23 +189,22 @@ class QemuConfig:
             args += ["-append", self.cmdline]
         storage, fdset = disks_argv(self.disks, self.disk_controllers, files.disks, 0)
         args += storage
+        sockets = iter(files.sockets)
         for serial, fd in zip(self.serials, files.serials, strict=True):
             fdset += 1
-            chardev = f"charserial{serial.port}"
-            args += [
-                "-add-fd", f"fd={fd},set={fdset},opaque=serial{serial.port}",
-                "-chardev",
-                f"file,id={chardev},path=/dev/fdset/{fdset}"
-                + (",append=on" if serial.append else ""),
-                "-device", f"isa-serial,chardev={chardev},id=serial{serial.port},"
-                f"index={serial.port}",
-            ]
+            args += serial_argv(serial, fd, fdset,
+                                next(sockets) if serial.kind == "unix" else -1)
+        args += channels_argv(self.channels, tuple(sockets), self.virtio_serial)
         for nic, fd in zip(self.nics, files.nics, strict=True):
             args += nic.argv(fd)
+        if self.video is not None:
+            args += self.video.argv()
+        if self.vnc is not None:
+            args += self.vnc.argv()
         if incoming:
             args += ["-incoming", "defer"]
         args.append("-S")  # vCPUs start only on our "cont"
-        return args
+        return place(args, self.pci, self.machine)
 
 
 def _opt(value: str) -> str:
@@ -221,16 +244,15 @@ def parse_config(spec: GuestSpec, machines: Machines = None,
         raise ConfigUnsupported(f"machine type '{machine}' is not supported by the qemu backend")
     accel = "kvm" if d.domain_type == "kvm" else "tcg"
     kernel, initrd, cmdline = _parse_os(root.find("os"), settings)
-    log_dir = guests_dir / d.uuid if guests_dir is not None else None
-    emulator, (disks, controllers), serials, nics = _parse_devices(
-        root.find("devices"), machine, settings, log_dir)
-    emulator = _emulator(emulator, settings)
+    guest_dir = guests_dir / d.uuid if guests_dir is not None else None
+    emulator = _emulator(_text(root.find("devices/emulator")), settings)
     caps = caps_for(machines, emulator)
     if caps is not None and machine not in caps.machines:
         raise ConfigUnsupported(
             f"machine type '{machine}' is not supported by the qemu backend (not known to the "
             "emulator)"
         )
+    devs = _parse_devices(root.find("devices"), machine, settings, guest_dir, caps)
     return QemuConfig(
         uuid=d.uuid,
         name=d.name,
@@ -242,11 +264,16 @@ def parse_config(spec: GuestSpec, machines: Machines = None,
         kernel=kernel,
         initrd=initrd,
         cmdline=cmdline,
-        disks=disks,
-        disk_controllers=controllers,
-        serials=serials,
-        nics=nics,
+        disks=tuple(devs.disks),
+        disk_controllers=resolve_controllers(devs.disks, devs.controllers, machine),
+        serials=tuple(devs.serials[p] for p in sorted(devs.serials)),
+        nics=tuple(devs.nics),
         machine_cfg=parse_machine(root, accel, d.memory_kib, d.current_memory_kib),
+        channels=tuple(devs.channels),
+        virtio_serial=devs.virtio_serial,
+        vnc=devs.vnc,
+        video=devs.video,
+        pci=placement(root, machine),
     )
 
 
@@ -271,13 +298,16 @@ def _parse_domain(xml: str) -> tuple[DomainDef, etree._Element]:
 
 
 def canonical_xml(spec: GuestSpec, machines: Machines = None,
-                  settings: QemuSettings | None = None) -> str:
+                  settings: QemuSettings | None = None, guests_dir: Path | None = None) -> str:
     """``spec``'s XML as the daemon should store it: each ``<interface>`` without a MAC given
     a generated ``52:54:00:xx:xx:xx`` one (random, unique within the domain, as libvirt does),
-    and its machine type pinned to the concrete versioned type the emulator's alias stands for
-    (``pc`` -> ``pc-i440fx-7.2``; no ``machine=``: ``pc``'s).  Unchanged when nothing is to
-    fill in, or the definition is not one this backend runs (validation says why); the machine
-    is left as it is when the emulator's aliases are unknown."""
+    each ``<channel>`` without a socket path given one in the guest's folder under
+    ``guests_dir`` (:func:`~.chardev.assign_sockets`), each PCI device without an address
+    given its slot (:func:`~.pci.write_addresses`), and its machine type pinned to the concrete
+    versioned type the emulator's alias stands for (``pc`` -> ``pc-i440fx-7.2``; no
+    ``machine=``: ``pc``'s).  Unchanged when nothing is to fill in, or the definition is not
+    one this backend runs (validation says why); the machine is left as it is when the
+    emulator's aliases are unknown."""
     if not spec.xml:
         return spec.xml
     try:
@@ -287,7 +317,11 @@ def canonical_xml(spec: GuestSpec, machines: Machines = None,
     except ConfigUnsupported:
         return spec.xml
     xml = d.xml
-    if assign_macs(root):
+    changed = assign_macs(root)
+    changed = assign_sockets(root, guests_dir / d.uuid if guests_dir else None) or changed
+    with contextlib.suppress(ConfigUnsupported):  # a refused address: validation says which
+        changed = write_addresses(root, d.machine or "pc") or changed
+    if changed:
         xml = etree.tostring(root.getroottree(), encoding="unicode")  # comments kept
     caps = caps_for(machines, emulator)
     if caps is None:
@@ -327,49 +361,70 @@ def _parse_os(os_el: etree._Element | None, settings: QemuSettings) -> tuple[str
     return kernel, initrd, cmdline
 
 
-def _parse_devices(
-    devices: etree._Element | None, machine: str, settings: QemuSettings, log_dir: Path | None
-) -> tuple[str, tuple[tuple[DiskConfig, ...], tuple[DiskController, ...]],
-           tuple[SerialConfig, ...], tuple[NicConfig, ...]]:
+@dataclass
+class _Devices:
+    """What ``<devices>`` holds, as :func:`_parse_devices` collects it."""
+
+    emulator: str = ""
+    disks: list[DiskConfig] = field(default_factory=list)
+    controllers: list[DiskController] = field(default_factory=list)
+    nics: list[NicConfig] = field(default_factory=list)
+    serials: dict[int, SerialConfig] = field(default_factory=dict)
+    channels: list[ChannelConfig] = field(default_factory=list)
+    virtio_serial: bool = False
+    vnc: VncConfig | None = None
+    video: VideoConfig | None = None
+
+
+def _parse_devices(devices: etree._Element | None, machine: str, settings: QemuSettings,
+                   guest_dir: Path | None, caps: EmulatorCaps | None) -> _Devices:
     """``<devices>``: the emulator named (``""``: none), the disks and their controllers, the
-    serial ports (consoles included) and the network interfaces."""
-    emulator = ""
-    disks: list[DiskConfig] = []
-    controllers: list[DiskController] = []
-    nics: list[NicConfig] = []
-    serials: dict[int, SerialConfig] = {}
+    serial ports (consoles included), channels, network interfaces, graphics and video."""
+    out = _Devices()
     consoles: list[etree._Element] = []
+    seen: set[str] = set()
     for el in devices if devices is not None else ():
         if not isinstance(el.tag, str):
             continue  # comments, processing instructions
         tag = etree.QName(el).localname if etree.QName(el).namespace is None else ""
+        if tag in ("graphics", "video") and tag in seen:
+            raise _unsupported(el, f"one <{tag}> only")
+        seen.add(tag)
         if tag == "emulator":
-            emulator = _text(el)
+            out.emulator = _text(el)
         elif tag == "disk":
-            disks.append(parse_disk(el, disks, settings, machine))
+            out.disks.append(parse_disk(el, out.disks, settings, machine))
         elif tag == "controller" and el.get("type") in ("sata", "scsi", "ide"):
-            controllers.append(parse_disk_controller(el, machine))
+            out.controllers.append(parse_disk_controller(el, machine))
+        elif tag == "controller" and el.get("type") == "virtio-serial":
+            check_virtio_serial(el)
+            out.virtio_serial = True
         elif tag == "serial":
-            serial = _parse_serial(el, len(serials), log_dir)
-            if serial.port in serials:
+            serial = parse_serial(el, len(out.serials), guest_dir)
+            if serial.port in out.serials:
                 raise _unsupported(el, f"serial port {serial.port} defined twice")
-            serials[serial.port] = serial
+            out.serials[serial.port] = serial
         elif tag == "console":
             consoles.append(el)
+        elif tag == "channel":
+            out.channels.append(parse_channel(el, len(out.channels), guest_dir, out.channels))
         elif tag == "interface":
-            nics.append(parse_interface(el, len(nics), nics))
+            out.nics.append(parse_interface(el, len(out.nics), out.nics))
+        elif tag == "graphics":
+            out.vnc = parse_graphics(el, settings.vnc_remote_listen,
+                                     (settings.vnc_port_min, settings.vnc_port_max))
+        elif tag == "video":
+            out.video = parse_video(el, caps)
         else:
             _check_other_device(el, tag, machine)
     for el in consoles:
         target = el.find("target")
-        if target is not None and target.get("type", "serial") != "serial":
-            raise _unsupported(el, f"console target type '{target.get('type')}'")
-        port = int(target.get("port", "0")) if target is not None and target.get("port") else 0
-        console = _parse_serial(el, port, log_dir)  # checked even when the port is declared
-        if port not in serials:  # a console on a serial port nobody declared: that port
-            serials[port] = console
-    storage = (tuple(disks), resolve_controllers(disks, controllers, machine))
-    return emulator, storage, tuple(serials[p] for p in sorted(serials)), tuple(nics)
+        raw = target.get("port") if target is not None else None
+        port = int(raw) if raw is not None and raw.isascii() and raw.isdigit() else 0
+        console = parse_serial(el, port, guest_dir)  # checked even when the port is declared
+        if console.port not in out.serials:  # a console on a serial port nobody declared
+            out.serials[console.port] = console
+    return out
 
 
 def _check_other_device(el: etree._Element, tag: str, machine: str) -> None:
@@ -382,41 +437,8 @@ def _check_other_device(el: etree._Element, tag: str, machine: str) -> None:
     elif tag == "memballoon":
         if el.get("model") != "none":
             raise _unsupported(el)
-    elif tag == "video":
-        model = el.find("model")
-        if model is None or model.get("type") != "none":
-            raise _unsupported(el if model is None else model)
     else:
         raise _unsupported(el)
-
-
-def _parse_serial(el: etree._Element, port_default: int, log_dir: Path | None) -> SerialConfig:
-    kind = el.get("type", "pty")
-    target = el.find("target")
-    raw_port = target.get("port") if target is not None else None
-    try:
-        port = int(raw_port) if raw_port is not None else port_default
-    except ValueError:
-        raise _unsupported(el, f"target port '{raw_port}'") from None
-    if not 0 <= port <= 3:
-        raise _unsupported(el, f"target port {port} (0-3 only)")
-    if target is not None and target.get("type", "isa-serial") not in ("isa-serial", "serial"):
-        raise _unsupported(el, f"target type '{target.get('type')}'")
-    model = target.find("model") if target is not None else None
-    if model is not None and model.get("name") != "isa-serial":
-        raise _unsupported(el, f"target model '{model.get('name')}' (isa-serial only)")
-    if kind == "pty":
-        return SerialConfig(port=port)
-    if kind != "file":
-        raise _unsupported(el)
-    source = el.find("source")
-    path = source.get("path", "") if source is not None else ""
-    if not path:
-        raise _unsupported(el, "a file serial needs <source path=...>")
-    why = serial_path_refusal(path, log_dir, port)
-    if why:
-        raise _unsupported(el, why)
-    return SerialConfig(port=port, append=source is not None and source.get("append") == "on")
 
 
 def _check_controller(el: etree._Element, machine: str) -> None:

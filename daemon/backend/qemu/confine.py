@@ -2,8 +2,8 @@
 
 Concern: the rules that keep a domain definition within what the host's administrator allowed
 (:class:`QemuSettings`, from the daemon's ``emulators``, ``storage_dirs``, ``block_devices``,
-``qemu_user``, ``qemu_group`` and ``qemu_sandbox`` settings), and the acts that apply them:
-opening a guest's files for QEMU, and knowing whom QEMU runs as.
+``qemu_user``, ``qemu_group``, ``qemu_sandbox`` and ``vnc_*`` settings), and the acts that apply
+them: opening a guest's files for QEMU, and knowing whom QEMU runs as.
 
 * **Emulators.** ``<emulator>`` must resolve (``realpath``) to one of the configured emulators
   (default: the ``qemu-system-x86_64`` on ``PATH`` when the daemon starts, by absolute path); the
@@ -91,6 +91,9 @@ class QemuSettings:
     user: str = DEFAULT_QEMU_USER  # when the daemon runs as root
     group: str = ""  # "": the user's primary group
     sandbox: bool = True
+    vnc_port_min: int = 5900  # the ports an autoport VNC server takes from (libvirt's range)
+    vnc_port_max: int = 65535
+    vnc_remote_listen: bool = False  # VNC may listen on a non-loopback address
 
     def resolved(self) -> QemuSettings:
         """These settings with the default emulator filled in (``()`` if none is on PATH)."""
@@ -113,6 +116,9 @@ def check_settings(settings: QemuSettings) -> None:
     for device in settings.block_devices:
         if not os.path.isabs(device):
             raise InvalidArgument(f"block_devices: '{device}' is not an absolute path")
+    if not 5900 <= settings.vnc_port_min <= settings.vnc_port_max <= 65535:
+        raise InvalidArgument(f"vnc_port_min/vnc_port_max: {settings.vnc_port_min}-"
+                              f"{settings.vnc_port_max} is not a range within 5900-65535")
 
 
 # --- who QEMU runs as ----------------------------------------------------------------------------

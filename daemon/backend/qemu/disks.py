@@ -86,7 +86,9 @@ _CHILD_ATTRS: dict[str, frozenset[str]] = {
     "shareable": frozenset(),
     "serial": frozenset(),
     "boot": frozenset({"order"}),
-    "address": frozenset({"type", "controller", "bus", "target", "unit"}),
+    # type='drive' (SATA/IDE/SCSI: controller bus target unit); type='pci' (virtio: pci.py)
+    "address": frozenset({"type", "controller", "bus", "target", "unit", "domain", "slot",
+                          "function"}),
     "backingStore": frozenset(),  # empty: no backing chain, which is what QEMU gets
 }
 _CONTROLLER_ATTRS = frozenset({"type", "index", "model"})
@@ -308,9 +310,11 @@ def _address(el: etree._Element, bus: str, index: int,
     """The drive address: the given one (checked), else libvirt's default for ``index``."""
     node = el.find("address")
     if bus == "virtio":
-        if node is not None:
-            raise _refuse(el, "<address> on a virtio disk (PCI addresses are not supported)")
-        return None
+        if node is not None and node.get("type") != "pci":
+            raise _refuse(el, f"<address type='{node.get('type')}'> on a virtio disk "
+                              "(type='pci' only)")
+        return None  # its PCI slot: pci.py
+
     if bus == "ide":
         default = DriveAddress(index // 4, (index % 4) // 2, 0, index % 2)
     else:
@@ -321,6 +325,9 @@ def _address(el: etree._Element, bus: str, index: int,
     else:
         if node.get("type") != "drive":
             raise _refuse(el, f"<address type='{node.get('type')}'> (type='drive' only)")
+        for attr in ("domain", "slot", "function"):
+            if node.get(attr) is not None:
+                raise _refuse(el, f"attribute {attr} of <address type='drive'>")
         units, targets = {"ide": (1, 0), "sata": (5, 0), "scsi": (16383, 255)}[bus]
         addr = DriveAddress(
             controller=_int_attr(node, el, "controller", 0, _MAX_CONTROLLER, default.controller),
@@ -347,8 +354,8 @@ def parse_disk_controller(el: etree._Element, machine: str) -> DiskController:
     for name in _attr_names(el):
         if name not in _CONTROLLER_ATTRS:
             raise _refuse(el, f"attribute {name}")
-    for child in el:
-        if isinstance(child.tag, str):
+    for child in el:  # <address type='pci'>: pci.py checks it (and refuses it where no slot is)
+        if isinstance(child.tag, str) and etree.QName(child).localname != "address":
             raise _refuse(el, f"element <{etree.QName(child).localname}>")
     kind = el.get("type", "")
     index = _int_attr(el, el, "index", 0, _MAX_CONTROLLER, 0)

@@ -24,8 +24,9 @@ Honoured (an explicit allow-list: any other attribute or child element anywhere 
   ``rtl8139`` (libvirt's default for x86 guests).
 * ``<link state=>``: ``up`` (default) or ``down`` (set with QMP ``set_link`` before the vCPUs
   first run; a migrated guest brings its link state in its device state).
-* ``<alias name=>`` is refused, as are ``<address>`` (PCI addresses: not yet), ``<boot>``,
-  ``<driver>``, ``<script>`` and everything else libvirt knows.
+* ``<address type='pci'>``: the NIC's PCI slot (:mod:`.pci` checks and assigns it).
+* ``<alias name=>`` is refused, as are ``<boot>``, ``<driver>``, ``<script>`` and everything
+  else libvirt knows.
 
 QEMU ids: ``-netdev ...,id=hostnetN`` and ``-device ...,id=netN`` for the N-th interface, as
 libvirt names them.  On migration the definition travels; the destination's backend creates its
@@ -65,11 +66,12 @@ _ATTRS = {
     "source": {"bridge"},
     "target": {"dev"},
     "link": {"state"},
+    "address": {"type", "domain", "bus", "slot", "function"},  # its values: pci.check_address
 }
 _CHILDREN_BY_KIND = {
-    "user": {"mac", "model", "link"},
-    "ethernet": {"mac", "model", "link", "target"},
-    "bridge": {"mac", "model", "link", "target", "source"},
+    "user": {"mac", "model", "link", "address"},
+    "ethernet": {"mac", "model", "link", "target", "address"},
+    "bridge": {"mac", "model", "link", "target", "source", "address"},
 }
 
 

@@ -7,8 +7,9 @@ running.
 Processes: QEMU is started with :func:`asyncio.create_subprocess_exec` in its own session (a
 signal to the daemon's process group does not reach it), confined as
 :mod:`~virtmig.daemon.backend.qemu.confine` says (its user and groups, the sandbox, only the
-descriptors the daemon opened for it: images, serial logs, the monitor socket, qemu.log as
-stdout and stderr), and is always reaped by the daemon
+descriptors the daemon opened for it: images, serial logs, the listening sockets of unix serial
+ports and channels (bound in the guest's folder), the monitor socket, qemu.log as stdout and
+stderr), and is always reaped by the daemon
 (``await proc.wait()``; PID 1 on these machines reaps orphans slowly).  :meth:`QemuBackend.close`
 disconnects QMP and leaves guests running; a later :meth:`QemuBackend.open` on the same folder
 finds them (pid file, live process whose working directory is the guest folder, connectable QMP
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from virtmig.daemon.backend.base import BackendError
+from virtmig.daemon.backend.qemu.chardev import bind_guest_socket
 from virtmig.daemon.backend.qemu.config import GuestFiles, QemuConfig
 from virtmig.daemon.backend.qemu.confine import (
     QemuSettings,
@@ -120,6 +122,7 @@ def open_guest_files(cfg: QemuConfig, settings: QemuSettings, gdir: Path,
             initrd=keep(open_image("<os><initrd>", cfg.initrd, dirs, writable=False,
                                    reader=owner)) if cfg.initrd else -1,
             nics=tuple(tap(nic) for nic in cfg.nics),
+            sockets=tuple(keep(bind_guest_socket(gdir, name)) for name in cfg.socket_names),
         )
         yield files
     finally:

@@ -8,7 +8,8 @@ backend may meet (by its path below ``<domain>``), whether it is
 * **metadata** -- it has no effect on the guest (``<title>``, ``<description>``,
   ``<metadata>``): its whole subtree is kept and never looked into;
 * **delegated** -- a device whose whole subtree its own parser checks with an explicit
-  allow-list (``<disk>``, ``<interface>``): the rule names that parser;
+  allow-list (``<disk>``, ``<interface>``, ``<serial>``, ``<console>``, ``<channel>``,
+  ``<graphics>``, ``<video>``): the rule names that parser;
 
 and :func:`check_tree`, which walks a definition against it: any element or attribute the table
 does not name is refused with ``ConfigUnsupported`` naming its path (``<cpu><numa>``, attribute
@@ -90,26 +91,26 @@ TABLE: Mapping[str, Rule] = {
     "domain/devices/emulator": _h("config._emulator"),
     "domain/devices/disk": Rule(Kind.DELEGATED, "disks.parse_disk"),
     "domain/devices/interface": Rule(Kind.DELEGATED, "net.parse_interface"),
-    "domain/devices/serial": _h("config._parse_serial", "type"),
-    "domain/devices/serial/source": _h("config._parse_serial", "path", "append"),
-    "domain/devices/serial/target": _h("config._parse_serial", "type", "port"),
-    "domain/devices/serial/target/model": _h("config._parse_serial", "name"),
-    "domain/devices/console": _h("config._parse_serial", "type"),
-    "domain/devices/console/source": _h("config._parse_serial", "path", "append"),
-    "domain/devices/console/target": _h("config._parse_serial", "type", "port"),
+    "domain/devices/serial": Rule(Kind.DELEGATED, "chardev.parse_serial"),
+    "domain/devices/console": Rule(Kind.DELEGATED, "chardev.parse_serial"),
+    "domain/devices/channel": Rule(Kind.DELEGATED, "chardev.parse_channel"),
     "domain/devices/controller": _h("config._check_controller", "type", "index", "model"),
+    "domain/devices/controller/address": _h("pci.check_address", "type", "domain", "bus",
+                                            "slot", "function"),
     "domain/devices/input": _h("config._check_other_device", "type", "bus"),
     "domain/devices/memballoon": _h("config._check_other_device", "model"),
-    "domain/devices/video": _h("config._check_other_device"),
-    "domain/devices/video/model": _h("config._check_other_device", "type"),
+    "domain/devices/graphics": Rule(Kind.DELEGATED, "graphics.parse_graphics"),
+    "domain/devices/video": Rule(Kind.DELEGATED, "graphics.parse_video"),
 }
 
 #: Element names of libvirt's domain schema that appear only inside the delegated devices
-#: (``<disk>``, ``<interface>``): their parsers honour or refuse them.
+#: (``<disk>``, ``<interface>``, the character devices, ``<graphics>``): their parsers
+#: honour or refuse them.
 DELEGATED_NAMES = frozenset({
     "backenddomain", "backingStore", "blockio", "clusterSize", "coalesce", "compat",
     "downscript", "extended_l2", "filterref", "format", "frames", "geometry", "group_name",
-    "guest", "inbound", "iotune", "lazy_refcounts", "link", "local", "mac", "max_size",
+    "guest", "inbound", "iotune", "lazy_refcounts", "link", "listen", "local", "mac",
+    "max_size", "source", "target",
     "metadata_cache", "mirror", "mtu", "outbound", "parameter", "parameters", "port",
     "portForward", "range", "read_bytes_sec", "read_bytes_sec_max",
     "read_bytes_sec_max_length", "read_iops_sec", "read_iops_sec_max",
@@ -123,26 +124,26 @@ DELEGATED_NAMES = frozenset({
 
 #: Every other element name of libvirt's domain schema: refused wherever the table meets it.
 REFUSED_NAMES = frozenset({
-    "acceleration", "access", "active_pcr_banks", "adapter", "add", "address", "alias",
+    "acceleration", "access", "active_pcr_banks", "adapter", "add", "alias",
     "alignsize", "allocation", "arch", "arg", "audio", "audit_control", "audit_write", "auth",
     "avic", "backend", "bandwidth", "baseBoard", "baselabel", "binary", "bios", "blkiotune",
     "block", "block_suspend", "bootloader", "bootloader_args", "cache", "cachetune",
     "capabilities", "catchup", "cbitpos", "ccf-assist", "cell", "certificate", "cfpc",
-    "channel", "char", "chassis", "chown", "cid", "cipher", "clipboard", "codec",
+    "char", "chassis", "chown", "cid", "cipher", "clipboard", "codec",
     "commandline", "config", "cookie", "cookies", "counter", "cputune", "current",
     "dac_override", "dac_read_search", "database", "datacenterpath", "defaultiothread", "del",
     "deprecation", "device", "dhCert", "direct", "dirty-ring", "discard", "distances",
     "driver", "dtb", "e820_host", "emulator_period", "emulator_quota", "emulatorpin",
     "emulatorsched", "encryption", "entry", "env", "event", "evmcs", "fibrechannel",
     "filesystem", "filetransfer", "firmware", "fowner", "frequencies", "frontend", "fsetid",
-    "genid", "gic", "gid", "gl", "global_period", "global_quota", "graphics", "group",
+    "genid", "gic", "gid", "gl", "global_period", "global_quota", "group",
     "handle", "hap", "hard_limit", "hidden", "hint-dedicated", "host", "hostdev", "hpt", "htm",
     "hub", "hugepages", "hyperv", "ibs", "identity", "idmap", "image", "imagelabel",
     "inactiveDomain", "init", "initarg", "initdir", "initenv", "initgroup", "initiator",
     "inituser", "interconnects", "ioapic", "iommu", "iothread", "iothread_period",
     "iothread_quota", "iothreadids", "iothreadpin", "iothreads", "iothreadsched", "ip",
     "ipc_lock", "ipc_owner", "ipi", "iqn", "ivgen", "jpeg", "key", "keywrap", "kill", "kvm",
-    "label", "latency", "launchSecurity", "lease", "line", "linux_immutable", "listen",
+    "label", "latency", "launchSecurity", "lease", "line", "linux_immutable",
     "loader", "lock", "locked", "lockspace", "log", "mac_admin", "mac_override", "master",
     "maxMemory", "maxpagesize", "maxphysaddr", "memnode", "memoryBacking", "memorytune",
     "memtune", "microcode", "min_guarantee", "mknod", "mode", "monitor", "mouse", "msi",

@@ -1,0 +1,307 @@
+"""PCI addresses: which devices of a domain take a PCI slot, and which slot each gets.
+
+Concern: the guest's PCI layout, decided once and written into its definition, so that every
+QEMU that runs it -- on the source and on the destination of a migration -- builds the same
+device tree (QEMU refuses a migration stream whose devices sit elsewhere, or worse, the guest
+finds its devices moved).  Pure values and tree edits; nothing here runs a process.
+
+* :data:`REGISTRY` -- one line per kind of device element that takes a slot: which elements
+  (a predicate on the element and the machine type) and the QEMU ``-device`` id its parser gives
+  it.  Adding a device (memballoon, RNG, watchdog, a USB controller) is one :class:`PciDevice`
+  line here, plus its parser accepting the ``<address>`` child (:func:`check_address` checks it).
+* ``<address type='pci' domain='0x0000' bus='0x00' slot='0xNN' function='0x0'/>`` -- honoured on
+  the machine's root bus only (``pci.0`` on ``pc``, ``pcie.0`` on ``q35``), function 0 (no
+  multifunction), slots 0x01-0x1f minus the chipset's (``pc``: 0x01, PIIX3; ``q35``: 0x1f, ICH9).
+  Anything else, or two devices in one slot, is refused naming the device.
+* :func:`plan` -- the given addresses, then a slot for each device without one: the primary
+  video card at libvirt's slot (0x02 on ``pc``, 0x01 on ``q35``), the others at the lowest free
+  slot, in document order (deterministic: the same definition gets the same layout anywhere).
+  :func:`write_addresses` writes them into the definition at define time
+  (:func:`~virtmig.daemon.backend.qemu.config.canonical_xml`), so the stored and migratable XML
+  carry them.
+* :func:`place` -- the command line with ``bus=pci.0,addr=0xNN`` on each planned ``-device``
+  (found by id), and on any other PCI device the backend adds without an element of its own (an
+  implicit controller), at the next free slot, so QEMU never picks a slot itself.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+from lxml import etree
+
+from virtmig.daemon.backend.qemu.xmltable import element_label
+from virtmig.daemon.backend.qemu.xmltable import unsupported_device as _refuse
+from virtmig.proto.errors import ConfigUnsupported
+
+__all__ = [
+    "PCI_DRIVERS",
+    "REGISTRY",
+    "PciDevice",
+    "Placement",
+    "check_address",
+    "place",
+    "placement",
+    "plan",
+    "root_bus",
+    "write_addresses",
+]
+
+ADDRESS_ATTRS = frozenset({"type", "domain", "bus", "slot", "function"})
+MAX_SLOT = 0x1F
+_NUM_RE = re.compile(r"0x[0-9a-fA-F]{1,8}|[0-9]{1,10}")
+
+#: QEMU devices that sit on a PCI bus, for devices added without an element of their own.
+PCI_DRIVERS = frozenset({
+    "virtio-blk-pci", "virtio-net-pci", "e1000", "rtl8139", "virtio-scsi-pci", "ich9-ahci",
+    "virtio-serial-pci", "VGA", "cirrus-vga", "virtio-vga", "qxl-vga", "virtio-balloon-pci",
+    "virtio-rng-pci", "i6300esb", "piix3-usb-uhci", "qemu-xhci", "nec-usb-xhci",
+    "ich9-usb-ehci1",
+})
+
+
+def _is_q35(machine: str) -> bool:
+    return "q35" in machine
+
+
+def root_bus(machine: str) -> str:
+    """The QEMU name of the machine's root bus."""
+    return "pcie.0" if _is_q35(machine) else "pci.0"
+
+
+def _reserved(machine: str) -> dict[int, str]:
+    """Slots the chipset takes, and what sits there."""
+    chip = {0x1F: "the ICH9 chipset"} if _is_q35(machine) else {0x01: "the PIIX3 chipset"}
+    return {0x00: "the host bridge", **chip}
+
+
+def _video_slot(machine: str) -> int:
+    return 0x01 if _is_q35(machine) else 0x02
+
+
+# --- the registry --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PciDevice:
+    """A kind of device element that takes a PCI slot."""
+
+    tag: str  # the element below <devices>
+    wants: Callable[[etree._Element, str], bool]  # (element, machine type) -> takes a slot
+    qemu_id: Callable[[etree._Element, int], str]  # (element, its index among its tag) -> id
+
+
+def _always(el: etree._Element, machine: str) -> bool:
+    return True
+
+
+def _virtio_disk(el: etree._Element, machine: str) -> bool:
+    target = el.find("target")
+    if target is None:
+        return False
+    bus = target.get("bus") or ("virtio" if target.get("dev", "").startswith("vd") else "")
+    return bus == "virtio"
+
+
+def _disk_id(el: etree._Element, n: int) -> str:
+    target = el.find("target")
+    return f"virtio-{target.get('dev', '') if target is not None else ''}"
+
+
+def _pci_controller(el: etree._Element, machine: str) -> bool:
+    kind = el.get("type")
+    if kind == "scsi" or kind == "virtio-serial":
+        return True
+    return kind == "sata" and not (_is_q35(machine) and el.get("index", "0") == "0")
+
+
+def _controller_id(el: etree._Element, n: int) -> str:
+    return f"{el.get('type')}{el.get('index', '0')}"
+
+
+def _video(el: etree._Element, machine: str) -> bool:
+    model = el.find("model")
+    return model is None or model.get("type") != "none"
+
+
+#: Each kind of element that takes a slot (memballoon, RNG, watchdog, USB: one line each).
+REGISTRY: tuple[PciDevice, ...] = (
+    PciDevice("video", _video, lambda el, n: f"video{n}"),
+    PciDevice("disk", _virtio_disk, _disk_id),
+    PciDevice("interface", _always, lambda el, n: f"net{n}"),
+    PciDevice("controller", _pci_controller, _controller_id),
+)
+
+
+# --- addresses -----------------------------------------------------------------------------------
+
+
+def _number(device: etree._Element, attr: str, raw: str | None) -> int:
+    if raw is None:
+        return 0
+    if not _NUM_RE.fullmatch(raw):
+        raise _refuse(device, f"<address {attr}='{raw}'> is not a number")
+    return int(raw, 16) if raw.startswith("0x") else int(raw)
+
+
+def check_address(device: etree._Element, machine: str) -> int | None:
+    """The slot ``device``'s ``<address type='pci'>`` names (None: it has none); anything
+    this backend cannot honour is refused naming the device."""
+    addr = device.find("address")
+    if addr is None:
+        return None
+    for key in addr.attrib:
+        name = key if isinstance(key, str) else key.decode()
+        if name not in ADDRESS_ATTRS:
+            raise _refuse(device, f"attribute '{name}' of <address>")
+    if len(addr) or (addr.text or "").strip():
+        raise _refuse(device, "content in <address>")
+    if addr.get("type") != "pci":
+        raise _refuse(device, f"<address type='{addr.get('type')}'> (type='pci' only)")
+    domain, bus = (_number(device, a, addr.get(a)) for a in ("domain", "bus"))
+    function = _number(device, "function", addr.get("function"))
+    raw_slot = addr.get("slot")
+    if raw_slot is None:
+        raise _refuse(device, "<address type='pci'> needs a slot")
+    slot = _number(device, "slot", raw_slot)
+    if domain != 0 or bus != 0:
+        raise _refuse(device, f"PCI domain {domain:#06x} bus {bus:#04x} (only the root bus "
+                              f"{root_bus(machine)}, domain 0x0000 bus 0x00, is supported)")
+    if function != 0:
+        raise _refuse(device, f"PCI function {function:#x} (function 0x0 only)")
+    if not 0 <= slot <= MAX_SLOT:
+        raise _refuse(device, f"PCI slot {slot:#04x} (0x01-0x1f)")
+    taken = _reserved(machine).get(slot)
+    if taken:
+        raise _refuse(device, f"PCI slot {slot:#04x} is taken by {taken}")
+    return slot
+
+
+def _devices(root: etree._Element, machine: str) -> list[tuple[etree._Element, str, bool]]:
+    """Each element that takes a slot, its QEMU id and whether it is the primary video card."""
+    out: list[tuple[etree._Element, str, bool]] = []
+    devices = root.find("devices")
+    if devices is None:
+        return out
+    for entry in REGISTRY:
+        for n, el in enumerate(devices.findall(entry.tag)):
+            if entry.wants(el, machine):
+                out.append((el, entry.qemu_id(el, n), entry.tag == "video" and n == 0))
+            elif el.find("address[@type='pci']") is not None:
+                raise _refuse(el, "<address type='pci'> on a device that takes no PCI slot")
+    order = {id(el): i for i, el in enumerate(devices)}
+    return sorted(out, key=lambda t: order[id(t[0])])
+
+
+def plan(root: etree._Element, machine: str) -> list[tuple[etree._Element, str, int]]:
+    """Every device of the domain ``root`` that takes a slot, its QEMU id and its slot: the
+    given one (checked, clashes refused naming both devices), else one assigned."""
+    devices = _devices(root, machine)
+    used: dict[int, etree._Element] = {}
+    slots: dict[int, int] = {}  # id(element) -> slot
+    for el, _qid, _primary in devices:
+        slot = check_address(el, machine)
+        if slot is None:
+            continue
+        other = used.get(slot)
+        if other is not None:
+            raise _refuse(el, f"PCI slot {slot:#04x} is already used by "
+                              f"{element_label(other)}")
+        used[slot] = el
+        slots[id(el)] = slot
+    for el, _qid, primary in devices:  # the primary video card first, at libvirt's slot
+        if primary and id(el) not in slots and _video_slot(machine) not in used:
+            used[_video_slot(machine)] = el
+            slots[id(el)] = _video_slot(machine)
+    for el, _qid, _primary in devices:
+        if id(el) not in slots:
+            slot = _free_slot(used.keys(), machine, el)
+            used[slot] = el
+            slots[id(el)] = slot
+    return [(el, qid, slots[id(el)]) for el, qid, _primary in devices]
+
+
+def _free_slot(used: Iterable[int], machine: str, el: etree._Element | None = None) -> int:
+    taken = set(used) | set(_reserved(machine))
+    taken.add(_video_slot(machine))  # kept for a video card (libvirt's layout)
+    for slot in range(1, MAX_SLOT + 1):
+        if slot not in taken:
+            return slot
+    why = "no free PCI slot on the root bus (31 at most, less the chipset's)"
+    if el is None:
+        raise ConfigUnsupported(f"unsupported domain for the qemu backend: {why}")
+    raise _refuse(el, why)
+
+
+def write_addresses(root: etree._Element, machine: str) -> bool:
+    """Write the planned ``<address type='pci'>`` into each device of ``root`` without one;
+    whether anything changed."""
+    changed = False
+    for el, _qid, slot in plan(root, machine):
+        if el.find("address") is not None:
+            continue
+        addr = etree.SubElement(el, "address", {
+            "type": "pci", "domain": "0x0000", "bus": "0x00", "slot": f"{slot:#04x}",
+            "function": "0x0"})
+        prev = addr.getprevious()
+        if prev is not None:  # indent like its siblings
+            addr.tail, prev.tail = prev.tail, (el.text or prev.tail)
+        changed = True
+    return changed
+
+
+# --- the command line ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Placement:
+    """The slots of a guest's devices by QEMU id, on the machine's root bus."""
+
+    bus: str = "pci.0"
+    slots: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def by_id(self) -> dict[str, int]:
+        return dict(self.slots)
+
+
+def placement(root: etree._Element, machine: str) -> Placement:
+    """The planned slots of the domain ``root`` as a value (see :func:`plan`)."""
+    return Placement(root_bus(machine), tuple((qid, slot) for _el, qid, slot in
+                                              plan(root, machine)))
+
+
+def _driver_and_id(spec: str) -> tuple[str, str, dict[str, object] | None]:
+    if spec.startswith("{"):
+        obj = json.loads(spec)
+        return str(obj.get("driver", "")), str(obj.get("id", "")), obj
+    parts = spec.split(",")
+    ids = [p[3:] for p in parts[1:] if p.startswith("id=")]
+    return parts[0], ids[0] if ids else "", None
+
+
+def place(args: Sequence[str], where: Placement, machine: str) -> list[str]:
+    """``args`` with each PCI ``-device`` on ``where``'s bus at its planned slot (by id), and
+    any other PCI device at the next free slot."""
+    slots = where.by_id
+    used = set(slots.values())
+    out = list(args)
+    for i in range(len(out) - 1):
+        if out[i] != "-device":
+            continue
+        driver, qid, obj = _driver_and_id(out[i + 1])
+        slot = slots.get(qid) if qid else None
+        if slot is None:
+            if driver not in PCI_DRIVERS:
+                continue
+            slot = _free_slot(used, machine)
+            used.add(slot)
+        if obj is not None:
+            obj["bus"], obj["addr"] = where.bus, f"{slot:#04x}"
+            out[i + 1] = json.dumps(obj, separators=(",", ":"))
+        else:
+            out[i + 1] += f",bus={where.bus},addr={slot:#04x}"
+    return out
