@@ -33,7 +33,13 @@ from tests.daemon.backend_qemu_helpers import (
     wait_status,
     within,
 )
-from tests.e2e.test_qemu_migration import assert_memory_ok, heartbeats, lives_on, wait_heartbeat
+from tests.e2e.test_qemu_migration import (
+    TCG_RERUNS,
+    assert_memory_ok,
+    heartbeats,
+    lives_on,
+    wait_heartbeat,
+)
 from virtmig.daemon.backend.base import (
     BackendError,
     GuestRunState,
@@ -235,7 +241,7 @@ async def test_source_error_from_qemus_log_when_query_migrate_has_none(tmp_path:
 
 
 @pytest.mark.qemu
-@pytest.mark.flaky(reruns=1, only_rerun=["TcgGuestBroken"])
+@TCG_RERUNS
 async def test_tls_migration_over_multifd(
     src: QemuBackend, dst: QemuBackend, guest_image: GuestImage,
     monkeypatch: pytest.MonkeyPatch,
@@ -263,7 +269,7 @@ async def test_tls_migration_over_multifd(
 
     # The guest goes on counting at the destination, its memory intact.
     await lives_on(dst, uuid, dst_serial, before, 30)
-    assert_memory_ok(dst_serial)
+    assert_memory_ok(dst_serial, destination=True)
     assert_memory_ok(src_serial)
 
     # QEMU found its credentials owner-only, QEMU's user's, in the layout it wants.

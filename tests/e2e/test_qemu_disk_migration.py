@@ -25,7 +25,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_qemu_migration import BOOT_TIMEOUT, assert_memory_ok, lives_on, wait_heartbeat
+from tests.e2e.test_qemu_migration import (
+    BOOT_TIMEOUT,
+    TCG_RERUNS,
+    assert_memory_ok,
+    lives_on,
+    wait_heartbeat,
+)
 from virtmig.client.migrate import migrate3
 from virtmig.client.sequence import Trace
 from virtmig.proto.flags import DomainState, MigrateFlags
@@ -40,7 +46,7 @@ from virtmig.testing import (
     qemu_domain_xml,
 )
 
-pytestmark = [pytest.mark.qemu, pytest.mark.flaky(reruns=1, only_rerun=["TcgGuestBroken"])]
+pytestmark = [pytest.mark.qemu, TCG_RERUNS]
 
 LOG_DISK_MIB = 4  # 8192 records: over two hours of heartbeats
 BEAT = re.compile(rb"HEARTBEAT n=(\d+) sum=([0-9a-f]+) ok=[01]")
@@ -118,4 +124,4 @@ async def test_qcow2_disk_log_continues_across_the_migration(
             f"{serial}: heartbeats {printed} vs disk records"
     assert min(beats(dst_serial)) <= last_src + 2  # the destination went on from the source
     assert_memory_ok(src_serial)
-    assert_memory_ok(dst_serial)
+    assert_memory_ok(dst_serial, destination=True)

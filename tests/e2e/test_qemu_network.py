@@ -36,6 +36,7 @@ from lxml import etree
 from tests.e2e.test_qemu_migration import (
     BOOT_TIMEOUT,
     KERNEL_CRASH,
+    TCG_RERUNS,
     TcgGuestBroken,
     heartbeats,
     serial_tail,
@@ -56,7 +57,7 @@ from virtmig.testing import (
     wait_until,
 )
 
-pytestmark = [pytest.mark.qemu, pytest.mark.flaky(reruns=1, only_rerun=["TcgGuestBroken"])]
+pytestmark = [pytest.mark.qemu, TCG_RERUNS]
 
 DATAGRAM = re.compile(rb"HEARTBEAT n=(\d+) sum=([0-9a-f]+) ok=([01])\n")
 SERIAL_BEAT = re.compile(rb"HEARTBEAT n=(\d+) sum=([0-9a-f]+) ok=([01])")

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from tests.e2e.test_qemu_migration import (
+    TCG_RERUNS,
     assert_migrated,
     assert_untouched_source,
     boot,
@@ -31,7 +32,7 @@ from virtmig.proto.flags import MigrateFlags
 from virtmig.proto.params import MigrateParam
 from virtmig.testing import GuestImage, Host, hosts
 
-pytestmark = [pytest.mark.qemu, pytest.mark.flaky(reruns=1, only_rerun=["TcgGuestBroken"])]
+pytestmark = [pytest.mark.qemu, TCG_RERUNS]
 
 F = MigrateFlags
 P = MigrateParam
