@@ -21,11 +21,12 @@ The package, by concern::
     app        the command table, the parsers, main (the ``virtmig`` console script)
     base       errors, virsh's option checks, Session, the Command record, Ctrl-C handling
     output     virsh's layouts: tables, capacities, progress line, domjobinfo, events
+    jsonout    the read commands' --json shapes (documented in the README)
     options    migrate's options: one table drives its parser and build_migration
     migration  migrate, and the watching around the call (progress, Ctrl-C, --timeout)
     jobs       domjobinfo, domjobabort, downtime/speed, migrate-postcopy, event
-    domains    list, define, undefine, start, destroy/suspend/resume, dominfo, ...
-    host       hostname, version, nodeinfo
+    domains    list (virsh's filters), define, undefine, start, destroy/suspend/resume, ...
+    host       hostname, version, nodeinfo, capabilities
     pki        pki init/issue: the CA and certificates for mutual TLS (needs no daemon)
 """
 

@@ -16,7 +16,15 @@ from typing import Any, NoReturn
 
 from virtmig import __version__
 from virtmig.client.cli import domains, host, jobs, options, pki
-from virtmig.client.cli.base import CliError, Command, Session, UsageError, option, print_error
+from virtmig.client.cli.base import (
+    CliError,
+    Command,
+    Session,
+    UsageError,
+    add_json,
+    option,
+    print_error,
+)
 from virtmig.client.cli.migration import cmd_migrate
 from virtmig.client.cli.output import EVENT_NAMES
 from virtmig.client.connection import AsyncConnection, Domain
@@ -50,7 +58,8 @@ COMMANDS: tuple[Command, ...] = (
                "destroy (stop) a domain"),
     _lifecycle("suspend", "suspended", lambda c, d: c.suspend(d), "suspend a domain"),
     _lifecycle("resume", "resumed", lambda c, d: c.resume(d), "resume a domain"),
-    Command("dominfo", "domain information", domains.cmd_dominfo, ("domain",), ("domain",)),
+    Command("dominfo", "domain information", domains.cmd_dominfo, ("domain",), ("domain",),
+            domains.setup_dominfo),
     Command("domstate", "domain state", domains.cmd_domstate, ("domain",), ("domain",),
             domains.setup_domstate),
     Command("dumpxml", "domain information in XML", domains.cmd_dumpxml, ("domain",),
@@ -82,7 +91,8 @@ COMMANDS: tuple[Command, ...] = (
             jobs.setup_event, {"event": "TYPE", "timeout": "SECONDS"}),
     Command("hostname", "print the daemon's hostname", host.cmd_hostname),
     Command("version", "show version", host.cmd_version),
-    Command("nodeinfo", "node information", host.cmd_nodeinfo),
+    Command("nodeinfo", "node information", host.cmd_nodeinfo, setup=add_json),
+    Command("capabilities", "capabilities", host.cmd_capabilities, setup=add_json),
     Command("pki", "make a CA, or issue a host's or client's TLS certificates (no daemon)",
             pki.cmd_pki, setup=pki.setup_pki),
 )

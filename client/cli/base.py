@@ -88,6 +88,12 @@ def require(args: argparse.Namespace, opt: str, required: str) -> None:
         raise UsageError(f"Option --{option(required)} is required by option --{option(opt)}")
 
 
+def add_json(p: argparse.ArgumentParser) -> None:
+    """A read command's ``--json``: its documented shape (:mod:`virtmig.client.cli.jsonout`)."""
+    p.add_argument("--json", action="store_true",
+                   help="virtmig: print JSON (shape documented in the README)")
+
+
 # --- connections ----------------------------------------------------------------------------------
 
 

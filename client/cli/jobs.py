@@ -17,12 +17,14 @@ from virtmig.client.cli.base import (
     ULLONG_MAX,
     CliError,
     Session,
+    add_json,
     exclusive,
     lookup,
     number,
     on_sigint,
     require,
 )
+from virtmig.client.cli.jsonout import dumps, event_json, job_json
 from virtmig.client.cli.output import (
     EVENT_NAMES,
     format_event,
@@ -39,7 +41,11 @@ async def cmd_domjobinfo(s: Session, args: argparse.Namespace) -> None:
     conn = await s.conn()
     dom = await lookup(conn, args.domain)
 
+    exclusive(args, "json", "rawstats")
+
     def block(info: JobInfo, completed: bool) -> str:
+        if args.json:
+            return dumps(job_json(info), line=args.watch)
         if args.rawstats:
             return format_job_rawstats(info)
         return format_job_info(info, completed=completed, anystats=args.anystats)
@@ -53,7 +59,7 @@ async def cmd_domjobinfo(s: Session, args: argparse.Namespace) -> None:
     first = True
     async for info in conn.watch_job(dom):
         final = info.type in (JobType.COMPLETED, JobType.FAILED, JobType.CANCELLED)
-        sys.stdout.write(("" if first else "\n") + block(info, final))
+        sys.stdout.write(("" if first or args.json else "\n") + block(info, final))
         sys.stdout.flush()
         first = False
 
@@ -125,7 +131,8 @@ async def cmd_event(s: Session, args: argparse.Namespace) -> None:
         async for ev in conn.events(dom):
             if ev.kind not in EVENT_NAMES or args.event not in (None, ev.kind):
                 continue
-            sys.stdout.write(format_event(ev, timestamp=args.timestamp))
+            sys.stdout.write(dumps(event_json(ev), line=True) if args.json
+                             else format_event(ev, timestamp=args.timestamp))
             sys.stdout.flush()
             count += 1
             if not args.loop:
@@ -145,11 +152,14 @@ async def cmd_event(s: Session, args: argparse.Namespace) -> None:
         await asyncio.gather(receiving, stop, return_exceptions=True)
     if receiving.done() and not receiving.cancelled():
         receiving.result()  # the stream's failure, if any
+    elif args.json:
+        pass  # stdout holds the events' JSON lines only
     elif interrupted.is_set():
         print("event loop interrupted")
     else:
         print("event loop timed out")
-    print(f"events received: {count}", flush=True)
+    if not args.json:
+        print(f"events received: {count}", flush=True)
     if not count:
         raise CliError()
 
@@ -166,6 +176,7 @@ def setup_domjobinfo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--watch", action="store_true",
                    help="virtmig: print the job's information each time it changes, until "
                         "the job ends")
+    add_json(p)
 
 
 def setup_postcopy(help_text: str) -> Callable[[argparse.ArgumentParser], None]:
@@ -183,4 +194,6 @@ def setup_event(p: argparse.ArgumentParser) -> None:
     p.add_argument("--list", action="store_true", help="list valid event types")
     p.add_argument("--timestamp", action="store_true",
                    help="show timestamp for each printed event")
+    p.add_argument("--json", action="store_true",
+                   help="virtmig: print each event as one line of JSON (shape in the README)")
 
