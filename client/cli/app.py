@@ -12,23 +12,27 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from virtmig import __version__
 from virtmig.client.cli import domains, host, jobs, options, pki
 from virtmig.client.cli.base import (
+    DEFAULT_CONNECT_TIMEOUT,
     CliError,
     Command,
     Session,
     UsageError,
     add_json,
+    connect_timeout,
     option,
     print_error,
 )
 from virtmig.client.cli.migration import cmd_migrate
 from virtmig.client.cli.output import EVENT_NAMES
-from virtmig.client.connection import AsyncConnection, Domain
 from virtmig.proto.errors import VirtmigError
+
+if TYPE_CHECKING:
+    from virtmig.client.connection import AsyncConnection, Domain
 
 
 class _Parser(argparse.ArgumentParser):
@@ -165,6 +169,11 @@ def main_parser() -> _Parser:
                    help="daemon connection URI: virtmig+tls://HOST[:PORT][?pkipath=DIR], "
                         "virtmig+unix:///PATH (default: $VIRTMIG_DEFAULT_URI or the local "
                         "daemon's socket)")
+    p.add_argument("--connect-timeout", metavar="SECONDS",
+                   help="virtmig: how long to wait for a daemon's first answer (default: "
+                        "$VIRTMIG_CONNECT_TIMEOUT or 10)")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="quiet mode: no blank line after a command's output (as virsh)")
     p.add_argument("-v", "--version", action="version", version=__version__)
     p.add_argument("command", nargs="?", metavar="COMMAND", help=argparse.SUPPRESS)
     p.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
@@ -174,8 +183,9 @@ def main_parser() -> _Parser:
 # --- main -----------------------------------------------------------------------------------------
 
 
-async def run(cmd: Command, uri: str | None, args: argparse.Namespace) -> None:
-    session = Session(uri)
+async def run(cmd: Command, uri: str | None, args: argparse.Namespace,
+              timeout: float = DEFAULT_CONNECT_TIMEOUT) -> None:
+    session = Session(uri, timeout)
     try:
         await cmd.handler(session, args)
     finally:
@@ -184,8 +194,10 @@ async def run(cmd: Command, uri: str | None, args: argparse.Namespace) -> None:
 
 def _main(argv: list[str]) -> int:
     top = main_parser()
+    ran, quiet, status = False, False, 0
     try:
         ns = top.parse_args(argv)
+        quiet = ns.quiet
         if ns.command is None:
             raise UsageError("no command given; try 'virtmig help'")
         if ns.command == "help":
@@ -201,15 +213,20 @@ def _main(argv: list[str]) -> int:
         if cmd is None:
             raise UsageError(f"unknown command: '{ns.command}'")
         args = parse_command(cmd, ns.args)
-        asyncio.run(run(cmd, ns.connect, args))
+        timeout = connect_timeout(ns.connect_timeout)
+        ran = True
+        asyncio.run(run(cmd, ns.connect, args, timeout))
     except CliError as exc:
         for line in exc.lines:
             print_error(line)
-        return 1
+        status = 1
     except VirtmigError as exc:
         print_error(str(exc))
-        return 1
-    return 0
+        status = 1
+    if ran and not quiet:
+        # virsh's vshPrintExtra(ctl, "\n") after every command it ran, failed ones too.
+        print(flush=True)
+    return status
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from virtmig.client.cli.base import (
     CliError,
@@ -21,8 +22,11 @@ from virtmig.client.cli.base import (
 )
 from virtmig.client.cli.jsonout import domain_json, dominfo_json, dumps, state_json
 from virtmig.client.cli.output import format_table
-from virtmig.client.connection import AsyncConnection, Domain
+from virtmig.client.values import Domain
 from virtmig.proto.flags import DomainState, reason_label
+
+if TYPE_CHECKING:
+    from virtmig.client.connection import AsyncConnection
 
 _STATE_FILTERS = (("state_running", (DomainState.RUNNING,)),
                   ("state_paused", (DomainState.PAUSED,)),

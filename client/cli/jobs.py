@@ -31,7 +31,7 @@ from virtmig.client.cli.output import (
     format_job_info,
     format_job_rawstats,
 )
-from virtmig.client.connection import JobInfo
+from virtmig.client.values import JobInfo
 from virtmig.proto.flags import JobType
 
 

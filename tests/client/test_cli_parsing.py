@@ -237,31 +237,31 @@ def test_client_side_options() -> None:
 )
 def test_usage_errors_in_process(argv: list[str], message: str,
                                  capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(argv) == 1
+    assert cli.main(["-q", *argv]) == 1
     out, err = capsys.readouterr()
     assert (out, err) == ("", message)
 
 
 def test_completion_timeout_action_is_checked(capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(["migrate", "--completion-timeout-action", "nap", "vm1", DEST]) == 1
+    assert cli.main(["-q", "migrate", "--completion-timeout-action", "nap", "vm1", DEST]) == 1
     assert capsys.readouterr().err.startswith(
         "error: migrate: argument --completion-timeout-action: invalid choice: 'nap'")
 
 
 def test_event_list(capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(["event", "--list"]) == 0
+    assert cli.main(["-q", "event", "--list"]) == 0
     assert capsys.readouterr().out == (
         "lifecycle\nmigration-iteration\njob-completed\njob-failed\n")
 
 
 def test_help_lists_commands(capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(["help"]) == 0
+    assert cli.main(["-q", "help"]) == 0
     out = capsys.readouterr().out
     for name in COMMANDS_BY_NAME:
         assert f"\n    {name} " in out
-    assert cli.main(["--help"]) == 0
+    assert cli.main(["-q", "--help"]) == 0
     assert "migrate" in capsys.readouterr().out
-    assert cli.main(["help", "migrate"]) == 0
+    assert cli.main(["-q", "help", "migrate"]) == 0
     out = capsys.readouterr().out
     assert "--postcopy-after-precopy" in out and "--tunnelled" in out
 
@@ -272,5 +272,5 @@ def test_keyboard_interrupt_is_one_line(monkeypatch: pytest.MonkeyPatch,
         raise KeyboardInterrupt
 
     monkeypatch.setattr(cli, "_main", interrupted)
-    assert cli.main(["list"]) == 1
+    assert cli.main(["-q", "list"]) == 1
     assert capsys.readouterr().err == "error: interrupted\n"
