@@ -55,6 +55,8 @@ COMMANDS: tuple[Command, ...] = (
     Command("list", "list domains", domains.cmd_list, setup=domains.setup_list),
     Command("define", "define (but don't start) a domain from an XML file", domains.cmd_define,
             ("file",), ("file",)),
+    Command("create", "create a domain from an XML file", domains.cmd_create, ("file",),
+            ("file",), domains.setup_create),
     Command("undefine", "undefine a domain", domains.cmd_undefine, ("domain",), ("domain",)),
     Command("start", "start a (previously defined) inactive domain", domains.cmd_start,
             ("domain",), ("domain",), domains.setup_start),
@@ -86,6 +88,9 @@ COMMANDS: tuple[Command, ...] = (
     Command("migrate-getspeed", "Get the maximum migration bandwidth",
             jobs.cmd_migrate_getspeed, ("domain",), ("domain",),
             jobs.setup_postcopy("get post-copy migration bandwidth")),
+    Command("migrate-compcache", "get/set compression cache size (virtmig: refused, use migrate "
+            "--comp-xbzrle-cache)", jobs.cmd_migrate_compcache, ("domain",), ("domain",),
+            jobs.setup_compcache),
     Command("migrate-postcopy", "Switch running migration from pre-copy to post-copy",
             jobs.cmd_migrate_postcopy, ("domain",), ("domain",)),
     Command("migrate-resolve", "settle a guest whose migration's outcome is unknown",

@@ -240,6 +240,12 @@ class Backend(abc.ABC):
         del spec
         return ""
 
+    def cpu_time_ns(self, uuid: str) -> int:
+        """The CPU time the running guest ``uuid`` has used, in ns (``dominfo``'s ``CPU time:``;
+        0: not known, or not running).  Default: 0."""
+        del uuid
+        return 0
+
     def limits(self, spec: GuestSpec) -> GuestLimits:
         """The largest guest this backend hosts (``spec``: for machine-dependent limits).
 

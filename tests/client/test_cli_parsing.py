@@ -164,8 +164,6 @@ def test_positional_data_options_fill_in_virsh_order() -> None:
          "Option --postcopy is required by option --timeout-postcopy"),
         (["--offline", "--timeout", "5"], "migrate: Unexpected timeout for offline migration"),
         (["--timeout", "5"], "migrate: Unexpected timeout for offline migration"),
-        (["--live", "--timeout", "0"],
-         "Numeric value '0' for <timeout> option is malformed or out of range"),
         (["--live", "--timeout", "-3"],
          "Numeric value '-3' for <timeout> option is malformed or out of range"),
         (["--live", "--timeout", "soon"],
@@ -202,6 +200,9 @@ def test_client_side_options() -> None:
     assert opts.postcopy_after_precopy and opts.timeout == 0
     assert opts.flags == F.LIVE | F.POSTCOPY and len(opts.params) == 0
     assert migration("--live", "vm1", DEST).timeout == 0
+    # virsh 9.0 takes --timeout 0 (no timeout), offline too.
+    assert migration("--live", "--timeout", "0", "vm1", DEST).timeout == 0
+    assert migration("--offline", "--persistent", "--timeout", "0", "vm1", DEST).timeout == 0
 
 
 @pytest.mark.parametrize(

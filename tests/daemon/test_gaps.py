@@ -27,7 +27,7 @@ from virtmig.client.migrate import migrate3
 from virtmig.client.sequence import Trace
 from virtmig.daemon.backend.base import GuestRunState
 from virtmig.proto.errors import ConfigUnsupported, NoDomain, OperationTimeout
-from virtmig.proto.flags import DomainState, JobOperation, JobType, MigrateFlags
+from virtmig.proto.flags import MAX_BANDWIDTH_MIB, DomainState, JobOperation, JobType, MigrateFlags
 from virtmig.proto.params import MigrateParam, TypedParams
 from virtmig.testing import WaitTimeout, wait_until
 
@@ -206,7 +206,7 @@ async def read_everything(conn: AsyncConnection, uuid: str) -> None:
     await watch.aclose()  # type: ignore[attr-defined]
     assert first.phase == job.phase
     assert await within(conn.get_max_downtime("vm1")) == 300
-    assert await within(conn.get_max_speed("vm1")) == 0
+    assert await within(conn.get_max_speed("vm1")) == MAX_BANDWIDTH_MIB  # unlimited
     assert (await within(conn.host(refresh=True))).active_domains == 1
 
 
