@@ -8,8 +8,11 @@ Like virsh, a command's "data" options may be given by name or by position: ``mi
 vm1 virtmig+tcp://host-b`` is ``migrate --live --domain vm1 --desturi virtmig+tcp://host-b``.
 
 Every failure is one ``error: <message>`` line (or virsh's two: what failed, then why) on stderr
-and exit status 1; a user never sees a Python traceback.  The two virsh habits not copied: the
-blank line virsh prints after every command, and the interactive shell.
+and exit status 1; a user never sees a Python traceback.  As virsh, a blank line follows every
+command that ran (``-q``/``--quiet``: none); virsh's interactive shell is not copied.  Parsing
+the command line (``--help``, a mistake) imports no gRPC: the connection modules are imported
+when a command first connects.  ``tests/client/test_cli_virsh.py`` holds the conformance table
+(virsh's words, read from its sources, against ours).
 
 Ctrl-C during ``migrate`` aborts the migration job (virsh's ``virDomainAbortJob``) and waits for
 the migration call to report it; a second Ctrl-C gives up at once.  virtmig's own additions are

@@ -52,8 +52,12 @@ async def cmd_domjobinfo(s: Session, args: argparse.Namespace) -> None:
         return format_job_info(info, completed=completed, anystats=args.anystats)
 
     if not args.watch:
-        sys.stdout.write(block(await conn.job_info(dom, completed=args.completed),
-                               args.completed))
+        info = await conn.job_info(dom, completed=args.completed)
+        if (args.completed and info.type is JobType.CANCELLED and not args.anystats
+                and not args.json):
+            # libvirt 9.0 keeps no statistics of a job aborted by its caller: None.
+            info = JobInfo(JobType.NONE, info.operation, 0, 0, 0, 0, 0, 0, 0, (), "", "")
+        sys.stdout.write(block(info, args.completed))
         return
     # virtmig's extension: a block each time the daemon pushes a change, the last one being
     # the job's completed (or failed) record; blocks are separated by a blank line.
