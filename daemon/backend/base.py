@@ -178,6 +178,11 @@ class MigrationProgress:
     throttle_percent: int = 0  # auto-converge CPU throttle in force
     xbzrle: XbzrleStats | None = None  # with xbzrle compression only
     error: str = ""
+    # Outgoing: the source's vCPUs were stopped by this migration (its switchover began).  A
+    # backend that cannot tell says True; a failed live migration that never stopped the guest
+    # leaves it as it was (libvirt's ``running (booted)``), one that did resumes it as
+    # ``running (migration canceled)``.
+    source_stopped: bool = True
 
 
 @dataclass(frozen=True)
