@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: all venv demo test fuzz lint proto bench e2e clean typecheck-tree mutate
+.PHONY: all venv demo test fuzz lint proto bench e2e clean typecheck-tree mutate man
 
 all: test
 
@@ -41,6 +41,10 @@ typecheck-tree:
 	@ln -sfn ../../../testing build/typecheck/virtmig/testing
 	@ln -sfn ../../../pkg/__init__.py build/typecheck/virtmig/__init__.py
 	@ln -sfn ../../../pkg/py.typed build/typecheck/virtmig/py.typed
+
+# Man pages (virtmig.1, virtmigd.8) and bash completion scripts, from the parsers, in build/docs.
+man: $(STAMP)
+	$(PY) -m virtmig.client.cli.docs build/docs
 
 lint: $(STAMP) typecheck-tree
 	$(VENV)/bin/ruff check .

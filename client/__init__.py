@@ -2,7 +2,8 @@
 
 ``AsyncConnection`` is the asyncio core; ``Connection`` is a synchronous facade over it for scripts
 (it runs its own event loop on a background thread), the way libvirt-python is used.  This module
-only re-exports the public names (``__all__``, pinned by ``tests/client/test_public_api.py``).
+only re-exports the public names (``__all__``, pinned by ``tests/client/test_public_api.py``),
+each imported on first use.
 
 The library's layers, each module importing only those listed above it::
 
@@ -18,12 +19,48 @@ The library's layers, each module importing only those listed above it::
 
 from __future__ import annotations
 
-from virtmig.client.connection import AsyncConnection
-from virtmig.client.sync import Connection, open
-from virtmig.client.values import Domain, DomainInfo, DomainKey, Event, HostInfo, JobInfo
-from virtmig.proto.errors import VirtmigError
-from virtmig.proto.flags import DomainState, JobOperation, JobType, MigrateFlags
-from virtmig.proto.params import MigrateParam, TypedParam, TypedParams
+import importlib
+import typing
+
+if typing.TYPE_CHECKING:
+    from virtmig.client.connection import AsyncConnection
+    from virtmig.client.sync import Connection, open
+    from virtmig.client.values import Domain, DomainInfo, DomainKey, Event, HostInfo, JobInfo
+    from virtmig.proto.errors import VirtmigError
+    from virtmig.proto.flags import DomainState, JobOperation, JobType, MigrateFlags
+    from virtmig.proto.params import MigrateParam, TypedParam, TypedParams
+
+# Where each public name lives: imported on first use (PEP 562), so that importing a submodule
+# (the CLI's parser, ``virtmig --help``) does not load gRPC through this package.
+_LAZY = {
+    "AsyncConnection": "virtmig.client.connection",
+    "Connection": "virtmig.client.sync",
+    "open": "virtmig.client.sync",
+    "Domain": "virtmig.client.values",
+    "DomainInfo": "virtmig.client.values",
+    "DomainKey": "virtmig.client.values",
+    "Event": "virtmig.client.values",
+    "HostInfo": "virtmig.client.values",
+    "JobInfo": "virtmig.client.values",
+    "VirtmigError": "virtmig.proto.errors",
+    "DomainState": "virtmig.proto.flags",
+    "JobOperation": "virtmig.proto.flags",
+    "JobType": "virtmig.proto.flags",
+    "MigrateFlags": "virtmig.proto.flags",
+    "MigrateParam": "virtmig.proto.params",
+    "TypedParam": "virtmig.proto.params",
+    "TypedParams": "virtmig.proto.params",
+}
+
+
+def __getattr__(name: str) -> typing.Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'virtmig.client' has no attribute '{name}'")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "AsyncConnection",

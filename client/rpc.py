@@ -17,7 +17,7 @@ from typing import Any, Self, TypeVar
 
 import grpc
 
-from virtmig.client.transport import open_channel, with_pki_dir
+from virtmig.client.transport import connect_error, open_channel, with_pki_dir
 from virtmig.client.values import (
     Domain,
     DomainInfo,
@@ -75,10 +75,14 @@ class RpcConnection:
         channel = open_channel(parsed, CHANNEL_OPTIONS)
         conn = cls(parsed, channel)
         try:
-            await conn.host(refresh=True, timeout=connect_timeout)
+            reply = await conn.host_stub.GetHost(pb.GetHostRequest(), timeout=connect_timeout)
+        except grpc.aio.AioRpcError as exc:
+            await channel.close(None)
+            raise connect_error(parsed, exc, connect_timeout) from None
         except BaseException:
             await channel.close(None)
             raise
+        conn._host = HostInfo.from_msg(reply)
         return conn
 
     async def close(self) -> None:

@@ -1,5 +1,6 @@
 """How a connection URI becomes a gRPC channel: plain for ``unix`` and ``tcp``, mutual TLS for
-``tls``.
+``tls``; and what a failure to reach the daemon reads like (:func:`connect_error`: libvirt's
+words, not gRPC's).
 
 A ``virtmig+tls`` channel presents ``clientcert.pem`` of the PKI dir (the URI's ``?pkipath=``,
 else ``default_pki_dir`` when the caller gives one, else ``$VIRTMIG_PKI_DIR``, else the user's
@@ -14,12 +15,15 @@ URI: a CLI command over the unix socket does not pay for it.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
+import re
 from collections.abc import Sequence
 from typing import Any
 
 import grpc
 
+from virtmig.proto.errors import ConnectionFailed, OperationTimeout, VirtmigError, from_status
 from virtmig.proto.uri import ConnectURI
 
 
@@ -42,3 +46,44 @@ def open_channel(uri: ConnectURI, options: Sequence[tuple[str, Any]]) -> grpc.ai
                                                private_key=tls.key_pem,
                                                certificate_chain=tls.cert_chain_pem)
     return grpc.aio.secure_channel(uri.grpc_target, credentials, options=list(options))
+
+
+# The system's words for why a connection failed, as gRPC's details carry them.
+_REASONS = tuple(os.strerror(e) for e in (
+    errno.ECONNREFUSED, errno.ENOENT, errno.EACCES, errno.ETIMEDOUT, errno.EHOSTUNREACH,
+    errno.ENETUNREACH, errno.ECONNRESET, errno.ENOTSOCK))
+# "... last error: UNKNOWN: ipv4:127.0.0.1:1: <why>": what follows the address.
+_AFTER_ADDRESS = re.compile(r"last error: [A-Z_]+: (?:ipv4:|ipv6:|unix:)?\S+?: (.*)$", re.S)
+
+
+def _reason(details: str) -> str:
+    for reason in _REASONS:
+        if reason in details:
+            return reason
+    m = _AFTER_ADDRESS.search(details)
+    return m.group(1) if m else details
+
+
+def connect_error(uri: ConnectURI, exc: grpc.aio.AioRpcError, timeout: float | None
+                  ) -> VirtmigError:
+    """The error for a first call to the daemon at ``uri`` that failed: libvirt's wording when
+    the daemon could not be reached (``unable to connect to server at 'HOST:PORT': Connection
+    refused``, ``Failed to connect socket to 'PATH': ...``), what was waited for when the
+    deadline passed, and the daemon's own error when it answered."""
+    code, details = exc.code(), exc.details() or ""
+    metadata = exc.trailing_metadata()
+    answered = any(isinstance(item, tuple) and item[0] == "virtmig-error"
+                   for item in metadata or ())
+    where = f"socket '{uri.path}'" if uri.transport == "unix" else f"'{uri.grpc_target}'"
+    if not answered and code is grpc.StatusCode.UNAVAILABLE:
+        if uri.transport == "unix":
+            return ConnectionFailed(f"Failed to connect socket to '{uri.path}': "
+                                    f"{_reason(details)}")
+        return ConnectionFailed(f"unable to connect to server at '{uri.grpc_target}': "
+                                f"{_reason(details)}")
+    if not answered and code is grpc.StatusCode.DEADLINE_EXCEEDED:
+        waited = f"{timeout:g} s" if timeout is not None else "the deadline"
+        return OperationTimeout(
+            f"no answer from the daemon at {where} within {waited} (the connect timeout: "
+            f"--connect-timeout or VIRTMIG_CONNECT_TIMEOUT)")
+    return from_status(code, details, metadata)

@@ -133,6 +133,9 @@ class MigrationJob:
     idle_since: float = field(default_factory=time.monotonic)
     # Perform started streaming: the guest was touched (a rollback resumes it as "canceled").
     streamed: bool = False
+    # Source: the bandwidth limit the stream runs with, in MiB/s (0: unlimited), set when it
+    # starts and by migrate-setspeed during it; what migrate-getspeed reports meanwhile.
+    bandwidth_mib: int = 0
     # Switched to post-copy: nothing can be rolled back any more.
     postcopy: bool = False
     # The error to report when the daemon itself cancelled the stream (stall watchdog,

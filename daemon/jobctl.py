@@ -32,6 +32,7 @@ from virtmig.proto.errors import (
     ResourceExhausted,
 )
 from virtmig.proto.flags import (
+    MAX_BANDWIDTH_MIB,
     CompletionAction,
     DomainState,
     JobOperation,
@@ -252,15 +253,22 @@ async def set_max_speed(daemon: Daemon, dom: DomainObj, mib: int, flags: int) ->
     dom.max_speed_mib = mib
     job = _outgoing(dom)
     if job is not None and job.phase.streaming:
+        job.bandwidth_mib = mib
         with contextlib.suppress(BackendError):
             await daemon.backend.set_tuning(dom.uuid, bandwidth_bytes_per_s=mib * 1024 * 1024)
 
 
 def get_max_speed(dom: DomainObj, flags: int) -> int:
+    """libvirt's: the limit a running migration streams with (``--bandwidth``, or set since),
+    else the domain's; "unlimited" reads as libvirt's largest, 8796093022207 MiB/s, as QEMU
+    reports it.  The post-copy limit is read as set (0: unlimited, as QEMU's default)."""
     if flags & MAX_SPEED_POSTCOPY:
         _require_active(dom)
         return dom.max_speed_postcopy_mib
-    return dom.max_speed_mib
+    job = _outgoing(dom)
+    if job is not None and job.phase.streaming and job.bandwidth_mib:
+        return job.bandwidth_mib
+    return dom.max_speed_mib or MAX_BANDWIDTH_MIB
 
 
 async def start_postcopy(daemon: Daemon, dom: DomainObj) -> None:

@@ -114,7 +114,8 @@ class DomainsService(pbg.DomainsServicer):
         return wire.xml_msg(format_domain_xml(d, migratable=request.migratable))
 
     async def GetInfo(self, request: pb.DomainRequest, context: Any) -> pb.DomainInfo:
-        return wire.domain_info_msg(self._dom(request.domain))
+        dom = self._dom(request.domain)
+        return wire.domain_info_msg(dom, self.daemon.backend.cpu_time_ns(dom.uuid))
 
     async def Events(self, request: pb.EventsRequest, context: Any) -> AsyncIterator[pb.Event]:
         uuid = self._dom(request.domain).uuid if request.HasField("domain") else ""

@@ -148,10 +148,11 @@ def domain_list_msg(doms: Iterable[DomainObj]) -> pb.ListReply:
     return pb.ListReply(domains=[domain_msg(d) for d in doms])
 
 
-def domain_info_msg(dom: DomainObj) -> pb.DomainInfo:
+def domain_info_msg(dom: DomainObj, cpu_time_ns: int = 0) -> pb.DomainInfo:
     d = dom.definition
     return pb.DomainInfo(
         domain=domain_msg(dom),
+        cpu_time_ns=cpu_time_ns if dom.active else 0,
         max_memory_kib=d.memory_kib,
         memory_kib=d.current_memory_kib,
         vcpus=d.vcpus,

@@ -41,11 +41,18 @@ second time; so does any code that wraps a message formatted before.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import ClassVar, Self
+from typing import TYPE_CHECKING, ClassVar, Self
 
-import grpc
+if TYPE_CHECKING:
+    import grpc
 
 ERROR_METADATA_KEY = "virtmig-error"
+
+
+def _status_code(name: str) -> grpc.StatusCode:
+    import grpc  # only where a status is needed: the CLI's parsing must not load gRPC
+
+    return grpc.StatusCode[name]
 
 
 class VirtmigError(Exception):
@@ -57,7 +64,9 @@ class VirtmigError(Exception):
     """
 
     code: ClassVar[str] = "VIR_ERR_INTERNAL_ERROR"
-    status: ClassVar[grpc.StatusCode] = grpc.StatusCode.UNKNOWN
+    # The gRPC status code's name (``err.status`` is the code itself): a name, so that importing
+    # the errors (the CLI's ``--help``) does not import gRPC.
+    status_name: ClassVar[str] = "UNKNOWN"
     msginfo: ClassVar[str] = "%s"
     msg: ClassVar[str] = "unknown error"
 
@@ -66,6 +75,10 @@ class VirtmigError(Exception):
 
     def __init__(self, detail: str = "") -> None:
         self._set(self.format(detail), detail)
+
+    @property
+    def status(self) -> grpc.StatusCode:
+        return _status_code(self.status_name)
 
     @classmethod
     def format(cls, detail: str) -> str:
@@ -107,7 +120,7 @@ class VirtmigError(Exception):
 
 class InvalidArgument(VirtmigError):
     code = "VIR_ERR_INVALID_ARG"
-    status = grpc.StatusCode.INVALID_ARGUMENT
+    status_name = "INVALID_ARGUMENT"
     msginfo = "invalid argument: %s"
     msg = "invalid argument"
 
@@ -129,21 +142,21 @@ class Overflow(InvalidArgument):
 
 class ArgumentUnsupported(VirtmigError):
     code = "VIR_ERR_ARGUMENT_UNSUPPORTED"
-    status = grpc.StatusCode.INVALID_ARGUMENT
+    status_name = "INVALID_ARGUMENT"
     msginfo = "argument unsupported: %s"
     msg = "argument unsupported"
 
 
 class ConfigUnsupported(VirtmigError):
     code = "VIR_ERR_CONFIG_UNSUPPORTED"
-    status = grpc.StatusCode.FAILED_PRECONDITION
+    status_name = "FAILED_PRECONDITION"
     msginfo = "unsupported configuration: %s"
     msg = "unsupported configuration"
 
 
 class OperationInvalid(VirtmigError):
     code = "VIR_ERR_OPERATION_INVALID"
-    status = grpc.StatusCode.FAILED_PRECONDITION
+    status_name = "FAILED_PRECONDITION"
     msginfo = "Requested operation is not valid: %s"
     msg = "Requested operation is not valid"
 
@@ -155,21 +168,21 @@ class GuestElsewhere(OperationInvalid):
 
 class OperationUnsupported(VirtmigError):
     code = "VIR_ERR_OPERATION_UNSUPPORTED"
-    status = grpc.StatusCode.UNIMPLEMENTED
+    status_name = "UNIMPLEMENTED"
     msginfo = "Operation not supported: %s"
     msg = "Operation not supported"
 
 
 class NoSupport(VirtmigError):
     code = "VIR_ERR_NO_SUPPORT"
-    status = grpc.StatusCode.UNIMPLEMENTED
+    status_name = "UNIMPLEMENTED"
     msginfo = "this function is not supported by the connection driver: %s"
     msg = "this function is not supported by the connection driver"
 
 
 class NoDomain(VirtmigError):
     code = "VIR_ERR_NO_DOMAIN"
-    status = grpc.StatusCode.NOT_FOUND
+    status_name = "NOT_FOUND"
     msginfo = "Domain not found: %s"
     msg = "Domain not found"
 
@@ -178,21 +191,21 @@ class DomainExists(VirtmigError):
     """libvirt's DOM_EXIST puts the detail (the domain) inside the message, not after it."""
 
     code = "VIR_ERR_DOM_EXIST"
-    status = grpc.StatusCode.ALREADY_EXISTS
+    status_name = "ALREADY_EXISTS"
     msginfo = "domain %s exists already"
     msg = "this domain exists already"
 
 
 class OperationFailed(VirtmigError):
     code = "VIR_ERR_OPERATION_FAILED"
-    status = grpc.StatusCode.ABORTED
+    status_name = "ABORTED"
     msginfo = "operation failed: %s"
     msg = "operation failed"
 
 
 class OperationAborted(VirtmigError):
     code = "VIR_ERR_OPERATION_ABORTED"
-    status = grpc.StatusCode.ABORTED
+    status_name = "ABORTED"
     msginfo = "operation aborted: %s"
     msg = "operation aborted"
 
@@ -204,7 +217,7 @@ class MigrateFinishOk(VirtmigError):
     """
 
     code = "VIR_ERR_MIGRATE_FINISH_OK"
-    status = grpc.StatusCode.ABORTED
+    status_name = "ABORTED"
     msginfo = "migration successfully aborted: %s"
     msg = "migration successfully aborted"
 
@@ -214,21 +227,21 @@ class MigrateUnsafe(VirtmigError):
     the host); ``VIR_MIGRATE_UNSAFE`` overrides it."""
 
     code = "VIR_ERR_MIGRATE_UNSAFE"
-    status = grpc.StatusCode.FAILED_PRECONDITION
+    status_name = "FAILED_PRECONDITION"
     msginfo = "Unsafe migration: %s"
     msg = "Unsafe migration"
 
 
 class OperationTimeout(VirtmigError):
     code = "VIR_ERR_OPERATION_TIMEOUT"
-    status = grpc.StatusCode.DEADLINE_EXCEEDED
+    status_name = "DEADLINE_EXCEEDED"
     msginfo = "Timed out during operation: %s"
     msg = "Timed out during operation"
 
 
 class ResourceExhausted(VirtmigError):
     code = "VIR_ERR_RESOURCE_BUSY"
-    status = grpc.StatusCode.RESOURCE_EXHAUSTED
+    status_name = "RESOURCE_EXHAUSTED"
     msginfo = "resource busy: %s"
     msg = "resource busy"
 
@@ -238,7 +251,7 @@ class PermissionDenied(VirtmigError):
     its access is read-only and the call is not (see :mod:`virtmig.daemon.authz`)."""
 
     code = "VIR_ERR_ACCESS_DENIED"
-    status = grpc.StatusCode.PERMISSION_DENIED
+    status_name = "PERMISSION_DENIED"
     msginfo = "access denied: %s"
     msg = "access denied"
 
@@ -252,14 +265,14 @@ class ConnectionFailed(VirtmigError):
     """
 
     code = "VIR_ERR_NO_CONNECT"
-    status = grpc.StatusCode.UNAVAILABLE
+    status_name = "UNAVAILABLE"
     msginfo = "%s"
     msg = "RPC error"
 
 
 class InternalError(VirtmigError):
     code = "VIR_ERR_INTERNAL_ERROR"
-    status = grpc.StatusCode.INTERNAL
+    status_name = "INTERNAL"
     msginfo = "internal error: %s"
     msg = "internal error"
 
@@ -269,7 +282,7 @@ class CookieError(InternalError):
     error (its message is kept), but it is the caller's input, so the status is
     INVALID_ARGUMENT."""
 
-    status = grpc.StatusCode.INVALID_ARGUMENT
+    status_name = "INVALID_ARGUMENT"
 
 
 def _all_classes() -> dict[str, type[VirtmigError]]:
@@ -285,18 +298,18 @@ def _all_classes() -> dict[str, type[VirtmigError]]:
 ERROR_CLASSES: dict[str, type[VirtmigError]] = _all_classes()
 
 # Status codes that carry no virtmig class (a non-virtmig server, or the transport itself).
-_STATUS_FALLBACK: dict[grpc.StatusCode, type[VirtmigError]] = {
-    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
-    grpc.StatusCode.NOT_FOUND: NoDomain,
-    grpc.StatusCode.ALREADY_EXISTS: DomainExists,
-    grpc.StatusCode.FAILED_PRECONDITION: OperationInvalid,
-    grpc.StatusCode.UNIMPLEMENTED: NoSupport,
-    grpc.StatusCode.ABORTED: OperationFailed,
-    grpc.StatusCode.CANCELLED: OperationAborted,
-    grpc.StatusCode.DEADLINE_EXCEEDED: OperationTimeout,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
-    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
-    grpc.StatusCode.UNAVAILABLE: ConnectionFailed,
+_STATUS_FALLBACK: dict[str, type[VirtmigError]] = {
+    "INVALID_ARGUMENT": InvalidArgument,
+    "NOT_FOUND": NoDomain,
+    "ALREADY_EXISTS": DomainExists,
+    "FAILED_PRECONDITION": OperationInvalid,
+    "UNIMPLEMENTED": NoSupport,
+    "ABORTED": OperationFailed,
+    "CANCELLED": OperationAborted,
+    "DEADLINE_EXCEEDED": OperationTimeout,
+    "RESOURCE_EXHAUSTED": ResourceExhausted,
+    "PERMISSION_DENIED": PermissionDenied,
+    "UNAVAILABLE": ConnectionFailed,
 }
 
 
@@ -325,7 +338,8 @@ def from_status(
     cls = ERROR_CLASSES.get(name or "")
     message = details or "unknown error"
     if cls is None:
-        cls = _STATUS_FALLBACK.get(code, InternalError) if code is not None else InternalError
-        if code is grpc.StatusCode.UNAVAILABLE:
+        code_name = code.name if code is not None else ""
+        cls = _STATUS_FALLBACK.get(code_name, InternalError)
+        if code_name == "UNAVAILABLE":
             message = f"unable to connect to the daemon: {message}"
     return cls.from_message(message)

@@ -203,6 +203,34 @@ def reason_name(state: DomainState, reason: int) -> str:
         return "unknown"
 
 
+# virsh's words for each state's reasons (virshDomain*ReasonTypeToString), by reason number.
+_REASON_LABELS: dict[DomainState, tuple[str, ...]] = {
+    DomainState.NOSTATE: ("unknown",),
+    DomainState.RUNNING: ("unknown", "booted", "migrated", "restored", "from snapshot",
+                          "unpaused", "migration canceled", "save canceled", "event wakeup",
+                          "crashed", "post-copy", "post-copy failed"),
+    DomainState.BLOCKED: ("unknown",),
+    DomainState.PAUSED: ("unknown", "user", "migrating", "saving", "dumping", "I/O error",
+                         "watchdog", "from snapshot", "shutting down", "creating snapshot",
+                         "crashed", "starting up", "post-copy", "post-copy failed", "api error"),
+    DomainState.SHUTDOWN: ("unknown", "user"),
+    DomainState.SHUTOFF: ("unknown", "shutdown", "destroyed", "crashed", "migrated", "saved",
+                          "failed", "from snapshot", "daemon"),
+    DomainState.CRASHED: ("unknown", "panicked"),
+    DomainState.PMSUSPENDED: ("unknown",),
+}
+
+
+def reason_label(state: int, reason: int) -> str:
+    """virsh's text for a state's reason, as ``domstate --reason`` prints it: ``migration
+    canceled``, ``migrating``, ``I/O error``; ``unknown`` for what virsh does not know."""
+    try:
+        labels = _REASON_LABELS[DomainState(state)]
+    except ValueError:
+        return "unknown"
+    return labels[reason] if 0 <= reason < len(labels) else "unknown"
+
+
 class JobType(enum.IntEnum):
     """``virDomainJobType``."""
 

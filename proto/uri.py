@@ -104,6 +104,7 @@ def parse_uri(uri: str | None) -> ConnectURI:
     if scheme in ("virtmig+unix", "unix"):
         if parts.netloc:
             raise InvalidArgument(f"unix connection URI '{uri}' must not name a host")
+        _check_nothing_else(uri, parts, query=True)
         path = parts.path or str(default_socket_path())
         return ConnectURI("unix", path=path)
     transport = _NETWORK_SCHEMES.get(scheme)
@@ -114,6 +115,11 @@ def parse_uri(uri: str | None) -> ConnectURI:
         )
     if not parts.hostname:
         raise InvalidArgument(f"missing host in connection URI '{uri}'")
+    if parts.path not in ("", "/"):
+        raise InvalidArgument(
+            f"unsupported path '{parts.path}' in connection URI '{uri}': a virtmig URI names a "
+            f"daemon (scheme://HOST[:PORT]), nothing after it")
+    _check_nothing_else(uri, parts, query=transport != "tls")
     try:
         port = parts.port or _DEFAULT_PORTS[transport]
     except ValueError as exc:
@@ -130,6 +136,20 @@ def _split(uri: str, what: str) -> SplitResult:
     except ValueError as exc:
         shown = uri if len(uri) <= 80 else uri[:80] + "..."
         raise InvalidArgument(f"cannot parse {what} URI '{shown}': {exc}") from None
+
+
+def _check_nothing_else(uri: str, parts: SplitResult, *, query: bool) -> None:
+    """Refuse what the client would not act on: a user name or password, a fragment, and (if
+    ``query``) any parameter; a TLS URI's parameters are checked by :func:`_pkipath`."""
+    if parts.username is not None or parts.password is not None:
+        raise InvalidArgument(f"unsupported user name in connection URI '{uri}'")
+    if parts.fragment:
+        raise InvalidArgument(f"unsupported fragment '#{parts.fragment}' in connection URI "
+                              f"'{uri}'")
+    if query and parts.query:
+        name = parse_qsl(parts.query, keep_blank_values=True)[0][0] if "=" in parts.query \
+            else parts.query
+        raise InvalidArgument(f"unsupported parameter '{name}' in connection URI '{uri}'")
 
 
 _NETWORK_SCHEMES = {"virtmig+tls": "tls", "tls": "tls", "virtmig+tcp": "tcp", "tcp": "tcp"}

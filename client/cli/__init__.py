@@ -8,8 +8,11 @@ Like virsh, a command's "data" options may be given by name or by position: ``mi
 vm1 virtmig+tcp://host-b`` is ``migrate --live --domain vm1 --desturi virtmig+tcp://host-b``.
 
 Every failure is one ``error: <message>`` line (or virsh's two: what failed, then why) on stderr
-and exit status 1; a user never sees a Python traceback.  The two virsh habits not copied: the
-blank line virsh prints after every command, and the interactive shell.
+and exit status 1; a user never sees a Python traceback.  As virsh, a blank line follows every
+command that ran (``-q``/``--quiet``: none); virsh's interactive shell is not copied.  Parsing
+the command line (``--help``, a mistake) imports no gRPC: the connection modules are imported
+when a command first connects.  ``tests/client/test_cli_virsh.py`` holds the conformance table
+(virsh's words, read from its sources, against ours).
 
 Ctrl-C during ``migrate`` aborts the migration job (virsh's ``virDomainAbortJob``) and waits for
 the migration call to report it; a second Ctrl-C gives up at once.  virtmig's own additions are
@@ -21,11 +24,12 @@ The package, by concern::
     app        the command table, the parsers, main (the ``virtmig`` console script)
     base       errors, virsh's option checks, Session, the Command record, Ctrl-C handling
     output     virsh's layouts: tables, capacities, progress line, domjobinfo, events
+    jsonout    the read commands' --json shapes (documented in the README)
     options    migrate's options: one table drives its parser and build_migration
     migration  migrate, and the watching around the call (progress, Ctrl-C, --timeout)
     jobs       domjobinfo, domjobabort, downtime/speed, migrate-postcopy, event
-    domains    list, define, undefine, start, destroy/suspend/resume, dominfo, ...
-    host       hostname, version, nodeinfo
+    domains    list (virsh's filters), define, undefine, start, destroy/suspend/resume, ...
+    host       hostname, version, nodeinfo, capabilities
     pki        pki init/issue: the CA and certificates for mutual TLS (needs no daemon)
 """
 

@@ -12,15 +12,27 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from virtmig import __version__
 from virtmig.client.cli import domains, host, jobs, options, pki
-from virtmig.client.cli.base import CliError, Command, Session, UsageError, option, print_error
+from virtmig.client.cli.base import (
+    DEFAULT_CONNECT_TIMEOUT,
+    CliError,
+    Command,
+    Session,
+    UsageError,
+    add_json,
+    connect_timeout,
+    option,
+    print_error,
+)
 from virtmig.client.cli.migration import cmd_migrate
 from virtmig.client.cli.output import EVENT_NAMES
-from virtmig.client.connection import AsyncConnection, Domain
 from virtmig.proto.errors import VirtmigError
+
+if TYPE_CHECKING:
+    from virtmig.client.connection import AsyncConnection, Domain
 
 
 class _Parser(argparse.ArgumentParser):
@@ -43,6 +55,8 @@ COMMANDS: tuple[Command, ...] = (
     Command("list", "list domains", domains.cmd_list, setup=domains.setup_list),
     Command("define", "define (but don't start) a domain from an XML file", domains.cmd_define,
             ("file",), ("file",)),
+    Command("create", "create a domain from an XML file", domains.cmd_create, ("file",),
+            ("file",), domains.setup_create),
     Command("undefine", "undefine a domain", domains.cmd_undefine, ("domain",), ("domain",)),
     Command("start", "start a (previously defined) inactive domain", domains.cmd_start,
             ("domain",), ("domain",), domains.setup_start),
@@ -50,7 +64,8 @@ COMMANDS: tuple[Command, ...] = (
                "destroy (stop) a domain"),
     _lifecycle("suspend", "suspended", lambda c, d: c.suspend(d), "suspend a domain"),
     _lifecycle("resume", "resumed", lambda c, d: c.resume(d), "resume a domain"),
-    Command("dominfo", "domain information", domains.cmd_dominfo, ("domain",), ("domain",)),
+    Command("dominfo", "domain information", domains.cmd_dominfo, ("domain",), ("domain",),
+            domains.setup_dominfo),
     Command("domstate", "domain state", domains.cmd_domstate, ("domain",), ("domain",),
             domains.setup_domstate),
     Command("dumpxml", "domain information in XML", domains.cmd_dumpxml, ("domain",),
@@ -74,6 +89,9 @@ COMMANDS: tuple[Command, ...] = (
     Command("migrate-getspeed", "Get the maximum migration bandwidth",
             jobs.cmd_migrate_getspeed, ("domain",), ("domain",),
             jobs.setup_postcopy("get post-copy migration bandwidth")),
+    Command("migrate-compcache", "get/set compression cache size (virtmig: refused, use migrate "
+            "--comp-xbzrle-cache)", jobs.cmd_migrate_compcache, ("domain",), ("domain",),
+            jobs.setup_compcache),
     Command("migrate-postcopy", "Switch running migration from pre-copy to post-copy",
             jobs.cmd_migrate_postcopy, ("domain",), ("domain",)),
     Command("migrate-resolve", "settle a guest whose migration's outcome is unknown",
@@ -83,7 +101,8 @@ COMMANDS: tuple[Command, ...] = (
             jobs.setup_event, {"event": "TYPE", "timeout": "SECONDS"}),
     Command("hostname", "print the daemon's hostname", host.cmd_hostname),
     Command("version", "show version", host.cmd_version),
-    Command("nodeinfo", "node information", host.cmd_nodeinfo),
+    Command("nodeinfo", "node information", host.cmd_nodeinfo, setup=add_json),
+    Command("capabilities", "capabilities", host.cmd_capabilities, setup=add_json),
     Command("pki", "make a CA, or issue a host's or client's TLS certificates (no daemon)",
             pki.cmd_pki, setup=pki.setup_pki),
 )
@@ -156,6 +175,11 @@ def main_parser() -> _Parser:
                    help="daemon connection URI: virtmig+tls://HOST[:PORT][?pkipath=DIR], "
                         "virtmig+unix:///PATH (default: $VIRTMIG_DEFAULT_URI or the local "
                         "daemon's socket)")
+    p.add_argument("--connect-timeout", metavar="SECONDS",
+                   help="virtmig: how long to wait for a daemon's first answer (default: "
+                        "$VIRTMIG_CONNECT_TIMEOUT or 10)")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="quiet mode: no blank line after a command's output (as virsh)")
     p.add_argument("-v", "--version", action="version", version=__version__)
     p.add_argument("command", nargs="?", metavar="COMMAND", help=argparse.SUPPRESS)
     p.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
@@ -165,8 +189,9 @@ def main_parser() -> _Parser:
 # --- main -----------------------------------------------------------------------------------------
 
 
-async def run(cmd: Command, uri: str | None, args: argparse.Namespace) -> None:
-    session = Session(uri)
+async def run(cmd: Command, uri: str | None, args: argparse.Namespace,
+              timeout: float = DEFAULT_CONNECT_TIMEOUT) -> None:
+    session = Session(uri, timeout)
     try:
         await cmd.handler(session, args)
     finally:
@@ -175,8 +200,10 @@ async def run(cmd: Command, uri: str | None, args: argparse.Namespace) -> None:
 
 def _main(argv: list[str]) -> int:
     top = main_parser()
+    ran, quiet, status = False, False, 0
     try:
         ns = top.parse_args(argv)
+        quiet = ns.quiet
         if ns.command is None:
             raise UsageError("no command given; try 'virtmig help'")
         if ns.command == "help":
@@ -192,15 +219,20 @@ def _main(argv: list[str]) -> int:
         if cmd is None:
             raise UsageError(f"unknown command: '{ns.command}'")
         args = parse_command(cmd, ns.args)
-        asyncio.run(run(cmd, ns.connect, args))
+        timeout = connect_timeout(ns.connect_timeout)
+        ran = True
+        asyncio.run(run(cmd, ns.connect, args, timeout))
     except CliError as exc:
         for line in exc.lines:
             print_error(line)
-        return 1
+        status = 1
     except VirtmigError as exc:
         print_error(str(exc))
-        return 1
-    return 0
+        status = 1
+    if ran and not quiet:
+        # virsh's vshPrintExtra(ctl, "\n") after every command it ran, failed ones too.
+        print(flush=True)
+    return status
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,15 +10,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import math
+import os
 import re
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-from virtmig.client.connection import AsyncConnection, Domain
 from virtmig.proto.errors import NoDomain, VirtmigError
+
+if TYPE_CHECKING:
+    from virtmig.client.connection import AsyncConnection, Domain
 
 T = TypeVar("T")
 
@@ -88,14 +92,47 @@ def require(args: argparse.Namespace, opt: str, required: str) -> None:
         raise UsageError(f"Option --{option(required)} is required by option --{option(opt)}")
 
 
+def add_json(p: argparse.ArgumentParser) -> None:
+    """A read command's ``--json``: its documented shape (:mod:`virtmig.client.cli.jsonout`)."""
+    p.add_argument("--json", action="store_true",
+                   help="virtmig: print JSON (shape documented in the README)")
+
+
 # --- connections ----------------------------------------------------------------------------------
 
 
-class Session:
-    """The command's connections: the ``-c`` one, opened on first use, plus any others."""
+CONNECT_TIMEOUT_ENV = "VIRTMIG_CONNECT_TIMEOUT"
+DEFAULT_CONNECT_TIMEOUT = 10.0
+# A day: more is a typo, and a deadline that far is no deadline.
+MAX_CONNECT_TIMEOUT = 86400.0
 
-    def __init__(self, uri: str | None) -> None:
+
+def connect_timeout(option_value: str | None) -> float:
+    """How long a connection waits for the daemon's first answer: ``--connect-timeout``, else
+    ``$VIRTMIG_CONNECT_TIMEOUT``, else 10 s; seconds, more than 0 and at most a day."""
+    source, text = "<connect-timeout> option", option_value
+    if text is None:
+        source, text = f"{CONNECT_TIMEOUT_ENV} environment variable", os.environ.get(
+            CONNECT_TIMEOUT_ENV)
+    if text is None or (text == "" and option_value is None):
+        return DEFAULT_CONNECT_TIMEOUT
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= MAX_CONNECT_TIMEOUT:  # (NaN fails too)
+        raise UsageError(f"Numeric value '{text}' for {source} is malformed or out of range "
+                         f"(seconds, more than 0 and at most {MAX_CONNECT_TIMEOUT:g})")
+    return value
+
+
+class Session:
+    """The command's connections: the ``-c`` one, opened on first use, plus any others, each
+    waiting ``timeout`` seconds for its daemon's first answer."""
+
+    def __init__(self, uri: str | None, timeout: float = DEFAULT_CONNECT_TIMEOUT) -> None:
         self.uri = uri
+        self.timeout = timeout
         self._conn: AsyncConnection | None = None
         self._opened: list[AsyncConnection] = []
 
@@ -105,8 +142,11 @@ class Session:
         return self._conn
 
     async def open(self, uri: str | None, what: str) -> AsyncConnection:
+        # Imported here, not at the top: parsing a command line (and --help) loads no gRPC.
+        from virtmig.client.connection import AsyncConnection
+
         try:
-            conn = await AsyncConnection.open(uri)
+            conn = await AsyncConnection.open(uri, connect_timeout=self.timeout)
         except VirtmigError as exc:
             raise CliError(what, str(exc)) from None
         self._opened.append(conn)

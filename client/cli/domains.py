@@ -6,26 +6,71 @@ verbs (``destroy``, ``suspend``, ``resume``: :func:`lifecycle`), ``dominfo``, ``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+import xml.etree.ElementTree as ET
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
-from lxml import etree
-
-from virtmig.client.cli.base import CliError, Handler, Session, act, lookup, read_file
+from virtmig.client.cli.base import (
+    CliError,
+    Handler,
+    Session,
+    act,
+    add_json,
+    exclusive,
+    lookup,
+    read_file,
+)
+from virtmig.client.cli.jsonout import domain_json, dominfo_json, dumps, state_json
 from virtmig.client.cli.output import format_table
-from virtmig.client.connection import AsyncConnection, Domain
-from virtmig.proto.flags import DomainState
+from virtmig.client.values import Domain
+from virtmig.proto.errors import NoDomain, OperationFailed, VirtmigError
+from virtmig.proto.flags import DomainState, reason_label
+
+if TYPE_CHECKING:
+    from virtmig.client.connection import AsyncConnection
+
+_STATE_FILTERS = (("state_running", (DomainState.RUNNING,)),
+                  ("state_paused", (DomainState.PAUSED,)),
+                  ("state_shutoff", (DomainState.SHUTOFF,)),
+                  ("state_other", tuple(s for s in DomainState if s not in (
+                      DomainState.RUNNING, DomainState.PAUSED, DomainState.SHUTOFF))))
+
+
+def list_filter(args: argparse.Namespace) -> Callable[[Domain], bool]:
+    """virsh's ``list`` filters: within a group (states; persistent/transient) any may match,
+    and every group given must match (libvirt's ``VIR_CONNECT_LIST_DOMAINS_*``)."""
+    states = {s for name, group in _STATE_FILTERS if getattr(args, name) for s in group}
+    persistence = {flag for flag, name in ((True, "persistent"), (False, "transient"))
+                   if getattr(args, name)}
+
+    def keep(d: Domain) -> bool:
+        return (not states or d.state in states) and (
+            not persistence or d.persistent in persistence)
+
+    return keep
 
 
 async def cmd_list(s: Session, args: argparse.Namespace) -> None:
+    exclusive(args, "table", "name")
+    exclusive(args, "table", "uuid")
     conn = await s.conn()
-    inactive = bool(args.all or args.inactive)
-    active = bool(args.all or not args.inactive)
-    doms = await conn.list_domains(active=active, inactive=inactive)
+    # virsh: --inactive or --state-shutoff list the inactive domains instead; --all both.
+    inactive = bool(args.all or args.inactive or args.state_shutoff)
+    active = bool(args.all or not inactive)
+    doms = [d for d in await conn.list_domains(active=active, inactive=inactive)
+            if list_filter(args)(d)]
     # virsh's order: running domains by id, then inactive ones by name (case-insensitive).
     doms.sort(key=lambda d: (0, d.id, "") if d.id >= 0 else (1, 0, d.name.lower()))
-    rows = [[str(d.id) if d.id >= 0 else "-", d.name, d.state.label] for d in doms]
-    sys.stdout.write(format_table(["Id", "Name", "State"], rows))
+    if args.json:
+        sys.stdout.write(dumps([domain_json(d) for d in doms]))
+    elif args.name or args.uuid:
+        for d in doms:
+            print(" ".join(([d.uuid] if args.uuid else []) + ([d.name] if args.name else [])))
+    else:
+        rows = [[str(d.id) if d.id >= 0 else "-", d.name, d.state.label] for d in doms]
+        sys.stdout.write(format_table(["Id", "Name", "State"], rows))
 
 
 async def cmd_define(s: Session, args: argparse.Namespace) -> None:
@@ -33,6 +78,40 @@ async def cmd_define(s: Session, args: argparse.Namespace) -> None:
     conn = await s.conn()
     dom = await act(f"Failed to define domain from {args.file}", conn.define(xml))
     print(f"Domain '{dom.name}' defined from {args.file}")
+
+
+def _xml_name(xml: str) -> str | None:
+    """The ``<name>`` of a domain XML, if it has one (the daemon checks the rest)."""
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError:
+        return None
+    name = root.findtext("name")
+    return name.strip() if name else None
+
+
+async def cmd_create(s: Session, args: argparse.Namespace) -> None:
+    """virsh's ``create``: a transient domain, started from the file.  virtmig has no RPC for
+    it: the domain is defined, started and undefined (a running domain that is undefined
+    stays, transient); a failure undoes what was done, and a name in use is refused first."""
+    xml = read_file(args.file)
+    conn = await s.conn()
+    what = f"Failed to create domain from {args.file}"
+    name = _xml_name(xml)
+    if name:
+        with contextlib.suppress(NoDomain):
+            other = await conn.lookup(name)
+            raise CliError(what, str(OperationFailed(
+                f"domain '{name}' already exists with uuid {other.uuid}")))
+    dom = await act(what, conn.define(xml))
+    try:
+        await act(what, conn.start(dom, paused=args.paused))
+    except BaseException:
+        with contextlib.suppress(VirtmigError):
+            await conn.undefine(dom)
+        raise
+    await act(what, conn.undefine(dom))
+    print(f"Domain '{dom.name}' created from {args.file}")
 
 
 async def cmd_undefine(s: Session, args: argparse.Namespace) -> None:
@@ -57,10 +136,11 @@ async def cmd_migrate_resolve(s: Session, args: argparse.Namespace) -> None:
     (recorded, or DESTURI) now, then resumes the guest or leaves it shut off as migrated."""
     conn = await s.conn()
     dom = await lookup(conn, args.domain)
-    state, _reason, reason_name, _detail = await act(
+    state, reason, _reason_name, _detail = await act(
         f"Failed to resolve the migration of domain '{dom.name}'",
         conn.resolve_migration(dom, args.desturi or ""))
-    print(f"Domain '{dom.name}' resolved: {DomainState(state).label} ({reason_name})")
+    print(f"Domain '{dom.name}' resolved: {DomainState(state).label} "
+          f"({reason_label(state, reason)})")
 
 
 def lifecycle(verb: str, done: str, call: Callable[[AsyncConnection, Domain], Awaitable[None]]
@@ -80,6 +160,9 @@ async def cmd_dominfo(s: Session, args: argparse.Namespace) -> None:
     conn = await s.conn()
     dom = await lookup(conn, args.domain)
     info = await conn.info(dom)
+    if args.json:
+        sys.stdout.write(dumps(dominfo_json(info)))
+        return
     d = info.domain
     lines = [
         ("Id:", str(d.id) if d.id >= 0 else "-"),
@@ -107,14 +190,17 @@ async def cmd_dominfo(s: Session, args: argparse.Namespace) -> None:
 async def cmd_domstate(s: Session, args: argparse.Namespace) -> None:
     conn = await s.conn()
     dom = await lookup(conn, args.domain)
-    state, _reason, reason_name, detail = await conn.state_detail(dom)
+    state, reason, _reason_name, detail = await conn.state_detail(dom)
+    if args.json:
+        sys.stdout.write(dumps({**state_json(state, reason), "detail": detail}))
+        return
     label = DomainState(state).label
     if not args.reason:
         print(label)
         return
-    # virtmig's words after libvirt's reason: what a guest whose migration's outcome is
+    # virtmig's words after virsh's reason: what a guest whose migration's outcome is
     # unknown waits for.
-    print(f"{label} ({reason_name})" + (f": {detail}" if detail else ""))
+    print(f"{label} ({reason_label(state, reason)})" + (f": {detail}" if detail else ""))
 
 
 async def cmd_dumpxml(s: Session, args: argparse.Namespace) -> None:
@@ -128,6 +214,8 @@ def console_tty(xml: str) -> str:
     """The pty of a running domain's console, from its live XML: ``<console tty=>`` (what
     virsh reads), else the ``<source path=>`` of its first pty console or serial port
     (``""``: none)."""
+    from lxml import etree  # not at import time: `virtmig --help` loads no lxml
+
     parser = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False)
     root = etree.fromstring(xml.encode("utf-8"), parser)
     for console in root.iterfind("devices/console"):
@@ -150,8 +238,28 @@ async def cmd_ttyconsole(s: Session, args: argparse.Namespace) -> None:
 
 
 def setup_list(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--all", action="store_true", help="list inactive & active domains")
     p.add_argument("--inactive", action="store_true", help="list inactive domains")
+    p.add_argument("--all", action="store_true", help="list inactive & active domains")
+    p.add_argument("--transient", action="store_true", help="list transient domains")
+    p.add_argument("--persistent", action="store_true", help="list persistent domains")
+    p.add_argument("--state-running", action="store_true",
+                   help="list domains in running state")
+    p.add_argument("--state-paused", action="store_true", help="list domains in paused state")
+    p.add_argument("--state-shutoff", action="store_true",
+                   help="list domains in shutoff state")
+    p.add_argument("--state-other", action="store_true", help="list domains in other states")
+    p.add_argument("--uuid", action="store_true", help="list uuid's only")
+    p.add_argument("--name", action="store_true", help="list domain names only")
+    p.add_argument("--table", action="store_true", help="list table (default)")
+    add_json(p)
+
+
+def setup_dominfo(p: argparse.ArgumentParser) -> None:
+    add_json(p)
+
+
+def setup_create(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--paused", action="store_true", help="leave the guest paused after creation")
 
 
 def setup_start(p: argparse.ArgumentParser) -> None:
@@ -163,6 +271,7 @@ def setup_start(p: argparse.ArgumentParser) -> None:
 
 def setup_domstate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reason", action="store_true", help="also print reason for the state")
+    add_json(p)
 
 
 def setup_dumpxml(p: argparse.ArgumentParser) -> None:

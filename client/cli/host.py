@@ -1,12 +1,17 @@
-"""Commands on the daemon's host: ``hostname``, ``version`` and ``nodeinfo`` (with the features
-and migration protocols the daemon advertises)."""
+"""Commands on the daemon's host: ``hostname``, ``version``, ``nodeinfo`` (with the features
+and migration protocols the daemon advertises) and ``capabilities`` (virsh's capabilities XML:
+the host, its migration transports, the guests it runs)."""
 
 from __future__ import annotations
 
 import argparse
+import sys
+import xml.etree.ElementTree as ET
 
 from virtmig import __version__
 from virtmig.client.cli.base import Session
+from virtmig.client.cli.jsonout import URI_TRANSPORTS, capabilities_json, dumps, host_json
+from virtmig.client.values import HostInfo
 from virtmig.proto.flags import protocols_of
 
 
@@ -24,6 +29,9 @@ async def cmd_version(s: Session, args: argparse.Namespace) -> None:
 
 async def cmd_nodeinfo(s: Session, args: argparse.Namespace) -> None:
     host = await (await s.conn()).host()
+    if args.json:
+        sys.stdout.write(dumps(host_json(host)))
+        return
     lines = [
         ("CPU model:", host.arch),
         ("CPU(s):", str(host.cpus)),
@@ -36,3 +44,29 @@ async def cmd_nodeinfo(s: Session, args: argparse.Namespace) -> None:
     for label, value in lines:
         print(f"{label:<20} {value}")
 
+
+
+def capabilities_xml(host: HostInfo) -> str:
+    """libvirt's capabilities XML, as much of it as a virtmig daemon has."""
+    caps = ET.Element("capabilities")
+    h = ET.SubElement(caps, "host")
+    ET.SubElement(h, "uuid").text = host.host_uuid
+    cpu = ET.SubElement(h, "cpu")
+    ET.SubElement(cpu, "arch").text = host.arch
+    ET.SubElement(cpu, "topology", sockets="1", cores=str(host.cpus), threads="1")
+    migration = ET.SubElement(h, "migration_features")
+    ET.SubElement(migration, "live")
+    transports = ET.SubElement(migration, "uri_transports")
+    for name in URI_TRANSPORTS:
+        ET.SubElement(transports, "uri_transport").text = name
+    guest = ET.SubElement(caps, "guest")
+    ET.SubElement(guest, "os_type").text = "hvm"
+    arch = ET.SubElement(guest, "arch", name=host.arch)
+    ET.SubElement(arch, "domain", type=host.backend)
+    ET.indent(caps, space="  ")
+    return ET.tostring(caps, encoding="unicode") + "\n"
+
+
+async def cmd_capabilities(s: Session, args: argparse.Namespace) -> None:
+    host = await (await s.conn()).host()
+    sys.stdout.write(dumps(capabilities_json(host)) if args.json else capabilities_xml(host))

@@ -11,15 +11,18 @@ import asyncio
 import contextlib
 import functools
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from virtmig.client.cli.base import Session, lookup, on_sigint
 from virtmig.client.cli.options import MigrateOptions, build_migration
 from virtmig.client.cli.output import ProgressLine, job_progress
-from virtmig.client.connection import AsyncConnection, Domain
 from virtmig.client.sequence import Trace
 from virtmig.proto import logsafe
 from virtmig.proto.errors import OperationInvalid, VirtmigError
 from virtmig.proto.flags import JobType
+
+if TYPE_CHECKING:
+    from virtmig.client.connection import AsyncConnection, Domain
 
 log = logsafe.logger(__name__)
 

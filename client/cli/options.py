@@ -276,9 +276,10 @@ def build_migration(args: argparse.Namespace) -> MigrateOptions:
 
     timeout = 0
     if args.timeout is not None:
-        # Seconds, > 0, and convertible to milliseconds in an int (vshCommandOptTimeoutToMs).
-        timeout = number("timeout", args.timeout, 1, INT_MAX // 1000)
-        if not args.live:
+        # Seconds, convertible to milliseconds in an int; 0 is accepted and means none, as in
+        # virsh 9.0's migrate.
+        timeout = number("timeout", args.timeout, 0, INT_MAX // 1000)
+        if timeout and not args.live:
             raise UsageError("migrate: Unexpected timeout for offline migration")
     if not timeout and (args.timeout_suspend or args.timeout_postcopy):
         raise UsageError("migrate: Unexpected --timeout-* option without --timeout")

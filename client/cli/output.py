@@ -9,7 +9,7 @@ import datetime
 import sys
 from collections.abc import Sequence
 
-from virtmig.client.connection import Event, JobInfo
+from virtmig.client.values import Event, JobInfo
 from virtmig.proto.flags import JobOperation, JobType
 
 

@@ -178,6 +178,11 @@ class MigrationProgress:
     throttle_percent: int = 0  # auto-converge CPU throttle in force
     xbzrle: XbzrleStats | None = None  # with xbzrle compression only
     error: str = ""
+    # Outgoing: the source's vCPUs were stopped by this migration (its switchover began).  A
+    # backend that cannot tell says True; a failed live migration that never stopped the guest
+    # leaves it as it was (libvirt's ``running (booted)``), one that did resumes it as
+    # ``running (migration canceled)``.
+    source_stopped: bool = True
 
 
 @dataclass(frozen=True)
@@ -246,6 +251,12 @@ class Backend(abc.ABC):
         check, which the source's Begin applies unless ``VIR_MIGRATE_UNSAFE`` or ``OFFLINE``."""
         del spec
         return ""
+
+    def cpu_time_ns(self, uuid: str) -> int:
+        """The CPU time the running guest ``uuid`` has used, in ns (``dominfo``'s ``CPU time:``;
+        0: not known, or not running).  Default: 0."""
+        del uuid
+        return 0
 
     def limits(self, spec: GuestSpec) -> GuestLimits:
         """The largest guest this backend hosts (``spec``: for machine-dependent limits).

@@ -16,6 +16,7 @@ to read, Finish in phase finish2, where a guest that cannot be resumed is kept p
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import time
 
@@ -24,6 +25,7 @@ from virtmig.daemon import jobctl
 from virtmig.daemon.backend.base import (
     BackendError,
     GuestRunState,
+    MigrationProgress,
     MigrationStatus,
     MigrationTuning,
     PostcopyFailed,
@@ -251,6 +253,9 @@ async def dst_finish(
             except BackendError as exc:
                 raise OperationFailed(f"job 'migration in' failed: {exc}") from exc
             await _dst_start_vcpus(daemon, dom, f, v2)
+            if incoming is not None and incoming.statistics is not None and not job.postcopy:
+                job.progress = dst_downtime(job.progress, incoming.statistics,
+                                            int(time.time() * 1000))
             if persistent is not None:
                 dom.config = persistent
                 daemon.registry.save_config(dom)
@@ -340,3 +345,21 @@ async def _dst_finish_offline(
     await daemon.registry.end_job(dom, job.record(JobType.COMPLETED))
     return dom, b""
 
+
+
+# A clock gap beyond this between the source's cookie and the destination is a clock that
+# disagrees, not time spent: it is not counted.
+_MAX_COOKIE_GAP_MS = 60_000
+
+
+def dst_downtime(progress: MigrationProgress, stats: ck.MigrationStats,
+                 now_ms: int) -> MigrationProgress:
+    """The destination's downtime as libvirt counts it (``qemuDomainJobDataUpdateDowntime``):
+    from the source's stop to the guest running here, i.e. the source's downtime plus the time
+    since the source sent its cookie (``now_ms``, this host's clock; the cookie's ``delta``
+    applied), and never less than what the destination measured itself."""
+    gap = now_ms - (stats.sent + stats.delta) if stats.sent else 0
+    if not 0 <= gap <= _MAX_COOKIE_GAP_MS:
+        gap = 0
+    downtime = max(progress.downtime_ms, stats.downtime + gap)
+    return dataclasses.replace(progress, downtime_ms=downtime)

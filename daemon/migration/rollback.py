@@ -17,7 +17,8 @@ log = logsafe.logger(__name__)
 async def src_restore(daemon: Daemon, dom: DomainObj, job: MigrationJob) -> None:
     """Put the source guest back as it was before migration, if it still exists.
 
-    A guest that never left its pre-migration state (Begin only) is not touched.
+    A guest that never left its pre-migration state (Begin only, or a live migration that ended
+    before its switchover) is not touched: it stays ``running (booted)``, as in libvirt.
     """
     run = daemon.backend.state(dom.uuid)
     if run is GuestRunState.SHUTOFF:
@@ -27,6 +28,11 @@ async def src_restore(daemon: Daemon, dom: DomainObj, job: MigrationJob) -> None
     if job.pre_state is not DomainState.RUNNING:
         if dom.state is DomainState.PAUSED and dom.reason == PausedReason.MIGRATION:
             daemon.set_state(dom, DomainState.PAUSED, PausedReason.USER)
+        return
+    if (run is GuestRunState.RUNNING and dom.state is DomainState.RUNNING
+            and not daemon.backend.progress(dom.uuid).source_stopped):
+        # As libvirt (qemuMigrationSrcRestoreDomainState): a live migration that ended before
+        # its switchover never stopped the guest, which keeps its state and reason.
         return
     if run is GuestRunState.PAUSED:
         try:

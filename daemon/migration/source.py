@@ -244,6 +244,7 @@ async def _src_stream(
         if job.abort_requested:
             raise MigrationCancelled("aborted before the stream started")
         tuning = src_tuning(daemon, dom, f, params, dest, token)
+        job.bandwidth_mib = tuning.bandwidth_bytes_per_s // (1024 * 1024)
         job.progress = await daemon.backend.outgoing(dom.uuid, dest, tuning)
     except (BackendError, VirtmigError) as exc:
         await _stop(watcher)

@@ -115,7 +115,8 @@ def daemons(tmp_path: Path) -> Iterator[tuple[Daemon, Daemon]]:
 
 def virtmig(uri: str | None, *args: str, env: dict[str, str] | None = None
             ) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "virtmig.client.cli"]
+    # -q: without virsh's blank line after the output (test_cli_virsh checks it is there).
+    cmd = [sys.executable, "-m", "virtmig.client.cli", "-q"]
     if uri is not None:
         cmd += ["-c", uri]
     raw = subprocess.run([*cmd, *args], capture_output=True, timeout=60, env=env)
@@ -128,7 +129,7 @@ def virtmig(uri: str | None, *args: str, env: dict[str, str] | None = None
 
 def background(uri: str, *args: str) -> subprocess.Popen[bytes]:
     """``virtmig -c URI ARGS...`` left running, its output on pipes."""
-    return subprocess.Popen([sys.executable, "-m", "virtmig.client.cli", "-c", uri, *args],
+    return subprocess.Popen([sys.executable, "-m", "virtmig.client.cli", "-q", "-c", uri, *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 

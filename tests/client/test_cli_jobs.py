@@ -88,10 +88,12 @@ def test_domjobinfo_watch_and_domjobabort(daemons: tuple[Daemon, Daemon], tmp_pa
                                 "migration\n")
     assert blocks[-1] == "Job type:         Cancelled   \n"
 
-    assert ok(src.uri, "domstate", "--reason", "vm") == "running (migration-canceled)\n"
+    # Aborted before the switchover: the guest was never stopped (libvirt leaves it as it was).
+    assert ok(src.uri, "domstate", "--reason", "vm") == "running (booted)\n"
     assert ok(dst.uri, "list", "--all") == EMPTY_LIST
     assert ok(src.uri, "domjobinfo", "vm") == "Job type:         None        \n"
-    assert ok(src.uri, "domjobinfo", "--completed", "vm") == "Job type:         Cancelled   \n"
+    # libvirt 9.0 keeps no statistics of an aborted job; --anystats shows virtmig's record.
+    assert ok(src.uri, "domjobinfo", "--completed", "vm") == "Job type:         None        \n"
     assert "Error message:    operation aborted: job 'migration out' canceled by client\n" in ok(
         src.uri, "domjobinfo", "--completed", "--anystats", "vm")
     assert fails(src.uri, "domjobabort", "vm") == NO_JOB
@@ -210,7 +212,7 @@ def test_interrupt_aborts_the_migration(daemons: tuple[Daemon, Daemon], tmp_path
     # Like virsh: Ctrl-C aborts the job, and the migration's own failure is reported.
     assert text.endswith("\n" + ABORTED)
     assert "Traceback" not in text and "interrupted" not in text
-    assert ok(src.uri, "domstate", "--reason", "big") == "running (migration-canceled)\n"
+    assert ok(src.uri, "domstate", "--reason", "big") == "running (booted)\n"
     assert ok(dst.uri, "list", "--all") == EMPTY_LIST
 
 

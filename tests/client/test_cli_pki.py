@@ -32,7 +32,7 @@ def no_daemon(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 @pytest.fixture
 def ca(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Path:
-    assert cli.main(["pki", "init", str(tmp_path / "ca")]) == 0
+    assert cli.main(["-q", "pki", "init", str(tmp_path / "ca")]) == 0
     capsys.readouterr()
     return tmp_path / "ca"
 
@@ -40,7 +40,7 @@ def ca(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Path:
 def test_init_prints_each_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     ca = tmp_path / "ca"
     # -c names an address nobody answers on: pki does not care.
-    assert cli.main(["-c", "virtmig+tls://192.0.2.1:1", "pki", "init", str(ca), "--cn",
+    assert cli.main(["-q", "-c", "virtmig+tls://192.0.2.1:1", "pki", "init", str(ca), "--cn",
                      "Lab CA", "--org", "Lab", "--days", "30"]) == 0
     out, err = capsys.readouterr()
     assert (out, err) == (f"wrote {ca}/cacert.pem (CA certificate)\n"
@@ -52,7 +52,7 @@ def test_init_prints_each_file(tmp_path: Path, capsys: pytest.CaptureFixture[str
 
 def test_issue_host(ca: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out_dir = tmp_path / "host-a"
-    assert cli.main(["pki", "issue", str(ca), "--host", "host-a", "--ip", "192.0.2.7",
+    assert cli.main(["-q", "pki", "issue", str(ca), "--host", "host-a", "--ip", "192.0.2.7",
                      "--ip", "2001:db8::7", "--out", str(out_dir)]) == 0
     assert capsys.readouterr().out == (
         f"wrote {out_dir}/cacert.pem (CA certificate)\n"
@@ -74,7 +74,7 @@ def test_issue_client(ca: Path, tmp_path: Path, capsys: pytest.CaptureFixture[st
     out_dir = tmp_path / "alice"
     with_umask = os.umask(0)
     try:
-        assert cli.main(["pki", "issue", str(ca), "--client", "alice", "--out", str(out_dir),
+        assert cli.main(["-q", "pki", "issue", str(ca), "--client", "alice", "--out", str(out_dir),
                          "--days", "7"]) == 0
     finally:
         os.umask(with_umask)
@@ -93,13 +93,13 @@ def test_issue_client(ca: Path, tmp_path: Path, capsys: pytest.CaptureFixture[st
 
 def test_force(ca: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["pki", "issue", str(ca), "--client", "alice", "--out", str(tmp_path / "a")]
-    assert cli.main(argv) == 0
+    assert cli.main(["-q", *argv]) == 0
     first = (tmp_path / "a/clientcert.pem").read_bytes()
     capsys.readouterr()
-    assert cli.main(argv) == 1
+    assert cli.main(["-q", *argv]) == 1
     assert capsys.readouterr().err.startswith(
         f"error: Requested operation is not valid: refusing to overwrite {tmp_path}/a/cacert.pem, ")
-    assert cli.main([*argv, "--force"]) == 0
+    assert cli.main(["-q", *argv, "--force"]) == 0
     assert (tmp_path / "a/clientcert.pem").read_bytes() != first
 
 
@@ -131,7 +131,7 @@ def test_force(ca: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
 def test_usage_errors(argv: list[str], error: str, tmp_path: Path,
                       capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    assert cli.main(argv) == 1
+    assert cli.main(["-q", *argv]) == 1
     assert capsys.readouterr() == ("", f"error: {error}\n")
     assert list(tmp_path.iterdir()) == []
 
@@ -146,25 +146,26 @@ def test_usage_errors(argv: list[str], error: str, tmp_path: Path,
 )
 def test_issue_errors(ca: Path, tmp_path: Path, args: list[str], error: str,
                       capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(["pki", "issue", str(ca), *args, "--out", str(tmp_path / "o")]) == 1
+    assert cli.main(["-q", "pki", "issue", str(ca), *args, "--out", str(tmp_path / "o")]) == 1
     assert capsys.readouterr() == ("", f"error: {error}\n")
 
 
 def test_errors_from_the_files(ca: Path, tmp_path: Path,
                                capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(["pki", "init", str(ca)]) == 1
+    assert cli.main(["-q", "pki", "init", str(ca)]) == 1
     assert capsys.readouterr().err == (
         f"error: Requested operation is not valid: '{ca}' already holds a CA: refusing to "
         "overwrite it\n")
     nowhere = tmp_path / "nowhere"
-    assert cli.main(["pki", "issue", str(nowhere), "--host", "h", "--out",
+    assert cli.main(["-q", "pki", "issue", str(nowhere), "--host", "h", "--out",
                      str(tmp_path / "o")]) == 1
     assert capsys.readouterr().err == (
         f"error: invalid argument: '{nowhere}' holds no CA: '{nowhere}/cacert.pem' does not exist "
         "('virtmig pki init' makes one)\n"
     )
     os.chmod(ca / "private/cakey.pem", 0o644)
-    assert cli.main(["pki", "issue", str(ca), "--host", "h", "--out", str(tmp_path / "o")]) == 1
+    assert cli.main(["-q", "pki", "issue", str(ca), "--host", "h", "--out",
+                     str(tmp_path / "o")]) == 1
     assert capsys.readouterr().err == (
         f"error: unsupported configuration: permissions 0644 for CA key '{ca}/private/cakey.pem' "
         "are too open: a private key must be accessible by its owner only (chmod 600)\n"
@@ -173,7 +174,7 @@ def test_errors_from_the_files(ca: Path, tmp_path: Path,
 
 def test_listed_in_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert "    pki              make a CA, or issue" in commands_help()
-    assert cli.main(["help", "pki"]) == 0
+    assert cli.main(["-q", "help", "pki"]) == 0
     assert capsys.readouterr().out.startswith(
         "usage: virtmig pki init CA_DIR [--cn NAME] [--org ORG] [--days N]\n"
         "       virtmig pki issue CA_DIR (--host NAME [--ip ADDR]... | --client NAME) --out DIR\n"

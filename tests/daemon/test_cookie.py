@@ -486,3 +486,21 @@ def test_build_refuses_bad_persistent_xml(xml: str, message: str) -> None:
     with pytest.raises(XMLError) as info:
         build_cookie(dataclasses.replace(MINIMAL, persistent_xml=xml))
     assert str(info.value).startswith(message)
+
+
+def test_destination_downtime_counts_from_the_source_stop() -> None:
+    """libvirt's destination downtime: the source's, plus the time since it sent its cookie
+    (clock delta applied); a gap from clocks that disagree is not counted."""
+    from virtmig.daemon.backend.base import MigrationProgress
+    from virtmig.daemon.cookie import MigrationStats
+    from virtmig.daemon.migration.destination import dst_downtime
+
+    local = MigrationProgress(downtime_ms=0)
+    stats = MigrationStats(sent=10_000, downtime=7)
+    assert dst_downtime(local, stats, 10_005).downtime_ms == 12
+    assert dst_downtime(local, MigrationStats(sent=10_000, delta=3, downtime=7),
+                        10_005).downtime_ms == 9
+    assert dst_downtime(local, stats, 9_000).downtime_ms == 7  # the clocks disagree
+    assert dst_downtime(local, stats, 10_000 + 3_600_000).downtime_ms == 7
+    assert dst_downtime(MigrationProgress(downtime_ms=40), stats, 10_005).downtime_ms == 40
+    assert dst_downtime(local, MigrationStats(), 10_005).downtime_ms == 0

@@ -59,7 +59,8 @@ async def test_set_max_speed_has_the_bandwidth_range(pair: tuple[Host, Host],
         with pytest.raises(Overflow, match=OVERFLOW):
             await conn._call(conn.migration_stub.SetMaxSpeed, pb.SpeedRequest(
                 domain=REF, bandwidth_mib=bad, flags=int(postcopy)))
-        assert await conn.get_max_speed("vm1", postcopy=postcopy) == 0
+        assert await conn.get_max_speed("vm1", postcopy=postcopy) == (
+            0 if postcopy else MAX_BANDWIDTH_MIB)  # unchanged: unlimited
         with pytest.raises(Overflow, match=OVERFLOW):
             await (await closed_connection(src)).set_max_speed("vm1", bad, postcopy=postcopy)
     await conn.set_max_speed("vm1", MAX_BANDWIDTH_MIB, postcopy=postcopy)

@@ -39,10 +39,12 @@ async def nothing_on(dst: Host) -> None:
     assert not dst.daemon.ports._used
 
 
-async def home_again(src: Host, dst: Host) -> None:
-    """The guest runs on the source (resumed after the attempt), nothing is on the
-    destination, no job is left, and the source's failed job says it was v2."""
-    assert await src.conn.state("vm1") == (DomainState.RUNNING, 6, "migration-canceled")
+async def home_again(src: Host, dst: Host, *, stopped: bool = True) -> None:
+    """The guest runs on the source (resumed after the attempt; untouched, ``running
+    (booted)``, when the stream never ``stopped`` it), nothing is on the destination, no job
+    is left, and the source's failed job says it was v2."""
+    assert await src.conn.state("vm1") == ((DomainState.RUNNING, 6, "migration-canceled")
+                                           if stopped else (DomainState.RUNNING, 1, "booted"))
     await nothing_on(dst)
     assert not [d for d in src.daemon.registry if d.job is not None]
     done = await src.conn.job_info("vm1", completed=True)
@@ -78,7 +80,7 @@ async def test_perform_fails_stream_port_closed(pair: tuple[Host, Host]) -> None
         await run_v2(RemoteSource(src.conn, False), ClosedPortDest(dst.conn, False), "vm1",
                      TypedParams(), F.LIVE, trace=trace)
     assert trace.calls == ["getxml", "prepare2", "perform", "finish2(cancelled)"]
-    await home_again(src, dst)
+    await home_again(src, dst, stopped=False)  # the stream never connected
 
 
 async def test_perform_refused_by_the_source(pair: tuple[Host, Host]) -> None:
@@ -154,7 +156,7 @@ async def test_p2p_stream_port_closed(pair: tuple[Host, Host],
     monkeypatch.setattr(RemoteDest, "prepare2", closed)
     with pytest.raises(VirtmigError, match="migration out"):
         await p2p(src, dst)
-    await home_again(src, dst)
+    await home_again(src, dst, stopped=False)  # the stream never connected
 
 
 async def test_p2p_source_stopped_only_after_finish2_succeeds(

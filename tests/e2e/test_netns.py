@@ -81,7 +81,8 @@ async def test_partition_during_p2p_is_detected_by_keepalive(
         tn.link_down()
         with pytest.raises(OperationFailed, match="Lost connection to destination host"):
             await asyncio.wait_for(task, 60)
-        assert await a.state("vm1") == (DomainState.RUNNING, 6, "migration-canceled")
+        # Never stopped by the migration (cut mid-stream): as it was, as libvirt leaves it.
+        assert await a.state("vm1") == (DomainState.RUNNING, 1, "booted")
         assert (await a.job_info("vm1")).type is JobType.NONE
 
         async def gone() -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import grpc
 import pytest
 
@@ -53,7 +55,7 @@ P = MigrateParam
 def test_every_error_class_round_trips_exactly(name: str) -> None:
     cls = errors.ERROR_CLASSES[name]
     code, details, trailers = errors.to_status(cls("boom"))
-    assert code is cls.status
+    assert code is grpc.StatusCode[cls.status_name]
     back = errors.from_status(code, details, trailers)
     assert type(back) is cls and str(back) == str(cls("boom"))
 
@@ -287,7 +289,23 @@ def test_tls_connect_uris() -> None:
     assert parse_uri("virtmig+tls://h:7?pkipath=/etc/pki/x") == ConnectURI(
         "tls", host="h", port=7, pki_dir="/etc/pki/x")
     assert parse_uri("virtmig+tls://[::1]:5").grpc_target == "[::1]:5"
-    assert parse_uri("virtmig+tcp://h?pkipath=/x").pki_dir == ""  # plain TCP has no PKI
+    assert parse_uri("virtmig+tls://h/").port == 16614
+
+
+@pytest.mark.parametrize(("uri", "refusal"), [
+    ("virtmig+tcp://h?pkipath=/x", "unsupported parameter 'pkipath'"),  # plain TCP has no PKI
+    ("virtmig+tls://h:7/system", "unsupported path '/system'"),
+    ("virtmig+tcp://h:7/a/b?c=d", "unsupported path '/a/b'"),
+    ("virtmig+tls://h:7?no_verify=1", "unsupported parameter 'no_verify'"),
+    ("virtmig+tcp://h?x", "unsupported parameter 'x'"),
+    ("virtmig+unix:///run/s.sock?socket=/x", "unsupported parameter 'socket'"),
+    ("virtmig+tcp://root@h", "unsupported user name"),
+    ("virtmig+tls://h#frag", "unsupported fragment '#frag'"),
+])
+def test_connect_uri_parts_not_understood_are_refused(uri: str, refusal: str) -> None:
+    with pytest.raises(errors.InvalidArgument, match=f"^invalid argument: {refusal} in "
+                                                     f"connection URI '{re.escape(uri)}'"):
+        parse_uri(uri)
 
 
 @pytest.mark.parametrize("uri", [

@@ -102,7 +102,7 @@ def test_from_message_keeps_a_foreign_message_whole() -> None:
 def test_every_class_round_trips_over_the_status(cls: type[errors.VirtmigError]) -> None:
     sent = cls("x")
     code, details, trailers = errors.to_status(sent)
-    assert code is cls.status
+    assert code is grpc.StatusCode[cls.status_name]
     back = errors.from_status(code, details, trailers)
     assert type(back) is cls
     assert (back.message, back.detail) == (sent.message, sent.detail)

@@ -21,6 +21,8 @@ import contextlib
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from virtmig.daemon.backend.base import (
     Backend,
     BackendError,
@@ -303,6 +305,17 @@ class QemuBackend(Backend):
     def state(self, uuid: str) -> GuestRunState:
         guest = self._guests.get(uuid)
         return GuestRunState.SHUTOFF if guest is None else guest.run_state()
+
+    def cpu_time_ns(self, uuid: str) -> int:
+        """The QEMU process's user and system CPU time (what libvirt reads from /proc)."""
+        guest = self._guests.get(uuid)
+        if guest is None:
+            return 0
+        try:
+            times = psutil.Process(guest.pid).cpu_times()
+        except psutil.Error:
+            return 0
+        return int((times.user + times.system) * 1e9)
 
     def pid(self, uuid: str) -> int:
         """The QEMU process id of a running guest (for tests and diagnostics)."""

@@ -148,6 +148,7 @@ class Guest:
         self._rng = random.Random(self.seed)
         self._carry = 0.0
         self._last_tick = time.monotonic()
+        self.created = self._last_tick
 
     @property
     def running(self) -> bool:

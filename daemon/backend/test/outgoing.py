@@ -145,6 +145,7 @@ class Outgoing:
             normal_pages=self.pages_sent,
             postcopy_requests=self.requests,
             throttle_percent=self.throttle,
+            source_stopped=self.stopped_at > 0,
         )
 
 
