@@ -51,7 +51,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from virtmig.daemon.core import DaemonConfig
+from virtmig.daemon.core import VERSION, DaemonConfig
 from virtmig.daemon.limits import DEFAULT_MAX_CALLS_PER_CLIENT, DEFAULT_MAX_CLIENTS
 from virtmig.daemon.listeners import check_insecure
 from virtmig.daemon.registry import MAX_DOMAINS
@@ -90,6 +90,7 @@ def parse_port_range(text: str) -> tuple[int, int]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="virtmigd", description="virtmig migration daemon")
+    p.add_argument("--version", action="version", version=f"%(prog)s {VERSION}")
     p.add_argument("--config", metavar="FILE", help="TOML configuration file")
     p.add_argument("--listen", action="append", metavar="URI",
                    help="unix:///path, tls://host:port, or tcp://host:port with "

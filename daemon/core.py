@@ -16,6 +16,7 @@ from lxml import etree
 from virtmig.daemon.backend.base import Backend, GuestRunState, GuestSpec
 from virtmig.daemon.domxml import DomainDef, parse_domain_xml
 from virtmig.daemon.events import EventBus, lifecycle_for
+from virtmig.daemon.health import Health
 from virtmig.daemon.job import AsyncJob, JobRecord, Phase
 from virtmig.daemon.limits import DEFAULT_MAX_CALLS_PER_CLIENT, DEFAULT_MAX_CLIENTS, CallLimits
 from virtmig.daemon.placement import Away, Peer, PlacementStore
@@ -168,6 +169,9 @@ class Daemon:
         self.placement = PlacementStore(self.files.root / "placement")
         # Shared by every server of the daemon (the read-only socket's too).
         self.calls = CallLimits(config.max_clients, config.max_calls_per_client)
+        # The gRPC health service's status, shared by the daemon's servers (NOT_SERVING until
+        # virtmig.daemon.main has started every listener, and again once it stops).
+        self.health = Health()
 
     @property
     def features(self) -> frozenset[str]:

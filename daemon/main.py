@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from virtmig.daemon import jobctl, listeners, locate, recovery
+from virtmig.daemon import jobctl, listeners, locate, recovery, sdnotify
 from virtmig.daemon.authz import Policy
 from virtmig.daemon.backend.base import Backend
 from virtmig.daemon.config import build_parser, load_config
@@ -104,6 +104,9 @@ class RunningDaemon:
         raise LookupError("daemon has no tcp listener")
 
     async def stop(self, grace: float = 2.0) -> None:
+        # Health checkers see NOT_SERVING before the listeners close (their Watch is told now).
+        self.daemon.health.set_serving(False)
+        await asyncio.sleep(0)
         await asyncio.gather(*(server.stop(grace) for server in self.servers))
         if self.reaper is not None:
             self.reaper.cancel()
@@ -144,6 +147,7 @@ async def start_daemon(config: DaemonConfig, backend: Backend | None = None) -> 
     # Outcomes left unknown before a restart are settled in the background: a peer that does
     # not answer never holds up the start or the other guests (virtmig.daemon.locate).
     locate.resume_settling(daemon)
+    daemon.health.set_serving(True)
     return RunningDaemon(daemon, servers, addresses, reaper)
 
 
@@ -168,15 +172,19 @@ def write_ready_file(path: Path, addresses: list[str]) -> None:
 
 
 async def serve(config: DaemonConfig, ready_file: str | None) -> None:
-    running = await start_daemon(config)
-    if ready_file:
-        write_ready_file(Path(ready_file), running.addresses)
+    # Handled before anything starts: a SIGTERM during the start stops the daemon once started.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    running = await start_daemon(config)
+    if ready_file:
+        write_ready_file(Path(ready_file), running.addresses)
+    sdnotify.notify("READY=1", f"MAINPID={os.getpid()}",
+                    f"STATUS=serving on {', '.join(running.addresses)}")
     await stop.wait()
     log.info("shutting down")
+    sdnotify.notify("STOPPING=1")
     await running.stop()
 
 
