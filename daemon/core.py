@@ -104,6 +104,10 @@ class DaemonConfig:
     # (``Daemon.features``), and it refuses the RPCs of the others, as an older daemon would.
     migration_protocols: tuple[int, ...] = (2, 3)
     migration_params: bool = True
+    # Logging (virtmig.daemon.logs): level, plain or json lines, and where they go.
+    log_level: str = "info"
+    log_format: str = "plain"
+    log_outputs: tuple[str, ...] = ("stderr",)
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import dataclasses
 import json
-import logging
 import os
 import signal
 import sys
@@ -16,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from virtmig.daemon import jobctl, listeners, locate, recovery, sdnotify
+from virtmig.daemon import jobctl, listeners, locate, logs, recovery, sdnotify
 from virtmig.daemon.authz import Policy
 from virtmig.daemon.backend.base import Backend
 from virtmig.daemon.config import build_parser, load_config
@@ -119,28 +118,36 @@ class RunningDaemon:
 async def start_daemon(config: DaemonConfig, backend: Backend | None = None) -> RunningDaemon:
     # Everything the settings can get wrong is refused before the daemon touches its state.
     planned = listeners.plan(config)
+    listeners.check_free(planned)
     listeners.prepare_run_dirs(planned)
     tls = listeners.server_credentials(config, planned)
     backend = backend or make_backend(config.backend, config)
     config = _resolve_tls_force(config, backend.name, planned)
     daemon = Daemon(config, backend)
     daemon.registry.on_job_end = lambda dom, rec: daemon.events.publish(jobctl.job_event(dom, rec))
-    await recovery.recover(daemon, await daemon.open())
-    main = make_server(daemon, SERVER_OPTIONS, Policy(
-        allowed_dns=config.tls_allowed_dn_list, readonly_dns=config.tls_readonly_dn_list))
-    servers = [main]
-    addresses = []
-    for lst in planned:
-        server = main
-        if lst.read_only:
-            server = make_server(daemon, SERVER_OPTIONS, Policy(read_only=True))
-            servers.append(server)
-        addresses.append(listeners.bind(server, lst, tls))
-        if lst.insecure:
-            log.warning("listening on %s without TLS: whoever reaches it has full access "
-                        "(listen_insecure_tcp)", lst.uri)
-    for server in servers:
-        await server.start()
+    servers: list[grpc.aio.Server] = []
+    try:
+        await recovery.recover(daemon, await daemon.open())
+        main = make_server(daemon, SERVER_OPTIONS, Policy(
+            allowed_dns=config.tls_allowed_dn_list, readonly_dns=config.tls_readonly_dn_list))
+        servers.append(main)
+        addresses = []
+        for lst in planned:
+            server = main
+            if lst.read_only:
+                server = make_server(daemon, SERVER_OPTIONS, Policy(read_only=True))
+                servers.append(server)
+            addresses.append(listeners.bind(server, lst, tls))
+            if lst.insecure:
+                log.warning("listening on %s without TLS: whoever reaches it has full access "
+                            "(listen_insecure_tcp)", lst.uri)
+        for server in servers:
+            await server.start()
+    except BaseException:
+        # Nothing half-done: a listener that cannot bind (a port in use) stops what started.
+        await asyncio.gather(*(server.stop(0) for server in servers))
+        await daemon.close()
+        raise
     log.info("virtmigd serving on %s (host %s, uuid %s, backend %s)", ", ".join(addresses),
              daemon.hostname, daemon.host_uuid, daemon.backend.name)
     reaper = asyncio.get_running_loop().create_task(any_reap_unowned(daemon))
@@ -171,7 +178,8 @@ def write_ready_file(path: Path, addresses: list[str]) -> None:
     tmp.rename(path)
 
 
-async def serve(config: DaemonConfig, ready_file: str | None) -> None:
+async def serve(config: DaemonConfig, ready_file: str | None,
+                config_file: str | None = None) -> None:
     # Handled before anything starts: a SIGTERM during the start stops the daemon once started.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -189,16 +197,15 @@ async def serve(config: DaemonConfig, ready_file: str | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``virtmigd``: 0 after a graceful stop; 1, with one ``virtmigd: error: ...`` line on
+    stderr and no traceback, when the settings or the start fail."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logs.configure(args.log_level or "info")  # until the config says otherwise
     try:
         config = load_config(args)
-        asyncio.run(serve(config, args.ready_file))
-    except VirtmigError as exc:
-        print(f"virtmigd: error: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:
+        logs.configure(config.log_level, config.log_format, config.log_outputs)
+        asyncio.run(serve(config, args.ready_file, args.config))
+    except (VirtmigError, OSError) as exc:
         print(f"virtmigd: error: {exc}", file=sys.stderr)
         return 1
     return 0
