@@ -9,17 +9,19 @@ import json
 import os
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
 
-from virtmig.daemon import jobctl, listeners, locate, logs, recovery, sdnotify
+from virtmig.daemon import jobctl, listeners, locate, logs, recovery, reload, sdnotify
 from virtmig.daemon.authz import Policy
 from virtmig.daemon.backend.base import Backend
 from virtmig.daemon.config import build_parser, load_config
 from virtmig.daemon.core import Daemon, DaemonConfig
+from virtmig.daemon.interceptor import StatusInterceptor
 from virtmig.daemon.migration import any_reap_unowned
 from virtmig.daemon.server import make_server
 from virtmig.proto import logsafe
@@ -89,6 +91,8 @@ class RunningDaemon:
     addresses: list[str] = field(default_factory=list)
     # The reaper of jobs no caller's session owns (virtmig.daemon.migration.owner).
     reaper: asyncio.Task[None] | None = None
+    # The main server's interceptor: a SIGHUP reload gives it the new DN lists.
+    gate: StatusInterceptor | None = None
 
     @property
     def server(self) -> grpc.aio.Server:
@@ -128,8 +132,9 @@ async def start_daemon(config: DaemonConfig, backend: Backend | None = None) -> 
     servers: list[grpc.aio.Server] = []
     try:
         await recovery.recover(daemon, await daemon.open())
-        main = make_server(daemon, SERVER_OPTIONS, Policy(
-            allowed_dns=config.tls_allowed_dn_list, readonly_dns=config.tls_readonly_dn_list))
+        gate = StatusInterceptor(Policy(allowed_dns=config.tls_allowed_dn_list,
+                                        readonly_dns=config.tls_readonly_dn_list), daemon.calls)
+        main = make_server(daemon, SERVER_OPTIONS, interceptor=gate)
         servers.append(main)
         addresses = []
         for lst in planned:
@@ -155,7 +160,7 @@ async def start_daemon(config: DaemonConfig, backend: Backend | None = None) -> 
     # not answer never holds up the start or the other guests (virtmig.daemon.locate).
     locate.resume_settling(daemon)
     daemon.health.set_serving(True)
-    return RunningDaemon(daemon, servers, addresses, reaper)
+    return RunningDaemon(daemon, servers, addresses, reaper, gate)
 
 
 def _resolve_tls_force(config: DaemonConfig, backend: str,
@@ -179,13 +184,18 @@ def write_ready_file(path: Path, addresses: list[str]) -> None:
 
 
 async def serve(config: DaemonConfig, ready_file: str | None,
-                config_file: str | None = None) -> None:
+                reload_config: Callable[[], DaemonConfig] | None = None) -> None:
+    """Run the daemon until SIGTERM or SIGINT; SIGHUP calls ``reload_config`` and applies what
+    it may (:mod:`virtmig.daemon.reload`)."""
     # Handled before anything starts: a SIGTERM during the start stops the daemon once started.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: log.info("SIGHUP during start: ignored"))
     running = await start_daemon(config)
+    if reload_config is not None:
+        loop.add_signal_handler(signal.SIGHUP, reload.on_sighup, running, reload_config)
     if ready_file:
         write_ready_file(Path(ready_file), running.addresses)
     sdnotify.notify("READY=1", f"MAINPID={os.getpid()}",
@@ -204,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args)
         logs.configure(config.log_level, config.log_format, config.log_outputs)
-        asyncio.run(serve(config, args.ready_file, args.config))
+        asyncio.run(serve(config, args.ready_file, lambda: load_config(args)))
     except (VirtmigError, OSError) as exc:
         print(f"virtmigd: error: {exc}", file=sys.stderr)
         return 1

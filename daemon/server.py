@@ -326,12 +326,15 @@ class MigrationService(pbg.MigrationServicer):
 
 
 def make_server(daemon: Daemon, options: list[tuple[str, Any]] | None = None,
-                policy: Policy | None = None) -> grpc.aio.Server:
+                policy: Policy | None = None, *,
+                interceptor: StatusInterceptor | None = None) -> grpc.aio.Server:
     """A server with the daemon's services, every handler behind the interceptor, which
     authorizes each call by ``policy`` (default: :class:`~virtmig.daemon.authz.Policy`) and
-    admits it within the daemon's call limits (``daemon.calls``, shared by its servers)."""
-    server = grpc.aio.server(options=options,
-                             interceptors=[StatusInterceptor(policy, daemon.calls)])
+    admits it within the daemon's call limits (``daemon.calls``, shared by its servers).
+    ``interceptor``: that interceptor, made by the caller (who may change its ``policy`` later:
+    a SIGHUP reload); ``policy`` is then not used."""
+    gate = interceptor or StatusInterceptor(policy, daemon.calls)
+    server = grpc.aio.server(options=options, interceptors=[gate])
     add_services(server, daemon)
     return server
 
