@@ -88,6 +88,7 @@ ROLES: Final[Mapping[str, Role]] = MappingProxyType({
     "/virtmig.v1.Migration/WatchJob": _R,
     "/virtmig.v1.Migration/GetMaxDowntime": _R,
     "/virtmig.v1.Migration/GetMaxSpeed": _R,
+    "/virtmig.v1.Migration/GetHistory": _R,
     "/virtmig.v1.Migration/AbortJob": _W,
     "/virtmig.v1.Migration/SetMaxDowntime": _W,
     "/virtmig.v1.Migration/SetMaxSpeed": _W,
@@ -109,6 +110,7 @@ ROLES: Final[Mapping[str, Role]] = MappingProxyType({
     # The standard services beside virtmig's (virtmig.daemon.health): they only look.
     "/grpc.health.v1.Health/Check": _R,
     "/grpc.health.v1.Health/Watch": _R,
+    "/grpc.health.v1.Health/List": _R,
     "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": _R,
 })
 

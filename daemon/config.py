@@ -143,7 +143,15 @@ def load_config(args: argparse.Namespace) -> DaemonConfig:
         **_qemu_settings(data),
         **_settle_settings(data),
         **_log_settings(data),
+        history_max_bytes=_history_bytes(data),
     )
+
+
+def _history_bytes(data: dict[str, Any]) -> int:
+    value: int = _get(data, "history_max_bytes")
+    if not 4096 <= value <= 1 << 40:
+        raise InvalidArgument(f"invalid history_max_bytes {value}: expected 4096 to 2^40")
+    return value
 
 
 def _log_settings(data: dict[str, Any]) -> dict[str, Any]:

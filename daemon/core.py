@@ -13,10 +13,13 @@ from pathlib import Path
 
 from lxml import etree
 
+from virtmig.daemon.audit import Audit
 from virtmig.daemon.backend.base import Backend, GuestRunState, GuestSpec
 from virtmig.daemon.domxml import DomainDef, parse_domain_xml
 from virtmig.daemon.events import EventBus, lifecycle_for
 from virtmig.daemon.health import Health
+from virtmig.daemon.history import DEFAULT_MAX_BYTES as DEFAULT_HISTORY_BYTES
+from virtmig.daemon.history import History
 from virtmig.daemon.job import AsyncJob, JobRecord, Phase
 from virtmig.daemon.limits import DEFAULT_MAX_CALLS_PER_CLIENT, DEFAULT_MAX_CLIENTS, CallLimits
 from virtmig.daemon.placement import Away, Peer, PlacementStore
@@ -108,6 +111,8 @@ class DaemonConfig:
     log_level: str = "info"
     log_format: str = "plain"
     log_outputs: tuple[str, ...] = ("stderr",)
+    # The migration history (virtmig.daemon.history): its file's size before it is rotated.
+    history_max_bytes: int = DEFAULT_HISTORY_BYTES
 
 
 @dataclass(frozen=True)
@@ -176,6 +181,10 @@ class Daemon:
         # The gRPC health service's status, shared by the daemon's servers (NOT_SERVING until
         # virtmig.daemon.main has started every listener, and again once it stops).
         self.health = Health()
+        # Phase changes and finished migrations: logs, history, metrics (virtmig.daemon.audit).
+        self.history = History(Path(config.state_dir) / "history", config.history_max_bytes)
+        self.audit = Audit(self.hostname, self.history)
+        self.registry.observer = self.audit
 
     @property
     def features(self) -> frozenset[str]:

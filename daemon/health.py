@@ -1,10 +1,11 @@
 """The standard gRPC health service and server reflection, on every listener of a daemon.
 
-:class:`Health` answers ``grpc.health.v1.Health`` (``Check`` and ``Watch``; the protocol and
-messages are ``grpcio-health-checking``'s): the overall status (service ``""``) and each virtmig
-service's (``virtmig.v1.Host``, ``virtmig.v1.Domains``, ``virtmig.v1.Migration``) are
-NOT_SERVING while the daemon starts (until its state is recovered and every listener serves) and
-again once it begins to shut down, SERVING in between; any other name is NOT_FOUND (``Check``) or
+:class:`Health` answers ``grpc.health.v1.Health`` (``Check``, ``List`` and ``Watch``; the
+protocol and messages are ``grpcio-health-checking``'s): the overall status (service ``""``)
+and each virtmig service's (``virtmig.v1.Host``, ``virtmig.v1.Domains``,
+``virtmig.v1.Migration``) are NOT_SERVING while the daemon starts (until its state is recovered
+and every listener serves) and again once it begins to shut down, SERVING in between; any other
+name is NOT_FOUND (``Check``) or
 SERVICE_UNKNOWN (``Watch``).  One instance is shared by all the daemon's gRPC servers.  It is
 our own servicer rather than the package's asyncio one because every handler behind the server
 interceptor must be an async generator when it streams (``Watch``), and the status changes are
@@ -66,6 +67,12 @@ class Health(health_pb2_grpc.HealthServicer):  # type: ignore[misc]  # (the stub
             await context.abort(grpc.StatusCode.NOT_FOUND,
                                 f"unknown service '{request.service[:200]}'")
         return health_pb2.HealthCheckResponse(status=self.status(request.service))
+
+    async def List(self, request: health_pb2.HealthListRequest,
+                   context: Any) -> health_pb2.HealthListResponse:
+        return health_pb2.HealthListResponse(statuses={
+            name: health_pb2.HealthCheckResponse(status=self.status(name))
+            for name in SERVICES})
 
     async def Watch(self, request: health_pb2.HealthCheckRequest,
                     context: Any) -> AsyncIterator[health_pb2.HealthCheckResponse]:

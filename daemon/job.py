@@ -87,6 +87,8 @@ class JobRecord:
     error: str = ""
     # The migration protocol the job ran with (``MigrationProtocol``; "" if unknown).
     protocol: str = ""
+    # The migration's id (cookie A/B's <virtmig-migration-id>; "" if unknown).
+    migration_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -153,6 +155,9 @@ class MigrationJob:
     dest_uri: str = ""
     # The migration protocol (``MigrationProtocol``) of the RPC that started the job.
     protocol: str = ""
+    # The phase last reported to the registry's observer (virtmig.daemon.audit): a saved job
+    # whose phase differs from it has changed phase.
+    reported_phase: Phase = field(default=Phase.NONE, repr=False, compare=False)
     _abort_event: asyncio.Event | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -205,4 +210,4 @@ class MigrationJob:
 
     def record(self, jtype: JobType, error: str = "") -> JobRecord:
         return JobRecord(jtype, self.kind.operation, self.elapsed_ms(), self.progress, error,
-                         self.protocol)
+                         self.protocol, self.migration_id)

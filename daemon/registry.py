@@ -22,6 +22,7 @@ from pathlib import Path
 from lxml import etree
 
 from virtmig.daemon import state as files
+from virtmig.daemon.audit import Audit
 from virtmig.daemon.domxml import DomainDef, check_name_length, parse_domain_xml
 from virtmig.daemon.job import AsyncJob, JobRecord, MigrationJob, Phase
 from virtmig.proto import logsafe
@@ -96,6 +97,9 @@ class Registry:
         self.job_wait_timeout = job_wait_timeout
         # Called after a job ended with a record (the daemon emits the job event).
         self.on_job_end: Callable[[DomainObj, JobRecord], None] | None = None
+        # Told of every phase change (when the status file saves it) and every job's end:
+        # logs, history, metrics (virtmig.daemon.audit).
+        self.observer: Audit | None = None
 
     # --- lookup (never waits) -------------------------------------------------------------------
 
@@ -190,11 +194,13 @@ class Registry:
             yield dom
 
     async def end_job(self, dom: DomainObj, record: JobRecord | None) -> None:
-        dom.job = None
+        job, dom.job = dom.job, None
         if record is not None:
             dom.completed = record
         self.save_status(dom)
         await self.job_changed(dom)
+        if record is not None and job is not None and self.observer is not None:
+            self.observer.ended(dom, job, record, job.phase)
         if record is not None and self.on_job_end is not None:
             self.on_job_end(dom, record)
 
@@ -212,6 +218,11 @@ class Registry:
             files.atomic_write(self._files.definition_path(dom.uuid), dom.config.xml.encode())
 
     def save_status(self, dom: DomainObj) -> None:
+        job = dom.job
+        if job is not None and job.phase is not job.reported_phase:
+            old, job.reported_phase = job.reported_phase, job.phase
+            if self.observer is not None:
+                self.observer.phase(dom, job, old)
         path = self._files.status_path(dom.uuid)
         if not dom.active and dom.job is None:
             files.remove(path, sync_dir=False)
@@ -349,5 +360,6 @@ def job_from_status(root: etree._Element) -> MigrationJob | None:
         peer_hostname=el.get("peerHostname", ""),
         dest_uri=el.get("destUri", ""),
     )
+    job.reported_phase = job.phase  # logged before the restart
     return job
 

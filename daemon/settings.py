@@ -104,6 +104,8 @@ SCHEMA: Final[tuple[Setting, ...]] = (
     _s("qemu_user", "string", "virtmig-qemu", "QEMU's user when the daemon is root"),
     _s("qemu_group", "string", "", "QEMU's group ('': qemu_user's primary group)"),
     _s("qemu_sandbox", "bool", True, "QEMU's seccomp sandbox"),
+    _s("history_max_bytes", "int", 1 << 20, "size of the migration history file before it is "
+       "rotated (at least 4096)"),
     _s("log_level", "string", "info", "debug, info, warning or error", reload=True),
     _s("log_format", "string", "plain", "log lines as plain text or json", reload=True),
     _s("log_outputs", "strings", ["stderr"], "where log lines go: stderr and/or file:/path"),

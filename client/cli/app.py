@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, NoReturn
 
 from virtmig import __version__
-from virtmig.client.cli import domains, host, jobs, options, pki
+from virtmig.client.cli import domains, history, host, jobs, options, pki
 from virtmig.client.cli.base import CliError, Command, Session, UsageError, option, print_error
 from virtmig.client.cli.migration import cmd_migrate
 from virtmig.client.cli.output import EVENT_NAMES
@@ -78,6 +78,8 @@ COMMANDS: tuple[Command, ...] = (
     Command("migrate-resolve", "settle a guest whose migration's outcome is unknown",
             domains.cmd_migrate_resolve, ("domain", "desturi"), ("domain",),
             metavars={"desturi": "DESTURI"}),
+    Command("migrate-history", "past migrations of this host, newest first",
+            history.cmd_migrate_history, ("domain",), (), history.setup_migrate_history),
     Command("event", "Domain Events", jobs.cmd_event, ("domain", "event", "timeout"), (),
             jobs.setup_event, {"event": "TYPE", "timeout": "SECONDS"}),
     Command("hostname", "print the daemon's hostname", host.cmd_hostname),

@@ -65,6 +65,11 @@ async def test_health_check_over_mutual_tls(tmp_path: Path) -> None:
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await check(channel, "no.such.Service")
             assert err.value.code() is grpc.StatusCode.NOT_FOUND
+            listed = await health_pb2_grpc.HealthStub(channel).List(
+                health_pb2.HealthListRequest(), timeout=10)
+            assert {k: v.status for k, v in listed.statuses.items()} == {
+                s: SERVING for s in ("", "virtmig.v1.Host", "virtmig.v1.Domains",
+                                     "virtmig.v1.Migration")}
     finally:
         await stop_host(h)
 
