@@ -144,7 +144,18 @@ def load_config(args: argparse.Namespace) -> DaemonConfig:
         **_settle_settings(data),
         **_log_settings(data),
         history_max_bytes=_history_bytes(data),
+        metrics_listen=_metrics_listen(data, listen),
     )
+
+
+def _metrics_listen(data: dict[str, Any], listen: list[str]) -> str:
+    """``metrics_listen``, checked against the listeners (loopback only without TLS)."""
+    from virtmig.daemon.metrics_http import check
+
+    value: str = _get(data, "metrics_listen")
+    if value:
+        check(value, any(parse_listen(uri).transport == "tls" for uri in listen))
+    return value
 
 
 def _history_bytes(data: dict[str, Any]) -> int:

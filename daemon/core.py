@@ -22,6 +22,7 @@ from virtmig.daemon.history import DEFAULT_MAX_BYTES as DEFAULT_HISTORY_BYTES
 from virtmig.daemon.history import History
 from virtmig.daemon.job import AsyncJob, JobRecord, Phase
 from virtmig.daemon.limits import DEFAULT_MAX_CALLS_PER_CLIENT, DEFAULT_MAX_CLIENTS, CallLimits
+from virtmig.daemon.metrics import Metrics
 from virtmig.daemon.placement import Away, Peer, PlacementStore
 from virtmig.daemon.registry import DomainObj, Registry, job_from_status
 from virtmig.daemon.state import StateDir
@@ -113,6 +114,8 @@ class DaemonConfig:
     log_outputs: tuple[str, ...] = ("stderr",)
     # The migration history (virtmig.daemon.history): its file's size before it is rotated.
     history_max_bytes: int = DEFAULT_HISTORY_BYTES
+    # The Prometheus endpoint, "HOST:PORT" ("": off; virtmig.daemon.metrics_http).
+    metrics_listen: str = ""
 
 
 @dataclass(frozen=True)
@@ -185,6 +188,9 @@ class Daemon:
         self.history = History(Path(config.state_dir) / "history", config.history_max_bytes)
         self.audit = Audit(self.hostname, self.history)
         self.registry.observer = self.audit
+        # Prometheus metrics (served when metrics_listen is set: virtmig.daemon.metrics_http).
+        self.metrics = Metrics(self.registry)
+        self.audit.sinks.append(self.metrics)
 
     @property
     def features(self) -> frozenset[str]:

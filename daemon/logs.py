@@ -58,7 +58,7 @@ def configure(level: str = "info", fmt: str = "plain",
               outputs: Sequence[str] = ("stderr",)) -> None:
     """Route the root logger to ``outputs`` in ``fmt`` at ``level`` (replacing what an earlier
     call set up; handlers others added stay)."""
-    root = logging.getLogger()
+    root = logging.root  # (the root logger: no module logs through it)
     handlers = [_handler(out) for out in outputs]  # an output that cannot open fails here
     for old in [h for h in root.handlers if getattr(h, _MARK, False)]:
         root.removeHandler(old)

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import os
 import signal
+import ssl
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,12 +17,22 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from virtmig.daemon import jobctl, listeners, locate, logs, recovery, reload, sdnotify
+from virtmig.daemon import (
+    jobctl,
+    listeners,
+    locate,
+    logs,
+    metrics_http,
+    recovery,
+    reload,
+    sdnotify,
+)
 from virtmig.daemon.authz import Policy
 from virtmig.daemon.backend.base import Backend
 from virtmig.daemon.config import build_parser, load_config
 from virtmig.daemon.core import Daemon, DaemonConfig
 from virtmig.daemon.interceptor import StatusInterceptor
+from virtmig.daemon.metrics_http import MetricsServer
 from virtmig.daemon.migration import any_reap_unowned
 from virtmig.daemon.server import make_server
 from virtmig.proto import logsafe
@@ -93,6 +104,12 @@ class RunningDaemon:
     reaper: asyncio.Task[None] | None = None
     # The main server's interceptor: a SIGHUP reload gives it the new DN lists.
     gate: StatusInterceptor | None = None
+    # The Prometheus endpoint (metrics_listen), if any; its bound address ("host:port").
+    metrics: MetricsServer | None = None
+
+    @property
+    def metrics_address(self) -> str:
+        return self.metrics.address if self.metrics is not None else ""
 
     @property
     def server(self) -> grpc.aio.Server:
@@ -115,6 +132,8 @@ class RunningDaemon:
             self.reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self.reaper
+        if self.metrics is not None:
+            await self.metrics.stop()
         await locate.stop_settling(self.daemon)
         await self.daemon.close()
 
@@ -125,15 +144,18 @@ async def start_daemon(config: DaemonConfig, backend: Backend | None = None) -> 
     listeners.check_free(planned)
     listeners.prepare_run_dirs(planned)
     tls = listeners.server_credentials(config, planned)
+    metrics_plan = plan_metrics(config, planned)
     backend = backend or make_backend(config.backend, config)
     config = _resolve_tls_force(config, backend.name, planned)
     daemon = Daemon(config, backend)
     daemon.registry.on_job_end = lambda dom, rec: daemon.events.publish(jobctl.job_event(dom, rec))
     servers: list[grpc.aio.Server] = []
+    metrics: MetricsServer | None = None
     try:
         await recovery.recover(daemon, await daemon.open())
         gate = StatusInterceptor(Policy(allowed_dns=config.tls_allowed_dn_list,
-                                        readonly_dns=config.tls_readonly_dn_list), daemon.calls)
+                                        readonly_dns=config.tls_readonly_dn_list), daemon.calls,
+                                 daemon.metrics)
         main = make_server(daemon, SERVER_OPTIONS, interceptor=gate)
         servers.append(main)
         addresses = []
@@ -148,6 +170,9 @@ async def start_daemon(config: DaemonConfig, backend: Backend | None = None) -> 
                             "(listen_insecure_tcp)", lst.uri)
         for server in servers:
             await server.start()
+        if metrics_plan is not None:
+            metrics = MetricsServer(daemon, *metrics_plan)
+            await metrics.start()
     except BaseException:
         # Nothing half-done: a listener that cannot bind (a port in use) stops what started.
         await asyncio.gather(*(server.stop(0) for server in servers))
@@ -160,7 +185,19 @@ async def start_daemon(config: DaemonConfig, backend: Backend | None = None) -> 
     # not answer never holds up the start or the other guests (virtmig.daemon.locate).
     locate.resume_settling(daemon)
     daemon.health.set_serving(True)
-    return RunningDaemon(daemon, servers, addresses, reaper, gate)
+    return RunningDaemon(daemon, servers, addresses, reaper, gate, metrics)
+
+
+def plan_metrics(config: DaemonConfig, planned: list[listeners.Listener]
+                 ) -> tuple[metrics_http.Endpoint, ssl.SSLContext | None] | None:
+    """Where the Prometheus endpoint (``metrics_listen``) listens, and its TLS (the daemon's
+    PKI when it listens on TLS; else plain HTTP, on loopback only); None when it is off.
+    Checked before the daemon touches its state (virtmig.daemon.metrics_http)."""
+    if not config.metrics_listen:
+        return None
+    tls = any(lst.address.transport == "tls" for lst in planned)
+    endpoint = metrics_http.check(config.metrics_listen, tls)
+    return endpoint, metrics_http.server_context(config.pki_dir) if tls else None
 
 
 def _resolve_tls_force(config: DaemonConfig, backend: str,
@@ -177,9 +214,9 @@ def _resolve_tls_force(config: DaemonConfig, backend: str,
     return dataclasses.replace(config, migrate_tls_force=force)
 
 
-def write_ready_file(path: Path, addresses: list[str]) -> None:
+def write_ready_file(path: Path, addresses: list[str], metrics: str = "") -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"pid": os.getpid(), "addresses": addresses}))
+    tmp.write_text(json.dumps({"pid": os.getpid(), "addresses": addresses, "metrics": metrics}))
     tmp.rename(path)
 
 
@@ -197,7 +234,7 @@ async def serve(config: DaemonConfig, ready_file: str | None,
     if reload_config is not None:
         loop.add_signal_handler(signal.SIGHUP, reload.on_sighup, running, reload_config)
     if ready_file:
-        write_ready_file(Path(ready_file), running.addresses)
+        write_ready_file(Path(ready_file), running.addresses, running.metrics_address)
     sdnotify.notify("READY=1", f"MAINPID={os.getpid()}",
                     f"STATUS=serving on {', '.join(running.addresses)}")
     await stop.wait()

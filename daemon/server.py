@@ -338,7 +338,7 @@ def make_server(daemon: Daemon, options: list[tuple[str, Any]] | None = None,
     admits it within the daemon's call limits (``daemon.calls``, shared by its servers).
     ``interceptor``: that interceptor, made by the caller (who may change its ``policy`` later:
     a SIGHUP reload); ``policy`` is then not used."""
-    gate = interceptor or StatusInterceptor(policy, daemon.calls)
+    gate = interceptor or StatusInterceptor(policy, daemon.calls, daemon.metrics)
     server = grpc.aio.server(options=options, interceptors=[gate])
     add_services(server, daemon)
     return server

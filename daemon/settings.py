@@ -104,6 +104,8 @@ SCHEMA: Final[tuple[Setting, ...]] = (
     _s("qemu_user", "string", "virtmig-qemu", "QEMU's user when the daemon is root"),
     _s("qemu_group", "string", "", "QEMU's group ('': qemu_user's primary group)"),
     _s("qemu_sandbox", "bool", True, "QEMU's seccomp sandbox"),
+    _s("metrics_listen", "string", "", "HOST:PORT of the Prometheus endpoint ('': off; "
+       "loopback only without a tls:// listener)"),
     _s("history_max_bytes", "int", 1 << 20, "size of the migration history file before it is "
        "rotated (at least 4096)"),
     _s("log_level", "string", "info", "debug, info, warning or error", reload=True),
