@@ -34,9 +34,9 @@ log = logsafe.logger(__name__)
 class Sink(Protocol):
     """What else hears of phases and outcomes (the metrics)."""
 
-    def phase(self, job: MigrationJob, old: Phase) -> None: ...
+    def phase(self, job: MigrationJob, old: Phase, spent: float) -> None: ...
 
-    def ended(self, job: MigrationJob, entry: Entry, dropped: Phase) -> None: ...
+    def ended(self, job: MigrationJob, entry: Entry, spent: float) -> None: ...
 
 
 def mode_of(job: MigrationJob) -> str:
@@ -87,7 +87,8 @@ class Audit:
         self.history = history
         self.sinks: list[Sink] = []
 
-    def phase(self, dom: DomainObj, job: MigrationJob, old: Phase) -> None:
+    def phase(self, dom: DomainObj, job: MigrationJob, old: Phase, spent: float) -> None:
+        """``job`` moved from ``old`` (``NONE``: it started) after ``spent`` seconds in it."""
         role = "source" if job.kind is AsyncJob.MIGRATION_OUT else "destination"
         fields: dict[str, Any] = {"event": "migration_phase", "migration_id": job.migration_id,
                                   "domain": dom.name, "uuid": dom.uuid, "role": role,
@@ -95,11 +96,11 @@ class Audit:
         log.info("migration %s of %s: phase %s -> %s (%s)", job.migration_id or "-", dom.name,
                  old.label, job.phase.label, role, extra={"fields": fields})
         for sink in self.sinks:
-            sink.phase(job, old)
+            sink.phase(job, old, spent)
 
     def ended(self, dom: DomainObj, job: MigrationJob, record: JobRecord,
-              dropped: Phase) -> Entry:
-        """``dropped``: the phase the job was in when it ended."""
+              spent: float) -> Entry:
+        """``spent``: the seconds ``job`` was in its last phase."""
         entry = entry_of(self.hostname, dom, job, record)
         fields: dict[str, Any] = {"event": "migration_end", **entry.__dict__}
         error = f" ({entry.error})" if entry.error else ""
@@ -112,5 +113,5 @@ class Audit:
         if self.history is not None:
             self.history.append(entry)
         for sink in self.sinks:
-            sink.ended(job, entry, dropped)
+            sink.ended(job, entry, spent)
         return entry

@@ -158,6 +158,8 @@ class MigrationJob:
     # The phase last reported to the registry's observer (virtmig.daemon.audit): a saved job
     # whose phase differs from it has changed phase.
     reported_phase: Phase = field(default=Phase.NONE, repr=False, compare=False)
+    # When it was reported (monotonic clock): the time spent in a phase, for the metrics.
+    reported_at: float = field(default_factory=time.monotonic, repr=False, compare=False)
     _abort_event: asyncio.Event | None = field(default=None, repr=False, compare=False)
 
     @property

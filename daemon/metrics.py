@@ -39,6 +39,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from virtmig.daemon.audit import mode_of, transport_of
 from virtmig.daemon.history import Entry
 from virtmig.daemon.job import AsyncJob, MigrationJob, Phase
 
@@ -127,32 +128,28 @@ class Metrics:
                      for name in ("duration_seconds", "downtime_seconds", "bytes",
                                   "end_timestamp_seconds")}
         r.register(_Live(registry))
-        self._entered: dict[int, tuple[Phase, float]] = {}
 
     def scrape(self) -> bytes:
         return generate_latest(self.registry)
 
     # --- the audit's sink ---------------------------------------------------------------------
 
-    def phase(self, job: MigrationJob, old: Phase) -> None:
-        now = time.monotonic()
-        previous = self._entered.get(id(job))
-        if previous is None:
-            from virtmig.daemon.audit import mode_of, transport_of
+    def _started(self, job: MigrationJob) -> None:
+        self.started.labels(role_of(job), mode_of(job), transport_of(job),
+                            job.protocol or "-").inc()
 
-            self.started.labels(role_of(job), mode_of(job), transport_of(job),
-                                job.protocol or "-").inc()
+    def phase(self, job: MigrationJob, old: Phase, spent: float) -> None:
+        if old is Phase.NONE:
+            self._started(job)
         else:
-            self._observe_phase(job, *previous, now)
-        self._entered[id(job)] = (job.phase, now)
+            self.phase_seconds.labels(role_of(job), old.label).observe(max(0.0, spent))
 
-    def _observe_phase(self, job: MigrationJob, phase: Phase, since: float, now: float) -> None:
-        self.phase_seconds.labels(role_of(job), phase.label).observe(max(0.0, now - since))
-
-    def ended(self, job: MigrationJob, entry: Entry, dropped: Phase) -> None:
-        previous = self._entered.pop(id(job), None)
-        if previous is not None:
-            self._observe_phase(job, *previous, time.monotonic())
+    def ended(self, job: MigrationJob, entry: Entry, spent: float) -> None:
+        if job.reported_phase is Phase.NONE:  # it ended before its first phase was saved
+            self._started(job)
+        else:
+            self.phase_seconds.labels(role_of(job), job.reported_phase.label).observe(
+                max(0.0, spent))
         labels = (entry.role, entry.mode, entry.transport, entry.protocol or "-")
         if entry.outcome == "completed":
             self.succeeded.labels(*labels).inc()

@@ -200,7 +200,7 @@ class Registry:
         self.save_status(dom)
         await self.job_changed(dom)
         if record is not None and job is not None and self.observer is not None:
-            self.observer.ended(dom, job, record, job.phase)
+            self.observer.ended(dom, job, record, time.monotonic() - job.reported_at)
         if record is not None and self.on_job_end is not None:
             self.on_job_end(dom, record)
 
@@ -220,9 +220,11 @@ class Registry:
     def save_status(self, dom: DomainObj) -> None:
         job = dom.job
         if job is not None and job.phase is not job.reported_phase:
+            now = time.monotonic()
             old, job.reported_phase = job.reported_phase, job.phase
+            spent, job.reported_at = now - job.reported_at, now
             if self.observer is not None:
-                self.observer.phase(dom, job, old)
+                self.observer.phase(dom, job, old, spent)
         path = self._files.status_path(dom.uuid)
         if not dom.active and dom.job is None:
             files.remove(path, sync_dir=False)
