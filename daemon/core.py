@@ -1,5 +1,6 @@
-"""The daemon's shared context: identity, configuration, registry, backend, migration ports and
-the limits on clients' calls.
+"""The daemon's shared context: identity, configuration, registry, backend, migration ports,
+the limits on clients' calls, and what it shows operators (the health status, the migration
+audit with its history, the Prometheus metrics).
 
 Every service and phase receives one :class:`Daemon`; nothing is global.  :class:`HostInfo` is
 what the daemon tells callers about its host.

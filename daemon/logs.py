@@ -45,9 +45,24 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
+class _Stderr(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is when a record comes (as logging's last resort)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        pass
+
+
 def _handler(output: str) -> logging.Handler:
     if output == "stderr":
-        return logging.StreamHandler(sys.stderr)
+        return _Stderr()
     path = output.removeprefix("file:")
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
     os.close(fd)
@@ -70,3 +85,10 @@ def configure(level: str = "info", fmt: str = "plain",
         handler.setFormatter(formatter)
         root.addHandler(handler)
     root.setLevel(level.upper())
+
+
+def reset() -> None:
+    """Remove the handlers :func:`configure` added (``virtmigd`` run in-process, by tests)."""
+    for old in [h for h in logging.root.handlers if getattr(h, _MARK, False)]:
+        logging.root.removeHandler(old)
+        old.close()

@@ -1,4 +1,10 @@
-"""``virtmigd``: serve the virtmig gRPC services until SIGTERM/SIGINT, then shut down gracefully."""
+"""``virtmigd``: serve the virtmig gRPC services until SIGTERM/SIGINT, then shut down gracefully.
+
+The start refuses bad settings and busy ports before the state dir is touched (one
+``virtmigd: error: ...`` line, exit 1), marks the health service SERVING once every listener
+(and the metrics endpoint, ``metrics_listen``) serves, and tells systemd (``READY=1``); SIGHUP
+reloads the settings (:mod:`virtmig.daemon.reload`); the stop marks it NOT_SERVING first.
+"""
 
 from __future__ import annotations
 
@@ -247,7 +253,6 @@ def main(argv: list[str] | None = None) -> int:
     """``virtmigd``: 0 after a graceful stop; 1, with one ``virtmigd: error: ...`` line on
     stderr and no traceback, when the settings or the start fail."""
     args = build_parser().parse_args(argv)
-    logs.configure(args.log_level or "info")  # until the config says otherwise
     try:
         config = load_config(args)
         logs.configure(config.log_level, config.log_format, config.log_outputs)
@@ -255,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     except (VirtmigError, OSError) as exc:
         print(f"virtmigd: error: {exc}", file=sys.stderr)
         return 1
+    finally:
+        logs.reset()
     return 0
 
 

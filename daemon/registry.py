@@ -8,6 +8,10 @@ and wait (bounded) for a conflicting migration job to end, as libvirt's job mask
 Bounds: a lookup refuses an over-long name or UUID before it searches, and :meth:`check_define`
 refuses a new domain beyond ``max_domains`` (:data:`MAX_DOMAINS` at most, so that a list of
 every domain fits in one gRPC message).
+
+Observability: :meth:`Registry.save_status` is where a job's phase change becomes durable, so it
+is also where the registry's ``observer`` (:class:`~virtmig.daemon.audit.Audit`: logs, metrics)
+hears of it; :meth:`Registry.end_job` tells it of the job's end (history, outcome line).
 """
 
 from __future__ import annotations
