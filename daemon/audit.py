@@ -59,6 +59,7 @@ def _peer(job: MigrationJob) -> str:
     return urlsplit(job.dest_uri).hostname or "" if job.dest_uri else ""
 
 
+ERROR_LIMIT = 1000  # characters of an error message a history entry keeps
 OUTCOMES = {JobType.COMPLETED: "completed", JobType.FAILED: "failed",
             JobType.CANCELLED: "cancelled"}
 
@@ -73,7 +74,8 @@ def entry_of(hostname: str, dom: DomainObj, job: MigrationJob, record: JobRecord
         source=hostname if out else job.peer_hostname,
         destination=_peer(job) if out else hostname,
         mode=mode_of(job), transport=transport_of(job), protocol=record.protocol,
-        outcome=OUTCOMES.get(record.type, record.type.name.lower()), error=record.error,
+        outcome=OUTCOMES.get(record.type, record.type.name.lower()),
+        error=record.error[:ERROR_LIMIT],
         duration_ms=record.time_elapsed_ms, downtime_ms=progress.downtime_ms,
         bytes=progress.processed_bytes,
     )

@@ -39,7 +39,7 @@ class JsonFormatter(logging.Formatter):
         }
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict):
-            out.update({k: v for k, v in fields.items() if k not in out})
+            out.update({k: _bounded(v) for k, v in fields.items() if k not in out})
         if record.exc_info:
             out["exception"] = self.formatException(record.exc_info)
         return json.dumps(out, default=str)
@@ -58,6 +58,17 @@ class _Stderr(logging.StreamHandler):  # type: ignore[type-arg]
     @stream.setter
     def stream(self, _value: Any) -> None:
         pass
+
+
+FIELD_LIMIT = 1000
+
+
+def _bounded(value: object) -> object:
+    """A field's value, a string cut after :data:`FIELD_LIMIT` characters (JSON escapes the
+    rest: no field can forge or flood a line)."""
+    if isinstance(value, str) and len(value) > FIELD_LIMIT:
+        return f"{value[:FIELD_LIMIT]}...[+{len(value) - FIELD_LIMIT} chars]"
+    return value
 
 
 def _handler(output: str) -> logging.Handler:

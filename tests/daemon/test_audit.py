@@ -150,3 +150,14 @@ async def test_json_log_lines_carry_the_migration_fields(tmp_path: Path) -> None
     assert len(ends) == 2 and {d["outcome"] for d in ends} == {"completed"}
     assert ends[0]["migration_id"] == ends[1]["migration_id"]
     assert ends[0]["level"] == "INFO" and ends[0]["message"].startswith("migration ")
+
+
+def test_a_json_log_line_is_one_line_with_bounded_fields() -> None:
+    record = logging.LogRecord("virtmig.daemon.audit", logging.INFO, __file__, 1,
+                               "migration %s of %s", ("m", "x\ny"), None)
+    record.fields = {"domain": "x\ny", "error": "e" * 5000, "bytes": 7}
+    line = logs.JsonFormatter().format(record)
+    assert "\n" not in line
+    data = json.loads(line)
+    assert (data["domain"], data["bytes"], data["message"]) == ("x\ny", 7, "migration m of x\ny")
+    assert data["error"] == "e" * 1000 + "...[+4000 chars]"
