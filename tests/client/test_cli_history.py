@@ -30,6 +30,10 @@ def test_migrate_history_after_a_cli_migration(tmp_path: Path,
     assert (s["source"], s["destination"], s["mode"], s["transport"]) == (
         "src.test", "dst.test", "live", "direct")
     assert json.loads(ok(src.uri, "migrate-history", "other", "--json")) == []
+    # the client sees the same id in the job statistics of both daemons
+    for uri in (src.uri, dst.uri):
+        stats = ok(uri, "domjobinfo", "vm1", "--completed", "--rawstats").splitlines()
+        assert f"virtmig.migration_id: {s['migration_id']}" in stats
     table = ok(src.uri, "migrate-history", "vm1").splitlines()
     assert table[0].split() == ["Time", "Domain", "Role", "Source", "Destination", "Mode",
                                 "Outcome", "Duration", "Downtime", "Bytes"]
