@@ -24,6 +24,7 @@ from virtmig.client.values import (
     DomainKey,
     Event,
     GuestLocation,
+    HistoryEntry,
     HostInfo,
     JobInfo,
 )
@@ -298,3 +299,10 @@ class RpcConnection:
     async def start_postcopy(self, key: DomainKey) -> None:
         await self._call(self.migration_stub.StartPostCopy,
                          pb.DomainRequest(domain=await self.ref(key)))
+
+    async def migration_history(self, domain: str = "", *, limit: int = 0) -> list[HistoryEntry]:
+        """The daemon's finished migrations, newest first; only ``domain``'s (a name or UUID,
+        which need not exist any more) if given; at most ``limit`` (0: the daemon's maximum)."""
+        m: pb.HistoryReply = await self._call(self.migration_stub.GetHistory,
+                                              pb.HistoryRequest(domain=domain, limit=limit))
+        return [HistoryEntry.from_msg(e) for e in m.entries]

@@ -26,6 +26,7 @@ from virtmig.client.values import (
     DomainKey,
     Event,
     GuestLocation,
+    HistoryEntry,
     HostInfo,
     JobInfo,
 )
@@ -190,6 +191,9 @@ class Connection:
 
     def start_postcopy(self, key: DomainKey) -> None:
         self._run(self.aconn.start_postcopy(key))
+
+    def migration_history(self, domain: str = "", *, limit: int = 0) -> list[HistoryEntry]:
+        return self._run(self.aconn.migration_history(domain, limit=limit))
 
     # --- migration --------------------------------------------------------------------------
 

@@ -5,7 +5,8 @@ Each value is built from its wire message in one ``from_msg``; nothing here talk
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any
 
 from virtmig.proto import virtmig_pb2 as pb
 from virtmig.proto.flags import DomainState, JobOperation, JobType
@@ -152,3 +153,32 @@ class GuestLocation:
         return cls(m.host_uuid, m.known, m.active, DomainState(m.state), m.arrived_migration_id,
                    m.incoming_migration_id, m.incoming_phase, m.away_host_uuid,
                    m.away_hostname, m.away_uri, m.away_migration_id)
+
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    """One finished migration, as the daemon asked saw it (its ``role``: source or
+    destination).  Field names and meanings are the daemon's history lines'."""
+
+    time: str
+    migration_id: str
+    domain: str
+    uuid: str
+    role: str
+    source: str
+    destination: str
+    mode: str
+    transport: str
+    protocol: str
+    outcome: str
+    error: str
+    duration_ms: int
+    downtime_ms: int
+    bytes: int
+
+    @classmethod
+    def from_msg(cls, m: pb.HistoryEntry) -> HistoryEntry:
+        return cls(**{f.name: getattr(m, f.name) for f in fields(cls)})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}

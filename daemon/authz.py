@@ -1,7 +1,8 @@
 """Authorization: the one table of RPC -> role, and who may make a call on a listener.
 
 Every RPC is a **read** call (it only looks: lists, info, state, XML, job info and stats, the
-watch and event streams, host info and capabilities) or a **write** call (everything else:
+watch and event streams, host info and capabilities, and the standard gRPC health and server
+reflection services) or a **write** call (everything else:
 lifecycle, job control, and every migration phase).  :data:`ROLES` holds each RPC's full method
 name; the server interceptor refuses a method that is not in it, and a test fails when an RPC of
 the service descriptors has no entry.  Two entries are write for a reason of their own:
@@ -87,6 +88,7 @@ ROLES: Final[Mapping[str, Role]] = MappingProxyType({
     "/virtmig.v1.Migration/WatchJob": _R,
     "/virtmig.v1.Migration/GetMaxDowntime": _R,
     "/virtmig.v1.Migration/GetMaxSpeed": _R,
+    "/virtmig.v1.Migration/GetHistory": _R,
     "/virtmig.v1.Migration/AbortJob": _W,
     "/virtmig.v1.Migration/SetMaxDowntime": _W,
     "/virtmig.v1.Migration/SetMaxSpeed": _W,
@@ -105,6 +107,11 @@ ROLES: Final[Mapping[str, Role]] = MappingProxyType({
     "/virtmig.v1.Migration/Prepare2": _W,
     "/virtmig.v1.Migration/Perform": _W,
     "/virtmig.v1.Migration/Finish2": _W,
+    # The standard services beside virtmig's (virtmig.daemon.health): they only look.
+    "/grpc.health.v1.Health/Check": _R,
+    "/grpc.health.v1.Health/Watch": _R,
+    "/grpc.health.v1.Health/List": _R,
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": _R,
 })
 
 TLS_VERSION = "TLSv1.3"

@@ -1,5 +1,6 @@
-"""The daemon's shared context: identity, configuration, registry, backend, migration ports and
-the limits on clients' calls.
+"""The daemon's shared context: identity, configuration, registry, backend, migration ports,
+the limits on clients' calls, and what it shows operators (the health status, the migration
+audit with its history, the Prometheus metrics).
 
 Every service and phase receives one :class:`Daemon`; nothing is global.  :class:`HostInfo` is
 what the daemon tells callers about its host.
@@ -13,11 +14,16 @@ from pathlib import Path
 
 from lxml import etree
 
+from virtmig.daemon.audit import Audit
 from virtmig.daemon.backend.base import Backend, GuestRunState, GuestSpec
 from virtmig.daemon.domxml import DomainDef, parse_domain_xml
 from virtmig.daemon.events import EventBus, lifecycle_for
+from virtmig.daemon.health import Health
+from virtmig.daemon.history import DEFAULT_MAX_BYTES as DEFAULT_HISTORY_BYTES
+from virtmig.daemon.history import History
 from virtmig.daemon.job import AsyncJob, JobRecord, Phase
 from virtmig.daemon.limits import DEFAULT_MAX_CALLS_PER_CLIENT, DEFAULT_MAX_CLIENTS, CallLimits
+from virtmig.daemon.metrics import Metrics
 from virtmig.daemon.placement import Away, Peer, PlacementStore
 from virtmig.daemon.registry import DomainObj, Registry, job_from_status
 from virtmig.daemon.state import StateDir
@@ -106,6 +112,14 @@ class DaemonConfig:
     # (``Daemon.features``), and it refuses the RPCs of the others, as an older daemon would.
     migration_protocols: tuple[int, ...] = (2, 3)
     migration_params: bool = True
+    # Logging (virtmig.daemon.logs): level, plain or json lines, and where they go.
+    log_level: str = "info"
+    log_format: str = "plain"
+    log_outputs: tuple[str, ...] = ("stderr",)
+    # The migration history (virtmig.daemon.history): its file's size before it is rotated.
+    history_max_bytes: int = DEFAULT_HISTORY_BYTES
+    # The Prometheus endpoint, "HOST:PORT" ("": off; virtmig.daemon.metrics_http).
+    metrics_listen: str = ""
 
 
 @dataclass(frozen=True)
@@ -171,6 +185,16 @@ class Daemon:
         self.placement = PlacementStore(self.files.root / "placement")
         # Shared by every server of the daemon (the read-only socket's too).
         self.calls = CallLimits(config.max_clients, config.max_calls_per_client)
+        # The gRPC health service's status, shared by the daemon's servers (NOT_SERVING until
+        # virtmig.daemon.main has started every listener, and again once it stops).
+        self.health = Health()
+        # Phase changes and finished migrations: logs, history, metrics (virtmig.daemon.audit).
+        self.history = History(Path(config.state_dir) / "history", config.history_max_bytes)
+        self.audit = Audit(self.hostname, self.history)
+        self.registry.observer = self.audit
+        # Prometheus metrics (served when metrics_listen is set: virtmig.daemon.metrics_http).
+        self.metrics = Metrics(self.registry)
+        self.audit.sinks.append(self.metrics)
 
     @property
     def features(self) -> frozenset[str]:

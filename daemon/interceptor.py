@@ -34,14 +34,19 @@ handler's own ``context.abort`` pass through untouched.
 A request gRPC cannot decode (bytes that are not UTF-8 in a string field, a garbled message) is
 INVALID_ARGUMENT like any other bad input (:mod:`virtmig.daemon.decode`), not gRPC's UNKNOWN.
 
+With a :class:`~virtmig.daemon.metrics.Metrics`, every call that passed the interceptor is
+counted by its method and final status code (a refusal too) and timed.
+
 Streaming handlers must be async generator functions (as every virtmig servicer's are): gRPC
 picks its calling convention from the wrapper, which is one.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NoReturn
 
@@ -50,6 +55,7 @@ import grpc
 from virtmig.daemon import decode
 from virtmig.daemon.authz import Policy
 from virtmig.daemon.limits import CallLimits, Slot
+from virtmig.daemon.metrics import Metrics
 from virtmig.proto import logsafe
 from virtmig.proto.errors import (
     InternalError,
@@ -70,9 +76,11 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Wraps every handler the server finds: authorized by ``policy``, admitted by ``limits``
     (None: no limits), errors mapped to gRPC status."""
 
-    def __init__(self, policy: Policy | None = None, limits: CallLimits | None = None) -> None:
+    def __init__(self, policy: Policy | None = None, limits: CallLimits | None = None,
+                 metrics: Metrics | None = None) -> None:
         self.policy = policy or Policy()
         self.limits = limits
+        self.metrics = metrics
 
     async def intercept_service(
         self,
@@ -82,13 +90,16 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         handler = await continuation(handler_call_details)
         if handler is None:  # an unknown method: gRPC answers UNIMPLEMENTED
             return handler
-        return wrap_handler(handler, handler_call_details.method, self.policy, self.limits)
+        return wrap_handler(handler, handler_call_details.method, self.policy, self.limits,
+                            self.metrics)
 
 
 def wrap_handler(handler: Handler[Any, Any], method: str, policy: Policy | None = None,
-                 limits: CallLimits | None = None) -> Handler[Any, Any]:
-    """``handler`` with its behaviour wrapped; ``method`` is the RPC's full name."""
-    gate = _Gate(method, policy or Policy(), limits)
+                 limits: CallLimits | None = None,
+                 metrics: Metrics | None = None) -> Handler[Any, Any]:
+    """``handler`` with its behaviour wrapped; ``method`` is the RPC's full name; ``metrics``
+    (if any) counts each call by its status code and times it."""
+    gate = _Gate(method, policy or Policy(), limits, metrics)
     codecs: dict[str, Any] = {"request_deserializer": decode.checked(
                                   handler.request_deserializer),
                               "response_serializer": handler.response_serializer}
@@ -110,8 +121,22 @@ def wrap_handler(handler: Handler[Any, Any], method: str, policy: Policy | None 
 class _Gate:
     """What a call passes before its handler runs: authorization, then admission."""
 
-    def __init__(self, method: str, policy: Policy, limits: CallLimits | None) -> None:
-        self.method, self.policy, self.limits = method, policy, limits
+    def __init__(self, method: str, policy: Policy, limits: CallLimits | None,
+                 metrics: Metrics | None = None) -> None:
+        self.method, self.policy, self.limits, self.metrics = method, policy, limits, metrics
+
+    def done(self, context: grpc.aio.ServicerContext[Any, Any], started: float,
+             exc: BaseException | None) -> None:
+        """Count the call that ended (raising ``exc``, if it did) in the metrics."""
+        if self.metrics is None:
+            return
+        if exc is None:
+            code = "OK"
+        elif isinstance(exc, asyncio.CancelledError):
+            code = "CANCELLED"
+        else:  # an abort: by the gate, _abort or the handler itself
+            code = _code_of(context)
+        self.metrics.rpc(self.method, code, time.monotonic() - started)
 
     async def enter(self, context: grpc.aio.ServicerContext[Any, Any]) -> Slot | None:
         """The call's slot (None without limits); a refused call ends here, aborted."""
@@ -148,16 +173,28 @@ def _unary_response(behaviour: Any, gate: _Gate,
                     decoded: Callable[[Any], Any]) -> UnaryBehaviour:
     @functools.wraps(behaviour)
     async def wrapper(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        slot = await gate.enter(context)
+        started = time.monotonic()
+        ended: BaseException | None = None
+        try:
+            slot = await gate.enter(context)
+        except BaseException as exc:
+            gate.done(context, started, exc)
+            raise
         try:
             return await behaviour(decoded(request), context)
-        except grpc.aio.AbortError:
+        except grpc.aio.AbortError as exc:
+            ended = exc
+            raise
+        except asyncio.CancelledError as exc:
+            ended = exc
             raise
         except Exception as exc:
+            ended = exc
             await _abort(context, gate.method, exc)
         finally:
             if slot is not None:
                 slot.release()
+            gate.done(context, started, ended)
 
     return wrapper
 
@@ -182,6 +219,19 @@ def _stream_response(behaviour: Any, gate: _Gate,
                 slot.release()
 
     return wrapper
+
+
+def _code_of(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    """The status code an aborted call ended with, as its name."""
+    try:
+        code = context.code()
+    except Exception:  # a context without the call's state (in unit tests)
+        code = None
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    if isinstance(code, int):
+        return next((c.name for c in grpc.StatusCode if c.value[0] == code), "UNKNOWN")
+    return "UNKNOWN"
 
 
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], method: str,

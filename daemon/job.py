@@ -87,6 +87,8 @@ class JobRecord:
     error: str = ""
     # The migration protocol the job ran with (``MigrationProtocol``; "" if unknown).
     protocol: str = ""
+    # The migration's id (cookie A/B's <virtmig-migration-id>; "" if unknown).
+    migration_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -156,6 +158,11 @@ class MigrationJob:
     dest_uri: str = ""
     # The migration protocol (``MigrationProtocol``) of the RPC that started the job.
     protocol: str = ""
+    # The phase last reported to the registry's observer (virtmig.daemon.audit): a saved job
+    # whose phase differs from it has changed phase.
+    reported_phase: Phase = field(default=Phase.NONE, repr=False, compare=False)
+    # When it was reported (monotonic clock): the time spent in a phase, for the metrics.
+    reported_at: float = field(default_factory=time.monotonic, repr=False, compare=False)
     _abort_event: asyncio.Event | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -208,4 +215,4 @@ class MigrationJob:
 
     def record(self, jtype: JobType, error: str = "") -> JobRecord:
         return JobRecord(jtype, self.kind.operation, self.elapsed_ms(), self.progress, error,
-                         self.protocol)
+                         self.protocol, self.migration_id)

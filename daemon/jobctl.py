@@ -54,6 +54,8 @@ ABORT_JOB_POSTCOPY = 2  # VIR_DOMAIN_ABORT_JOB_POSTCOPY
 MAX_SPEED_POSTCOPY = 1  # VIR_DOMAIN_MIGRATE_MAX_SPEED_POSTCOPY
 WATCH_INTERVAL_S = 0.1
 PROTOCOL_STAT = "virtmig.protocol"
+# The migration's id (cookie A/B's, the same on both daemons and in their logs and history).
+MIGRATION_ID_STAT = "virtmig.migration_id"
 _RUNNING = (MigrationStatus.SETUP, MigrationStatus.ACTIVE, MigrationStatus.POSTCOPY_ACTIVE)
 
 # --- info ----------------------------------------------------------------------------------------
@@ -61,10 +63,10 @@ _RUNNING = (MigrationStatus.SETUP, MigrationStatus.ACTIVE, MigrationStatus.POSTC
 
 def job_stats(
     progress: MigrationProgress, elapsed_ms: int, completed: bool, error: str = "",
-    protocol: str = "",
+    protocol: str = "", migration_id: str = "",
 ) -> list[TypedParam]:
     """libvirt's job stats names for what the backend reports; virtmig's ``virtmig.protocol``
-    (the migration protocol the job ran with) when known."""
+    (the migration protocol the job ran with) and ``virtmig.migration_id`` when known."""
     u = ParamType.ULLONG
     items = [
         TypedParam("time_elapsed", u, elapsed_ms),
@@ -98,12 +100,14 @@ def job_stats(
         items.append(TypedParam("errmsg", ParamType.STRING, error))
     if protocol:
         items.append(TypedParam(PROTOCOL_STAT, ParamType.STRING, protocol))
+    if migration_id:
+        items.append(TypedParam(MIGRATION_ID_STAT, ParamType.STRING, migration_id))
     return items
 
 
 def _info(jtype: JobType, operation: JobOperation, elapsed: int, progress: MigrationProgress, *,
           completed: bool, error: str = "", phase: str = "",
-          abort_requested: bool = False, protocol: str = "") -> JobInfo:
+          abort_requested: bool = False, protocol: str = "", migration_id: str = "") -> JobInfo:
     return JobInfo(
         type=jtype,
         operation=operation,
@@ -114,7 +118,7 @@ def _info(jtype: JobType, operation: JobOperation, elapsed: int, progress: Migra
         mem_total=progress.total_bytes,
         mem_processed=progress.processed_bytes,
         mem_remaining=progress.remaining_bytes,
-        stats=tuple(job_stats(progress, elapsed, completed, error, protocol)),
+        stats=tuple(job_stats(progress, elapsed, completed, error, protocol, migration_id)),
         phase=phase,
         error=error,
         abort_requested=abort_requested,
@@ -123,7 +127,8 @@ def _info(jtype: JobType, operation: JobOperation, elapsed: int, progress: Migra
 
 def record_info(rec: JobRecord) -> JobInfo:
     return _info(rec.type, rec.operation, rec.time_elapsed_ms, rec.progress,
-                 completed=True, error=rec.error, protocol=rec.protocol)
+                 completed=True, error=rec.error, protocol=rec.protocol,
+                 migration_id=rec.migration_id)
 
 
 def live_progress(daemon: Daemon, dom: DomainObj, job: MigrationJob) -> MigrationProgress:
@@ -143,7 +148,8 @@ def job_info(daemon: Daemon, dom: DomainObj, *, completed: bool = False) -> JobI
         return JobInfo(JobType.NONE)
     return _info(JobType.UNBOUNDED, job.kind.operation, job.elapsed_ms(),
                  live_progress(daemon, dom, job), completed=False, phase=job.phase.label,
-                 abort_requested=job.abort_requested, protocol=job.protocol)
+                 abort_requested=job.abort_requested, protocol=job.protocol,
+                 migration_id=job.migration_id)
 
 
 async def watch(daemon: Daemon, dom: DomainObj) -> AsyncIterator[JobInfo]:

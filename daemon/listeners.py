@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import stat
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ import grpc
 
 from virtmig.daemon.core import DaemonConfig
 from virtmig.proto import logsafe
-from virtmig.proto.errors import ConfigUnsupported, InvalidArgument
+from virtmig.proto.errors import ConfigUnsupported, InvalidArgument, OperationFailed
 from virtmig.proto.pki import PkiPaths, load_server_credentials
 from virtmig.proto.uri import ListenURI, default_run_dir, parse_listen
 
@@ -154,20 +155,57 @@ def _umask(mask: int) -> Iterator[None]:
 
 def bind(server: grpc.aio.Server, listener: Listener,
          tls: grpc.ServerCredentials | None) -> str:
-    """Add ``listener`` to ``server``; the bound address (``unix:/path`` or ``host:port``)."""
+    """Add ``listener`` to ``server``; the bound address (``unix:/path`` or ``host:port``).
+    An address that cannot be bound (a port in use) is :class:`OperationFailed` naming it and
+    the reason."""
     address = listener.address
-    if address.transport == "unix":
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(address.path)
-        mode = READONLY_SOCKET_MODE if listener.read_only else SOCKET_MODE
-        with _umask(0o777 & ~mode):
-            server.add_insecure_port(address.grpc_address)
-        return address.grpc_address
-    if address.transport == "tls":
-        assert tls is not None
-        port = server.add_secure_port(address.grpc_address, tls)
-    else:
-        port = server.add_insecure_port(address.grpc_address)
+    try:
+        if address.transport == "unix":
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(address.path)
+            mode = READONLY_SOCKET_MODE if listener.read_only else SOCKET_MODE
+            with _umask(0o777 & ~mode):
+                server.add_insecure_port(address.grpc_address)
+            return address.grpc_address
+        if address.transport == "tls":
+            assert tls is not None
+            port = server.add_secure_port(address.grpc_address, tls)
+        else:
+            port = server.add_insecure_port(address.grpc_address)
+    except RuntimeError as exc:  # gRPC's "Failed to bind to address ...", without the reason
+        reason = _why(address) or "gRPC could not bind it"
+        raise OperationFailed(f"cannot listen on {listener.uri}: {reason}") from exc
     if port == 0:
-        raise InvalidArgument(f"cannot listen on {listener.uri}")
+        raise OperationFailed(f"cannot listen on {listener.uri}: "
+                              f"{_why(address) or 'gRPC could not bind it'}")
     return f"{address.host}:{port}"
+
+
+def check_free(listeners: Iterable[Listener]) -> None:
+    """Refuse (:class:`OperationFailed`, the OS's reason) a TCP listener whose port cannot be
+    bound now, e.g. one another process listens on: checked before the daemon touches its
+    state, and before gRPC, which would log a line of its own."""
+    for lst in listeners:
+        if lst.address.transport != "unix" and lst.address.port:
+            reason = _why(lst.address)
+            if reason:
+                raise OperationFailed(f"cannot listen on {lst.uri}: {reason}")
+
+
+def _why(address: ListenURI) -> str:
+    """Why binding ``address`` fails, found by binding it with a plain socket (gRPC does not
+    say); the OS's words, e.g. "Address already in use"; "" if it can be bound."""
+    try:
+        if address.transport == "unix":
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                probe.bind(address.path)
+            os.unlink(address.path)
+        else:
+            for family, kind, proto, _name, sockaddr in socket.getaddrinfo(
+                    address.host, address.port, type=socket.SOCK_STREAM):
+                with socket.socket(family, kind, proto) as probe:
+                    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    probe.bind(sockaddr)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return ""

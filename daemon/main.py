@@ -1,4 +1,10 @@
-"""``virtmigd``: serve the virtmig gRPC services until SIGTERM/SIGINT, then shut down gracefully."""
+"""``virtmigd``: serve the virtmig gRPC services until SIGTERM/SIGINT, then shut down gracefully.
+
+The start refuses bad settings and busy ports before the state dir is touched (one
+``virtmigd: error: ...`` line, exit 1), marks the health service SERVING once every listener
+(and the metrics endpoint, ``metrics_listen``) serves, and tells systemd (``READY=1``); SIGHUP
+reloads the settings (:mod:`virtmig.daemon.reload`); the stop marks it NOT_SERVING first.
+"""
 
 from __future__ import annotations
 
@@ -6,21 +12,33 @@ import asyncio
 import contextlib
 import dataclasses
 import json
-import logging
 import os
 import signal
+import ssl
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
 
-from virtmig.daemon import jobctl, listeners, locate, recovery
+from virtmig.daemon import (
+    jobctl,
+    listeners,
+    locate,
+    logs,
+    metrics_http,
+    recovery,
+    reload,
+    sdnotify,
+)
 from virtmig.daemon.authz import Policy
 from virtmig.daemon.backend.base import Backend
 from virtmig.daemon.config import build_parser, load_config
 from virtmig.daemon.core import Daemon, DaemonConfig
+from virtmig.daemon.interceptor import StatusInterceptor
+from virtmig.daemon.metrics_http import MetricsServer
 from virtmig.daemon.migration import any_reap_unowned
 from virtmig.daemon.server import make_server
 from virtmig.proto import logsafe
@@ -93,6 +111,14 @@ class RunningDaemon:
     addresses: list[str] = field(default_factory=list)
     # The reaper of jobs no caller's session owns (virtmig.daemon.migration.owner).
     reaper: asyncio.Task[None] | None = None
+    # The main server's interceptor: a SIGHUP reload gives it the new DN lists.
+    gate: StatusInterceptor | None = None
+    # The Prometheus endpoint (metrics_listen), if any; its bound address ("host:port").
+    metrics: MetricsServer | None = None
+
+    @property
+    def metrics_address(self) -> str:
+        return self.metrics.address if self.metrics is not None else ""
 
     @property
     def server(self) -> grpc.aio.Server:
@@ -107,11 +133,16 @@ class RunningDaemon:
         raise LookupError("daemon has no tcp listener")
 
     async def stop(self, grace: float = 2.0) -> None:
+        # Health checkers see NOT_SERVING before the listeners close (their Watch is told now).
+        self.daemon.health.set_serving(False)
+        await asyncio.sleep(0)
         await asyncio.gather(*(server.stop(grace) for server in self.servers))
         if self.reaper is not None:
             self.reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self.reaper
+        if self.metrics is not None:
+            await self.metrics.stop()
         await locate.stop_settling(self.daemon)
         await self.daemon.close()
 
@@ -119,35 +150,63 @@ class RunningDaemon:
 async def start_daemon(config: DaemonConfig, backend: Backend | None = None) -> RunningDaemon:
     # Everything the settings can get wrong is refused before the daemon touches its state.
     planned = listeners.plan(config)
+    listeners.check_free(planned)
     listeners.prepare_run_dirs(planned)
     tls = listeners.server_credentials(config, planned)
+    metrics_plan = plan_metrics(config, planned)
     backend = backend or make_backend(config.backend, config)
     config = _resolve_tls_force(config, backend.name, planned)
     daemon = Daemon(config, backend)
     daemon.registry.on_job_end = lambda dom, rec: daemon.events.publish(jobctl.job_event(dom, rec))
-    await recovery.recover(daemon, await daemon.open())
-    main = make_server(daemon, SERVER_OPTIONS, Policy(
-        allowed_dns=config.tls_allowed_dn_list, readonly_dns=config.tls_readonly_dn_list))
-    servers = [main]
-    addresses = []
-    for lst in planned:
-        server = main
-        if lst.read_only:
-            server = make_server(daemon, SERVER_OPTIONS, Policy(read_only=True))
-            servers.append(server)
-        addresses.append(listeners.bind(server, lst, tls))
-        if lst.insecure:
-            log.warning("listening on %s without TLS: whoever reaches it has full access "
-                        "(listen_insecure_tcp)", lst.uri)
-    for server in servers:
-        await server.start()
+    servers: list[grpc.aio.Server] = []
+    metrics: MetricsServer | None = None
+    try:
+        await recovery.recover(daemon, await daemon.open())
+        gate = StatusInterceptor(Policy(allowed_dns=config.tls_allowed_dn_list,
+                                        readonly_dns=config.tls_readonly_dn_list), daemon.calls,
+                                 daemon.metrics)
+        main = make_server(daemon, SERVER_OPTIONS, interceptor=gate)
+        servers.append(main)
+        addresses = []
+        for lst in planned:
+            server = main
+            if lst.read_only:
+                server = make_server(daemon, SERVER_OPTIONS, Policy(read_only=True))
+                servers.append(server)
+            addresses.append(listeners.bind(server, lst, tls))
+            if lst.insecure:
+                log.warning("listening on %s without TLS: whoever reaches it has full access "
+                            "(listen_insecure_tcp)", lst.uri)
+        for server in servers:
+            await server.start()
+        if metrics_plan is not None:
+            metrics = MetricsServer(daemon, *metrics_plan)
+            await metrics.start()
+    except BaseException:
+        # Nothing half-done: a listener that cannot bind (a port in use) stops what started.
+        await asyncio.gather(*(server.stop(0) for server in servers))
+        await daemon.close()
+        raise
     log.info("virtmigd serving on %s (host %s, uuid %s, backend %s)", ", ".join(addresses),
              daemon.hostname, daemon.host_uuid, daemon.backend.name)
     reaper = asyncio.get_running_loop().create_task(any_reap_unowned(daemon))
     # Outcomes left unknown before a restart are settled in the background: a peer that does
     # not answer never holds up the start or the other guests (virtmig.daemon.locate).
     locate.resume_settling(daemon)
-    return RunningDaemon(daemon, servers, addresses, reaper)
+    daemon.health.set_serving(True)
+    return RunningDaemon(daemon, servers, addresses, reaper, gate, metrics)
+
+
+def plan_metrics(config: DaemonConfig, planned: list[listeners.Listener]
+                 ) -> tuple[metrics_http.Endpoint, ssl.SSLContext | None] | None:
+    """Where the Prometheus endpoint (``metrics_listen``) listens, and its TLS (the daemon's
+    PKI when it listens on TLS; else plain HTTP, on loopback only); None when it is off.
+    Checked before the daemon touches its state (virtmig.daemon.metrics_http)."""
+    if not config.metrics_listen:
+        return None
+    tls = any(lst.address.transport == "tls" for lst in planned)
+    endpoint = metrics_http.check(config.metrics_listen, tls)
+    return endpoint, metrics_http.server_context(config.pki_dir) if tls else None
 
 
 def _resolve_tls_force(config: DaemonConfig, backend: str,
@@ -164,38 +223,48 @@ def _resolve_tls_force(config: DaemonConfig, backend: str,
     return dataclasses.replace(config, migrate_tls_force=force)
 
 
-def write_ready_file(path: Path, addresses: list[str]) -> None:
+def write_ready_file(path: Path, addresses: list[str], metrics: str = "") -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"pid": os.getpid(), "addresses": addresses}))
+    tmp.write_text(json.dumps({"pid": os.getpid(), "addresses": addresses, "metrics": metrics}))
     tmp.rename(path)
 
 
-async def serve(config: DaemonConfig, ready_file: str | None) -> None:
-    running = await start_daemon(config)
-    if ready_file:
-        write_ready_file(Path(ready_file), running.addresses)
+async def serve(config: DaemonConfig, ready_file: str | None,
+                reload_config: Callable[[], DaemonConfig] | None = None) -> None:
+    """Run the daemon until SIGTERM or SIGINT; SIGHUP calls ``reload_config`` and applies what
+    it may (:mod:`virtmig.daemon.reload`)."""
+    # Handled before anything starts: a SIGTERM during the start stops the daemon once started.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: log.info("SIGHUP during start: ignored"))
+    running = await start_daemon(config)
+    if reload_config is not None:
+        loop.add_signal_handler(signal.SIGHUP, reload.on_sighup, running, reload_config)
+    if ready_file:
+        write_ready_file(Path(ready_file), running.addresses, running.metrics_address)
+    sdnotify.notify("READY=1", f"MAINPID={os.getpid()}",
+                    f"STATUS=serving on {', '.join(running.addresses)}")
     await stop.wait()
     log.info("shutting down")
+    sdnotify.notify("STOPPING=1")
     await running.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``virtmigd``: 0 after a graceful stop; 1, with one ``virtmigd: error: ...`` line on
+    stderr and no traceback, when the settings or the start fail."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         config = load_config(args)
-        asyncio.run(serve(config, args.ready_file))
-    except VirtmigError as exc:
+        logs.configure(config.log_level, config.log_format, config.log_outputs)
+        asyncio.run(serve(config, args.ready_file, lambda: load_config(args)))
+    except (VirtmigError, OSError) as exc:
         print(f"virtmigd: error: {exc}", file=sys.stderr)
         return 1
-    except OSError as exc:
-        print(f"virtmigd: error: {exc}", file=sys.stderr)
-        return 1
+    finally:
+        logs.reset()
     return 0
 
 

@@ -8,6 +8,10 @@ and wait (bounded) for a conflicting migration job to end, as libvirt's job mask
 Bounds: a lookup refuses an over-long name or UUID before it searches, and :meth:`check_define`
 refuses a new domain beyond ``max_domains`` (:data:`MAX_DOMAINS` at most, so that a list of
 every domain fits in one gRPC message).
+
+Observability: :meth:`Registry.save_status` is where a job's phase change becomes durable, so it
+is also where the registry's ``observer`` (:class:`~virtmig.daemon.audit.Audit`: logs, metrics)
+hears of it; :meth:`Registry.end_job` tells it of the job's end (history, outcome line).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from pathlib import Path
 from lxml import etree
 
 from virtmig.daemon import state as files
+from virtmig.daemon.audit import Audit
 from virtmig.daemon.domxml import DomainDef, check_name_length, parse_domain_xml
 from virtmig.daemon.job import AsyncJob, JobRecord, MigrationJob, Phase
 from virtmig.proto import logsafe
@@ -96,6 +101,9 @@ class Registry:
         self.job_wait_timeout = job_wait_timeout
         # Called after a job ended with a record (the daemon emits the job event).
         self.on_job_end: Callable[[DomainObj, JobRecord], None] | None = None
+        # Told of every phase change (when the status file saves it) and every job's end:
+        # logs, history, metrics (virtmig.daemon.audit).
+        self.observer: Audit | None = None
 
     # --- lookup (never waits) -------------------------------------------------------------------
 
@@ -190,11 +198,13 @@ class Registry:
             yield dom
 
     async def end_job(self, dom: DomainObj, record: JobRecord | None) -> None:
-        dom.job = None
+        job, dom.job = dom.job, None
         if record is not None:
             dom.completed = record
         self.save_status(dom)
         await self.job_changed(dom)
+        if record is not None and job is not None and self.observer is not None:
+            self.observer.ended(dom, job, record, time.monotonic() - job.reported_at)
         if record is not None and self.on_job_end is not None:
             self.on_job_end(dom, record)
 
@@ -212,6 +222,13 @@ class Registry:
             files.atomic_write(self._files.definition_path(dom.uuid), dom.config.xml.encode())
 
     def save_status(self, dom: DomainObj) -> None:
+        job = dom.job
+        if job is not None and job.phase is not job.reported_phase:
+            now = time.monotonic()
+            old, job.reported_phase = job.reported_phase, job.phase
+            spent, job.reported_at = now - job.reported_at, now
+            if self.observer is not None:
+                self.observer.phase(dom, job, old, spent)
         path = self._files.status_path(dom.uuid)
         if not dom.active and dom.job is None:
             files.remove(path, sync_dir=False)
@@ -349,5 +366,6 @@ def job_from_status(root: etree._Element) -> MigrationJob | None:
         peer_hostname=el.get("peerHostname", ""),
         dest_uri=el.get("destUri", ""),
     )
+    job.reported_phase = job.phase  # logged before the restart
     return job
 

@@ -21,6 +21,8 @@ from virtmig.daemon import jobctl, lifecycle, locate, migration, p2p, tunnel, wi
 from virtmig.daemon.authz import Policy
 from virtmig.daemon.core import Daemon
 from virtmig.daemon.domxml import format_domain_xml
+from virtmig.daemon.health import add_observability
+from virtmig.daemon.history import entry_dict
 from virtmig.daemon.interceptor import StatusInterceptor
 from virtmig.daemon.registry import DomainObj
 from virtmig.proto import virtmig_pb2 as pb
@@ -324,19 +326,28 @@ class MigrationService(pbg.MigrationServicer):
         await jobctl.start_postcopy(self.daemon, self._dom(request.domain))
         return wire.empty()
 
+    async def GetHistory(self, request: pb.HistoryRequest, context: Any) -> pb.HistoryReply:
+        entries = self.daemon.history.read(request.domain[:256], request.limit)
+        return pb.HistoryReply(entries=[pb.HistoryEntry(**entry_dict(e)) for e in entries])
+
 
 def make_server(daemon: Daemon, options: list[tuple[str, Any]] | None = None,
-                policy: Policy | None = None) -> grpc.aio.Server:
+                policy: Policy | None = None, *,
+                interceptor: StatusInterceptor | None = None) -> grpc.aio.Server:
     """A server with the daemon's services, every handler behind the interceptor, which
     authorizes each call by ``policy`` (default: :class:`~virtmig.daemon.authz.Policy`) and
-    admits it within the daemon's call limits (``daemon.calls``, shared by its servers)."""
-    server = grpc.aio.server(options=options,
-                             interceptors=[StatusInterceptor(policy, daemon.calls)])
+    admits it within the daemon's call limits (``daemon.calls``, shared by its servers).
+    ``interceptor``: that interceptor, made by the caller (who may change its ``policy`` later:
+    a SIGHUP reload); ``policy`` is then not used."""
+    gate = interceptor or StatusInterceptor(policy, daemon.calls, daemon.metrics)
+    server = grpc.aio.server(options=options, interceptors=[gate])
     add_services(server, daemon)
     return server
 
 
 def add_services(server: grpc.aio.Server, daemon: Daemon) -> None:
+    """virtmig's services, the gRPC health service (``daemon.health``) and server reflection."""
     pbg.add_HostServicer_to_server(HostService(daemon), server)
     pbg.add_DomainsServicer_to_server(DomainsService(daemon), server)
     pbg.add_MigrationServicer_to_server(MigrationService(daemon), server)
+    add_observability(server, daemon.health)

@@ -532,6 +532,54 @@ class Finish2Reply(_message.Message):
     domain: Domain
     def __init__(self, domain: _Optional[_Union[Domain, _Mapping]] = ...) -> None: ...
 
+class HistoryRequest(_message.Message):
+    __slots__ = ("domain", "limit")
+    DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    domain: str
+    limit: int
+    def __init__(self, domain: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class HistoryEntry(_message.Message):
+    __slots__ = ("time", "migration_id", "domain", "uuid", "role", "source", "destination", "mode", "transport", "protocol", "outcome", "error", "duration_ms", "downtime_ms", "bytes")
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
+    DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    UUID_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    DESTINATION_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    TRANSPORT_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    DURATION_MS_FIELD_NUMBER: _ClassVar[int]
+    DOWNTIME_MS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    time: str
+    migration_id: str
+    domain: str
+    uuid: str
+    role: str
+    source: str
+    destination: str
+    mode: str
+    transport: str
+    protocol: str
+    outcome: str
+    error: str
+    duration_ms: int
+    downtime_ms: int
+    bytes: int
+    def __init__(self, time: _Optional[str] = ..., migration_id: _Optional[str] = ..., domain: _Optional[str] = ..., uuid: _Optional[str] = ..., role: _Optional[str] = ..., source: _Optional[str] = ..., destination: _Optional[str] = ..., mode: _Optional[str] = ..., transport: _Optional[str] = ..., protocol: _Optional[str] = ..., outcome: _Optional[str] = ..., error: _Optional[str] = ..., duration_ms: _Optional[int] = ..., downtime_ms: _Optional[int] = ..., bytes: _Optional[int] = ...) -> None: ...
+
+class HistoryReply(_message.Message):
+    __slots__ = ("entries",)
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    entries: _containers.RepeatedCompositeFieldContainer[HistoryEntry]
+    def __init__(self, entries: _Optional[_Iterable[_Union[HistoryEntry, _Mapping]]] = ...) -> None: ...
+
 class JobInfoRequest(_message.Message):
     __slots__ = ("domain", "completed")
     DOMAIN_FIELD_NUMBER: _ClassVar[int]

@@ -893,6 +893,11 @@ class MigrationStub:
                 request_serializer=virtmig_dot_proto_dot_virtmig__pb2.Finish2Request.SerializeToString,
                 response_deserializer=virtmig_dot_proto_dot_virtmig__pb2.Finish2Reply.FromString,
                 _registered_method=True)
+        self.GetHistory = channel.unary_unary(
+                '/virtmig.v1.Migration/GetHistory',
+                request_serializer=virtmig_dot_proto_dot_virtmig__pb2.HistoryRequest.SerializeToString,
+                response_deserializer=virtmig_dot_proto_dot_virtmig__pb2.HistoryReply.FromString,
+                _registered_method=True)
 
 
 class MigrationServicer:
@@ -1031,6 +1036,13 @@ class MigrationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetHistory(self, request, context):
+        """The daemon's migration history (virtmig.daemon.history), newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MigrationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -1143,6 +1155,11 @@ def add_MigrationServicer_to_server(servicer, server):
                     servicer.Finish2,
                     request_deserializer=virtmig_dot_proto_dot_virtmig__pb2.Finish2Request.FromString,
                     response_serializer=virtmig_dot_proto_dot_virtmig__pb2.Finish2Reply.SerializeToString,
+            ),
+            'GetHistory': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetHistory,
+                    request_deserializer=virtmig_dot_proto_dot_virtmig__pb2.HistoryRequest.FromString,
+                    response_serializer=virtmig_dot_proto_dot_virtmig__pb2.HistoryReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1739,6 +1756,33 @@ class Migration:
             '/virtmig.v1.Migration/Finish2',
             virtmig_dot_proto_dot_virtmig__pb2.Finish2Request.SerializeToString,
             virtmig_dot_proto_dot_virtmig__pb2.Finish2Reply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetHistory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/virtmig.v1.Migration/GetHistory',
+            virtmig_dot_proto_dot_virtmig__pb2.HistoryRequest.SerializeToString,
+            virtmig_dot_proto_dot_virtmig__pb2.HistoryReply.FromString,
             options,
             channel_credentials,
             insecure,

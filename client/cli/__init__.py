@@ -28,6 +28,7 @@ The package, by concern::
     options    migrate's options: one table drives its parser and build_migration
     migration  migrate, and the watching around the call (progress, Ctrl-C, --timeout)
     jobs       domjobinfo, domjobabort, downtime/speed, migrate-postcopy, event
+    history    migrate-history
     domains    list (virsh's filters), define, undefine, start, destroy/suspend/resume, ...
     host       hostname, version, nodeinfo, capabilities
     pki        pki init/issue: the CA and certificates for mutual TLS (needs no daemon)

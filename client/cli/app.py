@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from virtmig import __version__
-from virtmig.client.cli import domains, host, jobs, options, pki
+from virtmig.client.cli import domains, history, host, jobs, options, pki
 from virtmig.client.cli.base import (
     DEFAULT_CONNECT_TIMEOUT,
     CliError,
@@ -97,6 +97,8 @@ COMMANDS: tuple[Command, ...] = (
     Command("migrate-resolve", "settle a guest whose migration's outcome is unknown",
             domains.cmd_migrate_resolve, ("domain", "desturi"), ("domain",),
             metavars={"desturi": "DESTURI"}),
+    Command("migrate-history", "past migrations of this host, newest first",
+            history.cmd_migrate_history, ("domain",), (), history.setup_migrate_history),
     Command("event", "Domain Events", jobs.cmd_event, ("domain", "event", "timeout"), (),
             jobs.setup_event, {"event": "TYPE", "timeout": "SECONDS"}),
     Command("hostname", "print the daemon's hostname", host.cmd_hostname),

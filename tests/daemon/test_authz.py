@@ -11,6 +11,8 @@ from typing import Any
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha import reflection_pb2
 
 from tests.daemon.test_interceptor import Context
 from virtmig.daemon import interceptor
@@ -26,13 +28,18 @@ READ_CALLS = {
     "/virtmig.v1.Domains/GetInfo", "/virtmig.v1.Domains/GetState", "/virtmig.v1.Domains/Events",
     "/virtmig.v1.Migration/GetJobInfo", "/virtmig.v1.Migration/WatchJob",
     "/virtmig.v1.Migration/GetMaxDowntime", "/virtmig.v1.Migration/GetMaxSpeed",
-    "/virtmig.v1.Domains/GuestLocation",
+    "/virtmig.v1.Domains/GuestLocation", "/virtmig.v1.Migration/GetHistory",
+    "/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch",
+    "/grpc.health.v1.Health/List",
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
 }
 
 
 def declared_methods() -> set[str]:
+    """virtmig's RPCs, and those of the standard health and reflection services it serves."""
+    files = (pb.DESCRIPTOR, health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR)
     return {f"/{service.full_name}/{m.name}"
-            for service in pb.DESCRIPTOR.services_by_name.values() for m in service.methods}
+            for f in files for service in f.services_by_name.values() for m in service.methods}
 
 
 # --- the table -----------------------------------------------------------------------------------

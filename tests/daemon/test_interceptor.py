@@ -14,13 +14,17 @@ import inspect
 import logging
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, cast
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha import reflection_pb2
 
 from tests.conftest import domain_xml, start_host, stop_host
 from virtmig.daemon import interceptor
+from virtmig.daemon.health import Health
 from virtmig.daemon.interceptor import StatusInterceptor, wrap_handler
 from virtmig.daemon.server import add_services
 from virtmig.proto import virtmig_pb2 as pb
@@ -249,9 +253,11 @@ def _behaviour(handler: Any) -> Any:
 
 async def test_every_rpc_of_the_descriptor_is_registered_and_wrapped() -> None:
     recorder = Recorder()
-    add_services(cast(Any, recorder), cast(Any, None))
+    add_services(cast(Any, recorder), cast(Any, SimpleNamespace(health=Health())))
+    # virtmig's services, and the standard health and reflection services beside them
     declared = {f"/{service.full_name}/{m.name}": m
-                for service in pb.DESCRIPTOR.services_by_name.values() for m in service.methods}
+                for f in (pb.DESCRIPTOR, health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR)
+                for service in f.services_by_name.values() for m in service.methods}
     assert len(declared) > 30
     assert set(recorder.handlers) == set(declared)
     for name, method in declared.items():
