@@ -403,7 +403,8 @@ def test_vnc_settings_from_the_daemon_config(tmp_path: Path) -> None:
         (5900, 65535, False)
     for line, message in (("vnc_port_min = 80", "invalid vnc_port_min '80': expected a port "
                                                 "5900-65535"),
-                          ("vnc_port_max = true", "invalid vnc_port_max True .*: expected a whole number"),
+                          ("vnc_port_max = true",
+                           "invalid vnc_port_max True .*: expected a whole number"),
                           ("vnc_port_min = 6000\nvnc_port_max = 5999",
                            "invalid vnc_port_min 6000: above vnc_port_max 5999"),
                           ('vnc_remote_listen = "yes"', "invalid vnc_remote_listen 'yes' .*: "
