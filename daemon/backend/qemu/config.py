@@ -65,8 +65,15 @@ from virtmig.daemon.backend.qemu.disks import (
     parse_disk_controller,
     resolve_controllers,
 )
+from virtmig.daemon.backend.qemu.firmware import NVRAM_NAME, Firmware, parse_firmware
 from virtmig.daemon.backend.qemu.guest import SOCKET_NAME
 from virtmig.daemon.backend.qemu.machine import MachineConfig, parse_machine, pin_machine
+from virtmig.daemon.backend.qemu.misc import (
+    MiscBuilder,
+    MiscDevices,
+    add_default_balloon,
+    parse_misc_device,
+)
 from virtmig.daemon.backend.qemu.net import NicConfig, assign_macs, parse_interface
 from virtmig.daemon.backend.qemu.xmltable import check_tree, unsupported_device
 from virtmig.daemon.domxml import DomainDef, parse_domain_xml
@@ -101,12 +108,13 @@ class GuestFiles:
     kernel: int = -1
     initrd: int = -1
     nics: tuple[int, ...] = ()  # the taps' descriptors
+    firmware: tuple[int, ...] = ()  # a SeaBIOS rom, or the OVMF code and NVRAM (firmware.py)
 
     @property
     def fds(self) -> tuple[int, ...]:
         """Every descriptor, for ``pass_fds``."""
         return tuple(fd for fd in (*self.disks, *self.serials, self.kernel, self.initrd,
-                                   *self.nics) if fd >= 0)
+                                   *self.nics, *self.firmware) if fd >= 0)
 
 
 @dataclass(frozen=True)
@@ -129,6 +137,8 @@ class QemuConfig:
     nics: tuple[NicConfig, ...] = ()  # -netdev/-device per <interface>
     # -machine options, -rtc, -boot, -action
     machine_cfg: MachineConfig = field(default_factory=MachineConfig)
+    misc: MiscDevices = field(default_factory=MiscDevices)  # balloon, RNG, watchdog, USB
+    firmware: Firmware = field(default_factory=Firmware)  # SeaBIOS or OVMF
 
     def argv(self, files: GuestFiles, *, incoming: bool, monitor_fd: int | None = None,
              sandbox: bool = True) -> list[str]:
@@ -151,7 +161,8 @@ class QemuConfig:
             *(["-sandbox", SANDBOX] if sandbox else []),
             "-msg", "timestamp=on",
             "-accel", self.accel,
-            "-machine", self.machine + self.machine_cfg.machine_options(),
+            "-machine", self.machine + self.machine_cfg.machine_options()
+            + self.firmware.machine_options(),
             "-m", f"{self.memory_kib}k",
             *self.cpu.argv(),
             *self.machine_cfg.argv(),
@@ -163,8 +174,9 @@ class QemuConfig:
             args += ["-initrd", f"/proc/self/fd/{files.initrd}"]
         if self.cmdline:
             args += ["-append", self.cmdline]
-        storage, fdset = disks_argv(self.disks, self.disk_controllers, files.disks, 0)
-        args += storage
+        firmware, fdset = self.firmware.argv(files.firmware, 0)
+        storage, fdset = disks_argv(self.disks, self.disk_controllers, files.disks, fdset)
+        args += firmware + storage
         for serial, fd in zip(self.serials, files.serials, strict=True):
             fdset += 1
             chardev = f"charserial{serial.port}"
@@ -178,6 +190,7 @@ class QemuConfig:
             ]
         for nic, fd in zip(self.nics, files.nics, strict=True):
             args += nic.argv(fd)
+        args += self.misc.argv()
         if incoming:
             args += ["-incoming", "defer"]
         args.append("-S")  # vCPUs start only on our "cont"
@@ -222,8 +235,9 @@ def parse_config(spec: GuestSpec, machines: Machines = None,
     accel = "kvm" if d.domain_type == "kvm" else "tcg"
     kernel, initrd, cmdline = _parse_os(root.find("os"), settings)
     log_dir = guests_dir / d.uuid if guests_dir is not None else None
+    misc = MiscBuilder(machine)
     emulator, (disks, controllers), serials, nics = _parse_devices(
-        root.find("devices"), machine, settings, log_dir)
+        root.find("devices"), machine, settings, log_dir, misc)
     emulator = _emulator(emulator, settings)
     caps = caps_for(machines, emulator)
     if caps is not None and machine not in caps.machines:
@@ -247,6 +261,8 @@ def parse_config(spec: GuestSpec, machines: Machines = None,
         serials=serials,
         nics=nics,
         machine_cfg=parse_machine(root, accel, d.memory_kib, d.current_memory_kib),
+        misc=misc.result(),
+        firmware=parse_firmware(root, machine, log_dir / NVRAM_NAME if log_dir else None),
     )
 
 
@@ -287,7 +303,7 @@ def canonical_xml(spec: GuestSpec, machines: Machines = None,
     except ConfigUnsupported:
         return spec.xml
     xml = d.xml
-    if assign_macs(root):
+    if assign_macs(root) | add_default_balloon(root):
         xml = etree.tostring(root.getroottree(), encoding="unicode")  # comments kept
     caps = caps_for(machines, emulator)
     if caps is None:
@@ -328,11 +344,13 @@ def _parse_os(os_el: etree._Element | None, settings: QemuSettings) -> tuple[str
 
 
 def _parse_devices(
-    devices: etree._Element | None, machine: str, settings: QemuSettings, log_dir: Path | None
+    devices: etree._Element | None, machine: str, settings: QemuSettings, log_dir: Path | None,
+    misc: MiscBuilder,
 ) -> tuple[str, tuple[tuple[DiskConfig, ...], tuple[DiskController, ...]],
            tuple[SerialConfig, ...], tuple[NicConfig, ...]]:
     """``<devices>``: the emulator named (``""``: none), the disks and their controllers, the
-    serial ports (consoles included) and the network interfaces."""
+    serial ports (consoles included) and the network interfaces; the small devices go to
+    ``misc`` (:mod:`.misc`)."""
     emulator = ""
     disks: list[DiskConfig] = []
     controllers: list[DiskController] = []
@@ -358,6 +376,8 @@ def _parse_devices(
             consoles.append(el)
         elif tag == "interface":
             nics.append(parse_interface(el, len(nics), nics))
+        elif parse_misc_device(misc, el, tag):
+            continue
         else:
             _check_other_device(el, tag, machine)
     for el in consoles:
@@ -376,12 +396,6 @@ def _check_other_device(el: etree._Element, tag: str, machine: str) -> None:
     """A device that adds nothing to the command line: accepted, or refused by name."""
     if tag == "controller":
         _check_controller(el, machine)
-    elif tag == "input":
-        if el.get("bus", "ps2") != "ps2" or el.get("type") not in ("mouse", "keyboard"):
-            raise _unsupported(el)
-    elif tag == "memballoon":
-        if el.get("model") != "none":
-            raise _unsupported(el)
     elif tag == "video":
         model = el.find("model")
         if model is None or model.get("type") != "none":
@@ -420,16 +434,10 @@ def _parse_serial(el: etree._Element, port_default: int, log_dir: Path | None) -
 
 
 def _check_controller(el: etree._Element, machine: str) -> None:
-    """Only the controllers the machine type has built in, and "no USB" (nothing is added).
-
-    A USB controller is refused (``-nodefaults``: the guest would have none).
-    """
+    """Only the PCI root controller the machine type has built in (nothing is added); USB
+    controllers are :mod:`.misc`'s, disk controllers :mod:`.disks`'."""
     kind, index, model = el.get("type"), el.get("index", "0"), el.get("model")
     q35 = "q35" in machine
-    if kind == "usb" and index == "0" and model == "none":
-        return
-    if kind == "usb":
-        raise _unsupported(el, "USB controllers are not supported yet (model='none' only)")
     if kind == "pci" and index == "0" and model == ("pcie-root" if q35 else "pci-root"):
         return
     raise _unsupported(el)
