@@ -229,7 +229,8 @@ async def dst_finish(
                 local_hostuuid=daemon.host_uuid,
                 accept=ck.ACCEPT_FINISH,
             )
-            persistent = _dst_persistent_def(dom, incoming) if f & F.PERSIST_DEST else None
+            persistent = (_dst_persistent_def(daemon, dom, incoming) if f & F.PERSIST_DEST
+                          else None)
             if f & F.OFFLINE:
                 return await _dst_finish_offline(daemon, dom, job, persistent)
             if daemon.backend.state(dom.uuid) is GuestRunState.SHUTOFF:
@@ -319,9 +320,13 @@ def _dst_cancelled_error(daemon: Daemon, dom: DomainObj) -> VirtmigError:
     return MigrateFinishOk()
 
 
-def _dst_persistent_def(dom: DomainObj, incoming: ck.Cookie | None) -> DomainDef:
+def _dst_persistent_def(daemon: Daemon, dom: DomainObj, incoming: ck.Cookie | None
+                        ) -> DomainDef:
+    """The definition the destination keeps: the source's persistent XML (``--persistent-xml``
+    or its stored one), pinned by the backend as a define would pin it (machine type, default
+    devices: :meth:`Daemon.canonical`), else the running definition."""
     if incoming is not None and incoming.persistent_xml:
-        d = parse_domain_xml(incoming.persistent_xml)
+        d = daemon.canonical(parse_domain_xml(incoming.persistent_xml))
         if d.uuid != dom.uuid:
             raise InternalError(f"persistent definition uuid {d.uuid} does not match {dom.uuid}")
         return rename(d, dom.name) if d.name != dom.name else d
