@@ -111,6 +111,10 @@ async def dst_prepare(
     # The migration's id and the source host, from cookie A (v2's Prepare2 gets no cookie).
     mid, src_uuid, src_name = _dst_cookie_a(daemon, cookie_in, origname, d.uuid)
     d = daemon.canonical(d)
+    try:
+        d = await daemon.expanded(d)  # (a source sends a host-model CPU expanded already)
+    except BackendError as exc:
+        raise OperationFailed(f"cannot prepare the domain: {exc}") from exc
     daemon.validate(d)
 
     jobctl.check_limit(daemon, AsyncJob.MIGRATION_IN)

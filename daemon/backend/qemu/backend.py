@@ -46,6 +46,12 @@ from virtmig.daemon.backend.qemu.confine import (
 )
 from virtmig.daemon.backend.qemu.disks import migration_unsafe
 from virtmig.daemon.backend.qemu.guest import PID_NAME, _Guest
+from virtmig.daemon.backend.qemu.hostcpu import (
+    HostModel,
+    ProbeError,
+    host_model_xml,
+    probe_host_model,
+)
 from virtmig.daemon.backend.qemu.incoming import dst_listen, dst_wait
 from virtmig.daemon.backend.qemu.migration import _Incoming, _Outgoing, refuse_mt_compression
 from virtmig.daemon.backend.qemu.monitor import (
@@ -100,6 +106,7 @@ class QemuBackend(Backend):
         self._guests: dict[str, _Guest] = {}
         self._progress: dict[str, _Outgoing | _Incoming] = {}
         self._caps: dict[str, EmulatorCaps | None] = {}  # by emulator
+        self._host_models: dict[tuple[str, str], HostModel] = {}  # by (emulator, accel)
 
     # -- setup --
 
@@ -164,6 +171,23 @@ class QemuBackend(Backend):
     def validate(self, spec: GuestSpec) -> None:
         parse_config(spec, self._caps, self.settings, self._dir)
 
+    async def expand(self, spec: GuestSpec) -> str:
+        """A ``<cpu mode='host-model'>`` expanded to the emulator's host CPU (probed once per
+        emulator and accelerator, :mod:`~virtmig.daemon.backend.qemu.hostcpu`)."""
+        try:
+            return await host_model_xml(spec, self._host_model)
+        except ProbeError as exc:
+            raise BackendError(f"cannot expand <cpu mode='host-model'>: {exc}") from None
+        except ConfigUnsupported as exc:
+            raise BackendError(exc.detail) from None
+
+    async def _host_model(self, spec: GuestSpec) -> HostModel:
+        cfg = parse_config(spec, self._caps, self.settings, self._dir)
+        key = (cfg.emulator, cfg.accel)
+        if key not in self._host_models:
+            self._host_models[key] = await probe_host_model(cfg.emulator, cfg.accel)
+        return self._host_models[key]
+
     def migration_unsafe(self, spec: GuestSpec) -> str:
         """A disk the host caches (cache other than none or directsync) that is neither read-only
         nor shareable (:func:`~virtmig.daemon.backend.qemu.disks.migration_unsafe`)."""
@@ -184,6 +208,8 @@ class QemuBackend(Backend):
             cfg = parse_config(spec, self._caps, self.settings, self._state_dir())
         except ConfigUnsupported as exc:
             raise BackendError(exc.detail) from None
+        if cfg.cpu.host_model:
+            raise BackendError("<cpu mode='host-model'> must be expanded before the guest runs")
         if cfg.accel == "kvm":
             why = kvm_refusal(self._owner)
             if why:
