@@ -200,8 +200,9 @@ def test_machine_pinned_by_canonicalize() -> None:
         d = parse_domain_xml(canonical_xml(spec, caps, SETTINGS))
         assert d.machine == pinned
         assert "<!-- kept -->" in d.xml
-    # (a <memballoon> given: canonical_xml adds none; tests/daemon/test_qemu_misc.py)
-    bare = guest_xml(devices="<memballoon model='none'/>").replace(" machine='pc'", "")
+    # (a <memballoon> and USB given: canonical_xml adds none; tests/daemon/test_qemu_misc.py)
+    bare = guest_xml(devices="<memballoon model='none'/><controller type='usb' model='none'/>"
+                     ).replace(" machine='pc'", "")
     d = parse_domain_xml(canonical_xml(make_spec(bare), caps, SETTINGS))
     assert d.machine == "pc-i440fx-7.2"  # no machine= is pc, pinned too
     # Unprobed emulator or a definition the backend refuses: left as it is.

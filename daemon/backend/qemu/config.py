@@ -72,6 +72,7 @@ from virtmig.daemon.backend.qemu.misc import (
     MiscBuilder,
     MiscDevices,
     add_default_balloon,
+    add_default_usb,
     parse_misc_device,
 )
 from virtmig.daemon.backend.qemu.net import NicConfig, assign_macs, parse_interface
@@ -303,7 +304,7 @@ def canonical_xml(spec: GuestSpec, machines: Machines = None,
     except ConfigUnsupported:
         return spec.xml
     xml = d.xml
-    if assign_macs(root) | add_default_balloon(root):
+    if assign_macs(root) | add_default_usb(root) | add_default_balloon(root):
         xml = etree.tostring(root.getroottree(), encoding="unicode")  # comments kept
     caps = caps_for(machines, emulator)
     if caps is None:

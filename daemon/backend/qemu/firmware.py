@@ -129,10 +129,11 @@ def parse_firmware(root: etree._Element, machine: str, nvram_path: Path | None) 
     if choice == "efi" or kind == "pflash":
         if choice == "bios":
             raise _refuse("<os firmware='bios'> with a pflash <loader>", "pflash is UEFI")
+        efi = _efi(loader, nvram, machine, nvram_path, smm)
         if root.find("features/acpi") is None:
             raise _refuse("UEFI firmware without <features><acpi/>", "OVMF needs ACPI (it "
                           "hangs without it; libvirt refuses it too)")
-        return _efi(loader, nvram, machine, nvram_path, smm)
+        return efi
     if nvram is not None:
         raise _refuse("<os><nvram>", "an NVRAM is for UEFI (pflash) firmware")
     if loader is None:

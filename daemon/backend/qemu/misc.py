@@ -16,9 +16,13 @@ Concern: ``<memballoon>``, ``<rng>``, ``<watchdog>``, ``<controller type='usb'>`
   and ``-action watchdog=`` (reset, the default, shutdown, poweroff, pause, none, inject-nmi;
   ``dump`` is refused: the daemon takes no core dumps).  One watchdog.
 * ``<controller type='usb' index='0' model='qemu-xhci'|'piix3-uhci'|'ich9-ehci1'|'none'>``
-  (no model: libvirt's default, ``piix3-uhci`` on pc, ``qemu-xhci`` on q35) ->
-  ``-device MODEL,id=usb``.  One USB controller; without one the guest has no USB (libvirt
-  would add a default controller: here an absent controller means ``model='none'``).
+  -> ``-device qemu-xhci|piix3-usb-uhci|ich9-usb-ehci1,id=usb``; one USB controller.  Without
+  a model, or without a USB controller at all: ``piix3-uhci``, libvirt's default on pc
+  (:func:`add_default_usb` writes it into the stored definition at define).  libvirt picks
+  ``qemu-xhci`` for q35 instead; here it is ``piix3-uhci`` on every machine, because the
+  migratable XML leaves out exactly that controller (as libvirt's does,
+  :mod:`virtmig.daemon.domxml`) and the destination must add back the same one.
+  ``model='none'``: no USB.
 * ``<input type='tablet'|'mouse'|'keyboard' bus='usb'>`` -> ``usb-tablet``/``usb-mouse``/
   ``usb-kbd`` on the USB controller (refused without one); ``type='mouse'|'keyboard'
   bus='ps2'``: the PS/2 devices every pc/q35 machine has built in (accepted, nothing added).
@@ -36,11 +40,13 @@ from lxml import etree
 from virtmig.daemon.backend.qemu.xmltable import unsupported_device
 
 __all__ = ["MiscBuilder", "MiscDevices", "PciAddress", "add_default_balloon",
-           "parse_misc_device"]
+           "add_default_usb", "parse_misc_device"]
 
 RNG_SOURCES = ("/dev/urandom", "/dev/random")
 WATCHDOG_ACTIONS = ("reset", "shutdown", "poweroff", "pause", "none", "inject-nmi")
-USB_MODELS = ("qemu-xhci", "piix3-uhci", "ich9-ehci1")
+USB_MODELS = {"qemu-xhci": "qemu-xhci", "piix3-uhci": "piix3-usb-uhci",
+              "ich9-ehci1": "ich9-usb-ehci1"}  # libvirt's model -> QEMU's device
+DEFAULT_USB = "piix3-uhci"  # no <controller type='usb'>, or one without a model
 _USB_INPUTS = {"tablet": "usb-tablet", "mouse": "usb-mouse", "keyboard": "usb-kbd"}
 _MAX_RATE = 2**31 - 1
 
@@ -126,7 +132,7 @@ class MiscBuilder:
         self.slots: set[int] = set()
 
     def result(self) -> MiscDevices:
-        usb, usb_addr = self.usb or ("", None)
+        usb, usb_addr = self.usb or (USB_MODELS[DEFAULT_USB], None)
         for el, _dev in self.inputs:
             if not usb:
                 raise unsupported_device(el, "a USB input needs a USB controller "
@@ -228,7 +234,7 @@ def _usb(b: MiscBuilder, el: etree._Element) -> None:
         raise unsupported_device(el, f"index '{index}' (one USB controller, index 0)")
     if b.usb is not None:
         raise unsupported_device(el, "one USB controller only")
-    model = el.get("model") or ("qemu-xhci" if "q35" in b.machine else "piix3-uhci")
+    model = el.get("model") or DEFAULT_USB
     if model == "none":
         if el.find("address") is not None:
             raise unsupported_device(el, "model='none' takes no address")
@@ -237,7 +243,7 @@ def _usb(b: MiscBuilder, el: etree._Element) -> None:
     if model not in USB_MODELS:
         raise unsupported_device(el, f"USB model '{model}' (supported: "
                                      f"{', '.join(USB_MODELS)}, none)")
-    b.usb = (model, _pci_address(b, el))
+    b.usb = (USB_MODELS[model], _pci_address(b, el))
 
 
 def _input(b: MiscBuilder, el: etree._Element) -> None:
@@ -278,6 +284,18 @@ def _pci_address(b: MiscBuilder, el: etree._Element) -> PciAddress | None:
         raise unsupported_device(el, f"<address slot='{node.get('slot')}'> is used twice")
     b.slots.add(slot)
     return PciAddress("pcie.0" if q35 else "pci.0", slot)
+
+
+def add_default_usb(root: etree._Element) -> bool:
+    """Write the default ``<controller type='usb' index='0' model='piix3-uhci'/>`` into a
+    definition that has no USB controller; whether anything changed."""
+    devices = root.find("devices")
+    if devices is None:
+        devices = etree.SubElement(root, "devices")
+    if any(c.get("type") == "usb" for c in devices.iterfind("controller")):
+        return False
+    etree.SubElement(devices, "controller", type="usb", index="0", model=DEFAULT_USB)
+    return True
 
 
 def add_default_balloon(root: etree._Element) -> bool:
