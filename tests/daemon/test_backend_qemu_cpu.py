@@ -150,8 +150,11 @@ MACHINE_REFUSED = [
      "the rtc cannot be removed"),
     ("boot-dev", "", "<boot dev='floppy'/>", "<os><boot dev='floppy'>"),
     ("bootmenu-timeout", "", "<bootmenu enable='yes' timeout='99999'/>", "timeout='99999'"),
-    ("poweroff-restart", "<on_poweroff>restart</on_poweroff>", "",
-     "<on_poweroff>restart</on_poweroff>"),
+    ("poweroff-preserve", "<on_poweroff>preserve</on_poweroff>", "",
+     "<on_poweroff>preserve</on_poweroff>"),
+    ("poweroff-rename", "<on_poweroff>rename-restart</on_poweroff>", "",
+     "<on_poweroff>rename-restart</on_poweroff> for the qemu backend: supported: destroy, "
+     "restart"),
     ("reboot-preserve", "<on_reboot>preserve</on_reboot>", "", "<on_reboot>preserve</on_reboot>"),
     ("crash-coredump", "<on_crash>coredump-restart</on_crash>", "",
      "<on_crash>coredump-restart</on_crash>"),

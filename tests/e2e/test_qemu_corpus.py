@@ -6,11 +6,12 @@ and after.
 
 The entries are written for these tests, one per area the qemu backend honours (machine and
 CPU, host-model, firmware, disks, NICs, the small devices); ``@UUID@``, ``@STORAGE@`` (a folder
-both daemons share as storage), ``@KERNEL@``/``@INITRD@``/``@CMDLINE@`` (the heartbeat test
-guest) are filled in here.  All but ``kernel-heartbeat.xml`` are kernel-less and idle (SeaBIOS
-or OVMF, 64-128 MiB, TCG): a round trip takes a second or two, and no guest kernel can crash
-under a TCG migration.  The heartbeat guest does not dirty memory; its heartbeat must go on
-after each migration (a kernel the TCG migration broke is :class:`TcgGuestBroken`, rerun once).
+both daemons share as storage), ``@KERNEL@``/``@INITRD@``/``@CMDLINE@``/``@TYPE@`` (the
+heartbeat test guest, under KVM where it runs) are filled in here.  All but
+``kernel-heartbeat.xml`` are kernel-less and idle (SeaBIOS or OVMF, 64-128 MiB, TCG): a round
+trip takes a second or two, and no guest kernel can crash under a TCG migration.  The heartbeat
+guest does not dirty memory; its heartbeat must go on after each migration (a kernel the TCG
+migration broke is :class:`TcgGuestBroken`, rerun once).
 """
 
 from __future__ import annotations
@@ -29,7 +30,14 @@ from virtmig.client.migrate import migrate3
 from virtmig.daemon.domxml import parse_domain_xml
 from virtmig.proto.flags import DomainState, MigrateFlags
 from virtmig.proto.params import TypedParams
-from virtmig.testing import Host, daemon_settings, guest_or_skip, hosts, qemu_binary_or_skip
+from virtmig.testing import (
+    Host,
+    daemon_settings,
+    guest_domain_type,
+    guest_or_skip,
+    hosts,
+    qemu_binary_or_skip,
+)
 from virtmig.testing.qemu import device_set
 
 pytestmark = [pytest.mark.qemu, pytest.mark.flaky(reruns=1, only_rerun=["TcgGuestBroken"])]
@@ -63,7 +71,8 @@ def _xml(entry: str, uuid: str, storage: Path) -> str:
     if entry == KERNEL_ENTRY:
         image = guest_or_skip()
         xml = (xml.replace("@KERNEL@", str(image.kernel)).replace("@INITRD@", str(image.initrd))
-               .replace("@CMDLINE@", image.cmdline(16, 0)))
+               .replace("@CMDLINE@", image.cmdline(16, 0))
+               .replace("@TYPE@", guest_domain_type(image)))
     return xml
 
 

@@ -230,6 +230,8 @@ class QemuBackend(Backend):
         guest = await launch(cfg, self._state_dir() / cfg.uuid, incoming=incoming,
                              settings=self.settings, owner=self._owner)
         self._guests[cfg.uuid] = guest
+        if cfg.machine_cfg.poweroff_restarts:
+            guest.on_guest_poweroff = lambda: self._restart_after_poweroff(guest)
         try:
             _write_pid(guest.dir / PID_NAME, guest.pid)
             await connect(self._exec, guest, START_TIMEOUT)
@@ -241,6 +243,19 @@ class QemuBackend(Backend):
             self._forget(guest)
             raise
         return guest
+
+    async def _restart_after_poweroff(self, guest: _Guest) -> None:
+        """``<on_poweroff>restart``: the guest powered off and QEMU stopped it; reset it and run
+        it again (libvirt's "fake reboot")."""
+        try:
+            await self._exec(guest, "system_reset")
+            await cont(self._exec, guest)
+        except BackendError as exc:
+            log.warning("qemu backend: guest %s: cannot restart it after its poweroff: %s",
+                        guest.uuid, exc)
+        else:
+            log.info("qemu backend: guest %s powered off and was restarted (on_poweroff)",
+                     guest.uuid)
 
     async def _take_over(self, gdir: Path) -> None:
         """A guest left running by an earlier instance: check it is QEMU and reconnect."""

@@ -58,6 +58,8 @@ class _Guest:
     mig_status: str = "none"  # last MIGRATION event
     outgoing: _Outgoing | None = None
     incoming: _Incoming | None = None
+    # <on_poweroff>restart: what runs when the guest powers off (QEMU then stops, not exits)
+    on_guest_poweroff: Callable[[], Coroutine[Any, Any, None]] | None = None
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     exit_task: asyncio.Task[None] | None = None
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -123,6 +125,8 @@ class _Guest:
             self.status = "running"
         elif name == "SHUTDOWN":
             self.status = "shutdown"
+            if data.get("guest") is True and self.on_guest_poweroff is not None:
+                self.start_task(self.on_guest_poweroff())  # <on_poweroff>restart
         elif name == "MIGRATION":
             status = str(data.get("status", ""))
             self.mig_status = status
