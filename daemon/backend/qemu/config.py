@@ -11,7 +11,8 @@ against the honour-or-refuse table (:mod:`.xmltable`), then each part's parser c
 * ``<domain type='qemu'>`` (``-accel tcg``) or ``type='kvm'`` (``-accel kvm``); ``hvm``/x86_64;
   machine ``pc``/``q35`` or a versioned ``pc-*``/``pc-q35-*`` name the emulator knows (default
   ``pc``; :func:`canonical_xml` pins an alias to its concrete type at define time);
-  ``<memory>``; ``<os>`` with ``<kernel>``, ``<initrd>``, ``<cmdline>``.
+  ``<memory>``; ``<os>`` with ``<kernel>``, ``<initrd>``, ``<cmdline>``; the firmware
+  (``<os firmware=>``, ``<loader>``, ``<nvram>``, ``<features><smm>``): :mod:`.firmware`.
 * ``<vcpu>`` and ``<cpu>``: :mod:`.cpu`; ``<features>``, ``<clock>``, ``<os><boot>``,
   ``<on_*>``, ``<currentMemory>``, ``<seclabel>``: :mod:`.machine`.
 * ``<devices>``: ``<emulator>`` (one of the configured emulators; default: the first);
@@ -20,8 +21,9 @@ against the honour-or-refuse table (:mod:`.xmltable`), then each part's parser c
   hosts see the same path); ``<serial>``/``<console>`` of ``type='pty'``
   or ``type='file'``, both written to ``serialN.log`` in the guest's folder (no pty is ever
   allocated; a file serial must name that file); the machine's built-in PCI root (and q35's
-  SATA) controller, ``<controller type='usb' model='none'>``, PS/2 inputs,
-  ``<memballoon model='none'>``, ``<video><model type='none'>`` (accepted, nothing added);
+  SATA) controller, ``<video><model type='none'>`` (accepted, nothing added); memory balloon,
+  RNG, watchdog, USB controller and inputs (:mod:`.misc`; :func:`canonical_xml` writes
+  libvirt's default balloon and USB controller into a definition without them);
   ``<interface>`` of type ``user``, ``ethernet`` or ``bridge`` (:mod:`.net`, with its own
   allow-list; taps are created by the daemon, :mod:`.tap`, and passed as descriptors).
   No graphics: always ``-no-user-config -nodefaults -display none``.
