@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from lxml import etree
 
 from tests.e2e.test_qemu_migration import BOOT_TIMEOUT, lives_on, wait_heartbeat
 from virtmig.client.migrate import migrate3
@@ -100,9 +101,12 @@ async def test_corpus_entry_keeps_its_devices_there_and_back(entry: str, tmp_pat
         beat = await wait_heartbeat(src.serial_log(uuid), 0, BOOT_TIMEOUT) if kernel else 0
         before = await _devices(src, uuid)
         assert before["cpus"] and before["machine"].startswith("pc-")
+        live = await src.conn.xml_desc(name)
+        await _check_entry(entry, src, uuid, live, await src.conn.xml_desc(name, inactive=True))
 
         await _move(src, dst, name)
         assert await _devices(dst, uuid) == before
+        assert _cpu(await dst.conn.xml_desc(name)) == _cpu(live)  # (host-model: its expansion)
         if kernel:
             beat = await lives_on(dst, uuid, dst.serial_log(uuid), beat)
 
@@ -110,3 +114,30 @@ async def test_corpus_entry_keeps_its_devices_there_and_back(entry: str, tmp_pat
         assert await _devices(src, uuid) == before
         if kernel:
             await lives_on(src, uuid, src.serial_log(uuid), beat)
+
+
+def _cpu(xml: str) -> str:
+    cpu = etree.fromstring(xml.encode()).find("cpu")
+    return "" if cpu is None else etree.tostring(cpu, encoding="unicode")
+
+
+async def _check_entry(entry: str, host: Host, uuid: str, live: str, inactive: str) -> None:
+    """What an entry adds to the device set: pinned and default devices shown by dumpxml, the
+    host-model expansion, SMM for secure boot."""
+    query = functools.partial(host.daemon.backend.query, uuid)  # type: ignore[attr-defined]
+    stored = parse_domain_xml(inactive)
+    assert stored.machine in ("pc-i440fx-7.2", "pc-q35-7.2")  # pinned at define
+    if entry == "pc-minimal.xml":  # libvirt's default devices, written at define
+        assert "<memballoon model=\"virtio\"/>" in inactive
+        assert "<controller type=\"usb\" index=\"0\" model=\"piix3-uhci\"/>" in inactive
+        assert (await query("query-balloon", None))["actual"] == 64 << 20
+    if entry == "host-model.xml":
+        assert "mode='host-model'" in inactive or 'mode="host-model"' in inactive
+        cpu = etree.fromstring(live.encode()).find("cpu")
+        assert cpu is not None and cpu.get("mode") == "custom" and cpu.get("check") == "full"
+        model = cpu.findtext("model")
+        cpus = await query("query-cpus-fast", None)
+        assert await query("qom-get", {"path": cpus[0]["qom-path"], "property": "type"}) == (
+            f"{model}-x86_64-cpu")
+    if entry == "ovmf-secure-boot.xml":
+        assert await query("qom-get", {"path": "/machine", "property": "smm"}) == "on"
