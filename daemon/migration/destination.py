@@ -110,11 +110,7 @@ async def dst_prepare(
         d = rename(d, dname)
     # The migration's id and the source host, from cookie A (v2's Prepare2 gets no cookie).
     mid, src_uuid, src_name = _dst_cookie_a(daemon, cookie_in, origname, d.uuid)
-    d = daemon.canonical(d)
-    try:
-        d = await daemon.expanded(d)  # (a source sends a host-model CPU expanded already)
-    except BackendError as exc:
-        raise OperationFailed(f"cannot prepare the domain: {exc}") from exc
+    d = await _dst_as_run(daemon, d)
     daemon.validate(d)
 
     jobctl.check_limit(daemon, AsyncJob.MIGRATION_IN)
@@ -314,6 +310,15 @@ async def _dst_switched(daemon: Daemon, dom: DomainObj) -> bool:
             return False
         await asyncio.sleep(0.01)
     return False
+
+
+async def _dst_as_run(daemon: Daemon, d: DomainDef) -> DomainDef:
+    """The incoming definition pinned (:meth:`Daemon.canonical`) and made concrete for this host
+    (:meth:`Daemon.expanded`; a source sends a host-model CPU expanded already)."""
+    try:
+        return await daemon.expanded(daemon.canonical(d))
+    except BackendError as exc:
+        raise OperationFailed(f"cannot prepare the domain: {exc}") from exc
 
 
 def _dst_cancelled_error(daemon: Daemon, dom: DomainObj) -> VirtmigError:
