@@ -13,8 +13,14 @@ from __future__ import annotations
 import pytest
 
 from tests.daemon import backend_qemu_helpers
-from tests.daemon.backend_qemu_helpers import guest_xml, make_spec, process_gone, within
-from virtmig.daemon.backend.base import GuestRunState
+from tests.daemon.backend_qemu_helpers import (
+    Factory,
+    guest_xml,
+    make_spec,
+    process_gone,
+    within,
+)
+from virtmig.daemon.backend.base import GuestRunState, GuestSpec
 from virtmig.daemon.backend.qemu import GuestFiles, QemuBackend, parse_config
 from virtmig.testing import wait_until
 
@@ -53,10 +59,8 @@ async def _power_off(backend: QemuBackend, uuid: str) -> None:
     await _hmp(backend, uuid, f"o /h {PM1A_CNT:#x} {SOFT_OFF:#x}")
 
 
-@pytest.mark.qemu
-async def test_on_poweroff_restart_runs_the_guest_again(src: QemuBackend) -> None:
-    spec = make_spec(_xml("restart"))
-    await within(src.start(spec, paused=False))
+async def _restarted(src: QemuBackend, spec: GuestSpec) -> None:
+    """The guest powers off, and the backend runs it again in the same QEMU."""
     pid = src.pid(spec.uuid)
     guest = src._guests[spec.uuid]
     seen = guest.status_events
@@ -67,6 +71,24 @@ async def test_on_poweroff_restart_runs_the_guest_again(src: QemuBackend) -> Non
     assert src.state(spec.uuid) is GuestRunState.RUNNING
     assert src.pid(spec.uuid) == pid  # the same QEMU
     assert (await src.query(spec.uuid, "query-status"))["status"] == "running"
+
+
+@pytest.mark.qemu
+async def test_on_poweroff_restart_runs_the_guest_again(src: QemuBackend) -> None:
+    spec = make_spec(_xml("restart"))
+    await within(src.start(spec, paused=False))
+    await _restarted(src, spec)
+    await _restarted(src, spec)  # and again
+
+
+@pytest.mark.qemu
+async def test_on_poweroff_restart_survives_a_take_over(backends: Factory) -> None:
+    first = await backends("host")
+    spec = make_spec(_xml("restart"))
+    await within(first.start(spec, paused=False))
+    await within(first.close())  # the daemon goes away; its guest does not
+    second = await backends("host")  # takes it over: it still restarts at its poweroff
+    await _restarted(second, spec)
 
 
 @pytest.mark.qemu

@@ -89,6 +89,7 @@ from virtmig.proto.flags import MigrateFlags
 
 log = logsafe.logger("virtmig.daemon.backend.qemu")
 
+RESTART_MARKER = "on-poweroff-restart"  # in a guest's folder: <on_poweroff>restart
 QEMU_MAX_VCPUS_PC = 255  # the pc (i440fx) machine's max_cpus
 QEMU_MAX_VCPUS_Q35 = 288  # the q35 machine's max_cpus
 
@@ -230,8 +231,12 @@ class QemuBackend(Backend):
         guest = await launch(cfg, self._state_dir() / cfg.uuid, incoming=incoming,
                              settings=self.settings, owner=self._owner)
         self._guests[cfg.uuid] = guest
+        marker = guest.dir / RESTART_MARKER  # for the backend that takes the guest over
         if cfg.machine_cfg.poweroff_restarts:
             guest.on_guest_poweroff = lambda: self._restart_after_poweroff(guest)
+            marker.touch(mode=0o600)
+        else:
+            marker.unlink(missing_ok=True)
         try:
             _write_pid(guest.dir / PID_NAME, guest.pid)
             await connect(self._exec, guest, START_TIMEOUT)
@@ -263,6 +268,8 @@ class QemuBackend(Backend):
         if guest is None:
             return
         self._guests[guest.uuid] = guest
+        if (gdir / RESTART_MARKER).exists():  # <on_poweroff>restart: it runs with shutdown=pause
+            guest.on_guest_poweroff = lambda: self._restart_after_poweroff(guest)
         if not await take_over(self._exec, guest):
             self._forget(guest)
 

@@ -10,7 +10,9 @@ Files, per guest, in ``<state_dir>/<uuid>/``: ``pid`` (written by the backend), 
 108-byte socket path limit never bites; the backend connects through ``/proc/self/fd`` when the
 absolute path is too long), ``qemu.log`` (QEMU's stdout and stderr, appended, one header line
 per start) and ``serialN.log`` per serial port (created by the daemon and passed to QEMU as a
-descriptor); ``migrate-tls/`` holds a TLS migration's credentials only while QEMU loads them.
+descriptor), ``nvram.fd`` (a UEFI guest's variable store, :mod:`.firmware`);
+``on-poweroff-restart`` marks a guest started with ``<on_poweroff>restart`` (for a backend that
+takes it over); ``migrate-tls/`` holds a TLS migration's credentials only while QEMU loads them.
 The folder is the daemon's (mode 0750, group ``qemu_group`` when QEMU runs unprivileged): QEMU
 is handed every file it uses and creates nothing there.
 """
