@@ -67,7 +67,7 @@ from virtmig.daemon.backend.qemu.disks import (
     parse_disk_controller,
     resolve_controllers,
 )
-from virtmig.daemon.backend.qemu.firmware import NVRAM_NAME, Firmware, parse_firmware
+from virtmig.daemon.backend.qemu.firmware import Firmware, parse_firmware
 from virtmig.daemon.backend.qemu.guest import SOCKET_NAME
 from virtmig.daemon.backend.qemu.machine import MachineConfig, parse_machine, pin_machine
 from virtmig.daemon.backend.qemu.misc import (
@@ -265,7 +265,7 @@ def parse_config(spec: GuestSpec, machines: Machines = None,
         nics=nics,
         machine_cfg=parse_machine(root, accel, d.memory_kib, d.current_memory_kib),
         misc=misc.result(),
-        firmware=parse_firmware(root, machine, log_dir / NVRAM_NAME if log_dir else None),
+        firmware=parse_firmware(root, machine),
     )
 
 

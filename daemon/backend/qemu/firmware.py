@@ -13,13 +13,13 @@ symlink followed below the folder); QEMU gets each as a descriptor the daemon op
   and ``-machine pflash0=,pflash1=``.  Without a ``<loader>`` path: :data:`OVMF_CODE` (or
   :data:`OVMF_CODE_SECURE` with ``secure='yes'``).  UEFI needs ``<features><acpi/>`` (OVMF
   hangs without ACPI; libvirt refuses it too).
-* ``<nvram template=TEMPLATE>PATH</nvram>``: the guest's NVRAM is always ``nvram.fd`` in its
-  folder (a ``PATH`` must name that file, as a file serial port must name its own log); when
-  absent at start it is created from the template (default :data:`OVMF_VARS`, or
-  :data:`OVMF_VARS_SECURE` with secure boot), 0600, the daemon's, QEMU's group.  On migration
-  the destination creates its own from the template and QEMU's pflash device sends the
-  variable store with the guest's state (it is RAM in QEMU, written back to the destination's
-  file when the state is loaded).
+* ``<nvram template=TEMPLATE/>``: the guest's NVRAM is always ``nvram.fd`` in its folder (a
+  path in ``<nvram>`` is refused: it is host-local, and the migratable XML would carry it to a
+  destination whose folders differ); when absent at start it is created from the template
+  (default :data:`OVMF_VARS`, or :data:`OVMF_VARS_SECURE` with secure boot), 0600, the
+  daemon's, QEMU's group.  On migration the destination creates its own from the template and
+  QEMU's pflash device sends the variable store with the guest's state (it is RAM in QEMU,
+  written back to the destination's file once the guest runs there).
 * ``<loader secure='yes'>``: secure boot, q35 only -> ``-machine smm=on`` and
   ``-global driver=cfi.pflash01,property=secure,value=on``; ``<features><smm state='on'>``
   (``'off'`` is refused with secure boot).  ``<os><firmware>`` feature lists (autoselection by
@@ -113,9 +113,8 @@ def _firmware_path(what: str, path: str) -> str:
     return path
 
 
-def parse_firmware(root: etree._Element, machine: str, nvram_path: Path | None) -> Firmware:
-    """The firmware of the domain ``root``; ``nvram_path`` is the guest's own NVRAM file (None:
-    the backend is not open, any ``<nvram>`` path is refused)."""
+def parse_firmware(root: etree._Element, machine: str) -> Firmware:
+    """The firmware of the domain ``root`` (``machine``: its machine type)."""
     os_el = root.find("os")
     smm_el = root.find("features/smm")
     smm = None if smm_el is None else _smm(smm_el)
@@ -129,7 +128,7 @@ def parse_firmware(root: etree._Element, machine: str, nvram_path: Path | None) 
     if choice == "efi" or kind == "pflash":
         if choice == "bios":
             raise _refuse("<os firmware='bios'> with a pflash <loader>", "pflash is UEFI")
-        efi = _efi(loader, nvram, machine, nvram_path, smm)
+        efi = _efi(loader, nvram, machine, smm)
         if root.find("features/acpi") is None:
             raise _refuse("UEFI firmware without <features><acpi/>", "OVMF needs ACPI (it "
                           "hangs without it; libvirt refuses it too)")
@@ -151,7 +150,7 @@ def _smm(el: etree._Element) -> bool:
 
 
 def _efi(loader: etree._Element | None, nvram: etree._Element | None, machine: str,
-         nvram_path: Path | None, smm: bool | None) -> Firmware:
+         smm: bool | None) -> Firmware:
     secure = loader is not None and loader.get("secure", "no") == "yes"
     if loader is not None:
         if loader.get("secure", "no") not in ("yes", "no"):
@@ -178,10 +177,10 @@ def _efi(loader: etree._Element | None, nvram: etree._Element | None, machine: s
                                   nvram.get("template", "")) if nvram.get("template") \
             else default_vars
         named = _text(nvram)
-        if named and (nvram_path is None or not os.path.isabs(named)
-                      or os.path.realpath(named) != os.path.realpath(nvram_path)):
+        if named:  # a host path: it would travel to a destination whose folders differ
             raise _refuse(f"<os><nvram>{named}</nvram>",
-                          f"the guest's NVRAM is its own file '{nvram_path}'")
+                          f"the guest's NVRAM is always {NVRAM_NAME} in its own folder: give no "
+                          "path (<nvram template=...> only)")
     return Firmware(kind="efi", code=code, template=template, secure=secure, smm=smm)
 
 
