@@ -1,0 +1,167 @@
+"""The qemu backend's small devices without QEMU (domain XML -> command line, each refusal):
+memory balloon (and libvirt's default one written at define), RNG, watchdog, USB controller,
+USB and PS/2 inputs, PCI addresses on them."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.daemon.backend_qemu_helpers import guest_xml, make_spec
+from virtmig.daemon.backend.qemu import GuestFiles, QemuSettings, parse_config
+from virtmig.daemon.backend.qemu.caps import EmulatorCaps
+from virtmig.daemon.backend.qemu.config import canonical_xml
+from virtmig.proto.errors import ConfigUnsupported
+
+EMULATOR = "/usr/bin/qemu-system-x86_64"
+SETTINGS = QemuSettings(emulators=(EMULATOR,))
+CAPS = EmulatorCaps(machines=frozenset({"pc", "q35", "pc-i440fx-7.2", "pc-q35-7.2"}),
+                    aliases={"pc": "pc-i440fx-7.2", "q35": "pc-q35-7.2"})
+
+
+def _argv(devices: str, machine: str = "pc") -> list[str]:
+    spec = make_spec(guest_xml(machine=machine, devices=devices))
+    return parse_config(spec, {EMULATOR: CAPS}, SETTINGS).argv(GuestFiles(), incoming=False)
+
+
+def _devices(argv: list[str]) -> list[str]:
+    return [argv[i + 1] for i, a in enumerate(argv) if a == "-device"]
+
+
+def _refused(devices: str, message: str, machine: str = "pc") -> None:
+    with pytest.raises(ConfigUnsupported) as info:
+        parse_config(make_spec(guest_xml(machine=machine, devices=devices)), {EMULATOR: CAPS},
+                     SETTINGS)
+    assert message in str(info.value), str(info.value)
+
+
+NO_USB = "<controller type='usb' model='none'/>"
+
+
+def test_balloon_default_none_and_autodeflate() -> None:
+    # libvirt's defaults: a piix3-uhci USB controller and a virtio balloon
+    assert _devices(_argv("")) == ["piix3-usb-uhci,id=usb", "virtio-balloon-pci,id=balloon0"]
+    assert _devices(_argv(NO_USB + "<memballoon model='virtio'/>")) == [
+        "virtio-balloon-pci,id=balloon0"]
+    assert _devices(_argv(NO_USB + "<memballoon model='none'/>")) == []
+    assert _devices(_argv(NO_USB + "<memballoon model='virtio' autodeflate='on'/>")) == [
+        "virtio-balloon-pci,id=balloon0,deflate-on-oom=on"]
+
+
+def test_defaults_are_written_at_define() -> None:
+    spec = make_spec(guest_xml(devices=""))
+    stored = canonical_xml(spec, {EMULATOR: CAPS}, SETTINGS)
+    assert "<memballoon model=\"virtio\"/>" in stored
+    assert "<controller type=\"usb\" index=\"0\" model=\"piix3-uhci\"/>" in stored
+    none = make_spec(guest_xml(devices="<memballoon model='none'/>" + NO_USB))
+    assert canonical_xml(none, {EMULATOR: CAPS}, SETTINGS).count('model="none"') == 2
+    assert "virtio" not in canonical_xml(none, {EMULATOR: CAPS}, SETTINGS)
+    again = make_spec(stored)  # stored once: nothing more to add
+    twice = canonical_xml(again, {EMULATOR: CAPS}, SETTINGS)
+    assert twice.count("memballoon") == 1 and twice.count("type=\"usb\"") == 1
+
+
+def test_rng_backends_and_rate() -> None:
+    argv = _argv("<rng model='virtio'><backend model='random'>/dev/urandom</backend></rng>"
+                 "<rng model='virtio'><rate bytes='1024' period='2000'/>"
+                 "<backend model='builtin'/></rng>")
+    line = " ".join(argv)
+    assert "-object rng-random,id=objrng0,filename=/dev/urandom" in line
+    assert "-device virtio-rng-pci,rng=objrng0,id=rng0" in line
+    assert "-object rng-builtin,id=objrng1" in line
+    assert "-device virtio-rng-pci,rng=objrng1,id=rng1,max-bytes=1024,period=2000" in line
+
+
+@pytest.mark.parametrize(("device", "message"), [
+    ("<rng model='virtio'><backend model='random'>/etc/shadow</backend></rng>",
+     "<backend model='random'>/etc/shadow</backend>: /dev/urandom or /dev/random only"),
+    ("<rng model='virtio'><backend model='egd' type='tcp'/></rng>",
+     "unsupported attribute 'type' of <devices><rng><backend>"),
+    ("<rng model='virtio'><backend model='egd'/></rng>", "<backend model='egd'>"),
+    ("<rng model='virtio'/>", "one <backend> is needed"),
+    ("<rng model='virtio-non-transitional'><backend model='builtin'/></rng>", "'virtio' only"),
+    ("<rng model='virtio'><backend model='builtin'>/dev/random</backend></rng>",
+     "names no source"),
+    ("<rng model='virtio'><rate bytes='0'/><backend model='builtin'/></rng>", "rate bytes '0'"),
+    ("<rng model='virtio'><rate period='5'/><backend model='builtin'/></rng>",
+     "rate bytes 'None'"),
+])
+def test_rng_refusals(device: str, message: str) -> None:
+    _refused(device, message)
+
+
+def test_watchdog_models_and_actions() -> None:
+    argv = _argv(NO_USB + "<watchdog model='i6300esb' action='poweroff'/>")
+    assert "i6300esb,id=watchdog0" in _devices(argv)
+    assert argv[argv.index("-action") + 1] == "watchdog=poweroff"
+    argv = _argv("<watchdog model='ib700'/>")
+    assert "ib700,id=watchdog0" in _devices(argv)
+    assert argv[argv.index("-action") + 1] == "watchdog=reset"  # libvirt's default
+    _refused("<watchdog model='ib700' action='dump'/>", "action 'dump'")
+    _refused("<watchdog model='i6300esb'/><watchdog model='ib700'/>", "one <watchdog> only")
+    _refused("<watchdog model='ib700'><address type='pci' slot='0x05'/></watchdog>",
+             "ib700 is an ISA device")
+
+
+def test_usb_controllers_and_inputs() -> None:
+    assert _devices(_argv("<controller type='usb' index='0'/><memballoon model='none'/>")) == [
+        "piix3-usb-uhci,id=usb"]  # libvirt's default model on pc
+    q35 = _argv("<controller type='usb'/><memballoon model='none'/>", machine="q35")
+    assert _devices(q35) == ["piix3-usb-uhci,id=usb"]  # (see misc.py: not qemu-xhci)
+    assert _devices(_argv("<input type='tablet' bus='usb'/><memballoon model='none'/>")) == [
+        "piix3-usb-uhci,id=usb", "usb-tablet,id=input0,bus=usb.0,port=1"]
+    argv = _argv("<controller type='usb' index='0' model='ich9-ehci1'/>"
+                 "<input type='tablet' bus='usb'/><input type='keyboard' bus='usb'/>"
+                 "<input type='mouse' bus='ps2'/><input type='keyboard' bus='ps2'/>"
+                 "<memballoon model='none'/>")
+    assert _devices(argv) == ["ich9-usb-ehci1,id=usb", "usb-tablet,id=input0,bus=usb.0,port=1",
+                              "usb-kbd,id=input1,bus=usb.0,port=2"]
+    assert _devices(_argv("<controller type='usb' model='none'/>"
+                          "<memballoon model='none'/>")) == []
+    _refused("<controller type='usb' model='none'/><input type='tablet'/>",
+             "a USB input needs a USB controller")
+    _refused("<input type='tablet' bus='virtio'/>", "bus 'virtio'")
+    _refused("<input type='tablet' bus='ps2'/>", "bus 'ps2'")
+    _refused("<controller type='usb' index='1' model='qemu-xhci'/>", "index '1'")
+    _refused("<controller type='usb' model='qemu-xhci'/><controller type='usb' "
+             "model='piix3-uhci'/>", "one USB controller only")
+
+
+def test_pci_addresses_passed_through() -> None:
+    slot = "<address type='pci' domain='0x0000' bus='0x00' slot='0x{:02x}' function='0x0'/>"
+    argv = _argv(f"<controller type='usb' model='qemu-xhci'>{slot.format(7)}</controller>"
+                 f"<memballoon model='virtio'>{slot.format(5)}</memballoon>"
+                 f"<rng model='virtio'><backend model='builtin'/>{slot.format(6)}</rng>"
+                 f"<watchdog model='i6300esb'>{slot.format(8)}</watchdog>")
+    assert _devices(argv) == ["qemu-xhci,id=usb,bus=pci.0,addr=0x7",
+                              "virtio-balloon-pci,id=balloon0,bus=pci.0,addr=0x5",
+                              "virtio-rng-pci,rng=objrng0,id=rng0,bus=pci.0,addr=0x6",
+                              "i6300esb,id=watchdog0,bus=pci.0,addr=0x8"]
+    q35 = _argv(f"{NO_USB}<memballoon model='virtio'>{slot.format(3)}</memballoon>",
+                machine="q35")
+    assert _devices(q35) == ["virtio-balloon-pci,id=balloon0,bus=pcie.0,addr=0x3"]
+
+
+@pytest.mark.parametrize(("address", "message"), [
+    ("<address type='pci' bus='0x01' slot='0x05'/>", "a bus other than 0"),
+    ("<address type='pci' domain='0x0001' slot='0x05'/>", "a bus other than 0"),
+    ("<address type='pci' slot='0x05' function='0x1'/>", "a function other than 0"),
+    ("<address type='pci' slot='0x05' multifunction='on'/>", "a function other than 0"),
+    ("<address type='pci' slot='0x01'/>", "<address slot='0x01'>: the machine uses it"),
+    ("<address type='pci' slot='0x20'/>", "no such slot"),
+    ("<address type='pci' slot='x'/>", "<address slot='x'>"),
+    ("<address type='ccw' slot='0x05'/>", "<address type='ccw'> (type='pci' only)"),
+    ("<address type='pci' slot='0x05' zpci='1'/>",
+     "unsupported attribute 'zpci' of <devices><memballoon><address>"),
+])
+def test_pci_address_refusals(address: str, message: str) -> None:
+    _refused(f"<memballoon model='virtio'>{address}</memballoon>", message)
+
+
+def test_pci_slot_used_twice_and_q35_lpc() -> None:
+    _refused("<memballoon model='virtio'><address type='pci' slot='5'/></memballoon>"
+             "<rng model='virtio'><backend model='builtin'/><address type='pci' slot='5'/>"
+             "</rng>", "is used twice")
+    _refused("<memballoon model='virtio'><address type='pci' slot='0x1f'/></memballoon>",
+             "the machine uses it", machine="q35")
+    _refused("<memballoon model='none'><address type='pci' slot='5'/></memballoon>",
+             "model='none' takes no address")
