@@ -1,8 +1,10 @@
 """The qemu backend's small devices without QEMU (domain XML -> command line, each refusal):
 memory balloon (and libvirt's default one written at define), RNG, watchdog, USB controller,
-USB and PS/2 inputs, PCI addresses on them."""
+USB and PS/2 inputs, their PCI slots (pci.py's, as every PCI device's)."""
 
 from __future__ import annotations
+
+import re
 
 import pytest
 
@@ -23,8 +25,14 @@ def _argv(devices: str, machine: str = "pc") -> list[str]:
     return parse_config(spec, {EMULATOR: CAPS}, SETTINGS).argv(GuestFiles(), incoming=False)
 
 
-def _devices(argv: list[str]) -> list[str]:
+def _placed(argv: list[str]) -> list[str]:
+    """The ``-device`` arguments, with the slot pci.py gave each PCI device."""
     return [argv[i + 1] for i, a in enumerate(argv) if a == "-device"]
+
+
+def _devices(argv: list[str]) -> list[str]:
+    """The ``-device`` arguments without their slots (checked by the PCI tests below)."""
+    return [re.sub(r",bus=pcie?\.0,addr=0x[0-9a-f.x]+$", "", d) for d in _placed(argv)]
 
 
 def _refused(devices: str, message: str, machine: str = "pc") -> None:
@@ -50,14 +58,15 @@ def test_balloon_default_none_and_autodeflate() -> None:
 def test_defaults_are_written_at_define() -> None:
     spec = make_spec(guest_xml(devices=""))
     stored = canonical_xml(spec, {EMULATOR: CAPS}, SETTINGS)
-    assert "<memballoon model=\"virtio\"/>" in stored
-    assert "<controller type=\"usb\" index=\"0\" model=\"piix3-uhci\"/>" in stored
+    assert "<memballoon model=\"virtio\"><address type=\"pci\"" in stored  # and its slot
+    assert "<controller type=\"usb\" index=\"0\" model=\"piix3-uhci\"><address" in stored
     none = make_spec(guest_xml(devices="<memballoon model='none'/>" + NO_USB))
     assert canonical_xml(none, {EMULATOR: CAPS}, SETTINGS).count('model="none"') == 2
     assert "virtio" not in canonical_xml(none, {EMULATOR: CAPS}, SETTINGS)
     again = make_spec(stored)  # stored once: nothing more to add
     twice = canonical_xml(again, {EMULATOR: CAPS}, SETTINGS)
-    assert twice.count("memballoon") == 1 and twice.count("type=\"usb\"") == 1
+    assert twice == stored  # stored once: nothing more to add or place
+    assert twice.count("<memballoon") == 1 and twice.count("type=\"usb\"") == 1
 
 
 def test_rng_backends_and_rate() -> None:
@@ -126,29 +135,56 @@ def test_usb_controllers_and_inputs() -> None:
              "model='piix3-uhci'/>", "one USB controller only")
 
 
-def test_pci_addresses_passed_through() -> None:
+def test_pci_slots_given_and_assigned() -> None:
     slot = "<address type='pci' domain='0x0000' bus='0x00' slot='0x{:02x}' function='0x0'/>"
     argv = _argv(f"<controller type='usb' model='qemu-xhci'>{slot.format(7)}</controller>"
                  f"<memballoon model='virtio'>{slot.format(5)}</memballoon>"
                  f"<rng model='virtio'><backend model='builtin'/>{slot.format(6)}</rng>"
                  f"<watchdog model='i6300esb'>{slot.format(8)}</watchdog>")
-    assert _devices(argv) == ["qemu-xhci,id=usb,bus=pci.0,addr=0x7",
-                              "virtio-balloon-pci,id=balloon0,bus=pci.0,addr=0x5",
-                              "virtio-rng-pci,rng=objrng0,id=rng0,bus=pci.0,addr=0x6",
-                              "i6300esb,id=watchdog0,bus=pci.0,addr=0x8"]
+    assert _placed(argv) == ["qemu-xhci,id=usb,bus=pci.0,addr=0x07",
+                             "virtio-balloon-pci,id=balloon0,bus=pci.0,addr=0x05",
+                             "virtio-rng-pci,rng=objrng0,id=rng0,bus=pci.0,addr=0x06",
+                             "i6300esb,id=watchdog0,bus=pci.0,addr=0x08"]
     q35 = _argv(f"{NO_USB}<memballoon model='virtio'>{slot.format(3)}</memballoon>",
                 machine="q35")
-    assert _devices(q35) == ["virtio-balloon-pci,id=balloon0,bus=pcie.0,addr=0x3"]
+    assert _placed(q35) == ["virtio-balloon-pci,id=balloon0,bus=pcie.0,addr=0x03"]
+    # none given: pc's default USB controller is the PIIX3's function 2 (libvirt's place), the
+    # others take the lowest free slots in document order (0x02 is kept for a video card)
+    argv = _argv("<rng model='virtio'><backend model='builtin'/></rng>"
+                 "<watchdog model='i6300esb'/>")
+    assert _placed(argv) == ["piix3-usb-uhci,id=usb,bus=pci.0,addr=0x01.0x2",
+                             "virtio-balloon-pci,id=balloon0,bus=pci.0,addr=0x05",
+                             "virtio-rng-pci,rng=objrng0,id=rng0,bus=pci.0,addr=0x03",
+                             "i6300esb,id=watchdog0,bus=pci.0,addr=0x04"]
+    # on q35 that controller is an ordinary PCI device (no PIIX3 there)
+    assert _placed(_argv("", machine="q35")) == [
+        "piix3-usb-uhci,id=usb,bus=pcie.0,addr=0x02",
+        "virtio-balloon-pci,id=balloon0,bus=pcie.0,addr=0x03"]
+
+
+def test_define_writes_the_slots_of_the_defaults() -> None:
+    stored = canonical_xml(make_spec(guest_xml(devices="<watchdog model='i6300esb'/>")),
+                           {EMULATOR: CAPS}, SETTINGS)
+    assert ('<watchdog model="i6300esb"><address type="pci" domain="0x0000" bus="0x00" '
+            'slot="0x03" function="0x0"/></watchdog>') in stored
+    assert ('<controller type="usb" index="0" model="piix3-uhci"><address type="pci" '
+            'domain="0x0000" bus="0x00" slot="0x01" function="0x2"/></controller>') in stored
+    assert ('<memballoon model="virtio"><address type="pci" domain="0x0000" bus="0x00" '
+            'slot="0x04" function="0x0"/></memballoon>') in stored
+    # the stored definition runs the layout define wrote
+    assert _placed(parse_config(make_spec(stored), {EMULATOR: CAPS}, SETTINGS).argv(
+        GuestFiles(), incoming=False)) == _placed(_argv("<watchdog model='i6300esb'/>"))
 
 
 @pytest.mark.parametrize(("address", "message"), [
-    ("<address type='pci' bus='0x01' slot='0x05'/>", "a bus other than 0"),
-    ("<address type='pci' domain='0x0001' slot='0x05'/>", "a bus other than 0"),
-    ("<address type='pci' slot='0x05' function='0x1'/>", "a function other than 0"),
-    ("<address type='pci' slot='0x05' multifunction='on'/>", "a function other than 0"),
-    ("<address type='pci' slot='0x01'/>", "<address slot='0x01'>: the machine uses it"),
-    ("<address type='pci' slot='0x20'/>", "no such slot"),
-    ("<address type='pci' slot='x'/>", "<address slot='x'>"),
+    ("<address type='pci' bus='0x01' slot='0x05'/>", "PCI domain 0x0000 bus 0x01 (only the root"),
+    ("<address type='pci' domain='0x0001' slot='0x05'/>", "PCI domain 0x0001 bus 0x00"),
+    ("<address type='pci' slot='0x05' function='0x1'/>", "PCI function 0x1 (function 0x0 only)"),
+    ("<address type='pci' slot='0x05' multifunction='on'/>",
+     "unsupported attribute 'multifunction' of <devices><memballoon><address>"),
+    ("<address type='pci' slot='0x01'/>", "PCI slot 0x01 is taken by the PIIX3 chipset"),
+    ("<address type='pci' slot='0x20'/>", "PCI slot 0x20 (0x01-0x1f)"),
+    ("<address type='pci' slot='x'/>", "<address slot='x'> is not a number"),
     ("<address type='ccw' slot='0x05'/>", "<address type='ccw'> (type='pci' only)"),
     ("<address type='pci' slot='0x05' zpci='1'/>",
      "unsupported attribute 'zpci' of <devices><memballoon><address>"),
@@ -160,8 +196,14 @@ def test_pci_address_refusals(address: str, message: str) -> None:
 def test_pci_slot_used_twice_and_q35_lpc() -> None:
     _refused("<memballoon model='virtio'><address type='pci' slot='5'/></memballoon>"
              "<rng model='virtio'><backend model='builtin'/><address type='pci' slot='5'/>"
-             "</rng>", "is used twice")
+             "</rng>", "PCI slot 0x05 is already used by <memballoon model='virtio'>")
     _refused("<memballoon model='virtio'><address type='pci' slot='0x1f'/></memballoon>",
-             "the machine uses it", machine="q35")
+             "PCI slot 0x1f is taken by the ICH9 chipset", machine="q35")
     _refused("<memballoon model='none'><address type='pci' slot='5'/></memballoon>",
              "model='none' takes no address")
+    # pc's piix3-uhci is the PIIX3's function 2: another address is refused
+    _refused("<controller type='usb' model='piix3-uhci'><address type='pci' slot='0x05'/>"
+             "</controller>", "PCI slot 0x05 function 0x0 (on this machine it is part of the "
+             "chipset: slot 0x01 function 0x2 only)")
+    _refused("<controller type='usb'><address type='pci' slot='0x01' function='0x3'/>"
+             "</controller>", "slot 0x01 function 0x2 only")

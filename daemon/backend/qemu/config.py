@@ -255,6 +255,8 @@ def parse_config(spec: GuestSpec, machines: Machines = None,
                           emulator=_emulator("", settings))
     d, root = _parse_domain(spec.xml)
     check_tree(root)
+    add_default_usb(root)  # as define writes them (a migratable XML leaves the USB one out),
+    add_default_balloon(root)  # so that pci.py places them like the others
     machine = d.machine or "pc"
     if not _MACHINE_RE.fullmatch(machine):
         raise ConfigUnsupported(f"machine type '{machine}' is not supported by the qemu backend")
@@ -393,7 +395,7 @@ class _Devices:
     virtio_serial: bool = False
     vnc: VncConfig | None = None
     video: VideoConfig | None = None
-    misc: MiscBuilder = field(default_factory=lambda: MiscBuilder("pc"))  # the small devices
+    misc: MiscBuilder = field(default_factory=MiscBuilder)  # the small devices (misc.py)
 
 
 def _parse_devices(devices: etree._Element | None, machine: str, settings: QemuSettings,
@@ -401,7 +403,7 @@ def _parse_devices(devices: etree._Element | None, machine: str, settings: QemuS
     """``<devices>``: the emulator named (``""``: none), the disks and their controllers, the
     serial ports (consoles included), channels, network interfaces, graphics and video; the
     small devices go to ``out.misc`` (:mod:`.misc`)."""
-    out = _Devices(misc=MiscBuilder(machine))
+    out = _Devices()
     consoles: list[etree._Element] = []
     seen: set[str] = set()
     for el in devices if devices is not None else ():

@@ -26,9 +26,12 @@ Concern: ``<memballoon>``, ``<rng>``, ``<watchdog>``, ``<controller type='usb'>`
 * ``<input type='tablet'|'mouse'|'keyboard' bus='usb'>`` -> ``usb-tablet``/``usb-mouse``/
   ``usb-kbd`` on the USB controller (refused without one); ``type='mouse'|'keyboard'
   bus='ps2'``: the PS/2 devices every pc/q35 machine has built in (accepted, nothing added).
-* ``<address type='pci' domain='0x0000' bus='0x00' slot= function='0x0'>`` on the PCI devices
-  (balloon, RNG, i6300esb, USB controller) -> ``bus=pci.0|pcie.0,addr=SLOT``: bus 0, function 0
-  only, not a slot the machine uses itself, each slot once; anything else is refused.
+* PCI slots: the PCI devices here (virtio balloon, virtio RNG, i6300esb, the USB controller)
+  are :mod:`.pci`'s like every other -- one :class:`~.pci.PciDevice` line each in its
+  registry, an ``<address type='pci'>`` written at define when they have none, a given one
+  checked there, ``bus=,addr=`` added to their ``-device`` by id (``balloon0``, ``rngN``,
+  ``watchdog0``, ``usb``).  On ``pc`` the ``piix3-uhci`` controller sits where libvirt puts it,
+  the PIIX3's function 2 (slot 0x01 function 0x2).
 """
 
 from __future__ import annotations
@@ -39,8 +42,8 @@ from lxml import etree
 
 from virtmig.daemon.backend.qemu.xmltable import unsupported_device
 
-__all__ = ["MiscBuilder", "MiscDevices", "PciAddress", "add_default_balloon",
-           "add_default_usb", "parse_misc_device"]
+__all__ = ["MiscBuilder", "MiscDevices", "add_default_balloon", "add_default_usb",
+           "parse_misc_device"]
 
 RNG_SOURCES = ("/dev/urandom", "/dev/random")
 WATCHDOG_ACTIONS = ("reset", "shutdown", "poweroff", "pause", "none", "inject-nmi")
@@ -52,24 +55,12 @@ _MAX_RATE = 2**31 - 1
 
 
 @dataclass(frozen=True)
-class PciAddress:
-    """A slot on the machine's root bus (``bus`` is QEMU's name: ``pci.0`` or ``pcie.0``)."""
-
-    bus: str
-    slot: int
-
-    def opts(self) -> str:
-        return f",bus={self.bus},addr={self.slot:#x}"
-
-
-@dataclass(frozen=True)
 class Rng:
     index: int
     backend: str  # random | builtin
     source: str = ""  # random: /dev/urandom or /dev/random
     max_bytes: int = 0  # 0: no rate limit
     period_ms: int = 0
-    address: PciAddress | None = None
 
     def argv(self) -> list[str]:
         obj = f"rng-{self.backend},id=objrng{self.index}"
@@ -78,7 +69,7 @@ class Rng:
         dev = f"virtio-rng-pci,rng=objrng{self.index},id=rng{self.index}"
         if self.max_bytes:
             dev += f",max-bytes={self.max_bytes},period={self.period_ms}"
-        return ["-object", obj, "-device", dev + _addr(self.address)]
+        return ["-object", obj, "-device", dev]
 
 
 @dataclass(frozen=True)
@@ -87,62 +78,50 @@ class MiscDevices:
 
     balloon: bool = False
     balloon_deflate: bool = False
-    balloon_address: PciAddress | None = None
     rngs: tuple[Rng, ...] = ()
     watchdog: str = ""  # i6300esb | ib700 | "" (none)
     watchdog_action: str = "reset"
-    watchdog_address: PciAddress | None = None
     usb: str = ""  # the USB controller's QEMU model ("": none)
-    usb_address: PciAddress | None = None
     usb_inputs: tuple[str, ...] = ()  # usb-tablet | usb-mouse | usb-kbd
 
     def argv(self) -> list[str]:
         args: list[str] = []
         if self.usb:
-            args += ["-device", f"{self.usb},id=usb" + _addr(self.usb_address)]
+            args += ["-device", f"{self.usb},id=usb"]
         for i, dev in enumerate(self.usb_inputs):
             args += ["-device", f"{dev},id=input{i},bus=usb.0,port={i + 1}"]
         if self.balloon:
             args += ["-device", "virtio-balloon-pci,id=balloon0"
-                     + (",deflate-on-oom=on" if self.balloon_deflate else "")
-                     + _addr(self.balloon_address)]
+                     + (",deflate-on-oom=on" if self.balloon_deflate else "")]
         for rng in self.rngs:
             args += rng.argv()
         if self.watchdog:
-            args += ["-device", f"{self.watchdog},id=watchdog0" + _addr(self.watchdog_address),
+            args += ["-device", f"{self.watchdog},id=watchdog0",
                      "-action", f"watchdog={self.watchdog_action}"]
         return args
 
 
-def _addr(address: PciAddress | None) -> str:
-    return address.opts() if address is not None else ""
-
-
 class MiscBuilder:
-    """What :func:`parse_misc_device` has seen so far of one definition (``machine``: its
-    machine type); :meth:`result` is the :class:`MiscDevices`."""
+    """What :func:`parse_misc_device` has seen so far of one definition; :meth:`result` is the
+    :class:`MiscDevices`."""
 
-    def __init__(self, machine: str) -> None:
-        self.machine = machine
-        self.balloon: tuple[bool, bool, PciAddress | None] | None = None
+    def __init__(self) -> None:
+        self.balloon: tuple[bool, bool] | None = None  # (present, deflate-on-oom)
         self.rngs: list[Rng] = []
-        self.watchdog: tuple[str, str, PciAddress | None] | None = None
-        self.usb: tuple[str, PciAddress | None] | None = None
+        self.watchdog: tuple[str, str] | None = None  # (model, action)
+        self.usb: str | None = None  # QEMU's model ("": none)
         self.inputs: list[tuple[etree._Element, str]] = []
-        self.slots: set[int] = set()
 
     def result(self) -> MiscDevices:
-        usb, usb_addr = self.usb or (USB_MODELS[DEFAULT_USB], None)
+        usb = USB_MODELS[DEFAULT_USB] if self.usb is None else self.usb
         for el, _dev in self.inputs:
             if not usb:
                 raise unsupported_device(el, "a USB input needs a USB controller "
                                              "(<controller type='usb'>)")
-        balloon, deflate, balloon_addr = self.balloon or (True, False, None)
-        watchdog, action, wd_addr = self.watchdog or ("", "reset", None)
-        return MiscDevices(balloon=balloon, balloon_deflate=deflate,
-                           balloon_address=balloon_addr, rngs=tuple(self.rngs),
-                           watchdog=watchdog, watchdog_action=action, watchdog_address=wd_addr,
-                           usb=usb, usb_address=usb_addr,
+        balloon, deflate = self.balloon or (True, False)
+        watchdog, action = self.watchdog or ("", "reset")
+        return MiscDevices(balloon=balloon, balloon_deflate=deflate, rngs=tuple(self.rngs),
+                           watchdog=watchdog, watchdog_action=action, usb=usb,
                            usb_inputs=tuple(dev for _el, dev in self.inputs))
 
 
@@ -171,14 +150,14 @@ def _balloon(b: MiscBuilder, el: etree._Element) -> None:
     if model == "none":
         if el.find("address") is not None or el.get("autodeflate") is not None:
             raise unsupported_device(el, "model='none' takes no address or autodeflate")
-        b.balloon = (False, False, None)
+        b.balloon = (False, False)
         return
     if model != "virtio":
         raise unsupported_device(el, "model 'virtio' or 'none'")
     deflate = el.get("autodeflate", "off")
     if deflate not in ("on", "off"):
         raise unsupported_device(el, f"autodeflate='{deflate}' (on or off)")
-    b.balloon = (True, deflate == "on", _pci_address(b, el))
+    b.balloon = (True, deflate == "on")
 
 
 def _rng(b: MiscBuilder, el: etree._Element) -> None:
@@ -204,8 +183,7 @@ def _rng(b: MiscBuilder, el: etree._Element) -> None:
         max_bytes = _positive(el, rate.get("bytes"), "rate bytes")
         period = _positive(el, rate.get("period", "1000"), "rate period")
     b.rngs.append(Rng(index=len(b.rngs), backend=kind, source=source if kind == "random"
-                      else "", max_bytes=max_bytes, period_ms=period,
-                      address=_pci_address(b, el)))
+                      else "", max_bytes=max_bytes, period_ms=period))
 
 
 def _positive(el: etree._Element, raw: str | None, what: str) -> int:
@@ -225,7 +203,7 @@ def _watchdog(b: MiscBuilder, el: etree._Element) -> None:
                                      f"{', '.join(WATCHDOG_ACTIONS)})")
     if model == "ib700" and el.find("address") is not None:
         raise unsupported_device(el, "ib700 is an ISA device: no PCI address")
-    b.watchdog = (model, action, _pci_address(b, el))
+    b.watchdog = (model, action)
 
 
 def _usb(b: MiscBuilder, el: etree._Element) -> None:
@@ -238,12 +216,12 @@ def _usb(b: MiscBuilder, el: etree._Element) -> None:
     if model == "none":
         if el.find("address") is not None:
             raise unsupported_device(el, "model='none' takes no address")
-        b.usb = ("", None)
+        b.usb = ""
         return
     if model not in USB_MODELS:
         raise unsupported_device(el, f"USB model '{model}' (supported: "
                                      f"{', '.join(USB_MODELS)}, none)")
-    b.usb = (USB_MODELS[model], _pci_address(b, el))
+    b.usb = USB_MODELS[model]
 
 
 def _input(b: MiscBuilder, el: etree._Element) -> None:
@@ -254,36 +232,6 @@ def _input(b: MiscBuilder, el: etree._Element) -> None:
         raise unsupported_device(el, f"bus '{bus}' (usb tablet, mouse, keyboard; ps2 mouse, "
                                      "keyboard)")
     b.inputs.append((el, _USB_INPUTS[kind]))
-
-
-def _pci_address(b: MiscBuilder, el: etree._Element) -> PciAddress | None:
-    """``el``'s ``<address type='pci'>`` as QEMU options (None: QEMU places the device)."""
-    node = el.find("address")
-    if node is None:
-        return None
-    if node.get("type") != "pci":
-        raise unsupported_device(el, f"<address type='{node.get('type')}'> (type='pci' only)")
-    values = {}
-    for attr in ("domain", "bus", "slot", "function"):
-        raw = node.get(attr, "0")
-        try:
-            values[attr] = int(raw, 0)
-        except ValueError:
-            raise unsupported_device(el, f"<address {attr}='{raw}'>") from None
-    if node.get("multifunction", "off") != "off" or values["function"] != 0:
-        raise unsupported_device(el, "<address> with a function other than 0")
-    if values["domain"] != 0 or values["bus"] != 0:
-        raise unsupported_device(el, "<address> on a bus other than 0 (the root bus only)")
-    q35 = "q35" in b.machine
-    slot = values["slot"]
-    reserved = (0, 0x1F) if q35 else (0, 1)  # host bridge; LPC (q35) / PIIX3 (pc)
-    if not 0 <= slot <= 0x1F or slot in reserved:
-        raise unsupported_device(el, f"<address slot='{node.get('slot')}'>: the machine uses "
-                                     "it, or no such slot")
-    if slot in b.slots:
-        raise unsupported_device(el, f"<address slot='{node.get('slot')}'> is used twice")
-    b.slots.add(slot)
-    return PciAddress("pcie.0" if q35 else "pci.0", slot)
 
 
 def add_default_usb(root: etree._Element) -> bool:
