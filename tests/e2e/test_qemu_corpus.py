@@ -5,7 +5,9 @@ peripherals and their types, vCPUs, CPU type, machine type) is the same on both 
 and after.
 
 The entries are written for these tests, one per area the qemu backend honours (machine and
-CPU, host-model, firmware, disks, NICs, the small devices); ``@UUID@``, ``@STORAGE@`` (a folder
+CPU, host-model, firmware, disks, NICs, the small devices, consoles/channels/VNC/video on pc and
+q35); every PCI address the stored definition carries (written at define, :mod:`.pci`) is where
+QEMU put the device; ``@UUID@``, ``@STORAGE@`` (a folder
 both daemons share as storage), ``@KERNEL@``/``@INITRD@``/``@CMDLINE@``/``@TYPE@`` (the
 heartbeat test guest, under KVM where it runs) are filled in here.  All but
 ``kernel-heartbeat.xml`` are kernel-less and idle (SeaBIOS or OVMF, 64-128 MiB, TCG): a round
@@ -50,7 +52,8 @@ KERNEL_ENTRY = "kernel-heartbeat.xml"
 
 def test_corpus_covers_each_area() -> None:
     assert {"pc-minimal.xml", "q35-cpu-machine.xml", "host-model.xml", "misc-devices.xml",
-            "ovmf-q35.xml", "disks.xml", "nics.xml", KERNEL_ENTRY} <= set(ENTRIES)
+            "ovmf-q35.xml", "disks.xml", "nics.xml", "consoles-graphics.xml",
+            "q35-consoles-graphics.xml", KERNEL_ENTRY} <= set(ENTRIES)
 
 
 async def _storage(tmp_path: Path) -> Path:
@@ -116,6 +119,13 @@ async def test_corpus_entry_keeps_its_devices_there_and_back(entry: str, tmp_pat
             await lives_on(src, uuid, src.serial_log(uuid), beat)
 
 
+def _stored_slots(xml: str) -> set[tuple[int, int]]:
+    """The (slot, function) of each ``<address type='pci'>`` in a definition."""
+    root = etree.fromstring(xml.encode())
+    return {(int(a.get("slot", "0"), 16), int(a.get("function", "0"), 16))
+            for a in root.iterfind("devices/*/address[@type='pci']")}
+
+
 def _cpu(xml: str) -> str:
     cpu = etree.fromstring(xml.encode()).find("cpu")
     return "" if cpu is None else etree.tostring(cpu, encoding="unicode")
@@ -127,10 +137,20 @@ async def _check_entry(entry: str, host: Host, uuid: str, live: str, inactive: s
     query = functools.partial(host.daemon.backend.query, uuid)  # type: ignore[attr-defined]
     stored = parse_domain_xml(inactive)
     assert stored.machine in ("pc-i440fx-7.2", "pc-q35-7.2")  # pinned at define
+    pci = {d.get("qdev_id", ""): (d["slot"], d["function"])
+           for bus in await query("query-pci", None) for d in bus["devices"]}
+    assert _stored_slots(inactive) <= set(pci.values())  # every written slot is QEMU's
     if entry == "pc-minimal.xml":  # libvirt's default devices, written at define
-        assert "<memballoon model=\"virtio\"/>" in inactive
-        assert "<controller type=\"usb\" index=\"0\" model=\"piix3-uhci\"/>" in inactive
+        assert "<memballoon model=\"virtio\">" in inactive
+        assert "<controller type=\"usb\" index=\"0\" model=\"piix3-uhci\">" in inactive
+        assert pci["usb"] == (1, 2)  # the PIIX3's function 2, as libvirt puts it
         assert (await query("query-balloon", None))["actual"] == 64 << 20
+    if entry in ("consoles-graphics.xml", "q35-consoles-graphics.xml"):
+        assert {"video0", "virtio-serial0", "usb", "balloon0"} <= set(pci)
+        assert pci["video0"] == ((2, 0) if entry == "consoles-graphics.xml" else (1, 0))
+        named = {c["name"] for c in await query("qom-list", {"path": "/machine/peripheral"})}
+        assert {"serial0", "channel0"} <= named
+        assert (await query("query-vnc", None))["enabled"]
     if entry == "host-model.xml":
         assert "mode='host-model'" in inactive or 'mode="host-model"' in inactive
         cpu = etree.fromstring(live.encode()).find("cpu")

@@ -30,8 +30,10 @@ against the honour-or-refuse table (:mod:`.xmltable`), then each part's parser c
 
 At define time :func:`canonical_xml` also writes a generated MAC (``52:54:00:xx:xx:xx``) into
 each ``<interface>`` that has none, so the guest keeps its MAC on every start and migration,
-a socket path into each ``<channel>`` that has none, and a PCI address into each device that
-takes a slot and has none.
+a socket path into each ``<channel>`` that has none, libvirt's default balloon and USB
+controller, and then a PCI address into each device that takes a slot and has none (the
+defaults included; :func:`parse_config` adds the defaults to its copy too, so an incoming
+migratable XML, which leaves out the default USB controller, gets the same layout).
 
 What a definition may reach on the host (emulators, image folders, log files) is the concern of
 :mod:`virtmig.daemon.backend.qemu.confine`; here its rules become refusals that name the element.
