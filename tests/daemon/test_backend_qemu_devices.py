@@ -507,7 +507,8 @@ async def test_q35_devices_on_pcie_root(src: QemuBackend) -> None:
     spec = await start_canonical(src, guest_xml(machine="q35", devices=nic(1) + guest_agent()
                                                 + "<video><model type='virtio'/></video>"))
     layout = pci_layout(await src.query(spec.uuid, "query-pci"))
-    assert {k: v[0] for k, v in layout.items()} == {"video0": 1, "net0": 2, "virtio-serial0": 3}
+    assert {k: v[0] for k, v in layout.items()} == {  # with the default USB and balloon
+        "video0": 1, "net0": 2, "virtio-serial0": 3, "usb": 4, "balloon0": 5}
     buses = await src.query(spec.uuid, "qom-get", {"path": "/machine/peripheral/net0",
                                                   "property": "parent_bus"})
     assert buses.endswith("pcie.0")
@@ -529,7 +530,7 @@ async def test_migration_keeps_the_pci_layout(src: QemuBackend, dst: QemuBackend
     assert (await within(dst.incoming_wait(spec.uuid), 60)).status is MigrationStatus.COMPLETED
     after = pci_layout(await dst.query(spec.uuid, "query-pci"))
     assert after == before
-    assert set(after) == {"video0", "virtio-serial0", "scsi0", "net0", "net1"}
+    assert set(after) == {"video0", "virtio-serial0", "scsi0", "net0", "net1", "usb", "balloon0"}
     src_root = etree.fromstring(src_live)
     dst_root = etree.fromstring(dst.live_xml(spec.uuid, dst_spec.xml))
     assert attr(dst_root, "devices/console", "tty") != \

@@ -50,7 +50,7 @@ async def test_persistent_xml_is_canonicalized_on_the_destination(tmp_path: Path
         d = parse_domain_xml(stored)
         assert d.memory_kib == 96 * 1024  # the given definition, not the source's
         assert d.machine == PINNED  # pinned, as a define on the destination pins it
-        assert "<memballoon model=\"virtio\"/>" in stored
+        assert "<memballoon model=\"virtio\"><address type=\"pci\"" in stored  # and its slot
         assert parse_domain_xml(await dst.conn.xml_desc("persist")).memory_kib == 64 * 1024
         on_disk = (dst.state_dir / "domains" / f"{uuid}.xml").read_text()
         assert parse_domain_xml(on_disk).machine == PINNED
