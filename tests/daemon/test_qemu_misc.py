@@ -12,6 +12,7 @@ from tests.daemon.backend_qemu_helpers import guest_xml, make_spec
 from virtmig.daemon.backend.qemu import GuestFiles, QemuSettings, parse_config
 from virtmig.daemon.backend.qemu.caps import EmulatorCaps
 from virtmig.daemon.backend.qemu.config import canonical_xml
+from virtmig.daemon.domxml import format_domain_xml, parse_domain_xml
 from virtmig.proto.errors import ConfigUnsupported
 
 EMULATOR = "/usr/bin/qemu-system-x86_64"
@@ -207,3 +208,24 @@ def test_pci_slot_used_twice_and_q35_lpc() -> None:
              "chipset: slot 0x01 function 0x2 only)")
     _refused("<controller type='usb'><address type='pci' slot='0x01' function='0x3'/>"
              "</controller>", "slot 0x01 function 0x2 only")
+
+
+@pytest.mark.parametrize(("slot", "kept"), [("", True), ("0x02", True), ("0x10", False)])
+def test_q35_piix3_uhci_slot_survives_the_migratable_xml(slot: str, kept: bool) -> None:
+    # the migratable XML leaves this controller out; the destination adds it back without an
+    # address, so a given slot must be the one it gets there, else it is refused at define
+    address = f"<address type='pci' slot='{slot}'/>" if slot else ""
+    xml = guest_xml(machine="q35", devices=f"<controller type='usb' model='piix3-uhci'>"
+                    f"{address}</controller><interface type='user'/>")
+    if not kept:
+        _refused(xml[xml.index("<controller"):xml.index("</devices>")],
+                 "PCI slot 0x10 (a migration's destination puts this controller, which the "
+                 "migratable XML leaves out, at 0x04", machine="q35")
+        return
+    stored = canonical_xml(make_spec(xml), {EMULATOR: CAPS}, SETTINGS)
+    migratable = format_domain_xml(parse_domain_xml(stored), migratable=True)
+    assert "piix3-uhci" not in migratable
+    again = canonical_xml(make_spec(migratable), {EMULATOR: CAPS}, SETTINGS)
+    source, dest = (parse_config(make_spec(x), {EMULATOR: CAPS}, SETTINGS).pci
+                    for x in (stored, again))
+    assert source == dest and source.by_id["usb"] == 2

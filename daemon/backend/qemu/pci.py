@@ -19,7 +19,9 @@ finds its devices moved).  Pure values and tree edits; nothing here runs a proce
   the PIIX3 chipset, slot 0x01 function 0x2 (``addr=0x01.0x2``); another address on it is
   refused.  It takes no slot of its own, and the migratable XML, which leaves that controller
   out (:mod:`virtmig.daemon.domxml`), loses nothing: a destination adds it back at the same
-  place.
+  place.  On ``q35`` that controller takes a slot like the others, and a given one must be the
+  slot a destination gives it when it adds it back without an address (the lowest free one
+  beside the other devices' written slots), else it is refused at define.
 * :func:`plan` -- the given addresses, then a slot for each device without one: the primary
   video card at libvirt's slot (0x02 on ``pc``, 0x01 on ``q35``), the others at the lowest free
   slot, in document order (deterministic: the same definition gets the same layout anywhere).
@@ -254,6 +256,36 @@ def plan(root: etree._Element, machine: str) -> list[tuple[etree._Element, str, 
     """Every device of the domain ``root`` that takes a slot, its QEMU id, its slot and
     function: the given one (checked, clashes refused naming both devices), else one
     assigned."""
+    planned = _plan(root, machine)
+    _check_left_out_usb(machine, planned)
+    return planned
+
+
+def _left_out_usb(el: etree._Element) -> bool:
+    """The USB controller a migratable XML leaves out (as libvirt's, :mod:`.domxml`)."""
+    return (el.tag == "controller" and el.get("type") == "usb" and el.get("index", "0") == "0"
+            and el.get("model", "piix3-uhci") == "piix3-uhci")
+
+
+def _check_left_out_usb(machine: str,
+                        planned: list[tuple[etree._Element, str, int, int]]) -> None:
+    """A given slot on q35's ``piix3-uhci`` must be the one it gets without it: a migration's
+    destination adds that controller back (the migratable XML leaves it out) with no address.
+    (On pc it is the PIIX3's function 2 wherever it comes from.)"""
+    given = [(el, slot) for el, _qid, slot, _f in planned
+             if _left_out_usb(el) and el.find("address") is not None]
+    if not given or not _is_q35(machine):
+        return
+    el, slot = given[0]
+    others = {s for e, _q, s, _f in planned if e is not el}  # written at define: kept there
+    expected = _free_slot(others, machine, el)
+    if slot != expected:
+        raise _refuse(el, f"PCI slot {slot:#04x} (a migration's destination puts this "
+                          f"controller, which the migratable XML leaves out, at {expected:#04x}:"
+                          " give that slot, none, or another USB model)")
+
+
+def _plan(root: etree._Element, machine: str) -> list[tuple[etree._Element, str, int, int]]:
     devices = _devices(root, machine)
     used: dict[int, etree._Element] = {}
     slots: dict[int, int] = {}  # id(element) -> slot
