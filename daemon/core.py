@@ -287,6 +287,12 @@ class Daemon:
         xml = self.backend.live_xml(d.uuid, d.xml)
         return d if xml == d.xml else parse_domain_xml(xml)
 
+    async def expanded(self, d: DomainDef) -> DomainDef:
+        """``d`` as it runs (:meth:`Backend.expand`), before a start or an incoming migration:
+        the running guest's definition (``host-model`` CPU expanded, say)."""
+        xml = await self.backend.expand(self.spec(d))
+        return d if xml == d.xml else parse_domain_xml(xml)
+
     def validate(self, d: DomainDef) -> GuestSpec:
         """The one check of a guest against the backend, at define, start and Prepare: its
         memory and vCPUs within the backend's limits, then the backend's own checks."""

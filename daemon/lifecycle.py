@@ -80,7 +80,10 @@ async def start(daemon: Daemon, dom: DomainObj, *, paused: bool, force: bool = F
         if dom.active:
             raise OperationInvalid("domain is already running")
         await locate.check_start(daemon, dom, force=force)
-        d = dom.definition
+        try:
+            d = await daemon.expanded(dom.definition)  # host-model CPU made concrete, say
+        except BackendError as exc:
+            raise OperationFailed(f"cannot start domain '{dom.name}': {exc}") from exc
         spec = daemon.validate(d)  # the limits may have changed since define
         try:
             await daemon.backend.start(spec, paused=paused)

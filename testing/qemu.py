@@ -13,6 +13,9 @@
   folder (``kvm.json``, keyed by host kernel, QEMU binary and guest image; delete it to ask
   again).  ``$VIRTMIG_GUEST_ACCEL`` (``kvm`` or ``tcg``) decides instead.
 * :func:`kill_leftover_qemus`: the finalizers' safety net for QEMU processes a test left behind.
+* :func:`device_set`: what a running guest's QEMU says its machine is (PCI devices and slots,
+  block devices, named peripherals and their types, vCPUs and CPU type, machine type), as one
+  comparable value: a migration's source and destination must give the same.
 """
 
 from __future__ import annotations
@@ -26,8 +29,9 @@ import shutil
 import signal
 import subprocess
 import tempfile
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from virtmig.testing.guest import GuestImage, GuestUnavailable, cache_lock, ensure_guest
 from virtmig.testing.wait import WaitTimeout, wait_until_sync
@@ -181,3 +185,40 @@ def kill_leftover_qemus(root: Path, timeout: float = 10.0) -> list[int]:
 
     wait_until_sync(all_reaped, timeout=timeout, what=f"killed QEMU processes {killed} to go")
     return killed
+
+
+#: One QMP command on one guest: ``(command, arguments) -> QEMU's result``.
+Query = Callable[[str, "dict[str, object] | None"], Awaitable[Any]]
+
+
+async def device_set(query: Query) -> dict[str, Any]:
+    """The guest's device set as QEMU reports it: ``query-pci`` (bus, slot, function, vendor and
+    device ids, qdev id), ``query-block`` (device, qdev path, medium inserted, driver,
+    read-only), ``qom-list /machine/peripheral`` (names and types, and the types of the
+    anonymous ones), ``query-cpus-fast`` (index, socket, die, core, thread), the vCPUs' QOM type
+    and the machine type (``qom-get``)."""
+    pci = sorted(
+        (bus["bus"], d["slot"], d["function"], d["id"]["vendor"], d["id"]["device"],
+         d.get("qdev_id", ""))
+        for bus in await query("query-pci", None) for d in bus["devices"])
+    block = sorted(
+        (b.get("device", ""), b.get("qdev", ""), "inserted" in b,
+         b.get("inserted", {}).get("drv", ""), b.get("inserted", {}).get("ro", False))
+        for b in await query("query-block", None))
+    named = sorted((c["name"], c["type"]) for c in
+                   await query("qom-list", {"path": "/machine/peripheral"})
+                   if c["type"].startswith("child<"))
+    anon = sorted(c["type"] for c in
+                  await query("qom-list", {"path": "/machine/peripheral-anon"})
+                  if c["type"].startswith("child<"))
+    cpus = await query("query-cpus-fast", None)
+    return {
+        "pci": pci,
+        "block": block,
+        "peripheral": named,
+        "peripheral-anon": anon,
+        "cpus": sorted((c["cpu-index"], c["props"].get("socket-id"), c["props"].get("die-id"),
+                        c["props"].get("core-id"), c["props"].get("thread-id")) for c in cpus),
+        "cpu-type": await query("qom-get", {"path": cpus[0]["qom-path"], "property": "type"}),
+        "machine": await query("qom-get", {"path": "/machine", "property": "type"}),
+    }

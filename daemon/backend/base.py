@@ -241,6 +241,13 @@ class Backend(abc.ABC):
         del uuid
         return xml
 
+    async def expand(self, spec: GuestSpec) -> str:
+        """``spec``'s domain XML as it runs (before each start and incoming migration, after
+        ``canonicalize``): what depends on the host is made concrete there (the qemu backend:
+        ``<cpu mode='host-model'>`` expanded to a named model), and it becomes the running
+        guest's XML -- and so what a migration's destination is sent.  Default: unchanged."""
+        return spec.xml
+
     def check_compression(self, compression: Compression) -> None:  # noqa: B027 - optional hook
         """Refuse (``ArgumentUnsupported``) compression this backend will not run, before any
         migration phase changes anything (only called for backends whose ``extra_flags`` include

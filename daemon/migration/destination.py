@@ -112,7 +112,7 @@ async def dst_prepare(
         d = rename(d, dname)
     # The migration's id and the source host, from cookie A (v2's Prepare2 gets no cookie).
     mid, src_uuid, src_name = _dst_cookie_a(daemon, cookie_in, origname, d.uuid)
-    d = daemon.canonical(d)
+    d = await _dst_as_run(daemon, d)
     daemon.validate(d)
 
     jobctl.check_limit(daemon, AsyncJob.MIGRATION_IN)
@@ -232,7 +232,8 @@ async def dst_finish(
                 local_hostuuid=daemon.host_uuid,
                 accept=ck.ACCEPT_FINISH,
             )
-            persistent = _dst_persistent_def(dom, incoming) if f & F.PERSIST_DEST else None
+            persistent = (_dst_persistent_def(daemon, dom, incoming) if f & F.PERSIST_DEST
+                          else None)
             if f & F.OFFLINE:
                 return await _dst_finish_offline(daemon, dom, job, persistent)
             if daemon.backend.state(dom.uuid) is GuestRunState.SHUTOFF:
@@ -317,6 +318,15 @@ async def _dst_switched(daemon: Daemon, dom: DomainObj) -> bool:
     return False
 
 
+async def _dst_as_run(daemon: Daemon, d: DomainDef) -> DomainDef:
+    """The incoming definition pinned (:meth:`Daemon.canonical`) and made concrete for this host
+    (:meth:`Daemon.expanded`; a source sends a host-model CPU expanded already)."""
+    try:
+        return await daemon.expanded(daemon.canonical(d))
+    except BackendError as exc:
+        raise OperationFailed(f"cannot prepare the domain: {exc}") from exc
+
+
 def _dst_cancelled_error(daemon: Daemon, dom: DomainObj) -> VirtmigError:
     """What Finish(cancelled) reports: the incoming side's own error, or FINISH_OK."""
     progress = daemon.backend.progress(dom.uuid)
@@ -325,9 +335,13 @@ def _dst_cancelled_error(daemon: Daemon, dom: DomainObj) -> VirtmigError:
     return MigrateFinishOk()
 
 
-def _dst_persistent_def(dom: DomainObj, incoming: ck.Cookie | None) -> DomainDef:
+def _dst_persistent_def(daemon: Daemon, dom: DomainObj, incoming: ck.Cookie | None
+                        ) -> DomainDef:
+    """The definition the destination keeps: the source's persistent XML (``--persistent-xml``
+    or its stored one), pinned by the backend as a define would pin it (machine type, default
+    devices: :meth:`Daemon.canonical`), else the running definition."""
     if incoming is not None and incoming.persistent_xml:
-        d = parse_domain_xml(incoming.persistent_xml)
+        d = daemon.canonical(parse_domain_xml(incoming.persistent_xml))
         if d.uuid != dom.uuid:
             raise InternalError(f"persistent definition uuid {d.uuid} does not match {dom.uuid}")
         return rename(d, dom.name) if d.name != dom.name else d

@@ -46,17 +46,18 @@ REFUSED = [
      "pty, file, unix)"),
     ("virtio-console", guest_xml(devices="<console type='pty'><target type='virtio'/></console>"),
      "unsupported device <console type='pty'> for the qemu backend: target type 'virtio'"),
-    ("balloon", guest_xml(devices="<memballoon model='virtio'/>"),
-     "unsupported device <memballoon model='virtio'>"),
+    ("balloon", guest_xml(devices="<memballoon model='virtio-non-transitional'/>"),
+     "unsupported device <memballoon model='virtio-non-transitional'>"),
     ("video", guest_xml(devices="<video><model type='bochs'/></video>"),
      "unsupported device <video> for the qemu backend: model type 'bochs' (supported: vga, "
      "cirrus, virtio, qxl, none)"),
-    ("watchdog", guest_xml(devices="<watchdog model='i6300esb'/>"),
-     "unsupported device <watchdog model='i6300esb'>"),
+    ("watchdog", guest_xml(devices="<watchdog model='i6300esb' action='dump'/>"),
+     "unsupported device <watchdog model='i6300esb'> for the qemu backend: action 'dump'"),
     ("machine", guest_xml(machine="microvm"), "machine type 'microvm'"),
     ("emulator", guest_xml(devices="<emulator>/bin/sh</emulator>"), "unsupported emulator"),
     ("loader", guest_xml(os_extra="<loader readonly='yes' type='pflash'>/x.fd</loader>"),
-     "<os><loader>"),
+     "unsupported <os><loader> for the qemu backend: '/x.fd' is outside the firmware "
+     "directories"),
 ]
 
 

@@ -92,8 +92,10 @@ CPU_REFUSED = [
      "<feature policy='disable' name='avx'/></cpu>", "<vcpu>1</vcpu>", "more than once"),
     ("feature-no-model", "<cpu><feature name='avx'/></cpu>", "<vcpu>1</vcpu>",
      "features need a <model>"),
-    ("host-model", "<cpu mode='host-model'/>", "<vcpu>1</vcpu>",
-     "<cpu mode='host-model'> is not supported by the qemu backend"),
+    ("host-model-named", "<cpu mode='host-model'><model>qemu64</model></cpu>", "<vcpu>1</vcpu>",
+     "<cpu mode='host-model'><model>"),
+    ("host-model-migratable", "<cpu mode='host-model' migratable='on'/>", "<vcpu>1</vcpu>",
+     "<cpu mode='host-model' migratable>"),
     ("passthrough-tcg", "<cpu mode='host-passthrough'/>", "<vcpu>1</vcpu>",
      "<cpu mode='host-passthrough'> needs KVM"),
     ("match-minimum", "<cpu match='minimum'><model>qemu64</model></cpu>", "<vcpu>1</vcpu>",
@@ -148,8 +150,11 @@ MACHINE_REFUSED = [
      "the rtc cannot be removed"),
     ("boot-dev", "", "<boot dev='floppy'/>", "<os><boot dev='floppy'>"),
     ("bootmenu-timeout", "", "<bootmenu enable='yes' timeout='99999'/>", "timeout='99999'"),
-    ("poweroff-restart", "<on_poweroff>restart</on_poweroff>", "",
-     "<on_poweroff>restart</on_poweroff>"),
+    ("poweroff-preserve", "<on_poweroff>preserve</on_poweroff>", "",
+     "<on_poweroff>preserve</on_poweroff>"),
+    ("poweroff-rename", "<on_poweroff>rename-restart</on_poweroff>", "",
+     "<on_poweroff>rename-restart</on_poweroff> for the qemu backend: supported: destroy, "
+     "restart"),
     ("reboot-preserve", "<on_reboot>preserve</on_reboot>", "", "<on_reboot>preserve</on_reboot>"),
     ("crash-coredump", "<on_crash>coredump-restart</on_crash>", "",
      "<on_crash>coredump-restart</on_crash>"),
@@ -198,7 +203,9 @@ def test_machine_pinned_by_canonicalize() -> None:
         d = parse_domain_xml(canonical_xml(spec, caps, SETTINGS))
         assert d.machine == pinned
         assert "<!-- kept -->" in d.xml
-    bare = guest_xml().replace(" machine='pc'", "")
+    # (a <memballoon> and USB given: canonical_xml adds none; tests/daemon/test_qemu_misc.py)
+    bare = guest_xml(devices="<memballoon model='none'/><controller type='usb' model='none'/>"
+                     ).replace(" machine='pc'", "")
     d = parse_domain_xml(canonical_xml(make_spec(bare), caps, SETTINGS))
     assert d.machine == "pc-i440fx-7.2"  # no machine= is pc, pinned too
     # Unprobed emulator or a definition the backend refuses: left as it is.

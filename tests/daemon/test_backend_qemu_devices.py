@@ -101,6 +101,9 @@ def test_pci_given_addresses_respected_and_others_around_them() -> None:
         "virtio-net-pci,netdev=hostnet0,id=net0,mac=52:54:00:00:00:01,bus=pci.0,addr=0x04",
         "virtio-net-pci,netdev=hostnet1,id=net1,mac=52:54:00:00:00:02,bus=pci.0,addr=0x03",
         "virtio-net-pci,netdev=hostnet2,id=net2,mac=52:54:00:00:00:03,bus=pci.0,addr=0x07",
+        # libvirt's defaults: pc's USB controller is the PIIX3's function 2, the balloon next
+        "piix3-usb-uhci,id=usb,bus=pci.0,addr=0x01.0x2",
+        "virtio-balloon-pci,id=balloon0,bus=pci.0,addr=0x05",
     ]
 
 
@@ -112,7 +115,8 @@ def test_implicit_controller_gets_a_free_slot_not_a_given_one() -> None:
             "<target type='virtio' name='org.qemu.guest_agent.0'/></channel>")
     got = devices_of(argv_of(cfg_of(nic(1, slot="0x03") + chan, guests=guests, uuid=uuid),
                              sockets=(30,)))
-    assert "virtio-serial-pci,id=virtio-serial0,bus=pci.0,addr=0x04" in got
+    # 0x04 is the default balloon's (an element, planned with the others)
+    assert "virtio-serial-pci,id=virtio-serial0,bus=pci.0,addr=0x05" in got
 
 
 @pytest.mark.parametrize(("devices", "message"), [
@@ -152,17 +156,25 @@ def test_define_writes_addresses_and_is_stable() -> None:
                     + "<controller type='scsi' model='virtio-scsi'/>")
     stored = canonical_xml(make_spec(xml), None, SETTINGS)
     root = etree.fromstring(stored)
-    slots = {el.tag: attr(el, "address", "slot") for el in node(root, "devices")}
-    assert slots == {"interface": "0x03", "video": "0x02", "controller": "0x04"}
+    slots = [(el.tag, attr(el, "address", "slot"), attr(el, "address", "function"))
+             for el in node(root, "devices")]
+    assert slots == [("interface", "0x03", "0x0"), ("video", "0x02", "0x0"),
+                     ("controller", "0x04", "0x0"),
+                     ("controller", "0x01", "0x2"),  # the default USB: the PIIX3's function 2
+                     ("memballoon", "0x05", "0x0")]
     addr = node(root, "devices/interface/address")
     assert {str(k): str(v) for k, v in addr.attrib.items()} == {
         "type": "pci", "domain": "0x0000", "bus": "0x00", "slot": "0x03", "function": "0x0"}
     assert canonical_xml(make_spec(stored), None, SETTINGS) == stored
-    # the migratable form carries them: the destination builds the same layout
+    # the migratable form carries them (less the default USB controller, which the
+    # destination adds back at the same place): the destination builds the same layout
     migratable = format_domain_xml(parse_domain_xml(stored), migratable=True)
+    assert "piix3-uhci" not in migratable
     again = cfg_of_xml(migratable)
     assert again.pci == cfg_of_xml(stored).pci
-    assert dict(again.pci.slots) == {"video0": 2, "net0": 3, "scsi0": 4}
+    assert dict(again.pci.slots) == {"video0": 2, "net0": 3, "scsi0": 4, "usb": 1,
+                                     "balloon0": 5}
+    assert again.pci.functions == (("usb", 2),)
 
 
 def node(root: etree._Element, path: str) -> etree._Element:
@@ -387,8 +399,9 @@ def test_graphics_refusals(device: str, message: str) -> None:
 ])
 def test_video_models(model: str, device: str) -> None:
     got = devices_of(argv_of(cfg_of(f"<video><model type='{model}' vram='32768'/></video>")))
-    assert got == [f"{device},bus=pci.0,addr=0x02"]
-    assert devices_of(argv_of(cfg_of("<video><model type='none'/></video>"))) == []
+    assert got[0] == f"{device},bus=pci.0,addr=0x02"
+    assert [d.split(",")[0] for d in devices_of(argv_of(cfg_of(
+        "<video><model type='none'/></video>")))] == ["piix3-usb-uhci", "virtio-balloon-pci"]
 
 
 def test_vnc_settings_from_the_daemon_config(tmp_path: Path) -> None:
@@ -495,7 +508,8 @@ async def test_q35_devices_on_pcie_root(src: QemuBackend) -> None:
     spec = await start_canonical(src, guest_xml(machine="q35", devices=nic(1) + guest_agent()
                                                 + "<video><model type='virtio'/></video>"))
     layout = pci_layout(await src.query(spec.uuid, "query-pci"))
-    assert {k: v[0] for k, v in layout.items()} == {"video0": 1, "net0": 2, "virtio-serial0": 3}
+    assert {k: v[0] for k, v in layout.items()} == {  # with the default USB and balloon
+        "video0": 1, "net0": 2, "virtio-serial0": 3, "usb": 4, "balloon0": 5}
     buses = await src.query(spec.uuid, "qom-get", {"path": "/machine/peripheral/net0",
                                                   "property": "parent_bus"})
     assert buses.endswith("pcie.0")
@@ -517,7 +531,7 @@ async def test_migration_keeps_the_pci_layout(src: QemuBackend, dst: QemuBackend
     assert (await within(dst.incoming_wait(spec.uuid), 60)).status is MigrationStatus.COMPLETED
     after = pci_layout(await dst.query(spec.uuid, "query-pci"))
     assert after == before
-    assert set(after) == {"video0", "virtio-serial0", "scsi0", "net0", "net1"}
+    assert set(after) == {"video0", "virtio-serial0", "scsi0", "net0", "net1", "usb", "balloon0"}
     src_root = etree.fromstring(src_live)
     dst_root = etree.fromstring(dst.live_xml(spec.uuid, dst_spec.xml))
     assert attr(dst_root, "devices/console", "tty") != \

@@ -149,8 +149,9 @@ def test_sata_on_pc_adds_an_ahci_controller(storage: Path) -> None:
            + disk(storage, "sdh", "sata", file="d.img"))  # index 7: controller 1, unit 1
     argv, _ = argv_of(xml, storage)
     ahci = [d for d in options(argv, "-device") if d["driver"] == "ich9-ahci"]
-    # the declared controller (an element) is planned first, the implicit one gets the next slot
-    assert ahci == [{"driver": "ich9-ahci", "id": "sata0", "bus": "pci.0", "addr": "0x04"},
+    # the declared controller and the default balloon (elements) are planned first, the
+    # implicit controller gets the next slot
+    assert ahci == [{"driver": "ich9-ahci", "id": "sata0", "bus": "pci.0", "addr": "0x05"},
                     {"driver": "ich9-ahci", "id": "sata1", "bus": "pci.0", "addr": "0x03"}]
     assert device(argv, "sata-sda")["bus"] == "sata0.0"
     assert device(argv, "sata-sdh")["bus"] == "sata1.1"
@@ -177,9 +178,10 @@ def test_ide_on_pc_with_an_empty_cdrom_tray(storage: Path) -> None:
 def test_scsi_disks_get_a_virtio_scsi_controller(storage: Path) -> None:
     implicit, _ = argv_of(disk(storage, "sdb", "scsi")
                           + disk(storage, "sdi", "scsi", device="cdrom", file="c.iso"), storage)
+    # 0x03: the default balloon (an element, planned first)
     assert [d for d in options(implicit, "-device") if d["driver"] == "virtio-scsi-pci"] == [
-        {"driver": "virtio-scsi-pci", "id": "scsi0", "bus": "pci.0", "addr": "0x03"},
-        {"driver": "virtio-scsi-pci", "id": "scsi1", "bus": "pci.0", "addr": "0x04"}]
+        {"driver": "virtio-scsi-pci", "id": "scsi0", "bus": "pci.0", "addr": "0x04"},
+        {"driver": "virtio-scsi-pci", "id": "scsi1", "bus": "pci.0", "addr": "0x05"}]
     assert device(implicit, "scsi-sdb") == {
         "driver": "scsi-hd", "bus": "scsi0.0", "channel": 0, "scsi-id": 0, "lun": 1,
         "drive": "drive-sdb", "id": "scsi-sdb"}

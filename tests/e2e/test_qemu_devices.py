@@ -83,7 +83,7 @@ async def test_devices_defined_started_and_migrated(tmp_path: Path) -> None:
         vnc = await src.daemon.backend.query(uuid, "query-vnc")  # type: ignore[attr-defined]
         assert value(live, "devices/graphics", "port") == vnc["service"]
         before = await pci_layout(src, uuid)
-        assert set(before) == {"video0", "virtio-serial0", "net0", "net1"}
+        assert set(before) == {"video0", "virtio-serial0", "net0", "net1", "usb", "balloon0"}
 
         dom = await migrate3(src.conn, "devs", dst.conn, TypedParams(), MigrateFlags.LIVE)
         assert dom.uuid == uuid

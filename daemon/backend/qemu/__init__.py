@@ -22,6 +22,10 @@ Modules, one concern each, from the bottom up (a module imports only those above
   machine type pinning.
 * :mod:`.disks` -- ``<disk>`` and the disk controllers -> values -> command line, and
   libvirt's disk migration safety rule.
+* :mod:`.firmware` -- SeaBIOS or OVMF (``<loader>``, ``<nvram>``) -> pflash drives, and the
+  guest's NVRAM file made from its template; :mod:`.misc` -- balloon, RNG, watchdog, USB
+  controller and inputs -> ``-device``/``-object``; :mod:`.hostcpu` -- ``host-model`` expanded to
+  a named CPU model plus features, probed from QEMU.
 * :mod:`.net` -- ``<interface>`` -> :class:`NicConfig` -> ``-netdev``/``-device`` (pure values);
   :mod:`.tap` -- the taps the daemon creates for them and hands to QEMU as descriptors.
 * :mod:`.chardev` -- serial ports, consoles, virtio-serial channels (pty, file, unix sockets the

@@ -48,6 +48,12 @@ from virtmig.daemon.backend.qemu.confine import (
 )
 from virtmig.daemon.backend.qemu.disks import migration_unsafe
 from virtmig.daemon.backend.qemu.guest import PID_NAME, _Guest
+from virtmig.daemon.backend.qemu.hostcpu import (
+    HostModel,
+    ProbeError,
+    host_model_xml,
+    probe_host_model,
+)
 from virtmig.daemon.backend.qemu.incoming import dst_listen, dst_wait
 from virtmig.daemon.backend.qemu.migration import _Incoming, _Outgoing, refuse_mt_compression
 from virtmig.daemon.backend.qemu.monitor import (
@@ -86,6 +92,7 @@ from virtmig.proto.flags import MigrateFlags
 
 log = logsafe.logger("virtmig.daemon.backend.qemu")
 
+RESTART_MARKER = "on-poweroff-restart"  # in a guest's folder: <on_poweroff>restart
 QEMU_MAX_VCPUS_PC = 255  # the pc (i440fx) machine's max_cpus
 QEMU_MAX_VCPUS_Q35 = 288  # the q35 machine's max_cpus
 
@@ -104,6 +111,7 @@ class QemuBackend(Backend):
         self._progress: dict[str, _Outgoing | _Incoming] = {}
         self._caps: dict[str, EmulatorCaps | None] = {}  # by emulator
         self._runtime: dict[str, Runtime] = {}  # by uuid: what QEMU chose at its start
+        self._host_models: dict[tuple[str, str], HostModel] = {}  # by (emulator, accel)
 
     # -- setup --
 
@@ -174,6 +182,23 @@ class QemuBackend(Backend):
     def validate(self, spec: GuestSpec) -> None:
         parse_config(spec, self._caps, self.settings, self._dir)
 
+    async def expand(self, spec: GuestSpec) -> str:
+        """A ``<cpu mode='host-model'>`` expanded to the emulator's host CPU (probed once per
+        emulator and accelerator, :mod:`~virtmig.daemon.backend.qemu.hostcpu`)."""
+        try:
+            return await host_model_xml(spec, self._host_model)
+        except ProbeError as exc:
+            raise BackendError(f"cannot expand <cpu mode='host-model'>: {exc}") from None
+        except ConfigUnsupported as exc:
+            raise BackendError(exc.detail) from None
+
+    async def _host_model(self, spec: GuestSpec) -> HostModel:
+        cfg = parse_config(spec, self._caps, self.settings, self._dir)
+        key = (cfg.emulator, cfg.accel)
+        if key not in self._host_models:
+            self._host_models[key] = await probe_host_model(cfg.emulator, cfg.accel)
+        return self._host_models[key]
+
     def migration_unsafe(self, spec: GuestSpec) -> str:
         """A disk the host caches (cache other than none or directsync) that is neither read-only
         nor shareable (:func:`~virtmig.daemon.backend.qemu.disks.migration_unsafe`)."""
@@ -194,6 +219,8 @@ class QemuBackend(Backend):
             cfg = parse_config(spec, self._caps, self.settings, self._state_dir())
         except ConfigUnsupported as exc:
             raise BackendError(exc.detail) from None
+        if cfg.cpu.host_model:
+            raise BackendError("<cpu mode='host-model'> must be expanded before the guest runs")
         if cfg.accel == "kvm":
             why = kvm_refusal(self._owner)
             if why:
@@ -214,6 +241,12 @@ class QemuBackend(Backend):
         guest = await launch(cfg, self._state_dir() / cfg.uuid, incoming=incoming,
                              settings=self.settings, owner=self._owner)
         self._guests[cfg.uuid] = guest
+        marker = guest.dir / RESTART_MARKER  # for the backend that takes the guest over
+        if cfg.machine_cfg.poweroff_restarts:
+            guest.on_guest_poweroff = lambda: self._restart_after_poweroff(guest)
+            marker.touch(mode=0o600)
+        else:
+            marker.unlink(missing_ok=True)
         try:
             _write_pid(guest.dir / PID_NAME, guest.pid)
             await connect(self._exec, guest, START_TIMEOUT)
@@ -227,12 +260,27 @@ class QemuBackend(Backend):
             raise
         return guest
 
+    async def _restart_after_poweroff(self, guest: _Guest) -> None:
+        """``<on_poweroff>restart``: the guest powered off and QEMU stopped it; reset it and run
+        it again (libvirt's "fake reboot")."""
+        try:
+            await self._exec(guest, "system_reset")
+            await cont(self._exec, guest)
+        except BackendError as exc:
+            log.warning("qemu backend: guest %s: cannot restart it after its poweroff: %s",
+                        guest.uuid, exc)
+        else:
+            log.info("qemu backend: guest %s powered off and was restarted (on_poweroff)",
+                     guest.uuid)
+
     async def _take_over(self, gdir: Path) -> None:
         """A guest left running by an earlier instance: check it is QEMU and reconnect."""
         guest = adopt(gdir)
         if guest is None:
             return
         self._guests[guest.uuid] = guest
+        if (gdir / RESTART_MARKER).exists():  # <on_poweroff>restart: it runs with shutdown=pause
+            guest.on_guest_poweroff = lambda: self._restart_after_poweroff(guest)
         if not await take_over(self._exec, guest):
             self._forget(guest)
 

@@ -11,7 +11,8 @@ against the honour-or-refuse table (:mod:`.xmltable`), then each part's parser c
 * ``<domain type='qemu'>`` (``-accel tcg``) or ``type='kvm'`` (``-accel kvm``); ``hvm``/x86_64;
   machine ``pc``/``q35`` or a versioned ``pc-*``/``pc-q35-*`` name the emulator knows (default
   ``pc``; :func:`canonical_xml` pins an alias to its concrete type at define time);
-  ``<memory>``; ``<os>`` with ``<kernel>``, ``<initrd>``, ``<cmdline>``.
+  ``<memory>``; ``<os>`` with ``<kernel>``, ``<initrd>``, ``<cmdline>``; the firmware
+  (``<os firmware=>``, ``<loader>``, ``<nvram>``, ``<features><smm>``): :mod:`.firmware`.
 * ``<vcpu>`` and ``<cpu>``: :mod:`.cpu`; ``<features>``, ``<clock>``, ``<os><boot>``,
   ``<on_*>``, ``<currentMemory>``, ``<seclabel>``: :mod:`.machine`.
 * ``<devices>``: ``<emulator>`` (one of the configured emulators; default: the first);
@@ -19,8 +20,9 @@ against the honour-or-refuse table (:mod:`.xmltable`), then each part's parser c
   sources, raw and qcow2, disk and CD-ROM on virtio, SATA, IDE and SCSI; shared storage: both
   hosts see the same path); ``<serial>``/``<console>`` (pty, file, unix) and ``<channel>``
   (virtio-serial on a unix socket) and the virtio-serial controller (:mod:`.chardev`); the
-  machine's built-in PCI root (and q35's SATA) controller, ``<controller type='usb'
-  model='none'>``, PS/2 inputs, ``<memballoon model='none'>``; ``<graphics type='vnc'>`` and
+  machine's built-in PCI root (and q35's SATA) controller; memory balloon, RNG, watchdog, USB
+  controller and inputs (:mod:`.misc`; :func:`canonical_xml` writes libvirt's default balloon
+  and USB controller into a definition without them); ``<graphics type='vnc'>`` and
   ``<video>`` (:mod:`.graphics`); ``<interface>`` of type ``user``, ``ethernet`` or ``bridge``
   (:mod:`.net`, with its own allow-list; taps are created by the daemon, :mod:`.tap`, and passed
   as descriptors).  Always ``-no-user-config -nodefaults -display none`` (VNC is ``-vnc``).
@@ -28,8 +30,10 @@ against the honour-or-refuse table (:mod:`.xmltable`), then each part's parser c
 
 At define time :func:`canonical_xml` also writes a generated MAC (``52:54:00:xx:xx:xx``) into
 each ``<interface>`` that has none, so the guest keeps its MAC on every start and migration,
-a socket path into each ``<channel>`` that has none, and a PCI address into each device that
-takes a slot and has none.
+a socket path into each ``<channel>`` that has none, libvirt's default balloon and USB
+controller, and then a PCI address into each device that takes a slot and has none (the
+defaults included; :func:`parse_config` adds the defaults to its copy too, so an incoming
+migratable XML, which leaves out the default USB controller, gets the same layout).
 
 What a definition may reach on the host (emulators, image folders, log files) is the concern of
 :mod:`virtmig.daemon.backend.qemu.confine`; here its rules become refusals that name the element.
@@ -78,6 +82,7 @@ from virtmig.daemon.backend.qemu.disks import (
     parse_disk_controller,
     resolve_controllers,
 )
+from virtmig.daemon.backend.qemu.firmware import Firmware, parse_firmware
 from virtmig.daemon.backend.qemu.graphics import (
     VideoConfig,
     VncConfig,
@@ -86,6 +91,13 @@ from virtmig.daemon.backend.qemu.graphics import (
 )
 from virtmig.daemon.backend.qemu.guest import SOCKET_NAME
 from virtmig.daemon.backend.qemu.machine import MachineConfig, parse_machine, pin_machine
+from virtmig.daemon.backend.qemu.misc import (
+    MiscBuilder,
+    MiscDevices,
+    add_default_balloon,
+    add_default_usb,
+    parse_misc_device,
+)
 from virtmig.daemon.backend.qemu.net import NicConfig, assign_macs, parse_interface
 from virtmig.daemon.backend.qemu.pci import Placement, place, placement, write_addresses
 from virtmig.daemon.backend.qemu.xmltable import check_tree, unsupported_device
@@ -114,12 +126,13 @@ class GuestFiles:
     initrd: int = -1
     nics: tuple[int, ...] = ()  # the taps' descriptors
     sockets: tuple[int, ...] = ()  # listening, in the order of QemuConfig.socket_names
+    firmware: tuple[int, ...] = ()  # a SeaBIOS rom, or the OVMF code and NVRAM (firmware.py)
 
     @property
     def fds(self) -> tuple[int, ...]:
         """Every descriptor, for ``pass_fds``."""
         return tuple(fd for fd in (*self.disks, *self.serials, self.kernel, self.initrd,
-                                   *self.nics, *self.sockets) if fd >= 0)
+                                   *self.nics, *self.sockets, *self.firmware) if fd >= 0)
 
 
 @dataclass(frozen=True)
@@ -146,6 +159,8 @@ class QemuConfig:
     virtio_serial: bool = False  # a declared virtio-serial controller
     vnc: VncConfig | None = None  # graphics.py
     video: VideoConfig | None = None
+    misc: MiscDevices = field(default_factory=MiscDevices)  # balloon, RNG, watchdog, USB
+    firmware: Firmware = field(default_factory=Firmware)  # SeaBIOS or OVMF
     pci: Placement = field(default_factory=Placement)  # the devices' PCI slots (pci.py)
 
     @property
@@ -175,7 +190,8 @@ class QemuConfig:
             *(["-sandbox", SANDBOX] if sandbox else []),
             "-msg", "timestamp=on",
             "-accel", self.accel,
-            "-machine", self.machine + self.machine_cfg.machine_options(),
+            "-machine", self.machine + self.machine_cfg.machine_options()
+            + self.firmware.machine_options(),
             "-m", f"{self.memory_kib}k",
             *self.cpu.argv(),
             *self.machine_cfg.argv(),
@@ -187,8 +203,9 @@ class QemuConfig:
             args += ["-initrd", f"/proc/self/fd/{files.initrd}"]
         if self.cmdline:
             args += ["-append", self.cmdline]
-        storage, fdset = disks_argv(self.disks, self.disk_controllers, files.disks, 0)
-        args += storage
+        firmware, fdset = self.firmware.argv(files.firmware, 0)
+        storage, fdset = disks_argv(self.disks, self.disk_controllers, files.disks, fdset)
+        args += firmware + storage
         sockets = iter(files.sockets)
         for serial, fd in zip(self.serials, files.serials, strict=True):
             fdset += 1
@@ -201,6 +218,7 @@ class QemuConfig:
             args += self.video.argv()
         if self.vnc is not None:
             args += self.vnc.argv()
+        args += self.misc.argv()
         if incoming:
             args += ["-incoming", "defer"]
         args.append("-S")  # vCPUs start only on our "cont"
@@ -239,6 +257,8 @@ def parse_config(spec: GuestSpec, machines: Machines = None,
                           emulator=_emulator("", settings))
     d, root = _parse_domain(spec.xml)
     check_tree(root)
+    add_default_usb(root)  # as define writes them (a migratable XML leaves the USB one out),
+    add_default_balloon(root)  # so that pci.py places them like the others
     machine = d.machine or "pc"
     if not _MACHINE_RE.fullmatch(machine):
         raise ConfigUnsupported(f"machine type '{machine}' is not supported by the qemu backend")
@@ -273,6 +293,8 @@ def parse_config(spec: GuestSpec, machines: Machines = None,
         virtio_serial=devs.virtio_serial,
         vnc=devs.vnc,
         video=devs.video,
+        misc=devs.misc.result(),
+        firmware=parse_firmware(root, machine),
         pci=placement(root, machine),
     )
 
@@ -319,6 +341,7 @@ def canonical_xml(spec: GuestSpec, machines: Machines = None,
     xml = d.xml
     changed = assign_macs(root)
     changed = assign_sockets(root, guests_dir / d.uuid if guests_dir else None) or changed
+    changed = add_default_usb(root) | add_default_balloon(root) | changed
     with contextlib.suppress(ConfigUnsupported):  # a refused address: validation says which
         changed = write_addresses(root, d.machine or "pc") or changed
     if changed:
@@ -374,12 +397,14 @@ class _Devices:
     virtio_serial: bool = False
     vnc: VncConfig | None = None
     video: VideoConfig | None = None
+    misc: MiscBuilder = field(default_factory=MiscBuilder)  # the small devices (misc.py)
 
 
 def _parse_devices(devices: etree._Element | None, machine: str, settings: QemuSettings,
                    guest_dir: Path | None, caps: EmulatorCaps | None) -> _Devices:
     """``<devices>``: the emulator named (``""``: none), the disks and their controllers, the
-    serial ports (consoles included), channels, network interfaces, graphics and video."""
+    serial ports (consoles included), channels, network interfaces, graphics and video; the
+    small devices go to ``out.misc`` (:mod:`.misc`)."""
     out = _Devices()
     consoles: list[etree._Element] = []
     seen: set[str] = set()
@@ -415,6 +440,8 @@ def _parse_devices(devices: etree._Element | None, machine: str, settings: QemuS
                                      (settings.vnc_port_min, settings.vnc_port_max))
         elif tag == "video":
             out.video = parse_video(el, caps)
+        elif parse_misc_device(out.misc, el, tag):
+            continue
         else:
             _check_other_device(el, tag, machine)
     for el in consoles:
@@ -431,27 +458,15 @@ def _check_other_device(el: etree._Element, tag: str, machine: str) -> None:
     """A device that adds nothing to the command line: accepted, or refused by name."""
     if tag == "controller":
         _check_controller(el, machine)
-    elif tag == "input":
-        if el.get("bus", "ps2") != "ps2" or el.get("type") not in ("mouse", "keyboard"):
-            raise _unsupported(el)
-    elif tag == "memballoon":
-        if el.get("model") != "none":
-            raise _unsupported(el)
     else:
         raise _unsupported(el)
 
 
 def _check_controller(el: etree._Element, machine: str) -> None:
-    """Only the controllers the machine type has built in, and "no USB" (nothing is added).
-
-    A USB controller is refused (``-nodefaults``: the guest would have none).
-    """
+    """Only the PCI root controller the machine type has built in (nothing is added); USB
+    controllers are :mod:`.misc`'s, disk controllers :mod:`.disks`'."""
     kind, index, model = el.get("type"), el.get("index", "0"), el.get("model")
     q35 = "q35" in machine
-    if kind == "usb" and index == "0" and model == "none":
-        return
-    if kind == "usb":
-        raise _unsupported(el, "USB controllers are not supported yet (model='none' only)")
     if kind == "pci" and index == "0" and model == ("pcie-root" if q35 else "pci-root"):
         return
     raise _unsupported(el)

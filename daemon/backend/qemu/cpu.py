@@ -16,9 +16,10 @@ its CPU model, as libvirt's domain XML describes them, checked against what the 
   cannot provide exactly rather than drop features silently; ``check='none'`` does not.
 * ``mode='host-passthrough'`` (KVM only; ``-cpu host``) and ``mode='maximum'`` (``-cpu max``),
   with ``migratable='on'|'off'``.
-* ``mode='host-model'`` is refused: libvirt expands it to the host's CPU through its own CPU
-  map; under TCG there is no host CPU to expand (QEMU's ``max`` under TCG is what the QEMU build
-  emulates, not the host's), and the KVM expansion at start is not implemented yet.
+* ``mode='host-model'`` (with ``<feature>``s and a ``<topology>``, no model name) is accepted
+  at define and expanded before every start to a named model plus features
+  (:mod:`.hostcpu`); a configuration still host-model when it is run is refused
+  (:attr:`CpuConfig.host_model`).
 * ``match='exact'`` only (``minimum``/``strict`` depend on libvirt's CPU map).
 """
 
@@ -39,12 +40,6 @@ _ON = frozenset({"require", "force"})
 _OFF = frozenset({"disable", "forbid"})
 _NOT_CUSTOM = frozenset({"host", "max", "base"})  # QEMU models that are modes in libvirt
 _MODES = {"host-passthrough": "host", "maximum": "max"}
-_HOST_MODEL_REFUSED = (
-    "<cpu mode='host-model'> is not supported by the qemu backend: libvirt expands it to the "
-    "host's CPU model through its CPU map; under TCG there is no host CPU model to expand "
-    "(QEMU's 'max' CPU is what the QEMU build emulates, not the host), and the expansion under "
-    "KVM is not implemented; use mode='custom' with a named <model>"
-)
 
 
 @dataclass(frozen=True)
@@ -61,6 +56,7 @@ class CpuConfig:
     features: tuple[tuple[str, bool], ...] = ()  # (QEMU flag name, on)
     enforce: bool = False
     migratable: bool | None = None  # host/max only; None: QEMU's default
+    host_model: bool = False  # mode='host-model' not expanded yet (hostcpu.py): not runnable
 
     def argv(self) -> list[str]:
         sockets = self.sockets or self.max_vcpus
@@ -88,6 +84,9 @@ def parse_cpu(root: etree._Element, max_vcpus: int, accel: str,
     sockets, dies, cores, threads = _topology(cpu.find("topology"), max_vcpus)
     model, migratable, enforce = _model(cpu, accel, caps)
     features = _features(cpu, caps)
+    if cpu.get("mode") == "host-model":
+        return CpuConfig(vcpus=vcpus, max_vcpus=max_vcpus, sockets=sockets, dies=dies,
+                         cores=cores, threads=threads, features=features, host_model=True)
     if features and not model:
         raise ConfigUnsupported("unsupported <cpu><feature> for the qemu backend: features "
                                 "need a <model> (or mode='host-passthrough'/'maximum')")
@@ -160,7 +159,13 @@ def _model(cpu: etree._Element, accel: str, caps: EmulatorCaps | None
                                 " for the qemu backend")
     migratable_attr = cpu.get("migratable")
     if mode == "host-model":
-        raise ConfigUnsupported(_HOST_MODEL_REFUSED)
+        if name:
+            raise ConfigUnsupported("unsupported <cpu mode='host-model'><model> for the qemu "
+                                    "backend (a model is for mode='custom')")
+        if migratable_attr is not None:
+            raise ConfigUnsupported("unsupported <cpu mode='host-model' migratable> for the "
+                                    "qemu backend")
+        return "", None, False
     if mode in _MODES:
         if mode == "host-passthrough" and accel != "kvm":
             raise ConfigUnsupported(

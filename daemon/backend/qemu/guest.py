@@ -10,7 +10,9 @@ Files, per guest, in ``<state_dir>/<uuid>/``: ``pid`` (written by the backend), 
 108-byte socket path limit never bites; the backend connects through ``/proc/self/fd`` when the
 absolute path is too long), ``qemu.log`` (QEMU's stdout and stderr, appended, one header line
 per start) and ``serialN.log`` per serial port (created by the daemon and passed to QEMU as a
-descriptor); ``migrate-tls/`` holds a TLS migration's credentials only while QEMU loads them.
+descriptor), ``nvram.fd`` (a UEFI guest's variable store, :mod:`.firmware`);
+``on-poweroff-restart`` marks a guest started with ``<on_poweroff>restart`` (for a backend that
+takes it over); ``migrate-tls/`` holds a TLS migration's credentials only while QEMU loads them.
 The folder is the daemon's (mode 0750, group ``qemu_group`` when QEMU runs unprivileged): QEMU
 is handed every file it uses and creates nothing there.
 """
@@ -58,6 +60,8 @@ class _Guest:
     mig_status: str = "none"  # last MIGRATION event
     outgoing: _Outgoing | None = None
     incoming: _Incoming | None = None
+    # <on_poweroff>restart: what runs when the guest powers off (QEMU then stops, not exits)
+    on_guest_poweroff: Callable[[], Coroutine[Any, Any, None]] | None = None
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     exit_task: asyncio.Task[None] | None = None
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -123,6 +127,8 @@ class _Guest:
             self.status = "running"
         elif name == "SHUTDOWN":
             self.status = "shutdown"
+            if data.get("guest") is True and self.on_guest_poweroff is not None:
+                self.start_task(self.on_guest_poweroff())  # <on_poweroff>restart
         elif name == "MIGRATION":
             status = str(data.get("status", ""))
             self.mig_status = status

@@ -15,9 +15,14 @@ emulator's alias stands for (``pc`` -> ``pc-i440fx-7.2``), so that every host ru
 * ``<os><boot dev=...>`` -> ``-boot order=`` (hd c, cdrom d, network n, fd a; with a kernel QEMU
   boots the kernel first, as under libvirt); ``<bootmenu enable= timeout=>`` -> ``menu=``,
   ``splash-time=``.
-* ``<on_poweroff>destroy`` (QEMU exits), ``<on_reboot>restart|destroy`` (``destroy``:
-  ``-action reboot=shutdown``, QEMU exits at the guest's reboot), ``<on_crash>destroy`` (there
-  is no panic device, so QEMU never reports a crash).  Other values are refused.
+* ``<on_poweroff>destroy`` (QEMU exits) or ``restart`` (``-action shutdown=pause``: QEMU stops
+  the guest at its poweroff and the backend resets and runs it again, as libvirt's "fake
+  reboot" does; the QEMU process and the guest's state in the daemon stay),
+  ``<on_reboot>restart|destroy`` (``destroy``: ``-action reboot=shutdown``, QEMU exits at the
+  guest's reboot), ``<on_crash>destroy`` (there is no panic device, so QEMU never reports a
+  crash).  Other values are refused: ``preserve`` (the guest would stay paused, and the daemon
+  does not yet follow a state the guest enters by itself, so it would report it running),
+  ``rename-restart`` and ``coredump-*`` (the daemon takes no core dumps).
 * ``<currentMemory>`` equal to ``<memory>`` (anything below needs a balloon);
   ``<seclabel type='none'>`` (no labelling: what the backend does).
 """
@@ -34,7 +39,7 @@ __all__ = ["MachineConfig", "parse_machine", "pin_machine"]
 
 _BOOT_DEVS = {"hd": "c", "cdrom": "d", "network": "n", "fd": "a"}
 _ACTIONS = {
-    "on_poweroff": ("destroy",),
+    "on_poweroff": ("destroy", "restart"),
     "on_reboot": ("restart", "destroy"),
     "on_crash": ("destroy",),
 }
@@ -54,6 +59,7 @@ class MachineConfig:
     boot_menu: bool | None = None
     splash_ms: int | None = None
     reboot_destroys: bool = False
+    poweroff_restarts: bool = False  # <on_poweroff>restart: a guest poweroff resets it instead
 
     def machine_options(self) -> str:
         """What follows the machine type in ``-machine``."""
@@ -77,6 +83,8 @@ class MachineConfig:
             args += ["-boot", ",".join(boot)]
         if self.reboot_destroys:
             args += ["-action", "reboot=shutdown"]
+        if self.poweroff_restarts:  # QEMU stops; the backend resets and runs it again
+            args += ["-action", "shutdown=pause"]
         return args
 
 
@@ -96,12 +104,13 @@ def parse_machine(root: etree._Element, accel: str, memory_kib: int,
     features = root.find("features")
     rtc_base, rtc_slew, pit_policy, hpet = _clock(root.find("clock"), accel)
     boot_order, boot_menu, splash_ms = _boot(root.find("os"))
-    reboot = root.find("on_reboot")
+    reboot, poweroff = root.find("on_reboot"), root.find("on_poweroff")
     return MachineConfig(
         acpi=features is not None and features.find("acpi") is not None,
         hpet=hpet, rtc_base=rtc_base, rtc_slew=rtc_slew, pit_policy=pit_policy,
         boot_order=boot_order, boot_menu=boot_menu, splash_ms=splash_ms,
         reboot_destroys=reboot is not None and _text(reboot) == "destroy",
+        poweroff_restarts=poweroff is not None and _text(poweroff) == "restart",
     )
 
 

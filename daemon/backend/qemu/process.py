@@ -41,6 +41,7 @@ from virtmig.daemon.backend.qemu.confine import (
     prepare_guest_dir,
     remove_tls_creds,
 )
+from virtmig.daemon.backend.qemu.firmware import open_firmware
 from virtmig.daemon.backend.qemu.guest import LOG_NAME, PID_NAME, SOCKET_NAME, _Guest
 from virtmig.daemon.backend.qemu.migration import _POSTCOPY_STATES, _TERMINAL
 from virtmig.daemon.backend.qemu.monitor import Exec, _socket_path, connect
@@ -123,6 +124,7 @@ def open_guest_files(cfg: QemuConfig, settings: QemuSettings, gdir: Path,
                                    reader=owner)) if cfg.initrd else -1,
             nics=tuple(tap(nic) for nic in cfg.nics),
             sockets=tuple(keep(bind_guest_socket(gdir, name)) for name in cfg.socket_names),
+            firmware=tuple(keep(fd) for fd in open_firmware(cfg.firmware, gdir, owner)),
         )
         yield files
     finally:

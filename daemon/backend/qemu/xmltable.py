@@ -53,6 +53,7 @@ def _h(by: str, *attrs: str) -> Rule:
 
 
 _META = Rule(Kind.METADATA, "kept as is, no effect on the guest")
+_PCI_ADDRESS = ("type", "domain", "bus", "slot", "function")
 
 #: Element path below the root (``domain/cpu/topology``) -> what the backend does with it.
 TABLE: Mapping[str, Rule] = {
@@ -66,7 +67,9 @@ TABLE: Mapping[str, Rule] = {
     "domain/memory": _h("domxml.parse_domain_xml", "unit"),
     "domain/currentMemory": _h("machine.parse_machine", "unit"),
     "domain/vcpu": _h("cpu.parse_cpu", "placement", "current"),
-    "domain/os": _h("config._parse_os"),
+    "domain/os": _h("config._parse_os", "firmware"),
+    "domain/os/loader": _h("firmware.parse_firmware", "readonly", "type", "secure"),
+    "domain/os/nvram": _h("firmware.parse_firmware", "template"),
     "domain/os/type": _h("config.parse_config", "arch", "machine"),
     "domain/os/kernel": _h("config._parse_os"),
     "domain/os/initrd": _h("config._parse_os"),
@@ -77,6 +80,7 @@ TABLE: Mapping[str, Rule] = {
     "domain/features/acpi": _h("machine.parse_machine"),
     "domain/features/apic": _h("machine.parse_machine"),
     "domain/features/pae": _h("machine.parse_machine"),
+    "domain/features/smm": _h("firmware.parse_firmware", "state"),
     "domain/cpu": _h("cpu.parse_cpu", "mode", "match", "check", "migratable"),
     "domain/cpu/model": _h("cpu.parse_cpu", "fallback"),
     "domain/cpu/feature": _h("cpu.parse_cpu", "policy", "name"),
@@ -95,10 +99,16 @@ TABLE: Mapping[str, Rule] = {
     "domain/devices/console": Rule(Kind.DELEGATED, "chardev.parse_serial"),
     "domain/devices/channel": Rule(Kind.DELEGATED, "chardev.parse_channel"),
     "domain/devices/controller": _h("config._check_controller", "type", "index", "model"),
-    "domain/devices/controller/address": _h("pci.check_address", "type", "domain", "bus",
-                                            "slot", "function"),
-    "domain/devices/input": _h("config._check_other_device", "type", "bus"),
-    "domain/devices/memballoon": _h("config._check_other_device", "model"),
+    "domain/devices/controller/address": _h("pci.check_address", *_PCI_ADDRESS),
+    "domain/devices/input": _h("misc._input", "type", "bus"),
+    "domain/devices/memballoon": _h("misc._balloon", "model", "autodeflate"),
+    "domain/devices/memballoon/address": _h("pci.check_address", *_PCI_ADDRESS),
+    "domain/devices/rng": _h("misc._rng", "model"),
+    "domain/devices/rng/backend": _h("misc._rng", "model"),
+    "domain/devices/rng/rate": _h("misc._rng", "bytes", "period"),
+    "domain/devices/rng/address": _h("pci.check_address", *_PCI_ADDRESS),
+    "domain/devices/watchdog": _h("misc._watchdog", "model", "action"),
+    "domain/devices/watchdog/address": _h("pci.check_address", *_PCI_ADDRESS),
     "domain/devices/graphics": Rule(Kind.DELEGATED, "graphics.parse_graphics"),
     "domain/devices/video": Rule(Kind.DELEGATED, "graphics.parse_video"),
 }
@@ -126,7 +136,7 @@ DELEGATED_NAMES = frozenset({
 REFUSED_NAMES = frozenset({
     "acceleration", "access", "active_pcr_banks", "adapter", "add", "alias",
     "alignsize", "allocation", "arch", "arg", "audio", "audit_control", "audit_write", "auth",
-    "avic", "backend", "bandwidth", "baseBoard", "baselabel", "binary", "bios", "blkiotune",
+    "avic", "bandwidth", "baseBoard", "baselabel", "binary", "bios", "blkiotune",
     "block", "block_suspend", "bootloader", "bootloader_args", "cache", "cachetune",
     "capabilities", "catchup", "cbitpos", "ccf-assist", "cell", "certificate", "cfpc",
     "char", "chassis", "chown", "cid", "cipher", "clipboard", "codec",
@@ -144,29 +154,29 @@ REFUSED_NAMES = frozenset({
     "iothread_quota", "iothreadids", "iothreadpin", "iothreads", "iothreadsched", "ip",
     "ipc_lock", "ipc_owner", "ipi", "iqn", "ivgen", "jpeg", "key", "keywrap", "kill", "kvm",
     "label", "latency", "launchSecurity", "lease", "line", "linux_immutable",
-    "loader", "lock", "locked", "lockspace", "log", "mac_admin", "mac_override", "master",
+    "lock", "locked", "lockspace", "log", "mac_admin", "mac_override", "master",
     "maxMemory", "maxpagesize", "maxphysaddr", "memnode", "memoryBacking", "memorytune",
     "memtune", "microcode", "min_guarantee", "mknod", "mode", "monitor", "mouse", "msi",
     "msrs", "namespace", "nested-hv", "net_admin", "net_bind_service", "net_broadcast",
-    "net_raw", "node", "nodemask", "nonpae", "nosharepages", "numa", "numatune", "nvram",
+    "net_raw", "node", "nodemask", "nonpae", "nosharepages", "numa", "numatune",
     "oemStrings", "on_lockfailure", "output", "override", "owner", "page", "pages", "pagesize",
     "panic", "parallel", "parentaddr", "partition", "passthrough", "path", "pcihole64", "perf",
     "period", "permissions", "playback", "pm", "pmem", "pmu", "policy", "poll-control",
     "privateData", "privnet", "product", "property", "protocol", "pv-ipi", "pvspinlock",
-    "quota", "rate", "readahead", "readonly", "reconnect", "redirdev", "redirfilter",
+    "quota", "readahead", "readonly", "reconnect", "redirdev", "redirfilter",
     "reducedPhysBits", "reenlightenment", "relaxed", "requested", "reservations", "reset",
-    "resolution", "resource", "rng", "rom", "root", "route", "runtime", "sandbox", "sbbc",
+    "resolution", "resource", "rom", "root", "route", "runtime", "sandbox", "sbbc",
     "secret", "server", "session", "setfcap", "setgid", "setpcap", "settings", "setuid",
     "sha1", "sha256", "sha384", "sha512", "shareable", "shareipc", "sharenet", "shares",
     "shareuts", "shmem", "sibling", "signature", "size", "slice", "slices", "smartcard",
-    "smbios", "smm", "snapshot", "soft_limit", "sound", "space_hard_limit", "space_soft_limit",
+    "smbios", "snapshot", "soft_limit", "sound", "space_hard_limit", "space_soft_limit",
     "spinlocks", "ssl", "stats", "stimer", "streaming", "suspend-to-disk", "suspend-to-mem",
     "svm", "swap_hard_limit", "synic", "sys_admin", "sys_boot", "sys_chroot", "sys_module",
     "sys_nice", "sys_pacct", "sys_ptrace", "sys_rawio", "sys_resource", "sys_time",
     "sys_tty_config", "sysinfo", "syslog", "system", "table", "tb-cache", "tcg", "teaming",
     "thread_pool", "timeout", "tlbflush", "tpm", "tseg", "uid", "usbdev", "vapic", "vcpupin",
     "vcpus", "vcpusched", "vendor", "vendor_id", "viridian", "vmcoreinfo", "vmport", "vmx",
-    "vpindex", "vsock", "wake_alarm", "watchdog", "weight", "xen", "zlib", "zpci"
+    "vpindex", "vsock", "wake_alarm", "weight", "xen", "zlib", "zpci"
 })
 
 _DEVICES = "domain/devices"
