@@ -20,7 +20,7 @@ import errno
 import time
 
 from virtmig.daemon import cookie as ck
-from virtmig.daemon import jobctl
+from virtmig.daemon import jobctl, stall
 from virtmig.daemon.backend.base import (
     BackendError,
     GuestRunState,
@@ -222,6 +222,8 @@ async def dst_finish(
             daemon.registry.save_status(dom)
             if cancelled:
                 raise _dst_cancelled_error(daemon, dom)
+            if stall.POINT:
+                await stall.at("finish3")
             incoming = ck.parse_cookie_opt(
                 cookie_in,
                 expected_name=job.origname,
@@ -250,6 +252,8 @@ async def dst_finish(
             except BackendError as exc:
                 raise OperationFailed(f"job 'migration in' failed: {exc}") from exc
             await _dst_start_vcpus(daemon, dom, f, v2)
+            if stall.POINT:
+                await stall.at("finish3-resumed")
             if persistent is not None:
                 dom.config = persistent
                 daemon.registry.save_config(dom)
