@@ -251,12 +251,9 @@ async def dst_finish(
                 raise OperationFailed(f"post-copy migration failed: {exc}") from exc
             except BackendError as exc:
                 raise OperationFailed(f"job 'migration in' failed: {exc}") from exc
-            await _dst_start_vcpus(daemon, dom, f, v2)
+            await _dst_persist_and_start(daemon, dom, f, v2, persistent)
             if stall.POINT:
                 await stall.at("finish3-resumed")
-            if persistent is not None:
-                dom.config = persistent
-                daemon.registry.save_config(dom)
             if job.port:
                 daemon.ports.release(job.port)
             # The guest arrived: the one place it runs (virtmig.daemon.placement).
@@ -273,6 +270,24 @@ async def dst_finish(
             jtype = JobType.CANCELLED if cancelled else JobType.FAILED
             await dst_discard(daemon, dom, existed=existed, record=job.record(jtype, err))
             raise
+
+
+async def _dst_persist_and_start(daemon: Daemon, dom: DomainObj, f: MigrateFlags, v2: bool,
+                                 persistent: DomainDef | None) -> None:
+    """PERSIST_DEST's definition is saved before the vCPUs start (libvirt's order too): a
+    daemon that dies once the guest runs here keeps it defined (the fault matrix found it
+    lost).  If the guest cannot be started, the definition before is put back."""
+    prior = dom.config
+    if persistent is not None:
+        dom.config = persistent
+        daemon.registry.save_config(dom)
+    try:
+        await _dst_start_vcpus(daemon, dom, f, v2)
+    except BaseException:
+        if persistent is not None:
+            dom.config = prior
+            daemon.registry.save_config(dom)
+        raise
 
 
 async def _dst_start_vcpus(daemon: Daemon, dom: DomainObj, f: MigrateFlags, v2: bool) -> None:

@@ -74,3 +74,26 @@ async def test_a_migration_stops_there(
     file.unlink()
     await asyncio.wait_for(task, 30)
     assert (await dst.conn.state("vm1"))[0] is DomainState.RUNNING
+
+
+async def test_destination_persists_before_the_guest_runs(
+    pair: tuple[Host, Host], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With --persistent, once the guest runs on the destination its definition is on disk
+    there: a destination daemon killed right then keeps it (found by the fault matrix,
+    tests/faults: it used to be saved only after the vCPUs started)."""
+    src, dst = pair
+    file = tmp_path / "stalled"
+    monkeypatch.setattr(stall, "POINT", "finish3-resumed")
+    monkeypatch.setattr(stall, "_FILE", file)
+    monkeypatch.setattr(stall, "_passed", False)
+    await src.conn.define(domain_xml("vm1", 64, dirty_rate_mib=4))
+    await src.conn.start("vm1")
+    task = asyncio.create_task(
+        src.conn.migrate3("vm1", dst.conn, TypedParams(), F.LIVE | F.PERSIST_DEST))
+    await wait_until(file.exists, timeout=30, what="the stall at finish3-resumed")
+    dom = await dst.conn.lookup("vm1")
+    assert dom.persistent
+    assert list((dst.state_dir).rglob(f"{dom.uuid}.xml")), "no definition file on disk"
+    file.unlink()
+    await asyncio.wait_for(task, 30)
