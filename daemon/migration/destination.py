@@ -1,5 +1,7 @@
 """The destination's phases: Prepare (the incoming domain, paused, and its data port) and Finish
-(wait for the stream, start the vCPUs or keep the guest paused, persist; else undo the domain).
+(wait for the stream, persist, start the vCPUs or keep the guest paused; else undo the domain:
+the definition is saved before the vCPUs start, so that a daemon killed once the guest runs here
+keeps it, and the prior one is put back if they cannot start).
 
 Prepare chooses the migration's stream token (a fresh secret, handed to the backend with the
 port's settings and to the source in cookie B; never logged) and, with ``VIR_MIGRATE_TLS``, sets
