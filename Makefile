@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: all venv demo test fuzz lint proto bench e2e clean typecheck-tree mutate man
+.PHONY: all venv demo test faults fuzz lint proto bench e2e clean typecheck-tree mutate man
 
 all: test
 
@@ -25,6 +25,14 @@ TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(PY) -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup) \
 		$(PYTEST_ARGS)
+
+# The fault-injection matrix (tests/faults: root, network namespaces, QEMU; marker faults, which
+# make test leaves out): every case, rewriting docs/recovery.md from the run.  FAULTS=ci runs the
+# representative subset (marker faults_ci) and leaves docs/recovery.md alone.
+FAULTS ?= all
+faults: $(STAMP)
+	$(if $(filter ci,$(FAULTS)),,VIRTMIG_FAULTS_REPORT=docs/recovery.md) $(PY) -m pytest -q \
+		-m $(if $(filter ci,$(FAULTS)),faults_ci,faults) tests/faults $(PYTEST_ARGS)
 
 # The property-based tests of tests/fuzz with the long hypothesis profile (thousands of examples
 # per test, a new sample each run; no per-test time limit).  `make test` runs them short.

@@ -32,6 +32,7 @@ from virtmig.daemon import (
     recovery,
     reload,
     sdnotify,
+    stall,
 )
 from virtmig.daemon.authz import Policy
 from virtmig.daemon.backend.base import Backend
@@ -189,6 +190,9 @@ async def start_daemon(config: DaemonConfig, backend: Backend | None = None) -> 
         raise
     log.info("virtmigd serving on %s (host %s, uuid %s, backend %s)", ", ".join(addresses),
              daemon.hostname, daemon.host_uuid, daemon.backend.name)
+    if stall.POINT:
+        log.warning("TEST ONLY: %s stops this daemon at %s (never set it in production)",
+                    stall.ENV, stall.POINT)
     reaper = asyncio.get_running_loop().create_task(any_reap_unowned(daemon))
     # Outcomes left unknown before a restart are settled in the background: a peer that does
     # not answer never holds up the start or the other guests (virtmig.daemon.locate).

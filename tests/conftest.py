@@ -60,7 +60,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """Under pytest-xdist (``make test``), every test that runs QEMU guests, network namespaces
     or whole daemons in processes is in one group, which one worker runs in order: they load the
     CPU (a TCG guest crashes more often on a busier machine) and share the machine's QEMU user,
-    guest cache and namespaces.  The other tests run on the other worker beside them."""
+    guest cache and namespaces.  The other tests run on the other worker beside them.
+
+    The fault matrix (marker ``faults``, ``make faults``) runs only when the ``-m`` expression
+    names it: any other selection, ``-m qemu`` included, leaves it out."""
+    if "faults" not in (config.getoption("markexpr") or ""):
+        matrix = [item for item in items if item.get_closest_marker("faults")]
+        if matrix:
+            config.hook.pytest_deselected(items=matrix)
+            items[:] = [item for item in items if not item.get_closest_marker("faults")]
     for item in items:
         if (item.get_closest_marker("qemu") or item.get_closest_marker("netns")
                 or "tests/e2e/" in item.nodeid):

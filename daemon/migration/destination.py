@@ -1,5 +1,7 @@
 """The destination's phases: Prepare (the incoming domain, paused, and its data port) and Finish
-(wait for the stream, start the vCPUs or keep the guest paused, persist; else undo the domain).
+(wait for the stream, persist, start the vCPUs or keep the guest paused; else undo the domain:
+the definition is saved before the vCPUs start, so that a daemon killed once the guest runs here
+keeps it, and the prior one is put back if they cannot start).
 
 Prepare chooses the migration's stream token (a fresh secret, handed to the backend with the
 port's settings and to the source in cookie B; never logged) and, with ``VIR_MIGRATE_TLS``, sets
@@ -21,7 +23,7 @@ import errno
 import time
 
 from virtmig.daemon import cookie as ck
-from virtmig.daemon import jobctl
+from virtmig.daemon import jobctl, stall
 from virtmig.daemon.backend.base import (
     BackendError,
     GuestRunState,
@@ -225,6 +227,8 @@ async def dst_finish(
             daemon.registry.save_status(dom)
             if cancelled:
                 raise _dst_cancelled_error(daemon, dom)
+            if stall.POINT:
+                await stall.at("finish3")
             incoming = ck.parse_cookie_opt(
                 cookie_in,
                 expected_name=job.origname,
@@ -253,13 +257,12 @@ async def dst_finish(
                 raise OperationFailed(f"post-copy migration failed: {exc}") from exc
             except BackendError as exc:
                 raise OperationFailed(f"job 'migration in' failed: {exc}") from exc
-            await _dst_start_vcpus(daemon, dom, f, v2)
+            await _dst_persist_and_start(daemon, dom, f, v2, persistent)
             if incoming is not None and incoming.statistics is not None and not job.postcopy:
                 job.progress = dst_downtime(job.progress, incoming.statistics,
                                             int(time.time() * 1000))
-            if persistent is not None:
-                dom.config = persistent
-                daemon.registry.save_config(dom)
+            if stall.POINT:
+                await stall.at("finish3-resumed")
             if job.port:
                 daemon.ports.release(job.port)
             # The guest arrived: the one place it runs (virtmig.daemon.placement).
@@ -276,6 +279,24 @@ async def dst_finish(
             jtype = JobType.CANCELLED if cancelled else JobType.FAILED
             await dst_discard(daemon, dom, existed=existed, record=job.record(jtype, err))
             raise
+
+
+async def _dst_persist_and_start(daemon: Daemon, dom: DomainObj, f: MigrateFlags, v2: bool,
+                                 persistent: DomainDef | None) -> None:
+    """PERSIST_DEST's definition is saved before the vCPUs start (libvirt's order too): a
+    daemon that dies once the guest runs here keeps it defined (the fault matrix found it
+    lost).  If the guest cannot be started, the definition before is put back."""
+    prior = dom.config
+    if persistent is not None:
+        dom.config = persistent
+        daemon.registry.save_config(dom)
+    try:
+        await _dst_start_vcpus(daemon, dom, f, v2)
+    except BaseException:
+        if persistent is not None:
+            dom.config = prior
+            daemon.registry.save_config(dom)
+        raise
 
 
 async def _dst_start_vcpus(daemon: Daemon, dom: DomainObj, f: MigrateFlags, v2: bool) -> None:

@@ -17,7 +17,7 @@ import contextlib
 import dataclasses
 
 from virtmig.daemon import cookie as ck
-from virtmig.daemon import jobctl, locate
+from virtmig.daemon import jobctl, locate, stall
 from virtmig.daemon.abi import check_abi_stability
 from virtmig.daemon.backend.base import (
     BackendError,
@@ -382,6 +382,8 @@ async def src_confirm(
         if cancelled:
             await _src_confirm_cancelled(daemon, dom, job, performed)
             return
+        if stall.POINT:
+            await stall.at("confirm3")
         if not f & F.OFFLINE:
             if job.postcopy:
                 try:
