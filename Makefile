@@ -26,6 +26,13 @@ test: $(STAMP)
 	$(PY) -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup) \
 		$(PYTEST_ARGS)
 
+# Every host a container (tests/containers, marker `containers`; README "Integration tests in
+# containers"): needs root, podman, runc and mmdebstrap.  `make test` never collects them.
+E2E_TIMEOUT ?= 2400
+e2e: $(STAMP)
+	VIRTMIG_E2E=1 $(PY) -m pytest -q -p no:xdist --timeout=$(E2E_TIMEOUT) -m containers \
+		tests/containers $(PYTEST_ARGS)
+
 # The property-based tests of tests/fuzz with the long hypothesis profile (thousands of examples
 # per test, a new sample each run; no per-test time limit).  `make test` runs them short.
 fuzz: $(STAMP)
