@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: all venv demo test fuzz lint proto bench e2e clean typecheck-tree mutate
+.PHONY: all venv demo test fuzz lint proto bench e2e image clean typecheck-tree mutate
 
 all: test
 
@@ -25,6 +25,22 @@ TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(PY) -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup) \
 		$(PYTEST_ARGS)
+
+# The container image (deploy/Containerfile; README "Running on two hosts"): its context in
+# build/image (the virtmig wheel and its dependencies' wheels, the default config), the Debian
+# packages from the base image's apt sources.  CONTAINER=docker works too.
+CONTAINER ?= podman
+IMAGE ?= localhost/virtmig
+BASE_IMAGE ?= debian:bookworm-slim
+IMAGE_ARGS ?=
+image: $(STAMP)
+	rm -rf build/image
+	mkdir -p build/image/wheels
+	$(PY) -m pip wheel --quiet --wheel-dir build/image/wheels .
+	cp deploy/container/virtmigd.toml build/image/
+	$(CONTAINER) build $(if $(filter podman,$(CONTAINER)),--format docker) \
+		--build-arg BASE_IMAGE=$(BASE_IMAGE) $(IMAGE_ARGS) -t $(IMAGE) \
+		-f deploy/Containerfile build/image
 
 # Every host a container (tests/containers, marker `containers`; README "Integration tests in
 # containers"): needs root, podman, runc and mmdebstrap.  `make test` never collects them.

@@ -13,11 +13,16 @@ QEMU processes, a guest's serial console.
   and idle-job timeouts (:data:`TEST_SETTINGS`); their state dirs are volumes; the test guest
   (kernel and initrd, built on the host) is shared storage at ``/var/lib/virtmig/images`` on
   both, read-only.
+* Addresses: podman 4.3's aardvark-dns stopped answering for a name whose container was
+  removed and made again (seen here), so every container gets a fixed address on the network
+  (``--ip``, the same when re-created or reconnected) and the others' names in its
+  ``/etc/hosts`` (``--add-host``): names are still all anyone looks up.
 * A host is ready when its image's health check passes (``podman healthcheck run``).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import shutil
 import subprocess
@@ -68,12 +73,17 @@ class Fleet:
         self.network = f"{podman.prefix}-net"
         self.volumes = {h: f"{podman.prefix}-{h}-state" for h in HOSTS}
         self.names = {h: f"{podman.prefix}-{h}" for h in (*HOSTS, CLIENT)}
+        self.ips: dict[str, str] = {}
 
     # --- setting up --------------------------------------------------------------------------
 
     def start(self) -> None:
         self._write_files()
         self.podman.network(self.network, "--internal")
+        subnet = ipaddress.ip_network(self.podman.text(
+            "network", "inspect", "--format", "{{range .Subnets}}{{.Subnet}}{{end}}",
+            self.network).strip())
+        self.ips = {name: str(subnet[10 + i]) for i, name in enumerate((*HOSTS, CLIENT))}
         for host in HOSTS:
             self.podman.volume(self.volumes[host])
             self.start_host(host)
@@ -87,7 +97,21 @@ class Fleet:
             self.wait_ready(host)
 
     def _net_alias(self, name: str) -> list[str]:
-        return ["--network-alias", name]
+        """``name``'s fixed address, and the others' names (module docstring)."""
+        hosts = [f"--add-host={n}:{ip}" for n, ip in self.ips.items() if n != name]
+        return ["--network-alias", name, "--ip", self.ips[name], *hosts]
+
+    def disconnect(self, host: str) -> None:
+        self.podman("network", "disconnect", self.network, self.names[host])
+
+    def reconnect(self, host: str) -> None:
+        """Connect ``host`` again, at its address (nothing if it is connected)."""
+        if self.network in self.podman.text("inspect", "--format",
+                                            "{{json .NetworkSettings.Networks}}",
+                                            self.names[host]):
+            return
+        self.podman("network", "connect", "--alias", host, "--ip", self.ips[host],
+                    self.network, self.names[host])
 
     def _write_files(self) -> None:
         pki = self.work / "pki"
