@@ -24,25 +24,28 @@ KEEP_IMAGE_ENV = "VIRTMIG_E2E_KEEP_IMAGE"
 @pytest.fixture(scope="session")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     """host-a, host-b and client, running; at the end every container, network, volume and
-    image the run made is removed (not the cached base) and the host's sysctls are restored."""
+    image the run made is removed (not the cached base) and the host's sysctls are restored;
+    the run fails if podman lists anything that was not there before it (one run at a time)."""
     work = Path(tmp_path_factory.mktemp("fleet"))
     guest = ensure_guest()
     podman = Podman(work, prefix=f"virtmig-e2e-{os.getpid()}")
-    errors: list[str] = []
-    leftovers: list[str] = []
+    keep = os.environ.get(KEEP_IMAGE_ENV) == "1"
     with kept_sysctls():
+        ensure_base(podman)  # cached between runs: not the run's
+        before = podman.inventory()
         try:
-            ensure_base(podman)
             context = build_context(work / "context")
-            image = build_app(podman, context, keep=os.environ.get(KEEP_IMAGE_ENV) == "1")
+            image = build_app(podman, context, keep=keep)
+            if keep:
+                before.add(f"image {podman.text('images', '--format', '{{.ID}}', image).strip()}")
             fleet = Fleet(podman, image, work, guest)
             fleet.start()
             yield fleet
         finally:
             errors = podman.cleanup()
-            leftovers = podman.leftovers()
+            leftovers = podman.inventory() - before
     assert not errors, errors
-    assert not leftovers, f"left behind: {leftovers}"
+    assert not leftovers, f"left behind: {sorted(leftovers)}"
 
 
 @pytest.fixture(autouse=True)

@@ -14,9 +14,12 @@ QEMU processes, a guest's serial console.
   (kernel and initrd, built on the host) is shared storage at ``/var/lib/virtmig/images`` on
   both, read-only.
 * Addresses: podman 4.3's aardvark-dns stopped answering for a name whose container was
-  removed and made again (seen here), so every container gets a fixed address on the network
-  (``--ip``, the same when re-created or reconnected) and the others' names in its
-  ``/etc/hosts`` (``--add-host``): names are still all anyone looks up.
+  removed and made again (gRPC's resolver then hung until its deadline), and the peers' ARP
+  caches kept the old container's MAC address for minutes (both seen here).  So the network
+  has no DNS (``--disable-dns``, ``--dns none``, gRPC's native resolver), every container gets
+  a fixed IP and MAC address on it (``--ip``, ``--mac-address``: the same when re-created or
+  reconnected) and the others' names in its ``/etc/hosts`` (``--add-host``): names are still
+  all anyone looks up.
 * A host is ready when its image's health check passes (``podman healthcheck run``).
 """
 
@@ -74,21 +77,23 @@ class Fleet:
         self.volumes = {h: f"{podman.prefix}-{h}-state" for h in HOSTS}
         self.names = {h: f"{podman.prefix}-{h}" for h in (*HOSTS, CLIENT)}
         self.ips: dict[str, str] = {}
+        self.macs: dict[str, str] = {}
 
     # --- setting up --------------------------------------------------------------------------
 
     def start(self) -> None:
         self._write_files()
-        self.podman.network(self.network, "--internal")
+        self.podman.network(self.network, "--internal", "--disable-dns")
         subnet = ipaddress.ip_network(self.podman.text(
             "network", "inspect", "--format", "{{range .Subnets}}{{.Subnet}}{{end}}",
             self.network).strip())
         self.ips = {name: str(subnet[10 + i]) for i, name in enumerate((*HOSTS, CLIENT))}
+        self.macs = {name: f"02:76:6d:00:00:{10 + i:02x}" for i, name in enumerate(self.ips)}
         for host in HOSTS:
             self.podman.volume(self.volumes[host])
             self.start_host(host)
         self.podman.create(self.names[CLIENT], [
-            "--hostname", CLIENT, "--network", self.network, *self._net_alias(CLIENT),
+            "--hostname", CLIENT, "--network", self.network, *self._addressing(CLIENT),
             "-v", f"{self.work / 'pki' / 'admin'}:/etc/pki/virtmig:ro",
             "-v", f"{self.work / 'pki' / 'intruder'}:{INTRUDER_PKI}:ro",
             "-v", f"{self.work / 'xml'}:{XML_DIR}:ro",
@@ -96,10 +101,11 @@ class Fleet:
         for host in HOSTS:
             self.wait_ready(host)
 
-    def _net_alias(self, name: str) -> list[str]:
+    def _addressing(self, name: str) -> list[str]:
         """``name``'s fixed address, and the others' names (module docstring)."""
         hosts = [f"--add-host={n}:{ip}" for n, ip in self.ips.items() if n != name]
-        return ["--network-alias", name, "--ip", self.ips[name], *hosts]
+        return ["--dns", "none", "-e", "GRPC_DNS_RESOLVER=native", "--ip", self.ips[name],
+                "--mac-address", self.macs[name], *hosts]
 
     def disconnect(self, host: str) -> None:
         self.podman("network", "disconnect", self.network, self.names[host])
@@ -110,8 +116,8 @@ class Fleet:
                                             "{{json .NetworkSettings.Networks}}",
                                             self.names[host]):
             return
-        self.podman("network", "connect", "--alias", host, "--ip", self.ips[host],
-                    self.network, self.names[host])
+        self.podman("network", "connect", "--ip", self.ips[host],
+                    "--mac-address", self.macs[host], self.network, self.names[host])
 
     def _write_files(self) -> None:
         pki = self.work / "pki"
@@ -132,7 +138,7 @@ class Fleet:
     def start_host(self, host: str) -> None:
         """Start ``host``'s container (again, after :meth:`stop_host`: same state volume)."""
         self.podman.create(self.names[host], [
-            "--hostname", host, "--network", self.network, *self._net_alias(host),
+            "--hostname", host, "--network", self.network, *self._addressing(host),
             "-v", f"{self.volumes[host]}:{STATE}",
             "-v", f"{self.work / 'images'}:{IMAGES}:ro",
             "-v", f"{self.work / 'pki' / host}:/etc/pki/virtmig:ro",

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -117,7 +118,10 @@ def fetch_debs(dest: Path) -> list[Path]:
         deb = archives / name
         if not deb.exists():
             raise ImageError(f"apt-get did not fetch {name} into {archives}")
-        os.link(deb, dest / name)
+        try:
+            os.link(deb, dest / name)
+        except OSError:  # another file system
+            shutil.copyfile(deb, dest / name)
         out.append(dest / name)
     return out
 

@@ -8,8 +8,9 @@ Concern: run ``podman`` with the harness's own engine settings and leave the mac
   exceed them), events to a file.
 * **Clean-up.** Every container, network, volume and image made through :meth:`Podman.create`,
   :meth:`network`, :meth:`volume` and :meth:`track_image` is removed by :meth:`Podman.cleanup`
-  (containers first), whatever happened before; ``podman build`` runs with ``--layers=false``,
-  so no intermediate layer outlives the build.
+  (containers first, with their anonymous volumes), whatever happened before; ``podman build``
+  runs with ``--layers=false``, so no intermediate layer outlives the build.
+  :meth:`Podman.inventory` before and after tells what is left.
 * **Sysctls.** netavark turns on ``net.ipv4.ip_forward`` when it sets up a network:
   :func:`kept_sysctls` saves it (and any others named) and writes the old values back.
 """
@@ -142,12 +143,12 @@ class Podman:
         self.containers, self.networks, self.volumes, self.images = [], [], [], []
         return errors
 
-    def leftovers(self) -> list[str]:
-        """Containers, networks and volumes whose name starts with :attr:`prefix`."""
-        out: list[str] = []
-        for kind, fmt in (("ps", "{{.Names}}"), ("network", "{{.Name}}"),
-                          ("volume", "{{.Name}}")):
-            args = ("ps", "-a") if kind == "ps" else (kind, "ls")
-            names = self.text(*args, "--format", fmt).split()
-            out += [n for n in names if n.startswith(self.prefix)]
+    def inventory(self) -> set[str]:
+        """Every container, network, volume and image on the machine, as ``KIND NAME``."""
+        out: set[str] = set()
+        for kind, args in (("container", ("ps", "-a", "--format", "{{.ID}}")),
+                           ("network", ("network", "ls", "--format", "{{.Name}}")),
+                           ("volume", ("volume", "ls", "--format", "{{.Name}}")),
+                           ("image", ("images", "-a", "--format", "{{.ID}}"))):
+            out |= {f"{kind} {name}" for name in self.text(*args).split()}
         return out
