@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: all venv demo test faults fuzz lint proto bench e2e clean typecheck-tree mutate man
+.PHONY: all venv demo test faults fuzz lint proto bench e2e image clean typecheck-tree mutate man
 
 all: test
 
@@ -33,6 +33,28 @@ FAULTS ?= all
 faults: $(STAMP)
 	$(if $(filter ci,$(FAULTS)),,VIRTMIG_FAULTS_REPORT=docs/recovery.md) $(PY) -m pytest -q \
 		-m $(if $(filter ci,$(FAULTS)),faults_ci,faults) tests/faults $(PYTEST_ARGS)
+# The container image (deploy/Containerfile; README "Running on two hosts"): its context in
+# build/image (the virtmig wheel and its dependencies' wheels, the default config), the Debian
+# packages from the base image's apt sources.  CONTAINER=docker works too.
+CONTAINER ?= podman
+IMAGE ?= localhost/virtmig
+BASE_IMAGE ?= debian:bookworm-slim
+IMAGE_ARGS ?=
+image: $(STAMP)
+	rm -rf build/image
+	mkdir -p build/image/wheels
+	$(PY) -m pip wheel --quiet --wheel-dir build/image/wheels .
+	cp deploy/container/virtmigd.toml build/image/
+	$(CONTAINER) build $(if $(filter podman,$(CONTAINER)),--format docker) \
+		--build-arg BASE_IMAGE=$(BASE_IMAGE) $(IMAGE_ARGS) -t $(IMAGE) \
+		-f deploy/Containerfile build/image
+
+# Every host a container (tests/containers, marker `containers`; README "Integration tests in
+# containers"): needs root, podman, runc and mmdebstrap.  `make test` never collects them.
+E2E_TIMEOUT ?= 2400
+e2e: $(STAMP)
+	VIRTMIG_E2E=1 $(PY) -m pytest -q -p no:xdist --timeout=$(E2E_TIMEOUT) -m containers \
+		tests/containers $(PYTEST_ARGS)
 
 # The property-based tests of tests/fuzz with the long hypothesis profile (thousands of examples
 # per test, a new sample each run; no per-test time limit).  `make test` runs them short.

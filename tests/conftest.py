@@ -56,6 +56,17 @@ __all__ = [
 ]
 
 
+E2E_ENV = "VIRTMIG_E2E"  # set by `make e2e`: collect tests/containers
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """tests/containers (marker ``containers``) builds images and runs podman as root: only
+    ``make e2e`` collects it (``VIRTMIG_E2E=1``), never ``make test``."""
+    if collection_path.name == "containers" and collection_path.parent == Path(__file__).parent:
+        return os.environ.get(E2E_ENV) != "1" or None
+    return None
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Under pytest-xdist (``make test``), every test that runs QEMU guests, network namespaces
     or whole daemons in processes is in one group, which one worker runs in order: they load the
