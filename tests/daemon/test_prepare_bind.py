@@ -114,6 +114,14 @@ async def test_the_own_listen_address_migrates(pair: tuple[Host, Host]) -> None:
     assert (await dst.conn.state("vm1"))[0] is DomainState.RUNNING
 
 
+async def test_a_name_is_resolved_to_the_addresses_it_stands_for() -> None:
+    # "127.1" is not an address ipaddress reads, but the resolver reads it as 127.0.0.1 without
+    # any lookup: it is loopback's, so this host's own, though not the configured one.
+    await dst_check_listen("127.1", "10.1.2.3")
+    with pytest.raises(InvalidArgument, match=r"'198\.51\.1' is not an address of this host"):
+        await dst_check_listen("198.51.1", "10.1.2.3")  # 198.51.0.1: no interface has it
+
+
 async def test_which_listen_addresses_are_the_hosts_own() -> None:
     # An interface's address (loopback's: every host has it), though not the configured one.
     await dst_check_listen("127.0.0.1", "10.1.2.3")
