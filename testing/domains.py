@@ -36,7 +36,7 @@ def qemu_domain_xml(image: GuestImage, name: str = "vm1", memory_mib: int = 256,
                     uuid: str | None = None, dirty_mb: int = 64, dirty_rate: int = 0,
                     domain_type: str | None = None, devices: str = "",
                     disklog: str = "", udp_port: int = 0, nic_model: str = "virtio",
-                    mac: str | None = "52:54:00:00:00:01") -> str:
+                    mac: str | None = "52:54:00:00:00:01", pti: bool = True) -> str:
     """A ``qemu`` domain running the test guest ``image``.
 
     ``domain_type``: ``kvm`` or ``qemu`` (TCG); by default KVM where this machine runs the
@@ -45,16 +45,19 @@ def qemu_domain_xml(image: GuestImage, name: str = "vm1", memory_mib: int = 256,
     ``udp_port``: the guest has an ``<interface type='user'>`` (``nic_model``; ``mac``, None:
     no ``<mac>``, the daemon generates one at define) and sends its heartbeat to the host's
     ``127.0.0.1:udp_port`` through it too.  Both as :meth:`GuestImage.cmdline` says, and
-    combinable.  Its serial console goes to the log file in the guest's folder on whichever
-    host runs it (:meth:`Host.serial_log`; the confined backend refuses serial files outside
-    that folder).
+    combinable.  ``pti``: the kernel runs with ``pti=on`` (:meth:`GuestImage.cmdline`: under
+    TCG it keeps a dirtying guest from breaking after a live migration); ``False``: the plain
+    default kernel, which one test module keeps so that it stays covered
+    (``tests/e2e/test_qemu_network.py``).  Its serial console goes to the log file in the
+    guest's folder on whichever host runs it (:meth:`Host.serial_log`; the confined backend
+    refuses serial files outside that folder).
     """
     uuid_el = f"<uuid>{uuid}</uuid>" if uuid else ""
     console = "<serial type='pty'><target port='0'/></serial>"
     mac_el = f"<mac address='{mac}'/>" if mac else ""
     nic = (f"<interface type='user'>{mac_el}<model type='{nic_model}'/></interface>"
            if udp_port else "")
-    cmdline = image.cmdline(dirty_mb, dirty_rate, udp_port=udp_port, disklog=disklog)
+    cmdline = image.cmdline(dirty_mb, dirty_rate, udp_port=udp_port, disklog=disklog, pti=pti)
     return textwrap.dedent(f"""\
         <domain type='{domain_type or guest_domain_type(image)}'>
           <name>{name}</name>

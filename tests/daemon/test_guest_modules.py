@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from virtmig.testing import guest
+from virtmig.testing import guest, qemu_domain_xml
 from virtmig.testing.guest import (
     GuestImage,
     GuestUnavailable,
@@ -111,6 +111,23 @@ def test_cmdline_asks_for_the_network_and_the_log_disk() -> None:
     assert GuestImage.cmdline(16, 1, disklog="/dev/vda").endswith(" disklog=/dev/vda")
     both = GuestImage.cmdline(16, 1, udp_port=4242, disklog="/dev/vdb").split()
     assert {"net=udp:10.0.2.2:4242", "disklog=/dev/vdb", "ipv6.disable=1"} <= set(both)
+
+
+def test_cmdline_forces_page_table_isolation_only_when_asked() -> None:
+    assert "pti" not in GuestImage.cmdline(16, 1)
+    assert GuestImage.cmdline(16, 1, pti=True).endswith(" dirty_rate=1 pti=on")
+
+
+def test_test_guests_run_with_page_table_isolation_unless_told_not_to() -> None:
+    image = GuestImage(Path("k"), Path("i"))
+
+    def cmdline(xml: str) -> list[str]:
+        return xml.split("<cmdline>")[1].split("</cmdline>")[0].split()
+
+    assert "pti=on" in cmdline(qemu_domain_xml(image, domain_type="qemu"))
+    plain = cmdline(qemu_domain_xml(image, domain_type="qemu", pti=False))
+    assert not [opt for opt in plain if opt.startswith("pti")]
+    assert "dirty_mb=64" in plain
 
 
 def test_one_module_set_for_nics_and_disk() -> None:

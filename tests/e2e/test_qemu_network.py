@@ -154,7 +154,7 @@ async def test_nic_keeps_its_network_across_migration(
         port = transport.get_extra_info("sockname")[1]
         uuid = str(uuidlib.uuid4())
         xml = qemu_domain_xml(guest_image, "vm1", 256, uuid=uuid, dirty_mb=16, dirty_rate=1,
-                              udp_port=port, mac=None)
+                              udp_port=port, mac=None, pti=False)
         await src.conn.define(xml)
         macs = xml_macs(await src.conn.xml_desc("vm1", inactive=True))  # generated at define
         assert len(macs) == 1 and re.fullmatch(r"52:54:00(:[0-9a-f]{2}){3}", macs[0]), macs
@@ -232,7 +232,7 @@ async def test_network_and_disk_log_together(tmp_path: Path, guest_image: GuestI
             await src.conn.define(qemu_domain_xml(
                 guest_image, "vm1", 256, uuid=uuid, dirty_mb=16, dirty_rate=1,
                 udp_port=transport.get_extra_info("sockname")[1], devices=log_disk,
-                disklog="/dev/vda"))
+                disklog="/dev/vda", pti=False))
             await src.conn.start("vm1")
             serial = src.serial_log(uuid)
             await wait_heartbeat(serial, 3, BOOT_TIMEOUT)
