@@ -16,7 +16,7 @@ import pytest
 
 from tests.daemon.migration_helpers import begun_xml_and_cookie, running_guest
 from virtmig.daemon.backend.test import TestBackend
-from virtmig.daemon.migration.uri import dst_check_listen, host_addresses
+from virtmig.daemon.migration.uri import _SHOWN, _shown, dst_check_listen, host_addresses
 from virtmig.proto import virtmig_pb2 as pb
 from virtmig.proto.errors import InvalidArgument, NoDomain
 from virtmig.proto.flags import DomainState, MigrateFlags
@@ -154,3 +154,10 @@ def test_an_unreadable_interface_address_hides_none_of_the_others(
     monkeypatch.setattr(psutil, "net_if_addrs", lambda: listed)
     assert host_addresses() == {ipaddress.ip_address("192.0.2.7"),
                                 ipaddress.ip_address("2001:db8::7")}
+
+
+def test_a_string_of_the_shown_length_is_shown_whole() -> None:
+    """A caller's string goes into a message whole up to ``_SHOWN`` characters, then cut
+    (mutation testing: ``<``)."""
+    assert _shown("a" * _SHOWN) == "a" * _SHOWN
+    assert _shown("a" * (_SHOWN + 1)) == "a" * _SHOWN + "..."
