@@ -50,7 +50,7 @@ from virtmig.testing.hosts import (
     stop_host,
     teardown_hosts,
 )
-from virtmig.testing.pki import ThrowawayPki, session_pki
+from virtmig.testing.pki import ThrowawayPki, release_session_pki, session_pki
 from virtmig.testing.qemu import (
     guest_domain_type,
     guest_or_skip,
@@ -104,6 +104,7 @@ __all__ = [
     "qemu_required",
     "qemu_settings",
     "release_qemu_user",
+    "release_session_pki",
     "serial_log",
     "session_pki",
     "start_host",

@@ -36,6 +36,7 @@ from virtmig.testing import (
     qemu_binary_or_skip,
     qemu_domain_xml,
     release_qemu_user,
+    release_session_pki,
     session_pki,
     start_host,
     stop_host,
@@ -89,7 +90,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(autouse=True, scope="session")
 def client_pki() -> Iterator[Path]:
     """The session's client dir as ``$VIRTMIG_PKI_DIR``: a connection a test opens by URI
-    alone (its own, or a CLI or caller process's) presents ``O=virtmig,CN=admin``."""
+    alone (its own, or a CLI or caller process's) presents ``O=virtmig,CN=admin``.  The session
+    PKI is removed as the session ends: a pytest run that mutmut forked ends by ``os._exit``,
+    without ``atexit`` (:mod:`virtmig.testing.pki`)."""
     client = session_pki().client()
     old = os.environ.get(PKI_DIR_ENV)
     os.environ[PKI_DIR_ENV] = str(client)
@@ -100,6 +103,7 @@ def client_pki() -> Iterator[Path]:
             os.environ.pop(PKI_DIR_ENV, None)
         else:
             os.environ[PKI_DIR_ENV] = old
+        release_session_pki()
 
 
 @pytest.fixture(scope="session", autouse=True)

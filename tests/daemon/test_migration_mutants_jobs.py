@@ -295,6 +295,10 @@ async def test_post_copy_failure_keeps_the_destination_for_recovery(
     assert ddom.job is not None and not ddom.job.busy
     assert ddom.job.phase is Phase.POSTCOPY_FAILED
     assert (ddom.state, ddom.reason) == (DomainState.PAUSED, PausedReason.POSTCOPY_FAILED)
+    # Its owner gone, the job is still kept: only post-copy recovery can settle it.
+    await migration.any_owner_gone(dst.daemon, ddom)
+    assert ddom.job is not None and ddom.job.phase is Phase.POSTCOPY_FAILED
+    assert ddom.state is DomainState.PAUSED
     await dst.conn.destroy("vm1")  # possible only because no phase runs any more
     assert ddom.job is None
 

@@ -6,14 +6,17 @@ a typed error before anything changes: no incoming domain, no port, no listening
 from __future__ import annotations
 
 import ipaddress
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
+from types import SimpleNamespace
 
+import psutil
 import pytest
 
 from tests.daemon.migration_helpers import begun_xml_and_cookie, running_guest
 from virtmig.daemon.backend.test import TestBackend
-from virtmig.daemon.migration.uri import dst_check_listen, host_addresses
+from virtmig.daemon.migration.uri import _SHOWN, _shown, dst_check_listen, host_addresses
 from virtmig.proto import virtmig_pb2 as pb
 from virtmig.proto.errors import InvalidArgument, NoDomain
 from virtmig.proto.flags import DomainState, MigrateFlags
@@ -138,3 +141,23 @@ async def test_which_listen_addresses_are_the_hosts_own() -> None:
     ):
         with pytest.raises(InvalidArgument, match=message):
             await dst_check_listen(bad, "127.0.0.1")
+
+
+def test_an_unreadable_interface_address_hides_none_of_the_others(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An interface address that does not parse is skipped, and the addresses listed after it
+    still count as the host's own (mutation testing: ``break`` instead of ``continue``)."""
+    listed = {"eth0": [SimpleNamespace(family=socket.AF_INET6, address="not-an-address"),
+                       SimpleNamespace(family=socket.AF_INET, address="192.0.2.7"),
+                       SimpleNamespace(family=socket.AF_INET6, address="2001:db8::7")]}
+    monkeypatch.setattr(psutil, "net_if_addrs", lambda: listed)
+    assert host_addresses() == {ipaddress.ip_address("192.0.2.7"),
+                                ipaddress.ip_address("2001:db8::7")}
+
+
+def test_a_string_of_the_shown_length_is_shown_whole() -> None:
+    """A caller's string goes into a message whole up to ``_SHOWN`` characters, then cut
+    (mutation testing: ``<``)."""
+    assert _shown("a" * _SHOWN) == "a" * _SHOWN
+    assert _shown("a" * (_SHOWN + 1)) == "a" * _SHOWN + "..."

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 
@@ -17,7 +19,7 @@ from tests.daemon.migration_helpers import P, running_guest
 from virtmig.client.migrate import RemoteDest, RemoteSource
 from virtmig.daemon import migration
 from virtmig.daemon.config import build_parser, load_config
-from virtmig.daemon.job import AsyncJob
+from virtmig.daemon.job import AsyncJob, Phase
 from virtmig.daemon.migration.owner import unowned_expired
 from virtmig.proto.errors import InvalidArgument, NoDomain, OperationInvalid
 from virtmig.proto.flags import DomainState, JobType, MigrateFlags
@@ -161,6 +163,29 @@ async def test_p2p_source_job_is_owned_by_the_run(
     assert (await dst.conn.state("vm1"))[0] is DomainState.RUNNING
     await wait_until(lambda: not src.daemon.sessions, timeout=30,
                      what="the run's session to end")
+
+
+def _expired(phase: Phase, idle: float, timeout: float = 60.0) -> bool:
+    """:func:`unowned_expired` of an idle job without a live owner, ``idle`` s after its last
+    phase call."""
+    daemon = SimpleNamespace(session_alive=lambda owner: False,
+                             config=SimpleNamespace(incoming_job_timeout=timeout))
+    job = SimpleNamespace(busy=False, phase=phase, owner="gone", idle_since=1000.0)
+    return unowned_expired(cast(Any, daemon), cast(Any, job), 1000.0 + idle)
+
+
+def test_a_job_expires_when_its_timeout_is_reached() -> None:
+    """Idle for exactly ``incoming_job_timeout``: expired (mutation testing: ``>``)."""
+    assert _expired(Phase.PREPARE, 60.0)
+    assert not _expired(Phase.PREPARE, 59.5)
+
+
+def test_a_post_copy_failed_job_never_expires() -> None:
+    """Only post-copy recovery settles a post-copy-failed job: the reaper never counts it
+    (mutation testing: ``<=``), nor a phase after it."""
+    assert _expired(Phase.FINISH3, 1e6)
+    assert not _expired(Phase.POSTCOPY_FAILED, 1e6)
+    assert not _expired(Phase.PREPARE_RESUME, 1e6)
 
 
 # --- what an offline Prepare left, for an operator (the reaper's timeout is long here) --------
