@@ -6,8 +6,11 @@ written whole with one ``write`` on an ``O_APPEND`` descriptor, never rewritten)
 bounded: once it passes ``history_max_bytes`` it becomes ``migrations.jsonl.1`` (replacing the
 previous one) and a new file starts, so the history holds between one and two times that much of
 the most recent migrations.  :meth:`History.read` returns the newest entries first, optionally of
-one domain (by name or UUID), skipping a line that does not parse (a torn write after a crash).
-``virtmig migrate-history`` reads it through the ``Migration/GetHistory`` RPC.
+one domain (by name or UUID), skipping a line that does not parse (a torn write after a crash),
+and holds no more than the entries it returns while it reads.
+``virtmig migrate-history`` reads it through the ``Migration/GetHistory`` RPC, whose reply holds
+the newest entries that fit in :data:`MAX_REPLY_BYTES` (``virtmig.daemon.wire.history_reply``):
+however large ``history_max_bytes`` is, the reply stays under gRPC's 4 MiB message limit.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -27,6 +31,9 @@ log = logsafe.logger(__name__)
 FILE_NAME = "migrations.jsonl"
 DEFAULT_MAX_BYTES = 1 << 20
 MAX_READ = 10000  # entries one read returns at most
+#: The most bytes of entries one ``GetHistory`` reply carries (gRPC's limit is 4 MiB): 10,000
+#: entries of a long error each would need tens of MiB.
+MAX_REPLY_BYTES = 3 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -105,12 +112,12 @@ class History:
         """Newest first; only ``domain``'s (a name or UUID) if given; at most ``limit`` (0: up
         to :data:`MAX_READ`)."""
         limit = min(limit or MAX_READ, MAX_READ)
-        out: list[Entry] = []
+        out: deque[Entry] = deque(maxlen=limit)  # the newest ``limit`` seen so far
         for line in self._lines():
             entry = Entry.from_json(line)
             if entry is not None and (not domain or domain in (entry.domain, entry.uuid)):
                 out.append(entry)
-        return out[::-1][:limit]
+        return list(reversed(out))
 
 
 def entry_dict(entry: Entry) -> dict[str, Any]:

@@ -7,7 +7,8 @@ and wait (bounded) for a conflicting migration job to end, as libvirt's job mask
 
 Bounds: a lookup refuses an over-long name or UUID before it searches, and :meth:`check_define`
 refuses a new domain beyond ``max_domains`` (:data:`MAX_DOMAINS` at most, so that a list of
-every domain fits in one gRPC message).
+every domain fits in one gRPC message); :meth:`Registry.load` loads no more than
+:data:`MAX_DOMAINS` from the state dir, whatever files it holds.
 
 Observability: :meth:`Registry.save_status` is where a job's phase change becomes durable, so it
 is also where the registry's ``observer`` (:class:`~virtmig.daemon.audit.Audit`: logs, metrics)
@@ -272,9 +273,12 @@ class Registry:
 
         * a definition must be ``domains/<its uuid>.xml``, and its name and UUID must not be
           taken by a definition read before it (the first one is kept);
+        * no more than :data:`MAX_DOMAINS` domains are loaded (a list of them must fit in one
+          reply; ``max_domains`` only refuses new ones, so a lowered value drops nothing);
         * a status file must be ``status/<uuid>.xml`` for its live definition's UUID; with a
           definition of that UUID, its live name must be the definition's; without one, it must
-          be a transient domain's (``persistent="no"``) whose name no other domain has.
+          be a transient domain's (``persistent="no"``) whose name no other domain has, within
+          :data:`MAX_DOMAINS`.
 
         The caller (the daemon) decides, with the backend, what a status file means now.
         """
@@ -318,6 +322,8 @@ class Registry:
     def _definition_problem(self, path: Path, d: DomainDef) -> str:
         if path.stem != d.uuid:
             return f"its file name does not match its uuid {d.uuid}"
+        if len(self._by_uuid) >= MAX_DOMAINS:
+            return f"a daemon holds at most {MAX_DOMAINS} domains"
         if d.uuid in self._by_uuid:
             return f"uuid {d.uuid} is already defined by {self._by_uuid[d.uuid].name!r}"
         if d.name in self._by_name:
@@ -336,6 +342,8 @@ class Registry:
         assert live is not None
         if root.get("persistent") != "no":
             return f"no definition of uuid {live.uuid} matches it"
+        if len(self._by_uuid) >= MAX_DOMAINS:
+            return f"a daemon holds at most {MAX_DOMAINS} domains"
         if live.name in self._by_name:
             return f"name {live.name!r} is already taken by uuid {self._by_name[live.name].uuid}"
         return ""

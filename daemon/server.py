@@ -22,7 +22,6 @@ from virtmig.daemon.authz import Policy
 from virtmig.daemon.core import Daemon
 from virtmig.daemon.domxml import format_domain_xml
 from virtmig.daemon.health import add_observability
-from virtmig.daemon.history import entry_dict
 from virtmig.daemon.interceptor import StatusInterceptor
 from virtmig.daemon.registry import DomainObj
 from virtmig.proto import virtmig_pb2 as pb
@@ -328,7 +327,7 @@ class MigrationService(pbg.MigrationServicer):
 
     async def GetHistory(self, request: pb.HistoryRequest, context: Any) -> pb.HistoryReply:
         entries = self.daemon.history.read(request.domain[:256], request.limit)
-        return pb.HistoryReply(entries=[pb.HistoryEntry(**entry_dict(e)) for e in entries])
+        return wire.history_reply(entries)
 
 
 def make_server(daemon: Daemon, options: list[tuple[str, Any]] | None = None,

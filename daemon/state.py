@@ -9,7 +9,7 @@ Layout under the state dir::
 At start the daemon loads these files in one fixed order (by file name) with one set of rules
 (``virtmig.daemon.registry``): a file that contradicts another or itself is reported and moved
 aside with :meth:`StateDir.reject` (``<file>.rejected``, never read again), so that the
-definitions loaded are never ambiguous.
+definitions loaded are never ambiguous; so is one beyond ``registry.MAX_DOMAINS`` domains.
 
 Every write goes to a temporary file in the same folder, is fsynced and renamed over the target:
 a crash leaves either the old file or the new one, never a torn one.  For definitions and the

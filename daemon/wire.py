@@ -3,7 +3,8 @@
 Requests become core arguments here: a ``DomainRef`` resolves to its domain object, and the
 non-params v3 and the v2 RPCs' arguments become typed params (libvirt's mapping), so the phases
 see one form.
-Core values become replies here: domains, host and domain info, job info, events.  The core
+Core values become replies here: domains, host and domain info, job info, events, the migration
+history (as many of the newest entries as fit in ``history.MAX_REPLY_BYTES``).  The core
 (jobctl, events, registry, migration, p2p, lifecycle, core, the backends) never sees a message.
 
 Two other daemon modules name the generated types: ``server`` (the service classes and the
@@ -20,6 +21,7 @@ from typing import Any
 from virtmig.client.values import GuestLocation
 from virtmig.daemon.core import HostInfo
 from virtmig.daemon.events import Event
+from virtmig.daemon.history import MAX_REPLY_BYTES, Entry, entry_dict
 from virtmig.daemon.job import JobInfo
 from virtmig.daemon.registry import DomainObj, Registry
 from virtmig.proto import virtmig_pb2 as pb
@@ -266,3 +268,17 @@ def downtime_reply(downtime_ms: int) -> pb.DowntimeReply:
 
 def speed_reply(bandwidth_mib: int) -> pb.SpeedReply:
     return pb.SpeedReply(bandwidth_mib=bandwidth_mib)
+
+
+def history_reply(entries: Iterable[Entry], max_bytes: int = MAX_REPLY_BYTES) -> pb.HistoryReply:
+    """``GetHistory``'s reply: ``entries`` (newest first) as long as they fit in ``max_bytes``,
+    so that a reply never passes gRPC's message limit however big the history is."""
+    reply = pb.HistoryReply()
+    size = 0
+    for entry in entries:
+        msg = pb.HistoryEntry(**entry_dict(entry))
+        size += msg.ByteSize() + 8  # with the field's tag and length
+        if size > max_bytes:
+            break
+        reply.entries.append(msg)
+    return reply

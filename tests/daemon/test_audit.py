@@ -4,6 +4,7 @@ both histories carry; the history file's bounds and rotation; JSON log lines."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -13,14 +14,14 @@ import pytest
 from tests.daemon.migration_helpers import migrate, running_guest
 from virtmig.client.migrate import RemoteSource
 from virtmig.client.sequence import run_v3
-from virtmig.daemon import logs
-from virtmig.daemon.history import Entry, History
+from virtmig.daemon import logs, wire
+from virtmig.daemon.history import MAX_REPLY_BYTES, Entry, History
 from virtmig.daemon.jobctl import MIGRATION_ID_STAT
 from virtmig.daemon.placement import is_migration_id
 from virtmig.proto.errors import VirtmigError
 from virtmig.proto.flags import MigrateFlags
 from virtmig.proto.params import TypedParams
-from virtmig.testing import ClosedPortDest, hosts
+from virtmig.testing import ClosedPortDest, hosts, start_host, stop_host
 
 F = MigrateFlags
 
@@ -118,6 +119,27 @@ def test_history_is_newest_first_filtered_bounded_and_rotated(tmp_path: Path) ->
         f.write('{"time": "x"\n[1, 2]\n')
     h.append(entry(40))
     assert h.read(limit=1)[0].duration_ms == 40
+
+
+async def test_a_history_reply_fits_in_one_message_however_big_the_history(
+        tmp_path: Path) -> None:
+    """A history of more than gRPC's 4 MiB (history_max_bytes allows it; 2000 entries with the
+    longest error an entry keeps): GetHistory answers with the newest entries that fit."""
+    host = await start_host(tmp_path, "h", history_max_bytes=2**30)
+    try:
+        error = "\u20ac" * 1000  # 1000 characters, 3000 bytes of UTF-8
+        for i in range(2000):
+            host.daemon.history.append(dataclasses.replace(entry(i), error=error))
+        got = await host.conn.migration_history()
+        assert 500 < len(got) < 2000
+        assert [e.duration_ms for e in got] == list(range(1999, 1999 - len(got), -1))
+        assert got[0].error == error
+        reply = wire.history_reply(host.daemon.history.read())
+        assert len(reply.entries) == len(got) and reply.ByteSize() <= MAX_REPLY_BYTES
+        assert MAX_REPLY_BYTES < 4 * 1024 * 1024  # gRPC's default limit
+        assert [e.duration_ms for e in await host.conn.migration_history(limit=2)] == [1999, 1998]
+    finally:
+        await stop_host(host)
 
 
 def test_history_lines_are_json_with_the_documented_fields(tmp_path: Path) -> None:

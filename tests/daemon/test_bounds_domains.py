@@ -12,7 +12,7 @@ import pytest
 
 from tests.daemon.migration_helpers import assert_rolled_back, migrate, running_guest
 from virtmig.client.migrate import RemoteDest
-from virtmig.daemon.backend.base import GuestSpec, host_memory_bytes
+from virtmig.daemon.backend.base import DEFAULT_MAX_VCPUS, GuestSpec, host_memory_bytes
 from virtmig.daemon.backend.qemu.backend import QemuBackend
 from virtmig.daemon.backend.test import TestBackend
 from virtmig.daemon.config import build_parser, load_config
@@ -216,6 +216,22 @@ async def test_default_memory_limit_is_the_hosts_ram(tmp_path: Path) -> None:
         mib = ram // 2**20 + 1024
         with pytest.raises(ConfigUnsupported, match=r"\(the host's RAM\)"):
             await h.conn.define(named("big", memory_mib=mib))
+    finally:
+        await stop_host(h)
+
+
+async def test_default_vcpu_limit_is_4096(tmp_path: Path) -> None:
+    assert DEFAULT_MAX_VCPUS == 4096
+    h = await start_host(tmp_path, "solo")  # test_max_vcpus unset
+    try:
+        with pytest.raises(ConfigUnsupported, match=re.escape(
+                "Maximum CPUs 4097 greater than the test backend's limit of 4096 "
+                "(test_max_vcpus)")):
+            await h.conn.define(named("wide", vcpus=4097))
+        with pytest.raises(ConfigUnsupported, match="Maximum CPUs 4294967295 greater"):
+            await h.conn.define(named("wide", vcpus=2**32 - 1))  # the most the XML takes
+        assert await h.conn.list_domains(inactive=True) == []
+        await h.conn.define(named("vm1", vcpus=4096))
     finally:
         await stop_host(h)
 

@@ -1,7 +1,8 @@
 """One range per typed parameter, enforced alike on every path that sets it (issue 11).
 
 Bandwidth travels as the ``bandwidth`` param of the ``*Params`` RPCs, as the ``resource`` field of
-the non-params ones, and as ``SetMaxSpeed``'s value (either phase); the maximum downtime as
+the non-params ones (protocol v2's ``Prepare2`` and ``Perform`` included, and peer-to-peer runs
+whatever RPC starts them), and as ``SetMaxSpeed``'s value (either phase); the maximum downtime as
 ``SetMaxDowntime``'s.  Each path is called here as a hostile client would, past the client
 library's own check (the raw stubs), and must be refused by the daemon with the same typed error
 and change nothing; the library refuses the same values before it sends anything.
@@ -113,6 +114,20 @@ SRC_CALLS: dict[str, Call] = {
         d.migration_stub.Prepare3Params, pb.Prepare3ParamsRequest(
             cookie_in=c, flags=F.LIVE,
             params=[*to_wire(TypedParams.of({P.DEST_XML: x})), *_bw(bw)])),
+    # Protocol v2: no Begin, no params; the bandwidth is Prepare2's and Perform's ``resource``.
+    "Prepare2": lambda s, d, x, c, bw: d._call(d.migration_stub.Prepare2, pb.Prepare2Request(
+        flags=F.LIVE, dom_xml=x, resource=bw)),
+    "Perform": lambda s, d, x, c, bw: s._call(s.migration_stub.Perform, pb.PerformRequest(
+        domain=REF, flags=F.LIVE, uri="tcp://127.0.0.1:1", resource=bw)),
+    # Peer-to-peer: the source daemon runs the migration itself, with the destination's real
+    # URI (a missing check would migrate, not fail).
+    "Perform-p2p": lambda s, d, x, c, bw: s._call(s.migration_stub.Perform, pb.PerformRequest(
+        domain=REF, flags=F.LIVE | F.PEER2PEER, uri=str(d.uri), resource=bw)),
+    "Perform3-p2p": lambda s, d, x, c, bw: s._call(s.migration_stub.Perform3, pb.Perform3Request(
+        domain=REF, flags=F.LIVE | F.PEER2PEER, dconnuri=str(d.uri), resource=bw)),
+    "Perform3Params-p2p": lambda s, d, x, c, bw: s._call(
+        s.migration_stub.Perform3Params, pb.Perform3ParamsRequest(
+            domain=REF, flags=F.LIVE | F.PEER2PEER, dconnuri=str(d.uri), params=_bw(bw))),
 }
 
 

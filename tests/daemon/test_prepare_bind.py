@@ -1,6 +1,7 @@
-"""What a caller may ask Prepare to bind (issue 11): a ``uri_in`` port inside the configured
-migration port range, and a ``listen_address`` of the destination host's own.  Anything else is
-a typed error before anything changes: no incoming domain, no port, no listening socket.
+"""What a caller may ask Prepare (v3 and v2) to bind (issue 11): a ``uri_in`` port inside the
+configured migration port range, and a ``listen_address`` of the destination host's own.
+Anything else is a typed error before anything changes: no incoming domain, no port, no
+listening socket.
 """
 
 from __future__ import annotations
@@ -39,12 +40,18 @@ async def ranged(tmp_path: Path) -> AsyncIterator[tuple[Host, Host, int]]:
         yield src, dst, port
 
 
-async def prepare(dst: Host, xml: str, cookie: bytes, params: TypedParams,
-                  legacy: bool) -> None:
+FORMS = ["Prepare3Params", "Prepare3", "Prepare2"]
+
+
+async def prepare(dst: Host, xml: str, cookie: bytes, params: TypedParams, form: str) -> None:
     """Prepare by hand, as a client that skips the library would: Prepare3Params, or Prepare3
-    with the URI in ``uri_in``."""
+    or (protocol v2, no cookie) Prepare2 with the URI in ``uri_in``."""
     conn = dst.conn
-    if legacy:
+    if form == "Prepare2":
+        await conn._call(conn.migration_stub.Prepare2, pb.Prepare2Request(
+            flags=F.LIVE, dom_xml=xml, uri_in=params.get_str(P.URI)))
+        return
+    if form == "Prepare3":
         await conn._call(conn.migration_stub.Prepare3, pb.Prepare3Request(
             cookie_in=cookie, flags=F.LIVE, dom_xml=xml, uri_in=params.get_str(P.URI)))
         return
@@ -62,9 +69,9 @@ async def assert_nothing_prepared(dst: Host) -> None:
     assert isinstance(backend, TestBackend) and not backend._incoming
 
 
-@pytest.mark.parametrize("legacy", [False, True], ids=["Prepare3Params", "Prepare3"])
+@pytest.mark.parametrize("form", FORMS)
 async def test_a_port_outside_the_range_is_refused(ranged: tuple[Host, Host, int],
-                                                   legacy: bool) -> None:
+                                                   form: str) -> None:
     src, dst, port = ranged
     xml, cookie = await begun_xml_and_cookie(src)
     for bad in (1, port - 1, port + 1, 65535):
@@ -72,7 +79,7 @@ async def test_a_port_outside_the_range_is_refused(ranged: tuple[Host, Host, int
                 f"^invalid argument: migration port {bad} is outside the migration port range "
                 f"{port}-{port} \\(migration_ports\\)$")):
             await prepare(dst, xml, cookie, TypedParams.of({P.URI: f"tcp://127.0.0.1:{bad}"}),
-                          legacy)
+                          form)
         await assert_nothing_prepared(dst)
 
 
@@ -91,21 +98,22 @@ def foreign_address() -> str:
                 if a not in local)
 
 
-@pytest.mark.parametrize("legacy", [False, True], ids=["Prepare3Params", "Prepare3"])
+@pytest.mark.parametrize("form", FORMS)
 async def test_a_listen_address_not_of_this_host_is_refused(pair: tuple[Host, Host],
-                                                            legacy: bool) -> None:
+                                                            form: str) -> None:
     src, dst = pair
     await running_guest(src)
     xml, cookie = await begun_xml_and_cookie(src)
     address = foreign_address()
     params = TypedParams.of({P.LISTEN_ADDRESS: address})
-    if legacy:  # Prepare3 has no listen address: it binds migration_address; the URI's host
+    legacy = form != "Prepare3Params"
+    if legacy:  # Prepare3/2 have no listen address: they bind migration_address; the URI's host
         # is only handed back, so a foreign one is not refused, but its port still is
         params = TypedParams.of({P.URI: f"tcp://{address}:1"})
     message = ("migration port 1 is outside" if legacy else
                f"^invalid argument: listen address '{address}' is not an address of this host")
     with pytest.raises(InvalidArgument, match=message):
-        await prepare(dst, xml, cookie, params, legacy)
+        await prepare(dst, xml, cookie, params, form)
     await assert_nothing_prepared(dst)
 
 

@@ -11,12 +11,15 @@ from pathlib import Path
 
 import pytest
 
+from virtmig.daemon import registry
 from virtmig.proto.flags import DomainState
 from virtmig.testing import domain_xml, start_host, stop_host
 
 U1 = "aaaaaaaa-1111-4111-8111-11111111111b"
 U2 = "22222222-2222-4222-8222-222222222222"
 U3 = "33333333-3333-4333-8333-333333333333"
+U4 = "44444444-4444-4444-8444-444444444444"
+U5 = "55555555-5555-4555-8555-555555555555"
 
 
 def define(state: Path, file: str, name: str, uuid: str) -> Path:
@@ -122,3 +125,18 @@ async def test_a_consistent_state_dir_is_loaded_without_warnings(
     assert await listing(tmp_path) == [("vm1", U1)]  # the test backend's guests died with it
     assert not list(state.rglob("*.rejected"))
     assert not [r for r in caplog.records if "rejected" in r.getMessage()]
+
+
+async def test_no_more_than_max_domains_are_loaded(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """However many files the state dir holds, a list of the domains loaded fits in one reply:
+    beyond MAX_DOMAINS (3 here) definitions and transient statuses are moved aside."""
+    monkeypatch.setattr(registry, "MAX_DOMAINS", 3)
+    state = tmp_path / "h"
+    kept = [define(state, f"{u}.xml", f"vm{i}", u) for i, u in enumerate((U2, U3, U4))]
+    extra = define(state, f"{U1}.xml", "vm9", U1)  # "a..." is read after "2...", "3...", "4..."
+    transient = status(state, f"{U5}.xml", "vm5", U5, persistent=False)
+    assert await listing(tmp_path) == [("vm0", U2), ("vm1", U3), ("vm2", U4)]
+    assert all(p.exists() for p in kept) and rejected(extra) and rejected(transient)
+    assert "at most 3 domains" in warned(caplog, extra)[0]
+    assert "at most 3 domains" in warned(caplog, transient)[0]
