@@ -137,8 +137,9 @@ async def _check_entry(entry: str, host: Host, uuid: str, live: str, inactive: s
     query = functools.partial(host.daemon.backend.query, uuid)  # type: ignore[attr-defined]
     stored = parse_domain_xml(inactive)
     assert stored.machine in ("pc-i440fx-7.2", "pc-q35-7.2")  # pinned at define
-    pci = {d.get("qdev_id", ""): (d["slot"], d["function"])
-           for bus in await query("query-pci", None) for d in bus["devices"]}
+    devices = {d.get("qdev_id", ""): d for bus in await query("query-pci", None)
+               for d in bus["devices"]}
+    pci = {qid: (d["slot"], d["function"]) for qid, d in devices.items()}
     assert _stored_slots(inactive) <= set(pci.values())  # every written slot is QEMU's
     if entry == "pc-minimal.xml":  # libvirt's default devices, written at define
         assert "<memballoon model=\"virtio\">" in inactive
@@ -151,6 +152,12 @@ async def _check_entry(entry: str, host: Host, uuid: str, live: str, inactive: s
         named = {c["name"] for c in await query("qom-list", {"path": "/machine/peripheral"})}
         assert {"serial0", "channel0"} <= named
         assert (await query("query-vnc", None))["enabled"]
+    if entry == "q35-consoles-graphics.xml":  # libvirt's default USB controller on q35
+        assert "<controller type=\"usb\" index=\"0\" model=\"qemu-xhci\">" in inactive
+        assert devices["usb"]["id"]["vendor"] == 0x1B36  # QEMU's qemu-xhci: 1b36:000d
+        assert devices["usb"]["id"]["device"] == 0x000D
+    if entry == "q35-piix3-uhci.xml":  # named in the definition: kept (8086:7020)
+        assert "model=\"piix3-uhci\"" in inactive and devices["usb"]["id"]["device"] == 0x7020
     if entry == "host-model.xml":
         assert "mode='host-model'" in inactive or 'mode="host-model"' in inactive
         cpu = etree.fromstring(live.encode()).find("cpu")

@@ -169,10 +169,10 @@ class QemuBackend(Backend):
     def check_compression(self, compression: Compression) -> None:
         refuse_mt_compression(compression)
 
-    def canonicalize(self, spec: GuestSpec) -> str:
+    def canonicalize(self, spec: GuestSpec, *, define: bool = False) -> str:
         """The machine type pinned (``pc`` -> the emulator's ``pc-i440fx-7.2``), MACs, PCI
-        addresses and channel sockets assigned (:func:`canonical_xml`)."""
-        return canonical_xml(spec, self._caps, self.settings, self._dir)
+        addresses, default devices and channel sockets assigned (:func:`canonical_xml`)."""
+        return canonical_xml(spec, self._caps, self.settings, self._dir, define=define)
 
     def live_xml(self, uuid: str, xml: str) -> str:
         """``xml`` with the paths of the guest's ptys and its VNC port, as QEMU chose them."""
