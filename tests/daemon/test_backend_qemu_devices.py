@@ -370,8 +370,6 @@ def test_vnc_remote_listen_needs_the_setting() -> None:
 @pytest.mark.parametrize(("device", "message"), [
     ("<graphics type='spice' autoport='yes'/>", "graphics type 'spice' (vnc only)"),
     ("<graphics type='sdl'/>", "graphics type 'sdl' (vnc only)"),
-    ("<graphics type='vnc' passwd='secret'/>", "attribute 'passwd' (VNC passwords are not "
-                                               "supported"),
     ("<graphics type='vnc' keymap='de'/>", "attribute 'keymap' of <graphics>"),
     ("<graphics type='vnc'><listen type='socket' socket='/tmp/v.sock'/></graphics>",
      "<listen type='socket'> (type='address' only) (QEMU would create the socket"),

@@ -13,10 +13,16 @@ checked against an explicit allow-list (anything else is refused naming it):
   ``autoport='no' port='N'``: that port (5900-65535).  ``listen='ADDR'`` and/or
   ``<listen type='address' address='ADDR'>`` (an IP address; default ``127.0.0.1``): a
   non-loopback address only when the host's ``vnc_remote_listen`` setting allows it -- VNC
-  here has no password, so by default only local users reach it.  ``passwd``, ``<listen
+  is unencrypted and its password scheme weak, so by default only local users reach it.
+  ``passwd='...'`` (1-8 printable ASCII characters: VNC's authentication uses 8 at most) ->
+  ``password=on`` on ``-vnc`` and, once QEMU runs (on a migration's destination too: the
+  migratable XML carries it, as libvirt's), ``set_password`` (:func:`password_commands`);
+  ``passwdValidTo='YYYY-MM-DDTHH:MM:SS'`` (UTC) -> ``expire_password`` at that time (else
+  ``never``).  The password is never logged, and ``dumpxml`` shows it only with
+  ``--security-info`` (:func:`virtmig.daemon.domxml.format_domain_xml`).  ``<listen
   type='socket'>`` (QEMU would have to create the socket in the guest's folder, where it may
-  create nothing) and every other attribute are refused; ``type='spice'``, ``'sdl'``, ``'rdp'``,
-  ``'desktop'``, ``'egl-headless'``, ``'dbus'`` are refused naming the type.
+  create nothing) and every other attribute are refused; ``type='spice'``, ``'sdl'``,
+  ``'rdp'``, ``'desktop'``, ``'egl-headless'``, ``'dbus'`` are refused naming the type.
 * ``<video><model type=>`` (one): ``vga`` -> ``VGA``, ``cirrus`` -> ``cirrus-vga``, ``virtio`` ->
   ``virtio-vga``, ``qxl`` -> ``qxl-vga``, ``none`` -> nothing; refused naming why when the
   emulator lacks the device (``-device help``, :mod:`.caps`).  ``vram`` (KiB, a power of two,
@@ -26,8 +32,10 @@ checked against an explicit allow-list (anything else is refused naming it):
 
 from __future__ import annotations
 
+import calendar
 import ipaddress
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 from lxml import etree
 
@@ -35,12 +43,14 @@ from virtmig.daemon.backend.qemu.caps import EmulatorCaps
 from virtmig.daemon.backend.qemu.xmltable import unsupported_device as _refuse
 
 __all__ = ["VIDEO_DEVICES", "VNC_BASE", "VideoConfig", "VncConfig", "fill_vnc",
-           "parse_graphics", "parse_video"]
+           "parse_graphics", "parse_video", "password_commands"]
 
 VNC_BASE = 5900  # display 0
 VNC_PORT_MAX = 65535
 VIDEO_DEVICES = {"vga": "VGA", "cirrus": "cirrus-vga", "virtio": "virtio-vga", "qxl": "qxl-vga"}
-_GRAPHICS_ATTRS = frozenset({"type", "port", "autoport", "listen"})
+_GRAPHICS_ATTRS = frozenset({"type", "port", "autoport", "listen", "passwd", "passwdValidTo"})
+VNC_PASSWORD_MAX = 8  # VNC's DES authentication uses the first 8 characters only
+VALID_TO_FORMAT = "%Y-%m-%dT%H:%M:%S"  # libvirt's passwdValidTo, UTC
 _LISTEN_ATTRS = frozenset({"type", "address"})
 _MODEL_ATTRS = frozenset({"type", "vram", "heads", "primary"})
 
@@ -53,12 +63,25 @@ class VncConfig:
     port: int = 0
     port_min: int = VNC_BASE  # the host's range for port 0
     port_max: int = VNC_PORT_MAX
+    password: str = field(default="", repr=False)  # "": none; never in a repr or a log
+    valid_to: int = 0  # the password expires then (seconds since the epoch; 0: never)
 
     def argv(self) -> list[str]:
         host = f"[{self.listen}]" if ":" in self.listen else self.listen
+        auth = ",password=on" if self.password else ""  # set over QMP (password_commands)
         if self.port:
-            return ["-vnc", f"{host}:{self.port - VNC_BASE}"]
-        return ["-vnc", f"{host}:{self.port_min - VNC_BASE},to={self.port_max - VNC_BASE}"]
+            return ["-vnc", f"{host}:{self.port - VNC_BASE}{auth}"]
+        return ["-vnc", f"{host}:{self.port_min - VNC_BASE},to={self.port_max - VNC_BASE}"
+                        f"{auth}"]
+
+
+def password_commands(vnc: VncConfig | None) -> list[tuple[str, dict[str, object]]]:
+    """The QMP commands that give a started QEMU the VNC password (none without one)."""
+    if vnc is None or not vnc.password:
+        return []
+    return [("set_password", {"protocol": "vnc", "password": vnc.password}),
+            ("expire_password", {"protocol": "vnc",
+                                 "time": str(vnc.valid_to) if vnc.valid_to else "never"})]
 
 
 @dataclass(frozen=True)
@@ -87,10 +110,6 @@ def _check_attrs(dev: etree._Element, el: etree._Element, allowed: frozenset[str
                  tag: str) -> None:
     for key in el.attrib:
         name = key if isinstance(key, str) else key.decode()
-        if name == "passwd":
-            raise _refuse(dev, "attribute 'passwd' (VNC passwords are not supported: VNC "
-                               "listens on loopback unless the host's vnc_remote_listen allows "
-                               "more)")
         if name not in allowed:
             raise _refuse(dev, f"attribute '{name}' of <{tag}>")
 
@@ -140,9 +159,36 @@ def parse_graphics(el: etree._Element, remote_ok: bool,
     except ValueError:
         raise _refuse(el, f"listen '{address}' is not an IP address") from None
     if not ip.is_loopback and not remote_ok:
-        raise _refuse(el, f"listen '{address}' is not a loopback address (VNC has no password "
-                          "here; the host's vnc_remote_listen setting allows other addresses)")
-    return VncConfig(listen=str(ip), port=_port(el), port_min=ports[0], port_max=ports[1])
+        raise _refuse(el, f"listen '{address}' is not a loopback address (VNC is unencrypted; "
+                          "the host's vnc_remote_listen setting allows other addresses)")
+    password, valid_to = _password(el)
+    return VncConfig(listen=str(ip), port=_port(el), port_min=ports[0], port_max=ports[1],
+                     password=password, valid_to=valid_to)
+
+
+def _password(el: etree._Element) -> tuple[str, int]:
+    """``passwd`` and ``passwdValidTo`` (seconds since the epoch, 0: never); a refusal never
+    quotes the password."""
+    password, raw_to = el.get("passwd"), el.get("passwdValidTo")
+    if password is None:
+        if raw_to is not None:
+            raise _refuse(el, "passwdValidTo without passwd")
+        return "", 0
+    if not 1 <= len(password) <= VNC_PASSWORD_MAX:
+        raise _refuse(el, f"passwd of {len(password)} characters (1-{VNC_PASSWORD_MAX}: VNC's "
+                          "authentication uses 8 at most)")
+    if not all(" " <= c <= "~" for c in password):
+        raise _refuse(el, "passwd with a character that is not printable ASCII")
+    if raw_to is None:
+        return password, 0
+    try:
+        valid_to = calendar.timegm(time.strptime(raw_to, VALID_TO_FORMAT))
+    except (ValueError, OverflowError):
+        raise _refuse(el, f"passwdValidTo '{raw_to}' (YYYY-MM-DDTHH:MM:SS, UTC)") from None
+    if valid_to <= 0:
+        raise _refuse(el, f"passwdValidTo '{raw_to}' is not after 1970")
+    return password, valid_to
+
 
 
 def _port(el: etree._Element) -> int:
