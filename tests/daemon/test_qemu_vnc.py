@@ -1,27 +1,36 @@
-"""VNC passwords on the qemu backend: ``<graphics type='vnc' passwd= passwdValidTo=>`` on the
+"""VNC on the qemu backend: passwords (``<graphics type='vnc' passwd= passwdValidTo=>``) on the
 command line and over QMP, hidden from ``dumpxml`` unless asked for, never logged; with real
 QEMU, an RFB handshake on loopback sees VNC authentication (security type 2) instead of none
-(1), takes the password and refuses others, also on a migration's destination.
+(1), takes the password and refuses others, also on a migration's destination.  VNC on a unix
+socket (``<listen type='socket'>``) in QEMU's own folder of the guest's folder: other paths
+refused; with real QEMU, the RFB banner on that socket, on both sides of a migration.
 """
 
 from __future__ import annotations
 
 import calendar
 import logging
+import os
+import re
+import stat
 import time
+import uuid as uuidlib
+from pathlib import Path
 from typing import Any
 
 import pytest
+from lxml import etree
 
 from tests.daemon import backend_qemu_helpers
 from tests.daemon.backend_qemu_helpers import guest_xml, make_spec, to, within
 from virtmig.daemon.backend.base import MigrationStatus, MigrationTuning
 from virtmig.daemon.backend.qemu import GuestFiles, QemuBackend, QemuSettings, parse_config
 from virtmig.daemon.backend.qemu.graphics import password_commands
-from virtmig.daemon.backend.qemu.monitor import _Monitor
+from virtmig.daemon.backend.qemu.monitor import _Monitor, _socket_path
+from virtmig.daemon.backend.qemu.runtime import Runtime
 from virtmig.daemon.domxml import format_domain_xml, parse_domain_xml
 from virtmig.proto.errors import ConfigUnsupported
-from virtmig.testing import free_port
+from virtmig.testing import free_port, wait_until
 from virtmig.testing.vnc import NONE, VNC_AUTH, vnc_handshake
 
 backends = backend_qemu_helpers.backends
@@ -142,3 +151,113 @@ async def test_an_expired_vnc_password_lets_nobody_in(src: QemuBackend) -> None:
     await within(src.start(spec, paused=True))
     shake = await within(vnc_handshake(port=await _port(src, spec.uuid), password="old"))
     assert shake.types == (VNC_AUTH,) and shake.accepted is False
+
+
+# --- VNC on a unix socket --------------------------------------------------------------------
+
+
+def _cfg_of(devices: str, uuid: str) -> Any:
+    return parse_config(make_spec(guest_xml(uuid=uuid, devices=devices)), None, SETTINGS)
+
+
+def test_vnc_on_a_unix_socket_in_qemus_own_folder() -> None:
+    uuid = str(uuidlib.uuid4())
+    for devices in ("<graphics type='vnc'><listen type='socket'/></graphics>",
+                    f"<graphics type='vnc' autoport='yes'><listen type='socket' "
+                    f"socket='/var/lib/elsewhere/{uuid}/vnc/vnc.sock'/></graphics>",
+                    f"<graphics type='vnc' socket='/srv/a/{uuid}/vnc/vnc.sock'/>"):
+        cfg = _cfg_of(devices, uuid)
+        argv = cfg.argv(GuestFiles(), incoming=False)
+        assert argv[argv.index("-vnc") + 1] == "unix:vnc/vnc.sock"  # never the path given
+        assert cfg.vnc.socket
+    with_password = _cfg_of("<graphics type='vnc' passwd='x'><listen type='socket'/></graphics>",
+                            uuid)
+    argv = with_password.argv(GuestFiles(), incoming=False)
+    assert argv[argv.index("-vnc") + 1] == "unix:vnc/vnc.sock,password=on"
+
+
+@pytest.mark.parametrize(("devices", "message"), [
+    ("<listen type='socket' socket='/tmp/vnc.sock'/>", "socket '/tmp/vnc.sock' (only the "
+     "daemon's own, vnc/vnc.sock in the guest's folder, which QEMU may create: leave socket "
+     "out)"),
+    ("<listen type='socket' socket='/x/OTHER/vnc/vnc.sock'/>", "socket '/x/OTHER/vnc/vnc.sock'"),
+    ("<listen type='socket' socket='/x/UUID/vnc/../vnc/vnc.sock'/>", "socket '/x/UUID/vnc/.."),
+    ("<listen type='socket' socket='UUID/vnc/vnc.sock'/>", "socket 'UUID/vnc/vnc.sock'"),
+    ("<listen type='socket' socket='/x/UUID/vnc/other.sock'/>", "socket '/x/UUID/vnc/other"),
+    ("<listen type='socket' address='127.0.0.1'/>", "attribute 'address' of <listen>"),
+])
+def test_vnc_socket_paths_outside_the_daemons_folder_are_refused(devices: str,
+                                                                 message: str) -> None:
+    uuid = str(uuidlib.uuid4())
+    with pytest.raises(ConfigUnsupported) as info:
+        _cfg_of(f"<graphics type='vnc'>{devices.replace('UUID', uuid)}</graphics>", uuid)
+    assert message.replace("UUID", uuid) in str(info.value)
+    assert "unsupported device <graphics type='vnc'>" in str(info.value)
+
+
+@pytest.mark.parametrize(("graphics", "message"), [
+    ("<graphics type='vnc' port='5901' autoport='no'><listen type='socket'/></graphics>",
+     "attribute 'port' with a unix socket"),
+    ("<graphics type='vnc' listen='127.0.0.1'><listen type='socket'/></graphics>",
+     "attribute 'listen' with a unix socket"),
+    ("<graphics type='vnc' autoport='no'><listen type='socket'/></graphics>",
+     "autoport='no' with a unix socket"),
+    ("<graphics type='vnc' socket='/a/U/vnc/vnc.sock'><listen type='socket' "
+     "socket='/b/U/vnc/vnc.sock'/></graphics>", "socket and <listen socket=> differ"),
+    ("<graphics type='vnc' socket='/a/U/vnc/vnc.sock'><listen type='address'/></graphics>",
+     "<listen type='address'> and a socket"),
+])
+def test_vnc_socket_with_a_port_or_an_address_is_refused(graphics: str, message: str) -> None:
+    uuid = str(uuidlib.uuid4())
+    with pytest.raises(ConfigUnsupported, match=re.escape(message)):
+        _cfg_of(graphics.replace("/U/", f"/{uuid}/"), uuid)
+
+
+def test_the_live_xml_names_this_hosts_socket() -> None:
+    xml = guest_xml(devices="<graphics type='vnc'><listen type='socket'/></graphics>")
+    live = Runtime(vnc_socket="/state/U/vnc/vnc.sock").apply(xml)
+    assert "<listen type=\"socket\" socket=\"/state/U/vnc/vnc.sock\"/>" in live
+    old = guest_xml(devices="<graphics type='vnc' socket='/a/U/vnc/vnc.sock'/>")
+    live = Runtime(vnc_socket="/b/U/vnc/vnc.sock").apply(old)
+    assert "socket=\"/a/" not in live and live.count("/b/U/vnc/vnc.sock") == 2
+
+
+def _listen_socket(xml: str) -> Path:
+    """The ``<listen type='socket' socket=>`` of a live definition."""
+    lst = etree.fromstring(xml).find("devices/graphics/listen[@type='socket']")
+    assert lst is not None
+    return Path(lst.get("socket", ""))
+
+
+@pytest.mark.qemu
+async def test_vnc_on_a_unix_socket_answers_there_and_after_a_migration(
+        src: QemuBackend, dst: QemuBackend) -> None:
+    spec = make_spec(guest_xml(devices="<graphics type='vnc'><listen type='socket'/>"
+                                       "</graphics>"))
+    await within(src.start(spec, paused=False))
+    live = src.live_xml(spec.uuid, spec.xml)
+    path = _listen_socket(live)
+    assert path == src._state_dir() / spec.uuid / "vnc" / "vnc.sock"
+    with _socket_path(path) as reachable:
+        shake = await within(vnc_handshake(socket=Path(reachable)))
+    assert shake.banner.startswith(b"RFB 003.00") and shake.types == (NONE,)
+    folder = path.parent.stat()
+    assert stat.S_IMODE(folder.st_mode) == 0o750  # QEMU's own folder, nothing more
+    owner = src._owner  # QEMU's user (None: the daemon's own)
+    assert folder.st_uid == (owner.uid if owner is not None else os.getuid())
+    assert path.parent.parent.stat().st_uid == os.getuid()  # the guest's folder stays ours
+
+    migratable = format_domain_xml(parse_domain_xml(live), migratable=True)
+    assert str(path) in migratable  # the source's path: re-pointed by the destination
+    dst_spec = make_spec(dst.canonicalize(make_spec(migratable)))
+    incoming = await within(dst.incoming_start(dst_spec, to(free_port())))
+    out = await within(src.outgoing(spec.uuid, to(incoming), MigrationTuning()), 60)
+    assert out.status is MigrationStatus.COMPLETED
+    assert (await within(dst.incoming_wait(spec.uuid), 60)).status is MigrationStatus.COMPLETED
+    moved = _listen_socket(dst.live_xml(spec.uuid, dst_spec.xml))
+    assert moved == dst._state_dir() / spec.uuid / "vnc" / "vnc.sock"
+    with _socket_path(moved) as reachable:
+        assert (await within(vnc_handshake(socket=Path(reachable)))).types == (NONE,)
+    await within(src.destroy(spec.uuid))
+    await wait_until(lambda: not path.parent.exists(), timeout=10,
+                     what="the source's VNC folder removed once its QEMU exited")

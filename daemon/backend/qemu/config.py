@@ -274,7 +274,7 @@ def parse_config(spec: GuestSpec, machines: Machines = None,
             f"machine type '{machine}' is not supported by the qemu backend (not known to the "
             "emulator)"
         )
-    devs = _parse_devices(root.find("devices"), machine, settings, guest_dir, caps)
+    devs = _parse_devices(root.find("devices"), machine, settings, guest_dir, caps, d.uuid)
     return QemuConfig(
         uuid=d.uuid,
         name=d.name,
@@ -409,7 +409,7 @@ class _Devices:
 
 
 def _parse_devices(devices: etree._Element | None, machine: str, settings: QemuSettings,
-                   guest_dir: Path | None, caps: EmulatorCaps | None) -> _Devices:
+                   guest_dir: Path | None, caps: EmulatorCaps | None, uuid: str) -> _Devices:
     """``<devices>``: the emulator named (``""``: none), the disks and their controllers, the
     serial ports (consoles included), channels, network interfaces, graphics and video; the
     small devices go to ``out.misc`` (:mod:`.misc`)."""
@@ -445,7 +445,7 @@ def _parse_devices(devices: etree._Element | None, machine: str, settings: QemuS
             out.nics.append(parse_interface(el, len(out.nics), out.nics))
         elif tag == "graphics":
             out.vnc = parse_graphics(el, settings.vnc_remote_listen,
-                                     (settings.vnc_port_min, settings.vnc_port_max))
+                                     (settings.vnc_port_min, settings.vnc_port_max), uuid)
         elif tag == "video":
             out.video = parse_video(el, caps)
         elif parse_misc_device(out.misc, el, tag):

@@ -19,10 +19,18 @@ checked against an explicit allow-list (anything else is refused naming it):
   migratable XML carries it, as libvirt's), ``set_password`` (:func:`password_commands`);
   ``passwdValidTo='YYYY-MM-DDTHH:MM:SS'`` (UTC) -> ``expire_password`` at that time (else
   ``never``).  The password is never logged, and ``dumpxml`` shows it only with
-  ``--security-info`` (:func:`virtmig.daemon.domxml.format_domain_xml`).  ``<listen
-  type='socket'>`` (QEMU would have to create the socket in the guest's folder, where it may
-  create nothing) and every other attribute are refused; ``type='spice'``, ``'sdl'``,
-  ``'rdp'``, ``'desktop'``, ``'egl-headless'``, ``'dbus'`` are refused naming the type.
+  ``--security-info`` (:func:`virtmig.daemon.domxml.format_domain_xml`).
+  ``<listen type='socket'>`` (and/or libvirt's ``<graphics socket=>``): VNC on a unix socket,
+  ``-vnc unix:vnc/vnc.sock`` relative to QEMU's working directory, the guest's folder.  QEMU
+  binds that socket itself (``-vnc`` takes no descriptor), so at each start the daemon makes
+  the folder ``vnc`` in the guest's folder, owned by QEMU's user, the one place of the guest's
+  folder where QEMU may create anything (:func:`~.confine.make_qemu_dir`); the socket's path
+  is written into the live XML (``<listen type='socket' socket=>``, :func:`fill_vnc`).  A
+  ``socket=`` given must be such a path, ``.../UUID/vnc/vnc.sock`` for this guest (a migration's
+  XML carries the source's: :func:`generated_socket`), and is never used as given; any other
+  path is refused, as are a port or a listen address beside a socket.  Every other attribute
+  is refused; ``type='spice'``, ``'sdl'``, ``'rdp'``, ``'desktop'``, ``'egl-headless'``,
+  ``'dbus'`` are refused naming the type.
 * ``<video><model type=>`` (one): ``vga`` -> ``VGA``, ``cirrus`` -> ``cirrus-vga``, ``virtio`` ->
   ``virtio-vga``, ``qxl`` -> ``qxl-vga``, ``none`` -> nothing; refused naming why when the
   emulator lacks the device (``-device help``, :mod:`.caps`).  ``vram`` (KiB, a power of two,
@@ -36,19 +44,24 @@ import calendar
 import ipaddress
 import time
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 
 from lxml import etree
 
 from virtmig.daemon.backend.qemu.caps import EmulatorCaps
+from virtmig.daemon.backend.qemu.confine import VNC_SOCKET_DIR
 from virtmig.daemon.backend.qemu.xmltable import unsupported_device as _refuse
 
-__all__ = ["VIDEO_DEVICES", "VNC_BASE", "VideoConfig", "VncConfig", "fill_vnc",
-           "parse_graphics", "parse_video", "password_commands"]
+__all__ = ["VIDEO_DEVICES", "VNC_BASE", "VNC_SOCKET", "VideoConfig", "VncConfig", "fill_vnc",
+           "generated_socket", "parse_graphics", "parse_video", "password_commands"]
 
 VNC_BASE = 5900  # display 0
 VNC_PORT_MAX = 65535
 VIDEO_DEVICES = {"vga": "VGA", "cirrus": "cirrus-vga", "virtio": "virtio-vga", "qxl": "qxl-vga"}
-_GRAPHICS_ATTRS = frozenset({"type", "port", "autoport", "listen", "passwd", "passwdValidTo"})
+_GRAPHICS_ATTRS = frozenset({"type", "port", "autoport", "listen", "passwd", "passwdValidTo",
+                             "socket"})
+_SOCKET_LISTEN_ATTRS = frozenset({"type", "socket"})
+VNC_SOCKET = "vnc.sock"  # in VNC_SOCKET_DIR, the folder of the guest's folder QEMU may write
 VNC_PASSWORD_MAX = 8  # VNC's DES authentication uses the first 8 characters only
 VALID_TO_FORMAT = "%Y-%m-%dT%H:%M:%S"  # libvirt's passwdValidTo, UTC
 _LISTEN_ATTRS = frozenset({"type", "address"})
@@ -65,10 +78,13 @@ class VncConfig:
     port_max: int = VNC_PORT_MAX
     password: str = field(default="", repr=False)  # "": none; never in a repr or a log
     valid_to: int = 0  # the password expires then (seconds since the epoch; 0: never)
+    socket: bool = False  # on the unix socket VNC_SOCKET_DIR/VNC_SOCKET, not on TCP
 
     def argv(self) -> list[str]:
         host = f"[{self.listen}]" if ":" in self.listen else self.listen
         auth = ",password=on" if self.password else ""  # set over QMP (password_commands)
+        if self.socket:  # relative to QEMU's working directory, the guest's folder
+            return ["-vnc", f"unix:{VNC_SOCKET_DIR}/{VNC_SOCKET}{auth}"]
         if self.port:
             return ["-vnc", f"{host}:{self.port - VNC_BASE}{auth}"]
         return ["-vnc", f"{host}:{self.port_min - VNC_BASE},to={self.port_max - VNC_BASE}"
@@ -130,9 +146,10 @@ def _children(dev: etree._Element, allowed: set[str]) -> list[etree._Element]:
 
 
 def parse_graphics(el: etree._Element, remote_ok: bool,
-                   ports: tuple[int, int] = (VNC_BASE, VNC_PORT_MAX)) -> VncConfig:
+                   ports: tuple[int, int] = (VNC_BASE, VNC_PORT_MAX),
+                   uuid: str = "") -> VncConfig:
     """A ``<graphics>``; ``remote_ok``: a non-loopback listen address is allowed; ``ports``: the
-    host's range for an automatic port."""
+    host's range for an automatic port; ``uuid``: the guest's (a socket path names it)."""
     kind = el.get("type", "")
     if kind != "vnc":
         raise _refuse(el, f"graphics type '{kind}' (vnc only)")
@@ -140,14 +157,16 @@ def parse_graphics(el: etree._Element, remote_ok: bool,
     listens = _children(el, {"listen"})
     if len(listens) > 1:
         raise _refuse(el, "one <listen> only")
+    lst = listens[0] if listens else None
+    password, valid_to = _password(el)
+    if el.get("socket") is not None or (lst is not None and lst.get("type") == "socket"):
+        _check_socket(el, lst, uuid)
+        return VncConfig(socket=True, password=password, valid_to=valid_to)
     address = el.get("listen")
-    if listens:
-        lst = listens[0]
+    if lst is not None:
         ltype = lst.get("type", "address")
         if ltype != "address":
-            why = (" (QEMU would create the socket in the guest's folder, where it may create "
-                   "nothing)" if ltype == "socket" else "")
-            raise _refuse(el, f"<listen type='{ltype}'> (type='address' only){why}")
+            raise _refuse(el, f"<listen type='{ltype}'> (type='address' or 'socket')")
         _check_attrs(el, lst, _LISTEN_ATTRS, "listen")
         if address is not None and lst.get("address") not in (None, address):
             raise _refuse(el, f"listen '{address}' and <listen address='{lst.get('address')}'> "
@@ -161,9 +180,40 @@ def parse_graphics(el: etree._Element, remote_ok: bool,
     if not ip.is_loopback and not remote_ok:
         raise _refuse(el, f"listen '{address}' is not a loopback address (VNC is unencrypted; "
                           "the host's vnc_remote_listen setting allows other addresses)")
-    password, valid_to = _password(el)
     return VncConfig(listen=str(ip), port=_port(el), port_min=ports[0], port_max=ports[1],
                      password=password, valid_to=valid_to)
+
+
+def _check_socket(el: etree._Element, lst: etree._Element | None, uuid: str) -> None:
+    """VNC on a unix socket: ``<listen type='socket'>`` and/or ``<graphics socket=>``, no port
+    or address; a path given must be the daemon's own (:func:`generated_socket`)."""
+    for attr in ("port", "listen"):
+        if el.get(attr) is not None and not (attr == "port" and el.get(attr) == "-1"):
+            raise _refuse(el, f"attribute '{attr}' with a unix socket")
+    if el.get("autoport") not in (None, "yes"):
+        raise _refuse(el, "autoport='no' with a unix socket")
+    if lst is not None:
+        _check_attrs(el, lst, _SOCKET_LISTEN_ATTRS, "listen")
+        if lst.get("type", "address") != "socket":
+            raise _refuse(el, f"<listen type='{lst.get('type')}'> and a socket")
+    paths = {p for p in (el.get("socket"), lst.get("socket") if lst is not None else None)
+             if p is not None}
+    if len(paths) > 1:
+        raise _refuse(el, "socket and <listen socket=> differ")
+    for path in paths:
+        if not generated_socket(path, uuid):
+            raise _refuse(el, f"socket '{path}' (only the daemon's own, {VNC_SOCKET_DIR}/"
+                              f"{VNC_SOCKET} in the guest's folder, which QEMU may create: "
+                              "leave socket out)")
+
+
+def generated_socket(path: str, uuid: str) -> bool:
+    """Whether ``path`` is the VNC socket the daemon gives guest ``uuid`` (on any host:
+    ``.../UUID/vnc/vnc.sock``, as a migration's XML carries the source's): it is re-pointed to
+    this host's guest folder, never used as given."""
+    parts = PurePosixPath(path).parts
+    return (bool(uuid) and PurePosixPath(path).is_absolute() and len(parts) >= 4
+            and parts[-3:] == (uuid, VNC_SOCKET_DIR, VNC_SOCKET) and ".." not in parts)
 
 
 def _password(el: etree._Element) -> tuple[str, int]:
@@ -241,10 +291,21 @@ def _number(dev: etree._Element, el: etree._Element, attr: str, default: int) ->
     return int(raw)
 
 
-def fill_vnc(root: etree._Element, port: int) -> bool:
-    """Write the port QEMU's VNC server took into the live definition ``root``."""
+def fill_vnc(root: etree._Element, port: int, socket: str = "") -> bool:
+    """Write the port QEMU's VNC server took, or the path of its unix ``socket``, into the live
+    definition ``root``."""
     el = root.find("devices/graphics")
-    if el is None or port <= 0:
+    if el is None:
+        return False
+    if socket:
+        lst = el.find("listen")
+        if lst is None:
+            lst = etree.SubElement(el, "listen", type="socket")
+        lst.set("socket", socket)
+        if el.get("socket") is not None:
+            el.set("socket", socket)
+        return True
+    if port <= 0:
         return False
     if el.get("autoport") is None:
         el.set("autoport", "yes" if el.get("port") in (None, "-1") else "no")
