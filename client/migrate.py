@@ -86,7 +86,8 @@ class RemoteSource:
         return reply.cookie_out
 
     async def migratable_xml(self, dom: str) -> str:
-        return await self.conn.xml_desc(dom, migratable=True)
+        # (secure: the destination needs the guest's VNC password too, as libvirt's v2 flow)
+        return await self.conn.xml_desc(dom, migratable=True, secure=True)
 
     async def perform2(self, dom: str, params: TypedParams, cookie: bytes, flags: int) -> None:
         req = pb.PerformRequest(domain=await self.conn.ref(dom), cookie_in=cookie, flags=flags,

@@ -205,9 +205,12 @@ class RpcConnection:
         return [Domain.from_msg(d) for d in m.domains]
 
     async def xml_desc(self, key: DomainKey, *, inactive: bool = False,
-                       migratable: bool = False) -> str:
+                       migratable: bool = False, secure: bool = False) -> str:
+        """The domain's XML; ``secure`` (libvirt's VIR_DOMAIN_XML_SECURE, a write call): with
+        the graphics passwords."""
         m: pb.GetXMLReply = await self._call(self.domains_stub.GetXML, pb.GetXMLRequest(
-            domain=await self.ref(key), inactive=inactive, migratable=migratable))
+            domain=await self.ref(key), inactive=inactive, migratable=migratable,
+            secure=secure))
         return m.xml
 
     async def info(self, key: DomainKey) -> DomainInfo:

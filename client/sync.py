@@ -151,8 +151,9 @@ class Connection:
         return self._run(self.aconn.list_domains(active=active, inactive=inactive))
 
     def xml_desc(self, key: DomainKey, *, inactive: bool = False,
-                 migratable: bool = False) -> str:
-        return self._run(self.aconn.xml_desc(key, inactive=inactive, migratable=migratable))
+                 migratable: bool = False, secure: bool = False) -> str:
+        return self._run(self.aconn.xml_desc(key, inactive=inactive, migratable=migratable,
+                                             secure=secure))
 
     def info(self, key: DomainKey) -> DomainInfo:
         return self._run(self.aconn.info(key))

@@ -12,6 +12,10 @@ the service descriptors has no entry.  Two entries are write for a reason of the
   may start a migration needs one.
 - ``Tunnel``: it carries a migration's data into the destination's incoming guest.
 
+A read call that asks for secrets is a write call (:data:`SECRET_FIELDS`): ``GetXML`` with
+``secure`` (``dumpxml --security-info``: the graphics passwords), as libvirt refuses
+VIR_DOMAIN_XML_SECURE on a read-only connection.
+
 Migration phases that only a peer daemon or an operator should send (Prepare3, Finish3, Prepare2,
 Finish2, Tunnel on a destination; Confirm3 on a source) are write calls like any other: a
 peer-to-peer source presents its host certificate and is authorized as any client.
@@ -114,6 +118,22 @@ ROLES: Final[Mapping[str, Role]] = MappingProxyType({
     "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": _R,
 })
 
+#: Read calls that become write calls when the request sets this (boolean) field: they ask for
+#: secrets.
+SECRET_FIELDS: Final[Mapping[str, str]] = MappingProxyType({
+    "/virtmig.v1.Domains/GetXML": "secure",
+})
+
+
+def role_of(method: str, request: object = None) -> Role | None:
+    """The role a call of ``method`` with ``request`` needs (None: ``method`` is unknown)."""
+    role = ROLES.get(method)
+    secret = SECRET_FIELDS.get(method)
+    if role is not None and secret is not None and getattr(request, secret, False) is True:
+        return Role.WRITE
+    return role
+
+
 TLS_VERSION = "TLSv1.3"
 
 AuthContext = Mapping[str, Iterable[bytes]]
@@ -156,11 +176,14 @@ class Policy:
     allowed_dns: tuple[str, ...] = ()
     readonly_dns: tuple[str, ...] = ()
 
-    def check(self, method: str, auth: AuthContext) -> None:
+    def check(self, method: str, auth: AuthContext, request: object = None) -> None:
         """Return if the caller whose connection has ``auth`` (gRPC's ``auth_context()``) may
-        call ``method``; raise :class:`PermissionDenied` naming it otherwise."""
+        call ``method`` with ``request`` (:func:`role_of`); raise :class:`PermissionDenied`
+        naming it otherwise."""
         name = method.rsplit("/", 1)[-1]
-        role = ROLES.get(method)
+        role = role_of(method, request)
+        if role is not ROLES.get(method):
+            name += f" with {SECRET_FIELDS[method]}"
         if role is None:
             raise PermissionDenied(f"{method} has no role in the authorization table")
         if self.read_only:

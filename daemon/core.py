@@ -275,10 +275,11 @@ class Daemon:
             machine=d.machine,
         )
 
-    def canonical(self, d: DomainDef) -> DomainDef:
-        """``d`` as the backend pins it (:meth:`Backend.canonicalize`), at define and Prepare
-        (and for a migration's destination XML, so that it compares with the stored one)."""
-        xml = self.backend.canonicalize(self.spec(d))
+    def canonical(self, d: DomainDef, *, define: bool = False) -> DomainDef:
+        """``d`` as the backend pins it (:meth:`Backend.canonicalize`), at define (``define``)
+        and Prepare (and for a migration's destination XML, so that it compares with the stored
+        one)."""
+        xml = self.backend.canonicalize(self.spec(d), define=define)
         return d if xml == d.xml else parse_domain_xml(xml)
 
     def live(self, d: DomainDef) -> DomainDef:

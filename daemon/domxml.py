@@ -4,7 +4,9 @@ The concern of this module is the *domain definition document* (libvirt's ``<dom
 subset): turning untrusted text into a :class:`DomainDef` without ever expanding entities, loading
 DTDs or touching the network; keeping everything it does not interpret **verbatim** so that a
 definition round-trips without loss; producing libvirt's *migratable* form; and refusing a
-migration target definition whose guest-visible ABI differs from the source's.
+migration target definition whose guest-visible ABI differs from the source's; and leaving the
+graphics passwords (``<graphics passwd=>``) out of what is shown without libvirt's
+VIR_DOMAIN_XML_SECURE.
 
 Only these fields are interpreted: the domain ``type``, ``<name>``, ``<uuid>``, ``<memory>``,
 ``<currentMemory>``, ``<vcpu>``, ``<os><type arch= machine=>`` and the attributes of
@@ -514,11 +516,21 @@ def _migratable_tree(d: DomainDef) -> etree._ElementTree:
     return tree
 
 
-def format_domain_xml(d: DomainDef, *, migratable: bool = False) -> str:
-    """The domain document; with ``migratable`` libvirt's migratable form (stable output)."""
-    if not migratable:
+def format_domain_xml(d: DomainDef, *, migratable: bool = False, secure: bool = True) -> str:
+    """The domain document; with ``migratable`` libvirt's migratable form (stable output).
+    Without ``secure`` (libvirt's VIR_DOMAIN_XML_SECURE: ``dumpxml --security-info``) the
+    graphics' ``passwd`` attributes are left out, as libvirt leaves them out."""
+    if not migratable and (secure or not _has_passwords(d.xml)):
         return d.xml
-    return _serialize(_migratable_tree(d))
+    tree = _migratable_tree(d) if migratable else _parse_tree(d.xml)
+    if not secure:
+        for el in tree.getroot().iterfind("devices/graphics[@passwd]"):
+            del el.attrib["passwd"]
+    return _serialize(tree)
+
+
+def _has_passwords(xml: str) -> bool:
+    return "passwd" in xml  # cheap; the tree decides
 
 
 def rename(d: DomainDef, new_name: str) -> DomainDef:

@@ -138,9 +138,11 @@ class _Gate:
             code = _code_of(context)
         self.metrics.rpc(self.method, code, time.monotonic() - started)
 
-    async def enter(self, context: grpc.aio.ServicerContext[Any, Any]) -> Slot | None:
-        """The call's slot (None without limits); a refused call ends here, aborted."""
-        await _authorize(context, self.method, self.policy)
+    async def enter(self, context: grpc.aio.ServicerContext[Any, Any],
+                    request: object = None) -> Slot | None:
+        """The call's slot (None without limits); a refused call ends here, aborted.
+        ``request``: a unary request, whose fields may raise the role (authz.SECRET_FIELDS)."""
+        await _authorize(context, self.method, self.policy, request)
         if self.limits is None:
             return None
         try:
@@ -157,11 +159,11 @@ class _Gate:
 
 
 async def _authorize(context: grpc.aio.ServicerContext[Any, Any], method: str,
-                     policy: Policy) -> None:
-    """Return if the caller may call ``method``; otherwise log the refusal once and end the
-    call with PERMISSION_DENIED."""
+                     policy: Policy, request: object = None) -> None:
+    """Return if the caller may call ``method`` (with ``request``); otherwise log the refusal
+    once and end the call with PERMISSION_DENIED."""
     try:
-        policy.check(method, context.auth_context())
+        policy.check(method, context.auth_context(), request)
     except PermissionDenied as exc:
         log.warning("refused %s from %s: %s", method.rsplit("/", 1)[-1], context.peer(), exc)
         code, details, trailers = to_status(exc)
@@ -176,7 +178,7 @@ def _unary_response(behaviour: Any, gate: _Gate,
         started = time.monotonic()
         ended: BaseException | None = None
         try:
-            slot = await gate.enter(context)
+            slot = await gate.enter(context, request)
         except BaseException as exc:
             gate.done(context, started, exc)
             raise
@@ -204,7 +206,7 @@ def _stream_response(behaviour: Any, gate: _Gate,
     @functools.wraps(behaviour)
     async def wrapper(request: Any, context: grpc.aio.ServicerContext[Any, Any]
                       ) -> AsyncIterator[Any]:
-        slot = await gate.enter(context)
+        slot = await gate.enter(context, request)
         try:
             # aclosing: when gRPC closes this generator, the handler's own `finally` runs now.
             async with contextlib.aclosing(behaviour(decoded(request), context)) as responses:

@@ -39,7 +39,7 @@ def not_running(dom: DomainObj) -> OperationInvalid:
 
 
 async def define(daemon: Daemon, xml: str) -> DomainObj:
-    d = daemon.canonical(parse_domain_xml(xml))
+    d = daemon.canonical(parse_domain_xml(xml), define=True)
     daemon.validate(d)
     existing = daemon.registry.check_define(d)
     if existing is not None and _abandoned_incoming(daemon, existing):

@@ -112,7 +112,8 @@ class DomainsService(pbg.DomainsServicer):
     async def GetXML(self, request: pb.GetXMLRequest, context: Any) -> pb.GetXMLReply:
         dom = self._dom(request.domain)
         d = dom.config if request.inactive and dom.config is not None else dom.definition
-        return wire.xml_msg(format_domain_xml(d, migratable=request.migratable))
+        return wire.xml_msg(format_domain_xml(d, migratable=request.migratable,
+                                              secure=request.secure))
 
     async def GetInfo(self, request: pb.DomainRequest, context: Any) -> pb.DomainInfo:
         dom = self._dom(request.domain)

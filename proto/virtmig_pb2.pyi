@@ -175,14 +175,16 @@ class ListReply(_message.Message):
     def __init__(self, domains: _Optional[_Iterable[_Union[Domain, _Mapping]]] = ...) -> None: ...
 
 class GetXMLRequest(_message.Message):
-    __slots__ = ("domain", "inactive", "migratable")
+    __slots__ = ("domain", "inactive", "migratable", "secure")
     DOMAIN_FIELD_NUMBER: _ClassVar[int]
     INACTIVE_FIELD_NUMBER: _ClassVar[int]
     MIGRATABLE_FIELD_NUMBER: _ClassVar[int]
+    SECURE_FIELD_NUMBER: _ClassVar[int]
     domain: DomainRef
     inactive: bool
     migratable: bool
-    def __init__(self, domain: _Optional[_Union[DomainRef, _Mapping]] = ..., inactive: _Optional[bool] = ..., migratable: _Optional[bool] = ...) -> None: ...
+    secure: bool
+    def __init__(self, domain: _Optional[_Union[DomainRef, _Mapping]] = ..., inactive: _Optional[bool] = ..., migratable: _Optional[bool] = ..., secure: _Optional[bool] = ...) -> None: ...
 
 class GetXMLReply(_message.Message):
     __slots__ = ("xml",)

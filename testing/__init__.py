@@ -25,6 +25,8 @@ Real daemons in your event loop, guests to migrate, and waits that never hang or
   unprivileged user, created and released; post-copy as root; the guest cache as storage) and
   where a guest's serial log lies;
 * :mod:`~virtmig.testing.wait`: :func:`wait_until` and friends, bounded waits on a condition.
+* :mod:`~virtmig.testing.vnc`: an RFB handshake with a guest's VNC server (the security types
+  it offers, VNC authentication with a password), on a loopback port or a unix socket.
 
 Nothing here needs pytest, except the ``*_or_skip`` functions when they skip.
 """

@@ -206,7 +206,8 @@ async def cmd_domstate(s: Session, args: argparse.Namespace) -> None:
 async def cmd_dumpxml(s: Session, args: argparse.Namespace) -> None:
     conn = await s.conn()
     dom = await lookup(conn, args.domain)
-    xml = await conn.xml_desc(dom, inactive=args.inactive, migratable=args.migratable)
+    xml = await conn.xml_desc(dom, inactive=args.inactive, migratable=args.migratable,
+                              secure=args.security_info)
     sys.stdout.write(xml if xml.endswith("\n") else xml + "\n")
 
 
@@ -278,3 +279,5 @@ def setup_dumpxml(p: argparse.ArgumentParser) -> None:
     p.add_argument("--inactive", action="store_true", help="show inactive defined XML")
     p.add_argument("--migratable", action="store_true",
                    help="provide XML suitable for migrations")
+    p.add_argument("--security-info", action="store_true",
+                   help="include security sensitive information in XML dump")

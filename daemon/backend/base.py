@@ -228,10 +228,13 @@ class Backend(abc.ABC):
     def validate(self, spec: GuestSpec) -> None:  # noqa: B027 - optional hook
         """Refuse (``ConfigUnsupported``) what this backend cannot run, at define time."""
 
-    def canonicalize(self, spec: GuestSpec) -> str:
+    def canonicalize(self, spec: GuestSpec, *, define: bool = False) -> str:
         """``spec``'s domain XML as the daemon stores it (at define and Prepare, before
         ``validate``): a backend pins there what must be the same on every host (the qemu
-        backend: the concrete machine type).  Default: unchanged."""
+        backend: the concrete machine type).  ``define``: a definition the user gives (define,
+        create), where new defaults may apply (libvirt's ABI update; the qemu backend: q35's
+        default USB controller), not a migration's.  Default: unchanged."""
+        del define
         return spec.xml
 
     def live_xml(self, uuid: str, xml: str) -> str:

@@ -16,7 +16,7 @@ from grpc_reflection.v1alpha import reflection_pb2
 
 from tests.daemon.test_interceptor import Context
 from virtmig.daemon import interceptor
-from virtmig.daemon.authz import ROLES, Access, Policy, Role, tls_access
+from virtmig.daemon.authz import ROLES, SECRET_FIELDS, Access, Policy, Role, role_of, tls_access
 from virtmig.daemon.interceptor import wrap_handler
 from virtmig.proto import virtmig_pb2 as pb
 from virtmig.proto.errors import ERROR_METADATA_KEY, PermissionDenied
@@ -160,6 +160,47 @@ def test_tls_older_than_1_3_is_refused() -> None:
 def test_a_method_without_a_role_is_refused() -> None:
     assert refusal(Policy(), "/virtmig.v1.Domains/Reboot", PLAIN) == (
         "access denied: /virtmig.v1.Domains/Reboot has no role in the authorization table")
+
+
+GET_XML = "/virtmig.v1.Domains/GetXML"
+
+
+def test_asking_for_secrets_is_a_write_call() -> None:
+    # dumpxml --security-info (the VNC passwords): libvirt refuses VIR_DOMAIN_XML_SECURE on a
+    # read-only connection
+    plain, secure = pb.GetXMLRequest(), pb.GetXMLRequest(secure=True)
+    assert role_of(GET_XML, plain) is Role.READ and role_of(GET_XML, secure) is Role.WRITE
+    assert role_of(GET_XML) is Role.READ and role_of(LIST, secure) is Role.READ
+    assert set(SECRET_FIELDS) <= set(ROLES)
+    for method, name in SECRET_FIELDS.items():  # each names a boolean field of its request
+        request = {GET_XML: pb.GetXMLRequest}[method]()
+        assert getattr(request, name) is False
+    read_only = Policy(read_only=True)
+    read_only.check(GET_XML, PLAIN, plain)  # (raises when refused)
+    with pytest.raises(PermissionDenied, match="read-only socket: GetXML with secure is not a "
+                                               "read call"):
+        read_only.check(GET_XML, PLAIN, secure)
+    viewer = Policy(readonly_dns=("O=virtmig,CN=viewer",))
+    with pytest.raises(PermissionDenied, match=r"read-only access .*GetXML with secure"):
+        viewer.check(GET_XML, tls_auth("viewer"), secure)
+    viewer.check(GET_XML, tls_auth("admin"), secure)
+
+
+async def test_the_interceptor_refuses_secrets_to_read_only_callers() -> None:
+    ran: list[object] = []
+
+    async def behaviour(request: object, context: object) -> object:
+        ran.append(request)
+        return pb.GetXMLReply()
+
+    wrapped: Any = wrap_handler(grpc.unary_unary_rpc_method_handler(behaviour), GET_XML,
+                                Policy(read_only=True))
+    await wrapped.unary_unary(pb.GetXMLRequest(), Context(PLAIN))
+    ctx = Context(PLAIN)
+    with pytest.raises(grpc.aio.AbortError):
+        await wrapped.unary_unary(pb.GetXMLRequest(secure=True), ctx)
+    assert ctx.aborted is not None and ctx.aborted[0] is grpc.StatusCode.PERMISSION_DENIED
+    assert len(ran) == 1
 
 
 # --- the interceptor refuses before the handler runs ---------------------------------------------

@@ -370,11 +370,11 @@ def test_vnc_remote_listen_needs_the_setting() -> None:
 @pytest.mark.parametrize(("device", "message"), [
     ("<graphics type='spice' autoport='yes'/>", "graphics type 'spice' (vnc only)"),
     ("<graphics type='sdl'/>", "graphics type 'sdl' (vnc only)"),
-    ("<graphics type='vnc' passwd='secret'/>", "attribute 'passwd' (VNC passwords are not "
-                                               "supported"),
     ("<graphics type='vnc' keymap='de'/>", "attribute 'keymap' of <graphics>"),
     ("<graphics type='vnc'><listen type='socket' socket='/tmp/v.sock'/></graphics>",
-     "<listen type='socket'> (type='address' only) (QEMU would create the socket"),
+     "socket '/tmp/v.sock' (only the daemon's own, vnc/vnc.sock in the guest's folder"),
+    ("<graphics type='vnc'><listen type='network' network='default'/></graphics>",
+     "<listen type='network'> (type='address' or 'socket')"),
     ("<graphics type='vnc' listen='127.0.0.1'><listen type='address' address='127.0.0.2'/>"
      "</graphics>", "differ"),
     ("<graphics type='vnc' listen='localhost'/>", "listen 'localhost' is not an IP address"),

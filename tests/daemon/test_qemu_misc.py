@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 
 import pytest
+from lxml import etree
 
 from tests.daemon.backend_qemu_helpers import guest_xml, make_spec
 from virtmig.daemon.backend.qemu import GuestFiles, QemuSettings, parse_config
@@ -70,6 +71,54 @@ def test_defaults_are_written_at_define() -> None:
     assert twice.count("<memballoon") == 1 and twice.count("type=\"usb\"") == 1
 
 
+def _usb_model(xml: str) -> list[str | None]:
+    """The model of each USB controller of a definition."""
+    tree = etree.fromstring(xml.encode())
+    return [c.get("model") for c in tree.iterfind("devices/controller[@type='usb']")]
+
+
+@pytest.mark.parametrize(("machine", "devices", "model"), [
+    ("q35", "", "qemu-xhci"),  # libvirt's default on q35
+    ("pc-q35-7.2", "", "qemu-xhci"),
+    ("q35", "<controller type='usb' index='0'/>", "qemu-xhci"),  # no model: the default's
+    ("pc", "", "piix3-uhci"),
+    ("pc", "<controller type='usb'/>", "piix3-uhci"),
+    ("q35", "<controller type='usb' model='piix3-uhci'/>", "piix3-uhci"),  # named: kept
+    ("q35", "<controller type='usb' model='ich9-ehci1'/>", "ich9-ehci1"),
+])
+def test_default_usb_controller_at_define(machine: str, devices: str, model: str) -> None:
+    spec = make_spec(guest_xml(machine=machine, devices=devices))
+    stored = canonical_xml(spec, {EMULATOR: CAPS}, SETTINGS, define=True)
+    assert _usb_model(stored) == [model]
+    device = {"qemu-xhci": "qemu-xhci", "piix3-uhci": "piix3-usb-uhci",
+              "ich9-ehci1": "ich9-usb-ehci1"}[model]
+    argv = parse_config(make_spec(stored), {EMULATOR: CAPS}, SETTINGS).argv(
+        GuestFiles(), incoming=False)
+    placed = [d for d in _placed(argv) if d.startswith(f"{device},id=usb")]
+    assert len(placed) == 1
+    if model == "qemu-xhci":  # a slot of the root bus, written at define
+        assert re.search(r",bus=pcie\.0,addr=0x0[0-9a-f]$", placed[0]), placed[0]
+        assert 'model="qemu-xhci"><address type="pci"' in stored
+    # the migratable XML keeps it, and the destination (no define) runs the same controller
+    migratable = format_domain_xml(parse_domain_xml(stored), migratable=True)
+    dest = canonical_xml(make_spec(migratable), {EMULATOR: CAPS}, SETTINGS)
+    assert parse_config(make_spec(dest), {EMULATOR: CAPS}, SETTINGS).pci == \
+        parse_config(make_spec(stored), {EMULATOR: CAPS}, SETTINGS).pci
+    assert _usb_model(dest) == [model]
+
+
+def test_default_usb_controller_off_define_is_piix3() -> None:
+    # A migration's XML (canonicalized without define) has lost its piix3-uhci controller
+    # (the migratable XML leaves it out): it gets it back, also on q35; a stored definition
+    # without a USB controller (older than this default) runs piix3-uhci too
+    for machine in ("q35", "pc"):
+        spec = make_spec(guest_xml(machine=machine, devices=""))
+        assert _usb_model(canonical_xml(spec, {EMULATOR: CAPS}, SETTINGS)) == ["piix3-uhci"]
+        assert "piix3-usb-uhci,id=usb" in _devices(_argv("", machine=machine))
+    unnamed = make_spec(guest_xml(machine="q35", devices="<controller type='usb'/>"))
+    assert _usb_model(canonical_xml(unnamed, {EMULATOR: CAPS}, SETTINGS)) == [None]
+
+
 def test_rng_backends_and_rate() -> None:
     argv = _argv("<rng model='virtio'><backend model='random'>/dev/urandom</backend></rng>"
                  "<rng model='virtio'><rate bytes='1024' period='2000'/>"
@@ -116,7 +165,7 @@ def test_usb_controllers_and_inputs() -> None:
     assert _devices(_argv("<controller type='usb' index='0'/><memballoon model='none'/>")) == [
         "piix3-usb-uhci,id=usb"]  # libvirt's default model on pc
     q35 = _argv("<controller type='usb'/><memballoon model='none'/>", machine="q35")
-    assert _devices(q35) == ["piix3-usb-uhci,id=usb"]  # (see misc.py: not qemu-xhci)
+    assert _devices(q35) == ["piix3-usb-uhci,id=usb"]  # not defined here: see below
     assert _devices(_argv("<input type='tablet' bus='usb'/><memballoon model='none'/>")) == [
         "piix3-usb-uhci,id=usb", "usb-tablet,id=input0,bus=usb.0,port=1"]
     argv = _argv("<controller type='usb' index='0' model='ich9-ehci1'/>"

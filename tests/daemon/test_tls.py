@@ -137,7 +137,8 @@ async def test_a_read_only_client_reads(guarded: Host) -> None:
         assert "<name>vm1</name>" in await ro.xml_desc("vm1")
         assert (await ro.job_info("vm1")).type is JobType.NONE
         assert (await ro.host(refresh=True)).hostname == "guarded.test"
-        for call in (ro.suspend("vm1"), ro.set_max_speed("vm1", 5), ro.open_session()):
+        for call in (ro.suspend("vm1"), ro.set_max_speed("vm1", 5), ro.open_session(),
+                     ro.xml_desc("vm1", secure=True)):  # (--security-info: secrets)
             with pytest.raises(PermissionDenied, match="'O=virtmig,CN=viewer-1' has read-only"):
                 await call
     assert (await guarded.conn.state("vm1"))[0] is DomainState.RUNNING

@@ -6,8 +6,8 @@ and after.
 
 The entries are written for these tests, one per area the qemu backend honours (machine and
 CPU, host-model, firmware, disks, NICs, the small devices, consoles/channels/VNC/video on pc and
-q35); every PCI address the stored definition carries (written at define, :mod:`.pci`) is where
-QEMU put the device; ``@UUID@``, ``@STORAGE@`` (a folder
+q35, VNC with a password on a unix socket); every PCI address the stored definition carries
+(written at define, :mod:`.pci`) is where QEMU put the device; ``@UUID@``, ``@STORAGE@`` (a folder
 both daemons share as storage), ``@KERNEL@``/``@INITRD@``/``@CMDLINE@``/``@TYPE@`` (the
 heartbeat test guest, under KVM where it runs) are filled in here.  All but
 ``kernel-heartbeat.xml`` are kernel-less and idle (SeaBIOS or OVMF, 64-128 MiB, TCG): a round
@@ -30,6 +30,7 @@ from lxml import etree
 
 from tests.e2e.test_qemu_migration import BOOT_TIMEOUT, lives_on, wait_heartbeat
 from virtmig.client.migrate import migrate3
+from virtmig.daemon.backend.qemu.monitor import _socket_path
 from virtmig.daemon.domxml import parse_domain_xml
 from virtmig.proto.flags import DomainState, MigrateFlags
 from virtmig.proto.params import TypedParams
@@ -42,18 +43,22 @@ from virtmig.testing import (
     qemu_binary_or_skip,
 )
 from virtmig.testing.qemu import device_set
+from virtmig.testing.vnc import VNC_AUTH, vnc_handshake
 
 pytestmark = [pytest.mark.qemu, pytest.mark.flaky(reruns=1, only_rerun=["TcgGuestBroken"])]
 
 CORPUS = Path(__file__).parent / "data" / "corpus"
 ENTRIES = sorted(p.name for p in CORPUS.glob("*.xml"))
 KERNEL_ENTRY = "kernel-heartbeat.xml"
+VNC_ENTRY = "vnc-socket-password.xml"
+VNC_PASSWORD = "corpus"
 
 
 def test_corpus_covers_each_area() -> None:
     assert {"pc-minimal.xml", "q35-cpu-machine.xml", "host-model.xml", "misc-devices.xml",
             "ovmf-q35.xml", "disks.xml", "nics.xml", "consoles-graphics.xml",
-            "q35-consoles-graphics.xml", KERNEL_ENTRY} <= set(ENTRIES)
+            "q35-consoles-graphics.xml", "q35-piix3-uhci.xml", VNC_ENTRY,
+            KERNEL_ENTRY} <= set(ENTRIES)
 
 
 async def _storage(tmp_path: Path) -> Path:
@@ -109,6 +114,8 @@ async def test_corpus_entry_keeps_its_devices_there_and_back(entry: str, tmp_pat
 
         await _move(src, dst, name)
         assert await _devices(dst, uuid) == before
+        if entry == VNC_ENTRY:  # the destination's own socket, with the password set there
+            await _check_vnc(await dst.conn.xml_desc(name))
         assert _cpu(await dst.conn.xml_desc(name)) == _cpu(live)  # (host-model: its expansion)
         if kernel:
             beat = await lives_on(dst, uuid, dst.serial_log(uuid), beat)
@@ -117,6 +124,16 @@ async def test_corpus_entry_keeps_its_devices_there_and_back(entry: str, tmp_pat
         assert await _devices(src, uuid) == before
         if kernel:
             await lives_on(src, uuid, src.serial_log(uuid), beat)
+
+
+async def _check_vnc(live: str) -> None:
+    """The VNC server on the unix socket the live XML names asks for the password, and takes
+    it."""
+    lst = etree.fromstring(live.encode()).find("devices/graphics/listen[@type='socket']")
+    assert lst is not None
+    with _socket_path(Path(lst.get("socket", ""))) as reachable:
+        shake = await vnc_handshake(socket=Path(reachable), password=VNC_PASSWORD)
+    assert shake.types == (VNC_AUTH,) and shake.accepted is True
 
 
 def _stored_slots(xml: str) -> set[tuple[int, int]]:
@@ -137,8 +154,9 @@ async def _check_entry(entry: str, host: Host, uuid: str, live: str, inactive: s
     query = functools.partial(host.daemon.backend.query, uuid)  # type: ignore[attr-defined]
     stored = parse_domain_xml(inactive)
     assert stored.machine in ("pc-i440fx-7.2", "pc-q35-7.2")  # pinned at define
-    pci = {d.get("qdev_id", ""): (d["slot"], d["function"])
-           for bus in await query("query-pci", None) for d in bus["devices"]}
+    devices = {d.get("qdev_id", ""): d for bus in await query("query-pci", None)
+               for d in bus["devices"]}
+    pci = {qid: (d["slot"], d["function"]) for qid, d in devices.items()}
     assert _stored_slots(inactive) <= set(pci.values())  # every written slot is QEMU's
     if entry == "pc-minimal.xml":  # libvirt's default devices, written at define
         assert "<memballoon model=\"virtio\">" in inactive
@@ -151,6 +169,15 @@ async def _check_entry(entry: str, host: Host, uuid: str, live: str, inactive: s
         named = {c["name"] for c in await query("qom-list", {"path": "/machine/peripheral"})}
         assert {"serial0", "channel0"} <= named
         assert (await query("query-vnc", None))["enabled"]
+    if entry == "q35-consoles-graphics.xml":  # libvirt's default USB controller on q35
+        assert "<controller type=\"usb\" index=\"0\" model=\"qemu-xhci\">" in inactive
+        assert devices["usb"]["id"]["vendor"] == 0x1B36  # QEMU's qemu-xhci: 1b36:000d
+        assert devices["usb"]["id"]["device"] == 0x000D
+    if entry == "q35-piix3-uhci.xml":  # named in the definition: kept (8086:7020)
+        assert "model=\"piix3-uhci\"" in inactive and devices["usb"]["id"]["device"] == 0x7020
+    if entry == VNC_ENTRY:
+        assert "passwd" not in live and "passwd" not in inactive  # dumpxml hides it
+        await _check_vnc(live)
     if entry == "host-model.xml":
         assert "mode='host-model'" in inactive or 'mode="host-model"' in inactive
         cpu = etree.fromstring(live.encode()).find("cpu")

@@ -47,6 +47,7 @@ from virtmig.daemon.backend.qemu.confine import (
     run_as,
 )
 from virtmig.daemon.backend.qemu.disks import migration_unsafe
+from virtmig.daemon.backend.qemu.graphics import password_commands
 from virtmig.daemon.backend.qemu.guest import PID_NAME, _Guest
 from virtmig.daemon.backend.qemu.hostcpu import (
     HostModel,
@@ -169,10 +170,10 @@ class QemuBackend(Backend):
     def check_compression(self, compression: Compression) -> None:
         refuse_mt_compression(compression)
 
-    def canonicalize(self, spec: GuestSpec) -> str:
+    def canonicalize(self, spec: GuestSpec, *, define: bool = False) -> str:
         """The machine type pinned (``pc`` -> the emulator's ``pc-i440fx-7.2``), MACs, PCI
-        addresses and channel sockets assigned (:func:`canonical_xml`)."""
-        return canonical_xml(spec, self._caps, self.settings, self._dir)
+        addresses, default devices and channel sockets assigned (:func:`canonical_xml`)."""
+        return canonical_xml(spec, self._caps, self.settings, self._dir, define=define)
 
     def live_xml(self, uuid: str, xml: str) -> str:
         """``xml`` with the paths of the guest's ptys and its VNC port, as QEMU chose them."""
@@ -253,6 +254,8 @@ class QemuBackend(Backend):
             for nic in cfg.nics:  # (a migrated NIC's link state also comes in its state)
                 if not nic.link_up:
                     await self._exec(guest, "set_link", {"name": nic.id, "up": False})
+            for command, args in password_commands(cfg.vnc):  # (never logged)
+                await self._exec(guest, command, args)
             self._runtime[cfg.uuid] = await read_runtime(self._exec_any, guest, cfg)
         except BaseException:
             await stop_process(self._exec, guest)

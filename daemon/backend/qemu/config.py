@@ -92,10 +92,12 @@ from virtmig.daemon.backend.qemu.graphics import (
 from virtmig.daemon.backend.qemu.guest import SOCKET_NAME
 from virtmig.daemon.backend.qemu.machine import MachineConfig, parse_machine, pin_machine
 from virtmig.daemon.backend.qemu.misc import (
+    DEFAULT_USB,
     MiscBuilder,
     MiscDevices,
     add_default_balloon,
     add_default_usb,
+    default_usb,
     parse_misc_device,
 )
 from virtmig.daemon.backend.qemu.net import NicConfig, assign_macs, parse_interface
@@ -272,7 +274,7 @@ def parse_config(spec: GuestSpec, machines: Machines = None,
             f"machine type '{machine}' is not supported by the qemu backend (not known to the "
             "emulator)"
         )
-    devs = _parse_devices(root.find("devices"), machine, settings, guest_dir, caps)
+    devs = _parse_devices(root.find("devices"), machine, settings, guest_dir, caps, d.uuid)
     return QemuConfig(
         uuid=d.uuid,
         name=d.name,
@@ -320,16 +322,21 @@ def _parse_domain(xml: str) -> tuple[DomainDef, etree._Element]:
 
 
 def canonical_xml(spec: GuestSpec, machines: Machines = None,
-                  settings: QemuSettings | None = None, guests_dir: Path | None = None) -> str:
+                  settings: QemuSettings | None = None, guests_dir: Path | None = None, *,
+                  define: bool = False) -> str:
     """``spec``'s XML as the daemon should store it: each ``<interface>`` without a MAC given
     a generated ``52:54:00:xx:xx:xx`` one (random, unique within the domain, as libvirt does),
     each ``<channel>`` without a socket path given one in the guest's folder under
     ``guests_dir`` (:func:`~.chardev.assign_sockets`), each PCI device without an address
     given its slot (:func:`~.pci.write_addresses`), and its machine type pinned to the concrete
     versioned type the emulator's alias stands for (``pc`` -> ``pc-i440fx-7.2``; no
-    ``machine=``: ``pc``'s).  Unchanged when nothing is to fill in, or the definition is not
-    one this backend runs (validation says why); the machine is left as it is when the
-    emulator's aliases are unknown."""
+    ``machine=``: ``pc``'s).  libvirt's default balloon and USB controller are written in when
+    missing: at ``define`` (a definition the user gives) the USB controller is the machine's
+    default (:func:`~.misc.default_usb`: ``qemu-xhci`` on q35) and a USB controller without a
+    model gets it; otherwise (a migration's XML, which leaves out a ``piix3-uhci``) it is
+    ``piix3-uhci``.  Unchanged when nothing is to fill in, or the definition is not one this
+    backend runs (validation says why); the machine is left as it is when the emulator's
+    aliases are unknown."""
     if not spec.xml:
         return spec.xml
     try:
@@ -341,7 +348,8 @@ def canonical_xml(spec: GuestSpec, machines: Machines = None,
     xml = d.xml
     changed = assign_macs(root)
     changed = assign_sockets(root, guests_dir / d.uuid if guests_dir else None) or changed
-    changed = add_default_usb(root) | add_default_balloon(root) | changed
+    usb = default_usb(d.machine or "pc") if define else DEFAULT_USB
+    changed = add_default_usb(root, usb, define=define) | add_default_balloon(root) | changed
     with contextlib.suppress(ConfigUnsupported):  # a refused address: validation says which
         changed = write_addresses(root, d.machine or "pc") or changed
     if changed:
@@ -401,7 +409,7 @@ class _Devices:
 
 
 def _parse_devices(devices: etree._Element | None, machine: str, settings: QemuSettings,
-                   guest_dir: Path | None, caps: EmulatorCaps | None) -> _Devices:
+                   guest_dir: Path | None, caps: EmulatorCaps | None, uuid: str) -> _Devices:
     """``<devices>``: the emulator named (``""``: none), the disks and their controllers, the
     serial ports (consoles included), channels, network interfaces, graphics and video; the
     small devices go to ``out.misc`` (:mod:`.misc`)."""
@@ -437,7 +445,7 @@ def _parse_devices(devices: etree._Element | None, machine: str, settings: QemuS
             out.nics.append(parse_interface(el, len(out.nics), out.nics))
         elif tag == "graphics":
             out.vnc = parse_graphics(el, settings.vnc_remote_listen,
-                                     (settings.vnc_port_min, settings.vnc_port_max))
+                                     (settings.vnc_port_min, settings.vnc_port_max), uuid)
         elif tag == "video":
             out.video = parse_video(el, caps)
         elif parse_misc_device(out.misc, el, tag):

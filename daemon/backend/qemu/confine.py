@@ -26,6 +26,10 @@ them: opening a guest's files for QEMU, and knowing whom QEMU runs as.
 * **Serial logs.** A serial port writes to ``serialN.log`` in the guest's own folder, a file the
   daemon creates (:func:`open_serial_log`, no symlink followed, mode 0600) and passes as a
   descriptor; a ``<source path=>`` naming any other file is refused (:func:`serial_path_refusal`).
+* **QEMU's own folder.** QEMU binds a VNC unix socket itself (``-vnc`` takes no descriptor):
+  :func:`make_qemu_dir` makes ``vnc`` in the guest's folder at each start of such a guest
+  (without following a symlink, 0750, QEMU's user's), the one place there QEMU may create a
+  file; :func:`remove_qemu_dir` removes it when QEMU exits.
 * **Migration TLS credentials.** QEMU's ``tls-creds-x509`` reads certificates and key from a
   folder by path; :func:`write_tls_creds` copies the host's PKI files into ``migrate-tls`` in the
   guest's folder (made without following a symlink, 0700, files 0400, all QEMU's user's, named
@@ -75,6 +79,7 @@ KVM_DEVICE = "/dev/kvm"
 UFFD_SYSCTL = "/proc/sys/vm/unprivileged_userfaultfd"
 SERIAL_LOG = "serial{port}.log"
 TLS_CREDS_DIR = "migrate-tls"  # in the guest's folder, while QEMU loads a migration's credentials
+VNC_SOCKET_DIR = "vnc"  # in the guest's folder, QEMU's own: where it binds a VNC unix socket
 _QCOW2_MAGIC = b"QFI\xfb"
 _QCOW2_EXTERNAL_DATA = 1 << 2  # incompatible feature bit: the data lives in another file
 
@@ -507,7 +512,44 @@ def _write_private(folder: int, name: str, data: bytes, owner: RunAs | None) -> 
 def remove_tls_creds(gdir: Path) -> None:
     """Remove ``gdir/TLS_CREDS_DIR`` if it is there; a symlink in its place is removed, never
     followed (``shutil.rmtree`` works on descriptors)."""
-    path = gdir / TLS_CREDS_DIR
+    _remove_tree(gdir / TLS_CREDS_DIR, "the migration TLS credentials")
+
+
+# --- a folder QEMU may write: its VNC unix socket ------------------------------------------------
+
+
+def make_qemu_dir(gdir: Path, name: str, owner: RunAs | None) -> Path:
+    """A fresh folder ``name`` in the guest's folder ``gdir`` that QEMU (``owner``; the
+    daemon's user when None) may create files in -- a unix socket QEMU binds itself, its VNC
+    server's -- and nothing else of the guest's folder: made without following a symlink (a
+    leftover goes first), 0750, QEMU's user and group.  ``BackendError`` names it when it
+    cannot be made."""
+    remove_qemu_dir(gdir, name)
+    parent = os.open(gdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.mkdir(name, 0o700, dir_fd=parent)
+        folder = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         dir_fd=parent)
+        try:
+            if owner is not None:
+                os.fchown(folder, owner.uid, owner.gid)
+            os.fchmod(folder, 0o750)
+        finally:
+            os.close(folder)
+    except OSError as exc:
+        raise BackendError(f"cannot make QEMU's folder '{gdir / name}': {_reason(exc)}") from None
+    finally:
+        os.close(parent)
+    return gdir / name
+
+
+def remove_qemu_dir(gdir: Path, name: str) -> None:
+    """Remove the folder ``name`` :func:`make_qemu_dir` made (whatever QEMU put in it; a
+    symlink is removed, never followed)."""
+    _remove_tree(gdir / name, "QEMU's folder")
+
+
+def _remove_tree(path: Path, what: str) -> None:
     try:
         st = os.lstat(path)
         if stat.S_ISDIR(st.st_mode):
@@ -517,7 +559,7 @@ def remove_tls_creds(gdir: Path) -> None:
     except FileNotFoundError:
         pass
     except OSError as exc:
-        log.error("qemu backend: cannot remove the migration TLS credentials %s: %s", path, exc)
+        log.error("qemu backend: cannot remove %s %s: %s", what, path, exc)
 
 
 def _reason(exc: OSError) -> str:

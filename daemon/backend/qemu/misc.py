@@ -16,13 +16,15 @@ Concern: ``<memballoon>``, ``<rng>``, ``<watchdog>``, ``<controller type='usb'>`
   and ``-action watchdog=`` (reset, the default, shutdown, poweroff, pause, none, inject-nmi;
   ``dump`` is refused: the daemon takes no core dumps).  One watchdog.
 * ``<controller type='usb' index='0' model='qemu-xhci'|'piix3-uhci'|'ich9-ehci1'|'none'>``
-  -> ``-device qemu-xhci|piix3-usb-uhci|ich9-usb-ehci1,id=usb``; one USB controller.  Without
-  a model, or without a USB controller at all: ``piix3-uhci``, libvirt's default on pc
-  (:func:`add_default_usb` writes it into the stored definition at define).  libvirt picks
-  ``qemu-xhci`` for q35 instead; here it is ``piix3-uhci`` on every machine, because the
-  migratable XML leaves out exactly that controller (as libvirt's does,
-  :mod:`virtmig.daemon.domxml`) and the destination must add back the same one.
-  ``model='none'``: no USB.
+  -> ``-device qemu-xhci|piix3-usb-uhci|ich9-usb-ehci1,id=usb``; one USB controller.
+  ``model='none'``: no USB.  At define (and only there) a guest without a USB controller gets
+  libvirt's default for its machine written into its stored definition, and a controller
+  without a model gets that model (:func:`add_default_usb`, :func:`default_usb`):
+  ``qemu-xhci`` on q35, ``piix3-uhci`` on pc.  Anywhere else -- a migration's destination, a
+  definition stored before this default -- a missing controller, or one without a model, is
+  ``piix3-uhci`` (:data:`DEFAULT_USB`): the migratable XML leaves out exactly that controller
+  (as libvirt's does, :mod:`virtmig.daemon.domxml`), so the destination adds back the same one,
+  and a stored definition that names its controller keeps it.
 * ``<input type='tablet'|'mouse'|'keyboard' bus='usb'>`` -> ``usb-tablet``/``usb-mouse``/
   ``usb-kbd`` on the USB controller (refused without one); ``type='mouse'|'keyboard'
   bus='ps2'``: the PS/2 devices every pc/q35 machine has built in (accepted, nothing added).
@@ -43,13 +45,14 @@ from lxml import etree
 from virtmig.daemon.backend.qemu.xmltable import unsupported_device
 
 __all__ = ["MiscBuilder", "MiscDevices", "add_default_balloon", "add_default_usb",
-           "parse_misc_device"]
+           "default_usb", "parse_misc_device"]
 
 RNG_SOURCES = ("/dev/urandom", "/dev/random")
 WATCHDOG_ACTIONS = ("reset", "shutdown", "poweroff", "pause", "none", "inject-nmi")
 USB_MODELS = {"qemu-xhci": "qemu-xhci", "piix3-uhci": "piix3-usb-uhci",
               "ich9-ehci1": "ich9-usb-ehci1"}  # libvirt's model -> QEMU's device
-DEFAULT_USB = "piix3-uhci"  # no <controller type='usb'>, or one without a model
+DEFAULT_USB = "piix3-uhci"  # no <controller type='usb'>, or one without a model, after define
+Q35_DEFAULT_USB = "qemu-xhci"  # libvirt's default on q35, written at define
 _USB_INPUTS = {"tablet": "usb-tablet", "mouse": "usb-mouse", "keyboard": "usb-kbd"}
 _MAX_RATE = 2**31 - 1
 
@@ -234,16 +237,29 @@ def _input(b: MiscBuilder, el: etree._Element) -> None:
     b.inputs.append((el, _USB_INPUTS[kind]))
 
 
-def add_default_usb(root: etree._Element) -> bool:
-    """Write the default ``<controller type='usb' index='0' model='piix3-uhci'/>`` into a
-    definition that has no USB controller; whether anything changed."""
+def default_usb(machine: str) -> str:
+    """libvirt's default USB controller model for a guest defined on ``machine``."""
+    return Q35_DEFAULT_USB if "q35" in machine else DEFAULT_USB
+
+
+def add_default_usb(root: etree._Element, model: str = DEFAULT_USB, *,
+                    define: bool = False) -> bool:
+    """Write ``<controller type='usb' index='0' model=MODEL/>`` into a definition that has no
+    USB controller; at ``define`` also ``model`` into a USB controller without one, as
+    libvirt's define does.  Whether anything changed.  At define ``model`` is
+    :func:`default_usb`'s; anywhere else the default ``piix3-uhci``, the controller a
+    migratable XML leaves out."""
     devices = root.find("devices")
     if devices is None:
         devices = etree.SubElement(root, "devices")
-    if any(c.get("type") == "usb" for c in devices.iterfind("controller")):
-        return False
-    etree.SubElement(devices, "controller", type="usb", index="0", model=DEFAULT_USB)
-    return True
+    usb = [c for c in devices.iterfind("controller") if c.get("type") == "usb"]
+    if not usb:
+        etree.SubElement(devices, "controller", type="usb", index="0", model=model)
+        return True
+    unnamed = [el for el in usb if define and not el.get("model")]
+    for el in unnamed:
+        el.set("model", model)
+    return bool(unnamed)
 
 
 def add_default_balloon(root: etree._Element) -> bool:

@@ -81,12 +81,26 @@ class _Monitor(QMPClient):
     """
 
     def _cb_outbound(self, msg: Message) -> Message:
-        self.logger.debug("--> %s", msg)
+        self.logger.debug("--> %s", _Redacted(msg))
         return msg
 
     def _cb_inbound(self, msg: Message) -> Message:
         self.logger.debug("<-- %s", msg)
         return msg
+
+
+class _Redacted:
+    """An outbound QMP message as the debug log shows it: a password (``set_password``'s, a
+    VNC guest's) never reaches a log."""
+
+    def __init__(self, msg: Message) -> None:
+        self.msg = msg
+
+    def __str__(self) -> str:
+        args = self.msg.get("arguments")
+        if isinstance(args, dict) and "password" in args:
+            return str({**dict(self.msg), "arguments": {**args, "password": "<hidden>"}})
+        return str(self.msg)
 
 
 @contextlib.contextmanager

@@ -19,7 +19,9 @@ finds its devices moved).  Pure values and tree edits; nothing here runs a proce
   the PIIX3 chipset, slot 0x01 function 0x2 (``addr=0x01.0x2``); another address on it is
   refused.  It takes no slot of its own, and the migratable XML, which leaves that controller
   out (:mod:`virtmig.daemon.domxml`), loses nothing: a destination adds it back at the same
-  place.  On ``q35`` that controller takes a slot like the others, and a given one must be the
+  place.  (q35's default, ``qemu-xhci``, takes a slot of ``pcie.0`` like any device: libvirt
+  would put it behind a ``pcie-root-port``, which is not modelled here.)
+  On ``q35`` a ``piix3-uhci`` takes a slot like the others, and a given one must be the
   slot a destination gives it when it adds it back without an address (the lowest free one
   beside the other devices' written slots), else it is refused at define.
 * :func:`plan` -- the given addresses, then a slot for each device without one: the primary

@@ -34,11 +34,14 @@ from virtmig.daemon.backend.base import BackendError
 from virtmig.daemon.backend.qemu.chardev import bind_guest_socket
 from virtmig.daemon.backend.qemu.config import GuestFiles, QemuConfig
 from virtmig.daemon.backend.qemu.confine import (
+    VNC_SOCKET_DIR,
     QemuSettings,
     RunAs,
+    make_qemu_dir,
     open_image,
     open_serial_log,
     prepare_guest_dir,
+    remove_qemu_dir,
     remove_tls_creds,
 )
 from virtmig.daemon.backend.qemu.firmware import open_firmware
@@ -66,6 +69,10 @@ async def launch(cfg: QemuConfig, gdir: Path, *, incoming: bool, settings: QemuS
     under the sandbox when ``settings`` say so, with the files the daemon opened for it.
     """
     prepare_guest_dir(gdir, owner)
+    if cfg.vnc is not None and cfg.vnc.socket:  # QEMU binds its VNC socket there itself
+        make_qemu_dir(gdir, VNC_SOCKET_DIR, owner)
+    else:
+        remove_qemu_dir(gdir, VNC_SOCKET_DIR)
     with contextlib.suppress(FileNotFoundError):
         (gdir / SOCKET_NAME).unlink()
     with _listen_unix(gdir / SOCKET_NAME) as monitor, open_guest_files(cfg, settings, gdir,
@@ -150,6 +157,7 @@ async def _watch_exit(guest: _Guest) -> None:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
     remove_tls_creds(guest.dir)
+    remove_qemu_dir(guest.dir, VNC_SOCKET_DIR)
     if guest.pidfd >= 0:
         os.close(guest.pidfd)
         guest.pidfd = -1
