@@ -4,7 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: all venv demo test faults fuzz lint proto bench e2e image clean typecheck-tree mutate man
+.PHONY: all venv demo test faults fuzz lint proto bench e2e image clean typecheck-tree mutate man \
+	prom-screenshot
 
 all: test
 
@@ -18,6 +19,13 @@ venv: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) deploy/demo.py
+
+# README "Metrics": two daemons, a real Prometheus scraping them every second through a two-minute
+# test run, and headless Chromium's screenshots of its graph page in docs/prometheus-*.png.
+# Needs Debian's prometheus and chromium; loopback only; not part of make test or CI.
+PROM_SCREENSHOT_ARGS ?=
+prom-screenshot: $(STAMP)
+	$(PY) deploy/prometheus/screenshot.py $(PROM_SCREENSHOT_ARGS)
 
 # Two pytest-xdist workers; tests/conftest.py puts every QEMU, netns and e2e test in one group
 # that a single worker runs in order (TEST_WORKERS=0: no workers, one process).
