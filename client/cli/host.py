@@ -11,8 +11,15 @@ import xml.etree.ElementTree as ET
 
 from virtmig import __version__
 from virtmig.client.cli.base import CliError, Session, add_json
-from virtmig.client.cli.jsonout import URI_TRANSPORTS, capabilities_json, dumps, host_json
+from virtmig.client.cli.jsonout import (
+    URI_TRANSPORTS,
+    capabilities_json,
+    dumps,
+    health_json,
+    host_json,
+)
 from virtmig.client.values import HostInfo
+from virtmig.proto.errors import VirtmigError
 from virtmig.proto.flags import protocols_of
 
 
@@ -84,7 +91,6 @@ async def cmd_health(s: Session, args: argparse.Namespace) -> None:
     """Print the daemon's health status; fail (exit 1, no error line) unless SERVING."""
     # Imported here, not at the top: parsing a command line (and --help) loads no gRPC.
     from virtmig.client.health import check_health, check_service_name
-    from virtmig.proto.errors import VirtmigError
 
     service = check_service_name(args.service)
     try:
@@ -92,8 +98,7 @@ async def cmd_health(s: Session, args: argparse.Namespace) -> None:
     except VirtmigError as exc:
         raise CliError("failed to connect to the hypervisor", str(exc)) from None
     if args.json:
-        sys.stdout.write(dumps({"service": health.service, "status": health.status,
-                                "status_code": health.code}))
+        sys.stdout.write(dumps(health_json(health)))
     else:
         print(health.status)
     if not health.serving:
