@@ -9,6 +9,7 @@ The library's layers, each module importing only those listed above it::
 
     values.py      the typed values: Domain, HostInfo, DomainInfo, JobInfo, Event
     transport.py   a connection URI's gRPC channel: plain, or mutual TLS from a PKI dir
+    health.py      check_health: one grpc.health.v1 Check over a URI's channel
     rpc.py         RpcConnection: one daemon's channel, session and RPCs
     sequence.py    the v3 sequence driver (also run by the daemon in peer-to-peer mode)
     migrate.py     migrate3 / migrate_to_uri3 over RpcConnections

@@ -105,6 +105,8 @@ COMMANDS: tuple[Command, ...] = (
     Command("version", "show version", host.cmd_version),
     Command("nodeinfo", "node information", host.cmd_nodeinfo, setup=add_json),
     Command("capabilities", "capabilities", host.cmd_capabilities, setup=add_json),
+    Command("health", "virtmig: the daemon's gRPC health status (exit 0 only when SERVING)",
+            host.cmd_health, setup=host.setup_health),
     Command("pki", "make a CA, or issue a host's or client's TLS certificates (no daemon)",
             pki.cmd_pki, setup=pki.setup_pki),
 )

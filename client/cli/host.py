@@ -1,6 +1,7 @@
 """Commands on the daemon's host: ``hostname``, ``version``, ``nodeinfo`` (with the features
-and migration protocols the daemon advertises) and ``capabilities`` (virsh's capabilities XML:
-the host, its migration transports, the guests it runs)."""
+and migration protocols the daemon advertises), ``capabilities`` (virsh's capabilities XML:
+the host, its migration transports, the guests it runs) and virtmig's ``health`` (the daemon's
+gRPC health service, :mod:`virtmig.client.health`: exit status 0 only when SERVING)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,16 @@ import sys
 import xml.etree.ElementTree as ET
 
 from virtmig import __version__
-from virtmig.client.cli.base import Session
-from virtmig.client.cli.jsonout import URI_TRANSPORTS, capabilities_json, dumps, host_json
+from virtmig.client.cli.base import CliError, Session, add_json
+from virtmig.client.cli.jsonout import (
+    URI_TRANSPORTS,
+    capabilities_json,
+    dumps,
+    health_json,
+    host_json,
+)
 from virtmig.client.values import HostInfo
+from virtmig.proto.errors import VirtmigError
 from virtmig.proto.flags import protocols_of
 
 
@@ -70,3 +78,28 @@ def capabilities_xml(host: HostInfo) -> str:
 async def cmd_capabilities(s: Session, args: argparse.Namespace) -> None:
     host = await (await s.conn()).host()
     sys.stdout.write(dumps(capabilities_json(host)) if args.json else capabilities_xml(host))
+
+
+def setup_health(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--service", metavar="NAME", default="",
+                   help="the service to ask about, e.g. virtmig.v1.Migration (default: the "
+                        "daemon as a whole)")
+    add_json(p)
+
+
+async def cmd_health(s: Session, args: argparse.Namespace) -> None:
+    """Print the daemon's health status; fail (exit 1, no error line) unless SERVING."""
+    # Imported here, not at the top: parsing a command line (and --help) loads no gRPC.
+    from virtmig.client.health import check_health, check_service_name
+
+    service = check_service_name(args.service)
+    try:
+        health = await check_health(s.uri, service, timeout=s.timeout)
+    except VirtmigError as exc:
+        raise CliError("failed to connect to the hypervisor", str(exc)) from None
+    if args.json:
+        sys.stdout.write(dumps(health_json(health)))
+    else:
+        print(health.status)
+    if not health.serving:
+        raise CliError()

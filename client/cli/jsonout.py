@@ -10,10 +10,13 @@ Commands that stream (``event``, ``domjobinfo --watch``) print one compact docum
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from virtmig.client.values import Domain, DomainInfo, Event, HostInfo, JobInfo
 from virtmig.proto.flags import DomainState, JobOperation, JobType, protocols_of, reason_label
+
+if TYPE_CHECKING:  # (virtmig.client.health imports gRPC)
+    from virtmig.client.health import HealthStatus
 
 JSON = dict[str, Any]
 
@@ -128,6 +131,11 @@ def capabilities_json(host: HostInfo) -> JSON:
         },
         "guests": [{"os_type": "hvm", "arch": host.arch, "domain_type": host.backend}],
     }
+
+
+def health_json(health: HealthStatus) -> JSON:
+    """``health --json``: the service asked about, grpc.health.v1's status name and number."""
+    return {"service": health.service, "status": health.status, "status_code": health.code}
 
 
 def event_json(ev: Event) -> JSON:

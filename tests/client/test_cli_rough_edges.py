@@ -117,6 +117,7 @@ def imported_by(*argv: str) -> set[str]:
 @pytest.mark.parametrize("argv", [
     ["--help"], ["help", "migrate"], ["list", "--no-such-option"], ["no-such-command"],
     ["migrate", "--live", "--offline", "vm", "virtmig+tcp://h"], ["--version"],
+    ["help", "health"], ["health", "--no-such-option"],
 ])
 def test_help_and_parse_errors_do_not_import_grpc(argv: list[str]) -> None:
     modules = imported_by(*argv)

@@ -20,7 +20,8 @@ QEMU processes, a guest's serial console.
   a fixed IP and MAC address on it (``--ip``, ``--mac-address``: the same when re-created or
   reconnected) and the others' names in its ``/etc/hosts`` (``--add-host``): names are still
   all anyone looks up.
-* A host is ready when its image's health check passes (``podman healthcheck run``).
+* A host is ready when its image's health check passes (``podman healthcheck run``: ``virtmig
+  health``, the daemon's gRPC health service, SERVING).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ HOSTS = ("host-a", "host-b")
 CLIENT = "client"
 IMAGES = "/var/lib/virtmig/images"  # shared storage in both hosts (storage_dirs)
 STATE = "/var/lib/virtmig"
+SOCKET = "/run/virtmig/virtmigd.sock"  # the daemons' unix socket (deploy/container/virtmigd.toml)
 XML_DIR = "/xml"  # the client's view of the tests' domain XML
 INTRUDER_PKI = "/etc/pki/intruder"
 TEST_SETTINGS = """

@@ -11,11 +11,12 @@ with its memory checks intact.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 
 import pytest
 
-from tests.containers.fleet import HOSTS, INTRUDER_PKI, Fleet, Guest, migrate_args
+from tests.containers.fleet import HOSTS, INTRUDER_PKI, SOCKET, Fleet, Guest, migrate_args
 from virtmig.testing import wait_until_sync
 
 pytestmark = pytest.mark.containers
@@ -173,3 +174,36 @@ def test_network_is_internal(fleet: Fleet) -> None:
     assert internal == "true"
     for host in HOSTS:
         assert fleet.virtmig(host, "hostname").stdout.decode().strip() == host
+
+
+def health_state(fleet: Fleet, host: str) -> str:
+    """The health status podman records for ``host`` (``.State.Health``; ``Healthcheck`` in
+    older podman)."""
+    state = json.loads(fleet.podman.text("inspect", "--format", "{{json .State}}",
+                                         fleet.names[host]))
+    return str((state.get("Health") or state.get("Healthcheck") or {}).get("Status"))
+
+
+def test_health_check_asks_the_grpc_health_service(fleet: Fleet) -> None:
+    """The image's HEALTHCHECK is ``virtmig health`` on the local socket: it passes on a host
+    whose daemon serves (podman then reports it healthy) and fails while the daemon does not
+    answer; ``virtmig health`` over mutual TLS from the client says SERVING."""
+    for host in HOSTS:
+        check = json.loads(fleet.podman.text("inspect", "--format",
+                                             "{{json .Config.Healthcheck}}", fleet.names[host]))
+        assert check["Test"][-1] == "health" and f"virtmig+unix://{SOCKET}" in check["Test"]
+        assert fleet.podman("healthcheck", "run", fleet.names[host], check=False).returncode == 0
+        assert health_state(fleet, host) == "healthy"
+        assert fleet.virtmig(host, "-q", "health").stdout == b"SERVING\n"
+        unknown = fleet.virtmig(host, "health", "--service", "no.such.Service", check=False)
+        assert (unknown.returncode, unknown.stdout.strip()) == (1, b"SERVICE_UNKNOWN")
+    # The daemon frozen (SIGSTOP to tini's child): the check gives up and fails.
+    daemon = "kill -{} $(cat /proc/1/task/1/children)"
+    fleet.podman("exec", fleet.names["host-a"], "sh", "-c", daemon.format("STOP"))
+    try:
+        frozen = fleet.podman("healthcheck", "run", fleet.names["host-a"], check=False)
+        assert frozen.returncode != 0
+    finally:
+        fleet.podman("exec", fleet.names["host-a"], "sh", "-c", daemon.format("CONT"))
+    fleet.wait_ready("host-a")
+    assert health_state(fleet, "host-a") == "healthy"
