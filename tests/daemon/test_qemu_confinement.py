@@ -163,6 +163,24 @@ def test_daemon_settings_reach_the_backend(tmp_path: Path) -> None:
             load_config(build_parser().parse_args(["--config", str(toml)]))
 
 
+def test_command_line_flags_reach_the_backend(tmp_path: Path) -> None:
+    """Each flag of the qemu backend's settings, repeatable ones twice, wins over the config."""
+    toml = tmp_path / "virtmigd.toml"
+    toml.write_text('emulators = ["/usr/bin/kvm"]\nqemu_user = "qemu"\nqemu_group = "kvm"\n'
+                    'block_devices = ["/dev/sdz"]\n')
+    config = load_config(build_parser().parse_args([
+        "--config", str(toml), "--emulator", "/opt/q1", "--emulator", "/opt/q2",
+        "--qemu-user", "runner", "--qemu-group", "runners",
+        "--block-device", "/dev/vdx", "--block-device", "/dev/vdy"]))
+    settings = qemu_settings_of(config)
+    assert (settings.emulators, settings.user, settings.group, settings.block_devices) == (
+        ("/opt/q1", "/opt/q2"), "runner", "runners", ("/dev/vdx", "/dev/vdy"))
+    config = load_config(build_parser().parse_args(["--config", str(toml)]))
+    settings = qemu_settings_of(config)
+    assert (settings.emulators, settings.user, settings.group, settings.block_devices) == (
+        ("/usr/bin/kvm",), "qemu", "kvm", ("/dev/sdz",))
+
+
 # --- define time: images -------------------------------------------------------------------------
 
 

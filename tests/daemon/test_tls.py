@@ -233,6 +233,9 @@ def test_config_tls_settings(tmp_path: Path) -> None:
     assert (c.listen, c.pki_dir, c.tls_allowed_dn_list, c.tls_readonly_dn_list,
             c.readonly_socket, c.listen_insecure_tcp) == (
         ("tls://0.0.0.0",), "/p", ("O=a,CN=*",), ("O=a,CN=ro",), True, False)
+    cfg.write_text("")
+    assert not load_config(args("--config", str(cfg))).readonly_socket
+    assert load_config(args("--config", str(cfg), "--readonly-socket")).readonly_socket
     cfg.write_text('tls_allowed_dn_list = "O=a,CN=*"\n')
     with pytest.raises(InvalidArgument, match=r"tls_allowed_dn_list .* a list of strings"):
         load_config(args("--config", str(cfg)))
