@@ -128,6 +128,30 @@ def test_emulator_must_be_a_configured_one(tmp_path: Path, fake_qemu: Path,
         parse_config(make_spec(guest_xml()), None, QemuSettings(emulators=()))
 
 
+def test_default_emulator_is_the_one_on_path_at_start(
+    tmp_path: Path, fake_qemu: Path, storage: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No ``emulators`` configured: the backend takes ``qemu-system-x86_64`` from ``PATH`` when
+    it is made (the daemon's start), by absolute path (a relative ``PATH`` entry included), and
+    keeps it whatever ``PATH`` says later."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PATH", os.pathsep.join((str(tmp_path / "none"), "bin")))
+    backend = QemuBackend(QemuSettings(storage_dirs=(str(storage),)))
+    assert backend.settings.emulators == (str(fake_qemu),)
+    monkeypatch.setenv("PATH", str(tmp_path / "none"))
+    assert backend.settings.emulators == (str(fake_qemu),)
+    assert parse_config(make_spec(guest_xml()), None, backend.settings).emulator == str(fake_qemu)
+    message = refused(guest_xml(devices="<emulator>/usr/bin/qemu-system-x86_64</emulator>"),
+                      backend.settings)
+    assert f"not one of the configured emulators ({fake_qemu})" in message
+    # None on PATH: no emulator at all, and every definition is refused saying so.
+    nothing = QemuBackend(QemuSettings(storage_dirs=(str(storage),)))
+    assert nothing.settings.emulators == ()
+    assert refused(guest_xml(), nothing.settings) == (
+        "no emulator for the qemu backend: none is configured (emulators) and "
+        "qemu-system-x86_64 is not on PATH")
+
+
 def test_settings_are_checked_at_start(tmp_path: Path, fake_qemu: Path) -> None:
     check_settings(QemuSettings(emulators=(str(fake_qemu),)))
     with pytest.raises(InvalidArgument, match="emulators: 'bin/qemu' is not an absolute path"):
