@@ -3,9 +3,10 @@
 What a domain definition may reach on the host (``virtmig.daemon.backend.qemu.confine``): only
 configured emulators, images under ``storage_dirs`` (no ``..`` or symlink out, no file swapped
 after the check, no qcow2 header naming another file), serial logs only in the guest's own
-folder.  Then QEMU itself: the seccomp sandbox on its command line and in force (``Seccomp: 2``),
-its user and groups when the daemon is root, its images and logs handed over as descriptors, KVM
-refused when QEMU's user cannot open ``/dev/kvm``, and a migration with all of it on both sides.
+folder (no symlink there followed).  Then QEMU itself: the seccomp sandbox on its command line
+and in force (``Seccomp: 2``), its user and groups when the daemon is root, its images and logs
+handed over as descriptors, KVM refused when QEMU's user cannot open ``/dev/kvm``, and a
+migration with all of it on both sides.
 
 The refusals need no QEMU (a fake emulator file stands in); the rest is marked ``qemu``.
 """
@@ -40,6 +41,7 @@ from virtmig.daemon.backend.qemu.confine import (
     check_settings,
     kvm_refusal,
     open_image,
+    open_serial_log,
     postcopy_refusal,
     run_as,
 )
@@ -343,6 +345,30 @@ def test_serial_log_only_in_the_guest_folder(tmp_path: Path, fake_qemu: Path,
     assert [(s.port, s.append) for s in ok.serials] == [(0, True), (1, False)]
     closed = guest_xml(uuid=uuid, devices=f"<serial type='file'><source path='{own}'/></serial>")
     assert "the qemu backend is not open" in refused(closed, settings)
+
+
+def test_serial_log_is_opened_without_following_a_symlink(tmp_path: Path) -> None:
+    """What stands at ``serialN.log`` in the guest's folder is never followed, nor opened unless
+    it is a regular file; a new log is 0600."""
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious\n")
+    (tmp_path / "serial0.log").symlink_to(victim)
+    for append in (False, True):
+        with pytest.raises(BackendError, match=f"serial log '{tmp_path}/serial0.log': cannot "
+                           "open: a symlink is in the way"):
+            open_serial_log(tmp_path, 0, append=append, owner=None)
+    assert victim.read_bytes() == b"precious\n"
+    os.mkfifo(tmp_path / "serial1.log")
+    with pytest.raises(BackendError, match=r"serial1\.log': cannot open: No such device"):
+        open_serial_log(tmp_path, 1, append=False, owner=None)  # no reader: it does not block
+    reader = os.open(tmp_path / "serial1.log", os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        with pytest.raises(BackendError, match=r"serial1\.log' is not a regular file"):
+            open_serial_log(tmp_path, 1, append=False, owner=None)
+    finally:
+        os.close(reader)
+    os.close(open_serial_log(tmp_path, 2, append=False, owner=None))
+    assert stat.S_IMODE((tmp_path / "serial2.log").stat().st_mode) == 0o600
 
 
 @pytest.mark.qemu
