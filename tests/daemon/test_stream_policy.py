@@ -77,23 +77,32 @@ async def test_forced_tls_refuses_a_plain_migration(tmp_path: Path, forced: str)
         assert (await dst.conn.state("vm1"))[0] is DomainState.RUNNING
 
 
-@pytest.mark.parametrize("forced", [False, True], ids=["tls-flag", "forced"])
-async def test_a_tunnel_over_plain_tcp_is_not_protected(tmp_path: Path, forced: bool) -> None:
+PLAIN_TUNNEL = ": a tunnelled migration is protected by {}, and {} plain TCP"
+
+
+@pytest.mark.parametrize("case", ["tls-flag", "src-forced", "dst-forced"])
+async def test_a_tunnel_over_plain_tcp_is_not_protected(tmp_path: Path, case: str) -> None:
     """A tunnelled stream is only as safe as the connection to the destination: to a plain
-    ``virtmig+tcp://`` one (a peer with ``listen_insecure_tcp``), ``--tls`` and
-    ``migrate_tls_force`` refuse it before anything changes; over ``virtmig+tls`` it goes."""
-    async with hosts(tmp_path, "test", ("src", {"migrate_tls_force": forced}), (
+    ``virtmig+tcp://`` one (a peer with ``listen_insecure_tcp``), ``--tls`` and the source's
+    ``migrate_tls_force`` refuse it at the source, the destination's at its Prepare, before
+    anything changes; over ``virtmig+tls`` it goes."""
+    async with hosts(tmp_path, "test", ("src", {"migrate_tls_force": case == "src-forced"}), (
             "dst", {"listen": ("tcp://127.0.0.1:0", "tls://127.0.0.1:0"),
-                    "listen_insecure_tcp": True})) as (src, dst):
+                    "listen_insecure_tcp": True, "migrate_tls_force": case == "dst-forced"})
+    ) as (src, dst):
         assert dst.uri.startswith("virtmig+tcp://")
         await running_guest(src)
-        flags = F.LIVE | F.PEER2PEER | F.TUNNELLED | (F(0) if forced else F.TLS)
+        flags = F.LIVE | F.PEER2PEER | F.TUNNELLED | (F.TLS if case == "tls-flag" else F(0))
         with pytest.raises(OperationInvalid) as info:
             await src.conn.migrate_to_uri3("vm1", dst.uri, TypedParams(), flags)
-        assert str(info.value) == (FORCED if forced else (
-            "Requested operation is not valid: VIR_MIGRATE_TLS")) + (
-            f": a tunnelled migration is protected by its destination URI's TLS, and "
-            f"'{dst.uri}' is plain TCP (use virtmig+tls://)")
+        assert str(info.value) == {
+            "tls-flag": "Requested operation is not valid: VIR_MIGRATE_TLS" + PLAIN_TUNNEL.format(
+                "its destination URI's TLS", f"'{dst.uri}' is") + " (use virtmig+tls://)",
+            "src-forced": FORCED + PLAIN_TUNNEL.format(
+                "its destination URI's TLS", f"'{dst.uri}' is") + " (use virtmig+tls://)",
+            "dst-forced": FORCED + PLAIN_TUNNEL.format(
+                "the TLS of the connection it rides", "this one is"),
+        }[case]
         await unchanged(src, dst)
         tls_port = int(dst.running.addresses[1].rsplit(":", 1)[1])
         await src.conn.migrate_to_uri3("vm1", f"virtmig+tls://127.0.0.1:{tls_port}",
