@@ -1,6 +1,6 @@
-"""``migrate_tls_force`` (libvirt's refusal at Begin and Prepare, its default and the config key)
-and the stream token's place in the migration cookie (cookie B, round trips, libvirt's cookies
-without it).
+"""``migrate_tls_force`` (libvirt's refusal at Begin and Prepare, protocol v2's Perform and
+Prepare2, a tunnel over plain TCP; its default and the config key) and the stream token's place
+in the migration cookie (cookie B, round trips, libvirt's cookies without it).
 """
 
 from __future__ import annotations
@@ -75,6 +75,28 @@ async def test_forced_tls_refuses_a_plain_migration(tmp_path: Path, forced: str)
         await src.conn.migrate_to_uri3("vm1", dst.uri, TypedParams(),
                                        F.LIVE | F.PEER2PEER | F.TUNNELLED)
         assert (await dst.conn.state("vm1"))[0] is DomainState.RUNNING
+
+
+@pytest.mark.parametrize("forced", ["src", "dst"])
+async def test_forced_tls_refuses_a_plain_v2_migration(tmp_path: Path, forced: str) -> None:
+    """Protocol v2 has no Begin: the source refuses at Perform, the destination at Prepare2;
+    either way nothing is left behind, and a TLS migration goes through."""
+    settings: list[tuple[str, dict[str, object]]] = [
+        (name, {"migrate_tls_force": name == forced, "migration_protocols": (2,)})
+        for name in ("src", "dst")]
+    async with hosts(tmp_path, "test", *settings) as (src, dst):
+        await running_guest(src)
+        for p2p in (F(0), F.PEER2PEER):
+            with pytest.raises(OperationInvalid) as info:
+                if p2p:
+                    await src.conn.migrate_to_uri3("vm1", dst.uri, TypedParams(), F.LIVE | p2p)
+                else:
+                    await migrate(src, dst, F.LIVE)
+            assert str(info.value) == FORCED
+            await unchanged(src, dst)
+        await migrate(src, dst, F.LIVE | F.TLS)
+        assert (await dst.conn.state("vm1"))[0] is DomainState.RUNNING
+        assert dst.daemon.registry.by_name("vm1").job is None
 
 
 PLAIN_TUNNEL = ": a tunnelled migration is protected by {}, and {} plain TCP"
