@@ -18,7 +18,9 @@ certificate of its own PKI dir (``pki_dir``: the host certificate ``virtmig pki 
 wrote) and the destination authorizes it as it does any client; with ``VIR_MIGRATE_TLS`` the
 same certificate is the data stream's client certificate.  A ``?pkipath=`` in
 ``dconnuri`` is refused: the caller does not choose the files this daemon reads or the identity
-it shows.
+it shows.  A TUNNELLED stream rides this connection, so it is encrypted only over
+``virtmig+tls``: with VIR_MIGRATE_TLS or ``migrate_tls_force`` a plain ``virtmig+tcp``
+``dconnuri`` is refused before anything changes.
 
 Liveness: the connection to the destination carries a session stream and keepalive pings; when
 it ends during Perform the stream is stopped and the migration fails with "Lost connection to
@@ -41,6 +43,7 @@ from virtmig.daemon import jobctl, migration
 from virtmig.daemon.core import Daemon
 from virtmig.daemon.domxml import format_domain_xml
 from virtmig.daemon.job import AsyncJob, Phase
+from virtmig.daemon.migration.common import TLS_FORCED
 from virtmig.daemon.registry import DomainObj
 from virtmig.daemon.tunnel import SrcTunnel
 from virtmig.proto import logsafe
@@ -48,6 +51,7 @@ from virtmig.proto.errors import (
     ArgumentUnsupported,
     InvalidArgument,
     OperationFailed,
+    OperationInvalid,
     VirtmigError,
 )
 from virtmig.proto.flags import DomainState, Feature, MigrateFlags, MigrationProtocol
@@ -162,6 +166,7 @@ async def src_perform_p2p(
         raise InvalidArgument(
             "a peer-to-peer destination URI must not name a pkipath: the source daemon "
             "connects with the certificate of its own pki_dir")
+    _check_tunnel_tls(daemon, dconnuri, f)
     check_param_types(params)
     try:
         dconn = await AsyncConnection.open(dconnuri, pki_dir=daemon.config.pki_dir or None)
@@ -215,6 +220,23 @@ async def _unsettled(daemon: Daemon, dom: DomainObj, session: str) -> None:
     if job is not None and job.owner == session and job.phase is Phase.PERFORM2 and job.busy:
         with contextlib.suppress(VirtmigError):
             await migration.src_settle2(daemon, dom, None)
+
+
+def _check_tunnel_tls(daemon: Daemon, dconnuri: str, f: MigrateFlags) -> None:
+    """A tunnelled stream has the protection of the connection to the destination: with
+    VIR_MIGRATE_TLS or ``migrate_tls_force``, a plain ``virtmig+tcp`` ``dconnuri`` is refused
+    (:class:`OperationInvalid`), before anything changes."""
+    if not f & F.TUNNELLED or not (f & F.TLS or daemon.config.migrate_tls_force):
+        return
+    try:
+        plain = parse_uri(dconnuri).transport == "tcp"
+    except InvalidArgument:  # a bad URI fails where it is opened, with its own message
+        return
+    if plain:
+        why = "VIR_MIGRATE_TLS" if f & F.TLS else TLS_FORCED
+        raise OperationInvalid(
+            f"{why}: a tunnelled migration is protected by its destination URI's TLS, and "
+            f"'{dconnuri}' is plain TCP (use virtmig+tls://)")
 
 
 def _names_pkipath(uri: str) -> bool:

@@ -3,7 +3,9 @@
 Servicer methods are thin: request -> :mod:`~virtmig.daemon.wire` -> core call -> ``wire`` ->
 reply.  Each migration RPC first checks that the daemon speaks its protocol
 (``Daemon.speaks``: ``migration_protocols``, ``migration_params``), as an older daemon without
-it would refuse it.  They neither build messages nor map errors: an exception raised here
+it would refuse it; a Prepare also checks that a TUNNELLED stream would not ride a plain TCP
+connection under ``migrate_tls_force`` (:func:`check_tunnel_transport`, which needs the call's
+connection).  They neither build messages nor map errors: an exception raised here
 becomes a gRPC status in the server interceptor (:mod:`virtmig.daemon.interceptor`), for every
 handler alike.
 """
@@ -23,9 +25,11 @@ from virtmig.daemon.core import Daemon
 from virtmig.daemon.domxml import format_domain_xml
 from virtmig.daemon.health import add_observability
 from virtmig.daemon.interceptor import StatusInterceptor
+from virtmig.daemon.migration.common import TLS_FORCED
 from virtmig.daemon.registry import DomainObj
 from virtmig.proto import virtmig_pb2 as pb
 from virtmig.proto import virtmig_pb2_grpc as pbg
+from virtmig.proto.errors import OperationInvalid
 from virtmig.proto.flags import Feature, MigrateFlags, MigrationProtocol
 from virtmig.proto.params import TypedParams
 
@@ -40,6 +44,21 @@ def session_of(context: Any) -> str:
         if key == SESSION_METADATA_KEY:
             return value.decode() if isinstance(value, bytes) else str(value)
     return ""
+
+
+def check_tunnel_transport(daemon: Daemon, flags: int, context: Any) -> None:
+    """``migrate_tls_force`` on a destination: a TUNNELLED Prepare over a plain TCP connection
+    (a ``listen_insecure_tcp`` listener) is refused, since the stream would ride that same
+    connection in clear; over TLS or the local unix socket it is accepted, as libvirt does."""
+    if not (flags & MigrateFlags.TUNNELLED and daemon.config.migrate_tls_force):
+        return
+    auth = context.auth_context() or {}
+    if any(v == b"ssl" for v in auth.get("transport_security_type", ())):
+        return
+    if str(context.peer() or "").startswith(("ipv4:", "ipv6:")):
+        raise OperationInvalid(
+            f"{TLS_FORCED}: a tunnelled migration is protected by the TLS of the connection it "
+            "rides, and this one is plain TCP")
 
 
 class HostService(pbg.HostServicer):
@@ -171,6 +190,7 @@ class MigrationService(pbg.MigrationServicer):
 
     async def Prepare3(self, request: pb.Prepare3Request, context: Any) -> pb.Prepare3Reply:
         self.daemon.speaks(Feature.V3, "virDomainMigratePrepare3")
+        check_tunnel_transport(self.daemon, request.flags, context)
         return wire.prepare3_reply(*await migration.dst_prepare(
             self.daemon, wire.prepare3_params(request), request.cookie_in, request.flags,
             session_of(context), _V3,
@@ -180,6 +200,7 @@ class MigrationService(pbg.MigrationServicer):
         self, request: pb.Prepare3ParamsRequest, context: Any
     ) -> pb.Prepare3Reply:
         self.daemon.speaks(Feature.MIGRATION_PARAMS, "virDomainMigratePrepare3Params")
+        check_tunnel_transport(self.daemon, request.flags, context)
         return wire.prepare3_reply(*await migration.dst_prepare(
             self.daemon, wire.typed_params(request.params), request.cookie_in, request.flags,
             session_of(context), _V3_PARAMS,
@@ -265,6 +286,7 @@ class MigrationService(pbg.MigrationServicer):
 
     async def Prepare2(self, request: pb.Prepare2Request, context: Any) -> pb.Prepare2Reply:
         self.daemon.speaks(Feature.V2, "virDomainMigratePrepare2")
+        check_tunnel_transport(self.daemon, request.flags, context)
         return wire.prepare2_reply(*await migration.dst_prepare2(
             self.daemon, wire.prepare2_params(request), request.flags, session_of(context)))
 

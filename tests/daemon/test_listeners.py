@@ -1,5 +1,5 @@
-"""The unix sockets: the run dir the daemon makes and checks, the sockets' modes whatever the
-umask, and the read-only socket that allows read calls only."""
+"""The unix sockets: the run dir the daemon makes and checks (the default one included), the
+sockets' modes whatever the umask, and the read-only socket that allows read calls only."""
 
 from __future__ import annotations
 
@@ -13,11 +13,13 @@ import pytest
 
 from tests.conftest import domain_xml
 from virtmig.client.connection import AsyncConnection
+from virtmig.daemon.config import build_parser, load_config
 from virtmig.daemon.core import DaemonConfig
-from virtmig.daemon.listeners import prepare_run_dir
+from virtmig.daemon.listeners import plan, prepare_run_dir, prepare_run_dirs
 from virtmig.daemon.main import RunningDaemon, start_daemon
 from virtmig.proto.errors import ConfigUnsupported, PermissionDenied
 from virtmig.proto.flags import DomainState
+from virtmig.proto.uri import RUN_DIR_ENV
 
 
 @contextlib.contextmanager
@@ -115,3 +117,27 @@ async def test_the_daemon_does_not_start_on_a_bad_run_dir(tmp_path: Path) -> Non
         await start(tmp_path, run)
     assert not (run / "virtmigd.sock").exists()
     assert not (tmp_path / "state").exists()  # refused before the daemon touched its state
+
+
+def test_the_default_run_dir_is_checked_too(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """With no ``--listen``, a non-root daemon's socket is in ``$XDG_RUNTIME_DIR/virtmig``, else
+    ``/tmp/virtmig-UID`` (root's: ``/run/virtmig``), and that dir is checked as any other: one
+    made beforehand by someone else (here: by this process, while the daemon is uid 4242) is
+    refused."""
+    monkeypatch.delenv(RUN_DIR_ENV, raising=False)
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    assert load_config(build_parser().parse_args([])).listen == (
+        "unix:///run/virtmig/virtmigd.sock",)
+    monkeypatch.setattr(os, "geteuid", lambda: 4242)
+    assert load_config(build_parser().parse_args([])).listen == (
+        "unix:///tmp/virtmig-4242/virtmigd.sock",)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "xdg"))
+    config = load_config(build_parser().parse_args([]))
+    assert config.listen == (f"unix://{tmp_path}/xdg/virtmig/virtmigd.sock",)
+    (tmp_path / "xdg/virtmig").mkdir(parents=True, mode=0o755)
+    with pytest.raises(ConfigUnsupported, match=(
+            rf"run dir '{tmp_path}/xdg/virtmig' belongs to uid {os.getuid()}, not to the "
+            r"daemon's user \(uid 4242\)")):
+        prepare_run_dirs(plan(config))

@@ -3,9 +3,10 @@
 What a domain definition may reach on the host (``virtmig.daemon.backend.qemu.confine``): only
 configured emulators, images under ``storage_dirs`` (no ``..`` or symlink out, no file swapped
 after the check, no qcow2 header naming another file), serial logs only in the guest's own
-folder.  Then QEMU itself: the seccomp sandbox on its command line and in force (``Seccomp: 2``),
-its user and groups when the daemon is root, its images and logs handed over as descriptors, KVM
-refused when QEMU's user cannot open ``/dev/kvm``, and a migration with all of it on both sides.
+folder (no symlink there followed).  Then QEMU itself: the seccomp sandbox on its command line
+and in force (``Seccomp: 2``), its user and groups when the daemon is root, its images and logs
+handed over as descriptors, KVM refused when QEMU's user cannot open ``/dev/kvm``, and a
+migration with all of it on both sides.
 
 The refusals need no QEMU (a fake emulator file stands in); the rest is marked ``qemu``.
 """
@@ -40,6 +41,7 @@ from virtmig.daemon.backend.qemu.confine import (
     check_settings,
     kvm_refusal,
     open_image,
+    open_serial_log,
     postcopy_refusal,
     run_as,
 )
@@ -128,6 +130,30 @@ def test_emulator_must_be_a_configured_one(tmp_path: Path, fake_qemu: Path,
         parse_config(make_spec(guest_xml()), None, QemuSettings(emulators=()))
 
 
+def test_default_emulator_is_the_one_on_path_at_start(
+    tmp_path: Path, fake_qemu: Path, storage: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No ``emulators`` configured: the backend takes ``qemu-system-x86_64`` from ``PATH`` when
+    it is made (the daemon's start), by absolute path (a relative ``PATH`` entry included), and
+    keeps it whatever ``PATH`` says later."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PATH", os.pathsep.join((str(tmp_path / "none"), "bin")))
+    backend = QemuBackend(QemuSettings(storage_dirs=(str(storage),)))
+    assert backend.settings.emulators == (str(fake_qemu),)
+    monkeypatch.setenv("PATH", str(tmp_path / "none"))
+    assert backend.settings.emulators == (str(fake_qemu),)
+    assert parse_config(make_spec(guest_xml()), None, backend.settings).emulator == str(fake_qemu)
+    message = refused(guest_xml(devices="<emulator>/usr/bin/qemu-system-x86_64</emulator>"),
+                      backend.settings)
+    assert f"not one of the configured emulators ({fake_qemu})" in message
+    # None on PATH: no emulator at all, and every definition is refused saying so.
+    nothing = QemuBackend(QemuSettings(storage_dirs=(str(storage),)))
+    assert nothing.settings.emulators == ()
+    assert refused(guest_xml(), nothing.settings) == (
+        "no emulator for the qemu backend: none is configured (emulators) and "
+        "qemu-system-x86_64 is not on PATH")
+
+
 def test_settings_are_checked_at_start(tmp_path: Path, fake_qemu: Path) -> None:
     check_settings(QemuSettings(emulators=(str(fake_qemu),)))
     with pytest.raises(InvalidArgument, match="emulators: 'bin/qemu' is not an absolute path"):
@@ -161,6 +187,24 @@ def test_daemon_settings_reach_the_backend(tmp_path: Path) -> None:
         toml.write_text(line + "\n")
         with pytest.raises(InvalidArgument, match=message):
             load_config(build_parser().parse_args(["--config", str(toml)]))
+
+
+def test_command_line_flags_reach_the_backend(tmp_path: Path) -> None:
+    """Each flag of the qemu backend's settings, repeatable ones twice, wins over the config."""
+    toml = tmp_path / "virtmigd.toml"
+    toml.write_text('emulators = ["/usr/bin/kvm"]\nqemu_user = "qemu"\nqemu_group = "kvm"\n'
+                    'block_devices = ["/dev/sdz"]\n')
+    config = load_config(build_parser().parse_args([
+        "--config", str(toml), "--emulator", "/opt/q1", "--emulator", "/opt/q2",
+        "--qemu-user", "runner", "--qemu-group", "runners",
+        "--block-device", "/dev/vdx", "--block-device", "/dev/vdy"]))
+    settings = qemu_settings_of(config)
+    assert (settings.emulators, settings.user, settings.group, settings.block_devices) == (
+        ("/opt/q1", "/opt/q2"), "runner", "runners", ("/dev/vdx", "/dev/vdy"))
+    config = load_config(build_parser().parse_args(["--config", str(toml)]))
+    settings = qemu_settings_of(config)
+    assert (settings.emulators, settings.user, settings.group, settings.block_devices) == (
+        ("/usr/bin/kvm",), "qemu", "kvm", ("/dev/sdz",))
 
 
 # --- define time: images -------------------------------------------------------------------------
@@ -301,6 +345,30 @@ def test_serial_log_only_in_the_guest_folder(tmp_path: Path, fake_qemu: Path,
     assert [(s.port, s.append) for s in ok.serials] == [(0, True), (1, False)]
     closed = guest_xml(uuid=uuid, devices=f"<serial type='file'><source path='{own}'/></serial>")
     assert "the qemu backend is not open" in refused(closed, settings)
+
+
+def test_serial_log_is_opened_without_following_a_symlink(tmp_path: Path) -> None:
+    """What stands at ``serialN.log`` in the guest's folder is never followed, nor opened unless
+    it is a regular file; a new log is 0600."""
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious\n")
+    (tmp_path / "serial0.log").symlink_to(victim)
+    for append in (False, True):
+        with pytest.raises(BackendError, match=f"serial log '{tmp_path}/serial0.log': cannot "
+                           "open: a symlink is in the way"):
+            open_serial_log(tmp_path, 0, append=append, owner=None)
+    assert victim.read_bytes() == b"precious\n"
+    os.mkfifo(tmp_path / "serial1.log")
+    with pytest.raises(BackendError, match=r"serial1\.log': cannot open: No such device"):
+        open_serial_log(tmp_path, 1, append=False, owner=None)  # no reader: it does not block
+    reader = os.open(tmp_path / "serial1.log", os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        with pytest.raises(BackendError, match=r"serial1\.log' is not a regular file"):
+            open_serial_log(tmp_path, 1, append=False, owner=None)
+    finally:
+        os.close(reader)
+    os.close(open_serial_log(tmp_path, 2, append=False, owner=None))
+    assert stat.S_IMODE((tmp_path / "serial2.log").stat().st_mode) == 0o600
 
 
 @pytest.mark.qemu

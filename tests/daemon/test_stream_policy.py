@@ -1,6 +1,6 @@
-"""``migrate_tls_force`` (libvirt's refusal at Begin and Prepare, its default and the config key)
-and the stream token's place in the migration cookie (cookie B, round trips, libvirt's cookies
-without it).
+"""``migrate_tls_force`` (libvirt's refusal at Begin and Prepare, protocol v2's Perform and
+Prepare2, a tunnel over plain TCP; its default and the config key) and the stream token's place
+in the migration cookie (cookie B, round trips, libvirt's cookies without it).
 """
 
 from __future__ import annotations
@@ -74,6 +74,61 @@ async def test_forced_tls_refuses_a_plain_migration(tmp_path: Path, forced: str)
         assert (await src.conn.state("vm1"))[0] is DomainState.RUNNING
         await src.conn.migrate_to_uri3("vm1", dst.uri, TypedParams(),
                                        F.LIVE | F.PEER2PEER | F.TUNNELLED)
+        assert (await dst.conn.state("vm1"))[0] is DomainState.RUNNING
+
+
+@pytest.mark.parametrize("forced", ["src", "dst"])
+async def test_forced_tls_refuses_a_plain_v2_migration(tmp_path: Path, forced: str) -> None:
+    """Protocol v2 has no Begin: the source refuses at Perform, the destination at Prepare2;
+    either way nothing is left behind, and a TLS migration goes through."""
+    settings: list[tuple[str, dict[str, object]]] = [
+        (name, {"migrate_tls_force": name == forced, "migration_protocols": (2,)})
+        for name in ("src", "dst")]
+    async with hosts(tmp_path, "test", *settings) as (src, dst):
+        await running_guest(src)
+        for p2p in (F(0), F.PEER2PEER):
+            with pytest.raises(OperationInvalid) as info:
+                if p2p:
+                    await src.conn.migrate_to_uri3("vm1", dst.uri, TypedParams(), F.LIVE | p2p)
+                else:
+                    await migrate(src, dst, F.LIVE)
+            assert str(info.value) == FORCED
+            await unchanged(src, dst)
+        await migrate(src, dst, F.LIVE | F.TLS)
+        assert (await dst.conn.state("vm1"))[0] is DomainState.RUNNING
+        assert dst.daemon.registry.by_name("vm1").job is None
+
+
+PLAIN_TUNNEL = ": a tunnelled migration is protected by {}, and {} plain TCP"
+
+
+@pytest.mark.parametrize("case", ["tls-flag", "src-forced", "dst-forced"])
+async def test_a_tunnel_over_plain_tcp_is_not_protected(tmp_path: Path, case: str) -> None:
+    """A tunnelled stream is only as safe as the connection to the destination: to a plain
+    ``virtmig+tcp://`` one (a peer with ``listen_insecure_tcp``), ``--tls`` and the source's
+    ``migrate_tls_force`` refuse it at the source, the destination's at its Prepare, before
+    anything changes; over ``virtmig+tls`` it goes."""
+    async with hosts(tmp_path, "test", ("src", {"migrate_tls_force": case == "src-forced"}), (
+            "dst", {"listen": ("tcp://127.0.0.1:0", "tls://127.0.0.1:0"),
+                    "listen_insecure_tcp": True, "migrate_tls_force": case == "dst-forced"})
+    ) as (src, dst):
+        assert dst.uri.startswith("virtmig+tcp://")
+        await running_guest(src)
+        flags = F.LIVE | F.PEER2PEER | F.TUNNELLED | (F.TLS if case == "tls-flag" else F(0))
+        with pytest.raises(OperationInvalid) as info:
+            await src.conn.migrate_to_uri3("vm1", dst.uri, TypedParams(), flags)
+        assert str(info.value) == {
+            "tls-flag": "Requested operation is not valid: VIR_MIGRATE_TLS" + PLAIN_TUNNEL.format(
+                "its destination URI's TLS", f"'{dst.uri}' is") + " (use virtmig+tls://)",
+            "src-forced": FORCED + PLAIN_TUNNEL.format(
+                "its destination URI's TLS", f"'{dst.uri}' is") + " (use virtmig+tls://)",
+            "dst-forced": FORCED + PLAIN_TUNNEL.format(
+                "the TLS of the connection it rides", "this one is"),
+        }[case]
+        await unchanged(src, dst)
+        tls_port = int(dst.running.addresses[1].rsplit(":", 1)[1])
+        await src.conn.migrate_to_uri3("vm1", f"virtmig+tls://127.0.0.1:{tls_port}",
+                                       TypedParams(), flags)
         assert (await dst.conn.state("vm1"))[0] is DomainState.RUNNING
 
 

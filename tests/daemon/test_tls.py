@@ -1,7 +1,8 @@
 """Mutual TLS on the control plane, with real daemons and certificates: who is refused (before
-anything changes), what a read-only client may do, the client's check of the daemon's name,
-plain TCP only when asked for, a bad PKI dir failing the start, and migrations (regular,
-peer-to-peer, tunnelled) between daemons that admit only the certificates they list.
+anything changes), what a read-only client may do, the client's check of the daemon's name
+(DNS or IP SAN), what ``virtmig pki`` writes taken as it is (``pki_dir``, ``?pkipath=``), plain
+TCP only when asked for, a bad PKI dir failing the start, and migrations (regular, peer-to-peer,
+tunnelled) between daemons that admit only the certificates they list.
 
 The decisions themselves (role table, DN lists): ``test_authz.py``.
 """
@@ -176,6 +177,36 @@ async def test_the_client_checks_the_daemons_name(tmp_path: Path) -> None:
         await running.stop(grace=0)
 
 
+async def test_what_virtmig_pki_writes_is_used_as_it_is(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A CA and dirs made by ``virtmig pki``: the host dir is the daemon's ``pki_dir``, the
+    client dir a URI's ``?pkipath=`` (``$VIRTMIG_PKI_DIR`` names the session PKI, another CA:
+    only the URI's dir can work).  The daemon's certificate names ``localhost`` and no address:
+    the client accepts it by that name and refuses it reached as ``127.0.0.1``."""
+    ca, host, me = tmp_path / "ca", tmp_path / "host", tmp_path / "me"
+    for argv in (["pki", "init", str(ca)],
+                 ["pki", "issue", str(ca), "--host", "localhost", "--out", str(host)],
+                 ["pki", "issue", str(ca), "--client", "me", "--out", str(me)]):
+        assert await asyncio.to_thread(cli.main, ["-q", *argv]) == 0
+    running = await start_daemon(DaemonConfig(
+        state_dir=str(tmp_path / "state"), listen=("tls://127.0.0.1:0",), pki_dir=str(host)))
+    try:
+        port, xml = running.tcp_port, tmp_path / "vm1.xml"
+        xml.write_text(domain_xml("vm1"))
+        capsys.readouterr()
+        uri = f"virtmig+tls://localhost:{port}?pkipath={me}"
+        assert await asyncio.to_thread(cli.main, ["-c", uri, "define", str(xml)]) == 0
+        assert await asyncio.to_thread(cli.main, ["-c", uri, "list", "--all", "--name"]) == 0
+        assert capsys.readouterr().out == f"Domain 'vm1' defined from {xml}\n\nvm1\n\n"
+        for refused in (f"virtmig+tls://localhost:{port}",  # the session's CA: not this one
+                        f"virtmig+tls://127.0.0.1:{port}?pkipath={me}"):  # not a name it has
+            with pytest.raises(ConnectionFailed, match="unable to connect"):
+                await AsyncConnection.open(refused, connect_timeout=5)
+    finally:
+        await running.stop(grace=0)
+
+
 # --- plain TCP only when asked for ---------------------------------------------------------------
 
 
@@ -234,6 +265,9 @@ def test_config_tls_settings(tmp_path: Path) -> None:
     assert (c.listen, c.pki_dir, c.tls_allowed_dn_list, c.tls_readonly_dn_list,
             c.readonly_socket, c.listen_insecure_tcp) == (
         ("tls://0.0.0.0",), "/p", ("O=a,CN=*",), ("O=a,CN=ro",), True, False)
+    cfg.write_text("")
+    assert not load_config(args("--config", str(cfg))).readonly_socket
+    assert load_config(args("--config", str(cfg), "--readonly-socket")).readonly_socket
     cfg.write_text('tls_allowed_dn_list = "O=a,CN=*"\n')
     with pytest.raises(InvalidArgument, match=r"tls_allowed_dn_list .* a list of strings"):
         load_config(args("--config", str(cfg)))
