@@ -40,6 +40,7 @@ from virtmig.proto.flags import (
     MigrateFlags,
     PausedReason,
 )
+from virtmig.proto.migid import MIGRATION_ID_STAT
 from virtmig.proto.params import (
     MigrateParam,
     ParamType,
@@ -54,8 +55,6 @@ ABORT_JOB_POSTCOPY = 2  # VIR_DOMAIN_ABORT_JOB_POSTCOPY
 MAX_SPEED_POSTCOPY = 1  # VIR_DOMAIN_MIGRATE_MAX_SPEED_POSTCOPY
 WATCH_INTERVAL_S = 0.1
 PROTOCOL_STAT = "virtmig.protocol"
-# The migration's id (cookie A/B's, the same on both daemons and in their logs and history).
-MIGRATION_ID_STAT = "virtmig.migration_id"
 _RUNNING = (MigrationStatus.SETUP, MigrationStatus.ACTIVE, MigrationStatus.POSTCOPY_ACTIVE)
 
 # --- info ----------------------------------------------------------------------------------------
