@@ -323,6 +323,17 @@ class MigrationService(pbg.MigrationServicer):
     async def GetMaxSpeed(self, request: pb.SpeedRequest, context: Any) -> pb.SpeedReply:
         return wire.speed_reply(jobctl.get_max_speed(self._dom(request.domain), request.flags))
 
+    async def GetCompressionCache(self, request: pb.CompressionCacheRequest,
+                                  context: Any) -> pb.CompressionCacheReply:
+        return pb.CompressionCacheReply(cache_size=await jobctl.get_compression_cache(
+            self.daemon, self._dom(request.domain), request.flags))
+
+    async def SetCompressionCache(self, request: pb.CompressionCacheRequest,
+                                  context: Any) -> pb.Empty:
+        await jobctl.set_compression_cache(self.daemon, self._dom(request.domain),
+                                           request.cache_size, request.flags)
+        return wire.empty()
+
     async def StartPostCopy(self, request: pb.DomainRequest, context: Any) -> pb.Empty:
         await jobctl.start_postcopy(self.daemon, self._dom(request.domain))
         return wire.empty()

@@ -660,6 +660,22 @@ class SpeedReply(_message.Message):
     bandwidth_mib: int
     def __init__(self, bandwidth_mib: _Optional[int] = ...) -> None: ...
 
+class CompressionCacheRequest(_message.Message):
+    __slots__ = ("domain", "cache_size", "flags")
+    DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    CACHE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    FLAGS_FIELD_NUMBER: _ClassVar[int]
+    domain: DomainRef
+    cache_size: int
+    flags: int
+    def __init__(self, domain: _Optional[_Union[DomainRef, _Mapping]] = ..., cache_size: _Optional[int] = ..., flags: _Optional[int] = ...) -> None: ...
+
+class CompressionCacheReply(_message.Message):
+    __slots__ = ("cache_size",)
+    CACHE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    cache_size: int
+    def __init__(self, cache_size: _Optional[int] = ...) -> None: ...
+
 class TunnelChunk(_message.Message):
     __slots__ = ("dname", "data")
     DNAME_FIELD_NUMBER: _ClassVar[int]
