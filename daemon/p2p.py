@@ -49,6 +49,7 @@ from virtmig.proto.errors import (
     ArgumentUnsupported,
     InvalidArgument,
     OperationFailed,
+    OperationInvalid,
     VirtmigError,
 )
 from virtmig.proto.flags import DomainState, Feature, MigrateFlags, MigrationProtocol
@@ -164,7 +165,7 @@ async def src_perform_p2p(
     the protocol (``MigrationProtocol``) it used with the destination and the migration's id."""
     f = migration.any_check(daemon, flags, params, "virDomainMigratePerform3Params")
     if cookie_in:
-        raise InvalidArgument("received unexpected cookie with P2P migration")
+        raise OperationInvalid("received unexpected cookie with P2P migration")
     if not dconnuri:
         raise InvalidArgument("dconnuri must not be NULL for peer-to-peer migration")
     check_not_local(dconnuri)
