@@ -38,5 +38,6 @@ class AsyncConnection(RpcConnection):
     async def migrate_to_uri3(self, key: DomainKey, dconnuri: str | None, params: TypedParams,
                               flags: int | MigrateFlags, *, trace: Trace | None = None) -> None:
         """libvirt's ``virDomainMigrateToURI3`` (peer-to-peer or direct); ``trace.protocol``
-        gets the protocol the source used with the destination."""
+        gets the protocol the source used with the destination, ``trace.migration_id`` the
+        migration's id."""
         await migrate.migrate_to_uri3(self, key, dconnuri, params, int(flags), trace=trace)

@@ -9,6 +9,12 @@ Prepare2, Perform and Finish2.  The source learns its destination's daemon URI
 (``virtmig.dest_uri``, :func:`with_dest_uri`) only in v3 with parameters: the other forms
 cannot carry it.
 
+Logs (logger ``virtmig.client``, INFO): a line per phase of a regular migration and one for
+its outcome, each with the migration's id once a daemon's cookie gave it
+(:mod:`virtmig.proto.migid`); a peer-to-peer migration's source daemon logs its phases, and
+the client its start and outcome (the id from Perform's reply, or after a failure from the
+source's job statistics).
+
 The drivers work on :class:`~virtmig.client.rpc.RpcConnection`; ``AsyncConnection.migrate3`` and
 ``AsyncConnection.migrate_to_uri3`` (:mod:`virtmig.client.connection`) call them.
 """
@@ -22,10 +28,18 @@ from typing import Any
 from virtmig.client.rpc import RpcConnection
 from virtmig.client.sequence import Trace, choose_protocol, run_v2, run_v3
 from virtmig.client.values import Domain, DomainKey
+from virtmig.proto import logsafe
 from virtmig.proto import virtmig_pb2 as pb
 from virtmig.proto.compat import Layer, check_known_flags, check_rules
-from virtmig.proto.errors import ArgumentUnsupported, InternalError, InvalidArgument, NoDomain
+from virtmig.proto.errors import (
+    ArgumentUnsupported,
+    InternalError,
+    InvalidArgument,
+    NoDomain,
+    VirtmigError,
+)
 from virtmig.proto.flags import DomainState, Feature, JobType, MigrateFlags, MigrationProtocol
+from virtmig.proto.migid import MIGRATION_ID_STAT, is_migration_id
 from virtmig.proto.params import (
     MIGRATION_PARAMS,
     MigrateParam,
@@ -37,6 +51,7 @@ from virtmig.proto.wire import to_wire
 
 F = MigrateFlags
 P = MigrateParam
+client_log = logsafe.logger("virtmig.client")  # a line per phase, with the migration id
 
 
 def _legacy(req: Any, params: TypedParams, **fields: str) -> None:
@@ -238,11 +253,40 @@ async def migrate3(
     await dconn.open_session()
     use_params = protocol is MigrationProtocol.V3_PARAMS
     src, dst = RemoteSource(conn, use_params), RemoteDest(dconn, use_params)
-    if protocol is MigrationProtocol.V2:
-        name = await run_v2(src, dst, dom.name, params, int(f), trace=t)
-    else:
-        name = await run_v3(src, dst, dom.name, params, int(f), protection=protection, trace=t)
+    t.domain, t.announce = dom.name, True
+    try:
+        if protocol is MigrationProtocol.V2:
+            name = await run_v2(src, dst, dom.name, params, int(f), trace=t)
+        else:
+            name = await run_v3(src, dst, dom.name, params, int(f), protection=protection,
+                                trace=t)
+    except VirtmigError as exc:
+        _log_outcome(t, exc)
+        raise
+    _log_outcome(t, None)
     return await dconn.lookup(name)
+
+
+def _log_outcome(t: Trace, error: VirtmigError | None) -> None:
+    """The client's last line of a migration, at INFO, with its id."""
+    if error is None:
+        client_log.info("migration %s of %s: succeeded (protocol %s)",
+                        t.migration_id or "(id unknown)", t.domain, t.protocol)
+    else:
+        client_log.info("migration %s of %s: failed (protocol %s): %s",
+                        t.migration_id or "(id unknown)", t.domain, t.protocol, error)
+
+
+async def _p2p_migration_id(conn: RpcConnection, key: DomainKey) -> str:
+    """After a failed peer-to-peer call (no reply): the id of the migration the source ran,
+    from its last job's statistics ("" if it cannot tell)."""
+    try:
+        info = await conn.job_info(key, completed=True)
+    except VirtmigError as exc:
+        client_log.debug("cannot read the migration id of %s: %s", key, exc)
+        return ""
+    mid = info.stat(MIGRATION_ID_STAT)
+    return mid if isinstance(mid, str) and is_migration_id(mid) else ""
 
 
 async def migrate_to_uri3(
@@ -251,7 +295,7 @@ async def migrate_to_uri3(
 ) -> None:
     """libvirt's virDomainMigrateToURI3 (peer-to-peer): one Perform call on the source, in the
     newest form the source speaks; ``trace.protocol`` gets the protocol the source then used
-    with the destination."""
+    with the destination, ``trace.migration_id`` the migration's id (logged at INFO)."""
     f = check_known_flags(flags, "virDomainMigrateToURI3")
     check_rules(f, params, Layer.CLIENT)
     check_param_types(params)
@@ -271,29 +315,39 @@ async def migrate_to_uri3(
     protocol = choose_protocol(features, features, params, int(f & ~F.CHANGE_PROTECTION))
     if protocol is MigrationProtocol.V2 and P.URI in params:
         raise InternalError("Unable to override peer2peer migration URI")
-    used = await _perform_p2p(conn, key, dconnuri, params, f, protocol)
-    if trace is not None:
-        trace.protocol = used
+    t = trace if trace is not None else Trace()
+    t.domain = key.name if isinstance(key, Domain) else str(key)
+    client_log.info("migration of %s: peer-to-peer to %s (the source daemon runs it)",
+                    t.domain, dconnuri)
+    try:
+        t.protocol, mid = await _perform_p2p(conn, key, dconnuri, params, f, protocol)
+    except VirtmigError as exc:
+        t.migration_id = await _p2p_migration_id(conn, key)
+        _log_outcome(t, exc)
+        raise
+    t.migration_id = mid if is_migration_id(mid) else ""
+    _log_outcome(t, None)
 
 
 async def _perform_p2p(conn: RpcConnection, key: DomainKey, dconnuri: str, params: TypedParams,
-                       f: MigrateFlags, protocol: MigrationProtocol) -> str:
-    """The one peer-to-peer call, in ``protocol``'s form; the protocol the source used."""
+                       f: MigrateFlags, protocol: MigrationProtocol) -> tuple[str, str]:
+    """The one peer-to-peer call, in ``protocol``'s form; the protocol the source used and the
+    migration's id (both "" from a source that does not say)."""
     ref = await conn.ref(key)
     stub = conn.migration_stub
     if protocol is MigrationProtocol.V3_PARAMS:
         reply = await conn._call(stub.Perform3Params, pb.Perform3ParamsRequest(
             domain=ref, dconnuri=dconnuri, params=to_wire(params), flags=int(f)))
-        return str(reply.protocol)
+        return str(reply.protocol), str(reply.migration_id)
     if protocol is MigrationProtocol.V3:
         req = pb.Perform3Request(domain=ref, dconnuri=dconnuri, flags=int(f),
                                  resource=params.get_int(P.BANDWIDTH))
         _legacy(req, params, xmlin=P.DEST_XML, uri=P.URI, dname=P.DEST_NAME)
         reply = await conn._call(stub.Perform3, req)
-        return str(reply.protocol)
+        return str(reply.protocol), str(reply.migration_id)
     # v2: ``uri`` carries the destination daemon's URI (libvirt's MigrateUnmanagedProto2).
     req2 = pb.PerformRequest(domain=ref, uri=dconnuri, flags=int(f & ~F.CHANGE_PROTECTION),
                              resource=params.get_int(P.BANDWIDTH))
     _legacy(req2, params, dname=P.DEST_NAME)
     reply2 = await conn._call(stub.Perform, req2)
-    return str(reply2.protocol)
+    return str(reply2.protocol), str(reply2.migration_id)

@@ -299,6 +299,20 @@ class RpcConnection:
             domain=await self.ref(key), flags=1 if postcopy else 0))
         return m.bandwidth_mib
 
+    async def get_compression_cache(self, key: DomainKey) -> int:
+        """libvirt's virDomainMigrateGetCompressionCache: the running domain's xbzrle cache
+        size in bytes (what its next migrations use)."""
+        m: pb.CompressionCacheReply = await self._call(
+            self.migration_stub.GetCompressionCache,
+            pb.CompressionCacheRequest(domain=await self.ref(key)))
+        return m.cache_size
+
+    async def set_compression_cache(self, key: DomainKey, size: int) -> None:
+        """libvirt's virDomainMigrateSetCompressionCache (a power of two, at least 4096: the
+        daemon checks it, after whether its backend has a cache at all, as libvirt's)."""
+        await self._call(self.migration_stub.SetCompressionCache, pb.CompressionCacheRequest(
+            domain=await self.ref(key), cache_size=size))
+
     async def start_postcopy(self, key: DomainKey) -> None:
         await self._call(self.migration_stub.StartPostCopy,
                          pb.DomainRequest(domain=await self.ref(key)))

@@ -48,9 +48,11 @@ from virtmig.proto.flags import (
     MigrateFlags,
     MigrationProtocol,
 )
+from virtmig.proto.migid import migration_id_in_cookie
 from virtmig.proto.params import NON_PARAMS_ALLOWED, MigrateParam, TypedParams
 
 log = logsafe.logger(__name__)
+client_log = logsafe.logger("virtmig.client")  # the phases of the client's own runs
 
 F = MigrateFlags
 P = MigrateParam
@@ -93,14 +95,35 @@ class DestParty(Protocol):
 
 @dataclass
 class Trace:
-    """What the driver called, in order (``"finish(cancelled)"``...), for logs and tests, and
-    the protocol the migration ran with (``MigrationProtocol``; what ``--verbose`` prints)."""
+    """What the driver called, in order (``"finish(cancelled)"``...), for logs and tests, the
+    protocol the migration ran with (``MigrationProtocol``) and its id (read from the daemons'
+    cookies; both are what ``--verbose`` prints).
+
+    ``announce`` (the client's own runs; a peer-to-peer source daemon logs phases itself): each
+    call is logged at INFO on the ``virtmig.client`` logger, with the migration id once known.
+    """
 
     calls: list[str] = field(default_factory=list)
     protocol: str = ""
+    migration_id: str = ""
+    domain: str = ""
+    announce: bool = False
 
     def add(self, name: str, cancelled: bool | None = None) -> None:
-        self.calls.append(f"{name}(cancelled)" if cancelled else name)
+        call = f"{name}(cancelled)" if cancelled else name
+        self.calls.append(call)
+        if self.announce:
+            client_log.info("migration %s of %s: %s", self.migration_id or "(id not known yet)",
+                            self.domain, call)
+
+    def learn_id(self, cookie: bytes) -> None:
+        """Take the migration id from a daemon's cookie (the first one that carries it)."""
+        if self.migration_id:
+            return
+        self.migration_id = migration_id_in_cookie(cookie)
+        if self.migration_id and self.announce:
+            client_log.info("Migration id: %s (migration of %s)", self.migration_id,
+                            self.domain)
 
 
 @dataclass(frozen=True)
@@ -139,6 +162,7 @@ async def run_v3(
 
     t.add("begin")
     dom_xml, cookie = await src.begin(dom, params, flags | protect)
+    t.learn_id(cookie)
 
     try:
         state = await src.get_state(dom)
@@ -155,6 +179,7 @@ async def run_v3(
         cookie, uri_out = await dst.prepare(dparams, cookie, destflags)
     except VirtmigError as exc:
         return await _confirm_then_raise(src, dom, params, flags | protect, exc, t, protection)
+    t.learn_id(cookie)
     if uri_out:
         params.set(P.URI, uri_out)
 
@@ -413,6 +438,7 @@ async def run_v2(
     dparams.set(P.DEST_XML, dom_xml)
     t.add("prepare2")
     cookie, uri_out = await dst.prepare2(dparams, destflags)
+    t.learn_id(cookie)
     if uri_out:
         params.set(P.URI, uri_out)
     error: VirtmigError | None = None

@@ -190,6 +190,12 @@ class Connection:
     def get_max_speed(self, key: DomainKey, *, postcopy: bool = False) -> int:
         return self._run(self.aconn.get_max_speed(key, postcopy=postcopy))
 
+    def get_compression_cache(self, key: DomainKey) -> int:
+        return self._run(self.aconn.get_compression_cache(key))
+
+    def set_compression_cache(self, key: DomainKey, size: int) -> None:
+        self._run(self.aconn.set_compression_cache(key, size))
+
     def start_postcopy(self, key: DomainKey) -> None:
         self._run(self.aconn.start_postcopy(key))
 

@@ -75,6 +75,7 @@ from lxml import etree
 
 from virtmig.daemon.cookiexml import UnsafeXML, emit, safe_fromstring, text_of
 from virtmig.proto.errors import CookieError, InternalError, XMLError
+from virtmig.proto.migid import MIGRATION_ID_TAG
 
 __all__ = [
     "ACCEPT_CONFIRM",
@@ -94,7 +95,6 @@ __all__ = [
 
 ROOT_TAG = "qemu-migration"
 TOKEN_TAG = "virtmig-stream-token"
-MIGRATION_ID_TAG = "virtmig-migration-id"
 _TOKEN_RE = re.compile(r"[0-9a-f]{32}")
 MAX_COOKIE_BYTES = 16 * 1024 * 1024
 

@@ -28,7 +28,7 @@ from virtmig.daemon.placement import Away, Peer, PlacementStore
 from virtmig.daemon.registry import DomainObj, Registry, job_from_status
 from virtmig.daemon.state import StateDir
 from virtmig.proto import logsafe
-from virtmig.proto.errors import ConfigUnsupported, NoSupport, ResourceExhausted
+from virtmig.proto.errors import ConfigUnsupported, NoSupport, PortsExhausted
 from virtmig.proto.flags import DomainState, Feature, ShutoffReason, protocol_features
 
 log = logsafe.logger(__name__)
@@ -157,7 +157,7 @@ class PortAllocator:
     def candidates(self) -> list[int]:
         free = [p for p in range(self.lo, self.hi + 1) if p not in self._used]
         if not free:
-            raise ResourceExhausted(
+            raise PortsExhausted(
                 f"Unable to find an unused port in range 'migration' ({self.lo}-{self.hi})"
             )
         return free

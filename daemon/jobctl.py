@@ -4,7 +4,7 @@
   completed job;
 * ``watch``: the job's info each time it changes, then its completed record;
 * ``abort`` (libvirt's AbortJob), max downtime and max speed (also between migrations), the
-  switch to post-copy;
+  switch to post-copy, the xbzrle compression cache of a running domain (its next migrations');
 * ``src_watch``: the background task that follows an outgoing stream while Perform waits: it
   publishes progress and MIGRATION_ITERATION events, runs virtmig's stall watchdog and completion
   timeout, and reports through the job (it never raises into Perform).
@@ -25,6 +25,8 @@ from virtmig.daemon.job import AsyncJob, JobInfo, JobRecord, MigrationJob, Phase
 from virtmig.daemon.registry import DomainObj
 from virtmig.proto import logsafe
 from virtmig.proto.errors import (
+    InvalidArgument,
+    NoSupport,
     OperationFailed,
     OperationInvalid,
     OperationTimeout,
@@ -40,10 +42,12 @@ from virtmig.proto.flags import (
     MigrateFlags,
     PausedReason,
 )
+from virtmig.proto.migid import MIGRATION_ID_STAT
 from virtmig.proto.params import (
     MigrateParam,
     ParamType,
     TypedParam,
+    check_compression_cache,
     check_max_downtime,
     check_max_speed,
 )
@@ -54,8 +58,6 @@ ABORT_JOB_POSTCOPY = 2  # VIR_DOMAIN_ABORT_JOB_POSTCOPY
 MAX_SPEED_POSTCOPY = 1  # VIR_DOMAIN_MIGRATE_MAX_SPEED_POSTCOPY
 WATCH_INTERVAL_S = 0.1
 PROTOCOL_STAT = "virtmig.protocol"
-# The migration's id (cookie A/B's, the same on both daemons and in their logs and history).
-MIGRATION_ID_STAT = "virtmig.migration_id"
 _RUNNING = (MigrationStatus.SETUP, MigrationStatus.ACTIVE, MigrationStatus.POSTCOPY_ACTIVE)
 
 # --- info ----------------------------------------------------------------------------------------
@@ -275,6 +277,47 @@ def get_max_speed(dom: DomainObj, flags: int) -> int:
     if job is not None and job.phase.streaming and job.bandwidth_mib:
         return job.bandwidth_mib
     return dom.max_speed_mib or MAX_BANDWIDTH_MIB
+
+
+GET_COMPCACHE_API = "virDomainMigrateGetCompressionCache"
+SET_COMPCACHE_API = "virDomainMigrateSetCompressionCache"
+
+
+def _compcache_call(daemon: Daemon, api: str, flags: int) -> None:
+    """A backend without compression has no cache (libvirt's drivers without the API say so);
+    no flags are defined."""
+    if not daemon.backend.extra_flags & MigrateFlags.COMPRESSED:
+        raise NoSupport(api)
+    if flags:
+        raise InvalidArgument(f"unsupported flags (0x{flags:x}) in function {api}")
+
+
+async def get_compression_cache(daemon: Daemon, dom: DomainObj, flags: int = 0) -> int:
+    """libvirt's MigrateGetCompressionCache: the running domain's xbzrle cache size (bytes),
+    which its next migrations use unless one gives ``compression.xbzrle.cache``."""
+    _compcache_call(daemon, GET_COMPCACHE_API, flags)
+    _require_active(dom)
+    try:
+        return await daemon.backend.get_compression_cache(dom.uuid)
+    except BackendError as exc:
+        raise OperationFailed(f"cannot get the compression cache size of domain "
+                              f"'{dom.name}': {exc}") from exc
+
+
+async def set_compression_cache(daemon: Daemon, dom: DomainObj, size: int,
+                                flags: int = 0) -> None:
+    """libvirt's MigrateSetCompressionCache; a state change: it waits (bounded) for a running
+    migration job of the domain to end, as libvirt's modify job does."""
+    _compcache_call(daemon, SET_COMPCACHE_API, flags)
+    check_compression_cache(size)
+    async with daemon.registry.state_change(dom, SET_COMPCACHE_API):
+        _require_active(dom)
+        try:
+            await daemon.backend.set_compression_cache(dom.uuid, size)
+        except BackendError as exc:
+            raise OperationFailed(f"cannot set the compression cache size of domain "
+                                  f"'{dom.name}': {exc}") from exc
+    log.info("compression cache of %s set to %d bytes", dom.name, size)
 
 
 async def start_postcopy(daemon: Daemon, dom: DomainObj) -> None:

@@ -39,7 +39,7 @@ from virtmig.client.values import GuestLocation
 from virtmig.daemon.backend.base import BackendError
 from virtmig.daemon.core import Daemon
 from virtmig.daemon.job import AsyncJob, MigrationJob
-from virtmig.daemon.placement import Away, Peer, is_migration_id
+from virtmig.daemon.placement import Away, Peer
 from virtmig.daemon.registry import DomainObj
 from virtmig.proto import logsafe
 from virtmig.proto.errors import (
@@ -51,6 +51,7 @@ from virtmig.proto.errors import (
     VirtmigError,
 )
 from virtmig.proto.flags import DomainState, PausedReason, RunningReason, ShutoffReason
+from virtmig.proto.migid import is_migration_id
 from virtmig.proto.uri import parse_uri
 
 log = logsafe.logger(__name__)

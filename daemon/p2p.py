@@ -35,10 +35,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
+from dataclasses import dataclass
 
 from virtmig.client.connection import AsyncConnection
 from virtmig.client.migrate import RemoteDest, check_param_types
-from virtmig.client.sequence import choose_protocol, run_v2, run_v3
+from virtmig.client.sequence import Trace, choose_protocol, run_v2, run_v3
 from virtmig.daemon import jobctl, migration
 from virtmig.daemon.core import Daemon
 from virtmig.daemon.domxml import format_domain_xml
@@ -62,6 +63,15 @@ log = logsafe.logger(__name__)
 
 F = MigrateFlags
 LOST_GRACE_S = 1.0
+
+
+@dataclass(frozen=True)
+class P2PRun:
+    """What a peer-to-peer run tells its caller: the protocol it used with the destination and
+    the migration's id (read from the cookies, as a client's run does)."""
+
+    protocol: str
+    migration_id: str
 
 
 class LocalSource:
@@ -153,12 +163,12 @@ class LocalSource:
 async def src_perform_p2p(
     daemon: Daemon, dom: DomainObj, dconnuri: str | None, params: TypedParams,
     cookie_in: bytes, flags: int,
-) -> str:
+) -> P2PRun:
     """libvirt's PerformJob → Peer2Peer → Peer2Peer3 or Peer2Peer2, on this daemon; returns
-    the protocol (``MigrationProtocol``) it used with the destination."""
+    the protocol (``MigrationProtocol``) it used with the destination and the migration's id."""
     f = migration.any_check(daemon, flags, params, "virDomainMigratePerform3Params")
     if cookie_in:
-        raise InvalidArgument("received unexpected cookie with P2P migration")
+        raise OperationInvalid("received unexpected cookie with P2P migration")
     if not dconnuri:
         raise InvalidArgument("dconnuri must not be NULL for peer-to-peer migration")
     check_not_local(dconnuri)
@@ -184,13 +194,15 @@ async def src_perform_p2p(
         dest_uri = params.get_str(MigrateParam.DEST_URI) or dconnuri
         source = LocalSource(daemon, dconn, session, dest_uri, protocol.value)
         dest = RemoteDest(dconn, protocol is MigrationProtocol.V3_PARAMS)
+        trace = Trace()
         if protocol is MigrationProtocol.V2:
             # Change protection is implicit here (one job): never sent to the destination.
             await run_v2(source, dest, dom.name, params, int(f & ~F.CHANGE_PROTECTION),
-                         p2p=True)
+                         p2p=True, trace=trace)
         else:
-            await run_v3(source, dest, dom.name, params, int(f), protection=True, p2p=True)
-        return protocol.value
+            await run_v3(source, dest, dom.name, params, int(f), protection=True, p2p=True,
+                         trace=trace)
+        return P2PRun(protocol.value, trace.migration_id)
     finally:
         if watcher is not None:
             watcher.cancel()

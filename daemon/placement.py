@@ -32,16 +32,12 @@ from pathlib import Path
 
 from virtmig.daemon import state as files
 from virtmig.proto import logsafe
+from virtmig.proto.migid import is_migration_id
 
 log = logsafe.logger(__name__)
 
-_ID_RE = re.compile(r"[0-9a-f]{32}")
 _UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 MAX_RECORD_BYTES = 64 * 1024
-
-
-def is_migration_id(text: str) -> bool:
-    return bool(_ID_RE.fullmatch(text))
 
 
 @dataclass(frozen=True)

@@ -163,7 +163,7 @@ class DomainsService(pbg.DomainsServicer):
 class MigrationService(pbg.MigrationServicer):
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
-        self._p2p: set[asyncio.Task[str]] = set()
+        self._p2p: set[asyncio.Task[p2p.P2PRun]] = set()
 
     def _dom(self, ref: pb.DomainRef) -> DomainObj:
         return wire.resolve(self.daemon.registry, ref)
@@ -230,19 +230,19 @@ class MigrationService(pbg.MigrationServicer):
             return wire.perform3_reply(await migration.src_perform(
                 self.daemon, dom, dconnuri, params, cookie, flags, owner=session,
                 protocol=protocol))
-        return wire.perform3_reply(protocol=await self._p2p_run(dom, dconnuri, params, cookie,
-                                                                 flags))
+        run = await self._p2p_run(dom, dconnuri, params, cookie, flags)
+        return wire.perform3_reply(protocol=run.protocol, migration_id=run.migration_id)
 
     async def _p2p_run(self, dom: DomainObj, dconnuri: str | None, params: TypedParams,
-                       cookie: bytes, flags: int) -> str:
+                       cookie: bytes, flags: int) -> p2p.P2PRun:
         """Peer-to-peer: the whole migration runs here.  It goes on if the caller disconnects
         (as libvirt's does); the caller follows it through the source's job.  Returns the
-        protocol the run used with the destination."""
+        protocol the run used with the destination and the migration's id."""
         task = asyncio.get_running_loop().create_task(
             p2p.src_perform_p2p(self.daemon, dom, dconnuri, params, cookie, flags))
         self._p2p.add(task)
         task.add_done_callback(self._p2p.discard)
-        return str(await asyncio.shield(task))
+        return await asyncio.shield(task)
 
     # --- Finish ---------------------------------------------------------------------------------
 
@@ -299,9 +299,10 @@ class MigrationService(pbg.MigrationServicer):
                                          owner=session_of(context))
             return wire.perform_reply()
         # libvirt's v2 Perform with PEER2PEER: ``uri`` is the destination daemon's URI.
-        return wire.perform_reply(await self._p2p_run(
-            dom, wire.optional(request, "uri"), wire.perform2_p2p_params(request),
-            request.cookie_in, request.flags))
+        run = await self._p2p_run(dom, wire.optional(request, "uri"),
+                                  wire.perform2_p2p_params(request), request.cookie_in,
+                                  request.flags)
+        return wire.perform_reply(run.protocol, run.migration_id)
 
     async def Finish2(self, request: pb.Finish2Request, context: Any) -> pb.Finish2Reply:
         self.daemon.speaks(Feature.V2, "virDomainMigrateFinish2")
@@ -343,6 +344,17 @@ class MigrationService(pbg.MigrationServicer):
 
     async def GetMaxSpeed(self, request: pb.SpeedRequest, context: Any) -> pb.SpeedReply:
         return wire.speed_reply(jobctl.get_max_speed(self._dom(request.domain), request.flags))
+
+    async def GetCompressionCache(self, request: pb.CompressionCacheRequest,
+                                  context: Any) -> pb.CompressionCacheReply:
+        return pb.CompressionCacheReply(cache_size=await jobctl.get_compression_cache(
+            self.daemon, self._dom(request.domain), request.flags))
+
+    async def SetCompressionCache(self, request: pb.CompressionCacheRequest,
+                                  context: Any) -> pb.Empty:
+        await jobctl.set_compression_cache(self.daemon, self._dom(request.domain),
+                                           request.cache_size, request.flags)
+        return wire.empty()
 
     async def StartPostCopy(self, request: pb.DomainRequest, context: Any) -> pb.Empty:
         await jobctl.start_postcopy(self.daemon, self._dom(request.domain))

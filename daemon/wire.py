@@ -216,9 +216,11 @@ def prepare3_reply(cookie: bytes, uri_out: str | None) -> pb.Prepare3Reply:
     return reply
 
 
-def perform3_reply(cookie: bytes = b"", protocol: str = "") -> pb.Perform3Reply:
-    """``protocol``: peer-to-peer only, the protocol the run used with the destination."""
-    return pb.Perform3Reply(cookie_out=cookie, protocol=protocol)
+def perform3_reply(cookie: bytes = b"", protocol: str = "",
+                   migration_id: str = "") -> pb.Perform3Reply:
+    """``protocol``, ``migration_id``: peer-to-peer only, the protocol the run used with the
+    destination and the migration's id."""
+    return pb.Perform3Reply(cookie_out=cookie, protocol=protocol, migration_id=migration_id)
 
 
 def finish3_reply(dom: DomainObj, cookie: bytes) -> pb.Finish3Reply:
@@ -236,8 +238,8 @@ def prepare2_reply(cookie: bytes, uri_out: str | None) -> pb.Prepare2Reply:
     return reply
 
 
-def perform_reply(protocol: str = "") -> pb.PerformReply:
-    return pb.PerformReply(protocol=protocol)
+def perform_reply(protocol: str = "", migration_id: str = "") -> pb.PerformReply:
+    return pb.PerformReply(protocol=protocol, migration_id=migration_id)
 
 
 def finish2_reply(dom: DomainObj) -> pb.Finish2Reply:

@@ -30,7 +30,9 @@ a status back into the same class in :func:`from_status`.  Nowhere else maps err
      ├── PermissionDenied                PERMISSION_DENIED  VIR_ERR_ACCESS_DENIED
      ├── ConnectionFailed                UNAVAILABLE        VIR_ERR_NO_CONNECT / VIR_ERR_RPC
      └── InternalError                   INTERNAL           VIR_ERR_INTERNAL_ERROR
-          └── CookieError                INVALID_ARGUMENT   VIR_ERR_INTERNAL_ERROR
+          ├── InternalInputError         INVALID_ARGUMENT   VIR_ERR_INTERNAL_ERROR
+          │    └── CookieError           INVALID_ARGUMENT   VIR_ERR_INTERNAL_ERROR
+          └── PortsExhausted             RESOURCE_EXHAUSTED VIR_ERR_INTERNAL_ERROR
 
 The exact class travels in the trailing metadata key ``virtmig-error``, so a status code shared by
 several classes still maps back to the right one.  The message travels already formatted: the
@@ -277,12 +279,23 @@ class InternalError(VirtmigError):
     msg = "internal error"
 
 
-class CookieError(InternalError):
-    """A migration cookie the caller sent that cannot be used: libvirt reports it as an internal
-    error (its message is kept), but it is the caller's input, so the status is
-    INVALID_ARGUMENT."""
+class InternalInputError(InternalError):
+    """A request libvirt reports as an internal error (its message is kept: "no domain XML
+    passed", "Unexpected dconnuri parameter with non-peer2peer migration"), but it is the
+    caller's input, so the status is INVALID_ARGUMENT."""
 
     status_name = "INVALID_ARGUMENT"
+
+
+class CookieError(InternalInputError):
+    """A migration cookie the caller sent that cannot be used (libvirt: an internal error)."""
+
+
+class PortsExhausted(InternalError):
+    """No migration port is free: libvirt's port allocator says "internal error: Unable to find
+    an unused port in range ..."; the status says what it is, RESOURCE_EXHAUSTED."""
+
+    status_name = "RESOURCE_EXHAUSTED"
 
 
 def _all_classes() -> dict[str, type[VirtmigError]]:

@@ -147,6 +147,9 @@ class Range:
 #: Migration bandwidth in MiB/s (0: the default, unlimited), as libvirt's QEMU driver allows.
 BANDWIDTH_RANGE = Range(0, MAX_BANDWIDTH_MIB,
                         overflow=f"bandwidth must be less than {MAX_BANDWIDTH_MIB + 1}")
+#: The xbzrle compression cache in bytes (the ``compression.xbzrle.cache`` parameter and
+#: ``SetCompressionCache``): QEMU's rule, a power of two no smaller than a page.
+XBZRLE_CACHE_RANGE = Range(4096, 2**63, power_of_two=True)
 #: The maximum downtime in ms (``SetMaxDowntime``, the ``max_downtime_ms`` setting).
 DOWNTIME_RANGE = Range(1, MAX_DOWNTIME_MS,
                        message="Invalid downtime {value}: must be between {lo} and {hi} ms")
@@ -224,8 +227,7 @@ MIGRATION_PARAMS: Mapping[str, ParamSpec] = {
         _spec(_P.COMPRESSION_MT_LEVEL, _T.INT, Party.SRC, values=_LEVEL),
         _spec(_P.COMPRESSION_MT_THREADS, _T.INT, Party.SRC, values=_THREADS),
         _spec(_P.COMPRESSION_MT_DTHREADS, _T.INT, Party.DST, values=_THREADS),
-        _spec(_P.COMPRESSION_XBZRLE_CACHE, _T.ULLONG, Party.SRC,
-              values=Range(4096, 2**63, power_of_two=True)),
+        _spec(_P.COMPRESSION_XBZRLE_CACHE, _T.ULLONG, Party.SRC, values=XBZRLE_CACHE_RANGE),
         _spec(_P.COMPRESSION_ZLIB_LEVEL, _T.INT, Party.SRC, values=_LEVEL),
         _spec(_P.COMPRESSION_ZSTD_LEVEL, _T.INT, Party.SRC, values=Range(0, 20)),
         _spec(_P.AUTO_CONVERGE_INITIAL, _T.INT, Party.SRC, needs=MigrateFlags.AUTO_CONVERGE,
@@ -363,6 +365,11 @@ def check_param_values(params: TypedParams) -> None:
 def check_max_speed(bandwidth_mib: int) -> int:
     """``SetMaxSpeed``'s bandwidth (MiB/s, either phase): the ``bandwidth`` parameter's range."""
     return BANDWIDTH_RANGE.check(MigrateParam.BANDWIDTH.value, bandwidth_mib)
+
+
+def check_compression_cache(size: int) -> int:
+    """``SetCompressionCache``'s size: the ``compression.xbzrle.cache`` parameter's range."""
+    return XBZRLE_CACHE_RANGE.check(MigrateParam.COMPRESSION_XBZRLE_CACHE.value, size)
 
 
 def check_max_downtime(downtime_ms: int) -> int:

@@ -397,12 +397,14 @@ class Perform3ParamsRequest(_message.Message):
     def __init__(self, domain: _Optional[_Union[DomainRef, _Mapping]] = ..., dconnuri: _Optional[str] = ..., params: _Optional[_Iterable[_Union[TypedParam, _Mapping]]] = ..., cookie_in: _Optional[bytes] = ..., flags: _Optional[int] = ...) -> None: ...
 
 class Perform3Reply(_message.Message):
-    __slots__ = ("cookie_out", "protocol")
+    __slots__ = ("cookie_out", "protocol", "migration_id")
     COOKIE_OUT_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_FIELD_NUMBER: _ClassVar[int]
+    MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
     cookie_out: bytes
     protocol: str
-    def __init__(self, cookie_out: _Optional[bytes] = ..., protocol: _Optional[str] = ...) -> None: ...
+    migration_id: str
+    def __init__(self, cookie_out: _Optional[bytes] = ..., protocol: _Optional[str] = ..., migration_id: _Optional[str] = ...) -> None: ...
 
 class Finish3Request(_message.Message):
     __slots__ = ("dname", "cookie_in", "dconnuri", "uri", "flags", "cancelled")
@@ -509,10 +511,12 @@ class PerformRequest(_message.Message):
     def __init__(self, domain: _Optional[_Union[DomainRef, _Mapping]] = ..., cookie_in: _Optional[bytes] = ..., uri: _Optional[str] = ..., flags: _Optional[int] = ..., dname: _Optional[str] = ..., resource: _Optional[int] = ...) -> None: ...
 
 class PerformReply(_message.Message):
-    __slots__ = ("protocol",)
+    __slots__ = ("protocol", "migration_id")
     PROTOCOL_FIELD_NUMBER: _ClassVar[int]
+    MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
     protocol: str
-    def __init__(self, protocol: _Optional[str] = ...) -> None: ...
+    migration_id: str
+    def __init__(self, protocol: _Optional[str] = ..., migration_id: _Optional[str] = ...) -> None: ...
 
 class Finish2Request(_message.Message):
     __slots__ = ("dname", "cookie_in", "uri", "flags", "retcode")
@@ -657,6 +661,22 @@ class SpeedReply(_message.Message):
     BANDWIDTH_MIB_FIELD_NUMBER: _ClassVar[int]
     bandwidth_mib: int
     def __init__(self, bandwidth_mib: _Optional[int] = ...) -> None: ...
+
+class CompressionCacheRequest(_message.Message):
+    __slots__ = ("domain", "cache_size", "flags")
+    DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    CACHE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    FLAGS_FIELD_NUMBER: _ClassVar[int]
+    domain: DomainRef
+    cache_size: int
+    flags: int
+    def __init__(self, domain: _Optional[_Union[DomainRef, _Mapping]] = ..., cache_size: _Optional[int] = ..., flags: _Optional[int] = ...) -> None: ...
+
+class CompressionCacheReply(_message.Message):
+    __slots__ = ("cache_size",)
+    CACHE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    cache_size: int
+    def __init__(self, cache_size: _Optional[int] = ...) -> None: ...
 
 class TunnelChunk(_message.Message):
     __slots__ = ("dname", "data")

@@ -828,6 +828,16 @@ class MigrationStub:
                 request_serializer=virtmig_dot_proto_dot_virtmig__pb2.DomainRequest.SerializeToString,
                 response_deserializer=virtmig_dot_proto_dot_virtmig__pb2.Empty.FromString,
                 _registered_method=True)
+        self.GetCompressionCache = channel.unary_unary(
+                '/virtmig.v1.Migration/GetCompressionCache',
+                request_serializer=virtmig_dot_proto_dot_virtmig__pb2.CompressionCacheRequest.SerializeToString,
+                response_deserializer=virtmig_dot_proto_dot_virtmig__pb2.CompressionCacheReply.FromString,
+                _registered_method=True)
+        self.SetCompressionCache = channel.unary_unary(
+                '/virtmig.v1.Migration/SetCompressionCache',
+                request_serializer=virtmig_dot_proto_dot_virtmig__pb2.CompressionCacheRequest.SerializeToString,
+                response_deserializer=virtmig_dot_proto_dot_virtmig__pb2.Empty.FromString,
+                _registered_method=True)
         self.Begin3 = channel.unary_unary(
                 '/virtmig.v1.Migration/Begin3',
                 request_serializer=virtmig_dot_proto_dot_virtmig__pb2.Begin3Request.SerializeToString,
@@ -953,6 +963,18 @@ class MigrationServicer:
         raise NotImplementedError('Method not implemented!')
 
     def StartPostCopy(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetCompressionCache(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetCompressionCache(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -1089,6 +1111,16 @@ def add_MigrationServicer_to_server(servicer, server):
             'StartPostCopy': grpc.unary_unary_rpc_method_handler(
                     servicer.StartPostCopy,
                     request_deserializer=virtmig_dot_proto_dot_virtmig__pb2.DomainRequest.FromString,
+                    response_serializer=virtmig_dot_proto_dot_virtmig__pb2.Empty.SerializeToString,
+            ),
+            'GetCompressionCache': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCompressionCache,
+                    request_deserializer=virtmig_dot_proto_dot_virtmig__pb2.CompressionCacheRequest.FromString,
+                    response_serializer=virtmig_dot_proto_dot_virtmig__pb2.CompressionCacheReply.SerializeToString,
+            ),
+            'SetCompressionCache': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetCompressionCache,
+                    request_deserializer=virtmig_dot_proto_dot_virtmig__pb2.CompressionCacheRequest.FromString,
                     response_serializer=virtmig_dot_proto_dot_virtmig__pb2.Empty.SerializeToString,
             ),
             'Begin3': grpc.unary_unary_rpc_method_handler(
@@ -1404,6 +1436,60 @@ class Migration:
             target,
             '/virtmig.v1.Migration/StartPostCopy',
             virtmig_dot_proto_dot_virtmig__pb2.DomainRequest.SerializeToString,
+            virtmig_dot_proto_dot_virtmig__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCompressionCache(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/virtmig.v1.Migration/GetCompressionCache',
+            virtmig_dot_proto_dot_virtmig__pb2.CompressionCacheRequest.SerializeToString,
+            virtmig_dot_proto_dot_virtmig__pb2.CompressionCacheReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetCompressionCache(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/virtmig.v1.Migration/SetCompressionCache',
+            virtmig_dot_proto_dot_virtmig__pb2.CompressionCacheRequest.SerializeToString,
             virtmig_dot_proto_dot_virtmig__pb2.Empty.FromString,
             options,
             channel_credentials,

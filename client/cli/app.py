@@ -89,9 +89,8 @@ COMMANDS: tuple[Command, ...] = (
     Command("migrate-getspeed", "Get the maximum migration bandwidth",
             jobs.cmd_migrate_getspeed, ("domain",), ("domain",),
             jobs.setup_postcopy("get post-copy migration bandwidth")),
-    Command("migrate-compcache", "get/set compression cache size (virtmig: refused, use migrate "
-            "--comp-xbzrle-cache)", jobs.cmd_migrate_compcache, ("domain",), ("domain",),
-            jobs.setup_compcache),
+    Command("migrate-compcache", "get/set compression cache size", jobs.cmd_migrate_compcache,
+            ("domain",), ("domain",), jobs.setup_compcache),
     Command("migrate-postcopy", "Switch running migration from pre-copy to post-copy",
             jobs.cmd_migrate_postcopy, ("domain",), ("domain",)),
     Command("migrate-resolve", "settle a guest whose migration's outcome is unknown",

@@ -30,9 +30,9 @@ from virtmig.client.cli.output import (
     format_event,
     format_job_info,
     format_job_rawstats,
+    pretty_capacity,
 )
 from virtmig.client.values import JobInfo
-from virtmig.proto.errors import NoSupport
 from virtmig.proto.flags import JobType
 
 
@@ -105,15 +105,17 @@ async def cmd_migrate_getspeed(s: Session, args: argparse.Namespace) -> None:
 
 
 async def cmd_migrate_compcache(s: Session, args: argparse.Namespace) -> None:
-    """virsh's ``migrate-compcache``: the daemons keep no per-domain compression cache (a
-    migration takes it as ``--comp-xbzrle-cache``), so the call is refused in libvirt's words
-    for a driver without it, after the domain is looked up and ``--size`` is checked."""
+    """virsh's ``migrate-compcache``: with ``--size``, set the running domain's xbzrle cache
+    (its next migrations use it; ``migrate --comp-xbzrle-cache`` overrides it for one); then
+    print it, ``Compression cache: %.3lf %s`` with virsh's capacity units (no newline of its
+    own, as virsh: the blank line after the output ends it)."""
     size = number("size", args.size, 0, ULLONG_MAX) if args.size is not None else None
     conn = await s.conn()
-    await lookup(conn, args.domain)
-    api = ("virDomainMigrateSetCompressionCache" if size is not None
-           else "virDomainMigrateGetCompressionCache")
-    raise CliError(str(NoSupport(api)))
+    dom = await lookup(conn, args.domain)
+    if size is not None:
+        await conn.set_compression_cache(dom, size)
+    value, unit = pretty_capacity(await conn.get_compression_cache(dom))
+    print(f"Compression cache: {value:.3f} {unit}", end="")
 
 
 async def cmd_migrate_postcopy(s: Session, args: argparse.Namespace) -> None:

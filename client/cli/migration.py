@@ -1,7 +1,7 @@
 """``migrate``: the migration call, and virsh's watching around it (``virshWatchJob``): the
-``--verbose`` progress line (and, at the end, the migration protocol that was used), Ctrl-C
-aborting the job, the one-shot ``--timeout`` action and the switch to post-copy after pre-copy
-(``--postcopy-after-precopy``).
+``--verbose`` progress line (and, at the end, the migration's id and the protocol that was used;
+after a failure the id on stderr), Ctrl-C aborting the job, the one-shot ``--timeout`` action and
+the switch to post-copy after pre-copy (``--postcopy-after-precopy``).
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import contextlib
 import functools
+import sys
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
@@ -164,8 +165,16 @@ async def cmd_migrate(s: Session, args: argparse.Namespace) -> None:
     else:
         dconn = await s.open(args.desturi, f"failed to connect to the destination '{args.desturi}'")
         start = functools.partial(conn.migrate3, dom, dconn, opts.params, opts.flags, trace=trace)
-    await watch_migration(conn, dom, start, opts)
-    if opts.verbose and trace.protocol:
+    try:
+        await watch_migration(conn, dom, start, opts)
+    except BaseException:
+        if opts.verbose and trace.migration_id:  # (the error follows on stderr)
+            print(f"Migration id: {trace.migration_id}", file=sys.stderr)
+        raise
+    if opts.verbose:
         # On stdout: stderr keeps virsh's progress line, ending in "Migration: [100.00 %]".
-        print(f"Migration protocol: {trace.protocol}")
+        if trace.migration_id:
+            print(f"Migration id: {trace.migration_id}")
+        if trace.protocol:
+            print(f"Migration protocol: {trace.protocol}")
 

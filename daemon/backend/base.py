@@ -335,6 +335,17 @@ class Backend(abc.ABC):
         """Switch a running outgoing migration started with ``tuning.postcopy`` to post-copy."""
         raise BackendError(f"the {self.name} backend does not support post-copy")
 
+    # --- the xbzrle compression cache (backends whose ``extra_flags`` include COMPRESSED) ---
+
+    async def get_compression_cache(self, uuid: str) -> int:
+        """The xbzrle cache size of running guest ``uuid``, in bytes: what its next migrations
+        use, unless one sets its own (``tuning.compression.xbzrle_cache``)."""
+        raise BackendError(f"the {self.name} backend has no compression cache")
+
+    async def set_compression_cache(self, uuid: str, size: int) -> None:
+        """Set that size (checked by the daemon: a power of two, at least 4096)."""
+        raise BackendError(f"the {self.name} backend has no compression cache")
+
     async def outgoing_wait(self, uuid: str) -> MigrationProgress:
         """After ``outgoing`` returned in post-copy: wait for the last page; raise PostcopyFailed.
 

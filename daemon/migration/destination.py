@@ -52,11 +52,12 @@ from virtmig.daemon.registry import DomainObj
 from virtmig.proto import logsafe
 from virtmig.proto.errors import (
     InternalError,
-    InvalidArgument,
+    InternalInputError,
     MigrateFinishOk,
     NoDomain,
     OperationFailed,
     OperationInvalid,
+    PortsExhausted,
     VirtmigError,
 )
 from virtmig.proto.flags import (
@@ -90,7 +91,7 @@ async def dst_prepare(
     offline = bool(f & F.OFFLINE)
     dom_xml = params.get_str(P.DEST_XML)
     if not dom_xml:
-        raise InvalidArgument("no domain XML passed")
+        raise InternalInputError("no domain XML passed")
     uri_in = params.get_str(P.URI)
     listen = params.get_str(P.LISTEN_ADDRESS) or daemon.config.migration_address
     want_port: int | None = None
@@ -104,7 +105,7 @@ async def dst_prepare(
         else:
             host = daemon.config.migration_host or daemon.hostname
             if host.startswith("localhost"):
-                raise OperationFailed(
+                raise InternalError(
                     "hostname on destination resolved to localhost, but migration requires an FQDN")
         await dst_check_bind(daemon.config, listen, want_port)
     d = parse_domain_xml(dom_xml)
@@ -197,6 +198,11 @@ async def _dst_listen(
             raise OperationFailed(f"cannot start incoming guest: {exc}") from exc
         daemon.ports.take(bound)
         return bound
+    if not want_port:  # every port of the range is taken: libvirt's port allocator's words
+        log.warning("no free migration port on %s: %s", listen,
+                    last.strerror if last is not None else "none left")
+        raise PortsExhausted(f"Unable to find an unused port in range 'migration' "
+                             f"({daemon.ports.lo}-{daemon.ports.hi})")
     raise OperationFailed(
         f"no free migration port on {listen}"
         + (f": {last.strerror}" if last is not None else "")

@@ -50,6 +50,7 @@ from virtmig.daemon.placement import new_migration_id
 from virtmig.daemon.registry import DomainObj
 from virtmig.proto import logsafe
 from virtmig.proto.errors import (
+    InternalInputError,
     InvalidArgument,
     MigrateUnsafe,
     OperationAborted,
@@ -152,7 +153,7 @@ async def src_perform(
     ``protocol``: the call's ``MigrationProtocol``, recorded in that job."""
     f = any_check(daemon, flags, params, "virDomainMigratePerform3Params")
     if dconnuri:
-        raise InvalidArgument("Unexpected dconnuri parameter with non-peer2peer migration")
+        raise InternalInputError("Unexpected dconnuri parameter with non-peer2peer migration")
     async with dom.lock:
         job = _src_perform_job(daemon, dom, f, params, owner, protocol)
         dest, persistent, token = await _src_perform_start(daemon, dom, job, f, params,

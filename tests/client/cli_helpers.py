@@ -181,3 +181,12 @@ def fails(uri: str | None, *args: str) -> str:
     assert res.stdout == ""
     assert res.stderr.startswith("error: ")
     return res.stderr
+
+
+def migration_id(uri: str, name: str) -> str:
+    """The id of ``name``'s last migration on the daemon at ``uri`` (its completed job's
+    ``virtmig.migration_id`` statistic)."""
+    for line in ok(uri, "domjobinfo", "--completed", "--rawstats", name).splitlines():
+        if line.startswith("virtmig.migration_id: "):
+            return line.split(": ", 1)[1]
+    raise AssertionError(f"no migration id in the completed job of {name}")

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import select
 import signal
@@ -209,8 +210,10 @@ def test_interrupt_aborts_the_migration(daemons: tuple[Daemon, Daemon], tmp_path
     text = (seen + err).decode()
     assert proc.returncode == 1
     assert out == b""
-    # Like virsh: Ctrl-C aborts the job, and the migration's own failure is reported.
-    assert text.endswith("\n" + ABORTED)
+    # Like virsh: Ctrl-C aborts the job, and the migration's own failure is reported (after
+    # the migration's id, as --verbose prints it, here on stderr).
+    [entry] = json.loads(ok(src.uri, "migrate-history", "big", "--json"))
+    assert text.endswith(f"\nMigration id: {entry['migration_id']}\n" + ABORTED)
     assert "Traceback" not in text and "interrupted" not in text
     assert ok(src.uri, "domstate", "--reason", "big") == "running (booted)\n"
     assert ok(dst.uri, "list", "--all") == EMPTY_LIST

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from tests.client import cli_helpers
-from tests.client.cli_helpers import Daemon, domain_xml, fails, ok, virtmig
+from tests.client.cli_helpers import Daemon, domain_xml, fails, migration_id, ok, virtmig
 
 # The shared fixtures, bound here so that pytest finds them.
 daemons = cli_helpers.daemons
@@ -70,7 +70,9 @@ def test_lifecycle_and_live_migration(daemons: tuple[Daemon, Daemon], tmp_path: 
 
     res = virtmig(src.uri, "migrate", "--live", "--verbose", "web", dst.uri)
     assert res.returncode == 0, res.stderr
-    assert res.stdout == "Migration protocol: v3+params\n"
+    mid = migration_id(src.uri, "web")
+    assert mid == migration_id(dst.uri, "web") and len(mid) == 32
+    assert res.stdout == f"Migration id: {mid}\nMigration protocol: v3+params\n"
     assert res.stderr.endswith("\rMigration: [100.00 %]\n")
     assert "error" not in res.stderr
 

@@ -12,6 +12,7 @@ import pytest
 from tests.client.cli_helpers import (
     Daemon,
     fails,
+    migration_id,
     ok,
     start_daemon,
     start_guest,
@@ -53,19 +54,21 @@ def test_nodeinfo_verbose_and_completed_stats(fleet: tuple[Daemon, Daemon, Daemo
     start_guest(tmp_path, new.uri, "vm")
     res = virtmig(new.uri, "migrate", "--live", "--verbose", "vm", mid.uri)
     assert res.returncode == 0, res.stderr
-    assert res.stdout == "Migration protocol: v3\n"
+    assert res.stdout == f"Migration id: {migration_id(mid.uri, 'vm')}\nMigration protocol: v3\n"
     assert res.stderr.endswith("\rMigration: [100.00 %]\n")
 
     res = virtmig(mid.uri, "migrate", "--live", "--verbose", "vm", old.uri)
     assert res.returncode == 0, res.stderr
-    assert res.stdout == "Migration protocol: v2\n"
+    # v2: the destination made the id at Prepare2; its cookie told the client.
+    assert res.stdout == f"Migration id: {migration_id(old.uri, 'vm')}\nMigration protocol: v2\n"
     assert "Migration protocol: v2\n" in ok(old.uri, "domjobinfo", "--completed", "vm")
     assert "virtmig.protocol: v2" in ok(old.uri, "domjobinfo", "--completed", "--rawstats",
                                         "vm").splitlines()
 
     res = virtmig(old.uri, "migrate", "--live", "--p2p", "--verbose", "vm", new.uri)
     assert res.returncode == 0, res.stderr
-    assert res.stdout == "Migration protocol: v2\n"  # the old source speaks only v2
+    # The old source speaks only v2; its Perform reply gives the id.
+    assert res.stdout == f"Migration id: {migration_id(new.uri, 'vm')}\nMigration protocol: v2\n"
     assert ok(new.uri, "domstate", "vm") == "running\n"
     # Without --verbose nothing is printed.
     assert ok(new.uri, "migrate", "--live", "--p2p", "vm", mid.uri) == ""

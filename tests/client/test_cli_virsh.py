@@ -8,6 +8,7 @@ The tables are the reference: each row is one string a script or a person reads.
 from __future__ import annotations
 
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,23 +16,36 @@ from pathlib import Path
 import pytest
 
 from tests.client import cli_helpers
-from tests.client.cli_helpers import Daemon, domain_xml, ok, start_guest, virtmig
+from tests.client.cli_helpers import (
+    Daemon,
+    domain_xml,
+    free_port_range,
+    ok,
+    start_guest,
+    virtmig,
+)
 from virtmig.client.cli import JOB_TYPE_LABELS
 from virtmig.proto import errors
+from virtmig.proto import virtmig_pb2 as pb
 from virtmig.proto.flags import (
     MAX_BANDWIDTH_MIB,
     DomainState,
     JobType,
+    MigrateFlags,
     PausedReason,
     RunningReason,
     ShutoffReason,
     reason_label,
 )
-from virtmig.testing import wait_until_sync
+from virtmig.proto.params import MigrateParam as P
+from virtmig.proto.params import TypedParams
+from virtmig.proto.wire import to_wire
+from virtmig.testing import Host, hosts, wait_until_sync
 
 daemons = cli_helpers.daemons
 
 S = DomainState
+F = MigrateFlags
 
 # virshDomainStateToString / virshDomain*ReasonTypeToString: (state, reason) -> "state (reason)"
 # as `domstate --reason` prints it.
@@ -92,6 +106,11 @@ ERROR_FORMATS = [
      "Requested operation is not valid"),
     (errors.ConfigUnsupported, "unsupported configuration: %s", "unsupported configuration"),
     (errors.InternalError, "internal error: %s", "internal error"),
+    # libvirt's internal errors that are the caller's input, or a resource (the gRPC status
+    # says so: INVALID_ARGUMENT, RESOURCE_EXHAUSTED), in libvirt's words.
+    (errors.InternalInputError, "internal error: %s", "internal error"),
+    (errors.CookieError, "internal error: %s", "internal error"),
+    (errors.PortsExhausted, "internal error: %s", "internal error"),
     (errors.Overflow, "numerical overflow: %s", "numerical overflow"),
     (errors.InvalidArgument, "invalid argument: %s", "invalid argument"),
     (errors.XMLError, "XML error: %s", "XML description is invalid or not well formed"),
@@ -118,6 +137,78 @@ def test_error_class_prefixes(cls: type[errors.VirtmigError], with_detail: str,
                               bare: str) -> None:
     assert str(cls("DETAIL")) == with_detail.replace("%s", "DETAIL")
     assert str(cls()) == bare
+
+
+# The class libvirt 9.0 reports for each of these situations (its qemu driver, the port
+# allocator), as the message reads; each row is driven through the daemons' RPCs below.
+LIBVIRT_ERRORS = {
+    "p2p-with-cookie": (errors.OperationInvalid, "FAILED_PRECONDITION",
+                        "Requested operation is not valid: received unexpected cookie with P2P "
+                        "migration"),
+    "dconnuri-without-p2p": (errors.InternalInputError, "INVALID_ARGUMENT",
+                             "internal error: Unexpected dconnuri parameter with non-peer2peer "
+                             "migration"),
+    "prepare-without-xml": (errors.InternalInputError, "INVALID_ARGUMENT",
+                            "internal error: no domain XML passed"),
+    "localhost-destination": (errors.InternalError, "INTERNAL",
+                              "internal error: hostname on destination resolved to localhost, "
+                              "but migration requires an FQDN"),
+    "no-free-port": (errors.PortsExhausted, "RESOURCE_EXHAUSTED",
+                     "internal error: Unable to find an unused port in range 'migration' "
+                     "({lo}-{lo})"),
+    "range-ports-bound": (errors.PortsExhausted, "RESOURCE_EXHAUSTED",
+                          "internal error: Unable to find an unused port in range 'migration' "
+                          "({lo}-{lo})"),
+}
+
+
+async def _libvirt_error(situation: str, src: Host, dst: Host, lo: int) -> None:
+    """Make ``situation`` happen (the call that must fail)."""
+    mig = src.conn.migration_stub
+    ref = pb.DomainRef(name="vm1")
+    if situation == "p2p-with-cookie":
+        await src.conn._call(mig.Perform3Params, pb.Perform3ParamsRequest(
+            domain=ref, dconnuri=dst.uri, cookie_in=b"x", flags=int(F.LIVE | F.PEER2PEER)))
+    elif situation == "dconnuri-without-p2p":
+        await src.conn._call(mig.Perform3Params, pb.Perform3ParamsRequest(
+            domain=ref, dconnuri=dst.uri, flags=int(F.LIVE)))
+    elif situation == "prepare-without-xml":
+        await dst.conn._call(dst.conn.migration_stub.Prepare3Params,
+                             pb.Prepare3ParamsRequest(flags=int(F.LIVE)))
+    else:
+        host = src if situation == "localhost-destination" else dst
+        xml = await src.conn.xml_desc("vm1", migratable=True)
+        if situation == "range-ports-bound":  # its one port is bound by another program
+            with socket.socket() as busy:
+                busy.bind(("127.0.0.1", lo))
+                busy.listen()
+                await dst.conn._call(dst.conn.migration_stub.Prepare2, pb.Prepare2Request(
+                    dom_xml=xml, flags=int(F.LIVE)))
+        if situation == "no-free-port":  # its one port is taken by another incoming guest
+            await src.conn.define(domain_xml("other"))
+            await dst.conn.open_session()
+            for name in ("other", "vm1"):  # (v2's Prepare2: no cookie to make)
+                await dst.conn._call(dst.conn.migration_stub.Prepare2, pb.Prepare2Request(
+                    dom_xml=await src.conn.xml_desc(name, migratable=True), flags=int(F.LIVE)))
+        await host.conn._call(host.conn.migration_stub.Prepare3Params, pb.Prepare3ParamsRequest(
+            params=to_wire(TypedParams.of({P.DEST_XML: xml})), flags=int(F.LIVE)))
+
+
+@pytest.mark.parametrize("situation", list(LIBVIRT_ERRORS))
+async def test_libvirt_error_classes(situation: str, tmp_path: Path) -> None:
+    cls, status, message = LIBVIRT_ERRORS[situation]
+    lo = int(free_port_range(1).split("-")[0])
+    # "src" also plays a destination whose host name is localhost (no migration_host).
+    async with hosts(tmp_path, "test",
+                     ("src", {"hostname": "localhost.localdomain", "migration_host": ""}),
+                     ("dst", {"migration_port_min": lo, "migration_port_max": lo})) as (src, dst):
+        await src.conn.define(domain_xml("vm1"))
+        await src.conn.start("vm1")
+        with pytest.raises(errors.VirtmigError) as info:
+            await _libvirt_error(situation, src, dst, lo)
+    assert type(info.value) is cls
+    assert str(info.value) == message.format(lo=lo)
+    assert info.value.status_name == status
 
 
 # virshDomainJobTypeToString.
@@ -196,7 +287,14 @@ def test_live_conformance(daemons: tuple[Daemon, Daemon], tmp_path: Path) -> Non
     assert res.returncode == 1 and res.stderr.startswith(
         f"error: Failed to create domain from {xml}\n"
         "error: operation failed: domain 'tr' already exists with uuid ")
-    # migrate-compcache: refused in libvirt's words for a driver without it.
+    # migrate-compcache: the test backend has no compression cache; refused in libvirt's words
+    # for a driver without the API (set first with --size, as virsh calls it first).
     res = virtmig(src.uri, "migrate-compcache", "tr")
     assert res.stderr == ("error: this function is not supported by the connection driver: "
                           "virDomainMigrateGetCompressionCache\n")
+    res = virtmig(src.uri, "migrate-compcache", "tr", "--size", "100")
+    assert res.stderr == ("error: this function is not supported by the connection driver: "
+                          "virDomainMigrateSetCompressionCache\n")
+    res = virtmig(src.uri, "migrate-compcache", "tr", "--size", "-1")
+    assert res.stderr == ("error: Numeric value '-1' for <size> option is malformed or out of "
+                          "range\n")

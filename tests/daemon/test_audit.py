@@ -16,10 +16,9 @@ from virtmig.client.migrate import RemoteSource
 from virtmig.client.sequence import run_v3
 from virtmig.daemon import logs, wire
 from virtmig.daemon.history import MAX_REPLY_BYTES, Entry, History
-from virtmig.daemon.jobctl import MIGRATION_ID_STAT
-from virtmig.daemon.placement import is_migration_id
 from virtmig.proto.errors import VirtmigError
 from virtmig.proto.flags import MigrateFlags
+from virtmig.proto.migid import MIGRATION_ID_STAT, is_migration_id
 from virtmig.proto.params import TypedParams
 from virtmig.testing import ClosedPortDest, hosts, start_host, stop_host
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,7 +25,8 @@ from virtmig.daemon.backend.qemu import (
     QmpCommandFailed,
     progress_from_query,
 )
-from virtmig.daemon.backend.qemu.migration import _stream_settings
+from virtmig.daemon.backend.qemu.guest import _Guest
+from virtmig.daemon.backend.qemu.migration import _Outgoing, _stream_settings
 from virtmig.daemon.backend.qemu.monitor import _Monitor
 from virtmig.daemon.jobctl import job_stats
 from virtmig.proto.compat import Compression
@@ -134,6 +136,29 @@ def test_progress_from_query() -> None:
             stats["compression_cache_misses"], stats["compression_overflow"]) == (
         64 << 20, 5000, 7, 3, 1)
     assert "compression_cache" not in {s.name for s in job_stats(p, 10, completed=False)}
+
+
+def test_source_stopped_follows_qemu_stop_event(tmp_path: Path) -> None:
+    """The progress says the source was stopped only after a STOP event while its migration
+    ran: a live migration that ends before QEMU stopped the vCPUs leaves libvirt's state alone."""
+    guest = _Guest("u1", tmp_path, 1, status="running")
+    mig = _Outgoing(tuning=MigrationTuning(), was_running=True)
+    guest.outgoing = mig
+    guest.on_event({"event": "STOP"})  # before "migrate": not the migration's doing
+    assert mig.snapshot().source_stopped is False
+    mig.issued = True
+    guest.on_event({"event": "RESUME"})
+    guest.on_event({"event": "MIGRATION", "data": {"status": "active"}})
+    assert mig.snapshot().source_stopped is False
+    guest.on_event({"event": "STOP"})  # the switchover
+    assert mig.snapshot().source_stopped is True
+    mig.final = MigrationProgress(status=MigrationStatus.FAILED)
+    assert mig.snapshot() == MigrationProgress(status=MigrationStatus.FAILED, source_stopped=True)
+    later = _Outgoing(tuning=MigrationTuning(), was_running=True, issued=True)
+    guest.outgoing = later
+    later.done.set()
+    guest.on_event({"event": "STOP"})  # after the migration ended: a suspend, not a switchover
+    assert later.snapshot().source_stopped is False
 
 
 def capabilities(reply: list[dict[str, Any]]) -> dict[str, bool]:

@@ -14,10 +14,10 @@ from tests.daemon.migration_helpers import running_guest
 from virtmig.client.migrate import RemoteSource, migrate3
 from virtmig.client.sequence import run_v3
 from virtmig.daemon.core import DaemonConfig
-from virtmig.daemon.jobctl import MIGRATION_ID_STAT
 from virtmig.daemon.main import start_daemon
 from virtmig.proto.errors import InvalidArgument, NoDomain, VirtmigError
 from virtmig.proto.flags import MigrateFlags
+from virtmig.proto.migid import MIGRATION_ID_STAT
 from virtmig.proto.params import MigrateParam, TypedParams
 from virtmig.proto.pki import PkiPaths
 from virtmig.testing import ClosedPortDest, Host, hosts, wait_until

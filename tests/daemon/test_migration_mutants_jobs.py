@@ -33,7 +33,7 @@ from virtmig.daemon.job import JobRecord, Phase
 from virtmig.daemon.migration import destination
 from virtmig.daemon.registry import DomainObj
 from virtmig.proto.compat import Compression
-from virtmig.proto.errors import InvalidArgument, OperationFailed
+from virtmig.proto.errors import InternalError, InternalInputError, OperationFailed
 from virtmig.proto.flags import DomainState, JobType, MigrateFlags, PausedReason
 from virtmig.proto.params import MigrateParam, TypedParams
 from virtmig.testing import Host, domain_xml
@@ -516,9 +516,10 @@ async def test_post_copy_failure_seen_by_confirm_is_left_to_the_admin(
 
 async def test_prepare_needs_the_domain_xml(pair: tuple[Host, Host]) -> None:
     _src, dst = pair
-    with pytest.raises(InvalidArgument) as info:
+    with pytest.raises(InternalInputError) as info:
         await migration.dst_prepare(dst.daemon, TypedParams(), b"", int(F.LIVE))
-    assert str(info.value) == "invalid argument: no domain XML passed"
+    assert str(info.value) == "internal error: no domain XML passed"
+    assert info.value.status_name == "INVALID_ARGUMENT"  # the caller's input, in libvirt's words
 
 
 async def test_prepare_refuses_a_localhost_name_for_the_stream(pair: tuple[Host, Host],
@@ -530,8 +531,8 @@ async def test_prepare_refuses_a_localhost_name_for_the_stream(pair: tuple[Host,
     monkeypatch.setattr(dst.daemon, "config",
                         dataclasses.replace(dst.daemon.config, migration_host=""))
     monkeypatch.setattr(dst.daemon, "hostname", "localhost.localdomain")
-    with pytest.raises(OperationFailed) as info:
+    with pytest.raises(InternalError) as info:
         await migration.dst_prepare(dst.daemon, TypedParams.of({P.DEST_XML: xml}), cookie_a,
                                     int(F.LIVE))
-    assert str(info.value) == ("operation failed: hostname on destination resolved to "
+    assert str(info.value) == ("internal error: hostname on destination resolved to "
                                "localhost, but migration requires an FQDN")

@@ -189,7 +189,9 @@ async def test_p2p_cookie_from_client_is_refused(pair: tuple[Host, Host]) -> Non
     await guest(src)
     from virtmig.proto import virtmig_pb2 as pb
 
-    with pytest.raises(InvalidArgument, match="received unexpected cookie with P2P migration"):
+    with pytest.raises(OperationInvalid,
+                       match=r"^Requested operation is not valid: received unexpected cookie "
+                             r"with P2P migration$"):
         await src.conn._call(src.conn.migration_stub.Perform3Params, pb.Perform3ParamsRequest(
             domain=pb.DomainRef(name="vm1"), dconnuri=dst.uri, cookie_in=b"x",
             flags=int(F.LIVE | F.PEER2PEER)))

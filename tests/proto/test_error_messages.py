@@ -48,6 +48,8 @@ LIBVIRT_FORMATS: dict[type[errors.VirtmigError], tuple[str, str]] = {
     errors.PermissionDenied: ("access denied: %s", "access denied"),
     errors.InternalError: ("internal error: %s", "internal error"),
     errors.CookieError: ("internal error: %s", "internal error"),
+    errors.InternalInputError: ("internal error: %s", "internal error"),
+    errors.PortsExhausted: ("internal error: %s", "internal error"),
     # libvirt's connection failures are RPC/system errors: the bare message.
     errors.ConnectionFailed: ("%s", "RPC error"),
     errors.VirtmigError: ("%s", "unknown error"),

@@ -411,6 +411,18 @@ class QemuBackend(Backend):
             raise BackendError(f"no outgoing migration is running for guest {uuid}")
         await src_start_postcopy(self._exec, guest, mig)
 
+    async def get_compression_cache(self, uuid: str) -> int:
+        """QEMU's ``xbzrle-cache-size`` parameter (QEMU keeps it for the process's life; a
+        migration's ``xbzrle-cache-size`` sets it anew)."""
+        size = (await self._exec(self._guest(uuid), "query-migrate-parameters")).get(
+            "xbzrle-cache-size")
+        if not isinstance(size, int) or isinstance(size, bool):
+            raise BackendError("QEMU did not report its xbzrle-cache-size")
+        return size
+
+    async def set_compression_cache(self, uuid: str, size: int) -> None:
+        await self._exec(self._guest(uuid), "migrate-set-parameters", {"xbzrle-cache-size": size})
+
     async def outgoing_wait(self, uuid: str) -> MigrationProgress:
         """After a switch to post-copy: wait until the last page was sent."""
         mig = self._progress.get(uuid)

@@ -123,6 +123,9 @@ class _Guest:
         if name == "STOP":
             if self.status == "running":
                 self.status = "paused"
+            out = self.outgoing
+            if out is not None and out.issued and not out.done.is_set():
+                out.stopped = True  # the migration's switchover (or a suspend meanwhile)
         elif name == "RESUME":
             self.status = "running"
         elif name == "SHUTDOWN":

@@ -7,24 +7,26 @@ records the flows keep while a migration runs (:class:`_Outgoing` on the source,
 :mod:`~virtmig.daemon.backend.qemu.outgoing` (source) and
 :mod:`~virtmig.daemon.backend.qemu.incoming` (destination).
 
-Migration follows QEMU 7.2's QMP flow: the destination starts with ``-incoming defer -S``, turns
-on the ``events`` capability and listens with ``migrate-incoming`` (port 0: QEMU's choice, read
-back from ``query-migrate``; a port in use gives ``OSError(EADDRINUSE)`` and that QEMU is
-stopped); the source sets its capabilities (``events``, ``auto-converge``, ``return-path``: QEMU
-then reports ``completed`` only once the destination has loaded the whole stream, which matters
-when a tunnel sits in between) and parameters
-(``max-bandwidth`` -- QEMU's 128 MiB/s default is raised to libvirt's "unlimited" --
-``downtime-limit``, CPU throttling), issues ``migrate`` and follows ``MIGRATION`` events; it
-re-reads ``query-migrate`` every 250 ms and at every event (``MIGRATION_PASS``: a new dirty-sync
-pass) for :meth:`QemuBackend.progress`, and re-reads a completed migration's statistics until
-``total-time`` is filled in.  :meth:`QemuBackend.set_tuning` changes the limits mid-stream.  On
-completion the source is left in ``postmigrate`` (paused) and is never resumed by the backend;
-on failure or cancel it runs again if it ran before (QEMU usually restarts it itself; the backend
-sends ``cont`` only when it did not).  A destination QEMU whose incoming migration fails exits by
-itself; :meth:`QemuBackend.incoming_wait` then raises ``MigrationFailed`` with QEMU's own message
-from ``qemu.log``.  A cancel is bounded even when QEMU's main loop is blocked (a completion phase
-writing to a destination that stopped reading): ``migrate_cancel``, then the out-of-band ``yank``
-of the migration's sockets, then the flow gives up and leaves the guest as it is (see
+Migration follows QEMU 7.2's QMP flow: the destination starts with ``-incoming defer -S``, turns on
+the ``events`` capability and listens with ``migrate-incoming`` (port 0: QEMU's choice, read back
+from ``query-migrate``; a port in use gives ``OSError(EADDRINUSE)`` and that QEMU is stopped); the
+source sets its capabilities (``events``, ``auto-converge``, ``return-path``: QEMU then reports
+``completed`` only once the destination has loaded the whole stream, which matters when a tunnel
+sits in between) and parameters (``max-bandwidth`` -- QEMU's 128 MiB/s default is raised to
+libvirt's "unlimited" -- ``downtime-limit``, CPU throttling), issues ``migrate`` and follows
+``MIGRATION`` events; it re-reads ``query-migrate`` every 250 ms and at every event
+(``MIGRATION_PASS``: a new dirty-sync pass) for :meth:`QemuBackend.progress`, and re-reads a
+completed migration's statistics until ``total-time`` is filled in.  :meth:`QemuBackend.set_tuning`
+changes the limits mid-stream.  On completion the source is left in ``postmigrate`` (paused) and is
+never resumed by the backend; on failure or cancel it runs again if it ran before (QEMU usually
+restarts it itself; the backend sends ``cont`` only when it did not).  The progress says whether
+QEMU stopped the source's vCPUs (a ``STOP`` event after ``migrate``: the switchover began): a
+migration that failed before leaves the domain's state and reason as they were (libvirt's ``running
+(booted)``).  A destination QEMU whose incoming migration fails exits by itself;
+:meth:`QemuBackend.incoming_wait` then raises ``MigrationFailed`` with QEMU's own message from
+``qemu.log``.  A cancel is bounded even when QEMU's main loop is blocked (a completion phase writing
+to a destination that stopped reading): ``migrate_cancel``, then the out-of-band ``yank`` of the
+migration's sockets, then the flow gives up and leaves the guest as it is (see
 :mod:`~virtmig.daemon.backend.qemu.outgoing`).
 
 TLS (``tuning.tls``, ``--tls``): before ``migrate-incoming`` / ``migrate`` each QEMU gets a
@@ -213,13 +215,17 @@ class _Outgoing:
     abort_reason: str = ""  # the backend is closing: fail with this
     postcopy_requested: bool = False  # start_postcopy() was called
     switched: bool = False  # QEMU reported postcopy-active: no way back
+    # QEMU stopped the vCPUs (a STOP event after ``migrate``: its switchover began).  A live
+    # migration that fails or is cancelled before leaves the guest as it was (libvirt's
+    # ``running (booted)``); one after is resumed as ``running (migration canceled)``.
+    stopped: bool = False
     follower: asyncio.Task[None] | None = None  # _src_follow_postcopy, after the switch
     # Set once the migration ended for good: completed, failed or cancelled (in post-copy, after
     # ``outgoing`` returned at the switch, when the last page arrived or the stream broke).
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
     def snapshot(self) -> MigrationProgress:
-        return self.final or self.last
+        return replace(self.final or self.last, source_stopped=self.stopped)
 
 
 @dataclass(eq=False)
