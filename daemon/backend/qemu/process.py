@@ -168,6 +168,7 @@ async def _watch_exit(guest: _Guest) -> None:
         with contextlib.suppress(Exception):
             await guest.qmp.disconnect()
     log.info("qemu backend: guest %s (pid %d): %s", guest.uuid, guest.pid, guest.exit_reason)
+    guest.tell_exit()  # (not when the backend stopped it: stop_process)
 
 
 async def _wait_foreign(guest: _Guest) -> int | None:
@@ -200,7 +201,9 @@ async def _wait_foreign(guest: _Guest) -> int | None:
 
 
 async def stop_process(qmp: Exec, guest: _Guest) -> None:
-    """``quit``, then SIGKILL after a grace period; returns once the process is reaped."""
+    """``quit``, then SIGKILL after a grace period; returns once the process is reaped.  The
+    backend caused this exit: it is not reported to the daemon (``guest.stopping``)."""
+    guest.stopping = True
     if not guest.exited and guest.qmp is not None:
         with contextlib.suppress(BackendError):
             await qmp(guest, "quit", timeout=1.0)
