@@ -342,7 +342,8 @@ class Daemon:
                                   ShutdownDetail.GUEST if change is GuestChange.SHUTDOWN_GUEST
                                   else ShutdownDetail.HOST)
             self.mark_inactive(dom, ShutoffReason.SHUTDOWN)
-        elif dom.state is DomainState.RUNNING:
+        elif dom.state is DomainState.RUNNING and \
+                self.backend.state(dom.uuid) is GuestRunState.PAUSED:  # (not run again since)
             log.info("domain %s: %s", dom.name, change.value)
             self.set_state(dom, DomainState.PAUSED, _PAUSES[change])
 

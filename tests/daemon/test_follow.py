@@ -117,14 +117,20 @@ async def test_a_stale_report_changes_nothing(host: Host) -> None:
 
 async def test_a_disk_error_or_a_watchdog_pauses_a_running_guest(host: Host) -> None:
     uuid = await running_guest(host)
+    backend = host.daemon.backend
     with lifecycle(host.daemon) as events:
-        host.daemon.backend.report(uuid, GuestChange.PAUSED_IOERROR)
+        await backend.pause(uuid)  # its vCPUs stopped behind the daemon's back: a disk error
+        backend.report(uuid, GuestChange.PAUSED_IOERROR)
         await followed(host)
         assert await host.conn.state("vm1") == (DomainState.PAUSED, 5, "ioerror")
-        host.daemon.backend.report(uuid, GuestChange.PAUSED_WATCHDOG)  # paused already
+        backend.report(uuid, GuestChange.PAUSED_WATCHDOG)  # paused already: stays as it is
         await followed(host)
         await host.conn.resume("vm1")
-        host.daemon.backend.report(uuid, GuestChange.PAUSED_WATCHDOG)
+        backend.report(uuid, GuestChange.PAUSED_WATCHDOG)  # stale: the guest runs
+        await followed(host)
+        assert await host.conn.state("vm1") == (DomainState.RUNNING, 5, "unpaused")
+        await backend.pause(uuid)
+        backend.report(uuid, GuestChange.PAUSED_WATCHDOG)
         await followed(host)
     assert await host.conn.state("vm1") == (DomainState.PAUSED, 6, "watchdog")
     assert events == ["Suspended I/O Error", "Resumed Unpaused", "Suspended Watchdog"]
@@ -177,8 +183,15 @@ def test_qemu_guest_reports_what_it_does_by_itself(tmp_path: Path) -> None:
     guest.on_event({"event": "WATCHDOG", "data": {"action": "reset"}})
     assert told == []  # the guest goes on: nothing to follow
     guest.on_event({"event": "BLOCK_IO_ERROR", "data": {"action": "stop"}})
+    assert told == []  # told once QEMU stopped it
+    guest.on_event({"event": "STOP"})
+    guest.on_event({"event": "RESUME"})
     guest.on_event({"event": "WATCHDOG", "data": {"action": "pause"}})
+    guest.on_event({"event": "STOP"})
+    guest.on_event({"event": "RESUME"})
+    guest.on_event({"event": "STOP"})  # (the daemon's own pause: not the guest's doing)
     assert told == [GuestChange.PAUSED_IOERROR, GuestChange.PAUSED_WATCHDOG]
+    guest.on_event({"event": "RESUME"})
     guest.on_event({"event": "SHUTDOWN", "data": {"guest": True, "reason": "guest-shutdown"}})
     assert guest.exit_change() is GuestChange.SHUTDOWN_GUEST
     guest.on_event({"event": "RESUME"})  # <on_poweroff>restart ran it again
@@ -192,5 +205,6 @@ def test_qemu_guest_the_backend_stops_is_not_reported(tmp_path: Path) -> None:
     guest, told = _guest(tmp_path)
     guest.stopping = True  # stop_process: destroy, a migration's end, a failed start
     guest.on_event({"event": "BLOCK_IO_ERROR", "data": {"action": "stop"}})
+    guest.on_event({"event": "STOP"})
     guest.tell_exit()
     assert told == []

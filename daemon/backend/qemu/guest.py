@@ -7,9 +7,10 @@ change (:meth:`_Guest.notify`: an event, the exit).
 
 What the guest does by itself goes to ``on_change`` (the backend's report to the daemon):
 a disk error or a watchdog that stops its vCPUs (``BLOCK_IO_ERROR`` with action ``stop``,
-``WATCHDOG`` with action ``pause``) at once, and the end of its process when it comes
-(:meth:`_Guest.exit_change`: after a ``SHUTDOWN`` event, a shutdown -- the guest's or the
-host's -- else a crash), unless the backend stopped it itself (``stopping``).
+``WATCHDOG`` with action ``pause``) at the ``STOP`` that follows (so that the guest is paused
+when the daemon looks), and the end of its process when it comes (:meth:`_Guest.exit_change`:
+after a ``SHUTDOWN`` event, a shutdown -- the guest's or the host's -- else a crash), unless
+the backend stopped it itself (``stopping``).
 
 Files, per guest, in ``<state_dir>/<uuid>/``: ``pid`` (written by the backend), ``qmp.sock``
 (QEMU runs with that folder as its working directory and listens on the relative path, so the
@@ -72,6 +73,7 @@ class _Guest:
     on_change: Callable[[GuestChange], None] | None = None
     stopping: bool = False  # the backend stops it (quit, kill): its exit is not reported
     shutdown: str = ""  # since the last RESUME: "guest"/"host" after a SHUTDOWN event, else ""
+    pause_cause: GuestChange | None = None  # a disk error or watchdog stops it: told at STOP
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     exit_task: asyncio.Task[None] | None = None
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -151,18 +153,22 @@ class _Guest:
         if name == "STOP":
             if self.status == "running":
                 self.status = "paused"
+                if self.pause_cause is not None:
+                    self._tell(self.pause_cause)
+            self.pause_cause = None
         elif name == "RESUME":
             self.status = "running"
             self.shutdown = ""  # (<on_poweroff>restart ran it again)
+            self.pause_cause = None
         elif name == "SHUTDOWN":
             self.status = "shutdown"
             self.shutdown = "guest" if data.get("guest") is True else "host"
             if data.get("guest") is True and self.on_guest_poweroff is not None:
                 self.start_task(self.on_guest_poweroff())  # <on_poweroff>restart
         elif name == "BLOCK_IO_ERROR" and data.get("action") == "stop":
-            self._tell(GuestChange.PAUSED_IOERROR)
+            self.pause_cause = GuestChange.PAUSED_IOERROR
         elif name == "WATCHDOG" and data.get("action") == "pause":
-            self._tell(GuestChange.PAUSED_WATCHDOG)
+            self.pause_cause = GuestChange.PAUSED_WATCHDOG
         elif name == "MIGRATION":
             status = str(data.get("status", ""))
             self.mig_status = status
