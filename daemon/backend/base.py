@@ -34,7 +34,8 @@ backend).
 What a guest does by itself -- powers off, dies, pauses on an I/O error -- a backend reports
 through the listener the daemon installs (:meth:`Backend.set_listener`, one
 :class:`GuestChange` per report); never what the daemon caused (a ``destroy``, a backend's own
-stop).  The daemon applies it unless a migration job owns the guest (:mod:`virtmig.daemon.follow`).
+stop).  The daemon applies it once no migration job owns the guest
+(``virtmig.daemon.core.Daemon.guest_changed``).
 """
 
 from __future__ import annotations

@@ -31,9 +31,10 @@ from virtmig.testing import Host, hosts, qemu_binary_or_skip, wait_until
 pytestmark = pytest.mark.qemu
 
 
-def _xml(name: str = "vm1") -> str:
+def _xml(name: str = "vm1", on_poweroff: str = "") -> str:
+    action = f"<on_poweroff>{on_poweroff}</on_poweroff>" if on_poweroff else ""
     return guest_xml(name, devices="<memballoon model='none'/>").replace(
-        "<devices>", "<features><acpi/></features><devices>")
+        "<devices>", f"<features><acpi/></features>{action}<devices>")
 
 
 def _backend(host: Host) -> QemuBackend:
@@ -149,6 +150,23 @@ async def test_qemu_killed_is_a_crash(host: Host) -> None:
     assert events == ["Stopped Failed"]
     await host.conn.start("vm1")
     assert (await _state(host))[0] is DomainState.RUNNING
+
+
+async def test_on_poweroff_restart_keeps_the_domain_running(host: Host) -> None:
+    """libvirt's fake reboot: QEMU's shutdown is transient, nothing is reported or emitted."""
+    dom = await host.conn.define(_xml(on_poweroff="restart"))
+    await host.conn.start("vm1")
+    backend = _backend(host)
+    guest = backend._guests[dom.uuid]
+    seen = guest.status_events
+    async with lifecycle(host) as events:
+        with no_reports(host):
+            await _power_off(backend, dom.uuid)
+            await wait_until(lambda: guest.status_events >= seen + 3 and
+                             guest.status == "running", timeout=30,
+                             what=lambda: f"the guest running again: {guest.status}")
+    assert events == []
+    assert await _state(host) == (DomainState.RUNNING, 1, "booted")
 
 
 async def test_destroy_stays_destroyed(host: Host) -> None:

@@ -15,6 +15,8 @@ disconnects QMP and leaves guests running; a later :meth:`QemuBackend.open` on t
 finds them (pid file, live process whose working directory is the guest folder, connectable QMP
 socket) and takes them over.  A taken-over guest is watched with a pidfd (polled if pidfds are
 unavailable) and reaped with ``os.waitpid`` only if it happens to be this process's child.
+The end of a QEMU the backend did not stop itself (:func:`stop_process` marks those) is
+reported to the daemon once it is reaped (the guest's ``on_change``: a shutdown or a crash).
 """
 
 from __future__ import annotations
