@@ -4,10 +4,20 @@ audit with its history, the Prometheus metrics).
 
 Every service and phase receives one :class:`Daemon`; nothing is global.  :class:`HostInfo` is
 what the daemon tells callers about its host.
+
+What a guest does by itself (the backend's :class:`~virtmig.daemon.backend.base.GuestChange`
+reports: it powered off, its QEMU died, it paused on a disk error) the daemon follows as
+libvirt's QEMU driver does (:meth:`Daemon.guest_changed`): ``shutoff (shutdown)`` with the
+Shutdown and Stopped (Shutdown) events, ``shutoff (crashed)`` with Stopped (Failed), a transient
+domain removed; ``paused (ioerror)`` / ``paused (watchdog)`` with Suspended.  Never while a
+migration job owns the domain: the job's own handling wins, and what is left when it ends
+is applied then (if the domain still runs here and its guest is still gone).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,9 +25,15 @@ from pathlib import Path
 from lxml import etree
 
 from virtmig.daemon.audit import Audit
-from virtmig.daemon.backend.base import Backend, GuestRunState, GuestSpec
+from virtmig.daemon.backend.base import Backend, GuestChange, GuestRunState, GuestSpec
 from virtmig.daemon.domxml import DomainDef, parse_domain_xml
-from virtmig.daemon.events import EventBus, lifecycle_for
+from virtmig.daemon.events import (
+    STOPPED_FAILED,
+    EventBus,
+    Lifecycle,
+    ShutdownDetail,
+    lifecycle_for,
+)
 from virtmig.daemon.health import Health
 from virtmig.daemon.history import DEFAULT_MAX_BYTES as DEFAULT_HISTORY_BYTES
 from virtmig.daemon.history import History
@@ -29,11 +45,23 @@ from virtmig.daemon.registry import DomainObj, Registry, job_from_status
 from virtmig.daemon.state import StateDir
 from virtmig.proto import logsafe
 from virtmig.proto.errors import ConfigUnsupported, NoSupport, PortsExhausted
-from virtmig.proto.flags import DomainState, Feature, ShutoffReason, protocol_features
+from virtmig.proto.flags import (
+    DomainState,
+    Feature,
+    PausedReason,
+    ShutoffReason,
+    protocol_features,
+)
 
 log = logsafe.logger(__name__)
 
 VERSION = "0.1.0"
+
+# While a job owns a domain whose guest changed, how often the follower looks again (a safety
+# net: the end of a job wakes it at once).
+_JOB_RECHECK_S = 5.0
+_PAUSES = {GuestChange.PAUSED_IOERROR: PausedReason.IOERROR,
+           GuestChange.PAUSED_WATCHDOG: PausedReason.WATCHDOG}
 
 
 @dataclass(frozen=True)
@@ -195,6 +223,9 @@ class Daemon:
         # Prometheus metrics (served when metrics_listen is set: virtmig.daemon.metrics_http).
         self.metrics = Metrics(self.registry)
         self.audit.sinks.append(self.metrics)
+        # What guests do by themselves (guest_changed), followed by these tasks.
+        self._following: set[asyncio.Task[None]] = set()
+        backend.set_listener(self.guest_changed)
 
     @property
     def features(self) -> frozenset[str]:
@@ -262,7 +293,59 @@ class Daemon:
             uncertain=job.phase is not Phase.CONFIRM3, pre_state=pre))
 
     async def close(self) -> None:
+        self.backend.set_listener(None)
+        for task in list(self._following):
+            task.cancel()
+        if self._following:
+            await asyncio.wait(list(self._following))
         await self.backend.close()
+
+    # --- what guests do by themselves ------------------------------------------------------
+
+    def guest_changed(self, uuid: str, change: GuestChange) -> None:
+        """The backend's listener: guest ``uuid`` did ``change`` by itself; followed in a task
+        (the backend must not wait for the daemon)."""
+        task = asyncio.get_running_loop().create_task(self._follow(uuid, change))
+        self._following.add(task)
+        task.add_done_callback(self._following.discard)
+
+    async def _follow(self, uuid: str, change: GuestChange) -> None:
+        """Apply ``change`` once no migration job owns the domain (a job's own handling wins:
+        it ends the domain or puts it back first), under the domain's lock."""
+        while True:
+            dom = self.registry.find_uuid(uuid)
+            if dom is None:
+                return
+            async with dom.job_changed:
+                while dom.job is not None:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(dom.job_changed.wait(), _JOB_RECHECK_S)
+            async with dom.lock:
+                if dom.job is not None or self.registry.find_uuid(uuid) is not dom:
+                    continue
+                self._apply(dom, change)
+                return
+
+    def _apply(self, dom: DomainObj, change: GuestChange) -> None:
+        """Change ``dom`` as libvirt's QEMU driver does for ``change`` (nothing awaited: no
+        other call can act on the domain in between), unless it no longer applies."""
+        if not dom.active:
+            return  # the daemon already stopped it (destroy, a migration's end)
+        if change.ended:
+            if self.backend.state(dom.uuid) is not GuestRunState.SHUTOFF:
+                return  # a later guest runs (the domain was stopped and started again)
+            log.info("domain %s: %s", dom.name, change.value)
+            if change is GuestChange.CRASHED:
+                self.mark_inactive(dom, ShutoffReason.CRASHED, detail=STOPPED_FAILED)
+                return
+            self.events.lifecycle(dom.name, dom.uuid, Lifecycle.SHUTDOWN,
+                                  ShutdownDetail.GUEST if change is GuestChange.SHUTDOWN_GUEST
+                                  else ShutdownDetail.HOST)
+            self.mark_inactive(dom, ShutoffReason.SHUTDOWN)
+        elif dom.state is DomainState.RUNNING and \
+                self.backend.state(dom.uuid) is GuestRunState.PAUSED:  # (not run again since)
+            log.info("domain %s: %s", dom.name, change.value)
+            self.set_state(dom, DomainState.PAUSED, _PAUSES[change])
 
     def spec(self, d: DomainDef) -> GuestSpec:
         return GuestSpec(
@@ -344,10 +427,14 @@ class Daemon:
             dom.config = None
         self.mark_inactive(dom, ShutoffReason.FAILED)
 
-    def mark_inactive(self, dom: DomainObj, reason: ShutoffReason) -> None:
-        """The guest stopped: shut off with ``reason``; a transient domain disappears."""
-        for event, detail in lifecycle_for(dom.state, DomainState.SHUTOFF, int(reason)):
-            self.events.lifecycle(dom.name, dom.uuid, event, detail)
+    def mark_inactive(self, dom: DomainObj, reason: ShutoffReason, *,
+                      detail: int | None = None) -> None:
+        """The guest stopped: shut off with ``reason``; a transient domain disappears.
+        ``detail``: the Stopped event's, when it is not the one ``reason`` implies (libvirt's
+        Stopped (Failed) for a QEMU that died: ``shutoff (crashed)``)."""
+        for event, implied in lifecycle_for(dom.state, DomainState.SHUTOFF, int(reason)):
+            self.events.lifecycle(dom.name, dom.uuid, event,
+                                  implied if detail is None else detail)
         dom.state = DomainState.SHUTOFF
         dom.reason = int(reason)
         dom.id = -1

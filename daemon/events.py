@@ -57,6 +57,18 @@ class Lifecycle(enum.IntEnum):
     CRASHED = 8
 
 
+class ShutdownDetail(enum.IntEnum):
+    """``virDomainEventShutdownDetailType``."""
+
+    FINISHED = 0
+    GUEST = 1  # the guest powered itself off
+    HOST = 2  # the host asked (a signal to QEMU)
+
+
+#: Stopped's detail for a guest whose QEMU died (libvirt: ``VIR_DOMAIN_EVENT_STOPPED_FAILED``
+#: with ``shutoff (crashed)``, when the monitor closed without a SHUTDOWN event).
+STOPPED_FAILED = 5
+
 # Detail enums, by event type: (value, virsh's word).
 _DETAILS: dict[Lifecycle, tuple[str, ...]] = {
     Lifecycle.DEFINED: ("Added", "Updated", "Renamed", "Snapshot"),
@@ -67,6 +79,8 @@ _DETAILS: dict[Lifecycle, tuple[str, ...]] = {
     Lifecycle.RESUMED: ("Unpaused", "Migrated", "Snapshot", "Post-copy", "Post-copy Error"),
     Lifecycle.STOPPED: ("Shutdown", "Destroyed", "Crashed", "Migrated", "Saved", "Failed",
                         "Snapshot"),
+    Lifecycle.SHUTDOWN: ("Finished", "Finished after guest request",
+                         "Finished after host request"),
 }
 _WORDS = {
     Lifecycle.DEFINED: "Defined", Lifecycle.UNDEFINED: "Undefined", Lifecycle.STARTED: "Started",

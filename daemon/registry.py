@@ -126,6 +126,10 @@ class Registry:
             raise NoDomain(f"no domain with matching uuid '{uuid}'")
         return dom
 
+    def find_uuid(self, uuid: str) -> DomainObj | None:
+        """The domain of canonical (lowercase) ``uuid``, if this daemon holds one."""
+        return self._by_uuid.get(uuid)
+
     def find_name(self, name: str) -> DomainObj | None:
         check_name_length(name)
         return self._by_name.get(name)

@@ -30,6 +30,12 @@ Post-copy (``tuning.postcopy``)::
 Once switched, nothing can be rolled back: a broken stream raises :class:`PostcopyFailed` from
 ``incoming_wait`` and ``outgoing_wait``, and both guests are left paused (never resumed by the
 backend).
+
+What a guest does by itself -- powers off, dies, pauses on an I/O error -- a backend reports
+through the listener the daemon installs (:meth:`Backend.set_listener`, one
+:class:`GuestChange` per report); never what the daemon caused (a ``destroy``, a backend's own
+stop).  The daemon applies it once no migration job owns the guest
+(``virtmig.daemon.core.Daemon.guest_changed``).
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ from __future__ import annotations
 import abc
 import enum
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,6 +55,26 @@ class GuestRunState(enum.Enum):
     RUNNING = "running"
     PAUSED = "paused"
     SHUTOFF = "shutoff"  # not running (never started, destroyed, or died)
+
+
+class GuestChange(enum.Enum):
+    """What a guest did by itself, outside any call of the daemon (see :meth:`Backend.report`)."""
+
+    SHUTDOWN_GUEST = "shutdown-guest"  # it powered itself off, and its process ended
+    SHUTDOWN_HOST = "shutdown-host"  # its process ended after a shutdown the host asked (signal)
+    CRASHED = "crashed"  # its process ended without a shutdown (killed, crashed)
+    PAUSED_IOERROR = "paused-ioerror"  # its vCPUs stopped on a disk error (error policy 'stop')
+    PAUSED_WATCHDOG = "paused-watchdog"  # its vCPUs stopped by its watchdog (action 'pause')
+
+    @property
+    def ended(self) -> bool:
+        """The guest's process ended (it is shut off)."""
+        return self in (GuestChange.SHUTDOWN_GUEST, GuestChange.SHUTDOWN_HOST,
+                        GuestChange.CRASHED)
+
+
+#: The daemon's listener: ``(uuid, change)``, called in the event loop, must not block.
+GuestListener = Callable[[str, GuestChange], None]
 
 
 @dataclass(frozen=True)
@@ -218,6 +244,18 @@ class Backend(abc.ABC):
     name: str = ""
     # Which of ``compat.BACKEND_FLAGS`` this backend acts on (the daemon refuses the others).
     extra_flags: MigrateFlags = NO_FLAGS
+    _listener: GuestListener | None = None
+
+    def set_listener(self, listener: GuestListener | None) -> None:
+        """Install (None: remove) the daemon's listener for what guests do by themselves."""
+        self._listener = listener
+
+    def report(self, uuid: str, change: GuestChange) -> None:
+        """Tell the daemon's listener (if any) that guest ``uuid`` did ``change`` by itself.  A
+        backend never reports what the daemon caused (``destroy``, its own stop of a guest);
+        one whose guests cannot act by themselves (the test backend) never calls it."""
+        if self._listener is not None:
+            self._listener(uuid, change)
 
     async def open(self, state_dir: Path) -> None:  # noqa: B027 - optional hook
         """Called once before use; ``state_dir`` is the backend's own folder."""

@@ -132,7 +132,7 @@ def test_machine_wide_settings() -> None:
                      "<timer name='hpet' present='yes'/></clock>", domain_type="kvm"))
     assert _opt(kvm, "-global") == "kvm-pit.lost_tick_policy=discard"
     assert _opt(kvm, "-machine") == "pc,acpi=off,hpet=on"  # no <acpi/>: off, as in libvirt
-    plain = _argv(_xml("<on_reboot>restart</on_reboot>"))
+    plain = _argv(_xml("<on_reboot>restart</on_reboot><on_crash>preserve</on_crash>"))
     assert _opt(plain, "-rtc") == "base=utc"
     assert "-boot" not in plain and "-action" not in plain
 
@@ -151,11 +151,18 @@ MACHINE_REFUSED = [
     ("boot-dev", "", "<boot dev='floppy'/>", "<os><boot dev='floppy'>"),
     ("bootmenu-timeout", "", "<bootmenu enable='yes' timeout='99999'/>", "timeout='99999'"),
     ("poweroff-preserve", "<on_poweroff>preserve</on_poweroff>", "",
-     "<on_poweroff>preserve</on_poweroff>"),
+     "unsupported configuration: qemu driver doesn't support the 'preserve' action for "
+     "'on_reboot'/'on_poweroff'"),
+    ("restart-reboot-destroy", "<on_poweroff>restart</on_poweroff><on_reboot>destroy</on_reboot>",
+     "", "unsupported configuration: qemu driver doesn't support 'onReboot' set to 'destroy and "
+     "'onPoweroff' set to 'reboot'"),
     ("poweroff-rename", "<on_poweroff>rename-restart</on_poweroff>", "",
      "<on_poweroff>rename-restart</on_poweroff> for the qemu backend: supported: destroy, "
      "restart"),
-    ("reboot-preserve", "<on_reboot>preserve</on_reboot>", "", "<on_reboot>preserve</on_reboot>"),
+    ("reboot-preserve", "<on_reboot>preserve</on_reboot>", "",
+     "qemu driver doesn't support the 'preserve' action for 'on_reboot'/'on_poweroff'"),
+    ("crash-restart", "<on_crash>restart</on_crash>", "",
+     "<on_crash>restart</on_crash> for the qemu backend: supported: destroy, preserve"),
     ("crash-coredump", "<on_crash>coredump-restart</on_crash>", "",
      "<on_crash>coredump-restart</on_crash>"),
     ("current-memory", "<currentMemory unit='MiB'>32</currentMemory>", "",

@@ -242,6 +242,7 @@ class QemuBackend(Backend):
         guest = await launch(cfg, self._state_dir() / cfg.uuid, incoming=incoming,
                              settings=self.settings, owner=self._owner)
         self._guests[cfg.uuid] = guest
+        self._follow(guest)
         marker = guest.dir / RESTART_MARKER  # for the backend that takes the guest over
         if cfg.machine_cfg.poweroff_restarts:
             guest.on_guest_poweroff = lambda: self._restart_after_poweroff(guest)
@@ -263,6 +264,11 @@ class QemuBackend(Backend):
             raise
         return guest
 
+    def _follow(self, guest: _Guest) -> None:
+        """What ``guest`` does by itself (powers off, dies, pauses on an error) goes to the
+        daemon (:meth:`Backend.report`); what the backend does to it does not."""
+        guest.on_change = lambda change: self.report(guest.uuid, change)
+
     async def _restart_after_poweroff(self, guest: _Guest) -> None:
         """``<on_poweroff>restart``: the guest powered off and QEMU stopped it; reset it and run
         it again (libvirt's "fake reboot")."""
@@ -282,6 +288,7 @@ class QemuBackend(Backend):
         if guest is None:
             return
         self._guests[guest.uuid] = guest
+        self._follow(guest)
         if (gdir / RESTART_MARKER).exists():  # <on_poweroff>restart: it runs with shutdown=pause
             guest.on_guest_poweroff = lambda: self._restart_after_poweroff(guest)
         if not await take_over(self._exec, guest):

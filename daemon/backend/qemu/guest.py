@@ -5,6 +5,13 @@ status, the migration records, the tasks that watch it -- and how QMP events cha
 Every waiter takes :meth:`_Guest.changed` before it looks at the state, and wakes at the next
 change (:meth:`_Guest.notify`: an event, the exit).
 
+What the guest does by itself goes to ``on_change`` (the backend's report to the daemon):
+a disk error or a watchdog that stops its vCPUs (``BLOCK_IO_ERROR`` with action ``stop``,
+``WATCHDOG`` with action ``pause``) at the ``STOP`` that follows (so that the guest is paused
+when the daemon looks), and the end of its process when it comes (:meth:`_Guest.exit_change`:
+after a ``SHUTDOWN`` event, a shutdown -- the guest's or the host's -- else a crash), unless
+the backend stopped it itself (``stopping``).
+
 Files, per guest, in ``<state_dir>/<uuid>/``: ``pid`` (written by the backend), ``qmp.sock``
 (QEMU runs with that folder as its working directory and listens on the relative path, so the
 108-byte socket path limit never bites; the backend connects through ``/proc/self/fd`` when the
@@ -30,7 +37,7 @@ from typing import Any
 
 from qemu.qmp import QMPClient
 
-from virtmig.daemon.backend.base import GuestRunState
+from virtmig.daemon.backend.base import GuestChange, GuestRunState
 from virtmig.daemon.backend.qemu.migration import _STATUS_MAP, _Incoming, _Outgoing
 
 SOCKET_NAME = "qmp.sock"
@@ -62,6 +69,11 @@ class _Guest:
     incoming: _Incoming | None = None
     # <on_poweroff>restart: what runs when the guest powers off (QEMU then stops, not exits)
     on_guest_poweroff: Callable[[], Coroutine[Any, Any, None]] | None = None
+    # What the guest did by itself, for the daemon (the backend's report; None: not told)
+    on_change: Callable[[GuestChange], None] | None = None
+    stopping: bool = False  # the backend stops it (quit, kill): its exit is not reported
+    shutdown: str = ""  # since the last RESUME: "guest"/"host" after a SHUTDOWN event, else ""
+    pause_cause: GuestChange | None = None  # a disk error or watchdog stops it: told at STOP
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     exit_task: asyncio.Task[None] | None = None
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -113,6 +125,24 @@ class _Guest:
                 out.append(line)
         return "; ".join(out[-lines:])
 
+    def _tell(self, change: GuestChange) -> None:
+        if self.on_change is not None and not self.stopping:
+            self.on_change(change)
+
+    def exit_change(self) -> GuestChange:
+        """What the end of this QEMU was: a shutdown (the guest's or the host's) when QEMU said
+        so first (``SHUTDOWN``), else a crash (killed, crashed: libvirt's "monitor closed
+        without SHUTDOWN event")."""
+        if self.shutdown == "guest":
+            return GuestChange.SHUTDOWN_GUEST
+        if self.shutdown == "host":
+            return GuestChange.SHUTDOWN_HOST
+        return GuestChange.CRASHED
+
+    def tell_exit(self) -> None:
+        """Report the end of QEMU (called once it was reaped), unless the backend stopped it."""
+        self._tell(self.exit_change())
+
     def on_event(self, event: Any) -> None:
         """Follow one QMP event: run status and migration status."""
         name = event.get("event")
@@ -123,15 +153,25 @@ class _Guest:
         if name == "STOP":
             if self.status == "running":
                 self.status = "paused"
+                if self.pause_cause is not None:
+                    self._tell(self.pause_cause)
+            self.pause_cause = None
             out = self.outgoing
             if out is not None and out.issued and not out.done.is_set():
                 out.stopped = True  # the migration's switchover (or a suspend meanwhile)
         elif name == "RESUME":
             self.status = "running"
+            self.shutdown = ""  # (<on_poweroff>restart ran it again)
+            self.pause_cause = None
         elif name == "SHUTDOWN":
             self.status = "shutdown"
+            self.shutdown = "guest" if data.get("guest") is True else "host"
             if data.get("guest") is True and self.on_guest_poweroff is not None:
                 self.start_task(self.on_guest_poweroff())  # <on_poweroff>restart
+        elif name == "BLOCK_IO_ERROR" and data.get("action") == "stop":
+            self.pause_cause = GuestChange.PAUSED_IOERROR
+        elif name == "WATCHDOG" and data.get("action") == "pause":
+            self.pause_cause = GuestChange.PAUSED_WATCHDOG
         elif name == "MIGRATION":
             status = str(data.get("status", ""))
             self.mig_status = status

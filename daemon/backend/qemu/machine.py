@@ -15,14 +15,17 @@ emulator's alias stands for (``pc`` -> ``pc-i440fx-7.2``), so that every host ru
 * ``<os><boot dev=...>`` -> ``-boot order=`` (hd c, cdrom d, network n, fd a; with a kernel QEMU
   boots the kernel first, as under libvirt); ``<bootmenu enable= timeout=>`` -> ``menu=``,
   ``splash-time=``.
-* ``<on_poweroff>destroy`` (QEMU exits) or ``restart`` (``-action shutdown=pause``: QEMU stops
-  the guest at its poweroff and the backend resets and runs it again, as libvirt's "fake
-  reboot" does; the QEMU process and the guest's state in the daemon stay),
-  ``<on_reboot>restart|destroy`` (``destroy``: ``-action reboot=shutdown``, QEMU exits at the
-  guest's reboot), ``<on_crash>destroy`` (there is no panic device, so QEMU never reports a
-  crash).  Other values are refused: ``preserve`` (the guest would stay paused, and the daemon
-  does not yet follow a state the guest enters by itself, so it would report it running),
-  ``rename-restart`` and ``coredump-*`` (the daemon takes no core dumps).
+* ``<on_poweroff>destroy`` (QEMU exits; the daemon follows: ``shutoff (shutdown)``) or
+  ``restart`` (``-action shutdown=pause``: QEMU stops the guest at its poweroff and the backend
+  resets and runs it again, as libvirt's "fake reboot" does; the QEMU process and the guest's
+  state in the daemon stay), ``<on_reboot>restart|destroy`` (``destroy``: ``-action
+  reboot=shutdown``, QEMU exits at the guest's reboot), ``<on_crash>destroy|preserve`` (there
+  is no panic device, so QEMU never reports a crash: both are honoured by doing nothing, as
+  under libvirt without a ``<panic>``).  Refused as libvirt's QEMU driver refuses them
+  (``qemuValidateLifecycleAction``, with its messages): ``preserve`` for ``on_poweroff`` and
+  ``on_reboot``, and ``on_poweroff`` ``restart`` with ``on_reboot`` ``destroy`` (the reboot
+  would restart the guest); and, as before, ``rename-restart`` and ``coredump-*`` (the daemon
+  takes no core dumps).
 * ``<currentMemory>`` equal to ``<memory>`` (anything below needs a balloon);
   ``<seclabel type='none'>`` (no labelling: what the backend does).
 """
@@ -41,8 +44,12 @@ _BOOT_DEVS = {"hd": "c", "cdrom": "d", "network": "n", "fd": "a"}
 _ACTIONS = {
     "on_poweroff": ("destroy", "restart"),
     "on_reboot": ("restart", "destroy"),
-    "on_crash": ("destroy",),
+    "on_crash": ("destroy", "preserve"),
 }
+# libvirt's QEMU driver's refusals (qemuValidateLifecycleAction), in its words.
+_NO_PRESERVE = "qemu driver doesn't support the 'preserve' action for 'on_reboot'/'on_poweroff'"
+_NO_RESTART_WITH_DESTROY = ("qemu driver doesn't support 'onReboot' set to 'destroy and "
+                            "'onPoweroff' set to 'reboot'")
 _MAX_SPLASH_MS = 65535
 
 
@@ -127,6 +134,11 @@ def _check_seclabels(root: etree._Element) -> None:
 
 
 def _check_actions(root: etree._Element) -> None:
+    actions = {tag: _text(el) for tag in _ACTIONS for el in root.iterfind(tag)}
+    if "preserve" in (actions.get("on_poweroff"), actions.get("on_reboot")):
+        raise ConfigUnsupported(_NO_PRESERVE)
+    if actions.get("on_poweroff") == "restart" and actions.get("on_reboot") == "destroy":
+        raise ConfigUnsupported(_NO_RESTART_WITH_DESTROY)
     for tag, allowed in _ACTIONS.items():
         for el in root.iterfind(tag):
             value = _text(el)

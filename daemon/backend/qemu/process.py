@@ -15,6 +15,8 @@ disconnects QMP and leaves guests running; a later :meth:`QemuBackend.open` on t
 finds them (pid file, live process whose working directory is the guest folder, connectable QMP
 socket) and takes them over.  A taken-over guest is watched with a pidfd (polled if pidfds are
 unavailable) and reaped with ``os.waitpid`` only if it happens to be this process's child.
+The end of a QEMU the backend did not stop itself (:func:`stop_process` marks those) is
+reported to the daemon once it is reaped (the guest's ``on_change``: a shutdown or a crash).
 """
 
 from __future__ import annotations
@@ -168,6 +170,7 @@ async def _watch_exit(guest: _Guest) -> None:
         with contextlib.suppress(Exception):
             await guest.qmp.disconnect()
     log.info("qemu backend: guest %s (pid %d): %s", guest.uuid, guest.pid, guest.exit_reason)
+    guest.tell_exit()  # (not when the backend stopped it: stop_process)
 
 
 async def _wait_foreign(guest: _Guest) -> int | None:
@@ -200,7 +203,9 @@ async def _wait_foreign(guest: _Guest) -> int | None:
 
 
 async def stop_process(qmp: Exec, guest: _Guest) -> None:
-    """``quit``, then SIGKILL after a grace period; returns once the process is reaped."""
+    """``quit``, then SIGKILL after a grace period; returns once the process is reaped.  The
+    backend caused this exit: it is not reported to the daemon (``guest.stopping``)."""
+    guest.stopping = True
     if not guest.exited and guest.qmp is not None:
         with contextlib.suppress(BackendError):
             await qmp(guest, "quit", timeout=1.0)
