@@ -52,7 +52,11 @@ P = MigrateParam
 LINK_RATE = 16 << 20  # bytes/s through the proxy
 SOCKET_BUFFER = 64 << 10  # the proxy's receive buffer (the kernel doubles it)
 BOOT_TIMEOUT = 120.0  # until the guest dirties its memory (about 6 s under TCG, more under load)
-# The whole migration, stall included: stall watchdog (1 s), cancel, yank, settle.  Without the
+# The stall watchdog's bound: long enough that a busy machine starving the proxy (it runs in the
+# test's event loop) or QEMU's migration thread in pre-copy is not taken for the stall (1 s was,
+# at load 12: the watchdog fired before the completion phase).
+STALL_S = 5
+# The whole migration, stall included: stall watchdog (STALL_S), cancel, yank, settle.  Without the
 # yank it never ends.
 MIGRATION_BOUND = 90.0
 HEARTBEAT = re.compile(rb"HEARTBEAT n=(\d+)")
@@ -172,7 +176,7 @@ async def test_stall_in_completion_phase_ends_and_the_source_runs(tmp_path: Path
                 with pytest.raises(OperationTimeout, match="migration stalled"):
                     await asyncio.wait_for(
                         run_v3(RemoteSource(src.conn, True), ProxyDest(dst, proxy, port), "vm1",
-                               TypedParams.of({P.STALL_TIMEOUT: 1}), F.LIVE, protection=True),
+                               TypedParams.of({P.STALL_TIMEOUT: STALL_S}), F.LIVE, protection=True),
                         MIGRATION_BOUND)
         assert proxy.froze, "the source never stopped its vCPUs: no completion phase"
         assert "yank" in sent, "migrate_cancel ended it: the stall was not in the completion phase"
