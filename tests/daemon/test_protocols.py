@@ -182,6 +182,26 @@ async def test_offline_needs_v3_on_both_sides(tmp_path: Path) -> None:
         assert not [d for d in dst.daemon.registry]
 
 
+async def test_change_protection_with_v2(tmp_path: Path) -> None:
+    """libvirt's virDomainMigrate: a source that cannot enforce change protection refuses the
+    flag before anything changes; a v3 source that can drops it when it falls back to v2 for a
+    destination that speaks only v2 (v2's calls never had it), and the guest moves."""
+    async with fleet(tmp_path, "v2", "v3+params") as (old, new):
+        await running_guest(old)
+        with pytest.raises(ArgumentUnsupported, match="cannot enforce change protection"):
+            await old.conn.migrate3("vm1", new.conn, TypedParams(),
+                                    F.LIVE | F.CHANGE_PROTECTION)
+        await assert_rolled_back(old, new)
+
+        await running_guest(new, "vm2")
+        trace = Trace()
+        dom = await new.conn.migrate3("vm2", old.conn, TypedParams(),
+                                      F.LIVE | F.CHANGE_PROTECTION, trace=trace)
+        assert trace.protocol == "v2" and trace.calls == CALLS[M.V2]
+        assert dom.name == "vm2" and dom.state is DomainState.RUNNING
+        assert await new.conn.state("vm2") == (DomainState.SHUTOFF, 4, "migrated")
+
+
 @pytest.mark.parametrize(("kind", "rpc", "request_", "function"), [
     ("v2", "Begin3", pb.Begin3Request(domain=pb.DomainRef(name="vm1")),
      "virDomainMigrateBegin3"),
