@@ -109,7 +109,8 @@ async def wait_for_job(conn: AsyncConnection, dom: DomainKey, cond: Callable[[Jo
 async def wait_job_streaming(conn: AsyncConnection, dom: DomainKey, *,
                              timeout: float = 60) -> JobInfo:
     """Until the migration of ``dom`` streams: its job on the source (``conn``) is in Perform
-    and has sent data.  Returns that job info."""
+    (``perform3``, or protocol v2's ``perform2``) and has sent data.  Returns that job info."""
     return await wait_for_job(
-        conn, dom, lambda i: i.phase == "perform3" and i.data_processed > 0, timeout=timeout,
+        conn, dom, lambda i: i.phase in ("perform3", "perform2") and i.data_processed > 0,
+        timeout=timeout,
         what=f"the migration of {dom} to stream")

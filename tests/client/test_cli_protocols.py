@@ -1,9 +1,11 @@
-"""The CLI in a mixed fleet: ``nodeinfo`` shows what a daemon speaks (``migration_protocols``,
-``migration_params`` in its config), ``migrate --verbose`` says which protocol it used, the
-completed job records it, and what v2 cannot carry is refused with libvirt's message."""
+"""The CLI in a mixed fleet: ``nodeinfo`` (and ``capabilities --json``) shows what a daemon
+speaks (``migration_protocols``, ``migration_params`` in its config), ``migrate --verbose`` says
+which protocol it used, the completed job records it, and what v2 cannot carry is refused with
+libvirt's message."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -50,6 +52,13 @@ def test_nodeinfo_verbose_and_completed_stats(fleet: tuple[Daemon, Daemon, Daemo
     assert node(mid.uri)["Migration protocols"] == "v3 v2"
     assert node(old.uri)["Migration protocols"] == "v2"
     assert node(old.uri)["Features"].split() == ["P2P", "V2"]
+    # The same in --json, and in capabilities (README: nodeinfo --json, capabilities --json).
+    for daemon, spoken in ((new, ["v3+params", "v3", "v2"]), (mid, ["v3", "v2"]),
+                           (old, ["v2"])):
+        assert json.loads(ok(daemon.uri, "nodeinfo", "--json"))["migration_protocols"] == spoken
+        caps = json.loads(ok(daemon.uri, "capabilities", "--json"))
+        assert caps["host"]["migration"]["protocols"] == spoken
+    assert json.loads(ok(old.uri, "capabilities", "--json"))["host"]["features"] == ["P2P", "V2"]
 
     start_guest(tmp_path, new.uri, "vm")
     res = virtmig(new.uri, "migrate", "--live", "--verbose", "vm", mid.uri)

@@ -1,11 +1,14 @@
 """Protocol v2 when something fails, on the ``test`` backend: the guest keeps running on the
-source and nothing is left on the destination, regular and peer-to-peer; and v2's one hazard in
-regular mode (a Finish2 that fails after Perform stopped the source), which peer-to-peer v2
-avoids by stopping the source only once Finish2 reports the guest on the destination.
+source (resumed when the stream had paused it) and nothing is left on the destination, regular
+and peer-to-peer, whether Prepare2, Perform before or during the stream, or Finish2 fails; and
+v2's one hazard in regular mode (a Finish2 that fails after Perform stopped the source), which
+peer-to-peer v2 avoids by stopping the source only once Finish2 reports the guest on the
+destination.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -15,10 +18,24 @@ import pytest
 from tests.daemon.migration_helpers import running_guest
 from virtmig.client.migrate import RemoteDest, RemoteSource
 from virtmig.client.sequence import Trace, run_v2
-from virtmig.proto.errors import ConnectionFailed, NoDomain, OperationFailed, VirtmigError
+from virtmig.proto.errors import (
+    ConnectionFailed,
+    NoDomain,
+    OperationAborted,
+    OperationFailed,
+    VirtmigError,
+)
 from virtmig.proto.flags import DomainState, JobType, MigrateFlags
 from virtmig.proto.params import MigrateParam, TypedParams
-from virtmig.testing import ClosedPortDest, Host, domain_xml, free_port, hosts, wait_until
+from virtmig.testing import (
+    ClosedPortDest,
+    Host,
+    domain_xml,
+    free_port,
+    hosts,
+    wait_job_streaming,
+    wait_until,
+)
 
 F = MigrateFlags
 P = MigrateParam
@@ -39,16 +56,17 @@ async def nothing_on(dst: Host) -> None:
     assert not dst.daemon.ports._used
 
 
-async def home_again(src: Host, dst: Host, *, stopped: bool = True) -> None:
+async def home_again(src: Host, dst: Host, *, stopped: bool = True,
+                     job: JobType = JobType.FAILED) -> None:
     """The guest runs on the source (resumed after the attempt; untouched, ``running
     (booted)``, when the stream never ``stopped`` it), nothing is on the destination, no job
-    is left, and the source's failed job says it was v2."""
+    is left, and the source's ended job (``job``: failed, or cancelled) says it was v2."""
     assert await src.conn.state("vm1") == ((DomainState.RUNNING, 6, "migration-canceled")
                                            if stopped else (DomainState.RUNNING, 1, "booted"))
     await nothing_on(dst)
     assert not [d for d in src.daemon.registry if d.job is not None]
     done = await src.conn.job_info("vm1", completed=True)
-    assert done.type is JobType.FAILED
+    assert done.type is job
     assert done.stat("virtmig.protocol") == "v2"
 
 
@@ -133,6 +151,39 @@ async def test_finish2_failing_after_perform_leaves_no_running_copy(
     assert trace.calls == ["getxml", "prepare2", "perform", "finish2"]
     assert await src.conn.state("vm1") == (DomainState.SHUTOFF, 4, "migrated")
     await nothing_on(dst)
+
+
+@pytest.mark.parametrize("cause", ["aborted", "incoming-died"])
+@pytest.mark.parametrize("peer2peer", [False, True], ids=["regular", "p2p"])
+async def test_failure_mid_stream_resumes_the_paused_source(
+    pair: tuple[Host, Host], peer2peer: bool, cause: str,
+) -> None:
+    """The migration fails while the guest streams, the source guest paused by the stream (not
+    live): the job is aborted, or the incoming guest dies.  Perform puts the source back and
+    Finish2(cancelled) destroys what is left of the incoming guest: the guest runs on the
+    source only (resumed), and nothing is left on the destination."""
+    src, dst = pair
+    await running_guest(src)
+    params = TypedParams.of({P.BANDWIDTH: 8})
+    task = asyncio.ensure_future(
+        src.conn.migrate_to_uri3("vm1", dst.uri, params, F.PEER2PEER) if peer2peer
+        else src.conn.migrate3("vm1", dst.conn, params, 0))
+    try:
+        info = await wait_job_streaming(src.conn, "vm1")
+        assert info.phase == "perform2"
+        assert (await src.conn.state("vm1"))[0] is DomainState.PAUSED  # stopped by the stream
+        assert (await dst.conn.lookup("vm1")).state is DomainState.PAUSED  # incoming there
+        if cause == "aborted":
+            await src.conn.abort_job("vm1")
+            with pytest.raises(OperationAborted, match="canceled by client"):
+                await task
+        else:
+            await kill_incoming(dst, "vm1")
+            with pytest.raises(OperationFailed):
+                await task
+    finally:
+        task.cancel()
+    await home_again(src, dst, job=JobType.CANCELLED if cause == "aborted" else JobType.FAILED)
 
 
 # --- peer-to-peer -------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
-"""Mixed-version fleets on the ``test`` backend (and one v2 migration with QEMU): every pairing
-of daemons speaking {v3 with params, v3 without params, v2 only}, regular and peer-to-peer; each
-migrates with the protocol libvirt's order picks (seen in the calls made, the completed job's
-``virtmig.protocol`` stat and the memory that arrived) or is refused with libvirt's message
-before anything changes; a daemon refuses the RPCs of a protocol it does not speak.
+"""Mixed-version fleets on the ``test`` backend (and protocol v2 with QEMU, regular and
+peer-to-peer): every pairing of daemons speaking {v3 with params, v3 without params, v2 only},
+regular and peer-to-peer; each migrates with the protocol libvirt's order picks (seen in the
+calls made, the completed job's ``virtmig.protocol`` stat and the memory that arrived) or is
+refused with libvirt's message before anything changes; a daemon refuses the RPCs of a protocol
+it does not speak; change protection is refused or dropped as libvirt does with v2.
 """
 
 from __future__ import annotations
@@ -182,6 +183,26 @@ async def test_offline_needs_v3_on_both_sides(tmp_path: Path) -> None:
         assert not [d for d in dst.daemon.registry]
 
 
+async def test_change_protection_with_v2(tmp_path: Path) -> None:
+    """libvirt's virDomainMigrate: a source that cannot enforce change protection refuses the
+    flag before anything changes; a v3 source that can drops it when it falls back to v2 for a
+    destination that speaks only v2 (v2's calls never had it), and the guest moves."""
+    async with fleet(tmp_path, "v2", "v3+params") as (old, new):
+        await running_guest(old)
+        with pytest.raises(ArgumentUnsupported, match="cannot enforce change protection"):
+            await old.conn.migrate3("vm1", new.conn, TypedParams(),
+                                    F.LIVE | F.CHANGE_PROTECTION)
+        await assert_rolled_back(old, new)
+
+        await running_guest(new, "vm2")
+        trace = Trace()
+        dom = await new.conn.migrate3("vm2", old.conn, TypedParams(),
+                                      F.LIVE | F.CHANGE_PROTECTION, trace=trace)
+        assert trace.protocol == "v2" and trace.calls == CALLS[M.V2]
+        assert dom.name == "vm2" and dom.state is DomainState.RUNNING
+        assert await new.conn.state("vm2") == (DomainState.SHUTOFF, 4, "migrated")
+
+
 @pytest.mark.parametrize(("kind", "rpc", "request_", "function"), [
     ("v2", "Begin3", pb.Begin3Request(domain=pb.DomainRef(name="vm1")),
      "virDomainMigrateBegin3"),
@@ -215,9 +236,11 @@ async def test_a_daemon_refuses_the_rpcs_it_does_not_speak(
 
 
 @pytest.mark.qemu
-async def test_v2_with_qemu(tmp_path: Path) -> None:
+@pytest.mark.parametrize("peer2peer", [False, True], ids=["regular", "p2p"])
+async def test_v2_with_qemu(tmp_path: Path, peer2peer: bool) -> None:
     """A real guest moves with protocol v2 to a destination that speaks only v2: QEMU runs it
-    there and is gone from the source (Perform stopped it)."""
+    there and is gone from the source (regular: Perform stopped it; peer-to-peer: the source
+    daemon's Perform left it paused and stopped it once Finish2 reported it there)."""
     qemu_binary_or_skip()
     image = guest_or_skip()
     async with hosts(tmp_path, "qemu", ("src", {}), ("dst", KINDS["v2"])) as (src, dst):
@@ -225,13 +248,20 @@ async def test_v2_with_qemu(tmp_path: Path) -> None:
                                                     dirty_rate=1))
         await src.conn.start("vm1")
         trace = Trace()
-        await src.conn.migrate3("vm1", dst.conn, TypedParams(), F.LIVE, trace=trace)
-        assert trace.protocol == "v2" and trace.calls == CALLS[M.V2]
+        if peer2peer:
+            await src.conn.migrate_to_uri3("vm1", dst.uri, TypedParams(), F.LIVE | F.PEER2PEER,
+                                           trace=trace)
+            assert trace.protocol == "v2"
+        else:
+            await src.conn.migrate3("vm1", dst.conn, TypedParams(), F.LIVE, trace=trace)
+            assert trace.protocol == "v2" and trace.calls == CALLS[M.V2]
         assert await dst.conn.state("vm1") == (DomainState.RUNNING, 2, "migrated")
         assert await src.conn.state("vm1") == (DomainState.SHUTOFF, 4, "migrated")
         backend = dst.daemon.backend
         assert isinstance(backend, QemuBackend)
         assert (await backend.query(dom.uuid, "query-status"))["status"] == "running"
         assert src.daemon.backend.state(dom.uuid) is GuestRunState.SHUTOFF
-        done = await dst.conn.job_info("vm1", completed=True)
-        assert done.type is JobType.COMPLETED and done.stat("virtmig.protocol") == "v2"
+        for host in (src, dst):
+            done = await host.conn.job_info("vm1", completed=True)
+            assert done.type is JobType.COMPLETED and done.stat("virtmig.protocol") == "v2"
+            assert not [d for d in host.daemon.registry if d.job is not None]
