@@ -155,7 +155,10 @@ def _cases() -> list[Case]:
         ]
     for mode in ("p2p", "tunnelled"):
         for phase in P2P_BOUNDARIES:
-            cases += [Case(mode, "kill-src", f"after-{phase}"),
+            # In CI: the source dies holding its paused guest after a complete stream, with
+            # the guest waiting for Finish on the destination.
+            ci = (mode, phase) == ("p2p", "perform")
+            cases += [Case(mode, "kill-src", f"after-{phase}", ci=ci),
                       Case(mode, "kill-dst", f"after-{phase}")]
     return cases
 
