@@ -28,6 +28,12 @@ destination host" (the source resumes); the destination, whose Prepare caller wa
 session, destroys its incoming guest by itself.  The source job is owned by a session of this
 daemon's own for the run (:mod:`virtmig.daemon.migration.owner`): it is never reaped as unowned
 while the run drives it, and whatever job the run leaves is abandoned when it ends.
+
+Fault injection (test-only, :mod:`virtmig.daemon.stall`): the driver has a stall point at each
+phase boundary, ``p2p-after-begin``, ``p2p-after-prepare`` (the destination answered),
+``p2p-after-perform``, ``p2p-after-finish`` (the destination answered) and ``p2p-after-confirm``
+(v2: after the migratable XML, Prepare2, the stream, Finish2 and the settling of the source);
+each is reached only when its phase succeeded, and is inert unless ``VIRTMIG_TEST_STALL`` is set.
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ from dataclasses import dataclass
 from virtmig.client.connection import AsyncConnection
 from virtmig.client.migrate import RemoteDest, check_param_types
 from virtmig.client.sequence import Trace, choose_protocol, run_v2, run_v3
-from virtmig.daemon import jobctl, migration
+from virtmig.daemon import jobctl, migration, stall
 from virtmig.daemon.core import Daemon
 from virtmig.daemon.domxml import format_domain_xml
 from virtmig.daemon.job import AsyncJob, Phase
@@ -92,13 +98,20 @@ class LocalSource:
         return self.daemon.registry.by_name(name)
 
     async def begin(self, dom: str, params: TypedParams, flags: int) -> tuple[str, bytes]:
-        return await migration.src_begin(self.daemon, self._dom(dom), params, flags,
-                                         self.session, self.protocol)
+        out = await migration.src_begin(self.daemon, self._dom(dom), params, flags,
+                                        self.session, self.protocol)
+        await _stall("p2p-after-begin")
+        return out
 
     async def get_state(self, dom: str) -> DomainState:
         return self._dom(dom).state
 
     async def perform(self, dom: str, params: TypedParams, cookie: bytes, flags: int) -> bytes:
+        out = await self._perform(dom, params, cookie, flags)
+        await _stall("p2p-after-perform")
+        return out
+
+    async def _perform(self, dom: str, params: TypedParams, cookie: bytes, flags: int) -> bytes:
         try:
             if not flags & F.TUNNELLED:
                 return await migration.src_perform(self.daemon, self._dom(dom), None, params,
@@ -120,11 +133,17 @@ class LocalSource:
 
     async def migratable_xml(self, dom: str) -> str:
         # As Begin's: pinned as the backend pins definitions.
-        return format_domain_xml(self.daemon.canonical(self._dom(dom).definition),
-                                 migratable=True)
+        xml = format_domain_xml(self.daemon.canonical(self._dom(dom).definition),
+                                migratable=True)
+        await _stall("p2p-after-begin")
+        return xml
 
     async def perform2(self, dom: str, params: TypedParams, cookie: bytes, flags: int) -> None:
         """The stream; the guest stays paused here until :meth:`settle2`."""
+        await self._perform2(dom, params, cookie, flags)
+        await _stall("p2p-after-perform")
+
+    async def _perform2(self, dom: str, params: TypedParams, cookie: bytes, flags: int) -> None:
         try:
             if not flags & F.TUNNELLED:
                 await migration.src_perform2(self.daemon, self._dom(dom), params, cookie, flags,
@@ -143,6 +162,7 @@ class LocalSource:
 
     async def settle2(self, dom: str, migrated: bool | None) -> None:
         await migration.src_settle2(self.daemon, self._dom(dom), migrated)
+        await _stall("p2p-after-confirm")
 
     async def confirm(self, dom: str, params: TypedParams, cookie: bytes, flags: int,
                       cancelled: bool) -> None:
@@ -151,6 +171,7 @@ class LocalSource:
             return
         await migration.src_confirm(self.daemon, self._dom(dom), params, cookie, flags,
                                     cancelled)
+        await _stall("p2p-after-confirm")
 
     async def wait_abort(self, dom: str) -> None:
         job = self._dom(dom).job
@@ -158,6 +179,44 @@ class LocalSource:
             await asyncio.Event().wait()
             return
         await job.abort_event.wait()
+
+
+class StallingDest:
+    """The destination party with the test-only stall points after Prepare and Finish answered
+    (:mod:`virtmig.daemon.stall`); the driver uses it only when ``VIRTMIG_TEST_STALL`` is set."""
+
+    def __init__(self, inner: RemoteDest) -> None:
+        self.inner = inner
+
+    async def prepare(self, params: TypedParams, cookie: bytes,
+                      flags: int) -> tuple[bytes, str | None]:
+        out = await self.inner.prepare(params, cookie, flags)
+        await stall.at("p2p-after-prepare")
+        return out
+
+    async def finish(self, params: TypedParams, cookie: bytes, flags: int,
+                     cancelled: bool) -> tuple[str, bytes]:
+        out = await self.inner.finish(params, cookie, flags, cancelled)
+        await stall.at("p2p-after-finish")
+        return out
+
+    async def finished(self, dname: str) -> bool:
+        return await self.inner.finished(dname)
+
+    async def prepare2(self, params: TypedParams, flags: int) -> tuple[bytes, str | None]:
+        out = await self.inner.prepare2(params, flags)
+        await stall.at("p2p-after-prepare")
+        return out
+
+    async def finish2(self, params: TypedParams, cookie: bytes, flags: int, retcode: int) -> str:
+        out = await self.inner.finish2(params, cookie, flags, retcode)
+        await stall.at("p2p-after-finish")
+        return out
+
+
+async def _stall(point: str) -> None:
+    if stall.POINT:
+        await stall.at(point)
 
 
 async def src_perform_p2p(
@@ -193,7 +252,8 @@ async def src_perform_p2p(
         watcher = asyncio.get_running_loop().create_task(_watch_peer(daemon, dom, dconn))
         dest_uri = params.get_str(MigrateParam.DEST_URI) or dconnuri
         source = LocalSource(daemon, dconn, session, dest_uri, protocol.value)
-        dest = RemoteDest(dconn, protocol is MigrationProtocol.V3_PARAMS)
+        remote = RemoteDest(dconn, protocol is MigrationProtocol.V3_PARAMS)
+        dest = StallingDest(remote) if stall.POINT else remote
         trace = Trace()
         if protocol is MigrationProtocol.V2:
             # Change protection is implicit here (one job): never sent to the destination.

@@ -15,7 +15,11 @@ Points (:data:`POINTS`):
 * ``finish3-resumed``: the destination's Finish after the guest's vCPUs started here, before
   its definition is persisted and the job ends;
 * ``confirm3``: the source's Confirm (not cancelled), phase ``confirm3`` saved, before its guest
-  is stopped as migrated.
+  is stopped as migrated;
+* ``p2p-after-begin``, ``p2p-after-prepare``, ``p2p-after-perform``, ``p2p-after-finish``,
+  ``p2p-after-confirm``: the phase boundaries of the peer-to-peer driver, which runs in the
+  source daemon (:mod:`virtmig.daemon.p2p`, also tunnelled): after that phase succeeded (Prepare
+  and Finish: the destination answered), before the next one is called.
 """
 
 from __future__ import annotations
@@ -29,7 +33,9 @@ from virtmig.proto import logsafe
 log = logsafe.logger(__name__)
 
 ENV = "VIRTMIG_TEST_STALL"
-POINTS = frozenset({"finish3", "finish3-resumed", "confirm3"})
+P2P_POINTS = tuple(f"p2p-after-{phase}"
+                   for phase in ("begin", "prepare", "perform", "finish", "confirm"))
+POINTS = frozenset({"finish3", "finish3-resumed", "confirm3", *P2P_POINTS})
 
 
 def _parse(spec: str) -> tuple[str, Path | None]:

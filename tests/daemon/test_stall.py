@@ -1,5 +1,6 @@
 """The test-only stall points (virtmig.daemon.stall): inert without VIRTMIG_TEST_STALL, a bad
-value refused, and a daemon stopped at its point until the file goes, once."""
+value refused, and a daemon stopped at its point until the file goes, once; the peer-to-peer
+driver's points sit at its phase boundaries."""
 
 from __future__ import annotations
 
@@ -97,3 +98,53 @@ async def test_destination_persists_before_the_guest_runs(
     assert list((dst.state_dir).rglob(f"{dom.uuid}.xml")), "no definition file on disk"
     file.unlink()
     await asyncio.wait_for(task, 30)
+
+
+# Where each boundary of the p2p driver sits: the source job's phase there ("" once Confirm
+# ended it), the destination's job phase ("" for none; "absent": no guest there yet), and
+# whether the guest runs on the destination.
+P2P_BOUNDARIES = {
+    "p2p-after-begin": ("begin3", "absent", False),
+    "p2p-after-prepare": ("begin3", "prepare", False),
+    "p2p-after-perform": ("perform3_done", "prepare", False),
+    "p2p-after-finish": ("perform3_done", "", True),
+    "p2p-after-confirm": ("", "", True),
+}
+
+
+async def _dst_job(dst: Host) -> tuple[str, bool]:
+    obj = dst.daemon.registry.find_name("vm1")
+    if obj is None:
+        return "absent", False
+    running = dst.daemon.backend.state(obj.uuid) is GuestRunState.RUNNING
+    return (obj.job.phase.label if obj.job is not None else ""), running
+
+
+@pytest.mark.parametrize("point", sorted(P2P_BOUNDARIES))
+@pytest.mark.parametrize("tunnelled", [False, True], ids=["p2p", "tunnelled"])
+async def test_a_p2p_migration_stops_at_its_boundary(
+    pair: tuple[Host, Host], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, point: str,
+    tunnelled: bool,
+) -> None:
+    """The source daemon's p2p driver (also tunnelled) waits at each phase boundary, the phase
+    before it done and the next not called, then completes."""
+    assert point in stall.POINTS
+    src, dst = pair
+    file = tmp_path / "stalled"
+    monkeypatch.setattr(stall, "POINT", point)
+    monkeypatch.setattr(stall, "_FILE", file)
+    monkeypatch.setattr(stall, "_passed", False)
+    await src.conn.define(domain_xml("vm1", 64, dirty_rate_mib=4))
+    await src.conn.start("vm1")
+    flags = F.LIVE | F.PEER2PEER | (F.TUNNELLED if tunnelled else 0)
+    task = asyncio.create_task(
+        src.conn.migrate_to_uri3("vm1", dst.uri, TypedParams(), flags))
+    await wait_until(file.exists, timeout=30, what=f"the stall at {point}")
+    src_job = src.daemon.registry.by_name("vm1").job
+    seen = (src_job.phase.label if src_job is not None else "", *await _dst_job(dst))
+    assert seen == P2P_BOUNDARIES[point]
+    assert not task.done()
+    file.unlink()
+    await asyncio.wait_for(task, 30)
+    assert (await dst.conn.state("vm1"))[0] is DomainState.RUNNING
+    assert (await src.conn.state("vm1"))[0] is DomainState.SHUTOFF

@@ -4,12 +4,14 @@ namespaces, one fault is injected, and afterwards the guest runs in exactly one 
 Each :class:`Case` names the mode (``regular``: the client process drives the phases;
 ``p2p``; ``tunnelled``), the fault (SIGKILL of the source daemon, the destination daemon, both,
 the client, or the destination's QEMU; the link between the hosts cut) and when: during Perform
-(the stream active: the source's job has sent data), after a phase returned to the client
-(``after-prepare``...: the client process pauses there), or inside a phase, at a test-only
-stall point (:mod:`virtmig.daemon.stall`: ``finish3``, ``finish3-resumed`` on the destination,
-``confirm3`` on the source).  The harness (:mod:`tests.faults.harness`) restarts what was
-killed, restores the link, waits for recovery, and checks the invariant; every case records a
-row of ``docs/recovery.md`` (:mod:`tests.faults.report`).
+(the stream active: the source's job has sent data), after a phase returned to its driver
+(``after-prepare``...: in regular mode the client process pauses there; in p2p and tunnelled
+mode the source daemon's driver stops at its stall point ``p2p-after-<phase>``), or inside a
+phase, at a test-only stall point (:mod:`virtmig.daemon.stall`: ``finish3``,
+``finish3-resumed`` on the destination, ``confirm3`` on the source).  The harness
+(:mod:`tests.faults.harness`) restarts what was killed, restores the link, waits for recovery,
+and checks the invariant; every case records a row of ``docs/recovery.md``
+(:mod:`tests.faults.report`).
 
 ``make faults`` runs them all (marker ``faults``, excluded from ``make test``); ``make faults
 FAULTS=ci`` the representative subset marked ``faults_ci``, which ``.ci/run`` runs.  A case
@@ -53,6 +55,7 @@ from tests.faults.harness import (
     settled,
 )
 from virtmig.client.connection import AsyncConnection
+from virtmig.daemon import stall
 from virtmig.proto.errors import VirtmigError
 from virtmig.proto.flags import DomainState, JobType
 from virtmig.testing import (
@@ -73,7 +76,10 @@ pytestmark = [pytest.mark.faults, pytest.mark.qemu, pytest.mark.netns,
 BOOT_TIMEOUT = 120.0
 SETTLE_TIMEOUT = 120.0
 SLOW = 8  # MiB/s: Perform streams for a few seconds
-STALLS = {"finish3": "b", "finish3-resumed": "b", "confirm3": "a"}  # point: the host stalled
+# Stall point: the host stalled there.  The p2p driver runs in the source daemon (host A).
+STALLS = {"finish3": "b", "finish3-resumed": "b", "confirm3": "a",
+          **{point: "a" for point in stall.P2P_POINTS}}
+P2P_BOUNDARIES = ("begin", "prepare", "perform", "finish", "confirm")
 
 
 @dataclass(frozen=True)
@@ -88,15 +94,32 @@ class Case:
         return f"{self.mode}-{self.fault}-{self.when}"
 
     @property
-    def pause_after(self) -> str:
+    def boundary(self) -> str:
+        """The phase after which the fault strikes (``after-<phase>``), else ""."""
         return self.when.removeprefix("after-") if self.when.startswith("after-") else ""
+
+    @property
+    def pause_after(self) -> str:
+        """Regular mode: the phase after which the client process pauses."""
+        return self.boundary if self.mode == "regular" else ""
+
+    @property
+    def stall(self) -> str:
+        """The daemon's stall point (p2p and tunnelled: the driver's at a boundary), else ""."""
+        if self.boundary and self.mode != "regular":
+            return f"p2p-{self.when}"
+        return self.when if self.when in STALLS else ""
 
     def describe_when(self) -> str:
         if self.when == "perform":
             return "during Perform (stream active)"
         if self.pause_after:
             return f"after {self.pause_after.capitalize()} returned (client paused)"
-        where = "destination" if STALLS[self.when] == "b" else "source"
+        where = "destination" if STALLS[self.stall] == "b" else "source"
+        if self.boundary:
+            answered = "answered" if self.boundary in ("prepare", "finish") else "returned"
+            return (f"after {self.boundary.capitalize()} {answered}, the p2p driver on the "
+                    f"source stalled ({self.stall})")
         return f"inside {self.when} on the {where} (stall point)"
 
 
@@ -130,6 +153,13 @@ def _cases() -> list[Case]:
             Case(mode, "kill-src", "finish3-resumed"),
             Case(mode, "kill-dst", "finish3-resumed"),
         ]
+    for mode in ("p2p", "tunnelled"):
+        for phase in P2P_BOUNDARIES:
+            # In CI: the source dies holding its paused guest after a complete stream, with
+            # the guest waiting for Finish on the destination.
+            ci = (mode, phase) == ("p2p", "perform")
+            cases += [Case(mode, "kill-src", f"after-{phase}", ci=ci),
+                      Case(mode, "kill-dst", f"after-{phase}")]
     return cases
 
 
@@ -224,10 +254,10 @@ async def reach(case: Case, lab: Lab, client: ClientProc, uuid: str) -> None:
     elif case.pause_after:
         await client.wait_said(f"PAUSED {case.pause_after}")
     else:
-        stalled = lab.b if STALLS[case.when] == "b" else lab.a
-        path = stalled.stall_file(case.when)
+        stalled = lab.b if STALLS[case.stall] == "b" else lab.a
+        path = stalled.stall_file(case.stall)
         await wait_until(lambda: path.exists(), timeout=180, interval=0.1,
-                         what=lambda: f"{stalled.name} to stall at {case.when}: {client.lines}")
+                         what=lambda: f"{stalled.name} to stall at {case.stall}: {client.lines}")
 
 
 def release_stalls(lab: Lab) -> None:
@@ -323,9 +353,9 @@ async def check(case_id: str, mode: str, fault: str, when: str, lab: Lab, uuid: 
 
 @pytest.mark.parametrize("case", [_param(c) for c in CASES])
 async def test_fault(case: Case, lab: Lab, image: GuestImage) -> None:
-    stalled = STALLS.get(case.when, "")  # the host started with the stall point, if any
-    lab.a.start(case.when if stalled == "a" else "")
-    lab.b.start(case.when if stalled == "b" else "")
+    stalled = STALLS.get(case.stall, "")  # the host started with the stall point, if any
+    lab.a.start(case.stall if stalled == "a" else "")
+    lab.b.start(case.stall if stalled == "b" else "")
     uuid = await boot(lab.a, image)
     # Throttled only where the fault needs the stream under way: a long pre-copy under TCG
     # breaks the guest (the QEMU notes), so the others migrate at full speed.
