@@ -36,6 +36,7 @@ from virtmig.proto.errors import (
     InternalError,
     InvalidArgument,
     NoDomain,
+    OperationFailed,
     VirtmigError,
 )
 from virtmig.proto.flags import DomainState, Feature, JobType, MigrateFlags, MigrationProtocol
@@ -137,8 +138,16 @@ class RemoteDest:
         self.conn = conn
         self.use_params = use_params
 
+    def _alive(self) -> None:
+        """The session with the destination ended (its daemon went away, perhaps restarted):
+        a Prepare now would leave an incoming job no session owns, which nothing ends until
+        ``incoming_job_timeout``.  libvirt never goes on over a dead destination connection."""
+        if self.conn.session_lost.is_set():
+            raise OperationFailed("Lost connection to destination host")
+
     async def prepare(self, params: TypedParams, cookie: bytes,
                       flags: int) -> tuple[bytes, str | None]:
+        self._alive()
         stub = self.conn.migration_stub
         if self.use_params:
             reply = await self.conn._call(stub.Prepare3Params, pb.Prepare3ParamsRequest(
@@ -152,6 +161,7 @@ class RemoteDest:
         return reply.cookie_out, reply.uri_out if reply.HasField("uri_out") else None
 
     async def prepare2(self, params: TypedParams, flags: int) -> tuple[bytes, str | None]:
+        self._alive()
         req = pb.Prepare2Request(flags=flags, resource=params.get_int(P.BANDWIDTH),
                                  dom_xml=params.get_str(P.DEST_XML) or "")
         _legacy(req, params, uri_in=P.URI, dname=P.DEST_NAME)
