@@ -1,6 +1,6 @@
 """The daemon's log settings (``log_level``, ``log_format``, ``log_outputs``) from the config file
-and from the command line (``--log-level``, ``--log-format``, ``--log-output``: flags win), and
-what a real ``virtmigd`` process writes with them."""
+and from the command line (``--log-level``, ``--log-format``, ``--log-output``: flags win), what
+a real ``virtmigd`` process writes with them, and a SIGHUP switching the format."""
 
 from __future__ import annotations
 
@@ -77,3 +77,39 @@ def test_virtmigd_writes_its_log_as_the_config_and_the_flags_say(tmp_path: Path)
                              "(listen_insecure_tcp)") and " virtmigd WARNING listening on tcp://"
                in line for line in plain), plain
     assert not any(line.lstrip().startswith("{") for line in plain)
+
+
+def test_a_sighup_switches_the_log_format(tmp_path: Path) -> None:
+    out = tmp_path / "virtmigd.log"
+    cfg = tmp_path / "virtmigd.toml"
+    base = (f'state_dir = "{tmp_path}/s"\nlisten = ["unix://{tmp_path}/run/v.sock"]\n'
+            f'log_outputs = ["file:{out}"]\n')
+    cfg.write_text(base)
+    notify_path = tmp_path / "notify"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(str(notify_path))
+        notify.settimeout(60)  # bounded: each datagram comes when the daemon gets there
+        proc = subprocess.Popen([sys.executable, "-m", "virtmig.daemon.main", "--config",
+                                 str(cfg)], env={**os.environ, "NOTIFY_SOCKET": str(notify_path)},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            assert "READY=1" in notify.recv(4096).decode().splitlines()
+            cfg.write_text(base + 'log_format = "json"\n')
+            proc.send_signal(signal.SIGHUP)
+            assert notify.recv(4096).decode().splitlines() == ["RELOADING=1"]
+            assert notify.recv(4096).decode().splitlines() == ["READY=1"]
+            proc.send_signal(signal.SIGTERM)
+            _out, err = proc.communicate(timeout=60)
+            assert (proc.returncode, err) == (0, "")
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate(timeout=30)
+    lines = out.read_text().splitlines()
+    plain = [line for line in lines if not line.startswith("{")]
+    as_json = [json.loads(line) for line in lines if line.startswith("{")]
+    assert any(" virtmigd INFO virtmigd serving on unix:" in line for line in plain), lines
+    assert lines[:len(plain)] == plain  # plain lines first, then JSON ones only
+    assert {"message": "reload: log_format plain -> json", "level": "INFO"}.items() <= (
+        as_json[0].items()), as_json
+    assert as_json[-1]["message"] == "shutting down"
