@@ -35,13 +35,13 @@ from virtmig.daemon.events import (
     lifecycle_for,
 )
 from virtmig.daemon.health import Health
-from virtmig.daemon.history import DEFAULT_MAX_BYTES as DEFAULT_HISTORY_BYTES
 from virtmig.daemon.history import History
 from virtmig.daemon.job import AsyncJob, JobRecord, Phase
-from virtmig.daemon.limits import DEFAULT_MAX_CALLS_PER_CLIENT, DEFAULT_MAX_CLIENTS, CallLimits
+from virtmig.daemon.limits import CallLimits
 from virtmig.daemon.metrics import Metrics
 from virtmig.daemon.placement import Away, Peer, PlacementStore
 from virtmig.daemon.registry import DomainObj, Registry, job_from_status
+from virtmig.daemon.settings import held
 from virtmig.daemon.state import StateDir
 from virtmig.proto import logsafe
 from virtmig.proto.errors import ConfigUnsupported, NoSupport, PortsExhausted
@@ -64,73 +64,84 @@ _PAUSES = {GuestChange.PAUSED_IOERROR: PausedReason.IOERROR,
            GuestChange.PAUSED_WATCHDOG: PausedReason.WATCHDOG}
 
 
+# migration_ports' default, "MIN-MAX".
+_PORTS = tuple(int(p) for p in held("migration_ports").split("-"))
+
+
 @dataclass(frozen=True)
 class DaemonConfig:
-    """Settings, from the TOML file and command-line flags (see ``virtmig.daemon.config``)."""
+    """Settings, from the TOML file and command-line flags (see ``virtmig.daemon.config``).
+
+    Each default is the settings schema's (:data:`virtmig.daemon.settings.SCHEMA`, read with
+    :func:`~virtmig.daemon.settings.held`): a daemon built from a ``DaemonConfig`` in-process
+    gets the defaults ``virtmigd`` has.  The exceptions the schema leaves to the start:
+    ``state_dir`` (required here), ``listen`` (``()``: nothing, where ``virtmigd`` takes the run
+    dir's socket) and ``emulators`` (``()``: qemu-system-x86_64 on PATH).
+    """
 
     state_dir: str
     listen: tuple[str, ...] = ()
-    backend: str = "test"
-    hostname: str = ""
-    migration_port_min: int = 49152
-    migration_port_max: int = 49215
+    backend: str = held("backend")
+    hostname: str = held("hostname")
+    migration_port_min: int = _PORTS[0]
+    migration_port_max: int = _PORTS[1]
     # Address the incoming migration stream binds to (libvirt's migration_address).
-    migration_address: str = "0.0.0.0"
+    migration_address: str = held("migration_address")
     # Host name or address put in Prepare's URI (libvirt's migration_host); default: hostname.
-    migration_host: str = ""
-    job_wait_timeout: float = 30.0
+    migration_host: str = held("migration_host")
+    job_wait_timeout: float = held("job_wait_timeout")
     # A migration job that no caller's session owns (none was opened, or it ended) is rolled
     # back by the daemon once it has been idle this long (virtmig.daemon.migration.owner).
-    incoming_job_timeout: float = 60.0
-    default_max_downtime_ms: int = 300
+    incoming_job_timeout: float = held("incoming_job_timeout")
+    default_max_downtime_ms: int = held("max_downtime_ms")
     # Stall watchdog: no progress for this many seconds fails the migration (0: off).
-    stall_timeout_s: float = 0.0
+    stall_timeout_s: float = held("stall_timeout")
     # Completion timeout: seconds per GiB of guest memory (0: off), and what to do then.
-    completion_timeout_per_gib_s: float = 0.0
-    completion_timeout_action: str = "abort"
+    completion_timeout_per_gib_s: float = held("completion_timeout_per_gib")
+    completion_timeout_action: str = held("completion_timeout_action")
     # Concurrent migrations this daemon accepts (0: no limit).
-    max_outgoing_migrations: int = 0
-    max_incoming_migrations: int = 0
+    max_outgoing_migrations: int = held("max_outgoing_migrations")
+    max_incoming_migrations: int = held("max_incoming_migrations")
     # Domains this daemon holds at most (defined, running or incoming; ``registry.MAX_DOMAINS``
     # at most, so that a list of all of them fits in one gRPC message).
-    max_domains: int = 10000
+    max_domains: int = held("max_domains")
     # The test backend's guest limits (0: the host's RAM / test.guest.MAX_VCPUS).
-    test_max_memory_mib: int = 0
-    test_max_vcpus: int = 0
+    test_max_memory_mib: int = held("test_max_memory_mib")
+    test_max_vcpus: int = held("test_max_vcpus")
     # Clients with calls in flight, and calls in flight per client (virtmig.daemon.limits).
-    max_clients: int = DEFAULT_MAX_CLIENTS
-    max_calls_per_client: int = DEFAULT_MAX_CALLS_PER_CLIENT
+    max_clients: int = held("max_clients")
+    max_calls_per_client: int = held("max_calls_per_client")
     # Mutual TLS: the PKI dir ("": $VIRTMIG_PKI_DIR, else the default dir), and the client
     # certificate DNs with full and with read-only access (libvirt's wildcards; see
     # virtmig.daemon.authz).  An empty full list admits every certificate the CA signed.
-    pki_dir: str = ""
-    tls_allowed_dn_list: tuple[str, ...] = ()
-    tls_readonly_dn_list: tuple[str, ...] = ()
+    pki_dir: str = held("pki_dir")
+    tls_allowed_dn_list: tuple[str, ...] = held("tls_allowed_dn_list")
+    tls_readonly_dn_list: tuple[str, ...] = held("tls_readonly_dn_list")
     # Plain tcp:// listeners are refused unless this says so.
-    listen_insecure_tcp: bool = False
+    listen_insecure_tcp: bool = held("listen_insecure_tcp")
     # virtmigd-ro.sock (0666, read calls only) beside the main unix socket.
-    readonly_socket: bool = False
+    readonly_socket: bool = held("readonly_socket")
     # Refuse a migration with neither VIR_MIGRATE_TLS nor TUNNELLED (libvirt's migrate_tls_force).
     # None: resolved at start (virtmig.daemon.main): true for the qemu backend when every network
     # listener is TLS, else false; a Daemon built without that step treats None as false.
-    migrate_tls_force: bool | None = None
+    migrate_tls_force: bool | None = held("migrate_tls_force")
     # The qemu backend's confinement (virtmig.daemon.backend.qemu.confine owns the defaults).
     emulators: tuple[str, ...] = ()  # (): the qemu-system-x86_64 on PATH at start
-    storage_dirs: tuple[str, ...] | None = None  # None: /var/lib/virtmig/images
-    block_devices: tuple[str, ...] = ()  # block devices a <disk type='block'> may name
-    qemu_user: str = ""  # "": virtmig-qemu (used when the daemon runs as root)
-    qemu_group: str = ""  # "": qemu_user's primary group
-    qemu_sandbox: bool = True
-    vnc_port_min: int = 5900  # the qemu backend's VNC port range (autoport)
-    vnc_port_max: int = 65535
-    vnc_remote_listen: bool = False  # VNC on a non-loopback address allowed
+    storage_dirs: tuple[str, ...] | None = held("storage_dirs")  # None: /var/lib/virtmig/images
+    block_devices: tuple[str, ...] = held("block_devices")  # what a <disk type='block'> may name
+    qemu_user: str = held("qemu_user")  # used when the daemon runs as root
+    qemu_group: str = held("qemu_group")  # "": qemu_user's primary group
+    qemu_sandbox: bool = held("qemu_sandbox")
+    vnc_port_min: int = held("vnc_port_min")  # the qemu backend's VNC port range (autoport)
+    vnc_port_max: int = held("vnc_port_max")
+    vnc_remote_listen: bool = held("vnc_remote_listen")  # VNC on a non-loopback address allowed
     # A guest runs in one place (virtmig.daemon.locate): seconds to connect to and ask a peer
     # daemon, and the retries that settle a migration whose outcome is unknown (backoff from
     # settle_retry_min to settle_retry_max seconds, at most settle_attempts tries).
-    peer_timeout: float = 10.0
-    settle_retry_min: float = 1.0
-    settle_retry_max: float = 60.0
-    settle_attempts: int = 100
+    peer_timeout: float = held("peer_timeout")
+    settle_retry_min: float = held("settle_retry_min")
+    settle_retry_max: float = held("settle_retry_max")
+    settle_attempts: int = held("settle_attempts")
     features: tuple[str, ...] = (
         Feature.MIGRATION_PARAMS.value, Feature.V3.value, Feature.V2.value, Feature.P2P.value,
         Feature.OFFLINE.value, Feature.CHANGE_PROTECTION.value,
@@ -138,16 +149,16 @@ class DaemonConfig:
     # The migration protocols this daemon speaks (2, 3) and whether it takes the extensible
     # parameter RPCs (*Params, with 3): what it advertises is ``features`` restricted to them
     # (``Daemon.features``), and it refuses the RPCs of the others, as an older daemon would.
-    migration_protocols: tuple[int, ...] = (2, 3)
-    migration_params: bool = True
+    migration_protocols: tuple[int, ...] = held("migration_protocols")
+    migration_params: bool = held("migration_params")
     # Logging (virtmig.daemon.logs): level, plain or json lines, and where they go.
-    log_level: str = "info"
-    log_format: str = "plain"
-    log_outputs: tuple[str, ...] = ("stderr",)
+    log_level: str = held("log_level")
+    log_format: str = held("log_format")
+    log_outputs: tuple[str, ...] = held("log_outputs")
     # The migration history (virtmig.daemon.history): its file's size before it is rotated.
-    history_max_bytes: int = DEFAULT_HISTORY_BYTES
+    history_max_bytes: int = held("history_max_bytes")
     # The Prometheus endpoint, "HOST:PORT" ("": off; virtmig.daemon.metrics_http).
-    metrics_listen: str = ""
+    metrics_listen: str = held("metrics_listen")
 
 
 @dataclass(frozen=True)

@@ -24,12 +24,13 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from virtmig.daemon.settings import held
 from virtmig.proto import logsafe
 
 log = logsafe.logger(__name__)
 
 FILE_NAME = "migrations.jsonl"
-DEFAULT_MAX_BYTES = 1 << 20
+DEFAULT_MAX_BYTES: int = held("history_max_bytes")  # the settings schema's
 MAX_READ = 10000  # entries one read returns at most
 #: The most bytes of entries one ``GetHistory`` reply carries (gRPC's limit is 4 MiB): 10,000
 #: entries of a long error each would need tens of MiB.

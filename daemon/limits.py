@@ -25,14 +25,16 @@ from __future__ import annotations
 
 import itertools
 
+from virtmig.daemon import settings
 from virtmig.proto.errors import ResourceExhausted
 
-#: Defaults.  A CLI ``virtmig migrate --verbose --postcopy-after-precopy --timeout N`` holds at most
-#: 6 calls at once on the source's connection (its session, job watch and events streams, one
-#: sequence call, the timeout's or the switch's call, Ctrl-C's abort; a test holds it to 8): the
-#: per-client default leaves room for a library user watching several domains on one connection.
-DEFAULT_MAX_CLIENTS = 512
-DEFAULT_MAX_CALLS_PER_CLIENT = 32
+#: Defaults (the settings schema's ``max_clients``, ``max_calls_per_client``).  A CLI ``virtmig
+#: migrate --verbose --postcopy-after-precopy --timeout N`` holds at most 6 calls at once on the
+#: source's connection (its session, job watch and events streams, one sequence call, the
+#: timeout's or the switch's call, Ctrl-C's abort; a test holds it to 8): the per-client default
+#: leaves room for a library user watching several domains on one connection.
+DEFAULT_MAX_CLIENTS: int = settings.held("max_clients")
+DEFAULT_MAX_CALLS_PER_CLIENT: int = settings.held("max_calls_per_client")
 
 
 class Slot:

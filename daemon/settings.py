@@ -4,7 +4,10 @@
 parsed TOML table against it before anything reads a value: an unknown key or a value of the
 wrong type (``job_wait_timeout = "abc"``) is :class:`~virtmig.proto.errors.InvalidArgument`
 naming the key, the value and the type expected.  Ranges and cross-key rules are checked after,
-by :mod:`virtmig.daemon.config`, which reads every default from here (:func:`default`).
+by :mod:`virtmig.daemon.config`, which reads every default from here (:func:`default`); so do
+:class:`~virtmig.daemon.core.DaemonConfig` (a daemon built in-process, by tests or a library
+user, gets the same defaults as ``virtmigd``), the call limits, the history and the qemu backend's
+settings (:func:`held`).
 
 ``reload``: whether SIGHUP applies a change of the key while the daemon runs
 (:mod:`virtmig.daemon.reload`); a change of any other key is logged as taking effect at the next
@@ -125,6 +128,14 @@ def default(key: str) -> Any:
     """``key``'s default (a fresh list for list kinds)."""
     value = BY_KEY[key].default
     return list(value) if isinstance(value, list) else value
+
+
+def held(key: str) -> Any:
+    """``key``'s default as a frozen value holds it (a list as a tuple): the defaults of
+    :class:`~virtmig.daemon.core.DaemonConfig`, the call limits, the history and the qemu
+    backend's settings are read from here, so that each default is written once."""
+    value = BY_KEY[key].default
+    return tuple(value) if isinstance(value, list) else value
 
 
 def _fits(kind: Kind, value: Any) -> bool:

@@ -1,10 +1,12 @@
-"""The ``--json`` output of every read command, parsed, against two real daemons; and ``list``'s
-virsh filters (``--name``, ``--uuid``, ``--state-*``, ``--persistent``, ``--transient``).
+"""The ``--json`` output of every read command, parsed, against two real daemons, with exactly the
+keys README's "Scriptable output" table documents; and ``list``'s virsh filters (``--name``,
+``--uuid``, ``--state-*``, ``--persistent``, ``--transient``).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,27 @@ from tests.client.cli_helpers import (
 from virtmig.testing import wait_until_sync
 
 daemons = cli_helpers.daemons
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def documented(command: str, depth: int = 1) -> set[str]:
+    """The keys README's "Scriptable output" table documents for ``COMMAND --json`` at ``depth``
+    (1: the top-level object's): quoted names that are not a value (``"type": "none|..."``);
+    ``a `list` entry plus`` adds ``list``'s."""
+    head = f"| `{command} --json` |"
+    [row] = [line for line in README.read_text().splitlines() if line.startswith(head)]
+    text = row[len(head):]
+    keys: set[str] = set()
+    level = 0
+    for m in re.finditer(r'[{}]|(: )?"([a-z_]+)"', text):
+        if m.group(0) in "{}":
+            level += 1 if m.group(0) == "{" else -1
+        elif m.group(1) is None and max(level, 1) == depth:
+            keys.add(m.group(2))
+    if "a `list` entry plus" in text:
+        keys |= documented("list", depth)
+    assert keys, row
+    return keys
 
 
 def as_json(uri: str, *args: str) -> Any:
@@ -39,6 +62,7 @@ def test_json_shapes_and_list_filters(daemons: tuple[Daemon, Daemon], tmp_path: 
 
     listed = as_json(dst.uri, "list", "--all", "--json")
     by_name = {d["name"]: d for d in listed}
+    assert all(set(d) == documented("list") for d in listed), listed
     assert [d["name"] for d in listed][-1] == "off"  # virsh's order: inactive ones last
     assert set(by_name) == {"moved", "runs", "sleeps", "off"}
     assert by_name["off"] == {"id": None, "name": "off", "uuid": by_name["off"]["uuid"],
@@ -71,26 +95,35 @@ def test_json_shapes_and_list_filters(daemons: tuple[Daemon, Daemon], tmp_path: 
     assert "Options --table and --name are mutually exclusive" in res.stderr
 
     info = as_json(dst.uri, "dominfo", "runs", "--json")
+    assert set(info) == documented("dominfo")
     assert info["name"] == "runs" and info["os_type"] == "hvm" and info["vcpus"] == 1
     assert info["max_memory_kib"] == 64 * 1024 and info["persistent"] is True
     assert info["state"] == "running" and info["reason"] == "booted"
     assert isinstance(info["cpu_time_ns"], int)
 
+    assert set(as_json(dst.uri, "domstate", "runs", "--json")) == documented("domstate")
     assert as_json(dst.uri, "domstate", "sleeps", "--json") == {
         "state": "paused", "state_code": 3, "reason": "user", "reason_code": 1, "detail": ""}
 
     job = as_json(src.uri, "domjobinfo", "moved", "--completed", "--json")
+    assert set(job) == documented("domjobinfo")
+    assert set(job["data"]) == set(job["memory"]) == {"total", "processed", "remaining"} <= (
+        documented("domjobinfo", 2))
     assert job["type"] == "completed" and job["operation"] == "migration-out"
     assert job["memory"]["total"] == 64 * 1024 * 1024
     assert isinstance(job["stats"]["downtime"], int) and job["time_elapsed_ms"] >= 0
     assert as_json(dst.uri, "domjobinfo", "runs", "--json")["type"] == "none"
 
     node = as_json(dst.uri, "nodeinfo", "--json")
+    assert set(node) == documented("nodeinfo")
     assert node["hostname"] == "dst.test" and node["backend"] == "test"
     assert node["active_domains"] == 3 and node["inactive_domains"] == 1
     assert "v3" in " ".join(node["migration_protocols"])
 
     caps = as_json(dst.uri, "capabilities", "--json")
+    assert set(caps) == documented("capabilities")
+    assert set(caps["host"]) | set(caps["guests"][0]) == documented("capabilities", 2)
+    assert set(caps["host"]["migration"]) == documented("capabilities", 3)
     assert caps["host"]["uuid"] == node["host_uuid"]
     assert "virtmig+tls" in caps["host"]["migration"]["uri_transports"]
     assert caps["guests"] == [{"os_type": "hvm", "arch": node["cpu_model"],
@@ -117,6 +150,8 @@ def test_event_json_lines(daemons: tuple[Daemon, Daemon], tmp_path: Path) -> Non
     lines = out.decode().splitlines()
     assert len(lines) == 1  # the event's JSON line only: no "events received" text
     event = json.loads(lines[0])
+    assert set(event) == documented("event")
+    assert set(event["domain"]) == documented("event", 2)
     assert event["event"] == "lifecycle"
     assert event["domain"]["name"] == "vm"
     assert event["description"] in ("Suspended Paused", "Resumed Unpaused")

@@ -1,8 +1,10 @@
-"""The settings schema against its documentation, and the daemon's start-up errors: a value of the
+"""The settings schema against its documentation and against the other places a default could be
+written (each is written once, in the schema), and the daemon's start-up errors: a value of the
 wrong type and a port in use are one clear line and exit 1, from a real ``virtmigd`` process."""
 
 from __future__ import annotations
 
+import ast
 import re
 import socket
 import subprocess
@@ -11,8 +13,13 @@ from pathlib import Path
 
 import pytest
 
+from virtmig.daemon import reload
+from virtmig.daemon.backend.qemu.confine import QemuSettings
 from virtmig.daemon.config import build_parser, load_config
-from virtmig.daemon.settings import BY_KEY, EXPECTED, SCHEMA, default
+from virtmig.daemon.core import DaemonConfig
+from virtmig.daemon.history import History
+from virtmig.daemon.limits import CallLimits
+from virtmig.daemon.settings import BY_KEY, EXPECTED, SCHEMA, default, held
 from virtmig.proto.errors import InvalidArgument
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -103,3 +110,62 @@ def test_virtmigd_with_its_port_in_use_says_so_in_one_line(tmp_path: Path) -> No
     assert errors == [f"virtmigd: error: operation failed: cannot listen on "
                       f"tcp://127.0.0.1:{port}: Address already in use"], done.stderr
     assert "Traceback" not in done.stderr
+
+
+# The defaults written outside the schema's table must be read from it: DaemonConfig's fields
+# (named as reload.fields names them), the qemu backend's settings, the limits' and the
+# history's constants.
+_QEMU = (("qemu_user", "user"), ("qemu_group", "group"), ("qemu_sandbox", "sandbox"),
+         ("vnc_port_min", "vnc_port_min"), ("vnc_port_max", "vnc_port_max"),
+         ("vnc_remote_listen", "vnc_remote_listen"), ("block_devices", "block_devices"))
+_CONSTANTS = (("max_clients", "daemon/limits.py", "DEFAULT_MAX_CLIENTS"),
+              ("max_calls_per_client", "daemon/limits.py", "DEFAULT_MAX_CALLS_PER_CLIENT"),
+              ("history_max_bytes", "daemon/history.py", "DEFAULT_MAX_BYTES"))
+# Left by the schema (default None) to the start, or required.
+_AT_START = {"state_dir", "listen", "emulators"}
+
+
+def _defaults_in(path: Path, cls: str | None) -> dict[str, ast.expr]:
+    """The default expressions of ``cls``'s annotated fields (module constants: None)."""
+    tree = ast.parse(path.read_text())
+    body = tree.body
+    if cls is not None:
+        [node] = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls]
+        body = node.body
+    return {n.target.id: n.value for n in body if isinstance(n, ast.AnnAssign)
+            and isinstance(n.target, ast.Name) and n.value is not None}
+
+
+def _is_literal(expr: ast.expr) -> bool:
+    try:
+        ast.literal_eval(expr)
+    except ValueError:
+        return False
+    return True
+
+
+def test_each_default_is_written_in_the_schema_only() -> None:
+    config = DaemonConfig(state_dir="/x")
+    in_config = _defaults_in(ROOT / "daemon/core.py", "DaemonConfig")
+    in_qemu = _defaults_in(ROOT / "daemon/backend/qemu/confine.py", "QemuSettings")
+    places: list[tuple[str, str, ast.expr]] = []
+    for s in SCHEMA:
+        if s.key in _AT_START:
+            continue
+        names = reload.fields(s.key)
+        value = tuple(getattr(config, n) for n in names)
+        expected = (tuple(int(p) for p in s.default.split("-")) if s.key == "migration_ports"
+                    else (held(s.key),))
+        assert value == expected, s.key
+        places += [(s.key, f"DaemonConfig.{n}", in_config[n]) for n in names]
+    qemu = QemuSettings()
+    for key, attr in _QEMU:
+        assert getattr(qemu, attr) == held(key), key
+        places.append((key, f"QemuSettings.{attr}", in_qemu[attr]))
+    for key, module, name in _CONSTANTS:
+        places.append((key, f"{module}:{name}", _defaults_in(ROOT / module, None)[name]))
+    assert (CallLimits().max_clients, CallLimits().max_calls_per_client) == (
+        held("max_clients"), held("max_calls_per_client"))
+    assert History(Path("/nonexistent")).max_bytes == held("history_max_bytes")
+    written_twice = [(key, where) for key, where, expr in places if _is_literal(expr)]
+    assert written_twice == []

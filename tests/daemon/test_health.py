@@ -1,7 +1,7 @@
 """The standard gRPC health service and server reflection on a daemon's listeners, called with
 real gRPC clients (``grpc_health.v1``'s stub, ``grpc_reflection``'s descriptor database), under
-the same TLS and DN lists as virtmig's own calls; systemd's readiness notification and
-``virtmigd --version`` from a real ``virtmigd`` process."""
+the same TLS and DN lists as virtmig's own calls; NOT_SERVING while starting and stopping;
+systemd's readiness notification and ``virtmigd --version`` from a real ``virtmigd`` process."""
 
 from __future__ import annotations
 
@@ -22,11 +22,13 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 
 from virtmig.client.transport import open_channel, with_pki_dir
-from virtmig.daemon.core import VERSION
+from virtmig.daemon.core import VERSION, DaemonConfig
 from virtmig.daemon.health import Health
+from virtmig.daemon.main import start_daemon
+from virtmig.daemon.metrics_http import MetricsServer
 from virtmig.proto.pki import PkiPaths, load_client_credentials
 from virtmig.proto.uri import parse_uri
-from virtmig.testing import Host, start_host, stop_host
+from virtmig.testing import Host, start_host, stop_host, wait_until
 from virtmig.testing.pki import session_pki
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -133,6 +135,45 @@ async def test_watch_turns_not_serving_when_the_daemon_stops(tmp_path: Path) -> 
             await stop_host(h)
         else:
             await h.conn.close()
+
+
+async def test_a_daemon_whose_start_is_not_done_is_not_serving(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its listeners already answer while the rest of the start (here the metrics endpoint,
+    held back) is not done: health says NOT_SERVING until the start is over."""
+    go = asyncio.Event()
+    start = MetricsServer.start
+
+    async def held_start(self: MetricsServer) -> str:
+        await go.wait()
+        return await start(self)
+
+    monkeypatch.setattr(MetricsServer, "start", held_start)
+    sock = tmp_path / "run" / "virtmigd.sock"
+    starting = asyncio.ensure_future(start_daemon(DaemonConfig(
+        state_dir=str(tmp_path / "s"), listen=(f"unix://{sock}",),
+        metrics_listen="127.0.0.1:0")))
+    try:
+        async with grpc.aio.insecure_channel(f"unix:{sock}") as channel:
+            async def answer() -> int | None:
+                try:
+                    return await check(channel, "virtmig.v1.Migration")
+                except grpc.aio.AioRpcError:
+                    return None  # not listening yet
+
+            assert await wait_until(answer, timeout=30, what="the listener to answer") == (
+                NOT_SERVING)
+            assert await check(channel) == NOT_SERVING and not starting.done()
+            go.set()
+            running = await starting
+            try:
+                assert await check(channel) == SERVING
+            finally:
+                await running.stop(grace=0)
+    finally:
+        go.set()
+        if not starting.done():
+            starting.cancel()
 
 
 def test_a_new_daemon_is_not_serving_until_started() -> None:

@@ -1,9 +1,12 @@
 """The Prometheus endpoint, scraped over HTTPS with client certificates during and after regular,
-peer-to-peer and failed migrations (test backend); who may scrape; plain HTTP on loopback only."""
+peer-to-peer and failed migrations (test backend); who may scrape (the DN lists, as a SIGHUP reload
+leaves them); plain HTTP on loopback only; no endpoint without ``metrics_listen``."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import logging
 import ssl
 from pathlib import Path
 
@@ -13,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.daemon.migration_helpers import running_guest
 from virtmig.client.migrate import RemoteSource, migrate3
 from virtmig.client.sequence import run_v3
+from virtmig.daemon import logs, reload
 from virtmig.daemon.core import DaemonConfig
 from virtmig.daemon.main import start_daemon
 from virtmig.proto.errors import InvalidArgument, NoDomain, VirtmigError
@@ -20,7 +24,7 @@ from virtmig.proto.flags import MigrateFlags
 from virtmig.proto.migid import MIGRATION_ID_STAT
 from virtmig.proto.params import MigrateParam, TypedParams
 from virtmig.proto.pki import PkiPaths
-from virtmig.testing import ClosedPortDest, Host, hosts, wait_until
+from virtmig.testing import ClosedPortDest, Host, hosts, start_host, stop_host, wait_until
 from virtmig.testing.pki import session_pki
 
 F = MigrateFlags
@@ -149,6 +153,16 @@ async def test_who_may_scrape_over_tls(tmp_path: Path) -> None:
         status, body = await get(address, "stranger")
         assert (status, body) == (403, "access denied: client 'O=virtmig,CN=stranger' is not on "
                                        "the list of allowed clients\n")
+        # A SIGHUP reload's DN lists decide the next scrape (read at each request).
+        level = logging.root.level
+        try:
+            reload.apply(h.running, dataclasses.replace(
+                h.daemon.config, tls_readonly_dn_list=("O=virtmig,CN=prometheus",
+                                                       "O=virtmig,CN=stranger")))
+        finally:
+            logs.reset()
+            logging.root.setLevel(level)
+        assert (await get(address, "stranger"))[0] == 200
         assert (await get(address, path="/other"))[0] == 404
         assert (await get(address, method="POST"))[0] == 405
         with pytest.raises((ssl.SSLError, ConnectionError, asyncio.IncompleteReadError,
@@ -172,3 +186,12 @@ async def test_without_tls_the_endpoint_is_plain_http_on_loopback_only(tmp_path:
         assert status == 200 and "virtmig_migrations_in_flight" in body
     finally:
         await running.stop(grace=0)
+
+
+async def test_without_metrics_listen_there_is_no_endpoint(tmp_path: Path) -> None:
+    h = await start_host(tmp_path, "h")  # TLS listeners, no metrics_listen: off by default
+    try:
+        assert h.daemon.config.metrics_listen == ""
+        assert (h.running.metrics, h.running.metrics_address) == (None, "")
+    finally:
+        await stop_host(h)

@@ -67,12 +67,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from virtmig.daemon.backend.base import BackendError, StreamTls
+from virtmig.daemon.settings import held
 from virtmig.proto import logsafe
 from virtmig.proto.errors import InvalidArgument
 
 DEFAULT_BINARY = "qemu-system-x86_64"
 DEFAULT_STORAGE_DIR = "/var/lib/virtmig/images"
-DEFAULT_QEMU_USER = "virtmig-qemu"
+DEFAULT_QEMU_USER: str = held("qemu_user")  # the settings schema's, as the ones below
 ROOT_USER = "root"  # qemu_user = "root": QEMU keeps the daemon's root identity (opt-out)
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 KVM_DEVICE = "/dev/kvm"
@@ -92,13 +93,14 @@ class QemuSettings:
 
     emulators: tuple[str, ...] = ()  # absolute paths; (): DEFAULT_BINARY on PATH (resolved())
     storage_dirs: tuple[str, ...] = (DEFAULT_STORAGE_DIR,)
-    block_devices: tuple[str, ...] = ()  # block devices a <disk type='block'> may name
+    block_devices: tuple[str, ...] = held("block_devices")  # what a <disk type='block'> may name
     user: str = DEFAULT_QEMU_USER  # when the daemon runs as root
-    group: str = ""  # "": the user's primary group
-    sandbox: bool = True
-    vnc_port_min: int = 5900  # the ports an autoport VNC server takes from (libvirt's range)
-    vnc_port_max: int = 65535
-    vnc_remote_listen: bool = False  # VNC may listen on a non-loopback address
+    group: str = held("qemu_group")  # "": the user's primary group
+    sandbox: bool = held("qemu_sandbox")
+    # The ports an autoport VNC server takes from (libvirt's range).
+    vnc_port_min: int = held("vnc_port_min")
+    vnc_port_max: int = held("vnc_port_max")
+    vnc_remote_listen: bool = held("vnc_remote_listen")  # VNC may listen on a non-loopback address
 
     def resolved(self) -> QemuSettings:
         """These settings with the default emulator filled in (``()`` if none is on PATH)."""
