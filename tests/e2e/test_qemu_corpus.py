@@ -6,9 +6,12 @@ and after.
 
 The entries are written for these tests, one per area the qemu backend honours (machine and
 CPU, host-model, firmware, disks, NICs, the small devices, consoles/channels/VNC/video on pc and
-q35, VNC with a password on a unix socket); every PCI address the stored definition carries
-(written at define, :mod:`.pci`) is where QEMU put the device; ``@UUID@``, ``@STORAGE@`` (a folder
-both daemons share as storage), ``@KERNEL@``/``@INITRD@``/``@CMDLINE@``/``@TYPE@`` (the
+q35, VNC with a password on a unix socket, serial ports of each kind with qxl and a local-time
+clock, pc's IDE disks with a shareable one and per-device boot order); every PCI address the
+stored definition carries (written at define, :mod:`.pci`) is where QEMU put the device;
+``@UUID@``, ``@STORAGE@`` (a folder both daemons share as storage), ``@GUESTDIR@`` (the guest's
+folder on the source: a file serial port's log and a unix socket must lie there; the destination
+re-points them to its own), ``@KERNEL@``/``@INITRD@``/``@CMDLINE@``/``@TYPE@`` (the
 heartbeat test guest, under KVM where it runs) are filled in here.  All but
 ``kernel-heartbeat.xml`` are kernel-less and idle (SeaBIOS or OVMF, 64-128 MiB, TCG): a round
 trip takes a second or two, and no guest kernel can crash under a TCG migration.  The heartbeat
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import os
 import subprocess
 import uuid as uuidlib
 from pathlib import Path
@@ -29,6 +33,7 @@ import pytest
 from lxml import etree
 
 from tests.e2e.test_qemu_migration import BOOT_TIMEOUT, lives_on, wait_heartbeat
+from virtmig.client.cli.domains import console_tty
 from virtmig.client.migrate import migrate3
 from virtmig.daemon.backend.qemu.monitor import _socket_path
 from virtmig.daemon.domxml import parse_domain_xml
@@ -52,13 +57,15 @@ ENTRIES = sorted(p.name for p in CORPUS.glob("*.xml"))
 KERNEL_ENTRY = "kernel-heartbeat.xml"
 VNC_ENTRY = "vnc-socket-password.xml"
 VNC_PASSWORD = "corpus"
+SERIALS_ENTRY = "serials-qxl-localtime.xml"
+IDE_ENTRY = "pc-ide-shareable.xml"
 
 
 def test_corpus_covers_each_area() -> None:
     assert {"pc-minimal.xml", "q35-cpu-machine.xml", "host-model.xml", "misc-devices.xml",
             "ovmf-q35.xml", "disks.xml", "nics.xml", "consoles-graphics.xml",
             "q35-consoles-graphics.xml", "q35-piix3-uhci.xml", VNC_ENTRY,
-            KERNEL_ENTRY} <= set(ENTRIES)
+            KERNEL_ENTRY, SERIALS_ENTRY, IDE_ENTRY} <= set(ENTRIES)
 
 
 async def _storage(tmp_path: Path) -> Path:
@@ -74,9 +81,14 @@ async def _storage(tmp_path: Path) -> Path:
     return storage
 
 
-def _xml(entry: str, uuid: str, storage: Path) -> str:
+def _guest_dir(host: Host, uuid: str) -> Path:
+    return Path(host.daemon.backend._state_dir()) / uuid  # type: ignore[attr-defined]
+
+
+def _xml(entry: str, uuid: str, storage: Path, guest_dir: Path) -> str:
     xml = (CORPUS / entry).read_text()
-    xml = xml.replace("@UUID@", uuid).replace("@STORAGE@", str(storage))
+    xml = (xml.replace("@UUID@", uuid).replace("@STORAGE@", str(storage))
+           .replace("@GUESTDIR@", str(guest_dir)))
     if entry == KERNEL_ENTRY:
         image = guest_or_skip()
         xml = (xml.replace("@KERNEL@", str(image.kernel)).replace("@INITRD@", str(image.initrd))
@@ -101,7 +113,7 @@ async def test_corpus_entry_keeps_its_devices_there_and_back(entry: str, tmp_pat
     settings = daemon_settings(storage)
     async with hosts(tmp_path, "qemu", ("src", settings), ("dst", settings)) as (src, dst):
         uuid = str(uuidlib.uuid4())
-        xml = _xml(entry, uuid, storage)
+        xml = _xml(entry, uuid, storage, _guest_dir(src, uuid))
         name = parse_domain_xml(xml).name
         await src.conn.define(xml)
         await src.conn.start(name)
@@ -116,6 +128,8 @@ async def test_corpus_entry_keeps_its_devices_there_and_back(entry: str, tmp_pat
         assert await _devices(dst, uuid) == before
         if entry == VNC_ENTRY:  # the destination's own socket, with the password set there
             await _check_vnc(await dst.conn.xml_desc(name))
+        if entry == SERIALS_ENTRY:  # the destination's own log, socket and pty
+            await _check_serials(dst, uuid, await dst.conn.xml_desc(name))
         assert _cpu(await dst.conn.xml_desc(name)) == _cpu(live)  # (host-model: its expansion)
         if kernel:
             beat = await lives_on(dst, uuid, dst.serial_log(uuid), beat)
@@ -134,6 +148,44 @@ async def _check_vnc(live: str) -> None:
     with _socket_path(Path(lst.get("socket", ""))) as reachable:
         shake = await vnc_handshake(socket=Path(reachable), password=VNC_PASSWORD)
     assert shake.types == (VNC_AUTH,) and shake.accepted is True
+
+
+def _serial_paths(xml: str) -> dict[str, str]:
+    """Each ``<serial>``'s target port -> its ``<source path=>``."""
+    paths = {}
+    for serial in etree.fromstring(xml.encode()).iterfind("devices/serial"):
+        target, source = serial.find("target"), serial.find("source")
+        if target is not None and source is not None:
+            paths[target.get("port", "")] = source.get("path", "")
+    return paths
+
+
+async def _check_serials(host: Host, uuid: str, live: str) -> None:
+    """The serial ports of :data:`SERIALS_ENTRY` as this host runs them: the file port writes
+    the guest's own log in this host's guest folder, QEMU listens on the unix socket there, and
+    the console's pty is QEMU's, a terminal, what ``dumpxml`` and ``virtmig ttyconsole`` show."""
+    query = functools.partial(host.daemon.backend.query, uuid)  # type: ignore[attr-defined]
+    gdir = _guest_dir(host, uuid)
+    paths = _serial_paths(live)
+    assert paths["0"] == str(gdir / "serial0.log")
+    assert paths["1"] == str(gdir / "console1.sock")
+    assert (gdir / "serial0.log").is_file()
+    with _socket_path(gdir / "console1.sock") as reachable:  # QEMU listens there
+        _reader, writer = await asyncio.open_unix_connection(reachable)
+        writer.close()
+        await writer.wait_closed()
+    chardevs = {c["label"]: c["filename"] for c in await query("query-chardev", None)}
+    tty = console_tty(live)
+    assert tty and chardevs["charserial2"] == f"pty:{tty}"
+    assert set(paths) == {"0", "1"}  # the console alone is serial port 2
+    fd = os.open(tty, os.O_RDWR | os.O_NOCTTY)
+    try:
+        assert os.isatty(fd)
+    finally:
+        os.close(fd)
+    named = {c["name"]: c["type"] for c in await query("qom-list",
+                                                       {"path": "/machine/peripheral"})}
+    assert {named[f"serial{n}"] for n in range(3)} == {"child<isa-serial>"}
 
 
 def _stored_slots(xml: str) -> set[tuple[int, int]]:
@@ -186,5 +238,27 @@ async def _check_entry(entry: str, host: Host, uuid: str, live: str, inactive: s
         cpus = await query("query-cpus-fast", None)
         assert await query("qom-get", {"path": cpus[0]["qom-path"], "property": "type"}) == (
             f"{model}-x86_64-cpu")
+    if entry == SERIALS_ENTRY:
+        assert (devices["video0"]["id"]["vendor"], devices["video0"]["id"]["device"]) == (
+            0x1B36, 0x0100)  # QEMU's qxl-vga
+        await _check_serials(host, uuid, live)
+    if entry == IDE_ENTRY:
+        await _check_ide(query)
     if entry == "ovmf-secure-boot.xml":
         assert await query("qom-get", {"path": "/machine", "property": "smm"}) == "on"
+
+
+async def _check_ide(query: Any) -> None:
+    """:data:`IDE_ENTRY` as QEMU runs it: the IDE disk and the empty tray with their boot
+    order, the shareable virtio disk with its serial, on pc's own PIIX3 IDE."""
+    async def prop(dev_id: str, name: str) -> Any:
+        return await query("qom-get", {"path": f"/machine/peripheral/{dev_id}",
+                                       "property": name})
+
+    assert (await prop("ide-hda", "bootindex"), await prop("ide-hdc", "bootindex")) == (2, 1)
+    assert await prop("virtio-vda", "share-rw") is True
+    assert await prop("virtio-vda", "serial") == "corpus-shared"
+    blocks = {b.get("qdev", ""): b for b in await query("query-block", None)}
+    hda = next(b for q, b in blocks.items() if "ide-hda" in q)
+    hdc = next(b for q, b in blocks.items() if "ide-hdc" in q)
+    assert hda["inserted"]["drv"] == "qcow2" and "inserted" not in hdc
