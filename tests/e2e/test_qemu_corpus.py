@@ -7,8 +7,9 @@ and after.
 The entries are written for these tests, one per area the qemu backend honours (machine and
 CPU, host-model, firmware, disks, NICs, the small devices, consoles/channels/VNC/video on pc and
 q35, VNC with a password on a unix socket, serial ports of each kind with qxl and a local-time
-clock, pc's IDE disks with a shareable one and per-device boot order); every PCI address the
-stored definition carries (written at define, :mod:`.pci`) is where QEMU put the device;
+clock, pc's IDE disks with a shareable one and per-device boot order, Hyper-V basics: their
+``hv-*`` CPU properties are compared too); every PCI address the stored definition carries
+(written at define, :mod:`.pci`) is where QEMU put the device;
 ``@UUID@``, ``@STORAGE@`` (a folder both daemons share as storage), ``@GUESTDIR@`` (the guest's
 folder on the source: a file serial port's log and a unix socket must lie there; the destination
 re-points them to its own), ``@KERNEL@``/``@INITRD@``/``@CMDLINE@``/``@TYPE@`` (the
@@ -59,13 +60,15 @@ VNC_ENTRY = "vnc-socket-password.xml"
 VNC_PASSWORD = "corpus"
 SERIALS_ENTRY = "serials-qxl-localtime.xml"
 IDE_ENTRY = "pc-ide-shareable.xml"
+HYPERV_ENTRY = "hyperv-basics.xml"
+HV_PROPS = ("hv-relaxed", "hv-vapic", "hv-spinlocks", "hv-vpindex")
 
 
 def test_corpus_covers_each_area() -> None:
     assert {"pc-minimal.xml", "q35-cpu-machine.xml", "host-model.xml", "misc-devices.xml",
             "ovmf-q35.xml", "disks.xml", "nics.xml", "consoles-graphics.xml",
             "q35-consoles-graphics.xml", "q35-piix3-uhci.xml", VNC_ENTRY,
-            KERNEL_ENTRY, SERIALS_ENTRY, IDE_ENTRY} <= set(ENTRIES)
+            KERNEL_ENTRY, SERIALS_ENTRY, IDE_ENTRY, HYPERV_ENTRY} <= set(ENTRIES)
 
 
 async def _storage(tmp_path: Path) -> Path:
@@ -122,6 +125,8 @@ async def test_corpus_entry_keeps_its_devices_there_and_back(entry: str, tmp_pat
         before = await _devices(src, uuid)
         assert before["cpus"] and before["machine"].startswith("pc-")
         live = await src.conn.xml_desc(name)
+        hv = await _hv(src, uuid)
+        assert (hv == (True, True, 8191, False)) is (entry == HYPERV_ENTRY)
         await _check_entry(entry, src, uuid, live, await src.conn.xml_desc(name, inactive=True))
 
         await _move(src, dst, name)
@@ -130,6 +135,7 @@ async def test_corpus_entry_keeps_its_devices_there_and_back(entry: str, tmp_pat
             await _check_vnc(await dst.conn.xml_desc(name))
         if entry == SERIALS_ENTRY:  # the destination's own log, socket and pty
             await _check_serials(dst, uuid, await dst.conn.xml_desc(name))
+        assert await _hv(dst, uuid) == hv  # Hyper-V enlightenments: the same CPU there
         assert _cpu(await dst.conn.xml_desc(name)) == _cpu(live)  # (host-model: its expansion)
         if kernel:
             beat = await lives_on(dst, uuid, dst.serial_log(uuid), beat)
@@ -186,6 +192,14 @@ async def _check_serials(host: Host, uuid: str, live: str) -> None:
     named = {c["name"]: c["type"] for c in await query("qom-list",
                                                        {"path": "/machine/peripheral"})}
     assert {named[f"serial{n}"] for n in range(3)} == {"child<isa-serial>"}
+
+
+async def _hv(host: Host, uuid: str) -> tuple[Any, ...]:
+    """The Hyper-V properties of the guest's first vCPU (:data:`HV_PROPS`)."""
+    query = functools.partial(host.daemon.backend.query, uuid)  # type: ignore[attr-defined]
+    cpus = await query("query-cpus-fast", None)
+    return tuple([await query("qom-get", {"path": cpus[0]["qom-path"], "property": p})
+                  for p in HV_PROPS])
 
 
 def _stored_slots(xml: str) -> set[tuple[int, int]]:

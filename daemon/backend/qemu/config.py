@@ -13,8 +13,8 @@ against the honour-or-refuse table (:mod:`.xmltable`), then each part's parser c
   ``pc``; :func:`canonical_xml` pins an alias to its concrete type at define time);
   ``<memory>``; ``<os>`` with ``<kernel>``, ``<initrd>``, ``<cmdline>``; the firmware
   (``<os firmware=>``, ``<loader>``, ``<nvram>``, ``<features><smm>``): :mod:`.firmware`.
-* ``<vcpu>`` and ``<cpu>``: :mod:`.cpu`; ``<features>``, ``<clock>``, ``<os><boot>``,
-  ``<on_*>``, ``<currentMemory>``, ``<seclabel>``: :mod:`.machine`.
+* ``<vcpu>``, ``<cpu>`` and ``<features><hyperv>``: :mod:`.cpu`; ``<features>``, ``<clock>``,
+  ``<os><boot>``, ``<on_*>``, ``<currentMemory>``, ``<seclabel>``: :mod:`.machine`.
 * ``<devices>``: ``<emulator>`` (one of the configured emulators; default: the first);
   ``<disk>`` and the ``sata``/``scsi``/``ide`` controllers (:mod:`.disks`: file and block
   sources, raw and qcow2, disk and CD-ROM on virtio, SATA, IDE and SCSI; shared storage: both
