@@ -252,6 +252,9 @@ async def _check_entry(entry: str, host: Host, uuid: str, live: str, inactive: s
         cpus = await query("query-cpus-fast", None)
         assert await query("qom-get", {"path": cpus[0]["qom-path"], "property": "type"}) == (
             f"{model}-x86_64-cpu")
+    if entry == "q35-cpu-machine.xml":  # <boot dev> order and <bootmenu>, as QEMU has them
+        assert await query("qom-get", {"path": "/machine", "property": "boot"}) == {
+            "order": "cd", "menu": True, "splash-time": 500}
     if entry == SERIALS_ENTRY:
         assert (devices["video0"]["id"]["vendor"], devices["video0"]["id"]["device"]) == (
             0x1B36, 0x0100)  # QEMU's qxl-vga
