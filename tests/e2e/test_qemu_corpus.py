@@ -8,7 +8,9 @@ The entries are written for these tests, one per area the qemu backend honours (
 CPU, host-model, firmware, disks, NICs, the small devices, consoles/channels/VNC/video on pc and
 q35, VNC with a password on a unix socket, serial ports of each kind with qxl and a local-time
 clock, pc's IDE disks with a shareable one and per-device boot order, Hyper-V basics: their
-``hv-*`` CPU properties are compared too); every PCI address the stored definition carries
+``hv-*`` CPU properties are compared too, and the guest's RTC read back: QEMU runs with
+``TZ=Asia/Kolkata``, so a ``<clock offset='localtime'>`` guest's RTC is 5:30 ahead of UTC, any
+other's on UTC); every PCI address the stored definition carries
 (written at define, :mod:`.pci`) is where QEMU put the device;
 ``@UUID@``, ``@STORAGE@`` (a folder both daemons share as storage), ``@GUESTDIR@`` (the guest's
 folder on the source: a file serial port's log and a unix socket must lie there; the destination
@@ -27,6 +29,7 @@ import functools
 import os
 import subprocess
 import uuid as uuidlib
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +65,7 @@ SERIALS_ENTRY = "serials-qxl-localtime.xml"
 IDE_ENTRY = "pc-ide-shareable.xml"
 HYPERV_ENTRY = "hyperv-basics.xml"
 HV_PROPS = ("hv-relaxed", "hv-vapic", "hv-spinlocks", "hv-vpindex")
+TZ, TZ_OFFSET = "Asia/Kolkata", timedelta(hours=5, minutes=30)  # no daylight saving time
 
 
 def test_corpus_covers_each_area() -> None:
@@ -110,8 +114,11 @@ async def _move(src: Host, dst: Host, name: str) -> None:
 
 
 @pytest.mark.parametrize("entry", ENTRIES)
-async def test_corpus_entry_keeps_its_devices_there_and_back(entry: str, tmp_path: Path) -> None:
+async def test_corpus_entry_keeps_its_devices_there_and_back(
+    entry: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     qemu_binary_or_skip()
+    monkeypatch.setenv("TZ", TZ)  # QEMU's local time: UTC+05:30 (<clock offset='localtime'>)
     storage = await _storage(tmp_path)
     settings = daemon_settings(storage)
     async with hosts(tmp_path, "qemu", ("src", settings), ("dst", settings)) as (src, dst):
@@ -126,6 +133,8 @@ async def test_corpus_entry_keeps_its_devices_there_and_back(entry: str, tmp_pat
         assert before["cpus"] and before["machine"].startswith("pc-")
         live = await src.conn.xml_desc(name)
         hv = await _hv(src, uuid)
+        localtime = "<clock offset='localtime'" in xml
+        assert await _rtc_offset(src, uuid) == (TZ_OFFSET if localtime else timedelta())
         assert (hv == (True, True, 8191, False)) is (entry == HYPERV_ENTRY)
         await _check_entry(entry, src, uuid, live, await src.conn.xml_desc(name, inactive=True))
 
@@ -136,6 +145,7 @@ async def test_corpus_entry_keeps_its_devices_there_and_back(entry: str, tmp_pat
         if entry == SERIALS_ENTRY:  # the destination's own log, socket and pty
             await _check_serials(dst, uuid, await dst.conn.xml_desc(name))
         assert await _hv(dst, uuid) == hv  # Hyper-V enlightenments: the same CPU there
+        assert await _rtc_offset(dst, uuid) == (TZ_OFFSET if localtime else timedelta())
         assert _cpu(await dst.conn.xml_desc(name)) == _cpu(live)  # (host-model: its expansion)
         if kernel:
             beat = await lives_on(dst, uuid, dst.serial_log(uuid), beat)
@@ -200,6 +210,16 @@ async def _hv(host: Host, uuid: str) -> tuple[Any, ...]:
     cpus = await query("query-cpus-fast", None)
     return tuple([await query("qom-get", {"path": cpus[0]["qom-path"], "property": p})
                   for p in HV_PROPS])
+
+
+async def _rtc_offset(host: Host, uuid: str) -> timedelta:
+    """How far the guest's RTC (``qom-get /machine rtc-time``) is from UTC, to 15 minutes."""
+    query = functools.partial(host.daemon.backend.query, uuid)  # type: ignore[attr-defined]
+    tm = await query("qom-get", {"path": "/machine", "property": "rtc-time"})
+    rtc = datetime(tm["tm_year"] + 1900, tm["tm_mon"] + 1, tm["tm_mday"], tm["tm_hour"],
+                   tm["tm_min"], tm["tm_sec"], tzinfo=UTC)
+    quarters = round((rtc - datetime.now(UTC)) / timedelta(minutes=15))
+    return quarters * timedelta(minutes=15)
 
 
 def _stored_slots(xml: str) -> set[tuple[int, int]]:
