@@ -7,7 +7,8 @@ and after.
 The entries are written for these tests, one per area the qemu backend honours (machine and
 CPU, host-model, firmware, disks, NICs, the small devices, consoles/channels/VNC/video on pc and
 q35, VNC with a password on a unix socket, serial ports of each kind with qxl and a local-time
-clock, pc's IDE disks with a shareable one and per-device boot order, Hyper-V basics: their
+clock, pc's IDE disks with a shareable one and per-device boot order, a block device (a loop
+device: root only), Hyper-V basics: their
 ``hv-*`` CPU properties are compared too, and the guest's RTC read back: QEMU runs with
 ``TZ=Asia/Kolkata``, so a ``<clock offset='localtime'>`` guest's RTC is 5:30 ahead of UTC, any
 other's on UTC); every PCI address the stored definition carries
@@ -25,10 +26,12 @@ migration broke is :class:`TcgGuestBroken`, rerun once).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
 import subprocess
 import uuid as uuidlib
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -65,6 +68,7 @@ SERIALS_ENTRY = "serials-qxl-localtime.xml"
 IDE_ENTRY = "pc-ide-shareable.xml"
 HYPERV_ENTRY = "hyperv-basics.xml"
 HV_PROPS = ("hv-relaxed", "hv-vapic", "hv-spinlocks", "hv-vpindex")
+BLOCK_ENTRY = "block-disk.xml"
 TZ, TZ_OFFSET = "Asia/Kolkata", timedelta(hours=5, minutes=30)  # no daylight saving time
 
 
@@ -72,7 +76,7 @@ def test_corpus_covers_each_area() -> None:
     assert {"pc-minimal.xml", "q35-cpu-machine.xml", "host-model.xml", "misc-devices.xml",
             "ovmf-q35.xml", "disks.xml", "nics.xml", "consoles-graphics.xml",
             "q35-consoles-graphics.xml", "q35-piix3-uhci.xml", VNC_ENTRY,
-            KERNEL_ENTRY, SERIALS_ENTRY, IDE_ENTRY, HYPERV_ENTRY} <= set(ENTRIES)
+            KERNEL_ENTRY, SERIALS_ENTRY, IDE_ENTRY, HYPERV_ENTRY, BLOCK_ENTRY} <= set(ENTRIES)
 
 
 async def _storage(tmp_path: Path) -> Path:
@@ -90,6 +94,20 @@ async def _storage(tmp_path: Path) -> Path:
 
 def _guest_dir(host: Host, uuid: str) -> Path:
     return Path(host.daemon.backend._state_dir()) / uuid  # type: ignore[attr-defined]
+
+
+@contextlib.contextmanager
+def _block_device(storage: Path) -> Iterator[str]:
+    """A loop device over a 1 MiB file in the shared storage (root only), detached after."""
+    if os.geteuid() != 0:
+        pytest.skip("a loop device for <disk type='block'> needs root")
+    (storage / "block.img").write_bytes(b"\0" * (1 << 20))
+    done = subprocess.run(["losetup", "--find", "--show", str(storage / "block.img")],
+                          capture_output=True, text=True, check=True, timeout=30)
+    try:
+        yield done.stdout.strip()
+    finally:
+        subprocess.run(["losetup", "--detach", done.stdout.strip()], check=False, timeout=30)
 
 
 def _xml(entry: str, uuid: str, storage: Path, guest_dir: Path) -> str:
@@ -121,9 +139,18 @@ async def test_corpus_entry_keeps_its_devices_there_and_back(
     monkeypatch.setenv("TZ", TZ)  # QEMU's local time: UTC+05:30 (<clock offset='localtime'>)
     storage = await _storage(tmp_path)
     settings = daemon_settings(storage)
+    with contextlib.ExitStack() as stack:
+        block = stack.enter_context(_block_device(storage)) if entry == BLOCK_ENTRY else ""
+        if block:  # a block device the daemons may hand to QEMU
+            settings = {**settings, "block_devices": (block,)}
+        await _round_trip(entry, tmp_path, storage, settings, block)
+
+
+async def _round_trip(entry: str, tmp_path: Path, storage: Path, settings: dict[str, object],
+                      block: str) -> None:
     async with hosts(tmp_path, "qemu", ("src", settings), ("dst", settings)) as (src, dst):
         uuid = str(uuidlib.uuid4())
-        xml = _xml(entry, uuid, storage, _guest_dir(src, uuid))
+        xml = _xml(entry, uuid, storage, _guest_dir(src, uuid)).replace("@BLOCK@", block)
         name = parse_domain_xml(xml).name
         await src.conn.define(xml)
         await src.conn.start(name)
@@ -281,6 +308,10 @@ async def _check_entry(entry: str, host: Host, uuid: str, live: str, inactive: s
         await _check_serials(host, uuid, live)
     if entry == IDE_ENTRY:
         await _check_ide(query)
+    if entry == BLOCK_ENTRY:  # the host device node, on a descriptor the daemon opened
+        nodes = {n["node-name"]: n for n in await query("query-named-block-nodes", None)}
+        assert nodes["file-vda"]["drv"] == "host_device"
+        assert nodes["drive-vda"]["drv"] == "raw" and not nodes["drive-vda"]["ro"]
     if entry == "ovmf-secure-boot.xml":
         assert await query("qom-get", {"path": "/machine", "property": "smm"}) == "on"
 
