@@ -249,6 +249,10 @@ def test_serial_paths_of_another_hosts_guest_folder_are_repointed(tmp_path: Path
     # at define the user's path is kept, and refused: the daemon writes only to its own folder
     assert canonical_xml(spec, None, SETTINGS, ours, define=True).count(str(theirs)) == 2
     assert "is not this guest's serial log" in refused(devices, guests=ours, uuid=uuid)
+    # re-pointed, then checked as at define: only this guest's folder, never QMP's socket
+    qmp = make_spec(guest_xml(devices=devices.replace("con.sock", "qmp.sock"), uuid=uuid))
+    with pytest.raises(ConfigUnsupported, match=r"socket name 'qmp\.sock'"):
+        parse_config(make_spec(canonical_xml(qmp, None, SETTINGS, ours)), None, SETTINGS, ours)
     other = devices.replace(str(theirs), str(tmp_path / "elsewhere"))
     assert canonical_xml(make_spec(guest_xml(devices=other, uuid=uuid)), None, SETTINGS,
                          ours).count(str(tmp_path / "elsewhere")) == 2
