@@ -299,6 +299,13 @@ async def _check_entry(entry: str, host: Host, uuid: str, live: str, inactive: s
         cpus = await query("query-cpus-fast", None)
         assert await query("qom-get", {"path": cpus[0]["qom-path"], "property": "type"}) == (
             f"{model}-x86_64-cpu")
+    if entry == "misc-devices.xml":  # <memballoon autodeflate>, <rng><rate>
+        async def prop(dev_id: str, name: str) -> Any:
+            return await query("qom-get", {"path": f"/machine/peripheral/{dev_id}",
+                                           "property": name})
+        assert await prop("balloon0", "deflate-on-oom") is True
+        assert (await prop("rng0", "max-bytes"), await prop("rng0", "period")) == (4096, 1000)
+        assert await prop("rng1", "max-bytes") != 4096  # the one without a rate: QEMU's default
     if entry == "q35-cpu-machine.xml":  # <boot dev> order and <bootmenu>, as QEMU has them
         assert await query("qom-get", {"path": "/machine", "property": "boot"}) == {
             "order": "cd", "menu": True, "splash-time": 500}
