@@ -19,6 +19,7 @@ cookies parse here::
       </capabilities>
       <virtmig-stream-token>…</virtmig-stream-token>   virtmig's own: see below
       <virtmig-migration-id>…</virtmig-migration-id>   virtmig's own: see below
+      <virtmig-host-cpu>…</virtmig-host-cpu>           virtmig's own: see below
     </qemu-migration>
 
 Which step produces and consumes which section (as libvirt's QEMU driver does it; the sections
@@ -44,6 +45,12 @@ knows (``MigrationTuning.stream_token``).  libvirt's parser skips elements it do
 libvirt peer ignores it; it is never listed as a mandatory feature.  It is read whatever the step
 (only Perform uses it), a cookie without it parses with ``stream_token == ""``, and it never
 appears in a :class:`Cookie`'s repr.
+
+A third, ``<virtmig-host-cpu>`` (64 hex digits), rides in cookie A for a guest that runs on the
+host's own CPU (``host-passthrough``): the backend's digest of the source host's CPU
+(:meth:`~virtmig.daemon.backend.base.Backend.host_cpu`), which the destination's Prepare
+compares with its own (:meth:`~virtmig.daemon.backend.base.Backend.check_host_cpu`).  Same
+rules: skipped by libvirt, never mandatory, "" when absent.
 
 The other libvirt sections (graphics, lockstate, network, nbd, cpu, allowReboot,
 blockDirtyBitmaps) are never produced here and are skipped when parsing; their names are known, so
@@ -96,6 +103,8 @@ __all__ = [
 ROOT_TAG = "qemu-migration"
 TOKEN_TAG = "virtmig-stream-token"
 _TOKEN_RE = re.compile(r"[0-9a-f]{32}")
+HOST_CPU_TAG = "virtmig-host-cpu"
+_CPU_RE = re.compile(r"[0-9a-f]{64}")
 MAX_COOKIE_BYTES = 16 * 1024 * 1024
 
 
@@ -210,6 +219,9 @@ class Cookie:
     stream_token: str = dataclasses.field(default="", repr=False)
     # <virtmig-migration-id>: the migration's id ("": none).
     migration_id: str = ""
+    # <virtmig-host-cpu>: cookie A, the source host's CPU for a guest that depends on it
+    # (host-passthrough): 64 hex digits, the backend's digest ("": none).
+    host_cpu: str = ""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,6 +274,8 @@ def build_cookie(c: Cookie) -> bytes:
         if c.migration_id:
             etree.SubElement(root, MIGRATION_ID_TAG).text = _checked_id(c.migration_id,
                                                                          build=True)
+        if c.host_cpu:
+            etree.SubElement(root, HOST_CPU_TAG).text = _checked_cpu(c.host_cpu, build=True)
     except ValueError as err:  # lxml refuses NUL and control characters
         raise InternalError(f"cannot build migration cookie: {err}") from err
 
@@ -364,6 +378,7 @@ def parse_cookie(
     token = None if root.find(TOKEN_TAG) is None else _child_text(root, TOKEN_TAG) or ""
     mid = None if root.find(MIGRATION_ID_TAG) is None else \
         _child_text(root, MIGRATION_ID_TAG) or ""
+    cpu = None if root.find(HOST_CPU_TAG) is None else _child_text(root, HOST_CPU_TAG) or ""
     return Cookie(
         name=name,
         uuid=uuid,
@@ -375,6 +390,7 @@ def parse_cookie(
         capabilities=capabilities,
         stream_token=_checked_token(token.strip()) if token is not None else "",
         migration_id=_checked_id(mid.strip()) if mid is not None else "",
+        host_cpu=_checked_cpu(cpu.strip()) if cpu is not None else "",
     )
 
 
@@ -519,6 +535,15 @@ def _checked_id(mid: str, *, build: bool = False) -> str:
             raise InternalError("cannot build migration cookie: malformed migration id")
         raise CookieError("Malformed virtmig-migration-id element in migration cookie")
     return mid
+
+
+def _checked_cpu(digest: str, *, build: bool = False) -> str:
+    """A host CPU digest: 64 lowercase hex digits."""
+    if not _CPU_RE.fullmatch(digest):
+        if build:
+            raise InternalError("cannot build migration cookie: malformed host CPU digest")
+        raise CookieError("Malformed virtmig-host-cpu element in migration cookie")
+    return digest
 
 
 def _canonical_uuid(text: str) -> str | None:

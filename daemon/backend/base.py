@@ -294,6 +294,18 @@ class Backend(abc.ABC):
         migration phase changes anything (only called for backends whose ``extra_flags`` include
         COMPRESSED)."""
 
+    def host_cpu(self, spec: GuestSpec) -> str:
+        """A digest of this host's CPU (64 hex digits) when ``spec`` runs on the host's own CPU
+        and so may only move to a host with the same one (``host-passthrough``), else ``""``:
+        the source's Begin sends it in cookie A.  Default: ``""``."""
+        del spec
+        return ""
+
+    def check_host_cpu(self, spec: GuestSpec, source: str) -> None:  # noqa: B027
+        """Refuse (``OperationInvalid``) an incoming ``spec`` whose source host's CPU
+        (``source``: :meth:`host_cpu` there, ``""`` when the source sent none) is not one it can
+        run on here; called by Prepare before anything starts.  Default: accept."""
+
     def migration_unsafe(self, spec: GuestSpec) -> str:
         """Why migrating ``spec`` may corrupt its data (``""``: it may not): libvirt's safety
         check, which the source's Begin applies unless ``VIR_MIGRATE_UNSAFE`` or ``OFFLINE``."""

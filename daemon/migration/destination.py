@@ -114,9 +114,11 @@ async def dst_prepare(
     if dname and dname != d.name:
         d = rename(d, dname)
     # The migration's id and the source host, from cookie A (v2's Prepare2 gets no cookie).
-    mid, src_uuid, src_name = _dst_cookie_a(daemon, cookie_in, origname, d.uuid)
+    mid, src_uuid, src_name, src_cpu = _dst_cookie_a(daemon, cookie_in, origname, d.uuid)
     d = await _dst_as_run(daemon, d)
     daemon.validate(d)
+    if not offline:
+        daemon.backend.check_host_cpu(daemon.spec(d), src_cpu)
 
     jobctl.check_limit(daemon, AsyncJob.MIGRATION_IN)
     existing = daemon.registry.check_define(d)
@@ -159,12 +161,12 @@ async def dst_prepare(
 
 
 def _dst_cookie_a(daemon: Daemon, cookie_in: bytes | None, origname: str,
-                  uuid: str) -> tuple[str, str, str]:
+                  uuid: str) -> tuple[str, str, str, str]:
     """Cookie A checked: the migration's id (the source's; a source that sent none, or protocol
-    v2's Prepare2 that gets no cookie: a new one, which cookie B carries back) and the source's
-    host UUID and name ("" in v2)."""
+    v2's Prepare2 that gets no cookie: a new one, which cookie B carries back), the source's
+    host UUID and name and its host CPU digest ("" in v2)."""
     if cookie_in is None:
-        return new_migration_id(), "", ""
+        return new_migration_id(), "", "", ""
     cookie_a = ck.parse_cookie(
         cookie_in,
         expected_name=origname,
@@ -172,7 +174,8 @@ def _dst_cookie_a(daemon: Daemon, cookie_in: bytes | None, origname: str,
         local_hostuuid=daemon.host_uuid,
         accept=ck.ACCEPT_PREPARE,
     )
-    return cookie_a.migration_id or new_migration_id(), cookie_a.hostuuid, cookie_a.hostname
+    return (cookie_a.migration_id or new_migration_id(), cookie_a.hostuuid, cookie_a.hostname,
+            cookie_a.host_cpu)
 
 
 async def _dst_listen(

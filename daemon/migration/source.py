@@ -93,7 +93,9 @@ async def src_begin(
         xml = _src_begin_xml(daemon, current, params)
         # The migration's id, carried by the cookies (virtmig.daemon.placement).
         mid = new_migration_id()
-        cookie = any_cookie(daemon, dom.name, dom.uuid, migration_id=mid)
+        # A guest on the host's own CPU: the destination checks it has the same (host_cpu).
+        cpu = "" if offline else daemon.backend.host_cpu(daemon.spec(current))
+        cookie = any_cookie(daemon, dom.name, dom.uuid, migration_id=mid, host_cpu=cpu)
         if f & F.CHANGE_PROTECTION:
             jobctl.check_limit(daemon, AsyncJob.MIGRATION_OUT)
             dom.job = MigrationJob(

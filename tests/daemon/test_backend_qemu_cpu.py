@@ -115,6 +115,45 @@ def test_cpu_refusals(extra: str, vcpu: str, message: str) -> None:
     assert message in str(info.value)
 
 
+def _hv(children: str, attrs: str = "") -> str:
+    return f"<features><acpi/><hyperv{attrs}>{children}</hyperv></features>"
+
+
+def test_hyperv_basics_go_on_the_cpu() -> None:
+    basics = ("<relaxed state='on'/><vapic state='on'/>"
+              "<spinlocks state='on' retries='8191'/>")
+    alone = _argv(_xml(_hv(basics, " mode='custom'")))
+    assert _opt(alone, "-cpu") == "qemu64,hv-relaxed=on,hv-vapic=on,hv-spinlocks=0x1fff"
+    modelled = _argv(_xml(_hv("<relaxed state='on'/>") + "<cpu><model>Nehalem</model>"
+                          "<feature policy='disable' name='avx'/></cpu>"))
+    assert _opt(modelled, "-cpu") == "Nehalem,avx=off,hv-relaxed=on,enforce=on"
+    off = _argv(_xml(_hv("<relaxed state='off'/><spinlocks state='off'/>")))
+    assert "-cpu" not in off  # nothing to turn on: QEMU's defaults
+
+
+HYPERV_REFUSED = [
+    ("passthrough", _hv("", " mode='passthrough'"), "<features><hyperv mode='passthrough'>"),
+    ("no-state", _hv("<relaxed/>"),
+     "missing 'state' attribute for HyperV Enlightenment feature 'relaxed'"),
+    ("bad-state", _hv("<vapic state='yes'/>"), "feature 'vapic'"),
+    ("twice", _hv("<relaxed state='on'/><relaxed state='off'/>"), "given twice"),
+    ("no-retries", _hv("<spinlocks state='on'/>"), "missing HyperV spinlock retry count"),
+    ("few-retries", _hv("<spinlocks state='on' retries='4094'/>"),
+     "HyperV spinlock retry count must be at least 4095"),
+    ("bad-retries", _hv("<spinlocks state='on' retries='0x1fff'/>"),
+     "invalid HyperV spinlock retry count"),
+    ("synic", _hv("<synic state='on'/>"), "unsupported element <features><hyperv><synic>"),
+]
+
+
+@pytest.mark.parametrize(("extra", "message"), [r[1:] for r in HYPERV_REFUSED],
+                         ids=[r[0] for r in HYPERV_REFUSED])
+def test_hyperv_refusals(extra: str, message: str) -> None:
+    with pytest.raises(ConfigUnsupported) as info:
+        _argv(_xml(extra))
+    assert message in str(info.value)
+
+
 def test_machine_wide_settings() -> None:
     argv = _argv(_xml("<features><acpi/><apic/><pae/></features>"
                       "<clock offset='localtime'><timer name='rtc' tickpolicy='catchup'/>"

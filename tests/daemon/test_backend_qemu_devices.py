@@ -231,6 +231,33 @@ def test_unix_serial_in_the_guest_folder(tmp_path: Path) -> None:
     assert str(tmp_path) not in line  # QEMU gets the socket the daemon bound, not a path
 
 
+def test_serial_paths_of_another_hosts_guest_folder_are_repointed(tmp_path: Path) -> None:
+    """A migration's XML names the source's folder of the guest: the destination (not define)
+    re-points a file or unix serial port there to its own folder, and runs it there; a path
+    in no folder of this guest's is left as given (and refused)."""
+    uuid = str(uuidlib.uuid4())
+    theirs, ours = tmp_path / "src" / uuid, tmp_path / "dst"
+    devices = (f"<serial type='file'><source path='{theirs}/serial0.log'/><target port='0'/>"
+               f"</serial><serial type='unix'><source mode='bind' path='{theirs}/con.sock'/>"
+               "<target port='1'/></serial>")
+    spec = make_spec(guest_xml(devices=devices, uuid=uuid))
+    moved = canonical_xml(spec, None, SETTINGS, ours)
+    assert [s.get("path") for s in etree.fromstring(moved).iterfind("devices/serial/source")] \
+        == [f"{ours / uuid}/serial0.log", f"{ours / uuid}/con.sock"]
+    cfg = parse_config(make_spec(moved), None, SETTINGS, ours)
+    assert [(s.kind, s.socket) for s in cfg.serials] == [("file", ""), ("unix", "con.sock")]
+    # at define the user's path is kept, and refused: the daemon writes only to its own folder
+    assert canonical_xml(spec, None, SETTINGS, ours, define=True).count(str(theirs)) == 2
+    assert "is not this guest's serial log" in refused(devices, guests=ours, uuid=uuid)
+    # re-pointed, then checked as at define: only this guest's folder, never QMP's socket
+    qmp = make_spec(guest_xml(devices=devices.replace("con.sock", "qmp.sock"), uuid=uuid))
+    with pytest.raises(ConfigUnsupported, match=r"socket name 'qmp\.sock'"):
+        parse_config(make_spec(canonical_xml(qmp, None, SETTINGS, ours)), None, SETTINGS, ours)
+    other = devices.replace(str(theirs), str(tmp_path / "elsewhere"))
+    assert canonical_xml(make_spec(guest_xml(devices=other, uuid=uuid)), None, SETTINGS,
+                         ours).count(str(tmp_path / "elsewhere")) == 2
+
+
 @pytest.mark.parametrize(("source", "message"), [
     ("<source mode='bind' path='/tmp/x.sock'/>", "is not in this guest's folder"),
     ("<source mode='bind' path='{gdir}/../x.sock'/>", "is not in this guest's folder"),

@@ -504,3 +504,20 @@ def test_destination_downtime_counts_from_the_source_stop() -> None:
     assert dst_downtime(local, stats, 10_000 + 3_600_000).downtime_ms == 7
     assert dst_downtime(MigrationProgress(downtime_ms=40), stats, 10_005).downtime_ms == 40
     assert dst_downtime(local, MigrationStats(), 10_005).downtime_ms == 0
+
+
+def test_host_cpu_digest_round_trips_and_is_checked() -> None:
+    """``<virtmig-host-cpu>`` (cookie A, host-passthrough guests): carried as given, absent
+    when empty, a malformed one refused both ways."""
+    kwargs = {"expected_name": VM_NAME, "expected_uuid": VM_UUID, "local_hostuuid": DST_HOSTUUID}
+    with_cpu = dataclasses.replace(MINIMAL, host_cpu="ab" * 32)
+    data = build_cookie(with_cpu)
+    assert b"<virtmig-host-cpu>" + b"ab" * 32 + b"</virtmig-host-cpu>" in data
+    assert parse_cookie(data, accept=ACCEPT_PREPARE, **kwargs).host_cpu == "ab" * 32
+    assert b"virtmig-host-cpu" not in build_cookie(MINIMAL)
+    assert parse_cookie(build_cookie(MINIMAL), accept=ALL, **kwargs).host_cpu == ""
+    with pytest.raises(InternalError, match="malformed host CPU digest"):
+        build_cookie(dataclasses.replace(MINIMAL, host_cpu="AB" * 32))
+    bad = data.replace(b"ab" * 32, b"ab" * 31)
+    with pytest.raises(InternalError, match="Malformed virtmig-host-cpu element"):
+        parse_cookie(bad, accept=ALL, **kwargs)

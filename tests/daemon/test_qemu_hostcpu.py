@@ -16,13 +16,16 @@ from tests.daemon.backend_qemu_helpers import guest_xml, make_spec, within
 from virtmig.daemon.backend.base import BackendError, GuestSpec
 from virtmig.daemon.backend.qemu import QemuBackend, parse_config
 from virtmig.daemon.backend.qemu.caps import probe_emulator
+from virtmig.daemon.backend.qemu.hostcpu import CPUINFO as CPUINFO_PATH
 from virtmig.daemon.backend.qemu.hostcpu import (
     HostModel,
     expand_host_model,
+    host_cpu_digest,
     host_model_xml,
     probe_host_model,
 )
 from virtmig.daemon.domxml import parse_domain_xml
+from virtmig.proto.errors import OperationInvalid
 from virtmig.testing import qemu_binary_or_skip, qemu_settings
 
 backends = backend_qemu_helpers.backends
@@ -125,3 +128,50 @@ async def test_expanded_guest_runs_the_model(src: QemuBackend, tmp_path: Path) -
         assert await within(other.expand(spec), 60) == xml
     finally:
         await other.close()
+
+
+CPUINFO = """processor\t: 0
+vendor_id\t: GenuineIntel
+cpu family\t: 6
+model\t\t: 85
+model name\t: Intel(R) Xeon(R) Gold 6130 CPU @ 2.10GHz
+stepping\t: 4
+microcode\t: 0x2006e05
+cpu MHz\t\t: 2095.078
+flags\t\t: fpu vme de pse avx avx2
+bugs\t\t: spectre_v1
+
+processor\t: 1
+vendor_id\t: GenuineIntel
+cpu MHz\t\t: 1000.000
+"""
+
+
+def test_host_cpu_digest_names_the_cpu_not_its_state() -> None:
+    digest = host_cpu_digest(CPUINFO)
+    assert len(digest) == 64 and digest == host_cpu_digest(
+        CPUINFO.replace("2095.078", "3000.000").replace("1000.000", "1"))  # clock: not the CPU
+    for field, other in (("85", "86"), ("0x2006e05", "0x2006e06"), ("avx avx2", "avx"),
+                         ("stepping\t: 4", "stepping\t: 7"), ("GenuineIntel", "AuthenticAMD")):
+        assert host_cpu_digest(CPUINFO.replace(field, other, 1)) != digest, field
+
+
+PASSTHROUGH = "<cpu mode='host-passthrough' migratable='on'/>"
+
+
+def test_host_passthrough_comes_only_from_the_same_cpu() -> None:
+    backend = QemuBackend()
+    passthrough = make_spec(guest_xml(domain_type="kvm").replace(
+        "<vcpu>1</vcpu>", f"<vcpu>1</vcpu>{PASSTHROUGH}"))
+    ours = backend.host_cpu(passthrough)
+    assert ours == host_cpu_digest(CPUINFO_PATH.read_text())
+    backend.check_host_cpu(passthrough, ours)
+    for source, why in (("0" * 64, "this host's CPU differs from the source host's"),
+                        ("", "the source host did not say which it has")):
+        with pytest.raises(OperationInvalid) as info:
+            backend.check_host_cpu(passthrough, source)
+        assert why in str(info.value) and "'host-passthrough'" in str(info.value)
+    custom = make_spec(guest_xml())
+    assert backend.host_cpu(custom) == ""
+    backend.check_host_cpu(custom, "")  # any other CPU mode: nothing to compare
+    backend.check_host_cpu(custom, "0" * 64)

@@ -1,6 +1,7 @@
 """Two ``qemu`` daemons: a guest with a CPU topology, hot-pluggable vCPUs, a custom CPU model
 and a pinned machine type runs with exactly that (read back from QMP), and a live migration
-gives the destination the same vCPUs, CPU and machine.
+gives the destination the same vCPUs, CPU and machine.  A ``host-passthrough`` guest (KVM)
+migrates only to a host with the same CPU (the source's digest of it travels in cookie A).
 
 The guest is tiny and idle (SeaBIOS only, TCG): no kernel, so no guest kernel can crash under
 a TCG migration, and it starts in well under a second.
@@ -17,9 +18,10 @@ import pytest
 
 from virtmig.client.migrate import migrate3
 from virtmig.daemon.domxml import parse_domain_xml
+from virtmig.proto.errors import OperationInvalid
 from virtmig.proto.flags import DomainState, MigrateFlags
 from virtmig.proto.params import TypedParams
-from virtmig.testing import Host, hosts, qemu_binary_or_skip
+from virtmig.testing import Host, hosts, kvm_usable, qemu_binary_or_skip
 
 pytestmark = pytest.mark.qemu
 
@@ -91,3 +93,39 @@ async def test_cpu_topology_model_and_pinned_machine_survive_migration(tmp_path:
         assert await readback(dst, uuid) == before
         live = parse_domain_xml(await dst.conn.xml_desc("cpus"))
         assert live.machine == PINNED
+
+
+PASSTHROUGH_XML = """\
+<domain type='kvm'>
+  <name>pt</name>
+  <uuid>{uuid}</uuid>
+  <memory unit='MiB'>64</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='pc'>hvm</type></os>
+  <cpu mode='host-passthrough' migratable='on'/>
+  <devices><memballoon model='none'/></devices>
+</domain>
+"""
+
+
+async def test_host_passthrough_moves_only_to_a_host_with_the_same_cpu(tmp_path: Path) -> None:
+    qemu_binary_or_skip()
+    if not kvm_usable():
+        pytest.skip("host-passthrough needs KVM")
+    async with hosts(tmp_path, "qemu", ("src", {}), ("dst", {})) as (src, dst):
+        uuid = str(uuidlib.uuid4())
+        await src.conn.define(PASSTHROUGH_XML.format(uuid=uuid))
+        await src.conn.start("pt")
+        dst.daemon.backend._cpu_digest = "0" * 64  # type: ignore[attr-defined]  # another CPU
+        with pytest.raises(OperationInvalid, match="this host's CPU differs from the source"):
+            await migrate3(src.conn, "pt", dst.conn, TypedParams(), MigrateFlags.LIVE)
+        assert (await src.conn.state("pt"))[0] is DomainState.RUNNING
+        assert await dst.conn.list_domains(active=True, inactive=True) == []  # none left
+
+        dst.daemon.backend._cpu_digest = ""  # type: ignore[attr-defined]  # its own, read again
+        await migrate3(src.conn, "pt", dst.conn, TypedParams(), MigrateFlags.LIVE)
+        assert (await dst.conn.state("pt"))[0] is DomainState.RUNNING
+        cpus = await dst.daemon.backend.query(uuid, "query-cpus-fast")  # type: ignore[attr-defined]
+        assert await dst.daemon.backend.query(  # type: ignore[attr-defined]
+            uuid, "qom-get", {"path": cpus[0]["qom-path"], "property": "type"}) == \
+            "host-x86_64-cpu"

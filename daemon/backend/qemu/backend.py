@@ -50,8 +50,10 @@ from virtmig.daemon.backend.qemu.disks import migration_unsafe
 from virtmig.daemon.backend.qemu.graphics import password_commands
 from virtmig.daemon.backend.qemu.guest import PID_NAME, _Guest
 from virtmig.daemon.backend.qemu.hostcpu import (
+    CPUINFO,
     HostModel,
     ProbeError,
+    host_cpu_digest,
     host_model_xml,
     probe_host_model,
 )
@@ -88,7 +90,7 @@ from virtmig.daemon.backend.qemu.process import (
 from virtmig.daemon.backend.qemu.runtime import Runtime, read_runtime
 from virtmig.proto import logsafe
 from virtmig.proto.compat import Compression
-from virtmig.proto.errors import ConfigUnsupported
+from virtmig.proto.errors import ConfigUnsupported, OperationInvalid
 from virtmig.proto.flags import MigrateFlags
 
 log = logsafe.logger("virtmig.daemon.backend.qemu")
@@ -113,6 +115,7 @@ class QemuBackend(Backend):
         self._caps: dict[str, EmulatorCaps | None] = {}  # by emulator
         self._runtime: dict[str, Runtime] = {}  # by uuid: what QEMU chose at its start
         self._host_models: dict[tuple[str, str], HostModel] = {}  # by (emulator, accel)
+        self._cpu_digest = ""  # this host's CPU (hostcpu.host_cpu_digest), read once
 
     # -- setup --
 
@@ -199,6 +202,37 @@ class QemuBackend(Backend):
         if key not in self._host_models:
             self._host_models[key] = await probe_host_model(cfg.emulator, cfg.accel)
         return self._host_models[key]
+
+    def _passthrough(self, spec: GuestSpec) -> bool:
+        try:
+            return parse_config(spec, self._caps, self.settings, self._dir).cpu.model == "host"
+        except ConfigUnsupported:
+            return False  # validation says why
+
+    def _host_cpu_digest(self) -> str:
+        if not self._cpu_digest:
+            self._cpu_digest = host_cpu_digest(CPUINFO.read_text(errors="replace"))
+        return self._cpu_digest
+
+    def host_cpu(self, spec: GuestSpec) -> str:
+        """This host's CPU digest for a ``host-passthrough`` guest (:mod:`.hostcpu`)."""
+        return self._host_cpu_digest() if self._passthrough(spec) else ""
+
+    def check_host_cpu(self, spec: GuestSpec, source: str) -> None:
+        """A ``host-passthrough`` guest comes only from a host with this host's CPU: the guest
+        sees the CPU itself, and on another one it would find its CPU changed under it."""
+        if not self._passthrough(spec):
+            return
+        if not source:
+            raise OperationInvalid(
+                "guest CPU mode 'host-passthrough' migrates only between hosts with the same "
+                "CPU, and the source host did not say which it has (protocol 2, or a peer "
+                "without this check)")
+        if source != self._host_cpu_digest():
+            raise OperationInvalid(
+                "guest CPU mode 'host-passthrough' migrates only between hosts with the same "
+                "CPU: this host's CPU differs from the source host's (vendor, family, model, "
+                "stepping, microcode or flags)")
 
     def migration_unsafe(self, spec: GuestSpec) -> str:
         """A disk the host caches (cache other than none or directsync) that is neither read-only

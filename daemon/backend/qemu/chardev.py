@@ -28,6 +28,10 @@ against an explicit allow-list (any other attribute or child is refused naming i
   (:func:`assign_sockets`) a channel without a path gets ``channelN.sock`` in the guest's folder
   and the controller is declared, as libvirt does; such a generated path is re-pointed to the
   guest's folder of whichever host defines or receives the guest.
+* On a migration's destination a ``file`` or ``unix`` serial port's or console's path in the
+  source's folder of this guest (its UUID's) is re-pointed to the destination's own folder
+  (:func:`repoint_serials`): each host's guest folder is its own, so the source's path could
+  never be this host's.
 """
 
 from __future__ import annotations
@@ -49,8 +53,8 @@ from virtmig.daemon.backend.qemu.monitor import _socket_path
 from virtmig.daemon.backend.qemu.xmltable import unsupported_device as _refuse
 
 __all__ = ["ChannelConfig", "SerialConfig", "assign_sockets", "bind_guest_socket",
-           "channels_argv", "fill_ptys", "parse_channel", "parse_serial", "serial_argv",
-           "socket_name"]
+           "channels_argv", "fill_ptys", "parse_channel", "parse_serial", "repoint_serials",
+           "serial_argv", "socket_name"]
 
 SOCKET_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,58}\.sock")
 GENERATED_RE = re.compile(r"(channel[0-9]{1,3}|vnc)\.sock")  # names the daemon generates
@@ -317,6 +321,30 @@ def assign_sockets(root: etree._Element, guest_dir: Path | None) -> bool:
                             for c in devices.findall("controller")):
         ctrl = etree.Element("controller", {"type": "virtio-serial", "index": "0"})
         channels[0].addprevious(ctrl)
+        changed = True
+    return changed
+
+
+def repoint_serials(root: etree._Element, guest_dir: Path | None) -> bool:
+    """On a migration's destination: each ``<serial>``/``<console>`` of type ``file`` or
+    ``unix`` whose source path lies in another host's folder of this guest (a folder named
+    after its UUID, as the source's migratable XML carries it) is re-pointed to the same name in
+    ``guest_dir``; the parsers then check it as at define.  Whether anything changed.  (Never
+    at define: a path given there is the user's, and refused unless it is in the guest's
+    folder.)"""
+    if guest_dir is None:
+        return False
+    changed = False
+    for el in (*root.findall("devices/serial"), *root.findall("devices/console")):
+        source = el.find("source")
+        if el.get("type") not in ("file", "unix") or source is None:
+            continue
+        path = source.get("path", "")
+        folder = os.path.dirname(path)
+        if (not os.path.isabs(path) or os.path.normpath(path) != path
+                or os.path.basename(folder) != guest_dir.name or folder == str(guest_dir)):
+            continue
+        source.set("path", str(guest_dir / os.path.basename(path)))
         changed = True
     return changed
 

@@ -13,8 +13,8 @@ against the honour-or-refuse table (:mod:`.xmltable`), then each part's parser c
   ``pc``; :func:`canonical_xml` pins an alias to its concrete type at define time);
   ``<memory>``; ``<os>`` with ``<kernel>``, ``<initrd>``, ``<cmdline>``; the firmware
   (``<os firmware=>``, ``<loader>``, ``<nvram>``, ``<features><smm>``): :mod:`.firmware`.
-* ``<vcpu>`` and ``<cpu>``: :mod:`.cpu`; ``<features>``, ``<clock>``, ``<os><boot>``,
-  ``<on_*>``, ``<currentMemory>``, ``<seclabel>``: :mod:`.machine`.
+* ``<vcpu>``, ``<cpu>`` and ``<features><hyperv>``: :mod:`.cpu`; ``<features>``, ``<clock>``,
+  ``<os><boot>``, ``<on_*>``, ``<currentMemory>``, ``<seclabel>``: :mod:`.machine`.
 * ``<devices>``: ``<emulator>`` (one of the configured emulators; default: the first);
   ``<disk>`` and the ``sata``/``scsi``/``ide`` controllers (:mod:`.disks`: file and block
   sources, raw and qcow2, disk and CD-ROM on virtio, SATA, IDE and SCSI; shared storage: both
@@ -64,6 +64,7 @@ from virtmig.daemon.backend.qemu.chardev import (
     check_virtio_serial,
     parse_channel,
     parse_serial,
+    repoint_serials,
     serial_argv,
 )
 from virtmig.daemon.backend.qemu.confine import (
@@ -327,7 +328,9 @@ def canonical_xml(spec: GuestSpec, machines: Machines = None,
     """``spec``'s XML as the daemon should store it: each ``<interface>`` without a MAC given
     a generated ``52:54:00:xx:xx:xx`` one (random, unique within the domain, as libvirt does),
     each ``<channel>`` without a socket path given one in the guest's folder under
-    ``guests_dir`` (:func:`~.chardev.assign_sockets`), each PCI device without an address
+    ``guests_dir`` (:func:`~.chardev.assign_sockets`; not at ``define``, a file or unix serial
+    port's path in another host's folder of this guest re-pointed to this host's,
+    :func:`~.chardev.repoint_serials`), each PCI device without an address
     given its slot (:func:`~.pci.write_addresses`), and its machine type pinned to the concrete
     versioned type the emulator's alias stands for (``pc`` -> ``pc-i440fx-7.2``; no
     ``machine=``: ``pc``'s).  libvirt's default balloon and USB controller are written in when
@@ -347,7 +350,10 @@ def canonical_xml(spec: GuestSpec, machines: Machines = None,
         return spec.xml
     xml = d.xml
     changed = assign_macs(root)
-    changed = assign_sockets(root, guests_dir / d.uuid if guests_dir else None) or changed
+    gdir = guests_dir / d.uuid if guests_dir else None
+    changed = assign_sockets(root, gdir) or changed
+    if not define:  # a migration's XML: serial files and sockets in the source's folder
+        changed = repoint_serials(root, gdir) or changed
     usb = default_usb(d.machine or "pc") if define else DEFAULT_USB
     changed = add_default_usb(root, usb, define=define) | add_default_balloon(root) | changed
     with contextlib.suppress(ConfigUnsupported):  # a refused address: validation says which

@@ -21,6 +21,13 @@ its CPU model, as libvirt's domain XML describes them, checked against what the 
   (:mod:`.hostcpu`); a configuration still host-model when it is run is refused
   (:attr:`CpuConfig.host_model`).
 * ``match='exact'`` only (``minimum``/``strict`` depend on libvirt's CPU map).
+* ``<features><hyperv mode='custom'>`` basics, the Hyper-V enlightenments a Windows guest wants
+  first (they are properties of QEMU's CPU, so they go on ``-cpu`` as libvirt puts them):
+  ``<relaxed state='on'/>`` -> ``hv-relaxed=on``, ``<vapic state='on'/>`` -> ``hv-vapic=on``,
+  ``<spinlocks state='on' retries='N'/>`` -> ``hv-spinlocks=0xN`` (N at least 4095, libvirt's
+  rule and messages); ``state='off'`` adds nothing (QEMU's default).  Without a CPU model they
+  go on ``qemu64``, QEMU's default x86_64 model (as libvirt does).  Any other enlightenment is
+  refused (:mod:`.xmltable`), as is ``mode='passthrough'`` (it would depend on the host).
 """
 
 from __future__ import annotations
@@ -40,6 +47,9 @@ _ON = frozenset({"require", "force"})
 _OFF = frozenset({"disable", "forbid"})
 _NOT_CUSTOM = frozenset({"host", "max", "base"})  # QEMU models that are modes in libvirt
 _MODES = {"host-passthrough": "host", "maximum": "max"}
+_DEFAULT_MODEL = "qemu64"  # QEMU's default x86_64 CPU model: what -cpu names for hv-* alone
+_HV_SPINLOCKS_MIN = 4095
+_HV_SPINLOCKS_MAX = 0xFFFFFFFF
 
 
 @dataclass(frozen=True)
@@ -57,14 +67,17 @@ class CpuConfig:
     enforce: bool = False
     migratable: bool | None = None  # host/max only; None: QEMU's default
     host_model: bool = False  # mode='host-model' not expanded yet (hostcpu.py): not runnable
+    hyperv: tuple[str, ...] = ()  # QEMU's hv-* CPU properties (hv-relaxed=on, ...)
 
     def argv(self) -> list[str]:
         sockets = self.sockets or self.max_vcpus
         smp = (f"{self.vcpus},maxcpus={self.max_vcpus},sockets={sockets},dies={self.dies},"
                f"cores={self.cores},threads={self.threads}")
         args = ["-smp", smp]
-        if self.model:
-            opts = [self.model, *(f"{name}={'on' if on else 'off'}" for name, on in self.features)]
+        if self.model or self.hyperv:
+            opts = [self.model or _DEFAULT_MODEL,
+                    *(f"{name}={'on' if on else 'off'}" for name, on in self.features),
+                    *self.hyperv]
             if self.migratable is not None:
                 opts.append(f"migratable={'on' if self.migratable else 'off'}")
             if self.enforce:
@@ -78,21 +91,23 @@ def parse_cpu(root: etree._Element, max_vcpus: int, accel: str,
     """The vCPUs (``<vcpu>``) and CPU (``<cpu>``) of the domain ``root``; ``max_vcpus`` is
     ``<vcpu>``'s count (parsed by domxml), ``accel`` ``tcg`` or ``kvm``."""
     vcpus = _current_vcpus(root.find("vcpu"), max_vcpus)
+    hyperv = _hyperv(root.find("features/hyperv"))
     cpu = root.find("cpu")
     if cpu is None:
-        return CpuConfig(vcpus=vcpus, max_vcpus=max_vcpus)
+        return CpuConfig(vcpus=vcpus, max_vcpus=max_vcpus, hyperv=hyperv)
     sockets, dies, cores, threads = _topology(cpu.find("topology"), max_vcpus)
     model, migratable, enforce = _model(cpu, accel, caps)
     features = _features(cpu, caps)
     if cpu.get("mode") == "host-model":
         return CpuConfig(vcpus=vcpus, max_vcpus=max_vcpus, sockets=sockets, dies=dies,
-                         cores=cores, threads=threads, features=features, host_model=True)
+                         cores=cores, threads=threads, features=features, host_model=True,
+                         hyperv=hyperv)
     if features and not model:
         raise ConfigUnsupported("unsupported <cpu><feature> for the qemu backend: features "
                                 "need a <model> (or mode='host-passthrough'/'maximum')")
     return CpuConfig(vcpus=vcpus, max_vcpus=max_vcpus, sockets=sockets, dies=dies, cores=cores,
                      threads=threads, model=model, features=features, enforce=enforce,
-                     migratable=migratable)
+                     migratable=migratable, hyperv=hyperv)
 
 
 def _current_vcpus(vcpu: etree._Element | None, max_vcpus: int) -> int:
@@ -217,3 +232,45 @@ def _features(cpu: etree._Element, caps: EmulatorCaps | None) -> tuple[tuple[str
             raise ConfigUnsupported(f"CPU feature '{raw}' specified more than once")
         seen[name] = on
     return tuple(seen.items())
+
+
+def _hyperv(hv: etree._Element | None) -> tuple[str, ...]:
+    """``<features><hyperv>``'s enlightenments as QEMU CPU properties (which children and
+    attributes may appear is :mod:`.xmltable`'s allow-list)."""
+    if hv is None:
+        return ()
+    mode = hv.get("mode", "custom")
+    if mode != "custom":
+        raise ConfigUnsupported(f"unsupported <features><hyperv mode='{mode}'> for the qemu "
+                                "backend (custom only: passthrough would depend on the host)")
+    props: list[str] = []
+    seen: set[str] = set()
+    for el in hv:
+        if not isinstance(el.tag, str):
+            continue
+        name = etree.QName(el).localname
+        if name in seen:
+            raise ConfigUnsupported(f"unsupported <features><hyperv><{name}> for the qemu "
+                                    "backend: given twice")
+        seen.add(name)
+        state = el.get("state")
+        if state is None:
+            raise ConfigUnsupported(
+                f"missing 'state' attribute for HyperV Enlightenment feature '{name}'")
+        if state not in ("on", "off"):
+            raise ConfigUnsupported(f"invalid value of state argument for HyperV Enlightenment "
+                                    f"feature '{name}'")
+        if state == "off":
+            continue
+        if name != "spinlocks":
+            props.append(f"hv-{name}=on")
+            continue
+        raw = el.get("retries")
+        if raw is None:
+            raise ConfigUnsupported("missing HyperV spinlock retry count")
+        if not raw.isascii() or not raw.isdigit() or int(raw) > _HV_SPINLOCKS_MAX:
+            raise ConfigUnsupported("invalid HyperV spinlock retry count")
+        if int(raw) < _HV_SPINLOCKS_MIN:
+            raise ConfigUnsupported("HyperV spinlock retry count must be at least 4095")
+        props.append(f"hv-spinlocks={int(raw):#x}")
+    return tuple(props)

@@ -20,6 +20,13 @@ The expansion is deterministic for a QEMU build and accelerator:
 * the features are the host CPU's flags that model lacks (``policy='require'``), in sorted
   order; flags of the model the host lacks cannot occur (the model is runnable).
 
+``<cpu mode='host-passthrough'>`` (KVM) shows the guest this host's CPU itself, so such a guest
+may only move to a host with the same CPU: :func:`host_cpu_digest` is the digest of what
+identifies it (``/proc/cpuinfo``'s vendor, family, model, model name, stepping, microcode and
+flags of the first processor), which the source sends in cookie A and the destination compares
+with its own (:meth:`QemuBackend.check_host_cpu
+<virtmig.daemon.backend.qemu.backend.QemuBackend.check_host_cpu>`).
+
 libvirt picks the model through its own CPU map instead; the result differs in name, not in
 kind: a named model plus required features that the destination must provide.  The host-model
 definition itself is kept as given (``dumpxml --inactive``), as libvirt keeps it.
@@ -28,10 +35,12 @@ definition itself is kept as given (``dumpxml --inactive``), as libvirt keeps it
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from lxml import etree
@@ -39,7 +48,8 @@ from lxml import etree
 from virtmig.daemon.backend.base import GuestSpec
 from virtmig.proto import logsafe
 
-__all__ = ["HostModel", "ProbeError", "expand_host_model", "host_model_xml", "probe_host_model"]
+__all__ = ["CPUINFO", "HostModel", "ProbeError", "expand_host_model", "host_cpu_digest",
+           "host_model_xml", "probe_host_model"]
 
 log = logsafe.logger("virtmig.daemon.backend.qemu")
 
@@ -176,3 +186,21 @@ def expand_host_model(root: etree._Element, host: HostModel) -> None:
         if flag not in own:
             cpu.insert(at, etree.Element("feature", policy="require", name=flag))
             at += 1
+
+
+CPUINFO = Path("/proc/cpuinfo")
+_CPU_FIELDS = ("vendor_id", "cpu family", "model", "model name", "stepping", "microcode",
+               "flags")
+
+
+def host_cpu_digest(cpuinfo: str) -> str:
+    """The SHA-256 (hex) of the identity of the first processor in ``cpuinfo`` (the text of
+    ``/proc/cpuinfo``): two hosts with the same digest show a ``host-passthrough`` guest the
+    same CPU."""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.split("\n\n", 1)[0].splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() in _CPU_FIELDS:
+            fields[key.strip()] = " ".join(value.split())
+    text = "\n".join(f"{key}={fields.get(key, '')}" for key in _CPU_FIELDS)
+    return hashlib.sha256(text.encode()).hexdigest()
