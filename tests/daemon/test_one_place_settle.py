@@ -1,0 +1,66 @@
+"""A guest runs in one place: how a source settles a migration whose outcome it does not know
+(virtmig.daemon.locate's verdicts and backoff, virtmig.daemon.recovery's restart rules, a
+Confirm(cancelled) whose destination cannot be asked, Begin's refusal), and the CLI's words
+for it (``domstate --reason``'s detail, ``migrate-resolve``).
+
+Real daemons on loopback over mutual TLS (the ``test`` backend); an unreachable destination is a
+closed loopback port (:class:`Gate` shut).  The backoff is checked against a recording sleep,
+not a clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from types import SimpleNamespace
+from typing import cast
+
+import pytest
+
+from tests.daemon.placement_helpers import FAST
+from virtmig.daemon import locate
+from virtmig.daemon.core import Daemon
+from virtmig.daemon.placement import Away, Peer, PlacementStore
+
+GIVES_UP = {**FAST, "incoming_job_timeout": 0.3, "settle_attempts": 1}
+
+
+# --- the backoff ----------------------------------------------------------------------------------
+
+
+async def test_settling_backs_off_doubling_to_the_cap_then_gives_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An unreachable destination: one try per attempt, the waits doubling from
+    ``settle_retry_min`` up to ``settle_retry_max``, each try logged with what it waits for,
+    and after ``settle_attempts`` tries a note that says to run migrate-resolve."""
+    config = SimpleNamespace(settle_retry_min=1.0, settle_retry_max=5.0, settle_attempts=6)
+    fake = SimpleNamespace(config=config, placement=PlacementStore(tmp_path / "placement"))
+    daemon = cast(Daemon, fake)
+    asked: list[str] = []
+    waits: list[float] = []
+    real_sleep = asyncio.sleep
+
+    async def unreachable(_d: Daemon, peer: Peer, uuid: str, mid: str = "") -> object:
+        asked.append(mid)
+        raise locate.PeerUnreachable("connection refused")
+
+    async def recorded(delay: float) -> None:
+        waits.append(delay)
+        await real_sleep(0)
+
+    monkeypatch.setattr(locate, "ask", unreachable)
+    monkeypatch.setattr(asyncio, "sleep", recorded)  # (no other task runs here)
+    uuid = "00000000-0000-0000-0000-0000000000aa"
+    away = Away(Peer("h", "host-b", "virtmig+tls://127.0.0.1:1"), "c" * 32)
+    with caplog.at_level(logging.WARNING, logger="virtmig.daemon.locate"):
+        locate.settle_later(daemon, uuid, away, "a lost Finish reply")
+        await fake.placement.tasks[uuid]
+    assert asked == ["c" * 32] * 6
+    assert waits == [1, 2, 4, 5, 5, 5]
+    assert "try 3 of 6, next in 4 s" in caplog.text
+    assert caplog.text.count("waiting for its daemon (virtmig+tls://127.0.0.1:1)") == 6
+    assert "gave up after 6 tries" in locate.note(daemon, uuid)
+    still = fake.placement.away(uuid)
+    assert still is not None and still.uncertain  # nothing decided on a guess
