@@ -18,12 +18,59 @@ from typing import cast
 
 import pytest
 
-from tests.daemon.placement_helpers import FAST
+from tests.daemon.placement_helpers import FAST, Gate
+from tests.daemon.test_one_place import lost_finish
 from virtmig.daemon import locate
 from virtmig.daemon.core import Daemon
 from virtmig.daemon.placement import Away, Peer, PlacementStore
+from virtmig.proto.errors import GuestElsewhere, NoDomain, OperationFailed
+from virtmig.proto.flags import DomainState
+from virtmig.testing import hosts, wait_until
 
 GIVES_UP = {**FAST, "incoming_job_timeout": 0.3, "settle_attempts": 1}
+
+
+# --- the verdicts ---------------------------------------------------------------------------------
+
+
+async def test_pending_then_conflict_never_resume_then_failed_does(tmp_path: Path) -> None:
+    """The destination still holds the incoming guest of that migration (pending), then runs a
+    copy this migration did not bring (conflict): the source stays paused both times; once no
+    copy runs there (failed), ``migrate-resolve`` resumes it."""
+    async with hosts(tmp_path, "test", ("src", GIVES_UP), ("dst", dict(FAST))) as (src, dst):
+        gate = Gate(dst)
+        try:
+            await lost_finish(src, dst, gate.uri, reaches=False)  # Finish never got there
+            uuid = (await src.conn.lookup("vm1")).uuid
+            await wait_until(lambda: "gave up" in locate.note(src.daemon, uuid), timeout=30,
+                             what="the background settling to give up")
+            xml = await src.conn.xml_desc("vm1", inactive=True)
+            await gate.open()
+            paused = (DomainState.PAUSED, 2, "migration")
+
+            with pytest.raises(OperationFailed, match=r"yet: .*still finishing there"):
+                await src.conn.resolve_migration("vm1")
+            assert await src.conn.state("vm1") == paused
+
+            await dst.conn.destroy("vm1")  # the incoming guest goes; then another copy runs
+            with pytest.raises(NoDomain):
+                await dst.conn.lookup("vm1")
+            await dst.conn.define(xml)
+            await dst.conn.start("vm1")
+            with pytest.raises(OperationFailed, match="runs a copy this migration did not bring"):
+                await src.conn.resolve_migration("vm1")
+            assert await src.conn.state("vm1") == paused
+            with pytest.raises(GuestElsewhere, match="migrate-resolve"):
+                await src.conn.resume("vm1")
+            detail = (await src.conn.state_detail("vm1"))[3]
+            assert "stop one copy by hand" in detail
+
+            await dst.conn.destroy("vm1")  # no copy runs there any more
+            state = await src.conn.resolve_migration("vm1")
+            assert state[:3] == (DomainState.RUNNING, 6, "migration-canceled")
+            assert src.daemon.placement.away(uuid) is None
+        finally:
+            await gate.shut()
 
 
 # --- the backoff ----------------------------------------------------------------------------------
