@@ -17,14 +17,18 @@ from types import SimpleNamespace
 from typing import cast
 
 import pytest
+from lxml import etree
 
+from tests.daemon.migration_helpers import F, running_guest
 from tests.daemon.placement_helpers import FAST, Gate
 from tests.daemon.test_one_place import lost_finish
-from virtmig.daemon import locate
+from virtmig.daemon import locate, recovery
 from virtmig.daemon.core import Daemon
+from virtmig.daemon.job import AsyncJob, MigrationJob, Phase
 from virtmig.daemon.placement import Away, Peer, PlacementStore
 from virtmig.proto.errors import GuestElsewhere, NoDomain, OperationFailed
-from virtmig.proto.flags import DomainState
+from virtmig.proto.flags import DomainState, PausedReason
+from virtmig.proto.params import TypedParams
 from virtmig.testing import hosts, wait_until
 
 GIVES_UP = {**FAST, "incoming_job_timeout": 0.3, "settle_attempts": 1}
@@ -111,3 +115,52 @@ async def test_settling_backs_off_doubling_to_the_cap_then_gives_up(
     assert "gave up after 6 tries" in locate.note(daemon, uuid)
     still = fake.placement.away(uuid)
     assert still is not None and still.uncertain  # nothing decided on a guess
+
+
+# --- a restart ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("phase", [Phase.PERFORM3, Phase.PERFORM3_DONE,
+                                   Phase.CONFIRM3_CANCELLED])
+async def test_restart_recovery_never_resumes_a_paused_source_on_a_guess(
+    tmp_path: Path, phase: Phase
+) -> None:
+    """libvirt's tables resume a paused source after a restart in perform3 or
+    confirm3_cancelled; virtmig asks the destination first.  The test backend's guests do
+    not outlive their daemon, so the restart's recovery gets the status file the daemon wrote
+    for a paused guest with that job."""
+    async with hosts(tmp_path, "test", ("src", dict(FAST)), ("dst", dict(FAST))) as (src, dst):
+        gate = Gate(dst)  # shut: the destination cannot be asked
+        try:
+            await running_guest(src)
+            dom = src.daemon.registry.find_name("vm1")
+            assert dom is not None
+            await src.daemon.backend.pause(dom.uuid)  # as Perform leaves it
+            src.daemon.set_state(dom, DomainState.PAUSED, PausedReason.MIGRATION)
+            dom.job = MigrationJob(
+                kind=AsyncJob.MIGRATION_OUT, phase=phase, flags=F.LIVE, params=TypedParams(),
+                pre_state=DomainState.RUNNING, migration_id="d" * 32,
+                peer_hostuuid=dst.daemon.host_uuid, peer_hostname="dst.test", dest_uri=gate.uri)
+            src.daemon.registry.save_status(dom)
+            status = etree.parse(src.state_dir / "status" / f"{dom.uuid}.xml").getroot()
+            dom.job = None
+            await recovery.recover(src.daemon, [(dom, status)])
+
+            assert await src.conn.state("vm1") == (DomainState.PAUSED, 2, "migration")
+            away = src.daemon.placement.away(dom.uuid)
+            assert away is not None and away.uncertain and away.migration_id == "d" * 32
+            await wait_until(lambda: "waiting for its daemon" in locate.note(src.daemon,
+                                                                             dom.uuid),
+                             timeout=30, what="the source to say what it waits for")
+            with pytest.raises(GuestElsewhere, match="migrate-resolve"):
+                await src.conn.resume("vm1")
+            await gate.open()  # no copy there: the guest is put back as it was
+
+            async def resumed() -> bool:
+                return await src.conn.state("vm1") == (DomainState.RUNNING, 6,
+                                                       "migration-canceled")
+
+            await wait_until(resumed, timeout=30, what="the source to be resumed")
+            assert src.daemon.placement.away(dom.uuid) is None
+        finally:
+            await gate.shut()
