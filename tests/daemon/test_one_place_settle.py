@@ -19,14 +19,16 @@ from typing import cast
 import pytest
 from lxml import etree
 
-from tests.daemon.migration_helpers import F, running_guest
-from tests.daemon.placement_helpers import FAST, Gate
+from tests.daemon.migration_helpers import F, P, running_guest
+from tests.daemon.placement_helpers import FAST, Gate, LostFinishDest
 from tests.daemon.test_one_place import lost_finish
+from virtmig.client.migrate import RemoteSource
+from virtmig.client.sequence import run_v3
 from virtmig.daemon import locate, recovery
 from virtmig.daemon.core import Daemon
 from virtmig.daemon.job import AsyncJob, MigrationJob, Phase
 from virtmig.daemon.placement import Away, Peer, PlacementStore
-from virtmig.proto.errors import GuestElsewhere, NoDomain, OperationFailed
+from virtmig.proto.errors import ConnectionFailed, GuestElsewhere, NoDomain, OperationFailed
 from virtmig.proto.flags import DomainState, PausedReason
 from virtmig.proto.params import TypedParams
 from virtmig.testing import hosts, wait_until
@@ -162,5 +164,45 @@ async def test_restart_recovery_never_resumes_a_paused_source_on_a_guess(
 
             await wait_until(resumed, timeout=30, what="the source to be resumed")
             assert src.daemon.placement.away(dom.uuid) is None
+        finally:
+            await gate.shut()
+
+
+# --- Confirm(cancelled) ---------------------------------------------------------------------------
+
+
+async def test_confirm_cancelled_with_the_destination_unreachable_stays_paused(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A caller that takes a lost Finish reply for a failure sends Confirm(cancelled) while the
+    destination cannot be asked: the guest (running there) is not resumed here; it stays
+    paused until the destination answers, then it is shut off as migrated."""
+    async with hosts(tmp_path, "test", ("src", dict(FAST)), ("dst", dict(FAST))) as (src, dst):
+        gate = Gate(dst)  # shut
+        try:
+            await running_guest(src)
+
+            class BelievesItFailed(LostFinishDest):
+                async def finished(self, dname: str) -> bool:
+                    return False
+
+            with pytest.raises(ConnectionFailed), caplog.at_level(logging.WARNING,
+                                                                  "virtmig.daemon.locate"):
+                await run_v3(RemoteSource(src.conn, True), BelievesItFailed(dst.conn, True),
+                             "vm1", TypedParams.of({P.DEST_URI: gate.uri}), F.LIVE,
+                             protection=True)
+            assert (await dst.conn.state("vm1"))[0] is DomainState.RUNNING
+            assert await src.conn.state("vm1") == (DomainState.PAUSED, 2, "migration")
+            assert (await src.conn.job_info("vm1")).phase == ""  # the job ended
+            assert "Confirm(cancelled), and the destination cannot be asked" in caplog.text
+            detail = (await src.conn.state_detail("vm1"))[3]
+            assert "unknown" in detail and gate.uri in detail
+            await gate.open()
+
+            async def settled() -> bool:
+                return await src.conn.state("vm1") == (DomainState.SHUTOFF, 4, "migrated")
+
+            await wait_until(settled, timeout=30, what="the source to learn it arrived")
+            assert (await dst.conn.state("vm1"))[0] is DomainState.RUNNING
         finally:
             await gate.shut()
