@@ -19,7 +19,7 @@ from typing import cast
 import pytest
 from lxml import etree
 
-from tests.daemon.migration_helpers import F, P, running_guest
+from tests.daemon.migration_helpers import F, P, migrate, running_guest
 from tests.daemon.placement_helpers import FAST, Gate, LostFinishDest
 from tests.daemon.test_one_place import lost_finish
 from virtmig.client.migrate import RemoteSource
@@ -206,3 +206,21 @@ async def test_confirm_cancelled_with_the_destination_unreachable_stays_paused(
             assert (await dst.conn.state("vm1"))[0] is DomainState.RUNNING
         finally:
             await gate.shut()
+
+
+# --- Begin ----------------------------------------------------------------------------------------
+
+
+async def test_begin_refuses_a_guest_whose_outcome_is_unknown(tmp_path: Path) -> None:
+    async with hosts(tmp_path, "test", ("src", dict(FAST)), ("dst", dict(FAST))) as (src, dst):
+        await running_guest(src)
+        uuid = (await src.conn.lookup("vm1")).uuid
+        src.daemon.placement.departed(uuid, Away(Peer(dst.daemon.host_uuid, "dst.test"),
+                                                 "e" * 32, uncertain=True))
+        with pytest.raises(GuestElsewhere, match=r"cannot migrate domain 'vm1'.*"
+                                                 r"migrate-resolve"):
+            await migrate(src, dst, F.LIVE)
+        assert (await src.conn.state("vm1"))[0] is DomainState.RUNNING
+        assert (await src.conn.job_info("vm1")).phase == ""
+        with pytest.raises(NoDomain):
+            await dst.conn.lookup("vm1")
