@@ -22,6 +22,7 @@ from lxml import etree
 from tests.daemon.migration_helpers import F, P, migrate, running_guest
 from tests.daemon.placement_helpers import FAST, Gate, LostFinishDest
 from tests.daemon.test_one_place import lost_finish
+from virtmig.client.cli import app as cli
 from virtmig.client.migrate import RemoteSource
 from virtmig.client.sequence import run_v3
 from virtmig.daemon import locate, recovery
@@ -31,7 +32,7 @@ from virtmig.daemon.placement import Away, Peer, PlacementStore
 from virtmig.proto.errors import ConnectionFailed, GuestElsewhere, NoDomain, OperationFailed
 from virtmig.proto.flags import DomainState, PausedReason
 from virtmig.proto.params import TypedParams
-from virtmig.testing import hosts, wait_until
+from virtmig.testing import hosts, session_pki, wait_until
 
 GIVES_UP = {**FAST, "incoming_job_timeout": 0.3, "settle_attempts": 1}
 
@@ -224,3 +225,46 @@ async def test_begin_refuses_a_guest_whose_outcome_is_unknown(tmp_path: Path) ->
         assert (await src.conn.job_info("vm1")).phase == ""
         with pytest.raises(NoDomain):
             await dst.conn.lookup("vm1")
+
+
+# --- the CLI --------------------------------------------------------------------------------------
+
+
+async def test_cli_domstate_reason_and_migrate_resolve(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``domstate --reason`` prints what the guest waits for; ``migrate-resolve`` fails while
+    the destination cannot be asked, and settles it once it answers."""
+    async with hosts(tmp_path, "test", ("src", GIVES_UP), ("dst", dict(FAST))) as (src, dst):
+        gate = Gate(dst)
+        try:
+            await lost_finish(src, dst, gate.uri, reaches=True)
+            uuid = (await src.conn.lookup("vm1")).uuid
+            await wait_until(lambda: "gave up" in locate.note(src.daemon, uuid), timeout=30,
+                             what="the background settling to give up")
+            uri = f"{src.uri}?pkipath={session_pki().client()}"
+
+            async def virtmig(*argv: str) -> tuple[int, str, str]:
+                code = await asyncio.to_thread(cli.main, ["-q", "-c", uri, *argv])
+                out = capsys.readouterr()
+                return code, out.out, out.err
+
+            code, out, _ = await virtmig("domstate", "--reason", "vm1")
+            assert code == 0
+            assert out.startswith("paused (migrating): outcome of migration ")
+            assert f"to host dst.test ({dst.daemon.host_uuid}) unknown: gave up" in out
+            assert "run 'virtmig migrate-resolve' once that host answers" in out
+            code, out, err = await virtmig("migrate-resolve", "vm1")
+            assert (code, out) == (1, "")
+            assert err.startswith("error: Failed to resolve the migration of domain 'vm1'\n"
+                                  "error: operation failed: cannot settle the migration of "
+                                  "'vm1': host dst.test (")
+            assert "cannot be asked" in err
+            await gate.open()
+            assert await virtmig("migrate-resolve", "vm1") == (
+                0, "Domain 'vm1' resolved: shut off (migrated)\n", "")
+            assert await virtmig("domstate", "--reason", "vm1") == (
+                0, "shut off (migrated)\n", "")
+            assert (await dst.conn.state("vm1"))[0] is DomainState.RUNNING
+        finally:
+            await gate.shut()
