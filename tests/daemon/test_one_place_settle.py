@@ -112,8 +112,9 @@ async def test_settling_backs_off_doubling_to_the_cap_then_gives_up(
         locate.settle_later(daemon, uuid, away, "a lost Finish reply")
         await fake.placement.tasks[uuid]
     assert asked == ["c" * 32] * 6
-    assert waits == [1, 2, 4, 5, 5, 5]
+    assert waits == [1, 2, 4, 5, 5]  # none after the last try: it gives up at once
     assert "try 3 of 6, next in 4 s" in caplog.text
+    assert "(try 6 of 6)" in caplog.text and "try 6 of 6, next" not in caplog.text
     assert caplog.text.count("waiting for its daemon (virtmig+tls://127.0.0.1:1)") == 6
     assert "gave up after 6 tries" in locate.note(daemon, uuid)
     still = fake.placement.away(uuid)
