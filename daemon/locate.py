@@ -288,16 +288,19 @@ async def _settle_loop(daemon: Daemon, uuid: str) -> None:
         away = daemon.placement.away(uuid)
         if away is None or not away.uncertain:
             return
+        last = attempt == cfg.settle_attempts
         try:
             if await settle_once(daemon, uuid, away):
                 return
         except PeerUnreachable as exc:
             _note(daemon, uuid, away, f"waiting for its daemon ({away.peer.uri or 'URI unknown'}) "
-                  f"to answer: {exc} (try {attempt} of {cfg.settle_attempts}, next in "
-                  f"{delay:g} s)")
+                  f"to answer: {exc} (try {attempt} of {cfg.settle_attempts}"
+                  + (")" if last else f", next in {delay:g} s)"))
             log.warning("%s: %s", uuid, note(daemon, uuid))
         except (BackendError, OSError, VirtmigError) as exc:
             log.error("cannot settle the migration of %s: %s", uuid, exc)
+        if last:  # (no wait after the last try: it gives up now)
+            break
         await asyncio.sleep(delay)
         delay = min(delay * 2, cfg.settle_retry_max)
     away = daemon.placement.away(uuid)

@@ -1,6 +1,8 @@
 """The CLI's side of "a guest runs in one place": ``start`` of a migrated guest refused naming
-its host, ``start --force`` (logged by the daemon), ``domstate --reason``'s detail and
-``migrate-resolve``, against two real ``virtmigd`` processes.
+its host, ``start --force`` (logged by the daemon), ``domstate --reason`` of a migrated guest and
+``migrate-resolve`` of one whose outcome is known, against two real ``virtmigd`` processes.  An
+unknown outcome's ``domstate --reason`` detail and ``migrate-resolve`` settling it:
+``tests/daemon/test_one_place_settle.py``.
 """
 
 from __future__ import annotations

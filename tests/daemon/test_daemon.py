@@ -57,7 +57,14 @@ def test_config_file_and_flags(tmp_path: Path) -> None:
      ('max_downtime_ms = "fast"\n', "invalid max_downtime_ms 'fast'"),
      ('max_clients = 0\n', "invalid max_clients 0: expected a whole number of at least 1"),
      ('max_calls_per_client = -1\n', "invalid max_calls_per_client -1"),
-     ('max_calls_per_client = 1.5\n', "invalid max_calls_per_client 1.5")],
+     ('max_calls_per_client = 1.5\n', "invalid max_calls_per_client 1.5"),
+     # the one-place check's peer and settling settings (virtmig.daemon.locate)
+     ('peer_timeout = 0\n', "invalid peer_timeout 0: expected a positive number of seconds"),
+     ('settle_retry_min = -1\n', "invalid settle_retry_min -1: expected a positive number"),
+     ('settle_retry_max = 1e9\n', "invalid settle_retry_max 1e\\+09: expected a positive"),
+     ('settle_retry_min = 5\nsettle_retry_max = 2\n',
+      "invalid settle_retry_max 2: less than settle_retry_min"),
+     ('settle_attempts = 0\n', "invalid settle_attempts 0: expected a whole number of at least")],
 )
 def test_bad_config_is_a_clear_error(tmp_path: Path, text: str, message: str) -> None:
     cfg = tmp_path / "c.toml"
