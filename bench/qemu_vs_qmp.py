@@ -92,7 +92,8 @@ class BareGuest:
 
     async def start(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        with open_guest_files(self.config, qemu_settings(), self.folder, None) as files:
+        with open_guest_files(self.config, qemu_settings().resolved(), self.folder,
+                              None) as files:
             argv = self.config.argv(files, incoming=self.incoming)
             self.proc = await asyncio.create_subprocess_exec(*argv, cwd=self.folder,
                                                              pass_fds=files.fds)
@@ -158,7 +159,7 @@ async def case(image: GuestImage, work: Path, name: str, dirty_mb: int,
     d = parse_domain_xml(xml)
     spec = GuestSpec(uuid=d.uuid, name=d.name, memory_bytes=d.memory_kib * 1024,
                      vcpus=d.vcpus, options={}, xml=d.xml)
-    config = parse_config(spec, None, qemu_settings())
+    config = parse_config(spec, None, qemu_settings().resolved())  # the emulator on PATH
 
     # bare: a guest of its own, booted once
     bare = BareGuest(config, work / "bare0", incoming=False)
