@@ -131,7 +131,8 @@ def control_plane(data: dict[str, Any]) -> Path:
     ax2.set_xlabel("migration #")
     ax2.set_ylabel("ms")
     ax2.set_title("in the order they ran (drift)", fontsize=10)
-    fig.tight_layout()
+    _stamp(fig, data.get("machine"))
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
     return _save(fig, "control-plane.png")
 
 
@@ -145,7 +146,8 @@ def throughput(data: list[dict[str, Any]]) -> Path:
     ax.set_ylabel("MiB/s (median)")
     ax.set_ylim(bottom=0)
     ax.set_title("test backend: migration throughput by guest size", fontsize=10)
-    fig.tight_layout()
+    _stamp(fig, data[0].get("machine"))
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     return _save(fig, "throughput.png")
 
 

@@ -8,7 +8,8 @@ Writes ``bench/results/<name>.json`` and prints a summary.  Nothing here is asse
   (``--control-plane-runs``, 200 by default: its distribution is drawn by ``bench/figures.py``);
 * ``throughput``: idle guests of 16 MiB to 1 GiB (``--throughput-runs`` each), MiB/s by size.
 
-Every case keeps its samples (``samples_s``, in the order they ran).
+Every case keeps its samples (``samples_s``, in the order they ran), the date, the number of
+cores and the load average when it started (``machine``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -30,6 +32,8 @@ THROUGHPUT_SIZES_MIB = (16, 64, 256, 1024)
 
 
 async def case(name: str, memory_mib: int, dirty_mib: int, runs: int) -> dict[str, object]:
+    machine = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+               "cpus": os.cpu_count(), "loadavg_start": os.getloadavg()}
     with tempfile.TemporaryDirectory() as tmp:
         a = await start_host(Path(tmp), "a")
         b = await start_host(Path(tmp), "b")
@@ -48,6 +52,7 @@ async def case(name: str, memory_mib: int, dirty_mib: int, runs: int) -> dict[st
             await stop_host(b)
     return {
         "name": name,
+        "machine": machine,
         "samples_s": times,
         "memory_mib": memory_mib,
         "dirty_rate_mib": dirty_mib,
