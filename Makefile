@@ -5,14 +5,14 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .PHONY: all venv demo test faults fuzz lint proto bench e2e image clean typecheck-tree mutate man \
-	prom-screenshot
+	prom-screenshot bench-figures
 
 all: test
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -112,8 +112,18 @@ mutate: $(STAMP)
 proto: $(STAMP)
 	PYTHON=$(PY) proto/gen.sh
 
+# Every benchmark (bench/all.py: run.py, qemu_vs_qmp.py, and libvirt_vs_virtmig.py, which needs
+# root and Debian's libvirt; those whose needs are missing say so and are skipped), results in
+# bench/results/*.json, one table, then the figures (bench/*.png, matplotlib from the bench extra,
+# which the venv includes so that make lint type-checks bench/figures.py).
+# BENCH_ARGS, e.g. --only run --args "run=--runs 3".
+BENCH_ARGS ?=
 bench: $(STAMP)
-	$(PY) bench/run.py
+	$(PY) bench/all.py $(BENCH_ARGS)
+
+# Only the figures, from the results of the last make bench.
+bench-figures: $(STAMP)
+	$(PY) bench/figures.py
 
 clean:
 	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,127 @@
+"""``make bench``: every benchmark, one after another, then one table of their results.
+
+Runs ``run.py`` (test backend, in process), ``qemu_vs_qmp.py`` (needs QEMU and the test guest)
+and ``libvirt_vs_virtmig.py`` (needs root, libvirt 9.0 and QEMU), each as its own process with
+this interpreter; a benchmark whose needs are missing says so and is skipped.  Each writes
+``bench/results/*.json``; this script reads them back and prints one table (a result file left
+by an earlier run is marked so), then draws the figures (``figures.py``) when matplotlib is
+installed.  ``--only NAME`` (repeatable) runs some; ``--args NAME='--runs 3'`` passes options.
+Exits 1 if a benchmark failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+BENCHMARKS = ("run", "qemu_vs_qmp", "libvirt_vs_virtmig")
+
+
+def run(name: str, extra: list[str]) -> str:
+    """Run ``bench/NAME.py``; ``ok``, ``skipped`` or ``failed (exit N)``."""
+    print(f"== {name} {' '.join(extra)}", flush=True)
+    seen = []
+    with subprocess.Popen([sys.executable, str(HERE / f"{name}.py"), *extra],
+                          stdout=subprocess.PIPE, text=True) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # shown as it comes (the long ones print each round)
+            print(line, end="", flush=True)
+            seen.append(line)
+    if proc.returncode:
+        return f"failed (exit {proc.returncode})"
+    return "skipped" if any(": skipped:" in line for line in seen) else "ok"
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.0f} ms"
+
+
+def rows(started: float) -> list[tuple[str, str, str, str]]:
+    """(benchmark, case, figures, ratio) from every result file."""
+    out: list[tuple[str, str, str, str]] = []
+
+    def load(name: str) -> Any:
+        path = RESULTS / name
+        if not path.exists():
+            return None
+        stale = " (earlier run)" if path.stat().st_mtime < started else ""
+        return json.loads(path.read_text()), stale
+
+    for name in ("migrate-idle-256m", "migrate-dirty-256m", "control-plane"):
+        got = load(f"{name}.json")
+        if got:
+            r, stale = got
+            samples = sorted(r.get("samples_s", [r["median_s"]]))
+            p99 = samples[min(len(samples) - 1, int(0.99 * len(samples)))]
+            out.append(("run" + stale, name, f"median {_ms(r['median_s'])}, p99 {_ms(p99)} "
+                        f"({r['runs']} runs)", ""))
+    got = load("throughput.json")
+    if got:
+        sizes = ", ".join(f"{r['memory_mib']} MiB {r['throughput_mib_s']:.0f}" for r in got[0])
+        out.append(("run" + got[1], "throughput (MiB/s)", sizes, ""))
+    got = load("qemu-vs-qmp.json")
+    if got:
+        for r in got[0]:
+            out.append(("qemu_vs_qmp" + got[1], r["case"], f"virtmig {_ms(r['virtmig_median_s'])}"
+                        f", bare QMP {_ms(r['bare_median_s'])}", f"{r['ratio']:.2f}"))
+    got = load("libvirt-vs-virtmig.json")
+    if got:
+        out += _libvirt_rows(got[0], "libvirt_vs_virtmig" + got[1])
+    return out
+
+
+def _libvirt_rows(data: dict[str, Any], bench: str) -> list[tuple[str, str, str, str]]:
+    out = []
+    st = data.get("startup")
+    if st:
+        out.append((bench, "start-up (hostname)", f"virtmig {_ms(st['virtmig_median_s'])}, "
+                    f"virsh {_ms(st['virsh_median_s'])}, import grpc "
+                    f"{_ms(st['import_grpc_median_s'])}", f"{st['virtmig_vs_import_grpc']:.2f}"))
+    for acc in data["accels"]:
+        if "skipped" in acc:
+            out.append((bench, acc["accel"], f"skipped: {acc['skipped'][:60]}", ""))
+            continue
+        for c in acc["cases"]:
+            out.append((bench, f"{acc['accel']} {c['case']}",
+                        f"virtmig {_ms(c['virtmig_median_s'])}, libvirt "
+                        f"{_ms(c['libvirt_median_s'])}", f"{c['ratio']:.2f}"))
+    return out
+
+
+def table(lines: list[tuple[str, str, str, str]]) -> str:
+    head = ("benchmark", "case", "figures", "ratio")
+    widths = [max(len(r[i]) for r in [head, *lines]) for i in range(4)]
+    fmt = "  ".join(f"{{:{w}}}" for w in widths)
+    return "\n".join(fmt.format(*r).rstrip() for r in [head, tuple("-" * w for w in widths),
+                                                         *lines])
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description="run every benchmark and print one table")
+    p.add_argument("--only", action="append", choices=BENCHMARKS)
+    p.add_argument("--args", action="append", default=[], metavar="NAME=OPTIONS")
+    a = p.parse_args()
+    extra = {name: shlex.split(opts) for name, _, opts in (x.partition("=") for x in a.args)}
+    started = time.time()
+    status = {name: run(name, extra.get(name, [])) for name in a.only or BENCHMARKS}
+    print()
+    print(table(rows(started)))
+    print("\n" + ", ".join(f"{name}: {s}" for name, s in status.items()))
+    if importlib.util.find_spec("matplotlib") is None:
+        print("figures: skipped: matplotlib is not installed (pip install -e '.[bench]')")
+    else:
+        subprocess.run([sys.executable, str(HERE / "figures.py")], check=False)
+    return 1 if any(s.startswith("failed") for s in status.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
