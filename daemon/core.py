@@ -25,7 +25,7 @@ from virtmig.daemon.job import AsyncJob, JobRecord, Phase
 from virtmig.daemon.limits import DEFAULT_MAX_CALLS_PER_CLIENT, DEFAULT_MAX_CLIENTS, CallLimits
 from virtmig.daemon.metrics import Metrics
 from virtmig.daemon.placement import Away, Peer, PlacementStore
-from virtmig.daemon.registry import DomainObj, Registry, job_from_status
+from virtmig.daemon.registry import DEFAULT_MAX_DOMAINS, DomainObj, Registry, job_from_status
 from virtmig.daemon.state import StateDir
 from virtmig.proto import logsafe
 from virtmig.proto.errors import ConfigUnsupported, NoSupport, ResourceExhausted
@@ -64,8 +64,8 @@ class DaemonConfig:
     max_outgoing_migrations: int = 0
     max_incoming_migrations: int = 0
     # Domains this daemon holds at most (defined, running or incoming; ``registry.MAX_DOMAINS``
-    # at most, so that a list of all of them fits in one gRPC message).
-    max_domains: int = 10000
+    # at most: a bound on the daemon's memory).
+    max_domains: int = DEFAULT_MAX_DOMAINS
     # The test backend's guest limits (0: the host's RAM / test.guest.MAX_VCPUS).
     test_max_memory_mib: int = 0
     test_max_vcpus: int = 0

@@ -80,7 +80,7 @@ SCHEMA: Final[tuple[Setting, ...]] = (
        reload=True),
     _s("max_incoming_migrations", "int", 0, "concurrent incoming migrations (0: no limit)",
        reload=True),
-    _s("max_domains", "int", 10000, "domains held at most (1..10000)"),
+    _s("max_domains", "int", 100000, "domains held at most (1..1000000)"),
     _s("test_max_memory_mib", "int", 0, "test backend: largest guest memory (0: the host's RAM)"),
     _s("test_max_vcpus", "int", 0, "test backend: most vCPUs of a guest (0: 4096)"),
     _s("max_downtime_ms", "int", 300, "default maximum downtime at switchover (1..2000000)",
