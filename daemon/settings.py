@@ -67,6 +67,8 @@ SCHEMA: Final[tuple[Setting, ...]] = (
     _s("migration_ports", "string", "49152-49215", "ports of incoming migration streams, MIN-MAX"),
     _s("migration_address", "string", "0.0.0.0", "address incoming migration streams bind to"),
     _s("migration_host", "string", "", "host the source connects to ('': the hostname)"),
+    _s("migration_port_wait", "number", 30.0, "seconds a Prepare waits for a free migration "
+       "port when all are taken (0: fail at once)", reload=True),
     _s("job_wait_timeout", "number", 30.0, "seconds a state change waits for a migration job"),
     _s("incoming_job_timeout", "number", 60.0, "seconds before a job no caller's session owns "
        "is rolled back (> 0)", reload=True),
