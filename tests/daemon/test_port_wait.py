@@ -183,3 +183,25 @@ async def test_a_released_port_goes_to_the_longest_waiter(
     assert await asyncio.wait_for(second, 60) == "vm2"
     assert await asyncio.wait_for(third, 60) == "vm3"
     assert [d.name for d in await dst.conn.list_domains()] == ["vm1", "vm2", "vm3"]
+
+
+async def test_an_abort_on_the_source_stops_a_peer_to_peer_wait(
+        waiting: tuple[Host, Host, int]) -> None:
+    """Peer-to-peer: the source daemon runs the sequence; an abort of its job while the
+    destination's Prepare waits cancels that Prepare (the destination rolls back at once)."""
+    src, dst, port = waiting
+    held, first = await hold_first(src, dst)
+    second = asyncio.ensure_future(src.conn.migrate_to_uri3(
+        "vm2", dst.uri, TypedParams(), F.LIVE | F.PEER2PEER))
+    await wait_until(lambda: waiting_job(dst, "vm2"), timeout=30,
+                     what="vm2's Prepare waiting for a port")
+    await src.conn.abort_job("vm2")
+    with pytest.raises(OperationAborted, match="canceled by client"):
+        await asyncio.wait_for(second, 30)
+    await wait_until(lambda: dst.daemon.registry.find_name("vm2") is None, timeout=30,
+                     what="the destination to roll vm2 back")
+    assert (await src.conn.state("vm2"))[0] is DomainState.RUNNING
+    assert dst.daemon.ports._used == {port} and not dst.daemon.ports._waiters
+    held.go.set()
+    assert await asyncio.wait_for(first, 60) == "vm1"
+    assert not dst.daemon.ports._used
