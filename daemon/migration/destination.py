@@ -3,6 +3,11 @@
 the definition is saved before the vCPUs start, so that a daemon killed once the guest runs here
 keeps it, and the prior one is put back if they cannot start).
 
+Prepare takes a port of the migration range before it binds it; when other migrations hold
+every one, it waits for one (``migration_port_wait`` seconds at most, without the domain's lock,
+the incoming job visible in phase prepare; an abort or the end of the caller's session stops the
+wait: :func:`_dst_port`).
+
 Prepare chooses the migration's stream token (a fresh secret, handed to the backend with the
 port's settings and to the source in cookie B; never logged) and, with ``VIR_MIGRATE_TLS``, sets
 the port up as TLS with the daemon's server certificate (:mod:`.tuning`).
