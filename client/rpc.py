@@ -30,7 +30,7 @@ from virtmig.client.values import (
 )
 from virtmig.proto import virtmig_pb2 as pb
 from virtmig.proto import virtmig_pb2_grpc as pbg
-from virtmig.proto.errors import ConnectionFailed, NoDomain, from_status
+from virtmig.proto.errors import ConnectionFailed, NoDomain, NoSupport, from_status
 from virtmig.proto.flags import DomainState
 from virtmig.proto.params import check_max_downtime, check_max_speed
 from virtmig.proto.uri import ConnectURI, parse_uri
@@ -200,9 +200,20 @@ class RpcConnection:
         await self._call(self.domains_stub.Resume, pb.DomainRequest(domain=await self.ref(key)))
 
     async def list_domains(self, *, active: bool = True, inactive: bool = False) -> list[Domain]:
-        m = await self._call(self.domains_stub.List,
-                             pb.ListRequest(active=active, inactive=inactive))
-        return [Domain.from_msg(d) for d in m.domains]
+        """Every domain asked for, however many: ``ListStream``'s chunks.  A daemon from before
+        ``ListStream`` answers it UNIMPLEMENTED: then its one ``List`` reply, which holds all of
+        its domains (such a daemon holds at most 10000)."""
+        request = pb.ListRequest(active=active, inactive=inactive)
+        out: list[Domain] = []
+        try:
+            async for m in self._stream(self.domains_stub.ListStream(request)):
+                out.extend(Domain.from_msg(d) for d in m.domains)
+        except NoSupport:
+            if out:
+                raise
+            m = await self._call(self.domains_stub.List, request)
+            out = [Domain.from_msg(d) for d in m.domains]
+        return out
 
     async def xml_desc(self, key: DomainKey, *, inactive: bool = False,
                        migratable: bool = False, secure: bool = False) -> str:

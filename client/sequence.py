@@ -8,8 +8,10 @@ Beyond libvirt: when Finish's reply is lost (a transport error), the driver asks
 whether the guest runs there before it resumes anything on the source; if the destination cannot
 be reached the source guest stays paused (never on both hosts) and the error says so.
 
-Failure handling, regular mode (peer-to-peer differs in one place: the source daemon always
-runs its own Confirm, so a failed Perform is followed by Finish(cancelled) and Confirm(cancelled))::
+Failure handling, regular mode (peer-to-peer differs in two places: the source daemon always
+runs its own Confirm, so a failed Perform is followed by Finish(cancelled) and Confirm(cancelled);
+and an abort of the source's job cancels a Prepare still running, which may be waiting for a
+migration port on the destination, where the regular client's Ctrl-C cancels it itself)::
 
     Begin fails           → error; nothing else is called
     Prepare fails         → Confirm(cancelled) if change-protected; error
@@ -176,7 +178,11 @@ async def run_v3(
     dparams.set(P.DEST_XML, dom_xml)
     t.add("prepare")
     try:
-        cookie, uri_out = await dst.prepare(dparams, cookie, destflags)
+        if p2p:
+            cookie, uri_out = await _prepare_unless_aborted(src, dst, dom, dparams, cookie,
+                                                            destflags)
+        else:
+            cookie, uri_out = await dst.prepare(dparams, cookie, destflags)
     except VirtmigError as exc:
         return await _confirm_then_raise(src, dom, params, flags | protect, exc, t, protection)
     t.learn_id(cookie)
@@ -272,6 +278,27 @@ async def _confirm(
         await src.confirm(dom, params, run.cookie, flags, cancelled)
     except VirtmigError as exc:
         log.warning("Guest %s probably left in 'paused' state on source: %s", dom, exc)
+
+
+async def _prepare_unless_aborted(
+    src: SourceParty, dst: DestParty, dom: str, params: TypedParams, cookie: bytes, flags: int
+) -> tuple[bytes, str | None]:
+    """Peer-to-peer: Prepare, unless the source's job is aborted while Prepare runs (it may
+    wait for a migration port): then the call is cancelled, which rolls the destination back,
+    and the migration fails as aborted.  A Prepare that completed all the same goes on: the
+    abort then stops Perform."""
+    prepare = asyncio.ensure_future(dst.prepare(params, cookie, flags))
+    aborted = asyncio.ensure_future(src.wait_abort(dom))
+    try:
+        await asyncio.wait({prepare, aborted}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        aborted.cancel()
+    if prepare.done() or not aborted.done() or aborted.cancelled() or aborted.exception():
+        return await prepare
+    prepare.cancel()
+    with contextlib.suppress(asyncio.CancelledError, VirtmigError):
+        return await prepare  # it completed after all
+    raise OperationAborted("job 'migration out' canceled by client")
 
 
 async def _finish_unless_aborted(

@@ -28,8 +28,11 @@ class Domain:
 
     @classmethod
     def from_msg(cls, m: pb.Domain) -> Domain:
-        return cls(m.name, m.uuid, m.id, m.persistent, DomainState(m.state), m.reason,
-                   m.reason_name)
+        return cls(m.name, m.uuid, m.id, m.persistent, _STATES.get(m.state) or DomainState(m.state),
+                   m.reason, m.reason_name)
+
+
+_STATES = {int(s): s for s in DomainState}
 
 
 # What the domain methods accept: a handle, a name, a UUID or a (virsh-style) numeric id.

@@ -73,6 +73,7 @@ ROLES: Final[Mapping[str, Role]] = MappingProxyType({
     "/virtmig.v1.Host/GetHost": _R,
     "/virtmig.v1.Host/OpenSession": _W,
     "/virtmig.v1.Domains/List": _R,
+    "/virtmig.v1.Domains/ListStream": _R,
     "/virtmig.v1.Domains/Lookup": _R,
     "/virtmig.v1.Domains/GetXML": _R,
     "/virtmig.v1.Domains/GetInfo": _R,

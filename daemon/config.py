@@ -120,6 +120,7 @@ def load_config(args: argparse.Namespace) -> DaemonConfig:
         migration_port_max=hi,
         migration_address=_get(data, "migration_address"),
         migration_host=_get(data, "migration_host"),
+        migration_port_wait=_seconds(data, "migration_port_wait"),
         job_wait_timeout=_seconds(data, "job_wait_timeout"),
         incoming_job_timeout=_positive(data, "incoming_job_timeout"),
         default_max_downtime_ms=_max_downtime(data),

@@ -17,6 +17,7 @@ is applied then (if the domain still runs here and its guest is still gone).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import os
 from dataclasses import dataclass
@@ -89,6 +90,9 @@ class DaemonConfig:
     migration_address: str = held("migration_address")
     # Host name or address put in Prepare's URI (libvirt's migration_host); default: hostname.
     migration_host: str = held("migration_host")
+    # Seconds a Prepare waits for a migration port when every port of the range is held by
+    # another migration (0: it fails at once).
+    migration_port_wait: float = held("migration_port_wait")
     job_wait_timeout: float = held("job_wait_timeout")
     # A migration job that no caller's session owns (none was opened, or it ended) is rolled
     # back by the daemon once it has been idle this long (virtmig.daemon.migration.owner).
@@ -103,7 +107,7 @@ class DaemonConfig:
     max_outgoing_migrations: int = held("max_outgoing_migrations")
     max_incoming_migrations: int = held("max_incoming_migrations")
     # Domains this daemon holds at most (defined, running or incoming; ``registry.MAX_DOMAINS``
-    # at most, so that a list of all of them fits in one gRPC message).
+    # at most: a bound on the daemon's memory).
     max_domains: int = held("max_domains")
     # The test backend's guest limits (0: the host's RAM / test.guest.MAX_VCPUS).
     test_max_memory_mib: int = held("test_max_memory_mib")
@@ -187,25 +191,71 @@ def _memory_kib() -> int:
 
 
 class PortAllocator:
-    """Migration ports from the configured range; a port is held until released."""
+    """Migration ports from the configured range; a port is held from before it is bound until
+    released.
+
+    When every port is held, a Prepare may wait for one (:meth:`wait`): a released port goes
+    straight to the longest waiter (it stays held), so waiters are served in arrival order and a
+    Prepare arriving later cannot take it first.  A port that could not be bound because another
+    process holds it is :meth:`drop`-ped: freed without waking anyone.
+    """
 
     def __init__(self, lo: int, hi: int) -> None:
         self.lo, self.hi = lo, hi
         self._used: set[int] = set()
+        self._waiters: collections.deque[asyncio.Future[int]] = collections.deque()
+
+    def exhausted(self) -> PortsExhausted:
+        return PortsExhausted(
+            f"Unable to find an unused port in range 'migration' ({self.lo}-{self.hi})")
 
     def candidates(self) -> list[int]:
+        """The ports nobody holds, lowest first; none: RESOURCE_EXHAUSTED naming the range."""
         free = [p for p in range(self.lo, self.hi + 1) if p not in self._used]
         if not free:
-            raise PortsExhausted(
-                f"Unable to find an unused port in range 'migration' ({self.lo}-{self.hi})"
-            )
+            raise self.exhausted()
         return free
+
+    def free_after(self, port: int) -> int | None:
+        """The lowest port of the range above ``port`` nobody holds (None: none)."""
+        return next((p for p in range(max(port + 1, self.lo), self.hi + 1)
+                     if p not in self._used), None)
 
     def take(self, port: int) -> None:
         self._used.add(port)
 
     def release(self, port: int) -> None:
+        """Give ``port`` back: to the longest waiter if there is one, else to the range."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(port)
+                return
         self._used.discard(port)
+
+    def drop(self, port: int) -> None:
+        """Free ``port`` without handing it to a waiter (another process has it bound)."""
+        self._used.discard(port)
+
+    async def wait(self, timeout: float, stop: asyncio.Event) -> int | None:
+        """A port released within ``timeout`` seconds, now held by the caller; None if none
+        came or ``stop`` was set first."""
+        waiter: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        stopped = asyncio.ensure_future(stop.wait())
+        kept = False
+        try:
+            await asyncio.wait((waiter, stopped), timeout=timeout,
+                               return_when=asyncio.FIRST_COMPLETED)
+            kept = waiter.done() and not stop.is_set()
+            return waiter.result() if kept else None
+        finally:
+            stopped.cancel()
+            if not waiter.done():
+                waiter.cancel()
+                self._waiters.remove(waiter)
+            elif not kept:  # handed a port, but stopped (or cancelled) anyway: pass it on
+                self.release(waiter.result())
 
 
 class Daemon:

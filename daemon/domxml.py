@@ -23,6 +23,7 @@ from __future__ import annotations
 import codecs
 import dataclasses
 import re
+import threading
 import types
 import unicodedata
 import uuid as uuidlib
@@ -69,6 +70,9 @@ _DTD_REFUSED = "DTDs and entities are not allowed in domain XML"
 _INT_RE = re.compile(r"[ \t\n\r]*([0-9]+)[ \t\n\r]*", re.ASCII)
 # libvirt's virUUIDParse: 16 hex pairs, '-' or ' ' allowed between pairs, whitespace around.
 _UUID_RE = re.compile(r"[ \t\n\v\f\r]*((?:[- ]*[0-9a-fA-F]{2}){16})[ \t\n\v\f\r]*", re.ASCII)
+# A UUID already in canonical form (what the daemon itself writes): kept as it is.
+_CANONICAL_UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}",
+                                re.ASCII)
 _ENCODING_DECL_RE = re.compile(
     rb"<\?xml[^>]*?\bencoding[ \t\r\n]*=[ \t\r\n]*[\"']([A-Za-z][A-Za-z0-9._-]*)[\"']"
 )
@@ -99,8 +103,19 @@ class DomainDef:
 # Safe parsing
 
 
+_PARSERS = threading.local()
+
+
+def _parser() -> etree.XMLParser:
+    """This thread's parser (lxml parser objects must not be shared between threads; one per
+    document costs a third of a small document's parse)."""
+    parser: etree.XMLParser | None = getattr(_PARSERS, "parser", None)
+    if parser is None:
+        parser = _PARSERS.parser = _new_parser()
+    return parser
+
+
 def _new_parser() -> etree.XMLParser:
-    # A fresh parser per document: lxml parser objects must not be shared between threads.
     # ``encoding`` is forced because every input is normalised to UTF-8 first (see _to_utf8).
     return etree.XMLParser(
         encoding="utf-8",
@@ -199,7 +214,7 @@ def _parse_tree(text: str | bytes) -> etree._ElementTree:
     if _has_doctype(data):
         raise XMLError(_DTD_REFUSED)
     try:
-        root = etree.fromstring(data, _new_parser())
+        root = etree.fromstring(data, _parser())
     except etree.XMLSyntaxError as err:
         reason = _LXML_POSITION_RE.sub("", str(err.msg or "unknown error"))
         line, column = err.position
@@ -232,10 +247,11 @@ def _is_element(node: etree._Element) -> bool:
 
 def _only_child(parent: etree._Element, tag: str) -> etree._Element | None:
     """The single child ``tag`` of ``parent``, None if absent; XMLError if repeated."""
-    found = parent.findall(tag)
-    if len(found) > 1:
+    found = parent.iterchildren(tag)
+    first = next(found, None)
+    if first is not None and next(found, None) is not None:
         raise XMLError(f"element <{_display_tag(tag)}> may appear only once")
-    return found[0] if found else None
+    return first
 
 
 def _display_tag(tag: str) -> str:
@@ -331,6 +347,8 @@ def validate_name(name: str) -> None:
 
 
 def _canonical_uuid(text: str) -> str:
+    if _CANONICAL_UUID_RE.fullmatch(text):
+        return text
     match = _UUID_RE.fullmatch(text)
     if match is None:
         raise XMLError(f"malformed uuid element: '{text}'")

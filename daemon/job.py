@@ -122,8 +122,11 @@ class MigrationJob:
     pre_state: DomainState = DomainState.NOSTATE
     # Destination: the domain's name on the source when renamed (for cookie checks).
     origname: str = ""
-    # Destination: the migration port taken in Prepare.
+    # Destination: the migration port taken in Prepare (held from before it is bound).
     port: int = 0
+    # Destination: Prepare waits for a migration port (every one is taken); an abort or the
+    # end of the caller's session stops the wait (``abort_event``).
+    waiting_port: bool = False
     # Set by Perform when it is under way; read-only calls read it without any lock.
     progress: MigrationProgress = field(default_factory=MigrationProgress)
     abort_requested: bool = False

@@ -193,6 +193,10 @@ async def abort(daemon: Daemon, dom: DomainObj, flags: int) -> None:
     if job is None:
         raise OperationInvalid("no job is active on the domain")
     if job.kind is AsyncJob.MIGRATION_IN:
+        if job.waiting_port:  # Prepare stops waiting for a port and rolls back
+            log.info("incoming migration of %s aborted while waiting for a port", dom.name)
+            job.request_abort()
+            return
         if job.flags & MigrateFlags.OFFLINE and not job.busy:
             await _abort_offline_incoming(daemon, dom, job)
             return

@@ -6,9 +6,11 @@ calls read these fields directly and never wait; state-changing calls run under 
 and wait (bounded) for a conflicting migration job to end, as libvirt's job masks have it.
 
 Bounds: a lookup refuses an over-long name or UUID before it searches, and :meth:`check_define`
-refuses a new domain beyond ``max_domains`` (:data:`MAX_DOMAINS` at most, so that a list of
-every domain fits in one gRPC message); :meth:`Registry.load` loads no more than
-:data:`MAX_DOMAINS` from the state dir, whatever files it holds.
+refuses a new domain beyond ``max_domains`` (:data:`MAX_DOMAINS` at most: a bound on the
+daemon's memory; lists of any length stream, see ``ListStream``); :meth:`Registry.load` loads
+no more than :data:`MAX_DOMAINS` from the state dir, whatever files it holds.  Every lookup,
+addition and removal costs the same however many domains there are (dicts by UUID and name),
+so loading a state dir is linear in its files.
 
 Observability: :meth:`Registry.save_status` is where a job's phase change becomes durable, so it
 is also where the registry's ``observer`` (:class:`~virtmig.daemon.audit.Audit`: logs, metrics)
@@ -19,6 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
+import operator
+import os
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
@@ -43,10 +48,14 @@ from virtmig.proto.flags import DomainState, MigrateFlags, reason_name
 
 log = logsafe.logger(__name__)
 
-#: The most domains a daemon may hold (``max_domains`` is at most this): a reply listing all of
-#: them, with names of the longest (``domxml.MAX_NAME_BYTES``), stays under gRPC's default
-#: message limit of 4 MiB (about 350 bytes each: 3.4 MiB).
-MAX_DOMAINS = 10000
+#: The most domains a daemon may hold (``max_domains`` is at most this) and loads from its state
+#: dir: a bound on its memory (a domain costs a few KiB; see bench/README.md), not on a reply's
+#: size (``ListStream`` sends any number of domains in chunks).
+MAX_DOMAINS = 1_000_000
+#: ``max_domains``'s default.
+DEFAULT_MAX_DOMAINS = 100_000
+
+_NAME = operator.attrgetter("name")
 
 # A UUID in its longest accepted spelling (libvirt's: '-' or ' ' between any hex pairs).
 _MAX_UUID_CHARS = 64
@@ -135,10 +144,19 @@ class Registry:
         return self._by_name.get(name)
 
     def listing(self, *, active: bool, inactive: bool) -> list[DomainObj]:
-        """``virsh list``'s order: active domains by id, then inactive ones by name."""
-        doms = [d for d in self if (d.active and active) or (not d.active and inactive)]
-        doms.sort(key=lambda d: (d.id < 0, d.id if d.id >= 0 else 0, d.name))
-        return doms
+        """``virsh list``'s order: active domains by id (one without an id by name, after
+        them), then inactive ones by name."""
+        up: list[DomainObj] = []
+        down: list[DomainObj] = []
+        for d in self._by_uuid.values():
+            if d.active:
+                if active:
+                    up.append(d)
+            elif inactive:
+                down.append(d)
+        up.sort(key=lambda d: (d.id < 0, d.id if d.id >= 0 else 0, d.name))
+        down.sort(key=_NAME)
+        return up + down
 
     # --- membership -----------------------------------------------------------------------------
 
@@ -277,16 +295,28 @@ class Registry:
 
         * a definition must be ``domains/<its uuid>.xml``, and its name and UUID must not be
           taken by a definition read before it (the first one is kept);
-        * no more than :data:`MAX_DOMAINS` domains are loaded (a list of them must fit in one
-          reply; ``max_domains`` only refuses new ones, so a lowered value drops nothing);
+        * no more than :data:`MAX_DOMAINS` domains are loaded (``max_domains`` only refuses new
+          ones, so a lowered value drops nothing);
         * a status file must be ``status/<uuid>.xml`` for its live definition's UUID; with a
           definition of that UUID, its live name must be the definition's; without one, it must
           be a transient domain's (``persistent="no"``) whose name no other domain has, within
           :data:`MAX_DOMAINS`.
 
-        The caller (the daemon) decides, with the backend, what a status file means now.
+        The caller (the daemon) decides, with the backend, what a status file means now.  The
+        cyclic garbage collector is off meanwhile: with objects that all stay, its passes over
+        the growing heap are wasted (a large share of the time with 100,000 definitions).
         """
-        for path in sorted(self._files.domains.glob("*.xml")):
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            self._load_definitions()
+            return self._load_statuses()
+        finally:
+            if enabled:
+                gc.enable()
+
+    def _load_definitions(self) -> None:
+        for path in _xml_files(self._files.domains):
             try:
                 d = parse_domain_xml(path.read_bytes())
             except (OSError, XMLError) as exc:
@@ -297,8 +327,10 @@ class Registry:
                 self._reject(path, problem)
                 continue
             self.add(DomainObj(uuid=d.uuid, name=d.name, config=d))
+
+    def _load_statuses(self) -> list[tuple[DomainObj, etree._Element]]:
         with_status = []
-        for path in sorted(self._files.status.glob("*.xml")):
+        for path in _xml_files(self._files.status):
             try:
                 root = etree.fromstring(
                     path.read_bytes(), etree.XMLParser(resolve_entities=False, no_network=True)
@@ -359,6 +391,14 @@ class Registry:
             log.error("rejected %s: %s; cannot move it aside: %s", path, problem, exc)
             return
         log.warning("rejected %s: %s; moved aside to %s", path, problem, moved.name)
+
+
+def _xml_files(folder: Path) -> list[Path]:
+    """``folder``'s ``*.xml`` files in file-name order (names sorted as strings: sorting paths
+    costs more than reading the files)."""
+    return [folder / name for name in sorted(
+        e.name for e in os.scandir(folder)
+        if e.name.endswith(".xml") and not e.name.startswith(".") and e.is_file())]
 
 
 def job_from_status(root: etree._Element) -> MigrationJob | None:

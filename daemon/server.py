@@ -122,8 +122,16 @@ class DomainsService(pbg.DomainsServicer):
         return wire.empty()
 
     async def List(self, request: pb.ListRequest, context: Any) -> pb.ListReply:
-        return wire.domain_list_msg(self.daemon.registry.listing(
-            active=request.active or not request.inactive, inactive=request.inactive))
+        return wire.domain_list_msg(self._listing(request))
+
+    async def ListStream(self, request: pb.ListRequest,
+                         context: Any) -> AsyncIterator[pb.ListReply]:
+        for chunk in wire.domain_list_chunks(self._listing(request)):
+            yield chunk
+
+    def _listing(self, request: pb.ListRequest) -> list[DomainObj]:
+        return self.daemon.registry.listing(active=request.active or not request.inactive,
+                                            inactive=request.inactive)
 
     async def Lookup(self, request: pb.DomainRequest, context: Any) -> pb.Domain:
         return wire.domain_msg(self._dom(request.domain))

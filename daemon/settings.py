@@ -70,6 +70,8 @@ SCHEMA: Final[tuple[Setting, ...]] = (
     _s("migration_ports", "string", "49152-49215", "ports of incoming migration streams, MIN-MAX"),
     _s("migration_address", "string", "0.0.0.0", "address incoming migration streams bind to"),
     _s("migration_host", "string", "", "host the source connects to ('': the hostname)"),
+    _s("migration_port_wait", "number", 30.0, "seconds a Prepare waits for a free migration "
+       "port when all are taken (0: fail at once)", reload=True),
     _s("job_wait_timeout", "number", 30.0, "seconds a state change waits for a migration job"),
     _s("incoming_job_timeout", "number", 60.0, "seconds before a job no caller's session owns "
        "is rolled back (> 0)", reload=True),
@@ -83,7 +85,7 @@ SCHEMA: Final[tuple[Setting, ...]] = (
        reload=True),
     _s("max_incoming_migrations", "int", 0, "concurrent incoming migrations (0: no limit)",
        reload=True),
-    _s("max_domains", "int", 10000, "domains held at most (1..10000)"),
+    _s("max_domains", "int", 100000, "domains held at most (1..1000000)"),
     _s("test_max_memory_mib", "int", 0, "test backend: largest guest memory (0: the host's RAM)"),
     _s("test_max_vcpus", "int", 0, "test backend: most vCPUs of a guest (0: 4096)"),
     _s("max_downtime_ms", "int", 300, "default maximum downtime at switchover (1..2000000)",

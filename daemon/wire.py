@@ -3,9 +3,11 @@
 Requests become core arguments here: a ``DomainRef`` resolves to its domain object, and the
 non-params v3 and the v2 RPCs' arguments become typed params (libvirt's mapping), so the phases
 see one form.
-Core values become replies here: domains, host and domain info, job info, events, the migration
-history (as many of the newest entries as fit in ``history.MAX_REPLY_BYTES``).  The core
-(jobctl, events, registry, migration, p2p, lifecycle, core, the backends) never sees a message.
+Core values become replies here: domains (a ``List`` reply of at most
+:data:`LIST_REPLY_MAX`, ``ListStream``'s chunks of :data:`LIST_CHUNK`), host and domain info,
+job info, events, the migration history (as many of the newest entries as fit in
+``history.MAX_REPLY_BYTES``).  The core (jobctl, events, registry, migration, p2p,
+lifecycle, core, the backends) never sees a message.
 
 Two other daemon modules name the generated types: ``server`` (the service classes and the
 request types its handlers read) and ``tunnel``, a streaming transport of raw bytes that builds
@@ -15,7 +17,7 @@ client: ``virtmig.proto.wire``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from virtmig.client.values import GuestLocation
@@ -25,9 +27,15 @@ from virtmig.daemon.history import MAX_REPLY_BYTES, Entry, entry_dict
 from virtmig.daemon.job import JobInfo
 from virtmig.daemon.registry import DomainObj, Registry
 from virtmig.proto import virtmig_pb2 as pb
-from virtmig.proto.errors import InvalidArgument
+from virtmig.proto.errors import InvalidArgument, ResourceExhausted
 from virtmig.proto.params import MigrateParam, TypedParams
 from virtmig.proto.wire import from_wire, to_wire
+
+#: The most domains one ``List`` reply holds: with names of the longest (``domxml.MAX_NAME_BYTES``),
+#: about 350 bytes each, 3.4 MiB, under gRPC's default message limit of 4 MiB.  More: ListStream.
+LIST_REPLY_MAX = 10000
+#: The most domains one ``ListStream`` reply holds (about 350 KiB at worst).
+LIST_CHUNK = 1000
 
 # --- requests ------------------------------------------------------------------------------------
 
@@ -146,8 +154,21 @@ def domain_msg(dom: DomainObj) -> pb.Domain:
     )
 
 
-def domain_list_msg(doms: Iterable[DomainObj]) -> pb.ListReply:
+def domain_list_msg(doms: Sequence[DomainObj]) -> pb.ListReply:
+    """``List``'s one reply: at most :data:`LIST_REPLY_MAX` domains, else RESOURCE_EXHAUSTED
+    naming ``ListStream`` (a reply with more could pass gRPC's 4 MiB message limit)."""
+    if len(doms) > LIST_REPLY_MAX:
+        raise ResourceExhausted(
+            f"{len(doms)} domains do not fit in one List reply (at most {LIST_REPLY_MAX}): "
+            "use ListStream")
     return pb.ListReply(domains=[domain_msg(d) for d in doms])
+
+
+def domain_list_chunks(doms: Sequence[DomainObj]) -> Iterator[pb.ListReply]:
+    """``ListStream``'s replies: ``doms`` in order, :data:`LIST_CHUNK` at most in each (none
+    for no domain); each entry as the domain is when its chunk is built."""
+    for start in range(0, len(doms), LIST_CHUNK):
+        yield pb.ListReply(domains=[domain_msg(d) for d in doms[start:start + LIST_CHUNK]])
 
 
 def domain_info_msg(dom: DomainObj, cpu_time_ns: int = 0) -> pb.DomainInfo:

@@ -8,6 +8,7 @@ anyone reading libvirt's documentation.
 from __future__ import annotations
 
 import enum
+import functools
 
 
 class MigrateFlags(enum.IntFlag):
@@ -192,8 +193,10 @@ REASONS: dict[DomainState, type[enum.IntEnum]] = {
 }
 
 
+@functools.lru_cache(maxsize=256)
 def reason_name(state: DomainState, reason: int) -> str:
-    """virsh's spelling of a state reason: ``migrated``, ``migration-canceled``, ``user``..."""
+    """virsh's spelling of a state reason: ``migrated``, ``migration-canceled``, ``user``...
+    (cached: a list of many domains asks for the same few)."""
     enum_cls = REASONS.get(state)
     if enum_cls is None:
         return "unknown"

@@ -184,6 +184,11 @@ class DomainsStub:
                 request_serializer=virtmig_dot_proto_dot_virtmig__pb2.ListRequest.SerializeToString,
                 response_deserializer=virtmig_dot_proto_dot_virtmig__pb2.ListReply.FromString,
                 _registered_method=True)
+        self.ListStream = channel.unary_stream(
+                '/virtmig.v1.Domains/ListStream',
+                request_serializer=virtmig_dot_proto_dot_virtmig__pb2.ListRequest.SerializeToString,
+                response_deserializer=virtmig_dot_proto_dot_virtmig__pb2.ListReply.FromString,
+                _registered_method=True)
         self.Lookup = channel.unary_unary(
                 '/virtmig.v1.Domains/Lookup',
                 request_serializer=virtmig_dot_proto_dot_virtmig__pb2.DomainRequest.SerializeToString,
@@ -261,6 +266,12 @@ class DomainsServicer:
         raise NotImplementedError('Method not implemented!')
 
     def List(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListStream(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -346,6 +357,11 @@ def add_DomainsServicer_to_server(servicer, server):
             ),
             'List': grpc.unary_unary_rpc_method_handler(
                     servicer.List,
+                    request_deserializer=virtmig_dot_proto_dot_virtmig__pb2.ListRequest.FromString,
+                    response_serializer=virtmig_dot_proto_dot_virtmig__pb2.ListReply.SerializeToString,
+            ),
+            'ListStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.ListStream,
                     request_deserializer=virtmig_dot_proto_dot_virtmig__pb2.ListRequest.FromString,
                     response_serializer=virtmig_dot_proto_dot_virtmig__pb2.ListReply.SerializeToString,
             ),
@@ -572,6 +588,33 @@ class Domains:
             request,
             target,
             '/virtmig.v1.Domains/List',
+            virtmig_dot_proto_dot_virtmig__pb2.ListRequest.SerializeToString,
+            virtmig_dot_proto_dot_virtmig__pb2.ListReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/virtmig.v1.Domains/ListStream',
             virtmig_dot_proto_dot_virtmig__pb2.ListRequest.SerializeToString,
             virtmig_dot_proto_dot_virtmig__pb2.ListReply.FromString,
             options,

@@ -59,8 +59,8 @@ async def cmd_list(s: Session, args: argparse.Namespace) -> None:
     # virsh: --inactive or --state-shutoff list the inactive domains instead; --all both.
     inactive = bool(args.all or args.inactive or args.state_shutoff)
     active = bool(args.all or not inactive)
-    doms = [d for d in await conn.list_domains(active=active, inactive=inactive)
-            if list_filter(args)(d)]
+    keep = list_filter(args)
+    doms = [d for d in await conn.list_domains(active=active, inactive=inactive) if keep(d)]
     # virsh's order: running domains by id, then inactive ones by name (case-insensitive).
     doms.sort(key=lambda d: (0, d.id, "") if d.id >= 0 else (1, 0, d.name.lower()))
     if args.json:

@@ -3,6 +3,11 @@
 the definition is saved before the vCPUs start, so that a daemon killed once the guest runs here
 keeps it, and the prior one is put back if they cannot start).
 
+Prepare takes a port of the migration range before it binds it; when other migrations hold
+every one, it waits for one (``migration_port_wait`` seconds at most, without the domain's lock,
+the incoming job visible in phase prepare; an abort or the end of the caller's session stops the
+wait: :func:`_dst_port`).
+
 Prepare chooses the migration's stream token (a fresh secret, handed to the backend with the
 port's settings and to the source in cookie B; never logged) and, with ``VIR_MIGRATE_TLS``, sets
 the port up as TLS with the daemon's server certificate (:mod:`.tuning`).
@@ -55,6 +60,7 @@ from virtmig.proto.errors import (
     InternalInputError,
     MigrateFinishOk,
     NoDomain,
+    OperationAborted,
     OperationFailed,
     OperationInvalid,
     PortsExhausted,
@@ -125,38 +131,56 @@ async def dst_prepare(
     if existing is not None and (existing.active or existing.job is not None):
         raise OperationInvalid(f"domain '{existing.name}' is already active")
     dom = existing or daemon.registry.add(DomainObj(uuid=d.uuid, name=d.name))
+    job = MigrationJob(
+        kind=AsyncJob.MIGRATION_IN, phase=Phase.PREPARE, flags=f, params=params.copy(),
+        origname=origname, owner=owner, protocol=protocol,
+        migration_id=mid, peer_hostuuid=src_uuid, peer_hostname=src_name,
+    )
     async with dom.lock:
-        job = MigrationJob(
-            kind=AsyncJob.MIGRATION_IN, phase=Phase.PREPARE, flags=f, params=params.copy(),
-            origname=origname, owner=owner, protocol=protocol,
-            migration_id=mid, peer_hostuuid=src_uuid, peer_hostname=src_name,
-        )
         dom.job = job
         job.busy = True
-        try:
-            dom.live = d
-            token = ""
-            if offline:
-                daemon.registry.save_status(dom)
-                uri_out = None
-            else:
-                # The stream's secret: only the source that got cookie B can prove it knows it.
-                token = new_stream_token()
-                port = await _dst_listen(daemon, dom, d, listen, want_port,
-                                         dst_tuning(daemon, f, params, token))
-                job.port = port
-                dom.live = daemon.live(d)
-                dom.id = daemon.registry.new_id()
-                daemon.set_state(dom, DomainState.PAUSED, PausedReason.MIGRATION)
-                uri_out = None if tunnelled else dst_uri_out(host, port, given=bool(uri_in))
-            cookie = any_cookie(daemon, origname, d.uuid, stream_token=token,
-                                migration_id=job.migration_id)
-        except BaseException:
+        dom.live = d
+    try:
+        if not offline and not want_port:
+            # A port of the range, waited for (without the lock) when all are held.
+            await _dst_port(daemon, dom, job)
+        async with dom.lock:
+            cookie, uri_out = await _dst_incoming(
+                daemon, dom, job, d, listen, None if offline else want_port,
+                None if tunnelled or offline else (host, bool(uri_in)))
+    except BaseException:
+        async with dom.lock:
             await dst_discard(daemon, dom, existed=existing is not None,
                               record=job.record(JobType.FAILED, "prepare failed"))
-            raise
-        job.busy = False
+        raise
+    job.busy = False
     await any_check_owner(daemon, dom)
+    return cookie, uri_out
+
+
+async def _dst_incoming(
+    daemon: Daemon, dom: DomainObj, job: MigrationJob, d: DomainDef, listen: str,
+    want_port: int | None, uri_host: tuple[str, bool] | None,
+) -> tuple[bytes, str | None]:
+    """Prepare under the domain's lock: unless offline, the incoming guest listening on the
+    caller's ``want_port`` or the range's port the job holds; cookie B and the URI for the
+    source (``uri_host``: the host to name and whether the caller gave a URI; None: no URI)."""
+    token = ""
+    uri_out = None
+    if job.flags & F.OFFLINE:  # nothing listens
+        daemon.registry.save_status(dom)
+    else:
+        # The stream's secret: only the source that got cookie B can prove it knows it.
+        token = new_stream_token()
+        await _dst_listen(daemon, job, d, listen, want_port,
+                          dst_tuning(daemon, job.flags, job.params, token))
+        dom.live = daemon.live(d)
+        dom.id = daemon.registry.new_id()
+        daemon.set_state(dom, DomainState.PAUSED, PausedReason.MIGRATION)
+        if uri_host is not None:
+            uri_out = dst_uri_out(uri_host[0], job.port, given=uri_host[1])
+    cookie = any_cookie(daemon, job.origname, d.uuid, stream_token=token,
+                        migration_id=job.migration_id)
     return cookie, uri_out
 
 
@@ -178,14 +202,47 @@ def _dst_cookie_a(daemon: Daemon, cookie_in: bytes | None, origname: str,
             cookie_a.host_cpu)
 
 
+async def _dst_port(daemon: Daemon, dom: DomainObj, job: MigrationJob) -> None:
+    """A port of the migration range held for this job (``job.port``): a free one, else the
+    first one released within ``migration_port_wait`` seconds (0: none is waited for).  The
+    wait ends early when the job is aborted or its caller's session ends (``job.abort_event``;
+    the session's end sets ``fail_error``); then, or when no port came, the error is raised."""
+    ports = daemon.ports
+    port = ports.free_after(ports.lo - 1)
+    if port is not None:
+        ports.take(port)
+        job.port = port
+        return
+    wait = daemon.config.migration_port_wait
+    if wait <= 0:
+        raise ports.exhausted()
+    log.info("incoming migration of %s waits up to %g s for a migration port", dom.name, wait)
+    job.waiting_port = True
+    try:
+        port = await ports.wait(wait, job.abort_event)
+    finally:
+        job.waiting_port = False
+    if job.abort_requested:
+        raise job.fail_error or OperationAborted(
+            "job 'migration in' canceled by client while waiting for a migration port")
+    if port is None:
+        raise PortsExhausted(
+            f"{ports.exhausted().detail} after waiting {wait:g} s (migration_port_wait)")
+    job.port = port
+
+
 async def _dst_listen(
-    daemon: Daemon, dom: DomainObj, d: DomainDef, listen: str, want_port: int | None,
+    daemon: Daemon, job: MigrationJob, d: DomainDef, listen: str, want_port: int | None,
     tuning: MigrationTuning,
-) -> int:
+) -> None:
+    """The incoming guest listening on the caller's ``want_port``, else on the range's port the
+    job holds (``job.port``) or, when another process has that one bound, the next free one;
+    ``job.port`` is the port it listens on (released by the job's end, whatever happens)."""
     spec = daemon.spec(d)
-    candidates = [want_port] if want_port else daemon.ports.candidates()
+    ports = daemon.ports
+    port: int | None = want_port or job.port
     last: OSError | None = None
-    for port in candidates:
+    while port is not None:
         try:
             bound = await daemon.backend.incoming_start(spec, StreamAddress(listen, port),
                                                         tuning)
@@ -196,16 +253,27 @@ async def _dst_listen(
                     f"{exc.strerror or exc}"
                 ) from exc
             last = exc
+            if want_port:
+                break
+            ports.drop(port)  # another process has it: of no use to a waiter either
+            job.port = 0
+            port = ports.free_after(port)
+            if port is not None:
+                ports.take(port)
+                job.port = port
             continue
         except BackendError as exc:
             raise OperationFailed(f"cannot start incoming guest: {exc}") from exc
-        daemon.ports.take(bound)
-        return bound
+        if bound != job.port:
+            if job.port:
+                ports.release(job.port)
+            ports.take(bound)
+            job.port = bound
+        return
     if not want_port:  # every port of the range is taken: libvirt's port allocator's words
         log.warning("no free migration port on %s: %s", listen,
                     last.strerror if last is not None else "none left")
-        raise PortsExhausted(f"Unable to find an unused port in range 'migration' "
-                             f"({daemon.ports.lo}-{daemon.ports.hi})")
+        raise ports.exhausted()
     raise OperationFailed(
         f"no free migration port on {listen}"
         + (f": {last.strerror}" if last is not None else "")

@@ -22,6 +22,7 @@ from virtmig.daemon.job import AsyncJob, MigrationJob, Phase
 from virtmig.daemon.migration.rollback import dst_discard
 from virtmig.daemon.registry import DomainObj
 from virtmig.proto import logsafe
+from virtmig.proto.errors import OperationFailed
 from virtmig.proto.flags import JobType
 
 log = logsafe.logger(__name__)
@@ -49,9 +50,17 @@ async def any_owner_gone(daemon: Daemon, dom: DomainObj, error: str = GONE,
       guest stays paused (never resumed blindly: it may run on the destination) until the
       destination answers how the migration ended (:func:`virtmig.daemon.locate.settle_later`);
     * post-copy failed: the job is kept (only post-copy recovery can settle it).
-    A phase that is running finishes first and checks again when it ends.  ``still``: a
-    condition checked again under the domain's lock (the reaper's: the job is still unowned).
+    A phase that is running finishes first and checks again when it ends, except a Prepare
+    waiting for a migration port: it stops waiting and rolls back, failing with ``error``.
+    ``still``: a condition checked again under the domain's lock (the reaper's: the job is
+    still unowned).
     """
+    job = dom.job
+    if job is not None and job.waiting_port and still is None:
+        # A Prepare waiting for a migration port: it stops waiting and rolls back itself.
+        job.fail_error = OperationFailed(error)
+        job.request_abort()
+        return
     async with dom.lock:
         job = dom.job
         if job is None or job.busy or job.phase >= Phase.POSTCOPY_FAILED:

@@ -199,9 +199,11 @@ async def test_libvirt_error_classes(situation: str, tmp_path: Path) -> None:
     cls, status, message = LIBVIRT_ERRORS[situation]
     lo = int(free_port_range(1).split("-")[0])
     # "src" also plays a destination whose host name is localhost (no migration_host).
+    # (migration_port_wait 0: libvirt fails at once when no port is free, in these words.)
     async with hosts(tmp_path, "test",
                      ("src", {"hostname": "localhost.localdomain", "migration_host": ""}),
-                     ("dst", {"migration_port_min": lo, "migration_port_max": lo})) as (src, dst):
+                     ("dst", {"migration_port_min": lo, "migration_port_max": lo,
+                              "migration_port_wait": 0})) as (src, dst):
         await src.conn.define(domain_xml("vm1"))
         await src.conn.start("vm1")
         with pytest.raises(errors.VirtmigError) as info:

@@ -24,7 +24,8 @@ from virtmig.testing.pki import session_pki
 
 READ_CALLS = {
     "/virtmig.v1.Host/GetHost",
-    "/virtmig.v1.Domains/List", "/virtmig.v1.Domains/Lookup", "/virtmig.v1.Domains/GetXML",
+    "/virtmig.v1.Domains/List", "/virtmig.v1.Domains/ListStream",
+    "/virtmig.v1.Domains/Lookup", "/virtmig.v1.Domains/GetXML",
     "/virtmig.v1.Domains/GetInfo", "/virtmig.v1.Domains/GetState", "/virtmig.v1.Domains/Events",
     "/virtmig.v1.Migration/GetJobInfo", "/virtmig.v1.Migration/WatchJob",
     "/virtmig.v1.Migration/GetMaxDowntime", "/virtmig.v1.Migration/GetMaxSpeed",

@@ -18,6 +18,7 @@ from virtmig.daemon.backend.test import TestBackend
 from virtmig.daemon.config import build_parser, load_config
 from virtmig.daemon.domxml import MAX_NAME_BYTES, MAX_XML_BYTES
 from virtmig.daemon.registry import MAX_DOMAINS
+from virtmig.daemon.wire import LIST_CHUNK, LIST_REPLY_MAX
 from virtmig.proto import virtmig_pb2 as pb
 from virtmig.proto.errors import (
     ConfigUnsupported,
@@ -106,15 +107,17 @@ async def test_migration_refuses_bad_new_names(pair: tuple[Host, Host], dname: s
 
 
 def test_worst_case_list_reply_fits_in_one_message() -> None:
-    """MAX_DOMAINS domains with the longest names, ids and reasons: one List reply."""
+    """LIST_REPLY_MAX domains with the longest names, ids and reasons: one List reply (and
+    a ListStream chunk, LIST_CHUNK of them, is far smaller)."""
     reason = max((reason_name.name for e in REASONS.values() for reason_name in e),
                  key=len).lower()
     worst = pb.Domain(name="€" * (MAX_NAME_BYTES // 3), uuid="0" * 36, id=-1, persistent=True,
                       state=DomainState.PMSUSPENDED, reason=2**31 - 1,  # type: ignore[arg-type]
                       reason_name=reason)
     assert len(worst.name.encode()) == MAX_NAME_BYTES
-    reply = pb.ListReply(domains=[worst] * MAX_DOMAINS)
+    reply = pb.ListReply(domains=[worst] * LIST_REPLY_MAX)
     assert reply.ByteSize() < GRPC_MESSAGE_LIMIT
+    assert LIST_CHUNK < LIST_REPLY_MAX
 
 
 def test_max_domains_setting_is_bounded(tmp_path: Path) -> None:

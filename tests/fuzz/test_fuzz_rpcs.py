@@ -46,7 +46,7 @@ SETUPS = st.sampled_from(["none", "defined", "running", "paused"])
 
 def test_every_rpc_is_generated() -> None:
     """The generators cover every RPC the contract has (a new one joins by itself)."""
-    streams = {"OpenSession", "Events", "WatchJob", "Tunnel"}
+    streams = {"OpenSession", "Events", "WatchJob", "ListStream", "Tunnel"}
     methods = {m.name for s in _SERVICES for m in s.methods}
     assert {m for _s, m, _c in UNARY} | {m for _s, m, _c in SERVER_STREAMS} | {"Tunnel"} \
         == methods

@@ -1,0 +1,207 @@
+"""When every migration port is taken, a Prepare waits for one (issue 17): up to
+``migration_port_wait`` seconds, served in arrival order, then RESOURCE_EXHAUSTED naming the range
+as before; 0 fails at once.  A waiting Prepare holds no lock anyone needs, and an abort on the
+destination or the end of its caller's session stops it, leaving nothing behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from tests.daemon.migration_helpers import migrate, running_guest
+from virtmig.client.connection import AsyncConnection
+from virtmig.client.migrate import RemoteDest, RemoteSource
+from virtmig.client.sequence import run_v3
+from virtmig.proto.errors import OperationAborted, OperationFailed, PortsExhausted
+from virtmig.proto.flags import DomainState, MigrateFlags
+from virtmig.proto.params import MigrateParam, TypedParams
+from virtmig.testing import Host, free_port, hosts, session_pki, wait_until
+
+F = MigrateFlags
+P = MigrateParam
+
+
+class HeldDest(RemoteDest):
+    """Prepare goes through, then the migration stays between Prepare and Perform (holding its
+    port) until ``go`` is set."""
+
+    def __init__(self, dst: Host) -> None:
+        super().__init__(dst.conn, True)
+        self.prepared = asyncio.Event()
+        self.go = asyncio.Event()
+
+    async def prepare(self, params: TypedParams, cookie: bytes,
+                      flags: int) -> tuple[bytes, str | None]:
+        out = await super().prepare(params, cookie, flags)
+        self.prepared.set()
+        await self.go.wait()
+        return out
+
+
+async def one_port_pair(tmp_path: Path, wait: float) -> AsyncIterator[tuple[Host, Host, int]]:
+    port = free_port()
+    async with hosts(tmp_path, "test", ("src", {}), (
+            "dst", {"migration_port_min": port, "migration_port_max": port,
+                    "migration_port_wait": wait})) as (src, dst):
+        for name in ("vm1", "vm2"):
+            await running_guest(src, name)
+        yield src, dst, port
+
+
+@pytest.fixture
+async def waiting(tmp_path: Path) -> AsyncIterator[tuple[Host, Host, int]]:
+    async for pair in one_port_pair(tmp_path, 30):
+        yield pair
+
+
+def waiting_job(dst: Host, name: str) -> bool:
+    dom = dst.daemon.registry.find_name(name)
+    return dom is not None and dom.job is not None and dom.job.waiting_port
+
+
+async def hold_first(src: Host, dst: Host) -> tuple[HeldDest, asyncio.Task[str]]:
+    """vm1's migration, held after its Prepare took the one port."""
+    held = HeldDest(dst)
+    first = asyncio.ensure_future(run_v3(RemoteSource(src.conn, True), held, "vm1",
+                                         TypedParams(), int(F.LIVE), protection=True))
+    await asyncio.wait_for(held.prepared.wait(), 30)
+    return held, first
+
+
+async def test_second_migration_waits_for_the_port_then_completes(
+        waiting: tuple[Host, Host, int]) -> None:
+    src, dst, port = waiting
+    held, first = await hold_first(src, dst)
+    assert dst.daemon.ports._used == {port}
+    second = asyncio.ensure_future(migrate(src, dst, name="vm2"))
+    await wait_until(lambda: waiting_job(dst, "vm2"), timeout=30,
+                     what="vm2's Prepare waiting for a port")
+    # It holds no lock meanwhile, and shows as vm2's job in phase prepare.
+    vm2 = dst.daemon.registry.by_name("vm2")
+    assert not vm2.lock.locked() and not dst.daemon.registry.by_name("vm1").lock.locked()
+    assert (await dst.conn.job_info("vm2")).phase == "prepare"
+    assert not second.done()
+    held.go.set()
+    assert await asyncio.wait_for(first, 60) == "vm1"
+    assert await asyncio.wait_for(second, 60) == "vm2"
+    for name in ("vm1", "vm2"):
+        assert (await dst.conn.state(name))[0] is DomainState.RUNNING
+    assert not dst.daemon.ports._used and not dst.daemon.ports._waiters
+
+
+async def test_without_a_wait_the_second_prepare_fails_at_once(tmp_path: Path) -> None:
+    async for src, dst, port in one_port_pair(tmp_path, 0):
+        held, first = await hold_first(src, dst)
+        with pytest.raises(PortsExhausted) as err:
+            await migrate(src, dst, name="vm2")
+        assert str(err.value) == (
+            f"internal error: Unable to find an unused port in range 'migration' ({port}-{port})")
+        held.go.set()
+        assert await asyncio.wait_for(first, 60) == "vm1"
+        assert (await src.conn.state("vm2"))[0] is DomainState.RUNNING
+        assert dst.daemon.registry.find_name("vm2") is None
+
+
+async def test_a_wait_that_times_out_fails_naming_the_range(tmp_path: Path) -> None:
+    async for src, dst, port in one_port_pair(tmp_path, 0.3):
+        held, first = await hold_first(src, dst)
+        with pytest.raises(PortsExhausted) as err:
+            await migrate(src, dst, name="vm2")
+        assert str(err.value) == (
+            f"internal error: Unable to find an unused port in range 'migration' ({port}-{port}) "
+            "after waiting 0.3 s (migration_port_wait)")
+        assert dst.daemon.registry.find_name("vm2") is None  # rolled back
+        assert (await src.conn.state("vm2"))[0] is DomainState.RUNNING
+        held.go.set()
+        assert await asyncio.wait_for(first, 60) == "vm1"
+        assert not dst.daemon.ports._used and not dst.daemon.ports._waiters
+
+
+async def test_an_abort_on_the_destination_stops_the_wait(
+        waiting: tuple[Host, Host, int]) -> None:
+    src, dst, port = waiting
+    held, first = await hold_first(src, dst)
+    second = asyncio.ensure_future(migrate(src, dst, name="vm2"))
+    await wait_until(lambda: waiting_job(dst, "vm2"), timeout=30,
+                     what="vm2's Prepare waiting for a port")
+    await dst.conn.abort_job("vm2")
+    with pytest.raises(OperationAborted, match="while waiting for a migration port"):
+        await asyncio.wait_for(second, 30)
+    assert dst.daemon.registry.find_name("vm2") is None
+    assert (await src.conn.state("vm2"))[0] is DomainState.RUNNING
+    assert dst.daemon.ports._used == {port} and not dst.daemon.ports._waiters
+    held.go.set()
+    assert await asyncio.wait_for(first, 60) == "vm1"
+    assert not dst.daemon.ports._used
+
+
+async def test_the_end_of_the_callers_session_stops_the_wait(
+        waiting: tuple[Host, Host, int]) -> None:
+    """The session that owns the waiting Prepare ends (on another connection, so that the
+    Prepare call itself stays open): the wait ends at once, with the session's error."""
+    src, dst, port = waiting
+    held, first = await hold_first(src, dst)
+    caller = await AsyncConnection.open(dst.uri, pki_dir=session_pki().client())
+    session = await AsyncConnection.open(dst.uri, pki_dir=session_pki().client())
+    try:
+        caller._session = await session.open_session()
+        xml, cookie = await RemoteSource(src.conn, True).begin("vm2", TypedParams(), F.LIVE)
+        second = asyncio.ensure_future(RemoteDest(caller, True).prepare(
+            TypedParams.of({P.DEST_XML: xml}), cookie, int(F.LIVE)))
+        await wait_until(lambda: waiting_job(dst, "vm2"), timeout=30,
+                         what="vm2's Prepare waiting for a port")
+        await session.close()
+        with pytest.raises(OperationFailed, match="migration caller went away"):
+            await asyncio.wait_for(second, 30)
+    finally:
+        await session.close()
+        await caller.close()
+    assert dst.daemon.registry.find_name("vm2") is None
+    assert dst.daemon.ports._used == {port} and not dst.daemon.ports._waiters
+    held.go.set()
+    assert await asyncio.wait_for(first, 60) == "vm1"
+    assert not dst.daemon.ports._used
+
+
+async def test_a_released_port_goes_to_the_longest_waiter(
+        waiting: tuple[Host, Host, int]) -> None:
+    """Two waiting Prepares: the one that came first gets the port released first, while the
+    other keeps waiting (the allocator hands the port over; no one can take it in between)."""
+    src, dst, _port = waiting
+    await running_guest(src, "vm3")
+    held, first = await hold_first(src, dst)
+    second = asyncio.ensure_future(migrate(src, dst, name="vm2"))
+    await wait_until(lambda: waiting_job(dst, "vm2"), timeout=30, what="vm2 waiting")
+    third = asyncio.ensure_future(migrate(src, dst, name="vm3"))
+    await wait_until(lambda: waiting_job(dst, "vm3"), timeout=30, what="vm3 waiting")
+    held.go.set()
+    assert await asyncio.wait_for(first, 60) == "vm1"
+    assert await asyncio.wait_for(second, 60) == "vm2"
+    assert await asyncio.wait_for(third, 60) == "vm3"
+    assert [d.name for d in await dst.conn.list_domains()] == ["vm1", "vm2", "vm3"]
+
+
+async def test_an_abort_on_the_source_stops_a_peer_to_peer_wait(
+        waiting: tuple[Host, Host, int]) -> None:
+    """Peer-to-peer: the source daemon runs the sequence; an abort of its job while the
+    destination's Prepare waits cancels that Prepare (the destination rolls back at once)."""
+    src, dst, port = waiting
+    held, first = await hold_first(src, dst)
+    second = asyncio.ensure_future(src.conn.migrate_to_uri3(
+        "vm2", dst.uri, TypedParams(), F.LIVE | F.PEER2PEER))
+    await wait_until(lambda: waiting_job(dst, "vm2"), timeout=30,
+                     what="vm2's Prepare waiting for a port")
+    await src.conn.abort_job("vm2")
+    with pytest.raises(OperationAborted, match="canceled by client"):
+        await asyncio.wait_for(second, 30)
+    await wait_until(lambda: dst.daemon.registry.find_name("vm2") is None, timeout=30,
+                     what="the destination to roll vm2 back")
+    assert (await src.conn.state("vm2"))[0] is DomainState.RUNNING
+    assert dst.daemon.ports._used == {port} and not dst.daemon.ports._waiters
+    held.go.set()
+    assert await asyncio.wait_for(first, 60) == "vm1"
+    assert not dst.daemon.ports._used
