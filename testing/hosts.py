@@ -107,6 +107,10 @@ async def start_host(tmp_path: Path, name: str, *, client: Path | None = None,
         # Listening on TLS only, a qemu daemon refuses migrations without --tls by default
         # (migrate_tls_force); the tests migrate without it too, and opt in where they test it.
         settings["migrate_tls_force"] = False
+        # Tests drive the phases themselves, often without a session: a job no session owns is
+        # rolled back after incoming_job_timeout (60 s), which a TCG migration on a loaded
+        # machine can outlast (test_qemu_stall did).  Tests of that rule set their own.
+        settings["incoming_job_timeout"] = 600.0
     settings.update(overrides)
     config = DaemonConfig(**settings)  # type: ignore[arg-type]
     running = await start_daemon(config)
