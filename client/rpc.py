@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import uuid as uuidlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Self, TypeVar
 
@@ -158,8 +157,10 @@ class RpcConnection:
             for d in await self.list_domains(active=True):
                 if d.id == int(key):
                     return pb.DomainRef(uuid=d.uuid)
+        import uuid  # here: uuid imports platform, which a command without a domain never needs
+
         try:
-            return pb.DomainRef(uuid=str(uuidlib.UUID(key)))
+            return pb.DomainRef(uuid=str(uuid.UUID(key)))
         except ValueError:
             return pb.DomainRef(name=key)
 
