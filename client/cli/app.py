@@ -15,7 +15,7 @@ import argparse
 import contextlib
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from virtmig import __version__
 from virtmig.client.cli import parsers
@@ -47,6 +47,28 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         raise UsageError(f"{self.label}: {message}" if self.label else message)
+
+    def _get_formatter(self) -> argparse.HelpFormatter:
+        # argparse's own sizes the text with shutil.get_terminal_size, and importing shutil
+        # (with zlib, bz2 and lzma) is the largest part of what a parse error costs beyond
+        # argparse: the same width, found without it.
+        make: Callable[..., argparse.HelpFormatter] = self.formatter_class  # (width: typed out)
+        return make(prog=self.prog, width=_columns() - 2)
+
+
+def _columns() -> int:
+    """``shutil.get_terminal_size().columns``: ``$COLUMNS``, else the terminal's, else 80."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    stdout = sys.__stdout__
+    if columns <= 0 and stdout is not None:
+        try:
+            columns = os.get_terminal_size(stdout.fileno()).columns
+        except (ValueError, OSError):  # closed or detached, or not a terminal
+            columns = 0
+    return columns if columns > 0 else 80
 
 
 def _cmd(name: str, help_text: str, module: str, data: tuple[str, ...] = (),

@@ -7,6 +7,7 @@ only, now that its full checks run when a connection fails rather than before ev
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import subprocess
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.client.cli_helpers import Daemon, start_daemon, stop_process, virtmig
+from virtmig.client.cli import app
 from virtmig.testing.pki import session_pki
 
 # What ``--help`` and a parse error may load of virtmig: the command table and its options.
@@ -51,9 +53,11 @@ def test_help_and_parse_errors_load_argparse_and_the_command_table_only(argv: li
     status, modules = imported_by(*argv)
     assert status in (0, 1)
     assert {m for m in modules if m.startswith("virtmig")} <= LIGHT
-    # Neither gRPC, protobuf nor asyncio; not even typing or dataclasses (inspect).
+    # Neither gRPC, protobuf nor asyncio; not even typing, dataclasses (inspect) or shutil
+    # (argparse's way to the terminal's width, with zlib, bz2 and lzma).
     assert not {m.split(".")[0] for m in modules} & {
-        "grpc", "google", "asyncio", "typing", "dataclasses", "inspect", "cryptography"}
+        "grpc", "google", "asyncio", "typing", "dataclasses", "inspect", "cryptography",
+        "shutil"}
 
 
 @pytest.fixture
@@ -112,3 +116,20 @@ def test_a_client_pki_dir_that_cannot_work_is_named_in_virtmigs_words_only(
     # Two lines: no log line of gRPC's own ("Invalid private key", "Handshake failed") before.
     assert res.stderr == ("error: failed to connect to the hypervisor\n"
                           f"error: unsupported configuration: {why.format(d=d)}\n")
+
+
+@pytest.mark.parametrize("columns", [None, "57", "0", "wide"])
+def test_help_is_as_wide_as_argparse_would_make_it(monkeypatch: pytest.MonkeyPatch,
+                                                    columns: str | None) -> None:
+    """The parsers find the terminal's width without shutil, as argparse (with shutil) would."""
+    if columns is None:
+        monkeypatch.delenv("COLUMNS", raising=False)
+    else:
+        monkeypatch.setenv("COLUMNS", columns)
+    assert app._columns() == shutil.get_terminal_size().columns
+    for parser in (app.main_parser(), app.command_parser(app.COMMANDS_BY_NAME["migrate"])):
+        ours = parser._get_formatter()
+        argparses = argparse.ArgumentParser._get_formatter(parser)
+        assert type(ours) is type(argparses)
+        assert (ours._width, ours._max_help_position) == (argparses._width,
+                                                          argparses._max_help_position)
