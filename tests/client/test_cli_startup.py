@@ -1,8 +1,9 @@
 """What ``virtmig`` loads to start (issue 17: it starts fast; ``bench/cli_startup.py`` measures it,
 nothing here times anything): ``--help`` and parse errors load argparse and the CLI's light
-modules only; ``list`` over TLS loads no ``cryptography``, no migration driver and no XML
-library; and a client PKI dir that cannot work is still reported by name, in virtmig's words
-only, now that its full checks run when a connection fails rather than before every one.
+modules only; ``list`` over TLS loads no ``cryptography``, no migration driver, no typed-params
+table and no XML library; and a client PKI dir that cannot work is still reported by name, in
+virtmig's words only, now that its full checks run when a connection fails rather than before
+every one.
 """
 
 from __future__ import annotations
@@ -76,7 +77,8 @@ def test_list_over_tls_loads_no_x509_code_nor_migration_drivers(daemon: Daemon) 
     assert "grpc" in modules
     assert not {m.split(".")[0] for m in modules} & {"cryptography", "lxml", "xml", "psutil"}
     assert not modules & {"virtmig.proto.pki", "virtmig.client.migrate",
-                          "virtmig.client.sequence", "virtmig.proto.compat"}
+                          "virtmig.client.sequence", "virtmig.proto.compat",
+                          "virtmig.proto.params", "virtmig.proto.wire"}
     assert not [m for m in modules if m.startswith("virtmig.daemon")]
 
 
