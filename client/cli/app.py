@@ -6,7 +6,8 @@ Start-up is part of the interface (issue 17): ``--help``, ``help COMMAND`` and a
 argparse and this package's light modules (:mod:`~virtmig.client.cli.base`,
 :mod:`~virtmig.client.cli.parsers`) only, since the table names each handler by module
 (:func:`~virtmig.client.cli.base.lazy`); a command imports its own module, and gRPC, when it runs.
-``tests/client/test_cli_rough_edges.py`` pins both import sets; ``bench/cli_startup.py`` measures.
+``tests/client/test_cli_startup.py`` pins both import sets (and that every handler resolves);
+``bench/cli_startup.py`` measures.
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ class _Parser(argparse.ArgumentParser):
         # argparse's own sizes the text with shutil.get_terminal_size, and importing shutil
         # (with zlib, bz2 and lzma) is the largest part of what a parse error costs beyond
         # argparse: the same width, found without it.
-        make: Callable[..., argparse.HelpFormatter] = self.formatter_class  # (width: typed out)
+        # (typeshed's formatter class takes ``prog`` only; argparse's take ``width`` too)
+        make: Callable[..., argparse.HelpFormatter] = self.formatter_class
         return make(prog=self.prog, width=_columns() - 2)
 
 

@@ -227,16 +227,32 @@ class Command:
         return f"Command({self.name!r})"
 
 
-def lazy(module: str, name: str) -> Any:
+class Lazy:
     """A stand-in for function ``name`` of ``module`` that imports the module on its first call
     (the command table's handlers and setups)."""
-    import importlib
 
-    def call(*args: Any) -> Any:
-        return getattr(importlib.import_module(module), name)(*args)
+    __slots__ = ("module", "name")
 
-    call.__qualname__ = call.__name__ = name
-    return call
+    def __init__(self, module: str, name: str) -> None:
+        self.module = module
+        self.name = name
+
+    def resolve(self) -> Any:
+        """The function itself (its module imported)."""
+        import importlib
+
+        return getattr(importlib.import_module(self.module), self.name)
+
+    def __call__(self, *args: Any) -> Any:
+        return self.resolve()(*args)
+
+    def __repr__(self) -> str:
+        return f"lazy({self.module}.{self.name})"
+
+
+def lazy(module: str, name: str) -> Any:
+    """:class:`Lazy`, typed as whatever the caller needs it to be (a handler, a setup)."""
+    return Lazy(module, name)
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ every one.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import shutil
 import subprocess
@@ -20,6 +21,7 @@ import pytest
 
 from tests.client.cli_helpers import Daemon, start_daemon, stop_process, virtmig
 from virtmig.client.cli import app
+from virtmig.client.cli.base import Lazy
 from virtmig.testing.pki import session_pki
 
 # What ``--help`` and a parse error may load of virtmig: the command table and its options.
@@ -59,6 +61,17 @@ def test_help_and_parse_errors_load_argparse_and_the_command_table_only(argv: li
     assert not {m.split(".")[0] for m in modules} & {
         "grpc", "google", "asyncio", "typing", "dataclasses", "inspect", "cryptography",
         "shutil"}
+
+
+def test_every_command_names_a_handler_and_setup_that_exist() -> None:
+    """The table names handlers by module and function: each one resolves to a coroutine
+    function of the module named, and so does every setup given by name."""
+    for cmd in app.COMMANDS:
+        assert isinstance(cmd.handler, Lazy)
+        assert cmd.handler.module.startswith("virtmig.client.cli.")
+        assert inspect.iscoroutinefunction(cmd.handler.resolve()), cmd.name
+        if isinstance(cmd.setup, Lazy):
+            assert callable(cmd.setup.resolve()), cmd.name
 
 
 @pytest.fixture
