@@ -15,21 +15,22 @@ The library's layers, each module importing only those listed above it::
     migrate.py     migrate3 / migrate_to_uri3 over RpcConnections
     connection.py  AsyncConnection: RpcConnection plus the migrate3 / migrate_to_uri3 methods
     sync.py        Connection, the synchronous facade, and open()
-    cli.py         the virsh-like command line, on AsyncConnection
+    cli/           the virsh-like command line, on AsyncConnection
 """
 
 from __future__ import annotations
 
 import importlib
-import typing
 
-if typing.TYPE_CHECKING:
+TYPE_CHECKING = False  # typing's, without importing typing (``virtmig --help`` comes here)
+if TYPE_CHECKING:
     from virtmig.client.connection import AsyncConnection
     from virtmig.client.sync import Connection, open
     from virtmig.client.values import Domain, DomainInfo, DomainKey, Event, HostInfo, JobInfo
     from virtmig.proto.errors import VirtmigError
     from virtmig.proto.flags import DomainState, JobOperation, JobType, MigrateFlags
     from virtmig.proto.params import MigrateParam, TypedParam, TypedParams
+del TYPE_CHECKING  # not a public name of the package
 
 # Where each public name lives: imported on first use (PEP 562), so that importing a submodule
 # (the CLI's parser, ``virtmig --help``) does not load gRPC through this package.
@@ -54,7 +55,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> typing.Any:
+def __getattr__(name: str) -> object:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'virtmig.client' has no attribute '{name}'")

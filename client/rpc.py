@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import uuid as uuidlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Self, TypeVar
 
@@ -32,7 +31,6 @@ from virtmig.proto import virtmig_pb2 as pb
 from virtmig.proto import virtmig_pb2_grpc as pbg
 from virtmig.proto.errors import ConnectionFailed, NoDomain, NoSupport, from_status
 from virtmig.proto.flags import DomainState
-from virtmig.proto.params import check_max_downtime, check_max_speed
 from virtmig.proto.uri import ConnectURI, parse_uri
 
 T = TypeVar("T")
@@ -158,8 +156,10 @@ class RpcConnection:
             for d in await self.list_domains(active=True):
                 if d.id == int(key):
                     return pb.DomainRef(uuid=d.uuid)
+        import uuid  # here: uuid imports platform, which a command without a domain never needs
+
         try:
-            return pb.DomainRef(uuid=str(uuidlib.UUID(key)))
+            return pb.DomainRef(uuid=str(uuid.UUID(key)))
         except ValueError:
             return pb.DomainRef(name=key)
 
@@ -290,6 +290,8 @@ class RpcConnection:
             domain=await self.ref(key), flags=2 if postcopy else 0))
 
     async def set_max_downtime(self, key: DomainKey, downtime_ms: int) -> None:
+        from virtmig.proto.params import check_max_downtime  # (not needed by other commands)
+
         check_max_downtime(downtime_ms)  # the daemon's check too, before anything is sent
         await self._call(self.migration_stub.SetMaxDowntime, pb.DowntimeRequest(
             domain=await self.ref(key), downtime_ms=downtime_ms))
@@ -301,6 +303,8 @@ class RpcConnection:
 
     async def set_max_speed(self, key: DomainKey, bandwidth_mib: int, *,
                             postcopy: bool = False) -> None:
+        from virtmig.proto.params import check_max_speed
+
         check_max_speed(bandwidth_mib)  # the daemon's check too, before anything is sent
         await self._call(self.migration_stub.SetMaxSpeed, pb.SpeedRequest(
             domain=await self.ref(key), bandwidth_mib=bandwidth_mib, flags=1 if postcopy else 0))

@@ -8,8 +8,15 @@ default dir) and trusts the daemons its ``cacert.pem`` signed.  gRPC checks the 
 certificate against the host the URI names, as libvirt's client does: a DNS name must match a
 DNS SAN, an address an IP SAN.  That check is never switched off here.
 
-The PKI code (:mod:`virtmig.proto.pki`, and with it ``cryptography``) is imported only for a TLS
-URI: a CLI command over the unix socket does not pay for it.
+A channel reads the PKI dir's files with the checks that need no X.509 code
+(:func:`~virtmig.proto.pkifiles.read_client_files`: present, readable, the key readable by its
+owner only) and leaves the certificates to gRPC's TLS, which verifies the daemon's chain and name
+and presents the client's.  The full checks of :mod:`virtmig.proto.pki` (dates, chain, CA-ness,
+key usage, key match and type), with ``cryptography``, which costs a ``virtmig`` command more
+than all its other imports but gRPC's (issue 17), run only to say why a first call got no answer
+(:func:`connect_error`) -- or before connecting if a file holds no PEM block of its kind, which
+gRPC would refuse with its own log lines: the dir's fault is reported as it was when they ran
+up front (:class:`~virtmig.proto.errors.ConfigUnsupported` naming the file).
 """
 
 from __future__ import annotations
@@ -23,7 +30,14 @@ from typing import Any
 
 import grpc
 
-from virtmig.proto.errors import ConnectionFailed, OperationTimeout, VirtmigError, from_status
+from virtmig.proto.errors import (
+    ConfigUnsupported,
+    ConnectionFailed,
+    OperationTimeout,
+    VirtmigError,
+    from_status,
+)
+from virtmig.proto.pkifiles import PkiPaths, pem_blocks_look_right, read_client_files
 from virtmig.proto.uri import ConnectURI
 
 
@@ -35,17 +49,38 @@ def with_pki_dir(uri: ConnectURI, default_pki_dir: str | os.PathLike[str] | None
 
 
 def open_channel(uri: ConnectURI, options: Sequence[tuple[str, Any]]) -> grpc.aio.Channel:
-    """A channel to ``uri``; for TLS, with the PKI dir's client credentials, checked first
-    (:class:`~virtmig.proto.errors.ConfigUnsupported` naming the file that is wrong)."""
+    """A channel to ``uri``; for TLS, with the PKI dir's client credentials, read with the checks
+    that need no X.509 code (:class:`~virtmig.proto.errors.ConfigUnsupported` naming the file
+    that is wrong; :func:`connect_error` checks the rest if the daemon does not answer)."""
     if uri.transport != "tls":
         return grpc.aio.insecure_channel(uri.grpc_target, options=list(options))
-    from virtmig.proto.pki import PkiPaths, load_client_credentials
-
-    tls = load_client_credentials(PkiPaths.resolve(uri.pki_dir or None))
+    paths = PkiPaths.resolve(uri.pki_dir or None)
+    tls = read_client_files(paths)
+    if not pem_blocks_look_right(tls):
+        _check_client_pki(uri)  # raises, naming the file
     credentials = grpc.ssl_channel_credentials(root_certificates=tls.ca_pem,
                                                private_key=tls.key_pem,
                                                certificate_chain=tls.cert_chain_pem)
     return grpc.aio.secure_channel(uri.grpc_target, credentials, options=list(options))
+
+
+def _check_client_pki(uri: ConnectURI) -> None:
+    """The full checks of ``uri``'s client PKI dir (:mod:`virtmig.proto.pki`, with
+    ``cryptography``): ``ConfigUnsupported`` naming what is wrong, if anything is."""
+    from virtmig.proto.pki import load_client_credentials
+
+    load_client_credentials(PkiPaths.resolve(uri.pki_dir or None))
+
+
+def _pki_fault(uri: ConnectURI) -> ConfigUnsupported | None:
+    """Why ``uri``'s client PKI dir cannot work, if it cannot: a TLS URI only."""
+    if uri.transport != "tls":
+        return None
+    try:
+        _check_client_pki(uri)
+    except ConfigUnsupported as exc:
+        return exc
+    return None
 
 
 # The system's words for why a connection failed, as gRPC's details carry them.
@@ -74,6 +109,9 @@ def connect_error(uri: ConnectURI, exc: grpc.aio.AioRpcError, timeout: float | N
     metadata = exc.trailing_metadata()
     answered = any(isinstance(item, tuple) and item[0] == "virtmig-error"
                    for item in metadata or ())
+    fault = None if answered else _pki_fault(uri)
+    if fault is not None:  # what the client's own PKI dir gets wrong comes first, as before
+        return fault
     where = f"socket '{uri.path}'" if uri.transport == "unix" else f"'{uri.grpc_target}'"
     if not answered and code is grpc.StatusCode.UNAVAILABLE:
         if uri.transport == "unix":

@@ -6,12 +6,13 @@ Each value is built from its wire message in one ``from_msg``; nothing here talk
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from virtmig.proto import virtmig_pb2 as pb
 from virtmig.proto.flags import DomainState, JobOperation, JobType
-from virtmig.proto.params import TypedParam
-from virtmig.proto.wire import from_wire
+
+if TYPE_CHECKING:
+    from virtmig.proto.params import TypedParam
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,9 @@ class JobInfo:
 
     @classmethod
     def from_msg(cls, m: pb.JobInfo) -> JobInfo:
+        # Here, not at the top: the typed params (and their table) are for job commands only.
+        from virtmig.proto.wire import from_wire
+
         return cls(JobType(m.type), JobOperation(m.operation), m.time_elapsed_ms, m.data_total,
                    m.data_processed, m.data_remaining, m.mem_total, m.mem_processed,
                    m.mem_remaining, tuple(from_wire(m.stats)), m.phase, m.error,

@@ -22,16 +22,17 @@ key matches the certificate and is readable by its owner only (as ssh refuses a 
 read), and that gRPC's TLS can use the key type.  So a bad dir fails at startup with a message
 naming the file and what is wrong, not at the first handshake with "Socket closed".  Every
 failure is :class:`~virtmig.proto.errors.ConfigUnsupported`.
+
+The files' names and reading them (everything here that needs no ``cryptography``) are
+:mod:`virtmig.proto.pkifiles`, re-exported here: a client connects with those alone and runs the
+checks above when a connection fails, to say why (:mod:`virtmig.client.transport`).
 """
 
 from __future__ import annotations
 
 import itertools
-import os
 import re
-import stat
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
@@ -44,90 +45,54 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, ObjectIdentifier
 
 from virtmig.proto.errors import ConfigUnsupported
+from virtmig.proto.pkifiles import (
+    CACERT_FILE,
+    CLIENTCERT_FILE,
+    CLIENTKEY_FILE,
+    MAX_PEM_BYTES,
+    PKI_DIR_ENV,
+    PRIVATE_DIR,
+    SERVERCERT_FILE,
+    SERVERKEY_FILE,
+    SYSTEM_PKI_DIR,
+    PkiPaths,
+    TlsMaterial,
+    default_pki_dir,
+    read_pem_file,
+    resolve_pki_dir,
+)
 
-PKI_DIR_ENV = "VIRTMIG_PKI_DIR"
-SYSTEM_PKI_DIR = Path("/etc/pki/virtmig")
+__all__ = [
+    "CACERT_FILE",
+    "CLIENTCERT_FILE",
+    "CLIENTKEY_FILE",
+    "MAX_PEM_BYTES",
+    "PKI_DIR_ENV",
+    "PRIVATE_DIR",
+    "SERVERCERT_FILE",
+    "SERVERKEY_FILE",
+    "SYSTEM_PKI_DIR",
+    "PkiPaths",
+    "TlsMaterial",
+    "check_ca",
+    "default_pki_dir",
+    "dn_matches",
+    "key_matches",
+    "load_client_credentials",
+    "load_server_credentials",
+    "parse_certificates",
+    "parse_private_key",
+    "peer_subject_dn",
+    "read_pem_file",
+    "resolve_pki_dir",
+    "subject_dn",
+]
 
-CACERT_FILE = "cacert.pem"
-SERVERCERT_FILE = "servercert.pem"
-SERVERKEY_FILE = "private/serverkey.pem"
-CLIENTCERT_FILE = "clientcert.pem"
-CLIENTKEY_FILE = "private/clientkey.pem"
-PRIVATE_DIR = "private"
-
-# A PEM file bigger than this is not a certificate or key (a wrong path to a disk image, say).
-MAX_PEM_BYTES = 1 << 20
 
 _E = TypeVar("_E", bound=x509.ExtensionType)
 
 
-# --- where the files are --------------------------------------------------------------------------
-
-
-def default_pki_dir() -> Path:
-    """``/etc/pki/virtmig`` for root; otherwise ``$XDG_CONFIG_HOME/virtmig/pki`` (by default
-    ``~/.config/virtmig/pki``).
-
-    libvirt's per-user dir is ``~/.pki/libvirt``.  ``~/.pki`` is NSS's database dir that libvirt
-    borrowed; virtmig's other per-user paths follow the XDG base-directory spec
-    (``$XDG_RUNTIME_DIR/virtmig`` for the socket), and credentials are configuration, so they go
-    under the XDG config dir.
-    """
-    if os.geteuid() == 0:
-        return SYSTEM_PKI_DIR
-    xdg = os.environ.get("XDG_CONFIG_HOME")
-    base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".config"
-    return base / "virtmig" / "pki"
-
-
-def resolve_pki_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
-    """The PKI dir to use: ``explicit`` (``?pkipath=`` or the config's ``pki_dir``) if given,
-    else ``$VIRTMIG_PKI_DIR`` if set, else :func:`default_pki_dir`."""
-    if explicit:
-        return Path(explicit)
-    env = os.environ.get(PKI_DIR_ENV)
-    if env:
-        return Path(env)
-    return default_pki_dir()
-
-
-@dataclass(frozen=True)
-class PkiPaths:
-    """The files of one PKI dir."""
-
-    dir: Path
-    cacert: Path
-    servercert: Path
-    serverkey: Path
-    clientcert: Path
-    clientkey: Path
-
-    @classmethod
-    def of(cls, directory: str | os.PathLike[str]) -> PkiPaths:
-        """The files in ``directory``, with libvirt's names."""
-        d = Path(directory)
-        return cls(d, d / CACERT_FILE, d / SERVERCERT_FILE, d / SERVERKEY_FILE,
-                   d / CLIENTCERT_FILE, d / CLIENTKEY_FILE)
-
-    @classmethod
-    def resolve(cls, explicit: str | os.PathLike[str] | None = None) -> PkiPaths:
-        """The files of the dir :func:`resolve_pki_dir` picks."""
-        return cls.of(resolve_pki_dir(explicit))
-
-
 # --- loading --------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TlsMaterial:
-    """Checked PEM bytes, as ``grpc.ssl_server_credentials`` / ``ssl_channel_credentials`` take
-    them: the CA certificate(s), the certificate chain (leaf first), and its key."""
-
-    ca_pem: bytes = field(repr=False)
-    cert_chain_pem: bytes = field(repr=False)
-    key_pem: bytes = field(repr=False)
-    # The certificate's subject, as :func:`subject_dn` writes it (for logs and messages).
-    subject: str = ""
 
 
 def load_server_credentials(paths: PkiPaths, *, now: datetime | None = None) -> TlsMaterial:
@@ -139,32 +104,6 @@ def load_server_credentials(paths: PkiPaths, *, now: datetime | None = None) -> 
 def load_client_credentials(paths: PkiPaths, *, now: datetime | None = None) -> TlsMaterial:
     """``cacert.pem``, ``clientcert.pem`` and ``private/clientkey.pem``, checked the same way."""
     return _load(paths.cacert, paths.clientcert, paths.clientkey, "client", now)
-
-
-def read_pem_file(path: Path, what: str, *, private: bool = False) -> bytes:
-    """A PEM file's bytes; ``ConfigUnsupported`` naming ``what`` and ``path`` if it is missing,
-    unreadable, not a regular file or too big, or (``private``) if group or others may access it.
-    """
-    try:
-        # O_NONBLOCK: opening a FIFO put there by mistake must not wait for a writer.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        with os.fdopen(fd, "rb") as f:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise ConfigUnsupported(f"{what} '{path}' is not a regular file")
-            if private and st.st_mode & 0o077:
-                raise ConfigUnsupported(
-                    f"permissions {stat.S_IMODE(st.st_mode):04o} for {what} '{path}' are too "
-                    "open: a private key must be accessible by its owner only (chmod 600)"
-                )
-            data = f.read(MAX_PEM_BYTES + 1)
-    except FileNotFoundError:
-        raise ConfigUnsupported(f"{what} '{path}' does not exist") from None
-    except OSError as exc:
-        raise ConfigUnsupported(f"cannot read {what} '{path}': {exc.strerror or exc}") from None
-    if len(data) > MAX_PEM_BYTES:
-        raise ConfigUnsupported(f"{what} '{path}' is too big for a PEM file")
-    return data
 
 
 def parse_certificates(data: bytes, path: Path, what: str) -> list[x509.Certificate]:

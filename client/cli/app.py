@@ -1,21 +1,25 @@
 """The CLI's entry point: the command table, the argparse parsers (virsh's "data" options by
 name or by position), and ``main``, which turns every failure into ``error:`` lines and an exit
 status.
+
+Start-up is part of the interface (issue 17): ``--help``, ``help COMMAND`` and a parse error import
+argparse and this package's light modules (:mod:`~virtmig.client.cli.base`,
+:mod:`~virtmig.client.cli.parsers`) only, since the table names each handler by module
+(:func:`~virtmig.client.cli.base.lazy`); a command imports its own module, and gRPC, when it runs.
+``tests/client/test_cli_startup.py`` pins both import sets (and that every handler resolves);
+``bench/cli_startup.py`` measures.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import os
-import signal
 import sys
-from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any, NoReturn
+from collections.abc import Callable, Sequence
 
 from virtmig import __version__
-from virtmig.client.cli import domains, history, host, jobs, options, pki
+from virtmig.client.cli import parsers
 from virtmig.client.cli.base import (
     DEFAULT_CONNECT_TIMEOUT,
     CliError,
@@ -24,15 +28,15 @@ from virtmig.client.cli.base import (
     UsageError,
     add_json,
     connect_timeout,
+    lazy,
     option,
     print_error,
 )
-from virtmig.client.cli.migration import cmd_migrate
-from virtmig.client.cli.output import EVENT_NAMES
-from virtmig.proto.errors import VirtmigError
+from virtmig.client.cli.parsers import EVENT_NAMES, MIGRATE_DATA
 
+TYPE_CHECKING = False  # typing's, without importing typing
 if TYPE_CHECKING:
-    from virtmig.client.connection import AsyncConnection, Domain
+    from typing import Any, NoReturn
 
 
 class _Parser(argparse.ArgumentParser):
@@ -45,69 +49,94 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         raise UsageError(f"{self.label}: {message}" if self.label else message)
 
+    def _get_formatter(self) -> argparse.HelpFormatter:
+        # argparse's own sizes the text with shutil.get_terminal_size, and importing shutil
+        # (with zlib, bz2 and lzma) is the largest part of what a parse error costs beyond
+        # argparse: the same width, found without it.
+        # (typeshed's formatter class takes ``prog`` only; argparse's take ``width`` too)
+        make: Callable[..., argparse.HelpFormatter] = self.formatter_class
+        return make(prog=self.prog, width=_columns() - 2)
 
-def _lifecycle(verb: str, done: str, call: Callable[[AsyncConnection, Domain], Awaitable[None]],
-               help_text: str) -> Command:
-    return Command(verb, help_text, domains.lifecycle(verb, done, call), ("domain",), ("domain",))
 
+def _columns() -> int:
+    """``shutil.get_terminal_size().columns``: ``$COLUMNS``, else the terminal's, else 80."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    stdout = sys.__stdout__
+    if columns <= 0 and stdout is not None:
+        try:
+            columns = os.get_terminal_size(stdout.fileno()).columns
+        except (ValueError, OSError):  # closed or detached, or not a terminal
+            columns = 0
+    return columns if columns > 0 else 80
+
+
+def _cmd(name: str, help_text: str, module: str, data: tuple[str, ...] = (),
+         required: tuple[str, ...] = (), setup: Any = None, **kwargs: Any) -> Command:
+    """A command whose handler is ``cmd_NAME`` of ``virtmig.client.cli.MODULE``, imported when it
+    runs."""
+    handler = lazy(f"virtmig.client.cli.{module}", f"cmd_{name.replace('-', '_')}")
+    return Command(name, help_text, handler, data, required, setup, **kwargs)
+
+
+_DOMAIN = ("domain",)
+_POSTCOPY = parsers.setup_postcopy
+_MIGRATE_DATA = tuple(option_name.replace("-", "_") for option_name, _, _ in MIGRATE_DATA)
 
 COMMANDS: tuple[Command, ...] = (
-    Command("list", "list domains", domains.cmd_list, setup=domains.setup_list),
-    Command("define", "define (but don't start) a domain from an XML file", domains.cmd_define,
-            ("file",), ("file",)),
-    Command("create", "create a domain from an XML file", domains.cmd_create, ("file",),
-            ("file",), domains.setup_create),
-    Command("undefine", "undefine a domain", domains.cmd_undefine, ("domain",), ("domain",)),
-    Command("start", "start a (previously defined) inactive domain", domains.cmd_start,
-            ("domain",), ("domain",), domains.setup_start),
-    _lifecycle("destroy", "destroyed", lambda c, d: c.destroy(d),
-               "destroy (stop) a domain"),
-    _lifecycle("suspend", "suspended", lambda c, d: c.suspend(d), "suspend a domain"),
-    _lifecycle("resume", "resumed", lambda c, d: c.resume(d), "resume a domain"),
-    Command("dominfo", "domain information", domains.cmd_dominfo, ("domain",), ("domain",),
-            domains.setup_dominfo),
-    Command("domstate", "domain state", domains.cmd_domstate, ("domain",), ("domain",),
-            domains.setup_domstate),
-    Command("dumpxml", "domain information in XML", domains.cmd_dumpxml, ("domain",),
-            ("domain",), domains.setup_dumpxml),
-    Command("ttyconsole", "tty console", domains.cmd_ttyconsole, ("domain",), ("domain",)),
-    Command("migrate", "migrate domain to another host", cmd_migrate,
-            ("domain", *options.DATA_OPTIONS), ("domain", "desturi"), options.setup_migrate,
-            options.DATA_METAVARS, options.DATA_HELP),
-    Command("domjobinfo", "domain job information", jobs.cmd_domjobinfo, ("domain",),
-            ("domain",), jobs.setup_domjobinfo),
-    Command("domjobabort", "abort active domain job", jobs.cmd_domjobabort, ("domain",),
-            ("domain",), jobs.setup_postcopy("abort a post-copy migration")),
-    Command("migrate-setmaxdowntime", "set maximum tolerable downtime",
-            jobs.cmd_migrate_setmaxdowntime, ("domain", "downtime"), ("domain", "downtime"),
-            metavars={"downtime": "MS"}),
-    Command("migrate-getmaxdowntime", "get maximum tolerable downtime",
-            jobs.cmd_migrate_getmaxdowntime, ("domain",), ("domain",)),
-    Command("migrate-setspeed", "Set the maximum migration bandwidth",
-            jobs.cmd_migrate_setspeed, ("domain", "bandwidth"), ("domain", "bandwidth"),
-            jobs.setup_postcopy("set post-copy migration bandwidth"), {"bandwidth": "MiB/s"}),
-    Command("migrate-getspeed", "Get the maximum migration bandwidth",
-            jobs.cmd_migrate_getspeed, ("domain",), ("domain",),
-            jobs.setup_postcopy("get post-copy migration bandwidth")),
-    Command("migrate-compcache", "get/set compression cache size", jobs.cmd_migrate_compcache,
-            ("domain",), ("domain",), jobs.setup_compcache),
-    Command("migrate-postcopy", "Switch running migration from pre-copy to post-copy",
-            jobs.cmd_migrate_postcopy, ("domain",), ("domain",)),
-    Command("migrate-resolve", "settle a guest whose migration's outcome is unknown",
-            domains.cmd_migrate_resolve, ("domain", "desturi"), ("domain",),
-            metavars={"desturi": "DESTURI"}),
-    Command("migrate-history", "past migrations of this host, newest first",
-            history.cmd_migrate_history, ("domain",), (), history.setup_migrate_history),
-    Command("event", "Domain Events", jobs.cmd_event, ("domain", "event", "timeout"), (),
-            jobs.setup_event, {"event": "TYPE", "timeout": "SECONDS"}),
-    Command("hostname", "print the daemon's hostname", host.cmd_hostname),
-    Command("version", "show version", host.cmd_version),
-    Command("nodeinfo", "node information", host.cmd_nodeinfo, setup=add_json),
-    Command("capabilities", "capabilities", host.cmd_capabilities, setup=add_json),
-    Command("health", "virtmig: the daemon's gRPC health status (exit 0 only when SERVING)",
-            host.cmd_health, setup=host.setup_health),
-    Command("pki", "make a CA, or issue a host's or client's TLS certificates (no daemon)",
-            pki.cmd_pki, setup=pki.setup_pki),
+    _cmd("list", "list domains", "domains", setup=parsers.setup_list),
+    _cmd("define", "define (but don't start) a domain from an XML file", "domains",
+         ("file",), ("file",)),
+    _cmd("create", "create a domain from an XML file", "domains", ("file",), ("file",),
+         parsers.setup_create),
+    _cmd("undefine", "undefine a domain", "domains", _DOMAIN, _DOMAIN),
+    _cmd("start", "start a (previously defined) inactive domain", "domains", _DOMAIN, _DOMAIN,
+         parsers.setup_start),
+    _cmd("destroy", "destroy (stop) a domain", "domains", _DOMAIN, _DOMAIN),
+    _cmd("suspend", "suspend a domain", "domains", _DOMAIN, _DOMAIN),
+    _cmd("resume", "resume a domain", "domains", _DOMAIN, _DOMAIN),
+    _cmd("dominfo", "domain information", "domains", _DOMAIN, _DOMAIN, add_json),
+    _cmd("domstate", "domain state", "domains", _DOMAIN, _DOMAIN, parsers.setup_domstate),
+    _cmd("dumpxml", "domain information in XML", "domains", _DOMAIN, _DOMAIN,
+         parsers.setup_dumpxml),
+    _cmd("ttyconsole", "tty console", "domains", _DOMAIN, _DOMAIN),
+    _cmd("migrate", "migrate domain to another host", "migration",
+         ("domain", *_MIGRATE_DATA), ("domain", "desturi"),
+         lazy("virtmig.client.cli.options", "setup_migrate"),
+         metavars={o.replace("-", "_"): metavar for o, metavar, _ in MIGRATE_DATA},
+         data_help={o.replace("-", "_"): text for o, _, text in MIGRATE_DATA}),
+    _cmd("domjobinfo", "domain job information", "jobs", _DOMAIN, _DOMAIN,
+         parsers.setup_domjobinfo),
+    _cmd("domjobabort", "abort active domain job", "jobs", _DOMAIN, _DOMAIN,
+         _POSTCOPY("abort a post-copy migration")),
+    _cmd("migrate-setmaxdowntime", "set maximum tolerable downtime", "jobs",
+         ("domain", "downtime"), ("domain", "downtime"), metavars={"downtime": "MS"}),
+    _cmd("migrate-getmaxdowntime", "get maximum tolerable downtime", "jobs", _DOMAIN, _DOMAIN),
+    _cmd("migrate-setspeed", "Set the maximum migration bandwidth", "jobs",
+         ("domain", "bandwidth"), ("domain", "bandwidth"),
+         _POSTCOPY("set post-copy migration bandwidth"), metavars={"bandwidth": "MiB/s"}),
+    _cmd("migrate-getspeed", "Get the maximum migration bandwidth", "jobs", _DOMAIN, _DOMAIN,
+         _POSTCOPY("get post-copy migration bandwidth")),
+    _cmd("migrate-compcache", "get/set compression cache size", "jobs", _DOMAIN, _DOMAIN,
+         parsers.setup_compcache),
+    _cmd("migrate-postcopy", "Switch running migration from pre-copy to post-copy", "jobs",
+         _DOMAIN, _DOMAIN),
+    _cmd("migrate-resolve", "settle a guest whose migration's outcome is unknown", "domains",
+         ("domain", "desturi"), _DOMAIN, metavars={"desturi": "DESTURI"}),
+    _cmd("migrate-history", "past migrations of this host, newest first", "history", _DOMAIN,
+         (), parsers.setup_migrate_history),
+    _cmd("event", "Domain Events", "jobs", ("domain", "event", "timeout"), (),
+         parsers.setup_event, metavars={"event": "TYPE", "timeout": "SECONDS"}),
+    _cmd("hostname", "print the daemon's hostname", "host"),
+    _cmd("version", "show version", "host"),
+    _cmd("nodeinfo", "node information", "host", setup=add_json),
+    _cmd("capabilities", "capabilities", "host", setup=add_json),
+    _cmd("health", "virtmig: the daemon's gRPC health status (exit 0 only when SERVING)", "host",
+         setup=parsers.setup_health),
+    _cmd("pki", "make a CA, or issue a host's or client's TLS certificates (no daemon)", "pki",
+         setup=lazy("virtmig.client.cli.pki", "setup_pki")),
 )
 
 COMMANDS_BY_NAME = {c.name: c for c in COMMANDS}
@@ -194,6 +223,7 @@ def main_parser() -> _Parser:
 
 async def run(cmd: Command, uri: str | None, args: argparse.Namespace,
               timeout: float = DEFAULT_CONNECT_TIMEOUT) -> None:
+    """Run ``cmd``'s handler with a :class:`Session` on ``uri``, closing its connections."""
     session = Session(uri, timeout)
     try:
         await cmd.handler(session, args)
@@ -224,13 +254,10 @@ def _main(argv: list[str]) -> int:
         args = parse_command(cmd, ns.args)
         timeout = connect_timeout(ns.connect_timeout)
         ran = True
-        asyncio.run(run(cmd, ns.connect, args, timeout))
+        status = _run_command(cmd, ns.connect, args, timeout)
     except CliError as exc:
         for line in exc.lines:
             print_error(line)
-        status = 1
-    except VirtmigError as exc:
-        print_error(str(exc))
         status = 1
     if ran and not quiet:
         # virsh's vshPrintExtra(ctl, "\n") after every command it ran, failed ones too.
@@ -238,20 +265,62 @@ def _main(argv: list[str]) -> int:
     return status
 
 
-def main(argv: list[str] | None = None) -> int:
-    """The ``virtmig`` console script: returns the exit status (0 success, 1 failure)."""
+def _run_command(cmd: Command, uri: str | None, args: argparse.Namespace, timeout: float) -> int:
+    """Run a parsed command in its event loop: 0, or 1 after its ``error:`` lines."""
+    import asyncio  # here, not at the top: parsing (and --help) loads no asyncio
+
+    from virtmig.proto.errors import VirtmigError
+
     try:
-        return _run_main(argv)
+        asyncio.run(run(cmd, uri, args, timeout))
+    except CliError as exc:
+        for line in exc.lines:
+            print_error(line)
+        return 1
+    except VirtmigError as exc:
+        print_error(str(exc))
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The ``virtmig`` console script: returns the exit status (0 success, 1 failure); as the
+    program (``argv`` None) it ends the process with that status itself (:func:`_exit`)."""
+    try:
+        status = _run_main(argv)
     finally:
         if argv is None:
             # The command is over and has reported: a late Ctrl-C (a second one during a
             # migration's abort) must not turn the exit status into a death by SIGINT while
-            # the interpreter and gRPC's threads shut down.
+            # the process ends.
+            import signal
+
             with contextlib.suppress(ValueError, OSError):
                 signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if argv is None:
+        _exit(status)
+    return status
+
+
+def _exit(status: int) -> NoReturn:
+    """End the program now, without the interpreter's teardown: collecting gRPC's, protobuf's and
+    virtmig's modules and objects costs a command that connected about a fifth of its CPU time
+    (issue 17), for nothing: its connections are closed, and its output is flushed here.  Nothing
+    the CLI runs registers an exit handler."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # the reader went away (or closed it): a failure
+            status = status or 1
+    os._exit(status)
 
 
 def _run_main(argv: list[str] | None) -> int:
+    if argv is None:
+        # The program, not a caller in Python: gRPC's C core logs to stderr (a key that does not
+        # match its certificate gets three lines of it before virtmig's error says so), and a
+        # user reads virtmig's error lines only, unless they ask gRPC for its own.
+        os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     try:
         return _main(sys.argv[1:] if argv is None else list(argv))
     except KeyboardInterrupt:

@@ -3,28 +3,31 @@ command's connections (:class:`Session`), the command record, and Ctrl-C while a
 
 The errors live here rather than with ``main`` so that command modules can raise them without
 importing the command table that imports them.
+
+``virtmig --help`` and every parse error import this module and not much else (issue 17: they
+must cost no more than the interpreter plus argparse), so it imports only what argparse already
+loaded: asyncio, signal, typing, dataclasses and virtmig's error classes are imported where they
+are used.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import math
 import os
 import re
-import signal
 import sys
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, TypeVar
 
-from virtmig.proto.errors import NoDomain, VirtmigError
-
+# typing's TYPE_CHECKING without importing typing (mypy treats any TYPE_CHECKING as true).
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any, TypeVar
+
     from virtmig.client.connection import AsyncConnection, Domain
 
-T = TypeVar("T")
+    T = TypeVar("T")
 
 
 # --- errors ---------------------------------------------------------------------------------------
@@ -144,6 +147,7 @@ class Session:
     async def open(self, uri: str | None, what: str) -> AsyncConnection:
         # Imported here, not at the top: parsing a command line (and --help) loads no gRPC.
         from virtmig.client.connection import AsyncConnection
+        from virtmig.proto.errors import VirtmigError
 
         try:
             conn = await AsyncConnection.open(uri, connect_timeout=self.timeout)
@@ -161,6 +165,8 @@ class Session:
 
 async def lookup(conn: AsyncConnection, key: str) -> Domain:
     """virsh's ``virshCommandOptDomain``: by id, UUID or name, or "failed to get domain"."""
+    from virtmig.proto.errors import NoDomain
+
     try:
         return await conn.lookup(key)
     except NoDomain:
@@ -169,6 +175,8 @@ async def lookup(conn: AsyncConnection, key: str) -> Domain:
 
 async def act(what: str, call: Awaitable[T]) -> T:
     """virsh's two-line failure: what the command could not do, then the library's reason."""
+    from virtmig.proto.errors import VirtmigError
+
     try:
         return await call
     except VirtmigError as exc:
@@ -180,26 +188,80 @@ async def act(what: str, call: Awaitable[T]) -> T:
 Handler = Callable[[Session, argparse.Namespace], Awaitable[None]]
 
 
-@dataclass(frozen=True)
 class Command:
-    """One CLI command: its handler, and what its parser needs."""
+    """One CLI command: its handler, and what its parser needs.  Immutable.
+
+    Not a dataclass: ``dataclasses`` imports ``inspect``, which alone costs ``--help`` more than
+    argparse does.  ``handler`` and ``setup`` are usually :func:`lazy` references, so that the
+    command table imports no command's module.
+    """
+
+    __slots__ = ("data", "data_help", "handler", "help", "metavars", "name", "required", "setup")
 
     name: str
     help: str
     handler: Handler
     # virsh "data" options, in positional order; each can also be given as --NAME.
-    data: tuple[str, ...] = ()
-    required: tuple[str, ...] = ()
-    setup: Callable[[argparse.ArgumentParser], None] | None = None
-    metavars: dict[str, str] = field(default_factory=dict)
+    data: tuple[str, ...]
+    required: tuple[str, ...]
+    setup: Callable[[argparse.ArgumentParser], None] | None
+    metavars: dict[str, str]
     # This command's help for its data options (the shared ones are the parser's).
-    data_help: dict[str, str] = field(default_factory=dict)
+    data_help: dict[str, str]
+
+    def __init__(self, name: str, help: str, handler: Handler, data: tuple[str, ...] = (),
+                 required: tuple[str, ...] = (),
+                 setup: Callable[[argparse.ArgumentParser], None] | None = None,
+                 metavars: dict[str, str] | None = None,
+                 data_help: dict[str, str] | None = None) -> None:
+        values = (("name", name), ("help", help), ("handler", handler), ("data", data),
+                  ("required", required), ("setup", setup), ("metavars", metavars or {}),
+                  ("data_help", data_help or {}))
+        for attr, value in values:
+            object.__setattr__(self, attr, value)
+
+    def __setattr__(self, attr: str, value: object) -> None:
+        raise AttributeError(f"Command is immutable: cannot set '{attr}'")
+
+    def __repr__(self) -> str:
+        return f"Command({self.name!r})"
+
+
+class Lazy:
+    """A stand-in for function ``name`` of ``module`` that imports the module on its first call
+    (the command table's handlers and setups)."""
+
+    __slots__ = ("module", "name")
+
+    def __init__(self, module: str, name: str) -> None:
+        self.module = module
+        self.name = name
+
+    def resolve(self) -> Any:
+        """The function itself (its module imported)."""
+        import importlib
+
+        return getattr(importlib.import_module(self.module), self.name)
+
+    def __call__(self, *args: Any) -> Any:
+        return self.resolve()(*args)
+
+    def __repr__(self) -> str:
+        return f"lazy({self.module}.{self.name})"
+
+
+def lazy(module: str, name: str) -> Any:
+    """:class:`Lazy`, typed as whatever the caller needs it to be (a handler, a setup)."""
+    return Lazy(module, name)
 
 
 @contextlib.contextmanager
 def on_sigint(callback: Callable[[], None]) -> Iterator[None]:
     """Run ``callback`` on the event loop for each SIGINT while the block runs (instead of
     asyncio.run's cancel-and-raise); the previous handler is back afterwards."""
+    import asyncio
+    import signal
+
     loop = asyncio.get_running_loop()
     previous = signal.getsignal(signal.SIGINT)
     try:

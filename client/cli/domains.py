@@ -1,6 +1,6 @@
 """Commands on domains themselves: ``list``, ``define``, ``undefine``, ``start``, the lifecycle
 verbs (``destroy``, ``suspend``, ``resume``: :func:`lifecycle`), ``dominfo``, ``domstate``,
-``dumpxml`` and ``ttyconsole``, with their options.
+``dumpxml`` and ``ttyconsole`` (their options: :mod:`virtmig.client.cli.parsers`).
 """
 
 from __future__ import annotations
@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-import xml.etree.ElementTree as ET
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
@@ -17,7 +16,6 @@ from virtmig.client.cli.base import (
     Handler,
     Session,
     act,
-    add_json,
     exclusive,
     lookup,
     read_file,
@@ -82,6 +80,8 @@ async def cmd_define(s: Session, args: argparse.Namespace) -> None:
 
 def _xml_name(xml: str) -> str | None:
     """The ``<name>`` of a domain XML, if it has one (the daemon checks the rest)."""
+    import xml.etree.ElementTree as ET  # not at import time: only `create` needs it
+
     try:
         root = ET.fromstring(xml)
     except ET.ParseError:
@@ -154,6 +154,11 @@ def lifecycle(verb: str, done: str, call: Callable[[AsyncConnection, Domain], Aw
         print(f"Domain '{dom.name}' {done}")
 
     return handler
+
+
+cmd_destroy = lifecycle("destroy", "destroyed", lambda c, d: c.destroy(d))
+cmd_suspend = lifecycle("suspend", "suspended", lambda c, d: c.suspend(d))
+cmd_resume = lifecycle("resume", "resumed", lambda c, d: c.resume(d))
 
 
 async def cmd_dominfo(s: Session, args: argparse.Namespace) -> None:
@@ -236,48 +241,3 @@ async def cmd_ttyconsole(s: Session, args: argparse.Namespace) -> None:
     if not tty:  # virsh fails without a word; say why
         raise CliError(f"domain '{dom.name}' has no pty console (is it running?)")
     print(tty)
-
-
-def setup_list(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--inactive", action="store_true", help="list inactive domains")
-    p.add_argument("--all", action="store_true", help="list inactive & active domains")
-    p.add_argument("--transient", action="store_true", help="list transient domains")
-    p.add_argument("--persistent", action="store_true", help="list persistent domains")
-    p.add_argument("--state-running", action="store_true",
-                   help="list domains in running state")
-    p.add_argument("--state-paused", action="store_true", help="list domains in paused state")
-    p.add_argument("--state-shutoff", action="store_true",
-                   help="list domains in shutoff state")
-    p.add_argument("--state-other", action="store_true", help="list domains in other states")
-    p.add_argument("--uuid", action="store_true", help="list uuid's only")
-    p.add_argument("--name", action="store_true", help="list domain names only")
-    p.add_argument("--table", action="store_true", help="list table (default)")
-    add_json(p)
-
-
-def setup_dominfo(p: argparse.ArgumentParser) -> None:
-    add_json(p)
-
-
-def setup_create(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--paused", action="store_true", help="leave the guest paused after creation")
-
-
-def setup_start(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--paused", action="store_true", help="leave the guest paused after creation")
-    p.add_argument("--force", action="store_true",
-                   help="virtmig: start even if the guest was migrated to a host that runs it "
-                        "or cannot be asked (logged by the daemon)")
-
-
-def setup_domstate(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--reason", action="store_true", help="also print reason for the state")
-    add_json(p)
-
-
-def setup_dumpxml(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--inactive", action="store_true", help="show inactive defined XML")
-    p.add_argument("--migratable", action="store_true",
-                   help="provide XML suitable for migrations")
-    p.add_argument("--security-info", action="store_true",
-                   help="include security sensitive information in XML dump")

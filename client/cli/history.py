@@ -54,9 +54,3 @@ def format_history(entries: list[HistoryEntry]) -> str:
         if e.error:
             out.append(f"   error: {e.error}")
     return "\n".join(out) + "\n\n"
-
-
-def setup_migrate_history(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--limit", metavar="N", help="show the N newest migrations only")
-    p.add_argument("--json", action="store_true",
-                   help="print a JSON array of the history's entries")

@@ -10,7 +10,7 @@ import sys
 import xml.etree.ElementTree as ET
 
 from virtmig import __version__
-from virtmig.client.cli.base import CliError, Session, add_json
+from virtmig.client.cli.base import CliError, Session
 from virtmig.client.cli.jsonout import (
     URI_TRANSPORTS,
     capabilities_json,
@@ -78,13 +78,6 @@ def capabilities_xml(host: HostInfo) -> str:
 async def cmd_capabilities(s: Session, args: argparse.Namespace) -> None:
     host = await (await s.conn()).host()
     sys.stdout.write(dumps(capabilities_json(host)) if args.json else capabilities_xml(host))
-
-
-def setup_health(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--service", metavar="NAME", default="",
-                   help="the service to ask about, e.g. virtmig.v1.Migration (default: the "
-                        "daemon as a whole)")
-    add_json(p)
 
 
 async def cmd_health(s: Session, args: argparse.Namespace) -> None:

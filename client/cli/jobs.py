@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from collections.abc import Callable
 
 from virtmig.client.cli.base import (
     INT_MAX,
@@ -17,7 +16,6 @@ from virtmig.client.cli.base import (
     ULLONG_MAX,
     CliError,
     Session,
-    add_json,
     exclusive,
     lookup,
     number,
@@ -26,12 +24,12 @@ from virtmig.client.cli.base import (
 )
 from virtmig.client.cli.jsonout import dumps, event_json, job_json
 from virtmig.client.cli.output import (
-    EVENT_NAMES,
     format_event,
     format_job_info,
     format_job_rawstats,
     pretty_capacity,
 )
+from virtmig.client.cli.parsers import EVENT_NAMES
 from virtmig.client.values import JobInfo
 from virtmig.proto.flags import JobType
 
@@ -181,43 +179,3 @@ async def cmd_event(s: Session, args: argparse.Namespace) -> None:
         print(f"events received: {count}", flush=True)
     if not count:
         raise CliError()
-
-
-def setup_domjobinfo(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--completed", action="store_true",
-                   help="return statistics of a recently completed job")
-    p.add_argument("--keep-completed", action="store_true",
-                   help="don't destroy statistics of a recently completed job when reading")
-    p.add_argument("--anystats", action="store_true",
-                   help="print statistics for any kind of job (even failed ones)")
-    p.add_argument("--rawstats", action="store_true",
-                   help="print the raw data returned by libvirt")
-    p.add_argument("--watch", action="store_true",
-                   help="virtmig: print the job's information each time it changes, until "
-                        "the job ends")
-    add_json(p)
-
-
-def setup_compcache(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--size", metavar="BYTES",
-                   help="requested size of the cache (in bytes) used for compression")
-
-
-def setup_postcopy(help_text: str) -> Callable[[argparse.ArgumentParser], None]:
-    def setup(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--postcopy", action="store_true", help=help_text)
-
-    return setup
-
-
-def setup_event(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--all", action="store_true",
-                   help="wait for all events instead of just one type")
-    p.add_argument("--loop", action="store_true",
-                   help="loop until timeout or interrupt, rather than one-shot")
-    p.add_argument("--list", action="store_true", help="list valid event types")
-    p.add_argument("--timestamp", action="store_true",
-                   help="show timestamp for each printed event")
-    p.add_argument("--json", action="store_true",
-                   help="virtmig: print each event as one line of JSON (shape in the README)")
-

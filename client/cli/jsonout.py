@@ -9,7 +9,6 @@ Commands that stream (``event``, ``domjobinfo --watch``) print one compact docum
 
 from __future__ import annotations
 
-import json
 from typing import TYPE_CHECKING, Any
 
 from virtmig.client.values import Domain, DomainInfo, Event, HostInfo, JobInfo
@@ -32,6 +31,8 @@ _JOB_TYPES = {
 
 def dumps(data: object, *, line: bool = False) -> str:
     """One JSON document and a newline: indented, or compact on one line (``line``)."""
+    import json  # here: only --json needs it
+
     if line:
         return json.dumps(data, separators=(",", ":")) + "\n"
     return json.dumps(data, indent=2) + "\n"

@@ -6,6 +6,9 @@ A row is one of three kinds: a switch that sets a :class:`MigrateFlags` member, 
 becomes a :class:`MigrateParam`, or an option the client acts on itself (``--verbose``,
 ``--timeout*``, ``--direct``, ``--postcopy-after-precopy``, ``desturi``), which
 :func:`build_migration` reads by name.  Rows are in the order ``migrate --help`` lists them.
+The data options' rows (``desturi`` ... ``dname``) are made from
+:data:`~virtmig.client.cli.parsers.MIGRATE_DATA`, which the command table reads without importing
+this module (``virtmig --help`` stays light).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from virtmig.client.cli.base import (
     read_file,
     require,
 )
+from virtmig.client.cli.parsers import MIGRATE_DATA
 from virtmig.proto.flags import COMPLETION_ACTIONS, MigrateFlags
 from virtmig.proto.params import MigrateParam, ParamType, TypedParams
 
@@ -87,18 +91,23 @@ def _own(name: str, text: str, metavar: str | None = None, *, data: bool = False
                          metavar=metavar, data=data)
 
 
+# The param each data option of MIGRATE_DATA gives (None: the client's own); every one is here.
+_DATA_PARAMS: dict[str, MigrateParam | None] = {
+    "desturi": None, "migrateuri": P.URI, "graphicsuri": P.GRAPHICS_URI,
+    "listen-address": P.LISTEN_ADDRESS, "dname": P.DEST_NAME,
+}
+
+
+def _data(name: str, metavar: str, text: str) -> MigrateOption:
+    param = _DATA_PARAMS[name]
+    if param is None:
+        return _own(name, text, metavar, data=True)
+    return _param(name, param, Read.STRING, metavar, text, data=True)
+
+
 MIGRATE_OPTIONS: tuple[MigrateOption, ...] = (
     # Data options, after ``domain``: by name or by position, in this order.
-    _own("desturi", "connection URI of the destination host as seen from the client (normal "
-                    "migration) or source (p2p migration)", "DESTURI", data=True),
-    _param("migrateuri", P.URI, Read.STRING, "URI", "migration URI, usually can be omitted",
-           data=True),
-    _param("graphicsuri", P.GRAPHICS_URI, Read.STRING, "URI",
-           "graphics URI to be used for seamless graphics migration", data=True),
-    _param("listen-address", P.LISTEN_ADDRESS, Read.STRING, "ADDR",
-           "listen address that destination should bind to for incoming migration", data=True),
-    _param("dname", P.DEST_NAME, Read.STRING, "NAME",
-           "rename to new name during migration (if supported)", data=True),
+    *(_data(name, metavar, text) for name, metavar, text in MIGRATE_DATA),
     # Switches.
     _flag("live", F.LIVE, "live migration"),
     _flag("offline", F.OFFLINE, "offline migration"),

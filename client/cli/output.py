@@ -5,7 +5,6 @@ line (and :class:`ProgressLine`, which keeps it on stderr), the ``domjobinfo`` b
 
 from __future__ import annotations
 
-import datetime
 import sys
 from collections.abc import Sequence
 
@@ -224,12 +223,10 @@ def format_job_rawstats(info: JobInfo) -> str:
         f"{name}: {value}\n" for name, value in job_params(info))
 
 
-# ``event --event`` names: libvirt's, plus virtmig's ``job-failed``.
-EVENT_NAMES = ("lifecycle", "migration-iteration", "job-completed", "job-failed")
-
-
 def event_timestamp(ms: int) -> str:
     """virsh's ``virTimeStringNowRaw``: UTC, milliseconds, ``+0000``."""
+    import datetime  # here: `list` and the other commands need no datetime
+
     t = datetime.datetime.fromtimestamp(ms / 1000, datetime.UTC)
     return f"{t:%Y-%m-%d %H:%M:%S}.{ms % 1000:03d}+0000"
 
@@ -245,6 +242,8 @@ def format_event(ev: Event, *, timestamp: bool = False) -> str:
         params = job_params(ev.job) if ev.job is not None else []
         text = f"{head}:\n" + "".join(f"\t{name}: {value}\n" for name, value in params)
     if timestamp:
+        import datetime
+
         ms = ev.timestamp_ms or int(datetime.datetime.now(datetime.UTC).timestamp() * 1000)
         text = f"{event_timestamp(ms)}: {text}"
     return text

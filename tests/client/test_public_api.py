@@ -39,6 +39,9 @@ CONNECTION_PUBLIC = {"AsyncConnection", "Domain", "DomainInfo", "DomainKey", "Ev
 
 # The client's layers, in order: each module may import only the modules listed before it.
 LAYERS = ["values", "transport", "rpc", "sequence", "migrate", "connection", "sync"]
+# The imports that may be deferred (still one way): a connection loads the migration drivers on
+# its first migration, so that a command that does not migrate starts without them (issue 17).
+DEFERRED = {("connection", "migrate"), ("connection", "sequence")}
 
 
 def test_all_is_the_pinned_set() -> None:
@@ -91,4 +94,5 @@ def test_layers_import_one_way_and_at_the_top() -> None:
         tree = ast.parse((folder / f"{layer}.py").read_text())
         for name, at_top in _client_imports(tree):
             assert name in LAYERS[:i], f"{layer}.py imports virtmig.client.{name}"
-            assert at_top, f"{layer}.py defers its import of virtmig.client.{name}"
+            assert at_top or (layer, name) in DEFERRED, \
+                f"{layer}.py defers its import of virtmig.client.{name}"

@@ -1,0 +1,150 @@
+"""What ``virtmig`` loads to start (issue 17: it starts fast; ``bench/cli_startup.py`` measures it,
+nothing here times anything): ``--help`` and parse errors load argparse and the CLI's light
+modules only; ``list`` over TLS loads no ``cryptography``, no migration driver, no typed-params
+table and no XML library; and a client PKI dir that cannot work is still reported by name, in
+virtmig's words only, now that its full checks run when a connection fails rather than before
+every one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.client.cli_helpers import Daemon, start_daemon, stop_process, virtmig
+from virtmig.client.cli import app
+from virtmig.client.cli.base import Lazy
+from virtmig.testing.pki import session_pki
+
+# What ``--help`` and a parse error may load of virtmig: the command table and its options.
+LIGHT = {"virtmig", "virtmig.client", "virtmig.client.cli", "virtmig.client.cli.app",
+         "virtmig.client.cli.base", "virtmig.client.cli.parsers"}
+
+
+def imported_by(*argv: str) -> tuple[int, set[str]]:
+    """The exit status of the ``virtmig`` console script run with ARGV, and every module it
+    loaded (the whole dotted names)."""
+    # main() ends the process itself (os._exit): the modules it loaded are written from an
+    # exit path it cannot skip, a wrapper around os._exit.
+    code = ("import json, os, sys\n"
+            "_exit = os._exit\n"
+            "def _report(status):\n"
+            "    os.write(2, ('\\n' + json.dumps(sorted(sys.modules)) + '\\n').encode())\n"
+            "    _exit(status)\n"
+            "os._exit = _report\n"
+            "from virtmig.client.cli import main\n"
+            "main()\n")
+    res = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True,
+                         timeout=60)
+    return res.returncode, set(json.loads(res.stderr.splitlines()[-1]))
+
+
+@pytest.mark.parametrize("argv", [
+    ["--help"], ["help"], ["help", "list"], ["--version"], ["list", "--no-such-option"],
+    ["no-such-command"], ["dominfo"], ["event", "--no-such-option"], ["-q"],
+])
+def test_help_and_parse_errors_load_argparse_and_the_command_table_only(argv: list[str]
+                                                                        ) -> None:
+    status, modules = imported_by(*argv)
+    assert status in (0, 1)
+    assert {m for m in modules if m.startswith("virtmig")} <= LIGHT
+    # Neither gRPC, protobuf nor asyncio; not even typing, dataclasses (inspect) or shutil
+    # (argparse's way to the terminal's width, with zlib, bz2 and lzma).
+    assert not {m.split(".")[0] for m in modules} & {
+        "grpc", "google", "asyncio", "typing", "dataclasses", "inspect", "cryptography",
+        "shutil"}
+
+
+def test_every_command_names_a_handler_and_setup_that_exist() -> None:
+    """The table names handlers by module and function: each one resolves to a coroutine
+    function of the module named, and so does every setup given by name."""
+    for cmd in app.COMMANDS:
+        assert isinstance(cmd.handler, Lazy)
+        assert cmd.handler.module.startswith("virtmig.client.cli.")
+        assert inspect.iscoroutinefunction(cmd.handler.resolve()), cmd.name
+        if isinstance(cmd.setup, Lazy):
+            assert callable(cmd.setup.resolve()), cmd.name
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[Daemon]:
+    d = start_daemon(tmp_path, "src")
+    try:
+        yield d
+    finally:
+        stop_process(d.proc)
+
+
+def test_list_over_tls_loads_no_x509_code_nor_migration_drivers(daemon: Daemon) -> None:
+    uri = f"{daemon.uri}?pkipath={session_pki().client()}"
+    status, modules = imported_by("-q", "-c", uri, "list")
+    assert status == 0
+    assert "grpc" in modules
+    assert not {m.split(".")[0] for m in modules} & {"cryptography", "lxml", "xml", "psutil"}
+    assert not modules & {"virtmig.proto.pki", "virtmig.client.migrate",
+                          "virtmig.client.sequence", "virtmig.proto.compat",
+                          "virtmig.proto.params", "virtmig.proto.wire"}
+    assert not [m for m in modules if m.startswith("virtmig.daemon")]
+
+
+def bad_dir(tmp_path: Path, fault: str) -> Path:
+    """A copy of the test client's PKI dir with ``fault``."""
+    pki = session_pki()
+    out = tmp_path / fault
+    shutil.copytree(pki.client(), out)
+    if fault == "foreign-cert":  # signed by another CA
+        shutil.copyfile(pki.foreign_client() / "clientcert.pem", out / "clientcert.pem")
+    elif fault == "other-key":  # a good key, of another certificate
+        shutil.copyfile(pki.client("other") / "private/clientkey.pem",
+                        out / "private/clientkey.pem")
+    elif fault == "not-pem-ca":
+        (out / "cacert.pem").write_text("not a certificate\n")
+    elif fault == "leaf-as-ca":
+        shutil.copyfile(out / "clientcert.pem", out / "cacert.pem")
+    return out
+
+
+@pytest.mark.parametrize(("fault", "why"), [
+    ("foreign-cert", "the client certificate '{d}/clientcert.pem' is not signed by the CA "
+                     "certificate '{d}/cacert.pem'"),
+    ("other-key", "client key '{d}/private/clientkey.pem' does not match the client "
+                  "certificate '{d}/clientcert.pem'"),
+    ("not-pem-ca", "CA certificate '{d}/cacert.pem' holds no PEM certificate"),
+    ("leaf-as-ca", "the CA certificate '{d}/cacert.pem' is not a CA certificate: its basic "
+                   "constraints do not say CA"),
+])
+@pytest.mark.parametrize("reachable", [True, False])
+def test_a_client_pki_dir_that_cannot_work_is_named_in_virtmigs_words_only(
+        daemon: Daemon, tmp_path: Path, fault: str, why: str, reachable: bool) -> None:
+    d = bad_dir(tmp_path, fault)
+    target = daemon.uri if reachable else "virtmig+tls://127.0.0.1:1"
+    res = virtmig(f"{target}?pkipath={d}", "list")
+    assert res.returncode == 1
+    # Two lines: no log line of gRPC's own ("Invalid private key", "Handshake failed") before.
+    assert res.stderr == ("error: failed to connect to the hypervisor\n"
+                          f"error: unsupported configuration: {why.format(d=d)}\n")
+
+
+@pytest.mark.parametrize("columns", [None, "57", "0", "wide"])
+def test_help_is_as_wide_as_argparse_would_make_it(monkeypatch: pytest.MonkeyPatch,
+                                                    columns: str | None) -> None:
+    """The parsers find the terminal's width without shutil, as argparse (with shutil) would."""
+    if columns is None:
+        monkeypatch.delenv("COLUMNS", raising=False)
+    else:
+        monkeypatch.setenv("COLUMNS", columns)
+    assert app._columns() == shutil.get_terminal_size().columns
+    for parser in (app.main_parser(), app.command_parser(app.COMMANDS_BY_NAME["migrate"])):
+        ours = parser._get_formatter()
+        argparses = argparse.ArgumentParser._get_formatter(parser)
+        assert type(ours) is type(argparses)
+        assert (ours._width, ours._max_help_position) == (argparses._width,
+                                                          argparses._max_help_position)
