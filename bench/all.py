@@ -1,7 +1,9 @@
 """``make bench``: every benchmark, one after another, then one table of their results.
 
-Runs ``run.py`` (test backend, in process), ``qemu_vs_qmp.py`` (needs QEMU and the test guest)
-and ``libvirt_vs_virtmig.py`` (needs root, libvirt 9.0 and QEMU), each as its own process with
+Runs ``run.py`` (test backend, in process), ``cli_startup.py`` (the client's start-up against
+bare interpreters), ``domains_scale.py`` (100,000 definitions on one daemon),
+``qemu_vs_qmp.py`` (needs QEMU and the test guest) and ``libvirt_vs_virtmig.py`` (needs root,
+libvirt 9.0 and QEMU), each as its own process with
 this interpreter; a benchmark whose needs are missing says so and is skipped.  Each writes
 ``bench/results/*.json``; this script reads them back and prints one table (a result file left
 by an earlier run is marked so), then draws the figures (``figures.py``) when matplotlib is
@@ -23,7 +25,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-BENCHMARKS = ("run", "qemu_vs_qmp", "libvirt_vs_virtmig")
+BENCHMARKS = ("run", "cli_startup", "domains_scale", "qemu_vs_qmp", "libvirt_vs_virtmig")
 
 
 def run(name: str, extra: list[str]) -> str:
@@ -68,6 +70,16 @@ def rows(started: float) -> list[tuple[str, str, str, str]]:
     if got:
         sizes = ", ".join(f"{r['memory_mib']} MiB {r['throughput_mib_s']:.0f}" for r in got[0])
         out.append(("run" + got[1], "throughput (MiB/s)", sizes, ""))
+    got = load("cli-startup.json")
+    if got:
+        for case, ratio in got[0]["ratios"].items():
+            out.append(("cli_startup" + got[1], case, "wall-clock medians", f"{ratio:.2f}"))
+    got = load("domains-scale.json")
+    if got:
+        r = got[0]
+        out.append(("domains_scale" + got[1], f"{r['domains']} definitions",
+                    f"restart {r['start_s']:.1f} s, list --all {r['list_all_s']:.2f} s, "
+                    f"RSS {r['rss_mib_after']:.0f} MiB", ""))
     got = load("qemu-vs-qmp.json")
     if got:
         for r in got[0]:
