@@ -100,7 +100,8 @@ def test_settled_when_one_host_runs_it_and_the_other_has_nothing_live(a: HostVie
     (STAYED[0], MIGRATED[1]),  # two running
     (replace(MIGRATED[0], qemus=(77,)), MIGRATED[1]),  # QEMU left on the other host
     (replace(STAYED[0], state="paused"), replace(MIGRATED[1], state="paused")),
+    (replace(UNKNOWN[0], qemus=()), MIGRATED[1]),  # the other host still says paused
 ], ids=["paused", "source-job", "destination-job", "daemon-down", "two-running",
-        "qemu-left", "none-running"])
+        "qemu-left", "none-running", "other-paused"])
 def test_not_settled(a: HostView, b: HostView) -> None:
     assert not settled(a, b)
