@@ -4,9 +4,9 @@ tests.faults.client``) so that a case can SIGKILL it between two phases.
 It drives one migration of ``--domain`` from ``--src`` to ``--dst`` (both ``virtmig+unix://``
 URIs of daemons the harness started) and reports on stdout, one line each, where it is:
 ``CALL <phase>`` before a call to a party, ``DONE <phase>`` after it, then ``RESULT ok`` or
-``RESULT error <message>``.  ``--pause-after PHASE`` (regular mode: ``prepare``, ``perform``,
-``finish``) stops it after that phase returned: it prints ``PAUSED <phase>`` and goes on only
-when a line arrives on stdin (the harness kills it there, or lets it go on).
+``RESULT error <message>``.  ``--pause-after PHASE`` (regular mode: ``begin``, ``prepare``,
+``perform``, ``finish``) stops it after that phase returned: it prints ``PAUSED <phase>`` and
+goes on only when a line arrives on stdin (the harness kills it there, or lets it go on).
 
 Regular mode runs the sequence driver itself (:func:`virtmig.client.sequence.run_v3`, as
 ``migrate3`` does for two current daemons), with ``virtmig.dest_uri`` naming the destination's
@@ -51,6 +51,12 @@ class Stepper:
 
 class SteppedSource(RemoteSource):
     stepper: Stepper
+
+    async def begin(self, dom: str, params: TypedParams, flags: int) -> tuple[str, bytes]:
+        say("CALL begin")
+        out = await super().begin(dom, params, flags)
+        await self.stepper.after("begin")
+        return out
 
     async def perform(self, dom: str, params: TypedParams, cookie: bytes, flags: int) -> bytes:
         say("CALL perform")
@@ -131,7 +137,8 @@ def main() -> int:
     p.add_argument("--domain", default="vm1")
     p.add_argument("--mode", choices=["regular", "p2p", "tunnelled"], default="regular")
     p.add_argument("--bandwidth", type=int, default=0, help="MiB/s (0: no limit)")
-    p.add_argument("--pause-after", default="", choices=["", "prepare", "perform", "finish"])
+    p.add_argument("--pause-after", default="",
+                   choices=["", "begin", "prepare", "perform", "finish"])
     return asyncio.run(run(p.parse_args()))
 
 

@@ -86,7 +86,7 @@ P2P_BOUNDARIES = ("begin", "prepare", "perform", "finish", "confirm")
 class Case:
     mode: str  # regular, p2p, tunnelled
     fault: str  # kill-src, kill-dst, kill-both, kill-client, kill-dst-qemu, cut-link
-    when: str  # perform, after-prepare/perform/finish, or a stall point
+    when: str  # perform, after-begin/prepare/perform/finish, or a stall point
     ci: bool = False
 
     @property
@@ -127,6 +127,7 @@ def _cases() -> list[Case]:
     cases = [
         Case("regular", "kill-src", "perform", ci=True),
         Case("regular", "kill-dst", "perform", ci=True),
+        Case("regular", "kill-client", "after-begin"),
         Case("regular", "kill-client", "after-prepare"),
         Case("regular", "kill-client", "after-perform", ci=True),
         Case("regular", "kill-client", "after-finish"),
@@ -136,7 +137,7 @@ def _cases() -> list[Case]:
         Case("p2p", "cut-link", "finish3"),
         Case("p2p", "cut-link", "finish3-resumed", ci=True),
     ]
-    for when in ("after-prepare", "after-perform", "after-finish"):
+    for when in ("after-begin", "after-prepare", "after-perform", "after-finish"):
         cases += [Case("regular", "kill-src", when), Case("regular", "kill-dst", when)]
     cases += [
         Case("regular", "kill-dst", "finish3"),
