@@ -151,7 +151,7 @@ class BreakAfterSwitch(RemoteDest):
 @pytest.mark.postcopy
 async def test_failure_after_the_switch_leaves_both_paused(backend_pair: tuple[Host, Host]) -> None:
     src, dst = backend_pair
-    await guest(src, dirty=64)
+    await guest(src, dirty=64, booted=True)  # (a just-started QEMU guest could converge first)
     params = TypedParams.of({P.BANDWIDTH: 16, P.BANDWIDTH_POSTCOPY: 2})
 
     async def switch_soon() -> None:
