@@ -261,7 +261,7 @@ def test_a_malformed_token_or_migration_id_is_not_built(
 ) -> None:
     """A build error, not the parse error that a peer's bad element gets."""
     with pytest.raises(InternalError) as info:
-        build_cookie(dataclasses.replace(MINIMAL, **change))
+        build_cookie(dataclasses.replace(MINIMAL, **change))  # type: ignore[arg-type]
     assert str(info.value) == f"internal error: cannot build migration cookie: {message}"
 
 
