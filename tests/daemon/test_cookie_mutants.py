@@ -275,3 +275,9 @@ def test_the_migration_id_may_be_padded() -> None:
 def test_a_malformed_migration_id_is_refused(bad: str) -> None:
     message = internal_error(body(f"<virtmig-migration-id>{bad}</virtmig-migration-id>"))
     assert message == "Malformed virtmig-migration-id element in migration cookie"
+
+
+@pytest.mark.parametrize("bad", ["", "xyz", TOKEN.upper(), TOKEN + "0"])
+def test_a_malformed_token_is_refused_and_not_shown(bad: str) -> None:
+    message = internal_error(body(f"<virtmig-stream-token>{bad}</virtmig-stream-token>"))
+    assert message == "Malformed virtmig-stream-token element in migration cookie"
