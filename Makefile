@@ -106,7 +106,10 @@ mutate: $(STAMP)
 	@find $(MUTATE)/virtmig -name __pycache__ -prune -exec rm -rf {} +
 	@ln -sfn ../../tests $(MUTATE)/tests
 	@ln -sfn ../../pyproject.toml $(MUTATE)/pyproject.toml
-	cd $(MUTATE) && PATH=$(CURDIR)/$(VENV)/bin:$$PATH mutmut run --max-children $(MUTMUT_JOBS) $(MUTMUT_ARGS)
+# PYTHONPATH: a process a test starts (a daemon, a caller) imports the mutated tree too,
+# whatever its working directory or entry point (MUTATION.md "How it is set up").
+	cd $(MUTATE) && PATH=$(CURDIR)/$(VENV)/bin:$$PATH PYTHONPATH=$(CURDIR)/$(MUTATE)/mutants \
+		mutmut run --max-children $(MUTMUT_JOBS) $(MUTMUT_ARGS)
 	cd $(MUTATE) && PATH=$(CURDIR)/$(VENV)/bin:$$PATH mutmut results
 
 proto: $(STAMP)

@@ -230,3 +230,54 @@ def test_namespace_declarations_default_first_then_by_prefix() -> None:
         "<domain>\n  <metadata>\n"
         "    <g xmlns='urn:g' xmlns:A='urn:A' xmlns:b='urn:b'/>\n"
         "  </metadata>\n</domain>\n")
+
+
+# --- virtmig's own elements: the stream token and the migration id ---------------------------
+
+TOKEN = "0123456789abcdef0123456789abcdef"
+MID = "fedcba9876543210fedcba9876543210"
+
+
+def test_the_token_and_the_migration_id_are_written_last_and_read_back() -> None:
+    c = dataclasses.replace(MINIMAL, stream_token=TOKEN, migration_id=MID)
+    data = build_cookie(c)
+    assert data.decode().endswith(
+        f"  <hostuuid>{SRC_HOSTUUID}</hostuuid>\n"
+        f"  <virtmig-stream-token>{TOKEN}</virtmig-stream-token>\n"
+        f"  <virtmig-migration-id>{MID}</virtmig-migration-id>\n"
+        "</qemu-migration>\n\0")
+    assert parse(data, CookieFlag(0)) == c
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"stream_token": TOKEN.upper()}, "malformed stream token"),
+        ({"migration_id": MID + "0"}, "malformed migration id"),
+    ],
+)
+def test_a_malformed_token_or_migration_id_is_not_built(
+    change: dict[str, str], message: str
+) -> None:
+    """A build error, not the parse error that a peer's bad element gets."""
+    with pytest.raises(InternalError) as info:
+        build_cookie(dataclasses.replace(MINIMAL, **change))  # type: ignore[arg-type]
+    assert str(info.value) == f"internal error: cannot build migration cookie: {message}"
+
+
+def test_the_migration_id_may_be_padded() -> None:
+    assert parse(body(f"<virtmig-migration-id> {MID}\n</virtmig-migration-id>")).migration_id \
+        == MID
+    assert parse(body("")).migration_id == ""
+
+
+@pytest.mark.parametrize("bad", ["", "xyz", MID.upper(), MID + "0", "<b/>"])
+def test_a_malformed_migration_id_is_refused(bad: str) -> None:
+    message = internal_error(body(f"<virtmig-migration-id>{bad}</virtmig-migration-id>"))
+    assert message == "Malformed virtmig-migration-id element in migration cookie"
+
+
+@pytest.mark.parametrize("bad", ["", "xyz", TOKEN.upper(), TOKEN + "0"])
+def test_a_malformed_token_is_refused_and_not_shown(bad: str) -> None:
+    message = internal_error(body(f"<virtmig-stream-token>{bad}</virtmig-stream-token>"))
+    assert message == "Malformed virtmig-stream-token element in migration cookie"
