@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.daemon.test_reload import notifying_virtmigd
 from virtmig.daemon.config import build_parser, load_config
 
 
@@ -85,26 +86,15 @@ def test_a_sighup_switches_the_log_format(tmp_path: Path) -> None:
     base = (f'state_dir = "{tmp_path}/s"\nlisten = ["unix://{tmp_path}/run/v.sock"]\n'
             f'log_outputs = ["file:{out}"]\n')
     cfg.write_text(base)
-    notify_path = tmp_path / "notify"
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
-        notify.bind(str(notify_path))
-        notify.settimeout(60)  # bounded: each datagram comes when the daemon gets there
-        proc = subprocess.Popen([sys.executable, "-m", "virtmig.daemon.main", "--config",
-                                 str(cfg)], env={**os.environ, "NOTIFY_SOCKET": str(notify_path)},
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        try:
-            assert "READY=1" in notify.recv(4096).decode().splitlines()
-            cfg.write_text(base + 'log_format = "json"\n')
-            proc.send_signal(signal.SIGHUP)
-            assert notify.recv(4096).decode().splitlines() == ["RELOADING=1"]
-            assert notify.recv(4096).decode().splitlines() == ["READY=1"]
-            proc.send_signal(signal.SIGTERM)
-            _out, err = proc.communicate(timeout=60)
-            assert (proc.returncode, err) == (0, "")
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate(timeout=30)
+    with notifying_virtmigd(cfg, tmp_path / "notify") as (proc, notify):
+        assert "READY=1" in notify.recv(4096).decode().splitlines()
+        cfg.write_text(base + 'log_format = "json"\n')
+        proc.send_signal(signal.SIGHUP)
+        assert notify.recv(4096).decode().splitlines() == ["RELOADING=1"]
+        assert notify.recv(4096).decode().splitlines() == ["READY=1"]
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=60)
+        assert (proc.returncode, err) == (0, "")
     lines = out.read_text().splitlines()
     plain = [line for line in lines if not line.startswith("{")]
     as_json = [json.loads(line) for line in lines if line.startswith("{")]

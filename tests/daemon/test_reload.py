@@ -3,6 +3,7 @@ the changes' effects on a daemon in this process (DN lists, call limits, log lev
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -10,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,12 +25,11 @@ def notified(sock: socket.socket) -> list[str]:
     return sock.recv(4096).decode().splitlines()
 
 
-def test_sighup_reloads_the_config_file_of_a_running_virtmigd(tmp_path: Path) -> None:
-    cfg = tmp_path / "virtmigd.toml"
-    base = (f'listen = ["unix://{tmp_path}/run/virtmigd.sock"]\nstate_dir = "{tmp_path}/s"\n'
-            'migration_address = "127.0.0.1"\n')
-    cfg.write_text(base)
-    notify_path = tmp_path / "notify"
+@contextlib.contextmanager
+def notifying_virtmigd(cfg: Path, notify_path: Path) -> Iterator[tuple[subprocess.Popen[str],
+                                                                        socket.socket]]:
+    """``virtmigd --config cfg`` with ``NOTIFY_SOCKET`` bound at ``notify_path``: the process
+    (stderr piped) and the socket its sd_notify datagrams come to; killed if still running."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
         notify.bind(str(notify_path))
         notify.settimeout(60)  # bounded: each datagram comes when the daemon gets there
@@ -36,24 +37,33 @@ def test_sighup_reloads_the_config_file_of_a_running_virtmigd(tmp_path: Path) ->
                                  str(cfg)], env={**os.environ, "NOTIFY_SOCKET": str(notify_path)},
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         try:
-            assert "READY=1" in notified(notify)
-            cfg.write_text(base.replace("127.0.0.1", "127.0.0.2") + 'log_level = "debug"\n'
-                           'max_clients = 7\ntls_allowed_dn_list = ["O=virtmig,CN=ops-*"]\n')
-            proc.send_signal(signal.SIGHUP)
-            assert notified(notify) == ["RELOADING=1"]
-            assert notified(notify) == ["READY=1"]
-            cfg.write_text(base + 'max_clients = "many"\n')  # refused whole, nothing changes
-            proc.send_signal(signal.SIGHUP)
-            assert notified(notify) == ["RELOADING=1"]
-            assert notified(notify) == ["READY=1"]
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(timeout=60) == 0  # SIGHUP did not end it: SIGTERM did, gracefully
-            assert proc.stderr is not None
-            err = proc.stderr.read()
+            yield proc, notify
         finally:
             if proc.poll() is None:
                 proc.kill()
-                proc.wait(timeout=30)
+                proc.communicate(timeout=30)
+
+
+def test_sighup_reloads_the_config_file_of_a_running_virtmigd(tmp_path: Path) -> None:
+    cfg = tmp_path / "virtmigd.toml"
+    base = (f'listen = ["unix://{tmp_path}/run/virtmigd.sock"]\nstate_dir = "{tmp_path}/s"\n'
+            'migration_address = "127.0.0.1"\n')
+    cfg.write_text(base)
+    with notifying_virtmigd(cfg, tmp_path / "notify") as (proc, notify):
+        assert "READY=1" in notified(notify)
+        cfg.write_text(base.replace("127.0.0.1", "127.0.0.2") + 'log_level = "debug"\n'
+                       'max_clients = 7\ntls_allowed_dn_list = ["O=virtmig,CN=ops-*"]\n')
+        proc.send_signal(signal.SIGHUP)
+        assert notified(notify) == ["RELOADING=1"]
+        assert notified(notify) == ["READY=1"]
+        cfg.write_text(base + 'max_clients = "many"\n')  # refused whole, nothing changes
+        proc.send_signal(signal.SIGHUP)
+        assert notified(notify) == ["RELOADING=1"]
+        assert notified(notify) == ["READY=1"]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0  # SIGHUP did not end it: SIGTERM did, gracefully
+        assert proc.stderr is not None
+        err = proc.stderr.read()
     lines = err.splitlines()
 
     def logged(level: str, text: str) -> bool:
