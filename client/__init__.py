@@ -24,6 +24,8 @@ import importlib
 
 TYPE_CHECKING = False  # typing's, without importing typing (``virtmig --help`` comes here)
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from virtmig.client.connection import AsyncConnection
     from virtmig.client.sync import Connection, open
     from virtmig.client.values import Domain, DomainInfo, DomainKey, Event, HostInfo, JobInfo
@@ -55,13 +57,24 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> object:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'virtmig.client' has no attribute '{name}'")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+def _lazy_getattr(namespace: dict[str, object],
+                  where: dict[str, str]) -> Callable[[str], object]:
+    """A package's PEP 562 ``__getattr__``: the name from its module in ``where`` (name ->
+    module), kept in the package's ``namespace`` once imported (also used by ``cli``)."""
+    package = namespace["__name__"]
+
+    def __getattr__(name: str) -> object:
+        module = where.get(name)
+        if module is None:
+            raise AttributeError(f"module '{package}' has no attribute '{name}'")
+        value = getattr(importlib.import_module(module), name)
+        namespace[name] = value
+        return value
+
+    return __getattr__
+
+
+__getattr__ = _lazy_getattr(globals(), _LAZY)
 
 
 __all__ = [

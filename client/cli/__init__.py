@@ -39,7 +39,7 @@ The package, by concern::
 
 from __future__ import annotations
 
-import importlib
+from virtmig.client import _lazy_getattr
 
 TYPE_CHECKING = False  # typing's, without importing typing
 if TYPE_CHECKING:
@@ -106,13 +106,7 @@ _LAZY = {name: f"virtmig.client.cli.{module}" for module, names in _MODULES.item
          for name in names}
 
 
-def __getattr__(name: str) -> object:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'virtmig.client.cli' has no attribute '{name}'")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__ = _lazy_getattr(globals(), _LAZY)
 
 
 __all__ = [
