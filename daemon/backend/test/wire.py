@@ -54,7 +54,14 @@ from array import array
 from collections.abc import Awaitable, Callable, Sequence
 
 from virtmig.daemon.backend.base import MigrationFailed, StreamAddress
-from virtmig.daemon.backend.test.memory import MIB, PAGE_SIZE, SUFFIX, page_prefix
+from virtmig.daemon.backend.test.memory import (
+    MIB,
+    PAGE_SIZE,
+    RUN_TEMPLATE_PAGES,
+    SUFFIX,
+    page_prefix,
+    run_bytes,
+)
 from virtmig.daemon.backend.test.sparse import Versions
 
 MAGIC = b"VMTESTMS"
@@ -66,6 +73,9 @@ U32 = struct.Struct("<I")
 U16 = struct.Struct("<H")
 ITER = struct.Struct("<IB")  # iteration, flags
 ITER_STOPPED = 1
+ITER_OFFER_RUNS = 2  # the source can send format 2's records (a format 1 destination ignores it)
+RUNS_VERSION = 2  # the format whose records a destination's VERSION reply says it reads
+RUN = struct.Struct("<II")  # page run header: first page, count
 
 MAX_BATCH_PAGES = 4096  # what a destination accepts in one record
 MAX_INDICES = 65536  # page indices per DISCARD / REQUEST record
@@ -156,6 +166,44 @@ def page_records(
     return b"".join(parts)
 
 
+def _runs(batch: Sequence[int]) -> list[tuple[int, int]]:
+    """``batch`` (ascending) as runs of consecutive pages: ``(first, count)``, each at most
+    :data:`RUN_TEMPLATE_PAGES` long."""
+    if isinstance(batch, range) and batch.step == 1:
+        return [(first, min(RUN_TEMPLATE_PAGES, batch.stop - first))
+                for first in range(batch.start, batch.stop, RUN_TEMPLATE_PAGES)]
+    out: list[tuple[int, int]] = []
+    first = prev = -2
+    for i in batch:
+        if i != prev + 1 or i - first >= RUN_TEMPLATE_PAGES:
+            if prev >= 0:
+                out.append((first, prev - first + 1))
+            first = i
+        prev = i
+    if prev >= 0:
+        out.append((first, prev - first + 1))
+    return out
+
+
+def page_runs(
+    seed: int, versions: Versions, batch: Sequence[int], corrupt: int | None
+) -> list[bytes | bytearray]:
+    """RUN records of ``batch`` (ascending) at ``versions``; page ``corrupt`` gets a bad byte.
+
+    Each record is two buffers, its header with the versions and its pages, for ``write``: no
+    step per page, no copy of the pages into a larger buffer."""
+    parts: list[bytes | bytearray] = []
+    for first, count in _runs(batch):
+        vers = versions.get_run(first, count)
+        pages = run_bytes(seed, first, vers)
+        if corrupt is not None and first <= corrupt < first + count:
+            pages[(corrupt - first) * PAGE_SIZE] ^= 0xFF
+        if sys.byteorder == "big":
+            vers.byteswap()
+        parts += (b"G" + RUN.pack(first, count) + vers.tobytes(), pages)
+    return parts
+
+
 def pack_indices(kind: bytes, indices: Sequence[int]) -> bytes:
     """DISCARD / REQUEST records for ``indices`` (as many records as needed)."""
     out: list[bytes] = []
@@ -191,13 +239,20 @@ def nak(reason: str) -> bytes:
     return b"N" + U16.pack(len(data)) + data
 
 
+def offer_reply() -> bytes:
+    """The VERSION reply: the destination reads format :data:`RUNS_VERSION`'s records."""
+    return b"V" + U16.pack(RUNS_VERSION)
+
+
 async def read_reply(
     reader: asyncio.StreamReader,
     requested: Callable[[asyncio.StreamReader], Awaitable[None]] | None = None,
+    offered: Callable[[int], None] | None = None,
 ) -> str | None:
     """Read one reply: ``None`` for ACK, the reason for NAK; MigrationFailed on EOF/garbage.
 
-    With ``requested``, REQUEST records before the reply are handed to it (it reads the body).
+    With ``requested``, REQUEST records before the reply are handed to it (it reads the body);
+    with ``offered``, a VERSION reply's version is.
     """
     try:
         while True:
@@ -210,6 +265,10 @@ async def read_reply(
                 return reason or "migration refused by the destination"
             if kind == b"R" and requested is not None:
                 await requested(reader)
+                continue
+            if kind == b"V" and offered is not None:
+                (version,) = U16.unpack(await reader.readexactly(U16.size))
+                offered(version)
                 continue
             break
     except asyncio.IncompleteReadError:
