@@ -266,3 +266,20 @@ async def test_source_refuses_a_bad_version_reply(
         assert src.state(spec.uuid) is GuestRunState.RUNNING
     finally:
         server.close()
+
+
+async def test_destination_bounds_odd_pages_in_runs(dst: TestBackend) -> None:
+    """Runs of pages that are not their versions' bytes: the stream fails once more than
+    MAX_ODD_PAGES are held, not at switchover."""
+    spec = make_spec(8)  # 2048 pages
+    port = await dst.incoming_start(spec, LOOPBACK)
+    stream = header(spec) + OFFER
+    for first in range(0, incoming.MAX_ODD_PAGES + 256, 256):
+        stream += b"G" + struct.pack("<II", first, 256) + bytes(4 * 256) + bytes(256 * PAGE_SIZE)
+    try:
+        answer = await raw_stream(port, stream)
+    except ConnectionResetError:  # (refused with bytes of the stream unread)
+        answer = b""
+    assert b"N" not in answer or f"more than {incoming.MAX_ODD_PAGES}".encode() in answer
+    with pytest.raises(MigrationFailed, match=f"more than {incoming.MAX_ODD_PAGES} pages hold"):
+        await within(dst.incoming_wait(spec.uuid))

@@ -10,6 +10,14 @@ memory (and can be migrated onwards); on any failure before post-copy it quits, 
 whose incoming migration failed.  What it holds per page is sparse (:mod:`.sparse`): pages
 received out of order, not every page of the guest.
 
+Format 2 (:mod:`.wire`; offered by the source in its first ITER, answered with a VERSION reply
+unless :data:`READS_RUNS` is off): a RUN record is compared with the bytes of the versions it
+names in one comparison, its versions and pages are stored a chunk at a time, and no page is
+hashed; a page that differs is kept as odd (bounded as above, refused at switchover).  Its SWITCH
+("W") is checked against the versions digest of the received versions (in post-copy a copy of
+them, ``Incoming.got``, apart from the guest's own writes); the format 1 sum is then not kept,
+and the guest computes its digest afresh when next asked.
+
 Post-copy: from the POSTCOPY record on, the guest may be resumed; a write to a page that has not
 arrived is held and applied on arrival (the vCPU would block on the fault) and the page is
 requested once (REQUEST records, sent every :data:`_PULL_INTERVAL`).  At the end its memory

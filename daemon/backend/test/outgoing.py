@@ -25,6 +25,11 @@ post-copy, which is never rolled back (the guest stays paused, the error is
 :class:`PostcopyFailed`).  The source reads replies the whole time, so a NAK or an EOF aborts the
 migration at once rather than at switchover.
 
+The first ITER offers stream format 2 (:data:`OFFER_RUNS`); once the destination's VERSION
+reply is read, batches go out as RUN records (a run of pages behind one header, built without a
+step per page) and the switchover digest is of the page versions (:mod:`.wire`), so the source
+neither hashes pages while the guest runs nor before the switch.
+
 ``iteration`` counts passes including the stop-and-copy one, so an idle guest reports 2 (like
 QEMU's dirty-sync count); the post-copy phase is not a pass.  In post-copy, ``downtime_ms`` is
 the time from the stop to the POSTCOPY record.

@@ -14,10 +14,17 @@ Stream protocol (all integers little-endian)::
     HEADER  "VMTESTMS" u16 version=1  u32 page_size   ──►   checks magic, version, page size,
             u64 npages  u64 seed  u16 len  uuid(utf-8)      uuid and npages against its guest
                                                       ◄──   REPLY  "A"  (or "N" + reason; close)
-    ITER    "I"  u32 iteration  u8 flags (1: source stopped, stop-and-copy pass)
+    ITER    "I"  u32 iteration  u8 flags (1: source stopped, stop-and-copy pass;
+                 2: the source offers format 2, set in the first ITER)
+                                                      ◄──   VERSION "V" u16 2 (once, answering
+                                                            the offer: it reads format 2)
     PAGES   "P"  u32 count  count * (u32 index  u32 version  4096 bytes)     (~1 MiB per write)
-     ...        (ITER / PAGES repeat: pass 1 sends every page, later passes the dirtied ones)
+    RUN     "G"  u32 first  u32 count (1..256)  count * u32 version           (format 2 only,
+                 count * 4096 bytes: pages first .. first + count - 1          after "V")
+     ...        (ITER / PAGES or RUN repeat: pass 1 sends every page, later passes the dirtied
+                 ones)
     SWITCH  "S"  32-byte digest of the source's memory, taken with the guest stopped
+            or "W" (format 2) 32-byte versions digest of the same memory
                                                       ◄──   REPLY  "A"  digest matches and
                                                                    every page was received
                                                             or "N" u16 len + reason (utf-8),
@@ -31,9 +38,24 @@ Stream protocol (all integers little-endian)::
                                                             that is not there is requested:
                                                       ◄──   REQUEST "R" u32 count  count * u32
                                                                    index (any time until ACK)
-    PAGES   "P"  ...  every remaining page exactly once, requested ones first
-    SWITCH  "S"  digest of the source's memory as of the switch
+    PAGES   "P" / RUN "G"  ...  every remaining page exactly once, requested ones first
+    SWITCH  "S" / "W"  digest of the source's memory as of the switch
                                                       ◄──   REPLY  "A" / "N" as above
+
+Format 2 (issue 17) exists so that neither end does Python work per page: a RUN carries a run of
+consecutive pages behind one header, which the source builds and the destination checks a run at
+a time (:func:`.memory.run_bytes`: a page that is not its version's bytes is kept as odd and
+refused at switchover, as in PAGES); its switchover digest "W" is
+:func:`.memory.versions_digest`, over the page versions every page was checked against, instead
+of a sum of two hashes per page.  The two ends agree on it inside the stream, with no change to
+the header (still version 1) or the control plane: the source offers it with ITER flag 2, which
+a format 1 destination ignores; a format 2 destination answers with a VERSION reply, which the
+source's reply reader takes at any time, switching to RUN records at its next batch and to "W"
+at the switchover.  A format 1 source never offers: its destination never sends "V" and refuses
+"G" and "W" as unknown records; a format 1 destination never answers: the source keeps to PAGES
+and "S".  A destination that has received a RUN refuses an "S" (it keeps no per-page sum from
+then on).  A RUN is refused (NAK) when its count is 0 or above 256 or its pages go beyond the
+guest; a source refuses a "V" of a version below 2.
 
 The destination answers ``N`` + reason and closes whenever it refuses the stream (wrong guest,
 malformed record, guest destroyed).  The source reads replies the whole time, so a NAK or an EOF
