@@ -1,4 +1,4 @@
-"""The ``test`` backend's stream format 2: RUN records (pages by runs, checked in one comparison),
+"""The ``test`` backend's stream format 2: RUN records (pages by runs, checked a run at a time),
 the versions switchover, how the two ends agree on it, and what a destination refuses in it.
 """
 
@@ -283,3 +283,20 @@ async def test_destination_bounds_odd_pages_in_runs(dst: TestBackend) -> None:
     assert b"N" not in answer or f"more than {incoming.MAX_ODD_PAGES}".encode() in answer
     with pytest.raises(MigrationFailed, match=f"more than {incoming.MAX_ODD_PAGES} pages hold"):
         await within(dst.incoming_wait(spec.uuid))
+
+
+def test_run_matches_only_the_exact_bytes() -> None:
+    """The in-place check of a run finds a difference anywhere in any page: prefix, seed,
+    index or version word, and a run of the wrong length."""
+    versions = array("I", [0, 3, 1])
+    good = bytes(run_bytes(SEED, 10, versions))
+    assert memory.run_matches(SEED, 10, versions, good)
+    for offset in (0, PAGE_SIZE + 100, 2 * PAGE_SIZE + 4071, PAGE_SIZE - 24, PAGE_SIZE - 16,
+                   3 * PAGE_SIZE - 8, 3 * PAGE_SIZE - 1):
+        bad = bytearray(good)
+        bad[offset] ^= 1
+        assert not memory.run_matches(SEED, 10, versions, bytes(bad)), offset
+    assert not memory.run_matches(SEED, 11, versions, good)
+    assert not memory.run_matches(SEED + 1, 10, versions, good)
+    assert not memory.run_matches(SEED, 10, array("I", [0, 3, 2]), good)
+    assert not memory.run_matches(SEED, 10, versions, good[:-PAGE_SIZE])

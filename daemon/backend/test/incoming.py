@@ -12,7 +12,7 @@ received out of order, not every page of the guest.
 
 Format 2 (:mod:`.wire`; offered by the source in its first ITER, answered with a VERSION reply
 unless :data:`READS_RUNS` is off): a RUN record is compared with the bytes of the versions it
-names in one comparison, its versions and pages are stored a chunk at a time, and no page is
+names without a step per page, its versions and pages are stored a chunk at a time, and no page is
 hashed; a page that differs is kept as odd (bounded as above, refused at switchover).  Its SWITCH
 ("W") is checked against the versions digest of the received versions (in post-copy a copy of
 them, ``Incoming.got``, apart from the guest's own writes); the format 1 sum is then not kept,
@@ -46,10 +46,11 @@ from virtmig.daemon.backend.test.memory import (
     PAGE_SIZE,
     RUN_TEMPLATE_PAGES,
     digest_bytes,
+    page_bytes,
     page_hash,
     page_term,
     received_page,
-    run_bytes,
+    run_matches,
     term_of,
     versions_digest,
 )
@@ -370,8 +371,9 @@ async def _receive_pages(
 async def _receive_run(
     inc: Incoming, reader: asyncio.StreamReader, npages: int, seed: int
 ) -> None:
-    """The body of a RUN record (format 2): checked against the pages' bytes at the versions it
-    names in one comparison; a page that differs is kept as odd (refused at switchover)."""
+    """The body of a RUN record (format 2): checked in place against the pages' bytes at the
+    versions it names (:func:`.memory.run_matches`); a page that differs is kept as odd (refused
+    at switchover)."""
     first, count = RUN.unpack(await reader.readexactly(RUN.size))
     if not 0 < count <= RUN_TEMPLATE_PAGES:
         raise MigrationFailed(f"malformed migration stream: run of {count} pages")
@@ -384,7 +386,6 @@ async def _receive_run(
     if sys.byteorder == "big":
         versions.byteswap()
     pages = await reader.readexactly(count * PAGE_SIZE)
-    expected = run_bytes(seed, first, versions)
     inc.runs_seen = True
     if inc.postcopy:
         guest, received = inc.guest, inc.received
@@ -402,10 +403,10 @@ async def _receive_run(
         if inc.odd:  # resent: what was odd is replaced
             for idx in range(first, first + count):
                 inc.odd.pop(idx, None)
-    if pages != expected:
-        for k in range(count):
+    if not run_matches(seed, first, versions, pages):
+        for k, ver in enumerate(versions):
             page = pages[k * PAGE_SIZE : (k + 1) * PAGE_SIZE]
-            if page != expected[k * PAGE_SIZE : (k + 1) * PAGE_SIZE]:
+            if page != page_bytes(seed, first + k, ver):
                 _odd(inc, first + k, page_hash(page))
     inc.pages += count
 

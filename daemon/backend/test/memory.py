@@ -21,12 +21,13 @@ the result is the hash of the bytes as received.
 
 Runs of pages (stream format 2, :mod:`.wire`) are built and checked a run at a time, never a page
 at a time: :func:`run_bytes` copies a cached template of the seed's pages and writes the three
-suffix words of every page with three strided assignments; a destination compares what it
-received with that, one ``memcmp``.  Their switchover check is :func:`versions_digest`:
-``blake2b-256`` over the seed, the page count and the guest's written version chunks -- the same
-memory (a page's bytes are a function of seed, index and version, and every page received was
-compared with its version's bytes), for one hash call per 64 pages written instead of two per
-page.
+suffix words of every page with three strided assignments; a destination checks what it
+received in place (:func:`run_matches`: the suffix words as three strided columns, the prefixes
+by ``startswith`` mapped over the page offsets), without copying it.  Their switchover check
+is :func:`versions_digest`: ``blake2b-256`` over the seed, the page count and the guest's
+written version chunks -- the same memory (a page's bytes are a function of seed, index and
+version, and every page received was compared with its version's bytes), for one hash call per
+64 pages written instead of two per page.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import struct
 import sys
 from array import array
 from collections.abc import Iterable
+from itertools import repeat
 
 PAGE_SIZE = 4096
 MIB = 1024 * 1024
@@ -85,6 +87,30 @@ def run_bytes(seed: int, first: int, versions: array[int]) -> bytearray:
             values.byteswap()
         words[_WORDS - 3 + col :: _WORDS] = values
     return buf
+
+
+def _le_words(values: array[int]) -> bytes:
+    """``values`` (typecode ``Q``) as little-endian u64 bytes."""
+    if sys.byteorder == "big":
+        values.byteswap()
+    return values.tobytes()
+
+
+def run_matches(seed: int, first: int, versions: array[int], pages: bytes) -> bool:
+    """Whether ``pages`` are exactly ``run_bytes(seed, first, versions)``, checked without a
+    copy: the three suffix words of every page as strided columns, and every page's prefix
+    with ``startswith`` at its offset (a ``memcmp`` each, mapped in C)."""
+    count = len(versions)
+    if len(pages) != count * PAGE_SIZE:
+        return False
+    words = memoryview(pages).cast("Q")
+    columns = (array("Q", [seed]) * count, array("Q", range(first, first + count)),
+               array("Q", versions))
+    for col, values in enumerate(columns):
+        if words[_WORDS - 3 + col :: _WORDS].tobytes() != _le_words(values):
+            return False
+    prefix = _prefix(seed)[0]
+    return all(map(pages.startswith, repeat(prefix, count), range(0, len(pages), PAGE_SIZE)))
 
 
 def versions_digest(seed: int, npages: int, chunks: Iterable[tuple[int, bytes]]) -> bytes:

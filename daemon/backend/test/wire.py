@@ -44,18 +44,18 @@ Stream protocol (all integers little-endian)::
 
 Format 2 (issue 17) exists so that neither end does Python work per page: a RUN carries a run of
 consecutive pages behind one header, which the source builds and the destination checks a run at
-a time (:func:`.memory.run_bytes`: a page that is not its version's bytes is kept as odd and
-refused at switchover, as in PAGES); its switchover digest "W" is
-:func:`.memory.versions_digest`, over the page versions every page was checked against, instead
-of a sum of two hashes per page.  The two ends agree on it inside the stream, with no change to
-the header (still version 1) or the control plane: the source offers it with ITER flag 2, which
-a format 1 destination ignores; a format 2 destination answers with a VERSION reply, which the
-source's reply reader takes at any time, switching to RUN records at its next batch and to "W"
-at the switchover.  A format 1 source never offers: its destination never sends "V" and refuses
-"G" and "W" as unknown records; a format 1 destination never answers: the source keeps to PAGES
-and "S".  A destination that has received a RUN refuses an "S" (it keeps no per-page sum from
-then on).  A RUN is refused (NAK) when its count is 0 or above 256 or its pages go beyond the
-guest; a source refuses a "V" of a version below 2.
+a time (:func:`.memory.run_bytes`, :func:`.memory.run_matches`: a page that is not its
+version's bytes is kept as odd and refused at switchover, as in PAGES); its switchover digest
+"W" is :func:`.memory.versions_digest`, over the page versions every page was checked against,
+instead of a sum of two hashes per page. The two ends agree on it inside the stream, with no change
+to the header (still version 1) or the control plane: the source offers it with ITER flag 2, which a
+format 1 destination ignores; a format 2 destination answers with a VERSION reply, which the
+source's reply reader takes at any time, switching to RUN records at its next batch and to "W" at
+the switchover. A format 1 source never offers: its destination never sends "V" and refuses "G" and
+"W" as unknown records; a format 1 destination never answers: the source keeps to PAGES and "S". A
+destination that has received a RUN refuses an "S" (it keeps no per-page sum from then on). A RUN is
+refused (NAK) when its count is 0 or above 256 or its pages go beyond the guest; a source refuses a
+"V" of a version below 2.
 
 The destination answers ``N`` + reason and closes whenever it refuses the stream (wrong guest,
 malformed record, guest destroyed).  The source reads replies the whole time, so a NAK or an EOF
