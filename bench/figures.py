@@ -147,9 +147,9 @@ def throughput(data: list[dict[str, Any]]) -> Path:
         ax.plot([d["memory_mib"] for d in raw], [d["raw_mib_s"] for d in raw], "s--",
                 color=COLOURS["libvirt"], label="raw asyncio loopback socket, same bytes")
         for d in raw:
-            ax.annotate(f"{d['ratio']:.2f}", (d["memory_mib"], d["throughput_mib_s"]),
+            ax.annotate(f"ratio {d['ratio']:.2f}", (d["memory_mib"], d["throughput_mib_s"]),
                         textcoords="offset points", xytext=(0, -12), ha="center", fontsize=7)
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="upper right")
     ax.set_xscale("log", base=2)
     ax.set_xticks(sizes, [str(s) for s in sizes])
     ax.set_xlabel("guest memory, MiB (idle)")
