@@ -5,6 +5,7 @@ the versions switchover, how the two ends agree on it, and what a destination re
 from __future__ import annotations
 
 import asyncio
+import random
 import struct
 from array import array
 from collections.abc import Awaitable, Callable
@@ -28,7 +29,7 @@ from virtmig.daemon.backend.test import (
     page_hash,
 )
 from virtmig.daemon.backend.test.memory import run_bytes, versions_digest
-from virtmig.daemon.backend.test.sparse import Versions
+from virtmig.daemon.backend.test.sparse import CHUNK_PAGES, PageSet, Versions
 
 dst = backend_test_helpers.dst
 src = backend_test_helpers.src
@@ -300,3 +301,37 @@ def test_run_matches_only_the_exact_bytes() -> None:
     assert not memory.run_matches(SEED + 1, 10, versions, good)
     assert not memory.run_matches(SEED, 10, array("I", [0, 3, 2]), good)
     assert not memory.run_matches(SEED, 10, versions, good[:-PAGE_SIZE])
+
+
+def test_runs_of_versions_and_pages_behave_as_their_models() -> None:
+    """``Versions.get_run``/``set_run``/``copy``/``written_chunks`` and ``PageSet.add_range``
+    against plain dicts and sets, runs crossing chunk edges and the prefix's end."""
+    rng = random.Random(11)
+    n = 2000
+    versions, model = Versions(n), [0] * n
+    pages, members = PageSet(), set[int]()
+    for _ in range(3000):
+        first = rng.randrange(n)
+        count = rng.randrange(1, min(300, n - first) + 1)
+        values = array("I", [rng.choice((0, 0, 1, 7, 0xFFFFFFFF)) for _ in range(count)])
+        versions.set_run(first, values)
+        model[first : first + count] = values.tolist()
+        assert versions.get_run(first, count) == values
+        start = rng.choice((len(pages), pages.upto, first))
+        start = min(start, n - 1)
+        if rng.random() < 0.6:
+            span = min(count, n - start)
+            pages.add_range(start, span)
+            members.update(range(start, start + span))
+        else:
+            for i in rng.sample(range(n), 5):
+                assert pages.discard(i) is (i in members)
+                members.discard(i)
+    assert list(versions) == model
+    assert list(versions.copy()) == model
+    chunks = dict(versions.written_chunks())
+    for key in range(n // CHUNK_PAGES + 1):
+        part = model[key * CHUNK_PAGES : (key + 1) * CHUNK_PAGES]
+        assert (key in chunks) is any(part)
+    assert len(pages) == len(members)
+    assert all((i in pages) is (i in members) for i in range(n + 1))
