@@ -70,6 +70,11 @@ def rows(started: float) -> list[tuple[str, str, str, str]]:
     if got:
         sizes = ", ".join(f"{r['memory_mib']} MiB {r['throughput_mib_s']:.0f}" for r in got[0])
         out.append(("run" + got[1], "throughput (MiB/s)", sizes, ""))
+        for r in got[0]:
+            if "ratio" in r:  # the raw loopback socket measured beside it (run.py)
+                out.append(("run" + got[1], f"throughput {r['memory_mib']} MiB / raw socket",
+                            f"{r['throughput_mib_s']:.0f} / {r['raw_mib_s']:.0f} MiB/s",
+                            f"{r['ratio']:.2f}"))
     got = load("cli-startup.json")
     if got:
         for case, ratio in got[0]["ratios"].items():

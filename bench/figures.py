@@ -9,7 +9,8 @@
   whole command;
 * ``control-plane.png``: the control-plane case of ``run.py`` (4 MiB test-backend guest) as a
   distribution (histogram with p50 and p99) and in the order the migrations ran (drift);
-* ``throughput.png``: test-backend migration throughput against guest size (``run.py``).
+* ``throughput.png``: test-backend migration throughput against guest size, beside a plain
+  asyncio loopback socket moving the same bytes in the same run, with their ratio (``run.py``).
 
 A figure whose results are missing is left out (and said so).  Needs matplotlib (the ``bench``
 extra: ``pip install -e '.[bench]'``).
@@ -139,7 +140,16 @@ def control_plane(data: dict[str, Any]) -> Path:
 def throughput(data: list[dict[str, Any]]) -> Path:
     fig, ax = plt.subplots(figsize=(6, 3.6))
     sizes = [d["memory_mib"] for d in data]
-    ax.plot(sizes, [d["throughput_mib_s"] for d in data], "o-", color=COLOURS["virtmig"])
+    ax.plot(sizes, [d["throughput_mib_s"] for d in data], "o-", color=COLOURS["virtmig"],
+            label="test-backend migration")
+    raw = [d for d in data if "raw_mib_s" in d]
+    if raw:  # the plain asyncio loopback socket measured beside each size (run.py)
+        ax.plot([d["memory_mib"] for d in raw], [d["raw_mib_s"] for d in raw], "s--",
+                color=COLOURS["libvirt"], label="raw asyncio loopback socket, same bytes")
+        for d in raw:
+            ax.annotate(f"ratio {d['ratio']:.2f}", (d["memory_mib"], d["throughput_mib_s"]),
+                        textcoords="offset points", xytext=(0, -12), ha="center", fontsize=7)
+        ax.legend(fontsize=7, loc="upper right")
     ax.set_xscale("log", base=2)
     ax.set_xticks(sizes, [str(s) for s in sizes])
     ax.set_xlabel("guest memory, MiB (idle)")

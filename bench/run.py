@@ -6,7 +6,15 @@ Writes ``bench/results/<name>.json`` and prints a summary.  Nothing here is asse
 * ``migrate-dirty-256m``: the same guest dirtying 32 MiB/s;
 * ``control-plane``: a 4 MiB guest, so the time is mostly the five RPCs and their bookkeeping
   (``--control-plane-runs``, 200 by default: its distribution is drawn by ``bench/figures.py``);
-* ``throughput``: idle guests of 16 MiB to 1 GiB (``--throughput-runs`` each), MiB/s by size.
+* ``throughput``: idle guests of 16 MiB to 1 GiB (``--throughput-runs`` each), MiB/s by size;
+  before each of these migrations (alternating: after it), the same number of bytes through a
+  plain asyncio loopback connection in the same process (``raw_samples_s``): 1 MiB writes, each
+  drained, ``readexactly`` of 1 MiB, the migration stream's reader limit and write high-water
+  mark.  Both are plain TCP (the migrations use no ``--tls``); ``ratio`` is the migration's
+  throughput over the raw socket's (medians), the figure issue 17 asks to be at least 0.6;
+  ``ratio_cpu`` the same from the CPU time this process spent (``cpu_samples_s``,
+  ``raw_cpu_samples_s``; both daemons and the socket's two ends run in it), which a loaded
+  machine disturbs far less than the wall clock.
 
 Every case keeps its samples (``samples_s``, in the order they ran), the date, the number of
 cores and the load average when it started (``machine``).
@@ -23,15 +31,50 @@ import tempfile
 import time
 from pathlib import Path
 
+from virtmig.daemon.backend.test.wire import STREAM_LIMIT
 from virtmig.proto.flags import MigrateFlags
 from virtmig.proto.params import TypedParams
 from virtmig.testing import domain_xml, start_host, stop_host
 
 RESULTS = Path(__file__).resolve().parent / "results"
 THROUGHPUT_SIZES_MIB = (16, 64, 256, 1024)
+MIB = 1 << 20
 
 
-async def case(name: str, memory_mib: int, dirty_mib: int, runs: int) -> dict[str, object]:
+async def raw_socket(nbytes: int) -> tuple[float, float]:
+    """Seconds (wall clock, and CPU of this process) to move ``nbytes`` through a plain asyncio
+    loopback connection, set up as the test backend's stream is (reader limit, write high-water
+    mark), in 1 MiB writes."""
+    loop = asyncio.get_running_loop()
+    got: asyncio.Future[None] = loop.create_future()
+
+    async def receive(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        left = nbytes
+        while left:
+            left -= len(await reader.readexactly(min(MIB, left)))
+        got.set_result(None)
+        writer.close()
+
+    server = await asyncio.start_server(receive, "127.0.0.1", 0, limit=STREAM_LIMIT)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        _, writer = await asyncio.open_connection("127.0.0.1", port, limit=STREAM_LIMIT)
+        writer.transport.set_write_buffer_limits(high=STREAM_LIMIT)
+        chunk = bytes(MIB)
+        t0, c0 = time.perf_counter(), time.process_time()
+        for _ in range(nbytes // MIB):
+            writer.write(chunk)
+            await writer.drain()
+        await got
+        elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
+        writer.close()
+        return elapsed, cpu
+    finally:
+        server.close()
+
+
+async def case(name: str, memory_mib: int, dirty_mib: int, runs: int,
+               raw: bool = False) -> dict[str, object]:
     machine = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                "cpus": os.cpu_count(), "loadavg_start": os.getloadavg()}
     with tempfile.TemporaryDirectory() as tmp:
@@ -40,20 +83,36 @@ async def case(name: str, memory_mib: int, dirty_mib: int, runs: int) -> dict[st
         try:
             await a.conn.define(domain_xml("vm", memory_mib, dirty_rate_mib=dirty_mib))
             await a.conn.start("vm")
-            times = []
+            times, cpu, raw_times, raw_cpu = [], [], [], []
             hosts = (a, b)
             for i in range(runs):
                 src, dst = hosts[i % 2], hosts[(i + 1) % 2]
-                t0 = time.perf_counter()
+                if raw and i % 2 == 0:
+                    wall, used = await raw_socket(memory_mib * MIB)
+                    raw_times.append(wall)
+                    raw_cpu.append(used)
+                t0, c0 = time.perf_counter(), time.process_time()
                 await src.conn.migrate3("vm", dst.conn, TypedParams(), MigrateFlags.LIVE)
                 times.append(time.perf_counter() - t0)
+                cpu.append(time.process_time() - c0)
+                if raw and i % 2 == 1:
+                    wall, used = await raw_socket(memory_mib * MIB)
+                    raw_times.append(wall)
+                    raw_cpu.append(used)
         finally:
             await stop_host(a)
             await stop_host(b)
+    extra: dict[str, object] = {}
+    if raw_times:
+        raw_mib_s = memory_mib / statistics.median(raw_times)
+        extra = {"raw_samples_s": raw_times, "raw_cpu_samples_s": raw_cpu, "raw_mib_s": raw_mib_s,
+                 "ratio": memory_mib / statistics.median(times) / raw_mib_s,
+                 "ratio_cpu": statistics.median(raw_cpu) / statistics.median(cpu)}
     return {
         "name": name,
         "machine": machine,
         "samples_s": times,
+        "cpu_samples_s": cpu,
         "memory_mib": memory_mib,
         "dirty_rate_mib": dirty_mib,
         "runs": runs,
@@ -61,26 +120,33 @@ async def case(name: str, memory_mib: int, dirty_mib: int, runs: int) -> dict[st
         "min_s": min(times),
         "max_s": max(times),
         "throughput_mib_s": memory_mib / statistics.median(times),
+        **extra,
     }
 
 
 def show(result: dict[str, object]) -> None:
     ms = {k: float(result[k]) * 1000 for k in ("median_s", "min_s", "max_s")}  # type: ignore[arg-type]
+    raw = (f"; {result['throughput_mib_s']:.0f} MiB/s, raw socket {result['raw_mib_s']:.0f} "
+           f"MiB/s, ratio {result['ratio']:.2f} (CPU time: {result['ratio_cpu']:.2f})"
+           if "ratio" in result else "")
     print(f"{result['name']!s:22} median {ms['median_s']:8.1f} ms "
-          f"(min {ms['min_s']:.1f}, max {ms['max_s']:.1f})", flush=True)
+          f"(min {ms['min_s']:.1f}, max {ms['max_s']:.1f}){raw}", flush=True)
 
 
-async def main(runs: int, control_plane_runs: int, throughput_runs: int) -> None:
+async def main(runs: int, control_plane_runs: int, throughput_runs: int,
+               only_throughput: bool, sizes_mib: tuple[int, ...]) -> None:
     RESULTS.mkdir(exist_ok=True)
     for name, mem, dirty, n in (("migrate-idle-256m", 256, 0, runs),
                                 ("migrate-dirty-256m", 256, 32, runs),
                                 ("control-plane", 4, 0, control_plane_runs)):
+        if only_throughput:
+            break
         result = await case(name, mem, dirty, n)
         (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
         show(result)
     sizes = []
-    for mib in THROUGHPUT_SIZES_MIB:
-        result = await case(f"idle-{mib}m", mib, 0, throughput_runs)
+    for mib in sizes_mib:
+        result = await case(f"idle-{mib}m", mib, 0, throughput_runs, raw=True)
         sizes.append(result)
         show(result)
     (RESULTS / "throughput.json").write_text(json.dumps(sizes, indent=2) + "\n")
@@ -91,5 +157,11 @@ if __name__ == "__main__":
     p.add_argument("--runs", type=int, default=7)
     p.add_argument("--control-plane-runs", type=int, default=200)
     p.add_argument("--throughput-runs", type=int, default=3)
+    p.add_argument("--only-throughput", action="store_true",
+                   help="run the throughput case only (with its raw-socket runs)")
+    p.add_argument("--sizes", type=lambda v: tuple(int(x) for x in v.split(",")),
+                   default=THROUGHPUT_SIZES_MIB, help="guest sizes of the throughput case, MiB "
+                   "(comma-separated; default %(default)s)")
     a = p.parse_args()
-    asyncio.run(main(a.runs, a.control_plane_runs, a.throughput_runs))
+    asyncio.run(main(a.runs, a.control_plane_runs, a.throughput_runs, a.only_throughput,
+                     a.sizes))

@@ -8,8 +8,8 @@ received against the source's before the migration completes.
 Modules, one concern each (bottom layer first):
 
 ``memory``
-    What a page holds (a pure function of seed, index and version) and the memory digest (a sum
-    of per-page terms).
+    What a page holds (a pure function of seed, index and version), the memory digest (a sum
+    of per-page terms), runs of pages built a run at a time and the versions digest.
 ``sparse``
     Per-page state that costs memory only for the pages it concerns: page versions, page sets.
 ``guest``
@@ -17,7 +17,7 @@ Modules, one concern each (bottom layer first):
     bounded dirtying, the digest's running sum and run state.
 ``wire``
     The migration stream format: the protocol diagram, the handshake on either end, the
-    PAGES / DISCARD / REQUEST records and the replies.
+    PAGES / RUN / DISCARD / REQUEST records, the replies and how the two ends agree on format 2.
 ``pacing``
     Bandwidth pacing, the expected-downtime arithmetic and the auto-converge throttle steps.
 ``util``

@@ -44,6 +44,7 @@ from virtmig.daemon.backend.test.memory import (
     VERSION_MASK,
     digest_bytes,
     term_of,
+    versions_digest,
 )
 from virtmig.daemon.backend.test.sparse import PageSet, Versions
 
@@ -241,12 +242,17 @@ class Guest:
         self._sum, self._hashed_upto = 0, self.npages
         self._stale = {}
 
-    def adopt_received(self, total: int) -> None:
+    def adopt_received(self, total: int | None) -> None:
         """The incoming stream completed: memory = received pages + own writes; ``total`` is
-        the sum of the received pages' digest terms."""
+        the sum of the received pages' digest terms (``None``: not kept, as with stream
+        format 2: the sum is computed when first needed)."""
         self.tick()
-        self._sum = total % DIGEST_MOD
-        self._hashed_upto = self.npages  # (pre-copy: the guest never ran, nothing is stale)
+        if total is None:
+            self._sum, self._hashed_upto = 0, 0
+            self._stale = {}
+        else:
+            self._sum = total % DIGEST_MOD
+            self._hashed_upto = self.npages  # (pre-copy: the guest never ran, nothing is stale)
         self.dirty = None
         self.arrived = None
         self.pending = {}
@@ -285,3 +291,8 @@ class Guest:
     def digest(self) -> bytes:
         self.hash_pages(self.npages + 2 * len(self._stale))
         return digest_bytes(self._sum)
+
+    def versions_digest(self) -> bytes:
+        """Stream format 2's switchover digest of this memory (:func:`.memory.versions_digest`):
+        one hash call per 64 pages written, none per page."""
+        return versions_digest(self.seed, self.npages, self.versions.written_chunks())

@@ -10,6 +10,14 @@ memory (and can be migrated onwards); on any failure before post-copy it quits, 
 whose incoming migration failed.  What it holds per page is sparse (:mod:`.sparse`): pages
 received out of order, not every page of the guest.
 
+Format 2 (:mod:`.wire`; offered by the source in its first ITER, answered with a VERSION reply
+unless :data:`READS_RUNS` is off): a RUN record is compared with the bytes of the versions it
+names without a step per page, its versions and pages are stored a chunk at a time, and no page is
+hashed; a page that differs is kept as odd (bounded as above, refused at switchover).  Its SWITCH
+("W") is checked against the versions digest of the received versions (in post-copy a copy of
+them, ``Incoming.got``, apart from the guest's own writes); the format 1 sum is then not kept,
+and the guest computes its digest afresh when next asked.
+
 Post-copy: from the POSTCOPY record on, the guest may be resumed; a write to a page that has not
 arrived is held and applied on arrival (the vCPU would block on the fault) and the page is
 requested once (REQUEST records, sent every :data:`_PULL_INTERVAL`).  At the end its memory
@@ -21,7 +29,9 @@ runs from the switch until the guest was resumed (or the end).
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
+from array import array
 from dataclasses import dataclass, field, replace
 
 from virtmig.daemon.backend.base import (
@@ -34,22 +44,30 @@ from virtmig.daemon.backend.test.guest import Guest
 from virtmig.daemon.backend.test.memory import (
     DIGEST_LEN,
     PAGE_SIZE,
+    RUN_TEMPLATE_PAGES,
     digest_bytes,
+    page_bytes,
+    page_hash,
     page_term,
     received_page,
+    run_matches,
     term_of,
+    versions_digest,
 )
-from virtmig.daemon.backend.test.sparse import PageSet
+from virtmig.daemon.backend.test.sparse import PageSet, Versions
 from virtmig.daemon.backend.test.util import ms
 from virtmig.daemon.backend.test.wire import (
     ITER,
+    ITER_OFFER_RUNS,
     ITER_STOPPED,
     MAX_BATCH_PAGES,
     RECORD,
     RECORD_LEN,
+    RUN,
     U32,
     dst_read_header,
     nak,
+    offer_reply,
     pack_indices,
     read_indices,
     strerror,
@@ -60,6 +78,7 @@ log = logsafe.logger(__name__)
 
 _PULL_INTERVAL = 0.005  # seconds between a post-copy destination's dirty ticks / page requests
 MAX_ODD_PAGES = 1024  # pages held with bytes other than their version's before the stream fails
+READS_RUNS = True  # answer a source's offer of format 2 (False: a format 1 destination, for tests)
 
 
 @dataclass(eq=False)
@@ -85,6 +104,13 @@ class Incoming:
     postcopy: bool = False  # the POSTCOPY record arrived
     resumed_at: float = 0.0  # post-copy: when the guest first ran here
     requests: int = 0  # pages requested from the source
+    # Format 2 (RUN records): offered to the source (VERSION reply sent), runs received (the
+    # format 1 sum is not kept from then on), a versions switchover, the versions received
+    # (post-copy only: the guest's own versions then include its writes).
+    runs_offered: bool = False
+    runs_seen: bool = False
+    by_versions: bool = False
+    got: Versions | None = None
     final: MigrationProgress | None = None
 
     def snapshot(self) -> MigrationProgress:
@@ -183,6 +209,7 @@ def _fail(guests: dict[str, Guest], inc: Incoming, error: MigrationFailed) -> No
     inc.final = replace(inc.snapshot(), status=MigrationStatus.FAILED, error=str(error))
     inc.done.set_exception(error)
     inc.received = PageSet()
+    inc.got = None
     inc.odd = {}
 
 
@@ -201,10 +228,10 @@ async def _receive_stream(
     # inc.total: the terms of the pages as received (post-copy: not the guest's own writes).
     pull: asyncio.Task[None] | None = None
     try:
-        source_digest = await _receive_records(inc, reader, npages, seed)
+        source_digest = await _receive_records(inc, reader, writer, npages, seed)
         if inc.postcopy:
             pull = asyncio.get_running_loop().create_task(_pull(inc, writer))
-            source_digest = await _receive_records(inc, reader, npages, seed)
+            source_digest = await _receive_records(inc, reader, writer, npages, seed)
     finally:
         if pull is not None:
             pull.cancel()
@@ -215,12 +242,15 @@ async def _receive_stream(
         raise MigrationFailed(
             f"memory digest mismatch at switchover: {missing} of {npages} pages never received"
         )
-    digest = digest_bytes(inc.total)
-    if digest != source_digest:
-        raise MigrationFailed(
-            f"memory digest mismatch at switchover: source {source_digest.hex()[:16]}…, "
-            f"destination computed {digest.hex()[:16]}… from the received pages"
-        )
+    if inc.by_versions:
+        _check_versions(inc, seed, source_digest)
+    else:
+        digest = digest_bytes(inc.total)
+        if digest != source_digest:
+            raise MigrationFailed(
+                f"memory digest mismatch at switchover: source {source_digest.hex()[:16]}…, "
+                f"destination computed {digest.hex()[:16]}… from the received pages"
+            )
     if inc.odd:  # (a source that computed its digest over bytes no guest of ours holds)
         raise MigrationFailed(
             f"memory digest mismatch at switchover: {len(inc.odd)} pages hold bytes that are "
@@ -232,7 +262,7 @@ async def _receive_stream(
     # Verified: the guest's memory is (seed, received versions) plus, after a post-copy
     # switch, its own writes since.
     now = time.monotonic()
-    guest.adopt_received(inc.total)
+    guest.adopt_received(None if inc.by_versions else inc.total)
     inc.status = MigrationStatus.COMPLETED
     if inc.postcopy:
         downtime = ms((inc.resumed_at or now) - inc.stopped_at)
@@ -246,6 +276,7 @@ async def _receive_stream(
         total_time_ms=ms(now - inc.started),
     )
     inc.received = PageSet()
+    inc.got = None
     if inc.server is not None:
         inc.server.close()
     if not inc.done.done():
@@ -253,50 +284,32 @@ async def _receive_stream(
 
 
 async def _receive_records(
-    inc: Incoming, reader: asyncio.StreamReader, npages: int, seed: int
+    inc: Incoming, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, npages: int,
+    seed: int,
 ) -> bytes | None:
     """Read records until SWITCH (its digest) or, before post-copy, POSTCOPY (``None``)."""
-    guest = inc.guest
     received = inc.received
     postcopy = inc.postcopy
     while True:
         kind = await reader.readexactly(1)
-        if kind == b"P":
-            (count,) = U32.unpack(await reader.readexactly(U32.size))
-            if not 0 < count <= MAX_BATCH_PAGES:
-                raise MigrationFailed(f"malformed migration stream: batch of {count} pages")
-            buf = await reader.readexactly(count * RECORD_LEN)
-            for off in range(0, len(buf), RECORD_LEN):
-                idx, ver = RECORD.unpack_from(buf, off)
-                if idx >= npages:
-                    raise MigrationFailed(f"malformed migration stream: page {idx} of {npages}")
-                if idx in received:
-                    if postcopy:
-                        raise MigrationFailed(
-                            f"malformed migration stream: page {idx} sent twice in post-copy"
-                        )
-                    inc.total -= _term_received(inc, idx, seed)  # replaced
-                else:
-                    received.add(idx)
-                h, expected = received_page(seed, buf, off + RECORD.size, idx, ver)
-                inc.total += page_term(idx, h)
-                if not expected:
-                    inc.odd[idx] = h
-                    if len(inc.odd) > MAX_ODD_PAGES:
-                        raise MigrationFailed(
-                            f"malformed migration stream: more than {MAX_ODD_PAGES} pages hold "
-                            "bytes that are not their version's content"
-                        )
-                if postcopy:
-                    guest.receive(idx, ver)  # and the writes held for it
-                else:
-                    guest.versions[idx] = ver
-            inc.pages += count
+        if kind == b"G" and inc.runs_offered:
+            await _receive_run(inc, reader, npages, seed)
+        elif kind == b"P":
+            await _receive_pages(inc, reader, npages, seed)
         elif kind == b"I":
             inc.iteration, flags = ITER.unpack(await reader.readexactly(ITER.size))
             if flags & ITER_STOPPED and not inc.stopped_at:
                 inc.stopped_at = time.monotonic()
+            if flags & ITER_OFFER_RUNS and READS_RUNS and not inc.runs_offered:
+                inc.runs_offered = True
+                writer.write(offer_reply())
         elif kind == b"S":
+            if inc.runs_seen:
+                raise MigrationFailed(
+                    "malformed migration stream: a format 1 switchover after page runs")
+            return await reader.readexactly(DIGEST_LEN)
+        elif kind == b"W" and inc.runs_offered:
+            inc.by_versions = True
             return await reader.readexactly(DIGEST_LEN)
         elif kind in (b"D", b"C") and postcopy:
             raise MigrationFailed(
@@ -305,15 +318,124 @@ async def _receive_records(
         elif kind == b"D":
             for idx in await read_indices(reader, npages, "discard"):
                 if received.discard(idx):
-                    inc.total -= _term_received(inc, idx, seed)
+                    if inc.runs_seen:  # (the format 1 sum is not kept any more)
+                        inc.odd.pop(idx, None)
+                    else:
+                        inc.total -= _term_received(inc, idx, seed)
         elif kind == b"C":
             inc.postcopy = True
             inc.status = MigrationStatus.POSTCOPY_ACTIVE
             inc.stopped_at = inc.stopped_at or time.monotonic()
-            guest.begin_postcopy(received)
+            if inc.runs_offered:  # the received versions, apart from the guest's own writes
+                inc.got = inc.guest.versions.copy()
+            inc.guest.begin_postcopy(received)
             return None
         else:
             raise MigrationFailed(f"malformed migration stream: unknown record {kind!r}")
+
+
+async def _receive_pages(
+    inc: Incoming, reader: asyncio.StreamReader, npages: int, seed: int
+) -> None:
+    """The body of a PAGES record (format 1): page by page, each hashed into the sum."""
+    guest, received, postcopy, got = inc.guest, inc.received, inc.postcopy, inc.got
+    (count,) = U32.unpack(await reader.readexactly(U32.size))
+    if not 0 < count <= MAX_BATCH_PAGES:
+        raise MigrationFailed(f"malformed migration stream: batch of {count} pages")
+    buf = await reader.readexactly(count * RECORD_LEN)
+    for off in range(0, len(buf), RECORD_LEN):
+        idx, ver = RECORD.unpack_from(buf, off)
+        if idx >= npages:
+            raise MigrationFailed(f"malformed migration stream: page {idx} of {npages}")
+        if idx in received:
+            if postcopy:
+                raise MigrationFailed(
+                    f"malformed migration stream: page {idx} sent twice in post-copy"
+                )
+            inc.total -= _term_received(inc, idx, seed)  # replaced
+        else:
+            received.add(idx)
+        h, expected = received_page(seed, buf, off + RECORD.size, idx, ver)
+        inc.total += page_term(idx, h)
+        if not expected:
+            _odd(inc, idx, h)
+        if postcopy:
+            guest.receive(idx, ver)  # and the writes held for it
+            if got is not None:
+                got[idx] = ver
+        else:
+            guest.versions[idx] = ver
+    inc.pages += count
+
+
+async def _receive_run(
+    inc: Incoming, reader: asyncio.StreamReader, npages: int, seed: int
+) -> None:
+    """The body of a RUN record (format 2): checked in place against the pages' bytes at the
+    versions it names (:func:`.memory.run_matches`); a page that differs is kept as odd (refused
+    at switchover)."""
+    first, count = RUN.unpack(await reader.readexactly(RUN.size))
+    if not 0 < count <= RUN_TEMPLATE_PAGES:
+        raise MigrationFailed(f"malformed migration stream: run of {count} pages")
+    if first + count > npages:
+        raise MigrationFailed(
+            f"malformed migration stream: run of pages {first} to {first + count - 1} "
+            f"of {npages}")
+    versions = array("I")
+    versions.frombytes(await reader.readexactly(4 * count))
+    if sys.byteorder == "big":
+        versions.byteswap()
+    pages = await reader.readexactly(count * PAGE_SIZE)
+    inc.runs_seen = True
+    if inc.postcopy:
+        guest, received = inc.guest, inc.received
+        for idx, ver in zip(range(first, first + count), versions, strict=True):
+            if idx in received:
+                raise MigrationFailed(
+                    f"malformed migration stream: page {idx} sent twice in post-copy")
+            received.add(idx)
+            guest.receive(idx, ver)  # and the writes held for it
+        assert inc.got is not None  # (set at the POSTCOPY record of a format 2 stream)
+        inc.got.set_run(first, versions)
+    else:
+        inc.received.add_range(first, count)
+        inc.guest.versions.set_run(first, versions)
+        if inc.odd:  # resent: what was odd is replaced
+            for idx in range(first, first + count):
+                inc.odd.pop(idx, None)
+    if not run_matches(seed, first, versions, pages):
+        for k, ver in enumerate(versions):
+            page = pages[k * PAGE_SIZE : (k + 1) * PAGE_SIZE]
+            if page != page_bytes(seed, first + k, ver):
+                _odd(inc, first + k, page_hash(page))
+    inc.pages += count
+
+
+def _odd(inc: Incoming, idx: int, h: bytes) -> None:
+    """Page ``idx`` holds bytes that are not its version's content (hash ``h``)."""
+    inc.odd[idx] = h
+    if len(inc.odd) > MAX_ODD_PAGES:
+        raise MigrationFailed(
+            f"malformed migration stream: more than {MAX_ODD_PAGES} pages hold "
+            "bytes that are not their version's content"
+        )
+
+
+def _check_versions(inc: Incoming, seed: int, source_digest: bytes) -> None:
+    """Format 2's switchover check: every page arrived as its version's bytes (``odd`` is
+    empty) and the received versions are the source's (their digest)."""
+    if inc.odd:
+        raise MigrationFailed(
+            f"memory digest mismatch at switchover: {len(inc.odd)} pages hold bytes that are "
+            "not their version's content"
+        )
+    got = inc.got if inc.got is not None else inc.guest.versions
+    digest = versions_digest(seed, inc.guest.npages, got.written_chunks())
+    if digest != source_digest:
+        raise MigrationFailed(
+            f"memory digest mismatch at switchover: source {source_digest.hex()[:16]}…, "
+            f"destination computed {digest.hex()[:16]}… from the received page versions"
+        )
 
 
 def _term_received(inc: Incoming, idx: int, seed: int) -> int:

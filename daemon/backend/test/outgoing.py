@@ -25,6 +25,11 @@ post-copy, which is never rolled back (the guest stays paused, the error is
 :class:`PostcopyFailed`).  The source reads replies the whole time, so a NAK or an EOF aborts the
 migration at once rather than at switchover.
 
+The first ITER offers stream format 2 (:data:`OFFER_RUNS`); once the destination's VERSION
+reply is read, batches go out as RUN records (a run of pages behind one header, built without a
+step per page) and the switchover digest is of the page versions (:mod:`.wire`), so the source
+neither hashes pages while the guest runs nor before the switch.
+
 ``iteration`` counts passes including the stop-and-copy one, so an idle guest reports 2 (like
 QEMU's dirty-sync count); the post-copy phase is not a pass.  In post-copy, ``downtime_ms`` is
 the time from the stop to the POSTCOPY record.
@@ -64,11 +69,14 @@ from virtmig.daemon.backend.test.util import future, ms, retrieve
 from virtmig.daemon.backend.test.wire import (
     HANDSHAKE_TIMEOUT,
     ITER,
+    ITER_OFFER_RUNS,
     ITER_STOPPED,
+    RUNS_VERSION,
     STREAM_LIMIT,
     hostport,
     pack_indices,
     page_records,
+    page_runs,
     read_indices,
     read_reply,
     src_handshake,
@@ -77,6 +85,8 @@ from virtmig.daemon.backend.test.wire import (
 from virtmig.proto import logsafe
 
 log = logsafe.logger(__name__)
+
+OFFER_RUNS = True  # offer format 2 in the first ITER (False: a format 1 source, for tests)
 
 
 @dataclass(eq=False)
@@ -108,6 +118,9 @@ class Outgoing:
     switch_progress: MigrationProgress | None = None
     requested: deque[int] = field(default_factory=deque)
     requests: int = 0
+    # The destination said it reads stream format 2 (VERSION reply): batches go out as RUN
+    # records and the switchover digest is of the page versions.
+    runs: bool = False
     # ``returned``: outgoing() may return (switched or finished); ``done``: the final outcome.
     returned: asyncio.Future[None] = field(default_factory=future)
     done: asyncio.Future[MigrationProgress] = field(default_factory=future)
@@ -268,6 +281,11 @@ def _watch_replies(mig: Outgoing, reader: asyncio.StreamReader) -> asyncio.Task[
     """
     npages = mig.guest.npages
 
+    def offered(version: int) -> None:
+        if version < RUNS_VERSION:
+            raise MigrationFailed(f"malformed reply: stream format {version} offered")
+        mig.runs = True
+
     async def requested(upstream: asyncio.StreamReader) -> None:
         indices = await read_indices(upstream, npages, "page request")
         if not mig.switched:
@@ -276,7 +294,7 @@ def _watch_replies(mig: Outgoing, reader: asyncio.StreamReader) -> asyncio.Task[
         mig.requests += len(indices)
         mig.pacer.poke()
 
-    watch = asyncio.get_running_loop().create_task(read_reply(reader, requested))
+    watch = asyncio.get_running_loop().create_task(read_reply(reader, requested, offered))
 
     def replied(task: asyncio.Task[str | None]) -> None:
         if mig.awaiting_ack or task.cancelled():
@@ -326,7 +344,8 @@ async def _precopy(mig: Outgoing, writer: asyncio.StreamWriter) -> None:
         pass_bytes = (mig.pages_sent - sent_before) * PAGE_SIZE
         pass_time = time.monotonic() - pass_start
         fresh = False
-        await guest.hash_ahead()  # while the guest runs: keeps the switchover digest short
+        if not mig.runs:  # while the guest runs: keeps a format 1 switchover digest short
+            await guest.hash_ahead()
         dirty = guest.sync_dirty()
         now = time.monotonic()
         if now > last_sync:
@@ -344,8 +363,31 @@ async def _precopy(mig: Outgoing, writer: asyncio.StreamWriter) -> None:
         elif mig.tuning.auto_converge and wants_throttle(remaining, pass_bytes):
             _throttle_up(mig)
         pages = sorted(dirty)
-    writer.write(b"S" + guest.digest())
+    writer.write(_switch_record(mig))
     await writer.drain()
+
+
+def _switch_record(mig: Outgoing) -> bytes:
+    """SWITCH with the digest of the stopped guest's memory: of its page versions when the
+    destination reads format 2 (VERSIONS SWITCH), else the sum of its page terms."""
+    if mig.runs:
+        return b"W" + mig.guest.versions_digest()
+    return b"S" + mig.guest.digest()
+
+
+def _batch(
+    mig: Outgoing, writer: asyncio.StreamWriter, batch: Sequence[int], corrupt: int | None
+) -> int:
+    """Write one batch of pages (RUN records in format 2, else a PAGES record); its size."""
+    guest = mig.guest
+    if mig.runs:
+        parts = page_runs(guest.seed, guest.versions, batch, corrupt)
+        for part in parts:
+            writer.write(part)
+        return sum(len(part) for part in parts)
+    data = page_records(guest.seed, guest.versions, batch, corrupt)
+    writer.write(data)
+    return len(data)
 
 
 def _stop(mig: Outgoing) -> None:
@@ -371,7 +413,8 @@ async def _send_pass(
 ) -> Sequence[int] | None:
     """One pass; returns the unsent pages when a switch to post-copy cut it short."""
     guest = mig.guest
-    writer.write(b"I" + ITER.pack(mig.iteration, ITER_STOPPED if final else 0))
+    flags = (ITER_STOPPED if final else 0) | (ITER_OFFER_RUNS if OFFER_RUNS else 0)
+    writer.write(b"I" + ITER.pack(mig.iteration, flags))
     mig.remaining_pages = len(pages)
     corrupt = 0 if final and guest.fault == FAULT_CORRUPT_STREAM else None
     pos = 0
@@ -381,12 +424,11 @@ async def _send_pass(
         batch = pages[pos : pos + mig.pacer.batch_pages]
         pos += len(batch)
         guest.tick()  # the guest's writes, a bounded share per batch (see .guest)
-        data = page_records(guest.seed, guest.versions, batch, corrupt)
-        writer.write(data)
+        nbytes = _batch(mig, writer, batch, corrupt)
         await writer.drain()
         mig.pages_sent += len(batch)
         mig.remaining_pages -= len(batch)
-        await mig.pacer.pace(len(data))  # also yields to the event loop
+        await mig.pacer.pace(nbytes)  # also yields to the event loop
     return None
 
 
@@ -453,15 +495,15 @@ async def _postcopy(
                     batch.append(i)
         if not batch:
             raise MigrationFailed(f"internal error: {left} post-copy pages lost track of")
-        data = page_records(guest.seed, guest.versions, batch, corrupt)
-        writer.write(data)
+        nbytes = _batch(mig, writer, batch, corrupt)
         await writer.drain()
         left -= len(batch)
         mig.pages_sent += len(batch)
         mig.remaining_pages = left
-        pacer.consume(len(data))
+        pacer.consume(nbytes)
         await asyncio.sleep(0)
     # The guest has been stopped since the switch: this is its memory as of the switch.
-    await guest.hash_ahead()
-    writer.write(b"S" + guest.digest())
+    if not mig.runs:
+        await guest.hash_ahead()
+    writer.write(_switch_record(mig))
     await writer.drain()

@@ -9,7 +9,10 @@ or that a migration stream handles out of order, never a fixed amount per declar
 :class:`PageSet`
     A set of page indices stored as a prefix ``[0, upto)`` minus ``holes``, plus ``extra`` pages
     above it: cheap for what a migration stream does (pass 1 sends every page in order, later
-    records resend or discard a few).
+    records resend or discard a few); a run of pages joins it at once (``add_range``).
+
+Runs of versions are read and written a chunk at a time (``get_run``/``set_run``), so a stream
+of page runs costs one Python step per 64 pages, not per page.
 
 Both report what they hold in ``nbytes`` (an estimate of the Python objects), which the tests use
 to prove the bound.
@@ -66,6 +69,48 @@ class Versions:
         for idx in range(self.npages):
             yield self[idx]
 
+    def get_run(self, first: int, count: int) -> array[int]:
+        """The versions of pages ``first`` .. ``first + count - 1`` (one slice per chunk)."""
+        out = array("I")
+        idx, end = first, first + count
+        while idx < end:
+            key, off = idx >> CHUNK_SHIFT, idx & _CHUNK_MASK
+            n = min(end - idx, CHUNK_PAGES - off)
+            chunk = self._chunks.get(key)
+            out += chunk[off : off + n] if chunk is not None else array("I", _ZERO_CHUNK[: 4 * n])
+            idx += n
+        return out
+
+    def set_run(self, first: int, values: array[int]) -> None:
+        """Set the versions of pages ``first`` .. ``first + len(values) - 1``."""
+        idx, end, pos = first, first + len(values), 0
+        while idx < end:
+            key, off = idx >> CHUNK_SHIFT, idx & _CHUNK_MASK
+            n = min(end - idx, CHUNK_PAGES - off)
+            part = values[pos : pos + n]
+            chunk = self._chunks.get(key)
+            if chunk is None and any(part):
+                chunk = self._chunks[key] = array("I", _ZERO_CHUNK)
+            if chunk is not None:
+                chunk[off : off + n] = part
+            idx, pos = idx + n, pos + n
+
+    def copy(self) -> Versions:
+        other = Versions(self.npages)
+        other._chunks = {key: array("I", chunk) for key, chunk in self._chunks.items()}
+        return other
+
+    def written_chunks(self) -> Iterator[tuple[int, bytes]]:
+        """``(chunk index, its versions as little-endian u32)`` of the chunks holding a version
+        other than 0, in ascending order: what :func:`.memory.versions_digest` hashes."""
+        for key in sorted(self._chunks):
+            chunk = self._chunks[key]
+            if any(chunk):
+                if sys.byteorder == "big":
+                    chunk = array("I", chunk)
+                    chunk.byteswap()
+                yield key, chunk.tobytes()
+
     @property
     def nbytes(self) -> int:
         """Roughly what the chunks cost (array objects and dict entries)."""
@@ -113,6 +158,31 @@ class PageSet:
             upto += 1
         self.upto = upto
         return True
+
+    def add_range(self, first: int, count: int) -> None:
+        """Add pages ``first`` .. ``first + count - 1`` (in order at the prefix's end: O(1))."""
+        end = first + count
+        holes, extra = self.holes, self.extra
+        if holes and first < self.upto:
+            low, high = first, min(end, self.upto)
+            if len(holes) <= high - low:
+                holes.difference_update([h for h in holes if low <= h < high])
+            else:
+                holes.difference_update(range(low, high))
+        if end <= self.upto:
+            return
+        if first > self.upto:
+            extra.update(range(first, end))
+            return
+        if extra:
+            if len(extra) <= end - self.upto:
+                extra.difference_update([e for e in extra if e < end])
+            else:
+                extra.difference_update(range(self.upto, end))
+        while end in extra:  # each extra page is absorbed once
+            extra.remove(end)
+            end += 1
+        self.upto = end
 
     def discard(self, idx: int) -> bool:
         if idx < self.upto:

@@ -14,10 +14,17 @@ Stream protocol (all integers little-endian)::
     HEADER  "VMTESTMS" u16 version=1  u32 page_size   ──►   checks magic, version, page size,
             u64 npages  u64 seed  u16 len  uuid(utf-8)      uuid and npages against its guest
                                                       ◄──   REPLY  "A"  (or "N" + reason; close)
-    ITER    "I"  u32 iteration  u8 flags (1: source stopped, stop-and-copy pass)
+    ITER    "I"  u32 iteration  u8 flags (1: source stopped, stop-and-copy pass;
+                 2: the source offers format 2, set in the first ITER)
+                                                      ◄──   VERSION "V" u16 2 (once, answering
+                                                            the offer: it reads format 2)
     PAGES   "P"  u32 count  count * (u32 index  u32 version  4096 bytes)     (~1 MiB per write)
-     ...        (ITER / PAGES repeat: pass 1 sends every page, later passes the dirtied ones)
+    RUN     "G"  u32 first  u32 count (1..256)  count * u32 version           (format 2 only,
+                 count * 4096 bytes: pages first .. first + count - 1          after "V")
+     ...        (ITER / PAGES or RUN repeat: pass 1 sends every page, later passes the dirtied
+                 ones)
     SWITCH  "S"  32-byte digest of the source's memory, taken with the guest stopped
+            or "W" (format 2) 32-byte versions digest of the same memory
                                                       ◄──   REPLY  "A"  digest matches and
                                                                    every page was received
                                                             or "N" u16 len + reason (utf-8),
@@ -31,9 +38,24 @@ Stream protocol (all integers little-endian)::
                                                             that is not there is requested:
                                                       ◄──   REQUEST "R" u32 count  count * u32
                                                                    index (any time until ACK)
-    PAGES   "P"  ...  every remaining page exactly once, requested ones first
-    SWITCH  "S"  digest of the source's memory as of the switch
+    PAGES   "P" / RUN "G"  ...  every remaining page exactly once, requested ones first
+    SWITCH  "S" / "W"  digest of the source's memory as of the switch
                                                       ◄──   REPLY  "A" / "N" as above
+
+Format 2 (issue 17) exists so that neither end does Python work per page: a RUN carries a run of
+consecutive pages behind one header, which the source builds and the destination checks a run at
+a time (:func:`.memory.run_bytes`, :func:`.memory.run_matches`: a page that is not its
+version's bytes is kept as odd and refused at switchover, as in PAGES); its switchover digest
+"W" is :func:`.memory.versions_digest`, over the page versions every page was checked against,
+instead of a sum of two hashes per page. The two ends agree on it inside the stream, with no change
+to the header (still version 1) or the control plane: the source offers it with ITER flag 2, which a
+format 1 destination ignores; a format 2 destination answers with a VERSION reply, which the
+source's reply reader takes at any time, switching to RUN records at its next batch and to "W" at
+the switchover. A format 1 source never offers: its destination never sends "V" and refuses "G" and
+"W" as unknown records; a format 1 destination never answers: the source keeps to PAGES and "S". A
+destination that has received a RUN refuses an "S" (it keeps no per-page sum from then on). A RUN is
+refused (NAK) when its count is 0 or above 256 or its pages go beyond the guest; a source refuses a
+"V" of a version below 2.
 
 The destination answers ``N`` + reason and closes whenever it refuses the stream (wrong guest,
 malformed record, guest destroyed).  The source reads replies the whole time, so a NAK or an EOF
@@ -54,7 +76,14 @@ from array import array
 from collections.abc import Awaitable, Callable, Sequence
 
 from virtmig.daemon.backend.base import MigrationFailed, StreamAddress
-from virtmig.daemon.backend.test.memory import MIB, PAGE_SIZE, SUFFIX, page_prefix
+from virtmig.daemon.backend.test.memory import (
+    MIB,
+    PAGE_SIZE,
+    RUN_TEMPLATE_PAGES,
+    SUFFIX,
+    page_prefix,
+    run_bytes,
+)
 from virtmig.daemon.backend.test.sparse import Versions
 
 MAGIC = b"VMTESTMS"
@@ -66,6 +95,9 @@ U32 = struct.Struct("<I")
 U16 = struct.Struct("<H")
 ITER = struct.Struct("<IB")  # iteration, flags
 ITER_STOPPED = 1
+ITER_OFFER_RUNS = 2  # the source can send format 2's records (a format 1 destination ignores it)
+RUNS_VERSION = 2  # the format whose records a destination's VERSION reply says it reads
+RUN = struct.Struct("<II")  # page run header: first page, count
 
 MAX_BATCH_PAGES = 4096  # what a destination accepts in one record
 MAX_INDICES = 65536  # page indices per DISCARD / REQUEST record
@@ -156,6 +188,44 @@ def page_records(
     return b"".join(parts)
 
 
+def _runs(batch: Sequence[int]) -> list[tuple[int, int]]:
+    """``batch`` (ascending) as runs of consecutive pages: ``(first, count)``, each at most
+    :data:`RUN_TEMPLATE_PAGES` long."""
+    if isinstance(batch, range) and batch.step == 1:
+        return [(first, min(RUN_TEMPLATE_PAGES, batch.stop - first))
+                for first in range(batch.start, batch.stop, RUN_TEMPLATE_PAGES)]
+    out: list[tuple[int, int]] = []
+    first = prev = -2
+    for i in batch:
+        if i != prev + 1 or i - first >= RUN_TEMPLATE_PAGES:
+            if prev >= 0:
+                out.append((first, prev - first + 1))
+            first = i
+        prev = i
+    if prev >= 0:
+        out.append((first, prev - first + 1))
+    return out
+
+
+def page_runs(
+    seed: int, versions: Versions, batch: Sequence[int], corrupt: int | None
+) -> list[bytes | bytearray]:
+    """RUN records of ``batch`` (ascending) at ``versions``; page ``corrupt`` gets a bad byte.
+
+    Each record is two buffers, its header with the versions and its pages, for ``write``: no
+    step per page, no copy of the pages into a larger buffer."""
+    parts: list[bytes | bytearray] = []
+    for first, count in _runs(batch):
+        vers = versions.get_run(first, count)
+        pages = run_bytes(seed, first, vers)
+        if corrupt is not None and first <= corrupt < first + count:
+            pages[(corrupt - first) * PAGE_SIZE] ^= 0xFF
+        if sys.byteorder == "big":
+            vers.byteswap()
+        parts += (b"G" + RUN.pack(first, count) + vers.tobytes(), pages)
+    return parts
+
+
 def pack_indices(kind: bytes, indices: Sequence[int]) -> bytes:
     """DISCARD / REQUEST records for ``indices`` (as many records as needed)."""
     out: list[bytes] = []
@@ -191,13 +261,20 @@ def nak(reason: str) -> bytes:
     return b"N" + U16.pack(len(data)) + data
 
 
+def offer_reply() -> bytes:
+    """The VERSION reply: the destination reads format :data:`RUNS_VERSION`'s records."""
+    return b"V" + U16.pack(RUNS_VERSION)
+
+
 async def read_reply(
     reader: asyncio.StreamReader,
     requested: Callable[[asyncio.StreamReader], Awaitable[None]] | None = None,
+    offered: Callable[[int], None] | None = None,
 ) -> str | None:
     """Read one reply: ``None`` for ACK, the reason for NAK; MigrationFailed on EOF/garbage.
 
-    With ``requested``, REQUEST records before the reply are handed to it (it reads the body).
+    With ``requested``, REQUEST records before the reply are handed to it (it reads the body);
+    with ``offered``, a VERSION reply's version is.
     """
     try:
         while True:
@@ -210,6 +287,10 @@ async def read_reply(
                 return reason or "migration refused by the destination"
             if kind == b"R" and requested is not None:
                 await requested(reader)
+                continue
+            if kind == b"V" and offered is not None:
+                (version,) = U16.unpack(await reader.readexactly(U16.size))
+                offered(version)
                 continue
             break
     except asyncio.IncompleteReadError:
