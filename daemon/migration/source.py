@@ -412,12 +412,14 @@ async def src_complete(daemon: Daemon, dom: DomainObj, job: MigrationJob,
     and with UNDEFINE_SOURCE drop its definition, else record where it went (Confirm; protocol
     v2's Perform itself, or its peer-to-peer settling)."""
     await daemon.backend.destroy(dom.uuid)
-    await daemon.registry.end_job(dom, job.record(JobType.COMPLETED))
+    # Where it went is durable before the status loses the job (a crash in between recovers
+    # confirm3 again); the job-less status is written once, by mark_inactive.
     if f & F.UNDEFINE_SOURCE and dom.config is not None:
         dom.config = None
         daemon.registry.save_config(dom)
     elif dom.config is not None:  # where it went: virtmig.daemon.placement
         daemon.placement.departed(dom.uuid, locate.away_of(job))
+    await daemon.registry.end_job(dom, job.record(JobType.COMPLETED), save=False)
     daemon.mark_inactive(dom, ShutoffReason.MIGRATED)
 
 
