@@ -14,6 +14,9 @@ this process:
   at a time: the two rates, their ratio and the failures.  Migration ports are ``--ports`` per
   daemon: fewer than the guests, a Prepare waits for one (``migration_port_wait``).
 
+``--daemon-source DIR --tag=-base`` runs the daemons from another tree (a directory holding a
+``virtmig`` package, e.g. a baseline's), for A/B runs interleaved with this tree's.
+
 Results go to ``bench/results/control-plane-procs.json`` and
 ``bench/results/control-plane-concurrent.json`` (``bench/figures.py`` draws the first); the load
 average is recorded beside them.  Nothing here is asserted by tests.
@@ -58,7 +61,8 @@ def machine() -> dict[str, object]:
 class Daemon:
     """``virtmigd`` as its own process on ``tls://127.0.0.1:0``."""
 
-    def __init__(self, root: Path, name: str, ports: tuple[int, int], extra: str = "") -> None:
+    def __init__(self, root: Path, name: str, ports: tuple[int, int], extra: str = "",
+                 source: str = "") -> None:
         self.root = root / name
         self.root.mkdir()
         self.name = name
@@ -67,12 +71,17 @@ class Daemon:
             f'pki_dir = "{session_pki().host(name)}"\n'
             f'migration_ports = "{ports[0]}-{ports[1]}"\n' + extra)
         ready = self.root / "ready.json"
+        # source: another tree's virtmig package root (a baseline's), else this install's
+        command = [sys.executable, "-c", "from virtmig.daemon.main import main; main()"] \
+            if source else [str(BIN / "virtmigd")]
+        env = dict(os.environ, VIRTMIG_RUN_DIR=str(self.root))
+        if source:
+            env["PYTHONPATH"] = source
         self.proc = subprocess.Popen(
-            [str(BIN / "virtmigd"), "--config", str(config), "--state-dir",
+            [*command, "--config", str(config), "--state-dir",
              str(self.root / "state"), "--listen", "tls://127.0.0.1:0", "--hostname",
              f"{name}.test", "--migration-address", "127.0.0.1", "--migration-host", "127.0.0.1",
-             "--ready-file", str(ready), "--log-level", "warning"],
-            env=dict(os.environ, VIRTMIG_RUN_DIR=str(self.root)))
+             "--ready-file", str(ready), "--log-level", "warning"], env=env)
         deadline = time.monotonic() + 120
         while not ready.exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -181,16 +190,19 @@ async def main(args: argparse.Namespace) -> None:
     RESULTS.mkdir(exist_ok=True)
     extra = "max_calls_per_client = 64\nmigration_port_wait = 120\n"
     with tempfile.TemporaryDirectory() as tmp:
-        a = Daemon(Path(tmp), "a", (49400, 49400 + args.ports - 1), extra)
+        a = Daemon(Path(tmp), "a", (49400, 49400 + args.ports - 1), extra, args.daemon_source)
         try:
-            b = Daemon(Path(tmp), "b", (49600, 49600 + args.ports - 1), extra)
+            b = Daemon(Path(tmp), "b", (49600, 49600 + args.ports - 1), extra,
+                       args.daemon_source)
         except BaseException:
             a.stop()
             raise
         try:
             if args.runs:
                 seq = await sequential(a, b, args.runs)
-                (RESULTS / "control-plane-procs.json").write_text(json.dumps(seq, indent=2))
+                seq["daemon_source"] = args.daemon_source
+                (RESULTS / f"control-plane-procs{args.tag}.json").write_text(
+                    json.dumps(seq, indent=2))
                 cpu = seq["cpu_per_migration_ms"]
                 print(f"control-plane-procs  p50 {seq['p50_s'] * 1000:.1f} ms, p99 "
                       f"{seq['p99_s'] * 1000:.1f} ms, drift {seq['drift']:.2f} ({args.runs} "
@@ -199,7 +211,9 @@ async def main(args: argparse.Namespace) -> None:
                       f"{seq['machine']['loadavg'][0]:.1f})", flush=True)
             if args.concurrent:
                 con = await concurrent(a, b, args.concurrent)
-                (RESULTS / "control-plane-concurrent.json").write_text(json.dumps(con, indent=2))
+                con["daemon_source"] = args.daemon_source
+                (RESULTS / f"control-plane-concurrent{args.tag}.json").write_text(
+                    json.dumps(con, indent=2))
                 print(f"control-plane-concurrent  {args.concurrent} at once "
                       f"{con['together_per_s']:.1f}/s, one at a time "
                       f"{con['one_by_one_per_s']:.1f}/s: ratio {con['ratio']:.2f}, "
@@ -217,4 +231,7 @@ if __name__ == "__main__":
     p.add_argument("--runs", type=int, default=1000)
     p.add_argument("--concurrent", type=int, default=200)
     p.add_argument("--ports", type=int, default=64)
+    p.add_argument("--daemon-source", default="", metavar="DIR",
+                   help="run the daemons from this package root (PYTHONPATH; an A/B baseline)")
+    p.add_argument("--tag", default="", help="suffix of the result files' names")
     asyncio.run(main(p.parse_args()))

@@ -228,7 +228,7 @@ class Registry:
         if record is not None:
             dom.completed = record
         if save:
-            self.save_status(dom)
+            await self.save_status_durably(dom)
         await self.job_changed(dom)
         if record is not None and job is not None and self.observer is not None:
             self.observer.ended(dom, job, record, time.monotonic() - job.reported_at)
@@ -251,6 +251,28 @@ class Registry:
     def save_status(self, dom: DomainObj) -> None:
         """Write the status file (or remove it once the domain is inactive with no job); it is
         fsynced when :func:`status_needs_fsync` says a power loss must not lose it."""
+        path = self._files.status_path(dom.uuid)
+        data = self._status_data(dom)
+        if data is None:
+            files.remove(path, sync_dir=False)
+        else:
+            files.atomic_write(path, data, sync_dir=False, fsync=status_needs_fsync(dom.job))
+
+    async def save_status_durably(self, dom: DomainObj) -> None:
+        """:meth:`save_status`, with the fsync it needs (if any) in a worker thread: the daemon
+        serves other calls meanwhile; the caller goes on once the status is durable."""
+        if not status_needs_fsync(dom.job):
+            self.save_status(dom)
+            return
+        path = self._files.status_path(dom.uuid)
+        data = self._status_data(dom)
+        if data is None:
+            files.remove(path, sync_dir=False)
+        else:
+            await files.atomic_write_durably(path, data, sync_dir=False)
+
+    def _status_data(self, dom: DomainObj) -> bytes | None:
+        """The status file's bytes (None: no status file); tells the observer of a new phase."""
         job = dom.job
         if job is not None and job.phase is not job.reported_phase:
             now = time.monotonic()
@@ -258,10 +280,8 @@ class Registry:
             spent, job.reported_at = now - job.reported_at, now
             if self.observer is not None:
                 self.observer.phase(dom, job, old, spent)
-        path = self._files.status_path(dom.uuid)
         if not dom.active and dom.job is None:
-            files.remove(path, sync_dir=False)
-            return
+            return None
         root = etree.Element(
             "domstatus",
             state=dom.state.name.lower(),
@@ -291,8 +311,7 @@ class Registry:
             )
         if dom.live is not None:
             root.append(etree.fromstring(dom.live.xml.encode()))
-        files.atomic_write(path, etree.tostring(root, pretty_print=True), sync_dir=False,
-                           fsync=status_needs_fsync(dom.job))
+        return bytes(etree.tostring(root, pretty_print=True))
 
     def load(self) -> list[tuple[DomainObj, etree._Element]]:
         """Load persistent definitions and live status files; return objects that have status.

@@ -9,8 +9,11 @@ recoverable.  Real daemons in this process, ``os.fsync`` counted by the file it 
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import contextlib
 import os
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -100,15 +103,15 @@ async def test_departure_is_durable_before_the_job_leaves_the_status(
     await a.conn.start("vm")
     uuid = (await a.conn.lookup("vm")).uuid
     seen: list[Phase | None] = []
-    real = a.daemon.placement.departed
+    real = a.daemon.placement.departed_durably
 
-    def departed(*args: object, **kwargs: object) -> None:
+    async def departed(*args: object, **kwargs: object) -> None:
         status = a.state_dir / "status" / f"{uuid}.xml"
         job = job_from_status(etree.fromstring(status.read_bytes()))
         seen.append(job.phase if job else None)
-        real(*args, **kwargs)  # type: ignore[arg-type]
+        await real(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(a.daemon.placement, "departed", departed)
+    monkeypatch.setattr(a.daemon.placement, "departed_durably", departed)
     await a.conn.migrate3("vm", b.conn, TypedParams(), F.LIVE)
     assert seen == [Phase.CONFIRM3]
 
@@ -148,3 +151,56 @@ def test_replaced_files_are_released(tmp_path: Path) -> None:
     assert not target.exists()
     wait_until_sync(lambda: len(os.listdir("/proc/self/fd")) <= before, timeout=10,
                     what="the replaced files' descriptors closed")
+
+
+async def test_migration_fsyncs_leave_the_event_loop_free(
+        pair: list[Host], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every fsync on a migration's path runs in a worker thread: the daemon's event loop
+    serves other migrations meanwhile (200 at once share the journal's commits)."""
+    a, b = pair
+    await a.conn.define(domain_xml("vm", 4))
+    await a.conn.start("vm")
+    loop_thread = threading.get_ident()
+    on_loop: list[str] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        if threading.get_ident() == loop_thread:
+            on_loop.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    await a.conn.migrate3("vm", b.conn, TypedParams(), F.LIVE)
+    await b.conn.migrate3("vm", a.conn, TypedParams(), F.LIVE)
+    assert on_loop == []
+
+
+async def test_a_durable_write_never_replaces_a_newer_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write made while a durable write of the same file waits for its fsync wins, and is
+    what is made durable."""
+    target = tmp_path / "status.xml"
+    files.atomic_write(target, b"old", sync_dir=False)
+    gate = threading.Event()
+    synced: list[bytes] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        if threading.get_ident() != loop_thread:
+            gate.wait(10)
+        with contextlib.suppress(OSError):
+            synced.append(Path(f"/proc/self/fd/{fd}").read_bytes())
+        real(fd)
+
+    loop_thread = threading.get_ident()
+    monkeypatch.setattr(os, "fsync", fsync)
+    durable = asyncio.ensure_future(files.atomic_write_durably(target, b"durable",
+                                                               sync_dir=False))
+    await asyncio.sleep(0)  # it runs up to its fsync, in a worker thread, held by the gate
+    assert not durable.done()
+    files.atomic_write(target, b"newer", sync_dir=False, fsync=False)
+    gate.set()
+    await durable
+    assert target.read_bytes() == b"newer"
+    assert synced[-1] == b"newer"  # the newer file was fsynced in its place
+    assert [p for p in os.listdir(tmp_path) if p.startswith(".")] == []  # no temporary left
