@@ -11,8 +11,10 @@ One file per guest UUID, ``<state_dir>/placement/<uuid>.json``, written atomical
 * ``arrived``: the id of the last incoming migration that finished here (and the source's host
   UUID): what a source asks about when it does not know how its migration ended.
 
-The record is written when a migration ends (Confirm on the source, Finish on the destination)
-and when an outcome becomes unknown; ``away`` clears when the guest comes back (an incoming
+The record is written when a migration ends (Confirm on the source, Finish on the destination,
+through :meth:`PlacementStore.departed_durably` / :meth:`PlacementStore.arrived_durably`, whose
+fsyncs run in a worker thread while the daemon serves other calls) and when an outcome becomes
+unknown; ``away`` clears when the guest comes back (an incoming
 migration of the same UUID finishes here) or when its destination reports it has no copy.
 ``notes`` (not stored) say what a guest whose outcome is unknown waits for, for ``domstate
 --reason`` and the logs.

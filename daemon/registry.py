@@ -12,6 +12,10 @@ no more than :data:`MAX_DOMAINS` from the state dir, whatever files it holds.  E
 addition and removal costs the same however many domains there are (dicts by UUID and name),
 so loading a state dir is linear in its files.
 
+Durability: a status write is fsynced only when :func:`status_needs_fsync` says recovery after a
+power loss reads it; :meth:`Registry.save_status_durably` (job ends, Perform's perform3_done)
+waits for that fsync in a worker thread, so the daemon serves other calls meanwhile.
+
 Observability: :meth:`Registry.save_status` is where a job's phase change becomes durable, so it
 is also where the registry's ``observer`` (:class:`~virtmig.daemon.audit.Audit`: logs, metrics)
 hears of it; :meth:`Registry.end_job` tells it of the job's end (history, outcome line).
