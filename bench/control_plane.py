@@ -8,7 +8,8 @@ this process:
 * ``control-plane-procs``: one 4 MiB guest migrated back and forth ``--runs`` times (regular v3,
   live), one at a time: every migration's time (``samples_s``, in order), p50/p99, and the drift:
   the median of the last 100 against the first 100; the CPU time each daemon and this client
-  spent per migration (``/proc``), a load-independent figure;
+  spent per migration (``/proc``), and the daemons' CPU per migration over the last 100 against
+  the first 100 (``cpu_drift``): figures the machine's load does not move;
 * ``control-plane-concurrent``: ``--concurrent`` distinct 4 MiB guests, each with its own client
   connections to both daemons, all migrated from A to B at once, then the same guests back one
   at a time: the two rates, their ratio and the failures.  Migration ports are ``--ports`` per
@@ -55,7 +56,7 @@ def cpu_s(pid: int) -> float:
 
 def machine() -> dict[str, object]:
     return {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "cpus": os.cpu_count(), "loadavg": os.getloadavg()}
+            "cpus": os.cpu_count(), "loadavg_start": os.getloadavg()}
 
 
 class Daemon:
@@ -124,12 +125,16 @@ async def sequential(a: Daemon, b: Daemon, runs: int) -> dict[str, Any]:
         start = machine()
         cpu0 = (a.cpu_s(), b.cpu_s(), time.process_time())
         times = []
+        marks: dict[int, float] = {}  # both daemons' CPU at migrations 0, 100, runs-100, runs
         for i in range(runs):
+            if i in (0, min(100, runs), max(0, runs - 100)):
+                marks[i] = a.cpu_s() + b.cpu_s()
             src, dst = conns[i % 2]
             t0 = time.perf_counter()
             await src.migrate3("vm", dst, TypedParams(), MigrateFlags.LIVE)
             times.append(time.perf_counter() - t0)
         cpu1 = (a.cpu_s(), b.cpu_s(), time.process_time())
+        marks[runs] = cpu1[0] + cpu1[1]
     finally:
         await ca.close()
         await cb.close()
@@ -140,6 +145,10 @@ async def sequential(a: Daemon, b: Daemon, runs: int) -> dict[str, Any]:
         "median_s": statistics.median(times), "p50_s": statistics.median(times),
         "p99_s": _percentile(times, 0.99), "min_s": min(times), "max_s": max(times),
         "drift": statistics.median(tail) / statistics.median(head),
+        # the daemons' CPU per migration over the last 100 against the first 100: a drift
+        # figure the machine's load does not move
+        "cpu_drift": ((marks[runs] - marks[max(0, runs - 100)]) / len(tail))
+        / ((marks[min(100, runs)] - marks[0]) / len(head)),
         "cpu_per_migration_ms": {
             "daemon_a": (cpu1[0] - cpu0[0]) / runs * 1000,
             "daemon_b": (cpu1[1] - cpu0[1]) / runs * 1000,
@@ -205,10 +214,11 @@ async def main(args: argparse.Namespace) -> None:
                     json.dumps(seq, indent=2))
                 cpu = seq["cpu_per_migration_ms"]
                 print(f"control-plane-procs  p50 {seq['p50_s'] * 1000:.1f} ms, p99 "
-                      f"{seq['p99_s'] * 1000:.1f} ms, drift {seq['drift']:.2f} ({args.runs} "
+                      f"{seq['p99_s'] * 1000:.1f} ms, drift {seq['drift']:.2f}, CPU drift "
+                      f"{seq['cpu_drift']:.2f} ({args.runs} "
                       f"runs; CPU per migration: a {cpu['daemon_a']:.1f} ms, b "
                       f"{cpu['daemon_b']:.1f} ms, client {cpu['client']:.1f} ms; load "
-                      f"{seq['machine']['loadavg'][0]:.1f})", flush=True)
+                      f"{seq['machine']['loadavg_start'][0]:.1f})", flush=True)
             if args.concurrent:
                 con = await concurrent(a, b, args.concurrent)
                 con["daemon_source"] = args.daemon_source
@@ -218,7 +228,7 @@ async def main(args: argparse.Namespace) -> None:
                       f"{con['together_per_s']:.1f}/s, one at a time "
                       f"{con['one_by_one_per_s']:.1f}/s: ratio {con['ratio']:.2f}, "
                       f"{len(con['failures'])} failures (load "
-                      f"{con['machine']['loadavg'][0]:.1f})", flush=True)
+                      f"{con['machine']['loadavg_start'][0]:.1f})", flush=True)
                 for failure in con["failures"][:5]:
                     print("  ", failure)
         finally:
