@@ -1,6 +1,7 @@
 """``make bench``: every benchmark, one after another, then one table of their results.
 
-Runs ``run.py`` (test backend, in process), ``cli_startup.py`` (the client's start-up against
+Runs ``run.py`` (test backend, in process), ``control_plane.py`` (the daemons as processes:
+1,000 migrations one at a time, 200 at once), ``cli_startup.py`` (the client's start-up against
 bare interpreters), ``domains_scale.py`` (100,000 definitions on one daemon),
 ``qemu_vs_qmp.py`` (needs QEMU and the test guest) and ``libvirt_vs_virtmig.py`` (needs root,
 libvirt 9.0 and QEMU), each as its own process with
@@ -25,7 +26,8 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-BENCHMARKS = ("run", "cli_startup", "domains_scale", "qemu_vs_qmp", "libvirt_vs_virtmig")
+BENCHMARKS = ("run", "control_plane", "cli_startup", "domains_scale", "qemu_vs_qmp",
+              "libvirt_vs_virtmig")
 
 
 def run(name: str, extra: list[str]) -> str:
@@ -79,6 +81,18 @@ def rows(started: float) -> list[tuple[str, str, str, str]]:
     if got:
         for case, ratio in got[0]["ratios"].items():
             out.append(("cli_startup" + got[1], case, "wall-clock medians", f"{ratio:.2f}"))
+    got = load("control-plane-procs.json")
+    if got:
+        r = got[0]
+        out.append(("control_plane" + got[1], "one at a time, daemons as processes",
+                    f"p50 {_ms(r['p50_s'])}, p99 {_ms(r['p99_s'])} ({r['runs']} runs)",
+                    f"drift {r['drift']:.2f}"))
+    got = load("control-plane-concurrent.json")
+    if got:
+        r = got[0]
+        out.append(("control_plane" + got[1], f"{r['guests']} at once",
+                    f"{r['together_per_s']:.1f}/s against {r['one_by_one_per_s']:.1f}/s, "
+                    f"{len(r['failures'])} failures", f"{r['ratio']:.2f}"))
     got = load("domains-scale.json")
     if got:
         r = got[0]

@@ -7,8 +7,9 @@
   (start-up, imports, TLS connections: the CLI median less the library's), then Begin, Prepare,
   Perform, Finish, Confirm and the rest of the driver (medians, ``phases.py``), beside virsh's
   whole command;
-* ``control-plane.png``: the control-plane case of ``run.py`` (4 MiB test-backend guest) as a
-  distribution (histogram with p50 and p99) and in the order the migrations ran (drift);
+* ``control-plane.png``: the control-plane latency (4 MiB test-backend guest) as a distribution
+  (histogram with p50 and p99) and in the order the migrations ran (drift): ``control_plane.py``'s
+  daemons as processes, else ``run.py``'s in-process case;
 * ``throughput.png``: test-backend migration throughput against guest size, beside a plain
   asyncio loopback socket moving the same bytes in the same run, with their ratio (``run.py``).
 
@@ -116,7 +117,7 @@ def phases(data: dict[str, Any]) -> Path | None:
     return _save(fig, "migration-phases.png")
 
 
-def control_plane(data: dict[str, Any]) -> Path:
+def control_plane(data: dict[str, Any], where: str) -> Path:
     ms = [t * 1000 for t in data["samples_s"]]
     cut = sorted(ms)
     p50, p99 = statistics.median(ms), cut[min(len(cut) - 1, int(0.99 * len(cut)))]
@@ -127,7 +128,8 @@ def control_plane(data: dict[str, Any]) -> Path:
         ax.text(value, ax.get_ylim()[1] * 0.95, f" {name} {value:.1f} ms", fontsize=8)
     ax.set_xlabel("ms per migration")
     ax.set_ylabel("migrations")
-    ax.set_title(f"Control plane: {len(ms)} migrations of a 4 MiB test guest", fontsize=10)
+    ax.set_title(f"Control plane ({where}): {len(ms)} migrations of a 4 MiB test guest",
+                 fontsize=9)
     ax2.plot(range(1, len(ms) + 1), ms, ".", markersize=3, color=COLOURS["virtmig"])
     ax2.set_xlabel("migration #")
     ax2.set_ylabel("ms")
@@ -174,9 +176,13 @@ def main() -> int:
     if lv is not None and any("cases" in a for a in lv["accels"]):
         libvirt_vs_virtmig(lv)
         phases(lv)
-    cp = _load("control-plane.json")
+    cp = _load("control-plane-procs.json")
     if cp is not None and "samples_s" in cp:
-        control_plane(cp)
+        control_plane(cp, "daemons as processes")
+    else:
+        cp = _load("control-plane.json")
+        if cp is not None and "samples_s" in cp:
+            control_plane(cp, "daemons in one process")
     tp = _load("throughput.json")
     if tp:
         throughput(tp)

@@ -137,6 +137,9 @@ class RemoteDest:
     def __init__(self, conn: RpcConnection, use_params: bool) -> None:
         self.conn = conn
         self.use_params = use_params
+        # The domain as the last successful Finish's reply described it (libvirt's Finish3
+        # returns the destination's domain too): migrate3 returns it without another Lookup.
+        self.arrived: Domain | None = None
 
     def _alive(self) -> None:
         """The session with the destination ended (its daemon went away, perhaps restarted):
@@ -197,6 +200,8 @@ class RemoteDest:
             req = pb.Finish3Request(cookie_in=cookie, flags=flags, cancelled=cancelled)
             _legacy(req, params, dname=P.DEST_NAME, uri=P.URI)
             reply = await self.conn._call(stub.Finish3, req)
+        if reply.domain.name and reply.domain.uuid:
+            self.arrived = Domain.from_msg(reply.domain)
         return reply.domain.name, reply.cookie_out
 
 
@@ -274,6 +279,8 @@ async def migrate3(
         _log_outcome(t, exc)
         raise
     _log_outcome(t, None)
+    if dst.arrived is not None and dst.arrived.name == name:
+        return dst.arrived  # Finish's reply: no Lookup round trip
     return await dconn.lookup(name)
 
 

@@ -11,8 +11,10 @@ One file per guest UUID, ``<state_dir>/placement/<uuid>.json``, written atomical
 * ``arrived``: the id of the last incoming migration that finished here (and the source's host
   UUID): what a source asks about when it does not know how its migration ended.
 
-The record is written when a migration ends (Confirm on the source, Finish on the destination)
-and when an outcome becomes unknown; ``away`` clears when the guest comes back (an incoming
+The record is written when a migration ends (Confirm on the source, Finish on the destination,
+through :meth:`PlacementStore.departed_durably` / :meth:`PlacementStore.arrived_durably`, whose
+fsyncs run in a worker thread while the daemon serves other calls) and when an outcome becomes
+unknown; ``away`` clears when the guest comes back (an incoming
 migration of the same UUID finishes here) or when its destination reports it has no copy.
 ``notes`` (not stored) say what a guest whose outcome is unknown waits for, for ``domstate
 --reason`` and the logs.
@@ -113,9 +115,21 @@ class PlacementStore:
         if not away.uncertain:
             self.notes.pop(uuid, None)
 
+    async def departed_durably(self, uuid: str, away: Away) -> None:
+        """:meth:`departed`, its fsyncs in a worker thread (the daemon serves other calls)."""
+        await self._put_durably(replace(self.get(uuid), away=away))
+        if not away.uncertain:
+            self.notes.pop(uuid, None)
+
     def arrived(self, uuid: str, migration_id: str, source_host_uuid: str) -> None:
         """An incoming migration finished here: the guest is back, whatever went before."""
         self._put(Record(uuid, None, migration_id, source_host_uuid))
+        self.forget_task(uuid)
+
+    async def arrived_durably(self, uuid: str, migration_id: str,
+                              source_host_uuid: str) -> None:
+        """:meth:`arrived`, its fsyncs in a worker thread (the daemon serves other calls)."""
+        await self._put_durably(Record(uuid, None, migration_id, source_host_uuid))
         self.forget_task(uuid)
 
     def clear_away(self, uuid: str) -> None:
@@ -137,6 +151,14 @@ class PlacementStore:
             return
         self._records[record.uuid] = record
         files.atomic_write(path, json.dumps(asdict(record), sort_keys=True).encode())
+
+    async def _put_durably(self, record: Record) -> None:
+        if record.empty:
+            self._put(record)
+            return
+        self._records[record.uuid] = record
+        await files.atomic_write_durably(self.root / f"{record.uuid}.json",
+                                         json.dumps(asdict(record), sort_keys=True).encode())
 
     def _reject(self, path: Path, problem: str) -> None:
         target = path.with_name(path.name + ".rejected")

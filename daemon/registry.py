@@ -12,6 +12,10 @@ no more than :data:`MAX_DOMAINS` from the state dir, whatever files it holds.  E
 addition and removal costs the same however many domains there are (dicts by UUID and name),
 so loading a state dir is linear in its files.
 
+Durability: a status write is fsynced only when :func:`status_needs_fsync` says recovery after a
+power loss reads it; :meth:`Registry.save_status_durably` (job ends, Perform's perform3_done)
+waits for that fsync in a worker thread, so the daemon serves other calls meanwhile.
+
 Observability: :meth:`Registry.save_status` is where a job's phase change becomes durable, so it
 is also where the registry's ``observer`` (:class:`~virtmig.daemon.audit.Audit`: logs, metrics)
 hears of it; :meth:`Registry.end_job` tells it of the job's end (history, outcome line).
@@ -220,11 +224,15 @@ class Registry:
         async with dom.lock:
             yield dom
 
-    async def end_job(self, dom: DomainObj, record: JobRecord | None) -> None:
+    async def end_job(self, dom: DomainObj, record: JobRecord | None, *,
+                      save: bool = True) -> None:
+        """End the job; ``save=False`` when the caller writes the status itself right after
+        (nothing a crash could stop in between needs the job-less status on disk)."""
         job, dom.job = dom.job, None
         if record is not None:
             dom.completed = record
-        self.save_status(dom)
+        if save:
+            await self.save_status_durably(dom)
         await self.job_changed(dom)
         if record is not None and job is not None and self.observer is not None:
             self.observer.ended(dom, job, record, time.monotonic() - job.reported_at)
@@ -245,6 +253,30 @@ class Registry:
             files.atomic_write(self._files.definition_path(dom.uuid), dom.config.xml.encode())
 
     def save_status(self, dom: DomainObj) -> None:
+        """Write the status file (or remove it once the domain is inactive with no job); it is
+        fsynced when :func:`status_needs_fsync` says a power loss must not lose it."""
+        path = self._files.status_path(dom.uuid)
+        data = self._status_data(dom)
+        if data is None:
+            files.remove(path, sync_dir=False)
+        else:
+            files.atomic_write(path, data, sync_dir=False, fsync=status_needs_fsync(dom.job))
+
+    async def save_status_durably(self, dom: DomainObj) -> None:
+        """:meth:`save_status`, with the fsync it needs (if any) in a worker thread: the daemon
+        serves other calls meanwhile; the caller goes on once the status is durable."""
+        if not status_needs_fsync(dom.job):
+            self.save_status(dom)
+            return
+        path = self._files.status_path(dom.uuid)
+        data = self._status_data(dom)
+        if data is None:
+            files.remove(path, sync_dir=False)
+        else:
+            await files.atomic_write_durably(path, data, sync_dir=False)
+
+    def _status_data(self, dom: DomainObj) -> bytes | None:
+        """The status file's bytes (None: no status file); tells the observer of a new phase."""
         job = dom.job
         if job is not None and job.phase is not job.reported_phase:
             now = time.monotonic()
@@ -252,10 +284,8 @@ class Registry:
             spent, job.reported_at = now - job.reported_at, now
             if self.observer is not None:
                 self.observer.phase(dom, job, old, spent)
-        path = self._files.status_path(dom.uuid)
         if not dom.active and dom.job is None:
-            files.remove(path, sync_dir=False)
-            return
+            return None
         root = etree.Element(
             "domstatus",
             state=dom.state.name.lower(),
@@ -285,7 +315,7 @@ class Registry:
             )
         if dom.live is not None:
             root.append(etree.fromstring(dom.live.xml.encode()))
-        files.atomic_write(path, etree.tostring(root, pretty_print=True), sync_dir=False)
+        return bytes(etree.tostring(root, pretty_print=True))
 
     def load(self) -> list[tuple[DomainObj, etree._Element]]:
         """Load persistent definitions and live status files; return objects that have status.
@@ -399,6 +429,36 @@ def _xml_files(folder: Path) -> list[Path]:
     return [folder / name for name in sorted(
         e.name for e in os.scandir(folder)
         if e.name.endswith(".xml") and not e.name.startswith(".") and e.is_file())]
+
+
+def status_needs_fsync(job: MigrationJob | None) -> bool:
+    """Whether a status write must survive a power loss (or kernel crash): fsync matters for
+    nothing else, since a killed daemon still leaves every file it renamed.
+
+    A power loss ends every guest of the host, so after one a status file is read only by the
+    start-up rule for guests that did not survive (``Daemon.open``): a domain whose outgoing
+    job was in perform3..confirm3 (``_remember_departure``) may run on the destination, so its
+    start asks there first.  Hence the writes that may skip fsync:
+
+    * every write of an incoming job (the guest arriving here dies with the host; what the
+      destination must keep is the placement record ``arrived``, fsynced before Finish ends);
+    * begin3 (nothing has left; recovered like the status before it);
+    * perform3 without post-copy (the destination resumes the guest only after Perform's reply,
+      or in peer-to-peer the source's Finish call, both after perform3_done's write, which is
+      fsynced; with post-copy the guest may run there during Perform, so it is fsynced);
+    * confirm3 and confirm3_cancelled: perform3_done, fsynced, before them recovers the same
+      way (the destination is asked) after a power loss.
+
+    Everything else (no job, perform3_done, perform2, post-copy failures, resume phases) is
+    fsynced as before.
+    """
+    if job is None:
+        return True
+    if job.kind is AsyncJob.MIGRATION_IN:
+        return False
+    if job.phase in (Phase.BEGIN3, Phase.CONFIRM3, Phase.CONFIRM3_CANCELLED):
+        return False
+    return not (job.phase is Phase.PERFORM3 and not job.flags & MigrateFlags.POSTCOPY)
 
 
 def job_from_status(root: etree._Element) -> MigrationJob | None:

@@ -343,7 +343,8 @@ async def dst_finish(
             if job.port:
                 daemon.ports.release(job.port)
             # The guest arrived: the one place it runs (virtmig.daemon.placement).
-            daemon.placement.arrived(dom.uuid, job.migration_id, job.peer_hostuuid)
+            await daemon.placement.arrived_durably(dom.uuid, job.migration_id,
+                                                   job.peer_hostuuid)
             await daemon.registry.end_job(dom, job.record(JobType.COMPLETED))
             return dom, any_cookie(
                 daemon, job.origname, dom.uuid, statistics=any_stats(job.progress, job.started)

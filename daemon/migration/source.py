@@ -165,6 +165,9 @@ async def src_perform(
     await _src_stream(daemon, dom, job, f, params, dest, token)
     async with dom.lock:
         cookie = _src_perform_done(daemon, dom, job, persistent)
+        # perform3_done is durable before the reply: nothing resumes the guest elsewhere before
+        # it (virtmig.daemon.registry.status_needs_fsync)
+        await daemon.registry.save_status_durably(dom)
     await any_check_owner(daemon, dom)
     return cookie
 
@@ -272,7 +275,6 @@ def _src_perform_done(
         daemon.set_state(dom, DomainState.PAUSED, PausedReason.MIGRATION, save=False)
     job.set_phase(Phase.PERFORM3_DONE)
     job.busy = False
-    daemon.registry.save_status(dom)
     return any_cookie(
         daemon, dom.name, dom.uuid,
         statistics=any_stats(job.progress, job.started),
@@ -412,12 +414,14 @@ async def src_complete(daemon: Daemon, dom: DomainObj, job: MigrationJob,
     and with UNDEFINE_SOURCE drop its definition, else record where it went (Confirm; protocol
     v2's Perform itself, or its peer-to-peer settling)."""
     await daemon.backend.destroy(dom.uuid)
-    await daemon.registry.end_job(dom, job.record(JobType.COMPLETED))
+    # Where it went is durable before the status loses the job (a crash in between recovers
+    # confirm3 again); the job-less status is written once, by mark_inactive.
     if f & F.UNDEFINE_SOURCE and dom.config is not None:
         dom.config = None
         daemon.registry.save_config(dom)
     elif dom.config is not None:  # where it went: virtmig.daemon.placement
-        daemon.placement.departed(dom.uuid, locate.away_of(job))
+        await daemon.placement.departed_durably(dom.uuid, locate.away_of(job))
+    await daemon.registry.end_job(dom, job.record(JobType.COMPLETED), save=False)
     daemon.mark_inactive(dom, ShutoffReason.MIGRATED)
 
 
