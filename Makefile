@@ -27,8 +27,9 @@ PROM_SCREENSHOT_ARGS ?=
 prom-screenshot: $(STAMP)
 	$(PY) deploy/prometheus/screenshot.py $(PROM_SCREENSHOT_ARGS)
 
-# Two pytest-xdist workers; tests/conftest.py puts every QEMU, netns and e2e test in one group
-# that a single worker runs in order (TEST_WORKERS=0: no workers, one process).
+# Two pytest-xdist workers, each taking the next test as it goes; tests/conftest.py orders the
+# long ones (e2e, then QEMU and netns) first, so that both end on short ones together
+# (TEST_WORKERS=0: no workers, one process).
 TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(PY) -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup) \

@@ -23,6 +23,14 @@ cannot.
   as ``/lib/modules/<name>.ko`` with ``/lib/modules/order``, and ``/init``, the static binary
   compiled from ``dirty.c`` (shipped beside this module; ``$CC``, default ``gcc``,
   ``-static``).
+* The kernel booted is the ELF ``vmlinux`` inside the bzImage (:func:`pvh_kernel`), where its
+  payload is xz-compressed (Debian's is) and it has a PVH entry point (Debian's has, for Xen):
+  QEMU loads it directly and starts it in 32-bit mode, skipping the real-mode setup and the
+  decompression, which take most of a boot under TCG (on a loaded 2-core machine, 2026-12-02:
+  the first kernel line after 2 s instead of 29 s, DIRTY-READY after 12 s instead of 39 s).
+  It is written once per kernel beside it, ``vmlinux-<hash>`` (66 MB for Debian's 6.1);
+  ``$VIRTMIG_GUEST_PVH=0`` boots the bzImage instead.  Under UEFI (OVMF) only a bzImage boots:
+  no test boots this kernel under OVMF.
 * Cache folder: ``$VIRTMIG_GUEST_CACHE`` or ``~/.cache/virtmig/guest``.  The initramfs's name
   carries the hash of its inputs (``dirty.c``, this builder's layout version, the kernel, the
   modules): ``initrd-<hash>.cpio``, built only when no file of that name is there (written
@@ -62,9 +70,11 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import lzma
 import os
 import re
 import shutil
+import struct
 import subprocess
 import tempfile
 import time
@@ -92,6 +102,11 @@ KERNEL_META_PACKAGE = "linux-image-amd64"
 COMMAND_TIMEOUT = 600.0
 SECTOR = 512
 RECORD_MAGIC = b"VMHB"
+PVH_ENV = "VIRTMIG_GUEST_PVH"  # "0": boot the compressed kernel even where a PVH one is made
+_XZ_MAGIC = b"\xfd7zXZ\x00"
+# The ELF note of a kernel that QEMU can boot through PVH: name "Xen", type 18
+# (XEN_ELFNOTE_PHYS32_ENTRY), the 32-bit entry point as its 4- or 8-byte descriptor.
+_PVH_NOTES = tuple(struct.pack("<III", 4, size, 18) + b"Xen\x00" for size in (4, 8))
 
 
 class GuestUnavailable(Exception):
@@ -387,7 +402,8 @@ def ensure_guest(cache: Path | None = None) -> GuestImage:
         }
         digest = _sha256(json.dumps(inputs, sort_keys=True).encode())[:INITRD_DIGEST]
         initrd = cache / f"initrd-{digest}.cpio"
-        image = GuestImage(kernel, initrd, tuple(name for name, _ in modules))
+        boot = pvh_kernel(kernel, cache, str(inputs["kernel"]))
+        image = GuestImage(boot, initrd, tuple(name for name, _ in modules))
         if initrd.is_file():  # only ever there whole (renamed into place)
             if time.time() - initrd.stat().st_mtime > PRUNE_AFTER_S / 2:
                 os.utime(initrd)  # in use: not pruned (rarely: the KVM probe's key has it)
@@ -402,8 +418,47 @@ def ensure_guest(cache: Path | None = None) -> GuestImage:
 
 
 def _prune(cache: Path, keep: Path) -> None:
-    """Remove the initramfs builds of other inputs nobody used for :data:`PRUNE_AFTER_S`."""
-    for old in cache.glob("initrd-*.cpio"):
+    """Remove the initramfs builds of other inputs, and the PVH kernels of other kernels,
+    that nobody used for :data:`PRUNE_AFTER_S`."""
+    for old in [*cache.glob("initrd-*.cpio"), *cache.glob("vmlinux-*")]:
         with contextlib.suppress(OSError):
             if old != keep and time.time() - old.stat().st_mtime > PRUNE_AFTER_S:
                 old.unlink()
+
+
+def pvh_kernel(kernel: Path, cache: Path, digest: str) -> Path:
+    """The kernel to boot: ``kernel`` (a bzImage) as the uncompressed ELF ``vmlinux`` inside it
+    where that can be booted through PVH, else ``kernel`` itself (see the module docstring).
+
+    Made once per kernel, as ``vmlinux-<digest prefix>`` in ``cache`` (written whole, then
+    renamed into place; the caller holds the cache lock); ``$VIRTMIG_GUEST_PVH=0``: ``kernel``.
+    """
+    if os.environ.get(PVH_ENV, "") == "0":
+        return kernel
+    target = cache / f"vmlinux-{digest[:INITRD_DIGEST]}"
+    if target.is_file():
+        if time.time() - target.stat().st_mtime > PRUNE_AFTER_S / 2:
+            os.utime(target)  # in use: not pruned
+        return target
+    elf = pvh_elf(kernel.read_bytes())
+    if elf is None:
+        return kernel
+    part = target.with_name(target.name + ".part")
+    part.write_bytes(elf)
+    part.replace(target)
+    return target
+
+
+def pvh_elf(bzimage: bytes) -> bytes | None:
+    """The ELF kernel an xz-compressed bzImage carries, if it has a PVH entry point; else None
+    (another compression, no ELF, no PVH note)."""
+    start = bzimage.find(_XZ_MAGIC)
+    if start < 0:
+        return None
+    try:  # (the decompressor stops at the end of the xz stream: the bzImage's tail is ignored)
+        elf = lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(bzimage[start:])
+    except lzma.LZMAError:
+        return None
+    if not elf.startswith(b"\x7fELF\x02\x01") or not any(n in elf for n in _PVH_NOTES):
+        return None
+    return elf

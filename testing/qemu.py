@@ -3,7 +3,7 @@
 * Skip rules (:func:`qemu_binary_or_skip`, :func:`guest_or_skip`): when QEMU or the test guest
   is unavailable, the calling pytest test is skipped with the reason, unless
   ``VIRTMIG_REQUIRE_QEMU=1``, in which case it fails.  pytest is imported only then: this
-  package does not depend on it.
+  package does not depend on it.  The guest is looked up (and built) once per process.
 * Acceleration (:func:`guest_domain_type`): test guests run under KVM where it runs them, else
   under TCG.  Where it runs them: ``/dev/kvm`` opens read-write and answers
   ``KVM_GET_API_VERSION`` (:func:`kvm_usable`), and the test guest, booted once with
@@ -65,12 +65,30 @@ def qemu_binary_or_skip() -> str:
     return path
 
 
+# What ensure_guest() answered in this process, by the environment that decides it: it asks
+# apt-cache which kernel package is current, seconds on a loaded machine, and a test may call
+# guest_or_skip() several times.
+_GUEST_ENV = ("VIRTMIG_GUEST_CACHE", "VIRTMIG_GUEST_KERNEL", "VIRTMIG_GUEST_MODULES",
+              "VIRTMIG_GUEST_PVH")
+_guests: dict[tuple[str | None, ...], GuestImage | str] = {}
+
+
 def guest_or_skip() -> GuestImage:
-    """The built test guest; skips the test if it cannot be built (fails when required)."""
-    try:
-        return ensure_guest()
-    except GuestUnavailable as exc:
-        _skip_or_fail(f"cannot build the QEMU test guest: {exc}")
+    """The built test guest; skips the test if it cannot be built (fails when required).
+
+    Built or found once per process (and environment, :data:`_GUEST_ENV`): later calls give the
+    same answer without asking apt again."""
+    key = tuple(os.environ.get(name) for name in _GUEST_ENV)
+    found = _guests.get(key)
+    if found is None:
+        try:
+            found = ensure_guest()
+        except GuestUnavailable as exc:
+            found = str(exc)
+        _guests[key] = found
+    if isinstance(found, str):
+        _skip_or_fail(f"cannot build the QEMU test guest: {found}")
+    return found
 
 
 @functools.cache

@@ -68,11 +68,26 @@ def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool 
     return None
 
 
+def _weight(item: pytest.Item) -> int:
+    """How long a test runs, roughly: 0 for the end-to-end migrations of the real guest
+    (tests/e2e; tens of seconds each), 1 for the other tests that boot QEMU guests or network
+    namespaces (seconds), 2 for the rest (most well under a second)."""
+    if "tests/e2e/" in item.nodeid:
+        return 0
+    if item.get_closest_marker("qemu") or item.get_closest_marker("netns"):
+        return 1
+    return 2
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under pytest-xdist (``make test``), every test that runs QEMU guests, network namespaces
-    or whole daemons in processes is in one group, which one worker runs in order: they load the
-    CPU (a TCG guest crashes more often on a busier machine) and share the machine's QEMU user,
-    guest cache and namespaces.  The other tests run on the other worker beside them.
+    """The longest tests run first (:func:`_weight`; otherwise in collection order): under
+    pytest-xdist (``make test``: ``--dist loadgroup``, each test a unit of its own unless marked
+    ``xdist_group``) a worker takes the next test whenever it has fewer than three queued, so
+    both workers run the long QEMU and netns tests side by side from the start and end on short
+    ones together, instead of one worker finishing a 50 s migration alone at the end.  The order
+    is the same on every worker (xdist requires it).  Nothing else depends on it: every test
+    makes its own daemons, guests and namespaces (the QEMU test user, the guest cache and the
+    namespace names are safe for concurrent sessions and workers).
 
     The fault matrix (marker ``faults``, ``make faults``) runs only when the ``-m`` expression
     names it: any other selection, ``-m qemu`` included, leaves it out."""
@@ -81,10 +96,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if matrix:
             config.hook.pytest_deselected(items=matrix)
             items[:] = [item for item in items if not item.get_closest_marker("faults")]
-    for item in items:
-        if (item.get_closest_marker("qemu") or item.get_closest_marker("netns")
-                or "tests/e2e/" in item.nodeid):
-            item.add_marker(pytest.mark.xdist_group("machine"))
+    items.sort(key=_weight)  # stable: collection order within each weight
 
 
 @pytest.fixture(autouse=True, scope="session")
