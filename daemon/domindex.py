@@ -49,14 +49,6 @@ FORMAT = 1
 #: Dead records tolerated beyond the live entries before a compaction.
 COMPACT_SLACK = 1000
 
-#: What identifies one version of a definition file.
-Key = tuple[int, int, int, int]
-
-
-def key_of(st: os.stat_result) -> Key:
-    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-
 def _record(body: str) -> str:
     return f"{zlib.crc32(body.encode()):08x} {body}\n"
 
@@ -72,57 +64,55 @@ class DomainIndex:
         self.appends = 0  # records appended since this object was made (tests count them)
         self.compactions = 0
 
-    def read(self) -> tuple[dict[str, tuple[Key, str]], bool]:
-        """The entries the file holds (file name -> key, name), and whether it needs a
-        rewrite (missing, damaged, another header, or mostly dead records)."""
+    def read(self) -> tuple[dict[str, str], bool]:
+        """The entries the file holds (file name -> its ``+`` record's body, which
+        :func:`prefix` checks against the file), and whether the file needs a rewrite
+        (missing, damaged, another header, or mostly dead records)."""
+        entries: dict[str, str] = {}
+        damaged = False
+        records = 0
         try:
-            text = self.path.read_bytes().decode("utf-8", "replace")
+            with open(self.path, "rb") as f:
+                if f.readline().decode("utf-8", "replace") != self.header:
+                    log.info("definition index %s is missing or of another version: rebuilt",
+                             self.path)
+                    return {}, True
+                for line in f:  # one at a time: a start holds no copy of the whole file
+                    records += 1
+                    body = line[9:-1]
+                    if line[-1:] != b"\n" or line[8:9] != b" " or \
+                            line[:8] != b"%08x" % zlib.crc32(body):
+                        damaged = True
+                        continue
+                    text = body.decode("utf-8", "replace")
+                    if text.startswith("+ "):
+                        entries[text[2:text.index(" ", 2)]] = text
+                    elif text.startswith("- "):
+                        entries.pop(text[2:], None)
+                    else:
+                        damaged = True
         except FileNotFoundError:
             return {}, True
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # ValueError: a "+" record without its fields
             log.warning("cannot read the definition index %s: %s; parsing every definition",
                         self.path, exc)
             return {}, True
-        head, _, rest = text.partition("\n")
-        if head + "\n" != self.header:
-            log.info("definition index %s is of another version: rebuilt", self.path)
-            return {}, True
-        entries: dict[str, tuple[Key, str]] = {}
-        damaged = bool(rest) and not rest.endswith("\n")
-        lines = rest.split("\n")
-        lines.pop()  # after the last newline: "" or a torn record
-        for line in lines:
-            crc, _, body = line.partition(" ")
-            if crc != f"{zlib.crc32(body.encode()):08x}":
-                damaged = True
-                continue
-            fields = body.split(" ", 6)
-            if fields[0] == "-" and len(fields) == 2:
-                entries.pop(fields[1], None)
-            elif fields[0] == "+" and len(fields) == 7:
-                try:
-                    key = (int(fields[2]), int(fields[3]), int(fields[4]), int(fields[5]))
-                except ValueError:
-                    damaged = True
-                    continue
-                entries[fields[1]] = (key, fields[6])
-            else:
-                damaged = True
-        self._records = len(lines)
+        self._records = records
         if damaged:
             log.warning("definition index %s is damaged: its good records are used, it is "
                         "rewritten", self.path)
-        return entries, damaged or len(lines) > 2 * len(entries) + COMPACT_SLACK
+        return entries, damaged or records > 2 * len(entries) + COMPACT_SLACK
 
     # --- the entries in force (what a compaction writes) ----------------------------------------
 
-    def keep(self, file: str, key: Key, name: str) -> None:
-        """Take an entry into memory (at load, for a definition accepted)."""
-        self._live[file] = _body(file, key, name)
+    def keep(self, file: str, body: str) -> None:
+        """Take an entry into memory (at load, for a definition accepted: its record's body,
+        or :func:`body` for a definition parsed)."""
+        self._live[file] = body
 
     def rewrite(self) -> None:
         """Replace the file with the entries in memory, atomically."""
-        data = self.header + "".join(_record(body) for body in self._live.values())
+        data = self.header + "".join(_record(b) for b in self._live.values())
         try:
             atomic_write(self.path, data.encode(), sync_dir=False)
         except OSError as exc:
@@ -136,14 +126,13 @@ class DomainIndex:
     def put(self, file: str, path: Path, name: str) -> None:
         """Record definition ``file`` (just written at ``path``) as named ``name``."""
         try:
-            key = key_of(path.stat())
+            record = body(file, path.stat(), name)
         except OSError as exc:
             log.warning("cannot index %s: %s", path, exc)
             self.drop(file)
             return
-        body = _body(file, key, name)
-        self._live[file] = body
-        self._append(body)
+        self._live[file] = record
+        self._append(record)
 
     def drop(self, file: str) -> None:
         """Forget definition ``file`` (removed, or not to be trusted)."""
@@ -154,8 +143,9 @@ class DomainIndex:
         if self._records > 2 * len(self._live) + COMPACT_SLACK:
             self.rewrite()
             return
-        try:
-            with open(self.path, "a", encoding="utf-8") as f:
+        try:  # 0600 like every file of the state dir (atomic_write's mkstemp)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "a", encoding="utf-8") as f:
                 if f.tell() == 0:
                     f.write(self.header)
                 f.write(_record(body))
@@ -168,5 +158,11 @@ class DomainIndex:
         self.appends += 1
 
 
-def _body(file: str, key: Key, name: str) -> str:
-    return f"+ {file} {key[0]} {key[1]} {key[2]} {key[3]} {name}"
+def prefix(file: str, st: os.stat_result) -> str:
+    """What the record of ``file`` as ``st`` describes it starts with (its name follows)."""
+    return f"+ {file} {st.st_ino} {st.st_size} {st.st_mtime_ns} {st.st_ctime_ns} "
+
+
+def body(file: str, st: os.stat_result, name: str) -> str:
+    """The record of definition ``file`` (as ``st`` describes it) named ``name``."""
+    return prefix(file, st) + name

@@ -10,7 +10,16 @@ refuses a new domain beyond ``max_domains`` (:data:`MAX_DOMAINS` at most: a boun
 daemon's memory; lists of any length stream, see ``ListStream``); :meth:`Registry.load` loads
 no more than :data:`MAX_DOMAINS` from the state dir, whatever files it holds.  Every lookup,
 addition and removal costs the same however many domains there are (dicts by UUID and name),
-so loading a state dir is linear in its files.
+so loading a state dir is linear in its files; and so do the counts a migration or a connection
+reads (:meth:`Registry.jobs`, :meth:`Registry.active_count`: sets the domain objects keep up to
+date through :meth:`Registry.track`, never a walk over every domain).
+
+Many definitions (issue 17): a load takes each definition's name from the definition index
+(:mod:`virtmig.daemon.domindex`) when the index's entry matches the file, and leaves it
+*pending*: :meth:`Registry.resolve` parses it on first use (every lookup does, before it
+returns the domain), with the checks of a load, and drops a domain whose file no longer passes
+them as a load drops an unreadable file.  A definition without a matching entry is parsed at
+load, as are the definitions of domains with a status file (before the status is judged).
 
 Observability: :meth:`Registry.save_status` is where a job's phase change becomes durable, so it
 is also where the registry's ``observer`` (:class:`~virtmig.daemon.audit.Audit`: logs, metrics)
@@ -24,6 +33,7 @@ import contextlib
 import gc
 import operator
 import os
+import stat
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -31,9 +41,10 @@ from pathlib import Path
 from lxml import etree
 
 from virtmig import __version__
+from virtmig.daemon import domindex
 from virtmig.daemon import state as files
 from virtmig.daemon.audit import Audit
-from virtmig.daemon.domindex import DomainIndex, key_of
+from virtmig.daemon.domindex import DomainIndex
 from virtmig.daemon.domobj import DomainObj as DomainObj  # re-exported: its old home
 from virtmig.daemon.domxml import DomainDef, check_name_length, parse_domain_xml
 from virtmig.daemon.job import AsyncJob, JobRecord, MigrationJob, Phase
@@ -359,37 +370,60 @@ class Registry:
         """Every definition file, by file name: its name from the definition index when the
         index's entry matches the file (left *pending*, parsed on first use), else parsed."""
         indexed, rewrite = self.index.read()
-        fresh = []
         folder = self._files.domains
-        for entry in _xml_entries(folder):
-            try:
-                key = key_of(entry.stat())
-            except OSError as exc:
-                log.error("ignoring unreadable definition %s: %s", entry.path, exc)
-                continue
-            known = indexed.get(entry.name)
-            if known is not None and known[0] == key:
-                uuid, name, d = entry.name[:-4], known[1], None
-            else:
+        fresh: list[str] = []
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for file in _xml_names(folder):
                 try:
-                    d = self._parse(folder / entry.name)
-                except (OSError, XMLError) as exc:
-                    log.error("ignoring unreadable definition %s: %s", entry.path, exc)
+                    st = os.stat(file, dir_fd=fd)
+                except OSError as exc:
+                    log.error("ignoring unreadable definition %s: %s", folder / file, exc)
                     continue
-                uuid, name = d.uuid, d.name
-                fresh.append(entry.name)
-            problem = self._definition_problem(entry.name[:-4], uuid, name)
-            if problem:
-                self._reject(folder / entry.name, problem)
-                continue
-            dom = self.add(DomainObj(uuid=uuid, name=name, config=d))
-            dom.pending = d is None
-            self.index.keep(entry.name, key, name)
+                if not stat.S_ISREG(st.st_mode):
+                    continue
+                record = indexed.get(file)
+                start = domindex.prefix(file, st)
+                if record is not None and record.startswith(start):
+                    self._load_indexed(file, record[len(start):], record)
+                elif self._load_parsed(folder / file, st):
+                    fresh.append(file)
+        finally:
+            os.close(fd)
         if rewrite:
             self.index.rewrite()
         else:  # new and changed files: one record each
             for file in fresh:
-                self.index.put(file, self._files.domains / file, self._by_uuid[file[:-4]].name)
+                self.index.put(file, folder / file, self._by_uuid[file[:-4]].name)
+
+    def _load_indexed(self, file: str, name: str, record: str) -> None:
+        """A definition whose index entry matches its file: pending (its uuid is its file
+        name: the index holds only files that passed this rule)."""
+        uuid = file[:-4]
+        if len(self._by_uuid) >= MAX_DOMAINS or uuid in self._by_uuid or name in self._by_name:
+            self._reject(self._files.domains / file, self._definition_problem(uuid, uuid, name))
+            return
+        dom = DomainObj(uuid, name)
+        dom.pending = True
+        dom.holder = self  # inactive, no job: in neither kept set
+        self._by_uuid[uuid] = self._by_name[name] = dom
+        self.index.keep(file, record)
+
+    def _load_parsed(self, path: Path, st: os.stat_result) -> bool:
+        """A definition the index does not describe (as it is now): parsed, as at every start
+        before the index.  True if it was loaded."""
+        try:
+            d = self._parse(path)
+        except (OSError, XMLError) as exc:
+            log.error("ignoring unreadable definition %s: %s", path, exc)
+            return False
+        problem = self._definition_problem(path.stem, d.uuid, d.name)
+        if problem:
+            self._reject(path, problem)
+            return False
+        self.add(DomainObj(d.uuid, d.name, config=d))
+        self.index.keep(path.name, domindex.body(path.name, st, d.name))
+        return True
 
     def _load_statuses(self) -> list[tuple[DomainObj, etree._Element]]:
         with_status = []
@@ -459,16 +493,17 @@ class Registry:
         log.warning("rejected %s: %s; moved aside to %s", path, problem, moved.name)
 
 
-def _xml_entries(folder: Path) -> list[os.DirEntry[str]]:
-    """``folder``'s ``*.xml`` files in file-name order (by name as strings: sorting paths costs
+def _xml_names(folder: Path) -> list[str]:
+    """The names of ``folder``'s ``*.xml`` entries, sorted (as strings: sorting paths costs
     more than reading the files)."""
-    return sorted((e for e in os.scandir(folder)
-                   if e.name.endswith(".xml") and not e.name.startswith(".") and e.is_file()),
-                  key=_NAME)
+    names = [n for n in os.listdir(folder) if n.endswith(".xml") and not n.startswith(".")]
+    names.sort()
+    return names
 
 
 def _xml_files(folder: Path) -> list[Path]:
-    return [Path(e.path) for e in _xml_entries(folder)]
+    """``folder``'s ``*.xml`` files in file-name order."""
+    return [p for p in (folder / n for n in _xml_names(folder)) if p.is_file()]
 
 
 def job_from_status(root: etree._Element) -> MigrationJob | None:

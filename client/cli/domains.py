@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import operator
 import sys
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
@@ -36,6 +37,9 @@ _STATE_FILTERS = (("state_running", (DomainState.RUNNING,)),
                       DomainState.RUNNING, DomainState.PAUSED, DomainState.SHUTOFF))))
 
 
+_ID = operator.attrgetter("id")
+
+
 def list_filter(args: argparse.Namespace) -> Callable[[Domain], bool]:
     """virsh's ``list`` filters: within a group (states; persistent/transient) any may match,
     and every group given must match (libvirt's ``VIR_CONNECT_LIST_DOMAINS_*``)."""
@@ -58,9 +62,12 @@ async def cmd_list(s: Session, args: argparse.Namespace) -> None:
     inactive = bool(args.all or args.inactive or args.state_shutoff)
     active = bool(args.all or not inactive)
     keep = list_filter(args)
-    doms = [d for d in await conn.list_domains(active=active, inactive=inactive) if keep(d)]
+    listed = await conn.list_domains(active=active, inactive=inactive)
     # virsh's order: running domains by id, then inactive ones by name (case-insensitive).
-    doms.sort(key=lambda d: (0, d.id, "") if d.id >= 0 else (1, 0, d.name.lower()))
+    up = sorted((d for d in listed if d.id >= 0 and keep(d)), key=_ID)
+    down = [d for d in listed if d.id < 0 and keep(d)]
+    down.sort(key=lambda d: d.name.lower())
+    doms = up + down
     if args.json:
         sys.stdout.write(dumps([domain_json(d) for d in doms]))
     elif args.name or args.uuid:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -248,3 +249,16 @@ async def test_the_daemon_starts_from_the_index_and_parses_on_first_use(
         assert info.max_memory_kib == 80 * 1024
     finally:
         await stop_host(host)
+
+
+def test_an_index_made_by_an_append_has_its_header_and_is_private(tmp_path: Path) -> None:
+    write(tmp_path)
+    registry = loaded(tmp_path)
+    index = tmp_path / "domains.index"
+    index.unlink()  # deleted while the daemon runs
+    dom = registry.by_name("vm00")
+    registry.save_config(dom)
+    assert stat.S_IMODE(index.stat().st_mode) == 0o600
+    assert index.read_text().startswith(registry.index.header)
+    again = loaded(tmp_path)
+    assert again.parsed == len(UUIDS) - 1  # all but vm00, whose record the append wrote
