@@ -27,6 +27,7 @@ from virtmig.testing import (
     domain_xml,
     hosts,
     wait_job_streaming,
+    wait_until,
 )
 
 from .migration_helpers import migrate, running_guest
@@ -99,3 +100,40 @@ async def test_the_kept_sets_follow_every_change(tmp_path: Path, checks: list[st
         assert (host.active_domains, host.inactive_domains) == (2, 0)
     assert checks.count("track") > 50
     assert {"limit migration out", "limit migration in"} <= set(checks)
+
+
+async def test_a_migration_and_a_connection_never_walk_every_domain(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a migration (Begin's and Prepare's limit checks, the end of its sessions, the job
+    reaper) and a new connection (GetHost's counts) read is kept, not counted over every
+    domain: with the walk made to fail, they still work."""
+    limits: dict[str, object] = {"max_outgoing_migrations": 4, "max_incoming_migrations": 4,
+                                 "incoming_job_timeout": 0.5}
+    async with hosts(tmp_path, "test", ("src", limits), ("dst", limits)) as (src, dst):
+        await running_guest(src, "vm1")
+        await src.conn.define(domain_xml("idle"))
+        walks: list[int] = []
+
+        def no_walk(self: Registry) -> Iterator[DomainObj]:
+            walks.append(len(self))
+            raise AssertionError("a walk over every domain")
+
+        looks: list[AsyncJob | None] = []
+        jobs = Registry.jobs
+
+        def counted_jobs(self: Registry, kind: AsyncJob | None = None) -> list[DomainObj]:
+            looks.append(kind)
+            return jobs(self, kind)
+
+        monkeypatch.setattr(Registry, "__iter__", no_walk)
+        monkeypatch.setattr(Registry, "jobs", counted_jobs)
+        await migrate(src, dst, name="vm1", params=TypedParams.of({MigrateParam.BANDWIDTH: 64}))
+        async with await type(src.conn).open(src.uri, pki_dir=src.conn.uri.pki_dir) as other:
+            host = await other.host()
+            await other.open_session()  # its end: the daemon looks for the jobs it owned
+        assert (host.active_domains, host.inactive_domains) == (0, 2)  # vm1 stays defined
+        seen = len(looks)  # the job reaper looks again (the walk would fail it: logged)
+        await wait_until(lambda: len(looks) > seen + 1, timeout=30, what="the job reaper")
+        monkeypatch.undo()
+        assert walks == []
+        assert (await dst.conn.state("vm1"))[0].name == "RUNNING"
