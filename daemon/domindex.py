@@ -49,6 +49,7 @@ FORMAT = 1
 #: Dead records tolerated beyond the live entries before a compaction.
 COMPACT_SLACK = 1000
 
+
 def _record(body: str) -> str:
     return f"{zlib.crc32(body.encode()):08x} {body}\n"
 
