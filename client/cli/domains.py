@@ -41,12 +41,15 @@ _STATE_FILTERS = (("state_running", (DomainState.RUNNING,)),
 _ID = operator.attrgetter("id")
 
 
-def list_filter(args: argparse.Namespace) -> Callable[[Domain | pb.Domain], bool]:
+def list_filter(args: argparse.Namespace) -> Callable[[Domain | pb.Domain], bool] | None:
     """virsh's ``list`` filters: within a group (states; persistent/transient) any may match,
-    and every group given must match (libvirt's ``VIR_CONNECT_LIST_DOMAINS_*``)."""
+    and every group given must match (libvirt's ``VIR_CONNECT_LIST_DOMAINS_*``); None when
+    none is given."""
     states = {int(s) for name, group in _STATE_FILTERS if getattr(args, name) for s in group}
     persistence = {flag for flag, name in ((True, "persistent"), (False, "transient"))
                    if getattr(args, name)}
+    if not states and not persistence:
+        return None
 
     def keep(d: Domain | pb.Domain) -> bool:
         return (not states or d.state in states) and (
@@ -65,9 +68,11 @@ async def cmd_list(s: Session, args: argparse.Namespace) -> None:
     keep = list_filter(args)
     # The wire messages, read as they are (100,000 of them cost more as Domain values).
     listed = await conn.list_domain_msgs(active=active, inactive=inactive)
+    if keep is not None:
+        listed = [d for d in listed if keep(d)]
     # virsh's order: running domains by id, then inactive ones by name (case-insensitive).
-    up = sorted((d for d in listed if d.id >= 0 and keep(d)), key=_ID)
-    down = [d for d in listed if d.id < 0 and keep(d)]
+    up = sorted((d for d in listed if d.id >= 0), key=_ID)
+    down = [d for d in listed if d.id < 0]
     down.sort(key=lambda d: d.name.lower())
     doms = up + down
     if args.json:
@@ -77,8 +82,8 @@ async def cmd_list(s: Session, args: argparse.Namespace) -> None:
             print(" ".join(([d.uuid] if args.uuid else []) + ([d.name] if args.name else [])))
     else:
         label = {int(s): s.label for s in DomainState}
-        rows = [[str(d.id) if d.id >= 0 else "-", d.name,
-                 label.get(d.state) or DomainState(d.state).label] for d in doms]
+        rows = [(str(d.id) if d.id >= 0 else "-", d.name,
+                 label.get(d.state) or DomainState(d.state).label) for d in doms]
         sys.stdout.write(format_table(["Id", "Name", "State"], rows))
 
 

@@ -16,7 +16,9 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     """virsh's ``vshTable``: cells left-aligned, each preceded by a space, 2 spaces of padding
     after every cell but the last; a dash line of (column width + 3) per column.  One format
     string for every line (``list --all`` may print 100,000 of them)."""
-    widths = [max((len(h), *(len(r[i]) for r in rows))) for i, h in enumerate(header)]
+    columns = list(zip(*rows, strict=True)) or [()] * len(header)
+    widths = [max(len(h), max(map(len, col), default=0))
+              for h, col in zip(header, columns, strict=True)]
     layout = "".join(f" {{{i}:<{w}}}  " for i, w in enumerate(widths[:-1])) + \
         f" {{{len(widths) - 1}}}\n"
     text = layout.format(*header) + "-" * sum(w + 3 for w in widths) + "\n"
