@@ -203,16 +203,23 @@ class RpcConnection:
         """Every domain asked for, however many: ``ListStream``'s chunks.  A daemon from before
         ``ListStream`` answers it UNIMPLEMENTED: then its one ``List`` reply, which holds all of
         its domains (such a daemon holds at most 10000)."""
+        return [Domain.from_msg(d)
+                for d in await self.list_domain_msgs(active=active, inactive=inactive)]
+
+    async def list_domain_msgs(self, *, active: bool = True,
+                               inactive: bool = False) -> list[pb.Domain]:
+        """:meth:`list_domains` as the wire messages (``virtmig list`` reads three fields of
+        each: a :class:`Domain` per entry would cost it more than the call)."""
         request = pb.ListRequest(active=active, inactive=inactive)
-        out: list[Domain] = []
+        out: list[pb.Domain] = []
         try:
             async for m in self._stream(self.domains_stub.ListStream(request)):
-                out.extend(Domain.from_msg(d) for d in m.domains)
+                out.extend(m.domains)
         except NoSupport:
             if out:
                 raise
             m = await self._call(self.domains_stub.List, request)
-            out = [Domain.from_msg(d) for d in m.domains]
+            out = list(m.domains)
         return out
 
     async def xml_desc(self, key: DomainKey, *, inactive: bool = False,

@@ -30,6 +30,7 @@ from virtmig.client.values import (
     HostInfo,
     JobInfo,
 )
+from virtmig.proto import virtmig_pb2 as pb
 from virtmig.proto.flags import DomainState, MigrateFlags
 from virtmig.proto.params import TypedParams
 
@@ -149,6 +150,10 @@ class Connection:
 
     def list_domains(self, *, active: bool = True, inactive: bool = False) -> list[Domain]:
         return self._run(self.aconn.list_domains(active=active, inactive=inactive))
+
+    def list_domain_msgs(self, *, active: bool = True,
+                         inactive: bool = False) -> list[pb.Domain]:
+        return self._run(self.aconn.list_domain_msgs(active=active, inactive=inactive))
 
     def xml_desc(self, key: DomainKey, *, inactive: bool = False,
                  migratable: bool = False, secure: bool = False) -> str:

@@ -302,8 +302,7 @@ class Daemon:
             raise NoSupport(function)
 
     def host_info(self) -> HostInfo:
-        doms = list(self.registry)
-        active = sum(1 for x in doms if x.active)
+        active = self.registry.active_count()
         return HostInfo(
             hostname=self.hostname,
             host_uuid=self.host_uuid,
@@ -314,7 +313,7 @@ class Daemon:
             memory_kib=_memory_kib(),
             arch=os.uname().machine,
             active_domains=active,
-            inactive_domains=len(doms) - active,
+            inactive_domains=len(self.registry) - active,
         )
 
     async def open(self) -> list[tuple[DomainObj, etree._Element]]:

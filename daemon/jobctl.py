@@ -349,7 +349,7 @@ def check_limit(daemon: Daemon, kind: AsyncJob) -> None:
                             "incoming")
     if not limit:
         return
-    running = sum(1 for d in daemon.registry if d.job is not None and d.job.kind is kind)
+    running = len(daemon.registry.jobs(kind))  # O(jobs): the registry keeps them
     if running >= limit:
         raise ResourceExhausted(
             f"too many {what} migrations: {running} running, the limit {key} is {limit}")

@@ -10,7 +10,16 @@ refuses a new domain beyond ``max_domains`` (:data:`MAX_DOMAINS` at most: a boun
 daemon's memory; lists of any length stream, see ``ListStream``); :meth:`Registry.load` loads
 no more than :data:`MAX_DOMAINS` from the state dir, whatever files it holds.  Every lookup,
 addition and removal costs the same however many domains there are (dicts by UUID and name),
-so loading a state dir is linear in its files.
+so loading a state dir is linear in its files; and so do the counts a migration or a connection
+reads (:meth:`Registry.jobs`, :meth:`Registry.active_count`: sets the domain objects keep up to
+date through :meth:`Registry.track`, never a walk over every domain).
+
+Many definitions (issue 17): a load takes each definition's name from the definition index
+(:mod:`virtmig.daemon.domindex`) when the index's entry matches the file, and leaves it
+*pending*: :meth:`Registry.resolve` parses it on first use (every lookup does, before it
+returns the domain), with the checks of a load, and drops a domain whose file no longer passes
+them as a load drops an unreadable file.  A definition without a matching entry is parsed at
+load, as are the definitions of domains with a status file (before the status is judged).
 
 Durability: a status write is fsynced only when :func:`status_needs_fsync` says recovery after a
 power loss reads it; :meth:`Registry.save_status_durably` (job ends, Perform's perform3_done)
@@ -28,15 +37,19 @@ import contextlib
 import gc
 import operator
 import os
+import stat
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from lxml import etree
 
+from virtmig import __version__
+from virtmig.daemon import domindex
 from virtmig.daemon import state as files
 from virtmig.daemon.audit import Audit
+from virtmig.daemon.domindex import DomainIndex
+from virtmig.daemon.domobj import DomainObj as DomainObj  # re-exported: its old home
 from virtmig.daemon.domxml import DomainDef, check_name_length, parse_domain_xml
 from virtmig.daemon.job import AsyncJob, JobRecord, MigrationJob, Phase
 from virtmig.proto import logsafe
@@ -48,7 +61,7 @@ from virtmig.proto.errors import (
     ResourceExhausted,
     XMLError,
 )
-from virtmig.proto.flags import DomainState, MigrateFlags, reason_name
+from virtmig.proto.flags import DomainState, MigrateFlags
 
 log = logsafe.logger(__name__)
 
@@ -65,45 +78,6 @@ _NAME = operator.attrgetter("name")
 _MAX_UUID_CHARS = 64
 
 
-@dataclass(eq=False)
-class DomainObj:
-    uuid: str
-    name: str
-    config: DomainDef | None = None  # persistent definition
-    live: DomainDef | None = None  # definition of the running instance
-    state: DomainState = DomainState.SHUTOFF
-    reason: int = 0
-    id: int = -1
-    job: MigrationJob | None = None
-    completed: JobRecord | None = None
-    # Migration settings kept between migrations (migrate-setmaxdowntime / migrate-setspeed).
-    max_downtime_ms: int = 0  # 0: the daemon's default
-    max_speed_mib: int = 0  # 0: unlimited
-    max_speed_postcopy_mib: int = 0
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    job_changed: asyncio.Condition = field(default_factory=asyncio.Condition)
-
-    @property
-    def persistent(self) -> bool:
-        return self.config is not None
-
-    @property
-    def active(self) -> bool:
-        return self.state not in (DomainState.SHUTOFF, DomainState.NOSTATE) or self.id >= 0
-
-    @property
-    def definition(self) -> DomainDef:
-        """The definition in force: live when active, else the persistent one."""
-        d = self.live if self.live is not None else self.config
-        if d is None:  # pragma: no cover - an object always has one of the two
-            raise NoDomain(f"no definition for domain '{self.name}'")
-        return d
-
-    @property
-    def reason_label(self) -> str:
-        return reason_name(self.state, self.reason)
-
-
 class Registry:
     def __init__(self, state_dir: files.StateDir, *, job_wait_timeout: float = 30.0,
                  max_domains: int = MAX_DOMAINS) -> None:
@@ -111,6 +85,12 @@ class Registry:
         self.max_domains = max_domains
         self._by_uuid: dict[str, DomainObj] = {}
         self._by_name: dict[str, DomainObj] = {}
+        # Kept as domains change (DomainObj tells track()): nothing walks every domain for them.
+        # (dicts as ordered sets: iterated in the order domains got there)
+        self._active: dict[DomainObj, None] = {}
+        self._with_job: dict[DomainObj, None] = {}
+        self.index = DomainIndex(state_dir.root / "domains.index", __version__)
+        self.parsed = 0  # definitions parsed at load and on first use (tests count them)
         self._next_id = 1
         self.job_wait_timeout = job_wait_timeout
         # Called after a job ended with a record (the daemon emits the job event).
@@ -124,9 +104,12 @@ class Registry:
     def __iter__(self) -> Iterator[DomainObj]:
         return iter(list(self._by_uuid.values()))
 
+    def __len__(self) -> int:
+        return len(self._by_uuid)
+
     def by_name(self, name: str) -> DomainObj:
         check_name_length(name)  # refused before anything echoes it
-        dom = self._by_name.get(name)
+        dom = self._resolved(self._by_name.get(name))
         if dom is None:
             raise NoDomain(f"no domain with matching name '{name}'")
         return dom
@@ -134,30 +117,68 @@ class Registry:
     def by_uuid(self, uuid: str) -> DomainObj:
         if len(uuid) > _MAX_UUID_CHARS:
             raise InvalidArgument(f"domain uuid is too long: {len(uuid)} characters")
-        dom = self._by_uuid.get(uuid.lower())
+        dom = self._resolved(self._by_uuid.get(uuid.lower()))
         if dom is None:
             raise NoDomain(f"no domain with matching uuid '{uuid}'")
         return dom
 
     def find_uuid(self, uuid: str) -> DomainObj | None:
         """The domain of canonical (lowercase) ``uuid``, if this daemon holds one."""
-        return self._by_uuid.get(uuid)
+        return self._resolved(self._by_uuid.get(uuid))
 
     def find_name(self, name: str) -> DomainObj | None:
         check_name_length(name)
-        return self._by_name.get(name)
+        return self._resolved(self._by_name.get(name))
+
+    def _resolved(self, dom: DomainObj | None) -> DomainObj | None:
+        """``dom`` with its definition parsed (None if it no longer parses: it is dropped)."""
+        if dom is None or not dom.pending or self.resolve(dom):
+            return dom
+        return None
+
+    def resolve(self, dom: DomainObj) -> bool:
+        """Parse ``dom``'s pending definition (a load took its name from the definition index)
+        with the checks of a load; False if it fails them: the domain is dropped, as a load
+        drops an unreadable definition (logged at ERROR, the file left where it is, its index
+        entry forgotten: the next start parses it and applies every rule of a load)."""
+        if not dom.pending:
+            return True
+        path = self._files.definition_path(dom.uuid)
+        try:
+            d = self._parse(path)
+            if d.uuid != dom.uuid or d.name != dom.name:
+                raise XMLError(f"it names domain {d.name!r} ({d.uuid}), indexed as "
+                               f"{dom.name!r} ({dom.uuid}): changed since the daemon started")
+        except (OSError, XMLError) as exc:
+            log.error("ignoring unreadable definition %s: %s", path, exc)
+            self.index.drop(path.name)
+            self._unlist(dom)
+            return False
+        dom.config = d
+        return True
+
+    def _parse(self, path: Path) -> DomainDef:
+        self.parsed += 1
+        return parse_domain_xml(path.read_bytes())
+
+    def active_count(self) -> int:
+        return len(self._active)
+
+    def jobs(self, kind: AsyncJob | None = None) -> list[DomainObj]:
+        """The domains with a migration job (of ``kind``): O(jobs), not O(domains)."""
+        return [d for d in self._with_job if kind is None or
+                (d.job is not None and d.job.kind is kind)]
 
     def listing(self, *, active: bool, inactive: bool) -> list[DomainObj]:
         """``virsh list``'s order: active domains by id (one without an id by name, after
         them), then inactive ones by name."""
         up: list[DomainObj] = []
         down: list[DomainObj] = []
-        for d in self._by_uuid.values():
-            if d.active:
-                if active:
-                    up.append(d)
-            elif inactive:
-                down.append(d)
+        if active:
+            up = list(self._active)
+        if inactive:
+            down = [d for d in self._by_uuid.values() if not d.active] if self._active else \
+                list(self._by_uuid.values())
         up.sort(key=lambda d: (d.id < 0, d.id if d.id >= 0 else 0, d.name))
         down.sort(key=_NAME)
         return up + down
@@ -167,7 +188,23 @@ class Registry:
     def add(self, dom: DomainObj) -> DomainObj:
         self._by_uuid[dom.uuid] = dom
         self._by_name[dom.name] = dom
+        dom.holder = self
+        self.track(dom)
         return dom
+
+    def track(self, dom: DomainObj) -> None:
+        """``dom``'s state, id or job changed: keep the sets of active domains and of domains
+        with a job."""
+        if dom.holder is not self:
+            return
+        if dom.active:
+            self._active[dom] = None
+        else:
+            self._active.pop(dom, None)
+        if dom.job is not None:
+            self._with_job[dom] = None
+        else:
+            self._with_job.pop(dom, None)
 
     def rename(self, dom: DomainObj, name: str) -> None:
         if self._by_name.get(dom.name) is dom:
@@ -176,18 +213,26 @@ class Registry:
         self._by_name[name] = dom
 
     def remove(self, dom: DomainObj) -> None:
+        """Forget ``dom`` and its status file."""
+        self._unlist(dom)
+        files.remove(self._files.status_path(dom.uuid), sync_dir=False)
+
+    def _unlist(self, dom: DomainObj) -> None:
         if self._by_uuid.get(dom.uuid) is dom:
             del self._by_uuid[dom.uuid]
         if self._by_name.get(dom.name) is dom:
             del self._by_name[dom.name]
-        files.remove(self._files.status_path(dom.uuid), sync_dir=False)
+        if dom.holder is self:
+            dom.holder = None
+            self._active.pop(dom, None)
+            self._with_job.pop(dom, None)
 
     def check_define(self, d: DomainDef) -> DomainObj | None:
         """libvirt's name/UUID clash rules for adding ``d``; returns the existing object, if any."""
-        by_uuid = self._by_uuid.get(d.uuid)
+        by_uuid = self._resolved(self._by_uuid.get(d.uuid))
         if by_uuid is not None and by_uuid.name != d.name:
             raise OperationFailed(f"domain '{by_uuid.name}' is already defined with uuid {d.uuid}")
-        by_name = self._by_name.get(d.name)
+        by_name = self._resolved(self._by_name.get(d.name))
         if by_name is not None and by_name.uuid != d.uuid:
             raise OperationFailed(f"domain '{d.name}' already exists with uuid {by_name.uuid}")
         if by_uuid is None and len(self._by_uuid) >= self.max_domains:
@@ -247,10 +292,16 @@ class Registry:
     # --- files ----------------------------------------------------------------------------------
 
     def save_config(self, dom: DomainObj) -> None:
-        if dom.config is None:
-            files.remove(self._files.definition_path(dom.uuid))
+        """Write (or remove) ``dom``'s definition file, then its definition index record (a
+        crash in between leaves a file its index entry does not match: parsed at start)."""
+        path = self._files.definition_path(dom.uuid)
+        config = dom.config
+        if config is None:
+            files.remove(path)
+            self.index.drop(path.name)
         else:
-            files.atomic_write(self._files.definition_path(dom.uuid), dom.config.xml.encode())
+            files.atomic_write(path, config.xml.encode())
+            self.index.put(path.name, path, config.name)
 
     def save_status(self, dom: DomainObj) -> None:
         """Write the status file (or remove it once the domain is inactive with no job); it is
@@ -346,17 +397,63 @@ class Registry:
                 gc.enable()
 
     def _load_definitions(self) -> None:
-        for path in _xml_files(self._files.domains):
-            try:
-                d = parse_domain_xml(path.read_bytes())
-            except (OSError, XMLError) as exc:
-                log.error("ignoring unreadable definition %s: %s", path, exc)
-                continue
-            problem = self._definition_problem(path, d)
-            if problem:
-                self._reject(path, problem)
-                continue
-            self.add(DomainObj(uuid=d.uuid, name=d.name, config=d))
+        """Every definition file, by file name: its name from the definition index when the
+        index's entry matches the file (left *pending*, parsed on first use), else parsed."""
+        indexed, rewrite = self.index.read()
+        folder = self._files.domains
+        fresh: list[str] = []
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for file in _xml_names(folder):
+                try:
+                    st = os.stat(file, dir_fd=fd)
+                except OSError as exc:
+                    log.error("ignoring unreadable definition %s: %s", folder / file, exc)
+                    continue
+                if not stat.S_ISREG(st.st_mode):
+                    continue
+                record = indexed.get(file)
+                start = domindex.prefix(file, st)
+                if record is not None and record.startswith(start):
+                    self._load_indexed(file, record[len(start):], record)
+                elif self._load_parsed(folder / file, st):
+                    fresh.append(file)
+        finally:
+            os.close(fd)
+        if rewrite:
+            self.index.rewrite()
+        else:  # new and changed files: one record each
+            for file in fresh:
+                self.index.put(file, folder / file, self._by_uuid[file[:-4]].name)
+
+    def _load_indexed(self, file: str, name: str, record: str) -> None:
+        """A definition whose index entry matches its file: pending (its uuid is its file
+        name: the index holds only files that passed this rule)."""
+        uuid = file[:-4]
+        if len(self._by_uuid) >= MAX_DOMAINS or uuid in self._by_uuid or name in self._by_name:
+            self._reject(self._files.domains / file, self._definition_problem(uuid, uuid, name))
+            return
+        dom = DomainObj(uuid, name)
+        dom.pending = True
+        dom.holder = self  # inactive, no job: in neither kept set
+        self._by_uuid[uuid] = self._by_name[name] = dom
+        self.index.keep(file, record)
+
+    def _load_parsed(self, path: Path, st: os.stat_result) -> bool:
+        """A definition the index does not describe (as it is now): parsed, as at every start
+        before the index.  True if it was loaded."""
+        try:
+            d = self._parse(path)
+        except (OSError, XMLError) as exc:
+            log.error("ignoring unreadable definition %s: %s", path, exc)
+            return False
+        problem = self._definition_problem(path.stem, d.uuid, d.name)
+        if problem:
+            self._reject(path, problem)
+            return False
+        self.add(DomainObj(d.uuid, d.name, config=d))
+        self.index.keep(path.name, domindex.body(path.name, st, d.name))
+        return True
 
     def _load_statuses(self) -> list[tuple[DomainObj, etree._Element]]:
         with_status = []
@@ -370,7 +467,10 @@ class Registry:
             except (OSError, etree.XMLSyntaxError, XMLError) as exc:
                 log.error("ignoring unreadable status %s: %s", path, exc)
                 continue
-            dom = self._by_uuid.get(path.stem)
+            # A domain with a status is parsed now (its definition is needed at once, and it
+            # is one of few): one that fails is dropped before its status is judged, as a load
+            # without the index would have.
+            dom = self._resolved(self._by_uuid.get(path.stem))
             if dom is None and live is None:
                 files.remove(path, sync_dir=False)
                 continue
@@ -385,15 +485,15 @@ class Registry:
             with_status.append((dom, root))
         return with_status
 
-    def _definition_problem(self, path: Path, d: DomainDef) -> str:
-        if path.stem != d.uuid:
-            return f"its file name does not match its uuid {d.uuid}"
+    def _definition_problem(self, stem: str, uuid: str, name: str) -> str:
+        if stem != uuid:
+            return f"its file name does not match its uuid {uuid}"
         if len(self._by_uuid) >= MAX_DOMAINS:
             return f"a daemon holds at most {MAX_DOMAINS} domains"
-        if d.uuid in self._by_uuid:
-            return f"uuid {d.uuid} is already defined by {self._by_uuid[d.uuid].name!r}"
-        if d.name in self._by_name:
-            return f"name {d.name!r} is already defined with uuid {self._by_name[d.name].uuid}"
+        if uuid in self._by_uuid:
+            return f"uuid {uuid} is already defined by {self._by_uuid[uuid].name!r}"
+        if name in self._by_name:
+            return f"name {name!r} is already defined with uuid {self._by_name[name].uuid}"
         return ""
 
     def _status_problem(self, path: Path, root: etree._Element, dom: DomainObj | None,
@@ -423,12 +523,17 @@ class Registry:
         log.warning("rejected %s: %s; moved aside to %s", path, problem, moved.name)
 
 
+def _xml_names(folder: Path) -> list[str]:
+    """The names of ``folder``'s ``*.xml`` entries, sorted (as strings: sorting paths costs
+    more than reading the files)."""
+    names = [n for n in os.listdir(folder) if n.endswith(".xml") and not n.startswith(".")]
+    names.sort()
+    return names
+
+
 def _xml_files(folder: Path) -> list[Path]:
-    """``folder``'s ``*.xml`` files in file-name order (names sorted as strings: sorting paths
-    costs more than reading the files)."""
-    return [folder / name for name in sorted(
-        e.name for e in os.scandir(folder)
-        if e.name.endswith(".xml") and not e.name.startswith(".") and e.is_file())]
+    """``folder``'s ``*.xml`` files in file-name order."""
+    return [p for p in (folder / n for n in _xml_names(folder)) if p.is_file()]
 
 
 def status_needs_fsync(job: MigrationJob | None) -> bool:

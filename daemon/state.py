@@ -4,6 +4,8 @@ Layout under the state dir::
 
     host-uuid                  generated once, kept for the life of the state dir
     domains/<uuid>.xml         persistent definitions (libvirt domain XML)
+    domains.index              the definition index: what a start needs of each definition
+                               (a cache the files overrule: ``virtmig.daemon.domindex``)
     status/<uuid>.xml          live status: state, reason, id, live definition, migration job
 
 At start the daemon loads these files in one fixed order (by file name) with one set of rules

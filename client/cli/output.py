@@ -14,22 +14,15 @@ from virtmig.proto.flags import JobOperation, JobType
 
 def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     """virsh's ``vshTable``: cells left-aligned, each preceded by a space, 2 spaces of padding
-    after every cell but the last; a dash line of (column width + 3) per column."""
-    widths = [len(h) for h in header]
-    for row in rows:
-        for i, cell in enumerate(row):
-            widths[i] = max(widths[i], len(cell))
-
-    def line(cells: Sequence[str]) -> str:
-        out = []
-        for i, cell in enumerate(cells):
-            out.append(f" {cell}")
-            if i < len(cells) - 1:
-                out.append(" " * (widths[i] - len(cell) + 2))
-        return "".join(out) + "\n"
-
-    text = line(header) + "-" * sum(w + 3 for w in widths) + "\n"
-    return text + "".join(line(r) for r in rows)
+    after every cell but the last; a dash line of (column width + 3) per column.  One format
+    string for every line (``list --all`` may print 100,000 of them)."""
+    columns = list(zip(*rows, strict=True)) or [()] * len(header)
+    widths = [max(len(h), max(map(len, col), default=0))
+              for h, col in zip(header, columns, strict=True)]
+    layout = "".join(f" {{{i}:<{w}}}  " for i, w in enumerate(widths[:-1])) + \
+        f" {{{len(widths) - 1}}}\n"
+    text = layout.format(*header) + "-" * sum(w + 3 for w in widths) + "\n"
+    return text + "".join([layout.format(*r) for r in rows])
 
 
 def job_progress(remaining: int, total: int) -> float | None:

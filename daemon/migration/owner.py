@@ -87,7 +87,7 @@ async def any_owner_gone(daemon: Daemon, dom: DomainObj, error: str = GONE,
 
 async def any_session_closed(daemon: Daemon, session: str) -> None:
     daemon.sessions.discard(session)
-    for dom in daemon.registry:
+    for dom in daemon.registry.jobs():
         if dom.job is not None and dom.job.owner == session:
             await any_owner_gone(daemon, dom)
 
@@ -111,7 +111,7 @@ async def any_reap_unowned(daemon: Daemon) -> None:
     while True:
         await asyncio.sleep(tick)
         now = time.monotonic()
-        for dom in daemon.registry:
+        for dom in daemon.registry.jobs():
             job = dom.job
             if job is not None and unowned_expired(daemon, job, now):
                 try:

@@ -16,8 +16,11 @@ import pytest
 
 from virtmig.client.cli.app import main
 from virtmig.daemon import wire
+from virtmig.daemon.domxml import parse_domain_xml
+from virtmig.daemon.registry import DomainObj
 from virtmig.proto import virtmig_pb2 as pb
 from virtmig.proto.errors import ResourceExhausted
+from virtmig.proto.flags import DomainState, reason_name
 from virtmig.testing import domain_xml, session_pki, start_host, stop_host
 
 MANY = 20_000
@@ -115,3 +118,23 @@ async def test_the_client_falls_back_to_list_against_a_daemon_without_list_strea
         assert [d.name for d in await host.conn.list_domains(inactive=True)] == ["a", "b"]
     finally:
         await stop_host(host)
+
+
+def test_list_entries_are_the_domains_messages(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The chunks (entries added in place, for speed) carry exactly ``domain_msg``'s fields,
+    for active, paused, inactive and transient domains alike; and so does ``List``'s reply."""
+    monkeypatch.setattr(wire, "LIST_CHUNK", 3)
+    doms = [DomainObj(f"u{i}", f"vm{i}", config=None if i % 2 else
+                      parse_domain_xml(domain_xml(f"vm{i}")),
+                      state=state, reason=reason, id=id_)
+            for i, (state, reason, id_) in enumerate([
+                (DomainState.RUNNING, 1, 4), (DomainState.PAUSED, 2, 7),
+                (DomainState.SHUTOFF, 3, -1), (DomainState.SHUTOFF, 0, -1),
+                (DomainState.CRASHED, 1, 9)])]
+    chunks = list(wire.domain_list_chunks(doms))
+    assert [len(c.domains) for c in chunks] == [3, 2]
+    want = [wire.domain_msg(d) for d in doms]
+    assert [m for c in chunks for m in c.domains] == want
+    assert list(wire.domain_list_msg(doms).domains) == want
+    assert want[1].persistent is False and want[1].reason_name == reason_name(
+        DomainState.PAUSED, 2)
