@@ -115,7 +115,9 @@ class RemoteSource:
         """Regular v2: Perform settled the source itself."""
 
     async def wait_abort(self, dom: str) -> None:
-        async for info in self.conn.watch_job(dom):
+        # The job's messages as they come: only their abort flag is read (no JobInfo values).
+        call = self.conn.migration_stub.WatchJob(pb.JobInfoRequest(domain=await self.conn.ref(dom)))
+        async for info in self.conn._stream(call):
             if info.abort_requested:
                 return
         await asyncio.Event().wait()  # the job ended without an abort: never return
@@ -258,9 +260,9 @@ async def migrate3(
     if protocol is MigrationProtocol.V3_PARAMS:
         # Only the *Params RPCs carry it (v3 without params and v2 refuse extended params).
         params = with_dest_uri(params, dconn)
-    dom = await conn.lookup(key)
-    await conn.open_session()
-    await dconn.open_session()
+    # A handle the caller looked up names the domain already (Begin fails if it went since).
+    dom = key if isinstance(key, Domain) else await conn.lookup(key)
+    await open_sessions(conn, dconn)
     use_params = protocol is MigrationProtocol.V3_PARAMS
     src, dst = RemoteSource(conn, use_params), RemoteDest(dconn, use_params)
     t.domain, t.announce = dom.name, True
@@ -275,6 +277,24 @@ async def migrate3(
         raise
     _log_outcome(t, None)
     return await dconn.lookup(name)
+
+
+async def open_sessions(conn: RpcConnection, dconn: RpcConnection) -> None:
+    """Both daemons' sessions, opened at once (one round trip instead of two); a failure is
+    the source's first, as if they were opened one after the other (a session that did open is
+    closed with its connection)."""
+    if dconn is conn:
+        await conn.open_session()
+        return
+    loop = asyncio.get_running_loop()
+    src, dst = loop.create_task(conn.open_session()), loop.create_task(dconn.open_session())
+    try:
+        await src
+    except BaseException:
+        dst.cancel()
+        await asyncio.gather(src, dst, return_exceptions=True)
+        raise
+    await dst
 
 
 def _log_outcome(t: Trace, error: VirtmigError | None) -> None:

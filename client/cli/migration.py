@@ -152,18 +152,41 @@ async def watch_migration(conn: AsyncConnection, dom: Domain,
         line.done()
 
 
+async def _source_domain(s: Session, key: str) -> tuple[AsyncConnection, Domain]:
+    conn = await s.conn()
+    return conn, await lookup(conn, key)
+
+
+async def _connect_both(s: Session, key: str, desturi: str
+                        ) -> tuple[AsyncConnection, Domain, AsyncConnection]:
+    """The source's connection and domain, and the destination's connection, opened at once:
+    the two TLS handshakes (each verified as any connection is) and first calls overlap instead
+    of following each other.  Failures are reported in the order of the sequential steps (the
+    source's connection, its domain, then the destination); whatever opened is closed with the
+    session."""
+    loop = asyncio.get_running_loop()
+    dest = loop.create_task(s.open(desturi, f"failed to connect to the destination '{desturi}'"))
+    try:
+        conn, dom = await _source_domain(s, key)
+    except BaseException:
+        dest.cancel()
+        with contextlib.suppress(BaseException):
+            await dest
+        raise
+    return conn, dom, await dest
+
+
 async def cmd_migrate(s: Session, args: argparse.Namespace) -> None:
     opts = build_migration(args)
-    conn = await s.conn()
-    dom = await lookup(conn, args.domain)
     start: Callable[[], Awaitable[object]]
     trace = Trace()
     if opts.unmanaged:
+        conn, dom = await _source_domain(s, args.domain)
         dconnuri = args.desturi if args.p2p else None
         start = functools.partial(conn.migrate_to_uri3, dom, dconnuri, opts.params, opts.flags,
                                   trace=trace)
     else:
-        dconn = await s.open(args.desturi, f"failed to connect to the destination '{args.desturi}'")
+        conn, dom, dconn = await _connect_both(s, args.domain, args.desturi)
         start = functools.partial(conn.migrate3, dom, dconn, opts.params, opts.flags, trace=trace)
     try:
         await watch_migration(conn, dom, start, opts)
