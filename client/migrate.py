@@ -15,6 +15,9 @@ its outcome, each with the migration's id once a daemon's cookie gave it
 the client its start and outcome (the id from Perform's reply, or after a failure from the
 source's job statistics).
 
+A regular migration's round trips before Begin are few (issue 17): the caller's domain handle
+is not looked up again, and both daemons' sessions are opened at once (:func:`open_sessions`).
+
 The drivers work on :class:`~virtmig.client.rpc.RpcConnection`; ``AsyncConnection.migrate3`` and
 ``AsyncConnection.migrate_to_uri3`` (:mod:`virtmig.client.connection`) call them.
 """
