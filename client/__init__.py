@@ -7,7 +7,9 @@ each imported on first use.
 
 The library's layers, each module importing only those listed above it::
 
-    values.py      the typed values: Domain, HostInfo, DomainInfo, JobInfo, Event
+    values.py      the typed values: Domain, HostInfo (and records' names, re-exported lazily)
+    records.py     the values of job, event, location and history replies: DomainInfo, JobInfo,
+                   Event, GuestLocation, HistoryEntry (loaded by the commands that build them)
     transport.py   a connection URI's gRPC channel: plain, or mutual TLS from a PKI dir
     health.py      check_health: one grpc.health.v1 Check over a URI's channel
     rpc.py         RpcConnection: one daemon's channel, session and RPCs

@@ -9,11 +9,13 @@ drivers are imported by the first migration: a command that does not migrate doe
 
 from __future__ import annotations
 
+from virtmig.client import _lazy_getattr
 from virtmig.client.rpc import RpcConnection
-from virtmig.client.values import Domain, DomainInfo, DomainKey, Event, HostInfo, JobInfo
+from virtmig.client.values import Domain, DomainKey, HostInfo
 
 TYPE_CHECKING = False  # typing's, without importing typing
 if TYPE_CHECKING:
+    from virtmig.client.records import DomainInfo, Event, JobInfo
     from virtmig.client.sequence import Trace
     from virtmig.proto.flags import MigrateFlags
     from virtmig.proto.params import TypedParams
@@ -48,3 +50,8 @@ class AsyncConnection(RpcConnection):
         from virtmig.client import migrate
 
         await migrate.migrate_to_uri3(self, key, dconnuri, params, int(flags), trace=trace)
+
+
+# The values of job and event replies, imported on first use (:mod:`virtmig.client.records`).
+__getattr__ = _lazy_getattr(globals(), {name: "virtmig.client.records"
+                                        for name in ("DomainInfo", "Event", "JobInfo")})

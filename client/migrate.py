@@ -15,6 +15,9 @@ its outcome, each with the migration's id once a daemon's cookie gave it
 the client its start and outcome (the id from Perform's reply, or after a failure from the
 source's job statistics).
 
+A regular migration's round trips before Begin are few (issue 17): the caller's domain handle
+is not looked up again, and both daemons' sessions are opened at once (:func:`open_sessions`).
+
 The drivers work on :class:`~virtmig.client.rpc.RpcConnection`; ``AsyncConnection.migrate3`` and
 ``AsyncConnection.migrate_to_uri3`` (:mod:`virtmig.client.connection`) call them.
 """
@@ -115,7 +118,9 @@ class RemoteSource:
         """Regular v2: Perform settled the source itself."""
 
     async def wait_abort(self, dom: str) -> None:
-        async for info in self.conn.watch_job(dom):
+        # The job's messages as they come: only their abort flag is read (no JobInfo values).
+        call = self.conn.migration_stub.WatchJob(pb.JobInfoRequest(domain=await self.conn.ref(dom)))
+        async for info in self.conn._stream(call):
             if info.abort_requested:
                 return
         await asyncio.Event().wait()  # the job ended without an abort: never return
@@ -263,9 +268,9 @@ async def migrate3(
     if protocol is MigrationProtocol.V3_PARAMS:
         # Only the *Params RPCs carry it (v3 without params and v2 refuse extended params).
         params = with_dest_uri(params, dconn)
-    dom = await conn.lookup(key)
-    await conn.open_session()
-    await dconn.open_session()
+    # A handle the caller looked up names the domain already (Begin fails if it went since).
+    dom = key if isinstance(key, Domain) else await conn.lookup(key)
+    await open_sessions(conn, dconn)
     use_params = protocol is MigrationProtocol.V3_PARAMS
     src, dst = RemoteSource(conn, use_params), RemoteDest(dconn, use_params)
     t.domain, t.announce = dom.name, True
@@ -282,6 +287,24 @@ async def migrate3(
     if dst.arrived is not None and dst.arrived.name == name:
         return dst.arrived  # Finish's reply: no Lookup round trip
     return await dconn.lookup(name)
+
+
+async def open_sessions(conn: RpcConnection, dconn: RpcConnection) -> None:
+    """Both daemons' sessions, opened at once (one round trip instead of two); a failure is
+    the source's first, as if they were opened one after the other (a session that did open is
+    closed with its connection)."""
+    if dconn is conn:
+        await conn.open_session()
+        return
+    loop = asyncio.get_running_loop()
+    src, dst = loop.create_task(conn.open_session()), loop.create_task(dconn.open_session())
+    try:
+        await src
+    except BaseException:
+        dst.cancel()
+        await asyncio.gather(src, dst, return_exceptions=True)
+        raise
+    await dst
 
 
 def _log_outcome(t: Trace, error: VirtmigError | None) -> None:

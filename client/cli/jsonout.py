@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from virtmig.client.values import Domain, DomainInfo, Event, HostInfo, JobInfo
 from virtmig.proto.flags import DomainState, JobOperation, JobType, protocols_of, reason_label
 
-if TYPE_CHECKING:  # (virtmig.client.health imports gRPC)
+if TYPE_CHECKING:  # (health imports gRPC; records' values are built by the commands that need them)
     from virtmig.client.health import HealthStatus
+    from virtmig.client.records import DomainInfo, Event, JobInfo
+    from virtmig.client.values import Domain, HostInfo
 
 JSON = dict[str, Any]
 

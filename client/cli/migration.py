@@ -12,7 +12,7 @@ import contextlib
 import functools
 import sys
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from virtmig.client.cli.base import Session, lookup, on_sigint
 from virtmig.client.cli.options import MigrateOptions, build_migration
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from virtmig.client.connection import AsyncConnection, Domain
 
 log = logsafe.logger(__name__)
+T = TypeVar("T")
 
 # Before the source's job exists (Begin, Prepare), a job watch has nothing to follow: it is
 # opened again after this long.  Once the job exists, the daemon pushes every change.
@@ -152,18 +153,52 @@ async def watch_migration(conn: AsyncConnection, dom: Domain,
         line.done()
 
 
+async def _source_domain(s: Session, key: str) -> tuple[AsyncConnection, Domain]:
+    conn = await s.conn()
+    return conn, await lookup(conn, key)
+
+
+async def _loading_drivers(work: Awaitable[T]) -> T:
+    """``work`` (the connections' first steps) with the migration drivers imported meanwhile:
+    the import is CPU work of this thread, the TLS handshakes are gRPC's, on its own threads,
+    so the import no longer waits for them to finish (nor they for it)."""
+    task = asyncio.ensure_future(work)
+    await asyncio.sleep(0)  # (the connections are on their way)
+    import virtmig.client.migrate  # noqa: F401
+
+    return await task
+
+
+async def _connect_both(s: Session, key: str, desturi: str
+                        ) -> tuple[AsyncConnection, Domain, AsyncConnection]:
+    """The source's connection and domain, and the destination's connection, opened at once:
+    the two TLS handshakes (each verified as any connection is) and first calls overlap instead
+    of following each other.  Failures are reported in the order of the sequential steps (the
+    source's connection, its domain, then the destination); whatever opened is closed with the
+    session."""
+    loop = asyncio.get_running_loop()
+    dest = loop.create_task(s.open(desturi, f"failed to connect to the destination '{desturi}'"))
+    try:
+        conn, dom = await _source_domain(s, key)
+    except BaseException:
+        dest.cancel()
+        with contextlib.suppress(BaseException):
+            await dest
+        raise
+    return conn, dom, await dest
+
+
 async def cmd_migrate(s: Session, args: argparse.Namespace) -> None:
     opts = build_migration(args)
-    conn = await s.conn()
-    dom = await lookup(conn, args.domain)
     start: Callable[[], Awaitable[object]]
     trace = Trace()
     if opts.unmanaged:
+        conn, dom = await _loading_drivers(_source_domain(s, args.domain))
         dconnuri = args.desturi if args.p2p else None
         start = functools.partial(conn.migrate_to_uri3, dom, dconnuri, opts.params, opts.flags,
                                   trace=trace)
     else:
-        dconn = await s.open(args.desturi, f"failed to connect to the destination '{args.desturi}'")
+        conn, dom, dconn = await _loading_drivers(_connect_both(s, args.domain, args.desturi))
         start = functools.partial(conn.migrate3, dom, dconn, opts.params, opts.flags, trace=trace)
     try:
         await watch_migration(conn, dom, start, opts)

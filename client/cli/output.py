@@ -8,8 +8,11 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from virtmig.client.values import Event, JobInfo
 from virtmig.proto.flags import JobOperation, JobType
+
+TYPE_CHECKING = False  # typing's, without importing typing
+if TYPE_CHECKING:
+    from virtmig.client.records import Event, JobInfo
 
 
 def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

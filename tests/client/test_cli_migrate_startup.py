@@ -1,0 +1,197 @@
+"""What ``virtmig migrate`` loads and how it connects (issue 17: the whole command's cost; nothing
+here times anything): a regular migration opens the destination's connection while the source's
+connection and domain lookup are under way, and both daemons' sessions at once, with failures
+still reported in the order of the steps; ``migrate`` (regular and peer-to-peer) and ``list``
+load no value they do not build (:mod:`virtmig.client.records`), nor ``uuid`` (and ``platform``
+behind it), nor X.509 or XML code; a domain key is told from a UUID as ``uuid.UUID`` would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.client import cli_helpers
+from tests.client.cli_helpers import Daemon, domain_xml, ok, virtmig
+from tests.client.test_cli_startup import imported_by
+from virtmig.client import migrate
+from virtmig.client.cli import migration
+from virtmig.client.cli.base import CliError
+from virtmig.client.rpc import canonical_uuid
+from virtmig.proto.errors import ConnectionFailed
+from virtmig.testing.hosts import free_port
+from virtmig.testing.pki import session_pki
+
+daemons = cli_helpers.daemons
+
+# Loaded by no command that only lists, asks for the host or migrates without --verbose.
+NOT_NEEDED = {"virtmig.client.records", "uuid", "platform", "virtmig.proto.pki"}
+
+
+def _define_and_start(src: Daemon, tmp_path: Path, name: str) -> None:
+    xml = tmp_path / f"{name}.xml"
+    xml.write_text(domain_xml(name, 16))
+    ok(src.uri, "define", str(xml))
+    ok(src.uri, "start", name)
+
+
+@pytest.mark.parametrize("p2p", [False, True])
+def test_migrate_loads_only_what_it_uses(daemons: tuple[Daemon, Daemon], tmp_path: Path,
+                                         p2p: bool) -> None:
+    src, dst = daemons
+    _define_and_start(src, tmp_path, "vm1")
+    pki = session_pki().client()
+    status, modules = imported_by("-q", "-c", f"{src.uri}?pkipath={pki}", "migrate", "--live",
+                                  *(["--p2p"] if p2p else []), "vm1", dst.uri)
+    assert status == 0
+    assert "vm1" in ok(dst.uri, "list")  # (it did migrate)
+    assert not modules & NOT_NEEDED
+    assert not {m.split(".")[0] for m in modules} & {"cryptography", "lxml", "xml", "psutil"}
+    assert not [m for m in modules if m.startswith("virtmig.daemon")]
+
+
+def test_list_loads_no_job_values_nor_uuid(daemons: tuple[Daemon, Daemon]) -> None:
+    src, _dst = daemons
+    status, modules = imported_by("-q", "-c", f"{src.uri}?pkipath={session_pki().client()}",
+                                  "list", "--all")
+    assert status == 0
+    assert not modules & NOT_NEEDED
+
+
+def test_an_unreachable_destination_is_still_reported(daemons: tuple[Daemon, Daemon],
+                                                      tmp_path: Path) -> None:
+    src, _dst = daemons
+    _define_and_start(src, tmp_path, "vm1")
+    closed = f"virtmig+tls://127.0.0.1:{free_port()}"
+    res = virtmig(src.uri, "migrate", "--live", "vm1", closed)
+    assert res.returncode == 1
+    assert res.stderr.splitlines()[0] == f"error: failed to connect to the destination '{closed}'"
+    # A missing domain is the first failure, as when the steps ran one after the other.
+    res = virtmig(src.uri, "migrate", "--live", "no-such-vm", closed)
+    assert res.returncode == 1
+    assert res.stderr == "error: failed to get domain 'no-such-vm'\n"
+    assert "running" in ok(src.uri, "domstate", "vm1")  # nothing happened
+
+
+class _Gate:
+    """Fake connections whose steps wait for each other: each step names what must have
+    started before it may finish (so a sequential caller times out)."""
+
+    def __init__(self) -> None:
+        self.started: dict[str, asyncio.Event] = {}
+
+    def event(self, name: str) -> asyncio.Event:
+        return self.started.setdefault(name, asyncio.Event())
+
+    async def step(self, name: str, after: str | None = None) -> None:
+        self.event(name).set()
+        if after is not None:
+            await asyncio.wait_for(self.event(after).wait(), 5)
+
+
+async def test_the_destination_is_opened_while_the_source_connects() -> None:
+    gate = _Gate()
+
+    class Conn:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        async def lookup(self, key: str) -> str:
+            await gate.step("lookup", after="open dst")
+            return f"domain {key}"
+
+    class FakeSession:
+        async def conn(self) -> Conn:
+            await gate.step("open src")
+            return Conn("src")
+
+        async def open(self, uri: str, what: str) -> Conn:
+            await gate.step("open dst", after="lookup")
+            return Conn(uri)
+
+    session: Any = FakeSession()
+    got: Any = await migration._connect_both(session, "vm1", "dst")
+    assert (got[0].name, got[1], got[2].name) == ("src", "domain vm1", "dst")
+
+
+async def test_a_failed_source_cancels_the_destination_and_is_reported() -> None:
+    cancelled = asyncio.Event()
+
+    class FakeSession:
+        async def conn(self) -> object:
+            await asyncio.sleep(0)
+            raise CliError("failed to connect to the hypervisor", "down")
+
+        async def open(self, uri: str, what: str) -> object:
+            try:
+                await asyncio.sleep(60)
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+            return object()
+
+    session: Any = FakeSession()
+    with pytest.raises(CliError) as err:
+        await migration._connect_both(session, "vm1", "dst")
+    assert err.value.lines == ("failed to connect to the hypervisor", "down")
+    assert cancelled.is_set()
+
+
+async def test_both_sessions_open_at_once_and_the_source_fails_first() -> None:
+    gate = _Gate()
+
+    class Conn:
+        def __init__(self, name: str, other: str, error: Exception | None = None) -> None:
+            self.name, self.other, self.error = name, other, error
+
+        async def open_session(self) -> str:
+            await gate.step(self.name, after=self.other)
+            if self.error is not None:
+                raise self.error
+            return self.name
+
+    src: Any = Conn("src", "dst")
+    dst: Any = Conn("dst", "src")
+    await migrate.open_sessions(src, dst)
+    gate.started.clear()
+    src = Conn("src", "dst", ConnectionFailed("source"))
+    dst = Conn("dst", "src", ConnectionFailed("destination"))
+    with pytest.raises(ConnectionFailed, match="source"):
+        await migrate.open_sessions(src, dst)
+
+
+@pytest.mark.parametrize("text", [
+    "12345678-1234-5678-1234-567812345678", "{12345678123456781234567812345678}",
+    "urn:uuid:12345678-1234-5678-1234-56781234567F", "12345678123456781234567812345678",
+    "vm1", "", "1234567812345678123456781234567g", "12345678-1234-5678-1234-5678123456789",
+    "+2345678123456781234567812345678", "1_345678123456781234567812345678",
+    "0x345678123456781234567812345678", "-" * 40, "٣" * 32,
+])
+def test_a_uuid_is_recognised_as_uuid_does(text: str) -> None:
+    try:
+        want = str(uuid.UUID(text))
+    except ValueError:
+        want = ""
+    assert canonical_uuid(text) == want
+
+
+def test_the_program_collects_garbage_again_once_connected() -> None:
+    """(The program pauses the collector for its start-up only.)"""
+    import gc
+
+    from virtmig.client.cli import base
+
+    assert gc.isenabled()
+    base.pause_gc_for_startup()
+    try:
+        assert not gc.isenabled()
+        base._startup_over()
+        assert gc.isenabled()
+    finally:
+        gc.enable()
+    base._startup_over()  # (a second time changes nothing)
+    assert gc.isenabled()
