@@ -231,6 +231,11 @@ async def test_events_tell_the_story(backend_pair: tuple[Host, Host]) -> None:
     await migrate(src, dst, F.LIVE, TypedParams.of({P.BANDWIDTH: 32 if on_qemu(src) else 64}))
     await wait_until(lambda: any(e.kind == "job-completed" for e in dst_events), timeout=30,
                      what="the destination's job-completed event")
+    # The source's Stopped comes from Confirm, after the destination's job ended: wait for it
+    # too (the stream may deliver it after migrate3 returns).
+    await wait_until(lambda: any(e.kind == "lifecycle" and e.description.startswith("Stopped")
+                                 for e in src_events), timeout=30,
+                     what="the source's Stopped event")
     stop.set()
     await asyncio.gather(*tasks)
     src_life = [e.description for e in src_events if e.kind == "lifecycle"]
