@@ -250,7 +250,11 @@ async def test_postcopy(src: QemuBackend, dst: QemuBackend) -> None:
         src, dst, replace(POSTCOPY, postcopy_bandwidth_bytes_per_s=512 * 1024))
     assert dst.progress(spec.uuid).status is MigrationStatus.POSTCOPY_ACTIVE
     assert src.progress(spec.uuid).status is MigrationStatus.POSTCOPY_ACTIVE
-    assert src.state(spec.uuid) is GuestRunState.PAUSED  # stopped for good
+    # Stopped for good.  The source's run state follows QEMU's STOP event and query-status,
+    # which on a busy host (a fresh-clone run at load 8) still said running just after
+    # query-migrate said postcopy-active: wait for it, bounded.
+    await wait_until(lambda: src.state(spec.uuid) is GuestRunState.PAUSED, timeout=30,
+                     what="the source paused for good")
     params = await src.query(spec.uuid, "query-migrate-parameters")
     assert params["max-postcopy-bandwidth"] == 512 * 1024
     with pytest.raises(BackendError, match="cannot cancel migration in post-copy mode"):
