@@ -232,6 +232,8 @@ async def test_p2p_source_stopped_only_after_finish2_succeeds(
         await p2p(src, dst)
     assert states == [(DomainState.PAUSED, 2, "migration")]  # not stopped before Finish2
     await home_again(src, dst)
+    # (the source's record of the attempt says why it ended: src_settle2 put the guest back)
+    assert (await src.conn.job_info("vm1", completed=True)).error == "migration cancelled"
 
 
 async def test_p2p_lost_finish2_reply_is_resolved_by_asking(
