@@ -70,6 +70,16 @@ async def test_begin_of_a_caller_already_gone_is_abandoned(pair: tuple[Host, Hos
     assert dom.job is not None
 
 
+async def test_prepare2_of_a_caller_already_gone_is_abandoned(pair: tuple[Host, Host]) -> None:
+    src, dst = pair
+    xml, _cookie = await migration.src_begin(src.daemon, await guest(src), TypedParams(), F.LIVE)
+    params = TypedParams.of({P.DEST_XML: xml})
+    await migration.dst_prepare2(dst.daemon, params, int(F.LIVE), "gone")
+    assert not list(dst.daemon.registry)  # rolled back: the incoming domain is gone
+    await migration.dst_prepare2(dst.daemon, params, int(F.LIVE))  # no owner: kept
+    assert dst.daemon.registry.by_name("vm1").job is not None
+
+
 async def test_owner_gone_after_perform_leaves_the_guest_paused(
         pair: tuple[Host, Host], caplog: pytest.LogCaptureFixture) -> None:
     src, dst = pair
