@@ -246,6 +246,9 @@ async def test_finish_sends_its_statistics_back(pair: tuple[Host, Host]) -> None
                           local_hostuuid=src.daemon.host_uuid, accept=ck.ACCEPT_CONFIRM)
     assert got.hostuuid == dst.daemon.host_uuid
     assert got.statistics is not None and got.statistics.memory_total == 64 << 20
+    sent = ck.parse_cookie(cookie_c, expected_name="vm1", expected_uuid=dom.uuid,
+                           local_hostuuid=dst.daemon.host_uuid, accept=ck.ACCEPT_FINISH)
+    assert sent.statistics is not None and sent.statistics.memory_total == 64 << 20  # Perform's
     assert ddom.completed is not None and ddom.completed.type is JobType.COMPLETED
     await migration.src_confirm(src.daemon, dom, TypedParams(), cookie_d, F.LIVE | CP, False)
     assert dom.completed is not None and dom.completed.type is JobType.COMPLETED
@@ -264,6 +267,25 @@ async def test_post_copy_migration_completes(pair: tuple[Host, Host]) -> None:
     for host in (src, dst):
         info = await host.conn.job_info("vm1", completed=True)
         assert info.type is JobType.COMPLETED
+
+
+async def test_cancelled_confirm_after_a_post_copy_perform_never_resumes(
+        pair: tuple[Host, Host]) -> None:
+    """Perform returned at the switch to post-copy: the destination may run the guest already,
+    so Confirm(cancelled) leaves the source paused for recovery."""
+    src, dst = pair
+    dom = await guest(src, xml=domain_xml("vm1", 64, dirty_rate_mib=64))
+    _dparams, cookie_b, uri = await begin_prepare(src, dst, dom, F.LIVE | F.POSTCOPY)
+    params = TypedParams.of({P.URI: uri or "", P.BANDWIDTH: 16, P.BANDWIDTH_POSTCOPY: 64})
+    perform = asyncio.ensure_future(migration.src_perform(
+        src.daemon, dom, None, params, cookie_b, F.LIVE | F.POSTCOPY | CP))
+    await wait_job_streaming(src.conn, "vm1")
+    await src.conn.start_postcopy("vm1")
+    await asyncio.wait_for(perform, 60)
+    await migration.src_confirm(src.daemon, dom, TypedParams(), b"", F.LIVE | F.POSTCOPY | CP,
+                                True)
+    assert dom.job is not None and dom.job.phase is Phase.POSTCOPY_FAILED
+    assert (dom.state, dom.reason) == (DomainState.PAUSED, PausedReason.POSTCOPY_FAILED)
 
 
 class BreakAfterSwitch(RemoteDest):
