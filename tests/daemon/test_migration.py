@@ -4,13 +4,16 @@ migration moves and keeps, its flags and params, and what is refused before anyt
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.daemon.migration_helpers import F, P, assert_rolled_back, migrate, running_guest
 from virtmig.client.migrate import RemoteSource
 from virtmig.client.sequence import Trace
+from virtmig.daemon.registry import DomainObj
 from virtmig.proto.errors import (
     ArgumentUnsupported,
     ConfigUnsupported,
@@ -286,3 +289,36 @@ async def test_same_host_is_refused(pair: tuple[Host, Host]) -> None:
         await migrate(src, src)
     assert (await src.conn.state("vm1"))[0] is DomainState.RUNNING
     assert (await src.conn.job_info("vm1")).type is JobType.NONE
+
+
+# --- the status file: one write per step -------------------------------------------------------
+
+
+@pytest.mark.parametrize(("mode", "writes"), [("live", (6, 3)), ("paused-first", (7, 3)),
+                                              ("post-copy", (6, 4))])
+async def test_status_writes_per_migration(
+    pair: tuple[Host, Host], monkeypatch: pytest.MonkeyPatch, mode: str, writes: tuple[int, int],
+) -> None:
+    """How often each daemon writes the domain's status file in one migration (source,
+    destination): a step that changes the state and writes the status right after writes it
+    once (``set_state(save=False)``), not twice, on the migration's critical path."""
+    src, dst = pair
+    await running_guest(src, dirty_rate_mib=64 if mode == "post-copy" else 0)
+    counts = [0, 0]
+    for i, host in enumerate((src, dst)):
+        def counted(dom: DomainObj, i: int = i, real: Any = host.daemon.registry.save_status
+                    ) -> None:
+            counts[i] += 1
+            real(dom)
+
+        monkeypatch.setattr(host.daemon.registry, "save_status", counted)
+    if mode != "post-copy":
+        await migrate(src, dst, F.LIVE if mode == "live" else 0)
+    else:
+        params = TypedParams.of({P.BANDWIDTH: 16, P.BANDWIDTH_POSTCOPY: 64})
+        task = asyncio.ensure_future(migrate(src, dst, F.LIVE | F.POSTCOPY, params))
+        await wait_job_streaming(src.conn, "vm1")
+        await src.conn.start_postcopy("vm1")
+        await asyncio.wait_for(task, 60)  # (switched: the destination's count says so)
+    assert (await dst.conn.state("vm1"))[0] is DomainState.RUNNING
+    assert tuple(counts) == writes

@@ -20,6 +20,7 @@ from virtmig.client.migrate import RemoteDest, RemoteSource
 from virtmig.client.sequence import Trace, run_v2
 from virtmig.daemon.backend.base import BackendError
 from virtmig.daemon.job import Phase
+from virtmig.daemon.registry import DomainObj
 from virtmig.proto.errors import (
     ConnectionFailed,
     NoDomain,
@@ -171,9 +172,19 @@ async def test_finish2_keeps_a_guest_that_cannot_be_resumed_paused(
         raise BackendError("the vCPUs cannot start")
 
     monkeypatch.setattr(dst.daemon.backend, "resume", broken)
+    writes = 0
+    save_status = dst.daemon.registry.save_status
+
+    def counted(dom: DomainObj) -> None:
+        nonlocal writes
+        writes += 1
+        save_status(dom)
+
+    monkeypatch.setattr(dst.daemon.registry, "save_status", counted)
     await run_v2(RemoteSource(src.conn, False), RemoteDest(dst.conn, False), "vm1",
                  TypedParams(), F.LIVE)
     assert phases == [Phase.FINISH2]
+    assert writes == 3  # as a resumed guest's (test_status_writes_per_migration): no extra one
     assert await dst.conn.state("vm1") == (DomainState.PAUSED, 2, "migration")
     assert await src.conn.state("vm1") == (DomainState.SHUTOFF, 4, "migrated")
     assert (await dst.conn.job_info("vm1", completed=True)).type is JobType.COMPLETED
