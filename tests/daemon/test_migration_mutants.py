@@ -238,8 +238,8 @@ WITH_ALIAS = domain_xml("vm1").replace(
 
 
 @pytest.mark.parametrize("given", [False, True])
-async def test_persistent_definition_is_sent_migratable(pair: tuple[Host, Host],
-                                                        given: bool) -> None:
+async def test_persistent_definition_is_sent_migratable(
+        pair: tuple[Host, Host], monkeypatch: pytest.MonkeyPatch, given: bool) -> None:
     src, dst = pair
     dom = await guest(src, xml=WITH_ALIAS)
     assert dom.config is not None and '<alias name="serial0"/>' in dom.config.xml
@@ -247,9 +247,21 @@ async def test_persistent_definition_is_sent_migratable(pair: tuple[Host, Host],
     if given:
         params.set(P.PERSIST_XML, WITH_ALIAS.replace("<name>vm1</name>",
                                                      f"<name>vm1</name><uuid>{dom.uuid}</uuid>"))
+    cookies: list[bytes] = []
+    finish = RemoteDest.finish
+
+    async def seen(self: RemoteDest, params: TypedParams, cookie: bytes, flags: int,
+                   cancelled: bool) -> tuple[str, bytes]:
+        cookies.append(cookie)
+        return await finish(self, params, cookie, flags, cancelled)
+
+    monkeypatch.setattr(RemoteDest, "finish", seen)
     await migrate3(src.conn, "vm1", dst.conn, params, F.LIVE | F.PERSIST_DEST)
     config = dst.daemon.registry.by_name("vm1").config
     assert config is not None and "alias" not in config.xml
+    cookie_c = ck.parse_cookie(cookies[0], expected_name="vm1", expected_uuid=dom.uuid,
+                               local_hostuuid=dst.daemon.host_uuid, accept=ck.ACCEPT_FINISH)
+    assert cookie_c.mandatory == ("persistent",)  # libvirt lists it: the receiver must read it
 
 
 async def test_abort_before_perform_is_cancelled(pair: tuple[Host, Host]) -> None:

@@ -249,6 +249,7 @@ async def test_finish_sends_its_statistics_back(pair: tuple[Host, Host]) -> None
     sent = ck.parse_cookie(cookie_c, expected_name="vm1", expected_uuid=dom.uuid,
                            local_hostuuid=dst.daemon.host_uuid, accept=ck.ACCEPT_FINISH)
     assert sent.statistics is not None and sent.statistics.memory_total == 64 << 20  # Perform's
+    assert sent.mandatory == () and sent.persistent_xml is None  # (no PERSIST_DEST)
     assert ddom.completed is not None and ddom.completed.type is JobType.COMPLETED
     await migration.src_confirm(src.daemon, dom, TypedParams(), cookie_d, F.LIVE | CP, False)
     assert dom.completed is not None and dom.completed.type is JobType.COMPLETED
