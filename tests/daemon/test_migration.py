@@ -13,6 +13,7 @@ import pytest
 from tests.daemon.migration_helpers import F, P, assert_rolled_back, migrate, running_guest
 from virtmig.client.migrate import RemoteSource
 from virtmig.client.sequence import Trace
+from virtmig.daemon import stall
 from virtmig.daemon.registry import DomainObj
 from virtmig.proto.errors import (
     ArgumentUnsupported,
@@ -322,3 +323,31 @@ async def test_status_writes_per_migration(
         await asyncio.wait_for(task, 60)  # (switched: the destination's count says so)
     assert (await dst.conn.state("vm1"))[0] is DomainState.RUNNING
     assert tuple(counts) == writes
+
+
+# --- the fault-injection harness's stall points -------------------------------------------------
+
+
+async def test_a_migration_passes_each_stall_point_in_its_phase(
+    pair: tuple[Host, Host], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """tests/faults stops a daemon at a named point (:mod:`virtmig.daemon.stall`) to kill it
+    there: each point is reached once, with the phase it names saved (source's, destination's);
+    a daemon that restarts from ``confirm3`` takes the guest as migrated."""
+    src, dst = pair
+    await running_guest(src)
+    reached: list[tuple[str, str, str]] = []
+
+    def phase(host: Host) -> str:
+        job = host.daemon.registry.by_name("vm1").job
+        return job.phase.label if job is not None else ""
+
+    async def at(point: str) -> None:
+        reached.append((point, phase(src), phase(dst)))
+
+    monkeypatch.setattr(stall, "POINT", "on")
+    monkeypatch.setattr(stall, "at", at)
+    await migrate(src, dst)
+    assert reached == [("finish3", "perform3_done", "finish3"),
+                       ("finish3-resumed", "perform3_done", "finish3"),
+                       ("confirm3", "confirm3", "")]

@@ -335,11 +335,12 @@ async def test_confirm_cancelled_after_the_stream_asks_the_destination(
     the migration."""
     src, dst = pair
     await running_guest(src)
-    asked: list[tuple[str, str]] = []
+    asked: list[tuple[str, str, str]] = []
     answer = locate.answer
 
     def spy(daemon: Daemon, uuid: str, migration_id: str = "") -> GuestLocation:
-        asked.append((uuid, migration_id))
+        job = src.daemon.registry.by_uuid(uuid).job  # (the source's phase: saved before asking)
+        asked.append((uuid, migration_id, job.phase.label if job is not None else ""))
         return answer(daemon, uuid, migration_id)
 
     monkeypatch.setattr(locate, "answer", spy)
@@ -353,7 +354,8 @@ async def test_confirm_cancelled_after_the_stream_asks_the_destination(
     assert trace.calls[-1] == "confirm(cancelled)"
     uuid = (await src.conn.lookup("vm1")).uuid
     # (first Confirm's question; an outcome left unknown is asked about again later)
-    assert asked[:1] == ([] if dest_uri == CLOSED else [(uuid, trace.migration_id)])
+    assert asked[:1] == ([] if dest_uri == CLOSED
+                         else [(uuid, trace.migration_id, "confirm3_cancelled")])
     assert trace.migration_id
     assert await src.conn.state("vm1") == state
     done = await src.conn.job_info("vm1", completed=True)
