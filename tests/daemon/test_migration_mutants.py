@@ -264,6 +264,20 @@ async def test_persistent_definition_is_sent_migratable(
     assert cookie_c.mandatory == ("persistent",)  # libvirt lists it: the receiver must read it
 
 
+async def test_perform_without_owner_or_protocol_keeps_its_job(pair: tuple[Host, Host]) -> None:
+    """Perform without change protection starts the job itself: no owner given, nobody to
+    outlive (the reaper's), and no protocol recorded."""
+    src, dst = pair
+    dom = await guest(src)
+    xml, cookie_a = await migration.src_begin(src.daemon, dom, TypedParams(), F.LIVE)
+    cookie_b, uri = await migration.dst_prepare(dst.daemon, TypedParams.of({P.DEST_XML: xml}),
+                                                cookie_a, int(F.LIVE))
+    await migration.src_perform(src.daemon, dom, None, TypedParams.of({P.URI: uri or ""}),
+                                cookie_b, int(F.LIVE))
+    assert dom.job is not None and dom.job.phase is Phase.PERFORM3_DONE
+    assert (dom.job.owner, dom.job.protocol) == ("", "")
+
+
 async def test_abort_before_perform_is_cancelled(pair: tuple[Host, Host]) -> None:
     src, _dst = pair
     dom = await guest(src)
