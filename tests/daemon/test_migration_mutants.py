@@ -28,6 +28,7 @@ from virtmig.daemon.registry import DomainObj
 from virtmig.proto.errors import (
     ArgumentUnsupported,
     InternalError,
+    InternalInputError,
     InvalidArgument,
     MigrateFinishOk,
     NoDomain,
@@ -276,6 +277,17 @@ async def test_perform_without_owner_or_protocol_keeps_its_job(pair: tuple[Host,
                                 cookie_b, int(F.LIVE))
     assert dom.job is not None and dom.job.phase is Phase.PERFORM3_DONE
     assert (dom.job.owner, dom.job.protocol) == ("", "")
+
+
+async def test_perform_refuses_a_dconnuri_without_peer_to_peer(pair: tuple[Host, Host]) -> None:
+    src, _dst = pair
+    dom = await guest(src)
+    with pytest.raises(InternalInputError) as info:
+        await migration.src_perform(src.daemon, dom, "virtmig+tls://127.0.0.1:1", TypedParams(),
+                                    b"", int(F.LIVE))
+    assert str(info.value) == ("internal error: Unexpected dconnuri parameter with "
+                               "non-peer2peer migration")
+    assert dom.job is None
 
 
 async def test_abort_before_perform_is_cancelled(pair: tuple[Host, Host]) -> None:
