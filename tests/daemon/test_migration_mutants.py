@@ -265,18 +265,24 @@ async def test_persistent_definition_is_sent_migratable(
     assert cookie_c.mandatory == ("persistent",)  # libvirt lists it: the receiver must read it
 
 
-async def test_perform_without_owner_or_protocol_keeps_its_job(pair: tuple[Host, Host]) -> None:
+@pytest.mark.parametrize("protocol", [None, "v3"])
+async def test_perform_without_owner_keeps_its_job_and_protocol(pair: tuple[Host, Host],
+                                                                protocol: str | None) -> None:
     """Perform without change protection starts the job itself: no owner given, nobody to
-    outlive (the reaper's), and no protocol recorded."""
+    outlive (the reaper's), and the protocol given (none by default) recorded."""
     src, dst = pair
     dom = await guest(src)
     xml, cookie_a = await migration.src_begin(src.daemon, dom, TypedParams(), F.LIVE)
     cookie_b, uri = await migration.dst_prepare(dst.daemon, TypedParams.of({P.DEST_XML: xml}),
                                                 cookie_a, int(F.LIVE))
-    await migration.src_perform(src.daemon, dom, None, TypedParams.of({P.URI: uri or ""}),
-                                cookie_b, int(F.LIVE))
+    params = TypedParams.of({P.URI: uri or ""})
+    if protocol is None:
+        await migration.src_perform(src.daemon, dom, None, params, cookie_b, int(F.LIVE))
+    else:
+        await migration.src_perform(src.daemon, dom, None, params, cookie_b, int(F.LIVE),
+                                    protocol=protocol)
     assert dom.job is not None and dom.job.phase is Phase.PERFORM3_DONE
-    assert (dom.job.owner, dom.job.protocol) == ("", "")
+    assert (dom.job.owner, dom.job.protocol) == ("", protocol or "")
 
 
 async def test_perform_refuses_a_dconnuri_without_peer_to_peer(pair: tuple[Host, Host]) -> None:
