@@ -43,6 +43,7 @@ from virtmig.proto.errors import (
     OperationFailed,
     OperationInvalid,
     OperationTimeout,
+    VirtmigError,
 )
 from virtmig.proto.flags import DomainState, JobType
 from virtmig.proto.params import TypedParams
@@ -256,6 +257,29 @@ async def test_row_confirm_fails(pair: tuple[Host, Host], caplog: pytest.LogCapt
     assert (await src.conn.job_info("vm1")).phase == "perform3_done"
     await src.conn.destroy("vm1")  # the admin's way out ends the job too
     assert (await src.conn.job_info("vm1")).type is JobType.NONE
+
+
+async def test_guest_that_cannot_start_puts_the_prior_definition_back(
+    pair: tuple[Host, Host], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """PERSIST_DEST's definition is saved before the vCPUs start; when they cannot start, v3's
+    Finish fails (the source runs again) and the destination's definition from before is put
+    back."""
+    src, dst = pair
+    await running_guest(src)
+    uuid = (await src.conn.lookup("vm1")).uuid
+    await dst.conn.define(domain_xml("vm1", uuid=uuid).replace("<vcpu>1</vcpu>",
+                                                               "<vcpu>2</vcpu>"))
+
+    async def broken(uuid: str) -> None:
+        raise BackendError("the vCPUs cannot start")
+
+    monkeypatch.setattr(dst.daemon.backend, "resume", broken)
+    with pytest.raises(VirtmigError, match="the vCPUs cannot start"):
+        await migrate(src, dst, F.LIVE | F.PERSIST_DEST)
+    ddom = dst.daemon.registry.by_name("vm1")
+    assert not ddom.active and ddom.config is not None and "<vcpu>2</vcpu>" in ddom.config.xml
+    assert (await src.conn.state("vm1"))[0] is DomainState.RUNNING
 
 
 async def test_destroy_source_mid_perform(pair: tuple[Host, Host]) -> None:

@@ -285,6 +285,13 @@ async def test_perform_without_owner_keeps_its_job_and_protocol(pair: tuple[Host
     assert (dom.job.owner, dom.job.protocol) == ("", protocol or "")
 
 
+async def test_begin_sends_the_migratable_xml(pair: tuple[Host, Host]) -> None:
+    src, _dst = pair
+    dom = await guest(src, xml=WITH_ALIAS)
+    xml, _cookie = await migration.src_begin(src.daemon, dom, TypedParams(), F.LIVE)
+    assert "<name>vm1</name>" in xml and "alias" not in xml
+
+
 async def test_perform_refuses_a_dconnuri_without_peer_to_peer(pair: tuple[Host, Host]) -> None:
     src, _dst = pair
     dom = await guest(src)
