@@ -285,10 +285,16 @@ async def test_perform_without_owner_keeps_its_job_and_protocol(pair: tuple[Host
     assert (dom.job.owner, dom.job.protocol) == ("", protocol or "")
 
 
-async def test_begin_sends_the_migratable_xml(pair: tuple[Host, Host]) -> None:
+@pytest.mark.parametrize("given", [False, True])
+async def test_begin_sends_the_migratable_xml(pair: tuple[Host, Host], given: bool) -> None:
+    """The domain's own XML, or the caller's (``destination_xml``), without runtime state."""
     src, _dst = pair
     dom = await guest(src, xml=WITH_ALIAS)
-    xml, _cookie = await migration.src_begin(src.daemon, dom, TypedParams(), F.LIVE)
+    params = TypedParams()
+    if given:
+        params.set(P.DEST_XML, WITH_ALIAS.replace("<name>vm1</name>",
+                                                  f"<name>vm1</name><uuid>{dom.uuid}</uuid>"))
+    xml, _cookie = await migration.src_begin(src.daemon, dom, params, F.LIVE)
     assert "<name>vm1</name>" in xml and "alias" not in xml
 
 
