@@ -67,7 +67,7 @@ async def test_begin_of_a_caller_already_gone_is_abandoned(pair: tuple[Host, Hos
     await migration.src_begin(src.daemon, dom, TypedParams(), F.LIVE | CP, owner="gone")
     assert dom.job is None
     await migration.src_begin(src.daemon, dom, TypedParams(), F.LIVE | CP)  # no owner: kept
-    assert dom.job is not None
+    assert dom.job is not None and (dom.job.owner, dom.job.protocol) == ("", "")  # (defaults)
 
 
 async def test_prepare2_of_a_caller_already_gone_is_abandoned(pair: tuple[Host, Host]) -> None:
