@@ -77,7 +77,8 @@ async def test_prepare2_of_a_caller_already_gone_is_abandoned(pair: tuple[Host, 
     await migration.dst_prepare2(dst.daemon, params, int(F.LIVE), "gone")
     assert not list(dst.daemon.registry)  # rolled back: the incoming domain is gone
     await migration.dst_prepare2(dst.daemon, params, int(F.LIVE))  # no owner: kept
-    assert dst.daemon.registry.by_name("vm1").job is not None
+    job = dst.daemon.registry.by_name("vm1").job
+    assert job is not None and (job.owner, job.protocol) == ("", "v2")
 
 
 async def test_owner_gone_after_perform_leaves_the_guest_paused(
@@ -104,7 +105,7 @@ async def test_owner_gone_during_prepare_destroys_the_incoming_guest(
     dom = await guest(src)
     await begin_prepare(src, dst, dom)
     ddom = dst.daemon.registry.by_name("vm1")
-    assert ddom.job is not None and ddom.job.port
+    assert ddom.job is not None and ddom.job.port and ddom.job.protocol == ""  # (none given)
     await migration.any_owner_gone(dst.daemon, ddom)
     assert ddom.job is None and not ddom.active
     assert dst.daemon.backend.state(dom.uuid) is GuestRunState.SHUTOFF
