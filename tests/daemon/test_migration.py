@@ -13,11 +13,13 @@ import pytest
 from tests.daemon.migration_helpers import F, P, assert_rolled_back, migrate, running_guest
 from virtmig.client.migrate import RemoteSource
 from virtmig.client.sequence import Trace
-from virtmig.daemon import stall
+from virtmig.daemon import migration, stall
+from virtmig.daemon.placement import Away, Peer
 from virtmig.daemon.registry import DomainObj
 from virtmig.proto.errors import (
     ArgumentUnsupported,
     ConfigUnsupported,
+    GuestElsewhere,
     InternalError,
     InvalidArgument,
     NoDomain,
@@ -351,3 +353,31 @@ async def test_a_migration_passes_each_stall_point_in_its_phase(
     assert reached == [("finish3", "perform3_done", "finish3"),
                        ("finish3-resumed", "perform3_done", "finish3"),
                        ("confirm3", "confirm3", "")]
+
+
+# --- Begin -------------------------------------------------------------------------------------
+
+
+async def test_offline_begin_sends_the_next_boots_definition(pair: tuple[Host, Host]) -> None:
+    """An offline migration moves the persistent definition, not what runs now."""
+    src, _dst = pair
+    await running_guest(src)
+    dom = src.daemon.registry.by_name("vm1")
+    await src.conn.define(domain_xml("vm1", uuid=dom.uuid).replace("<vcpu>1</vcpu>",
+                                                                   "<vcpu>2</vcpu>"))
+    xml, _cookie = await migration.src_begin(src.daemon, dom, TypedParams(),
+                                             F.OFFLINE | F.PERSIST_DEST)
+    assert "<vcpu>2</vcpu>" in xml
+    live, _cookie = await migration.src_begin(src.daemon, dom, TypedParams(), F.LIVE)
+    assert "<vcpu>1</vcpu>" in live
+
+
+async def test_begin_refuses_a_guest_whose_outcome_is_unknown(pair: tuple[Host, Host]) -> None:
+    src, dst = pair
+    await running_guest(src)
+    dom = src.daemon.registry.by_name("vm1")
+    src.daemon.placement.departed(dom.uuid, Away(Peer(dst.daemon.host_uuid, "dst.test"),
+                                                 "e" * 32, uncertain=True))
+    with pytest.raises(GuestElsewhere, match="cannot migrate domain 'vm1': whether its"):
+        await migration.src_begin(src.daemon, dom, TypedParams(), F.LIVE | F.CHANGE_PROTECTION)
+    assert dom.job is None
