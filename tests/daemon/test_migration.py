@@ -13,6 +13,7 @@ import pytest
 from tests.daemon.migration_helpers import F, P, assert_rolled_back, migrate, running_guest
 from virtmig.client.migrate import RemoteSource
 from virtmig.client.sequence import Trace
+from virtmig.daemon import cookie as ck
 from virtmig.daemon import migration, stall
 from virtmig.daemon.placement import Away, Peer
 from virtmig.daemon.registry import DomainObj
@@ -22,6 +23,7 @@ from virtmig.proto.errors import (
     GuestElsewhere,
     InternalError,
     InvalidArgument,
+    MigrateUnsafe,
     NoDomain,
     OperationInvalid,
     OperationTimeout,
@@ -381,3 +383,32 @@ async def test_begin_refuses_a_guest_whose_outcome_is_unknown(pair: tuple[Host, 
     with pytest.raises(GuestElsewhere, match="cannot migrate domain 'vm1': whether its"):
         await migration.src_begin(src.daemon, dom, TypedParams(), F.LIVE | F.CHANGE_PROTECTION)
     assert dom.job is None
+
+
+async def test_begin_sends_the_host_cpu_unless_offline(
+    pair: tuple[Host, Host], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Cookie A carries the digest of the source's CPU for a guest on the host's own CPU (the
+    backend's ``host_cpu``), not for an offline migration, which runs nothing there."""
+    src, dst = pair
+    await running_guest(src)
+    dom = src.daemon.registry.by_name("vm1")
+    monkeypatch.setattr(src.daemon.backend, "host_cpu", lambda spec: "ab" * 32)
+    for flags, cpu in ((F.LIVE, "ab" * 32), (F.OFFLINE | F.PERSIST_DEST, "")):
+        _xml, cookie_a = await migration.src_begin(src.daemon, dom, TypedParams(), flags)
+        got = ck.parse_cookie(cookie_a, expected_name="vm1", expected_uuid=dom.uuid,
+                              local_hostuuid=dst.daemon.host_uuid, accept=ck.ACCEPT_PREPARE)
+        assert got.host_cpu == cpu
+
+
+async def test_begin_checks_the_disks_unless_unsafe_or_offline(
+    pair: tuple[Host, Host], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    src, _dst = pair
+    await running_guest(src)
+    dom = src.daemon.registry.by_name("vm1")
+    monkeypatch.setattr(src.daemon.backend, "migration_unsafe", lambda spec: "a cached disk")
+    with pytest.raises(MigrateUnsafe, match="a cached disk"):
+        await migration.src_begin(src.daemon, dom, TypedParams(), F.LIVE)
+    for flags in (F.LIVE | F.UNSAFE, F.OFFLINE | F.PERSIST_DEST):
+        await migration.src_begin(src.daemon, dom, TypedParams(), flags)
