@@ -30,6 +30,7 @@ from virtmig.proto.errors import (
     VirtmigError,
 )
 from virtmig.proto.flags import DomainState, JobType
+from virtmig.proto.migid import is_migration_id
 from virtmig.proto.params import TypedParams
 from virtmig.testing import (
     Host,
@@ -389,7 +390,8 @@ async def test_begin_sends_the_host_cpu_unless_offline(
     pair: tuple[Host, Host], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Cookie A carries the digest of the source's CPU for a guest on the host's own CPU (the
-    backend's ``host_cpu``), not for an offline migration, which runs nothing there."""
+    backend's ``host_cpu``), not for an offline migration, which runs nothing there; and the
+    migration's id, made by Begin."""
     src, dst = pair
     await running_guest(src)
     dom = src.daemon.registry.by_name("vm1")
@@ -398,7 +400,7 @@ async def test_begin_sends_the_host_cpu_unless_offline(
         _xml, cookie_a = await migration.src_begin(src.daemon, dom, TypedParams(), flags)
         got = ck.parse_cookie(cookie_a, expected_name="vm1", expected_uuid=dom.uuid,
                               local_hostuuid=dst.daemon.host_uuid, accept=ck.ACCEPT_PREPARE)
-        assert got.host_cpu == cpu
+        assert got.host_cpu == cpu and is_migration_id(got.migration_id)
 
 
 async def test_begin_checks_the_disks_unless_unsafe_or_offline(
