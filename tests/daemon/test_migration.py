@@ -414,3 +414,15 @@ async def test_begin_checks_the_disks_unless_unsafe_or_offline(
         await migration.src_begin(src.daemon, dom, TypedParams(), F.LIVE)
     for flags in (F.LIVE | F.UNSAFE, F.OFFLINE | F.PERSIST_DEST):
         await migration.src_begin(src.daemon, dom, TypedParams(), flags)
+
+
+async def test_begin_names_the_migration_in_its_job(pair: tuple[Host, Host]) -> None:
+    src, dst = pair
+    await running_guest(src)
+    dom = src.daemon.registry.by_name("vm1")
+    _xml, cookie_a = await migration.src_begin(src.daemon, dom, TypedParams(),
+                                               F.LIVE | F.CHANGE_PROTECTION)
+    got = ck.parse_cookie(cookie_a, expected_name="vm1", expected_uuid=dom.uuid,
+                          local_hostuuid=dst.daemon.host_uuid, accept=ck.ACCEPT_PREPARE)
+    info = await src.conn.job_info("vm1")
+    assert info.phase == "begin3" and info.stat("virtmig.migration_id") == got.migration_id

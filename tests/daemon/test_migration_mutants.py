@@ -74,6 +74,9 @@ async def test_each_phase_names_its_function(pair: tuple[Host, Host]) -> None:
                                                               False),
         "virDomainMigrateConfirm3Params": migration.src_confirm(s, dom, TypedParams(), b"",
                                                                 BAD, True),
+        "virDomainMigratePrepare2": migration.dst_prepare2(d, TypedParams(), BAD),
+        "virDomainMigratePerform": migration.src_perform2(s, dom, TypedParams(), b"", BAD),
+        "virDomainMigrateFinish2": migration.dst_finish2(d, TypedParams(), BAD, 0),
     }
     for function, call in calls.items():
         with pytest.raises(InvalidArgument) as info:
