@@ -502,6 +502,7 @@ def test_destination_downtime_counts_from_the_source_stop() -> None:
                         10_005).downtime_ms == 9
     assert dst_downtime(local, stats, 9_000).downtime_ms == 7  # the clocks disagree
     assert dst_downtime(local, stats, 10_000 + 3_600_000).downtime_ms == 7
+    assert dst_downtime(local, stats, 10_000 + 60_000).downtime_ms == 60_007  # the bound counts
     assert dst_downtime(MigrationProgress(downtime_ms=40), stats, 10_005).downtime_ms == 40
     assert dst_downtime(local, MigrationStats(), 10_005).downtime_ms == 0
 

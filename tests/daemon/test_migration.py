@@ -4,24 +4,33 @@ migration moves and keeps, its flags and params, and what is refused before anyt
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.daemon.migration_helpers import F, P, assert_rolled_back, migrate, running_guest
 from virtmig.client.migrate import RemoteSource
 from virtmig.client.sequence import Trace
+from virtmig.daemon import cookie as ck
+from virtmig.daemon import migration, stall
+from virtmig.daemon.placement import Away, Peer
+from virtmig.daemon.registry import DomainObj
 from virtmig.proto.errors import (
     ArgumentUnsupported,
     ConfigUnsupported,
+    GuestElsewhere,
     InternalError,
     InvalidArgument,
+    MigrateUnsafe,
     NoDomain,
     OperationInvalid,
     OperationTimeout,
     VirtmigError,
 )
 from virtmig.proto.flags import DomainState, JobType
+from virtmig.proto.migid import is_migration_id
 from virtmig.proto.params import TypedParams
 from virtmig.testing import (
     Host,
@@ -286,3 +295,134 @@ async def test_same_host_is_refused(pair: tuple[Host, Host]) -> None:
         await migrate(src, src)
     assert (await src.conn.state("vm1"))[0] is DomainState.RUNNING
     assert (await src.conn.job_info("vm1")).type is JobType.NONE
+
+
+# --- the status file: one write per step -------------------------------------------------------
+
+
+@pytest.mark.parametrize(("mode", "writes"), [("live", (6, 3)), ("paused-first", (7, 3)),
+                                              ("post-copy", (6, 4))])
+async def test_status_writes_per_migration(
+    pair: tuple[Host, Host], monkeypatch: pytest.MonkeyPatch, mode: str, writes: tuple[int, int],
+) -> None:
+    """How often each daemon writes the domain's status file in one migration (source,
+    destination): a step that changes the state and writes the status right after writes it
+    once (``set_state(save=False)``), not twice, on the migration's critical path."""
+    src, dst = pair
+    await running_guest(src, dirty_rate_mib=64 if mode == "post-copy" else 0)
+    counts = [0, 0]
+    for i, host in enumerate((src, dst)):
+        def counted(dom: DomainObj, i: int = i, real: Any = host.daemon.registry.save_status
+                    ) -> None:
+            counts[i] += 1
+            real(dom)
+
+        monkeypatch.setattr(host.daemon.registry, "save_status", counted)
+    if mode != "post-copy":
+        await migrate(src, dst, F.LIVE if mode == "live" else 0)
+    else:
+        params = TypedParams.of({P.BANDWIDTH: 16, P.BANDWIDTH_POSTCOPY: 64})
+        task = asyncio.ensure_future(migrate(src, dst, F.LIVE | F.POSTCOPY, params))
+        await wait_job_streaming(src.conn, "vm1")
+        await src.conn.start_postcopy("vm1")
+        await asyncio.wait_for(task, 60)  # (switched: the destination's count says so)
+    assert (await dst.conn.state("vm1"))[0] is DomainState.RUNNING
+    assert tuple(counts) == writes
+
+
+# --- the fault-injection harness's stall points -------------------------------------------------
+
+
+async def test_a_migration_passes_each_stall_point_in_its_phase(
+    pair: tuple[Host, Host], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """tests/faults stops a daemon at a named point (:mod:`virtmig.daemon.stall`) to kill it
+    there: each point is reached once, with the phase it names saved (source's, destination's);
+    a daemon that restarts from ``confirm3`` takes the guest as migrated."""
+    src, dst = pair
+    await running_guest(src)
+    reached: list[tuple[str, str, str]] = []
+
+    def phase(host: Host) -> str:
+        job = host.daemon.registry.by_name("vm1").job
+        return job.phase.label if job is not None else ""
+
+    async def at(point: str) -> None:
+        reached.append((point, phase(src), phase(dst)))
+
+    monkeypatch.setattr(stall, "POINT", "on")
+    monkeypatch.setattr(stall, "at", at)
+    await migrate(src, dst)
+    assert reached == [("finish3", "perform3_done", "finish3"),
+                       ("finish3-resumed", "perform3_done", "finish3"),
+                       ("confirm3", "confirm3", "")]
+
+
+# --- Begin -------------------------------------------------------------------------------------
+
+
+async def test_offline_begin_sends_the_next_boots_definition(pair: tuple[Host, Host]) -> None:
+    """An offline migration moves the persistent definition, not what runs now."""
+    src, _dst = pair
+    await running_guest(src)
+    dom = src.daemon.registry.by_name("vm1")
+    await src.conn.define(domain_xml("vm1", uuid=dom.uuid).replace("<vcpu>1</vcpu>",
+                                                                   "<vcpu>2</vcpu>"))
+    xml, _cookie = await migration.src_begin(src.daemon, dom, TypedParams(),
+                                             F.OFFLINE | F.PERSIST_DEST)
+    assert "<vcpu>2</vcpu>" in xml
+    live, _cookie = await migration.src_begin(src.daemon, dom, TypedParams(), F.LIVE)
+    assert "<vcpu>1</vcpu>" in live
+
+
+async def test_begin_refuses_a_guest_whose_outcome_is_unknown(pair: tuple[Host, Host]) -> None:
+    src, dst = pair
+    await running_guest(src)
+    dom = src.daemon.registry.by_name("vm1")
+    src.daemon.placement.departed(dom.uuid, Away(Peer(dst.daemon.host_uuid, "dst.test"),
+                                                 "e" * 32, uncertain=True))
+    with pytest.raises(GuestElsewhere, match="cannot migrate domain 'vm1': whether its"):
+        await migration.src_begin(src.daemon, dom, TypedParams(), F.LIVE | F.CHANGE_PROTECTION)
+    assert dom.job is None
+
+
+async def test_begin_sends_the_host_cpu_unless_offline(
+    pair: tuple[Host, Host], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Cookie A carries the digest of the source's CPU for a guest on the host's own CPU (the
+    backend's ``host_cpu``), not for an offline migration, which runs nothing there; and the
+    migration's id, made by Begin."""
+    src, dst = pair
+    await running_guest(src)
+    dom = src.daemon.registry.by_name("vm1")
+    monkeypatch.setattr(src.daemon.backend, "host_cpu", lambda spec: "ab" * 32)
+    for flags, cpu in ((F.LIVE, "ab" * 32), (F.OFFLINE | F.PERSIST_DEST, "")):
+        _xml, cookie_a = await migration.src_begin(src.daemon, dom, TypedParams(), flags)
+        got = ck.parse_cookie(cookie_a, expected_name="vm1", expected_uuid=dom.uuid,
+                              local_hostuuid=dst.daemon.host_uuid, accept=ck.ACCEPT_PREPARE)
+        assert got.host_cpu == cpu and is_migration_id(got.migration_id)
+
+
+async def test_begin_checks_the_disks_unless_unsafe_or_offline(
+    pair: tuple[Host, Host], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    src, _dst = pair
+    await running_guest(src)
+    dom = src.daemon.registry.by_name("vm1")
+    monkeypatch.setattr(src.daemon.backend, "migration_unsafe", lambda spec: "a cached disk")
+    with pytest.raises(MigrateUnsafe, match="a cached disk"):
+        await migration.src_begin(src.daemon, dom, TypedParams(), F.LIVE)
+    for flags in (F.LIVE | F.UNSAFE, F.OFFLINE | F.PERSIST_DEST):
+        await migration.src_begin(src.daemon, dom, TypedParams(), flags)
+
+
+async def test_begin_names_the_migration_in_its_job(pair: tuple[Host, Host]) -> None:
+    src, dst = pair
+    await running_guest(src)
+    dom = src.daemon.registry.by_name("vm1")
+    _xml, cookie_a = await migration.src_begin(src.daemon, dom, TypedParams(),
+                                               F.LIVE | F.CHANGE_PROTECTION)
+    got = ck.parse_cookie(cookie_a, expected_name="vm1", expected_uuid=dom.uuid,
+                          local_hostuuid=dst.daemon.host_uuid, accept=ck.ACCEPT_PREPARE)
+    info = await src.conn.job_info("vm1")
+    assert info.phase == "begin3" and info.stat("virtmig.migration_id") == got.migration_id

@@ -21,9 +21,11 @@ from tests.daemon.migration_helpers import (
     migrate,
     running_guest,
 )
+from tests.daemon.placement_helpers import LostFinishDest
 from virtmig.client.migrate import RemoteDest, RemoteSource
 from virtmig.client.sequence import Trace, run_v3
-from virtmig.daemon import jobctl
+from virtmig.client.values import GuestLocation
+from virtmig.daemon import jobctl, locate
 from virtmig.daemon.backend.base import (
     BackendError,
     MigrationCancelled,
@@ -32,13 +34,16 @@ from virtmig.daemon.backend.base import (
     MigrationTuning,
     StreamAddress,
 )
+from virtmig.daemon.core import Daemon
 from virtmig.proto.errors import (
+    ConnectionFailed,
     InternalError,
     NoDomain,
     OperationAborted,
     OperationFailed,
     OperationInvalid,
     OperationTimeout,
+    VirtmigError,
 )
 from virtmig.proto.flags import DomainState, JobType
 from virtmig.proto.params import TypedParams
@@ -46,6 +51,7 @@ from virtmig.testing import (
     ClosedPortDest,
     Host,
     domain_xml,
+    free_port,
     wait_for_job,
     wait_until,
 )
@@ -174,7 +180,8 @@ async def test_row_perform_fails_destination_guest_dies(pair: tuple[Host, Host])
     await assert_rolled_back(src, dst)
 
 
-async def test_row_perform_fails_unreachable_port(pair: tuple[Host, Host]) -> None:
+async def test_row_perform_fails_unreachable_port(pair: tuple[Host, Host],
+                                                  caplog: pytest.LogCaptureFixture) -> None:
     src, dst = pair
     await running_guest(src)
 
@@ -182,6 +189,8 @@ async def test_row_perform_fails_unreachable_port(pair: tuple[Host, Host]) -> No
         await run_v3(RemoteSource(src.conn, True), ClosedPortDest(dst.conn, True), "vm1",
                      TypedParams(), F.LIVE, protection=True)
     await assert_rolled_back(src, dst)
+    # The caller got the backend's own error: no warning of a reason that replaced it.
+    assert "then the backend failed" not in caplog.text
 
 
 @pytest.mark.parametrize("backend_error", [
@@ -219,7 +228,7 @@ async def test_row_perform_stopped_by_the_daemon_reports_its_reason(
     failed = await src.conn.job_info("vm1", completed=True)
     assert failed.type is JobType.FAILED and failed.error == str(stall)
     if isinstance(backend_error, MigrationFailed):
-        assert str(backend_error) in caplog.text
+        assert f"then the backend failed: {backend_error}" in caplog.text
 
 
 async def test_row_finish_fails(pair: tuple[Host, Host]) -> None:
@@ -248,6 +257,29 @@ async def test_row_confirm_fails(pair: tuple[Host, Host], caplog: pytest.LogCapt
     assert (await src.conn.job_info("vm1")).phase == "perform3_done"
     await src.conn.destroy("vm1")  # the admin's way out ends the job too
     assert (await src.conn.job_info("vm1")).type is JobType.NONE
+
+
+async def test_guest_that_cannot_start_puts_the_prior_definition_back(
+    pair: tuple[Host, Host], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """PERSIST_DEST's definition is saved before the vCPUs start; when they cannot start, v3's
+    Finish fails (the source runs again) and the destination's definition from before is put
+    back."""
+    src, dst = pair
+    await running_guest(src)
+    uuid = (await src.conn.lookup("vm1")).uuid
+    await dst.conn.define(domain_xml("vm1", uuid=uuid).replace("<vcpu>1</vcpu>",
+                                                               "<vcpu>2</vcpu>"))
+
+    async def broken(uuid: str) -> None:
+        raise BackendError("the vCPUs cannot start")
+
+    monkeypatch.setattr(dst.daemon.backend, "resume", broken)
+    with pytest.raises(VirtmigError, match="the vCPUs cannot start"):
+        await migrate(src, dst, F.LIVE | F.PERSIST_DEST)
+    ddom = dst.daemon.registry.by_name("vm1")
+    assert not ddom.active and ddom.config is not None and "<vcpu>2</vcpu>" in ddom.config.xml
+    assert (await src.conn.state("vm1"))[0] is DomainState.RUNNING
 
 
 async def test_destroy_source_mid_perform(pair: tuple[Host, Host]) -> None:
@@ -292,3 +324,64 @@ async def test_lost_finish_reply_unknown_outcome_leaves_source_paused(
     assert trace.calls == ["begin", "prepare", "perform", "finish"]  # no Confirm: no resume
     assert (await dst.conn.state("vm1"))[0] is DomainState.RUNNING
     assert await src.conn.state("vm1") == (DomainState.PAUSED, 2, "migration")
+
+
+# --- Confirm(cancelled) after the whole guest streamed: the destination is asked first ---------
+
+
+class BelievesItFailed(LostFinishDest):
+    """Finish's reply is lost and the client takes it for a failure: Confirm(cancelled)."""
+
+    async def finished(self, dname: str) -> bool:
+        return False
+
+
+CLOSED = "closed"  # virtmig.dest_uri: a loopback port nobody listens on
+
+
+@pytest.mark.parametrize(("finish", "dest_uri", "state", "record"), [
+    ("reaches", "dst", (DomainState.SHUTOFF, 4, "migrated"),
+     (JobType.COMPLETED, "cancelled too late: the guest runs on the destination")),
+    ("lost", "dst", (DomainState.PAUSED, 2, "migration"),
+     (JobType.FAILED, "Confirm(cancelled), but the destination's answer is 'pending'")),
+    ("reaches", CLOSED, (DomainState.PAUSED, 2, "migration"),
+     (JobType.FAILED, "Confirm(cancelled), and the destination cannot be asked: ")),
+    ("fails", "dst", (DomainState.RUNNING, 6, "migration-canceled"),
+     (JobType.FAILED, "migration cancelled")),
+])
+async def test_confirm_cancelled_after_the_stream_asks_the_destination(
+    pair: tuple[Host, Host], monkeypatch: pytest.MonkeyPatch, finish: str, dest_uri: str,
+    state: tuple[DomainState, int, str], record: tuple[JobType, str],
+) -> None:
+    """What the destination answers about this migration (it arrived, it waits for Finish, it
+    cannot be asked, it failed there) decides what Confirm(cancelled) does with the source's
+    guest, and the source's job record says which it was.  The question names the guest and
+    the migration."""
+    src, dst = pair
+    await running_guest(src)
+    asked: list[tuple[str, str, str]] = []
+    answer = locate.answer
+
+    def spy(daemon: Daemon, uuid: str, migration_id: str = "") -> GuestLocation:
+        job = src.daemon.registry.by_uuid(uuid).job  # (the source's phase: saved before asking)
+        asked.append((uuid, migration_id, job.phase.label if job is not None else ""))
+        return answer(daemon, uuid, migration_id)
+
+    monkeypatch.setattr(locate, "answer", spy)
+    uri = dst.uri if dest_uri == "dst" else f"virtmig+tls://127.0.0.1:{free_port()}"
+    party = (FinishFailsDest(dst.conn, dst) if finish == "fails"
+             else BelievesItFailed(dst.conn, reaches=finish == "reaches"))
+    trace = Trace()
+    with pytest.raises((ConnectionFailed, OperationFailed)):
+        await run_v3(RemoteSource(src.conn, True), party, "vm1", TypedParams.of({P.DEST_URI: uri}),
+                     F.LIVE, protection=True, trace=trace)
+    assert trace.calls[-1] == "confirm(cancelled)"
+    uuid = (await src.conn.lookup("vm1")).uuid
+    # (first Confirm's question; an outcome left unknown is asked about again later)
+    assert asked[:1] == ([] if dest_uri == CLOSED
+                         else [(uuid, trace.migration_id, "confirm3_cancelled")])
+    assert trace.migration_id
+    assert await src.conn.state("vm1") == state
+    done = await src.conn.job_info("vm1", completed=True)
+    assert done.type is record[0] and done.error.startswith(record[1])
+    assert (done.error == record[1]) is (dest_uri != CLOSED)  # (then the reason follows)

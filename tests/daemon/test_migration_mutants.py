@@ -28,6 +28,7 @@ from virtmig.daemon.registry import DomainObj
 from virtmig.proto.errors import (
     ArgumentUnsupported,
     InternalError,
+    InternalInputError,
     InvalidArgument,
     MigrateFinishOk,
     NoDomain,
@@ -73,6 +74,9 @@ async def test_each_phase_names_its_function(pair: tuple[Host, Host]) -> None:
                                                               False),
         "virDomainMigrateConfirm3Params": migration.src_confirm(s, dom, TypedParams(), b"",
                                                                 BAD, True),
+        "virDomainMigratePrepare2": migration.dst_prepare2(d, TypedParams(), BAD),
+        "virDomainMigratePerform": migration.src_perform2(s, dom, TypedParams(), b"", BAD),
+        "virDomainMigrateFinish2": migration.dst_finish2(d, TypedParams(), BAD, 0),
     }
     for function, call in calls.items():
         with pytest.raises(InvalidArgument) as info:
@@ -238,8 +242,8 @@ WITH_ALIAS = domain_xml("vm1").replace(
 
 
 @pytest.mark.parametrize("given", [False, True])
-async def test_persistent_definition_is_sent_migratable(pair: tuple[Host, Host],
-                                                        given: bool) -> None:
+async def test_persistent_definition_is_sent_migratable(
+        pair: tuple[Host, Host], monkeypatch: pytest.MonkeyPatch, given: bool) -> None:
     src, dst = pair
     dom = await guest(src, xml=WITH_ALIAS)
     assert dom.config is not None and '<alias name="serial0"/>' in dom.config.xml
@@ -247,9 +251,65 @@ async def test_persistent_definition_is_sent_migratable(pair: tuple[Host, Host],
     if given:
         params.set(P.PERSIST_XML, WITH_ALIAS.replace("<name>vm1</name>",
                                                      f"<name>vm1</name><uuid>{dom.uuid}</uuid>"))
+    cookies: list[bytes] = []
+    finish = RemoteDest.finish
+
+    async def seen(self: RemoteDest, params: TypedParams, cookie: bytes, flags: int,
+                   cancelled: bool) -> tuple[str, bytes]:
+        cookies.append(cookie)
+        return await finish(self, params, cookie, flags, cancelled)
+
+    monkeypatch.setattr(RemoteDest, "finish", seen)
     await migrate3(src.conn, "vm1", dst.conn, params, F.LIVE | F.PERSIST_DEST)
     config = dst.daemon.registry.by_name("vm1").config
     assert config is not None and "alias" not in config.xml
+    cookie_c = ck.parse_cookie(cookies[0], expected_name="vm1", expected_uuid=dom.uuid,
+                               local_hostuuid=dst.daemon.host_uuid, accept=ck.ACCEPT_FINISH)
+    assert cookie_c.mandatory == ("persistent",)  # libvirt lists it: the receiver must read it
+
+
+@pytest.mark.parametrize("protocol", [None, "v3"])
+async def test_perform_without_owner_keeps_its_job_and_protocol(pair: tuple[Host, Host],
+                                                                protocol: str | None) -> None:
+    """Perform without change protection starts the job itself: no owner given, nobody to
+    outlive (the reaper's), and the protocol given (none by default) recorded."""
+    src, dst = pair
+    dom = await guest(src)
+    xml, cookie_a = await migration.src_begin(src.daemon, dom, TypedParams(), F.LIVE)
+    cookie_b, uri = await migration.dst_prepare(dst.daemon, TypedParams.of({P.DEST_XML: xml}),
+                                                cookie_a, int(F.LIVE))
+    params = TypedParams.of({P.URI: uri or ""})
+    if protocol is None:
+        await migration.src_perform(src.daemon, dom, None, params, cookie_b, int(F.LIVE))
+    else:
+        await migration.src_perform(src.daemon, dom, None, params, cookie_b, int(F.LIVE),
+                                    protocol=protocol)
+    assert dom.job is not None and dom.job.phase is Phase.PERFORM3_DONE
+    assert (dom.job.owner, dom.job.protocol) == ("", protocol or "")
+
+
+@pytest.mark.parametrize("given", [False, True])
+async def test_begin_sends_the_migratable_xml(pair: tuple[Host, Host], given: bool) -> None:
+    """The domain's own XML, or the caller's (``destination_xml``), without runtime state."""
+    src, _dst = pair
+    dom = await guest(src, xml=WITH_ALIAS)
+    params = TypedParams()
+    if given:
+        params.set(P.DEST_XML, WITH_ALIAS.replace("<name>vm1</name>",
+                                                  f"<name>vm1</name><uuid>{dom.uuid}</uuid>"))
+    xml, _cookie = await migration.src_begin(src.daemon, dom, params, F.LIVE)
+    assert "<name>vm1</name>" in xml and "alias" not in xml
+
+
+async def test_perform_refuses_a_dconnuri_without_peer_to_peer(pair: tuple[Host, Host]) -> None:
+    src, _dst = pair
+    dom = await guest(src)
+    with pytest.raises(InternalInputError) as info:
+        await migration.src_perform(src.daemon, dom, "virtmig+tls://127.0.0.1:1", TypedParams(),
+                                    b"", int(F.LIVE))
+    assert str(info.value) == ("internal error: Unexpected dconnuri parameter with "
+                               "non-peer2peer migration")
+    assert dom.job is None
 
 
 async def test_abort_before_perform_is_cancelled(pair: tuple[Host, Host]) -> None:

@@ -67,7 +67,18 @@ async def test_begin_of_a_caller_already_gone_is_abandoned(pair: tuple[Host, Hos
     await migration.src_begin(src.daemon, dom, TypedParams(), F.LIVE | CP, owner="gone")
     assert dom.job is None
     await migration.src_begin(src.daemon, dom, TypedParams(), F.LIVE | CP)  # no owner: kept
-    assert dom.job is not None
+    assert dom.job is not None and (dom.job.owner, dom.job.protocol) == ("", "")  # (defaults)
+
+
+async def test_prepare2_of_a_caller_already_gone_is_abandoned(pair: tuple[Host, Host]) -> None:
+    src, dst = pair
+    xml, _cookie = await migration.src_begin(src.daemon, await guest(src), TypedParams(), F.LIVE)
+    params = TypedParams.of({P.DEST_XML: xml})
+    await migration.dst_prepare2(dst.daemon, params, int(F.LIVE), "gone")
+    assert not list(dst.daemon.registry)  # rolled back: the incoming domain is gone
+    await migration.dst_prepare2(dst.daemon, params, int(F.LIVE))  # no owner: kept
+    job = dst.daemon.registry.by_name("vm1").job
+    assert job is not None and (job.owner, job.protocol) == ("", "v2")
 
 
 async def test_owner_gone_after_perform_leaves_the_guest_paused(
@@ -94,7 +105,7 @@ async def test_owner_gone_during_prepare_destroys_the_incoming_guest(
     dom = await guest(src)
     await begin_prepare(src, dst, dom)
     ddom = dst.daemon.registry.by_name("vm1")
-    assert ddom.job is not None and ddom.job.port
+    assert ddom.job is not None and ddom.job.port and ddom.job.protocol == ""  # (none given)
     await migration.any_owner_gone(dst.daemon, ddom)
     assert ddom.job is None and not ddom.active
     assert dst.daemon.backend.state(dom.uuid) is GuestRunState.SHUTOFF
@@ -236,6 +247,10 @@ async def test_finish_sends_its_statistics_back(pair: tuple[Host, Host]) -> None
                           local_hostuuid=src.daemon.host_uuid, accept=ck.ACCEPT_CONFIRM)
     assert got.hostuuid == dst.daemon.host_uuid
     assert got.statistics is not None and got.statistics.memory_total == 64 << 20
+    sent = ck.parse_cookie(cookie_c, expected_name="vm1", expected_uuid=dom.uuid,
+                           local_hostuuid=dst.daemon.host_uuid, accept=ck.ACCEPT_FINISH)
+    assert sent.statistics is not None and sent.statistics.memory_total == 64 << 20  # Perform's
+    assert sent.mandatory == () and sent.persistent_xml is None  # (no PERSIST_DEST)
     assert ddom.completed is not None and ddom.completed.type is JobType.COMPLETED
     await migration.src_confirm(src.daemon, dom, TypedParams(), cookie_d, F.LIVE | CP, False)
     assert dom.completed is not None and dom.completed.type is JobType.COMPLETED
@@ -254,6 +269,25 @@ async def test_post_copy_migration_completes(pair: tuple[Host, Host]) -> None:
     for host in (src, dst):
         info = await host.conn.job_info("vm1", completed=True)
         assert info.type is JobType.COMPLETED
+
+
+async def test_cancelled_confirm_after_a_post_copy_perform_never_resumes(
+        pair: tuple[Host, Host]) -> None:
+    """Perform returned at the switch to post-copy: the destination may run the guest already,
+    so Confirm(cancelled) leaves the source paused for recovery."""
+    src, dst = pair
+    dom = await guest(src, xml=domain_xml("vm1", 64, dirty_rate_mib=64))
+    _dparams, cookie_b, uri = await begin_prepare(src, dst, dom, F.LIVE | F.POSTCOPY)
+    params = TypedParams.of({P.URI: uri or "", P.BANDWIDTH: 16, P.BANDWIDTH_POSTCOPY: 64})
+    perform = asyncio.ensure_future(migration.src_perform(
+        src.daemon, dom, None, params, cookie_b, F.LIVE | F.POSTCOPY | CP))
+    await wait_job_streaming(src.conn, "vm1")
+    await src.conn.start_postcopy("vm1")
+    await asyncio.wait_for(perform, 60)
+    await migration.src_confirm(src.daemon, dom, TypedParams(), b"", F.LIVE | F.POSTCOPY | CP,
+                                True)
+    assert dom.job is not None and dom.job.phase is Phase.POSTCOPY_FAILED
+    assert (dom.state, dom.reason) == (DomainState.PAUSED, PausedReason.POSTCOPY_FAILED)
 
 
 class BreakAfterSwitch(RemoteDest):

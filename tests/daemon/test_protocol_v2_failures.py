@@ -18,6 +18,9 @@ import pytest
 from tests.daemon.migration_helpers import running_guest
 from virtmig.client.migrate import RemoteDest, RemoteSource
 from virtmig.client.sequence import Trace, run_v2
+from virtmig.daemon.backend.base import BackendError
+from virtmig.daemon.job import Phase
+from virtmig.daemon.registry import DomainObj
 from virtmig.proto.errors import (
     ConnectionFailed,
     NoDomain,
@@ -153,6 +156,40 @@ async def test_finish2_failing_after_perform_leaves_no_running_copy(
     await nothing_on(dst)
 
 
+async def test_finish2_keeps_a_guest_that_cannot_be_resumed_paused(
+    pair: tuple[Host, Host], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Perform stopped the source already: a guest whose vCPUs cannot start on the
+    destination is kept there, paused, for an admin (libvirt's Finish2), not destroyed as v3's
+    Finish would; the job runs in phase finish2."""
+    src, dst = pair
+    await running_guest(src)
+    phases: list[Phase] = []
+
+    async def broken(uuid: str) -> None:
+        job = dst.daemon.registry.by_uuid(uuid).job
+        phases.append(job.phase if job is not None else Phase.NONE)
+        raise BackendError("the vCPUs cannot start")
+
+    monkeypatch.setattr(dst.daemon.backend, "resume", broken)
+    writes = 0
+    save_status = dst.daemon.registry.save_status
+
+    def counted(dom: DomainObj) -> None:
+        nonlocal writes
+        writes += 1
+        save_status(dom)
+
+    monkeypatch.setattr(dst.daemon.registry, "save_status", counted)
+    await run_v2(RemoteSource(src.conn, False), RemoteDest(dst.conn, False), "vm1",
+                 TypedParams(), F.LIVE)
+    assert phases == [Phase.FINISH2]
+    assert writes == 3  # as a resumed guest's (test_status_writes_per_migration): no extra one
+    assert await dst.conn.state("vm1") == (DomainState.PAUSED, 2, "migration")
+    assert await src.conn.state("vm1") == (DomainState.SHUTOFF, 4, "migrated")
+    assert (await dst.conn.job_info("vm1", completed=True)).type is JobType.COMPLETED
+
+
 @pytest.mark.parametrize("cause", ["aborted", "incoming-died"])
 @pytest.mark.parametrize("peer2peer", [False, True], ids=["regular", "p2p"])
 async def test_failure_mid_stream_resumes_the_paused_source(
@@ -232,6 +269,8 @@ async def test_p2p_source_stopped_only_after_finish2_succeeds(
         await p2p(src, dst)
     assert states == [(DomainState.PAUSED, 2, "migration")]  # not stopped before Finish2
     await home_again(src, dst)
+    # (the source's record of the attempt says why it ended: src_settle2 put the guest back)
+    assert (await src.conn.job_info("vm1", completed=True)).error == "migration cancelled"
 
 
 async def test_p2p_lost_finish2_reply_is_resolved_by_asking(
@@ -279,6 +318,8 @@ async def test_p2p_unknown_outcome_leaves_the_source_paused(
     with pytest.raises(ConnectionFailed):
         await p2p(src, dst)
     assert not [d for d in src.daemon.registry if d.job is not None]
+    assert (await src.conn.job_info("vm1", completed=True)).error == (
+        "outcome unknown: the destination cannot be reached")
 
     async def settled() -> bool:
         state = await src.conn.state("vm1")

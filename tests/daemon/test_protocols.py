@@ -110,6 +110,17 @@ async def test_p2p(tmp_path: Path, src_kind: str, dst_kind: str) -> None:
         await moved(src, dst, protocol, digest)
 
 
+async def test_p2p_tunnelled_v2(tmp_path: Path) -> None:
+    """A tunnelled peer-to-peer v2 migration streams through the daemons' connection (Prepare2
+    gives no URI to stream to)."""
+    async with fleet(tmp_path, "v3+params", "v2") as (src, dst):
+        await running_guest(src)
+        digest = src.digest((await src.conn.lookup("vm1")).uuid)
+        await src.conn.migrate_to_uri3("vm1", dst.uri, TypedParams(),
+                                       F.LIVE | F.PEER2PEER | F.TUNNELLED)
+        await moved(src, dst, M.V2, digest)
+
+
 async def test_v2_carries_rename_persist_and_paused(tmp_path: Path) -> None:
     """v2's arguments (dname, bandwidth, flags) arrive: a paused guest stays paused there."""
     async with fleet(tmp_path, "v3+params", "v2") as (src, dst):

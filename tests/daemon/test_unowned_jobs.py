@@ -165,6 +165,22 @@ async def test_p2p_source_job_is_owned_by_the_run(
                      what="the run's session to end")
 
 
+async def test_owner_gone_stops_a_prepare_waiting_for_a_port(pair: tuple[Host, Host]) -> None:
+    """A Prepare that waits for a migration port (busy, without the domain's lock) is told to
+    stop, with the owner's error: it rolls back itself (test_port_wait.py runs it whole)."""
+    src, dst = pair
+    await running_guest(src)
+    await _prepare_without_session(src, dst, "vm1")
+    dom = dst.daemon.registry.by_name("vm1")
+    job = dom.job
+    assert job is not None
+    job.waiting_port, job.busy = True, True  # as _dst_port leaves it while it waits
+    await migration.any_owner_gone(dst.daemon, dom)
+    assert job.abort_requested and dom.job is job
+    assert str(job.fail_error) == "operation failed: migration caller went away"
+    job.waiting_port, job.busy = False, False
+
+
 def _expired(phase: Phase, idle: float, timeout: float = 60.0) -> bool:
     """:func:`unowned_expired` of an idle job without a live owner, ``idle`` s after its last
     phase call."""
