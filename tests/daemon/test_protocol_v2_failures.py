@@ -180,7 +180,15 @@ async def test_finish2_keeps_a_guest_that_cannot_be_resumed_paused(
         writes += 1
         save_status(dom)
 
+    save_durably = dst.daemon.registry.save_status_durably
+
+    async def counted_durably(dom: DomainObj) -> None:
+        nonlocal writes
+        writes += 1
+        await save_durably(dom)
+
     monkeypatch.setattr(dst.daemon.registry, "save_status", counted)
+    monkeypatch.setattr(dst.daemon.registry, "save_status_durably", counted_durably)
     await run_v2(RemoteSource(src.conn, False), RemoteDest(dst.conn, False), "vm1",
                  TypedParams(), F.LIVE)
     assert phases == [Phase.FINISH2]

@@ -69,7 +69,9 @@ async def test_prepare_keeps_a_prior_persistent_definition(reaping: tuple[Host, 
     await dst.conn.define(domain_xml("vm1", uuid=(await src.conn.lookup("vm1")).uuid))
     await _prepare_without_session(src, dst, "vm1")
     dom = dst.daemon.registry.by_name("vm1")
-    await wait_until(lambda: dom.job is None, timeout=30, what="the incoming job to end")
+    # The job ends, then the rolled-back guest is marked shut off: wait for both.
+    await wait_until(lambda: dom.job is None and dom.state is DomainState.SHUTOFF, timeout=30,
+                     what="the incoming job to end and its guest to be shut off")
     assert await dst.conn.state("vm1") == (DomainState.SHUTOFF, 6, "failed")
     assert dom.persistent and dom.live is None
     done = await dst.conn.job_info("vm1", completed=True)
