@@ -44,6 +44,7 @@ import queue
 import tempfile
 import threading
 import uuid as uuidlib
+from collections.abc import Iterator
 from pathlib import Path
 
 #: fsyncs made by this module, by kind (``file``, ``dir``): read by tests and benchmarks.
@@ -66,20 +67,11 @@ def atomic_write(path: Path, data: bytes, *, sync_dir: bool = True, fsync: bool 
     """Write ``data`` to ``path`` atomically; ``fsync``: make the content durable before the
     rename; ``sync_dir``: also the rename (implies ``fsync``)."""
     _bump(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            if fsync or sync_dir:
-                SYNC_COUNTER["file"] += 1
-                os.fsync(f.fileno())
+    with _staged(path, data) as (fd, tmp):
+        if fsync or sync_dir:
+            SYNC_COUNTER["file"] += 1
+            os.fsync(fd)
         _replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
     if sync_dir:
         _fsync_dir(path.parent)
 
@@ -91,28 +83,36 @@ async def atomic_write_durably(path: Path, data: bytes, *, sync_dir: bool = True
     stays (it is newer) and is made durable instead."""
     version = _versions[path] = _versions.get(path, 0) + 1
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                SYNC_COUNTER["file"] += 1
-                await asyncio.to_thread(os.fsync, f.fileno())
+        with _staged(path, data) as (fd, tmp):
+            SYNC_COUNTER["file"] += 1
+            await asyncio.to_thread(os.fsync, fd)
             if _versions[path] == version:
                 _replace(tmp, path)
             else:  # superseded while it synced: the newer file is what must be durable
                 os.unlink(tmp)
                 await asyncio.to_thread(_fsync_path, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
         if sync_dir:
             await asyncio.to_thread(_fsync_dir, path.parent)
     finally:
         if _versions.get(path) == version:
             del _versions[path]
+
+
+@contextlib.contextmanager
+def _staged(path: Path, data: bytes) -> Iterator[tuple[int, str]]:
+    """``data`` written to a new temporary file beside ``path``: yields its descriptor (open
+    until the block ends) and name; the temporary is removed if the block raises."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            yield fd, tmp
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 def _replace(tmp: str, path: Path) -> None:

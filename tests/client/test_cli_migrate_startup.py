@@ -128,7 +128,7 @@ async def test_a_failed_source_cancels_the_destination_and_is_reported() -> None
 
         async def open(self, uri: str, what: str) -> object:
             try:
-                await asyncio.sleep(60)
+                await asyncio.Event().wait()  # until cancelled
             except asyncio.CancelledError:
                 cancelled.set()
                 raise

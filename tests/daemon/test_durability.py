@@ -25,7 +25,7 @@ from virtmig.daemon.job import AsyncJob, MigrationJob, Phase
 from virtmig.daemon.registry import job_from_status, status_needs_fsync
 from virtmig.proto.flags import MigrateFlags
 from virtmig.proto.params import TypedParams
-from virtmig.testing import Host, domain_xml, hosts, wait_until_sync
+from virtmig.testing import Host, domain_xml, hosts, wait_until, wait_until_sync
 
 F = MigrateFlags
 
@@ -181,12 +181,13 @@ async def test_a_durable_write_never_replaces_a_newer_one(
     what is made durable."""
     target = tmp_path / "status.xml"
     files.atomic_write(target, b"old", sync_dir=False)
-    gate = threading.Event()
+    gate, entered = threading.Event(), threading.Event()
     synced: list[bytes] = []
     real = os.fsync
 
     def fsync(fd: int) -> None:
         if threading.get_ident() != loop_thread:
+            entered.set()
             gate.wait(10)
         with contextlib.suppress(OSError):
             synced.append(Path(f"/proc/self/fd/{fd}").read_bytes())
@@ -196,7 +197,8 @@ async def test_a_durable_write_never_replaces_a_newer_one(
     monkeypatch.setattr(os, "fsync", fsync)
     durable = asyncio.ensure_future(files.atomic_write_durably(target, b"durable",
                                                                sync_dir=False))
-    await asyncio.sleep(0)  # it runs up to its fsync, in a worker thread, held by the gate
+    # it runs up to its fsync, in a worker thread, held by the gate
+    await wait_until(entered.is_set, timeout=30, what="the durable write's fsync")
     assert not durable.done()
     files.atomic_write(target, b"newer", sync_dir=False, fsync=False)
     gate.set()
