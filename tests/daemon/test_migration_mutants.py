@@ -8,6 +8,7 @@ directly on real daemons (test backend) where the client would hide the detail.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 
 import pytest
@@ -232,6 +233,30 @@ async def test_offline_finish_without_a_cookie_keeps_the_sent_definition(
     ddom, _cookie = await migration.dst_finish(dst.daemon, dparams, b"", int(flags), False)
     assert ddom.config is not None and "<vcpu>1</vcpu>" in ddom.config.xml
     assert ddom.completed is not None and ddom.completed.type is JobType.COMPLETED
+
+
+async def test_finish_adds_the_time_since_the_sources_cookie(
+        pair: tuple[Host, Host], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The destination's downtime (not post-copy): the source's (cookie C's statistics) plus
+    the time since the source sent the cookie, by this host's clock in milliseconds."""
+    src, dst = pair
+    dom = await guest(src)
+    finish = RemoteDest.finish
+
+    async def sent_5s_ago(self: RemoteDest, params: TypedParams, cookie: bytes, flags: int,
+                          cancelled: bool) -> tuple[str, bytes]:
+        c = ck.parse_cookie(cookie, expected_name="vm1", expected_uuid=dom.uuid,
+                            local_hostuuid=dst.daemon.host_uuid, accept=ck.ACCEPT_FINISH)
+        stats = dataclasses.replace(c.statistics or ck.MigrationStats(), downtime=1000,
+                                    sent=int(time.time() * 1000) - 5000, delta=0)
+        cookie = ck.build_cookie(dataclasses.replace(c, statistics=stats))
+        return await finish(self, params, cookie, flags, cancelled)
+
+    monkeypatch.setattr(RemoteDest, "finish", sent_5s_ago)
+    await migrate3(src.conn, "vm1", dst.conn, TypedParams(), F.LIVE)
+    ddom = dst.daemon.registry.by_name("vm1")
+    assert ddom.completed is not None and ddom.completed.type is JobType.COMPLETED
+    assert 6000 <= ddom.completed.progress.downtime_ms < 60_000
 
 
 # --- Perform -----------------------------------------------------------------------------------
