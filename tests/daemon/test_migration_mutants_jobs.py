@@ -33,7 +33,12 @@ from virtmig.daemon.job import JobRecord, Phase
 from virtmig.daemon.migration import destination
 from virtmig.daemon.registry import DomainObj
 from virtmig.proto.compat import Compression
-from virtmig.proto.errors import InternalError, InternalInputError, OperationFailed
+from virtmig.proto.errors import (
+    InternalError,
+    InternalInputError,
+    OperationAborted,
+    OperationFailed,
+)
 from virtmig.proto.flags import DomainState, JobType, MigrateFlags, PausedReason
 from virtmig.proto.params import MigrateParam, TypedParams
 from virtmig.testing import Host, domain_xml
@@ -288,6 +293,20 @@ async def test_cancelled_confirm_after_a_post_copy_perform_never_resumes(
                                 True)
     assert dom.job is not None and dom.job.phase is Phase.POSTCOPY_FAILED
     assert (dom.state, dom.reason) == (DomainState.PAUSED, PausedReason.POSTCOPY_FAILED)
+
+
+async def test_a_streams_speed_reads_as_given_in_mib(pair: tuple[Host, Host]) -> None:
+    """``--bandwidth`` is MiB/s: while the stream runs, migrate-getspeed reads it back as given
+    (the job keeps the bytes/s the backend was handed, divided by 1024 * 1024)."""
+    src, dst = pair
+    await guest(src, xml=domain_xml("vm1", 64, dirty_rate_mib=64))
+    task = asyncio.ensure_future(migrate3(src.conn, "vm1", dst.conn,
+                                          TypedParams.of({P.BANDWIDTH: 5}), F.LIVE))
+    await wait_job_streaming(src.conn, "vm1")
+    assert await src.conn.get_max_speed("vm1") == 5
+    await src.conn.abort_job("vm1")
+    with pytest.raises(OperationAborted):
+        await asyncio.wait_for(task, 60)
 
 
 class BreakAfterSwitch(RemoteDest):
