@@ -313,6 +313,38 @@ async def test_perform_without_owner_keeps_its_job_and_protocol(pair: tuple[Host
     assert (dom.job.owner, dom.job.protocol) == ("", protocol or "")
 
 
+async def test_a_second_protected_perform_is_refused(pair: tuple[Host, Host]) -> None:
+    """With change protection, Perform runs only in Begin's job, once: after it, the job's
+    phase names why another Perform is refused."""
+    src, dst = pair
+    dom = await guest(src)
+    _dparams, cookie_b, uri = await begin_prepare(src, dst, dom)
+    params = TypedParams.of({P.URI: uri or ""})
+    await migration.src_perform(src.daemon, dom, None, params, cookie_b, F.LIVE | CP)
+    with pytest.raises(OperationInvalid) as info:
+        await migration.src_perform(src.daemon, dom, None, params, cookie_b, F.LIVE | CP)
+    assert str(info.value) == ("Requested operation is not valid: domain 'vm1' is already "
+                               "being migrated (phase perform3_done)")
+    assert dom.job is not None and dom.job.phase is Phase.PERFORM3_DONE and not dom.job.busy
+
+
+async def test_an_unprotected_perform_belongs_to_its_caller(pair: tuple[Host, Host]) -> None:
+    """Perform without change protection starts the job for the session that called it: when
+    that session ends, the job ends as an orphan's does (the guest stays paused)."""
+    src, dst = pair
+    dom = await guest(src)
+    xml, cookie_a = await migration.src_begin(src.daemon, dom, TypedParams(), F.LIVE)
+    cookie_b, uri = await migration.dst_prepare(dst.daemon, TypedParams.of({P.DEST_XML: xml}),
+                                                cookie_a, int(F.LIVE))
+    src.daemon.sessions.add("caller-1")
+    await migration.src_perform(src.daemon, dom, None, TypedParams.of({P.URI: uri or ""}),
+                                cookie_b, int(F.LIVE), owner="caller-1")
+    assert dom.job is not None and dom.job.phase is Phase.PERFORM3_DONE
+    await migration.any_session_closed(src.daemon, "caller-1")
+    assert dom.job is None and dom.state is DomainState.PAUSED
+    assert dom.completed is not None and dom.completed.type is JobType.FAILED
+
+
 @pytest.mark.parametrize("given", [False, True])
 async def test_begin_sends_the_migratable_xml(pair: tuple[Host, Host], given: bool) -> None:
     """The domain's own XML, or the caller's (``destination_xml``), without runtime state."""
