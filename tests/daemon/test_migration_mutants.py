@@ -328,6 +328,25 @@ async def test_a_second_protected_perform_is_refused(pair: tuple[Host, Host]) ->
     assert dom.job is not None and dom.job.phase is Phase.PERFORM3_DONE and not dom.job.busy
 
 
+async def test_a_streaming_perform_holds_the_job_busy(pair: tuple[Host, Host]) -> None:
+    """While Perform streams (without the domain's lock), its job is busy: a Confirm that
+    comes in then is refused as a call in another's way, not judged by the phase."""
+    src, dst = pair
+    dom = await guest(src, xml=domain_xml("vm1", 64, dirty_rate_mib=64))
+    _dparams, cookie_b, uri = await begin_prepare(src, dst, dom)
+    params = TypedParams.of({P.URI: uri or "", P.BANDWIDTH: 5})
+    perform = asyncio.ensure_future(migration.src_perform(
+        src.daemon, dom, None, params, cookie_b, F.LIVE | CP))
+    await wait_job_streaming(src.conn, "vm1")
+    with pytest.raises(OperationInvalid) as info:
+        await migration.src_confirm(src.daemon, dom, TypedParams(), b"", F.LIVE | CP, True)
+    assert str(info.value) == ("Requested operation is not valid: domain 'vm1' migration is "
+                               "busy in another call")
+    await src.conn.abort_job("vm1")
+    with pytest.raises(OperationAborted):
+        await asyncio.wait_for(perform, 60)
+
+
 async def test_an_unprotected_perform_belongs_to_its_caller(pair: tuple[Host, Host]) -> None:
     """Perform without change protection starts the job for the session that called it: when
     that session ends, the job ends as an orphan's does (the guest stays paused)."""
