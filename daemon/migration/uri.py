@@ -99,7 +99,7 @@ async def dst_check_listen(address: str, migration_address: str) -> None:
         if ip not in WILDCARDS and ip not in host_addresses():
             raise InvalidArgument(
                 f"listen address '{shown}' is not an address of this host (one of its "
-                "interfaces', the configured migration_address, or a wildcard)")
+                "interfaces, the configured migration_address, or a wildcard)")
 
 
 async def _resolve(address: str, shown: str) -> set[IPAddress]:

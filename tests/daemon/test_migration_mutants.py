@@ -328,6 +328,21 @@ async def test_a_second_protected_perform_is_refused(pair: tuple[Host, Host]) ->
     assert dom.job is not None and dom.job.phase is Phase.PERFORM3_DONE and not dom.job.busy
 
 
+async def test_a_perform_refused_before_the_stream_ends_its_job_as_failed(
+        pair: tuple[Host, Host]) -> None:
+    """Perform's own checks fail (a URI it cannot use): the job ends FAILED with the error
+    (CANCELLED is kept for an abort), and the guest was never touched."""
+    src, dst = pair
+    dom = await guest(src)
+    _dparams, cookie_b, _uri = await begin_prepare(src, dst, dom)
+    params = TypedParams.of({P.URI: "gopher://127.0.0.1:1"})
+    with pytest.raises(ArgumentUnsupported) as info:
+        await migration.src_perform(src.daemon, dom, None, params, cookie_b, F.LIVE | CP)
+    assert dom.job is None and dom.state is DomainState.RUNNING
+    assert dom.completed is not None and dom.completed.type is JobType.FAILED
+    assert dom.completed.error == str(info.value)
+
+
 async def test_a_streaming_perform_holds_the_job_busy(pair: tuple[Host, Host]) -> None:
     """While Perform streams (without the domain's lock), its job is busy: a Confirm that
     comes in then is refused as a call in another's way, not judged by the phase."""

@@ -7,6 +7,7 @@ listening socket.
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -111,7 +112,9 @@ async def test_a_listen_address_not_of_this_host_is_refused(pair: tuple[Host, Ho
         # is only handed back, so a foreign one is not refused, but its port still is
         params = TypedParams.of({P.URI: f"tcp://{address}:1"})
     message = ("migration port 1 is outside" if legacy else
-               f"^invalid argument: listen address '{address}' is not an address of this host")
+               f"^invalid argument: listen address '{re.escape(address)}' is not an address of "
+               r"this host \(one of its interfaces, the configured migration_address, or a "
+               r"wildcard\)$")
     with pytest.raises(InvalidArgument, match=message):
         await prepare(dst, xml, cookie, params, form)
     await assert_nothing_prepared(dst)
