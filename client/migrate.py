@@ -186,12 +186,14 @@ class RemoteDest:
     async def finished(self, dname: str) -> bool:
         for _ in range(600):
             try:  # (the incoming guest may go between the two calls: then it is gone)
-                dom = await self.conn.lookup(dname)
                 info = await self.conn.job_info(dname)
+                if info.type is JobType.NONE:
+                    # The state is read after the job is seen over: a rolled-back guest is
+                    # shut off (or gone) by then, an arrived one runs.  Read before, it could
+                    # be the state of the job's last moment (a guest still paused in Finish).
+                    return (await self.conn.lookup(dname)).state is not DomainState.SHUTOFF
             except NoDomain:
                 return False
-            if info.type is JobType.NONE:
-                return dom.state is not DomainState.SHUTOFF
             await asyncio.sleep(0.05)
         return False
 

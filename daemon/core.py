@@ -482,10 +482,13 @@ class Daemon:
         await self.backend.destroy(dom.uuid)
         if job is not None and job.port:
             self.ports.release(job.port)
-        await self.registry.end_job(dom, record)
         if not existed:
             dom.config = None
+        # Shut off (or gone) before the job ends: whoever sees the job over (a client asking
+        # whether a cancelled Finish ran the guest here) must never see the guest still
+        # active, and the job's end waits for its status write.
         self.mark_inactive(dom, ShutoffReason.FAILED)
+        await self.registry.end_job(dom, record)
 
     def mark_inactive(self, dom: DomainObj, reason: ShutoffReason, *,
                       detail: int | None = None) -> None:

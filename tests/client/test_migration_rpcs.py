@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 
 from virtmig.client import rpc
-from virtmig.proto.flags import DomainState, MigrateFlags
+from virtmig.client.migrate import RemoteDest
+from virtmig.proto.flags import DomainState, JobType, MigrateFlags
 from virtmig.proto.params import TypedParams
 from virtmig.testing import Host, domain_xml, hosts
 
@@ -60,3 +62,31 @@ async def test_a_migration_makes_these_calls_and_no_more(
     # What it returned is the destination's domain, as a lookup now sees it.
     assert got == await b.conn.lookup("vm")
     assert got.state is DomainState.RUNNING
+
+
+class _EndingFinish:
+    """A destination whose cancelled Finish rolls back while the client asks: the job is there
+    at the first call the client makes, and over at every later one, with the guest shut off
+    by then (what the daemon guarantees: the guest is shut off before the job ends)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def _now(self) -> bool:
+        self.calls += 1
+        return self.calls > 1  # over since the first call
+
+    async def job_info(self, name: str) -> Any:
+        return SimpleNamespace(type=JobType.NONE if self._now() else JobType.UNBOUNDED)
+
+    async def lookup(self, name: str) -> Any:
+        state = DomainState.SHUTOFF if self._now() else DomainState.PAUSED
+        return SimpleNamespace(state=state)
+
+
+async def test_a_cancelled_finish_is_judged_on_the_state_after_its_job() -> None:
+    """After a cancelled Finish, the client reads whether the guest runs there only once it has
+    seen the job over: a state read before could be the job's last moment (paused in Finish),
+    and a rolled-back migration taken for a finished one loses the guest on both hosts."""
+    dest = RemoteDest(cast(rpc.RpcConnection, _EndingFinish()), use_params=True)
+    assert await dest.finished("vm") is False

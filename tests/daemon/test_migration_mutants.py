@@ -194,6 +194,33 @@ async def test_cancelled_finish_reports_finish_ok(pair: tuple[Host, Host]) -> No
     assert ddom.completed.error == ""  # FINISH_OK is no error
 
 
+@pytest.mark.parametrize("defined", [False, True])
+async def test_a_rolled_back_finish_shuts_off_before_its_job_ends(
+        pair: tuple[Host, Host], monkeypatch: pytest.MonkeyPatch, defined: bool) -> None:
+    """Whoever sees the incoming job over must not see the guest still active: a client that
+    asks after a cancelled Finish takes "no job, not shut off" for a guest that arrived (and
+    confirms: the source's guest goes too).  The job's end waits for its status write."""
+    src, dst = pair
+    dom = await guest(src)
+    if defined:
+        await dst.conn.define(domain_xml("vm1", uuid=dom.uuid))
+    dparams, _cookie, _uri = await begin_prepare(src, dst, dom)
+    ddom = dst.daemon.registry.by_name("vm1")
+    registry = dst.daemon.registry
+    end_job = registry.end_job
+    seen: list[tuple[DomainState, bool]] = []
+
+    async def watched(d: DomainObj, *args: object, **kwargs: object) -> None:
+        if d is ddom:
+            seen.append((d.state, registry.find_name("vm1") is d))
+        await end_job(d, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(registry, "end_job", watched)
+    with pytest.raises(MigrateFinishOk):
+        await migration.dst_finish(dst.daemon, dparams, b"", int(F.LIVE), True)
+    assert seen == [(DomainState.SHUTOFF, defined)]
+
+
 async def test_failed_finish_keeps_an_existing_definition(pair: tuple[Host, Host]) -> None:
     src, dst = pair
     dom = await guest(src)
