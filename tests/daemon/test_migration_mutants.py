@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
+import re
 import time
 
 import pytest
@@ -219,6 +221,26 @@ async def test_a_rolled_back_finish_shuts_off_before_its_job_ends(
     with pytest.raises(MigrateFinishOk):
         await migration.dst_finish(dst.daemon, dparams, b"", int(F.LIVE), True)
     assert seen == [(DomainState.SHUTOFF, defined)]
+
+
+async def test_a_listen_refused_by_the_system_names_its_reason(
+        pair: tuple[Host, Host], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The incoming guest cannot listen for another reason than a taken port: Prepare fails
+    naming the address and the system's words (strerror, not Python's "[Errno 13] ...")."""
+    src, dst = pair
+    dom = await guest(src)
+    xml, cookie_a = await migration.src_begin(src.daemon, dom, TypedParams(), F.LIVE)
+
+    async def refused(*args: object, **kwargs: object) -> int:
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(dst.daemon.backend, "incoming_start", refused)
+    with pytest.raises(OperationFailed) as info:
+        await migration.dst_prepare(dst.daemon, TypedParams.of({P.DEST_XML: xml}), cookie_a,
+                                    int(F.LIVE))
+    assert re.fullmatch(r"operation failed: cannot listen for incoming migration on "
+                        r"[0-9.:\[\]a-f]+:\d+: Permission denied", str(info.value))
+    assert dst.daemon.registry.find_name("vm1") is None and not dst.daemon.ports._used
 
 
 async def test_failed_finish_keeps_an_existing_definition(pair: tuple[Host, Host]) -> None:

@@ -7,6 +7,7 @@ destination or the end of its caller's session stops it, leaving nothing behind.
 from __future__ import annotations
 
 import asyncio
+import errno
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from tests.daemon.migration_helpers import migrate, running_guest
 from virtmig.client.connection import AsyncConnection
 from virtmig.client.migrate import RemoteDest, RemoteSource
 from virtmig.client.sequence import run_v3
+from virtmig.daemon.backend.base import GuestSpec, MigrationTuning, StreamAddress
 from virtmig.proto.errors import OperationAborted, OperationFailed, PortsExhausted
 from virtmig.proto.flags import DomainState, MigrateFlags
 from virtmig.proto.params import MigrateParam, TypedParams
@@ -129,8 +131,10 @@ async def test_an_abort_on_the_destination_stops_the_wait(
     await wait_until(lambda: waiting_job(dst, "vm2"), timeout=30,
                      what="vm2's Prepare waiting for a port")
     await dst.conn.abort_job("vm2")
-    with pytest.raises(OperationAborted, match="while waiting for a migration port"):
+    with pytest.raises(OperationAborted) as err:
         await asyncio.wait_for(second, 30)
+    assert str(err.value) == ("operation aborted: job 'migration in' canceled by client while "
+                              "waiting for a migration port")
     assert dst.daemon.registry.find_name("vm2") is None
     assert (await src.conn.state("vm2"))[0] is DomainState.RUNNING
     assert dst.daemon.ports._used == {port} and not dst.daemon.ports._waiters
@@ -205,3 +209,64 @@ async def test_an_abort_on_the_source_stops_a_peer_to_peer_wait(
     held.go.set()
     assert await asyncio.wait_for(first, 60) == "vm1"
     assert not dst.daemon.ports._used
+
+
+async def test_a_prepare_that_waited_is_rolled_back_when_its_session_ends(
+        waiting: tuple[Host, Host, int]) -> None:
+    """Once its port came, a Prepare that waited is an ordinary incoming job: when its caller's
+    session ends, it is rolled back at once (not left for the reaper as if still waiting)."""
+    src, dst, port = waiting
+    held, first = await hold_first(src, dst)
+    caller = await AsyncConnection.open(dst.uri, pki_dir=session_pki().client())
+    session = await AsyncConnection.open(dst.uri, pki_dir=session_pki().client())
+    try:
+        caller._session = await session.open_session()
+        xml, cookie = await RemoteSource(src.conn, True).begin("vm2", TypedParams(), F.LIVE)
+        second = asyncio.ensure_future(RemoteDest(caller, True).prepare(
+            TypedParams.of({P.DEST_XML: xml}), cookie, int(F.LIVE)))
+        await wait_until(lambda: waiting_job(dst, "vm2"), timeout=30,
+                         what="vm2's Prepare waiting for a port")
+        held.go.set()
+        assert await asyncio.wait_for(first, 60) == "vm1"
+        await asyncio.wait_for(second, 30)  # it got the port and went through
+        assert dst.daemon.ports._used == {port}
+        await session.close()
+        await wait_until(lambda: dst.daemon.registry.find_name("vm2") is None, timeout=30,
+                         what="vm2's incoming job to be rolled back")
+    finally:
+        await session.close()
+        await caller.close()
+    assert not dst.daemon.ports._used and not dst.daemon.ports._waiters
+
+
+async def test_a_port_another_process_holds_goes_to_no_waiter(
+        waiting: tuple[Host, Host, int], monkeypatch: pytest.MonkeyPatch) -> None:
+    """vm1's Prepare finds its port bound by another process (EADDRINUSE) while vm2 waits: the
+    port is dropped without waking vm2 (of no use to it either), vm1 fails naming the range, and
+    vm2 is never handed anything outside the range."""
+    src, dst, port = waiting
+    backend = dst.daemon.backend
+    real_start = backend.incoming_start
+    asked: list[int] = []
+
+    async def start(spec: GuestSpec, listen: StreamAddress,
+                    tuning: MigrationTuning | None = None) -> int:
+        asked.append(listen.port)
+        if spec.name == "vm1":
+            await wait_until(lambda: waiting_job(dst, "vm2"), timeout=30, what="vm2 waiting")
+            raise OSError(errno.EADDRINUSE, "Address already in use")
+        return await real_start(spec, listen, tuning)
+
+    monkeypatch.setattr(backend, "incoming_start", start)
+    first = asyncio.ensure_future(migrate(src, dst, name="vm1"))
+    await wait_until(lambda: dst.daemon.registry.find_name("vm1") is not None, timeout=30,
+                     what="vm1's Prepare")
+    second = asyncio.ensure_future(migrate(src, dst, name="vm2"))
+    with pytest.raises(PortsExhausted):
+        await asyncio.wait_for(first, 30)
+    assert waiting_job(dst, "vm2") and not second.done()
+    await dst.conn.abort_job("vm2")
+    with pytest.raises(OperationAborted, match="while waiting for a migration port"):
+        await asyncio.wait_for(second, 30)
+    assert asked == [port]
+    assert not dst.daemon.ports._used and not dst.daemon.ports._waiters
