@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from typing import Any, TypeVar
 
     from virtmig.client.connection import AsyncConnection, Domain
+    from virtmig.client.transport import Dialing
 
     T = TypeVar("T")
 
@@ -162,19 +163,49 @@ class Session:
         self.timeout = timeout
         self._conn: AsyncConnection | None = None
         self._opened: list[AsyncConnection] = []
+        self._dialed: dict[str | None, Dialing] = {}
 
     async def conn(self) -> AsyncConnection:
         if self._conn is None:
             self._conn = await self.open(self.uri, "failed to connect to the hypervisor")
         return self._conn
 
+    def dial(self, uri: str | None) -> None:
+        """Start connecting to ``uri`` now (:func:`~virtmig.client.transport.dial`), for a
+        later :meth:`open` of it: a command that opens two connections dials both before the
+        imports of the first open.  Whatever is wrong (a bad URI, a PKI dir that cannot work) is
+        left for :meth:`open` to report, in the order of the command's steps."""
+        if uri in self._dialed:
+            return
+        from virtmig.client.transport import dial
+
+        with contextlib.suppress(Exception):
+            self._dialed[uri] = dial(uri)
+
     async def open(self, uri: str | None, what: str) -> AsyncConnection:
+        """A connection to ``uri``, or ``CliError(what, why)``.
+
+        The channel is dialed first (unless :meth:`dial` did: gRPC, the URI and the PKI dir's
+        files only), then the client library is imported (protobuf, the messages, the stubs)
+        while gRPC connects and, for TLS, does the handshake on its own threads (issue 17).
+        """
         # Imported here, not at the top: parsing a command line (and --help) loads no gRPC.
-        from virtmig.client.connection import AsyncConnection
+        from virtmig.client.transport import dial
         from virtmig.proto.errors import VirtmigError
 
+        dialing = self._dialed.pop(uri, None)
         try:
-            conn = await AsyncConnection.open(uri, connect_timeout=self.timeout)
+            if dialing is None:
+                dialing = dial(uri)
+        except VirtmigError as exc:
+            raise CliError(what, str(exc)) from None
+        try:
+            from virtmig.client.connection import AsyncConnection
+        except BaseException:
+            await dialing.channel.close(None)
+            raise
+        try:
+            conn = await AsyncConnection.open_dialed(dialing, connect_timeout=self.timeout)
         except VirtmigError as exc:
             raise CliError(what, str(exc)) from None
         self._opened.append(conn)
@@ -182,6 +213,11 @@ class Session:
         return conn
 
     async def close(self) -> None:
+        dialed = list(self._dialed.values())
+        self._dialed.clear()
+        for dialing in dialed:  # (never opened: the command failed before)
+            with contextlib.suppress(Exception):
+                await dialing.channel.close(None)
         for conn in reversed(self._opened):
             with contextlib.suppress(Exception):
                 await conn.close()

@@ -22,6 +22,7 @@ import pytest
 from tests.client.cli_helpers import Daemon, start_daemon, stop_process, virtmig
 from virtmig.client.cli import app
 from virtmig.client.cli.base import Lazy
+from virtmig.testing import wait_until
 from virtmig.testing.pki import session_pki
 
 # What ``--help`` and a parse error may load of virtmig: the command table and its options.
@@ -148,3 +149,58 @@ def test_help_is_as_wide_as_argparse_would_make_it(monkeypatch: pytest.MonkeyPat
         assert type(ours) is type(argparses)
         assert (ours._width, ours._max_help_position) == (argparses._width,
                                                           argparses._max_help_position)
+
+
+def dialed_before(*argv: str) -> tuple[int, list[dict[str, bool]]]:
+    """The exit status of the console script run with ARGV, and for each channel it opened,
+    which of the client library's heavy modules were loaded at that moment."""
+    code = ("import json, os, sys\n"
+            "from virtmig.client import transport\n"
+            "seen = []\n"
+            "_open = transport.open_channel\n"
+            "def open_channel(*args, **kwargs):\n"
+            "    seen.append({m: m in sys.modules for m in (\n"
+            "        'virtmig.proto.virtmig_pb2', 'google.protobuf.descriptor_pool',\n"
+            "        'virtmig.client.rpc')})\n"
+            "    return _open(*args, **kwargs)\n"
+            "transport.open_channel = open_channel\n"
+            "_exit = os._exit\n"
+            "def _report(status):\n"
+            "    os.write(2, ('\\n' + json.dumps(seen) + '\\n').encode())\n"
+            "    _exit(status)\n"
+            "os._exit = _report\n"
+            "from virtmig.client.cli import main\n"
+            "main()\n")
+    res = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True,
+                         timeout=60)
+    return res.returncode, json.loads(res.stderr.splitlines()[-1])
+
+
+def test_a_command_dials_its_daemon_before_loading_the_client_library(daemon: Daemon) -> None:
+    """(issue 17) gRPC connects and does the TLS handshake on its own threads while the command
+    imports protobuf, the messages and the RPC layer: the one channel of ``list`` exists before
+    any of them is loaded."""
+    uri = f"{daemon.uri}?pkipath={session_pki().client()}"
+    status, channels = dialed_before("-q", "-c", uri, "list")
+    assert status == 0
+    assert channels == [{"virtmig.proto.virtmig_pb2": False,
+                         "google.protobuf.descriptor_pool": False,
+                         "virtmig.client.rpc": False}]
+
+
+async def test_a_dialed_channel_is_connecting_and_its_timeout_counts_from_the_dial(
+        daemon: Daemon) -> None:
+    import grpc
+
+    from virtmig.client.transport import dial
+
+    dialing = dial(daemon.uri, pki_dir=session_pki().client())
+    try:
+        # Connecting with no call made: a channel left to its first call would stay IDLE.
+        await wait_until(lambda: dialing.channel.get_state() is grpc.ChannelConnectivity.READY,
+                         timeout=10, what="the dialed channel to connect by itself")
+        assert dialing.remaining(86400) <= 86400
+        dialing.started -= 20
+        assert dialing.remaining(10) == 0
+    finally:
+        await dialing.channel.close(None)
