@@ -130,6 +130,15 @@ def connect_timeout(option_value: str | None) -> float:
     return value
 
 
+def start_program() -> None:
+    """The ``virtmig`` program's start-up (not a caller of ``main()`` in Python): the collector
+    paused (:func:`pause_gc_for_startup`), and protobuf's pure-Python backend made lazy when a
+    first connection imports protobuf (:func:`defer_protobuf_pure_python`)."""
+    global _program
+    _program = True
+    pause_gc_for_startup()
+
+
 def pause_gc_for_startup() -> None:
     """The program (not a caller in Python): no cyclic garbage collection while the command
     imports gRPC, protobuf and virtmig's modules, whose objects all live to the end (the
@@ -152,6 +161,45 @@ def _startup_over() -> None:
 
 
 _gc_paused = False
+_program = False
+
+
+# The module of protobuf's pure-Python backend.  Every generated ``*_pb2`` module loads it (through
+# ``descriptor_pool``), with text_format, pickle and the Python encoder and decoder behind it, about
+# a tenth of what ``import grpc`` costs; the upb backend, protobuf's default, never uses it.
+PROTOBUF_PURE_PYTHON = "google.protobuf.internal.python_message"
+
+
+def defer_protobuf_pure_python() -> None:
+    """The program, once it runs a command: with protobuf's upb backend, make the pure-Python
+    backend's module lazy (:class:`importlib.util.LazyLoader`, the standard library's lazy
+    import): it is loaded in full on its first attribute access, which the upb backend does not
+    make, so a command does not pay for it; any code that does use it gets it as always.  With
+    another backend (``PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION``), or once the module is loaded,
+    nothing changes."""
+    import importlib.util
+
+    name = PROTOBUF_PURE_PYTHON
+    if name in sys.modules:
+        return
+    try:
+        from google.protobuf.internal import api_implementation
+
+        spec = importlib.util.find_spec(name) if api_implementation.Type() == "upb" else None
+    except (ImportError, ValueError):  # (no protobuf: nothing to defer)
+        return
+    if spec is None or spec.loader is None:
+        return
+    loader = importlib.util.LazyLoader(spec.loader)
+    spec.loader = loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    loader.exec_module(module)
+    # The attribute on its package too: ``from google.protobuf.internal import python_message``
+    # (descriptor_pool's) then finds it there, without the import system reading its __spec__,
+    # which would load it.
+    package, _, attr = name.rpartition(".")
+    setattr(sys.modules[package], attr, module)
 
 
 class Session:
@@ -200,6 +248,8 @@ class Session:
         except VirtmigError as exc:
             raise CliError(what, str(exc)) from None
         try:
+            if _program:
+                defer_protobuf_pure_python()
             from virtmig.client.connection import AsyncConnection
         except BaseException:
             await dialing.channel.close(None)

@@ -17,7 +17,7 @@ import pytest
 
 from tests.client import cli_helpers
 from tests.client.cli_helpers import Daemon, domain_xml, ok, virtmig
-from tests.client.test_cli_startup import dialed_before, imported_by
+from tests.client.test_cli_startup import PROTOBUF_PURE_PYTHON, dialed_before, imported_by
 from virtmig.client import migrate
 from virtmig.client.cli import migration
 from virtmig.client.cli.base import CliError
@@ -29,7 +29,8 @@ from virtmig.testing.pki import session_pki
 daemons = cli_helpers.daemons
 
 # Loaded by no command that only lists, asks for the host or migrates without --verbose.
-NOT_NEEDED = {"virtmig.client.records", "uuid", "platform", "virtmig.proto.pki"}
+NOT_NEEDED = {"virtmig.client.records", "uuid", "platform", "virtmig.proto.pki",
+              *PROTOBUF_PURE_PYTHON}
 
 
 def _define_and_start(src: Daemon, tmp_path: Path, name: str) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -94,6 +95,41 @@ def test_list_over_tls_loads_no_x509_code_nor_migration_drivers(daemon: Daemon) 
                           "virtmig.client.sequence", "virtmig.proto.compat",
                           "virtmig.proto.params", "virtmig.proto.wire"}
     assert not [m for m in modules if m.startswith("virtmig.daemon")]
+    # Nor protobuf's pure-Python backend, which the upb backend does not use (its module is
+    # there, lazy: see the next test).
+    assert not modules & PROTOBUF_PURE_PYTHON
+
+
+# What protobuf's pure-Python backend module (python_message) imports, unless it is left lazy.
+PROTOBUF_PURE_PYTHON = {"google.protobuf.text_format", "google.protobuf.internal.containers",
+                        "google.protobuf.internal.decoder", "google.protobuf.internal.encoder"}
+
+
+def test_the_deferred_protobuf_backend_loads_in_full_when_used() -> None:
+    """The program makes protobuf's pure-Python backend lazy (``defer_protobuf_pure_python``):
+    messages work without it, and code that uses it gets the whole module."""
+    code = ("import sys\n"
+            "from virtmig.client.cli.base import defer_protobuf_pure_python\n"
+            "defer_protobuf_pure_python()\n"
+            "from virtmig.proto import virtmig_pb2 as pb\n"
+            "m = pb.ListReply(domains=[pb.Domain(name='vm1', id=3)])\n"
+            "assert pb.ListReply.FromString(m.SerializeToString()) == m\n"
+            f"assert not {sorted(PROTOBUF_PURE_PYTHON)!r} & sys.modules.keys()\n"
+            "from google.protobuf.internal import python_message\n"
+            "assert callable(python_message._AttachFieldHelpers)\n"
+            "from google.protobuf import text_format\n"
+            "print(text_format.MessageToString(m, as_one_line=True))\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == 'domains { name: "vm1" id: 3 }\n'
+
+
+def test_list_works_with_protobufs_pure_python_backend(daemon: Daemon) -> None:
+    env = {**os.environ, "PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION": "python"}
+    res = virtmig(f"{daemon.uri}?pkipath={session_pki().client()}", "list", env=env)
+    assert (res.returncode, res.stderr) == (0, "")
+    assert res.stdout.splitlines()[0].split() == ["Id", "Name", "State"]
 
 
 def bad_dir(tmp_path: Path, fault: str) -> Path:
