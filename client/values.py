@@ -50,6 +50,10 @@ DomainKey = str | Domain
 
 @dataclass(frozen=True)
 class HostInfo:
+    """What the daemon says of its host (``GetHost``): names, version, backend, features and
+    resources.  (A docstring of its own also spares ``dataclass`` building one from
+    ``inspect.signature`` at import: every command that connects imports this class.)"""
+
     hostname: str
     host_uuid: str
     version: str

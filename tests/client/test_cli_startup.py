@@ -240,3 +240,19 @@ async def test_a_dialed_channel_is_connecting_and_its_timeout_counts_from_the_di
         assert dialing.remaining(10) == 0
     finally:
         await dialing.channel.close(None)
+
+
+def test_the_dataclasses_every_command_imports_have_docstrings() -> None:
+    """``dataclass`` gives a class without a docstring one made with ``inspect.signature``, at
+    import: the values every connecting command loads say what they are instead."""
+    import dataclasses
+
+    from virtmig.client import values
+    from virtmig.proto import pkifiles, uri
+
+    classes = [obj for module in (values, uri, pkifiles) for obj in vars(module).values()
+               if isinstance(obj, type) and dataclasses.is_dataclass(obj)
+               and obj.__module__ == module.__name__]
+    assert {c.__name__ for c in classes} >= {"Domain", "HostInfo", "ConnectURI", "PkiPaths"}
+    for cls in classes:
+        assert cls.__doc__ and not cls.__doc__.startswith(f"{cls.__name__}("), cls.__name__
