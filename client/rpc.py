@@ -16,13 +16,13 @@ from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 import grpc
 
-from virtmig.client.transport import connect_error, open_channel, with_pki_dir
+from virtmig.client.transport import Dialing, connect_error, dial
 from virtmig.client.values import Domain, DomainKey, HostInfo
 from virtmig.proto import virtmig_pb2 as pb
 from virtmig.proto import virtmig_pb2_grpc as pbg
 from virtmig.proto.errors import ConnectionFailed, NoDomain, NoSupport, from_status
 from virtmig.proto.flags import DomainState
-from virtmig.proto.uri import ConnectURI, parse_uri
+from virtmig.proto.uri import ConnectURI
 
 if TYPE_CHECKING:
     from virtmig.client.records import DomainInfo, Event, GuestLocation, HistoryEntry, JobInfo
@@ -31,15 +31,6 @@ T = TypeVar("T")
 
 SESSION_METADATA_KEY = "virtmig-session"
 
-# Keepalive pings find a daemon that vanished without closing the connection (a partition):
-# the session then ends, and a peer-to-peer source fails the migration (libvirt's keepalive,
-# 5 s interval).  The daemon accepts pings this often (see virtmig.daemon.main).
-CHANNEL_OPTIONS = [
-    ("grpc.keepalive_time_ms", 5_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.max_pings_without_data", 0),
-]
 _EOF: object = grpc.aio.EOF  # type: ignore[attr-defined]  # grpc-stubs lacks it
 
 
@@ -79,11 +70,18 @@ class RpcConnection:
                    pki_dir: str | os.PathLike[str] | None = None) -> Self:
         """Connect to the daemon at ``uri``.  ``pki_dir``: the PKI dir of a ``virtmig+tls`` URI
         that names none with ``?pkipath=`` (a peer-to-peer source passes its own)."""
-        parsed = with_pki_dir(parse_uri(uri), pki_dir)
-        channel = open_channel(parsed, CHANNEL_OPTIONS)
+        return await cls.open_dialed(dial(uri, pki_dir=pki_dir), connect_timeout=connect_timeout)
+
+    @classmethod
+    async def open_dialed(cls, dialing: Dialing, *, connect_timeout: float = 10.0) -> Self:
+        """:meth:`open` on a channel :func:`~virtmig.client.transport.dial` made (in this event
+        loop): ``connect_timeout`` counts from the dial.  The channel is closed if the daemon
+        does not answer."""
+        parsed, channel = dialing.uri, dialing.channel
         conn = cls(parsed, channel)
         try:
-            reply = await conn.host_stub.GetHost(pb.GetHostRequest(), timeout=connect_timeout)
+            reply = await conn.host_stub.GetHost(pb.GetHostRequest(),
+                                                 timeout=dialing.remaining(connect_timeout))
         except grpc.aio.AioRpcError as exc:
             await channel.close(None)
             raise connect_error(parsed, exc, connect_timeout) from None

@@ -25,6 +25,7 @@ import dataclasses
 import errno
 import os
 import re
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -38,7 +39,17 @@ from virtmig.proto.errors import (
     from_status,
 )
 from virtmig.proto.pkifiles import PkiPaths, pem_blocks_look_right, read_client_files
-from virtmig.proto.uri import ConnectURI
+from virtmig.proto.uri import ConnectURI, parse_uri
+
+# Keepalive pings find a daemon that vanished without closing the connection (a partition):
+# the session then ends, and a peer-to-peer source fails the migration (libvirt's keepalive,
+# 5 s interval).  The daemon accepts pings this often (see virtmig.daemon.main).
+CHANNEL_OPTIONS = [
+    ("grpc.keepalive_time_ms", 5_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
 
 
 def with_pki_dir(uri: ConnectURI, default_pki_dir: str | os.PathLike[str] | None) -> ConnectURI:
@@ -62,6 +73,39 @@ def open_channel(uri: ConnectURI, options: Sequence[tuple[str, Any]]) -> grpc.ai
                                                private_key=tls.key_pem,
                                                certificate_chain=tls.cert_chain_pem)
     return grpc.aio.secure_channel(uri.grpc_target, credentials, options=list(options))
+
+
+class Dialing:
+    """A connection's channel on its way to the daemon: made by :func:`dial`, which asked gRPC to
+    connect at once (TCP, then for TLS the handshake, on gRPC's own threads), at ``started``
+    (``time.monotonic()``); :meth:`RpcConnection.open_dialed
+    <virtmig.client.rpc.RpcConnection.open_dialed>` makes the first call on it."""
+
+    __slots__ = ("channel", "started", "uri")
+
+    def __init__(self, uri: ConnectURI, channel: grpc.aio.Channel, started: float) -> None:
+        self.uri = uri
+        self.channel = channel
+        self.started = started
+
+    def remaining(self, timeout: float) -> float:
+        """What is left of ``timeout`` seconds counted from the dial (0 when none)."""
+        return max(0.0, timeout - (time.monotonic() - self.started))
+
+
+def dial(uri: str | None, *, pki_dir: str | os.PathLike[str] | None = None,
+         options: Sequence[tuple[str, Any]] = CHANNEL_OPTIONS) -> Dialing:
+    """``uri``'s channel (:func:`open_channel`; ``pki_dir`` as :func:`with_pki_dir`), connecting
+    from now on: whatever the caller does next (its imports, in ``virtmig``) overlaps the TCP
+    connection and the TLS handshake, which gRPC verifies as always.  Must run in the event loop
+    the channel will be used in.  Raises what :func:`~virtmig.proto.uri.parse_uri` and
+    :func:`open_channel` raise (a bad URI, a client PKI dir that cannot work); a daemon that
+    cannot be reached is found by the first call."""
+    started = time.monotonic()
+    parsed = with_pki_dir(parse_uri(uri), pki_dir)
+    channel = open_channel(parsed, options)
+    channel.get_state(try_to_connect=True)
+    return Dialing(parsed, channel, started)
 
 
 def _check_client_pki(uri: ConnectURI) -> None:

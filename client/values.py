@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from virtmig.client import _lazy_getattr
-from virtmig.proto import virtmig_pb2 as pb
 from virtmig.proto.flags import DomainState
 
 if TYPE_CHECKING:
     from virtmig.client.records import DomainInfo, Event, GuestLocation, HistoryEntry, JobInfo
+    from virtmig.proto import virtmig_pb2 as pb
 
 __all__ = ["Domain", "DomainInfo", "DomainKey", "Event", "GuestLocation", "HistoryEntry",
            "HostInfo", "JobInfo"]
@@ -50,6 +50,10 @@ DomainKey = str | Domain
 
 @dataclass(frozen=True)
 class HostInfo:
+    """What the daemon says of its host (``GetHost``): names, version, backend, features and
+    resources.  (A docstring of its own also spares ``dataclass`` building one from
+    ``inspect.signature`` at import: every command that connects imports this class.)"""
+
     hostname: str
     host_uuid: str
     version: str

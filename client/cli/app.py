@@ -30,8 +30,8 @@ from virtmig.client.cli.base import (
     connect_timeout,
     lazy,
     option,
-    pause_gc_for_startup,
     print_error,
+    start_program,
 )
 from virtmig.client.cli.parsers import EVENT_NAMES, MIGRATE_DATA
 
@@ -322,7 +322,7 @@ def _run_main(argv: list[str] | None) -> int:
         # match its certificate gets three lines of it before virtmig's error says so), and a
         # user reads virtmig's error lines only, unless they ask gRPC for its own.
         os.environ.setdefault("GRPC_VERBOSITY", "NONE")
-        pause_gc_for_startup()
+        start_program()
     try:
         return _main(sys.argv[1:] if argv is None else list(argv))
     except KeyboardInterrupt:

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from typing import Any, TypeVar
 
     from virtmig.client.connection import AsyncConnection, Domain
+    from virtmig.client.transport import Dialing
 
     T = TypeVar("T")
 
@@ -129,6 +130,15 @@ def connect_timeout(option_value: str | None) -> float:
     return value
 
 
+def start_program() -> None:
+    """The ``virtmig`` program's start-up (not a caller of ``main()`` in Python): the collector
+    paused (:func:`pause_gc_for_startup`), and protobuf's pure-Python backend made lazy when a
+    first connection imports protobuf (:func:`defer_protobuf_pure_python`)."""
+    global _program
+    _program = True
+    pause_gc_for_startup()
+
+
 def pause_gc_for_startup() -> None:
     """The program (not a caller in Python): no cyclic garbage collection while the command
     imports gRPC, protobuf and virtmig's modules, whose objects all live to the end (the
@@ -151,6 +161,45 @@ def _startup_over() -> None:
 
 
 _gc_paused = False
+_program = False
+
+
+# The module of protobuf's pure-Python backend.  Every generated ``*_pb2`` module loads it (through
+# ``descriptor_pool``), with text_format, pickle and the Python encoder and decoder behind it, about
+# a tenth of what ``import grpc`` costs; the upb backend, protobuf's default, never uses it.
+PROTOBUF_PURE_PYTHON = "google.protobuf.internal.python_message"
+
+
+def defer_protobuf_pure_python() -> None:
+    """The program, once it runs a command: with protobuf's upb backend, make the pure-Python
+    backend's module lazy (:class:`importlib.util.LazyLoader`, the standard library's lazy
+    import): it is loaded in full on its first attribute access, which the upb backend does not
+    make, so a command does not pay for it; any code that does use it gets it as always.  With
+    another backend (``PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION``), or once the module is loaded,
+    nothing changes."""
+    import importlib.util
+
+    name = PROTOBUF_PURE_PYTHON
+    if name in sys.modules:
+        return
+    try:
+        from google.protobuf.internal import api_implementation
+
+        spec = importlib.util.find_spec(name) if api_implementation.Type() == "upb" else None
+    except (ImportError, ValueError):  # (no protobuf: nothing to defer)
+        return
+    if spec is None or spec.loader is None:
+        return
+    loader = importlib.util.LazyLoader(spec.loader)
+    spec.loader = loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    loader.exec_module(module)
+    # The attribute on its package too: ``from google.protobuf.internal import python_message``
+    # (descriptor_pool's) then finds it there, without the import system reading its __spec__,
+    # which would load it.
+    package, _, attr = name.rpartition(".")
+    setattr(sys.modules[package], attr, module)
 
 
 class Session:
@@ -162,19 +211,51 @@ class Session:
         self.timeout = timeout
         self._conn: AsyncConnection | None = None
         self._opened: list[AsyncConnection] = []
+        self._dialed: dict[str | None, Dialing] = {}
 
     async def conn(self) -> AsyncConnection:
         if self._conn is None:
             self._conn = await self.open(self.uri, "failed to connect to the hypervisor")
         return self._conn
 
+    def dial(self, uri: str | None) -> None:
+        """Start connecting to ``uri`` now (:func:`~virtmig.client.transport.dial`), for a
+        later :meth:`open` of it: a command that opens two connections dials both before the
+        imports of the first open.  Whatever is wrong (a bad URI, a PKI dir that cannot work) is
+        left for :meth:`open` to report, in the order of the command's steps."""
+        if uri in self._dialed:
+            return
+        from virtmig.client.transport import dial
+
+        with contextlib.suppress(Exception):
+            self._dialed[uri] = dial(uri)
+
     async def open(self, uri: str | None, what: str) -> AsyncConnection:
+        """A connection to ``uri``, or ``CliError(what, why)``.
+
+        The channel is dialed first (unless :meth:`dial` did: gRPC, the URI and the PKI dir's
+        files only), then the client library is imported (protobuf, the messages, the stubs)
+        while gRPC connects and, for TLS, does the handshake on its own threads (issue 17).
+        """
         # Imported here, not at the top: parsing a command line (and --help) loads no gRPC.
-        from virtmig.client.connection import AsyncConnection
+        from virtmig.client.transport import dial
         from virtmig.proto.errors import VirtmigError
 
+        dialing = self._dialed.pop(uri, None)
         try:
-            conn = await AsyncConnection.open(uri, connect_timeout=self.timeout)
+            if dialing is None:
+                dialing = dial(uri)
+        except VirtmigError as exc:
+            raise CliError(what, str(exc)) from None
+        try:
+            if _program:
+                defer_protobuf_pure_python()
+            from virtmig.client.connection import AsyncConnection
+        except BaseException:
+            await dialing.channel.close(None)
+            raise
+        try:
+            conn = await AsyncConnection.open_dialed(dialing, connect_timeout=self.timeout)
         except VirtmigError as exc:
             raise CliError(what, str(exc)) from None
         self._opened.append(conn)
@@ -182,6 +263,11 @@ class Session:
         return conn
 
     async def close(self) -> None:
+        dialed = list(self._dialed.values())
+        self._dialed.clear()
+        for dialing in dialed:  # (never opened: the command failed before)
+            with contextlib.suppress(Exception):
+                await dialing.channel.close(None)
         for conn in reversed(self._opened):
             with contextlib.suppress(Exception):
                 await conn.close()

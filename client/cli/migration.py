@@ -192,12 +192,15 @@ async def cmd_migrate(s: Session, args: argparse.Namespace) -> None:
     opts = build_migration(args)
     start: Callable[[], Awaitable[object]]
     trace = Trace()
+    # The daemons connect (TCP, TLS) while the client library and the drivers are imported.
+    s.dial(s.uri)
     if opts.unmanaged:
         conn, dom = await _loading_drivers(_source_domain(s, args.domain))
         dconnuri = args.desturi if args.p2p else None
         start = functools.partial(conn.migrate_to_uri3, dom, dconnuri, opts.params, opts.flags,
                                   trace=trace)
     else:
+        s.dial(args.desturi)
         conn, dom, dconn = await _loading_drivers(_connect_both(s, args.domain, args.desturi))
         start = functools.partial(conn.migrate3, dom, dconn, opts.params, opts.flags, trace=trace)
     try:

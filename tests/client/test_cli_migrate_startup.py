@@ -17,7 +17,7 @@ import pytest
 
 from tests.client import cli_helpers
 from tests.client.cli_helpers import Daemon, domain_xml, ok, virtmig
-from tests.client.test_cli_startup import imported_by
+from tests.client.test_cli_startup import PROTOBUF_PURE_PYTHON, dialed_before, imported_by
 from virtmig.client import migrate
 from virtmig.client.cli import migration
 from virtmig.client.cli.base import CliError
@@ -29,7 +29,8 @@ from virtmig.testing.pki import session_pki
 daemons = cli_helpers.daemons
 
 # Loaded by no command that only lists, asks for the host or migrates without --verbose.
-NOT_NEEDED = {"virtmig.client.records", "uuid", "platform", "virtmig.proto.pki"}
+NOT_NEEDED = {"virtmig.client.records", "uuid", "platform", "virtmig.proto.pki",
+              *PROTOBUF_PURE_PYTHON}
 
 
 def _define_and_start(src: Daemon, tmp_path: Path, name: str) -> None:
@@ -52,6 +53,24 @@ def test_migrate_loads_only_what_it_uses(daemons: tuple[Daemon, Daemon], tmp_pat
     assert not modules & NOT_NEEDED
     assert not {m.split(".")[0] for m in modules} & {"cryptography", "lxml", "xml", "psutil"}
     assert not [m for m in modules if m.startswith("virtmig.daemon")]
+
+
+@pytest.mark.parametrize("p2p", [False, True])
+def test_migrate_dials_its_daemons_before_loading_the_client_library(
+        daemons: tuple[Daemon, Daemon], tmp_path: Path, p2p: bool) -> None:
+    """(issue 17) A regular migration's two channels, a peer-to-peer one's source channel, are
+    connecting (TCP, TLS, on gRPC's threads) while protobuf, the messages, the RPC layer and
+    the drivers are imported."""
+    src, dst = daemons
+    _define_and_start(src, tmp_path, "vm1")
+    pki = session_pki().client()
+    status, channels = dialed_before("-q", "-c", f"{src.uri}?pkipath={pki}", "migrate",
+                                     "--live", *(["--p2p"] if p2p else []), "vm1", dst.uri)
+    assert status == 0
+    assert "vm1" in ok(dst.uri, "list")
+    before = {"virtmig.proto.virtmig_pb2": False, "google.protobuf.descriptor_pool": False,
+              "virtmig.client.rpc": False}
+    assert channels == [before] * (1 if p2p else 2)
 
 
 def test_list_loads_no_job_values_nor_uuid(daemons: tuple[Daemon, Daemon]) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -22,6 +23,7 @@ import pytest
 from tests.client.cli_helpers import Daemon, start_daemon, stop_process, virtmig
 from virtmig.client.cli import app
 from virtmig.client.cli.base import Lazy
+from virtmig.testing import wait_until
 from virtmig.testing.pki import session_pki
 
 # What ``--help`` and a parse error may load of virtmig: the command table and its options.
@@ -93,6 +95,41 @@ def test_list_over_tls_loads_no_x509_code_nor_migration_drivers(daemon: Daemon) 
                           "virtmig.client.sequence", "virtmig.proto.compat",
                           "virtmig.proto.params", "virtmig.proto.wire"}
     assert not [m for m in modules if m.startswith("virtmig.daemon")]
+    # Nor protobuf's pure-Python backend, which the upb backend does not use (its module is
+    # there, lazy: see the next test).
+    assert not modules & PROTOBUF_PURE_PYTHON
+
+
+# What protobuf's pure-Python backend module (python_message) imports, unless it is left lazy.
+PROTOBUF_PURE_PYTHON = {"google.protobuf.text_format", "google.protobuf.internal.containers",
+                        "google.protobuf.internal.decoder", "google.protobuf.internal.encoder"}
+
+
+def test_the_deferred_protobuf_backend_loads_in_full_when_used() -> None:
+    """The program makes protobuf's pure-Python backend lazy (``defer_protobuf_pure_python``):
+    messages work without it, and code that uses it gets the whole module."""
+    code = ("import sys\n"
+            "from virtmig.client.cli.base import defer_protobuf_pure_python\n"
+            "defer_protobuf_pure_python()\n"
+            "from virtmig.proto import virtmig_pb2 as pb\n"
+            "m = pb.ListReply(domains=[pb.Domain(name='vm1', id=3)])\n"
+            "assert pb.ListReply.FromString(m.SerializeToString()) == m\n"
+            f"assert not {sorted(PROTOBUF_PURE_PYTHON)!r} & sys.modules.keys()\n"
+            "from google.protobuf.internal import python_message\n"
+            "assert callable(python_message._AttachFieldHelpers)\n"
+            "from google.protobuf import text_format\n"
+            "print(text_format.MessageToString(m, as_one_line=True))\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == 'domains { name: "vm1" id: 3 }\n'
+
+
+def test_list_works_with_protobufs_pure_python_backend(daemon: Daemon) -> None:
+    env = {**os.environ, "PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION": "python"}
+    res = virtmig(f"{daemon.uri}?pkipath={session_pki().client()}", "list", env=env)
+    assert (res.returncode, res.stderr) == (0, "")
+    assert res.stdout.splitlines()[0].split() == ["Id", "Name", "State"]
 
 
 def bad_dir(tmp_path: Path, fault: str) -> Path:
@@ -148,3 +185,74 @@ def test_help_is_as_wide_as_argparse_would_make_it(monkeypatch: pytest.MonkeyPat
         assert type(ours) is type(argparses)
         assert (ours._width, ours._max_help_position) == (argparses._width,
                                                           argparses._max_help_position)
+
+
+def dialed_before(*argv: str) -> tuple[int, list[dict[str, bool]]]:
+    """The exit status of the console script run with ARGV, and for each channel it opened,
+    which of the client library's heavy modules were loaded at that moment."""
+    code = ("import json, os, sys\n"
+            "from virtmig.client import transport\n"
+            "seen = []\n"
+            "_open = transport.open_channel\n"
+            "def open_channel(*args, **kwargs):\n"
+            "    seen.append({m: m in sys.modules for m in (\n"
+            "        'virtmig.proto.virtmig_pb2', 'google.protobuf.descriptor_pool',\n"
+            "        'virtmig.client.rpc')})\n"
+            "    return _open(*args, **kwargs)\n"
+            "transport.open_channel = open_channel\n"
+            "_exit = os._exit\n"
+            "def _report(status):\n"
+            "    os.write(2, ('\\n' + json.dumps(seen) + '\\n').encode())\n"
+            "    _exit(status)\n"
+            "os._exit = _report\n"
+            "from virtmig.client.cli import main\n"
+            "main()\n")
+    res = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True,
+                         timeout=60)
+    return res.returncode, json.loads(res.stderr.splitlines()[-1])
+
+
+def test_a_command_dials_its_daemon_before_loading_the_client_library(daemon: Daemon) -> None:
+    """(issue 17) gRPC connects and does the TLS handshake on its own threads while the command
+    imports protobuf, the messages and the RPC layer: the one channel of ``list`` exists before
+    any of them is loaded."""
+    uri = f"{daemon.uri}?pkipath={session_pki().client()}"
+    status, channels = dialed_before("-q", "-c", uri, "list")
+    assert status == 0
+    assert channels == [{"virtmig.proto.virtmig_pb2": False,
+                         "google.protobuf.descriptor_pool": False,
+                         "virtmig.client.rpc": False}]
+
+
+async def test_a_dialed_channel_is_connecting_and_its_timeout_counts_from_the_dial(
+        daemon: Daemon) -> None:
+    import grpc
+
+    from virtmig.client.transport import dial
+
+    dialing = dial(daemon.uri, pki_dir=session_pki().client())
+    try:
+        # Connecting with no call made: a channel left to its first call would stay IDLE.
+        await wait_until(lambda: dialing.channel.get_state() is grpc.ChannelConnectivity.READY,
+                         timeout=10, what="the dialed channel to connect by itself")
+        assert dialing.remaining(86400) <= 86400
+        dialing.started -= 20
+        assert dialing.remaining(10) == 0
+    finally:
+        await dialing.channel.close(None)
+
+
+def test_the_dataclasses_every_command_imports_have_docstrings() -> None:
+    """``dataclass`` gives a class without a docstring one made with ``inspect.signature``, at
+    import: the values every connecting command loads say what they are instead."""
+    import dataclasses
+
+    from virtmig.client import values
+    from virtmig.proto import pkifiles, uri
+
+    classes = [obj for module in (values, uri, pkifiles) for obj in vars(module).values()
+               if isinstance(obj, type) and dataclasses.is_dataclass(obj)
+               and obj.__module__ == module.__name__]
+    assert {c.__name__ for c in classes} >= {"Domain", "HostInfo", "ConnectURI", "PkiPaths"}
+    for cls in classes:
+        assert cls.__doc__ and not cls.__doc__.startswith(f"{cls.__name__}("), cls.__name__

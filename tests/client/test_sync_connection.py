@@ -25,8 +25,9 @@ from virtmig.testing import wait_until_sync
 F = MigrateFlags
 P = MigrateParam
 
-# Returns a protobuf DomainRef for the migration drivers: wire level, not part of the facade.
-NOT_IN_FACADE = {"ref"}
+# ref returns a protobuf DomainRef for the migration drivers: wire level, not part of the facade;
+# open_dialed takes a channel dialed in the caller's event loop (the facade's runs on its thread).
+NOT_IN_FACADE = {"ref", "open_dialed"}
 # Parameters the facade does not take: its host() always asks the daemon; it opens with defaults.
 NOT_IN_FACADE_PARAMS = {"host": {"refresh", "timeout"}, "open": {"connect_timeout"}}
 
