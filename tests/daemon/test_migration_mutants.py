@@ -21,6 +21,7 @@ from virtmig.daemon import cookie as ck
 from virtmig.daemon import migration
 from virtmig.daemon.backend.base import (
     GuestRunState,
+    GuestSpec,
     MigrationProgress,
     MigrationStatus,
     StreamAddress,
@@ -182,6 +183,28 @@ async def begin_prepare(src: Host, dst: Host, dom: DomainObj, flags: int = F.LIV
     cookie_b, uri = await migration.dst_prepare(dst.daemon, dparams, cookie_a, flags)
     dparams.set(P.DEST_NAME, dom.name)
     return dparams, cookie_b, uri
+
+
+async def test_a_v2_prepare_knows_nothing_of_the_source_host(
+        pair: tuple[Host, Host], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Prepare2 gets no cookie: the migration gets a new id, and the source host's UUID, name
+    and CPU are unknown ("": the backend is told the source sent no CPU; nothing is recorded
+    of a host nobody named)."""
+    src, dst = pair
+    dom = await guest(src)
+    told: list[str] = []
+    check = dst.daemon.backend.check_host_cpu
+
+    def checked(spec: GuestSpec, source: str) -> None:
+        told.append(source)
+        check(spec, source)
+
+    monkeypatch.setattr(dst.daemon.backend, "check_host_cpu", checked)
+    xml, _cookie = await migration.src_begin(src.daemon, dom, TypedParams(), F.LIVE)
+    await migration.dst_prepare2(dst.daemon, TypedParams.of({P.DEST_XML: xml}), int(F.LIVE))
+    job = dst.daemon.registry.by_name("vm1").job
+    assert job is not None and len(job.migration_id) == 32
+    assert told == [""] and (job.peer_hostuuid, job.peer_hostname) == ("", "")
 
 
 async def test_cancelled_finish_reports_finish_ok(pair: tuple[Host, Host]) -> None:
