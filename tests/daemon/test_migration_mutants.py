@@ -207,6 +207,21 @@ async def test_a_v2_prepare_knows_nothing_of_the_source_host(
     assert told == [""] and (job.peer_hostuuid, job.peer_hostname) == ("", "")
 
 
+async def test_an_offline_prepare_holds_no_port_and_asks_no_cpu(
+        pair: tuple[Host, Host], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Offline, nothing listens and no guest starts here: Prepare holds no migration port (it
+    would wait for one, or fail, when the range is in use) and asks the backend about no CPU."""
+    src, dst = pair
+    dom = await guest(src)
+    told: list[str] = []
+    monkeypatch.setattr(dst.daemon.backend, "check_host_cpu",
+                        lambda spec, source: told.append(source))
+    _dparams, _cookie, uri = await begin_prepare(src, dst, dom, F.OFFLINE | F.PERSIST_DEST)
+    assert uri is None and told == []
+    ddom = dst.daemon.registry.by_name("vm1")
+    assert ddom.job is not None and ddom.job.port == 0 and not dst.daemon.ports._used
+
+
 async def test_cancelled_finish_reports_finish_ok(pair: tuple[Host, Host]) -> None:
     src, dst = pair
     dom = await guest(src)
