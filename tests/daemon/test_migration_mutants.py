@@ -24,6 +24,7 @@ from virtmig.daemon.backend.base import (
     GuestSpec,
     MigrationProgress,
     MigrationStatus,
+    MigrationTuning,
     StreamAddress,
     XbzrleStats,
 )
@@ -220,6 +221,54 @@ async def test_an_offline_prepare_holds_no_port_and_asks_no_cpu(
     assert uri is None and told == []
     ddom = dst.daemon.registry.by_name("vm1")
     assert ddom.job is not None and ddom.job.port == 0 and not dst.daemon.ports._used
+
+
+async def test_prepare_sets_up_the_callers_tuning_and_records_the_source(
+        pair: tuple[Host, Host], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The incoming guest is started with the channels the caller's params ask for (the same
+    as the source will use), and the job records the source host cookie A names."""
+    src, dst = pair
+    dom = await guest(src)
+    tunings: list[MigrationTuning | None] = []
+    start = dst.daemon.backend.incoming_start
+
+    async def started(spec: GuestSpec, listen: StreamAddress,
+                      tuning: MigrationTuning | None = None) -> int:
+        tunings.append(tuning)
+        return await start(spec, listen, tuning)
+
+    monkeypatch.setattr(dst.daemon.backend, "incoming_start", started)
+    for host in (src, dst):  # (as a backend with multifd does: QEMU's)
+        monkeypatch.setattr(host.daemon.backend, "extra_flags", F.TLS | F.PARALLEL)
+    flags = F.LIVE | F.PARALLEL
+    xml, cookie_a = await migration.src_begin(src.daemon, dom, TypedParams(), flags)
+    await migration.dst_prepare(dst.daemon, TypedParams.of(
+        {P.DEST_XML: xml, P.PARALLEL_CONNECTIONS: 3}), cookie_a, int(flags))
+    assert [t.parallel_connections if t else None for t in tunings] == [3]
+    job = dst.daemon.registry.by_name("vm1").job
+    assert job is not None
+    assert (job.peer_hostuuid, job.peer_hostname) == (src.daemon.host_uuid, src.daemon.hostname)
+
+
+async def test_a_failed_prepare_keeps_a_prior_definition(
+        pair: tuple[Host, Host], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Prepare fails once its job exists (the guest cannot listen): a domain defined here
+    before keeps its definition, shut off, with no job."""
+    src, dst = pair
+    dom = await guest(src)
+    await dst.conn.define(domain_xml("vm1", uuid=dom.uuid))
+
+    async def refused(*args: object, **kwargs: object) -> int:
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(dst.daemon.backend, "incoming_start", refused)
+    xml, cookie_a = await migration.src_begin(src.daemon, dom, TypedParams(), F.LIVE)
+    with pytest.raises(OperationFailed):
+        await migration.dst_prepare(dst.daemon, TypedParams.of({P.DEST_XML: xml}), cookie_a,
+                                    int(F.LIVE))
+    ddom = dst.daemon.registry.by_name("vm1")
+    assert ddom.persistent and ddom.config is not None and ddom.job is None
+    assert ddom.state is DomainState.SHUTOFF and not dst.daemon.ports._used
 
 
 async def test_cancelled_finish_reports_finish_ok(pair: tuple[Host, Host]) -> None:

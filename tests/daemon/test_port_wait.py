@@ -17,8 +17,14 @@ from tests.daemon.migration_helpers import migrate, running_guest
 from virtmig.client.connection import AsyncConnection
 from virtmig.client.migrate import RemoteDest, RemoteSource
 from virtmig.client.sequence import run_v3
+from virtmig.daemon import migration
 from virtmig.daemon.backend.base import GuestSpec, MigrationTuning, StreamAddress
-from virtmig.proto.errors import OperationAborted, OperationFailed, PortsExhausted
+from virtmig.proto.errors import (
+    OperationAborted,
+    OperationFailed,
+    OperationInvalid,
+    PortsExhausted,
+)
 from virtmig.proto.flags import DomainState, MigrateFlags
 from virtmig.proto.params import MigrateParam, TypedParams
 from virtmig.testing import Host, free_port, hosts, session_pki, wait_until
@@ -270,3 +276,25 @@ async def test_a_port_another_process_holds_goes_to_no_waiter(
         await asyncio.wait_for(second, 30)
     assert asked == [port]
     assert not dst.daemon.ports._used and not dst.daemon.ports._waiters
+
+
+async def test_a_prepare_waiting_for_a_port_is_a_call_in_progress(
+        waiting: tuple[Host, Host, int]) -> None:
+    """Waiting (without the domain's lock), Prepare still holds its job busy: a Finish for the
+    same guest meanwhile is refused as a call in another's way."""
+    src, dst, _port = waiting
+    held, first = await hold_first(src, dst)
+    second = asyncio.ensure_future(migrate(src, dst, name="vm2"))
+    await wait_until(lambda: waiting_job(dst, "vm2"), timeout=30,
+                     what="vm2's Prepare waiting for a port")
+    with pytest.raises(OperationInvalid) as err:
+        await migration.dst_finish(dst.daemon, TypedParams.of({P.DEST_NAME: "vm2"}), b"",
+                                   int(F.LIVE), False)
+    assert str(err.value) == ("Requested operation is not valid: domain 'vm2' incoming "
+                              "migration is busy in another call")
+    assert waiting_job(dst, "vm2")
+    await dst.conn.abort_job("vm2")
+    with pytest.raises(OperationAborted):
+        await asyncio.wait_for(second, 30)
+    held.go.set()
+    assert await asyncio.wait_for(first, 60) == "vm1"
