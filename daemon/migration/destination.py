@@ -148,10 +148,11 @@ async def dst_prepare(
             cookie, uri_out = await _dst_incoming(
                 daemon, dom, job, d, listen, None if offline else want_port,
                 None if tunnelled or offline else (host, bool(uri_in)))
-    except BaseException:
+    except BaseException as exc:
+        # The record says why (domjobinfo --completed on a domain defined here before).
         async with dom.lock:
             await dst_discard(daemon, dom, existed=existing is not None,
-                              record=job.record(JobType.FAILED, "prepare failed"))
+                              record=job.record(JobType.FAILED, str(exc) or "prepare failed"))
         raise
     job.busy = False
     await any_check_owner(daemon, dom)
