@@ -8,6 +8,7 @@ client would.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -61,6 +62,24 @@ async def test_prepare_without_session_is_rolled_back(reaping: tuple[Host, Host]
         await dst.conn.lookup("vm1")
     # The port range is not exhausted: the next Prepare gets a port again.
     assert await _prepare_without_session(src, dst, "vm1") is not None
+
+
+async def test_a_job_taken_up_while_the_reaper_waits_is_kept(tmp_path: Path) -> None:
+    """The reaper checks an expired job again once it holds the domain's lock: a job a phase
+    call took up meanwhile (idle since just now) is not rolled back under that call."""
+    settings: dict[str, object] = {"incoming_job_timeout": 2.0}  # (time to take the lock first)
+    async with hosts(tmp_path, "test", ("src", {}), ("dst", settings)) as (src, dst):
+        await running_guest(src)
+        await _prepare_without_session(src, dst, "vm1")
+        ddom = dst.daemon.registry.by_name("vm1")
+        job = ddom.job
+        assert job is not None
+        async with ddom.lock:  # a phase call runs
+            await wait_until(lambda: bool(getattr(ddom.lock, "_waiters", None)), timeout=30,
+                             what="the reaper to wait for the domain's lock")
+            job.idle_since = time.monotonic()  # (what the call's end does)
+        async with ddom.lock:  # (the reaper, waiting first, has had its turn)
+            assert ddom.job is job
 
 
 async def test_prepare_keeps_a_prior_persistent_definition(reaping: tuple[Host, Host]) -> None:
