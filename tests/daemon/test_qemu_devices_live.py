@@ -19,6 +19,7 @@ from virtmig.daemon.backend.base import MigrationStatus, MigrationTuning
 from virtmig.daemon.backend.qemu import QemuBackend
 from virtmig.daemon.backend.qemu.firmware import NVRAM_NAME, OVMF_VARS
 from virtmig.testing import free_port, wait_until
+from virtmig.testing.wait import WaitTimeout
 
 backends = backend_qemu_helpers.backends
 dst = backend_qemu_helpers.dst
@@ -107,6 +108,11 @@ async def test_ovmf_guest_nvram_travels_with_migration(src: QemuBackend, dst: Qe
     # OVMF writes its variables (boot options, ...) on its first boot.
     await wait_until(lambda: nvram.read_bytes() != template, timeout=60,
                      what="OVMF writing its NVRAM")
+    # Paused for the move: OVMF, still booting under TCG, may write variables during a live
+    # migration, and QEMU 7.2 then sent a flash without its last writes (seen in full suite
+    # runs: 32 bytes of a variable the source had written were another variable on the
+    # destination).  What is checked here is that the store travels and is written back.
+    await within(src.pause(spec.uuid))
     port = await within(dst.incoming_start(spec, to(free_port())))
     out = await within(src.outgoing(spec.uuid, to(port), MigrationTuning()), 60)
     assert out.status is MigrationStatus.COMPLETED
@@ -131,4 +137,14 @@ async def test_ovmf_guest_nvram_travels_with_migration(src: QemuBackend, dst: Qe
         return (len(data) == len(source_vars) and data[:end] != template[:end]
                 and bits & src_bits == bits)
 
-    await wait_until(written_back, timeout=30, what="the destination's NVRAM written back")
+    try:
+        await wait_until(written_back, timeout=30, what="the destination's NVRAM written back")
+    except WaitTimeout as exc:
+        data = moved.read_bytes()
+        set_again = [i for i in range(min(len(data), end))
+                     if data[i] & ~source_vars[i] & 0xFF]
+        raise AssertionError(
+            f"{exc}: {len(data)} bytes (source {len(source_vars)}), template: "
+            f"{data == template}, source's: {data == source_vars}, store as the template's: "
+            f"{data[:end] == template[:end]}, bytes with bits the source cleared set again: "
+            f"{len(set_again)} (first at {set_again[:4]})") from exc
