@@ -16,6 +16,7 @@ import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from virtmig.client.connection import AsyncConnection
 from virtmig.client.migrate import RemoteDest
@@ -123,9 +124,44 @@ async def start_host(tmp_path: Path, name: str, *, client: Path | None = None,
     return Host(running, conn, uri, state)
 
 
-async def stop_host(host: Host) -> None:
+STOP_TIMEOUT = 60.0  # seconds a test daemon may take to stop before its teardown fails
+
+
+async def stop_host(host: Host, timeout: float = STOP_TIMEOUT) -> None:
+    """Close ``host``'s connection and stop its daemon; a daemon still stopping after
+    ``timeout`` seconds fails the teardown with every asyncio task's stack (what it waits on),
+    instead of hanging until the test's own timeout, which shows only the threads."""
+    stopping = asyncio.ensure_future(_stop(host))
+    done, _ = await asyncio.wait({stopping}, timeout=timeout)
+    if not done:
+        stacks = _task_stacks()
+        stopping.cancel()
+        raise AssertionError(f"daemon {host.uri} did not stop within {timeout:g} s; "
+                             f"its event loop's tasks:\n{stacks}")
+    await stopping
+
+
+async def _stop(host: Host) -> None:
     await host.conn.close()
     await host.running.stop(grace=0.5)
+
+
+def _task_stacks() -> str:
+    """Every other task of the running loop, with the chain of coroutines it awaits (innermost
+    last: ``Task.print_stack`` shows only the outermost of a suspended task)."""
+    lines = []
+    for task in asyncio.all_tasks():
+        if task is asyncio.current_task():
+            continue
+        lines.append(f"{task.get_name()}:")
+        coro: Any = task.get_coro()
+        while coro is not None:
+            frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+            if frame is not None:
+                code = frame.f_code
+                lines.append(f"  {code.co_filename}:{frame.f_lineno} in {code.co_name}")
+            coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+    return "\n".join(lines)
 
 
 async def teardown_hosts(tmp_path: Path, *hosts: Host) -> None:
