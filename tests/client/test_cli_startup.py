@@ -17,6 +17,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -31,22 +32,30 @@ LIGHT = {"virtmig", "virtmig.client", "virtmig.client.cli", "virtmig.client.cli.
          "virtmig.client.cli.base", "virtmig.client.cli.parsers"}
 
 
-def imported_by(*argv: str) -> tuple[int, set[str]]:
-    """The exit status of the ``virtmig`` console script run with ARGV, and every module it
-    loaded (the whole dotted names)."""
-    # main() ends the process itself (os._exit): the modules it loaded are written from an
-    # exit path it cannot skip, a wrapper around os._exit.
+def run_reporting(argv: tuple[str, ...], setup: str, report: str) -> tuple[int, Any]:
+    """The exit status of the ``virtmig`` console script run with ARGV after ``setup`` (Python
+    source), and what the expression ``report`` (JSON) says as the process ends.  main() ends
+    the process itself (os._exit): ``report`` is written from an exit path it cannot skip, a
+    wrapper around os._exit."""
     code = ("import json, os, sys\n"
-            "_exit = os._exit\n"
+            + setup
+            + "_exit = os._exit\n"
             "def _report(status):\n"
-            "    os.write(2, ('\\n' + json.dumps(sorted(sys.modules)) + '\\n').encode())\n"
+            f"    os.write(2, ('\\n' + json.dumps({report}) + '\\n').encode())\n"
             "    _exit(status)\n"
             "os._exit = _report\n"
             "from virtmig.client.cli import main\n"
             "main()\n")
     res = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True,
                          timeout=60)
-    return res.returncode, set(json.loads(res.stderr.splitlines()[-1]))
+    return res.returncode, json.loads(res.stderr.splitlines()[-1])
+
+
+def imported_by(*argv: str) -> tuple[int, set[str]]:
+    """The exit status of the ``virtmig`` console script run with ARGV, and every module it
+    loaded (the whole dotted names)."""
+    status, modules = run_reporting(argv, "", "sorted(sys.modules)")
+    return status, set(modules)
 
 
 @pytest.mark.parametrize("argv", [
@@ -190,26 +199,17 @@ def test_help_is_as_wide_as_argparse_would_make_it(monkeypatch: pytest.MonkeyPat
 def dialed_before(*argv: str) -> tuple[int, list[dict[str, bool]]]:
     """The exit status of the console script run with ARGV, and for each channel it opened,
     which of the client library's heavy modules were loaded at that moment."""
-    code = ("import json, os, sys\n"
-            "from virtmig.client import transport\n"
-            "seen = []\n"
-            "_open = transport.open_channel\n"
-            "def open_channel(*args, **kwargs):\n"
-            "    seen.append({m: m in sys.modules for m in (\n"
-            "        'virtmig.proto.virtmig_pb2', 'google.protobuf.descriptor_pool',\n"
-            "        'virtmig.client.rpc')})\n"
-            "    return _open(*args, **kwargs)\n"
-            "transport.open_channel = open_channel\n"
-            "_exit = os._exit\n"
-            "def _report(status):\n"
-            "    os.write(2, ('\\n' + json.dumps(seen) + '\\n').encode())\n"
-            "    _exit(status)\n"
-            "os._exit = _report\n"
-            "from virtmig.client.cli import main\n"
-            "main()\n")
-    res = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True,
-                         timeout=60)
-    return res.returncode, json.loads(res.stderr.splitlines()[-1])
+    setup = ("from virtmig.client import transport\n"
+             "seen = []\n"
+             "_open = transport.open_channel\n"
+             "def open_channel(*args, **kwargs):\n"
+             "    seen.append({m: m in sys.modules for m in (\n"
+             "        'virtmig.proto.virtmig_pb2', 'google.protobuf.descriptor_pool',\n"
+             "        'virtmig.client.rpc')})\n"
+             "    return _open(*args, **kwargs)\n"
+             "transport.open_channel = open_channel\n")
+    status, seen = run_reporting(argv, setup, "seen")
+    return status, list(seen)
 
 
 def test_a_command_dials_its_daemon_before_loading_the_client_library(daemon: Daemon) -> None:

@@ -7,6 +7,7 @@ destination or the end of its caller's session stops it, leaving nothing behind.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -78,6 +79,27 @@ async def hold_first(src: Host, dst: Host) -> tuple[HeldDest, asyncio.Task[str]]
                                          TypedParams(), int(F.LIVE), protection=True))
     await asyncio.wait_for(held.prepared.wait(), 30)
     return held, first
+
+
+@contextlib.asynccontextmanager
+async def waiting_in_a_session(
+        src: Host, dst: Host) -> AsyncIterator[tuple[AsyncConnection, asyncio.Future[object]]]:
+    """vm2's Prepare, owned by a session held on another connection (so that ending the
+    session leaves the Prepare call itself open), once it waits for a port: that session's
+    connection and the Prepare's future; both connections are closed at the end."""
+    caller = await AsyncConnection.open(dst.uri, pki_dir=session_pki().client())
+    session = await AsyncConnection.open(dst.uri, pki_dir=session_pki().client())
+    try:
+        caller._session = await session.open_session()
+        xml, cookie = await RemoteSource(src.conn, True).begin("vm2", TypedParams(), F.LIVE)
+        second: asyncio.Future[object] = asyncio.ensure_future(RemoteDest(caller, True).prepare(
+            TypedParams.of({P.DEST_XML: xml}), cookie, int(F.LIVE)))
+        await wait_until(lambda: waiting_job(dst, "vm2"), timeout=30,
+                         what="vm2's Prepare waiting for a port")
+        yield session, second
+    finally:
+        await session.close()
+        await caller.close()
 
 
 async def test_second_migration_waits_for_the_port_then_completes(
@@ -155,21 +177,10 @@ async def test_the_end_of_the_callers_session_stops_the_wait(
     Prepare call itself stays open): the wait ends at once, with the session's error."""
     src, dst, port = waiting
     held, first = await hold_first(src, dst)
-    caller = await AsyncConnection.open(dst.uri, pki_dir=session_pki().client())
-    session = await AsyncConnection.open(dst.uri, pki_dir=session_pki().client())
-    try:
-        caller._session = await session.open_session()
-        xml, cookie = await RemoteSource(src.conn, True).begin("vm2", TypedParams(), F.LIVE)
-        second = asyncio.ensure_future(RemoteDest(caller, True).prepare(
-            TypedParams.of({P.DEST_XML: xml}), cookie, int(F.LIVE)))
-        await wait_until(lambda: waiting_job(dst, "vm2"), timeout=30,
-                         what="vm2's Prepare waiting for a port")
+    async with waiting_in_a_session(src, dst) as (session, second):
         await session.close()
         with pytest.raises(OperationFailed, match="migration caller went away"):
             await asyncio.wait_for(second, 30)
-    finally:
-        await session.close()
-        await caller.close()
     assert dst.daemon.registry.find_name("vm2") is None
     assert dst.daemon.ports._used == {port} and not dst.daemon.ports._waiters
     held.go.set()
@@ -223,15 +234,7 @@ async def test_a_prepare_that_waited_is_rolled_back_when_its_session_ends(
     session ends, it is rolled back at once (not left for the reaper as if still waiting)."""
     src, dst, port = waiting
     held, first = await hold_first(src, dst)
-    caller = await AsyncConnection.open(dst.uri, pki_dir=session_pki().client())
-    session = await AsyncConnection.open(dst.uri, pki_dir=session_pki().client())
-    try:
-        caller._session = await session.open_session()
-        xml, cookie = await RemoteSource(src.conn, True).begin("vm2", TypedParams(), F.LIVE)
-        second = asyncio.ensure_future(RemoteDest(caller, True).prepare(
-            TypedParams.of({P.DEST_XML: xml}), cookie, int(F.LIVE)))
-        await wait_until(lambda: waiting_job(dst, "vm2"), timeout=30,
-                         what="vm2's Prepare waiting for a port")
+    async with waiting_in_a_session(src, dst) as (session, second):
         held.go.set()
         assert await asyncio.wait_for(first, 60) == "vm1"
         await asyncio.wait_for(second, 30)  # it got the port and went through
@@ -239,9 +242,6 @@ async def test_a_prepare_that_waited_is_rolled_back_when_its_session_ends(
         await session.close()
         await wait_until(lambda: dst.daemon.registry.find_name("vm2") is None, timeout=30,
                          what="vm2's incoming job to be rolled back")
-    finally:
-        await session.close()
-        await caller.close()
     assert not dst.daemon.ports._used and not dst.daemon.ports._waiters
 
 
