@@ -45,6 +45,7 @@ from virtmig.daemon.registry import DomainObj, Registry, job_from_status
 from virtmig.daemon.settings import held
 from virtmig.daemon.state import StateDir
 from virtmig.proto import logsafe
+from virtmig.proto.aio import within
 from virtmig.proto.errors import ConfigUnsupported, NoSupport, PortsExhausted
 from virtmig.proto.flags import (
     DomainState,
@@ -379,7 +380,7 @@ class Daemon:
             async with dom.job_changed:
                 while dom.job is not None:
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(dom.job_changed.wait(), _JOB_RECHECK_S)
+                        await within(dom.job_changed.wait(), _JOB_RECHECK_S)
             async with dom.lock:
                 if dom.job is not None or self.registry.find_uuid(uuid) is not dom:
                     continue

@@ -24,6 +24,7 @@ from virtmig.daemon.events import Event, EventKind
 from virtmig.daemon.job import AsyncJob, JobInfo, JobRecord, MigrationJob, Phase
 from virtmig.daemon.registry import DomainObj
 from virtmig.proto import logsafe
+from virtmig.proto.aio import within
 from virtmig.proto.errors import (
     InvalidArgument,
     NoSupport,
@@ -169,7 +170,7 @@ async def watch(daemon: Daemon, dom: DomainObj) -> AsyncIterator[JobInfo]:
             yield replace(info, time_elapsed_ms=job.elapsed_ms())
         async with dom.job_changed:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(dom.job_changed.wait(), 1.0)
+                await within(dom.job_changed.wait(), 1.0)
     if dom.completed is not None:
         yield record_info(dom.completed)
 

@@ -42,6 +42,7 @@ from virtmig.daemon.job import AsyncJob, MigrationJob
 from virtmig.daemon.placement import Away, Peer
 from virtmig.daemon.registry import DomainObj
 from virtmig.proto import logsafe
+from virtmig.proto.aio import within
 from virtmig.proto.errors import (
     GuestElsewhere,
     InvalidArgument,
@@ -137,7 +138,7 @@ async def ask(daemon: Daemon, peer: Peer, uuid: str, migration_id: str = "") -> 
         raise PeerUnreachable(str(exc)) from None
     timeout = daemon.config.peer_timeout
     try:
-        conn = await asyncio.wait_for(AsyncConnection.open(
+        conn = await within(AsyncConnection.open(
             uri, pki_dir=daemon.config.pki_dir or None, connect_timeout=timeout),
             timeout + 1)
     except (VirtmigError, OSError, TimeoutError) as exc:

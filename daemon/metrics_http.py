@@ -28,6 +28,7 @@ from virtmig.daemon.authz import Access, tls_access
 from virtmig.daemon.core import Daemon
 from virtmig.daemon.metrics import CONTENT_TYPE
 from virtmig.proto import logsafe
+from virtmig.proto.aio import within
 from virtmig.proto.errors import InvalidArgument
 from virtmig.proto.pki import PkiPaths, load_server_credentials, subject_dn
 
@@ -122,7 +123,7 @@ class MetricsServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_TIMEOUT)
+            head = await within(reader.readuntil(b"\r\n\r\n"), READ_TIMEOUT)
             status, body, ctype = self._answer(head, writer)
             writer.write(f"HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\nContent-Length: "
                          f"{len(body)}\r\nConnection: close\r\n\r\n".encode() + body)

@@ -54,6 +54,7 @@ from virtmig.daemon.migration.common import TLS_FORCED
 from virtmig.daemon.registry import DomainObj
 from virtmig.daemon.tunnel import SrcTunnel
 from virtmig.proto import logsafe
+from virtmig.proto.aio import within
 from virtmig.proto.errors import (
     ArgumentUnsupported,
     InvalidArgument,
@@ -321,7 +322,7 @@ def _names_pkipath(uri: str) -> bool:
 async def _lost(peer: AsyncConnection) -> bool:
     """Whether the destination went away (the stream's failure may be noticed a moment first)."""
     with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(peer.session_lost.wait(), LOST_GRACE_S)
+        await within(peer.session_lost.wait(), LOST_GRACE_S)
     return peer.session_lost.is_set()
 
 

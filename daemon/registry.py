@@ -32,7 +32,6 @@ hears of it; :meth:`Registry.end_job` tells it of the job's end (history, outcom
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import gc
 import operator
@@ -53,6 +52,7 @@ from virtmig.daemon.domobj import DomainObj as DomainObj  # re-exported: its old
 from virtmig.daemon.domxml import DomainDef, check_name_length, parse_domain_xml
 from virtmig.daemon.job import AsyncJob, JobRecord, MigrationJob, Phase
 from virtmig.proto import logsafe
+from virtmig.proto.aio import within
 from virtmig.proto.errors import (
     InvalidArgument,
     NoDomain,
@@ -265,7 +265,7 @@ class Registry:
                         f"'{dom.job.phase.label}') for {api}"
                     )
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(dom.job_changed.wait(), left)
+                    await within(dom.job_changed.wait(), left)
         async with dom.lock:
             yield dom
 

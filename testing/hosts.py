@@ -23,6 +23,7 @@ from virtmig.client.migrate import RemoteDest
 from virtmig.daemon.backend.test import TestBackend
 from virtmig.daemon.core import Daemon, DaemonConfig
 from virtmig.daemon.main import RunningDaemon, start_daemon
+from virtmig.proto.aio import within
 from virtmig.proto.params import TypedParams
 from virtmig.proto.uri import parse_listen
 from virtmig.testing.pki import session_pki
@@ -170,7 +171,7 @@ async def teardown_hosts(tmp_path: Path, *hosts: Host) -> None:
         for host in hosts:
             for dom in list(host.daemon.registry):
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(host.daemon.backend.destroy(dom.uuid), 20)
+                    await within(host.daemon.backend.destroy(dom.uuid), 20)
             await stop_host(host)
     finally:
         assert not kill_leftover_qemus(tmp_path), "QEMU processes were left running"

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.ciphers import Cipher, modes
 
+from virtmig.proto.aio import within
+
 try:  # cryptography >= 43 keeps DES among its decrepit algorithms
     from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
 except ImportError:  # pragma: no cover - older cryptography
@@ -50,12 +52,12 @@ async def vnc_handshake(*, port: int = 0, socket: Path | None = None,
                         password: str | None = None) -> Handshake:
     """Shake hands with the VNC server on ``127.0.0.1:port`` or the unix ``socket``."""
     if socket is not None:
-        reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(socket), TIMEOUT)
+        reader, writer = await within(asyncio.open_unix_connection(socket), TIMEOUT)
     else:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port),
+        reader, writer = await within(asyncio.open_connection("127.0.0.1", port),
                                                 TIMEOUT)
     try:
-        return await asyncio.wait_for(_talk(reader, writer, password), TIMEOUT)
+        return await within(_talk(reader, writer, password), TIMEOUT)
     finally:
         writer.close()
         await writer.wait_closed()

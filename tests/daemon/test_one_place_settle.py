@@ -23,6 +23,7 @@ from tests.daemon.migration_helpers import F, P, migrate, running_guest
 from tests.daemon.placement_helpers import FAST, Gate, LostFinishDest
 from tests.daemon.test_one_place import lost_finish
 from virtmig.client.cli import app as cli
+from virtmig.client.connection import AsyncConnection
 from virtmig.client.migrate import RemoteSource
 from virtmig.client.sequence import run_v3
 from virtmig.daemon import locate, recovery
@@ -269,3 +270,40 @@ async def test_cli_domstate_reason_and_migrate_resolve(
             assert (await dst.conn.state("vm1"))[0] is DomainState.RUNNING
         finally:
             await gate.shut()
+
+
+async def test_stopping_ends_settling_even_when_the_cancel_meets_an_answer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon stops (its settling tasks are cancelled) in the very step the destination's
+    connection opens: the task ends then, instead of swallowing the cancel and asking again
+    for up to ``settle_attempts`` tries (Python 3.11's ``asyncio.wait_for`` returns an inner
+    result that is ready as the cancel arrives, and drops the cancel)."""
+    config = SimpleNamespace(settle_retry_min=0.01, settle_retry_max=0.01, settle_attempts=50,
+                             peer_timeout=5.0, pki_dir="")
+    fake = SimpleNamespace(config=config, placement=PlacementStore(tmp_path / "placement"))
+    daemon = cast(Daemon, fake)
+    uuid = "00000000-0000-0000-0000-0000000000ab"
+    mid = "d" * 32
+    opened: list[int] = []
+
+    class Pending:
+        async def guest_location(self, *_a: object, **_k: object) -> object:
+            return SimpleNamespace(host_uuid="", active=False, arrived_migration_id="",
+                                   incoming_migration_id=mid, incoming_phase="prepare3")
+
+        async def close(self) -> None:
+            return None
+
+    async def opens_as_the_daemon_stops(*_a: object, **_k: object) -> Pending:
+        opened.append(1)
+        fake.placement.tasks[uuid].cancel()  # the stop, in the step the connection opens
+        return Pending()
+
+    monkeypatch.setattr(AsyncConnection, "open", opens_as_the_daemon_stops)
+    away = Away(Peer("", "host-b", "virtmig+tls://127.0.0.1:1"), mid)
+    locate.settle_later(daemon, uuid, away, "a lost Finish reply")
+    task = fake.placement.tasks[uuid]
+    done, _ = await asyncio.wait({task}, timeout=10)
+    assert done, f"the settling went on after its cancel: {len(opened)} tries"
+    assert task.cancelled() and opened == [1]

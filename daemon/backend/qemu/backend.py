@@ -16,7 +16,6 @@ and leaves the other guests running; :meth:`QemuBackend.open` takes them over.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from pathlib import Path
 from typing import Any
@@ -89,6 +88,7 @@ from virtmig.daemon.backend.qemu.process import (
 )
 from virtmig.daemon.backend.qemu.runtime import Runtime, read_runtime
 from virtmig.proto import logsafe
+from virtmig.proto.aio import within
 from virtmig.proto.compat import Compression
 from virtmig.proto.errors import ConfigUnsupported, OperationInvalid
 from virtmig.proto.flags import MigrateFlags
@@ -163,7 +163,7 @@ class QemuBackend(Backend):
             with contextlib.suppress(BackendError):
                 await self.cancel(guest.uuid)
             with contextlib.suppress(TimeoutError):  # (a cancel ends the flow within)
-                await asyncio.wait_for(mig.done.wait(), STOP_TIMEOUT)
+                await within(mig.done.wait(), STOP_TIMEOUT)
 
     def _state_dir(self) -> Path:
         if self._dir is None:

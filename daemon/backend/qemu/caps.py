@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from virtmig.proto import logsafe
+from virtmig.proto.aio import within
 
 log = logsafe.logger("virtmig.daemon.backend.qemu")
 
@@ -68,7 +69,7 @@ async def _help(binary: str, *args: str) -> str | None:
         log.warning("qemu backend: cannot run %s: %s", binary, exc)
         return None
     try:
-        out, _ = await asyncio.wait_for(proc.communicate(), PROBE_TIMEOUT)
+        out, _ = await within(proc.communicate(), PROBE_TIMEOUT)
     except TimeoutError:
         proc.kill()
         await proc.wait()

@@ -39,6 +39,7 @@ from qemu.qmp import QMPClient
 
 from virtmig.daemon.backend.base import GuestChange, GuestRunState
 from virtmig.daemon.backend.qemu.migration import _STATUS_MAP, _Incoming, _Outgoing
+from virtmig.proto.aio import within
 
 SOCKET_NAME = "qmp.sock"
 PID_NAME = "pid"
@@ -196,5 +197,5 @@ async def _wait_guest(guest: _Guest, timeout: float, done: Callable[[], bool]) -
         if remaining <= 0:
             return
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(changed.wait(), remaining)
+            await within(changed.wait(), remaining)
 

@@ -47,6 +47,7 @@ from lxml import etree
 
 from virtmig.daemon.backend.base import GuestSpec
 from virtmig.proto import logsafe
+from virtmig.proto.aio import within
 
 __all__ = ["CPUINFO", "HostModel", "ProbeError", "expand_host_model", "host_cpu_digest",
            "host_model_xml", "probe_host_model"]
@@ -122,7 +123,7 @@ async def probe_host_model(binary: str, accel: str) -> HostModel:
                 "arguments": {"type": "static", "model": {"name": name}}}
 
     try:
-        first = await asyncio.wait_for(_qmp_session(
+        first = await within(_qmp_session(
             binary, accel, [expansion(host), {"execute": "query-cpu-definitions"}]),
             PROBE_TIMEOUT)
         flags = _on(first[0])
@@ -130,7 +131,7 @@ async def probe_host_model(binary: str, accel: str) -> HostModel:
                        if not d.get("unavailable-features") and d.get("migration-safe")
                        and not d.get("deprecated") and not _VERSIONED_RE.fullmatch(d["name"])
                        and d["name"] not in ("max", "host", "base"))
-        models = await asyncio.wait_for(_qmp_session(
+        models = await within(_qmp_session(
             binary, accel, [expansion(n) for n in names]), PROBE_TIMEOUT)
     except (OSError, TimeoutError, ValueError, KeyError, TypeError) as exc:
         raise ProbeError(str(exc) or type(exc).__name__) from None

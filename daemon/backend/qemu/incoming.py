@@ -12,7 +12,6 @@ Every function runs on the destination (``dst_``) and is given the backend's QMP
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import errno
 import time
@@ -40,6 +39,7 @@ from virtmig.daemon.backend.qemu.migration import (
 from virtmig.daemon.backend.qemu.monitor import Exec, QmpCommandFailed, refresh_status
 from virtmig.daemon.backend.qemu.tls import add_tls_creds, drop_tls_creds
 from virtmig.proto import logsafe
+from virtmig.proto.aio import within
 
 log = logsafe.logger("virtmig.daemon.backend.qemu")
 
@@ -124,7 +124,7 @@ async def dst_wait(qmp: Exec, guest: _Guest, inc: _Incoming) -> MigrationProgres
                 inc.fail(inc.error or f"incoming migration {guest.mig_status}")
                 continue
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(changed.wait(), timeout)
+            await within(changed.wait(), timeout)
 
 
 async def _dst_postcopy_failed(qmp: Exec, guest: _Guest, inc: _Incoming) -> None:

@@ -22,7 +22,6 @@ bound, or by the relative path); a path longer than ``sun_path`` is reached thro
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import time
@@ -35,6 +34,7 @@ from qemu.qmp import ConnectError, ExecInterruptedError, ExecuteError, Message, 
 from virtmig.daemon.backend.base import BackendError
 from virtmig.daemon.backend.qemu.guest import _Guest
 from virtmig.proto import logsafe
+from virtmig.proto.aio import within
 
 log = logsafe.logger("virtmig.daemon.backend.qemu")
 
@@ -125,7 +125,7 @@ async def execute(
         why = guest.exit_reason or "no monitor connection"
         raise BackendError(f"guest {guest.uuid} is not running ({why})")
     try:
-        result = await asyncio.wait_for(guest.qmp.execute(command, args, oob=oob), timeout)
+        result = await within(guest.qmp.execute(command, args, oob=oob), timeout)
     except ExecuteError as exc:
         raise QmpCommandFailed(command, str(exc), exc.error_class) from None
     except TimeoutError:
@@ -151,7 +151,7 @@ async def connect(qmp: Exec, guest: _Guest, timeout: float) -> None:
             client = _Monitor(f"qemu-{guest.uuid[:8]}")
             try:
                 with _socket_path(guest.socket) as path:
-                    await asyncio.wait_for(client.connect(path), max(0.1, deadline -
+                    await within(client.connect(path), max(0.1, deadline -
                                                                      time.monotonic()))
             except (ConnectError, OSError, TimeoutError) as exc:
                 if time.monotonic() >= deadline:
@@ -164,7 +164,7 @@ async def connect(qmp: Exec, guest: _Guest, timeout: float) -> None:
         elif time.monotonic() >= deadline:
             raise BackendError(f"QEMU did not open its monitor {guest.socket} in {timeout} s")
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(changed.wait(), 0.01)
+            await within(changed.wait(), 0.01)
     guest.start_task(_pump(guest, client))
     await refresh_status(qmp, guest)
 

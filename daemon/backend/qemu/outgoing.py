@@ -52,6 +52,7 @@ from virtmig.daemon.backend.qemu.migration import (
 from virtmig.daemon.backend.qemu.monitor import Exec, QmpCommandFailed, QmpNoAnswer, refresh_status
 from virtmig.daemon.backend.qemu.tls import add_tls_creds, drop_tls_creds
 from virtmig.proto import logsafe
+from virtmig.proto.aio import within
 
 log = logsafe.logger("virtmig.daemon.backend.qemu")
 
@@ -129,7 +130,7 @@ async def _src_run(
                     raise _src_give_up(guest, mig)
                 continue
             with contextlib.suppress(TimeoutError):  # (events wake it; the timer is a backstop)
-                await asyncio.wait_for(changed.wait(), RECHECK_INTERVAL)
+                await within(changed.wait(), RECHECK_INTERVAL)
     finally:
         if not mig.switched:
             poller.cancel()  # (after the switch it keeps progress() fresh until the end)
@@ -274,7 +275,7 @@ async def _src_poll_progress(qmp: Exec, guest: _Guest, mig: _Outgoing) -> None:
         if mig.final is None:
             mig.last = progress_from_query(info)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(changed.wait(), PROGRESS_INTERVAL)
+            await within(changed.wait(), PROGRESS_INTERVAL)
 
 
 async def _src_completed(qmp: Exec, guest: _Guest, mig: _Outgoing) -> MigrationProgress:
@@ -332,7 +333,7 @@ async def _src_finalized_status(qmp: Exec, guest: _Guest) -> str:
     status = await refresh_status(qmp, guest)
     while status == "finish-migrate" and time.monotonic() < deadline:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(guest.changed().wait(), FINALIZE_POLL)
+            await within(guest.changed().wait(), FINALIZE_POLL)
         status = await refresh_status(qmp, guest)
     return status
 

@@ -53,6 +53,7 @@ from virtmig.daemon.backend.qemu.monitor import Exec, _socket_path, connect
 from virtmig.daemon.backend.qemu.net import NicConfig
 from virtmig.daemon.backend.qemu.tap import open_tap
 from virtmig.proto import logsafe
+from virtmig.proto.aio import within
 
 log = logsafe.logger("virtmig.daemon.backend.qemu")
 
@@ -221,7 +222,7 @@ async def _wait_exit(guest: _Guest, timeout: float) -> bool:
     if task is None:
         return guest.exited
     with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(asyncio.shield(task), timeout)
+        await within(asyncio.shield(task), timeout)
     return task.done()
 
 
