@@ -55,6 +55,11 @@ from virtmig.proto.wire import to_wire
 
 F = MigrateFlags
 P = MigrateParam
+
+# After an interrupted Finish, how long the destination's job is waited for before its
+# outcome counts as unknown: FINISHED_POLLS looks, FINISHED_POLL_S apart.
+FINISHED_POLLS = 600
+FINISHED_POLL_S = 0.05
 client_log = logsafe.logger("virtmig.client")  # a line per phase, with the migration id
 
 
@@ -184,7 +189,7 @@ class RemoteDest:
         return str(reply.domain.name)
 
     async def finished(self, dname: str) -> bool:
-        for _ in range(600):
+        for _ in range(FINISHED_POLLS):
             try:  # (the incoming guest may go between the two calls: then it is gone)
                 info = await self.conn.job_info(dname)
                 if info.type is JobType.NONE:
@@ -194,8 +199,12 @@ class RemoteDest:
                     return (await self.conn.lookup(dname)).state is not DomainState.SHUTOFF
             except NoDomain:
                 return False
-            await asyncio.sleep(0.05)
-        return False
+            await asyncio.sleep(FINISHED_POLL_S)
+        # Neither arrived nor rolled back: nobody knows yet (the caller leaves the source
+        # paused, or its Confirm(cancelled) asks the destination again).
+        raise OperationFailed(
+            f"the destination's job for '{dname}' has not ended after "
+            f"{FINISHED_POLLS * FINISHED_POLL_S:g} s: whether the guest runs there is unknown")
 
     async def finish(self, params: TypedParams, cookie: bytes, flags: int,
                      cancelled: bool) -> tuple[str, bytes]:

@@ -91,7 +91,8 @@ class DestParty(Protocol):
 
     async def finished(self, dname: str) -> bool:
         """After an interrupted Finish: whether the guest ended up running here (once the
-        destination's job is over: True if it is active, False if it was rolled back)."""
+        destination's job is over: True if it is active, False if it was rolled back); a
+        :class:`VirtmigError` when that cannot be told (the job does not end, no answer)."""
         ...
 
 

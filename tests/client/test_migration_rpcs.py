@@ -13,8 +13,9 @@ from typing import Any, cast
 
 import pytest
 
-from virtmig.client import rpc
+from virtmig.client import migrate, rpc
 from virtmig.client.migrate import RemoteDest
+from virtmig.proto.errors import OperationFailed
 from virtmig.proto.flags import DomainState, JobType, MigrateFlags
 from virtmig.proto.params import TypedParams
 from virtmig.testing import Host, domain_xml, hosts
@@ -90,3 +91,27 @@ async def test_a_cancelled_finish_is_judged_on_the_state_after_its_job() -> None
     and a rolled-back migration taken for a finished one loses the guest on both hosts."""
     dest = RemoteDest(cast(rpc.RpcConnection, _EndingFinish()), use_params=True)
     assert await dest.finished("vm") is False
+
+
+class _NeverEnding:
+    """A destination whose incoming job never ends while the client asks."""
+
+    async def job_info(self, name: str) -> Any:
+        return SimpleNamespace(type=JobType.UNBOUNDED)
+
+    async def lookup(self, name: str) -> Any:
+        raise AssertionError("the state is read only once the job is over")
+
+
+async def test_a_destination_job_that_does_not_end_leaves_the_outcome_unknown(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Asked after an interrupted Finish, a destination whose job is still running when the
+    bound runs out has neither a guest that arrived nor one rolled back: the answer is an error
+    (the source stays paused or asks again), not "it did not arrive", which would resume the
+    source's copy of a guest that may yet run there."""
+    monkeypatch.setattr(migrate, "FINISHED_POLLS", 3)
+    monkeypatch.setattr(migrate, "FINISHED_POLL_S", 0.0)
+    dest = RemoteDest(cast(rpc.RpcConnection, _NeverEnding()), use_params=True)
+    with pytest.raises(OperationFailed, match="has not ended after 0 s: whether the guest runs "
+                                              "there is unknown"):
+        await dest.finished("vm")
