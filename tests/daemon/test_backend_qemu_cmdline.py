@@ -150,6 +150,12 @@ def test_command_line(tmp_path: Path) -> None:
             "-mon chardev=monitor,mode=control") in inherited
     assert "-qmp" not in inherited and "-sandbox" not in inherited
 
+
+def test_command_line_defaults_and_the_emulators_machines(tmp_path: Path) -> None:
+    """No <emulator>: the first configured one; no <domain type='kvm'>: TCG; a machine type
+    the emulator does not know (all of them, or the one named) is refused."""
+    settings = QemuSettings(emulators=("/usr/bin/qemu-system-x86_64",),
+                            storage_dirs=(str(tmp_path), "/srv"))
     plain = parse_config(make_spec(guest_xml()), None, settings).argv(GuestFiles(),
                                                                       incoming=False)
     assert plain[0] == "/usr/bin/qemu-system-x86_64"  # no <emulator>: the first configured
