@@ -18,9 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from lxml import etree
 
+from virtmig.daemon import registry
 from virtmig.daemon import state as files
 from virtmig.daemon.history import Entry
+from virtmig.daemon.registry import DomainObj, Registry
 from virtmig.proto.flags import MigrateFlags
 from virtmig.proto.params import TypedParams
 from virtmig.testing import Host, domain_xml, hosts
@@ -41,6 +44,74 @@ async def pair(tmp_path: Path) -> AsyncIterator[list[Host]]:
 async def there_and_back(a: Host, b: Host) -> None:
     await a.conn.migrate3("vm", b.conn, TypedParams(), F.LIVE)
     await b.conn.migrate3("vm", a.conn, TypedParams(), F.LIVE)
+
+
+class _CountingEtree:
+    """``lxml.etree`` as one module sees it, its ``fromstring`` calls counted."""
+
+    def __init__(self) -> None:
+        self.parses = 0
+
+    def fromstring(self, *args: Any, **kwargs: Any) -> Any:
+        self.parses += 1
+        return etree.fromstring(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(etree, name)
+
+
+async def test_status_writes_do_not_parse_the_live_definition_again(
+        pair: list[Host], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A migration writes the status file 7 times (4 on the source, 3 on the destination), each
+    with the same live definition: parsed once per document, not once per write."""
+    a, b = pair
+    counting = _CountingEtree()
+    monkeypatch.setattr(registry, "etree", counting)
+    writes = collections.Counter[str]()
+    real = Registry._status_data
+
+    def status_data(self: Registry, dom: DomainObj) -> bytes | None:
+        data = real(self, dom)
+        if data is not None:
+            writes[self._files.root.name] += 1
+            assert dom.live is not None
+            assert data == _reference_status(data, dom.live.xml)
+        return data
+
+    monkeypatch.setattr(Registry, "_status_data", status_data)
+    await there_and_back(a, b)
+    assert sum(writes.values()) == 14
+    assert counting.parses == 0
+
+
+def _reference_status(data: bytes, live_xml: str) -> bytes:
+    """The status document as ``data``'s header with the live definition parsed and appended
+    (how the status was written before the live definition's bytes were kept)."""
+    root = etree.fromstring(data, etree.XMLParser(remove_blank_text=True))
+    for child in root.findall("domain"):
+        root.remove(child)
+    root.append(etree.fromstring(live_xml.encode()))
+    return bytes(etree.tostring(root, pretty_print=True))
+
+
+@pytest.mark.parametrize("live", [
+    "<domain type='test'><name>c</name><uuid>{u}</uuid><memory>4096</memory></domain>",
+    "<domain type='test'>\n    <name>w</name><!-- a comment -->\n  <uuid>{u}</uuid>\n"
+    "  <description>  text  &amp; more </description><memory>4096</memory>\n</domain>",
+    "<domain xmlns:q='urn:x' type='test'><q:x a='&lt;virtmig-live-definition/&gt;'/>"
+    "<name>n</name><uuid>{u}</uuid></domain>",
+])
+def test_live_section_is_the_parsed_definition(live: str) -> None:
+    xml = live.format(u=uuidlib.uuid4())
+    root = etree.Element("domstatus", state="running", reason="migrated", id="3",
+                         persistent="yes")
+    etree.SubElement(root, "job", {"async": "migration out", "phase": "perform3"})
+    etree.SubElement(root, registry._LIVE_PLACEHOLDER)
+    spliced = bytes(etree.tostring(root, pretty_print=True)).replace(
+        registry._LIVE_PLACEHOLDER_BYTES, registry._live_section(xml), 1)
+    root.remove(root[-1])
+    root.append(etree.fromstring(xml.encode()))
+    assert spliced == bytes(etree.tostring(root, pretty_print=True))
 
 
 async def test_state_writes_make_no_folder_and_draw_no_random_name(
