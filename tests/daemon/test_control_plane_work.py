@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import json
+import logging
 import os
 import tempfile
 import uuid as uuidlib
@@ -20,8 +21,9 @@ from typing import Any
 import pytest
 from lxml import etree
 
-from virtmig.daemon import registry
+from virtmig.daemon import audit, registry
 from virtmig.daemon import state as files
+from virtmig.daemon.cookie import _canonical_uuid
 from virtmig.daemon.history import Entry
 from virtmig.daemon.registry import DomainObj, Registry
 from virtmig.proto.flags import MigrateFlags
@@ -164,3 +166,34 @@ def test_history_line_is_the_entry_as_a_dict() -> None:
                   "a", "b", "live", "direct", "v3+params", "failed", 'x "y"\n', 12, 3, 4096)
     assert entry.to_json() == json.dumps(asdict(entry), separators=(",", ":"))
     assert Entry.from_json(entry.to_json()) == entry
+
+
+@pytest.mark.parametrize("spelling", [
+    "{u}", "{U}", " {h} ", "{h}", "{spaced}", "{h}0", "{short}", "x{short}", "", "{h}\u0660",
+])
+def test_cookie_uuid_spellings_as_uuid_reads_them(spelling: str) -> None:
+    u = uuidlib.uuid4()
+    text = spelling.format(u=u, U=str(u).upper(), h=u.hex,
+                           spaced=" ".join(u.hex[i:i + 2] for i in range(0, 32, 2)),
+                           short=u.hex[:31])
+    compact = text.strip().replace("-", "").replace(" ", "")
+    try:
+        want: str | None = str(uuidlib.UUID(hex=compact)) if len(compact) == 32 else None
+    except ValueError:
+        want = None
+    assert _canonical_uuid(text) == want
+
+
+async def test_audit_builds_no_log_record_when_info_is_off(
+        pair: list[Host], monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A daemon logging at WARNING (the benchmarks', or ``--log-level warning``) builds no
+    audit record's fields per phase change and job end; the history still gets every entry."""
+    a, b = pair
+    caplog.set_level(logging.WARNING, logger=audit.log.name)
+    logged = collections.Counter[str]()
+    monkeypatch.setattr(audit.log, "info", lambda *args, **kwargs: logged.update(["info"]))
+    await there_and_back(a, b)
+    assert logged == {}
+    history = a.state_dir / "history" / "migrations.jsonl"
+    assert len(history.read_text().splitlines()) == 4
