@@ -21,8 +21,9 @@ from typing import Any
 import pytest
 from lxml import etree
 
-from virtmig.daemon import audit, registry
+from virtmig.daemon import audit, interceptor, registry
 from virtmig.daemon import state as files
+from virtmig.daemon.authz import Policy
 from virtmig.daemon.cookie import _canonical_uuid
 from virtmig.daemon.history import Entry
 from virtmig.daemon.registry import DomainObj, Registry
@@ -197,3 +198,26 @@ async def test_audit_builds_no_log_record_when_info_is_off(
     assert logged == {}
     history = a.state_dir / "history" / "migrations.jsonl"
     assert len(history.read_text().splitlines()) == 4
+
+
+async def test_a_call_reuses_its_methods_wrapped_handler(
+        pair: list[Host], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The interceptor wraps a method's handler once, not on every call; after a reload's new
+    policy, each method is wrapped again, once, with it (its enforcement: tests/daemon/
+    test_reload.py)."""
+    a, b = pair
+    wraps = collections.Counter[str]()
+    real = interceptor.wrap_handler
+
+    def wrap_handler(handler: Any, method: str, *args: Any, **kwargs: Any) -> Any:
+        wraps[method] += 1
+        return real(handler, method, *args, **kwargs)
+
+    monkeypatch.setattr(interceptor, "wrap_handler", wrap_handler)
+    await there_and_back(a, b)
+    assert wraps == {}
+    gate = a.running.gate
+    assert gate is not None
+    gate.policy = Policy(readonly_dns=("CN=nobody",))  # what a reload does
+    await there_and_back(a, b)
+    assert wraps and all(n == 1 for n in wraps.values())
