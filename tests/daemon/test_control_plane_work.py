@@ -27,6 +27,8 @@ from virtmig.daemon.authz import Policy
 from virtmig.daemon.cookie import _canonical_uuid
 from virtmig.daemon.history import Entry
 from virtmig.daemon.registry import DomainObj, Registry
+from virtmig.proto import compat
+from virtmig.proto.errors import InvalidArgument
 from virtmig.proto.flags import MigrateFlags
 from virtmig.proto.params import TypedParams
 from virtmig.testing import Host, domain_xml, hosts
@@ -221,3 +223,23 @@ async def test_a_call_reuses_its_methods_wrapped_handler(
     gate.policy = Policy(readonly_dns=("CN=nobody",))  # what a reload does
     await there_and_back(a, b)
     assert wraps and all(n == 1 for n in wraps.values())
+
+
+def test_flag_rules_are_looked_at_only_when_their_flags_are_set(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``check_rules`` for a plain live migration asks no rule whose flags are not all set."""
+    asked: list[compat.Rule] = []
+    real = compat.Rule.violated
+
+    def violated(rule: compat.Rule, flags: MigrateFlags, params: TypedParams | None) -> bool:
+        asked.append(rule)
+        return real(rule, flags, params)
+
+    monkeypatch.setattr(compat.Rule, "violated", violated)
+    compat.check_rules(F.LIVE | F.PERSIST_DEST, TypedParams(), compat.Layer.CLIENT
+                       | compat.Layer.DRIVER)
+    assert all(r.when & (F.LIVE | F.PERSIST_DEST) == r.when for r in asked)
+    assert len(asked) < len(compat.RULES)
+    with pytest.raises(InvalidArgument):
+        compat.check_rules(F.NON_SHARED_DISK | F.NON_SHARED_INC | F.LIVE, None,
+                           compat.Layer.CLIENT)
