@@ -243,3 +243,28 @@ def test_flag_rules_are_looked_at_only_when_their_flags_are_set(
     with pytest.raises(InvalidArgument):
         compat.check_rules(F.NON_SHARED_DISK | F.NON_SHARED_INC | F.LIVE, None,
                            compat.Layer.CLIENT)
+
+
+async def test_calls_and_phases_count_in_children_looked_up_once(
+        pair: list[Host], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every RPC and phase change counts in a labelled metric: the child of its labels is
+    looked up once (``labels`` validates and locks), not per call."""
+    a, b = pair
+    looked = collections.Counter[str]()
+    for host in (a, b):
+        metrics = host.daemon.metrics
+        assert metrics is not None
+        for name in ("rpcs", "rpc_seconds", "phase_seconds"):
+            family = getattr(metrics, name)
+            real = family.labels
+
+            def labels(*values: str, _real: Any = real, _name: str = name) -> Any:
+                looked[_name] += 1
+                return _real(*values)
+
+            monkeypatch.setattr(family, "labels", labels)
+    await there_and_back(a, b)
+    assert looked == {}
+    scraped = a.daemon.metrics.scrape().decode() if a.daemon.metrics else ""
+    assert 'virtmig_rpc_total{code="OK",method="virtmig.v1.Migration/Begin3Params"} 2.0' \
+        in scraped
