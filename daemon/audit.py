@@ -16,6 +16,7 @@ as fields (:mod:`virtmig.daemon.logs`)::
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
@@ -91,12 +92,14 @@ class Audit:
 
     def phase(self, dom: DomainObj, job: MigrationJob, old: Phase, spent: float) -> None:
         """``job`` moved from ``old`` (``NONE``: it started) after ``spent`` seconds in it."""
-        role = "source" if job.kind is AsyncJob.MIGRATION_OUT else "destination"
-        fields: dict[str, Any] = {"event": "migration_phase", "migration_id": job.migration_id,
-                                  "domain": dom.name, "uuid": dom.uuid, "role": role,
-                                  "from_phase": old.label, "phase": job.phase.label}
-        log.info("migration %s of %s: phase %s -> %s (%s)", job.migration_id or "-", dom.name,
-                 old.label, job.phase.label, role, extra={"fields": fields})
+        if log.isEnabledFor(logging.INFO):  # the record's fields are built only to be logged
+            role = "source" if job.kind is AsyncJob.MIGRATION_OUT else "destination"
+            fields: dict[str, Any] = {
+                "event": "migration_phase", "migration_id": job.migration_id,
+                "domain": dom.name, "uuid": dom.uuid, "role": role,
+                "from_phase": old.label, "phase": job.phase.label}
+            log.info("migration %s of %s: phase %s -> %s (%s)", job.migration_id or "-",
+                     dom.name, old.label, job.phase.label, role, extra={"fields": fields})
         for sink in self.sinks:
             sink.phase(job, old, spent)
 
@@ -104,6 +107,16 @@ class Audit:
               spent: float) -> Entry:
         """``spent``: the seconds ``job`` was in its last phase."""
         entry = entry_of(self.hostname, dom, job, record)
+        if log.isEnabledFor(logging.INFO):
+            self._log_ended(entry)
+        if self.history is not None:
+            self.history.append(entry)
+        for sink in self.sinks:
+            sink.ended(job, entry, spent)
+        return entry
+
+    @staticmethod
+    def _log_ended(entry: Entry) -> None:
         fields: dict[str, Any] = {"event": "migration_end", **entry.__dict__}
         error = f" ({entry.error})" if entry.error else ""
         log.info("migration %s of %s %s%s: source %s, destination %s, mode %s, transport %s, "
@@ -112,8 +125,3 @@ class Audit:
                  entry.source or "-", entry.destination or "-", entry.mode, entry.transport,
                  entry.protocol or "-", entry.duration_ms, entry.downtime_ms, entry.bytes,
                  extra={"fields": fields})
-        if self.history is not None:
-            self.history.append(entry)
-        for sink in self.sinks:
-            sink.ended(job, entry, spent)
-        return entry

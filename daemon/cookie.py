@@ -74,7 +74,6 @@ from __future__ import annotations
 import dataclasses
 import enum
 import re
-import uuid as _uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -103,6 +102,7 @@ __all__ = [
 ROOT_TAG = "qemu-migration"
 TOKEN_TAG = "virtmig-stream-token"
 _TOKEN_RE = re.compile(r"[0-9a-f]{32}")
+_HEX32_RE = re.compile(r"[0-9a-fA-F]{32}")
 HOST_CPU_TAG = "virtmig-host-cpu"
 _CPU_RE = re.compile(r"[0-9a-f]{64}")
 MAX_COOKIE_BYTES = 16 * 1024 * 1024
@@ -549,6 +549,7 @@ def _checked_cpu(digest: str, *, build: bool = False) -> str:
 def _canonical_uuid(text: str) -> str | None:
     """Lowercase hyphenated form of a UUID, accepting what libvirt's parser does, or None."""
     compact = text.strip().replace("-", "").replace(" ", "")
-    if len(compact) != 32 or not all(ch in "0123456789abcdefABCDEF" for ch in compact):
+    if not _HEX32_RE.fullmatch(compact):
         return None
-    return str(_uuid.UUID(hex=compact))
+    c = compact.lower()
+    return f"{c[:8]}-{c[8:12]}-{c[12:16]}-{c[16:20]}-{c[20:]}"

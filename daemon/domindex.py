@@ -144,7 +144,7 @@ class DomainIndex:
         if self._records > 2 * len(self._live) + COMPACT_SLACK:
             self.rewrite()
             return
-        try:  # 0600 like every file of the state dir (atomic_write's mkstemp)
+        try:  # 0600 like every file of the state dir (atomic_write's temporary files)
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
             with os.fdopen(fd, "a", encoding="utf-8") as f:
                 if f.tell() == 0:

@@ -35,6 +35,7 @@ MAX_READ = 10000  # entries one read returns at most
 #: The most bytes of entries one ``GetHistory`` reply carries (gRPC's limit is 4 MiB): 10,000
 #: entries of a long error each would need tens of MiB.
 MAX_REPLY_BYTES = 3 * 1024 * 1024
+_APPEND_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,8 @@ class Entry:
     bytes: int
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
+        # its fields, in order (str and int only: asdict's deep copy would change nothing)
+        return json.dumps(self.__dict__, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, line: str) -> Entry | None:
@@ -91,8 +93,11 @@ class History:
         whatever the history says)."""
         line = (entry.to_json() + "\n").encode()
         try:
-            self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+            try:
+                fd = os.open(self.path, _APPEND_FLAGS, 0o600)
+            except FileNotFoundError:  # the folder: made on the first entry, not every one
+                self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+                fd = os.open(self.path, _APPEND_FLAGS, 0o600)
             try:
                 os.write(fd, line)
                 size = os.fstat(fd).st_size

@@ -67,6 +67,10 @@ from virtmig.proto.errors import (
 
 log = logsafe.logger(__name__)
 
+#: The most methods whose wrapped handlers an interceptor keeps (the servicers' methods are
+#: fewer; unknown methods have no handler and are never kept).
+_MAX_WRAPPED = 256
+
 Handler = grpc.RpcMethodHandler  # generic in grpc-stubs only: annotations say Handler[Any, Any]
 UnaryBehaviour = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
 StreamBehaviour = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]]
@@ -81,6 +85,10 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         self.policy = policy or Policy()
         self.limits = limits
         self.metrics = metrics
+        # Each method's handler as wrapped last, with what it was wrapped with: a call reuses
+        # it while the servicer's handler and the policy (a reload replaces it) are the same.
+        self._wrapped: dict[str, tuple[Handler[Any, Any], Policy, Handler[Any, Any]]] = {}
+        self.wraps = 0  # handlers wrapped (tests count them)
 
     async def intercept_service(
         self,
@@ -90,8 +98,15 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         handler = await continuation(handler_call_details)
         if handler is None:  # an unknown method: gRPC answers UNIMPLEMENTED
             return handler
-        return wrap_handler(handler, handler_call_details.method, self.policy, self.limits,
-                            self.metrics)
+        method, policy = handler_call_details.method, self.policy
+        known = self._wrapped.get(method)
+        if known is not None and known[0] is handler and known[1] is policy:
+            return known[2]
+        wrapped = wrap_handler(handler, method, policy, self.limits, self.metrics)
+        self.wraps += 1
+        if len(self._wrapped) < _MAX_WRAPPED or method in self._wrapped:
+            self._wrapped[method] = (handler, policy, wrapped)
+        return wrapped
 
 
 def wrap_handler(handler: Handler[Any, Any], method: str, policy: Policy | None = None,

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -128,6 +128,12 @@ class Metrics:
                      for name in ("duration_seconds", "downtime_seconds", "bytes",
                                   "end_timestamp_seconds")}
         r.register(_Live(registry))
+        # The labelled children every call and phase change counts in, kept once looked up
+        # (``labels`` validates and locks each time); none of these metrics is ever cleared,
+        # and their labels are bounded (the servicers' methods and status codes, roles and
+        # phases).
+        self._rpc_children: dict[tuple[str, str], tuple[Any, Any]] = {}
+        self._phase_children: dict[tuple[str, str], Any] = {}
 
     def scrape(self) -> bytes:
         return generate_latest(self.registry)
@@ -142,14 +148,19 @@ class Metrics:
         if old is Phase.NONE:
             self._started(job)
         else:
-            self.phase_seconds.labels(role_of(job), old.label).observe(max(0.0, spent))
+            self._phase_child(role_of(job), old.label).observe(max(0.0, spent))
+
+    def _phase_child(self, role: str, phase: str) -> Any:
+        child = self._phase_children.get((role, phase))
+        if child is None:
+            child = self._phase_children[(role, phase)] = self.phase_seconds.labels(role, phase)
+        return child
 
     def ended(self, job: MigrationJob, entry: Entry, spent: float) -> None:
         if job.reported_phase is Phase.NONE:  # it ended before its first phase was saved
             self._started(job)
         else:
-            self.phase_seconds.labels(role_of(job), job.reported_phase.label).observe(
-                max(0.0, spent))
+            self._phase_child(role_of(job), job.reported_phase.label).observe(max(0.0, spent))
         labels = (entry.role, entry.mode, entry.transport, entry.protocol or "-")
         if entry.outcome == "completed":
             self.succeeded.labels(*labels).inc()
@@ -171,6 +182,10 @@ class Metrics:
     def rpc(self, method: str, code: str, seconds: float) -> None:
         """One RPC (``/virtmig.v1.Domains/List``: labelled ``virtmig.v1.Domains/List``) ended
         with ``code`` (``OK``, ``NOT_FOUND``...) after ``seconds``."""
-        name = method.lstrip("/")
-        self.rpcs.labels(name, code).inc()
-        self.rpc_seconds.labels(name).observe(seconds)
+        children = self._rpc_children.get((method, code))
+        if children is None:
+            name = method.lstrip("/")
+            children = self._rpc_children[(method, code)] = (
+                self.rpcs.labels(name, code), self.rpc_seconds.labels(name))
+        children[0].inc()
+        children[1].observe(seconds)

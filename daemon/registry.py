@@ -33,6 +33,7 @@ hears of it; :meth:`Registry.end_job` tells it of the job's end (history, outcom
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import operator
 import os
@@ -364,9 +365,14 @@ class Registry:
                     "destUri": job.dest_uri,
                 },
             )
-        if dom.live is not None:
-            root.append(etree.fromstring(dom.live.xml.encode()))
-        return bytes(etree.tostring(root, pretty_print=True))
+        if dom.live is None:
+            return bytes(etree.tostring(root, pretty_print=True))
+        # The live definition as it serialises inside <domstatus>, parsed once per document
+        # (a migration writes the same live XML 3 or 4 times): spliced in at a placeholder,
+        # the bytes are those of the document with the parsed definition appended.
+        etree.SubElement(root, _LIVE_PLACEHOLDER)
+        return bytes(etree.tostring(root, pretty_print=True)).replace(
+            _LIVE_PLACEHOLDER_BYTES, _live_section(dom.live.xml), 1)
 
     def load(self) -> list[tuple[DomainObj, etree._Element]]:
         """Load persistent definitions and live status files; return objects that have status.
@@ -534,6 +540,39 @@ def _xml_names(folder: Path) -> list[str]:
 def _xml_files(folder: Path) -> list[Path]:
     """``folder``'s ``*.xml`` files in file-name order."""
     return [p for p in (folder / n for n in _xml_names(folder)) if p.is_file()]
+
+
+#: The element :meth:`Registry._status_data` replaces with the live definition's bytes (a
+#: tag no document has: ``<`` is escaped in attribute values, and the job has no children).
+_LIVE_PLACEHOLDER = "virtmig-live-definition"
+_LIVE_PLACEHOLDER_BYTES = b"<virtmig-live-definition/>"
+_LIVE_WRAP_OPEN = b"<domstatus>\n  "
+_LIVE_WRAP_CLOSE = b"\n</domstatus>\n"
+#: Live definitions larger than this are not kept in :func:`_live_section`'s cache.
+_LIVE_CACHE_MAX_CHARS = 64 * 1024
+#: Live definitions :func:`_live_section` parsed (its cache's misses; read by tests and
+#: benchmarks).
+LIVE_PARSES = [0]
+
+
+def _live_section(xml: str) -> bytes:
+    """The bytes of live definition ``xml`` as ``etree.tostring(..., pretty_print=True)`` puts
+    it as the child of a <domstatus> root (its indentation and line breaks included)."""
+    if len(xml) <= _LIVE_CACHE_MAX_CHARS:
+        return _live_section_cached(xml)
+    return _render_live_section(xml)
+
+
+def _render_live_section(xml: str) -> bytes:
+    LIVE_PARSES[0] += 1
+    wrap = etree.Element("domstatus")
+    wrap.append(etree.fromstring(xml.encode()))
+    out = bytes(etree.tostring(wrap, pretty_print=True))
+    assert out.startswith(_LIVE_WRAP_OPEN) and out.endswith(_LIVE_WRAP_CLOSE)
+    return out[len(_LIVE_WRAP_OPEN):-len(_LIVE_WRAP_CLOSE)]
+
+
+_live_section_cached = functools.lru_cache(maxsize=64)(_render_live_section)
 
 
 def status_needs_fsync(job: MigrationJob | None) -> bool:

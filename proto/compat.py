@@ -126,9 +126,19 @@ def check_v2_flags(flags: int, function: str) -> MigrateFlags:
     return f
 
 
+#: Each rule with its ``when`` as an int: a rule whose flags are not all set is passed over
+#: without enum arithmetic (most rules, for most flag words).
+_RULES_WHEN: tuple[tuple[Rule, int], ...] = tuple((rule, int(rule.when)) for rule in RULES)
+
+
 def check_rules(flags: int, params: TypedParams | None, layer: Layer) -> None:
-    f = MigrateFlags(flags & ALL_MIGRATE_FLAGS.value)
-    for rule in RULES:
+    bits = int(flags) & ALL_MIGRATE_FLAGS.value
+    f: MigrateFlags | None = None
+    for rule, when in _RULES_WHEN:
+        if bits & when != when:
+            continue  # not violated: Rule.violated's first test
+        if f is None:
+            f = MigrateFlags(bits)
         if rule.layer & layer and rule.violated(f, params):
             raise rule.error(rule.message)
 
