@@ -230,6 +230,11 @@ class BufferPool:
             self._free.append(buf)
 
 
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()
+
+
 def _deliver(fut: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
     if fut.done():
         return
@@ -266,8 +271,9 @@ class Channel:
         self._werror: OSError | None = None
         # reader: requests (a function of the BlockingReader, and where its result goes)
         self._rq: deque[tuple[Callable[[BlockingReader], Any], asyncio.Future[Any]]] = deque()
-        self._frames: asyncio.Queue[tuple[Any, BaseException | None]] | None = None
-        self._credit = threading.Semaphore(0)
+        self._ready: deque[tuple[Any, BaseException | None]] = deque()  # read ahead
+        self._frame_waiter: asyncio.Future[None] | None = None  # the loop waits for one
+        self._credit = threading.Semaphore(0)  # how many more the reader may read ahead
         self._sending = self._receiving = False  # the thread was started
         self._alive = 0
         self._finished = False
@@ -439,13 +445,18 @@ class Channel:
         return bytes(await self.call(lambda r: r.exact(n)))
 
     def start_frames(self, fn: Callable[[BlockingReader], T], last: Callable[[T], bool],
-                     ahead: int = 4) -> None:
+                     ahead: int = 8) -> None:
         """From now on the reader thread reads ahead: ``fn`` again and again, until a result
         ``last`` says ends the stream or an exception, at most ``ahead`` results waiting for
-        :meth:`next_frame`."""
-        queue: asyncio.Queue[tuple[Any, BaseException | None]] = asyncio.Queue()
-        self._frames = queue
+        :meth:`next_frame`.  The loop is woken only when it waits for one."""
         self._credit.release(ahead)
+
+        def put(item: tuple[Any, BaseException | None]) -> None:
+            with self._lock:
+                self._ready.append(item)
+                waiter, self._frame_waiter = self._frame_waiter, None
+            if waiter is not None:
+                self._call_soon(_deliver, waiter, None, None)
 
         def frames(rd: BlockingReader) -> None:
             while True:
@@ -455,13 +466,14 @@ class Channel:
                 try:
                     item = fn(rd)
                 except BaseException as e:
-                    self._call_soon(queue.put_nowait, (None, e))
+                    put((None, e))
                     return
-                self._call_soon(queue.put_nowait, (item, None))
+                put((item, None))
                 if last(item):
                     return
 
         fut: asyncio.Future[None] = self._loop.create_future()
+        fut.add_done_callback(_retrieve)
         with self._lock:
             self._rq.append((frames, fut))
             self._lock.notify_all()
@@ -469,8 +481,13 @@ class Channel:
 
     async def next_frame(self) -> Any:
         """The next result of :meth:`start_frames`'s function (or its exception)."""
-        assert self._frames is not None
-        item, exc = await self._frames.get()
+        while True:
+            with self._lock:
+                if self._ready:
+                    item, exc = self._ready.popleft()
+                    break
+                waiter = self._frame_waiter = self._loop.create_future()
+            await waiter
         if exc is not None:
             raise exc
         self._credit.release()
@@ -546,6 +563,10 @@ class Channel:
             self._lock.notify_all()
             self._wcond.notify_all()
             fut, self._draining = self._draining, None
+            waiter, self._frame_waiter = self._frame_waiter, None
+            if waiter is not None:
+                self._ready.append((None, ConnectionAbortedError("migration stream aborted")))
+                self._call_soon(_deliver, waiter, None, None)
             finish = self._alive == 0 and not self._finished
             if finish:
                 self._finished = True

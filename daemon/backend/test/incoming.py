@@ -223,7 +223,7 @@ async def _receive_stream(inc: Incoming, chan: Channel) -> None:
     await chan.drain()
     # From here on the reader thread reads whole records ahead (wire.read_record).
     pool = BufferPool(RUN_TEMPLATE_PAGES * PAGE_SIZE)  # for the pages of full runs
-    framing = Framing(npages, READS_RUNS, pool)
+    framing = Framing(npages, READS_RUNS, pool, seed)
     chan.start_frames(functools.partial(read_record, fr=framing), is_switch)
 
     # inc.total: the terms of the pages as received (post-copy: not the guest's own writes).
@@ -297,7 +297,7 @@ async def _receive_records(
         kind = rec.kind
         if kind == b"G":
             assert rec.versions is not None
-            _receive_run(inc, rec.a, rec.versions, rec.data, seed)
+            _receive_run(inc, rec.a, rec.versions, rec.data, seed, rec.matches)
             pool.put(rec.data)
         elif kind == b"P":
             _receive_pages(inc, rec.b, rec.data, npages, seed)
@@ -367,12 +367,14 @@ def _receive_pages(
 
 
 def _receive_run(
-    inc: Incoming, first: int, versions: array[int], pages: bytes | bytearray, seed: int
+    inc: Incoming, first: int, versions: array[int], pages: bytes | bytearray, seed: int,
+    matches: bool,
 ) -> None:
     """The body of a RUN record (format 2), its count and pages checked against the guest's
-    size already (:func:`.wire.read_record`): checked in place against the pages' bytes at the
-    versions it names (:func:`.memory.run_matches`); a page that differs is kept as odd
-    (refused at switchover)."""
+    size already, and ``matches``: whether its pages are the bytes of the versions it names,
+    checked in place (:func:`.memory.run_matches`, by the reader thread:
+    :func:`.wire.read_record`); else a page that differs is kept as odd (refused at
+    switchover)."""
     count = len(versions)
     inc.runs_seen = True
     if inc.postcopy:
@@ -391,7 +393,7 @@ def _receive_run(
         if inc.odd:  # resent: what was odd is replaced
             for idx in range(first, first + count):
                 inc.odd.pop(idx, None)
-    if not run_matches(seed, first, versions, pages):
+    if not matches and not run_matches(seed, first, versions, pages):
         for k, ver in enumerate(versions):
             page = pages[k * PAGE_SIZE : (k + 1) * PAGE_SIZE]
             if page != page_bytes(seed, first + k, ver):

@@ -86,6 +86,7 @@ from virtmig.daemon.backend.test.memory import (
     SUFFIX,
     page_prefix,
     run_bytes,
+    run_matches,
 )
 from virtmig.daemon.backend.test.sparse import Versions
 
@@ -281,6 +282,7 @@ class Framing:
     npages: int
     reads_runs: bool  # it answers an offer of format 2
     pool: BufferPool | None = None  # for the pages of full runs (the taker gives them back)
+    seed: int | None = None  # the header's: a RUN's pages are compared with their versions'
     runs: bool = False  # format 2 was offered and answered
     postcopy: bool = False  # the POSTCOPY record arrived
 
@@ -289,7 +291,9 @@ class Framing:
 class Record:
     """One record of the stream, read whole: ``kind``, its numbers, its bytes.
 
-    RUN: ``a`` first page, ``b`` count, ``versions``, ``data`` the pages; PAGES: ``b`` count,
+    RUN: ``a`` first page, ``b`` count, ``versions``, ``data`` the pages, ``matches`` whether
+    they are exactly the bytes of those versions (:func:`.memory.run_matches`, computed where
+    they were just received: a pure function of the record and the seed); PAGES: ``b`` count,
     ``data`` the entries; ITER: ``a`` iteration, ``b`` flags; SWITCH (S, W): ``data`` the digest;
     DISCARD: ``versions`` the indices; POSTCOPY: nothing."""
 
@@ -298,6 +302,7 @@ class Record:
     b: int = 0
     data: bytes | bytearray = b""
     versions: array[int] | None = None
+    matches: bool = False
 
 
 def is_switch(rec: Record) -> bool:
@@ -325,7 +330,8 @@ def read_record(rd: BlockingReader, fr: Framing) -> Record:
         pages = (pool.get() if pool is not None and count * PAGE_SIZE == pool.size
                  else bytearray(count * PAGE_SIZE))
         rd.exact_into(memoryview(pages))
-        return Record(kind, first, count, pages, versions)
+        matches = fr.seed is not None and run_matches(fr.seed, first, versions, pages)
+        return Record(kind, first, count, pages, versions, matches)
     if kind == b"P":
         (count,) = U32.unpack(rd.exact(U32.size))
         if not 0 < count <= MAX_BATCH_PAGES:
