@@ -233,7 +233,9 @@ async def test_format_2_records_need_the_offer(dst: TestBackend, record: bytes) 
 @pytest.mark.parametrize(
     ("reply", "message"),
     [(b"V" + struct.pack("<H", 1), "stream format 1 offered"),
-     (b"V", r"closed by the destination|Unable to write to socket")],
+     # (closing with the source's bytes unread resets the connection: the source's reader
+     # thread may see the reset before the EOF)
+     (b"V", r"closed by the destination|Unable to (write to|read from) socket")],
     ids=["older-version", "truncated"],
 )
 async def test_source_refuses_a_bad_version_reply(

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import queue
 import socket
 import ssl
 import threading
@@ -258,14 +259,14 @@ class Channel:
         self._reader = BlockingReader(self._io)
         mutex = threading.Lock()
         self._lock = threading.Condition(mutex)  # the state; the reader thread waits on it
-        self._wcond = threading.Condition(mutex)  # the writer thread waits on this one
         self._closing = False  # no new work: the threads end
         self._aborted = False
         self._shut = False
         # writer
         self._wq: deque[Any] = deque()
         self._sent: dict[int, Callable[[Any], None]] = {}  # (by id of the queued buffer)
-        self._idle = False  # the writer thread waits for work
+        self._idle = False  # the writer thread waits for work: ring its bell
+        self._bell: queue.SimpleQueue[None] = queue.SimpleQueue()  # (C: cheap to wait on)
         self._queued = 0
         self._draining: asyncio.Future[None] | None = None
         self._werror: OSError | None = None
@@ -273,7 +274,9 @@ class Channel:
         self._rq: deque[tuple[Callable[[BlockingReader], Any], asyncio.Future[Any]]] = deque()
         self._ready: deque[tuple[Any, BaseException | None]] = deque()  # read ahead
         self._frame_waiter: asyncio.Future[None] | None = None  # the loop waits for one
-        self._credit = threading.Semaphore(0)  # how many more the reader may read ahead
+        self._ahead = 0  # how many results the reader may read ahead
+        self._want_room = False  # the reader waits for the loop to take one
+        self._room: queue.SimpleQueue[None] = queue.SimpleQueue()
         self._sending = self._receiving = False  # the thread was started
         self._alive = 0
         self._finished = False
@@ -356,7 +359,8 @@ class Channel:
                     self._sent[id(data)] = sent
                 self._queued += len(data)
             if self._idle:
-                self._wcond.notify()
+                self._idle = False
+                self._bell.put(None)
         self._start("send")
 
     async def drain(self) -> None:
@@ -377,10 +381,12 @@ class Channel:
         io = self._io
         while True:
             with self._lock:
-                while not self._wq and not self._closing:
-                    self._idle = True
-                    self._wcond.wait()
-                    self._idle = False
+                idle = not self._wq and not self._closing
+                self._idle = idle
+            if idle:
+                self._bell.get()
+                continue
+            with self._lock:
                 if not self._wq or self._shut:
                     return
                 items: list[Any] = []
@@ -449,7 +455,7 @@ class Channel:
         """From now on the reader thread reads ahead: ``fn`` again and again, until a result
         ``last`` says ends the stream or an exception, at most ``ahead`` results waiting for
         :meth:`next_frame`.  The loop is woken only when it waits for one."""
-        self._credit.release(ahead)
+        self._ahead = ahead
 
         def put(item: tuple[Any, BaseException | None]) -> None:
             with self._lock:
@@ -460,7 +466,12 @@ class Channel:
 
         def frames(rd: BlockingReader) -> None:
             while True:
-                self._credit.acquire()
+                with self._lock:
+                    full = len(self._ready) >= self._ahead and not self._closing
+                    self._want_room = full
+                if full:
+                    self._room.get()
+                    continue
                 if self._closing:
                     return
                 try:
@@ -485,12 +496,14 @@ class Channel:
             with self._lock:
                 if self._ready:
                     item, exc = self._ready.popleft()
+                    room, self._want_room = self._want_room, False
                     break
                 waiter = self._frame_waiter = self._loop.create_future()
             await waiter
+        if room:
+            self._room.put(None)
         if exc is not None:
             raise exc
-        self._credit.release()
         return item
 
     def _recv_loop(self) -> None:
@@ -547,7 +560,9 @@ class Channel:
                 self._sending or bool(self._wq) or isinstance(self._io, _Tls))
             if graceful:
                 self._wq.append(_CLOSE)
-                self._wcond.notify_all()
+                if self._idle:
+                    self._idle = False
+                    self._bell.put(None)
         if not graceful:
             self.abort()
             return
@@ -561,7 +576,6 @@ class Channel:
         with self._lock:
             self._closing = self._aborted = True
             self._lock.notify_all()
-            self._wcond.notify_all()
             fut, self._draining = self._draining, None
             waiter, self._frame_waiter = self._frame_waiter, None
             if waiter is not None:
@@ -573,7 +587,8 @@ class Channel:
         if fut is not None:
             self._call_soon(_deliver, fut, None, ConnectionAbortedError("migration stream aborted"))
         self._shutdown()
-        self._credit.release(1)
+        self._bell.put(None)
+        self._room.put(None)
         if finish:  # no thread runs (or ever ran): close here
             self._finish()
 

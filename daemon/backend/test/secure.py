@@ -102,7 +102,10 @@ async def src_prove(reader: ByteReader, writer: ByteWriter, dest: StreamAddress,
     except TimeoutError:
         raise MigrationFailed(
             f"{NOT_PREPARED}: no answer from '{hostport(dest)}'") from None
-    except asyncio.IncompleteReadError:
+    except (asyncio.IncompleteReadError, ConnectionResetError):
+        # (a reset too: a destination that refuses this host's certificate closes the
+        # connection, and whether this end's first bytes got there first decides between the
+        # two -- in a thread that sends them, either comes)
         hint = ""
         if writer.get_extra_info("ssl_object") is not None:
             hint = " (over TLS: it may have refused this host's certificate)"
