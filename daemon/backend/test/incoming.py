@@ -18,6 +18,11 @@ hashed; a page that differs is kept as odd (bounded as above, refused at switcho
 them, ``Incoming.got``, apart from the guest's own writes); the format 1 sum is then not kept,
 and the guest computes its digest afresh when next asked.
 
+The stream runs on a :class:`.channel.Channel`: its reader thread reads whole records ahead
+(:func:`.wire.read_record`, refusing one that may not come or whose length is out of bounds
+before its body, and checking a RUN's pages where they arrived); this module's loop-side code
+takes them in order and keeps every other check and all of the migration's state.
+
 Post-copy: from the POSTCOPY record on, the guest may be resumed; a write to a page that has not
 arrived is held and applied on arrival (the vCPU would block on the fault) and the page is
 requested once (REQUEST records, sent every :data:`_PULL_INTERVAL`).  At the end its memory

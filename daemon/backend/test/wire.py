@@ -62,8 +62,10 @@ malformed record, guest destroyed).  The source reads replies the whole time, so
 aborts the migration at once.
 
 The header and its reply must arrive within :data:`HANDSHAKE_TIMEOUT`; after that only EOF or an
-error ends a stream early.  This module encodes and decodes the records; the source side that
-sends them is :mod:`.outgoing`, the destination side :mod:`.incoming`.
+error ends a stream early.  This module encodes and decodes the records (the destination's
+reader thread reads them whole: :func:`read_record`); the source side that sends them is
+:mod:`.outgoing`, the destination side :mod:`.incoming`, the socket under both
+:mod:`.channel`.
 """
 
 from __future__ import annotations
@@ -105,7 +107,7 @@ RUN = struct.Struct("<II")  # page run header: first page, count
 
 MAX_BATCH_PAGES = 4096  # what a destination accepts in one record
 MAX_INDICES = 65536  # page indices per DISCARD / REQUEST record
-STREAM_LIMIT = 4 * MIB  # StreamReader buffer limit / transport write high-water mark
+STREAM_LIMIT = 4 * MIB  # the accepting server's reader limit (the stream itself: .channel)
 HANDSHAKE_TIMEOUT = 30.0  # seconds for the header and its reply; the stream itself has none
 
 
