@@ -55,13 +55,14 @@ async def no_stream_threads(before: list[threading.Thread]) -> None:
                      f"{[t for t in stream_threads() if t not in before]}")
 
 
-@pytest.mark.parametrize("how", ["cancel", "destroy-destination", "cancel-tls"])
+@pytest.mark.parametrize("how", ["cancel", "destroy-destination", "close-destination",
+                                 "cancel-tls"])
 async def test_an_aborted_migration_leaves_no_stream_thread(
     src: TestBackend, dst: TestBackend, how: str
 ) -> None:
     """Mid-transfer (paced, so that it is), both ends' reader and writer threads run; once the
-    migration is cancelled on the source or its guest destroyed on the destination, none is
-    left, and the source guest runs on."""
+    migration is cancelled on the source, or its guest destroyed on the destination, or the
+    destination backend closed, none is left, and the source guest runs on."""
     before = stream_threads()
     spec = make_spec(256)
     await src.start(spec, paused=False)
@@ -77,6 +78,10 @@ async def test_an_aborted_migration_leaves_no_stream_thread(
         if how == "destroy-destination":
             await dst.destroy(spec.uuid)
             with pytest.raises(MigrationFailed, match="guest unexpectedly quit"):
+                await within(out)
+        elif how == "close-destination":  # (its daemon shuts down)
+            await within(dst.close())
+            with pytest.raises(MigrationFailed, match="destination daemon shutting down"):
                 await within(out)
         else:
             await src.cancel(spec.uuid)
