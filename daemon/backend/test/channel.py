@@ -22,6 +22,13 @@ Stopping: :meth:`Channel.abort` shuts the socket down (``SHUT_RDWR`` wakes a thr
 closed once both threads have ended; :meth:`Channel.wait_closed` waits for that, so that a
 migration's end leaves no thread behind.  The threads are named ``virtmig-stream-*``
 (:data:`THREAD_PREFIX`).
+
+A bound on the threads: a channel given :class:`StreamSlots` starts none before it holds one of
+their slots (:meth:`Channel.admit`, first come, first served; the wait is a plain await, so
+cancelling the task that waits -- ``domjobabort``, a timeout -- ends it), and gives the slot back
+once its threads have ended.  The test backend has one set of slots for its outgoing streams
+and one for its incoming ones (``test_stream_threads``): a stream waiting for a slot on one
+daemon never holds one that a stream it waits for needs, whichever way migrations go.
 """
 
 from __future__ import annotations
@@ -231,6 +238,35 @@ class BufferPool:
             self._free.append(buf)
 
 
+class StreamSlots:
+    """At most ``streams`` channels with threads at once (two threads each), of one kind
+    (``out`` or ``in``: it names their threads).  Used from the event loop's thread; a channel
+    gives its slot back through the loop."""
+
+    def __init__(self, streams: int, kind: str) -> None:
+        if streams < 1:
+            raise ValueError(f"streams must be at least 1, not {streams}")
+        self.streams = streams
+        self.kind = kind
+        self._sem = asyncio.Semaphore(streams)
+        self.waiting = 0  # channels waiting for a slot
+
+    @property
+    def free(self) -> int:
+        return self._sem._value  # (asyncio.Semaphore has no public count)
+
+    async def take(self) -> None:
+        """A slot: at once, or once a channel gave one back (cancellable)."""
+        self.waiting += 1
+        try:
+            await self._sem.acquire()
+        finally:
+            self.waiting -= 1
+
+    def give(self) -> None:
+        self._sem.release()
+
+
 def _retrieve(fut: asyncio.Future[Any]) -> None:
     if not fut.cancelled():
         fut.exception()
@@ -248,8 +284,14 @@ def _deliver(fut: asyncio.Future[Any], result: Any, exc: BaseException | None) -
 class Channel:
     """One migration stream's connected socket, driven by its reader and writer threads."""
 
-    def __init__(self, sock: socket.socket, loop: asyncio.AbstractEventLoop | None = None) -> None:
+    def __init__(self, sock: socket.socket, loop: asyncio.AbstractEventLoop | None = None, *,
+                 slots: StreamSlots | None = None, holds: bool = False) -> None:
+        """``slots``: no thread starts before :meth:`admit` took one of them (``holds``: the
+        caller took it for this channel); None: no bound."""
         self._loop = loop or asyncio.get_running_loop()
+        self._slots = slots
+        self._slot = slots is None or holds  # threads may start
+        self._kind = slots.kind if slots is not None else "any"
         sock.setblocking(True)
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             with contextlib.suppress(OSError):
@@ -283,20 +325,39 @@ class Channel:
         self._closed: asyncio.Future[None] = self._loop.create_future()
 
     @classmethod
-    def adopt(cls, writer: asyncio.StreamWriter) -> Channel:
+    def adopt(cls, writer: asyncio.StreamWriter, slots: StreamSlots | None = None) -> Channel:
         """The socket of an asyncio connection no byte was read from, as a Channel (the
-        transport is dropped)."""
+        transport is dropped; with ``slots``, :meth:`admit` before using it)."""
         tsock = writer.get_extra_info("socket")
         sock = socket.socket(tsock.family, tsock.type, tsock.proto, fileno=os.dup(tsock.fileno()))
         writer.transport.abort()
-        return cls(sock)
+        return cls(sock, slots=slots)
+
+    async def admit(self) -> None:
+        """Hold a slot of the channel's :class:`StreamSlots` (wait for one); at once when it
+        holds one or has no bound.  ConnectionAbortedError when the channel ended first."""
+        if self._slot:
+            return
+        assert self._slots is not None
+        with self._lock:
+            if self._closing:
+                raise ConnectionAbortedError("migration stream closed")
+        await self._slots.take()
+        with self._lock:
+            ended = self._finished
+            if not ended:
+                self._slot = True
+        if ended:  # (aborted while it waited: the slot is not this channel's to keep)
+            self._slots.give()
+            raise ConnectionAbortedError("migration stream closed")
 
     # -- threads --------------------------------------------------------------------------------
 
     def _start(self, name: str) -> None:
         """Start the ``send`` or ``recv`` thread unless it runs (or the channel ends)."""
         with self._lock:
-            if self._closing or (self._sending if name == "send" else self._receiving):
+            if (self._closing or not self._slot
+                    or (self._sending if name == "send" else self._receiving)):
                 return
             if name == "send":
                 self._sending = True
@@ -305,7 +366,7 @@ class Channel:
             self._alive += 1
         target = self._send_loop if name == "send" else self._recv_loop
         threading.Thread(target=self._run, args=(target,), daemon=True,
-                         name=f"{THREAD_PREFIX}-{name}").start()
+                         name=f"{THREAD_PREFIX}-{self._kind}-{name}").start()
 
     def _run(self, target: Callable[[], None]) -> None:
         try:
@@ -323,6 +384,8 @@ class Channel:
         """Both threads ended after close or abort: close the socket, wake wait_closed."""
         self._shutdown()
         self.sock.close()
+        if self._slots is not None and self._slot:
+            self._call_soon(self._slots.give)
         self._call_soon(_deliver, self._closed, None, None)
 
     def _shutdown(self) -> None:
@@ -441,6 +504,8 @@ class Channel:
         with self._lock:
             if self._closing:
                 raise ConnectionAbortedError("migration stream closed")
+            if not self._slot:
+                raise RuntimeError("a read on a channel not admitted (Channel.admit)")
             self._rq.append((fn, fut))
             self._lock.notify_all()
         self._start("recv")
@@ -486,6 +551,8 @@ class Channel:
         fut: asyncio.Future[None] = self._loop.create_future()
         fut.add_done_callback(_retrieve)
         with self._lock:
+            if not self._slot:
+                raise RuntimeError("a read on a channel not admitted (Channel.admit)")
             self._rq.append((frames, fut))
             self._lock.notify_all()
         self._start("recv")
@@ -556,7 +623,7 @@ class Channel:
         with self._lock:
             if self._closing:
                 return
-            graceful = self._werror is None and (
+            graceful = self._werror is None and self._slot and (
                 self._sending or bool(self._wq) or isinstance(self._io, _Tls))
             if graceful:
                 self._wq.append(_CLOSE)

@@ -140,10 +140,13 @@ class Incoming:
 
 async def dst_receive(guests: dict[str, Guest], inc: Incoming, chan: Channel) -> None:
     """Own task for the one accepted stream: never raises, always settles ``inc.done`` (at once,
-    as the stream ends), then waits for the stream's threads to end."""
-    inc.connected_at = time.monotonic()
-    inc.status = MigrationStatus.ACTIVE
+    as the stream ends), then waits for the stream's threads to end.  The stream's threads
+    start once the channel holds a slot (:meth:`.channel.Channel.admit`: the wait ends with an
+    abort, as the stream would)."""
     try:
+        await chan.admit()
+        inc.connected_at = time.monotonic()
+        inc.status = MigrationStatus.ACTIVE
         await _receive_stream(inc, chan)
     except asyncio.CancelledError:
         chan.write(nak(f"destination: {inc.abort_reason or 'migration aborted'}"))

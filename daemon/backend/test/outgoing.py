@@ -56,7 +56,7 @@ from virtmig.daemon.backend.base import (
     PostcopyFailed,
     StreamAddress,
 )
-from virtmig.daemon.backend.test.channel import BufferPool, ByteReader, Channel
+from virtmig.daemon.backend.test.channel import BufferPool, ByteReader, Channel, StreamSlots
 from virtmig.daemon.backend.test.guest import FAULT_CORRUPT_STREAM, Guest
 from virtmig.daemon.backend.test.memory import PAGE_SIZE, RUN_TEMPLATE_PAGES, run_template
 from virtmig.daemon.backend.test.pacing import (
@@ -127,6 +127,7 @@ class Outgoing:
     done: asyncio.Future[MigrationProgress] = field(default_factory=future)
     outcome: BackendError | None = None
     final: MigrationProgress | None = None
+    slots: StreamSlots | None = None  # the backend's bound on outgoing streams' threads
 
     def __post_init__(self) -> None:
         self.pacer = Pacer(self.tuning.bandwidth_bytes_per_s)
@@ -206,15 +207,23 @@ async def src_send(mig: Outgoing) -> None:
 
 
 async def _connect(mig: Outgoing) -> Channel:
-    """The connection to the destination: TLS when ``tuning.tls`` says so."""
-    dest, tls = mig.dest, mig.tuning.tls
+    """The connection to the destination: TLS when ``tuning.tls`` says so.  With
+    ``mig.slots``, it first waits for one of them (before connecting: the destination does
+    not wait for a silent connection beyond its handshake timeout)."""
+    dest, tls, slots = mig.dest, mig.tuning.tls, mig.slots
     ctx = client_context(tls) if tls is not None else None
+    if slots is not None:
+        await slots.take()
     try:
         sock = await _open(dest.host, dest.port)
-    except OSError as e:
-        raise MigrationFailed(
-            f"Failed to connect to '{hostport(dest)}': {strerror(e)}") from None
-    chan = Channel(sock)
+    except BaseException as e:
+        if slots is not None:
+            slots.give()
+        if isinstance(e, OSError):
+            raise MigrationFailed(
+                f"Failed to connect to '{hostport(dest)}': {strerror(e)}") from None
+        raise
+    chan = Channel(sock, slots=slots, holds=True)
     if ctx is None or tls is None:
         return chan
     try:

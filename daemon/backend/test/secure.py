@@ -143,6 +143,7 @@ async def dst_admit(chan: Channel, ctx: ssl.SSLContext | None, token: str) -> No
     fails (the caller aborts the connection)."""
     try:
         async with asyncio.timeout(ADMIT_TIMEOUT):
+            await chan.admit()  # (a slot for its threads: the wait counts in the time)
             if ctx is not None:
                 await chan.start_tls(ctx, server_side=True)
             if token:
