@@ -25,6 +25,7 @@ from tests.daemon.backend_test_helpers import (
     wait_for_progress,
     within,
 )
+from tests.daemon.test_stream_security import dst_tuning, src_tuning
 from virtmig.daemon.backend.base import (
     GuestRunState,
     MigrationCancelled,
@@ -32,7 +33,7 @@ from virtmig.daemon.backend.base import (
     MigrationTuning,
 )
 from virtmig.daemon.backend.test import TestBackend
-from virtmig.daemon.backend.test.channel import THREAD_PREFIX
+from virtmig.daemon.backend.test.channel import THREAD_PREFIX, StreamSlots
 from virtmig.daemon.config import build_parser, load_config
 from virtmig.daemon.main import make_backend
 from virtmig.proto.errors import InvalidArgument
@@ -84,23 +85,32 @@ async def no_stream_threads() -> None:
                      what=lambda: f"the stream threads to end: {live()}")
 
 
-@pytest.mark.parametrize("extra", [1, 4])
+async def slots_free(slots: StreamSlots) -> None:
+    """Every slot given back (a channel gives its slot through the loop as its threads end)."""
+    await wait_until(lambda: slots.free == slots.streams, timeout=15,
+                     what=lambda: f"{slots.streams} free {slots.kind} slots: {slots.free}")
+
+
+@pytest.mark.parametrize(("extra", "protected"), [(1, False), (4, False), (3, True)],
+                         ids=["plain-1", "plain-4", "tls-token-3"])
 async def test_more_migrations_than_the_bound_all_succeed_within_it(
-    capped: tuple[TestBackend, TestBackend], peaks: Counter[str], extra: int
+    capped: tuple[TestBackend, TestBackend], peaks: Counter[str], extra: int, protected: bool
 ) -> None:
-    """CAP // 4 + ``extra`` migrations at once (paced, so that they overlap): each arrives
-    whole; the source ran CAP // 2 outgoing stream threads at most and at times, the
+    """CAP // 4 + ``extra`` migrations at once (paced, so that they overlap; over TLS with a
+    stream token too, whose connections prove themselves in the destination's threads): each
+    arrives whole; the source ran CAP // 2 outgoing stream threads at most and at times, the
     destination never more than CAP // 2 incoming ones."""
     src, dst = capped
     await no_stream_threads()
     n = CAP // 4 + extra
     specs = [make_spec(8) for _ in range(n)]
-    tuning = dataclasses.replace(MigrationTuning(), bandwidth_bytes_per_s=64 * MIB)
+    tuning = dataclasses.replace(src_tuning() if protected else MigrationTuning(),
+                                 bandwidth_bytes_per_s=64 * MIB)
 
     async def one(spec_index: int) -> None:
         spec = specs[spec_index]
         await src.start(spec, paused=False)
-        port = await dst.incoming_start(spec, LOOPBACK)
+        port = await dst.incoming_start(spec, LOOPBACK, dst_tuning() if protected else None)
         await within(src.outgoing(spec.uuid, to(port), tuning), 60)
         await within(dst.incoming_wait(spec.uuid), 60)
 
@@ -116,7 +126,8 @@ async def test_more_migrations_than_the_bound_all_succeed_within_it(
     assert peaks["out"] == CAP // 2
     assert peaks["in"] <= CAP // 2
     await no_stream_threads()
-    assert (src.out_slots.free, dst.in_slots.free) == (CAP // 4, CAP // 4)
+    await slots_free(src.out_slots)
+    await slots_free(dst.in_slots)
 
 
 @pytest.mark.parametrize("where", ["source", "destination"])
@@ -166,9 +177,42 @@ async def test_a_migration_waiting_for_a_slot_can_be_aborted(peaks: Counter[str]
             out1.cancel()
             out2.cancel()
         await no_stream_threads()
-        assert slots.free == 1
+        await slots_free(slots)
         assert peaks[slots.kind] == 2  # one stream's two threads, never more
     finally:
+        await within(src.close())
+        await within(dst.close())
+
+
+async def test_a_flood_of_connections_to_a_protected_port_stays_within_the_bound(
+    peaks: Counter[str]
+) -> None:
+    """Connections to a TLS port that never say a word each wait for a slot before a thread
+    proves them (one incoming stream at most here: two threads); once they close, the
+    source's own connection gets its turn and the migration completes."""
+    src, dst = TestBackend(), TestBackend(stream_threads=4)
+    floods: list[asyncio.StreamWriter] = []
+    try:
+        await no_stream_threads()
+        spec = make_spec(8)
+        await src.start(spec, paused=False)
+        port = await dst.incoming_start(spec, LOOPBACK, dst_tuning())
+        for _ in range(6):
+            floods.append((await asyncio.open_connection("127.0.0.1", port))[1])
+        await wait_until(lambda: dst.in_slots.waiting == 5, timeout=15,
+                         what=lambda: f"five connections waiting: {dst.in_slots.waiting}")
+        assert live()["in"] <= 2
+        for w in floods:
+            w.close()
+        await within(src.outgoing(spec.uuid, to(port), src_tuning()), 30)
+        await within(dst.incoming_wait(spec.uuid), 30)
+        assert dst.memory_digest(spec.uuid) == src.memory_digest(spec.uuid)
+        await no_stream_threads()
+        assert peaks["in"] <= 2
+        await slots_free(dst.in_slots)
+    finally:
+        for w in floods:
+            w.close()
         await within(src.close())
         await within(dst.close())
 
