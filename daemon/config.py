@@ -247,9 +247,10 @@ def _count(data: dict[str, Any], key: str) -> int:
 
 
 def _bounds(data: dict[str, Any]) -> dict[str, Any]:
-    """``max_domains`` (1..MAX_DOMAINS) and the test backend's guest limits (0: default)."""
+    """``max_domains`` (1..MAX_DOMAINS), the test backend's guest limits (0: default) and its
+    stream threads (at least 4)."""
     ranges = {"max_domains": (1, MAX_DOMAINS), "test_max_memory_mib": (0, 2**43),
-              "test_max_vcpus": (0, 2**32 - 1)}
+              "test_max_vcpus": (0, 2**32 - 1), "test_stream_threads": (4, 65536)}
     out: dict[str, Any] = {}
     for key, (lo, hi) in ranges.items():
         if key in data:

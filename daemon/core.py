@@ -110,9 +110,11 @@ class DaemonConfig:
     # Domains this daemon holds at most (defined, running or incoming; ``registry.MAX_DOMAINS``
     # at most: a bound on the daemon's memory).
     max_domains: int = held("max_domains")
-    # The test backend's guest limits (0: the host's RAM / test.guest.MAX_VCPUS).
+    # The test backend's guest limits (0: the host's RAM / test.guest.MAX_VCPUS) and its
+    # migration streams' threads at most (TestBackend's stream_threads).
     test_max_memory_mib: int = held("test_max_memory_mib")
     test_max_vcpus: int = held("test_max_vcpus")
+    test_stream_threads: int = held("test_stream_threads")
     # Clients with calls in flight, and calls in flight per client (virtmig.daemon.limits).
     max_clients: int = held("max_clients")
     max_calls_per_client: int = held("max_calls_per_client")

@@ -58,7 +58,8 @@ def make_backend(name: str, config: DaemonConfig | None = None) -> Backend:
         if config is None:
             return TestBackend()
         return TestBackend(max_memory_bytes=config.test_max_memory_mib * 1024 * 1024,
-                           max_vcpus=config.test_max_vcpus)
+                           max_vcpus=config.test_max_vcpus,
+                           stream_threads=config.test_stream_threads)
     if name == "qemu":
         from virtmig.daemon.backend.qemu import QemuBackend
 

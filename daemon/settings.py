@@ -88,6 +88,9 @@ SCHEMA: Final[tuple[Setting, ...]] = (
     _s("max_domains", "int", 100000, "domains held at most (1..1000000)"),
     _s("test_max_memory_mib", "int", 0, "test backend: largest guest memory (0: the host's RAM)"),
     _s("test_max_vcpus", "int", 0, "test backend: most vCPUs of a guest (0: 4096)"),
+    _s("test_stream_threads", "int", 256, "test backend: migration stream threads at most, two "
+       "per stream, half for outgoing and half for incoming streams; a stream beyond waits "
+       "(4..65536)"),
     _s("max_downtime_ms", "int", 300, "default maximum downtime at switchover (1..2000000)",
        reload=True),
     _s("max_clients", "int", 512, "clients with calls in flight (at least 1)", reload=True),

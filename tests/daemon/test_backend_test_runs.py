@@ -70,7 +70,7 @@ async def test_both_new_ends_move_pages_in_runs(
     """Two format 2 ends: once the VERSION reply is back (after what the socket buffers hold)
     the pages go as RUN records, which the destination checks without hashing a page, and the
     memory arrives (digest of the memory, both ends)."""
-    runs = counting_async(monkeypatch, incoming, "_receive_run")
+    runs = counting(monkeypatch, incoming, "_receive_run")
     hashed = counting(monkeypatch, incoming, "received_page")
     spec = make_spec(64, **{"dirty-rate-mib": "8"})
     await src.start(spec, paused=False)
@@ -92,7 +92,7 @@ async def test_a_format_1_end_still_migrates(
         monkeypatch.setattr(outgoing, "OFFER_RUNS", False)
     else:
         monkeypatch.setattr(incoming, "READS_RUNS", False)
-    runs = counting_async(monkeypatch, incoming, "_receive_run")
+    runs = counting(monkeypatch, incoming, "_receive_run")
     switches = counting(monkeypatch, outgoing, "_switch_record")
     spec = make_spec(16, **{"dirty-rate-mib": "8"})
     await src.start(spec, paused=False)
@@ -109,7 +109,7 @@ async def test_postcopy_in_runs_and_not(
     for the switchover check) and over format 1: the memory as of the switch arrives."""
     if old:
         monkeypatch.setattr(incoming, "READS_RUNS", False)
-    runs = counting_async(monkeypatch, incoming, "_receive_run")
+    runs = counting(monkeypatch, incoming, "_receive_run")
     spec = make_spec(32, **{"dirty-rate-mib": "16"})
     await src.start(spec, paused=False)
     await switch_to_postcopy(src, dst, spec, MigrationTuning(postcopy=True),
@@ -233,7 +233,9 @@ async def test_format_2_records_need_the_offer(dst: TestBackend, record: bytes) 
 @pytest.mark.parametrize(
     ("reply", "message"),
     [(b"V" + struct.pack("<H", 1), "stream format 1 offered"),
-     (b"V", r"closed by the destination|Unable to write to socket")],
+     # (closing with the source's bytes unread resets the connection: the source's reader
+     # thread may see the reset before the EOF)
+     (b"V", r"closed by the destination|Unable to (write to|read from) socket")],
     ids=["older-version", "truncated"],
 )
 async def test_source_refuses_a_bad_version_reply(

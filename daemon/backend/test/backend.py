@@ -52,13 +52,14 @@ Ended migrations
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import ssl
 import time
 from collections.abc import Coroutine
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from virtmig.daemon.backend.base import (
     DEFAULT_MAX_VCPUS,
@@ -74,6 +75,7 @@ from virtmig.daemon.backend.base import (
     StreamAddress,
     host_memory_bytes,
 )
+from virtmig.daemon.backend.test.channel import Channel, StreamSlots
 from virtmig.daemon.backend.test.ended import MAX_ENDED, Ended, EndedTable
 from virtmig.daemon.backend.test.guest import Guest, parse_options
 from virtmig.daemon.backend.test.incoming import Incoming, dst_abort, dst_receive
@@ -81,6 +83,7 @@ from virtmig.daemon.backend.test.outgoing import Outgoing, src_send, src_settle
 from virtmig.daemon.backend.test.secure import StreamRefused, dst_admit, server_context
 from virtmig.daemon.backend.test.util import retrieve
 from virtmig.daemon.backend.test.wire import STREAM_LIMIT
+from virtmig.daemon.settings import held
 from virtmig.proto import logsafe
 from virtmig.proto.errors import ConfigUnsupported
 from virtmig.proto.flags import MigrateFlags
@@ -96,12 +99,20 @@ class TestBackend(Backend):
     extra_flags = MigrateFlags.TLS  # TLS on the stream (:mod:`.secure`)
 
     def __init__(self, *, max_memory_bytes: int = 0, max_vcpus: int = 0,
-                 max_ended: int = MAX_ENDED) -> None:
+                 max_ended: int = MAX_ENDED,
+                 stream_threads: int = held("test_stream_threads")) -> None:
         """``max_memory_bytes``: the largest guest (0: the host's RAM); ``max_vcpus``: the most
         vCPUs (0: :data:`~virtmig.daemon.backend.base.DEFAULT_MAX_VCPUS`); ``max_ended``: the
-        guests whose last migration's outcome is kept once it ended."""
+        guests whose last migration's outcome is kept once it ended; ``stream_threads``: the
+        migration streams' threads at most (at least 4): two per stream, half of them for
+        outgoing streams and half for incoming ones; a stream beyond waits for one to end
+        (:class:`.channel.StreamSlots`)."""
+        if stream_threads < 4:
+            raise ValueError(f"stream_threads must be at least 4, not {stream_threads}")
         self._max_memory = max_memory_bytes
         self._max_vcpus = max_vcpus
+        self.out_slots = StreamSlots(stream_threads // 4, "out")
+        self.in_slots = StreamSlots(stream_threads // 4, "in")
         self._guests: dict[str, Guest] = {}
         # Live migrations only (an ended one leaves its record in _ended).
         self._incoming: dict[str, Incoming] = {}
@@ -325,28 +336,27 @@ class TestBackend(Backend):
 
     def _accepted(self, inc: Incoming, ctx: ssl.SSLContext | None, token: str,
                   reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """A connection to the incoming port.  Unprotected (no TLS, no token): the first one is
-        the stream.  Else each proves itself concurrently (:mod:`.secure`); the first that does
-        is the stream, the others are dropped."""
+        """A connection to the incoming port, taken out of asyncio before a byte is read
+        (:class:`.channel.Channel`).  Unprotected (no TLS, no token): the first one is the
+        stream.  Else each proves itself concurrently (:mod:`.secure`); the first that does is
+        the stream, the others are dropped."""
         if inc.task is not None or inc.done.done():
             writer.transport.abort()  # exactly one stream per incoming migration
             return
+        chan = Channel.adopt(writer, self.in_slots)
         if ctx is None and not token:
-            self._take_stream(inc, reader, writer)
+            self._take_stream(inc, chan)
             return
-        if ctx is not None:
-            # Not a byte read before start_tls: the ClientHello must reach the TLS layer.
-            cast(asyncio.Transport, writer.transport).pause_reading()
-        inc.admitting.add(self._spawn(self._admit(inc, ctx, token, reader, writer)))
+        inc.admitting.add(self._spawn(self._admit(inc, ctx, token, chan)))
 
     async def _admit(self, inc: Incoming, ctx: ssl.SSLContext | None, token: str,
-                     reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+                     chan: Channel) -> None:
         task = asyncio.current_task()
         assert task is not None
-        peer = writer.get_extra_info("peername")
+        peer = chan.get_extra_info("peername")
         ok = False
         try:
-            await dst_admit(reader, writer, ctx, token)
+            await dst_admit(chan, ctx, token)
             ok = inc.task is None and not inc.done.done()
         except StreamRefused as e:
             log.warning("test backend: incoming migration of %s: dropped a connection from %s: "
@@ -354,17 +364,19 @@ class TestBackend(Backend):
         finally:
             inc.admitting.discard(task)
             if not ok:
-                writer.transport.abort()
+                chan.abort()
         if ok:
             for other in list(inc.admitting):
                 other.cancel()
-            self._take_stream(inc, reader, writer)
+            self._take_stream(inc, chan)
+        else:
+            with contextlib.suppress(asyncio.CancelledError):
+                await chan.wait_closed()
 
-    def _take_stream(self, inc: Incoming, reader: asyncio.StreamReader,
-                     writer: asyncio.StreamWriter) -> None:
+    def _take_stream(self, inc: Incoming, chan: Channel) -> None:
         if inc.server is not None:
             inc.server.close()
-        inc.task = self._spawn(dst_receive(self._guests, inc, reader, writer))
+        inc.task = self._spawn(dst_receive(self._guests, inc, chan))
 
     async def incoming_wait(self, uuid: str) -> MigrationProgress:
         inc = self._incoming.get(uuid)
@@ -393,7 +405,7 @@ class TestBackend(Backend):
             raise BackendError(f"guest {uuid} is already being migrated")
         if dest.transport != "tcp":
             raise BackendError(f"test backend: unsupported migration transport {dest.transport}")
-        mig = Outgoing(guest=guest, dest=dest, tuning=tuning)
+        mig = Outgoing(guest=guest, dest=dest, tuning=tuning, slots=self.out_slots)
         guest.outgoing = mig
         self._track(uuid, mig)
         task = mig.task = asyncio.get_running_loop().create_task(src_send(mig))

@@ -18,6 +18,11 @@ hashed; a page that differs is kept as odd (bounded as above, refused at switcho
 them, ``Incoming.got``, apart from the guest's own writes); the format 1 sum is then not kept,
 and the guest computes its digest afresh when next asked.
 
+The stream runs on a :class:`.channel.Channel`: its reader thread reads whole records ahead
+(:func:`.wire.read_record`, refusing one that may not come or whose length is out of bounds
+before its body, and checking a RUN's pages where they arrived); this module's loop-side code
+takes them in order and keeps every other check and all of the migration's state.
+
 Post-copy: from the POSTCOPY record on, the guest may be resumed; a write to a page that has not
 arrived is held and applied on arrival (the vCPU would block on the fault) and the page is
 requested once (REQUEST records, sent every :data:`_PULL_INTERVAL`).  At the end its memory
@@ -29,7 +34,8 @@ runs from the switch until the guest was resumed (or the end).
 from __future__ import annotations
 
 import asyncio
-import sys
+import contextlib
+import functools
 import time
 from array import array
 from dataclasses import dataclass, field, replace
@@ -40,9 +46,9 @@ from virtmig.daemon.backend.base import (
     MigrationStatus,
     PostcopyFailed,
 )
+from virtmig.daemon.backend.test.channel import BufferPool, Channel
 from virtmig.daemon.backend.test.guest import Guest
 from virtmig.daemon.backend.test.memory import (
-    DIGEST_LEN,
     PAGE_SIZE,
     RUN_TEMPLATE_PAGES,
     digest_bytes,
@@ -57,19 +63,18 @@ from virtmig.daemon.backend.test.memory import (
 from virtmig.daemon.backend.test.sparse import PageSet, Versions
 from virtmig.daemon.backend.test.util import ms
 from virtmig.daemon.backend.test.wire import (
-    ITER,
     ITER_OFFER_RUNS,
     ITER_STOPPED,
-    MAX_BATCH_PAGES,
     RECORD,
     RECORD_LEN,
-    RUN,
-    U32,
+    Framing,
+    Record,
     dst_read_header,
+    is_switch,
     nak,
     offer_reply,
     pack_indices,
-    read_indices,
+    read_record,
     strerror,
 )
 from virtmig.proto import logsafe
@@ -133,39 +138,41 @@ class Incoming:
         )
 
 
-async def dst_receive(
-    guests: dict[str, Guest],
-    inc: Incoming,
-    reader: asyncio.StreamReader,
-    writer: asyncio.StreamWriter,
-) -> None:
-    """Own task for the one accepted stream: never raises, always settles ``inc.done``."""
-    inc.connected_at = time.monotonic()
-    inc.status = MigrationStatus.ACTIVE
+async def dst_receive(guests: dict[str, Guest], inc: Incoming, chan: Channel) -> None:
+    """Own task for the one accepted stream: never raises, always settles ``inc.done`` (at once,
+    as the stream ends), then waits for the stream's threads to end.  The stream's threads
+    start once the channel holds a slot (:meth:`.channel.Channel.admit`: the wait ends with an
+    abort, as the stream would)."""
     try:
-        await _receive_stream(inc, reader, writer)
+        await chan.admit()
+        inc.connected_at = time.monotonic()
+        inc.status = MigrationStatus.ACTIVE
+        await _receive_stream(inc, chan)
     except asyncio.CancelledError:
-        writer.write(nak(f"destination: {inc.abort_reason or 'migration aborted'}"))
-        writer.close()
+        chan.write(nak(f"destination: {inc.abort_reason or 'migration aborted'}"))
+        chan.close()
         _fail(guests, inc, MigrationFailed(inc.abort_reason or "migration aborted"))
     except MigrationFailed as e:  # refused: tell the source why
-        writer.write(nak(str(e)))
-        writer.close()
+        chan.write(nak(str(e)))
+        chan.close()
         _fail(guests, inc, e)
     except asyncio.IncompleteReadError:
-        writer.transport.abort()
+        chan.abort()
         _fail(
             guests,
             inc,
             MigrationFailed("migration stream ended early: the source closed the connection"),
         )
     except OSError as e:
-        writer.transport.abort()
+        chan.abort()
         _fail(guests, inc, MigrationFailed(f"Unable to read from socket: {strerror(e)}"))
     except Exception as e:  # a bug: still fail cleanly
         log.exception("test backend: incoming migration of %s failed", inc.guest.uuid)
-        writer.transport.abort()
+        chan.abort()
         _fail(guests, inc, MigrationFailed(f"internal error in incoming migration: {e}"))
+    # (settled: a cancel from here on only stops this wait; the threads end regardless)
+    with contextlib.suppress(asyncio.CancelledError):
+        await chan.wait_closed()
 
 
 def dst_abort(guests: dict[str, Guest], inc: Incoming, reason: str) -> None:
@@ -213,25 +220,27 @@ def _fail(guests: dict[str, Guest], inc: Incoming, error: MigrationFailed) -> No
     inc.odd = {}
 
 
-async def _receive_stream(
-    inc: Incoming, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-) -> None:
+async def _receive_stream(inc: Incoming, chan: Channel) -> None:
     """Handshake, records, switchover check; MigrationFailed when the stream is refused."""
     guest = inc.guest
     npages = guest.npages
-    seed = await dst_read_header(reader, guest.uuid, npages)
+    seed = await dst_read_header(chan, guest.uuid, npages)
     # The memory is the source's: adopt its seed (it only differs if the XML changed it).
     guest.seed = seed
-    writer.write(b"A")
-    await writer.drain()
+    chan.write(b"A")
+    await chan.drain()
+    # From here on the reader thread reads whole records ahead (wire.read_record).
+    pool = BufferPool(RUN_TEMPLATE_PAGES * PAGE_SIZE)  # for the pages of full runs
+    framing = Framing(npages, READS_RUNS, pool, seed)
+    chan.start_frames(functools.partial(read_record, fr=framing), is_switch)
 
     # inc.total: the terms of the pages as received (post-copy: not the guest's own writes).
     pull: asyncio.Task[None] | None = None
     try:
-        source_digest = await _receive_records(inc, reader, writer, npages, seed)
+        source_digest = await _receive_records(inc, chan, npages, seed, pool)
         if inc.postcopy:
-            pull = asyncio.get_running_loop().create_task(_pull(inc, writer))
-            source_digest = await _receive_records(inc, reader, writer, npages, seed)
+            pull = asyncio.get_running_loop().create_task(_pull(inc, chan))
+            source_digest = await _receive_records(inc, chan, npages, seed, pool)
     finally:
         if pull is not None:
             pull.cancel()
@@ -256,9 +265,9 @@ async def _receive_stream(
             f"memory digest mismatch at switchover: {len(inc.odd)} pages hold bytes that are "
             "not their version's content"
         )
-    writer.write(b"A")
-    await writer.drain()
-    writer.close()
+    chan.write(b"A")
+    await chan.drain()
+    chan.close()
     # Verified: the guest's memory is (seed, received versions) plus, after a post-copy
     # switch, its own writes since.
     now = time.monotonic()
@@ -284,39 +293,40 @@ async def _receive_stream(
 
 
 async def _receive_records(
-    inc: Incoming, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, npages: int,
-    seed: int,
+    inc: Incoming, chan: Channel, npages: int, seed: int, pool: BufferPool
 ) -> bytes | None:
-    """Read records until SWITCH (its digest) or, before post-copy, POSTCOPY (``None``)."""
+    """Take records until SWITCH (its digest) or, before post-copy, POSTCOPY (``None``).
+
+    The reader thread has read each whole and refused any that may not come or whose length is
+    out of bounds (:func:`.wire.read_record`); the rest of the checks are here."""
     received = inc.received
-    postcopy = inc.postcopy
     while True:
-        kind = await reader.readexactly(1)
-        if kind == b"G" and inc.runs_offered:
-            await _receive_run(inc, reader, npages, seed)
+        rec: Record = await chan.next_frame()
+        kind = rec.kind
+        if kind == b"G":
+            assert rec.versions is not None
+            _receive_run(inc, rec.a, rec.versions, rec.data, seed, rec.matches)
+            pool.put(rec.data)
         elif kind == b"P":
-            await _receive_pages(inc, reader, npages, seed)
+            _receive_pages(inc, rec.b, rec.data, npages, seed)
         elif kind == b"I":
-            inc.iteration, flags = ITER.unpack(await reader.readexactly(ITER.size))
+            inc.iteration, flags = rec.a, rec.b
             if flags & ITER_STOPPED and not inc.stopped_at:
                 inc.stopped_at = time.monotonic()
             if flags & ITER_OFFER_RUNS and READS_RUNS and not inc.runs_offered:
                 inc.runs_offered = True
-                writer.write(offer_reply())
+                chan.write(offer_reply())
         elif kind == b"S":
             if inc.runs_seen:
                 raise MigrationFailed(
                     "malformed migration stream: a format 1 switchover after page runs")
-            return await reader.readexactly(DIGEST_LEN)
-        elif kind == b"W" and inc.runs_offered:
+            return bytes(rec.data)
+        elif kind == b"W":
             inc.by_versions = True
-            return await reader.readexactly(DIGEST_LEN)
-        elif kind in (b"D", b"C") and postcopy:
-            raise MigrationFailed(
-                f"malformed migration stream: record {kind!r} after the switch to post-copy"
-            )
+            return bytes(rec.data)
         elif kind == b"D":
-            for idx in await read_indices(reader, npages, "discard"):
+            assert rec.versions is not None
+            for idx in rec.versions:
                 if received.discard(idx):
                     if inc.runs_seen:  # (the format 1 sum is not kept any more)
                         inc.odd.pop(idx, None)
@@ -330,19 +340,15 @@ async def _receive_records(
                 inc.got = inc.guest.versions.copy()
             inc.guest.begin_postcopy(received)
             return None
-        else:
+        else:  # (read_record reads no other)
             raise MigrationFailed(f"malformed migration stream: unknown record {kind!r}")
 
 
-async def _receive_pages(
-    inc: Incoming, reader: asyncio.StreamReader, npages: int, seed: int
+def _receive_pages(
+    inc: Incoming, count: int, buf: bytes | bytearray, npages: int, seed: int
 ) -> None:
     """The body of a PAGES record (format 1): page by page, each hashed into the sum."""
     guest, received, postcopy, got = inc.guest, inc.received, inc.postcopy, inc.got
-    (count,) = U32.unpack(await reader.readexactly(U32.size))
-    if not 0 < count <= MAX_BATCH_PAGES:
-        raise MigrationFailed(f"malformed migration stream: batch of {count} pages")
-    buf = await reader.readexactly(count * RECORD_LEN)
     for off in range(0, len(buf), RECORD_LEN):
         idx, ver = RECORD.unpack_from(buf, off)
         if idx >= npages:
@@ -368,24 +374,16 @@ async def _receive_pages(
     inc.pages += count
 
 
-async def _receive_run(
-    inc: Incoming, reader: asyncio.StreamReader, npages: int, seed: int
+def _receive_run(
+    inc: Incoming, first: int, versions: array[int], pages: bytes | bytearray, seed: int,
+    matches: bool,
 ) -> None:
-    """The body of a RUN record (format 2): checked in place against the pages' bytes at the
-    versions it names (:func:`.memory.run_matches`); a page that differs is kept as odd (refused
-    at switchover)."""
-    first, count = RUN.unpack(await reader.readexactly(RUN.size))
-    if not 0 < count <= RUN_TEMPLATE_PAGES:
-        raise MigrationFailed(f"malformed migration stream: run of {count} pages")
-    if first + count > npages:
-        raise MigrationFailed(
-            f"malformed migration stream: run of pages {first} to {first + count - 1} "
-            f"of {npages}")
-    versions = array("I")
-    versions.frombytes(await reader.readexactly(4 * count))
-    if sys.byteorder == "big":
-        versions.byteswap()
-    pages = await reader.readexactly(count * PAGE_SIZE)
+    """The body of a RUN record (format 2), its count and pages checked against the guest's
+    size already, and ``matches``: whether its pages are the bytes of the versions it names,
+    checked in place (:func:`.memory.run_matches`, by the reader thread:
+    :func:`.wire.read_record`); else a page that differs is kept as odd (refused at
+    switchover)."""
+    count = len(versions)
     inc.runs_seen = True
     if inc.postcopy:
         guest, received = inc.guest, inc.received
@@ -403,7 +401,7 @@ async def _receive_run(
         if inc.odd:  # resent: what was odd is replaced
             for idx in range(first, first + count):
                 inc.odd.pop(idx, None)
-    if not run_matches(seed, first, versions, pages):
+    if not matches and not run_matches(seed, first, versions, pages):
         for k, ver in enumerate(versions):
             page = pages[k * PAGE_SIZE : (k + 1) * PAGE_SIZE]
             if page != page_bytes(seed, first + k, ver):
@@ -447,7 +445,7 @@ def _term_received(inc: Incoming, idx: int, seed: int) -> int:
     return term_of(seed, idx, inc.guest.versions[idx])
 
 
-async def _pull(inc: Incoming, writer: asyncio.StreamWriter) -> None:
+async def _pull(inc: Incoming, writer: Channel) -> None:
     """Post-copy destination: let the guest run, and request the pages it faults on."""
     guest = inc.guest
     try:

@@ -66,19 +66,35 @@ _WORDS = PAGE_SIZE // 8  # u64 words per page; the suffix is the last three
 _VERSIONS_PERSON = b"virtmig-testver"
 
 
+def run_template(seed: int) -> bytearray:
+    """A new buffer of :data:`RUN_TEMPLATE_PAGES` pages with the seed's prefix (for
+    ``run_bytes(..., templated=True)``)."""
+    return bytearray(_run_template(seed))
+
+
 @functools.lru_cache(maxsize=4)
 def _run_template(seed: int) -> bytes:
     """:data:`RUN_TEMPLATE_PAGES` pages of the seed's prefix, their suffixes zero."""
     return (_prefix(seed)[0] + bytes(SUFFIX.size)) * RUN_TEMPLATE_PAGES
 
 
-def run_bytes(seed: int, first: int, versions: array[int]) -> bytearray:
+def run_bytes(seed: int, first: int, versions: array[int],
+              out: bytearray | None = None, *, templated: bool = False) -> bytearray:
     """The bytes of pages ``first`` .. ``first + len(versions) - 1`` at ``versions``: the same as
-    joining their :func:`page_bytes`, built without a step per page."""
+    joining their :func:`page_bytes`, built without a step per page.
+
+    Into ``out`` when given, a buffer of exactly that size (a reused buffer costs no allocation
+    and no page faults); ``templated``: it holds a run of the seed already (every page's prefix
+    is the seed's: :func:`run_template`), so only the suffixes are written."""
     count = len(versions)
     if not 0 < count <= RUN_TEMPLATE_PAGES:
         raise ValueError(f"a run is 1 to {RUN_TEMPLATE_PAGES} pages, not {count}")
-    buf = bytearray(memoryview(_run_template(seed))[: count * PAGE_SIZE])
+    if out is None:
+        buf = bytearray(memoryview(_run_template(seed))[: count * PAGE_SIZE])
+    else:
+        buf = out
+        if not templated:
+            buf[:] = memoryview(_run_template(seed))[: count * PAGE_SIZE]
     words = memoryview(buf).cast("Q")
     columns = (array("Q", [seed]) * count, array("Q", range(first, first + count)),
                array("Q", versions))
@@ -96,7 +112,7 @@ def _le_words(values: array[int]) -> bytes:
     return values.tobytes()
 
 
-def run_matches(seed: int, first: int, versions: array[int], pages: bytes) -> bool:
+def run_matches(seed: int, first: int, versions: array[int], pages: bytes | bytearray) -> bool:
     """Whether ``pages`` are exactly ``run_bytes(seed, first, versions)``, checked without a
     copy: the three suffix words of every page as strided columns, and every page's prefix
     with ``startswith`` at its offset (a ``memcmp`` each, mapped in C)."""
@@ -134,7 +150,7 @@ def page_bytes(seed: int, idx: int, version: int) -> bytes:
     return _prefix(seed)[0] + SUFFIX.pack(seed, idx, version)
 
 
-def page_hash(data: bytes | memoryview) -> bytes:
+def page_hash(data: bytes | bytearray | memoryview) -> bytes:
     """The 16-byte blake2b hash of one page's bytes (what the memory digest is made of)."""
     return hashlib.blake2b(data, digest_size=PAGE_HASH_LEN).digest()
 
@@ -146,7 +162,8 @@ def page_hash_of(seed: int, idx: int, version: int) -> bytes:
     return h.digest()
 
 
-def received_page(seed: int, buf: bytes, off: int, idx: int, version: int) -> tuple[bytes, bool]:
+def received_page(seed: int, buf: bytes | bytearray, off: int, idx: int,
+                  version: int) -> tuple[bytes, bool]:
     """``page_hash(buf[off:off + 4096])`` (cheap when the page has the seed's prefix), and
     whether those bytes are exactly ``page_bytes(seed, idx, version)``."""
     block, state = _prefix(seed)

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import socket
 import ssl
 import time
 from collections import deque
@@ -55,8 +56,9 @@ from virtmig.daemon.backend.base import (
     PostcopyFailed,
     StreamAddress,
 )
+from virtmig.daemon.backend.test.channel import BufferPool, ByteReader, Channel, StreamSlots
 from virtmig.daemon.backend.test.guest import FAULT_CORRUPT_STREAM, Guest
-from virtmig.daemon.backend.test.memory import PAGE_SIZE
+from virtmig.daemon.backend.test.memory import PAGE_SIZE, RUN_TEMPLATE_PAGES, run_template
 from virtmig.daemon.backend.test.pacing import (
     BATCH_PAGES,
     Pacer,
@@ -72,7 +74,6 @@ from virtmig.daemon.backend.test.wire import (
     ITER_OFFER_RUNS,
     ITER_STOPPED,
     RUNS_VERSION,
-    STREAM_LIMIT,
     hostport,
     pack_indices,
     page_records,
@@ -126,9 +127,14 @@ class Outgoing:
     done: asyncio.Future[MigrationProgress] = field(default_factory=future)
     outcome: BackendError | None = None
     final: MigrationProgress | None = None
+    slots: StreamSlots | None = None  # the backend's bound on outgoing streams' threads
 
     def __post_init__(self) -> None:
         self.pacer = Pacer(self.tuning.bandwidth_bytes_per_s)
+        # The pages of full runs are built in these buffers (runs of the guest's seed), given
+        # back once sent.
+        seed = self.guest.seed
+        self.pool = BufferPool(RUN_TEMPLATE_PAGES * PAGE_SIZE, new=lambda: run_template(seed))
         self.done.add_done_callback(retrieve)
 
     def abort(self, error: BackendError) -> None:
@@ -163,20 +169,20 @@ class Outgoing:
 
 
 async def src_send(mig: Outgoing) -> None:
-    """The outgoing stream, as the task ``cancel``/``destroy``/a NAK cancel."""
+    """The outgoing stream, as the task ``cancel``/``destroy``/a NAK cancel.  It ends once the
+    stream's threads have (:class:`.channel.Channel`)."""
     guest, dest = mig.guest, mig.dest
-    reader, writer = await _connect(mig)
+    chan = await _connect(mig)
     watch: asyncio.Task[str | None] | None = None
     ok = False
     try:
-        writer.transport.set_write_buffer_limits(high=STREAM_LIMIT)
         if mig.tuning.stream_token:
-            await src_prove(reader, writer, dest, mig.tuning.stream_token)
+            await src_prove(chan, chan, dest, mig.tuning.stream_token)
         await src_handshake(
-            reader, writer, dest, uuid=guest.uuid, npages=guest.npages, seed=guest.seed
+            chan, chan, dest, uuid=guest.uuid, npages=guest.npages, seed=guest.seed
         )
-        watch = _watch_replies(mig, reader)
-        await _precopy(mig, writer)
+        watch = _watch_replies(mig, chan)
+        await _precopy(mig, chan)
         mig.awaiting_ack = True
         refused = await watch
         if refused is not None:
@@ -190,31 +196,71 @@ async def src_send(mig: Outgoing) -> None:
         if watch is not None and not watch.done():
             watch.cancel()
         if ok:
-            writer.close()
+            chan.close()
         else:
-            writer.transport.abort()
-
-
-async def _connect(mig: Outgoing) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """The connection to the destination: TLS when ``tuning.tls`` says so."""
-    dest, tls = mig.dest, mig.tuning.tls
-    if tls is None:
+            chan.abort()
         try:
-            return await asyncio.open_connection(dest.host, dest.port, limit=STREAM_LIMIT)
-        except OSError as e:
+            await chan.wait_closed()
+        except asyncio.CancelledError:
+            if not ok:  # (the ACK came: the migration completed whatever happens now)
+                raise
+
+
+async def _connect(mig: Outgoing) -> Channel:
+    """The connection to the destination: TLS when ``tuning.tls`` says so.  With
+    ``mig.slots``, it first waits for one of them (before connecting: the destination does
+    not wait for a silent connection beyond its handshake timeout)."""
+    dest, tls, slots = mig.dest, mig.tuning.tls, mig.slots
+    ctx = client_context(tls) if tls is not None else None
+    if slots is not None:
+        await slots.take()
+    try:
+        sock = await _open(dest.host, dest.port)
+    except BaseException as e:
+        if slots is not None:
+            slots.give()
+        if isinstance(e, OSError):
             raise MigrationFailed(
                 f"Failed to connect to '{hostport(dest)}': {strerror(e)}") from None
-    ctx = client_context(tls)
+        raise
+    chan = Channel(sock, slots=slots, holds=True)
+    if ctx is None or tls is None:
+        return chan
     try:
-        return await asyncio.open_connection(
-            dest.host, dest.port, limit=STREAM_LIMIT, ssl=ctx,
-            server_hostname=tls.hostname or dest.host, ssl_handshake_timeout=HANDSHAKE_TIMEOUT)
-    except ssl.SSLError as e:
-        raise MigrationFailed(f"TLS handshake with the migration destination "
-                              f"'{hostport(dest)}' failed: {tls_reason(e)}") from None
-    except OSError as e:
-        raise MigrationFailed(
-            f"Failed to connect to '{hostport(dest)}': {strerror(e)}") from None
+        async with asyncio.timeout(HANDSHAKE_TIMEOUT):
+            await chan.start_tls(ctx, server_side=False,
+                                 server_hostname=tls.hostname or dest.host)
+    except BaseException as e:
+        chan.abort()
+        await chan.wait_closed()
+        if isinstance(e, ssl.SSLError):
+            raise MigrationFailed(f"TLS handshake with the migration destination "
+                                  f"'{hostport(dest)}' failed: {tls_reason(e)}") from None
+        if isinstance(e, OSError):  # (TimeoutError too)
+            raise MigrationFailed(
+                f"Failed to connect to '{hostport(dest)}': {strerror(e)}") from None
+        raise
+    return chan
+
+
+async def _open(host: str, port: int) -> socket.socket:
+    """A TCP connection to ``host``:``port`` (each of its addresses in turn)."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    error: OSError = OSError(f"no address for {host}")
+    for family, kind, proto, _, addr in infos:
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setblocking(False)
+            await loop.sock_connect(sock, addr)
+            return sock
+        except OSError as e:
+            sock.close()
+            error = e
+        except BaseException:
+            sock.close()
+            raise
+    raise error
 
 
 def src_settle(guests: Mapping[str, Guest], mig: Outgoing, task: asyncio.Task[None]) -> None:
@@ -273,7 +319,7 @@ def _finish(guests: Mapping[str, Guest], mig: Outgoing, error: BackendError | No
         mig.returned.set_result(None)
 
 
-def _watch_replies(mig: Outgoing, reader: asyncio.StreamReader) -> asyncio.Task[str | None]:
+def _watch_replies(mig: Outgoing, reader: Channel) -> asyncio.Task[str | None]:
     """The task reading the destination's replies for the rest of the stream.
 
     From here on a reply before switchover is a refusal (NAK) or the end (EOF): either aborts the
@@ -286,7 +332,7 @@ def _watch_replies(mig: Outgoing, reader: asyncio.StreamReader) -> asyncio.Task[
             raise MigrationFailed(f"malformed reply: stream format {version} offered")
         mig.runs = True
 
-    async def requested(upstream: asyncio.StreamReader) -> None:
+    async def requested(upstream: ByteReader) -> None:
         indices = await read_indices(upstream, npages, "page request")
         if not mig.switched:
             raise MigrationFailed("malformed reply: page request before post-copy")
@@ -311,7 +357,7 @@ def _watch_replies(mig: Outgoing, reader: asyncio.StreamReader) -> asyncio.Task[
     return watch
 
 
-async def _precopy(mig: Outgoing, writer: asyncio.StreamWriter) -> None:
+async def _precopy(mig: Outgoing, writer: Channel) -> None:
     """Send the pre-copy passes, then the stop-and-copy pass and the switchover record --
     or, when post-copy is asked for, switch to :func:`_postcopy`."""
     guest = mig.guest
@@ -376,14 +422,14 @@ def _switch_record(mig: Outgoing) -> bytes:
 
 
 def _batch(
-    mig: Outgoing, writer: asyncio.StreamWriter, batch: Sequence[int], corrupt: int | None
+    mig: Outgoing, writer: Channel, batch: Sequence[int], corrupt: int | None
 ) -> int:
     """Write one batch of pages (RUN records in format 2, else a PAGES record); its size."""
     guest = mig.guest
     if mig.runs:
-        parts = page_runs(guest.seed, guest.versions, batch, corrupt)
-        for part in parts:
-            writer.write(part)
+        pool = mig.pool
+        parts = page_runs(guest.seed, guest.versions, batch, corrupt, pool)
+        writer.writelines(parts, pool.put)
         return sum(len(part) for part in parts)
     data = page_records(guest.seed, guest.versions, batch, corrupt)
     writer.write(data)
@@ -406,7 +452,7 @@ def _throttle_up(mig: Outgoing) -> None:
 
 async def _send_pass(
     mig: Outgoing,
-    writer: asyncio.StreamWriter,
+    writer: Channel,
     pages: Sequence[int],
     *,
     final: bool,
@@ -433,7 +479,7 @@ async def _send_pass(
 
 
 async def _postcopy(
-    mig: Outgoing, writer: asyncio.StreamWriter, rest: Sequence[int], *, fresh: bool
+    mig: Outgoing, writer: Channel, rest: Sequence[int], *, fresh: bool
 ) -> None:
     """Switch to post-copy (``rest``: pages of the pass not sent yet, a ``range`` in pass 1),
     then send every page the destination lacks, requested ones first, and the switchover digest.

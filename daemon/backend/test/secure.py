@@ -31,6 +31,7 @@ import secrets
 import ssl
 
 from virtmig.daemon.backend.base import BackendError, MigrationFailed, StreamAddress, StreamTls
+from virtmig.daemon.backend.test.channel import ByteReader, ByteWriter, Channel
 from virtmig.daemon.backend.test.wire import HANDSHAKE_TIMEOUT, hostport
 
 NONCE_LEN = 32
@@ -89,8 +90,8 @@ def _mac(token: str, who: bytes, first: bytes, second: bytes) -> bytes:
     return hmac.new(token.encode("ascii"), who + first + second, hashlib.sha256).digest()
 
 
-async def src_prove(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                    dest: StreamAddress, token: str) -> None:
+async def src_prove(reader: ByteReader, writer: ByteWriter, dest: StreamAddress,
+                    token: str) -> None:
     """The source's part: MigrationFailed unless the destination proves it knows ``token``."""
     ns = secrets.token_bytes(NONCE_LEN)
     try:
@@ -101,7 +102,10 @@ async def src_prove(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
     except TimeoutError:
         raise MigrationFailed(
             f"{NOT_PREPARED}: no answer from '{hostport(dest)}'") from None
-    except asyncio.IncompleteReadError:
+    except (asyncio.IncompleteReadError, ConnectionResetError):
+        # (a reset too: a destination that refuses this host's certificate closes the
+        # connection, and whether this end's first bytes got there first decides between the
+        # two -- in a thread that sends them, either comes)
         hint = ""
         if writer.get_extra_info("ssl_object") is not None:
             hint = " (over TLS: it may have refused this host's certificate)"
@@ -118,8 +122,7 @@ async def src_prove(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
     writer.write(_mac(token, b"src", nd, ns))
 
 
-async def dst_prove(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                    token: str) -> None:
+async def dst_prove(reader: ByteReader, writer: ByteWriter, token: str) -> None:
     """The destination's part: StreamRefused unless the source proves it knows ``token``.
     (The caller bounds the time.)"""
     try:
@@ -134,20 +137,22 @@ async def dst_prove(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
         raise StreamRefused("wrong stream-token proof")
 
 
-async def dst_admit(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                    ctx: ssl.SSLContext | None, token: str) -> None:
-    """One connection to the destination: TLS (with ``ctx``; the caller paused reading at
-    accept, so that no byte of the TLS handshake lands in the plain reader), then the proof
-    (with ``token``), within :data:`ADMIT_TIMEOUT`.  StreamRefused when it fails."""
+async def dst_admit(chan: Channel, ctx: ssl.SSLContext | None, token: str) -> None:
+    """One connection to the destination: TLS (with ``ctx``; no byte was read from it before),
+    then the proof (with ``token``), within :data:`ADMIT_TIMEOUT`.  StreamRefused when it
+    fails (the caller aborts the connection)."""
     try:
         async with asyncio.timeout(ADMIT_TIMEOUT):
+            await chan.admit()  # (a slot for its threads: the wait counts in the time)
             if ctx is not None:
-                await writer.start_tls(ctx, ssl_handshake_timeout=ADMIT_TIMEOUT)
+                await chan.start_tls(ctx, server_side=True)
             if token:
-                await dst_prove(reader, writer, token)
+                await dst_prove(chan, chan, token)
     except TimeoutError:
         raise StreamRefused("no TLS handshake or stream-token proof in time") from None
     except ssl.SSLError as e:
         raise StreamRefused(f"TLS: {tls_reason(e)}") from None
     except OSError as e:
         raise StreamRefused(tls_reason(e)) from None
+    except asyncio.IncompleteReadError:
+        raise StreamRefused("the connection closed before the stream-token proof") from None

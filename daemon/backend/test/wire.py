@@ -62,8 +62,10 @@ malformed record, guest destroyed).  The source reads replies the whole time, so
 aborts the migration at once.
 
 The header and its reply must arrive within :data:`HANDSHAKE_TIMEOUT`; after that only EOF or an
-error ends a stream early.  This module encodes and decodes the records; the source side that
-sends them is :mod:`.outgoing`, the destination side :mod:`.incoming`.
+error ends a stream early.  This module encodes and decodes the records (the destination's
+reader thread reads them whole: :func:`read_record`); the source side that sends them is
+:mod:`.outgoing`, the destination side :mod:`.incoming`, the socket under both
+:mod:`.channel`.
 """
 
 from __future__ import annotations
@@ -74,15 +76,19 @@ import struct
 import sys
 from array import array
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 
 from virtmig.daemon.backend.base import MigrationFailed, StreamAddress
+from virtmig.daemon.backend.test.channel import BlockingReader, BufferPool, ByteReader, ByteWriter
 from virtmig.daemon.backend.test.memory import (
+    DIGEST_LEN,
     MIB,
     PAGE_SIZE,
     RUN_TEMPLATE_PAGES,
     SUFFIX,
     page_prefix,
     run_bytes,
+    run_matches,
 )
 from virtmig.daemon.backend.test.sparse import Versions
 
@@ -101,7 +107,7 @@ RUN = struct.Struct("<II")  # page run header: first page, count
 
 MAX_BATCH_PAGES = 4096  # what a destination accepts in one record
 MAX_INDICES = 65536  # page indices per DISCARD / REQUEST record
-STREAM_LIMIT = 4 * MIB  # StreamReader buffer limit / transport write high-water mark
+STREAM_LIMIT = 4 * MIB  # the accepting server's reader limit (the stream itself: .channel)
 HANDSHAKE_TIMEOUT = 30.0  # seconds for the header and its reply; the stream itself has none
 
 
@@ -122,8 +128,8 @@ def hostport(addr: StreamAddress) -> str:
 
 
 async def src_handshake(
-    reader: asyncio.StreamReader,
-    writer: asyncio.StreamWriter,
+    reader: ByteReader,
+    writer: ByteWriter,
     dest: StreamAddress,
     *,
     uuid: str,
@@ -147,7 +153,7 @@ async def src_handshake(
         raise MigrationFailed(refused)
 
 
-async def dst_read_header(reader: asyncio.StreamReader, uuid: str, npages: int) -> int:
+async def dst_read_header(reader: ByteReader, uuid: str, npages: int) -> int:
     """Read the HEADER and check it is for guest ``uuid`` of ``npages``; return the seed.
 
     MigrationFailed (to be sent back as a NAK) when it is late, malformed or for another guest.
@@ -208,17 +214,25 @@ def _runs(batch: Sequence[int]) -> list[tuple[int, int]]:
 
 
 def page_runs(
-    seed: int, versions: Versions, batch: Sequence[int], corrupt: int | None
+    seed: int, versions: Versions, batch: Sequence[int], corrupt: int | None,
+    pool: BufferPool | None = None,
 ) -> list[bytes | bytearray]:
     """RUN records of ``batch`` (ascending) at ``versions``; page ``corrupt`` gets a bad byte.
 
     Each record is two buffers, its header with the versions and its pages, for ``write``: no
-    step per page, no copy of the pages into a larger buffer."""
+    step per page, no copy of the pages into a larger buffer.  The pages of a full run are
+    built in a buffer of ``pool`` when given, whose buffers hold runs of the seed
+    (:func:`.memory.run_template`; the caller gives it back once sent)."""
     parts: list[bytes | bytearray] = []
     for first, count in _runs(batch):
         vers = versions.get_run(first, count)
-        pages = run_bytes(seed, first, vers)
+        out = pool.get() if pool is not None and count * PAGE_SIZE == pool.size else None
+        pages = run_bytes(seed, first, vers, out, templated=out is not None)
         if corrupt is not None and first <= corrupt < first + count:
+            if out is not None:  # (not the seed's prefix any more: not back to the pool)
+                pages = bytearray(pages)
+                assert pool is not None
+                pool.put(out)
             pages[(corrupt - first) * PAGE_SIZE] ^= 0xFF
         if sys.byteorder == "big":
             vers.byteswap()
@@ -237,18 +251,112 @@ def pack_indices(kind: bytes, indices: Sequence[int]) -> bytes:
     return b"".join(out)
 
 
-async def read_indices(reader: asyncio.StreamReader, npages: int, what: str) -> array[int]:
+async def read_indices(reader: ByteReader, npages: int, what: str) -> array[int]:
     """The body of a DISCARD / REQUEST record; MigrationFailed when it is malformed."""
     (count,) = U32.unpack(await reader.readexactly(U32.size))
+    _check_indices(count, what)
+    return _indices(await reader.readexactly(4 * count), npages, what)
+
+
+def _check_indices(count: int, what: str) -> None:
     if not 0 < count <= MAX_INDICES:
         raise MigrationFailed(f"malformed migration stream: {what} of {count} pages")
+
+
+def _indices(raw: bytes | bytearray, npages: int, what: str) -> array[int]:
     indices = array("I")
-    indices.frombytes(await reader.readexactly(4 * count))
+    indices.frombytes(raw)
     if sys.byteorder == "big":
         indices.byteswap()
     if max(indices) >= npages:
         raise MigrationFailed(f"malformed migration stream: {what} of page {max(indices)}")
     return indices
+
+
+# --- the destination's reader thread -------------------------------------------------------------
+
+
+@dataclass
+class Framing:
+    """What the destination's reader thread knows of the stream, to tell how long a record is
+    and whether it may come: the same checks as the destination's before a byte of its body."""
+
+    npages: int
+    reads_runs: bool  # it answers an offer of format 2
+    pool: BufferPool | None = None  # for the pages of full runs (the taker gives them back)
+    seed: int | None = None  # the header's: a RUN's pages are compared with their versions'
+    runs: bool = False  # format 2 was offered and answered
+    postcopy: bool = False  # the POSTCOPY record arrived
+
+
+@dataclass(slots=True)
+class Record:
+    """One record of the stream, read whole: ``kind``, its numbers, its bytes.
+
+    RUN: ``a`` first page, ``b`` count, ``versions``, ``data`` the pages, ``matches`` whether
+    they are exactly the bytes of those versions (:func:`.memory.run_matches`, computed where
+    they were just received: a pure function of the record and the seed); PAGES: ``b`` count,
+    ``data`` the entries; ITER: ``a`` iteration, ``b`` flags; SWITCH (S, W): ``data`` the digest;
+    DISCARD: ``versions`` the indices; POSTCOPY: nothing."""
+
+    kind: bytes
+    a: int = 0
+    b: int = 0
+    data: bytes | bytearray = b""
+    versions: array[int] | None = None
+    matches: bool = False
+
+
+def is_switch(rec: Record) -> bool:
+    """The SWITCH record ends what the source sends."""
+    return rec.kind in (b"S", b"W")
+
+
+def read_record(rd: BlockingReader, fr: Framing) -> Record:
+    """Read the next record whole (in the reader thread); MigrationFailed for a record that may
+    not come or whose length is out of bounds -- before its body is read."""
+    kind = bytes(rd.exact(1))
+    if kind == b"G" and fr.runs:
+        first, count = RUN.unpack(rd.exact(RUN.size))
+        if not 0 < count <= RUN_TEMPLATE_PAGES:
+            raise MigrationFailed(f"malformed migration stream: run of {count} pages")
+        if first + count > fr.npages:
+            raise MigrationFailed(
+                f"malformed migration stream: run of pages {first} to {first + count - 1} "
+                f"of {fr.npages}")
+        versions = array("I")
+        versions.frombytes(rd.exact(4 * count))
+        if sys.byteorder == "big":
+            versions.byteswap()
+        pool = fr.pool
+        pages = (pool.get() if pool is not None and count * PAGE_SIZE == pool.size
+                 else bytearray(count * PAGE_SIZE))
+        rd.exact_into(memoryview(pages))
+        matches = fr.seed is not None and run_matches(fr.seed, first, versions, pages)
+        return Record(kind, first, count, pages, versions, matches)
+    if kind == b"P":
+        (count,) = U32.unpack(rd.exact(U32.size))
+        if not 0 < count <= MAX_BATCH_PAGES:
+            raise MigrationFailed(f"malformed migration stream: batch of {count} pages")
+        return Record(kind, 0, count, rd.exact(count * RECORD_LEN))
+    if kind == b"I":
+        iteration, flags = ITER.unpack(rd.exact(ITER.size))
+        if flags & ITER_OFFER_RUNS and fr.reads_runs:
+            fr.runs = True
+        return Record(kind, iteration, flags)
+    if kind == b"S" or (kind == b"W" and fr.runs):
+        return Record(kind, data=rd.exact(DIGEST_LEN))
+    if kind in (b"D", b"C") and fr.postcopy:
+        raise MigrationFailed(
+            f"malformed migration stream: record {kind!r} after the switch to post-copy")
+    if kind == b"D":
+        (count,) = U32.unpack(rd.exact(U32.size))
+        _check_indices(count, "discard")
+        return Record(kind, versions=_indices(rd.exact(4 * count), fr.npages, "discard"))
+    if kind == b"C":
+        fr.postcopy = True
+        return Record(kind)
+    raise MigrationFailed(f"malformed migration stream: unknown record {kind!r}")
 
 
 
@@ -267,8 +375,8 @@ def offer_reply() -> bytes:
 
 
 async def read_reply(
-    reader: asyncio.StreamReader,
-    requested: Callable[[asyncio.StreamReader], Awaitable[None]] | None = None,
+    reader: ByteReader,
+    requested: Callable[[ByteReader], Awaitable[None]] | None = None,
     offered: Callable[[int], None] | None = None,
 ) -> str | None:
     """Read one reply: ``None`` for ACK, the reason for NAK; MigrationFailed on EOF/garbage.

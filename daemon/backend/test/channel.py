@@ -1,0 +1,664 @@
+"""A test-backend migration stream's socket, off asyncio: blocking I/O in two worker threads.
+
+Issue 17: asyncio's streams cost the data plane more than its protocol did (a ``StreamReader``
+copies every byte twice, and every read and write is a trip through the event loop), and both
+ends of a stream then share one thread.  A :class:`Channel` takes the connected socket out of
+asyncio and puts it in blocking mode: its *writer thread* sends what :meth:`Channel.write`
+queued (several buffers in one ``sendmsg``), its *reader thread* serves reads (a small read
+buffer for headers; a large body goes straight from the socket into its own buffer, one
+``recv_into(MSG_WAITALL)``), and the event loop keeps the protocol's state: every page count,
+bound and reply is still decided there or, for the framing a read needs (how many bytes a record
+has), by the same checks in the reader thread before it reads a byte of the body (:mod:`.wire`).
+The threads release the GIL in their system calls, so sending, receiving and the loop's work
+overlap.
+
+TLS (``VIR_MIGRATE_TLS``) is the ``ssl`` module's :class:`ssl.SSLObject` over memory BIOs: the
+TLS calls of both threads take one lock (an SSL object is not safe to use from two threads at
+once), the socket I/O happens outside it, so a blocked read never holds up a write.
+
+Stopping: :meth:`Channel.abort` shuts the socket down (``SHUT_RDWR`` wakes a thread blocked in
+``recv`` or ``send``) and wakes idle threads; :meth:`Channel.close` sends what is queued first
+(TLS: then ``close_notify``), bounded by :data:`CLOSE_TIMEOUT`, then does the same.  The socket is
+closed once both threads have ended; :meth:`Channel.wait_closed` waits for that, so that a
+migration's end leaves no thread behind.  The threads are named ``virtmig-stream-*``
+(:data:`THREAD_PREFIX`).
+
+A bound on the threads: a channel given :class:`StreamSlots` starts none before it holds one of
+their slots (:meth:`Channel.admit`, first come, first served; the wait is a plain await, so
+cancelling the task that waits -- ``domjobabort``, a timeout -- ends it), and gives the slot back
+once its threads have ended.  The test backend has one set of slots for its outgoing streams
+and one for its incoming ones (``test_stream_threads``): a stream waiting for a slot on one
+daemon never holds one that a stream it waits for needs, whichever way migrations go.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import queue
+import socket
+import ssl
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, TypeVar, cast
+
+T = TypeVar("T")
+
+THREAD_PREFIX = "virtmig-stream"
+CLOSE_TIMEOUT = 10.0  # seconds close() may spend sending what is queued before it aborts
+HIGH_WATER = 4 * 1024 * 1024  # drain() waits while more than this is queued (STREAM_LIMIT)
+LOW_WATER = HIGH_WATER // 4
+_READ_BUF = 256 * 1024  # the reader's buffer: reads longer than half of it go straight through
+_TLS_CHUNK = 256 * 1024  # ciphertext read per recv
+_MAX_IOV = 512  # buffers per sendmsg (IOV_MAX is 1024 on Linux)
+_CLOSE = object()  # the writer's last item: close gracefully
+
+
+class ByteReader(Protocol):
+    """What the stream's decoders read from: a :class:`Channel` (or a ``StreamReader``)."""
+
+    async def readexactly(self, n: int) -> bytes: ...
+
+
+class ByteWriter(Protocol):
+    """What the stream's encoders write to: a :class:`Channel` (or a ``StreamWriter``)."""
+
+    def write(self, data: bytes | bytearray | memoryview) -> None: ...
+
+    async def drain(self) -> None: ...
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any: ...
+
+
+class _Plain:
+    """Blocking I/O on the socket itself."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def recv_into(self, view: memoryview, waitall: bool) -> int:
+        return self.sock.recv_into(view, len(view), socket.MSG_WAITALL if waitall else 0)
+
+    def send(self, items: list[Any]) -> None:
+        views = [memoryview(b) for b in items]
+        while views:
+            sent = self.sock.sendmsg(views[:_MAX_IOV])
+            while views and sent >= len(views[0]):
+                sent -= len(views.pop(0))
+            if sent:
+                views[0] = views[0][sent:]
+
+    def goodbye(self) -> None:
+        pass
+
+
+class _Tls:
+    """TLS over the blocking socket through memory BIOs; the SSL object's calls under a lock."""
+
+    def __init__(self, sock: socket.socket, ctx: ssl.SSLContext, server_side: bool,
+                 server_hostname: str | None) -> None:
+        self.sock = sock
+        self.inb, self.outb = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.obj = ctx.wrap_bio(self.inb, self.outb, server_side=server_side,
+                                server_hostname=server_hostname)
+        self.lock = threading.Lock()  # the SSL object
+        self.send_lock = threading.Lock()  # ciphertext goes out in the order it was made
+
+    def _flush(self) -> None:
+        with self.send_lock:
+            with self.lock:
+                out = self.outb.read()
+            if out:
+                self.sock.sendall(out)
+
+    def _feed(self) -> None:
+        data = self.sock.recv(_TLS_CHUNK)
+        with self.lock:
+            if data:
+                self.inb.write(data)
+            else:
+                self.inb.write_eof()
+
+    def handshake(self) -> None:
+        while True:
+            with self.lock:
+                try:
+                    self.obj.do_handshake()
+                    done = True
+                except ssl.SSLWantReadError:
+                    done = False
+            self._flush()
+            if done:
+                return
+            self._feed()
+
+    def recv_into(self, view: memoryview, waitall: bool) -> int:
+        while True:
+            with self.lock:
+                try:
+                    n: int = cast(Any, self.obj).read(len(view), view)  # (into view: a count)
+                except ssl.SSLWantReadError:
+                    n = -1
+                except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                    n = 0  # close_notify, or the peer just closed: both end the stream
+                pending = self.outb.pending
+            if pending:  # (a failed send is the writer's to tell)
+                with contextlib.suppress(OSError):
+                    self._flush()
+            if n >= 0:
+                return n
+            self._feed()
+
+    def send(self, items: list[Any]) -> None:
+        with self.send_lock:
+            for item in items:
+                view, done = memoryview(item), 0
+                with self.lock:
+                    while done < len(view):
+                        done += self.obj.write(view[done:])
+                    out = self.outb.read()
+                self.sock.sendall(out)
+
+    def goodbye(self) -> None:
+        with self.lock, contextlib.suppress(ssl.SSLError):
+            self.obj.unwrap()
+        self._flush()
+
+
+class BlockingReader:
+    """Reads in the reader thread: exact lengths, a buffer for the short ones."""
+
+    def __init__(self, io: _Plain | _Tls) -> None:
+        self.io = io
+        self._buf = bytearray(_READ_BUF)
+        self._start = self._end = 0
+
+    def exact(self, n: int) -> bytes | bytearray:
+        """Exactly ``n`` bytes; IncompleteReadError when the stream ends first."""
+        if n > _READ_BUF // 2:
+            out = bytearray(n)
+            self.exact_into(memoryview(out))
+            return out
+        if self._end - self._start < n:
+            self._fill(n)
+        start = self._start
+        self._start = start + n
+        return bytes(self._buf[start : start + n])
+
+    def exact_into(self, view: memoryview) -> None:
+        """Fill ``view``: what is buffered, then straight from the socket."""
+        total = len(view)
+        pos = min(self._end - self._start, total)
+        if pos:
+            view[:pos] = self._buf[self._start : self._start + pos]
+            self._start += pos
+        while pos < total:
+            got = self.io.recv_into(view[pos:], True)
+            if not got:
+                raise asyncio.IncompleteReadError(bytes(view[:pos]), total)
+            pos += got
+
+    def _fill(self, n: int) -> None:
+        have = self._end - self._start
+        if self._start:
+            self._buf[:have] = self._buf[self._start : self._end]
+            self._start, self._end = 0, have
+        view = memoryview(self._buf)
+        while self._end < n:
+            got = self.io.recv_into(view[self._end :], False)
+            if not got:
+                partial = bytes(view[: self._end])
+                self._end = 0
+                raise asyncio.IncompleteReadError(partial, n)
+            self._end += got
+
+
+class BufferPool:
+    """Buffers of one size to reuse: a fresh 1 MiB ``bytearray`` costs its zeroing and, once
+    the allocator has given the memory back, 256 page faults.  Any thread may get and put."""
+
+    def __init__(self, size: int, keep: int = 16,
+                 new: Callable[[], bytearray] | None = None) -> None:
+        self.size = size
+        self._keep = keep
+        self._new = new or (lambda: bytearray(size))  # what a new buffer holds
+        self._free: deque[bytearray] = deque()
+
+    def get(self) -> bytearray:
+        try:
+            return self._free.pop()
+        except IndexError:
+            return self._new()
+
+    def put(self, buf: bytes | bytearray | memoryview) -> None:
+        """Take ``buf`` back (nothing may use it any more); others than this pool's are left."""
+        if type(buf) is bytearray and len(buf) == self.size and len(self._free) < self._keep:
+            self._free.append(buf)
+
+
+class StreamSlots:
+    """At most ``streams`` channels with threads at once (two threads each), of one kind
+    (``out`` or ``in``: it names their threads).  Used from the event loop's thread; a channel
+    gives its slot back through the loop."""
+
+    def __init__(self, streams: int, kind: str) -> None:
+        if streams < 1:
+            raise ValueError(f"streams must be at least 1, not {streams}")
+        self.streams = streams
+        self.kind = kind
+        self._sem = asyncio.Semaphore(streams)
+        self.waiting = 0  # channels waiting for a slot
+
+    @property
+    def free(self) -> int:
+        return self._sem._value  # (asyncio.Semaphore has no public count)
+
+    async def take(self) -> None:
+        """A slot: at once, or once a channel gave one back (cancellable)."""
+        self.waiting += 1
+        try:
+            await self._sem.acquire()
+        finally:
+            self.waiting -= 1
+
+    def give(self) -> None:
+        self._sem.release()
+
+
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()
+
+
+def _deliver(fut: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
+    if fut.done():
+        return
+    if exc is not None:
+        fut.set_exception(exc)
+    else:
+        fut.set_result(result)
+
+
+class Channel:
+    """One migration stream's connected socket, driven by its reader and writer threads."""
+
+    def __init__(self, sock: socket.socket, loop: asyncio.AbstractEventLoop | None = None, *,
+                 slots: StreamSlots | None = None, holds: bool = False) -> None:
+        """``slots``: no thread starts before :meth:`admit` took one of them (``holds``: the
+        caller took it for this channel); None: no bound."""
+        self._loop = loop or asyncio.get_running_loop()
+        self._slots = slots
+        self._slot = slots is None or holds  # threads may start
+        self._kind = slots.kind if slots is not None else "any"
+        sock.setblocking(True)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = sock
+        self._io: _Plain | _Tls = _Plain(sock)
+        self._reader = BlockingReader(self._io)
+        mutex = threading.Lock()
+        self._lock = threading.Condition(mutex)  # the state; the reader thread waits on it
+        self._closing = False  # no new work: the threads end
+        self._aborted = False
+        self._shut = False
+        # writer
+        self._wq: deque[Any] = deque()
+        self._sent: dict[int, Callable[[Any], None]] = {}  # (by id of the queued buffer)
+        self._idle = False  # the writer thread waits for work: ring its bell
+        self._bell: queue.SimpleQueue[None] = queue.SimpleQueue()  # (C: cheap to wait on)
+        self._queued = 0
+        self._draining: asyncio.Future[None] | None = None
+        self._werror: OSError | None = None
+        # reader: requests (a function of the BlockingReader, and where its result goes)
+        self._rq: deque[tuple[Callable[[BlockingReader], Any], asyncio.Future[Any]]] = deque()
+        self._ready: deque[tuple[Any, BaseException | None]] = deque()  # read ahead
+        self._frame_waiter: asyncio.Future[None] | None = None  # the loop waits for one
+        self._ahead = 0  # how many results the reader may read ahead
+        self._want_room = False  # the reader waits for the loop to take one
+        self._room: queue.SimpleQueue[None] = queue.SimpleQueue()
+        self._sending = self._receiving = False  # the thread was started
+        self._alive = 0
+        self._finished = False
+        self._closed: asyncio.Future[None] = self._loop.create_future()
+
+    @classmethod
+    def adopt(cls, writer: asyncio.StreamWriter, slots: StreamSlots | None = None) -> Channel:
+        """The socket of an asyncio connection no byte was read from, as a Channel (the
+        transport is dropped; with ``slots``, :meth:`admit` before using it)."""
+        tsock = writer.get_extra_info("socket")
+        sock = socket.socket(tsock.family, tsock.type, tsock.proto, fileno=os.dup(tsock.fileno()))
+        writer.transport.abort()
+        return cls(sock, slots=slots)
+
+    async def admit(self) -> None:
+        """Hold a slot of the channel's :class:`StreamSlots` (wait for one); at once when it
+        holds one or has no bound.  ConnectionAbortedError when the channel ended first."""
+        if self._slot:
+            return
+        assert self._slots is not None
+        with self._lock:
+            if self._closing:
+                raise ConnectionAbortedError("migration stream closed")
+        await self._slots.take()
+        with self._lock:
+            ended = self._finished
+            if not ended:
+                self._slot = True
+        if ended:  # (aborted while it waited: the slot is not this channel's to keep)
+            self._slots.give()
+            raise ConnectionAbortedError("migration stream closed")
+
+    # -- threads --------------------------------------------------------------------------------
+
+    def _start(self, name: str) -> None:
+        """Start the ``send`` or ``recv`` thread unless it runs (or the channel ends)."""
+        with self._lock:
+            if (self._closing or not self._slot
+                    or (self._sending if name == "send" else self._receiving)):
+                return
+            if name == "send":
+                self._sending = True
+            else:
+                self._receiving = True
+            self._alive += 1
+        target = self._send_loop if name == "send" else self._recv_loop
+        threading.Thread(target=self._run, args=(target,), daemon=True,
+                         name=f"{THREAD_PREFIX}-{self._kind}-{name}").start()
+
+    def _run(self, target: Callable[[], None]) -> None:
+        try:
+            target()
+        finally:
+            with self._lock:
+                self._alive -= 1
+                last = self._alive == 0 and self._closing and not self._finished
+                if last:
+                    self._finished = True
+            if last:
+                self._finish()
+
+    def _finish(self) -> None:
+        """Both threads ended after close or abort: close the socket, wake wait_closed."""
+        self._shutdown()
+        self.sock.close()
+        if self._slots is not None and self._slot:
+            self._call_soon(self._slots.give)
+        self._call_soon(_deliver, self._closed, None, None)
+
+    def _shutdown(self) -> None:
+        with self._lock:
+            if self._shut:
+                return
+            self._shut = True
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+
+    def _call_soon(self, fn: Callable[..., None], *args: Any) -> None:
+        with contextlib.suppress(RuntimeError):  # (the loop is gone)
+            self._loop.call_soon_threadsafe(fn, *args)
+
+    # -- writing ---------------------------------------------------------------------------------
+
+    def write(self, data: bytes | bytearray | memoryview,
+              sent: Callable[[Any], None] | None = None) -> None:
+        """Queue ``data`` for the writer thread (do not change it); ``sent(data)`` is called in
+        that thread once it went out (not when it is dropped)."""
+        self.writelines((data,), sent)
+
+    def writelines(self, parts: Sequence[bytes | bytearray | memoryview],
+                   sent: Callable[[Any], None] | None = None) -> None:
+        """:meth:`write` each of ``parts`` (one wake-up of the writer thread)."""
+        with self._lock:
+            if self._closing or self._werror is not None:
+                return
+            for data in parts:
+                if not data:
+                    continue
+                self._wq.append(data)
+                if sent is not None:
+                    self._sent[id(data)] = sent
+                self._queued += len(data)
+            if self._idle:
+                self._idle = False
+                self._bell.put(None)
+        self._start("send")
+
+    async def drain(self) -> None:
+        """Wait while more than :data:`HIGH_WATER` bytes are queued.
+
+        A failed send does not raise here: what is written after it is dropped, and the read
+        side tells why the stream broke (the peer's NAK, its EOF or reset), as it would have
+        had the send not raced it.  ConnectionAbortedError once the channel is aborted."""
+        with self._lock:
+            if self._aborted:
+                raise ConnectionAbortedError("migration stream aborted")
+            if self._queued <= HIGH_WATER or self._werror is not None:
+                return
+            fut = self._draining = self._loop.create_future()
+        await fut
+
+    def _send_loop(self) -> None:
+        io = self._io
+        while True:
+            with self._lock:
+                idle = not self._wq and not self._closing
+                self._idle = idle
+            if idle:
+                self._bell.get()
+                continue
+            with self._lock:
+                if not self._wq or self._shut:
+                    return
+                items: list[Any] = []
+                while self._wq and len(items) < _MAX_IOV:
+                    items.append(self._wq.popleft())
+                done = [(cb, i) for i in items if (cb := self._sent.pop(id(i), None))] \
+                    if self._sent else []
+            last = items[-1] is _CLOSE
+            if last:
+                items.pop()
+            try:
+                io = self._io
+                if items:
+                    io.send(items)
+                if last:
+                    io.goodbye()
+            except (OSError, ValueError) as e:
+                # The reader will see the reset or EOF too (see drain): stop sending.
+                with self._lock:
+                    self._werror = e if isinstance(e, OSError) else OSError(str(e))
+                    self._wq.clear()
+                    self._sent.clear()
+                    self._queued = 0
+                    fut, self._draining = self._draining, None
+                if fut is not None:
+                    self._call_soon(_deliver, fut, None, None)
+                if last:
+                    self.abort()
+                return
+            if last:
+                with self._lock:
+                    self._closing = True
+                    self._lock.notify_all()
+                self._shutdown()
+                return
+            for cb, item in done:
+                cb(item)
+            sent = sum(len(i) for i in items)
+            with self._lock:
+                self._queued -= sent
+                fut = None
+                if self._draining is not None and self._queued <= LOW_WATER:
+                    fut, self._draining = self._draining, None
+            if fut is not None:
+                self._call_soon(_deliver, fut, None, None)
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    async def call(self, fn: Callable[[BlockingReader], T]) -> T:
+        """Run ``fn`` with the reader in the reader thread; its result or exception."""
+        fut: asyncio.Future[T] = self._loop.create_future()
+        with self._lock:
+            if self._closing:
+                raise ConnectionAbortedError("migration stream closed")
+            if not self._slot:
+                raise RuntimeError("a read on a channel not admitted (Channel.admit)")
+            self._rq.append((fn, fut))
+            self._lock.notify_all()
+        self._start("recv")
+        return await fut
+
+    async def readexactly(self, n: int) -> bytes:
+        """Exactly ``n`` bytes; IncompleteReadError when the stream ends first."""
+        return bytes(await self.call(lambda r: r.exact(n)))
+
+    def start_frames(self, fn: Callable[[BlockingReader], T], last: Callable[[T], bool],
+                     ahead: int = 8) -> None:
+        """From now on the reader thread reads ahead: ``fn`` again and again, until a result
+        ``last`` says ends the stream or an exception, at most ``ahead`` results waiting for
+        :meth:`next_frame`.  The loop is woken only when it waits for one."""
+        self._ahead = ahead
+
+        def put(item: tuple[Any, BaseException | None]) -> None:
+            with self._lock:
+                self._ready.append(item)
+                waiter, self._frame_waiter = self._frame_waiter, None
+            if waiter is not None:
+                self._call_soon(_deliver, waiter, None, None)
+
+        def frames(rd: BlockingReader) -> None:
+            while True:
+                with self._lock:
+                    full = len(self._ready) >= self._ahead and not self._closing
+                    self._want_room = full
+                if full:
+                    self._room.get()
+                    continue
+                if self._closing:
+                    return
+                try:
+                    item = fn(rd)
+                except BaseException as e:
+                    put((None, e))
+                    return
+                put((item, None))
+                if last(item):
+                    return
+
+        fut: asyncio.Future[None] = self._loop.create_future()
+        fut.add_done_callback(_retrieve)
+        with self._lock:
+            if not self._slot:
+                raise RuntimeError("a read on a channel not admitted (Channel.admit)")
+            self._rq.append((frames, fut))
+            self._lock.notify_all()
+        self._start("recv")
+
+    async def next_frame(self) -> Any:
+        """The next result of :meth:`start_frames`'s function (or its exception)."""
+        while True:
+            with self._lock:
+                if self._ready:
+                    item, exc = self._ready.popleft()
+                    room, self._want_room = self._want_room, False
+                    break
+                waiter = self._frame_waiter = self._loop.create_future()
+            await waiter
+        if room:
+            self._room.put(None)
+        if exc is not None:
+            raise exc
+        return item
+
+    def _recv_loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._rq and not self._closing:
+                    self._lock.wait()
+                if self._closing:
+                    pending = list(self._rq)
+                    self._rq.clear()
+                    for _, fut in pending:
+                        self._call_soon(_deliver, fut, None,
+                                        ConnectionAbortedError("migration stream closed"))
+                    return
+                fn, fut = self._rq.popleft()
+            try:
+                result = fn(self._reader)
+            except BaseException as e:
+                self._call_soon(_deliver, fut, None, e)
+            else:
+                self._call_soon(_deliver, fut, result, None)
+
+    # -- TLS -------------------------------------------------------------------------------------
+
+    async def start_tls(self, ctx: ssl.SSLContext, *, server_side: bool,
+                        server_hostname: str | None = None) -> None:
+        """The TLS handshake (in the reader thread); the stream is TLS from here on.  Call it
+        before anything is written."""
+        tls = _Tls(self.sock, ctx, server_side, server_hostname)
+
+        def handshake(rd: BlockingReader) -> None:
+            tls.handshake()
+            rd.io = self._io = tls
+
+        await self.call(handshake)
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name == "ssl_object":
+            return self._io.obj if isinstance(self._io, _Tls) else default
+        if name == "peername":
+            with contextlib.suppress(OSError):
+                return self.sock.getpeername()
+        return default
+
+    # -- ending ----------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Send what is queued (TLS: and close_notify), then end; :meth:`abort` after
+        :data:`CLOSE_TIMEOUT`."""
+        with self._lock:
+            if self._closing:
+                return
+            graceful = self._werror is None and self._slot and (
+                self._sending or bool(self._wq) or isinstance(self._io, _Tls))
+            if graceful:
+                self._wq.append(_CLOSE)
+                if self._idle:
+                    self._idle = False
+                    self._bell.put(None)
+        if not graceful:
+            self.abort()
+            return
+        self._start("send")
+        timer = self._loop.call_later(CLOSE_TIMEOUT, self.abort)
+        self._closed.add_done_callback(lambda _: timer.cancel())
+
+    def abort(self) -> None:
+        """End now: shut the socket down, wake the threads (queued data is dropped).  Any
+        thread may call it."""
+        with self._lock:
+            self._closing = self._aborted = True
+            self._lock.notify_all()
+            fut, self._draining = self._draining, None
+            waiter, self._frame_waiter = self._frame_waiter, None
+            if waiter is not None:
+                self._ready.append((None, ConnectionAbortedError("migration stream aborted")))
+                self._call_soon(_deliver, waiter, None, None)
+            finish = self._alive == 0 and not self._finished
+            if finish:
+                self._finished = True
+        if fut is not None:
+            self._call_soon(_deliver, fut, None, ConnectionAbortedError("migration stream aborted"))
+        self._shutdown()
+        self._bell.put(None)
+        self._room.put(None)
+        if finish:  # no thread runs (or ever ran): close here
+            self._finish()
+
+    async def wait_closed(self) -> None:
+        """Until both threads have ended and the socket is closed."""
+        await asyncio.shield(self._closed)
