@@ -32,8 +32,9 @@ from virtmig.daemon.backend.base import (
     MigrationFailed,
     MigrationTuning,
 )
-from virtmig.daemon.backend.test import TestBackend, channel
-from virtmig.daemon.backend.test.channel import THREAD_PREFIX, BlockingReader
+from virtmig.daemon.backend.test import TestBackend, sockio
+from virtmig.daemon.backend.test.channel import THREAD_PREFIX
+from virtmig.daemon.backend.test.sockio import BlockingReader
 from virtmig.daemon.backend.test.wire import Framing, read_record
 from virtmig.testing import wait_until
 
@@ -108,7 +109,7 @@ def test_the_reader_thread_refuses_a_hostile_run_before_its_body(run: bytes,
     a, b = socket.socketpair()
     with a, b:
         a.sendall(b"G" + run + b"next")
-        rd = BlockingReader(channel._Plain(b))
+        rd = BlockingReader(sockio.PlainIO(b))
         with pytest.raises(MigrationFailed, match=f"malformed migration stream: {message}"):
             read_record(rd, Framing(256, True, runs=True))
         assert rd.exact(4) == b"next"
@@ -142,7 +143,7 @@ async def test_a_tls_migration_goes_through_the_channel(
     and reader threads), and the guest arrives whole."""
     sent: list[int] = []
     received: list[int] = []
-    real_send, real_recv = channel._Tls.send, channel._Tls.recv_into
+    real_send, real_recv = sockio.TlsIO.send, sockio.TlsIO.recv_into
 
     def send(self: Any, items: list[Any]) -> None:
         sent.append(sum(len(i) for i in items))
@@ -153,8 +154,8 @@ async def test_a_tls_migration_goes_through_the_channel(
         received.append(n)
         return n
 
-    monkeypatch.setattr(channel._Tls, "send", send)
-    monkeypatch.setattr(channel._Tls, "recv_into", recv_into)
+    monkeypatch.setattr(sockio.TlsIO, "send", send)
+    monkeypatch.setattr(sockio.TlsIO, "recv_into", recv_into)
     spec = make_spec(32)
     await src.start(spec, paused=False)
     port = await dst.incoming_start(spec, LOOPBACK, dst_tuning())

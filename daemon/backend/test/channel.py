@@ -42,7 +42,9 @@ import ssl
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol, TypeVar, cast
+from typing import Any, Protocol, TypeVar
+
+from virtmig.daemon.backend.test.sockio import MAX_IOV, BlockingReader, PlainIO, TlsIO
 
 T = TypeVar("T")
 
@@ -50,9 +52,6 @@ THREAD_PREFIX = "virtmig-stream"
 CLOSE_TIMEOUT = 10.0  # seconds close() may spend sending what is queued before it aborts
 HIGH_WATER = 4 * 1024 * 1024  # drain() waits while more than this is queued (STREAM_LIMIT)
 LOW_WATER = HIGH_WATER // 4
-_READ_BUF = 256 * 1024  # the reader's buffer: reads longer than half of it go straight through
-_TLS_CHUNK = 256 * 1024  # ciphertext read per recv
-_MAX_IOV = 512  # buffers per sendmsg (IOV_MAX is 1024 on Linux)
 _CLOSE = object()  # the writer's last item: close gracefully
 
 
@@ -70,149 +69,6 @@ class ByteWriter(Protocol):
     async def drain(self) -> None: ...
 
     def get_extra_info(self, name: str, default: Any = None) -> Any: ...
-
-
-class _Plain:
-    """Blocking I/O on the socket itself."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-
-    def recv_into(self, view: memoryview, waitall: bool) -> int:
-        return self.sock.recv_into(view, len(view), socket.MSG_WAITALL if waitall else 0)
-
-    def send(self, items: list[Any]) -> None:
-        views = [memoryview(b) for b in items]
-        while views:
-            sent = self.sock.sendmsg(views[:_MAX_IOV])
-            while views and sent >= len(views[0]):
-                sent -= len(views.pop(0))
-            if sent:
-                views[0] = views[0][sent:]
-
-    def goodbye(self) -> None:
-        pass
-
-
-class _Tls:
-    """TLS over the blocking socket through memory BIOs; the SSL object's calls under a lock."""
-
-    def __init__(self, sock: socket.socket, ctx: ssl.SSLContext, server_side: bool,
-                 server_hostname: str | None) -> None:
-        self.sock = sock
-        self.inb, self.outb = ssl.MemoryBIO(), ssl.MemoryBIO()
-        self.obj = ctx.wrap_bio(self.inb, self.outb, server_side=server_side,
-                                server_hostname=server_hostname)
-        self.lock = threading.Lock()  # the SSL object
-        self.send_lock = threading.Lock()  # ciphertext goes out in the order it was made
-
-    def _flush(self) -> None:
-        with self.send_lock:
-            with self.lock:
-                out = self.outb.read()
-            if out:
-                self.sock.sendall(out)
-
-    def _feed(self) -> None:
-        data = self.sock.recv(_TLS_CHUNK)
-        with self.lock:
-            if data:
-                self.inb.write(data)
-            else:
-                self.inb.write_eof()
-
-    def handshake(self) -> None:
-        while True:
-            with self.lock:
-                try:
-                    self.obj.do_handshake()
-                    done = True
-                except ssl.SSLWantReadError:
-                    done = False
-            self._flush()
-            if done:
-                return
-            self._feed()
-
-    def recv_into(self, view: memoryview, waitall: bool) -> int:
-        while True:
-            with self.lock:
-                try:
-                    n: int = cast(Any, self.obj).read(len(view), view)  # (into view: a count)
-                except ssl.SSLWantReadError:
-                    n = -1
-                except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                    n = 0  # close_notify, or the peer just closed: both end the stream
-                pending = self.outb.pending
-            if pending:  # (a failed send is the writer's to tell)
-                with contextlib.suppress(OSError):
-                    self._flush()
-            if n >= 0:
-                return n
-            self._feed()
-
-    def send(self, items: list[Any]) -> None:
-        with self.send_lock:
-            for item in items:
-                view, done = memoryview(item), 0
-                with self.lock:
-                    while done < len(view):
-                        done += self.obj.write(view[done:])
-                    out = self.outb.read()
-                self.sock.sendall(out)
-
-    def goodbye(self) -> None:
-        with self.lock, contextlib.suppress(ssl.SSLError):
-            self.obj.unwrap()
-        self._flush()
-
-
-class BlockingReader:
-    """Reads in the reader thread: exact lengths, a buffer for the short ones."""
-
-    def __init__(self, io: _Plain | _Tls) -> None:
-        self.io = io
-        self._buf = bytearray(_READ_BUF)
-        self._start = self._end = 0
-
-    def exact(self, n: int) -> bytes | bytearray:
-        """Exactly ``n`` bytes; IncompleteReadError when the stream ends first."""
-        if n > _READ_BUF // 2:
-            out = bytearray(n)
-            self.exact_into(memoryview(out))
-            return out
-        if self._end - self._start < n:
-            self._fill(n)
-        start = self._start
-        self._start = start + n
-        return bytes(self._buf[start : start + n])
-
-    def exact_into(self, view: memoryview) -> None:
-        """Fill ``view``: what is buffered, then straight from the socket."""
-        total = len(view)
-        pos = min(self._end - self._start, total)
-        if pos:
-            view[:pos] = self._buf[self._start : self._start + pos]
-            self._start += pos
-        while pos < total:
-            got = self.io.recv_into(view[pos:], True)
-            if not got:
-                raise asyncio.IncompleteReadError(bytes(view[:pos]), total)
-            pos += got
-
-    def _fill(self, n: int) -> None:
-        have = self._end - self._start
-        if self._start:
-            self._buf[:have] = self._buf[self._start : self._end]
-            self._start, self._end = 0, have
-        view = memoryview(self._buf)
-        while self._end < n:
-            got = self.io.recv_into(view[self._end :], False)
-            if not got:
-                partial = bytes(view[: self._end])
-                self._end = 0
-                raise asyncio.IncompleteReadError(partial, n)
-            self._end += got
 
 
 class BufferPool:
@@ -297,7 +153,7 @@ class Channel:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock = sock
-        self._io: _Plain | _Tls = _Plain(sock)
+        self._io: PlainIO | TlsIO = PlainIO(sock)
         self._reader = BlockingReader(self._io)
         mutex = threading.Lock()
         self._lock = threading.Condition(mutex)  # the state; the reader thread waits on it
@@ -453,7 +309,7 @@ class Channel:
                 if not self._wq or self._shut:
                     return
                 items: list[Any] = []
-                while self._wq and len(items) < _MAX_IOV:
+                while self._wq and len(items) < MAX_IOV:
                     items.append(self._wq.popleft())
                 done = [(cb, i) for i in items if (cb := self._sent.pop(id(i), None))] \
                     if self._sent else []
@@ -599,7 +455,7 @@ class Channel:
                         server_hostname: str | None = None) -> None:
         """The TLS handshake (in the reader thread); the stream is TLS from here on.  Call it
         before anything is written."""
-        tls = _Tls(self.sock, ctx, server_side, server_hostname)
+        tls = TlsIO(self.sock, ctx, server_side, server_hostname)
 
         def handshake(rd: BlockingReader) -> None:
             tls.handshake()
@@ -609,7 +465,7 @@ class Channel:
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         if name == "ssl_object":
-            return self._io.obj if isinstance(self._io, _Tls) else default
+            return self._io.obj if isinstance(self._io, TlsIO) else default
         if name == "peername":
             with contextlib.suppress(OSError):
                 return self.sock.getpeername()
@@ -624,7 +480,7 @@ class Channel:
             if self._closing:
                 return
             graceful = self._werror is None and self._slot and (
-                self._sending or bool(self._wq) or isinstance(self._io, _Tls))
+                self._sending or bool(self._wq) or isinstance(self._io, TlsIO))
             if graceful:
                 self._wq.append(_CLOSE)
                 if self._idle:

@@ -79,7 +79,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from virtmig.daemon.backend.base import MigrationFailed, StreamAddress
-from virtmig.daemon.backend.test.channel import BlockingReader, BufferPool, ByteReader, ByteWriter
+from virtmig.daemon.backend.test.channel import BufferPool, ByteReader, ByteWriter
 from virtmig.daemon.backend.test.memory import (
     DIGEST_LEN,
     MIB,
@@ -90,6 +90,7 @@ from virtmig.daemon.backend.test.memory import (
     run_bytes,
     run_matches,
 )
+from virtmig.daemon.backend.test.sockio import BlockingReader
 from virtmig.daemon.backend.test.sparse import Versions
 
 MAGIC = b"VMTESTMS"
