@@ -199,18 +199,24 @@ def test_a_uuid_is_recognised_as_uuid_does(text: str) -> None:
 
 
 def test_the_program_collects_garbage_again_once_connected() -> None:
-    """(The program pauses the collector for its start-up only.)"""
+    """(The program pauses the collector for its start-up only, and then leaves the objects
+    the start-up made out of its collections: frozen, they are not walked again.)"""
     import gc
 
     from virtmig.client.cli import base
 
     assert gc.isenabled()
+    assert gc.get_freeze_count() == 0
     base.pause_gc_for_startup()
     try:
         assert not gc.isenabled()
         base._startup_over()
         assert gc.isenabled()
+        assert gc.get_freeze_count() > 0
+        frozen = gc.get_freeze_count()
+        base._startup_over()  # (a second time changes nothing)
+        assert gc.isenabled()
+        assert gc.get_freeze_count() == frozen
     finally:
+        gc.unfreeze()  # (this test's process is not the program)
         gc.enable()
-    base._startup_over()  # (a second time changes nothing)
-    assert gc.isenabled()
