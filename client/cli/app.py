@@ -44,6 +44,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse without its ``exit(2)``: errors become :class:`UsageError`."""
 
     def __init__(self, *, label: str = "", **kwargs: Any) -> None:
+        self._width: int | None = None
         super().__init__(**kwargs)
         self.label = label
 
@@ -55,8 +56,13 @@ class _Parser(argparse.ArgumentParser):
         # (with zlib, bz2 and lzma) is the largest part of what a parse error costs beyond
         # argparse: the same width, found without it.
         # (typeshed's formatter class takes ``prog`` only; argparse's take ``width`` too)
+        # argparse makes a formatter for every add_argument (to check its metavar): the width
+        # is found once per parser (issue 17: migrate's parser has ~60 options, and without a
+        # terminal each lookup raised and caught two exceptions).
+        if self._width is None:
+            self._width = _columns() - 2
         make: Callable[..., argparse.HelpFormatter] = self.formatter_class
-        return make(prog=self.prog, width=_columns() - 2)
+        return make(prog=self.prog, width=self._width)
 
 
 def _columns() -> int:
