@@ -177,6 +177,7 @@ class Channel:
         self._room: queue.SimpleQueue[None] = queue.SimpleQueue()
         self._sending = self._receiving = False  # the thread was started
         self._alive = 0
+        self._threads: list[threading.Thread] = []  # started (joined before the slot goes back)
         self._finished = False
         self._closed: asyncio.Future[None] = self._loop.create_future()
 
@@ -221,8 +222,10 @@ class Channel:
                 self._receiving = True
             self._alive += 1
         target = self._send_loop if name == "send" else self._recv_loop
-        threading.Thread(target=self._run, args=(target,), daemon=True,
-                         name=f"{THREAD_PREFIX}-{self._kind}-{name}").start()
+        thread = threading.Thread(target=self._run, args=(target,), daemon=True,
+                                  name=f"{THREAD_PREFIX}-{self._kind}-{name}")
+        self._threads.append(thread)
+        thread.start()
 
     def _run(self, target: Callable[[], None]) -> None:
         try:
@@ -240,9 +243,19 @@ class Channel:
         """Both threads ended after close or abort: close the socket, wake wait_closed."""
         self._shutdown()
         self.sock.close()
+        self._call_soon(self._gone)
+
+    def _gone(self) -> None:
+        """On the loop, after :meth:`_finish`: once every thread of the channel has exited
+        (the last one called ``_finish`` as it returned: the join is that thread's last
+        steps), the slot goes back and ``wait_closed`` wakes.  A slot given back any earlier
+        would let a new stream's threads start beside a thread still alive: the bound is on
+        threads, not on their work."""
+        for thread in self._threads:
+            thread.join()
         if self._slots is not None and self._slot:
-            self._call_soon(self._slots.give)
-        self._call_soon(_deliver, self._closed, None, None)
+            self._slots.give()
+        _deliver(self._closed, None, None)
 
     def _shutdown(self) -> None:
         with self._lock:
