@@ -40,7 +40,6 @@ import datetime
 import json
 import os
 import resource
-import socket
 import statistics
 import subprocess
 import sys
@@ -49,7 +48,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from virtmig.testing import wait_until_sync
+from virtmig.testing import free_port_range, wait_until_sync
 from virtmig.testing.pki import session_pki
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -86,22 +85,6 @@ def daemon(tmp: Path, name: str = "bench") -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-
-
-def free_port_range(count: int = 8) -> str:
-    """``LO-HI`` of ``count`` loopback ports free right now (a daemon's incoming migrations)."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        try:
-            for port in range(base, base + count):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        return f"{base}-{base + count - 1}"
-    raise SystemExit("no free port range")
 
 
 GUEST = "vm1"

@@ -10,7 +10,8 @@ Real daemons in your event loop, guests to migrate, and waits that never hang or
         ...
 
 * :mod:`~virtmig.testing.hosts`: daemon pairs on loopback over mutual TLS (:func:`hosts`,
-  :func:`start_host`, :class:`Host`), :func:`free_port`, :class:`ClosedPortDest`;
+  :func:`start_host`, :class:`Host`), :func:`free_port`, :func:`free_port_range`,
+  :class:`ClosedPortDest`;
 * :mod:`~virtmig.testing.pki`: the throw-away PKI those daemons and their clients use
   (:func:`session_pki`);
 * :mod:`~virtmig.testing.domains`: domain XML for the ``test`` backend (:func:`domain_xml`) and
@@ -47,6 +48,7 @@ from virtmig.testing.hosts import (
     Host,
     connect_uri,
     free_port,
+    free_port_range,
     hosts,
     start_host,
     stop_host,
@@ -94,6 +96,7 @@ __all__ = [
     "domain_xml",
     "ensure_guest",
     "free_port",
+    "free_port_range",
     "guest_domain_type",
     "guest_or_skip",
     "hosts",

@@ -39,6 +39,25 @@ def free_port() -> int:
         return port
 
 
+def free_port_range(count: int = 8) -> str:
+    """``LO-HI`` of ``count`` loopback ports free right now (a base from the kernel): a daemon's
+    ``--migration-ports``."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + count > 65535:
+            continue
+        try:
+            for port in range(base, base + count):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return f"{base}-{base + count - 1}"
+    raise RuntimeError("no free port range")
+
+
 class ClosedPortDest(RemoteDest):
     """A destination whose Prepare (or v2's Prepare2) answers with a loopback port nobody
     listens on."""

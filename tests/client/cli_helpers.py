@@ -8,7 +8,6 @@ import contextlib
 import json
 import os
 import select
-import socket
 import subprocess
 import sys
 import textwrap
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from virtmig.testing import WaitTimeout, wait_until_sync
+from virtmig.testing import WaitTimeout, free_port_range, wait_until_sync
 from virtmig.testing.pki import session_pki
 
 
@@ -36,24 +35,6 @@ def domain_xml(name: str, memory_mib: int = 64, dirty_rate_mib: int = 0) -> str:
           {metadata}
         </domain>
         """)
-
-
-def free_port_range(count: int = 8) -> str:
-    """``LO-HI`` of ``count`` ports that are free right now (a base from the kernel)."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + count > 65535:
-            continue
-        try:
-            for port in range(base, base + count):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        return f"{base}-{base + count - 1}"
-    raise RuntimeError("no free port range")
 
 
 @dataclass

@@ -19,7 +19,6 @@ from tests.client import cli_helpers
 from tests.client.cli_helpers import (
     Daemon,
     domain_xml,
-    free_port_range,
     ok,
     start_guest,
     virtmig,
@@ -40,7 +39,7 @@ from virtmig.proto.flags import (
 from virtmig.proto.params import MigrateParam as P
 from virtmig.proto.params import TypedParams
 from virtmig.proto.wire import to_wire
-from virtmig.testing import Host, hosts, wait_until_sync
+from virtmig.testing import Host, free_port_range, hosts, wait_until_sync
 
 daemons = cli_helpers.daemons
 
