@@ -186,16 +186,14 @@ def format_job_info(info: JobInfo, *, completed: bool = False, anystats: bool = 
     stat("Normal pages:", "memory_normal")
     if (normal := _ullong(info, "memory_normal_bytes")) is not None:
         capacity("Normal data:", normal)
-    downtime = _ullong(info, "downtime")
-    if downtime is not None:
-        number("Total downtime:" if info.type is JobType.COMPLETED else "Expected downtime:",
-               downtime, "ms")
+    stat("Total downtime:" if info.type is JobType.COMPLETED else "Expected downtime:",
+         "downtime", "ms")
     stat("Downtime w/o network:", "downtime_net", "ms")
     stat("Setup time:", "setup_time", "ms")
-    if (cache := _ullong(info, "compression_cache")) is not None:
-        capacity("Compression cache:", cache)
-    if (compressed := _ullong(info, "compression_bytes")) is not None:
-        capacity("Compressed data:", compressed)
+    for label, name in (("Compression cache:", "compression_cache"),
+                        ("Compressed data:", "compression_bytes")):
+        if (amount := _ullong(info, name)) is not None:
+            capacity(label, amount)
     for label, name in (("Compressed pages:", "compression_pages"),
                         ("Compression cache misses:", "compression_cache_misses"),
                         ("Compression overflows:", "compression_overflow")):

@@ -49,6 +49,30 @@ def as_json(uri: str, *args: str) -> Any:
     return json.loads(ok(uri, *args))
 
 
+def check_list_filters(dst: Daemon, sleeps_uuid: str) -> None:
+    """virsh's ``list`` filters and formats, over the guests of the test below."""
+    def names(*opts: str) -> list[str]:
+        return sorted(ok(dst.uri, "list", "--name", *opts).split())
+
+    assert names() == ["moved", "runs", "sleeps"]
+    assert names("--all") == ["moved", "off", "runs", "sleeps"]
+    assert names("--state-running") == ["moved", "runs"]
+    assert names("--state-paused") == ["sleeps"]
+    assert names("--state-shutoff") == ["off"]  # alone, it lists the inactive ones
+    assert names("--all", "--state-running", "--state-shutoff") == ["moved", "off", "runs"]
+    assert names("--transient") == ["moved"]
+    assert names("--all", "--persistent") == ["off", "runs", "sleeps"]
+    assert names("--persistent", "--state-paused") == ["sleeps"]
+    assert names("--persistent", "--transient") == ["moved", "runs", "sleeps"]
+    uuids = ok(dst.uri, "list", "--uuid", "--state-paused")
+    assert uuids == f"{sleeps_uuid}\n"
+    both = ok(dst.uri, "list", "--uuid", "--name", "--state-paused")
+    assert both == f"{sleeps_uuid} sleeps\n"
+    res = virtmig(dst.uri, "list", "--table", "--name")
+    assert res.returncode == 1
+    assert "Options --table and --name are mutually exclusive" in res.stderr
+
+
 def test_json_shapes_and_list_filters(daemons: tuple[Daemon, Daemon], tmp_path: Path) -> None:
     src, dst = daemons
     start_guest(tmp_path, src.uri, "moved")
@@ -73,26 +97,7 @@ def test_json_shapes_and_list_filters(daemons: tuple[Daemon, Daemon], tmp_path: 
     assert by_name["sleeps"]["state"] == "paused" and by_name["sleeps"]["reason"] == "user"
     assert isinstance(by_name["runs"]["id"], int)
 
-    def names(*opts: str) -> list[str]:
-        return sorted(ok(dst.uri, "list", "--name", *opts).split())
-
-    assert names() == ["moved", "runs", "sleeps"]
-    assert names("--all") == ["moved", "off", "runs", "sleeps"]
-    assert names("--state-running") == ["moved", "runs"]
-    assert names("--state-paused") == ["sleeps"]
-    assert names("--state-shutoff") == ["off"]  # alone, it lists the inactive ones
-    assert names("--all", "--state-running", "--state-shutoff") == ["moved", "off", "runs"]
-    assert names("--transient") == ["moved"]
-    assert names("--all", "--persistent") == ["off", "runs", "sleeps"]
-    assert names("--persistent", "--state-paused") == ["sleeps"]
-    assert names("--persistent", "--transient") == ["moved", "runs", "sleeps"]
-    uuids = ok(dst.uri, "list", "--uuid", "--state-paused")
-    assert uuids == f"{by_name['sleeps']['uuid']}\n"
-    both = ok(dst.uri, "list", "--uuid", "--name", "--state-paused")
-    assert both == f"{by_name['sleeps']['uuid']} sleeps\n"
-    res = virtmig(dst.uri, "list", "--table", "--name")
-    assert res.returncode == 1
-    assert "Options --table and --name are mutually exclusive" in res.stderr
+    check_list_filters(dst, by_name["sleeps"]["uuid"])
 
     info = as_json(dst.uri, "dominfo", "runs", "--json")
     assert set(info) == documented("dominfo")
