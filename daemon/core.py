@@ -41,9 +41,10 @@ from virtmig.daemon.job import AsyncJob, JobRecord, Phase
 from virtmig.daemon.limits import CallLimits
 from virtmig.daemon.metrics import Metrics
 from virtmig.daemon.placement import Away, Peer, PlacementStore
-from virtmig.daemon.registry import DomainObj, Registry, job_from_status
+from virtmig.daemon.registry import DomainObj, Registry
 from virtmig.daemon.settings import held
 from virtmig.daemon.state import StateDir
+from virtmig.daemon.statusxml import job_from_status
 from virtmig.proto import logsafe
 from virtmig.proto.aio import within
 from virtmig.proto.errors import ConfigUnsupported, NoSupport, PortsExhausted

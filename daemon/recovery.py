@@ -22,7 +22,8 @@ from virtmig.daemon import locate
 from virtmig.daemon.backend.base import BackendError, GuestRunState
 from virtmig.daemon.core import Daemon
 from virtmig.daemon.job import AsyncJob, JobRecord, Phase
-from virtmig.daemon.registry import DomainObj, job_from_status
+from virtmig.daemon.registry import DomainObj
+from virtmig.daemon.statusxml import job_from_status
 from virtmig.proto import logsafe
 from virtmig.proto.flags import (
     REASONS,

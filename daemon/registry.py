@@ -33,7 +33,6 @@ hears of it; :meth:`Registry.end_job` tells it of the job's end (history, outcom
 from __future__ import annotations
 
 import contextlib
-import functools
 import gc
 import operator
 import os
@@ -45,13 +44,14 @@ from pathlib import Path
 from lxml import etree
 
 from virtmig import __version__
-from virtmig.daemon import domindex
+from virtmig.daemon import domindex, statusxml
 from virtmig.daemon import state as files
 from virtmig.daemon.audit import Audit
 from virtmig.daemon.domindex import DomainIndex
 from virtmig.daemon.domobj import DomainObj as DomainObj  # re-exported: its old home
 from virtmig.daemon.domxml import DomainDef, check_name_length, parse_domain_xml
-from virtmig.daemon.job import AsyncJob, JobRecord, MigrationJob, Phase
+from virtmig.daemon.job import AsyncJob, JobRecord
+from virtmig.daemon.statusxml import status_needs_fsync
 from virtmig.proto import logsafe
 from virtmig.proto.aio import within
 from virtmig.proto.errors import (
@@ -62,7 +62,6 @@ from virtmig.proto.errors import (
     ResourceExhausted,
     XMLError,
 )
-from virtmig.proto.flags import DomainState, MigrateFlags
 
 log = logsafe.logger(__name__)
 
@@ -328,7 +327,8 @@ class Registry:
             await files.atomic_write_durably(path, data, sync_dir=False)
 
     def _status_data(self, dom: DomainObj) -> bytes | None:
-        """The status file's bytes (None: no status file); tells the observer of a new phase."""
+        """The status file's bytes (None: no status file, :func:`.statusxml.render`); tells the
+        observer of a new phase first."""
         job = dom.job
         if job is not None and job.phase is not job.reported_phase:
             now = time.monotonic()
@@ -336,43 +336,7 @@ class Registry:
             spent, job.reported_at = now - job.reported_at, now
             if self.observer is not None:
                 self.observer.phase(dom, job, old, spent)
-        if not dom.active and dom.job is None:
-            return None
-        root = etree.Element(
-            "domstatus",
-            state=dom.state.name.lower(),
-            reason=dom.reason_label,
-            id=str(dom.id),
-            persistent="yes" if dom.persistent else "no",
-        )
-        if dom.job is not None:
-            job = dom.job
-            etree.SubElement(
-                root,
-                "job",
-                {
-                    "async": job.kind.value,
-                    "phase": job.phase.label,
-                    "flags": hex(int(job.flags)),
-                    "asyncStarted": str(int(job.started * 1000)),
-                    "preState": job.pre_state.name.lower(),
-                    "origname": job.origname,
-                    "port": str(job.port),
-                    # virtmig's own: which migration, and the peer (virtmig.daemon.placement)
-                    "migrationId": job.migration_id,
-                    "peerHostUuid": job.peer_hostuuid,
-                    "peerHostname": job.peer_hostname,
-                    "destUri": job.dest_uri,
-                },
-            )
-        if dom.live is None:
-            return bytes(etree.tostring(root, pretty_print=True))
-        # The live definition as it serialises inside <domstatus>, parsed once per document
-        # (a migration writes the same live XML 3 or 4 times): spliced in at a placeholder,
-        # the bytes are those of the document with the parsed definition appended.
-        etree.SubElement(root, _LIVE_PLACEHOLDER)
-        return bytes(etree.tostring(root, pretty_print=True)).replace(
-            _LIVE_PLACEHOLDER_BYTES, _live_section(dom.live.xml), 1)
+        return statusxml.render(dom)
 
     def load(self) -> list[tuple[DomainObj, etree._Element]]:
         """Load persistent definitions and live status files; return objects that have status.
@@ -540,88 +504,3 @@ def _xml_names(folder: Path) -> list[str]:
 def _xml_files(folder: Path) -> list[Path]:
     """``folder``'s ``*.xml`` files in file-name order."""
     return [p for p in (folder / n for n in _xml_names(folder)) if p.is_file()]
-
-
-#: The element :meth:`Registry._status_data` replaces with the live definition's bytes (a
-#: tag no document has: ``<`` is escaped in attribute values, and the job has no children).
-_LIVE_PLACEHOLDER = "virtmig-live-definition"
-_LIVE_PLACEHOLDER_BYTES = b"<virtmig-live-definition/>"
-_LIVE_WRAP_OPEN = b"<domstatus>\n  "
-_LIVE_WRAP_CLOSE = b"\n</domstatus>\n"
-#: Live definitions larger than this are not kept in :func:`_live_section`'s cache.
-_LIVE_CACHE_MAX_CHARS = 64 * 1024
-#: Live definitions :func:`_live_section` parsed (its cache's misses; read by tests and
-#: benchmarks).
-LIVE_PARSES = [0]
-
-
-def _live_section(xml: str) -> bytes:
-    """The bytes of live definition ``xml`` as ``etree.tostring(..., pretty_print=True)`` puts
-    it as the child of a <domstatus> root (its indentation and line breaks included)."""
-    if len(xml) <= _LIVE_CACHE_MAX_CHARS:
-        return _live_section_cached(xml)
-    return _render_live_section(xml)
-
-
-def _render_live_section(xml: str) -> bytes:
-    LIVE_PARSES[0] += 1
-    wrap = etree.Element("domstatus")
-    wrap.append(etree.fromstring(xml.encode()))
-    out = bytes(etree.tostring(wrap, pretty_print=True))
-    assert out.startswith(_LIVE_WRAP_OPEN) and out.endswith(_LIVE_WRAP_CLOSE)
-    return out[len(_LIVE_WRAP_OPEN):-len(_LIVE_WRAP_CLOSE)]
-
-
-_live_section_cached = functools.lru_cache(maxsize=64)(_render_live_section)
-
-
-def status_needs_fsync(job: MigrationJob | None) -> bool:
-    """Whether a status write must survive a power loss (or kernel crash): fsync matters for
-    nothing else, since a killed daemon still leaves every file it renamed.
-
-    A power loss ends every guest of the host, so after one a status file is read only by the
-    start-up rule for guests that did not survive (``Daemon.open``): a domain whose outgoing
-    job was in perform3..confirm3 (``_remember_departure``) may run on the destination, so its
-    start asks there first.  Hence the writes that may skip fsync:
-
-    * every write of an incoming job (the guest arriving here dies with the host; what the
-      destination must keep is the placement record ``arrived``, fsynced before Finish ends);
-    * begin3 (nothing has left; recovered like the status before it);
-    * perform3 without post-copy (the destination resumes the guest only after Perform's reply,
-      or in peer-to-peer the source's Finish call, both after perform3_done's write, which is
-      fsynced; with post-copy the guest may run there during Perform, so it is fsynced);
-    * confirm3 and confirm3_cancelled: perform3_done, fsynced, before them recovers the same
-      way (the destination is asked) after a power loss.
-
-    Everything else (no job, perform3_done, perform2, post-copy failures, resume phases) is
-    fsynced as before.
-    """
-    if job is None:
-        return True
-    if job.kind is AsyncJob.MIGRATION_IN:
-        return False
-    if job.phase in (Phase.BEGIN3, Phase.CONFIRM3, Phase.CONFIRM3_CANCELLED):
-        return False
-    return not (job.phase is Phase.PERFORM3 and not job.flags & MigrateFlags.POSTCOPY)
-
-
-def job_from_status(root: etree._Element) -> MigrationJob | None:
-    el = root.find("job")
-    if el is None:
-        return None
-    job = MigrationJob(
-        kind=AsyncJob(el.get("async", "")),
-        phase=Phase.from_label(el.get("phase", "none")),
-        flags=MigrateFlags(int(el.get("flags", "0"), 16)),
-        started=int(el.get("asyncStarted", "0")) / 1000,
-        pre_state=DomainState[el.get("preState", "nostate").upper()],
-        origname=el.get("origname", ""),
-        port=int(el.get("port", "0")),
-        migration_id=el.get("migrationId", ""),
-        peer_hostuuid=el.get("peerHostUuid", ""),
-        peer_hostname=el.get("peerHostname", ""),
-        dest_uri=el.get("destUri", ""),
-    )
-    job.reported_phase = job.phase  # logged before the restart
-    return job
-

@@ -19,7 +19,7 @@ host UUID the folder is fsynced too, so that the rename itself survives a power 
 files skip that (``sync_dir=False``): they describe live QEMU processes, which a power loss ends
 anyway, and a daemon crash does not lose a completed rename.  Most status writes of a migration
 skip the file's fsync as well (``fsync=False``; which ones, and why recovery does not need them,
-is :func:`virtmig.daemon.registry.status_needs_fsync`'s rule): fsync only matters for a power
+is :func:`virtmig.daemon.statusxml.status_needs_fsync`'s rule): fsync only matters for a power
 loss or a kernel crash, and a daemon killed at any point still leaves the last file it renamed.
 
 A write that must be durable before its caller goes on, on a migration's path, is

@@ -166,7 +166,7 @@ async def src_perform(
     async with dom.lock:
         cookie = _src_perform_done(daemon, dom, job, persistent)
         # perform3_done is durable before the reply: nothing resumes the guest elsewhere before
-        # it (virtmig.daemon.registry.status_needs_fsync)
+        # it (virtmig.daemon.statusxml.status_needs_fsync)
         await daemon.registry.save_status_durably(dom)
     await any_check_owner(daemon, dom)
     return cookie

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from lxml import etree
 
-from virtmig.daemon import audit, interceptor, registry
+from virtmig.daemon import audit, interceptor, registry, statusxml
 from virtmig.daemon import state as files
 from virtmig.daemon.authz import Policy
 from virtmig.daemon.cookie import _canonical_uuid
@@ -111,9 +111,9 @@ def test_live_section_is_the_parsed_definition(live: str) -> None:
     root = etree.Element("domstatus", state="running", reason="migrated", id="3",
                          persistent="yes")
     etree.SubElement(root, "job", {"async": "migration out", "phase": "perform3"})
-    etree.SubElement(root, registry._LIVE_PLACEHOLDER)
+    etree.SubElement(root, statusxml._LIVE_PLACEHOLDER)
     spliced = bytes(etree.tostring(root, pretty_print=True)).replace(
-        registry._LIVE_PLACEHOLDER_BYTES, registry._live_section(xml), 1)
+        statusxml._LIVE_PLACEHOLDER_BYTES, statusxml._live_section(xml), 1)
     root.remove(root[-1])
     root.append(etree.fromstring(xml.encode()))
     assert spliced == bytes(etree.tostring(root, pretty_print=True))

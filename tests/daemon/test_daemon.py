@@ -10,7 +10,7 @@ import pytest
 
 from virtmig.daemon.config import build_parser, load_config
 from virtmig.daemon.job import AsyncJob, MigrationJob, Phase
-from virtmig.daemon.registry import job_from_status
+from virtmig.daemon.statusxml import job_from_status
 from virtmig.proto.errors import (
     InternalError,
     InvalidArgument,

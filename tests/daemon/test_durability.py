@@ -1,7 +1,7 @@
 """What a migration makes durable (issue 17): the fsyncs per migration, by file and phase.
 
 Only a power loss (or a kernel crash) needs an fsync; every status write that recovery after one
-does not read skips it (``virtmig.daemon.registry.status_needs_fsync``).  These tests pin the
+does not read skips it (``virtmig.daemon.statusxml.status_needs_fsync``).  These tests pin the
 fsyncs of one regular v3 migration there and back, so that one coming back (or one going that
 recovery needs) fails here; and the order that keeps a crash between the source's last writes
 recoverable.  Real daemons in this process, ``os.fsync`` counted by the file it syncs.
@@ -22,7 +22,7 @@ from lxml import etree
 
 from virtmig.daemon import state as files
 from virtmig.daemon.job import AsyncJob, MigrationJob, Phase
-from virtmig.daemon.registry import job_from_status, status_needs_fsync
+from virtmig.daemon.statusxml import job_from_status, status_needs_fsync
 from virtmig.proto.flags import MigrateFlags
 from virtmig.proto.params import TypedParams
 from virtmig.testing import Host, domain_xml, hosts, wait_until, wait_until_sync
