@@ -8,7 +8,9 @@ backend yanks the migration sockets out of band), and the source guest must run 
 
 The reproduction: a proxy between source and destination forwards the stream at 16 MiB/s and
 stops reading for good once the source QEMU stops its vCPUs (its ``STOP`` event: the completion
-phase), with small socket buffers so that the rest of the stream cannot hide in them.
+phase), with small socket buffers so that the rest of the stream cannot hide in them; once the
+stream flows, a downtime limit of ten minutes sends QEMU into that phase with most of the guest's
+memory left to send.
 
 And when even the ``yank`` does not help (a QEMU that answers nothing at all: stopped with
 SIGSTOP), the backend's flow still ends, with its own error, and leaves the guest alone.
@@ -58,6 +60,8 @@ STALL_S = 5
 # The whole migration, stall included: stall watchdog (STALL_S), cancel, yank, settle.  Without the
 # yank it never ends.
 MIGRATION_BOUND = 90.0
+STREAMING = 4 << 20  # bytes through the proxy: the migration streams
+COMPLETE_NOW_MS = 600_000  # a downtime limit that anything left to send fits in
 HEARTBEAT = re.compile(rb"HEARTBEAT n=(\d+)")
 
 
@@ -70,6 +74,7 @@ class FreezeProxy:
         self.frozen = frozen
         self.rate = rate
         self.froze = False
+        self.forwarded = 0  # bytes forwarded to the target
         self._closed = asyncio.Event()
         self._writers: list[asyncio.StreamWriter] = []
 
@@ -90,6 +95,7 @@ class FreezeProxy:
                 return
             writer.write(data)
             await writer.drain()
+            self.forwarded += len(data)
             await asyncio.sleep(len(data) / self.rate)  # the link's rate, not a synchronisation
 
     async def _down(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -177,11 +183,20 @@ async def test_stall_in_completion_phase_ends_and_the_source_runs(tmp_path: Path
         async with proxy_server(proxy) as port:
             with pytest.MonkeyPatch.context() as mp:
                 mp.setattr(backend, "_exec", spy)
+                flow = asyncio.create_task(asyncio.wait_for(
+                    run_v3(RemoteSource(src.conn, True), ProxyDest(dst, proxy, port), "vm1",
+                           TypedParams.of({P.STALL_TIMEOUT: STALL_S}), F.LIVE, protection=True),
+                    MIGRATION_BOUND))
+                # Once the stream flows, a downtime limit far beyond what is left sends QEMU into
+                # its completion phase at its next check, whatever pre-copy's pace (a guest
+                # dirtying at half the link's rate converged only slowly when both cores were
+                # busy: the bound ran out in pre-copy), with most of the memory still to send.
+                await until("the stream to flow",
+                            lambda: proxy.forwarded >= STREAMING or flow.done(), BOOT_TIMEOUT)
+                if not flow.done():
+                    await src.conn.set_max_downtime("vm1", COMPLETE_NOW_MS)
                 with pytest.raises(OperationTimeout, match="migration stalled"):
-                    await asyncio.wait_for(
-                        run_v3(RemoteSource(src.conn, True), ProxyDest(dst, proxy, port), "vm1",
-                               TypedParams.of({P.STALL_TIMEOUT: STALL_S}), F.LIVE, protection=True),
-                        MIGRATION_BOUND)
+                    await flow
         assert proxy.froze, "the source never stopped its vCPUs: no completion phase"
         assert "yank" in sent, "migrate_cancel ended it: the stall was not in the completion phase"
 
