@@ -47,14 +47,13 @@ from virtmig.testing.hosts import (
     ClosedPortDest,
     Host,
     connect_uri,
-    free_port,
-    free_port_range,
     hosts,
     start_host,
     stop_host,
     teardown_hosts,
 )
 from virtmig.testing.pki import ThrowawayPki, release_session_pki, session_pki
+from virtmig.testing.ports import free_port, free_port_range
 from virtmig.testing.qemu import (
     guest_domain_type,
     guest_or_skip,

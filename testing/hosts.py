@@ -4,15 +4,14 @@
 connected client, over mutual TLS with the process's throw-away PKI
 (:mod:`virtmig.testing.pki`); :func:`hosts` is the context manager that starts several and,
 whatever happens, stops them with every guest they still run (:func:`teardown_hosts`).  For failure
-tests: :func:`free_port` (a port nobody listens on) and :class:`ClosedPortDest` (a destination
-whose Prepare names such a port).
+tests: :class:`ClosedPortDest` (a destination whose Prepare names a port nobody listens on,
+:func:`~virtmig.testing.ports.free_port`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,35 +26,9 @@ from virtmig.proto.aio import within
 from virtmig.proto.params import TypedParams
 from virtmig.proto.uri import parse_listen
 from virtmig.testing.pki import session_pki
+from virtmig.testing.ports import free_port
 from virtmig.testing.qemu import kill_leftover_qemus
 from virtmig.testing.qemu_user import daemon_settings, serial_log
-
-
-def free_port() -> int:
-    """A loopback port nobody listens on (bound once, then released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def free_port_range(count: int = 8) -> str:
-    """``LO-HI`` of ``count`` loopback ports free right now (a base from the kernel): a daemon's
-    ``--migration-ports``."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + count > 65535:
-            continue
-        try:
-            for port in range(base, base + count):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        return f"{base}-{base + count - 1}"
-    raise RuntimeError("no free port range")
 
 
 class ClosedPortDest(RemoteDest):

@@ -23,7 +23,7 @@ from virtmig.client.cli import migration
 from virtmig.client.cli.base import CliError
 from virtmig.client.rpc import canonical_uuid
 from virtmig.proto.errors import ConnectionFailed
-from virtmig.testing.hosts import free_port
+from virtmig.testing import free_port
 from virtmig.testing.pki import session_pki
 
 daemons = cli_helpers.daemons
