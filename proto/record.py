@@ -198,6 +198,28 @@ def _frozen_delattr(self: Any, name: str) -> None:
     object.__delattr__(self, name)
 
 
+class _Signature:
+    """A record class's ``__signature__``, made when asked (``inspect.signature``, ``help``):
+    what ``inspect.signature`` says of the same dataclass, from its compiled ``__init__``."""
+
+    def __get__(self, obj: object, cls: type) -> Any:
+        if obj is not None:
+            raise AttributeError("__signature__")
+        import inspect
+
+        kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+        factory = dataclasses._HAS_DEFAULT_FACTORY  # type: ignore[attr-defined]
+        return inspect.Signature([
+            inspect.Parameter(f.name, kind, annotation=f.type,
+                              default=(factory if f.default_factory is not MISSING
+                                       else inspect.Parameter.empty if f.default is MISSING
+                                       else f.default))
+            for f in dataclasses.fields(cls)], return_annotation=None)
+
+
+_SIGNATURE = _Signature()
+
+
 def _refuse(cls: type, why: str) -> TypeError:
     return TypeError(f"@record {cls.__qualname__}: {why}")
 
@@ -236,6 +258,7 @@ def _make(cls: type, frozen: bool) -> type:
     cls.__repr__ = _repr  # type: ignore[assignment,method-assign]
     cls.__eq__ = eq  # type: ignore[assignment,method-assign]
     cls.__match_args__ = spec.names  # type: ignore[attr-defined,misc]
+    cls.__signature__ = _SIGNATURE  # type: ignore[attr-defined]
     if frozen:
         cls.__hash__ = hash_  # type: ignore[assignment,method-assign]
         cls.__setattr__ = _frozen_setattr  # type: ignore[assignment,method-assign]

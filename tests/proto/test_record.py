@@ -7,6 +7,7 @@ when the class is decorated."""
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import pickle
 from collections.abc import Callable
 from functools import partial
@@ -167,6 +168,17 @@ class Picklable:
 
     a: int
     b: str = ""
+
+
+def test_inspect_sees_a_dataclass_s_signature() -> None:
+    """(What ``help`` shows of the client's values, for one.)"""
+    dc, rec = twins("Value", {**FIELDS, "e": "list[int]"},
+                    {**DEFAULTS, "e": dataclasses.field(default_factory=list)})
+    assert str(inspect.signature(rec)) == str(inspect.signature(dc)) == (
+        "(a: 'int', b: 'str', c: 'tuple[int, ...]' = (), d: 'float | None' = None, "
+        "e: 'list[int]' = <factory>) -> None")
+    with pytest.raises(TypeError):
+        inspect.signature(rec(1, "x"))  # (an instance is not callable, as a dataclass's)
 
 
 def test_a_docstring_is_kept() -> None:
