@@ -125,9 +125,10 @@ def _bind(spec: _Spec, args: tuple[object, ...], kwargs: dict[str, object]
     values = [*args, *spec.template[given:]]
     index = spec.index
     for key, value in kwargs.items():
-        if index.get(key, -1) < given:  # (unknown, or given by position too)
+        i = index.get(key, -1)
+        if i < given:  # (unknown, or given by position too)
             raise _bind_error(spec, args, kwargs)
-        values[index[key]] = value
+        values[i] = value
     for i in range(given, spec.required):
         if values[i] is _REQUIRED:
             raise _bind_error(spec, args, kwargs)
