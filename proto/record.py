@@ -22,7 +22,7 @@ is told) or not, defaults, ``field(default_factory=...)`` and ``field(repr=False
 or ``kw_only``, ``ClassVar``/``InitVar`` fields, a method the decorator would write defined by
 the class -- is refused at decoration (``TypeError``), so nothing changes meaning silently.
 The ``__init__`` costs a little more to call than a compiled one (about 1,400 instructions
-with positional arguments, 8,000 with keywords): this is for tables and values a command
+with positional arguments, 10,000 with keywords): this is for tables and values a command
 builds, not for objects made per page in the daemons.
 """
 
