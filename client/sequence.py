@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from dataclasses import dataclass, field, replace
+from dataclasses import field, replace
 from typing import Protocol
 
 from virtmig.proto import logsafe
@@ -52,6 +52,7 @@ from virtmig.proto.flags import (
 )
 from virtmig.proto.migid import migration_id_in_cookie
 from virtmig.proto.params import NON_PARAMS_ALLOWED, MigrateParam, TypedParams
+from virtmig.proto.record import record
 
 log = logsafe.logger(__name__)
 client_log = logsafe.logger("virtmig.client")  # the phases of the client's own runs
@@ -96,7 +97,7 @@ class DestParty(Protocol):
         ...
 
 
-@dataclass
+@record(frozen=False)
 class Trace:
     """What the driver called, in order (``"finish(cancelled)"``...), for logs and tests, the
     protocol the migration ran with (``MigrationProtocol``) and its id (read from the daemons'
@@ -129,7 +130,7 @@ class Trace:
                             self.domain)
 
 
-@dataclass(frozen=True)
+@record
 class _Outcome:
     """Where a run stands after a step: the cookie for the next call, whether the migration is
     cancelled, the error that wins so far, whether the source is called again (Confirm), and the

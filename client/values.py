@@ -9,11 +9,11 @@ value is built from its wire message in one ``from_msg``; nothing here talks to 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from virtmig.client import _lazy_getattr
 from virtmig.proto.flags import DomainState
+from virtmig.proto.record import record
 
 if TYPE_CHECKING:
     from virtmig.client.records import DomainInfo, Event, GuestLocation, HistoryEntry, JobInfo
@@ -23,7 +23,7 @@ __all__ = ["Domain", "DomainInfo", "DomainKey", "Event", "GuestLocation", "Histo
            "HostInfo", "JobInfo"]
 
 
-@dataclass(frozen=True)
+@record
 class Domain:
     """A domain handle, as the daemon described it at the time of the call."""
 
@@ -48,7 +48,7 @@ _STATES = {int(s): s for s in DomainState}
 DomainKey = str | Domain
 
 
-@dataclass(frozen=True)
+@record
 class HostInfo:
     """What the daemon says of its host (``GetHost``): names, version, backend, features and
     resources.  (A docstring of its own also spares ``dataclass`` building one from

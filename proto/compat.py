@@ -11,7 +11,6 @@ never ignored; parameters are refused by the params table's own columns
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
 
 from virtmig.proto.errors import (
     ArgumentUnsupported,
@@ -23,6 +22,7 @@ from virtmig.proto.errors import (
 from virtmig.proto.flags import ALL_MIGRATE_FLAGS, NO_FLAGS, V3_ONLY_FLAGS, MigrateFlags
 from virtmig.proto.params import MigrateParam as P
 from virtmig.proto.params import TypedParams
+from virtmig.proto.record import record
 
 F = MigrateFlags
 
@@ -32,7 +32,7 @@ class Layer(enum.Flag):
     DRIVER = enum.auto()
 
 
-@dataclass(frozen=True)
+@record
 class Rule:
     """``when`` all of these flags are set ``and`` (``unless_any`` is empty or none of them is set)
     ``and`` (``param`` is empty or that param is present): raise ``error(message)``."""
@@ -168,7 +168,7 @@ COMPRESSION_METHODS = ("xbzrle", "mt", "zlib", "zstd")
 MULTIFD_COMPRESSION = ("zlib", "zstd")
 
 
-@dataclass(frozen=True)
+@record
 class Compression:
     """What COMPRESSED and the ``compression*`` params ask for (libvirt's rules)."""
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
 
 from virtmig.proto.errors import ArgumentUnsupported, InvalidArgument, Overflow
 from virtmig.proto.flags import (
@@ -27,6 +26,7 @@ from virtmig.proto.flags import (
     NO_FLAGS,
     MigrateFlags,
 )
+from virtmig.proto.record import record
 
 
 class ParamType(enum.Enum):
@@ -51,7 +51,7 @@ _INT_RANGES = {
 ParamValue = int | float | bool | str
 
 
-@dataclass(frozen=True)
+@record
 class TypedParam:
     name: str
     type: ParamType
@@ -118,7 +118,7 @@ class Party(enum.Flag):
     BOTH = SRC | DST
 
 
-@dataclass(frozen=True)
+@record
 class Range:
     """The values a number may take: ``lo`` to ``hi`` inclusive (and only powers of two).
 
@@ -157,7 +157,7 @@ DOWNTIME_RANGE = Range(1, MAX_DOWNTIME_MS,
 TIMEOUT_RANGE = Range(0, 2**31 - 1)
 
 
-@dataclass(frozen=True)
+@record
 class ParamSpec:
     name: MigrateParam
     type: ParamType

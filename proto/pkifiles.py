@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import os
 import stat
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 
 from virtmig.proto.errors import ConfigUnsupported
+from virtmig.proto.record import record
 
 PKI_DIR_ENV = "VIRTMIG_PKI_DIR"
 SYSTEM_PKI_DIR = Path("/etc/pki/virtmig")
@@ -63,7 +64,7 @@ def resolve_pki_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
     return default_pki_dir()
 
 
-@dataclass(frozen=True)
+@record
 class PkiPaths:
     """The files of one PKI dir."""
 
@@ -90,7 +91,7 @@ class PkiPaths:
 # --- reading --------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@record
 class TlsMaterial:
     """Checked PEM bytes, as ``grpc.ssl_server_credentials`` / ``ssl_channel_credentials`` take
     them: the CA certificate(s), the certificate chain (leaf first), and its key."""

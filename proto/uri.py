@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import ipaddress
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import SplitResult, parse_qsl, quote, urlsplit
 
 from virtmig.proto.errors import InvalidArgument
+from virtmig.proto.record import record
 
 DEFAULT_TCP_PORT = 16609
 # libvirt's are 16509 (tcp) and 16514 (tls): virtmig keeps their distance, 16609 and 16614.
@@ -41,7 +41,7 @@ def default_socket_path() -> Path:
     return default_run_dir() / SOCKET_NAME
 
 
-@dataclass(frozen=True)
+@record
 class ConnectURI:
     """A parsed connection URI.  ``transport`` is ``unix``, ``tls`` or ``tcp``; ``pki_dir`` is
     a ``tls`` URI's ``?pkipath=`` ("": the client's default PKI dir)."""
@@ -170,7 +170,7 @@ def _pkipath(uri: str, query: str) -> str:
     return pki_dir
 
 
-@dataclass(frozen=True)
+@record
 class ListenURI:
     """A daemon listen address: ``unix:///path``, ``tls://host:port`` (mutual TLS; port 16614
     by default) or ``tcp://host:port`` (plain; 16609).  Port 0: any free one."""

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import enum
-from dataclasses import dataclass
 
 from virtmig.client.cli.base import (
     INT_MAX,
@@ -30,6 +29,7 @@ from virtmig.client.cli.base import (
 from virtmig.client.cli.parsers import MIGRATE_DATA
 from virtmig.proto.flags import COMPLETION_ACTIONS, MigrateFlags
 from virtmig.proto.params import MigrateParam, ParamType, TypedParams
+from virtmig.proto.record import record
 
 F = MigrateFlags
 P = MigrateParam
@@ -46,7 +46,7 @@ class Read(enum.Enum):
     ULLONG = "ullong"  # virsh's vshCommandOptULongLong: one ULLONG param
 
 
-@dataclass(frozen=True)
+@record
 class MigrateOption:
     """One ``migrate`` option.  With neither ``flag`` nor ``param`` it is the client's own, and
     ``read`` only says whether it takes a value."""
@@ -239,7 +239,7 @@ def setup_migrate(p: argparse.ArgumentParser) -> None:
             p.add_argument(*names, metavar=o.metavar, choices=o.choices, help=o.help)
 
 
-@dataclass(frozen=True)
+@record
 class MigrateOptions:
     """What ``migrate`` does besides the library call: watch the job, and how to call."""
 

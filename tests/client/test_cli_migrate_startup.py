@@ -3,7 +3,9 @@ here times anything): a regular migration opens the destination's connection whi
 connection and domain lookup are under way, and both daemons' sessions at once, with failures
 still reported in the order of the steps; ``migrate`` (regular and peer-to-peer) and ``list``
 load no value they do not build (:mod:`virtmig.client.records`), nor ``uuid`` (and ``platform``
-behind it), nor X.509 or XML code; a domain key is told from a UUID as ``uuid.UUID`` would.
+behind it), nor X.509 or XML code, and the dataclasses they load are all records
+(:mod:`virtmig.proto.record`), none compiled at import; a domain key is told from a UUID as
+``uuid.UUID`` would.
 """
 
 from __future__ import annotations
@@ -17,7 +19,12 @@ import pytest
 
 from tests.client import cli_helpers
 from tests.client.cli_helpers import Daemon, domain_xml, ok, virtmig
-from tests.client.test_cli_startup import PROTOBUF_PURE_PYTHON, dialed_before, imported_by
+from tests.client.test_cli_startup import (
+    PROTOBUF_PURE_PYTHON,
+    dialed_before,
+    imported_by,
+    run_reporting,
+)
 from virtmig.client import migrate
 from virtmig.client.cli import migration
 from virtmig.client.cli.base import CliError
@@ -71,6 +78,28 @@ def test_migrate_dials_its_daemons_before_loading_the_client_library(
     before = {"virtmig.proto.virtmig_pb2": False, "google.protobuf.descriptor_pool": False,
               "virtmig.client.rpc": False}
     assert channels == [before] * (1 if p2p else 2)
+
+
+@pytest.mark.parametrize("p2p", [False, True])
+def test_migrate_compiles_no_dataclass_as_it_loads(daemons: tuple[Daemon, Daemon],
+                                                   tmp_path: Path, p2p: bool) -> None:
+    """(issue 17) A frozen dataclass compiles six methods from source text at import, ~3.5
+    million instructions: every dataclass of virtmig a migration loads (its tables of
+    parameters, flag rules and options, URI and PKI values, the client's values and the
+    sequence's trace) is a record, whose methods are written once."""
+    src, dst = daemons
+    _define_and_start(src, tmp_path, "vm1")
+    pki = session_pki().client()
+    report = ('sorted((f"{m}.{k}", "_record" in vars(v))'
+              ' for m, mod in list(sys.modules.items()) if m.startswith("virtmig")'
+              ' for k, v in vars(mod).items() if isinstance(v, type) and v.__module__ == m'
+              ' and "__dataclass_fields__" in vars(v))')
+    status, built = run_reporting(("-q", "-c", f"{src.uri}?pkipath={pki}", "migrate", "--live",
+                                   *(["--p2p"] if p2p else []), "vm1", dst.uri), "", report)
+    assert status == 0
+    assert "vm1" in ok(dst.uri, "list")  # (it did migrate)
+    assert len(built) >= 15
+    assert [name for name, is_record in built if not is_record] == []
 
 
 def test_list_loads_no_job_values_nor_uuid(daemons: tuple[Daemon, Daemon]) -> None:
