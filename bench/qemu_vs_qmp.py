@@ -50,6 +50,7 @@ from qemu.qmp import QMPClient
 
 from virtmig.daemon.backend.base import GuestSpec
 from virtmig.daemon.backend.qemu import SOCKET_NAME, QemuConfig, parse_config
+from virtmig.daemon.backend.qemu.confine import kvm_refusal, run_as
 from virtmig.daemon.backend.qemu.process import open_guest_files
 from virtmig.daemon.domxml import parse_domain_xml
 from virtmig.proto.flags import MigrateFlags
@@ -176,10 +177,12 @@ async def bare_migrate(src: BareGuest, config: QemuConfig,
     return time.perf_counter() - t0, dst
 
 
-async def case(work: Path, name: str, xml: str, runs: int, *, booted_by_log: bool
-               ) -> dict[str, object]:
+async def case(work: Path, name: str, xml: str, runs: int, *, booted_by_log: bool,
+               daemon: dict[str, Any] | None = None) -> dict[str, object]:
     """``runs`` round trips of each; ``booted_by_log``: the guest says it booted on its serial
-    port (the test guest), else it is given ``KVM_SETTLE_S`` (SeaBIOS on nested KVM)."""
+    port (the test guest), else it is given ``KVM_SETTLE_S`` (SeaBIOS on nested KVM);
+    ``daemon``: settings of both daemons."""
+    daemon = daemon or {}
     d = parse_domain_xml(xml)
     spec = GuestSpec(uuid=d.uuid, name=d.name, memory_bytes=d.memory_kib * 1024,
                      vcpus=d.vcpus, options={}, xml=d.xml)
@@ -193,19 +196,9 @@ async def case(work: Path, name: str, xml: str, runs: int, *, booted_by_log: boo
         await wait_ready(work / f"{name}-bare0" / "serial0.log")
 
     # virtmig: two daemons, the guest booted on the first
-    hosts: list[Host] = [await start_host(work, f"{name}-a", backend="qemu"),
-                         await start_host(work, f"{name}-b", backend="qemu")]
-    await hosts[0].conn.define(xml)
-    await hosts[0].conn.start(name)
-    if booted_by_log:
-        guest_dir = hosts[0].state_dir / "backend" / "qemu"
-        await wait_ready(sorted(guest_dir.rglob("serial0.log"))[0])
-    else:
-        await asyncio.sleep(KVM_SETTLE_S)
-
+    hosts: list[Host] = []
     virtmig_s: list[float] = []
     bare_s: list[float] = []
-    await asyncio.sleep(SETTLE_S)  # boot-time page activity would favour whoever booted first
     folders = iter(range(1, 10**6))
 
     async def virtmig_round_trip() -> float:
@@ -230,6 +223,16 @@ async def case(work: Path, name: str, xml: str, runs: int, *, booted_by_log: boo
         return elapsed
 
     try:
+        for host in ("a", "b"):
+            hosts.append(await start_host(work, f"{name}-{host}", backend="qemu", **daemon))
+        await hosts[0].conn.define(xml)
+        await hosts[0].conn.start(name)
+        if booted_by_log:
+            guest_dir = hosts[0].state_dir / "backend" / "qemu"
+            await wait_ready(sorted(guest_dir.rglob("serial0.log"))[0])
+        else:
+            await asyncio.sleep(KVM_SETTLE_S)
+        await asyncio.sleep(SETTLE_S)  # boot-time page activity would favour whoever booted first
         for i in range(-1, runs):  # run -1 warms both up and is not counted
             # Who goes first alternates too, so neither always follows the other's teardown.
             if i % 2:
@@ -283,15 +286,19 @@ async def main(runs: int) -> int:
         return 0
     RESULTS.mkdir(exist_ok=True)
     results = []
-    cases = [(name, domain_xml(image, name, mb, rate), True)
-             for name, mb, rate in (("idle", 16, 1), ("dirty-256m", 256, 64))]
-    if kvm_usable():
-        cases.append(("kvm-idle", kvm_domain_xml("kvm-idle"), False))
-    else:
-        print("qemu_vs_qmp: kvm-idle: skipped: /dev/kvm is not usable here")
+    cases: list[tuple[str, str, bool, dict[str, Any]]] = [
+        (name, domain_xml(image, name, mb, rate), True, {})
+        for name, mb, rate in (("idle", 16, 1), ("dirty-256m", 256, 64))]
     with tempfile.TemporaryDirectory(prefix="vmbench-") as tmp, _test_user():
-        for name, xml, booted_by_log in cases:
-            r = await case(Path(tmp), name, xml, runs, booted_by_log=booted_by_log)
+        if kvm_usable():
+            cases.append(("kvm-idle", kvm_domain_xml("kvm-idle"), False, _kvm_daemon()))
+        else:
+            print("qemu_vs_qmp: kvm-idle: skipped: /dev/kvm is not usable here")
+        for name, xml, booted_by_log, daemon in cases:
+            r = await case(Path(tmp), name, xml, runs, booted_by_log=booted_by_log,
+                           daemon=daemon)
+            if daemon:
+                r["daemon_settings"] = daemon
             r["leftover_tasks"] = await settle_leftovers()
             if r["leftover_tasks"]:
                 print(f"qemu_vs_qmp: {name}: tasks left pending, cancelled: "
@@ -302,6 +309,16 @@ async def main(runs: int) -> int:
                   f"ratio {float(r['ratio']):.2f}", flush=True)  # type: ignore[arg-type]
     (RESULTS / "qemu-vs-qmp.json").write_text(json.dumps(results, indent=2) + "\n")
     return 0
+
+
+def _kvm_daemon() -> dict[str, Any]:
+    """The KVM case's daemon settings: QEMU as the tests' user where that user may open
+    ``/dev/kvm``, else as root (as the bare QMP script's QEMU runs; said so)."""
+    refusal = kvm_refusal(run_as(qemu_settings()))
+    if not refusal:
+        return {}
+    print(f"qemu_vs_qmp: kvm-idle: QEMU runs as root in both daemons ({refusal})", flush=True)
+    return {"qemu_user": "root"}
 
 
 @contextlib.contextmanager
