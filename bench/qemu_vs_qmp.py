@@ -223,8 +223,8 @@ async def case(work: Path, name: str, xml: str, runs: int, *, booted_by_log: boo
         return elapsed
 
     try:
-        for host in ("a", "b"):
-            hosts.append(await start_host(work, f"{name}-{host}", backend="qemu", **daemon))
+        for side in ("a", "b"):
+            hosts.append(await start_host(work, f"{name}-{side}", backend="qemu", **daemon))
         await hosts[0].conn.define(xml)
         await hosts[0].conn.start(name)
         if booted_by_log:
