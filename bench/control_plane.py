@@ -13,7 +13,7 @@ this process:
   (``cpu_per_block_ms``: a cost that grows with the migrations done climbs block after block,
   the machine's noise goes up and down).  CPU time is not immune to the load: on the 2 shared
   cores the same work's CPU time varies with the other processes (shared caches, a core's
-  sibling), and ``cpu_drift`` of unchanged code read 0.87 to 1.62 from one run to the next
+  sibling), and ``cpu_drift`` of unchanged code read 0.73 to 1.62 from one run to the next
   (bench/README.md, "Control-plane drift, session 10"); ``client_cpu_drift``, the same ratio
   for this process, whose work per migration is constant, is the machine's share of it;
 * ``control-plane-concurrent``: ``--concurrent`` distinct 4 MiB guests, each with its own client
