@@ -9,7 +9,13 @@ this process:
   live), one at a time: every migration's time (``samples_s``, in order), p50/p99, and the drift:
   the median of the last 100 against the first 100; the CPU time each daemon and this client
   spent per migration (``/proc``), and the daemons' CPU per migration over the last 100 against
-  the first 100 (``cpu_drift``): figures the machine's load does not move;
+  the first 100 (``cpu_drift``), and both daemons' CPU per migration in each block of 100
+  (``cpu_per_block_ms``: a cost that grows with the migrations done climbs block after block,
+  the machine's noise goes up and down).  CPU time is not immune to the load: on the 2 shared
+  cores the same work's CPU time varies with the other processes (shared caches, a core's
+  sibling), and ``cpu_drift`` of unchanged code read 0.73 to 1.62 from one run to the next
+  (bench/README.md, "Control-plane drift, session 10"); ``client_cpu_drift``, the same ratio
+  for this process, whose work per migration is constant, is the machine's share of it;
 * ``control-plane-concurrent``: ``--concurrent`` distinct 4 MiB guests, each with its own client
   connections to both daemons, all migrated from A to B at once, then the same guests back one
   at a time: the two rates, their ratio and the failures.  Migration ports are ``--ports`` per
@@ -126,15 +132,22 @@ async def sequential(a: Daemon, b: Daemon, runs: int) -> dict[str, Any]:
         cpu0 = (a.cpu_s(), b.cpu_s(), time.process_time())
         times = []
         marks: dict[int, float] = {}  # both daemons' CPU at migrations 0, 100, runs-100, runs
+        client: dict[int, float] = {}  # this process's CPU at the same migrations
+        blocks: list[float] = []  # both daemons' CPU at every 100th migration
         for i in range(runs):
             if i in (0, min(100, runs), max(0, runs - 100)):
                 marks[i] = a.cpu_s() + b.cpu_s()
+                client[i] = time.process_time()
+            if i % 100 == 0:
+                blocks.append(a.cpu_s() + b.cpu_s())
             src, dst = conns[i % 2]
             t0 = time.perf_counter()
             await src.migrate3("vm", dst, TypedParams(), MigrateFlags.LIVE)
             times.append(time.perf_counter() - t0)
         cpu1 = (a.cpu_s(), b.cpu_s(), time.process_time())
         marks[runs] = cpu1[0] + cpu1[1]
+        client[runs] = cpu1[2]
+        blocks.append(marks[runs])
     finally:
         await ca.close()
         await cb.close()
@@ -145,10 +158,16 @@ async def sequential(a: Daemon, b: Daemon, runs: int) -> dict[str, Any]:
         "median_s": statistics.median(times), "p50_s": statistics.median(times),
         "p99_s": _percentile(times, 0.99), "min_s": min(times), "max_s": max(times),
         "drift": statistics.median(tail) / statistics.median(head),
-        # the daemons' CPU per migration over the last 100 against the first 100: a drift
-        # figure the machine's load does not move
+        # the daemons' CPU per migration over the last 100 against the first 100: less moved
+        # by the load than the wall-clock drift, not immune to it (the docstring)
         "cpu_drift": ((marks[runs] - marks[max(0, runs - 100)]) / len(tail))
         / ((marks[min(100, runs)] - marks[0]) / len(head)),
+        # the same for this client, whose work per migration does not change (the same Python
+        # calls per 100 migrations early and late, by cProfile): the machine's part of cpu_drift
+        "client_cpu_drift": (client[runs] - client[max(0, runs - 100)])
+        / (client[min(100, runs)] - client[0]),
+        "cpu_per_block_ms": [(y - x) * 1000 / min(100, runs - k) for k, x, y
+                             in zip(range(0, runs, 100), blocks[:-1], blocks[1:], strict=True)],
         "cpu_per_migration_ms": {
             "daemon_a": (cpu1[0] - cpu0[0]) / runs * 1000,
             "daemon_b": (cpu1[1] - cpu0[1]) / runs * 1000,
@@ -215,7 +234,8 @@ async def main(args: argparse.Namespace) -> None:
                 cpu = seq["cpu_per_migration_ms"]
                 print(f"control-plane-procs  p50 {seq['p50_s'] * 1000:.1f} ms, p99 "
                       f"{seq['p99_s'] * 1000:.1f} ms, drift {seq['drift']:.2f}, CPU drift "
-                      f"{seq['cpu_drift']:.2f} ({args.runs} "
+                      f"{seq['cpu_drift']:.2f}, the client's {seq['client_cpu_drift']:.2f} "
+                      f"({args.runs} "
                       f"runs; CPU per migration: a {cpu['daemon_a']:.1f} ms, b "
                       f"{cpu['daemon_b']:.1f} ms, client {cpu['client']:.1f} ms; load "
                       f"{seq['machine']['loadavg_start'][0]:.1f})", flush=True)
