@@ -34,7 +34,7 @@ Nothing here needs pytest, except the ``*_or_skip`` functions when they skip.
 
 from __future__ import annotations
 
-from virtmig.testing.domains import domain_xml, qemu_domain_xml
+from virtmig.testing.domains import domain_xml, firmware_guest_xml, qemu_domain_xml
 from virtmig.testing.guest import (
     DiskRecord,
     GuestImage,
@@ -94,6 +94,7 @@ __all__ = [
     "disk_records",
     "domain_xml",
     "ensure_guest",
+    "firmware_guest_xml",
     "free_port",
     "free_port_range",
     "guest_domain_type",

@@ -32,6 +32,18 @@ def domain_xml(name: str = "vm1", memory_mib: int = 64, *, uuid: str | None = No
         """)
 
 
+def firmware_guest_xml(name: str) -> str:
+    """A ``qemu`` (TCG) guest of 64 MiB with a serial console and nothing to boot: it sits in
+    its firmware (SeaBIOS), for tests about QEMU processes rather than guests."""
+    return textwrap.dedent(f"""\
+        <domain type='qemu'>
+          <name>{name}</name>
+          <memory unit='MiB'>64</memory>
+          <devices><serial type='pty'><target port='0'/></serial></devices>
+        </domain>
+        """)
+
+
 def qemu_domain_xml(image: GuestImage, name: str = "vm1", memory_mib: int = 256, *,
                     uuid: str | None = None, dirty_mb: int = 64, dirty_rate: int = 0,
                     domain_type: str | None = None, devices: str = "",

@@ -4,7 +4,6 @@ monitor again) and reports it running."""
 
 from __future__ import annotations
 
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ from virtmig.daemon.backend.qemu import QemuBackend
 from virtmig.proto.flags import DomainState
 from virtmig.testing import (
     Host,
+    firmware_guest_xml,
     kill_leftover_qemus,
     qemu_binary_or_skip,
     start_host,
@@ -23,13 +23,7 @@ from virtmig.testing import (
 
 pytestmark = pytest.mark.qemu
 
-TINY_XML = textwrap.dedent("""\
-    <domain type='qemu'>
-      <name>tiny</name>
-      <memory unit='MiB'>64</memory>
-      <devices><serial type='pty'><target port='0'/></serial></devices>
-    </domain>
-    """)
+TINY_XML = firmware_guest_xml("tiny")
 
 
 async def restarted_with_guest(tmp_path: Path) -> tuple[Host, str, int]:

@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import textwrap
 import uuid as uuidlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -61,6 +60,7 @@ from virtmig.proto.flags import DomainState, JobType
 from virtmig.testing import (
     GuestImage,
     WaitTimeout,
+    firmware_guest_xml,
     guest_domain_type,
     guest_or_skip,
     qemu_binary_or_skip,
@@ -368,13 +368,7 @@ async def test_fault(case: Case, lab: Lab, image: GuestImage) -> None:
                 result.removeprefix("RESULT "))
 
 
-TINY_XML = textwrap.dedent("""\
-    <domain type='qemu'>
-      <name>other</name>
-      <memory unit='MiB'>64</memory>
-      <devices><serial type='pty'><target port='0'/></serial></devices>
-    </domain>
-    """)
+TINY_XML = firmware_guest_xml("other")
 
 
 @pytest.mark.faults_ci
