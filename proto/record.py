@@ -49,7 +49,7 @@ _WRITTEN = ("__init__", "__repr__", "__eq__", "__hash__", "__setattr__", "__dela
 class _Spec:
     """A record class's field list, as its shared methods read it."""
 
-    __slots__ = ("cls", "defaults", "factories", "fields", "frozen", "index", "names",
+    __slots__ = ("cls", "defaults", "factories", "frozen", "index", "names",
                  "post_init", "qualname", "required", "shown", "template", "values")
 
     def __init__(self, cls: type, frozen: bool) -> None:
@@ -58,7 +58,6 @@ class _Spec:
         self.frozen = frozen
         self.qualname = cls.__qualname__
         self.names = tuple(f.name for f in fields)
-        self.fields = frozenset(self.names)
         self.shown = tuple(f.name for f in fields if f.repr)
         self.defaults = {f.name: f.default for f in fields if f.default is not MISSING}
         self.factories = {f.name: f.default_factory for f in fields
@@ -97,9 +96,9 @@ def _bind_error(spec: _Spec, args: tuple[object, ...], kwargs: dict[str, object]
     where = f"{spec.qualname}.__init__()"
     names = spec.names
     for key in kwargs:
-        if key not in spec.fields:
+        if key not in spec.index:
             return TypeError(f"{where} got an unexpected keyword argument {key!r}")
-        if names.index(key) < len(args):
+        if spec.index[key] < len(args):
             return TypeError(f"{where} got multiple values for argument {key!r}")
     if len(args) > len(names):
         most = len(names) + 1
@@ -187,14 +186,14 @@ def _repr(self: Any) -> str:
 
 def _frozen_setattr(self: Any, name: str, value: object) -> None:
     spec: _Spec = type(self)._record
-    if type(self) is spec.cls or name in spec.fields:
+    if type(self) is spec.cls or name in spec.index:
         raise FrozenInstanceError(f"cannot assign to field {name!r}")
     object.__setattr__(self, name, value)
 
 
 def _frozen_delattr(self: Any, name: str) -> None:
     spec: _Spec = type(self)._record
-    if type(self) is spec.cls or name in spec.fields:
+    if type(self) is spec.cls or name in spec.index:
         raise FrozenInstanceError(f"cannot delete field {name!r}")
     object.__delattr__(self, name)
 
