@@ -1,11 +1,12 @@
 """``make bench``: every benchmark, one after another, then one table of their results.
 
 Runs ``run.py`` (test backend, in process), ``control_plane.py`` (the daemons as processes:
-1,000 migrations one at a time, 200 at once), ``cli_startup.py`` (the client's start-up against
-bare interpreters), ``domains_scale.py`` (100,000 definitions on one daemon),
-``qemu_vs_qmp.py`` (needs QEMU and the test guest) and ``libvirt_vs_virtmig.py`` (needs root,
-libvirt 9.0 and QEMU), each as its own process with
-this interpreter; a benchmark whose needs are missing says so and is skipped.  Each writes
+1,000 migrations one at a time, 200 at once), ``floor.py`` (what a migration's gRPC calls,
+durable writes and 4 MiB cost with no virtmig code around them), ``cli_startup.py`` (the
+client's start-up against bare interpreters), ``domains_scale.py`` (100,000 definitions on
+one daemon), ``qemu_vs_qmp.py`` (needs QEMU and the test guest) and ``libvirt_vs_virtmig.py``
+(needs root, libvirt 9.0 and QEMU), each as its own process with this interpreter; a
+benchmark whose needs are missing says so and is skipped.  Each writes
 ``bench/results/*.json``; this script reads them back and prints one table (a result file left
 by an earlier run is marked so), then draws the figures (``figures.py``) when matplotlib is
 installed.  ``--only NAME`` (repeatable) runs some; ``--args NAME='--runs 3'`` passes options.
@@ -26,7 +27,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-BENCHMARKS = ("run", "control_plane", "cli_startup", "domains_scale", "qemu_vs_qmp",
+BENCHMARKS = ("run", "control_plane", "floor", "cli_startup", "domains_scale", "qemu_vs_qmp",
               "libvirt_vs_virtmig")
 
 
@@ -97,6 +98,17 @@ def rows(started: float) -> list[tuple[str, str, str, str]]:
         out.append(("control_plane" + got[1], f"{r['guests']} at once",
                     f"{r['together_per_s']:.1f}/s against {r['one_by_one_per_s']:.1f}/s, "
                     f"{len(r['failures'])} failures", f"{r['ratio']:.2f}"))
+    got = load("floor.json")
+    if got:
+        r = got[0]
+        g = r["grpc"]
+        out.append(("floor" + got[1], "7 calls + 4 durable writes + 4 MiB, nothing else",
+                    f"p50 {_ms(r['floor_s'])} (calls {_ms(g['p50_s'])}, "
+                    f"{g['busy_cores_one_by_one']:.2f} cores busy)", ""))
+        if "concurrency_ratio" in g:
+            out.append(("floor" + got[1], f"{g['concurrent']} calls' sets at once",
+                        f"{g['together_per_s']:.0f}/s against {g['one_by_one_per_s']:.0f}/s",
+                        f"{g['concurrency_ratio']:.2f}"))
     got = load("domains-scale.json")
     if got:
         r = got[0]
