@@ -333,6 +333,14 @@ class Backend(abc.ABC):
     async def destroy(self, uuid: str) -> None:
         """Stop the guest at once.  No error when it is not running."""
 
+    async def retire(self, uuid: str) -> None:
+        """Stop a guest that migrated away and runs on its destination (Confirm): as
+        :meth:`destroy`, except that a backend may return once the guest let go of everything
+        a user or another guest could use (its images, network devices, sockets), while the
+        rest of its end (a process's memory freed, its reaping) finishes meanwhile; the same
+        guest started again here, and :meth:`close`, wait for that.  Default: :meth:`destroy`."""
+        await self.destroy(uuid)
+
     @abc.abstractmethod
     async def pause(self, uuid: str) -> None: ...
 

@@ -413,7 +413,7 @@ async def src_complete(daemon: Daemon, dom: DomainObj, job: MigrationJob,
     """The guest runs on the destination: stop it here as migrated, end the job as completed,
     and with UNDEFINE_SOURCE drop its definition, else record where it went (Confirm; protocol
     v2's Perform itself, or its peer-to-peer settling)."""
-    await daemon.backend.destroy(dom.uuid)
+    await daemon.backend.retire(dom.uuid)
     # Where it went is durable before the status loses the job (a crash in between recovers
     # confirm3 again); the job-less status is written once, by mark_inactive.
     if f & F.UNDEFINE_SOURCE and dom.config is not None:

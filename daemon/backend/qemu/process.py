@@ -32,6 +32,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from qemu.qmp import QMPClient, Runstate
+
 from virtmig.daemon.backend.base import BackendError
 from virtmig.daemon.backend.qemu.chardev import bind_guest_socket
 from virtmig.daemon.backend.qemu.config import GuestFiles, QemuConfig
@@ -215,6 +217,26 @@ async def stop_process(qmp: Exec, guest: _Guest) -> None:
         if not await _wait_exit(guest, KILL_TIMEOUT):
             log.error("qemu backend: guest %s (pid %d) survives SIGKILL", guest.uuid,
                       guest.pid)
+
+
+async def monitor_closed(guest: _Guest, client: QMPClient, timeout: float) -> bool:
+    """Whether QEMU closed its monitor ``client`` (or exited) within ``timeout`` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        changed = guest.changed()  # (the exit wakes it)
+        if guest.exited or client.runstate is not Runstate.RUNNING:
+            return True
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            return False
+        waiters = {loop.create_task(client.runstate_changed()), loop.create_task(changed.wait())}
+        try:
+            await asyncio.wait(waiters, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+            await asyncio.gather(*waiters, return_exceptions=True)
 
 
 async def _wait_exit(guest: _Guest, timeout: float) -> bool:

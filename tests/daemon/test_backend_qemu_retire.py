@@ -1,0 +1,112 @@
+"""``QemuBackend.retire``: a guest that migrated away is stopped as far as anyone can see once
+QEMU quit (its monitor closed, after its images and network backends), while the kernel ends
+the process; starting the same guest again and closing the backend wait for that end.
+
+Each test holds the backend's view of the process's end (the task ``stop_process`` waits on)
+behind a gate: what must not wait for it returns anyway, what must wait for it does not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.daemon import backend_qemu_helpers
+from tests.daemon.backend_qemu_helpers import make_spec, process_gone, within
+from virtmig.daemon.backend.base import GuestRunState
+from virtmig.daemon.backend.qemu import QemuBackend
+from virtmig.daemon.backend.qemu import backend as qemu_backend
+from virtmig.daemon.backend.qemu import process as qemu_process
+
+backends = backend_qemu_helpers.backends
+src = backend_qemu_helpers.src
+
+HOLD = 0.3  # how long a wait that must not end is watched
+
+
+def hold_the_end(backend: QemuBackend, uuid: str) -> asyncio.Event:
+    """Gate the backend's wait for the end of guest ``uuid``'s process: until the returned
+    event is set, ``stop_process`` (``destroy``, the reaping of a retired guest) sees QEMU
+    still running, however soon it really ends."""
+    guest = backend._guests[uuid]
+    gate, ended = asyncio.Event(), guest.exit_task
+    assert ended is not None
+
+    async def gated() -> None:
+        await gate.wait()
+        await ended
+
+    guest.exit_task = asyncio.get_running_loop().create_task(gated())
+    return gate
+
+
+@pytest.mark.qemu
+async def test_retire_does_not_wait_for_the_process_to_end(src: QemuBackend) -> None:
+    spec = make_spec()
+    await within(src.start(spec, paused=True))
+    pid = src.pid(spec.uuid)
+    gate = hold_the_end(src, spec.uuid)
+
+    await within(src.retire(spec.uuid), 10)  # destroy would wait for the gate
+    assert src.state(spec.uuid) is GuestRunState.SHUTOFF
+
+    # The same guest again (a migration back): its start waits until the old one has ended.
+    again = asyncio.ensure_future(src.start(spec, paused=True))
+    await asyncio.sleep(HOLD)
+    assert not again.done()
+    gate.set()
+    await within(again)
+    assert src.state(spec.uuid) is GuestRunState.PAUSED
+    assert process_gone(pid)
+    assert src.pid(spec.uuid) != pid
+    await within(src.destroy(spec.uuid))
+
+
+@pytest.mark.qemu
+async def test_close_waits_for_a_retired_guest(src: QemuBackend) -> None:
+    spec = make_spec()
+    await within(src.start(spec, paused=True))
+    pid = src.pid(spec.uuid)
+    gate = hold_the_end(src, spec.uuid)
+    await within(src.retire(spec.uuid), 10)
+
+    closing = asyncio.ensure_future(src.close())
+    await asyncio.sleep(HOLD)
+    assert not closing.done()  # a retired QEMU is reaped, never left behind
+    gate.set()
+    await within(closing)
+    assert process_gone(pid)
+
+
+@pytest.mark.qemu
+async def test_retire_kills_a_qemu_that_does_not_quit(src: QemuBackend,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = make_spec()
+    await within(src.start(spec, paused=True))
+    pid = src.pid(spec.uuid)
+    monkeypatch.setattr(qemu_backend, "QUIT_GRACE", HOLD)
+    monkeypatch.setattr(qemu_process, "QUIT_GRACE", HOLD)
+    sent = src._exec
+
+    async def no_quit(guest: Any, command: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        if command == "quit":  # the command is lost: QEMU goes on as if never asked
+            return {}
+        return await sent(guest, command, *args, **kwargs)
+
+    monkeypatch.setattr(src, "_exec", no_quit)
+    await within(src.retire(spec.uuid))
+    assert src.state(spec.uuid) is GuestRunState.SHUTOFF
+    assert process_gone(pid)  # killed and reaped before retire returned
+
+
+@pytest.mark.qemu
+async def test_retire_of_a_guest_that_is_not_running(src: QemuBackend, tmp_path: Path) -> None:
+    await within(src.retire("no-such-guest"))
+    spec = make_spec()
+    await within(src.start(spec, paused=True))
+    await within(src.destroy(spec.uuid))
+    await within(src.retire(spec.uuid))  # stopped already: nothing to do
+    assert src.state(spec.uuid) is GuestRunState.SHUTOFF
