@@ -110,3 +110,22 @@ async def test_retire_of_a_guest_that_is_not_running(src: QemuBackend, tmp_path:
     await within(src.destroy(spec.uuid))
     await within(src.retire(spec.uuid))  # stopped already: nothing to do
     assert src.state(spec.uuid) is GuestRunState.SHUTOFF
+
+
+@pytest.mark.qemu
+async def test_retire_asks_qemu_to_quit_once(src: QemuBackend,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = make_spec()
+    await within(src.start(spec, paused=True))
+    pid = src.pid(spec.uuid)
+    sent, commands = src._exec, []
+
+    async def watched(guest: Any, command: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        commands.append(command)
+        return await sent(guest, command, *args, **kwargs)
+
+    monkeypatch.setattr(src, "_exec", watched)
+    await within(src.retire(spec.uuid))
+    await within(src.close())  # the reaping is over
+    assert process_gone(pid)
+    assert commands == ["quit"]  # not again on the closed monitor while it is reaped

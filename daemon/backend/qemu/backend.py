@@ -409,7 +409,7 @@ class QemuBackend(Backend):
             return
         self._forget(guest)
         self._retiring[uuid] = asyncio.get_running_loop().create_task(
-            stop_process(self._exec, guest), name=f"qemu-retire-{uuid[:8]}")
+            stop_process(self._exec, guest, ask=False), name=f"qemu-retire-{uuid[:8]}")
 
     async def _retired(self, uuid: str) -> None:
         """Wait until the retired guest ``uuid`` (if any) is reaped."""

@@ -205,11 +205,12 @@ async def _wait_foreign(guest: _Guest) -> int | None:
     return None
 
 
-async def stop_process(qmp: Exec, guest: _Guest) -> None:
-    """``quit``, then SIGKILL after a grace period; returns once the process is reaped.  The
-    backend caused this exit: it is not reported to the daemon (``guest.stopping``)."""
+async def stop_process(qmp: Exec, guest: _Guest, *, ask: bool = True) -> None:
+    """``quit`` (unless ``ask`` is false: it was sent already), then SIGKILL after a grace
+    period; returns once the process is reaped.  The backend caused this exit: it is not
+    reported to the daemon (``guest.stopping``)."""
     guest.stopping = True
-    if not guest.exited and guest.qmp is not None:
+    if ask and not guest.exited and guest.qmp is not None:
         with contextlib.suppress(BackendError):
             await qmp(guest, "quit", timeout=1.0)
     if not await _wait_exit(guest, QUIT_GRACE):
