@@ -114,7 +114,7 @@ class Daemon:
                 self.proc.wait()
 
 
-def _percentile(values: list[float], q: float) -> float:
+def percentile(values: list[float], q: float) -> float:
     cut = sorted(values)
     return cut[min(len(cut) - 1, int(q * len(cut)))]
 
@@ -156,7 +156,7 @@ async def sequential(a: Daemon, b: Daemon, runs: int) -> dict[str, Any]:
         "name": "control-plane-procs", "machine": start, "loadavg_end": os.getloadavg(),
         "memory_mib": 4, "runs": runs, "samples_s": times,
         "median_s": statistics.median(times), "p50_s": statistics.median(times),
-        "p99_s": _percentile(times, 0.99), "min_s": min(times), "max_s": max(times),
+        "p99_s": percentile(times, 0.99), "min_s": min(times), "max_s": max(times),
         "drift": statistics.median(tail) / statistics.median(head),
         # the daemons' CPU per migration over the last 100 against the first 100: less moved
         # by the load than the wall-clock drift, not immune to it (the docstring)

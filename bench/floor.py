@@ -44,25 +44,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from control_plane import cpu_s, percentile
+
 RESULTS = Path(__file__).resolve().parent / "results"
-TICKS = os.sysconf("SC_CLK_TCK")
 CALLS_PER_MIGRATION = 7
 DURABLE_WRITES_WAITED = 4
 GUEST_BYTES = 4 * 1024 * 1024
 PAYLOAD = 1024
 GOAL_P50_S = 0.010
 WARMUP = 50
-
-
-def cpu_s(pid: int) -> float:
-    """User + system CPU seconds of process ``pid``."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
-
-
-def percentile(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def summary(samples: list[float]) -> dict[str, Any]:

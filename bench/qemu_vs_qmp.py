@@ -49,12 +49,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from qemu.qmp import QMPClient, Runstate
+from qemu.qmp import QMPClient
 
 from virtmig.daemon.backend.base import GuestSpec
 from virtmig.daemon.backend.qemu import SOCKET_NAME, QemuConfig, parse_config
 from virtmig.daemon.backend.qemu.confine import kvm_refusal, run_as
-from virtmig.daemon.backend.qemu.process import open_guest_files
+from virtmig.daemon.backend.qemu.process import monitor_closed, open_guest_files
 from virtmig.daemon.domxml import parse_domain_xml
 from virtmig.proto.flags import MigrateFlags
 from virtmig.proto.params import TypedParams
@@ -149,19 +149,8 @@ class BareGuest:
         """``quit``, then wait until QEMU closed its monitor (the end of its own clean-up)."""
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.qmp.execute("quit"), 5)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 5
-        while self.qmp.runstate is Runstate.RUNNING and loop.time() < deadline:
-            assert self.proc is not None
-            waiters = {loop.create_task(self.qmp.runstate_changed()),
-                       loop.create_task(self.proc.wait())}
-            await asyncio.wait(waiters, timeout=deadline - loop.time(),
-                               return_when=asyncio.FIRST_COMPLETED)
-            for waiter in waiters:
-                waiter.cancel()
-            await asyncio.gather(*waiters, return_exceptions=True)
-            if self.proc.returncode is not None:
-                break
+        assert self.proc is not None
+        await monitor_closed(self.qmp, self.proc.wait(), 5)
 
     async def quit(self) -> None:
         with contextlib.suppress(Exception):

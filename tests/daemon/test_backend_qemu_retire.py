@@ -16,7 +16,7 @@ import pytest
 
 from tests.daemon import backend_qemu_helpers
 from tests.daemon.backend_qemu_helpers import make_spec, process_gone, within
-from virtmig.daemon.backend.base import GuestRunState
+from virtmig.daemon.backend.base import GuestRunState, GuestSpec
 from virtmig.daemon.backend.qemu import QemuBackend
 from virtmig.daemon.backend.qemu import backend as qemu_backend
 from virtmig.daemon.backend.qemu import process as qemu_process
@@ -25,6 +25,19 @@ backends = backend_qemu_helpers.backends
 src = backend_qemu_helpers.src
 
 HOLD = 0.3  # how long a wait that must not end is watched
+
+
+async def paused_guest(backend: QemuBackend) -> tuple[GuestSpec, int]:
+    """A guest started paused on ``backend``, and its QEMU's pid."""
+    spec = make_spec()
+    await within(backend.start(spec, paused=True))
+    return spec, backend.pid(spec.uuid)
+
+
+async def still_waiting(work: asyncio.Future[None]) -> bool:
+    """Whether ``work`` is still waiting after ``HOLD`` seconds."""
+    done, _ = await asyncio.wait({work}, timeout=HOLD)
+    return not done
 
 
 def hold_the_end(backend: QemuBackend, uuid: str) -> asyncio.Event:
@@ -45,9 +58,7 @@ def hold_the_end(backend: QemuBackend, uuid: str) -> asyncio.Event:
 
 @pytest.mark.qemu
 async def test_retire_does_not_wait_for_the_process_to_end(src: QemuBackend) -> None:
-    spec = make_spec()
-    await within(src.start(spec, paused=True))
-    pid = src.pid(spec.uuid)
+    spec, pid = await paused_guest(src)
     gate = hold_the_end(src, spec.uuid)
 
     await within(src.retire(spec.uuid), 10)  # destroy would wait for the gate
@@ -55,8 +66,7 @@ async def test_retire_does_not_wait_for_the_process_to_end(src: QemuBackend) -> 
 
     # The same guest again (a migration back): its start waits until the old one has ended.
     again = asyncio.ensure_future(src.start(spec, paused=True))
-    await asyncio.sleep(HOLD)
-    assert not again.done()
+    assert await still_waiting(again)
     gate.set()
     await within(again)
     assert src.state(spec.uuid) is GuestRunState.PAUSED
@@ -67,15 +77,12 @@ async def test_retire_does_not_wait_for_the_process_to_end(src: QemuBackend) -> 
 
 @pytest.mark.qemu
 async def test_close_waits_for_a_retired_guest(src: QemuBackend) -> None:
-    spec = make_spec()
-    await within(src.start(spec, paused=True))
-    pid = src.pid(spec.uuid)
+    spec, pid = await paused_guest(src)
     gate = hold_the_end(src, spec.uuid)
     await within(src.retire(spec.uuid), 10)
 
     closing = asyncio.ensure_future(src.close())
-    await asyncio.sleep(HOLD)
-    assert not closing.done()  # a retired QEMU is reaped, never left behind
+    assert await still_waiting(closing)  # a retired QEMU is reaped, never left behind
     gate.set()
     await within(closing)
     assert process_gone(pid)
@@ -84,9 +91,7 @@ async def test_close_waits_for_a_retired_guest(src: QemuBackend) -> None:
 @pytest.mark.qemu
 async def test_retire_kills_a_qemu_that_does_not_quit(src: QemuBackend,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    spec = make_spec()
-    await within(src.start(spec, paused=True))
-    pid = src.pid(spec.uuid)
+    spec, pid = await paused_guest(src)
     monkeypatch.setattr(qemu_backend, "QUIT_GRACE", HOLD)
     monkeypatch.setattr(qemu_process, "QUIT_GRACE", HOLD)
     sent = src._exec
@@ -105,8 +110,7 @@ async def test_retire_kills_a_qemu_that_does_not_quit(src: QemuBackend,
 @pytest.mark.qemu
 async def test_retire_of_a_guest_that_is_not_running(src: QemuBackend, tmp_path: Path) -> None:
     await within(src.retire("no-such-guest"))
-    spec = make_spec()
-    await within(src.start(spec, paused=True))
+    spec, _ = await paused_guest(src)
     await within(src.destroy(spec.uuid))
     await within(src.retire(spec.uuid))  # stopped already: nothing to do
     assert src.state(spec.uuid) is GuestRunState.SHUTOFF
@@ -115,9 +119,7 @@ async def test_retire_of_a_guest_that_is_not_running(src: QemuBackend, tmp_path:
 @pytest.mark.qemu
 async def test_retire_asks_qemu_to_quit_once(src: QemuBackend,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    spec = make_spec()
-    await within(src.start(spec, paused=True))
-    pid = src.pid(spec.uuid)
+    spec, pid = await paused_guest(src)
     sent, commands = src._exec, []
 
     async def watched(guest: Any, command: str, *args: Any, **kwargs: Any) -> dict[str, Any]:

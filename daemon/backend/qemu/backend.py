@@ -394,14 +394,14 @@ class QemuBackend(Backend):
         guest = self._guests.get(uuid)
         if guest is None:
             return
-        client = guest.qmp
-        if guest.exited or client is None:
+        client, exit_task = guest.qmp, guest.exit_task
+        if guest.exited or client is None or exit_task is None:
             await self.destroy(uuid)
             return
         guest.stopping = True
         try:
             await self._exec(guest, "quit", timeout=1.0)
-            closed = await monitor_closed(guest, client, QUIT_GRACE)
+            closed = await monitor_closed(client, asyncio.shield(exit_task), QUIT_GRACE)
         except BackendError:
             closed = False
         if not closed:

@@ -28,7 +28,7 @@ import shlex
 import signal
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -220,24 +220,21 @@ async def stop_process(qmp: Exec, guest: _Guest, *, ask: bool = True) -> None:
                       guest.pid)
 
 
-async def monitor_closed(guest: _Guest, client: QMPClient, timeout: float) -> bool:
-    """Whether QEMU closed its monitor ``client`` (or exited) within ``timeout`` seconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        changed = guest.changed()  # (the exit wakes it)
-        if guest.exited or client.runstate is not Runstate.RUNNING:
-            return True
-        remaining = deadline - loop.time()
-        if remaining <= 0:
-            return False
-        waiters = {loop.create_task(client.runstate_changed()), loop.create_task(changed.wait())}
-        try:
-            await asyncio.wait(waiters, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for waiter in waiters:
-                waiter.cancel()
-            await asyncio.gather(*waiters, return_exceptions=True)
+async def monitor_closed(client: QMPClient, ended: Awaitable[object], timeout: float) -> bool:
+    """Whether QEMU closed its monitor ``client`` (after ``quit``), or ``ended`` (the process's
+    end) came first, within ``timeout`` seconds.  From ``RUNNING`` the monitor's only change is
+    to closing; a close missed before the wait began is caught by the end."""
+    closing = asyncio.ensure_future(client.runstate_changed())
+    ending = asyncio.ensure_future(ended)
+    try:
+        if client.runstate is Runstate.RUNNING:
+            await asyncio.wait({closing, ending}, timeout=timeout,
+                               return_when=asyncio.FIRST_COMPLETED)
+        return client.runstate is not Runstate.RUNNING or ending.done()
+    finally:
+        for waiter in (closing, ending):
+            waiter.cancel()
+        await asyncio.gather(closing, ending, return_exceptions=True)
 
 
 async def _wait_exit(guest: _Guest, timeout: float) -> bool:
