@@ -118,8 +118,12 @@ def rows(started: float) -> list[tuple[str, str, str, str]]:
     got = load("qemu-vs-qmp.json")
     if got:
         for r in got[0]:
+            rp = r.get("bare_rp_median_s")
+            with_rp = "" if rp is None else f" (with a return path {_ms(rp)})"
+            ratio_rp = "" if rp is None else f" ({r['ratio_rp']:.2f})"
             out.append(("qemu_vs_qmp" + got[1], r["case"], f"virtmig {_ms(r['virtmig_median_s'])}"
-                        f", bare QMP {_ms(r['bare_median_s'])}", f"{r['ratio']:.2f}"))
+                        f", bare QMP {_ms(r['bare_median_s'])}{with_rp}",
+                        f"{r['ratio']:.2f}{ratio_rp}"))
     got = load("libvirt-vs-virtmig.json")
     if got:
         out += _libvirt_rows(got[0], "libvirt_vs_virtmig" + got[1])

@@ -11,10 +11,19 @@ the kernel's freeing of the process and its reaping follow, for both, untimed):
   (starts the destination QEMU), Perform, Finish, Confirm, with cookies, jobs and state files;
 * bare: only what QEMU needs, on the same command line: start the destination with
   ``-incoming defer``, ``migrate-incoming``, ``migrate``, wait for ``completed`` on both sides,
-  ``cont``, ``quit``.
+  ``cont``, ``quit``;
+* bare with a return path (``bare_rp``): the same script with QEMU's ``return-path`` capability
+  on both sides, as libvirt 9.0 sets it for every migration that is not tunnelled (and virtmig
+  for every one): the source completes only once the destination has loaded the whole stream.
+  On Linux 6.x that capability costs QEMU itself time: the destination's first reply on the
+  return path puts its end of the connection in delayed-ACK ("pingpong") mode, and a destination
+  that reads slower than the source writes then holds the sender back by up to the 40 ms
+  delayed-ACK timer (bench/README.md: gone with ``net.ipv4.tcp_pingpong_thresh=3`` or a
+  ``quickack`` route).  ``ratio`` compares virtmig with the bare script, ``ratio_rp`` with this
+  one: what the control plane adds to QEMU doing the same migration.
 
-One run is a round trip of each (two migrations; the figure is their mean), and which of the two
-goes first alternates from run to run.  Round trips, because on this kind of host one migration's
+One run is a round trip of each (two migrations; the figure is their mean), and which of the three
+goes first rotates from run to run.  Round trips, because on this kind of host one migration's
 time depends on the one before: the destination QEMU's page faults alternate between cheap and
 expensive (transparent huge pages available or not; 50 vs 350 ms of system time for the same
 1 GiB), for the bare script alone as much as for virtmig, so single migrations compared one by one
@@ -45,7 +54,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -168,12 +177,16 @@ class BareGuest:
             await self.proc.wait()
 
 
-async def bare_migrate(src: BareGuest, config: QemuConfig,
-                       folder: Path) -> tuple[float, BareGuest]:
+async def bare_migrate(src: BareGuest, config: QemuConfig, folder: Path, *,
+                       return_path: bool = False) -> tuple[float, BareGuest]:
+    """One migration of ``src`` to a new QEMU in ``folder``; ``return_path``: with QEMU's
+    return path on both sides (set explicitly on the source either way: it may have been a
+    destination that had it)."""
     t0 = time.perf_counter()
     dst = BareGuest(config, folder, incoming=True)
     await dst.start()
-    caps = {"capabilities": [{"capability": "events", "state": True}]}
+    caps = {"capabilities": [{"capability": "events", "state": True},
+                             {"capability": "return-path", "state": return_path}]}
     await dst.run("migrate-set-capabilities", caps)
     await src.run("migrate-set-capabilities", caps)
     await src.run("migrate-set-parameters", {"max-bandwidth": UNCAPPED})
@@ -212,6 +225,7 @@ async def case(work: Path, name: str, xml: str, runs: int, *, booted_by_log: boo
     hosts: list[Host] = []
     virtmig_s: list[float] = []
     bare_s: list[float] = []
+    bare_rp_s: list[float] = []
     folders = iter(range(1, 10**6))
 
     async def virtmig_round_trip() -> float:
@@ -225,15 +239,20 @@ async def case(work: Path, name: str, xml: str, runs: int, *, booted_by_log: boo
             await asyncio.sleep(PAUSE_S)
         return elapsed
 
-    async def bare_round_trip() -> float:
+    async def bare_round_trip(return_path: bool) -> float:
         nonlocal bare
         elapsed = 0.0
         for _ in range(2):
             folder = work / f"{name}-bare{next(folders)}"
-            t, bare = await bare_migrate(bare, config, folder)
+            t, bare = await bare_migrate(bare, config, folder, return_path=return_path)
             elapsed += t
             await asyncio.sleep(PAUSE_S)
         return elapsed
+
+    sides: dict[str, Callable[[], Awaitable[float]]] = {
+        "virtmig": virtmig_round_trip, "bare": lambda: bare_round_trip(False),
+        "bare_rp": lambda: bare_round_trip(True)}
+    samples: dict[str, list[float]] = {"virtmig": virtmig_s, "bare": bare_s, "bare_rp": bare_rp_s}
 
     try:
         for side in ("a", "b"):
@@ -246,15 +265,13 @@ async def case(work: Path, name: str, xml: str, runs: int, *, booted_by_log: boo
         else:
             await asyncio.sleep(KVM_SETTLE_S)
         await asyncio.sleep(SETTLE_S)  # boot-time page activity would favour whoever booted first
-        for i in range(-1, runs):  # run -1 warms both up and is not counted
-            # Who goes first alternates too, so neither always follows the other's teardown.
-            if i % 2:
-                v, b = await virtmig_round_trip(), await bare_round_trip()
-            else:
-                b, v = await bare_round_trip(), await virtmig_round_trip()
-            if i >= 0:
-                virtmig_s.append(v / 2)
-                bare_s.append(b / 2)
+        order = list(sides)
+        for i in range(-1, runs):  # run -1 warms all up and is not counted
+            # Who goes first rotates too, so none always follows the same one's teardown.
+            for side in order[i % 3:] + order[:i % 3]:
+                t = await sides[side]()
+                if i >= 0:
+                    samples[side].append(t / 2)
     finally:
         await bare.quit()
         for host in hosts:
@@ -262,10 +279,11 @@ async def case(work: Path, name: str, xml: str, runs: int, *, booted_by_log: boo
                 if dom.active:
                     await host.daemon.backend.destroy(dom.uuid)
             await stop_host(host)
-    v, b = statistics.median(virtmig_s), statistics.median(bare_s)
+    v, b, brp = (statistics.median(x) for x in (virtmig_s, bare_s, bare_rp_s))
     return {"case": name, "memory_mib": 1024, "accel": config.accel, "runs": runs,
-            "virtmig_s": virtmig_s, "bare_s": bare_s, "virtmig_median_s": v,
-            "bare_median_s": b, "ratio": v / b}
+            "virtmig_s": virtmig_s, "bare_s": bare_s, "bare_rp_s": bare_rp_s,
+            "virtmig_median_s": v, "bare_median_s": b, "bare_rp_median_s": brp,
+            "ratio": v / b, "ratio_rp": v / brp}
 
 
 async def settle_leftovers() -> list[str]:
@@ -319,7 +337,9 @@ async def main(runs: int) -> int:
             results.append(r)
             print(f"{name:12} virtmig {float(r['virtmig_median_s']) * 1000:7.0f} ms   "  # type: ignore[arg-type]
                   f"bare QMP {float(r['bare_median_s']) * 1000:7.0f} ms   "  # type: ignore[arg-type]
-                  f"ratio {float(r['ratio']):.2f}", flush=True)  # type: ignore[arg-type]
+                  f"with a return path {float(r['bare_rp_median_s']) * 1000:7.0f} ms   "  # type: ignore[arg-type]
+                  f"ratio {float(r['ratio']):.2f} / {float(r['ratio_rp']):.2f}",  # type: ignore[arg-type]
+                  flush=True)
     (RESULTS / "qemu-vs-qmp.json").write_text(json.dumps(results, indent=2) + "\n")
     return 0
 
