@@ -129,7 +129,7 @@ async def test_a_hostile_run_is_refused_while_its_source_holds_the_stream_open(
         answer = await within(reader.read())  # until the destination closes
     finally:
         writer.close()
-    assert answer.startswith(b"AV")  # header accepted, format 2 answered, then:
+    assert answer.startswith(b"V\x02\x00A")  # format 2 answered (offered with the header), then:
     assert b"malformed migration stream: run of 4294967295 pages" in answer
     with pytest.raises(MigrationFailed, match="run of 4294967295 pages"):
         await within(dst.incoming_wait(spec.uuid))

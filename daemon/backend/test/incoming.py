@@ -72,6 +72,7 @@ from virtmig.daemon.backend.test.wire import (
     dst_read_header,
     is_switch,
     nak,
+    offer_received,
     offer_reply,
     pack_indices,
     read_record,
@@ -84,6 +85,9 @@ log = logsafe.logger(__name__)
 _PULL_INTERVAL = 0.005  # seconds between a post-copy destination's dirty ticks / page requests
 MAX_ODD_PAGES = 1024  # pages held with bytes other than their version's before the stream fails
 READS_RUNS = True  # answer a source's offer of format 2 (False: a format 1 destination, for tests)
+# Answer an offer that came with the HEADER before the ACK (False: a destination that answers
+# only once it reads the offer as a record, as before session 12, for tests).
+EARLY_VERSION_REPLY = True
 
 
 @dataclass(eq=False)
@@ -227,6 +231,9 @@ async def _receive_stream(inc: Incoming, chan: Channel) -> None:
     seed = await dst_read_header(chan, guest.uuid, npages)
     # The memory is the source's: adopt its seed (it only differs if the XML changed it).
     guest.seed = seed
+    if READS_RUNS and EARLY_VERSION_REPLY and await chan.call(offer_received):
+        inc.runs_offered = True  # (the ITER 0 that offered it is read as a record below)
+        chan.write(offer_reply())
     chan.write(b"A")
     await chan.drain()
     # From here on the reader thread reads whole records ahead (wire.read_record).

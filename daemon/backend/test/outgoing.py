@@ -25,10 +25,11 @@ post-copy, which is never rolled back (the guest stays paused, the error is
 :class:`PostcopyFailed`).  The source reads replies the whole time, so a NAK or an EOF aborts the
 migration at once rather than at switchover.
 
-The first ITER offers stream format 2 (:data:`OFFER_RUNS`); once the destination's VERSION
-reply is read, batches go out as RUN records (a run of pages behind one header, built without a
-step per page) and the switchover digest is of the page versions (:mod:`.wire`), so the source
-neither hashes pages while the guest runs nor before the switch.
+The HEADER and the first ITER offer stream format 2 (:data:`OFFER_RUNS`); once the
+destination's VERSION reply is read (with the HEADER's ACK from a destination that answers an
+offer made with the HEADER), batches go out as RUN records (a run of pages behind one header,
+built without a step per page) and the switchover digest is of the page versions (:mod:`.wire`),
+so the source neither hashes pages while the guest runs nor before the switch.
 
 ``iteration`` counts passes including the stop-and-copy one, so an idle guest reports 2 (like
 QEMU's dirty-sync count); the post-copy phase is not a pass.  In post-copy, ``downtime_ms`` is
@@ -43,7 +44,7 @@ import socket
 import ssl
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from virtmig.daemon.backend.base import (
@@ -88,6 +89,9 @@ from virtmig.proto import logsafe
 log = logsafe.logger(__name__)
 
 OFFER_RUNS = True  # offer format 2 in the first ITER (False: a format 1 source, for tests)
+# Offer it with the HEADER too, so that a destination's VERSION reply comes with the ACK (False: a
+# source that offers in the first pass's ITER only, as before session 12, for tests).
+OFFER_WITH_HEADER = True
 
 
 @dataclass(eq=False)
@@ -179,7 +183,8 @@ async def src_send(mig: Outgoing) -> None:
         if mig.tuning.stream_token:
             await src_prove(chan, chan, dest, mig.tuning.stream_token)
         await src_handshake(
-            chan, chan, dest, uuid=guest.uuid, npages=guest.npages, seed=guest.seed
+            chan, chan, dest, uuid=guest.uuid, npages=guest.npages, seed=guest.seed,
+            offered=_offered(mig) if OFFER_RUNS and OFFER_WITH_HEADER else None,
         )
         watch = _watch_replies(mig, chan)
         await _precopy(mig, chan)
@@ -319,6 +324,17 @@ def _finish(guests: Mapping[str, Guest], mig: Outgoing, error: BackendError | No
         mig.returned.set_result(None)
 
 
+def _offered(mig: Outgoing) -> Callable[[int], None]:
+    """What a VERSION reply does: RUN records from the next batch on (format 2)."""
+
+    def offered(version: int) -> None:
+        if version < RUNS_VERSION:
+            raise MigrationFailed(f"malformed reply: stream format {version} offered")
+        mig.runs = True
+
+    return offered
+
+
 def _watch_replies(mig: Outgoing, reader: Channel) -> asyncio.Task[str | None]:
     """The task reading the destination's replies for the rest of the stream.
 
@@ -326,11 +342,7 @@ def _watch_replies(mig: Outgoing, reader: Channel) -> asyncio.Task[str | None]:
     migration at once.  In post-copy page requests come first; they join ``mig.requested``.
     """
     npages = mig.guest.npages
-
-    def offered(version: int) -> None:
-        if version < RUNS_VERSION:
-            raise MigrationFailed(f"malformed reply: stream format {version} offered")
-        mig.runs = True
+    offered = _offered(mig)
 
     async def requested(upstream: ByteReader) -> None:
         indices = await read_indices(upstream, npages, "page request")

@@ -135,6 +135,10 @@ class BlockingReader:
         self._start = start + n
         return bytes(self._buf[start : start + n])
 
+    def peek(self, n: int) -> bytes:
+        """Up to ``n`` bytes already received (and kept for the next read), without waiting."""
+        return bytes(self._buf[self._start : min(self._end, self._start + n)])
+
     def exact_into(self, view: memoryview) -> None:
         """Fill ``view``: what is buffered, then straight from the socket."""
         total = len(view)

@@ -13,11 +13,16 @@ Stream protocol (all integers little-endian)::
                                                             and waits for another
     HEADER  "VMTESTMS" u16 version=1  u32 page_size   ──►   checks magic, version, page size,
             u64 npages  u64 seed  u16 len  uuid(utf-8)      uuid and npages against its guest
+    (ITER   "I" u32 0  u8 2: the offer of format 2, sent with the HEADER by a source that
+            reads a VERSION reply before the ACK)
+                                                      ◄──   VERSION "V" u16 2 (when that offer
+                                                            came with the HEADER)
                                                       ◄──   REPLY  "A"  (or "N" + reason; close)
     ITER    "I"  u32 iteration  u8 flags (1: source stopped, stop-and-copy pass;
                  2: the source offers format 2, set in the first ITER)
                                                       ◄──   VERSION "V" u16 2 (once, answering
-                                                            the offer: it reads format 2)
+                                                            the offer if not answered yet: it
+                                                            reads format 2)
     PAGES   "P"  u32 count  count * (u32 index  u32 version  4096 bytes)     (~1 MiB per write)
     RUN     "G"  u32 first  u32 count (1..256)  count * u32 version           (format 2 only,
                  count * 4096 bytes: pages first .. first + count - 1          after "V")
@@ -43,19 +48,26 @@ Stream protocol (all integers little-endian)::
                                                       ◄──   REPLY  "A" / "N" as above
 
 Format 2 (issue 17) exists so that neither end does Python work per page: a RUN carries a run of
-consecutive pages behind one header, which the source builds and the destination checks a run at
-a time (:func:`.memory.run_bytes`, :func:`.memory.run_matches`: a page that is not its
-version's bytes is kept as odd and refused at switchover, as in PAGES); its switchover digest
-"W" is :func:`.memory.versions_digest`, over the page versions every page was checked against,
-instead of a sum of two hashes per page. The two ends agree on it inside the stream, with no change
-to the header (still version 1) or the control plane: the source offers it with ITER flag 2, which a
+consecutive pages behind one header, which the source builds and the destination checks a run at a
+time (:func:`.memory.run_bytes`, :func:`.memory.run_matches`: a page that is not its version's
+bytes is kept as odd and refused at switchover, as in PAGES); its switchover digest "W" is
+:func:`.memory.versions_digest`, over the page versions every page was checked against, instead of
+a sum of two hashes per page. The two ends agree on it inside the stream, with no change to the
+header (still version 1) or the control plane: the source offers it with ITER flag 2, which a
 format 1 destination ignores; a format 2 destination answers with a VERSION reply, which the
 source's reply reader takes at any time, switching to RUN records at its next batch and to "W" at
-the switchover. A format 1 source never offers: its destination never sends "V" and refuses "G" and
-"W" as unknown records; a format 1 destination never answers: the source keeps to PAGES and "S". A
-destination that has received a RUN refuses an "S" (it keeps no per-page sum from then on). A RUN is
-refused (NAK) when its count is 0 or above 256 or its pages go beyond the guest; a source refuses a
-"V" of a version below 2.
+the switchover. A source offering in the first pass's ITER alone sends the pages its socket buffers
+take (4 MiB: a small guest's whole first pass) as PAGES before the reply is back, each hashed at
+both ends; so a source offers first with an ITER 0 in the same write as the HEADER, and a
+destination that finds that ITER already received when it has checked the HEADER answers VERSION
+before the ACK (:func:`offer_received`), which the source reads with the ACK
+(:func:`src_handshake`): RUN records from the first page. Both halves are optional: a destination
+that answers only after the ACK, or a source that offers only in the first pass's ITER (both as
+before), still agree on format 2, one socket's worth of pages later. A format 1 source never
+offers: its destination never sends "V" and refuses "G" and "W" as unknown records; a format 1
+destination never answers: the source keeps to PAGES and "S". A destination that has received a RUN
+refuses an "S" (it keeps no per-page sum from then on). A RUN is refused (NAK) when its count is 0
+or above 256 or its pages go beyond the guest; a source refuses a "V" of a version below 2.
 
 The destination answers ``N`` + reason and closes whenever it refuses the stream (wrong guest,
 malformed record, guest destroyed).  The source reads replies the whole time, so a NAK or an EOF
@@ -136,22 +148,36 @@ async def src_handshake(
     uuid: str,
     npages: int,
     seed: int,
+    offered: Callable[[int], None] | None = None,
 ) -> None:
-    """Send the HEADER and wait for its reply; MigrationFailed when refused or silent."""
+    """Send the HEADER and wait for its reply; MigrationFailed when refused or silent.
+
+    ``offered``: the source offers format 2 with the HEADER (an ITER 0), and a VERSION reply
+    before the ACK is given to it."""
     raw_uuid = uuid.encode()
-    writer.write(
-        HEADER.pack(MAGIC, PROTOCOL_VERSION, PAGE_SIZE, npages, seed, len(raw_uuid)) + raw_uuid
-    )
+    head = HEADER.pack(MAGIC, PROTOCOL_VERSION, PAGE_SIZE, npages, seed, len(raw_uuid)) + raw_uuid
+    if offered is not None:
+        head += b"I" + ITER.pack(0, ITER_OFFER_RUNS)
+    writer.write(head)
     await writer.drain()
     try:
         async with asyncio.timeout(HANDSHAKE_TIMEOUT):
-            refused = await read_reply(reader)
+            refused = await read_reply(reader, offered=offered)
     except TimeoutError:
         raise MigrationFailed(
             f"timed out waiting for the migration destination '{hostport(dest)}'"
         ) from None
     if refused is not None:
         raise MigrationFailed(refused)
+
+
+def offer_received(rd: BlockingReader) -> bool:
+    """In the reader thread, right after the HEADER: whether what is already received behind it
+    is an ITER offering format 2 (sent with the HEADER).  Reads nothing more from the socket: a
+    source that waits for the ACK before it sends anything else is never waited for."""
+    ahead = rd.peek(1 + ITER.size)
+    return (len(ahead) == 1 + ITER.size and ahead[:1] == b"I"
+            and bool(ITER.unpack_from(ahead, 1)[1] & ITER_OFFER_RUNS))
 
 
 async def dst_read_header(reader: ByteReader, uuid: str, npages: int) -> int:
