@@ -28,6 +28,7 @@ from virtmig.daemon.backend.test import (
     page_bytes,
     page_hash,
 )
+from virtmig.daemon.backend.test.channel import BufferPool
 from virtmig.daemon.backend.test.memory import run_bytes, versions_digest
 from virtmig.daemon.backend.test.sparse import CHUNK_PAGES, PageSet, Versions
 
@@ -399,3 +400,54 @@ def test_runs_of_versions_and_pages_behave_as_their_models() -> None:
         assert (key in chunks) is any(part)
     assert len(pages) == len(members)
     assert all((i in pages) is (i in members) for i in range(n + 1))
+
+
+def counting_new(monkeypatch: pytest.MonkeyPatch, pool: BufferPool) -> list[int]:
+    """Count the new buffers ``pool`` makes."""
+    made: list[int] = []
+    real = pool._new
+
+    def new() -> bytearray:
+        made.append(1)
+        return real()
+
+    monkeypatch.setattr(pool, "_new", new)
+    return made
+
+
+async def test_run_buffers_are_kept_from_one_migration_to_the_next(
+    src: TestBackend, dst: TestBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each end keeps its 1 MiB run buffers once a stream ended (a source's per seed): three
+    round trips of a 4 MiB guest (4 runs each way, 12 from each end) make no more buffers than
+    one migration holds at once (each made 4 per migration, every time, before)."""
+    spec = make_spec(4, seed="7")
+    sent = counting_new(monkeypatch, src.run_pools.pool(7))
+    received = counting_new(monkeypatch, dst.receive_pool)
+    await src.start(spec, paused=False)
+    for _ in range(3):
+        await migrate(src, dst, spec)
+        await src.destroy(spec.uuid)
+        await migrate(dst, src, spec)
+        await dst.destroy(spec.uuid)
+    assert 0 < len(sent) <= 4 and 0 < len(received) <= 4
+
+
+async def test_a_corrupted_run_never_returns_to_the_kept_buffers(
+    src: TestBackend, dst: TestBackend
+) -> None:
+    """A guest whose stream is corrupted (fault; not live, so page 0 goes in a full run built in
+    a kept buffer) fails its migration; another guest of the same seed, sent next from the same
+    buffers, arrives whole: the damaged run was a copy that no pool took back."""
+    bad = make_spec(4, seed="9", fault="corrupt-stream")
+    await src.start(bad, paused=False)
+    with pytest.raises(MigrationFailed, match="digest mismatch"):
+        await migrate(src, dst, bad, MigrationTuning(live=False))
+    good = make_spec(4, seed="9")
+    await src.start(good, paused=False)
+    await migrate(src, dst, good, MigrationTuning(live=False))
+    assert dst.memory_digest(good.uuid) == src.memory_digest(good.uuid)
+    kept = src.run_pools.pool(9)._free
+    prefix = memory.page_prefix(9)
+    assert kept and all(buf.startswith(prefix, off)
+                        for buf in kept for off in range(0, len(buf), PAGE_SIZE))

@@ -75,10 +75,11 @@ from virtmig.daemon.backend.base import (
     StreamAddress,
     host_memory_bytes,
 )
-from virtmig.daemon.backend.test.channel import Channel, StreamSlots
+from virtmig.daemon.backend.test.channel import BufferPool, Channel, KeyedPools, StreamSlots
 from virtmig.daemon.backend.test.ended import MAX_ENDED, Ended, EndedTable
 from virtmig.daemon.backend.test.guest import Guest, parse_options
 from virtmig.daemon.backend.test.incoming import Incoming, dst_abort, dst_receive
+from virtmig.daemon.backend.test.memory import PAGE_SIZE, RUN_TEMPLATE_PAGES, run_template
 from virtmig.daemon.backend.test.outgoing import Outgoing, src_send, src_settle
 from virtmig.daemon.backend.test.secure import StreamRefused, dst_admit, server_context
 from virtmig.daemon.backend.test.util import retrieve
@@ -89,6 +90,10 @@ from virtmig.proto.errors import ConfigUnsupported
 from virtmig.proto.flags import MigrateFlags
 
 log = logsafe.logger(__name__)
+
+
+RUN_BUFFERS_KEPT = 8  # 1 MiB run buffers kept per pool between migrations
+RUN_POOL_SEEDS = 2  # seeds whose source run buffers are kept
 
 
 class TestBackend(Backend):
@@ -113,6 +118,15 @@ class TestBackend(Backend):
         self._max_vcpus = max_vcpus
         self.out_slots = StreamSlots(stream_threads // 4, "out")
         self.in_slots = StreamSlots(stream_threads // 4, "in")
+        # The streams' 1 MiB run buffers, kept from one migration to the next (a new one costs
+        # its zeroing and page faults, and a source's its copy of the seed's run template): a
+        # small guest's migration otherwise paid for every run it moved.  At most
+        # RUN_BUFFERS_KEPT per pool: one for incoming streams, one per seed for the last
+        # RUN_POOL_SEEDS seeds sent.
+        size = RUN_TEMPLATE_PAGES * PAGE_SIZE
+        self.run_pools = KeyedPools(size, keep=RUN_BUFFERS_KEPT, keys=RUN_POOL_SEEDS,
+                                    new=run_template)
+        self.receive_pool = BufferPool(size, RUN_BUFFERS_KEPT)
         self._guests: dict[str, Guest] = {}
         # Live migrations only (an ended one leaves its record in _ended).
         self._incoming: dict[str, Incoming] = {}
@@ -315,7 +329,7 @@ class TestBackend(Backend):
         guest.incoming = True
         done: asyncio.Future[MigrationProgress] = asyncio.get_running_loop().create_future()
         done.add_done_callback(retrieve)
-        inc = Incoming(guest=guest, done=done)
+        inc = Incoming(guest=guest, done=done, pool=self.receive_pool)
         self._guests[spec.uuid] = guest
         self._incoming[spec.uuid] = inc
         accepted = functools.partial(self._accepted, inc, ctx, tuning.stream_token)
@@ -405,7 +419,8 @@ class TestBackend(Backend):
             raise BackendError(f"guest {uuid} is already being migrated")
         if dest.transport != "tcp":
             raise BackendError(f"test backend: unsupported migration transport {dest.transport}")
-        mig = Outgoing(guest=guest, dest=dest, tuning=tuning, slots=self.out_slots)
+        mig = Outgoing(guest=guest, dest=dest, tuning=tuning, slots=self.out_slots,
+                       run_pool=self.run_pools.pool(guest.seed))
         guest.outgoing = mig
         self._track(uuid, mig)
         task = mig.task = asyncio.get_running_loop().create_task(src_send(mig))

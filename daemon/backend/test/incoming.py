@@ -121,6 +121,9 @@ class Incoming:
     by_versions: bool = False
     got: Versions | None = None
     final: MigrationProgress | None = None
+    # Buffers for the pages of full runs: the backend's, kept across migrations (else the
+    # stream's own).
+    pool: BufferPool | None = None
 
     def snapshot(self) -> MigrationProgress:
         if self.final is not None:
@@ -237,7 +240,7 @@ async def _receive_stream(inc: Incoming, chan: Channel) -> None:
     chan.write(b"A")
     await chan.drain()
     # From here on the reader thread reads whole records ahead (wire.read_record).
-    pool = BufferPool(RUN_TEMPLATE_PAGES * PAGE_SIZE)  # for the pages of full runs
+    pool = inc.pool or BufferPool(RUN_TEMPLATE_PAGES * PAGE_SIZE)  # for the pages of full runs
     framing = Framing(npages, READS_RUNS, pool, seed)
     chan.start_frames(functools.partial(read_record, fr=framing), is_switch)
 

@@ -45,7 +45,7 @@ import ssl
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import InitVar, dataclass, field, replace
 
 from virtmig.daemon.backend.base import (
     BackendError,
@@ -133,12 +133,18 @@ class Outgoing:
     final: MigrationProgress | None = None
     slots: StreamSlots | None = None  # the backend's bound on outgoing streams' threads
 
-    def __post_init__(self) -> None:
+    # The pages of full runs are built in the buffers of ``pool`` (runs of the guest's seed:
+    # :func:`.memory.run_template`), given back once sent: the backend's, kept across
+    # migrations (``run_pool``), else this migration's own.
+    run_pool: InitVar[BufferPool | None] = None
+    pool: BufferPool = field(init=False)
+
+    def __post_init__(self, run_pool: BufferPool | None) -> None:
         self.pacer = Pacer(self.tuning.bandwidth_bytes_per_s)
-        # The pages of full runs are built in these buffers (runs of the guest's seed), given
-        # back once sent.
-        seed = self.guest.seed
-        self.pool = BufferPool(RUN_TEMPLATE_PAGES * PAGE_SIZE, new=lambda: run_template(seed))
+        if run_pool is None:
+            seed = self.guest.seed
+            run_pool = BufferPool(RUN_TEMPLATE_PAGES * PAGE_SIZE, new=lambda: run_template(seed))
+        self.pool = run_pool
         self.done.add_done_callback(retrieve)
 
     def abort(self, error: BackendError) -> None:

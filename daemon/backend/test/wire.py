@@ -254,13 +254,15 @@ def page_runs(
     for first, count in _runs(batch):
         vers = versions.get_run(first, count)
         out = pool.get() if pool is not None and count * PAGE_SIZE == pool.size else None
-        pages = run_bytes(seed, first, vers, out, templated=out is not None)
+        pages: bytes | bytearray = run_bytes(seed, first, vers, out, templated=out is not None)
         if corrupt is not None and first <= corrupt < first + count:
-            if out is not None:  # (not the seed's prefix any more: not back to the pool)
-                pages = bytearray(pages)
+            damaged = bytearray(pages)
+            damaged[(corrupt - first) * PAGE_SIZE] ^= 0xFF
+            # bytes, which no pool takes back: these are not the seed's pages any more
+            pages = bytes(damaged)
+            if out is not None:
                 assert pool is not None
                 pool.put(out)
-            pages[(corrupt - first) * PAGE_SIZE] ^= 0xFF
         if sys.byteorder == "big":
             vers.byteswap()
         parts += (b"G" + RUN.pack(first, count) + vers.tobytes(), pages)
