@@ -92,8 +92,12 @@ from virtmig.proto.flags import MigrateFlags
 log = logsafe.logger(__name__)
 
 
-RUN_BUFFERS_KEPT = 8  # 1 MiB run buffers kept per pool between migrations
-RUN_POOL_SEEDS = 2  # seeds whose source run buffers are kept
+# 1 MiB run buffers kept between migrations: about what one stream holds at once (a source:
+# its write queue's high-water mark and the run it builds; a destination: the runs its reader
+# thread reads ahead, and the one being checked)
+SEND_BUFFERS_KEPT = 8  # per seed, for the last RUN_POOL_SEEDS seeds sent
+RECEIVE_BUFFERS_KEPT = 16
+RUN_POOL_SEEDS = 2
 
 
 class TestBackend(Backend):
@@ -120,13 +124,13 @@ class TestBackend(Backend):
         self.in_slots = StreamSlots(stream_threads // 4, "in")
         # The streams' 1 MiB run buffers, kept from one migration to the next (a new one costs
         # its zeroing and page faults, and a source's its copy of the seed's run template): a
-        # small guest's migration otherwise paid for every run it moved.  At most
-        # RUN_BUFFERS_KEPT per pool: one for incoming streams, one per seed for the last
+        # small guest's migration otherwise paid for every run it moved.  At most 32 MiB held
+        # by an idle backend: one pool for incoming streams, one per seed for the last
         # RUN_POOL_SEEDS seeds sent.
         size = RUN_TEMPLATE_PAGES * PAGE_SIZE
-        self.run_pools = KeyedPools(size, keep=RUN_BUFFERS_KEPT, keys=RUN_POOL_SEEDS,
+        self.run_pools = KeyedPools(size, keep=SEND_BUFFERS_KEPT, keys=RUN_POOL_SEEDS,
                                     new=run_template)
-        self.receive_pool = BufferPool(size, RUN_BUFFERS_KEPT)
+        self.receive_pool = BufferPool(size, RECEIVE_BUFFERS_KEPT)
         self._guests: dict[str, Guest] = {}
         # Live migrations only (an ended one leaves its record in _ended).
         self._incoming: dict[str, Incoming] = {}
