@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from virtmig.client import migrate as client_migrate
+from virtmig.client import rpc
 from virtmig.client.connection import Event, JobInfo
 from virtmig.client.migrate import RemoteDest, RemoteSource, migrate3
 from virtmig.client.sequence import Trace, run_v3
@@ -326,6 +328,50 @@ async def test_abort_while_finish_waits(backend_pair: tuple[Host, Host],
         await dst.conn.lookup("vm1")
     for host in (src, dst):
         assert not [d.name for d in host.daemon.registry if d.job is not None]
+
+
+@pytest.mark.parametrize("delay", [0.0, 2.0], ids=["watched-at-once", "watched-later"])
+async def test_an_abort_before_the_watch_opens_still_cancels_finish(
+        backend_pair: tuple[Host, Host], monkeypatch: pytest.MonkeyPatch, delay: float) -> None:
+    """The client watches the source's job for an abort only once Finish has run for
+    ``ABORT_WATCH_DELAY``: an abort asked for before the watch opens is in its first message,
+    and cancels Finish as one asked for after.  (A Finish that waits for ever.)"""
+    src, dst = backend_pair
+    await guest(src)
+    monkeypatch.setattr(client_migrate, "ABORT_WATCH_DELAY", delay)
+    finish_waiting = asyncio.Event()
+    backend = dst.daemon.backend
+    real_wait = backend.incoming_wait
+
+    async def slow_wait(uuid: str) -> object:
+        progress = await real_wait(uuid)
+        finish_waiting.set()
+        await asyncio.sleep(3600)
+        return progress
+
+    monkeypatch.setattr(backend, "incoming_wait", slow_wait)
+    events: list[str] = []
+    real_stream = rpc.RpcConnection._stream
+
+    def stream(self: rpc.RpcConnection, *args: object, **kwargs: object) -> object:
+        events.append("watch")
+        return real_stream(self, *args, **kwargs)
+
+    monkeypatch.setattr(rpc.RpcConnection, "_stream", stream)
+    task = migrate(src, dst)
+    await finish_waiting.wait()
+    if delay:
+        assert events == []  # (Finish began a moment ago; the watch opens in 2 s)
+    else:
+        await wait_until(lambda: events == ["watch"], timeout=30, what="the watch")
+    events.append("abort")
+    await src.conn.abort_job("vm1")
+    with pytest.raises(OperationAborted, match="canceled by client"):
+        await task
+    assert events == (["abort", "watch"] if delay else ["watch", "abort"])
+    await wait_until(lambda: dst.daemon.registry.find_name("vm1") is None, timeout=30,
+                     what="the incoming guest to be gone")
+    assert (await src.conn.state("vm1"))[0] is DomainState.RUNNING
 
 
 async def test_abort_twice_or_with_nothing_running(backend_pair: tuple[Host, Host]) -> None:
