@@ -202,9 +202,16 @@ async def test_nic_keeps_its_network_across_migration(
         assert last_src >= before and moved[0].n in (last_src + 1, last_src + 2)
         counters = [b.n for b in listener.beats]
         assert counters == sorted(set(counters))
-        # The same guest: the destination's datagrams are its serial console's heartbeats.
-        serial = {int(m.group(1)): m.group(0) for m in SERIAL_BEAT.finditer(
-            dst_serial.read_bytes())}
+        # The same guest: the destination's datagrams are its serial console's heartbeats.  The
+        # guest sends a heartbeat's datagram before it prints the line (dirty.c's say()), and
+        # the emulated UART takes a while to write it: wait until the last one is printed too.
+        def printed() -> dict[int, bytes]:
+            return {int(m.group(1)): m.group(0) for m in SERIAL_BEAT.finditer(
+                dst_serial.read_bytes())}
+
+        await wait_until(lambda: all(b.n in printed() for b in moved), timeout=30,
+                         what=lambda: f"{moved} on the serial console: {printed()}")
+        serial = printed()
         assert all(serial.get(b.n) == b.line for b in moved), (moved, serial)
         assert all(b.line.endswith(b"ok=1") for b in listener.beats)
         assert all(ok for _, ok in heartbeats(dst_serial))
