@@ -22,7 +22,7 @@ from virtmig.client.connection import AsyncConnection
 from virtmig.client.migrate import RemoteDest, RemoteSource
 from virtmig.client.sequence import Trace, run_v3
 from virtmig.daemon import p2p
-from virtmig.daemon.backend.base import GuestRunState
+from virtmig.daemon.backend.base import BackendError, GuestRunState
 from virtmig.daemon.backend.qemu import QemuBackend
 from virtmig.proto.errors import NoDomain, OperationFailed
 from virtmig.proto.flags import DomainState, JobType, MigrateFlags
@@ -66,12 +66,21 @@ async def guest(host: Host) -> str:
 
 
 async def qemu_status(host: Host, uuid: str) -> str:
-    """QEMU's own run state of the guest ("running", "postmigrate", ...), or "gone"."""
+    """QEMU's own run state of the guest ("running", "postmigrate", ...), or "gone".
+
+    A QEMU that the daemon stops meanwhile (a source copy shut off as migrated once the
+    destination answered) may close its monitor under the query: then it is "gone" once the
+    backend says so (bounded); a monitor lost with the guest still there fails."""
     backend = host.daemon.backend
     assert isinstance(backend, QemuBackend)
     if backend.state(uuid) is GuestRunState.SHUTOFF:
         return "gone"
-    status: str = (await backend.query(uuid, "query-status"))["status"]
+    try:
+        status: str = (await backend.query(uuid, "query-status"))["status"]
+    except BackendError:
+        await wait_until(lambda: backend.state(uuid) is GuestRunState.SHUTOFF, timeout=30,
+                         what="a guest whose monitor closed under the query to be gone")
+        return "gone"
     return status
 
 
