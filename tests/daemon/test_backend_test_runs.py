@@ -53,6 +53,15 @@ def counting(monkeypatch: pytest.MonkeyPatch, module: Any, name: str) -> list[in
     return calls
 
 
+def as_before(monkeypatch: pytest.MonkeyPatch, old: str, *, source: str,
+              destination: str) -> None:
+    """Turn off the ``old`` end's switch: ``outgoing.<source>`` or ``incoming.<destination>``."""
+    if old == "source":
+        monkeypatch.setattr(outgoing, source, False)
+    else:
+        monkeypatch.setattr(incoming, destination, False)
+
+
 def counting_async(monkeypatch: pytest.MonkeyPatch, module: Any, name: str) -> list[int]:
     calls: list[int] = []
     real: Callable[..., Awaitable[Any]] = getattr(module, name)
@@ -115,10 +124,7 @@ async def test_an_offer_answered_after_the_ack_still_agrees(
     """Either end as before the offer with the HEADER (a source that offers in the first
     pass's ITER only, a destination that answers once it reads the offer as a record): format 2
     is agreed a socket's worth of pages later, and the memory arrives."""
-    if old == "source":
-        monkeypatch.setattr(outgoing, "OFFER_WITH_HEADER", False)
-    else:
-        monkeypatch.setattr(incoming, "EARLY_VERSION_REPLY", False)
+    as_before(monkeypatch, old, source="OFFER_WITH_HEADER", destination="EARLY_VERSION_REPLY")
     runs = counting(monkeypatch, incoming, "_receive_run")
     hashed = counting(monkeypatch, incoming, "received_page")
     spec = make_spec(32)
@@ -151,10 +157,7 @@ async def test_a_format_1_end_still_migrates(
 ) -> None:
     """A source that does not offer format 2, or a destination that does not answer the offer
     (and would refuse a RUN record as unknown): format 1 throughout, the migration completes."""
-    if old == "source":
-        monkeypatch.setattr(outgoing, "OFFER_RUNS", False)
-    else:
-        monkeypatch.setattr(incoming, "READS_RUNS", False)
+    as_before(monkeypatch, old, source="OFFER_RUNS", destination="READS_RUNS")
     runs = counting(monkeypatch, incoming, "_receive_run")
     switches = counting(monkeypatch, outgoing, "_switch_record")
     spec = make_spec(16, **{"dirty-rate-mib": "8"})

@@ -299,22 +299,29 @@ async def test_abort_before_perform(backend_pair: tuple[Host, Host], after: bool
     assert await src.conn.state("vm1") == (DomainState.RUNNING, 1, "booted")  # never touched
 
 
-async def test_abort_while_finish_waits(backend_pair: tuple[Host, Host],
-                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    """Finish waits (a slow device-state load); the abort cancels it and everything rolls back."""
-    src, dst = backend_pair
-    await guest(src)
+def finish_waits_for_ever(dst: Host, monkeypatch: pytest.MonkeyPatch) -> asyncio.Event:
+    """The destination's Finish waits for ever once the stream arrived (a device-state load
+    that never ends); the event is set when it begins to."""
     finish_waiting = asyncio.Event()
     backend = dst.daemon.backend
     real_wait = backend.incoming_wait
 
     async def slow_wait(uuid: str) -> object:
-        progress = await real_wait(uuid)
+        await real_wait(uuid)
         finish_waiting.set()
-        await asyncio.sleep(3600)  # the subject: a device-state load that never ends
-        return progress
+        await asyncio.Event().wait()  # the subject
+        raise AssertionError("unreachable")
 
     monkeypatch.setattr(backend, "incoming_wait", slow_wait)
+    return finish_waiting
+
+
+async def test_abort_while_finish_waits(backend_pair: tuple[Host, Host],
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Finish waits (a slow device-state load); the abort cancels it and everything rolls back."""
+    src, dst = backend_pair
+    await guest(src)
+    finish_waiting = finish_waits_for_ever(dst, monkeypatch)
     task = migrate(src, dst)
     await finish_waiting.wait()
     assert (await src.conn.job_info("vm1")).phase == "perform3_done"
@@ -339,17 +346,7 @@ async def test_an_abort_before_the_watch_opens_still_cancels_finish(
     src, dst = backend_pair
     await guest(src)
     monkeypatch.setattr(client_migrate, "ABORT_WATCH_DELAY", delay)
-    finish_waiting = asyncio.Event()
-    backend = dst.daemon.backend
-    real_wait = backend.incoming_wait
-
-    async def slow_wait(uuid: str) -> object:
-        progress = await real_wait(uuid)
-        finish_waiting.set()
-        await asyncio.sleep(3600)
-        return progress
-
-    monkeypatch.setattr(backend, "incoming_wait", slow_wait)
+    finish_waiting = finish_waits_for_ever(dst, monkeypatch)
     events: list[str] = []
     real_stream = rpc.RpcConnection._stream
 

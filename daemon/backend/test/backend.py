@@ -423,8 +423,8 @@ class TestBackend(Backend):
             raise BackendError(f"guest {uuid} is already being migrated")
         if dest.transport != "tcp":
             raise BackendError(f"test backend: unsupported migration transport {dest.transport}")
-        mig = Outgoing(guest=guest, dest=dest, tuning=tuning, slots=self.out_slots,
-                       run_pool=self.run_pools.pool(guest.seed))
+        mig = Outgoing(guest=guest, dest=dest, tuning=tuning,
+                       pool=self.run_pools.pool(guest.seed), slots=self.out_slots)
         guest.outgoing = mig
         self._track(uuid, mig)
         task = mig.task = asyncio.get_running_loop().create_task(src_send(mig))

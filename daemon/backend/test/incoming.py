@@ -50,7 +50,6 @@ from virtmig.daemon.backend.test.channel import BufferPool, Channel
 from virtmig.daemon.backend.test.guest import Guest
 from virtmig.daemon.backend.test.memory import (
     PAGE_SIZE,
-    RUN_TEMPLATE_PAGES,
     digest_bytes,
     page_bytes,
     page_hash,
@@ -96,6 +95,8 @@ class Incoming:
 
     guest: Guest
     done: asyncio.Future[MigrationProgress]
+    # Buffers for the pages of full runs: the backend's, kept across migrations.
+    pool: BufferPool
     started: float = field(default_factory=time.monotonic)
     status: MigrationStatus = MigrationStatus.SETUP
     server: asyncio.Server | None = None
@@ -121,9 +122,6 @@ class Incoming:
     by_versions: bool = False
     got: Versions | None = None
     final: MigrationProgress | None = None
-    # Buffers for the pages of full runs: the backend's, kept across migrations (else the
-    # stream's own).
-    pool: BufferPool | None = None
 
     def snapshot(self) -> MigrationProgress:
         if self.final is not None:
@@ -240,7 +238,7 @@ async def _receive_stream(inc: Incoming, chan: Channel) -> None:
     chan.write(b"A")
     await chan.drain()
     # From here on the reader thread reads whole records ahead (wire.read_record).
-    pool = inc.pool or BufferPool(RUN_TEMPLATE_PAGES * PAGE_SIZE)  # for the pages of full runs
+    pool = inc.pool
     framing = Framing(npages, READS_RUNS, pool, seed)
     chan.start_frames(functools.partial(read_record, fr=framing), is_switch)
 

@@ -45,7 +45,7 @@ import ssl
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import InitVar, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 
 from virtmig.daemon.backend.base import (
     BackendError,
@@ -59,7 +59,7 @@ from virtmig.daemon.backend.base import (
 )
 from virtmig.daemon.backend.test.channel import BufferPool, ByteReader, Channel, StreamSlots
 from virtmig.daemon.backend.test.guest import FAULT_CORRUPT_STREAM, Guest
-from virtmig.daemon.backend.test.memory import PAGE_SIZE, RUN_TEMPLATE_PAGES, run_template
+from virtmig.daemon.backend.test.memory import PAGE_SIZE
 from virtmig.daemon.backend.test.pacing import (
     BATCH_PAGES,
     Pacer,
@@ -101,6 +101,9 @@ class Outgoing:
     guest: Guest
     dest: StreamAddress
     tuning: MigrationTuning  # the current values: set_tuning replaces it
+    # The pages of full runs are built in its buffers (runs of the guest's seed:
+    # :func:`.memory.run_template`), given back once sent: the backend's, kept across migrations.
+    pool: BufferPool
     started: float = field(default_factory=time.monotonic)
     status: MigrationStatus = MigrationStatus.SETUP
     task: asyncio.Task[None] | None = None
@@ -133,18 +136,8 @@ class Outgoing:
     final: MigrationProgress | None = None
     slots: StreamSlots | None = None  # the backend's bound on outgoing streams' threads
 
-    # The pages of full runs are built in the buffers of ``pool`` (runs of the guest's seed:
-    # :func:`.memory.run_template`), given back once sent: the backend's, kept across
-    # migrations (``run_pool``), else this migration's own.
-    run_pool: InitVar[BufferPool | None] = None
-    pool: BufferPool = field(init=False)
-
-    def __post_init__(self, run_pool: BufferPool | None) -> None:
+    def __post_init__(self) -> None:
         self.pacer = Pacer(self.tuning.bandwidth_bytes_per_s)
-        if run_pool is None:
-            seed = self.guest.seed
-            run_pool = BufferPool(RUN_TEMPLATE_PAGES * PAGE_SIZE, new=lambda: run_template(seed))
-        self.pool = run_pool
         self.done.add_done_callback(retrieve)
 
     def abort(self, error: BackendError) -> None:
