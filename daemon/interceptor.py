@@ -34,8 +34,9 @@ handler's own ``context.abort`` pass through untouched.
 A request gRPC cannot decode (bytes that are not UTF-8 in a string field, a garbled message) is
 INVALID_ARGUMENT like any other bad input (:mod:`virtmig.daemon.decode`), not gRPC's UNKNOWN.
 
-With a :class:`~virtmig.daemon.metrics.Metrics`, every call that passed the interceptor is
-counted by its method and final status code (a refusal too) and timed.
+With a :class:`~virtmig.daemon.metrics.Metrics`, every unary call that passed the interceptor is
+counted by its method and final status code (a refusal too) and timed, before its status or
+reply goes out (so a client that scrapes right after a call finds it counted).
 
 Streaming handlers must be async generator functions (as every virtmig servicer's are): gRPC
 picks its calling convention from the wrapper, which is one.
@@ -134,30 +135,41 @@ def wrap_handler(handler: Handler[Any, Any], method: str, policy: Policy | None 
 
 
 class _Gate:
-    """What a call passes before its handler runs: authorization, then admission."""
+    """What a call passes before its handler runs: authorization, then admission.
+
+    A call is counted in the metrics *before* its status goes out: gRPC's ``context.abort``
+    sends the status and only then raises, so a client that has seen the status (and scrapes
+    at once) would otherwise find its call not counted yet."""
 
     def __init__(self, method: str, policy: Policy, limits: CallLimits | None,
                  metrics: Metrics | None = None) -> None:
         self.method, self.policy, self.limits, self.metrics = method, policy, limits, metrics
 
-    def done(self, context: grpc.aio.ServicerContext[Any, Any], started: float,
-             exc: BaseException | None) -> None:
-        """Count the call that ended (raising ``exc``, if it did) in the metrics."""
-        if self.metrics is None:
-            return
-        if exc is None:
-            code = "OK"
-        elif isinstance(exc, asyncio.CancelledError):
-            code = "CANCELLED"
-        else:  # an abort: by the gate, _abort or the handler itself
-            code = _code_of(context)
-        self.metrics.rpc(self.method, code, time.monotonic() - started)
+    def count(self, code: str, started: float | None) -> None:
+        """Count the call that ends with ``code`` (``OK``, ``NOT_FOUND``...) in the metrics;
+        ``started`` None: a call that is not counted (a stream's)."""
+        if self.metrics is not None and started is not None:
+            self.metrics.rpc(self.method, code, time.monotonic() - started)
+
+    async def refuse(self, context: grpc.aio.ServicerContext[Any, Any], exc: Exception,
+                     started: float | None) -> NoReturn:
+        """End the call with ``exc``'s status, counted first."""
+        code, details, trailers = to_status(exc)
+        self.count(code.name, started)
+        context.set_trailing_metadata(trailers)
+        await context.abort(code, details)
 
     async def enter(self, context: grpc.aio.ServicerContext[Any, Any],
-                    request: object = None) -> Slot | None:
-        """The call's slot (None without limits); a refused call ends here, aborted.
-        ``request``: a unary request, whose fields may raise the role (authz.SECRET_FIELDS)."""
-        await _authorize(context, self.method, self.policy, request)
+                    request: object = None, started: float | None = None) -> Slot | None:
+        """The call's slot (None without limits); a refused call ends here, aborted (and
+        counted, if ``started`` says when it began).  ``request``: a unary request, whose
+        fields may raise the role (authz.SECRET_FIELDS)."""
+        try:
+            self.policy.check(self.method, context.auth_context(), request)
+        except PermissionDenied as exc:
+            log.warning("refused %s from %s: %s", self.method.rsplit("/", 1)[-1],
+                        context.peer(), exc)
+            await self.refuse(context, exc, started)
         if self.limits is None:
             return None
         try:
@@ -165,25 +177,10 @@ class _Gate:
         except ResourceExhausted as exc:
             log.warning("refused %s from %s: %s", self.method.rsplit("/", 1)[-1],
                         context.peer(), exc)
-            code, details, trailers = to_status(exc)
-            context.set_trailing_metadata(trailers)
-            await context.abort(code, details)
+            await self.refuse(context, exc, started)
         # (grpc-stubs declare the callback as a class of their own: any callable is taken)
         context.add_done_callback(lambda _context: slot.release())  # type: ignore[arg-type]
         return slot
-
-
-async def _authorize(context: grpc.aio.ServicerContext[Any, Any], method: str,
-                     policy: Policy, request: object = None) -> None:
-    """Return if the caller may call ``method`` (with ``request``); otherwise log the refusal
-    once and end the call with PERMISSION_DENIED."""
-    try:
-        policy.check(method, context.auth_context(), request)
-    except PermissionDenied as exc:
-        log.warning("refused %s from %s: %s", method.rsplit("/", 1)[-1], context.peer(), exc)
-        code, details, trailers = to_status(exc)
-        context.set_trailing_metadata(trailers)
-        await context.abort(code, details)
 
 
 def _unary_response(behaviour: Any, gate: _Gate,
@@ -191,27 +188,25 @@ def _unary_response(behaviour: Any, gate: _Gate,
     @functools.wraps(behaviour)
     async def wrapper(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         started = time.monotonic()
-        ended: BaseException | None = None
         try:
-            slot = await gate.enter(context, request)
+            slot = await gate.enter(context, request, started)
+        except grpc.aio.AbortError:  # refused: counted by the gate
+            raise
         except BaseException as exc:
-            gate.done(context, started, exc)
+            gate.count(_ended_by(context, exc), started)
             raise
         try:
-            return await behaviour(decoded(request), context)
-        except grpc.aio.AbortError as exc:
-            ended = exc
-            raise
-        except asyncio.CancelledError as exc:
-            ended = exc
+            response = await behaviour(decoded(request), context)
+        except (grpc.aio.AbortError, asyncio.CancelledError) as exc:
+            gate.count(_ended_by(context, exc), started)
             raise
         except Exception as exc:
-            ended = exc
-            await _abort(context, gate.method, exc)
+            await _abort(context, gate, exc, started)
         finally:
             if slot is not None:
                 slot.release()
-            gate.done(context, started, ended)
+        gate.count("OK", started)
+        return response
 
     return wrapper
 
@@ -230,7 +225,7 @@ def _stream_response(behaviour: Any, gate: _Gate,
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
-            await _abort(context, gate.method, exc)
+            await _abort(context, gate, exc)
         finally:
             if slot is not None:
                 slot.release()
@@ -238,8 +233,10 @@ def _stream_response(behaviour: Any, gate: _Gate,
     return wrapper
 
 
-def _code_of(context: grpc.aio.ServicerContext[Any, Any]) -> str:
-    """The status code an aborted call ended with, as its name."""
+def _ended_by(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> str:
+    """The status code, as its name, of a call that ``exc`` (not raised by the gate) ended."""
+    if isinstance(exc, asyncio.CancelledError):
+        return "CANCELLED"
     try:
         code = context.code()
     except Exception:  # a context without the call's state (in unit tests)
@@ -251,16 +248,15 @@ def _code_of(context: grpc.aio.ServicerContext[Any, Any]) -> str:
     return "UNKNOWN"
 
 
-async def _abort(context: grpc.aio.ServicerContext[Any, Any], method: str,
-                 exc: Exception) -> NoReturn:
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], gate: _Gate, exc: Exception,
+                 started: float | None = None) -> NoReturn:
     """Called while ``exc`` is being handled: log it, then end the RPC with its status."""
-    code, details, trailers = to_status(exc)
-    name = method.rsplit("/", 1)[-1]
+    code, details, _ = to_status(exc)
+    name = gate.method.rsplit("/", 1)[-1]
     if not isinstance(exc, VirtmigError):
         log.exception("internal error in %s", name)  # a bug of the daemon's: its traceback
     elif isinstance(exc, InternalError) and code is grpc.StatusCode.INTERNAL:
         log.warning("%s failed: %s", name, details)
     else:
         log.info("%s failed: %s", name, details)
-    context.set_trailing_metadata(trailers)
-    await context.abort(code, details)
+    await gate.refuse(context, exc, started)

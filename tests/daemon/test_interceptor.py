@@ -24,8 +24,10 @@ from grpc_reflection.v1alpha import reflection_pb2
 
 from tests.conftest import domain_xml, start_host, stop_host
 from virtmig.daemon import interceptor
+from virtmig.daemon.authz import Policy
 from virtmig.daemon.health import Health
 from virtmig.daemon.interceptor import StatusInterceptor, wrap_handler
+from virtmig.daemon.metrics import Metrics
 from virtmig.daemon.server import add_services
 from virtmig.proto import virtmig_pb2 as pb
 from virtmig.proto.errors import ERROR_METADATA_KEY, NoDomain
@@ -215,6 +217,55 @@ async def test_a_stream_closed_by_grpc_closes_the_handler_at_once() -> None:
     assert await anext(stream) == 1
     await stream.aclose()
     assert closed == [True]
+
+
+class CountingContext(Context):
+    """A context whose ``abort`` (which, in gRPC, sends the status before it raises) records
+    how many calls of ``METHOD`` the metrics had counted by then, by code."""
+
+    def __init__(self, metrics: Metrics, auth: dict[str, list[bytes]] | None = None) -> None:
+        super().__init__(auth)
+        self.metrics = metrics
+        self.counted_at_abort: dict[str, float] = {}
+
+    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+        self.counted_at_abort = rpc_counts(self.metrics)
+        await super().abort(code, details)
+
+
+def rpc_counts(metrics: Metrics) -> dict[str, float]:
+    return {s.labels["code"]: s.value for m in metrics.rpcs.collect() for s in m.samples
+            if s.name == "virtmig_rpc_total" and s.labels["method"] == METHOD.lstrip("/")}
+
+
+async def test_a_call_is_counted_before_its_status_goes_out() -> None:
+    """A client that has its status and scrapes at once finds its call counted: a failed call,
+    a refused one, and one that succeeded."""
+    async def fails(request: object, context: object) -> object:
+        raise NoDomain("gone")
+
+    async def answers(request: object, context: object) -> object:
+        return "answer"
+
+    metrics = Metrics(cast(Any, ()))  # no domains: only the RPC counters are read
+    ctx = CountingContext(metrics)
+    with pytest.raises(grpc.aio.AbortError):
+        await counted(fails, metrics)(None, ctx)
+    assert ctx.counted_at_abort == {"NOT_FOUND": 1}
+    refused = CountingContext(metrics, auth={"transport_security_type": [b"ssl"]})
+    with pytest.raises(grpc.aio.AbortError):
+        await counted(answers, metrics, Policy(allowed_dns=("O=virtmig,CN=nobody",)))(
+            None, refused)
+    assert refused.aborted is not None and refused.aborted[0] is grpc.StatusCode.PERMISSION_DENIED
+    assert refused.counted_at_abort == {"NOT_FOUND": 1, "PERMISSION_DENIED": 1}
+    assert await counted(answers, metrics)(None, Context()) == "answer"
+    assert rpc_counts(metrics) == {"NOT_FOUND": 1, "PERMISSION_DENIED": 1, "OK": 1}
+
+
+def counted(behaviour: Any, metrics: Metrics, policy: Policy | None = None) -> Any:
+    """``behaviour`` as a unary method of ``METHOD`` wrapped with ``metrics``."""
+    handler = grpc.unary_unary_rpc_method_handler(behaviour)
+    return wrap_handler(handler, METHOD, policy, metrics=metrics).unary_unary
 
 
 def wrapped(handler: Any) -> Any:
