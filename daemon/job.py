@@ -21,11 +21,15 @@ import asyncio
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from virtmig.daemon.backend.base import MigrationProgress
 from virtmig.proto.errors import InternalError, VirtmigError
 from virtmig.proto.flags import DomainState, JobOperation, JobType, MigrateFlags
 from virtmig.proto.params import TypedParam, TypedParams
+
+if TYPE_CHECKING:
+    from virtmig.daemon.tunnel import TunnelOrder
 
 
 class AsyncJob(enum.Enum):
@@ -167,6 +171,8 @@ class MigrationJob:
     # When it was reported (monotonic clock): the time spent in a phase, for the metrics.
     reported_at: float = field(default_factory=time.monotonic, repr=False, compare=False)
     _abort_event: asyncio.Event | None = field(default=None, repr=False, compare=False)
+    # Destination, tunnelled: the order its tunnel connections reach the incoming guest in.
+    tunnel_order: TunnelOrder | None = field(default=None, repr=False, compare=False)
 
     @property
     def busy(self) -> bool:

@@ -17,6 +17,16 @@ the migration's stream token (test) proves it through the relay like any other b
 This module is a streaming transport of raw bytes, so it stays at the wire's edge: it builds and
 reads its ``TunnelChunk`` messages itself (``dname`` first, then ``data``) rather than through
 ``virtmig.daemon.wire``; there is no value to convert, only bytes to move.
+
+A backend may open several connections for one migration (QEMU's multifd channels, each its own
+Tunnel call).  Their order matters: QEMU before 8.0 takes the first connection it accepts for its
+main channel, and fails (its process exits) when that is a multifd channel.  Plain TCP keeps the
+order the source QEMU connected in; the tunnel keeps it too: the source numbers its connections
+in the order it accepted them (``TunnelChunk.seq``), and the destination connects each to the
+incoming guest only after the ones before it (:class:`TunnelOrder`, bounded by
+``ORDER_TIMEOUT_S``).  When one connection of a tunnel fails (the destination ended its call
+with an error), the source closes all of them: the backend sees its stream fail at once rather
+than wait on channels nobody reads.
 """
 
 from __future__ import annotations
@@ -33,14 +43,44 @@ from virtmig.daemon.core import Daemon
 from virtmig.daemon.job import AsyncJob, Phase
 from virtmig.proto import logsafe
 from virtmig.proto import virtmig_pb2 as pb
-from virtmig.proto.errors import InvalidArgument, OperationInvalid
+from virtmig.proto.aio import within
+from virtmig.proto.errors import InvalidArgument, OperationFailed, OperationInvalid
 from virtmig.proto.flags import MigrateFlags
 
 log = logsafe.logger(__name__)
 
 CHUNK = 256 * 1024
 DRAIN_TIMEOUT_S = 30.0
+#: How long a destination's tunnel connection waits for the connections before it to connect.
+ORDER_TIMEOUT_S = 30.0
 LOOPBACK = "127.0.0.1"
+
+
+class TunnelOrder:
+    """A migration's tunnel connections on the destination, connected to the incoming guest in
+    the order the source accepted them (their ``seq``)."""
+
+    def __init__(self) -> None:
+        self._next = 0  # every connection before this one has connected (or failed to)
+        self._changed = asyncio.Condition()
+
+    @contextlib.asynccontextmanager
+    async def turn(self, seq: int, timeout: float = ORDER_TIMEOUT_S) -> AsyncIterator[None]:
+        """Wait (at most ``timeout``) until connections ``0..seq-1`` have had their turn; the
+        next one's turn comes when this block ends, however it ends."""
+        async with self._changed:
+            try:
+                await within(self._changed.wait_for(lambda: self._next >= seq), timeout)
+            except TimeoutError:
+                raise OperationFailed(
+                    f"migration tunnel connection {seq + 1} came, but connection "
+                    f"{self._next + 1} did not within {timeout:g} s") from None
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self._next = max(self._next, seq + 1)
+                self._changed.notify_all()
 
 
 async def dst_tunnel(
@@ -55,7 +95,10 @@ async def dst_tunnel(
     if (job is None or job.kind is not AsyncJob.MIGRATION_IN or job.phase is not Phase.PREPARE
             or not job.flags & MigrateFlags.TUNNELLED or not job.port):
         raise OperationInvalid(f"domain '{dom.name}' is not waiting for a tunnelled migration")
-    reader, writer = await asyncio.open_connection(LOOPBACK, job.port)
+    if job.tunnel_order is None:
+        job.tunnel_order = TunnelOrder()
+    async with job.tunnel_order.turn(first.seq):
+        reader, writer = await asyncio.open_connection(LOOPBACK, job.port)
 
     async def upstream() -> None:
         try:
@@ -72,6 +115,9 @@ async def dst_tunnel(
     try:
         while data := await reader.read(CHUNK):
             yield pb.TunnelChunk(data=data)
+    except OSError as exc:  # the incoming guest dropped its end: a failed stream, not a bug
+        raise OperationFailed(f"migration tunnel: the incoming guest's connection failed: "
+                              f"{exc}") from exc
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -87,6 +133,7 @@ class SrcTunnel:
         self.dname = dname
         self._server: asyncio.Server | None = None
         self._pumps: set[asyncio.Task[None]] = set()
+        self._accepted = 0  # connections accepted so far: the next one's seq
 
     async def __aenter__(self) -> StreamAddress:
         self._server = await asyncio.start_server(self._serve, LOOPBACK, 0)
@@ -112,9 +159,10 @@ class SrcTunnel:
         task = asyncio.current_task()
         assert task is not None
         self._pumps.add(task)
+        seq, self._accepted = self._accepted, self._accepted + 1
         call: Any = self.peer.migration_stub.Tunnel()
         try:
-            await call.write(pb.TunnelChunk(dname=self.dname))
+            await call.write(pb.TunnelChunk(dname=self.dname, seq=seq))
 
             async def upstream() -> None:
                 while data := await reader.read(CHUNK):
@@ -135,6 +183,8 @@ class SrcTunnel:
                     await up
         except Exception as exc:  # the peer went away: the backend sees the stream end
             log.info("migration tunnel to the destination closed: %s", exc)
+            for other in self._pumps - {task}:  # and its other connections with it
+                other.cancel()
         finally:
             call.cancel()
             writer.close()

@@ -679,9 +679,11 @@ class CompressionCacheReply(_message.Message):
     def __init__(self, cache_size: _Optional[int] = ...) -> None: ...
 
 class TunnelChunk(_message.Message):
-    __slots__ = ("dname", "data")
+    __slots__ = ("dname", "data", "seq")
     DNAME_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
     dname: str
     data: bytes
-    def __init__(self, dname: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
+    seq: int
+    def __init__(self, dname: _Optional[str] = ..., data: _Optional[bytes] = ..., seq: _Optional[int] = ...) -> None: ...

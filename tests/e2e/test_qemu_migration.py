@@ -72,6 +72,7 @@ from virtmig.client.migrate import RemoteDest, RemoteSource, migrate3
 from virtmig.client.sequence import Trace, run_v3
 from virtmig.daemon.backend.base import MigrationProgress, MigrationStatus
 from virtmig.daemon.backend.qemu import QemuBackend
+from virtmig.daemon.job import AsyncJob
 from virtmig.proto.errors import (
     ArgumentUnsupported,
     NoDomain,
@@ -441,6 +442,36 @@ async def test_parallel_and_compressed_streams(
         assert done.stat("compression_pages") is not None
     else:
         assert done.stat("compression_cache") is None
+    await assert_migrated(src, dst, uuid, src_serial, dst_serial, before)
+
+
+async def test_tunnelled_multifd_channels_reach_qemu_in_order(
+    qemu_pair: tuple[Host, Host], guest_image: GuestImage, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The destination's first tunnel connection (QEMU's main channel) is slow to connect: the
+    multifd channels' connections wait for it, since QEMU 7.2 takes the first connection it
+    accepts for its main channel (a multifd channel there and the destination QEMU exits)."""
+    src, dst = qemu_pair
+    uuid = await boot(src, guest_image, dirty_rate=4)
+    src_serial, dst_serial = src.serial_log(uuid), dst.serial_log(uuid)
+    before = heartbeats(src_serial)[-1][0]
+    connect = asyncio.open_connection
+    held: list[int] = []
+
+    async def first_one_slow(host: str, port: int, **kw: Any) -> Any:
+        incoming = {d.job.port for d in dst.daemon.registry
+                    if d.job is not None and d.job.kind is AsyncJob.MIGRATION_IN}
+        if port in incoming and not held:
+            held.append(port)
+            await asyncio.sleep(0.5)
+        return await connect(host, port, **kw)
+
+    monkeypatch.setattr(asyncio, "open_connection", first_one_slow)
+    params = dest_params(guest_image, uuid, dirty_rate=4)
+    params.add(P.PARALLEL_CONNECTIONS, 3)
+    await src.conn.migrate_to_uri3("vm1", dst.uri, params,
+                                   F.LIVE | F.PEER2PEER | F.TUNNELLED | F.PARALLEL)
+    assert held  # the destination's first connection was the slow one
     await assert_migrated(src, dst, uuid, src_serial, dst_serial, before)
 
 
