@@ -19,7 +19,8 @@ tell two unix sockets apart.
 Once authorized, a call takes a slot of the daemon's :class:`~virtmig.daemon.limits.CallLimits`
 (``max_clients``, ``max_calls_per_client``), shared by all its servers; a call beyond them ends
 with RESOURCE_EXHAUSTED naming the limit, logged at WARNING, and the handler never runs.  The
-slot is given back when the call ends however it ends: when the handler returns or raises, and
+slot is given back when the call ends however it ends: when the handler returns or raises (before
+the status goes out: a client that calls again at once finds it free), and
 (through ``context.add_done_callback``) when gRPC ends the call, so that a stream cancelled
 while it waits to send frees its slot at once.
 
@@ -201,6 +202,8 @@ def _unary_response(behaviour: Any, gate: _Gate,
             gate.count(_ended_by(context, exc), started)
             raise
         except Exception as exc:
+            if slot is not None:  # given back before the status goes out, as the count is
+                slot.release()
             await _abort(context, gate, exc, started)
         finally:
             if slot is not None:
@@ -225,6 +228,8 @@ def _stream_response(behaviour: Any, gate: _Gate,
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
+            if slot is not None:
+                slot.release()
             await _abort(context, gate, exc)
         finally:
             if slot is not None:

@@ -27,6 +27,7 @@ from virtmig.daemon import interceptor
 from virtmig.daemon.authz import Policy
 from virtmig.daemon.health import Health
 from virtmig.daemon.interceptor import StatusInterceptor, wrap_handler
+from virtmig.daemon.limits import CallLimits
 from virtmig.daemon.metrics import Metrics
 from virtmig.daemon.server import add_services
 from virtmig.proto import virtmig_pb2 as pb
@@ -260,6 +261,38 @@ async def test_a_call_is_counted_before_its_status_goes_out() -> None:
     assert refused.counted_at_abort == {"NOT_FOUND": 1, "PERMISSION_DENIED": 1}
     assert await counted(answers, metrics)(None, Context()) == "answer"
     assert rpc_counts(metrics) == {"NOT_FOUND": 1, "PERMISSION_DENIED": 1, "OK": 1}
+
+
+async def test_a_failed_call_gives_its_slot_back_before_its_status_goes_out() -> None:
+    """A client allowed one call at a time, whose call failed, may call again as soon as it has
+    the status: unary and streaming."""
+    async def fails(request: object, context: object) -> object:
+        raise NoDomain("gone")
+
+    async def fails_streaming(request: object, context: object) -> AsyncIterator[int]:
+        yield 1
+        raise NoDomain("gone")
+
+    limits = CallLimits(max_clients=1, max_calls_per_client=1)
+    in_flight_at_abort: list[int] = []
+
+    class Watching(Context):
+        def add_done_callback(self, callback: Callable[[object], None]) -> None:
+            pass  # (gRPC calls it when the call is over: after the status went out)
+
+        async def abort(self, code: grpc.StatusCode, details: str) -> None:
+            in_flight_at_abort.append(limits.clients)
+            await super().abort(code, details)
+
+    unary: Any = wrap_handler(grpc.unary_unary_rpc_method_handler(fails), METHOD, None, limits)
+    with pytest.raises(grpc.aio.AbortError):
+        await unary.unary_unary(None, Watching())
+    streaming: Any = wrap_handler(grpc.unary_stream_rpc_method_handler(fails_streaming),
+                                  METHOD, None, limits)
+    with pytest.raises(grpc.aio.AbortError):
+        async for _ in streaming.unary_stream(None, Watching()):
+            pass
+    assert in_flight_at_abort == [0, 0]
 
 
 def counted(behaviour: Any, metrics: Metrics, policy: Policy | None = None) -> Any:
