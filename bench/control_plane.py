@@ -18,8 +18,12 @@ this process:
   for this process, whose work per migration is constant, is the machine's share of it;
 * ``control-plane-concurrent``: ``--concurrent`` distinct 4 MiB guests, each with its own client
   connections to both daemons, all migrated from A to B at once, then the same guests back one
-  at a time: the two rates, their ratio and the failures.  Migration ports are ``--ports`` per
-  daemon: fewer than the guests, a Prepare waits for one (``migration_port_wait``).
+  at a time: the two rates, their ratio and the failures, and what the ratio is made of: the CPU
+  per migration (both daemons and this client) and the cores busy in each way.  The ratio is the
+  cores busy at once over one at a time, times the CPU per migration one at a time over at once:
+  on N cores it cannot pass N / (cores busy one at a time) unless the migrations at once cost
+  less CPU each.  Migration ports are ``--ports`` per daemon: fewer than the guests, a Prepare
+  waits for one (``migration_port_wait``).
 
 ``--daemon-source DIR --tag=-base`` runs the daemons from another tree (a directory holding a
 ``virtmig`` package, e.g. a baseline's), for A/B runs interleaved with this tree's.
@@ -193,13 +197,13 @@ async def concurrent(a: Daemon, b: Daemon, count: int) -> dict[str, Any]:
             await admin.define(domain_xml(name, 4))
             await admin.start(name)
         start = machine()
-        t0 = time.perf_counter()
+        cpu0, t0 = _cpu(a, b), time.perf_counter()
         out = await asyncio.gather(*(_one(s, d, n) for (s, d), n in zip(pairs, names, strict=True)))
-        together_s = time.perf_counter() - t0
+        together_s, together_cpu = time.perf_counter() - t0, _cpu(a, b) - cpu0
         failures = [e for e in out if e]
-        t0 = time.perf_counter()
+        cpu0, t0 = _cpu(a, b), time.perf_counter()
         back = [await _one(d, s, n) for (s, d), n in zip(pairs, names, strict=True)]
-        one_by_one_s = time.perf_counter() - t0
+        one_by_one_s, one_by_one_cpu = time.perf_counter() - t0, _cpu(a, b) - cpu0
         failures += [e for e in back if e]
     finally:
         for s, d in pairs:
@@ -211,7 +215,19 @@ async def concurrent(a: Daemon, b: Daemon, count: int) -> dict[str, Any]:
         "together_s": together_s, "together_per_s": count / together_s,
         "one_by_one_s": one_by_one_s, "one_by_one_per_s": count / one_by_one_s,
         "ratio": one_by_one_s / together_s, "failures": failures,
+        # The ratio is (cores busy at once / one at a time) x (CPU per migration one at a time /
+        # at once): on N cores at most N / cores_busy_one_by_one x the CPU it saves.
+        "cpu_per_migration_ms": {"together": 1000 * together_cpu / count,
+                                 "one_by_one": 1000 * one_by_one_cpu / count},
+        "cores_busy": {"together": together_cpu / together_s,
+                       "one_by_one": one_by_one_cpu / one_by_one_s},
+        "cpus": os.cpu_count(),
     }
+
+
+def _cpu(a: Daemon, b: Daemon) -> float:
+    """CPU seconds so far of both daemons and this client (the whole of a migration's CPU)."""
+    return a.cpu_s() + b.cpu_s() + time.process_time()
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -247,7 +263,11 @@ async def main(args: argparse.Namespace) -> None:
                 print(f"control-plane-concurrent  {args.concurrent} at once "
                       f"{con['together_per_s']:.1f}/s, one at a time "
                       f"{con['one_by_one_per_s']:.1f}/s: ratio {con['ratio']:.2f}, "
-                      f"{len(con['failures'])} failures (load "
+                      f"{len(con['failures'])} failures; CPU per migration "
+                      f"{con['cpu_per_migration_ms']['together']:.1f} / "
+                      f"{con['cpu_per_migration_ms']['one_by_one']:.1f} ms, cores busy "
+                      f"{con['cores_busy']['together']:.2f} / "
+                      f"{con['cores_busy']['one_by_one']:.2f} (load "
                       f"{con['machine']['loadavg_start'][0]:.1f})", flush=True)
                 for failure in con["failures"][:5]:
                     print("  ", failure)
