@@ -35,9 +35,10 @@ handler's own ``context.abort`` pass through untouched.
 A request gRPC cannot decode (bytes that are not UTF-8 in a string field, a garbled message) is
 INVALID_ARGUMENT like any other bad input (:mod:`virtmig.daemon.decode`), not gRPC's UNKNOWN.
 
-With a :class:`~virtmig.daemon.metrics.Metrics`, every unary call that passed the interceptor is
-counted by its method and final status code (a refusal too) and timed, before its status or
-reply goes out (so a client that scrapes right after a call finds it counted).
+With a :class:`~virtmig.daemon.metrics.Metrics`, every call that passed the interceptor, unary or
+streaming, is counted by its method and final status code (a refusal too; ``CANCELLED`` for a
+stream gRPC closed because its client went away) and timed, before its status or last reply goes
+out (so a client that scrapes right after a call finds it counted).
 
 Streaming handlers must be async generator functions (as every virtmig servicer's are): gRPC
 picks its calling convention from the wrapper, which is one.
@@ -148,7 +149,7 @@ class _Gate:
 
     def count(self, code: str, started: float | None) -> None:
         """Count the call that ends with ``code`` (``OK``, ``NOT_FOUND``...) in the metrics;
-        ``started`` None: a call that is not counted (a stream's)."""
+        ``started`` None: a call that is not counted."""
         if self.metrics is not None and started is not None:
             self.metrics.rpc(self.method, code, time.monotonic() - started)
 
@@ -219,21 +220,33 @@ def _stream_response(behaviour: Any, gate: _Gate,
     @functools.wraps(behaviour)
     async def wrapper(request: Any, context: grpc.aio.ServicerContext[Any, Any]
                       ) -> AsyncIterator[Any]:
-        slot = await gate.enter(context, request)
+        started = time.monotonic()
+        try:
+            slot = await gate.enter(context, request, started)
+        except grpc.aio.AbortError:  # refused: counted by the gate
+            raise
+        except BaseException as exc:
+            gate.count(_ended_by(context, exc), started)
+            raise
         try:
             # aclosing: when gRPC closes this generator, the handler's own `finally` runs now.
             async with contextlib.aclosing(behaviour(decoded(request), context)) as responses:
                 async for response in responses:
                     yield response
-        except grpc.aio.AbortError:
+        except (grpc.aio.AbortError, asyncio.CancelledError) as exc:
+            gate.count(_ended_by(context, exc), started)
+            raise
+        except GeneratorExit:  # gRPC closed the stream: the client went away
+            gate.count("CANCELLED", started)
             raise
         except Exception as exc:
             if slot is not None:
                 slot.release()
-            await _abort(context, gate, exc)
+            await _abort(context, gate, exc, started)
         finally:
             if slot is not None:
                 slot.release()
+        gate.count("OK", started)
 
     return wrapper
 

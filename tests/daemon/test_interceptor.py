@@ -295,6 +295,36 @@ async def test_a_failed_call_gives_its_slot_back_before_its_status_goes_out() ->
     assert in_flight_at_abort == [0, 0]
 
 
+async def test_a_stream_is_counted_too() -> None:
+    """A stream that ends, one that fails part-way (counted before its status goes out) and one
+    that gRPC closes (the client went away): OK, NOT_FOUND, CANCELLED."""
+    async def two(request: object, context: object) -> AsyncIterator[int]:
+        yield 1
+        yield 2
+
+    async def fails(request: object, context: object) -> AsyncIterator[int]:
+        yield 1
+        raise NoDomain("gone")
+
+    metrics = Metrics(cast(Any, ()))
+
+    def stream(behaviour: Any, ctx: Context) -> Any:
+        handler: Any = wrap_handler(grpc.unary_stream_rpc_method_handler(behaviour), METHOD,
+                                    metrics=metrics)
+        return handler.unary_stream(None, ctx)
+
+    assert [item async for item in stream(two, Context())] == [1, 2]
+    ctx = CountingContext(metrics)
+    with pytest.raises(grpc.aio.AbortError):
+        async for _ in stream(fails, ctx):
+            pass
+    assert ctx.counted_at_abort == {"OK": 1, "NOT_FOUND": 1}
+    closed = stream(two, Context())
+    assert await anext(closed) == 1
+    await closed.aclose()
+    assert rpc_counts(metrics) == {"OK": 1, "NOT_FOUND": 1, "CANCELLED": 1}
+
+
 def counted(behaviour: Any, metrics: Metrics, policy: Policy | None = None) -> Any:
     """``behaviour`` as a unary method of ``METHOD`` wrapped with ``metrics``."""
     handler = grpc.unary_unary_rpc_method_handler(behaviour)
