@@ -185,6 +185,10 @@ class SrcTunnel:
             log.info("migration tunnel to the destination closed: %s", exc)
             for other in self._pumps - {task}:  # and its other connections with it
                 other.cancel()
+        except asyncio.CancelledError:
+            # Ended by this tunnel (another connection failed, or the tunnel closed): not an
+            # error.  asyncio's server would log a connection task that ends cancelled as one.
+            pass
         finally:
             call.cancel()
             writer.close()

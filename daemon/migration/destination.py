@@ -50,7 +50,12 @@ from virtmig.daemon.migration.common import (
 )
 from virtmig.daemon.migration.owner import any_check_owner
 from virtmig.daemon.migration.rollback import dst_discard
-from virtmig.daemon.migration.tuning import check_stream_pki, dst_tuning, new_stream_token
+from virtmig.daemon.migration.tuning import (
+    check_stream_pki,
+    check_tunnel_streams,
+    dst_tuning,
+    new_stream_token,
+)
 from virtmig.daemon.migration.uri import dst_check_bind, dst_parse_uri_in, dst_uri_out
 from virtmig.daemon.placement import new_migration_id
 from virtmig.daemon.registry import DomainObj
@@ -104,6 +109,7 @@ async def dst_prepare(
     host = ""
     tunnelled = bool(f & F.TUNNELLED)
     if tunnelled:
+        check_tunnel_streams(daemon, f, params)
         listen = "127.0.0.1"  # reached through the Tunnel RPC only
     elif not offline:
         if uri_in:

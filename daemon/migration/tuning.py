@@ -24,6 +24,7 @@ from virtmig.daemon.backend.base import MigrationTuning, StreamAddress, StreamTl
 from virtmig.daemon.core import Daemon
 from virtmig.daemon.registry import DomainObj
 from virtmig.proto.compat import compression_settings
+from virtmig.proto.errors import ArgumentUnsupported
 from virtmig.proto.flags import MigrateFlags
 from virtmig.proto.params import MigrateParam, Party, TypedParams
 from virtmig.proto.pki import PkiPaths, load_client_credentials, load_server_credentials
@@ -73,6 +74,23 @@ def dst_tuning(daemon: Daemon, f: MigrateFlags, params: TypedParams,
 
 def parallel_connections(f: MigrateFlags, params: TypedParams) -> int:
     return params.get_int(P.PARALLEL_CONNECTIONS, DEFAULT_PARALLEL) if f & F.PARALLEL else 0
+
+
+def check_tunnel_streams(daemon: Daemon, f: MigrateFlags, params: TypedParams) -> None:
+    """A tunnelled migration holds, on the source daemon's connection to this one, its session
+    and one Tunnel call per connection the backend opens (the main one and each parallel one):
+    they must fit in this daemon's ``max_calls_per_client``, or a connection would be refused
+    in the middle of the stream.  Checked at Prepare, before anything starts."""
+    if not f & F.TUNNELLED:
+        return
+    parallel = parallel_connections(f, params)
+    needed = 2 + parallel
+    allowed = daemon.calls.max_calls_per_client
+    if needed > allowed:
+        raise ArgumentUnsupported(
+            f"a tunnelled migration with {parallel} parallel connections needs {needed} calls "
+            f"at once on the source daemon's connection; this daemon allows {allowed} "
+            "(max_calls_per_client)")
 
 
 def stream_tls(f: MigrateFlags) -> bool:

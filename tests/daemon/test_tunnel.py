@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import re
 import socket
 import struct
@@ -22,11 +23,15 @@ import pytest
 
 from testing.wait import wait_until
 from virtmig.daemon.job import AsyncJob, MigrationJob, Phase
+from virtmig.daemon.limits import CallLimits
+from virtmig.daemon.migration.tuning import check_tunnel_streams
 from virtmig.daemon.tunnel import SrcTunnel, TunnelOrder, dst_tunnel
 from virtmig.proto import virtmig_pb2 as pb
 from virtmig.proto.aio import within
-from virtmig.proto.errors import OperationFailed
+from virtmig.proto.errors import ArgumentUnsupported, OperationFailed
 from virtmig.proto.flags import MigrateFlags
+from virtmig.proto.params import MigrateParam as P
+from virtmig.proto.params import TypedParams
 
 
 async def test_connections_take_their_turns_in_order() -> None:
@@ -143,7 +148,9 @@ def peer_with(calls: list[Call]) -> Any:
     return SimpleNamespace(migration_stub=SimpleNamespace(Tunnel=open_call))
 
 
-async def test_the_source_numbers_its_connections_and_closes_all_when_one_fails() -> None:
+async def test_the_source_numbers_its_connections_and_closes_all_when_one_fails(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     calls: list[Call] = []
 
     def calls_started(count: int) -> Callable[[], bool]:
@@ -160,6 +167,9 @@ async def test_the_source_numbers_its_connections_and_closes_all_when_one_fails(
         for reader, writer in opened:  # every connection ends: the backend sees its stream fail
             assert await within(reader.read(), 10) == b""
             writer.close()
+    # the connections it closed are not errors (asyncio logs a connection task that ended
+    # cancelled as one)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 async def test_a_guest_that_resets_its_connection_fails_the_tunnel_call() -> None:
@@ -176,3 +186,20 @@ async def test_a_guest_that_resets_its_connection_fails_the_tunnel_call() -> Non
         with pytest.raises(OperationFailed, match=r"migration tunnel: the incoming guest's "
                                                   r"connection failed: .*reset by peer"):
             await within(anext(dst_tunnel(daemon, chunks(pb.TunnelChunk(dname="vm1")))), 10)
+
+
+def test_a_tunnelled_migrations_calls_must_fit_the_destinations_limit() -> None:
+    """Its session and one Tunnel call per connection (the main one and each parallel one)."""
+    daemon: Any = SimpleNamespace(calls=CallLimits(max_calls_per_client=32))
+    f = MigrateFlags.LIVE | MigrateFlags.PEER2PEER | MigrateFlags.TUNNELLED
+    parallel = f | MigrateFlags.PARALLEL
+    check_tunnel_streams(daemon, parallel, TypedParams.of({P.PARALLEL_CONNECTIONS: 30}))
+    check_tunnel_streams(daemon, f, TypedParams())
+    with pytest.raises(ArgumentUnsupported, match=re.escape(
+            "a tunnelled migration with 31 parallel connections needs 33 calls at once on the "
+            "source daemon's connection; this daemon allows 32 (max_calls_per_client)")):
+        check_tunnel_streams(daemon, parallel, TypedParams.of({P.PARALLEL_CONNECTIONS: 31}))
+    daemon.calls = CallLimits(max_calls_per_client=1)
+    with pytest.raises(ArgumentUnsupported, match="with 0 parallel connections needs 2 calls"):
+        check_tunnel_streams(daemon, f, TypedParams())
+    check_tunnel_streams(daemon, f & ~MigrateFlags.TUNNELLED, TypedParams())  # not tunnelled

@@ -475,6 +475,32 @@ async def test_tunnelled_multifd_channels_reach_qemu_in_order(
     await assert_migrated(src, dst, uuid, src_serial, dst_serial, before)
 
 
+async def test_tunnelled_parallel_connections_fit_the_call_limit(
+    qemu_pair: tuple[Host, Host], guest_image: GuestImage,
+) -> None:
+    """Each of a tunnelled migration's connections is a Tunnel call on the source daemon's
+    connection to the destination, beside its session: with the default 32 calls per client, 30
+    parallel connections (31 Tunnel calls and the session) migrate, and 31 are refused at
+    Prepare, the guest running on at the source (rather than a connection refused mid-stream)."""
+    src, dst = qemu_pair
+    uuid = await boot(src, guest_image, dirty_rate=4)
+    flags = F.LIVE | F.PEER2PEER | F.TUNNELLED | F.PARALLEL
+    params = dest_params(guest_image, uuid, dirty_rate=4)
+    params.add(P.PARALLEL_CONNECTIONS, 31)
+    with pytest.raises(ArgumentUnsupported, match=re.escape(
+            "a tunnelled migration with 31 parallel connections needs 33 calls at once on the "
+            "source daemon's connection; this daemon allows 32 (max_calls_per_client)")):
+        await src.conn.migrate_to_uri3("vm1", dst.uri, params, flags)
+    assert (await src.conn.state("vm1"))[0] is DomainState.RUNNING
+    assert not list(dst.daemon.registry)
+    src_serial, dst_serial = src.serial_log(uuid), dst.serial_log(uuid)
+    before = heartbeats(src_serial)[-1][0]
+    params = dest_params(guest_image, uuid, dirty_rate=4)
+    params.add(P.PARALLEL_CONNECTIONS, 30)
+    await src.conn.migrate_to_uri3("vm1", dst.uri, params, flags)
+    await assert_migrated(src, dst, uuid, src_serial, dst_serial, before)
+
+
 async def test_multi_thread_compression_is_refused(
     qemu_pair: tuple[Host, Host], guest_image: GuestImage
 ) -> None:
