@@ -147,25 +147,35 @@ class _Gate:
                  metrics: Metrics | None = None) -> None:
         self.method, self.policy, self.limits, self.metrics = method, policy, limits, metrics
 
-    def count(self, code: str, started: float | None) -> None:
-        """Count the call that ends with ``code`` (``OK``, ``NOT_FOUND``...) in the metrics;
-        ``started`` None: a call that is not counted."""
-        if self.metrics is not None and started is not None:
+    def count(self, code: str, started: float) -> None:
+        """Count the call that ends with ``code`` (``OK``, ``NOT_FOUND``...), which began at
+        ``started`` (monotonic clock), in the metrics."""
+        if self.metrics is not None:
             self.metrics.rpc(self.method, code, time.monotonic() - started)
 
     async def refuse(self, context: grpc.aio.ServicerContext[Any, Any], exc: Exception,
-                     started: float | None) -> NoReturn:
+                     started: float) -> NoReturn:
         """End the call with ``exc``'s status, counted first."""
         code, details, trailers = to_status(exc)
         self.count(code.name, started)
         context.set_trailing_metadata(trailers)
         await context.abort(code, details)
 
-    async def enter(self, context: grpc.aio.ServicerContext[Any, Any],
-                    request: object = None, started: float | None = None) -> Slot | None:
-        """The call's slot (None without limits); a refused call ends here, aborted (and
-        counted, if ``started`` says when it began).  ``request``: a unary request, whose
-        fields may raise the role (authz.SECRET_FIELDS)."""
+    async def enter(self, context: grpc.aio.ServicerContext[Any, Any], request: object,
+                    started: float) -> Slot | None:
+        """The call's slot (None without limits); a call that ends here, refused (aborted) or
+        otherwise, is counted.  ``request``: a unary request, whose fields may raise the role
+        (authz.SECRET_FIELDS)."""
+        try:
+            return await self._admit(context, request, started)
+        except grpc.aio.AbortError:  # refused: counted by refuse
+            raise
+        except BaseException as exc:
+            self.count(_ended_by(context, exc), started)
+            raise
+
+    async def _admit(self, context: grpc.aio.ServicerContext[Any, Any], request: object,
+                     started: float) -> Slot | None:
         try:
             self.policy.check(self.method, context.auth_context(), request)
         except PermissionDenied as exc:
@@ -190,22 +200,14 @@ def _unary_response(behaviour: Any, gate: _Gate,
     @functools.wraps(behaviour)
     async def wrapper(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         started = time.monotonic()
-        try:
-            slot = await gate.enter(context, request, started)
-        except grpc.aio.AbortError:  # refused: counted by the gate
-            raise
-        except BaseException as exc:
-            gate.count(_ended_by(context, exc), started)
-            raise
+        slot = await gate.enter(context, request, started)
         try:
             response = await behaviour(decoded(request), context)
         except (grpc.aio.AbortError, asyncio.CancelledError) as exc:
             gate.count(_ended_by(context, exc), started)
             raise
         except Exception as exc:
-            if slot is not None:  # given back before the status goes out, as the count is
-                slot.release()
-            await _abort(context, gate, exc, started)
+            await _abort(context, gate, exc, started, slot)
         finally:
             if slot is not None:
                 slot.release()
@@ -221,13 +223,7 @@ def _stream_response(behaviour: Any, gate: _Gate,
     async def wrapper(request: Any, context: grpc.aio.ServicerContext[Any, Any]
                       ) -> AsyncIterator[Any]:
         started = time.monotonic()
-        try:
-            slot = await gate.enter(context, request, started)
-        except grpc.aio.AbortError:  # refused: counted by the gate
-            raise
-        except BaseException as exc:
-            gate.count(_ended_by(context, exc), started)
-            raise
+        slot = await gate.enter(context, request, started)
         try:
             # aclosing: when gRPC closes this generator, the handler's own `finally` runs now.
             async with contextlib.aclosing(behaviour(decoded(request), context)) as responses:
@@ -240,9 +236,7 @@ def _stream_response(behaviour: Any, gate: _Gate,
             gate.count("CANCELLED", started)
             raise
         except Exception as exc:
-            if slot is not None:
-                slot.release()
-            await _abort(context, gate, exc, started)
+            await _abort(context, gate, exc, started, slot)
         finally:
             if slot is not None:
                 slot.release()
@@ -267,8 +261,12 @@ def _ended_by(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -
 
 
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], gate: _Gate, exc: Exception,
-                 started: float | None = None) -> NoReturn:
-    """Called while ``exc`` is being handled: log it, then end the RPC with its status."""
+                 started: float, slot: Slot | None) -> NoReturn:
+    """Called while ``exc`` is being handled: log it, give the call's slot back, then end the
+    RPC with its status (counted): all before the status goes out, so a client that calls or
+    scrapes again at once finds the call over."""
+    if slot is not None:
+        slot.release()
     code, details, _ = to_status(exc)
     name = gate.method.rsplit("/", 1)[-1]
     if not isinstance(exc, VirtmigError):

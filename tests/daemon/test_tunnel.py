@@ -40,7 +40,6 @@ async def test_connections_take_their_turns_in_order() -> None:
     async def connection(seq: int) -> None:
         async with order.turn(seq):
             seen.append(seq)
-            await asyncio.sleep(0)
 
     await asyncio.gather(*(connection(seq) for seq in (2, 1, 0)))
     assert seen == [0, 1, 2]

@@ -463,7 +463,7 @@ async def test_tunnelled_multifd_channels_reach_qemu_in_order(
                     if d.job is not None and d.job.kind is AsyncJob.MIGRATION_IN}
         if port in incoming and not held:
             held.append(port)
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(0.5)  # the subject: a connect that takes a while
         return await connect(host, port, **kw)
 
     monkeypatch.setattr(asyncio, "open_connection", first_one_slow)
