@@ -198,7 +198,10 @@ async def test_intruders_do_not_stop_the_real_source(
     wrong.write(secrets.token_bytes(MAC_LEN))  # a proof without the token
     assert await read_all(wrong_r) == b""
     got = await read_all(garbage_r)
-    assert len(got) == NONCE_LEN + MAC_LEN  # the destination's proof, then the drop
+    # At most the destination's proof, then the drop. The garbage's "proof" is in the buffer
+    # already, so the destination may refuse it while its own proof still waits in the channel's
+    # writer thread, and the abort drops what is queued (seen in CI under load): nothing at all.
+    assert len(got) in (0, NONCE_LEN + MAC_LEN)
     try:
         await within(src.outgoing(spec.uuid, to(port), src_tuning(tls=False)))
         await within(dst.incoming_wait(spec.uuid))
