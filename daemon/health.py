@@ -26,7 +26,7 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from virtmig.proto import virtmig_pb2 as pb
 
@@ -91,8 +91,32 @@ class Health(health_pb2_grpc.HealthServicer):  # type: ignore[misc]  # (the stub
             self._changed.discard(changed)
 
 
+class GenericOnly:
+    """What the generated ``add_*Servicer_to_server`` functions see of a server: they give it
+    each service twice, as a generic handler and as "registered methods"; this keeps the
+    generic one only.  grpc.aio's server keeps a pending request for every registered method
+    and waits on all of them (``asyncio.wait``) for every call it receives: with virtmig's
+    forty-odd methods that wait cost a daemon more than the call's own dispatch (issue 17).  A
+    generic handler serves the same methods from one pending request, found by a dictionary
+    look-up."""
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self._server = server
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        self._server.add_generic_rpc_handlers(handlers)
+
+    def add_registered_method_handlers(self, service: str, handlers: Any) -> None:
+        """Not registered: the generic handler given with them serves these methods."""
+
+
 def add_observability(server: grpc.aio.Server, health: Health) -> None:
-    """Add the health service (``health``) and server reflection to ``server``."""
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    reflection.enable_server_reflection((*SERVICES[1:], HEALTH_SERVICE, reflection.SERVICE_NAME),
-                                        server)
+    """Add the health service (``health``) and server reflection to ``server`` (as generic
+    handlers: :class:`GenericOnly`)."""
+    generic: Any = GenericOnly(server)
+    health_pb2_grpc.add_HealthServicer_to_server(health, generic)
+    names = (*SERVICES[1:], HEALTH_SERVICE, reflection.SERVICE_NAME)
+    # enable_server_reflection picks its asyncio servicer by the server's type: named here
+    # (reflection.aio is public, in its __all__; its stubs do not say so)
+    servicer = reflection.aio.ReflectionServicer(names)  # type: ignore[attr-defined]
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, generic)

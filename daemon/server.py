@@ -23,7 +23,7 @@ from virtmig.daemon import jobctl, lifecycle, locate, migration, p2p, tunnel, wi
 from virtmig.daemon.authz import Policy
 from virtmig.daemon.core import Daemon
 from virtmig.daemon.domxml import format_domain_xml
-from virtmig.daemon.health import add_observability
+from virtmig.daemon.health import GenericOnly, add_observability
 from virtmig.daemon.interceptor import StatusInterceptor
 from virtmig.daemon.migration.common import TLS_FORCED
 from virtmig.daemon.registry import DomainObj
@@ -388,8 +388,11 @@ def make_server(daemon: Daemon, options: list[tuple[str, Any]] | None = None,
 
 
 def add_services(server: grpc.aio.Server, daemon: Daemon) -> None:
-    """virtmig's services, the gRPC health service (``daemon.health``) and server reflection."""
-    pbg.add_HostServicer_to_server(HostService(daemon), server)
-    pbg.add_DomainsServicer_to_server(DomainsService(daemon), server)
-    pbg.add_MigrationServicer_to_server(MigrationService(daemon), server)
+    """virtmig's services, the gRPC health service (``daemon.health``) and server reflection,
+    as generic handlers only (:class:`GenericOnly`)."""
+    generic: Any = GenericOnly(server)
+    pbg.add_HostServicer_to_server(HostService(daemon), generic)
+    pbg.add_DomainsServicer_to_server(DomainsService(daemon), generic)
+    pbg.add_MigrationServicer_to_server(MigrationService(daemon), generic)
     add_observability(server, daemon.health)
+
