@@ -146,7 +146,18 @@ def load_config(args: argparse.Namespace) -> DaemonConfig:
         **_log_settings(data),
         history_max_bytes=_history_bytes(data),
         metrics_listen=_metrics_listen(data, listen),
+        event_loop=_event_loop(data),
     )
+
+
+def _event_loop(data: dict[str, Any]) -> str:
+    from virtmig.daemon.eventloop import LOOPS, check
+
+    value: str = _get(data, "event_loop")
+    if value not in LOOPS:
+        raise InvalidArgument(f"invalid event_loop '{value}': expected {' or '.join(LOOPS)}")
+    check(value)
+    return value
 
 
 def _metrics_listen(data: dict[str, Any], listen: list[str]) -> str:

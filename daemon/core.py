@@ -163,6 +163,8 @@ class DaemonConfig:
     log_level: str = held("log_level")
     log_format: str = held("log_format")
     log_outputs: tuple[str, ...] = held("log_outputs")
+    # The event loop virtmigd runs on (virtmig.daemon.eventloop): "asyncio" or "uvloop".
+    event_loop: str = held("event_loop")
     # The migration history (virtmig.daemon.history): its file's size before it is rotated.
     history_max_bytes: int = held("history_max_bytes")
     # The Prometheus endpoint, "HOST:PORT" ("": off; virtmig.daemon.metrics_http).

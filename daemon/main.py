@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 from virtmig.daemon import (
+    eventloop,
     jobctl,
     listeners,
     locate,
@@ -264,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args)
         logs.configure(config.log_level, config.log_format, config.log_outputs)
-        asyncio.run(serve(config, args.ready_file, lambda: load_config(args)))
+        with asyncio.Runner(loop_factory=eventloop.factory(config.event_loop)) as runner:
+            runner.run(serve(config, args.ready_file, lambda: load_config(args)))
     except (VirtmigError, OSError) as exc:
         print(f"virtmigd: error: {exc}", file=sys.stderr)
         return 1

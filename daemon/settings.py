@@ -122,6 +122,8 @@ SCHEMA: Final[tuple[Setting, ...]] = (
     _s("log_level", "string", "info", "debug, info, warning or error", reload=True),
     _s("log_format", "string", "plain", "log lines as plain text or json", reload=True),
     _s("log_outputs", "strings", ["stderr"], "where log lines go: stderr and/or file:/path"),
+    _s("event_loop", "string", "asyncio", "the daemon's event loop: asyncio (the standard "
+       "library's) or uvloop (libuv's)"),
 )
 
 BY_KEY: Final[Mapping[str, Setting]] = {s.key: s for s in SCHEMA}

@@ -16,12 +16,15 @@ Fixtures, one meaning each across the suite:
 
 from __future__ import annotations
 
+import asyncio
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from virtmig.daemon import eventloop, settings
 from virtmig.proto.pki import PKI_DIR_ENV
 from virtmig.testing import (
     ClosedPortDest,
@@ -42,6 +45,8 @@ from virtmig.testing import (
     stop_host,
     teardown_hosts,
 )
+
+TEST_LOOP_ENV = "VIRTMIG_TEST_EVENT_LOOP"  # the event loop of the suite's asyncio tests
 
 __all__ = [
     "ClosedPortDest",
@@ -97,6 +102,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             config.hook.pytest_deselected(items=matrix)
             items[:] = [item for item in items if not item.get_closest_marker("faults")]
     items.sort(key=_weight)  # stable: collection order within each weight
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config,
+                                  item: pytest.Item) -> Mapping[str, Any]:
+    """Every asyncio test runs on the event loop ``virtmigd`` runs on by default (the daemons
+    in a test's loop run as they do in production), or on ``$VIRTMIG_TEST_EVENT_LOOP``'s
+    (``uvloop``: the whole suite on uvloop)."""
+    name = os.environ.get(TEST_LOOP_ENV) or settings.default("event_loop")
+    return {name: eventloop.factory(name) or asyncio.new_event_loop}
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -1,0 +1,46 @@
+"""The event loop ``virtmigd`` runs on (the ``event_loop`` setting).
+
+``asyncio`` (the default) is the standard library's loop.  ``uvloop`` is libuv's implementation
+of the same API, its scheduling, timers and sockets in C: a daemon's work is many short loop
+callbacks (each gRPC call and each migration step is a few dozen), and on it a control-plane
+migration costs the two daemons about 15 % less CPU (bench/README.md, session 14).
+
+uvloop starts processes (QEMU, its probes) with a real ``fork``, where the standard library
+uses ``vfork``: gRPC's fork handlers then run while other threads use gRPC and break its TLS
+connections.  The daemon's package turns them off before gRPC is imported
+(:data:`virtmig.daemon.GRPC_FORK_HANDLERS_OFF`); :func:`check` refuses uvloop in a process where
+that did not happen (gRPC imported first, or ``GRPC_ENABLE_FORK_SUPPORT`` set to true).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Final
+
+import virtmig.daemon
+from virtmig.proto.errors import InvalidArgument
+
+LOOPS: Final = ("asyncio", "uvloop")
+
+
+def check(name: str) -> None:
+    """Raise :class:`InvalidArgument` if this process cannot run the loop ``name``."""
+    if name == "uvloop" and not virtmig.daemon.GRPC_FORK_HANDLERS_OFF:
+        raise InvalidArgument(
+            "invalid event_loop 'uvloop': gRPC's fork handlers are on in this process (gRPC "
+            "was imported before virtmig.daemon, or GRPC_ENABLE_FORK_SUPPORT is set to true); "
+            "uvloop's fork would break the daemon's TLS connections")
+
+
+def factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The loop factory of :class:`asyncio.Runner` for the loop ``name`` (one of
+    :data:`LOOPS`; None: the standard library's)."""
+    if name == "asyncio":
+        return None
+    if name != "uvloop":
+        raise ValueError(f"unknown event loop {name!r}")
+    check(name)
+    import uvloop
+
+    return uvloop.new_event_loop
