@@ -5,6 +5,12 @@ of the same API, its scheduling, timers and sockets in C: a daemon's work is man
 callbacks (each gRPC call and each migration step is a few dozen), and on it a control-plane
 migration costs the two daemons about 15 % less CPU (bench/README.md, session 14).
 
+The loops differ where a listening socket cannot listen: the standard library's
+``start_server`` raises (``EADDRINUSE`` when another socket holds the port), uvloop's reports
+the error to the loop's exception handler and returns a closed server.  The daemon's servers
+listen on a socket :func:`listening_socket` made (bound and listening, or ``OSError``), the
+same on both.
+
 uvloop starts processes (QEMU, its probes) with a real ``fork``, where the standard library
 uses ``vfork``: gRPC's fork handlers then run while other threads use gRPC and break its TLS
 connections.  The daemon's package turns them off before gRPC is imported
@@ -15,6 +21,8 @@ that did not happen (gRPC imported first, or ``GRPC_ENABLE_FORK_SUPPORT`` set to
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import socket
 from collections.abc import Callable
 from typing import Final
 
@@ -44,3 +52,16 @@ def factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
     import uvloop
 
     return uvloop.new_event_loop
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host`` (an address, or a name: its first address; ``""``: every
+    address) and ``port`` (0: any), listening, for ``asyncio.start_server(sock=...)``; OSError
+    (``EADDRINUSE``...) whatever the loop."""
+    try:
+        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    except ValueError:  # a name, or "": resolved as the standard library's start_server does
+        family, *_rest, address = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        host = str(address[0])
+    return socket.create_server((host, port), family=family)

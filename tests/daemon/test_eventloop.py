@@ -5,6 +5,7 @@ default's (tests/conftest.py)."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import signal
@@ -138,3 +139,26 @@ def _loop_of_virtmigd(tmp_path: Path, config: str) -> bool:
 def test_virtmigd_runs_on_uvloop_when_told(tmp_path: Path) -> None:
     assert not _loop_of_virtmigd(tmp_path / "a", "")
     assert _loop_of_virtmigd(tmp_path / "b", 'event_loop = "uvloop"\n')
+
+
+def test_listening_sockets_listen_or_raise_on_every_loop() -> None:
+    """The daemon's servers listen on sockets made here: an address in use is OSError at once
+    (uvloop's start_server would report it to its exception handler and return a closed
+    server)."""
+    held = eventloop.listening_socket("127.0.0.1", 0)
+    try:
+        port = held.getsockname()[1]
+        with pytest.raises(OSError) as caught:
+            eventloop.listening_socket("127.0.0.1", port)
+        assert caught.value.errno == errno.EADDRINUSE
+    finally:
+        held.close()
+    for host, family, address in (("127.0.0.1", socket.AF_INET, "127.0.0.1"),
+                                  ("::1", socket.AF_INET6, "::1"),
+                                  ("localhost", socket.AF_INET, "127.0.0.1"),
+                                  ("", socket.AF_INET, "0.0.0.0")):
+        with eventloop.listening_socket(host, 0) as sock:
+            assert sock.family == family and sock.getsockname()[0] == address, host
+            with socket.create_connection((address if address != "0.0.0.0" else "127.0.0.1",
+                                           sock.getsockname()[1]), timeout=10):
+                pass  # it listens
