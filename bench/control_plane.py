@@ -25,6 +25,8 @@ this process:
   less CPU each.  Migration ports are ``--ports`` per daemon: fewer than the guests, a Prepare
   waits for one (``migration_port_wait``).
 
+``--event-loop uvloop`` runs the daemons on uvloop (their ``event_loop`` setting).
+
 ``--daemon-source DIR --tag=-base`` runs the daemons from another tree (a directory holding a
 ``virtmig`` package, e.g. a baseline's), for A/B runs interleaved with this tree's.
 
@@ -232,7 +234,8 @@ def _cpu(a: Daemon, b: Daemon) -> float:
 
 async def main(args: argparse.Namespace) -> None:
     RESULTS.mkdir(exist_ok=True)
-    extra = "max_calls_per_client = 64\nmigration_port_wait = 120\n"
+    extra = ("max_calls_per_client = 64\nmigration_port_wait = 120\n"
+             f'event_loop = "{args.event_loop}"\n')
     with tempfile.TemporaryDirectory() as tmp:
         a = Daemon(Path(tmp), "a", (49400, 49400 + args.ports - 1), extra, args.daemon_source)
         try:
@@ -245,6 +248,7 @@ async def main(args: argparse.Namespace) -> None:
             if args.runs:
                 seq = await sequential(a, b, args.runs)
                 seq["daemon_source"] = args.daemon_source
+                seq["event_loop"] = args.event_loop
                 (RESULTS / f"control-plane-procs{args.tag}.json").write_text(
                     json.dumps(seq, indent=2))
                 cpu = seq["cpu_per_migration_ms"]
@@ -258,6 +262,7 @@ async def main(args: argparse.Namespace) -> None:
             if args.concurrent:
                 con = await concurrent(a, b, args.concurrent)
                 con["daemon_source"] = args.daemon_source
+                con["event_loop"] = args.event_loop
                 (RESULTS / f"control-plane-concurrent{args.tag}.json").write_text(
                     json.dumps(con, indent=2))
                 print(f"control-plane-concurrent  {args.concurrent} at once "
@@ -284,4 +289,6 @@ if __name__ == "__main__":
     p.add_argument("--daemon-source", default="", metavar="DIR",
                    help="run the daemons from this package root (PYTHONPATH; an A/B baseline)")
     p.add_argument("--tag", default="", help="suffix of the result files' names")
+    p.add_argument("--event-loop", choices=("asyncio", "uvloop"), default="asyncio",
+                   help="the daemons' event_loop setting")
     asyncio.run(main(p.parse_args()))

@@ -64,4 +64,16 @@ def listening_socket(host: str, port: int) -> socket.socket:
         family, *_rest, address = socket.getaddrinfo(
             host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
         host = str(address[0])
-    return socket.create_server((host, port), family=family)
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as err:  # worded as the standard library's start_server words it
+            raise OSError(err.errno, f"error while attempting to bind on address "
+                                     f"{(host, port)!r}: {(err.strerror or '').lower()}") from None
+        sock.listen()
+    except BaseException:
+        sock.close()
+        raise
+    return sock

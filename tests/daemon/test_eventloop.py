@@ -151,6 +151,9 @@ def test_listening_sockets_listen_or_raise_on_every_loop() -> None:
         with pytest.raises(OSError) as caught:
             eventloop.listening_socket("127.0.0.1", port)
         assert caught.value.errno == errno.EADDRINUSE
+        assert str(caught.value) == (  # as the standard library's start_server words it
+            f"[Errno {errno.EADDRINUSE}] error while attempting to bind on address "
+            f"('127.0.0.1', {port}): address already in use")
     finally:
         held.close()
     for host, family, address in (("127.0.0.1", socket.AF_INET, "127.0.0.1"),
