@@ -2,8 +2,9 @@
 
 ``asyncio`` (the default) is the standard library's loop.  ``uvloop`` is libuv's implementation
 of the same API, its scheduling, timers and sockets in C: a daemon's work is many short loop
-callbacks (each gRPC call and each migration step is a few dozen), and on it a control-plane
-migration costs the two daemons about 15 % less CPU (bench/README.md, session 14).
+callbacks (each gRPC call and each migration step is a few dozen): on it a call costs a
+daemon about 9 % less CPU, a control-plane migration its two daemons about 6 % less
+(bench/README.md, session 14).
 
 The loops differ where a listening socket cannot listen: the standard library's
 ``start_server`` raises (``EADDRINUSE`` when another socket holds the port), uvloop's reports
