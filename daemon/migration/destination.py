@@ -243,8 +243,9 @@ async def _dst_listen(
     tuning: MigrationTuning,
 ) -> None:
     """The incoming guest listening on the caller's ``want_port``, else on the range's port the
-    job holds (``job.port``) or, when another process has that one bound, the next free one;
-    ``job.port`` is the port it listens on (released by the job's end, whatever happens)."""
+    job holds (``job.port``) or, when another process has that one bound, the lowest free one
+    (that one passed over a while: ``PortAllocator.drop``); ``job.port`` is the port it listens
+    on (released by the job's end, whatever happens)."""
     spec = daemon.spec(d)
     ports = daemon.ports
     port: int | None = want_port or job.port
@@ -264,7 +265,7 @@ async def _dst_listen(
                 break
             ports.drop(port)  # another process has it: of no use to a waiter either
             job.port = 0
-            port = ports.free_after(port)
+            port = ports.free_after(ports.lo - 1)
             if port is not None:
                 ports.take(port)
                 job.port = port
