@@ -21,6 +21,7 @@ import collections
 import contextlib
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -214,8 +215,10 @@ class PortAllocator:
     bench/control_plane.py).
     """
 
-    def __init__(self, lo: int, hi: int) -> None:
+    def __init__(self, lo: int, hi: int,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.lo, self.hi = lo, hi
+        self._clock = clock
         self._used: set[int] = set()
         self._elsewhere: dict[int, float] = {}  # port -> until when it is passed over
         self._waiters: collections.deque[asyncio.Future[int]] = collections.deque()
@@ -227,7 +230,7 @@ class PortAllocator:
         until = self._elsewhere.get(port)
         if until is None:
             return True
-        if until > time.monotonic():
+        if until > self._clock():
             return False
         del self._elsewhere[port]
         return True
@@ -265,7 +268,7 @@ class PortAllocator:
         """Free ``port`` without handing it to a waiter (another process has it bound), and
         pass it over for :data:`ELSEWHERE_S` seconds."""
         self._used.discard(port)
-        self._elsewhere[port] = time.monotonic() + ELSEWHERE_S
+        self._elsewhere[port] = self._clock() + ELSEWHERE_S
 
     async def wait(self, timeout: float, stop: asyncio.Event) -> int | None:
         """A port released within ``timeout`` seconds, now held by the caller; None if none

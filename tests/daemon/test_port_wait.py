@@ -301,12 +301,11 @@ async def test_a_prepare_waiting_for_a_port_is_a_call_in_progress(
     assert await asyncio.wait_for(first, 60) == "vm1"
 
 
-def test_a_port_bound_elsewhere_is_passed_over_a_while(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_port_bound_elsewhere_is_passed_over_a_while() -> None:
     """``drop`` (another process has the port bound): freed, passed over by the look-ups for
     ELSEWHERE_S seconds, then free again; a release (the port was bound here) ends it at once."""
     now = [1000.0]
-    monkeypatch.setattr(core.time, "monotonic", lambda: now[0])
-    ports = core.PortAllocator(100, 102)
+    ports = core.PortAllocator(100, 102, clock=lambda: now[0])
     ports.take(100)
     ports.drop(100)
     assert ports.free_after(ports.lo - 1) == 101 and ports.candidates() == [101, 102]
