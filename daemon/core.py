@@ -241,13 +241,14 @@ class PortAllocator:
 
     def candidates(self) -> list[int]:
         """The ports nobody holds, lowest first; none: RESOURCE_EXHAUSTED naming the range."""
-        free = [p for p in range(self.lo, self.hi + 1) if self._free(p)]
+        free = [p for p in range(self.lo, self.hi + 1) if p not in self._used]
         if not free:
             raise self.exhausted()
         return free
 
     def free_after(self, port: int) -> int | None:
-        """The lowest port of the range above ``port`` nobody holds (None: none)."""
+        """The lowest port of the range above ``port`` nobody holds and none was found bound
+        elsewhere lately (None: none): the port to take."""
         return next((p for p in range(max(port + 1, self.lo), self.hi + 1)
                      if self._free(p)), None)
 

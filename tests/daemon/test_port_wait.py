@@ -302,22 +302,25 @@ async def test_a_prepare_waiting_for_a_port_is_a_call_in_progress(
 
 
 def test_a_port_bound_elsewhere_is_passed_over_a_while() -> None:
-    """``drop`` (another process has the port bound): freed, passed over by the look-ups for
-    ELSEWHERE_S seconds, then free again; a release (the port was bound here) ends it at once."""
+    """``drop`` (another process has the port bound): freed (nobody here holds it:
+    ``candidates``), passed over by the look-up of a port to take for ELSEWHERE_S seconds, then
+    taken again; a release (the port was bound here) ends it at once."""
     now = [1000.0]
     ports = core.PortAllocator(100, 102, clock=lambda: now[0])
     ports.take(100)
     ports.drop(100)
-    assert ports.free_after(ports.lo - 1) == 101 and ports.candidates() == [101, 102]
+    assert ports.free_after(ports.lo - 1) == 101 and ports.candidates() == [100, 101, 102]
     now[0] += core.ELSEWHERE_S - 1
     assert ports.free_after(ports.lo - 1) == 101
     now[0] += 1
     assert ports.free_after(ports.lo - 1) == 100 and ports.candidates() == [100, 101, 102]
+    ports.take(100)
     ports.take(101)
     ports.drop(101)
+    assert ports.free_after(ports.lo - 1) == 102
     ports.take(101)  # a waiter's port, bound by its migration, then released
     ports.release(101)
-    assert ports.candidates() == [100, 101, 102]
+    assert ports.free_after(ports.lo - 1) == 101
 
 
 async def test_a_port_another_process_holds_does_not_fail_the_prepares_after(
