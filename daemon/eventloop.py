@@ -6,11 +6,10 @@ callbacks (each gRPC call and each migration step is a few dozen): on it a call 
 daemon about 9 % less CPU, a control-plane migration its two daemons about 6 % less
 (bench/README.md, session 14).
 
-The loops differ where a listening socket cannot listen: the standard library's
-``start_server`` raises (``EADDRINUSE`` when another socket holds the port), uvloop's reports
-the error to the loop's exception handler and returns a closed server.  The daemon's servers
-listen on a socket :func:`listening_socket` made (bound and listening, or ``OSError``), the
-same on both.
+The loops differ in their servers: uvloop closes a listening server for good when its accept
+callback gets an error (the standard library's goes on accepting), and its ``Server.sockets``
+then lists ``None``.  The daemon's servers listen on a socket :func:`listening_socket` made
+(bound and listening, or ``OSError``) and read their port from it, whatever the loop.
 
 uvloop starts processes (QEMU, its probes) with a real ``fork``, where the standard library
 uses ``vfork``: gRPC's fork handlers then run while other threads use gRPC and break its TLS

@@ -142,9 +142,9 @@ def test_virtmigd_runs_on_uvloop_when_told(tmp_path: Path) -> None:
 
 
 def test_listening_sockets_listen_or_raise_on_every_loop() -> None:
-    """The daemon's servers listen on sockets made here: an address in use is OSError at once
-    (uvloop's start_server would report it to its exception handler and return a closed
-    server)."""
+    """The daemon's servers listen on sockets made here, and read their port from them (not
+    from ``Server.sockets``, which lists ``None`` for a server uvloop closed): an address in use
+    is OSError at once, worded as the standard library's start_server words it."""
     held = eventloop.listening_socket("127.0.0.1", 0)
     try:
         port = held.getsockname()[1]
