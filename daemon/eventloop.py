@@ -9,7 +9,8 @@ daemon about 9 % less CPU, a control-plane migration its two daemons about 6 % l
 The loops differ in their servers: uvloop closes a listening server for good when its accept
 callback gets an error (the standard library's goes on accepting), and its ``Server.sockets``
 then lists ``None``.  The daemon's servers listen on a socket :func:`listening_socket` made
-(bound and listening, or ``OSError``) and read their port from it, whatever the loop.
+(bound and listening, or ``OSError``) and read their port from it, whatever the loop
+(:func:`start_server`).
 
 uvloop starts processes (QEMU, its probes) with a real ``fork``, where the standard library
 uses ``vfork``: gRPC's fork handlers then run while other threads use gRPC and break its TLS
@@ -24,7 +25,7 @@ import asyncio
 import ipaddress
 import socket
 from collections.abc import Callable
-from typing import Final
+from typing import Any, Final
 
 import virtmig.daemon
 from virtmig.proto.errors import InvalidArgument
@@ -77,3 +78,12 @@ def listening_socket(host: str, port: int) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+async def start_server(client_connected: Callable[..., Any], host: str, port: int,
+                       **kwargs: Any) -> tuple[asyncio.Server, tuple[str, int]]:
+    """``asyncio.start_server`` on a :func:`listening_socket`: the server and the address it
+    listens on (read from that socket, not from ``Server.sockets``)."""
+    sock = listening_socket(host, port)
+    address: tuple[str, int] = sock.getsockname()[:2]
+    return await asyncio.start_server(client_connected, sock=sock, **kwargs), address

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from virtmig.daemon.authz import Access, tls_access
 from virtmig.daemon.core import Daemon
-from virtmig.daemon.eventloop import listening_socket
+from virtmig.daemon.eventloop import start_server
 from virtmig.daemon.metrics import CONTENT_TYPE
 from virtmig.proto import logsafe
 from virtmig.proto.aio import within
@@ -94,10 +94,8 @@ class MetricsServer:
         self.address = ""
 
     async def start(self) -> str:
-        sock = listening_socket(self.endpoint.host, self.endpoint.port)
-        host, port = sock.getsockname()[:2]
-        self._server = await asyncio.start_server(self._serve, sock=sock, ssl=self.tls,
-                                                  limit=HEAD_LIMIT)
+        self._server, (host, port) = await start_server(
+            self._serve, self.endpoint.host, self.endpoint.port, ssl=self.tls, limit=HEAD_LIMIT)
         self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         log.info("metrics on %s://%s/metrics", "https" if self.tls else "http", self.address)
         return self.address

@@ -395,4 +395,3 @@ def add_services(server: grpc.aio.Server, daemon: Daemon) -> None:
     pbg.add_DomainsServicer_to_server(DomainsService(daemon), generic)
     pbg.add_MigrationServicer_to_server(MigrationService(daemon), generic)
     add_observability(server, daemon.health)
-

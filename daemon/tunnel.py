@@ -40,7 +40,7 @@ from typing import Any
 from virtmig.client.connection import AsyncConnection
 from virtmig.daemon.backend.base import StreamAddress
 from virtmig.daemon.core import Daemon
-from virtmig.daemon.eventloop import listening_socket
+from virtmig.daemon.eventloop import start_server
 from virtmig.daemon.job import AsyncJob, Phase
 from virtmig.proto import logsafe
 from virtmig.proto import virtmig_pb2 as pb
@@ -137,9 +137,7 @@ class SrcTunnel:
         self._accepted = 0  # connections accepted so far: the next one's seq
 
     async def __aenter__(self) -> StreamAddress:
-        sock = listening_socket(LOOPBACK, 0)
-        port = sock.getsockname()[1]
-        self._server = await asyncio.start_server(self._serve, sock=sock)
+        self._server, (_host, port) = await start_server(self._serve, LOOPBACK, 0)
         return StreamAddress(LOOPBACK, port)
 
     async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,

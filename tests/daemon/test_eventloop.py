@@ -8,7 +8,6 @@ import asyncio
 import errno
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -19,6 +18,7 @@ import uvloop
 
 import virtmig.daemon
 from tests.conftest import TEST_LOOP_ENV
+from tests.daemon.test_logs import run_virtmigd
 from virtmig.daemon import eventloop
 from virtmig.daemon.config import build_parser, load_config
 from virtmig.daemon.core import DaemonConfig
@@ -114,26 +114,10 @@ def _loop_of_virtmigd(tmp_path: Path, config: str) -> bool:
     cfg = tmp_path / "virtmigd.toml"
     cfg.write_text(f'state_dir = "{tmp_path}/s"\nlisten = ["unix://{tmp_path}/run/v.sock"]\n'
                    + config)
-    notify_path = tmp_path / "notify"
-    notify_path.unlink(missing_ok=True)
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
-        notify.bind(str(notify_path))
-        notify.settimeout(60)  # bounded: the datagram comes once the daemon serves
-        proc = subprocess.Popen([sys.executable, "-m", "virtmig.daemon.main", "--config",
-                                 str(cfg)],
-                                env=_without_fork_setting(NOTIFY_SOCKET=str(notify_path)),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        try:
-            assert "READY=1" in notify.recv(4096).decode().splitlines()
-            maps = Path(f"/proc/{proc.pid}/maps").read_text()
-            proc.send_signal(signal.SIGTERM)
-            _out, err = proc.communicate(timeout=60)
-            assert proc.returncode == 0, err
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate(timeout=30)
-    return "/uvloop/loop." in maps
+    maps: list[str] = []
+    run_virtmigd(tmp_path, "--config", str(cfg), env=_without_fork_setting(),
+                 ready=lambda pid: maps.append(Path(f"/proc/{pid}/maps").read_text()))
+    return "/uvloop/loop." in maps[0]
 
 
 def test_virtmigd_runs_on_uvloop_when_told(tmp_path: Path) -> None:

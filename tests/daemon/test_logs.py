@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from tests.daemon.test_reload import notifying_virtmigd
@@ -30,19 +31,23 @@ def test_log_settings_come_from_the_file_and_the_flags_win(tmp_path: Path) -> No
                                                           (f"file:{tmp_path}/b.log",))
 
 
-def run_virtmigd(tmp_path: Path, *argv: str) -> str:
-    """Start ``virtmigd ARGV``, wait until it is ready (systemd's notification), stop it with
-    SIGTERM; its stderr."""
+def run_virtmigd(tmp_path: Path, *argv: str, env: Mapping[str, str] | None = None,
+                 ready: Callable[[int], None] | None = None) -> str:
+    """Start ``virtmigd ARGV`` (in ``env``, default this one), wait until it is ready
+    (systemd's notification), call ``ready(pid)``, stop it with SIGTERM; its stderr."""
     notify_path = tmp_path / "notify"
     notify_path.unlink(missing_ok=True)
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
         notify.bind(str(notify_path))
         notify.settimeout(60)  # bounded: the datagram comes once the daemon serves
         proc = subprocess.Popen([sys.executable, "-m", "virtmig.daemon.main", *argv],
-                                env={**os.environ, "NOTIFY_SOCKET": str(notify_path)},
+                                env={**(os.environ if env is None else env),
+                                     "NOTIFY_SOCKET": str(notify_path)},
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         try:
             assert "READY=1" in notify.recv(4096).decode().splitlines()
+            if ready is not None:
+                ready(proc.pid)
             proc.send_signal(signal.SIGTERM)
             _out, err = proc.communicate(timeout=60)
             assert proc.returncode == 0, err

@@ -84,7 +84,7 @@ from virtmig.daemon.backend.test.outgoing import Outgoing, src_send, src_settle
 from virtmig.daemon.backend.test.secure import StreamRefused, dst_admit, server_context
 from virtmig.daemon.backend.test.util import retrieve
 from virtmig.daemon.backend.test.wire import STREAM_LIMIT
-from virtmig.daemon.eventloop import listening_socket
+from virtmig.daemon.eventloop import start_server
 from virtmig.daemon.settings import held
 from virtmig.proto import logsafe
 from virtmig.proto.errors import ConfigUnsupported
@@ -339,9 +339,9 @@ class TestBackend(Backend):
         self._incoming[spec.uuid] = inc
         accepted = functools.partial(self._accepted, inc, ctx, tuning.stream_token)
         try:
-            sock = listening_socket(listen.host, listen.port)  # (OSError here: the caller's)
-            port: int = sock.getsockname()[1]
-            inc.server = await asyncio.start_server(accepted, sock=sock, limit=STREAM_LIMIT)
+            # (OSError here, EADDRINUSE: the caller's to handle)
+            inc.server, (_host, port) = await start_server(accepted, listen.host, listen.port,
+                                                           limit=STREAM_LIMIT)
         except BaseException:
             if self._guests.get(spec.uuid) is guest:
                 del self._guests[spec.uuid]
