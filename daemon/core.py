@@ -252,6 +252,10 @@ class PortAllocator:
         return next((p for p in range(max(port + 1, self.lo), self.hi + 1)
                      if self._free(p)), None)
 
+    def held(self) -> bool:
+        """Some port is held here (its release may go to a waiter)."""
+        return bool(self._used)
+
     def take(self, port: int) -> None:
         self._used.add(port)
 

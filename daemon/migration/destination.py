@@ -6,7 +6,8 @@ keeps it, and the prior one is put back if they cannot start).
 Prepare takes a port of the migration range before it binds it; when other migrations hold
 every one, it waits for one (``migration_port_wait`` seconds at most, without the domain's lock,
 the incoming job visible in phase prepare; an abort or the end of the caller's session stops the
-wait: :func:`_dst_port`).
+wait: :func:`_dst_port`).  So it does when the port it took turns out bound by another process
+and migrations here hold all the others (one deadline for both waits).
 
 Prepare chooses the migration's stream token (a fresh secret, handed to the backend with the
 port's settings and to the source in cookie B; never logged) and, with ``VIR_MIGRATE_TLS``, sets
@@ -147,13 +148,20 @@ async def dst_prepare(
         job.busy = True
         dom.live = d
     try:
-        if not offline and not want_port:
-            # A port of the range, waited for (without the lock) when all are held.
-            await _dst_port(daemon, dom, job)
-        async with dom.lock:
-            cookie, uri_out = await _dst_incoming(
-                daemon, dom, job, d, listen, None if offline else want_port,
-                None if tunnelled or offline else (host, bool(uri_in)))
+        # A port of the range, waited for (without the lock) when all are held; again when the
+        # one taken is found bound by another process and other migrations hold the rest.
+        deadline = time.monotonic() + daemon.config.migration_port_wait
+        while True:
+            if not offline and not want_port:
+                await _dst_port(daemon, dom, job, deadline)
+            try:
+                async with dom.lock:
+                    cookie, uri_out = await _dst_incoming(
+                        daemon, dom, job, d, listen, None if offline else want_port,
+                        None if tunnelled or offline else (host, bool(uri_in)))
+            except _PortGone:
+                continue
+            break
     except BaseException as exc:
         # The record says why (domjobinfo --completed on a domain defined here before).
         async with dom.lock:
@@ -209,11 +217,18 @@ def _dst_cookie_a(daemon: Daemon, cookie_in: bytes | None, origname: str,
             cookie_a.host_cpu)
 
 
-async def _dst_port(daemon: Daemon, dom: DomainObj, job: MigrationJob) -> None:
+class _PortGone(Exception):
+    """The range's port the job held is bound by another process, and migrations here hold
+    every other one: Prepare waits for one of theirs (without the domain's lock)."""
+
+
+async def _dst_port(daemon: Daemon, dom: DomainObj, job: MigrationJob,
+                    deadline: float) -> None:
     """A port of the migration range held for this job (``job.port``): a free one, else the
-    first one released within ``migration_port_wait`` seconds (0: none is waited for).  The
-    wait ends early when the job is aborted or its caller's session ends (``job.abort_event``;
-    the session's end sets ``fail_error``); then, or when no port came, the error is raised."""
+    first one released before ``deadline`` (``time.monotonic``; ``migration_port_wait`` 0:
+    none is waited for).  The wait ends early when the job is aborted or its caller's session
+    ends (``job.abort_event``; the session's end sets ``fail_error``); then, or when no port
+    came, the error is raised."""
     ports = daemon.ports
     port = ports.free_after(ports.lo - 1)
     if port is not None:
@@ -226,7 +241,7 @@ async def _dst_port(daemon: Daemon, dom: DomainObj, job: MigrationJob) -> None:
     log.info("incoming migration of %s waits up to %g s for a migration port", dom.name, wait)
     job.waiting_port = True
     try:
-        port = await ports.wait(wait, job.abort_event)
+        port = await ports.wait(max(0.0, deadline - time.monotonic()), job.abort_event)
     finally:
         job.waiting_port = False
     if job.abort_requested:
@@ -244,8 +259,9 @@ async def _dst_listen(
 ) -> None:
     """The incoming guest listening on the caller's ``want_port``, else on the range's port the
     job holds (``job.port``) or, when another process has that one bound, the lowest free one
-    (that one passed over a while: ``PortAllocator.drop``); ``job.port`` is the port it listens
-    on (released by the job's end, whatever happens)."""
+    (that one passed over a while: ``PortAllocator.drop``), or :class:`_PortGone` when there
+    is none but other migrations hold some; ``job.port`` is the port it listens on (released
+    by the job's end, whatever happens)."""
     spec = daemon.spec(d)
     ports = daemon.ports
     port: int | None = want_port or job.port
@@ -269,6 +285,8 @@ async def _dst_listen(
             if port is not None:
                 ports.take(port)
                 job.port = port
+            elif ports.held() and daemon.config.migration_port_wait > 0:
+                raise _PortGone from exc  # wait for a port other migrations hold
             continue
         except BackendError as exc:
             raise OperationFailed(f"cannot start incoming guest: {exc}") from exc

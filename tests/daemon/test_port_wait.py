@@ -366,3 +366,57 @@ async def test_a_port_another_process_holds_does_not_fail_the_prepares_after(
             assert asked == [("vm1", busy), ("vm1", busy + 1), ("vm2", busy + 1)]
             for name in ("vm1", "vm2"):
                 assert (await dst.conn.state(name))[0] is DomainState.RUNNING
+
+
+def two_free_ports() -> int:
+    """The lower of two adjacent loopback ports that nothing has bound."""
+    for _ in range(50):
+        lo = free_port()
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", lo + 1))
+            except OSError:
+                continue
+        return lo
+    raise AssertionError("no two adjacent free ports in 50 tries")
+
+
+async def test_a_port_found_bound_elsewhere_waits_for_one_held_here(tmp_path: Path) -> None:
+    """Two ports: vm1's migration holds the first, then another process binds the second.
+    vm2's Prepare is handed the second, finds it bound and, every other port being held by a
+    migration here, waits for vm1's (without the domain's lock) instead of failing at once
+    naming the range (as it did before); both migrations go through."""
+    lo = two_free_ports()
+    async with hosts(tmp_path, "test", ("src", {}), (
+            "dst", {"migration_port_min": lo, "migration_port_max": lo + 1,
+                    "migration_port_wait": 30, "migration_address": "127.0.0.1"})) as (
+            src, dst):
+        for name in ("vm1", "vm2"):
+            await running_guest(src, name)
+        backend = dst.daemon.backend
+        real_start = backend.incoming_start
+        asked: list[tuple[str, int]] = []
+
+        async def start(spec: GuestSpec, listen: StreamAddress,
+                        tuning: MigrationTuning | None = None) -> int:
+            asked.append((spec.name, listen.port))
+            return await real_start(spec, listen, tuning)
+
+        backend.incoming_start = start  # type: ignore[method-assign]
+        held, first = await hold_first(src, dst)
+        with socket.socket() as elsewhere:
+            elsewhere.bind(("127.0.0.1", lo + 1))
+            elsewhere.listen()
+            second = asyncio.ensure_future(migrate(src, dst, name="vm2"))
+            await wait_until(lambda: waiting_job(dst, "vm2") or second.done(), timeout=30,
+                             what="vm2's Prepare waiting for vm1's port")
+            assert not second.done(), second.exception()
+            vm2 = dst.daemon.registry.find_name("vm2")
+            assert vm2 is not None and not vm2.lock.locked()
+            held.go.set()
+            assert await asyncio.wait_for(first, 60) == "vm1"
+            await asyncio.wait_for(second, 60)
+        assert asked == [("vm1", lo), ("vm2", lo + 1), ("vm2", lo)]
+        for name in ("vm1", "vm2"):
+            assert (await dst.conn.state(name))[0] is DomainState.RUNNING
+        assert not dst.daemon.ports._used and not dst.daemon.ports._waiters
