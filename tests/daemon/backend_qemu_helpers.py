@@ -30,11 +30,21 @@ from virtmig.daemon.backend.base import (
 )
 from virtmig.daemon.backend.qemu import (
     QemuBackend,
+    QemuSettings,
 )
 from virtmig.daemon.domxml import parse_domain_xml
 from virtmig.testing import kill_leftover_qemus, qemu_binary_or_skip, qemu_settings, wait_until
 
 MIB = 1024 * 1024
+
+#: Settings naming an emulator for tests that only parse and validate definitions: nothing is
+#: run, so they pass where QEMU is not installed (the default settings find none on PATH then).
+PARSE_ONLY = QemuSettings(emulators=("/usr/bin/qemu-system-x86_64",))
+
+
+def parse_only() -> QemuBackend:
+    """A backend for validating definitions (:data:`PARSE_ONLY`): never opened, runs nothing."""
+    return QemuBackend(PARSE_ONLY)
 
 
 SLOW = MigrationTuning(bandwidth_bytes_per_s=32 * 1024)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemon.backend_qemu_helpers import guest_xml, make_spec
-from virtmig.daemon.backend.qemu import QemuBackend, parse_config
+from tests.daemon.backend_qemu_helpers import PARSE_ONLY, guest_xml, make_spec, parse_only
+from virtmig.daemon.backend.qemu import parse_config
 from virtmig.daemon.backend.qemu.xmltable import (
     DELEGATED_NAMES,
     REFUSED_NAMES,
@@ -84,7 +84,7 @@ REFUSED = [
 @pytest.mark.parametrize(("xml", "message"), [r[1:] for r in REFUSED], ids=[r[0] for r in REFUSED])
 def test_unknown_elements_and_attributes_are_refused(xml: str, message: str) -> None:
     with pytest.raises(ConfigUnsupported) as info:
-        QemuBackend().validate(make_spec(xml))
+        parse_only().validate(make_spec(xml))
     assert message in str(info.value)
 
 
@@ -110,7 +110,7 @@ def test_unknown_elements_and_attributes_are_refused(xml: str, message: str) -> 
 ])
 def test_device_parts_are_refused(device: str, message: str) -> None:
     with pytest.raises(ConfigUnsupported) as info:
-        QemuBackend().validate(make_spec(guest_xml(devices=device)))
+        parse_only().validate(make_spec(guest_xml(devices=device)))
     assert message in str(info.value)
 
 
@@ -118,9 +118,9 @@ def test_metadata_is_not_entered() -> None:
     meta = ("<title>t</title><description>d</description><metadata>"
             "<app:x xmlns:app='urn:app' any='thing'><app:y/></app:x></metadata>"
             "<seclabel type='none'/>")
-    QemuBackend().validate(make_spec(_top(meta)))
+    parse_only().validate(make_spec(_top(meta)))
     with pytest.raises(ConfigUnsupported, match="applies no security labels"):
-        QemuBackend().validate(make_spec(_top("<seclabel type='dynamic' model='selinux'/>")))
+        parse_only().validate(make_spec(_top("<seclabel type='dynamic' model='selinux'/>")))
 
 
 def test_delegated_subtrees_go_to_their_parser() -> None:
@@ -131,14 +131,14 @@ def test_delegated_subtrees_go_to_their_parser() -> None:
     assert not any(p.startswith("domain/devices/interface/") for p in TABLE)
     nic = ("<interface type='user'><mac address='52:54:00:00:00:07'/><model type='e1000'/>"
            "<link state='down'/></interface>")
-    cfg = parse_config(make_spec(guest_xml(devices=nic)))
+    cfg = parse_config(make_spec(guest_xml(devices=nic)), settings=PARSE_ONLY)
     assert [(n.mac, n.model, n.link_up) for n in cfg.nics] == [("52:54:00:00:00:07", "e1000",
                                                                  False)]
     for inner, named in (("<anything/>", "element <anything>"),
                          ("<bandwidth/>", "element <bandwidth>"),  # a name the table refuses
                          ("<mac address='52:54:00:00:00:07' x='1'/>", "attribute 'x' of <mac>")):
         with pytest.raises(ConfigUnsupported) as info:
-            QemuBackend().validate(make_spec(guest_xml(
+            parse_only().validate(make_spec(guest_xml(
                 devices=f"<interface type='user'>{inner}</interface>")))
         # net.py's refusal, naming the interface and the part
         assert str(info.value).startswith(

@@ -12,7 +12,7 @@ import pytest
 from lxml import etree
 
 from tests.daemon import backend_qemu_helpers
-from tests.daemon.backend_qemu_helpers import guest_xml, make_spec, within
+from tests.daemon.backend_qemu_helpers import PARSE_ONLY, guest_xml, make_spec, parse_only, within
 from virtmig.daemon.backend.base import BackendError, GuestSpec
 from virtmig.daemon.backend.qemu import QemuBackend, parse_config
 from virtmig.daemon.backend.qemu.caps import probe_emulator
@@ -43,9 +43,9 @@ def _xml(cpu: str = CPU) -> str:
 
 def test_host_model_is_accepted_at_define() -> None:
     spec = make_spec(_xml())
-    cfg = parse_config(spec)
+    cfg = parse_config(spec, settings=PARSE_ONLY)
     assert cfg.cpu.host_model and (cfg.cpu.cores, cfg.cpu.features) == (2, (("avx2", False),))
-    QemuBackend().validate(spec)
+    parse_only().validate(spec)
 
 
 @pytest.mark.qemu
@@ -70,7 +70,7 @@ def test_expansion_rewrites_the_cpu() -> None:
         ("feature", {"policy": "disable", "name": "avx2"}, None),
         ("topology", {"sockets": "1", "dies": "1", "cores": "2", "threads": "1"}, None),
     ]
-    cfg = parse_config(make_spec(etree.tostring(root, encoding="unicode")))
+    cfg = parse_config(make_spec(etree.tostring(root, encoding="unicode")), settings=PARSE_ONLY)
     assert not cfg.cpu.host_model
     assert cfg.cpu.argv()[-1] == "Westmere,avx=on,lahf-lm=on,xsave=on,avx2=off,enforce=on"
 
@@ -160,7 +160,7 @@ PASSTHROUGH = "<cpu mode='host-passthrough' migratable='on'/>"
 
 
 def test_host_passthrough_comes_only_from_the_same_cpu() -> None:
-    backend = QemuBackend()
+    backend = parse_only()
     passthrough = make_spec(guest_xml(domain_type="kvm").replace(
         "<vcpu>1</vcpu>", f"<vcpu>1</vcpu>{PASSTHROUGH}"))
     ours = backend.host_cpu(passthrough)

@@ -14,6 +14,7 @@ import pytest
 
 from tests.daemon import backend_qemu_helpers
 from tests.daemon.backend_qemu_helpers import (
+    PARSE_ONLY,
     Factory,
     guest_xml,
     make_spec,
@@ -39,9 +40,11 @@ def _xml(action: str) -> str:
 
 
 def test_restart_pauses_qemu_at_the_guest_poweroff() -> None:
-    argv = parse_config(make_spec(_xml("restart"))).argv(GuestFiles(), incoming=False)
+    argv = parse_config(make_spec(_xml("restart")), settings=PARSE_ONLY).argv(
+        GuestFiles(), incoming=False)
     assert argv[argv.index("-action") + 1] == "shutdown=pause"
-    plain = parse_config(make_spec(_xml("destroy"))).argv(GuestFiles(), incoming=False)
+    plain = parse_config(make_spec(_xml("destroy")), settings=PARSE_ONLY).argv(
+        GuestFiles(), incoming=False)
     assert "-action" not in plain
 
 
