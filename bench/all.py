@@ -1,6 +1,7 @@
 """``make bench``: every benchmark, one after another, then one table of their results.
 
-Runs ``run.py`` (test backend, in process), ``control_plane.py`` (the daemons as processes:
+Runs ``run.py`` (test backend, in process), ``data_plane.py`` (its throughput with the daemons
+as processes, against a blocking socket pair), ``control_plane.py`` (the daemons as processes:
 1,000 migrations one at a time, 200 at once), ``floor.py`` (what a migration's gRPC calls,
 durable writes and 4 MiB cost with no virtmig code around them), ``cli_startup.py`` (the
 client's start-up against bare interpreters), ``domains_scale.py`` (100,000 definitions on
@@ -27,8 +28,8 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-BENCHMARKS = ("run", "control_plane", "floor", "cli_startup", "domains_scale", "qemu_vs_qmp",
-              "libvirt_vs_virtmig")
+BENCHMARKS = ("run", "data_plane", "control_plane", "floor", "cli_startup", "domains_scale",
+              "qemu_vs_qmp", "libvirt_vs_virtmig")
 
 
 def run(name: str, extra: list[str]) -> str:
@@ -82,6 +83,13 @@ def rows(started: float) -> list[tuple[str, str, str, str]]:
                 out.append(("run" + got[1], f"throughput {r['memory_mib']} MiB / blocking socket",
                             f"{r['throughput_mib_s']:.0f} / {r['blocking_mib_s']:.0f} MiB/s",
                             f"{r['ratio_blocking']:.2f}"))
+    got = load("data-plane-procs.json")
+    if got:
+        for r in got[0]:
+            out.append(("data_plane" + got[1],
+                        f"throughput {r['memory_mib']} MiB / blocking socket, daemons as processes",
+                        f"{r['throughput_mib_s']:.0f} / {r['blocking_mib_s']:.0f} MiB/s",
+                        f"{r['ratio']:.2f}"))
     got = load("cli-startup.json")
     if got:
         for case, ratio in got[0]["ratios"].items():

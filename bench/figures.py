@@ -139,11 +139,22 @@ def control_plane(data: dict[str, Any], where: str) -> Path:
     return _save(fig, "control-plane.png")
 
 
-def throughput(data: list[dict[str, Any]]) -> Path:
+def throughput(data: list[dict[str, Any]], procs: list[dict[str, Any]] | None = None) -> Path:
+    """``data``: run.py's (both daemons in one process); ``procs``: data_plane.py's (the
+    daemons as processes, against a blocking socket pair), when there is one."""
     fig, ax = plt.subplots(figsize=(6, 3.6))
     sizes = [d["memory_mib"] for d in data]
     ax.plot(sizes, [d["throughput_mib_s"] for d in data], "o-", color=COLOURS["virtmig"],
-            label="test-backend migration")
+            label="test-backend migration, daemons in one process")
+    if procs:
+        ax.plot([d["memory_mib"] for d in procs], [d["throughput_mib_s"] for d in procs], "D-",
+                color=COLOURS["virtmig"], alpha=0.6, label="the same, daemons as processes")
+        ax.plot([d["memory_mib"] for d in procs], [d["blocking_mib_s"] for d in procs], "v:",
+                color=COLOURS["libvirt"], label="blocking loopback socket pair, same bytes")
+        for d in procs:
+            ax.annotate(f"ratio {d['ratio']:.2f}", (d["memory_mib"], d["throughput_mib_s"]),
+                        textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
+        sizes = sorted(set(sizes) | {d["memory_mib"] for d in procs})
     raw = [d for d in data if "raw_mib_s" in d]
     if raw:  # the plain asyncio loopback socket measured beside each size (run.py)
         ax.plot([d["memory_mib"] for d in raw], [d["raw_mib_s"] for d in raw], "s--",
@@ -151,7 +162,8 @@ def throughput(data: list[dict[str, Any]]) -> Path:
         for d in raw:
             ax.annotate(f"ratio {d['ratio']:.2f}", (d["memory_mib"], d["throughput_mib_s"]),
                         textcoords="offset points", xytext=(0, -12), ha="center", fontsize=7)
-        ax.legend(fontsize=7, loc="upper right")
+    if raw or procs:
+        ax.legend(fontsize=7, loc="upper left")
     ax.set_xscale("log", base=2)
     ax.set_xticks(sizes, [str(s) for s in sizes])
     ax.set_xlabel("guest memory, MiB (idle)")
@@ -185,7 +197,7 @@ def main() -> int:
             control_plane(cp, "daemons in one process")
     tp = _load("throughput.json")
     if tp:
-        throughput(tp)
+        throughput(tp, _load("data-plane-procs.json"))
     return 0
 
 
