@@ -323,51 +323,6 @@ def test_a_port_bound_elsewhere_is_passed_over_a_while() -> None:
     assert ports.free_after(ports.lo - 1) == 101
 
 
-async def test_a_port_another_process_holds_does_not_fail_the_prepares_after(
-        tmp_path: Path) -> None:
-    """Two ports; another process holds the first (a listening socket).  vm1's Prepare tries
-    it, moves on to the second and is held there; vm2's Prepare, meanwhile, must not be handed
-    the first port again (it failed, naming the range: the cascade that failed 264 of 400
-    migrations in one bench run) but waits for vm1's port, and both migrations go through."""
-    with socket.socket() as elsewhere:
-        elsewhere.bind(("127.0.0.1", 0))
-        elsewhere.listen()
-        busy = elsewhere.getsockname()[1]
-        free = free_port()
-        if free != busy + 1:  # a range of two: the busy port and the one above it, free
-            with socket.socket() as probe:
-                try:
-                    probe.bind(("127.0.0.1", busy + 1))
-                except OSError:
-                    pytest.skip("the port above a free one is taken")
-        async with hosts(tmp_path, "test", ("src", {}), (
-                "dst", {"migration_port_min": busy, "migration_port_max": busy + 1,
-                        "migration_port_wait": 30, "migration_address": "127.0.0.1"})) as (
-                src, dst):
-            for name in ("vm1", "vm2"):
-                await running_guest(src, name)
-            backend = dst.daemon.backend
-            real_start = backend.incoming_start
-            asked: list[tuple[str, int]] = []
-
-            async def start(spec: GuestSpec, listen: StreamAddress,
-                            tuning: MigrationTuning | None = None) -> int:
-                asked.append((spec.name, listen.port))
-                return await real_start(spec, listen, tuning)
-
-            backend.incoming_start = start  # type: ignore[method-assign]
-            held, first = await hold_first(src, dst)
-            second = asyncio.ensure_future(migrate(src, dst, name="vm2"))
-            await wait_until(lambda: waiting_job(dst, "vm2"), timeout=30,
-                             what="vm2's Prepare waiting for vm1's port")
-            held.go.set()
-            assert await asyncio.wait_for(first, 60) == "vm1"
-            await asyncio.wait_for(second, 60)
-            assert asked == [("vm1", busy), ("vm1", busy + 1), ("vm2", busy + 1)]
-            for name in ("vm1", "vm2"):
-                assert (await dst.conn.state(name))[0] is DomainState.RUNNING
-
-
 def two_free_ports() -> int:
     """The lower of two adjacent loopback ports that nothing has bound."""
     for _ in range(50):
@@ -381,12 +336,12 @@ def two_free_ports() -> int:
     raise AssertionError("no two adjacent free ports in 50 tries")
 
 
-async def test_a_port_found_bound_elsewhere_waits_for_one_held_here(tmp_path: Path) -> None:
-    """Two ports: vm1's migration holds the first, then another process binds the second.
-    vm2's Prepare is handed the second, finds it bound and, every other port being held by a
-    migration here, waits for vm1's (without the domain's lock) instead of failing at once
-    naming the range (as it did before); both migrations go through."""
-    lo = two_free_ports()
+@contextlib.asynccontextmanager
+async def two_ports(tmp_path: Path,
+                    lo: int) -> AsyncIterator[tuple[Host, Host, list[tuple[str, int]]]]:
+    """A source running vm1 and vm2, a destination with the migration ports ``lo`` and ``lo +
+    1`` on loopback (waits allowed), and the (guest, port) of every incoming start the
+    destination's backend is asked for, in order."""
     async with hosts(tmp_path, "test", ("src", {}), (
             "dst", {"migration_port_min": lo, "migration_port_max": lo + 1,
                     "migration_port_wait": 30, "migration_address": "127.0.0.1"})) as (
@@ -403,6 +358,39 @@ async def test_a_port_found_bound_elsewhere_waits_for_one_held_here(tmp_path: Pa
             return await real_start(spec, listen, tuning)
 
         backend.incoming_start = start  # type: ignore[method-assign]
+        yield src, dst, asked
+
+
+async def test_a_port_another_process_holds_does_not_fail_the_prepares_after(
+        tmp_path: Path) -> None:
+    """Two ports; another process holds the first (a listening socket).  vm1's Prepare tries
+    it, moves on to the second and is held there; vm2's Prepare, meanwhile, must not be handed
+    the first port again (it failed, naming the range: the cascade that failed 264 of 400
+    migrations in one bench run) but waits for vm1's port, and both migrations go through."""
+    busy = two_free_ports()
+    with socket.socket() as elsewhere:
+        elsewhere.bind(("127.0.0.1", busy))
+        elsewhere.listen()
+        async with two_ports(tmp_path, busy) as (src, dst, asked):
+            held, first = await hold_first(src, dst)
+            second = asyncio.ensure_future(migrate(src, dst, name="vm2"))
+            await wait_until(lambda: waiting_job(dst, "vm2"), timeout=30,
+                             what="vm2's Prepare waiting for vm1's port")
+            held.go.set()
+            assert await asyncio.wait_for(first, 60) == "vm1"
+            await asyncio.wait_for(second, 60)
+            assert asked == [("vm1", busy), ("vm1", busy + 1), ("vm2", busy + 1)]
+            for name in ("vm1", "vm2"):
+                assert (await dst.conn.state(name))[0] is DomainState.RUNNING
+
+
+async def test_a_port_found_bound_elsewhere_waits_for_one_held_here(tmp_path: Path) -> None:
+    """Two ports: vm1's migration holds the first, then another process binds the second.
+    vm2's Prepare is handed the second, finds it bound and, every other port being held by a
+    migration here, waits for vm1's (without the domain's lock) instead of failing at once
+    naming the range (as it did before); both migrations go through."""
+    lo = two_free_ports()
+    async with two_ports(tmp_path, lo) as (src, dst, asked):
         held, first = await hold_first(src, dst)
         with socket.socket() as elsewhere:
             elsewhere.bind(("127.0.0.1", lo + 1))
