@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -46,6 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +120,24 @@ class Daemon:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+@contextlib.contextmanager
+def two_daemons(root: Path, ports: int, extra: str = "",
+                source: str = "") -> Iterator[tuple[Daemon, Daemon]]:
+    """Daemons ``a`` and ``b`` under ``root``, ``ports`` migration ports each (from 49400 and
+    49600); both stopped at the end."""
+    a = Daemon(root, "a", (49400, 49400 + ports - 1), extra, source)
+    try:
+        b = Daemon(root, "b", (49600, 49600 + ports - 1), extra, source)
+    except BaseException:
+        a.stop()
+        raise
+    try:
+        yield a, b
+    finally:
+        a.stop()
+        b.stop()
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -236,49 +256,39 @@ async def main(args: argparse.Namespace) -> None:
     RESULTS.mkdir(exist_ok=True)
     extra = ("max_calls_per_client = 64\nmigration_port_wait = 120\n"
              f'event_loop = "{args.event_loop}"\n')
-    with tempfile.TemporaryDirectory() as tmp:
-        a = Daemon(Path(tmp), "a", (49400, 49400 + args.ports - 1), extra, args.daemon_source)
-        try:
-            b = Daemon(Path(tmp), "b", (49600, 49600 + args.ports - 1), extra,
-                       args.daemon_source)
-        except BaseException:
-            a.stop()
-            raise
-        try:
-            if args.runs:
-                seq = await sequential(a, b, args.runs)
-                seq["daemon_source"] = args.daemon_source
-                seq["event_loop"] = args.event_loop
-                (RESULTS / f"control-plane-procs{args.tag}.json").write_text(
-                    json.dumps(seq, indent=2))
-                cpu = seq["cpu_per_migration_ms"]
-                print(f"control-plane-procs  p50 {seq['p50_s'] * 1000:.1f} ms, p99 "
-                      f"{seq['p99_s'] * 1000:.1f} ms, drift {seq['drift']:.2f}, CPU drift "
-                      f"{seq['cpu_drift']:.2f}, the client's {seq['client_cpu_drift']:.2f} "
-                      f"({args.runs} "
-                      f"runs; CPU per migration: a {cpu['daemon_a']:.1f} ms, b "
-                      f"{cpu['daemon_b']:.1f} ms, client {cpu['client']:.1f} ms; load "
-                      f"{seq['machine']['loadavg_start'][0]:.1f})", flush=True)
-            if args.concurrent:
-                con = await concurrent(a, b, args.concurrent)
-                con["daemon_source"] = args.daemon_source
-                con["event_loop"] = args.event_loop
-                (RESULTS / f"control-plane-concurrent{args.tag}.json").write_text(
-                    json.dumps(con, indent=2))
-                print(f"control-plane-concurrent  {args.concurrent} at once "
-                      f"{con['together_per_s']:.1f}/s, one at a time "
-                      f"{con['one_by_one_per_s']:.1f}/s: ratio {con['ratio']:.2f}, "
-                      f"{len(con['failures'])} failures; CPU per migration "
-                      f"{con['cpu_per_migration_ms']['together']:.1f} / "
-                      f"{con['cpu_per_migration_ms']['one_by_one']:.1f} ms, cores busy "
-                      f"{con['cores_busy']['together']:.2f} / "
-                      f"{con['cores_busy']['one_by_one']:.2f} (load "
-                      f"{con['machine']['loadavg_start'][0]:.1f})", flush=True)
-                for failure in con["failures"][:5]:
-                    print("  ", failure)
-        finally:
-            a.stop()
-            b.stop()
+    with tempfile.TemporaryDirectory() as tmp, two_daemons(
+            Path(tmp), args.ports, extra, args.daemon_source) as (a, b):
+        if args.runs:
+            seq = await sequential(a, b, args.runs)
+            seq["daemon_source"] = args.daemon_source
+            seq["event_loop"] = args.event_loop
+            (RESULTS / f"control-plane-procs{args.tag}.json").write_text(
+                json.dumps(seq, indent=2))
+            cpu = seq["cpu_per_migration_ms"]
+            print(f"control-plane-procs  p50 {seq['p50_s'] * 1000:.1f} ms, p99 "
+                  f"{seq['p99_s'] * 1000:.1f} ms, drift {seq['drift']:.2f}, CPU drift "
+                  f"{seq['cpu_drift']:.2f}, the client's {seq['client_cpu_drift']:.2f} "
+                  f"({args.runs} "
+                  f"runs; CPU per migration: a {cpu['daemon_a']:.1f} ms, b "
+                  f"{cpu['daemon_b']:.1f} ms, client {cpu['client']:.1f} ms; load "
+                  f"{seq['machine']['loadavg_start'][0]:.1f})", flush=True)
+        if args.concurrent:
+            con = await concurrent(a, b, args.concurrent)
+            con["daemon_source"] = args.daemon_source
+            con["event_loop"] = args.event_loop
+            (RESULTS / f"control-plane-concurrent{args.tag}.json").write_text(
+                json.dumps(con, indent=2))
+            print(f"control-plane-concurrent  {args.concurrent} at once "
+                  f"{con['together_per_s']:.1f}/s, one at a time "
+                  f"{con['one_by_one_per_s']:.1f}/s: ratio {con['ratio']:.2f}, "
+                  f"{len(con['failures'])} failures; CPU per migration "
+                  f"{con['cpu_per_migration_ms']['together']:.1f} / "
+                  f"{con['cpu_per_migration_ms']['one_by_one']:.1f} ms, cores busy "
+                  f"{con['cores_busy']['together']:.2f} / "
+                  f"{con['cores_busy']['one_by_one']:.2f} (load "
+                  f"{con['machine']['loadavg_start'][0]:.1f})", flush=True)
+            for failure in con["failures"][:5]:
+                print("  ", failure)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from control_plane import Daemon, machine
+from control_plane import Daemon, machine, two_daemons
 from run import MIB, blocking_socket
 
 from virtmig.proto.flags import MigrateFlags
@@ -99,26 +99,16 @@ async def main(args: argparse.Namespace) -> None:
     RESULTS.mkdir(exist_ok=True)
     sizes = [int(s) for s in args.sizes.split(",")]
     results = []
-    with tempfile.TemporaryDirectory() as tmp:
-        a = Daemon(Path(tmp), "a", (49400, 49403))
-        try:
-            b = Daemon(Path(tmp), "b", (49600, 49603))
-        except BaseException:
-            a.stop()
-            raise
-        try:
-            for size in sizes:
-                r = await size_case(a, b, size, args.runs)
-                results.append(r)
-                print(f"data-plane-procs  {size} MiB: {r['throughput_mib_s']:.0f} MiB/s "
-                      f"(median {r['median_s'] * 1000:.0f} ms), blocking socket "
-                      f"{r['blocking_mib_s']:.0f} MiB/s: ratio {r['ratio']:.2f} (CPU "
-                      f"{r['ratio_cpu']:.2f}; daemons' CPU "
-                      f"{statistics.median(r['daemon_cpu_samples_s']) * 1000:.0f} ms a "
-                      f"migration; load {r['machine']['loadavg_start'][0]:.1f})", flush=True)
-        finally:
-            a.stop()
-            b.stop()
+    with tempfile.TemporaryDirectory() as tmp, two_daemons(Path(tmp), 4) as (a, b):
+        for size in sizes:
+            r = await size_case(a, b, size, args.runs)
+            results.append(r)
+            print(f"data-plane-procs  {size} MiB: {r['throughput_mib_s']:.0f} MiB/s "
+                  f"(median {r['median_s'] * 1000:.0f} ms), blocking socket "
+                  f"{r['blocking_mib_s']:.0f} MiB/s: ratio {r['ratio']:.2f} (CPU "
+                  f"{r['ratio_cpu']:.2f}; daemons' CPU "
+                  f"{statistics.median(r['daemon_cpu_samples_s']) * 1000:.0f} ms a "
+                  f"migration; load {r['machine']['loadavg_start'][0]:.1f})", flush=True)
     (RESULTS / "data-plane-procs.json").write_text(json.dumps(results, indent=2))
 
 
