@@ -12,6 +12,16 @@ has), by the same checks in the reader thread before it reads a byte of the body
 The threads release the GIL in their system calls, so sending, receiving and the loop's work
 overlap.
 
+The opening exchange (the stream-token proof, the HEADER and its reply: a few small messages,
+each waiting for the other end's) runs on the event loop, the socket non-blocking, before any
+thread starts: through the threads each of its round trips cost ~0.3 ms of wake-ups (and the
+first one two thread starts per end), on the loop ~30 µs.  The channel leaves the loop for good
+at the first operation that needs its threads (:meth:`Channel.call`, :meth:`Channel.start_frames`,
+:meth:`Channel.start_tls`, a write with a ``sent`` callback or larger than :data:`LOOP_WRITE_MAX`,
+a write the socket cannot take at once, a read or write before :meth:`Channel.admit`): what was
+read ahead goes to the reader thread's buffer, what was not sent yet to the writer thread, and a
+read waiting on the loop goes on in the reader thread.
+
 TLS (``VIR_MIGRATE_TLS``) is the ``ssl`` module's :class:`ssl.SSLObject` over memory BIOs: the
 TLS calls of both threads take one lock (an SSL object is not safe to use from two threads at
 once), the socket I/O happens outside it, so a blocked read never holds up a write.
@@ -53,6 +63,8 @@ CLOSE_TIMEOUT = 10.0  # seconds close() may spend sending what is queued before 
 HIGH_WATER = 4 * 1024 * 1024  # drain() waits while more than this is queued (STREAM_LIMIT)
 LOW_WATER = HIGH_WATER // 4
 _CLOSE = object()  # the writer's last item: close gracefully
+LOOP_WRITE_MAX = 64 * 1024  # a larger write leaves the loop phase (the threads send it)
+LOOP_READ = 64 * 1024  # bytes a read on the loop takes from the socket at most
 
 
 class ByteReader(Protocol):
@@ -170,7 +182,7 @@ class Channel:
         self._slots = slots
         self._slot = slots is None or holds  # threads may start
         self._kind = slots.kind if slots is not None else "any"
-        sock.setblocking(True)
+        sock.setblocking(False)  # the loop phase; blocking once the threads take over
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -202,6 +214,10 @@ class Channel:
         self._threads: list[threading.Thread] = []  # started (joined before the slot goes back)
         self._finished = False
         self._closed: asyncio.Future[None] = self._loop.create_future()
+        # the loop phase (the opening exchange, on the event loop: see the module's docstring)
+        self._looping = True
+        self._lbuf = bytearray()  # read on the loop, not taken yet
+        self._lwait: asyncio.Future[None] | None = None  # a read waits for the socket
 
     @classmethod
     def adopt(cls, writer: asyncio.StreamWriter, slots: StreamSlots | None = None) -> Channel:
@@ -264,8 +280,16 @@ class Channel:
     def _finish(self) -> None:
         """Both threads ended after close or abort: close the socket, wake wait_closed."""
         self._shutdown()
+        if self._looping:  # (no thread ever ran) the loop's read ends before the socket closes
+            self._call_soon(self._loop_finish)
+            return
         self.sock.close()
         self._call_soon(self._gone)
+
+    def _loop_finish(self) -> None:
+        self._stop_loop_read()
+        self.sock.close()
+        self._gone()
 
     def _gone(self) -> None:
         """On the loop, after :meth:`_finish`: once every thread of the channel has exited
@@ -291,6 +315,77 @@ class Channel:
         with contextlib.suppress(RuntimeError):  # (the loop is gone)
             self._loop.call_soon_threadsafe(fn, *args)
 
+    # -- the loop phase ---------------------------------------------------------------------------
+
+    def _leave_loop(self) -> None:
+        """The threads take over (on the loop's thread; once): the socket blocks, what was
+        read ahead is the reader's, a read waiting on the loop goes on in the reader thread."""
+        if not self._looping or self._closing:
+            return
+        self._looping = False
+        self._stop_loop_read()
+        self.sock.setblocking(True)
+        self._reader.prime(self._lbuf)
+        self._lbuf = bytearray()
+        # The writer too, idle until needed: a reply it sends later (the destination's ACK)
+        # does not wait for a thread to start.
+        self._start("send")
+
+    def _stop_loop_read(self) -> None:
+        """Wake the read waiting on the loop (it looks again), and stop watching the socket."""
+        fut, self._lwait = self._lwait, None
+        if fut is not None:
+            self._loop.remove_reader(self.sock.fileno())
+            _deliver(fut, None, None)
+
+    async def _loop_recv(self, want: int) -> None:
+        """Bytes from the socket into the loop phase's buffer, or a wake-up (the phase ended,
+        the channel is ending: the caller looks again).  IncompleteReadError at the stream's
+        end or once the channel is ending (as the reader thread's read then: its socket was
+        shut down), ``want`` being the bytes the read needed."""
+        with self._lock:
+            closing = self._closing
+        data = b""
+        if not closing:
+            try:
+                data = self.sock.recv(LOOP_READ)
+            except (BlockingIOError, InterruptedError):
+                fut = self._lwait = self._loop.create_future()
+                self._loop.add_reader(self.sock.fileno(), self._stop_loop_read)
+                try:
+                    await fut
+                finally:
+                    if self._lwait is fut:  # (the caller was cancelled)
+                        self._lwait = None
+                        self._loop.remove_reader(self.sock.fileno())
+                return
+        if not data:
+            partial = bytes(self._lbuf)
+            self._lbuf.clear()
+            raise asyncio.IncompleteReadError(partial, want)
+        self._lbuf += data
+
+    def _loop_send(self, parts: Sequence[bytes | bytearray | memoryview]) -> None:
+        """Send ``parts`` on the loop; what the socket does not take at once goes to the
+        writer thread (the loop phase ends)."""
+        data = b"".join(parts)
+        try:
+            sent = self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as e:  # as the writer thread: the read side tells why
+            with self._lock:
+                self._werror = e
+            return
+        if sent == len(data):
+            return
+        self._leave_loop()
+        with self._lock:
+            rest = memoryview(data)[sent:]
+            self._wq.append(rest)
+            self._queued += len(rest)
+        self._start("send")
+
     # -- writing ---------------------------------------------------------------------------------
 
     def write(self, data: bytes | bytearray | memoryview,
@@ -302,6 +397,12 @@ class Channel:
     def writelines(self, parts: Sequence[bytes | bytearray | memoryview],
                    sent: Callable[[Any], None] | None = None) -> None:
         """:meth:`write` each of ``parts`` (one wake-up of the writer thread)."""
+        if self._looping:
+            if (sent is None and self._slot and not self._closing and self._werror is None
+                    and sum(len(p) for p in parts) <= LOOP_WRITE_MAX):
+                self._loop_send(parts)
+                return
+            self._leave_loop()
         with self._lock:
             if self._closing or self._werror is not None:
                 return
@@ -391,6 +492,7 @@ class Channel:
 
     async def call(self, fn: Callable[[BlockingReader], T]) -> T:
         """Run ``fn`` with the reader in the reader thread; its result or exception."""
+        self._leave_loop()
         fut: asyncio.Future[T] = self._loop.create_future()
         with self._lock:
             if self._closing:
@@ -404,13 +506,30 @@ class Channel:
 
     async def readexactly(self, n: int) -> bytes:
         """Exactly ``n`` bytes; IncompleteReadError when the stream ends first."""
+        if self._looping and self._slot:
+            with self._lock:
+                if self._closing:
+                    raise ConnectionAbortedError("migration stream closed")
+        while self._looping and self._slot:
+            if len(self._lbuf) >= n:
+                out = bytes(self._lbuf[:n])
+                del self._lbuf[:n]
+                return out
+            await self._loop_recv(n)
         return bytes(await self.call(lambda r: r.exact(n)))
+
+    async def peek(self, n: int) -> bytes:
+        """Up to ``n`` bytes already received (kept for the next read), without waiting."""
+        if self._looping and self._slot:
+            return bytes(self._lbuf[:n])
+        return await self.call(lambda r: r.peek(n))
 
     def start_frames(self, fn: Callable[[BlockingReader], T], last: Callable[[T], bool],
                      ahead: int = 8) -> None:
         """From now on the reader thread reads ahead: ``fn`` again and again, until a result
         ``last`` says ends the stream or an exception, at most ``ahead`` results waiting for
         :meth:`next_frame`.  The loop is woken only when it waits for one."""
+        self._leave_loop()
         self._ahead = ahead
 
         def put(item: tuple[Any, BaseException | None]) -> None:
@@ -490,6 +609,7 @@ class Channel:
                         server_hostname: str | None = None) -> None:
         """The TLS handshake (in the reader thread); the stream is TLS from here on.  Call it
         before anything is written."""
+        self._leave_loop()
         tls = TlsIO(self.sock, ctx, server_side, server_hostname)
 
         def handshake(rd: BlockingReader) -> None:

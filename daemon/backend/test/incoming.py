@@ -64,6 +64,7 @@ from virtmig.daemon.backend.test.util import ms
 from virtmig.daemon.backend.test.wire import (
     ITER_OFFER_RUNS,
     ITER_STOPPED,
+    OFFER_LEN,
     RECORD,
     RECORD_LEN,
     Framing,
@@ -232,7 +233,7 @@ async def _receive_stream(inc: Incoming, chan: Channel) -> None:
     seed = await dst_read_header(chan, guest.uuid, npages)
     # The memory is the source's: adopt its seed (it only differs if the XML changed it).
     guest.seed = seed
-    if READS_RUNS and EARLY_VERSION_REPLY and await chan.call(offer_received):
+    if READS_RUNS and EARLY_VERSION_REPLY and offer_received(await chan.peek(OFFER_LEN)):
         inc.runs_offered = True  # (the ITER 0 that offered it is read as a record below)
         chan.write(offer_reply())
     chan.write(b"A")

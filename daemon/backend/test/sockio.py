@@ -123,6 +123,13 @@ class BlockingReader:
         self._buf = bytearray(READ_BUF)
         self._start = self._end = 0
 
+    def prime(self, data: bytes | bytearray) -> None:
+        """Take ``data`` (read before this reader's first read) as the first bytes to read."""
+        if len(data) > len(self._buf):
+            self._buf = bytearray(len(data))
+        self._buf[: len(data)] = data
+        self._start, self._end = 0, len(data)
+
     def exact(self, n: int) -> bytes | bytearray:
         """Exactly ``n`` bytes; IncompleteReadError when the stream ends first."""
         if n > READ_BUF // 2:

@@ -171,12 +171,15 @@ async def src_handshake(
         raise MigrationFailed(refused)
 
 
-def offer_received(rd: BlockingReader) -> bool:
-    """In the reader thread, right after the HEADER: whether what is already received behind it
-    is an ITER offering format 2 (sent with the HEADER).  Reads nothing more from the socket: a
-    source that waits for the ACK before it sends anything else is never waited for."""
-    ahead = rd.peek(1 + ITER.size)
-    return (len(ahead) == 1 + ITER.size and ahead[:1] == b"I"
+OFFER_LEN = 1 + ITER.size  # the ITER 0 that offers format 2, behind the HEADER
+
+
+def offer_received(ahead: bytes) -> bool:
+    """Right after the HEADER, ``ahead`` being what is already received behind it
+    (:meth:`.channel.Channel.peek`: nothing more is read from the socket, so a source that
+    waits for the ACK before it sends anything else is never waited for): whether it is an
+    ITER offering format 2 (sent with the HEADER)."""
+    return (len(ahead) == OFFER_LEN and ahead[:1] == b"I"
             and bool(ITER.unpack_from(ahead, 1)[1] & ITER_OFFER_RUNS))
 
 
