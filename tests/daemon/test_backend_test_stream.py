@@ -5,8 +5,11 @@ a destination refuses).
 from __future__ import annotations
 
 import asyncio
+import socket
 import struct
+import threading
 import uuid as uuidlib
+from typing import Any
 
 import pytest
 
@@ -20,6 +23,7 @@ from virtmig.daemon.backend.base import (
     MigrationProgress,
     MigrationStatus,
     MigrationTuning,
+    StreamAddress,
 )
 from virtmig.daemon.backend.test import MAGIC, PAGE_SIZE, TestBackend, page_bytes
 from virtmig.proto.errors import ConfigUnsupported
@@ -188,3 +192,28 @@ async def test_destination_refuses_malformed_stream(
     with pytest.raises(MigrationFailed, match=message):
         await within(dst.incoming_wait(spec.uuid))
     assert dst.state(spec.uuid) is GuestRunState.SHUTOFF
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+async def test_the_source_resolves_only_a_name_off_the_loop(
+    src: TestBackend, dst: TestBackend, monkeypatch: pytest.MonkeyPatch, host: str
+) -> None:
+    """An address literal (what a Prepare's URI names by default) is connected to without a trip
+    through the resolver's worker thread; a name is still resolved (off the loop) and each of
+    its addresses tried."""
+    on_loop: list[bool] = []
+    real = socket.getaddrinfo
+
+    def getaddrinfo(name: Any, *args: Any, **kwargs: Any) -> Any:
+        if name == host:
+            on_loop.append(threading.current_thread() is threading.main_thread())
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    spec = make_spec(1)
+    await src.start(spec, paused=False)
+    port = await dst.incoming_start(spec, LOOPBACK)
+    await within(src.outgoing(spec.uuid, StreamAddress(host, port), MigrationTuning()))
+    await within(dst.incoming_wait(spec.uuid))
+    if host == "127.0.0.1":
+        assert on_loop == [True]

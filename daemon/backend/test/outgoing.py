@@ -248,9 +248,15 @@ async def _connect(mig: Outgoing) -> Channel:
 
 
 async def _open(host: str, port: int) -> socket.socket:
-    """A TCP connection to ``host``:``port`` (each of its addresses in turn)."""
+    """A TCP connection to ``host``:``port`` (each of its addresses in turn).  An address
+    literal (what a Prepare's URI names unless told a host name) needs no resolver: asyncio's
+    getaddrinfo would still take a trip through a worker thread for it."""
     loop = asyncio.get_running_loop()
-    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_NUMERICHOST)
+    except socket.gaierror:  # a name: resolved off the loop
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     error: OSError = OSError(f"no address for {host}")
     for family, kind, proto, _, addr in infos:
         sock = socket.socket(family, kind, proto)
