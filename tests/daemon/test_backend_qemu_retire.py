@@ -9,8 +9,10 @@ behind a gate: what must not wait for it returns anyway, what must wait for it d
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -20,6 +22,8 @@ from virtmig.daemon.backend.base import GuestRunState, GuestSpec
 from virtmig.daemon.backend.qemu import QemuBackend
 from virtmig.daemon.backend.qemu import backend as qemu_backend
 from virtmig.daemon.backend.qemu import process as qemu_process
+from virtmig.daemon.backend.qemu.guest import _Guest
+from virtmig.testing import wait_until_sync
 
 backends = backend_qemu_helpers.backends
 src = backend_qemu_helpers.src
@@ -131,3 +135,38 @@ async def test_retire_asks_qemu_to_quit_once(src: QemuBackend,
     await within(src.close())  # the reaping is over
     assert process_gone(pid)
     assert commands == ["quit"]  # not again on the closed monitor while it is reaped
+
+
+def test_killing_a_qemu_that_just_ended_leaves_its_reaping_to_its_watcher(
+    tmp_path: Path
+) -> None:
+    """A QEMU that exits as the backend kills it (after ``quit``'s grace) is signalled
+    through its pidfd: ``_kill`` never reaps it, so asyncio's child watcher gets its real exit
+    status (a kill that polled first reaped it, and the watcher reported "Unknown child
+    process" with status 255).  Here the child is a zombie nobody has reaped yet."""
+    child = subprocess.Popen(["sh", "-c", "exit 3"])
+    guest = _Guest(uuid="x", dir=tmp_path, pid=child.pid, proc=cast(Any, child),
+                   pidfd=os.pidfd_open(child.pid))
+    try:
+        assert guest.pidfd >= 0
+        wait_until_sync(lambda: qemu_process._proc_state(child.pid) == "Z", timeout=15,
+                        what="the child to exit")
+        qemu_process._kill(guest)
+        assert qemu_process._proc_state(child.pid) == "Z"  # signalled, not reaped
+        assert os.waitpid(child.pid, 0)[1] == 3 << 8  # the watcher's to reap, with its status
+    finally:
+        child.returncode = 3  # (reaped above: Popen must not wait for it again)
+        os.close(guest.pidfd)
+
+
+@pytest.mark.qemu
+async def test_a_started_qemu_is_killed_through_its_pidfd(src: QemuBackend) -> None:
+    spec, _ = await paused_guest(src)
+    guest = src._guests[spec.uuid]
+    assert guest.pidfd >= 0
+    assert os.readlink(f"/proc/self/fd/{guest.pidfd}") == "anon_inode:[pidfd]"
+    qemu_process._kill(guest)
+    await within(asyncio.shield(cast(asyncio.Task[None], guest.exit_task)))
+    assert guest.exit_reason == "QEMU was killed by SIGKILL"  # this QEMU got it
+    assert guest.pidfd == -1  # closed with the end of its process
+    await within(src.destroy(spec.uuid))

@@ -57,7 +57,7 @@ class _Guest:
     dir: Path
     pid: int
     proc: asyncio.subprocess.Process | None = None  # our child, started by this instance
-    pidfd: int = -1  # a taken-over guest's pidfd (-1: none)
+    pidfd: int = -1  # a pidfd of its QEMU (-1: none): how it is killed, a taken-over one watched
     qmp: QMPClient | None = None
     log_offset: int = 0  # where this QEMU's output starts in qemu.log
     status: str = "prelaunch"  # QEMU's run status (query-status / STOP / RESUME)

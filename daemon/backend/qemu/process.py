@@ -97,9 +97,18 @@ async def launch(cfg: QemuConfig, gdir: Path, *, incoming: bool, settings: QemuS
                 with contextlib.suppress(FileNotFoundError):
                     (gdir / SOCKET_NAME).unlink()
                 raise BackendError(f"cannot run {argv[0]}: {exc.strerror or exc}") from None
-    guest = _Guest(uuid=cfg.uuid, dir=gdir, pid=proc.pid, proc=proc, log_offset=offset)
+    guest = _Guest(uuid=cfg.uuid, dir=gdir, pid=proc.pid, proc=proc, log_offset=offset,
+                   pidfd=_pidfd(proc.pid))
     guest.exit_task = asyncio.get_running_loop().create_task(_watch_exit(guest))
     return guest
+
+
+def _pidfd(pid: int) -> int:
+    """A pidfd of our just-started child ``pid`` (-1 where pidfds are unavailable, or it ended
+    already): what :func:`_kill` signals it through."""
+    with contextlib.suppress(AttributeError, OSError):
+        return os.pidfd_open(pid)
+    return -1
 
 
 @contextlib.contextmanager
@@ -247,13 +256,17 @@ async def _wait_exit(guest: _Guest, timeout: float) -> bool:
 
 
 def _kill(guest: _Guest) -> None:
+    """SIGKILL, through the guest's pidfd where it has one: never another process that took a
+    reaped QEMU's pid, and never a reap.  asyncio's ``Process.kill()`` polls first, and a QEMU
+    that had just exited was reaped there, before asyncio's child watcher, which then reported
+    it as "Unknown child process" with exit status 255."""
     if guest.exited:
         return
     try:
-        if guest.proc is not None:
-            guest.proc.kill()
-        elif guest.pidfd >= 0:
+        if guest.pidfd >= 0:
             signal.pidfd_send_signal(guest.pidfd, signal.SIGKILL)
+        elif guest.proc is not None:
+            guest.proc.kill()
         else:
             os.kill(guest.pid, signal.SIGKILL)
     except ProcessLookupError:
