@@ -216,7 +216,8 @@ async def test_a_read_waiting_on_the_loop_goes_on_in_the_reader_thread() -> None
     async with channel_pair() as (a, b):
         waiting = asyncio.create_task(b.readexactly(6))
         a.write(b"re")
-        await asyncio.sleep(0.05)  # (the loop took "re"; the read waits for the rest)
+        await wait_until(lambda: b._lwait is not None and bytes(b._lbuf) == b"re", timeout=15,
+                         what="the read to take 're' and wait on the loop for the rest")
         assert not waiting.done()
         sent: list[object] = []
         b.write(b"x" * 1024, sent.append)  # leaves the loop
@@ -247,7 +248,8 @@ async def test_an_abort_ends_a_read_waiting_on_the_loop() -> None:
     async with channel_pair() as (a, b):
         a.write(b"ab")
         waiting = asyncio.create_task(b.readexactly(4))
-        await asyncio.sleep(0.05)
+        await wait_until(lambda: b._lwait is not None and bytes(b._lbuf) == b"ab", timeout=15,
+                         what="the read to take 'ab' and wait on the loop")
         b.abort()
         with pytest.raises(asyncio.IncompleteReadError) as caught:
             await within(waiting)
