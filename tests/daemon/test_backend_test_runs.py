@@ -28,7 +28,7 @@ from virtmig.daemon.backend.test import (
     page_bytes,
     page_hash,
 )
-from virtmig.daemon.backend.test.channel import BufferPool
+from virtmig.daemon.backend.test.buffers import BufferPool
 from virtmig.daemon.backend.test.memory import run_bytes, versions_digest
 from virtmig.daemon.backend.test.sparse import CHUNK_PAGES, PageSet, Versions
 

@@ -75,7 +75,8 @@ from virtmig.daemon.backend.base import (
     StreamAddress,
     host_memory_bytes,
 )
-from virtmig.daemon.backend.test.channel import BufferPool, Channel, KeyedPools, StreamSlots
+from virtmig.daemon.backend.test.buffers import BufferPool, KeyedPools
+from virtmig.daemon.backend.test.channel import Channel, StreamSlots
 from virtmig.daemon.backend.test.ended import MAX_ENDED, Ended, EndedTable
 from virtmig.daemon.backend.test.guest import Guest, parse_options
 from virtmig.daemon.backend.test.incoming import Incoming, dst_abort, dst_receive

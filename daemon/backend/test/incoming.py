@@ -46,7 +46,8 @@ from virtmig.daemon.backend.base import (
     MigrationStatus,
     PostcopyFailed,
 )
-from virtmig.daemon.backend.test.channel import BufferPool, Channel
+from virtmig.daemon.backend.test.buffers import BufferPool
+from virtmig.daemon.backend.test.channel import Channel
 from virtmig.daemon.backend.test.guest import Guest
 from virtmig.daemon.backend.test.memory import (
     PAGE_SIZE,

@@ -57,7 +57,8 @@ from virtmig.daemon.backend.base import (
     PostcopyFailed,
     StreamAddress,
 )
-from virtmig.daemon.backend.test.channel import BufferPool, ByteReader, Channel, StreamSlots
+from virtmig.daemon.backend.test.buffers import BufferPool
+from virtmig.daemon.backend.test.channel import ByteReader, Channel, StreamSlots
 from virtmig.daemon.backend.test.guest import FAULT_CORRUPT_STREAM, Guest
 from virtmig.daemon.backend.test.memory import PAGE_SIZE
 from virtmig.daemon.backend.test.pacing import (

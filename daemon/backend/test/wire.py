@@ -91,7 +91,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from virtmig.daemon.backend.base import MigrationFailed, StreamAddress
-from virtmig.daemon.backend.test.channel import BufferPool, ByteReader, ByteWriter
+from virtmig.daemon.backend.test.buffers import BufferPool
+from virtmig.daemon.backend.test.channel import ByteReader, ByteWriter
 from virtmig.daemon.backend.test.memory import (
     DIGEST_LEN,
     MIB,
