@@ -36,7 +36,13 @@ from virtmig.daemon.backend.qemu.migration import (
     _tls_params,
     progress_from_query,
 )
-from virtmig.daemon.backend.qemu.monitor import Exec, QmpCommandFailed, refresh_status
+from virtmig.daemon.backend.qemu.monitor import (
+    Exec,
+    QmpCommandFailed,
+    answers,
+    refresh_status,
+    together,
+)
 from virtmig.daemon.backend.qemu.tls import add_tls_creds, drop_tls_creds
 from virtmig.proto import logsafe
 from virtmig.proto.aio import within
@@ -58,12 +64,16 @@ async def dst_listen(
     raises ``OSError(EADDRINUSE)``.
     """
     caps, params = _stream_settings(tuning, incoming=True)
-    await qmp(guest, "migrate-set-capabilities", {"capabilities": [
+    set_caps = qmp(guest, "migrate-set-capabilities", {"capabilities": [
         {"capability": "events", "state": True}, *caps]})
-    if tuning.tls is not None:
+    params = {**params, **_tls_params(tuning, incoming=True)}
+    if tuning.tls is None:
+        await together(set_caps, qmp(guest, "migrate-set-parameters", params))
+    else:  # the parameters name the credentials object: it goes in first
+        await set_caps
         await add_tls_creds(qmp, guest, tuning.tls, server=True, owner=owner)
         inc.tls = True
-    await qmp(guest, "migrate-set-parameters", {**params, **_tls_params(tuning, incoming=True)})
+        await qmp(guest, "migrate-set-parameters", params)
     # A plain stream may switch to post-copy (QEMU needs the capability on this side
     # before it starts; unused, it costs nothing): allow it unless the stream has
     # channels or compression and post-copy was not asked for.  Without userfaultfd
@@ -160,12 +170,8 @@ async def _dst_postcopy_failed(qmp: Exec, guest: _Guest, inc: _Incoming) -> None
 
 async def _dst_completed(qmp: Exec, guest: _Guest, inc: _Incoming) -> MigrationProgress:
     now = time.monotonic()
-    try:
-        info = await qmp(guest, "query-migrate")
-        await refresh_status(qmp, guest)
-    except BackendError:
-        info = {}
-    base = progress_from_query(info)
+    answer, _status = await answers(qmp(guest, "query-migrate"), refresh_status(qmp, guest))
+    base = progress_from_query(answer if isinstance(answer, dict) else {})
     if inc.tls:
         await drop_tls_creds(qmp, guest)
     inc.status = MigrationStatus.COMPLETED

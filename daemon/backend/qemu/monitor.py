@@ -22,12 +22,13 @@ bound, or by the relative path); a path longer than ``sun_path`` is reached thro
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import time
-from collections.abc import Coroutine, Iterator
+from collections.abc import Awaitable, Coroutine, Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar, cast
 
 from qemu.qmp import ConnectError, ExecInterruptedError, ExecuteError, Message, QMPClient, QMPError
 
@@ -39,6 +40,8 @@ from virtmig.proto.aio import within
 log = logsafe.logger("virtmig.daemon.backend.qemu")
 
 QMP_TIMEOUT = 30.0  # any single QMP command
+
+T = TypeVar("T")
 
 _SUN_PATH_MAX = 107  # sockaddr_un.sun_path minus the terminating NUL
 
@@ -185,6 +188,29 @@ async def refresh_status(qmp: Exec, guest: _Guest) -> str:
     info = await qmp(guest, "query-status")
     guest.status = str(info.get("status", guest.status))
     return guest.status
+
+
+async def answers(*commands: Awaitable[T]) -> list[T | BackendError]:
+    """Independent QMP commands (``qmp(guest, ...)`` calls whose order does not matter) sent at
+    once: QEMU answers them one after the other without waiting for us in between, one round
+    trip for all instead of one each, where a migration waits for them (issue 17).  A failure
+    does not leave the others unanswered (qemu.qmp would drop their late answers with a
+    warning): all are awaited; each one's result or :class:`BackendError`, in the order given.
+    Any other exception (a cancellation) is raised."""
+    results = await asyncio.gather(*commands, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException) and not isinstance(result, BackendError):
+            raise result
+    return cast("list[T | BackendError]", results)
+
+
+async def together(*commands: Awaitable[T]) -> list[T]:
+    """:func:`answers`, all or nothing: the first failure, in the order given, is raised."""
+    results = await answers(*commands)
+    for result in results:
+        if isinstance(result, BackendError):
+            raise result
+    return cast("list[T]", results)
 
 
 async def cont(qmp: Exec, guest: _Guest) -> None:

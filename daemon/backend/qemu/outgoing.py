@@ -49,7 +49,14 @@ from virtmig.daemon.backend.qemu.migration import (
     _src_settings,
     progress_from_query,
 )
-from virtmig.daemon.backend.qemu.monitor import Exec, QmpCommandFailed, QmpNoAnswer, refresh_status
+from virtmig.daemon.backend.qemu.monitor import (
+    Exec,
+    QmpCommandFailed,
+    QmpNoAnswer,
+    answers,
+    refresh_status,
+    together,
+)
 from virtmig.daemon.backend.qemu.tls import add_tls_creds, drop_tls_creds
 from virtmig.proto import logsafe
 from virtmig.proto.aio import within
@@ -144,10 +151,13 @@ async def _src_issue(qmp: Exec, guest: _Guest, mig: _Outgoing, dest: StreamAddre
     """Capabilities, TLS credentials, parameters, ``migrate`` (unless cancelled first), and a
     cancel or a switch to post-copy asked for while ``migrate`` was on its way."""
     caps, params = _src_settings(mig.tuning)
-    await qmp(guest, "migrate-set-capabilities", {"capabilities": caps})
-    if mig.tuning.tls is not None:
+    set_caps = qmp(guest, "migrate-set-capabilities", {"capabilities": caps})
+    if mig.tuning.tls is None:
+        await together(set_caps, qmp(guest, "migrate-set-parameters", params))
+    else:  # the parameters name the credentials object: it goes in first
+        await set_caps
         await add_tls_creds(qmp, guest, mig.tuning.tls, server=False, owner=owner)
-    await qmp(guest, "migrate-set-parameters", params)
+        await qmp(guest, "migrate-set-parameters", params)
     if not mig.cancel_requested:
         guest.mig_status = "setup"
         mig.issued = True
@@ -279,18 +289,18 @@ async def _src_poll_progress(qmp: Exec, guest: _Guest, mig: _Outgoing) -> None:
 
 
 async def _src_completed(qmp: Exec, guest: _Guest, mig: _Outgoing) -> MigrationProgress:
-    """The stream completed: final statistics; the source stays paused (postmigrate)."""
-    info: dict[str, Any] = {}
-    for _ in range(FINAL_STATS_RETRIES):
+    """The stream completed: final statistics and the run status, asked together; the source
+    stays paused (postmigrate)."""
+    answer, _status = await answers(qmp(guest, "query-migrate"), refresh_status(qmp, guest))
+    info: dict[str, Any] = answer if isinstance(answer, dict) else {}
+    for _ in range(FINAL_STATS_RETRIES - 1):
+        if isinstance(answer, BackendError) or _int(info, "total-time") > 0:
+            break
+        await asyncio.sleep(0.01)
         try:
             info = await qmp(guest, "query-migrate")
         except BackendError:
             break
-        if _int(info, "total-time") > 0:
-            break
-        await asyncio.sleep(0.01)
-    with contextlib.suppress(BackendError):
-        await refresh_status(qmp, guest)
     if guest.status == "running":  # never expected: QEMU leaves it in postmigrate
         log.error("qemu backend: guest %s still runs after its migration completed",
                   guest.uuid)

@@ -1,0 +1,132 @@
+"""Independent QMP commands sent at once (``monitor.answers`` / ``together``): the helpers' rules,
+and the migration steps that use them (issue 17: each command waited for alone cost a round trip
+on the migration's critical path)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from typing import Any
+
+import pytest
+
+from tests.daemon import backend_qemu_helpers
+from tests.daemon.backend_qemu_helpers import make_spec, to, within
+from virtmig.daemon.backend.base import (
+    BackendError,
+    GuestRunState,
+    MigrationStatus,
+    MigrationTuning,
+)
+from virtmig.daemon.backend.qemu import QemuBackend, QmpCommandFailed
+from virtmig.daemon.backend.qemu.monitor import answers, together
+from virtmig.testing import free_port
+
+backends = backend_qemu_helpers.backends
+dst = backend_qemu_helpers.dst
+src = backend_qemu_helpers.src
+
+
+async def _answer(value: object, delay: float, done: list[object]) -> Any:
+    await asyncio.sleep(delay)
+    done.append(value)
+    if isinstance(value, BaseException):
+        raise value
+    return value
+
+
+async def test_answers_are_in_the_order_given_and_failures_stay_in_place() -> None:
+    done: list[object] = []
+    refused = QmpCommandFailed("migrate-set-parameters", "no", "GenericError")
+    got = await answers(_answer({"a": 1}, 0.02, done), _answer(refused, 0.0, done),
+                        _answer("paused", 0.01, done))
+    assert got == [{"a": 1}, refused, "paused"]
+    assert len(done) == 3
+
+
+async def test_together_raises_the_first_failure_in_order_once_all_are_answered() -> None:
+    done: list[object] = []
+    first = QmpCommandFailed("migrate-set-capabilities", "first", "GenericError")
+    second = BackendError("second")
+    with pytest.raises(QmpCommandFailed) as caught:
+        # The second fails sooner; the first in the order given is what is raised, and only
+        # once the slow third has been answered too (nothing is left unanswered).
+        await together(_answer(first, 0.01, done), _answer(second, 0.0, done),
+                       _answer("late", 0.03, done))
+    assert caught.value is first
+    assert done == [second, first, "late"]
+    assert await together(_answer(1, 0.0, done), _answer(2, 0.0, done)) == [1, 2]
+
+
+async def test_an_error_that_is_not_the_backends_is_raised_by_answers() -> None:
+    done: list[object] = []
+    with pytest.raises(RuntimeError, match="bug"):
+        await answers(_answer("ok", 0.0, done), _answer(RuntimeError("bug"), 0.0, done))
+
+
+@pytest.mark.qemu
+async def test_a_migrations_independent_commands_go_out_together(
+    src: QemuBackend, dst: QemuBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Capabilities and parameters on each side, and at the end the final statistics and the
+    run status on each side, are asked without waiting for each other: each second command
+    goes out while the first is still unanswered (one round trip instead of two)."""
+    real = QemuBackend._exec_any
+    pending: dict[int, list[str]] = defaultdict(list)
+    issued_while: dict[tuple[str, str], list[list[str]]] = defaultdict(list)
+
+    async def watched(self: QemuBackend, guest: Any, command: str,
+                      args: dict[str, object] | None = None, timeout: float = 30, *,
+                      oob: bool = False) -> object:
+        side = "src" if self is src else "dst"
+        waiting = pending[id(self)]
+        issued_while[side, command].append(list(waiting))
+        waiting.append(command)
+        try:
+            return await real(self, guest, command, args, timeout, oob=oob)
+        finally:
+            waiting.remove(command)
+
+    monkeypatch.setattr(QemuBackend, "_exec_any", watched)
+    spec = make_spec()
+    await within(src.start(spec, paused=False))
+    port = await within(dst.incoming_start(spec, to(free_port())))
+    out = await within(src.outgoing(spec.uuid, to(port), MigrationTuning()))
+    assert out.status is MigrationStatus.COMPLETED and out.total_time_ms > 0
+    arrived = await within(dst.incoming_wait(spec.uuid))
+    assert arrived.status is MigrationStatus.COMPLETED
+    for side in ("src", "dst"):
+        assert any("migrate-set-capabilities" in waiting
+                   for waiting in issued_while[side, "migrate-set-parameters"]), side
+        # The final query-migrate and the status query: the latter while the former waits.
+        assert any("query-migrate" in waiting
+                   for waiting in issued_while[side, "query-status"]), side
+    assert src.state(spec.uuid) is GuestRunState.PAUSED  # (postmigrate)
+
+
+@pytest.mark.qemu
+async def test_a_refused_capability_still_fails_the_migration_with_qemus_words(
+    src: QemuBackend, dst: QemuBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sent together with the parameters, a refused ``migrate-set-capabilities`` fails the
+    outgoing migration as it did alone: QEMU's words, no ``migrate``, the guest runs on."""
+    real = QemuBackend._exec_any
+    sent: list[str] = []
+
+    async def refusing(self: QemuBackend, guest: Any, command: str,
+                       args: dict[str, object] | None = None, timeout: float = 30, *,
+                       oob: bool = False) -> object:
+        if self is src:
+            sent.append(command)
+            if command == "migrate-set-capabilities":
+                raise QmpCommandFailed(command, "capability refused here", "GenericError")
+        return await real(self, guest, command, args, timeout, oob=oob)
+
+    monkeypatch.setattr(QemuBackend, "_exec_any", refusing)
+    spec = make_spec()
+    await within(src.start(spec, paused=False))
+    port = await within(dst.incoming_start(spec, to(free_port())))
+    with pytest.raises(BackendError, match="capability refused here"):
+        await within(src.outgoing(spec.uuid, to(port), MigrationTuning()))
+    assert "migrate" not in sent
+    assert src.state(spec.uuid) is GuestRunState.RUNNING
