@@ -252,6 +252,14 @@ def _cpu(a: Daemon, b: Daemon) -> float:
     return a.cpu_s() + b.cpu_s() + time.process_time()
 
 
+def _record(result: dict[str, Any], name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """``result`` with the daemons' source and event loop, written to ``results/NAME{tag}.json``."""
+    result["daemon_source"] = args.daemon_source
+    result["event_loop"] = args.event_loop
+    (RESULTS / f"{name}{args.tag}.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
 async def main(args: argparse.Namespace) -> None:
     RESULTS.mkdir(exist_ok=True)
     extra = ("max_calls_per_client = 64\nmigration_port_wait = 120\n"
@@ -259,11 +267,7 @@ async def main(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp, two_daemons(
             Path(tmp), args.ports, extra, args.daemon_source) as (a, b):
         if args.runs:
-            seq = await sequential(a, b, args.runs)
-            seq["daemon_source"] = args.daemon_source
-            seq["event_loop"] = args.event_loop
-            (RESULTS / f"control-plane-procs{args.tag}.json").write_text(
-                json.dumps(seq, indent=2))
+            seq = _record(await sequential(a, b, args.runs), "control-plane-procs", args)
             cpu = seq["cpu_per_migration_ms"]
             print(f"control-plane-procs  p50 {seq['p50_s'] * 1000:.1f} ms, p99 "
                   f"{seq['p99_s'] * 1000:.1f} ms, drift {seq['drift']:.2f}, CPU drift "
@@ -273,11 +277,8 @@ async def main(args: argparse.Namespace) -> None:
                   f"{cpu['daemon_b']:.1f} ms, client {cpu['client']:.1f} ms; load "
                   f"{seq['machine']['loadavg_start'][0]:.1f})", flush=True)
         if args.concurrent:
-            con = await concurrent(a, b, args.concurrent)
-            con["daemon_source"] = args.daemon_source
-            con["event_loop"] = args.event_loop
-            (RESULTS / f"control-plane-concurrent{args.tag}.json").write_text(
-                json.dumps(con, indent=2))
+            con = _record(await concurrent(a, b, args.concurrent), "control-plane-concurrent",
+                          args)
             print(f"control-plane-concurrent  {args.concurrent} at once "
                   f"{con['together_per_s']:.1f}/s, one at a time "
                   f"{con['one_by_one_per_s']:.1f}/s: ratio {con['ratio']:.2f}, "
