@@ -220,6 +220,9 @@ class _Outgoing:
     # ``running (booted)``); one after is resumed as ``running (migration canceled)``.
     stopped: bool = False
     follower: asyncio.Task[None] | None = None  # _src_follow_postcopy, after the switch
+    # The progress poller goes on (it stops by itself once this is false, after the command
+    # it may have on its way: never cancelled in the middle of one).
+    polling: bool = True
     # Set once the migration ended for good: completed, failed or cancelled (in post-copy, after
     # ``outgoing`` returned at the switch, when the last page arrived or the stream broke).
     done: asyncio.Event = field(default_factory=asyncio.Event)

@@ -121,7 +121,7 @@ async def _src_run(
     if not mig.issued:  # cancelled before it started
         raise await _src_settle_failed(qmp, guest, mig,
                                        MigrationCancelled("migration cancelled"))
-    poller = guest.start_task(_src_poll_progress(qmp, guest, mig))
+    guest.start_task(_src_poll_progress(qmp, guest, mig))
     try:
         while True:
             changed = guest.changed()
@@ -139,8 +139,8 @@ async def _src_run(
             with contextlib.suppress(TimeoutError):  # (events wake it; the timer is a backstop)
                 await within(changed.wait(), RECHECK_INTERVAL)
     finally:
-        if not mig.switched:
-            poller.cancel()  # (after the switch it keeps progress() fresh until the end)
+        if not mig.switched:  # (after the switch it keeps progress() fresh until the end)
+            _src_stop_polling(guest, mig)
     if guest.mig_status == "completed":
         return await _src_completed(qmp, guest, mig)
     raise await _src_settle_failed(qmp, guest, mig, await _src_ended_error(qmp, guest, mig))
@@ -266,14 +266,24 @@ async def _src_postcopy_broken(qmp: Exec, guest: _Guest, mig: _Outgoing) -> str:
     return error
 
 
+def _src_stop_polling(guest: _Guest, mig: _Outgoing) -> None:
+    """End :func:`_src_poll_progress` without cancelling it: a query on its way when the stream
+    ended (the end's own event wakes the poller too) is answered and read, where a cancel left
+    its answer to come after its waiter was gone (qemu.qmp: "Unknown ID ..., message dropped",
+    a warning in the daemon's log)."""
+    mig.polling = False
+    guest.notify()  # (a poller between queries wakes and ends)
+
+
 async def _src_poll_progress(qmp: Exec, guest: _Guest, mig: _Outgoing) -> None:
-    """Keep ``mig.last`` fresh: every PROGRESS_INTERVAL and at every QMP event.
+    """Keep ``mig.last`` fresh: every PROGRESS_INTERVAL and at every QMP event, until
+    :func:`_src_stop_polling`.
 
     A query QEMU did not answer (its main loop is blocked) is not sent again before the next
     event: unanswered commands stay queued in QEMU, and a full queue would keep out the ``yank``
     too.  Meanwhile the progress stands still, which is what the stall watchdog looks for.
     """
-    while not mig.done.is_set():
+    while not mig.done.is_set() and mig.polling:
         changed = guest.changed()
         try:
             info = await qmp(guest, "query-migrate")
@@ -284,6 +294,8 @@ async def _src_poll_progress(qmp: Exec, guest: _Guest, mig: _Outgoing) -> None:
             continue
         if mig.final is None:
             mig.last = progress_from_query(info)
+        if not mig.polling:
+            return
         with contextlib.suppress(TimeoutError):
             await within(changed.wait(), PROGRESS_INTERVAL)
 

@@ -1,6 +1,7 @@
-"""Independent QMP commands sent at once (``monitor.answers`` / ``together``): the helpers' rules,
-and the migration steps that use them (issue 17: each command waited for alone cost a round trip
-on the migration's critical path)."""
+"""How a migration's QMP commands go out: independent ones at once (``monitor.answers`` /
+``together``: the helpers' rules, and the migration steps that use them; issue 17: each command
+waited for alone cost a round trip on the migration's critical path), and none cancelled on its
+way when the stream ends (its late answer made qemu.qmp log a warning)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from virtmig.daemon.backend.base import (
 )
 from virtmig.daemon.backend.qemu import QemuBackend, QmpCommandFailed
 from virtmig.daemon.backend.qemu.monitor import answers, together
-from virtmig.testing import free_port
+from virtmig.testing import free_port, wait_until
 
 backends = backend_qemu_helpers.backends
 dst = backend_qemu_helpers.dst
@@ -130,3 +131,48 @@ async def test_a_refused_capability_still_fails_the_migration_with_qemus_words(
         await within(src.outgoing(spec.uuid, to(port), MigrationTuning()))
     assert "migrate" not in sent
     assert src.state(spec.uuid) is GuestRunState.RUNNING
+
+
+@pytest.mark.qemu
+async def test_the_progress_poller_ends_without_a_command_cancelled_on_its_way(
+    src: QemuBackend, dst: QemuBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The source's progress poller, woken by the stream's end as the flow is, may have a
+    ``query-migrate`` on its way then: it is answered and read, not cancelled (a cancelled
+    command's answer arrives after its waiter is gone: "Unknown ID ..., message dropped" in the
+    daemon's log).  Here every query the poller sends during the stream is held until the
+    stream completed, so that the end always finds one on its way."""
+    real = QemuBackend._exec_any
+    held: list[str] = []
+    cancelled: list[str] = []
+
+    async def holding(self: QemuBackend, guest: Any, command: str,
+                      args: dict[str, object] | None = None, timeout: float = 30, *,
+                      oob: bool = False) -> object:
+        during_stream = guest.mig_status in ("setup", "active")
+        try:
+            result = await real(self, guest, command, args, timeout, oob=oob)
+            if self is src and command == "query-migrate" and during_stream:
+                held.append(command)
+                await wait_until(lambda: guest.mig_status == "completed", timeout=30,
+                                 what="the stream's end")
+            return result
+        except asyncio.CancelledError:
+            cancelled.append(command)
+            raise
+
+    monkeypatch.setattr(QemuBackend, "_exec_any", holding)
+    spec = make_spec()
+    await within(src.start(spec, paused=False))
+    port = await within(dst.incoming_start(spec, to(free_port())))
+    out = await within(src.outgoing(spec.uuid, to(port), MigrationTuning()))
+    assert out.status is MigrationStatus.COMPLETED
+    await within(dst.incoming_wait(spec.uuid))
+    guest = src._guests[spec.uuid]
+
+    def polling() -> list[Any]:
+        return [t for t in guest.tasks if t.get_coro().__name__ == "_src_poll_progress"]
+
+    await wait_until(lambda: not polling(), timeout=30, what=lambda: f"the poller {polling()}")
+    assert held, "the poller sent no query during the stream"
+    assert cancelled == []
