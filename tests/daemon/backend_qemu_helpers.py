@@ -33,7 +33,13 @@ from virtmig.daemon.backend.qemu import (
     QemuSettings,
 )
 from virtmig.daemon.domxml import parse_domain_xml
-from virtmig.testing import kill_leftover_qemus, qemu_binary_or_skip, qemu_settings, wait_until
+from virtmig.testing import (
+    free_port,
+    kill_leftover_qemus,
+    qemu_binary_or_skip,
+    qemu_settings,
+    wait_until,
+)
 
 MIB = 1024 * 1024
 
@@ -82,6 +88,14 @@ def make_spec(xml: str | None = None, **kwargs: Any) -> GuestSpec:
 
 def to(port: int) -> StreamAddress:
     return StreamAddress("127.0.0.1", port)
+
+
+async def running_and_listening(src: QemuBackend, dst: QemuBackend) -> tuple[GuestSpec, int]:
+    """A guest started (running) on ``src`` and its incoming twin listening on ``dst``: the
+    guest's spec and the port."""
+    spec = make_spec()
+    await within(src.start(spec, paused=False))
+    return spec, await within(dst.incoming_start(spec, to(free_port())))
 
 
 def process_gone(pid: int) -> bool:

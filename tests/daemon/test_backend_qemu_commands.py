@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from tests.daemon import backend_qemu_helpers
-from tests.daemon.backend_qemu_helpers import make_spec, to, within
+from tests.daemon.backend_qemu_helpers import running_and_listening, to, within
 from virtmig.daemon.backend.base import (
     BackendError,
     GuestRunState,
@@ -21,7 +21,7 @@ from virtmig.daemon.backend.base import (
 )
 from virtmig.daemon.backend.qemu import QemuBackend, QmpCommandFailed
 from virtmig.daemon.backend.qemu.monitor import answers, together
-from virtmig.testing import free_port, wait_until
+from virtmig.testing import wait_until
 
 backends = backend_qemu_helpers.backends
 dst = backend_qemu_helpers.dst
@@ -89,9 +89,7 @@ async def test_a_migrations_independent_commands_go_out_together(
             waiting.remove(command)
 
     monkeypatch.setattr(QemuBackend, "_exec_any", watched)
-    spec = make_spec()
-    await within(src.start(spec, paused=False))
-    port = await within(dst.incoming_start(spec, to(free_port())))
+    spec, port = await running_and_listening(src, dst)
     out = await within(src.outgoing(spec.uuid, to(port), MigrationTuning()))
     assert out.status is MigrationStatus.COMPLETED and out.total_time_ms > 0
     arrived = await within(dst.incoming_wait(spec.uuid))
@@ -124,9 +122,7 @@ async def test_a_refused_capability_still_fails_the_migration_with_qemus_words(
         return await real(self, guest, command, args, timeout, oob=oob)
 
     monkeypatch.setattr(QemuBackend, "_exec_any", refusing)
-    spec = make_spec()
-    await within(src.start(spec, paused=False))
-    port = await within(dst.incoming_start(spec, to(free_port())))
+    spec, port = await running_and_listening(src, dst)
     with pytest.raises(BackendError, match="capability refused here"):
         await within(src.outgoing(spec.uuid, to(port), MigrationTuning()))
     assert "migrate" not in sent
@@ -162,16 +158,15 @@ async def test_the_progress_poller_ends_without_a_command_cancelled_on_its_way(
             raise
 
     monkeypatch.setattr(QemuBackend, "_exec_any", holding)
-    spec = make_spec()
-    await within(src.start(spec, paused=False))
-    port = await within(dst.incoming_start(spec, to(free_port())))
+    spec, port = await running_and_listening(src, dst)
     out = await within(src.outgoing(spec.uuid, to(port), MigrationTuning()))
     assert out.status is MigrationStatus.COMPLETED
     await within(dst.incoming_wait(spec.uuid))
     guest = src._guests[spec.uuid]
 
     def polling() -> list[Any]:
-        return [t for t in guest.tasks if t.get_coro().__name__ == "_src_poll_progress"]
+        return [t for t in guest.tasks
+                if getattr(t.get_coro(), "__name__", "") == "_src_poll_progress"]
 
     await wait_until(lambda: not polling(), timeout=30, what=lambda: f"the poller {polling()}")
     assert held, "the poller sent no query during the stream"

@@ -13,7 +13,7 @@ import pytest
 from qemu.qmp import Message
 
 from tests.daemon import backend_qemu_helpers
-from tests.daemon.backend_qemu_helpers import MIB, make_spec, to, wait_status, within
+from tests.daemon.backend_qemu_helpers import MIB, running_and_listening, to, wait_status, within
 from virtmig.daemon.backend.base import (
     MigrationProgress,
     MigrationStatus,
@@ -31,7 +31,6 @@ from virtmig.daemon.backend.qemu.monitor import _Monitor
 from virtmig.daemon.jobctl import job_stats
 from virtmig.proto.compat import Compression
 from virtmig.proto.errors import ArgumentUnsupported
-from virtmig.testing import free_port
 
 # The shared fixtures, bound here so that pytest finds them.
 backends = backend_qemu_helpers.backends
@@ -168,9 +167,7 @@ def capabilities(reply: list[dict[str, Any]]) -> dict[str, bool]:
 @pytest.mark.qemu
 @pytest.mark.postcopy
 async def test_tuning_reaches_qemu(src: QemuBackend, dst: QemuBackend) -> None:
-    spec = make_spec()
-    await within(src.start(spec, paused=False))
-    port = await within(dst.incoming_start(spec, to(free_port())))
+    spec, port = await running_and_listening(src, dst)
     assert capabilities(await dst.query(spec.uuid, "query-migrate-capabilities"))[
         "postcopy-ram"]
     tuning = MigrationTuning(bandwidth_bytes_per_s=32 * 1024, max_downtime_ms=70,
@@ -224,9 +221,7 @@ async def test_incoming_without_postcopy_support(
         return await real(self, guest, command, args, timeout, oob=oob)
 
     monkeypatch.setattr(QemuBackend, "_exec_any", refusing)
-    spec = make_spec()
-    await within(src.start(spec, paused=False))
-    port = await within(dst.incoming_start(spec, to(free_port())))
+    spec, port = await running_and_listening(src, dst)
     assert not capabilities(await dst.query(spec.uuid, "query-migrate-capabilities"))[
         "postcopy-ram"]
     out = await within(src.outgoing(spec.uuid, to(port), MigrationTuning()))
