@@ -171,3 +171,34 @@ async def test_the_progress_poller_ends_without_a_command_cancelled_on_its_way(
     await wait_until(lambda: not polling(), timeout=30, what=lambda: f"the poller {polling()}")
     assert held, "the poller sent no query during the stream"
     assert cancelled == []
+
+
+@pytest.mark.qemu
+async def test_the_destination_reads_the_streams_end_before_finish_asks(
+    src: QemuBackend, dst: QemuBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The destination reads the final statistics and the run status when QEMU reports the
+    stream completed (the source's Perform ends then): ``incoming_wait`` (Finish) asks QEMU
+    nothing more, and its progress is what was read."""
+    real = QemuBackend._exec_any
+    answered: list[str] = []
+
+    async def watched(self: QemuBackend, guest: Any, command: str,
+                      args: dict[str, object] | None = None, timeout: float = 30, *,
+                      oob: bool = False) -> object:
+        result = await real(self, guest, command, args, timeout, oob=oob)
+        if self is dst:
+            answered.append(command)
+        return result
+
+    monkeypatch.setattr(QemuBackend, "_exec_any", watched)
+    spec, port = await running_and_listening(src, dst)
+    listening = len(answered)
+    out = await within(src.outgoing(spec.uuid, to(port), MigrationTuning()))
+    assert out.status is MigrationStatus.COMPLETED
+    await wait_until(lambda: sorted(answered[listening:]) == ["query-migrate", "query-status"],
+                     timeout=10, what=lambda: f"the end read: {answered[listening:]}")
+    arrived = await within(dst.incoming_wait(spec.uuid))
+    assert arrived.status is MigrationStatus.COMPLETED and arrived.total_time_ms > 0
+    assert sorted(answered[listening:]) == ["query-migrate", "query-status"]
+    assert dst.state(spec.uuid) is GuestRunState.PAUSED  # (Finish's cont is the daemon's)

@@ -97,7 +97,25 @@ async def dst_listen(
         if "Address already in use" in exc.desc:
             raise OSError(errno.EADDRINUSE, f"{exc.desc} ({listen})") from None
         raise
-    return listen.port or await _dst_port(qmp, guest)
+    port = listen.port or await _dst_port(qmp, guest)
+    guest.start_task(_dst_read_end(qmp, guest, inc))
+    return port
+
+
+async def _dst_read_end(qmp: Exec, guest: _Guest, inc: _Incoming) -> None:
+    """The final statistics and the run status, read as soon as QEMU reports the stream
+    completed: the source's Perform ends then, and Finish (a call through the client later)
+    finds them read instead of waiting for two more answers."""
+    while inc.final is None and not guest.exited:
+        changed = guest.changed()
+        if guest.mig_status == "completed":
+            inc.end_answer, _status = await answers(qmp(guest, "query-migrate"),
+                                                    refresh_status(qmp, guest))
+            inc.ended_at = time.monotonic()
+            return
+        if guest.mig_status in ("failed", "cancelled"):
+            return
+        await changed.wait()
 
 
 async def _dst_port(qmp: Exec, guest: _Guest) -> int:
@@ -169,8 +187,10 @@ async def _dst_postcopy_failed(qmp: Exec, guest: _Guest, inc: _Incoming) -> None
 
 
 async def _dst_completed(qmp: Exec, guest: _Guest, inc: _Incoming) -> MigrationProgress:
-    now = time.monotonic()
-    answer, _status = await answers(qmp(guest, "query-migrate"), refresh_status(qmp, guest))
+    answer, now = inc.end_answer, inc.ended_at
+    if not now:  # (not read yet: Finish came first, or the reading is on its way)
+        now = time.monotonic()
+        answer, _status = await answers(qmp(guest, "query-migrate"), refresh_status(qmp, guest))
     base = progress_from_query(answer if isinstance(answer, dict) else {})
     if inc.tls:
         await drop_tls_creds(qmp, guest)

@@ -243,6 +243,10 @@ class _Incoming:
     postcopy: bool = False  # the postcopy-ram capability is on
     switched: bool = False  # QEMU reported postcopy-active: the guest may run here
     tls: bool = False  # the stream is TLS: the credentials object goes once it completed
+    # query-migrate's answer (or its error) read as soon as QEMU reported the stream completed,
+    # and when (monotonic): what Finish, a call later, then need not ask.
+    end_answer: object = None
+    ended_at: float = 0.0
 
     def snapshot(self) -> MigrationProgress:
         if self.final is not None:
