@@ -167,6 +167,12 @@ _gc_paused = False
 _program = False
 
 
+def in_program() -> bool:
+    """Whether this is the ``virtmig`` program (:func:`start_program`), which ends with
+    ``os._exit`` once its command has reported."""
+    return _program
+
+
 # The module of protobuf's pure-Python backend.  Every generated ``*_pb2`` module loads it (through
 # ``descriptor_pool``), with text_format, pickle and the Python encoder and decoder behind it, about
 # a tenth of what ``import grpc`` costs; the upb backend, protobuf's default, never uses it.
@@ -271,10 +277,12 @@ class Session:
         for dialing in dialed:  # (never opened: the command failed before)
             with contextlib.suppress(Exception):
                 await dialing.channel.close(None)
-        for conn in reversed(self._opened):
-            with contextlib.suppress(Exception):
-                await conn.close()
+        opened = list(reversed(self._opened))
         self._opened.clear()
+        if opened:  # at once: each waits for its own daemon (its session's end, the channel's)
+            import asyncio
+
+            await asyncio.gather(*(conn.close() for conn in opened), return_exceptions=True)
 
 
 async def lookup(conn: AsyncConnection, key: str) -> Domain:

@@ -256,3 +256,65 @@ def test_the_dataclasses_every_command_imports_have_docstrings() -> None:
     assert {c.__name__ for c in classes} >= {"Domain", "HostInfo", "ConnectURI", "PkiPaths"}
     for cls in classes:
         assert cls.__doc__ and not cls.__doc__.startswith(f"{cls.__name__}("), cls.__name__
+
+
+def _closes_loop(monkeypatch: pytest.MonkeyPatch, program: bool) -> tuple[bool, list[str]]:
+    """Run a command whose handler only records that it ran, as the program or not: whether
+    its event loop was torn down (``asyncio.Runner.close``)."""
+    import asyncio
+
+    from virtmig.client.cli import base
+
+    closed: list[bool] = []
+    ran: list[str] = []
+    real_close = asyncio.Runner.close
+
+    def close(self: asyncio.Runner) -> None:
+        closed.append(True)
+        real_close(self)
+
+    async def handler(session: base.Session, args: argparse.Namespace) -> None:
+        ran.append("ran")
+
+    monkeypatch.setattr(asyncio.Runner, "close", close)
+    monkeypatch.setattr(base, "_program", program)
+    status = app._run_command(base.Command("probe", "a probe", handler), None,
+                              argparse.Namespace(), 1.0)
+    assert status == 0
+    return bool(closed), ran
+
+
+def test_the_program_skips_the_event_loops_teardown(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The program ends with os._exit once its command reported: it does not pay for the loop's
+    teardown (cancel what is left, join the default executor's threads, close the loop, ~1 ms
+    of every command); a caller of main() in Python gets its loop closed as always."""
+    assert _closes_loop(monkeypatch, program=True) == (False, ["ran"])
+    assert _closes_loop(monkeypatch, program=False) == (True, ["ran"])
+
+
+async def test_a_commands_connections_close_at_once() -> None:
+    """Session.close closes its connections together (each waits for its own daemon), every one
+    of them even when one fails."""
+    import asyncio
+
+    from virtmig.client.cli.base import Session
+
+    events: list[tuple[str, str]] = []
+
+    class Conn:
+        def __init__(self, name: str, fails: bool = False) -> None:
+            self.name, self.fails = name, fails
+
+        async def close(self) -> None:
+            events.append(("start", self.name))
+            await asyncio.sleep(0.05)
+            events.append(("end", self.name))
+            if self.fails:
+                raise OSError("gone")
+
+    session = Session(None)
+    session._opened.extend([Conn("source", fails=True), Conn("destination")])  # type: ignore[list-item]
+    await session.close()
+    assert sorted(events[:2]) == [("start", "destination"), ("start", "source")]
+    assert sorted(events[2:]) == [("end", "destination"), ("end", "source")]
+    assert session._opened == []
