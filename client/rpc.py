@@ -49,6 +49,13 @@ def canonical_uuid(text: str) -> str:
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
+def _retrieved(task: asyncio.Task[None]) -> None:
+    """A background task's failure is read here: whoever awaits it gets it; nobody may (a
+    command that failed before it needed its session)."""
+    if not task.cancelled():
+        task.exception()
+
+
 class RpcConnection:
     """A connection to one daemon.  Use ``await cls.open(uri)``; close when done."""
 
@@ -62,6 +69,7 @@ class RpcConnection:
         self._session = ""
         self._session_call: Any = None
         self._session_task: asyncio.Task[None] | None = None
+        self._session_opening: asyncio.Task[None] | None = None
         # Set when the session stream ends for any reason other than close().
         self.session_lost = asyncio.Event()
 
@@ -92,6 +100,11 @@ class RpcConnection:
         return conn
 
     async def close(self) -> None:
+        opening = self._session_opening
+        if opening is not None and not opening.done():
+            opening.cancel()
+            with contextlib.suppress(BaseException):
+                await opening
         if self._session_call is not None:
             self._session_call.cancel()
         if self._session_task is not None:
@@ -119,20 +132,35 @@ class RpcConnection:
         """Open (once) the session that ties this caller's migration jobs to its life.
 
         The daemon abandons the jobs this connection starts (libvirt's connection-closed
-        handling) when the session ends: the process died, or the network went away.
+        handling) when the session ends: the process died, or the network went away.  Callers
+        at the same time share one opening (one session); a failed one is tried again by the
+        next call.  :meth:`start_session` starts it without waiting.
         """
         if not self._session:
-            call = self.host_stub.OpenSession(pb.OpenSessionRequest())
-            try:
-                first = await call.read()
-            except grpc.aio.AioRpcError as exc:
-                raise from_status(exc.code(), exc.details(), exc.trailing_metadata()) from None
-            if first is _EOF:
-                raise ConnectionFailed("the daemon closed the session at once")
-            self._session_call = call
-            self._session = first.session_id
-            self._session_task = asyncio.get_running_loop().create_task(self._drain(call))
+            await asyncio.shield(self.start_session())
         return self._session
+
+    def start_session(self) -> asyncio.Task[None]:
+        """The session's opening, on its way in the background (started unless it is; done if
+        the session is open): a caller that will need the session later starts it while it does
+        something else.  Its failure is what :meth:`open_session` then raises."""
+        opening = self._session_opening
+        if opening is None or (opening.done() and not self._session):
+            opening = self._session_opening = asyncio.ensure_future(self._open_session())
+            opening.add_done_callback(_retrieved)
+        return opening
+
+    async def _open_session(self) -> None:
+        call = self.host_stub.OpenSession(pb.OpenSessionRequest())
+        try:
+            first = await call.read()
+        except grpc.aio.AioRpcError as exc:
+            raise from_status(exc.code(), exc.details(), exc.trailing_metadata()) from None
+        if first is _EOF:
+            raise ConnectionFailed("the daemon closed the session at once")
+        self._session_call = call
+        self._session = first.session_id
+        self._session_task = asyncio.get_running_loop().create_task(self._drain(call))
 
     async def _drain(self, call: Any) -> None:
         try:

@@ -173,19 +173,25 @@ async def _connect_both(s: Session, key: str, desturi: str
                         ) -> tuple[AsyncConnection, Domain, AsyncConnection]:
     """The source's connection and domain, and the destination's connection, opened at once:
     the two TLS handshakes (each verified as any connection is) and first calls overlap instead
-    of following each other.  Failures are reported in the order of the sequential steps (the
-    source's connection, its domain, then the destination); whatever opened is closed with the
-    session."""
+    of following each other, and each daemon's session (the migration needs both) opens as
+    soon as its connection is up, the source's while the domain is looked up.  Failures are
+    reported in the order of the sequential steps (the source's connection, its domain, then
+    the destination; a session's, when the migration opens them); whatever opened is closed
+    with the session."""
     loop = asyncio.get_running_loop()
     dest = loop.create_task(s.open(desturi, f"failed to connect to the destination '{desturi}'"))
     try:
-        conn, dom = await _source_domain(s, key)
+        conn = await s.conn()
+        conn.start_session()
+        dom = await lookup(conn, key)
     except BaseException:
         dest.cancel()
         with contextlib.suppress(BaseException):
             await dest
         raise
-    return conn, dom, await dest
+    dconn = await dest
+    dconn.start_session()
+    return conn, dom, dconn
 
 
 async def cmd_migrate(s: Session, args: argparse.Namespace) -> None:

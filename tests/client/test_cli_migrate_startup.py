@@ -152,6 +152,9 @@ async def test_the_destination_is_opened_while_the_source_connects() -> None:
             await gate.step("lookup", after="open dst")
             return f"domain {key}"
 
+        def start_session(self) -> None:
+            pass
+
     class FakeSession:
         async def conn(self) -> Conn:
             await gate.step("open src")
@@ -249,3 +252,38 @@ def test_the_program_collects_garbage_again_once_connected() -> None:
     finally:
         gc.unfreeze()  # (this test's process is not the program)
         gc.enable()
+
+
+async def test_each_daemons_session_starts_opening_once_its_connection_is_up() -> None:
+    """The migration needs a session on both daemons: each starts opening as soon as its
+    connection is up, the source's while the domain is looked up (not after both connections
+    and the lookup, one round trip later)."""
+    events: list[str] = []
+    looked_up = asyncio.Event()
+
+    class Conn:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        async def lookup(self, key: str) -> str:
+            events.append("lookup sent")
+            await asyncio.sleep(0.02)
+            events.append("lookup answered")
+            looked_up.set()
+            return f"domain {key}"
+
+        def start_session(self) -> None:
+            events.append(f"session {self.name}")
+
+    class FakeSession:
+        async def conn(self) -> Conn:
+            return Conn("src")
+
+        async def open(self, uri: str, what: str) -> Conn:
+            await looked_up.wait()
+            return Conn(uri)
+
+    session: Any = FakeSession()
+    got: Any = await migration._connect_both(session, "vm1", "dst")
+    assert (got[0].name, got[1], got[2].name) == ("src", "domain vm1", "dst")
+    assert events == ["session src", "lookup sent", "lookup answered", "session dst"]
