@@ -9,6 +9,7 @@ every one.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import json
 import os
@@ -300,6 +301,7 @@ async def test_a_commands_connections_close_at_once() -> None:
     from virtmig.client.cli.base import Session
 
     events: list[tuple[str, str]] = []
+    both_closing = asyncio.Event()
 
     class Conn:
         def __init__(self, name: str, fails: bool = False) -> None:
@@ -307,7 +309,15 @@ async def test_a_commands_connections_close_at_once() -> None:
 
         async def close(self) -> None:
             events.append(("start", self.name))
-            await asyncio.sleep(0.05)
+            if len(events) == 2:
+                both_closing.set()
+            # Each close ends only once both began (closed one after the other, the first
+            # would wait here in vain: its end then never comes).
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(5):
+                    await both_closing.wait()
+            if not both_closing.is_set():
+                return
             events.append(("end", self.name))
             if self.fails:
                 raise OSError("gone")

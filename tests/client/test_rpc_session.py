@@ -59,13 +59,14 @@ async def test_a_failed_opening_is_tried_again(host: Host, monkeypatch: pytest.M
 async def test_close_ends_an_opening_on_its_way(host: Host,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     conn = await AsyncConnection.open(host.uri)
-    hold = asyncio.Event()
+    entered, hold = asyncio.Event(), asyncio.Event()
 
     async def held(self: AsyncConnection) -> None:
+        entered.set()
         await hold.wait()
 
     monkeypatch.setattr(type(conn), "_open_session", held)
     opening = conn.start_session()
-    await asyncio.sleep(0)
+    await entered.wait()  # (the opening is on its way)
     await conn.close()
     assert opening.cancelled()

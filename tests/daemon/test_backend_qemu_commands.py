@@ -28,41 +28,55 @@ dst = backend_qemu_helpers.dst
 src = backend_qemu_helpers.src
 
 
-async def _answer(value: object, delay: float, done: list[object]) -> Any:
-    await asyncio.sleep(delay)
-    done.append(value)
-    if isinstance(value, BaseException):
-        raise value
-    return value
+class _Answers:
+    """Fake commands that are answered in a chosen order: each waits for the one answered before
+    it (no timing involved); ``done`` lists the answers as they come."""
+
+    def __init__(self) -> None:
+        self.done: list[object] = []
+        self._answered: dict[int, asyncio.Event] = {}
+
+    async def answer(self, value: object, after: object = None) -> Any:
+        if after is not None:
+            await self._event(after).wait()
+        self.done.append(value)
+        self._event(value).set()
+        if isinstance(value, BaseException):
+            raise value
+        return value
+
+    def _event(self, value: object) -> asyncio.Event:
+        return self._answered.setdefault(id(value), asyncio.Event())
 
 
 async def test_answers_are_in_the_order_given_and_failures_stay_in_place() -> None:
-    done: list[object] = []
+    fake = _Answers()
     refused = QmpCommandFailed("migrate-set-parameters", "no", "GenericError")
-    got = await answers(_answer({"a": 1}, 0.02, done), _answer(refused, 0.0, done),
-                        _answer("paused", 0.01, done))
-    assert got == [{"a": 1}, refused, "paused"]
-    assert len(done) == 3
+    first, last = {"a": 1}, "paused"
+    got = await answers(fake.answer(first, after=last), fake.answer(refused),
+                        fake.answer(last, after=refused))
+    assert got == [first, refused, last]
+    assert len(fake.done) == 3
 
 
 async def test_together_raises_the_first_failure_in_order_once_all_are_answered() -> None:
-    done: list[object] = []
+    fake = _Answers()
     first = QmpCommandFailed("migrate-set-capabilities", "first", "GenericError")
     second = BackendError("second")
     with pytest.raises(QmpCommandFailed) as caught:
         # The second fails sooner; the first in the order given is what is raised, and only
         # once the slow third has been answered too (nothing is left unanswered).
-        await together(_answer(first, 0.01, done), _answer(second, 0.0, done),
-                       _answer("late", 0.03, done))
+        await together(fake.answer(first, after=second), fake.answer(second),
+                       fake.answer("late", after=first))
     assert caught.value is first
-    assert done == [second, first, "late"]
-    assert await together(_answer(1, 0.0, done), _answer(2, 0.0, done)) == [1, 2]
+    assert fake.done == [second, first, "late"]
+    assert await together(fake.answer(1), fake.answer(2)) == [1, 2]
 
 
 async def test_an_error_that_is_not_the_backends_is_raised_by_answers() -> None:
-    done: list[object] = []
+    fake = _Answers()
     with pytest.raises(RuntimeError, match="bug"):
-        await answers(_answer("ok", 0.0, done), _answer(RuntimeError("bug"), 0.0, done))
+        await answers(fake.answer("ok"), fake.answer(RuntimeError("bug")))
 
 
 @pytest.mark.qemu

@@ -39,7 +39,7 @@ from virtmig.daemon.backend.qemu.migration import (
 from virtmig.daemon.backend.qemu.monitor import (
     Exec,
     QmpCommandFailed,
-    answers,
+    migration_with_status,
     refresh_status,
     together,
 )
@@ -109,8 +109,7 @@ async def _dst_read_end(qmp: Exec, guest: _Guest, inc: _Incoming) -> None:
     while inc.final is None and not guest.exited:
         changed = guest.changed()
         if guest.mig_status == "completed":
-            inc.end_answer, _status = await answers(qmp(guest, "query-migrate"),
-                                                    refresh_status(qmp, guest))
+            inc.end_answer = await migration_with_status(qmp, guest)
             inc.ended_at = time.monotonic()
             return
         if guest.mig_status in ("failed", "cancelled"):
@@ -190,7 +189,7 @@ async def _dst_completed(qmp: Exec, guest: _Guest, inc: _Incoming) -> MigrationP
     answer, now = inc.end_answer, inc.ended_at
     if not now:  # (not read yet: Finish came first, or the reading is on its way)
         now = time.monotonic()
-        answer, _status = await answers(qmp(guest, "query-migrate"), refresh_status(qmp, guest))
+        answer = await migration_with_status(qmp, guest)
     base = progress_from_query(answer if isinstance(answer, dict) else {})
     if inc.tls:
         await drop_tls_creds(qmp, guest)

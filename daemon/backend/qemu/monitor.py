@@ -213,6 +213,14 @@ async def together(*commands: Awaitable[T]) -> list[T]:
     return cast("list[T]", results)
 
 
+async def migration_with_status(qmp: Exec, guest: _Guest) -> object:
+    """``query-migrate``'s answer (or its :class:`BackendError`), asked together with the run
+    status (:func:`refresh_status`; its failure leaves ``guest.status`` as it was): what a
+    flow reads when a stream ended."""
+    answer, _status = await answers(qmp(guest, "query-migrate"), refresh_status(qmp, guest))
+    return answer
+
+
 async def cont(qmp: Exec, guest: _Guest) -> None:
     """Run the vCPUs.  QEMU answers once they run (the RESUME event follows), so no
     ``query-status`` round trip: under TCG it waits behind the starting vCPU for a while."""

@@ -53,7 +53,7 @@ from virtmig.daemon.backend.qemu.monitor import (
     Exec,
     QmpCommandFailed,
     QmpNoAnswer,
-    answers,
+    migration_with_status,
     refresh_status,
     together,
 )
@@ -303,7 +303,7 @@ async def _src_poll_progress(qmp: Exec, guest: _Guest, mig: _Outgoing) -> None:
 async def _src_completed(qmp: Exec, guest: _Guest, mig: _Outgoing) -> MigrationProgress:
     """The stream completed: final statistics and the run status, asked together; the source
     stays paused (postmigrate)."""
-    answer, _status = await answers(qmp(guest, "query-migrate"), refresh_status(qmp, guest))
+    answer = await migration_with_status(qmp, guest)
     info: dict[str, Any] = answer if isinstance(answer, dict) else {}
     for _ in range(FINAL_STATS_RETRIES - 1):
         if isinstance(answer, BackendError) or _int(info, "total-time") > 0:
