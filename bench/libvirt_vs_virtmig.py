@@ -150,9 +150,12 @@ def startup(stand: Stand, tools: Tools, rounds: int) -> dict[str, Any]:
     samples: dict[str, list[float]] = {"virsh": [], "virtmig": [], "import_grpc": []}
 
     def import_grpc() -> float:
+        # Its output captured, as the clients' is (Tools.run): with a timeout and no pipe to
+        # read, subprocess.run waits by polling (sleeps doubling up to 50 ms), so it would see
+        # a ~67 ms process end at ~114 ms (session 18).
         t0 = time.perf_counter()
         subprocess.run(a.inside([sys.executable, "-c", "import grpc"]), check=True,
-                       stdin=subprocess.DEVNULL, timeout=COMMAND_TIMEOUT_S)
+                       stdin=subprocess.DEVNULL, capture_output=True, timeout=COMMAND_TIMEOUT_S)
         return time.perf_counter() - t0
 
     runs = {"virsh": lambda: tools.run("libvirt", a, "hostname"),
